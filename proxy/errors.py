@@ -1,0 +1,120 @@
+"""The one exception tree of Tollgate.
+
+    TollgateError
+     ├── ConfigError                 configuration invalid (list of `file:line: message`)
+     ├── LedgerError                 the ledger cannot be reached or is unusable
+     └── RequestError                answered to the client in OpenAI's error shape
+          ├── InvalidRequest         400 invalid_request
+          ├── UnpricedModel          400 unpriced_model
+          ├── AuthenticationFailed   401 invalid_api_key
+          ├── PolicyViolation        403 policy_violation
+          ├── NotFound               404 not_found
+          ├── RequestTooLarge        413 request_too_large
+          ├── BudgetExceeded         429 budget_exceeded
+          ├── UpstreamUnavailable    502 upstream_unavailable
+          ├── ServiceUnavailable     503 service_unavailable
+          └── UpstreamTimeout        504 upstream_timeout
+
+Only the web layer turns a RequestError into an HTTP answer; only the CLI prints
+a ConfigError and exits.
+"""
+
+from __future__ import annotations
+
+
+class TollgateError(Exception):
+    """Base of every error Tollgate raises on purpose."""
+
+
+class ConfigError(TollgateError):
+    """The configuration is invalid; `problems` holds one `file:line: message` each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class LedgerError(TollgateError):
+    """The ledger is unreachable or its schema is unusable."""
+
+
+class RequestError(TollgateError):
+    """An error answered to the client as `{"error": {...}}`."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        self.message = message
+        self.param = param
+        super().__init__(message)
+
+    def body(self) -> dict[str, dict[str, str | None]]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class InvalidRequest(RequestError):
+    pass
+
+
+class UnpricedModel(RequestError):
+    code = "unpriced_model"
+
+
+class AuthenticationFailed(RequestError):
+    status = 401
+    code = "invalid_api_key"
+
+
+class PolicyViolation(RequestError):
+    status = 403
+    code = "policy_violation"
+
+
+class NotFound(RequestError):
+    status = 404
+    code = "not_found"
+
+
+class RequestTooLarge(RequestError):
+    status = 413
+    code = "request_too_large"
+
+
+class BudgetExceeded(RequestError):
+    status = 429
+    type = "insufficient_quota"
+    code = "budget_exceeded"
+
+    def headers(self) -> dict[str, str]:
+        # The official SDKs retry 429 unless told not to; more money will not appear.
+        return {"x-should-retry": "false"}
+
+
+class UpstreamUnavailable(RequestError):
+    status = 502
+    type = "api_error"
+    code = "upstream_unavailable"
+
+
+class ServiceUnavailable(RequestError):
+    status = 503
+    type = "api_error"
+    code = "service_unavailable"
+
+
+class UpstreamTimeout(RequestError):
+    status = 504
+    type = "api_error"
+    code = "upstream_timeout"

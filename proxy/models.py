@@ -1,0 +1,163 @@
+"""The vocabulary that crosses module boundaries: small frozen values.
+
+Money is carried as integer nano-dollars (1 USD = 10**9) so that sums are exact
+everywhere, in Python and in SQL; `usd()` turns it into a Decimal for display.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from decimal import Decimal
+from typing import Literal
+
+Endpoint = Literal["generations", "edits", "variations"]
+ENDPOINTS: tuple[Endpoint, ...] = ("generations", "edits", "variations")
+
+Outcome = Literal[
+    "ok",
+    "downgraded",
+    "rejected_budget",
+    "rejected_policy",
+    "upstream_error",
+    "client_error",
+]
+
+TokenKind = Literal[
+    "text_input",
+    "cached_text_input",
+    "image_input",
+    "cached_image_input",
+    "image_output",
+    "text_output",
+]
+TOKEN_KINDS: tuple[TokenKind, ...] = (
+    "text_input",
+    "cached_text_input",
+    "image_input",
+    "cached_image_input",
+    "image_output",
+    "text_output",
+)
+
+NANOS_PER_USD = 10**9
+
+
+def usd(nanos: int) -> Decimal:
+    """Nano-dollars as a Decimal number of dollars: `usd(210_720_000) == Decimal('0.21072')`."""
+    value = Decimal(nanos).scaleb(-9)
+    # Drop trailing zeros but never switch to exponent notation.
+    text = format(value, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return Decimal(text)
+
+
+def usd_text(nanos: int) -> str:
+    """Nano-dollars as a plain decimal string for headers and reports (`"0.21072"`)."""
+    return format(usd(nanos), "f")
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens of each billed kind, as OpenAI reports them (or as estimated)."""
+
+    text_input: int = 0
+    cached_text_input: int = 0
+    image_input: int = 0
+    cached_image_input: int = 0
+    image_output: int = 0
+    text_output: int = 0
+    images: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def scaled(self, n: int) -> Usage:
+        return Usage(*(getattr(self, f.name) * n for f in fields(self)))
+
+    @property
+    def total_tokens(self) -> int:
+        return (
+            self.text_input
+            + self.cached_text_input
+            + self.image_input
+            + self.cached_image_input
+            + self.image_output
+            + self.text_output
+        )
+
+    def tokens(self, kind: TokenKind) -> int:
+        value: int = getattr(self, kind)
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class InputImage:
+    """An image given to an edit: real dimensions when uploaded, None for a URL or file id."""
+
+    width: int | None = None
+    height: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRequest:
+    """What Tollgate needs to know of a request to price, decide and record it."""
+
+    endpoint: Endpoint
+    model: str
+    prompt_bytes: int = 0
+    n: int = 1
+    quality: str = "auto"
+    size: str = "auto"
+    stream: bool = False
+    partial_images: int = 0
+    input_fidelity: str | None = None
+    images: tuple[InputImage, ...] = ()
+    mask: InputImage | None = None
+    user: str | None = None
+    params: tuple[tuple[str, str], ...] = ()
+    """Other scalar request fields (name, value as text) for policy checks."""
+
+    def with_changes(self, **changes: object) -> ImageRequest:
+        from dataclasses import replace
+
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """An upper bound of a request's cost, reserved before it is forwarded."""
+
+    usage: Usage
+    cost_nanos: int
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One downgrade step: `quality=high->medium`."""
+
+    knob: Literal["quality", "size", "model"]
+    before: str
+    after: str
+    reason: Literal["policy", "throttle", "budget"]
+
+    def __str__(self) -> str:
+        return f"{self.knob}={self.before}->{self.after}"
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """What a finished request costs: the usage OpenAI reported and its price."""
+
+    usage: Usage
+    cost_nanos: int
+    flagged: bool = False
+    """True when the answer carried no usage and the estimate was charged instead."""
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    items: tuple[Change, ...] = field(default_factory=tuple)
+
+    def header(self) -> str:
+        return "; ".join(str(c) for c in self.items)
