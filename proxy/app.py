@@ -1,0 +1,137 @@
+"""create_app(): the routes, the start-up and shutdown of what they share."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from proxy.config import Config, load_config
+from proxy.errors import LedgerError
+from proxy.handlers import ImagesHandler, Services, not_found
+from proxy.ledger import open_ledger
+from proxy.models import ENDPOINTS
+from proxy.upstream import Upstream
+
+log = logging.getLogger("tollgate")
+
+RECLAIM_EVERY_S = 60.0
+# A reservation older than the upstream timeout plus this margin belongs to no live request.
+RECLAIM_MARGIN_S = 60.0
+
+# How `tollgate serve` hands its choices to uvicorn's worker processes.
+ENV_CONFIG = "TOLLGATE_CONFIG"
+ENV_LEDGER = "TOLLGATE_LEDGER"
+ENV_UPSTREAM_URL = "TOLLGATE_UPSTREAM_URL"
+ENV_UPSTREAM_KEY = "TOLLGATE_UPSTREAM_KEY"
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Choices made on the command line that win over the configuration file."""
+
+    ledger_url: str | None = None
+    upstream_url: str | None = None
+    upstream_key: str | None = None
+    transport: httpx.AsyncBaseTransport | None = None
+
+
+def create_app(config: Config, overrides: Overrides = Overrides()) -> Starlette:
+    """The Tollgate ASGI app for `config`; the ledger and upstream open with the app."""
+    upstream_settings = config.upstream
+    api_key = overrides.upstream_key or upstream_settings.api_key
+    if not api_key:
+        from proxy.errors import ConfigError
+
+        raise ConfigError([
+            f"{config.root}: upstream.api_key is not set: set OPENAI_API_KEY (or run with "
+            "--simulate to use the built-in simulated upstream)"
+        ])
+    holder: dict[str, Services] = {}
+
+    def services() -> Services:
+        return holder["services"]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        ledger = await open_ledger(overrides.ledger_url or config.ledger_url)
+        upstream = Upstream(
+            overrides.upstream_url or upstream_settings.base_url,
+            api_key,
+            timeout_s=upstream_settings.timeout_s,
+            max_connections=upstream_settings.max_connections,
+            organization=upstream_settings.organization,
+            project=upstream_settings.project,
+            transport=overrides.transport,
+        )
+        shared = Services(config=config, ledger=ledger, upstream=upstream)
+        holder["services"] = shared
+        reclaimer = asyncio.create_task(reclaim_forever(shared))
+        try:
+            yield
+        finally:
+            reclaimer.cancel()
+            # In-flight exchanges are being billed: let them finish and settle.
+            if shared.background:
+                await asyncio.wait(set(shared.background), timeout=upstream_settings.timeout_s)
+            await upstream.aclose()
+            await ledger.close()
+
+    handlers = {
+        endpoint: ImagesHandler(endpoint, services)
+        for endpoint in ENDPOINTS
+    }
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        try:
+            await services().ledger.ping()
+        except (LedgerError, KeyError) as exc:
+            return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    routes = [
+        Route("/v1/images/generations", handlers["generations"].handle, methods=["POST"]),
+        Route("/v1/images/edits", handlers["edits"].handle, methods=["POST"]),
+        Route("/v1/images/variations", handlers["variations"].handle, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/v1/{path:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+async def reclaim_forever(services: Services) -> None:
+    """Release reservations that no live request holds (left by a crash)."""
+    horizon = services.config.upstream.timeout_s + RECLAIM_MARGIN_S
+    while True:
+        try:
+            now = services.clock()
+            count = await services.ledger.reclaim(now - horizon, now)
+            if count:
+                log.warning("released %d abandoned reservation(s)", count)
+        except LedgerError as exc:
+            log.error("reclaiming reservations failed: %s", exc)
+        await asyncio.sleep(RECLAIM_EVERY_S)
+
+
+def app_from_env() -> Starlette:
+    """The app factory uvicorn's worker processes call (`tollgate serve --workers N`)."""
+    config = load_config(Path(os.environ.get(ENV_CONFIG, "policies")))
+    return create_app(config, Overrides(
+        ledger_url=os.environ.get(ENV_LEDGER) or None,
+        upstream_url=os.environ.get(ENV_UPSTREAM_URL) or None,
+        upstream_key=os.environ.get(ENV_UPSTREAM_KEY) or None,
+    ))

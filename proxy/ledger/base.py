@@ -1,0 +1,78 @@
+"""The ledger's interface and the rows it stores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from proxy.models import Endpoint, Outcome, Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What is known of a request when it is reserved (or rejected)."""
+
+    id: str
+    started_at: float
+    endpoint: Endpoint | None
+    team: str | None = None
+    cost_center: str | None = None
+    key_id: str | None = None
+    user: str | None = None
+    model_requested: str | None = None
+    model: str | None = None
+    quality_requested: str | None = None
+    quality: str | None = None
+    size_requested: str | None = None
+    size: str | None = None
+    n_requested: int | None = None
+    n: int | None = None
+    stream: bool = False
+    estimated_nanos: int = 0
+    downgrades: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """How a request ended."""
+
+    finished_at: float
+    outcome: Outcome
+    status: int
+    usage: Usage = Usage()
+    cost_nanos: int = 0
+    flagged: bool = False
+    upstream_request_id: str | None = None
+    error_code: str | None = None
+    latency_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """A ledger row as read back."""
+
+    entry: Entry
+    settlement: Settlement | None
+    """None while the request is in flight (its estimate is reserved)."""
+
+
+class Ledger(Protocol):
+    async def reserve(self, entry: Entry) -> None:
+        """Store a new in-flight row holding `entry.estimated_nanos` in reserve."""
+
+    async def settle(self, request_id: str, settlement: Settlement) -> None:
+        """Replace the reservation of `request_id` by its final outcome and cost."""
+
+    async def record(self, entry: Entry, settlement: Settlement) -> None:
+        """Store a request that was never forwarded (rejected, invalid)."""
+
+    async def reclaim(self, started_before: float, now: float) -> int:
+        """Release reservations older than `started_before` (a crashed process's); count them."""
+
+    async def rows(self, since: float = 0.0) -> list[Row]:
+        """Every row started at or after `since`, oldest first."""
+
+    async def ping(self) -> None:
+        """Raise LedgerError when the ledger cannot be reached."""
+
+    async def close(self) -> None: ...

@@ -1,0 +1,184 @@
+"""Usage out of upstream answers, as they stream past (pure: bytes in, Usage out).
+
+A non-streamed image answer is megabytes of base64 with `usage` at its end:
+`BodyMeter` finds it with ijson's incremental C parser, chunk by chunk, without
+holding the body. `SseMeter` follows a server-sent event stream and sums the
+`usage` of its `*.completed` events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import ijson
+
+from proxy.models import Usage
+
+
+class MalformedAnswer(ValueError):
+    """The upstream answered 2xx with a body that is not what OpenAI sends."""
+
+
+def usage_from_openai(raw: Any) -> Usage | None:
+    """OpenAI's `usage` object as a Usage; None when absent or not an object.
+
+    `output_tokens_details` may be missing: the output tokens are then image output.
+    """
+    if not isinstance(raw, Mapping):
+        return None
+    input_details = raw.get("input_tokens_details")
+    output_details = raw.get("output_tokens_details")
+    input_tokens = _int(raw.get("input_tokens"))
+    output_tokens = _int(raw.get("output_tokens"))
+    if isinstance(input_details, Mapping):
+        text_input = _int(input_details.get("text_tokens"))
+        image_input = _int(input_details.get("image_tokens"))
+        cached_text = _int(input_details.get("cached_text_tokens"))
+        cached_image = _int(input_details.get("cached_image_tokens"))
+    else:
+        text_input, image_input, cached_text, cached_image = input_tokens, 0, 0, 0
+    if isinstance(output_details, Mapping):
+        image_output = _int(output_details.get("image_tokens"))
+        text_output = _int(output_details.get("text_tokens"))
+    else:
+        image_output, text_output = output_tokens, 0
+    return Usage(
+        text_input=text_input,
+        cached_text_input=cached_text,
+        image_input=image_input,
+        cached_image_input=cached_image,
+        image_output=image_output,
+        text_output=text_output,
+    )
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+class BodyMeter:
+    """Feed a JSON answer chunk by chunk; `finish()` gives its usage and image count."""
+
+    def __init__(self) -> None:
+        self._found: list[Any] = ijson.sendable_list()
+        self._parser = ijson.parse_coro(_UsageSink(self._found))
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            self._parser.send(chunk)
+        except ijson.JSONError as exc:
+            raise MalformedAnswer(f"upstream answer is not JSON: {exc}") from None
+
+    def finish(self) -> tuple[Usage | None, int]:
+        """(usage or None, number of images in `data`); MalformedAnswer if the JSON is cut."""
+        try:
+            self._parser.close()
+        except ijson.JSONError as exc:
+            raise MalformedAnswer(f"upstream answer is not JSON: {exc}") from None
+        usage: Usage | None = None
+        images = 0
+        for kind, value in self._found:
+            if kind == "usage":
+                usage = usage_from_openai(value)
+            else:
+                images += 1
+        return usage, images
+
+
+@ijson.coroutine  # type: ignore[untyped-decorator]
+def _UsageSink(found: list[Any]) -> Any:  # noqa: N802 - an ijson coroutine target
+    """Receive (prefix, event, value) events; keep `usage` whole and count `data` items."""
+    builder: ijson.ObjectBuilder | None = None
+    while True:
+        prefix, event, value = yield
+        if builder is not None:
+            if prefix == "usage" and event == "end_map":
+                found.append(("usage", builder.value))
+                builder = None
+            else:
+                builder.event(event, value)
+        elif prefix == "usage" and event == "start_map":
+            builder = ijson.ObjectBuilder()
+            builder.event(event, value)
+        elif prefix == "data" and event == "start_map":
+            pass
+        elif prefix == "data.item" and event == "start_map":
+            found.append(("image", None))
+
+
+COMPLETED_SUFFIX = ".completed"
+PARTIAL_SUFFIX = ".partial_image"
+
+
+class SseMeter:
+    """Follow a server-sent event stream; sum the usage of its `*.completed` events."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self.usage = Usage()
+        self.completed = 0
+        self.partials = 0
+        self.error: Any = None
+
+    def feed(self, chunk: bytes) -> None:
+        self._buffer += chunk
+        while True:
+            end, sep_len = _event_end(self._buffer)
+            if end < 0:
+                return
+            event = bytes(self._buffer[:end])
+            del self._buffer[: end + sep_len]
+            self._event(event)
+
+    def finish(self) -> None:
+        """The stream ended: a last event may lack its blank line."""
+        if self._buffer.strip():
+            self._event(bytes(self._buffer))
+        self._buffer.clear()
+
+    def _event(self, raw: bytes) -> None:
+        name = b""
+        data: list[bytes] = []
+        for line in raw.splitlines():
+            if line.startswith(b"event:"):
+                name = line[6:].strip()
+            elif line.startswith(b"data:"):
+                data.append(line[5:].lstrip(b" "))
+        if not data:
+            return
+        payload = b"\n".join(data)
+        if name.endswith(PARTIAL_SUFFIX.encode()):
+            # Partial images carry only pixels: never parse their base64.
+            self.partials += 1
+            return
+        if payload == b"[DONE]":
+            return
+        found: list[Any] = []
+        try:
+            for prefix, _, value in ijson.parse(payload):
+                if prefix == "type":
+                    found.append(("type", value))
+                elif prefix == "error" and value is not None:
+                    found.append(("error", value))
+            kind = next((v for k, v in found if k == "type"), "")
+            if isinstance(kind, str) and kind.endswith(PARTIAL_SUFFIX):
+                self.partials += 1
+                return
+            if any(k == "error" for k, _ in found):
+                self.error = next(ijson.items(payload, "error"), True)
+                return
+            if isinstance(kind, str) and kind.endswith(COMPLETED_SUFFIX):
+                usage = usage_from_openai(next(ijson.items(payload, "usage"), None))
+                self.completed += 1
+                if usage is not None:
+                    self.usage = self.usage + usage
+        except ijson.JSONError:
+            return
+
+
+def _event_end(buffer: bytearray) -> tuple[int, int]:
+    """Index and length of the first event separator (a blank line) in `buffer`."""
+    candidates = [(buffer.find(sep), len(sep)) for sep in (b"\n\n", b"\r\n\r\n")]
+    found = [c for c in candidates if c[0] >= 0]
+    return min(found) if found else (-1, 0)
