@@ -1,0 +1,142 @@
+"""YAML files read into plain values that remember the line of every key.
+
+`read_document` keeps, for each JSON path (`("budgets", 1, "limit_usd")`), the
+line where it was written, expands `${ENV_VAR}` in string values, and reports
+syntax errors and duplicate keys as `file:line: message`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+JsonPath = tuple[str | int, ...]
+
+_MERGE = "tag:yaml.org,2002:merge"
+_ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def dotted(path: JsonPath) -> str:
+    """A JSON path as the user reads it: `budgets[1].limit_usd`."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+@dataclass
+class Document:
+    """One configuration file: its data and the line of every key and list item."""
+
+    file: str
+    data: Any
+    lines: dict[JsonPath, int] = field(default_factory=dict)
+
+    def line(self, path: JsonPath) -> int:
+        """The line of `path`, or of its nearest ancestor that has one."""
+        for end in range(len(path), -1, -1):
+            if path[:end] in self.lines:
+                return self.lines[path[:end]]
+        return 1
+
+    def where(self, path: JsonPath) -> str:
+        """`file:line` of `path`."""
+        return f"{self.file}:{self.line(path)}"
+
+    def problem(self, path: JsonPath, message: str) -> str:
+        """`file:line: key.path: message`."""
+        prefix = f"{dotted(path)}: " if path else ""
+        return f"{self.where(path)}: {prefix}{message}"
+
+
+def expand_env(text: str, env: Mapping[str, str]) -> str:
+    """`${NAME}` replaced by the variable's value; an unset variable gives ''."""
+    return _ENV_VAR.sub(lambda m: env.get(m.group(1), ""), text)
+
+
+def read_document(
+    path: Path, file: str, env: Mapping[str, str]
+) -> tuple[Document | None, list[str]]:
+    """The document in `path` (shown as `file` in messages), and the problems found reading it."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        return None, [f"{file}: cannot read: {exc.strerror or exc}"]
+    except UnicodeDecodeError as exc:
+        return None, [f"{file}: not UTF-8 text (byte {exc.start})"]
+    loader = _Loader(text)
+    reader = _Reader(loader, file, env)
+    try:
+        node = loader.get_single_node()
+        doc = Document(file, None)
+        if node is not None:
+            doc.lines[()] = node.start_mark.line + 1
+            doc.data = reader.value(node, (), doc.lines)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        detail = exc.problem or exc.context or "invalid YAML"
+        return None, [f"{file}:{line}: YAML syntax error: {detail}"]
+    except yaml.YAMLError as exc:
+        return None, [f"{file}:1: YAML error: {exc}"]
+    finally:
+        loader.dispose()
+    return doc, reader.problems
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+class _Reader:
+    def __init__(self, loader: _Loader, file: str, env: Mapping[str, str]) -> None:
+        self.loader = loader
+        self.file = file
+        self.env = env
+        self.problems: list[str] = []
+
+    def _problem(self, line: int, path: JsonPath, message: str) -> str:
+        return f"{self.file}:{line}: {dotted(path) + ': ' if path else ''}{message}"
+
+    def value(self, node: Node, path: JsonPath, lines: dict[JsonPath, int]) -> Any:
+        if len(path) > 100:  # a recursive alias would never end
+            raise yaml.YAMLError("nesting too deep (recursive alias?)")
+        if isinstance(node, MappingNode):
+            explicit = sum(1 for key_node, _ in node.value if key_node.tag != _MERGE)
+            self.loader.flatten_mapping(node)  # resolves `<<` merge keys, placed first
+            merged = len(node.value) - explicit
+            result: dict[str, Any] = {}
+            written: set[str] = set()  # keys written out here, not merged in with `<<`
+            for index, (key_node, value_node) in enumerate(node.value):
+                line = key_node.start_mark.line + 1
+                if not isinstance(key_node, ScalarNode):
+                    self.problems.append(self._problem(line, path, "keys must be text"))
+                    continue
+                key = str(self.loader.construct_object(key_node))
+                key_path = (*path, key)
+                if index >= merged:
+                    if key in written:
+                        self.problems.append(self._problem(line, key_path, "duplicate key"))
+                    written.add(key)
+                lines[key_path] = line
+                result[key] = self.value(value_node, key_path, lines)
+            return result
+        if isinstance(node, SequenceNode):
+            items = []
+            for index, item in enumerate(node.value):
+                lines[(*path, index)] = item.start_mark.line + 1
+                items.append(self.value(item, (*path, index), lines))
+            return items
+        scalar = self.loader.construct_object(node)
+        if isinstance(scalar, str):
+            return expand_env(scalar, self.env)
+        if isinstance(scalar, float) and not math.isfinite(scalar):
+            return str(node.value)  # .inf and .nan are no amounts; the schema says so
+        return scalar

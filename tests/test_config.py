@@ -1,0 +1,585 @@
+"""Configuration: YAML files → frozen values, or every problem as `file:line: key.path: message`."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import textwrap
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from jsonschema import Draft202012Validator
+
+from proxy.config import (
+    Budget,
+    Config,
+    config_schema,
+    default_config_path,
+    load_config,
+)
+from proxy.errors import ConfigError
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "policies"
+KEY_A = hashlib.sha256(b"tg_a").hexdigest()
+KEY_B = hashlib.sha256(b"tg_b").hexdigest()
+
+
+@dataclass(frozen=True)
+class FakeModel:
+    name: str
+    qualities: tuple[str, ...] = ("low", "medium", "high")
+    sizes: tuple[str, ...] = ("1024x1024", "1536x1024", "1024x1536")
+
+    def accepts_size(self, size: str) -> bool:
+        return size in self.sizes
+
+
+@dataclass
+class FakeBook:
+    models: dict[str, FakeModel] = field(
+        default_factory=lambda: (
+            {
+                name: FakeModel(name)
+                for name in ("gpt-image-2", "gpt-image-1.5", "gpt-image-1", "gpt-image-1-mini")
+            }
+            | {"dall-e-3": FakeModel("dall-e-3", ("standard", "hd"), ("1024x1024", "1792x1024"))}
+        )
+    )
+    path: Path | None = None
+
+    def find(self, model: str) -> FakeModel | None:
+        return self.models.get(model)
+
+
+def fake_loader(path: Path | None) -> Any:
+    return FakeBook(path=path)
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
+    return path
+
+
+def team_yaml(name: str = "t", sha: str = KEY_A, extra: str = "") -> str:
+    return f"name: {name}\nkeys:\n  - {{id: k, sha256: {sha}}}\n" + textwrap.dedent(extra)
+
+
+@pytest.fixture
+def policies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A minimal directory configuration at ./policies (messages show relative paths)."""
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "policies" / "tollgate.yaml", "timezone: UTC\n")
+    return Path("policies")
+
+
+def load(path: Path | str, **env: str) -> Config:
+    return load_config(path, env=env, price_book_loader=fake_loader)
+
+
+def problems_of(path: Path | str, **env: str) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load(path, **env)
+    return caught.value.problems
+
+
+# -- the example policies --------------------------------------------------------
+
+
+def test_example_policies_load_with_the_builtin_price_book() -> None:
+    try:
+        config = load_config(EXAMPLES, env={"OPENAI_API_KEY": "sk-test"})
+    except NotImplementedError:
+        pytest.skip("the price book is not implemented yet")
+    assert [team.name for team in config.teams] == ["design", "research"]
+
+
+def test_example_policies_hold_the_documented_settings() -> None:
+    config = load(EXAMPLES, OPENAI_API_KEY="sk-test")
+    assert config.root == EXAMPLES
+    assert config.upstream.api_key == "sk-test"
+    assert config.upstream.base_url == "https://api.openai.com/v1"
+    assert config.upstream.timeout_s == 300.0
+    assert config.admin_token is None
+    assert config.ledger_url == f"sqlite:///{EXAMPLES}/tollgate.db"
+    assert config.organization_budgets == (
+        Budget("month", "usd", 20_000 * 10**9, where=f"{EXAMPLES}/tollgate.yaml:27"),
+    )
+    design, research = config.teams
+    assert design.cost_center == "CC-1042"
+    assert [(b.period, b.metric, b.limit) for b in design.budgets] == [
+        ("month", "usd", 800 * 10**9),
+        ("day", "usd", 60 * 10**9),
+        ("month", "image_output_tokens", 20_000_000),
+    ]
+    assert design.budgets[0].alert_at == (Decimal("0.5"), Decimal("0.8"), Decimal("0.95"))
+    assert design.per_user[0].limit == 5 * 10**9
+    assert design.allow.models == frozenset({"gpt-image-2", "gpt-image-1.5", "gpt-image-1-mini"})
+    assert design.allow.endpoints == frozenset({"generations", "edits"})
+    assert design.allow.params == {"moderation": frozenset({"auto"})}
+    assert [(t.above, t.max_quality) for t in design.throttle] == [
+        (Decimal("0.8"), "medium"),
+        (Decimal("0.95"), "low"),
+    ]
+    assert design.downgrade.fallback_model == "gpt-image-1-mini"
+    assert research.on_exhausted == "reject"
+    assert research.allow.models is None and research.allow.endpoints is None
+
+
+@pytest.mark.parametrize(
+    ("secret", "team"),
+    [
+        ("tg_demo_design_0123456789abcdef", "design"),
+        ("tg_demo_research_0123456789abcdef", "research"),
+    ],
+)
+def test_example_demo_keys_identify_their_team(secret: str, team: str) -> None:
+    config = load(EXAMPLES)
+    found, _key = config.team_by_key_hash()[hashlib.sha256(secret.encode()).hexdigest()]
+    assert found.name == team
+
+
+@pytest.mark.parametrize("name", ["tollgate.yaml", "teams/design.yaml", "teams/research.yaml"])
+def test_schema_accepts_the_example_files(name: str) -> None:
+    data = yaml.safe_load((EXAMPLES / name).read_text())
+    assert list(Draft202012Validator(config_schema()).iter_errors(data)) == []
+
+
+def test_schema_is_valid_draft_2020_12_and_rejects_unknown_keys() -> None:
+    schema = config_schema()
+    Draft202012Validator.check_schema(schema)
+    assert not Draft202012Validator(schema).is_valid({"name": "x", "keys": [], "budget": []})
+
+
+# -- shapes that load --------------------------------------------------------------
+
+
+def test_single_file_config_with_inline_teams(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "all.yaml",
+        f"""
+        default_model: gpt-image-1
+        teams:
+          - name: a
+            keys: [{{id: k, sha256: {KEY_A.upper()}}}]
+            budgets:
+              - {{period: week, limit_usd: 0.25}}
+          - name: b
+            keys: [{{id: k, sha256: {KEY_B}}}]
+        """,
+    )
+    config = load(path)
+    assert config.root == tmp_path
+    assert [t.name for t in config.teams] == ["a", "b"]
+    assert config.teams[0].source == str(path)
+    assert config.teams[0].budgets == (Budget("week", "usd", 250_000_000, where=f"{path}:6"),)
+    assert config.team_by_key_hash()[KEY_A][0].name == "a"  # hashes are lowercased
+    assert config.ledger_url == f"sqlite:///{tmp_path}/tollgate.db"
+
+
+def test_team_files_load_in_file_name_order(policies: Path) -> None:
+    write(policies / "teams" / "b.yaml", team_yaml("zeta", KEY_A))
+    write(policies / "teams" / "a.yaml", team_yaml("omega", KEY_B))
+    assert [t.name for t in load(policies).teams] == ["omega", "zeta"]
+
+
+def test_defaults_fill_an_empty_settings_file(policies: Path) -> None:
+    write(policies / "tollgate.yaml", "# nothing\n")
+    config = load(policies)
+    assert config.default_model == "gpt-image-2"
+    assert config.timezone == "UTC"
+    assert config.limits.generations_bytes == 1024 * 1024
+    assert config.limits.edits_bytes == 128 * 1024 * 1024
+    assert config.upstream.max_connections == 4096
+    assert config.alerts.webhooks == () and config.passthrough == ()
+    assert config.teams == ()
+
+
+def test_config_values_are_frozen(policies: Path) -> None:
+    config = load(policies)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.timezone = "Europe/Paris"  # type: ignore[misc]
+
+
+def test_env_variables_are_expanded_in_every_string(policies: Path) -> None:
+    write(
+        policies / "tollgate.yaml",
+        """
+        upstream:
+          api_key: ${KEY}
+          organization: ${ORG}
+          base_url: https://${HOST}/v1/
+        admin_token: ${ADMIN}
+        """,
+    )
+    write(policies / "teams" / "t.yaml", team_yaml(extra="cost_center: CC-${CC}\n"))
+    config = load(policies, KEY="sk-1", HOST="proxy.example", ADMIN="s3cret", CC="7")
+    assert config.upstream.api_key == "sk-1"
+    assert config.upstream.organization is None  # unset -> empty -> off
+    assert config.upstream.base_url == "https://proxy.example/v1"
+    assert config.admin_token == "s3cret"
+    assert config.teams[0].cost_center == "CC-7"
+    assert load(policies).admin_token is None
+    assert load(policies).upstream.api_key is None
+
+
+@pytest.mark.parametrize(
+    ("ledger", "expected"),
+    [
+        ("sqlite:///tollgate.db", "sqlite:///{root}/tollgate.db"),
+        ("sqlite:///data/ledger.db", "sqlite:///{root}/data/ledger.db"),
+        ("sqlite:////var/lib/tollgate.db", "sqlite:////var/lib/tollgate.db"),
+        ("postgresql://u@db/tollgate", "postgresql://u@db/tollgate"),
+        ("postgres://u@db/tollgate", "postgresql://u@db/tollgate"),
+    ],
+)
+def test_ledger_url_relative_sqlite_paths_resolve_against_the_config_root(
+    policies: Path, ledger: str, expected: str
+) -> None:
+    write(policies / "tollgate.yaml", f"ledger: {ledger}\n")
+    root = policies.absolute()
+    assert load(policies).ledger_url == expected.format(root=root)
+
+
+def test_prices_path_is_resolved_against_the_root(policies: Path) -> None:
+    write(policies / "tollgate.yaml", "prices: extra/prices.yaml\n")
+    book = load(policies).prices
+    assert isinstance(book, FakeBook)
+    assert book.path == policies.absolute() / "extra" / "prices.yaml"
+
+
+def test_price_book_problems_are_reported_with_the_others(policies: Path) -> None:
+    write(policies / "tollgate.yaml", "prices: bad.yaml\ntimezone: Nowhere/Land\n")
+
+    def broken(path: Path | None) -> Any:
+        raise ConfigError([f"{path}:3: models.x.rates: must be a mapping"])
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(policies, env={}, price_book_loader=broken)
+    assert caught.value.problems == [
+        f"{policies.absolute()}/bad.yaml:3: models.x.rates: must be a mapping"
+    ]
+
+
+def test_allow_params_values_are_text(policies: Path) -> None:
+    write(
+        policies / "teams" / "t.yaml",
+        team_yaml(
+            extra="allow:\n  params:\n"
+            "    {moderation: [auto, low], stream: [false], partial_images: [0, 1]}\n"
+        ),
+    )
+    params = load(policies).teams[0].allow.params
+    assert params == {
+        "moderation": {"auto", "low"},
+        "stream": {"false"},
+        "partial_images": {"0", "1"},
+    }
+
+
+def test_throttle_tiers_are_sorted_by_threshold(policies: Path) -> None:
+    extra = """
+    budgets: [{period: month, limit_usd: 10}]
+    throttle:
+      - {above: 0.9, max_quality: low}
+      - {above: 0.5, max_quality: medium}
+    """
+    write(policies / "teams" / "t.yaml", team_yaml(extra=extra))
+    assert [t.above for t in load(policies).teams[0].throttle] == [Decimal("0.5"), Decimal("0.9")]
+
+
+def test_default_config_path() -> None:
+    assert default_config_path({"TOLLGATE_CONFIG": "/etc/tollgate"}) == Path("/etc/tollgate")
+    assert default_config_path({}) == Path("policies")
+
+
+# -- problems in a team file -------------------------------------------------------
+
+TEAM_PROBLEMS = [
+    (
+        "budgets:\n  - {period: month, limit_usd: 800}\n  - {period: day, limit_usd: abc}\n",
+        "6: budgets[1].limit_usd: must be a number > 0, got 'abc'",
+    ),
+    (
+        "budget:\n  - {period: day, limit_usd: 1}\n",
+        "4: budget: unknown key (did you mean 'budgets'?)",
+    ),
+    (
+        "budgets:\n  - {period: day, limit_usd: 1, image_output_tokens: 5}\n",
+        "5: budgets[0]: needs exactly one limit: limit_usd or one of text_input_tokens, "
+        "image_input_tokens, image_output_tokens, total_tokens",
+    ),
+    (
+        "budgets:\n  - {period: day}\n",
+        "5: budgets[0]: needs exactly one limit: limit_usd or one of text_input_tokens, "
+        "image_input_tokens, image_output_tokens, total_tokens",
+    ),
+    (
+        "budgets:\n  - {period: year, limit_usd: 1}\n",
+        "5: budgets[0].period: must be one of 'day', 'week', 'month', 'total', got 'year'",
+    ),
+    (
+        "per_user:\n  - {period: day, total_tokens: 1.5}\n",
+        "5: per_user[0].total_tokens: must be an integer >= 1, got 1.5",
+    ),
+    (
+        "budgets:\n  - {period: day, limit_usd: 0.0000000001}\n",
+        "5: budgets[0].limit_usd: must be exact to the nano-dollar (9 decimals), got 1e-10",
+    ),
+    (
+        "budgets:\n  - {period: day, limit_usd: .inf}\n",
+        "5: budgets[0].limit_usd: must be a number > 0, got '.inf'",
+    ),
+    (
+        "budgets:\n  - period: day\n    limit_usd: 5\n    alert_at: [0.5, 0]\n",
+        "7: budgets[0].alert_at[1]: must be a number > 0 and <= 1, got 0",
+    ),
+    (
+        "allow:\n  models: [gpt-image-2, gpt-image-9]\n",
+        "5: allow.models[1]: model 'gpt-image-9' is not in the price book"
+        " (did you mean 'gpt-image-2'?)",
+    ),
+    (
+        "allow:\n  models: [gpt-image-2]\n  max_quality: ultra\n",
+        "6: allow.max_quality: 'ultra' is not a quality of the allowed models"
+        " (known: low, medium, high)",
+    ),
+    (
+        "allow:\n  models: [dall-e-3]\n  max_quality: high\n",
+        "6: allow.max_quality: 'high' is not a quality of the allowed models (known: standard, hd)",
+    ),
+    (
+        "allow:\n  sizes: [1024x1024, 999x999]\n",
+        "5: allow.sizes[1]: '999x999' is not a size any allowed model accepts",
+    ),
+    (
+        "allow:\n  sizes: [big]\n",
+        "5: allow.sizes[0]: must be 'auto' or WIDTHxHEIGHT, e.g. '1024x1024', got 'big'",
+    ),
+    (
+        "allow:\n  endpoints: [generations, images]\n",
+        "5: allow.endpoints[1]: must be one of 'generations', 'edits', 'variations', got 'images'",
+    ),
+    ("allow:\n  max_n: 0\n", "5: allow.max_n: must be an integer >= 1 and <= 10, got 0"),
+    (
+        "allow:\n  params:\n    model: [gpt-image-2]\n",
+        "6: allow.params.model: use allow.models instead",
+    ),
+    (
+        "budgets: [{period: month, limit_usd: 5}]\nthrottle:\n  - {above: 0.5, max_quality: low}\n"
+        "  - {above: 1.5, max_quality: low}\n",
+        "7: throttle[1].above: must be a number > 0 and <= 1, got 1.5",
+    ),
+    (
+        "budgets: [{period: month, limit_usd: 5}]\n"
+        "throttle:\n  - {above: 0.5, max_quality: lowest}\n",
+        "6: throttle[0].max_quality: 'lowest' is not a quality of the allowed models "
+        "(known: low, medium, high, standard, hd)",
+    ),
+    (
+        "budgets: [{period: month, total_tokens: 5}]\n"
+        "throttle:\n  - {above: 0.5, max_quality: low}\n",
+        "5: throttle: needs a USD budget in `budgets` (tiers are fractions of the tightest one)",
+    ),
+    ("on_exhausted: block\n", "4: on_exhausted: must be one of 'downgrade', 'reject', got 'block'"),
+    (
+        "downgrade:\n  order: [quality, size, quality]\n",
+        "5: downgrade.order[2]: duplicate entry 'quality'",
+    ),
+    (
+        "downgrade:\n  fallback_model: gpt-imag-1-mini\n",
+        "5: downgrade.fallback_model: model 'gpt-imag-1-mini' is not in the price book "
+        "(did you mean 'gpt-image-1-mini'?)",
+    ),
+    ("cost_center: [a]\n", "4: cost_center: must be a string, got a list"),
+    (
+        "budgets:\n  - {period: day, limit_usd: 1\n",
+        "6: YAML syntax error: expected ',' or '}', but got '<stream end>'",
+    ),
+    ("allow: {}\nallow: {}\n", "5: allow: duplicate key"),
+]
+
+
+@pytest.mark.parametrize(("extra", "expected"), TEAM_PROBLEMS)
+def test_team_file_problem_names_file_line_and_key_path(
+    policies: Path, extra: str, expected: str
+) -> None:
+    write(policies / "teams" / "t.yaml", team_yaml(extra=extra))
+    assert problems_of(policies) == [f"policies/teams/t.yaml:{expected}"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("name: t\n", ["1: missing required key 'keys'"]),
+        ("name: t\nkeys: []\n", ["2: keys: must not be empty"]),
+        (
+            "name: t\nkeys:\n  - {id: k, sha256: abc123}\n",
+            [
+                "3: keys[0].sha256: must be the key's SHA-256 as 64 hexadecimal characters,"
+                " got 'abc123'"
+            ],
+        ),
+        (
+            f"name: t\nkeys:\n  - {{id: k, sha256: {KEY_A}}}\n  - {{id: k, sha256: {KEY_B}}}\n",
+            ["4: keys[1].id: duplicate key id 'k' (also keys[0])"],
+        ),
+        (
+            f"name: my team\nkeys: [{{id: k, sha256: {KEY_A}}}]\n",
+            [
+                "1: name: must be a name of at most 64 letters, digits, '-', '_' or '.',"
+                " got 'my team'"
+            ],
+        ),
+        ("- a list\n", ["1: must be a mapping, got a list"]),
+    ],
+)
+def test_team_key_problems(policies: Path, text: str, expected: list[str]) -> None:
+    write(policies / "teams" / "t.yaml", text)
+    assert problems_of(policies) == [f"policies/teams/t.yaml:{e}" for e in expected]
+
+
+# -- problems in tollgate.yaml -----------------------------------------------------
+
+SETTINGS_PROBLEMS = [
+    ("upstream:\n  timout_s: 3\n", "2: upstream.timout_s: unknown key (did you mean 'timeout_s'?)"),
+    ("upstream:\n  timeout_s: 0\n", "2: upstream.timeout_s: must be a number > 0, got 0"),
+    ("timezone: Mars/Olympus\n", "1: timezone: unknown time zone 'Mars/Olympus'"),
+    (
+        "ledger: mysql://db\n",
+        "1: ledger: must be a URL sqlite:///PATH or postgresql://…, got 'mysql://db'",
+    ),
+    ("ledger: ${DB}\n", "1: ledger: must be a URL sqlite:///PATH or postgresql://…, got ''"),
+    (
+        "default_model: gpt-image-7\n",
+        "1: default_model: model 'gpt-image-7' is not in the price book"
+        " (did you mean 'gpt-image-2'?)",
+    ),
+    (
+        "organization:\n  budgets:\n    - {period: month, limit_usd: -5}\n",
+        "3: organization.budgets[0].limit_usd: must be a number > 0, got -5",
+    ),
+    ("limits:\n  edits_bytes: 0\n", "2: limits.edits_bytes: must be an integer >= 1, got 0"),
+    (
+        "limits:\n  edit_bytes: 10\n",
+        "2: limits.edit_bytes: unknown key (did you mean 'edits_bytes'?)",
+    ),
+    (
+        "passthrough: [/v2/models]\n",
+        "1: passthrough[0]: must be a path prefix starting with '/v1/', got '/v2/models'",
+    ),
+    (
+        "passthrough:\n  - /v1/models\n  - /v1/images/generations\n",
+        "3: passthrough[1]: '/v1/images/generations' would forward image requests unmetered",
+    ),
+    (
+        "alerts:\n  webhooks: [hooks.example]\n",
+        "2: alerts.webhooks[0]: must be an http:// or https:// URL, got 'hooks.example'",
+    ),
+    ("prices: ''\n", "1: prices: must be a non-empty string, got ''"),
+    (
+        "timezone: UTC\n\nadmin_tokn: x\n",
+        "3: admin_tokn: unknown key (did you mean 'admin_token'?)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), SETTINGS_PROBLEMS)
+def test_settings_problem_names_file_line_and_key_path(
+    policies: Path, text: str, expected: str
+) -> None:
+    write(policies / "tollgate.yaml", text)
+    assert problems_of(policies) == [f"policies/tollgate.yaml:{expected}"]
+
+
+def test_missing_settings_file_is_a_problem(policies: Path) -> None:
+    (policies / "tollgate.yaml").unlink()
+    assert problems_of(policies) == ["policies/tollgate.yaml: not found (the global settings file)"]
+
+
+def test_missing_config_path_is_a_problem(tmp_path: Path) -> None:
+    assert problems_of(tmp_path / "nope") == [f"{tmp_path}/nope: no such file or directory"]
+
+
+# -- across files, and all at once -------------------------------------------------
+
+
+def test_every_problem_of_every_file_is_reported_at_once(policies: Path) -> None:
+    write(policies / "tollgate.yaml", "timezone: UTC\nupstream:\n  timout_s: 3\n")
+    write(policies / "teams" / "a.yaml", team_yaml("a", KEY_A, "on_exhausted: never\n"))
+    write(policies / "teams" / "b.yaml", team_yaml("b", KEY_B, "allow: {models: [nope]}\n"))
+    assert problems_of(policies) == [
+        "policies/tollgate.yaml:3: upstream.timout_s: unknown key (did you mean 'timeout_s'?)",
+        "policies/teams/a.yaml:4: on_exhausted: must be one of 'downgrade', 'reject', got 'never'",
+        "policies/teams/b.yaml:4: allow.models[0]: model 'nope' is not in the price book",
+    ]
+
+
+def test_duplicate_team_names_across_files(policies: Path) -> None:
+    write(policies / "teams" / "a.yaml", team_yaml("design", KEY_A))
+    write(policies / "teams" / "b.yaml", "# the same team again\n" + team_yaml("design", KEY_B))
+    assert problems_of(policies) == [
+        "policies/teams/b.yaml:2: name: team 'design' is already defined at policies/teams/a.yaml:1"
+    ]
+
+
+def test_one_key_hash_in_two_teams(policies: Path) -> None:
+    write(policies / "teams" / "a.yaml", team_yaml("a", KEY_A))
+    write(policies / "teams" / "b.yaml", team_yaml("b", KEY_A.upper()))
+    assert problems_of(policies) == [
+        "policies/teams/b.yaml:3: keys[0].sha256: same key hash as policies/teams/a.yaml:3"
+    ]
+
+
+def test_single_file_problems_name_the_inline_team_path(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "all.yaml",
+        f"""
+        teams:
+          - name: a
+            keys: [{{id: k, sha256: {KEY_A}}}]
+            allow: {{models: [gpt-image-2, nope]}}
+          - name: b
+            keys: [{{id: k, sha256: {KEY_B}}}]
+            budgets: [{{period: day, limit_usd: x}}]
+        """,
+    )
+    assert problems_of(path) == [
+        f"{path}:4: teams[0].allow.models[1]: model 'nope' is not in the price book",
+        f"{path}:7: teams[1].budgets[0].limit_usd: must be a number > 0, got 'x'",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("written", "nanos"),
+    [("0.1", 100_000_000), ("800", 800 * 10**9), ("0.000000001", 1), ("19.99", 19_990_000_000)],
+)
+def test_limit_usd_is_exact_in_nano_dollars(policies: Path, written: str, nanos: int) -> None:
+    write(
+        policies / "teams" / "t.yaml",
+        team_yaml(extra=f"per_user: [{{period: total, limit_usd: {written}}}]\n"),
+    )
+    assert load(policies).teams[0].per_user[0].limit == nanos
+
+
+def test_yaml_merge_keys_may_be_overridden_but_keys_not_repeated(policies: Path) -> None:
+    extra = """
+    budgets:
+      - &daily {period: day, limit_usd: 1, alert_at: [0.9, 0.5]}
+      - {<<: *daily, period: week}
+    """
+    write(policies / "teams" / "t.yaml", team_yaml(extra=extra))
+    budgets = load(policies).teams[0].budgets
+    assert [(b.period, b.limit) for b in budgets] == [("day", 10**9), ("week", 10**9)]
+    assert budgets[0].alert_at == (Decimal("0.5"), Decimal("0.9"))
+
+
+def test_empty_team_file_is_a_problem(policies: Path) -> None:
+    write(policies / "teams" / "t.yaml", "# TODO\n")
+    assert problems_of(policies) == [
+        "policies/teams/t.yaml:1: empty file (a team needs `name` and `keys`)"
+    ]
