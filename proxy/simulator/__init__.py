@@ -1,0 +1,14 @@
+"""An offline stand-in for OpenAI's image API, faithful enough for the official SDK.
+
+    from proxy.simulator import SimulatorSettings, create_simulator_app
+    app = create_simulator_app(SimulatorSettings(latency_ms=50, api_key="sk-test"))
+
+Modules: `app` routes, `handlers` the request path, `parsing` body reading,
+`validation` OpenAI's checks, `catalogue` the models, `tokens` the token rules,
+`answers` JSON and SSE bodies, `images` Pillow images, `faults` the fault markers,
+`billing` the record, `costs` the Costs API, `connection` hanging and resets.
+"""
+
+from proxy.simulator.app import SimulatorSettings, create_simulator_app
+
+__all__ = ["SimulatorSettings", "create_simulator_app"]

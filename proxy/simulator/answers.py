@@ -1,0 +1,118 @@
+"""The bodies the simulator answers with: JSON responses and SSE events (pure)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from proxy.simulator.images import encoded_b64
+from proxy.simulator.tokens import Tokens
+from proxy.simulator.validation import ImageOrder
+
+EVENT_PREFIX = {"generations": "image_generation", "edits": "image_edit", "variations": "image"}
+
+
+def usage_json(*, text: int, image: int, output: int, details: bool) -> dict[str, Any]:
+    """OpenAI's `usage` object; `output_tokens_details` only when the model reports it."""
+    usage: dict[str, Any] = {
+        "input_tokens": text + image,
+        "input_tokens_details": {"text_tokens": text, "image_tokens": image},
+        "output_tokens": output,
+        "total_tokens": text + image + output,
+    }
+    if details:
+        usage["output_tokens_details"] = {"image_tokens": output, "text_tokens": 0}
+    return usage
+
+
+def _b64(order: ImageOrder, padding: int) -> str:
+    return encoded_b64(
+        order.width,
+        order.height,
+        order.output_format,
+        order.compression,
+        padding,
+        order.background == "transparent",
+    )
+
+
+def response_body(
+    order: ImageOrder,
+    tokens: Tokens,
+    *,
+    created: int,
+    padding: int,
+    request_id: str,
+    with_usage: bool = True,
+) -> dict[str, Any]:
+    """The non-stream answer: `created`, `data` and, for GPT models, the effective knobs."""
+    if order.model.is_dalle:
+        data: list[dict[str, Any]] = []
+        for index in range(order.n):
+            item: dict[str, Any] = (
+                {"url": f"http://127.0.0.1/_sim/images/{request_id}-{index}.png"}
+                if order.response_format == "url"
+                else {"b64_json": _b64(order, padding)}
+            )
+            if order.model.name == "dall-e-3":
+                item["revised_prompt"] = order.prompt
+            data.append(item)
+        return {"created": created, "data": data}
+    body: dict[str, Any] = {
+        "created": created,
+        "data": [{"b64_json": _b64(order, padding)} for _ in range(order.n)],
+        "background": order.background,
+        "output_format": order.output_format,
+        "quality": order.quality,
+        "size": order.size,
+    }
+    if with_usage:
+        body["usage"] = usage_json(
+            text=tokens.text_input,
+            image=tokens.image_input,
+            output=tokens.output_total,
+            details=order.model.output_details,
+        )
+    return body
+
+
+def sse(event_type: str, data: dict[str, Any]) -> bytes:
+    """One server-sent event frame."""
+    return f"event: {event_type}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def stream_events(
+    order: ImageOrder, tokens: Tokens, *, created: int, padding: int
+) -> list[tuple[str, bytes]]:
+    """The stream of an order, as (kind, frame): per image its partials, then its completed.
+
+    The first completed event carries the input tokens; the completed usages sum to
+    the non-stream usage plus 100 tokens per partial.
+    """
+    prefix = EVENT_PREFIX[order.endpoint]
+    common: dict[str, Any] = {
+        "background": order.background,
+        "created_at": created,
+        "output_format": order.output_format,
+        "quality": order.quality,
+        "size": order.size,
+    }
+    b64 = _b64(order, padding)
+    frames: list[tuple[str, bytes]] = []
+    for image in range(order.n):
+        for index in range(tokens.partials_per_image):
+            kind = f"{prefix}.partial_image"
+            payload = {"type": kind, "b64_json": b64, **common, "partial_image_index": index}
+            frames.append(("partial", sse(kind, payload)))
+        first = image == 0
+        usage = usage_json(
+            text=tokens.text_input if first else 0,
+            image=tokens.image_input if first else 0,
+            output=tokens.output_per_completed,
+            details=False,
+        )
+        kind = f"{prefix}.completed"
+        frames.append(
+            ("completed", sse(kind, {"type": kind, "b64_json": b64, **common, "usage": usage}))
+        )
+    return frames

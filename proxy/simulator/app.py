@@ -1,0 +1,90 @@
+"""The simulator's web app: `create_simulator_app(settings)` builds it.
+
+POST /v1/images/generations | edits | variations   the simulated OpenAI API
+GET  /v1/organization/costs                        costs built from the record
+GET  /_sim/billing    POST /_sim/reset             the billing record
+GET  /_sim/config     POST /_sim/config            runtime knobs (latency, payload, fault)
+GET  /healthz
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import partial
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from proxy.models import Endpoint
+from proxy.simulator.costs import CostsQueryError, costs_page
+from proxy.simulator.errors import ApiError, invalid, invalid_api_key
+from proxy.simulator.handlers import SimulatorState, error_response, handle_image_request
+from proxy.simulator.settings import Knobs, SimulatorSettings
+
+__all__ = ["SimulatorSettings", "create_simulator_app"]
+
+DEFAULT_SETTINGS = SimulatorSettings()
+
+
+def create_simulator_app(settings: SimulatorSettings = DEFAULT_SETTINGS) -> Starlette:
+    """A fresh simulator with its own knobs and billing record."""
+    state = SimulatorState(Knobs.of(settings), settings.api_key)
+
+    async def images(endpoint: Endpoint, request: Request) -> Response:
+        return await handle_image_request(state, endpoint, request)
+
+    async def get_config(request: Request) -> Response:
+        return JSONResponse(state.knobs.to_json())
+
+    async def set_config(request: Request) -> Response:
+        try:
+            changes = json.loads(await request.body())
+            if not isinstance(changes, dict):
+                raise ValueError("the body must be a JSON object")
+            state.knobs = state.knobs.updated(changes)
+        except ValueError as exc:
+            return error_response(invalid(str(exc), param=None), "req_sim_config")
+        return JSONResponse(state.knobs.to_json())
+
+    async def billing(request: Request) -> Response:
+        return JSONResponse(state.record.to_json())
+
+    async def reset(request: Request) -> Response:
+        state.record.clear()
+        return JSONResponse({"status": "ok"})
+
+    async def costs(request: Request) -> Response:
+        authorization = request.headers.get("authorization")
+        if state.api_key is not None and authorization != f"Bearer {state.api_key}":
+            return error_response(invalid_api_key(authorization), "req_sim_costs")
+        try:
+            page = costs_page(state.record.entries(), request.query_params, now=time.time())
+        except CostsQueryError as exc:
+            return error_response(invalid(str(exc), param=exc.param), "req_sim_costs")
+        return JSONResponse(page)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def not_found(request: Request) -> Response:
+        error = ApiError(
+            404, f"Invalid URL ({request.method} {request.url.path})", param=None, code=None
+        )
+        return error_response(error, "req_sim_not_found")
+
+    routes = [
+        Route("/v1/images/generations", partial(images, "generations"), methods=["POST"]),
+        Route("/v1/images/edits", partial(images, "edits"), methods=["POST"]),
+        Route("/v1/images/variations", partial(images, "variations"), methods=["POST"]),
+        Route("/v1/organization/costs", costs, methods=["GET"]),
+        Route("/_sim/config", get_config, methods=["GET"]),
+        Route("/_sim/config", set_config, methods=["POST"]),
+        Route("/_sim/billing", billing, methods=["GET"]),
+        Route("/_sim/reset", reset, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/v1/{path:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
+    ]
+    return Starlette(routes=routes)

@@ -1,0 +1,73 @@
+"""The simulator's record of what it would have billed: the oracle tests compare with."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from proxy.models import Endpoint
+from proxy.simulator.tokens import Tokens
+
+RECORDED_HEADERS = ("openai-organization", "openai-project", "x-stainless-retry-count")
+
+
+@dataclass(frozen=True)
+class BilledUsage:
+    """Tokens billed for one request, by kind."""
+
+    text_input: int = 0
+    image_input: int = 0
+    image_output: int = 0
+    text_output: int = 0
+
+    @classmethod
+    def of(cls, tokens: Tokens) -> BilledUsage:
+        return cls(tokens.text_input, tokens.image_input, tokens.output_total, 0)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One request that reached the simulator, as `GET /_sim/billing` shows it."""
+
+    id: str
+    time: float
+    endpoint: Endpoint
+    model: str | None
+    quality: str | None
+    size: str | None
+    n: int | None
+    stream: bool
+    status: int
+    billed: bool
+    usage: BilledUsage | None
+    images: int
+    authorization: str | None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)
+    image_count: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["headers"] = dict(self.headers)
+        data["params"] = dict(self.params)
+        return data
+
+
+class BillingRecord:
+    """An in-memory, append-only list of entries (cleared by `POST /_sim/reset`)."""
+
+    def __init__(self) -> None:
+        self._entries: list[Entry] = []
+
+    def append(self, entry: Entry) -> None:
+        self._entries.append(entry)
+
+    def entries(self) -> tuple[Entry, ...]:
+        return tuple(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"requests": [entry.to_json() for entry in self._entries]}

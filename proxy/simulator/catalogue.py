@@ -1,0 +1,141 @@
+"""The simulated models and their rules, as data in one place (pure).
+
+Adding a model to the simulator means adding one `ModelRule` below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal
+
+from proxy.models import Endpoint
+
+OutputRule = Literal["table", "formula", "per_image"]
+Fidelity = Literal["param", "low", "high"]
+
+STANDARD_SIZES = ("1024x1024", "1536x1024", "1024x1536")
+GPT_QUALITIES = ("low", "medium", "high")
+GPT_2X_QUALITIES = ("low", "medium", "high", "xhigh", "max")
+GPT_ENDPOINTS: frozenset[Endpoint] = frozenset({"generations", "edits"})
+
+# §5.2: output tokens per image for models before gpt-image-2, by quality and size.
+TABLE_TOKENS: Mapping[str, Mapping[str, int]] = MappingProxyType(
+    {
+        "low": {"1024x1024": 272, "1024x1536": 408, "1536x1024": 400},
+        "medium": {"1024x1024": 1056, "1024x1536": 1584, "1536x1024": 1568},
+        "high": {"1024x1024": 4160, "1024x1536": 6240, "1536x1024": 6208},
+    }
+)
+
+# §5.3: quality factors of the community output-token formula.
+GPT_2_FACTORS = MappingProxyType({"low": 16, "medium": 48, "high": 96})
+GPT_25_FACTORS = MappingProxyType({"low": 16, "medium": 24, "high": 48, "xhigh": 64, "max": 96})
+# A stand-in for the 3P measurements of 2.6: low and medium cost about 4x the 2.5 formula.
+GPT_26_MULTIPLIERS = MappingProxyType({"low": 4, "medium": 4, "high": 1, "xhigh": 1, "max": 1})
+
+
+@dataclass(frozen=True)
+class ModelRule:
+    """What one model accepts and how it bills."""
+
+    name: str
+    qualities: tuple[str, ...]
+    """Accepted quality values besides `auto`."""
+    sizes: tuple[str, ...] | None
+    """Accepted sizes besides `auto`; None means any `WxH` within the custom-size rules."""
+    output_rule: OutputRule
+    endpoints: frozenset[Endpoint] = GPT_ENDPOINTS
+    factors: Mapping[str, int] = field(default_factory=dict)
+    multipliers: Mapping[str, int] = field(default_factory=dict)
+    fidelity: Fidelity = "param"
+    """`param`: the request's input_fidelity decides; `low`/`high`: fixed by the model."""
+    fidelity_param_allowed: bool = True
+    max_n: int = 10
+    output_details: bool = False
+    """Whether a non-stream answer's usage carries `output_tokens_details`."""
+
+    @property
+    def is_dalle(self) -> bool:
+        return self.output_rule == "per_image"
+
+    @property
+    def default_quality(self) -> str:
+        return "standard" if self.is_dalle else "medium"
+
+
+def _table(name: str, *, fidelity: Fidelity = "param", details: bool = False) -> ModelRule:
+    return ModelRule(
+        name, GPT_QUALITIES, STANDARD_SIZES, "table", fidelity=fidelity, output_details=details
+    )
+
+
+def _formula(
+    name: str,
+    factors: Mapping[str, int],
+    multipliers: Mapping[str, int] | None = None,
+    *,
+    fidelity_param_allowed: bool = True,
+) -> ModelRule:
+    return ModelRule(
+        name,
+        tuple(factors),
+        None,
+        "formula",
+        factors=factors,
+        multipliers=multipliers or {},
+        fidelity="high",
+        fidelity_param_allowed=fidelity_param_allowed,
+    )
+
+
+_RULES: tuple[ModelRule, ...] = (
+    _table("gpt-image-1"),
+    _table("gpt-image-1-mini", fidelity="low"),
+    _table("gpt-image-1.5", details=True),
+    _table("chatgpt-image-latest", details=True),
+    _formula("gpt-image-2", GPT_2_FACTORS, fidelity_param_allowed=False),
+    _formula("gpt-image-2-2026-04-21", GPT_2_FACTORS, fidelity_param_allowed=False),
+    _formula("gpt-image-2.5-sunburst", GPT_25_FACTORS),
+    _formula("gpt-image-2.5-sunburst-2026-09-08", GPT_25_FACTORS),
+    _formula("gpt-image-2.5-flare", GPT_25_FACTORS),
+    _formula("gpt-image-2.5-flare-2026-09-08", GPT_25_FACTORS),
+    _formula("gpt-image-2.6-sunburst", GPT_25_FACTORS, GPT_26_MULTIPLIERS),
+    _formula("gpt-image-2.6-flare", GPT_25_FACTORS, GPT_26_MULTIPLIERS),
+    ModelRule(
+        "dall-e-2",
+        ("standard",),
+        ("256x256", "512x512", "1024x1024"),
+        "per_image",
+        endpoints=frozenset({"generations", "edits", "variations"}),
+    ),
+    ModelRule(
+        "dall-e-3",
+        ("standard", "hd"),
+        ("1024x1024", "1792x1024", "1024x1792"),
+        "per_image",
+        endpoints=frozenset({"generations"}),
+        max_n=1,
+    ),
+)
+
+MODELS: Mapping[str, ModelRule] = MappingProxyType({rule.name: rule for rule in _RULES})
+
+# The OpenAPI spec's defaults when `model` is omitted (OPENAI-IMAGES §0).
+DEFAULT_MODELS: Mapping[Endpoint, str] = MappingProxyType(
+    {"generations": "dall-e-2", "edits": "gpt-image-1.5", "variations": "dall-e-2"}
+)
+
+# §2.4: custom sizes for gpt-image-2 and 2.x.
+SIZE_EDGE_MULTIPLE = 16
+SIZE_MAX_EDGE = 3840
+SIZE_MAX_ASPECT = 3
+SIZE_MIN_PIXELS = 655_360
+SIZE_MAX_PIXELS = 8_294_400
+AUTO_SIZE = (1024, 1024)
+
+
+def find_model(name: str) -> ModelRule | None:
+    """The rule of a model by its exact name, or None when the simulator does not know it."""
+    return MODELS.get(name)

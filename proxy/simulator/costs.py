@@ -1,0 +1,201 @@
+"""`GET /v1/organization/costs` built from the billing record (pure; `now` passed in).
+
+Prices are OPENAI-IMAGES §5.5 (USD, Standard tier). Line items are named
+`"<model>, <kind>"`, e.g. `"gpt-image-2, image output"` or `"dall-e-3, images"`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from types import MappingProxyType
+from typing import Any
+
+from starlette.datastructures import QueryParams
+
+from proxy.simulator.billing import Entry
+
+DAY = 86_400
+DEFAULT_LIMIT = 7
+MAX_LIMIT = 180
+PER_MILLION = Decimal(1_000_000)
+GROUPS = ("line_item", "project_id")
+
+_TOKEN_KINDS = (
+    ("text_input", "text input"),
+    ("image_input", "image input"),
+    ("image_output", "image output"),
+    ("text_output", "text output"),
+)
+
+
+def _per_million(text_in: str, image_in: str, image_out: str, text_out: str) -> dict[str, Decimal]:
+    return {
+        "text_input": Decimal(text_in),
+        "image_input": Decimal(image_in),
+        "image_output": Decimal(image_out),
+        "text_output": Decimal(text_out),
+    }
+
+
+_GPT_2 = _per_million("5.00", "8.00", "30.00", "0")
+_GPT_15 = _per_million("5.00", "8.00", "32.00", "10.00")
+TOKEN_PRICES: Mapping[str, Mapping[str, Decimal]] = MappingProxyType(
+    {
+        "gpt-image-1": _per_million("5.00", "10.00", "40.00", "0"),
+        "gpt-image-1-mini": _per_million("2.00", "2.50", "8.00", "0"),
+        "gpt-image-1.5": _GPT_15,
+        "chatgpt-image-latest": _GPT_15,
+        "gpt-image-2": _GPT_2,
+        "gpt-image-2-2026-04-21": _GPT_2,
+        "gpt-image-2.5-sunburst": _GPT_2,
+        "gpt-image-2.5-sunburst-2026-09-08": _GPT_2,
+        "gpt-image-2.5-flare": _GPT_2,
+        "gpt-image-2.5-flare-2026-09-08": _GPT_2,
+        "gpt-image-2.6-sunburst": _GPT_2,
+        "gpt-image-2.6-flare": _GPT_2,
+    }
+)
+# Per image, by (model, quality, size); dall-e-2 has one quality.
+IMAGE_PRICES: Mapping[tuple[str, str, str], Decimal] = MappingProxyType(
+    {
+        ("dall-e-3", "standard", "1024x1024"): Decimal("0.04"),
+        ("dall-e-3", "standard", "1792x1024"): Decimal("0.08"),
+        ("dall-e-3", "standard", "1024x1792"): Decimal("0.08"),
+        ("dall-e-3", "hd", "1024x1024"): Decimal("0.08"),
+        ("dall-e-3", "hd", "1792x1024"): Decimal("0.12"),
+        ("dall-e-3", "hd", "1024x1792"): Decimal("0.12"),
+        ("dall-e-2", "standard", "256x256"): Decimal("0.016"),
+        ("dall-e-2", "standard", "512x512"): Decimal("0.018"),
+        ("dall-e-2", "standard", "1024x1024"): Decimal("0.020"),
+    }
+)
+
+
+class CostsQueryError(ValueError):
+    """A bad query parameter, named in `param`."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class LineCost:
+    """What one billed request adds to one line item."""
+
+    line_item: str
+    project_id: str | None
+    amount: Decimal
+    quantity: int
+    unit: str
+
+
+def line_costs(entry: Entry) -> list[LineCost]:
+    """The priced line items of one record entry (none when it was not billed)."""
+    if not entry.billed or entry.model is None:
+        return []
+    project = entry.headers.get("openai-project")
+    if entry.usage is None:
+        price = IMAGE_PRICES.get((entry.model, entry.quality or "", entry.size or ""))
+        if price is None:
+            return []
+        return [
+            LineCost(
+                f"{entry.model}, images", project, price * entry.images, entry.images, "images"
+            )
+        ]
+    prices = TOKEN_PRICES.get(entry.model, {})
+    lines = []
+    for kind, label in _TOKEN_KINDS:
+        tokens: int = getattr(entry.usage, kind)
+        if tokens:
+            amount = prices.get(kind, Decimal(0)) * tokens / PER_MILLION
+            lines.append(LineCost(f"{entry.model}, {label}", project, amount, tokens, "tokens"))
+    return lines
+
+
+def _int_param(query: QueryParams, name: str, default: int | None) -> int | None:
+    value = query.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise CostsQueryError(f"Invalid '{name}': expected an integer.", name) from exc
+
+
+def _results(lines: Iterable[LineCost], group_by: list[str]) -> list[dict[str, Any]]:
+    groups: dict[tuple[str | None, str | None], list[LineCost]] = defaultdict(list)
+    for line in lines:
+        key = (
+            line.line_item if "line_item" in group_by else None,
+            line.project_id if "project_id" in group_by else None,
+        )
+        groups[key].append(line)
+    results = []
+    for (line_item, project_id), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        result: dict[str, Any] = {
+            "object": "organization.costs.result",
+            "amount": {"value": float(sum(m.amount for m in members)), "currency": "usd"},
+            "line_item": line_item,
+            "project_id": project_id,
+        }
+        if "line_item" in group_by:
+            result["quantity"] = sum(m.quantity for m in members)
+            result["quantity_unit"] = members[0].unit
+        results.append(result)
+    return results
+
+
+def costs_page(entries: Iterable[Entry], query: QueryParams, *, now: float) -> dict[str, Any]:
+    """One page of daily cost buckets from `start_time`, OpenAI's Costs API shape."""
+    start = _int_param(query, "start_time", None)
+    if start is None:
+        raise CostsQueryError("Missing required parameter: 'start_time'.", "start_time")
+    end = _int_param(query, "end_time", int(now) + 1)
+    assert end is not None
+    if query.get("bucket_width", "1d") != "1d":
+        raise CostsQueryError("Invalid 'bucket_width': only '1d' is supported.", "bucket_width")
+    limit = _int_param(query, "limit", DEFAULT_LIMIT)
+    assert limit is not None
+    if not 1 <= limit <= MAX_LIMIT:
+        raise CostsQueryError(f"Invalid 'limit': expected 1 to {MAX_LIMIT}.", "limit")
+    group_by = query.getlist("group_by[]") + query.getlist("group_by")
+    for group in group_by:
+        if group not in GROUPS:
+            raise CostsQueryError(f"Invalid 'group_by': '{group}' is not supported.", "group_by")
+    page = query.get("page") or "0"
+    try:
+        first = int(page.removeprefix("page_"))
+    except ValueError as exc:
+        raise CostsQueryError("Invalid 'page' cursor.", "page") from exc
+
+    starts = list(range(start, end, DAY))
+    chosen = starts[first : first + limit]
+    data = []
+    for bucket_start in chosen:
+        bucket_end = min(bucket_start + DAY, end)
+        lines = [
+            line
+            for entry in entries
+            if bucket_start <= entry.time < bucket_end
+            for line in line_costs(entry)
+        ]
+        data.append(
+            {
+                "object": "bucket",
+                "start_time": bucket_start,
+                "end_time": bucket_end,
+                "results": _results(lines, group_by) if lines else [],
+            }
+        )
+    has_more = first + limit < len(starts)
+    return {
+        "object": "page",
+        "data": data,
+        "has_more": has_more,
+        "next_page": f"page_{first + limit}" if has_more else None,
+    }

@@ -1,0 +1,87 @@
+"""Faults the simulator can play, chosen by a prompt marker or the runtime config (pure).
+
+    [[fault:500]]       500 server_error
+    [[fault:503]]       503 server overloaded
+    [[fault:429]]       429 rate_limit_exceeded with retry-after: 1
+    [[fault:timeout]]   no answer for an hour (ends when the client goes away)
+    [[fault:reset]]     the connection is closed without an HTTP answer
+    [[fault:garbage]]   200 with a body that is not JSON (billed)
+    [[fault:nousage]]   200 without `usage` (billed)
+    [[fault:truncate]]  a stream cut before its completed event (billed)
+
+A prompt containing the word `forbidden` is blocked by moderation (400, not billed).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, get_args
+
+from proxy.simulator.errors import ApiError
+
+Fault = Literal["500", "503", "429", "timeout", "reset", "garbage", "nousage", "truncate"]
+FAULTS: tuple[Fault, ...] = get_args(Fault)
+# Faults answered before any work is done: nothing is billed.
+UNBILLED_FAULTS: frozenset[Fault] = frozenset({"500", "503", "429", "timeout", "reset"})
+_MARKER = re.compile(r"\[\[fault:([a-z0-9]+)\]\]")
+_FORBIDDEN = re.compile(r"\bforbidden\b", re.IGNORECASE)
+GARBAGE_BODY = b"this is not json{"
+TIMEOUT_SECONDS = 3600.0
+
+
+def parse_fault(value: object) -> Fault | None:
+    """A fault name from the runtime config (None clears it); raises ValueError otherwise."""
+    if value is None:
+        return None
+    text = str(value)
+    for fault in FAULTS:
+        if fault == text:
+            return fault
+    raise ValueError(f"unknown fault {text!r}; expected one of {', '.join(FAULTS)} or null")
+
+
+def pick_fault(prompt: str, configured: Fault | None) -> Fault | None:
+    """The fault a request plays: its prompt marker first, else the configured one."""
+    for match in _MARKER.finditer(prompt):
+        if match[1] in FAULTS:
+            return parse_fault(match[1])
+    return configured
+
+
+def fault_error(fault: Fault) -> ApiError | None:
+    """The error answer of a fault that is answered with one."""
+    if fault == "500":
+        return ApiError(
+            500,
+            "The server had an error while processing your request. Sorry about that!",
+            type="server_error",
+        )
+    if fault == "503":
+        return ApiError(
+            503,
+            "The engine is currently overloaded, please try again later.",
+            type="server_error",
+        )
+    if fault == "429":
+        return ApiError(
+            429,
+            "Rate limit reached for images per minute. Please try again in 1s.",
+            type="requests",
+            code="rate_limit_exceeded",
+            headers={"retry-after": "1"},
+        )
+    return None
+
+
+def moderation_error(prompt: str) -> ApiError | None:
+    """The safety system's answer to a prompt with the trigger word, else None."""
+    if not _FORBIDDEN.search(prompt):
+        return None
+    return ApiError(
+        400,
+        "Your request was rejected by the safety system. If you believe this is an error, "
+        "contact us at help.openai.com.",
+        type="image_generation_user_error",
+        code="moderation_blocked",
+        extra={"moderation_details": {"moderation_stage": "input", "categories": ["violence"]}},
+    )

@@ -1,0 +1,61 @@
+"""The simulator's start-up settings and the knobs that can change at runtime."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from proxy.simulator.faults import Fault, parse_fault
+
+
+@dataclass(frozen=True)
+class SimulatorSettings:
+    """How a simulator starts: latency, image padding and the one API key it accepts."""
+
+    latency_ms: int = 0
+    """Added before answering (and spread over stream events)."""
+    payload_bytes: int = 0
+    """Pad each png/jpeg image to about this many bytes; 0 = natural size."""
+    api_key: str | None = None
+    """When set, any other Bearer key gets 401 invalid_api_key."""
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """What `POST /_sim/config` changes for all later requests."""
+
+    latency_ms: int = 0
+    payload_bytes: int = 0
+    fault: Fault | None = None
+
+    @classmethod
+    def of(cls, settings: SimulatorSettings) -> Knobs:
+        return cls(settings.latency_ms, settings.payload_bytes)
+
+    def updated(self, changes: dict[str, Any]) -> Knobs:
+        """These knobs with `changes` applied; raises ValueError naming a bad key or value."""
+        unknown = changes.keys() - {"latency_ms", "payload_bytes", "fault"}
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
+
+        def count(name: str, current: int) -> int:
+            value = changes.get(name, current)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0")
+            return value
+
+        knobs = replace(
+            self,
+            latency_ms=count("latency_ms", self.latency_ms),
+            payload_bytes=count("payload_bytes", self.payload_bytes),
+        )
+        if "fault" in changes:
+            knobs = replace(knobs, fault=parse_fault(changes["fault"]))
+        return knobs
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "latency_ms": self.latency_ms,
+            "payload_bytes": self.payload_bytes,
+            "fault": self.fault,
+        }

@@ -1,0 +1,120 @@
+"""The token rules the simulator bills by (pure).
+
+text input    ceil(utf-8 bytes of the prompt / 4)
+image input   gpt-image-1's tile rule for every input image (§5.4)
+image output  the §5.2 table or the §5.3 formula, per image, + 100 per streamed partial
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from proxy.models import InputImage
+from proxy.simulator.catalogue import TABLE_TOKENS, ModelRule
+from proxy.simulator.validation import ImageOrder
+
+PARTIAL_IMAGE_TOKENS = 100
+TILE = 512
+FIT_WITHIN = 2048
+TILE_BASE_TOKENS = 65
+TOKENS_PER_TILE = 129
+HIGH_FIDELITY_SQUARE = 4160
+HIGH_FIDELITY_OTHER = 6240
+# An image given by URL or file id is counted as if it were this size.
+REFERENCE_IMAGE_SIZE = (1024, 1024)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def text_tokens(prompt: str) -> int:
+    """Text input tokens: `text_tokens("cat!") == 1`; never more than the prompt's bytes."""
+    return _ceil_div(len(prompt.encode("utf-8")), 4)
+
+
+def image_input_tokens(width: int, height: int, *, high_fidelity: bool) -> int:
+    """gpt-image-1's rule: `image_input_tokens(1024, 1024, high_fidelity=False) == 194`."""
+    w, h = float(width), float(height)
+    if max(w, h) > FIT_WITHIN:
+        scale = FIT_WITHIN / max(w, h)
+        w, h = w * scale, h * scale
+    if min(w, h) > TILE:
+        # Like the vision calculator: images are scaled down, never up.
+        scale = TILE / min(w, h)
+        w, h = w * scale, h * scale
+    tiles = _ceil_div(round(w), TILE) * _ceil_div(round(h), TILE)
+    tokens = TILE_BASE_TOKENS + TOKENS_PER_TILE * tiles
+    if high_fidelity:
+        tokens += HIGH_FIDELITY_SQUARE if width == height else HIGH_FIDELITY_OTHER
+    return tokens
+
+
+def images_input_tokens(images: tuple[InputImage, ...], *, high_fidelity: bool) -> int:
+    """Image input tokens of all input images (a mask adds none)."""
+    total = 0
+    for image in images:
+        if image.width is None or image.height is None:
+            width, height = REFERENCE_IMAGE_SIZE
+        else:
+            width, height = image.width, image.height
+        total += image_input_tokens(width, height, high_fidelity=high_fidelity)
+    return total
+
+
+def formula_tokens(factor: int, width: int, height: int) -> int:
+    """The community formula of §5.3: `formula_tokens(96, 1024, 1024) == 7024`."""
+    long, short = max(width, height), min(width, height)
+    s = (2 * factor * short + long) // (2 * long)
+    return _ceil_div(factor * s * (2_000_000 + width * height), 4_000_000)
+
+
+def output_tokens_per_image(model: ModelRule, quality: str, width: int, height: int) -> int:
+    """Image output tokens of one final image at an effective quality and size (0 for DALL·E)."""
+    if model.output_rule == "table":
+        return TABLE_TOKENS[quality][f"{width}x{height}"]
+    if model.output_rule == "formula":
+        tokens = formula_tokens(model.factors[quality], width, height)
+        return tokens * model.multipliers.get(quality, 1)
+    return 0
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """What one request bills, split the way the answers report it."""
+
+    text_input: int
+    image_input: int
+    output_per_image: int
+    n: int
+    partials_per_image: int = 0
+
+    @property
+    def input_total(self) -> int:
+        return self.text_input + self.image_input
+
+    @property
+    def output_per_completed(self) -> int:
+        """Output tokens of one image with its streamed partials."""
+        return self.output_per_image + PARTIAL_IMAGE_TOKENS * self.partials_per_image
+
+    @property
+    def output_total(self) -> int:
+        return self.output_per_completed * self.n
+
+
+def tokens_for(order: ImageOrder) -> Tokens:
+    """Everything a valid order bills: `tokens_for(order).output_total` etc."""
+    return Tokens(
+        text_input=0 if order.model.is_dalle else text_tokens(order.prompt),
+        image_input=(
+            0
+            if order.model.is_dalle
+            else images_input_tokens(order.images, high_fidelity=order.high_fidelity)
+        ),
+        output_per_image=output_tokens_per_image(
+            order.model, order.quality, order.width, order.height
+        ),
+        n=order.n,
+        partials_per_image=order.partial_images if order.stream else 0,
+    )

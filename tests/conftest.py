@@ -1,0 +1,170 @@
+"""Fixtures that start the simulated upstream and Tollgate as real processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from proxy.auth import key_hash
+
+UPSTREAM_KEY = "sk-upstream-real-key-for-tests"
+DESIGN_KEY = "tg_test_design_key_0001"
+RESEARCH_KEY = "tg_test_research_key_0002"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            out = process.stdout.read().decode() if process.stdout else ""
+            raise RuntimeError(f"process exited with {process.returncode}:\n{out}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def start(args: list[str], health_url: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
+    wait_until_up(health_url, process)
+    return process
+
+
+def stop(process: subprocess.Popen[bytes]) -> str:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.stdout.read().decode() if process.stdout else ""
+
+
+@dataclass
+class Simulator:
+    url: str
+    process: subprocess.Popen[bytes]
+
+    def billing(self) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = httpx.get(f"{self.url}/_sim/billing").json()["requests"]
+        return records
+
+    def record(self, upstream_id: str) -> dict[str, Any]:
+        return next(r for r in self.billing() if r["id"] == upstream_id)
+
+    def configure(self, **knobs: Any) -> None:
+        httpx.post(f"{self.url}/_sim/config", json=knobs).raise_for_status()
+
+
+@pytest.fixture(scope="session")
+def simulator() -> Iterator[Simulator]:
+    port = free_port()
+    process = start(
+        ["simulate-upstream", "--port", str(port), "--api-key", UPSTREAM_KEY],
+        f"http://127.0.0.1:{port}/healthz",
+    )
+    yield Simulator(f"http://127.0.0.1:{port}", process)
+    stop(process)
+
+
+DEFAULT_TEAMS = {
+    "design": f"""
+        name: design
+        cost_center: CC-1042
+        keys:
+          - {{id: web-app, sha256: {key_hash(DESIGN_KEY)}}}
+    """,
+    "research": f"""
+        name: research
+        cost_center: CC-2077
+        keys:
+          - {{id: notebook, sha256: {key_hash(RESEARCH_KEY)}}}
+    """,
+}
+
+
+@dataclass
+class Tollgate:
+    url: str
+    root: Path
+    process: subprocess.Popen[bytes]
+
+    def client(self, key: str = DESIGN_KEY, **options: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, **options)
+
+    def rows(self) -> list[dict[str, Any]]:
+        with sqlite3.connect(self.root / "tollgate.db") as db:
+            db.row_factory = sqlite3.Row
+            return [dict(r) for r in db.execute("SELECT * FROM requests ORDER BY started_at")]
+
+    def row(self, request_id: str) -> dict[str, Any]:
+        return next(r for r in self.rows() if r["id"] == request_id)
+
+    def stop(self) -> str:
+        return stop(self.process)
+
+
+def write_config(root: Path, upstream_url: str, settings: str = "", teams: dict[str, str] | None = None) -> None:
+    (root / "teams").mkdir(parents=True, exist_ok=True)
+    (root / "tollgate.yaml").write_text(textwrap.dedent(f"""
+        upstream:
+          base_url: {upstream_url}
+          api_key: {UPSTREAM_KEY}
+          timeout_s: 3
+        ledger: sqlite:///tollgate.db
+        default_model: gpt-image-2
+    """) + textwrap.dedent(settings))
+    for name, text in (teams or DEFAULT_TEAMS).items():
+        (root / "teams" / f"{name}.yaml").write_text(textwrap.dedent(text))
+
+
+def start_tollgate(root: Path, *extra: str) -> Tollgate:
+    port = free_port()
+    process = start(
+        ["serve", "--config", str(root), "--port", str(port), *extra],
+        f"http://127.0.0.1:{port}/healthz",
+    )
+    return Tollgate(f"http://127.0.0.1:{port}", root, process)
+
+
+@pytest.fixture(scope="module")
+def tollgate(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
+    root = tmp_path_factory.mktemp("policies")
+    write_config(root, f"{simulator.url}/v1", settings="""
+        limits:
+          generations_bytes: 4096
+          edits_bytes: 2000000
+    """)
+    proxy = start_tollgate(root)
+    yield proxy
+    proxy.stop()

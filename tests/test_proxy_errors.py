@@ -1,0 +1,238 @@
+"""Bad input and upstream faults: clear errors in OpenAI's shape, nothing lost, still serving."""
+
+from __future__ import annotations
+
+import io
+import time
+from decimal import Decimal
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import (
+    DESIGN_KEY,
+    Simulator,
+    Tollgate,
+    free_port,
+    start_tollgate,
+    write_config,
+)
+from tests.test_proxy_e2e import expected_cost, png, wait_settled
+
+
+def upstream_calls(simulator: Simulator) -> int:
+    return len(simulator.billing())
+
+
+def post(tollgate: Tollgate, path: str, **kwargs: object) -> httpx.Response:
+    headers = {"authorization": f"Bearer {DESIGN_KEY}", **kwargs.pop("headers", {})}  # type: ignore[dict-item]
+    kwargs.setdefault("timeout", 30)
+    return httpx.post(f"{tollgate.url}/v1/images/{path}", headers=headers, **kwargs)  # type: ignore[arg-type]
+
+
+def assert_openai_error(answer: httpx.Response, status: int, code: str) -> None:
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code and error["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "kwargs", "param"),
+    [
+        ("generations", {"content": b"{not json", "headers": {"content-type": "application/json"}}, None),
+        ("generations", {"json": ["a", "list"]}, None),
+        ("generations", {"data": {"prompt": "x"}}, None),  # form body where JSON is required
+        ("edits", {"content": b"plain text", "headers": {"content-type": "text/plain"}}, None),
+        ("generations", {"json": {"model": "gpt-image-2"}}, "prompt"),
+        ("generations", {"json": {"model": "gpt-image-2", "prompt": ""}}, "prompt"),
+        ("generations", {"json": {"model": "gpt-image-1.5", "prompt": "x", "size": "2048x2048"}}, "size"),
+        ("generations", {"json": {"model": "gpt-image-2", "prompt": "x", "size": "1000x1000"}}, "size"),
+        ("generations", {"json": {"model": "gpt-image-2", "prompt": "x", "quality": "max"}}, "quality"),
+        ("generations", {"json": {"model": "gpt-image-2", "prompt": "x", "n": 11}}, "n"),
+        ("generations", {"json": {"model": "gpt-image-2", "prompt": "x", "n": 0}}, "n"),
+        ("generations", {"json": {"model": "dall-e-3", "prompt": "x", "n": 2}}, "n"),
+        ("generations", {"json": {"model": "gpt-image-2", "prompt": "x", "n": "two"}}, "n"),
+        ("generations", {"json": {"model": "gpt-image-2", "prompt": "x", "partial_images": 2}}, "partial_images"),
+        ("edits", {"data": {"prompt": "x", "model": "gpt-image-1"}, "files": {"image": ("a.png", b"not an image", "image/png")}}, "image"),
+        ("edits", {"data": {"prompt": "x", "model": "gpt-image-1"}, "files": {"other": ("a.txt", b"x", "text/plain")}}, "image"),
+    ],
+)
+def test_bad_requests_get_400_and_nothing_goes_upstream(
+    tollgate: Tollgate, simulator: Simulator, path: str, kwargs: dict[str, object], param: str | None
+) -> None:
+    before = upstream_calls(simulator)
+    answer = post(tollgate, path, **kwargs)
+    assert_openai_error(answer, 400, "invalid_request")
+    assert answer.json()["error"]["param"] == param
+    assert upstream_calls(simulator) == before
+    row = tollgate.row(answer.headers["x-tollgate-request-id"])
+    assert row["outcome"] == "client_error" and row["status"] == 400 and row["cost_nanos"] == 0
+
+
+def test_sdk_raises_bad_request_for_an_unpriced_model(tollgate: Tollgate, simulator: Simulator) -> None:
+    before = upstream_calls(simulator)
+    with pytest.raises(openai.BadRequestError) as caught:
+        tollgate.client().images.generate(model="gpt-image-9-turbo", prompt="x")
+    assert caught.value.code == "unpriced_model"
+    assert upstream_calls(simulator) == before
+
+
+def test_oversized_bodies_get_413_before_being_read(tollgate: Tollgate, simulator: Simulator) -> None:
+    before = upstream_calls(simulator)
+    answer = post(tollgate, "generations", json={"model": "gpt-image-2", "prompt": "x" * 5000})
+    assert_openai_error(answer, 413, "request_too_large")
+    with pytest.raises(openai.APIStatusError) as caught:
+        tollgate.client().images.edit(
+            model="gpt-image-1", prompt="x", image=("big.png", b"\x89PNG" + b"0" * 2_100_000, "image/png")
+        )
+    assert caught.value.status_code == 413
+    assert upstream_calls(simulator) == before
+
+
+@pytest.mark.parametrize("key", [None, "tg_not_a_team_key", "sk-upstream-real-key-for-tests"])
+def test_unknown_or_missing_keys_get_401(tollgate: Tollgate, simulator: Simulator, key: str | None) -> None:
+    before = upstream_calls(simulator)
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    answer = httpx.post(f"{tollgate.url}/v1/images/generations", headers=headers,
+                        json={"model": "gpt-image-2", "prompt": "x"})
+    assert_openai_error(answer, 401, "invalid_api_key")
+    assert (key or "") not in answer.text or key is None
+    assert upstream_calls(simulator) == before
+
+
+def test_other_v1_paths_are_404_in_openai_shape(tollgate: Tollgate) -> None:
+    with pytest.raises(openai.NotFoundError):
+        tollgate.client().models.list()
+    answer = httpx.post(f"{tollgate.url}/v1/chat/completions", json={})
+    assert_openai_error(answer, 404, "not_found")
+
+
+def test_upstream_errors_pass_through_and_charge_nothing(tollgate: Tollgate, simulator: Simulator) -> None:
+    client = tollgate.client()
+    with pytest.raises(openai.InternalServerError) as server_error:
+        client.images.generate(model="gpt-image-2", prompt="[[fault:500]] a cat", quality="low")
+    with pytest.raises(openai.RateLimitError) as rate_limited:
+        client.images.generate(model="gpt-image-2", prompt="[[fault:429]] a cat", quality="low")
+    assert rate_limited.value.response.headers["retry-after"] == "1"
+    with pytest.raises(openai.BadRequestError) as blocked:
+        client.images.generate(model="gpt-image-2", prompt="something forbidden", quality="low")
+    assert blocked.value.code == "moderation_blocked"
+    for caught in (server_error, rate_limited, blocked):
+        row = wait_settled(tollgate, caught.value.response.headers["x-tollgate-request-id"])
+        assert row["outcome"] == "upstream_error" and row["cost_nanos"] == 0
+        assert row["status"] == caught.value.status_code
+        assert row["upstream_request_id"] == caught.value.response.headers["x-request-id"]
+    assert_still_serving(tollgate)
+
+
+def assert_still_serving(tollgate: Tollgate) -> None:
+    result = tollgate.client().images.generate(model="gpt-image-2", prompt="ok", quality="low", size="1024x1024")
+    assert result.data
+
+
+def test_upstream_timeout_is_504_and_releases_the_reservation(tollgate: Tollgate) -> None:
+    with pytest.raises(openai.APIStatusError) as caught:
+        tollgate.client().images.generate(model="gpt-image-2", prompt="[[fault:timeout]]", quality="low")
+    assert caught.value.status_code == 504 and caught.value.code == "upstream_timeout"
+    row = wait_settled(tollgate, caught.value.response.headers["x-tollgate-request-id"])
+    assert row["outcome"] == "upstream_error" and row["cost_nanos"] == 0 and row["reserved_nanos"] == 0
+    assert_still_serving(tollgate)
+
+
+def test_connection_reset_is_502(tollgate: Tollgate) -> None:
+    with pytest.raises(openai.APIStatusError) as caught:
+        tollgate.client().images.generate(model="gpt-image-2", prompt="[[fault:reset]]", quality="low")
+    assert caught.value.status_code == 502 and caught.value.code == "upstream_unavailable"
+    row = wait_settled(tollgate, caught.value.response.headers["x-tollgate-request-id"])
+    assert row["reserved_nanos"] == 0
+    assert_still_serving(tollgate)
+
+
+def test_garbage_answer_is_502_and_charges_the_estimate_flagged(tollgate: Tollgate) -> None:
+    with pytest.raises(openai.APIStatusError) as caught:
+        tollgate.client().images.generate(model="gpt-image-2", prompt="[[fault:garbage]]", quality="low", size="1024x1024")
+    assert caught.value.status_code == 502
+    row = wait_settled(tollgate, caught.value.response.headers["x-tollgate-request-id"])
+    assert row["flagged"] == 1 and row["cost_nanos"] == row["estimated_nanos"] > 0
+    assert_still_serving(tollgate)
+
+
+def test_answer_without_usage_charges_the_estimate_flagged(tollgate: Tollgate) -> None:
+    raw = tollgate.client().images.with_raw_response.generate(
+        model="gpt-image-2", prompt="[[fault:nousage]]", quality="low", size="1024x1024"
+    )
+    assert raw.parse().data
+    row = wait_settled(tollgate, raw.headers["x-tollgate-request-id"])
+    assert row["flagged"] == 1 and row["cost_nanos"] == row["estimated_nanos"] > 0
+    assert Decimal(raw.headers["x-tollgate-cost-usd"]) * 10**9 == row["cost_nanos"]
+
+
+def test_truncated_stream_charges_the_estimate_flagged(tollgate: Tollgate) -> None:
+    with tollgate.client().images.with_streaming_response.generate(
+        model="gpt-image-2", prompt="[[fault:truncate]]", quality="low", size="1024x1024",
+        stream=True, partial_images=2,
+    ) as response:
+        request_id = response.headers["x-tollgate-request-id"]
+        try:
+            events = list(response.parse())
+        except (httpx.HTTPError, openai.APIError):
+            events = []
+    assert all(e.type != "image_generation.completed" for e in events)
+    row = wait_settled(tollgate, request_id)
+    assert row["flagged"] == 1 and row["cost_nanos"] == row["estimated_nanos"] > 0
+    assert row["reserved_nanos"] == 0
+    assert_still_serving(tollgate)
+
+
+def test_client_disconnect_is_still_metered(tollgate: Tollgate, simulator: Simulator) -> None:
+    simulator.configure(latency_ms=1500)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            post(tollgate, "generations", json={"model": "gpt-image-2", "prompt": "slow", "quality": "low",
+                                                "size": "1024x1024"}, timeout=0.3)
+        time.sleep(2.5)
+    finally:
+        simulator.configure(latency_ms=0)
+    row = tollgate.rows()[-1]
+    assert row["state"] == "settled" and row["outcome"] == "ok"
+    record = simulator.record(row["upstream_request_id"])
+    assert Decimal(row["cost_nanos"]) / 10**9 == expected_cost(record) > 0
+
+
+def test_stream_client_disconnect_is_still_metered(tollgate: Tollgate, simulator: Simulator) -> None:
+    simulator.configure(latency_ms=1200)
+    try:
+        client = tollgate.client()
+        with client.images.with_streaming_response.generate(
+            model="gpt-image-2", prompt="slow stream", quality="low", size="1024x1024",
+            stream=True, partial_images=3,
+        ) as response:
+            request_id = response.headers["x-tollgate-request-id"]
+            next(iter(response.parse()))  # one partial image, then hang up
+        row = wait_settled(tollgate, request_id, timeout=10)
+    finally:
+        simulator.configure(latency_ms=0)
+    record = simulator.record(row["upstream_request_id"])
+    assert Decimal(row["cost_nanos"]) / 10**9 == expected_cost(record)
+    assert row["flagged"] == 0
+
+
+@pytest.fixture
+def orphan_tollgate(tmp_path: Path) -> Iterator[Tollgate]:
+    write_config(tmp_path, f"http://127.0.0.1:{free_port()}/v1")  # nothing listens there
+    proxy = start_tollgate(tmp_path)
+    yield proxy
+    proxy.stop()
+
+
+def test_unreachable_upstream_is_502_and_releases(orphan_tollgate: Tollgate) -> None:
+    with pytest.raises(openai.APIStatusError) as caught:
+        orphan_tollgate.client().images.generate(model="gpt-image-2", prompt="x", quality="low")
+    assert caught.value.status_code == 502 and caught.value.code == "upstream_unavailable"
+    row = wait_settled(orphan_tollgate, caught.value.response.headers["x-tollgate-request-id"])
+    assert row["reserved_nanos"] == 0 and row["cost_nanos"] == 0
+    assert orphan_tollgate.process.poll() is None
