@@ -53,10 +53,12 @@ def create_app(config: Config, overrides: Overrides = Overrides()) -> Starlette:
     if not api_key:
         from proxy.errors import ConfigError
 
-        raise ConfigError([
-            f"{config.root}: upstream.api_key is not set: set OPENAI_API_KEY (or run with "
-            "--simulate to use the built-in simulated upstream)"
-        ])
+        raise ConfigError(
+            [
+                f"{config.root}: upstream.api_key is not set: set OPENAI_API_KEY (or run with "
+                "--simulate to use the built-in simulated upstream)"
+            ]
+        )
     holder: dict[str, Services] = {}
 
     def services() -> Services:
@@ -87,10 +89,7 @@ def create_app(config: Config, overrides: Overrides = Overrides()) -> Starlette:
             await upstream.aclose()
             await ledger.close()
 
-    handlers = {
-        endpoint: ImagesHandler(endpoint, services)
-        for endpoint in ENDPOINTS
-    }
+    handlers = {endpoint: ImagesHandler(endpoint, services) for endpoint in ENDPOINTS}
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -130,8 +129,11 @@ async def reclaim_forever(services: Services) -> None:
 def app_from_env() -> Starlette:
     """The app factory uvicorn's worker processes call (`tollgate serve --workers N`)."""
     config = load_config(Path(os.environ.get(ENV_CONFIG, "policies")))
-    return create_app(config, Overrides(
-        ledger_url=os.environ.get(ENV_LEDGER) or None,
-        upstream_url=os.environ.get(ENV_UPSTREAM_URL) or None,
-        upstream_key=os.environ.get(ENV_UPSTREAM_KEY) or None,
-    ))
+    return create_app(
+        config,
+        Overrides(
+            ledger_url=os.environ.get(ENV_LEDGER) or None,
+            upstream_url=os.environ.get(ENV_UPSTREAM_URL) or None,
+            upstream_key=os.environ.get(ENV_UPSTREAM_KEY) or None,
+        ),
+    )

@@ -66,8 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=1)
     serve.add_argument("--ledger", help="ledger URL (overrides the configuration)")
-    serve.add_argument("--simulate", action="store_true",
-                       help="run the built-in simulated upstream in-process (no OpenAI key)")
+    serve.add_argument(
+        "--simulate",
+        action="store_true",
+        help="run the built-in simulated upstream in-process (no OpenAI key)",
+    )
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(run=run_serve)
 
@@ -84,21 +87,25 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--label", help="the key's id in the team file")
     new.set_defaults(run=run_keys_new)
 
-    simulate = commands.add_parser("simulate-upstream",
-                                   help="run the simulated OpenAI image API")
+    simulate = commands.add_parser("simulate-upstream", help="run the simulated OpenAI image API")
     simulate.add_argument("--host", default="127.0.0.1")
     simulate.add_argument("--port", type=int, default=8090)
     simulate.add_argument("--latency-ms", type=int, default=0)
-    simulate.add_argument("--payload-bytes", type=int, default=0,
-                          help="pad each image to about this many bytes")
+    simulate.add_argument(
+        "--payload-bytes", type=int, default=0, help="pad each image to about this many bytes"
+    )
     simulate.add_argument("--api-key", help="the only upstream key accepted (default: any)")
     simulate.set_defaults(run=run_simulate)
     return parser
 
 
 def add_config(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=None,
-                        help="YAML file or directory (default: $TOLLGATE_CONFIG, else ./policies)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML file or directory (default: $TOLLGATE_CONFIG, else ./policies)",
+    )
 
 
 def config_path(args: argparse.Namespace) -> Path:
@@ -124,7 +131,7 @@ def run_keys_new(args: argparse.Namespace) -> int:
     label = args.label or f"key-{date.today().isoformat()}"
     print(f"New key for team {args.team!r} (shown once; give it to the team):\n")
     print(f"    {secret}\n")
-    print(f"Add this entry under `keys:` in the team's file (it holds only the hash):\n")
+    print("Add this entry under `keys:` in the team's file (it holds only the hash):\n")
     print(f"  - {{id: {label}, sha256: {key_hash(secret)}}}")
     return 0
 
@@ -136,8 +143,13 @@ def run_simulate(args: argparse.Namespace) -> int:
         latency_ms=args.latency_ms, payload_bytes=args.payload_bytes, api_key=args.api_key
     )
     print(f"Simulated OpenAI image API on http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.run(create_simulator_app(settings), host=args.host, port=args.port,
-                log_level="warning", access_log=False)
+    uvicorn.run(
+        create_simulator_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+    )
     return 0
 
 
@@ -158,17 +170,34 @@ def run_serve(args: argparse.Namespace) -> int:
     grace = config.upstream.timeout_s + 5
     if args.workers > 1:
         os.environ[ENV_CONFIG] = str(path)
-        for name, value in ((ENV_LEDGER, overrides.ledger_url),
-                            (ENV_UPSTREAM_URL, overrides.upstream_url),
-                            (ENV_UPSTREAM_KEY, overrides.upstream_key)):
+        for name, value in (
+            (ENV_LEDGER, overrides.ledger_url),
+            (ENV_UPSTREAM_URL, overrides.upstream_url),
+            (ENV_UPSTREAM_KEY, overrides.upstream_key),
+        ):
             if value:
                 os.environ[name] = value
-        uvicorn.run("proxy.app:app_from_env", factory=True, host=args.host, port=args.port,
-                    workers=args.workers, log_level=args.log_level, access_log=False,
-                    timeout_graceful_shutdown=int(grace), log_config=None)
+        uvicorn.run(
+            "proxy.app:app_from_env",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_level=args.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=int(grace),
+            log_config=None,
+        )
     else:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                    access_log=False, timeout_graceful_shutdown=int(grace), log_config=None)
+        uvicorn.run(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=int(grace),
+            log_config=None,
+        )
     return 0
 
 
@@ -176,12 +205,18 @@ def print_banner(args: argparse.Namespace, config: Config, overrides: Overrides)
     url = f"http://{args.host}:{args.port}/v1"
     upstream = overrides.upstream_url or config.upstream.base_url
     simulated = " (simulated)" if args.simulate else ""
-    print(f"Tollgate {__version__} on {url}, upstream {upstream}{simulated}, "
-          f"ledger {overrides.ledger_url or config.ledger_url}", flush=True)
-    print(f"Call it with any OpenAI client:\n"
-          f"    OPENAI_BASE_URL={url} OPENAI_API_KEY=<team key> python -c "
-          f"\"import openai; print(openai.OpenAI().images.generate(model='gpt-image-2', "
-          f"prompt='a lighthouse', quality='low', size='1024x1024').usage)\"", flush=True)
+    print(
+        f"Tollgate {__version__} on {url}, upstream {upstream}{simulated}, "
+        f"ledger {overrides.ledger_url or config.ledger_url}",
+        flush=True,
+    )
+    print(
+        f"Call it with any OpenAI client:\n"
+        f"    OPENAI_BASE_URL={url} OPENAI_API_KEY=<team key> python -c "
+        f"\"import openai; print(openai.OpenAI().images.generate(model='gpt-image-2', "
+        f"prompt='a lighthouse', quality='low', size='1024x1024').usage)\"",
+        flush=True,
+    )
 
 
 def start_simulator_thread() -> int:
@@ -191,11 +226,16 @@ def start_simulator_thread() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(
-        create_simulator_app(SimulatorSettings(api_key=SIMULATED_KEY)),
-        host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="off",
-    ))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_simulator_app(SimulatorSettings(api_key=SIMULATED_KEY)),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+    )
     threading.Thread(target=server.run, name="simulated-upstream", daemon=True).start()
     deadline = time.monotonic() + 10
     while not server.started and time.monotonic() < deadline:
@@ -210,8 +250,9 @@ class JsonLines(logging.Formatter):
         message = record.getMessage()
         if record.name == "tollgate.requests":
             return message
-        return json.dumps({"level": record.levelname.lower(), "logger": record.name,
-                           "message": message})
+        return json.dumps(
+            {"level": record.levelname.lower(), "logger": record.name, "message": message}
+        )
 
 
 def configure_logging(level: str) -> None:

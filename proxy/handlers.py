@@ -25,9 +25,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from proxy.auth import identify
-from proxy.config import Config, Team, TeamKey
+from proxy.config import Config
 from proxy.errors import (
-    AuthenticationFailed,
     BudgetExceeded,
     InvalidRequest,
     LedgerError,
@@ -229,9 +228,9 @@ class ImagesHandler:
         headers = {**exchange.headers, "x-tollgate-cost-usd": usd_text(cost)}
         return spooled_response(spool, answer, headers)
 
-    def price(self, exchange: Exchange, usage: Usage | None, images: int) -> tuple[
-        int, Usage, bool
-    ]:
+    def price(
+        self, exchange: Exchange, usage: Usage | None, images: int
+    ) -> tuple[int, Usage, bool]:
         """(cost, usage charged, flagged): the price of the usage, else the estimate."""
         model = exchange.model
         if model.per_image_billing:
@@ -245,7 +244,9 @@ class ImagesHandler:
         usage = replace(usage, images=images or exchange.n)
         return model.cost(usage), usage, False
 
-    async def pass_error(self, exchange: Exchange, answer: httpx.Response, spool: Spool) -> Response:
+    async def pass_error(
+        self, exchange: Exchange, answer: httpx.Response, spool: Spool
+    ) -> Response:
         """An upstream error answer: passed through unchanged, nothing charged."""
         body = spool.getvalue() if spool.in_memory and spool.size <= ERROR_BODY_LIMIT else b""
         spool.close()
@@ -307,9 +308,9 @@ class ImagesHandler:
             task.add_done_callback(self.services.background.discard)
             return await asyncio.shield(task)
         relay = Relay()
-        task = asyncio.create_task(self.pump(exchange, answer, relay))
-        self.services.background.add(task)
-        task.add_done_callback(self.services.background.discard)
+        pump = asyncio.create_task(self.pump(exchange, answer, relay))
+        self.services.background.add(pump)
+        pump.add_done_callback(self.services.background.discard)
         return StreamingResponse(
             relay.events(),
             status_code=answer.status_code,
@@ -333,17 +334,37 @@ class ImagesHandler:
         upstream_id = answer.headers.get("x-request-id")
         if broken is None and meter.completed and meter.error is None:
             cost, charged, flagged = self.price(exchange, meter.usage, meter.completed)
-            await self.settle(exchange, "ok", answer.status_code, charged, cost,
-                              flagged=flagged, upstream_id=upstream_id)
+            await self.settle(
+                exchange,
+                "ok",
+                answer.status_code,
+                charged,
+                cost,
+                flagged=flagged,
+                upstream_id=upstream_id,
+            )
         elif meter.error is not None and not meter.completed:
-            await self.settle(exchange, "upstream_error", answer.status_code, Usage(), 0,
-                              error=error_code_of(meter.error), upstream_id=upstream_id)
+            await self.settle(
+                exchange,
+                "upstream_error",
+                answer.status_code,
+                Usage(),
+                0,
+                error=error_code_of(meter.error),
+                upstream_id=upstream_id,
+            )
         else:
             # Cut short: the generation may have been billed. Charge the bound and flag it.
-            await self.settle(exchange, "upstream_error", answer.status_code,
-                              Usage(images=exchange.n), exchange.entry.estimated_nanos,
-                              flagged=True, error=broken or "stream_truncated",
-                              upstream_id=upstream_id)
+            await self.settle(
+                exchange,
+                "upstream_error",
+                answer.status_code,
+                Usage(images=exchange.n),
+                exchange.entry.estimated_nanos,
+                flagged=True,
+                error=broken or "stream_truncated",
+                upstream_id=upstream_id,
+            )
 
     async def settle(
         self,
@@ -444,8 +465,9 @@ def refusal_outcome(exc: RequestError) -> Outcome:
 
 
 def error_response(exc: RequestError, headers: dict[str, str] | None = None) -> Response:
-    return JSONResponse(exc.body(), status_code=exc.status, headers={**(headers or {}),
-                                                                     **exc.headers()})
+    return JSONResponse(
+        exc.body(), status_code=exc.status, headers={**(headers or {}), **exc.headers()}
+    )
 
 
 def spooled_response(spool: Spool, answer: httpx.Response, headers: dict[str, str]) -> Response:
@@ -474,34 +496,40 @@ def log_request(entry: Entry, settlement: Settlement) -> None:
     """One structured line per request: never a key, a prompt or image data."""
     if not log.isEnabledFor(logging.INFO):
         return
-    log.info(json.dumps({
-        "request_id": entry.id,
-        "upstream_request_id": settlement.upstream_request_id,
-        "team": entry.team,
-        "key_id": entry.key_id,
-        "endpoint": entry.endpoint,
-        "model_requested": entry.model_requested,
-        "model": entry.model,
-        "quality_requested": entry.quality_requested,
-        "quality": entry.quality,
-        "size_requested": entry.size_requested,
-        "size": entry.size,
-        "n": entry.n,
-        "stream": entry.stream,
-        "downgrades": entry.downgrades or None,
-        "outcome": settlement.outcome,
-        "status": settlement.status,
-        "error_code": settlement.error_code,
-        "cost_usd": usd_text(settlement.cost_nanos),
-        "estimated_usd": usd_text(entry.estimated_nanos),
-        "flagged": settlement.flagged,
-        "latency_ms": round(settlement.latency_ms, 1),
-    }))
+    log.info(
+        json.dumps(
+            {
+                "request_id": entry.id,
+                "upstream_request_id": settlement.upstream_request_id,
+                "team": entry.team,
+                "key_id": entry.key_id,
+                "endpoint": entry.endpoint,
+                "model_requested": entry.model_requested,
+                "model": entry.model,
+                "quality_requested": entry.quality_requested,
+                "quality": entry.quality,
+                "size_requested": entry.size_requested,
+                "size": entry.size,
+                "n": entry.n,
+                "stream": entry.stream,
+                "downgrades": entry.downgrades or None,
+                "outcome": settlement.outcome,
+                "status": settlement.status,
+                "error_code": settlement.error_code,
+                "cost_usd": usd_text(settlement.cost_nanos),
+                "estimated_usd": usd_text(entry.estimated_nanos),
+                "flagged": settlement.flagged,
+                "latency_ms": round(settlement.latency_ms, 1),
+            }
+        )
+    )
 
 
 async def not_found(request: Request) -> Response:
     """Any other `/v1/*` path, in OpenAI's error shape."""
-    return error_response(NotFound(
-        f"Invalid URL ({request.method} {request.url.path}): Tollgate proxies only the image "
-        "endpoints."
-    ))
+    return error_response(
+        NotFound(
+            f"Invalid URL ({request.method} {request.url.path}): Tollgate proxies only the image "
+            "endpoints."
+        )
+    )

@@ -87,7 +87,7 @@ class BodyMeter:
 
 
 @ijson.coroutine  # type: ignore[untyped-decorator]
-def _UsageSink(found: list[Any]) -> Any:  # noqa: N802 - an ijson coroutine target
+def _UsageSink(found: list[Any]) -> Any:
     """Receive (prefix, event, value) events; keep `usage` whole and count `data` items."""
     builder: ijson.ObjectBuilder | None = None
     while True:

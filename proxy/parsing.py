@@ -52,16 +52,20 @@ class ParsedBody:
     parts: tuple[Part, ...] = ()
 
     def encode(self, changes: Mapping[str, str]) -> tuple[bytes, str]:
-        """The body to forward, with `changes` (field → new value) applied; the raw bytes if none."""
+        """The body to forward with `changes` (field → new value); the raw bytes if none."""
         if not changes:
             return self.raw, self.content_type
         if self.json is not None:
             return json.dumps({**self.json, **changes}).encode(), "application/json"
         parts = [
-            replace(p, data=changes[p.name].encode()) if p.name in changes else p for p in self.parts
+            replace(p, data=changes[p.name].encode()) if p.name in changes else p
+            for p in self.parts
         ]
-        missing = [Part(name, value.encode()) for name, value in changes.items()
-                   if all(p.name != name for p in self.parts)]
+        missing = [
+            Part(name, value.encode())
+            for name, value in changes.items()
+            if all(p.name != name for p in self.parts)
+        ]
         return encode_multipart([*missing, *parts])
 
 
@@ -87,14 +91,21 @@ def parse_request(
                 try:
                     text_fields[part.name] = part.data.decode()
                 except UnicodeDecodeError:
-                    raise InvalidRequest(f"Field '{part.name}' is not UTF-8 text.",
-                                         param=part.name) from None
+                    raise InvalidRequest(
+                        f"Field '{part.name}' is not UTF-8 text.", param=part.name
+                    ) from None
         images, mask = _multipart_images(endpoint, parts)
         request = _image_request(endpoint, _typed_form(text_fields), images, mask, default_model)
         return ParsedBody(request, body, content_type, parts=tuple(parts))
-    expected = "application/json" if endpoint == "generations" else (
-        "multipart/form-data" if endpoint == "variations" else
-        "multipart/form-data or application/json")
+    expected = (
+        "application/json"
+        if endpoint == "generations"
+        else (
+            "multipart/form-data"
+            if endpoint == "variations"
+            else "multipart/form-data or application/json"
+        )
+    )
     raise InvalidRequest(
         f"Unsupported content type {content_type or '(none)'!r} for /v1/images/{endpoint}: "
         f"send {expected}."
@@ -129,22 +140,27 @@ def parse_multipart(body: bytes, boundary: bytes) -> list[Part]:
             raise InvalidRequest("A multipart part has no name.")
         filename = disposition.get(b"filename")
         content_type = headers.get(b"content-type")
-        parts.append(Part(
-            name=name.decode(),
-            data=bytes(data),
-            filename=filename.decode(errors="replace") if filename is not None else None,
-            content_type=content_type.decode(errors="replace") if content_type else None,
-        ))
+        parts.append(
+            Part(
+                name=name.decode(),
+                data=bytes(data),
+                filename=filename.decode(errors="replace") if filename is not None else None,
+                content_type=content_type.decode(errors="replace") if content_type else None,
+            )
+        )
         headers.clear()
         data.clear()
 
-    parser = MultipartParser(boundary, {
-        "on_header_field": on_header_field,
-        "on_header_value": on_header_value,
-        "on_header_end": on_header_end,
-        "on_part_data": on_part_data,
-        "on_part_end": on_part_end,
-    })
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+        },
+    )
     try:
         parser.write(body)
         parser.finalize()
@@ -207,8 +223,9 @@ def _json_images(fields: Mapping[str, Any]) -> tuple[InputImage, ...]:
 
 def _json_image_ref(ref: Any, param: str) -> InputImage:
     if not isinstance(ref, dict) or len(ref.keys() & {"image_url", "file_id"}) != 1:
-        raise InvalidRequest(f"'{param}' must hold exactly one of image_url or file_id.",
-                             param=param)
+        raise InvalidRequest(
+            f"'{param}' must hold exactly one of image_url or file_id.", param=param
+        )
     url = ref.get("image_url")
     if isinstance(url, str) and url.startswith("data:"):
         # An uploaded data URL: its real size is known. Tollgate never fetches other URLs.
@@ -230,7 +247,9 @@ def _multipart_images(
     if len(plain) > 1:
         raise InvalidRequest(
             "Duplicate parameter: 'image'. To send several images, use the array syntax "
-            "'image[]=<value>'.", param="image")
+            "'image[]=<value>'.",
+            param="image",
+        )
     files = plain + listed
     if not files:
         raise InvalidRequest("Missing required parameter: 'image'.", param="image")
@@ -254,13 +273,15 @@ def _typed_form(fields: dict[str, Any]) -> dict[str, Any]:
             try:
                 typed[name] = int(typed[name])
             except ValueError:
-                raise InvalidRequest(f"Invalid value for '{name}': expected an integer.",
-                                     param=name) from None
+                raise InvalidRequest(
+                    f"Invalid value for '{name}': expected an integer.", param=name
+                ) from None
     if "stream" in typed:
         text = str(typed["stream"]).lower()
         if text not in ("true", "false"):
-            raise InvalidRequest("Invalid value for 'stream': expected true or false.",
-                                 param="stream")
+            raise InvalidRequest(
+                "Invalid value for 'stream': expected true or false.", param="stream"
+            )
         typed["stream"] = text == "true"
     return typed
 
@@ -280,7 +301,8 @@ def _image_request(
             raise InvalidRequest(
                 f"Invalid 'prompt': string too long. Expected a string with maximum length "
                 f"{MAX_PROMPT_CHARS}, but got a string with length {len(prompt)} instead.",
-                param="prompt")
+                param="prompt",
+            )
     model = _string(fields, "model") or ("dall-e-2" if endpoint == "variations" else default_model)
     n = _integer(fields, "n", 1)
     stream = fields.get("stream", False)
@@ -288,12 +310,15 @@ def _image_request(
         raise InvalidRequest("Invalid type for 'stream': expected a boolean.", param="stream")
     partial_images = _integer(fields, "partial_images", 0)
     if "partial_images" in fields and not stream:
-        raise InvalidRequest("'partial_images' is only supported with 'stream': true.",
-                             param="partial_images")
+        raise InvalidRequest(
+            "'partial_images' is only supported with 'stream': true.", param="partial_images"
+        )
     if not 0 <= partial_images <= MAX_PARTIAL_IMAGES:
         raise InvalidRequest(
             f"Invalid value for 'partial_images': {partial_images}. Expected 0 to "
-            f"{MAX_PARTIAL_IMAGES}.", param="partial_images")
+            f"{MAX_PARTIAL_IMAGES}.",
+            param="partial_images",
+        )
     user = _string(fields, "safety_identifier") or _string(fields, "user")
     params = tuple(
         (name, json.dumps(value) if not isinstance(value, str) else value)

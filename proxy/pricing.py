@@ -53,7 +53,7 @@ class CustomSizes:
 
 @dataclass(frozen=True, slots=True)
 class TileRule:
-    """gpt-image-1's published input rule: 512-px tiles, 65 + 129 per tile, more at high fidelity."""
+    """gpt-image-1's published input rule: 512-px tiles, 65 + 129 a tile, more at high fidelity."""
 
     fit: int
     shortest_side: int
@@ -93,7 +93,7 @@ def parse_size(size: str) -> tuple[int, int] | None:
 
 
 def formula_tokens(factor: int, width: int, height: int) -> int:
-    """Output tokens of one gpt-image-2/2.5 image (the community formula that fits the calculator)."""
+    """Output tokens of one gpt-image-2/2.5 image (the community fit to OpenAI's calculator)."""
     long, short = max(width, height), min(width, height)
     steps = (2 * factor * short + long) // (2 * long)
     return -(-(factor * steps * (2_000_000 + width * height)) // 4_000_000)
@@ -173,7 +173,9 @@ class ModelPrices:
         q = self.explicit_quality(quality)
         return max(self.output_tokens(q, s) for s in self.candidate_sizes(size))
 
-    def input_image_tokens(self, width: int | None, height: int | None, fidelity: str | None) -> int:
+    def input_image_tokens(
+        self, width: int | None, height: int | None, fidelity: str | None
+    ) -> int:
         """Upper bound of the input tokens of one image; the ceiling when its size is unknown."""
         if self.input_tiles is not None:
             if width is None or height is None:
@@ -206,8 +208,10 @@ class ModelPrices:
                 param="quality",
             )
         if not self.accepts_size(request.size):
-            accepted = "WxH sizes with edges multiple of 16" if self.arbitrary_sizes else ", ".join(
-                (*self.sizes, AUTO)
+            accepted = (
+                "WxH sizes with edges multiple of 16"
+                if self.arbitrary_sizes
+                else ", ".join((*self.sizes, AUTO))
             )
             raise InvalidRequest(
                 f"Invalid value for 'size': {request.size!r}. {self.name} accepts {accepted}.",
@@ -318,7 +322,9 @@ def _entry(name: str, raw: Mapping[str, Any], custom: CustomSizes) -> ModelPrice
         source=str(raw["source"]),
         effective_from=effective if isinstance(effective, date) else date.fromisoformat(effective),
         qualities=tuple(raw["qualities"]),
-        rates={kind: _decimal(v) for kind, v in raw.get("rates", {}).items() if kind in TOKEN_KINDS},
+        rates={
+            kind: _decimal(v) for kind, v in raw.get("rates", {}).items() if kind in TOKEN_KINDS
+        },
         sizes=() if sizes == "custom" else tuple(sizes),
         custom_sizes=custom if sizes == "custom" else None,
         auto_size=raw.get("auto_size"),

@@ -19,16 +19,37 @@ from proxy.errors import UpstreamTimeout, UpstreamUnavailable
 
 # Never sent upstream: hop-by-hop headers, the client's credentials and framing
 # (recomputed for the body actually sent), and what Tollgate replaces.
-DROPPED_REQUEST_HEADERS = frozenset({
-    "host", "authorization", "content-length", "content-type", "connection", "keep-alive",
-    "transfer-encoding", "te", "upgrade", "proxy-authorization", "proxy-connection",
-    "openai-organization", "openai-project", "accept-encoding", "expect",
-})
+DROPPED_REQUEST_HEADERS = frozenset(
+    {
+        "host",
+        "authorization",
+        "content-length",
+        "content-type",
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-connection",
+        "openai-organization",
+        "openai-project",
+        "accept-encoding",
+        "expect",
+    }
+)
 # Never passed back to the client: framing that Tollgate recomputes.
-DROPPED_RESPONSE_HEADERS = frozenset({
-    "content-length", "content-encoding", "transfer-encoding", "connection", "keep-alive",
-    "date", "server",
-})
+DROPPED_RESPONSE_HEADERS = frozenset(
+    {
+        "content-length",
+        "content-encoding",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "date",
+        "server",
+    }
+)
 
 
 class Upstream:
@@ -56,9 +77,9 @@ class Upstream:
             limits=limits,
         )
 
-    def headers(self, client_headers: Iterable[tuple[str, str]], content_type: str) -> list[
-        tuple[str, str]
-    ]:
+    def headers(
+        self, client_headers: Iterable[tuple[str, str]], content_type: str
+    ) -> list[tuple[str, str]]:
         """The client's headers, less credentials and framing, plus the upstream's own."""
         out = [(k, v) for k, v in client_headers if k.lower() not in DROPPED_REQUEST_HEADERS]
         out += [("authorization", self._auth), ("content-type", content_type)]

@@ -48,7 +48,9 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float = 2
     raise RuntimeError(f"{url} did not come up")
 
 
-def start(args: list[str], health_url: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def start(
+    args: list[str], health_url: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
         [sys.executable, "-m", "proxy", *args],
         stdout=subprocess.PIPE,
@@ -134,16 +136,21 @@ class Tollgate:
         return stop(self.process)
 
 
-def write_config(root: Path, upstream_url: str, settings: str = "", teams: dict[str, str] | None = None) -> None:
+def write_config(
+    root: Path, upstream_url: str, settings: str = "", teams: dict[str, str] | None = None
+) -> None:
     (root / "teams").mkdir(parents=True, exist_ok=True)
-    (root / "tollgate.yaml").write_text(textwrap.dedent(f"""
+    (root / "tollgate.yaml").write_text(
+        textwrap.dedent(f"""
         upstream:
           base_url: {upstream_url}
           api_key: {UPSTREAM_KEY}
           timeout_s: 3
         ledger: sqlite:///tollgate.db
         default_model: gpt-image-2
-    """) + textwrap.dedent(settings))
+    """)
+        + textwrap.dedent(settings)
+    )
     for name, text in (teams or DEFAULT_TEAMS).items():
         (root / "teams" / f"{name}.yaml").write_text(textwrap.dedent(text))
 
@@ -160,11 +167,15 @@ def start_tollgate(root: Path, *extra: str) -> Tollgate:
 @pytest.fixture(scope="module")
 def tollgate(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
     root = tmp_path_factory.mktemp("policies")
-    write_config(root, f"{simulator.url}/v1", settings="""
+    write_config(
+        root,
+        f"{simulator.url}/v1",
+        settings="""
         limits:
           generations_bytes: 4096
           edits_bytes: 2000000
-    """)
+    """,
+    )
     proxy = start_tollgate(root)
     yield proxy
     proxy.stop()

@@ -14,7 +14,6 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
-import openai
 import pytest
 from PIL import Image
 
@@ -45,7 +44,9 @@ def expected_cost(record: dict[str, Any]) -> Decimal:
 
 def png(width: int, height: int, alpha: bool = False) -> bytes:
     out = io.BytesIO()
-    Image.new("RGBA" if alpha else "RGB", (width, height), (10, 20, 30, 0) if alpha else (10, 20, 30)).save(out, "PNG")
+    Image.new(
+        "RGBA" if alpha else "RGB", (width, height), (10, 20, 30, 0) if alpha else (10, 20, 30)
+    ).save(out, "PNG")
     return out.getvalue()
 
 
@@ -96,7 +97,10 @@ def test_generate_is_forwarded_with_the_real_key_and_metered_exactly(
     tollgate: Tollgate, simulator: Simulator, model: str, quality: str, size: str
 ) -> None:
     raw = tollgate.client().images.with_raw_response.generate(
-        model=model, prompt="a lighthouse at dawn", quality=quality, size=size  # type: ignore[arg-type]
+        model=model,
+        prompt="a lighthouse at dawn",
+        quality=quality,
+        size=size,  # type: ignore[arg-type]
     )
     result = raw.parse()
     image = decoded(result.data[0].b64_json)
@@ -111,8 +115,13 @@ def test_generate_is_forwarded_with_the_real_key_and_metered_exactly(
 
 def test_several_images_and_formats(tollgate: Tollgate, simulator: Simulator) -> None:
     raw = tollgate.client().images.with_raw_response.generate(
-        model="gpt-image-2", prompt="two cats", n=2, quality="medium", size="1024x1024",
-        output_format="jpeg", output_compression=60,
+        model="gpt-image-2",
+        prompt="two cats",
+        n=2,
+        quality="medium",
+        size="1024x1024",
+        output_format="jpeg",
+        output_compression=60,
     )
     result = raw.parse()
     assert [decoded(d.b64_json).format for d in result.data] == ["JPEG", "JPEG"]
@@ -122,8 +131,12 @@ def test_several_images_and_formats(tollgate: Tollgate, simulator: Simulator) ->
 
 def test_edit_with_one_image(tollgate: Tollgate, simulator: Simulator) -> None:
     raw = tollgate.client().images.with_raw_response.edit(
-        model="gpt-image-1", image=("in.png", png(1024, 1024), "image/png"), prompt="add a hat",
-        quality="low", size="1024x1024", input_fidelity="high",
+        model="gpt-image-1",
+        image=("in.png", png(1024, 1024), "image/png"),
+        prompt="add a hat",
+        quality="low",
+        size="1024x1024",
+        input_fidelity="high",
     )
     assert decoded(raw.parse().data[0].b64_json).size == (1024, 1024)
     row = check_charge(tollgate, simulator, raw)
@@ -137,7 +150,9 @@ def test_edit_with_several_images_and_a_mask(tollgate: Tollgate, simulator: Simu
         model="gpt-image-1.5",
         image=[("a.png", png(1024, 1024), "image/png"), ("b.png", png(1536, 1024), "image/png")],
         mask=("mask.png", png(1024, 1024, alpha=True), "image/png"),
-        prompt="merge them", quality="medium", size="1536x1024",
+        prompt="merge them",
+        quality="medium",
+        size="1536x1024",
     )
     assert decoded(raw.parse().data[0].b64_json).size == (1536, 1024)
     record = simulator.record(raw.headers["x-request-id"])
@@ -150,9 +165,13 @@ def test_edit_as_json_with_image_urls(tollgate: Tollgate, simulator: Simulator) 
     answer = httpx.post(
         f"{tollgate.url}/v1/images/edits",
         headers={"authorization": f"Bearer {DESIGN_KEY}"},
-        json={"model": "gpt-image-2", "prompt": "make it blue", "quality": "low",
-              "size": "1024x1024",
-              "images": [{"image_url": data_url}, {"file_id": "file-abc123"}]},
+        json={
+            "model": "gpt-image-2",
+            "prompt": "make it blue",
+            "quality": "low",
+            "size": "1024x1024",
+            "images": [{"image_url": data_url}, {"file_id": "file-abc123"}],
+        },
         timeout=30,
     )
     assert answer.status_code == 200, answer.text
@@ -164,15 +183,20 @@ def test_stream_passes_events_through_and_meters_completed_usage(
 ) -> None:
     client = tollgate.client()
     with client.images.with_streaming_response.generate(
-        model="gpt-image-2", prompt="a fox", quality="low", size="1024x1024",
-        stream=True, partial_images=2,
+        model="gpt-image-2",
+        prompt="a fox",
+        quality="low",
+        size="1024x1024",
+        stream=True,
+        partial_images=2,
     ) as response:
         reserved = Decimal(response.headers["x-tollgate-reserved-usd"])
         request_id = response.headers["x-tollgate-request-id"]
         upstream_id = response.headers["x-request-id"]
         events = [e for e in response.parse()]
     assert [e.type for e in events] == [
-        "image_generation.partial_image", "image_generation.partial_image",
+        "image_generation.partial_image",
+        "image_generation.partial_image",
         "image_generation.completed",
     ]
     assert decoded(events[-1].b64_json).size == (1024, 1024)
@@ -189,8 +213,14 @@ def test_stream_of_several_images_sums_every_completed_event(
 ) -> None:
     image = ("in.png", png(1024, 1024), "image/png")
     with tollgate.client().images.with_streaming_response.edit(
-        model="gpt-image-1.5", image=image, prompt="two variants", n=2, quality="low",
-        size="1024x1024", stream=True, partial_images=1,
+        model="gpt-image-1.5",
+        image=image,
+        prompt="two variants",
+        n=2,
+        quality="low",
+        size="1024x1024",
+        stream=True,
+        partial_images=1,
     ) as response:
         request_id = response.headers["x-tollgate-request-id"]
         upstream_id = response.headers["x-request-id"]
@@ -200,7 +230,9 @@ def test_stream_of_several_images_sums_every_completed_event(
     assert Decimal(row["cost_nanos"]) / 10**9 == expected_cost(simulator.record(upstream_id))
 
 
-def test_no_model_gets_the_default_model_explicitly(tollgate: Tollgate, simulator: Simulator) -> None:
+def test_no_model_gets_the_default_model_explicitly(
+    tollgate: Tollgate, simulator: Simulator
+) -> None:
     answer = httpx.post(
         f"{tollgate.url}/v1/images/generations",
         headers={"authorization": f"Bearer {DESIGN_KEY}"},
@@ -212,9 +244,13 @@ def test_no_model_gets_the_default_model_explicitly(tollgate: Tollgate, simulato
     assert simulator.record(answer.headers["x-request-id"])["model"] == "gpt-image-2"
 
 
-def test_variations_are_forwarded_and_priced_per_image(tollgate: Tollgate, simulator: Simulator) -> None:
+def test_variations_are_forwarded_and_priced_per_image(
+    tollgate: Tollgate, simulator: Simulator
+) -> None:
     raw = tollgate.client().images.with_raw_response.create_variation(
-        image=("in.png", png(256, 256), "image/png"), n=2, size="512x512",
+        image=("in.png", png(256, 256), "image/png"),
+        n=2,
+        size="512x512",
         response_format="b64_json",
     )
     assert len(raw.parse().data or []) == 2

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import time
-from decimal import Decimal
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -20,7 +19,7 @@ from tests.conftest import (
     start_tollgate,
     write_config,
 )
-from tests.test_proxy_e2e import expected_cost, png, wait_settled
+from tests.test_proxy_e2e import expected_cost, wait_settled
 
 
 def upstream_calls(simulator: Simulator) -> int:
@@ -43,26 +42,64 @@ def assert_openai_error(answer: httpx.Response, status: int, code: str) -> None:
 @pytest.mark.parametrize(
     ("path", "kwargs", "param"),
     [
-        ("generations", {"content": b"{not json", "headers": {"content-type": "application/json"}}, None),
+        (
+            "generations",
+            {"content": b"{not json", "headers": {"content-type": "application/json"}},
+            None,
+        ),
         ("generations", {"json": ["a", "list"]}, None),
         ("generations", {"data": {"prompt": "x"}}, None),  # form body where JSON is required
         ("edits", {"content": b"plain text", "headers": {"content-type": "text/plain"}}, None),
         ("generations", {"json": {"model": "gpt-image-2"}}, "prompt"),
         ("generations", {"json": {"model": "gpt-image-2", "prompt": ""}}, "prompt"),
-        ("generations", {"json": {"model": "gpt-image-1.5", "prompt": "x", "size": "2048x2048"}}, "size"),
-        ("generations", {"json": {"model": "gpt-image-2", "prompt": "x", "size": "1000x1000"}}, "size"),
-        ("generations", {"json": {"model": "gpt-image-2", "prompt": "x", "quality": "max"}}, "quality"),
+        (
+            "generations",
+            {"json": {"model": "gpt-image-1.5", "prompt": "x", "size": "2048x2048"}},
+            "size",
+        ),
+        (
+            "generations",
+            {"json": {"model": "gpt-image-2", "prompt": "x", "size": "1000x1000"}},
+            "size",
+        ),
+        (
+            "generations",
+            {"json": {"model": "gpt-image-2", "prompt": "x", "quality": "max"}},
+            "quality",
+        ),
         ("generations", {"json": {"model": "gpt-image-2", "prompt": "x", "n": 11}}, "n"),
         ("generations", {"json": {"model": "gpt-image-2", "prompt": "x", "n": 0}}, "n"),
         ("generations", {"json": {"model": "dall-e-3", "prompt": "x", "n": 2}}, "n"),
         ("generations", {"json": {"model": "gpt-image-2", "prompt": "x", "n": "two"}}, "n"),
-        ("generations", {"json": {"model": "gpt-image-2", "prompt": "x", "partial_images": 2}}, "partial_images"),
-        ("edits", {"data": {"prompt": "x", "model": "gpt-image-1"}, "files": {"image": ("a.png", b"not an image", "image/png")}}, "image"),
-        ("edits", {"data": {"prompt": "x", "model": "gpt-image-1"}, "files": {"other": ("a.txt", b"x", "text/plain")}}, "image"),
+        (
+            "generations",
+            {"json": {"model": "gpt-image-2", "prompt": "x", "partial_images": 2}},
+            "partial_images",
+        ),
+        (
+            "edits",
+            {
+                "data": {"prompt": "x", "model": "gpt-image-1"},
+                "files": {"image": ("a.png", b"not an image", "image/png")},
+            },
+            "image",
+        ),
+        (
+            "edits",
+            {
+                "data": {"prompt": "x", "model": "gpt-image-1"},
+                "files": {"other": ("a.txt", b"x", "text/plain")},
+            },
+            "image",
+        ),
     ],
 )
 def test_bad_requests_get_400_and_nothing_goes_upstream(
-    tollgate: Tollgate, simulator: Simulator, path: str, kwargs: dict[str, object], param: str | None
+    tollgate: Tollgate,
+    simulator: Simulator,
+    path: str,
+    kwargs: dict[str, object],
+    param: str | None,
 ) -> None:
     before = upstream_calls(simulator)
     answer = post(tollgate, path, **kwargs)
@@ -73,7 +110,9 @@ def test_bad_requests_get_400_and_nothing_goes_upstream(
     assert row["outcome"] == "client_error" and row["status"] == 400 and row["cost_nanos"] == 0
 
 
-def test_sdk_raises_bad_request_for_an_unpriced_model(tollgate: Tollgate, simulator: Simulator) -> None:
+def test_sdk_raises_bad_request_for_an_unpriced_model(
+    tollgate: Tollgate, simulator: Simulator
+) -> None:
     before = upstream_calls(simulator)
     with pytest.raises(openai.BadRequestError) as caught:
         tollgate.client().images.generate(model="gpt-image-9-turbo", prompt="x")
@@ -81,24 +120,33 @@ def test_sdk_raises_bad_request_for_an_unpriced_model(tollgate: Tollgate, simula
     assert upstream_calls(simulator) == before
 
 
-def test_oversized_bodies_get_413_before_being_read(tollgate: Tollgate, simulator: Simulator) -> None:
+def test_oversized_bodies_get_413_before_being_read(
+    tollgate: Tollgate, simulator: Simulator
+) -> None:
     before = upstream_calls(simulator)
     answer = post(tollgate, "generations", json={"model": "gpt-image-2", "prompt": "x" * 5000})
     assert_openai_error(answer, 413, "request_too_large")
     with pytest.raises(openai.APIStatusError) as caught:
         tollgate.client().images.edit(
-            model="gpt-image-1", prompt="x", image=("big.png", b"\x89PNG" + b"0" * 2_100_000, "image/png")
+            model="gpt-image-1",
+            prompt="x",
+            image=("big.png", b"\x89PNG" + b"0" * 2_100_000, "image/png"),
         )
     assert caught.value.status_code == 413
     assert upstream_calls(simulator) == before
 
 
 @pytest.mark.parametrize("key", [None, "tg_not_a_team_key", "sk-upstream-real-key-for-tests"])
-def test_unknown_or_missing_keys_get_401(tollgate: Tollgate, simulator: Simulator, key: str | None) -> None:
+def test_unknown_or_missing_keys_get_401(
+    tollgate: Tollgate, simulator: Simulator, key: str | None
+) -> None:
     before = upstream_calls(simulator)
     headers = {"authorization": f"Bearer {key}"} if key else {}
-    answer = httpx.post(f"{tollgate.url}/v1/images/generations", headers=headers,
-                        json={"model": "gpt-image-2", "prompt": "x"})
+    answer = httpx.post(
+        f"{tollgate.url}/v1/images/generations",
+        headers=headers,
+        json={"model": "gpt-image-2", "prompt": "x"},
+    )
     assert_openai_error(answer, 401, "invalid_api_key")
     assert (key or "") not in answer.text or key is None
     assert upstream_calls(simulator) == before
@@ -111,7 +159,9 @@ def test_other_v1_paths_are_404_in_openai_shape(tollgate: Tollgate) -> None:
     assert_openai_error(answer, 404, "not_found")
 
 
-def test_upstream_errors_pass_through_and_charge_nothing(tollgate: Tollgate, simulator: Simulator) -> None:
+def test_upstream_errors_pass_through_and_charge_nothing(
+    tollgate: Tollgate, simulator: Simulator
+) -> None:
     client = tollgate.client()
     with pytest.raises(openai.InternalServerError) as server_error:
         client.images.generate(model="gpt-image-2", prompt="[[fault:500]] a cat", quality="low")
@@ -130,22 +180,30 @@ def test_upstream_errors_pass_through_and_charge_nothing(tollgate: Tollgate, sim
 
 
 def assert_still_serving(tollgate: Tollgate) -> None:
-    result = tollgate.client().images.generate(model="gpt-image-2", prompt="ok", quality="low", size="1024x1024")
+    result = tollgate.client().images.generate(
+        model="gpt-image-2", prompt="ok", quality="low", size="1024x1024"
+    )
     assert result.data
 
 
 def test_upstream_timeout_is_504_and_releases_the_reservation(tollgate: Tollgate) -> None:
     with pytest.raises(openai.APIStatusError) as caught:
-        tollgate.client().images.generate(model="gpt-image-2", prompt="[[fault:timeout]]", quality="low")
+        tollgate.client().images.generate(
+            model="gpt-image-2", prompt="[[fault:timeout]]", quality="low"
+        )
     assert caught.value.status_code == 504 and caught.value.code == "upstream_timeout"
     row = wait_settled(tollgate, caught.value.response.headers["x-tollgate-request-id"])
-    assert row["outcome"] == "upstream_error" and row["cost_nanos"] == 0 and row["reserved_nanos"] == 0
+    assert (
+        row["outcome"] == "upstream_error" and row["cost_nanos"] == 0 and row["reserved_nanos"] == 0
+    )
     assert_still_serving(tollgate)
 
 
 def test_connection_reset_is_502(tollgate: Tollgate) -> None:
     with pytest.raises(openai.APIStatusError) as caught:
-        tollgate.client().images.generate(model="gpt-image-2", prompt="[[fault:reset]]", quality="low")
+        tollgate.client().images.generate(
+            model="gpt-image-2", prompt="[[fault:reset]]", quality="low"
+        )
     assert caught.value.status_code == 502 and caught.value.code == "upstream_unavailable"
     row = wait_settled(tollgate, caught.value.response.headers["x-tollgate-request-id"])
     assert row["reserved_nanos"] == 0
@@ -154,7 +212,9 @@ def test_connection_reset_is_502(tollgate: Tollgate) -> None:
 
 def test_garbage_answer_is_502_and_charges_the_estimate_flagged(tollgate: Tollgate) -> None:
     with pytest.raises(openai.APIStatusError) as caught:
-        tollgate.client().images.generate(model="gpt-image-2", prompt="[[fault:garbage]]", quality="low", size="1024x1024")
+        tollgate.client().images.generate(
+            model="gpt-image-2", prompt="[[fault:garbage]]", quality="low", size="1024x1024"
+        )
     assert caught.value.status_code == 502
     row = wait_settled(tollgate, caught.value.response.headers["x-tollgate-request-id"])
     assert row["flagged"] == 1 and row["cost_nanos"] == row["estimated_nanos"] > 0
@@ -173,8 +233,12 @@ def test_answer_without_usage_charges_the_estimate_flagged(tollgate: Tollgate) -
 
 def test_truncated_stream_charges_the_estimate_flagged(tollgate: Tollgate) -> None:
     with tollgate.client().images.with_streaming_response.generate(
-        model="gpt-image-2", prompt="[[fault:truncate]]", quality="low", size="1024x1024",
-        stream=True, partial_images=2,
+        model="gpt-image-2",
+        prompt="[[fault:truncate]]",
+        quality="low",
+        size="1024x1024",
+        stream=True,
+        partial_images=2,
     ) as response:
         request_id = response.headers["x-tollgate-request-id"]
         try:
@@ -192,8 +256,17 @@ def test_client_disconnect_is_still_metered(tollgate: Tollgate, simulator: Simul
     simulator.configure(latency_ms=1500)
     try:
         with pytest.raises(httpx.ReadTimeout):
-            post(tollgate, "generations", json={"model": "gpt-image-2", "prompt": "slow", "quality": "low",
-                                                "size": "1024x1024"}, timeout=0.3)
+            post(
+                tollgate,
+                "generations",
+                json={
+                    "model": "gpt-image-2",
+                    "prompt": "slow",
+                    "quality": "low",
+                    "size": "1024x1024",
+                },
+                timeout=0.3,
+            )
         time.sleep(2.5)
     finally:
         simulator.configure(latency_ms=0)
@@ -203,13 +276,19 @@ def test_client_disconnect_is_still_metered(tollgate: Tollgate, simulator: Simul
     assert Decimal(row["cost_nanos"]) / 10**9 == expected_cost(record) > 0
 
 
-def test_stream_client_disconnect_is_still_metered(tollgate: Tollgate, simulator: Simulator) -> None:
+def test_stream_client_disconnect_is_still_metered(
+    tollgate: Tollgate, simulator: Simulator
+) -> None:
     simulator.configure(latency_ms=1200)
     try:
         client = tollgate.client()
         with client.images.with_streaming_response.generate(
-            model="gpt-image-2", prompt="slow stream", quality="low", size="1024x1024",
-            stream=True, partial_images=3,
+            model="gpt-image-2",
+            prompt="slow stream",
+            quality="low",
+            size="1024x1024",
+            stream=True,
+            partial_images=3,
         ) as response:
             request_id = response.headers["x-tollgate-request-id"]
             next(iter(response.parse()))  # one partial image, then hang up

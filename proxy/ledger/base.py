@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from proxy.models import Endpoint, Outcome, Usage
@@ -39,7 +39,7 @@ class Settlement:
     finished_at: float
     outcome: Outcome
     status: int
-    usage: Usage = Usage()
+    usage: Usage = field(default_factory=Usage)
     cost_nanos: int = 0
     flagged: bool = False
     upstream_request_id: str | None = None

@@ -60,15 +60,41 @@ CREATE INDEX IF NOT EXISTS requests_reserved ON requests (state) WHERE state = '
 """
 
 ENTRY_COLUMNS = (
-    "id", "started_at", "endpoint", "team", "cost_center", "key_id", "user",
-    "model_requested", "model", "quality_requested", "quality", "size_requested", "size",
-    "n_requested", "n", "stream", "estimated_nanos", "downgrades",
+    "id",
+    "started_at",
+    "endpoint",
+    "team",
+    "cost_center",
+    "key_id",
+    "user",
+    "model_requested",
+    "model",
+    "quality_requested",
+    "quality",
+    "size_requested",
+    "size",
+    "n_requested",
+    "n",
+    "stream",
+    "estimated_nanos",
+    "downgrades",
 )
 SETTLEMENT_COLUMNS = (
-    "finished_at", "outcome", "status", "text_input_tokens", "cached_text_input_tokens",
-    "image_input_tokens", "cached_image_input_tokens", "image_output_tokens",
-    "text_output_tokens", "images", "cost_nanos", "flagged", "upstream_request_id",
-    "error_code", "latency_ms",
+    "finished_at",
+    "outcome",
+    "status",
+    "text_input_tokens",
+    "cached_text_input_tokens",
+    "image_input_tokens",
+    "cached_image_input_tokens",
+    "image_output_tokens",
+    "text_output_tokens",
+    "images",
+    "cost_nanos",
+    "flagged",
+    "upstream_request_id",
+    "error_code",
+    "latency_ms",
 )
 
 
@@ -79,9 +105,21 @@ def _entry_values(entry: Entry) -> tuple[Any, ...]:
 def _settlement_values(s: Settlement) -> tuple[Any, ...]:
     u = s.usage
     return (
-        s.finished_at, s.outcome, s.status, u.text_input, u.cached_text_input, u.image_input,
-        u.cached_image_input, u.image_output, u.text_output, u.images, s.cost_nanos,
-        int(s.flagged), s.upstream_request_id, s.error_code, s.latency_ms,
+        s.finished_at,
+        s.outcome,
+        s.status,
+        u.text_input,
+        u.cached_text_input,
+        u.image_input,
+        u.cached_image_input,
+        u.image_output,
+        u.text_output,
+        u.images,
+        s.cost_nanos,
+        int(s.flagged),
+        s.upstream_request_id,
+        s.error_code,
+        s.latency_ms,
     )
 
 
@@ -128,8 +166,7 @@ class SqliteLedger:
     async def reserve(self, entry: Entry) -> None:
         columns = (*ENTRY_COLUMNS, "state", "reserved_nanos")
         await self._write(
-            f"INSERT INTO requests ({', '.join(columns)}) "
-            f"VALUES ({', '.join('?' * len(columns))})",
+            f"INSERT INTO requests ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
             (*_entry_values(entry), "reserved", entry.estimated_nanos),
         )
 
@@ -144,8 +181,7 @@ class SqliteLedger:
     async def record(self, entry: Entry, settlement: Settlement) -> None:
         columns = (*ENTRY_COLUMNS, *SETTLEMENT_COLUMNS, "state")
         await self._write(
-            f"INSERT INTO requests ({', '.join(columns)}) "
-            f"VALUES ({', '.join('?' * len(columns))})",
+            f"INSERT INTO requests ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
             (*_entry_values(entry), *_settlement_values(settlement), "settled"),
         )
 
@@ -164,8 +200,7 @@ class SqliteLedger:
     async def rows(self, since: float = 0.0) -> list[Row]:
         columns = (*ENTRY_COLUMNS, *SETTLEMENT_COLUMNS, "state")
         async with self.db.execute(
-            f"SELECT {', '.join(columns)} FROM requests WHERE started_at >= ? "
-            "ORDER BY started_at",
+            f"SELECT {', '.join(columns)} FROM requests WHERE started_at >= ? ORDER BY started_at",
             (since,),
         ) as cursor:
             found = await cursor.fetchall()
