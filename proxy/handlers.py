@@ -16,7 +16,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -25,7 +25,19 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from proxy.auth import identify
-from proxy.config import Config
+from proxy.budgets import (
+    Counter,
+    Decision,
+    Totals,
+    Variant,
+    applicable,
+    apply_allow,
+    counters,
+    decide,
+    summary,
+    zone,
+)
+from proxy.config import Config, Team
 from proxy.errors import (
     BudgetExceeded,
     InvalidRequest,
@@ -38,11 +50,11 @@ from proxy.errors import (
     UnpricedModel,
     UpstreamUnavailable,
 )
-from proxy.ledger import Entry, Ledger, Settlement
+from proxy.ledger import Entry, Ledger, Reservation, Settlement
 from proxy.metering import BodyMeter, MalformedAnswer, SseMeter
-from proxy.models import Endpoint, Outcome, Usage, usd_text
+from proxy.models import Endpoint, ImageRequest, Outcome, Usage, usd_text
 from proxy.parsing import ParsedBody, parse_request
-from proxy.pricing import ModelPrices, estimate
+from proxy.pricing import ModelPrices
 from proxy.spool import Spool
 from proxy.upstream import Upstream, response_headers, translate
 
@@ -71,6 +83,39 @@ class Exchange:
     model: ModelPrices
     n: int
     headers: dict[str, str]
+    remaining_nanos: int | None = None
+    """Room left in the tightest USD budget with this request's bound reserved."""
+
+    def after(self, cost_nanos: int) -> dict[str, str]:
+        """The answer's headers once the request cost `cost_nanos`."""
+        headers = {**self.headers, "x-tollgate-cost-usd": usd_text(cost_nanos)}
+        if self.remaining_nanos is not None:
+            left = self.remaining_nanos + self.entry.estimated_nanos - cost_nanos
+            headers["x-tollgate-budget-remaining-usd"] = usd_text(max(left, 0))
+        return headers
+
+
+def requested(wanted: ImageRequest) -> dict[str, Any]:
+    """The ledger fields of what the client asked for."""
+    return {
+        "user": wanted.user,
+        "model_requested": wanted.model,
+        "quality_requested": wanted.quality,
+        "size_requested": wanted.size,
+        "n_requested": wanted.n,
+        "stream": wanted.stream,
+    }
+
+
+def priced(config: Config, name: str) -> ModelPrices:
+    model = config.prices.find(name)
+    if model is None:
+        raise UnpricedModel(
+            f"Model {name!r} is not in Tollgate's price book, so its cost cannot be metered. "
+            "Ask your Tollgate administrator to add it.",
+            param="model",
+        )
+    return model
 
 
 def new_request_id() -> str:
@@ -102,53 +147,34 @@ class ImagesHandler:
                 self.endpoint, request.headers.get("content-type", ""), body, config.default_model
             )
             wanted = parsed.request
-            entry = replace(
-                entry,
-                user=wanted.user,
-                model_requested=wanted.model,
-                quality_requested=wanted.quality,
-                size_requested=wanted.size,
-                n_requested=wanted.n,
-                stream=wanted.stream,
-            )
-            model = config.prices.find(wanted.model)
-            if model is None:
-                raise UnpricedModel(
-                    f"Model {wanted.model!r} is not in Tollgate's price book, so its cost "
-                    "cannot be metered. Ask your Tollgate administrator to add it.",
-                    param="model",
-                )
+            entry = replace(entry, **requested(wanted))
+            model = priced(config, wanted.model)
             model.validate(wanted)
-            changes: dict[str, str] = {}
-            if not _names_model(parsed):
-                changes["model"] = wanted.model
-                headers["x-tollgate-model"] = wanted.model
-            cost = estimate(model, wanted)
-            entry = replace(
-                entry,
-                model=wanted.model,
-                quality=wanted.quality,
-                size=wanted.size,
-                n=wanted.n,
-                estimated_nanos=cost.cost_nanos,
-            )
+            allowed = apply_allow(team, wanted, model)
+            decision, entry = await self.reserve(config, team, entry, allowed)
         except RequestError as exc:
             return await self.refuse(entry, exc, headers)
         except LedgerError as exc:
-            return error_response(ServiceUnavailable(f"The ledger is unavailable: {exc}"), headers)
-
-        try:
-            await s.ledger.reserve(entry)
-        except LedgerError as exc:
-            log.error("ledger reserve failed: %s", exc)
+            log.error("ledger unavailable: %s", exc)
             return error_response(
                 ServiceUnavailable("Tollgate cannot record spend right now; retry shortly."),
                 headers,
             )
+        variant = decision.variant
+        changes: dict[str, str] = {
+            c.knob: str(getattr(variant.request, c.knob)) for c in variant.changes
+        }
+        if not _names_model(parsed):
+            changes["model"] = variant.request.model
+            headers["x-tollgate-model"] = wanted.model
+        if variant.changes:
+            headers["x-tollgate-downgraded"] = entry.downgrades
         forward_body, content_type = parsed.encode(changes)
-        exchange = Exchange(entry, model, wanted.n, headers)
+        exchange = Exchange(
+            entry, variant.model, variant.request.n, headers, decision.remaining_nanos
+        )
         client_headers = request.headers.items()
-        if wanted.stream:
+        if variant.request.stream:
             return await self.forward_stream(exchange, forward_body, content_type, client_headers)
         task = asyncio.create_task(
             self.forward(exchange, forward_body, content_type, client_headers)
@@ -156,6 +182,34 @@ class ImagesHandler:
         s.background.add(task)
         task.add_done_callback(s.background.discard)
         return await asyncio.shield(task)
+
+    async def reserve(
+        self, config: Config, team: Team, entry: Entry, variant: Variant
+    ) -> tuple[Decision, Entry]:
+        """Decide against the budgets and reserve the bound, in one ledger transaction."""
+        user = variant.request.user
+        budgets = applicable(config, team, user, entry.started_at)
+        write = counters(team.name, user, entry.started_at, zone(config.timezone))
+        chosen: list[Decision] = []
+
+        def choose(totals: Mapping[Counter, Totals]) -> Reservation:
+            decision = decide(team, variant, budgets, totals, config.prices)
+            chosen.append(decision)
+            sent = decision.variant
+            reserved = replace(
+                entry,
+                model=sent.request.model,
+                quality=sent.request.quality,
+                size=sent.request.size,
+                n=sent.request.n,
+                estimated_nanos=sent.estimate.cost_nanos,
+                downgrades=summary(sent.changes),
+            )
+            return Reservation(reserved, sent.estimate.usage, write)
+
+        read = tuple(dict.fromkeys(a.counter for a in budgets))
+        reservation = await self.services.ledger.reserve(read, choose)
+        return chosen[-1], reservation.entry
 
     def limit(self, config: Config) -> int:
         limits = config.limits
@@ -192,7 +246,7 @@ class ImagesHandler:
             )
         except RequestError as exc:
             await self.settle(exchange, "upstream_error", exc.status, Usage(), 0, error=exc.code)
-            return error_response(exc, {**exchange.headers, "x-tollgate-cost-usd": "0"})
+            return error_response(exc, exchange.after(0))
         return await self.complete(exchange, answer)
 
     async def complete(self, exchange: Exchange, answer: httpx.Response) -> Response:
@@ -225,8 +279,7 @@ class ImagesHandler:
             flagged=flagged,
             upstream_id=answer.headers.get("x-request-id"),
         )
-        headers = {**exchange.headers, "x-tollgate-cost-usd": usd_text(cost)}
-        return spooled_response(spool, answer, headers)
+        return spooled_response(spool, answer, exchange.after(cost))
 
     def price(
         self, exchange: Exchange, usage: Usage | None, images: int
@@ -260,7 +313,7 @@ class ImagesHandler:
             error=code,
             upstream_id=answer.headers.get("x-request-id"),
         )
-        headers = {**dict(response_headers(answer)), **exchange.headers, "x-tollgate-cost-usd": "0"}
+        headers = {**dict(response_headers(answer)), **exchange.after(0)}
         return Response(body, status_code=answer.status_code, headers=headers)
 
     async def charge_failure(
@@ -282,7 +335,7 @@ class ImagesHandler:
             f"The upstream's answer could not be read ({failure}). The request's estimated cost "
             "was charged and flagged for reconciliation."
         )
-        return error_response(exc, {**exchange.headers, "x-tollgate-cost-usd": usd_text(cost)})
+        return error_response(exc, exchange.after(cost))
 
     async def forward_stream(
         self, exchange: Exchange, body: bytes, content_type: str, client_headers: Any
@@ -292,6 +345,8 @@ class ImagesHandler:
             **exchange.headers,
             "x-tollgate-reserved-usd": usd_text(exchange.entry.estimated_nanos),
         }
+        if exchange.remaining_nanos is not None:
+            headers["x-tollgate-budget-remaining-usd"] = usd_text(max(exchange.remaining_nanos, 0))
         try:
             answer = await self.services.upstream.send(
                 "/images/" + self.endpoint, body, content_type, client_headers

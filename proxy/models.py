@@ -6,7 +6,7 @@ everywhere, in Python and in SQL; `usd()` turns it into a Decimal for display.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from decimal import Decimal
 from typing import Literal
 
@@ -153,11 +153,3 @@ class Charge:
     cost_nanos: int
     flagged: bool = False
     """True when the answer carried no usage and the estimate was charged instead."""
-
-
-@dataclass(frozen=True, slots=True)
-class Changes:
-    items: tuple[Change, ...] = field(default_factory=tuple)
-
-    def header(self) -> str:
-        return "; ".join(str(c) for c in self.items)

@@ -296,7 +296,7 @@ def _parse(text: str, where: str) -> dict[str, ModelPrices]:
     for name, raw in data["models"].items():
         try:
             entries[name] = _entry(str(name), raw, custom)
-        except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+        except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError) as exc:
             problems.append(f"{where}:1: models.{name}: invalid price-book entry: {exc!r}")
     if problems:
         raise ConfigError(problems)
@@ -316,6 +316,9 @@ def _entry(name: str, raw: Mapping[str, Any], custom: CustomSizes) -> ModelPrice
         raise ValueError("every entry needs `source` and `effective_from`")
     if per_image is None and not raw.get("rates"):
         raise ValueError("an entry needs `rates` or `per_image`")
+    if per_image is None and not ({"table", "formula"} & set(output)):
+        # Without it the bound would reserve nothing for the images themselves.
+        raise ValueError("a token-priced entry needs `output_tokens` (a table or a formula)")
     effective = raw["effective_from"]
     return ModelPrices(
         name=name,

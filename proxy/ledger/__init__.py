@@ -9,10 +9,18 @@ keeps the same interface; nothing above it knows which one it talks to.
 from __future__ import annotations
 
 from proxy.errors import LedgerError
-from proxy.ledger.base import Entry, Ledger, Settlement
+from proxy.ledger.base import Entry, Ledger, Reservation, Row, Settlement
 from proxy.ledger.sqlite import SqliteLedger
 
-__all__ = ["Entry", "Ledger", "Settlement", "SqliteLedger", "open_ledger"]
+__all__ = [
+    "Entry",
+    "Ledger",
+    "Reservation",
+    "Row",
+    "Settlement",
+    "SqliteLedger",
+    "open_ledger",
+]
 
 
 async def open_ledger(url: str) -> Ledger:

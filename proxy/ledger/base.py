@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from proxy.budgets import Counter, Totals
 from proxy.models import Endpoint, Outcome, Usage
 
 
@@ -48,6 +50,19 @@ class Settlement:
 
 
 @dataclass(frozen=True, slots=True)
+class Reservation:
+    """A request about to be forwarded: its row, its bound, the counters it adds to."""
+
+    entry: Entry
+    usage: Usage
+    """The estimated usage, held in the counters until the request settles."""
+    counters: tuple[Counter, ...]
+
+
+Chooser = Callable[[Mapping[Counter, Totals]], Reservation]
+
+
+@dataclass(frozen=True, slots=True)
 class Row:
     """A ledger row as read back."""
 
@@ -57,11 +72,17 @@ class Row:
 
 
 class Ledger(Protocol):
-    async def reserve(self, entry: Entry) -> None:
-        """Store a new in-flight row holding `entry.estimated_nanos` in reserve."""
+    async def reserve(self, read: Sequence[Counter], choose: Chooser) -> Reservation:
+        """Atomically: read the totals of `read`, let `choose` decide on them, and store its
+        reservation (the row, and its bound added to its counters). Whatever `choose`
+        raises aborts the transaction and propagates."""
 
     async def settle(self, request_id: str, settlement: Settlement) -> None:
-        """Replace the reservation of `request_id` by its final outcome and cost."""
+        """Replace the reservation of `request_id` by its final outcome and cost, in the row
+        and in its counters."""
+
+    async def totals(self, counters: Sequence[Counter]) -> dict[Counter, Totals]:
+        """The current totals of `counters` (organization counters sum every team's)."""
 
     async def record(self, entry: Entry, settlement: Settlement) -> None:
         """Store a request that was never forwarded (rejected, invalid)."""

@@ -1,7 +1,16 @@
-"""The embedded ledger: one SQLite file in WAL mode, shared by every worker on a machine."""
+"""The embedded ledger: one SQLite file in WAL mode, shared by every worker on a machine.
+
+Reservations are atomic across processes: each runs in a `BEGIN IMMEDIATE`
+transaction, which takes SQLite's single write lock, so the totals a decision
+reads cannot change before its reservation is written. Per-period totals are
+kept in `budget_usage` (one row per counter), so a decision reads a handful of
+rows instead of summing the month's requests.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,8 +18,9 @@ from typing import Any
 
 import aiosqlite
 
+from proxy.budgets import Counter, Totals
 from proxy.errors import LedgerError
-from proxy.ledger.base import Entry, Row, Settlement
+from proxy.ledger.base import Chooser, Entry, Reservation, Row, Settlement
 from proxy.models import Usage
 
 SCHEMA_VERSION = 1
@@ -41,6 +51,7 @@ CREATE TABLE IF NOT EXISTS requests (
     status                    INTEGER,
     error_code                TEXT,
     downgrades                TEXT NOT NULL DEFAULT '',
+    -- While reserved, the token columns hold the estimate; once settled, the usage.
     text_input_tokens         INTEGER NOT NULL DEFAULT 0,
     cached_text_input_tokens  INTEGER NOT NULL DEFAULT 0,
     image_input_tokens        INTEGER NOT NULL DEFAULT 0,
@@ -52,103 +63,110 @@ CREATE TABLE IF NOT EXISTS requests (
     reserved_nanos            INTEGER NOT NULL DEFAULT 0,  -- held while in flight, 0 once settled
     cost_nanos                INTEGER NOT NULL DEFAULT 0,
     flagged                   INTEGER NOT NULL DEFAULT 0,  -- charged without usage: reconcile
-    latency_ms                REAL
+    latency_ms                REAL,
+    counters                  TEXT NOT NULL DEFAULT '[]'   -- the budget_usage rows it adds to
 );
 CREATE INDEX IF NOT EXISTS requests_started ON requests (started_at);
 CREATE INDEX IF NOT EXISTS requests_team_started ON requests (team, started_at);
 CREATE INDEX IF NOT EXISTS requests_reserved ON requests (state) WHERE state = 'reserved';
+CREATE TABLE IF NOT EXISTS budget_usage (
+    scope               TEXT NOT NULL,               -- team | user
+    team                TEXT NOT NULL,
+    user                TEXT NOT NULL,
+    period              TEXT NOT NULL,
+    start               REAL NOT NULL,
+    spent_nanos         INTEGER NOT NULL DEFAULT 0,
+    reserved_nanos      INTEGER NOT NULL DEFAULT 0,
+    text_input_tokens   INTEGER NOT NULL DEFAULT 0,  -- settled usage plus reserved estimates
+    image_input_tokens  INTEGER NOT NULL DEFAULT 0,
+    image_output_tokens INTEGER NOT NULL DEFAULT 0,
+    total_tokens        INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (scope, team, user, period, start)
+);
 """
 
 ENTRY_COLUMNS = (
-    "id",
-    "started_at",
-    "endpoint",
-    "team",
-    "cost_center",
-    "key_id",
-    "user",
-    "model_requested",
-    "model",
-    "quality_requested",
-    "quality",
-    "size_requested",
-    "size",
-    "n_requested",
-    "n",
-    "stream",
-    "estimated_nanos",
-    "downgrades",
-)
+    "id", "started_at", "endpoint", "team", "cost_center", "key_id", "user",
+    "model_requested", "model", "quality_requested", "quality", "size_requested", "size",
+    "n_requested", "n", "stream", "estimated_nanos", "downgrades",
+)  # fmt: skip
+USAGE_COLUMNS = (
+    "text_input_tokens", "cached_text_input_tokens", "image_input_tokens",
+    "cached_image_input_tokens", "image_output_tokens", "text_output_tokens", "images",
+)  # fmt: skip
 SETTLEMENT_COLUMNS = (
-    "finished_at",
-    "outcome",
-    "status",
-    "text_input_tokens",
-    "cached_text_input_tokens",
-    "image_input_tokens",
-    "cached_image_input_tokens",
-    "image_output_tokens",
-    "text_output_tokens",
-    "images",
-    "cost_nanos",
-    "flagged",
-    "upstream_request_id",
-    "error_code",
-    "latency_ms",
-)
+    "finished_at", "outcome", "status", *USAGE_COLUMNS, "cost_nanos", "flagged",
+    "upstream_request_id", "error_code", "latency_ms",
+)  # fmt: skip
+TOTALS_COLUMNS = (
+    "spent_nanos", "reserved_nanos", "text_input_tokens", "image_input_tokens",
+    "image_output_tokens", "total_tokens",
+)  # fmt: skip
 
 
-def _entry_values(entry: Entry) -> tuple[Any, ...]:
-    return tuple(getattr(entry, c) for c in ENTRY_COLUMNS)
+def _usage_values(u: Usage) -> tuple[int, ...]:
+    return (
+        u.text_input, u.cached_text_input, u.image_input, u.cached_image_input,
+        u.image_output, u.text_output, u.images,
+    )  # fmt: skip
 
 
 def _settlement_values(s: Settlement) -> tuple[Any, ...]:
-    u = s.usage
     return (
-        s.finished_at,
-        s.outcome,
-        s.status,
-        u.text_input,
-        u.cached_text_input,
-        u.image_input,
-        u.cached_image_input,
-        u.image_output,
-        u.text_output,
-        u.images,
-        s.cost_nanos,
-        int(s.flagged),
-        s.upstream_request_id,
-        s.error_code,
-        s.latency_ms,
+        s.finished_at, s.outcome, s.status, *_usage_values(s.usage), s.cost_nanos,
+        int(s.flagged), s.upstream_request_id, s.error_code, s.latency_ms,
+    )  # fmt: skip
+
+
+def _token_deltas(usage: Usage, sign: int) -> tuple[int, int, int, int]:
+    """What `usage` adds to a counter's token columns (negative to take it back)."""
+    return (
+        sign * (usage.text_input + usage.cached_text_input),
+        sign * (usage.image_input + usage.cached_image_input),
+        sign * usage.image_output,
+        sign * usage.total_tokens,
     )
 
 
+def _counter_key(c: Counter) -> list[Any]:
+    return [c.scope, c.team, c.user, c.period, c.start]
+
+
+def _counters(text: str) -> list[Counter]:
+    return [Counter(*item) for item in json.loads(text)]
+
+
 class SqliteLedger:
-    """The Ledger on one SQLite file (WAL: readers never block the writer)."""
+    """The Ledger on one SQLite file."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._db: aiosqlite.Connection | None = None
+        # One connection per process: its statements must not interleave with a transaction.
+        self._lock = asyncio.Lock()
 
     async def open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = await aiosqlite.connect(self.path, isolation_level=None)
-            await db.execute("PRAGMA busy_timeout = 10000")
+            await db.execute("PRAGMA busy_timeout = 30000")
             await db.execute("PRAGMA journal_mode = WAL")
             await db.execute("PRAGMA synchronous = NORMAL")
             await db.executescript(SCHEMA)
+            await db.execute("BEGIN IMMEDIATE")
             async with db.execute("SELECT version FROM schema_version") as cursor:
                 found = await cursor.fetchone()
             if found is None:
                 await db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
-            elif found[0] > SCHEMA_VERSION:
-                raise LedgerError(
-                    f"{self.path}: ledger schema version {found[0]} is newer than this "
-                    f"Tollgate ({SCHEMA_VERSION}); upgrade Tollgate"
-                )
+            await db.execute("COMMIT")
         except (sqlite3.Error, OSError) as exc:
             raise LedgerError(f"cannot open ledger {self.path}: {exc}") from exc
+        if found is not None and found[0] > SCHEMA_VERSION:
+            await db.close()
+            raise LedgerError(
+                f"{self.path}: ledger schema version {found[0]} is newer than this "
+                f"Tollgate's ({SCHEMA_VERSION}); upgrade Tollgate"
+            )
         self._db = db
 
     @property
@@ -157,45 +175,92 @@ class SqliteLedger:
             raise LedgerError("ledger is not open")
         return self._db
 
-    async def _write(self, sql: str, values: Sequence[Any]) -> None:
-        try:
-            await self.db.execute(sql, values)
-        except sqlite3.Error as exc:
-            raise LedgerError(f"ledger write failed: {exc}") from exc
-
-    async def reserve(self, entry: Entry) -> None:
-        columns = (*ENTRY_COLUMNS, "state", "reserved_nanos")
-        await self._write(
-            f"INSERT INTO requests ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-            (*_entry_values(entry), "reserved", entry.estimated_nanos),
-        )
+    async def reserve(self, read: Sequence[Counter], choose: Chooser) -> Reservation:
+        async with self._lock, self._transaction():
+            reservation = choose(await self._totals(read))
+            entry, usage = reservation.entry, reservation.usage
+            columns = (*ENTRY_COLUMNS, *USAGE_COLUMNS, "state", "reserved_nanos", "counters")
+            await self.db.execute(
+                f"INSERT INTO requests ({', '.join(columns)}) "
+                f"VALUES ({', '.join('?' * len(columns))})",
+                (
+                    *(getattr(entry, c) for c in ENTRY_COLUMNS),
+                    *_usage_values(usage),
+                    "reserved",
+                    entry.estimated_nanos,
+                    json.dumps([_counter_key(c) for c in reservation.counters]),
+                ),
+            )
+            await self._add(reservation.counters, 0, entry.estimated_nanos, _token_deltas(usage, 1))
+            return reservation
 
     async def settle(self, request_id: str, settlement: Settlement) -> None:
-        assignments = ", ".join(f"{c} = ?" for c in SETTLEMENT_COLUMNS)
-        await self._write(
-            f"UPDATE requests SET {assignments}, state = 'settled', reserved_nanos = 0 "
-            "WHERE id = ?",
-            (*_settlement_values(settlement), request_id),
-        )
+        async with self._lock, self._transaction():
+            async with self.db.execute(
+                f"SELECT state, reserved_nanos, counters, {', '.join(USAGE_COLUMNS)} "
+                "FROM requests WHERE id = ?",
+                (request_id,),
+            ) as cursor:
+                found = await cursor.fetchone()
+            if found is None:
+                raise LedgerError(f"no reservation {request_id}")
+            state, reserved, counters_text, *held = found
+            # A reservation reclaimed before its answer came has nothing left to release.
+            held_usage = Usage(*held) if state == "reserved" else Usage()
+            release = reserved if state == "reserved" else 0
+            assignments = ", ".join(f"{c} = ?" for c in SETTLEMENT_COLUMNS)
+            await self.db.execute(
+                f"UPDATE requests SET {assignments}, state = 'settled', reserved_nanos = 0 "
+                "WHERE id = ?",
+                (*_settlement_values(settlement), request_id),
+            )
+            actual = _token_deltas(settlement.usage, 1)
+            taken_back = _token_deltas(held_usage, -1)
+            await self._add(
+                _counters(counters_text),
+                settlement.cost_nanos,
+                -release,
+                tuple(a + b for a, b in zip(actual, taken_back, strict=True)),
+            )
 
     async def record(self, entry: Entry, settlement: Settlement) -> None:
         columns = (*ENTRY_COLUMNS, *SETTLEMENT_COLUMNS, "state")
-        await self._write(
-            f"INSERT INTO requests ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-            (*_entry_values(entry), *_settlement_values(settlement), "settled"),
-        )
+        async with self._lock:
+            await self._write(
+                f"INSERT INTO requests ({', '.join(columns)}) "
+                f"VALUES ({', '.join('?' * len(columns))})",
+                (
+                    *(getattr(entry, c) for c in ENTRY_COLUMNS),
+                    *_settlement_values(settlement),
+                    "settled",
+                ),
+            )
 
     async def reclaim(self, started_before: float, now: float) -> int:
-        try:
-            cursor = await self.db.execute(
-                "UPDATE requests SET state = 'settled', reserved_nanos = 0, "
-                "outcome = 'upstream_error', error_code = 'abandoned', flagged = 1, "
-                "finished_at = ? WHERE state = 'reserved' AND started_at < ?",
-                (now, started_before),
-            )
-        except sqlite3.Error as exc:
-            raise LedgerError(f"ledger write failed: {exc}") from exc
-        return cursor.rowcount
+        async with self._lock, self._transaction():
+            async with self.db.execute(
+                f"SELECT id, reserved_nanos, counters, {', '.join(USAGE_COLUMNS)} "
+                "FROM requests WHERE state = 'reserved' AND started_at < ?",
+                (started_before,),
+            ) as cursor:
+                stale = list(await cursor.fetchall())
+            for request_id, reserved, counters_text, *held in stale:
+                await self.db.execute(
+                    "UPDATE requests SET state = 'settled', reserved_nanos = 0, "
+                    "outcome = 'upstream_error', error_code = 'abandoned', flagged = 1, "
+                    "finished_at = ?, "
+                    + ", ".join(f"{c} = 0" for c in USAGE_COLUMNS)
+                    + " WHERE id = ?",
+                    (now, request_id),
+                )
+                await self._add(
+                    _counters(counters_text), 0, -reserved, _token_deltas(Usage(*held), -1)
+                )
+            return len(stale)
+
+    async def totals(self, counters: Sequence[Counter]) -> dict[Counter, Totals]:
+        async with self._lock:
+            return await self._totals(counters)
 
     async def rows(self, since: float = 0.0) -> list[Row]:
         columns = (*ENTRY_COLUMNS, *SETTLEMENT_COLUMNS, "state")
@@ -217,6 +282,70 @@ class SqliteLedger:
             await self._db.close()
             self._db = None
 
+    # -- inside transactions -------------------------------------------------
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self.db)
+
+    async def _write(self, sql: str, values: Sequence[Any]) -> None:
+        try:
+            await self.db.execute(sql, values)
+        except sqlite3.Error as exc:
+            raise LedgerError(f"ledger write failed: {exc}") from exc
+
+    async def _totals(self, counters: Sequence[Counter]) -> dict[Counter, Totals]:
+        found: dict[Counter, Totals] = {}
+        sums = ", ".join(f"COALESCE(SUM({c}), 0)" for c in TOTALS_COLUMNS)
+        for c in counters:
+            if c.scope == "organization":
+                sql = (f"SELECT {sums} FROM budget_usage WHERE scope = 'team' "
+                       "AND period = ? AND start = ?")  # fmt: skip
+                args: tuple[Any, ...] = (c.period, c.start)
+            else:
+                sql = (f"SELECT {sums} FROM budget_usage WHERE scope = ? AND team = ? "
+                       "AND user = ? AND period = ? AND start = ?")  # fmt: skip
+                args = (c.scope, c.team, c.user, c.period, c.start)
+            async with self.db.execute(sql, args) as cursor:
+                row = await cursor.fetchone()
+            found[c] = Totals(*row) if row is not None else Totals()
+        return found
+
+    async def _add(
+        self,
+        counters: Sequence[Counter],
+        spent: int,
+        reserved: int,
+        tokens: tuple[int, ...],
+    ) -> None:
+        columns = ", ".join(TOTALS_COLUMNS)
+        updates = ", ".join(f"{c} = {c} + excluded.{c}" for c in TOTALS_COLUMNS)
+        await self.db.executemany(
+            f"INSERT INTO budget_usage (scope, team, user, period, start, {columns}) "
+            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            f"ON CONFLICT (scope, team, user, period, start) DO UPDATE SET {updates}",
+            [(*_counter_key(c), spent, reserved, *tokens) for c in counters],
+        )
+
+
+class _Transaction:
+    """`BEGIN IMMEDIATE` … `COMMIT`, or `ROLLBACK` on any error (which propagates)."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
+
+    async def __aenter__(self) -> None:
+        try:
+            await self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise LedgerError(f"ledger unavailable: {exc}") from exc
+
+    async def __aexit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        try:
+            await self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+        except sqlite3.Error as exc:
+            if kind is None:
+                raise LedgerError(f"ledger write failed: {exc}") from exc
+
 
 def _row(values: tuple[Any, ...]) -> Row:
     e = dict(zip(ENTRY_COLUMNS, values[: len(ENTRY_COLUMNS)], strict=True))
@@ -225,15 +354,7 @@ def _row(values: tuple[Any, ...]) -> Row:
     entry = Entry(**e)
     if values[-1] == "reserved":
         return Row(entry, None)
-    usage = Usage(
-        text_input=s["text_input_tokens"],
-        cached_text_input=s["cached_text_input_tokens"],
-        image_input=s["image_input_tokens"],
-        cached_image_input=s["cached_image_input_tokens"],
-        image_output=s["image_output_tokens"],
-        text_output=s["text_output_tokens"],
-        images=s["images"],
-    )
+    usage = Usage(*(s[c] for c in USAGE_COLUMNS))
     settlement = Settlement(
         finished_at=s["finished_at"],
         outcome=s["outcome"],
