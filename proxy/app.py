@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from proxy import housekeeping
 from proxy.config import Config, load_config
 from proxy.errors import LedgerError
 from proxy.handlers import ImagesHandler, Services, not_found
@@ -24,10 +25,6 @@ from proxy.models import ENDPOINTS
 from proxy.upstream import Upstream
 
 log = logging.getLogger("tollgate")
-
-RECLAIM_EVERY_S = 60.0
-# A reservation older than the upstream timeout plus this margin belongs to no live request.
-RECLAIM_MARGIN_S = 60.0
 
 # How `tollgate serve` hands its choices to uvicorn's worker processes.
 ENV_CONFIG = "TOLLGATE_CONFIG"
@@ -78,15 +75,21 @@ def create_app(config: Config, overrides: Overrides = Overrides()) -> Starlette:
         )
         shared = Services(config=config, ledger=ledger, upstream=upstream)
         holder["services"] = shared
-        reclaimer = asyncio.create_task(reclaim_forever(shared))
+        me = housekeeping.this_process()
+        await ledger.register(me, shared.clock())
+        await housekeeping.reclaim_once(ledger, me, shared.clock(), upstream_settings.timeout_s)
+        duties = asyncio.create_task(
+            housekeeping.run(ledger, me, shared.clock, upstream_settings.timeout_s)
+        )
         try:
             yield
         finally:
-            reclaimer.cancel()
+            duties.cancel()
             # In-flight exchanges are being billed: let them finish and settle.
             if shared.background:
                 await asyncio.wait(set(shared.background), timeout=upstream_settings.timeout_s)
             await upstream.aclose()
+            await ledger.unregister()
             await ledger.close()
 
     handlers = {endpoint: ImagesHandler(endpoint, services) for endpoint in ENDPOINTS}
@@ -110,20 +113,6 @@ def create_app(config: Config, overrides: Overrides = Overrides()) -> Starlette:
         Route("/v1/{path:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
-
-
-async def reclaim_forever(services: Services) -> None:
-    """Release reservations that no live request holds (left by a crash)."""
-    horizon = services.config.upstream.timeout_s + RECLAIM_MARGIN_S
-    while True:
-        try:
-            now = services.clock()
-            count = await services.ledger.reclaim(now - horizon, now)
-            if count:
-                log.warning("released %d abandoned reservation(s)", count)
-        except LedgerError as exc:
-            log.error("reclaiming reservations failed: %s", exc)
-        await asyncio.sleep(RECLAIM_EVERY_S)
 
 
 def app_from_env() -> Starlette:

@@ -9,12 +9,13 @@ keeps the same interface; nothing above it knows which one it talks to.
 from __future__ import annotations
 
 from proxy.errors import LedgerError
-from proxy.ledger.base import Entry, Ledger, Reservation, Row, Settlement
+from proxy.ledger.base import Entry, Ledger, Owner, Reservation, Row, Settlement
 from proxy.ledger.sqlite import SqliteLedger
 
 __all__ = [
     "Entry",
     "Ledger",
+    "Owner",
     "Reservation",
     "Row",
     "Settlement",

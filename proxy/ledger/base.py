@@ -63,6 +63,16 @@ Chooser = Callable[[Mapping[Counter, Totals]], Reservation]
 
 
 @dataclass(frozen=True, slots=True)
+class Owner:
+    """A Tollgate process that holds reservations, and when it last said it was alive."""
+
+    id: str
+    host: str
+    pid: int
+    heartbeat_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class Row:
     """A ledger row as read back."""
 
@@ -87,8 +97,23 @@ class Ledger(Protocol):
     async def record(self, entry: Entry, settlement: Settlement) -> None:
         """Store a request that was never forwarded (rejected, invalid)."""
 
-    async def reclaim(self, started_before: float, now: float) -> int:
-        """Release reservations older than `started_before` (a crashed process's); count them."""
+    async def reclaim(
+        self, now: float, *, started_before: float = 0.0, owners: Sequence[str] = ()
+    ) -> int:
+        """Release the reservations of dead `owners`, and any started before `started_before`;
+        they are flagged `abandoned` for reconciliation. Returns how many."""
+
+    async def register(self, owner: Owner, now: float) -> None:
+        """Mark the reservations this process makes as its own, and say it is alive."""
+
+    async def heartbeat(self, now: float) -> None:
+        """Say this process is still alive."""
+
+    async def owners(self) -> list[Owner]:
+        """Every process known to hold reservations (an owner never seen alive has host '')."""
+
+    async def unregister(self) -> None:
+        """This process stops cleanly: forget it."""
 
     async def rows(self, since: float = 0.0) -> list[Row]:
         """Every row started at or after `since`, oldest first."""

@@ -20,7 +20,7 @@ import aiosqlite
 
 from proxy.budgets import Counter, Totals
 from proxy.errors import LedgerError
-from proxy.ledger.base import Chooser, Entry, Reservation, Row, Settlement
+from proxy.ledger.base import Chooser, Entry, Owner, Reservation, Row, Settlement
 from proxy.models import Usage
 
 SCHEMA_VERSION = 1
@@ -64,11 +64,18 @@ CREATE TABLE IF NOT EXISTS requests (
     cost_nanos                INTEGER NOT NULL DEFAULT 0,
     flagged                   INTEGER NOT NULL DEFAULT 0,  -- charged without usage: reconcile
     latency_ms                REAL,
-    counters                  TEXT NOT NULL DEFAULT '[]'   -- the budget_usage rows it adds to
+    counters                  TEXT NOT NULL DEFAULT '[]',  -- the budget_usage rows it adds to
+    owner                     TEXT                         -- the process holding the reservation
 );
 CREATE INDEX IF NOT EXISTS requests_started ON requests (started_at);
 CREATE INDEX IF NOT EXISTS requests_team_started ON requests (team, started_at);
 CREATE INDEX IF NOT EXISTS requests_reserved ON requests (state) WHERE state = 'reserved';
+CREATE TABLE IF NOT EXISTS processes (
+    owner        TEXT PRIMARY KEY,
+    host         TEXT NOT NULL,
+    pid          INTEGER NOT NULL,
+    heartbeat_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS budget_usage (
     scope               TEXT NOT NULL,               -- team | user
     team                TEXT NOT NULL,
@@ -142,6 +149,7 @@ class SqliteLedger:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._db: aiosqlite.Connection | None = None
+        self.owner: Owner | None = None
         # One connection per process: its statements must not interleave with a transaction.
         self._lock = asyncio.Lock()
 
@@ -179,7 +187,9 @@ class SqliteLedger:
         async with self._lock, self._transaction():
             reservation = choose(await self._totals(read))
             entry, usage = reservation.entry, reservation.usage
-            columns = (*ENTRY_COLUMNS, *USAGE_COLUMNS, "state", "reserved_nanos", "counters")
+            columns = (
+                *ENTRY_COLUMNS, *USAGE_COLUMNS, "state", "reserved_nanos", "counters", "owner",
+            )  # fmt: skip
             await self.db.execute(
                 f"INSERT INTO requests ({', '.join(columns)}) "
                 f"VALUES ({', '.join('?' * len(columns))})",
@@ -189,6 +199,7 @@ class SqliteLedger:
                     "reserved",
                     entry.estimated_nanos,
                     json.dumps([_counter_key(c) for c in reservation.counters]),
+                    self.owner.id if self.owner else None,
                 ),
             )
             await self._add(reservation.counters, 0, entry.estimated_nanos, _token_deltas(usage, 1))
@@ -236,12 +247,16 @@ class SqliteLedger:
                 ),
             )
 
-    async def reclaim(self, started_before: float, now: float) -> int:
+    async def reclaim(
+        self, now: float, *, started_before: float = 0.0, owners: Sequence[str] = ()
+    ) -> int:
         async with self._lock, self._transaction():
+            marks = ", ".join("?" * len(owners))
             async with self.db.execute(
                 f"SELECT id, reserved_nanos, counters, {', '.join(USAGE_COLUMNS)} "
-                "FROM requests WHERE state = 'reserved' AND started_at < ?",
-                (started_before,),
+                "FROM requests WHERE state = 'reserved' "
+                f"AND (started_at < ? OR owner IN ({marks}))",
+                (started_before, *owners),
             ) as cursor:
                 stale = list(await cursor.fetchall())
             for request_id, reserved, counters_text, *held in stale:
@@ -256,7 +271,39 @@ class SqliteLedger:
                 await self._add(
                     _counters(counters_text), 0, -reserved, _token_deltas(Usage(*held), -1)
                 )
+            if owners:
+                await self.db.execute(f"DELETE FROM processes WHERE owner IN ({marks})", owners)
             return len(stale)
+
+    async def register(self, owner: Owner, now: float) -> None:
+        self.owner = owner
+        await self.heartbeat(now)
+
+    async def heartbeat(self, now: float) -> None:
+        if self.owner is None:
+            return
+        async with self._lock:
+            await self._write(
+                "INSERT INTO processes (owner, host, pid, heartbeat_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                (self.owner.id, self.owner.host, self.owner.pid, now),
+            )
+
+    async def owners(self) -> list[Owner]:
+        async with (
+            self._lock,
+            self.db.execute(
+                "SELECT owner, host, pid, heartbeat_at FROM processes UNION "
+                "SELECT DISTINCT owner, '', 0, 0 FROM requests WHERE state = 'reserved' "
+                "AND owner IS NOT NULL AND owner NOT IN (SELECT owner FROM processes)"
+            ) as cursor,
+        ):
+            return [Owner(*row) for row in await cursor.fetchall()]
+
+    async def unregister(self) -> None:
+        if self.owner is not None:
+            async with self._lock:
+                await self._write("DELETE FROM processes WHERE owner = ?", (self.owner.id,))
 
     async def totals(self, counters: Sequence[Counter]) -> dict[Counter, Totals]:
         async with self._lock:
