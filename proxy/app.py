@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -21,6 +22,7 @@ from proxy.config import Config, load_config
 from proxy.errors import LedgerError
 from proxy.handlers import ImagesHandler, Services, not_found
 from proxy.ledger import open_ledger
+from proxy.metrics import Metrics
 from proxy.models import ENDPOINTS
 from proxy.upstream import Upstream
 
@@ -57,6 +59,7 @@ def create_app(config: Config, overrides: Overrides = Overrides()) -> Starlette:
             ]
         )
     holder: dict[str, Services] = {}
+    metrics = Metrics()
 
     def services() -> Services:
         return holder["services"]
@@ -73,7 +76,7 @@ def create_app(config: Config, overrides: Overrides = Overrides()) -> Starlette:
             project=upstream_settings.project,
             transport=overrides.transport,
         )
-        shared = Services(config=config, ledger=ledger, upstream=upstream)
+        shared = Services(config=config, ledger=ledger, upstream=upstream, metrics=metrics)
         holder["services"] = shared
         me = housekeeping.this_process()
         await ledger.register(me, shared.clock())
@@ -104,7 +107,11 @@ def create_app(config: Config, overrides: Overrides = Overrides()) -> Starlette:
             return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
         return JSONResponse({"status": "ready"})
 
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     routes = [
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/v1/images/generations", handlers["generations"].handle, methods=["POST"]),
         Route("/v1/images/edits", handlers["edits"].handle, methods=["POST"]),
         Route("/v1/images/variations", handlers["variations"].handle, methods=["POST"]),

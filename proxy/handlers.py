@@ -52,7 +52,8 @@ from proxy.errors import (
 )
 from proxy.ledger import Entry, Ledger, Reservation, Settlement
 from proxy.metering import BodyMeter, MalformedAnswer, SseMeter
-from proxy.models import Endpoint, ImageRequest, Outcome, Usage, usd_text
+from proxy.metrics import Metrics
+from proxy.models import Change, Endpoint, ImageRequest, Outcome, Usage, usd_text
 from proxy.parsing import ParsedBody, parse_request
 from proxy.pricing import ModelPrices
 from proxy.spool import Spool
@@ -70,6 +71,7 @@ class Services:
     config: Config
     ledger: Ledger
     upstream: Upstream
+    metrics: Metrics
     clock: Callable[[], float] = time.time
     background: set[asyncio.Task[Any]] = field(default_factory=set)
     inflight: int = 0
@@ -83,6 +85,7 @@ class Exchange:
     model: ModelPrices
     n: int
     headers: dict[str, str]
+    changes: tuple[Change, ...] = ()
     remaining_nanos: int | None = None
     """Room left in the tightest USD budget with this request's bound reserved."""
 
@@ -138,6 +141,7 @@ class ImagesHandler:
         config = s.config
         entry = Entry(id=new_request_id(), started_at=s.clock(), endpoint=self.endpoint)
         headers = {"x-tollgate-request-id": entry.id}
+        s.metrics.started()
         try:
             team, key = identify(request.headers.get("authorization"), config.team_by_key_hash())
             entry = replace(entry, team=team.name, cost_center=team.cost_center, key_id=key.id)
@@ -156,6 +160,7 @@ class ImagesHandler:
             return await self.refuse(entry, exc, headers)
         except LedgerError as exc:
             log.error("ledger unavailable: %s", exc)
+            s.metrics.finished(entry, Settlement(s.clock(), "client_error", 503), ())
             return error_response(
                 ServiceUnavailable("Tollgate cannot record spend right now; retry shortly."),
                 headers,
@@ -171,7 +176,12 @@ class ImagesHandler:
             headers["x-tollgate-downgraded"] = entry.downgrades
         forward_body, content_type = parsed.encode(changes)
         exchange = Exchange(
-            entry, variant.model, variant.request.n, headers, decision.remaining_nanos
+            entry,
+            variant.model,
+            variant.request.n,
+            headers,
+            variant.changes,
+            decision.remaining_nanos,
         )
         client_headers = request.headers.items()
         if variant.request.stream:
@@ -233,6 +243,7 @@ class ImagesHandler:
             await self.services.ledger.record(entry, settlement)
         except LedgerError as ledger_exc:
             log.error("ledger record failed: %s", ledger_exc)
+        self.services.metrics.finished(entry, settlement, ())
         log_request(entry, settlement)
         return error_response(exc, {**headers, "x-tollgate-cost-usd": "0"})
 
@@ -240,16 +251,22 @@ class ImagesHandler:
         self, exchange: Exchange, body: bytes, content_type: str, client_headers: Any
     ) -> Response:
         """Send a non-streamed request, then read, meter and answer it."""
+        sent = time.monotonic()
         try:
             answer = await self.services.upstream.send(
                 "/images/" + self.endpoint, body, content_type, client_headers
             )
         except RequestError as exc:
+            self.observe_upstream(exchange, sent)
             await self.settle(exchange, "upstream_error", exc.status, Usage(), 0, error=exc.code)
             return error_response(exc, exchange.after(0))
-        return await self.complete(exchange, answer)
+        return await self.complete(exchange, answer, sent)
 
-    async def complete(self, exchange: Exchange, answer: httpx.Response) -> Response:
+    def observe_upstream(self, exchange: Exchange, sent: float) -> None:
+        model = exchange.entry.model or ""
+        self.services.metrics.upstream(model, self.endpoint, time.monotonic() - sent)
+
+    async def complete(self, exchange: Exchange, answer: httpx.Response, sent: float) -> Response:
         """Read a whole answer into a spool, metering it on the way, then settle and answer."""
         spool = Spool()
         ok = 200 <= answer.status_code < 300
@@ -262,6 +279,7 @@ class ImagesHandler:
                         meter.feed(chunk)
             finally:
                 await answer.aclose()
+                self.observe_upstream(exchange, sent)
             if meter is None:
                 return await self.pass_error(exchange, answer, spool)
             usage, images = meter.finish()
@@ -347,23 +365,25 @@ class ImagesHandler:
         }
         if exchange.remaining_nanos is not None:
             headers["x-tollgate-budget-remaining-usd"] = usd_text(max(exchange.remaining_nanos, 0))
+        sent = time.monotonic()
         try:
             answer = await self.services.upstream.send(
                 "/images/" + self.endpoint, body, content_type, client_headers
             )
         except RequestError as exc:
+            self.observe_upstream(exchange, sent)
             await self.settle(exchange, "upstream_error", exc.status, Usage(), 0, error=exc.code)
             return error_response(exc, {**headers, "x-tollgate-cost-usd": "0"})
         if not 200 <= answer.status_code < 300 or "event-stream" not in answer.headers.get(
             "content-type", ""
         ):
             # Errors (and answers that are not streams) are metered like plain answers.
-            task = asyncio.create_task(self.complete(exchange, answer))
+            task = asyncio.create_task(self.complete(exchange, answer, sent))
             self.services.background.add(task)
             task.add_done_callback(self.services.background.discard)
             return await asyncio.shield(task)
         relay = Relay()
-        pump = asyncio.create_task(self.pump(exchange, answer, relay))
+        pump = asyncio.create_task(self.pump(exchange, answer, relay, sent))
         self.services.background.add(pump)
         pump.add_done_callback(self.services.background.discard)
         return StreamingResponse(
@@ -372,7 +392,9 @@ class ImagesHandler:
             headers={**dict(response_headers(answer)), **headers},
         )
 
-    async def pump(self, exchange: Exchange, answer: httpx.Response, relay: Relay) -> None:
+    async def pump(
+        self, exchange: Exchange, answer: httpx.Response, relay: Relay, sent: float
+    ) -> None:
         """Read the upstream stream to its end, relaying and metering each event."""
         meter = SseMeter()
         broken: str | None = None
@@ -386,6 +408,7 @@ class ImagesHandler:
         finally:
             await answer.aclose()
             relay.close()
+            self.observe_upstream(exchange, sent)
         upstream_id = answer.headers.get("x-request-id")
         if broken is None and meter.completed and meter.error is None:
             cost, charged, flagged = self.price(exchange, meter.usage, meter.completed)
@@ -452,6 +475,7 @@ class ImagesHandler:
         except LedgerError as exc:
             # The reservation stays in the ledger and is reclaimed later; say so loudly.
             log.error("ledger settle failed for %s: %s", exchange.entry.id, exc)
+        self.services.metrics.finished(exchange.entry, settlement, exchange.changes)
         log_request(exchange.entry, settlement)
 
 

@@ -309,7 +309,7 @@ def _image_request(
     if not isinstance(stream, bool):
         raise InvalidRequest("Invalid type for 'stream': expected a boolean.", param="stream")
     partial_images = _integer(fields, "partial_images", 0)
-    if "partial_images" in fields and not stream:
+    if partial_images and not stream:
         raise InvalidRequest(
             "'partial_images' is only supported with 'stream': true.", param="partial_images"
         )

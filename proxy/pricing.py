@@ -71,7 +71,7 @@ class TileRule:
         if min(w, h) > self.shortest_side:
             scale = self.shortest_side / min(w, h)
             w, h = w * scale, h * scale
-        tiles = math.ceil(w / self.tile) * math.ceil(h / self.tile)
+        tiles = -(-round(w) // self.tile) * -(-round(h) // self.tile)
         tokens = self.base + self.per_tile * tiles
         if high_fidelity:
             tokens += self.high_fidelity_square if width == height else self.high_fidelity_other
@@ -268,13 +268,24 @@ class PriceBook:
 def load_price_book(path: Path | None = None) -> PriceBook:
     """The built-in book, extended or overridden by the entries of `path` (raises ConfigError)."""
     text = resources.files("proxy").joinpath("prices.yaml").read_text()
-    entries = _parse(text, "proxy/prices.yaml")
+    raw, custom = _read(text, "proxy/prices.yaml")
+    where = "proxy/prices.yaml"
     if path is not None:
         try:
             override_text = Path(path).read_text()
         except OSError as exc:
             raise ConfigError([f"{path}:1: cannot read price book: {exc.strerror}"]) from exc
-        entries.update(_parse(override_text, str(path)))
+        where = str(path)
+        overrides, _ = _read(override_text, where)
+        for name, fields in overrides.items():
+            # An override changes the keys it names; the rest (aliases too) stays built in.
+            base = raw.get(name)
+            raw[name] = (
+                {**base, **fields}
+                if isinstance(base, dict) and isinstance(fields, dict)
+                else fields
+            )
+    entries = _entries(raw, custom, where)
     models: dict[str, ModelPrices] = {}
     for entry in entries.values():
         for name in (entry.name, *entry.aliases):
@@ -282,7 +293,7 @@ def load_price_book(path: Path | None = None) -> PriceBook:
     return PriceBook(models)
 
 
-def _parse(text: str, where: str) -> dict[str, ModelPrices]:
+def _read(text: str, where: str) -> tuple[dict[str, Any], CustomSizes]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -290,12 +301,15 @@ def _parse(text: str, where: str) -> dict[str, ModelPrices]:
         raise ConfigError([f"{where}:{line}: YAML syntax error: {exc}"]) from exc
     if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
         raise ConfigError([f"{where}:1: a price book needs a `models:` mapping"])
-    custom = CustomSizes(**data.get("custom_sizes", {}))
+    return dict(data["models"]), CustomSizes(**data.get("custom_sizes", {}))
+
+
+def _entries(raw: dict[str, Any], custom: CustomSizes, where: str) -> dict[str, ModelPrices]:
     entries: dict[str, ModelPrices] = {}
     problems: list[str] = []
-    for name, raw in data["models"].items():
+    for name, fields in raw.items():
         try:
-            entries[name] = _entry(str(name), raw, custom)
+            entries[name] = _entry(str(name), fields, custom)
         except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError) as exc:
             problems.append(f"{where}:1: models.{name}: invalid price-book entry: {exc!r}")
     if problems:

@@ -1,0 +1,357 @@
+"""The SQLite ledger: reserve, settle, record, reclaim, read back; shared by several workers."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from proxy.budgets import Counter, Totals
+from proxy.errors import LedgerError
+from proxy.ledger import open_ledger
+from proxy.ledger.base import Chooser, Entry, Reservation, Settlement
+from proxy.ledger.sqlite import SCHEMA_VERSION, SqliteLedger
+from proxy.models import Usage
+
+DESIGN_DAY = Counter("team", "design", "", "day", 0.0)
+ALICE_DAY = Counter("user", "design", "alice", "day", 0.0)
+RESEARCH_DAY = Counter("team", "research", "", "day", 0.0)
+ORG_DAY = Counter("organization", "", "", "day", 0.0)
+ESTIMATE = Usage(text_input=20, image_output=7024, images=1)
+ACTUAL = Usage(text_input=9, image_input=0, image_output=7024, images=1)
+SETTLED = Settlement(
+    finished_at=1010.0,
+    outcome="ok",
+    status=200,
+    usage=ACTUAL,
+    cost_nanos=210_765_000,
+    upstream_request_id="req_abc",
+    latency_ms=10_000.0,
+)
+
+
+def entry(
+    request_id: str, started_at: float = 1000.0, estimate: int = 500_000_000, team: str = "design"
+) -> Entry:
+    return Entry(
+        id=request_id,
+        started_at=started_at,
+        endpoint="generations",
+        team=team,
+        cost_center="CC-1042",
+        key_id="web-app",
+        user="alice",
+        model_requested="gpt-image-2",
+        model="gpt-image-2",
+        quality_requested="auto",
+        quality="high",
+        size_requested="1024x1024",
+        size="1024x1024",
+        n_requested=1,
+        n=1,
+        stream=True,
+        estimated_nanos=estimate,
+        downgrades="quality=auto->high",
+    )
+
+
+def take(
+    request_id: str,
+    started_at: float = 1000.0,
+    estimate: int = 500_000_000,
+    counters: tuple[Counter, ...] = (DESIGN_DAY, ALICE_DAY),
+    seen: list[Mapping[Counter, Totals]] | None = None,
+) -> Chooser:
+    """A chooser that always reserves, noting the totals it was shown."""
+
+    def choose(totals: Mapping[Counter, Totals]) -> Reservation:
+        if seen is not None:
+            seen.append(dict(totals))
+        team = counters[0].team if counters else "design"
+        return Reservation(entry(request_id, started_at, estimate, team), ESTIMATE, counters)
+
+    return choose
+
+
+@pytest.fixture
+async def ledger(tmp_path: Path) -> AsyncIterator[SqliteLedger]:
+    opened = SqliteLedger(tmp_path / "ledger" / "tollgate.db")
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+def state(path: Path, request_id: str) -> tuple[str, int, int]:
+    with sqlite3.connect(path) as db:
+        found = db.execute(
+            "SELECT state, reserved_nanos, cost_nanos FROM requests WHERE id = ?", (request_id,)
+        ).fetchone()
+    return found[0], found[1], found[2]
+
+
+async def test_reserve_stores_an_in_flight_row_holding_the_estimate(
+    ledger: SqliteLedger,
+) -> None:
+    reservation = await ledger.reserve([DESIGN_DAY], take("r1"))
+    assert reservation.entry == entry("r1")
+    assert state(ledger.path, "r1") == ("reserved", 500_000_000, 0)
+    [row] = await ledger.rows()
+    assert row.entry == entry("r1")
+    assert row.settlement is None
+
+
+async def test_reserve_adds_the_estimate_to_its_counters(ledger: SqliteLedger) -> None:
+    await ledger.reserve([], take("r1"))
+    totals = await ledger.totals([DESIGN_DAY, ALICE_DAY, RESEARCH_DAY])
+    for counter in (DESIGN_DAY, ALICE_DAY):
+        assert totals[counter] == Totals(
+            spent_nanos=0,
+            reserved_nanos=500_000_000,
+            text_input_tokens=20,
+            image_input_tokens=0,
+            image_output_tokens=7024,
+            total_tokens=7044,
+        )
+    assert totals[RESEARCH_DAY] == Totals()
+
+
+async def test_reserve_shows_the_chooser_the_totals_it_reads(ledger: SqliteLedger) -> None:
+    seen: list[Mapping[Counter, Totals]] = []
+    await ledger.reserve([DESIGN_DAY], take("r1", seen=seen))
+    await ledger.reserve([DESIGN_DAY, RESEARCH_DAY], take("r2", seen=seen))
+    assert seen[0] == {DESIGN_DAY: Totals()}
+    assert seen[1][DESIGN_DAY].reserved_nanos == 500_000_000
+    assert seen[1][RESEARCH_DAY] == Totals()
+
+
+async def test_organization_counter_sums_every_team(ledger: SqliteLedger) -> None:
+    await ledger.reserve([], take("r1", counters=(DESIGN_DAY,), estimate=3))
+    await ledger.reserve([], take("r2", counters=(RESEARCH_DAY,), estimate=4))
+    await ledger.reserve([], take("r3", counters=(ALICE_DAY,), estimate=100))
+    assert (await ledger.totals([ORG_DAY]))[ORG_DAY].reserved_nanos == 7
+
+
+async def test_a_refusing_chooser_stores_nothing(ledger: SqliteLedger) -> None:
+    def refuse(totals: Mapping[Counter, Totals]) -> Reservation:
+        raise RuntimeError("over budget")
+
+    with pytest.raises(RuntimeError, match="over budget"):
+        await ledger.reserve([DESIGN_DAY], refuse)
+    assert await ledger.rows() == []
+    assert (await ledger.totals([DESIGN_DAY]))[DESIGN_DAY] == Totals()
+    await ledger.reserve([DESIGN_DAY], take("after"))  # the transaction was rolled back
+    assert len(await ledger.rows()) == 1
+
+
+async def test_settle_replaces_the_reservation_with_the_cost(ledger: SqliteLedger) -> None:
+    await ledger.reserve([], take("r1"))
+    await ledger.settle("r1", SETTLED)
+    assert state(ledger.path, "r1") == ("settled", 0, 210_765_000)
+    [row] = await ledger.rows()
+    assert row.entry == entry("r1")
+    assert row.settlement == SETTLED
+    totals = (await ledger.totals([DESIGN_DAY]))[DESIGN_DAY]
+    assert totals == Totals(
+        spent_nanos=210_765_000,
+        reserved_nanos=0,
+        text_input_tokens=9,
+        image_input_tokens=0,
+        image_output_tokens=7024,
+        total_tokens=7033,
+    )
+
+
+async def test_settling_an_unknown_request_raises_ledger_error(ledger: SqliteLedger) -> None:
+    with pytest.raises(LedgerError):
+        await ledger.settle("nope", SETTLED)
+
+
+async def test_record_stores_a_rejection_that_was_never_reserved(ledger: SqliteLedger) -> None:
+    rejection = Settlement(
+        finished_at=1000.5, outcome="rejected_budget", status=429, error_code="budget_exceeded"
+    )
+    await ledger.record(entry("r2", estimate=9_000), rejection)
+    assert state(ledger.path, "r2") == ("settled", 0, 0)
+    [row] = await ledger.rows()
+    assert row.settlement == rejection
+    assert row.entry.estimated_nanos == 9_000
+    assert (await ledger.totals([DESIGN_DAY]))[DESIGN_DAY] == Totals()
+
+
+async def test_recording_the_same_id_twice_raises_ledger_error(ledger: SqliteLedger) -> None:
+    rejection = Settlement(finished_at=1.0, outcome="client_error", status=400)
+    await ledger.record(entry("r1"), rejection)
+    with pytest.raises(LedgerError):
+        await ledger.record(entry("r1"), rejection)
+
+
+async def test_reclaim_releases_only_reservations_older_than_the_horizon(
+    ledger: SqliteLedger,
+) -> None:
+    await ledger.reserve([], take("old", started_at=100.0))
+    await ledger.reserve([], take("recent", started_at=900.0))
+    await ledger.reserve([], take("settled-old", started_at=50.0))
+    await ledger.settle("settled-old", SETTLED)
+
+    assert await ledger.reclaim(started_before=500.0, now=1000.0) == 1
+
+    rows = {row.entry.id: row for row in await ledger.rows()}
+    old = rows["old"].settlement
+    assert old is not None
+    assert (old.outcome, old.error_code, old.flagged, old.finished_at) == (
+        "upstream_error",
+        "abandoned",
+        True,
+        1000.0,
+    )
+    assert state(ledger.path, "old")[:2] == ("settled", 0)
+    assert rows["recent"].settlement is None
+    assert state(ledger.path, "recent") == ("reserved", 500_000_000, 0)
+    assert rows["settled-old"].settlement == SETTLED
+    totals = (await ledger.totals([DESIGN_DAY]))[DESIGN_DAY]
+    assert totals.reserved_nanos == 500_000_000  # only `recent` is still held
+    assert totals.spent_nanos == 210_765_000
+    assert await ledger.reclaim(started_before=500.0, now=1001.0) == 0
+
+
+async def test_settling_after_a_reclaim_charges_without_releasing_twice(
+    ledger: SqliteLedger,
+) -> None:
+    await ledger.reserve([], take("late", started_at=100.0))
+    await ledger.reclaim(started_before=500.0, now=1000.0)
+    await ledger.settle("late", SETTLED)
+    totals = (await ledger.totals([DESIGN_DAY]))[DESIGN_DAY]
+    assert (totals.spent_nanos, totals.reserved_nanos) == (210_765_000, 0)
+    assert totals.image_output_tokens == 7024
+
+
+async def test_rows_since_returns_rows_started_at_or_after_oldest_first(
+    ledger: SqliteLedger,
+) -> None:
+    for request_id, started in (("c", 300.0), ("a", 100.0), ("b", 200.0)):
+        await ledger.reserve([], take(request_id, started_at=started))
+    assert [r.entry.id for r in await ledger.rows()] == ["a", "b", "c"]
+    assert [r.entry.id for r in await ledger.rows(since=200.0)] == ["b", "c"]
+    assert await ledger.rows(since=301.0) == []
+
+
+async def test_two_connections_on_one_file_share_rows_and_counters(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    first, second = SqliteLedger(path), SqliteLedger(path)
+    await first.open()
+    await second.open()
+    try:
+        await first.reserve([], take("from-first", started_at=1.0))
+        await second.reserve([], take("from-second", started_at=2.0))
+        await second.settle("from-first", SETTLED)
+        for ledger in (first, second):
+            rows = await ledger.rows()
+            assert [r.entry.id for r in rows] == ["from-first", "from-second"]
+            assert rows[0].settlement == SETTLED
+            totals = (await ledger.totals([DESIGN_DAY]))[DESIGN_DAY]
+            assert (totals.spent_nanos, totals.reserved_nanos) == (210_765_000, 500_000_000)
+    finally:
+        await first.close()
+        await second.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM schema_version").fetchone() == (1,)
+
+
+async def test_reopening_keeps_the_rows(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    ledger = SqliteLedger(path)
+    await ledger.open()
+    await ledger.reserve([], take("r1"))
+    await ledger.close()
+    again = SqliteLedger(path)
+    await again.open()
+    try:
+        assert [r.entry.id for r in await again.rows()] == ["r1"]
+    finally:
+        await again.close()
+
+
+async def test_a_newer_schema_version_raises_ledger_error(tmp_path: Path) -> None:
+    path = tmp_path / "future.db"
+    ledger = SqliteLedger(path)
+    await ledger.open()
+    await ledger.close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+    with pytest.raises(LedgerError) as caught:
+        await SqliteLedger(path).open()
+    assert "upgrade Tollgate" in str(caught.value)
+
+
+async def test_ping_succeeds_on_an_open_ledger(ledger: SqliteLedger) -> None:
+    await ledger.ping()
+
+
+async def test_a_closed_ledger_raises_ledger_error(tmp_path: Path) -> None:
+    ledger = SqliteLedger(tmp_path / "t.db")
+    with pytest.raises(LedgerError):
+        await ledger.ping()
+    await ledger.open()
+    await ledger.close()
+    await ledger.close()
+    with pytest.raises(LedgerError):
+        await ledger.ping()
+    with pytest.raises(LedgerError):
+        await ledger.reserve([], take("r1"))
+
+
+async def test_a_path_that_cannot_be_opened_raises_ledger_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(LedgerError):
+        await SqliteLedger(blocker / "tollgate.db").open()
+
+
+async def test_open_ledger_understands_sqlite_urls(tmp_path: Path) -> None:
+    ledger = await open_ledger(f"sqlite:///{tmp_path / 'url.db'}")
+    try:
+        await ledger.ping()
+    finally:
+        await ledger.close()
+
+
+async def test_open_ledger_refuses_other_urls() -> None:
+    with pytest.raises(LedgerError):
+        await open_ledger("postgresql://localhost/tollgate")
+
+
+async def test_concurrent_reservations_from_two_workers_never_exceed_a_limit(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "race.db"
+    workers = [SqliteLedger(path), SqliteLedger(path)]
+    for worker in workers:
+        await worker.open()
+    limit, estimate = 500, 100
+
+    def within_limit(request_id: str) -> Chooser:
+        def choose(totals: Mapping[Counter, Totals]) -> Reservation:
+            if totals[DESIGN_DAY].used("usd") + estimate > limit:
+                raise RuntimeError("over budget")
+            return take(request_id, estimate=estimate, counters=(DESIGN_DAY,))(totals)
+
+        return choose
+
+    async def attempt(i: int) -> bool:
+        try:
+            await workers[i % 2].reserve([DESIGN_DAY], within_limit(f"r{i}"))
+        except RuntimeError:
+            return False
+        return True
+
+    try:
+        results = await asyncio.gather(*(attempt(i) for i in range(20)))
+        assert sum(results) == limit // estimate
+        totals = (await workers[0].totals([DESIGN_DAY]))[DESIGN_DAY]
+        assert totals.reserved_nanos == limit
+    finally:
+        for worker in workers:
+            await worker.close()

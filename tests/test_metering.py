@@ -1,0 +1,272 @@
+"""Usage out of upstream answers: OpenAI's usage object, JSON bodies in chunks, SSE streams."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from proxy.metering import BodyMeter, MalformedAnswer, SseMeter, usage_from_openai
+from proxy.models import Usage
+
+USAGE = {
+    "input_tokens": 50,
+    "input_tokens_details": {"text_tokens": 20, "image_tokens": 30},
+    "output_tokens": 7024,
+    "total_tokens": 7074,
+}
+
+
+def chunks(data: bytes, size: int) -> Iterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+# --- usage_from_openai --------------------------------------------------------------------------
+
+
+def test_usage_without_output_details_counts_all_output_as_image_output() -> None:
+    assert usage_from_openai(USAGE) == Usage(text_input=20, image_input=30, image_output=7024)
+
+
+def test_usage_with_output_details_splits_image_and_text_output() -> None:
+    raw = {**USAGE, "output_tokens": 4260}
+    raw["output_tokens_details"] = {"image_tokens": 4160, "text_tokens": 100}
+    assert usage_from_openai(raw) == Usage(
+        text_input=20, image_input=30, image_output=4160, text_output=100
+    )
+
+
+def test_usage_without_input_details_counts_all_input_as_text() -> None:
+    raw = {"input_tokens": 12, "output_tokens": 196, "total_tokens": 208}
+    assert usage_from_openai(raw) == Usage(text_input=12, image_output=196)
+
+
+def test_usage_reads_cached_input_when_reported() -> None:
+    raw = {
+        **USAGE,
+        "input_tokens_details": {
+            "text_tokens": 5,
+            "image_tokens": 6,
+            "cached_text_tokens": 7,
+            "cached_image_tokens": 8,
+        },
+    }
+    usage = usage_from_openai(raw)
+    assert usage is not None
+    assert (usage.cached_text_input, usage.cached_image_input) == (7, 8)
+
+
+@pytest.mark.parametrize("raw", [None, "usage", 42, [USAGE], True])
+def test_usage_that_is_not_an_object_is_none(raw: Any) -> None:
+    assert usage_from_openai(raw) is None
+
+
+def test_usage_ignores_values_that_are_not_positive_integers() -> None:
+    raw = {
+        "input_tokens": "12",
+        "input_tokens_details": {"text_tokens": -5, "image_tokens": True},
+        "output_tokens": 1.5,
+    }
+    assert usage_from_openai(raw) == Usage()
+
+
+# --- BodyMeter --------------------------------------------------------------------------------
+
+
+def body(*, usage_first: bool = False, images: int = 2, with_usage: bool = True) -> bytes:
+    data = [{"b64_json": "QUJD" * 500} for _ in range(images)]
+    fields: list[tuple[str, Any]] = [("created", 1), ("data", data), ("size", "1024x1024")]
+    if with_usage:
+        fields.insert(0 if usage_first else len(fields), ("usage", USAGE))
+    return json.dumps(dict(fields)).encode()
+
+
+def meter_body(data: bytes, size: int) -> tuple[Usage | None, int]:
+    meter = BodyMeter()
+    for chunk in chunks(data, size):
+        meter.feed(chunk)
+    return meter.finish()
+
+
+@pytest.mark.parametrize("size", [1, 7, 1 << 30], ids=["1-byte", "7-byte", "one-shot"])
+@pytest.mark.parametrize("usage_first", [False, True], ids=["usage-last", "usage-first"])
+def test_body_meter_finds_usage_and_counts_images_in_any_chunking(
+    size: int, usage_first: bool
+) -> None:
+    assert meter_body(body(usage_first=usage_first, images=3), size) == (
+        Usage(text_input=20, image_input=30, image_output=7024),
+        3,
+    )
+
+
+@pytest.mark.parametrize("size", [1, 7, 1 << 30], ids=["1-byte", "7-byte", "one-shot"])
+def test_body_meter_without_usage_gives_none_and_the_image_count(size: int) -> None:
+    assert meter_body(body(with_usage=False, images=2), size) == (None, 2)
+
+
+def test_body_meter_ignores_usage_nested_inside_data_items() -> None:
+    data = json.dumps({"data": [{"b64_json": "x", "usage": USAGE}]}).encode()
+    assert meter_body(data, 5) == (None, 1)
+
+
+def test_body_meter_counts_an_empty_data_list_as_no_images() -> None:
+    assert meter_body(json.dumps({"data": [], "usage": USAGE}).encode(), 3)[1] == 0
+
+
+def test_body_meter_raises_malformed_answer_on_truncated_json() -> None:
+    data = body()
+    with pytest.raises(MalformedAnswer):
+        meter_body(data[: len(data) // 2], 7)
+
+
+@pytest.mark.parametrize("data", [b"<html>Bad gateway</html>", b"not json at all", b"{]"])
+def test_body_meter_raises_malformed_answer_on_a_body_that_is_not_json(data: bytes) -> None:
+    with pytest.raises(MalformedAnswer):
+        meter_body(data, 4)
+
+
+def test_body_meter_raises_malformed_answer_on_an_empty_body() -> None:
+    with pytest.raises(MalformedAnswer):
+        meter_body(b"", 1)
+
+
+# --- SseMeter ---------------------------------------------------------------------------------
+
+
+def event(kind: str, payload: dict[str, Any], sep: str = "\n") -> bytes:
+    return f"event: {kind}{sep}data: {json.dumps(payload)}{sep}{sep}".encode()
+
+
+def completed(output: int, text: int = 0, kind: str = "image_generation.completed") -> bytes:
+    usage = {
+        "input_tokens": text,
+        "input_tokens_details": {"text_tokens": text, "image_tokens": 0},
+        "output_tokens": output,
+        "total_tokens": text + output,
+    }
+    return event(kind, {"type": kind, "b64_json": "QUJD", "usage": usage})
+
+
+def partial(index: int, kind: str = "image_generation.partial_image") -> bytes:
+    return event(kind, {"type": kind, "b64_json": "QUJD" * 10, "partial_image_index": index})
+
+
+STREAM = partial(0) + partial(1) + completed(7224, text=9) + partial(0) + completed(7224)
+
+
+def meter_stream(data: bytes, size: int) -> SseMeter:
+    meter = SseMeter()
+    for chunk in chunks(data, size):
+        meter.feed(chunk)
+    meter.finish()
+    return meter
+
+
+@pytest.mark.parametrize("size", [1, 7, 1 << 30], ids=["1-byte", "7-byte", "one-shot"])
+def test_sse_meter_sums_usage_of_every_completed_event(size: int) -> None:
+    meter = meter_stream(STREAM, size)
+    assert meter.usage == Usage(text_input=9, image_output=2 * 7224)
+    assert meter.completed == 2
+    assert meter.partials == 3
+    assert meter.error is None
+
+
+def test_sse_meter_counts_edit_events_too() -> None:
+    data = partial(0, "image_edit.partial_image") + completed(500, kind="image_edit.completed")
+    meter = meter_stream(data, 1 << 30)
+    assert (meter.partials, meter.completed, meter.usage.image_output) == (1, 1, 500)
+
+
+def test_sse_meter_handles_crlf_separators() -> None:
+    kind = "image_generation.completed"
+    usage = {"input_tokens": 3, "output_tokens": 196, "total_tokens": 199}
+    data = event("image_generation.partial_image", {"type": "x.partial_image"}, "\r\n") + event(
+        kind, {"type": kind, "usage": usage}, "\r\n"
+    )
+    meter = meter_stream(data, 5)
+    assert meter.usage == Usage(text_input=3, image_output=196)
+    assert (meter.completed, meter.partials) == (1, 1)
+
+
+SMALL_STREAM = partial(0) + completed(296, text=4)
+
+
+@pytest.mark.parametrize("split", range(1, len(SMALL_STREAM)))
+def test_sse_meter_handles_an_event_split_at_any_byte(split: int) -> None:
+    meter = SseMeter()
+    meter.feed(SMALL_STREAM[:split])
+    meter.feed(SMALL_STREAM[split:])
+    meter.finish()
+    assert meter.usage == Usage(text_input=4, image_output=296)
+    assert (meter.completed, meter.partials) == (1, 1)
+
+
+CRLF_STREAM = event("image_generation.partial_image", {"type": "a.partial_image"}, "\r\n") + event(
+    "image_generation.completed",
+    {"type": "image_generation.completed", "usage": {"output_tokens": 42}},
+    "\r\n",
+)
+
+
+@pytest.mark.parametrize("split", range(1, len(CRLF_STREAM)))
+def test_sse_meter_handles_a_crlf_event_split_at_any_byte(split: int) -> None:
+    meter = SseMeter()
+    meter.feed(CRLF_STREAM[:split])
+    meter.feed(CRLF_STREAM[split:])
+    meter.finish()
+    assert (meter.usage.image_output, meter.completed, meter.partials) == (42, 1, 1)
+
+
+def test_sse_meter_reads_a_last_event_without_its_blank_line_on_finish() -> None:
+    meter = SseMeter()
+    meter.feed(completed(100).rstrip(b"\n"))
+    assert meter.completed == 0
+    meter.finish()
+    assert (meter.completed, meter.usage.image_output) == (1, 100)
+
+
+def test_sse_meter_finish_twice_counts_once() -> None:
+    meter = SseMeter()
+    meter.feed(completed(100).rstrip(b"\n"))
+    meter.finish()
+    meter.finish()
+    assert meter.completed == 1
+
+
+def test_sse_meter_ignores_a_done_terminator() -> None:
+    meter = meter_stream(completed(100) + b"data: [DONE]\n\n", 3)
+    assert (meter.completed, meter.usage.image_output, meter.error) == (1, 100, None)
+
+
+def test_sse_meter_records_an_error_event() -> None:
+    error = {"message": "Your request was rejected", "type": "invalid_request_error", "code": "x"}
+    meter = meter_stream(partial(0) + event("error", {"type": "error", "error": error}), 4)
+    assert meter.error == error
+    assert meter.completed == 0
+    assert meter.usage == Usage()
+
+
+def test_sse_meter_counts_partials_identified_only_by_their_type() -> None:
+    data = b'data: {"type": "image_generation.partial_image", "b64_json": "QUJD"}\n\n'
+    assert meter_stream(data, 1 << 30).partials == 1
+
+
+def test_sse_meter_counts_a_completed_event_identified_only_by_its_type() -> None:
+    data = b'data: {"type": "image_generation.completed", "usage": {"output_tokens": 7}}\n\n'
+    meter = meter_stream(data, 1 << 30)
+    assert (meter.completed, meter.usage.image_output) == (1, 7)
+
+
+def test_sse_meter_ignores_comments_and_garbage_events() -> None:
+    data = b": keep-alive\n\ndata: not json\n\n" + completed(9)
+    meter = meter_stream(data, 2)
+    assert (meter.completed, meter.usage.image_output, meter.error) == (1, 9, None)
+
+
+def test_sse_meter_counts_a_completed_event_without_usage_but_adds_nothing() -> None:
+    kind = "image_generation.completed"
+    meter = meter_stream(event(kind, {"type": kind, "b64_json": "QUJD"}), 1 << 30)
+    assert (meter.completed, meter.usage) == (1, Usage())

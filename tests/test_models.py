@@ -1,0 +1,79 @@
+"""The shared vocabulary: money in nano-dollars, usage arithmetic, requests and changes."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from proxy.models import (
+    NANOS_PER_USD,
+    TOKEN_KINDS,
+    Change,
+    ImageRequest,
+    TokenKind,
+    Usage,
+    usd,
+    usd_text,
+)
+
+
+@pytest.mark.parametrize(
+    ("nanos", "text"),
+    [
+        (210_720_000, "0.21072"),
+        (0, "0"),
+        (1, "0.000000001"),
+        (NANOS_PER_USD, "1"),
+        (12_500_000_000, "12.5"),
+        (100 * NANOS_PER_USD, "100"),
+        (-5_000_000, "-0.005"),
+    ],
+)
+def test_usd_text_is_a_plain_decimal_without_trailing_zeros(nanos: int, text: str) -> None:
+    assert usd_text(nanos) == text
+    assert usd(nanos) == Decimal(text)
+    assert "E" not in usd_text(nanos).upper()
+
+
+def test_usd_is_exact() -> None:
+    assert usd(1) * NANOS_PER_USD == 1
+    assert sum((usd(1) for _ in range(10)), Decimal(0)) == Decimal("0.00000001")
+
+
+def test_usage_adds_field_by_field() -> None:
+    a = Usage(1, 2, 3, 4, 5, 6, 7)
+    b = Usage(10, 20, 30, 40, 50, 60, 70)
+    assert a + b == Usage(11, 22, 33, 44, 55, 66, 77)
+    assert a + Usage() == a
+
+
+def test_usage_scales_field_by_field() -> None:
+    assert Usage(1, 2, 3, 4, 5, 6, 7).scaled(3) == Usage(3, 6, 9, 12, 15, 18, 21)
+
+
+def test_total_tokens_counts_every_kind_but_not_images() -> None:
+    assert Usage(1, 2, 3, 4, 5, 6, images=100).total_tokens == 21
+
+
+@pytest.mark.parametrize("kind", TOKEN_KINDS)
+def test_tokens_reads_each_kind(kind: TokenKind) -> None:
+    usage = Usage(**{kind: 42})
+    assert usage.tokens(kind) == 42
+    assert usage.total_tokens == 42
+
+
+def test_usage_is_frozen() -> None:
+    with pytest.raises(AttributeError):
+        Usage().text_input = 1  # type: ignore[misc]
+
+
+def test_image_request_with_changes_returns_a_new_request() -> None:
+    request = ImageRequest(endpoint="generations", model="gpt-image-2", quality="high")
+    changed = request.with_changes(quality="low", size="1024x1024")
+    assert (changed.quality, changed.size, changed.model) == ("low", "1024x1024", "gpt-image-2")
+    assert request.quality == "high"
+
+
+def test_change_reads_as_knob_before_after() -> None:
+    assert str(Change("quality", "high", "medium", "budget")) == "quality=high->medium"

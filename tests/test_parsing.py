@@ -1,0 +1,418 @@
+"""Client bodies → ImageRequest, and bodies written back with changes."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from proxy.errors import InvalidRequest
+from proxy.models import Endpoint, InputImage
+from proxy.parsing import ParsedBody, parse_request
+
+JSON = "application/json"
+DEFAULT_MODEL = "gpt-image-2"
+
+
+def image_bytes(width: int, height: int, fmt: str = "PNG", mode: str = "RGB") -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, (width, height), (200, 30, 30) if mode == "RGB" else (0, 0, 0, 0)).save(
+        out, fmt
+    )
+    return out.getvalue()
+
+
+def generations(fields: dict[str, Any]) -> ParsedBody:
+    return parse_request("generations", JSON, json.dumps(fields).encode(), DEFAULT_MODEL)
+
+
+def multipart(
+    data: dict[str, Any], files: list[tuple[str, tuple[str, bytes, str]]]
+) -> tuple[bytes, str]:
+    """A body exactly as httpx (and so the openai SDK) writes it."""
+    sent = httpx.Request("POST", "http://test/v1/images/edits", data=data, files=files)
+    return sent.read(), sent.headers["content-type"]
+
+
+def edit(
+    data: dict[str, Any],
+    files: list[tuple[str, tuple[str, bytes, str]]],
+    endpoint: Endpoint = "edits",
+) -> ParsedBody:
+    body, content_type = multipart(data, files)
+    return parse_request(endpoint, content_type, body, DEFAULT_MODEL)
+
+
+def png(name: str, width: int = 64, height: int = 48) -> tuple[str, tuple[str, bytes, str]]:
+    return name, ("img.png", image_bytes(width, height), "image/png")
+
+
+def data_url(width: int, height: int, fmt: str = "PNG") -> str:
+    mime = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}[fmt]
+    return f"data:{mime};base64," + base64.b64encode(image_bytes(width, height, fmt)).decode()
+
+
+def invalid(endpoint: Endpoint, content_type: str, body: bytes) -> InvalidRequest:
+    with pytest.raises(InvalidRequest) as caught:
+        parse_request(endpoint, content_type, body, DEFAULT_MODEL)
+    return caught.value
+
+
+# --- JSON generations --------------------------------------------------------------------------
+
+
+def test_generation_defaults() -> None:
+    request = generations({"prompt": "a cat"}).request
+    assert request.endpoint == "generations"
+    assert request.model == DEFAULT_MODEL
+    assert (request.quality, request.size, request.n) == ("auto", "auto", 1)
+    assert (request.stream, request.partial_images) == (False, 0)
+    assert request.images == () and request.mask is None
+    assert request.user is None
+
+
+def test_generation_reads_every_priced_field() -> None:
+    request = generations(
+        {
+            "prompt": "ünï",
+            "model": "gpt-image-2.5-flare",
+            "quality": "xhigh",
+            "size": "1536x864",
+            "n": 3,
+            "stream": True,
+            "partial_images": 2,
+            "output_format": "webp",
+        }
+    ).request
+    assert request.model == "gpt-image-2.5-flare"
+    assert request.prompt_bytes == len("ünï".encode())
+    assert (request.quality, request.size, request.n) == ("xhigh", "1536x864", 3)
+    assert (request.stream, request.partial_images) == (True, 2)
+    assert ("output_format", "webp") in request.params
+    assert ("n", "3") in request.params
+
+
+def test_null_fields_take_their_defaults() -> None:
+    request = generations({"prompt": "x", "model": None, "n": None, "quality": None}).request
+    assert (request.model, request.n, request.quality) == (DEFAULT_MODEL, 1, "auto")
+
+
+@pytest.mark.parametrize(
+    ("fields", "user"),
+    [
+        ({"user": "u-1"}, "u-1"),
+        ({"safety_identifier": "s-1"}, "s-1"),
+        ({"user": "u-1", "safety_identifier": "s-1"}, "s-1"),
+        ({"user": "u-1", "safety_identifier": ""}, "u-1"),
+    ],
+)
+def test_safety_identifier_takes_precedence_over_user(fields: dict[str, str], user: str) -> None:
+    assert generations({"prompt": "x", **fields}).request.user == user
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": 42}, "prompt"),
+        ({"prompt": "x" * 32_001}, "prompt"),
+        ({"prompt": "x", "n": "2"}, "n"),
+        ({"prompt": "x", "n": 1.5}, "n"),
+        ({"prompt": "x", "n": True}, "n"),
+        ({"prompt": "x", "stream": "true"}, "stream"),
+        ({"prompt": "x", "stream": 1}, "stream"),
+        ({"prompt": "x", "partial_images": 2}, "partial_images"),
+        ({"prompt": "x", "stream": True, "partial_images": 4}, "partial_images"),
+        ({"prompt": "x", "stream": True, "partial_images": -1}, "partial_images"),
+        ({"prompt": "x", "model": 2}, "model"),
+        ({"prompt": "x", "quality": ["high"]}, "quality"),
+        ({"prompt": "x", "size": 1024}, "size"),
+    ],
+)
+def test_generation_refusals_name_the_parameter(fields: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        generations(fields)
+    assert caught.value.param == param
+
+
+def test_prompt_of_exactly_the_maximum_length_is_accepted() -> None:
+    assert generations({"prompt": "x" * 32_000}).request.prompt_bytes == 32_000
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"", b"\xff\xfe"])
+def test_body_that_is_not_json_is_refused(body: bytes) -> None:
+    assert invalid("generations", JSON, body).param is None
+
+
+@pytest.mark.parametrize("body", [b"[]", b'"prompt"', b"null", b"3"])
+def test_json_that_is_not_an_object_is_refused(body: bytes) -> None:
+    error = invalid("generations", JSON, body)
+    assert "object" in error.message
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "content_type"),
+    [
+        ("generations", "multipart/form-data; boundary=abc"),
+        ("generations", "text/plain"),
+        ("generations", ""),
+        ("edits", "text/plain"),
+        ("edits", "application/x-www-form-urlencoded"),
+        ("variations", JSON),
+        ("variations", "text/plain"),
+    ],
+)
+def test_wrong_content_type_is_refused(endpoint: Endpoint, content_type: str) -> None:
+    error = invalid(endpoint, content_type, b'{"prompt": "x"}')
+    assert "content type" in error.message
+
+
+def test_json_content_type_with_charset_is_accepted() -> None:
+    parsed = parse_request(
+        "generations", "application/json; charset=utf-8", b'{"prompt": "x"}', DEFAULT_MODEL
+    )
+    assert parsed.request.prompt_bytes == 1
+
+
+# --- multipart edits -----------------------------------------------------------------------------
+
+
+def test_multipart_edit_with_a_single_image() -> None:
+    request = edit({"prompt": "add a hat", "model": "gpt-image-1"}, [png("image", 64, 48)]).request
+    assert request.endpoint == "edits"
+    assert request.model == "gpt-image-1"
+    assert request.images == (InputImage(64, 48),)
+    assert request.mask is None
+
+
+def test_multipart_edit_with_repeated_image_array() -> None:
+    files = [png("image[]", 64, 48), png("image[]", 32, 96), png("image[]", 16, 16)]
+    request = edit({"prompt": "merge"}, files).request
+    assert request.images == (InputImage(64, 48), InputImage(32, 96), InputImage(16, 16))
+
+
+def test_multipart_edit_reads_the_mask() -> None:
+    mask = ("mask", ("mask.png", image_bytes(64, 48, mode="RGBA"), "image/png"))
+    request = edit({"prompt": "x"}, [png("image", 64, 48), mask]).request
+    assert request.mask == InputImage(64, 48)
+
+
+def test_multipart_edit_accepts_markup_and_does_not_count_it_as_an_input_image() -> None:
+    markup = ("markup", ("markup.png", image_bytes(64, 48, mode="RGBA"), "image/png"))
+    request = edit({"prompt": "x"}, [png("image", 64, 48), markup]).request
+    assert request.images == (InputImage(64, 48),)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mime"), [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp")]
+)
+def test_multipart_edit_reads_real_image_dimensions(fmt: str, mime: str) -> None:
+    files = [("image", (f"a.{fmt.lower()}", image_bytes(1536, 1024, fmt), mime))]
+    assert edit({"prompt": "x"}, files).request.images == (InputImage(1536, 1024),)
+
+
+@pytest.mark.parametrize("field", ["image", "image[]", "mask", "markup"])
+def test_multipart_part_that_is_not_an_image_is_refused(field: str) -> None:
+    files = [png("image")] if field != "image" and field != "image[]" else []
+    files.append((field, ("notes.txt", b"hello, not an image", "text/plain")))
+    with pytest.raises(InvalidRequest) as caught:
+        edit({"prompt": "x"}, files)
+    assert caught.value.param == field
+
+
+def test_multipart_duplicate_plain_image_is_refused() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        edit({"prompt": "x"}, [png("image"), png("image")])
+    assert caught.value.param == "image"
+    assert "image[]" in caught.value.message
+
+
+def test_multipart_edit_without_an_image_is_refused() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        edit({"prompt": "x"}, [png("mask")])
+    assert caught.value.param == "image"
+
+
+def test_multipart_edit_with_17_images_is_refused() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        edit({"prompt": "x"}, [png("image[]", 16, 16)] * 17)
+    assert caught.value.param == "image"
+
+
+def test_multipart_edit_without_a_prompt_is_refused() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        edit({"model": "gpt-image-1"}, [png("image")])
+    assert caught.value.param == "prompt"
+
+
+def test_multipart_scalars_get_their_types_back() -> None:
+    data = {"prompt": "x", "n": "2", "stream": "true", "partial_images": "3", "quality": "low"}
+    request = edit(data, [png("image")]).request
+    assert (request.n, request.stream, request.partial_images) == (2, True, 3)
+    assert request.quality == "low"
+
+
+@pytest.mark.parametrize("value", ["false", "False", "FALSE"])
+def test_multipart_stream_false_is_false(value: str) -> None:
+    assert edit({"prompt": "x", "stream": value}, [png("image")]).request.stream is False
+
+
+@pytest.mark.parametrize(
+    ("data", "param"),
+    [
+        ({"prompt": "x", "n": "two"}, "n"),
+        ({"prompt": "x", "stream": "yes"}, "stream"),
+        ({"prompt": "x", "partial_images": "1"}, "partial_images"),
+        ({"prompt": "x", "stream": "true", "partial_images": "9"}, "partial_images"),
+        ({"prompt": "x", "output_compression": "high"}, "output_compression"),
+    ],
+)
+def test_multipart_scalar_refusals_name_the_parameter(data: dict[str, str], param: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        edit(data, [png("image")])
+    assert caught.value.param == param
+
+
+def test_multipart_variation_defaults_to_dall_e_2_and_needs_no_prompt() -> None:
+    request = edit({}, [png("image", 256, 256)], endpoint="variations").request
+    assert request.model == "dall-e-2"
+    assert request.images == (InputImage(256, 256),)
+    assert request.prompt_bytes == 0
+
+
+def test_multipart_variation_with_two_images_is_refused() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        edit({}, [png("image[]"), png("image[]")], endpoint="variations")
+    assert caught.value.param == "image"
+
+
+def test_multipart_without_a_boundary_is_refused() -> None:
+    invalid("edits", "multipart/form-data", b"--x\r\n")
+
+
+def test_malformed_multipart_body_is_refused() -> None:
+    invalid("edits", "multipart/form-data; boundary=abc", b"this is not multipart at all")
+
+
+# --- JSON edits ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_json_edit_reads_dimensions_of_data_url_images(fmt: str) -> None:
+    body = {"prompt": "x", "images": [{"image_url": data_url(320, 200, fmt)}]}
+    parsed = parse_request("edits", JSON, json.dumps(body).encode(), DEFAULT_MODEL)
+    assert parsed.request.images == (InputImage(320, 200),)
+
+
+def test_json_edit_http_urls_and_file_ids_have_unknown_dimensions() -> None:
+    body = {
+        "prompt": "x",
+        "images": [{"image_url": "https://example.com/a.png"}, {"file_id": "file-abc"}],
+        "mask": {"file_id": "file-mask"},
+    }
+    request = parse_request("edits", JSON, json.dumps(body).encode(), DEFAULT_MODEL).request
+    assert request.images == (InputImage(), InputImage())
+    assert request.images[0].width is None and request.images[0].height is None
+    assert request.mask == InputImage()
+
+
+def test_json_edit_reads_a_data_url_mask() -> None:
+    body = {
+        "prompt": "x",
+        "images": [{"image_url": data_url(64, 64)}],
+        "mask": {"image_url": data_url(64, 64)},
+    }
+    request = parse_request("edits", JSON, json.dumps(body).encode(), DEFAULT_MODEL).request
+    assert request.mask == InputImage(64, 64)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({}, "images"),
+        ({"images": []}, "images"),
+        ({"images": "https://example.com/a.png"}, "images"),
+        ({"images": [{"file_id": "f"}] * 17}, "images"),
+        ({"images": ["https://example.com/a.png"]}, "images[0]"),
+        ({"images": [{}]}, "images[0]"),
+        ({"images": [{"file_id": "f"}, {"image_url": "u", "file_id": "f"}]}, "images[1]"),
+        ({"images": [{"image_url": "data:image/png;base64,!!!notbase64"}]}, "images[0]"),
+        (
+            {"images": [{"image_url": "data:image/png;base64," + base64.b64encode(b"t").decode()}]},
+            "images[0]",
+        ),
+        ({"images": [{"file_id": "f"}], "mask": {"url": "x"}}, "mask"),
+    ],
+)
+def test_json_edit_bad_image_references_are_refused(fields: dict[str, Any], param: str) -> None:
+    body = json.dumps({"prompt": "x", **fields}).encode()
+    assert invalid("edits", JSON, body).param == param
+
+
+# --- writing the body back ---------------------------------------------------------------------
+
+
+def test_encode_without_changes_returns_the_original_bytes() -> None:
+    raw = b'{ "prompt" : "x",  "quality":"high" }'
+    parsed = parse_request("generations", JSON, raw, DEFAULT_MODEL)
+    body, content_type = parsed.encode({})
+    assert body is raw
+    assert content_type == JSON
+
+
+def test_encode_without_changes_returns_the_original_multipart_bytes() -> None:
+    body, content_type = multipart({"prompt": "x"}, [png("image")])
+    parsed = parse_request("edits", content_type, body, DEFAULT_MODEL)
+    assert parsed.encode({}) == (body, content_type)
+
+
+def test_encode_json_changes_only_the_given_key() -> None:
+    fields = {"prompt": "x", "quality": "high", "size": "1024x1024", "n": 2, "user": "u"}
+    parsed = generations(fields)
+    body, content_type = parsed.encode({"quality": "low"})
+    assert content_type == JSON
+    assert json.loads(body) == {**fields, "quality": "low"}
+
+
+def test_encode_json_adds_a_missing_model() -> None:
+    parsed = generations({"prompt": "x"})
+    body, _ = parsed.encode({"model": DEFAULT_MODEL})
+    assert json.loads(body) == {"prompt": "x", "model": DEFAULT_MODEL}
+
+
+def test_encode_multipart_changes_quality_and_keeps_the_image_bytes() -> None:
+    image = image_bytes(64, 48)
+    mask = image_bytes(64, 48, mode="RGBA")
+    files = [
+        ("image[]", ("a.png", image, "image/png")),
+        ("image[]", ("b.jpg", image_bytes(30, 20, "JPEG"), "image/jpeg")),
+        ("mask", ("m.png", mask, "image/png")),
+    ]
+    parsed = edit({"prompt": "add a hat", "quality": "high", "n": "2"}, files)
+    body, content_type = parsed.encode({"quality": "low"})
+    assert content_type.startswith("multipart/form-data; boundary=")
+    again = parse_request("edits", content_type, body, DEFAULT_MODEL)
+    assert again.request == parsed.request.with_changes(
+        quality="low",
+        params=tuple((k, "low" if k == "quality" else v) for k, v in parsed.request.params),
+    )
+    assert [(p.name, p.data, p.filename, p.content_type) for p in again.parts] == [
+        (p.name, b"low" if p.name == "quality" else p.data, p.filename, p.content_type)
+        for p in parsed.parts
+    ]
+    assert next(p.data for p in again.parts if p.name == "image[]") == image
+
+
+def test_encode_multipart_adds_a_missing_model() -> None:
+    parsed = edit({"prompt": "x"}, [png("image", 64, 48)])
+    body, content_type = parsed.encode({"model": "gpt-image-1.5"})
+    again = parse_request("edits", content_type, body, DEFAULT_MODEL)
+    assert again.request.model == "gpt-image-1.5"
+    assert again.request.images == (InputImage(64, 48),)
+    assert again.request.prompt_bytes == 1

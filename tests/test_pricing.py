@@ -1,0 +1,758 @@
+"""The price book: published token counts and prices, size rules, estimates as upper bounds."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import typing
+from datetime import date
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openai.types.image_model import ImageModel
+
+from proxy.errors import ConfigError, InvalidRequest
+from proxy.models import ImageRequest, InputImage, Usage
+from proxy.parsing import parse_request
+from proxy.pricing import ModelPrices, PriceBook, estimate, load_price_book
+from proxy.simulator.parsing import RawRequest
+from proxy.simulator.tokens import tokens_for
+from proxy.simulator.validation import validate as simulator_validate
+
+SDK_MODELS = typing.get_args(ImageModel)
+GPT_IMAGE_2_SIZES = (
+    "1024x1024",
+    "1536x1024",
+    "1024x1536",
+    "2048x1152",
+    "2560x1440",
+    "2048x2048",
+    "3840x2160",
+    "2160x3840",
+)
+
+
+@pytest.fixture(scope="module")
+def book() -> PriceBook:
+    return load_price_book()
+
+
+def model_of(book: PriceBook, name: str) -> ModelPrices:
+    found = book.find(name)
+    assert found is not None, name
+    return found
+
+
+def request(model: str = "gpt-image-2", **fields: Any) -> ImageRequest:
+    return ImageRequest(endpoint=fields.pop("endpoint", "generations"), model=model, **fields)
+
+
+# --- the book ------------------------------------------------------------------------------
+
+
+def test_built_in_book_loads_with_every_canonical_model(book: PriceBook) -> None:
+    assert set(book.names()) >= {
+        "gpt-image-1",
+        "gpt-image-1-mini",
+        "gpt-image-1.5",
+        "chatgpt-image-latest",
+        "gpt-image-2",
+        "gpt-image-2.5-sunburst",
+        "gpt-image-2.5-flare",
+        "gpt-image-2.6-sunburst",
+        "gpt-image-2.6-flare",
+        "dall-e-2",
+        "dall-e-3",
+    }
+
+
+@pytest.mark.parametrize("name", SDK_MODELS)
+def test_every_model_the_openai_sdk_lists_is_priced(book: PriceBook, name: str) -> None:
+    assert book.find(name) is not None
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "canonical"),
+    [
+        ("gpt-image-2-2026-04-21", "gpt-image-2"),
+        ("gpt-image-2.5-sunburst-2026-09-08", "gpt-image-2.5-sunburst"),
+        ("gpt-image-2.5-flare-2026-09-08", "gpt-image-2.5-flare"),
+    ],
+)
+def test_dated_snapshots_resolve_to_the_canonical_entry(
+    book: PriceBook, snapshot: str, canonical: str
+) -> None:
+    assert model_of(book, snapshot) is model_of(book, canonical)
+    assert model_of(book, snapshot).name == canonical
+
+
+def test_aliases_are_not_listed_as_canonical_names(book: PriceBook) -> None:
+    assert "gpt-image-2-2026-04-21" not in book.names()
+
+
+def test_unknown_model_is_not_found(book: PriceBook) -> None:
+    assert book.find("gpt-image-9") is None
+
+
+@pytest.mark.parametrize("name", sorted({*SDK_MODELS}))
+def test_every_entry_has_a_source_and_an_effective_date(book: PriceBook, name: str) -> None:
+    model = model_of(book, name)
+    assert model.source.strip()
+    assert isinstance(model.effective_from, date)
+
+
+# --- output tokens: gpt-image-2 and 2.5 formula (OPENAI-IMAGES §5.3) ------------------------
+
+GPT_IMAGE_2_TABLE = {
+    "1024x1024": (196, 1756, 7024),
+    "1536x1024": (158, 1372, 5488),
+    "1024x1536": (158, 1372, 5488),
+    "2048x1152": (157, 1413, 5650),
+    "2560x1440": (205, 1843, 7370),
+    "2048x2048": (397, 3568, 14272),
+    "3840x2160": (371, 3336, 13342),
+    "2160x3840": (371, 3336, 13342),
+}
+GPT_IMAGE_25_TABLE = {
+    "1024x1024": (196, 439, 1756, 3122, 7024),
+    "1536x1024": (158, 343, 1372, 2459, 5488),
+    "1024x1536": (158, 343, 1372, 2459, 5488),
+    "1536x864": (120, 280, 1078, 1917, 4312),
+    "2048x1152": (157, 367, 1413, 2511, 5650),
+    "2560x1440": (205, 478, 1843, 3276, 7370),
+    "2048x2048": (397, 892, 3568, 6343, 14272),
+    "3840x2160": (371, 865, 3336, 5930, 13342),
+    "2160x3840": (371, 865, 3336, 5930, 13342),
+}
+
+
+@pytest.mark.parametrize(
+    ("quality", "size", "tokens"),
+    [
+        (quality, size, row[i])
+        for size, row in GPT_IMAGE_2_TABLE.items()
+        for i, quality in enumerate(("low", "medium", "high"))
+    ],
+)
+def test_gpt_image_2_output_tokens_match_the_published_calculator(
+    book: PriceBook, quality: str, size: str, tokens: int
+) -> None:
+    assert model_of(book, "gpt-image-2").output_tokens(quality, size) == tokens
+
+
+@pytest.mark.parametrize("name", ["gpt-image-2.5-sunburst", "gpt-image-2.5-flare-2026-09-08"])
+@pytest.mark.parametrize(
+    ("quality", "size", "tokens"),
+    [
+        (quality, size, row[i])
+        for size, row in GPT_IMAGE_25_TABLE.items()
+        for i, quality in enumerate(("low", "medium", "high", "xhigh", "max"))
+    ],
+)
+def test_gpt_image_25_output_tokens_match_the_published_calculator(
+    book: PriceBook, name: str, quality: str, size: str, tokens: int
+) -> None:
+    assert model_of(book, name).output_tokens(quality, size) == tokens
+
+
+# --- output tokens: models before gpt-image-2 (OPENAI-IMAGES §5.2) --------------------------
+
+PRIOR_TO_2_TABLE = {
+    "low": {"1024x1024": 272, "1024x1536": 408, "1536x1024": 400},
+    "medium": {"1024x1024": 1056, "1024x1536": 1584, "1536x1024": 1568},
+    "high": {"1024x1024": 4160, "1024x1536": 6240, "1536x1024": 6208},
+}
+
+
+@pytest.mark.parametrize(
+    "name", ["gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "chatgpt-image-latest"]
+)
+@pytest.mark.parametrize(
+    ("quality", "size", "tokens"),
+    [(q, s, t) for q, by_size in PRIOR_TO_2_TABLE.items() for s, t in by_size.items()],
+)
+def test_models_before_gpt_image_2_use_the_published_table(
+    book: PriceBook, name: str, quality: str, size: str, tokens: int
+) -> None:
+    assert model_of(book, name).output_tokens(quality, size) == tokens
+
+
+# --- published prices ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "tokens", "nanos"),
+    [
+        ("gpt-image-2", 7024, 210_720_000),  # high 1024², $30/M
+        ("gpt-image-1.5", 4160, 133_120_000),  # high 1024², $32/M
+        ("gpt-image-1", 6208, 248_320_000),  # high 1536x1024, $40/M
+    ],
+)
+def test_image_output_cost_is_exact_in_nano_dollars(
+    book: PriceBook, name: str, tokens: int, nanos: int
+) -> None:
+    assert model_of(book, name).cost(Usage(image_output=tokens)) == nanos
+
+
+# (model, quality, size, published USD) from OPENAI-IMAGES §5.5. gpt-image-1 high 1024² is left
+# out: the guide prints $0.167 while 4160 × $40/M = $0.1664, which rounds to $0.166.
+PUBLISHED_GUIDE: dict[str, dict[str, tuple[str | None, ...]]] = {
+    "gpt-image-2": {
+        "low": ("0.006", "0.005", "0.005"),
+        "medium": ("0.053", "0.041", "0.041"),
+        "high": ("0.211", "0.165", "0.165"),
+    },
+    "gpt-image-1.5": {
+        "low": ("0.009", "0.013", "0.013"),
+        "medium": ("0.034", "0.05", "0.05"),
+        "high": ("0.133", "0.20", "0.20"),
+    },
+    "gpt-image-1": {
+        "low": ("0.011", "0.016", "0.016"),
+        "medium": ("0.042", "0.063", "0.063"),
+        "high": (None, "0.25", "0.25"),
+    },
+}
+PUBLISHED_PER_IMAGE = [
+    (model, quality, size, price)
+    for model, rows in PUBLISHED_GUIDE.items()
+    for quality, prices in rows.items()
+    for size, price in zip(("1024x1024", "1024x1536", "1536x1024"), prices, strict=True)
+    if price is not None
+]
+
+
+@pytest.mark.parametrize(("name", "quality", "size", "published"), PUBLISHED_PER_IMAGE)
+def test_output_cost_rounded_to_the_published_precision_gives_the_guide_price(
+    book: PriceBook, name: str, quality: str, size: str, published: str
+) -> None:
+    model = model_of(book, name)
+    nanos = model.cost(Usage(image_output=model.output_tokens(quality, size)))
+    price = Decimal(published)
+    assert (Decimal(nanos) / 10**9).quantize(price, rounding=ROUND_HALF_UP) == price
+
+
+def test_published_examples_round_to_the_guide_values(book: PriceBook) -> None:
+    gpt2 = model_of(book, "gpt-image-2").cost(Usage(image_output=7024))
+    gpt15 = model_of(book, "gpt-image-1.5").cost(Usage(image_output=4160))
+    gpt1 = model_of(book, "gpt-image-1").cost(Usage(image_output=6208))
+    assert Decimal(gpt2).scaleb(-9) == Decimal("0.21072")
+    assert Decimal(gpt15).scaleb(-9) == Decimal("0.13312")
+    assert Decimal(gpt1).scaleb(-9) == Decimal("0.24832")
+    assert round(Decimal(gpt2).scaleb(-9), 3) == Decimal("0.211")
+    assert round(Decimal(gpt15).scaleb(-9), 3) == Decimal("0.133")
+    assert round(Decimal(gpt1).scaleb(-9), 2) == Decimal("0.25")
+
+
+def test_cost_sums_every_token_kind_at_its_own_rate(book: PriceBook) -> None:
+    usage = Usage(text_input=1000, image_input=2000, image_output=3000, text_output=400)
+    # 1000 × $5 + 2000 × $8 + 3000 × $32 + 400 × $10, per million tokens.
+    assert (
+        model_of(book, "gpt-image-1.5").cost(usage)
+        == 5_000 * 1000 + 16_000 * 1000 + (96_000 * 1000) + 4_000 * 1000
+    )
+
+
+def test_cost_of_no_usage_is_zero(book: PriceBook) -> None:
+    assert model_of(book, "gpt-image-2").cost(Usage()) == 0
+
+
+def test_gpt_image_2_bills_no_text_output(book: PriceBook) -> None:
+    assert model_of(book, "gpt-image-2").cost(Usage(text_output=1_000_000)) == 0
+
+
+# --- non-monotonic sizes ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quality", ["low", "medium", "high"])
+def test_gpt_image_2_landscape_is_cheaper_than_square(book: PriceBook, quality: str) -> None:
+    model = model_of(book, "gpt-image-2")
+    assert model.output_tokens(quality, "1536x1024") < model.output_tokens(quality, "1024x1024")
+
+
+@pytest.mark.parametrize("quality", ["low", "medium", "high"])
+def test_gpt_image_2_2048_square_is_dearer_than_4k(book: PriceBook, quality: str) -> None:
+    model = model_of(book, "gpt-image-2")
+    assert model.output_tokens(quality, "2048x2048") > model.output_tokens(quality, "3840x2160")
+
+
+# --- size rules --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "size", ["3840x2160", "2160x3840", "2880x2880", "1024x1024", "3840x1280", "1536x864", "auto"]
+)
+@pytest.mark.parametrize("name", ["gpt-image-2", "gpt-image-2.5-sunburst"])
+def test_custom_size_models_accept_sizes_within_the_rules(
+    book: PriceBook, name: str, size: str
+) -> None:
+    assert model_of(book, name).accepts_size(size)
+
+
+@pytest.mark.parametrize(
+    ("size", "rule"),
+    [
+        ("1000x1000", "edges must be multiples of 16"),
+        ("4096x1024", "no edge over 3840"),
+        ("3840x1264", "aspect ratio over 3:1"),
+        ("1264x3840", "aspect ratio over 1:3"),
+        ("512x512", "fewer than 655,360 pixels"),
+        ("3840x2176", "more than 8,294,400 pixels"),
+        ("1024X1024", "not WxH"),
+        ("1024x", "not WxH"),
+        ("-1024x1024", "not WxH"),
+        ("0x0", "no pixels"),
+        ("large", "not WxH"),
+    ],
+)
+def test_custom_size_models_reject_sizes_outside_the_rules(
+    book: PriceBook, size: str, rule: str
+) -> None:
+    assert not model_of(book, "gpt-image-2").accepts_size(size), rule
+
+
+@pytest.mark.parametrize("name", ["gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5"])
+def test_standard_size_models_reject_custom_sizes(book: PriceBook, name: str) -> None:
+    model = model_of(book, name)
+    assert not model.accepts_size("2048x2048")
+    with pytest.raises(InvalidRequest) as caught:
+        model.validate(request(name, size="2048x2048"))
+    assert caught.value.param == "size"
+
+
+# --- quality ladders and validation ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "ladder"),
+    [
+        ("gpt-image-1", ("low", "medium", "high")),
+        ("gpt-image-1.5", ("low", "medium", "high")),
+        ("gpt-image-2", ("low", "medium", "high")),
+        ("gpt-image-2.5-sunburst", ("low", "medium", "high", "xhigh", "max")),
+        ("gpt-image-2.5-flare", ("low", "medium", "high", "xhigh", "max")),
+        ("dall-e-3", ("standard", "hd")),
+        ("dall-e-2", ("standard",)),
+    ],
+)
+def test_quality_ladder_is_ordered_cheapest_first(
+    book: PriceBook, name: str, ladder: tuple[str, ...]
+) -> None:
+    model = model_of(book, name)
+    assert model.qualities == ladder
+    assert model.accepts_quality("auto")
+    assert model.explicit_quality("auto") == ladder[-1]
+
+
+@pytest.mark.parametrize(
+    ("name", "fields", "param"),
+    [
+        ("gpt-image-2", {"quality": "xhigh"}, "quality"),
+        ("gpt-image-1", {"quality": "hd"}, "quality"),
+        ("dall-e-3", {"quality": "high"}, "quality"),
+        ("gpt-image-2.5-sunburst", {"quality": "standard"}, "quality"),
+        ("gpt-image-2", {"size": "1000x1000"}, "size"),
+        ("dall-e-3", {"size": "1536x1024"}, "size"),
+        ("dall-e-2", {"size": "1024x1536"}, "size"),
+        ("dall-e-3", {"n": 2}, "n"),
+        ("gpt-image-2", {"n": 11}, "n"),
+        ("gpt-image-2", {"n": 0}, "n"),
+    ],
+)
+def test_validate_refuses_what_the_model_does_not_accept(
+    book: PriceBook, name: str, fields: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        model_of(book, name).validate(request(name, **fields))
+    assert caught.value.param == param
+    assert name in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("name", "fields"),
+    [
+        ("gpt-image-2.5-sunburst", {"quality": "max", "size": "3840x2160", "n": 10}),
+        ("gpt-image-2", {"quality": "auto", "size": "auto"}),
+        ("dall-e-3", {"quality": "hd", "size": "1792x1024", "n": 1}),
+        ("gpt-image-1", {"quality": "low", "size": "1024x1536"}),
+    ],
+)
+def test_validate_accepts_what_the_model_accepts(
+    book: PriceBook, name: str, fields: dict[str, Any]
+) -> None:
+    model_of(book, name).validate(request(name, **fields))
+
+
+# --- gpt-image-1's input tile rule (OPENAI-IMAGES §5.4) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "fidelity", "tokens"),
+    [
+        (1024, 1024, "low", 65 + 129),  # → 512x512, one tile
+        (1024, 1024, "high", 65 + 129 + 4160),
+        (2048, 1024, "low", 65 + 2 * 129),  # → 1024x512, two tiles
+        (2048, 1024, "high", 65 + 2 * 129 + 6240),
+        (4096, 1024, "low", 65 + 4 * 129),  # fit 2048x512, four tiles
+        (256, 256, "low", 65 + 129),  # never scaled up
+        (1536, 1024, None, 65 + 2 * 129),  # → 768x512
+    ],
+)
+def test_gpt_image_1_input_tokens_follow_the_tile_rule(
+    book: PriceBook, width: int, height: int, fidelity: str | None, tokens: int
+) -> None:
+    assert model_of(book, "gpt-image-1").input_image_tokens(width, height, fidelity) == tokens
+
+
+def test_gpt_image_1_input_ceiling_is_the_longest_thin_image_at_high_fidelity(
+    book: PriceBook,
+) -> None:
+    model = model_of(book, "gpt-image-1")
+    assert model.input_tiles is not None
+    assert model.input_tiles.ceiling == 6821 == 65 + 4 * 129 + 6240
+    assert model.input_image_tokens(None, None, "low") == 6821
+
+
+@pytest.mark.parametrize("name", ["gpt-image-2", "gpt-image-1.5", "gpt-image-2.5-flare"])
+def test_models_without_a_published_input_rule_use_their_ceiling(
+    book: PriceBook, name: str
+) -> None:
+    model = model_of(book, name)
+    assert model.input_ceiling is not None
+    assert model.input_image_tokens(1024, 1024, None) == model.input_ceiling
+    assert model.input_image_tokens(None, None, None) == model.input_ceiling
+
+
+# --- estimate: an upper bound ------------------------------------------------------------------
+
+
+def test_estimate_counts_one_text_token_per_prompt_byte(book: PriceBook) -> None:
+    model = model_of(book, "gpt-image-2")
+    est = estimate(model, request(prompt_bytes=123, quality="low", size="1024x1024"))
+    assert est.usage.text_input == 123
+    assert est.usage.image_output == 196
+    assert est.cost_nanos == model.cost(est.usage)
+
+
+def test_estimate_of_auto_quality_is_the_top_of_the_ladder(book: PriceBook) -> None:
+    model = model_of(book, "gpt-image-2.5-sunburst")
+    est = estimate(model, request("gpt-image-2.5-sunburst", quality="auto", size="1024x1024"))
+    assert est.usage.image_output == 7024  # `max`
+
+
+@pytest.mark.parametrize("name", ["gpt-image-1", "gpt-image-1.5", "gpt-image-1-mini"])
+def test_estimate_of_auto_size_on_a_table_model_is_its_worst_size(
+    book: PriceBook, name: str
+) -> None:
+    est = estimate(model_of(book, name), request(name, quality="high", size="auto"))
+    assert est.usage.image_output == 6240
+
+
+def test_estimate_of_auto_size_on_a_custom_size_model_is_not_below_the_listed_sizes(
+    book: PriceBook,
+) -> None:
+    model = model_of(book, "gpt-image-2")
+    est = estimate(model, request(quality="high", size="auto"))
+    assert est.usage.image_output >= max(
+        model.output_tokens("high", s) for s in ("1024x1024", "1536x1024", "1024x1536")
+    )
+
+
+def test_estimate_adds_100_tokens_per_partial_image_per_image(book: PriceBook) -> None:
+    model = model_of(book, "gpt-image-2")
+    base = request(quality="low", size="1024x1024", n=2, stream=True)
+    plain = estimate(model, base)
+    partials = estimate(model, base.with_changes(partial_images=3))
+    assert partials.usage.image_output - plain.usage.image_output == 3 * 100 * 2
+
+
+def test_estimate_ignores_partial_images_without_stream(book: PriceBook) -> None:
+    model = model_of(book, "gpt-image-2")
+    est = estimate(model, request(quality="low", size="1024x1024", partial_images=3))
+    assert est.usage.image_output == 196
+
+
+def test_estimate_multiplies_output_by_n(book: PriceBook) -> None:
+    model = model_of(book, "gpt-image-2")
+    one = estimate(model, request(quality="medium", size="1536x1024", prompt_bytes=10))
+    four = estimate(model, request(quality="medium", size="1536x1024", prompt_bytes=10, n=4))
+    assert four.usage.image_output == 4 * one.usage.image_output == 4 * 1372
+    assert four.usage.images == 4
+    assert four.usage.text_input == one.usage.text_input == 10
+
+
+def test_estimate_counts_uploaded_images_and_the_mask(book: PriceBook) -> None:
+    model = model_of(book, "gpt-image-1")
+    image = InputImage(1024, 1024)
+    edit = request(
+        "gpt-image-1",
+        endpoint="edits",
+        quality="low",
+        size="1024x1024",
+        images=(image, InputImage(2048, 1024)),
+        input_fidelity="high",
+    )
+    assert estimate(model, edit).usage.image_input == (194 + 4160) + (323 + 6240)
+    masked = estimate(model, edit.with_changes(mask=image)).usage.image_input
+    assert masked == (194 + 4160) * 2 + (323 + 6240)
+
+
+def test_estimate_gives_url_images_the_ceiling(book: PriceBook) -> None:
+    model = model_of(book, "gpt-image-1")
+    edit = request("gpt-image-1", endpoint="edits", images=(InputImage(), InputImage()))
+    assert estimate(model, edit).usage.image_input == 2 * 6821
+
+
+def test_estimate_reserves_text_output_where_the_model_bills_it(book: PriceBook) -> None:
+    model = model_of(book, "gpt-image-1.5")
+    assert model.text_output_ceiling > 0
+    est = estimate(model, request("gpt-image-1.5", quality="low", size="1024x1024"))
+    assert est.usage.text_output == model.text_output_ceiling
+
+
+@pytest.mark.parametrize(
+    ("name", "quality", "size", "n", "usd"),
+    [
+        ("dall-e-3", "hd", "1792x1024", 1, "0.12"),
+        ("dall-e-3", "standard", "1024x1024", 1, "0.04"),
+        ("dall-e-3", "auto", "auto", 1, "0.12"),
+        ("dall-e-2", "auto", "512x512", 1, "0.018"),
+        ("dall-e-2", "standard", "256x256", 3, "0.048"),
+        ("dall-e-2", "auto", "auto", 2, "0.040"),
+    ],
+)
+def test_dalle_estimates_are_per_image_prices(
+    book: PriceBook, name: str, quality: str, size: str, n: int, usd: str
+) -> None:
+    est = estimate(model_of(book, name), request(name, quality=quality, size=size, n=n))
+    assert est.cost_nanos == int(Decimal(usd) * 10**9)
+    assert est.usage.images == n
+    assert est.usage.total_tokens == 0
+
+
+# --- estimate ≥ what the simulated upstream bills ------------------------------------------------
+
+GPT_MODELS = [m for m in SDK_MODELS if not m.startswith("dall-e")]
+CUSTOM_SIZES = ("auto", "1024x1024", "1536x864", "2048x2048", "3840x2160", "1024x3072", "2880x2880")
+TABLE_SIZES = ("auto", "1024x1024", "1536x1024", "1024x1536")
+
+
+def grid() -> list[Any]:
+    book = load_price_book()
+    cases = []
+    for name in GPT_MODELS:
+        model = model_of(book, name)
+        sizes = CUSTOM_SIZES if model.arbitrary_sizes else TABLE_SIZES
+        for quality in (*model.qualities, "auto"):
+            for size in sizes:
+                cases.append(pytest.param(name, quality, size, id=f"{name}-{quality}-{size}"))
+    return cases
+
+
+@pytest.mark.parametrize(("name", "quality", "size"), grid())
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"n": 3},
+        {"stream": True, "partial_images": 3, "n": 2},
+        {"prompt": "ünïcødé " * 50},
+    ],
+    ids=["plain", "n3", "partials", "unicode"],
+)
+def test_estimate_is_never_below_what_the_simulator_bills(
+    book: PriceBook, name: str, quality: str, size: str, extra: dict[str, Any]
+) -> None:
+    fields = {"prompt": "a lighthouse at dusk", "model": name, "quality": quality, "size": size}
+    fields.update(extra)
+    order = simulator_validate(RawRequest("generations", "json", fields))
+    tokens = tokens_for(order)
+    billed = Usage(
+        text_input=tokens.text_input,
+        image_input=tokens.image_input,
+        image_output=tokens.output_total,
+    )
+    parsed = parse_request("generations", "application/json", json.dumps(fields).encode(), "x")
+    model = model_of(book, name)
+    model.validate(parsed.request)
+    assert estimate(model, parsed.request).cost_nanos >= model.cost(billed)
+
+
+@pytest.mark.parametrize("name", ["gpt-image-1", "gpt-image-1.5", "gpt-image-2.5-flare"])
+@pytest.mark.parametrize("fidelity", [None, "low", "high"])
+def test_estimate_of_a_json_edit_is_never_below_what_the_simulator_bills(
+    book: PriceBook, name: str, fidelity: str | None
+) -> None:
+    fields: dict[str, Any] = {
+        "prompt": "add a hat",
+        "model": name,
+        "images": [{"image_url": "https://example.com/a.png"}, {"file_id": "file-1"}],
+        "quality": "auto",
+    }
+    if fidelity is not None:
+        fields["input_fidelity"] = fidelity
+    order = simulator_validate(RawRequest("edits", "json", fields))
+    tokens = tokens_for(order)
+    billed = Usage(
+        text_input=tokens.text_input,
+        image_input=tokens.image_input,
+        image_output=tokens.output_total,
+    )
+    parsed = parse_request("edits", "application/json", json.dumps(fields).encode(), "x")
+    model = model_of(book, name)
+    assert estimate(model, parsed.request).cost_nanos >= model.cost(billed)
+
+
+# --- a deployment's own price book -------------------------------------------------------------
+
+OVERRIDE = """
+    version: 1
+    models:
+      gpt-image-3:
+        source: https://example.com/pricing
+        effective_from: 2027-01-01
+        aliases: [gpt-image-3-2027-01-01]
+        rates: {text_input: "4.00", image_input: "6.00", image_output: "20.00"}
+        qualities: [low, high]
+        sizes: [1024x1024, 2048x2048]
+        output_tokens:
+          table:
+            low: {1024x1024: 100, 2048x2048: 400}
+            high: {1024x1024: 1000, 2048x2048: 4000}
+        image_input: {ceiling: 5000}
+      gpt-image-2:
+        source: negotiated contract 2027
+        effective_from: "2027-01-01"
+        aliases: [gpt-image-2-2026-04-21]
+        rates: {text_input: "2.50", image_input: "4.00", image_output: "15.00"}
+        qualities: [low, medium, high]
+        sizes: custom
+        auto_size: 1536x1536
+        output_tokens:
+          formula: {low: 16, medium: 48, high: 96}
+        image_input: {ceiling: 8192}
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "prices.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_override_file_adds_a_new_model(tmp_path: Path) -> None:
+    book = load_price_book(write(tmp_path, OVERRIDE))
+    model = model_of(book, "gpt-image-3")
+    assert model_of(book, "gpt-image-3-2027-01-01") is model
+    assert model.effective_from == date(2027, 1, 1)
+    assert model.output_tokens("high", "2048x2048") == 4000
+    est = estimate(model, request("gpt-image-3", quality="auto", size="auto"))
+    assert est.usage.image_output == 4000
+    assert model.cost(Usage(image_output=1_000_000)) == 20 * 10**9
+
+
+def test_override_file_replaces_the_rates_of_a_built_in_model(tmp_path: Path) -> None:
+    book = load_price_book(write(tmp_path, OVERRIDE))
+    model = model_of(book, "gpt-image-2")
+    assert model.source == "negotiated contract 2027"
+    assert model.cost(Usage(image_output=7024)) == 105_360_000
+    assert model_of(book, "gpt-image-2-2026-04-21") is model
+    # Models the file does not name keep their built-in entry.
+    assert model_of(book, "gpt-image-1.5").cost(Usage(image_output=4160)) == 133_120_000
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("models: {gpt-image-3: [unclosed\n", "YAML syntax error"),
+        ("- just\n- a list\n", "models"),
+        (
+            """
+            models:
+              gpt-image-3:
+                effective_from: 2027-01-01
+                rates: {image_output: "20.00"}
+                qualities: [low]
+                sizes: [1024x1024]
+            """,
+            "gpt-image-3",
+        ),
+        (
+            """
+            models:
+              gpt-image-3:
+                source: x
+                effective_from: not-a-date
+                rates: {image_output: "20.00"}
+                qualities: [low]
+            """,
+            "gpt-image-3",
+        ),
+        (
+            """
+            models:
+              gpt-image-3:
+                source: x
+                effective_from: 2027-01-01
+                rates: {image_output: "twenty"}
+                qualities: [low]
+            """,
+            "gpt-image-3",
+        ),
+        (
+            """
+            models:
+              gpt-image-3:
+                source: x
+                effective_from: 2027-01-01
+                qualities: [low]
+            """,
+            "gpt-image-3",
+        ),
+    ],
+    ids=["yaml-syntax", "not-a-mapping", "no-source", "bad-date", "bad-rate", "no-rates"],
+)
+def test_broken_override_file_raises_config_error_naming_the_file(
+    tmp_path: Path, text: str, needle: str
+) -> None:
+    path = write(tmp_path, text, "team-prices.yaml")
+    with pytest.raises(ConfigError) as caught:
+        load_price_book(path)
+    assert caught.value.problems
+    assert all(str(path) in problem for problem in caught.value.problems)
+    assert needle in str(caught.value)
+
+
+def test_missing_override_file_raises_config_error_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere.yaml"
+    with pytest.raises(ConfigError) as caught:
+        load_price_book(path)
+    assert str(path) in str(caught.value)
+
+
+def test_override_entry_that_is_not_a_mapping_raises_config_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "models:\n  gpt-image-3: oops\n")
+    with pytest.raises(ConfigError) as caught:
+        load_price_book(path)
+    assert str(path) in str(caught.value)
+
+
+def test_override_entry_without_an_output_token_rule_is_refused(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        models:
+          gpt-image-3:
+            source: x
+            effective_from: 2027-01-01
+            rates: {image_output: "20.00"}
+            qualities: [low]
+            sizes: [1024x1024]
+        """,
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_price_book(path)
+    assert str(path) in str(caught.value)
+    assert "output_tokens" in str(caught.value)
