@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy import housekeeping
-from proxy.config import Config, load_config
-from proxy.errors import LedgerError
+from proxy.admin import AdminApi
+from proxy.config import Config, UpstreamSettings, load_config
+from proxy.errors import ConfigError, LedgerError
 from proxy.handlers import ImagesHandler, Services, not_found
 from proxy.ledger import open_ledger
 from proxy.metrics import Metrics
@@ -33,6 +35,7 @@ ENV_CONFIG = "TOLLGATE_CONFIG"
 ENV_LEDGER = "TOLLGATE_LEDGER"
 ENV_UPSTREAM_URL = "TOLLGATE_UPSTREAM_URL"
 ENV_UPSTREAM_KEY = "TOLLGATE_UPSTREAM_KEY"
+ENV_WORKERS = "TOLLGATE_WORKERS"
 
 
 @dataclass(frozen=True)
@@ -45,13 +48,14 @@ class Overrides:
     transport: httpx.AsyncBaseTransport | None = None
 
 
-def create_app(config: Config, overrides: Overrides = Overrides()) -> Starlette:
-    """The Tollgate ASGI app for `config`; the ledger and upstream open with the app."""
+def create_app(
+    config: Config, overrides: Overrides = Overrides(), source: Path | None = None
+) -> Starlette:
+    """The Tollgate ASGI app for `config` (read from `source`, which a reload reads again);
+    the ledger and upstream open with the app."""
     upstream_settings = config.upstream
     api_key = overrides.upstream_key or upstream_settings.api_key
     if not api_key:
-        from proxy.errors import ConfigError
-
         raise ConfigError(
             [
                 f"{config.root}: upstream.api_key is not set: set OPENAI_API_KEY (or run with "
@@ -64,18 +68,55 @@ def create_app(config: Config, overrides: Overrides = Overrides()) -> Starlette:
     def services() -> Services:
         return holder["services"]
 
+    def build_upstream(settings: UpstreamSettings) -> Upstream:
+        return Upstream(
+            overrides.upstream_url or settings.base_url,
+            overrides.upstream_key or settings.api_key or api_key,
+            timeout_s=settings.timeout_s,
+            max_connections=settings.max_connections,
+            organization=settings.organization,
+            project=settings.project,
+            transport=overrides.transport,
+        )
+
+    async def reload() -> Config:
+        """Read the configuration again; a ConfigError leaves the current one in force."""
+        if source is None:
+            raise ConfigError(["<memory>:1: this Tollgate was not started from a file"])
+        try:
+            fresh = load_config(source)
+        except ConfigError as exc:
+            log.error("configuration reload refused: %s", "; ".join(exc.problems))
+            raise
+        shared = services()
+        if fresh.upstream != shared.config.upstream:
+            retired, shared.upstream = shared.upstream, build_upstream(fresh.upstream)
+            # Requests in flight keep the old client until they are done.
+            later = asyncio.get_running_loop().call_later(
+                shared.config.upstream.timeout_s + 5,
+                lambda: asyncio.ensure_future(retired.aclose()),
+            )
+            shared.background_handles.append(later)
+        shared.config = fresh
+        log.info("configuration reloaded from %s (%d teams)", source, len(fresh.teams))
+        if os.environ.get(ENV_WORKERS, "1") != "1":
+            # Several workers: the supervisor replaces each one, which reads the new files.
+            os.kill(os.getppid(), signal.SIGHUP)
+        return fresh
+
+    def reload_on_signal() -> None:
+        async def run() -> None:
+            with contextlib.suppress(ConfigError):
+                await reload()
+
+        task = asyncio.ensure_future(run())
+        services().background.add(task)
+        task.add_done_callback(services().background.discard)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         ledger = await open_ledger(overrides.ledger_url or config.ledger_url)
-        upstream = Upstream(
-            overrides.upstream_url or upstream_settings.base_url,
-            api_key,
-            timeout_s=upstream_settings.timeout_s,
-            max_connections=upstream_settings.max_connections,
-            organization=upstream_settings.organization,
-            project=upstream_settings.project,
-            transport=overrides.transport,
-        )
+        upstream = build_upstream(upstream_settings)
         shared = Services(config=config, ledger=ledger, upstream=upstream, metrics=metrics)
         holder["services"] = shared
         me = housekeeping.this_process()
@@ -84,14 +125,19 @@ def create_app(config: Config, overrides: Overrides = Overrides()) -> Starlette:
         duties = asyncio.create_task(
             housekeeping.run(ledger, me, shared.clock, upstream_settings.timeout_s)
         )
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGHUP, reload_on_signal)
         try:
             yield
         finally:
             duties.cancel()
+            for handle in shared.background_handles:
+                handle.cancel()
             # In-flight exchanges are being billed: let them finish and settle.
             if shared.background:
                 await asyncio.wait(set(shared.background), timeout=upstream_settings.timeout_s)
-            await upstream.aclose()
+            await shared.upstream.aclose()
             await ledger.unregister()
             await ledger.close()
 
@@ -110,8 +156,12 @@ def create_app(config: Config, overrides: Overrides = Overrides()) -> Starlette:
     async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    admin = AdminApi(services, reload)
+
     routes = [
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/admin/budgets", admin.budgets, methods=["GET"]),
+        Route("/admin/reload", admin.reload, methods=["POST"]),
         Route("/v1/images/generations", handlers["generations"].handle, methods=["POST"]),
         Route("/v1/images/edits", handlers["edits"].handle, methods=["POST"]),
         Route("/v1/images/variations", handlers["variations"].handle, methods=["POST"]),
@@ -124,12 +174,13 @@ def create_app(config: Config, overrides: Overrides = Overrides()) -> Starlette:
 
 def app_from_env() -> Starlette:
     """The app factory uvicorn's worker processes call (`tollgate serve --workers N`)."""
-    config = load_config(Path(os.environ.get(ENV_CONFIG, "policies")))
+    source = Path(os.environ.get(ENV_CONFIG, "policies"))
     return create_app(
-        config,
+        load_config(source),
         Overrides(
             ledger_url=os.environ.get(ENV_LEDGER) or None,
             upstream_url=os.environ.get(ENV_UPSTREAM_URL) or None,
             upstream_key=os.environ.get(ENV_UPSTREAM_KEY) or None,
         ),
+        source,
     )

@@ -25,6 +25,7 @@ from proxy.app import (
     ENV_LEDGER,
     ENV_UPSTREAM_KEY,
     ENV_UPSTREAM_URL,
+    ENV_WORKERS,
     Overrides,
     create_app,
 )
@@ -165,11 +166,12 @@ def run_serve(args: argparse.Namespace) -> int:
             upstream_key=SIMULATED_KEY,
         )
     configure_logging(args.log_level)
-    app = create_app(config, overrides)  # refuses a missing upstream key before serving
+    app = create_app(config, overrides, path)  # refuses a missing upstream key before serving
     print_banner(args, config, overrides)
     grace = config.upstream.timeout_s + 5
     if args.workers > 1:
         os.environ[ENV_CONFIG] = str(path)
+        os.environ[ENV_WORKERS] = str(args.workers)
         for name, value in (
             (ENV_LEDGER, overrides.ledger_url),
             (ENV_UPSTREAM_URL, overrides.upstream_url),

@@ -74,7 +74,7 @@ class Services:
     metrics: Metrics
     clock: Callable[[], float] = time.time
     background: set[asyncio.Task[Any]] = field(default_factory=set)
-    inflight: int = 0
+    background_handles: list[asyncio.TimerHandle] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
