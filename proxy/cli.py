@@ -6,6 +6,7 @@ The only module that prints or exits.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 
 import uvicorn
@@ -30,8 +31,11 @@ from proxy.app import (
     create_app,
 )
 from proxy.auth import key_hash, new_key
+from proxy.budgets import zone
 from proxy.config import Config, config_schema, default_config_path, load_config
 from proxy.errors import ConfigError, LedgerError
+from proxy.ledger import open_ledger
+from proxy.status import BudgetStatus, budget_status
 
 SIMULATED_KEY = "sk-simulated-upstream"
 
@@ -79,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(check)
     check.set_defaults(run=run_check)
 
+    budgets = commands.add_parser("budgets", help="show every budget: limit, spent, remaining")
+    add_config(budgets)
+    budgets.add_argument("--ledger", help="ledger URL (overrides the configuration)")
+    budgets.add_argument("--format", choices=("table", "json"), default="table")
+    budgets.set_defaults(run=run_budgets)
+
     schema = commands.add_parser("schema", help="print the JSON Schema of the configuration")
     schema.set_defaults(run=run_schema)
 
@@ -120,6 +130,43 @@ def run_check(args: argparse.Namespace) -> int:
     )
     print(f"{config_path(args)}: ok ({len(config.teams)} teams, {budgets} budgets)")
     return 0
+
+
+def run_budgets(args: argparse.Namespace) -> int:
+    config = load_config(config_path(args))
+    found = asyncio.run(read_budgets(config, args.ledger or config.ledger_url, time.time()))
+    if args.format == "json":
+        print(json.dumps({"budgets": [b.as_json() for b in found]}, indent=2))
+        return 0
+    header = ("SCOPE", "TEAM", "PERIOD", "LIMIT", "SPENT", "RESERVED", "REMAINING", "USED",
+              "PERIOD ENDS")  # fmt: skip
+    lines = [header]
+    for b in found:
+        shown = b.as_json()
+        unit = "$" if b.metric == "usd" else ""
+        suffix = "" if b.metric == "usd" else " " + b.metric.removesuffix("_tokens") + " tok"
+        ends = "never"
+        if b.window.end is not None:
+            ends = datetime.fromtimestamp(b.window.end, zone(config.timezone)).strftime(
+                "%Y-%m-%d %H:%M"
+            )
+        lines.append((
+            b.scope, b.team or "-", b.period, f"{unit}{shown['limit']}{suffix}",
+            f"{unit}{shown['spent']}", f"{unit}{shown['reserved']}",
+            f"{unit}{shown['remaining']}", f"{b.utilization * 100:.1f}%", ends,
+        ))  # fmt: skip
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)))
+    return 0
+
+
+async def read_budgets(config: Config, ledger_url: str, now: float) -> list[BudgetStatus]:
+    ledger = await open_ledger(ledger_url)
+    try:
+        return await budget_status(config, ledger, now)
+    finally:
+        await ledger.close()
 
 
 def run_schema(args: argparse.Namespace) -> int:
