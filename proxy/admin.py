@@ -6,12 +6,14 @@ import hmac
 from collections.abc import Awaitable, Callable
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from proxy.auth import bearer_token
 from proxy.config import Config
 from proxy.errors import AuthenticationFailed, ConfigError, NotFound, RequestError
 from proxy.handlers import Services, error_response
+from proxy.reports_query import ReportQuery
+from proxy.reports_query import run as run_report
 from proxy.status import budget_status
 
 
@@ -45,6 +47,29 @@ class AdminApi:
         now = s.clock()
         found = await budget_status(s.config, s.ledger, now)
         return JSONResponse({"as_of": now, "budgets": [b.as_json() for b in found]})
+
+    async def report(self, request: Request) -> Response:
+        """`GET /admin/report?from=&to=&by=&format=` (also `statement=YYYY-MM`, `audit=1`):
+        the same answer as `tollgate report`; the audit export is streamed."""
+        s = self._services()
+        q = request.query_params
+        try:
+            check_admin(request, s.config)
+            audit = q.get("audit", "") in ("1", "true", "yes")
+            query = ReportQuery.parse(
+                start=q.get("from"),
+                end=q.get("to"),
+                by=q.get("by"),
+                fmt=q.get("format", "jsonl" if audit else "json"),
+                statement=q.get("statement"),
+                audit=audit,
+            )
+            answer = await run_report(query, s.ledger, s.config, s.clock())
+        except RequestError as exc:
+            return error_response(exc)
+        if answer.stream is not None:
+            return StreamingResponse(answer.stream, media_type=answer.media_type)
+        return Response(answer.body, media_type=answer.media_type)
 
     async def reload(self, request: Request) -> Response:
         """Swap in the configuration on disk, or refuse it and keep the current one."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -20,12 +20,14 @@ from starlette.routing import Route
 
 from proxy import housekeeping
 from proxy.admin import AdminApi
+from proxy.alerts import Alerts
 from proxy.config import Config, UpstreamSettings, load_config
 from proxy.errors import ConfigError, LedgerError
 from proxy.handlers import ImagesHandler, Services, not_found
 from proxy.ledger import open_ledger
-from proxy.metrics import Metrics
+from proxy.metrics import ENV_MULTIPROC_DIR, Metrics
 from proxy.models import ENDPOINTS
+from proxy.status import budget_status
 from proxy.upstream import Upstream
 
 log = logging.getLogger("tollgate")
@@ -63,7 +65,8 @@ def create_app(
             ]
         )
     holder: dict[str, Services] = {}
-    metrics = Metrics()
+    # Set by `tollgate serve --workers N` before the workers import prometheus-client.
+    metrics = Metrics(multiprocess_dir=os.environ.get(ENV_MULTIPROC_DIR) or None)
 
     def services() -> Services:
         return holder["services"]
@@ -117,11 +120,15 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         ledger = await open_ledger(overrides.ledger_url or config.ledger_url)
         upstream = build_upstream(upstream_settings)
-        shared = Services(config=config, ledger=ledger, upstream=upstream, metrics=metrics)
+        alerts = Alerts(lambda: services().config, ledger, lambda: services().clock())
+        shared = Services(
+            config=config, ledger=ledger, upstream=upstream, metrics=metrics, alerts=alerts
+        )
         holder["services"] = shared
         me = housekeeping.this_process()
         await ledger.register(me, shared.clock())
         await housekeeping.reclaim_once(ledger, me, shared.clock(), upstream_settings.timeout_s)
+        alerts.start()
         duties = asyncio.create_task(
             housekeeping.run(ledger, me, shared.clock, upstream_settings.timeout_s)
         )
@@ -138,6 +145,8 @@ def create_app(
             if shared.background:
                 await asyncio.wait(set(shared.background), timeout=upstream_settings.timeout_s)
             await shared.upstream.aclose()
+            await alerts.aclose()
+            metrics.close()
             await ledger.unregister()
             await ledger.close()
 
@@ -154,13 +163,20 @@ def create_app(
         return JSONResponse({"status": "ready"})
 
     async def metrics_endpoint(request: Request) -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        s = services()
+        try:
+            budgets = await budget_status(s.config, s.ledger, s.clock())
+        except LedgerError as exc:
+            log.error("budget gauges left out of this scrape: %s", exc)
+            budgets = []
+        return Response(metrics.exposition(budgets), media_type=CONTENT_TYPE_LATEST)
 
     admin = AdminApi(services, reload)
 
     routes = [
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/admin/budgets", admin.budgets, methods=["GET"]),
+        Route("/admin/report", admin.report, methods=["GET"]),
         Route("/admin/reload", admin.reload, methods=["POST"]),
         Route("/v1/images/generations", handlers["generations"].handle, methods=["POST"]),
         Route("/v1/images/edits", handlers["edits"].handle, methods=["POST"]),

@@ -15,7 +15,7 @@ read there, so the choice and the reservation are one atomic step.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
@@ -25,12 +25,15 @@ from zoneinfo import ZoneInfo
 
 from proxy.config import Budget, Config, Period, Team
 from proxy.errors import BudgetExceeded, PolicyViolation
-from proxy.models import Change, Estimate, ImageRequest, usd_text
+from proxy.models import Change, Endpoint, Estimate, ImageRequest, usd_text
 from proxy.pricing import AUTO, ModelPrices, PriceBook, estimate, parse_size
 
 Scope = Literal["organization", "team", "user"]
 PERIOD_ORDER: tuple[Period, ...] = ("day", "week", "month", "total")
 STANDARD_SIZES = ("1024x1024", "1536x1024", "1024x1536")
+
+
+UTC = ZoneInfo("UTC")
 
 
 @lru_cache(maxsize=64)
@@ -173,19 +176,24 @@ class Decision:
     remaining_nanos: int | None
 
 
+def allow_endpoint(team: Team, endpoint: Endpoint) -> None:
+    """Refuse an endpoint the team may not use, before its body is even read."""
+    allowed = team.allow.endpoints
+    if allowed is not None and endpoint not in allowed:
+        raise PolicyViolation(
+            f"Team {team.name} may not use /v1/images/{endpoint} (allow.endpoints: "
+            f"{', '.join(sorted(allowed))})."
+        )
+
+
 def apply_allow(team: Team, request: ImageRequest, model: ModelPrices) -> Variant:
     """The team's `allow` rules: a PolicyViolation, or the request clamped to `max_quality`."""
     allow = team.allow
-    if allow.endpoints is not None and request.endpoint not in allow.endpoints:
-        raise PolicyViolation(
-            f"Team {team.name} may not use /v1/images/{request.endpoint} (allow.endpoints: "
-            f"{', '.join(sorted(allow.endpoints))}).",
-            param=None,
-        )
+    allow_endpoint(team, request.endpoint)
     if (
         allow.models is not None
-        and model.name not in allow.models
-        and (request.model not in allow.models)
+        and request.model not in allow.models
+        and (model.name not in allow.models)
     ):
         raise PolicyViolation(
             f"Team {team.name} may not use model {request.model!r} (allow.models: "
@@ -290,6 +298,7 @@ def decide(
     budgets: tuple[Applied, ...],
     totals: Mapping[Counter, Totals],
     book: PriceBook,
+    tz: ZoneInfo = UTC,
 ) -> Decision:
     """The most faithful variant that fits every budget; BudgetExceeded when none does."""
     variant = throttle(team, variant, budgets, totals)
@@ -298,7 +307,8 @@ def decide(
     for candidate in ladder:
         if not blocking(candidate, budgets, totals):
             return Decision(candidate, remaining(candidate, budgets, totals))
-    cheapest = min(every, key=lambda v: v.estimate.cost_nanos)
+    # Under `reject` the request itself is the only form it may take.
+    cheapest = min(ladder, key=lambda v: v.estimate.cost_nanos)
     blocker = blocking(cheapest, budgets, totals) or blocking(variant, budgets, totals)
     assert blocker is not None
     used = totals.get(blocker.counter, Totals()).used(blocker.budget.metric)
@@ -306,16 +316,14 @@ def decide(
         f"Budget exhausted: {blocker.describe()} ({blocker.limit_text(used)}) cannot cover "
         f"this request; the cheapest allowed form of it costs up to "
         f"${usd_text(cheapest.estimate.cost_nanos)}. The budget resets "
-        f"{resets(blocker)}; ask your Tollgate administrator to raise it."
+        f"{resets(blocker, tz)}; ask your Tollgate administrator to raise it."
     )
 
 
-def resets(applied: Applied) -> str:
+def resets(applied: Applied, tz: ZoneInfo) -> str:
     if applied.window.end is None:
         return "never (a total budget)"
-    return "at " + datetime.fromtimestamp(applied.window.end).astimezone().isoformat(
-        timespec="minutes"
-    )
+    return "at " + datetime.fromtimestamp(applied.window.end, tz).isoformat(timespec="minutes")
 
 
 def blocking(
@@ -367,7 +375,8 @@ def variants(start: Variant, team: Team, book: PriceBook) -> Iterator[Variant]:
             fallback = book.find(team.downgrade.fallback_model)
             if fallback is None or fallback.name == current.model.name:
                 continue
-            switched = switch_model(current, fallback)
+            # The most faithful form on the fallback starts from the request as it came.
+            switched = switch_model(start, fallback)
             if switched is None:
                 continue
             yield switched
@@ -435,11 +444,12 @@ def switch_model(variant: Variant, fallback: ModelPrices) -> Variant | None:
         dims = parse_size(size)
         same = [s for s in fallback.sizes if dims and _same_aspect(s, *dims)]
         if not same:
-            return None
+            return None  # it cannot keep the orientation: not a fallback for this request
         size = same[0]
-    switched = change(variant, "model", fallback.name, "budget", model=fallback)
+    changes = [Change("model", request.model, fallback.name, "budget")]
     if quality != request.quality:
-        switched = change(switched, "quality", quality, "budget")
+        changes.append(Change("quality", request.quality, quality, "budget"))
     if size != request.size:
-        switched = change(switched, "size", size, "budget")
-    return replace(switched, estimate=estimate(fallback, switched.request))
+        changes.append(Change("size", request.size, size, "budget"))
+    switched = request.with_changes(model=fallback.name, quality=quality, size=size)
+    return Variant(switched, fallback, estimate(fallback, switched), (*variant.changes, *changes))

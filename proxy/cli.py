@@ -12,15 +12,17 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from datetime import date, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import uvicorn
 
-from proxy import __version__
+from proxy import __version__, reconcile
 from proxy.app import (
     ENV_CONFIG,
     ENV_LEDGER,
@@ -33,8 +35,11 @@ from proxy.app import (
 from proxy.auth import key_hash, new_key
 from proxy.budgets import zone
 from proxy.config import Config, config_schema, default_config_path, load_config
-from proxy.errors import ConfigError, LedgerError
+from proxy.errors import ConfigError, InvalidRequest, LedgerError, RequestError
 from proxy.ledger import open_ledger
+from proxy.metrics import ENV_MULTIPROC_DIR
+from proxy.reports_query import ReportQuery
+from proxy.reports_query import run as run_report_query
 from proxy.status import BudgetStatus, budget_status
 
 SIMULATED_KEY = "sk-simulated-upstream"
@@ -88,6 +93,38 @@ def build_parser() -> argparse.ArgumentParser:
     budgets.add_argument("--ledger", help="ledger URL (overrides the configuration)")
     budgets.add_argument("--format", choices=("table", "json"), default="table")
     budgets.set_defaults(run=run_budgets)
+
+    report = commands.add_parser(
+        "report", help="finance reports, chargeback statements, the audit export"
+    )
+    add_config(report)
+    report.add_argument("--ledger", help="ledger URL (overrides the configuration)")
+    report.add_argument("--from", dest="start", metavar="DATE", help="first day (default: 1st)")
+    report.add_argument("--to", dest="end", metavar="DATE", help="last day, included")
+    report.add_argument("--by", metavar="FIELDS", help="e.g. team,model,quality or day")
+    report.add_argument("--statement", metavar="YYYY-MM", help="the month's chargeback statement")
+    report.add_argument("--audit", action="store_true", help="every ledger row (csv or jsonl)")
+    report.add_argument(
+        "--format", default=None, help="table|csv|json|html; jsonl|csv with --audit"
+    )
+    report.add_argument("--output", type=Path, help="write here instead of standard output")
+    report.set_defaults(run=run_report)
+
+    rec = commands.add_parser("reconcile", help="compare the ledger with OpenAI's Costs API")
+    add_config(rec)
+    rec.add_argument("--ledger", help="ledger URL (overrides the configuration)")
+    source = rec.add_mutually_exclusive_group(required=True)
+    source.add_argument("--costs", type=Path, metavar="FILE", help="a saved Costs API answer")
+    source.add_argument(
+        "--admin-key-env", metavar="VAR", help="fetch live with the admin key in $VAR"
+    )
+    rec.add_argument("--from", dest="start", metavar="DATE", help="first UTC day")
+    rec.add_argument("--to", dest="end", metavar="DATE", help="last UTC day, included")
+    rec.add_argument(
+        "--tolerance", type=Decimal, default=None, help="USD per day and model (default 0.01)"
+    )
+    rec.add_argument("--format", choices=("table", "json"), default="table")
+    rec.set_defaults(run=run_reconcile)
 
     schema = commands.add_parser("schema", help="print the JSON Schema of the configuration")
     schema.set_defaults(run=run_schema)
@@ -169,6 +206,78 @@ async def read_budgets(config: Config, ledger_url: str, now: float) -> list[Budg
         await ledger.close()
 
 
+def run_report(args: argparse.Namespace) -> int:
+    config = load_config(config_path(args))
+    fmt = args.format or ("jsonl" if args.audit else "table")
+    try:
+        query = ReportQuery.parse(
+            start=args.start, end=args.end, by=args.by, fmt=fmt,
+            statement=args.statement, audit=args.audit,
+        )  # fmt: skip
+        asyncio.run(write_report(query, config, args.ledger or config.ledger_url, args.output))
+    except InvalidRequest as exc:
+        print(f"tollgate report: {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+async def write_report(
+    query: ReportQuery, config: Config, ledger_url: str, output: Path | None
+) -> None:
+    ledger = await open_ledger(ledger_url)
+    try:
+        answer = await run_report_query(query, ledger, config, time.time())
+        out = output.open("w", encoding="utf-8", newline="") if output else sys.stdout
+        try:
+            if answer.stream is not None:
+                async for chunk in answer.stream:
+                    out.write(chunk)
+            else:
+                out.write(answer.body or "")
+        finally:
+            if output:
+                out.close()
+    finally:
+        await ledger.close()
+
+
+def run_reconcile(args: argparse.Namespace) -> int:
+    config = load_config(config_path(args))
+    first = reconcile.parse_day(args.start) if args.start else None
+    last = reconcile.parse_day(args.end) if args.end else None
+    tolerance = args.tolerance if args.tolerance is not None else reconcile.DEFAULT_TOLERANCE
+    if args.costs is not None:
+        pages = reconcile.load_costs_file(args.costs.read_text(encoding="utf-8"))
+        admin_key = None
+    else:
+        admin_key = os.environ.get(args.admin_key_env)
+        if not admin_key:
+            print(f"tollgate reconcile: ${args.admin_key_env} is not set", file=sys.stderr)
+            return 2
+        pages = []
+    try:
+        result = asyncio.run(
+            reconcile.run(
+                config,
+                args.ledger or config.ledger_url,
+                pages,
+                admin_key,
+                first,
+                last,
+                tolerance,
+                time.time(),
+            )
+        )
+    except RequestError as exc:
+        print(f"tollgate reconcile: {exc.message}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        print(json.dumps(reconcile.as_json(result), indent=2))
+    else:
+        print(reconcile.as_table(result), end="")
+    return 1 if result.off_days else 0
+
+
 def run_schema(args: argparse.Namespace) -> int:
     print(json.dumps(config_schema(), indent=2))
     return 0
@@ -219,6 +328,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         os.environ[ENV_CONFIG] = str(path)
         os.environ[ENV_WORKERS] = str(args.workers)
+        # Before the workers import prometheus-client: their counters are summed from files.
+        os.environ[ENV_MULTIPROC_DIR] = fresh_metrics_dir()
         for name, value in (
             (ENV_LEDGER, overrides.ledger_url),
             (ENV_UPSTREAM_URL, overrides.upstream_url),
@@ -248,6 +359,18 @@ def run_serve(args: argparse.Namespace) -> int:
             log_config=None,
         )
     return 0
+
+
+def fresh_metrics_dir() -> str:
+    """An empty directory for the workers' metric files: `$PROMETHEUS_MULTIPROC_DIR`
+    cleared of a previous run's files, else a new temporary directory."""
+    given = os.environ.get(ENV_MULTIPROC_DIR)
+    if not given:
+        return tempfile.mkdtemp(prefix="tollgate-metrics-")
+    Path(given).mkdir(parents=True, exist_ok=True)
+    for stale in Path(given).glob("*.db"):
+        stale.unlink()
+    return given
 
 
 def print_banner(args: argparse.Namespace, config: Config, overrides: Overrides) -> None:
@@ -299,9 +422,10 @@ class JsonLines(logging.Formatter):
         message = record.getMessage()
         if record.name == "tollgate.requests":
             return message
-        return json.dumps(
-            {"level": record.levelname.lower(), "logger": record.name, "message": message}
-        )
+        line = {"level": record.levelname.lower(), "logger": record.name, "message": message}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
 
 
 def configure_logging(level: str) -> None:

@@ -24,12 +24,14 @@ import httpx
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from proxy.alerts import Alerts
 from proxy.auth import identify
 from proxy.budgets import (
     Counter,
     Decision,
     Totals,
     Variant,
+    allow_endpoint,
     applicable,
     apply_allow,
     counters,
@@ -72,6 +74,7 @@ class Services:
     ledger: Ledger
     upstream: Upstream
     metrics: Metrics
+    alerts: Alerts
     clock: Callable[[], float] = time.time
     background: set[asyncio.Task[Any]] = field(default_factory=set)
     background_handles: list[asyncio.TimerHandle] = field(default_factory=list)
@@ -146,6 +149,7 @@ class ImagesHandler:
             team, key = identify(request.headers.get("authorization"), config.team_by_key_hash())
             entry = replace(entry, team=team.name, cost_center=team.cost_center, key_id=key.id)
             headers["x-tollgate-team"] = team.name
+            allow_endpoint(team, self.endpoint)
             body = await read_body(request, self.limit(config))
             parsed = parse_request(
                 self.endpoint, request.headers.get("content-type", ""), body, config.default_model
@@ -199,11 +203,12 @@ class ImagesHandler:
         """Decide against the budgets and reserve the bound, in one ledger transaction."""
         user = variant.request.user
         budgets = applicable(config, team, user, entry.started_at)
-        write = counters(team.name, user, entry.started_at, zone(config.timezone))
+        tz = zone(config.timezone)
+        write = counters(team.name, user, entry.started_at, tz)
         chosen: list[Decision] = []
 
         def choose(totals: Mapping[Counter, Totals]) -> Reservation:
-            decision = decide(team, variant, budgets, totals, config.prices)
+            decision = decide(team, variant, budgets, totals, config.prices, tz)
             chosen.append(decision)
             sent = decision.variant
             reserved = replace(
@@ -476,6 +481,7 @@ class ImagesHandler:
             # The reservation stays in the ledger and is reclaimed later; say so loudly.
             log.error("ledger settle failed for %s: %s", exchange.entry.id, exc)
         self.services.metrics.finished(exchange.entry, settlement, exchange.changes)
+        self.services.alerts.settled(exchange.entry)
         log_request(exchange.entry, settlement)
 
 

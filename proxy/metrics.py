@@ -3,27 +3,55 @@
 Built on prometheus-client with an explicit registry: nothing registers itself
 at import. Costs are exported in USD (a float only here, at the edge); there is
 no per-user label.
+
+Two kinds of values:
+- request-path counters, histograms and the in-flight gauge, kept per process.
+  With several uvicorn workers `tollgate serve` points `PROMETHEUS_MULTIPROC_DIR`
+  at a fresh directory before they start, each worker writes its values there,
+  and a scrape sums every worker's files (the client's multiprocess mode);
+- budget gauges, read from the ledger at scrape time and handed to
+  `exposition()` as a snapshot, so every worker and replica tells the same truth.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from proxy.ledger import Entry, Settlement
 from proxy.models import NANOS_PER_USD, Change
+from proxy.status import BudgetStatus
 
+ENV_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.5, 1, 2.5, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300)
 TOKEN_KINDS = ("text_input", "cached_text_input", "image_input", "cached_image_input",
                "image_output")  # fmt: skip
+BUDGET_LABELS = ("scope", "team", "period")
 
 
 class Metrics:
-    """The request-path metrics of one process."""
+    """The request-path metrics of one process.
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    `multiprocess_dir` (the value of `PROMETHEUS_MULTIPROC_DIR`, which must be set before
+    prometheus-client is imported) makes `exposition()` sum every worker's values.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, multiprocess_dir: str | None = None
+    ) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.multiprocess_dir = multiprocess_dir
         r = self.registry
         self.requests = Counter(
             "tollgate_requests",
@@ -38,6 +66,13 @@ class Metrics:
             "tollgate_cost_usd",
             "Metered cost in US dollars.",
             ["team", "model", "quality"],
+            registry=r,
+        )
+        self.reserved = Counter(
+            "tollgate_reserved_usd",
+            "Estimated (reserved) cost of forwarded requests in US dollars, counted when they "
+            "settle; compare with tollgate_cost_usd_total for the estimation drift.",
+            ["team", "model"],
             registry=r,
         )
         self.images = Counter(
@@ -80,8 +115,87 @@ class Metrics:
         quality = entry.quality or ""
         if settlement.cost_nanos:
             self.cost.labels(team, model, quality).inc(settlement.cost_nanos / NANOS_PER_USD)
+        if entry.estimated_nanos:
+            self.reserved.labels(team, model).inc(entry.estimated_nanos / NANOS_PER_USD)
         if usage.images and 200 <= settlement.status < 300:
             self.images.labels(team, model, quality, entry.size or "").inc(usage.images)
 
     def upstream(self, model: str, endpoint: str, seconds: float) -> None:
         self.upstream_duration.labels(model, endpoint).observe(seconds)
+
+    def exposition(self, budgets: Sequence[BudgetStatus] = ()) -> bytes:
+        """The text format of every metric: this process's (or every worker's) values and
+        the budget gauges of `budgets`, a snapshot read from the ledger for this scrape."""
+        scrape = CollectorRegistry(auto_describe=False)
+        if self.multiprocess_dir:
+            multiprocess.MultiProcessCollector(scrape, self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        else:
+            scrape.register(self.registry)
+        scrape.register(BudgetCollector(budgets))
+        return generate_latest(scrape)
+
+    def close(self) -> None:
+        """This worker stops: its in-flight gauge no longer counts."""
+        if self.multiprocess_dir:
+            multiprocess.mark_process_dead(os.getpid(), self.multiprocess_dir)  # type: ignore[no-untyped-call]
+
+
+class BudgetCollector(Collector):
+    """The budget gauges of one snapshot (USD budgets: a token budget has no dollars, and
+    its utilization would collide with the USD budget of the same period)."""
+
+    def __init__(self, budgets: Sequence[BudgetStatus]) -> None:
+        self.budgets = budgets
+
+    def describe(self) -> Iterable[Metric]:
+        return self.families({})
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families(self.tightest())
+
+    def tightest(self) -> dict[tuple[str, str, str], BudgetStatus]:
+        """One USD budget per (scope, team, period): the most used one."""
+        found: dict[tuple[str, str, str], BudgetStatus] = {}
+        for b in self.budgets:
+            if b.metric != "usd" or b.scope == "user":
+                continue
+            key = (b.scope, b.team, b.period)
+            if key not in found or b.utilization > found[key].utilization:
+                found[key] = b
+        return found
+
+    @staticmethod
+    def families(budgets: dict[tuple[str, str, str], BudgetStatus]) -> list[Metric]:
+        labels = list(BUDGET_LABELS)
+        limit = GaugeMetricFamily(
+            "tollgate_budget_limit_usd", "Budget limit in US dollars.", labels=labels
+        )
+        spent = GaugeMetricFamily(
+            "tollgate_budget_spent_usd",
+            "Settled spend in the budget's current period, in US dollars.",
+            labels=labels,
+        )
+        reserved = GaugeMetricFamily(
+            "tollgate_budget_reserved_usd",
+            "Spend held by requests in flight, in US dollars.",
+            labels=labels,
+        )
+        utilization = GaugeMetricFamily(
+            "tollgate_budget_utilization_ratio",
+            "Settled spend over the limit (1 = exhausted).",
+            labels=labels,
+        )
+        period_end = GaugeMetricFamily(
+            "tollgate_budget_period_end_timestamp_seconds",
+            "When the budget's current period ends (unix seconds; none for `total`).",
+            labels=labels,
+        )
+        for key, b in budgets.items():
+            values = list(key)
+            limit.add_metric(values, b.limit / NANOS_PER_USD)
+            spent.add_metric(values, b.spent / NANOS_PER_USD)
+            reserved.add_metric(values, b.reserved / NANOS_PER_USD)
+            utilization.add_metric(values, float(b.utilization))
+            if b.window.end is not None:
+                period_end.add_metric(values, b.window.end)
+        return [limit, spent, reserved, utilization, period_end]

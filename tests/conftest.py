@@ -8,6 +8,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -37,28 +38,40 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float = 2
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            out = process.stdout.read().decode() if process.stdout else ""
-            raise RuntimeError(f"process exited with {process.returncode}:\n{out}")
+            raise RuntimeError(f"process exited with {process.returncode}:\n{output(process)}")
         try:
             if httpx.get(url, timeout=1.0).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.05)
-    raise RuntimeError(f"{url} did not come up")
+    raise RuntimeError(f"{url} did not come up:\n{output(process)}")
+
+
+LOGS: dict[int, Path] = {}
 
 
 def start(
     args: list[str], health_url: str, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "proxy", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
-    )
+    """Start `python -m proxy ARGS`; its output goes to a file (a pipe nobody reads fills up
+    and blocks the process)."""
+    log = Path(tempfile.mkstemp(prefix="tollgate-", suffix=".log")[1])
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", *args],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+    LOGS[process.pid] = log
     wait_until_up(health_url, process)
     return process
+
+
+def output(process: subprocess.Popen[bytes]) -> str:
+    log = LOGS.get(process.pid)
+    return log.read_text(errors="replace") if log is not None else ""
 
 
 def stop(process: subprocess.Popen[bytes]) -> str:
@@ -69,7 +82,7 @@ def stop(process: subprocess.Popen[bytes]) -> str:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    return process.stdout.read().decode() if process.stdout else ""
+    return output(process)
 
 
 @dataclass
@@ -122,7 +135,8 @@ class Tollgate:
     process: subprocess.Popen[bytes]
 
     def client(self, key: str = DESIGN_KEY, **options: Any) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, **options)
+        options.setdefault("max_retries", 0)
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, **options)
 
     def rows(self) -> list[dict[str, Any]]:
         with sqlite3.connect(self.root / "tollgate.db") as db:

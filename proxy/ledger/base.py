@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Literal, Protocol
 
 from proxy.budgets import Counter, Totals
 from proxy.models import Endpoint, Outcome, Usage
@@ -81,6 +81,26 @@ class Row:
     """None while the request is in flight (its estimate is reserved)."""
 
 
+GroupColumn = Literal[
+    "team", "cost_center", "user", "key_id", "model", "quality", "size", "endpoint", "outcome"
+]
+"""What a report may group settled rows by (model/quality/size: as sent, else as requested)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregate:
+    """Sums over one group of settled rows (see `Ledger.summarize`)."""
+
+    keys: tuple[Any, ...]
+    """The group's values of the requested columns, then its time bucket if one was asked."""
+    requests: int = 0
+    images: int = 0
+    text_input_tokens: int = 0
+    image_input_tokens: int = 0
+    image_output_tokens: int = 0
+    cost_nanos: int = 0
+
+
 class Ledger(Protocol):
     async def reserve(self, read: Sequence[Counter], choose: Chooser) -> Reservation:
         """Atomically: read the totals of `read`, let `choose` decide on them, and store its
@@ -117,6 +137,25 @@ class Ledger(Protocol):
 
     async def rows(self, since: float = 0.0) -> list[Row]:
         """Every row started at or after `since`, oldest first."""
+
+    async def summarize(
+        self,
+        start: float,
+        end: float,
+        by: Sequence[GroupColumn],
+        bucket_seconds: int | None = None,
+    ) -> list[Aggregate]:
+        """Sums of the settled rows started in [start, end), grouped by `by` and, with
+        `bucket_seconds`, by `floor(started_at / bucket_seconds)` (appended to the keys).
+        Rows in flight (reserved) are not spend yet and are left out."""
+
+    def export(self, start: float, end: float) -> AsyncIterator[dict[str, Any]]:
+        """Every row (settled or in flight) started in [start, end), oldest first, as
+        column -> value; streamed in batches, in constant memory."""
+
+    async def claim_alert(self, key: str, now: float) -> bool:
+        """Remember that the budget alert `key` was sent: True only the first time, for
+        every worker and replica (the claim and the check are one atomic step)."""
 
     async def ping(self) -> None:
         """Raise LedgerError when the ledger cannot be reached."""

@@ -21,6 +21,7 @@ import aiosqlite
 from proxy.budgets import Counter, Totals
 from proxy.errors import LedgerError
 from proxy.ledger.base import Chooser, Entry, Owner, Reservation, Row, Settlement
+from proxy.ledger.sqlite_reports import SqliteReports
 from proxy.models import Usage
 
 SCHEMA_VERSION = 1
@@ -90,6 +91,10 @@ CREATE TABLE IF NOT EXISTS budget_usage (
     total_tokens        INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (scope, team, user, period, start)
 );
+CREATE TABLE IF NOT EXISTS alerts_sent (
+    key     TEXT PRIMARY KEY,                    -- budget, threshold and period window
+    sent_at REAL NOT NULL
+);
 """
 
 ENTRY_COLUMNS = (
@@ -143,7 +148,7 @@ def _counters(text: str) -> list[Counter]:
     return [Counter(*item) for item in json.loads(text)]
 
 
-class SqliteLedger:
+class SqliteLedger(SqliteReports):
     """The Ledger on one SQLite file."""
 
     def __init__(self, path: str | Path) -> None:
@@ -317,6 +322,18 @@ class SqliteLedger:
         ) as cursor:
             found = await cursor.fetchall()
         return [_row(tuple(r)) for r in found]
+
+    async def claim_alert(self, key: str, now: float) -> bool:
+        async with self._lock:
+            try:
+                cursor = await self.db.execute(
+                    "INSERT OR IGNORE INTO alerts_sent (key, sent_at) VALUES (?, ?)", (key, now)
+                )
+            except sqlite3.Error as exc:
+                raise LedgerError(f"ledger write failed: {exc}") from exc
+            claimed: bool = cursor.rowcount == 1
+            await cursor.close()
+            return claimed
 
     async def ping(self) -> None:
         try:

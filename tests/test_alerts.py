@@ -1,0 +1,231 @@
+"""Soft-threshold notifications: webhook messages when settled spend crosses `alert_at`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.alerts import Alerts, crossings
+from proxy.budgets import Window, counters, zone
+from proxy.config import Alerts as AlertSettings
+from proxy.config import Budget, Config, Team, TeamKey, load_config
+from proxy.config.settings import Allow
+from proxy.ledger import Entry, Reservation, Settlement, SqliteLedger
+from proxy.models import Usage
+from proxy.status import BudgetStatus
+
+POLICIES = Path(__file__).parent.parent / "policies"
+
+NANOS = 10**9
+NOW = 1_780_000_000.0  # 2026-05-28, UTC
+
+
+class Receiver:
+    """A webhook on 127.0.0.1 that keeps what it is sent; it can answer 500 a few times."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.attempts = 0
+        self.failures = failures
+        received = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                received.attempts += 1
+                if received.failures:
+                    received.failures -= 1
+                    self.send_response(500)
+                else:
+                    received.messages.append(json.loads(body))
+                    self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    hook = Receiver()
+    yield hook
+    hook.close()
+
+
+def config(webhooks: tuple[str, ...], limit_usd: int = 10) -> Config:
+    design = Team(
+        name="design",
+        cost_center=None,
+        keys=(TeamKey("k", "0" * 64),),
+        budgets=(
+            Budget("month", "usd", limit_usd * NANOS, (Decimal("0.5"), Decimal("0.8"))),
+            Budget("day", "usd", 100 * NANOS),
+        ),
+        per_user=(),
+        allow=Allow(),
+        throttle=(),
+    )
+    return replace(
+        load_config(POLICIES),
+        timezone="UTC",
+        organization_budgets=(),
+        teams=(design,),
+        alerts=AlertSettings(webhooks=webhooks, timeout_s=2.0),
+    )
+
+
+async def spend(ledger: SqliteLedger, nanos: int, n: int = 1) -> Entry:
+    """Reserve and settle a request of team design costing `nanos`."""
+    entry = Entry(f"tg_req_{n}", NOW, "generations", team="design", estimated_nanos=nanos)
+    write = counters("design", None, NOW, zone("UTC"))
+    await ledger.reserve(write, lambda totals: Reservation(entry, Usage(), write))
+    await ledger.settle(entry.id, Settlement(NOW, "ok", 200, Usage(images=1), cost_nanos=nanos))
+    return entry
+
+
+@pytest.fixture
+async def ledger(tmp_path: Path) -> Any:
+    opened = SqliteLedger(tmp_path / "ledger.db")
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+def alerts_for(cfg: Config, ledger: SqliteLedger, **options: Any) -> Alerts:
+    notifier = Alerts(lambda: cfg, ledger, lambda: NOW, **options)
+    notifier.start()
+    return notifier
+
+
+async def test_crossing_a_threshold_posts_one_message_with_slack_text_and_fields(
+    ledger: SqliteLedger, receiver: Receiver
+) -> None:
+    notifier = alerts_for(config((receiver.url,)), ledger)
+    notifier.settled(await spend(ledger, 4 * NANOS, 1))  # 40 %: below every threshold
+    await notifier.idle()
+    notifier.settled(await spend(ledger, 2 * NANOS, 2))  # 60 %: crosses 0.5
+    await notifier.idle()
+    await notifier.aclose()
+    assert len(receiver.messages) == 1
+    message = receiver.messages[0]
+    assert message["team"] == "design"
+    assert message["scope"] == "team"
+    assert message["period"] == "month"
+    assert message["threshold"] == "0.5"
+    assert message["limit_usd"] == "10"
+    assert message["spent_usd"] == "6"
+    assert message["utilization"] == "0.6000"
+    assert message["period_end"] == "2026-06-01T00:00:00+00:00"
+    assert "team design's month budget has reached 50%" in message["text"]
+    assert "$6 of $10" in message["text"]
+
+
+async def test_each_threshold_is_announced_once_per_period_even_after_a_restart(
+    ledger: SqliteLedger, receiver: Receiver
+) -> None:
+    cfg = config((receiver.url,))
+    notifier = alerts_for(cfg, ledger)
+    for n in range(1, 10):  # 1 USD each, up to 90 %
+        notifier.settled(await spend(ledger, NANOS, n))
+        await notifier.idle()
+    await notifier.aclose()
+    # A new process (same ledger) finds nothing new to say.
+    again = alerts_for(cfg, ledger)
+    again.settled(await spend(ledger, NANOS // 2, 10))
+    await again.idle()
+    await again.aclose()
+    assert [m["threshold"] for m in receiver.messages] == ["0.5", "0.8"]
+
+
+async def test_a_failing_webhook_is_retried_and_a_slow_one_never_blocks_settled(
+    ledger: SqliteLedger,
+) -> None:
+    hook = Receiver(failures=2)
+    try:
+        notifier = alerts_for(config((hook.url,), limit_usd=1), ledger, retry_delays=(0.01, 0.01))
+        entry = await spend(ledger, NANOS)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        notifier.settled(entry)
+        assert loop.time() - began < 0.01  # only notes the team
+        await notifier.idle()
+        await notifier.aclose()
+        assert hook.attempts == 4  # two thresholds; the first one's first two tries fail
+        assert sorted(m["threshold"] for m in hook.messages) == ["0.5", "0.8"]
+    finally:
+        hook.close()
+
+
+async def test_an_unreachable_webhook_gives_up_after_its_retries(ledger: SqliteLedger) -> None:
+    hook = Receiver()
+    url = hook.url
+    hook.close()
+    notifier = alerts_for(config((url,), limit_usd=1), ledger, retry_delays=(0.01,))
+    notifier.settled(await spend(ledger, NANOS))
+    await asyncio.wait_for(notifier.idle(), 5)
+    await notifier.aclose()
+    assert await ledger.claim_alert("anything", NOW)
+
+
+async def test_without_webhooks_nothing_is_checked(ledger: SqliteLedger) -> None:
+    notifier = alerts_for(config(()), ledger)
+    notifier.settled(await spend(ledger, 9 * NANOS))
+    await notifier.idle()
+    await notifier.aclose()
+    assert await ledger.claim_alert("team|design||month|usd|1777593600|0.5", NOW)
+
+
+async def test_claim_alert_is_true_only_the_first_time(ledger: SqliteLedger) -> None:
+    assert await ledger.claim_alert("k", NOW)
+    assert not await ledger.claim_alert("k", NOW + 1)
+    assert await ledger.claim_alert("k2", NOW)
+
+
+def status(spent: int, alert_at: tuple[str, ...], scope: str = "team") -> BudgetStatus:
+    return BudgetStatus(
+        scope=scope,
+        team="design" if scope == "team" else "",
+        user="",
+        period="month",
+        metric="usd",
+        limit=100,
+        spent=spent,
+        reserved=50,
+        window=Window("month", 0.0, 10.0),
+        alert_at=tuple(Decimal(a) for a in alert_at),
+    )
+
+
+@pytest.mark.parametrize(
+    ("spent", "expected"),
+    [(49, []), (50, ["0.5"]), (80, ["0.5", "0.8"]), (120, ["0.5", "0.8"])],
+)
+def test_crossings_count_settled_spend_not_reservations(spent: int, expected: list[str]) -> None:
+    found = crossings([status(spent, ("0.5", "0.8"))], {"design"})
+    assert [str(c.threshold) for c in found] == expected
+
+
+def test_crossings_are_those_of_the_settled_team_and_of_the_organization() -> None:
+    budgets = [status(90, ("0.5",)), status(90, ("0.5",), scope="organization")]
+    assert [c.status.scope for c in crossings(budgets, {"research"})] == ["organization"]
+    keys = {c.key for c in crossings(budgets, {"design"})}
+    assert keys == {"team|design||month|usd|0|0.5", "organization|||month|usd|0|0.5"}

@@ -1,0 +1,393 @@
+"""Budgets end to end: the official openai client → Tollgate with budgets → the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from proxy.auth import key_hash
+from tests.conftest import (
+    UPSTREAM_KEY,
+    Simulator,
+    Tollgate,
+    start_tollgate,
+    write_config,
+)
+from tests.test_proxy_e2e import expected_cost, wait_settled
+
+ADMIN = "admin-secret-token"
+KEYS = {name: f"tg_test_{name}_key" for name in ("frugal", "strict", "throttled", "tokens")}
+
+
+def team(name: str, body: str) -> str:
+    return f"name: {name}\nkeys:\n  - {{id: {name}-key, sha256: {key_hash(KEYS[name])}}}\n" + body
+
+
+TEAMS = {
+    # $0.10 a day: gpt-image-2 high 1024x1024 (~$0.21) must come down to medium (~$0.053).
+    "frugal": team(
+        "frugal",
+        """
+budgets:
+  - {period: day, limit_usd: 0.10}
+per_user:
+  - {period: day, limit_usd: 0.06}
+on_exhausted: downgrade
+downgrade: {order: [quality, size, model], fallback_model: gpt-image-1-mini}
+""",
+    ),
+    "strict": team(
+        "strict",
+        """
+budgets:
+  - {period: month, limit_usd: 0.05}
+allow:
+  models: [gpt-image-2, gpt-image-1-mini]
+  max_n: 2
+  endpoints: [generations]
+on_exhausted: reject
+""",
+    ),
+    "throttled": team(
+        "throttled",
+        """
+budgets:
+  - {period: month, limit_usd: 1.00}
+allow: {max_quality: high}
+throttle:
+  - {above: 0.20, max_quality: medium}
+  - {above: 0.40, max_quality: low}
+on_exhausted: downgrade
+""",
+    ),
+    "tokens": team(
+        "tokens",
+        """
+budgets:
+  - {period: month, image_output_tokens: 8000}
+on_exhausted: reject
+""",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def proxy(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
+    root = tmp_path_factory.mktemp("budgets")
+    write_config(root, f"{simulator.url}/v1", settings=f"admin_token: {ADMIN}\n", teams=TEAMS)
+    tollgate = start_tollgate(root)
+    yield tollgate
+    tollgate.stop()
+
+
+def client(proxy: Tollgate, name: str, **options: Any) -> openai.OpenAI:
+    return proxy.client(KEYS[name], **options)
+
+
+def usd(header: str) -> Decimal:
+    return Decimal(header)
+
+
+def test_a_request_that_fits_goes_through_with_the_room_left(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    raw = client(proxy, "throttled").images.with_raw_response.generate(
+        model="gpt-image-2", prompt="fits", quality="low", size="1024x1024"
+    )
+    cost = expected_cost(simulator.record(raw.headers["x-request-id"]))
+    assert usd(raw.headers["x-tollgate-cost-usd"]) == cost
+    assert usd(raw.headers["x-tollgate-budget-remaining-usd"]) == Decimal("1.00") - cost
+    assert "x-tollgate-downgraded" not in raw.headers
+
+
+def test_a_request_over_budget_is_downgraded_and_the_upstream_gets_the_cheaper_body(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    raw = client(proxy, "frugal").images.with_raw_response.generate(
+        model="gpt-image-2", prompt="a castle", quality="high", size="1024x1024"
+    )
+    assert raw.headers["x-tollgate-downgraded"] == "quality=high->medium"
+    record = simulator.record(raw.headers["x-request-id"])
+    assert record["params"]["quality"] == "medium" and record["quality"] == "medium"
+    row = wait_settled(proxy, raw.headers["x-tollgate-request-id"])
+    assert row["outcome"] == "downgraded"
+    assert (row["quality_requested"], row["quality"]) == ("high", "medium")
+    assert Decimal(row["cost_nanos"]) / 10**9 == expected_cost(record)
+
+
+def test_a_rejection_is_429_budget_exceeded_and_the_sdk_tries_once(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    before = len(simulator.billing())
+    rows_before = len(proxy.rows())
+    sdk = client(proxy, "strict", max_retries=2)  # the SDK's default: it would retry a 429
+    with pytest.raises(openai.RateLimitError) as caught:
+        sdk.images.generate(model="gpt-image-2", prompt="x", quality="high", size="1024x1024")
+    error = caught.value
+    assert error.code == "budget_exceeded" and error.type == "insufficient_quota"
+    assert error.response.headers["x-should-retry"] == "false"
+    message = error.message
+    assert "team strict's month budget" in message and "limit $0.05" in message
+    assert "cheapest" in message
+    assert len(proxy.rows()) == rows_before + 1  # exactly one attempt reached Tollgate
+    assert proxy.rows()[-1]["outcome"] == "rejected_budget"
+    assert len(simulator.billing()) == before  # the upstream was never called
+
+
+@pytest.mark.parametrize(
+    ("call", "param"),
+    [
+        (lambda c: c.images.generate(model="gpt-image-1.5", prompt="x", quality="low"), "model"),
+        (lambda c: c.images.generate(model="gpt-image-2", prompt="x", quality="low", n=3), "n"),
+        (
+            lambda c: c.images.edit(
+                model="gpt-image-2", prompt="x", image=("a.png", b"\x89PNG", "image/png")
+            ),
+            None,
+        ),
+    ],
+)
+def test_policy_violations_are_403(proxy: Tollgate, call: Any, param: str | None) -> None:
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        call(client(proxy, "strict"))
+    assert caught.value.code == "policy_violation"
+    body: Any = caught.value.body
+    assert body["param"] == param
+    assert proxy.rows()[-1]["outcome"] == "rejected_policy"
+
+
+def test_per_user_caps_apply_to_each_user(proxy: Tollgate) -> None:
+    sdk = client(proxy, "frugal")
+    first = sdk.images.with_raw_response.generate(
+        model="gpt-image-1-mini", prompt="a", quality="medium", size="1024x1024", user="alice"
+    )
+    assert "x-tollgate-downgraded" not in first.headers
+    # alice's $0.06 day is nearly used: her next medium image comes down to low, bob's does not.
+    second = sdk.images.with_raw_response.generate(
+        model="gpt-image-2", prompt="b", quality="medium", size="1024x1024", user="alice"
+    )
+    assert second.headers["x-tollgate-downgraded"].startswith("quality=medium->")
+    bob = sdk.images.with_raw_response.generate(
+        model="gpt-image-2", prompt="b", quality="low", size="1024x1024", user="bob"
+    )
+    assert "x-tollgate-downgraded" not in bob.headers
+
+
+def test_token_caps_are_budgets_too(proxy: Tollgate) -> None:
+    sdk = client(proxy, "tokens")
+    sdk.images.generate(model="gpt-image-2", prompt="x", quality="high", size="1024x1024")
+    with pytest.raises(openai.RateLimitError) as caught:  # 7024 + 7024 > 8000 output tokens
+        sdk.images.generate(model="gpt-image-2", prompt="x", quality="high", size="1024x1024")
+    assert "image output tokens" in caught.value.message
+
+
+def test_throttle_tiers_cap_quality_as_spend_rises(proxy: Tollgate) -> None:
+    sdk = client(proxy, "throttled")
+    # Above 20 % of the $1 month budget, quality is capped at medium; above 40 % at low.
+    spent = Decimal(0)
+    headers: list[str] = []
+    while spent < Decimal("0.45"):
+        raw = sdk.images.with_raw_response.generate(
+            model="gpt-image-2", prompt="x", quality="high", size="1024x1024"
+        )
+        spent += usd(raw.headers["x-tollgate-cost-usd"])
+        headers.append(raw.headers.get("x-tollgate-downgraded", ""))
+    assert headers[0] == ""
+    assert "quality=high->medium" in headers
+    assert headers[-1] == "quality=high->low"
+
+
+def test_admin_budgets_show_limit_spent_and_remaining(proxy: Tollgate) -> None:
+    answer = httpx.get(
+        f"{proxy.url}/admin/budgets", headers={"authorization": f"Bearer {ADMIN}"}
+    ).json()
+    by_team = {(b["team"], b["period"]): b for b in answer["budgets"]}
+    strict = by_team[("strict", "month")]
+    assert strict["limit"] == "0.05"
+    assert Decimal(strict["remaining"]) == Decimal(strict["limit"]) - Decimal(strict["spent"])
+    assert strict["period_end"] > answer["as_of"]
+    denied = httpx.get(f"{proxy.url}/admin/budgets", headers={"authorization": "Bearer no"})
+    assert denied.status_code == 401
+    cli = subprocess.run(
+        [sys.executable, "-m", "proxy", "budgets", "--config", str(proxy.root), "--format", "json"],
+        capture_output=True, text=True, check=True, env={**os.environ},
+    )  # fmt: skip
+    assert '"team": "strict"' in cli.stdout
+
+
+def test_reload_swaps_the_configuration_and_refuses_an_invalid_one(
+    proxy: Tollgate,
+) -> None:
+    headers = {"authorization": f"Bearer {ADMIN}"}
+    team_file = proxy.root / "teams" / "strict.yaml"
+    original = team_file.read_text()
+    try:
+        team_file.write_text(original.replace("limit_usd: 0.05", "limit_usd: 5"))
+        answer = httpx.post(f"{proxy.url}/admin/reload", headers=headers)
+        assert answer.status_code == 200 and "strict" in answer.json()["teams"]
+        ok = client(proxy, "strict").images.generate(
+            model="gpt-image-2", prompt="x", quality="high", size="1024x1024"
+        )
+        assert ok.data
+        team_file.write_text(original.replace("limit_usd: 0.05", "limit_usd: lots"))
+        refused = httpx.post(f"{proxy.url}/admin/reload", headers=headers)
+        assert refused.status_code == 400
+        assert "strict.yaml" in refused.json()["error"]["message"]
+        still = client(proxy, "strict").images.generate(
+            model="gpt-image-2", prompt="x", quality="low", size="1024x1024"
+        )  # the $5 budget is still in force
+        assert still.data
+        team_file.write_text(original)
+        proxy.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                client(proxy, "strict").images.generate(
+                    model="gpt-image-2", prompt="x", quality="low", size="1024x1024"
+                )
+            except openai.RateLimitError:
+                break  # back to $0.05, already spent: the spend survived both reloads
+            time.sleep(0.1)
+        else:
+            pytest.fail("SIGHUP did not reload the configuration")
+    finally:
+        team_file.write_text(original)
+
+
+# -- concurrency: the hard-limit guarantee -------------------------------------------
+
+
+STORM_KEY = "tg_test_storm_key"
+PROMPT = "abcd"  # estimate and usage differ by 3 text tokens only
+
+
+def storm_config(root: Path, simulator: Simulator, limit: Decimal) -> None:
+    write_config(root, f"{simulator.url}/v1", teams={"storm": f"""
+name: storm
+keys:
+  - {{id: k, sha256: {key_hash(STORM_KEY)}}}
+budgets:
+  - {{period: month, limit_usd: {limit}}}
+on_exhausted: reject
+"""})  # fmt: skip
+
+
+async def fire(url: str, count: int) -> list[int]:
+    limits = httpx.Limits(max_connections=count)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+
+        async def one(i: int) -> int:
+            try:
+                answer = await http.post(
+                    f"{url}/v1/images/generations",
+                    headers={"authorization": f"Bearer {STORM_KEY}"},
+                    json={"model": "gpt-image-2", "prompt": PROMPT, "quality": "low",
+                          "size": "1024x1024"},
+                )  # fmt: skip
+                return answer.status_code
+            except httpx.HTTPError:
+                return 0
+
+        return await asyncio.gather(*(one(i) for i in range(count)))
+
+
+def ledger(root: Path) -> sqlite3.Connection:
+    return sqlite3.connect(root / "tollgate.db")
+
+
+ONE = Decimal(196 * 30 + 4 * 5) / 10**6  # the bound of one request: 196 output, 4 text tokens
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_storm_never_overspends_and_leaves_no_room_unused(
+    simulator: Simulator, tmp_path: Path, workers: int
+) -> None:
+    fits = 37
+    limit = ONE * fits
+    storm_config(tmp_path, simulator, limit)
+    simulator.configure(latency_ms=200)
+    proxy = start_tollgate(tmp_path, "--workers", str(workers))
+    try:
+        statuses = asyncio.run(fire(proxy.url, 200))
+    finally:
+        simulator.configure(latency_ms=0)
+        proxy.stop()
+    assert statuses.count(200) == fits, collections.Counter(statuses)
+    assert statuses.count(429) == 200 - fits, collections.Counter(statuses)
+    with ledger(tmp_path) as db:
+        spent = db.execute("SELECT SUM(cost_nanos) FROM requests").fetchone()[0]
+        reserved = db.execute("SELECT SUM(reserved_nanos) FROM budget_usage").fetchone()[0]
+    assert Decimal(spent) / 10**9 <= limit
+    assert limit - Decimal(spent) / 10**9 < ONE  # used to within one request of the limit
+    assert reserved == 0
+
+
+def test_kill_9_mid_storm_then_restart_leaks_nothing(simulator: Simulator, tmp_path: Path) -> None:
+    storm_config(tmp_path, simulator, Decimal(100))
+    simulator.configure(latency_ms=1500)
+    proxy = start_tollgate(tmp_path)
+    try:
+        loop = asyncio.new_event_loop()
+        storm = loop.create_task(fire(proxy.url, 60))
+        loop.run_until_complete(asyncio.sleep(0.8))
+        proxy.process.send_signal(signal.SIGKILL)
+        proxy.process.wait()
+        loop.run_until_complete(storm)
+        loop.close()
+        with ledger(tmp_path) as db:
+            held = db.execute("SELECT COUNT(*) FROM requests WHERE state = 'reserved'").fetchone()
+        assert held[0] > 0  # the crash left reservations behind
+        time.sleep(1.0)  # let the simulator finish what it was doing
+        restarted = start_tollgate(tmp_path)
+    finally:
+        simulator.configure(latency_ms=0)
+    try:
+        with ledger(tmp_path) as db:
+            held = db.execute("SELECT COUNT(*) FROM requests WHERE state = 'reserved'").fetchone()
+            reserved = db.execute("SELECT SUM(reserved_nanos) FROM budget_usage").fetchone()[0]
+            settled = db.execute(
+                "SELECT upstream_request_id, cost_nanos FROM requests WHERE outcome = 'ok'"
+            ).fetchall()
+            counted = db.execute(
+                "SELECT spent_nanos FROM budget_usage WHERE scope = 'team' AND period = 'month'"
+            ).fetchone()[0]
+        assert held[0] == 0 and reserved == 0
+        billing = {r["id"]: r for r in simulator.billing()}
+        for upstream_id, cost in settled:
+            assert Decimal(cost) / 10**9 == expected_cost(billing[upstream_id])
+        assert counted == sum(cost for _, cost in settled)
+        # And it serves again.
+        answer = httpx.post(
+            f"{restarted.url}/v1/images/generations",
+            headers={"authorization": f"Bearer {STORM_KEY}"},
+            json={"model": "gpt-image-2", "prompt": PROMPT, "quality": "low"},
+            timeout=30,
+        )
+        assert answer.status_code == 200
+    finally:
+        restarted.stop()
+
+
+def test_the_upstream_key_is_used_for_budgeted_requests_too(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    raw = client(proxy, "throttled").images.with_raw_response.generate(
+        model="gpt-image-2", prompt="k", quality="low", size="1024x1024"
+    )
+    assert simulator.record(raw.headers["x-request-id"])["authorization"] == (
+        f"Bearer {UPSTREAM_KEY}"
+    )

@@ -1,0 +1,215 @@
+"""The metric catalogue: each test has its own registry and reads values back."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.budgets import Window
+from proxy.ledger import Entry, Settlement
+from proxy.metrics import Metrics
+from proxy.models import Change, Usage
+from proxy.status import BudgetStatus
+
+NANOS = 10**9
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def metrics(registry: CollectorRegistry) -> Metrics:
+    return Metrics(registry)
+
+
+def forwarded(**fields: object) -> Entry:
+    values: dict[str, object] = {
+        "id": "tg_req_1",
+        "started_at": 0.0,
+        "endpoint": "generations",
+        "team": "design",
+        "model": "gpt-image-2",
+        "quality": "medium",
+        "size": "1024x1024",
+        "estimated_nanos": 60_000_000,
+        **fields,
+    }
+    return Entry(**values)  # type: ignore[arg-type]
+
+
+def test_a_settled_request_counts_its_outcome_cost_images_tokens_and_estimate(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    usage = Usage(text_input=12, image_input=300, image_output=1056, images=2)
+    metrics.started()
+    metrics.finished(forwarded(), Settlement(1.0, "ok", 200, usage, cost_nanos=52_740_000), ())
+    labels = {"team": "design", "model": "gpt-image-2"}
+    assert (
+        registry.get_sample_value(
+            "tollgate_requests_total", {**labels, "endpoint": "generations", "outcome": "ok"}
+        )
+        == 1
+    )
+    assert registry.get_sample_value(
+        "tollgate_cost_usd_total", {**labels, "quality": "medium"}
+    ) == pytest.approx(0.05274)
+    assert registry.get_sample_value("tollgate_reserved_usd_total", labels) == pytest.approx(0.06)
+    assert (
+        registry.get_sample_value(
+            "tollgate_images_total", {**labels, "quality": "medium", "size": "1024x1024"}
+        )
+        == 2
+    )
+    for kind, count in (("text_input", 12), ("image_input", 300), ("image_output", 1056)):
+        assert registry.get_sample_value("tollgate_tokens_total", {**labels, "kind": kind}) == count
+    cached = {**labels, "kind": "cached_text_input"}
+    assert registry.get_sample_value("tollgate_tokens_total", cached) is None
+    assert registry.get_sample_value("tollgate_inflight_requests") == 0
+
+
+def test_downgrades_are_counted_per_knob_and_reason(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    changes = (
+        Change("quality", "high", "medium", "policy"),
+        Change("size", "1536x1024", "1024x1024", "budget"),
+    )
+    metrics.started()
+    metrics.finished(forwarded(downgrades="…"), Settlement(1.0, "downgraded", 200), changes)
+    for knob, reason in (("quality", "policy"), ("size", "budget")):
+        value = registry.get_sample_value(
+            "tollgate_downgrades_total", {"team": "design", "knob": knob, "reason": reason}
+        )
+        assert value == 1
+
+
+def test_a_rejection_counts_a_request_but_no_cost_images_or_estimate(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    entry = Entry("tg_req_2", 0.0, "generations", team="research", model_requested="gpt-image-2")
+    metrics.started()
+    metrics.finished(entry, Settlement(1.0, "rejected_budget", 429), ())
+    assert registry.get_sample_value(
+        "tollgate_requests_total",
+        {"team": "research", "model": "gpt-image-2", "endpoint": "generations",
+         "outcome": "rejected_budget"},
+    ) == 1  # fmt: skip
+    text = metrics.exposition().decode()
+    assert "tollgate_cost_usd_total{" not in text
+    assert "tollgate_reserved_usd_total{" not in text
+
+
+def test_upstream_latency_is_a_histogram_by_model_and_endpoint(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    metrics.upstream("gpt-image-2", "edits", 3.2)
+    labels = {"model": "gpt-image-2", "endpoint": "edits"}
+    assert (
+        registry.get_sample_value("tollgate_upstream_request_duration_seconds_count", labels) == 1
+    )
+    assert (
+        registry.get_sample_value(
+            "tollgate_upstream_request_duration_seconds_bucket", {**labels, "le": "5.0"}
+        )
+        == 1
+    )
+    assert (
+        registry.get_sample_value(
+            "tollgate_upstream_request_duration_seconds_bucket", {**labels, "le": "2.5"}
+        )
+        == 0
+    )
+
+
+def status(
+    scope: str, team: str, period: str, limit: int, spent: int, metric: str = "usd"
+) -> BudgetStatus:
+    return BudgetStatus(
+        scope=scope,
+        team=team,
+        user="",
+        period=period,  # type: ignore[arg-type]
+        metric=metric,  # type: ignore[arg-type]
+        limit=limit,
+        spent=spent,
+        reserved=NANOS // 100,
+        window=Window(period, 1000.0, None if period == "total" else 2000.0),  # type: ignore[arg-type]
+        alert_at=(Decimal("0.8"),),
+    )
+
+
+def scrape(
+    metrics: Metrics, budgets: list[BudgetStatus]
+) -> dict[str, dict[tuple[str, ...], float]]:
+    """name -> (scope, team, period) -> value, parsed from the text format."""
+    found: dict[str, dict[tuple[str, ...], float]] = {}
+    for family in text_string_to_metric_families(metrics.exposition(budgets).decode()):
+        for sample in family.samples:
+            if sample.name.startswith("tollgate_budget_"):
+                key = tuple(sample.labels.get(k, "") for k in ("scope", "team", "period"))
+                found.setdefault(sample.name, {})[key] = sample.value
+    return found
+
+
+def test_budget_gauges_come_from_the_snapshot_given_at_scrape_time(metrics: Metrics) -> None:
+    budgets = [
+        status("organization", "", "month", 1000 * NANOS, 250 * NANOS),
+        status("team", "design", "month", 800 * NANOS, 600 * NANOS),
+        status("team", "design", "total", 10 * NANOS, 2 * NANOS),
+    ]
+    found = scrape(metrics, budgets)
+    design = ("team", "design", "month")
+    assert found["tollgate_budget_limit_usd"][design] == 800
+    assert found["tollgate_budget_spent_usd"][design] == 600
+    assert found["tollgate_budget_reserved_usd"][design] == pytest.approx(0.01)
+    assert found["tollgate_budget_utilization_ratio"][design] == 0.75
+    assert found["tollgate_budget_utilization_ratio"][("organization", "", "month")] == 0.25
+    assert found["tollgate_budget_period_end_timestamp_seconds"][design] == 2000
+    assert ("team", "design", "total") not in found["tollgate_budget_period_end_timestamp_seconds"]
+    # A later scrape tells what the ledger says then, nothing kept from before.
+    assert scrape(metrics, []) == {}
+
+
+def test_token_budgets_are_left_out_and_the_tightest_usd_budget_of_a_period_wins(
+    metrics: Metrics,
+) -> None:
+    budgets = [
+        status("team", "design", "month", 20_000_000, 19_000_000, metric="image_output_tokens"),
+        status("team", "design", "day", 60 * NANOS, 6 * NANOS),
+        status("team", "design", "day", 10 * NANOS, 5 * NANOS),
+    ]
+    found = scrape(metrics, budgets)
+    assert found["tollgate_budget_utilization_ratio"] == {("team", "design", "day"): 0.5}
+    assert found["tollgate_budget_limit_usd"] == {("team", "design", "day"): 10}
+
+
+def test_the_exposition_has_exactly_the_catalogue_of_the_spec(metrics: Metrics) -> None:
+    metrics.started()
+    metrics.finished(
+        forwarded(), Settlement(1.0, "ok", 200, Usage(image_output=1, images=1), 1), ()
+    )
+    metrics.upstream("gpt-image-2", "generations", 1.0)
+    text = metrics.exposition([status("team", "design", "month", NANOS, 1)]).decode()
+    families = text_string_to_metric_families(text)
+    kinds = {f.name: f.type for f in families if not f.name.endswith("_created")}
+    assert kinds == {
+        "tollgate_requests": "counter",
+        "tollgate_tokens": "counter",
+        "tollgate_cost_usd": "counter",
+        "tollgate_reserved_usd": "counter",
+        "tollgate_images": "counter",
+        "tollgate_downgrades": "counter",
+        "tollgate_upstream_request_duration_seconds": "histogram",
+        "tollgate_inflight_requests": "gauge",
+        "tollgate_budget_limit_usd": "gauge",
+        "tollgate_budget_spent_usd": "gauge",
+        "tollgate_budget_reserved_usd": "gauge",
+        "tollgate_budget_utilization_ratio": "gauge",
+        "tollgate_budget_period_end_timestamp_seconds": "gauge",
+    }
+    assert "user=" not in text

@@ -1,0 +1,79 @@
+"""The pure parts of reports and reconciliation: periods, buckets, folding, line items."""
+
+from __future__ import annotations
+
+from datetime import date
+from decimal import Decimal
+
+import pytest
+
+from proxy.errors import InvalidRequest
+from proxy.ledger.base import Aggregate
+from proxy.pricing import load_price_book
+from proxy.reconcile import OpenAICosts, compare, line_item_model
+from proxy.reports import Period, as_csv, as_json, fold, parse_by
+
+
+@pytest.mark.parametrize(
+    ("tz", "seconds"),
+    [("UTC", 86_400), ("America/New_York", 3_600), ("Asia/Kolkata", 1_800),
+     ("Asia/Kathmandu", 900)],
+)  # fmt: skip
+def test_bucket_width_puts_every_local_midnight_on_an_edge(tz: str, seconds: int) -> None:
+    period = Period(date(2026, 3, 1), date(2026, 3, 31), tz)  # spans a DST change in New York
+    assert period.bucket_seconds() == seconds
+    assert all(int(m) % seconds == 0 for m in period.midnights())
+
+
+def test_fold_turns_utc_buckets_into_local_days() -> None:
+    period = Period(date(2026, 11, 1), date(2026, 11, 2), "Asia/Kolkata")
+    width = period.bucket_seconds()
+    first = int(period.start) // width
+    found = fold(
+        [Aggregate(("design", first), 1, 1, 0, 0, 10, 5),
+         Aggregate(("design", first + 47), 2, 2, 0, 0, 20, 7),   # 23:30 local, still Nov 1
+         Aggregate(("design", first + 48), 1, 1, 0, 0, 30, 11)],  # midnight: Nov 2
+        ("team", "day"),
+        period,
+    )  # fmt: skip
+    assert [(k, s.cost_nanos) for k, s in found.rows] == [
+        (("design", "2026-11-01"), 12),
+        (("design", "2026-11-02"), 11),
+    ]
+    assert as_json(found)["total"]["requests"] == 4
+
+
+def test_money_is_a_decimal_string_never_a_float() -> None:
+    report = fold([Aggregate(("m",), 1, 1, 0, 0, 0, 123_456_789_012)], ("model",),
+                  Period(date(2026, 1, 1), date(2026, 1, 1), "UTC"))  # fmt: skip
+    assert as_json(report)["rows"][0]["cost_usd"] == "123.456789012"
+    assert as_csv(report).splitlines()[1] == "m,1,1,0,0,0,123.456789012"
+
+
+def test_unknown_dimension_names_the_valid_ones() -> None:
+    assert parse_by("team, model,team") == ("team", "model")
+    with pytest.raises(InvalidRequest, match="cost_center"):
+        parse_by("colour")
+
+
+@pytest.mark.parametrize(
+    ("item", "model"),
+    [("gpt-image-2, image output", "gpt-image-2"),
+     ("batch api | gpt-image-2.5-sunburst image", "gpt-image-2.5-sunburst"),
+     ("batch api | gpt-image-2.5-sunburst text", "gpt-image-2.5-sunburst"),
+     ("dall-e-3, images", "dall-e-3"),
+     ("gpt-6-astra, input_tokens", "gpt-6-astra")],
+)  # fmt: skip
+def test_line_items_name_their_model(item: str, model: str) -> None:
+    assert line_item_model(item) == model
+
+
+def test_reconcile_flags_positive_differences_as_bypassed_traffic() -> None:
+    day = date(2026, 11, 3)
+    openai = OpenAICosts({(day, "gpt-image-2"): Decimal("1.50")}, {day})
+    result = compare(openai, {(day, "gpt-image-2"): 1_000_000_000}, day, day)
+    assert result.off_days == [day]
+    assert result.lines[0].difference == Decimal("0.5")
+    assert "bypassed" in result.lines[0].note
+    assert compare(openai, {(day, "gpt-image-2"): 1_495_000_000}, day, day).off_days == []
+    assert load_price_book().find("gpt-image-2-2026-04-21") is not None
