@@ -11,9 +11,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from proxy.auth import bearer_token
 from proxy.config import Config
 from proxy.errors import AuthenticationFailed, ConfigError, NotFound, RequestError
-from proxy.handlers import Services, error_response
 from proxy.reports_query import ReportQuery
 from proxy.reports_query import run as run_report
+from proxy.responses import error_response
+from proxy.services import Services
 from proxy.status import budget_status
 
 

@@ -23,10 +23,11 @@ from proxy.admin import AdminApi
 from proxy.alerts import Alerts
 from proxy.config import Config, UpstreamSettings, load_config
 from proxy.errors import ConfigError, LedgerError
-from proxy.handlers import ImagesHandler, Services, not_found
+from proxy.handlers import ImagesHandler, not_found
 from proxy.ledger import open_ledger
 from proxy.metrics import ENV_MULTIPROC_DIR, Metrics
 from proxy.models import ENDPOINTS
+from proxy.services import Services
 from proxy.status import budget_status
 from proxy.upstream import Upstream
 

@@ -34,12 +34,15 @@ DOES_IO = (
     "proxy.ledger",
     "proxy.upstream",
     "proxy.handlers",
+    "proxy.forwarding",
+    "proxy.responses",
+    "proxy.services",
     "proxy.app",
     "proxy.cli",
     "proxy.spool",
     "proxy.simulator",
 )
-WEB_AND_CLI = ("proxy.handlers", "proxy.app", "proxy.cli")
+WEB_AND_CLI = ("proxy.handlers", "proxy.forwarding", "proxy.app", "proxy.cli")
 MAY_PRINT_OR_EXIT = ("proxy.cli", "proxy.__main__")
 
 
@@ -154,6 +157,6 @@ def test_the_check_finds_print_and_exit_where_they_are() -> None:
 
 
 def test_the_check_sees_imports_of_every_form() -> None:
-    assert "httpx" in imports("proxy.handlers", MODULES["proxy.handlers"])
+    assert "httpx" in imports("proxy.forwarding", MODULES["proxy.forwarding"])
     assert "proxy.ledger.base" in imports("proxy.ledger.sqlite", MODULES["proxy.ledger.sqlite"])
     assert "proxy.simulator" in imports("proxy.cli", MODULES["proxy.cli"])  # function-local

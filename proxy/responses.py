@@ -1,0 +1,24 @@
+"""How Tollgate answers: its own errors in OpenAI's shape, and spooled upstream answers."""
+
+from __future__ import annotations
+
+import httpx
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from proxy.errors import RequestError
+from proxy.spool import Spool
+from proxy.upstream import response_headers
+
+
+def error_response(exc: RequestError, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse(
+        exc.body(), status_code=exc.status, headers={**(headers or {}), **exc.headers()}
+    )
+
+
+def spooled_response(spool: Spool, answer: httpx.Response, headers: dict[str, str]) -> Response:
+    all_headers = {**dict(response_headers(answer)), **headers}
+    if spool.in_memory:
+        return Response(spool.getvalue(), status_code=answer.status_code, headers=all_headers)
+    all_headers["content-length"] = str(spool.size)
+    return StreamingResponse(spool.stream(), status_code=answer.status_code, headers=all_headers)
