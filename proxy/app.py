@@ -23,7 +23,7 @@ from proxy.admin import AdminApi
 from proxy.alerts import Alerts
 from proxy.config import Config, UpstreamSettings, load_config
 from proxy.errors import ConfigError, LedgerError
-from proxy.handlers import ImagesHandler, not_found
+from proxy.handlers import ImagesHandler, OtherPaths
 from proxy.ledger import open_ledger
 from proxy.metrics import ENV_MULTIPROC_DIR, Metrics
 from proxy.models import ENDPOINTS
@@ -184,7 +184,11 @@ def create_app(
         Route("/v1/images/variations", handlers["variations"].handle, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
-        Route("/v1/{path:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
+        Route(
+            "/v1/{path:path}",
+            OtherPaths(services).handle,
+            methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+        ),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
 

@@ -16,8 +16,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
+from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from proxy.auth import identify
 from proxy.budgets import (
@@ -52,6 +53,7 @@ from proxy.parsing import ParsedBody, parse_request
 from proxy.pricing import ModelPrices
 from proxy.responses import error_response
 from proxy.services import Services
+from proxy.upstream import response_headers
 
 log = logging.getLogger("tollgate.requests")
 
@@ -249,11 +251,46 @@ def refusal_outcome(exc: RequestError) -> Outcome:
     return "client_error"
 
 
-async def not_found(request: Request) -> Response:
-    """Any other `/v1/*` path, in OpenAI's error shape."""
-    return error_response(
-        NotFound(
-            f"Invalid URL ({request.method} {request.url.path}): Tollgate proxies only the image "
-            "endpoints."
+class OtherPaths:
+    """Any other `/v1/*` path: 404 in OpenAI's error shape, unless a `passthrough:` prefix
+    lists it; then it is forwarded for an authenticated team with the upstream key, as is
+    and unmetered (for free endpoints such as `/v1/models`)."""
+
+    def __init__(self, services: Callable[[], Services]) -> None:
+        self._services = services
+
+    async def handle(self, request: Request) -> Response:
+        s = self._services()
+        path = request.url.path
+        if not any(_under(path, prefix) for prefix in s.config.passthrough):
+            return error_response(
+                NotFound(
+                    f"Invalid URL ({request.method} {path}): Tollgate proxies only the image "
+                    "endpoints."
+                )
+            )
+        try:
+            team, _ = identify(request.headers.get("authorization"), s.config.team_by_key_hash())
+            body = await read_body(request, s.config.limits.generations_bytes)
+            answer = await s.upstream.send(
+                path.removeprefix("/v1"),
+                body,
+                request.headers.get("content-type", ""),
+                request.headers.items(),
+                method=request.method,
+                query=request.url.query,
+            )
+        except RequestError as exc:
+            return error_response(exc)
+        headers = {**dict(response_headers(answer)), "x-tollgate-team": team.name}
+        return StreamingResponse(
+            answer.aiter_raw(),
+            status_code=answer.status_code,
+            headers=headers,
+            background=BackgroundTask(answer.aclose),
         )
-    )
+
+
+def _under(path: str, prefix: str) -> bool:
+    prefix = prefix.rstrip("/")
+    return path == prefix or path.startswith(prefix + "/")

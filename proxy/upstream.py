@@ -9,7 +9,7 @@ errors are translated here, at the boundary, into Tollgate's own errors.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import aiohttp
 import httpx
@@ -90,26 +90,23 @@ class Upstream:
         return out
 
     async def send(
-        self, path: str, body: bytes, content_type: str, client_headers: Iterable[tuple[str, str]]
+        self,
+        path: str,
+        body: bytes,
+        content_type: str,
+        client_headers: Iterable[tuple[str, str]],
+        *,
+        method: str = "POST",
+        query: str = "",
     ) -> httpx.Response:
-        """POST `body` to `path` (e.g. `/images/generations`); the answer is left unread."""
-        request = self._client.build_request(
-            "POST",
-            self.base_url + path,
-            content=body,
-            headers=self.headers(client_headers, content_type),
-        )
+        """Send `body` to `path` (e.g. `/images/generations`); the answer is left unread."""
+        url = self.base_url + path + (f"?{query}" if query else "")
+        headers = self.headers(client_headers, content_type)
+        if not body and not content_type:
+            headers = [(k, v) for k, v in headers if k != "content-type"]
+        request = self._client.build_request(method, url, content=body or None, headers=headers)
         try:
             return await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise translate(exc) from exc
-
-    async def get(self, path: str, params: Mapping[str, str] | None = None) -> httpx.Response:
-        """A plain GET (used for passthrough paths and the Costs API), read whole."""
-        try:
-            return await self._client.get(
-                self.base_url + path, params=params, headers={"authorization": self._auth}
-            )
         except httpx.HTTPError as exc:
             raise translate(exc) from exc
 
