@@ -35,8 +35,9 @@ from proxy.status import BudgetStatus
 
 ENV_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.5, 1, 2.5, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300)
+# SPEC §8's kinds, plus `text_output`, which gpt-image-1.5 and chatgpt-image-latest bill.
 TOKEN_KINDS = ("text_input", "cached_text_input", "image_input", "cached_image_input",
-               "image_output")  # fmt: skip
+               "image_output", "text_output")  # fmt: skip
 BUDGET_LABELS = ("scope", "team", "period")
 
 
