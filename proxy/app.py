@@ -7,7 +7,8 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,8 @@ class Overrides:
     upstream_url: str | None = None
     upstream_key: str | None = None
     transport: httpx.AsyncBaseTransport | None = None
+    clock: Callable[[], float] | None = None
+    """Unix time for budgets and the ledger (tests move it across period boundaries)."""
 
 
 def create_app(
@@ -123,7 +126,12 @@ def create_app(
         upstream = build_upstream(upstream_settings)
         alerts = Alerts(lambda: services().config, ledger, lambda: services().clock())
         shared = Services(
-            config=config, ledger=ledger, upstream=upstream, metrics=metrics, alerts=alerts
+            config=config,
+            ledger=ledger,
+            upstream=upstream,
+            metrics=metrics,
+            alerts=alerts,
+            clock=overrides.clock or time.time,
         )
         holder["services"] = shared
         me = housekeeping.this_process()

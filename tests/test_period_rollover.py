@@ -1,0 +1,54 @@
+"""Budget periods roll over at midnight in the configured time zone (the clock injected)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import httpx
+from starlette.testclient import TestClient
+
+from proxy.app import Overrides, create_app
+from proxy.auth import key_hash
+from proxy.config import load_config
+from proxy.simulator import SimulatorSettings, create_simulator_app
+from tests.conftest import UPSTREAM_KEY, write_config
+
+KEY = "tg_test_rollover_key"
+# One gpt-image-2 low 1024x1024 request with a 4-byte prompt is bounded at $0.0059.
+BODY = {"model": "gpt-image-2", "prompt": "abcd", "quality": "low", "size": "1024x1024"}
+
+
+def test_a_day_budget_rolls_over_at_midnight_in_the_configured_time_zone(tmp_path: Path) -> None:
+    write_config(tmp_path, "http://simulated/v1", settings="timezone: Europe/Paris\n", teams={
+        "night": f"""
+name: night
+keys:
+  - {{id: k, sha256: {key_hash(KEY)}}}
+budgets:
+  - {{period: day, limit_usd: 0.007}}
+on_exhausted: reject
+""",
+    })  # fmt: skip
+    paris = ZoneInfo("Europe/Paris")
+    now = [datetime(2026, 11, 26, 23, 58, tzinfo=paris).timestamp()]
+    simulator = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY))
+    app = create_app(
+        load_config(tmp_path),
+        Overrides(transport=httpx.ASGITransport(app=simulator), clock=lambda: now[0]),
+        tmp_path,
+    )
+    headers = {"authorization": f"Bearer {KEY}"}
+    with TestClient(app) as client:
+        first = client.post("/v1/images/generations", json=BODY, headers=headers)
+        assert first.status_code == 200, first.text
+        second = client.post("/v1/images/generations", json=BODY, headers=headers)
+        assert second.status_code == 429
+        assert "resets at 2026-11-27T00:00+01:00" in second.json()["error"]["message"]
+        now[0] += 3 * 60  # 00:01 in Paris (still 23:01 in UTC): a new day
+        third = client.post("/v1/images/generations", json=BODY, headers=headers)
+        assert third.status_code == 200, third.text
+        remaining = Decimal(third.headers["x-tollgate-budget-remaining-usd"])
+        assert remaining == Decimal("0.007") - Decimal(third.headers["x-tollgate-cost-usd"])
