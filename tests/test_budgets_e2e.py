@@ -391,3 +391,34 @@ def test_the_upstream_key_is_used_for_budgeted_requests_too(
     assert simulator.record(raw.headers["x-request-id"])["authorization"] == (
         f"Bearer {UPSTREAM_KEY}"
     )
+
+
+def test_reload_reaches_every_worker(simulator: Simulator, tmp_path: Path) -> None:
+    write_config(tmp_path, f"{simulator.url}/v1", settings=f"admin_token: {ADMIN}\n", teams=TEAMS)
+    proxy = start_tollgate(tmp_path, "--workers", "2")
+    try:
+        sdk = client(proxy, "strict")
+
+        def allowed() -> bool:
+            try:
+                sdk.images.generate(model="gpt-image-2", prompt="x", quality="high")
+            except openai.RateLimitError:
+                return False
+            return True
+
+        assert not allowed()  # $0.21 never fits in $0.05
+        team_file = tmp_path / "teams" / "strict.yaml"
+        team_file.write_text(team_file.read_text().replace("limit_usd: 0.05", "limit_usd: 50"))
+        answer = httpx.post(
+            f"{proxy.url}/admin/reload", headers={"authorization": f"Bearer {ADMIN}"}
+        )
+        assert answer.status_code == 200
+        # The supervisor replaces the workers one by one; then every worker has the new budget.
+        deadline = time.monotonic() + 30
+        streak = 0
+        while streak < 8 and time.monotonic() < deadline:
+            streak = streak + 1 if allowed() else 0
+            time.sleep(0.05)
+        assert streak == 8
+    finally:
+        proxy.stop()
