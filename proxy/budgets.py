@@ -302,13 +302,15 @@ def decide(
 ) -> Decision:
     """The most faithful variant that fits every budget; BudgetExceeded when none does."""
     variant = throttle(team, variant, budgets, totals)
-    every = list(variants(variant, team, book))
-    ladder = every if team.on_exhausted == "downgrade" else [variant]
+    # Under `reject` the request itself is the only form it may take. The ladder is built
+    # lazily: pricing every downgrade of a request that fits was most of the request's CPU.
+    ladder = variants(variant, team, book) if team.on_exhausted == "downgrade" else iter([variant])
+    tried = []
     for candidate in ladder:
         if not blocking(candidate, budgets, totals):
             return Decision(candidate, remaining(candidate, budgets, totals))
-    # Under `reject` the request itself is the only form it may take.
-    cheapest = min(ladder, key=lambda v: v.estimate.cost_nanos)
+        tried.append(candidate)
+    cheapest = min(tried, key=lambda v: v.estimate.cost_nanos)
     blocker = blocking(cheapest, budgets, totals) or blocking(variant, budgets, totals)
     assert blocker is not None
     used = totals.get(blocker.counter, Totals()).used(blocker.budget.metric)

@@ -3,6 +3,7 @@
     TollgateError
      ├── ConfigError                 configuration invalid (list of `file:line: message`)
      ├── LedgerError                 the ledger cannot be reached or is unusable
+     │    └── LedgerUnavailable      the database is unreachable right now: retrying may help
      └── RequestError                answered to the client in OpenAI's error shape
           ├── InvalidRequest         400 invalid_request
           ├── UnpricedModel          400 unpriced_model
@@ -36,6 +37,10 @@ class ConfigError(TollgateError):
 
 class LedgerError(TollgateError):
     """The ledger is unreachable or its schema is unusable."""
+
+
+class LedgerUnavailable(LedgerError):
+    """The ledger's database cannot be reached right now (a later retry may succeed)."""
 
 
 class RequestError(TollgateError):

@@ -19,7 +19,7 @@ import httpx
 from starlette.responses import Response, StreamingResponse
 
 from proxy.errors import LedgerError, RequestError, UpstreamUnavailable
-from proxy.ledger import Entry, Settlement
+from proxy.ledger import Entry, Settlement, settle_patiently
 from proxy.metering import BodyMeter, MalformedAnswer, SseMeter
 from proxy.models import Change, Endpoint, Outcome, Usage, usd_text
 from proxy.pricing import ModelPrices
@@ -289,7 +289,13 @@ class Forwarder:
             latency_ms=(now - exchange.entry.started_at) * 1000,
         )
         try:
-            await self.services.ledger.settle(exchange.entry.id, settlement)
+            # OpenAI has billed this answer: ride out a short ledger outage rather than lose it.
+            await settle_patiently(
+                self.services.ledger,
+                exchange.entry.id,
+                settlement,
+                within_s=self.services.config.upstream.timeout_s,
+            )
         except LedgerError as exc:
             # The reservation stays in the ledger and is reclaimed later; say so loudly.
             log.error("ledger settle failed for %s: %s", exchange.entry.id, exc)

@@ -21,6 +21,7 @@ import openai
 import pytest
 
 from proxy.auth import key_hash
+from tests import pg
 
 UPSTREAM_KEY = "sk-upstream-real-key-for-tests"
 DESIGN_KEY = "tg_test_design_key_0001"
@@ -133,15 +134,19 @@ class Tollgate:
     url: str
     root: Path
     process: subprocess.Popen[bytes]
+    ledger_url: str | None = None
+    """A PostgreSQL ledger (`--ledger`); None: the SQLite file in `root`."""
 
     def client(self, key: str = DESIGN_KEY, **options: Any) -> openai.OpenAI:
         options.setdefault("max_retries", 0)
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, **options)
 
+    def query(self, sql: str) -> list[dict[str, Any]]:
+        """Rows of `sql` run on this Tollgate's ledger, whichever backend it is."""
+        return query_ledger(self.root, self.ledger_url, sql)
+
     def rows(self) -> list[dict[str, Any]]:
-        with sqlite3.connect(self.root / "tollgate.db") as db:
-            db.row_factory = sqlite3.Row
-            return [dict(r) for r in db.execute("SELECT * FROM requests ORDER BY started_at")]
+        return self.query("SELECT * FROM requests ORDER BY started_at")
 
     def row(self, request_id: str) -> dict[str, Any]:
         return next(r for r in self.rows() if r["id"] == request_id)
@@ -169,13 +174,36 @@ def write_config(
         (root / "teams" / f"{name}.yaml").write_text(textwrap.dedent(text))
 
 
-def start_tollgate(root: Path, *extra: str) -> Tollgate:
+def start_tollgate(root: Path, *extra: str, ledger_url: str | None = None) -> Tollgate:
     port = free_port()
+    ledger = ["--ledger", ledger_url] if ledger_url else []
     process = start(
-        ["serve", "--config", str(root), "--port", str(port), *extra],
+        ["serve", "--config", str(root), "--port", str(port), *ledger, *extra],
         f"http://127.0.0.1:{port}/healthz",
     )
-    return Tollgate(f"http://127.0.0.1:{port}", root, process)
+    return Tollgate(f"http://127.0.0.1:{port}", root, process, ledger_url)
+
+
+def query_ledger(root: Path, ledger_url: str | None, sql: str) -> list[dict[str, Any]]:
+    """Rows of `sql` on the PostgreSQL ledger `ledger_url`, else on `root`'s SQLite file."""
+    if ledger_url:
+        return pg.fetch(ledger_url, sql)
+    with sqlite3.connect(root / "tollgate.db") as db:
+        db.row_factory = sqlite3.Row
+        return [dict(r) for r in db.execute(sql)]
+
+
+BACKENDS = ["sqlite", "postgresql"]
+
+
+def backend_url(backend: str) -> str | None:
+    """A fresh ledger for `backend`: None (the SQLite default) or a new PostgreSQL schema."""
+    return pg.migrated_schema() if backend == "postgresql" else None
+
+
+def drop_ledger(ledger_url: str | None) -> None:
+    if ledger_url:
+        pg.drop_schema(ledger_url)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import asyncio
 import collections
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -21,9 +20,12 @@ import pytest
 
 from proxy.auth import key_hash
 from tests.conftest import (
+    BACKENDS,
     UPSTREAM_KEY,
     Simulator,
     Tollgate,
+    backend_url,
+    drop_ledger,
     start_tollgate,
     write_config,
 )
@@ -85,13 +87,24 @@ on_exhausted: reject
 }
 
 
-@pytest.fixture(scope="module")
-def proxy(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
+@pytest.fixture(scope="module", params=BACKENDS)
+def proxy(
+    request: pytest.FixtureRequest, simulator: Simulator, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Tollgate]:
     root = tmp_path_factory.mktemp("budgets")
     write_config(root, f"{simulator.url}/v1", settings=f"admin_token: {ADMIN}\n", teams=TEAMS)
-    tollgate = start_tollgate(root)
+    tollgate = start_tollgate(root, ledger_url=backend_url(request.param))
     yield tollgate
     tollgate.stop()
+    drop_ledger(tollgate.ledger_url)
+
+
+@pytest.fixture(params=BACKENDS)
+def ledger_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """A fresh ledger of each backend: None for the SQLite default, else a PostgreSQL URL."""
+    url = backend_url(request.param)
+    yield url
+    drop_ledger(url)
 
 
 def client(proxy: Tollgate, name: str, **options: Any) -> openai.OpenAI:
@@ -305,22 +318,18 @@ async def fire(url: str, count: int) -> list[int]:
         return await asyncio.gather(*(one(i) for i in range(count)))
 
 
-def ledger(root: Path) -> sqlite3.Connection:
-    return sqlite3.connect(root / "tollgate.db")
-
-
 ONE = Decimal(196 * 30 + 4 * 5) / 10**6  # the bound of one request: 196 output, 4 text tokens
 
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_storm_never_overspends_and_leaves_no_room_unused(
-    simulator: Simulator, tmp_path: Path, workers: int
+    simulator: Simulator, tmp_path: Path, workers: int, ledger_url: str | None
 ) -> None:
     fits = 37
     limit = ONE * fits
     storm_config(tmp_path, simulator, limit)
     simulator.configure(latency_ms=200)
-    proxy = start_tollgate(tmp_path, "--workers", str(workers))
+    proxy = start_tollgate(tmp_path, "--workers", str(workers), ledger_url=ledger_url)
     try:
         statuses = asyncio.run(fire(proxy.url, 200))
     finally:
@@ -328,18 +337,19 @@ def test_a_storm_never_overspends_and_leaves_no_room_unused(
         proxy.stop()
     assert statuses.count(200) == fits, collections.Counter(statuses)
     assert statuses.count(429) == 200 - fits, collections.Counter(statuses)
-    with ledger(tmp_path) as db:
-        spent = db.execute("SELECT SUM(cost_nanos) FROM requests").fetchone()[0]
-        reserved = db.execute("SELECT SUM(reserved_nanos) FROM budget_usage").fetchone()[0]
+    [spent] = proxy.query("SELECT SUM(cost_nanos) AS v FROM requests")[0].values()
+    [reserved] = proxy.query("SELECT SUM(reserved_nanos) AS v FROM budget_usage")[0].values()
     assert Decimal(spent) / 10**9 <= limit
     assert limit - Decimal(spent) / 10**9 < ONE  # used to within one request of the limit
     assert reserved == 0
 
 
-def test_kill_9_mid_storm_then_restart_leaks_nothing(simulator: Simulator, tmp_path: Path) -> None:
+def test_kill_9_mid_storm_then_restart_leaks_nothing(
+    simulator: Simulator, tmp_path: Path, ledger_url: str | None
+) -> None:
     storm_config(tmp_path, simulator, Decimal(100))
     simulator.configure(latency_ms=1500)
-    proxy = start_tollgate(tmp_path)
+    proxy = start_tollgate(tmp_path, ledger_url=ledger_url)
     try:
         loop = asyncio.new_event_loop()
         storm = loop.create_task(fire(proxy.url, 60))
@@ -348,24 +358,25 @@ def test_kill_9_mid_storm_then_restart_leaks_nothing(simulator: Simulator, tmp_p
         proxy.process.wait()
         loop.run_until_complete(storm)
         loop.close()
-        with ledger(tmp_path) as db:
-            held = db.execute("SELECT COUNT(*) FROM requests WHERE state = 'reserved'").fetchone()
-        assert held[0] > 0  # the crash left reservations behind
+        held = proxy.query("SELECT COUNT(*) AS n FROM requests WHERE state = 'reserved'")
+        assert held[0]["n"] > 0  # the crash left reservations behind
         time.sleep(1.0)  # let the simulator finish what it was doing
-        restarted = start_tollgate(tmp_path)
+        restarted = start_tollgate(tmp_path, ledger_url=ledger_url)
     finally:
         simulator.configure(latency_ms=0)
     try:
-        with ledger(tmp_path) as db:
-            held = db.execute("SELECT COUNT(*) FROM requests WHERE state = 'reserved'").fetchone()
-            reserved = db.execute("SELECT SUM(reserved_nanos) FROM budget_usage").fetchone()[0]
-            settled = db.execute(
+        held = restarted.query("SELECT COUNT(*) AS n FROM requests WHERE state = 'reserved'")
+        reserved = restarted.query("SELECT SUM(reserved_nanos) AS v FROM budget_usage")[0]["v"]
+        settled = [
+            (r["upstream_request_id"], r["cost_nanos"])
+            for r in restarted.query(
                 "SELECT upstream_request_id, cost_nanos FROM requests WHERE outcome = 'ok'"
-            ).fetchall()
-            counted = db.execute(
-                "SELECT spent_nanos FROM budget_usage WHERE scope = 'team' AND period = 'month'"
-            ).fetchone()[0]
-        assert held[0] == 0 and reserved == 0
+            )
+        ]
+        counted = restarted.query(
+            "SELECT spent_nanos FROM budget_usage WHERE scope = 'team' AND period = 'month'"
+        )[0]["spent_nanos"]
+        assert held[0]["n"] == 0 and reserved == 0
         billing = {r["id"]: r for r in simulator.billing()}
         for upstream_id, cost in settled:
             assert Decimal(cost) / 10**9 == expected_cost(billing[upstream_id])

@@ -10,6 +10,7 @@ rows instead of summing the month's requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 from collections.abc import Sequence
@@ -20,82 +21,14 @@ import aiosqlite
 
 from proxy.budgets import Counter, Totals
 from proxy.errors import LedgerError
+from proxy.ledger import migrations
 from proxy.ledger.base import Chooser, Entry, Owner, Reservation, Row, Settlement
+from proxy.ledger.counters import with_organization
 from proxy.ledger.sqlite_reports import SqliteReports
 from proxy.models import Usage
 
-SCHEMA_VERSION = 1
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS requests (
-    id                        TEXT PRIMARY KEY,
-    upstream_request_id       TEXT,
-    started_at                REAL NOT NULL,
-    finished_at               REAL,
-    team                      TEXT,
-    cost_center               TEXT,
-    key_id                    TEXT,
-    user                      TEXT,
-    endpoint                  TEXT,
-    model_requested           TEXT,
-    model                     TEXT,
-    quality_requested         TEXT,
-    quality                   TEXT,
-    size_requested            TEXT,
-    size                      TEXT,
-    n_requested               INTEGER,
-    n                         INTEGER,
-    stream                    INTEGER NOT NULL DEFAULT 0,
-    state                     TEXT NOT NULL,          -- reserved | settled
-    outcome                   TEXT,
-    status                    INTEGER,
-    error_code                TEXT,
-    downgrades                TEXT NOT NULL DEFAULT '',
-    -- While reserved, the token columns hold the estimate; once settled, the usage.
-    text_input_tokens         INTEGER NOT NULL DEFAULT 0,
-    cached_text_input_tokens  INTEGER NOT NULL DEFAULT 0,
-    image_input_tokens        INTEGER NOT NULL DEFAULT 0,
-    cached_image_input_tokens INTEGER NOT NULL DEFAULT 0,
-    image_output_tokens       INTEGER NOT NULL DEFAULT 0,
-    text_output_tokens        INTEGER NOT NULL DEFAULT 0,
-    images                    INTEGER NOT NULL DEFAULT 0,
-    estimated_nanos           INTEGER NOT NULL DEFAULT 0,
-    reserved_nanos            INTEGER NOT NULL DEFAULT 0,  -- held while in flight, 0 once settled
-    cost_nanos                INTEGER NOT NULL DEFAULT 0,
-    flagged                   INTEGER NOT NULL DEFAULT 0,  -- charged without usage: reconcile
-    latency_ms                REAL,
-    counters                  TEXT NOT NULL DEFAULT '[]',  -- the budget_usage rows it adds to
-    owner                     TEXT                         -- the process holding the reservation
-);
-CREATE INDEX IF NOT EXISTS requests_started ON requests (started_at);
-CREATE INDEX IF NOT EXISTS requests_team_started ON requests (team, started_at);
-CREATE INDEX IF NOT EXISTS requests_reserved ON requests (state) WHERE state = 'reserved';
-CREATE TABLE IF NOT EXISTS processes (
-    owner        TEXT PRIMARY KEY,
-    host         TEXT NOT NULL,
-    pid          INTEGER NOT NULL,
-    heartbeat_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS budget_usage (
-    scope               TEXT NOT NULL,               -- team | user
-    team                TEXT NOT NULL,
-    user                TEXT NOT NULL,
-    period              TEXT NOT NULL,
-    start               REAL NOT NULL,
-    spent_nanos         INTEGER NOT NULL DEFAULT 0,
-    reserved_nanos      INTEGER NOT NULL DEFAULT 0,
-    text_input_tokens   INTEGER NOT NULL DEFAULT 0,  -- settled usage plus reserved estimates
-    image_input_tokens  INTEGER NOT NULL DEFAULT 0,
-    image_output_tokens INTEGER NOT NULL DEFAULT 0,
-    total_tokens        INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (scope, team, user, period, start)
-);
-CREATE TABLE IF NOT EXISTS alerts_sent (
-    key     TEXT PRIMARY KEY,                    -- budget, threshold and period window
-    sent_at REAL NOT NULL
-);
-"""
+# The schema lives in migrations.py: ordered steps, applied when the ledger opens.
+SCHEMA_VERSION = migrations.SCHEMA_VERSION
 
 ENTRY_COLUMNS = (
     "id", "started_at", "endpoint", "team", "cost_center", "key_id", "user",
@@ -165,12 +98,18 @@ class SqliteLedger(SqliteReports):
             await db.execute("PRAGMA busy_timeout = 30000")
             await db.execute("PRAGMA journal_mode = WAL")
             await db.execute("PRAGMA synchronous = NORMAL")
-            await db.executescript(SCHEMA)
+            await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            # The embedded ledger migrates itself: one process, nobody else to coordinate with.
             await db.execute("BEGIN IMMEDIATE")
             async with db.execute("SELECT version FROM schema_version") as cursor:
                 found = await cursor.fetchone()
+            version = found[0] if found is not None else 0
+            for sql in migrations.pending(version, migrations.SQLITE):
+                await db.execute(sql)
             if found is None:
                 await db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+            elif version < SCHEMA_VERSION:
+                await db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
             await db.execute("COMMIT")
         except (sqlite3.Error, OSError) as exc:
             raise LedgerError(f"cannot open ledger {self.path}: {exc}") from exc
@@ -189,13 +128,34 @@ class SqliteLedger(SqliteReports):
         return self._db
 
     async def reserve(self, read: Sequence[Counter], choose: Chooser) -> Reservation:
-        async with self._lock, self._transaction():
-            reservation = choose(await self._totals(read))
+        # The whole transaction runs as one function on aiosqlite's thread: one thread hop
+        # instead of one per statement and fetch, each of which waited for a turn of a busy
+        # event loop with the lock held. `choose` is pure and runs there too. The SQL is
+        # `_totals` and `_add`'s.
+        sums = ", ".join(f"COALESCE(SUM({c}), 0)" for c in TOTALS_COLUMNS)
+        columns = (
+            *ENTRY_COLUMNS, *USAGE_COLUMNS, "state", "reserved_nanos", "counters", "owner",
+        )  # fmt: skip
+        owner = self.owner.id if self.owner else None
+        upsert = (
+            f"INSERT INTO budget_usage (scope, team, user, period, start, "
+            f"{', '.join(TOTALS_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (scope, team, user, period, start) DO UPDATE SET "
+            + ", ".join(f"{c} = {c} + excluded.{c}" for c in TOTALS_COLUMNS)
+        )
+
+        def run(conn: sqlite3.Connection) -> Reservation:
+            totals: dict[Counter, Totals] = {}
+            for c in read:
+                row = conn.execute(
+                    f"SELECT {sums} FROM budget_usage WHERE scope = ? AND team = ? "
+                    "AND user = ? AND period = ? AND start = ?",
+                    _counter_key(c),
+                ).fetchone()
+                totals[c] = Totals(*row) if row is not None else Totals()
+            reservation = choose(totals)
             entry, usage = reservation.entry, reservation.usage
-            columns = (
-                *ENTRY_COLUMNS, *USAGE_COLUMNS, "state", "reserved_nanos", "counters", "owner",
-            )  # fmt: skip
-            await self.db.execute(
+            conn.execute(
                 f"INSERT INTO requests ({', '.join(columns)}) "
                 f"VALUES ({', '.join('?' * len(columns))})",
                 (
@@ -204,40 +164,89 @@ class SqliteLedger(SqliteReports):
                     "reserved",
                     entry.estimated_nanos,
                     json.dumps([_counter_key(c) for c in reservation.counters]),
-                    self.owner.id if self.owner else None,
+                    owner,
                 ),
             )
-            await self._add(reservation.counters, 0, entry.estimated_nanos, _token_deltas(usage, 1))
+            add = [(*_counter_key(c), 0, entry.estimated_nanos, *_token_deltas(usage, 1))
+                   for c in with_organization(reservation.counters)]  # fmt: skip
+            conn.executemany(upsert, add)
             return reservation
 
+        def atomically(conn: sqlite3.Connection) -> Reservation:
+            # `_Transaction`'s BEGIN IMMEDIATE … COMMIT (ROLLBACK on error), in this thread.
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise LedgerError(f"ledger unavailable: {exc}") from exc
+            try:
+                result = run(conn)
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise LedgerError(f"ledger write failed: {exc}") from exc
+            return result
+
+        async with self._lock:
+            done: Reservation = await self.db._execute(atomically, self.db._conn)  # type: ignore[no-untyped-call]
+            return done
+
     async def settle(self, request_id: str, settlement: Settlement) -> None:
-        async with self._lock, self._transaction():
-            async with self.db.execute(
+        # The whole transaction in one thread hop, as in `reserve`.
+        assignments = ", ".join(f"{c} = ?" for c in SETTLEMENT_COLUMNS)
+        upsert = (
+            f"INSERT INTO budget_usage (scope, team, user, period, start, "
+            f"{', '.join(TOTALS_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (scope, team, user, period, start) DO UPDATE SET "
+            + ", ".join(f"{c} = {c} + excluded.{c}" for c in TOTALS_COLUMNS)
+        )
+
+        def run(conn: sqlite3.Connection) -> None:
+            found = conn.execute(
                 f"SELECT state, reserved_nanos, counters, {', '.join(USAGE_COLUMNS)} "
                 "FROM requests WHERE id = ?",
                 (request_id,),
-            ) as cursor:
-                found = await cursor.fetchone()
+            ).fetchone()
             if found is None:
                 raise LedgerError(f"no reservation {request_id}")
             state, reserved, counters_text, *held = found
             # A reservation reclaimed before its answer came has nothing left to release.
             held_usage = Usage(*held) if state == "reserved" else Usage()
             release = reserved if state == "reserved" else 0
-            assignments = ", ".join(f"{c} = ?" for c in SETTLEMENT_COLUMNS)
-            await self.db.execute(
+            conn.execute(
                 f"UPDATE requests SET {assignments}, state = 'settled', reserved_nanos = 0 "
                 "WHERE id = ?",
                 (*_settlement_values(settlement), request_id),
             )
             actual = _token_deltas(settlement.usage, 1)
             taken_back = _token_deltas(held_usage, -1)
-            await self._add(
-                _counters(counters_text),
-                settlement.cost_nanos,
-                -release,
-                tuple(a + b for a, b in zip(actual, taken_back, strict=True)),
-            )
+            tokens = tuple(a + b for a, b in zip(actual, taken_back, strict=True))
+            add = [(*_counter_key(c), settlement.cost_nanos, -release, *tokens)
+                   for c in with_organization(_counters(counters_text))]  # fmt: skip
+            conn.executemany(upsert, add)
+
+        def atomically(conn: sqlite3.Connection) -> None:
+            # `_Transaction`'s BEGIN IMMEDIATE … COMMIT (ROLLBACK on error), in this thread.
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise LedgerError(f"ledger unavailable: {exc}") from exc
+            try:
+                run(conn)
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise LedgerError(f"ledger write failed: {exc}") from exc
+
+        async with self._lock:
+            await self.db._execute(atomically, self.db._conn)  # type: ignore[no-untyped-call]
 
     async def record(self, entry: Entry, settlement: Settlement) -> None:
         columns = (*ENTRY_COLUMNS, *SETTLEMENT_COLUMNS, "state")
@@ -361,14 +370,10 @@ class SqliteLedger(SqliteReports):
         found: dict[Counter, Totals] = {}
         sums = ", ".join(f"COALESCE(SUM({c}), 0)" for c in TOTALS_COLUMNS)
         for c in counters:
-            if c.scope == "organization":
-                sql = (f"SELECT {sums} FROM budget_usage WHERE scope = 'team' "
-                       "AND period = ? AND start = ?")  # fmt: skip
-                args: tuple[Any, ...] = (c.period, c.start)
-            else:
-                sql = (f"SELECT {sums} FROM budget_usage WHERE scope = ? AND team = ? "
-                       "AND user = ? AND period = ? AND start = ?")  # fmt: skip
-                args = (c.scope, c.team, c.user, c.period, c.start)
+            # Organization counters are rows of their own (schema version 2), like the others.
+            sql = (f"SELECT {sums} FROM budget_usage WHERE scope = ? AND team = ? "
+                   "AND user = ? AND period = ? AND start = ?")  # fmt: skip
+            args = (c.scope, c.team, c.user, c.period, c.start)
             async with self.db.execute(sql, args) as cursor:
                 row = await cursor.fetchone()
             found[c] = Totals(*row) if row is not None else Totals()
@@ -387,7 +392,7 @@ class SqliteLedger(SqliteReports):
             f"INSERT INTO budget_usage (scope, team, user, period, start, {columns}) "
             f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             f"ON CONFLICT (scope, team, user, period, start) DO UPDATE SET {updates}",
-            [(*_counter_key(c), spent, reserved, *tokens) for c in counters],
+            [(*_counter_key(c), spent, reserved, *tokens) for c in with_organization(counters)],
         )
 
 

@@ -1,20 +1,24 @@
-"""The SQLite ledger: reserve, settle, record, reclaim, read back; shared by several workers."""
+"""The ledger on both backends: reserve, settle, record, reclaim, read back; shared by several
+workers (SQLite) or replicas (PostgreSQL); schema versions and migrations."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
 from proxy.budgets import Counter, Totals
-from proxy.errors import LedgerError
-from proxy.ledger import open_ledger
+from proxy.errors import LedgerError, LedgerUnavailable
+from proxy.ledger import PostgresLedger, migrate_ledger, migrations, open_ledger, settle_patiently
 from proxy.ledger.base import Chooser, Entry, Reservation, Settlement
 from proxy.ledger.sqlite import SCHEMA_VERSION, SqliteLedger
 from proxy.models import Usage
+from tests import pg
+
+AnyLedger = SqliteLedger | PostgresLedger
 
 DESIGN_DAY = Counter("team", "design", "", "day", 0.0)
 ALICE_DAY = Counter("user", "design", "alice", "day", 0.0)
@@ -76,34 +80,44 @@ def take(
     return choose
 
 
-@pytest.fixture
-async def ledger(tmp_path: Path) -> AsyncIterator[SqliteLedger]:
-    opened = SqliteLedger(tmp_path / "ledger" / "tollgate.db")
-    await opened.open()
+def ledger_url(backend: str, tmp_path: Path) -> str:
+    """A fresh, empty ledger of `backend`: a new SQLite file, or a new PostgreSQL schema."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger' / 'tollgate.db'}"
+    return pg.migrated_schema()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AnyLedger]:
+    url = ledger_url(request.param, tmp_path)
+    opened = await open_ledger(url)
+    assert isinstance(opened, SqliteLedger | PostgresLedger)
     yield opened
     await opened.close()
+    if request.param == "postgresql":
+        pg.drop_schema(url)
 
 
-def state(path: Path, request_id: str) -> tuple[str, int, int]:
-    with sqlite3.connect(path) as db:
-        found = db.execute(
-            "SELECT state, reserved_nanos, cost_nanos FROM requests WHERE id = ?", (request_id,)
-        ).fetchone()
-    return found[0], found[1], found[2]
+async def state(ledger: AnyLedger, request_id: str) -> tuple[str, int, int]:
+    """The row's state, reservation and cost as stored (read through the audit export)."""
+    async for row in ledger.export(0.0, float("inf")):
+        if row["id"] == request_id:
+            return row["state"], row["reserved_nanos"], row["cost_nanos"]
+    raise AssertionError(f"no row {request_id}")
 
 
 async def test_reserve_stores_an_in_flight_row_holding_the_estimate(
-    ledger: SqliteLedger,
+    ledger: AnyLedger,
 ) -> None:
     reservation = await ledger.reserve([DESIGN_DAY], take("r1"))
     assert reservation.entry == entry("r1")
-    assert state(ledger.path, "r1") == ("reserved", 500_000_000, 0)
+    assert await state(ledger, "r1") == ("reserved", 500_000_000, 0)
     [row] = await ledger.rows()
     assert row.entry == entry("r1")
     assert row.settlement is None
 
 
-async def test_reserve_adds_the_estimate_to_its_counters(ledger: SqliteLedger) -> None:
+async def test_reserve_adds_the_estimate_to_its_counters(ledger: AnyLedger) -> None:
     await ledger.reserve([], take("r1"))
     totals = await ledger.totals([DESIGN_DAY, ALICE_DAY, RESEARCH_DAY])
     for counter in (DESIGN_DAY, ALICE_DAY):
@@ -118,7 +132,7 @@ async def test_reserve_adds_the_estimate_to_its_counters(ledger: SqliteLedger) -
     assert totals[RESEARCH_DAY] == Totals()
 
 
-async def test_reserve_shows_the_chooser_the_totals_it_reads(ledger: SqliteLedger) -> None:
+async def test_reserve_shows_the_chooser_the_totals_it_reads(ledger: AnyLedger) -> None:
     seen: list[Mapping[Counter, Totals]] = []
     await ledger.reserve([DESIGN_DAY], take("r1", seen=seen))
     await ledger.reserve([DESIGN_DAY, RESEARCH_DAY], take("r2", seen=seen))
@@ -127,14 +141,14 @@ async def test_reserve_shows_the_chooser_the_totals_it_reads(ledger: SqliteLedge
     assert seen[1][RESEARCH_DAY] == Totals()
 
 
-async def test_organization_counter_sums_every_team(ledger: SqliteLedger) -> None:
+async def test_organization_counter_sums_every_team(ledger: AnyLedger) -> None:
     await ledger.reserve([], take("r1", counters=(DESIGN_DAY,), estimate=3))
     await ledger.reserve([], take("r2", counters=(RESEARCH_DAY,), estimate=4))
     await ledger.reserve([], take("r3", counters=(ALICE_DAY,), estimate=100))
     assert (await ledger.totals([ORG_DAY]))[ORG_DAY].reserved_nanos == 7
 
 
-async def test_a_refusing_chooser_stores_nothing(ledger: SqliteLedger) -> None:
+async def test_a_refusing_chooser_stores_nothing(ledger: AnyLedger) -> None:
     def refuse(totals: Mapping[Counter, Totals]) -> Reservation:
         raise RuntimeError("over budget")
 
@@ -146,10 +160,10 @@ async def test_a_refusing_chooser_stores_nothing(ledger: SqliteLedger) -> None:
     assert len(await ledger.rows()) == 1
 
 
-async def test_settle_replaces_the_reservation_with_the_cost(ledger: SqliteLedger) -> None:
+async def test_settle_replaces_the_reservation_with_the_cost(ledger: AnyLedger) -> None:
     await ledger.reserve([], take("r1"))
     await ledger.settle("r1", SETTLED)
-    assert state(ledger.path, "r1") == ("settled", 0, 210_765_000)
+    assert await state(ledger, "r1") == ("settled", 0, 210_765_000)
     [row] = await ledger.rows()
     assert row.entry == entry("r1")
     assert row.settlement == SETTLED
@@ -164,24 +178,24 @@ async def test_settle_replaces_the_reservation_with_the_cost(ledger: SqliteLedge
     )
 
 
-async def test_settling_an_unknown_request_raises_ledger_error(ledger: SqliteLedger) -> None:
+async def test_settling_an_unknown_request_raises_ledger_error(ledger: AnyLedger) -> None:
     with pytest.raises(LedgerError):
         await ledger.settle("nope", SETTLED)
 
 
-async def test_record_stores_a_rejection_that_was_never_reserved(ledger: SqliteLedger) -> None:
+async def test_record_stores_a_rejection_that_was_never_reserved(ledger: AnyLedger) -> None:
     rejection = Settlement(
         finished_at=1000.5, outcome="rejected_budget", status=429, error_code="budget_exceeded"
     )
     await ledger.record(entry("r2", estimate=9_000), rejection)
-    assert state(ledger.path, "r2") == ("settled", 0, 0)
+    assert await state(ledger, "r2") == ("settled", 0, 0)
     [row] = await ledger.rows()
     assert row.settlement == rejection
     assert row.entry.estimated_nanos == 9_000
     assert (await ledger.totals([DESIGN_DAY]))[DESIGN_DAY] == Totals()
 
 
-async def test_recording_the_same_id_twice_raises_ledger_error(ledger: SqliteLedger) -> None:
+async def test_recording_the_same_id_twice_raises_ledger_error(ledger: AnyLedger) -> None:
     rejection = Settlement(finished_at=1.0, outcome="client_error", status=400)
     await ledger.record(entry("r1"), rejection)
     with pytest.raises(LedgerError):
@@ -189,7 +203,7 @@ async def test_recording_the_same_id_twice_raises_ledger_error(ledger: SqliteLed
 
 
 async def test_reclaim_releases_only_reservations_older_than_the_horizon(
-    ledger: SqliteLedger,
+    ledger: AnyLedger,
 ) -> None:
     await ledger.reserve([], take("old", started_at=100.0))
     await ledger.reserve([], take("recent", started_at=900.0))
@@ -207,9 +221,9 @@ async def test_reclaim_releases_only_reservations_older_than_the_horizon(
         True,
         1000.0,
     )
-    assert state(ledger.path, "old")[:2] == ("settled", 0)
+    assert (await state(ledger, "old"))[:2] == ("settled", 0)
     assert rows["recent"].settlement is None
-    assert state(ledger.path, "recent") == ("reserved", 500_000_000, 0)
+    assert await state(ledger, "recent") == ("reserved", 500_000_000, 0)
     assert rows["settled-old"].settlement == SETTLED
     totals = (await ledger.totals([DESIGN_DAY]))[DESIGN_DAY]
     assert totals.reserved_nanos == 500_000_000  # only `recent` is still held
@@ -218,7 +232,7 @@ async def test_reclaim_releases_only_reservations_older_than_the_horizon(
 
 
 async def test_settling_after_a_reclaim_charges_without_releasing_twice(
-    ledger: SqliteLedger,
+    ledger: AnyLedger,
 ) -> None:
     await ledger.reserve([], take("late", started_at=100.0))
     await ledger.reclaim(started_before=500.0, now=1000.0)
@@ -229,7 +243,7 @@ async def test_settling_after_a_reclaim_charges_without_releasing_twice(
 
 
 async def test_rows_since_returns_rows_started_at_or_after_oldest_first(
-    ledger: SqliteLedger,
+    ledger: AnyLedger,
 ) -> None:
     for request_id, started in (("c", 300.0), ("a", 100.0), ("b", 200.0)):
         await ledger.reserve([], take(request_id, started_at=started))
@@ -238,11 +252,17 @@ async def test_rows_since_returns_rows_started_at_or_after_oldest_first(
     assert await ledger.rows(since=301.0) == []
 
 
-async def test_two_connections_on_one_file_share_rows_and_counters(tmp_path: Path) -> None:
-    path = tmp_path / "shared.db"
-    first, second = SqliteLedger(path), SqliteLedger(path)
-    await first.open()
-    await second.open()
+@pytest.fixture(params=["sqlite", "postgresql"])
+def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """One ledger that several processes (workers, replicas) open."""
+    url = ledger_url(request.param, tmp_path)
+    yield url
+    if request.param == "postgresql":
+        pg.drop_schema(url)
+
+
+async def test_two_processes_on_one_ledger_share_rows_and_counters(shared_url: str) -> None:
+    first, second = await open_ledger(shared_url), await open_ledger(shared_url)
     try:
         await first.reserve([], take("from-first", started_at=1.0))
         await second.reserve([], take("from-second", started_at=2.0))
@@ -251,13 +271,16 @@ async def test_two_connections_on_one_file_share_rows_and_counters(tmp_path: Pat
             rows = await ledger.rows()
             assert [r.entry.id for r in rows] == ["from-first", "from-second"]
             assert rows[0].settlement == SETTLED
-            totals = (await ledger.totals([DESIGN_DAY]))[DESIGN_DAY]
-            assert (totals.spent_nanos, totals.reserved_nanos) == (210_765_000, 500_000_000)
+            totals = await ledger.totals([DESIGN_DAY, ORG_DAY])
+            for counter in (DESIGN_DAY, ORG_DAY):
+                assert (totals[counter].spent_nanos, totals[counter].reserved_nanos) == (
+                    210_765_000,
+                    500_000_000,
+                )
     finally:
         await first.close()
         await second.close()
-    with sqlite3.connect(path) as db:
-        assert db.execute("SELECT count(*) FROM schema_version").fetchone() == (1,)
+    assert await migrate_ledger(shared_url) == (SCHEMA_VERSION, SCHEMA_VERSION)
 
 
 async def test_reopening_keeps_the_rows(tmp_path: Path) -> None:
@@ -286,7 +309,7 @@ async def test_a_newer_schema_version_raises_ledger_error(tmp_path: Path) -> Non
     assert "upgrade Tollgate" in str(caught.value)
 
 
-async def test_ping_succeeds_on_an_open_ledger(ledger: SqliteLedger) -> None:
+async def test_ping_succeeds_on_an_open_ledger(ledger: AnyLedger) -> None:
     await ledger.ping()
 
 
@@ -319,39 +342,147 @@ async def test_open_ledger_understands_sqlite_urls(tmp_path: Path) -> None:
 
 
 async def test_open_ledger_refuses_other_urls() -> None:
-    with pytest.raises(LedgerError):
-        await open_ledger("postgresql://localhost/tollgate")
+    with pytest.raises(LedgerError, match="use sqlite"):
+        await open_ledger("mysql://localhost/tollgate")
 
 
-async def test_concurrent_reservations_from_two_workers_never_exceed_a_limit(
-    tmp_path: Path,
+async def test_concurrent_reservations_from_two_processes_never_exceed_a_limit(
+    shared_url: str,
 ) -> None:
-    path = tmp_path / "race.db"
-    workers = [SqliteLedger(path), SqliteLedger(path)]
-    for worker in workers:
-        await worker.open()
+    workers = [await open_ledger(shared_url), await open_ledger(shared_url)]
     limit, estimate = 500, 100
 
-    def within_limit(request_id: str) -> Chooser:
+    def within_limit(request_id: str, counter: Counter) -> Chooser:
         def choose(totals: Mapping[Counter, Totals]) -> Reservation:
-            if totals[DESIGN_DAY].used("usd") + estimate > limit:
+            if totals[counter].used("usd") + estimate > limit:
                 raise RuntimeError("over budget")
-            return take(request_id, estimate=estimate, counters=(DESIGN_DAY,))(totals)
+            team = "research" if request_id.endswith("r") else "design"
+            counters = (RESEARCH_DAY,) if team == "research" else (DESIGN_DAY,)
+            return take(request_id, estimate=estimate, counters=counters)(totals)
 
         return choose
 
     async def attempt(i: int) -> bool:
+        # Two teams under one organization budget: the organization row is what is contended.
+        request_id = f"r{i}" + ("r" if i % 3 == 0 else "d")
         try:
-            await workers[i % 2].reserve([DESIGN_DAY], within_limit(f"r{i}"))
+            await workers[i % 2].reserve([ORG_DAY], within_limit(request_id, ORG_DAY))
         except RuntimeError:
             return False
         return True
 
     try:
-        results = await asyncio.gather(*(attempt(i) for i in range(20)))
+        results = await asyncio.gather(*(attempt(i) for i in range(40)))
         assert sum(results) == limit // estimate
-        totals = (await workers[0].totals([DESIGN_DAY]))[DESIGN_DAY]
-        assert totals.reserved_nanos == limit
+        totals = await workers[0].totals([DESIGN_DAY, RESEARCH_DAY, ORG_DAY])
+        assert totals[ORG_DAY].reserved_nanos == limit
+        assert totals[DESIGN_DAY].reserved_nanos + totals[RESEARCH_DAY].reserved_nanos == limit
     finally:
         for worker in workers:
             await worker.close()
+
+
+async def test_settling_twice_on_postgresql_charges_once() -> None:
+    # A settlement retried after its first attempt committed unseen (a lost acknowledgement;
+    # SQLite commits locally and cannot lose one).
+    url = pg.migrated_schema()
+    ledger = await open_ledger(url)
+    try:
+        await ledger.reserve([], take("r1"))
+        await ledger.settle("r1", SETTLED)
+        await ledger.settle("r1", SETTLED)
+        totals = (await ledger.totals([DESIGN_DAY]))[DESIGN_DAY]
+        assert (totals.spent_nanos, totals.reserved_nanos) == (210_765_000, 0)
+    finally:
+        await ledger.close()
+        pg.drop_schema(url)
+
+
+async def test_a_version_1_sqlite_ledger_gains_organization_counters_when_opened(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "v1.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for sql in migrations.SQLITE[0]:
+            db.execute(sql)
+        db.execute("INSERT INTO schema_version VALUES (1)")
+        for team, spent in (("design", 3), ("research", 4)):
+            db.execute(
+                "INSERT INTO budget_usage (scope, team, user, period, start, spent_nanos) "
+                "VALUES ('team', ?, '', 'day', 0.0, ?)",
+                (team, spent),
+            )
+    assert await migrate_ledger(f"sqlite:///{path}") == (1, SCHEMA_VERSION)
+    ledger = await open_ledger(f"sqlite:///{path}")
+    try:
+        assert (await ledger.totals([ORG_DAY]))[ORG_DAY].spent_nanos == 7
+    finally:
+        await ledger.close()
+
+
+async def test_postgresql_refuses_a_schema_behind_and_migrate_brings_it_up() -> None:
+    url = pg.new_schema()
+    try:
+        with pytest.raises(LedgerError, match="tollgate ledger migrate"):
+            await open_ledger(url)
+        assert await migrate_ledger(url) == (0, SCHEMA_VERSION)
+        assert await migrate_ledger(url) == (SCHEMA_VERSION, SCHEMA_VERSION)
+        ledger = await open_ledger(url)
+        await ledger.ping()
+        await ledger.close()
+        pg.fetch(url, "UPDATE schema_version SET version = version + 1")
+        with pytest.raises(LedgerError, match="upgrade Tollgate"):
+            await open_ledger(url)
+    finally:
+        pg.drop_schema(url)
+
+
+async def test_an_unreachable_postgresql_is_ledger_unavailable_naming_it() -> None:
+    with pytest.raises(LedgerUnavailable, match="cannot reach the PostgreSQL ledger") as caught:
+        await open_ledger("postgresql://tollgate:secret@127.0.0.1:9/tollgate")
+    assert "secret" not in str(caught.value)
+
+
+async def test_pool_size_comes_from_the_url_and_is_checked() -> None:
+    assert PostgresLedger("postgresql://h/db?pool_size=3&search_path=x").pool_size == 3
+    assert "pool_size" not in PostgresLedger("postgresql://h/db?pool_size=3").dsn
+    with pytest.raises(LedgerError, match="pool_size"):
+        PostgresLedger("postgresql://h/db?pool_size=lots")
+
+
+class Flaky:
+    """A ledger whose settle fails `failures` times as if the database were restarting."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    async def settle(self, request_id: str, settlement: Settlement) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise LedgerUnavailable("connection refused")
+
+
+async def test_settle_patiently_retries_while_the_ledger_is_unavailable() -> None:
+    now = [0.0]
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    flaky = Flaky(failures=5)
+    await settle_patiently(flaky, "r1", SETTLED, 10.0, sleep=sleep, clock=lambda: now[0])  # type: ignore[arg-type]
+    assert flaky.calls == 6
+    assert 0 < now[0] < 10.0
+
+
+async def test_settle_patiently_gives_up_after_its_time_is_up() -> None:
+    now = [0.0]
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    forever = Flaky(failures=10_000)
+    with pytest.raises(LedgerUnavailable):
+        await settle_patiently(forever, "r1", SETTLED, 3.0, sleep=sleep, clock=lambda: now[0])  # type: ignore[arg-type]
+    assert now[0] <= 3.0

@@ -1,0 +1,133 @@
+"""Versioned schema migrations of both ledger backends: ordered SQL steps, one list each.
+
+Step `i` (counting from 1) takes a ledger from version `i - 1` to `i`; the version
+reached is kept in `schema_version`. Each backend runs its pending steps in one
+transaction, so a ledger is never left half-way between two versions.
+
+    1  the requests, processes, budget_usage and alerts_sent tables
+    2  real organization counters: one `budget_usage` row per period (scope
+       'organization', team '' and user ''), kept up to date in the same transaction
+       as the team rows it sums, instead of a sum over the team rows at read time.
+       A reservation then locks one known row to check the organization's budgets
+       (see `postgres.py`); the step fills it from the team rows already there.
+
+The embedded SQLite ledger applies its steps when it opens; a PostgreSQL ledger
+shared by several replicas is migrated on purpose (`tollgate ledger migrate`) and
+refuses to serve on a schema older than this Tollgate's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+TOTALS = (
+    "spent_nanos, reserved_nanos, text_input_tokens, image_input_tokens, "
+    "image_output_tokens, total_tokens"
+)
+SUMMED = ", ".join(f"SUM({c.strip()})" for c in TOTALS.split(","))
+
+
+def _requests(real: str, big: str) -> str:
+    # One column list for both backends: copies and audit exports keep the same order.
+    return f"""
+CREATE TABLE IF NOT EXISTS requests (
+    id                        TEXT PRIMARY KEY,
+    upstream_request_id       TEXT,
+    started_at                {real} NOT NULL,
+    finished_at               {real},
+    team                      TEXT,
+    cost_center               TEXT,
+    key_id                    TEXT,
+    "user"                    TEXT,
+    endpoint                  TEXT,
+    model_requested           TEXT,
+    model                     TEXT,
+    quality_requested         TEXT,
+    quality                   TEXT,
+    size_requested            TEXT,
+    size                      TEXT,
+    n_requested               INTEGER,
+    n                         INTEGER,
+    stream                    INTEGER NOT NULL DEFAULT 0,
+    state                     TEXT NOT NULL,
+    outcome                   TEXT,
+    status                    INTEGER,
+    error_code                TEXT,
+    downgrades                TEXT NOT NULL DEFAULT '',
+    text_input_tokens         {big} NOT NULL DEFAULT 0,
+    cached_text_input_tokens  {big} NOT NULL DEFAULT 0,
+    image_input_tokens        {big} NOT NULL DEFAULT 0,
+    cached_image_input_tokens {big} NOT NULL DEFAULT 0,
+    image_output_tokens       {big} NOT NULL DEFAULT 0,
+    text_output_tokens        {big} NOT NULL DEFAULT 0,
+    images                    {big} NOT NULL DEFAULT 0,
+    estimated_nanos           {big} NOT NULL DEFAULT 0,
+    reserved_nanos            {big} NOT NULL DEFAULT 0,
+    cost_nanos                {big} NOT NULL DEFAULT 0,
+    flagged                   INTEGER NOT NULL DEFAULT 0,
+    latency_ms                {real},
+    counters                  TEXT NOT NULL DEFAULT '[]',
+    owner                     TEXT
+)"""
+
+
+def _tables(real: str, big: str) -> list[str]:
+    return [
+        _requests(real, big),
+        "CREATE INDEX IF NOT EXISTS requests_started ON requests (started_at)",
+        "CREATE INDEX IF NOT EXISTS requests_team_started ON requests (team, started_at)",
+        "CREATE INDEX IF NOT EXISTS requests_reserved ON requests (state) WHERE state = 'reserved'",
+        f"""CREATE TABLE IF NOT EXISTS processes (
+    owner        TEXT PRIMARY KEY,
+    host         TEXT NOT NULL,
+    pid          INTEGER NOT NULL,
+    heartbeat_at {real} NOT NULL
+)""",
+        f"""CREATE TABLE IF NOT EXISTS budget_usage (
+    scope               TEXT NOT NULL,
+    team                TEXT NOT NULL,
+    "user"              TEXT NOT NULL,
+    period              TEXT NOT NULL,
+    start               {real} NOT NULL,
+    spent_nanos         {big} NOT NULL DEFAULT 0,
+    reserved_nanos      {big} NOT NULL DEFAULT 0,
+    text_input_tokens   {big} NOT NULL DEFAULT 0,
+    image_input_tokens  {big} NOT NULL DEFAULT 0,
+    image_output_tokens {big} NOT NULL DEFAULT 0,
+    total_tokens        {big} NOT NULL DEFAULT 0,
+    PRIMARY KEY (scope, team, "user", period, start)
+)""",
+        f"""CREATE TABLE IF NOT EXISTS alerts_sent (
+    key     TEXT PRIMARY KEY,
+    sent_at {real} NOT NULL
+)""",
+    ]
+
+
+ORGANIZATION_ROWS = [
+    f'INSERT INTO budget_usage (scope, team, "user", period, start, {TOTALS}) '
+    f"SELECT 'organization', '', '', period, start, {SUMMED} FROM budget_usage "
+    "WHERE scope = 'team' GROUP BY period, start",
+    # The row every counter write locks first (see postgres.py): it must always exist.
+    'INSERT INTO budget_usage (scope, team, "user", period, start) '
+    "SELECT 'organization', '', '', 'total', 0 WHERE NOT EXISTS (SELECT 1 FROM budget_usage "
+    "WHERE scope = 'organization' AND period = 'total' AND start = 0)",
+]
+
+SQLITE: Sequence[Sequence[str]] = (
+    _tables("REAL", "INTEGER"),
+    ORGANIZATION_ROWS,
+)
+POSTGRES: Sequence[Sequence[str]] = (
+    _tables("DOUBLE PRECISION", "BIGINT"),
+    ORGANIZATION_ROWS,
+)
+assert len(SQLITE) == len(POSTGRES), "both backends share one version numbering"
+
+SCHEMA_VERSION = len(SQLITE)
+"""The version this Tollgate reads and writes."""
+
+
+def pending(found: int, steps: Sequence[Sequence[str]]) -> list[str]:
+    """The statements that take a ledger at version `found` to the latest."""
+    return [sql for step in steps[found:] for sql in step]

@@ -1,0 +1,482 @@
+"""The shared ledger: PostgreSQL through an asyncpg connection pool, for several replicas.
+
+Atomic reservations across replicas rest on row locks taken in one fixed order.
+Every transaction that writes counters (reserve, settle, reclaim) first locks the
+organization's `total` counter row, which it writes anyway: since schema version
+2 the organization's counters are real `budget_usage` rows, updated in the same
+transaction as the team rows they sum (see `migrations.py`). Then, in lock order
+(scope, team, user, period, start), it reads the counters a decision needs with
+`SELECT … FOR UPDATE`, lets the chooser decide, inserts the request row and adds
+to every counter it touches.
+
+Why one first lock rather than locking only the rows read: a reservation adds to
+counters its decision did not read (periods without a budget, the organization's
+rows), and settlements add to counters in their own order; locking those after
+the decision could deadlock two replicas. Writers would queue on the
+organization's rows anyway, because every one of them updates those rows, so
+taking that lock first costs no concurrency and makes deadlocks impossible. It
+also closes the phantom problem of summing team rows: a team row inserted by
+another replica cannot appear between a read and a commit. The lock is held for
+a few round trips, far below the rate at which image requests arrive. Deadlocks
+(40P01) and serialization failures (40001) are retried all the same, in case a
+future query escapes this order.
+
+Errors: an unreachable database is `LedgerUnavailable` (the web layer answers
+503; a settlement retries it), anything else is `LedgerError`. The pool
+reconnects by itself when the database comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+
+from proxy.budgets import Counter, Totals
+from proxy.errors import LedgerError, LedgerUnavailable
+from proxy.ledger import migrations
+from proxy.ledger.base import Chooser, Entry, Owner, Reservation, Row, Settlement
+from proxy.ledger.counters import ORGANIZATION_TOTAL, key, with_organization
+from proxy.ledger.postgres_reports import PostgresReports
+from proxy.ledger.sqlite import (
+    ENTRY_COLUMNS,
+    SETTLEMENT_COLUMNS,
+    TOTALS_COLUMNS,
+    USAGE_COLUMNS,
+    _counter_key,
+    _counters,
+    _row,
+    _settlement_values,
+    _token_deltas,
+    _usage_values,
+)
+from proxy.models import Usage
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = migrations.SCHEMA_VERSION
+POOL_SIZE = 10
+"""Connections per process unless the URL says `?pool_size=N`."""
+CONNECT_TIMEOUT_S = 5.0
+ACQUIRE_TIMEOUT_S = 10.0
+PING_TIMEOUT_S = 2.0
+RETRIES = 8
+MIGRATION_LOCK = 0x7011_6A7E
+"""The advisory lock that keeps two `tollgate ledger migrate` runs from interleaving."""
+
+UNAVAILABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # a connection cut in the middle of a statement
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections
+)
+
+
+def q(column: str) -> str:
+    """A column name as PostgreSQL reads it (`user` is a reserved word)."""
+    return '"user"' if column == "user" else column
+
+
+def cols(columns: Sequence[str]) -> str:
+    return ", ".join(q(c) for c in columns)
+
+
+def marks(count: int, first: int = 1) -> str:
+    return ", ".join(f"${i}" for i in range(first, first + count))
+
+
+KEY = 'scope = $1 AND team = $2 AND "user" = $3 AND period = $4 AND start = $5'
+ADD_SQL = (
+    f'INSERT INTO budget_usage (scope, team, "user", period, start, {cols(TOTALS_COLUMNS)}) '
+    f"VALUES ({marks(5 + len(TOTALS_COLUMNS))}) "
+    'ON CONFLICT (scope, team, "user", period, start) DO UPDATE SET '
+    + ", ".join(f"{c} = budget_usage.{c} + excluded.{c}" for c in TOTALS_COLUMNS)
+)
+LOCK_SQL = (
+    'INSERT INTO budget_usage (scope, team, "user", period, start) VALUES ($1, $2, $3, $4, $5) '
+    'ON CONFLICT (scope, team, "user", period, start) '
+    "DO UPDATE SET spent_nanos = budget_usage.spent_nanos"
+)
+READ_SQL = (
+    f'SELECT scope, team, "user", period, start, {cols(TOTALS_COLUMNS)} FROM budget_usage '
+    'WHERE (scope, team, "user", period, start) IN '
+    "(SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[])) "
+    'ORDER BY scope, team COLLATE "C", "user" COLLATE "C", period, start'
+)
+
+
+def split_url(url: str) -> tuple[str, int]:
+    """The DSN for asyncpg and the pool size (`?pool_size=N`, which PostgreSQL must not see).
+
+    Other query parameters pass to the server as settings, e.g. `?search_path=tollgate`."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query)
+    size = POOL_SIZE
+    for name, value in query:
+        if name == "pool_size":
+            if not value.isdigit() or int(value) < 1:
+                raise LedgerError(f"pool_size must be a positive integer, not {value!r}")
+            size = int(value)
+    rest = urlencode([(n, v) for n, v in query if n != "pool_size"])
+    return urlunsplit(parts._replace(query=rest)), size
+
+
+def redacted(url: str) -> str:
+    """`url` without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class PostgresLedger(PostgresReports):
+    """The Ledger on a PostgreSQL database shared by every replica."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.dsn, self.pool_size = split_url(url)
+        self.name = redacted(url)
+        self._pool: asyncpg.Pool | None = None
+        self.owner: Owner | None = None
+
+    # -- opening, schema -------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the pool, whatever the schema's version (connections open on first use)."""
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn,
+                # No floor: connections open on demand, so a database outage is not
+                # also a stream of reconnection attempts in the background.
+                min_size=0,
+                max_size=self.pool_size,
+                timeout=CONNECT_TIMEOUT_S,
+                # Transactions are short; a statement stuck this long is a lost server.
+                command_timeout=60,
+            )
+        except UNAVAILABLE as exc:
+            raise LedgerUnavailable(
+                f"cannot reach the PostgreSQL ledger {self.name}: {exc}"
+            ) from exc
+        except asyncpg.PostgresError as exc:
+            raise LedgerError(f"cannot open the PostgreSQL ledger {self.name}: {exc}") from exc
+
+    async def open(self) -> None:
+        """Connect, and refuse a database that cannot be reached or a schema this Tollgate
+        cannot use."""
+        await self.connect()
+        try:
+            found = await self.version()
+        except LedgerUnavailable as exc:
+            await self.close()
+            raise LedgerUnavailable(
+                f"cannot reach the PostgreSQL ledger {self.name}: {exc.__cause__ or exc}"
+            ) from exc
+        if found == SCHEMA_VERSION:
+            return
+        await self.close()
+        if found < SCHEMA_VERSION:
+            raise LedgerError(
+                f"{self.name}: ledger schema version {found} is older than this Tollgate's "
+                f"({SCHEMA_VERSION}): run `tollgate ledger migrate --ledger URL` first"
+            )
+        raise LedgerError(
+            f"{self.name}: ledger schema version {found} is newer than this Tollgate's "
+            f"({SCHEMA_VERSION}); upgrade Tollgate"
+        )
+
+    async def version(self) -> int:
+        """The schema version the database is at (0: no Tollgate tables yet)."""
+        async with self._connection() as conn:
+            exists = await conn.fetchval("SELECT to_regclass('schema_version') IS NOT NULL")
+            if not exists:
+                return 0
+            found = await conn.fetchval("SELECT max(version) FROM schema_version")
+        return int(found or 0)
+
+    async def migrate(self) -> tuple[int, int]:
+        """Apply the pending migrations in one transaction; (version before, version after)."""
+        try:
+            return await self._migrate()
+        except LedgerUnavailable as exc:
+            raise LedgerUnavailable(
+                f"cannot reach the PostgreSQL ledger {self.name}: {exc.__cause__ or exc}"
+            ) from exc
+
+    async def _migrate(self) -> tuple[int, int]:
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
+            found = int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version"))
+            if found > SCHEMA_VERSION:
+                raise LedgerError(
+                    f"{self.name}: ledger schema version {found} is newer than this Tollgate's "
+                    f"({SCHEMA_VERSION}); upgrade Tollgate"
+                )
+            for sql in migrations.pending(found, migrations.POSTGRES):
+                await conn.execute(sql)
+            await conn.execute("DELETE FROM schema_version")
+            await conn.execute("INSERT INTO schema_version VALUES ($1)", SCHEMA_VERSION)
+        return found, SCHEMA_VERSION
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise LedgerError("ledger is not open")
+        return self._pool
+
+    # -- the Ledger protocol ---------------------------------------------------
+
+    async def reserve(self, read: Sequence[Counter], choose: Chooser) -> Reservation:
+        async def work(conn: Any) -> Reservation:
+            await _lock_counters(conn)
+            # Choosing again after a retry is fine: the chooser is a pure function of totals.
+            reservation = choose(await _read(conn, read, lock=True))
+            entry, usage = reservation.entry, reservation.usage
+            columns = (*ENTRY_COLUMNS, *USAGE_COLUMNS, "state", "reserved_nanos", "counters")
+            await conn.execute(
+                f"INSERT INTO requests ({cols(columns)}, owner) VALUES ({marks(len(columns) + 1)})",
+                *_entry_values(entry),
+                *_usage_values(usage),
+                "reserved",
+                entry.estimated_nanos,
+                json.dumps([_counter_key(c) for c in reservation.counters]),
+                self.owner.id if self.owner else None,
+            )
+            await _add(
+                conn, reservation.counters, 0, entry.estimated_nanos, _token_deltas(usage, 1)
+            )
+            return reservation
+
+        return await self._transaction(work)
+
+    async def settle(self, request_id: str, settlement: Settlement) -> None:
+        async def work(conn: Any) -> None:
+            await _lock_counters(conn)
+            found = await conn.fetchrow(
+                f"SELECT state, error_code, reserved_nanos, counters, {cols(USAGE_COLUMNS)} "
+                "FROM requests WHERE id = $1 FOR UPDATE",
+                request_id,
+            )
+            if found is None:
+                raise LedgerError(f"no reservation {request_id}")
+            state, error_code, reserved, counters_text, *held = tuple(found)
+            if state == "settled" and error_code != "abandoned":
+                # Settled already: this is a retry whose first attempt committed unseen.
+                return
+            # A reservation reclaimed before its answer came has nothing left to release.
+            held_usage = Usage(*held) if state == "reserved" else Usage()
+            release = reserved if state == "reserved" else 0
+            assignments = ", ".join(f"{q(c)} = ${i}" for i, c in enumerate(SETTLEMENT_COLUMNS, 2))
+            await conn.execute(
+                f"UPDATE requests SET {assignments}, state = 'settled', reserved_nanos = 0 "
+                "WHERE id = $1",
+                request_id,
+                *_settlement_values(settlement),
+            )
+            actual = _token_deltas(settlement.usage, 1)
+            taken_back = _token_deltas(held_usage, -1)
+            await _add(
+                conn,
+                _counters(counters_text),
+                settlement.cost_nanos,
+                -release,
+                tuple(a + b for a, b in zip(actual, taken_back, strict=True)),
+            )
+
+        await self._transaction(work)
+
+    async def record(self, entry: Entry, settlement: Settlement) -> None:
+        columns = (*ENTRY_COLUMNS, *SETTLEMENT_COLUMNS, "state")
+        async with self._connection() as conn:
+            await conn.execute(
+                f"INSERT INTO requests ({cols(columns)}) VALUES ({marks(len(columns))})",
+                *_entry_values(entry),
+                *_settlement_values(settlement),
+                "settled",
+            )
+
+    async def reclaim(
+        self, now: float, *, started_before: float = 0.0, owners: Sequence[str] = ()
+    ) -> int:
+        async def work(conn: Any) -> int:
+            await _lock_counters(conn)
+            stale = await conn.fetch(
+                f"SELECT id, reserved_nanos, counters, {cols(USAGE_COLUMNS)} FROM requests "
+                "WHERE state = 'reserved' AND (started_at < $1 OR owner = ANY($2::text[])) "
+                "ORDER BY id FOR UPDATE",
+                float(started_before),
+                list(owners),
+            )
+            for request_id, reserved, counters_text, *held in (tuple(r) for r in stale):
+                await conn.execute(
+                    "UPDATE requests SET state = 'settled', reserved_nanos = 0, "
+                    "outcome = 'upstream_error', error_code = 'abandoned', flagged = 1, "
+                    "finished_at = $2, "
+                    + ", ".join(f"{c} = 0" for c in USAGE_COLUMNS)
+                    + " WHERE id = $1",
+                    request_id,
+                    float(now),
+                )
+                await _add(
+                    conn, _counters(counters_text), 0, -reserved, _token_deltas(Usage(*held), -1)
+                )
+            if owners:
+                await conn.execute(
+                    "DELETE FROM processes WHERE owner = ANY($1::text[])", list(owners)
+                )
+            return len(stale)
+
+        return await self._transaction(work)
+
+    async def register(self, owner: Owner, now: float) -> None:
+        self.owner = owner
+        await self.heartbeat(now)
+
+    async def heartbeat(self, now: float) -> None:
+        if self.owner is None:
+            return
+        async with self._connection() as conn:
+            await conn.execute(
+                "INSERT INTO processes (owner, host, pid, heartbeat_at) VALUES ($1, $2, $3, $4) "
+                "ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                self.owner.id,
+                self.owner.host,
+                self.owner.pid,
+                float(now),
+            )
+
+    async def owners(self) -> list[Owner]:
+        async with self._connection() as conn:
+            found = await conn.fetch(
+                "SELECT owner, host, pid, heartbeat_at FROM processes UNION "
+                "SELECT DISTINCT owner, '', 0, 0 FROM requests WHERE state = 'reserved' "
+                "AND owner IS NOT NULL AND owner NOT IN (SELECT owner FROM processes)"
+            )
+        return [Owner(*tuple(r)) for r in found]
+
+    async def unregister(self) -> None:
+        if self.owner is not None:
+            async with self._connection() as conn:
+                await conn.execute("DELETE FROM processes WHERE owner = $1", self.owner.id)
+
+    async def totals(self, counters: Sequence[Counter]) -> dict[Counter, Totals]:
+        async with self._connection() as conn:
+            return await _read(conn, counters, lock=False)
+
+    async def rows(self, since: float = 0.0) -> list[Row]:
+        columns = (*ENTRY_COLUMNS, *SETTLEMENT_COLUMNS, "state")
+        async with self._connection() as conn:
+            found = await conn.fetch(
+                f"SELECT {cols(columns)} FROM requests WHERE started_at >= $1 "
+                'ORDER BY started_at, id COLLATE "C"',
+                float(since),
+            )
+        return [_row(tuple(r)) for r in found]
+
+    async def claim_alert(self, key: str, now: float) -> bool:
+        async with self._connection() as conn:
+            status = await conn.execute(
+                "INSERT INTO alerts_sent (key, sent_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                key,
+                float(now),
+            )
+        return bool(status == "INSERT 0 1")
+
+    async def ping(self) -> None:
+        pool = self.pool
+        try:
+            async with pool.acquire(timeout=PING_TIMEOUT_S) as conn:
+                await conn.fetchval("SELECT 1", timeout=PING_TIMEOUT_S)
+        except UNAVAILABLE as exc:
+            raise LedgerUnavailable(f"ledger unreachable: {exc or type(exc).__name__}") from exc
+        except asyncpg.PostgresError as exc:
+            raise LedgerUnavailable(f"ledger unreachable: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), timeout=5)
+            except (TimeoutError, *UNAVAILABLE):
+                pool.terminate()
+
+    # -- connections and transactions ------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        """A pooled connection; database errors become LedgerUnavailable or LedgerError."""
+        pool = self.pool
+        try:
+            async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                yield conn
+        except asyncpg.TransactionRollbackError:
+            raise  # retried by _transaction
+        except UNAVAILABLE as exc:
+            raise LedgerUnavailable(f"ledger unreachable: {exc or type(exc).__name__}") from exc
+        except asyncpg.PostgresError as exc:
+            raise LedgerError(f"ledger query failed: {exc}") from exc
+
+    async def _transaction(self, work: Callable[[Any], Awaitable[T]]) -> T:
+        """Run `work` in a transaction, again on a serialization failure or a deadlock."""
+        for attempt in range(RETRIES):
+            try:
+                async with self._connection() as conn, conn.transaction():
+                    return await work(conn)
+            except asyncpg.TransactionRollbackError as exc:
+                if attempt == RETRIES - 1:
+                    raise LedgerError(f"ledger too busy: {exc}") from exc
+                await asyncio.sleep(0.005 * 2**attempt)
+        raise AssertionError("unreachable")
+
+
+def _entry_values(entry: Entry) -> list[Any]:
+    values = [getattr(entry, c) for c in ENTRY_COLUMNS]
+    values[ENTRY_COLUMNS.index("stream")] = int(entry.stream)
+    values[ENTRY_COLUMNS.index("started_at")] = float(entry.started_at)
+    return values
+
+
+async def _lock_counters(conn: Any) -> None:
+    """Take the first lock of every counter writer (see the module's docstring)."""
+    await conn.execute(LOCK_SQL, *key(ORGANIZATION_TOTAL))
+
+
+async def _read(conn: Any, counters: Sequence[Counter], *, lock: bool) -> dict[Counter, Totals]:
+    found: dict[Counter, Totals] = {c: Totals() for c in counters}
+    if not counters:
+        return found
+    wanted = sorted(set(counters), key=key)
+    rows = await conn.fetch(
+        READ_SQL + (" FOR UPDATE" if lock else ""),
+        [c.scope for c in wanted],
+        [c.team for c in wanted],
+        [c.user for c in wanted],
+        [c.period for c in wanted],
+        [float(c.start) for c in wanted],
+    )
+    by_key = {tuple(r[:5]): Totals(*(int(v) for v in tuple(r)[5:])) for r in rows}
+    for c in counters:
+        found[c] = by_key.get((c.scope, c.team, c.user, c.period, float(c.start)), Totals())
+    return found
+
+
+async def _add(
+    conn: Any, counters: Sequence[Counter], spent: int, reserved: int, tokens: tuple[int, ...]
+) -> None:
+    await conn.executemany(
+        ADD_SQL,
+        [
+            (c.scope, c.team, c.user, c.period, float(c.start), spent, reserved, *tokens)
+            for c in with_organization(counters)
+        ],
+    )

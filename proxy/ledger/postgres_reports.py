@@ -1,0 +1,65 @@
+"""Finance reads of the PostgreSQL ledger: the same grouped sums and audit export as SQLite's.
+
+The SQL is `sqlite_reports`' with PostgreSQL's spelling: `"user"` is quoted (a
+reserved word), buckets use `floor()` and sums of BIGINT come back as NUMERIC,
+which are turned into ints, so a report reads the same on either backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from proxy.ledger.base import Aggregate, GroupColumn
+from proxy.ledger.sqlite_reports import EXPORT_BATCH, GROUP_SQL, SUMS
+
+PG_GROUP_SQL: dict[GroupColumn, str] = {**GROUP_SQL, "user": '"user"'}
+
+
+class PostgresReports:
+    """The report half of `PostgresLedger` (which provides `_connection`)."""
+
+    def _connection(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        raise NotImplementedError
+
+    async def summarize(
+        self,
+        start: float,
+        end: float,
+        by: Sequence[GroupColumn],
+        bucket_seconds: int | None = None,
+    ) -> list[Aggregate]:
+        keys = [PG_GROUP_SQL[c] for c in by]
+        if bucket_seconds is not None:
+            keys.append(f"floor(started_at / {int(bucket_seconds)})::bigint")
+        select = ", ".join([*keys, *SUMS])
+        group = f" GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))}" if keys else ""
+        sql = (
+            f"SELECT {select} FROM requests "
+            f"WHERE state = 'settled' AND started_at >= $1 AND started_at < $2{group}"
+        )
+        async with self._connection() as conn:
+            found = await conn.fetch(sql, float(start), float(end))
+        width = len(keys)
+        return [
+            Aggregate(tuple(r[:width]), *(int(v or 0) for v in tuple(r)[width:]))
+            for r in found
+            if r[width]  # an empty period still answers one all-NULL row when ungrouped
+        ]
+
+    async def export(self, start: float, end: float) -> AsyncIterator[dict[str, Any]]:
+        # One snapshot for the whole export, read through a server-side cursor in batches.
+        async with (
+            self._connection() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            cursor = conn.cursor(
+                "SELECT * FROM requests WHERE started_at >= $1 AND started_at < $2 "
+                'ORDER BY started_at, id COLLATE "C"',
+                float(start),
+                float(end),
+                prefetch=EXPORT_BATCH,
+            )
+            async for record in cursor:
+                yield dict(record.items())

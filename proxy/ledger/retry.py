@@ -1,0 +1,56 @@
+"""Settling through a ledger outage: a charge is retried, never dropped on the first error.
+
+A request whose answer came back has been billed by OpenAI. If the database is
+unreachable at that moment (a restart, a fail-over), the settlement is retried
+with exponential backoff for up to `within_s` (the upstream timeout: the longest
+a request may take anyway) before the error is given up and logged; the
+reservation then stays in the ledger, still counted against the budgets, until
+the periodic reclaim releases it. Settling is idempotent on every backend that
+can lose an acknowledgement, so a retry never charges twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from proxy.errors import LedgerUnavailable
+from proxy.ledger.base import Ledger, Settlement
+
+log = logging.getLogger("tollgate")
+
+FIRST_DELAY_S = 0.05
+MAX_DELAY_S = 2.0
+
+
+async def settle_patiently(
+    ledger: Ledger,
+    request_id: str,
+    settlement: Settlement,
+    within_s: float,
+    *,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """`ledger.settle`, retried while the ledger is unavailable, for up to `within_s` seconds;
+    the last LedgerUnavailable propagates when time is up."""
+    deadline = clock() + within_s
+    delay = FIRST_DELAY_S
+    attempt = 1
+    while True:
+        try:
+            await ledger.settle(request_id, settlement)
+        except LedgerUnavailable as exc:
+            if clock() + delay > deadline:
+                raise
+            if attempt == 1:
+                log.warning("ledger unavailable while settling %s, retrying: %s", request_id, exc)
+            await sleep(delay)
+            delay = min(delay * 2, MAX_DELAY_S)
+            attempt += 1
+        else:
+            if attempt > 1:
+                log.warning("settled %s after %d attempts", request_id, attempt)
+            return
