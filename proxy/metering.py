@@ -58,15 +58,24 @@ def _int(value: Any) -> int:
 
 
 class BodyMeter:
-    """Feed a JSON answer chunk by chunk; `finish()` gives its usage and image count."""
+    """Feed a JSON answer chunk by chunk; `finish()` gives its usage and image count.
+
+    The parser never sees the base64: `_ShortStrings` empties every string longer than
+    `SHORT_STRING` bytes on the way in (found with `bytes.find`), so a 2 MB image costs
+    neither a tokenizer pass nor a 2 MB string per answer in flight.
+    """
 
     def __init__(self) -> None:
         self._found: list[Any] = ijson.sendable_list()
         self._parser = ijson.parse_coro(_UsageSink(self._found))
+        self._strings = _ShortStrings()
 
     def feed(self, chunk: bytes) -> None:
+        data = self._strings.filter(chunk)
+        if not data:
+            return  # all inside a long string (and an empty send would mean the end to ijson)
         try:
-            self._parser.send(chunk)
+            self._parser.send(data)
         except ijson.JSONError as exc:
             raise MalformedAnswer(f"upstream answer is not JSON: {exc}") from None
 
@@ -84,6 +93,75 @@ class BodyMeter:
             else:
                 images += 1
         return usage, images
+
+
+SHORT_STRING = 1024
+"""Longer JSON strings (images, revised prompts) reach the parser empty: never metered."""
+
+
+class _ShortStrings:
+    """A JSON byte stream with the contents of every long string dropped, chunk by chunk.
+
+    Outside strings bytes pass as they are; a string's contents are held until its closing
+    quote and passed only if short. Escapes are kept whole, so the output is valid JSON
+    exactly when the input is (a truncated input stays truncated).
+    """
+
+    def __init__(self) -> None:
+        self._inside = False
+        self._escape = False  # the last chunk ended on a backslash inside a string
+        self._held = bytearray()
+        self._long = False
+
+    def filter(self, chunk: bytes) -> bytes:
+        out = bytearray()
+        i, end = 0, len(chunk)
+        while i < end:
+            if not self._inside:
+                quote = chunk.find(b'"', i)
+                if quote < 0:
+                    out += chunk[i:]
+                    break
+                out += chunk[i : quote + 1]
+                self._inside, self._long = True, False
+                self._held.clear()
+                i = quote + 1
+                continue
+            start = i
+            if self._escape:  # the escaped byte opens this chunk
+                self._escape = False
+                i += 1
+            # Two memchr scans: the next quote, then a backslash before it.
+            quote = chunk.find(b'"', i)
+            stop = quote if quote >= 0 else end
+            backslash = chunk.find(b"\\", i, stop)
+            if backslash >= 0:
+                stop = backslash
+                if stop + 1 < end:
+                    i = stop + 2
+                else:
+                    self._escape, i = True, end
+                self._keep(chunk[start:i])
+                continue
+            if not self._long:
+                self._keep(chunk[start:stop])
+            if quote < 0:
+                break
+            if not self._long:
+                out += self._held
+            out += b'"'
+            self._inside = False
+            self._held.clear()
+            i = stop + 1
+        return bytes(out)
+
+    def _keep(self, part: bytes) -> None:
+        if self._long:
+            return
+        self._held += part
+        if len(self._held) > SHORT_STRING:
+            self._long = True
+            self._held.clear()
 
 
 @ijson.coroutine  # type: ignore[untyped-decorator]
