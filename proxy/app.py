@@ -26,6 +26,7 @@ from proxy.config import Config, UpstreamSettings, load_config
 from proxy.errors import ConfigError, LedgerError
 from proxy.handlers import ImagesHandler, OtherPaths
 from proxy.ledger import open_ledger
+from proxy.logs import ENV_LOG_LEVEL, configure_logging
 from proxy.metrics import ENV_MULTIPROC_DIR, Metrics
 from proxy.models import ENDPOINTS
 from proxy.services import Services
@@ -203,6 +204,7 @@ def create_app(
 
 def app_from_env() -> Starlette:
     """The app factory uvicorn's worker processes call (`tollgate serve --workers N`)."""
+    configure_logging(os.environ.get(ENV_LOG_LEVEL, "info"))
     source = Path(os.environ.get(ENV_CONFIG, "policies"))
     return create_app(
         load_config(source),

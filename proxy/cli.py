@@ -7,12 +7,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import json
-import logging
-import logging.handlers
 import os
-import queue
 import socket
 import sys
 import tempfile
@@ -42,6 +38,7 @@ from proxy.config import Config, config_schema, default_config_path, load_config
 from proxy.errors import ConfigError, InvalidRequest, LedgerError, RequestError
 from proxy.ledger import migrate_ledger, open_ledger
 from proxy.ledger.copy import copy_between
+from proxy.logs import ENV_LOG_LEVEL, configure_logging
 from proxy.metrics import ENV_MULTIPROC_DIR
 from proxy.models import usd_text
 from proxy.reports_query import ReportQuery
@@ -378,6 +375,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         os.environ[ENV_CONFIG] = str(path)
         os.environ[ENV_WORKERS] = str(args.workers)
+        os.environ[ENV_LOG_LEVEL] = args.log_level  # each worker logs its own requests
         # Before the workers import prometheus-client: their counters are summed from files.
         os.environ[ENV_MULTIPROC_DIR] = fresh_metrics_dir()
         for name, value in (
@@ -483,31 +481,3 @@ def start_simulator_thread() -> int:
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.02)
     return port
-
-
-class JsonLines(logging.Formatter):
-    """Request lines are JSON already; other records become JSON too."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        if record.name == "tollgate.requests":
-            return message
-        line = {"level": record.levelname.lower(), "logger": record.name, "message": message}
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line)
-
-
-def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLines())
-    # The event loop only queues records; a thread writes them, so a slow or full stderr
-    # pipe never stalls requests. Stopped (and drained) at exit.
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(records, handler)
-    listener.start()
-    atexit.register(listener.stop)
-    root = logging.getLogger()
-    root.handlers = [logging.handlers.QueueHandler(records)]
-    root.setLevel(level.upper())
-    logging.getLogger("httpx").setLevel(logging.WARNING)

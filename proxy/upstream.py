@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import aiohttp
 import httpx
@@ -72,6 +73,8 @@ class Upstream:
         self._project = project
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=512)
         self._client = httpx.AsyncClient(
+            # One client serves every team: never keep the upstream's cookies.
+            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
             transport=transport or AiohttpTransport(limits=limits),
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
             limits=limits,
