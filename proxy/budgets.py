@@ -56,6 +56,21 @@ def window(period: Period, now: float, tz: ZoneInfo) -> Window:
     """The period containing `now` (unix seconds), with boundaries in `tz`."""
     if period == "total":
         return Window(period, 0.0, None)
+    # Zone offsets are whole minutes, so period boundaries fall on UTC minutes: every
+    # instant of a minute has the same window, computed once.
+    minute = int(now // 60)
+    found = _window_of_minute(period, minute, tz)
+    if found.start <= now < (found.end or now + 1):
+        return found
+    return _window_of(period, now, tz)
+
+
+@lru_cache(maxsize=1024)
+def _window_of_minute(period: Period, minute: int, tz: ZoneInfo) -> Window:
+    return _window_of(period, minute * 60.0, tz)
+
+
+def _window_of(period: Period, now: float, tz: ZoneInfo) -> Window:
     local = datetime.fromtimestamp(now, tz)
     day = local.replace(hour=0, minute=0, second=0, microsecond=0)
     if period == "day":
