@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from proxy.ledger.base import Aggregate, GroupColumn
-from proxy.ledger.sqlite_reports import EXPORT_BATCH, GROUP_SQL, SUMS
+from proxy.ledger.summaries import EXPORT_BATCH, GROUP_SQL, aggregates, summary_sql
 
 PG_GROUP_SQL: dict[GroupColumn, str] = {**GROUP_SQL, "user": '"user"'}
 
@@ -33,20 +33,10 @@ class PostgresReports:
         keys = [PG_GROUP_SQL[c] for c in by]
         if bucket_seconds is not None:
             keys.append(f"floor(started_at / {int(bucket_seconds)})::bigint")
-        select = ", ".join([*keys, *SUMS])
-        group = f" GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))}" if keys else ""
-        sql = (
-            f"SELECT {select} FROM requests "
-            f"WHERE state = 'settled' AND started_at >= $1 AND started_at < $2{group}"
-        )
+        sql = summary_sql(keys, "$1", "$2")
         async with self._connection() as conn:
             found = await conn.fetch(sql, float(start), float(end))
-        width = len(keys)
-        return [
-            Aggregate(tuple(r[:width]), *(int(v or 0) for v in tuple(r)[width:]))
-            for r in found
-            if r[width]  # an empty period still answers one all-NULL row when ungrouped
-        ]
+        return aggregates(found, len(keys))
 
     async def export(self, start: float, end: float) -> AsyncIterator[dict[str, Any]]:
         # One snapshot for the whole export, read through a server-side cursor in batches.

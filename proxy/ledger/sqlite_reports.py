@@ -19,29 +19,7 @@ import aiosqlite
 
 from proxy.errors import LedgerError
 from proxy.ledger.base import Aggregate, GroupColumn
-
-EXPORT_BATCH = 1000
-
-# How each group column is read: what was sent, else (rejections) what was requested.
-GROUP_SQL: dict[GroupColumn, str] = {
-    "team": "team",
-    "cost_center": "cost_center",
-    "user": "user",
-    "key_id": "key_id",
-    "model": "COALESCE(model, model_requested)",
-    "quality": "COALESCE(quality, quality_requested)",
-    "size": "COALESCE(size, size_requested)",
-    "endpoint": "endpoint",
-    "outcome": "outcome",
-}
-SUMS = (
-    "COUNT(*)",
-    "SUM(images)",
-    "SUM(text_input_tokens + cached_text_input_tokens)",
-    "SUM(image_input_tokens + cached_image_input_tokens)",
-    "SUM(image_output_tokens)",
-    "SUM(cost_nanos)",
-)
+from proxy.ledger.summaries import EXPORT_BATCH, GROUP_SQL, aggregates, summary_sql
 
 
 class SqliteReports:
@@ -64,23 +42,13 @@ class SqliteReports:
         if bucket_seconds is not None:
             # started_at is positive: CAST truncates, which is floor().
             keys.append(f"CAST(started_at / {int(bucket_seconds)} AS INTEGER)")
-        select = ", ".join([*keys, *SUMS])
-        group = f" GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))}" if keys else ""
-        sql = (
-            f"SELECT {select} FROM requests "
-            f"WHERE state = 'settled' AND started_at >= ? AND started_at < ?{group}"
-        )
+        sql = summary_sql(keys, "?", "?")
         try:
             async with self.db.execute(sql, (start, end)) as cursor:
                 found = await cursor.fetchall()
         except sqlite3.Error as exc:
             raise LedgerError(f"ledger read failed: {exc}") from exc
-        width = len(keys)
-        return [
-            Aggregate(tuple(r[:width]), *(int(v or 0) for v in r[width:]))
-            for r in found
-            if r[width]  # an empty period still answers one all-NULL row when ungrouped
-        ]
+        return aggregates(found, len(keys))
 
     async def export(self, start: float, end: float) -> AsyncIterator[dict[str, Any]]:
         # Its own read-only connection: a long read must not hold the writers' connection,
