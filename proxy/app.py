@@ -117,9 +117,7 @@ def create_app(
             with contextlib.suppress(ConfigError):
                 await reload()
 
-        task = asyncio.ensure_future(run())
-        services().background.add(task)
-        task.add_done_callback(services().background.discard)
+        services().spawn(run())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

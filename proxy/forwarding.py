@@ -71,14 +71,24 @@ class Forwarder:
         """Send a non-streamed request, then read, meter and answer it."""
         sent = time.monotonic()
         try:
-            answer = await self.services.upstream.send(
+            answer = await self.send(exchange, body, content_type, client_headers, sent)
+        except RequestError as exc:
+            return error_response(exc, exchange.after(0))
+        return await self.complete(exchange, answer, sent)
+
+    async def send(
+        self, exchange: Exchange, body: bytes, content_type: str, client_headers: Any, sent: float
+    ) -> httpx.Response:
+        """Send upstream; a request that never got an answer is settled (nothing charged)
+        and its error re-raised."""
+        try:
+            return await self.services.upstream.send(
                 "/images/" + self.endpoint, body, content_type, client_headers
             )
         except RequestError as exc:
             self.observe_upstream(exchange, sent)
             await self.settle(exchange, "upstream_error", exc.status, Usage(), 0, error=exc.code)
-            return error_response(exc, exchange.after(0))
-        return await self.complete(exchange, answer, sent)
+            raise
 
     def observe_upstream(self, exchange: Exchange, sent: float) -> None:
         model = exchange.entry.model or ""
@@ -185,25 +195,16 @@ class Forwarder:
             headers["x-tollgate-budget-remaining-usd"] = usd_text(max(exchange.remaining_nanos, 0))
         sent = time.monotonic()
         try:
-            answer = await self.services.upstream.send(
-                "/images/" + self.endpoint, body, content_type, client_headers
-            )
+            answer = await self.send(exchange, body, content_type, client_headers, sent)
         except RequestError as exc:
-            self.observe_upstream(exchange, sent)
-            await self.settle(exchange, "upstream_error", exc.status, Usage(), 0, error=exc.code)
             return error_response(exc, {**headers, "x-tollgate-cost-usd": "0"})
         if not 200 <= answer.status_code < 300 or "event-stream" not in answer.headers.get(
             "content-type", ""
         ):
             # Errors (and answers that are not streams) are metered like plain answers.
-            task = asyncio.create_task(self.complete(exchange, answer, sent))
-            self.services.background.add(task)
-            task.add_done_callback(self.services.background.discard)
-            return await asyncio.shield(task)
+            return await asyncio.shield(self.services.spawn(self.complete(exchange, answer, sent)))
         relay = Relay()
-        pump = asyncio.create_task(self.pump(exchange, answer, relay, sent))
-        self.services.background.add(pump)
-        pump.add_done_callback(self.services.background.discard)
+        self.services.spawn(self.pump(exchange, answer, relay, sent))
         return StreamingResponse(
             relay.events(),
             status_code=answer.status_code,

@@ -150,12 +150,10 @@ class ImagesHandler:
             return await self.forwarder.forward_stream(
                 exchange, forward_body, content_type, client_headers
             )
-        task = asyncio.create_task(
-            self.forwarder.forward(exchange, forward_body, content_type, client_headers)
+        # Shielded: a client that hangs up does not stop the metering of what it asked for.
+        return await asyncio.shield(
+            s.spawn(self.forwarder.forward(exchange, forward_body, content_type, client_headers))
         )
-        s.background.add(task)
-        task.add_done_callback(s.background.discard)
-        return await asyncio.shield(task)
 
     async def reserve(
         self, config: Config, team: Team, entry: Entry, variant: Variant

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from proxy.alerts import Alerts
 from proxy.config import Config
 from proxy.ledger import Ledger
 from proxy.metrics import Metrics
 from proxy.upstream import Upstream
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -26,4 +28,12 @@ class Services:
     alerts: Alerts
     clock: Callable[[], float] = time.time
     background: set[asyncio.Task[Any]] = field(default_factory=set)
+    """Work that must finish whatever the client does (metering); awaited at shutdown."""
     background_handles: list[asyncio.TimerHandle] = field(default_factory=list)
+
+    def spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run `work` as a task of its own, kept until it is done."""
+        task = asyncio.create_task(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task
