@@ -13,9 +13,9 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -26,6 +26,8 @@ from proxy.ledger.base import Chooser, Entry, Owner, Reservation, Row, Settlemen
 from proxy.ledger.counters import with_organization
 from proxy.ledger.sqlite_reports import SqliteReports
 from proxy.models import Usage
+
+T = TypeVar("T")
 
 # The schema lives in migrations.py: ordered steps, applied when the ledger opens.
 SCHEMA_VERSION = migrations.SCHEMA_VERSION
@@ -128,32 +130,13 @@ class SqliteLedger(SqliteReports):
         return self._db
 
     async def reserve(self, read: Sequence[Counter], choose: Chooser) -> Reservation:
-        # The whole transaction runs as one function on aiosqlite's thread: one thread hop
-        # instead of one per statement and fetch, each of which waited for a turn of a busy
-        # event loop with the lock held. `choose` is pure and runs there too. The SQL is
-        # `_totals` and `_add`'s.
-        sums = ", ".join(f"COALESCE(SUM({c}), 0)" for c in TOTALS_COLUMNS)
         columns = (
             *ENTRY_COLUMNS, *USAGE_COLUMNS, "state", "reserved_nanos", "counters", "owner",
         )  # fmt: skip
         owner = self.owner.id if self.owner else None
-        upsert = (
-            f"INSERT INTO budget_usage (scope, team, user, period, start, "
-            f"{', '.join(TOTALS_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (scope, team, user, period, start) DO UPDATE SET "
-            + ", ".join(f"{c} = {c} + excluded.{c}" for c in TOTALS_COLUMNS)
-        )
 
         def run(conn: sqlite3.Connection) -> Reservation:
-            totals: dict[Counter, Totals] = {}
-            for c in read:
-                row = conn.execute(
-                    f"SELECT {sums} FROM budget_usage WHERE scope = ? AND team = ? "
-                    "AND user = ? AND period = ? AND start = ?",
-                    _counter_key(c),
-                ).fetchone()
-                totals[c] = Totals(*row) if row is not None else Totals()
-            reservation = choose(totals)
+            reservation = choose(_read_totals(conn, read))  # pure: it runs on this thread too
             entry, usage = reservation.entry, reservation.usage
             conn.execute(
                 f"INSERT INTO requests ({', '.join(columns)}) "
@@ -167,42 +150,13 @@ class SqliteLedger(SqliteReports):
                     owner,
                 ),
             )
-            add = [(*_counter_key(c), 0, entry.estimated_nanos, *_token_deltas(usage, 1))
-                   for c in with_organization(reservation.counters)]  # fmt: skip
-            conn.executemany(upsert, add)
+            _add(conn, reservation.counters, 0, entry.estimated_nanos, _token_deltas(usage, 1))
             return reservation
 
-        def atomically(conn: sqlite3.Connection) -> Reservation:
-            # `_Transaction`'s BEGIN IMMEDIATE … COMMIT (ROLLBACK on error), in this thread.
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise LedgerError(f"ledger unavailable: {exc}") from exc
-            try:
-                result = run(conn)
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                raise
-            try:
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise LedgerError(f"ledger write failed: {exc}") from exc
-            return result
-
-        async with self._lock:
-            done: Reservation = await self.db._execute(atomically, self.db._conn)  # type: ignore[no-untyped-call]
-            return done
+        return await self._transaction(run)
 
     async def settle(self, request_id: str, settlement: Settlement) -> None:
-        # The whole transaction in one thread hop, as in `reserve`.
         assignments = ", ".join(f"{c} = ?" for c in SETTLEMENT_COLUMNS)
-        upsert = (
-            f"INSERT INTO budget_usage (scope, team, user, period, start, "
-            f"{', '.join(TOTALS_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (scope, team, user, period, start) DO UPDATE SET "
-            + ", ".join(f"{c} = {c} + excluded.{c}" for c in TOTALS_COLUMNS)
-        )
 
         def run(conn: sqlite3.Connection) -> None:
             found = conn.execute(
@@ -224,29 +178,9 @@ class SqliteLedger(SqliteReports):
             actual = _token_deltas(settlement.usage, 1)
             taken_back = _token_deltas(held_usage, -1)
             tokens = tuple(a + b for a, b in zip(actual, taken_back, strict=True))
-            add = [(*_counter_key(c), settlement.cost_nanos, -release, *tokens)
-                   for c in with_organization(_counters(counters_text))]  # fmt: skip
-            conn.executemany(upsert, add)
+            _add(conn, _counters(counters_text), settlement.cost_nanos, -release, tokens)
 
-        def atomically(conn: sqlite3.Connection) -> None:
-            # `_Transaction`'s BEGIN IMMEDIATE … COMMIT (ROLLBACK on error), in this thread.
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise LedgerError(f"ledger unavailable: {exc}") from exc
-            try:
-                run(conn)
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                raise
-            try:
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise LedgerError(f"ledger write failed: {exc}") from exc
-
-        async with self._lock:
-            await self.db._execute(atomically, self.db._conn)  # type: ignore[no-untyped-call]
+        await self._transaction(run)
 
     async def record(self, entry: Entry, settlement: Settlement) -> None:
         columns = (*ENTRY_COLUMNS, *SETTLEMENT_COLUMNS, "state")
@@ -264,17 +198,17 @@ class SqliteLedger(SqliteReports):
     async def reclaim(
         self, now: float, *, started_before: float = 0.0, owners: Sequence[str] = ()
     ) -> int:
-        async with self._lock, self._transaction():
-            marks = ", ".join("?" * len(owners))
-            async with self.db.execute(
+        marks = ", ".join("?" * len(owners))
+
+        def run(conn: sqlite3.Connection) -> int:
+            stale = conn.execute(
                 f"SELECT id, reserved_nanos, counters, {', '.join(USAGE_COLUMNS)} "
                 "FROM requests WHERE state = 'reserved' "
                 f"AND (started_at < ? OR owner IN ({marks}))",
                 (started_before, *owners),
-            ) as cursor:
-                stale = list(await cursor.fetchall())
+            ).fetchall()
             for request_id, reserved, counters_text, *held in stale:
-                await self.db.execute(
+                conn.execute(
                     "UPDATE requests SET state = 'settled', reserved_nanos = 0, "
                     "outcome = 'upstream_error', error_code = 'abandoned', flagged = 1, "
                     "finished_at = ?, "
@@ -282,12 +216,12 @@ class SqliteLedger(SqliteReports):
                     + " WHERE id = ?",
                     (now, request_id),
                 )
-                await self._add(
-                    _counters(counters_text), 0, -reserved, _token_deltas(Usage(*held), -1)
-                )
+                _add(conn, _counters(counters_text), 0, -reserved, _token_deltas(Usage(*held), -1))
             if owners:
-                await self.db.execute(f"DELETE FROM processes WHERE owner IN ({marks})", owners)
+                conn.execute(f"DELETE FROM processes WHERE owner IN ({marks})", tuple(owners))
             return len(stale)
+
+        return await self._transaction(run)
 
     async def register(self, owner: Owner, now: float) -> None:
         self.owner = owner
@@ -320,8 +254,7 @@ class SqliteLedger(SqliteReports):
                 await self._write("DELETE FROM processes WHERE owner = ?", (self.owner.id,))
 
     async def totals(self, counters: Sequence[Counter]) -> dict[Counter, Totals]:
-        async with self._lock:
-            return await self._totals(counters)
+        return await self._on_thread(lambda conn: _read_totals(conn, counters))
 
     async def rows(self, since: float = 0.0) -> list[Row]:
         columns = (*ENTRY_COLUMNS, *SETTLEMENT_COLUMNS, "state")
@@ -355,10 +288,38 @@ class SqliteLedger(SqliteReports):
             await self._db.close()
             self._db = None
 
-    # -- inside transactions -------------------------------------------------
+    # -- on the connection's thread -------------------------------------------
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self.db)
+    async def _on_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` on aiosqlite's thread in one hop (one hop per statement would wait for
+        a turn of the busy event loop each time, with the lock held). aiosqlite has no public
+        call for this; `_execute` is what its own methods use."""
+        async with self._lock:
+            done: T = await self.db._execute(work, self.db._conn)  # type: ignore[no-untyped-call]
+            return done
+
+    async def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work` inside `BEGIN IMMEDIATE` … `COMMIT` (ROLLBACK on any error, which propagates):
+        SQLite's single write lock, so what it reads cannot change before it writes."""
+
+        def atomically(conn: sqlite3.Connection) -> T:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise LedgerError(f"ledger unavailable: {exc}") from exc
+            try:
+                result = work(conn)
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise LedgerError(f"ledger write failed: {exc}") from exc
+            return result
+
+        return await self._on_thread(atomically)
 
     async def _write(self, sql: str, values: Sequence[Any]) -> None:
         try:
@@ -366,54 +327,41 @@ class SqliteLedger(SqliteReports):
         except sqlite3.Error as exc:
             raise LedgerError(f"ledger write failed: {exc}") from exc
 
-    async def _totals(self, counters: Sequence[Counter]) -> dict[Counter, Totals]:
-        found: dict[Counter, Totals] = {}
-        sums = ", ".join(f"COALESCE(SUM({c}), 0)" for c in TOTALS_COLUMNS)
-        for c in counters:
-            # Organization counters are rows of their own (schema version 2), like the others.
-            sql = (f"SELECT {sums} FROM budget_usage WHERE scope = ? AND team = ? "
-                   "AND user = ? AND period = ? AND start = ?")  # fmt: skip
-            args = (c.scope, c.team, c.user, c.period, c.start)
-            async with self.db.execute(sql, args) as cursor:
-                row = await cursor.fetchone()
-            found[c] = Totals(*row) if row is not None else Totals()
-        return found
 
-    async def _add(
-        self,
-        counters: Sequence[Counter],
-        spent: int,
-        reserved: int,
-        tokens: tuple[int, ...],
-    ) -> None:
-        columns = ", ".join(TOTALS_COLUMNS)
-        updates = ", ".join(f"{c} = {c} + excluded.{c}" for c in TOTALS_COLUMNS)
-        await self.db.executemany(
-            f"INSERT INTO budget_usage (scope, team, user, period, start, {columns}) "
-            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            f"ON CONFLICT (scope, team, user, period, start) DO UPDATE SET {updates}",
-            [(*_counter_key(c), spent, reserved, *tokens) for c in with_organization(counters)],
-        )
+_SUMS = ", ".join(f"COALESCE(SUM({c}), 0)" for c in TOTALS_COLUMNS)
+_UPSERT = (
+    f"INSERT INTO budget_usage (scope, team, user, period, start, {', '.join(TOTALS_COLUMNS)}) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (scope, team, user, period, start) DO UPDATE SET "
+    + ", ".join(f"{c} = {c} + excluded.{c}" for c in TOTALS_COLUMNS)
+)
 
 
-class _Transaction:
-    """`BEGIN IMMEDIATE` … `COMMIT`, or `ROLLBACK` on any error (which propagates)."""
+def _read_totals(conn: sqlite3.Connection, counters: Sequence[Counter]) -> dict[Counter, Totals]:
+    """The totals of `counters` (organization counters are rows of their own)."""
+    found: dict[Counter, Totals] = {}
+    for c in counters:
+        row = conn.execute(
+            f"SELECT {_SUMS} FROM budget_usage WHERE scope = ? AND team = ? AND user = ? "
+            "AND period = ? AND start = ?",
+            _counter_key(c),
+        ).fetchone()
+        found[c] = Totals(*row) if row is not None else Totals()
+    return found
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
-        self.db = db
 
-    async def __aenter__(self) -> None:
-        try:
-            await self.db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise LedgerError(f"ledger unavailable: {exc}") from exc
-
-    async def __aexit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        try:
-            await self.db.execute("COMMIT" if kind is None else "ROLLBACK")
-        except sqlite3.Error as exc:
-            if kind is None:
-                raise LedgerError(f"ledger write failed: {exc}") from exc
+def _add(
+    conn: sqlite3.Connection,
+    counters: Sequence[Counter],
+    spent: int,
+    reserved: int,
+    tokens: tuple[int, ...],
+) -> None:
+    """Add to `counters` and to the organization's counters of the same periods."""
+    conn.executemany(
+        _UPSERT,
+        [(*_counter_key(c), spent, reserved, *tokens) for c in with_organization(counters)],
+    )
 
 
 def _row(values: tuple[Any, ...]) -> Row:
