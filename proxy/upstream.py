@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import aiohttp
 import httpx
@@ -72,13 +71,11 @@ class Upstream:
         self._organization = organization
         self._project = project
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=512)
-        self._client = httpx.AsyncClient(
-            # One client serves every team: never keep the upstream's cookies.
-            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
-            transport=transport or AiohttpTransport(limits=limits),
-            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
-            limits=limits,
-        )
+        # Requests go straight to the transport: an httpx Client's layers (auth, redirects,
+        # cookies, event hooks) have nothing to do for a proxy and cost CPU on every request;
+        # a client-wide cookie jar would even carry one team's upstream cookies to another.
+        self._transport = transport or AiohttpTransport(limits=limits)
+        self._timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)).as_dict()
 
     def headers(
         self, client_headers: Iterable[tuple[str, str]], content_type: str
@@ -107,14 +104,17 @@ class Upstream:
         headers = self.headers(client_headers, content_type)
         if not body and not content_type:
             headers = [(k, v) for k, v in headers if k != "content-type"]
-        request = self._client.build_request(method, url, content=body or None, headers=headers)
+        request = httpx.Request(
+            method, url, content=body or None, headers=headers,
+            extensions={"timeout": self._timeout},
+        )  # fmt: skip
         try:
-            return await self._client.send(request, stream=True)
+            return await self._transport.handle_async_request(request)
         except httpx.HTTPError as exc:
             raise translate(exc) from exc
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._transport.aclose()
 
 
 def translate(exc: BaseException) -> UpstreamTimeout | UpstreamUnavailable:
