@@ -16,7 +16,8 @@ CHUNK = 256 * 1024
 
 
 class Spool:
-    def __init__(self, threshold: int = 256 * 1024) -> None:
+    # Small enough that 2,000 answers being read at once hold ~128 MiB at most.
+    def __init__(self, threshold: int = 64 * 1024) -> None:
         self._threshold = threshold
         self._chunks: list[bytes] = []
         self._file: IO[bytes] | None = None
