@@ -115,17 +115,26 @@ class Forwarder:
             spool.close()
             failure = exc if isinstance(exc, MalformedAnswer) else translate(exc)
             return await self.charge_failure(exchange, answer, failure)
-        cost, charged, flagged = self.price(exchange, usage, images)
-        await self.settle(
-            exchange,
-            "ok",
-            answer.status_code,
-            charged,
-            cost,
-            flagged=flagged,
-            upstream_id=answer.headers.get("x-request-id"),
+        cost = await self.settle_answered(
+            exchange, answer.status_code, usage, images, answer.headers.get("x-request-id")
         )
         return spooled_response(spool, answer, exchange.after(cost))
+
+    async def settle_answered(
+        self,
+        exchange: Exchange,
+        status: int,
+        usage: Usage | None,
+        images: int,
+        upstream_id: str | None,
+    ) -> int:
+        """Settle a request the upstream answered: its price, or its bound when the answer
+        carried no usage. Returns the cost."""
+        cost, charged, flagged = self.price(exchange, usage, images)
+        await self.settle(
+            exchange, "ok", status, charged, cost, flagged=flagged, upstream_id=upstream_id
+        )
+        return cost
 
     def price(
         self, exchange: Exchange, usage: Usage | None, images: int
@@ -230,15 +239,8 @@ class Forwarder:
             self.observe_upstream(exchange, sent)
         upstream_id = answer.headers.get("x-request-id")
         if broken is None and meter.completed and meter.error is None:
-            cost, charged, flagged = self.price(exchange, meter.usage, meter.completed)
-            await self.settle(
-                exchange,
-                "ok",
-                answer.status_code,
-                charged,
-                cost,
-                flagged=flagged,
-                upstream_id=upstream_id,
+            await self.settle_answered(
+                exchange, answer.status_code, meter.usage, meter.completed, upstream_id
             )
         elif meter.error is not None and not meter.completed:
             await self.settle(
