@@ -4,7 +4,10 @@ workers (SQLite) or replicas (PostgreSQL); schema versions and migrations."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 
@@ -486,3 +489,94 @@ async def test_settle_patiently_gives_up_after_its_time_is_up() -> None:
     with pytest.raises(LedgerUnavailable):
         await settle_patiently(forever, "r1", SETTLED, 3.0, sleep=sleep, clock=lambda: now[0])  # type: ignore[arg-type]
     assert now[0] <= 3.0
+
+
+# -- SQLite: transactions on the loop, the thread when the write lock is taken ---------------
+
+
+@contextlib.contextmanager
+def write_lock_held(path: Path, seconds: float) -> Iterator[threading.Thread]:
+    """Another connection (as another worker would) holds the write lock for `seconds`."""
+    taken = threading.Event()
+
+    def hold() -> None:
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            taken.set()
+            time.sleep(seconds)
+            other.execute("COMMIT")
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    taken.wait()
+    try:
+        yield holder
+    finally:
+        holder.join()
+
+
+async def test_a_transaction_that_finds_the_lock_taken_waits_off_the_loop(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    ledger = SqliteLedger(path)
+    await ledger.open()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    try:
+        with write_lock_held(path, 0.5):
+            beat = asyncio.create_task(ticker())
+            await ledger.reserve([DESIGN_DAY], take("r1"))
+            beat.cancel()
+        # The reservation waited for the lock, and the loop went on meanwhile.
+        assert ticks > 5
+        assert [r.entry.id for r in await ledger.rows()] == ["r1"]
+        assert (await ledger.totals([DESIGN_DAY]))[DESIGN_DAY].reserved_nanos == 500_000_000
+    finally:
+        await ledger.close()
+
+
+async def test_a_lock_held_too_long_is_a_retryable_outage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("proxy.ledger.sqlite.LOCK_WAIT_MS", 100)
+    path = tmp_path / "t.db"
+    ledger = SqliteLedger(path)
+    await ledger.open()
+    try:
+        with write_lock_held(path, 1.0), pytest.raises(LedgerUnavailable):
+            await ledger.reserve([DESIGN_DAY], take("r1"))
+        assert await ledger.rows() == []
+        await ledger.reserve([DESIGN_DAY], take("r1"))  # the lock is free again
+    finally:
+        await ledger.close()
+
+
+async def test_the_wal_is_checkpointed_as_transactions_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop's connection never checkpoints; the ledger does it on its thread every so
+    many commits, so the WAL file stays small however long the proxy runs."""
+    monkeypatch.setattr("proxy.ledger.sqlite.CHECKPOINT_EVERY", 20)
+    monkeypatch.setattr("proxy.ledger.sqlite.WAL_FRAMES_LIMIT", 500)
+    path = tmp_path / "t.db"
+    ledger = SqliteLedger(path)
+    await ledger.open()
+    try:
+        for i in range(1500):
+            await ledger.reserve([DESIGN_DAY], take(f"r{i}"))
+            await ledger.settle(f"r{i}", SETTLED)
+            await asyncio.sleep(0)  # a proxy's loop turns between requests
+        wal = Path(f"{path}-wal").stat().st_size
+    finally:
+        await ledger.close()
+    # 3,000 commits of several pages each would leave tens of MB in an unchecked WAL.
+    assert wal < 8 * 1024 * 1024
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT count(*) FROM requests WHERE state = 'settled'").fetchone() == (
+            1500,
+        )
