@@ -1,4 +1,5 @@
-"""The floor of this stack: starlette + httpx over AiohttpTransport, no Tollgate logic.
+"""The floor of this stack: starlette + Tollgate's upstream client (a pooled aiohttp
+session), no Tollgate logic: what any proxy built on these libraries pays per request.
 
 .venv/bin/python -m bench.floor --port 8081 --upstream http://127.0.0.1:8090/v1
 """
@@ -7,28 +8,38 @@ from __future__ import annotations
 
 import argparse
 
-import httpx
+import aiohttp
 import uvicorn
-from httpx_aiohttp import AiohttpTransport
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-DROPPED = {"host", "content-length", "connection", "transfer-encoding"}
+DROPPED = {"host", "content-length", "connection", "transfer-encoding", "content-encoding"}
 
 
 def create_floor(upstream: str) -> Starlette:
-    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=512)
-    client = httpx.AsyncClient(transport=AiohttpTransport(limits=limits), limits=limits)
+    sessions: list[aiohttp.ClientSession] = []
+
+    def session() -> aiohttp.ClientSession:
+        if not sessions:  # made in the running loop, as Tollgate does
+            sessions.append(
+                aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=4096),
+                    auto_decompress=False,
+                    cookie_jar=aiohttp.DummyCookieJar(),
+                )
+            )
+        return sessions[0]
 
     async def forward(request: Request) -> Response:
         headers = [(k, v) for k, v in request.headers.items() if k not in DROPPED]
-        answer = await client.post(
-            upstream + "/images/generations", content=await request.body(), headers=headers
-        )
-        kept = {k: v for k, v in answer.headers.items() if k not in DROPPED | {"content-encoding"}}
-        return Response(answer.content, status_code=answer.status_code, headers=kept)
+        async with session().post(
+            upstream + "/images/generations", data=await request.body(), headers=headers
+        ) as answer:
+            body = await answer.read()
+            kept = {k: v for k, v in answer.headers.items() if k.lower() not in DROPPED}
+        return Response(body, status_code=answer.status, headers=kept)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

@@ -51,6 +51,7 @@ class Overrides:
     upstream_url: str | None = None
     upstream_key: str | None = None
     transport: httpx.AsyncBaseTransport | None = None
+    """An in-process upstream (tests); None: the network, with aiohttp."""
     clock: Callable[[], float] | None = None
     """Unix time for budgets and the ledger (tests move it across period boundaries)."""
 

@@ -15,10 +15,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import httpx
 from starlette.responses import Response, StreamingResponse
 
-from proxy.errors import LedgerError, RequestError, UpstreamUnavailable
+from proxy.errors import LedgerError, RequestError, UpstreamTimeout, UpstreamUnavailable
 from proxy.ledger import Entry, Settlement, settle_patiently
 from proxy.metering import BodyMeter, MalformedAnswer, SseMeter
 from proxy.models import Change, Endpoint, Outcome, Usage, usd_text
@@ -26,7 +25,7 @@ from proxy.pricing import ModelPrices
 from proxy.responses import error_response, spooled_response
 from proxy.services import Services
 from proxy.spool import Spool
-from proxy.upstream import response_headers, translate
+from proxy.upstream import Answer, response_headers
 
 log = logging.getLogger("tollgate.requests")
 
@@ -78,7 +77,7 @@ class Forwarder:
 
     async def send(
         self, exchange: Exchange, body: bytes, content_type: str, client_headers: Any, sent: float
-    ) -> httpx.Response:
+    ) -> Answer:
         """Send upstream; a request that never got an answer is settled (nothing charged)
         and its error re-raised."""
         try:
@@ -94,14 +93,14 @@ class Forwarder:
         model = exchange.entry.model or ""
         self.services.metrics.upstream(model, self.endpoint, time.monotonic() - sent)
 
-    async def complete(self, exchange: Exchange, answer: httpx.Response, sent: float) -> Response:
+    async def complete(self, exchange: Exchange, answer: Answer, sent: float) -> Response:
         """Read a whole answer into a spool, metering it on the way, then settle and answer."""
         spool = Spool()
-        ok = 200 <= answer.status_code < 300
+        ok = 200 <= answer.status < 300
         meter = BodyMeter() if ok else None
         try:
             try:
-                async for chunk in answer.aiter_bytes():
+                async for chunk in answer.chunks():
                     spool.write(chunk)
                     if meter is not None:
                         meter.feed(chunk)
@@ -111,12 +110,11 @@ class Forwarder:
             if meter is None:
                 return await self.pass_error(exchange, answer, spool)
             usage, images = meter.finish()
-        except (httpx.HTTPError, MalformedAnswer) as exc:
+        except (UpstreamTimeout, UpstreamUnavailable, MalformedAnswer) as exc:
             spool.close()
-            failure = exc if isinstance(exc, MalformedAnswer) else translate(exc)
-            return await self.charge_failure(exchange, answer, failure)
+            return await self.charge_failure(exchange, answer, exc)
         cost = await self.settle_answered(
-            exchange, answer.status_code, usage, images, answer.headers.get("x-request-id")
+            exchange, answer.status, usage, images, answer.headers.get("x-request-id")
         )
         return spooled_response(spool, answer, exchange.after(cost))
 
@@ -152,9 +150,7 @@ class Forwarder:
         usage = replace(usage, images=images or exchange.n)
         return model.cost(usage), usage, False
 
-    async def pass_error(
-        self, exchange: Exchange, answer: httpx.Response, spool: Spool
-    ) -> Response:
+    async def pass_error(self, exchange: Exchange, answer: Answer, spool: Spool) -> Response:
         """An upstream error answer: passed through unchanged, nothing charged."""
         body = spool.getvalue() if spool.in_memory and spool.size <= ERROR_BODY_LIMIT else b""
         spool.close()
@@ -162,17 +158,17 @@ class Forwarder:
         await self.settle(
             exchange,
             "upstream_error",
-            answer.status_code,
+            answer.status,
             Usage(),
             0,
             error=code,
             upstream_id=answer.headers.get("x-request-id"),
         )
         headers = {**dict(response_headers(answer)), **exchange.after(0)}
-        return Response(body, status_code=answer.status_code, headers=headers)
+        return Response(body, status_code=answer.status, headers=headers)
 
     async def charge_failure(
-        self, exchange: Exchange, answer: httpx.Response, failure: Exception
+        self, exchange: Exchange, answer: Answer, failure: Exception
     ) -> Response:
         """A 2xx answer that broke off or is not JSON: OpenAI may have billed; charge the bound."""
         cost = exchange.entry.estimated_nanos
@@ -207,7 +203,7 @@ class Forwarder:
             answer = await self.send(exchange, body, content_type, client_headers, sent)
         except RequestError as exc:
             return error_response(exc, {**headers, "x-tollgate-cost-usd": "0"})
-        if not 200 <= answer.status_code < 300 or "event-stream" not in answer.headers.get(
+        if not 200 <= answer.status < 300 or "event-stream" not in answer.headers.get(
             "content-type", ""
         ):
             # Errors (and answers that are not streams) are metered like plain answers.
@@ -216,23 +212,21 @@ class Forwarder:
         self.services.spawn(self.pump(exchange, answer, relay, sent))
         return StreamingResponse(
             relay.events(),
-            status_code=answer.status_code,
+            status_code=answer.status,
             headers={**dict(response_headers(answer)), **headers},
         )
 
-    async def pump(
-        self, exchange: Exchange, answer: httpx.Response, relay: Relay, sent: float
-    ) -> None:
+    async def pump(self, exchange: Exchange, answer: Answer, relay: Relay, sent: float) -> None:
         """Read the upstream stream to its end, relaying and metering each event."""
         meter = SseMeter()
         broken: str | None = None
         try:
-            async for chunk in answer.aiter_raw():
+            async for chunk in answer.chunks():
                 meter.feed(chunk)
                 relay.put(chunk)
             meter.finish()
-        except httpx.HTTPError as exc:
-            broken = translate(exc).code
+        except (UpstreamTimeout, UpstreamUnavailable) as exc:
+            broken = exc.code
         finally:
             await answer.aclose()
             relay.close()
@@ -240,13 +234,13 @@ class Forwarder:
         upstream_id = answer.headers.get("x-request-id")
         if broken is None and meter.completed and meter.error is None:
             await self.settle_answered(
-                exchange, answer.status_code, meter.usage, meter.completed, upstream_id
+                exchange, answer.status, meter.usage, meter.completed, upstream_id
             )
         elif meter.error is not None and not meter.completed:
             await self.settle(
                 exchange,
                 "upstream_error",
-                answer.status_code,
+                answer.status,
                 Usage(),
                 0,
                 error=error_code_of(meter.error),
@@ -257,7 +251,7 @@ class Forwarder:
             await self.settle(
                 exchange,
                 "upstream_error",
-                answer.status_code,
+                answer.status,
                 Usage(images=exchange.n),
                 exchange.entry.estimated_nanos,
                 flagged=True,

@@ -282,8 +282,8 @@ class OtherPaths:
             return error_response(exc)
         headers = {**dict(response_headers(answer)), "x-tollgate-team": team.name}
         return StreamingResponse(
-            answer.aiter_raw(),
-            status_code=answer.status_code,
+            answer.chunks(),
+            status_code=answer.status,
             headers=headers,
             background=BackgroundTask(answer.aclose),
         )

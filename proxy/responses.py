@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import httpx
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from proxy.errors import RequestError
 from proxy.spool import Spool
-from proxy.upstream import response_headers
+from proxy.upstream import Answer, response_headers
 
 
 def error_response(exc: RequestError, headers: dict[str, str] | None = None) -> Response:
@@ -16,9 +15,9 @@ def error_response(exc: RequestError, headers: dict[str, str] | None = None) -> 
     )
 
 
-def spooled_response(spool: Spool, answer: httpx.Response, headers: dict[str, str]) -> Response:
+def spooled_response(spool: Spool, answer: Answer, headers: dict[str, str]) -> Response:
     all_headers = {**dict(response_headers(answer)), **headers}
     if spool.in_memory:
-        return Response(spool.getvalue(), status_code=answer.status_code, headers=all_headers)
+        return Response(spool.getvalue(), status_code=answer.status, headers=all_headers)
     all_headers["content-length"] = str(spool.size)
-    return StreamingResponse(spool.stream(), status_code=answer.status_code, headers=all_headers)
+    return StreamingResponse(spool.stream(), status_code=answer.status, headers=all_headers)

@@ -1,19 +1,24 @@
-"""The HTTP client to OpenAI (or the simulated upstream): one pooled httpx client.
+"""The HTTP client to OpenAI (or the simulated upstream): one pooled aiohttp session.
 
-httpx's API over the aiohttp transport (`httpx-aiohttp`, the pairing the openai
-SDK offers): a third of the CPU of httpx's default transport per request. The
-pool is sized for thousands of slow (20-60 s) generations in flight. Transport
-errors are translated here, at the boundary, into Tollgate's own errors.
+aiohttp's `ClientSession` is used directly: the httpx layer over it cost ~0.25 ms
+of CPU per request (URL parsing, request and response objects, stream wrappers).
+The pool is sized for thousands of slow (20-60 s) generations in flight.
+
+What the request path sees is an `Answer`, Tollgate's own view of an upstream
+answer; client errors are translated here, at the boundary, into Tollgate's
+`UpstreamTimeout` (504) and `UpstreamUnavailable` (502), both when sending and
+while the body is read. Tests swap the network for an in-process httpx transport
+(`transport=httpx.ASGITransport(app=simulator)`), which gives the same `Answer`.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from typing import Protocol
 
 import aiohttp
 import httpx
-from httpx_aiohttp import AiohttpTransport
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable
 
@@ -50,10 +55,54 @@ DROPPED_RESPONSE_HEADERS = frozenset(
         "server",
     }
 )
+# Headers aiohttp would add that the client did not send. Without Accept-Encoding the
+# upstream answers uncompressed, which the meters read and the client is sent as is.
+NOT_ADDED = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+KEEPALIVE_S = 5.0
+CONNECT_S = 10.0
+
+
+class Answer(Protocol):
+    """An upstream answer whose body is still to be read, whichever client fetched it.
+
+    Reading the body raises `UpstreamTimeout` or `UpstreamUnavailable` when it breaks off,
+    so the request path needs to know no HTTP library.
+    """
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        """Case-insensitive, duplicates kept."""
+        ...
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The raw body as it arrives (never decompressed); it can be read once."""
+        ...
+
+    async def aclose(self) -> None:
+        """Give the connection back (closed if the body was not read to its end);
+        safe to call twice, and after a broken read."""
+        ...
+
+
+class Client(Protocol):
+    """The wire under `Upstream`: sends one request and returns its answer unread."""
+
+    async def fetch(
+        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes
+    ) -> Answer: ...
+
+    async def aclose(self) -> None: ...
 
 
 class Upstream:
-    """Sends image requests to the upstream with the company's key."""
+    """Sends image requests to the upstream with the company's key.
+
+    `transport` is for tests: an httpx transport to an in-process upstream. Without it,
+    requests go over the network with aiohttp.
+    """
 
     def __init__(
         self,
@@ -70,19 +119,22 @@ class Upstream:
         self._auth = f"Bearer {api_key}"
         self._organization = organization
         self._project = project
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=512)
-        # Requests go straight to the transport: an httpx Client's layers (auth, redirects,
-        # cookies, event hooks) have nothing to do for a proxy and cost CPU on every request;
-        # a client-wide cookie jar would even carry one team's upstream cookies to another.
-        self._transport = transport or AiohttpTransport(limits=limits)
-        self._timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)).as_dict()
+        self._client: Client = (
+            AiohttpClient(timeout_s, max_connections)
+            if transport is None
+            else HttpxClient(transport, timeout_s)
+        )
 
     def headers(
         self, client_headers: Iterable[tuple[str, str]], content_type: str
     ) -> list[tuple[str, str]]:
         """The client's headers, less credentials and framing, plus the upstream's own."""
-        out = [(k, v) for k, v in client_headers if k.lower() not in DROPPED_REQUEST_HEADERS]
-        out += [("authorization", self._auth), ("content-type", content_type)]
+        # In lower case: aiohttp keeps a repeated header only if it is spelled alike.
+        pairs = ((k.lower(), v) for k, v in client_headers)
+        out = [(k, v) for k, v in pairs if k not in DROPPED_REQUEST_HEADERS]
+        out.append(("authorization", self._auth))
+        if content_type:
+            out.append(("content-type", content_type))
         if self._organization:
             out.append(("openai-organization", self._organization))
         if self._project:
@@ -98,41 +150,143 @@ class Upstream:
         *,
         method: str = "POST",
         query: str = "",
-    ) -> httpx.Response:
+    ) -> Answer:
         """Send `body` to `path` (e.g. `/images/generations`); the answer is left unread."""
         url = self.base_url + path + (f"?{query}" if query else "")
-        headers = self.headers(client_headers, content_type)
-        if not body and not content_type:
-            headers = [(k, v) for k, v in headers if k != "content-type"]
+        return await self._client.fetch(
+            method, url, self.headers(client_headers, content_type), body
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class AiohttpClient:
+    """One pooled aiohttp session, opened on first use (a session belongs to a running loop).
+
+    Redirects are never followed, and no cookie is kept: one team's upstream cookies
+    must never reach another team's requests.
+    """
+
+    def __init__(self, timeout_s: float, max_connections: int) -> None:
+        self._max_connections = max_connections
+        # As with httpx before: `connect` bounds the wait for a pooled connection, and an
+        # upstream silent for `timeout_s` (before or during its answer) has timed out.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=timeout_s,
+            sock_connect=min(timeout_s, CONNECT_S),
+            sock_read=timeout_s,
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections,
+            keepalive_timeout=KEEPALIVE_S,
+            # The CA bundle httpx used (certifi, or SSL_CERT_FILE): slim images may have none.
+            ssl=httpx.create_ssl_context(),
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=NOT_ADDED,
+        )
+        return self._session
+
+    async def fetch(
+        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes
+    ) -> Answer:
+        session = self._session or self._open()
+        try:
+            response = await session.request(
+                method, url, headers=headers, data=body or None, allow_redirects=False
+            )
+        except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
+            raise translate(exc) from exc
+        return AiohttpAnswer(response)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class AiohttpAnswer:
+    """An `Answer` read from an aiohttp response."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.status = response.status
+        self.headers = response.headers
+        self._response = response
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        content = self._response.content
+        try:
+            while chunk := await content.readany():
+                yield chunk
+        except (aiohttp.ClientError, OSError) as exc:
+            raise translate(exc) from exc
+
+    async def aclose(self) -> None:
+        self._response.release()
+
+
+class HttpxClient:
+    """Requests through an httpx transport: the in-process upstream of tests."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport, timeout_s: float) -> None:
+        self._transport = transport
+        self._timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, CONNECT_S)).as_dict()
+
+    async def fetch(
+        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes
+    ) -> Answer:
         request = httpx.Request(
             method, url, content=body or None, headers=headers,
             extensions={"timeout": self._timeout},
         )  # fmt: skip
         try:
-            return await self._transport.handle_async_request(request)
+            response = await self._transport.handle_async_request(request)
         except httpx.HTTPError as exc:
             raise translate(exc) from exc
+        return HttpxAnswer(response)
 
     async def aclose(self) -> None:
         await self._transport.aclose()
 
 
-def translate(exc: BaseException) -> UpstreamTimeout | UpstreamUnavailable:
-    """An httpx (or aiohttp) transport error as Tollgate's 502 or 504."""
-    # httpx-aiohttp maps every aiohttp connection error to ConnectTimeout: look at the cause.
-    cause = exc.__cause__
-    timed_out = isinstance(cause, (aiohttp.ServerTimeoutError, asyncio.TimeoutError)) or (
-        cause is None and isinstance(exc, httpx.TimeoutException)
-    )
-    if timed_out:
+class HttpxAnswer:
+    """An `Answer` read from an httpx response."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.status = response.status_code
+        self.headers = CIMultiDictProxy(CIMultiDict(response.headers.multi_items()))
+        self._response = response
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+        except httpx.HTTPError as exc:
+            raise translate(exc) from exc
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+def translate(exc: Exception) -> UpstreamTimeout | UpstreamUnavailable:
+    """An aiohttp, httpx or socket error as Tollgate's 504 (too slow) or 502 (anything else)."""
+    # aiohttp's timeouts (ServerTimeoutError, ConnectionTimeoutError, SocketTimeoutError)
+    # are all TimeoutErrors.
+    if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
         return UpstreamTimeout("The upstream did not answer in time.")
     return UpstreamUnavailable(f"The upstream could not be reached: {type(exc).__name__}: {exc}")
 
 
-def response_headers(upstream: httpx.Response) -> list[tuple[str, str]]:
-    """Upstream headers to pass back (x-request-id, rate limits, content type)."""
-    return [
-        (k, v)
-        for k, v in upstream.headers.multi_items()
-        if k.lower() not in DROPPED_RESPONSE_HEADERS
-    ]
+def response_headers(answer: Answer) -> list[tuple[str, str]]:
+    """Upstream headers to pass back (x-request-id, rate limits, content type), named in
+    lower case like Tollgate's own, which override them."""
+    pairs = ((k.lower(), v) for k, v in answer.headers.items())
+    return [(k, v) for k, v in pairs if k not in DROPPED_RESPONSE_HEADERS]

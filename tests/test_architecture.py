@@ -117,6 +117,20 @@ def test_ledger_and_upstream_never_import_each_other_nor_the_web_layer(
     assert not {i for i in found for bad in forbidden if matches(i, bad)}
 
 
+HTTP_CLIENTS = ("httpx", "httpx_aiohttp", "aiohttp")
+REQUEST_PATH = ("proxy.handlers", "proxy.forwarding", "proxy.responses", "proxy.upstream")
+
+
+@pytest.mark.parametrize("name", REQUEST_PATH)
+def test_only_the_upstream_knows_an_http_client_library(name: str) -> None:
+    found = {i for i in imports(name, MODULES[name]) for lib in HTTP_CLIENTS if matches(i, lib)}
+    if name == "proxy.upstream":
+        assert {"aiohttp", "httpx"} <= found  # aiohttp for the network, httpx for tests
+        assert "httpx_aiohttp" not in found
+    else:
+        assert found == set()
+
+
 def test_only_the_entry_point_imports_the_cli() -> None:
     importers = {
         module
@@ -157,6 +171,7 @@ def test_the_check_finds_print_and_exit_where_they_are() -> None:
 
 
 def test_the_check_sees_imports_of_every_form() -> None:
-    assert "httpx" in imports("proxy.forwarding", MODULES["proxy.forwarding"])
+    assert "aiohttp" in imports("proxy.upstream", MODULES["proxy.upstream"])
+    assert "proxy.upstream.Answer" in imports("proxy.forwarding", MODULES["proxy.forwarding"])
     assert "proxy.ledger.base" in imports("proxy.ledger.sqlite", MODULES["proxy.ledger.sqlite"])
     assert "proxy.simulator" in imports("proxy.cli", MODULES["proxy.cli"])  # function-local

@@ -1,0 +1,305 @@
+"""The upstream client: answers read as they arrive, errors translated at the boundary.
+
+Against the simulated upstream on 127.0.0.1, and a tiny loopback server where the
+exact bytes on the wire matter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import aiohttp
+import httpx
+import pytest
+
+from proxy.errors import UpstreamTimeout, UpstreamUnavailable
+from proxy.simulator import SimulatorSettings, create_simulator_app
+from proxy.upstream import Answer, Upstream, response_headers, translate
+from tests.conftest import UPSTREAM_KEY, Simulator, free_port
+
+JSON = "application/json"
+CLIENT_HEADERS = [("authorization", "Bearer tg_team_key"), ("x-stainless-lang", "python")]
+
+
+def order(prompt: str = "a lighthouse", **extra: object) -> bytes:
+    body = {"model": "gpt-image-2", "prompt": prompt, "quality": "low", "size": "1024x1024"}
+    return json.dumps({**body, **extra}).encode()
+
+
+async def read(answer: Answer) -> list[bytes]:
+    try:
+        return [chunk async for chunk in answer.chunks()]
+    finally:
+        await answer.aclose()
+
+
+@asynccontextmanager
+async def upstream(
+    base_url: str,
+    *,
+    timeout_s: float = 30.0,
+    organization: str | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> AsyncIterator[Upstream]:
+    client = Upstream(
+        base_url, UPSTREAM_KEY, timeout_s=timeout_s, organization=organization, transport=transport
+    )
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def loopback(reply: Handler) -> AsyncIterator[str]:
+    """A server on 127.0.0.1 that runs `reply` for each connection; yields its URL."""
+    server = await asyncio.start_server(reply, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield f"http://127.0.0.1:{port}/v1"
+
+
+async def request_head(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            await reader.readexactly(int(line.split(b":")[1]))
+    return head
+
+
+async def test_an_answer_has_its_status_headers_and_raw_body(simulator: Simulator) -> None:
+    async with upstream(f"{simulator.url}/v1") as client:
+        answer = await client.send("/images/generations", order(), JSON, CLIENT_HEADERS)
+        body = b"".join(await read(answer))
+    assert answer.status == 200
+    assert answer.headers.get("Content-Type") == answer.headers.get("content-type") == JSON
+    upstream_id = answer.headers.get("x-request-id")
+    assert upstream_id and json.loads(body)["usage"]["output_tokens"] > 0
+    passed_back = dict(response_headers(answer))
+    assert passed_back["x-request-id"] == upstream_id
+    assert not {"content-length", "date", "server"} & set(passed_back)
+    assert simulator.record(upstream_id)["authorization"] == f"Bearer {UPSTREAM_KEY}"
+
+
+async def test_the_body_is_read_chunk_by_chunk_as_it_arrives() -> None:
+    first_read = asyncio.Event()
+
+    async def two_events(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await request_head(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n8\r\ndata: 1\n\r\n"
+        )
+        await writer.drain()
+        await first_read.wait()  # the second event is sent only once the first was read
+        writer.write(b"8\r\ndata: 2\n\r\n0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    chunks = []
+    async with loopback(two_events) as url, upstream(url) as client:
+        answer = await client.send("/images/generations", order(stream=True), JSON, [])
+        async with asyncio.timeout(5):
+            async for chunk in answer.chunks():
+                chunks.append(chunk)
+                first_read.set()
+        await answer.aclose()
+    assert chunks == [b"data: 1\n", b"data: 2\n"]
+
+
+async def test_an_upstream_error_answer_is_an_answer(simulator: Simulator) -> None:
+    async with upstream(f"{simulator.url}/v1") as client:
+        answer = await client.send("/images/generations", order("[[fault:429]]"), JSON, [])
+        body = b"".join(await read(answer))
+    assert answer.status == 429
+    assert json.loads(body)["error"]["code"] == "rate_limit_exceeded"
+
+
+async def test_a_silent_upstream_is_a_504(simulator: Simulator) -> None:
+    async with upstream(f"{simulator.url}/v1", timeout_s=0.5) as client:
+        with pytest.raises(UpstreamTimeout) as caught:
+            await client.send("/images/generations", order("[[fault:timeout]]"), JSON, [])
+    assert caught.value.status == 504
+
+
+async def test_a_refused_connection_is_a_502() -> None:
+    async with upstream(f"http://127.0.0.1:{free_port()}/v1") as client:
+        with pytest.raises(UpstreamUnavailable) as caught:
+            await client.send("/images/generations", order(), JSON, [])
+    assert caught.value.status == 502
+
+
+async def test_a_connection_reset_before_the_answer_is_a_502(simulator: Simulator) -> None:
+    async with upstream(f"{simulator.url}/v1") as client:
+        with pytest.raises(UpstreamUnavailable):
+            await client.send("/images/generations", order("[[fault:reset]]"), JSON, [])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_a_body_cut_short_raises_upstream_unavailable_while_reading(
+    simulator: Simulator, stream: bool
+) -> None:
+    async with upstream(f"{simulator.url}/v1") as client:
+        answer = await client.send(
+            "/images/generations", order("[[fault:truncate]]", stream=stream), JSON, []
+        )
+        assert answer.status == 200
+        with pytest.raises(UpstreamUnavailable) as caught:
+            await read(answer)
+        assert caught.value.code == "upstream_unavailable"
+        await answer.aclose()  # a second close is harmless
+
+
+async def test_an_upstream_silent_in_mid_answer_is_a_timeout_while_reading() -> None:
+    async def half_then_silence(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n" + b"{" * 10)
+        await writer.drain()
+        await reader.read()  # until Tollgate hangs up
+        writer.close()
+
+    async with loopback(half_then_silence) as url, upstream(url, timeout_s=0.3) as client:
+        answer = await client.send("/images/generations", order(), JSON, [])
+        with pytest.raises(UpstreamTimeout):
+            await read(answer)
+
+
+async def test_an_answer_closed_before_its_end_does_not_go_back_to_the_pool() -> None:
+    connections = 0
+
+    async def half(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n" + b"{" * 10)
+        await writer.drain()
+        await reader.read()  # until Tollgate hangs up
+        writer.close()
+
+    async with loopback(half) as url, upstream(url) as client:
+        for _ in range(2):
+            answer = await client.send("/images/generations", order(), JSON, [])
+            await answer.aclose()
+            await answer.aclose()
+    assert connections == 2
+
+
+async def test_only_the_clients_headers_and_the_upstreams_own_are_sent() -> None:
+    heads: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while not reader.at_eof():
+            try:
+                heads.append(await request_head(reader))
+            except asyncio.IncompleteReadError:
+                break
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            await writer.drain()
+        writer.close()
+
+    client_headers = [
+        *CLIENT_HEADERS,
+        ("X-Trace", "a"),
+        ("x-trace", "b"),
+        ("accept-encoding", "gzip"),
+        ("content-length", "999"),
+    ]
+    async with loopback(record) as url, upstream(url, organization="org-1") as client:
+        await (await client.send("/images/generations", order(), JSON, client_headers)).aclose()
+        await (await client.send("/models", b"", "", [], method="GET", query="a=1")).aclose()
+    post, get = (h.decode().lower().split("\r\n") for h in heads)
+    assert post[0] == "post /v1/images/generations http/1.1"
+    assert f"authorization: bearer {UPSTREAM_KEY}".lower() in post
+    assert "authorization: bearer tg_team_key" not in post
+    assert [h for h in post if h.startswith("x-trace")] == ["x-trace: a", "x-trace: b"]
+    assert {"content-type: application/json", "openai-organization: org-1"} <= set(post)
+    names = {h.partition(":")[0] for h in post + get}
+    assert not {"accept-encoding", "accept", "user-agent"} & names  # aiohttp adds none
+    assert get[0] == "get /v1/models?a=1 http/1.1"
+    assert not any(h.startswith("content-type") for h in get)
+
+
+async def test_redirects_are_not_followed_and_cookies_not_kept() -> None:
+    heads: list[bytes] = []
+
+    async def redirect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await request_head(reader))
+        writer.write(
+            b"HTTP/1.1 302 Found\r\nlocation: /elsewhere\r\nset-cookie: team=design\r\n"
+            b"content-length: 0\r\nconnection: close\r\n\r\n"
+        )
+        await writer.drain()
+        writer.close()
+
+    async with loopback(redirect) as url, upstream(url) as client:
+        for _ in range(2):
+            answer = await client.send("/models", b"", "", [], method="GET")
+            assert answer.status == 302
+            await read(answer)
+    assert len(heads) == 2
+    assert b"cookie" not in heads[1].lower()
+
+
+async def test_an_in_process_transport_gives_the_same_answer() -> None:
+    simulator = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY))
+    transport = httpx.ASGITransport(app=simulator)
+    async with upstream("http://simulated/v1", transport=transport) as client:
+        answer = await client.send("/images/generations", order(), JSON, CLIENT_HEADERS)
+        body = b"".join(await read(answer))
+        await answer.aclose()
+    assert answer.status == 200 and answer.headers.get("X-Request-Id")
+    assert json.loads(body)["usage"]["output_tokens"] > 0
+
+
+async def test_an_in_process_transport_error_is_translated() -> None:
+    def time_out(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("silent", request=request)
+
+    async with upstream("http://simulated/v1", transport=httpx.MockTransport(time_out)) as client:
+        with pytest.raises(UpstreamTimeout):
+            await client.send("/images/generations", order(), JSON, [])
+
+
+async def test_a_client_never_used_closes_without_a_session() -> None:
+    await Upstream("http://127.0.0.1:9/v1", UPSTREAM_KEY).aclose()
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        TimeoutError(),
+        aiohttp.ServerTimeoutError("read"),
+        aiohttp.ConnectionTimeoutError("connect"),
+        aiohttp.SocketTimeoutError("socket"),
+        httpx.ReadTimeout("read"),
+        httpx.PoolTimeout("pool"),
+    ],
+    ids=lambda exc: type(exc).__name__,
+)
+def test_timeouts_are_504(exc: Exception) -> None:
+    assert isinstance(translate(exc), UpstreamTimeout)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        aiohttp.ClientPayloadError("cut"),
+        aiohttp.ServerDisconnectedError(),
+        aiohttp.ClientOSError(111, "refused"),
+        aiohttp.ClientConnectionResetError("reset"),
+        ConnectionResetError(),
+        OSError("no route"),
+        httpx.ConnectError("refused"),
+        httpx.RemoteProtocolError("cut"),
+    ],
+    ids=lambda exc: type(exc).__name__,
+)
+def test_everything_else_is_502(exc: Exception) -> None:
+    failure = translate(exc)
+    assert isinstance(failure, UpstreamUnavailable) and failure.status == 502
