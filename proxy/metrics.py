@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -30,15 +31,37 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from proxy.ledger import Entry, Settlement
-from proxy.models import NANOS_PER_USD, Change
+from proxy.models import NANOS_PER_USD, TOKEN_KINDS, Change
 from proxy.status import BudgetStatus
 
 ENV_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.5, 1, 2.5, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300)
-# SPEC §8's kinds, plus `text_output`, which gpt-image-1.5 and chatgpt-image-latest bill.
-TOKEN_KINDS = ("text_input", "cached_text_input", "image_input", "cached_image_input",
-               "image_output", "text_output")  # fmt: skip
 BUDGET_LABELS = ("scope", "team", "period")
+
+M = TypeVar("M", Counter, Histogram)
+
+
+class Children(Generic[M]):
+    """The children of a labelled metric, by label values: `children(*values)`.
+
+    `metric.labels(...)` checks and converts its arguments on every call, a few µs each and
+    several times a request; a child never changes once made, so a dict finds it again.
+    A child is still made only when its label values are first used, so the label sets a
+    scrape shows are the same as with `labels()`. Values must be `str` (as `labels()` would
+    make them).
+    """
+
+    __slots__ = ("_made", "_metric")
+
+    def __init__(self, metric: M) -> None:
+        self._metric: M = metric
+        self._made: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._made.get(values)
+        if child is None:
+            child = self._made[values] = self._metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -96,6 +119,14 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        # The request path finds its children here (see `Children`).
+        self._requests = Children(self.requests)
+        self._tokens = Children(self.tokens)
+        self._cost = Children(self.cost)
+        self._reserved = Children(self.reserved)
+        self._images = Children(self.images)
+        self._downgrades = Children(self.downgrades)
+        self._upstream_duration = Children(self.upstream_duration)
 
     def started(self) -> None:
         self.inflight.inc()
@@ -105,24 +136,24 @@ class Metrics:
         self.inflight.dec()
         team = entry.team or ""
         model = entry.model or entry.model_requested or ""
-        self.requests.labels(team, model, entry.endpoint or "", settlement.outcome).inc()
+        self._requests(team, model, entry.endpoint or "", settlement.outcome).inc()
         for change in changes:
-            self.downgrades.labels(team, change.knob, change.reason).inc()
+            self._downgrades(team, change.knob, change.reason).inc()
         usage = settlement.usage
         for kind in TOKEN_KINDS:
-            count = usage.tokens(kind)  # type: ignore[arg-type]
+            count = usage.tokens(kind)
             if count:
-                self.tokens.labels(team, model, kind).inc(count)
+                self._tokens(team, model, kind).inc(count)
         quality = entry.quality or ""
         if settlement.cost_nanos:
-            self.cost.labels(team, model, quality).inc(settlement.cost_nanos / NANOS_PER_USD)
+            self._cost(team, model, quality).inc(settlement.cost_nanos / NANOS_PER_USD)
         if entry.estimated_nanos:
-            self.reserved.labels(team, model).inc(entry.estimated_nanos / NANOS_PER_USD)
+            self._reserved(team, model).inc(entry.estimated_nanos / NANOS_PER_USD)
         if usage.images and 200 <= settlement.status < 300:
-            self.images.labels(team, model, quality, entry.size or "").inc(usage.images)
+            self._images(team, model, quality, entry.size or "").inc(usage.images)
 
     def upstream(self, model: str, endpoint: str, seconds: float) -> None:
-        self.upstream_duration.labels(model, endpoint).observe(seconds)
+        self._upstream_duration(model, endpoint).observe(seconds)
 
     def exposition(self, budgets: Sequence[BudgetStatus] = ()) -> bytes:
         """The text format of every metric: this process's (or every worker's) values and

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -10,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.budgets import Window
 from proxy.ledger import Entry, Settlement
-from proxy.metrics import Metrics
+from proxy.metrics import Children, Metrics
 from proxy.models import Change, Usage
 from proxy.status import BudgetStatus
 
@@ -70,6 +74,32 @@ def test_a_settled_request_counts_its_outcome_cost_images_tokens_and_estimate(
     cached = {**labels, "kind": "cached_text_input"}
     assert registry.get_sample_value("tollgate_tokens_total", cached) is None
     assert registry.get_sample_value("tollgate_inflight_requests") == 0
+
+
+def test_requests_with_the_same_labels_add_up_on_one_child(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    settlement = Settlement(1.0, "ok", 200, Usage(image_output=100, images=1), cost_nanos=1)
+    for _ in range(3):
+        metrics.started()
+        metrics.finished(forwarded(), settlement, ())
+    labels = {"team": "design", "model": "gpt-image-2"}
+    tokens = {**labels, "kind": "image_output"}
+    assert registry.get_sample_value("tollgate_tokens_total", tokens) == 300
+    requests = {**labels, "endpoint": "generations", "outcome": "ok"}
+    assert registry.get_sample_value("tollgate_requests_total", requests) == 3
+    other = {**labels, "endpoint": "edits", "outcome": "ok"}
+    metrics.finished(forwarded(endpoint="edits"), settlement, ())
+    assert registry.get_sample_value("tollgate_requests_total", other) == 1
+
+
+def test_children_are_made_once_and_only_when_first_used(metrics: Metrics) -> None:
+    children = Children(metrics.requests)
+    assert "tollgate_requests_total{" not in metrics.exposition().decode()
+    first = children("design", "gpt-image-2", "generations", "ok")
+    assert "tollgate_requests_total{" in metrics.exposition().decode()
+    assert children("design", "gpt-image-2", "generations", "ok") is first
+    assert first is metrics.requests.labels("design", "gpt-image-2", "generations", "ok")
 
 
 def test_downgrades_are_counted_per_knob_and_reason(
@@ -213,3 +243,42 @@ def test_the_exposition_has_exactly_the_catalogue_of_the_spec(metrics: Metrics) 
         "tollgate_budget_period_end_timestamp_seconds": "gauge",
     }
     assert "user=" not in text
+
+
+WORKER = """
+import sys
+from proxy.ledger import Entry, Settlement
+from proxy.metrics import Metrics
+from proxy.models import Usage
+metrics = Metrics(multiprocess_dir=sys.argv[1])
+entry = Entry("tg_req_1", 0.0, "generations", team="design", model="gpt-image-2")
+for _ in range(2):
+    metrics.started()
+    metrics.upstream("gpt-image-2", "generations", 1.0)
+    metrics.finished(entry, Settlement(1.0, "ok", 200, Usage(image_output=7)), ())
+if sys.argv[2] == "report":
+    print(metrics.exposition().decode())
+"""
+
+
+def test_multiprocess_workers_sum_their_children_in_the_exposition(tmp_path: Path) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for role in ("work", "report"):
+        done = subprocess.run(
+            [sys.executable, "-c", WORKER, str(tmp_path), role],
+            cwd=Path(__file__).parents[1],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+    samples = {
+        (sample.name, sample.labels.get("kind", "")): sample.value
+        for family in text_string_to_metric_families(done.stdout)
+        for sample in family.samples
+    }
+    assert samples[("tollgate_requests_total", "")] == 4
+    assert samples[("tollgate_tokens_total", "image_output")] == 28
+    assert samples[("tollgate_upstream_request_duration_seconds_count", "")] == 4
+    assert ("tollgate_tokens_total", "text_input") not in samples
