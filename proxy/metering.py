@@ -2,12 +2,15 @@
 
 A non-streamed image answer is megabytes of base64 with `usage` at its end:
 `BodyMeter` finds it with ijson's incremental C parser, chunk by chunk, without
-holding the body. `SseMeter` follows a server-sent event stream and sums the
-`usage` of its `*.completed` events.
+holding the body (a small answer is held and read in one `json.loads`, with the
+same result). `SseMeter` follows a server-sent event stream and sums the `usage`
+of its `*.completed` events.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -57,33 +60,52 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
+SMALL_BODY = 64 * 1024
+"""Answers up to this size are held (the spool holds them in memory too) and read at once."""
+
+
 class BodyMeter:
     """Feed a JSON answer chunk by chunk; `finish()` gives its usage and image count.
 
     The parser never sees the base64: `_ShortStrings` empties every string longer than
     `SHORT_STRING` bytes on the way in (found with `bytes.find`), so a 2 MB image costs
     neither a tokenizer pass nor a 2 MB string per answer in flight.
+
+    Stepping through ijson's events in Python costs more than the parse itself for a small
+    answer, so up to `small` bytes the chunks are only held, and `finish()` reads them with
+    one `json.loads` (`_read_whole`); a longer answer is streamed from the first byte past
+    `small`. Both ways give the same result; a small answer's errors come from `finish()`.
     """
 
-    def __init__(self) -> None:
-        self._found: list[Any] = ijson.sendable_list()
-        self._parser = ijson.parse_coro(_UsageSink(self._found))
+    def __init__(self, small: int = SMALL_BODY) -> None:
+        self._small = small
+        self._held: list[bytes] | None = []  # None once streaming
+        self._size = 0
         self._strings = _ShortStrings()
+        self._found: list[Any] = ijson.sendable_list()
+        self._parser: Any = None  # made when streaming starts: a small answer never needs it
 
     def feed(self, chunk: bytes) -> None:
-        data = self._strings.filter(chunk)
-        if not data:
-            return  # all inside a long string (and an empty send would mean the end to ijson)
-        try:
-            self._parser.send(data)
-        except ijson.JSONError as exc:
-            raise MalformedAnswer(f"upstream answer is not JSON: {exc}") from None
+        if self._held is not None:
+            self._size += len(chunk)
+            if self._size <= self._small:
+                self._held.append(chunk)
+                return
+            held, self._held = self._held, None
+            self._stream(self._strings.filter(b"".join(held)))
+        self._stream(self._strings.filter(chunk))
 
     def finish(self) -> tuple[Usage | None, int]:
         """(usage or None, number of images in `data`); MalformedAnswer if the JSON is cut."""
+        if self._held is not None:
+            data = self._strings.filter(b"".join(self._held))
+            whole = _read_whole(data)
+            if whole is not None:
+                return whole
+            self._stream(data)  # only ijson can tell: let it read what it would have streamed
         try:
-            self._parser.close()
-        except ijson.JSONError as exc:
+            self._streaming().close()
+        except (ijson.JSONError, UnicodeDecodeError) as exc:
             raise MalformedAnswer(f"upstream answer is not JSON: {exc}") from None
         usage: Usage | None = None
         images = 0
@@ -93,6 +115,65 @@ class BodyMeter:
             else:
                 images += 1
         return usage, images
+
+    def _stream(self, data: bytes) -> None:
+        """Send filtered bytes to ijson."""
+        if not data:
+            return  # all inside a long string (and an empty send would mean the end to ijson)
+        try:
+            self._streaming().send(data)
+        except (ijson.JSONError, UnicodeDecodeError) as exc:
+            # UnicodeDecodeError: yajl passes some bytes that are not UTF-8 (an encoded
+            # surrogate, a lone `\udc00` escape) on to a decode that refuses them.
+            raise MalformedAnswer(f"upstream answer is not JSON: {exc}") from None
+
+    def _streaming(self) -> Any:
+        """ijson's parser, made on first use: from then on every chunk goes to it."""
+        if self._parser is None:
+            self._held = None
+            self._parser = ijson.parse_coro(_UsageSink(self._found))
+        return self._parser
+
+
+def _read_whole(data: bytes) -> tuple[Usage | None, int] | None:
+    """What `_UsageSink` would find in `data` (filtered), read with one `json.loads`; None
+    when only ijson can tell.
+
+    ijson reads `usage` (an object) and counts the objects at the prefix `data.item`; on
+    a plain parse that is the top-level `usage` and the objects in a top-level `data`
+    list. Where the two could part, ijson decides: JSON that `json` refuses or reads its
+    own way (NaN, surrogate escapes, repeated keys), and a `data` that is an object or a
+    key named `data.item`, which ijson's dotted prefixes would confuse with items.
+    """
+    if _SURROGATE_ESCAPE.search(data):
+        return None
+    try:
+        answer = json.loads(
+            data.decode(), object_pairs_hook=_unique_keys, parse_constant=_no_constant
+        )
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(answer, dict):
+        return None, 0  # ijson finds nothing under a top-level array or scalar
+    items = answer.get("data")
+    if isinstance(items, dict) or "data.item" in answer:
+        return None
+    images = sum(isinstance(item, dict) for item in items) if isinstance(items, list) else 0
+    return usage_from_openai(answer.get("usage")), images
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise ValueError("a repeated key")  # ijson would see each: let it decide
+    return found
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 SHORT_STRING = 1024
@@ -114,6 +195,44 @@ class _ShortStrings:
         self._long = False
 
     def filter(self, chunk: bytes) -> bytes:
+        if self._escape or b"\\" in chunk:
+            return self._step(chunk)
+        return self._jump(chunk)
+
+    def _jump(self, chunk: bytes) -> bytes:
+        """`filter` for a chunk without escapes, where every quote opens or closes a string:
+        from quote to quote with `bytes.find`, cutting out only the long strings."""
+        find = chunk.find
+        out: list[bytes] = []
+        kept = search = 0  # kept: start of the bytes passed as they are
+        if self._inside:  # the chunk goes on with a string from earlier chunks
+            close = find(b'"')
+            if close < 0:
+                self._keep(chunk, 0, len(chunk))
+                return b""
+            self._keep(chunk, 0, close)
+            if not self._long:
+                out.append(bytes(self._held))
+            self._inside = False
+            self._held.clear()
+            kept, search = close, close + 1
+        while (opening := find(b'"', search)) >= 0:
+            closing = find(b'"', opening + 1)
+            if closing < 0:  # the string goes on into the next chunk
+                out.append(chunk[kept : opening + 1])
+                self._inside, self._long = True, False
+                self._held.clear()
+                self._keep(chunk, opening + 1, len(chunk))
+                return b"".join(out)
+            if closing - opening - 1 > SHORT_STRING:
+                out.append(chunk[kept : opening + 1])
+                kept = closing
+            search = closing + 1
+        out.append(chunk[kept:])
+        return b"".join(out)
+
+    def _step(self, chunk: bytes) -> bytes:
+        """`filter` for any chunk: string by string, escape by escape."""
         out = bytearray()
         i, end = 0, len(chunk)
         while i < end:
@@ -141,10 +260,10 @@ class _ShortStrings:
                     i = stop + 2
                 else:
                     self._escape, i = True, end
-                self._keep(chunk[start:i])
+                self._keep(chunk, start, i)
                 continue
             if not self._long:
-                self._keep(chunk[start:stop])
+                self._keep(chunk, start, stop)
             if quote < 0:
                 break
             if not self._long:
@@ -155,13 +274,15 @@ class _ShortStrings:
             i = stop + 1
         return bytes(out)
 
-    def _keep(self, part: bytes) -> None:
+    def _keep(self, chunk: bytes, start: int, stop: int) -> None:
+        """Hold `chunk[start:stop]` as string contents (not copied once the string is long)."""
         if self._long:
             return
-        self._held += part
-        if len(self._held) > SHORT_STRING:
+        if len(self._held) + stop - start > SHORT_STRING:
             self._long = True
             self._held.clear()
+        else:
+            self._held += chunk[start:stop]
 
 
 @ijson.coroutine  # type: ignore[untyped-decorator]

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from proxy.metering import BodyMeter, MalformedAnswer, SseMeter, usage_from_openai
+from proxy.metering import SMALL_BODY, BodyMeter, MalformedAnswer, SseMeter, usage_from_openai
 from proxy.models import Usage
 
 USAGE = {
@@ -73,7 +73,15 @@ def test_usage_ignores_values_that_are_not_positive_integers() -> None:
     assert usage_from_openai(raw) == Usage()
 
 
-# --- BodyMeter --------------------------------------------------------------------------------
+# --- BodyMeter ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=[0, SMALL_BODY, 100], ids=["streamed", "held", "held-then-streamed"])
+def small(request: pytest.FixtureRequest) -> int:
+    """BodyMeter's ways to read an answer, which must agree: every byte through ijson, the
+    whole answer held and read at `finish()`, or held until it grows past 100 bytes."""
+    value: int = request.param
+    return value
 
 
 def body(*, usage_first: bool = False, images: int = 2, with_usage: bool = True) -> bytes:
@@ -84,8 +92,8 @@ def body(*, usage_first: bool = False, images: int = 2, with_usage: bool = True)
     return json.dumps(dict(fields)).encode()
 
 
-def meter_body(data: bytes, size: int) -> tuple[Usage | None, int]:
-    meter = BodyMeter()
+def meter_body(data: bytes, size: int, small: int = SMALL_BODY) -> tuple[Usage | None, int]:
+    meter = BodyMeter(small)
     for chunk in chunks(data, size):
         meter.feed(chunk)
     return meter.finish()
@@ -94,43 +102,101 @@ def meter_body(data: bytes, size: int) -> tuple[Usage | None, int]:
 @pytest.mark.parametrize("size", [1, 7, 1 << 30], ids=["1-byte", "7-byte", "one-shot"])
 @pytest.mark.parametrize("usage_first", [False, True], ids=["usage-last", "usage-first"])
 def test_body_meter_finds_usage_and_counts_images_in_any_chunking(
-    size: int, usage_first: bool
+    size: int, usage_first: bool, small: int
 ) -> None:
-    assert meter_body(body(usage_first=usage_first, images=3), size) == (
+    assert meter_body(body(usage_first=usage_first, images=3), size, small) == (
         Usage(text_input=20, image_input=30, image_output=7024),
         3,
     )
 
 
 @pytest.mark.parametrize("size", [1, 7, 1 << 30], ids=["1-byte", "7-byte", "one-shot"])
-def test_body_meter_without_usage_gives_none_and_the_image_count(size: int) -> None:
-    assert meter_body(body(with_usage=False, images=2), size) == (None, 2)
+def test_body_meter_without_usage_gives_none_and_the_image_count(size: int, small: int) -> None:
+    assert meter_body(body(with_usage=False, images=2), size, small) == (None, 2)
 
 
-def test_body_meter_ignores_usage_nested_inside_data_items() -> None:
+def test_body_meter_ignores_usage_nested_inside_data_items(small: int) -> None:
     data = json.dumps({"data": [{"b64_json": "x", "usage": USAGE}]}).encode()
-    assert meter_body(data, 5) == (None, 1)
+    assert meter_body(data, 5, small) == (None, 1)
 
 
-def test_body_meter_counts_an_empty_data_list_as_no_images() -> None:
-    assert meter_body(json.dumps({"data": [], "usage": USAGE}).encode(), 3)[1] == 0
+def test_body_meter_counts_an_empty_data_list_as_no_images(small: int) -> None:
+    assert meter_body(json.dumps({"data": [], "usage": USAGE}).encode(), 3, small)[1] == 0
 
 
-def test_body_meter_raises_malformed_answer_on_truncated_json() -> None:
+def test_body_meter_reads_a_body_bigger_than_small_by_streaming() -> None:
+    data = body(images=40)
+    assert len(data) > SMALL_BODY
+    assert meter_body(data, 16384) == (Usage(text_input=20, image_input=30, image_output=7024), 40)
+
+
+@pytest.mark.parametrize(
+    ("data", "found"),
+    [
+        # Only object items of a top-level `data` list are images; only an object is usage.
+        (b'{"data": [1, {}, [{}], "x", null]}', (None, 1)),
+        (b'{"data": "none", "usage": 3}', (None, 0)),
+        (b'{"usage": {"output_tokens": 5}, "x": {"data": [{}]}}', (Usage(image_output=5), 0)),
+        # A top-level array or scalar holds neither.
+        (b'[{"usage": {"output_tokens": 5}, "data": [{}]}]', (None, 0)),
+        (b"42", (None, 0)),
+        (b"null", (None, 0)),
+        # ijson's dotted prefixes: what it finds where `data.item` is not a list item.
+        (b'{"data": {"item": {}}}', (None, 1)),
+        (b'{"data.item": {}, "data": [{}]}', (None, 2)),
+        # Repeated keys: every `data` counts; the last `usage` object wins.
+        (b'{"data": [{}], "data": [{}, {}]}', (None, 3)),
+        (b'{"usage": {"output_tokens": 5}, "usage": 3}', (Usage(image_output=5), 0)),
+        (b'{"usage": {"output_tokens": 5, "output_tokens": 7}}', (Usage(image_output=7), 0)),
+        # Escapes: a key spelled with one is the same key; a lone surrogate is passed.
+        (b'{"\\u0075sage": {"output_tokens": 5}}', (Usage(image_output=5), 0)),
+        (b'{"data": [{"revised_prompt": "\\ud800"}]}', (None, 1)),
+        (b'{"data": [{}]}\x0c', (None, 1)),  # yajl takes a form feed as white space
+        (b'{"usage": {"output_tokens": 1.0, "input_tokens": 1e3}}', (Usage(), 0)),
+    ],
+)
+def test_body_meter_reads_odd_but_valid_json_the_same_either_way(
+    data: bytes, found: tuple[Usage | None, int], small: int
+) -> None:
+    assert meter_body(data, 3, small) == found
+    assert meter_body(data, 1 << 30, small) == found
+
+
+def test_body_meter_raises_malformed_answer_on_truncated_json(small: int) -> None:
     data = body()
     with pytest.raises(MalformedAnswer):
-        meter_body(data[: len(data) // 2], 7)
+        meter_body(data[: len(data) // 2], 7, small)
 
 
-@pytest.mark.parametrize("data", [b"<html>Bad gateway</html>", b"not json at all", b"{]"])
-def test_body_meter_raises_malformed_answer_on_a_body_that_is_not_json(data: bytes) -> None:
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"<html>Bad gateway</html>",
+        b"not json at all",
+        b"{]",
+        b'{"a": 1} {"b": 2}',
+        b'{"a": 1} x',
+        b'{"a": NaN}',
+        b'{"a": -Infinity}',
+        b'{"a": [1,]}',
+        b"\xef\xbb\xbf{}",
+        b'{"a": "\\x"}',
+        b'{"a": "\x01"}',
+        b'{"a": "\xff"}',
+        b'{"a": "\xed\xa0\x80"}',  # an encoded surrogate
+        b'{"a": "\\udc00x"}',
+    ],
+)
+def test_body_meter_raises_malformed_answer_on_a_body_that_is_not_json(
+    data: bytes, small: int
+) -> None:
     with pytest.raises(MalformedAnswer):
-        meter_body(data, 4)
+        meter_body(data, 4, small)
 
 
-def test_body_meter_raises_malformed_answer_on_an_empty_body() -> None:
+def test_body_meter_raises_malformed_answer_on_an_empty_body(small: int) -> None:
     with pytest.raises(MalformedAnswer):
-        meter_body(b"", 1)
+        meter_body(b"", 1, small)
 
 
 # --- SseMeter ---------------------------------------------------------------------------------

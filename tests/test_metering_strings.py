@@ -1,4 +1,6 @@
-"""BodyMeter's long-string filter: the parser sees the same JSON, less the big strings."""
+"""BodyMeter's long-string filter: the parser sees the same JSON, less the big strings.
+
+Also: a held answer and a streamed one give the same result, for mangled answers too."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import random
 
 import pytest
 
-from proxy.metering import SHORT_STRING, BodyMeter, MalformedAnswer, _ShortStrings
+from proxy.metering import SHORT_STRING, SMALL_BODY, BodyMeter, MalformedAnswer, _ShortStrings
 
 USAGE = {
     "input_tokens": 12,
@@ -51,9 +53,19 @@ def test_filtered_stream_is_the_json_with_long_strings_emptied(seed: int) -> Non
     assert [d["b64_json"] for d in parsed["data"]] == ["", ""]
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_splitting_on_quotes_drops_the_same_strings_as_stepping(seed: int) -> None:
+    rng = random.Random(seed)
+    data = json.dumps({"a": "x" * 2000, "b": "y" * SHORT_STRING, "c": ["z" * 1025, 1]}).encode()
+    split, step = _ShortStrings(), _ShortStrings()
+    pieces = chunks(data, rng)
+    assert b"".join(split.filter(c) for c in pieces) == b"".join(step._step(c) for c in pieces)
+
+
 @pytest.mark.parametrize("seed", range(4))
-def test_usage_and_image_count_survive_any_chunking(seed: int) -> None:
-    meter = BodyMeter()
+@pytest.mark.parametrize("small", [0, SMALL_BODY], ids=["streamed", "held"])
+def test_usage_and_image_count_survive_any_chunking(seed: int, small: int) -> None:
+    meter = BodyMeter(small)
     for c in chunks(answer(images=3), random.Random(seed)):
         meter.feed(c)
     usage, images = meter.finish()
@@ -61,16 +73,56 @@ def test_usage_and_image_count_survive_any_chunking(seed: int) -> None:
     assert usage is not None and usage.image_output == 272 and usage.text_input == 12
 
 
-def test_an_answer_cut_inside_an_image_is_malformed() -> None:
+@pytest.mark.parametrize("small", [0, 1 << 30], ids=["streamed", "held"])
+def test_an_answer_cut_inside_an_image_is_malformed(small: int) -> None:
     data = answer()
-    meter = BodyMeter()
+    meter = BodyMeter(small)
     meter.feed(data[: len(data) // 3])
     with pytest.raises(MalformedAnswer):
         meter.finish()
 
 
-def test_an_answer_that_is_not_json_is_malformed() -> None:
-    meter = BodyMeter()
+@pytest.mark.parametrize("small", [0, SMALL_BODY], ids=["streamed", "held"])
+def test_an_answer_that_is_not_json_is_malformed(small: int) -> None:
+    meter = BodyMeter(small)
     with pytest.raises(MalformedAnswer):
         meter.feed(b'<html>"oops"</html>')
         meter.finish()
+
+
+# Bytes that make JSON odd or wrong, spliced into real answers.
+MANGLERS = [b'"', b"\\", b"{", b"}", b"[", b"]", b",", b":", b"NaN", b'"usage"', b'"data"',
+            b"{}", b"\\u", b"\\ud800", b"\\udc00", b"\xff", b"\xed\xa0\x80", b"\x0c",
+            b"1e5", b"-", b'"data.item"', b'"item"', b"0"]  # fmt: skip
+
+
+def mangled(rng: random.Random) -> bytes:
+    data = bytearray(answer(images=rng.randint(0, 3), image_bytes=rng.choice((4, 400, 4000))))
+    for _ in range(rng.randint(0, 3)):
+        at = rng.randint(0, len(data))
+        if rng.random() < 0.5:
+            data[at:at] = rng.choice(MANGLERS)
+        else:
+            del data[at : at + rng.randint(1, 5)]
+    return bytes(data)
+
+
+def outcome(pieces: list[bytes], small: int) -> object:
+    meter = BodyMeter(small)
+    try:
+        for piece in pieces:
+            meter.feed(piece)
+        return meter.finish()
+    except MalformedAnswer:
+        return MalformedAnswer
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_held_and_streamed_answers_agree_even_when_mangled(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(50):
+        data = mangled(rng)
+        pieces = chunks(data, rng)
+        streamed = outcome(pieces, 0)
+        assert outcome(pieces, SMALL_BODY) == streamed, data[:200]
+        assert outcome(pieces, rng.randint(1, len(data) + 1)) == streamed, data[:200]
