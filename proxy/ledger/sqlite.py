@@ -135,6 +135,9 @@ class SqliteLedger(SqliteReports):
         self._commits = 0
         self._checkpoint: asyncio.Task[None] | None = None
         self._catch_up = False
+        self._thread_writes = 0
+        self._thread_idle = asyncio.Event()
+        self._thread_idle.set()
 
     async def open(self) -> None:
         try:
@@ -348,7 +351,13 @@ class SqliteLedger(SqliteReports):
 
         On the loop's connection when the lock is free within `INLINE_ATTEMPTS` turns of the
         loop, else on the thread's. `work` may run more than once: only its last run commits.
+
+        While this process has writes on the thread, they hold the lock (and wait for the
+        GIL while holding it): a new one waits for them to end rather than find the lock
+        taken and join the queue on the thread, which would keep the queue from emptying.
         """
+        if self._thread_writes:
+            await self._thread_idle.wait()
         inline = INLINE_ATTEMPTS if not (self._catch_up and self._checkpoint) else 0
         for attempt in range(inline):
             if attempt:
@@ -362,7 +371,14 @@ class SqliteLedger(SqliteReports):
                 continue
             self._committed()
             return result
-        return await self._on_thread(lambda conn: _atomically(conn, work, wait=True))
+        self._thread_writes += 1
+        self._thread_idle.clear()
+        try:
+            return await self._on_thread(lambda conn: _atomically(conn, work, wait=True))
+        finally:
+            self._thread_writes -= 1
+            if not self._thread_writes:
+                self._thread_idle.set()
 
     def _committed(self) -> None:
         """Count a commit on the loop's connection; start a checkpoint every so many."""
