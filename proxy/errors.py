@@ -113,6 +113,14 @@ class UpstreamUnavailable(RequestError):
     code = "upstream_unavailable"
 
 
+class InternalError(RequestError):
+    """A fault of Tollgate's own: the traceback is in its log, not in the answer."""
+
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+
 class ServiceUnavailable(RequestError):
     status = 503
     type = "api_error"

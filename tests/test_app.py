@@ -1,0 +1,70 @@
+"""The ASGI entry in process: image requests go straight to their handler, everything else
+through starlette's routes, and a fault of Tollgate's own still gets an OpenAI-shaped 500."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.testclient import TestClient
+
+from proxy.app import Overrides, create_app
+from proxy.auth import key_hash
+from proxy.config import load_config
+from proxy.handlers import ImagesHandler
+from proxy.simulator import SimulatorSettings, create_simulator_app
+from tests.conftest import UPSTREAM_KEY, write_config
+
+KEY = "tg_test_gateway_key"
+BODY = {"model": "gpt-image-2", "prompt": "abcd", "quality": "low", "size": "1024x1024"}
+HEADERS = {"authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    write_config(tmp_path, "http://simulated/v1", teams={
+        "web": f"name: web\nkeys:\n  - {{id: k, sha256: {key_hash(KEY)}}}\n",
+    })  # fmt: skip
+    simulator = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY))
+    app = create_app(
+        load_config(tmp_path), Overrides(transport=httpx.ASGITransport(app=simulator)), tmp_path
+    )
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def test_an_image_request_is_answered_by_its_handler(client: TestClient) -> None:
+    answer = client.post("/v1/images/generations", json=BODY, headers=HEADERS)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-tollgate-team"] == "web"
+    assert answer.json()["data"]
+
+
+def test_other_methods_and_paths_still_go_through_the_routes(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    wrong_method = client.get("/v1/images/generations", headers=HEADERS)
+    assert wrong_method.status_code == 404  # as OpenAI answers: "Invalid URL (GET …)"
+    assert "GET /v1/images/generations" in wrong_method.json()["error"]["message"]
+    missing = client.post("/v1/images/unknown", json=BODY, headers=HEADERS)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "not_found"
+
+
+def test_a_fault_of_tollgate_is_a_500_in_openai_shape(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(self: ImagesHandler, request: Request) -> Response:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(ImagesHandler, "handle", broken)
+    answer = client.post("/v1/images/edits", json=BODY, headers=HEADERS)
+    assert answer.status_code == 500
+    error = answer.json()["error"]
+    assert error["type"] == "server_error"
+    assert error["code"] == "internal_error"
+    assert "a bug" not in answer.text  # the traceback is for the log, not the client
+    assert "a bug" in caplog.text
