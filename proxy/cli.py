@@ -399,6 +399,7 @@ def run_serve(args: argparse.Namespace) -> int:
                 loop=LOOP,
                 log_level=args.log_level,
                 access_log=False,
+                proxy_headers=False,
                 timeout_graceful_shutdown=int(grace),
                 log_config=None,
             )
@@ -411,6 +412,8 @@ def run_serve(args: argparse.Namespace) -> int:
             port=args.port,
             log_level=args.log_level,
             access_log=False,
+            # Tollgate never reads the client's address: no X-Forwarded-For layer per request.
+            proxy_headers=False,
             timeout_graceful_shutdown=int(grace),
             log_config=None,
         )
