@@ -461,7 +461,6 @@ _INSERT_RESERVATION = (
     f"INSERT INTO requests ({', '.join(_RESERVATION_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(_RESERVATION_COLUMNS))})"
 )
-_SUMS = ", ".join(f"COALESCE(SUM({c}), 0)" for c in TOTALS_COLUMNS)
 _UPSERT = (
     f"INSERT INTO budget_usage (scope, team, user, period, start, {', '.join(TOTALS_COLUMNS)}) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -471,16 +470,28 @@ _UPSERT = (
 
 
 def _read_totals(conn: sqlite3.Connection, counters: Sequence[Counter]) -> dict[Counter, Totals]:
-    """The totals of `counters` (organization counters are rows of their own)."""
-    found: dict[Counter, Totals] = {}
-    for c in counters:
-        row = conn.execute(
-            f"SELECT {_SUMS} FROM budget_usage WHERE scope = ? AND team = ? AND user = ? "
-            "AND period = ? AND start = ?",
-            _counter_key(c),
-        ).fetchone()
-        found[c] = Totals(*row) if row is not None else Totals()
-    return found
+    """The totals of `counters` (organization counters are rows of their own), in one
+    statement: an OR of primary keys, which SQLite answers with one index search each."""
+    if not counters:
+        return {}
+    found = {
+        tuple(row[:5]): Totals(*row[5:])
+        for row in conn.execute(_totals_query(len(counters)), _flat_keys(counters))
+    }
+    return {c: found.get(tuple(_counter_key(c)), Totals()) for c in counters}
+
+
+@functools.lru_cache(maxsize=64)
+def _totals_query(count: int) -> str:
+    one = "(scope = ? AND team = ? AND user = ? AND period = ? AND start = ?)"
+    return (
+        f"SELECT scope, team, user, period, start, {', '.join(TOTALS_COLUMNS)} "
+        f"FROM budget_usage WHERE {' OR '.join([one] * count)}"
+    )
+
+
+def _flat_keys(counters: Sequence[Counter]) -> list[Any]:
+    return [value for c in counters for value in _counter_key(c)]
 
 
 def _add(
