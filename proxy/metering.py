@@ -5,6 +5,11 @@ A non-streamed image answer is megabytes of base64 with `usage` at its end:
 holding the body (a small answer is held and read in one `json.loads`, with the
 same result). `SseMeter` follows a server-sent event stream and sums the `usage`
 of its `*.completed` events.
+
+ijson's C backend crashes the process on an integer of some 4,300 digits, and raises
+`decimal.InvalidOperation` on an exponent past 10**18: no number longer than
+`LONG_NUMBER` characters ever reaches it (`_ShortStrings` refuses the answer), and its
+arithmetic errors are read as JSON errors.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from typing import Any
+from decimal import Decimal
+from typing import Any, NoReturn
 
 import ijson
 
@@ -71,6 +77,9 @@ class BodyMeter:
     `SHORT_STRING` bytes on the way in (found with `bytes.find`), so a 2 MB image costs
     neither a tokenizer pass nor a 2 MB string per answer in flight.
 
+    An answer with a number longer than `LONG_NUMBER` characters is malformed (ijson's
+    C backend would crash on it): refused by `_ShortStrings` as it passes.
+
     Stepping through ijson's events in Python costs more than the parse itself for a small
     answer, so up to `small` bytes the chunks are only held, and `finish()` reads them with
     one `json.loads` (`_read_whole`); a longer answer is streamed from the first byte past
@@ -105,7 +114,7 @@ class BodyMeter:
             self._stream(data)  # only ijson can tell: let it read what it would have streamed
         try:
             self._streaming().close()
-        except (ijson.JSONError, UnicodeDecodeError) as exc:
+        except (ijson.JSONError, UnicodeDecodeError, ArithmeticError) as exc:
             raise MalformedAnswer(f"upstream answer is not JSON: {exc}") from None
         usage: Usage | None = None
         images = 0
@@ -122,9 +131,10 @@ class BodyMeter:
             return  # all inside a long string (and an empty send would mean the end to ijson)
         try:
             self._streaming().send(data)
-        except (ijson.JSONError, UnicodeDecodeError) as exc:
+        except (ijson.JSONError, UnicodeDecodeError, ArithmeticError) as exc:
             # UnicodeDecodeError: yajl passes some bytes that are not UTF-8 (an encoded
             # surrogate, a lone `\udc00` escape) on to a decode that refuses them.
+            # ArithmeticError: `decimal.InvalidOperation`, for an exponent out of its range.
             raise MalformedAnswer(f"upstream answer is not JSON: {exc}") from None
 
     def _streaming(self) -> Any:
@@ -144,14 +154,19 @@ def _read_whole(data: bytes) -> tuple[Usage | None, int] | None:
     list. Where the two could part, ijson decides: JSON that `json` refuses or reads its
     own way (NaN, surrogate escapes, repeated keys), and a `data` that is an object or a
     key named `data.item`, which ijson's dotted prefixes would confuse with items.
+    Non-integers are read as ijson reads them, as `Decimal`s (which refuse an exponent
+    past 10**18 where a float would be infinite).
     """
     if _SURROGATE_ESCAPE.search(data):
         return None
     try:
         answer = json.loads(
-            data.decode(), object_pairs_hook=_unique_keys, parse_constant=_no_constant
+            data.decode(),
+            object_pairs_hook=_unique_keys,
+            parse_constant=_no_constant,
+            parse_float=Decimal,
         )
-    except (ValueError, RecursionError):
+    except (ValueError, RecursionError, ArithmeticError):
         return None
     if not isinstance(answer, dict):
         return None, 0  # ijson finds nothing under a top-level array or scalar
@@ -179,6 +194,14 @@ def _no_constant(name: str) -> Any:
 SHORT_STRING = 1024
 """Longer JSON strings (images, revised prompts) reach the parser empty: never metered."""
 
+LONG_NUMBER = 100
+"""Longer runs of number characters outside strings make an answer malformed: ijson's C
+backend crashes the process on an integer of some 4,300 digits (token counts are short)."""
+
+_NUMBER_CHARS = b"-+.eE0123456789"
+_NUMBER_RUN = re.compile(rb"[-+.eE0-9]*")
+_LONG_NUMBER_RUN = re.compile(rb"[-+.eE0-9]{%d,}" % (LONG_NUMBER + 1))
+
 
 class _ShortStrings:
     """A JSON byte stream with the contents of every long string dropped, chunk by chunk.
@@ -186,6 +209,11 @@ class _ShortStrings:
     Outside strings bytes pass as they are; a string's contents are held until its closing
     quote and passed only if short. Escapes are kept whole, so the output is valid JSON
     exactly when the input is (a truncated input stays truncated).
+
+    A run of number characters (`-+.eE0-9`) outside strings longer than `LONG_NUMBER`, in
+    one chunk or across several, raises MalformedAnswer, and so does every later chunk:
+    none of it is passed. Only the bytes between strings are searched, so long strings
+    are still skipped with `bytes.find` alone.
     """
 
     def __init__(self) -> None:
@@ -193,11 +221,44 @@ class _ShortStrings:
         self._escape = False  # the last chunk ended on a backslash inside a string
         self._held = bytearray()
         self._long = False
+        self._run = 0  # number characters ending the bytes passed (0 inside a string)
+        self._refused = False
 
     def filter(self, chunk: bytes) -> bytes:
+        if self._refused:
+            self._refuse()
+        if self._run:  # the bytes so far end in a number: does the chunk go on with it?
+            match = _NUMBER_RUN.match(chunk)
+            lead = match.end() if match else 0
+            if self._run + lead > LONG_NUMBER:
+                self._refuse()
+            if lead == len(chunk):
+                self._run += lead
+                return chunk
+            self._run = 0  # the number ends in this chunk; what follows starts afresh
         if self._escape or b"\\" in chunk:
             return self._step(chunk)
         return self._jump(chunk)
+
+    def _between(self, chunk: bytes, start: int, stop: int) -> None:
+        """Refuse a number too long in `chunk[start:stop]`, bytes between strings."""
+        if stop - start > LONG_NUMBER and _LONG_NUMBER_RUN.search(chunk, start, stop):
+            self._refuse()
+
+    def _tail(self, chunk: bytes, start: int) -> None:
+        """`_between` for `chunk[start:]`, outside strings to the chunk's end; then
+        remember the number characters it ends with, for the next chunk."""
+        end = len(chunk)
+        if end - start > LONG_NUMBER and _LONG_NUMBER_RUN.search(chunk, start):
+            self._refuse()
+        if end > start and chunk[-1] in _NUMBER_CHARS:
+            self._run = end - start - len(chunk[start:].rstrip(_NUMBER_CHARS))
+        else:
+            self._run = 0
+
+    def _refuse(self) -> NoReturn:
+        self._refused = True
+        raise MalformedAnswer(f"upstream answer has a number over {LONG_NUMBER} characters")
 
     def _jump(self, chunk: bytes) -> bytes:
         """`filter` for a chunk without escapes, where every quote opens or closes a string:
@@ -217,6 +278,8 @@ class _ShortStrings:
             self._held.clear()
             kept, search = close, close + 1
         while (opening := find(b'"', search)) >= 0:
+            if opening - search > LONG_NUMBER:
+                self._between(chunk, search, opening)
             closing = find(b'"', opening + 1)
             if closing < 0:  # the string goes on into the next chunk
                 out.append(chunk[kept : opening + 1])
@@ -228,6 +291,7 @@ class _ShortStrings:
                 out.append(chunk[kept : opening + 1])
                 kept = closing
             search = closing + 1
+        self._tail(chunk, search)
         out.append(chunk[kept:])
         return b"".join(out)
 
@@ -239,8 +303,10 @@ class _ShortStrings:
             if not self._inside:
                 quote = chunk.find(b'"', i)
                 if quote < 0:
+                    self._tail(chunk, i)
                     out += chunk[i:]
                     break
+                self._between(chunk, i, quote)
                 out += chunk[i : quote + 1]
                 self._inside, self._long = True, False
                 self._held.clear()
@@ -311,7 +377,11 @@ PARTIAL_SUFFIX = ".partial_image"
 
 
 class SseMeter:
-    """Follow a server-sent event stream; sum the usage of its `*.completed` events."""
+    """Follow a server-sent event stream; sum the usage of its `*.completed` events.
+
+    An event whose JSON ijson cannot read is skipped (never counted), and so is one with a
+    number longer than `LONG_NUMBER` characters, which ijson's C backend would crash on.
+    """
 
     def __init__(self) -> None:
         self._buffer = bytearray()
@@ -355,6 +425,7 @@ class SseMeter:
             return
         found: list[Any] = []
         try:
+            _ShortStrings().filter(payload)  # MalformedAnswer on a number too long for ijson
             for prefix, _, value in ijson.parse(payload):
                 if prefix == "type":
                     found.append(("type", value))
@@ -372,7 +443,8 @@ class SseMeter:
                 self.completed += 1
                 if usage is not None:
                     self.usage = self.usage + usage
-        except ijson.JSONError:
+        except (ijson.JSONError, UnicodeDecodeError, ArithmeticError, MalformedAnswer):
+            # UnicodeDecodeError and ArithmeticError: as in BodyMeter._stream.
             return
 
 

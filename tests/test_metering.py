@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from proxy.metering import SMALL_BODY, BodyMeter, MalformedAnswer, SseMeter, usage_from_openai
+from proxy.metering import (
+    LONG_NUMBER,
+    SMALL_BODY,
+    BodyMeter,
+    MalformedAnswer,
+    SseMeter,
+    usage_from_openai,
+)
 from proxy.models import Usage
 
 USAGE = {
@@ -199,6 +208,117 @@ def test_body_meter_raises_malformed_answer_on_an_empty_body(small: int) -> None
         meter_body(b"", 1, small)
 
 
+# --- Numbers too long for ijson ------------------------------------------------------------------
+# ijson's C backend crashes the process on an integer of some 4,300 digits and raises
+# decimal.InvalidOperation on an exponent past 10**18: such an answer is malformed, on every path.
+
+LONG_NUMBERS = {
+    "5000-digit integer": b"1" * 5000,
+    "negative 5000-digit integer": b"-" + b"7" * 5000,
+    "5000-digit fraction": b"1." + b"1" * 5000,
+    "5000-digit exponent": b"1e" + b"9" * 5000,
+    "long signed exponent": b"1.5E-" + b"0" * 4990 + b"1",
+    "just too long": b"1" * (LONG_NUMBER + 1),
+    "exponent out of decimal's range": b"1e9999999999999999999",
+}
+
+
+def with_number(number: bytes, where: str) -> bytes:
+    """An answer with `number` in its usage, in a `data` item, or as the whole answer."""
+    if where == "alone":
+        return number
+    image = b'{"b64_json": "' + b"QUJD" * 300 + b'"'
+    usage = b'{"input_tokens": 5, "output_tokens": 7'
+    if where == "usage":
+        usage += b', "total_tokens": ' + number
+    else:
+        image += b', "seed": ' + number
+    return b'{"created": 1, "data": [' + image + b'}], "usage": ' + usage + b"}}"
+
+
+def split_in_number(data: bytes, number: bytes) -> list[bytes]:
+    """`data` cut in three: just before the number, in its middle, and just after it."""
+    start = data.index(number)
+    middle, end = start + len(number) // 2, start + len(number)
+    return [data[:start], data[start:middle], data[middle:end], data[end:]]
+
+
+@pytest.mark.parametrize("where", ["usage", "data", "alone"])
+@pytest.mark.parametrize("number", list(LONG_NUMBERS.values()), ids=list(LONG_NUMBERS))
+def test_body_meter_refuses_a_number_too_long_in_any_chunking(
+    number: bytes, where: str, small: int
+) -> None:
+    data = with_number(number, where)
+    for size in (1, 7, 50, 4096, 1 << 30):
+        with pytest.raises(MalformedAnswer):
+            meter_body(data, size, small)
+    meter = BodyMeter(small)
+    with pytest.raises(MalformedAnswer):
+        for piece in split_in_number(data, number):
+            meter.feed(piece)
+        meter.finish()
+
+
+@pytest.mark.parametrize("where", ["usage", "data"])
+def test_body_meter_reads_numbers_up_to_the_limit_and_long_digits_in_strings(
+    where: str, small: int
+) -> None:
+    data = with_number(b"0." + b"1" * (LONG_NUMBER - 2), where)
+    for size in (1, 7, 1 << 30):
+        assert meter_body(data, size, small) == (Usage(text_input=5, image_output=7), 1)
+    # Digits in strings, long or short, are no numbers.
+    digits = json.dumps({"data": [{"b64_json": "1" * 5000, "revised_prompt": "2" * 900}]})
+    assert meter_body(digits.encode(), 7, small) == (None, 1)
+
+
+def test_body_meter_reads_a_big_exponent_in_decimal_range_the_same_either_way(small: int) -> None:
+    data = b'{"usage": {"output_tokens": 3, "total_tokens": 1e99999}, "data": [{}]}'
+    assert meter_body(data, 3, small) == (Usage(image_output=3), 1)
+
+
+def test_a_number_too_long_in_a_big_streamed_answer_is_refused_as_it_passes() -> None:
+    data = with_number(b"9" * 5000, "usage").replace(b"QUJD" * 300, b"QUJD" * 20_000)
+    assert len(data) > SMALL_BODY
+    meter = BodyMeter()
+    with pytest.raises(MalformedAnswer):
+        for chunk in chunks(data, 16384):
+            meter.feed(chunk)  # refused here, before finish()
+    with pytest.raises(MalformedAnswer):  # and for good: no later chunk is parsed
+        meter.feed(b"1]")
+
+
+NO_CRASH = r"""
+import sys
+from proxy.metering import BodyMeter, MalformedAnswer, SseMeter
+
+number = b"1" * 5000
+answer = b'{"data": [{"b64_json": "x"}], "usage": {"output_tokens": ' + number + b'}}'
+for small in (0, 1 << 30, 10):
+    for size in (1, 7, 1 << 30):
+        meter = BodyMeter(small)
+        try:
+            for start in range(0, len(answer), size):
+                meter.feed(answer[start : start + size])
+            meter.finish()
+        except MalformedAnswer:
+            print("malformed")
+sse = SseMeter()
+sse.feed(b'data: {"type": "image_generation.completed", "usage": {"output_tokens": ')
+sse.feed(number + b'}}' + b"\n\n")
+sse.finish()
+print("sse", sse.completed)
+"""
+
+
+def test_the_ijson_crash_no_longer_takes_the_process_down() -> None:
+    # A segfault would take pytest with it: run the crash in a child process.
+    done = subprocess.run(
+        [sys.executable, "-c", NO_CRASH], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n") == ["malformed"] * 9 + ["sse 0", ""]
+
+
 # --- SseMeter ---------------------------------------------------------------------------------
 
 
@@ -336,3 +456,27 @@ def test_sse_meter_counts_a_completed_event_without_usage_but_adds_nothing() -> 
     kind = "image_generation.completed"
     meter = meter_stream(event(kind, {"type": kind, "b64_json": "QUJD"}), 1 << 30)
     assert (meter.completed, meter.usage) == (1, Usage())
+
+
+@pytest.mark.parametrize(
+    "size", [1, 7, 50, 1 << 30], ids=["1-byte", "7-byte", "50-byte", "one-shot"]
+)
+@pytest.mark.parametrize("number", list(LONG_NUMBERS.values()), ids=list(LONG_NUMBERS))
+def test_sse_meter_skips_an_event_with_a_number_too_long(number: bytes, size: int) -> None:
+    kind = "image_generation.completed"
+    bad = b"event: " + kind.encode() + b'\ndata: {"type": "' + kind.encode()
+    bad += b'", "usage": {"output_tokens": 5, "total_tokens": ' + number + b"}}\n\n"
+    meter = meter_stream(partial(0) + bad + completed(100), size)
+    # Not counted, as for any event that cannot be read: a stream without a readable
+    # completed event is charged its estimate and flagged.
+    assert (meter.completed, meter.partials, meter.usage.image_output) == (1, 1, 100)
+    assert meter.error is None
+    assert meter_stream(bad, size).completed == 0
+
+
+def test_sse_meter_skips_an_event_ijson_cannot_decode() -> None:
+    kind = "image_generation.completed"
+    for text in (b'"\\udc00x"', b'"\xed\xa0\x80"'):
+        bad = b'data: {"type": "' + kind.encode() + b'", "a": ' + text + b"}\n\n"
+        meter = meter_stream(bad + completed(100), 1 << 30)
+        assert (meter.completed, meter.usage.image_output) == (1, 100)

@@ -9,7 +9,14 @@ import random
 
 import pytest
 
-from proxy.metering import SHORT_STRING, SMALL_BODY, BodyMeter, MalformedAnswer, _ShortStrings
+from proxy.metering import (
+    LONG_NUMBER,
+    SHORT_STRING,
+    SMALL_BODY,
+    BodyMeter,
+    MalformedAnswer,
+    _ShortStrings,
+)
 
 USAGE = {
     "input_tokens": 12,
@@ -126,3 +133,95 @@ def test_held_and_streamed_answers_agree_even_when_mangled(seed: int) -> None:
         streamed = outcome(pieces, 0)
         assert outcome(pieces, SMALL_BODY) == streamed, data[:200]
         assert outcome(pieces, rng.randint(1, len(data) + 1)) == streamed, data[:200]
+
+
+# --- Numbers too long for ijson: refused by the filter -----------------------------------------
+
+NUMBER_CHARS = b"-+.eE0123456789"
+
+
+def longest_number(data: bytes) -> int:
+    """The longest run of number characters outside strings, byte by byte."""
+    longest = run = 0
+    inside = escape = False
+    for byte in data:
+        if inside:
+            if escape:
+                escape = False
+            elif byte == ord("\\"):
+                escape = True
+            elif byte == ord('"'):
+                inside = False
+        elif byte == ord('"'):
+            inside, run = True, 0
+        elif byte in NUMBER_CHARS:
+            run += 1
+            longest = max(longest, run)
+        else:
+            run = 0
+    return longest
+
+
+def filtered(pieces: list[bytes], strings: _ShortStrings | None = None) -> bytes | None:
+    """The filter's output, or None when it refuses."""
+    strings = strings or _ShortStrings()
+    try:
+        return b"".join(strings.filter(piece) for piece in pieces)
+    except MalformedAnswer:
+        return None
+
+
+def numbers_and_strings(rng: random.Random) -> bytes:
+    """Numbers about as long as the limit, strings of digits, escapes, stray bytes."""
+    parts = []
+    for _ in range(rng.randint(1, 12)):
+        kind = rng.random()
+        if kind < 0.4:
+            size = rng.choice((1, 3, 20, LONG_NUMBER - 1, LONG_NUMBER, LONG_NUMBER + 1, 300))
+            parts.append(bytes(rng.choice(NUMBER_CHARS) for _ in range(size)))
+        elif kind < 0.7:
+            size = rng.choice((0, 5, LONG_NUMBER + 5, SHORT_STRING + 10))
+            body = b"".join(rng.choice((b"7", b"e", b"\\\\", b'\\"', b"x")) for _ in range(size))
+            parts.append(b'"' + body + b'"')
+        else:
+            parts.append(rng.choice((b", ", b":", b"[", b"}", b" ", b"x", b"\\", b'"')))
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_filter_refuses_exactly_the_numbers_too_long_in_any_chunking(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(40):
+        data = numbers_and_strings(rng)
+        too_long = longest_number(data) > LONG_NUMBER
+        whole = filtered([data])
+        assert (whole is None) == too_long, data
+        for pieces in (chunks(data, rng), [data[i : i + 1] for i in range(len(data))]):
+            assert filtered(pieces) == whole, data
+
+
+@pytest.mark.parametrize("escapes", [False, True], ids=["jump", "step"])
+@pytest.mark.parametrize("cut", [0, 1, 40, 60, 99, 100])
+def test_a_number_split_across_chunks_is_measured_whole(escapes: bool, cut: int) -> None:
+    before = b'{"a\\"": 1, "n": ' if escapes else b'{"a": 1, "n": '
+    for length, refused in ((LONG_NUMBER, False), (LONG_NUMBER + 1, True)):
+        number = b"-1." + b"2" * (length - 5) + b"e3"
+        data = before + number + b"}"
+        at = len(before) + cut
+        pieces = [data[:at], data[at : at + 30], data[at + 30 :]]
+        assert filtered(pieces) == (None if refused else data)
+
+
+def test_digits_in_strings_are_not_numbers() -> None:
+    data = json.dumps({"long": "1" * 5000, "short": "2" * 900, "k" + "3" * 200: 1}).encode()
+    for pieces in ([data], [data[i : i + 1] for i in range(len(data))]):
+        assert filtered(pieces) is not None
+
+
+def test_the_filter_refuses_every_chunk_after_a_number_too_long() -> None:
+    strings = _ShortStrings()
+    assert strings.filter(b'{"n": ' + b"1" * 60) == b'{"n": ' + b"1" * 60
+    with pytest.raises(MalformedAnswer):
+        strings.filter(b"1" * 60)
+    with pytest.raises(MalformedAnswer):
+        strings.filter(b"}")
