@@ -103,9 +103,11 @@ async def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
 
 async def state(ledger: AnyLedger, request_id: str) -> tuple[str, int, int]:
     """The row's state, reservation and cost as stored (read through the audit export)."""
-    async for row in ledger.export(0.0, float("inf")):
-        if row["id"] == request_id:
-            return row["state"], row["reserved_nanos"], row["cost_nanos"]
+    # Closed here, not whenever the loop gets round to it: the export has a connection open.
+    async with contextlib.aclosing(ledger.export(0.0, float("inf"))) as rows:
+        async for row in rows:
+            if row["id"] == request_id:
+                return row["state"], row["reserved_nanos"], row["cost_nanos"]
     raise AssertionError(f"no row {request_id}")
 
 
@@ -284,6 +286,25 @@ async def test_two_processes_on_one_ledger_share_rows_and_counters(shared_url: s
         await first.close()
         await second.close()
     assert await migrate_ledger(shared_url) == (SCHEMA_VERSION, SCHEMA_VERSION)
+
+
+async def test_a_reservation_reclaimed_by_another_process_is_settled_without_a_double_release(
+    shared_url: str,
+) -> None:
+    """The process that reserved knows what its reservation held; another one (a worker's
+    housekeeping) reclaimed it meanwhile, so there is nothing left to release."""
+    first, second = await open_ledger(shared_url), await open_ledger(shared_url)
+    try:
+        await first.reserve([], take("late", started_at=100.0))
+        assert await second.reclaim(started_before=500.0, now=1000.0) == 1
+        await first.settle("late", SETTLED)
+        totals = (await first.totals([DESIGN_DAY]))[DESIGN_DAY]
+        assert (totals.spent_nanos, totals.reserved_nanos) == (210_765_000, 0)
+        assert totals.image_output_tokens == 7024
+        assert await state(first, "late") == ("settled", 0, 210_765_000)
+    finally:
+        await first.close()
+        await second.close()
 
 
 async def test_reopening_keeps_the_rows(tmp_path: Path) -> None:
@@ -533,7 +554,7 @@ async def test_a_transaction_that_finds_the_lock_taken_waits_off_the_loop(tmp_pa
             await ledger.reserve([DESIGN_DAY], take("r1"))
             beat.cancel()
         # The reservation waited for the lock, and the loop went on meanwhile.
-        assert ticks > 5
+        assert ticks > 3
         assert [r.entry.id for r in await ledger.rows()] == ["r1"]
         assert (await ledger.totals([DESIGN_DAY]))[DESIGN_DAY].reserved_nanos == 500_000_000
     finally:

@@ -136,6 +136,9 @@ class SqliteLedger(SqliteReports):
         self._checkpoint: asyncio.Task[None] | None = None
         self._catch_up = False
         self._thread_writes = 0
+        self._held: dict[str, tuple[int, str, Usage]] = {}
+        """What each reservation of this process not yet settled holds: (reserved nanos,
+        counters text, usage), as written in its row."""
         self._thread_idle = asyncio.Event()
         self._thread_idle.set()
 
@@ -199,14 +202,29 @@ class SqliteLedger(SqliteReports):
                 ),
             )
             _add(conn, counters_text, 0, entry.estimated_nanos, _token_deltas(usage, 1))
+            held.append((entry.estimated_nanos, counters_text, usage))
             return reservation
 
-        return await self._transaction(run)
+        held: list[tuple[int, str, Usage]] = []
+        reservation = await self._transaction(run)
+        self._held[reservation.entry.id] = held[-1]
+        return reservation
 
     async def settle(self, request_id: str, settlement: Settlement) -> None:
-        assignments = ", ".join(f"{c} = ?" for c in SETTLEMENT_COLUMNS)
+        # What this process reserved it knows: no need to read the row back, unless the
+        # reservation was reclaimed meanwhile (then the update finds no reserved row).
+        held = self._held.pop(request_id, None)
 
         def run(conn: sqlite3.Connection) -> None:
+            if held is not None:
+                updated = conn.execute(
+                    _SETTLE + " AND state = 'reserved'",
+                    (*_settlement_values(settlement), request_id),
+                )
+                if updated.rowcount == 1:
+                    release, counters_text, held_usage = held
+                    _settle_counters(conn, counters_text, settlement, release, held_usage)
+                    return
             found = conn.execute(
                 f"SELECT state, reserved_nanos, counters, {', '.join(USAGE_COLUMNS)} "
                 "FROM requests WHERE id = ?",
@@ -214,19 +232,12 @@ class SqliteLedger(SqliteReports):
             ).fetchone()
             if found is None:
                 raise LedgerError(f"no reservation {request_id}")
-            state, reserved, counters_text, *held = found
+            state, reserved, counters_text, *usage = found
             # A reservation reclaimed before its answer came has nothing left to release.
-            held_usage = Usage(*held) if state == "reserved" else Usage()
+            reserved_usage = Usage(*usage) if state == "reserved" else Usage()
             release = reserved if state == "reserved" else 0
-            conn.execute(
-                f"UPDATE requests SET {assignments}, state = 'settled', reserved_nanos = 0 "
-                "WHERE id = ?",
-                (*_settlement_values(settlement), request_id),
-            )
-            actual = _token_deltas(settlement.usage, 1)
-            taken_back = _token_deltas(held_usage, -1)
-            tokens = tuple(a + b for a, b in zip(actual, taken_back, strict=True))
-            _add(conn, counters_text, settlement.cost_nanos, -release, tokens)
+            conn.execute(_SETTLE, (*_settlement_values(settlement), request_id))
+            _settle_counters(conn, counters_text, settlement, release, reserved_usage)
 
         await self._transaction(run)
 
@@ -254,6 +265,7 @@ class SqliteLedger(SqliteReports):
                 (started_before, *owners),
             ).fetchall()
             for request_id, reserved, counters_text, *held in stale:
+                self._held.pop(request_id, None)
                 conn.execute(
                     "UPDATE requests SET state = 'settled', reserved_nanos = 0, "
                     "outcome = 'upstream_error', error_code = 'abandoned', flagged = 1, "
@@ -454,6 +466,10 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
+_SETTLE = (
+    f"UPDATE requests SET {', '.join(f'{c} = ?' for c in SETTLEMENT_COLUMNS)}, "
+    "state = 'settled', reserved_nanos = 0 WHERE id = ?"
+)
 _RESERVATION_COLUMNS = (
     *ENTRY_COLUMNS, *USAGE_COLUMNS, "state", "reserved_nanos", "counters", "owner",
 )  # fmt: skip
@@ -506,6 +522,20 @@ def _add(
     conn.executemany(
         _UPSERT, [(*key, spent, reserved, *tokens) for key in _written_keys(counters_text)]
     )
+
+
+def _settle_counters(
+    conn: sqlite3.Connection,
+    counters_text: str,
+    settlement: Settlement,
+    release: int,
+    reserved_usage: Usage,
+) -> None:
+    """Replace what a reservation held in its counters by what its request cost."""
+    actual = _token_deltas(settlement.usage, 1)
+    taken_back = _token_deltas(reserved_usage, -1)
+    tokens = tuple(a + b for a, b in zip(actual, taken_back, strict=True))
+    _add(conn, counters_text, settlement.cost_nanos, -release, tokens)
 
 
 def _row(values: tuple[Any, ...]) -> Row:
