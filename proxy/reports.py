@@ -14,6 +14,7 @@ into local days and months and formats (pure, apart from `summarize`/`audit`).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import html
 import io
@@ -333,17 +334,20 @@ async def audit(ledger: Ledger, period: Period, fmt: AuditFormat) -> AsyncIterat
     header: list[str] | None = None
     out = io.StringIO()
     writer = csv.writer(out)
-    async for row in ledger.export(period.start, period.end):
-        record = _audit_record(row)
-        if fmt == "jsonl":
-            yield json.dumps(record, separators=(",", ":")) + "\n"
-            continue
-        if header is None:
-            header = list(record)
-            writer.writerow(header)
-            yield CSV_BOM + _drain(out)
-        writer.writerow(["" if v is None else v for v in record.values()])
-        yield _drain(out)
+    # Closed with this generator (a client that stops reading), not whenever the loop
+    # finalizes it: the export holds a database connection open.
+    async with contextlib.aclosing(ledger.export(period.start, period.end)) as rows:
+        async for row in rows:
+            record = _audit_record(row)
+            if fmt == "jsonl":
+                yield json.dumps(record, separators=(",", ":")) + "\n"
+                continue
+            if header is None:
+                header = list(record)
+                writer.writerow(header)
+                yield CSV_BOM + _drain(out)
+            writer.writerow(["" if v is None else v for v in record.values()])
+            yield _drain(out)
 
 
 def _drain(out: io.StringIO) -> str:

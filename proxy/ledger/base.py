@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -149,7 +149,7 @@ class Ledger(Protocol):
         `bucket_seconds`, by `floor(started_at / bucket_seconds)` (appended to the keys).
         Rows in flight (reserved) are not spend yet and are left out."""
 
-    def export(self, start: float, end: float) -> AsyncIterator[dict[str, Any]]:
+    def export(self, start: float, end: float) -> AsyncGenerator[dict[str, Any], None]:
         """Every row (settled or in flight) started in [start, end), oldest first, as
         column -> value; streamed in batches, in constant memory."""
 

@@ -8,7 +8,7 @@ which are turned into ints, so a report reads the same on either backend.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from proxy.ledger.base import Aggregate, GroupColumn
@@ -38,7 +38,7 @@ class PostgresReports:
             found = await conn.fetch(sql, float(start), float(end))
         return aggregates(found, len(keys))
 
-    async def export(self, start: float, end: float) -> AsyncIterator[dict[str, Any]]:
+    async def export(self, start: float, end: float) -> AsyncGenerator[dict[str, Any], None]:
         # One snapshot for the whole export, read through a server-side cursor in batches.
         async with (
             self._connection() as conn,

@@ -11,7 +11,7 @@ buckets into local days in Python. The same SQL runs on PostgreSQL with `floor()
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ class SqliteReports:
             raise LedgerError(f"ledger read failed: {exc}") from exc
         return aggregates(found, len(keys))
 
-    async def export(self, start: float, end: float) -> AsyncIterator[dict[str, Any]]:
+    async def export(self, start: float, end: float) -> AsyncGenerator[dict[str, Any], None]:
         # Its own read-only connection: a long read must not hold the writers' connection,
         # and WAL gives it one consistent snapshot while requests keep being written.
         try:
