@@ -12,6 +12,7 @@ overridden by a deployment's own file); this module only interprets them:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -191,13 +192,19 @@ class ModelPrices:
         return max(to_nanos(prices[s]) for s in self.candidate_sizes(size))
 
     def cost(self, usage: Usage) -> int:
-        """The exact price of reported usage, in nano-dollars."""
-        # USD per million tokens x tokens / 10**6 USD = rate x tokens x 1000 nanos.
-        total = sum(
-            (self.rates.get(kind, Decimal(0)) * usage.tokens(kind) * 1000 for kind in TOKEN_KINDS),
-            Decimal(0),
-        )
-        return int(total.to_integral_value(ROUND_CEILING))
+        """The exact price of reported usage, in nano-dollars (rounded up)."""
+        rates, denominator = self._nano_rates
+        return -(-sum(rate * usage.tokens(kind) for kind, rate in rates) // denominator)
+
+    @functools.cached_property
+    def _nano_rates(self) -> tuple[tuple[tuple[TokenKind, int], ...], int]:
+        """The rates in nano-dollars per token as integers over one denominator, so that a
+        cost is exact integer arithmetic (Decimal sums cost more than the rest of pricing).
+        USD per million tokens × tokens / 10**6 USD = rate × 1000 nanos per token."""
+        ratios = {k: (r * 1000).as_integer_ratio() for k, r in self.rates.items() if r}
+        denominator = math.lcm(1, *(d for _, d in ratios.values()))
+        rates = tuple((k, n * (denominator // d)) for k, (n, d) in ratios.items())
+        return rates, denominator
 
     def validate(self, request: ImageRequest) -> None:
         """Refuse what the model does not accept, before anything is sent upstream."""

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import random
 import textwrap
 import typing
 from datetime import date
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 from openai.types.image_model import ImageModel
 
 from proxy.errors import ConfigError, InvalidRequest
-from proxy.models import ImageRequest, InputImage, Usage
+from proxy.models import TOKEN_KINDS, ImageRequest, InputImage, Usage
 from proxy.parsing import parse_request
 from proxy.pricing import ModelPrices, PriceBook, estimate, load_price_book
 from proxy.simulator.parsing import RawRequest
@@ -756,3 +757,16 @@ def test_override_entry_without_an_output_token_rule_is_refused(tmp_path: Path) 
         load_price_book(path)
     assert str(path) in str(caught.value)
     assert "output_tokens" in str(caught.value)
+
+
+def test_costs_are_the_exact_decimal_price_rounded_up_to_a_nano_dollar() -> None:
+    """Integer arithmetic over one denominator gives what Decimal arithmetic gives."""
+    rng = random.Random(7)
+    for model in load_price_book().models.values():
+        for _ in range(200):
+            usage = Usage(*(rng.choice((0, 1, 7, rng.randrange(10**7))) for _ in range(6)))
+            exact = sum(
+                (model.rates.get(k, Decimal(0)) * usage.tokens(k) * 1000 for k in TOKEN_KINDS),
+                Decimal(0),
+            )
+            assert model.cost(usage) == int(exact.to_integral_value(ROUND_CEILING)), model.name
