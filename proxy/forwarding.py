@@ -232,11 +232,12 @@ class Forwarder:
             relay.close()
             self.observe_upstream(exchange, sent)
         upstream_id = answer.headers.get("x-request-id")
-        if broken is None and meter.completed and meter.error is None:
+        # An event that could not be read may have been a billed image: its usage is unknown.
+        if broken is None and meter.completed and meter.error is None and not meter.unreadable:
             await self.settle_answered(
                 exchange, answer.status, meter.usage, meter.completed, upstream_id
             )
-        elif meter.error is not None and not meter.completed:
+        elif meter.error is not None and not meter.completed and not meter.unreadable:
             await self.settle(
                 exchange,
                 "upstream_error",
@@ -255,7 +256,7 @@ class Forwarder:
                 Usage(images=exchange.n),
                 exchange.entry.estimated_nanos,
                 flagged=True,
-                error=broken or "stream_truncated",
+                error=broken or ("malformed_answer" if meter.unreadable else "stream_truncated"),
                 upstream_id=upstream_id,
             )
 

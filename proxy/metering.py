@@ -379,8 +379,10 @@ PARTIAL_SUFFIX = ".partial_image"
 class SseMeter:
     """Follow a server-sent event stream; sum the usage of its `*.completed` events.
 
-    An event whose JSON ijson cannot read is skipped (never counted), and so is one with a
-    number longer than `LONG_NUMBER` characters, which ijson's C backend would crash on.
+    Each event's JSON reaches ijson through `_ShortStrings`, like a plain answer: the
+    base64 of a completed image (megabytes) is never tokenized, and a number longer than
+    `LONG_NUMBER` characters, which ijson's C backend would crash on, never reaches it.
+    An event that cannot be read is counted in `unreadable` (its usage is unknown).
     """
 
     def __init__(self) -> None:
@@ -388,6 +390,7 @@ class SseMeter:
         self.usage = Usage()
         self.completed = 0
         self.partials = 0
+        self.unreadable = 0
         self.error: Any = None
 
     def feed(self, chunk: bytes) -> None:
@@ -423,29 +426,29 @@ class SseMeter:
             return
         if payload == b"[DONE]":
             return
-        found: list[Any] = []
         try:
-            _ShortStrings().filter(payload)  # MalformedAnswer on a number too long for ijson
-            for prefix, _, value in ijson.parse(payload):
+            short = _ShortStrings().filter(payload)
+            kind: Any = ""
+            error: Any = None
+            for prefix, _, value in ijson.parse(short):
                 if prefix == "type":
-                    found.append(("type", value))
+                    kind = value
                 elif prefix == "error" and value is not None:
-                    found.append(("error", value))
-            kind = next((v for k, v in found if k == "type"), "")
+                    error = True
             if isinstance(kind, str) and kind.endswith(PARTIAL_SUFFIX):
                 self.partials += 1
                 return
-            if any(k == "error" for k, _ in found):
-                self.error = next(ijson.items(payload, "error"), True)
+            if error is not None:
+                self.error = next(ijson.items(short, "error"), True)
                 return
             if isinstance(kind, str) and kind.endswith(COMPLETED_SUFFIX):
-                usage = usage_from_openai(next(ijson.items(payload, "usage"), None))
+                usage = usage_from_openai(next(ijson.items(short, "usage"), None))
                 self.completed += 1
                 if usage is not None:
                     self.usage = self.usage + usage
         except (ijson.JSONError, UnicodeDecodeError, ArithmeticError, MalformedAnswer):
             # UnicodeDecodeError and ArithmeticError: as in BodyMeter._stream.
-            return
+            self.unreadable += 1
 
 
 def _event_end(buffer: bytearray) -> tuple[int, int]:

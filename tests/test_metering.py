@@ -450,6 +450,16 @@ def test_sse_meter_ignores_comments_and_garbage_events() -> None:
     data = b": keep-alive\n\ndata: not json\n\n" + completed(9)
     meter = meter_stream(data, 2)
     assert (meter.completed, meter.usage.image_output, meter.error) == (1, 9, None)
+    assert meter.unreadable == 1  # `not json`: the proxy charges such a stream's bound
+
+
+def test_sse_meter_reads_a_completed_event_without_tokenizing_its_image() -> None:
+    """The image's base64 reaches ijson emptied; the usage after it is read all the same."""
+    kind = "image_generation.completed"
+    image = "QUJD" * 500_000  # 2 MB
+    data = event(kind, {"type": kind, "b64_json": image, "usage": {"output_tokens": 4160}})
+    meter = meter_stream(data, 1 << 16)
+    assert (meter.completed, meter.usage.image_output, meter.unreadable) == (1, 4160, 0)
 
 
 def test_sse_meter_counts_a_completed_event_without_usage_but_adds_nothing() -> None:
@@ -470,7 +480,7 @@ def test_sse_meter_skips_an_event_with_a_number_too_long(number: bytes, size: in
     # Not counted, as for any event that cannot be read: a stream without a readable
     # completed event is charged its estimate and flagged.
     assert (meter.completed, meter.partials, meter.usage.image_output) == (1, 1, 100)
-    assert meter.error is None
+    assert (meter.error, meter.unreadable) == (None, 1)
     assert meter_stream(bad, size).completed == 0
 
 

@@ -252,6 +252,30 @@ def test_truncated_stream_charges_the_estimate_flagged(tollgate: Tollgate) -> No
     assert_still_serving(tollgate)
 
 
+def test_a_stream_with_an_unreadable_completed_event_charges_the_estimate_flagged(
+    tollgate: Tollgate,
+) -> None:
+    """Two images; the second one's completed event is not JSON. Its usage is unknown, so
+    the stream is charged its bound, not the first image's usage alone."""
+    answer = post(
+        tollgate,
+        "generations",
+        json={
+            "model": "gpt-image-2",
+            "prompt": "[[fault:garbage]]",
+            "quality": "low",
+            "size": "1024x1024",
+            "n": 2,
+            "stream": True,
+        },
+    )
+    assert answer.status_code == 200
+    assert answer.text.count("event: image_generation.completed") == 2
+    row = wait_settled(tollgate, answer.headers["x-tollgate-request-id"])
+    assert row["flagged"] == 1 and row["cost_nanos"] == row["estimated_nanos"] > 0
+    assert (row["error_code"], row["reserved_nanos"]) == ("malformed_answer", 0)
+
+
 def test_client_disconnect_is_still_metered(tollgate: Tollgate, simulator: Simulator) -> None:
     simulator.configure(latency_ms=1500)
     try:

@@ -5,7 +5,8 @@
     [[fault:429]]       429 rate_limit_exceeded with retry-after: 1
     [[fault:timeout]]   no answer for an hour (ends when the client goes away)
     [[fault:reset]]     the connection is closed without an HTTP answer
-    [[fault:garbage]]   200 with a body that is not JSON (billed)
+    [[fault:garbage]]   200 with a body that is not JSON (billed); in a stream, the last
+                        completed event's data
     [[fault:nousage]]   200 without `usage` (billed)
     [[fault:truncate]]  a stream cut before its completed event (billed)
 

@@ -184,6 +184,17 @@ async def _no_answer(fault: Fault, request: Request, request_id: str) -> Respons
     return Response(status_code=500)
 
 
+def _garbled_last_completed(frames: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """The stream with its last completed event's data replaced by what is not JSON."""
+    last = max(i for i, (kind, _) in enumerate(frames) if kind == "completed")
+    event_line = frames[last][1].split(b"\n", 1)[0]
+    return [
+        *frames[:last],
+        ("completed", event_line + b"\ndata: " + GARBAGE_BODY + b"\n\n"),
+        *frames[last + 1 :],
+    ]
+
+
 def _stream(
     order: ImageOrder,
     tokens: Tokens,
@@ -193,6 +204,8 @@ def _stream(
     request_id: str,
 ) -> StreamingResponse:
     frames = stream_events(order, tokens, created=int(time.time()), padding=knobs.payload_bytes)
+    if fault == "garbage":
+        frames = _garbled_last_completed(frames)
     pause_ms = knobs.latency_ms / len(frames)
 
     async def events() -> AsyncIterator[bytes]:
