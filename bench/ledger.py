@@ -1,37 +1,43 @@
-"""Ledger: reservations + settlements per second on the SQLite ledger, in-process.
+"""Ledger: reservations + settlements per second, in-process, SQLite and PostgreSQL.
 
     .venv/bin/python -m bench.ledger [--requests 5000] [--concurrency 1 64]
+                                     [--postgres postgresql://postgres@127.0.0.1:5432/test]
 
-Drives `SqliteLedger.reserve` and `.settle` directly (the Ledger API the request path
+Drives the ledger's `reserve` and `settle` directly (the Ledger API the request path
 uses) with the bench team's real budgets (month and day team budgets, a per-user day
 budget, the organization's month budget), so every reservation reads and writes the
 budget counters. Each request is one reserve and one settle; CPU is this process's.
+With `--postgres SERVER` the same runs go to a fresh schema on that server too (dropped
+afterwards); its CPU column leaves out the database server's own.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import tempfile
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
+
+import asyncpg
 
 from bench import harness
 from proxy.budgets import Counter, Totals, applicable, counters, zone
 from proxy.config import load_config
-from proxy.ledger import Entry, Reservation, Settlement, SqliteLedger
+from proxy.ledger import Entry, Reservation, Settlement, migrate_ledger, open_ledger
 from proxy.models import Usage
 
 
-async def run(path: Path, requests: int, concurrency: int) -> tuple[float, float]:
+async def run(url: str, root: Path, requests: int, concurrency: int) -> tuple[float, float]:
     """(seconds, CPU seconds) for `requests` reserve+settle pairs at `concurrency`."""
-    root = harness.write_policies(path.parent / f"policies-{concurrency}", "http://127.0.0.1:1")
-    config = load_config(root)
+    config = load_config(harness.write_policies(root, "http://127.0.0.1:1"))
     team = config.teams[0]
-    ledger = SqliteLedger(path)
-    await ledger.open()
+    await migrate_ledger(url)
+    ledger = await open_ledger(url)
     now = time.time()
     tz = zone(config.timezone)
     budgets = applicable(config, team, "bench-user", now)
@@ -77,13 +83,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--postgres", help="a PostgreSQL server URL to measure as well")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for c in args.concurrency:
-            seconds, cpu = asyncio.run(run(Path(tmp) / f"ledger-{c}.db", args.requests, c))
-            rows.append((c, args.requests, args.requests / seconds, cpu * 1000 / args.requests))
-    print(harness.table(("concurrency", "pairs", "reserve+settle/s", "CPU ms/pair"), rows))
+            url = f"sqlite:///{tmp}/ledger-{c}.db"
+            seconds, cpu = asyncio.run(run(url, Path(tmp) / f"p{c}", args.requests, c))
+            rows.append(("sqlite", c, args.requests, args.requests / seconds,
+                         cpu * 1000 / args.requests))  # fmt: skip
+        if args.postgres:
+            for c in args.concurrency:
+                with fresh_schema(args.postgres) as url:
+                    seconds, cpu = asyncio.run(run(url, Path(tmp) / f"pg{c}", args.requests, c))
+                rows.append(("postgresql", c, args.requests, args.requests / seconds,
+                             cpu * 1000 / args.requests))  # fmt: skip
+    header = ("ledger", "concurrency", "pairs", "reserve+settle/s", "CPU ms/pair")
+    print(harness.table(header, rows))
+
+
+@contextlib.contextmanager
+def fresh_schema(server: str) -> Iterator[str]:
+    """A ledger URL on a new schema of `server`, dropped afterwards."""
+    name = f"bench_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_execute(server, f"CREATE SCHEMA {name}"))
+    try:
+        yield f"{server}?search_path={name}"
+    finally:
+        asyncio.run(_execute(server, f"DROP SCHEMA {name} CASCADE"))
+
+
+async def _execute(server: str, sql: str) -> None:
+    conn = await asyncpg.connect(server)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
 
 
 if __name__ == "__main__":

@@ -162,6 +162,7 @@ class PostgresLedger(PostgresReports):
                 timeout=CONNECT_TIMEOUT_S,
                 # Transactions are short; a statement stuck this long is a lost server.
                 command_timeout=60,
+                reset=_keep_session,
             )
         except UNAVAILABLE as exc:
             raise LedgerUnavailable(
@@ -238,22 +239,28 @@ class PostgresLedger(PostgresReports):
 
     async def reserve(self, read: Sequence[Counter], choose: Chooser) -> Reservation:
         async def work(conn: Any) -> Reservation:
+            # Two statements, not one: the read's snapshot must be taken once the lock is
+            # held, or it would miss counter rows the previous holder inserted.
             await _lock_counters(conn)
             # Choosing again after a retry is fine: the chooser is a pure function of totals.
             reservation = choose(await _read(conn, read, lock=True))
             entry, usage = reservation.entry, reservation.usage
             columns = (*ENTRY_COLUMNS, *USAGE_COLUMNS, "state", "reserved_nanos", "counters")
-            await conn.execute(
+            await _write_and_add(
+                conn,
                 f"INSERT INTO requests ({cols(columns)}, owner) VALUES ({marks(len(columns) + 1)})",
-                *_entry_values(entry),
-                *_usage_values(usage),
-                "reserved",
+                [
+                    *_entry_values(entry),
+                    *_usage_values(usage),
+                    "reserved",
+                    entry.estimated_nanos,
+                    json.dumps([_counter_key(c) for c in reservation.counters]),
+                    self.owner.id if self.owner else None,
+                ],
+                reservation.counters,
+                0,
                 entry.estimated_nanos,
-                json.dumps([_counter_key(c) for c in reservation.counters]),
-                self.owner.id if self.owner else None,
-            )
-            await _add(
-                conn, reservation.counters, 0, entry.estimated_nanos, _token_deltas(usage, 1)
+                _token_deltas(usage, 1),
             )
             return reservation
 
@@ -277,16 +284,13 @@ class PostgresLedger(PostgresReports):
             held_usage = Usage(*held) if state == "reserved" else Usage()
             release = reserved if state == "reserved" else 0
             assignments = ", ".join(f"{q(c)} = ${i}" for i, c in enumerate(SETTLEMENT_COLUMNS, 2))
-            await conn.execute(
-                f"UPDATE requests SET {assignments}, state = 'settled', reserved_nanos = 0 "
-                "WHERE id = $1",
-                request_id,
-                *_settlement_values(settlement),
-            )
             actual = _token_deltas(settlement.usage, 1)
             taken_back = _token_deltas(held_usage, -1)
-            await _add(
+            await _write_and_add(
                 conn,
+                f"UPDATE requests SET {assignments}, state = 'settled', reserved_nanos = 0 "
+                "WHERE id = $1",
+                [request_id, *_settlement_values(settlement)],
                 _counters(counters_text),
                 settlement.cost_nanos,
                 -release,
@@ -439,6 +443,13 @@ class PostgresLedger(PostgresReports):
         raise AssertionError("unreachable")
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """What a connection goes back to the pool with: asyncpg has already rolled back any
+    open transaction; the ledger sets no session state (no SET, LISTEN, session advisory
+    lock or open cursor) for its default reset query to clear, which would cost a round
+    trip per transaction."""
+
+
 def _entry_values(entry: Entry) -> list[Any]:
     values = [getattr(entry, c) for c in ENTRY_COLUMNS]
     values[ENTRY_COLUMNS.index("stream")] = int(entry.stream)
@@ -452,22 +463,68 @@ async def _lock_counters(conn: Any) -> None:
 
 
 async def _read(conn: Any, counters: Sequence[Counter], *, lock: bool) -> dict[Counter, Totals]:
-    found: dict[Counter, Totals] = {c: Totals() for c in counters}
     if not counters:
-        return found
+        return {}
+    return _totals(
+        counters, await _rows(conn, counters, READ_SQL + (" FOR UPDATE" if lock else ""))
+    )
+
+
+async def _rows(conn: Any, counters: Sequence[Counter], sql: str) -> dict[tuple[Any, ...], Totals]:
+    """The `budget_usage` rows of `counters` that exist, by key."""
     wanted = sorted(set(counters), key=key)
-    rows = await conn.fetch(
-        READ_SQL + (" FOR UPDATE" if lock else ""),
+    found = await conn.fetch(
+        sql,
         [c.scope for c in wanted],
         [c.team for c in wanted],
         [c.user for c in wanted],
         [c.period for c in wanted],
         [float(c.start) for c in wanted],
     )
-    by_key = {tuple(r[:5]): Totals(*(int(v) for v in tuple(r)[5:])) for r in rows}
-    for c in counters:
-        found[c] = by_key.get((c.scope, c.team, c.user, c.period, float(c.start)), Totals())
-    return found
+    return {tuple(r[:5]): Totals(*(int(v) for v in tuple(r)[5:])) for r in found}
+
+
+def _totals(
+    counters: Sequence[Counter], rows: dict[tuple[Any, ...], Totals]
+) -> dict[Counter, Totals]:
+    return {
+        c: rows.get((c.scope, c.team, c.user, c.period, float(c.start)), Totals()) for c in counters
+    }
+
+
+async def _write_and_add(
+    conn: Any,
+    sql: str,
+    args: list[Any],
+    counters: Sequence[Counter],
+    spent: int,
+    reserved: int,
+    tokens: tuple[int, ...],
+) -> None:
+    """`sql` (with `args`) and `_add` in one statement, one round trip: the request row's
+    write as a data-modifying `WITH`, which PostgreSQL always runs, then the counters'
+    upsert, row by row in lock order. The organization's total row, locked first, keeps
+    every writer in line, so the order of the two parts within it does not matter."""
+    rows = with_organization(counters)
+    n = len(args)
+    values = ", ".join(f"${i}::bigint" for i in range(n + 6, n + 8 + len(tokens)))
+    await conn.execute(
+        f"WITH written AS ({sql}) "
+        f'INSERT INTO budget_usage (scope, team, "user", period, start, {cols(TOTALS_COLUMNS)}) '
+        f"SELECT s, t, u, p, st, {values} FROM unnest(${n + 1}::text[], ${n + 2}::text[], "
+        f"${n + 3}::text[], ${n + 4}::text[], ${n + 5}::float8[]) AS k(s, t, u, p, st) "
+        'ON CONFLICT (scope, team, "user", period, start) DO UPDATE SET '
+        + ", ".join(f"{c} = budget_usage.{c} + excluded.{c}" for c in TOTALS_COLUMNS),
+        *args,
+        [c.scope for c in rows],
+        [c.team for c in rows],
+        [c.user for c in rows],
+        [c.period for c in rows],
+        [float(c.start) for c in rows],
+        spent,
+        reserved,
+        *tokens,
+    )
 
 
 async def _add(
