@@ -14,7 +14,6 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from typing import Any
 
 from starlette.background import BackgroundTask
@@ -105,12 +104,17 @@ class ImagesHandler:
     async def handle(self, request: Request) -> Response:
         s = self.services
         config = s.config
-        entry = Entry(id=new_request_id(), started_at=s.clock(), endpoint=self.endpoint)
-        headers = {"x-tollgate-request-id": entry.id}
+        # What is known of the request so far: the ledger entry it makes if it ends here.
+        known: dict[str, Any] = {
+            "id": new_request_id(),
+            "started_at": s.clock(),
+            "endpoint": self.endpoint,
+        }
+        headers = {"x-tollgate-request-id": known["id"]}
         s.metrics.started()
         try:
             team, key = identify(request.headers.get("authorization"), config.team_by_key_hash())
-            entry = replace(entry, team=team.name, cost_center=team.cost_center, key_id=key.id)
+            known.update(team=team.name, cost_center=team.cost_center, key_id=key.id)
             headers["x-tollgate-team"] = team.name
             allow_endpoint(team, self.endpoint)
             body = await read_body(request, self.limit(config))
@@ -118,16 +122,16 @@ class ImagesHandler:
                 self.endpoint, request.headers.get("content-type", ""), body, config.default_model
             )
             wanted = parsed.request
-            entry = replace(entry, **requested(wanted))
+            known.update(requested(wanted))
             model = priced(config, wanted.model)
             model.validate(wanted)
             allowed = apply_allow(team, wanted, model)
-            decision, entry = await self.reserve(config, team, entry, allowed)
+            decision, entry = await self.reserve(config, team, known, allowed)
         except RequestError as exc:
-            return await self.refuse(entry, exc, headers)
+            return await self.refuse(Entry(**known), exc, headers)
         except LedgerError as exc:
             log.error("ledger unavailable: %s", exc)
-            s.metrics.finished(entry, Settlement(s.clock(), "client_error", 503), ())
+            s.metrics.finished(Entry(**known), Settlement(s.clock(), "client_error", 503), ())
             return error_response(
                 ServiceUnavailable("Tollgate cannot record spend right now; retry shortly."),
                 headers,
@@ -161,21 +165,22 @@ class ImagesHandler:
         )
 
     async def reserve(
-        self, config: Config, team: Team, entry: Entry, variant: Variant
+        self, config: Config, team: Team, known: Mapping[str, Any], variant: Variant
     ) -> tuple[Decision, Entry]:
         """Decide against the budgets and reserve the bound, in one ledger transaction."""
         user = variant.request.user
-        budgets = applicable(config, team, user, entry.started_at)
+        started_at = known["started_at"]
+        budgets = applicable(config, team, user, started_at)
         tz = zone(config.timezone)
-        write = counters(team.name, user, entry.started_at, tz)
+        write = counters(team.name, user, started_at, tz)
         chosen: list[Decision] = []
 
         def choose(totals: Mapping[Counter, Totals]) -> Reservation:
             decision = decide(team, variant, budgets, totals, config.prices, tz)
             chosen.append(decision)
             sent = decision.variant
-            reserved = replace(
-                entry,
+            reserved = Entry(
+                **known,
                 model=sent.request.model,
                 quality=sent.request.quality,
                 size=sent.request.size,

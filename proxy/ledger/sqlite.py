@@ -23,6 +23,7 @@ import contextlib
 import functools
 import json
 import logging
+import operator
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -75,6 +76,10 @@ TOTALS_COLUMNS = (
     "spent_nanos", "reserved_nanos", "text_input_tokens", "image_input_tokens",
     "image_output_tokens", "total_tokens",
 )  # fmt: skip
+
+
+_entry_values: Callable[[Entry], tuple[Any, ...]] = operator.attrgetter(*ENTRY_COLUMNS)
+"""An entry's values in `ENTRY_COLUMNS` order (one C call)."""
 
 
 def _usage_values(u: Usage) -> tuple[int, ...]:
@@ -193,7 +198,7 @@ class SqliteLedger(SqliteReports):
             conn.execute(
                 _INSERT_RESERVATION,
                 (
-                    *(getattr(entry, c) for c in ENTRY_COLUMNS),
+                    *_entry_values(entry),
                     *_usage_values(usage),
                     "reserved",
                     entry.estimated_nanos,
@@ -246,7 +251,7 @@ class SqliteLedger(SqliteReports):
         await self._write(
             f"INSERT INTO requests ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
             (
-                *(getattr(entry, c) for c in ENTRY_COLUMNS),
+                *_entry_values(entry),
                 *_settlement_values(settlement),
                 "settled",
             ),
