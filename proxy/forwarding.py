@@ -17,7 +17,7 @@ from typing import Any
 
 from starlette.responses import Response, StreamingResponse
 
-from proxy.errors import LedgerError, RequestError, UpstreamTimeout, UpstreamUnavailable
+from proxy.errors import LedgerError, RequestError, UpstreamUnavailable
 from proxy.ledger import Entry, Settlement, settle_patiently
 from proxy.metering import BodyMeter, MalformedAnswer, SseMeter
 from proxy.models import Change, Endpoint, Outcome, Usage, usd_text
@@ -25,7 +25,7 @@ from proxy.pricing import ModelPrices
 from proxy.responses import error_response, spooled_response
 from proxy.services import Services
 from proxy.spool import Spool
-from proxy.upstream import Answer, response_headers
+from proxy.upstream import BROKEN_OFF, Answer, response_headers
 
 log = logging.getLogger("tollgate.requests")
 
@@ -110,7 +110,7 @@ class Forwarder:
             if meter is None:
                 return await self.pass_error(exchange, answer, spool)
             usage, images = meter.finish()
-        except (UpstreamTimeout, UpstreamUnavailable, MalformedAnswer) as exc:
+        except (*BROKEN_OFF, MalformedAnswer) as exc:
             spool.close()
             return await self.charge_failure(exchange, answer, exc)
         cost = await self.settle_answered(
@@ -225,7 +225,7 @@ class Forwarder:
                 meter.feed(chunk)
                 relay.put(chunk)
             meter.finish()
-        except (UpstreamTimeout, UpstreamUnavailable) as exc:
+        except BROKEN_OFF as exc:
             broken = exc.code
         finally:
             await answer.aclose()

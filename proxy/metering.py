@@ -249,8 +249,7 @@ class _ShortStrings:
         """`_between` for `chunk[start:]`, outside strings to the chunk's end; then
         remember the number characters it ends with, for the next chunk."""
         end = len(chunk)
-        if end - start > LONG_NUMBER and _LONG_NUMBER_RUN.search(chunk, start):
-            self._refuse()
+        self._between(chunk, start, end)
         if end > start and chunk[-1] in _NUMBER_CHARS:
             self._run = end - start - len(chunk[start:].rstrip(_NUMBER_CHARS))
         else:

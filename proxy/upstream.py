@@ -62,11 +62,15 @@ KEEPALIVE_S = 5.0
 CONNECT_S = 10.0
 
 
+BROKEN_OFF = (UpstreamTimeout, UpstreamUnavailable)
+"""What reading an `Answer`'s body raises when it breaks off."""
+
+
 class Answer(Protocol):
     """An upstream answer whose body is still to be read, whichever client fetched it.
 
-    Reading the body raises `UpstreamTimeout` or `UpstreamUnavailable` when it breaks off,
-    so the request path needs to know no HTTP library.
+    Reading the body raises one of `BROKEN_OFF` when it breaks off, so the request path
+    needs to know no HTTP library.
     """
 
     @property

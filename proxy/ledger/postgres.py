@@ -51,6 +51,7 @@ from proxy.ledger.sqlite import (
     _counter_key,
     _counters,
     _row,
+    _settled_tokens,
     _settlement_values,
     _token_deltas,
     _usage_values,
@@ -284,8 +285,6 @@ class PostgresLedger(PostgresReports):
             held_usage = Usage(*held) if state == "reserved" else Usage()
             release = reserved if state == "reserved" else 0
             assignments = ", ".join(f"{q(c)} = ${i}" for i, c in enumerate(SETTLEMENT_COLUMNS, 2))
-            actual = _token_deltas(settlement.usage, 1)
-            taken_back = _token_deltas(held_usage, -1)
             await _write_and_add(
                 conn,
                 f"UPDATE requests SET {assignments}, state = 'settled', reserved_nanos = 0 "
@@ -294,7 +293,7 @@ class PostgresLedger(PostgresReports):
                 _counters(counters_text),
                 settlement.cost_nanos,
                 -release,
-                tuple(a + b for a, b in zip(actual, taken_back, strict=True)),
+                _settled_tokens(settlement.usage, held_usage),
             )
 
         await self._transaction(work)

@@ -106,6 +106,13 @@ def _token_deltas(usage: Usage, sign: int) -> tuple[int, int, int, int]:
     )
 
 
+def _settled_tokens(actual: Usage, reserved: Usage) -> tuple[int, ...]:
+    """What a settlement adds to a counter's token columns: the usage metered, less the
+    estimate its reservation added."""
+    added, taken_back = _token_deltas(actual, 1), _token_deltas(reserved, -1)
+    return tuple(a + b for a, b in zip(added, taken_back, strict=True))
+
+
 def _counter_key(c: Counter) -> list[Any]:
     return [c.scope, c.team, c.user, c.period, c.start]
 
@@ -223,8 +230,7 @@ class SqliteLedger(SqliteReports):
         def run(conn: sqlite3.Connection) -> None:
             if held is not None:
                 updated = conn.execute(
-                    _SETTLE + " AND state = 'reserved'",
-                    (*_settlement_values(settlement), request_id),
+                    _SETTLE_RESERVED, (*_settlement_values(settlement), request_id)
                 )
                 if updated.rowcount == 1:
                     release, counters_text, held_usage = held
@@ -475,6 +481,7 @@ _SETTLE = (
     f"UPDATE requests SET {', '.join(f'{c} = ?' for c in SETTLEMENT_COLUMNS)}, "
     "state = 'settled', reserved_nanos = 0 WHERE id = ?"
 )
+_SETTLE_RESERVED = _SETTLE + " AND state = 'reserved'"
 _RESERVATION_COLUMNS = (
     *ENTRY_COLUMNS, *USAGE_COLUMNS, "state", "reserved_nanos", "counters", "owner",
 )  # fmt: skip
@@ -537,9 +544,7 @@ def _settle_counters(
     reserved_usage: Usage,
 ) -> None:
     """Replace what a reservation held in its counters by what its request cost."""
-    actual = _token_deltas(settlement.usage, 1)
-    taken_back = _token_deltas(reserved_usage, -1)
-    tokens = tuple(a + b for a, b in zip(actual, taken_back, strict=True))
+    tokens = _settled_tokens(settlement.usage, reserved_usage)
     _add(conn, counters_text, settlement.cost_nanos, -release, tokens)
 
 
