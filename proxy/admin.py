@@ -17,6 +17,9 @@ from proxy.responses import error_response
 from proxy.services import Services
 from proxy.status import budget_status
 
+YES = ("1", "true", "yes")
+"""How a query parameter says yes (`audit=1`, `excel=true`)."""
+
 
 class InvalidConfig(RequestError):
     code = "invalid_config"
@@ -50,13 +53,14 @@ class AdminApi:
         return JSONResponse({"as_of": now, "budgets": [b.as_json() for b in found]})
 
     async def report(self, request: Request) -> Response:
-        """`GET /admin/report?from=&to=&by=&format=` (also `statement=YYYY-MM`, `audit=1`):
-        the same answer as `tollgate report`; the audit export is streamed."""
+        """`GET /admin/report?from=&to=&by=&format=` (also `statement=YYYY-MM`, `audit=1`,
+        `excel=1` for a CSV with a byte-order mark): the same answer as `tollgate report`;
+        the audit export is streamed."""
         s = self._services()
         q = request.query_params
         try:
             check_admin(request, s.config)
-            audit = q.get("audit", "") in ("1", "true", "yes")
+            audit = q.get("audit", "") in YES
             query = ReportQuery.parse(
                 start=q.get("from"),
                 end=q.get("to"),
@@ -64,6 +68,7 @@ class AdminApi:
                 fmt=q.get("format", "jsonl" if audit else "json"),
                 statement=q.get("statement"),
                 audit=audit,
+                excel=q.get("excel", "") in YES,
             )
             answer = await run_report(query, s.ledger, s.config, s.clock())
         except RequestError as exc:

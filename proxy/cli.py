@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--format", default=None, help="table|csv|json|html; jsonl|csv with --audit"
     )
+    report.add_argument(
+        "--excel", action="store_true", help="CSV with a byte-order mark, for spreadsheets"
+    )
     report.add_argument("--output", type=Path, help="write here instead of standard output")
     report.set_defaults(run=run_report)
 
@@ -263,7 +266,7 @@ def run_report(args: argparse.Namespace) -> int:
     try:
         query = ReportQuery.parse(
             start=args.start, end=args.end, by=args.by, fmt=fmt,
-            statement=args.statement, audit=args.audit,
+            statement=args.statement, audit=args.audit, excel=args.excel,
         )  # fmt: skip
         asyncio.run(write_report(query, config, args.ledger or config.ledger_url, args.output))
     except InvalidRequest as exc:

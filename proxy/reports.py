@@ -58,7 +58,14 @@ MEDIA_TYPES = {
     "jsonl": "application/x-ndjson",
 }
 CSV_BOM = "\ufeff"
-"""Spreadsheets (Excel) read a CSV as UTF-8 only when it starts with a byte-order mark."""
+"""Spreadsheets (Excel) read a CSV as UTF-8 only when it starts with a byte-order mark; a
+CSV is plain UTF-8 without it unless asked (`--excel`), so that csv.DictReader, cut and
+awk read the header as written."""
+
+
+def csv_start(excel: bool) -> str:
+    """What a CSV starts with: the byte-order mark for spreadsheets, else nothing."""
+    return CSV_BOM if excel else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,13 +256,13 @@ def _cells(report: Report) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-def as_csv(report: Report) -> str:
+def as_csv(report: Report, excel: bool = False) -> str:
     header, body = _cells(report)
     out = io.StringIO()
     writer = csv.writer(out)  # RFC 4180: quoted as needed, CRLF line ends
     writer.writerow(header)
     writer.writerows(body)
-    return CSV_BOM + out.getvalue()
+    return csv_start(excel) + out.getvalue()
 
 
 def as_table(report: Report) -> str:
@@ -312,11 +319,11 @@ BASE_CSS = (
 )
 
 
-def render(report: Report, fmt: Format) -> str:
+def render(report: Report, fmt: Format, excel: bool = False) -> str:
     if fmt == "json":
         return json.dumps(as_json(report), indent=2) + "\n"
     if fmt == "csv":
-        return as_csv(report)
+        return as_csv(report, excel)
     if fmt == "html":
         return as_html(report)
     return as_table(report)
@@ -325,7 +332,9 @@ def render(report: Report, fmt: Format) -> str:
 # -- audit export --------------------------------------------------------------
 
 
-async def audit(ledger: Ledger, period: Period, fmt: AuditFormat) -> AsyncIterator[str]:
+async def audit(
+    ledger: Ledger, period: Period, fmt: AuditFormat, excel: bool = False
+) -> AsyncIterator[str]:
     """Every ledger row of `period` as CSV (header first) or JSON lines, chunk by chunk.
 
     Rows stream from the ledger in batches; memory stays constant however many there are.
@@ -345,7 +354,7 @@ async def audit(ledger: Ledger, period: Period, fmt: AuditFormat) -> AsyncIterat
             if header is None:
                 header = list(record)
                 writer.writerow(header)
-                yield CSV_BOM + _drain(out)
+                yield csv_start(excel) + _drain(out)
             writer.writerow(["" if v is None else v for v in record.values()])
             yield _drain(out)
 

@@ -29,6 +29,8 @@ class ReportQuery:
     """A month, `YYYY-MM`: the chargeback statement instead of a report."""
     audit: bool = False
     """Every row of the period (CSV or JSON lines) instead of sums."""
+    excel: bool = False
+    """A CSV starts with a byte-order mark, for spreadsheets (plain UTF-8 otherwise)."""
 
     @classmethod
     def parse(
@@ -40,6 +42,7 @@ class ReportQuery:
         fmt: str = "table",
         statement: str | None = None,
         audit: bool = False,
+        excel: bool = False,
     ) -> ReportQuery:
         allowed = ("csv", "jsonl") if audit else reports.FORMATS
         if fmt not in allowed:
@@ -50,7 +53,7 @@ class ReportQuery:
             )
         if statement and audit:
             raise InvalidRequest("choose --statement or --audit, not both.", param="audit")
-        return cls(start, end, reports.parse_by(by), fmt, statement, audit)
+        return cls(start, end, reports.parse_by(by), fmt, statement, audit, excel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +69,10 @@ async def run(query: ReportQuery, ledger: Ledger, config: Config, now: float) ->
     if query.statement:
         month = Period.month(query.statement, config.timezone)
         built = await statement.build(ledger, config, month)
-        return Answer(media, statement.render(built, query.fmt))
+        return Answer(media, statement.render(built, query.fmt, query.excel))
     period = Period.parse(query.start, query.end, config.timezone, now)
     if query.audit:
-        return Answer(media, stream=reports.audit(ledger, period, cast(AuditFormat, query.fmt)))
+        fmt = cast(AuditFormat, query.fmt)
+        return Answer(media, stream=reports.audit(ledger, period, fmt, query.excel))
     report = await reports.summarize(ledger, period, query.by)
-    return Answer(media, reports.render(report, cast(Format, query.fmt)))
+    return Answer(media, reports.render(report, cast(Format, query.fmt), query.excel))

@@ -23,7 +23,7 @@ from typing import Any
 from proxy.config import Config
 from proxy.ledger.base import Ledger
 from proxy.models import usd_text
-from proxy.reports import BASE_CSS, CSV_BOM, Period, Sums, fold
+from proxy.reports import BASE_CSS, Period, Sums, csv_start, fold
 
 TOP_USERS = 5
 PALETTE = ("#2563eb", "#f59e0b", "#10b981", "#ef4444", "#8b5cf6", "#0891b2", "#db2777", "#65a30d")
@@ -150,7 +150,7 @@ def _team_json(t: TeamStatement, period: Period) -> dict[str, Any]:
 CSV_HEADER = ("cost_center", "team", "section", "item", "metric", "value")
 
 
-def as_csv(s: Statement) -> str:
+def as_csv(s: Statement, excel: bool = False) -> str:
     """One number per line (`section, item, metric, value`): pivots in any spreadsheet."""
     out = io.StringIO()
     writer = csv.writer(out)
@@ -173,7 +173,7 @@ def as_csv(s: Statement) -> str:
             writer.writerow((*head, "top_user", u["user"], "cost_usd", u["cost_usd"]))
         for d in data["daily"]:
             writer.writerow((*head, "daily", d["day"], "cost_usd", d["cost_usd"]))
-    return CSV_BOM + out.getvalue()
+    return csv_start(excel) + out.getvalue()
 
 
 # -- HTML: one self-contained page, inline SVG charts --------------------------
@@ -301,11 +301,11 @@ def _daily(nanos: tuple[int, ...], period: Period) -> str:
     )
 
 
-def render(s: Statement, fmt: str) -> str:
+def render(s: Statement, fmt: str, excel: bool = False) -> str:
     if fmt == "json":
         return json.dumps(as_json(s), indent=2) + "\n"
     if fmt == "csv":
-        return as_csv(s)
+        return as_csv(s, excel)
     if fmt == "html":
         return as_html(s)
     return _text(s)

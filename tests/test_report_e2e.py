@@ -206,14 +206,40 @@ def test_csv_report_has_a_header_decimal_strings_and_the_same_numbers(
     done = world.cli("report", "--by", "team,model", "--format", "csv", "--output", str(out))
     assert done.returncode == 0, done.stderr
     raw = out.read_bytes()
-    assert raw.startswith("\ufeff".encode())  # spreadsheets read UTF-8 with a BOM
-    rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8-sig"))))
+    assert raw.startswith(b"team,model,")  # plain UTF-8: no byte-order mark
+    rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8"))))
     assert list(rows[0]) == [
         "team", "model", "requests", "images", "text_input_tokens", "image_input_tokens",
         "image_output_tokens", "cost_usd",
     ]  # fmt: skip
     assert by_team_model(rows) == world.expected.groups
     assert not any("e" in r["cost_usd"].lower() for r in rows)
+    cut = subprocess.run(
+        ["cut", "-d,", "-f1", str(out)], capture_output=True, text=True, check=True
+    )
+    assert cut.stdout.splitlines()[0] == "team"
+
+
+def test_every_csv_has_a_byte_order_mark_only_with_excel(world: World) -> None:
+    month = time.strftime("%Y-%m", time.gmtime())
+    for args, first in (
+        (("report", "--by", "team", "--format", "csv"), "team"),
+        (("report", "--statement", month, "--format", "csv"), "cost_center"),
+        (("report", "--audit", "--format", "csv"), "id"),
+    ):
+        plain = world.cli(*args)
+        assert plain.returncode == 0, plain.stderr
+        assert next(csv.DictReader(io.StringIO(plain.stdout))).keys() >= {first}
+        assert not plain.stdout.startswith("\ufeff")
+        excel = world.cli(*args, "--excel")
+        assert excel.returncode == 0, excel.stderr
+        assert excel.stdout == "\ufeff" + plain.stdout
+    for params in ({"by": "team"}, {"statement": month}, {"audit": "1"}):
+        plain_answer = world.admin(**params, format="csv")
+        excel_answer = world.admin(**params, format="csv", excel="1")
+        assert plain_answer.status_code == excel_answer.status_code == 200
+        assert not plain_answer.content.startswith(b"\xef\xbb\xbf")
+        assert excel_answer.content == b"\xef\xbb\xbf" + plain_answer.content
 
 
 def test_table_report_shows_the_total(world: World) -> None:
@@ -271,7 +297,7 @@ def test_statement_json_and_csv_carry_budgets_rejections_and_users(world: World)
     )
     assert Decimal(statement["total"]["cost_usd"]) == world.expected.total()
     csv_text = world.cli("report", "--statement", month, "--format", "csv").stdout
-    lines = list(csv.DictReader(io.StringIO(csv_text.removeprefix("\ufeff"))))
+    lines = list(csv.DictReader(io.StringIO(csv_text)))
     totals = {
         r["team"]: Decimal(r["value"])
         for r in lines
@@ -319,7 +345,7 @@ def test_audit_export_streams_every_row_as_json_lines_and_csv(world: World) -> N
     streamed = world.admin(audit="1", format="csv")
     assert streamed.status_code == 200
     assert streamed.headers["content-type"].startswith("text/csv")
-    table = list(csv.DictReader(io.StringIO(streamed.text.removeprefix("\ufeff"))))
+    table = list(csv.DictReader(io.StringIO(streamed.text)))
     assert len(table) == len(ledger)
     assert {r["outcome"] for r in table} >= {"ok", "rejected_budget", "rejected_policy"}
 
