@@ -137,7 +137,8 @@ class Forwarder:
     def price(
         self, exchange: Exchange, usage: Usage | None, images: int
     ) -> tuple[int, Usage, bool]:
-        """(cost, usage charged, flagged): the price of the usage, else the estimate."""
+        """(cost, usage charged, flagged): the price of the usage, else the estimate.
+        Flagged too when some tokens had no rate of their own (priced at a stand-in rate)."""
         model = exchange.model
         if model.per_image_billing:
             count = images or exchange.n
@@ -147,8 +148,8 @@ class Forwarder:
         if usage is None:
             # A successful answer without usage: charge the bound, flag for reconciliation.
             return exchange.entry.estimated_nanos, Usage(images=images or exchange.n), True
-        usage = replace(usage, images=images or exchange.n)
-        return model.cost(usage), usage, False
+        charge = model.charge(replace(usage, images=images or exchange.n))
+        return charge.cost_nanos, charge.usage, charge.flagged
 
     async def pass_error(self, exchange: Exchange, answer: Answer, spool: Spool) -> Response:
         """An upstream error answer: passed through unchanged, nothing charged."""

@@ -29,10 +29,22 @@ class MalformedAnswer(ValueError):
     """The upstream answered 2xx with a body that is not what OpenAI sends."""
 
 
+INPUT_DETAILS = {
+    "text_tokens": "text_input",
+    "image_tokens": "image_input",
+    "cached_text_tokens": "cached_text_input",
+    "cached_image_tokens": "cached_image_input",
+}
+OUTPUT_DETAILS = {"image_tokens": "image_output", "text_tokens": "text_output"}
+
+
 def usage_from_openai(raw: Any) -> Usage | None:
     """OpenAI's `usage` object as a Usage; None when absent or not an object.
 
     `output_tokens_details` may be missing: the output tokens are then image output.
+    No reported token vanishes: a detail of a kind Tollgate does not know, or a total
+    above the sum of its known details, is counted as unclassified (the larger of the
+    two, since the unknown details may be what the total's excess is).
     """
     if not isinstance(raw, Mapping):
         return None
@@ -40,26 +52,36 @@ def usage_from_openai(raw: Any) -> Usage | None:
     output_details = raw.get("output_tokens_details")
     input_tokens = _int(raw.get("input_tokens"))
     output_tokens = _int(raw.get("output_tokens"))
+    kinds: dict[str, int] = {}
     if isinstance(input_details, Mapping):
-        text_input = _int(input_details.get("text_tokens"))
-        image_input = _int(input_details.get("image_tokens"))
-        cached_text = _int(input_details.get("cached_text_tokens"))
-        cached_image = _int(input_details.get("cached_image_tokens"))
+        unclassified_input = _details(input_details, INPUT_DETAILS, input_tokens, kinds)
     else:
-        text_input, image_input, cached_text, cached_image = input_tokens, 0, 0, 0
+        kinds["text_input"], unclassified_input = input_tokens, 0
     if isinstance(output_details, Mapping):
-        image_output = _int(output_details.get("image_tokens"))
-        text_output = _int(output_details.get("text_tokens"))
+        unclassified_output = _details(output_details, OUTPUT_DETAILS, output_tokens, kinds)
     else:
-        image_output, text_output = output_tokens, 0
+        kinds["image_output"], unclassified_output = output_tokens, 0
     return Usage(
-        text_input=text_input,
-        cached_text_input=cached_text,
-        image_input=image_input,
-        cached_image_input=cached_image,
-        image_output=image_output,
-        text_output=text_output,
+        **kinds,
+        unclassified_input=unclassified_input,
+        unclassified_output=unclassified_output,
     )
+
+
+def _details(
+    details: Mapping[str, Any], known: Mapping[str, str], total: int, kinds: dict[str, int]
+) -> int:
+    """Put the known details of `details` in `kinds`; return the tokens they leave out."""
+    classified = unknown = 0
+    for name, value in details.items():
+        tokens = _int(value)
+        kind = known.get(name)
+        if kind is None:
+            unknown += tokens
+        else:
+            kinds[kind] = tokens
+            classified += tokens
+    return max(total - classified, unknown)
 
 
 def _int(value: Any) -> int:

@@ -39,6 +39,14 @@ TOKEN_KINDS: tuple[TokenKind, ...] = (
     "text_output",
 )
 
+INPUT_KINDS: tuple[TokenKind, ...] = (
+    "text_input",
+    "cached_text_input",
+    "image_input",
+    "cached_image_input",
+)
+OUTPUT_KINDS: tuple[TokenKind, ...] = ("image_output", "text_output")
+
 NANOS_PER_USD = 10**9
 
 
@@ -68,6 +76,12 @@ class Usage:
     image_output: int = 0
     text_output: int = 0
     images: int = 0
+    unclassified_input: int = 0
+    unclassified_output: int = 0
+    """Tokens OpenAI reported that no known kind accounts for: a detail Tollgate does not
+    know (a future `audio_tokens`), or a total above the sum of its details. Priced at the
+    model's dearest input or output rate (fail closed), never stored as such: pricing folds
+    them into that kind before the ledger sees them."""
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
@@ -84,6 +98,8 @@ class Usage:
             + self.cached_image_input
             + self.image_output
             + self.text_output
+            + self.unclassified_input
+            + self.unclassified_output
         )
 
     def tokens(self, kind: TokenKind) -> int:
@@ -152,4 +168,6 @@ class Charge:
     usage: Usage
     cost_nanos: int
     flagged: bool = False
-    """True when the answer carried no usage and the estimate was charged instead."""
+    """True when the price is not the price book's exact answer: the answer carried no
+    usage (the estimate was charged), or tokens of a kind the model has no rate for were
+    priced at a stand-in rate."""

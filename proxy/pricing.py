@@ -8,6 +8,7 @@ overridden by a deployment's own file); this module only interprets them:
     model.output_tokens("high", "1024x1024")            # 7024
     estimate(model, request).cost_nanos                  # an upper bound, reserved
     model.cost(usage)                                    # the exact price of reported usage
+    model.charge(usage)                                  # that price as the ledger records it
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from decimal import ROUND_CEILING, Decimal
 from importlib import resources
@@ -25,7 +26,16 @@ from typing import Any
 import yaml
 
 from proxy.errors import ConfigError, InvalidRequest
-from proxy.models import TOKEN_KINDS, Estimate, ImageRequest, TokenKind, Usage
+from proxy.models import (
+    INPUT_KINDS,
+    OUTPUT_KINDS,
+    TOKEN_KINDS,
+    Charge,
+    Estimate,
+    ImageRequest,
+    TokenKind,
+    Usage,
+)
 
 AUTO = "auto"
 MAX_N = 10
@@ -192,16 +202,61 @@ class ModelPrices:
         return max(to_nanos(prices[s]) for s in self.candidate_sizes(size))
 
     def cost(self, usage: Usage) -> int:
-        """The exact price of reported usage, in nano-dollars (rounded up)."""
+        """The price of reported usage, in nano-dollars (rounded up). Every token is priced
+        (fail closed): a kind without its own rate, and unclassified tokens, at the dearest
+        rate of their side (`stand_in_rate`)."""
         rates, denominator = self._nano_rates
-        return -(-sum(rate * usage.tokens(kind) for kind, rate in rates) // denominator)
+        total: int = sum(rate * getattr(usage, name) for name, rate in rates)
+        return -(-total // denominator)
+
+    def charge(self, usage: Usage) -> Charge:
+        """What reported usage costs, as the ledger records it: unclassified tokens folded
+        into the kind whose rate priced them (so the row's kinds give the same cost and
+        its token counters count them), flagged when anything was priced at a stand-in rate."""
+        flagged = bool(usage.unclassified_input or usage.unclassified_output) or any(
+            usage.tokens(kind) for kind in TOKEN_KINDS if kind not in self.rates
+        )
+        if usage.unclassified_input or usage.unclassified_output:
+            into_input, into_output = (
+                self._dearest_kind(INPUT_KINDS),
+                self._dearest_kind(OUTPUT_KINDS),
+            )
+            folded = {
+                into_input: usage.tokens(into_input) + usage.unclassified_input,
+                into_output: usage.tokens(into_output) + usage.unclassified_output,
+            }
+            usage = replace(usage, **folded, unclassified_input=0, unclassified_output=0)
+        return Charge(usage, self.cost(usage), flagged)
+
+    def stand_in_rate(self, side: tuple[TokenKind, ...]) -> Decimal:
+        """The rate of a token of `side` (INPUT_KINDS or OUTPUT_KINDS) that has no rate of its
+        own: the dearest rate of that side, else the dearest of the model (an upper bound:
+        OpenAI bills these tokens at some rate, Tollgate never at none)."""
+        own = [self.rates[k] for k in side if k in self.rates]
+        return max(own or self.rates.values(), default=Decimal(0))
+
+    def _dearest_kind(self, side: tuple[TokenKind, ...]) -> TokenKind:
+        """The kind of `side` priced at `stand_in_rate(side)`: unclassified tokens go there."""
+        rate = self.stand_in_rate(side)
+        return next((k for k in side if self.rates.get(k) == rate), side[0])
+
+    def rate(self, kind: TokenKind) -> Decimal:
+        """The rate a token of `kind` is priced at: its own, else the stand-in of its side."""
+        own = self.rates.get(kind)
+        if own is not None:
+            return own
+        return self.stand_in_rate(INPUT_KINDS if kind in INPUT_KINDS else OUTPUT_KINDS)
 
     @functools.cached_property
-    def _nano_rates(self) -> tuple[tuple[tuple[TokenKind, int], ...], int]:
-        """The rates in nano-dollars per token as integers over one denominator, so that a
-        cost is exact integer arithmetic (Decimal sums cost more than the rest of pricing).
-        USD per million tokens × tokens / 10**6 USD = rate × 1000 nanos per token."""
-        ratios = {k: (r * 1000).as_integer_ratio() for k, r in self.rates.items() if r}
+    def _nano_rates(self) -> tuple[tuple[tuple[str, int], ...], int]:
+        """The rate of every Usage field in nano-dollars per token, as integers over one
+        denominator, so that a cost is exact integer arithmetic (Decimal sums cost more than
+        the rest of pricing). USD per million tokens × tokens / 10**6 USD = rate × 1000 nanos
+        per token."""
+        fields: dict[str, Decimal] = {kind: self.rate(kind) for kind in TOKEN_KINDS}
+        fields["unclassified_input"] = self.stand_in_rate(INPUT_KINDS)
+        fields["unclassified_output"] = self.stand_in_rate(OUTPUT_KINDS)
+        ratios = {k: (r * 1000).as_integer_ratio() for k, r in fields.items() if r}
         denominator = math.lcm(1, *(d for _, d in ratios.values()))
         rates = tuple((k, n * (denominator // d)) for k, (n, d) in ratios.items())
         return rates, denominator

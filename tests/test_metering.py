@@ -48,6 +48,49 @@ def test_usage_with_output_details_splits_image_and_text_output() -> None:
     )
 
 
+def test_output_above_its_details_is_unclassified_not_lost() -> None:
+    raw = {**USAGE, "output_tokens": 4300}
+    raw["output_tokens_details"] = {"image_tokens": 4160, "text_tokens": 100}
+    assert usage_from_openai(raw) == Usage(
+        text_input=20, image_input=30, image_output=4160, text_output=100, unclassified_output=40
+    )
+
+
+def test_a_detail_of_an_unknown_kind_is_unclassified_and_counted_once() -> None:
+    raw = {**USAGE, "output_tokens": 4260}
+    raw["output_tokens_details"] = {"image_tokens": 4160, "audio_tokens": 100}
+    assert usage_from_openai(raw) == Usage(
+        text_input=20, image_input=30, image_output=4160, unclassified_output=100
+    )
+    # Details above the total: the unknown kind is still counted.
+    raw["output_tokens"] = 4160
+    assert usage_from_openai(raw) == Usage(
+        text_input=20, image_input=30, image_output=4160, unclassified_output=100
+    )
+    raw = {**USAGE, "input_tokens": 60}
+    raw["input_tokens_details"] = {"text_tokens": 20, "image_tokens": 30, "video_tokens": 4}
+    assert usage_from_openai(raw) == Usage(
+        text_input=20, image_input=30, image_output=7024, unclassified_input=10
+    )
+
+
+def test_stream_completed_events_carry_text_and_unknown_output_into_the_sum() -> None:
+    meter = SseMeter()
+    for output, details in (
+        (300, {"image_tokens": 272, "text_tokens": 28}),
+        (290, {"image_tokens": 272, "audio_tokens": 18}),
+    ):
+        event = {
+            "type": "image_generation.completed",
+            "b64_json": "x" * 5000,
+            "usage": {"input_tokens": 0, "output_tokens": output, "output_tokens_details": details},
+        }
+        meter.feed(b"event: image_generation.completed\ndata: " + json.dumps(event).encode())
+        meter.feed(b"\n\n")
+    meter.finish()
+    assert meter.usage == Usage(image_output=544, text_output=28, unclassified_output=18)
+
+
 def test_usage_without_input_details_counts_all_input_as_text() -> None:
     raw = {"input_tokens": 12, "output_tokens": 196, "total_tokens": 208}
     assert usage_from_openai(raw) == Usage(text_input=12, image_output=196)

@@ -15,7 +15,7 @@ import pytest
 from openai.types.image_model import ImageModel
 
 from proxy.errors import ConfigError, InvalidRequest
-from proxy.models import TOKEN_KINDS, ImageRequest, InputImage, Usage
+from proxy.models import INPUT_KINDS, OUTPUT_KINDS, TOKEN_KINDS, ImageRequest, InputImage, Usage
 from proxy.parsing import parse_request
 from proxy.pricing import ModelPrices, PriceBook, estimate, load_price_book
 from proxy.simulator.parsing import RawRequest
@@ -260,8 +260,65 @@ def test_cost_of_no_usage_is_zero(book: PriceBook) -> None:
     assert model_of(book, "gpt-image-2").cost(Usage()) == 0
 
 
-def test_gpt_image_2_bills_no_text_output(book: PriceBook) -> None:
-    assert model_of(book, "gpt-image-2").cost(Usage(text_output=1_000_000)) == 0
+NO_TEXT_OUTPUT_RATE = (
+    "gpt-image-1", "gpt-image-1-mini", "gpt-image-2", "gpt-image-2.5-sunburst",
+    "gpt-image-2.6-flare",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", NO_TEXT_OUTPUT_RATE)
+def test_text_output_without_a_rate_is_priced_at_the_image_output_rate_and_flagged(
+    book: PriceBook, name: str
+) -> None:
+    model = model_of(book, name)
+    assert "text_output" not in model.rates
+    image_rate = model.rates["image_output"]
+    assert model.cost(Usage(text_output=1_000_000)) == int(image_rate * 10**9)
+    charge = model.charge(Usage(image_output=272, text_output=150))
+    assert charge.flagged
+    assert charge.usage == Usage(image_output=272, text_output=150)  # kept as reported
+    assert charge.cost_nanos == model.cost(Usage(image_output=272 + 150))
+
+
+def test_every_token_kind_of_every_token_model_costs_something(book: PriceBook) -> None:
+    for name in book.names():
+        model = model_of(book, name)
+        if model.per_image_billing:
+            continue
+        for kind in TOKEN_KINDS:
+            assert model.cost(Usage(**{kind: 1000})) > 0, (name, kind)  # type: ignore[arg-type]
+        assert model.cost(Usage(unclassified_input=1000)) > 0, name
+        assert model.cost(Usage(unclassified_output=1000)) > 0, name
+
+
+def test_usage_at_the_models_own_rates_is_not_flagged(book: PriceBook) -> None:
+    usage = Usage(text_input=20, image_input=30, image_output=4160, text_output=100, images=1)
+    charge = model_of(book, "gpt-image-1.5").charge(usage)
+    assert not charge.flagged
+    assert charge.usage == usage
+    assert charge.cost_nanos == model_of(book, "gpt-image-1.5").cost(usage)
+
+
+def test_unclassified_tokens_are_priced_at_the_dearest_rate_of_their_side_and_flagged(
+    book: PriceBook,
+) -> None:
+    model = model_of(book, "gpt-image-1.5")  # image output $32 > text output $10
+    usage = Usage(text_input=20, image_output=4160, unclassified_input=7, unclassified_output=50)
+    charge = model.charge(usage)
+    assert charge.flagged
+    # Folded into the kind that priced them: the row's kinds give the same cost.
+    assert charge.usage == Usage(text_input=20, image_input=7, image_output=4210)
+    assert charge.cost_nanos == model.cost(usage) == model.cost(charge.usage)
+    assert charge.cost_nanos == 20 * 5_000 + 7 * 8_000 + 4210 * 32_000
+
+
+def test_an_input_kind_without_its_own_rate_is_priced_at_the_dearest_input_rate(
+    tmp_path: Path,
+) -> None:
+    model = model_of(load_price_book(write(tmp_path, OVERRIDE)), "gpt-image-2")
+    assert "cached_text_input" not in model.rates  # the override names only three rates
+    assert model.cost(Usage(cached_text_input=1000)) == 1000 * 4_000  # image input's $4.00
+    assert model.charge(Usage(cached_text_input=1)).flagged
 
 
 # --- non-monotonic sizes ---------------------------------------------------------------------
@@ -764,9 +821,12 @@ def test_costs_are_the_exact_decimal_price_rounded_up_to_a_nano_dollar() -> None
     rng = random.Random(7)
     for model in load_price_book().models.values():
         for _ in range(200):
-            usage = Usage(*(rng.choice((0, 1, 7, rng.randrange(10**7))) for _ in range(6)))
+            draws = [rng.choice((0, 1, 7, rng.randrange(10**7))) for _ in range(8)]
+            usage = Usage(*draws[:6], 0, *draws[6:])
             exact = sum(
-                (model.rates.get(k, Decimal(0)) * usage.tokens(k) * 1000 for k in TOKEN_KINDS),
+                (model.rate(k) * usage.tokens(k) * 1000 for k in TOKEN_KINDS),
                 Decimal(0),
             )
+            exact += model.stand_in_rate(INPUT_KINDS) * usage.unclassified_input * 1000
+            exact += model.stand_in_rate(OUTPUT_KINDS) * usage.unclassified_output * 1000
             assert model.cost(usage) == int(exact.to_integral_value(ROUND_CEILING)), model.name

@@ -231,6 +231,40 @@ def test_answer_without_usage_charges_the_estimate_flagged(tollgate: Tollgate) -
     assert Decimal(raw.headers["x-tollgate-cost-usd"]) * 10**9 == row["cost_nanos"]
 
 
+# OpenAI's published rates (USD per 1M tokens): text in, image out. None of these
+# models has a text-output rate, so Tollgate prices text output at image output's.
+NO_TEXT_RATE = {"gpt-image-1": (5, 40), "gpt-image-1-mini": (2, 8), "gpt-image-2": (5, 30)}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["held", "stream"])
+@pytest.mark.parametrize("model", sorted(NO_TEXT_RATE))
+def test_text_output_of_a_model_without_its_rate_is_charged_and_flagged(
+    tollgate: Tollgate, simulator: Simulator, model: str, stream: bool
+) -> None:
+    """The upstream reports text output for a model the price book gives no text-output
+    rate: those tokens are priced at the image-output rate, never at $0, and the row is
+    flagged. The estimate reserved no text output, so the charge is above it (a settled
+    overrun of the text tokens' price)."""
+    params = {"model": model, "prompt": "[[fault:texttokens]]", "quality": "low"}
+    answer = post(tollgate, "generations", json={**params, "size": "1024x1024", "stream": stream})
+    assert answer.status_code == 200, answer.text
+    if stream:
+        assert b"image_generation.completed" in answer.content
+    row = wait_settled(tollgate, answer.headers["x-tollgate-request-id"])
+    billed = simulator.record(row["upstream_request_id"])["usage"]
+    assert billed["text_output"] == row["text_output_tokens"] > 0
+    text_rate, image_rate = NO_TEXT_RATE[model]
+    cost = (
+        billed["text_input"] * text_rate
+        + (billed["image_output"] + billed["text_output"]) * image_rate
+    ) * 1000
+    assert row["cost_nanos"] == cost
+    assert row["flagged"] == 1 and row["outcome"] == "ok"
+    assert row["cost_nanos"] > row["estimated_nanos"]
+    if not stream:
+        assert Decimal(answer.headers["x-tollgate-cost-usd"]) * 10**9 == cost
+
+
 def test_truncated_stream_charges_the_estimate_flagged(tollgate: Tollgate) -> None:
     with tollgate.client().images.with_streaming_response.generate(
         model="gpt-image-2",

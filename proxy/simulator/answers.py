@@ -12,16 +12,19 @@ from proxy.simulator.validation import ImageOrder
 EVENT_PREFIX = {"generations": "image_generation", "edits": "image_edit", "variations": "image"}
 
 
-def usage_json(*, text: int, image: int, output: int, details: bool) -> dict[str, Any]:
-    """OpenAI's `usage` object; `output_tokens_details` only when the model reports it."""
+def usage_json(
+    *, text: int, image: int, output: int, details: bool, text_output: int = 0
+) -> dict[str, Any]:
+    """OpenAI's `usage` object; `output_tokens_details` only when the model reports it (or
+    there is text output to report)."""
     usage: dict[str, Any] = {
         "input_tokens": text + image,
         "input_tokens_details": {"text_tokens": text, "image_tokens": image},
-        "output_tokens": output,
-        "total_tokens": text + image + output,
+        "output_tokens": output + text_output,
+        "total_tokens": text + image + output + text_output,
     }
-    if details:
-        usage["output_tokens_details"] = {"image_tokens": output, "text_tokens": 0}
+    if details or text_output:
+        usage["output_tokens_details"] = {"image_tokens": output, "text_tokens": text_output}
     return usage
 
 
@@ -72,6 +75,7 @@ def response_body(
             image=tokens.image_input,
             output=tokens.output_total,
             details=order.model.output_details,
+            text_output=tokens.text_output,
         )
     return body
 
@@ -110,6 +114,7 @@ def stream_events(
             image=tokens.image_input if first else 0,
             output=tokens.output_per_completed,
             details=False,
+            text_output=tokens.text_output if first else 0,
         )
         kind = f"{prefix}.completed"
         frames.append(

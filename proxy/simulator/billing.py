@@ -23,7 +23,7 @@ class BilledUsage:
 
     @classmethod
     def of(cls, tokens: Tokens) -> BilledUsage:
-        return cls(tokens.text_input, tokens.image_input, tokens.output_total, 0)
+        return cls(tokens.text_input, tokens.image_input, tokens.output_total, tokens.text_output)
 
 
 @dataclass(frozen=True)

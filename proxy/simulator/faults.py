@@ -9,6 +9,9 @@
                         completed event's data
     [[fault:nousage]]   200 without `usage` (billed)
     [[fault:truncate]]  a stream cut before its completed event (billed)
+    [[fault:texttokens]] usage reports `TEXT_OUTPUT_TOKENS` text output tokens too (in
+                        `output_tokens_details`, and in the first completed event of a
+                        stream), whatever the model
 
 A prompt containing the word `forbidden` is blocked by moderation (400, not billed).
 """
@@ -20,7 +23,9 @@ from typing import Literal, get_args
 
 from proxy.simulator.errors import ApiError
 
-Fault = Literal["500", "503", "429", "timeout", "reset", "garbage", "nousage", "truncate"]
+Fault = Literal[
+    "500", "503", "429", "timeout", "reset", "garbage", "nousage", "truncate", "texttokens"
+]
 FAULTS: tuple[Fault, ...] = get_args(Fault)
 # Faults answered before any work is done: nothing is billed.
 UNBILLED_FAULTS: frozenset[Fault] = frozenset({"500", "503", "429", "timeout", "reset"})
@@ -28,6 +33,7 @@ _MARKER = re.compile(r"\[\[fault:([a-z0-9]+)\]\]")
 _FORBIDDEN = re.compile(r"\bforbidden\b", re.IGNORECASE)
 GARBAGE_BODY = b"this is not json{"
 TIMEOUT_SECONDS = 3600.0
+TEXT_OUTPUT_TOKENS = 150
 
 
 def parse_fault(value: object) -> Fault | None:

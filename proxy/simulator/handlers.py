@@ -10,7 +10,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -22,6 +22,7 @@ from proxy.simulator.billing import RECORDED_HEADERS, BilledUsage, BillingRecord
 from proxy.simulator.errors import ApiError, invalid_api_key
 from proxy.simulator.faults import (
     GARBAGE_BODY,
+    TEXT_OUTPUT_TOKENS,
     TIMEOUT_SECONDS,
     Fault,
     fault_error,
@@ -144,6 +145,8 @@ async def handle_image_request(
         return error_response(error, arrival.id)
 
     tokens = tokens_for(order)
+    if fault == "texttokens" and not order.model.is_dalle:
+        tokens = replace(tokens, text_output=TEXT_OUTPUT_TOKENS)
     state.record.append(arrival.entry(raw, order, status=200, tokens=tokens))
     if order.stream:
         return _stream(order, tokens, knobs, fault, request, arrival.id)

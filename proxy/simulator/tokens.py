@@ -88,6 +88,8 @@ class Tokens:
     output_per_image: int
     n: int
     partials_per_image: int = 0
+    text_output: int = 0
+    """Text output of the whole request (only with the `texttokens` fault)."""
 
     @property
     def input_total(self) -> int:
