@@ -88,6 +88,20 @@ def migrated_schema(server: str = SERVER) -> str:
     return url
 
 
+def schema_at_version(version: int, server: str = SERVER) -> str:
+    """A fresh schema left at an older `version` of the ledger (a schema behind)."""
+    from proxy.ledger import migrations
+
+    url = new_schema(server)
+    statements = [
+        "CREATE TABLE schema_version (version INTEGER)",
+        *migrations.pending(0, migrations.POSTGRES[:version]),
+        f"INSERT INTO schema_version VALUES ({version})",
+    ]
+    run(_execute(url.split("?")[0] + _options(url), ";\n".join(statements)))
+    return url
+
+
 class Cluster:
     """A private PostgreSQL server in a temporary directory, which a test may stop and start."""
 

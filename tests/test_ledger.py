@@ -11,12 +11,14 @@ import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from proxy.budgets import Counter, Totals
 from proxy.errors import LedgerError, LedgerUnavailable
 from proxy.ledger import PostgresLedger, migrate_ledger, migrations, open_ledger, settle_patiently
 from proxy.ledger.base import Chooser, Entry, Reservation, Settlement
+from proxy.ledger.postgres import MIGRATION_LOCK
 from proxy.ledger.sqlite import SCHEMA_VERSION, SqliteLedger
 from proxy.models import Usage
 from tests import pg
@@ -445,12 +447,84 @@ async def test_a_version_1_sqlite_ledger_gains_organization_counters_when_opened
         await ledger.close()
 
 
-async def test_postgresql_refuses_a_schema_behind_and_migrate_brings_it_up() -> None:
+async def test_an_empty_postgresql_database_is_initialised_when_opened() -> None:
     url = pg.new_schema()
+    try:
+        ledger = await open_ledger(url)
+        try:
+            await ledger.reserve([], take("r1"))
+            await ledger.settle("r1", SETTLED)
+        finally:
+            await ledger.close()
+        versions = pg.fetch(url, "SELECT version FROM schema_version")
+        assert versions == [{"version": SCHEMA_VERSION}]
+        tables = pg.fetch(
+            url, "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+        )
+        assert {t["tablename"] for t in tables} == set(migrations.TABLES)
+        assert await migrate_ledger(url) == (SCHEMA_VERSION, SCHEMA_VERSION)
+    finally:
+        pg.drop_schema(url)
+
+
+async def test_replicas_opening_one_empty_postgresql_database_together_initialise_it_once() -> None:
+    """Four opens see the empty database, then all wait for the migration lock (held here
+    until they do): the first to get it initialises, the others find its tables."""
+    url = pg.new_schema()
+
+    async def open_and_close() -> int:
+        ledger = await open_ledger(url)
+        try:
+            return await ledger.version()
+        finally:
+            await ledger.close()
+
+    holder = await asyncpg.connect(pg.SERVER)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+        # Each on a loop and connections of its own, as separate replicas would be.
+        opening = asyncio.gather(*(asyncio.to_thread(pg.run, open_and_close()) for _ in range(4)))
+        deadline = time.monotonic() + 30
+        while await holder.fetchval(WAITING_FOR_LOCK, MIGRATION_LOCK) < 4:
+            assert time.monotonic() < deadline, "the opens never waited for the lock"
+            await asyncio.sleep(0.02)
+        await holder.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+        assert await opening == [SCHEMA_VERSION] * 4
+        assert pg.fetch(url, "SELECT version FROM schema_version") == [{"version": SCHEMA_VERSION}]
+        organization = pg.fetch(
+            url, "SELECT count(*) AS n FROM budget_usage WHERE scope = 'organization'"
+        )
+        assert organization == [{"n": 1}]
+    finally:
+        await holder.close()
+        pg.drop_schema(url)
+
+
+WAITING_FOR_LOCK = (
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+    "AND objid = $1::bigint AND classid = 0"
+)
+
+
+async def test_postgresql_with_some_tables_but_no_version_is_not_initialised() -> None:
+    url = pg.new_schema()
+    try:
+        pg.fetch(url, "CREATE TABLE requests (id TEXT PRIMARY KEY)")
+        with pytest.raises(LedgerError, match="tollgate ledger migrate"):
+            await open_ledger(url)
+        assert pg.fetch(url, "SELECT to_regclass('schema_version') IS NULL AS absent") == [
+            {"absent": True}
+        ]
+    finally:
+        pg.drop_schema(url)
+
+
+async def test_postgresql_refuses_a_schema_behind_and_migrate_brings_it_up() -> None:
+    url = pg.schema_at_version(1)
     try:
         with pytest.raises(LedgerError, match="tollgate ledger migrate"):
             await open_ledger(url)
-        assert await migrate_ledger(url) == (0, SCHEMA_VERSION)
+        assert await migrate_ledger(url) == (1, SCHEMA_VERSION)
         assert await migrate_ledger(url) == (SCHEMA_VERSION, SCHEMA_VERSION)
         ledger = await open_ledger(url)
         await ledger.ping()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import httpx
 import pytest
 
 from proxy.auth import key_hash
+from proxy.ledger.migrations import SCHEMA_VERSION
 from tests import pg
 from tests.conftest import (
     DESIGN_KEY,
@@ -232,10 +234,38 @@ def test_serve_refuses_an_unreachable_database_with_a_clear_error(
     assert "cannot reach the PostgreSQL ledger" in done.stderr
 
 
+def test_two_replicas_started_together_on_an_empty_database_initialise_it_and_serve(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    url = pg.new_schema()  # no Tollgate tables at all: no `ledger migrate` first
+    replicas: list[Tollgate] = []
+    try:
+        write_config(tmp_path, f"{simulator.url}/v1")
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            starting = [pool.submit(start_tollgate, tmp_path, ledger_url=url) for _ in range(2)]
+            replicas = [f.result() for f in starting]
+        for replica in replicas:
+            answer = httpx.post(
+                f"{replica.url}/v1/images/generations",
+                headers={"authorization": f"Bearer {DESIGN_KEY}"},
+                json={"model": "gpt-image-2", "prompt": "a lighthouse", "quality": "low",
+                      "size": "1024x1024"},
+                timeout=30,
+            )  # fmt: skip
+            assert answer.status_code == 200, answer.text
+        versions = query_ledger(tmp_path, url, "SELECT version FROM schema_version")
+        assert [v["version"] for v in versions] == [SCHEMA_VERSION]
+        assert len(query_ledger(tmp_path, url, "SELECT id FROM requests")) == 2
+    finally:
+        for replica in replicas:
+            replica.stop()
+        drop_ledger(url)
+
+
 def test_serve_refuses_a_schema_behind_until_ledger_migrate_runs(
     simulator: Simulator, tmp_path: Path
 ) -> None:
-    url = pg.new_schema()
+    url = pg.schema_at_version(1)
     try:
         write_config(tmp_path, f"{simulator.url}/v1")
         port = str(free_port())
@@ -244,7 +274,7 @@ def test_serve_refuses_a_schema_behind_until_ledger_migrate_runs(
         assert "run `tollgate ledger migrate" in done.stderr
         migrated = cli("ledger", "migrate", "--config", str(tmp_path), "--ledger", url)
         assert migrated.returncode == 0, migrated.stderr
-        assert "migrated from version 0 to" in migrated.stdout
+        assert "migrated from version 1 to" in migrated.stdout
         again = cli("ledger", "migrate", "--ledger", url)
         assert "up to date" in again.stdout
         proxy = start_tollgate(tmp_path, ledger_url=url)

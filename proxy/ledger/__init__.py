@@ -39,7 +39,8 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 async def open_ledger(url: str) -> Ledger:
     """Open the ledger named by `url`: `sqlite:///path.db` (its schema brought up to date)
-    or `postgresql://…` (refused unless `tollgate ledger migrate` brought it up to date)."""
+    or `postgresql://…` (initialised when empty; a schema behind is refused until
+    `tollgate ledger migrate` brings it up to date)."""
     if url.startswith("sqlite:///"):
         ledger = SqliteLedger(url.removeprefix("sqlite:///"))
         await ledger.open()

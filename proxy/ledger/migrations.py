@@ -11,9 +11,11 @@ transaction, so a ledger is never left half-way between two versions.
        A reservation then locks one known row to check the organization's budgets
        (see `postgres.py`); the step fills it from the team rows already there.
 
-The embedded SQLite ledger applies its steps when it opens; a PostgreSQL ledger
-shared by several replicas is migrated on purpose (`tollgate ledger migrate`) and
-refuses to serve on a schema older than this Tollgate's.
+The embedded SQLite ledger applies its steps when it opens. A PostgreSQL ledger shared
+by several replicas is initialised when it opens only while it is empty (none of `TABLES`
+exists: there is no data to migrate, and the migration lock makes replicas starting
+together take turns); a schema behind is migrated on purpose (`tollgate ledger migrate`),
+and a replica refuses to serve on a schema older than its own.
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ CREATE TABLE IF NOT EXISTS requests (
     counters                  TEXT NOT NULL DEFAULT '[]',
     owner                     TEXT
 )"""
+
+
+TABLES = ("schema_version", "requests", "processes", "budget_usage", "alerts_sent")
+"""Every table of a ledger: a database with none of them is empty."""
 
 
 def _tables(real: str, big: str) -> list[str]:

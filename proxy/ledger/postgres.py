@@ -68,7 +68,8 @@ ACQUIRE_TIMEOUT_S = 10.0
 PING_TIMEOUT_S = 2.0
 RETRIES = 8
 MIGRATION_LOCK = 0x7011_6A7E
-"""The advisory lock that keeps two `tollgate ledger migrate` runs from interleaving."""
+"""The advisory lock that keeps two migrations (`tollgate ledger migrate`, or replicas
+initialising an empty database together) from interleaving."""
 
 UNAVAILABLE = (
     OSError,
@@ -173,11 +174,14 @@ class PostgresLedger(PostgresReports):
             raise LedgerError(f"cannot open the PostgreSQL ledger {self.name}: {exc}") from exc
 
     async def open(self) -> None:
-        """Connect, and refuse a database that cannot be reached or a schema this Tollgate
-        cannot use."""
+        """Connect, initialise an empty database (no Tollgate tables at all), and refuse a
+        database that cannot be reached or a schema this Tollgate cannot use (one behind
+        still needs `tollgate ledger migrate`)."""
         await self.connect()
         try:
             found = await self.version()
+            if found == 0:
+                found = await self._initialise()
         except LedgerUnavailable as exc:
             await self.close()
             raise LedgerUnavailable(
@@ -205,6 +209,23 @@ class PostgresLedger(PostgresReports):
             found = await conn.fetchval("SELECT max(version) FROM schema_version")
         return int(found or 0)
 
+    async def _initialise(self) -> int:
+        """Bring an empty database to this Tollgate's version; the version found otherwise.
+
+        Emptiness is decided under the migration lock, in the transaction that creates
+        the tables: of two replicas starting together on an empty database, the second
+        waits for the first's commit, then finds its tables and leaves them alone. A
+        database with some Tollgate tables but no version is not empty: it is refused
+        like any schema behind, for `tollgate ledger migrate` to finish."""
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            if await conn.fetchval(_ANY_TABLE, list(migrations.TABLES)):
+                if not await conn.fetchval("SELECT to_regclass('schema_version') IS NOT NULL"):
+                    return 0
+                return int(await conn.fetchval(_VERSION))
+            await _apply(conn, 0)
+        return SCHEMA_VERSION
+
     async def migrate(self) -> tuple[int, int]:
         """Apply the pending migrations in one transaction; (version before, version after)."""
         try:
@@ -218,16 +239,13 @@ class PostgresLedger(PostgresReports):
         async with self._connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
             await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
-            found = int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version"))
+            found = int(await conn.fetchval(_VERSION))
             if found > SCHEMA_VERSION:
                 raise LedgerError(
                     f"{self.name}: ledger schema version {found} is newer than this Tollgate's "
                     f"({SCHEMA_VERSION}); upgrade Tollgate"
                 )
-            for sql in migrations.pending(found, migrations.POSTGRES):
-                await conn.execute(sql)
-            await conn.execute("DELETE FROM schema_version")
-            await conn.execute("INSERT INTO schema_version VALUES ($1)", SCHEMA_VERSION)
+            await _apply(conn, found)
         return found, SCHEMA_VERSION
 
     @property
@@ -440,6 +458,20 @@ class PostgresLedger(PostgresReports):
                     raise LedgerError(f"ledger too busy: {exc}") from exc
                 await asyncio.sleep(0.005 * 2**attempt)
         raise AssertionError("unreachable")
+
+
+_VERSION = "SELECT coalesce(max(version), 0) FROM schema_version"
+_ANY_TABLE = "SELECT EXISTS (SELECT 1 FROM unnest($1::text[]) t WHERE to_regclass(t) IS NOT NULL)"
+"""Whether any of the tables named exists on the connection's search path."""
+
+
+async def _apply(conn: Any, found: int) -> None:
+    """Take the schema from version `found` to this Tollgate's, in the caller's transaction."""
+    await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
+    for sql in migrations.pending(found, migrations.POSTGRES):
+        await conn.execute(sql)
+    await conn.execute("DELETE FROM schema_version")
+    await conn.execute("INSERT INTO schema_version VALUES ($1)", SCHEMA_VERSION)
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
