@@ -51,6 +51,10 @@ class ReportQuery:
                 + (" (for --audit)" if audit else ""),
                 param="format",
             )
+        if excel and fmt != "csv":
+            raise InvalidRequest(
+                f"excel adds a byte-order mark to CSV only, not to {fmt!r}.", param="excel"
+            )
         if statement and audit:
             raise InvalidRequest("choose --statement or --audit, not both.", param="audit")
         return cls(start, end, reports.parse_by(by), fmt, statement, audit, excel)

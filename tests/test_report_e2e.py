@@ -240,6 +240,9 @@ def test_every_csv_has_a_byte_order_mark_only_with_excel(world: World) -> None:
         assert plain_answer.status_code == excel_answer.status_code == 200
         assert not plain_answer.content.startswith(b"\xef\xbb\xbf")
         assert excel_answer.content == b"\xef\xbb\xbf" + plain_answer.content
+    refused = world.cli("report", "--format", "json", "--excel")
+    assert refused.returncode == 2 and "CSV only" in refused.stderr
+    assert world.admin(format="json", excel="1").status_code == 400
 
 
 def test_table_report_shows_the_total(world: World) -> None:
