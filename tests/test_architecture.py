@@ -16,6 +16,7 @@ PURE_CORE = (
     "proxy.metering",
     "proxy.parsing",
     "proxy.auth",
+    "proxy.paths",
     "proxy.errors",
     "proxy.budgets",
 )
