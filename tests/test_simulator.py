@@ -74,7 +74,10 @@ def server() -> Iterator[str]:
 def sim(server: str) -> Iterator[Sim]:
     with httpx.Client(base_url=server) as http:
         http.post("/_sim/reset").raise_for_status()
-        http.post("/_sim/config", json={"latency_ms": 0, "payload_bytes": 0, "fault": None})
+        http.post(
+            "/_sim/config",
+            json={"latency_ms": 0, "payload_bytes": 0, "fault": None, "response_headers": {}},
+        )
         yield Sim(server, http)
 
 
@@ -645,6 +648,7 @@ def test_runtime_config_sets_a_fault_for_every_request(sim: Sim, client: openai.
         "latency_ms": 0,
         "payload_bytes": 0,
         "fault": None,
+        "response_headers": {},
     }
     assert sim.configure(fault="503")["fault"] == "503"
     with pytest.raises(openai.InternalServerError):
@@ -655,6 +659,27 @@ def test_runtime_config_sets_a_fault_for_every_request(sim: Sim, client: openai.
     assert time.monotonic() - started >= 0.15
     assert sim.http.post("/_sim/config", json={"fault": "nonsense"}).status_code == 400
     assert sim.http.post("/_sim/config", json={"latency": 1}).status_code == 400
+
+
+def test_runtime_config_adds_headers_to_every_answer_and_arrivals_show_raw_paths(
+    sim: Sim, client: openai.OpenAI
+) -> None:
+    assert sim.configure(response_headers={"openai-organization": "org-x"})["response_headers"] == {
+        "openai-organization": "org-x"
+    }
+    raw = client.images.with_raw_response.generate(model="gpt-image-1", prompt="x", quality="low")
+    assert raw.headers["openai-organization"] == "org-x"
+    assert "openai-organization" not in sim.http.get("/_sim/config").headers
+    sim.configure(response_headers={})
+    assert sim.http.post("/_sim/config", json={"response_headers": ["a"]}).status_code == 400
+    sim.http.get("/v1/models/%2e%2e/x")
+    arrived = sim.http.get("/_sim/arrivals").json()["requests"]
+    assert {
+        "method": "GET",
+        "raw_path": "/v1/models/%2e%2e/x",
+        "query": "",
+        "authorization": None,
+    } in arrived
 
 
 def test_reset_clears_the_record(sim: Sim, client: openai.OpenAI) -> None:

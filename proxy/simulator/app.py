@@ -2,8 +2,10 @@
 
 POST /v1/images/generations | edits | variations   the simulated OpenAI API
 GET  /v1/organization/costs                        costs built from the record
-GET  /_sim/billing    POST /_sim/reset             the billing record
-GET  /_sim/config     POST /_sim/config            runtime knobs (latency, payload, fault)
+GET  /_sim/billing    POST /_sim/reset             the billing record (reset: and arrivals)
+GET  /_sim/arrivals                                every request received, as sent
+GET  /_sim/config     POST /_sim/config            runtime knobs (latency, payload, fault,
+                                                   extra answer headers)
 GET  /healthz
 """
 
@@ -14,11 +16,13 @@ import time
 from functools import partial
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.models import Endpoint
+from proxy.simulator.arrivals import Arrivals, Recorder
 from proxy.simulator.costs import CostsQueryError, costs_page
 from proxy.simulator.errors import ApiError, invalid, invalid_api_key
 from proxy.simulator.handlers import SimulatorState, error_response, handle_image_request
@@ -30,8 +34,9 @@ DEFAULT_SETTINGS = SimulatorSettings()
 
 
 def create_simulator_app(settings: SimulatorSettings = DEFAULT_SETTINGS) -> Starlette:
-    """A fresh simulator with its own knobs and billing record."""
+    """A fresh simulator with its own knobs, billing record and record of arrivals."""
     state = SimulatorState(Knobs.of(settings), settings.api_key)
+    arrivals = Arrivals()
 
     async def images(endpoint: Endpoint, request: Request) -> Response:
         return await handle_image_request(state, endpoint, request)
@@ -52,8 +57,12 @@ def create_simulator_app(settings: SimulatorSettings = DEFAULT_SETTINGS) -> Star
     async def billing(request: Request) -> Response:
         return JSONResponse(state.record.to_json())
 
+    async def arrived(request: Request) -> Response:
+        return JSONResponse(arrivals.to_json())
+
     async def reset(request: Request) -> Response:
         state.record.clear()
+        arrivals.clear()
         return JSONResponse({"status": "ok"})
 
     async def costs(request: Request) -> Response:
@@ -83,8 +92,12 @@ def create_simulator_app(settings: SimulatorSettings = DEFAULT_SETTINGS) -> Star
         Route("/_sim/config", get_config, methods=["GET"]),
         Route("/_sim/config", set_config, methods=["POST"]),
         Route("/_sim/billing", billing, methods=["GET"]),
+        Route("/_sim/arrivals", arrived, methods=["GET"]),
         Route("/_sim/reset", reset, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/v1/{path:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
     ]
-    return Starlette(routes=routes)
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(Recorder, arrivals=arrivals, knobs=lambda: state.knobs)],
+    )

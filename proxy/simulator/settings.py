@@ -27,6 +27,9 @@ class Knobs:
     latency_ms: int = 0
     payload_bytes: int = 0
     fault: Fault | None = None
+    response_headers: tuple[tuple[str, str], ...] = ()
+    """Added to every answer of the simulated API (an upstream that says more than it
+    should, e.g. `openai-organization`)."""
 
     @classmethod
     def of(cls, settings: SimulatorSettings) -> Knobs:
@@ -34,7 +37,7 @@ class Knobs:
 
     def updated(self, changes: dict[str, Any]) -> Knobs:
         """These knobs with `changes` applied; raises ValueError naming a bad key or value."""
-        unknown = changes.keys() - {"latency_ms", "payload_bytes", "fault"}
+        unknown = changes.keys() - {"latency_ms", "payload_bytes", "fault", "response_headers"}
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
 
@@ -51,6 +54,13 @@ class Knobs:
         )
         if "fault" in changes:
             knobs = replace(knobs, fault=parse_fault(changes["fault"]))
+        if "response_headers" in changes:
+            extra = changes["response_headers"]
+            if not isinstance(extra, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in extra.items()
+            ):
+                raise ValueError("response_headers must map header names to strings")
+            knobs = replace(knobs, response_headers=tuple(extra.items()))
         return knobs
 
     def to_json(self) -> dict[str, Any]:
@@ -58,4 +68,5 @@ class Knobs:
             "latency_ms": self.latency_ms,
             "payload_bytes": self.payload_bytes,
             "fault": self.fault,
+            "response_headers": dict(self.response_headers),
         }
