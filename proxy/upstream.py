@@ -18,43 +18,47 @@ from typing import Protocol
 
 import aiohttp
 import httpx
+import yarl
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable
 
-# Never sent upstream: hop-by-hop headers, the client's credentials and framing
-# (recomputed for the body actually sent), and what Tollgate replaces.
-DROPPED_REQUEST_HEADERS = frozenset(
+# The only client headers sent upstream: those OpenAI's SDKs send that change neither how
+# the body is read nor whose account pays (openai-python: `_base_client.py` default and
+# platform headers, `x-stainless-*` retry and timeout hints, `OpenAI-Beta` of the beta
+# resources, the client's own request id). Not `Idempotency-Key`: every team shares the
+# company key, so one team's key could replay another's answer. Everything else is
+# dropped: credentials (the company key and the configured organization/project are
+# Tollgate's), framing and content codings (recomputed for the body actually sent),
+# hop-by-hop headers, and anything unknown.
+FORWARDED_REQUEST_HEADERS = frozenset(
     {
-        "host",
-        "authorization",
-        "content-length",
+        "accept",
+        "user-agent",
+        "openai-beta",
+        "x-client-request-id",
+    }
+)
+FORWARDED_REQUEST_PREFIXES = ("x-stainless-",)
+# The only upstream headers passed back to a client: what the SDKs read (the request id,
+# rate limits, retry advice) and what describes the body. Never the upstream account's
+# `openai-organization`/`openai-project`, cookies, server details, framing (Tollgate
+# recomputes it), or anything unknown.
+FORWARDED_RESPONSE_HEADERS = frozenset(
+    {
         "content-type",
-        "connection",
-        "keep-alive",
-        "transfer-encoding",
-        "te",
-        "upgrade",
-        "proxy-authorization",
-        "proxy-connection",
-        "openai-organization",
-        "openai-project",
-        "accept-encoding",
-        "expect",
+        "content-disposition",
+        "cache-control",
+        "x-request-id",
+        "openai-processing-ms",
+        "openai-version",
+        "openai-model",
+        "retry-after",
+        "retry-after-ms",
+        "x-should-retry",
     }
 )
-# Never passed back to the client: framing that Tollgate recomputes.
-DROPPED_RESPONSE_HEADERS = frozenset(
-    {
-        "content-length",
-        "content-encoding",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "date",
-        "server",
-    }
-)
+FORWARDED_RESPONSE_PREFIXES = ("x-ratelimit-",)
 # Headers aiohttp would add that the client did not send. Without Accept-Encoding the
 # upstream answers uncompressed, which the meters read and the client is sent as is.
 NOT_ADDED = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
@@ -132,10 +136,14 @@ class Upstream:
     def headers(
         self, client_headers: Iterable[tuple[str, str]], content_type: str
     ) -> list[tuple[str, str]]:
-        """The client's headers, less credentials and framing, plus the upstream's own."""
+        """The client's headers that are safe to forward, plus the upstream's own."""
         # In lower case: aiohttp keeps a repeated header only if it is spelled alike.
         pairs = ((k.lower(), v) for k, v in client_headers)
-        out = [(k, v) for k, v in pairs if k not in DROPPED_REQUEST_HEADERS]
+        out = [
+            (k, v)
+            for k, v in pairs
+            if k in FORWARDED_REQUEST_HEADERS or k.startswith(FORWARDED_REQUEST_PREFIXES)
+        ]
         out.append(("authorization", self._auth))
         if content_type:
             out.append(("content-type", content_type))
@@ -155,7 +163,10 @@ class Upstream:
         method: str = "POST",
         query: str = "",
     ) -> Answer:
-        """Send `body` to `path` (e.g. `/images/generations`); the answer is left unread."""
+        """Send `body` to `path` (e.g. `/images/generations`); the answer is left unread.
+
+        `path` and `query` must be canonical (`proxy.paths`): the URL is sent as built,
+        never re-read by the HTTP client, so the upstream gets the path Tollgate matched."""
         url = self.base_url + path + (f"?{query}" if query else "")
         return await self._client.fetch(
             method, url, self.headers(client_headers, content_type), body
@@ -205,8 +216,10 @@ class AiohttpClient:
     ) -> Answer:
         session = self._session or self._open()
         try:
+            # Already encoded: yarl would otherwise remove dot-segments and re-quote.
+            target = yarl.URL(url, encoded=True)
             response = await session.request(
-                method, url, headers=headers, data=body or None, allow_redirects=False
+                method, target, headers=headers, data=body or None, allow_redirects=False
             )
         except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
             raise translate(exc) from exc
@@ -290,7 +303,11 @@ def translate(exc: Exception) -> UpstreamTimeout | UpstreamUnavailable:
 
 
 def response_headers(answer: Answer) -> list[tuple[str, str]]:
-    """Upstream headers to pass back (x-request-id, rate limits, content type), named in
-    lower case like Tollgate's own, which override them."""
+    """The upstream headers a client may see (x-request-id, rate limits, content type),
+    named in lower case like Tollgate's own, which override them."""
     pairs = ((k.lower(), v) for k, v in answer.headers.items())
-    return [(k, v) for k, v in pairs if k not in DROPPED_RESPONSE_HEADERS]
+    return [
+        (k, v)
+        for k, v in pairs
+        if k in FORWARDED_RESPONSE_HEADERS or k.startswith(FORWARDED_RESPONSE_PREFIXES)
+    ]

@@ -190,7 +190,7 @@ async def test_an_answer_closed_before_its_end_does_not_go_back_to_the_pool() ->
     assert connections == 2
 
 
-async def test_only_the_clients_headers_and_the_upstreams_own_are_sent() -> None:
+async def test_only_allowed_client_headers_and_the_upstreams_own_are_sent() -> None:
     heads: list[bytes] = []
 
     async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -205,10 +205,16 @@ async def test_only_the_clients_headers_and_the_upstreams_own_are_sent() -> None
 
     client_headers = [
         *CLIENT_HEADERS,
+        ("X-Stainless-Helper-Method", "a"),
+        ("x-stainless-helper-method", "b"),
         ("X-Trace", "a"),
-        ("x-trace", "b"),
         ("accept-encoding", "gzip"),
+        ("content-encoding", "gzip"),
         ("content-length", "999"),
+        ("idempotency-key", "k-1"),
+        ("cookie", "session=1"),
+        ("forwarded", "for=10.0.0.1"),
+        ("openai-project", "proj-team"),
     ]
     async with loopback(record) as url, upstream(url, organization="org-1") as client:
         await (await client.send("/images/generations", order(), JSON, client_headers)).aclose()
@@ -217,10 +223,17 @@ async def test_only_the_clients_headers_and_the_upstreams_own_are_sent() -> None
     assert post[0] == "post /v1/images/generations http/1.1"
     assert f"authorization: bearer {UPSTREAM_KEY}".lower() in post
     assert "authorization: bearer tg_team_key" not in post
-    assert [h for h in post if h.startswith("x-trace")] == ["x-trace: a", "x-trace: b"]
+    helper = [h for h in post if h.startswith("x-stainless-helper-method")]
+    assert helper == ["x-stainless-helper-method: a", "x-stainless-helper-method: b"]
     assert {"content-type: application/json", "openai-organization: org-1"} <= set(post)
+    assert "x-stainless-lang: python" in post
     names = {h.partition(":")[0] for h in post + get}
     assert not {"accept-encoding", "accept", "user-agent"} & names  # aiohttp adds none
+    # Only what is on the allow-list is forwarded: never a content coding or a credential.
+    dropped = {"x-trace", "content-encoding", "idempotency-key", "cookie", "forwarded"}
+    assert not dropped & names
+    assert [h for h in post if h.startswith("openai-project")] == []
+    assert [h for h in post if h.startswith("content-length")] != ["content-length: 999"]
     assert get[0] == "get /v1/models?a=1 http/1.1"
     assert not any(h.startswith("content-type") for h in get)
 
