@@ -11,10 +11,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -24,12 +26,22 @@ from proxy import housekeeping
 from proxy.admin import AdminApi
 from proxy.alerts import Alerts
 from proxy.config import Config, UpstreamSettings, load_config
-from proxy.errors import ConfigError, InternalError, LedgerError
+from proxy.errors import (
+    ConfigError,
+    InternalError,
+    InvalidRequest,
+    LedgerError,
+    MethodNotAllowed,
+    NotFound,
+    RequestError,
+    UnsupportedEncoding,
+)
 from proxy.handlers import ImagesHandler, OtherPaths
 from proxy.ledger import open_ledger
 from proxy.logs import ENV_LOG_LEVEL, configure_logging
 from proxy.metrics import ENV_MULTIPROC_DIR, Metrics
 from proxy.models import ENDPOINTS
+from proxy.paths import canonical
 from proxy.responses import error_response
 from proxy.services import Services
 from proxy.status import budget_status
@@ -43,6 +55,7 @@ ENV_LEDGER = "TOLLGATE_LEDGER"
 ENV_UPSTREAM_URL = "TOLLGATE_UPSTREAM_URL"
 ENV_UPSTREAM_KEY = "TOLLGATE_UPSTREAM_KEY"
 ENV_WORKERS = "TOLLGATE_WORKERS"
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"]
 
 
 @dataclass(frozen=True)
@@ -59,8 +72,12 @@ class Overrides:
 
 
 class Gateway:
-    """The ASGI entry: image requests go straight to their handler, the rest to starlette.
+    """The ASGI entry: every path is made canonical first, then image requests go straight
+    to their handler, the rest to starlette.
 
+    A path that is not canonical (see `proxy.paths`) is refused here, before any route or
+    `passthrough:` prefix is matched against it, so what is matched is what is forwarded.
+    A body with a content coding is refused too: Tollgate prices the body it reads.
     The image endpoints are the request path, and starlette's router and middleware
     (error pages, exception handlers, path matching) had nothing to do for them but cost
     CPU on every request. A fault of Tollgate's own still gets an answer, a 500 in OpenAI's
@@ -72,18 +89,75 @@ class Gateway:
         self.images = images
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        handler = self.images.get(scope["path"]) if scope["type"] == "http" else None
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        raw: bytes = scope.get("raw_path") or scope["path"].encode()
+        path = canonical(raw)
+        refusal = refused(scope, raw) if path is None else encoding_refusal(scope["headers"])
+        if refusal is not None:
+            await error_response(refusal)(scope, receive, send)
+            return
+        assert path is not None
+        handler = self.images.get(path)
         if handler is None or scope["method"] != "POST":
+            if path != scope["path"]:
+                scope = {**scope, "path": path}
             await self.app(scope, receive, send)
             return
         try:
             response = await handler.handle(Request(scope, receive))
         except Exception:
-            log.exception("unhandled error on %s", scope["path"])
+            log.exception("unhandled error on %s", path)
             response = error_response(
                 InternalError("Tollgate failed to handle this request; it has been logged.")
             )
         await response(scope, receive, send)
+
+
+def refused(scope: Scope, raw: bytes) -> NotFound:
+    """The answer to a path that is not canonical: it names no endpoint."""
+    shown = raw.decode("ascii", "backslashreplace")
+    if len(shown) > 200:
+        shown = shown[:200] + "..."
+    return NotFound(
+        f"Invalid URL ({scope['method']} {shown}): Tollgate accepts only plain paths (no '.' "
+        "or '..' segments, empty segments, encoded '/' or '%', backslashes or control "
+        "characters)."
+    )
+
+
+def encoding_refusal(headers: list[tuple[bytes, bytes]]) -> UnsupportedEncoding | None:
+    """A refusal when the body comes with a content coding other than identity."""
+    for name, value in headers:
+        if name == b"content-encoding" and value.strip().lower() != b"identity":
+            return UnsupportedEncoding(
+                f"Content-Encoding {value.decode('latin-1')!r} is not accepted: Tollgate reads "
+                "and prices the request body itself, so send it uncompressed."
+            )
+    return None
+
+
+def starlette_error(request: Request, exc: Exception) -> Response:
+    """What starlette answers itself (no route, a method the route does not take, an
+    unexpected fault), in OpenAI's error shape like every other answer of Tollgate's."""
+    method, path = request.method, request.url.path
+    error: RequestError
+    if not isinstance(exc, HTTPException):
+        log.error("unhandled error on %s %s", method, path, exc_info=exc)
+        error = InternalError("Tollgate failed to handle this request; it has been logged.")
+    elif exc.status_code == 404:
+        error = NotFound(f"Invalid URL ({method} {path}).")
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        error = MethodNotAllowed(
+            f"Invalid method ({method} {path}).",
+            tuple(m.strip() for m in allowed.split(",") if m.strip()),
+        )
+    else:
+        error = InvalidRequest(str(exc.detail))
+        error.status = exc.status_code
+    return error_response(error)
 
 
 def create_app(
@@ -219,13 +293,15 @@ def create_app(
         Route("/admin/reload", admin.reload, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
-        Route(
-            "/v1/{path:path}",
-            OtherPaths(services).handle,
-            methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
-        ),
+        # Every standard method: OtherPaths answers each one in OpenAI's way (404, unless a
+        # `passthrough:` prefix forwards it); starlette's 405 is left for made-up methods.
+        Route("/v1/{path:path}", OtherPaths(services).handle, methods=ALL_METHODS),
     ]
-    return Gateway(Starlette(routes=routes, lifespan=lifespan), images)
+    handlers: dict[Any, Callable[[Request, Exception], Response]] = {
+        HTTPException: starlette_error,
+        Exception: starlette_error,
+    }
+    return Gateway(Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers), images)
 
 
 def app_from_env() -> Gateway:

@@ -44,7 +44,8 @@ def identify(authorization: str | None, keys: Mapping[str, T]) -> T:
     if token is None:
         raise AuthenticationFailed(
             "You didn't provide an API key. Send your Tollgate team key as "
-            "'Authorization: Bearer tg_...'."
+            "'Authorization: Bearer tg_...'.",
+            reason="missing_key",
         )
     digest = key_hash(token)
     found = keys.get(digest)
@@ -53,7 +54,8 @@ def identify(authorization: str | None, keys: Mapping[str, T]) -> T:
     if found is None or not hmac.compare_digest(expected, digest):
         raise AuthenticationFailed(
             f"Incorrect API key provided: {redact(token)}. Ask your Tollgate administrator "
-            "for your team's key."
+            "for your team's key.",
+            reason="invalid_key",
         )
     return found
 

@@ -10,7 +10,9 @@
           ├── AuthenticationFailed   401 invalid_api_key
           ├── PolicyViolation        403 policy_violation
           ├── NotFound               404 not_found
+          ├── MethodNotAllowed       405 method_not_allowed
           ├── RequestTooLarge        413 request_too_large
+          ├── UnsupportedEncoding    415 unsupported_content_encoding
           ├── BudgetExceeded         429 budget_exceeded
           ├── UpstreamUnavailable    502 upstream_unavailable
           ├── ServiceUnavailable     503 service_unavailable
@@ -21,6 +23,8 @@ a ConfigError and exits.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 
 class TollgateError(Exception):
@@ -81,6 +85,13 @@ class AuthenticationFailed(RequestError):
     status = 401
     code = "invalid_api_key"
 
+    def __init__(
+        self, message: str, *, reason: Literal["missing_key", "invalid_key"] = "invalid_key"
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        """Why, in a word, for the metric of refused keys (the message names the key)."""
+
 
 class PolicyViolation(RequestError):
     status = 403
@@ -92,9 +103,28 @@ class NotFound(RequestError):
     code = "not_found"
 
 
+class MethodNotAllowed(RequestError):
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, allowed: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.allowed = allowed
+
+    def headers(self) -> dict[str, str]:
+        return {"allow": ", ".join(self.allowed)}
+
+
 class RequestTooLarge(RequestError):
     status = 413
     code = "request_too_large"
+
+
+class UnsupportedEncoding(RequestError):
+    """A compressed body: Tollgate reads and prices the body itself, so it must be plain."""
+
+    status = 415
+    code = "unsupported_content_encoding"
 
 
 class BudgetExceeded(RequestError):

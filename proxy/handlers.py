@@ -36,9 +36,11 @@ from proxy.budgets import (
 )
 from proxy.config import Config, Team
 from proxy.errors import (
+    AuthenticationFailed,
     BudgetExceeded,
     InvalidRequest,
     LedgerError,
+    MethodNotAllowed,
     NotFound,
     PolicyViolation,
     RequestError,
@@ -50,12 +52,14 @@ from proxy.forwarding import Exchange, Forwarder, log_request
 from proxy.ledger import Entry, Reservation, Settlement
 from proxy.models import Endpoint, ImageRequest, Outcome
 from proxy.parsing import ParsedBody, parse_request
+from proxy.paths import plain_query, under
 from proxy.pricing import ModelPrices
 from proxy.responses import error_response
 from proxy.services import Services
 from proxy.upstream import response_headers
 
 log = logging.getLogger("tollgate.requests")
+KEY_REFUSALS_LOG_EVERY_S = 10.0
 
 
 def requested(wanted: ImageRequest) -> dict[str, Any]:
@@ -96,6 +100,7 @@ class ImagesHandler:
         self.endpoint = endpoint
         self._services = services
         self.forwarder = Forwarder(endpoint, services)
+        self.key_refusals = KeyRefusals(endpoint, services)
 
     @property
     def services(self) -> Services:
@@ -111,9 +116,12 @@ class ImagesHandler:
             "endpoint": self.endpoint,
         }
         headers = {"x-tollgate-request-id": known["id"]}
-        s.metrics.started()
         try:
             team, key = identify(request.headers.get("authorization"), config.team_by_key_hash())
+        except AuthenticationFailed as exc:
+            return self.key_refusals.refuse(request, exc, headers)
+        s.metrics.started()
+        try:
             known.update(team=team.name, cost_center=team.cost_center, key_id=key.id)
             headers["x-tollgate-team"] = team.name
             allow_endpoint(team, self.endpoint)
@@ -259,46 +267,93 @@ def refusal_outcome(exc: RequestError) -> Outcome:
     return "client_error"
 
 
+class KeyRefusals:
+    """Requests refused for a missing or unknown key: anyone can send them, as fast as they
+    like, so they are counted in a metric and a throttled log line, never in the ledger
+    (a ledger row each grew the database by ~9 kB per refused request)."""
+
+    def __init__(self, endpoint: str, services: Callable[[], Services]) -> None:
+        self.endpoint = endpoint
+        self._services = services
+        self._unlogged = 0
+        self._next_log = 0.0
+
+    def refuse(
+        self, request: Request, exc: AuthenticationFailed, headers: dict[str, str]
+    ) -> Response:
+        self._services().metrics.unauthenticated(self.endpoint, exc.reason)
+        self._unlogged += 1
+        now = time.monotonic()
+        if now >= self._next_log:
+            # The key itself is never logged, not even redacted.
+            client = request.client.host if request.client else "?"
+            log.warning(
+                "refused %d request(s) on %s for their key in the last %.0f s "
+                "(latest: %s from %s)",
+                self._unlogged, self.endpoint, KEY_REFUSALS_LOG_EVERY_S, exc.reason, client,
+            )  # fmt: skip
+            self._unlogged = 0
+            self._next_log = now + KEY_REFUSALS_LOG_EVERY_S
+        return error_response(exc, {**headers, "x-tollgate-cost-usd": "0"})
+
+
 class OtherPaths:
     """Any other `/v1/*` path: 404 in OpenAI's error shape, unless a `passthrough:` prefix
     lists it; then it is forwarded for an authenticated team with the upstream key, as is
-    and unmetered (for free endpoints such as `/v1/models`)."""
+    and unmetered (for free endpoints such as `/v1/models`), for the methods the prefix
+    lists (GET and HEAD unless configured).
+
+    The path is already canonical (`Gateway`): the prefix matched is the path forwarded.
+    """
 
     def __init__(self, services: Callable[[], Services]) -> None:
         self._services = services
+        self.key_refusals = KeyRefusals("passthrough", services)
 
     async def handle(self, request: Request) -> Response:
         s = self._services()
-        path = request.url.path
-        if not any(_under(path, prefix) for prefix in s.config.passthrough):
+        path, method = request.url.path, request.method
+        listed = [p for p in s.config.passthrough if under(path, p.prefix)]
+        # Image requests are never unmetered, whatever a prefix or the path's case says.
+        if not listed or under(path.lower(), "/v1/images"):
             return error_response(
                 NotFound(
-                    f"Invalid URL ({request.method} {path}): Tollgate proxies only the image "
-                    "endpoints."
+                    f"Invalid URL ({method} {path}): Tollgate proxies only the image endpoints."
                 )
             )
+        headers = {"x-tollgate-request-id": new_request_id()}
         try:
             team, _ = identify(request.headers.get("authorization"), s.config.team_by_key_hash())
+        except AuthenticationFailed as exc:
+            return self.key_refusals.refuse(request, exc, headers)
+        allowed = frozenset[str]().union(*(p.methods for p in listed))
+        query = plain_query(request.scope.get("query_string", b""))
+        try:
+            if method not in allowed:
+                raise MethodNotAllowed(
+                    f"{method} {path} is not forwarded: passthrough allows "
+                    f"{', '.join(sorted(allowed))} here.",
+                    tuple(sorted(allowed)),
+                )
+            if query is None:
+                raise InvalidRequest(
+                    "The query string holds characters that must be percent-encoded."
+                )
             body = await read_body(request, s.config.limits.generations_bytes)
             answer = await s.upstream.send(
                 path.removeprefix("/v1"),
                 body,
                 request.headers.get("content-type", ""),
                 request.headers.items(),
-                method=request.method,
-                query=request.url.query,
+                method=method,
+                query=query,
             )
         except RequestError as exc:
-            return error_response(exc)
-        headers = {**dict(response_headers(answer)), "x-tollgate-team": team.name}
+            return error_response(exc, headers)
+        headers = {**dict(response_headers(answer)), **headers, "x-tollgate-team": team.name}
         return StreamingResponse(
             answer.chunks(),
             status_code=answer.status,
             headers=headers,
             background=BackgroundTask(answer.aclose),
         )
-
-
-def _under(path: str, prefix: str) -> bool:
-    prefix = prefix.rstrip("/")
-    return path == prefix or path.startswith(prefix + "/")

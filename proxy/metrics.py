@@ -113,6 +113,13 @@ class Metrics:
             "Time from sending a request upstream to the end of its answer.",
             ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self.unauthenticated_requests = Counter(
+            "tollgate_unauthenticated_requests",
+            "Requests refused for a missing or unknown key (kept out of the ledger: anyone "
+            "can send them), by endpoint (or passthrough) and reason.",
+            ["endpoint", "reason"],
+            registry=r,
+        )
         self.inflight = Gauge(
             "tollgate_inflight_requests",
             "Requests being handled.",
@@ -127,6 +134,7 @@ class Metrics:
         self._images = Children(self.images)
         self._downgrades = Children(self.downgrades)
         self._upstream_duration = Children(self.upstream_duration)
+        self._unauthenticated = Children(self.unauthenticated_requests)
 
     def started(self) -> None:
         self.inflight.inc()
@@ -151,6 +159,11 @@ class Metrics:
             self._reserved(team, model).inc(entry.estimated_nanos / NANOS_PER_USD)
         if usage.images and 200 <= settlement.status < 300:
             self._images(team, model, quality, entry.size or "").inc(usage.images)
+
+    def unauthenticated(self, endpoint: str, reason: str) -> None:
+        """Count a request refused for its key (`endpoint`: an image endpoint or
+        `passthrough`; `reason`: missing_key or invalid_key)."""
+        self._unauthenticated(endpoint, reason).inc()
 
     def upstream(self, model: str, endpoint: str, seconds: float) -> None:
         self._upstream_duration(model, endpoint).observe(seconds)

@@ -17,6 +17,7 @@ from jsonschema import Draft202012Validator
 from proxy.config import (
     Budget,
     Config,
+    Passthrough,
     config_schema,
     default_config_path,
     load_config,
@@ -445,6 +446,11 @@ def test_team_key_problems(policies: Path, text: str, expected: list[str]) -> No
 
 # -- problems in tollgate.yaml -----------------------------------------------------
 
+IMAGES = "would forward image requests unmetered"
+NOT_PLAIN = (
+    "is not a plain path: no '.' or '..' segments, empty segments, '%' escapes, backslashes "
+    "or spaces"
+)
 SETTINGS_PROBLEMS = [
     ("upstream:\n  timout_s: 3\n", "2: upstream.timout_s: unknown key (did you mean 'timeout_s'?)"),
     ("upstream:\n  timeout_s: 0\n", "2: upstream.timeout_s: must be a number > 0, got 0"),
@@ -476,6 +482,29 @@ SETTINGS_PROBLEMS = [
         "passthrough:\n  - /v1/models\n  - /v1/images/generations\n",
         "3: passthrough[1]: '/v1/images/generations' would forward image requests unmetered",
     ),
+    ("passthrough: [/v1/images]\n", "1: passthrough[0]: '/v1/images' " + IMAGES),
+    ("passthrough: [/v1/i]\n", "1: passthrough[0]: '/v1/i' " + IMAGES),
+    ("passthrough: [/v1/IMAGES/edits]\n", "1: passthrough[0]: '/v1/IMAGES/edits' " + IMAGES),
+    (
+        "passthrough:\n  - {path: /v1/images/variations, methods: [POST]}\n",
+        "2: passthrough[0].path: '/v1/images/variations' " + IMAGES,
+    ),
+    (
+        "passthrough: [/v1/models/../images]\n",
+        "1: passthrough[0]: '/v1/models/../images' " + NOT_PLAIN,
+    ),
+    ("passthrough: ['/v1/models/%2e%2e']\n", "1: passthrough[0]: '/v1/models/%2e%2e' " + NOT_PLAIN),
+    ("passthrough: [/v1//models]\n", "1: passthrough[0]: '/v1//models' " + NOT_PLAIN),
+    ("passthrough: [/v1/models, /v1/models/]\n", "1: passthrough[1]: '/v1/models' is listed twice"),
+    (
+        "passthrough:\n  - {path: /v1/files, methods: [GET, TRACE]}\n",
+        "2: passthrough[0].methods[1]: must be one of 'GET', 'HEAD', 'POST', 'PUT', 'PATCH', "
+        "'DELETE', got 'TRACE'",
+    ),
+    (
+        "passthrough:\n  - {path: /v1/files, method: [GET]}\n",
+        "2: passthrough[0].method: unknown key (did you mean 'methods'?)",
+    ),
     (
         "alerts:\n  webhooks: [hooks.example]\n",
         "2: alerts.webhooks[0]: must be an http:// or https:// URL, got 'hooks.example'",
@@ -494,6 +523,17 @@ def test_settings_problem_names_file_line_and_key_path(
 ) -> None:
     write(policies / "tollgate.yaml", text)
     assert problems_of(policies) == [f"policies/tollgate.yaml:{expected}"]
+
+
+def test_passthrough_is_get_and_head_unless_the_methods_are_listed(policies: Path) -> None:
+    write(
+        policies / "tollgate.yaml",
+        "passthrough:\n  - /v1/models/\n  - {path: /v1/files, methods: [GET, POST]}\n",
+    )
+    assert load(policies).passthrough == (
+        Passthrough("/v1/models", frozenset({"GET", "HEAD"})),
+        Passthrough("/v1/files", frozenset({"GET", "POST"})),
+    )
 
 
 def test_missing_settings_file_is_a_problem(policies: Path) -> None:

@@ -224,6 +224,7 @@ def test_the_exposition_has_exactly_the_catalogue_of_the_spec(metrics: Metrics) 
         forwarded(), Settlement(1.0, "ok", 200, Usage(image_output=1, images=1), 1), ()
     )
     metrics.upstream("gpt-image-2", "generations", 1.0)
+    metrics.unauthenticated("generations", "invalid_key")
     text = metrics.exposition([status("team", "design", "month", NANOS, 1)]).decode()
     families = text_string_to_metric_families(text)
     kinds = {f.name: f.type for f in families if not f.name.endswith("_created")}
@@ -235,6 +236,7 @@ def test_the_exposition_has_exactly_the_catalogue_of_the_spec(metrics: Metrics) 
         "tollgate_images": "counter",
         "tollgate_downgrades": "counter",
         "tollgate_upstream_request_duration_seconds": "histogram",
+        "tollgate_unauthenticated_requests": "counter",
         "tollgate_inflight_requests": "gauge",
         "tollgate_budget_limit_usd": "gauge",
         "tollgate_budget_spent_usd": "gauge",

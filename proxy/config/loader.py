@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from proxy.config.schema import schema_problems, validator
 from proxy.config.settings import (
     KNOBS,
+    READ_ONLY,
     TOKEN_METRICS,
     Alerts,
     Allow,
@@ -28,6 +29,7 @@ from proxy.config.settings import (
     Downgrade,
     Limits,
     Metric,
+    Passthrough,
     Team,
     TeamKey,
     ThrottleTier,
@@ -36,6 +38,7 @@ from proxy.config.settings import (
 from proxy.config.source import Document, JsonPath, read_document
 from proxy.errors import ConfigError
 from proxy.models import NANOS_PER_USD
+from proxy.paths import canonical, under
 from proxy.pricing import ModelPrices, PriceBook, load_price_book
 
 PriceBookLoader = Callable[[Path | None], PriceBook]
@@ -199,14 +202,7 @@ class _Builder:
         self._priced(doc, ("default_model",), default_model)
         lim = data.get("limits", {})
         limits = Limits(**{k: int(v) for k, v in lim.items()})
-        passthrough = tuple(data.get("passthrough", ()))
-        for index, prefix in enumerate(passthrough):
-            if prefix.startswith("/v1/images") or "/v1/images/".startswith(prefix):
-                self._problem(
-                    doc,
-                    ("passthrough", index),
-                    f"{prefix!r} would forward image requests unmetered",
-                )
+        passthrough = self._passthrough(doc, data.get("passthrough", ()))
         al = data.get("alerts", {})
         alerts = Alerts(
             webhooks=tuple(al.get("webhooks", ())),
@@ -227,6 +223,34 @@ class _Builder:
             passthrough=passthrough,
             alerts=alerts,
         )
+
+    def _passthrough(self, doc: Document, entries: list[Any]) -> tuple[Passthrough, ...]:
+        """The `passthrough:` prefixes; one that is not a canonical path, or that covers an
+        image endpoint (images are never forwarded unmetered), is refused."""
+        found: dict[str, Passthrough] = {}
+        for index, raw in enumerate(entries):
+            where: JsonPath = ("passthrough", index)
+            if isinstance(raw, dict):
+                where = (*where, "path")
+                prefix = str(raw["path"])
+                methods = frozenset(raw.get("methods", READ_ONLY))
+            else:
+                prefix, methods = str(raw), READ_ONLY
+            prefix = prefix.removesuffix("/")
+            if canonical(prefix.encode()) != prefix:
+                self._problem(
+                    doc,
+                    where,
+                    f"{prefix!r} is not a plain path: no '.' or '..' segments, empty "
+                    "segments, '%' escapes, backslashes or spaces",
+                )
+            elif "/v1/images/".startswith(prefix.lower()) or under(prefix.lower(), "/v1/images"):
+                self._problem(doc, where, f"{prefix!r} would forward image requests unmetered")
+            elif prefix in found:
+                self._problem(doc, where, f"{prefix!r} is listed twice")
+            else:
+                found[prefix] = Passthrough(prefix, methods)
+        return tuple(found.values())
 
     def _ledger_url(self, url: str) -> str:
         if url.startswith("postgres://"):

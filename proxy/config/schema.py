@@ -16,7 +16,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator, ValidationError
 
-from proxy.config.settings import KNOBS, PERIODS, TOKEN_METRICS
+from proxy.config.settings import HTTP_METHODS, KNOBS, PERIODS, TOKEN_METRICS
 from proxy.models import ENDPOINTS
 
 JsonPath = tuple[str | int, ...]
@@ -88,6 +88,11 @@ _DEFS: dict[str, Any] = {
             },
         }
     ),
+    "passthrough_prefix": {
+        "type": "string",
+        "pattern": "^/v1/.",
+        "errorMessage": "must be a path prefix starting with '/v1/'",
+    },
     "throttle_tier": _strict(
         {"above": _FRACTION, "max_quality": _NAME}, required=["above", "max_quality"]
     ),
@@ -151,9 +156,18 @@ _DEFS: dict[str, Any] = {
             ),
             "passthrough": _list(
                 {
-                    "type": "string",
-                    "pattern": "^/v1/.",
-                    "errorMessage": "must be a path prefix starting with '/v1/'",
+                    # A plain prefix (GET and HEAD), or a prefix with the methods it forwards.
+                    "if": {"type": "string"},
+                    "then": {"$ref": "#/$defs/passthrough_prefix"},
+                    "else": _strict(
+                        {
+                            "path": {"$ref": "#/$defs/passthrough_prefix"},
+                            "methods": _list(
+                                {"enum": list(HTTP_METHODS)}, minItems=1, uniqueItems=True
+                            ),
+                        },
+                        required=["path"],
+                    ),
                 },
                 uniqueItems=True,
             ),

@@ -114,6 +114,21 @@ class Limits:
     variations_bytes: int = 128 * MiB
 
 
+HttpMethod = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+HTTP_METHODS: tuple[HttpMethod, ...] = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+READ_ONLY: frozenset[HttpMethod] = frozenset({"GET", "HEAD"})
+
+
+@dataclass(frozen=True, slots=True)
+class Passthrough:
+    """A `/v1/*` path prefix forwarded unmetered, and the methods forwarded under it."""
+
+    prefix: str
+    """Canonical, without a trailing `/`; it covers itself and the paths below it."""
+    methods: frozenset[HttpMethod] = READ_ONLY
+    """GET (and HEAD) unless the configuration names others."""
+
+
 @dataclass(frozen=True, slots=True)
 class Alerts:
     webhooks: tuple[str, ...] = ()
@@ -136,7 +151,7 @@ class Config:
     organization_budgets: tuple[Budget, ...] = ()
     teams: tuple[Team, ...] = ()
     limits: Limits = field(default_factory=Limits)
-    passthrough: tuple[str, ...] = ()
+    passthrough: tuple[Passthrough, ...] = ()
     alerts: Alerts = field(default_factory=Alerts)
     _by_key_hash: Mapping[str, tuple[Team, TeamKey]] = field(
         init=False, repr=False, compare=False, hash=False

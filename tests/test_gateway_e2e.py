@@ -1,0 +1,333 @@
+"""The gateway against hostile input, through a running Tollgate and simulated upstream.
+
+Paths are sent with a raw socket: HTTP clients (httpx, the SDKs) tidy a path before
+sending it, and the point is what happens to the paths they would not send.
+"""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from proxy.auth import key_hash
+from tests.conftest import (
+    DESIGN_KEY,
+    UPSTREAM_KEY,
+    Simulator,
+    Tollgate,
+    output,
+    start_tollgate,
+    write_config,
+)
+
+# The order of the probe: far more than the team may buy, and billed if it ever arrives.
+EXPENSIVE = json.dumps(
+    {
+        "model": "gpt-image-2",
+        "prompt": "a lighthouse",
+        "size": "3840x2160",
+        "quality": "high",
+        "n": 10,
+    }
+).encode()
+CHEAP = {"model": "gpt-image-1-mini", "prompt": "a lighthouse", "quality": "low", "n": 1}
+TEAMS = {
+    "design": f"""
+        name: design
+        keys:
+          - {{id: web-app, sha256: {key_hash(DESIGN_KEY)}}}
+        allow:
+          models: [gpt-image-1-mini]
+          max_n: 1
+    """,
+}
+
+
+@pytest.fixture(scope="module")
+def gate(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
+    root = tmp_path_factory.mktemp("gate")
+    write_config(root, f"{simulator.url}/v1", teams=TEAMS, settings="""
+        passthrough:
+          - /v1/models
+          - {path: /v1/organization/costs, methods: [GET]}
+    """)  # fmt: skip
+    tollgate = start_tollgate(root)
+    yield tollgate
+    tollgate.stop()
+
+
+def raw(
+    base: str, method: str, target: str, headers: dict[str, str] | None = None, body: bytes = b""
+) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """Send `target` byte for byte, as no HTTP client library would."""
+    where = urlsplit(base)
+    assert where.hostname == "127.0.0.1" and where.port
+    lines = [f"{method} {target} HTTP/1.1", f"host: 127.0.0.1:{where.port}", "connection: close"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    if body or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"content-length: {len(body)}")
+    with socket.create_connection(("127.0.0.1", where.port), timeout=30) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        answer = http.client.HTTPResponse(sock, method=method)
+        answer.begin()
+        return answer.status, answer.headers, answer.read()
+
+
+def keyed(key: str = DESIGN_KEY) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}", "content-type": "application/json"}
+
+
+def forwarded(simulator: Simulator) -> list[dict[str, Any]]:
+    """What reached the simulator with the company key: only Tollgate sends that."""
+    arrivals: list[dict[str, Any]] = httpx.get(f"{simulator.url}/_sim/arrivals").json()["requests"]
+    return [a for a in arrivals if a["authorization"] == f"Bearer {UPSTREAM_KEY}"]
+
+
+def assert_openai_error(status: int, body: bytes, expected: int | tuple[int, ...]) -> None:
+    allowed = (expected,) if isinstance(expected, int) else expected
+    assert status in allowed, body
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and error["type"]
+
+
+DOT_SEGMENTS = [
+    "/v1/models/../images/generations",
+    "/v1/models/%2e%2e/images/generations",
+    "/v1/models/%2E%2E/images/generations",
+    "/v1/models/.%2e/images/generations",
+    "/v1/models/./../images/generations",
+    "/v1/models/..%2fimages/generations",
+    "/v1/models/..%2Fimages/generations",
+    "/v1/models/%2f..%2fimages/generations",
+    "/v1/models%2f..%2fimages%2fgenerations",
+    "/v1/models/%2e%2e%2fimages%2fgenerations",
+    "/v1/models/%252e%252e/images/generations",
+    "/v1/models/..%5cimages/generations",
+    "/v1/models/..\\images/generations",
+    "/v1/models/x/../../images/generations",
+    "/v1/models/../../_sim/billing",
+    "/v1/models/%2e%2e/%2e%2e/_sim/billing",
+    "/v1/models/..%2f..%2f_sim%2fbilling",
+    "//v1/images/generations",
+    "/v1//images/generations",
+    "/v1/models//../images/generations",
+    "/v1/models/%00/../images/generations",
+    "/v1/models/a%0d%0ab",
+    "/v1/images/generations/",
+    "/v1/images/generations/.",
+]
+
+
+@pytest.mark.parametrize("target", DOT_SEGMENTS)
+@pytest.mark.parametrize("method", ["POST", "GET"])
+def test_a_path_that_is_not_canonical_is_refused_and_never_forwarded(
+    gate: Tollgate, simulator: Simulator, target: str, method: str
+) -> None:
+    before = len(forwarded(simulator))
+    billed = len(simulator.billing())
+    status, headers, body = raw(gate.url, method, target, keyed(), EXPENSIVE)
+    assert_openai_error(status, body, (400, 404))
+    assert headers["content-type"] == "application/json"
+    assert UPSTREAM_KEY not in body.decode()
+    assert len(forwarded(simulator)) == before
+    assert len(simulator.billing()) == billed
+
+
+def test_a_passthrough_path_reaches_the_upstream_exactly_as_it_was_matched(
+    gate: Tollgate, simulator: Simulator
+) -> None:
+    before = len(forwarded(simulator))
+    status, headers, body = raw(
+        gate.url, "GET", "/v1/organization/costs?start_time=0&limit=1", keyed()
+    )
+    assert status == 200, body
+    assert headers["x-tollgate-team"] == "design"
+    # An escape that decodes to a plain character is sent as that character.
+    status, _, body = raw(gate.url, "GET", "/v1/models/ft%3Agpt-image-1-mini", keyed())
+    assert status == 404 and json.loads(body)["error"]  # the simulator has no models list
+    arrived = forwarded(simulator)[before:]
+    assert [(a["method"], a["raw_path"], a["query"]) for a in arrived] == [
+        ("GET", "/v1/organization/costs", "start_time=0&limit=1"),
+        ("GET", "/v1/models/ft:gpt-image-1-mini", ""),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("method", "target"),
+    [
+        ("DELETE", "/v1/models/gpt-image-2"),
+        ("POST", "/v1/models"),
+        ("PUT", "/v1/models/x"),
+        ("PATCH", "/v1/models/x"),
+        ("POST", "/v1/organization/costs"),
+        ("DELETE", "/v1/organization/costs"),
+        ("OPTIONS", "/v1/models"),
+        ("TRACE", "/v1/models"),
+    ],
+)
+def test_passthrough_forwards_only_the_methods_it_lists(
+    gate: Tollgate, simulator: Simulator, method: str, target: str
+) -> None:
+    before = len(forwarded(simulator))
+    status, headers, body = raw(gate.url, method, target, keyed(), b"{}")
+    assert_openai_error(status, body, 405)
+    assert "GET" in headers["allow"]
+    assert len(forwarded(simulator)) == before
+
+
+def requests_rows(gate: Tollgate) -> int:
+    return int(gate.query("SELECT count(*) AS n FROM requests")[0]["n"])
+
+
+def unauthenticated(gate: Tollgate, endpoint: str, reason: str) -> float:
+    text = httpx.get(f"{gate.url}/metrics").text
+    wanted = f'tollgate_unauthenticated_requests_total{{endpoint="{endpoint}",reason="{reason}"}}'
+    for line in text.splitlines():
+        if line.startswith(wanted):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_requests_with_a_bad_key_are_counted_but_never_written_to_the_ledger(
+    gate: Tollgate, simulator: Simulator
+) -> None:
+    rows = requests_rows(gate)
+    invalid = unauthenticated(gate, "generations", "invalid_key")
+    missing = unauthenticated(gate, "passthrough", "missing_key")
+    bogus = "tg_bogus_key_that_must_never_be_logged_0123456789"
+    with httpx.Client(base_url=gate.url, timeout=30) as client:
+        for _ in range(300):
+            answer = client.post(
+                "/v1/images/generations",
+                content=EXPENSIVE,
+                headers=keyed(bogus),
+            )
+            assert answer.status_code == 401
+        assert answer.json()["error"]["code"] == "invalid_api_key"
+        assert answer.headers["x-tollgate-request-id"].startswith("tg_req_")
+        for _ in range(20):
+            anonymous = client.get("/v1/models")
+            assert anonymous.status_code == 401
+        assert set(anonymous.json()["error"]) == {"message", "type", "param", "code"}
+        assert anonymous.headers["x-tollgate-request-id"].startswith("tg_req_")
+    assert requests_rows(gate) == rows
+    assert unauthenticated(gate, "generations", "invalid_key") == invalid + 300
+    assert unauthenticated(gate, "passthrough", "missing_key") == missing + 20
+    log = output(gate.process)
+    assert bogus not in log and bogus[-4:] not in log
+    assert log.count("for their key") <= 4  # throttled: not one line per request
+
+
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "PROPFIND"]
+PATHS = [
+    "/v1/images/generations",
+    "/v1/images/edits",
+    "/v1/images/variations",
+    "/v1/images/unknown",
+    "/v1/chat/completions",
+    "/v1/models",
+    "//v1/images/generations",
+    "/v1/images/generations/",
+    "/",
+    "/nowhere",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/admin/budgets",
+    "/admin/reload",
+    "/v1/models/%2e%2e/images/edits",
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("method", METHODS)
+def test_every_answer_tollgate_makes_itself_is_in_openai_shape(
+    gate: Tollgate, method: str, path: str
+) -> None:
+    status, headers, body = raw(gate.url, method, path, {"content-type": "application/json"})
+    if status < 400:
+        return  # a route that answers this (healthz, metrics)
+    assert headers["content-type"] == "application/json", body
+    if method != "HEAD":
+        assert_openai_error(status, body, status)
+
+
+def test_a_compressed_body_is_refused_before_it_is_read(
+    gate: Tollgate, simulator: Simulator
+) -> None:
+    billed = len(simulator.billing())
+    rows = requests_rows(gate)
+    packed = gzip.compress(json.dumps(CHEAP).encode())
+    for encoding in ("gzip", "deflate", "br", "identity, gzip"):
+        status, _, body = raw(
+            gate.url,
+            "POST",
+            "/v1/images/generations",
+            {**keyed(), "content-encoding": encoding},
+            packed,
+        )
+        assert_openai_error(status, body, 415)
+        assert json.loads(body)["error"]["code"] == "unsupported_content_encoding"
+    assert len(simulator.billing()) == billed
+    assert requests_rows(gate) == rows
+    plain = httpx.post(
+        f"{gate.url}/v1/images/generations",
+        json=CHEAP,
+        headers={**keyed(), "content-encoding": "identity"},
+        timeout=30,
+    )
+    assert plain.status_code == 200, plain.text
+
+
+def test_upstream_headers_reach_a_team_only_when_allowed(
+    gate: Tollgate, simulator: Simulator
+) -> None:
+    simulator.configure(
+        response_headers={
+            "openai-organization": "org-company",
+            "openai-project": "proj-company",
+            "set-cookie": "session=company",
+            "x-internal-route": "pool-7",
+            "x-ratelimit-remaining-images": "41",
+        }
+    )
+    try:
+        image = httpx.post(
+            f"{gate.url}/v1/images/generations", json=CHEAP, headers=keyed(), timeout=30
+        )
+        passed = httpx.get(
+            f"{gate.url}/v1/organization/costs", params={"start_time": 0}, headers=keyed()
+        )
+    finally:
+        simulator.configure(response_headers={})
+    for answer in (image, passed):
+        assert answer.status_code == 200, answer.text
+        names = {name.lower() for name in answer.headers}
+        assert not {"openai-organization", "openai-project", "set-cookie", "x-internal-route"} & (
+            names
+        )
+        assert answer.headers["x-ratelimit-remaining-images"] == "41"
+        assert answer.headers["x-tollgate-team"] == "design"
+    assert image.headers["x-request-id"].startswith("req_")
+
+
+def test_passthrough_cannot_be_configured_over_an_image_endpoint(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    from proxy.config import load_config
+    from proxy.errors import ConfigError
+
+    for prefix in ("/v1/images", "/v1/Images/edits", "/v1/i", "{path: /v1/images/x}"):
+        write_config(tmp_path, f"{simulator.url}/v1", settings=f"passthrough: [{prefix}]\n")
+        with pytest.raises(ConfigError, match="would forward image requests unmetered"):
+            load_config(tmp_path)
