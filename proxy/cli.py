@@ -35,6 +35,7 @@ from proxy.app import (
 from proxy.auth import key_hash, new_key
 from proxy.budgets import zone
 from proxy.config import Config, config_schema, default_config_path, load_config
+from proxy.config.settings import HTTP_METHODS
 from proxy.errors import ConfigError, InvalidRequest, LedgerError, RequestError
 from proxy.ledger import migrate_ledger, open_ledger
 from proxy.ledger.copy import copy_between
@@ -220,6 +221,9 @@ def run_check(args: argparse.Namespace) -> int:
         len(t.budgets) + len(t.per_user) for t in config.teams
     )
     print(f"{config_path(args)}: ok ({len(config.teams)} teams, {budgets} budgets)")
+    for entry in config.passthrough:
+        methods = ", ".join(m for m in HTTP_METHODS if m in entry.methods)
+        print(f"passthrough {entry.prefix}: {methods}, unmetered, with the company key")
     return 0
 
 

@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 from proxy.app import Overrides, create_app
 from proxy.auth import key_hash
 from proxy.config import load_config
-from proxy.handlers import ImagesHandler, new_request_id
+from proxy.handlers import ImagesHandler, OtherPaths, new_request_id
 from proxy.simulator import SimulatorSettings, create_simulator_app
 from tests.conftest import UPSTREAM_KEY, write_config
 
@@ -68,6 +68,29 @@ def test_a_fault_of_tollgate_is_a_500_in_openai_shape(
     assert error["code"] == "internal_error"
     assert "a bug" not in answer.text  # the traceback is for the log, not the client
     assert "a bug" in caplog.text
+
+
+def test_a_fault_outside_the_image_path_is_a_500_in_openai_shape(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(self: OtherPaths, request: Request) -> Response:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(OtherPaths, "handle", broken)
+    write_config(tmp_path, "http://simulated/v1")
+    app = create_app(load_config(tmp_path), Overrides(upstream_key=UPSTREAM_KEY), tmp_path)
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        answer = test_client.get("/v1/models")
+    assert answer.status_code == 500
+    assert answer.json()["error"]["code"] == "internal_error"
+    assert "a bug" not in answer.text
+
+
+def test_a_method_no_route_takes_is_a_405_in_openai_shape(client: TestClient) -> None:
+    answer = client.post("/metrics")
+    assert answer.status_code == 405
+    assert answer.headers["allow"] == "GET, HEAD"
+    assert answer.json()["error"]["code"] == "method_not_allowed"
 
 
 def test_request_ids_are_unique_and_sort_by_time() -> None:

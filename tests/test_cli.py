@@ -33,6 +33,24 @@ def test_check_accepts_the_example_policies() -> None:
     assert "ok (2 teams" in done.stdout
 
 
+def test_check_names_what_passthrough_forwards_and_refuses_image_prefixes(
+    tmp_path: Path,
+) -> None:
+    write_config(tmp_path, "http://127.0.0.1:9/v1", settings="""
+passthrough:
+  - /v1/models
+  - {path: /v1/files, methods: [POST, GET]}
+""")  # fmt: skip
+    done = tollgate("check", "--config", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "passthrough /v1/models: GET, HEAD, unmetered" in done.stdout
+    assert "passthrough /v1/files: GET, POST, unmetered" in done.stdout
+    write_config(tmp_path, "http://127.0.0.1:9/v1", settings="passthrough: [/v1/images]\n")
+    done = tollgate("check", "--config", str(tmp_path))
+    assert done.returncode == 1
+    assert "'/v1/images' would forward image requests unmetered" in done.stderr
+
+
 def test_check_and_serve_print_every_problem_as_file_line_message(tmp_path: Path) -> None:
     write_config(tmp_path, "http://127.0.0.1:9/v1", teams={
         "broken": "name: broken\nkeys: []\nbudgets:\n  - {period: fortnight, limit_usd: 5}\n",
