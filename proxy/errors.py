@@ -14,6 +14,7 @@
           ├── RequestTooLarge        413 request_too_large
           ├── UnsupportedEncoding    415 unsupported_content_encoding
           ├── BudgetExceeded         429 budget_exceeded
+          ├── InternalError          500 internal_error
           ├── UpstreamUnavailable    502 upstream_unavailable
           ├── ServiceUnavailable     503 service_unavailable
           └── UpstreamTimeout        504 upstream_timeout
