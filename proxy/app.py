@@ -152,7 +152,8 @@ def starlette_error(request: Request, exc: Exception) -> Response:
         allowed = (exc.headers or {}).get("Allow", "")
         error = MethodNotAllowed(
             f"Invalid method ({method} {path}).",
-            tuple(m.strip() for m in allowed.split(",") if m.strip()),
+            # starlette joins a set: sorted, the header is the same on every answer.
+            tuple(sorted(m.strip() for m in allowed.split(",") if m.strip())),
         )
     else:
         error = InvalidRequest(str(exc.detail))
