@@ -17,7 +17,7 @@ import pytest
 from proxy.budgets import Counter, Totals
 from proxy.errors import LedgerError, LedgerUnavailable
 from proxy.ledger import PostgresLedger, migrate_ledger, migrations, open_ledger, settle_patiently
-from proxy.ledger.base import Chooser, Entry, Reservation, Settlement
+from proxy.ledger.base import Chooser, Entry, Flagged, Owner, Reservation, Settlement
 from proxy.ledger.postgres import MIGRATION_LOCK
 from proxy.ledger.sqlite import SCHEMA_VERSION, SqliteLedger
 from proxy.models import Usage
@@ -209,9 +209,10 @@ async def test_recording_the_same_id_twice_raises_ledger_error(ledger: AnyLedger
         await ledger.record(entry("r1"), rejection)
 
 
-async def test_reclaim_releases_only_reservations_older_than_the_horizon(
+async def test_reclaim_charges_reservations_older_than_the_horizon_at_their_bound(
     ledger: AnyLedger,
 ) -> None:
+    """Its request may have been billed: the reservation is never freed, it becomes spend."""
     await ledger.reserve([], take("old", started_at=100.0))
     await ledger.reserve([], take("recent", started_at=900.0))
     await ledger.reserve([], take("settled-old", started_at=50.0))
@@ -224,29 +225,113 @@ async def test_reclaim_releases_only_reservations_older_than_the_horizon(
     assert old is not None
     assert (old.outcome, old.error_code, old.flagged, old.finished_at) == (
         "upstream_error",
-        "abandoned",
+        "outcome_unknown",
         True,
         1000.0,
     )
-    assert (await state(ledger, "old"))[:2] == ("settled", 0)
+    assert (old.cost_nanos, old.usage) == (500_000_000, ESTIMATE)  # its bound
+    assert await state(ledger, "old") == ("settled", 0, 500_000_000)
     assert rows["recent"].settlement is None
     assert await state(ledger, "recent") == ("reserved", 500_000_000, 0)
     assert rows["settled-old"].settlement == SETTLED
-    totals = (await ledger.totals([DESIGN_DAY]))[DESIGN_DAY]
-    assert totals.reserved_nanos == 500_000_000  # only `recent` is still held
-    assert totals.spent_nanos == 210_765_000
+    totals = await ledger.totals([DESIGN_DAY, ORG_DAY])
+    for counter in (DESIGN_DAY, ORG_DAY):
+        assert totals[counter].reserved_nanos == 500_000_000  # only `recent` is still held
+        assert totals[counter].spent_nanos == 210_765_000 + 500_000_000
+        assert totals[counter].image_output_tokens == 3 * 7024  # the bound's usage stays
     assert await ledger.reclaim(started_before=500.0, now=1001.0) == 0
 
 
-async def test_settling_after_a_reclaim_charges_without_releasing_twice(
+async def test_reclaim_charges_the_reservations_of_dead_owners_at_their_bound(
+    ledger: AnyLedger,
+) -> None:
+    await ledger.register(Owner("dead", "host", 1), 10.0)
+    await ledger.reserve([], take("orphan", started_at=900.0))
+    assert await ledger.reclaim(now=1000.0, owners=["dead"]) == 1
+    assert await state(ledger, "orphan") == ("settled", 0, 500_000_000)
+    totals = (await ledger.totals([DESIGN_DAY]))[DESIGN_DAY]
+    assert (totals.spent_nanos, totals.reserved_nanos) == (500_000_000, 0)
+    assert [o.id for o in await ledger.owners()] == []
+
+
+async def test_settling_after_a_reclaim_replaces_the_bound_with_the_cost(
     ledger: AnyLedger,
 ) -> None:
     await ledger.reserve([], take("late", started_at=100.0))
     await ledger.reclaim(started_before=500.0, now=1000.0)
     await ledger.settle("late", SETTLED)
+    await ledger.settle("late", SETTLED)  # a retry changes nothing
     totals = (await ledger.totals([DESIGN_DAY]))[DESIGN_DAY]
     assert (totals.spent_nanos, totals.reserved_nanos) == (210_765_000, 0)
-    assert totals.image_output_tokens == 7024
+    assert (totals.text_input_tokens, totals.image_output_tokens) == (9, 7024)
+    [row] = await ledger.rows()
+    assert row.settlement == SETTLED
+
+
+async def test_flagged_lists_settled_flagged_rows_of_a_period(ledger: AnyLedger) -> None:
+    await ledger.reserve([], take("lost", started_at=100.0))
+    await ledger.reserve([], take("fine", started_at=150.0))
+    await ledger.settle("fine", SETTLED)
+    await ledger.reserve([], take("later", started_at=600.0))
+    await ledger.reclaim(started_before=700.0, now=1000.0)
+    found = await ledger.flagged(0.0, 500.0)
+    assert found == [
+        Flagged(
+            id="lost",
+            team="design",
+            started_at=100.0,
+            estimated_nanos=500_000_000,
+            cost_nanos=500_000_000,
+            outcome="upstream_error",
+            error_code="outcome_unknown",
+            upstream_request_id=None,
+        )
+    ]
+    assert [f.id for f in await ledger.flagged(0.0, 1000.0)] == ["lost", "later"]
+
+
+async def test_resolve_sets_the_true_cost_and_adjusts_the_counters(ledger: AnyLedger) -> None:
+    await ledger.reserve([], take("lost", started_at=100.0))
+    await ledger.reclaim(started_before=500.0, now=1000.0)
+    assert await ledger.resolve("lost", 120_000_000, now=2000.0, note="costs API") == 500_000_000
+    totals = await ledger.totals([DESIGN_DAY, ALICE_DAY, ORG_DAY])
+    for counter in (DESIGN_DAY, ALICE_DAY, ORG_DAY):
+        assert (totals[counter].spent_nanos, totals[counter].reserved_nanos) == (120_000_000, 0)
+        assert totals[counter].image_output_tokens == 7024  # its usage is not known better
+    [found] = await ledger.flagged(0.0, 500.0)
+    assert (found.cost_nanos, found.estimated_nanos) == (120_000_000, 500_000_000)
+    assert (found.error_code, found.resolved_at, found.resolution) == (
+        "outcome_unknown",
+        2000.0,
+        "costs API",
+    )
+    # A settlement that arrives after the operator's word changes nothing.
+    await ledger.settle("lost", SETTLED)
+    assert (await ledger.totals([DESIGN_DAY]))[DESIGN_DAY].spent_nanos == 120_000_000
+
+
+async def test_resolving_as_free_takes_back_the_cost_and_the_usage(ledger: AnyLedger) -> None:
+    await ledger.reserve([], take("lost", started_at=100.0))
+    await ledger.reserve([], take("held", started_at=900.0))
+    await ledger.reclaim(started_before=500.0, now=1000.0)
+    assert await ledger.resolve("lost", 0, now=2000.0) == 500_000_000
+    totals = (await ledger.totals([DESIGN_DAY]))[DESIGN_DAY]
+    assert (totals.spent_nanos, totals.reserved_nanos) == (0, 500_000_000)
+    assert totals.image_output_tokens == 7024  # `held`'s reservation only
+    rows = {row.entry.id: row for row in await ledger.rows()}
+    lost = rows["lost"].settlement
+    assert lost is not None and (lost.cost_nanos, lost.usage, lost.flagged) == (0, Usage(), True)
+
+
+async def test_only_settled_flagged_rows_can_be_resolved(ledger: AnyLedger) -> None:
+    await ledger.reserve([], take("flying"))
+    await ledger.reserve([], take("known"))
+    await ledger.settle("known", SETTLED)
+    for request_id, why in (("flying", "in flight"), ("known", "not flagged"), ("nope", "no")):
+        with pytest.raises(LedgerError, match=why):
+            await ledger.resolve(request_id, 0, now=2000.0)
+    totals = (await ledger.totals([DESIGN_DAY]))[DESIGN_DAY]
+    assert (totals.spent_nanos, totals.reserved_nanos) == (210_765_000, 500_000_000)
 
 
 async def test_rows_since_returns_rows_started_at_or_after_oldest_first(
@@ -294,11 +379,12 @@ async def test_a_reservation_reclaimed_by_another_process_is_settled_without_a_d
     shared_url: str,
 ) -> None:
     """The process that reserved knows what its reservation held; another one (a worker's
-    housekeeping) reclaimed it meanwhile, so there is nothing left to release."""
+    housekeeping) reclaimed it meanwhile at its bound, which the settlement replaces."""
     first, second = await open_ledger(shared_url), await open_ledger(shared_url)
     try:
         await first.reserve([], take("late", started_at=100.0))
         assert await second.reclaim(started_before=500.0, now=1000.0) == 1
+        assert await state(first, "late") == ("settled", 0, 500_000_000)  # its bound
         await first.settle("late", SETTLED)
         totals = (await first.totals([DESIGN_DAY]))[DESIGN_DAY]
         assert (totals.spent_nanos, totals.reserved_nanos) == (210_765_000, 0)

@@ -62,6 +62,33 @@ class Reservation:
 Chooser = Callable[[Mapping[Counter, Totals]], Reservation]
 
 
+OUTCOME_UNKNOWN = "outcome_unknown"
+"""The error code of a reservation reclaimed before its request's outcome was known (its
+process died, or it outlived every deadline): charged its bound, flagged."""
+RECLAIMED = frozenset({OUTCOME_UNKNOWN, "abandoned"})
+"""Error codes of reclaimed rows (`abandoned`: released at $0 before schema version 3); a
+settlement arriving after the reclaim replaces what the reclaim charged."""
+
+
+@dataclass(frozen=True, slots=True)
+class Flagged:
+    """A flagged row, as an operator reconciles it (`tollgate ledger flagged`)."""
+
+    id: str
+    team: str | None
+    started_at: float
+    estimated_nanos: int
+    """The bound reserved for it."""
+    cost_nanos: int
+    """What it is charged now: the bound, or the operator's resolution."""
+    outcome: str | None
+    error_code: str | None
+    upstream_request_id: str | None
+    resolved_at: float | None = None
+    resolution: str | None = None
+    """The operator's note (empty when none was given); None while unresolved."""
+
+
 @dataclass(frozen=True, slots=True)
 class Owner:
     """A Tollgate process that holds reservations, and when it last said it was alive."""
@@ -109,7 +136,9 @@ class Ledger(Protocol):
 
     async def settle(self, request_id: str, settlement: Settlement) -> None:
         """Replace the reservation of `request_id` by its final outcome and cost, in the row
-        and in its counters."""
+        and in its counters. A reservation reclaimed meanwhile (see `reclaim`) has its bound
+        replaced by this cost, unless an operator resolved it; a request settled already
+        is left as it is (a retry whose first attempt committed unseen)."""
 
     async def totals(self, counters: Sequence[Counter]) -> dict[Counter, Totals]:
         """The current totals of `counters` (organization counters sum every team's)."""
@@ -120,8 +149,21 @@ class Ledger(Protocol):
     async def reclaim(
         self, now: float, *, started_before: float = 0.0, owners: Sequence[str] = ()
     ) -> int:
-        """Release the reservations of dead `owners`, and any started before `started_before`;
-        they are flagged `abandoned` for reconciliation. Returns how many."""
+        """Settle the reservations of dead `owners`, and any started before `started_before`,
+        at their bound: their outcome is unknown and OpenAI may have billed them. Each is
+        charged its reserved cost and usage (moved from reserved to spent in its counters),
+        outcome `upstream_error`, error code `outcome_unknown`, flagged; never freed.
+        Returns how many."""
+
+    async def flagged(self, start: float, end: float) -> list[Flagged]:
+        """The settled flagged rows started in [start, end), oldest first."""
+
+    async def resolve(self, request_id: str, cost_nanos: int, now: float, note: str = "") -> int:
+        """Set the true cost of the flagged row `request_id` (a cost of 0: nothing was
+        billed, so its usage is taken back too), adjusting its counters by the difference in
+        the same transaction; the row stays flagged, with `resolved_at` and the note.
+        Returns the cost it had before. LedgerError if it is unknown, in flight or not
+        flagged."""
 
     async def register(self, owner: Owner, now: float) -> None:
         """Mark the reservations this process makes as its own, and say it is alive."""

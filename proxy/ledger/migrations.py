@@ -10,6 +10,9 @@ transaction, so a ledger is never left half-way between two versions.
        as the team rows it sums, instead of a sum over the team rows at read time.
        A reservation then locks one known row to check the organization's budgets
        (see `postgres.py`); the step fills it from the team rows already there.
+    3  `resolved_at` and `resolution` on requests: an operator's correction of a flagged
+       row's cost (`tollgate ledger resolve`), which keeps the row flagged and says when
+       and why it was resolved; and an index of the flagged rows by start.
 
 The embedded SQLite ledger applies its steps when it opens. A PostgreSQL ledger shared
 by several replicas is initialised when it opens only while it is empty (none of `TABLES`
@@ -120,13 +123,24 @@ ORGANIZATION_ROWS = [
     "WHERE scope = 'organization' AND period = 'total' AND start = 0)",
 ]
 
+
+def _resolutions(real: str) -> list[str]:
+    return [
+        f"ALTER TABLE requests ADD COLUMN resolved_at {real}",
+        "ALTER TABLE requests ADD COLUMN resolution TEXT",
+        "CREATE INDEX IF NOT EXISTS requests_flagged ON requests (started_at) WHERE flagged = 1",
+    ]
+
+
 SQLITE: Sequence[Sequence[str]] = (
     _tables("REAL", "INTEGER"),
     ORGANIZATION_ROWS,
+    _resolutions("REAL"),
 )
 POSTGRES: Sequence[Sequence[str]] = (
     _tables("DOUBLE PRECISION", "BIGINT"),
     ORGANIZATION_ROWS,
+    _resolutions("DOUBLE PRECISION"),
 )
 assert len(SQLITE) == len(POSTGRES), "both backends share one version numbering"
 

@@ -40,7 +40,17 @@ import asyncpg
 from proxy.budgets import Counter, Totals
 from proxy.errors import LedgerError, LedgerUnavailable
 from proxy.ledger import migrations
-from proxy.ledger.base import Chooser, Entry, Owner, Reservation, Row, Settlement
+from proxy.ledger.base import (
+    OUTCOME_UNKNOWN,
+    RECLAIMED,
+    Chooser,
+    Entry,
+    Flagged,
+    Owner,
+    Reservation,
+    Row,
+    Settlement,
+)
 from proxy.ledger.counters import ORGANIZATION_TOTAL, key, with_organization
 from proxy.ledger.postgres_reports import PostgresReports
 from proxy.ledger.sqlite import (
@@ -50,6 +60,7 @@ from proxy.ledger.sqlite import (
     USAGE_COLUMNS,
     _counter_key,
     _counters,
+    _resolvable,
     _row,
     _settled_tokens,
     _settlement_values,
@@ -96,12 +107,6 @@ def marks(count: int, first: int = 1) -> str:
 
 
 KEY = 'scope = $1 AND team = $2 AND "user" = $3 AND period = $4 AND start = $5'
-ADD_SQL = (
-    f'INSERT INTO budget_usage (scope, team, "user", period, start, {cols(TOTALS_COLUMNS)}) '
-    f"VALUES ({marks(5 + len(TOTALS_COLUMNS))}) "
-    'ON CONFLICT (scope, team, "user", period, start) DO UPDATE SET '
-    + ", ".join(f"{c} = budget_usage.{c} + excluded.{c}" for c in TOTALS_COLUMNS)
-)
 LOCK_SQL = (
     'INSERT INTO budget_usage (scope, team, "user", period, start) VALUES ($1, $2, $3, $4, $5) '
     'ON CONFLICT (scope, team, "user", period, start) '
@@ -289,18 +294,18 @@ class PostgresLedger(PostgresReports):
         async def work(conn: Any) -> None:
             await _lock_counters(conn)
             found = await conn.fetchrow(
-                f"SELECT state, error_code, reserved_nanos, counters, {cols(USAGE_COLUMNS)} "
-                "FROM requests WHERE id = $1 FOR UPDATE",
+                "SELECT state, error_code, resolved_at, cost_nanos, reserved_nanos, counters, "
+                f"{cols(USAGE_COLUMNS)} FROM requests WHERE id = $1 FOR UPDATE",
                 request_id,
             )
             if found is None:
                 raise LedgerError(f"no reservation {request_id}")
-            state, error_code, reserved, counters_text, *held = tuple(found)
-            if state == "settled" and error_code != "abandoned":
+            state, error_code, resolved_at, charged, reserved, counters_text, *usage = tuple(found)
+            if state != "reserved" and (error_code not in RECLAIMED or resolved_at is not None):
                 # Settled already: this is a retry whose first attempt committed unseen.
                 return
-            # A reservation reclaimed before its answer came has nothing left to release.
-            held_usage = Usage(*held) if state == "reserved" else Usage()
+            # What the row holds: the reservation (nothing charged yet), or the bound a
+            # reclaim charged before the answer came, which this settlement replaces.
             release = reserved if state == "reserved" else 0
             assignments = ", ".join(f"{q(c)} = ${i}" for i, c in enumerate(SETTLEMENT_COLUMNS, 2))
             await _write_and_add(
@@ -309,9 +314,9 @@ class PostgresLedger(PostgresReports):
                 "WHERE id = $1",
                 [request_id, *_settlement_values(settlement)],
                 _counters(counters_text),
-                settlement.cost_nanos,
+                settlement.cost_nanos - charged,
                 -release,
-                _settled_tokens(settlement.usage, held_usage),
+                _settled_tokens(settlement.usage, Usage(*usage)),
             )
 
         await self._transaction(work)
@@ -332,30 +337,70 @@ class PostgresLedger(PostgresReports):
         async def work(conn: Any) -> int:
             await _lock_counters(conn)
             stale = await conn.fetch(
-                f"SELECT id, reserved_nanos, counters, {cols(USAGE_COLUMNS)} FROM requests "
+                "SELECT id, reserved_nanos, counters FROM requests "
                 "WHERE state = 'reserved' AND (started_at < $1 OR owner = ANY($2::text[])) "
                 "ORDER BY id FOR UPDATE",
                 float(started_before),
                 list(owners),
             )
-            for request_id, reserved, counters_text, *held in (tuple(r) for r in stale):
-                await conn.execute(
-                    "UPDATE requests SET state = 'settled', reserved_nanos = 0, "
-                    "outcome = 'upstream_error', error_code = 'abandoned', flagged = 1, "
-                    "finished_at = $2, "
-                    + ", ".join(f"{c} = 0" for c in USAGE_COLUMNS)
-                    + " WHERE id = $1",
-                    request_id,
-                    float(now),
-                )
-                await _add(
-                    conn, _counters(counters_text), 0, -reserved, _token_deltas(Usage(*held), -1)
+            for request_id, reserved, counters_text in (tuple(r) for r in stale):
+                # Reserved becomes spent; the estimated usage it holds stays counted.
+                await _write_and_add(
+                    conn,
+                    "UPDATE requests SET state = 'settled', cost_nanos = reserved_nanos, "
+                    "reserved_nanos = 0, outcome = 'upstream_error', "
+                    f"error_code = '{OUTCOME_UNKNOWN}', flagged = 1, finished_at = $2 "
+                    "WHERE id = $1",
+                    [request_id, float(now)],
+                    _counters(counters_text),
+                    reserved,
+                    -reserved,
+                    (0, 0, 0, 0),
                 )
             if owners:
                 await conn.execute(
                     "DELETE FROM processes WHERE owner = ANY($1::text[])", list(owners)
                 )
             return len(stale)
+
+        return await self._transaction(work)
+
+    async def flagged(self, start: float, end: float) -> list[Flagged]:
+        async with self._connection() as conn:
+            found = await conn.fetch(
+                "SELECT id, team, started_at, estimated_nanos, cost_nanos, outcome, error_code, "
+                "upstream_request_id, resolved_at, resolution FROM requests "
+                "WHERE flagged = 1 AND state = 'settled' AND started_at >= $1 "
+                'AND started_at < $2 ORDER BY started_at, id COLLATE "C"',
+                float(start),
+                float(end),
+            )
+        return [Flagged(*tuple(r)) for r in found]
+
+    async def resolve(self, request_id: str, cost_nanos: int, now: float, note: str = "") -> int:
+        async def work(conn: Any) -> int:
+            await _lock_counters(conn)
+            found = await conn.fetchrow(
+                f"SELECT state, flagged, cost_nanos, counters, {cols(USAGE_COLUMNS)} "
+                "FROM requests WHERE id = $1 FOR UPDATE",
+                request_id,
+            )
+            charged, counters_text, usage = _resolvable(
+                request_id, tuple(found) if found is not None else None
+            )
+            free = cost_nanos == 0
+            zeroed = "".join(f", {c} = 0" for c in USAGE_COLUMNS) if free else ""
+            await _write_and_add(
+                conn,
+                f"UPDATE requests SET cost_nanos = $2, resolved_at = $3, resolution = $4{zeroed} "
+                "WHERE id = $1",
+                [request_id, cost_nanos, float(now), note],
+                _counters(counters_text),
+                cost_nanos - charged,
+                0,
+                _token_deltas(usage, -1) if free else (0, 0, 0, 0),
+            )
+            return charged
 
         return await self._transaction(work)
 
@@ -532,10 +577,11 @@ async def _write_and_add(
     reserved: int,
     tokens: tuple[int, ...],
 ) -> None:
-    """`sql` (with `args`) and `_add` in one statement, one round trip: the request row's
-    write as a data-modifying `WITH`, which PostgreSQL always runs, then the counters'
-    upsert, row by row in lock order. The organization's total row, locked first, keeps
-    every writer in line, so the order of the two parts within it does not matter."""
+    """`sql` (with `args`) and the counters' additions in one statement, one round trip:
+    the request row's write as a data-modifying `WITH`, which PostgreSQL always runs, then
+    the counters' upsert, row by row in lock order. The organization's total row, locked
+    first, keeps every writer in line, so the order of the two parts within it does not
+    matter."""
     rows = with_organization(counters)
     n = len(args)
     values = ", ".join(f"${i}::bigint" for i in range(n + 6, n + 8 + len(tokens)))
@@ -555,16 +601,4 @@ async def _write_and_add(
         spent,
         reserved,
         *tokens,
-    )
-
-
-async def _add(
-    conn: Any, counters: Sequence[Counter], spent: int, reserved: int, tokens: tuple[int, ...]
-) -> None:
-    await conn.executemany(
-        ADD_SQL,
-        [
-            (c.scope, c.team, c.user, c.period, float(c.start), spent, reserved, *tokens)
-            for c in with_organization(counters)
-        ],
     )

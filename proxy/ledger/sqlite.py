@@ -34,7 +34,17 @@ import aiosqlite
 from proxy.budgets import Counter, Totals
 from proxy.errors import LedgerError, LedgerUnavailable
 from proxy.ledger import migrations
-from proxy.ledger.base import Chooser, Entry, Owner, Reservation, Row, Settlement
+from proxy.ledger.base import (
+    OUTCOME_UNKNOWN,
+    RECLAIMED,
+    Chooser,
+    Entry,
+    Flagged,
+    Owner,
+    Reservation,
+    Row,
+    Settlement,
+)
 from proxy.ledger.counters import with_organization
 from proxy.ledger.sqlite_reports import SqliteReports
 from proxy.models import Usage
@@ -236,19 +246,18 @@ class SqliteLedger(SqliteReports):
                     release, counters_text, held_usage = held
                     _settle_counters(conn, counters_text, settlement, release, held_usage)
                     return
-            found = conn.execute(
-                f"SELECT state, reserved_nanos, counters, {', '.join(USAGE_COLUMNS)} "
-                "FROM requests WHERE id = ?",
-                (request_id,),
-            ).fetchone()
+            found = conn.execute(_SETTLED_BEFORE, (request_id,)).fetchone()
             if found is None:
                 raise LedgerError(f"no reservation {request_id}")
-            state, reserved, counters_text, *usage = found
-            # A reservation reclaimed before its answer came has nothing left to release.
-            reserved_usage = Usage(*usage) if state == "reserved" else Usage()
+            state, error_code, resolved_at, charged, reserved, counters_text, *usage = found
+            if state != "reserved" and (error_code not in RECLAIMED or resolved_at is not None):
+                return  # settled already: nothing to replace
+            # What the row holds: the reservation (nothing charged yet), or the bound a
+            # reclaim charged before the answer came, which this settlement replaces.
             release = reserved if state == "reserved" else 0
             conn.execute(_SETTLE, (*_settlement_values(settlement), request_id))
-            _settle_counters(conn, counters_text, settlement, release, reserved_usage)
+            tokens = _settled_tokens(settlement.usage, Usage(*usage))
+            _add(conn, counters_text, settlement.cost_nanos - charged, -release, tokens)
 
         await self._transaction(run)
 
@@ -270,25 +279,34 @@ class SqliteLedger(SqliteReports):
 
         def run(conn: sqlite3.Connection) -> int:
             stale = conn.execute(
-                f"SELECT id, reserved_nanos, counters, {', '.join(USAGE_COLUMNS)} "
-                "FROM requests WHERE state = 'reserved' "
+                "SELECT id, reserved_nanos, counters FROM requests WHERE state = 'reserved' "
                 f"AND (started_at < ? OR owner IN ({marks}))",
                 (started_before, *owners),
             ).fetchall()
-            for request_id, reserved, counters_text, *held in stale:
+            for request_id, reserved, counters_text in stale:
                 self._held.pop(request_id, None)
-                conn.execute(
-                    "UPDATE requests SET state = 'settled', reserved_nanos = 0, "
-                    "outcome = 'upstream_error', error_code = 'abandoned', flagged = 1, "
-                    "finished_at = ?, "
-                    + ", ".join(f"{c} = 0" for c in USAGE_COLUMNS)
-                    + " WHERE id = ?",
-                    (now, request_id),
-                )
-                _add(conn, counters_text, 0, -reserved, _token_deltas(Usage(*held), -1))
+                conn.execute(_RECLAIM, (now, request_id))
+                # Reserved becomes spent; the estimated usage it holds stays counted.
+                _add(conn, counters_text, reserved, -reserved, (0, 0, 0, 0))
             if owners:
                 conn.execute(f"DELETE FROM processes WHERE owner IN ({marks})", tuple(owners))
             return len(stale)
+
+        return await self._transaction(run)
+
+    async def flagged(self, start: float, end: float) -> list[Flagged]:
+        async with self._lock, self.db.execute(_FLAGGED, (start, end)) as cursor:
+            return [Flagged(*row) for row in await cursor.fetchall()]
+
+    async def resolve(self, request_id: str, cost_nanos: int, now: float, note: str = "") -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            found = conn.execute(_RESOLVABLE, (request_id,)).fetchone()
+            charged, counters_text, usage = _resolvable(request_id, found)
+            free = cost_nanos == 0
+            conn.execute(_RESOLVE_FREE if free else _RESOLVE, (cost_nanos, now, note, request_id))
+            tokens = _token_deltas(usage, -1) if free else (0, 0, 0, 0)
+            _add(conn, counters_text, cost_nanos - charged, 0, tokens)
+            return charged
 
         return await self._transaction(run)
 
@@ -482,6 +500,31 @@ _SETTLE = (
     "state = 'settled', reserved_nanos = 0 WHERE id = ?"
 )
 _SETTLE_RESERVED = _SETTLE + " AND state = 'reserved'"
+_SETTLED_BEFORE = (
+    "SELECT state, error_code, resolved_at, cost_nanos, reserved_nanos, counters, "
+    f"{', '.join(USAGE_COLUMNS)} FROM requests WHERE id = ?"
+)
+_RECLAIM = (
+    "UPDATE requests SET state = 'settled', cost_nanos = reserved_nanos, reserved_nanos = 0, "
+    f"outcome = 'upstream_error', error_code = '{OUTCOME_UNKNOWN}', flagged = 1, "
+    "finished_at = ? WHERE id = ?"
+)
+_FLAGGED = (
+    "SELECT id, team, started_at, estimated_nanos, cost_nanos, outcome, error_code, "
+    "upstream_request_id, resolved_at, resolution FROM requests "
+    "WHERE flagged = 1 AND state = 'settled' AND started_at >= ? AND started_at < ? "
+    "ORDER BY started_at, id"
+)
+_RESOLVABLE = (
+    f"SELECT state, flagged, cost_nanos, counters, {', '.join(USAGE_COLUMNS)} "
+    "FROM requests WHERE id = ?"
+)
+_RESOLVE = "UPDATE requests SET cost_nanos = ?, resolved_at = ?, resolution = ? WHERE id = ?"
+_RESOLVE_FREE = (
+    "UPDATE requests SET cost_nanos = ?, resolved_at = ?, resolution = ?, "
+    + ", ".join(f"{c} = 0" for c in USAGE_COLUMNS)
+    + " WHERE id = ?"
+)
 _RESERVATION_COLUMNS = (
     *ENTRY_COLUMNS, *USAGE_COLUMNS, "state", "reserved_nanos", "counters", "owner",
 )  # fmt: skip
@@ -546,6 +589,19 @@ def _settle_counters(
     """Replace what a reservation held in its counters by what its request cost."""
     tokens = _settled_tokens(settlement.usage, reserved_usage)
     _add(conn, counters_text, settlement.cost_nanos, -release, tokens)
+
+
+def _resolvable(request_id: str, found: Sequence[Any] | None) -> tuple[int, str, Usage]:
+    """(cost charged, counters text, usage) of the row `resolve` read (state, flagged, cost,
+    counters, usage columns…), once it is known to be a settled flagged row."""
+    if found is None:
+        raise LedgerError(f"no request {request_id}")
+    state, flagged, charged, counters_text, *usage = found
+    if state != "settled":
+        raise LedgerError(f"request {request_id} is still in flight: nothing to resolve yet")
+    if not flagged:
+        raise LedgerError(f"request {request_id} is not flagged: its cost is known")
+    return int(charged), counters_text, Usage(*usage)
 
 
 def _row(values: tuple[Any, ...]) -> Row:
