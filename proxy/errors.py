@@ -15,9 +15,11 @@
           ├── UnsupportedEncoding    415 unsupported_content_encoding
           ├── BudgetExceeded         429 budget_exceeded
           ├── InternalError          500 internal_error
-          ├── UpstreamUnavailable    502 upstream_unavailable
-          ├── ServiceUnavailable     503 service_unavailable
-          └── UpstreamTimeout        504 upstream_timeout
+          ├── UpstreamFailure        the upstream gave no answer (`maybe_billed`: after the send)
+          │    ├── UpstreamUnavailable    502 upstream_unavailable
+          │    └── UpstreamTimeout        504 upstream_timeout
+          │         └── DeadlineExceeded  504: past `upstream.total_timeout_s`
+          └── ServiceUnavailable     503 service_unavailable
 
 Only the web layer turns a RequestError into an HTTP answer; only the CLI prints
 a ConfigError and exits.
@@ -138,7 +140,24 @@ class BudgetExceeded(RequestError):
         return {"x-should-retry": "false"}
 
 
-class UpstreamUnavailable(RequestError):
+class UpstreamFailure(RequestError):
+    """No answer from the upstream. `maybe_billed` when the request may have reached it
+    (the connection broke or went silent after it was sent): OpenAI bills a generation it
+    accepted even if its answer never arrives, so such a request is charged its bound."""
+
+    def __init__(
+        self, message: str, *, param: str | None = None, maybe_billed: bool = False
+    ) -> None:
+        super().__init__(message, param=param)
+        self.maybe_billed = maybe_billed
+
+    @property
+    def ledger_code(self) -> str:
+        """The error code its ledger row records."""
+        return self.code
+
+
+class UpstreamUnavailable(UpstreamFailure):
     status = 502
     type = "api_error"
     code = "upstream_unavailable"
@@ -158,7 +177,16 @@ class ServiceUnavailable(RequestError):
     code = "service_unavailable"
 
 
-class UpstreamTimeout(RequestError):
+class UpstreamTimeout(UpstreamFailure):
     status = 504
     type = "api_error"
     code = "upstream_timeout"
+
+
+class DeadlineExceeded(UpstreamTimeout):
+    """The exchange outlived its total deadline: answered as any upstream timeout, recorded
+    as `deadline_exceeded`."""
+
+    @property
+    def ledger_code(self) -> str:
+        return "deadline_exceeded"

@@ -293,13 +293,34 @@ class HttpxAnswer:
         await self._response.aclose()
 
 
+# Failures before the request could leave: no connection was made (refused, DNS, TLS,
+# the wait for a pooled connection or for the connect itself ran out). Nothing reached
+# the upstream, so nothing can have been billed.
+NEVER_SENT: tuple[type[Exception], ...] = (
+    aiohttp.ClientConnectorError,  # refused, DNS (ClientConnectorDNSError), certificates
+    aiohttp.ConnectionTimeoutError,  # `connect` / `sock_connect`: the pool wait included
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+)
+
+
 def translate(exc: Exception) -> UpstreamTimeout | UpstreamUnavailable:
-    """An aiohttp, httpx or socket error as Tollgate's 504 (too slow) or 502 (anything else)."""
+    """An aiohttp, httpx or socket error as Tollgate's 504 (too slow) or 502 (anything else).
+
+    `maybe_billed` unless the error is one of `NEVER_SENT`: a reset, a disconnect or a
+    silence after the request was written may come after OpenAI accepted the generation,
+    which it bills whether or not its answer arrives. What is not known to have failed
+    before sending counts as sent."""
+    maybe_billed = not isinstance(exc, NEVER_SENT)
     # aiohttp's timeouts (ServerTimeoutError, ConnectionTimeoutError, SocketTimeoutError)
     # are all TimeoutErrors.
     if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
-        return UpstreamTimeout("The upstream did not answer in time.")
-    return UpstreamUnavailable(f"The upstream could not be reached: {type(exc).__name__}: {exc}")
+        return UpstreamTimeout("The upstream did not answer in time.", maybe_billed=maybe_billed)
+    return UpstreamUnavailable(
+        f"The upstream could not be reached: {type(exc).__name__}: {exc}",
+        maybe_billed=maybe_billed,
+    )
 
 
 def response_headers(answer: Answer) -> list[tuple[str, str]]:

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 import aiohttp
 import httpx
 import pytest
+from aiohttp.client_reqrep import ConnectionKey
 
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable
 from proxy.simulator import SimulatorSettings, create_simulator_app
@@ -21,6 +22,7 @@ from proxy.upstream import Answer, Upstream, response_headers, translate
 from tests.conftest import UPSTREAM_KEY, Simulator, free_port
 
 JSON = "application/json"
+KEY = ConnectionKey("api.openai.com", 443, True, True, None, None, None)
 CLIENT_HEADERS = [("authorization", "Bearer tg_team_key"), ("x-stainless-lang", "python")]
 
 
@@ -137,8 +139,25 @@ async def test_a_refused_connection_is_a_502() -> None:
 
 async def test_a_connection_reset_before_the_answer_is_a_502(simulator: Simulator) -> None:
     async with upstream(f"{simulator.url}/v1") as client:
-        with pytest.raises(UpstreamUnavailable):
+        with pytest.raises(UpstreamUnavailable) as caught:
             await client.send("/images/generations", order("[[fault:reset]]"), JSON, [])
+    assert caught.value.maybe_billed  # the request was sent: OpenAI may have accepted it
+
+
+async def test_a_silence_after_the_request_was_sent_may_have_been_billed(
+    simulator: Simulator,
+) -> None:
+    async with upstream(f"{simulator.url}/v1", timeout_s=0.5) as client:
+        with pytest.raises(UpstreamTimeout) as caught:
+            await client.send("/images/generations", order("[[fault:timeout]]"), JSON, [])
+    assert caught.value.maybe_billed
+
+
+async def test_a_refused_connection_was_never_billed() -> None:
+    async with upstream(f"http://127.0.0.1:{free_port()}/v1") as client:
+        with pytest.raises(UpstreamUnavailable) as caught:
+            await client.send("/images/generations", order(), JSON, [])
+    assert not caught.value.maybe_billed
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
@@ -316,3 +335,41 @@ def test_timeouts_are_504(exc: Exception) -> None:
 def test_everything_else_is_502(exc: Exception) -> None:
     failure = translate(exc)
     assert isinstance(failure, UpstreamUnavailable) and failure.status == 502
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        aiohttp.ClientConnectorError(KEY, OSError(111, "refused")),
+        aiohttp.ClientConnectorDNSError(KEY, OSError(-2, "no such host")),
+        aiohttp.ConnectionTimeoutError("connect or pool wait"),
+        httpx.ConnectError("refused"),
+        httpx.ConnectTimeout("connect"),
+        httpx.PoolTimeout("pool"),
+    ],
+    ids=lambda exc: type(exc).__name__,
+)
+def test_a_connection_never_made_was_never_billed(exc: Exception) -> None:
+    assert not translate(exc).maybe_billed
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        aiohttp.ServerDisconnectedError(),
+        aiohttp.ClientOSError(104, "reset mid-request"),
+        aiohttp.ClientConnectionResetError("reset"),
+        aiohttp.SocketTimeoutError("no answer headers within sock_read"),
+        aiohttp.ClientPayloadError("cut"),
+        TimeoutError(),
+        ConnectionResetError(),
+        httpx.ReadTimeout("read"),
+        httpx.ReadError("reset"),
+        httpx.RemoteProtocolError("cut"),
+        httpx.WriteError("broken pipe"),
+    ],
+    ids=lambda exc: type(exc).__name__,
+)
+def test_a_failure_after_sending_may_have_been_billed(exc: Exception) -> None:
+    """OpenAI bills a generation it accepted, answered or not: charged at the bound."""
+    assert translate(exc).maybe_billed
