@@ -241,10 +241,17 @@ def create_app(
         holder["services"] = shared
         me = housekeeping.this_process()
         await ledger.register(me, shared.clock())
-        await housekeeping.reclaim_once(ledger, me, shared.clock(), upstream_settings.timeout_s)
+        await housekeeping.reclaim_once(
+            ledger, me, shared.clock(), housekeeping.reclaim_after_s(upstream_settings)
+        )
         alerts.start()
         duties = asyncio.create_task(
-            housekeeping.run(ledger, me, shared.clock, upstream_settings.timeout_s)
+            housekeeping.run(
+                ledger,
+                me,
+                shared.clock,
+                lambda: housekeeping.reclaim_after_s(services().config.upstream),
+            )
         )
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -255,9 +262,14 @@ def create_app(
             duties.cancel()
             for handle in shared.background_handles:
                 handle.cancel()
-            # In-flight exchanges are being billed: let them finish and settle.
+            # In-flight exchanges are being billed: let them finish and settle. Each ends by
+            # its deadline, then settles within `timeout_s` (a ledger outage's retries).
             if shared.background:
-                await asyncio.wait(set(shared.background), timeout=upstream_settings.timeout_s)
+                upstream_now = shared.config.upstream
+                await asyncio.wait(
+                    set(shared.background),
+                    timeout=upstream_now.deadline_s + upstream_now.timeout_s,
+                )
             await shared.upstream.aclose()
             await alerts.aclose()
             metrics.close()

@@ -383,7 +383,8 @@ def run_serve(args: argparse.Namespace) -> int:
     app = create_app(config, overrides, path)  # refuses a missing upstream key before serving
     asyncio.run(check_ledger(overrides.ledger_url or config.ledger_url))
     print_banner(args, config, overrides)
-    grace = config.upstream.timeout_s + 5
+    # A client may be reading a stream until its deadline: let it, then 5 s to answer.
+    grace = config.upstream.deadline_s + 5
     if args.workers > 1:
         os.environ[ENV_CONFIG] = str(path)
         os.environ[ENV_WORKERS] = str(args.workers)

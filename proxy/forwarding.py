@@ -3,6 +3,11 @@
 The exchange with the upstream runs in its own task, shielded from the client:
 a client that disconnects does not stop metering, because OpenAI bills the
 generation all the same. Streams are relayed event by event as they arrive.
+
+Every exchange has a total deadline, `upstream.total_timeout_s` after the request
+arrived (on the services' clock): an upstream still sending then is cut and the
+request charged its bound, flagged `deadline_exceeded`. So a live request never
+outlives the age at which housekeeping reclaims reservations.
 """
 
 from __future__ import annotations
@@ -11,13 +16,19 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.responses import Response, StreamingResponse
 
-from proxy.errors import LedgerError, RequestError, UpstreamUnavailable
+from proxy.errors import (
+    DeadlineExceeded,
+    LedgerError,
+    RequestError,
+    UpstreamFailure,
+    UpstreamUnavailable,
+)
 from proxy.ledger import Entry, Settlement, settle_patiently
 from proxy.metering import BodyMeter, MalformedAnswer, SseMeter
 from proxy.models import Change, Endpoint, Outcome, Usage, usd_text
@@ -30,6 +41,10 @@ from proxy.upstream import BROKEN_OFF, Answer, response_headers
 log = logging.getLogger("tollgate.requests")
 
 ERROR_BODY_LIMIT = 1024 * 1024
+DEADLINE_MESSAGE = (
+    "The upstream's answer did not end within Tollgate's deadline for one request "
+    "(upstream.total_timeout_s)."
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,22 +87,71 @@ class Forwarder:
         try:
             answer = await self.send(exchange, body, content_type, client_headers, sent)
         except RequestError as exc:
-            return error_response(exc, exchange.after(0))
+            return error_response(exc, exchange.after(failure_cost(exchange, exc)))
         return await self.complete(exchange, answer, sent)
 
     async def send(
         self, exchange: Exchange, body: bytes, content_type: str, client_headers: Any, sent: float
     ) -> Answer:
-        """Send upstream; a request that never got an answer is settled (nothing charged)
-        and its error re-raised."""
+        """Send upstream; a request that never got an answer is settled and its error
+        re-raised: at nothing when it never left, at its bound (flagged) when it may have
+        reached the upstream, which bills what it accepted (see `failure_cost`)."""
+        left = self.time_left(exchange)
         try:
-            return await self.services.upstream.send(
-                "/images/" + self.endpoint, body, content_type, client_headers
-            )
+            if left <= 0:
+                # A body that took the whole deadline to arrive: never sent, nothing billed.
+                raise DeadlineExceeded(DEADLINE_MESSAGE)
+            try:
+                async with asyncio.timeout(left):
+                    return await self.services.upstream.send(
+                        "/images/" + self.endpoint, body, content_type, client_headers
+                    )
+            except TimeoutError as exc:  # the deadline: the client's own are translated
+                raise DeadlineExceeded(DEADLINE_MESSAGE, maybe_billed=True) from exc
         except RequestError as exc:
             self.observe_upstream(exchange, sent)
-            await self.settle(exchange, "upstream_error", exc.status, Usage(), 0, error=exc.code)
+            cost = failure_cost(exchange, exc)
+            code = exc.ledger_code if isinstance(exc, UpstreamFailure) else exc.code
+            await self.settle(
+                exchange,
+                "upstream_error",
+                exc.status,
+                Usage(images=exchange.n) if cost else Usage(),
+                cost,
+                flagged=cost > 0,
+                error=code,
+            )
             raise
+
+    def deadline(self, exchange: Exchange) -> float:
+        """When the exchange must be over, on the services' clock."""
+        return exchange.entry.started_at + self.services.config.upstream.deadline_s
+
+    def time_left(self, exchange: Exchange) -> float:
+        return self.deadline(exchange) - self.services.clock()
+
+    async def within_deadline(
+        self, exchange: Exchange, chunks: AsyncIterable[bytes]
+    ) -> AsyncIterator[bytes]:
+        """`chunks` until the exchange's deadline, then DeadlineExceeded: checked as each
+        chunk arrives, and by a timer while the upstream sends none. The timer covers one
+        read at a time, never the consumer's work between two chunks."""
+        clock, deadline = self.services.clock, self.deadline(exchange)
+        reading = aiter(chunks)
+        while True:
+            try:
+                left = deadline - clock()
+                if left <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(left):
+                    chunk = await anext(reading)
+                if clock() >= deadline:
+                    raise TimeoutError  # it came, but too late
+            except StopAsyncIteration:
+                return
+            except TimeoutError as exc:  # the upstream's own silences are translated
+                raise DeadlineExceeded(DEADLINE_MESSAGE, maybe_billed=True) from exc
+            yield chunk
 
     def observe_upstream(self, exchange: Exchange, sent: float) -> None:
         model = exchange.entry.model or ""
@@ -100,7 +164,7 @@ class Forwarder:
         meter = BodyMeter() if ok else None
         try:
             try:
-                async for chunk in answer.chunks():
+                async for chunk in self.within_deadline(exchange, answer.chunks()):
                     spool.write(chunk)
                     if meter is not None:
                         meter.feed(chunk)
@@ -171,21 +235,25 @@ class Forwarder:
     async def charge_failure(
         self, exchange: Exchange, answer: Answer, failure: Exception
     ) -> Response:
-        """A 2xx answer that broke off or is not JSON: OpenAI may have billed; charge the bound."""
+        """An answer that broke off, is not JSON or outlived its deadline: OpenAI may have
+        billed; charge the bound."""
         cost = exchange.entry.estimated_nanos
+        exc: RequestError = UpstreamUnavailable(
+            f"The upstream's answer could not be read ({failure}). The request's estimated "
+            "cost was charged and flagged for reconciliation."
+        )
+        late = isinstance(failure, DeadlineExceeded)
+        if isinstance(failure, DeadlineExceeded):
+            exc = failure
         await self.settle(
             exchange,
             "upstream_error",
-            502,
+            exc.status,
             Usage(images=exchange.n),
             cost,
             flagged=True,
-            error="malformed_answer",
+            error="deadline_exceeded" if late else "malformed_answer",
             upstream_id=answer.headers.get("x-request-id"),
-        )
-        exc = UpstreamUnavailable(
-            f"The upstream's answer could not be read ({failure}). The request's estimated cost "
-            "was charged and flagged for reconciliation."
         )
         return error_response(exc, exchange.after(cost))
 
@@ -203,7 +271,8 @@ class Forwarder:
         try:
             answer = await self.send(exchange, body, content_type, client_headers, sent)
         except RequestError as exc:
-            return error_response(exc, {**headers, "x-tollgate-cost-usd": "0"})
+            cost = usd_text(failure_cost(exchange, exc))
+            return error_response(exc, {**headers, "x-tollgate-cost-usd": cost})
         if not 200 <= answer.status < 300 or "event-stream" not in answer.headers.get(
             "content-type", ""
         ):
@@ -222,12 +291,12 @@ class Forwarder:
         meter = SseMeter()
         broken: str | None = None
         try:
-            async for chunk in answer.chunks():
+            async for chunk in self.within_deadline(exchange, answer.chunks()):
                 meter.feed(chunk)
                 relay.put(chunk)
             meter.finish()
         except BROKEN_OFF as exc:
-            broken = exc.code
+            broken = exc.ledger_code
         finally:
             await answer.aclose()
             relay.close()
@@ -327,6 +396,14 @@ class Relay:
                 yield chunk
         finally:
             self._listening = False
+
+
+def failure_cost(exchange: Exchange, failure: RequestError) -> int:
+    """What a request that got no answer is charged: its bound if it may have reached the
+    upstream (flagged for reconciliation), else nothing."""
+    if isinstance(failure, UpstreamFailure) and failure.maybe_billed:
+        return exchange.entry.estimated_nanos
+    return 0
 
 
 def error_code(body: bytes) -> str | None:

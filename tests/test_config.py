@@ -108,7 +108,7 @@ def test_example_policies_hold_the_documented_settings() -> None:
     assert config.admin_token is None
     assert config.ledger_url == f"sqlite:///{EXAMPLES}/tollgate.db"
     assert config.organization_budgets == (
-        Budget("month", "usd", 20_000 * 10**9, where=f"{EXAMPLES}/tollgate.yaml:27"),
+        Budget("month", "usd", 20_000 * 10**9, where=f"{EXAMPLES}/tollgate.yaml:28"),
     )
     design, research = config.teams
     assert design.cost_center == "CC-1042"

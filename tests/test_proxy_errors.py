@@ -186,28 +186,55 @@ def assert_still_serving(tollgate: Tollgate) -> None:
     assert result.data
 
 
-def test_upstream_timeout_is_504_and_releases_the_reservation(tollgate: Tollgate) -> None:
+def assert_charged_the_bound_flagged(caught: openai.APIStatusError, row: dict[str, object]) -> None:
+    """The request reached the upstream, which bills what it accepted: the reservation
+    became spend at its bound, flagged for reconciliation, and the answer says so."""
+    assert row["outcome"] == "upstream_error" and row["flagged"] == 1
+    assert row["cost_nanos"] == row["estimated_nanos"] and row["reserved_nanos"] == 0
+    charged = Decimal(caught.response.headers["x-tollgate-cost-usd"]) * 10**9
+    assert charged == row["cost_nanos"] > 0
+    assert set(caught.response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_upstream_timeout_after_sending_is_504_and_charges_the_bound_flagged(
+    tollgate: Tollgate,
+) -> None:
     with pytest.raises(openai.APIStatusError) as caught:
         tollgate.client().images.generate(
             model="gpt-image-2", prompt="[[fault:timeout]]", quality="low"
         )
     assert caught.value.status_code == 504 and caught.value.code == "upstream_timeout"
     row = wait_settled(tollgate, caught.value.response.headers["x-tollgate-request-id"])
-    assert (
-        row["outcome"] == "upstream_error" and row["cost_nanos"] == 0 and row["reserved_nanos"] == 0
-    )
+    assert_charged_the_bound_flagged(caught.value, row)
+    assert row["error_code"] == "upstream_timeout" and row["status"] == 504
     assert_still_serving(tollgate)
 
 
-def test_connection_reset_is_502(tollgate: Tollgate) -> None:
+def test_connection_reset_after_sending_is_502_and_charges_the_bound_flagged(
+    tollgate: Tollgate,
+) -> None:
     with pytest.raises(openai.APIStatusError) as caught:
         tollgate.client().images.generate(
             model="gpt-image-2", prompt="[[fault:reset]]", quality="low"
         )
     assert caught.value.status_code == 502 and caught.value.code == "upstream_unavailable"
     row = wait_settled(tollgate, caught.value.response.headers["x-tollgate-request-id"])
-    assert row["reserved_nanos"] == 0
+    assert_charged_the_bound_flagged(caught.value, row)
+    assert row["error_code"] == "upstream_unavailable" and row["status"] == 502
     assert_still_serving(tollgate)
+
+
+def test_a_streamed_request_reset_after_sending_is_charged_the_bound(tollgate: Tollgate) -> None:
+    answer = post(
+        tollgate,
+        "generations",
+        json={"model": "gpt-image-2", "prompt": "[[fault:reset]]", "quality": "low",
+              "stream": True},
+    )  # fmt: skip
+    assert_openai_error(answer, 502, "upstream_unavailable")
+    row = wait_settled(tollgate, answer.headers["x-tollgate-request-id"])
+    assert row["flagged"] == 1 and row["cost_nanos"] == row["estimated_nanos"] > 0
+    assert Decimal(answer.headers["x-tollgate-cost-usd"]) * 10**9 == row["cost_nanos"]
 
 
 def test_garbage_answer_is_502_and_charges_the_estimate_flagged(tollgate: Tollgate) -> None:
@@ -367,9 +394,11 @@ def orphan_tollgate(tmp_path: Path) -> Iterator[Tollgate]:
 
 
 def test_unreachable_upstream_is_502_and_releases(orphan_tollgate: Tollgate) -> None:
+    """A connection never made: the request never left, nothing can have been billed."""
     with pytest.raises(openai.APIStatusError) as caught:
         orphan_tollgate.client().images.generate(model="gpt-image-2", prompt="x", quality="low")
     assert caught.value.status_code == 502 and caught.value.code == "upstream_unavailable"
+    assert caught.value.response.headers["x-tollgate-cost-usd"] == "0"
     row = wait_settled(orphan_tollgate, caught.value.response.headers["x-tollgate-request-id"])
-    assert row["reserved_nanos"] == 0 and row["cost_nanos"] == 0
+    assert row["reserved_nanos"] == 0 and row["cost_nanos"] == 0 and row["flagged"] == 0
     assert orphan_tollgate.process.poll() is None

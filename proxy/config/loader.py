@@ -190,8 +190,9 @@ class _Builder:
                 up[optional] = up[optional] or None  # an unset ${VAR} turns the setting off
         if "base_url" in up:
             up["base_url"] = up["base_url"].rstrip("/")
-        if "timeout_s" in up:
-            up["timeout_s"] = float(up["timeout_s"])
+        for seconds in ("timeout_s", "total_timeout_s"):
+            if seconds in up:
+                up[seconds] = float(up[seconds])
         upstream = UpstreamSettings(**up)
         timezone = data.get("timezone", "UTC")
         try:

@@ -132,6 +132,7 @@ _DEFS: dict[str, Any] = {
                     },
                     "api_key": _OPTIONAL_TEXT,
                     "timeout_s": _POSITIVE,
+                    "total_timeout_s": _POSITIVE,
                     "organization": _OPTIONAL_TEXT,
                     "project": _OPTIONAL_TEXT,
                     "max_connections": _COUNT,

@@ -98,11 +98,20 @@ class UpstreamSettings:
     base_url: str = "https://api.openai.com/v1"
     api_key: str | None = None
     timeout_s: float = 300.0
+    """The longest the upstream may stay silent: before its answer starts, between chunks."""
+    total_timeout_s: float | None = None
+    """The longest one exchange may last, from the request's arrival to its answer's last
+    byte (a stream that keeps sending is cut there); None: `2 × timeout_s`."""
     organization: str | None = None
     """Replaces the client's `OpenAI-Organization` header when set."""
     project: str | None = None
     """Replaces the client's `OpenAI-Project` header when set."""
     max_connections: int = 4096
+
+    @property
+    def deadline_s(self) -> float:
+        """The total deadline of an exchange (`total_timeout_s`, else twice `timeout_s`)."""
+        return self.total_timeout_s if self.total_timeout_s is not None else 2 * self.timeout_s
 
 
 @dataclass(frozen=True, slots=True)
