@@ -22,7 +22,7 @@ from pathlib import Path
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
-from proxy import __version__, reconcile
+from proxy import __version__, flagged, reconcile
 from proxy.app import (
     ENV_CONFIG,
     ENV_LEDGER,
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--format", choices=("table", "json"), default="table")
     rec.set_defaults(run=run_reconcile)
 
-    ledger = commands.add_parser("ledger", help="ledger schema migrations and copies")
+    ledger = commands.add_parser("ledger", help="ledger schema migrations, copies, flagged rows")
     ledger_commands = ledger.add_subparsers(title="ledger commands")
     migrate = ledger_commands.add_parser("migrate", help="bring the ledger's schema up to date")
     add_config(migrate)
@@ -154,6 +154,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--to", dest="target", required=True, metavar="URL", help="e.g. postgresql://…"
     )
     copy.set_defaults(run=run_ledger_copy)
+    listing = ledger_commands.add_parser(
+        "flagged", help="requests charged without a metered cost (to reconcile and resolve)"
+    )
+    add_config(listing)
+    listing.add_argument("--ledger", help="ledger URL (overrides the configuration)")
+    listing.add_argument("--from", dest="start", metavar="DATE", help="first UTC day")
+    listing.add_argument("--to", dest="end", metavar="DATE", help="last UTC day, included")
+    listing.add_argument("--unresolved", action="store_true", help="only rows not resolved yet")
+    listing.add_argument("--format", choices=("table", "json"), default="table")
+    listing.set_defaults(run=run_ledger_flagged)
+    resolving = ledger_commands.add_parser(
+        "resolve", help="set the true cost of a flagged request (counters adjusted)"
+    )
+    add_config(resolving)
+    resolving.add_argument("request_id", metavar="REQUEST_ID", help="e.g. tg_req_…")
+    resolving.add_argument("--ledger", help="ledger URL (overrides the configuration)")
+    cost = resolving.add_mutually_exclusive_group(required=True)
+    cost.add_argument("--cost", metavar="USD", help="what OpenAI billed for it")
+    cost.add_argument("--free", action="store_true", help="OpenAI billed nothing for it")
+    resolving.add_argument("--note", default="", help="why, e.g. the Costs API export it came from")
+    resolving.set_defaults(run=run_ledger_resolve)
 
     schema = commands.add_parser("schema", help="print the JSON Schema of the configuration")
     schema.set_defaults(run=run_schema)
@@ -205,6 +226,44 @@ def run_ledger_copy(args: argparse.Namespace) -> int:
         f"copied {copied.requests} requests (${usd_text(copied.cost_nanos)}), "
         f"{copied.counters} budget counters and {copied.alerts} alerts sent "
         f"from {args.source} to {args.target}"
+    )
+    return 0
+
+
+def ledger_url_of(args: argparse.Namespace) -> str:
+    return str(args.ledger or load_config(config_path(args)).ledger_url)
+
+
+def run_ledger_flagged(args: argparse.Namespace) -> int:
+    try:
+        first = reconcile.parse_day(args.start) if args.start else None
+        last = reconcile.parse_day(args.end) if args.end else None
+    except InvalidRequest as exc:
+        print(f"tollgate ledger flagged: {exc.message}", file=sys.stderr)
+        return 2
+    rows = asyncio.run(
+        flagged.flagged_rows(ledger_url_of(args), first, last, unresolved=args.unresolved)
+    )
+    if args.format == "json":
+        print(json.dumps(flagged.as_json(rows), indent=2))
+    else:
+        print(flagged.as_table(rows), end="")
+    return 0
+
+
+def run_ledger_resolve(args: argparse.Namespace) -> int:
+    try:
+        cost = 0 if args.free else flagged.parse_usd(args.cost)
+    except InvalidRequest as exc:
+        print(f"tollgate ledger resolve: {exc.message}", file=sys.stderr)
+        return 2
+    before = asyncio.run(
+        flagged.resolve(ledger_url_of(args), args.request_id, cost, args.note, time.time())
+    )
+    print(
+        f"{args.request_id}: charged ${usd_text(before)} -> ${usd_text(cost)} "
+        f"(budgets adjusted by {'-' if cost < before else '+'}${usd_text(abs(cost - before))}); "
+        "it stays flagged, marked resolved"
     )
     return 0
 

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from jsonschema import Draft202012Validator
 
 from proxy.auth import key_hash
+from proxy.ledger import open_ledger
+from tests import pg
 from tests.conftest import write_config
+from tests.test_ledger import DESIGN_DAY, SETTLED, ledger_url, take
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "policies"
 
@@ -101,3 +106,78 @@ def test_schema_is_a_json_schema_that_accepts_the_example_team_files() -> None:
     validator = Draft202012Validator(schema)
     for path in (EXAMPLES / "teams").glob("*.yaml"):
         assert not list(validator.iter_errors(yaml.safe_load(path.read_text())))
+
+
+def lost_request(url: str) -> None:
+    """A ledger holding one request reclaimed at its bound ($0.5) and one settled."""
+
+    async def seed() -> None:
+        ledger = await open_ledger(url)
+        try:
+            await ledger.reserve([], take("tg_req_lost", started_at=1_700_000_000.0))
+            await ledger.reserve([], take("tg_req_fine", started_at=1_700_000_001.0))
+            await ledger.settle("tg_req_fine", SETTLED)
+            await ledger.reclaim(1_700_000_100.0, started_before=1_700_000_000.5)
+        finally:
+            await ledger.close()
+
+    asyncio.run(seed())
+
+
+def spent(url: str) -> int:
+    async def read() -> int:
+        ledger = await open_ledger(url)
+        try:
+            return (await ledger.totals([DESIGN_DAY]))[DESIGN_DAY].spent_nanos
+        finally:
+            await ledger.close()
+
+    return asyncio.run(read())
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_ledger_flagged_lists_and_resolve_sets_the_true_cost(tmp_path: Path, backend: str) -> None:
+    url = ledger_url(backend, tmp_path)
+    try:
+        lost_request(url)
+        listed = tollgate("ledger", "flagged", "--ledger", url, "--format", "json")
+        assert listed.returncode == 0, listed.stderr
+        [row] = json.loads(listed.stdout)["flagged"]
+        assert row == {
+            "id": "tg_req_lost", "team": "design", "started_utc": "2023-11-14T22:13:20+00:00",
+            "reserved_usd": "0.5", "charged_usd": "0.5", "outcome": "upstream_error",
+            "error_code": "outcome_unknown", "upstream_request_id": None,
+            "resolved_utc": None, "resolution": None,
+        }  # fmt: skip
+        table = tollgate("ledger", "flagged", "--ledger", url, "--from", "2023-11-14")
+        assert "tg_req_lost" in table.stdout and "1 unresolved, charged $0.5" in table.stdout
+        assert "tg_req_lost" not in tollgate("ledger", "flagged", "--ledger", url, "--from",
+                                             "2023-11-15").stdout  # fmt: skip
+        assert spent(url) == 500_000_000 + 210_765_000
+
+        done = tollgate(
+            "ledger", "resolve", "tg_req_lost", "--ledger", url, "--cost", "0.0196",
+            "--note", "costs API 2023-11-14",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "charged $0.5 -> $0.0196" in done.stdout
+        assert spent(url) == 19_600_000 + 210_765_000
+        [row] = json.loads(
+            tollgate("ledger", "flagged", "--ledger", url, "--format", "json").stdout
+        )["flagged"]
+        assert (row["charged_usd"], row["resolution"]) == ("0.0196", "costs API 2023-11-14")
+        assert row["resolved_utc"] is not None
+        unresolved = tollgate("ledger", "flagged", "--ledger", url, "--unresolved")
+        assert "tg_req_lost" not in unresolved.stdout
+
+        assert (
+            tollgate("ledger", "resolve", "tg_req_lost", "--ledger", url, "--free").returncode == 0
+        )
+        assert spent(url) == 210_765_000
+        refused = tollgate("ledger", "resolve", "tg_req_fine", "--ledger", url, "--free")
+        assert refused.returncode == 1 and "is not flagged" in refused.stderr
+        wrong = tollgate("ledger", "resolve", "tg_req_lost", "--ledger", url, "--cost", "lots")
+        assert wrong.returncode == 2 and "not an amount in USD" in wrong.stderr
+    finally:
+        if backend == "postgresql":
+            pg.drop_schema(url)
