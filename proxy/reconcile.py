@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
@@ -28,7 +28,7 @@ import httpx
 from proxy.config import Config
 from proxy.errors import InvalidRequest, UpstreamUnavailable
 from proxy.ledger import open_ledger
-from proxy.ledger.base import Ledger
+from proxy.ledger.base import Flagged, Ledger
 from proxy.models import NANOS_PER_USD
 from proxy.pricing import PriceBook
 
@@ -181,6 +181,12 @@ class Reconciliation:
     tolerance: Decimal
     lines: tuple[Line, ...]
     ignored: Mapping[str, Decimal]
+    flagged: tuple[Flagged, ...] = ()
+    """The flagged rows of these days: their charge is a bound until resolved."""
+
+    @property
+    def unresolved(self) -> list[Flagged]:
+        return [f for f in self.flagged if f.resolved_at is None]
 
     @property
     def off_days(self) -> list[date]:
@@ -241,6 +247,17 @@ def as_json(r: Reconciliation) -> dict[str, Any]:
         ],
         "off_days": [d.isoformat() for d in r.off_days],
         "ignored_line_items": {k: _money(v) for k, v in sorted(r.ignored.items())},
+        "unresolved_flagged": [
+            {
+                "id": f.id,
+                "team": f.team,
+                "day": utc_day(f.started_at).isoformat(),
+                "charged_usd": _money(Decimal(f.cost_nanos) / NANOS_PER_USD),
+                "error_code": f.error_code,
+                "upstream_request_id": f.upstream_request_id,
+            }
+            for f in r.unresolved
+        ],
     }
 
 
@@ -274,6 +291,15 @@ def as_table(r: Reconciliation) -> str:
         )
     else:
         out.append("Every day matches within the tolerance.")
+    if r.unresolved:
+        charged = Decimal(sum(f.cost_nanos for f in r.unresolved)) / NANOS_PER_USD
+        out.append("")
+        out.append(
+            f"{len(r.unresolved)} flagged request(s) of these days are charged their bound "
+            f"(${_money(charged)} in all) until resolved: list them with `tollgate ledger "
+            "flagged --unresolved`, then `tollgate ledger resolve ID --cost USD` (or --free) "
+            "once OpenAI's costs show what they were billed."
+        )
     return "\n".join(out) + "\n"
 
 
@@ -311,6 +337,7 @@ async def run(
     ledger = await open_ledger(ledger_url)
     try:
         ours = await ledger_costs(ledger, first, last, book)
+        flagged = await ledger.flagged(midnight(first), midnight(last + timedelta(days=1)))
     finally:
         await ledger.close()
-    return compare(openai, ours, first, last, tolerance)
+    return replace(compare(openai, ours, first, last, tolerance), flagged=tuple(flagged))

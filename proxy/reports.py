@@ -339,7 +339,9 @@ async def audit(
 
     Rows stream from the ledger in batches; memory stays constant however many there are.
     Money columns (`*_nanos`) are integers of nano-dollars; `cost_usd` and `estimated_usd`
-    are added as decimal strings, times as ISO 8601 UTC next to the unix seconds."""
+    are added as decimal strings, times as ISO 8601 UTC next to the unix seconds. A flagged
+    row's `cost_nanos` is its bound until an operator resolved it (`resolved_at`,
+    `resolution`)."""
     header: list[str] | None = None
     out = io.StringIO()
     writer = csv.writer(out)
@@ -368,7 +370,7 @@ def _drain(out: io.StringIO) -> str:
 
 def _audit_record(row: dict[str, Any]) -> dict[str, Any]:
     record = dict(row)
-    for name in ("started_at", "finished_at"):
+    for name in ("started_at", "finished_at", "resolved_at"):
         value = record.get(name)
         record[name.replace("_at", "_utc")] = (
             None

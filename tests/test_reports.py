@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import date
 from decimal import Decimal
 
 import pytest
 
 from proxy.errors import InvalidRequest
-from proxy.ledger.base import Aggregate
+from proxy.ledger.base import Aggregate, Flagged
 from proxy.pricing import load_price_book
 from proxy.reconcile import OpenAICosts, compare, line_item_model
+from proxy.reconcile import as_json as reconcile_json
+from proxy.reconcile import as_table as reconcile_table
 from proxy.reports import Period, as_csv, as_json, fold, parse_by
 
 
@@ -77,3 +80,22 @@ def test_reconcile_flags_positive_differences_as_bypassed_traffic() -> None:
     assert "bypassed" in result.lines[0].note
     assert compare(openai, {(day, "gpt-image-2"): 1_495_000_000}, day, day).off_days == []
     assert load_price_book().find("gpt-image-2-2026-04-21") is not None
+
+
+def test_reconcile_lists_the_unresolved_flagged_requests_of_its_days() -> None:
+    day = date(2026, 11, 3)
+    openai = OpenAICosts({(day, "gpt-image-2"): Decimal("0.02")}, {day})
+    lost = Flagged("tg_req_1", "design", 1_793_700_000.0, 19_600_000, 19_600_000,
+                   "upstream_error", "outcome_unknown", None)  # fmt: skip
+    resolved = replace(lost, id="tg_req_2", resolved_at=1_793_800_000.0, resolution="")
+    result = replace(
+        compare(openai, {(day, "gpt-image-2"): 39_200_000}, day, day), flagged=(lost, resolved)
+    )
+    assert [f.id for f in result.unresolved] == ["tg_req_1"]
+    table = reconcile_table(result)
+    assert "1 flagged request(s) of these days are charged their bound ($0.0196" in table
+    assert "tollgate ledger resolve" in table
+    assert reconcile_json(result)["unresolved_flagged"] == [
+        {"id": "tg_req_1", "team": "design", "day": "2026-11-03", "charged_usd": "0.0196",
+         "error_code": "outcome_unknown", "upstream_request_id": None}
+    ]  # fmt: skip
