@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from starlette.responses import Response, StreamingResponse
@@ -58,6 +58,13 @@ class Exchange:
     changes: tuple[Change, ...] = ()
     remaining_nanos: int | None = None
     """Room left in the tightest USD budget with this request's bound reserved."""
+    bound_usage: Usage = field(default_factory=Usage)
+    """The estimated usage reserved with the bound."""
+
+    def bound(self) -> tuple[int, Usage]:
+        """What a request is charged when its cost cannot be known: its reserved bound, with
+        the usage reserved with it (so token budgets keep counting it too)."""
+        return self.entry.estimated_nanos, replace(self.bound_usage, images=self.n)
 
     def after(self, cost_nanos: int) -> dict[str, str]:
         """The answer's headers once the request cost `cost_nanos`."""
@@ -116,7 +123,7 @@ class Forwarder:
                 exchange,
                 "upstream_error",
                 exc.status,
-                Usage(images=exchange.n) if cost else Usage(),
+                exchange.bound()[1] if cost else Usage(),
                 cost,
                 flagged=cost > 0,
                 error=code,
@@ -237,7 +244,7 @@ class Forwarder:
     ) -> Response:
         """An answer that broke off, is not JSON or outlived its deadline: OpenAI may have
         billed; charge the bound."""
-        cost = exchange.entry.estimated_nanos
+        cost, usage = exchange.bound()
         exc: RequestError = UpstreamUnavailable(
             f"The upstream's answer could not be read ({failure}). The request's estimated "
             "cost was charged and flagged for reconciliation."
@@ -249,7 +256,7 @@ class Forwarder:
             exchange,
             "upstream_error",
             exc.status,
-            Usage(images=exchange.n),
+            usage,
             cost,
             flagged=True,
             error="deadline_exceeded" if late else "malformed_answer",
@@ -319,12 +326,13 @@ class Forwarder:
             )
         else:
             # Cut short: the generation may have been billed. Charge the bound and flag it.
+            cost, usage = exchange.bound()
             await self.settle(
                 exchange,
                 "upstream_error",
                 answer.status,
-                Usage(images=exchange.n),
-                exchange.entry.estimated_nanos,
+                usage,
+                cost,
                 flagged=True,
                 error=broken or ("malformed_answer" if meter.unreadable else "stream_truncated"),
                 upstream_id=upstream_id,

@@ -161,6 +161,7 @@ class ImagesHandler:
             headers,
             variant.changes,
             decision.remaining_nanos,
+            variant.estimate.usage,
         )
         client_headers = request.headers.items()
         if variant.request.stream:

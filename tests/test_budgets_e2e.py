@@ -365,11 +365,16 @@ def test_kill_9_mid_storm_never_hands_billed_room_out_again(
     try:
         loop = asyncio.new_event_loop()
         storm = loop.create_task(fire(proxy.url, 40))
-        # Kill once the whole budget is reserved: every request that fits is in flight.
+
+        # Kill once the whole budget is reserved and every request that fits has reached
+        # the simulator (which answers after 2 s): all of them are in flight.
+        def arrived() -> int:
+            return sum(1 for r in simulator.billing() if r["id"] not in seen)
+
         deadline = time.monotonic() + 20
-        while reserved_rows(proxy) < fits and time.monotonic() < deadline:
+        while (reserved_rows(proxy), arrived()) != (fits, fits) and time.monotonic() < deadline:
             loop.run_until_complete(asyncio.sleep(0.02))
-        assert reserved_rows(proxy) == fits
+        assert (reserved_rows(proxy), arrived()) == (fits, fits)
         proxy.process.send_signal(signal.SIGKILL)
         proxy.process.wait()
         loop.run_until_complete(storm)

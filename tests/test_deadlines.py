@@ -235,6 +235,7 @@ async def test_a_stream_past_its_total_deadline_is_cut_and_charged_its_bound(roo
         assert s is not None
         assert (s.outcome, s.error_code, s.flagged) == ("upstream_error", "deadline_exceeded", True)
         assert s.cost_nanos == row.entry.estimated_nanos > 0
+        assert s.usage.image_output > 0  # with the usage reserved with it
 
 
 async def test_a_request_whose_body_took_the_whole_deadline_is_not_sent(root: Path) -> None:

@@ -191,6 +191,7 @@ def assert_charged_the_bound_flagged(caught: openai.APIStatusError, row: dict[st
     became spend at its bound, flagged for reconciliation, and the answer says so."""
     assert row["outcome"] == "upstream_error" and row["flagged"] == 1
     assert row["cost_nanos"] == row["estimated_nanos"] and row["reserved_nanos"] == 0
+    assert row["image_output_tokens"] > 0  # the usage reserved with it: token budgets count it
     charged = Decimal(caught.response.headers["x-tollgate-cost-usd"]) * 10**9
     assert charged == row["cost_nanos"] > 0
     assert set(caught.response.json()["error"]) == {"message", "type", "param", "code"}
