@@ -205,9 +205,9 @@ def create_app(
         shared = services()
         if fresh.upstream != shared.config.upstream:
             retired, shared.upstream = shared.upstream, build_upstream(fresh.upstream)
-            # Requests in flight keep the old client until they are done.
+            # Requests in flight keep the old client until they are done: by their deadline.
             later = asyncio.get_running_loop().call_later(
-                shared.config.upstream.timeout_s + 5,
+                shared.config.upstream.deadline_s + 5,
                 lambda: asyncio.ensure_future(retired.aclose()),
             )
             shared.background_handles.append(later)

@@ -12,6 +12,7 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -236,6 +237,29 @@ async def test_a_stream_past_its_total_deadline_is_cut_and_charged_its_bound(roo
         assert (s.outcome, s.error_code, s.flagged) == ("upstream_error", "deadline_exceeded", True)
         assert s.cost_nanos == row.entry.estimated_nanos > 0
         assert s.usage.image_output > 0  # with the usage reserved with it
+
+
+async def test_an_answer_still_arriving_at_the_deadline_is_a_504_charged_its_bound(
+    root: Path,
+) -> None:
+    async with harness(root) as h:
+        client = call(h.app, PLAIN)
+        await asyncio.wait_for(h.upstream.arrived.wait(), WAIT_S)
+        [body] = h.upstream.bodies
+        await body.chunks.put(b'{"created": 1, "data": [')
+        h.now[0] += TOTAL_TIMEOUT_S + 1
+        await body.chunks.put(b'{"b64_json": "')  # still coming, too late
+        start = await client.next()
+        assert start["status"] == 504
+        error = json.loads(await client.body_until_end())["error"]
+        assert (error["code"], error["type"]) == ("upstream_timeout", "api_error")
+        row = await h.settled()
+        s = row.settlement
+        assert s is not None
+        assert (s.error_code, s.flagged, s.status) == ("deadline_exceeded", True, 504)
+        assert s.cost_nanos == row.entry.estimated_nanos > 0
+        charged = dict(start["headers"])[b"x-tollgate-cost-usd"].decode()
+        assert Decimal(charged) * 10**9 == s.cost_nanos
 
 
 async def test_a_request_whose_body_took_the_whole_deadline_is_not_sent(root: Path) -> None:
