@@ -5,8 +5,9 @@ unreachable at that moment (a restart, a fail-over), the settlement is retried
 with exponential backoff for up to `within_s` (the upstream timeout: the longest
 a request may take anyway) before the error is given up and logged; the
 reservation then stays in the ledger, still counted against the budgets, until
-the periodic reclaim settles it at its bound (flagged `outcome_unknown`). Settling is idempotent on every backend that
-can lose an acknowledgement, so a retry never charges twice.
+the periodic reclaim settles it at its bound (flagged `outcome_unknown`). Settling
+is idempotent on every backend that can lose an acknowledgement, so a retry never
+charges twice.
 """
 
 from __future__ import annotations
