@@ -51,7 +51,7 @@ from proxy.errors import (
 from proxy.forwarding import Exchange, Forwarder, log_request
 from proxy.ledger import Entry, Reservation, Settlement
 from proxy.models import Endpoint, ImageRequest, Outcome
-from proxy.parsing import ParsedBody, parse_request
+from proxy.parsing import parse_request
 from proxy.paths import plain_query, under
 from proxy.pricing import ModelPrices
 from proxy.responses import error_response
@@ -148,7 +148,8 @@ class ImagesHandler:
         changes: dict[str, str] = {
             c.knob: str(getattr(variant.request, c.knob)) for c in variant.changes
         }
-        if not _names_model(parsed):
+        if not parsed.names_model:
+            # Forwarded explicitly either way (ParsedBody.encode); the header says it was applied.
             changes["model"] = variant.request.model
             headers["x-tollgate-model"] = wanted.model
         if variant.changes:
@@ -252,12 +253,6 @@ def too_large(limit: int) -> RequestTooLarge:
     return RequestTooLarge(
         f"Request body is larger than the {limit:,} bytes Tollgate accepts on this endpoint."
     )
-
-
-def _names_model(parsed: ParsedBody) -> bool:
-    if parsed.json is not None:
-        return isinstance(parsed.json.get("model"), str)
-    return any(p.name == "model" for p in parsed.parts)
 
 
 def refusal_outcome(exc: RequestError) -> Outcome:

@@ -1,72 +1,143 @@
-"""Image requests out of client bodies, and bodies back out of changed requests (pure).
+"""Image requests out of client bodies, and the bodies Tollgate forwards (pure).
 
 Generations are JSON; edits are multipart (`image`, repeated `image[]`, `mask`,
 `markup`) or JSON (`images: [{image_url}|{file_id}]`); variations are multipart.
-Parsing reads only what pricing and policy need: scalar fields and the pixel
-dimensions of each uploaded image (from its header, with imagesize). The body
-is forwarded byte for byte unless a field must change.
+
+What goes upstream is built from Tollgate's own parse, never the client's bytes:
+a parser that reads a body differently (a `charset=utf-7` part name, a duplicate
+JSON key, a second PNG header) would otherwise be billed for a request Tollgate
+did not price. So every parameter is one OpenAI accepts on that endpoint and
+Tollgate either prices or knows to be price-neutral; anything else is refused,
+as are duplicates, charsets other than UTF-8, integers outside a sane range or
+written in other than ASCII digits, and strings holding NUL or lone surrogates.
+Empty and absent are the same: the default applies, and the model is always
+written out. `ParsedBody.encode` writes canonical JSON, or multipart with plain
+ASCII names, a fresh boundary and no charset or transfer-encoding parameters.
 """
 
 from __future__ import annotations
 
-import base64
 import binascii
-import io
 import json
+import re
 import secrets
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
-import imagesize
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from proxy.dimensions import Bytes, measure_image
 from proxy.errors import InvalidRequest
 from proxy.models import Endpoint, ImageRequest, InputImage
 
 MAX_PROMPT_CHARS = 32_000
 MAX_PARTIAL_IMAGES = 3
+MAX_IMAGES = 16
+MAX_INTEGER = 2**31 - 1
+"""No integer parameter means anything near this; past it a value is refused before it is
+priced or recorded (a 64-bit ledger column overflows at 2**63)."""
 IMAGE_FIELDS = ("image", "image[]", "mask", "markup")
-# A data URL's image header is found within its first bytes; never decode megabytes for it.
-DATA_URL_PROBE_CHARS = 349_528  # 256 KiB once decoded
+UTF8_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
+AUTO = "auto"
+SIZE = re.compile(r"[0-9]{1,5}x[0-9]{1,5}", re.ASCII)
+DIGITS = re.compile(r"[0-9]{1,10}", re.ASCII)
+UNSAFE_CHARS = re.compile("[\x00\ud800-\udfff]")
+MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+DATA_URL = re.compile(r"data:image/(png|jpeg|jpg|webp);base64,", re.ASCII)
+DISPOSITION = re.compile(
+    r"[ \t]*form-data"
+    r"((?:[ \t]*;[ \t]*[A-Za-z]+=(?:\"[^\"\\\r\n]*\"|[A-Za-z0-9!#$%&'+.^_`|~\[\]-]+))*)"
+    r"[ \t]*;?[ \t]*",
+    re.IGNORECASE,
+)
+DISPOSITION_PARAM = re.compile(r";[ \t]*([A-Za-z]+)=(\"[^\"\\\r\n]*\"|[^; \t]+)")
+
+Kind = Literal["text", "integer", "boolean"]
+Scalar = str | int | bool
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """How one scalar parameter is read: its type, and its values when it has few."""
+
+    kind: Kind = "text"
+    choices: tuple[str, ...] = ()
+
+
+PARAMS: Mapping[str, Param] = {
+    "prompt": Param(),
+    "model": Param(),
+    "n": Param("integer"),
+    "size": Param(),
+    "quality": Param(),
+    "stream": Param("boolean"),
+    "partial_images": Param("integer"),
+    "input_fidelity": Param(choices=("high", "low")),
+    # Price-neutral: they change how the image is delivered, not how many tokens it costs.
+    "background": Param(choices=("transparent", "opaque", "auto")),
+    "output_format": Param(choices=("png", "jpeg", "webp")),
+    "output_compression": Param("integer"),
+    "moderation": Param(choices=("low", "auto")),
+    "response_format": Param(choices=("url", "b64_json")),
+    "style": Param(choices=("vivid", "natural")),
+    "user": Param(),
+    "safety_identifier": Param(),
+}
+_GENERATION = frozenset(PARAMS) - {"input_fidelity"}
+_EDIT = frozenset(PARAMS) - {"moderation", "style"}
+ACCEPTED: Mapping[tuple[Endpoint, bool], frozenset[str]] = {
+    # (endpoint, multipart) → the scalar parameters OpenAI's Images API takes there.
+    ("generations", False): _GENERATION,
+    ("edits", True): _EDIT,
+    ("edits", False): _EDIT | {"moderation"},
+    ("variations", True): frozenset({"model", "n", "size", "response_format", "user"}),
+}
+UNPRICED = frozenset({"complexity", "frame_count", "frame_duration_ms", "svg"})
+"""Accepted by OpenAI, but their cost (planning, GIF frames, SVG models) is not in the price
+book: Tollgate cannot bound it, so it refuses them rather than forward unpriced spend."""
 
 
 @dataclass(frozen=True, slots=True)
 class Part:
-    """One multipart part, its bytes untouched."""
+    """One multipart part: its name, its bytes (a view of the body), and its headers."""
 
     name: str
-    data: bytes
+    data: Bytes
     filename: str | None = None
     content_type: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """An uploaded image as it will be forwarded: field, bytes, and the format they are."""
+
+    name: str
+    data: Bytes
+    format: str
+
+
 @dataclass(frozen=True)
 class ParsedBody:
-    """A client body understood: the request, and how to write it again with changes."""
+    """A client body understood, and everything needed to write it out again."""
 
     request: ImageRequest
-    raw: bytes
-    content_type: str
-    json: Mapping[str, Any] | None = None
-    parts: tuple[Part, ...] = ()
+    fields: Mapping[str, Scalar]
+    """The scalar parameters to forward, validated and typed, the model always included."""
+    names_model: bool
+    """False when the client gave no model (or an empty one) and the default was applied."""
+    multipart: bool = False
+    uploads: tuple[Upload, ...] = ()
+    references: Mapping[str, Any] | None = None
+    """JSON edits: `images` and `mask`, each reference rebuilt with its one key."""
 
     def encode(self, changes: Mapping[str, str]) -> tuple[bytes, str]:
-        """The body to forward with `changes` (field → new value); the raw bytes if none."""
-        if not changes:
-            return self.raw, self.content_type
-        if self.json is not None:
-            return json.dumps({**self.json, **changes}).encode(), "application/json"
-        parts = [
-            replace(p, data=changes[p.name].encode()) if p.name in changes else p
-            for p in self.parts
-        ]
-        missing = [
-            Part(name, value.encode())
-            for name, value in changes.items()
-            if all(p.name != name for p in self.parts)
-        ]
-        return encode_multipart([*missing, *parts])
+        """The body to forward with `changes` (field → new value): always written afresh."""
+        fields = {**self.fields, **changes} if changes else self.fields
+        if not self.multipart:
+            body = {**fields, **self.references} if self.references else fields
+            return json.dumps(body, separators=(",", ":")).encode(), "application/json"
+        return encode_multipart(fields, self.uploads)
 
 
 def parse_request(
@@ -75,28 +146,41 @@ def parse_request(
     """Understand a client body for `endpoint`; raises InvalidRequest with OpenAI's wording."""
     media_type, options = parse_options_header(content_type)
     if media_type == b"application/json" and endpoint != "variations":
-        fields = _json_object(body)
-        images = _json_images(fields) if endpoint == "edits" else ()
-        mask = _json_image_ref(fields["mask"], "mask") if "mask" in fields else None
-        request = _image_request(endpoint, fields, images, mask, default_model)
-        return ParsedBody(request, body, content_type, json=fields)
+        _check_charset(options, "the request")
+        given = _json_object(body)
+        _check_names(
+            given, ACCEPTED[endpoint, False], ("images", "mask") if endpoint == "edits" else ()
+        )
+        fields = _typed(given, endpoint, multipart=False)
+        images: tuple[InputImage, ...] = ()
+        mask = None
+        references: dict[str, Any] | None = None
+        if endpoint == "edits":
+            references = {}
+            images, references["images"] = _json_images(given.get("images"))
+            if given.get("mask") is not None:
+                mask, references["mask"] = _json_image_ref(given["mask"], "mask")
+        return _parsed(endpoint, fields, images, mask, default_model, references=references)
     if media_type == b"multipart/form-data" and endpoint != "generations":
+        _check_charset(options, "the request")
         boundary = options.get(b"boundary")
         if not boundary:
             raise InvalidRequest("Multipart body without a boundary.")
         parts = parse_multipart(body, boundary)
-        text_fields: dict[str, Any] = {}
+        text: dict[str, str] = {}
         for part in parts:
-            if part.name not in IMAGE_FIELDS:
-                try:
-                    text_fields[part.name] = part.data.decode()
-                except UnicodeDecodeError:
-                    raise InvalidRequest(
-                        f"Field '{part.name}' is not UTF-8 text.", param=part.name
-                    ) from None
-        images, mask = _multipart_images(endpoint, parts)
-        request = _image_request(endpoint, _typed_form(text_fields), images, mask, default_model)
-        return ParsedBody(request, body, content_type, parts=tuple(parts))
+            if part.name in IMAGE_FIELDS:
+                continue
+            if part.name in text:
+                raise InvalidRequest(
+                    f"Duplicate parameter: '{part.name}'. It may be given only once.",
+                    param=part.name,
+                )
+            text[part.name] = _utf8(part)
+        _check_names(text, ACCEPTED[endpoint, True], ())
+        fields = _typed(text, endpoint, multipart=True)
+        uploads, images, mask = _multipart_images(endpoint, parts)
+        return _parsed(endpoint, fields, images, mask, default_model, uploads=uploads)
     expected = (
         "application/json"
         if endpoint == "generations"
@@ -113,11 +197,16 @@ def parse_request(
 
 
 def parse_multipart(body: bytes, boundary: bytes) -> list[Part]:
-    """Split a multipart/form-data body into parts (python-multipart's streaming parser)."""
+    """Split a multipart/form-data body into parts (python-multipart's streaming parser).
+
+    A part's data is a view of `body` where it is one run of it (the usual case), so the
+    only copy of an image is the one `encode_multipart` makes."""
     parts: list[Part] = []
-    headers: dict[bytes, bytes] = {}
+    headers: dict[str, str] = {}
     field, value = bytearray(), bytearray()
-    data = bytearray()
+    spans: list[tuple[int, int]] = []
+    copied = bytearray()
+    view = memoryview(body)
 
     def on_header_field(buf: bytes, start: int, end: int) -> None:
         field.extend(buf[start:end])
@@ -126,30 +215,37 @@ def parse_multipart(body: bytes, boundary: bytes) -> list[Part]:
         value.extend(buf[start:end])
 
     def on_header_end() -> None:
-        headers[bytes(field).lower()] = bytes(value)
+        name = field.decode("latin-1").lower()
+        if name in headers:
+            raise InvalidRequest(f"A multipart part has two {name} headers.")
+        headers[name] = value.decode("latin-1")
         field.clear()
         value.clear()
 
     def on_part_data(buf: bytes, start: int, end: int) -> None:
-        data.extend(buf[start:end])
+        if buf is body and not copied:
+            if spans and spans[-1][1] == start:
+                spans[-1] = (spans[-1][0], end)
+            else:
+                spans.append((start, end))
+            return
+        for first, last in spans:
+            copied.extend(view[first:last])
+        spans.clear()
+        copied.extend(buf[start:end])
 
     def on_part_end() -> None:
-        _, disposition = parse_options_header(headers.get(b"content-disposition", b""))
-        name = disposition.get(b"name")
-        if name is None:
-            raise InvalidRequest("A multipart part has no name.")
-        filename = disposition.get(b"filename")
-        content_type = headers.get(b"content-type")
-        parts.append(
-            Part(
-                name=name.decode(),
-                data=bytes(data),
-                filename=filename.decode(errors="replace") if filename is not None else None,
-                content_type=content_type.decode(errors="replace") if content_type else None,
-            )
-        )
+        data: Bytes
+        if copied:
+            data = bytes(copied)
+        elif len(spans) == 1:
+            data = view[spans[0][0] : spans[0][1]]
+        else:
+            data = b"".join(view[a:b] for a, b in spans)
+        parts.append(_part(headers, data))
         headers.clear()
-        data.clear()
+        spans.clear()
+        copied.clear()
 
     parser = MultipartParser(
         boundary,
@@ -173,38 +269,107 @@ def parse_multipart(body: bytes, boundary: bytes) -> list[Part]:
     return parts
 
 
-def encode_multipart(parts: Iterable[Part]) -> tuple[bytes, str]:
-    """A multipart/form-data body and its content type."""
+def encode_multipart(
+    fields: Mapping[str, Scalar], uploads: tuple[Upload, ...]
+) -> tuple[bytes, str]:
+    """A multipart/form-data body and its content type: scalars first, then the images,
+    each with a filename and content type that say what its bytes are."""
     boundary = "tollgate-" + secrets.token_hex(16)
-    chunks: list[bytes] = []
-    for part in parts:
-        disposition = f'form-data; name="{part.name}"'
-        if part.filename is not None:
-            disposition += f'; filename="{part.filename}"'
-        head = f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
-        if part.content_type:
-            head += f"Content-Type: {part.content_type}\r\n"
-        chunks += [head.encode(), b"\r\n", part.data, b"\r\n"]
+    chunks: list[bytes | memoryview] = []
+    for name, value in fields.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        chunks += [
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode(),
+            text.encode(),
+            b"\r\n",
+        ]
+    for upload in uploads:
+        stem = upload.name.removesuffix("[]")
+        chunks += [
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{upload.name}"; '
+            f'filename="{stem}.{upload.format}"\r\nContent-Type: {MIME_TYPES[upload.format]}'
+            "\r\n\r\n".encode(),
+            upload.data,
+            b"\r\n",
+        ]
     chunks.append(f"--{boundary}--\r\n".encode())
     return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
 
 
-def image_dimensions(data: bytes, field: str) -> InputImage:
-    """The pixel size of an uploaded image; InvalidRequest when it is not an image."""
-    try:
-        width, height = imagesize.get(io.BytesIO(data))
-    except Exception:
-        width = height = -1
-    if width <= 0 or height <= 0:
+def _part(headers: Mapping[str, str], data: Bytes) -> Part:
+    """A part from its headers, refused unless they are plain: a form-data disposition with
+    an ASCII name, a content type in UTF-8 if any, no transfer encoding."""
+    for header in headers:
+        if header not in ("content-disposition", "content-type", "content-transfer-encoding"):
+            raise InvalidRequest(f"A multipart part has an unsupported {header!r} header.")
+    encoding = headers.get("content-transfer-encoding", "binary").strip().lower()
+    if encoding not in ("binary", "8bit", "7bit"):
+        raise InvalidRequest(f"A multipart part has the transfer encoding {encoding!r}.")
+    disposition = DISPOSITION.fullmatch(headers.get("content-disposition", ""))
+    if disposition is None:
+        raise InvalidRequest("A multipart part has a malformed Content-Disposition header.")
+    params: dict[str, str] = {}
+    for key, raw in DISPOSITION_PARAM.findall(disposition[1]):
+        key = key.lower()
+        if key not in ("name", "filename") or key in params:
+            raise InvalidRequest(
+                f"A multipart part's Content-Disposition has {key!r} twice or unknown."
+            )
+        params[key] = raw[1:-1] if raw.startswith('"') else raw
+    name = params.get("name")
+    if not name:
+        raise InvalidRequest("A multipart part has no name.")
+    if not name.isascii() or not name.isprintable():
+        raise InvalidRequest("A multipart part's name is not plain ASCII.")
+    content_type = headers.get("content-type")
+    if content_type is not None:
+        _check_charset(parse_options_header(content_type)[1], f"part '{name}'")
+    return Part(name, data, params.get("filename"), content_type)
+
+
+def _check_charset(options: Mapping[bytes, bytes], what: str) -> None:
+    charset = options.get(b"charset")
+    if charset is not None and charset.decode("latin-1").strip().lower() not in UTF8_CHARSETS:
         raise InvalidRequest(
-            f"Invalid image file for '{field}': expected a PNG, JPEG or WebP image.", param=field
+            f"Unsupported charset {charset.decode('latin-1')!r} for {what}: send UTF-8."
         )
-    return InputImage(width, height)
+
+
+def _check_names(
+    given: Mapping[str, Any], accepted: frozenset[str], nested: tuple[str, ...]
+) -> None:
+    for name in given:
+        if name in accepted or name in nested:
+            continue
+        if name in UNPRICED or name.startswith("svg["):
+            raise InvalidRequest(
+                f"Tollgate cannot price '{name}', so it does not forward it.", param=name
+            )
+        raise InvalidRequest(f"Unrecognized request argument supplied: {name}", param=name)
+
+
+def _utf8(part: Part) -> str:
+    try:
+        text = bytes(part.data).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"Field '{part.name}' is not UTF-8 text.", param=part.name) from None
+    _check_text(text, part.name)
+    return text
+
+
+def _check_text(text: str, name: str) -> None:
+    if "\x00" in text if text.isascii() else UNSAFE_CHARS.search(text):
+        raise InvalidRequest(
+            f"Invalid value for '{name}': NUL characters and lone surrogates are not text.",
+            param=name,
+        )
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
-        fields = json.loads(body)
+        fields = json.loads(
+            body.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant
+        )
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}") from None
     if not isinstance(fields, dict):
@@ -212,90 +377,175 @@ def _json_object(body: bytes) -> dict[str, Any]:
     return fields
 
 
-def _json_images(fields: Mapping[str, Any]) -> tuple[InputImage, ...]:
-    refs = fields.get("images")
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        seen: set[str] = set()
+        name = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise InvalidRequest(f"Duplicate parameter: {name!r}. It may be given only once.")
+    for name in fields:
+        _check_text(name, "the request")
+    return fields
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _typed(given: Mapping[str, Any], endpoint: Endpoint, *, multipart: bool) -> dict[str, Scalar]:
+    """The scalar parameters with their types checked; empty and null ones left out."""
+    fields: dict[str, Scalar] = {}
+    for name, value in given.items():
+        param = PARAMS.get(name)
+        if param is None or value is None or value == "":
+            continue
+        if param.kind == "integer":
+            fields[name] = _integer(name, value, multipart)
+        elif param.kind == "boolean":
+            fields[name] = _boolean(name, value, multipart)
+        else:
+            if not isinstance(value, str):
+                raise InvalidRequest(f"Invalid type for '{name}': expected a string.", param=name)
+            _check_text(value, name)
+            if param.choices and value not in param.choices:
+                raise InvalidRequest(
+                    f"Invalid value for '{name}': {value!r}. Supported values are: "
+                    f"{', '.join(param.choices)}.",
+                    param=name,
+                )
+            fields[name] = value
+    size = fields.get("size")
+    if isinstance(size, str) and size != AUTO and SIZE.fullmatch(size) is None:
+        raise InvalidRequest(
+            f"Invalid value for 'size': {size!r}. Expected 'auto' or WIDTHxHEIGHT.", param="size"
+        )
+    compression = fields.get("output_compression")
+    if isinstance(compression, int) and compression > 100:
+        raise InvalidRequest(
+            f"Invalid value for 'output_compression': {compression}. Expected 0 to 100.",
+            param="output_compression",
+        )
+    return fields
+
+
+def _integer(name: str, value: Any, multipart: bool) -> int:
+    if multipart and isinstance(value, str):
+        if DIGITS.fullmatch(value) is None:
+            raise InvalidRequest(
+                f"Invalid value for '{name}': expected an integer in ASCII digits.", param=name
+            )
+        value = int(value)
+    elif isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"Invalid type for '{name}': expected an integer.", param=name)
+    if not 0 <= value <= MAX_INTEGER:
+        raise InvalidRequest(
+            f"Invalid value for '{name}': expected an integer from 0 to {MAX_INTEGER}.",
+            param=name,
+        )
+    return int(value)
+
+
+def _boolean(name: str, value: Any, multipart: bool) -> bool:
+    if multipart and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if isinstance(value, bool):
+        return value
+    expected = "true or false" if multipart else "a boolean"
+    raise InvalidRequest(f"Invalid type for '{name}': expected {expected}.", param=name)
+
+
+def _json_images(refs: Any) -> tuple[tuple[InputImage, ...], list[dict[str, str]]]:
     if not isinstance(refs, list) or not refs:
         raise InvalidRequest("Missing required parameter: 'images'.", param="images")
-    if len(refs) > 16:
-        raise InvalidRequest("Too many images: at most 16.", param="images")
-    return tuple(_json_image_ref(ref, f"images[{i}]") for i, ref in enumerate(refs))
+    if len(refs) > MAX_IMAGES:
+        raise InvalidRequest(f"Too many images: at most {MAX_IMAGES}.", param="images")
+    read = [_json_image_ref(ref, f"images[{i}]") for i, ref in enumerate(refs)]
+    return tuple(image for image, _ in read), [ref for _, ref in read]
 
 
-def _json_image_ref(ref: Any, param: str) -> InputImage:
-    if not isinstance(ref, dict) or len(ref.keys() & {"image_url", "file_id"}) != 1:
+def _json_image_ref(ref: Any, param: str) -> tuple[InputImage, dict[str, str]]:
+    """One `{image_url}` or `{file_id}`: the size of a data URL's image (a URL or a file id
+    is priced at the model's ceiling), and the reference rebuilt with its one key."""
+    if not isinstance(ref, dict) or len(ref) != 1 or not ref.keys() <= {"image_url", "file_id"}:
         raise InvalidRequest(
             f"'{param}' must hold exactly one of image_url or file_id.", param=param
         )
-    url = ref.get("image_url")
-    if isinstance(url, str) and url.startswith("data:"):
-        # An uploaded data URL: its real size is known. Tollgate never fetches other URLs.
-        _, _, payload = url.partition(",")
-        probe = payload[: DATA_URL_PROBE_CHARS - DATA_URL_PROBE_CHARS % 4]
-        try:
-            head = base64.b64decode(probe)
-        except (binascii.Error, ValueError):
-            raise InvalidRequest(f"'{param}.image_url' is not valid base64.", param=param) from None
-        return image_dimensions(head, param)
-    return InputImage()
+    ((key, value),) = ref.items()
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"'{param}.{key}' must be a non-empty string.", param=param)
+    _check_text(value, param)
+    if key == "file_id" or value.startswith(("https://", "http://")):
+        # Tollgate never fetches URLs nor files: their size is unknown.
+        return InputImage(), {key: value}
+    header = DATA_URL.match(value)
+    if header is None:
+        raise InvalidRequest(
+            f"'{param}.image_url' must be an http(s) URL or a base64 data URL of a PNG, JPEG "
+            "or WebP image.",
+            param=param,
+        )
+    try:
+        # Strict: a decoder that skipped what Python's lenient one drops would see other bytes.
+        data = binascii.a2b_base64(value[header.end() :], strict_mode=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"'{param}.image_url' is not valid base64.", param=param) from None
+    fmt, image = measure_image(data, param)
+    if fmt != header[1].replace("jpg", "jpeg"):
+        raise InvalidRequest(
+            f"'{param}.image_url' says image/{header[1]} but holds a {fmt.upper()} image.",
+            param=param,
+        )
+    return image, {key: value}
 
 
 def _multipart_images(
     endpoint: Endpoint, parts: list[Part]
-) -> tuple[tuple[InputImage, ...], InputImage | None]:
-    plain = [p for p in parts if p.name == "image"]
-    listed = [p for p in parts if p.name == "image[]"]
-    if len(plain) > 1:
+) -> tuple[tuple[Upload, ...], tuple[InputImage, ...], InputImage | None]:
+    files = [p for p in parts if p.name in ("image", "image[]")]
+    counts = {name: sum(p.name == name for p in parts) for name in IMAGE_FIELDS}
+    if counts["image"] > 1:
         raise InvalidRequest(
             "Duplicate parameter: 'image'. To send several images, use the array syntax "
             "'image[]=<value>'.",
             param="image",
         )
-    files = plain + listed
+    for name in ("mask", "markup"):
+        if counts[name] > 1:
+            raise InvalidRequest(f"Duplicate parameter: '{name}'.", param=name)
     if not files:
         raise InvalidRequest("Missing required parameter: 'image'.", param="image")
-    if endpoint == "variations" and len(files) > 1:
+    if endpoint == "variations" and (len(files) > 1 or counts["mask"] or counts["markup"]):
         raise InvalidRequest("Variations take exactly one image.", param="image")
-    if len(files) > 16:
-        raise InvalidRequest("Too many images: at most 16.", param="image")
-    images = tuple(image_dimensions(p.data, p.name) for p in files)
-    masks = [p for p in parts if p.name == "mask"]
-    mask = image_dimensions(masks[0].data, "mask") if masks else None
-    for markup in (p for p in parts if p.name == "markup"):
-        image_dimensions(markup.data, "markup")
-    return images, mask
+    if len(files) > MAX_IMAGES:
+        raise InvalidRequest(f"Too many images: at most {MAX_IMAGES}.", param="image")
+    uploads: list[Upload] = []
+    images: list[InputImage] = []
+    mask = None
+    for part in parts:
+        if part.name not in IMAGE_FIELDS:
+            continue
+        fmt, image = measure_image(part.data, part.name)
+        uploads.append(Upload(part.name, part.data, fmt))
+        if part.name == "mask":
+            mask = image
+        elif part.name != "markup":
+            images.append(image)
+    return tuple(uploads), tuple(images), mask
 
 
-def _typed_form(fields: dict[str, Any]) -> dict[str, Any]:
-    """Multipart scalars are text: give the typed ones their JSON types back."""
-    typed: dict[str, Any] = dict(fields)
-    for name in ("n", "partial_images", "output_compression"):
-        if name in typed:
-            try:
-                typed[name] = int(typed[name])
-            except ValueError:
-                raise InvalidRequest(
-                    f"Invalid value for '{name}': expected an integer.", param=name
-                ) from None
-    if "stream" in typed:
-        text = str(typed["stream"]).lower()
-        if text not in ("true", "false"):
-            raise InvalidRequest(
-                "Invalid value for 'stream': expected true or false.", param="stream"
-            )
-        typed["stream"] = text == "true"
-    return typed
-
-
-def _image_request(
+def _parsed(
     endpoint: Endpoint,
-    fields: Mapping[str, Any],
+    given: dict[str, Scalar],
     images: tuple[InputImage, ...],
     mask: InputImage | None,
     default_model: str,
-) -> ImageRequest:
-    prompt = fields.get("prompt")
+    *,
+    uploads: tuple[Upload, ...] = (),
+    references: Mapping[str, Any] | None = None,
+) -> ParsedBody:
+    prompt = given.get("prompt")
     if endpoint != "variations":
-        if not isinstance(prompt, str) or not prompt:
+        if not isinstance(prompt, str):
             raise InvalidRequest("Missing required parameter: 'prompt'.", param="prompt")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise InvalidRequest(
@@ -303,58 +553,56 @@ def _image_request(
                 f"{MAX_PROMPT_CHARS}, but got a string with length {len(prompt)} instead.",
                 param="prompt",
             )
-    model = _string(fields, "model") or ("dall-e-2" if endpoint == "variations" else default_model)
-    n = _integer(fields, "n", 1)
-    stream = fields.get("stream", False)
-    if not isinstance(stream, bool):
-        raise InvalidRequest("Invalid type for 'stream': expected a boolean.", param="stream")
-    partial_images = _integer(fields, "partial_images", 0)
+    named = given.get("model")
+    model = (
+        named
+        if isinstance(named, str)
+        else ("dall-e-2" if endpoint == "variations" else default_model)
+    )
+    stream = given.get("stream") is True
+    partial_images = int(given.get("partial_images", 0))
     if partial_images and not stream:
         raise InvalidRequest(
             "'partial_images' is only supported with 'stream': true.", param="partial_images"
         )
-    if not 0 <= partial_images <= MAX_PARTIAL_IMAGES:
+    if partial_images > MAX_PARTIAL_IMAGES:
         raise InvalidRequest(
             f"Invalid value for 'partial_images': {partial_images}. Expected 0 to "
             f"{MAX_PARTIAL_IMAGES}.",
             param="partial_images",
         )
-    user = _string(fields, "safety_identifier") or _string(fields, "user")
-    params = tuple(
-        (name, json.dumps(value) if not isinstance(value, str) else value)
-        for name, value in fields.items()
-        if name not in ("prompt", "images", "mask") and not isinstance(value, (dict, list))
-    )
-    return ImageRequest(
+    user = given.get("safety_identifier") or given.get("user")
+    fidelity = given.get("input_fidelity")
+    request = ImageRequest(
         endpoint=endpoint,
         model=model,
         prompt_bytes=len(prompt.encode()) if isinstance(prompt, str) else 0,
-        n=n,
-        quality=_string(fields, "quality") or "auto",
-        size=_string(fields, "size") or "auto",
+        n=int(given.get("n", 1)),
+        quality=str(given.get("quality", AUTO)),
+        size=str(given.get("size", AUTO)),
         stream=stream,
         partial_images=partial_images,
-        input_fidelity=_string(fields, "input_fidelity"),
+        input_fidelity=fidelity if isinstance(fidelity, str) else None,
         images=images,
         mask=mask,
-        user=user,
-        params=params,
+        user=user if isinstance(user, str) else None,
+        params=tuple(
+            (name, value if isinstance(value, str) else json.dumps(value))
+            for name, value in given.items()
+            if name != "prompt"
+        ),
     )
-
-
-def _string(fields: Mapping[str, Any], name: str) -> str | None:
-    value = fields.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise InvalidRequest(f"Invalid type for '{name}': expected a string.", param=name)
-    return value
-
-
-def _integer(fields: Mapping[str, Any], name: str, default: int) -> int:
-    value = fields.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"Invalid type for '{name}': expected an integer.", param=name)
-    return value
+    # The model is always written out: an absent or empty one would be the upstream's choice.
+    fields: dict[str, Scalar] = (
+        {"model": model, **given}
+        if "prompt" not in given
+        else {"prompt": given["prompt"], "model": model, **given}
+    )
+    return ParsedBody(
+        request,
+        fields,
+        names_model=isinstance(named, str),
+        multipart=bool(uploads),
+        uploads=uploads,
+        references=references,
+    )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date
@@ -95,12 +96,16 @@ class TileRule:
         return self.base + self.per_tile * tiles + self.high_fidelity_other
 
 
+SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})", re.ASCII)
+
+
 def parse_size(size: str) -> tuple[int, int] | None:
-    """`"1536x1024"` → (1536, 1024); None for anything else."""
-    width, sep, height = size.partition("x")
-    if not sep or not width.isdigit() or not height.isdigit():
+    """`"1536x1024"` → (1536, 1024); None for anything else (ASCII digits only: `str.isdigit`
+    takes `²⁰⁴⁸`, which `int()` then refuses)."""
+    match = SIZE.fullmatch(size)
+    if match is None:
         return None
-    return int(width), int(height)
+    return int(match[1]), int(match[2])
 
 
 def formula_tokens(factor: int, width: int, height: int) -> int:

@@ -358,18 +358,25 @@ def test_json_edit_bad_image_references_are_refused(fields: dict[str, Any], para
 # --- writing the body back ---------------------------------------------------------------------
 
 
-def test_encode_without_changes_returns_the_original_bytes() -> None:
-    raw = b'{ "prompt" : "x",  "quality":"high" }'
+def test_encode_without_changes_writes_canonical_json_with_the_model() -> None:
+    raw = b'{ "prompt" : "x",  "quality":"high", "user": "", "size": null }'
     parsed = parse_request("generations", JSON, raw, DEFAULT_MODEL)
     body, content_type = parsed.encode({})
-    assert body is raw
+    assert body == b'{"prompt":"x","model":"gpt-image-2","quality":"high"}'
     assert content_type == JSON
 
 
-def test_encode_without_changes_returns_the_original_multipart_bytes() -> None:
+def test_encode_without_changes_writes_multipart_afresh() -> None:
     body, content_type = multipart({"prompt": "x"}, [png("image")])
     parsed = parse_request("edits", content_type, body, DEFAULT_MODEL)
-    assert parsed.encode({}) == (body, content_type)
+    forwarded, forwarded_type = parsed.encode({})
+    assert forwarded_type != content_type and forwarded_type.startswith(
+        "multipart/form-data; boundary=tollgate-"
+    )
+    again = parse_request("edits", forwarded_type, forwarded, DEFAULT_MODEL)
+    assert again.request == parsed.request.with_changes(
+        params=(("model", DEFAULT_MODEL),)
+    )
 
 
 def test_encode_json_changes_only_the_given_key() -> None:
@@ -377,7 +384,7 @@ def test_encode_json_changes_only_the_given_key() -> None:
     parsed = generations(fields)
     body, content_type = parsed.encode({"quality": "low"})
     assert content_type == JSON
-    assert json.loads(body) == {**fields, "quality": "low"}
+    assert json.loads(body) == {**fields, "model": DEFAULT_MODEL, "quality": "low"}
 
 
 def test_encode_json_adds_a_missing_model() -> None:
@@ -399,14 +406,15 @@ def test_encode_multipart_changes_quality_and_keeps_the_image_bytes() -> None:
     assert content_type.startswith("multipart/form-data; boundary=")
     again = parse_request("edits", content_type, body, DEFAULT_MODEL)
     assert again.request == parsed.request.with_changes(
-        quality="low",
-        params=tuple((k, "low" if k == "quality" else v) for k, v in parsed.request.params),
+        quality="low", params=(("model", DEFAULT_MODEL), ("quality", "low"), ("n", "2"))
     )
-    assert [(p.name, p.data, p.filename, p.content_type) for p in again.parts] == [
-        (p.name, b"low" if p.name == "quality" else p.data, p.filename, p.content_type)
-        for p in parsed.parts
+    # Each image keeps its bytes; its filename and content type say what they are.
+    assert [(u.name, bytes(u.data), u.format) for u in again.uploads] == [
+        ("image[]", image, "png"),
+        ("image[]", files[1][1][1], "jpeg"),
+        ("mask", mask, "png"),
     ]
-    assert next(p.data for p in again.parts if p.name == "image[]") == image
+    assert b'filename="image.jpeg"\r\nContent-Type: image/jpeg' in body
 
 
 def test_encode_multipart_adds_a_missing_model() -> None:

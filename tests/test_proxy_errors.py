@@ -88,7 +88,7 @@ def assert_openai_error(answer: httpx.Response, status: int, code: str) -> None:
             "edits",
             {
                 "data": {"prompt": "x", "model": "gpt-image-1"},
-                "files": {"other": ("a.txt", b"x", "text/plain")},
+                "files": {"mask": ("a.txt", b"x", "text/plain")},
             },
             "image",
         ),
