@@ -374,9 +374,7 @@ def test_encode_without_changes_writes_multipart_afresh() -> None:
         "multipart/form-data; boundary=tollgate-"
     )
     again = parse_request("edits", forwarded_type, forwarded, DEFAULT_MODEL)
-    assert again.request == parsed.request.with_changes(
-        params=(("model", DEFAULT_MODEL),)
-    )
+    assert again.request == parsed.request.with_changes(params=(("model", DEFAULT_MODEL),))
 
 
 def test_encode_json_changes_only_the_given_key() -> None:
@@ -424,3 +422,76 @@ def test_encode_multipart_adds_a_missing_model() -> None:
     assert again.request.model == "gpt-image-1.5"
     assert again.request.images == (InputImage(64, 48),)
     assert again.request.prompt_bytes == 1
+
+
+# --- what is refused, and what is the same as absent ----------------------------------------------
+
+
+def raw_multipart(parts: list[tuple[str, bytes]], options: str = "") -> tuple[bytes, str]:
+    """A multipart body from (header block, value) pairs written by hand."""
+    chunks = [b"--b\r\n" + head.encode() + b"\r\n\r\n" + value + b"\r\n" for head, value in parts]
+    return b"".join(chunks) + b"--b--\r\n", "multipart/form-data; boundary=b" + options
+
+
+def cd(params: str, *headers: str) -> str:
+    """A part's header block: `Content-Disposition: form-data; PARAMS` and more headers."""
+    return "\r\n".join((f"Content-Disposition: form-data; {params}", *headers))
+
+
+IMAGE_PART = (cd('name="image"; filename="a.png"'), image_bytes(8, 8))
+MASK_PART = (cd('name="mask"; filename="m.png"'), image_bytes(8, 8))
+PROMPT_PART = (cd('name="prompt"'), b"x")
+UTF7 = "Content-Type: text/plain; charset=utf-7"
+
+
+@pytest.mark.parametrize(
+    ("parts", "options"),
+    [
+        ([PROMPT_PART, IMAGE_PART], "; charset=utf-7"),
+        ([PROMPT_PART, IMAGE_PART], '; charset="UTF-16"'),
+        ([(cd('name="prompt"', UTF7), b"x"), IMAGE_PART], ""),
+        ([(cd("name*=UTF-8''prompt"), b"x"), IMAGE_PART], ""),
+        ([PROMPT_PART, (cd("name=\"image\"; filename*=UTF-8''a.png"), image_bytes(8, 8))], ""),
+        ([(cd('name="prompt"; name="model"'), b"x"), IMAGE_PART], ""),
+        ([('Content-Disposition: attachment; name="prompt"', b"x"), IMAGE_PART], ""),
+        ([(cd('name="prompt"', "Content-Transfer-Encoding: base64"), b"eA=="), IMAGE_PART], ""),
+        ([(cd('name="prompt"', cd('name="model"')), b"x"), IMAGE_PART], ""),
+        ([(cd('name="prompt"', "X-Extra: 1"), b"x"), IMAGE_PART], ""),
+        ([PROMPT_PART, (cd('name="n"'), b"1"), (cd('name="n"'), b"10"), IMAGE_PART], ""),
+        ([PROMPT_PART, (cd('name="n"'), "１".encode()), IMAGE_PART], ""),
+        ([PROMPT_PART, (cd('name="n"'), b" 1"), IMAGE_PART], ""),
+        ([PROMPT_PART, (cd('name="n"'), b"9" * 5000), IMAGE_PART], ""),
+        ([PROMPT_PART, (cd('name="mod\xc3\xa9l"'), b"x"), IMAGE_PART], ""),
+        ([PROMPT_PART, (cd('name="user"'), b"\xed\xa0\x80"), IMAGE_PART], ""),
+        ([PROMPT_PART, IMAGE_PART, MASK_PART, MASK_PART], ""),
+    ],
+)
+def test_ambiguous_multipart_is_refused(parts: list[tuple[str, bytes]], options: str) -> None:
+    body, content_type = raw_multipart(parts, options)
+    invalid("edits", content_type, body)
+
+
+def test_random_header_casing_and_utf8_charsets_are_accepted() -> None:
+    prompt = (
+        'CONTENT-DISPOSITION: FORM-DATA; NAME="prompt"\r\ncontent-type: text/plain; charset=UTF-8'
+    )
+    image = cd('name="image"; filename="ü.png"', "Content-Type: application/octet-stream")
+    body, content_type = raw_multipart(
+        [(prompt, "é".encode()), ("content-disposition: form-data; name=n", b"2"),
+         (image, image_bytes(8, 6))],
+        "; charset=us-ascii",
+    )  # fmt: skip
+    request = parse_request("edits", content_type, body, DEFAULT_MODEL).request
+    assert (request.prompt_bytes, request.n, request.images) == (2, 2, (InputImage(8, 6),))
+
+
+def test_data_urls_are_strict_base64_of_what_they_say() -> None:
+    good = data_url(16, 16)
+    for url in (
+        good[:40] + "\n" + good[40:],  # a lenient decoder skips it, another stops there
+        good.replace("image/png", "image/jpeg"),
+        good.replace(";base64", ""),
+        "ftp://example.com/a.png",
+    ):
+        body = json.dumps({"prompt": "x", "images": [{"image_url": url}]}).encode()
+        assert invalid("edits", JSON, body).param == "images[0]"
