@@ -53,6 +53,7 @@ DISPOSITION = re.compile(
 )
 DISPOSITION_PARAM = re.compile(r";[ \t]*([A-Za-z]+)=(\"[^\"\\\r\n]*\"|[^; \t]+)")
 
+JSON_TYPE: tuple[bytes, dict[bytes, bytes]] = (b"application/json", {})
 Kind = Literal["text", "integer", "boolean"]
 Scalar = str | int | bool
 
@@ -136,7 +137,7 @@ class ParsedBody:
         fields = {**self.fields, **changes} if changes else self.fields
         if not self.multipart:
             body = {**fields, **self.references} if self.references else fields
-            return json.dumps(body, separators=(",", ":")).encode(), "application/json"
+            return _ENCODER.encode(body).encode(), "application/json"
         return encode_multipart(fields, self.uploads)
 
 
@@ -144,7 +145,9 @@ def parse_request(
     endpoint: Endpoint, content_type: str, body: bytes, default_model: str
 ) -> ParsedBody:
     """Understand a client body for `endpoint`; raises InvalidRequest with OpenAI's wording."""
-    media_type, options = parse_options_header(content_type)
+    media_type, options = (
+        JSON_TYPE if content_type == "application/json" else parse_options_header(content_type)
+    )
     if media_type == b"application/json" and endpoint != "variations":
         _check_charset(options, "the request")
         given = _json_object(body)
@@ -277,7 +280,7 @@ def encode_multipart(
     boundary = "tollgate-" + secrets.token_hex(16)
     chunks: list[bytes | memoryview] = []
     for name, value in fields.items():
-        text = value if isinstance(value, str) else json.dumps(value)
+        text = _text(value)
         chunks += [
             f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode(),
             text.encode(),
@@ -294,6 +297,13 @@ def encode_multipart(
         ]
     chunks.append(f"--{boundary}--\r\n".encode())
     return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
+
+
+def _text(value: Scalar) -> str:
+    """A parameter as a form field (and for policy checks): JSON's spelling of true/false."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else str(value)
 
 
 def _part(headers: Mapping[str, str], data: Bytes) -> Part:
@@ -367,14 +377,27 @@ def _check_text(text: str, name: str) -> None:
 
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
-        fields = json.loads(
-            body.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant
-        )
+        fields = _DECODER.decode(body.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}") from None
     if not isinstance(fields, dict):
         raise InvalidRequest("The JSON body of your request must be an object.")
+    # Strict UTF-8 has no surrogates and JSON no raw NUL: only a \u escape can make either.
+    if b"\\u" in body:
+        _check_strings(fields, "the request")
     return fields
+
+
+def _check_strings(value: Any, name: str) -> None:
+    if isinstance(value, str):
+        _check_text(value, name)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, name)
+            _check_strings(item, key if name == "the request" else name)
+    elif isinstance(value, list):
+        for item in value:
+            _check_strings(item, name)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -383,13 +406,16 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         name = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
         raise InvalidRequest(f"Duplicate parameter: {name!r}. It may be given only once.")
-    for name in fields:
-        _check_text(name, "the request")
     return fields
 
 
 def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
+
+
+# Built once: json.loads and json.dumps with options build a new coder on every call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 def _typed(given: Mapping[str, Any], endpoint: Endpoint, *, multipart: bool) -> dict[str, Scalar]:
@@ -406,7 +432,6 @@ def _typed(given: Mapping[str, Any], endpoint: Endpoint, *, multipart: bool) -> 
         else:
             if not isinstance(value, str):
                 raise InvalidRequest(f"Invalid type for '{name}': expected a string.", param=name)
-            _check_text(value, name)
             if param.choices and value not in param.choices:
                 raise InvalidRequest(
                     f"Invalid value for '{name}': {value!r}. Supported values are: "
@@ -474,7 +499,6 @@ def _json_image_ref(ref: Any, param: str) -> tuple[InputImage, dict[str, str]]:
     ((key, value),) = ref.items()
     if not isinstance(value, str) or not value:
         raise InvalidRequest(f"'{param}.{key}' must be a non-empty string.", param=param)
-    _check_text(value, param)
     if key == "file_id" or value.startswith(("https://", "http://")):
         # Tollgate never fetches URLs nor files: their size is unknown.
         return InputImage(), {key: value}
@@ -587,11 +611,7 @@ def _parsed(
         images=images,
         mask=mask,
         user=user if isinstance(user, str) else None,
-        params=tuple(
-            (name, value if isinstance(value, str) else json.dumps(value))
-            for name, value in given.items()
-            if name != "prompt"
-        ),
+        params=tuple((name, _text(value)) for name, value in given.items() if name != "prompt"),
     )
     # The model is always written out: an absent or empty one would be the upstream's choice.
     fields: dict[str, Scalar] = (

@@ -40,7 +40,7 @@ def png(width: int, height: int) -> bytes:
 
 
 def png_with_second_ihdr(width: int, height: int) -> bytes:
-    """A 1x1 PNG with a second IHDR after the first: imagesize reads 1x1, Pillow the other."""
+    """A 1x1 PNG with a second IHDR after the first: a header reader takes 1x1, Pillow the other."""
     data = png(1, 1)
     fields = struct.pack(">II", width, height) + b"\x08\x02\x00\x00\x00"
     chunk = struct.pack(">I", 13) + b"IHDR" + fields
