@@ -21,7 +21,7 @@ import binascii
 import json
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -136,9 +136,30 @@ class ParsedBody:
         """The body to forward with `changes` (field → new value): always written afresh."""
         fields = {**self.fields, **changes} if changes else self.fields
         if not self.multipart:
-            body = {**fields, **self.references} if self.references else fields
-            return _ENCODER.encode(body).encode(), "application/json"
+            text = _ENCODER.encode(fields)
+            if self.references:
+                text = text[:-1] + "".join(_encode_references(self.references)) + "}"
+            return text.encode(), "application/json"
         return encode_multipart(fields, self.uploads)
+
+
+def _encode_references(references: Mapping[str, Any]) -> Iterator[str]:
+    """`,"images":[…],"mask":{…}` without the JSON encoder's escaping pass over data URLs:
+    one that was accepted is strict base64 behind a fixed prefix, with nothing to escape
+    (json.dumps of a 3.5 MB data URL: 5.6 ms; this: a copy)."""
+    for key, value in references.items():
+        yield f",{_ENCODER.encode(key)}:"
+        if isinstance(value, list):
+            yield "[" + ",".join(_encode_reference(ref) for ref in value) + "]"
+        else:
+            yield _encode_reference(value)
+
+
+def _encode_reference(ref: Mapping[str, str]) -> str:
+    url = ref.get("image_url")
+    if url is not None and url.startswith("data:"):
+        return '{"image_url":"' + url + '"}'
+    return _ENCODER.encode(ref)
 
 
 def parse_request(
@@ -382,8 +403,9 @@ def _json_object(body: bytes) -> dict[str, Any]:
         raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}") from None
     if not isinstance(fields, dict):
         raise InvalidRequest("The JSON body of your request must be an object.")
-    # Strict UTF-8 has no surrogates and JSON no raw NUL: only a \u escape can make either.
-    if b"\\u" in body:
+    # Strict UTF-8 has no surrogates and JSON no raw NUL: only a \u escape can make either
+    # (a one-byte search is memchr: 0.1 ms over a 3.5 MB data URL, where b"\\u" took 4.7 ms).
+    if b"\\" in body:
         _check_strings(fields, "the request")
     return fields
 
