@@ -22,7 +22,16 @@ import pytest
 from PIL import Image
 
 from proxy.auth import key_hash
-from tests.conftest import DESIGN_KEY, Simulator, Tollgate, start_tollgate, write_config
+from tests.conftest import (
+    BACKENDS,
+    DESIGN_KEY,
+    Simulator,
+    Tollgate,
+    backend_url,
+    drop_ledger,
+    start_tollgate,
+    write_config,
+)
 from tests.test_proxy_e2e import expected_cost, wait_settled
 
 MINI = "gpt-image-1-mini"
@@ -261,3 +270,27 @@ def test_a_huge_n_in_a_form_field_is_a_recorded_400(
         ]
     )
     refused_before_upstream(tollgate, simulator, post(tollgate, "edits", body, content_type), "n")
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def on_each_ledger(
+    simulator: Simulator, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Tollgate]:
+    root: Path = tmp_path_factory.mktemp(f"ledger-{request.param}")
+    write_config(root, f"{simulator.url}/v1")
+    proxy = start_tollgate(root, ledger_url=backend_url(request.param))
+    yield proxy
+    proxy.stop()
+    drop_ledger(proxy.ledger_url)
+
+
+@pytest.mark.parametrize(("n", "recorded"), [(2**31 - 1, 2**31 - 1), (2**31, None), (2**63, None)])
+def test_the_largest_n_is_recorded_and_a_larger_one_is_not(
+    on_each_ledger: Tollgate, simulator: Simulator, n: int, recorded: int | None
+) -> None:
+    """A refused request's row holds validated values only: the ledger's 32-bit `n_requested`
+    column takes the largest n parsing lets through, and a larger one is never written."""
+    body = json.dumps({"prompt": "a cat", "n": n}).encode()
+    answer = post(on_each_ledger, "generations", body, "application/json")
+    refused_before_upstream(on_each_ledger, simulator, answer, "n")
+    assert on_each_ledger.row(answer.headers["x-tollgate-request-id"])["n_requested"] == recorded
