@@ -24,8 +24,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy import housekeeping
 from proxy.admin import AdminApi
+from proxy.admission import BodyBudget
 from proxy.alerts import Alerts
 from proxy.config import Config, UpstreamSettings, load_config
+from proxy.connections import OVER_CAPACITY
 from proxy.errors import (
     ConfigError,
     InternalError,
@@ -33,6 +35,7 @@ from proxy.errors import (
     LedgerError,
     MethodNotAllowed,
     NotFound,
+    Overloaded,
     RequestError,
     UnsupportedEncoding,
 )
@@ -56,6 +59,9 @@ ENV_UPSTREAM_URL = "TOLLGATE_UPSTREAM_URL"
 ENV_UPSTREAM_KEY = "TOLLGATE_UPSTREAM_KEY"
 ENV_WORKERS = "TOLLGATE_WORKERS"
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"]
+# Answered even on a connection past `limits.max_connections`: the probes must tell a busy
+# process from a dead one.
+ALWAYS_ANSWERED = frozenset({"/healthz", "/readyz"})
 
 
 @dataclass(frozen=True)
@@ -84,13 +90,24 @@ class Gateway:
     error shape, with the traceback in the log.
     """
 
-    def __init__(self, app: ASGIApp, images: dict[str, ImagesHandler]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        images: dict[str, ImagesHandler],
+        bodies: BodyBudget,
+        metrics: Metrics,
+    ) -> None:
         self.app = app
         self.images = images
+        self.bodies = bodies
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if OVER_CAPACITY in scope and scope["path"] not in ALWAYS_ANSWERED:
+            await self.over_capacity(scope, receive, send)
             return
         raw: bytes = scope.get("raw_path") or scope["path"].encode()
         path = canonical(raw)
@@ -103,7 +120,10 @@ class Gateway:
         if handler is None or scope["method"] != "POST":
             if path != scope["path"]:
                 scope = {**scope, "path": path}
-            await self.app(scope, receive, send)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                self.bodies.release(scope)
             return
         try:
             response = await handler.handle(Request(scope, receive))
@@ -112,7 +132,19 @@ class Gateway:
             response = error_response(
                 InternalError("Tollgate failed to handle this request; it has been logged.")
             )
+        finally:
+            # The body and its parsed copies are dropped with the handler's frame; the answer
+            # (spooled, or streamed from upstream) no longer needs them.
+            self.bodies.release(scope)
         await response(scope, receive, send)
+
+    async def over_capacity(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Every connection the process may hold is busy: this one is answered and closed."""
+        self.metrics.refused("connections")
+        refusal = Overloaded(
+            "Tollgate is serving as many connections as it safely can; retry in a moment."
+        )
+        await error_response(refusal, {"connection": "close"})(scope, receive, send)
 
 
 def refused(scope: Scope, raw: bytes) -> NotFound:
@@ -178,6 +210,7 @@ def create_app(
     holder: dict[str, Services] = {}
     # Set by `tollgate serve --workers N` before the workers import prometheus-client.
     metrics = Metrics(multiprocess_dir=os.environ.get(ENV_MULTIPROC_DIR) or None)
+    bodies = BodyBudget(config.limits, metrics)
 
     def services() -> Services:
         return holder["services"]
@@ -212,6 +245,7 @@ def create_app(
             )
             shared.background_handles.append(later)
         shared.config = fresh
+        bodies.configure(fresh.limits)
         log.info("configuration reloaded from %s (%d teams)", source, len(fresh.teams))
         if os.environ.get(ENV_WORKERS, "1") != "1":
             # Several workers: the supervisor replaces each one, which reads the new files.
@@ -236,6 +270,7 @@ def create_app(
             upstream=upstream,
             metrics=metrics,
             alerts=alerts,
+            bodies=bodies,
             clock=overrides.clock or time.time,
         )
         holder["services"] = shared
@@ -314,7 +349,8 @@ def create_app(
         HTTPException: starlette_error,
         Exception: starlette_error,
     }
-    return Gateway(Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers), images)
+    starlette = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    return Gateway(starlette, images, bodies, metrics)
 
 
 def app_from_env() -> Gateway:

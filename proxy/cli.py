@@ -36,6 +36,7 @@ from proxy.auth import key_hash, new_key
 from proxy.budgets import zone
 from proxy.config import Config, config_schema, default_config_path, load_config
 from proxy.config.settings import HTTP_METHODS
+from proxy.connections import ServerConfig
 from proxy.errors import ConfigError, InvalidRequest, LedgerError, RequestError
 from proxy.ledger import migrate_ledger, open_ledger
 from proxy.ledger.copy import copy_between
@@ -460,6 +461,7 @@ def run_serve(args: argparse.Namespace) -> int:
         run_workers(
             TcpConfig(
                 "proxy.app:app_from_env",
+                limits=config.limits,
                 factory=True,
                 host=args.host,
                 port=args.port,
@@ -472,9 +474,11 @@ def run_serve(args: argparse.Namespace) -> int:
                 log_config=None,
             )
         )
-    else:
-        uvicorn.run(
+        return 0
+    server = uvicorn.Server(
+        ServerConfig(
             app,
+            limits=config.limits,
             loop=LOOP,
             host=args.host,
             port=args.port,
@@ -485,10 +489,12 @@ def run_serve(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=int(grace),
             log_config=None,
         )
-    return 0
+    )
+    server.run()
+    return 0 if server.started else 1
 
 
-class TcpConfig(uvicorn.Config):
+class TcpConfig(ServerConfig):
     """uvicorn's settings, with the workers' shared socket made as a TCP socket explicitly.
 
     uvicorn makes it with `socket.socket(family)`, whose protocol reads 0, so asyncio never

@@ -11,6 +11,7 @@
           ├── PolicyViolation        403 policy_violation
           ├── NotFound               404 not_found
           ├── MethodNotAllowed       405 method_not_allowed
+          ├── RequestTimeout         408 request_timeout
           ├── RequestTooLarge        413 request_too_large
           ├── UnsupportedEncoding    415 unsupported_content_encoding
           ├── BudgetExceeded         429 budget_exceeded
@@ -20,6 +21,7 @@
           │    └── UpstreamTimeout        504 upstream_timeout
           │         └── DeadlineExceeded  504: past `upstream.total_timeout_s`
           └── ServiceUnavailable     503 service_unavailable
+               └── Overloaded        503 server_overloaded (retry after a second)
 
 Only the web layer turns a RequestError into an HTTP answer; only the CLI prints
 a ConfigError and exits.
@@ -118,6 +120,17 @@ class MethodNotAllowed(RequestError):
         return {"allow": ", ".join(self.allowed)}
 
 
+class RequestTimeout(RequestError):
+    """The client stopped sending its body; the connection is closed after the answer."""
+
+    status = 408
+    code = "request_timeout"
+
+    def headers(self) -> dict[str, str]:
+        # The rest of a stalled body may still arrive: nothing sensible can follow it.
+        return {"connection": "close"}
+
+
 class RequestTooLarge(RequestError):
     status = 413
     code = "request_too_large"
@@ -175,6 +188,17 @@ class ServiceUnavailable(RequestError):
     status = 503
     type = "api_error"
     code = "service_unavailable"
+
+
+class Overloaded(ServiceUnavailable):
+    """Tollgate holds as much as it safely can (request bodies in memory, connections)."""
+
+    type = "server_error"
+    code = "server_overloaded"
+
+    def headers(self) -> dict[str, str]:
+        # Unlike a budget, this clears in moments: the SDKs wait and retry.
+        return {"retry-after": "1", "x-should-retry": "true"}
 
 
 class UpstreamTimeout(UpstreamFailure):

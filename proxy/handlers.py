@@ -20,6 +20,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
+from proxy.admission import BodyBudget
 from proxy.auth import identify
 from proxy.budgets import (
     Counter,
@@ -125,7 +126,7 @@ class ImagesHandler:
             known.update(team=team.name, cost_center=team.cost_center, key_id=key.id)
             headers["x-tollgate-team"] = team.name
             allow_endpoint(team, self.endpoint)
-            body = await read_body(request, self.limit(config))
+            body = await read_body(request, self.limit(config), s.bodies)
             parsed = parse_request(
                 self.endpoint, request.headers.get("content-type", ""), body, config.default_model
             )
@@ -231,21 +232,40 @@ class ImagesHandler:
         return error_response(exc, {**headers, "x-tollgate-cost-usd": "0"})
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+async def read_body(request: Request, limit: int, budget: BodyBudget) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes, with 503 when
+    it would pass the bytes `budget` lets the process hold (before it is read when its
+    length is declared), with 408 when the client pauses or takes too long sending it.
+
+    What `budget` charges stays in the request's scope until the web layer releases it."""
+    scope = request.scope
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large(limit)
+    charged = 0
+    if declared is not None and declared.isdigit():
+        charged = int(declared)
+        if charged > limit:
+            raise too_large(limit)
+        budget.take(scope, charged)
     chunks: list[bytes] = []
     size = 0
+    loop = asyncio.get_running_loop()
+    # One timer for the idle and the total bound, moved as chunks arrive (no task per chunk).
+    end = loop.time() + budget.total_s
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large(limit)
-            chunks.append(chunk)
+        async with asyncio.timeout(min(end, loop.time() + budget.idle_s)) as deadline:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large(limit)
+                if size > charged:  # a chunked body: charged as it comes
+                    budget.take(scope, size - charged)
+                    charged = size
+                chunks.append(chunk)
+                deadline.reschedule(min(end, loop.time() + budget.idle_s))
     except ClientDisconnect:
         raise InvalidRequest("The client disconnected before sending the whole body.") from None
+    except TimeoutError:
+        raise budget.timed_out(size) from None
     return b"".join(chunks)
 
 
@@ -335,7 +355,7 @@ class OtherPaths:
                 raise InvalidRequest(
                     "The query string holds characters that must be percent-encoded."
                 )
-            body = await read_body(request, s.config.limits.generations_bytes)
+            body = await read_body(request, s.config.limits.generations_bytes, s.bodies)
             answer = await s.upstream.send(
                 path.removeprefix("/v1"),
                 body,

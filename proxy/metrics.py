@@ -126,6 +126,20 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.body_bytes = Gauge(
+            "tollgate_inflight_body_bytes",
+            "Request-body bytes held in memory, as charged against limits.inflight_bytes "
+            "(3 times each body's length).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.overload_refusals = Counter(
+            "tollgate_overload_refusals",
+            "Requests refused to protect the process: inflight_bytes (503), connections "
+            "(503), body_timeout (408).",
+            ["reason"],
+            registry=r,
+        )
         # The request path finds its children here (see `Children`).
         self._requests = Children(self.requests)
         self._tokens = Children(self.tokens)
@@ -164,6 +178,10 @@ class Metrics:
         """Count a request refused for its key (`endpoint`: an image endpoint or
         `passthrough`; `reason`: missing_key or invalid_key)."""
         self._unauthenticated(endpoint, reason).inc()
+
+    def refused(self, reason: str) -> None:
+        """Count a request refused to protect the process (not for a client's fault)."""
+        self.overload_refusals.labels(reason).inc()
 
     def upstream(self, model: str, endpoint: str, seconds: float) -> None:
         self._upstream_duration(model, endpoint).observe(seconds)

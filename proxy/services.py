@@ -8,6 +8,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from proxy.admission import BodyBudget
 from proxy.alerts import Alerts
 from proxy.config import Config
 from proxy.ledger import Ledger
@@ -26,6 +27,8 @@ class Services:
     upstream: Upstream
     metrics: Metrics
     alerts: Alerts
+    bodies: BodyBudget
+    """Request-body bytes held in memory, against `limits.inflight_bytes`."""
     clock: Callable[[], float] = time.time
     background: set[asyncio.Task[Any]] = field(default_factory=set)
     """Work that must finish whatever the client does (metering); awaited at shutdown."""

@@ -623,3 +623,58 @@ def test_empty_team_file_is_a_problem(policies: Path) -> None:
     assert problems_of(policies) == [
         "policies/teams/t.yaml:1: empty file (a team needs `name` and `keys`)"
     ]
+
+
+# -- limits ------------------------------------------------------------------------
+
+
+def test_limits_default_to_bounds_on_time_and_memory(policies: Path) -> None:
+    limits = load(policies).limits
+    assert limits.inflight_bytes == 1024**3
+    assert (limits.header_timeout_s, limits.body_idle_timeout_s, limits.body_timeout_s) == (
+        10.0,
+        30.0,
+        300.0,
+    )
+    assert limits.max_connections is None  # sized from the descriptor limit at start
+
+
+def test_limits_read_timeouts_as_seconds_and_sizes_as_bytes(policies: Path) -> None:
+    write(
+        policies / "tollgate.yaml",
+        """
+        limits:
+          generations_bytes: 1000
+          edits_bytes: 1000
+          variations_bytes: 1000
+          inflight_bytes: 3000
+          header_timeout_s: 2
+          body_idle_timeout_s: 0.5
+          body_timeout_s: 60
+          max_connections: 500
+        """,
+    )
+    limits = load(policies).limits
+    assert (limits.edits_bytes, limits.inflight_bytes, limits.max_connections) == (
+        1000,
+        3000,
+        500,
+    )
+    assert (limits.header_timeout_s, limits.body_idle_timeout_s) == (2.0, 0.5)
+    assert isinstance(limits.header_timeout_s, float)
+
+
+def test_inflight_bytes_below_three_largest_bodies_is_refused(policies: Path) -> None:
+    write(policies / "tollgate.yaml", "limits:\n  inflight_bytes: 402653183\n")
+    (problem,) = problems_of(policies)
+    assert problem.startswith("policies/tollgate.yaml:2: limits.inflight_bytes: ")
+    assert "at least 3 times the largest body limit (134,217,728 bytes)" in problem
+
+
+@pytest.mark.parametrize(
+    "setting", ["header_timeout_s: 0", "body_idle_timeout_s: -1", "max_connections: 0"]
+)
+def test_limits_must_be_positive(policies: Path, setting: str) -> None:
+    write(policies / "tollgate.yaml", f"limits:\n  {setting}\n")
+    (problem,) = problems_of(policies)
+    assert f"limits.{setting.partition(':')[0]}: must be" in problem

@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from proxy.config.schema import schema_problems, validator
 from proxy.config.settings import (
+    BODY_COPIES,
     KNOBS,
     READ_ONLY,
     TOKEN_METRICS,
@@ -201,8 +202,7 @@ class _Builder:
             self._problem(doc, ("timezone",), f"unknown time zone {timezone!r}")
         default_model = data.get("default_model", "gpt-image-2")
         self._priced(doc, ("default_model",), default_model)
-        lim = data.get("limits", {})
-        limits = Limits(**{k: int(v) for k, v in lim.items()})
+        limits = self._limits(doc, data.get("limits", {}))
         passthrough = self._passthrough(doc, data.get("passthrough", ()))
         al = data.get("alerts", {})
         alerts = Alerts(
@@ -252,6 +252,23 @@ class _Builder:
             else:
                 found[prefix] = Passthrough(prefix, methods)
         return tuple(found.values())
+
+    def _limits(self, doc: Document, raw: dict[str, Any]) -> Limits:
+        values: dict[str, Any] = {
+            k: float(v) if k.endswith("_s") else int(v) for k, v in raw.items()
+        }
+        limits = Limits(**values)
+        # Else the largest body allowed would be refused as "overloaded" forever, and retried.
+        if limits.inflight_bytes < BODY_COPIES * limits.largest_body():
+            path = ("limits", "inflight_bytes") if "inflight_bytes" in raw else ("limits",)
+            self._problem(
+                doc,
+                path,
+                f"{limits.inflight_bytes:,} bytes must be at least {BODY_COPIES} "
+                f"times the largest body limit ({limits.largest_body():,} bytes): each body "
+                f"is counted {BODY_COPIES} times while it is held",
+            )
+        return limits
 
     def _ledger_url(self, url: str) -> str:
         if url.startswith("postgres://"):

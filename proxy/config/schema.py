@@ -153,6 +153,17 @@ _DEFS: dict[str, Any] = {
                     "generations_bytes": _COUNT,
                     "edits_bytes": _COUNT,
                     "variations_bytes": _COUNT,
+                    "inflight_bytes": {
+                        **_COUNT,
+                        "description": "request-body bytes held at once, each body counted 3x",
+                    },
+                    "header_timeout_s": _POSITIVE,
+                    "body_idle_timeout_s": _POSITIVE,
+                    "body_timeout_s": _POSITIVE,
+                    "max_connections": {
+                        **_COUNT,
+                        "description": "client connections per process (default: from ulimit -n)",
+                    },
                 }
             ),
             "passthrough": _list(

@@ -114,13 +114,36 @@ class UpstreamSettings:
         return self.total_timeout_s if self.total_timeout_s is not None else 2 * self.timeout_s
 
 
+GiB = 1024 * MiB
+BODY_COPIES = 3
+"""How many times its length a request body is charged against `Limits.inflight_bytes`: the
+bytes read, the parsed copy (multipart parts or the decoded JSON) and the re-encoded body
+forwarded when a field is downgraded coexist until the request is answered."""
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Request body size limits, in bytes."""
+    """What one client may make the process hold, and for how long."""
 
     generations_bytes: int = 1 * MiB
     edits_bytes: int = 128 * MiB
     variations_bytes: int = 128 * MiB
+    inflight_bytes: int = 1 * GiB
+    """Request bodies held in memory at once by one process, each charged `BODY_COPIES`
+    times its length; a body that would pass it is refused (503) before it is read."""
+    header_timeout_s: float = 10.0
+    """From a connection's first byte (or the end of its previous answer) to the end of the
+    request's headers; a connection that takes longer is closed."""
+    body_idle_timeout_s: float = 30.0
+    """Longest pause while a body is sent: the request then gets 408."""
+    body_timeout_s: float = 300.0
+    """Longest time to receive a whole body: the request then gets 408."""
+    max_connections: int | None = None
+    """Client connections held open by one process; None: sized from its file-descriptor
+    limit (`proxy.connections.default_max_connections`)."""
+
+    def largest_body(self) -> int:
+        return max(self.generations_bytes, self.edits_bytes, self.variations_bytes)
 
 
 HttpMethod = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]

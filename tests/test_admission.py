@@ -1,0 +1,165 @@
+"""The request-body budget, the body deadlines of `read_body`, the default connection cap."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from starlette.requests import Request
+
+from proxy.admission import SCOPE_KEY, BodyBudget
+from proxy.config import Limits
+from proxy.connections import default_max_connections
+from proxy.errors import InvalidRequest, Overloaded, RequestTimeout, RequestTooLarge
+from proxy.handlers import read_body
+from proxy.metrics import Metrics
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics(CollectorRegistry())
+
+
+def held(metrics: Metrics) -> float | None:
+    return metrics.registry.get_sample_value("tollgate_inflight_body_bytes")
+
+
+def refusals(metrics: Metrics, reason: str) -> float | None:
+    return metrics.registry.get_sample_value("tollgate_overload_refusals_total", {"reason": reason})
+
+
+def test_a_body_is_charged_three_times_its_length_and_given_back_once(metrics: Metrics) -> None:
+    budget = BodyBudget(Limits(inflight_bytes=3000), metrics)
+    scope: dict[str, Any] = {}
+    budget.take(scope, 400)
+    budget.take(scope, 100)
+    assert budget.held == scope[SCOPE_KEY] == 1500 == held(metrics)
+    budget.release(scope)
+    budget.release(scope)
+    assert budget.held == 0 == held(metrics)
+    assert SCOPE_KEY not in scope
+
+
+def test_a_body_that_would_pass_the_cap_is_refused_and_counted(metrics: Metrics) -> None:
+    budget = BodyBudget(Limits(inflight_bytes=3000), metrics)
+    first: dict[str, Any] = {}
+    budget.take(first, 1000)
+    with pytest.raises(Overloaded) as refused:
+        budget.take({}, 1)
+    assert refused.value.status == 503
+    assert refused.value.body()["error"]["code"] == "server_overloaded"
+    assert refused.value.body()["error"]["type"] == "server_error"
+    assert refused.value.headers() == {"retry-after": "1", "x-should-retry": "true"}
+    assert refusals(metrics, "inflight_bytes") == 1
+    assert budget.held == 3000
+    budget.release(first)
+    budget.take({}, 1000)  # room again
+
+
+def test_reloaded_limits_apply_to_the_next_body(metrics: Metrics) -> None:
+    budget = BodyBudget(Limits(inflight_bytes=3000), metrics)
+    budget.configure(Limits(inflight_bytes=30, body_idle_timeout_s=1.0))
+    with pytest.raises(Overloaded):
+        budget.take({}, 11)
+    assert budget.idle_s == 1.0
+
+
+def request(chunks: list[bytes] | None, headers: dict[str, str]) -> Request:
+    """A request whose body is `chunks`, then nothing more for ever (None: nothing at all)."""
+    pending = list(chunks or [])
+
+    async def receive() -> dict[str, Any]:
+        if chunks is not None and pending:
+            return {"type": "http.request", "body": pending.pop(0), "more_body": True}
+        await asyncio.Event().wait()  # the client stalls
+        raise AssertionError("unreachable")
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/images/edits",
+        "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+    }
+    return Request(scope, receive)
+
+
+async def test_a_stalled_body_is_a_408_and_stays_charged_until_released(metrics: Metrics) -> None:
+    budget = BodyBudget(Limits(inflight_bytes=3000, body_idle_timeout_s=0.05), metrics)
+    stalled = request([b"x" * 10], {"content-length": "100"})
+    with pytest.raises(RequestTimeout) as late:
+        await read_body(stalled, 1000, budget)
+    assert late.value.status == 408 and late.value.code == "request_timeout"
+    assert late.value.headers() == {"connection": "close"}
+    assert "after 10 bytes" in late.value.message
+    assert refusals(metrics, "body_timeout") == 1
+    assert budget.held == 300  # the web layer releases it when the handler returns
+    budget.release(stalled.scope)
+    assert budget.held == 0
+
+
+async def test_a_body_trickled_past_the_total_deadline_is_a_408(metrics: Metrics) -> None:
+    budget = BodyBudget(Limits(body_idle_timeout_s=60, body_timeout_s=0.2), metrics)
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(0.01)  # always within the idle bound
+        return {"type": "http.request", "body": b"x", "more_body": True}
+
+    trickle = Request({"type": "http", "method": "POST", "headers": []}, receive)
+    with pytest.raises(RequestTimeout):
+        await read_body(trickle, 10**9, budget)
+
+
+async def test_a_declared_body_over_the_cap_is_refused_before_reading(metrics: Metrics) -> None:
+    budget = BodyBudget(Limits(inflight_bytes=3000), metrics)
+    unread = request(None, {"content-length": "1001"})
+    with pytest.raises(Overloaded):
+        await read_body(unread, 5000, budget)
+    assert budget.held == 0 and SCOPE_KEY not in unread.scope
+
+
+async def test_a_chunked_body_is_charged_as_it_comes_and_refused_midway(metrics: Metrics) -> None:
+    budget = BodyBudget(Limits(inflight_bytes=3000), metrics)
+    chunked = request([b"x" * 600, b"x" * 600], {"transfer-encoding": "chunked"})
+    with pytest.raises(Overloaded):
+        await read_body(chunked, 5000, budget)
+    assert budget.held == chunked.scope[SCOPE_KEY] == 1800
+    budget.release(chunked.scope)
+
+
+async def test_a_whole_body_is_read_and_charged_once(metrics: Metrics) -> None:
+    budget = BodyBudget(Limits(inflight_bytes=3000), metrics)
+    chunks = [b'{"prompt": ', b'"a lighthouse"}']
+    pending = list(chunks)
+
+    async def receive() -> dict[str, Any]:
+        body = pending.pop(0)
+        return {"type": "http.request", "body": body, "more_body": bool(pending)}
+
+    whole = Request(
+        {"type": "http", "method": "POST", "headers": [(b"content-length", b"26")]}, receive
+    )
+    assert await read_body(whole, 1000, budget) == b"".join(chunks)
+    assert budget.held == 78
+
+
+async def test_too_large_and_disconnected_bodies_keep_their_answers(metrics: Metrics) -> None:
+    budget = BodyBudget(Limits(inflight_bytes=3000), metrics)
+    with pytest.raises(RequestTooLarge):
+        await read_body(request(None, {"content-length": "1001"}), 1000, budget)
+
+    async def gone() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    with pytest.raises(InvalidRequest):
+        await read_body(Request({"type": "http", "headers": []}, gone), 1000, budget)
+
+
+@pytest.mark.parametrize(
+    ("soft_limit", "expected"), [(1024, 307), (700, 203), (100, 16), (10**9, 8192)]
+)
+def test_the_default_connection_cap_fits_the_descriptor_limit(
+    soft_limit: int, expected: int
+) -> None:
+    assert default_max_connections(soft_limit) == expected
