@@ -60,9 +60,25 @@ class ServerConfig(uvicorn.Config):
     The values are plain attributes: the configuration is pickled to each worker process."""
 
     def __init__(self, app: Any, *, limits: Limits, **options: Any) -> None:
+        max_connections = limits.max_connections or default_max_connections()
+        options.setdefault("backlog", accept_batch(max_connections))
         super().__init__(app, http=GuardedProtocol, **options)
         self.header_timeout_s = limits.header_timeout_s
-        self.max_connections = limits.max_connections or default_max_connections()
+        self.max_connections = max_connections
+
+
+def accept_batch(max_connections: int) -> int:
+    """The listen backlog, which is also how many connections asyncio accepts in one turn of
+    the loop, before `GuardedProtocol` sees any of them and closes idle ones for room.
+
+    With uvicorn's 2,048, a burst of idle sockets took every descriptor before the cap
+    could act: asyncio then logged `socket.accept() out of system resource` up to 2,048
+    times and stopped accepting for a second (so /healthz waited a second). Such a burst
+    holds about three batches of descriptors (accepted, being seen, being closed) on top of
+    the cap, which two thirds of the cap keeps within what `default_max_connections` leaves.
+    The price: past a batch of connections opened in the same instant, a client's SYN waits
+    for the kernel's retry (1 s)."""
+    return max(64, min(2048, max_connections * 2 // 3))
 
 
 class GuardedProtocol(HttpToolsProtocol):
