@@ -60,8 +60,8 @@ ENV_UPSTREAM_KEY = "TOLLGATE_UPSTREAM_KEY"
 ENV_WORKERS = "TOLLGATE_WORKERS"
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"]
 # Answered even on a connection past `limits.max_connections`: the probes must tell a busy
-# process from a dead one.
-ALWAYS_ANSWERED = frozenset({"/healthz", "/readyz"})
+# process from a dead one, and a saturated process is when its metrics matter most.
+ALWAYS_ANSWERED = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ sent a byte left a process limited to 700 descriptors unable to accept even `/he
 - past `limits.max_connections`, a new connection makes room by closing the connection
   that has waited longest for its headers (idle sockets never crowd out a request);
   when every connection is busy with a request, the new one is still read, its request
-  answered 503 `server_overloaded` in OpenAI's shape by the web layer (`/healthz` and
-  `/readyz` are answered as usual) and the connection closed; past an eighth more it is
-  closed at once.
+  answered 503 `server_overloaded` in OpenAI's shape by the web layer (`/healthz`,
+  `/readyz` and `/metrics` are answered as usual) and the connection closed; past an
+  eighth more, it is closed at once.
 """
 
 from __future__ import annotations

@@ -253,7 +253,7 @@ def starved_tollgate(simulator: Simulator, tmp_path: Path) -> Iterator[Tollgate]
                 str(tmp_path),
                 "--port",
                 str(port),
-            ],  # noqa: E501
+            ],
             stdout=sink,
             stderr=subprocess.STDOUT,
             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (700, hard)),
@@ -293,3 +293,53 @@ def test_idle_sockets_past_the_descriptor_limit_do_not_starve_healthz(
         for sock in idle:
             sock.close()
     assert starved_tollgate.process.poll() is None
+    # The burst never took every descriptor (asyncio would have stopped accepting).
+    assert "out of system resource" not in output(starved_tollgate.process)
+
+
+@pytest.fixture
+def busy_tollgate(simulator: Simulator, tmp_path: Path) -> Iterator[Tollgate]:
+    write_config(
+        tmp_path,
+        f"{simulator.url}/v1",
+        settings="limits:\n  max_connections: 2\n  edits_bytes: 4194304\n"
+        "  variations_bytes: 4194304\n  inflight_bytes: 104857600\n",
+    )
+    proxy = start_tollgate(tmp_path)
+    yield proxy
+    proxy.stop()
+
+
+def test_past_the_connection_cap_with_every_connection_busy_requests_get_503(
+    busy_tollgate: Tollgate, simulator: Simulator, image: bytes
+) -> None:
+    before = len(simulator.billing())
+    body, content_type = edit_body(image)
+    busy = [
+        start_post(busy_tollgate, "/v1/images/edits", body, content_type, len(body) // 2)
+        for _ in range(2)
+    ]
+    wait_for(lambda: body_bytes(busy_tollgate) == 2 * 3 * len(body), "both are being read")
+    # Nothing idle to close: the third connection is read, answered 503 and closed.
+    refused = httpx.post(
+        f"{busy_tollgate.url}/v1/images/generations",
+        json={"prompt": "a lighthouse", "quality": "low"},
+        headers={"authorization": f"Bearer {DESIGN_KEY}"},
+        timeout=30,
+    )
+    assert refused.status_code == 503
+    error = refused.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["code"]) == ("server_error", "server_overloaded")
+    assert refused.headers["connection"] == "close"
+    assert refused.headers["x-should-retry"] == "true"
+    assert httpx.get(f"{busy_tollgate.url}/healthz", timeout=30).status_code == 200
+    for conn in busy:
+        conn.send(body[len(body) // 2 :])
+    for conn in busy:
+        done = conn.getresponse()
+        assert done.status == 200, done.read()
+        done.read()
+        conn.close()
+    assert len(simulator.billing()) == before + 2
+    assert metric(busy_tollgate, "tollgate_overload_refusals_total", reason="connections") == 1
