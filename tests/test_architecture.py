@@ -43,6 +43,8 @@ DOES_IO = (
     "proxy.cli",
     "proxy.spool",
     "proxy.simulator",
+    "proxy.admission",
+    "proxy.connections",
 )
 WEB_AND_CLI = ("proxy.handlers", "proxy.forwarding", "proxy.app", "proxy.cli")
 MAY_PRINT_OR_EXIT = ("proxy.cli", "proxy.__main__")
