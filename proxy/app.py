@@ -88,6 +88,9 @@ class Gateway:
     (error pages, exception handlers, path matching) had nothing to do for them but cost
     CPU on every request. A fault of Tollgate's own still gets an answer, a 500 in OpenAI's
     error shape, with the traceback in the log.
+
+    Every request's body charge (`proxy.admission`) is given back here, in one `finally`,
+    and a request on a connection past `limits.max_connections` is answered 503 here.
     """
 
     def __init__(
