@@ -48,6 +48,8 @@ limits:
   inflight_bytes: 16777216
   header_timeout_s: 1
   body_idle_timeout_s: 1
+passthrough:
+  - {path: /v1/files, methods: [POST]}
 """
 
 
@@ -176,6 +178,18 @@ def test_a_client_gone_mid_body_leaves_nothing_charged(tollgate: Tollgate, image
     body, content_type = edit_body(image)
     conn = start_post(tollgate, "/v1/images/edits", body, content_type, len(body) // 2)
     wait_for(lambda: body_bytes(tollgate) == 3 * len(body), "the body is charged")
+    conn.close()
+    wait_for(lambda: body_bytes(tollgate) == 0, "the charge is given back")
+
+
+def test_a_passthrough_body_is_charged_and_given_back(
+    tollgate: Tollgate, simulator: Simulator
+) -> None:
+    body = b"x" * 100_000
+    conn = start_post(tollgate, "/v1/files", body, "application/octet-stream", 10)
+    wait_for(lambda: body_bytes(tollgate) == 3 * len(body), "the body is charged")
+    conn.send(body[10:])
+    conn.getresponse().read()  # whatever the upstream says of it
     conn.close()
     wait_for(lambda: body_bytes(tollgate) == 0, "the charge is given back")
 
