@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -490,7 +491,9 @@ def run_serve(args: argparse.Namespace) -> int:
             log_config=None,
         )
     )
-    server.run()
+    # uvicorn raises Ctrl-C again once it has shut down, as `uvicorn.run` expects.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
     return 0 if server.started else 1
 
 
