@@ -1,0 +1,148 @@
+"""GuardedProtocol in process: when the header deadline is armed, and whom the cap closes."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.server import ServerState
+
+from proxy.config import Limits
+from proxy.connections import OVER_CAPACITY, GuardedProtocol, ServerConfig, accept_batch
+
+REQUEST = b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n"
+
+
+class Transport:
+    """What the protocol needs of an asyncio transport, recording what it is told."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.written = b""
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class Recorder:
+    """An ASGI app that answers 200 and keeps each scope it saw."""
+
+    def __init__(self) -> None:
+        self.scopes: list[dict[str, Any]] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.scopes.append(scope)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+def server(app: Recorder, max_connections: int) -> tuple[ServerConfig, ServerState]:
+    config = ServerConfig(app, limits=Limits(max_connections=max_connections), lifespan="off")
+    config.load()
+    return config, ServerState()
+
+
+def connect(config: ServerConfig, state: ServerState) -> tuple[GuardedProtocol, Transport]:
+    protocol = GuardedProtocol(config, state, {})
+    transport = Transport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    return protocol, transport
+
+
+async def answered(app: Recorder, count: int) -> None:
+    for _ in range(1000):
+        if len(app.scopes) >= count:
+            await asyncio.sleep(0)  # the response completes in the same task
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the request was never answered")
+
+
+async def test_the_header_deadline_runs_while_idle_and_stops_at_the_headers() -> None:
+    app = Recorder()
+    protocol, transport = connect(*server(app, 10))
+    assert protocol.headers_due is not None  # armed from the first moment
+    protocol.data_received(REQUEST[:20])
+    assert protocol.headers_due is not None  # data does not reset it
+    protocol.data_received(REQUEST[20:])
+    assert protocol.headers_due is None  # the request is being served
+    await answered(app, 1)
+    assert b"200 OK" in transport.written
+    assert protocol.headers_due is not None  # idle again, waiting for the next request
+    protocol.connection_lost(None)
+    assert protocol.headers_due is None
+
+
+async def test_the_deadline_closes_a_connection_without_headers() -> None:
+    protocol, transport = connect(*server(Recorder(), 10))
+    assert protocol.headers_due is not None
+    protocol.headers_due._run()  # the timer fires
+    assert transport.closed
+
+
+async def test_past_the_cap_the_connection_idle_longest_is_closed() -> None:
+    config, state = server(Recorder(), 2)
+    first, first_transport = connect(config, state)
+    second, second_transport = connect(config, state)
+    assert first.headers_due is not None and second.headers_due is not None
+    # The first has waited longest: its deadline is the earliest.
+    loop = asyncio.get_running_loop()
+    first.headers_due.cancel()
+    first.headers_due = loop.call_at(loop.time() - 1, lambda: None)
+    third, third_transport = connect(config, state)
+    assert first_transport.closed
+    assert not second_transport.closed and not third_transport.closed
+    assert not third.over_capacity
+
+
+async def test_past_the_cap_with_every_connection_busy_the_request_is_marked() -> None:
+    app = Recorder()
+
+    async def slow(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await asyncio.Event().wait()  # busy for ever
+
+    config, state = server(app, 1)
+    busy, _ = connect(config, state)
+    busy.app = slow  # type: ignore[assignment]
+    busy.data_received(REQUEST)
+    assert busy.headers_due is None
+    late, late_transport = connect(config, state)
+    assert late.over_capacity and not late_transport.closed
+    late.data_received(REQUEST)
+    await answered(app, 1)
+    assert app.scopes[0][OVER_CAPACITY] is True  # the web layer answers it 503
+    tasks = list(state.tasks)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_past_the_overflow_a_connection_is_closed_at_once() -> None:
+    config, state = server(Recorder(), 1)
+    held = []
+    for _ in range(9):  # the cap, and eight more let in to be answered 503
+        protocol, transport = connect(config, state)
+        protocol._headers_received()  # as if each were busy with a request
+        held.append(transport)
+    assert not any(t.closed for t in held)
+    _, transport = connect(config, state)
+    assert transport.closed
+
+
+def test_the_accept_batch_is_two_thirds_of_the_cap_within_bounds() -> None:
+    assert [accept_batch(n) for n in (16, 203, 307, 8192)] == [64, 135, 204, 2048]
