@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.parsing import Part, encode_multipart
+from proxy.parsing import Upload, encode_multipart
 from tests.conftest import (
     DESIGN_KEY,
     Simulator,
@@ -116,13 +116,9 @@ def image() -> bytes:
 
 def edit_body(image: bytes) -> tuple[bytes, str]:
     return encode_multipart(
-        [
-            Part("model", b"gpt-image-2"),
-            Part("prompt", b"add a lighthouse"),
-            Part("quality", b"low"),
-            Part("size", b"1024x1024"),
-            Part("image", image, filename="big.png", content_type="image/png"),
-        ]
+        {"model": "gpt-image-2", "prompt": "add a lighthouse", "quality": "low",
+         "size": "1024x1024"},
+        (Upload("image", image, "png"),),
     )
 
 
