@@ -7,6 +7,7 @@ Drives the ledger's `reserve` and `settle` directly (the Ledger API the request 
 uses) with the bench team's real budgets (month and day team budgets, a per-user day
 budget, the organization's month budget), so every reservation reads and writes the
 budget counters. Each request is one reserve and one settle; CPU is this process's.
+For SQLite, "WAL peak" is the largest size of the WAL file seen after any settlement.
 With `--postgres SERVER` the same runs go to a fresh schema on that server too (dropped
 afterwards); its CPU column leaves out the database server's own.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import tempfile
 import time
 import uuid
@@ -32,8 +34,11 @@ from proxy.ledger import Entry, Reservation, Settlement, migrate_ledger, open_le
 from proxy.models import Usage
 
 
-async def run(url: str, root: Path, requests: int, concurrency: int) -> tuple[float, float]:
-    """(seconds, CPU seconds) for `requests` reserve+settle pairs at `concurrency`."""
+async def run(
+    url: str, root: Path, requests: int, concurrency: int
+) -> tuple[float, float, int | None]:
+    """(seconds, CPU seconds, largest WAL in bytes or None) for `requests` reserve+settle
+    pairs at `concurrency`."""
     config = load_config(harness.write_policies(root, "http://127.0.0.1:1"))
     team = config.teams[0]
     await migrate_ledger(url)
@@ -45,6 +50,8 @@ async def run(url: str, root: Path, requests: int, concurrency: int) -> tuple[fl
     write = counters(team.name, "bench-user", now, tz)
     usage = Usage(text_input=5, image_output=272)
     left = [requests]
+    wal = f"{url.removeprefix('sqlite:///')}-wal" if url.startswith("sqlite:///") else None
+    peak = [0]
 
     async def client(n: int) -> None:
         i = 0
@@ -69,12 +76,15 @@ async def run(url: str, root: Path, requests: int, concurrency: int) -> tuple[fl
             await ledger.settle(
                 entry.id, Settlement(time.time(), "ok", 200, usage=usage, cost_nanos=9_000_000)
             )
+            if wal is not None:
+                peak[0] = max(peak[0], os.stat(wal).st_size)
 
     try:
         cpu = time.process_time()
         began = time.perf_counter()
         await asyncio.gather(*(client(n) for n in range(concurrency)))
-        return time.perf_counter() - began, time.process_time() - cpu
+        seconds, cpu = time.perf_counter() - began, time.process_time() - cpu
+        return seconds, cpu, peak[0] if wal is not None else None
     finally:
         await ledger.close()
 
@@ -89,16 +99,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for c in args.concurrency:
             url = f"sqlite:///{tmp}/ledger-{c}.db"
-            seconds, cpu = asyncio.run(run(url, Path(tmp) / f"p{c}", args.requests, c))
+            seconds, cpu, wal = asyncio.run(run(url, Path(tmp) / f"p{c}", args.requests, c))
             rows.append(("sqlite", c, args.requests, args.requests / seconds,
-                         cpu * 1000 / args.requests))  # fmt: skip
+                         cpu * 1000 / args.requests, f"{(wal or 0) / 2**20:.1f}"))  # fmt: skip
         if args.postgres:
             for c in args.concurrency:
                 with fresh_schema(args.postgres) as url:
-                    seconds, cpu = asyncio.run(run(url, Path(tmp) / f"pg{c}", args.requests, c))
+                    seconds, cpu, _ = asyncio.run(run(url, Path(tmp) / f"pg{c}", args.requests, c))
                 rows.append(("postgresql", c, args.requests, args.requests / seconds,
-                             cpu * 1000 / args.requests))  # fmt: skip
-    header = ("ledger", "concurrency", "pairs", "reserve+settle/s", "CPU ms/pair")
+                             cpu * 1000 / args.requests, "-"))  # fmt: skip
+    header = ("ledger", "concurrency", "pairs", "reserve+settle/s", "CPU ms/pair", "WAL peak MiB")
     print(harness.table(header, rows))
 
 
