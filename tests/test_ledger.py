@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import json
 import sqlite3
+import subprocess
+import sys
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 
@@ -676,23 +679,25 @@ async def test_settle_patiently_gives_up_after_its_time_is_up() -> None:
 
 
 @contextlib.contextmanager
-def write_lock_held(path: Path, seconds: float) -> Iterator[threading.Thread]:
-    """Another connection (as another worker would) holds the write lock for `seconds`."""
-    taken = threading.Event()
+def write_lock_held(path: Path) -> Iterator[threading.Event]:
+    """Another connection (as another worker would) holds the write lock until the event
+    yielded is set, or the block ends (a minute at most, should a test never set it)."""
+    taken, release = threading.Event(), threading.Event()
 
     def hold() -> None:
         with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
             other.execute("BEGIN IMMEDIATE")
             taken.set()
-            time.sleep(seconds)
+            release.wait(60)
             other.execute("COMMIT")
 
     holder = threading.Thread(target=hold)
     holder.start()
     taken.wait()
     try:
-        yield holder
+        yield release
     finally:
+        release.set()
         holder.join()
 
 
@@ -702,14 +707,18 @@ async def test_a_transaction_that_finds_the_lock_taken_waits_off_the_loop(tmp_pa
     await ledger.open()
     ticks = 0
 
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0.01)
-
     try:
-        with write_lock_held(path, 0.5):
+        with write_lock_held(path) as release:
+
+            async def ticker() -> None:
+                # The lock is let go only once the loop has turned while it was taken.
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    if ticks > 3:
+                        release.set()
+                    await asyncio.sleep(0.01)
+
             beat = asyncio.create_task(ticker())
             await ledger.reserve([DESIGN_DAY], take("r1"))
             beat.cancel()
@@ -729,35 +738,195 @@ async def test_a_lock_held_too_long_is_a_retryable_outage(
     ledger = SqliteLedger(path)
     await ledger.open()
     try:
-        with write_lock_held(path, 1.0), pytest.raises(LedgerUnavailable):
-            await ledger.reserve([DESIGN_DAY], take("r1"))
+        with write_lock_held(path), pytest.raises(LedgerUnavailable):
+            await ledger.reserve([DESIGN_DAY], take("r1"))  # the lock is held throughout
         assert await ledger.rows() == []
         await ledger.reserve([DESIGN_DAY], take("r1"))  # the lock is free again
     finally:
         await ledger.close()
 
 
-async def test_the_wal_is_checkpointed_as_transactions_commit(
+# -- SQLite: the WAL's bound ----------------------------------------------------------------
+
+WAL_LIMIT = 256 * 1024
+"""A small limit, so a few hundred requests reach it dozens of times."""
+ONE_TRANSACTION = 16 * (4096 + 24)
+"""What one transaction here may add to the WAL: twice the pages a reservation writes."""
+
+
+@contextlib.contextmanager
+def machine_loaded() -> Iterator[None]:
+    """A busy Python thread beside the ledger's (they take turns at the interpreter) and a
+    process burning a core: the conditions that leave a checkpoint on the thread late."""
+    stop = threading.Event()
+
+    def spin() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        spinner.join()
+        burner.kill()
+        burner.wait()
+
+
+def emptied(sizes: list[int]) -> int:
+    """How many times the WAL file shrank between two of `sizes` seen in turn."""
+    return sum(1 for a, b in itertools.pairwise(sizes) if b < a)
+
+
+def wal_size(path: Path) -> int:
+    wal = Path(f"{path}-wal")
+    return wal.stat().st_size if wal.exists() else 0
+
+
+async def test_the_wal_stays_under_its_limit_however_late_checkpoints_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The loop's connection never checkpoints; the ledger does it on its thread every so
-    many commits, so the WAL file stays small however long the proxy runs."""
-    monkeypatch.setattr("proxy.ledger.sqlite.CHECKPOINT_EVERY", 20)
-    monkeypatch.setattr("proxy.ledger.sqlite.WAL_FRAMES_LIMIT", 500)
+    """Back-to-back writes that never let the loop turn, on a loaded machine, with the
+    periodic checkpoints never due: the worst case for a checkpoint on the thread. The
+    writers keep the bound themselves, checked after every commit."""
+    monkeypatch.setattr("proxy.ledger.sqlite.CHECKPOINT_EVERY", 10**9)
+    monkeypatch.setattr("proxy.ledger.sqlite.WAL_LIMIT_BYTES", WAL_LIMIT)
+    path = tmp_path / "t.db"
+    ledger = SqliteLedger(path)
+    await ledger.open()
+    sizes = []
+    try:
+        with machine_loaded():
+            for i in range(400):
+                await ledger.reserve([DESIGN_DAY], take(f"r{i}"))
+                sizes.append(wal_size(path))
+                await ledger.settle(f"r{i}", SETTLED)
+                sizes.append(wal_size(path))
+    finally:
+        await ledger.close()
+    # 800 commits of several pages each write some 15 MB of WAL: the limit was reached
+    # again and again, and the file emptied each time.
+    assert max(sizes) <= WAL_LIMIT + ONE_TRANSACTION
+    assert emptied(sizes) >= 20
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT count(*) FROM requests WHERE state = 'settled'").fetchone() == (
+            400,
+        )
+
+
+async def test_a_reader_holding_the_wal_makes_writers_wait_rather_than_grow_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint cannot empty a WAL that a reader still reads from: writers wait for it
+    (`LOCK_WAIT_MS`), then fail as a retryable outage, nothing written past the bound."""
+    monkeypatch.setattr("proxy.ledger.sqlite.CHECKPOINT_EVERY", 10**9)
+    monkeypatch.setattr("proxy.ledger.sqlite.WAL_LIMIT_BYTES", WAL_LIMIT)
+    monkeypatch.setattr("proxy.ledger.sqlite.LOCK_WAIT_MS", 100)
     path = tmp_path / "t.db"
     ledger = SqliteLedger(path)
     await ledger.open()
     try:
-        for i in range(1500):
-            await ledger.reserve([DESIGN_DAY], take(f"r{i}"))
-            await ledger.settle(f"r{i}", SETTLED)
-            await asyncio.sleep(0)  # a proxy's loop turns between requests
-        wal = Path(f"{path}-wal").stat().st_size
+        await ledger.reserve([DESIGN_DAY], take("r0"))
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as reader:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM requests").fetchone()  # a snapshot in the WAL
+            written = 0
+            with pytest.raises(LedgerUnavailable):
+                for i in range(1, 1000):
+                    await ledger.reserve([DESIGN_DAY], take(f"r{i}"))
+                    written = i
+                    assert wal_size(path) <= WAL_LIMIT + ONE_TRANSACTION
+            assert 0 < written < 999
+            assert wal_size(path) <= WAL_LIMIT + ONE_TRANSACTION
+            reader.execute("COMMIT")
+        await ledger.reserve([DESIGN_DAY], take("after"))  # the checkpoint gets through now
+        assert wal_size(path) < WAL_LIMIT
+        assert len(await ledger.rows()) == written + 2
     finally:
         await ledger.close()
-    # 3,000 commits of several pages each would leave tens of MB in an unchecked WAL.
-    assert wal < 8 * 1024 * 1024
+
+
+WAL_WRITER = """
+import asyncio, json, os, sys
+import proxy.ledger.sqlite as sqlite
+from proxy.budgets import Counter
+from proxy.ledger.base import Entry, Reservation, Settlement
+from proxy.models import Usage
+
+sqlite.CHECKPOINT_EVERY = 10**9
+sqlite.WAL_LIMIT_BYTES = int(sys.argv[2])
+path, name, count = sys.argv[1], sys.argv[3], int(sys.argv[4])
+DAY = Counter("team", "design", "", "day", 0.0)
+USAGE = Usage(text_input=20, image_output=7024, images=1)
+
+
+def choose(request_id):
+    entry = Entry(id=request_id, started_at=1000.0, endpoint="generations", team="design",
+                  user="alice", model="gpt-image-2", estimated_nanos=500_000_000)
+    return lambda totals: Reservation(entry, USAGE, (DAY,))
+
+
+async def main():
+    ledger = sqlite.SqliteLedger(path)
+    await ledger.open()
+    sizes = []
+    print("ready", flush=True)
+    sys.stdin.readline()
+    for i in range(count):
+        await ledger.reserve([DAY], choose(f"{name}-{i}"))
+        sizes.append(os.stat(path + "-wal").st_size)
+        await ledger.settle(f"{name}-{i}", Settlement(1010.0, "ok", 200, usage=USAGE))
+        sizes.append(os.stat(path + "-wal").st_size)
+    await ledger.close()
+    print(json.dumps(sizes), flush=True)
+
+
+asyncio.run(main())
+"""
+
+
+async def test_the_wal_limit_holds_across_worker_processes(tmp_path: Path) -> None:
+    """Two worker processes writing to one file, on a loaded machine: the WAL they share
+    stays under the bound, as each of them sees it after each of its commits."""
+    path = tmp_path / "t.db"
+    first = SqliteLedger(path)  # the schema, before the writers race to create it
+    await first.open()
+    await first.close()
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WAL_WRITER, str(path), str(WAL_LIMIT), name, "300"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("a", "b")
+    ]
+    try:
+        for w in writers:
+            assert w.stdout is not None
+            assert w.stdout.readline() == "ready\n"
+        with machine_loaded():
+            for w in writers:  # both start writing at once
+                assert w.stdin is not None
+                w.stdin.write("go\n")
+                w.stdin.flush()
+            answers = [w.communicate(timeout=600)[0] for w in writers]
+    finally:
+        for w in writers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+    assert [w.returncode for w in writers] == [0, 0]
+    for answer in answers:
+        sizes = json.loads(answer)
+        assert len(sizes) == 600
+        assert max(sizes) <= WAL_LIMIT + ONE_TRANSACTION
+    assert sum(emptied(json.loads(answer)) for answer in answers) >= 10
     with contextlib.closing(sqlite3.connect(path)) as db:
         assert db.execute("SELECT count(*) FROM requests WHERE state = 'settled'").fetchone() == (
-            1500,
+            600,
         )

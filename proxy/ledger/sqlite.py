@@ -14,6 +14,13 @@ a transaction that finds the write lock taken (another worker is writing) is
 tried again after the loop's next turn, then handed to aiosqlite's thread, whose
 connection waits for the lock. Checkpoints, which do wait on the disk, run on that
 thread every `CHECKPOINT_EVERY` commits, and so do reports and other reads.
+
+The WAL is bounded whatever the scheduling: a transaction that finds the WAL file at
+`WAL_LIMIT_BYTES` once it holds the write lock writes nothing, and the writer waits for a
+TRUNCATE checkpoint before it tries again (see `_make_room`). The check is made under the
+write lock every worker process shares, so the WAL file never grows past the limit plus
+what one transaction writes, however many processes write and however late the
+checkpoints on the thread run.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import functools
 import json
 import logging
 import operator
+import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -58,12 +66,17 @@ INLINE_ATTEMPTS = 3
 """Tries on the loop's connection, one turn of the loop apart, before the thread takes over."""
 LOCK_WAIT_MS = 30_000
 """How long the thread's connection waits for the write lock before giving up."""
-WAL_FRAMES_LIMIT = 10_000
-"""Pages (4 KiB) in the WAL past which the next checkpoint makes sure to copy them all."""
+WAL_LIMIT_BYTES = 64 * 1024 * 1024
+"""The WAL file's bound: no transaction starts writing once the file has reached it (a
+reserve and its settle write about 37 KB of WAL, so this is some 1,800 requests)."""
 
 
 class _Busy(Exception):
     """Another connection holds the write lock: try later, or where waiting is allowed."""
+
+
+class _WalFull(Exception):
+    """The WAL has reached `WAL_LIMIT_BYTES`: nothing was written; checkpoint, then retry."""
 
 
 # The schema lives in migrations.py: ordered steps, applied when the ledger opens.
@@ -156,7 +169,8 @@ class SqliteLedger(SqliteReports):
         self._lock = asyncio.Lock()
         self._commits = 0
         self._checkpoint: asyncio.Task[None] | None = None
-        self._catch_up = False
+        self._wal = f"{self.path}-wal"
+        self._room = asyncio.Lock()
         self._thread_writes = 0
         self._held: dict[str, tuple[int, str, Usage]] = {}
         """What each reservation of this process not yet settled holds: (reserved nanos,
@@ -392,6 +406,29 @@ class SqliteLedger(SqliteReports):
 
         On the loop's connection when the lock is free within `INLINE_ATTEMPTS` turns of the
         loop, else on the thread's. `work` may run more than once: only its last run commits.
+        A WAL found full makes room first (`_make_room`), for `LOCK_WAIT_MS` at most.
+        """
+        deadline: float | None = None
+        pause = 0.001
+        while True:
+            try:
+                return await self._attempt(work)
+            except _WalFull:
+                pass
+            loop = asyncio.get_running_loop()
+            if deadline is None:
+                deadline = loop.time() + LOCK_WAIT_MS / 1000
+            if await self._make_room():
+                continue
+            if loop.time() >= deadline:
+                raise LedgerUnavailable("ledger busy: its WAL is full and cannot be checkpointed")
+            # Another process's checkpoint is running, or a reader holds the WAL.
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    async def _attempt(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """One try at `_transaction` (raising `_WalFull`, with nothing written, if the WAL
+        is at its limit).
 
         While this process has writes on the thread, they hold the lock (and wait for the
         GIL while holding it): a new one waits for them to end rather than find the lock
@@ -399,15 +436,14 @@ class SqliteLedger(SqliteReports):
         """
         if self._thread_writes:
             await self._thread_idle.wait()
-        inline = INLINE_ATTEMPTS if not (self._catch_up and self._checkpoint) else 0
-        for attempt in range(inline):
+        for attempt in range(INLINE_ATTEMPTS):
             if attempt:
                 await asyncio.sleep(0)
             conn = self._inline
             if conn is None:
                 raise LedgerError("ledger is not open")
             try:
-                result = _atomically(conn, work, wait=False)
+                result = _atomically(conn, work, self._wal, wait=False)
             except _Busy:
                 continue
             self._committed()
@@ -415,7 +451,7 @@ class SqliteLedger(SqliteReports):
         self._thread_writes += 1
         self._thread_idle.clear()
         try:
-            return await self._on_thread(lambda conn: _atomically(conn, work, wait=True))
+            return await self._on_thread(lambda conn: _atomically(conn, work, self._wal, wait=True))
         finally:
             self._thread_writes -= 1
             if not self._thread_writes:
@@ -432,23 +468,41 @@ class SqliteLedger(SqliteReports):
     async def _checkpoint_wal(self) -> None:
         """Copy the WAL back into the database file, off the loop (it waits on the disk).
 
-        PASSIVE, so transactions go on meanwhile. But a WAL starts over only once a
-        checkpoint has copied all of it, which frames appended meanwhile prevent: when the
-        WAL has grown past `WAL_FRAMES_LIMIT`, the next checkpoint holds this process's
-        transactions back on the thread until it is done (a pause of one checkpoint)."""
+        PASSIVE, so transactions go on meanwhile. The WAL starts over (from its beginning,
+        the file keeping its size) when a checkpoint copied all of it before the next write,
+        which writes appended meanwhile prevent: under sustained writes it is the limit that
+        empties it (`_make_room`)."""
 
-        def checkpoint(conn: sqlite3.Connection) -> int:
-            _busy, frames, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            return int(frames)
+        def checkpoint(conn: sqlite3.Connection) -> None:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
         try:
-            frames = await self._on_thread(checkpoint)
+            await self._on_thread(checkpoint)
         except (LedgerError, sqlite3.Error, ValueError) as exc:
             log.warning("ledger checkpoint failed: %s", exc)
-        else:
-            self._catch_up = frames > WAL_FRAMES_LIMIT
         finally:
             self._checkpoint = None
+
+    async def _make_room(self) -> bool:
+        """Empty the WAL file: a TRUNCATE checkpoint on the thread. It takes the write lock
+        (waiting for it like the thread's transactions), so every process's writers wait
+        while it copies the WAL into the database file, syncs both and truncates the WAL;
+        it also waits for readers still reading from the WAL. False if it could not: another
+        process's checkpoint was running, or readers held on for `LOCK_WAIT_MS`."""
+
+        def truncate(conn: sqlite3.Connection) -> bool:
+            busy, _frames, _copied = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            return not busy
+
+        async with self._room:  # one at a time: those waiting may find it done
+            if _wal_size(self._wal) < WAL_LIMIT_BYTES:
+                return True
+            try:
+                return await self._on_thread(truncate)
+            except sqlite3.Error as exc:
+                if _is_busy(exc):
+                    return False
+                raise LedgerError(f"ledger checkpoint failed: {exc}") from exc
 
     async def _write(self, sql: str, values: Sequence[Any]) -> None:
         await self._transaction(lambda conn: conn.execute(sql, values))
@@ -464,9 +518,13 @@ def _loop_connection(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _atomically(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T], wait: bool) -> T:
+def _atomically(
+    conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T], wal: str, wait: bool
+) -> T:
     """`work` in one write transaction on `conn`. Without `wait`, finding the write lock
-    taken raises `_Busy` (nothing written); with it, the connection's busy timeout applies."""
+    taken raises `_Busy` (nothing written); with it, the connection's busy timeout applies.
+    Finding the WAL file (`wal`) at `WAL_LIMIT_BYTES` raises `_WalFull` (nothing written):
+    with the write lock held no other process can add to it before this commit."""
     try:
         conn.execute("BEGIN IMMEDIATE")
     except sqlite3.Error as exc:
@@ -475,6 +533,10 @@ def _atomically(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T
                 raise _Busy from exc
             raise LedgerUnavailable(f"ledger busy: {exc}") from exc
         raise LedgerError(f"ledger unavailable: {exc}") from exc
+    if _wal_size(wal) >= WAL_LIMIT_BYTES:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise _WalFull
     try:
         result = work(conn)
         conn.execute("COMMIT")
@@ -487,6 +549,14 @@ def _atomically(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T
             raise LedgerError(f"ledger write failed: {exc}") from exc
         raise
     return result
+
+
+def _wal_size(wal: str) -> int:
+    """The WAL file's size: what it has held since it was last truncated."""
+    try:
+        return os.stat(wal).st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
