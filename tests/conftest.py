@@ -35,7 +35,8 @@ def free_port() -> int:
         return port
 
 
-def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float = 90.0) -> None:
+    # Generous: a Python process importing its dependencies on a loaded 2-core machine.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -163,10 +163,8 @@ async def test_a_failing_webhook_is_retried_and_a_slow_one_never_blocks_settled(
     try:
         notifier = alerts_for(config((hook.url,), limit_usd=1), ledger, retry_delays=(0.01, 0.01))
         entry = await spend(ledger, NANOS)
-        loop = asyncio.get_running_loop()
-        began = loop.time()
         notifier.settled(entry)
-        assert loop.time() - began < 0.01  # only notes the team
+        assert hook.attempts == 0  # only notes the team: the webhook is called later
         await notifier.idle()
         await notifier.aclose()
         assert hook.attempts == 4  # two thresholds; the first one's first two tries fail
@@ -181,7 +179,7 @@ async def test_an_unreachable_webhook_gives_up_after_its_retries(ledger: SqliteL
     hook.close()
     notifier = alerts_for(config((url,), limit_usd=1), ledger, retry_delays=(0.01,))
     notifier.settled(await spend(ledger, NANOS))
-    await asyncio.wait_for(notifier.idle(), 5)
+    await asyncio.wait_for(notifier.idle(), 60)  # only so that a hang fails
     await notifier.aclose()
     assert await ledger.claim_alert("anything", NOW)
 

@@ -266,7 +266,7 @@ def test_reload_swaps_the_configuration_and_refuses_an_invalid_one(
         assert still.data
         team_file.write_text(original)
         proxy.process.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
                 client(proxy, "strict").images.generate(
@@ -371,7 +371,7 @@ def test_kill_9_mid_storm_never_hands_billed_room_out_again(
         def arrived() -> int:
             return sum(1 for r in simulator.billing() if r["id"] not in seen)
 
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while (reserved_rows(proxy), arrived()) != (fits, fits) and time.monotonic() < deadline:
             loop.run_until_complete(asyncio.sleep(0.02))
         assert (reserved_rows(proxy), arrived()) == (fits, fits)

@@ -42,7 +42,7 @@ def writer(stream: io.StringIO) -> Iterator[BatchWriter]:
     handler.close()
 
 
-def wait_for(stream: io.StringIO, lines: int, within_s: float = 2.0) -> list[str]:
+def wait_for(stream: io.StringIO, lines: int, within_s: float = 30.0) -> list[str]:
     deadline = time.monotonic() + within_s
     while len(stream.getvalue().splitlines()) < lines and time.monotonic() < deadline:
         time.sleep(0.005)

@@ -54,7 +54,7 @@ def decoded(b64: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64)))
 
 
-def wait_settled(tollgate: Tollgate, request_id: str, timeout: float = 10.0) -> dict[str, Any]:
+def wait_settled(tollgate: Tollgate, request_id: str, timeout: float = 60.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         rows = [r for r in tollgate.rows() if r["id"] == request_id]

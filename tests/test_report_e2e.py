@@ -164,7 +164,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         expected.add("research", "gpt-image-2", None, "carol")
         expected.outcomes["rejected_budget"] += 1
         expected.outcomes["ok"] += len(workload)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while any(r["state"] != "settled" for r in tollgate.rows()):
             assert time.monotonic() < deadline, "rows never settled"
             time.sleep(0.05)
