@@ -930,3 +930,30 @@ async def test_the_wal_limit_holds_across_worker_processes(tmp_path: Path) -> No
         assert db.execute("SELECT count(*) FROM requests WHERE state = 'settled'").fetchone() == (
             600,
         )
+
+
+async def test_an_export_read_slowly_does_not_hold_the_wal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audit export reads a batch at a time and holds no snapshot between batches: a
+    client that stops reading halfway never keeps writers from emptying the WAL."""
+    monkeypatch.setattr("proxy.ledger.sqlite.CHECKPOINT_EVERY", 10**9)
+    monkeypatch.setattr("proxy.ledger.sqlite.WAL_LIMIT_BYTES", WAL_LIMIT)
+    monkeypatch.setattr("proxy.ledger.sqlite.LOCK_WAIT_MS", 100)
+    monkeypatch.setattr("proxy.ledger.sqlite_reports.EXPORT_BATCH", 10)
+    path = tmp_path / "t.db"
+    ledger = SqliteLedger(path)
+    await ledger.open()
+    try:
+        for i in range(25):
+            await ledger.reserve([DESIGN_DAY], take(f"r{i:03}", started_at=1000.0 + i))
+        async with contextlib.aclosing(ledger.export(0.0, float("inf"))) as rows:
+            first = [(await anext(rows))["id"]]  # one batch read, the client pauses
+            for i in range(25, 200):  # some 6 MB of WAL, 25 times the limit
+                await ledger.reserve([DESIGN_DAY], take(f"r{i:03}", started_at=1000.0 + i))
+                assert wal_size(path) <= WAL_LIMIT + ONE_TRANSACTION
+            rest = [row["id"] async for row in rows]
+        # Every row once, in order, the ones written meanwhile too.
+        assert first + rest == [f"r{i:03}" for i in range(200)]
+    finally:
+        await ledger.close()

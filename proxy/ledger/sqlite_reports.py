@@ -51,23 +51,42 @@ class SqliteReports:
         return aggregates(found, len(keys))
 
     async def export(self, start: float, end: float) -> AsyncGenerator[dict[str, Any], None]:
-        # Its own read-only connection: a long read must not hold the writers' connection,
-        # and WAL gives it one consistent snapshot while requests keep being written.
+        # Its own read-only connection: a long read must not hold the writers' connection.
+        # A batch at a time, each its own statement (keyset: after the last row sent), so
+        # between two batches it holds no snapshot: a client reading slowly never keeps the
+        # WAL from being checkpointed, which writers wait for once the WAL is at its bound.
+        # Each row comes once, as it was when its batch was read (rows are placed by when
+        # they started, which nothing changes).
         try:
             db = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True)
         except sqlite3.Error as exc:
             raise LedgerError(f"cannot open ledger {self.path}: {exc}") from exc
         try:
-            async with db.execute(
-                "SELECT * FROM requests WHERE started_at >= ? AND started_at < ? "
-                "ORDER BY started_at, id",
-                (start, end),
-            ) as cursor:
-                names = [d[0] for d in cursor.description]
-                while batch := await cursor.fetchmany(EXPORT_BATCH):
-                    for row in batch:
-                        yield dict(zip(names, row, strict=True))
+            batch = await _fetch(db, _EXPORT_FIRST, (start, end, EXPORT_BATCH))
+            while batch:
+                for row in batch:
+                    yield row
+                if len(batch) < EXPORT_BATCH:
+                    break
+                at, after = batch[-1]["started_at"], batch[-1]["id"]
+                batch = await _fetch(db, _EXPORT_NEXT, (at, at, after, end, EXPORT_BATCH))
         except sqlite3.Error as exc:
             raise LedgerError(f"ledger read failed: {exc}") from exc
         finally:
             await db.close()
+
+
+_EXPORT_FIRST = (
+    "SELECT * FROM requests WHERE started_at >= ? AND started_at < ? "
+    "ORDER BY started_at, id LIMIT ?"
+)
+_EXPORT_NEXT = (
+    "SELECT * FROM requests WHERE started_at >= ? AND (started_at > ? OR id > ?) "
+    "AND started_at < ? ORDER BY started_at, id LIMIT ?"
+)
+
+
+async def _fetch(db: aiosqlite.Connection, sql: str, values: Sequence[Any]) -> list[dict[str, Any]]:
+    async with db.execute(sql, values) as cursor:
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
