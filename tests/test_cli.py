@@ -27,7 +27,7 @@ def tollgate(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
         [sys.executable, "-m", "proxy", *args],
         capture_output=True,
         text=True,
-        timeout=20,
+        timeout=60,  # only so that a hang fails: start-up on a loaded machine is slow
         env={**os.environ, **(env or {})},
     )
 

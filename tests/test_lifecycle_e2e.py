@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -80,13 +81,13 @@ def test_sigterm_lets_in_flight_requests_finish_and_settle(
         caller = threading.Thread(target=call)
         caller.start()
         # Wait until the request is reserved in the ledger, then ask Tollgate to stop.
-        for _ in range(100):
-            if proxy.rows():
-                break
+        deadline = time.monotonic() + 60
+        while not proxy.rows():
+            assert time.monotonic() < deadline, "the request was never reserved"
             threading.Event().wait(0.02)
         proxy.process.send_signal(signal.SIGTERM)
-        caller.join(timeout=15)
-        proxy.process.wait(timeout=15)
+        caller.join(timeout=60)
+        proxy.process.wait(timeout=60)
     finally:
         simulator.configure(latency_ms=0)
     assert results and not isinstance(results[0], Exception), results
