@@ -22,6 +22,7 @@ import yarl
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable
+from proxy.scrubbing import Scrubber
 
 # The only client headers sent upstream: those OpenAI's SDKs send that change neither how
 # the body is read nor whose account pays (openai-python: `_base_client.py` default and
@@ -105,6 +106,33 @@ class Client(Protocol):
     async def aclose(self) -> None: ...
 
 
+class ScrubbedAnswer:
+    """An `Answer` with the upstream key masked in its headers and body.
+
+    Wrapped where every answer comes from, so that no way of relaying one (spooled,
+    streamed, an error passed through, a passthrough path) can forget it, and the
+    meters read what the team receives.
+    """
+
+    def __init__(self, answer: Answer, scrubber: Scrubber) -> None:
+        self.status = answer.status
+        pairs = scrubber.pairs(answer.headers.items())
+        self.headers = answer.headers if pairs is None else CIMultiDictProxy(CIMultiDict(pairs))
+        self._answer = answer
+        self._scrubber = scrubber
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        stream = self._scrubber.stream()
+        async for chunk in self._answer.chunks():
+            if out := stream.feed(chunk):
+                yield out
+        if rest := stream.finish():
+            yield rest
+
+    async def aclose(self) -> None:
+        await self._answer.aclose()
+
+
 class Upstream:
     """Sends image requests to the upstream with the company's key.
 
@@ -125,6 +153,9 @@ class Upstream:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._auth = f"Bearer {api_key}"
+        # Per key: after a reload changes it, answers still in flight on the old
+        # `Upstream` are scrubbed of the old key.
+        self._scrubber = Scrubber.of_key(api_key)
         self._organization = organization
         self._project = project
         self._client: Client = (
@@ -163,14 +194,16 @@ class Upstream:
         method: str = "POST",
         query: str = "",
     ) -> Answer:
-        """Send `body` to `path` (e.g. `/images/generations`); the answer is left unread.
+        """Send `body` to `path` (e.g. `/images/generations`); the answer is left unread,
+        and the key is masked in whatever of it echoes the key (`ScrubbedAnswer`).
 
         `path` and `query` must be canonical (`proxy.paths`): the URL is sent as built,
         never re-read by the HTTP client, so the upstream gets the path Tollgate matched."""
         url = self.base_url + path + (f"?{query}" if query else "")
-        return await self._client.fetch(
+        answer = await self._client.fetch(
             method, url, self.headers(client_headers, content_type), body
         )
+        return ScrubbedAnswer(answer, self._scrubber) if self._scrubber else answer
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -20,6 +20,7 @@ PURE_CORE = (
     "proxy.paths",
     "proxy.errors",
     "proxy.budgets",
+    "proxy.scrubbing",
 )
 DOES_IO = (
     "httpx",

@@ -298,6 +298,57 @@ async def test_an_in_process_transport_error_is_translated() -> None:
             await client.send("/images/generations", order(), JSON, [])
 
 
+async def test_an_answer_that_echoes_the_key_is_scrubbed_in_process() -> None:
+    def echo(request: httpx.Request) -> httpx.Response:
+        authorization = request.headers["authorization"]
+        body = json.dumps({"echo": authorization}).encode()
+
+        async def halves() -> AsyncIterator[bytes]:
+            cut = body.index(b"real-key")
+            yield body[:cut]
+            yield body[cut:]
+
+        return httpx.Response(200, headers={"x-echo": authorization}, content=halves())
+
+    async with upstream("http://simulated/v1", transport=httpx.MockTransport(echo)) as client:
+        answer = await client.send("/images/generations", order(), JSON, CLIENT_HEADERS)
+        body = b"".join(await read(answer))
+    masked = "[redacted]" + "*" * (len(UPSTREAM_KEY) - 10)
+    assert answer.headers["x-echo"] == f"Bearer {masked}"
+    assert json.loads(body) == {"echo": f"Bearer {masked}"}
+
+
+async def test_an_answer_that_echoes_the_key_is_scrubbed_over_the_network() -> None:
+    """Over aiohttp, with the key split between two writes of a chunked body."""
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await request_head(reader)
+        authorization = next(
+            line.split(b":", 1)[1].strip()
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"authorization:")
+        )
+        writer.write(
+            b"HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\n"
+            b"x-echo: " + authorization + b"\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
+        body = b'{"error": {"message": "bad key ' + authorization + b'"}}'
+        cut = body.index(b"real-key")
+        for part in (body[:cut], body[cut:]):
+            writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async with loopback(reply) as url, upstream(url) as client:
+        answer = await client.send("/images/generations", order(), JSON, [])
+        body = b"".join(await read(answer))
+    assert answer.status == 401
+    assert UPSTREAM_KEY not in str(response_headers(answer))
+    assert UPSTREAM_KEY.encode() not in body and body.endswith(b'*"}}')
+
+
 async def test_a_client_never_used_closes_without_a_session() -> None:
     await Upstream("http://127.0.0.1:9/v1", UPSTREAM_KEY).aclose()
 

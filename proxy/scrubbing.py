@@ -1,0 +1,176 @@
+"""Taking the upstream key out of everything the upstream answers (pure).
+
+An upstream, or a debugging proxy in front of it, may echo the `Authorization`
+header Tollgate sent: the company key would then reach a team in a header, a body
+or a stream event. `Scrubber.of_key(key)` finds the key in every form an echo is
+likely to use and overwrites each occurrence with a mask of the same length:
+
+    the key itself                  sk-proj-abc...      (also as it appears in JSON and
+                                                          URLs, for keys made of the usual
+                                                          [A-Za-z0-9_-])
+    the key JSON- or URL-escaped    only when that differs from the key itself
+    the key in standard base64      at each of the three alignments, so base64 of
+                                    `Bearer <key>`, of `<key>` alone and of a Basic
+                                    `user:<key>` are all caught, whatever precedes it
+
+Not covered: url-safe base64, hex, other encodings, and pieces of the key (a
+truncated echo such as OpenAI's own `sk-pro***abcd`). In base64 the character at
+each end of the encoded key that also carries bits of its neighbours is left as it
+is (at most four bits of the key's first and of its last byte).
+
+The mask keeps the length: JSON stays valid, the bytes after it keep their
+offsets, and any length already computed (a spooled answer's Content-Length)
+stays true. It reads `[redacted]` followed by `*`s, so whoever meets one knows
+what happened.
+
+Bodies are scrubbed chunk by chunk with `bytes.find`/`bytes.replace` (C speed).
+`ChunkScrubber` holds back the end of a chunk only while it could be the start of a
+key that the next chunk completes: normally nothing is held, and an SSE event
+(which ends with a blank line) is never held.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from urllib.parse import quote
+
+MARKER = "[redacted]"
+MIN_KEY_LENGTH = 8
+"""Shorter keys are not scrubbed: they would match ordinary text (and are no real key)."""
+# Bytes that are common in image answers (base64 images, JSON punctuation): a needle is
+# looked for by `memchr` on its first byte outside this set, when it has one.
+_COMMON = frozenset(b'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="{}[]:, \n')
+# Past this many anchors that are not the needle, one `in` (two-way search) is cheaper.
+_ANCHOR_TRIES = 16
+
+
+def mask(length: int) -> str:
+    """`[redacted]***...`, exactly `length` characters (cut short for short keys)."""
+    return (MARKER + "*" * max(length - len(MARKER), 0))[:length]
+
+
+def encodings(key: str) -> list[str]:
+    """The forms of `key` an echo may carry, without duplicates (see the module doc)."""
+    forms = [key, json.dumps(key)[1:-1], key.replace("/", "\\/"), quote(key, safe="")]
+    raw = key.encode()
+    for offset in range(3):
+        # Encoded after `offset` other bytes, the characters that stand for the key's
+        # bits alone start after those that mix in the bytes before it, and end before
+        # those that mix in the bytes after it (6 bits a character).
+        encoded = base64.b64encode(b"\0" * offset + raw).decode("ascii")
+        start = (offset * 8 + 5) // 6
+        end = (offset + len(raw)) * 8 // 6
+        forms.append(encoded[start:end])
+    return list(dict.fromkeys(forms))
+
+
+@dataclass(frozen=True, slots=True)
+class Needle:
+    """One form of the key, as bytes, with its mask and the byte to look for first."""
+
+    text: str
+    data: bytes
+    masked: bytes
+    anchor: bytes
+    """A byte of `data` rarely seen in answers, or b"" when every byte is common."""
+    anchor_at: int
+
+    @classmethod
+    def of(cls, text: str) -> Needle:
+        data = text.encode()
+        at = next((i for i, byte in enumerate(data) if byte not in _COMMON), -1)
+        anchor = data[at : at + 1] if at >= 0 else b""
+        return cls(text, data, mask(len(data)).encode(), anchor, at)
+
+    def found_in(self, data: bytes) -> bool:
+        if not self.anchor:
+            return self.data in data
+        at = data.find(self.anchor, self.anchor_at)
+        for _ in range(_ANCHOR_TRIES):
+            if at < 0:
+                return False
+            if data.startswith(self.data, at - self.anchor_at):
+                return True
+            at = data.find(self.anchor, at + 1)
+        return self.data in data
+
+    def started_at_end(self, data: bytes) -> int:
+        """How many bytes at the end of `data` could begin this needle (0: none)."""
+        first = self.data[:1]
+        at = data.find(first, max(len(data) - len(self.data) + 1, 0))
+        while at >= 0:
+            if self.data.startswith(data[at:]):
+                return len(data) - at
+            at = data.find(first, at + 1)
+        return 0
+
+
+class Scrubber:
+    """Masks every occurrence of a secret's forms in bytes, text and headers."""
+
+    def __init__(self, forms: Iterable[str]) -> None:
+        self.needles = tuple(Needle.of(f) for f in forms if f)
+        self.longest = max((len(n.data) for n in self.needles), default=0)
+
+    @classmethod
+    def of_key(cls, key: str | None) -> Scrubber:
+        """The scrubber of an upstream key (of nothing for a missing or toy key)."""
+        if not key or len(key) < MIN_KEY_LENGTH:
+            return cls(())
+        return cls(encodings(key))
+
+    def __bool__(self) -> bool:
+        return bool(self.needles)
+
+    def data(self, data: bytes) -> bytes:
+        """`data` with every form of the secret masked."""
+        for needle in self.needles:
+            if needle.found_in(data):
+                data = data.replace(needle.data, needle.masked)
+        return data
+
+    def text(self, text: str) -> str:
+        for needle in self.needles:
+            if needle.text in text:
+                text = text.replace(needle.text, needle.masked.decode())
+        return text
+
+    def pairs(self, pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]] | None:
+        """Header (name, value) pairs with the secret masked in both, or None when no
+        header carries it (the usual case: nothing is copied)."""
+        pairs = list(pairs)
+        if not any(self.text(k) != k or self.text(v) != v for k, v in pairs):
+            return None
+        return [(self.text(k), self.text(v)) for k, v in pairs]
+
+    def stream(self) -> ChunkScrubber:
+        return ChunkScrubber(self)
+
+
+class ChunkScrubber:
+    """Scrubs a body that arrives in chunks, including a key split across chunks.
+
+    `feed` returns what can be passed on now; `finish` returns the bytes held back.
+    """
+
+    def __init__(self, scrubber: Scrubber) -> None:
+        self._scrubber = scrubber
+        self._held = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._held + chunk if self._held else chunk
+        data = self._scrubber.data(data)
+        hold = max((n.started_at_end(data) for n in self._scrubber.needles), default=0)
+        if not hold:
+            self._held = b""
+            return data
+        self._held = data[-hold:]
+        return data[:-hold]
+
+    def finish(self) -> bytes:
+        """The end of the body: what was held back is no whole key, so it goes out."""
+        held, self._held = self._held, b""
+        return held

@@ -1,0 +1,175 @@
+"""The scrubber: every form of the key masked in bytes, text and headers, across chunks."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import random
+import re
+
+import pytest
+
+from proxy.scrubbing import MIN_KEY_LENGTH, ChunkScrubber, Scrubber, encodings, mask
+
+KEY = "sk-proj-Xy9_abc-DEF0123456789ghijklmnopQRSTUVwxyz_-42"
+SCRUB = Scrubber.of_key(KEY)
+
+
+def forms(key: str = KEY) -> list[bytes]:
+    """What an echo of the key may look like, as it would reach a team."""
+    raw = key.encode()
+    return [
+        raw,
+        b"Bearer " + raw,
+        json.dumps({"authorization": f"Bearer {key}"}).encode(),
+        base64.b64encode(b"Bearer " + raw),
+        base64.b64encode(raw),
+        base64.b64encode(b"user:" + raw),
+        base64.b64encode(b"u:" + raw + b"!"),
+    ]
+
+
+def leaks(data: bytes, key: str = KEY) -> bool:
+    """Whether `data` gives the key away: plainly, or in base64 at any offset."""
+    raw = key.encode()
+    if raw in data:
+        return True
+    for run in re.findall(rb"[A-Za-z0-9+/]+=*", data):
+        for start in range(4):
+            piece = run[start:]
+            if raw in base64.b64decode(piece[: len(piece) // 4 * 4] or b"", validate=False):
+                return True
+    return False
+
+
+def scrub_chunks(chunks: list[bytes], scrubber: Scrubber = SCRUB) -> list[bytes]:
+    stream = scrubber.stream()
+    out = [stream.feed(chunk) for chunk in chunks]
+    out.append(stream.finish())
+    return out
+
+
+@pytest.mark.parametrize("form", range(len(forms())))
+def test_every_form_of_the_key_is_masked_with_the_same_length(form: int) -> None:
+    text = b'{"before": 1, "echo": "' + forms()[form] + b'", "after": 2}'
+    assert leaks(text)
+    out = SCRUB.data(text)
+    assert not leaks(out)
+    assert len(out) == len(text)
+    assert b"[redacted]" in out
+
+
+def test_json_stays_valid_and_only_the_key_changes() -> None:
+    body = {"data": [{"b64_json": "iVBORw0KGgo" * 50}], "echo": f"Bearer {KEY}", "n": 1}
+    out = json.loads(SCRUB.data(json.dumps(body).encode()))
+    assert out["echo"] == "Bearer " + mask(len(KEY))
+    assert out["data"] == body["data"] and out["n"] == 1
+
+
+def test_every_occurrence_is_masked() -> None:
+    text = f"{KEY}{KEY} and {KEY}".encode()
+    assert SCRUB.data(text) == f"{mask(len(KEY)) * 2} and {mask(len(KEY))}".encode()
+
+
+@pytest.mark.parametrize("form", range(len(forms())))
+def test_a_key_split_across_two_chunks_at_every_position(form: int) -> None:
+    body = b"data: {" + forms()[form] + b"}\n\n"
+    whole = SCRUB.data(body)
+    for cut in range(len(body) + 1):
+        out = scrub_chunks([body[:cut], body[cut:]])
+        assert b"".join(out) == whole, cut
+        assert not any(leaks(piece) for piece in out)
+
+
+@pytest.mark.parametrize("form", [0, 3, 5])
+def test_a_key_split_across_three_chunks_at_every_pair_of_positions(form: int) -> None:
+    body = b"x" + forms()[form] + b"y"
+    whole = SCRUB.data(body)
+    for first, second in itertools.combinations(range(len(body) + 1), 2):
+        out = scrub_chunks([body[:first], body[first:second], body[second:]])
+        assert b"".join(out) == whole, (first, second)
+
+
+def test_random_chunkings_of_a_body_with_keys_and_near_misses() -> None:
+    """Keys, pieces of keys (which are left as they are) and base64 noise, cut at random."""
+    rng = random.Random(20261201)
+    near_misses = [KEY[:-1], KEY[: len(KEY) // 2], KEY[1:], "sk-", "sk-proj-Xy9"]
+    parts = [KEY, f"Bearer {KEY}", base64.b64encode(f"Bearer {KEY}".encode()).decode()]
+    for _ in range(200):
+        pieces = [
+            rng.choice(parts + near_misses)
+            if rng.random() < 0.3
+            else base64.b64encode(rng.randbytes(rng.randrange(1, 40))).decode()
+            for _ in range(rng.randrange(1, 12))
+        ]
+        body = "".join(pieces).encode()
+        cuts = sorted(rng.sample(range(len(body) + 1), min(len(body) + 1, rng.randrange(1, 8))))
+        chunks = [body[a:b] for a, b in itertools.pairwise([0, *cuts, len(body)])]
+        out = b"".join(scrub_chunks(chunks))
+        assert out == SCRUB.data(body)
+        assert KEY.encode() not in out and len(out) == len(body)
+
+
+def test_nothing_is_held_back_when_a_chunk_cannot_end_inside_a_key() -> None:
+    stream = SCRUB.stream()
+    event = b'event: image_generation.partial_image\ndata: {"b64_json": "AAAA"}\n\n'
+    assert stream.feed(event) == event
+    assert stream.feed(b'{"n": 1}') == b'{"n": 1}'
+    assert stream.finish() == b""
+
+
+def test_a_chunk_ending_with_the_start_of_the_key_holds_only_that_start() -> None:
+    stream = SCRUB.stream()
+    assert stream.feed(b"data: Bearer sk-pr") == b"data: Bearer "
+    assert stream.feed(b"ose\n\n") == b"sk-prose\n\n"
+
+
+def test_a_held_start_that_the_body_never_completes_goes_out_at_the_end() -> None:
+    chunks = scrub_chunks([b"ends with sk-proj-"])
+    assert b"".join(chunks) == b"ends with sk-proj-"
+
+
+def test_header_names_and_values_are_scrubbed() -> None:
+    pairs = [
+        ("x-request-id", "req_1"),
+        ("x-echo-authorization", f"Bearer {KEY}"),
+        (f"x-{KEY}", "1"),
+        ("x-debug", base64.b64encode(f"Bearer {KEY}".encode()).decode()),
+    ]
+    scrubbed = SCRUB.pairs(pairs)
+    assert scrubbed is not None
+    assert scrubbed[0] == ("x-request-id", "req_1")
+    assert scrubbed[1] == ("x-echo-authorization", "Bearer " + mask(len(KEY)))
+    assert not any(leaks(f"{k}: {v}".encode()) for k, v in scrubbed)
+
+
+def test_headers_without_the_key_are_not_copied() -> None:
+    assert SCRUB.pairs([("x-request-id", "req_1"), ("content-type", "application/json")]) is None
+
+
+def test_escaped_forms_are_added_only_for_keys_that_need_them() -> None:
+    assert len(encodings(KEY)) == 4  # the key and its base64 at three alignments
+    odd = 'sk-with/slash"quote'
+    scrubber = Scrubber.of_key(odd)
+    for text in (json.dumps({"a": odd}), odd.replace("/", "\\/"), "q=sk-with%2Fslash%22quote"):
+        out = scrubber.data(text.encode())
+        assert b"[redacted]" in out, text
+
+
+def test_missing_and_toy_keys_scrub_nothing() -> None:
+    assert not Scrubber.of_key(None)
+    assert not Scrubber.of_key("x" * (MIN_KEY_LENGTH - 1))
+    assert Scrubber.of_key("x" * MIN_KEY_LENGTH)
+    nothing = ChunkScrubber(Scrubber.of_key(""))
+    assert nothing.feed(b"abc") == b"abc" and nothing.finish() == b""
+
+
+def test_a_key_that_overlaps_itself_is_masked_across_chunks() -> None:
+    key = "sk-aaaaaaaaaaaa"
+    scrubber = Scrubber.of_key(key)
+    body = b"sk-aaaa sk-aaa" + key.encode() + b"aa"
+    whole = scrubber.data(body)
+    assert key.encode() not in whole
+    for cut in range(len(body) + 1):
+        assert b"".join(scrub_chunks([body[:cut], body[cut:]], scrubber)) == whole
