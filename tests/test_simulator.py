@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -686,6 +687,77 @@ def test_runtime_config_adds_headers_to_every_answer_and_arrivals_show_raw_paths
         "query": "",
         "authorization": None,
     } in arrived
+
+
+def echoed(value: str) -> dict[str, str]:
+    return {"authorization": value, "authorization_b64": base64.b64encode(value.encode()).decode()}
+
+
+def test_echo_fault_echoes_the_authorization_header_and_bills(sim: Sim) -> None:
+    answer = sim.http.post(
+        "/v1/images/generations",
+        headers={"authorization": f"Bearer {API_KEY}"},
+        json={"model": "gpt-image-2", "prompt": "[[fault:echo]]", "quality": "low"},
+    )
+    assert answer.status_code == 200
+    assert answer.headers["x-echo-authorization"] == f"Bearer {API_KEY}"
+    body = answer.json()
+    assert body["echo"] == echoed(f"Bearer {API_KEY}") and body["usage"]["output_tokens"] == 196
+    assert sim.last()["billed"] is True
+
+
+def test_echo_fault_echoes_in_every_stream_event_split_inside_the_key(sim: Sim) -> None:
+    request = {
+        "model": "gpt-image-2",
+        "prompt": "[[fault:echo]]",
+        "quality": "low",
+        "stream": True,
+        "partial_images": 1,
+    }
+    key = f"Bearer {API_KEY}".encode()
+    with sim.http.stream(
+        "POST",
+        "/v1/images/generations",
+        headers={"authorization": f"Bearer {API_KEY}"},
+        json=request,
+    ) as answer:
+        assert answer.headers["x-echo-authorization"] == f"Bearer {API_KEY}"
+        body = answer.read()
+    events = [json.loads(line[6:]) for line in body.split(b"\n") if line.startswith(b"data: ")]
+    assert [e["type"] for e in events] == [
+        "image_generation.partial_image",
+        "image_generation.completed",
+    ]
+    assert all(e["echo"] == echoed(f"Bearer {API_KEY}") for e in events)
+    assert body.count(key) == 2
+    assert sim.last()["billed"] is True
+
+
+def test_echo_fault_set_at_run_time_echoes_in_401_answers_and_the_models_list(sim: Sim) -> None:
+    sim.configure(fault="echo")
+    refused = sim.http.post(
+        "/v1/images/generations",
+        headers={"authorization": "Bearer sk-wrong-key-000"},
+        json={"model": "gpt-image-2", "prompt": "x"},
+    )
+    assert refused.status_code == 401
+    assert refused.json()["error"]["code"] == "invalid_api_key"
+    assert refused.json()["error"]["echo"] == echoed("Bearer sk-wrong-key-000")
+    assert refused.headers["x-echo-authorization"] == "Bearer sk-wrong-key-000"
+    models = sim.http.get("/v1/models", headers={"authorization": f"Bearer {API_KEY}"})
+    assert models.status_code == 200
+    assert models.json()["echo"] == echoed(f"Bearer {API_KEY}")
+    assert models.headers["x-echo-authorization"] == f"Bearer {API_KEY}"
+
+
+def test_models_list_needs_the_key(sim: Sim) -> None:
+    models = sim.client().models.list()
+    assert "gpt-image-2" in {m.id for m in models.data}
+    assert (
+        "echo"
+        not in sim.http.get("/v1/models", headers={"authorization": f"Bearer {API_KEY}"}).json()
+    )
+    assert sim.http.get("/v1/models").status_code == 401
 
 
 def test_reset_clears_the_record(sim: Sim, client: openai.OpenAI) -> None:

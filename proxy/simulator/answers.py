@@ -80,18 +80,31 @@ def response_body(
     return body
 
 
+def models_page(names: list[str]) -> dict[str, Any]:
+    """`GET /v1/models`: OpenAI's list shape."""
+    return {
+        "object": "list",
+        "data": [{"id": n, "object": "model", "created": 0, "owned_by": "system"} for n in names],
+    }
+
+
 def sse(event_type: str, data: dict[str, Any]) -> bytes:
     """One server-sent event frame."""
     return f"event: {event_type}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
 def stream_events(
-    order: ImageOrder, tokens: Tokens, *, created: int, padding: int
+    order: ImageOrder,
+    tokens: Tokens,
+    *,
+    created: int,
+    padding: int,
+    extra: dict[str, Any] | None = None,
 ) -> list[tuple[str, bytes]]:
     """The stream of an order, as (kind, frame): per image its partials, then its completed.
 
     The first completed event carries the input tokens; the completed usages sum to
-    the non-stream usage plus 100 tokens per partial.
+    the non-stream usage plus 100 tokens per partial. `extra` fields go in every event.
     """
     prefix = EVENT_PREFIX[order.endpoint]
     common: dict[str, Any] = {
@@ -100,6 +113,7 @@ def stream_events(
         "output_format": order.output_format,
         "quality": order.quality,
         "size": order.size,
+        **(extra or {}),
     }
     b64 = _b64(order, padding)
     frames: list[tuple[str, bytes]] = []

@@ -2,6 +2,7 @@
 
 POST /v1/images/generations | edits | variations   the simulated OpenAI API
 GET  /v1/organization/costs                        costs built from the record
+GET  /v1/models                                    the simulated models
 GET  /_sim/billing    POST /_sim/reset             the billing record (reset: and arrivals)
 GET  /_sim/arrivals                                every request received, as sent
 GET  /_sim/config     POST /_sim/config            runtime knobs (latency, payload, fault,
@@ -22,9 +23,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.models import Endpoint
+from proxy.simulator.answers import models_page
 from proxy.simulator.arrivals import Arrivals, Recorder
+from proxy.simulator.catalogue import MODELS
 from proxy.simulator.costs import CostsQueryError, costs_page
 from proxy.simulator.errors import ApiError, invalid, invalid_api_key
+from proxy.simulator.faults import ECHO_HEADER, echo, echoed
 from proxy.simulator.handlers import SimulatorState, error_response, handle_image_request
 from proxy.simulator.settings import Knobs, SimulatorSettings
 
@@ -75,6 +79,20 @@ def create_simulator_app(settings: SimulatorSettings = DEFAULT_SETTINGS) -> Star
             return error_response(invalid(str(exc), param=exc.param), "req_sim_costs")
         return JSONResponse(page)
 
+    async def models(request: Request) -> Response:
+        authorization = request.headers.get("authorization")
+        echoes = state.knobs.fault == "echo"
+        if state.api_key is not None and authorization != f"Bearer {state.api_key}":
+            error = invalid_api_key(authorization)
+            if echoes:
+                error = echoed(error, authorization)
+            return error_response(error, "req_sim_models")
+        page = models_page(list(MODELS))
+        if not echoes:
+            return JSONResponse(page)
+        page["echo"] = echo(authorization)
+        return JSONResponse(page, headers={ECHO_HEADER: authorization or ""})
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -89,6 +107,7 @@ def create_simulator_app(settings: SimulatorSettings = DEFAULT_SETTINGS) -> Star
         Route("/v1/images/edits", partial(images, "edits"), methods=["POST"]),
         Route("/v1/images/variations", partial(images, "variations"), methods=["POST"]),
         Route("/v1/organization/costs", costs, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
         Route("/_sim/config", get_config, methods=["GET"]),
         Route("/_sim/config", set_config, methods=["POST"]),
         Route("/_sim/billing", billing, methods=["GET"]),

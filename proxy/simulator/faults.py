@@ -12,19 +12,37 @@
     [[fault:texttokens]] usage reports `TEXT_OUTPUT_TOKENS` text output tokens too (in
                         `output_tokens_details`, and in the first completed event of a
                         stream), whatever the model
+    [[fault:echo]]      answers as usual (billed) but echoes the `Authorization` header
+                        it received, as a debugging proxy might: in an
+                        `x-echo-authorization` header and in an `echo` field
+                        (`authorization`, and `authorization_b64` base64-encoded) of the
+                        JSON body, of every stream event (each sent in two writes split
+                        inside the echoed key) and of error bodies. Set at run time
+                        (`POST /_sim/config {"fault": "echo"}`), it also echoes in 401
+                        answers (given before the prompt is read) and `GET /v1/models`.
 
 A prompt containing the word `forbidden` is blocked by moderation (400, not billed).
 """
 
 from __future__ import annotations
 
+import base64
 import re
 from typing import Literal, get_args
 
 from proxy.simulator.errors import ApiError
 
 Fault = Literal[
-    "500", "503", "429", "timeout", "reset", "garbage", "nousage", "truncate", "texttokens"
+    "500",
+    "503",
+    "429",
+    "timeout",
+    "reset",
+    "garbage",
+    "nousage",
+    "truncate",
+    "texttokens",
+    "echo",
 ]
 FAULTS: tuple[Fault, ...] = get_args(Fault)
 # Faults answered before any work is done: nothing is billed.
@@ -34,6 +52,7 @@ _FORBIDDEN = re.compile(r"\bforbidden\b", re.IGNORECASE)
 GARBAGE_BODY = b"this is not json{"
 TIMEOUT_SECONDS = 3600.0
 TEXT_OUTPUT_TOKENS = 150
+ECHO_HEADER = "x-echo-authorization"
 
 
 def parse_fault(value: object) -> Fault | None:
@@ -78,6 +97,28 @@ def fault_error(fault: Fault) -> ApiError | None:
             headers={"retry-after": "1"},
         )
     return None
+
+
+def echo(authorization: str | None) -> dict[str, str]:
+    """The `echo` field of the echo fault: the Authorization header as received."""
+    value = authorization or ""
+    return {
+        "authorization": value,
+        "authorization_b64": base64.b64encode(value.encode()).decode("ascii"),
+    }
+
+
+def echoed(error: ApiError, authorization: str | None) -> ApiError:
+    """`error` with the echo fault's header and `echo` field."""
+    return ApiError(
+        error.status,
+        error.message,
+        type=error.type,
+        param=error.param,
+        code=error.code,
+        extra={**error.extra, "echo": echo(authorization)},
+        headers={**error.headers, ECHO_HEADER: authorization or ""},
+    )
 
 
 def moderation_error(prompt: str) -> ApiError | None:

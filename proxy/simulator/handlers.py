@@ -21,10 +21,13 @@ from proxy.simulator.answers import response_body, stream_events
 from proxy.simulator.billing import RECORDED_HEADERS, BilledUsage, BillingRecord, Entry
 from proxy.simulator.errors import ApiError, invalid_api_key
 from proxy.simulator.faults import (
+    ECHO_HEADER,
     GARBAGE_BODY,
     TEXT_OUTPUT_TOKENS,
     TIMEOUT_SECONDS,
     Fault,
+    echo,
+    echoed,
     fault_error,
     moderation_error,
     pick_fault,
@@ -127,6 +130,8 @@ async def handle_image_request(
     arrival = _Arrival.of(endpoint, request)
     knobs = state.knobs
     raw, order = unparsed(endpoint), None
+    # Until the prompt is read, only the configured fault is known.
+    fault = knobs.fault
     try:
         if state.api_key is not None and arrival.authorization != f"Bearer {state.api_key}":
             raise invalid_api_key(arrival.authorization)
@@ -142,6 +147,8 @@ async def handle_image_request(
     except ApiError as error:
         state.record.append(arrival.entry(raw, order, status=error.status))
         await _sleep_ms(knobs.latency_ms)
+        if fault == "echo":
+            error = echoed(error, arrival.authorization)
         return error_response(error, arrival.id)
 
     tokens = tokens_for(order)
@@ -149,7 +156,7 @@ async def handle_image_request(
         tokens = replace(tokens, text_output=TEXT_OUTPUT_TOKENS)
     state.record.append(arrival.entry(raw, order, status=200, tokens=tokens))
     if order.stream:
-        return _stream(order, tokens, knobs, fault, request, arrival.id)
+        return _stream(order, tokens, knobs, fault, request, arrival)
     await _sleep_ms(knobs.latency_ms)
     if fault == "garbage":
         return Response(GARBAGE_BODY, headers={"x-request-id": arrival.id}, media_type=JSON)
@@ -163,6 +170,9 @@ async def handle_image_request(
     )
     if fault == "truncate":
         return _cut_short(json.dumps(body).encode(), request, arrival.id)
+    if fault == "echo":
+        body["echo"] = echo(arrival.authorization)
+        return _json_response(200, body, arrival.id, {ECHO_HEADER: arrival.authorization or ""})
     return _json_response(200, body, arrival.id, {})
 
 
@@ -204,9 +214,20 @@ def _stream(
     knobs: Knobs,
     fault: Fault | None,
     request: Request,
-    request_id: str,
+    arrival: _Arrival,
 ) -> StreamingResponse:
-    frames = stream_events(order, tokens, created=int(time.time()), padding=knobs.payload_bytes)
+    headers = {"x-request-id": arrival.id, "cache-control": "no-cache"}
+    echoes = fault == "echo"
+    authorization = arrival.authorization or ""
+    if echoes:
+        headers[ECHO_HEADER] = authorization
+    frames = stream_events(
+        order,
+        tokens,
+        created=int(time.time()),
+        padding=knobs.payload_bytes,
+        extra={"echo": echo(authorization)} if echoes else None,
+    )
     if fault == "garbage":
         frames = _garbled_last_completed(frames)
     pause_ms = knobs.latency_ms / len(frames)
@@ -217,10 +238,13 @@ def _stream(
             if kind == "completed" and fault == "truncate":
                 await connection.abort(request)
                 return
-            yield frame
+            # Echoed, in two writes split inside the echoed header: a reader may get
+            # the key in two chunks.
+            cut = frame.find(authorization.encode()) + len(authorization) // 2 if echoes else 0
+            if cut > 0:
+                yield frame[:cut]
+                yield frame[cut:]
+            else:
+                yield frame
 
-    return StreamingResponse(
-        events(),
-        headers={"x-request-id": request_id, "cache-control": "no-cache"},
-        media_type="text/event-stream",
-    )
+    return StreamingResponse(events(), headers=headers, media_type="text/event-stream")
