@@ -139,12 +139,13 @@ class Scrubber:
         return text
 
     def pairs(self, pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]] | None:
-        """Header (name, value) pairs with the secret masked in both, or None when no
-        header carries it (the usual case: nothing is copied)."""
+        """Header (name, value) pairs with the secret masked in the values, or None when
+        no header carries it (the usual case: nothing is copied). A header whose name
+        carries it is dropped: the mask's brackets are not allowed in a header name."""
         pairs = list(pairs)
         if not any(self.text(k) != k or self.text(v) != v for k, v in pairs):
             return None
-        return [(self.text(k), self.text(v)) for k, v in pairs]
+        return [(k, self.text(v)) for k, v in pairs if self.text(k) == k]
 
     def stream(self) -> ChunkScrubber:
         return ChunkScrubber(self)
