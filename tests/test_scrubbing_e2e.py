@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 
 import httpx
 import openai
@@ -49,7 +50,7 @@ def echoing() -> Iterator[Simulator]:
 
 @pytest.fixture(autouse=True)
 def calm(echoing: Simulator) -> None:
-    echoing.configure(fault=None, payload_bytes=0)
+    echoing.configure(fault=None, payload_bytes=0, latency_ms=0)
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +75,7 @@ def refused(echoing: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 TEAM = {"authorization": f"Bearer {DESIGN_KEY}"}
+STREAMED = {"model": "gpt-image-2", "quality": "low", "size": "1024x1024", "stream": True}
 
 
 def assert_no_key(
@@ -109,14 +111,7 @@ def test_a_stream_that_echoes_the_key_in_every_event_reaches_the_team_masked_and
 ) -> None:
     # Large events arrive in several chunks; the simulator also splits each inside the key.
     echoing.configure(payload_bytes=200_000)
-    request = {
-        "model": "gpt-image-2",
-        "prompt": "a fox [[fault:echo]]",
-        "quality": "low",
-        "size": "1024x1024",
-        "stream": True,
-        "partial_images": 2,
-    }
+    request = {**STREAMED, "prompt": "a fox [[fault:echo]]", "partial_images": 2}
     with httpx.stream(
         "POST",
         f"{tollgate.url}/v1/images/generations",
@@ -201,3 +196,43 @@ def test_a_stream_whose_answer_is_an_echoing_error_is_masked(
 def test_the_key_still_reaches_the_upstream(tollgate: Tollgate, echoing: Simulator) -> None:
     tollgate.client().images.generate(model="gpt-image-2", prompt="y", quality="low")
     assert echoing.billing()[-1]["authorization"] == f"Bearer {UPSTREAM_KEY}"
+
+
+def test_a_stream_sent_before_a_reload_changed_the_key_is_scrubbed_of_the_old_key(
+    echoing: Simulator, tmp_path: Path
+) -> None:
+    admin = {"authorization": "Bearer admin-token-for-scrubbing"}
+    write_config(
+        tmp_path,
+        f"{echoing.url}/v1",
+        settings="admin_token: admin-token-for-scrubbing\npassthrough: [/v1/models]\n",
+    )
+    proxy = start_tollgate(tmp_path)
+    try:
+        # A second between events: the stream is still coming when the key changes.
+        echoing.configure(fault="echo", latency_ms=3000)
+        request = {**STREAMED, "prompt": "a heron", "partial_images": 2}
+        with httpx.stream(
+            "POST", f"{proxy.url}/v1/images/generations", json=request, headers=TEAM, timeout=30
+        ) as answer:
+            chunks = answer.iter_raw()
+            body = b""
+            while b"\n\n" not in body:
+                body += next(chunks)
+            config = tmp_path / "tollgate.yaml"
+            config.write_text(config.read_text().replace(UPSTREAM_KEY, REFUSED_KEY))
+            assert httpx.post(f"{proxy.url}/admin/reload", headers=admin).status_code == 200
+            # Requests sent from now on carry the new key (refused, echoed, masked).
+            models = httpx.get(f"{proxy.url}/v1/models", headers=TEAM)
+            assert models.status_code == 401
+            assert_no_key(models, REFUSED_KEY)
+            body += b"".join(chunks)
+        assert_no_key(answer, body=body)
+        events = [json.loads(line[6:]) for line in body.split(b"\n") if line.startswith(b"data: ")]
+        assert len(events) == 3 and all(e["echo"]["authorization"] == MASKED for e in events)
+        row = wait_settled(proxy, answer.headers["x-tollgate-request-id"])
+        record = echoing.record(answer.headers["x-request-id"])
+        assert record["authorization"] == f"Bearer {UPSTREAM_KEY}"
+        assert Decimal(row["cost_nanos"]) / 10**9 == expected_cost(record)
+    finally:
+        proxy.stop()
