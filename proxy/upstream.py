@@ -123,14 +123,25 @@ class ScrubbedAnswer:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         stream = self._scrubber.stream()
-        async for chunk in self._answer.chunks():
-            if out := stream.feed(chunk):
-                yield out
+        try:
+            async for chunk in self._answer.chunks():
+                if out := stream.feed(chunk):
+                    yield out
+        except BROKEN_OFF as exc:
+            scrub_message(exc, self._scrubber)
+            raise
         if rest := stream.finish():
             yield rest
 
     async def aclose(self) -> None:
         await self._answer.aclose()
+
+
+def scrub_message(exc: UpstreamTimeout | UpstreamUnavailable, scrubber: Scrubber) -> None:
+    """Mask the key in `exc`'s message, which reaches the team: the HTTP parser quotes
+    the malformed line it stopped at, and that line may be an echo of the key."""
+    exc.message = scrubber.text(exc.message)
+    exc.args = (exc.message,)
 
 
 class Upstream:
@@ -200,9 +211,13 @@ class Upstream:
         `path` and `query` must be canonical (`proxy.paths`): the URL is sent as built,
         never re-read by the HTTP client, so the upstream gets the path Tollgate matched."""
         url = self.base_url + path + (f"?{query}" if query else "")
-        answer = await self._client.fetch(
-            method, url, self.headers(client_headers, content_type), body
-        )
+        try:
+            answer = await self._client.fetch(
+                method, url, self.headers(client_headers, content_type), body
+            )
+        except BROKEN_OFF as exc:
+            scrub_message(exc, self._scrubber)
+            raise
         return ScrubbedAnswer(answer, self._scrubber) if self._scrubber else answer
 
     async def aclose(self) -> None:

@@ -349,6 +349,46 @@ async def test_an_answer_that_echoes_the_key_is_scrubbed_over_the_network() -> N
     assert UPSTREAM_KEY.encode() not in body and body.endswith(b'*"}}')
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nBearer KEY\r\ncontent-length: 2\r\n\r\n{}",
+        b"HTTP/1.1 2x0 KEY\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\nKEY\r\n",
+    ],
+    ids=["header-line", "status-line", "chunk-size"],
+)
+async def test_an_unreadable_answer_that_echoes_the_key_fails_without_it(answer: bytes) -> None:
+    """aiohttp's parser quotes the line it stopped at: the 502's message must not carry it."""
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await request_head(reader)
+        writer.write(answer.replace(b"KEY", UPSTREAM_KEY.encode()))
+        await writer.drain()
+        writer.close()
+
+    async with loopback(reply) as url, upstream(url) as client:
+        with pytest.raises(UpstreamUnavailable) as caught:
+            await read(await client.send("/images/generations", order(), JSON, []))
+    assert "[redacted]" in caught.value.message
+    assert UPSTREAM_KEY not in caught.value.message and UPSTREAM_KEY not in str(caught.value)
+
+
+async def test_a_body_that_breaks_off_on_an_echo_of_the_key_fails_without_it() -> None:
+    def broken(request: httpx.Request) -> httpx.Response:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"{}"
+            raise httpx.RemoteProtocolError(f"malformed line: {UPSTREAM_KEY}")
+
+        return httpx.Response(200, content=body())
+
+    async with upstream("http://simulated/v1", transport=httpx.MockTransport(broken)) as client:
+        answer = await client.send("/images/generations", order(), JSON, [])
+        with pytest.raises(UpstreamUnavailable) as caught:
+            await read(answer)
+    assert "[redacted]" in caught.value.message and UPSTREAM_KEY not in str(caught.value)
+
+
 async def test_a_client_never_used_closes_without_a_session() -> None:
     await Upstream("http://127.0.0.1:9/v1", UPSTREAM_KEY).aclose()
 
