@@ -345,7 +345,7 @@ async def test_an_answer_that_echoes_the_key_is_scrubbed_over_the_network() -> N
         answer = await client.send("/images/generations", order(), JSON, [])
         body = b"".join(await read(answer))
     assert answer.status == 401
-    assert UPSTREAM_KEY not in str(response_headers(answer))
+    assert answer.headers["x-echo"] == "Bearer [redacted]" + "*" * (len(UPSTREAM_KEY) - 10)
     assert UPSTREAM_KEY.encode() not in body and body.endswith(b'*"}}')
 
 
