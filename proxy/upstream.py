@@ -314,7 +314,7 @@ class HttpxClient:
         )  # fmt: skip
         try:
             response = await self._transport.handle_async_request(request)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, OSError) as exc:  # an ASGI upstream may raise socket errors
             raise translate(exc) from exc
         return HttpxAnswer(response)
 
@@ -334,7 +334,7 @@ class HttpxAnswer:
         try:
             async for chunk in self._response.aiter_raw():
                 yield chunk
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, OSError) as exc:
             raise translate(exc) from exc
 
     async def aclose(self) -> None:

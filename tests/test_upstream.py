@@ -464,3 +464,17 @@ def test_a_connection_never_made_was_never_billed(exc: Exception) -> None:
 def test_a_failure_after_sending_may_have_been_billed(exc: Exception) -> None:
     """OpenAI bills a generation it accepted, answered or not: charged at the bound."""
     assert translate(exc).maybe_billed
+
+
+async def test_a_socket_error_of_an_in_process_upstream_is_translated() -> None:
+    """An ASGI upstream (the simulator in process) raises socket errors as such: a reset
+    after the request went is a 502 that may have been billed, never an escaped OSError."""
+
+    async def reset(request: httpx.Request) -> httpx.Response:
+        raise ConnectionResetError("reset by peer")
+
+    upstream = Upstream("http://upstream/v1", "sk-test", transport=httpx.MockTransport(reset))
+    with pytest.raises(UpstreamUnavailable) as caught:
+        await upstream.send("/images/generations", b"{}", "application/json", [])
+    assert caught.value.maybe_billed
+    await upstream.aclose()
