@@ -490,6 +490,18 @@ SETTINGS_PROBLEMS = [
         "2: passthrough[0].path: '/v1/images/variations' " + IMAGES,
     ),
     (
+        "passthrough:\n  - {path: /v1/responses, methods: [GET, POST]}\n",
+        "2: passthrough[0].path: '/v1/responses' with POST would let image spend through "
+        "unmetered (the Responses image tool, batches): only GET and HEAD may be passed "
+        "through there",
+    ),
+    (
+        "passthrough:\n  - {path: /v1/Batches/x, methods: [DELETE]}\n",
+        "2: passthrough[0].path: '/v1/Batches/x' with DELETE would let image spend through "
+        "unmetered (the Responses image tool, batches): only GET and HEAD may be passed "
+        "through there",
+    ),
+    (
         "passthrough: [/v1/models/../images]\n",
         "1: passthrough[0]: '/v1/models/../images' " + NOT_PLAIN,
     ),
@@ -534,6 +546,11 @@ def test_passthrough_is_get_and_head_unless_the_methods_are_listed(policies: Pat
         Passthrough("/v1/models", frozenset({"GET", "HEAD"})),
         Passthrough("/v1/files", frozenset({"GET", "POST"})),
     )
+
+
+def test_the_other_image_doors_may_be_passed_through_for_reading_only(policies: Path) -> None:
+    write(policies / "tollgate.yaml", "passthrough:\n  - /v1/responses\n  - /v1/batches\n")
+    assert [p.methods for p in load(policies).passthrough] == [frozenset({"GET", "HEAD"})] * 2
 
 
 def test_missing_settings_file_is_a_problem(policies: Path) -> None:

@@ -42,6 +42,10 @@ from proxy.models import NANOS_PER_USD
 from proxy.paths import canonical, under
 from proxy.pricing import ModelPrices, PriceBook, load_price_book
 
+# Paths other than the Images API through which OpenAI bills image generation: passthrough
+# may read there, never write (a POST would be spend Tollgate did not price).
+SPENDING_DOORS = ("/v1/responses", "/v1/batches")
+
 PriceBookLoader = Callable[[Path | None], PriceBook]
 
 SETTINGS_FILE = "tollgate.yaml"
@@ -245,8 +249,16 @@ class _Builder:
                     f"{prefix!r} is not a plain path: no '.' or '..' segments, empty "
                     "segments, '%' escapes, backslashes or spaces",
                 )
-            elif "/v1/images/".startswith(prefix.lower()) or under(prefix.lower(), "/v1/images"):
+            elif covers(prefix, "/v1/images"):
                 self._problem(doc, where, f"{prefix!r} would forward image requests unmetered")
+            elif methods - READ_ONLY and any(covers(prefix, door) for door in SPENDING_DOORS):
+                self._problem(
+                    doc,
+                    where,
+                    f"{prefix!r} with {', '.join(sorted(methods - READ_ONLY))} would let image "
+                    "spend through unmetered (the Responses image tool, batches): only GET and "
+                    "HEAD may be passed through there",
+                )
             elif prefix in found:
                 self._problem(doc, where, f"{prefix!r} is listed twice")
             else:
@@ -459,3 +471,10 @@ def _as_text(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+
+def covers(prefix: str, path: str) -> bool:
+    """Whether passthrough of `prefix` reaches `path` or anything under it (any letter case)."""
+    prefix = prefix.lower()
+    return (path + "/").startswith(prefix) or under(prefix, path)
