@@ -537,7 +537,7 @@ def print_banner(args: argparse.Namespace, config: Config, overrides: Overrides)
         flush=True,
     )
     print(
-        f"Call it with any OpenAI client:\n"
+        f"Call it with any OpenAI client (pip install openai):\n"
         f"    OPENAI_BASE_URL={url} OPENAI_API_KEY=<team key> python -c "
         f"\"import openai; print(openai.OpenAI().images.generate(model='gpt-image-2', "
         f"prompt='a lighthouse', quality='low', size='1024x1024').usage)\"",
