@@ -103,15 +103,21 @@ class Simulator:
         httpx.post(f"{self.url}/_sim/config", json=knobs).raise_for_status()
 
 
-@pytest.fixture(scope="session")
-def simulator() -> Iterator[Simulator]:
+def start_simulator() -> Simulator:
+    """A simulated upstream of its own, in a process on a free port (stop its `.process`)."""
     port = free_port()
     process = start(
         ["simulate-upstream", "--port", str(port), "--api-key", UPSTREAM_KEY],
         f"http://127.0.0.1:{port}/healthz",
     )
-    yield Simulator(f"http://127.0.0.1:{port}", process)
-    stop(process)
+    return Simulator(f"http://127.0.0.1:{port}", process)
+
+
+@pytest.fixture(scope="session")
+def simulator() -> Iterator[Simulator]:
+    simulator = start_simulator()
+    yield simulator
+    stop(simulator.process)
 
 
 DEFAULT_TEAMS = {

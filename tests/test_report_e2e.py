@@ -28,9 +28,8 @@ from tests.conftest import (
     UPSTREAM_KEY,
     Simulator,
     Tollgate,
-    free_port,
     key_hash,
-    start,
+    start_simulator,
     start_tollgate,
     stop,
     write_config,
@@ -119,12 +118,7 @@ def generate(client: openai.OpenAI, **params: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    port = free_port()
-    process = start(
-        ["simulate-upstream", "--port", str(port), "--api-key", UPSTREAM_KEY],
-        f"http://127.0.0.1:{port}/healthz",
-    )
-    simulator = Simulator(f"http://127.0.0.1:{port}", process)
+    simulator = start_simulator()
     root = tmp_path_factory.mktemp("reports")
     write_config(
         root, f"{simulator.url}/v1", settings=f"admin_token: {ADMIN}\ntimezone: UTC\n", teams=TEAMS
@@ -171,7 +165,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         yield World(simulator, tollgate, expected)
     finally:
         tollgate.stop()
-        stop(process)
+        stop(simulator.process)
 
 
 def by_team_model(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:

@@ -22,8 +22,7 @@ from tests.conftest import (
     UPSTREAM_KEY,
     Simulator,
     Tollgate,
-    free_port,
-    start,
+    start_simulator,
     start_tollgate,
     stop,
     write_config,
@@ -41,13 +40,9 @@ MASKED = "Bearer [redacted]" + "*" * (len(UPSTREAM_KEY) - len("[redacted]"))
 @pytest.fixture(scope="module")
 def echoing() -> Iterator[Simulator]:
     """A simulator of its own: the echo fault set at run time must not reach other tests."""
-    port = free_port()
-    process = start(
-        ["simulate-upstream", "--port", str(port), "--api-key", UPSTREAM_KEY],
-        f"http://127.0.0.1:{port}/healthz",
-    )
-    yield Simulator(f"http://127.0.0.1:{port}", process)
-    stop(process)
+    simulator = start_simulator()
+    yield simulator
+    stop(simulator.process)
 
 
 @pytest.fixture(autouse=True)
