@@ -150,8 +150,7 @@ class ImagesHandler:
             c.knob: str(getattr(variant.request, c.knob)) for c in variant.changes
         }
         if not parsed.names_model:
-            # Forwarded explicitly either way (ParsedBody.encode); the header says it was applied.
-            changes["model"] = variant.request.model
+            # The parse already wrote the default into the fields it forwards; say so.
             headers["x-tollgate-model"] = wanted.model
         if variant.changes:
             headers["x-tollgate-downgraded"] = entry.downgrades
