@@ -180,12 +180,7 @@ class Upstream:
     ) -> list[tuple[str, str]]:
         """The client's headers that are safe to forward, plus the upstream's own."""
         # In lower case: aiohttp keeps a repeated header only if it is spelled alike.
-        pairs = ((k.lower(), v) for k, v in client_headers)
-        out = [
-            (k, v)
-            for k, v in pairs
-            if k in FORWARDED_REQUEST_HEADERS or k.startswith(FORWARDED_REQUEST_PREFIXES)
-        ]
+        out = allowed(client_headers, FORWARDED_REQUEST_HEADERS, FORWARDED_REQUEST_PREFIXES)
         out.append(("authorization", self._auth))
         if content_type:
             out.append(("content-type", content_type))
@@ -374,9 +369,15 @@ def translate(exc: Exception) -> UpstreamTimeout | UpstreamUnavailable:
 def response_headers(answer: Answer) -> list[tuple[str, str]]:
     """The upstream headers a client may see (x-request-id, rate limits, content type),
     named in lower case like Tollgate's own, which override them."""
-    pairs = ((k.lower(), v) for k, v in answer.headers.items())
-    return [
-        (k, v)
-        for k, v in pairs
-        if k in FORWARDED_RESPONSE_HEADERS or k.startswith(FORWARDED_RESPONSE_PREFIXES)
-    ]
+    return allowed(
+        answer.headers.items(), FORWARDED_RESPONSE_HEADERS, FORWARDED_RESPONSE_PREFIXES
+    )
+
+
+def allowed(
+    pairs: Iterable[tuple[str, str]], names: frozenset[str], prefixes: tuple[str, ...]
+) -> list[tuple[str, str]]:
+    """The headers of `pairs` an allow-list lets through (its `names`, or starting with one
+    of its `prefixes`), named in lower case."""
+    lowered = ((k.lower(), v) for k, v in pairs)
+    return [(k, v) for k, v in lowered if k in names or k.startswith(prefixes)]
