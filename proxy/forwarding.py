@@ -245,13 +245,14 @@ class Forwarder:
         """An answer that broke off, is not JSON or outlived its deadline: OpenAI may have
         billed; charge the bound."""
         cost, usage = exchange.bound()
-        exc: RequestError = UpstreamUnavailable(
-            f"The upstream's answer could not be read ({failure}). The request's estimated "
-            "cost was charged and flagged for reconciliation."
-        )
-        late = isinstance(failure, DeadlineExceeded)
+        exc: RequestError
         if isinstance(failure, DeadlineExceeded):
-            exc = failure
+            exc, code = failure, "deadline_exceeded"
+        else:
+            exc, code = UpstreamUnavailable(
+                f"The upstream's answer could not be read ({failure}). The request's "
+                "estimated cost was charged and flagged for reconciliation."
+            ), "malformed_answer"
         await self.settle(
             exchange,
             "upstream_error",
@@ -259,7 +260,7 @@ class Forwarder:
             usage,
             cost,
             flagged=True,
-            error="deadline_exceeded" if late else "malformed_answer",
+            error=code,
             upstream_id=answer.headers.get("x-request-id"),
         )
         return error_response(exc, exchange.after(cost))
