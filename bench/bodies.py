@@ -26,7 +26,7 @@ import aiohttp
 from PIL import Image
 
 from bench import harness
-from proxy.parsing import Part, encode_multipart
+from proxy.parsing import Upload, encode_multipart
 
 MiB = 1 << 20
 
@@ -78,13 +78,13 @@ def main() -> None:
     harness.raise_nofile()
     image = noise_png(int(args.body_mib * MiB))
     body, content_type = encode_multipart(
-        [
-            Part("model", b"gpt-image-2"),
-            Part("prompt", b"add a lighthouse"),
-            Part("quality", b"low"),
-            Part("size", b"1024x1024"),
-            Part("image", image, filename="noise.png", content_type="image/png"),
-        ]
+        {
+            "model": "gpt-image-2",
+            "prompt": "add a lighthouse",
+            "quality": "low",
+            "size": "1024x1024",
+        },
+        (Upload("image", image, "png"),),
     )
     sim = harness.start_simulator(args.latency_ms)
     with harness.running(sim), tempfile.TemporaryDirectory() as tmp:

@@ -266,7 +266,7 @@ def start_floor(upstream: str) -> Proc:
 
 # -- load ---------------------------------------------------------------------------------
 
-GENERATION = {
+GENERATION: dict[str, object] = {
     "model": "gpt-image-2",
     "prompt": "a lighthouse at dusk",
     "quality": "low",
@@ -341,11 +341,11 @@ async def closed_loop(
 ) -> Load:
     """`concurrency` clients, each sending its next request when the last one is answered,
     until `requests` were sent or `seconds` passed."""
-    body = body or GENERATION
+    sent = body or GENERATION
     async with session(concurrency) as http:
         scratch = Load()
         for _ in range(warmup):
-            await one(http, url, key, body, scratch)
+            await one(http, url, key, sent, scratch)
         load = Load()
         left = [requests if requests is not None else 1 << 62]
         deadline = time.perf_counter() + (seconds if seconds is not None else 1e9)
@@ -353,7 +353,7 @@ async def closed_loop(
         async def client() -> None:
             while left[0] > 0 and time.perf_counter() < deadline:
                 left[0] -= 1
-                await one(http, url, key, body, load)
+                await one(http, url, key, sent, load)
 
         began = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))

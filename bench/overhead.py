@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from bench import harness, peer
-from bench.harness import Measured, Proc, closed_loop, measured, note, table
+from bench.harness import Load, Measured, Proc, closed_loop, measured, note, table
 
 CONCURRENCY = (1, 16, 64)
 
@@ -35,9 +35,11 @@ def run_target(
                 procs, lambda: asyncio.run(closed_loop(url, key, 1, requests=args.sequential))
             )
         else:
-            out[c] = measured(
-                procs, lambda c=c: asyncio.run(closed_loop(url, key, c, seconds=args.seconds))
-            )
+
+            def timed(c: int = c) -> Load:
+                return asyncio.run(closed_loop(url, key, c, seconds=args.seconds))
+
+            out[c] = measured(procs, timed)
         if out[c].load.errors:
             note(f"    {out[c].load.errors} errors, first: {out[c].load.first_error}")
     return out
