@@ -41,8 +41,6 @@ from proxy.budgets import Counter, Totals
 from proxy.errors import LedgerError, LedgerUnavailable
 from proxy.ledger import migrations
 from proxy.ledger.base import (
-    OUTCOME_UNKNOWN,
-    RECLAIMED,
     Chooser,
     Entry,
     Flagged,
@@ -52,6 +50,7 @@ from proxy.ledger.base import (
     Settlement,
 )
 from proxy.ledger.counters import ORGANIZATION_TOTAL, key, with_organization
+from proxy.ledger.flags import FLAGGED_COLUMNS, RECLAIM_SET, resolvable, settled_already
 from proxy.ledger.postgres_reports import PostgresReports
 from proxy.ledger.sqlite import (
     ENTRY_COLUMNS,
@@ -60,7 +59,6 @@ from proxy.ledger.sqlite import (
     USAGE_COLUMNS,
     _counter_key,
     _counters,
-    _resolvable,
     _row,
     _settled_tokens,
     _settlement_values,
@@ -301,8 +299,7 @@ class PostgresLedger(PostgresReports):
             if found is None:
                 raise LedgerError(f"no reservation {request_id}")
             state, error_code, resolved_at, charged, reserved, counters_text, *usage = tuple(found)
-            if state != "reserved" and (error_code not in RECLAIMED or resolved_at is not None):
-                # Settled already: this is a retry whose first attempt committed unseen.
+            if settled_already(state, error_code, resolved_at):
                 return
             # What the row holds: the reservation (nothing charged yet), or the bound a
             # reclaim charged before the answer came, which this settlement replaces.
@@ -347,10 +344,7 @@ class PostgresLedger(PostgresReports):
                 # Reserved becomes spent; the estimated usage it holds stays counted.
                 await _write_and_add(
                     conn,
-                    "UPDATE requests SET state = 'settled', cost_nanos = reserved_nanos, "
-                    "reserved_nanos = 0, outcome = 'upstream_error', "
-                    f"error_code = '{OUTCOME_UNKNOWN}', flagged = 1, finished_at = $2 "
-                    "WHERE id = $1",
+                    f"UPDATE requests SET {RECLAIM_SET}, finished_at = $2 WHERE id = $1",
                     [request_id, float(now)],
                     _counters(counters_text),
                     reserved,
@@ -368,8 +362,7 @@ class PostgresLedger(PostgresReports):
     async def flagged(self, start: float, end: float) -> list[Flagged]:
         async with self._connection() as conn:
             found = await conn.fetch(
-                "SELECT id, team, started_at, estimated_nanos, cost_nanos, outcome, error_code, "
-                "upstream_request_id, resolved_at, resolution FROM requests "
+                f"SELECT {FLAGGED_COLUMNS} FROM requests "
                 "WHERE flagged = 1 AND state = 'settled' AND started_at >= $1 "
                 'AND started_at < $2 ORDER BY started_at, id COLLATE "C"',
                 float(start),
@@ -385,7 +378,7 @@ class PostgresLedger(PostgresReports):
                 "FROM requests WHERE id = $1 FOR UPDATE",
                 request_id,
             )
-            charged, counters_text, usage = _resolvable(
+            charged, counters_text, usage = resolvable(
                 request_id, tuple(found) if found is not None else None
             )
             free = cost_nanos == 0

@@ -43,8 +43,6 @@ from proxy.budgets import Counter, Totals
 from proxy.errors import LedgerError, LedgerUnavailable
 from proxy.ledger import migrations
 from proxy.ledger.base import (
-    OUTCOME_UNKNOWN,
-    RECLAIMED,
     Chooser,
     Entry,
     Flagged,
@@ -54,6 +52,7 @@ from proxy.ledger.base import (
     Settlement,
 )
 from proxy.ledger.counters import with_organization
+from proxy.ledger.flags import FLAGGED_COLUMNS, RECLAIM_SET, resolvable, settled_already
 from proxy.ledger.sqlite_reports import SqliteReports
 from proxy.models import Usage
 
@@ -264,8 +263,8 @@ class SqliteLedger(SqliteReports):
             if found is None:
                 raise LedgerError(f"no reservation {request_id}")
             state, error_code, resolved_at, charged, reserved, counters_text, *usage = found
-            if state != "reserved" and (error_code not in RECLAIMED or resolved_at is not None):
-                return  # settled already: nothing to replace
+            if settled_already(state, error_code, resolved_at):
+                return
             # What the row holds: the reservation (nothing charged yet), or the bound a
             # reclaim charged before the answer came, which this settlement replaces.
             release = reserved if state == "reserved" else 0
@@ -315,7 +314,7 @@ class SqliteLedger(SqliteReports):
     async def resolve(self, request_id: str, cost_nanos: int, now: float, note: str = "") -> int:
         def run(conn: sqlite3.Connection) -> int:
             found = conn.execute(_RESOLVABLE, (request_id,)).fetchone()
-            charged, counters_text, usage = _resolvable(request_id, found)
+            charged, counters_text, usage = resolvable(request_id, found)
             free = cost_nanos == 0
             conn.execute(_RESOLVE_FREE if free else _RESOLVE, (cost_nanos, now, note, request_id))
             tokens = _token_deltas(usage, -1) if free else (0, 0, 0, 0)
@@ -574,14 +573,9 @@ _SETTLED_BEFORE = (
     "SELECT state, error_code, resolved_at, cost_nanos, reserved_nanos, counters, "
     f"{', '.join(USAGE_COLUMNS)} FROM requests WHERE id = ?"
 )
-_RECLAIM = (
-    "UPDATE requests SET state = 'settled', cost_nanos = reserved_nanos, reserved_nanos = 0, "
-    f"outcome = 'upstream_error', error_code = '{OUTCOME_UNKNOWN}', flagged = 1, "
-    "finished_at = ? WHERE id = ?"
-)
+_RECLAIM = f"UPDATE requests SET {RECLAIM_SET}, finished_at = ? WHERE id = ?"
 _FLAGGED = (
-    "SELECT id, team, started_at, estimated_nanos, cost_nanos, outcome, error_code, "
-    "upstream_request_id, resolved_at, resolution FROM requests "
+    f"SELECT {FLAGGED_COLUMNS} FROM requests "
     "WHERE flagged = 1 AND state = 'settled' AND started_at >= ? AND started_at < ? "
     "ORDER BY started_at, id"
 )
@@ -659,19 +653,6 @@ def _settle_counters(
     """Replace what a reservation held in its counters by what its request cost."""
     tokens = _settled_tokens(settlement.usage, reserved_usage)
     _add(conn, counters_text, settlement.cost_nanos, -release, tokens)
-
-
-def _resolvable(request_id: str, found: Sequence[Any] | None) -> tuple[int, str, Usage]:
-    """(cost charged, counters text, usage) of the row `resolve` read (state, flagged, cost,
-    counters, usage columns…), once it is known to be a settled flagged row."""
-    if found is None:
-        raise LedgerError(f"no request {request_id}")
-    state, flagged, charged, counters_text, *usage = found
-    if state != "settled":
-        raise LedgerError(f"request {request_id} is still in flight: nothing to resolve yet")
-    if not flagged:
-        raise LedgerError(f"request {request_id} is not flagged: its cost is known")
-    return int(charged), counters_text, Usage(*usage)
 
 
 def _row(values: tuple[Any, ...]) -> Row:
