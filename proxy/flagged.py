@@ -15,17 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
-from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from proxy.errors import InvalidRequest
 from proxy.ledger import open_ledger
 from proxy.ledger.base import Flagged
-from proxy.models import NANOS_PER_USD, usd_text
-
-
-def midnight(day: date) -> float:
-    return datetime.combine(day, datetime.min.time(), UTC).timestamp()
+from proxy.models import usd_text
+from proxy.pricing import to_nanos
+from proxy.reconcile import midnight
 
 
 def parse_usd(text: str) -> int:
@@ -37,7 +35,7 @@ def parse_usd(text: str) -> int:
         raise wrong from exc
     if not value.is_finite() or value < 0:
         raise wrong
-    return int((value * NANOS_PER_USD).to_integral_value(ROUND_CEILING))
+    return to_nanos(value)
 
 
 async def flagged_rows(
