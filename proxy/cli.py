@@ -212,8 +212,13 @@ def config_path(args: argparse.Namespace) -> Path:
     return args.config if args.config is not None else default_config_path(os.environ)
 
 
+def ledger_url_of(args: argparse.Namespace) -> str:
+    """`--ledger`, else the configuration's (read only when needed)."""
+    return str(args.ledger or load_config(config_path(args)).ledger_url)
+
+
 def run_ledger_migrate(args: argparse.Namespace) -> int:
-    url = args.ledger or load_config(config_path(args)).ledger_url
+    url = ledger_url_of(args)
     before, after = asyncio.run(migrate_ledger(url))
     if before == after:
         print(f"{url}: ledger schema is up to date (version {after})")
@@ -230,10 +235,6 @@ def run_ledger_copy(args: argparse.Namespace) -> int:
         f"from {args.source} to {args.target}"
     )
     return 0
-
-
-def ledger_url_of(args: argparse.Namespace) -> str:
-    return str(args.ledger or load_config(config_path(args)).ledger_url)
 
 
 def run_ledger_flagged(args: argparse.Namespace) -> int:
