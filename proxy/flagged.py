@@ -24,6 +24,7 @@ from proxy.ledger.base import Flagged
 from proxy.models import usd_text
 from proxy.pricing import to_nanos
 from proxy.reconcile import midnight
+from proxy.reports import aligned
 
 
 def parse_usd(text: str) -> int:
@@ -102,9 +103,7 @@ def as_table(rows: Sequence[Flagged]) -> str:
             f"${usd_text(r.cost_nanos)}", r.error_code or "-", r.upstream_request_id or "-",
             resolved.strip(),
         ))  # fmt: skip
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
-    out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-           for line in lines]  # fmt: skip
+    out = aligned(lines)
     if not rows:
         out.append("(no flagged rows)")
     pending = [r for r in rows if r.resolved_at is None]

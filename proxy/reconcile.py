@@ -31,6 +31,7 @@ from proxy.ledger import open_ledger
 from proxy.ledger.base import Flagged, Ledger
 from proxy.models import NANOS_PER_USD
 from proxy.pricing import PriceBook
+from proxy.reports import aligned
 
 DAY = 86_400
 DEFAULT_TOLERANCE = Decimal("0.01")
@@ -268,15 +269,12 @@ def as_table(r: Reconciliation) -> str:
          f"{line.difference:+.6f}", "OFF" if line.status == "off" else "ok", line.note)
         for line in r.lines
     ]  # fmt: skip
-    widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(len(head))]
     out = [
         f"Reconciliation {r.first} .. {r.last} (UTC days), tolerance ${r.tolerance} per day "
         "and model; difference = OpenAI - Tollgate",
         "",
-        "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip(),
+        *aligned([head, *rows]),
     ]
-    for x in rows:
-        out.append("  ".join(str(c).ljust(w) for c, w in zip(x, widths, strict=True)).rstrip())
     if not rows:
         out.append("(no spend on either side)")
     if r.ignored:

@@ -265,6 +265,16 @@ def as_csv(report: Report, excel: bool = False) -> str:
     return csv_start(excel) + out.getvalue()
 
 
+def aligned(lines: Sequence[Sequence[object]]) -> list[str]:
+    """`lines` of cells as text in left-aligned columns two spaces apart, each line's
+    trailing spaces dropped."""
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(lines[0]))]
+    return [
+        "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    ]
+
+
 def as_table(report: Report) -> str:
     header, body = _cells(report)
     total = ["TOTAL", *[""] * (len(report.by) - 1)] if report.by else []
