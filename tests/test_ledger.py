@@ -788,14 +788,27 @@ def wal_size(path: Path) -> int:
     return wal.stat().st_size if wal.exists() else 0
 
 
+def settled_count(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        (count,) = db.execute("SELECT count(*) FROM requests WHERE state = 'settled'").fetchone()
+    return int(count)
+
+
+def bound_the_wal(monkeypatch: pytest.MonkeyPatch, lock_wait_ms: int | None = None) -> None:
+    """`WAL_LIMIT`, and no periodic checkpoint: the writers alone keep the bound."""
+    monkeypatch.setattr("proxy.ledger.sqlite.CHECKPOINT_EVERY", 10**9)
+    monkeypatch.setattr("proxy.ledger.sqlite.WAL_LIMIT_BYTES", WAL_LIMIT)
+    if lock_wait_ms is not None:
+        monkeypatch.setattr("proxy.ledger.sqlite.LOCK_WAIT_MS", lock_wait_ms)
+
+
 async def test_the_wal_stays_under_its_limit_however_late_checkpoints_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Back-to-back writes that never let the loop turn, on a loaded machine, with the
     periodic checkpoints never due: the worst case for a checkpoint on the thread. The
     writers keep the bound themselves, checked after every commit."""
-    monkeypatch.setattr("proxy.ledger.sqlite.CHECKPOINT_EVERY", 10**9)
-    monkeypatch.setattr("proxy.ledger.sqlite.WAL_LIMIT_BYTES", WAL_LIMIT)
+    bound_the_wal(monkeypatch)
     path = tmp_path / "t.db"
     ledger = SqliteLedger(path)
     await ledger.open()
@@ -813,10 +826,7 @@ async def test_the_wal_stays_under_its_limit_however_late_checkpoints_run(
     # again and again, and the file emptied each time.
     assert max(sizes) <= WAL_LIMIT + ONE_TRANSACTION
     assert emptied(sizes) >= 20
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("SELECT count(*) FROM requests WHERE state = 'settled'").fetchone() == (
-            400,
-        )
+    assert settled_count(path) == 400
 
 
 async def test_a_reader_holding_the_wal_makes_writers_wait_rather_than_grow_it(
@@ -824,9 +834,7 @@ async def test_a_reader_holding_the_wal_makes_writers_wait_rather_than_grow_it(
 ) -> None:
     """A checkpoint cannot empty a WAL that a reader still reads from: writers wait for it
     (`LOCK_WAIT_MS`), then fail as a retryable outage, nothing written past the bound."""
-    monkeypatch.setattr("proxy.ledger.sqlite.CHECKPOINT_EVERY", 10**9)
-    monkeypatch.setattr("proxy.ledger.sqlite.WAL_LIMIT_BYTES", WAL_LIMIT)
-    monkeypatch.setattr("proxy.ledger.sqlite.LOCK_WAIT_MS", 100)
+    bound_the_wal(monkeypatch, lock_wait_ms=100)
     path = tmp_path / "t.db"
     ledger = SqliteLedger(path)
     await ledger.open()
@@ -927,10 +935,7 @@ async def test_the_wal_limit_holds_across_worker_processes(tmp_path: Path) -> No
         assert len(sizes) == 600
         assert max(sizes) <= WAL_LIMIT + ONE_TRANSACTION
     assert sum(emptied(json.loads(answer)) for answer in answers) >= 10
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("SELECT count(*) FROM requests WHERE state = 'settled'").fetchone() == (
-            600,
-        )
+    assert settled_count(path) == 600
 
 
 async def test_an_export_read_slowly_does_not_hold_the_wal(
@@ -938,9 +943,7 @@ async def test_an_export_read_slowly_does_not_hold_the_wal(
 ) -> None:
     """The audit export reads a batch at a time and holds no snapshot between batches: a
     client that stops reading halfway never keeps writers from emptying the WAL."""
-    monkeypatch.setattr("proxy.ledger.sqlite.CHECKPOINT_EVERY", 10**9)
-    monkeypatch.setattr("proxy.ledger.sqlite.WAL_LIMIT_BYTES", WAL_LIMIT)
-    monkeypatch.setattr("proxy.ledger.sqlite.LOCK_WAIT_MS", 100)
+    bound_the_wal(monkeypatch, lock_wait_ms=100)
     monkeypatch.setattr("proxy.ledger.sqlite_reports.EXPORT_BATCH", 10)
     path = tmp_path / "t.db"
     ledger = SqliteLedger(path)
