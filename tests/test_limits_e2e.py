@@ -116,8 +116,12 @@ def image() -> bytes:
 
 def edit_body(image: bytes) -> tuple[bytes, str]:
     return encode_multipart(
-        {"model": "gpt-image-2", "prompt": "add a lighthouse", "quality": "low",
-         "size": "1024x1024"},
+        {
+            "model": "gpt-image-2",
+            "prompt": "add a lighthouse",
+            "quality": "low",
+            "size": "1024x1024",
+        },
         (Upload("image", image, "png"),),
     )
 
