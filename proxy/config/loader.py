@@ -473,7 +473,6 @@ def _as_text(value: object) -> str:
     return str(value)
 
 
-
 def covers(prefix: str, path: str) -> bool:
     """Whether passthrough of `prefix` reaches `path` or anything under it (any letter case)."""
     prefix = prefix.lower()
