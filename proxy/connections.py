@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import resource
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -92,11 +92,9 @@ class GuardedProtocol(HttpToolsProtocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        defaults = Limits()
-        self.header_timeout_s: float = getattr(
-            config, "header_timeout_s", defaults.header_timeout_s
-        )
-        self.max_connections: int = getattr(config, "max_connections", MAX_DEFAULT_CONNECTIONS)
+        bounds = cast(ServerConfig, config)  # the only configuration that serves this protocol
+        self.header_timeout_s = bounds.header_timeout_s
+        self.max_connections = bounds.max_connections
         self.headers_due: asyncio.TimerHandle | None = None
         """Armed while the connection waits for a request's headers: it is idle."""
         self.over_capacity = False
