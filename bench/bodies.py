@@ -88,15 +88,11 @@ def main() -> None:
     )
     sim = harness.start_simulator(args.latency_ms)
     with harness.running(sim), tempfile.TemporaryDirectory() as tmp:
-        root = harness.write_policies(Path(tmp), sim.url, timeout_s=300)
-        with (root / "tollgate.yaml").open("a") as settings:
-            settings.write(f"limits:\n  inflight_bytes: {args.inflight_mib * MiB}\n")
-        port = harness.free_port()
-        proxy = harness.start(
-            "tollgate",
-            [harness.PYTHON, "-m", "proxy", "serve", "--config", str(root), "--port", str(port)],
-            f"http://127.0.0.1:{port}/healthz",
-            f"http://127.0.0.1:{port}",
+        proxy = harness.start_tollgate(
+            sim.url,
+            Path(tmp),
+            timeout_s=300,
+            settings=f"limits:\n  inflight_bytes: {args.inflight_mib * MiB}\n",
         )
         with harness.running(proxy):
             idle = harness.rss_bytes(proxy.pid)

@@ -242,8 +242,13 @@ def write_policies(root: Path, upstream: str, timeout_s: int = 120) -> Path:
     return root
 
 
-def start_tollgate(upstream: str, root: Path, workers: int = 1, timeout_s: int = 120) -> Proc:
+def start_tollgate(
+    upstream: str, root: Path, workers: int = 1, timeout_s: int = 120, settings: str = ""
+) -> Proc:
+    """Tollgate on `write_policies`' config, with `settings` (YAML) appended to tollgate.yaml."""
     write_policies(root, upstream, timeout_s)
+    with (root / "tollgate.yaml").open("a") as file:
+        file.write(settings)
     port = free_port()
     return start(
         f"tollgate-w{workers}",
