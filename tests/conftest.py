@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.auth import key_hash
 from tests import pg
@@ -157,6 +158,15 @@ class Tollgate:
 
     def row(self, request_id: str) -> dict[str, Any]:
         return next(r for r in self.rows() if r["id"] == request_id)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sample `name` with exactly `labels` on /metrics now; 0 when there is none."""
+        text = httpx.get(f"{self.url}/metrics", timeout=30).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return 0.0
 
     def stop(self) -> str:
         return stop(self.process)

@@ -190,12 +190,7 @@ def requests_rows(gate: Tollgate) -> int:
 
 
 def unauthenticated(gate: Tollgate, endpoint: str, reason: str) -> float:
-    text = httpx.get(f"{gate.url}/metrics").text
-    wanted = f'tollgate_unauthenticated_requests_total{{endpoint="{endpoint}",reason="{reason}"}}'
-    for line in text.splitlines():
-        if line.startswith(wanted):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return gate.metric("tollgate_unauthenticated_requests_total", endpoint=endpoint, reason=reason)
 
 
 def test_requests_with_a_bad_key_are_counted_but_never_written_to_the_ledger(

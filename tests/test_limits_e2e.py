@@ -24,7 +24,6 @@ import httpx
 import openai
 import pytest
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.parsing import Upload, encode_multipart
 from tests.conftest import (
@@ -71,17 +70,8 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) ->
     raise AssertionError(f"never happened: {what}")
 
 
-def metric(tollgate: Tollgate, name: str, **labels: str) -> float:
-    text = httpx.get(f"{tollgate.url}/metrics", timeout=30).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return 0.0
-
-
 def body_bytes(tollgate: Tollgate) -> float:
-    return metric(tollgate, "tollgate_inflight_body_bytes")
+    return tollgate.metric("tollgate_inflight_body_bytes")
 
 
 def closed_by_server(sock: socket.socket, timeout: float = 20.0) -> bool:
@@ -171,7 +161,7 @@ def test_a_stalled_body_is_a_408_and_nothing_is_reserved_or_forwarded(
     assert tollgate.query("SELECT * FROM requests WHERE state = 'reserved'") == []
     assert len(simulator.billing()) == before
     assert body_bytes(tollgate) == 0
-    assert metric(tollgate, "tollgate_overload_refusals_total", reason="body_timeout") >= 1
+    assert tollgate.metric("tollgate_overload_refusals_total", reason="body_timeout") >= 1
 
 
 def test_a_client_gone_mid_body_leaves_nothing_charged(tollgate: Tollgate, image: bytes) -> None:
@@ -246,7 +236,7 @@ def test_bodies_past_the_inflight_cap_get_503_and_the_accepted_ones_succeed(
         conn.close()
     wait_for(lambda: body_bytes(tollgate) == 0, "every charge is given back")
     assert len(simulator.billing()) == before + 2
-    assert metric(tollgate, "tollgate_overload_refusals_total", reason="inflight_bytes") >= 2
+    assert tollgate.metric("tollgate_overload_refusals_total", reason="inflight_bytes") >= 2
 
 
 @pytest.fixture
@@ -356,4 +346,4 @@ def test_past_the_connection_cap_with_every_connection_busy_requests_get_503(
         done.read()
         conn.close()
     assert len(simulator.billing()) == before + 2
-    assert metric(busy_tollgate, "tollgate_overload_refusals_total", reason="connections") == 1
+    assert busy_tollgate.metric("tollgate_overload_refusals_total", reason="connections") == 1
