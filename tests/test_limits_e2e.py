@@ -130,6 +130,32 @@ def start_post(
     return conn
 
 
+def half_sent_edits(
+    tollgate: Tollgate, body: bytes, content_type: str
+) -> list[http.client.HTTPConnection]:
+    """Two edits whose headers and first half are in: each holds its charge meanwhile."""
+    held = [
+        start_post(tollgate, "/v1/images/edits", body, content_type, len(body) // 2)
+        for _ in range(2)
+    ]
+    wait_for(lambda: body_bytes(tollgate) == 2 * 3 * len(body), "two bodies are charged")
+    return held
+
+
+def finish_edits(held: list[http.client.HTTPConnection], body: bytes) -> list[bytes]:
+    """Send the rest of `half_sent_edits`' bodies; their answers, each a 200."""
+    for conn in held:
+        conn.send(body[len(body) // 2 :])
+    answers = []
+    for conn in held:
+        done = conn.getresponse()
+        answer = done.read()
+        assert done.status == 200, answer
+        answers.append(answer)
+        conn.close()
+    return answers
+
+
 def test_a_connection_that_does_not_finish_its_headers_is_closed(tollgate: Tollgate) -> None:
     silent = socket.create_connection(("127.0.0.1", port_of(tollgate)))
     partial = socket.create_connection(("127.0.0.1", port_of(tollgate)))
@@ -190,11 +216,7 @@ def test_bodies_past_the_inflight_cap_get_503_and_the_accepted_ones_succeed(
     before = len(simulator.billing())
     body, content_type = edit_body(image)
     # Two edits hold their charge while their bodies are on the way (their length is declared).
-    held = [
-        start_post(tollgate, "/v1/images/edits", body, content_type, len(body) // 2)
-        for _ in range(2)
-    ]
-    wait_for(lambda: body_bytes(tollgate) == 2 * 3 * len(body), "two bodies are charged")
+    held = half_sent_edits(tollgate, body, content_type)
 
     # A third, through the official client (which would retry it: x-should-retry, Retry-After).
     with pytest.raises(openai.InternalServerError) as refused:
@@ -227,13 +249,8 @@ def test_bodies_past_the_inflight_cap_get_503_and_the_accepted_ones_succeed(
     assert chunked.status_code == 503, chunked.text
     assert chunked.json()["error"]["code"] == "server_overloaded"
 
-    for conn in held:
-        conn.send(body[len(body) // 2 :])
-    for conn in held:
-        done = conn.getresponse()
-        assert done.status == 200, done.read()
-        assert b'"b64_json"' in done.read()
-        conn.close()
+    for edited in finish_edits(held, body):
+        assert b'"b64_json"' in edited
     wait_for(lambda: body_bytes(tollgate) == 0, "every charge is given back")
     assert len(simulator.billing()) == before + 2
     assert tollgate.metric("tollgate_overload_refusals_total", reason="inflight_bytes") >= 2
@@ -319,11 +336,7 @@ def test_past_the_connection_cap_with_every_connection_busy_requests_get_503(
 ) -> None:
     before = len(simulator.billing())
     body, content_type = edit_body(image)
-    busy = [
-        start_post(busy_tollgate, "/v1/images/edits", body, content_type, len(body) // 2)
-        for _ in range(2)
-    ]
-    wait_for(lambda: body_bytes(busy_tollgate) == 2 * 3 * len(body), "both are being read")
+    busy = half_sent_edits(busy_tollgate, body, content_type)
     # Nothing idle to close: the third connection is read, answered 503 and closed.
     refused = httpx.post(
         f"{busy_tollgate.url}/v1/images/generations",
@@ -338,12 +351,6 @@ def test_past_the_connection_cap_with_every_connection_busy_requests_get_503(
     assert refused.headers["connection"] == "close"
     assert refused.headers["x-should-retry"] == "true"
     assert httpx.get(f"{busy_tollgate.url}/healthz", timeout=30).status_code == 200
-    for conn in busy:
-        conn.send(body[len(body) // 2 :])
-    for conn in busy:
-        done = conn.getresponse()
-        assert done.status == 200, done.read()
-        done.read()
-        conn.close()
+    finish_edits(busy, body)
     assert len(simulator.billing()) == before + 2
     assert busy_tollgate.metric("tollgate_overload_refusals_total", reason="connections") == 1
