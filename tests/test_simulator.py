@@ -21,6 +21,7 @@ from proxy.simulator import SimulatorSettings, create_simulator_app
 from proxy.simulator.tokens import formula_tokens, image_input_tokens, text_tokens
 
 API_KEY = "sk-sim-test-key-0001"
+AUTH = {"authorization": f"Bearer {API_KEY}"}
 
 
 @dataclass
@@ -39,6 +40,10 @@ class Sim:
 
     def last(self) -> dict[str, Any]:
         return self.billing()[-1]
+
+    def generate(self, body: dict[str, Any]) -> httpx.Response:
+        """`POST /v1/images/generations` with the simulator's key, over plain HTTP."""
+        return self.http.post("/v1/images/generations", headers=AUTH, json=body)
 
     def configure(self, **knobs: Any) -> dict[str, Any]:
         answer = self.http.post("/_sim/config", json=knobs)
@@ -316,7 +321,7 @@ def test_gpt_image_2_edits_are_always_high_fidelity(client: openai.OpenAI) -> No
 def test_json_edits_count_references_as_1024_square(sim: Sim) -> None:
     answer = sim.http.post(
         "/v1/images/edits",
-        headers={"authorization": f"Bearer {API_KEY}"},
+        headers=AUTH,
         json={
             "model": "gpt-image-1",
             "prompt": "blend",
@@ -392,7 +397,7 @@ def test_stream_latency_is_spread_over_events(sim: Sim) -> None:
     with sim.http.stream(
         "POST",
         "/v1/images/generations",
-        headers={"authorization": f"Bearer {API_KEY}"},
+        headers=AUTH,
         json={
             "model": "gpt-image-1",
             "prompt": "x",
@@ -454,9 +459,7 @@ def test_generation_validation_errors(
     sim: Sim, params: dict[str, Any], code: str, param: str
 ) -> None:
     body = {k: v for k, v in {"prompt": "a cat", **params}.items() if v is not None}
-    answer = sim.http.post(
-        "/v1/images/generations", headers={"authorization": f"Bearer {API_KEY}"}, json=body
-    )
+    answer = sim.generate(body)
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert (error["code"], error["param"], error["type"]) == (code, param, "invalid_request_error")
@@ -473,10 +476,8 @@ def test_sdk_raises_bad_request_with_the_code(client: openai.OpenAI) -> None:
 
 
 def test_unknown_fields_are_accepted(sim: Sim) -> None:
-    answer = sim.http.post(
-        "/v1/images/generations",
-        headers={"authorization": f"Bearer {API_KEY}"},
-        json={"model": "gpt-image-1", "prompt": "x", "quality": "low", "brand_new_knob": 7},
+    answer = sim.generate(
+        {"model": "gpt-image-1", "prompt": "x", "quality": "low", "brand_new_knob": 7}
     )
     assert answer.status_code == 200
     assert sim.last()["params"]["brand_new_knob"] == 7
@@ -604,21 +605,15 @@ def test_reset_fault_closes_the_connection_without_an_answer(
     with pytest.raises(openai.APIConnectionError):
         client.images.generate(model="gpt-image-1", prompt="[[fault:reset]]")
     with pytest.raises(httpx.RemoteProtocolError):
-        sim.http.post(
-            "/v1/images/generations",
-            headers={"authorization": f"Bearer {API_KEY}"},
-            json={"model": "gpt-image-1", "prompt": "[[fault:reset]]"},
-        )
+        sim.generate({"model": "gpt-image-1", "prompt": "[[fault:reset]]"})
     assert sim.last()["billed"] is False
     # The server is still healthy afterwards.
     assert sim.http.get("/healthz").json() == {"status": "ok"}
 
 
 def test_garbage_fault_is_billed(sim: Sim) -> None:
-    answer = sim.http.post(
-        "/v1/images/generations",
-        headers={"authorization": f"Bearer {API_KEY}"},
-        json={"model": "gpt-image-2", "prompt": "[[fault:garbage]]", "quality": "high"},
+    answer = sim.generate(
+        {"model": "gpt-image-2", "prompt": "[[fault:garbage]]", "quality": "high"}
     )
     assert answer.status_code == 200
     assert answer.headers["content-type"].startswith("application/json")
@@ -694,11 +689,7 @@ def echoed(value: str) -> dict[str, str]:
 
 
 def test_echo_fault_echoes_the_authorization_header_and_bills(sim: Sim) -> None:
-    answer = sim.http.post(
-        "/v1/images/generations",
-        headers={"authorization": f"Bearer {API_KEY}"},
-        json={"model": "gpt-image-2", "prompt": "[[fault:echo]]", "quality": "low"},
-    )
+    answer = sim.generate({"model": "gpt-image-2", "prompt": "[[fault:echo]]", "quality": "low"})
     assert answer.status_code == 200
     assert answer.headers["x-echo-authorization"] == f"Bearer {API_KEY}"
     body = answer.json()
@@ -718,7 +709,7 @@ def test_echo_fault_echoes_in_every_stream_event_split_inside_the_key(sim: Sim) 
     with sim.http.stream(
         "POST",
         "/v1/images/generations",
-        headers={"authorization": f"Bearer {API_KEY}"},
+        headers=AUTH,
         json=request,
     ) as answer:
         assert answer.headers["x-echo-authorization"] == f"Bearer {API_KEY}"
@@ -744,7 +735,7 @@ def test_echo_fault_set_at_run_time_echoes_in_401_answers_and_the_models_list(si
     assert refused.json()["error"]["code"] == "invalid_api_key"
     assert refused.json()["error"]["echo"] == echoed("Bearer sk-wrong-key-000")
     assert refused.headers["x-echo-authorization"] == "Bearer sk-wrong-key-000"
-    models = sim.http.get("/v1/models", headers={"authorization": f"Bearer {API_KEY}"})
+    models = sim.http.get("/v1/models", headers=AUTH)
     assert models.status_code == 200
     assert models.json()["echo"] == echoed(f"Bearer {API_KEY}")
     assert models.headers["x-echo-authorization"] == f"Bearer {API_KEY}"
@@ -753,10 +744,7 @@ def test_echo_fault_set_at_run_time_echoes_in_401_answers_and_the_models_list(si
 def test_models_list_needs_the_key(sim: Sim) -> None:
     models = sim.client().models.list()
     assert "gpt-image-2" in {m.id for m in models.data}
-    assert (
-        "echo"
-        not in sim.http.get("/v1/models", headers={"authorization": f"Bearer {API_KEY}"}).json()
-    )
+    assert "echo" not in sim.http.get("/v1/models", headers=AUTH).json()
     assert sim.http.get("/v1/models").status_code == 401
 
 
@@ -782,7 +770,7 @@ def test_costs_api_prices_the_record_by_line_item(sim: Sim, client: openai.OpenA
     now = int(time.time())
     answer = sim.http.get(
         "/v1/organization/costs",
-        headers={"authorization": f"Bearer {API_KEY}"},
+        headers=AUTH,
         params={"start_time": now - 3600, "group_by[]": "line_item", "limit": 1},
     )
     assert answer.status_code == 200, answer.text
@@ -795,7 +783,7 @@ def test_costs_api_prices_the_record_by_line_item(sim: Sim, client: openai.OpenA
     assert results["dall-e-3, images"]["amount"]["value"] == pytest.approx(0.04)
     paged = sim.http.get(
         "/v1/organization/costs",
-        headers={"authorization": f"Bearer {API_KEY}"},
+        headers=AUTH,
         params={"start_time": now - 3 * 86_400, "limit": 2},
     ).json()
     assert paged["has_more"] is True and paged["next_page"]
