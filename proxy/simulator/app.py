@@ -71,7 +71,7 @@ def create_simulator_app(settings: SimulatorSettings = DEFAULT_SETTINGS) -> Star
 
     async def costs(request: Request) -> Response:
         authorization = request.headers.get("authorization")
-        if state.api_key is not None and authorization != f"Bearer {state.api_key}":
+        if not state.admits(authorization):
             return error_response(invalid_api_key(authorization), "req_sim_costs")
         try:
             page = costs_page(state.record.entries(), request.query_params, now=time.time())
@@ -82,7 +82,7 @@ def create_simulator_app(settings: SimulatorSettings = DEFAULT_SETTINGS) -> Star
     async def models(request: Request) -> Response:
         authorization = request.headers.get("authorization")
         echoes = state.knobs.fault == "echo"
-        if state.api_key is not None and authorization != f"Bearer {state.api_key}":
+        if not state.admits(authorization):
             error = invalid_api_key(authorization)
             if echoes:
                 error = echoed(error, authorization)
