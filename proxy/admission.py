@@ -37,7 +37,7 @@ class BodyBudget:
 
     __slots__ = ("_metrics", "cap", "held", "idle_s", "total_s")
 
-    def __init__(self, limits: Limits, metrics: Metrics | None = None) -> None:
+    def __init__(self, limits: Limits, metrics: Metrics) -> None:
         self.held = 0
         self._metrics = metrics
         self.configure(limits)
@@ -52,28 +52,24 @@ class BodyBudget:
         """Charge `length` more body bytes to the request of `scope`, or refuse it."""
         charge = length * BODY_COPIES
         if self.held + charge > self.cap:
-            if self._metrics is not None:
-                self._metrics.refused("inflight_bytes")
+            self._metrics.refused("inflight_bytes")
             raise Overloaded(
                 "Tollgate is holding as many request bodies as it safely can; retry in a moment."
             )
         self.held += charge
         scope[SCOPE_KEY] = scope.get(SCOPE_KEY, 0) + charge
-        if self._metrics is not None:
-            self._metrics.body_bytes.inc(charge)
+        self._metrics.body_bytes.inc(charge)
 
     def release(self, scope: MutableMapping[str, Any]) -> None:
         """Give back everything the request of `scope` was charged (once; then a no-op)."""
         charge = scope.pop(SCOPE_KEY, 0)
         if charge:
             self.held -= charge
-            if self._metrics is not None:
-                self._metrics.body_bytes.dec(charge)
+            self._metrics.body_bytes.dec(charge)
 
     def timed_out(self, received: int) -> RequestTimeout:
         """The answer to a client that stopped sending its body after `received` bytes."""
-        if self._metrics is not None:
-            self._metrics.refused("body_timeout")
+        self._metrics.refused("body_timeout")
         return RequestTimeout(
             f"The request body was not received in time (after {received:,} bytes; Tollgate "
             f"waits {self.idle_s:g} s between parts and {self.total_s:g} s in all)."
