@@ -19,9 +19,10 @@ import json
 import random
 import time
 from collections.abc import Callable
+from functools import partial
 
 from proxy.metering import BodyMeter
-from proxy.scrubbing import ChunkScrubber, Scrubber
+from proxy.scrubbing import Scrubber
 from proxy.spool import Spool
 
 SHORT_KEY = "sk-upstream-real-key-for-tests"
@@ -65,7 +66,7 @@ def relay(chunks: list[bytes], scrubber: Scrubber | None) -> None:
 
 
 def scrub_only(chunks: list[bytes], scrubber: Scrubber) -> None:
-    stream = ChunkScrubber(scrubber)
+    stream = scrubber.stream()
     for chunk in chunks:
         stream.feed(chunk)
     stream.finish()
@@ -85,9 +86,9 @@ def main() -> None:
     for name, key in (("project key, 164 chars", project_key(rng)), ("short key", SHORT_KEY)):
         scrubber = Scrubber.of_key(key)
         raw_only = Scrubber([key])
-        with_scrub = best_ms(lambda s=scrubber: relay(chunks, s), args.rounds)  # type: ignore[misc]
-        alone = best_ms(lambda s=scrubber: scrub_only(chunks, s), args.rounds)  # type: ignore[misc]
-        raw = best_ms(lambda s=raw_only: scrub_only(chunks, s), args.rounds)  # type: ignore[misc]
+        with_scrub = best_ms(partial(relay, chunks, scrubber), args.rounds)
+        alone = best_ms(partial(scrub_only, chunks, scrubber), args.rounds)
+        raw = best_ms(partial(scrub_only, chunks, raw_only), args.rounds)
         print(f"{f'read + spool + meter, scrubbed ({name})':<52} {with_scrub:6.3f} ms")
         print(f"{f'  scrubber alone: key + base64 forms ({name})':<52} {alone:6.3f} ms")
         print(f"{f'  scrubber alone: the key only ({name})':<52} {raw:6.3f} ms")
