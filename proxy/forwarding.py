@@ -249,10 +249,13 @@ class Forwarder:
         if isinstance(failure, DeadlineExceeded):
             exc, code = failure, "deadline_exceeded"
         else:
-            exc, code = UpstreamUnavailable(
-                f"The upstream's answer could not be read ({failure}). The request's "
-                "estimated cost was charged and flagged for reconciliation."
-            ), "malformed_answer"
+            exc, code = (
+                UpstreamUnavailable(
+                    f"The upstream's answer could not be read ({failure}). The request's "
+                    "estimated cost was charged and flagged for reconciliation."
+                ),
+                "malformed_answer",
+            )
         await self.settle(
             exchange,
             "upstream_error",

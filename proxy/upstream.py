@@ -369,9 +369,7 @@ def translate(exc: Exception) -> UpstreamTimeout | UpstreamUnavailable:
 def response_headers(answer: Answer) -> list[tuple[str, str]]:
     """The upstream headers a client may see (x-request-id, rate limits, content type),
     named in lower case like Tollgate's own, which override them."""
-    return allowed(
-        answer.headers.items(), FORWARDED_RESPONSE_HEADERS, FORWARDED_RESPONSE_PREFIXES
-    )
+    return allowed(answer.headers.items(), FORWARDED_RESPONSE_HEADERS, FORWARDED_RESPONSE_PREFIXES)
 
 
 def allowed(
