@@ -101,12 +101,11 @@ book: Tollgate cannot bound it, so it refuses them rather than forward unpriced 
 
 @dataclass(frozen=True, slots=True)
 class Part:
-    """One multipart part: its name, its bytes (a view of the body), and its headers."""
+    """One multipart part: its name and its bytes (a view of the body). Its headers are
+    checked, not kept: an upload goes out named for the format its bytes were measured as."""
 
     name: str
     data: Bytes
-    filename: str | None = None
-    content_type: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,7 +354,7 @@ def _part(headers: Mapping[str, str], data: Bytes) -> Part:
     content_type = headers.get("content-type")
     if content_type is not None:
         _check_charset(parse_options_header(content_type)[1], f"part '{name}'")
-    return Part(name, data, params.get("filename"), content_type)
+    return Part(name, data)
 
 
 def _check_charset(options: Mapping[bytes, bytes], what: str) -> None:
