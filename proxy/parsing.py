@@ -30,6 +30,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from proxy.dimensions import Bytes, measure_image
 from proxy.errors import InvalidRequest
 from proxy.models import Endpoint, ImageRequest, InputImage
+from proxy.pricing import parse_size
 
 MAX_PROMPT_CHARS = 32_000
 MAX_PARTIAL_IMAGES = 3
@@ -40,7 +41,6 @@ priced or recorded (a 64-bit ledger column overflows at 2**63)."""
 IMAGE_FIELDS = ("image", "image[]", "mask", "markup")
 UTF8_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
 AUTO = "auto"
-SIZE = re.compile(r"[0-9]{1,5}x[0-9]{1,5}", re.ASCII)
 DIGITS = re.compile(r"[0-9]+", re.ASCII)
 UNSAFE_CHARS = re.compile("[\x00\ud800-\udfff]")
 MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -461,7 +461,7 @@ def _typed(given: Mapping[str, Any], endpoint: Endpoint, *, multipart: bool) -> 
                 )
             fields[name] = value
     size = fields.get("size")
-    if isinstance(size, str) and size != AUTO and SIZE.fullmatch(size) is None:
+    if isinstance(size, str) and size != AUTO and parse_size(size) is None:
         raise InvalidRequest(
             f"Invalid value for 'size': {size!r}. Expected 'auto' or WIDTHxHEIGHT.", param="size"
         )
