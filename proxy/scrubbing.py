@@ -113,7 +113,6 @@ class Scrubber:
 
     def __init__(self, forms: Iterable[str]) -> None:
         self.needles = tuple(Needle.of(f) for f in forms if f)
-        self.longest = max((len(n.data) for n in self.needles), default=0)
 
     @classmethod
     def of_key(cls, key: str | None) -> Scrubber:
