@@ -31,7 +31,6 @@ JPEG_SOS, JPEG_EOI, JPEG_DNL, JPEG_DHP = 0xDA, 0xD9, 0xDC, 0xDE
 # Inside entropy-coded data, 0xFF is followed by a stuffed 0x00 or a restart marker.
 JPEG_MARKER_AFTER_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
-FORMATS = ("png", "jpeg", "webp")
 
 Bytes = bytes | memoryview
 
