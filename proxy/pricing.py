@@ -218,10 +218,11 @@ class ModelPrices:
         """What reported usage costs, as the ledger records it: unclassified tokens folded
         into the kind whose rate priced them (so the row's kinds give the same cost and
         its token counters count them), flagged when anything was priced at a stand-in rate."""
-        flagged = bool(usage.unclassified_input or usage.unclassified_output) or any(
+        unclassified = bool(usage.unclassified_input or usage.unclassified_output)
+        flagged = unclassified or any(
             usage.tokens(kind) for kind in TOKEN_KINDS if kind not in self.rates
         )
-        if usage.unclassified_input or usage.unclassified_output:
+        if unclassified:
             into_input, into_output = (
                 self._dearest_kind(INPUT_KINDS),
                 self._dearest_kind(OUTPUT_KINDS),
