@@ -93,23 +93,25 @@ def sof_offset(data: bytes) -> int:
     return data.index(b"\xff\xc0")
 
 
-def test_a_jpeg_with_two_frame_headers_of_different_sizes_is_refused() -> None:
-    data = encoded(32, 32, "JPEG")
+def frame_header(data: bytes, height: int, width: int) -> bytes:
+    """A copy of `data`'s frame header (SOF0 segment) declaring another size."""
     at = sof_offset(data)
     length = struct.unpack_from(">H", data, at + 2)[0]
     sof = bytearray(data[at : at + 2 + length])
-    struct.pack_into(">HH", sof, 5, 2048, 2048)
-    assert "different sizes" in refused(data[:at] + bytes(sof) + data[at:])
+    struct.pack_into(">HH", sof, 5, height, width)
+    return bytes(sof)
+
+
+def test_a_jpeg_with_two_frame_headers_of_different_sizes_is_refused() -> None:
+    data = encoded(32, 32, "JPEG")
+    at = sof_offset(data)
+    assert "different sizes" in refused(data[:at] + frame_header(data, 2048, 2048) + data[at:])
 
 
 def test_a_second_frame_header_after_the_scan_is_refused() -> None:
     data = encoded(32, 32, "JPEG")
-    at = sof_offset(data)
-    length = struct.unpack_from(">H", data, at + 2)[0]
-    sof = bytearray(data[at : at + 2 + length])
-    struct.pack_into(">HH", sof, 5, 16, 4096)
     # Before EOI, past the entropy-coded data a header reader never walks.
-    assert "different sizes" in refused(data[:-2] + bytes(sof) + data[-2:])
+    assert "different sizes" in refused(data[:-2] + frame_header(data, 16, 4096) + data[-2:])
 
 
 def test_a_jpeg_with_bytes_between_segments_is_refused() -> None:
