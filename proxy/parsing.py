@@ -11,8 +11,8 @@ Tollgate either prices or knows to be price-neutral; anything else is refused,
 as are duplicates, charsets other than UTF-8, integers outside a sane range or
 written in other than ASCII digits, and strings holding NUL or lone surrogates.
 Empty and absent are the same: the default applies, and the model is always
-written out. `ParsedBody.encode` writes canonical JSON, or multipart with plain
-ASCII names, a fresh boundary and no charset or transfer-encoding parameters.
+written out. `ParsedBody.encode` writes canonical JSON, or multipart afresh
+(proxy.multipart: the form-data wire format, read and written).
 """
 
 from __future__ import annotations
@@ -20,16 +20,24 @@ from __future__ import annotations
 import binascii
 import json
 import re
-import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import parse_options_header
 
-from proxy.dimensions import Bytes, measure_image
+from proxy.dimensions import measure_image
 from proxy.errors import InvalidRequest
 from proxy.models import Endpoint, ImageRequest, InputImage
+from proxy.multipart import (
+    Part,
+    Scalar,
+    Upload,
+    check_charset,
+    encode_multipart,
+    form_text,
+    parse_multipart,
+)
 from proxy.pricing import parse_size
 
 MAX_PROMPT_CHARS = 32_000
@@ -39,23 +47,13 @@ MAX_INTEGER = 2**31 - 1
 """No integer parameter means anything near this; past it a value is refused before it is
 priced or recorded (a 64-bit ledger column overflows at 2**63)."""
 IMAGE_FIELDS = ("image", "image[]", "mask", "markup")
-UTF8_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
 AUTO = "auto"
 DIGITS = re.compile(r"[0-9]+", re.ASCII)
 UNSAFE_CHARS = re.compile("[\x00\ud800-\udfff]")
-MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 DATA_URL = re.compile(r"data:image/(png|jpeg|jpg|webp);base64,", re.ASCII)
-DISPOSITION = re.compile(
-    r"[ \t]*form-data"
-    r"((?:[ \t]*;[ \t]*[A-Za-z]+=(?:\"[^\"\\\r\n]*\"|[A-Za-z0-9!#$%&'+.^_`|~\[\]-]+))*)"
-    r"[ \t]*;?[ \t]*",
-    re.IGNORECASE,
-)
-DISPOSITION_PARAM = re.compile(r";[ \t]*([A-Za-z]+)=(\"[^\"\\\r\n]*\"|[^; \t]+)")
 
 JSON_TYPE: tuple[bytes, dict[bytes, bytes]] = (b"application/json", {})
 Kind = Literal["text", "integer", "boolean"]
-Scalar = str | int | bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,24 +95,6 @@ ACCEPTED: Mapping[tuple[Endpoint, bool], frozenset[str]] = {
 UNPRICED = frozenset({"complexity", "frame_count", "frame_duration_ms", "svg"})
 """Accepted by OpenAI, but their cost (planning, GIF frames, SVG models) is not in the price
 book: Tollgate cannot bound it, so it refuses them rather than forward unpriced spend."""
-
-
-@dataclass(frozen=True, slots=True)
-class Part:
-    """One multipart part: its name and its bytes (a view of the body). Its headers are
-    checked, not kept: an upload goes out named for the format its bytes were measured as."""
-
-    name: str
-    data: Bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Upload:
-    """An uploaded image as it will be forwarded: field, bytes, and the format they are."""
-
-    name: str
-    data: Bytes
-    format: str
 
 
 @dataclass(frozen=True)
@@ -169,7 +149,7 @@ def parse_request(
         JSON_TYPE if content_type == "application/json" else parse_options_header(content_type)
     )
     if media_type == b"application/json" and endpoint != "variations":
-        _check_charset(options, "the request")
+        check_charset(options, "the request")
         given = _json_object(body)
         _check_names(
             given, ACCEPTED[endpoint, False], ("images", "mask") if endpoint == "edits" else ()
@@ -185,7 +165,7 @@ def parse_request(
                 mask, references["mask"] = _json_image_ref(given["mask"], "mask")
         return _parsed(endpoint, fields, images, mask, default_model, references=references)
     if media_type == b"multipart/form-data" and endpoint != "generations":
-        _check_charset(options, "the request")
+        check_charset(options, "the request")
         boundary = options.get(b"boundary")
         if not boundary:
             raise InvalidRequest("Multipart body without a boundary.")
@@ -217,152 +197,6 @@ def parse_request(
         f"Unsupported content type {content_type or '(none)'!r} for /v1/images/{endpoint}: "
         f"send {expected}."
     )
-
-
-def parse_multipart(body: bytes, boundary: bytes) -> list[Part]:
-    """Split a multipart/form-data body into parts (python-multipart's streaming parser).
-
-    A part's data is a view of `body` where it is one run of it (the usual case), so the
-    only copy of an image is the one `encode_multipart` makes."""
-    parts: list[Part] = []
-    headers: dict[str, str] = {}
-    field, value = bytearray(), bytearray()
-    spans: list[tuple[int, int]] = []
-    copied = bytearray()
-    view = memoryview(body)
-
-    def on_header_field(buf: bytes, start: int, end: int) -> None:
-        field.extend(buf[start:end])
-
-    def on_header_value(buf: bytes, start: int, end: int) -> None:
-        value.extend(buf[start:end])
-
-    def on_header_end() -> None:
-        name = field.decode("latin-1").lower()
-        if name in headers:
-            raise InvalidRequest(f"A multipart part has two {name} headers.")
-        headers[name] = value.decode("latin-1")
-        field.clear()
-        value.clear()
-
-    def on_part_data(buf: bytes, start: int, end: int) -> None:
-        if buf is body and not copied:
-            if spans and spans[-1][1] == start:
-                spans[-1] = (spans[-1][0], end)
-            else:
-                spans.append((start, end))
-            return
-        for first, last in spans:
-            copied.extend(view[first:last])
-        spans.clear()
-        copied.extend(buf[start:end])
-
-    def on_part_end() -> None:
-        data: Bytes
-        if copied:
-            data = bytes(copied)
-        elif len(spans) == 1:
-            data = view[spans[0][0] : spans[0][1]]
-        else:
-            data = b"".join(view[a:b] for a, b in spans)
-        parts.append(_part(headers, data))
-        headers.clear()
-        spans.clear()
-        copied.clear()
-
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-        },
-    )
-    try:
-        parser.write(body)
-        parser.finalize()
-    except InvalidRequest:
-        raise
-    except Exception as exc:  # python-multipart raises several types for broken bodies
-        raise InvalidRequest(f"Malformed multipart body: {exc}") from exc
-    if not parts:
-        raise InvalidRequest("Malformed multipart body: no parts.")
-    return parts
-
-
-def encode_multipart(
-    fields: Mapping[str, Scalar], uploads: tuple[Upload, ...]
-) -> tuple[bytes, str]:
-    """A multipart/form-data body and its content type: scalars first, then the images,
-    each with a filename and content type that say what its bytes are."""
-    boundary = "tollgate-" + secrets.token_hex(16)
-    chunks: list[bytes | memoryview] = []
-    for name, value in fields.items():
-        text = _text(value)
-        chunks += [
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode(),
-            text.encode(),
-            b"\r\n",
-        ]
-    for upload in uploads:
-        stem = upload.name.removesuffix("[]")
-        chunks += [
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{upload.name}"; '
-            f'filename="{stem}.{upload.format}"\r\nContent-Type: {MIME_TYPES[upload.format]}'
-            "\r\n\r\n".encode(),
-            upload.data,
-            b"\r\n",
-        ]
-    chunks.append(f"--{boundary}--\r\n".encode())
-    return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
-
-
-def _text(value: Scalar) -> str:
-    """A parameter as a form field (and for policy checks): JSON's spelling of true/false."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return value if isinstance(value, str) else str(value)
-
-
-def _part(headers: Mapping[str, str], data: Bytes) -> Part:
-    """A part from its headers, refused unless they are plain: a form-data disposition with
-    an ASCII name, a content type in UTF-8 if any, no transfer encoding."""
-    for header in headers:
-        if header not in ("content-disposition", "content-type", "content-transfer-encoding"):
-            raise InvalidRequest(f"A multipart part has an unsupported {header!r} header.")
-    encoding = headers.get("content-transfer-encoding", "binary").strip().lower()
-    if encoding not in ("binary", "8bit", "7bit"):
-        raise InvalidRequest(f"A multipart part has the transfer encoding {encoding!r}.")
-    disposition = DISPOSITION.fullmatch(headers.get("content-disposition", ""))
-    if disposition is None:
-        raise InvalidRequest("A multipart part has a malformed Content-Disposition header.")
-    params: dict[str, str] = {}
-    for key, raw in DISPOSITION_PARAM.findall(disposition[1]):
-        key = key.lower()
-        if key not in ("name", "filename") or key in params:
-            raise InvalidRequest(
-                f"A multipart part's Content-Disposition has {key!r} twice or unknown."
-            )
-        params[key] = raw[1:-1] if raw.startswith('"') else raw
-    name = params.get("name")
-    if not name:
-        raise InvalidRequest("A multipart part has no name.")
-    if not name.isascii() or not name.isprintable():
-        raise InvalidRequest("A multipart part's name is not plain ASCII.")
-    content_type = headers.get("content-type")
-    if content_type is not None:
-        _check_charset(parse_options_header(content_type)[1], f"part '{name}'")
-    return Part(name, data)
-
-
-def _check_charset(options: Mapping[bytes, bytes], what: str) -> None:
-    charset = options.get(b"charset")
-    if charset is not None and charset.decode("latin-1").strip().lower() not in UTF8_CHARSETS:
-        raise InvalidRequest(
-            f"Unsupported charset {charset.decode('latin-1')!r} for {what}: send UTF-8."
-        )
 
 
 def _check_names(
@@ -632,7 +466,7 @@ def _parsed(
         images=images,
         mask=mask,
         user=user if isinstance(user, str) else None,
-        params=tuple((name, _text(value)) for name, value in given.items() if name != "prompt"),
+        params=tuple((name, form_text(value)) for name, value in given.items() if name != "prompt"),
     )
     # The model is always written out: an absent or empty one would be the upstream's choice.
     fields: dict[str, Scalar] = (

@@ -15,6 +15,7 @@ PURE_CORE = (
     "proxy.pricing",
     "proxy.metering",
     "proxy.parsing",
+    "proxy.multipart",
     "proxy.dimensions",
     "proxy.auth",
     "proxy.paths",

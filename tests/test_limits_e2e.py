@@ -25,7 +25,7 @@ import openai
 import pytest
 from PIL import Image
 
-from proxy.parsing import Upload, encode_multipart
+from proxy.multipart import Upload, encode_multipart
 from tests.conftest import (
     DESIGN_KEY,
     Simulator,
