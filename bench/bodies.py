@@ -26,7 +26,7 @@ import aiohttp
 from PIL import Image
 
 from bench import harness
-from proxy.multipart import Upload, encode_multipart
+from proxy.core.multipart import Upload, encode_multipart
 
 MiB = 1 << 20
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import aiohttp
 
-from proxy.auth import key_hash
+from proxy.core.auth import key_hash
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = str(ROOT / ".venv" / "bin" / "python")

@@ -28,10 +28,10 @@ from pathlib import Path
 import asyncpg
 
 from bench import harness
-from proxy.budgets import Counter, Totals, applicable, counters, zone
 from proxy.config import load_config
-from proxy.ledger import Entry, Reservation, Settlement, migrate_ledger, open_ledger
-from proxy.models import Usage
+from proxy.core.budgets import applicable, counters, zone
+from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
+from proxy.ledger import Reservation, migrate_ledger, open_ledger
 
 
 async def run(

@@ -5,7 +5,7 @@
 Generates the rows straight into a fresh SQLite ledger (the real schema, opened by
 `SqliteLedger`) with `executemany`, one month of traffic from 12 teams, 6 models,
 3 qualities and 500 users, then times the report through the same code the CLI
-runs (`proxy.reports.summarize` + `render`), cold and warm, for a few groupings.
+runs (`proxy.finance.reports.summarize` + `render`), cold and warm, for a few groupings.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from proxy.finance.reports import Dimension, Period, parse_by, render, summarize
 from proxy.ledger import SqliteLedger
-from proxy.reports import Dimension, Period, parse_by, render, summarize
 
 TEAMS = [f"team-{i:02d}" for i in range(12)]
 MODELS = [

@@ -21,9 +21,9 @@ import time
 from collections.abc import Callable
 from functools import partial
 
-from proxy.metering import BodyMeter
-from proxy.scrubbing import Scrubber
-from proxy.spool import Spool
+from proxy.core.metering import BodyMeter
+from proxy.core.scrubbing import Scrubber
+from proxy.web.spool import Spool
 
 SHORT_KEY = "sk-upstream-real-key-for-tests"
 

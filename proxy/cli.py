@@ -23,8 +23,22 @@ from pathlib import Path
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
-from proxy import __version__, flagged, reconcile
-from proxy.app import (
+from proxy import __version__
+from proxy.config import config_schema, default_config_path, load_config
+from proxy.core.auth import key_hash, new_key
+from proxy.core.budgets import zone
+from proxy.core.errors import ConfigError, InvalidRequest, LedgerError, RequestError
+from proxy.core.models import usd_text
+from proxy.core.settings import HTTP_METHODS, Config
+from proxy.finance import flagged, reconcile
+from proxy.finance.reports_query import ReportQuery
+from proxy.finance.reports_query import run as run_report_query
+from proxy.finance.status import BudgetStatus, budget_status
+from proxy.ledger import migrate_ledger, open_ledger
+from proxy.ledger.copy import copy_between
+from proxy.logs import ENV_LOG_LEVEL, configure_logging
+from proxy.metrics import ENV_MULTIPROC_DIR
+from proxy.web.app import (
     ENV_CONFIG,
     ENV_LEDGER,
     ENV_UPSTREAM_KEY,
@@ -33,20 +47,7 @@ from proxy.app import (
     Overrides,
     create_app,
 )
-from proxy.auth import key_hash, new_key
-from proxy.budgets import zone
-from proxy.config import Config, config_schema, default_config_path, load_config
-from proxy.config.settings import HTTP_METHODS
-from proxy.connections import ServerConfig
-from proxy.errors import ConfigError, InvalidRequest, LedgerError, RequestError
-from proxy.ledger import migrate_ledger, open_ledger
-from proxy.ledger.copy import copy_between
-from proxy.logs import ENV_LOG_LEVEL, configure_logging
-from proxy.metrics import ENV_MULTIPROC_DIR
-from proxy.models import usd_text
-from proxy.reports_query import ReportQuery
-from proxy.reports_query import run as run_report_query
-from proxy.status import BudgetStatus, budget_status
+from proxy.web.connections import ServerConfig
 
 SIMULATED_KEY = "sk-simulated-upstream"
 # asyncio's event loop, not uvloop: measured again with the aiohttp upstream client, uvloop
@@ -462,7 +463,7 @@ def run_serve(args: argparse.Namespace) -> int:
                 os.environ[name] = value
         run_workers(
             TcpConfig(
-                "proxy.app:app_from_env",
+                "proxy.web.app:app_from_env",
                 limits=config.limits,
                 factory=True,
                 host=args.host,

@@ -30,9 +30,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from proxy.ledger import Entry, Settlement
-from proxy.models import NANOS_PER_USD, TOKEN_KINDS, Change
-from proxy.status import BudgetStatus
+from proxy.core.models import NANOS_PER_USD, TOKEN_KINDS, Change, Entry, Settlement
+from proxy.finance.status import BudgetStatus
 
 ENV_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.5, 1, 2.5, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300)

@@ -21,8 +21,8 @@ import httpx
 import yarl
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.errors import UpstreamTimeout, UpstreamUnavailable
-from proxy.scrubbing import Scrubber
+from proxy.core.errors import UpstreamTimeout, UpstreamUnavailable
+from proxy.core.scrubbing import Scrubber
 
 # The only client headers sent upstream: those OpenAI's SDKs send that change neither how
 # the body is read nor whose account pays (openai-python: `_base_client.py` default and
@@ -203,7 +203,7 @@ class Upstream:
         """Send `body` to `path` (e.g. `/images/generations`); the answer is left unread,
         and the key is masked in whatever of it echoes the key (`ScrubbedAnswer`).
 
-        `path` and `query` must be canonical (`proxy.paths`): the URL is sent as built,
+        `path` and `query` must be canonical (`proxy.core.paths`): the URL is sent as built,
         never re-read by the HTTP client, so the upstream gets the path Tollgate matched."""
         url = self.base_url + path + (f"?{query}" if query else "")
         try:

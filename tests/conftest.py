@@ -21,7 +21,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.auth import key_hash
+from proxy.core.auth import key_hash
 from tests import pg
 
 UPSTREAM_KEY = "sk-upstream-real-key-for-tests"

@@ -9,12 +9,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 from starlette.requests import Request
 
-from proxy.admission import SCOPE_KEY, BodyBudget
-from proxy.config import Limits
-from proxy.connections import default_max_connections
-from proxy.errors import InvalidRequest, Overloaded, RequestTimeout, RequestTooLarge
-from proxy.handlers import read_body
+from proxy.core.errors import InvalidRequest, Overloaded, RequestTimeout, RequestTooLarge
+from proxy.core.settings import Limits
 from proxy.metrics import Metrics
+from proxy.web.admission import SCOPE_KEY, BodyBudget
+from proxy.web.connections import default_max_connections
+from proxy.web.handlers import read_body
 
 
 @pytest.fixture

@@ -14,14 +14,14 @@ from typing import Any
 
 import pytest
 
-from proxy.alerts import Alerts, crossings
-from proxy.budgets import Window, counters, zone
-from proxy.config import Alerts as AlertSettings
-from proxy.config import Budget, Config, Team, TeamKey, load_config
-from proxy.config.settings import Allow
-from proxy.ledger import Entry, Reservation, Settlement, SqliteLedger
-from proxy.models import Usage
-from proxy.status import BudgetStatus
+from proxy.config import load_config
+from proxy.core.budgets import Window, counters, zone
+from proxy.core.models import Entry, Settlement, Usage
+from proxy.core.settings import Alerts as AlertSettings
+from proxy.core.settings import Allow, Budget, Config, Team, TeamKey
+from proxy.finance.alerts import Alerts, crossings
+from proxy.finance.status import BudgetStatus
+from proxy.ledger import Reservation, SqliteLedger
 
 POLICIES = Path(__file__).parent.parent / "policies"
 

@@ -12,11 +12,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.testclient import TestClient
 
-from proxy.app import Overrides, create_app
-from proxy.auth import key_hash
 from proxy.config import load_config
-from proxy.handlers import ImagesHandler, OtherPaths, new_request_id
+from proxy.core.auth import key_hash
 from proxy.simulator import SimulatorSettings, create_simulator_app
+from proxy.web.app import Overrides, create_app
+from proxy.web.handlers import ImagesHandler, OtherPaths, new_request_id
 from tests.conftest import UPSTREAM_KEY, write_config
 
 KEY = "tg_test_gateway_key"

@@ -11,17 +11,17 @@ import proxy
 
 PACKAGE = Path(proxy.__file__).parent
 PURE_CORE = (
-    "proxy.models",
-    "proxy.pricing",
-    "proxy.metering",
-    "proxy.parsing",
-    "proxy.multipart",
-    "proxy.dimensions",
-    "proxy.auth",
-    "proxy.paths",
-    "proxy.errors",
-    "proxy.budgets",
-    "proxy.scrubbing",
+    "proxy.core.models",
+    "proxy.core.pricing",
+    "proxy.core.metering",
+    "proxy.core.parsing",
+    "proxy.core.multipart",
+    "proxy.core.dimensions",
+    "proxy.core.auth",
+    "proxy.core.paths",
+    "proxy.core.errors",
+    "proxy.core.budgets",
+    "proxy.core.scrubbing",
 )
 DOES_IO = (
     "httpx",
@@ -37,18 +37,18 @@ DOES_IO = (
     "prometheus_client",
     "proxy.ledger",
     "proxy.upstream",
-    "proxy.handlers",
-    "proxy.forwarding",
-    "proxy.responses",
-    "proxy.services",
-    "proxy.app",
+    "proxy.web.handlers",
+    "proxy.web.forwarding",
+    "proxy.web.responses",
+    "proxy.web.services",
+    "proxy.web.app",
     "proxy.cli",
-    "proxy.spool",
+    "proxy.web.spool",
     "proxy.simulator",
-    "proxy.admission",
-    "proxy.connections",
+    "proxy.web.admission",
+    "proxy.web.connections",
 )
-WEB_AND_CLI = ("proxy.handlers", "proxy.forwarding", "proxy.app", "proxy.cli")
+WEB_AND_CLI = ("proxy.web.handlers", "proxy.web.forwarding", "proxy.web.app", "proxy.cli")
 MAY_PRINT_OR_EXIT = ("proxy.cli", "proxy.__main__")
 
 
@@ -124,7 +124,12 @@ def test_ledger_and_upstream_never_import_each_other_nor_the_web_layer(
 
 
 HTTP_CLIENTS = ("httpx", "httpx_aiohttp", "aiohttp")
-REQUEST_PATH = ("proxy.handlers", "proxy.forwarding", "proxy.responses", "proxy.upstream")
+REQUEST_PATH = (
+    "proxy.web.handlers",
+    "proxy.web.forwarding",
+    "proxy.web.responses",
+    "proxy.upstream",
+)
 
 
 @pytest.mark.parametrize("name", REQUEST_PATH)
@@ -178,6 +183,8 @@ def test_the_check_finds_print_and_exit_where_they_are() -> None:
 
 def test_the_check_sees_imports_of_every_form() -> None:
     assert "aiohttp" in imports("proxy.upstream", MODULES["proxy.upstream"])
-    assert "proxy.upstream.Answer" in imports("proxy.forwarding", MODULES["proxy.forwarding"])
+    assert "proxy.upstream.Answer" in imports(
+        "proxy.web.forwarding", MODULES["proxy.web.forwarding"]
+    )
     assert "proxy.ledger.base" in imports("proxy.ledger.sqlite", MODULES["proxy.ledger.sqlite"])
     assert "proxy.simulator" in imports("proxy.cli", MODULES["proxy.cli"])  # function-local

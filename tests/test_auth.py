@@ -6,8 +6,8 @@ import hashlib
 
 import pytest
 
-from proxy.auth import KEY_PREFIX, identify, key_hash, new_key
-from proxy.errors import AuthenticationFailed
+from proxy.core.auth import KEY_PREFIX, identify, key_hash, new_key
+from proxy.core.errors import AuthenticationFailed
 
 KEY = "tg_design_0123456789abcdefghij"
 

@@ -14,12 +14,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from proxy.budgets import (
+from proxy.core.budgets import (
     STANDARD_SIZES,
     Applied,
-    Counter,
     Decision,
-    Totals,
     Variant,
     applicable,
     apply_allow,
@@ -35,7 +33,11 @@ from proxy.budgets import (
     variants,
     window,
 )
-from proxy.config import (
+from proxy.core.errors import BudgetExceeded, PolicyViolation
+from proxy.core.models import Change, Counter, ImageRequest, InputImage, Period, Totals, usd_text
+from proxy.core.pricing import ModelPrices, PriceBook, estimate, load_price_book, parse_size
+from proxy.core.settings import (
+    KNOBS,
     Allow,
     Budget,
     Config,
@@ -43,15 +45,10 @@ from proxy.config import (
     Knob,
     Metric,
     OnExhausted,
-    Period,
     Team,
     ThrottleTier,
     UpstreamSettings,
 )
-from proxy.config.settings import KNOBS
-from proxy.errors import BudgetExceeded, PolicyViolation
-from proxy.models import Change, ImageRequest, InputImage, usd_text
-from proxy.pricing import ModelPrices, PriceBook, estimate, load_price_book, parse_size
 
 NANOS = 10**9
 UTC_ZONE = ZoneInfo("UTC")

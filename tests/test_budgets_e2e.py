@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from proxy.auth import key_hash
+from proxy.core.auth import key_hash
 from tests.conftest import (
     BACKENDS,
     UPSTREAM_KEY,

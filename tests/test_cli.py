@@ -13,7 +13,7 @@ import pytest
 import yaml
 from jsonschema import Draft202012Validator
 
-from proxy.auth import key_hash
+from proxy.core.auth import key_hash
 from proxy.ledger import open_ledger
 from tests import pg
 from tests.conftest import write_config

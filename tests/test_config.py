@@ -14,15 +14,9 @@ import pytest
 import yaml
 from jsonschema import Draft202012Validator
 
-from proxy.config import (
-    Budget,
-    Config,
-    Passthrough,
-    config_schema,
-    default_config_path,
-    load_config,
-)
-from proxy.errors import ConfigError
+from proxy.config import config_schema, default_config_path, load_config
+from proxy.core.errors import ConfigError
+from proxy.core.settings import Budget, Config, Passthrough
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "policies"
 KEY_A = hashlib.sha256(b"tg_a").hexdigest()

@@ -7,8 +7,8 @@ from typing import Any
 
 from uvicorn.server import ServerState
 
-from proxy.config import Limits
-from proxy.connections import OVER_CAPACITY, GuardedProtocol, ServerConfig, accept_batch
+from proxy.core.settings import Limits
+from proxy.web.connections import OVER_CAPACITY, GuardedProtocol, ServerConfig, accept_batch
 
 REQUEST = b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n"
 

@@ -19,11 +19,10 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.budgets import Window
-from proxy.ledger import Entry, Settlement
+from proxy.core.budgets import Window
+from proxy.core.models import Change, Entry, Settlement, Usage
+from proxy.finance.status import BudgetStatus
 from proxy.metrics import Metrics
-from proxy.models import Change, Usage
-from proxy.status import BudgetStatus
 
 DASHBOARDS = Path(__file__).parent.parent / "dashboards"
 BOARD = DASHBOARDS / "tollgate.json"

@@ -19,13 +19,14 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy import housekeeping
-from proxy.app import Gateway, Overrides, create_app
-from proxy.auth import key_hash
-from proxy.config import UpstreamSettings, load_config
+from proxy.config import load_config
+from proxy.core.auth import key_hash
+from proxy.core.settings import UpstreamSettings
 from proxy.ledger import Owner, Row
-from proxy.services import Services
 from proxy.simulator import SimulatorSettings, create_simulator_app
+from proxy.web import housekeeping
+from proxy.web.app import Gateway, Overrides, create_app
+from proxy.web.services import Services
 from tests.conftest import write_config
 
 KEY = "tg_test_deadline_key"

@@ -9,9 +9,9 @@ import zlib
 import pytest
 from PIL import Image
 
-from proxy.dimensions import measure_image
-from proxy.errors import InvalidRequest
-from proxy.models import InputImage
+from proxy.core.dimensions import measure_image
+from proxy.core.errors import InvalidRequest
+from proxy.core.models import InputImage
 
 
 def encoded(width: int, height: int, fmt: str, **options: object) -> bytes:

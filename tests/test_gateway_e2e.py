@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from proxy.auth import key_hash
+from proxy.core.auth import key_hash
 from tests.conftest import (
     DESIGN_KEY,
     UPSTREAM_KEY,
@@ -320,7 +320,7 @@ def test_passthrough_cannot_be_configured_over_an_image_endpoint(
     simulator: Simulator, tmp_path: Path
 ) -> None:
     from proxy.config import load_config
-    from proxy.errors import ConfigError
+    from proxy.core.errors import ConfigError
 
     for prefix in ("/v1/images", "/v1/Images/edits", "/v1/i", "{path: /v1/images/x}"):
         write_config(tmp_path, f"{simulator.url}/v1", settings=f"passthrough: [{prefix}]\n")

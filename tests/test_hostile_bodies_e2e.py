@@ -21,7 +21,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from proxy.auth import key_hash
+from proxy.core.auth import key_hash
 from tests.conftest import (
     BACKENDS,
     DESIGN_KEY,

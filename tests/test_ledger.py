@@ -18,13 +18,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from proxy.budgets import Counter, Totals
-from proxy.errors import LedgerError, LedgerUnavailable
+from proxy.core.errors import LedgerError, LedgerUnavailable
+from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
 from proxy.ledger import PostgresLedger, migrate_ledger, migrations, open_ledger, settle_patiently
-from proxy.ledger.base import Chooser, Entry, Flagged, Owner, Reservation, Settlement
+from proxy.ledger.base import Chooser, Flagged, Owner, Reservation
 from proxy.ledger.postgres import MIGRATION_LOCK
 from proxy.ledger.sqlite import SCHEMA_VERSION, SqliteLedger
-from proxy.models import Usage
 from tests import pg
 
 AnyLedger = SqliteLedger | PostgresLedger
@@ -862,9 +861,9 @@ async def test_a_reader_holding_the_wal_makes_writers_wait_rather_than_grow_it(
 WAL_WRITER = """
 import asyncio, json, os, sys
 import proxy.ledger.sqlite as sqlite
-from proxy.budgets import Counter
+from proxy.core.budgets import Counter
 from proxy.ledger.base import Entry, Reservation, Settlement
-from proxy.models import Usage
+from proxy.core.models import Usage
 
 sqlite.CHECKPOINT_EVERY = 10**9
 sqlite.WAL_LIMIT_BYTES = int(sys.argv[2])

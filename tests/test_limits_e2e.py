@@ -25,7 +25,7 @@ import openai
 import pytest
 from PIL import Image
 
-from proxy.multipart import Upload, encode_multipart
+from proxy.core.multipart import Upload, encode_multipart
 from tests.conftest import (
     DESIGN_KEY,
     Simulator,

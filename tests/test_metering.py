@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from proxy.metering import (
+from proxy.core.metering import (
     LONG_NUMBER,
     SMALL_BODY,
     BodyMeter,
@@ -18,7 +18,7 @@ from proxy.metering import (
     SseMeter,
     usage_from_openai,
 )
-from proxy.models import Usage
+from proxy.core.models import Usage
 
 USAGE = {
     "input_tokens": 50,
@@ -332,7 +332,7 @@ def test_a_number_too_long_in_a_big_streamed_answer_is_refused_as_it_passes() ->
 
 NO_CRASH = r"""
 import sys
-from proxy.metering import BodyMeter, MalformedAnswer, SseMeter
+from proxy.core.metering import BodyMeter, MalformedAnswer, SseMeter
 
 number = b"1" * 5000
 answer = b'{"data": [{"b64_json": "x"}], "usage": {"output_tokens": ' + number + b'}}'

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from proxy.metering import (
+from proxy.core.metering import (
     LONG_NUMBER,
     SHORT_STRING,
     SMALL_BODY,

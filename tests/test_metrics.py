@@ -12,11 +12,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.budgets import Window
-from proxy.ledger import Entry, Settlement
+from proxy.core.budgets import Window
+from proxy.core.models import Change, Entry, Settlement, Usage
+from proxy.finance.status import BudgetStatus
 from proxy.metrics import Children, Metrics
-from proxy.models import Change, Usage
-from proxy.status import BudgetStatus
 
 NANOS = 10**9
 
@@ -254,7 +253,7 @@ WORKER = """
 import sys
 from proxy.ledger import Entry, Settlement
 from proxy.metrics import Metrics
-from proxy.models import Usage
+from proxy.core.models import Usage
 metrics = Metrics(multiprocess_dir=sys.argv[1])
 entry = Entry("tg_req_1", 0.0, "generations", team="design", model="gpt-image-2")
 for _ in range(2):

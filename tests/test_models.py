@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from proxy.models import (
+from proxy.core.models import (
     NANOS_PER_USD,
     TOKEN_KINDS,
     Change,

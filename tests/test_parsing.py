@@ -11,9 +11,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from proxy.errors import InvalidRequest
-from proxy.models import Endpoint, InputImage
-from proxy.parsing import ParsedBody, parse_request
+from proxy.core.errors import InvalidRequest
+from proxy.core.models import Endpoint, InputImage
+from proxy.core.parsing import ParsedBody, parse_request
 
 JSON = "application/json"
 DEFAULT_MODEL = "gpt-image-2"

@@ -31,16 +31,16 @@ from PIL import Image
 from starlette.requests import Request
 from starlette.testclient import TestClient
 
-from proxy.app import Overrides, create_app
-from proxy.auth import key_hash
 from proxy.config import load_config
-from proxy.errors import InvalidRequest
-from proxy.models import Endpoint, ImageRequest, InputImage
-from proxy.parsing import ParsedBody, parse_request
+from proxy.core.auth import key_hash
+from proxy.core.errors import InvalidRequest
+from proxy.core.models import Endpoint, ImageRequest, InputImage
+from proxy.core.parsing import ParsedBody, parse_request
 from proxy.simulator import SimulatorSettings, create_simulator_app
-from proxy.simulator.errors import ApiError
-from proxy.simulator.parsing import parse_json, parse_multipart
+from proxy.simulator.forms import parse_json, parse_multipart
+from proxy.simulator.refusals import ApiError
 from proxy.simulator.validation import validate
+from proxy.web.app import Overrides, create_app
 from tests.conftest import UPSTREAM_KEY, write_config
 
 DEFAULT_MODEL = "gpt-image-2"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.paths import canonical, plain_query, under
+from proxy.core.paths import canonical, plain_query, under
 
 
 @pytest.mark.parametrize(

@@ -10,10 +10,10 @@ from zoneinfo import ZoneInfo
 import httpx
 from starlette.testclient import TestClient
 
-from proxy.app import Overrides, create_app
-from proxy.auth import key_hash
 from proxy.config import load_config
+from proxy.core.auth import key_hash
 from proxy.simulator import SimulatorSettings, create_simulator_app
+from proxy.web.app import Overrides, create_app
 from tests.conftest import UPSTREAM_KEY, write_config
 
 KEY = "tg_test_rollover_key"

@@ -14,11 +14,18 @@ from typing import Any
 import pytest
 from openai.types.image_model import ImageModel
 
-from proxy.errors import ConfigError, InvalidRequest
-from proxy.models import INPUT_KINDS, OUTPUT_KINDS, TOKEN_KINDS, ImageRequest, InputImage, Usage
-from proxy.parsing import parse_request
-from proxy.pricing import ModelPrices, PriceBook, estimate, load_price_book
-from proxy.simulator.parsing import RawRequest
+from proxy.core.errors import ConfigError, InvalidRequest
+from proxy.core.models import (
+    INPUT_KINDS,
+    OUTPUT_KINDS,
+    TOKEN_KINDS,
+    ImageRequest,
+    InputImage,
+    Usage,
+)
+from proxy.core.parsing import parse_request
+from proxy.core.pricing import ModelPrices, PriceBook, estimate, load_price_book
+from proxy.simulator.forms import RawRequest
 from proxy.simulator.tokens import tokens_for
 from proxy.simulator.validation import validate as simulator_validate
 

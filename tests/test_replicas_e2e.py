@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.auth import key_hash
+from proxy.core.auth import key_hash
 from proxy.ledger.migrations import SCHEMA_VERSION
 from tests import pg
 from tests.conftest import (

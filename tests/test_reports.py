@@ -8,13 +8,13 @@ from decimal import Decimal
 
 import pytest
 
-from proxy.errors import InvalidRequest
+from proxy.core.errors import InvalidRequest
+from proxy.core.pricing import load_price_book
+from proxy.finance.reconcile import OpenAICosts, compare, line_item_model
+from proxy.finance.reconcile import as_json as reconcile_json
+from proxy.finance.reconcile import as_table as reconcile_table
+from proxy.finance.reports import Period, as_csv, as_json, fold, parse_by
 from proxy.ledger.base import Aggregate, Flagged
-from proxy.pricing import load_price_book
-from proxy.reconcile import OpenAICosts, compare, line_item_model
-from proxy.reconcile import as_json as reconcile_json
-from proxy.reconcile import as_table as reconcile_table
-from proxy.reports import Period, as_csv, as_json, fold, parse_by
 
 
 @pytest.mark.parametrize(

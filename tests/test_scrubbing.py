@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from proxy.scrubbing import MIN_KEY_LENGTH, ChunkScrubber, Scrubber, encodings, mask
+from proxy.core.scrubbing import MIN_KEY_LENGTH, ChunkScrubber, Scrubber, encodings, mask
 
 KEY = "sk-proj-Xy9_abc-DEF0123456789ghijklmnopQRSTUVwxyz_-42"
 SCRUB = Scrubber.of_key(KEY)

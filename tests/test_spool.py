@@ -8,7 +8,7 @@ from typing import IO, Any, cast
 
 import pytest
 
-from proxy.spool import Spool
+from proxy.web.spool import Spool
 
 
 @pytest.fixture

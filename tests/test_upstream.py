@@ -16,7 +16,7 @@ import httpx
 import pytest
 from aiohttp.client_reqrep import ConnectionKey
 
-from proxy.errors import UpstreamTimeout, UpstreamUnavailable
+from proxy.core.errors import UpstreamTimeout, UpstreamUnavailable
 from proxy.simulator import SimulatorSettings, create_simulator_app
 from proxy.upstream import Answer, Upstream, response_headers, translate
 from tests.conftest import UPSTREAM_KEY, Simulator, free_port

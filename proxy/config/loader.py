@@ -18,7 +18,12 @@ from typing import Any, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from proxy.config.schema import schema_problems, validator
-from proxy.config.settings import (
+from proxy.config.source import Document, JsonPath, read_document
+from proxy.core.errors import ConfigError
+from proxy.core.models import NANOS_PER_USD
+from proxy.core.paths import canonical, under
+from proxy.core.pricing import ModelPrices, PriceBook, load_price_book
+from proxy.core.settings import (
     BODY_COPIES,
     KNOBS,
     READ_ONLY,
@@ -36,11 +41,6 @@ from proxy.config.settings import (
     ThrottleTier,
     UpstreamSettings,
 )
-from proxy.config.source import Document, JsonPath, read_document
-from proxy.errors import ConfigError
-from proxy.models import NANOS_PER_USD
-from proxy.paths import canonical, under
-from proxy.pricing import ModelPrices, PriceBook, load_price_book
 
 # Paths other than the Images API through which OpenAI bills image generation: passthrough
 # may read there, never write (a POST would be spend Tollgate did not price).

@@ -16,8 +16,8 @@ from typing import Any
 
 from jsonschema import Draft202012Validator, ValidationError
 
-from proxy.config.settings import HTTP_METHODS, KNOBS, PERIODS, TOKEN_METRICS
-from proxy.models import ENDPOINTS
+from proxy.core.models import ENDPOINTS, PERIODS
+from proxy.core.settings import HTTP_METHODS, KNOBS, TOKEN_METRICS
 
 JsonPath = tuple[str | int, ...]
 

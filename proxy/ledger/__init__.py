@@ -12,8 +12,9 @@ import contextlib
 import sqlite3
 from pathlib import Path
 
-from proxy.errors import LedgerError
-from proxy.ledger.base import Entry, Ledger, Owner, Reservation, Row, Settlement
+from proxy.core.errors import LedgerError
+from proxy.core.models import Entry, Settlement
+from proxy.ledger.base import Ledger, Owner, Reservation, Row
 from proxy.ledger.migrations import SCHEMA_VERSION
 from proxy.ledger.postgres import PostgresLedger
 from proxy.ledger.retry import settle_patiently

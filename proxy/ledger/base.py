@@ -3,50 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from proxy.budgets import Counter, Totals
-from proxy.models import Endpoint, Outcome, Usage
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """What is known of a request when it is reserved (or rejected)."""
-
-    id: str
-    started_at: float
-    endpoint: Endpoint | None
-    team: str | None = None
-    cost_center: str | None = None
-    key_id: str | None = None
-    user: str | None = None
-    model_requested: str | None = None
-    model: str | None = None
-    quality_requested: str | None = None
-    quality: str | None = None
-    size_requested: str | None = None
-    size: str | None = None
-    n_requested: int | None = None
-    n: int | None = None
-    stream: bool = False
-    estimated_nanos: int = 0
-    downgrades: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Settlement:
-    """How a request ended."""
-
-    finished_at: float
-    outcome: Outcome
-    status: int
-    usage: Usage = field(default_factory=Usage)
-    cost_nanos: int = 0
-    flagged: bool = False
-    upstream_request_id: str | None = None
-    error_code: str | None = None
-    latency_ms: float = 0.0
+from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
 
 
 @dataclass(frozen=True, slots=True)

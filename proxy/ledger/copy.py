@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.errors import LedgerError
+from proxy.core.errors import LedgerError
 from proxy.ledger.postgres import PostgresLedger, cols
 from proxy.ledger.sqlite import SqliteLedger
 

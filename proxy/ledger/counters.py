@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from proxy.budgets import Counter
+from proxy.core.models import Counter
 
 ORGANIZATION_TOTAL = Counter("organization", "", "", "total", 0.0)
 """Written by every reservation, settlement and release: the first row each one locks."""

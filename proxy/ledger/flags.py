@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
-from proxy.errors import LedgerError
+from proxy.core.errors import LedgerError
+from proxy.core.models import Usage
 from proxy.ledger.base import OUTCOME_UNKNOWN, RECLAIMED, Flagged
-from proxy.models import Usage
 
 FLAGGED_COLUMNS = ", ".join(f.name for f in fields(Flagged))
 """The requests columns a `Flagged` is read from, in its fields' order."""

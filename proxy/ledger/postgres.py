@@ -37,18 +37,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
-from proxy.budgets import Counter, Totals
-from proxy.errors import LedgerError, LedgerUnavailable
+from proxy.core.errors import LedgerError, LedgerUnavailable
+from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
 from proxy.ledger import migrations
-from proxy.ledger.base import (
-    Chooser,
-    Entry,
-    Flagged,
-    Owner,
-    Reservation,
-    Row,
-    Settlement,
-)
+from proxy.ledger.base import Chooser, Flagged, Owner, Reservation, Row
 from proxy.ledger.counters import ORGANIZATION_TOTAL, key, with_organization
 from proxy.ledger.flags import FLAGGED_COLUMNS, RECLAIM_SET, resolvable, settled_already
 from proxy.ledger.postgres_reports import PostgresReports
@@ -65,7 +57,6 @@ from proxy.ledger.sqlite import (
     _token_deltas,
     _usage_values,
 )
-from proxy.models import Usage
 
 T = TypeVar("T")
 

@@ -17,8 +17,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from proxy.errors import LedgerUnavailable
-from proxy.ledger.base import Ledger, Settlement
+from proxy.core.errors import LedgerUnavailable
+from proxy.core.models import Settlement
+from proxy.ledger.base import Ledger
 
 log = logging.getLogger("tollgate")
 

@@ -39,22 +39,13 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from proxy.budgets import Counter, Totals
-from proxy.errors import LedgerError, LedgerUnavailable
+from proxy.core.errors import LedgerError, LedgerUnavailable
+from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
 from proxy.ledger import migrations
-from proxy.ledger.base import (
-    Chooser,
-    Entry,
-    Flagged,
-    Owner,
-    Reservation,
-    Row,
-    Settlement,
-)
+from proxy.ledger.base import Chooser, Flagged, Owner, Reservation, Row
 from proxy.ledger.counters import with_organization
 from proxy.ledger.flags import FLAGGED_COLUMNS, RECLAIM_SET, resolvable, settled_already
 from proxy.ledger.sqlite_reports import SqliteReports
-from proxy.models import Usage
 
 T = TypeVar("T")
 log = logging.getLogger("tollgate")

@@ -17,7 +17,7 @@ from typing import Any
 
 import aiosqlite
 
-from proxy.errors import LedgerError
+from proxy.core.errors import LedgerError
 from proxy.ledger.base import Aggregate, GroupColumn
 from proxy.ledger.summaries import EXPORT_BATCH, GROUP_SQL, aggregates, summary_sql
 

@@ -3,12 +3,13 @@
     from proxy.simulator import SimulatorSettings, create_simulator_app
     app = create_simulator_app(SimulatorSettings(latency_ms=50, api_key="sk-test"))
 
-Modules: `app` routes, `handlers` the request path, `parsing` body reading,
+Modules: `server` the app and its routes, `routes` the request path, `forms` body reading,
 `validation` OpenAI's checks, `catalogue` the models, `tokens` the token rules,
-`answers` JSON and SSE bodies, `images` Pillow images, `faults` the fault markers,
-`billing` the record, `costs` the Costs API, `connection` hanging and resets.
+`answers` JSON and SSE bodies, `pictures` Pillow images, `faults` the fault markers,
+`billing` the record, `costs` the Costs API, `connection` hanging and resets,
+`refusals` its error answers, `options` its settings, `arrivals` what reached it.
 """
 
-from proxy.simulator.app import SimulatorSettings, create_simulator_app
+from proxy.simulator.server import SimulatorSettings, create_simulator_app
 
 __all__ = ["SimulatorSettings", "create_simulator_app"]

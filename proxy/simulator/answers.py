@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from proxy.simulator.images import encoded_b64
+from proxy.simulator.pictures import encoded_b64
 from proxy.simulator.tokens import Tokens
 from proxy.simulator.validation import ImageOrder
 

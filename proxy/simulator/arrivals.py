@@ -15,7 +15,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from proxy.simulator.settings import Knobs
+from proxy.simulator.options import Knobs
 
 KEPT = 10_000
 """The most recent arrivals kept (a long test session sends many more)."""

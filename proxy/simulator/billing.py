@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from proxy.models import Endpoint
+from proxy.core.models import Endpoint
 from proxy.simulator.tokens import Tokens
 
 RECORDED_HEADERS = ("openai-organization", "openai-project", "x-stainless-retry-count")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
-from proxy.models import Endpoint
+from proxy.core.models import Endpoint
 
 OutputRule = Literal["table", "formula", "per_image"]
 Fidelity = Literal["param", "low", "high"]

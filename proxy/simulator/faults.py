@@ -30,7 +30,7 @@ import base64
 import re
 from typing import Literal, get_args
 
-from proxy.simulator.errors import ApiError
+from proxy.simulator.refusals import ApiError
 
 Fault = Literal[
     "500",

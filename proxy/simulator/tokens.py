@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from proxy.models import InputImage
+from proxy.core.models import InputImage
 from proxy.simulator.catalogue import TABLE_TOKENS, ModelRule
 from proxy.simulator.validation import ImageOrder
 

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.models import Endpoint, InputImage
+from proxy.core.models import Endpoint, InputImage
 from proxy.simulator.catalogue import (
     AUTO_SIZE,
     DEFAULT_MODELS,
@@ -18,8 +18,8 @@ from proxy.simulator.catalogue import (
     SIZE_MIN_PIXELS,
     ModelRule,
 )
-from proxy.simulator.errors import invalid, missing, unsupported
-from proxy.simulator.parsing import RawRequest
+from proxy.simulator.forms import RawRequest
+from proxy.simulator.refusals import invalid, missing, unsupported
 
 MAX_PROMPT_CHARS = 32_000
 MAX_INPUT_IMAGES = 16

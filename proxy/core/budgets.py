@@ -1,0 +1,446 @@
+"""Budgets and decisions: what a request may become, given what has been spent (pure).
+
+For each request, in order (SPEC §6):
+
+    allow     → a 403, or a clamp to `max_quality` (a downgrade for reason `policy`)
+    throttle  → as the team's tightest USD budget fills, cap quality (reason `throttle`)
+    budgets   → the most faithful variant that fits every budget (reason `budget`):
+                quality down the model's ladder, then a cheaper size of the same
+                aspect ratio, then the fallback model; or a 429
+
+`decide()` runs inside the ledger's reservation transaction, on the totals it
+read there, so the choice and the reservation are one atomic step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from functools import lru_cache
+from math import gcd
+from typing import Literal
+from zoneinfo import ZoneInfo
+
+from proxy.core.errors import BudgetExceeded, PolicyViolation
+from proxy.core.models import (
+    Change,
+    Counter,
+    Endpoint,
+    Estimate,
+    ImageRequest,
+    Period,
+    Totals,
+    usd_text,
+)
+from proxy.core.pricing import AUTO, ModelPrices, PriceBook, estimate, parse_size
+from proxy.core.settings import Budget, Config, Team
+
+PERIOD_ORDER: tuple[Period, ...] = ("day", "week", "month", "total")
+STANDARD_SIZES = ("1024x1024", "1536x1024", "1024x1536")
+
+
+UTC = ZoneInfo("UTC")
+
+
+@lru_cache(maxsize=64)
+def zone(name: str) -> ZoneInfo:
+    return ZoneInfo(name)
+
+
+# -- periods -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    period: Period
+    start: float
+    end: float | None
+    """None for `total`."""
+
+
+def window(period: Period, now: float, tz: ZoneInfo) -> Window:
+    """The period containing `now` (unix seconds), with boundaries in `tz`."""
+    if period == "total":
+        return Window(period, 0.0, None)
+    # Zone offsets are whole minutes, so period boundaries fall on UTC minutes: every
+    # instant of a minute has the same window, computed once.
+    minute = int(now // 60)
+    found = _window_of_minute(period, minute, tz)
+    if found.start <= now < (found.end or now + 1):
+        return found
+    return _window_of(period, now, tz)
+
+
+@lru_cache(maxsize=1024)
+def _window_of_minute(period: Period, minute: int, tz: ZoneInfo) -> Window:
+    return _window_of(period, minute * 60.0, tz)
+
+
+def _window_of(period: Period, now: float, tz: ZoneInfo) -> Window:
+    local = datetime.fromtimestamp(now, tz)
+    day = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        start, end = day, day + timedelta(days=1)
+    elif period == "week":
+        start = day - timedelta(days=day.weekday())  # ISO weeks start on Monday
+        end = start + timedelta(days=7)
+    else:
+        start = day.replace(day=1)
+        end = (start + timedelta(days=32)).replace(day=1)
+    # Re-attach the zone so that days around a DST change have their true length.
+    start = start.replace(tzinfo=tz)
+    end = end.replace(tzinfo=tz)
+    return Window(period, start.timestamp(), end.timestamp())
+
+
+def counters(team: str, user: str | None, now: float, tz: ZoneInfo) -> tuple[Counter, ...]:
+    """The counters a request of `team` (and `user`) adds to, one per period and scope."""
+    found = [Counter("team", team, "", p, window(p, now, tz).start) for p in PERIOD_ORDER]
+    if user:
+        found += [Counter("user", team, user, p, window(p, now, tz).start) for p in PERIOD_ORDER]
+    return tuple(found)
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """A configured budget as it applies to one request: its counter and window."""
+
+    budget: Budget
+    counter: Counter
+    window: Window
+
+    def describe(self) -> str:
+        who = {
+            "organization": "the organization's",
+            "team": f"team {self.counter.team}'s",
+            "user": f"user {self.counter.user!r}'s",
+        }[self.counter.scope]
+        return f"{who} {self.budget.period} budget"
+
+    def limit_text(self, used: int) -> str:
+        if self.budget.metric == "usd":
+            return f"limit ${usd_text(self.budget.limit)}, used ${usd_text(used)}"
+        kind = self.budget.metric.replace("_", " ")
+        return f"limit {self.budget.limit:,} {kind}, used {used:,}"
+
+
+def applicable(config: Config, team: Team, user: str | None, now: float) -> tuple[Applied, ...]:
+    """Every budget a request of `team` by `user` must fit: organization, team, user."""
+    tz = zone(config.timezone)
+    found: list[Applied] = []
+    for budget in config.organization_budgets:
+        w = window(budget.period, now, tz)
+        found.append(Applied(budget, Counter("organization", "", "", budget.period, w.start), w))
+    for budget in team.budgets:
+        w = window(budget.period, now, tz)
+        found.append(Applied(budget, Counter("team", team.name, "", budget.period, w.start), w))
+    if user:
+        for budget in team.per_user:
+            w = window(budget.period, now, tz)
+            counter = Counter("user", team.name, user, budget.period, w.start)
+            found.append(Applied(budget, counter, w))
+    return tuple(found)
+
+
+# -- decisions -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """A request as it would be sent, with what changed and its bound."""
+
+    request: ImageRequest
+    model: ModelPrices
+    estimate: Estimate
+    changes: tuple[Change, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The variant to send, and the room left in the tightest USD budget after it."""
+
+    variant: Variant
+    remaining_nanos: int | None
+
+
+def allow_endpoint(team: Team, endpoint: Endpoint) -> None:
+    """Refuse an endpoint the team may not use, before its body is even read."""
+    allowed = team.allow.endpoints
+    if allowed is not None and endpoint not in allowed:
+        raise PolicyViolation(
+            f"Team {team.name} may not use /v1/images/{endpoint} (allow.endpoints: "
+            f"{', '.join(sorted(allowed))})."
+        )
+
+
+def apply_allow(team: Team, request: ImageRequest, model: ModelPrices) -> Variant:
+    """The team's `allow` rules: a PolicyViolation, or the request clamped to `max_quality`."""
+    allow = team.allow
+    allow_endpoint(team, request.endpoint)
+    if (
+        allow.models is not None
+        and request.model not in allow.models
+        and (model.name not in allow.models)
+    ):
+        raise PolicyViolation(
+            f"Team {team.name} may not use model {request.model!r} (allow.models: "
+            f"{', '.join(sorted(allow.models))}).",
+            param="model",
+        )
+    if allow.max_n is not None and request.n > allow.max_n:
+        raise PolicyViolation(
+            f"Team {team.name} may request at most {allow.max_n} images at once "
+            f"(allow.max_n), not {request.n}.",
+            param="n",
+        )
+    if allow.sizes is not None and request.size != AUTO and request.size not in allow.sizes:
+        raise PolicyViolation(
+            f"Team {team.name} may not request size {request.size} (allow.sizes: "
+            f"{', '.join(sorted(allow.sizes))}).",
+            param="size",
+        )
+    given = dict(request.params)
+    for name, allowed in allow.params.items():
+        if name in given and given[name] not in allowed:
+            raise PolicyViolation(
+                f"Team {team.name} may not send {name}={given[name]} (allow.params.{name}: "
+                f"{', '.join(sorted(allowed))}).",
+                param=name,
+            )
+    variant = Variant(request, model, estimate(model, request))
+    if allow.max_quality is not None:
+        variant = clamp_quality(variant, allow.max_quality, "policy")
+    return variant
+
+
+def clamp_quality(
+    variant: Variant, max_quality: str, reason: Literal["policy", "throttle"]
+) -> Variant:
+    """Cap quality at `max_quality` on the model's own ladder (`auto` becomes explicit)."""
+    ladder = variant.model.qualities
+    if max_quality not in ladder:
+        return variant
+    cap = ladder.index(max_quality)
+    quality = variant.request.quality
+    current = len(ladder) - 1 if quality == AUTO else ladder.index(quality)
+    if current <= cap:
+        return variant
+    return change(variant, "quality", max_quality, reason)
+
+
+def change(
+    variant: Variant,
+    knob: Literal["quality", "size", "model"],
+    value: str,
+    reason: Literal["policy", "throttle", "budget"],
+    model: ModelPrices | None = None,
+) -> Variant:
+    """`variant` with one knob changed, its bound recomputed and the change recorded."""
+    before = {
+        "quality": variant.request.quality,
+        "size": variant.request.size,
+        "model": variant.request.model,
+    }[knob]
+    request = variant.request.with_changes(**{knob: value})
+    target = model or variant.model
+    changes = (*variant.changes, Change(knob, before, value, reason))
+    return Variant(request, target, estimate(target, request), changes)
+
+
+def summary(changes: Iterable[Change]) -> str:
+    """The `x-tollgate-downgraded` header: one entry per knob, first value to last.
+
+    `summary([quality high->medium (policy), quality medium->low (budget)])`
+    is `"quality=high->low"`."""
+    merged: dict[str, Change] = {}
+    for c in changes:
+        first = merged.get(c.knob)
+        merged[c.knob] = Change(c.knob, first.before if first else c.before, c.after, c.reason)
+    return "; ".join(str(c) for c in merged.values() if c.before != c.after)
+
+
+def throttle(
+    team: Team, variant: Variant, budgets: Iterable[Applied], totals: Mapping[Counter, Totals]
+) -> Variant:
+    """Cap quality by the team's throttle tiers, on the fill of its tightest USD budget."""
+    if not team.throttle:
+        return variant
+    fill = max(
+        (
+            Decimal(totals.get(a.counter, Totals()).used("usd")) / a.budget.limit
+            for a in budgets
+            if a.counter.scope == "team" and a.budget.metric == "usd" and a.budget.limit > 0
+        ),
+        default=Decimal(0),
+    )
+    tiers = [tier for tier in team.throttle if fill > tier.above]
+    if not tiers:
+        return variant
+    return clamp_quality(variant, tiers[-1].max_quality, "throttle")
+
+
+def decide(
+    team: Team,
+    variant: Variant,
+    budgets: tuple[Applied, ...],
+    totals: Mapping[Counter, Totals],
+    book: PriceBook,
+    tz: ZoneInfo = UTC,
+) -> Decision:
+    """The most faithful variant that fits every budget; BudgetExceeded when none does."""
+    variant = throttle(team, variant, budgets, totals)
+    # Under `reject` the request itself is the only form it may take. The ladder is built
+    # lazily: pricing every downgrade of a request that fits was most of the request's CPU.
+    ladder = variants(variant, team, book) if team.on_exhausted == "downgrade" else iter([variant])
+    tried = []
+    for candidate in ladder:
+        if not blocking(candidate, budgets, totals):
+            return Decision(candidate, remaining(candidate, budgets, totals))
+        tried.append(candidate)
+    cheapest = min(tried, key=lambda v: v.estimate.cost_nanos)
+    blocker = blocking(cheapest, budgets, totals) or blocking(variant, budgets, totals)
+    assert blocker is not None
+    used = totals.get(blocker.counter, Totals()).used(blocker.budget.metric)
+    raise BudgetExceeded(
+        f"Budget exhausted: {blocker.describe()} ({blocker.limit_text(used)}) cannot cover "
+        f"this request; the cheapest allowed form of it costs up to "
+        f"${usd_text(cheapest.estimate.cost_nanos)}. The budget resets "
+        f"{resets(blocker, tz)}; ask your Tollgate administrator to raise it."
+    )
+
+
+def resets(applied: Applied, tz: ZoneInfo) -> str:
+    if applied.window.end is None:
+        return "never (a total budget)"
+    return "at " + datetime.fromtimestamp(applied.window.end, tz).isoformat(timespec="minutes")
+
+
+def blocking(
+    variant: Variant, budgets: Iterable[Applied], totals: Mapping[Counter, Totals]
+) -> Applied | None:
+    """The first budget `variant` does not fit in, or None."""
+    usage = variant.estimate.usage
+    need = {
+        "usd": variant.estimate.cost_nanos,
+        "text_input_tokens": usage.text_input + usage.cached_text_input,
+        "image_input_tokens": usage.image_input + usage.cached_image_input,
+        "image_output_tokens": usage.image_output,
+        "total_tokens": usage.total_tokens,
+    }
+    for applied in budgets:
+        used = totals.get(applied.counter, Totals()).used(applied.budget.metric)
+        if used + need[applied.budget.metric] > applied.budget.limit:
+            return applied
+    return None
+
+
+def remaining(
+    variant: Variant, budgets: Iterable[Applied], totals: Mapping[Counter, Totals]
+) -> int | None:
+    """Room left in the tightest USD budget once `variant` is reserved."""
+    rooms = [
+        a.budget.limit - totals.get(a.counter, Totals()).used("usd") - variant.estimate.cost_nanos
+        for a in budgets
+        if a.budget.metric == "usd"
+    ]
+    return min(rooms) if rooms else None
+
+
+def variants(start: Variant, team: Team, book: PriceBook) -> Iterator[Variant]:
+    """`start`, then ever cheaper variants in the team's `downgrade.order`, most faithful first."""
+    yield start
+    current = start
+    for knob in team.downgrade.order:
+        if knob == "quality":
+            for cheaper in quality_steps(current):
+                current = cheaper
+                yield current
+        elif knob == "size":
+            for cheaper in size_steps(current):
+                yield cheaper
+            # Later knobs start from the cheapest size found.
+            current = min((current, *size_steps(current)), key=lambda v: v.estimate.cost_nanos)
+        elif knob == "model" and team.downgrade.fallback_model:
+            fallback = book.find(team.downgrade.fallback_model)
+            if fallback is None or fallback.name == current.model.name:
+                continue
+            # The most faithful form on the fallback starts from the request as it came.
+            switched = switch_model(start, fallback)
+            if switched is None:
+                continue
+            yield switched
+            current = switched
+            for cheaper in quality_steps(current):
+                current = cheaper
+                yield current
+            for cheaper in size_steps(current):
+                yield cheaper
+
+
+def quality_steps(variant: Variant) -> Iterator[Variant]:
+    """One step at a time down the model's ladder (`auto` first becomes the top)."""
+    ladder = variant.model.qualities
+    quality = variant.request.quality
+    top = len(ladder) if quality == AUTO else ladder.index(quality)
+    for q in reversed(ladder[:top]):
+        variant = change(variant, "quality", q, "budget")
+        yield variant
+
+
+def size_steps(variant: Variant) -> list[Variant]:
+    """Cheaper accepted sizes of the same aspect ratio, most expensive (most faithful) first."""
+    model, size = variant.model, variant.request.size
+    if size == AUTO:
+        candidates = [s for s in (model.sizes or STANDARD_SIZES) if model.accepts_size(s)]
+    else:
+        candidates = same_aspect_sizes(model, size)
+    found = [change(variant, "size", s, "budget") for s in candidates if s != size]
+    cheaper = [v for v in found if v.estimate.cost_nanos < variant.estimate.cost_nanos]
+    return sorted(cheaper, key=lambda v: -v.estimate.cost_nanos)
+
+
+def same_aspect_sizes(model: ModelPrices, size: str) -> list[str]:
+    """Sizes the model accepts with exactly the aspect ratio (and orientation) of `size`."""
+    dims = parse_size(size)
+    if dims is None:
+        return []
+    width, height = dims
+    if model.custom_sizes is None:
+        return [s for s in model.sizes if _same_aspect(s, width, height)]
+    g = gcd(width, height)
+    base_w, base_h = width // g, height // g
+    found = []
+    for k in range(1, g + 1):
+        w, h = base_w * k, base_h * k
+        if w < width and model.accepts_size(f"{w}x{h}"):
+            found.append(f"{w}x{h}")
+    return found
+
+
+def _same_aspect(size: str, width: int, height: int) -> bool:
+    dims = parse_size(size)
+    return dims is not None and dims[0] * height == dims[1] * width
+
+
+def switch_model(variant: Variant, fallback: ModelPrices) -> Variant | None:
+    """`variant` on the fallback model, its quality and size re-checked on that model."""
+    request = variant.request
+    quality = request.quality
+    if quality != AUTO and quality not in fallback.qualities:
+        quality = fallback.qualities[-1]
+    size = request.size
+    if not fallback.accepts_size(size):
+        dims = parse_size(size)
+        same = [s for s in fallback.sizes if dims and _same_aspect(s, *dims)]
+        if not same:
+            return None  # it cannot keep the orientation: not a fallback for this request
+        size = same[0]
+    changes = [Change("model", request.model, fallback.name, "budget")]
+    if quality != request.quality:
+        changes.append(Change("quality", request.quality, quality, "budget"))
+    if size != request.size:
+        changes.append(Change("size", request.size, size, "budget"))
+    switched = request.with_changes(model=fallback.name, quality=quality, size=size)
+    return Variant(switched, fallback, estimate(fallback, switched), (*variant.changes, *changes))

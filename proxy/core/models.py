@@ -1,0 +1,247 @@
+"""The vocabulary that crosses module boundaries: small frozen values.
+
+Money is carried as integer nano-dollars (1 USD = 10**9) so that sums are exact
+everywhere, in Python and in SQL; `usd()` turns it into a Decimal for display.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from decimal import Decimal
+from typing import Literal
+
+Endpoint = Literal["generations", "edits", "variations"]
+ENDPOINTS: tuple[Endpoint, ...] = ("generations", "edits", "variations")
+
+Outcome = Literal[
+    "ok",
+    "downgraded",
+    "rejected_budget",
+    "rejected_policy",
+    "upstream_error",
+    "client_error",
+]
+
+TokenKind = Literal[
+    "text_input",
+    "cached_text_input",
+    "image_input",
+    "cached_image_input",
+    "image_output",
+    "text_output",
+]
+TOKEN_KINDS: tuple[TokenKind, ...] = (
+    "text_input",
+    "cached_text_input",
+    "image_input",
+    "cached_image_input",
+    "image_output",
+    "text_output",
+)
+
+INPUT_KINDS: tuple[TokenKind, ...] = (
+    "text_input",
+    "cached_text_input",
+    "image_input",
+    "cached_image_input",
+)
+OUTPUT_KINDS: tuple[TokenKind, ...] = ("image_output", "text_output")
+
+NANOS_PER_USD = 10**9
+
+Period = Literal["day", "week", "month", "total"]
+PERIODS: tuple[Period, ...] = ("day", "week", "month", "total")
+Scope = Literal["organization", "team", "user"]
+
+
+def usd(nanos: int) -> Decimal:
+    """Nano-dollars as a Decimal number of dollars: `usd(210_720_000) == Decimal('0.21072')`."""
+    value = Decimal(nanos).scaleb(-9)
+    # Drop trailing zeros but never switch to exponent notation.
+    text = format(value, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return Decimal(text)
+
+
+def usd_text(nanos: int) -> str:
+    """Nano-dollars as a plain decimal string for headers and reports (`"0.21072"`)."""
+    return format(usd(nanos), "f")
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens of each billed kind, as OpenAI reports them (or as estimated)."""
+
+    text_input: int = 0
+    cached_text_input: int = 0
+    image_input: int = 0
+    cached_image_input: int = 0
+    image_output: int = 0
+    text_output: int = 0
+    images: int = 0
+    unclassified_input: int = 0
+    unclassified_output: int = 0
+    """Tokens OpenAI reported that no known kind accounts for: a detail Tollgate does not
+    know (a future `audio_tokens`), or a total above the sum of its details. Priced at the
+    model's dearest input or output rate (fail closed), never stored as such: pricing folds
+    them into that kind before the ledger sees them."""
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def scaled(self, n: int) -> Usage:
+        return Usage(*(getattr(self, f.name) * n for f in fields(self)))
+
+    @property
+    def total_tokens(self) -> int:
+        return (
+            self.text_input
+            + self.cached_text_input
+            + self.image_input
+            + self.cached_image_input
+            + self.image_output
+            + self.text_output
+            + self.unclassified_input
+            + self.unclassified_output
+        )
+
+    def tokens(self, kind: TokenKind) -> int:
+        value: int = getattr(self, kind)
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class InputImage:
+    """An image given to an edit: real dimensions when uploaded, None for a URL or file id."""
+
+    width: int | None = None
+    height: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRequest:
+    """What Tollgate needs to know of a request to price, decide and record it."""
+
+    endpoint: Endpoint
+    model: str
+    prompt_bytes: int = 0
+    n: int = 1
+    quality: str = "auto"
+    size: str = "auto"
+    stream: bool = False
+    partial_images: int = 0
+    input_fidelity: str | None = None
+    images: tuple[InputImage, ...] = ()
+    mask: InputImage | None = None
+    user: str | None = None
+    params: tuple[tuple[str, str], ...] = ()
+    """Other scalar request fields (name, value as text) for policy checks."""
+
+    def with_changes(self, **changes: object) -> ImageRequest:
+        from dataclasses import replace
+
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """An upper bound of a request's cost, reserved before it is forwarded."""
+
+    usage: Usage
+    cost_nanos: int
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One downgrade step: `quality=high->medium`."""
+
+    knob: Literal["quality", "size", "model"]
+    before: str
+    after: str
+    reason: Literal["policy", "throttle", "budget"]
+
+    def __str__(self) -> str:
+        return f"{self.knob}={self.before}->{self.after}"
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """What a finished request costs: the usage OpenAI reported and its price."""
+
+    usage: Usage
+    cost_nanos: int
+    flagged: bool = False
+    """True when the price is not the price book's exact answer: the answer carried no
+    usage (the estimate was charged), or tokens of a kind the model has no rate for were
+    priced at a stand-in rate."""
+
+
+@dataclass(frozen=True, slots=True)
+class Counter:
+    """One aggregate the ledger keeps: spend and tokens of a scope over one window.
+
+    The organization's counters are the sum of every team's (team = "")."""
+
+    scope: Scope
+    team: str
+    user: str
+    period: Period
+    start: float
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """What a counter holds: settled spend plus what is reserved in flight."""
+
+    spent_nanos: int = 0
+    reserved_nanos: int = 0
+    text_input_tokens: int = 0
+    image_input_tokens: int = 0
+    image_output_tokens: int = 0
+    total_tokens: int = 0
+
+    def used(self, metric: str) -> int:
+        if metric == "usd":
+            return self.spent_nanos + self.reserved_nanos
+        value: int = getattr(self, metric)
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What is known of a request when it is reserved (or rejected)."""
+
+    id: str
+    started_at: float
+    endpoint: Endpoint | None
+    team: str | None = None
+    cost_center: str | None = None
+    key_id: str | None = None
+    user: str | None = None
+    model_requested: str | None = None
+    model: str | None = None
+    quality_requested: str | None = None
+    quality: str | None = None
+    size_requested: str | None = None
+    size: str | None = None
+    n_requested: int | None = None
+    n: int | None = None
+    stream: bool = False
+    estimated_nanos: int = 0
+    downgrades: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """How a request ended."""
+
+    finished_at: float
+    outcome: Outcome
+    status: int
+    usage: Usage = field(default_factory=Usage)
+    cost_nanos: int = 0
+    flagged: bool = False
+    upstream_request_id: str | None = None
+    error_code: str | None = None
+    latency_ms: float = 0.0

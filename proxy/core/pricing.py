@@ -1,0 +1,430 @@
+"""The price book: what each model charges and how many tokens a request may use (pure).
+
+Prices and token rules are data (`prices.yaml` inside the package, extended or
+overridden by a deployment's own file); this module only interprets them:
+
+    book = load_price_book()
+    model = book.find("gpt-image-2-2026-04-21")       # aliases resolve
+    model.output_tokens("high", "1024x1024")            # 7024
+    estimate(model, request).cost_nanos                  # an upper bound, reserved
+    model.cost(usage)                                    # the exact price of reported usage
+    model.charge(usage)                                  # that price as the ledger records it
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import date
+from decimal import ROUND_CEILING, Decimal
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from proxy.core.errors import ConfigError, InvalidRequest
+from proxy.core.models import (
+    INPUT_KINDS,
+    OUTPUT_KINDS,
+    TOKEN_KINDS,
+    Charge,
+    Estimate,
+    ImageRequest,
+    TokenKind,
+    Usage,
+)
+
+AUTO = "auto"
+MAX_N = 10
+
+
+@dataclass(frozen=True, slots=True)
+class CustomSizes:
+    """The rules for arbitrary `WxH` sizes (gpt-image-2 and later)."""
+
+    multiple_of: int = 16
+    max_edge: int = 3840
+    max_aspect: int = 3
+    min_pixels: int = 655_360
+    max_pixels: int = 8_294_400
+
+    def accepts(self, width: int, height: int) -> bool:
+        long, short = max(width, height), min(width, height)
+        return (
+            width % self.multiple_of == 0
+            and height % self.multiple_of == 0
+            and long <= self.max_edge
+            and long <= self.max_aspect * short
+            and self.min_pixels <= width * height <= self.max_pixels
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TileRule:
+    """gpt-image-1's published input rule: 512-px tiles, 65 + 129 a tile, more at high fidelity."""
+
+    fit: int
+    shortest_side: int
+    tile: int
+    base: int
+    per_tile: int
+    high_fidelity_square: int
+    high_fidelity_other: int
+
+    def tokens(self, width: int, height: int, high_fidelity: bool) -> int:
+        w, h = float(width), float(height)
+        if max(w, h) > self.fit:
+            scale = self.fit / max(w, h)
+            w, h = w * scale, h * scale
+        if min(w, h) > self.shortest_side:
+            scale = self.shortest_side / min(w, h)
+            w, h = w * scale, h * scale
+        tiles = -(-round(w) // self.tile) * -(-round(h) // self.tile)
+        tokens = self.base + self.per_tile * tiles
+        if high_fidelity:
+            tokens += self.high_fidelity_square if width == height else self.high_fidelity_other
+        return tokens
+
+    @property
+    def ceiling(self) -> int:
+        """The most one image can cost: the longest thin image at high fidelity."""
+        tiles = math.ceil(self.fit / self.tile)
+        return self.base + self.per_tile * tiles + self.high_fidelity_other
+
+
+SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})", re.ASCII)
+
+
+def parse_size(size: str) -> tuple[int, int] | None:
+    """`"1536x1024"` → (1536, 1024); None for anything else (ASCII digits only: `str.isdigit`
+    takes `²⁰⁴⁸`, which `int()` then refuses)."""
+    match = SIZE.fullmatch(size)
+    if match is None:
+        return None
+    return int(match[1]), int(match[2])
+
+
+def formula_tokens(factor: int, width: int, height: int) -> int:
+    """Output tokens of one gpt-image-2/2.5 image (the community fit to OpenAI's calculator)."""
+    long, short = max(width, height), min(width, height)
+    steps = (2 * factor * short + long) // (2 * long)
+    return -(-(factor * steps * (2_000_000 + width * height)) // 4_000_000)
+
+
+@dataclass(frozen=True)
+class ModelPrices:
+    """One price-book entry."""
+
+    name: str
+    source: str
+    effective_from: date
+    qualities: tuple[str, ...]
+    rates: Mapping[TokenKind, Decimal] = field(default_factory=dict)
+    sizes: tuple[str, ...] = ()
+    custom_sizes: CustomSizes | None = None
+    auto_size: str | None = None
+    output_table: Mapping[str, Mapping[str, int]] | None = None
+    output_formula: Mapping[str, int] | None = None
+    output_scale: Mapping[str, Decimal] = field(default_factory=dict)
+    input_tiles: TileRule | None = None
+    input_ceiling: int | None = None
+    per_image: Mapping[str, Mapping[str, Decimal]] | None = None
+    text_output_ceiling: int = 0
+    partial_image_tokens: int = 100
+    max_n: int = MAX_N
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def per_image_billing(self) -> bool:
+        return self.per_image is not None
+
+    @property
+    def arbitrary_sizes(self) -> bool:
+        return self.custom_sizes is not None
+
+    def accepts_quality(self, quality: str) -> bool:
+        return quality == AUTO or quality in self.qualities
+
+    def accepts_size(self, size: str) -> bool:
+        if size == AUTO or size in self.sizes:
+            return True
+        if self.custom_sizes is None:
+            return False
+        dims = parse_size(size)
+        return dims is not None and self.custom_sizes.accepts(*dims)
+
+    def explicit_quality(self, quality: str) -> str:
+        """`auto` bounded by the most expensive quality of the ladder."""
+        return self.qualities[-1] if quality == AUTO else quality
+
+    def candidate_sizes(self, size: str) -> tuple[str, ...]:
+        """The explicit sizes a request's `size` may produce (several for `auto`)."""
+        if size != AUTO:
+            return (size,)
+        if self.auto_size is not None:
+            return (self.auto_size,)
+        return self.sizes
+
+    def output_tokens(self, quality: str, size: str) -> int:
+        """Image output tokens of one image at an explicit quality and size (0 for DALL·E)."""
+        if self.output_table is not None:
+            return self.output_table[quality][size]
+        if self.output_formula is not None:
+            dims = parse_size(size)
+            if dims is None:
+                raise ValueError(f"not an explicit size: {size!r}")
+            tokens = formula_tokens(self.output_formula[quality], *dims)
+            scale = self.output_scale.get(quality)
+            if scale is not None:
+                tokens = int((tokens * scale).to_integral_value(ROUND_CEILING))
+            return tokens
+        return 0
+
+    def max_output_tokens(self, quality: str, size: str) -> int:
+        """The most one image can cost in output tokens, `auto` included."""
+        q = self.explicit_quality(quality)
+        return max(self.output_tokens(q, s) for s in self.candidate_sizes(size))
+
+    def input_image_tokens(
+        self, width: int | None, height: int | None, fidelity: str | None
+    ) -> int:
+        """Upper bound of the input tokens of one image; the ceiling when its size is unknown."""
+        if self.input_tiles is not None:
+            if width is None or height is None:
+                return self.input_tiles.ceiling
+            return self.input_tiles.tokens(width, height, fidelity == "high")
+        return self.input_ceiling or 0
+
+    def image_price_nanos(self, quality: str, size: str) -> int:
+        """Price of one image for per-image models (DALL·E), in nano-dollars."""
+        assert self.per_image is not None
+        q = self.explicit_quality(quality)
+        prices = self.per_image[q]
+        return max(to_nanos(prices[s]) for s in self.candidate_sizes(size))
+
+    def cost(self, usage: Usage) -> int:
+        """The price of reported usage, in nano-dollars (rounded up). Every token is priced
+        (fail closed): a kind without its own rate, and unclassified tokens, at the dearest
+        rate of their side (`stand_in_rate`)."""
+        rates, denominator = self._nano_rates
+        total: int = sum(rate * getattr(usage, name) for name, rate in rates)
+        return -(-total // denominator)
+
+    def charge(self, usage: Usage) -> Charge:
+        """What reported usage costs, as the ledger records it: unclassified tokens folded
+        into the kind whose rate priced them (so the row's kinds give the same cost and
+        its token counters count them), flagged when anything was priced at a stand-in rate."""
+        unclassified = bool(usage.unclassified_input or usage.unclassified_output)
+        flagged = unclassified or any(
+            usage.tokens(kind) for kind in TOKEN_KINDS if kind not in self.rates
+        )
+        if unclassified:
+            into_input, into_output = (
+                self._dearest_kind(INPUT_KINDS),
+                self._dearest_kind(OUTPUT_KINDS),
+            )
+            folded = {
+                into_input: usage.tokens(into_input) + usage.unclassified_input,
+                into_output: usage.tokens(into_output) + usage.unclassified_output,
+            }
+            usage = replace(usage, **folded, unclassified_input=0, unclassified_output=0)
+        return Charge(usage, self.cost(usage), flagged)
+
+    def stand_in_rate(self, side: tuple[TokenKind, ...]) -> Decimal:
+        """The rate of a token of `side` (INPUT_KINDS or OUTPUT_KINDS) that has no rate of its
+        own: the dearest rate of that side, else the dearest of the model (an upper bound:
+        OpenAI bills these tokens at some rate, Tollgate never at none)."""
+        own = [self.rates[k] for k in side if k in self.rates]
+        return max(own or self.rates.values(), default=Decimal(0))
+
+    def _dearest_kind(self, side: tuple[TokenKind, ...]) -> TokenKind:
+        """The kind of `side` priced at `stand_in_rate(side)`: unclassified tokens go there."""
+        rate = self.stand_in_rate(side)
+        return next((k for k in side if self.rates.get(k) == rate), side[0])
+
+    def rate(self, kind: TokenKind) -> Decimal:
+        """The rate a token of `kind` is priced at: its own, else the stand-in of its side."""
+        own = self.rates.get(kind)
+        if own is not None:
+            return own
+        return self.stand_in_rate(INPUT_KINDS if kind in INPUT_KINDS else OUTPUT_KINDS)
+
+    @functools.cached_property
+    def _nano_rates(self) -> tuple[tuple[tuple[str, int], ...], int]:
+        """The rate of every Usage field in nano-dollars per token, as integers over one
+        denominator, so that a cost is exact integer arithmetic (Decimal sums cost more than
+        the rest of pricing). USD per million tokens × tokens / 10**6 USD = rate × 1000 nanos
+        per token."""
+        fields: dict[str, Decimal] = {kind: self.rate(kind) for kind in TOKEN_KINDS}
+        fields["unclassified_input"] = self.stand_in_rate(INPUT_KINDS)
+        fields["unclassified_output"] = self.stand_in_rate(OUTPUT_KINDS)
+        ratios = {k: (r * 1000).as_integer_ratio() for k, r in fields.items() if r}
+        denominator = math.lcm(1, *(d for _, d in ratios.values()))
+        rates = tuple((k, n * (denominator // d)) for k, (n, d) in ratios.items())
+        return rates, denominator
+
+    def validate(self, request: ImageRequest) -> None:
+        """Refuse what the model does not accept, before anything is sent upstream."""
+        if not self.accepts_quality(request.quality):
+            raise InvalidRequest(
+                f"Invalid value for 'quality': {request.quality!r}. {self.name} accepts "
+                f"{', '.join((*self.qualities, AUTO))}.",
+                param="quality",
+            )
+        if not self.accepts_size(request.size):
+            accepted = (
+                "WxH sizes with edges multiple of 16"
+                if self.arbitrary_sizes
+                else ", ".join((*self.sizes, AUTO))
+            )
+            raise InvalidRequest(
+                f"Invalid value for 'size': {request.size!r}. {self.name} accepts {accepted}.",
+                param="size",
+            )
+        if not 1 <= request.n <= self.max_n:
+            raise InvalidRequest(
+                f"Invalid value for 'n': {request.n}. {self.name} accepts 1 to {self.max_n}.",
+                param="n",
+            )
+
+
+def estimate(model: ModelPrices, request: ImageRequest) -> Estimate:
+    """An upper bound of what `request` can cost: reserved before it is forwarded."""
+    if model.per_image_billing:
+        per_image = model.image_price_nanos(request.quality, request.size)
+        return Estimate(Usage(images=request.n), per_image * request.n)
+    images = (*request.images, request.mask) if request.mask is not None else request.images
+    image_input = sum(
+        model.input_image_tokens(image.width, image.height, request.input_fidelity)
+        for image in images
+    )
+    per_image = model.max_output_tokens(request.quality, request.size)
+    partials = request.partial_images if request.stream else 0
+    usage = Usage(
+        # A text token is at least one byte of the prompt.
+        text_input=request.prompt_bytes,
+        image_input=image_input,
+        image_output=(per_image + partials * model.partial_image_tokens) * request.n,
+        text_output=model.text_output_ceiling,
+        images=request.n,
+    )
+    return Estimate(usage, model.cost(usage))
+
+
+def to_nanos(usd: Decimal) -> int:
+    return int((usd * 10**9).to_integral_value(ROUND_CEILING))
+
+
+@dataclass(frozen=True)
+class PriceBook:
+    """Every priced model by name and alias."""
+
+    models: Mapping[str, ModelPrices]
+
+    def find(self, model: str) -> ModelPrices | None:
+        return self.models.get(model)
+
+    def names(self) -> tuple[str, ...]:
+        """Canonical model names (aliases excluded), sorted."""
+        return tuple(sorted({m.name for m in self.models.values()}))
+
+
+def load_price_book(path: Path | None = None) -> PriceBook:
+    """The built-in book, extended or overridden by the entries of `path` (raises ConfigError)."""
+    text = resources.files("proxy").joinpath("prices.yaml").read_text()
+    raw, custom = _read(text, "proxy/prices.yaml")
+    where = "proxy/prices.yaml"
+    if path is not None:
+        try:
+            override_text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError([f"{path}:1: cannot read price book: {exc.strerror}"]) from exc
+        where = str(path)
+        overrides, _ = _read(override_text, where)
+        for name, fields in overrides.items():
+            # An override changes the keys it names; the rest (aliases too) stays built in.
+            base = raw.get(name)
+            raw[name] = (
+                {**base, **fields}
+                if isinstance(base, dict) and isinstance(fields, dict)
+                else fields
+            )
+    entries = _entries(raw, custom, where)
+    models: dict[str, ModelPrices] = {}
+    for entry in entries.values():
+        for name in (entry.name, *entry.aliases):
+            models[name] = entry
+    return PriceBook(models)
+
+
+def _read(text: str, where: str) -> tuple[dict[str, Any], CustomSizes]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", 0) + 1
+        raise ConfigError([f"{where}:{line}: YAML syntax error: {exc}"]) from exc
+    if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
+        raise ConfigError([f"{where}:1: a price book needs a `models:` mapping"])
+    return dict(data["models"]), CustomSizes(**data.get("custom_sizes", {}))
+
+
+def _entries(raw: dict[str, Any], custom: CustomSizes, where: str) -> dict[str, ModelPrices]:
+    entries: dict[str, ModelPrices] = {}
+    problems: list[str] = []
+    for name, fields in raw.items():
+        try:
+            entries[name] = _entry(str(name), fields, custom)
+        except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError) as exc:
+            problems.append(f"{where}:1: models.{name}: invalid price-book entry: {exc!r}")
+    if problems:
+        raise ConfigError(problems)
+    return entries
+
+
+def _decimal(value: Any) -> Decimal:
+    return Decimal(str(value))
+
+
+def _entry(name: str, raw: Mapping[str, Any], custom: CustomSizes) -> ModelPrices:
+    sizes = raw.get("sizes", [])
+    output = raw.get("output_tokens", {})
+    image_input = raw.get("image_input", {})
+    per_image = raw.get("per_image")
+    if not raw.get("source") or not raw.get("effective_from"):
+        raise ValueError("every entry needs `source` and `effective_from`")
+    if per_image is None and not raw.get("rates"):
+        raise ValueError("an entry needs `rates` or `per_image`")
+    if per_image is None and not ({"table", "formula"} & set(output)):
+        # Without it the bound would reserve nothing for the images themselves.
+        raise ValueError("a token-priced entry needs `output_tokens` (a table or a formula)")
+    effective = raw["effective_from"]
+    return ModelPrices(
+        name=name,
+        source=str(raw["source"]),
+        effective_from=effective if isinstance(effective, date) else date.fromisoformat(effective),
+        qualities=tuple(raw["qualities"]),
+        rates={
+            kind: _decimal(v) for kind, v in raw.get("rates", {}).items() if kind in TOKEN_KINDS
+        },
+        sizes=() if sizes == "custom" else tuple(sizes),
+        custom_sizes=custom if sizes == "custom" else None,
+        auto_size=raw.get("auto_size"),
+        output_table=output.get("table"),
+        output_formula=output.get("formula"),
+        output_scale={q: _decimal(v) for q, v in output.get("scale", {}).items()},
+        input_tiles=TileRule(**image_input["tiles"]) if "tiles" in image_input else None,
+        input_ceiling=image_input.get("ceiling"),
+        per_image=(
+            {q: {s: _decimal(p) for s, p in by_size.items()} for q, by_size in per_image.items()}
+            if per_image is not None
+            else None
+        ),
+        text_output_ceiling=int(raw.get("text_output_ceiling", 0)),
+        partial_image_tokens=int(raw.get("partial_image_tokens", 100)),
+        max_n=int(raw.get("max_n", MAX_N)),
+        aliases=tuple(raw.get("aliases", ())),
+    )

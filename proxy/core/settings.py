@@ -1,0 +1,197 @@
+"""The frozen values a loaded configuration is made of (see SPEC §3)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from types import MappingProxyType
+from typing import Literal
+
+from proxy.core.models import Period
+from proxy.core.pricing import PriceBook
+
+Metric = Literal[
+    "usd", "text_input_tokens", "image_input_tokens", "image_output_tokens", "total_tokens"
+]
+TOKEN_METRICS: tuple[Metric, ...] = (
+    "text_input_tokens",
+    "image_input_tokens",
+    "image_output_tokens",
+    "total_tokens",
+)
+Knob = Literal["quality", "size", "model"]
+KNOBS: tuple[Knob, ...] = ("quality", "size", "model")
+OnExhausted = Literal["downgrade", "reject"]
+
+MiB = 1024 * 1024
+_EMPTY: Mapping[str, frozenset[str]] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A hard limit over one period: nano-dollars when `metric == "usd"`, else tokens."""
+
+    period: Period
+    metric: Metric
+    limit: int
+    alert_at: tuple[Decimal, ...] = ()
+    """Soft thresholds, fractions of `limit` in (0, 1], ascending."""
+    where: str = ""
+    """`file:line` of the entry, for messages."""
+
+
+@dataclass(frozen=True, slots=True)
+class Allow:
+    """What a team may request; None means no restriction."""
+
+    models: frozenset[str] | None = None
+    endpoints: frozenset[str] | None = None
+    max_quality: str | None = None
+    max_n: int | None = None
+    sizes: frozenset[str] | None = None
+    params: Mapping[str, frozenset[str]] = field(default_factory=lambda: _EMPTY, hash=False)
+    """Allowed values of other request fields, as text (`true`/`false` for booleans)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottleTier:
+    """Above this fraction of the team's tightest USD budget, cap quality at `max_quality`."""
+
+    above: Decimal
+    max_quality: str
+
+
+@dataclass(frozen=True, slots=True)
+class Downgrade:
+    order: tuple[Knob, ...] = KNOBS
+    fallback_model: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TeamKey:
+    id: str
+    sha256: str
+    """Lowercase hex SHA-256 of the secret key; the secret itself is never stored."""
+
+
+@dataclass(frozen=True, slots=True)
+class Team:
+    name: str
+    cost_center: str | None
+    keys: tuple[TeamKey, ...]
+    budgets: tuple[Budget, ...]
+    per_user: tuple[Budget, ...]
+    allow: Allow
+    throttle: tuple[ThrottleTier, ...]
+    """Sorted by `above`, ascending."""
+    on_exhausted: OnExhausted = "downgrade"
+    downgrade: Downgrade = field(default_factory=Downgrade)
+    source: str = ""
+    """The file the team was read from."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    base_url: str = "https://api.openai.com/v1"
+    api_key: str | None = None
+    timeout_s: float = 300.0
+    """The longest the upstream may stay silent: before its answer starts, between chunks."""
+    total_timeout_s: float | None = None
+    """The longest one exchange may last, from the request's arrival to its answer's last
+    byte (a stream that keeps sending is cut there); None: `2 × timeout_s`."""
+    organization: str | None = None
+    """Replaces the client's `OpenAI-Organization` header when set."""
+    project: str | None = None
+    """Replaces the client's `OpenAI-Project` header when set."""
+    max_connections: int = 4096
+
+    @property
+    def deadline_s(self) -> float:
+        """The total deadline of an exchange (`total_timeout_s`, else twice `timeout_s`)."""
+        return self.total_timeout_s if self.total_timeout_s is not None else 2 * self.timeout_s
+
+
+GiB = 1024 * MiB
+BODY_COPIES = 3
+"""How many times its length a request body is charged against `Limits.inflight_bytes`: the
+bytes read, the parsed copy (multipart parts or the decoded JSON) and the re-encoded body
+forwarded when a field is downgraded coexist until the request is answered."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one client may make the process hold, and for how long."""
+
+    generations_bytes: int = 1 * MiB
+    edits_bytes: int = 128 * MiB
+    variations_bytes: int = 128 * MiB
+    inflight_bytes: int = 1 * GiB
+    """Request bodies held in memory at once by one process, each charged `BODY_COPIES`
+    times its length; a body that would pass it is refused (503) before it is read."""
+    header_timeout_s: float = 10.0
+    """From a connection's first byte (or the end of its previous answer) to the end of the
+    request's headers; a connection that takes longer is closed."""
+    body_idle_timeout_s: float = 30.0
+    """Longest pause while a body is sent: the request then gets 408."""
+    body_timeout_s: float = 300.0
+    """Longest time to receive a whole body: the request then gets 408."""
+    max_connections: int | None = None
+    """Client connections held open by one process; None: sized from its file-descriptor
+    limit (`proxy.web.connections.default_max_connections`)."""
+
+    def largest_body(self) -> int:
+        return max(self.generations_bytes, self.edits_bytes, self.variations_bytes)
+
+
+HttpMethod = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+HTTP_METHODS: tuple[HttpMethod, ...] = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+READ_ONLY: frozenset[HttpMethod] = frozenset({"GET", "HEAD"})
+
+
+@dataclass(frozen=True, slots=True)
+class Passthrough:
+    """A `/v1/*` path prefix forwarded unmetered, and the methods forwarded under it."""
+
+    prefix: str
+    """Canonical, without a trailing `/`; it covers itself and the paths below it."""
+    methods: frozenset[HttpMethod] = READ_ONLY
+    """GET (and HEAD) unless the configuration names others."""
+
+
+@dataclass(frozen=True, slots=True)
+class Alerts:
+    webhooks: tuple[str, ...] = ()
+    timeout_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A whole, validated configuration. Build it with `load_config`."""
+
+    root: Path
+    """The (absolute) directory holding tollgate.yaml, or the single file's directory."""
+    upstream: UpstreamSettings
+    ledger_url: str
+    timezone: str
+    admin_token: str | None
+    """None when the admin API is off."""
+    prices: PriceBook = field(repr=False, compare=False, hash=False)
+    default_model: str = "gpt-image-2"
+    organization_budgets: tuple[Budget, ...] = ()
+    teams: tuple[Team, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    passthrough: tuple[Passthrough, ...] = ()
+    alerts: Alerts = field(default_factory=Alerts)
+    _by_key_hash: Mapping[str, tuple[Team, TeamKey]] = field(
+        init=False, repr=False, compare=False, hash=False
+    )
+
+    def __post_init__(self) -> None:
+        index = {key.sha256: (team, key) for team in self.teams for key in team.keys}
+        object.__setattr__(self, "_by_key_hash", MappingProxyType(index))
+
+    def team_by_key_hash(self) -> Mapping[str, tuple[Team, TeamKey]]:
+        """SHA-256 hex of a secret key -> (its team, the key entry); built once."""
+        return self._by_key_hash

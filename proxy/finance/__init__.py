@@ -1,0 +1,1 @@
+"""Finance on top of the ledger: budget status, reports, statements, reconciliation, alerts."""

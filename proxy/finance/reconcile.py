@@ -1,0 +1,341 @@
+"""Reconciliation: Tollgate's ledger against OpenAI's Costs API, per UTC day and model.
+
+    pages = await fetch_costs(base_url, admin_key, first, last)   # or json.load(file)
+    result = compare(parse_costs(pages, book), await ledger_costs(ledger, first, last, book),
+                     first, last, tolerance=Decimal("0.01"))
+
+OpenAI buckets costs by UTC day, so this compares UTC days whatever the configured
+timezone. A positive difference (OpenAI billed more) is spend that did not go
+through Tollgate: another key, a batch job, a tool calling OpenAI directly. A
+negative one is spend Tollgate recorded that OpenAI did not bill (or a day missing
+from the export). Line items name a model and a kind, e.g. `"gpt-image-2, image
+output"` or `"batch api | gpt-image-2.5-sunburst image"`; items whose model is not
+an image model of the price book (chat, audio, …) are left out and counted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Literal
+
+import httpx
+
+from proxy.core.errors import InvalidRequest, UpstreamUnavailable
+from proxy.core.models import NANOS_PER_USD
+from proxy.core.pricing import PriceBook
+from proxy.core.settings import Config
+from proxy.finance.reports import aligned
+from proxy.ledger import open_ledger
+from proxy.ledger.base import Flagged, Ledger
+
+DAY = 86_400
+DEFAULT_TOLERANCE = Decimal("0.01")
+"""USD per day and model: OpenAI reports float amounts, Tollgate rounds each request up
+to the nano-dollar; a cent absorbs both, a single missed image does not."""
+PAGE_LIMIT = 31
+KIND_WORDS = frozenset(
+    {"image", "images", "text", "input", "output", "tokens", "cached", "input_tokens",
+     "output_tokens", "generation", "edit", "variation"}
+)  # fmt: skip
+Status = Literal["ok", "off"]
+
+
+def line_item_model(line_item: str) -> str:
+    """The model a Costs API line item bills: `"batch api | gpt-image-2 image"` → `gpt-image-2`."""
+    name = line_item.rsplit("|", 1)[-1].strip()
+    name = name.split(",", 1)[0].strip()
+    words = name.split()
+    while len(words) > 1 and words[-1].lower() in KIND_WORDS:
+        words.pop()
+    return " ".join(words)
+
+
+def canonical(model: str, book: PriceBook) -> str | None:
+    """The price book's name for `model` (snapshots → their model); None if it is not priced."""
+    found = book.find(model)
+    return found.name if found is not None else None
+
+
+def utc_day(ts: float) -> date:
+    return datetime.fromtimestamp(ts, UTC).date()
+
+
+def midnight(day: date) -> int:
+    return int(datetime.combine(day, datetime.min.time(), UTC).timestamp())
+
+
+@dataclass
+class OpenAICosts:
+    amounts: dict[tuple[date, str], Decimal] = field(default_factory=dict)
+    days: set[date] = field(default_factory=set)
+    """Days the export has a bucket for (a day with no bucket is unknown, not zero)."""
+    ignored: dict[str, Decimal] = field(default_factory=dict)
+    """Line items of other products, left out, with their amounts."""
+
+
+def parse_costs(pages: Iterable[Mapping[str, Any]], book: PriceBook) -> OpenAICosts:
+    """Sum a Costs API answer (one page, or a list of pages) by UTC day and image model."""
+    found = OpenAICosts()
+    amounts: dict[tuple[date, str], Decimal] = defaultdict(Decimal)
+    for page in pages:
+        for bucket in page.get("data", []):
+            day = utc_day(bucket["start_time"])
+            found.days.add(day)
+            for result in bucket.get("results", []):
+                value = Decimal(str(result.get("amount", {}).get("value", 0)))
+                item = str(result.get("line_item") or "")
+                model = canonical(line_item_model(item), book)
+                if model is None:
+                    found.ignored[item] = found.ignored.get(item, Decimal(0)) + value
+                else:
+                    amounts[day, model] += value
+    found.amounts = dict(amounts)
+    return found
+
+
+def load_costs_file(text: str) -> list[dict[str, Any]]:
+    """A saved Costs API answer: one page object, a list of pages, or JSON lines of pages."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return data if isinstance(data, list) else [data]
+
+
+async def fetch_costs(
+    base_url: str,
+    admin_key: str,
+    first: date,
+    last: date,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> list[dict[str, Any]]:
+    """Every page of `GET /organization/costs` for the UTC days `first`..`last`."""
+    params: dict[str, Any] = {
+        "start_time": midnight(first),
+        "end_time": midnight(last + timedelta(days=1)),
+        "bucket_width": "1d",
+        "group_by[]": "line_item",
+        "limit": PAGE_LIMIT,
+    }
+    pages: list[dict[str, Any]] = []
+    url = base_url.rstrip("/") + "/organization/costs"
+    async with httpx.AsyncClient(
+        headers={"authorization": f"Bearer {admin_key}"}, timeout=60, transport=transport
+    ) as client:
+        while True:
+            try:
+                answer = await client.get(url, params=params)
+            except httpx.HTTPError as exc:
+                raise UpstreamUnavailable(f"cannot reach {url}: {exc}") from exc
+            if answer.status_code != 200:
+                raise UpstreamUnavailable(
+                    f"{url} answered {answer.status_code}: {answer.text[:300]}"
+                    " (is the key an admin key with access to usage and costs?)"
+                )
+            page: dict[str, Any] = answer.json()
+            pages.append(page)
+            if not page.get("has_more") or not page.get("next_page"):
+                return pages
+            params["page"] = page["next_page"]
+
+
+async def ledger_costs(
+    ledger: Ledger, first: date, last: date, book: PriceBook
+) -> dict[tuple[date, str], int]:
+    """Tollgate's settled spend in nano-dollars by UTC day and (canonical) model."""
+    found: dict[tuple[date, str], int] = defaultdict(int)
+    groups = await ledger.summarize(
+        midnight(first), midnight(last + timedelta(days=1)), ["model"], DAY
+    )
+    for g in groups:
+        if not g.cost_nanos:
+            continue
+        model = str(g.keys[0])
+        found[utc_day(int(g.keys[1]) * DAY), canonical(model, book) or model] += g.cost_nanos
+    return dict(found)
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    day: date
+    model: str
+    openai_usd: Decimal
+    tollgate_usd: Decimal
+    status: Status
+    note: str = ""
+
+    @property
+    def difference(self) -> Decimal:
+        """OpenAI minus Tollgate: positive when spend bypassed Tollgate."""
+        return self.openai_usd - self.tollgate_usd
+
+
+@dataclass(frozen=True, slots=True)
+class Reconciliation:
+    first: date
+    last: date
+    tolerance: Decimal
+    lines: tuple[Line, ...]
+    ignored: Mapping[str, Decimal]
+    flagged: tuple[Flagged, ...] = ()
+    """The flagged rows of these days: their charge is a bound until resolved."""
+
+    @property
+    def unresolved(self) -> list[Flagged]:
+        return [f for f in self.flagged if f.resolved_at is None]
+
+    @property
+    def off_days(self) -> list[date]:
+        return sorted({line.day for line in self.lines if line.status == "off"})
+
+
+def compare(
+    openai: OpenAICosts,
+    tollgate: Mapping[tuple[date, str], int],
+    first: date,
+    last: date,
+    tolerance: Decimal = DEFAULT_TOLERANCE,
+) -> Reconciliation:
+    """One line per UTC day and model that either side billed (pure)."""
+    lines = []
+    keys = sorted(
+        {k for k in [*openai.amounts, *tollgate] if first <= k[0] <= last},
+        key=lambda k: (k[0], k[1]),
+    )
+    for day, model in keys:
+        ours = Decimal(tollgate.get((day, model), 0)) / NANOS_PER_USD
+        theirs = openai.amounts.get((day, model), Decimal(0))
+        diff = theirs - ours
+        off = abs(diff) > tolerance
+        if day not in openai.days:
+            note = "no OpenAI data for this day (missing from the export?)"
+        elif off and diff > 0:
+            note = "OpenAI billed more: requests that bypassed Tollgate"
+        elif off:
+            note = "Tollgate recorded more than OpenAI billed"
+        else:
+            note = ""
+        lines.append(Line(day, model, theirs, ours, "off" if off else "ok", note))
+    ignored = {k: v for k, v in openai.ignored.items() if v}
+    return Reconciliation(first, last, tolerance, tuple(lines), ignored)
+
+
+def _money(value: Decimal) -> str:
+    return format(value.quantize(Decimal("0.000001")).normalize(), "f")
+
+
+def as_json(r: Reconciliation) -> dict[str, Any]:
+    return {
+        "from": r.first.isoformat(),
+        "to": r.last.isoformat(),
+        "tolerance_usd": format(r.tolerance, "f"),
+        "lines": [
+            {
+                "day": line.day.isoformat(),
+                "model": line.model,
+                "openai_usd": _money(line.openai_usd),
+                "tollgate_usd": _money(line.tollgate_usd),
+                "difference_usd": _money(line.difference),
+                "status": line.status,
+                "note": line.note,
+            }
+            for line in r.lines
+        ],
+        "off_days": [d.isoformat() for d in r.off_days],
+        "ignored_line_items": {k: _money(v) for k, v in sorted(r.ignored.items())},
+        "unresolved_flagged": [
+            {
+                "id": f.id,
+                "team": f.team,
+                "day": utc_day(f.started_at).isoformat(),
+                "charged_usd": _money(Decimal(f.cost_nanos) / NANOS_PER_USD),
+                "error_code": f.error_code,
+                "upstream_request_id": f.upstream_request_id,
+            }
+            for f in r.unresolved
+        ],
+    }
+
+
+def as_table(r: Reconciliation) -> str:
+    head = ("day (UTC)", "model", "openai_usd", "tollgate_usd", "difference", "status", "note")
+    rows = [
+        (line.day.isoformat(), line.model, _money(line.openai_usd), _money(line.tollgate_usd),
+         f"{line.difference:+.6f}", "OFF" if line.status == "off" else "ok", line.note)
+        for line in r.lines
+    ]  # fmt: skip
+    out = [
+        f"Reconciliation {r.first} .. {r.last} (UTC days), tolerance ${r.tolerance} per day "
+        "and model; difference = OpenAI - Tollgate",
+        "",
+        *aligned([head, *rows]),
+    ]
+    if not rows:
+        out.append("(no spend on either side)")
+    if r.ignored:
+        out.append("")
+        out.append("Left out (not image models): " + ", ".join(sorted(r.ignored)))
+    out.append("")
+    if r.off_days:
+        out.append(
+            f"{len(r.off_days)} day(s) off: {', '.join(d.isoformat() for d in r.off_days)}. "
+            "A positive difference is spend that bypassed Tollgate (another key or a direct "
+            "call); a negative one is spend OpenAI did not bill or a day missing from the export."
+        )
+    else:
+        out.append("Every day matches within the tolerance.")
+    if r.unresolved:
+        charged = Decimal(sum(f.cost_nanos for f in r.unresolved)) / NANOS_PER_USD
+        out.append("")
+        out.append(
+            f"{len(r.unresolved)} flagged request(s) of these days are charged their bound "
+            f"(${_money(charged)} in all) until resolved: list them with `tollgate ledger "
+            "flagged --unresolved`, then `tollgate ledger resolve ID --cost USD` (or --free) "
+            "once OpenAI's costs show what they were billed."
+        )
+    return "\n".join(out) + "\n"
+
+
+def parse_day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError as exc:
+        raise InvalidRequest(f"{text!r} is not a date: use YYYY-MM-DD.", param="from") from exc
+
+
+async def run(
+    config: Config,
+    ledger_url: str,
+    pages: list[dict[str, Any]],
+    admin_key: str | None,
+    first: date | None,
+    last: date | None,
+    tolerance: Decimal,
+    now: float,
+) -> Reconciliation:
+    """Reconcile the UTC days `first`..`last`: by default the days a saved export covers,
+    or (live) the current UTC month up to today. `pages` is fetched when `admin_key` is given."""
+    today = utc_day(now)
+    if admin_key is not None:
+        first = first or today.replace(day=1)
+        last = last or today
+        pages = await fetch_costs(config.upstream.base_url, admin_key, first, last)
+    book = config.prices
+    openai = parse_costs(pages, book)
+    covered = sorted(openai.days) or [today]
+    first = first or covered[0]
+    last = last or covered[-1]
+    if last < first:
+        raise InvalidRequest(f"--to {last} is before --from {first}.", param="to")
+    ledger = await open_ledger(ledger_url)
+    try:
+        ours = await ledger_costs(ledger, first, last, book)
+        flagged = await ledger.flagged(midnight(first), midnight(last + timedelta(days=1)))
+    finally:
+        await ledger.close()
+    return replace(compare(openai, ours, first, last, tolerance), flagged=tuple(flagged))

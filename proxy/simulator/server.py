@@ -1,0 +1,122 @@
+"""The simulator's web app: `create_simulator_app(settings)` builds it.
+
+POST /v1/images/generations | edits | variations   the simulated OpenAI API
+GET  /v1/organization/costs                        costs built from the record
+GET  /v1/models                                    the simulated models
+GET  /_sim/billing    POST /_sim/reset             the billing record (reset: and arrivals)
+GET  /_sim/arrivals                                every request received, as sent
+GET  /_sim/config     POST /_sim/config            runtime knobs (latency, payload, fault,
+                                                   extra answer headers)
+GET  /healthz
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import partial
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from proxy.core.models import Endpoint
+from proxy.simulator.answers import models_page
+from proxy.simulator.arrivals import Arrivals, Recorder
+from proxy.simulator.catalogue import MODELS
+from proxy.simulator.costs import CostsQueryError, costs_page
+from proxy.simulator.faults import ECHO_HEADER, echo, echoed
+from proxy.simulator.options import Knobs, SimulatorSettings
+from proxy.simulator.refusals import ApiError, invalid, invalid_api_key
+from proxy.simulator.routes import SimulatorState, error_response, handle_image_request
+
+__all__ = ["SimulatorSettings", "create_simulator_app"]
+
+DEFAULT_SETTINGS = SimulatorSettings()
+
+
+def create_simulator_app(settings: SimulatorSettings = DEFAULT_SETTINGS) -> Starlette:
+    """A fresh simulator with its own knobs, billing record and record of arrivals."""
+    state = SimulatorState(Knobs.of(settings), settings.api_key)
+    arrivals = Arrivals()
+
+    async def images(endpoint: Endpoint, request: Request) -> Response:
+        return await handle_image_request(state, endpoint, request)
+
+    async def get_config(request: Request) -> Response:
+        return JSONResponse(state.knobs.to_json())
+
+    async def set_config(request: Request) -> Response:
+        try:
+            changes = json.loads(await request.body())
+            if not isinstance(changes, dict):
+                raise ValueError("the body must be a JSON object")
+            state.knobs = state.knobs.updated(changes)
+        except ValueError as exc:
+            return error_response(invalid(str(exc), param=None), "req_sim_config")
+        return JSONResponse(state.knobs.to_json())
+
+    async def billing(request: Request) -> Response:
+        return JSONResponse(state.record.to_json())
+
+    async def arrived(request: Request) -> Response:
+        return JSONResponse(arrivals.to_json())
+
+    async def reset(request: Request) -> Response:
+        state.record.clear()
+        arrivals.clear()
+        return JSONResponse({"status": "ok"})
+
+    async def costs(request: Request) -> Response:
+        authorization = request.headers.get("authorization")
+        if not state.admits(authorization):
+            return error_response(invalid_api_key(authorization), "req_sim_costs")
+        try:
+            page = costs_page(state.record.entries(), request.query_params, now=time.time())
+        except CostsQueryError as exc:
+            return error_response(invalid(str(exc), param=exc.param), "req_sim_costs")
+        return JSONResponse(page)
+
+    async def models(request: Request) -> Response:
+        authorization = request.headers.get("authorization")
+        echoes = state.knobs.fault == "echo"
+        if not state.admits(authorization):
+            error = invalid_api_key(authorization)
+            if echoes:
+                error = echoed(error, authorization)
+            return error_response(error, "req_sim_models")
+        page = models_page(list(MODELS))
+        if not echoes:
+            return JSONResponse(page)
+        page["echo"] = echo(authorization)
+        return JSONResponse(page, headers={ECHO_HEADER: authorization or ""})
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def not_found(request: Request) -> Response:
+        error = ApiError(
+            404, f"Invalid URL ({request.method} {request.url.path})", param=None, code=None
+        )
+        return error_response(error, "req_sim_not_found")
+
+    routes = [
+        Route("/v1/images/generations", partial(images, "generations"), methods=["POST"]),
+        Route("/v1/images/edits", partial(images, "edits"), methods=["POST"]),
+        Route("/v1/images/variations", partial(images, "variations"), methods=["POST"]),
+        Route("/v1/organization/costs", costs, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/_sim/config", get_config, methods=["GET"]),
+        Route("/_sim/config", set_config, methods=["POST"]),
+        Route("/_sim/billing", billing, methods=["GET"]),
+        Route("/_sim/arrivals", arrived, methods=["GET"]),
+        Route("/_sim/reset", reset, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/v1/{path:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(Recorder, arrivals=arrivals, knobs=lambda: state.knobs)],
+    )

@@ -1,0 +1,126 @@
+"""Request bodies held in memory: a cap on their bytes in one process, and how long one may take.
+
+A body is read whole before it is priced (the image sizes are in it), and until the request
+is answered the process holds it, its parsed copy and, when a field is downgraded, the body
+re-encoded: about `BODY_COPIES` times its length. Without a cap, 200 concurrent 20 MiB edits
+held 4.65 GB; at the 128 MiB an edit may weigh, as many would hold tens of GiB.
+
+`BodyBudget` charges a body `BODY_COPIES` times its declared Content-Length before reading
+it (a chunked body, as its chunks arrive) and refuses with 503 `server_overloaded` a body
+that would pass `limits.inflight_bytes`. The charge is written in the request's ASGI scope,
+and the web layer gives it back in one `finally` when the handler is done with the body,
+whatever ended the request: an answer, an error, a client gone, a cancelled task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import MutableMapping
+from typing import Any
+
+from proxy.core.errors import Overloaded, RequestTimeout
+from proxy.core.settings import BODY_COPIES, Limits
+from proxy.metrics import Metrics
+
+SCOPE_KEY = "tollgate.body_bytes"
+"""The bytes a request is charged, in its ASGI scope."""
+
+
+class BodyBudget:
+    """The request-body bytes held by one process, against `limits.inflight_bytes`.
+
+    budget.take(scope, content_length)   # raises Overloaded past the cap
+    ...                                  # read, parse, forward, answer
+    budget.release(scope)                # in a finally: gives back what scope holds
+    """
+
+    __slots__ = ("_metrics", "cap", "held", "idle_s", "total_s")
+
+    def __init__(self, limits: Limits, metrics: Metrics) -> None:
+        self.held = 0
+        self._metrics = metrics
+        self.configure(limits)
+
+    def configure(self, limits: Limits) -> None:
+        """Apply reloaded limits; bodies already charged keep their charge."""
+        self.cap = limits.inflight_bytes
+        self.idle_s = limits.body_idle_timeout_s
+        self.total_s = limits.body_timeout_s
+
+    def take(self, scope: MutableMapping[str, Any], length: int) -> None:
+        """Charge `length` more body bytes to the request of `scope`, or refuse it."""
+        charge = length * BODY_COPIES
+        if self.held + charge > self.cap:
+            self._metrics.refused("inflight_bytes")
+            raise Overloaded(
+                "Tollgate is holding as many request bodies as it safely can; retry in a moment."
+            )
+        self.held += charge
+        scope[SCOPE_KEY] = scope.get(SCOPE_KEY, 0) + charge
+        self._metrics.body_bytes.inc(charge)
+
+    def release(self, scope: MutableMapping[str, Any]) -> None:
+        """Give back everything the request of `scope` was charged (once; then a no-op)."""
+        charge = scope.pop(SCOPE_KEY, 0)
+        if charge:
+            self.held -= charge
+            self._metrics.body_bytes.dec(charge)
+
+    def timed_out(self, received: int) -> RequestTimeout:
+        """The answer to a client that stopped sending its body after `received` bytes."""
+        self._metrics.refused("body_timeout")
+        return RequestTimeout(
+            f"The request body was not received in time (after {received:,} bytes; Tollgate "
+            f"waits {self.idle_s:g} s between parts and {self.total_s:g} s in all)."
+        )
+
+
+class BodyDeadline:
+    """The idle and the total bound of one body, on one timer that cancels the reading task.
+
+        deadline = BodyDeadline(idle_s, total_s)
+        try:
+            async for chunk in request.stream():
+                deadline.progress()
+        except asyncio.CancelledError:
+            if not deadline.expired:
+                raise
+            ...  # the body is late: 408
+        finally:
+            deadline.close()
+
+    `asyncio.timeout` with a reschedule per chunk cost 7 us a request; this one timer is
+    set once and moved only when it fires after data came (2 us). The timer can only fire
+    while the task waits for a chunk, so its cancellation always lands in that wait.
+    """
+
+    __slots__ = ("_end", "_handle", "_idle_s", "_last", "_loop", "_task", "expired")
+
+    def __init__(self, idle_s: float, total_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None, "a deadline is for the task reading the body"
+        now = loop.time()
+        self._loop, self._task, self._idle_s = loop, task, idle_s
+        self._end = now + total_s
+        self._last = now
+        self.expired = False
+        self._handle = loop.call_at(min(self._end, now + idle_s), self._check)
+
+    def progress(self) -> None:
+        """Data came: the idle bound counts from now."""
+        self._last = self._loop.time()
+
+    def close(self) -> None:
+        """The body is read (or reading stopped); an expired deadline's cancel is undone."""
+        self._handle.cancel()
+        if self.expired:
+            self._task.uncancel()
+
+    def _check(self) -> None:
+        due = min(self._end, self._last + self._idle_s)
+        if self._loop.time() < due:  # data came since the timer was set
+            self._handle = self._loop.call_at(due, self._check)
+            return
+        self.expired = True
+        self._task.cancel()

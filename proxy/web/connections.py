@@ -1,0 +1,162 @@
+"""Client connections: how many one process holds, and how long one may take to say what it wants.
+
+uvicorn closes idle keep-alive connections but has no bound on the time to receive a
+request's headers, and no bound on connections but `limit_concurrency`, which answers in
+plain text and still lets idle sockets take every file descriptor: 750 sockets that never
+sent a byte left a process limited to 700 descriptors unable to accept even `/healthz`.
+
+`GuardedProtocol` is uvicorn's httptools protocol with both bounds:
+
+- a timer (one `call_later` handle, no task) runs from the moment a connection opens, or
+  its previous answer ends, to the end of the next request's headers; at
+  `limits.header_timeout_s` the connection is closed (data arriving does not reset it, so
+  headers sent a byte at a time are no way around it);
+- past `limits.max_connections`, a new connection makes room by closing the connection
+  that has waited longest for its headers (idle sockets never crowd out a request);
+  when every connection is busy with a request, the new one is still read, its request
+  answered 503 `server_overloaded` in OpenAI's shape by the web layer (`/healthz`,
+  `/readyz` and `/metrics` are answered as usual) and the connection closed; past an
+  eighth more, it is closed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+from typing import Any, cast
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from proxy.core.settings import Limits
+
+OVER_CAPACITY = "tollgate.over_capacity"
+"""Set in the scope of a request that came on a connection past `max_connections`."""
+
+# Descriptors kept for the listening socket, the ledger, log and metric files, the loop.
+RESERVED_FDS = 64
+MIN_CONNECTIONS = 16
+MAX_DEFAULT_CONNECTIONS = 8192
+
+
+def default_max_connections(soft_limit: int | None = None) -> int:
+    """Connections one process may hold within its descriptor limit (`ulimit -n`).
+
+    A connection being served may hold three descriptors (the client's socket, one to the
+    upstream, a spooled answer's temporary file), and an eighth more connections are let
+    in to be answered 503: 307 connections for 1024 descriptors, 203 for 700."""
+    if soft_limit is None:
+        soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft_limit == resource.RLIM_INFINITY:
+        return MAX_DEFAULT_CONNECTIONS
+    usable = (soft_limit - RESERVED_FDS) * 8 // 25
+    return max(MIN_CONNECTIONS, min(MAX_DEFAULT_CONNECTIONS, usable))
+
+
+class ServerConfig(uvicorn.Config):
+    """uvicorn's settings, served by `GuardedProtocol` with `limits`' connection bounds.
+
+    The values are plain attributes: the configuration is pickled to each worker process."""
+
+    def __init__(self, app: Any, *, limits: Limits, **options: Any) -> None:
+        max_connections = limits.max_connections or default_max_connections()
+        options.setdefault("backlog", accept_batch(max_connections))
+        super().__init__(app, http=GuardedProtocol, **options)
+        self.header_timeout_s = limits.header_timeout_s
+        self.max_connections = max_connections
+
+
+def accept_batch(max_connections: int) -> int:
+    """The listen backlog, which is also how many connections asyncio accepts in one turn of
+    the loop, before `GuardedProtocol` sees any of them and closes idle ones for room.
+
+    With uvicorn's 2,048, a burst of idle sockets took every descriptor before the cap
+    could act: asyncio then logged `socket.accept() out of system resource` up to 2,048
+    times and stopped accepting for a second (so /healthz waited a second). Such a burst
+    holds about three batches of descriptors (accepted, being seen, being closed) on top of
+    the cap, which two thirds of the cap keeps within what `default_max_connections` leaves.
+    The price: past a batch of connections opened in the same instant, a client's SYN waits
+    for the kernel's retry (1 s)."""
+    return max(64, min(2048, max_connections * 2 // 3))
+
+
+class GuardedProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol with a header deadline and a cap on connections."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        bounds = cast(ServerConfig, config)  # the only configuration that serves this protocol
+        self.header_timeout_s = bounds.header_timeout_s
+        self.max_connections = bounds.max_connections
+        self.headers_due: asyncio.TimerHandle | None = None
+        """Armed while the connection waits for a request's headers: it is idle."""
+        self.over_capacity = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections and not self._admit():
+            return
+        self._expect_headers()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._headers_received()
+        super().connection_lost(exc)
+
+    def on_headers_complete(self) -> None:
+        self._headers_received()
+        if self.over_capacity:
+            self.scope[OVER_CAPACITY] = True  # type: ignore[literal-required]
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # Idle again unless a pipelined request was started (its headers are in).
+        if self.cycle.response_complete and not self.transport.is_closing():
+            self._expect_headers()
+
+    def _expect_headers(self) -> None:
+        if self.headers_due is None:
+            self.headers_due = self.loop.call_later(self.header_timeout_s, self._headers_late)
+
+    def _headers_received(self) -> None:
+        if self.headers_due is not None:
+            self.headers_due.cancel()
+            self.headers_due = None
+
+    def _headers_late(self) -> None:
+        self.headers_due = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def _admit(self) -> bool:
+        """Past the cap: close the connection idle the longest, or else mark this one over
+        capacity, or close it when even the overflow is full. Whether it stays open.
+
+        A scan of every connection, only while the process is past its cap."""
+        live = 0
+        oldest: Any = None
+        oldest_due: asyncio.TimerHandle | None = None
+        for other in self.connections:
+            if other.transport.is_closing():
+                continue  # its descriptor is freed in a moment
+            live += 1
+            due = getattr(other, "headers_due", None)
+            if due is not None and (oldest_due is None or due.when() < oldest_due.when()):
+                oldest, oldest_due = other, due
+        if live <= self.max_connections:
+            return True
+        if oldest is not None:
+            oldest.transport.close()
+            return True
+        if live > self.max_connections + max(8, self.max_connections // 8):
+            self.transport.close()
+            return False
+        self.over_capacity = True
+        return True

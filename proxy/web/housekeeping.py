@@ -1,0 +1,99 @@
+"""Background duties of a running Tollgate: say it is alive, settle what dead ones held.
+
+Every process registers itself in the ledger and beats a heartbeat. Reservations
+whose process is gone (its pid is dead on this host, or its heartbeat stopped)
+are reclaimed at start-up and then periodically, and so is any reservation older
+than `reclaim_after_s`, whatever its owner: every exchange ends by its deadline
+(`upstream.total_timeout_s` after its arrival) and settles within `timeout_s` more,
+so no live request can still hold it.
+
+A reclaimed reservation is never freed: its request may have reached OpenAI, which
+bills what it accepted whether or not the answer arrived. It is settled at its
+bound, flagged `outcome_unknown`, until an operator resolves it (`tollgate ledger
+resolve`) or its late answer settles it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable
+
+from proxy.core.errors import LedgerError
+from proxy.core.settings import UpstreamSettings
+from proxy.ledger import Ledger, Owner
+
+log = logging.getLogger("tollgate")
+
+HEARTBEAT_S = 5.0
+# A process silent for this long is dead (several missed heartbeats).
+SILENT_S = 30.0
+RECLAIM_EVERY_S = 30.0
+RECLAIM_MARGIN_S = 60.0
+"""Beyond an exchange's deadline and its settlement's retries: clocks that differ between
+hosts, a loop slow to notice a deadline."""
+
+
+def this_process() -> Owner:
+    return Owner(uuid.uuid4().hex, socket.gethostname(), os.getpid())
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def dead(owner: Owner, me: Owner, now: float) -> bool:
+    if owner.id == me.id:
+        return False
+    if not owner.host:  # never registered, or already forgotten
+        return True
+    if owner.host == me.host and not pid_alive(owner.pid):
+        return True
+    return now - owner.heartbeat_at > SILENT_S
+
+
+def reclaim_after_s(upstream: UpstreamSettings) -> float:
+    """The age past which a reservation belongs to no live request: the exchange's total
+    deadline, then the settlement's retries (`timeout_s`), then a margin."""
+    return upstream.deadline_s + upstream.timeout_s + RECLAIM_MARGIN_S
+
+
+async def reclaim_once(ledger: Ledger, me: Owner, now: float, after_s: float) -> int:
+    """Settle at their bound the reservations of dead processes and of requests older than
+    `after_s` (see `reclaim_after_s`)."""
+    gone = [o.id for o in await ledger.owners() if dead(o, me, now)]
+    count = await ledger.reclaim(now, started_before=now - after_s, owners=gone)
+    if count:
+        log.warning(
+            "charged %d reservation(s) of stopped processes or past every deadline at their "
+            "bound, flagged outcome_unknown: see `tollgate ledger flagged`",
+            count,
+        )
+    return count
+
+
+async def run(
+    ledger: Ledger, me: Owner, clock: Callable[[], float], after_s: Callable[[], float]
+) -> None:
+    """Heartbeat and reclaim until cancelled (`after_s`: the current configuration's age
+    limit, which a reload may change)."""
+    since_reclaim = 0.0
+    while True:
+        await asyncio.sleep(HEARTBEAT_S)
+        try:
+            await ledger.heartbeat(clock())
+            since_reclaim += HEARTBEAT_S
+            if since_reclaim >= RECLAIM_EVERY_S:
+                since_reclaim = 0.0
+                await reclaim_once(ledger, me, clock(), after_s())
+        except LedgerError as exc:
+            log.error("ledger housekeeping failed: %s", exc)
