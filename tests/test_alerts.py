@@ -111,7 +111,7 @@ async def ledger(tmp_path: Path) -> Any:
 
 
 def alerts_for(cfg: Config, ledger: SqliteLedger, **options: Any) -> Alerts:
-    notifier = Alerts(lambda: cfg, ledger, lambda: NOW, **options)
+    notifier = Alerts(cfg, ledger, lambda: NOW, **options)
     notifier.start()
     return notifier
 

@@ -17,6 +17,7 @@ from proxy.core.auth import key_hash
 from proxy.simulator import SimulatorSettings, create_simulator_app
 from proxy.web.app import Overrides, create_app
 from proxy.web.handlers import ImagesHandler, OtherPaths, new_request_id
+from proxy.web.runtime import Runtime
 from tests.conftest import UPSTREAM_KEY, write_config
 
 KEY = "tg_test_gateway_key"
@@ -57,7 +58,7 @@ def test_other_methods_and_paths_still_go_through_the_routes(client: TestClient)
 def test_a_fault_of_tollgate_is_a_500_in_openai_shape(
     client: TestClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def broken(self: ImagesHandler, request: Request) -> Response:
+    async def broken(self: ImagesHandler, request: Request, runtime: Runtime) -> Response:
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(ImagesHandler, "handle", broken)
@@ -73,7 +74,7 @@ def test_a_fault_of_tollgate_is_a_500_in_openai_shape(
 def test_a_fault_outside_the_image_path_is_a_500_in_openai_shape(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def broken(self: OtherPaths, request: Request) -> Response:
+    async def broken(self: OtherPaths, request: Request, runtime: Runtime) -> Response:
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(OtherPaths, "handle", broken)

@@ -40,7 +40,7 @@ DOES_IO = (
     "proxy.web.handlers",
     "proxy.web.forwarding",
     "proxy.web.responses",
-    "proxy.web.services",
+    "proxy.web.runtime",
     "proxy.web.app",
     "proxy.cli",
     "proxy.web.spool",

@@ -26,7 +26,7 @@ from proxy.ledger import Owner, Row
 from proxy.simulator import SimulatorSettings, create_simulator_app
 from proxy.web import housekeeping
 from proxy.web.app import Gateway, Overrides, create_app
-from proxy.web.services import Services
+from proxy.web.runtime import Runtime
 from tests.conftest import write_config
 
 KEY = "tg_test_deadline_key"
@@ -139,14 +139,17 @@ def call(app: Gateway, body: dict[str, Any]) -> Call:
 @dataclass
 class Harness:
     app: Gateway
-    services: Services
     upstream: LiveUpstream
     now: list[float]
 
+    @property
+    def services(self) -> Runtime:
+        return self.app.current()
+
     async def settled(self) -> Row:
         """The one request's row once everything in flight is done."""
-        if self.services.background:
-            await asyncio.wait_for(asyncio.gather(*self.services.background), WAIT_S)
+        if self.services.tasks.running:
+            await asyncio.wait_for(asyncio.gather(*self.services.tasks.running), WAIT_S)
         [row] = await self.services.ledger.rows()
         return row
 
@@ -184,8 +187,7 @@ async def harness(root: Path) -> AsyncIterator[Harness]:
     app = create_app(load_config(root), Overrides(transport=upstream, clock=lambda: now[0]), root)
     starlette = app.app
     async with starlette.router.lifespan_context(starlette):  # type: ignore[attr-defined]
-        services = app.images["/v1/images/generations"].services
-        yield Harness(app, services, upstream, now)
+        yield Harness(app, upstream, now)
 
 
 async def started_stream(h: Harness) -> tuple[Call, LiveBody]:
@@ -279,7 +281,7 @@ async def test_a_request_whose_body_took_the_whole_deadline_is_not_sent(root: Pa
     app = create_app(load_config(root), Overrides(transport=upstream, clock=clock), root)
     starlette = app.app
     async with starlette.router.lifespan_context(starlette):  # type: ignore[attr-defined]
-        services = app.images["/v1/images/generations"].services
+        services = app.current()
         answer = call(
             app, {k: v for k, v in STREAM.items() if "stream" not in k and "partial" not in k}
         )

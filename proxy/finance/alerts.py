@@ -117,14 +117,15 @@ class Alerts:
 
     def __init__(
         self,
-        config: Callable[[], Config],
+        config: Config,
         ledger: Ledger,
         clock: Callable[[], float],
         *,
         retry_delays: tuple[float, ...] = RETRY_DELAYS,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self._config = config
+        self.config = config
+        """The configuration in force: replaced on reload."""
         self._ledger = ledger
         self._clock = clock
         self._retry_delays = retry_delays
@@ -140,7 +141,7 @@ class Alerts:
 
     def settled(self, entry: Entry) -> None:
         """Note that `entry` was settled; returns at once."""
-        if entry.team and watched(self._config(), entry.team):
+        if entry.team and watched(self.config, entry.team):
             self._pending.add(entry.team)
             self._idle.clear()
             self._wake.set()
@@ -173,7 +174,7 @@ class Alerts:
 
     async def check(self, teams: set[str]) -> None:
         """Announce every threshold newly crossed by the budgets of `teams`."""
-        config, now = self._config(), self._clock()
+        config, now = self.config, self._clock()
         statuses = await budget_status(config, self._ledger, now)
         sends = [
             self.post(url, crossing.message(), config.alerts.timeout_s)

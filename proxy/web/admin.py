@@ -15,7 +15,7 @@ from proxy.finance.reports_query import ReportQuery
 from proxy.finance.reports_query import run as run_report
 from proxy.finance.status import budget_status
 from proxy.web.responses import error_response
-from proxy.web.services import Services
+from proxy.web.runtime import Runtime
 
 YES = ("1", "true", "yes")
 """How a query parameter says yes (`audit=1`, `excel=true`)."""
@@ -35,15 +35,12 @@ def check_admin(request: Request, config: Config) -> None:
 
 
 class AdminApi:
-    def __init__(
-        self, services: Callable[[], Services], reload: Callable[[], Awaitable[Config]]
-    ) -> None:
-        self._services = services
+    def __init__(self, reload: Callable[[], Awaitable[Config]]) -> None:
         self._reload = reload
 
-    async def budgets(self, request: Request) -> Response:
+    async def budgets(self, request: Request, runtime: Runtime) -> Response:
         """Every organization and team budget: limit, spent, reserved, remaining, period end."""
-        s = self._services()
+        s = runtime
         try:
             check_admin(request, s.config)
         except RequestError as exc:
@@ -52,11 +49,11 @@ class AdminApi:
         found = await budget_status(s.config, s.ledger, now)
         return JSONResponse({"as_of": now, "budgets": [b.as_json() for b in found]})
 
-    async def report(self, request: Request) -> Response:
+    async def report(self, request: Request, runtime: Runtime) -> Response:
         """`GET /admin/report?from=&to=&by=&format=` (also `statement=YYYY-MM`, `audit=1`,
         `excel=1` for a CSV with a byte-order mark): the same answer as `tollgate report`;
         the audit export is streamed."""
-        s = self._services()
+        s = runtime
         q = request.query_params
         try:
             check_admin(request, s.config)
@@ -77,10 +74,10 @@ class AdminApi:
             return StreamingResponse(answer.stream, media_type=answer.media_type)
         return Response(answer.body, media_type=answer.media_type)
 
-    async def reload(self, request: Request) -> Response:
+    async def reload(self, request: Request, runtime: Runtime) -> Response:
         """Swap in the configuration on disk, or refuse it and keep the current one."""
         try:
-            check_admin(request, self._services().config)
+            check_admin(request, runtime.config)
         except RequestError as exc:
             return error_response(exc)
         try:

@@ -8,8 +8,8 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from proxy.core.errors import (
     NotFound,
     Overloaded,
     RequestError,
+    ServiceUnavailable,
     UnsupportedEncoding,
 )
 from proxy.core.models import ENDPOINTS
@@ -49,7 +50,7 @@ from proxy.web.admission import BodyBudget
 from proxy.web.connections import OVER_CAPACITY
 from proxy.web.handlers import ImagesHandler, OtherPaths
 from proxy.web.responses import error_response
-from proxy.web.services import Services
+from proxy.web.runtime import Runtime, Tasks
 
 log = logging.getLogger("tollgate")
 
@@ -105,6 +106,24 @@ class Gateway:
         self.images = images
         self.bodies = bodies
         self.metrics = metrics
+        self.runtime: Runtime | None = None
+        """The runtime in force (None until the app has started): replaced whole on reload;
+        each request reads it once, when it arrives."""
+
+    def current(self) -> Runtime:
+        if self.runtime is None:
+            raise ServiceUnavailable("Tollgate is starting; retry shortly.")
+        return self.runtime
+
+    def bind(
+        self, endpoint: Callable[[Request, Runtime], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """A starlette endpoint that calls `endpoint` with the runtime in force."""
+
+        async def bound(request: Request) -> Response:
+            return await endpoint(request, self.current())
+
+        return bound
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -130,7 +149,7 @@ class Gateway:
                 self.bodies.release(scope)
             return
         try:
-            response = await handler.handle(Request(scope, receive))
+            response = await handler.handle(Request(scope, receive), self.current())
         except Exception:
             log.exception("unhandled error on %s", path)
             response = error_response(
@@ -211,13 +230,10 @@ def create_app(
                 "--simulate to use the built-in simulated upstream)"
             ]
         )
-    holder: dict[str, Services] = {}
     # Set by `tollgate serve --workers N` before the workers import prometheus-client.
     metrics = Metrics(multiprocess_dir=os.environ.get(ENV_MULTIPROC_DIR) or None)
     bodies = BodyBudget(config.limits, metrics)
-
-    def services() -> Services:
-        return holder["services"]
+    tasks = Tasks()
 
     def build_upstream(settings: UpstreamSettings) -> Upstream:
         return Upstream(
@@ -239,17 +255,15 @@ def create_app(
         except ConfigError as exc:
             log.error("configuration reload refused: %s", "; ".join(exc.problems))
             raise
-        shared = services()
-        if fresh.upstream != shared.config.upstream:
-            retired, shared.upstream = shared.upstream, build_upstream(fresh.upstream)
+        old = gateway.current()
+        upstream = old.upstream
+        if fresh.upstream != old.config.upstream:
+            upstream = build_upstream(fresh.upstream)
             # Requests in flight keep the old client until they are done: by their deadline.
-            later = asyncio.get_running_loop().call_later(
-                shared.config.upstream.deadline_s + 5,
-                lambda: asyncio.ensure_future(retired.aclose()),
-            )
-            shared.background_handles.append(later)
-        shared.config = fresh
+            tasks.later(old.config.upstream.deadline_s + 5, old.upstream.aclose)
         bodies.configure(fresh.limits)
+        old.alerts.config = fresh
+        gateway.runtime = replace(old, config=fresh, upstream=upstream)
         log.info("configuration reloaded from %s (%d teams)", source, len(fresh.teams))
         if os.environ.get(ENV_WORKERS, "1") != "1":
             # Several workers: the supervisor replaces each one, which reads the new files.
@@ -261,35 +275,36 @@ def create_app(
             with contextlib.suppress(ConfigError):
                 await reload()
 
-        services().spawn(run())
+        tasks.spawn(run())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         ledger = await open_ledger(overrides.ledger_url or config.ledger_url)
-        upstream = build_upstream(upstream_settings)
-        alerts = Alerts(lambda: services().config, ledger, lambda: services().clock())
-        shared = Services(
+        clock = overrides.clock or time.time
+        alerts = Alerts(config, ledger, clock)
+        runtime = Runtime(
             config=config,
             ledger=ledger,
-            upstream=upstream,
+            upstream=build_upstream(upstream_settings),
             metrics=metrics,
             alerts=alerts,
             bodies=bodies,
-            clock=overrides.clock or time.time,
+            tasks=tasks,
+            clock=clock,
         )
-        holder["services"] = shared
+        gateway.runtime = runtime
         me = housekeeping.this_process()
-        await ledger.register(me, shared.clock())
+        await ledger.register(me, clock())
         await housekeeping.reclaim_once(
-            ledger, me, shared.clock(), housekeeping.reclaim_after_s(upstream_settings)
+            ledger, me, clock(), housekeeping.reclaim_after_s(upstream_settings)
         )
         alerts.start()
         duties = asyncio.create_task(
             housekeeping.run(
                 ledger,
                 me,
-                shared.clock,
-                lambda: housekeeping.reclaim_after_s(services().config.upstream),
+                clock,
+                lambda: housekeeping.reclaim_after_s(gateway.current().config.upstream),
             )
         )
         loop = asyncio.get_running_loop()
@@ -299,62 +314,58 @@ def create_app(
             yield
         finally:
             duties.cancel()
-            for handle in shared.background_handles:
-                handle.cancel()
+            last = gateway.current()
             # In-flight exchanges are being billed: let them finish and settle. Each ends by
             # its deadline, then settles within `timeout_s` (a ledger outage's retries).
-            if shared.background:
-                upstream_now = shared.config.upstream
-                await asyncio.wait(
-                    set(shared.background),
-                    timeout=upstream_now.deadline_s + upstream_now.timeout_s,
-                )
-            await shared.upstream.aclose()
+            upstream_now = last.config.upstream
+            await tasks.finish(upstream_now.deadline_s + upstream_now.timeout_s)
+            await last.upstream.aclose()
             await alerts.aclose()
             metrics.close()
             await ledger.unregister()
             await ledger.close()
 
-    images = {f"/v1/images/{e}": ImagesHandler(e, services) for e in ENDPOINTS}
+    images = {f"/v1/images/{e}": ImagesHandler(e) for e in ENDPOINTS}
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    async def readyz(request: Request) -> Response:
+    async def readyz(request: Request, runtime: Runtime) -> Response:
         try:
-            await services().ledger.ping()
-        except (LedgerError, KeyError) as exc:
+            await runtime.ledger.ping()
+        except LedgerError as exc:
             return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    async def metrics_endpoint(request: Request) -> Response:
-        s = services()
+    async def metrics_endpoint(request: Request, runtime: Runtime) -> Response:
         try:
-            budgets = await budget_status(s.config, s.ledger, s.clock())
+            budgets = await budget_status(runtime.config, runtime.ledger, runtime.clock())
         except LedgerError as exc:
             log.error("budget gauges left out of this scrape: %s", exc)
             budgets = []
         return Response(metrics.exposition(budgets), media_type=CONTENT_TYPE_LATEST)
 
-    admin = AdminApi(services, reload)
-
+    admin = AdminApi(reload)
+    other_paths = OtherPaths()
+    gateway = Gateway(Starlette(), images, bodies, metrics)
+    bind = gateway.bind
     routes = [
-        Route("/metrics", metrics_endpoint, methods=["GET"]),
-        Route("/admin/budgets", admin.budgets, methods=["GET"]),
-        Route("/admin/report", admin.report, methods=["GET"]),
-        Route("/admin/reload", admin.reload, methods=["POST"]),
+        Route("/metrics", bind(metrics_endpoint), methods=["GET"]),
+        Route("/admin/budgets", bind(admin.budgets), methods=["GET"]),
+        Route("/admin/report", bind(admin.report), methods=["GET"]),
+        Route("/admin/reload", bind(admin.reload), methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", readyz, methods=["GET"]),
+        Route("/readyz", bind(readyz), methods=["GET"]),
         # Every standard method: OtherPaths answers each one in OpenAI's way (404, unless a
         # `passthrough:` prefix forwards it); starlette's 405 is left for made-up methods.
-        Route("/v1/{path:path}", OtherPaths(services).handle, methods=ALL_METHODS),
+        Route("/v1/{path:path}", bind(other_paths.handle), methods=ALL_METHODS),
     ]
     handlers: dict[Any, Callable[[Request, Exception], Response]] = {
         HTTPException: starlette_error,
         Exception: starlette_error,
     }
-    starlette = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
-    return Gateway(starlette, images, bodies, metrics)
+    gateway.app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    return gateway
 
 
 def app_from_env() -> Gateway:

@@ -16,7 +16,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -35,7 +35,7 @@ from proxy.core.pricing import ModelPrices
 from proxy.ledger import settle_patiently
 from proxy.upstream import BROKEN_OFF, Answer, response_headers
 from proxy.web.responses import error_response, spooled_response
-from proxy.web.services import Services
+from proxy.web.runtime import Runtime
 from proxy.web.spool import Spool
 
 log = logging.getLogger("tollgate.requests")
@@ -78,13 +78,9 @@ class Exchange:
 class Forwarder:
     """Sends requests of one endpoint upstream and settles them."""
 
-    def __init__(self, endpoint: Endpoint, services: Callable[[], Services]) -> None:
+    def __init__(self, endpoint: Endpoint, runtime: Runtime) -> None:
         self.endpoint = endpoint
-        self._services = services
-
-    @property
-    def services(self) -> Services:
-        return self._services()
+        self.services = runtime
 
     async def forward(
         self, exchange: Exchange, body: bytes, content_type: str, client_headers: Any

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from starlette.background import BackgroundTask
@@ -55,7 +55,7 @@ from proxy.upstream import response_headers
 from proxy.web.admission import BodyBudget, BodyDeadline
 from proxy.web.forwarding import Exchange, Forwarder, log_request
 from proxy.web.responses import error_response
-from proxy.web.services import Services
+from proxy.web.runtime import Runtime
 
 log = logging.getLogger("tollgate.requests")
 KEY_REFUSALS_LOG_EVERY_S = 10.0
@@ -95,18 +95,12 @@ def new_request_id() -> str:
 class ImagesHandler:
     """`POST /v1/images/{generations,edits,variations}`."""
 
-    def __init__(self, endpoint: Endpoint, services: Callable[[], Services]) -> None:
+    def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
-        self._services = services
-        self.forwarder = Forwarder(endpoint, services)
-        self.key_refusals = KeyRefusals(endpoint, services)
+        self.key_refusals = KeyRefusals(endpoint)
 
-    @property
-    def services(self) -> Services:
-        return self._services()
-
-    async def handle(self, request: Request) -> Response:
-        s = self.services
+    async def handle(self, request: Request, runtime: Runtime) -> Response:
+        s = runtime
         config = s.config
         # What is known of the request so far: the ledger entry it makes if it ends here.
         known: dict[str, Any] = {
@@ -118,7 +112,7 @@ class ImagesHandler:
         try:
             team, key = identify(request.headers.get("authorization"), config.team_by_key_hash())
         except AuthenticationFailed as exc:
-            return self.key_refusals.refuse(request, exc, headers)
+            return self.key_refusals.refuse(request, exc, headers, s)
         s.metrics.started()
         try:
             known.update(team=team.name, cost_center=team.cost_center, key_id=key.id)
@@ -133,9 +127,9 @@ class ImagesHandler:
             model = priced(config, wanted.model)
             model.validate(wanted)
             allowed = apply_allow(team, wanted, model)
-            decision, entry = await self.reserve(config, team, known, allowed)
+            decision, entry = await self.reserve(s, team, known, allowed)
         except RequestError as exc:
-            return await self.refuse(Entry(**known), exc, headers)
+            return await self.refuse(s, Entry(**known), exc, headers)
         except LedgerError as exc:
             log.error("ledger unavailable: %s", exc)
             s.metrics.finished(Entry(**known), Settlement(s.clock(), "client_error", 503), ())
@@ -163,19 +157,21 @@ class ImagesHandler:
             variant.estimate.usage,
         )
         client_headers = request.headers.items()
+        forwarder = Forwarder(self.endpoint, s)
         if variant.request.stream:
-            return await self.forwarder.forward_stream(
+            return await forwarder.forward_stream(
                 exchange, forward_body, content_type, client_headers
             )
         # Shielded: a client that hangs up does not stop the metering of what it asked for.
         return await asyncio.shield(
-            s.spawn(self.forwarder.forward(exchange, forward_body, content_type, client_headers))
+            s.spawn(forwarder.forward(exchange, forward_body, content_type, client_headers))
         )
 
     async def reserve(
-        self, config: Config, team: Team, known: Mapping[str, Any], variant: Variant
+        self, runtime: Runtime, team: Team, known: Mapping[str, Any], variant: Variant
     ) -> tuple[Decision, Entry]:
         """Decide against the budgets and reserve the bound, in one ledger transaction."""
+        config = runtime.config
         user = variant.request.user
         started_at = known["started_at"]
         budgets = applicable(config, team, user, started_at)
@@ -199,7 +195,7 @@ class ImagesHandler:
             return Reservation(reserved, sent.estimate.usage, write)
 
         read = tuple(dict.fromkeys(a.counter for a in budgets))
-        reservation = await self.services.ledger.reserve(read, choose)
+        reservation = await runtime.ledger.reserve(read, choose)
         return chosen[-1], reservation.entry
 
     def limit(self, config: Config) -> int:
@@ -210,9 +206,11 @@ class ImagesHandler:
             "variations": limits.variations_bytes,
         }[self.endpoint]
 
-    async def refuse(self, entry: Entry, exc: RequestError, headers: dict[str, str]) -> Response:
+    async def refuse(
+        self, runtime: Runtime, entry: Entry, exc: RequestError, headers: dict[str, str]
+    ) -> Response:
         """Record a request that is answered without going upstream."""
-        now = self.services.clock()
+        now = runtime.clock()
         settlement = Settlement(
             finished_at=now,
             outcome=refusal_outcome(exc),
@@ -221,10 +219,10 @@ class ImagesHandler:
             latency_ms=(now - entry.started_at) * 1000,
         )
         try:
-            await self.services.ledger.record(entry, settlement)
+            await runtime.ledger.record(entry, settlement)
         except LedgerError as ledger_exc:
             log.error("ledger record failed: %s", ledger_exc)
-        self.services.metrics.finished(entry, settlement, ())
+        runtime.metrics.finished(entry, settlement, ())
         log_request(entry, settlement)
         return error_response(exc, {**headers, "x-tollgate-cost-usd": "0"})
 
@@ -286,16 +284,19 @@ class KeyRefusals:
     like, so they are counted in a metric and a throttled log line, never in the ledger
     (a ledger row each grew the database by ~9 kB per refused request)."""
 
-    def __init__(self, endpoint: str, services: Callable[[], Services]) -> None:
+    def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
-        self._services = services
         self._unlogged = 0
         self._next_log = 0.0
 
     def refuse(
-        self, request: Request, exc: AuthenticationFailed, headers: dict[str, str]
+        self,
+        request: Request,
+        exc: AuthenticationFailed,
+        headers: dict[str, str],
+        runtime: Runtime,
     ) -> Response:
-        self._services().metrics.unauthenticated(self.endpoint, exc.reason)
+        runtime.metrics.unauthenticated(self.endpoint, exc.reason)
         self._unlogged += 1
         now = time.monotonic()
         if now >= self._next_log:
@@ -320,12 +321,11 @@ class OtherPaths:
     The path is already canonical (`Gateway`): the prefix matched is the path forwarded.
     """
 
-    def __init__(self, services: Callable[[], Services]) -> None:
-        self._services = services
-        self.key_refusals = KeyRefusals("passthrough", services)
+    def __init__(self) -> None:
+        self.key_refusals = KeyRefusals("passthrough")
 
-    async def handle(self, request: Request) -> Response:
-        s = self._services()
+    async def handle(self, request: Request, runtime: Runtime) -> Response:
+        s = runtime
         path, method = request.url.path, request.method
         listed = [p for p in s.config.passthrough if under(path, p.prefix)]
         # Image requests are never unmetered, whatever a prefix or the path's case says.
@@ -339,7 +339,7 @@ class OtherPaths:
         try:
             team, _ = identify(request.headers.get("authorization"), s.config.team_by_key_hash())
         except AuthenticationFailed as exc:
-            return self.key_refusals.refuse(request, exc, headers)
+            return self.key_refusals.refuse(request, exc, headers, s)
         allowed = frozenset[str]().union(*(p.methods for p in listed))
         query = plain_query(request.scope.get("query_string", b""))
         try:
