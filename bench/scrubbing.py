@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.scrubbing [--rounds 40] [--chunk 65536]
 
 A 2 MB image answer (one base64 image and `usage`, as OpenAI sends it) is read in
-`--chunk`-byte chunks the way `Forwarder.complete` reads it: each chunk spooled and
+`--chunk`-byte chunks the way `Exchange.read` reads it: each chunk spooled and
 fed to the `BodyMeter`. The same is timed with every chunk going through the key's
 `ChunkScrubber` first, for a real-length project key (`sk-proj-` and 156 characters)
 and a short one; then the scrubber alone, and with its base64 forms left out (the
@@ -51,7 +51,7 @@ def best_ms(run: Callable[[], object], rounds: int) -> float:
 
 
 def relay(chunks: list[bytes], scrubber: Scrubber | None) -> None:
-    """What `Forwarder.complete` does with each chunk, scrubbed first when asked."""
+    """What `Exchange.read` does with each chunk, scrubbed first when asked."""
     spool, meter = Spool(threshold=1 << 30), BodyMeter()
     stream = scrubber.stream() if scrubber is not None else None
     for chunk in chunks:

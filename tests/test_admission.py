@@ -12,9 +12,8 @@ from starlette.requests import Request
 from proxy.core.errors import InvalidRequest, Overloaded, RequestTimeout, RequestTooLarge
 from proxy.core.settings import Limits
 from proxy.metrics import Metrics
-from proxy.web.admission import SCOPE_KEY, BodyBudget
+from proxy.web.admission import SCOPE_KEY, BodyBudget, read_body
 from proxy.web.connections import default_max_connections
-from proxy.web.handlers import read_body
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -16,7 +17,8 @@ from proxy.config import load_config
 from proxy.core.auth import key_hash
 from proxy.simulator import SimulatorSettings, create_simulator_app
 from proxy.web.app import Overrides, create_app
-from proxy.web.handlers import ImagesHandler, OtherPaths, new_request_id
+from proxy.web.passthrough import OtherPaths
+from proxy.web.pipeline import Pipeline, new_request_id
 from proxy.web.runtime import Runtime
 from tests.conftest import UPSTREAM_KEY, write_config
 
@@ -58,10 +60,10 @@ def test_other_methods_and_paths_still_go_through_the_routes(client: TestClient)
 def test_a_fault_of_tollgate_is_a_500_in_openai_shape(
     client: TestClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def broken(self: ImagesHandler, request: Request, runtime: Runtime) -> Response:
+    async def broken(self: Pipeline[Any], request: Request, runtime: Runtime) -> Response:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(ImagesHandler, "handle", broken)
+    monkeypatch.setattr(Pipeline, "handle", broken)
     answer = client.post("/v1/images/edits", json=BODY, headers=HEADERS)
     assert answer.status_code == 500
     error = answer.json()["error"]

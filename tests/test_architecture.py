@@ -22,6 +22,11 @@ PURE_CORE = (
     "proxy.core.errors",
     "proxy.core.budgets",
     "proxy.core.scrubbing",
+    "proxy.core.settlement",
+    "proxy.core.settings",
+    "proxy.doors",
+    "proxy.doors.base",
+    "proxy.doors.images",
 )
 DOES_IO = (
     "httpx",
@@ -37,8 +42,9 @@ DOES_IO = (
     "prometheus_client",
     "proxy.ledger",
     "proxy.upstream",
-    "proxy.web.handlers",
-    "proxy.web.forwarding",
+    "proxy.web.pipeline",
+    "proxy.web.exchange",
+    "proxy.web.passthrough",
     "proxy.web.responses",
     "proxy.web.runtime",
     "proxy.web.app",
@@ -48,7 +54,7 @@ DOES_IO = (
     "proxy.web.admission",
     "proxy.web.connections",
 )
-WEB_AND_CLI = ("proxy.web.handlers", "proxy.web.forwarding", "proxy.web.app", "proxy.cli")
+WEB_AND_CLI = ("proxy.web", "proxy.cli")
 MAY_PRINT_OR_EXIT = ("proxy.cli", "proxy.__main__")
 
 
@@ -125,8 +131,9 @@ def test_ledger_and_upstream_never_import_each_other_nor_the_web_layer(
 
 HTTP_CLIENTS = ("httpx", "httpx_aiohttp", "aiohttp")
 REQUEST_PATH = (
-    "proxy.web.handlers",
-    "proxy.web.forwarding",
+    "proxy.web.pipeline",
+    "proxy.web.exchange",
+    "proxy.web.passthrough",
     "proxy.web.responses",
     "proxy.upstream",
 )
@@ -183,8 +190,6 @@ def test_the_check_finds_print_and_exit_where_they_are() -> None:
 
 def test_the_check_sees_imports_of_every_form() -> None:
     assert "aiohttp" in imports("proxy.upstream", MODULES["proxy.upstream"])
-    assert "proxy.upstream.Answer" in imports(
-        "proxy.web.forwarding", MODULES["proxy.web.forwarding"]
-    )
+    assert "proxy.upstream.Answer" in imports("proxy.web.exchange", MODULES["proxy.web.exchange"])
     assert "proxy.ledger.base" in imports("proxy.ledger.sqlite", MODULES["proxy.ledger.sqlite"])
     assert "proxy.simulator" in imports("proxy.cli", MODULES["proxy.cli"])  # function-local

@@ -6,7 +6,7 @@ everywhere, in Python and in SQL; `usd()` turns it into a Decimal for display.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal
 from typing import Literal
 
@@ -139,8 +139,6 @@ class ImageRequest:
     """Other scalar request fields (name, value as text) for policy checks."""
 
     def with_changes(self, **changes: object) -> ImageRequest:
-        from dataclasses import replace
-
         return replace(self, **changes)  # type: ignore[arg-type]
 
 
@@ -210,7 +208,15 @@ class Totals:
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """What is known of a request when it is reserved (or rejected)."""
+    """What is known of a request when it is reserved (or rejected): its ledger row.
+
+    Built in stages as the request path learns more, each stage a new value:
+
+        Entry(id, started_at, endpoint)          it arrived
+          .identified(team, cost_center, key_id)  its key named a team
+          .asked(request)                         its body was understood
+          .sent(request, estimated_nanos, downgrades)  what is forwarded, and its bound
+    """
 
     id: str
     started_at: float
@@ -230,6 +236,33 @@ class Entry:
     stream: bool = False
     estimated_nanos: int = 0
     downgrades: str = ""
+
+    def identified(self, team: str, cost_center: str | None, key_id: str) -> Entry:
+        return replace(self, team=team, cost_center=cost_center, key_id=key_id)
+
+    def asked(self, request: ImageRequest) -> Entry:
+        """What the client asked for."""
+        return replace(
+            self,
+            user=request.user,
+            model_requested=request.model,
+            quality_requested=request.quality,
+            size_requested=request.size,
+            n_requested=request.n,
+            stream=request.stream,
+        )
+
+    def sent(self, request: ImageRequest, estimated_nanos: int, downgrades: str) -> Entry:
+        """What is forwarded (after any downgrade) and the bound reserved for it."""
+        return replace(
+            self,
+            model=request.model,
+            quality=request.quality,
+            size=request.size,
+            n=request.n,
+            estimated_nanos=estimated_nanos,
+            downgrades=downgrades,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -206,6 +206,11 @@ class ModelPrices:
         prices = self.per_image[q]
         return max(to_nanos(prices[s]) for s in self.candidate_sizes(size))
 
+    def per_image_charge(self, quality: str, size: str, images: int) -> Charge:
+        """What `images` images cost a per-image model (DALL·E): its price list, not
+        reported usage, so the charge is flagged for reconciliation with the bill."""
+        return Charge(Usage(images=images), self.image_price_nanos(quality, size) * images, True)
+
     def cost(self, usage: Usage) -> int:
         """The price of reported usage, in nano-dollars (rounded up). Every token is priced
         (fail closed): a kind without its own rate, and unclassified tokens, at the dearest
@@ -295,8 +300,8 @@ class ModelPrices:
 def estimate(model: ModelPrices, request: ImageRequest) -> Estimate:
     """An upper bound of what `request` can cost: reserved before it is forwarded."""
     if model.per_image_billing:
-        per_image = model.image_price_nanos(request.quality, request.size)
-        return Estimate(Usage(images=request.n), per_image * request.n)
+        charge = model.per_image_charge(request.quality, request.size, request.n)
+        return Estimate(charge.usage, charge.cost_nanos)
     images = (*request.images, request.mask) if request.mask is not None else request.images
     image_input = sum(
         model.input_image_tokens(image.width, image.height, request.input_fidelity)

@@ -18,7 +18,9 @@ import asyncio
 from collections.abc import MutableMapping
 from typing import Any
 
-from proxy.core.errors import Overloaded, RequestTimeout
+from starlette.requests import ClientDisconnect, Request
+
+from proxy.core.errors import InvalidRequest, Overloaded, RequestTimeout, RequestTooLarge
 from proxy.core.settings import BODY_COPIES, Limits
 from proxy.metrics import Metrics
 
@@ -124,3 +126,47 @@ class BodyDeadline:
             return
         self.expired = True
         self._task.cancel()
+
+
+async def read_body(request: Request, limit: int, budget: BodyBudget) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes, with 503 when
+    it would pass the bytes `budget` lets the process hold (before it is read when its
+    length is declared), with 408 when the client pauses or takes too long sending it.
+
+    What `budget` charges stays in the request's scope until the web layer releases it."""
+    scope = request.scope
+    declared = request.headers.get("content-length")
+    charged = 0
+    if declared is not None and declared.isdigit():
+        charged = int(declared)
+        if charged > limit:
+            raise too_large(limit)
+        budget.take(scope, charged)
+    chunks: list[bytes] = []
+    size = 0
+    deadline = BodyDeadline(budget.idle_s, budget.total_s)
+    try:
+        async for chunk in request.stream():
+            deadline.progress()
+            size += len(chunk)
+            if size > limit:
+                raise too_large(limit)
+            if size > charged:  # a chunked body: charged as it comes
+                budget.take(scope, size - charged)
+                charged = size
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise InvalidRequest("The client disconnected before sending the whole body.") from None
+    except asyncio.CancelledError:
+        if not deadline.expired:
+            raise
+        raise budget.timed_out(size) from None
+    finally:
+        deadline.close()
+    return b"".join(chunks)
+
+
+def too_large(limit: int) -> RequestTooLarge:
+    return RequestTooLarge(
+        f"Request body is larger than the {limit:,} bytes Tollgate accepts on this endpoint."
+    )

@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from proxy.core.errors import (
 from proxy.core.models import ENDPOINTS
 from proxy.core.paths import canonical
 from proxy.core.settings import Config, UpstreamSettings
+from proxy.doors import ImagesDoor
 from proxy.finance.alerts import Alerts
 from proxy.finance.status import budget_status
 from proxy.ledger import open_ledger
@@ -48,7 +49,8 @@ from proxy.web import housekeeping
 from proxy.web.admin import AdminApi
 from proxy.web.admission import BodyBudget
 from proxy.web.connections import OVER_CAPACITY
-from proxy.web.handlers import ImagesHandler, OtherPaths
+from proxy.web.passthrough import OtherPaths
+from proxy.web.pipeline import Pipeline
 from proxy.web.responses import error_response
 from proxy.web.runtime import Runtime, Tasks
 
@@ -98,7 +100,7 @@ class Gateway:
     def __init__(
         self,
         app: ASGIApp,
-        images: dict[str, ImagesHandler],
+        images: Mapping[str, Pipeline[Any]],
         bodies: BodyBudget,
         metrics: Metrics,
     ) -> None:
@@ -325,7 +327,7 @@ def create_app(
             await ledger.unregister()
             await ledger.close()
 
-    images = {f"/v1/images/{e}": ImagesHandler(e) for e in ENDPOINTS}
+    images = {f"/v1/images/{e}": Pipeline(ImagesDoor(e)) for e in ENDPOINTS}
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

@@ -1,0 +1,139 @@
+"""What a forwarded request costs once its exchange is over (pure).
+
+Every way an exchange can end is priced here, from what was reserved (the `Bound`)
+and what was seen of the answer:
+
+    answered     a 2xx answer, metered: its usage at the model's rates; without usage,
+                 the bound (flagged); per-image models at their per-image price (flagged)
+    refused      an error answer from the upstream: nothing is billed
+    unknown      the answer broke off, was unreadable or outlived its deadline: the
+                 upstream may have billed, so the bound is charged, flagged
+    not_answered the upstream never answered: the bound (flagged) when the request may
+                 have reached it, else nothing
+    stream_ended a stream's end (completed, errored, cut short) as one of the above
+
+Charging the bound when the outcome is unknown keeps the promise that settled spend
+never falls below what the upstream billed: an operator resolves a flagged row
+(`tollgate ledger resolve`) once the bill says what it really was.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from proxy.core.errors import RequestError, UpstreamFailure
+from proxy.core.models import Charge, Usage
+from proxy.core.pricing import ModelPrices
+
+STREAM_TRUNCATED = "stream_truncated"
+MALFORMED_ANSWER = "malformed_answer"
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """What a request was reserved at: the upper bound of its cost and the usage behind it."""
+
+    model: ModelPrices
+    n: int
+    quality: str
+    size: str
+    cost_nanos: int
+    usage: Usage
+
+    def charged(self) -> Charge:
+        """The bound as a charge: its cost and usage (so token budgets keep counting it),
+        flagged for reconciliation."""
+        return Charge(replace(self.usage, images=self.n), self.cost_nanos, flagged=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """How an exchange is settled: its outcome, what it is charged, and why."""
+
+    outcome: Literal["ok", "upstream_error"]
+    charge: Charge
+    error_code: str | None = None
+
+    @property
+    def cost_nanos(self) -> int:
+        return self.charge.cost_nanos
+
+
+NOTHING = Charge(Usage(), 0)
+
+
+def answered(bound: Bound, usage: Usage | None, images: int) -> Verdict:
+    """A 2xx answer carrying `usage` (None: it had none) and `images` images."""
+    count = images or bound.n
+    model = bound.model
+    if model.per_image_billing:
+        return Verdict("ok", model.per_image_charge(bound.quality, bound.size, count))
+    if usage is None:
+        # A successful answer without usage: charge the bound, flag for reconciliation.
+        return Verdict("ok", Charge(Usage(images=count), bound.cost_nanos, flagged=True))
+    return Verdict("ok", model.charge(replace(usage, images=count)))
+
+
+def refused(error_code: str | None) -> Verdict:
+    """An error answer of the upstream's own: it billed nothing."""
+    return Verdict("upstream_error", NOTHING, error_code)
+
+
+def unknown(bound: Bound, error_code: str) -> Verdict:
+    """The upstream may have billed, and what is unknown: the bound, flagged."""
+    return Verdict("upstream_error", bound.charged(), error_code)
+
+
+def not_answered(bound: Bound, failure: RequestError) -> Verdict:
+    """No answer came: the bound when the request may have reached the upstream (which
+    bills what it accepted, answer or not), else nothing."""
+    if isinstance(failure, UpstreamFailure):
+        if failure.maybe_billed:
+            return unknown(bound, failure.ledger_code)
+        return refused(failure.ledger_code)
+    return refused(failure.code)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """What was seen of a stream when it ended."""
+
+    completed: int
+    """Images whose completion event (with its usage) arrived."""
+    usage: Usage
+    """The usage of those completion events, summed."""
+    error: Any = None
+    """The `error` object of an error event, if one came."""
+    unreadable: int = 0
+    """Events that could not be read: each may have been a billed image."""
+    broken: str | None = None
+    """The ledger code of how the stream broke off, if it did (else it ended cleanly)."""
+
+
+def stream_ended(bound: Bound, end: StreamEnd) -> Verdict:
+    """A stream is settled from its completion events only when it ended cleanly with every
+    event read; an error before any image bills nothing; anything else was cut short and
+    may have been billed."""
+    if end.broken is None and end.completed and end.error is None and not end.unreadable:
+        return answered(bound, end.usage, end.completed)
+    if end.error is not None and not end.completed and not end.unreadable:
+        return refused(error_code_of(end.error))
+    code = end.broken or (MALFORMED_ANSWER if end.unreadable else STREAM_TRUNCATED)
+    return unknown(bound, code)
+
+
+def error_code(body: bytes) -> str | None:
+    """The `error.code` (else `error.type`) of an upstream error answer, if it has one."""
+    try:
+        return error_code_of(json.loads(body).get("error"))
+    except (ValueError, AttributeError):
+        return None
+
+
+def error_code_of(error: Any) -> str | None:
+    if isinstance(error, dict):
+        code = error.get("code") or error.get("type")
+        return str(code) if code is not None else None
+    return None

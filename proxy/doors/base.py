@@ -1,0 +1,91 @@
+"""What a door is: the typed interface the pipeline calls (see `proxy.doors`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol, TypeVar
+from zoneinfo import ZoneInfo
+
+from proxy.core.budgets import Applied, Decision, Variant
+from proxy.core.models import Counter, Endpoint, ImageRequest, Totals, Usage
+from proxy.core.settings import Config, Limits, Team
+from proxy.core.settlement import StreamEnd
+
+Parsed = TypeVar("Parsed")
+
+
+class AnswerMeter(Protocol):
+    """Reads a whole answer's usage as its chunks pass."""
+
+    def feed(self, chunk: bytes) -> None: ...
+
+    def finish(self) -> tuple[Usage | None, int]:
+        """(usage, or None when the answer had none; images in it). Raises
+        `MalformedAnswer` when the answer is not what the upstream sends."""
+        ...
+
+
+class StreamMeter(Protocol):
+    """Follows a stream's events as they pass."""
+
+    def feed(self, chunk: bytes) -> None: ...
+
+    def end(self, broken: str | None) -> StreamEnd:
+        """What was seen once the stream is over (`broken`: how it broke off, if it did)."""
+        ...
+
+
+class Door(Protocol[Parsed]):
+    """One door: the requests of one upstream endpoint."""
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The endpoint's name in the ledger, the metrics and the policies."""
+        ...
+
+    @property
+    def upstream_path(self) -> str:
+        """Where its requests go, below the upstream's base URL."""
+        ...
+
+    def body_limit(self, limits: Limits) -> int:
+        """The largest body accepted."""
+        ...
+
+    def parse(self, content_type: str, body: bytes, config: Config) -> Parsed:
+        """The body understood; InvalidRequest in OpenAI's words when it is not."""
+        ...
+
+    def request(self, parsed: Parsed) -> ImageRequest:
+        """What the client asked for, as the ledger and the budgets see it."""
+        ...
+
+    def names_model(self, parsed: Parsed) -> bool:
+        """False when the default model was applied."""
+        ...
+
+    def admit(self, team: Team, parsed: Parsed, config: Config) -> Variant:
+        """The request priced and put through the team's `allow` policy: UnpricedModel,
+        PolicyViolation or InvalidRequest when it cannot be sent at all."""
+        ...
+
+    def decide(
+        self,
+        team: Team,
+        variant: Variant,
+        budgets: tuple[Applied, ...],
+        totals: Mapping[Counter, Totals],
+        config: Config,
+        tz: ZoneInfo,
+    ) -> Decision:
+        """The variant to send given what the budgets hold, or BudgetExceeded."""
+        ...
+
+    def encode(self, parsed: Parsed, variant: Variant) -> tuple[bytes, str]:
+        """The exact bytes to forward for `variant`, built from the parse, and their
+        content type."""
+        ...
+
+    def answer_meter(self) -> AnswerMeter: ...
+
+    def stream_meter(self) -> StreamMeter: ...

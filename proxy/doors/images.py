@@ -1,0 +1,98 @@
+"""The Images API: `POST /v1/images/{generations,edits,variations}` (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from zoneinfo import ZoneInfo
+
+from proxy.core.budgets import Applied, Decision, Variant, apply_allow, decide
+from proxy.core.errors import UnpricedModel
+from proxy.core.metering import BodyMeter, SseMeter
+from proxy.core.models import Counter, Endpoint, ImageRequest, Totals
+from proxy.core.parsing import ParsedBody, parse_request
+from proxy.core.pricing import ModelPrices, PriceBook
+from proxy.core.settings import Config, Limits, Team
+from proxy.core.settlement import StreamEnd
+
+
+@dataclass(frozen=True, slots=True)
+class ImagesDoor:
+    """One endpoint of the Images API."""
+
+    endpoint: Endpoint
+
+    @property
+    def upstream_path(self) -> str:
+        return f"/images/{self.endpoint}"
+
+    def body_limit(self, limits: Limits) -> int:
+        return {
+            "generations": limits.generations_bytes,
+            "edits": limits.edits_bytes,
+            "variations": limits.variations_bytes,
+        }[self.endpoint]
+
+    def parse(self, content_type: str, body: bytes, config: Config) -> ParsedBody:
+        return parse_request(self.endpoint, content_type, body, config.default_model)
+
+    def request(self, parsed: ParsedBody) -> ImageRequest:
+        return parsed.request
+
+    def names_model(self, parsed: ParsedBody) -> bool:
+        return parsed.names_model
+
+    def admit(self, team: Team, parsed: ParsedBody, config: Config) -> Variant:
+        model = priced(config.prices, parsed.request.model)
+        model.validate(parsed.request)
+        return apply_allow(team, parsed.request, model)
+
+    def decide(
+        self,
+        team: Team,
+        variant: Variant,
+        budgets: tuple[Applied, ...],
+        totals: Mapping[Counter, Totals],
+        config: Config,
+        tz: ZoneInfo,
+    ) -> Decision:
+        return decide(team, variant, budgets, totals, config.prices, tz)
+
+    def encode(self, parsed: ParsedBody, variant: Variant) -> tuple[bytes, str]:
+        sent = variant.request
+        return parsed.encode({c.knob: str(getattr(sent, c.knob)) for c in variant.changes})
+
+    def answer_meter(self) -> BodyMeter:
+        return BodyMeter()
+
+    def stream_meter(self) -> ImageEvents:
+        return ImageEvents()
+
+
+class ImageEvents:
+    """An image stream ends with one `*.completed` event per image, each with its usage;
+    an `error` event ends it without an image."""
+
+    def __init__(self) -> None:
+        self._meter = SseMeter()
+
+    def feed(self, chunk: bytes) -> None:
+        self._meter.feed(chunk)
+
+    def end(self, broken: str | None) -> StreamEnd:
+        meter = self._meter
+        if broken is None:
+            meter.finish()  # a last event may lack its blank line
+        return StreamEnd(meter.completed, meter.usage, meter.error, meter.unreadable, broken)
+
+
+def priced(book: PriceBook, name: str) -> ModelPrices:
+    """The price-book entry of model `name`; UnpricedModel when there is none."""
+    model = book.find(name)
+    if model is None:
+        raise UnpricedModel(
+            f"Model {name!r} is not in Tollgate's price book, so its cost cannot be metered. "
+            "Ask your Tollgate administrator to add it.",
+            param="model",
+        )
+    return model

@@ -1,0 +1,267 @@
+"""One forwarded request: forward → meter → settle → observe → answer.
+
+The exchange with the upstream runs in its own task, shielded from the client:
+a client that disconnects does not stop metering, because OpenAI bills the
+generation all the same. Streams are relayed event by event as they arrive.
+
+Every exchange has a total deadline, `upstream.total_timeout_s` after the request
+arrived (on the runtime's clock): an upstream still sending then is cut and the
+request charged its bound, flagged `deadline_exceeded`. So a live request never
+outlives the age at which housekeeping reclaims reservations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from typing import Any
+
+from starlette.responses import Response, StreamingResponse
+
+from proxy.core import settlement
+from proxy.core.errors import DeadlineExceeded, LedgerError, RequestError, UpstreamUnavailable
+from proxy.core.metering import MalformedAnswer
+from proxy.core.models import Change, Entry, Outcome, Settlement, usd_text
+from proxy.core.settlement import Bound, StreamEnd, Verdict
+from proxy.doors.base import Door
+from proxy.ledger import settle_patiently
+from proxy.upstream import BROKEN_OFF, Answer, response_headers
+from proxy.web.observe import observe
+from proxy.web.relay import Relay
+from proxy.web.responses import error_response, spooled_response
+from proxy.web.runtime import Runtime
+from proxy.web.spool import Spool
+
+log = logging.getLogger("tollgate.requests")
+
+ERROR_BODY_LIMIT = 1024 * 1024
+DEADLINE_MESSAGE = (
+    "The upstream's answer did not end within Tollgate's deadline for one request "
+    "(upstream.total_timeout_s)."
+)
+Headers = Iterable[tuple[str, str]]
+
+
+class Exchange:
+    """A request reserved and about to be forwarded: everything its settlement needs."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        door: Door[Any],
+        entry: Entry,
+        bound: Bound,
+        headers: dict[str, str],
+        changes: tuple[Change, ...] = (),
+        remaining_nanos: int | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.door = door
+        self.entry = entry
+        self.bound = bound
+        self.headers = headers
+        self.changes = changes
+        self.remaining_nanos = remaining_nanos
+        """Room left in the tightest USD budget with this request's bound reserved."""
+        self.deadline = entry.started_at + runtime.config.upstream.deadline_s
+        """When the exchange must be over, on the runtime's clock."""
+        self.sent_at = 0.0
+
+    # -- the two ways through ------------------------------------------------------
+
+    async def whole(self, body: bytes, content_type: str, client_headers: Headers) -> Response:
+        """Forward a request whose answer is read whole, then meter, settle and answer it."""
+        try:
+            answer = await self.send(body, content_type, client_headers)
+        except RequestError as exc:
+            return error_response(exc, self.after(await self.not_answered(exc)))
+        return await self.read(answer)
+
+    async def stream(self, body: bytes, content_type: str, client_headers: Headers) -> Response:
+        """Forward a streamed request and pass its events through as they arrive; they are
+        metered and settled once the stream ends, whether or not the client is still there."""
+        headers = {**self.headers, "x-tollgate-reserved-usd": usd_text(self.entry.estimated_nanos)}
+        if self.remaining_nanos is not None:
+            headers["x-tollgate-budget-remaining-usd"] = usd_text(max(self.remaining_nanos, 0))
+        try:
+            answer = await self.send(body, content_type, client_headers)
+        except RequestError as exc:
+            cost = await self.not_answered(exc)
+            return error_response(exc, {**headers, "x-tollgate-cost-usd": usd_text(cost)})
+        ok = 200 <= answer.status < 300
+        if not ok or "event-stream" not in answer.headers.get("content-type", ""):
+            # Errors (and answers that are not streams) are metered like plain answers.
+            return await asyncio.shield(self.runtime.spawn(self.read(answer)))
+        relay = Relay()
+        self.runtime.spawn(self.pump(answer, relay))
+        return StreamingResponse(
+            relay.events(),
+            status_code=answer.status,
+            headers={**dict(response_headers(answer)), **headers},
+        )
+
+    # -- forward -------------------------------------------------------------------
+
+    async def send(self, body: bytes, content_type: str, client_headers: Headers) -> Answer:
+        """Send upstream within the exchange's deadline; DeadlineExceeded when it passes
+        (`maybe_billed` once the request may have left)."""
+        self.sent_at = time.monotonic()
+        left = self.deadline - self.runtime.clock()
+        if left <= 0:
+            # A body that took the whole deadline to arrive: never sent, nothing billed.
+            raise DeadlineExceeded(DEADLINE_MESSAGE)
+        try:
+            async with asyncio.timeout(left):
+                return await self.runtime.upstream.send(
+                    self.door.upstream_path, body, content_type, client_headers
+                )
+        except TimeoutError as exc:  # the deadline: the client's own are translated
+            raise DeadlineExceeded(DEADLINE_MESSAGE, maybe_billed=True) from exc
+
+    async def within_deadline(self, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+        """`chunks` until the exchange's deadline, then DeadlineExceeded: checked as each
+        chunk arrives, and by a timer while the upstream sends none. The timer covers one
+        read at a time, never the consumer's work between two chunks."""
+        clock, deadline = self.runtime.clock, self.deadline
+        reading = aiter(chunks)
+        while True:
+            try:
+                left = deadline - clock()
+                if left <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(left):
+                    chunk = await anext(reading)
+                if clock() >= deadline:
+                    raise TimeoutError  # it came, but too late
+            except StopAsyncIteration:
+                return
+            except TimeoutError as exc:  # the upstream's own silences are translated
+                raise DeadlineExceeded(DEADLINE_MESSAGE, maybe_billed=True) from exc
+            yield chunk
+
+    # -- meter -----------------------------------------------------------------------
+
+    async def read(self, answer: Answer) -> Response:
+        """Read a whole answer into a spool, metering it on the way, then settle and answer:
+        a 2xx at its metered price, an error answer passed through at nothing, an answer
+        that broke off or cannot be read at its bound."""
+        spool = Spool()
+        ok = 200 <= answer.status < 300
+        meter = self.door.answer_meter() if ok else None
+        upstream_id = answer.headers.get("x-request-id")
+        try:
+            try:
+                async for chunk in self.within_deadline(answer.chunks()):
+                    spool.write(chunk)
+                    if meter is not None:
+                        meter.feed(chunk)
+            finally:
+                await answer.aclose()
+                self.observe_upstream()
+            usage, images = meter.finish() if meter is not None else (None, 0)
+        except (*BROKEN_OFF, MalformedAnswer) as exc:
+            spool.close()
+            return await self.unreadable(answer, exc)
+        if meter is None:
+            return await self.pass_error(answer, spool)
+        verdict = settlement.answered(self.bound, usage, images)
+        await self.settle(verdict, answer.status, upstream_id)
+        return spooled_response(spool, answer, self.after(verdict.cost_nanos))
+
+    async def pass_error(self, answer: Answer, spool: Spool) -> Response:
+        """An upstream error answer: passed through unchanged, nothing charged."""
+        body = spool.getvalue() if spool.in_memory and spool.size <= ERROR_BODY_LIMIT else b""
+        spool.close()
+        verdict = settlement.refused(settlement.error_code(body))
+        await self.settle(verdict, answer.status, answer.headers.get("x-request-id"))
+        headers = {**dict(response_headers(answer)), **self.after(0)}
+        return Response(body, status_code=answer.status, headers=headers)
+
+    async def unreadable(self, answer: Answer, failure: Exception) -> Response:
+        """An answer that broke off, is not JSON or outlived its deadline: the upstream may
+        have billed; charged its bound."""
+        exc: RequestError
+        if isinstance(failure, DeadlineExceeded):
+            exc, code = failure, "deadline_exceeded"
+        else:
+            exc = UpstreamUnavailable(
+                f"The upstream's answer could not be read ({failure}). The request's "
+                "estimated cost was charged and flagged for reconciliation."
+            )
+            code = settlement.MALFORMED_ANSWER
+        verdict = settlement.unknown(self.bound, code)
+        await self.settle(verdict, exc.status, answer.headers.get("x-request-id"))
+        return error_response(exc, self.after(verdict.cost_nanos))
+
+    async def pump(self, answer: Answer, relay: Relay) -> None:
+        """Read the upstream stream to its end, relaying and metering each event, then
+        settle what it came to."""
+        meter = self.door.stream_meter()
+        broken: str | None = None
+        try:
+            async for chunk in self.within_deadline(answer.chunks()):
+                meter.feed(chunk)
+                relay.put(chunk)
+        except BROKEN_OFF as exc:
+            broken = exc.ledger_code
+        finally:
+            await answer.aclose()
+            relay.close()
+            self.observe_upstream()
+        end: StreamEnd = meter.end(broken)
+        verdict = settlement.stream_ended(self.bound, end)
+        await self.settle(verdict, answer.status, answer.headers.get("x-request-id"))
+
+    async def not_answered(self, failure: RequestError) -> int:
+        """Settle a request that got no answer; returns what it was charged."""
+        self.observe_upstream()
+        verdict = settlement.not_answered(self.bound, failure)
+        await self.settle(verdict, failure.status, None)
+        return verdict.cost_nanos
+
+    # -- settle, observe, answer -------------------------------------------------------
+
+    async def settle(self, verdict: Verdict, status: int, upstream_id: str | None) -> None:
+        """Write the verdict to the ledger (riding out a short outage: the upstream has
+        billed what it answered), then observe it in metrics, alerts and the log."""
+        runtime, entry = self.runtime, self.entry
+        now = runtime.clock()
+        outcome: Outcome = verdict.outcome
+        if outcome == "ok" and entry.downgrades:
+            outcome = "downgraded"
+        charge = verdict.charge
+        settled = Settlement(
+            finished_at=now,
+            outcome=outcome,
+            status=status,
+            usage=charge.usage,
+            cost_nanos=charge.cost_nanos,
+            flagged=charge.flagged,
+            upstream_request_id=upstream_id,
+            error_code=verdict.error_code,
+            latency_ms=(now - entry.started_at) * 1000,
+        )
+        try:
+            await settle_patiently(
+                runtime.ledger, entry.id, settled, within_s=runtime.config.upstream.timeout_s
+            )
+        except LedgerError as exc:
+            # The reservation stays in the ledger and is reclaimed later; say so loudly.
+            log.error("ledger settle failed for %s: %s", entry.id, exc)
+        observe(runtime, entry, settled, self.changes)
+        runtime.alerts.settled(entry)
+
+    def observe_upstream(self) -> None:
+        model = self.entry.model or ""
+        elapsed = time.monotonic() - self.sent_at
+        self.runtime.metrics.upstream(model, self.door.endpoint, elapsed)
+
+    def after(self, cost_nanos: int) -> dict[str, str]:
+        """The answer's headers once the request cost `cost_nanos`."""
+        headers = {**self.headers, "x-tollgate-cost-usd": usd_text(cost_nanos)}
+        if self.remaining_nanos is not None:
+            left = self.remaining_nanos + self.entry.estimated_nanos - cost_nanos
+            headers["x-tollgate-budget-remaining-usd"] = usd_text(max(left, 0))
+        return headers

@@ -1,0 +1,93 @@
+"""Observe a finished request: its metrics and its one structured log line; and the
+requests refused for their key, which are only counted."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from proxy.core.errors import AuthenticationFailed
+from proxy.core.models import Change, Entry, Settlement, usd_text
+from proxy.web.responses import error_response
+from proxy.web.runtime import Runtime
+
+log = logging.getLogger("tollgate.requests")
+KEY_REFUSALS_LOG_EVERY_S = 10.0
+
+
+def observe(
+    runtime: Runtime, entry: Entry, settlement: Settlement, changes: tuple[Change, ...]
+) -> None:
+    """Count a finished request in the metrics and write its log line."""
+    runtime.metrics.finished(entry, settlement, changes)
+    log_request(entry, settlement)
+
+
+def log_request(entry: Entry, settlement: Settlement) -> None:
+    """One structured line per request: never a key, a prompt or image data."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    log.info(
+        json.dumps(
+            {
+                "request_id": entry.id,
+                "upstream_request_id": settlement.upstream_request_id,
+                "team": entry.team,
+                "key_id": entry.key_id,
+                "endpoint": entry.endpoint,
+                "model_requested": entry.model_requested,
+                "model": entry.model,
+                "quality_requested": entry.quality_requested,
+                "quality": entry.quality,
+                "size_requested": entry.size_requested,
+                "size": entry.size,
+                "n": entry.n,
+                "stream": entry.stream,
+                "downgrades": entry.downgrades or None,
+                "outcome": settlement.outcome,
+                "status": settlement.status,
+                "error_code": settlement.error_code,
+                "cost_usd": usd_text(settlement.cost_nanos),
+                "estimated_usd": usd_text(entry.estimated_nanos),
+                "flagged": settlement.flagged,
+                "latency_ms": round(settlement.latency_ms, 1),
+            }
+        )
+    )
+
+
+class KeyRefusals:
+    """Requests refused for a missing or unknown key: anyone can send them, as fast as they
+    like, so they are counted in a metric and a throttled log line, never in the ledger
+    (a ledger row each grew the database by ~9 kB per refused request)."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self._unlogged = 0
+        self._next_log = 0.0
+
+    def refuse(
+        self,
+        request: Request,
+        exc: AuthenticationFailed,
+        headers: dict[str, str],
+        runtime: Runtime,
+    ) -> Response:
+        runtime.metrics.unauthenticated(self.endpoint, exc.reason)
+        self._unlogged += 1
+        now = time.monotonic()
+        if now >= self._next_log:
+            # The key itself is never logged, not even redacted.
+            client = request.client.host if request.client else "?"
+            log.warning(
+                "refused %d request(s) on %s for their key in the last %.0f s "
+                "(latest: %s from %s)",
+                self._unlogged, self.endpoint, KEY_REFUSALS_LOG_EVERY_S, exc.reason, client,
+            )  # fmt: skip
+            self._unlogged = 0
+            self._next_log = now + KEY_REFUSALS_LOG_EVERY_S
+        return error_response(exc, {**headers, "x-tollgate-cost-usd": "0"})

@@ -1,0 +1,85 @@
+"""Other `/v1/*` paths: 404 in OpenAI's shape, or forwarded as they are for a
+`passthrough:` prefix (free endpoints such as `/v1/models`)."""
+
+from __future__ import annotations
+
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from proxy.core.auth import identify
+from proxy.core.errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    RequestError,
+)
+from proxy.core.paths import plain_query, under
+from proxy.upstream import response_headers
+from proxy.web.admission import read_body
+from proxy.web.observe import KeyRefusals
+from proxy.web.pipeline import new_request_id
+from proxy.web.responses import error_response
+from proxy.web.runtime import Runtime
+
+
+class OtherPaths:
+    """Any other `/v1/*` path: 404 in OpenAI's error shape, unless a `passthrough:` prefix
+    lists it; then it is forwarded for an authenticated team with the upstream key, as is
+    and unmetered (for free endpoints such as `/v1/models`), for the methods the prefix
+    lists (GET and HEAD unless configured).
+
+    The path is already canonical (`Gateway`): the prefix matched is the path forwarded.
+    """
+
+    def __init__(self) -> None:
+        self.key_refusals = KeyRefusals("passthrough")
+
+    async def handle(self, request: Request, runtime: Runtime) -> Response:
+        s = runtime
+        path, method = request.url.path, request.method
+        listed = [p for p in s.config.passthrough if under(path, p.prefix)]
+        # Image requests are never unmetered, whatever a prefix or the path's case says.
+        if not listed or under(path.lower(), "/v1/images"):
+            return error_response(
+                NotFound(
+                    f"Invalid URL ({method} {path}): Tollgate proxies only the image endpoints."
+                )
+            )
+        headers = {"x-tollgate-request-id": new_request_id()}
+        try:
+            team, _ = identify(request.headers.get("authorization"), s.config.team_by_key_hash())
+        except AuthenticationFailed as exc:
+            return self.key_refusals.refuse(request, exc, headers, s)
+        allowed = frozenset[str]().union(*(p.methods for p in listed))
+        query = plain_query(request.scope.get("query_string", b""))
+        try:
+            if method not in allowed:
+                raise MethodNotAllowed(
+                    f"{method} {path} is not forwarded: passthrough allows "
+                    f"{', '.join(sorted(allowed))} here.",
+                    tuple(sorted(allowed)),
+                )
+            if query is None:
+                raise InvalidRequest(
+                    "The query string holds characters that must be percent-encoded."
+                )
+            body = await read_body(request, s.config.limits.generations_bytes, s.bodies)
+            answer = await s.upstream.send(
+                path.removeprefix("/v1"),
+                body,
+                request.headers.get("content-type", ""),
+                request.headers.items(),
+                method=method,
+                query=query,
+            )
+        except RequestError as exc:
+            return error_response(exc, headers)
+        headers = {**dict(response_headers(answer)), **headers, "x-tollgate-team": team.name}
+        return StreamingResponse(
+            answer.chunks(),
+            status_code=answer.status,
+            headers=headers,
+            background=BackgroundTask(answer.aclose),
+        )

@@ -1,0 +1,176 @@
+"""The request path, top to bottom, once for every door.
+
+    identify → read → parse → price → decide and reserve → forward → meter → settle
+    → observe → answer
+
+`Pipeline.handle` walks a request through the first five steps; `Exchange` (in
+`proxy.web.exchange`) forwards it, meters the answer, settles and answers. What differs
+per door (how a body is parsed, bounded, written out and metered) is asked of the
+door (`proxy.doors`); what each ending costs is decided by `proxy.core.settlement`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+from typing import Generic
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from proxy.core.auth import identify
+from proxy.core.budgets import (
+    Decision,
+    Variant,
+    allow_endpoint,
+    applicable,
+    counters,
+    summary,
+    zone,
+)
+from proxy.core.errors import (
+    AuthenticationFailed,
+    BudgetExceeded,
+    LedgerError,
+    PolicyViolation,
+    RequestError,
+    ServiceUnavailable,
+)
+from proxy.core.models import Counter, Entry, Outcome, Settlement, Totals
+from proxy.core.settings import Team
+from proxy.core.settlement import Bound
+from proxy.doors.base import Door, Parsed
+from proxy.ledger import Reservation
+from proxy.web.admission import read_body
+from proxy.web.exchange import Exchange
+from proxy.web.observe import KeyRefusals, observe
+from proxy.web.responses import error_response
+from proxy.web.runtime import Runtime
+
+log = logging.getLogger("tollgate.requests")
+
+
+def new_request_id() -> str:
+    """`tg_req_` and 32 hex digits: the time in microseconds (13 digits), then 76 random
+    bits. Ids that grow with time are appended to the ledger's primary-key index instead
+    of landing on a random page of it, which random ids would (and slow down as the
+    ledger grows)."""
+    return f"tg_req_{time.time_ns() // 1000:013x}{secrets.token_hex(10)[:19]}"
+
+
+class Pipeline(Generic[Parsed]):
+    """The request path of one door."""
+
+    def __init__(self, door: Door[Parsed]) -> None:
+        self.door = door
+        self.key_refusals = KeyRefusals(door.endpoint)
+
+    async def handle(self, request: Request, runtime: Runtime) -> Response:
+        door, config = self.door, runtime.config
+        entry = Entry(new_request_id(), runtime.clock(), door.endpoint)
+        headers = {"x-tollgate-request-id": entry.id}
+        try:
+            team, key = identify(request.headers.get("authorization"), config.team_by_key_hash())
+        except AuthenticationFailed as exc:
+            return self.key_refusals.refuse(request, exc, headers, runtime)
+        runtime.metrics.started()
+        entry = entry.identified(team.name, team.cost_center, key.id)
+        headers["x-tollgate-team"] = team.name
+        try:
+            allow_endpoint(team, door.endpoint)
+            body = await read_body(request, door.body_limit(config.limits), runtime.bodies)
+            parsed = door.parse(request.headers.get("content-type", ""), body, config)
+            entry = entry.asked(door.request(parsed))
+            variant = door.admit(team, parsed, config)
+            decision, entry = await self.reserve(runtime, team, entry, variant)
+        except RequestError as exc:
+            return await refuse(runtime, entry, exc, headers)
+        except LedgerError as exc:
+            log.error("ledger unavailable: %s", exc)
+            observe(runtime, entry, Settlement(runtime.clock(), "client_error", 503), ())
+            unavailable = ServiceUnavailable(
+                "Tollgate cannot record spend right now; retry shortly."
+            )
+            return error_response(unavailable, headers)
+        sent = decision.variant
+        if not door.names_model(parsed):
+            # The parse already wrote the default into the fields it forwards; say so.
+            headers["x-tollgate-model"] = sent.request.model
+        if sent.changes:
+            headers["x-tollgate-downgraded"] = entry.downgrades
+        body, content_type = door.encode(parsed, sent)
+        exchange = Exchange(
+            runtime,
+            door,
+            entry,
+            Bound(
+                sent.model,
+                sent.request.n,
+                sent.request.quality,
+                sent.request.size,
+                sent.estimate.cost_nanos,
+                sent.estimate.usage,
+            ),
+            headers,
+            sent.changes,
+            decision.remaining_nanos,
+        )
+        client_headers = request.headers.items()
+        if sent.request.stream:
+            return await exchange.stream(body, content_type, client_headers)
+        # Shielded: a client that hangs up does not stop the metering of what it asked for.
+        return await asyncio.shield(
+            runtime.spawn(exchange.whole(body, content_type, client_headers))
+        )
+
+    async def reserve(
+        self, runtime: Runtime, team: Team, entry: Entry, variant: Variant
+    ) -> tuple[Decision, Entry]:
+        """Decide against the budgets and reserve the bound, in one ledger transaction."""
+        config, user = runtime.config, variant.request.user
+        budgets = applicable(config, team, user, entry.started_at)
+        tz = zone(config.timezone)
+        written = counters(team.name, user, entry.started_at, tz)
+        chosen: list[Decision] = []
+
+        def choose(totals: Mapping[Counter, Totals]) -> Reservation:
+            decision = self.door.decide(team, variant, budgets, totals, config, tz)
+            chosen.append(decision)
+            sent = decision.variant
+            reserved = entry.sent(sent.request, sent.estimate.cost_nanos, summary(sent.changes))
+            return Reservation(reserved, sent.estimate.usage, written)
+
+        read = tuple(dict.fromkeys(a.counter for a in budgets))
+        reservation = await runtime.ledger.reserve(read, choose)
+        return chosen[-1], reservation.entry
+
+
+async def refuse(
+    runtime: Runtime, entry: Entry, exc: RequestError, headers: dict[str, str]
+) -> Response:
+    """Record a request that is answered without going upstream, and answer it."""
+    now = runtime.clock()
+    settlement = Settlement(
+        finished_at=now,
+        outcome=refusal_outcome(exc),
+        status=exc.status,
+        error_code=exc.code,
+        latency_ms=(now - entry.started_at) * 1000,
+    )
+    try:
+        await runtime.ledger.record(entry, settlement)
+    except LedgerError as ledger_exc:
+        log.error("ledger record failed: %s", ledger_exc)
+    observe(runtime, entry, settlement, ())
+    return error_response(exc, {**headers, "x-tollgate-cost-usd": "0"})
+
+
+def refusal_outcome(exc: RequestError) -> Outcome:
+    if isinstance(exc, BudgetExceeded):
+        return "rejected_budget"
+    if isinstance(exc, PolicyViolation):
+        return "rejected_policy"
+    return "client_error"

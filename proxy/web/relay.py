@@ -1,0 +1,32 @@
+"""Stream chunks from the upstream's reader to the client's writer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+
+class Relay:
+    """Hands stream chunks from the upstream reader to the client writer.
+
+    When the client goes away the reader keeps reading (and metering); chunks
+    are then dropped instead of queued.
+    """
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._listening = True
+
+    def put(self, chunk: bytes) -> None:
+        if self._listening:
+            self._queue.put_nowait(chunk)
+
+    def close(self) -> None:
+        self._queue.put_nowait(None)
+
+    async def events(self) -> AsyncIterator[bytes]:
+        try:
+            while (chunk := await self._queue.get()) is not None:
+                yield chunk
+        finally:
+            self._listening = False
