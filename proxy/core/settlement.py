@@ -23,6 +23,7 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from proxy.core.budgets import Variant
 from proxy.core.errors import RequestError, UpstreamFailure
 from proxy.core.models import Charge, Usage
 from proxy.core.pricing import ModelPrices
@@ -41,6 +42,19 @@ class Bound:
     size: str
     cost_nanos: int
     usage: Usage
+
+    @classmethod
+    def of(cls, sent: Variant) -> Bound:
+        """The bound of the variant that is forwarded."""
+        request = sent.request
+        return cls(
+            sent.model,
+            request.n,
+            request.quality,
+            request.size,
+            sent.estimate.cost_nanos,
+            sent.estimate.usage,
+        )
 
     def charged(self) -> Charge:
         """The bound as a charge: its cost and usage (so token budgets keep counting it),

@@ -89,12 +89,7 @@ class Pipeline(Generic[Parsed]):
         except RequestError as exc:
             return await refuse(runtime, entry, exc, headers)
         except LedgerError as exc:
-            log.error("ledger unavailable: %s", exc)
-            observe(runtime, entry, Settlement(runtime.clock(), "client_error", 503), ())
-            unavailable = ServiceUnavailable(
-                "Tollgate cannot record spend right now; retry shortly."
-            )
-            return error_response(unavailable, headers)
+            return unavailable(runtime, entry, exc, headers)
         sent = decision.variant
         if not door.names_model(parsed):
             # The parse already wrote the default into the fields it forwards; say so.
@@ -102,21 +97,9 @@ class Pipeline(Generic[Parsed]):
         if sent.changes:
             headers["x-tollgate-downgraded"] = entry.downgrades
         body, content_type = door.encode(parsed, sent)
+        bound = Bound.of(sent)
         exchange = Exchange(
-            runtime,
-            door,
-            entry,
-            Bound(
-                sent.model,
-                sent.request.n,
-                sent.request.quality,
-                sent.request.size,
-                sent.estimate.cost_nanos,
-                sent.estimate.usage,
-            ),
-            headers,
-            sent.changes,
-            decision.remaining_nanos,
+            runtime, door, entry, bound, headers, sent.changes, decision.remaining_nanos
         )
         client_headers = request.headers.items()
         if sent.request.stream:
@@ -166,6 +149,16 @@ async def refuse(
         log.error("ledger record failed: %s", ledger_exc)
     observe(runtime, entry, settlement, ())
     return error_response(exc, {**headers, "x-tollgate-cost-usd": "0"})
+
+
+def unavailable(
+    runtime: Runtime, entry: Entry, exc: LedgerError, headers: dict[str, str]
+) -> Response:
+    """The ledger cannot take the reservation: nothing is forwarded unrecorded."""
+    log.error("ledger unavailable: %s", exc)
+    observe(runtime, entry, Settlement(runtime.clock(), "client_error", 503), ())
+    refusal = ServiceUnavailable("Tollgate cannot record spend right now; retry shortly.")
+    return error_response(refusal, headers)
 
 
 def refusal_outcome(exc: RequestError) -> Outcome:
