@@ -1,0 +1,168 @@
+"""The pipeline asks its door every per-door question, and nothing else differs per door:
+a door that wraps the Images door and records what it is asked, plugged in process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from proxy.config import load_config
+from proxy.core.auth import key_hash
+from proxy.core.budgets import Applied, Decision, Variant
+from proxy.core.errors import BudgetExceeded
+from proxy.core.models import Counter, Endpoint, ImageRequest, Totals
+from proxy.core.parsing import ParsedBody
+from proxy.core.settings import Config, Limits, Team
+from proxy.doors import AnswerMeter, ImagesDoor, StreamMeter
+from proxy.ledger import Row
+from proxy.simulator import SimulatorSettings, create_simulator_app
+from proxy.web.app import Gateway, Overrides, create_app
+from proxy.web.pipeline import Pipeline
+from tests.conftest import UPSTREAM_KEY, write_config
+
+KEY = "tg_test_pipeline_key"
+HEADERS = {"authorization": f"Bearer {KEY}"}
+PATH = "/v1/images/generations"
+BODY = {"model": "gpt-image-1", "prompt": "a lighthouse", "quality": "low", "size": "1024x1024"}
+
+
+class SpyDoor:
+    """The Images door, recording each question the pipeline asks it."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.inner = ImagesDoor("generations")
+        self.asked: list[str] = []
+        self.refuse = refuse
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.inner.endpoint
+
+    @property
+    def upstream_path(self) -> str:
+        self.asked.append("upstream_path")
+        return self.inner.upstream_path
+
+    def body_limit(self, limits: Limits) -> int:
+        self.asked.append("body_limit")
+        return self.inner.body_limit(limits)
+
+    def parse(self, content_type: str, body: bytes, config: Config) -> ParsedBody:
+        self.asked.append("parse")
+        return self.inner.parse(content_type, body, config)
+
+    def request(self, parsed: ParsedBody) -> ImageRequest:
+        self.asked.append("request")
+        return self.inner.request(parsed)
+
+    def names_model(self, parsed: ParsedBody) -> bool:
+        self.asked.append("names_model")
+        return self.inner.names_model(parsed)
+
+    def admit(self, team: Team, parsed: ParsedBody, config: Config) -> Variant:
+        self.asked.append("admit")
+        return self.inner.admit(team, parsed, config)
+
+    def decide(
+        self,
+        team: Team,
+        variant: Variant,
+        budgets: tuple[Applied, ...],
+        totals: Mapping[Counter, Totals],
+        config: Config,
+        tz: ZoneInfo,
+    ) -> Decision:
+        self.asked.append("decide")
+        if self.refuse:
+            raise BudgetExceeded("This door's budget is spent.")
+        return self.inner.decide(team, variant, budgets, totals, config, tz)
+
+    def encode(self, parsed: ParsedBody, variant: Variant) -> tuple[bytes, str]:
+        self.asked.append("encode")
+        return self.inner.encode(parsed, variant)
+
+    def answer_meter(self) -> AnswerMeter:
+        self.asked.append("answer_meter")
+        return self.inner.answer_meter()
+
+    def stream_meter(self) -> StreamMeter:
+        self.asked.append("stream_meter")
+        return self.inner.stream_meter()
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Iterator[Gateway]:
+    write_config(tmp_path, "http://simulated/v1", teams={
+        "web": f"name: web\nkeys:\n  - {{id: k, sha256: {key_hash(KEY)}}}\n",
+    })  # fmt: skip
+    simulator = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY))
+    yield create_app(
+        load_config(tmp_path), Overrides(transport=httpx.ASGITransport(app=simulator)), tmp_path
+    )
+
+
+def plug(app: Gateway, door: SpyDoor) -> None:
+    app.images = {**app.images, PATH: Pipeline(door)}
+
+
+def rows(client: TestClient, app: Gateway) -> list[Row]:
+    """The ledger's rows, read on the loop the app runs on."""
+    assert client.portal is not None
+    return client.portal.call(app.current().ledger.rows)
+
+
+def test_a_request_is_walked_through_every_question_of_its_door(app: Gateway) -> None:
+    door = SpyDoor()
+    plug(app, door)
+    with TestClient(app) as client:
+        answer = client.post(PATH, json=BODY, headers=HEADERS)
+        assert answer.status_code == 200, answer.text
+        [row] = rows(client, app)
+    assert door.asked == [
+        "body_limit",
+        "parse",
+        "request",
+        "admit",
+        "decide",
+        "names_model",
+        "encode",
+        "upstream_path",
+        "answer_meter",
+    ]
+    assert row.entry.endpoint == "generations"
+    assert row.settlement is not None and row.settlement.outcome == "ok"
+    assert row.settlement.cost_nanos == int(
+        float(answer.headers["x-tollgate-cost-usd"]) * 10**9 + 0.5
+    )
+
+
+def test_a_streamed_request_is_metered_by_its_doors_stream_meter(app: Gateway) -> None:
+    door = SpyDoor()
+    plug(app, door)
+    with (
+        TestClient(app) as client,
+        client.stream("POST", PATH, json={**BODY, "stream": True}, headers=HEADERS) as answer,
+    ):
+        assert answer.status_code == 200
+        events = b"".join(answer.iter_bytes())
+    assert b"image_generation.completed" in events
+    assert "stream_meter" in door.asked
+    assert "answer_meter" not in door.asked
+
+
+def test_what_the_door_refuses_is_recorded_and_never_forwarded(app: Gateway) -> None:
+    door = SpyDoor(refuse=True)
+    plug(app, door)
+    with TestClient(app) as client:
+        answer = client.post(PATH, json=BODY, headers=HEADERS)
+        [row] = rows(client, app)
+    assert answer.status_code == 429
+    assert answer.json()["error"]["code"] == "budget_exceeded"
+    assert answer.headers["x-tollgate-cost-usd"] == "0"
+    assert "upstream_path" not in door.asked
+    assert row.settlement is not None and row.settlement.outcome == "rejected_budget"
