@@ -9,7 +9,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from proxy.core.auth import bearer_token
-from proxy.core.errors import AuthenticationFailed, ConfigError, NotFound, RequestError
+from proxy.core.errors import (
+    AuthenticationFailed,
+    ConfigError,
+    InvalidConfig,
+    NotFound,
+    RequestError,
+)
 from proxy.core.settings import Config
 from proxy.finance.reports_query import ReportQuery
 from proxy.finance.reports_query import run as run_report
@@ -19,10 +25,6 @@ from proxy.web.runtime import Runtime
 
 YES = ("1", "true", "yes")
 """How a query parameter says yes (`audit=1`, `excel=true`)."""
-
-
-class InvalidConfig(RequestError):
-    code = "invalid_config"
 
 
 def check_admin(request: Request, config: Config) -> None:
