@@ -11,12 +11,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import httpx
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -25,13 +23,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from proxy.config import load_config
 from proxy.core.errors import (
     ConfigError,
-    InternalError,
-    InvalidRequest,
     LedgerError,
-    MethodNotAllowed,
     NotFound,
     Overloaded,
-    RequestError,
     ServiceUnavailable,
     UnsupportedEncoding,
 )
@@ -49,7 +43,7 @@ from proxy.web.admin import AdminApi
 from proxy.web.admission import BodyBudget
 from proxy.web.connections import OVER_CAPACITY
 from proxy.web.handlers import ImagesHandler, OtherPaths
-from proxy.web.responses import error_response
+from proxy.web.responses import EXCEPTION_HANDLERS, as_request_error, error_response
 from proxy.web.runtime import Runtime, Tasks
 
 log = logging.getLogger("tollgate")
@@ -150,11 +144,8 @@ class Gateway:
             return
         try:
             response = await handler.handle(Request(scope, receive), self.current())
-        except Exception:
-            log.exception("unhandled error on %s", path)
-            response = error_response(
-                InternalError("Tollgate failed to handle this request; it has been logged.")
-            )
+        except Exception as exc:
+            response = error_response(as_request_error(exc, scope["method"], path))
         finally:
             # The body and its parsed copies are dropped with the handler's frame; the answer
             # (spooled, or streamed from upstream) no longer needs them.
@@ -191,29 +182,6 @@ def encoding_refusal(headers: list[tuple[bytes, bytes]]) -> UnsupportedEncoding 
                 "and prices the request body itself, so send it uncompressed."
             )
     return None
-
-
-def starlette_error(request: Request, exc: Exception) -> Response:
-    """What starlette answers itself (no route, a method the route does not take, an
-    unexpected fault), in OpenAI's error shape like every other answer of Tollgate's."""
-    method, path = request.method, request.url.path
-    error: RequestError
-    if not isinstance(exc, HTTPException):
-        log.error("unhandled error on %s %s", method, path, exc_info=exc)
-        error = InternalError("Tollgate failed to handle this request; it has been logged.")
-    elif exc.status_code == 404:
-        error = NotFound(f"Invalid URL ({method} {path}).")
-    elif exc.status_code == 405:
-        allowed = (exc.headers or {}).get("Allow", "")
-        error = MethodNotAllowed(
-            f"Invalid method ({method} {path}).",
-            # starlette joins a set: sorted, the header is the same on every answer.
-            tuple(sorted(m.strip() for m in allowed.split(",") if m.strip())),
-        )
-    else:
-        error = InvalidRequest(str(exc.detail))
-        error.status = exc.status_code
-    return error_response(error)
 
 
 def create_app(
@@ -360,11 +328,7 @@ def create_app(
         # `passthrough:` prefix forwards it); starlette's 405 is left for made-up methods.
         Route("/v1/{path:path}", bind(other_paths.handle), methods=ALL_METHODS),
     ]
-    handlers: dict[Any, Callable[[Request, Exception], Response]] = {
-        HTTPException: starlette_error,
-        Exception: starlette_error,
-    }
-    gateway.app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    gateway.app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
     return gateway
 
 
