@@ -8,12 +8,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import sys
-import threading
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -36,9 +33,8 @@ from proxy.ledger import migrate_ledger, open_ledger
 from proxy.ledger.copy import copy_between
 from proxy.logs import configure_logging
 from proxy.web.runtime import Overrides
-from proxy.web.server import Prepared, ServeOptions, prepare, serve
+from proxy.web.server import Prepared, ServeOptions, prepare, serve, with_simulated_upstream
 
-SIMULATED_KEY = "sk-simulated-upstream"
 Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
@@ -455,20 +451,11 @@ def run_serve(args: argparse.Namespace) -> int:
         overrides=Overrides(ledger_url=args.ledger),
     )
     if args.simulate:
-        options = simulated(options)
+        options = with_simulated_upstream(options)
     configure_logging(args.log_level)
     prepared = prepare(options)
     print_banner(prepared, simulate=args.simulate)
     return 0 if serve(prepared) else 1
-
-
-def simulated(options: ServeOptions) -> ServeOptions:
-    """`options` with the simulated upstream, started in this process, as the upstream."""
-    port = start_simulator_thread()
-    overrides = replace(
-        options.overrides, upstream_url=f"http://127.0.0.1:{port}/v1", upstream_key=SIMULATED_KEY
-    )
-    return replace(options, overrides=overrides)
 
 
 def print_banner(prepared: Prepared, simulate: bool) -> None:
@@ -489,27 +476,3 @@ def print_banner(prepared: Prepared, simulate: bool) -> None:
         f"prompt='a lighthouse', quality='low', size='1024x1024').usage)\"",
         flush=True,
     )
-
-
-def start_simulator_thread() -> int:
-    """Run the simulated upstream on a free loopback port in a daemon thread; its port."""
-    from proxy.simulator import SimulatorSettings, create_simulator_app
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_simulator_app(SimulatorSettings(api_key=SIMULATED_KEY)),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-        )
-    )
-    threading.Thread(target=server.run, name="simulated-upstream", daemon=True).start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return port

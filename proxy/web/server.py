@@ -16,6 +16,8 @@ import functools
 import os
 import signal
 import socket
+import threading
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ from proxy.web.runtime import Overrides
 LOOP = "asyncio"
 # A client may be reading a stream until its deadline: let it, then this long to answer.
 SHUTDOWN_MARGIN_S = 5
+SIMULATED_KEY = "sk-simulated-upstream"
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,16 @@ class Prepared:
     options: ServeOptions
     config: Config
     app: Gateway
+
+
+def with_simulated_upstream(options: ServeOptions) -> ServeOptions:
+    """`options` with the built-in simulated upstream, started in this process, as the
+    upstream (`tollgate serve --simulate`)."""
+    port = start_simulator_thread()
+    overrides = replace(
+        options.overrides, upstream_url=f"http://127.0.0.1:{port}/v1", upstream_key=SIMULATED_KEY
+    )
+    return replace(options, overrides=overrides)
 
 
 def run(options: ServeOptions) -> bool:
@@ -165,3 +178,27 @@ class TcpConfig(ServerConfig):
     def bind_socket(self) -> socket.socket:
         sock = super().bind_socket()
         return socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, fileno=sock.detach())
+
+
+def start_simulator_thread() -> int:
+    """Run the simulated upstream on a free loopback port in a daemon thread; its port."""
+    from proxy.simulator import SimulatorSettings, create_simulator_app
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_simulator_app(SimulatorSettings(api_key=SIMULATED_KEY)),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+    )
+    threading.Thread(target=server.run, name="simulated-upstream", daemon=True).start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return port
