@@ -7,24 +7,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
-import socket
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import TypeAlias
 
 import uvicorn
-from uvicorn.supervisors import Multiprocess
 
 from proxy import __version__
-from proxy.config import config_schema, default_config_path, load_config
+from proxy.config import config_schema, default_config_path, environment, load_config
 from proxy.core.auth import key_hash, new_key
 from proxy.core.budgets import zone
 from proxy.core.errors import ConfigError, InvalidRequest, LedgerError, RequestError
@@ -36,25 +31,11 @@ from proxy.finance.reports_query import run as run_report_query
 from proxy.finance.status import BudgetStatus, budget_status
 from proxy.ledger import migrate_ledger, open_ledger
 from proxy.ledger.copy import copy_between
-from proxy.logs import ENV_LOG_LEVEL, configure_logging
-from proxy.metrics import ENV_MULTIPROC_DIR
-from proxy.web.app import (
-    ENV_CONFIG,
-    ENV_LEDGER,
-    ENV_UPSTREAM_KEY,
-    ENV_UPSTREAM_URL,
-    ENV_WORKERS,
-    Overrides,
-    create_app,
-)
-from proxy.web.connections import ServerConfig
+from proxy.logs import configure_logging
+from proxy.web.runtime import Overrides
+from proxy.web.server import Prepared, ServeOptions, prepare, serve, with_simulated_upstream
 
-SIMULATED_KEY = "sk-simulated-upstream"
-# asyncio's event loop, not uvloop: measured again with the aiohttp upstream client, uvloop
-# used no less CPU per request (1.1-1.5 ms against 0.8-1.3) and more memory with 2,000 slow
-# 2 MB answers in flight (165 MiB against 148; bench.overhead, bench.inflight).
-# uvicorn's HTTP parser is httptools where installed (a dependency).
-LOOP = "asyncio"
+Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,13 +62,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tollgate {__version__}")
     commands = parser.add_subparsers(title="commands")
+    add_serve(commands)
+    add_check(commands)
+    add_budgets(commands)
+    add_report(commands)
+    add_reconcile(commands)
+    add_ledger(commands)
+    schema = commands.add_parser("schema", help="print the JSON Schema of the configuration")
+    schema.set_defaults(run=run_schema)
+    add_keys(commands)
+    add_simulate(commands)
+    return parser
 
+
+def add_serve(commands: Commands) -> None:
     serve = commands.add_parser("serve", help="run the proxy")
     add_config(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=1)
-    serve.add_argument("--ledger", help="ledger URL (overrides the configuration)")
+    add_ledger_url(serve)
     serve.add_argument(
         "--simulate",
         action="store_true",
@@ -96,21 +90,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(run=run_serve)
 
+
+def add_check(commands: Commands) -> None:
     check = commands.add_parser("check", help="validate the configuration")
     add_config(check)
     check.set_defaults(run=run_check)
 
+
+def add_budgets(commands: Commands) -> None:
     budgets = commands.add_parser("budgets", help="show every budget: limit, spent, remaining")
     add_config(budgets)
-    budgets.add_argument("--ledger", help="ledger URL (overrides the configuration)")
+    add_ledger_url(budgets)
     budgets.add_argument("--format", choices=("table", "json"), default="table")
     budgets.set_defaults(run=run_budgets)
 
+
+def add_report(commands: Commands) -> None:
     report = commands.add_parser(
         "report", help="finance reports, chargeback statements, the audit export"
     )
     add_config(report)
-    report.add_argument("--ledger", help="ledger URL (overrides the configuration)")
+    add_ledger_url(report)
     report.add_argument("--from", dest="start", metavar="DATE", help="first day (default: 1st)")
     report.add_argument("--to", dest="end", metavar="DATE", help="last day, included")
     report.add_argument("--by", metavar="FIELDS", help="e.g. team,model,quality or day")
@@ -125,9 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--output", type=Path, help="write here instead of standard output")
     report.set_defaults(run=run_report)
 
+
+def add_reconcile(commands: Commands) -> None:
     rec = commands.add_parser("reconcile", help="compare the ledger with OpenAI's Costs API")
     add_config(rec)
-    rec.add_argument("--ledger", help="ledger URL (overrides the configuration)")
+    add_ledger_url(rec)
     source = rec.add_mutually_exclusive_group(required=True)
     source.add_argument("--costs", type=Path, metavar="FILE", help="a saved Costs API answer")
     source.add_argument(
@@ -141,11 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--format", choices=("table", "json"), default="table")
     rec.set_defaults(run=run_reconcile)
 
+
+def add_ledger(commands: Commands) -> None:
     ledger = commands.add_parser("ledger", help="ledger schema migrations, copies, flagged rows")
     ledger_commands = ledger.add_subparsers(title="ledger commands")
     migrate = ledger_commands.add_parser("migrate", help="bring the ledger's schema up to date")
     add_config(migrate)
-    migrate.add_argument("--ledger", help="ledger URL (overrides the configuration)")
+    add_ledger_url(migrate)
     migrate.set_defaults(run=run_ledger_migrate)
     copy = ledger_commands.add_parser(
         "copy", help="copy every row, counter and alert into an empty ledger"
@@ -157,37 +161,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--to", dest="target", required=True, metavar="URL", help="e.g. postgresql://…"
     )
     copy.set_defaults(run=run_ledger_copy)
+    add_ledger_flagged(ledger_commands)
+    add_ledger_resolve(ledger_commands)
+
+
+def add_ledger_flagged(ledger_commands: Commands) -> None:
     listing = ledger_commands.add_parser(
         "flagged", help="requests charged without a metered cost (to reconcile and resolve)"
     )
     add_config(listing)
-    listing.add_argument("--ledger", help="ledger URL (overrides the configuration)")
+    add_ledger_url(listing)
     listing.add_argument("--from", dest="start", metavar="DATE", help="first UTC day")
     listing.add_argument("--to", dest="end", metavar="DATE", help="last UTC day, included")
     listing.add_argument("--unresolved", action="store_true", help="only rows not resolved yet")
     listing.add_argument("--format", choices=("table", "json"), default="table")
     listing.set_defaults(run=run_ledger_flagged)
+
+
+def add_ledger_resolve(ledger_commands: Commands) -> None:
     resolving = ledger_commands.add_parser(
         "resolve", help="set the true cost of a flagged request (counters adjusted)"
     )
     add_config(resolving)
     resolving.add_argument("request_id", metavar="REQUEST_ID", help="e.g. tg_req_…")
-    resolving.add_argument("--ledger", help="ledger URL (overrides the configuration)")
+    add_ledger_url(resolving)
     cost = resolving.add_mutually_exclusive_group(required=True)
     cost.add_argument("--cost", metavar="USD", help="what OpenAI billed for it")
     cost.add_argument("--free", action="store_true", help="OpenAI billed nothing for it")
     resolving.add_argument("--note", default="", help="why, e.g. the Costs API export it came from")
     resolving.set_defaults(run=run_ledger_resolve)
 
-    schema = commands.add_parser("schema", help="print the JSON Schema of the configuration")
-    schema.set_defaults(run=run_schema)
 
+def add_keys(commands: Commands) -> None:
     keys = commands.add_parser("keys", help="team keys").add_subparsers(title="keys commands")
     new = keys.add_parser("new", help="make a new key for TEAM")
     new.add_argument("team")
     new.add_argument("--label", help="the key's id in the team file")
     new.set_defaults(run=run_keys_new)
 
+
+def add_simulate(commands: Commands) -> None:
     simulate = commands.add_parser("simulate-upstream", help="run the simulated OpenAI image API")
     simulate.add_argument("--host", default="127.0.0.1")
     simulate.add_argument("--port", type=int, default=8090)
@@ -197,7 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument("--api-key", help="the only upstream key accepted (default: any)")
     simulate.set_defaults(run=run_simulate)
-    return parser
 
 
 def add_config(parser: argparse.ArgumentParser) -> None:
@@ -209,8 +221,12 @@ def add_config(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_ledger_url(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ledger", help="ledger URL (overrides the configuration)")
+
+
 def config_path(args: argparse.Namespace) -> Path:
-    return args.config if args.config is not None else default_config_path(os.environ)
+    return args.config if args.config is not None else default_config_path()
 
 
 def ledger_url_of(args: argparse.Namespace) -> str:
@@ -270,12 +286,6 @@ def run_ledger_resolve(args: argparse.Namespace) -> int:
         "it stays flagged, marked resolved"
     )
     return 0
-
-
-async def check_ledger(url: str) -> None:
-    """Open and close the ledger: a start-up error is said before serving, not in a worker."""
-    ledger = await open_ledger(url)
-    await ledger.close()
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -371,7 +381,7 @@ def run_reconcile(args: argparse.Namespace) -> int:
         pages = reconcile.load_costs_file(args.costs.read_text(encoding="utf-8"))
         admin_key = None
     else:
-        admin_key = os.environ.get(args.admin_key_env)
+        admin_key = environment.variable(args.admin_key_env)
         if not admin_key:
             print(f"tollgate reconcile: ${args.admin_key_env} is not set", file=sys.stderr)
             return 2
@@ -432,109 +442,30 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    path = config_path(args)
-    config = load_config(path)
-    overrides = Overrides(ledger_url=args.ledger)
-    if args.simulate:
-        port = start_simulator_thread()
-        overrides = Overrides(
-            ledger_url=args.ledger,
-            upstream_url=f"http://127.0.0.1:{port}/v1",
-            upstream_key=SIMULATED_KEY,
-        )
-    configure_logging(args.log_level)
-    app = create_app(config, overrides, path)  # refuses a missing upstream key before serving
-    asyncio.run(check_ledger(overrides.ledger_url or config.ledger_url))
-    print_banner(args, config, overrides)
-    # A client may be reading a stream until its deadline: let it, then 5 s to answer.
-    grace = config.upstream.deadline_s + 5
-    if args.workers > 1:
-        os.environ[ENV_CONFIG] = str(path)
-        os.environ[ENV_WORKERS] = str(args.workers)
-        os.environ[ENV_LOG_LEVEL] = args.log_level  # each worker logs its own requests
-        # Before the workers import prometheus-client: their counters are summed from files.
-        os.environ[ENV_MULTIPROC_DIR] = fresh_metrics_dir()
-        for name, value in (
-            (ENV_LEDGER, overrides.ledger_url),
-            (ENV_UPSTREAM_URL, overrides.upstream_url),
-            (ENV_UPSTREAM_KEY, overrides.upstream_key),
-        ):
-            if value:
-                os.environ[name] = value
-        run_workers(
-            TcpConfig(
-                "proxy.web.app:app_from_env",
-                limits=config.limits,
-                factory=True,
-                host=args.host,
-                port=args.port,
-                workers=args.workers,
-                loop=LOOP,
-                log_level=args.log_level,
-                access_log=False,
-                proxy_headers=False,
-                timeout_graceful_shutdown=int(grace),
-                log_config=None,
-            )
-        )
-        return 0
-    server = uvicorn.Server(
-        ServerConfig(
-            app,
-            limits=config.limits,
-            loop=LOOP,
-            host=args.host,
-            port=args.port,
-            log_level=args.log_level,
-            access_log=False,
-            # Tollgate never reads the client's address: no X-Forwarded-For layer per request.
-            proxy_headers=False,
-            timeout_graceful_shutdown=int(grace),
-            log_config=None,
-        )
+    options = ServeOptions(
+        config_path(args),
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=args.log_level,
+        overrides=Overrides(ledger_url=args.ledger),
     )
-    # uvicorn raises Ctrl-C again once it has shut down, as `uvicorn.run` expects.
-    with contextlib.suppress(KeyboardInterrupt):
-        server.run()
-    return 0 if server.started else 1
+    if args.simulate:
+        options = with_simulated_upstream(options)
+    configure_logging(args.log_level)
+    prepared = prepare(options)
+    print_banner(prepared, simulate=args.simulate)
+    return 0 if serve(prepared) else 1
 
 
-class TcpConfig(ServerConfig):
-    """uvicorn's settings, with the workers' shared socket made as a TCP socket explicitly.
-
-    uvicorn makes it with `socket.socket(family)`, whose protocol reads 0, so asyncio never
-    sets TCP_NODELAY on the connections it accepts: Nagle's algorithm then waits for the
-    client's delayed ACK, 40 ms on every keep-alive request (bench: p50 48 ms instead of 4).
-    """
-
-    def bind_socket(self) -> socket.socket:
-        sock = super().bind_socket()
-        return socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, fileno=sock.detach())
-
-
-def run_workers(config: uvicorn.Config) -> None:
-    """What `uvicorn.run` does for several workers, with `config`'s socket."""
-    Multiprocess(config, sockets=[config.bind_socket()]).run()
-
-
-def fresh_metrics_dir() -> str:
-    """An empty directory for the workers' metric files: `$PROMETHEUS_MULTIPROC_DIR`
-    cleared of a previous run's files, else a new temporary directory."""
-    given = os.environ.get(ENV_MULTIPROC_DIR)
-    if not given:
-        return tempfile.mkdtemp(prefix="tollgate-metrics-")
-    Path(given).mkdir(parents=True, exist_ok=True)
-    for stale in Path(given).glob("*.db"):
-        stale.unlink()
-    return given
-
-
-def print_banner(args: argparse.Namespace, config: Config, overrides: Overrides) -> None:
-    url = f"http://{args.host}:{args.port}/v1"
+def print_banner(prepared: Prepared, simulate: bool) -> None:
+    options, config = prepared.options, prepared.config
+    overrides = options.overrides
+    url = f"http://{options.host}:{options.port}/v1"
     upstream = overrides.upstream_url or config.upstream.base_url
-    simulated = " (simulated)" if args.simulate else ""
+    note = " (simulated)" if simulate else ""
     print(
-        f"Tollgate {__version__} on {url}, upstream {upstream}{simulated}, "
+        f"Tollgate {__version__} on {url}, upstream {upstream}{note}, "
         f"ledger {overrides.ledger_url or config.ledger_url}",
         flush=True,
     )
@@ -545,27 +476,3 @@ def print_banner(args: argparse.Namespace, config: Config, overrides: Overrides)
         f"prompt='a lighthouse', quality='low', size='1024x1024').usage)\"",
         flush=True,
     )
-
-
-def start_simulator_thread() -> int:
-    """Run the simulated upstream on a free loopback port in a daemon thread; its port."""
-    from proxy.simulator import SimulatorSettings, create_simulator_app
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_simulator_app(SimulatorSettings(api_key=SIMULATED_KEY)),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-        )
-    )
-    threading.Thread(target=server.run, name="simulated-upstream", daemon=True).start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return port

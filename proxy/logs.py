@@ -10,7 +10,6 @@ import threading
 from collections import deque
 from typing import TextIO
 
-ENV_LOG_LEVEL = "TOLLGATE_LOG_LEVEL"
 WRITE_EVERY_S = 0.05
 """How long an info line may wait for the writer thread (warnings and errors do not wait)."""
 

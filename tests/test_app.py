@@ -16,10 +16,10 @@ from starlette.testclient import TestClient
 from proxy.config import load_config
 from proxy.core.auth import key_hash
 from proxy.simulator import SimulatorSettings, create_simulator_app
-from proxy.web.app import Overrides, create_app
+from proxy.web.app import create_app
 from proxy.web.passthrough import OtherPaths
 from proxy.web.pipeline import Pipeline, new_request_id
-from proxy.web.runtime import Runtime
+from proxy.web.runtime import Overrides, Runtime
 from tests.conftest import UPSTREAM_KEY, write_config
 
 KEY = "tg_test_gateway_key"
@@ -102,3 +102,35 @@ def test_request_ids_are_unique_and_sort_by_time() -> None:
     assert all(i.startswith("tg_req_") and len(i) == 39 for i in ids)
     # Later ids sort after earlier ones (ids of one microsecond share the prefix).
     assert [i[:20] for i in ids] == sorted(i[:20] for i in ids)
+
+
+def test_a_reload_swaps_the_runtime_and_calls_after_reload_only_when_it_succeeds(
+    tmp_path: Path,
+) -> None:
+    admin = {"authorization": "Bearer admin-secret"}
+    write_config(tmp_path, "http://simulated/v1", settings="admin_token: admin-secret\n")
+    reloaded: list[bool] = []
+    app = create_app(
+        load_config(tmp_path),
+        Overrides(upstream_key=UPSTREAM_KEY),
+        tmp_path,
+        after_reload=lambda: reloaded.append(True),
+    )
+    with TestClient(app) as test_client:
+        first = app.current()
+        assert test_client.post("/admin/reload", headers=admin).status_code == 200
+        assert reloaded == [True]
+        second = app.current()
+        assert second is not first and second.ledger is first.ledger
+        (tmp_path / "tollgate.yaml").write_text("upstream: [not, a, mapping]\n")
+        refused = test_client.post("/admin/reload", headers=admin)
+        assert refused.status_code == 400
+        assert refused.json()["error"]["code"] == "invalid_config"
+        assert reloaded == [True]
+        assert app.current() is second
+
+
+def test_admin_refusals_are_answered_in_openai_shape(client: TestClient) -> None:
+    answer = client.get("/admin/budgets")
+    assert answer.status_code == 404
+    assert answer.json()["error"]["code"] == "not_found"

@@ -25,8 +25,9 @@ from proxy.core.settings import UpstreamSettings
 from proxy.ledger import Owner, Row
 from proxy.simulator import SimulatorSettings, create_simulator_app
 from proxy.web import housekeeping
-from proxy.web.app import Gateway, Overrides, create_app
-from proxy.web.runtime import Runtime
+from proxy.web.app import create_app
+from proxy.web.gateway import Gateway
+from proxy.web.runtime import Overrides, Runtime
 from tests.conftest import write_config
 
 KEY = "tg_test_deadline_key"

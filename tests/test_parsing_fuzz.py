@@ -40,7 +40,8 @@ from proxy.simulator import SimulatorSettings, create_simulator_app
 from proxy.simulator.forms import parse_json, parse_multipart
 from proxy.simulator.refusals import ApiError
 from proxy.simulator.validation import validate
-from proxy.web.app import Overrides, create_app
+from proxy.web.app import create_app
+from proxy.web.runtime import Overrides
 from tests.conftest import UPSTREAM_KEY, write_config
 
 DEFAULT_MODEL = "gpt-image-2"

@@ -13,7 +13,8 @@ from starlette.testclient import TestClient
 from proxy.config import load_config
 from proxy.core.auth import key_hash
 from proxy.simulator import SimulatorSettings, create_simulator_app
-from proxy.web.app import Overrides, create_app
+from proxy.web.app import create_app
+from proxy.web.runtime import Overrides
 from tests.conftest import UPSTREAM_KEY, write_config
 
 KEY = "tg_test_rollover_key"

@@ -21,8 +21,10 @@ from proxy.core.settings import Config, Limits, Team
 from proxy.doors import AnswerMeter, ImagesDoor, StreamMeter
 from proxy.ledger import Row
 from proxy.simulator import SimulatorSettings, create_simulator_app
-from proxy.web.app import Gateway, Overrides, create_app
+from proxy.web.app import create_app
+from proxy.web.gateway import Gateway
 from proxy.web.pipeline import Pipeline
+from proxy.web.runtime import Overrides
 from tests.conftest import UPSTREAM_KEY, write_config
 
 KEY = "tg_test_pipeline_key"

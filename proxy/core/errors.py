@@ -4,8 +4,10 @@
      ├── ConfigError                 configuration invalid (list of `file:line: message`)
      ├── LedgerError                 the ledger cannot be reached or is unusable
      │    └── LedgerUnavailable      the database is unreachable right now: retrying may help
+     ├── MalformedAnswer             an upstream 2xx body unlike OpenAI's (`proxy.core.metering`)
      └── RequestError                answered to the client in OpenAI's error shape
           ├── InvalidRequest         400 invalid_request
+          ├── InvalidConfig          400 invalid_config: a reload refused, the old one stays
           ├── UnpricedModel          400 unpriced_model
           ├── AuthenticationFailed   401 invalid_api_key
           ├── PolicyViolation        403 policy_violation
@@ -19,12 +21,12 @@
           ├── UpstreamFailure        the upstream gave no answer (`maybe_billed`: after the send)
           │    ├── UpstreamUnavailable    502 upstream_unavailable
           │    └── UpstreamTimeout        504 upstream_timeout
-          │         └── DeadlineExceeded  504: past `upstream.total_timeout_s`
+          │         └── DeadlineExceeded  504 upstream_timeout: past `total_timeout_s`
           └── ServiceUnavailable     503 service_unavailable
                └── Overloaded        503 server_overloaded (retry after a second)
 
-Only the web layer turns a RequestError into an HTTP answer; only the CLI prints
-a ConfigError and exits.
+Only the web layer turns a RequestError into an HTTP answer (`proxy.web.responses`);
+only the CLI prints a ConfigError and exits.
 """
 
 from __future__ import annotations
@@ -80,6 +82,12 @@ class RequestError(TollgateError):
 
 class InvalidRequest(RequestError):
     pass
+
+
+class InvalidConfig(RequestError):
+    """A configuration sent to a running Tollgate (a reload) that it refused."""
+
+    code = "invalid_config"
 
 
 class UnpricedModel(RequestError):

@@ -22,10 +22,11 @@ from typing import Any, NoReturn
 
 import ijson
 
+from proxy.core.errors import TollgateError
 from proxy.core.models import Usage
 
 
-class MalformedAnswer(ValueError):
+class MalformedAnswer(TollgateError):
     """The upstream answered 2xx with a body that is not what OpenAI sends."""
 
 

@@ -1,18 +1,80 @@
-"""How Tollgate answers: its own errors in OpenAI's shape, and spooled upstream answers."""
+"""How Tollgate answers: every error in OpenAI's shape, and spooled upstream answers.
+
+`as_request_error` is the one mapping from an exception to what the client is told:
+Tollgate's RequestErrors answer for themselves, starlette's own refusals (no route, a
+method the route does not take) become their OpenAI equivalents, and anything else is a
+fault of Tollgate's, logged with its traceback and answered 500 without it.
+"""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from proxy.core.errors import RequestError
+from proxy.core.errors import (
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    RequestError,
+)
 from proxy.upstream import Answer, response_headers
 from proxy.web.spool import Spool
 
+log = logging.getLogger("tollgate")
+
 
 def error_response(exc: RequestError, headers: dict[str, str] | None = None) -> Response:
+    """`exc` as OpenAI answers an error: its status, `{"error": {...}}` and its headers."""
     return JSONResponse(
         exc.body(), status_code=exc.status, headers={**(headers or {}), **exc.headers()}
     )
+
+
+def as_request_error(exc: BaseException, method: str, path: str) -> RequestError:
+    """What the client is told about `exc`, raised while answering `method path`."""
+    if isinstance(exc, RequestError):
+        return exc
+    if isinstance(exc, HTTPException):
+        return from_starlette(exc, method, path)
+    log.error("unhandled error on %s %s", method, path, exc_info=exc)
+    return InternalError("Tollgate failed to handle this request; it has been logged.")
+
+
+def from_starlette(exc: HTTPException, method: str, path: str) -> RequestError:
+    """starlette's own refusal, as OpenAI words it."""
+    if exc.status_code == 404:
+        return NotFound(f"Invalid URL ({method} {path}).")
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        return MethodNotAllowed(
+            f"Invalid method ({method} {path}).",
+            # starlette joins a set: sorted, the header is the same on every answer.
+            tuple(sorted(m.strip() for m in allowed.split(",") if m.strip())),
+        )
+    error = InvalidRequest(str(exc.detail))
+    error.status = exc.status_code
+    return error
+
+
+def error_answer(request: Request, exc: Exception) -> Response:
+    """starlette's exception handler: whatever a route raised, in OpenAI's shape."""
+    return error_response(as_request_error(exc, request.method, request.url.path))
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    # Raised by Tollgate's routes (answered here, nothing more to log).
+    RequestError: error_answer,
+    # No route, a method the route does not take.
+    HTTPException: error_answer,
+    # Anything else: starlette answers it with this, then raises it on to the server.
+    Exception: error_answer,
+}
+"""For `Starlette(exception_handlers=...)`."""
 
 
 def spooled_response(spool: Spool, answer: Answer, headers: dict[str, str]) -> Response:

@@ -1,9 +1,9 @@
 """What the request path works with, built at start-up and passed in.
 
 A `Runtime` is one consistent set of dependencies: the configuration and what was
-built from it. A reload builds a new one and swaps it in whole; a request reads it
-once, when it arrives, and keeps that one to its end, so a request never sees the
-configuration of one generation with the upstream client of another.
+built from it. A reload builds a new one (`next_runtime`) and swaps it in whole; a
+request reads it once, when it arrives, and keeps that one to its end, so a request
+never sees the configuration of one generation with the upstream client of another.
 """
 
 from __future__ import annotations
@@ -11,17 +11,60 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from proxy.core.settings import Config
+import httpx
+
+from proxy.core.errors import ConfigError
+from proxy.core.settings import Config, UpstreamSettings
 from proxy.finance.alerts import Alerts
-from proxy.ledger import Ledger
+from proxy.ledger import Ledger, open_ledger
 from proxy.metrics import Metrics
 from proxy.upstream import Upstream
 from proxy.web.admission import BodyBudget
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Choices made on the command line that win over the configuration file."""
+
+    ledger_url: str | None = None
+    upstream_url: str | None = None
+    upstream_key: str | None = None
+    transport: httpx.AsyncBaseTransport | None = None
+    """An in-process upstream (tests); None: the network, with aiohttp."""
+    clock: Callable[[], float] | None = None
+    """Unix time for budgets and the ledger (tests move it across period boundaries)."""
+
+
+def upstream_key(config: Config, overrides: Overrides) -> str:
+    """The key Tollgate sends upstream; a ConfigError when there is none."""
+    key = overrides.upstream_key or config.upstream.api_key
+    if not key:
+        raise ConfigError(
+            [
+                f"{config.root}: upstream.api_key is not set: set OPENAI_API_KEY (or run with "
+                "--simulate to use the built-in simulated upstream)"
+            ]
+        )
+    return key
+
+
+def build_upstream(config: Config, overrides: Overrides) -> Upstream:
+    """The pooled client to the upstream `config` names (or the overrides do)."""
+    settings: UpstreamSettings = config.upstream
+    return Upstream(
+        overrides.upstream_url or settings.base_url,
+        upstream_key(config, overrides),
+        timeout_s=settings.timeout_s,
+        max_connections=settings.max_connections,
+        organization=settings.organization,
+        project=settings.project,
+        transport=overrides.transport,
+    )
 
 
 class Tasks:
@@ -69,3 +112,41 @@ class Runtime:
 
     def spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         return self.tasks.spawn(work)
+
+
+async def open_runtime(
+    config: Config, overrides: Overrides, metrics: Metrics, bodies: BodyBudget
+) -> Runtime:
+    """The first generation: the ledger opened, the upstream client and the alerts built."""
+    ledger = await open_ledger(overrides.ledger_url or config.ledger_url)
+    clock = overrides.clock or time.time
+    return Runtime(
+        config=config,
+        ledger=ledger,
+        upstream=build_upstream(config, overrides),
+        metrics=metrics,
+        alerts=Alerts(config, ledger, clock),
+        bodies=bodies,
+        tasks=Tasks(),
+        clock=clock,
+    )
+
+
+RETIRE_AFTER_S = 5.0
+"""How long past its deadline an old upstream client is kept for the requests it serves."""
+
+
+def next_runtime(old: Runtime, fresh: Config, overrides: Overrides) -> Runtime:
+    """The generation that follows `old` for the configuration `fresh`.
+
+    The upstream client is built anew only when its settings changed; the old one is
+    closed once every request that holds it has passed its deadline. The body budget and
+    the alerts, shared by every generation, take the fresh limits and configuration.
+    A ConfigError (no upstream key) leaves everything as it was."""
+    upstream = old.upstream
+    if fresh.upstream != old.config.upstream:
+        upstream = build_upstream(fresh, overrides)
+        old.tasks.later(old.config.upstream.deadline_s + RETIRE_AFTER_S, old.upstream.aclose)
+    old.bodies.configure(fresh.limits)
+    old.alerts.config = fresh
+    return replace(old, config=fresh, upstream=upstream)

@@ -1,0 +1,141 @@
+"""The ASGI entry: every path made canonical, image requests straight to their handler."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from proxy.core.errors import NotFound, Overloaded, ServiceUnavailable, UnsupportedEncoding
+from proxy.core.paths import canonical
+from proxy.metrics import Metrics
+from proxy.web.admission import BodyBudget
+from proxy.web.connections import OVER_CAPACITY
+from proxy.web.responses import as_request_error, error_response
+from proxy.web.runtime import Runtime
+
+# Answered even on a connection past `limits.max_connections`: the probes must tell a busy
+# process from a dead one, and a saturated process is when its metrics matter most.
+ALWAYS_ANSWERED = frozenset({"/healthz", "/readyz", "/metrics"})
+CLOSE = {"connection": "close"}
+
+
+class Handler(Protocol):
+    """What answers the requests of one image endpoint."""
+
+    async def handle(self, request: Request, runtime: Runtime) -> Response: ...
+
+
+class Gateway:
+    """The ASGI entry: every path is made canonical first, then image requests go straight
+    to their handler, the rest to starlette.
+
+    A path that is not canonical (see `proxy.core.paths`) is refused here, before any route or
+    `passthrough:` prefix is matched against it, so what is matched is what is forwarded.
+    A body with a content coding is refused too: Tollgate prices the body it reads.
+    The image endpoints are the request path, and starlette's router and middleware
+    (error pages, exception handlers, path matching) had nothing to do for them but cost
+    CPU on every request. Whatever the refusals and the handlers raise is answered here, in
+    OpenAI's error shape (a fault of Tollgate's own as a 500, its traceback in the log);
+    starlette's routes answer their own errors with the same mapping.
+
+    Every request's body charge (`proxy.web.admission`) is given back here, and a request on
+    a connection past `limits.max_connections` is answered 503 here and the connection closed.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        images: dict[str, Handler],
+        bodies: BodyBudget,
+        metrics: Metrics,
+    ) -> None:
+        self.app = app
+        self.images = images
+        self.bodies = bodies
+        self.metrics = metrics
+        self.runtime: Runtime | None = None
+        """The runtime in force (None until the app has started): replaced whole on reload;
+        each request reads it once, when it arrives."""
+
+    def current(self) -> Runtime:
+        if self.runtime is None:
+            raise ServiceUnavailable("Tollgate is starting; retry shortly.")
+        return self.runtime
+
+    def bind(
+        self, endpoint: Callable[[Request, Runtime], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """A starlette endpoint that calls `endpoint` with the runtime in force."""
+
+        async def bound(request: Request) -> Response:
+            return await endpoint(request, self.current())
+
+        return bound
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            respond = await self.respond(scope, receive)
+        except Exception as exc:
+            error = as_request_error(exc, scope["method"], scope["path"])
+            respond = error_response(error, CLOSE if OVER_CAPACITY in scope else None)
+        try:
+            await respond(scope, receive, send)
+        finally:
+            self.bodies.release(scope)
+
+    async def respond(self, scope: Scope, receive: Receive) -> ASGIApp:
+        """What answers the request of `scope`: its image handler's response, or the routes."""
+        self.admit(scope)
+        handler = self.images.get(scope["path"])
+        if handler is None or scope["method"] != "POST":
+            return self.app
+        try:
+            return await handler.handle(Request(scope, receive), self.current())
+        finally:
+            # The body and its parsed copies are dropped with the handler's frame; the answer
+            # (spooled, or streamed from upstream) no longer needs them.
+            self.bodies.release(scope)
+
+    def admit(self, scope: Scope) -> None:
+        """Make the path of `scope` canonical, or raise the refusal of its request."""
+        if OVER_CAPACITY in scope and scope["path"] not in ALWAYS_ANSWERED:
+            # Every connection the process may hold is busy: this one is answered and closed.
+            self.metrics.refused("connections")
+            raise Overloaded(
+                "Tollgate is serving as many connections as it safely can; retry in a moment."
+            )
+        raw: bytes = scope.get("raw_path") or scope["path"].encode()
+        path = canonical(raw)
+        if path is None:
+            raise refused(scope, raw)
+        refuse_encoded(scope["headers"])
+        scope["path"] = path
+
+
+def refused(scope: Scope, raw: bytes) -> NotFound:
+    """The answer to a path that is not canonical: it names no endpoint."""
+    shown = raw.decode("ascii", "backslashreplace")
+    if len(shown) > 200:
+        shown = shown[:200] + "..."
+    return NotFound(
+        f"Invalid URL ({scope['method']} {shown}): Tollgate accepts only plain paths (no '.' "
+        "or '..' segments, empty segments, encoded '/' or '%', backslashes or control "
+        "characters)."
+    )
+
+
+def refuse_encoded(headers: list[tuple[bytes, bytes]]) -> None:
+    """Raise when the body comes with a content coding other than identity."""
+    for name, value in headers:
+        if name == b"content-encoding" and value.strip().lower() != b"identity":
+            raise UnsupportedEncoding(
+                f"Content-Encoding {value.decode('latin-1')!r} is not accepted: Tollgate reads "
+                "and prices the request body itself, so send it uncompressed."
+            )

@@ -1,0 +1,74 @@
+"""What opens with a Tollgate process, runs while it serves, and closes when it stops.
+
+Start-up opens the ledger and the upstream client into the first runtime, registers the
+process in the ledger, settles what stopped processes left reserved, and starts the alerts
+and the housekeeping (heartbeat, reclaim). Shutdown lets the exchanges in flight finish and
+settle within their deadline, then closes everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from proxy.core.settings import Config
+from proxy.web import housekeeping
+from proxy.web.gateway import Gateway
+from proxy.web.reload import Reloader, reload_on_hangup
+from proxy.web.runtime import Overrides, Runtime, open_runtime
+
+
+class Lifespan:
+    """starlette's `lifespan` for `gateway`, first serving `config`."""
+
+    def __init__(
+        self, gateway: Gateway, config: Config, overrides: Overrides, reloader: Reloader
+    ) -> None:
+        self.gateway = gateway
+        self.config = config
+        self.overrides = overrides
+        self.reloader = reloader
+
+    @contextlib.asynccontextmanager
+    async def __call__(self, app: Any) -> AsyncIterator[None]:
+        gateway = self.gateway
+        first = await open_runtime(self.config, self.overrides, gateway.metrics, gateway.bodies)
+        gateway.runtime = first
+        duties = await start_duties(first, gateway.current)
+        reload_on_hangup(self.reloader)
+        try:
+            yield
+        finally:
+            duties.cancel()
+            await close(gateway.current())
+
+
+async def start_duties(first: Runtime, current: Callable[[], Runtime]) -> asyncio.Task[None]:
+    """Register this process, reclaim what stopped processes left, start the alerts and
+    the housekeeping (which follows the configuration in force: `current()`)."""
+    ledger, clock = first.ledger, first.clock
+    me = housekeeping.this_process()
+    await ledger.register(me, clock())
+    after_s = housekeeping.reclaim_after_s(first.config.upstream)
+    await housekeeping.reclaim_once(ledger, me, clock(), after_s)
+    first.alerts.start()
+    return asyncio.create_task(
+        housekeeping.run(
+            ledger, me, clock, lambda: housekeeping.reclaim_after_s(current().config.upstream)
+        )
+    )
+
+
+async def close(last: Runtime) -> None:
+    """Let the exchanges in flight finish, then close what the runtime holds."""
+    # In-flight exchanges are being billed: let them finish and settle. Each ends by its
+    # deadline, then settles within `timeout_s` (a ledger outage's retries).
+    upstream = last.config.upstream
+    await last.tasks.finish(upstream.deadline_s + upstream.timeout_s)
+    await last.upstream.aclose()
+    await last.alerts.aclose()
+    last.metrics.close()
+    await last.ledger.unregister()
+    await last.ledger.close()

@@ -1,0 +1,64 @@
+"""Serving: the serve options reach every worker process, as an argument."""
+
+from __future__ import annotations
+
+import pickle
+import sqlite3
+from pathlib import Path
+
+import openai
+
+from proxy.config import load_config
+from proxy.web.app import create_app
+from proxy.web.runtime import Overrides
+from proxy.web.server import Prepared, ServeOptions, worker_app, workers_config
+from tests.conftest import DESIGN_KEY, UPSTREAM_KEY, free_port, start, stop, write_config
+
+UNREACHABLE = "http://127.0.0.1:9/v1"
+
+
+def test_the_options_travel_to_the_workers_with_uvicorns_settings(tmp_path: Path) -> None:
+    write_config(tmp_path, UNREACHABLE)
+    options = ServeOptions(
+        tmp_path,
+        workers=3,
+        log_level="warning",
+        overrides=Overrides(
+            ledger_url="sqlite:///elsewhere.db",
+            upstream_url="http://127.0.0.1:8090/v1",
+            upstream_key=UPSTREAM_KEY,
+        ),
+        metrics_dir=tmp_path / "metrics",
+    )
+    config = load_config(tmp_path)
+    prepared = Prepared(options, config, create_app(config, options.overrides))
+    # uvicorn pickles its settings into each worker process it spawns.
+    settings = pickle.loads(pickle.dumps(workers_config(prepared)))
+    assert settings.factory and settings.workers == 3
+    assert settings.app.func is worker_app
+    assert settings.app.args == (options,)
+
+
+def test_workers_serve_with_the_options_of_the_command_line(tmp_path: Path) -> None:
+    """The configuration names an upstream that does not answer and another ledger: the
+    answer and its row show that both workers took `--simulate` and `--ledger`."""
+    write_config(tmp_path, UNREACHABLE)
+    elsewhere = tmp_path / "elsewhere.db"
+    port = free_port()
+    process = start(
+        ["serve", "--config", str(tmp_path), "--port", str(port), "--workers", "2",
+         "--simulate", "--ledger", f"sqlite:///{elsewhere}"],
+        f"http://127.0.0.1:{port}/healthz",
+    )  # fmt: skip
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=DESIGN_KEY)
+        for i in range(4):  # new connections: the kernel spreads them over the workers
+            answer = client.with_options(max_retries=0).images.generate(
+                model="gpt-image-2", prompt=f"p {i}", quality="low", size="1024x1024"
+            )
+            assert answer.data
+    finally:
+        stop(process)
+    with sqlite3.connect(elsewhere) as db:
+        assert db.execute("SELECT count(*) FROM requests").fetchone() == (4,)
+    assert not (tmp_path / "tollgate.db").exists()
