@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from openai.types.image_model import ImageModel
 
+from proxy.config.prices import load_price_book
 from proxy.core.errors import ConfigError, InvalidRequest
 from proxy.core.models import (
     INPUT_KINDS,
@@ -24,7 +25,7 @@ from proxy.core.models import (
     Usage,
 )
 from proxy.core.parsing import parse_request
-from proxy.core.pricing import ModelPrices, PriceBook, estimate, load_price_book
+from proxy.core.pricing import ModelPrices, PriceBook, estimate
 from proxy.simulator.forms import RawRequest
 from proxy.simulator.tokens import tokens_for
 from proxy.simulator.validation import validate as simulator_validate
@@ -788,6 +789,28 @@ def test_broken_override_file_raises_config_error_naming_the_file(
     assert caught.value.problems
     assert all(str(path) in problem for problem in caught.value.problems)
     assert needle in str(caught.value)
+
+
+def test_broken_override_entry_is_reported_at_its_own_line(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        # negotiated rates
+        models:
+          gpt-image-2:
+            source: contract
+          gpt-image-3:
+            source: x
+            effective_from: 2027-01-01
+            qualities: [low]
+        """,
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_price_book(path)
+    assert caught.value.problems == [
+        f"{path}:6: models.gpt-image-3: invalid price-book entry: "
+        "ValueError('an entry needs `rates` or `per_image`')"
+    ]
 
 
 def test_missing_override_file_raises_config_error_naming_the_file(tmp_path: Path) -> None:

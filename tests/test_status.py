@@ -9,9 +9,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from proxy.config.prices import load_price_book
 from proxy.core.budgets import Applied, applicable, window
 from proxy.core.models import Counter, Totals
-from proxy.core.pricing import load_price_book
 from proxy.core.settings import Allow, Budget, Config, Team, UpstreamSettings
 from proxy.finance.status import configured, statuses
 

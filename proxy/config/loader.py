@@ -17,12 +17,13 @@ from types import MappingProxyType
 from typing import Any, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from proxy.config.prices import load_price_book
 from proxy.config.schema import schema_problems, validator
 from proxy.config.source import Document, JsonPath, read_document
 from proxy.core.errors import ConfigError
 from proxy.core.models import NANOS_PER_USD
 from proxy.core.paths import canonical, under
-from proxy.core.pricing import ModelPrices, PriceBook, load_price_book
+from proxy.core.pricing import ModelPrices, PriceBook
 from proxy.core.settings import (
     BODY_COPIES,
     KNOBS,
