@@ -1,4 +1,4 @@
-"""Budgets and decisions (SPEC §3, §6): periods, counters, allow, throttle, downgrades, 429s."""
+"""Budgets and decisions: periods, counters, allow, throttle, downgrades, 429s."""
 
 from __future__ import annotations
 

@@ -237,7 +237,7 @@ def test_the_exposition_has_exactly_the_catalogue_of_the_spec(metrics: Metrics) 
         "tollgate_upstream_request_duration_seconds": "histogram",
         "tollgate_unauthenticated_requests": "counter",
         "tollgate_inflight_requests": "gauge",
-        # Beyond SPEC §8: how close the process is to what it may hold (README, Limits).
+        # And how close the process is to what it may hold (README, Limits).
         "tollgate_inflight_body_bytes": "gauge",
         "tollgate_overload_refusals": "counter",
         "tollgate_budget_limit_usd": "gauge",
