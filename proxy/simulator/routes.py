@@ -161,6 +161,18 @@ async def handle_image_request(
     state.record.append(arrival.entry(raw, order, status=200, tokens=tokens))
     if order.stream:
         return _stream(order, tokens, knobs, fault, request, arrival)
+    return await _answer(order, tokens, knobs, fault, request, arrival)
+
+
+async def _answer(
+    order: ImageOrder,
+    tokens: Tokens,
+    knobs: Knobs,
+    fault: Fault | None,
+    request: Request,
+    arrival: _Arrival,
+) -> Response:
+    """The JSON answer to an order, after the configured latency (or what a fault makes of it)."""
     await _sleep_ms(knobs.latency_ms)
     if fault == "garbage":
         return Response(GARBAGE_BODY, headers={"x-request-id": arrival.id}, media_type=JSON)
