@@ -112,7 +112,7 @@ def test_every_entry_has_a_source_and_an_effective_date(book: PriceBook, name: s
     assert isinstance(model.effective_from, date)
 
 
-# --- output tokens: gpt-image-2 and 2.5 formula (OPENAI-IMAGES §5.3) ------------------------
+# --- output tokens: gpt-image-2 and 2.5 formula (the community fit to OpenAI's calculator) --
 
 GPT_IMAGE_2_TABLE = {
     "1024x1024": (196, 1756, 7024),
@@ -166,7 +166,7 @@ def test_gpt_image_25_output_tokens_match_the_published_calculator(
     assert model_of(book, name).output_tokens(quality, size) == tokens
 
 
-# --- output tokens: models before gpt-image-2 (OPENAI-IMAGES §5.2) --------------------------
+# --- output tokens: models before gpt-image-2 (the image-generation guide's table) ---------
 
 PRIOR_TO_2_TABLE = {
     "low": {"1024x1024": 272, "1024x1536": 408, "1536x1024": 400},
@@ -205,8 +205,8 @@ def test_image_output_cost_is_exact_in_nano_dollars(
     assert model_of(book, name).cost(Usage(image_output=tokens)) == nanos
 
 
-# (model, quality, size, published USD) from OPENAI-IMAGES §5.5. gpt-image-1 high 1024² is left
-# out: the guide prints $0.167 while 4160 × $40/M = $0.1664, which rounds to $0.166.
+# (model, quality, size, published USD) from the image-generation guide. gpt-image-1 high 1024² is
+# left out: the guide prints $0.167 while 4160 × $40/M = $0.1664, which rounds to $0.166.
 PUBLISHED_GUIDE: dict[str, dict[str, tuple[str | None, ...]]] = {
     "gpt-image-2": {
         "low": ("0.006", "0.005", "0.005"),
@@ -451,7 +451,7 @@ def test_validate_accepts_what_the_model_accepts(
     model_of(book, name).validate(request(name, **fields))
 
 
-# --- gpt-image-1's input tile rule (OPENAI-IMAGES §5.4) ----------------------------------------
+# --- gpt-image-1's input tile rule (the image-generation guide) --------------------------------
 
 
 @pytest.mark.parametrize(

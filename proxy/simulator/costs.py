@@ -1,6 +1,7 @@
 """`GET /v1/organization/costs` built from the billing record (pure; `now` passed in).
 
-Prices are OPENAI-IMAGES §5.5 (USD, Standard tier). Line items are named
+Prices are OpenAI's published rates (USD, Standard tier), written here apart from
+the proxy's price book. Line items are named
 `"<model>, <kind>"`, e.g. `"gpt-image-2, image output"` or `"dall-e-3, images"`.
 """
 

@@ -133,7 +133,8 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def custom_size_problem(width: int, height: int) -> str | None:
-    """Why a `WxH` breaks the §2.4 custom-size rules, or None when it is acceptable."""
+    """Why a `WxH` breaks the custom-size rules of gpt-image-2 and 2.x, or None when it is
+    acceptable."""
     if width % SIZE_EDGE_MULTIPLE or height % SIZE_EDGE_MULTIPLE:
         return f"both edges must be multiples of {SIZE_EDGE_MULTIPLE}"
     if max(width, height) > SIZE_MAX_EDGE:
