@@ -133,6 +133,40 @@ async def handle_image_request(
     """Answer one generations, edits or variations request the way OpenAI would."""
     arrival = _Arrival.of(endpoint, request)
     knobs = state.knobs
+    accepted = await _accept(state, knobs, endpoint, request, arrival)
+    if isinstance(accepted, Response):
+        return accepted
+    raw, order, fault = accepted
+    tokens = tokens_for(order)
+    if fault == "texttokens" and not order.model.is_dalle:
+        tokens = replace(tokens, text_output=TEXT_OUTPUT_TOKENS)
+    state.record.append(arrival.entry(raw, order, status=200, tokens=tokens))
+    if order.stream:
+        return _stream(order, tokens, knobs, fault, request, arrival)
+    await _sleep_ms(knobs.latency_ms)
+    if fault == "garbage":
+        return Response(GARBAGE_BODY, headers={"x-request-id": arrival.id}, media_type=JSON)
+    body = response_body(
+        order,
+        tokens,
+        created=int(arrival.time),
+        padding=knobs.payload_bytes,
+        request_id=arrival.id,
+        with_usage=fault != "nousage",
+    )
+    if fault == "truncate":
+        return _cut_short(json.dumps(body).encode(), request, arrival.id)
+    if fault == "echo":
+        body["echo"] = echo(arrival.authorization)
+        return _json_response(200, body, arrival.id, {ECHO_HEADER: arrival.authorization or ""})
+    return _json_response(200, body, arrival.id, {})
+
+
+async def _accept(
+    state: SimulatorState, knobs: Knobs, endpoint: Endpoint, request: Request, arrival: _Arrival
+) -> tuple[RawRequest, ImageOrder, Fault | None] | Response:
+    """The request read and validated, with the fault it plays; or, recorded, the answer
+    that ends it there (an error, or no answer at all)."""
     raw, order = unparsed(endpoint), None
     # Until the prompt is read, only the configured fault is known.
     fault = knobs.fault
@@ -154,42 +188,7 @@ async def handle_image_request(
         if fault == "echo":
             error = echoed(error, arrival.authorization)
         return error_response(error, arrival.id)
-
-    tokens = tokens_for(order)
-    if fault == "texttokens" and not order.model.is_dalle:
-        tokens = replace(tokens, text_output=TEXT_OUTPUT_TOKENS)
-    state.record.append(arrival.entry(raw, order, status=200, tokens=tokens))
-    if order.stream:
-        return _stream(order, tokens, knobs, fault, request, arrival)
-    return await _answer(order, tokens, knobs, fault, request, arrival)
-
-
-async def _answer(
-    order: ImageOrder,
-    tokens: Tokens,
-    knobs: Knobs,
-    fault: Fault | None,
-    request: Request,
-    arrival: _Arrival,
-) -> Response:
-    """The JSON answer to an order, after the configured latency (or what a fault makes of it)."""
-    await _sleep_ms(knobs.latency_ms)
-    if fault == "garbage":
-        return Response(GARBAGE_BODY, headers={"x-request-id": arrival.id}, media_type=JSON)
-    body = response_body(
-        order,
-        tokens,
-        created=int(arrival.time),
-        padding=knobs.payload_bytes,
-        request_id=arrival.id,
-        with_usage=fault != "nousage",
-    )
-    if fault == "truncate":
-        return _cut_short(json.dumps(body).encode(), request, arrival.id)
-    if fault == "echo":
-        body["echo"] = echo(arrival.authorization)
-        return _json_response(200, body, arrival.id, {ECHO_HEADER: arrival.authorization or ""})
-    return _json_response(200, body, arrival.id, {})
+    return raw, order, fault
 
 
 def _cut_short(body: bytes, request: Request, request_id: str) -> StreamingResponse:
