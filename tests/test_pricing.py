@@ -798,22 +798,11 @@ def test_broken_override_file_raises_config_error_naming_the_file(
 
 
 def test_broken_override_entry_is_reported_at_its_own_line(tmp_path: Path) -> None:
-    path = write(
-        tmp_path,
-        """
-        # negotiated rates
-        models:
-          gpt-image-2:
-            source: contract
-          gpt-image-3:
-            source: x
-            effective_from: 2027-01-01
-            qualities: [low]
-        """,
-    )
+    text = "# negotiated\nmodels:\n  gpt-image-2: {source: contract}\n  gpt-image-3: {source: x}\n"
+    path = write(tmp_path, text)
     assert problems_of(path) == [
-        f"{path}:6: models.gpt-image-3: invalid price-book entry: "
-        "ValueError('an entry needs `rates` or `per_image`')"
+        f"{path}:4: models.gpt-image-3: invalid price-book entry: "
+        "ValueError('every entry needs `source` and `effective_from`')"
     ]
 
 
