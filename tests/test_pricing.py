@@ -25,7 +25,14 @@ from proxy.core.models import (
     Usage,
 )
 from proxy.core.parsing import parse_request
-from proxy.core.pricing import ModelPrices, PriceBook, estimate
+from proxy.core.pricing import (
+    CustomSizes,
+    ModelPrices,
+    PriceBook,
+    estimate,
+    model_prices,
+    price_book,
+)
 from proxy.simulator.forms import RawRequest
 from proxy.simulator.tokens import tokens_for
 from proxy.simulator.validation import validate as simulator_validate
@@ -795,6 +802,23 @@ def test_broken_override_file_raises_config_error_naming_the_file(
     assert problems
     assert all(str(path) in problem for problem in problems)
     assert needle in "\n".join(problems)
+
+
+def test_a_book_is_built_from_plain_mappings_without_a_file() -> None:
+    fields = {
+        "source": "x",
+        "effective_from": "2027-01-01",
+        "aliases": ["gpt-image-3-2027-01-01"],
+        "rates": {"image_output": "20.00"},
+        "qualities": ["low"],
+        "sizes": "custom",
+        "output_tokens": {"formula": {"low": 16}},
+    }
+    book = price_book([model_prices("gpt-image-3", fields, CustomSizes())])
+    model = model_of(book, "gpt-image-3-2027-01-01")
+    assert model.name == "gpt-image-3"
+    assert model.custom_sizes == CustomSizes()
+    assert model.cost(Usage(image_output=1_000_000)) == 20 * 10**9
 
 
 def test_broken_override_entry_is_reported_at_its_own_line(tmp_path: Path) -> None:

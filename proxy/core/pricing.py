@@ -4,7 +4,8 @@ Prices and token rules are data (`prices.yaml` inside the package, extended or
 overridden by a deployment's own file, both read by `proxy.config.prices`); this
 module builds the book from plain mappings and interprets it:
 
-    book = price_book(model_prices(name, fields, CustomSizes()) for name, fields in ...)
+    fields = {"source": "…", "effective_from": "2026-04-21", "rates": {...}, ...}
+    book = price_book([model_prices("gpt-image-2", fields, CustomSizes())])
     model = book.find("gpt-image-2-2026-04-21")       # aliases resolve
     model.output_tokens("high", "1024x1024")            # 7024
     estimate(model, request).cost_nanos                  # an upper bound, reserved
