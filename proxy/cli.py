@@ -25,10 +25,11 @@ from proxy.core.budgets import zone
 from proxy.core.errors import ConfigError, InvalidRequest, LedgerError, RequestError
 from proxy.core.models import usd_text
 from proxy.core.settings import HTTP_METHODS, Config
+from proxy.core.status import BudgetStatus
 from proxy.finance import flagged, reconcile
 from proxy.finance.reports_query import ReportQuery
 from proxy.finance.reports_query import run as run_report_query
-from proxy.finance.status import BudgetStatus, budget_status
+from proxy.finance.status import budget_status
 from proxy.ledger import migrate_ledger, open_ledger
 from proxy.ledger.copy import copy_between
 from proxy.logs import configure_logging

@@ -31,7 +31,7 @@ class BatchWriter(logging.Handler):
     """Formats each record where it is logged; a thread writes the lines in batches.
 
     The event loop never blocks on a slow or full stderr pipe. Nor does it wake a thread
-    per record, as a queue would (a cross-thread hand-off, ~12 µs a line): lines wait in a
+    per record, as a queue would (a cross-thread hand-off for every line): lines wait in a
     deque that the writer drains every `every_s` with one `write`. A warning or an error
     wakes the writer at once. `flush()` writes what waits; `close()` (at exit, and from
     `logging.shutdown`) stops the writer and writes the rest.

@@ -1,4 +1,4 @@
-"""The metric catalogue (names are a contract for the dashboards, SPEC §8).
+"""The metric catalogue (names, labels and values are a contract for `dashboards/`).
 
 Built on prometheus-client with an explicit registry: nothing registers itself
 at import. Costs are exported in USD (a float only here, at the edge); there is
@@ -31,7 +31,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from proxy.core.models import NANOS_PER_USD, TOKEN_KINDS, Change, Entry, Settlement
-from proxy.finance.status import BudgetStatus
+from proxy.core.status import BudgetStatus
 
 ENV_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.5, 1, 2.5, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300)
@@ -43,8 +43,8 @@ M = TypeVar("M", Counter, Histogram)
 class Children(Generic[M]):
     """The children of a labelled metric, by label values: `children(*values)`.
 
-    `metric.labels(...)` checks and converts its arguments on every call, a few µs each and
-    several times a request; a child never changes once made, so a dict finds it again.
+    `metric.labels(...)` checks and converts its arguments on every call, several times a
+    request; a child never changes once made, so a dict finds it again.
     A child is still made only when its label values are first used, so the label sets a
     scrape shows are the same as with `labels()`. Values must be `str` (as `labels()` would
     make them).
@@ -75,7 +75,37 @@ class Metrics:
     ) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self.multiprocess_dir = multiprocess_dir
-        r = self.registry
+        self._ended(self.registry)
+        self._upstream_and_keys(self.registry)
+        self._load(self.registry)
+        # The request path finds its children here (see `Children`).
+        self._requests = Children(self.requests)
+        self._tokens = Children(self.tokens)
+        self._cost = Children(self.cost)
+        self._reserved = Children(self.reserved)
+        self._images = Children(self.images)
+        self._downgrades = Children(self.downgrades)
+        self._upstream_duration = Children(self.upstream_duration)
+        self._unauthenticated = Children(self.unauthenticated_requests)
+
+    def _upstream_and_keys(self, r: CollectorRegistry) -> None:
+        """How long the upstream took, and the requests refused for their key."""
+        self.upstream_duration = Histogram(
+            "tollgate_upstream_request_duration_seconds",
+            "Time from sending a request upstream to the end of its answer.",
+            ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.unauthenticated_requests = Counter(
+            "tollgate_unauthenticated_requests",
+            "Requests refused for a missing or unknown key (kept out of the ledger: anyone "
+            "can send them), by endpoint (or passthrough) and reason.",
+            ["endpoint", "reason"],
+            registry=r,
+        )
+
+    def _ended(self, r: CollectorRegistry) -> None:
+        """What `finished` counts: requests by outcome, tokens, dollars metered and reserved,
+        images, downgrades."""
         self.requests = Counter(
             "tollgate_requests",
             "Requests by outcome.",
@@ -107,18 +137,9 @@ class Metrics:
             ["team", "knob", "reason"],
             registry=r,
         )
-        self.upstream_duration = Histogram(
-            "tollgate_upstream_request_duration_seconds",
-            "Time from sending a request upstream to the end of its answer.",
-            ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.unauthenticated_requests = Counter(
-            "tollgate_unauthenticated_requests",
-            "Requests refused for a missing or unknown key (kept out of the ledger: anyone "
-            "can send them), by endpoint (or passthrough) and reason.",
-            ["endpoint", "reason"],
-            registry=r,
-        )
+
+    def _load(self, r: CollectorRegistry) -> None:
+        """What the process holds now, and what it refused to protect itself."""
         self.inflight = Gauge(
             "tollgate_inflight_requests",
             "Requests being handled.",
@@ -139,15 +160,6 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        # The request path finds its children here (see `Children`).
-        self._requests = Children(self.requests)
-        self._tokens = Children(self.tokens)
-        self._cost = Children(self.cost)
-        self._reserved = Children(self.reserved)
-        self._images = Children(self.images)
-        self._downgrades = Children(self.downgrades)
-        self._upstream_duration = Children(self.upstream_duration)
-        self._unauthenticated = Children(self.unauthenticated_requests)
 
     def started(self) -> None:
         self.inflight.inc()

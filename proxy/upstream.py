@@ -1,7 +1,7 @@
 """The HTTP client to OpenAI (or the simulated upstream): one pooled aiohttp session.
 
-aiohttp's `ClientSession` is used directly: the httpx layer over it cost ~0.25 ms
-of CPU per request (URL parsing, request and response objects, stream wrappers).
+aiohttp's `ClientSession` is used directly: the httpx layer over it cost CPU on every
+request (URL parsing, request and response objects, stream wrappers; README, "Benchmarks").
 The pool is sized for thousands of slow (20-60 s) generations in flight.
 
 What the request path sees is an `Answer`, Tollgate's own view of an upstream

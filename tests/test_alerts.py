@@ -19,8 +19,8 @@ from proxy.core.budgets import Window, counters, zone
 from proxy.core.models import Entry, Settlement, Usage
 from proxy.core.settings import Alerts as AlertSettings
 from proxy.core.settings import Allow, Budget, Config, Team, TeamKey
+from proxy.core.status import BudgetStatus
 from proxy.finance.alerts import Alerts, crossings
-from proxy.finance.status import BudgetStatus
 from proxy.ledger import Reservation, SqliteLedger
 
 POLICIES = Path(__file__).parent.parent / "policies"

@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from proxy.config.prices import load_price_book
 from proxy.core.budgets import (
     STANDARD_SIZES,
     Applied,
@@ -35,7 +36,7 @@ from proxy.core.budgets import (
 )
 from proxy.core.errors import BudgetExceeded, PolicyViolation
 from proxy.core.models import Change, Counter, ImageRequest, InputImage, Period, Totals, usd_text
-from proxy.core.pricing import ModelPrices, PriceBook, estimate, load_price_book, parse_size
+from proxy.core.pricing import ModelPrices, PriceBook, estimate, parse_size
 from proxy.core.settings import (
     KNOBS,
     Allow,

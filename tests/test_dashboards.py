@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.core.budgets import Window
 from proxy.core.models import Change, Entry, Settlement, Usage
-from proxy.finance.status import BudgetStatus
+from proxy.core.status import BudgetStatus
 from proxy.metrics import Metrics
 
 DASHBOARDS = Path(__file__).parent.parent / "dashboards"

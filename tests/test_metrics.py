@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.core.budgets import Window
 from proxy.core.models import Change, Entry, Settlement, Usage
-from proxy.finance.status import BudgetStatus
+from proxy.core.status import BudgetStatus
 from proxy.metrics import Children, Metrics
 
 NANOS = 10**9
@@ -237,7 +237,7 @@ def test_the_exposition_has_exactly_the_catalogue_of_the_spec(metrics: Metrics) 
         "tollgate_upstream_request_duration_seconds": "histogram",
         "tollgate_unauthenticated_requests": "counter",
         "tollgate_inflight_requests": "gauge",
-        # Beyond the catalogue: how close the process is to what it may hold (README, Limits).
+        # And how close the process is to what it may hold (README, Limits).
         "tollgate_inflight_body_bytes": "gauge",
         "tollgate_overload_refusals": "counter",
         "tollgate_budget_limit_usd": "gauge",

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from openai.types.image_model import ImageModel
 
+from proxy.config.prices import load_price_book
 from proxy.core.errors import ConfigError, InvalidRequest
 from proxy.core.models import (
     INPUT_KINDS,
@@ -24,7 +25,14 @@ from proxy.core.models import (
     Usage,
 )
 from proxy.core.parsing import parse_request
-from proxy.core.pricing import ModelPrices, PriceBook, estimate, load_price_book
+from proxy.core.pricing import (
+    CustomSizes,
+    ModelPrices,
+    PriceBook,
+    estimate,
+    model_prices,
+    price_book,
+)
 from proxy.simulator.forms import RawRequest
 from proxy.simulator.tokens import tokens_for
 from proxy.simulator.validation import validate as simulator_validate
@@ -111,7 +119,7 @@ def test_every_entry_has_a_source_and_an_effective_date(book: PriceBook, name: s
     assert isinstance(model.effective_from, date)
 
 
-# --- output tokens: gpt-image-2 and 2.5 formula (OPENAI-IMAGES §5.3) ------------------------
+# --- output tokens: gpt-image-2 and 2.5 formula (the community fit to OpenAI's calculator) --
 
 GPT_IMAGE_2_TABLE = {
     "1024x1024": (196, 1756, 7024),
@@ -165,7 +173,7 @@ def test_gpt_image_25_output_tokens_match_the_published_calculator(
     assert model_of(book, name).output_tokens(quality, size) == tokens
 
 
-# --- output tokens: models before gpt-image-2 (OPENAI-IMAGES §5.2) --------------------------
+# --- output tokens: models before gpt-image-2 (the image-generation guide's table) ---------
 
 PRIOR_TO_2_TABLE = {
     "low": {"1024x1024": 272, "1024x1536": 408, "1536x1024": 400},
@@ -204,8 +212,8 @@ def test_image_output_cost_is_exact_in_nano_dollars(
     assert model_of(book, name).cost(Usage(image_output=tokens)) == nanos
 
 
-# (model, quality, size, published USD) from OPENAI-IMAGES §5.5. gpt-image-1 high 1024² is left
-# out: the guide prints $0.167 while 4160 × $40/M = $0.1664, which rounds to $0.166.
+# (model, quality, size, published USD) from the image-generation guide. gpt-image-1 high 1024² is
+# left out: the guide prints $0.167 while 4160 × $40/M = $0.1664, which rounds to $0.166.
 PUBLISHED_GUIDE: dict[str, dict[str, tuple[str | None, ...]]] = {
     "gpt-image-2": {
         "low": ("0.006", "0.005", "0.005"),
@@ -450,7 +458,7 @@ def test_validate_accepts_what_the_model_accepts(
     model_of(book, name).validate(request(name, **fields))
 
 
-# --- gpt-image-1's input tile rule (OPENAI-IMAGES §5.4) ----------------------------------------
+# --- gpt-image-1's input tile rule (the image-generation guide) --------------------------------
 
 
 @pytest.mark.parametrize(
@@ -707,6 +715,13 @@ def write(tmp_path: Path, text: str, name: str = "prices.yaml") -> Path:
     return path
 
 
+def problems_of(path: Path) -> list[str]:
+    """The problems `load_price_book(path)` raises."""
+    with pytest.raises(ConfigError) as caught:
+        load_price_book(path)
+    return caught.value.problems
+
+
 def test_override_file_adds_a_new_model(tmp_path: Path) -> None:
     book = load_price_book(write(tmp_path, OVERRIDE))
     model = model_of(book, "gpt-image-3")
@@ -783,25 +798,49 @@ def test_broken_override_file_raises_config_error_naming_the_file(
     tmp_path: Path, text: str, needle: str
 ) -> None:
     path = write(tmp_path, text, "team-prices.yaml")
-    with pytest.raises(ConfigError) as caught:
-        load_price_book(path)
-    assert caught.value.problems
-    assert all(str(path) in problem for problem in caught.value.problems)
-    assert needle in str(caught.value)
+    problems = problems_of(path)
+    assert problems
+    assert all(str(path) in problem for problem in problems)
+    assert needle in "\n".join(problems)
+
+
+def test_a_book_is_built_from_plain_mappings_without_a_file() -> None:
+    fields = {
+        "source": "x",
+        "effective_from": "2027-01-01",
+        "aliases": ["gpt-image-3-2027-01-01"],
+        "rates": {"image_output": "20.00"},
+        "qualities": ["low"],
+        "sizes": "custom",
+        "output_tokens": {"formula": {"low": 16}},
+    }
+    book = price_book([model_prices("gpt-image-3", fields, CustomSizes())])
+    model = model_of(book, "gpt-image-3-2027-01-01")
+    assert model.name == "gpt-image-3"
+    assert model.custom_sizes == CustomSizes()
+    assert model.cost(Usage(image_output=1_000_000)) == 20 * 10**9
+
+
+def test_broken_override_entry_is_reported_at_its_own_line(tmp_path: Path) -> None:
+    text = "# negotiated\nmodels:\n  gpt-image-2: {source: contract}\n  gpt-image-3: {source: x}\n"
+    path = write(tmp_path, text)
+    assert problems_of(path) == [
+        f"{path}:4: models.gpt-image-3: invalid price-book entry: "
+        "ValueError('every entry needs `source` and `effective_from`')"
+    ]
 
 
 def test_missing_override_file_raises_config_error_naming_the_file(tmp_path: Path) -> None:
     path = tmp_path / "nowhere.yaml"
-    with pytest.raises(ConfigError) as caught:
-        load_price_book(path)
-    assert str(path) in str(caught.value)
+    assert problems_of(path) == [f"{path}: cannot read: No such file or directory"]
 
 
 def test_override_entry_that_is_not_a_mapping_raises_config_error(tmp_path: Path) -> None:
     path = write(tmp_path, "models:\n  gpt-image-3: oops\n")
-    with pytest.raises(ConfigError) as caught:
-        load_price_book(path)
-    assert str(path) in str(caught.value)
+    assert problems_of(path) == [
+        f"{path}:2: models.gpt-image-3: invalid price-book entry: "
+        "AttributeError(\"'str' object has no attribute 'get'\")"
+    ]
 
 
 def test_override_entry_without_an_output_token_rule_is_refused(tmp_path: Path) -> None:
@@ -817,10 +856,9 @@ def test_override_entry_without_an_output_token_rule_is_refused(tmp_path: Path) 
             sizes: [1024x1024]
         """,
     )
-    with pytest.raises(ConfigError) as caught:
-        load_price_book(path)
-    assert str(path) in str(caught.value)
-    assert "output_tokens" in str(caught.value)
+    (problem,) = problems_of(path)
+    assert problem.startswith(f"{path}:3: models.gpt-image-3: ")
+    assert "output_tokens" in problem
 
 
 def test_costs_are_the_exact_decimal_price_rounded_up_to_a_nano_dollar() -> None:

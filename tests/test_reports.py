@@ -8,8 +8,8 @@ from decimal import Decimal
 
 import pytest
 
+from proxy.config.prices import load_price_book
 from proxy.core.errors import InvalidRequest
-from proxy.core.pricing import load_price_book
 from proxy.finance.reconcile import OpenAICosts, compare, line_item_model
 from proxy.finance.reconcile import as_json as reconcile_json
 from proxy.finance.reconcile import as_table as reconcile_table

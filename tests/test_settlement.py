@@ -11,7 +11,8 @@ from proxy.core.errors import (
     UpstreamUnavailable,
 )
 from proxy.core.models import Charge, Usage
-from proxy.core.pricing import ModelPrices, load_price_book
+from proxy.config.prices import load_price_book
+from proxy.core.pricing import ModelPrices
 from proxy.core.settlement import (
     Bound,
     StreamEnd,

@@ -4,8 +4,8 @@
     team, key = config.team_by_key_hash()[sha256_hex]
 
 It produces the frozen values of `proxy.core.settings`; `schema` holds the file format
-(JSON Schema) and its messages, `source` the YAML reading with line numbers, `loader`
-the checks.
+(JSON Schema) and its messages, `source` the YAML reading with line numbers, `prices`
+the price-book files, `loader` the checks.
 """
 
 from proxy.config.loader import default_config_path, load_config

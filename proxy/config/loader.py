@@ -11,18 +11,20 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from proxy.config.prices import load_price_book
 from proxy.config.schema import schema_problems, validator
 from proxy.config.source import Document, JsonPath, read_document
 from proxy.core.errors import ConfigError
 from proxy.core.models import NANOS_PER_USD
 from proxy.core.paths import canonical, under
-from proxy.core.pricing import ModelPrices, PriceBook, load_price_book
+from proxy.core.pricing import ModelPrices, PriceBook
 from proxy.core.settings import (
     BODY_COPIES,
     KNOBS,
@@ -72,42 +74,57 @@ def load_config(
     """
     env = os.environ if env is None else env
     given = Path(path)
-    problems: list[str] = []
-    team_docs: list[Document] = []
-    team_files: list[Path] = []
     if given.is_dir():
-        settings_path = given / SETTINGS_FILE
-        if settings_path.is_file():
-            settings_doc, found = read_document(settings_path, str(settings_path), env)
-            problems += found
-        else:
-            settings_doc = None
-            problems.append(f"{settings_path}: not found (the global settings file)")
-        teams_dir = given / TEAMS_DIR
-        team_files = sorted(
-            (p for p in teams_dir.glob("*") if p.suffix in (".yaml", ".yml") and p.is_file()),
-            key=lambda p: p.name,
-        )
-        for team_file in team_files:
-            doc, found = read_document(team_file, str(team_file), env)
-            problems += found
-            if doc is not None:
-                team_docs.append(doc)
+        read = _read_directory(given, env)
     elif given.is_file():
-        settings_doc, found = read_document(given, str(given), env)
-        problems += found
+        read = _read_file(given, env)
     else:
         raise ConfigError([f"{given}: no such file or directory"])
-
     builder = _Builder(given.parent if given.is_file() else given, price_book_loader)
-    config = builder.build(settings_doc, team_docs)
-    problems += builder.problems
+    config = builder.build(read.settings, read.teams)
+    problems = read.problems + builder.problems
     if problems or config is None:
-        files = (
-            [str(given / SETTINGS_FILE), *map(str, team_files)] if given.is_dir() else [str(given)]
-        )
-        raise ConfigError(_in_file_order(problems, files) or [f"{given}: invalid configuration"])
+        in_order = _in_file_order(problems, read.files)
+        raise ConfigError(in_order or [f"{given}: invalid configuration"])
     return config
+
+
+@dataclass
+class _Read:
+    """The documents of a configuration, the files in reading order, and what was wrong."""
+
+    settings: Document | None
+    teams: list[Document] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def _read_directory(given: Path, env: Mapping[str, str]) -> _Read:
+    """`tollgate.yaml` and every `teams/*.yaml` (or `.yml`), by file name."""
+    settings_path = given / SETTINGS_FILE
+    read = _Read(None, files=[str(settings_path)])
+    if settings_path.is_file():
+        read.settings, found = read_document(settings_path, str(settings_path), env)
+        read.problems += found
+    else:
+        read.problems.append(f"{settings_path}: not found (the global settings file)")
+    team_files = sorted(
+        (p for p in (given / TEAMS_DIR).glob("*") if p.suffix in (".yaml", ".yml") and p.is_file()),
+        key=lambda p: p.name,
+    )
+    for team_file in team_files:
+        doc, found = read_document(team_file, str(team_file), env)
+        read.files.append(str(team_file))
+        read.problems += found
+        if doc is not None:
+            read.teams.append(doc)
+    return read
+
+
+def _read_file(given: Path, env: Mapping[str, str]) -> _Read:
+    """A single file holding the settings and, under `teams:`, every team."""
+    doc, found = read_document(given, str(given), env)
+    return _Read(doc, files=[str(given)], problems=found)
 
 
 def _in_file_order(problems: list[str], files: list[str]) -> list[str]:

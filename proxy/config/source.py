@@ -62,15 +62,23 @@ def expand_env(text: str, env: Mapping[str, str]) -> str:
 
 
 def read_document(
-    path: Path, file: str, env: Mapping[str, str]
+    path: Path, file: str, env: Mapping[str, str] | None
 ) -> tuple[Document | None, list[str]]:
-    """The document in `path` (shown as `file` in messages), and the problems found reading it."""
+    """The document in `path` (shown as `file` in messages), and the problems found reading it
+    (`${NAME}` left as written when `env` is None)."""
     try:
         text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         return None, [f"{file}: cannot read: {exc.strerror or exc}"]
     except UnicodeDecodeError as exc:
         return None, [f"{file}: not UTF-8 text (byte {exc.start})"]
+    return parse_document(text, file, env)
+
+
+def parse_document(
+    text: str, file: str, env: Mapping[str, str] | None
+) -> tuple[Document | None, list[str]]:
+    """The document written in `text`, as `read_document` reads it."""
     loader = _Loader(text)
     reader = _Reader(loader, file, env)
     try:
@@ -96,7 +104,7 @@ class _Loader(yaml.SafeLoader):
 
 
 class _Reader:
-    def __init__(self, loader: _Loader, file: str, env: Mapping[str, str]) -> None:
+    def __init__(self, loader: _Loader, file: str, env: Mapping[str, str] | None) -> None:
         self.loader = loader
         self.file = file
         self.env = env
@@ -136,7 +144,7 @@ class _Reader:
             return items
         scalar = self.loader.construct_object(node)
         if isinstance(scalar, str):
-            return expand_env(scalar, self.env)
+            return scalar if self.env is None else expand_env(scalar, self.env)
         if isinstance(scalar, float) and not math.isfinite(scalar):
             return str(node.value)  # .inf and .nan are no amounts; the schema says so
         return scalar

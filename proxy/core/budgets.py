@@ -1,6 +1,6 @@
 """Budgets and decisions: what a request may become, given what has been spent (pure).
 
-For each request, in order (SPEC §6):
+For each request, in order (README, "Budgets and decisions"):
 
     allow     → a 403, or a clamp to `max_quality` (a downgrade for reason `policy`)
     throttle  → as the team's tightest USD budget fills, cap quality (reason `throttle`)

@@ -54,60 +54,15 @@ def parse_multipart(body: bytes, boundary: bytes) -> list[Part]:
 
     A part's data is a view of `body` where it is one run of it (the usual case), so the
     only copy of an image is the one `encode_multipart` makes."""
-    parts: list[Part] = []
-    headers: dict[str, str] = {}
-    field, value = bytearray(), bytearray()
-    spans: list[tuple[int, int]] = []
-    copied = bytearray()
-    view = memoryview(body)
-
-    def on_header_field(buf: bytes, start: int, end: int) -> None:
-        field.extend(buf[start:end])
-
-    def on_header_value(buf: bytes, start: int, end: int) -> None:
-        value.extend(buf[start:end])
-
-    def on_header_end() -> None:
-        name = field.decode("latin-1").lower()
-        if name in headers:
-            raise InvalidRequest(f"A multipart part has two {name} headers.")
-        headers[name] = value.decode("latin-1")
-        field.clear()
-        value.clear()
-
-    def on_part_data(buf: bytes, start: int, end: int) -> None:
-        if buf is body and not copied:
-            if spans and spans[-1][1] == start:
-                spans[-1] = (spans[-1][0], end)
-            else:
-                spans.append((start, end))
-            return
-        for first, last in spans:
-            copied.extend(view[first:last])
-        spans.clear()
-        copied.extend(buf[start:end])
-
-    def on_part_end() -> None:
-        data: Bytes
-        if copied:
-            data = bytes(copied)
-        elif len(spans) == 1:
-            data = view[spans[0][0] : spans[0][1]]
-        else:
-            data = b"".join(view[a:b] for a, b in spans)
-        parts.append(_part(headers, data))
-        headers.clear()
-        spans.clear()
-        copied.clear()
-
+    collected = _Collector(body)
     parser = MultipartParser(
         boundary,
         {
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
+            "on_header_field": collected.on_header_field,
+            "on_header_value": collected.on_header_value,
+            "on_header_end": collected.on_header_end,
+            "on_part_data": collected.on_part_data,
+            "on_part_end": collected.on_part_end,
         },
     )
     try:
@@ -117,9 +72,63 @@ def parse_multipart(body: bytes, boundary: bytes) -> list[Part]:
         raise
     except Exception as exc:  # python-multipart raises several types for broken bodies
         raise InvalidRequest(f"Malformed multipart body: {exc}") from exc
-    if not parts:
+    if not collected.parts:
         raise InvalidRequest("Malformed multipart body: no parts.")
-    return parts
+    return collected.parts
+
+
+class _Collector:
+    """The parser's callbacks: each part's headers, and its data as spans of the body (or a
+    copy, once the parser hands over bytes that are not the body's own)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.view = memoryview(body)
+        self.parts: list[Part] = []
+        self.headers: dict[str, str] = {}
+        self.field, self.value = bytearray(), bytearray()
+        self.spans: list[tuple[int, int]] = []
+        self.copied = bytearray()
+
+    def on_header_field(self, buf: bytes, start: int, end: int) -> None:
+        self.field.extend(buf[start:end])
+
+    def on_header_value(self, buf: bytes, start: int, end: int) -> None:
+        self.value.extend(buf[start:end])
+
+    def on_header_end(self) -> None:
+        name = self.field.decode("latin-1").lower()
+        if name in self.headers:
+            raise InvalidRequest(f"A multipart part has two {name} headers.")
+        self.headers[name] = self.value.decode("latin-1")
+        self.field.clear()
+        self.value.clear()
+
+    def on_part_data(self, buf: bytes, start: int, end: int) -> None:
+        spans = self.spans
+        if buf is self.body and not self.copied:
+            if spans and spans[-1][1] == start:
+                spans[-1] = (spans[-1][0], end)
+            else:
+                spans.append((start, end))
+            return
+        for first, last in spans:
+            self.copied.extend(self.view[first:last])
+        spans.clear()
+        self.copied.extend(buf[start:end])
+
+    def on_part_end(self) -> None:
+        data: Bytes
+        if self.copied:
+            data = bytes(self.copied)
+        elif len(self.spans) == 1:
+            data = self.view[self.spans[0][0] : self.spans[0][1]]
+        else:
+            data = b"".join(self.view[a:b] for a, b in self.spans)
+        self.parts.append(_part(self.headers, data))
+        self.headers.clear()
+        self.spans.clear()
+        self.copied.clear()
 
 
 def encode_multipart(

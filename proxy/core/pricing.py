@@ -1,9 +1,11 @@
 """The price book: what each model charges and how many tokens a request may use (pure).
 
 Prices and token rules are data (`prices.yaml` inside the package, extended or
-overridden by a deployment's own file); this module only interprets them:
+overridden by a deployment's own file, both read by `proxy.config.prices`); this
+module builds the book from plain mappings and interprets it:
 
-    book = load_price_book()
+    fields = {"source": "…", "effective_from": "2026-04-21", "rates": {...}, ...}
+    book = price_book([model_prices("gpt-image-2", fields, CustomSizes())])
     model = book.find("gpt-image-2-2026-04-21")       # aliases resolve
     model.output_tokens("high", "1024x1024")            # 7024
     estimate(model, request).cost_nanos                  # an upper bound, reserved
@@ -16,17 +18,13 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date
 from decimal import ROUND_CEILING, Decimal
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from proxy.core.errors import ConfigError, InvalidRequest
+from proxy.core.errors import InvalidRequest
 from proxy.core.models import (
     INPUT_KINDS,
     OUTPUT_KINDS,
@@ -338,63 +336,26 @@ class PriceBook:
         return tuple(sorted({m.name for m in self.models.values()}))
 
 
-def load_price_book(path: Path | None = None) -> PriceBook:
-    """The built-in book, extended or overridden by the entries of `path` (raises ConfigError)."""
-    text = resources.files("proxy").joinpath("prices.yaml").read_text()
-    raw, custom = _read(text, "proxy/prices.yaml")
-    where = "proxy/prices.yaml"
-    if path is not None:
-        try:
-            override_text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError([f"{path}:1: cannot read price book: {exc.strerror}"]) from exc
-        where = str(path)
-        overrides, _ = _read(override_text, where)
-        for name, fields in overrides.items():
-            # An override changes the keys it names; the rest (aliases too) stays built in.
-            base = raw.get(name)
-            raw[name] = (
-                {**base, **fields}
-                if isinstance(base, dict) and isinstance(fields, dict)
-                else fields
-            )
-    entries = _entries(raw, custom, where)
+ENTRY_ERRORS = (KeyError, TypeError, ValueError, ArithmeticError, AttributeError)
+"""What `model_prices` raises for an entry it cannot read."""
+
+
+def price_book(entries: Iterable[ModelPrices]) -> PriceBook:
+    """The book of `entries`, each found by its name and its aliases (a later entry wins)."""
     models: dict[str, ModelPrices] = {}
-    for entry in entries.values():
+    for entry in entries:
         for name in (entry.name, *entry.aliases):
             models[name] = entry
     return PriceBook(models)
-
-
-def _read(text: str, where: str) -> tuple[dict[str, Any], CustomSizes]:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", 0) + 1
-        raise ConfigError([f"{where}:{line}: YAML syntax error: {exc}"]) from exc
-    if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
-        raise ConfigError([f"{where}:1: a price book needs a `models:` mapping"])
-    return dict(data["models"]), CustomSizes(**data.get("custom_sizes", {}))
-
-
-def _entries(raw: dict[str, Any], custom: CustomSizes, where: str) -> dict[str, ModelPrices]:
-    entries: dict[str, ModelPrices] = {}
-    problems: list[str] = []
-    for name, fields in raw.items():
-        try:
-            entries[name] = _entry(str(name), fields, custom)
-        except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError) as exc:
-            problems.append(f"{where}:1: models.{name}: invalid price-book entry: {exc!r}")
-    if problems:
-        raise ConfigError(problems)
-    return entries
 
 
 def _decimal(value: Any) -> Decimal:
     return Decimal(str(value))
 
 
-def _entry(name: str, raw: Mapping[str, Any], custom: CustomSizes) -> ModelPrices:
+def model_prices(name: str, raw: Mapping[str, Any], custom: CustomSizes) -> ModelPrices:
+    """One entry from its plain mapping, as a price-book file writes it (raises one of
+    `ENTRY_ERRORS`); `custom` holds the rules of `sizes: custom`."""
     sizes = raw.get("sizes", [])
     output = raw.get("output_tokens", {})
     image_input = raw.get("image_input", {})

@@ -1,4 +1,4 @@
-"""The frozen values a loaded configuration is made of (see SPEC §3)."""
+"""The frozen values a loaded configuration is made of (README, "Configuration")."""
 
 from __future__ import annotations
 

@@ -24,7 +24,8 @@ import httpx
 
 from proxy.core.models import Entry, usd_text
 from proxy.core.settings import Config
-from proxy.finance.status import BudgetStatus, budget_status
+from proxy.core.status import BudgetStatus
+from proxy.finance.status import budget_status
 from proxy.ledger import Ledger
 
 log = logging.getLogger("tollgate.alerts")

@@ -1,4 +1,5 @@
-"""Finance reports over the ledger (SPEC §7): spend and usage grouped by any dimension.
+"""Finance reports over the ledger (README, "Finance reports"): spend and usage grouped by any
+dimension.
 
     period = Period.parse("2026-11-01", "2026-11-30", "Europe/Paris")
     report = await summarize(ledger, period, parse_by("team,model"))

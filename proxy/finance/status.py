@@ -1,112 +1,15 @@
-"""Where every budget stands: limit, spent, reserved, remaining, utilization, period end.
+"""Where every budget stands, read from the ledger at the moment of asking.
 
-Read from the ledger at the moment of asking, so every worker and replica tells the
-same truth (the admin API, `tollgate budgets` and the Prometheus gauges all use it).
+Every worker and replica tells the same truth (the admin API, `tollgate budgets` and
+the Prometheus gauges all use it); `proxy.core.status` holds the values.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from decimal import Decimal
-from zoneinfo import ZoneInfo
-
-from proxy.core.budgets import Applied, Window, applicable, window, zone
-from proxy.core.models import Counter, Period, Scope, Totals, usd_text
-from proxy.core.settings import Budget, Config, Metric
+from proxy.core.budgets import applicable
+from proxy.core.settings import Config
+from proxy.core.status import BudgetStatus, configured, statuses
 from proxy.ledger import Ledger
-
-
-@dataclass(frozen=True, slots=True)
-class BudgetStatus:
-    scope: str
-    """`organization`, `team` or `user`."""
-    team: str
-    user: str
-    period: Period
-    metric: Metric
-    limit: int
-    """Nano-dollars for `usd`, else tokens."""
-    spent: int
-    """Settled spend; for token budgets, tokens used including those of requests in flight."""
-    reserved: int
-    """Held by requests in flight (USD budgets only)."""
-    window: Window
-    alert_at: tuple[Decimal, ...] = ()
-
-    @property
-    def used(self) -> int:
-        return self.spent + self.reserved
-
-    @property
-    def remaining(self) -> int:
-        return max(self.limit - self.used, 0)
-
-    @property
-    def utilization(self) -> Decimal:
-        """Settled spend over the limit (reservations are not spent yet)."""
-        return Decimal(self.spent) / self.limit if self.limit else Decimal(0)
-
-    def as_json(self) -> dict[str, object]:
-        money = self.metric == "usd"
-
-        def show(value: int) -> str | int:
-            return usd_text(value) if money else value
-
-        return {
-            "scope": self.scope,
-            "team": self.team or None,
-            "user": self.user or None,
-            "period": self.period,
-            "metric": self.metric,
-            "limit": show(self.limit),
-            "spent": show(self.spent),
-            "reserved": show(self.reserved),
-            "remaining": show(self.remaining),
-            "utilization": format(self.utilization.quantize(Decimal("0.0001")), "f"),
-            "period_start": self.window.start,
-            "period_end": self.window.end,
-            "alert_at": [format(a, "f") for a in self.alert_at],
-        }
-
-
-def statuses(applied: list[Applied], totals: dict[Counter, Totals]) -> list[BudgetStatus]:
-    """The status of each applied budget given its counter's totals (pure)."""
-    found = []
-    for a in applied:
-        t = totals.get(a.counter, Totals())
-        money = a.budget.metric == "usd"
-        found.append(
-            BudgetStatus(
-                scope=a.counter.scope,
-                team=a.counter.team,
-                user=a.counter.user,
-                period=a.budget.period,
-                metric=a.budget.metric,
-                limit=a.budget.limit,
-                spent=t.spent_nanos if money else t.used(a.budget.metric),
-                reserved=t.reserved_nanos if money else 0,
-                window=a.window,
-                alert_at=a.budget.alert_at,
-            )
-        )
-    return found
-
-
-def configured(config: Config, now: float) -> list[Applied]:
-    """Every organization and team budget as it applies now (per-user ones excepted)."""
-    tz = zone(config.timezone)
-    found: list[Applied] = []
-    for budget in config.organization_budgets:
-        found.append(_applied(budget, "organization", "", now, tz))
-    for team in config.teams:
-        for budget in team.budgets:
-            found.append(_applied(budget, "team", team.name, now, tz))
-    return found
-
-
-def _applied(budget: Budget, scope: Scope, team: str, now: float, tz: ZoneInfo) -> Applied:
-    w = window(budget.period, now, tz)
-    return Applied(budget, Counter(scope, team, "", budget.period, w.start), w)
 
 
 async def budget_status(config: Config, ledger: Ledger, now: float) -> list[BudgetStatus]:

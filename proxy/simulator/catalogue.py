@@ -20,7 +20,7 @@ GPT_QUALITIES = ("low", "medium", "high")
 GPT_2X_QUALITIES = ("low", "medium", "high", "xhigh", "max")
 GPT_ENDPOINTS: frozenset[Endpoint] = frozenset({"generations", "edits"})
 
-# §5.2: output tokens per image for models before gpt-image-2, by quality and size.
+# The image-generation guide's output tokens per image for models before gpt-image-2.
 TABLE_TOKENS: Mapping[str, Mapping[str, int]] = MappingProxyType(
     {
         "low": {"1024x1024": 272, "1024x1536": 408, "1536x1024": 400},
@@ -29,7 +29,7 @@ TABLE_TOKENS: Mapping[str, Mapping[str, int]] = MappingProxyType(
     }
 )
 
-# §5.3: quality factors of the community output-token formula.
+# Quality factors of the community output-token formula (a fit to OpenAI's calculator).
 GPT_2_FACTORS = MappingProxyType({"low": 16, "medium": 48, "high": 96})
 GPT_25_FACTORS = MappingProxyType({"low": 16, "medium": 24, "high": 48, "xhigh": 64, "max": 96})
 # A stand-in for the 3P measurements of 2.6: low and medium cost about 4x the 2.5 formula.
@@ -122,12 +122,12 @@ _RULES: tuple[ModelRule, ...] = (
 
 MODELS: Mapping[str, ModelRule] = MappingProxyType({rule.name: rule for rule in _RULES})
 
-# The OpenAPI spec's defaults when `model` is omitted (OPENAI-IMAGES §0).
+# The defaults of OpenAI's OpenAPI description when `model` is omitted.
 DEFAULT_MODELS: Mapping[Endpoint, str] = MappingProxyType(
     {"generations": "dall-e-2", "edits": "gpt-image-1.5", "variations": "dall-e-2"}
 )
 
-# §2.4: custom sizes for gpt-image-2 and 2.x.
+# The custom-size rules of gpt-image-2 and 2.x (the image-generation guide).
 SIZE_EDGE_MULTIPLE = 16
 SIZE_MAX_EDGE = 3840
 SIZE_MAX_ASPECT = 3

@@ -1,6 +1,7 @@
 """`GET /v1/organization/costs` built from the billing record (pure; `now` passed in).
 
-Prices are OPENAI-IMAGES §5.5 (USD, Standard tier). Line items are named
+Prices are OpenAI's published rates (USD, Standard tier), written here apart from
+the proxy's price book. Line items are named
 `"<model>, <kind>"`, e.g. `"gpt-image-2, image output"` or `"dall-e-3, images"`.
 """
 
@@ -152,50 +153,65 @@ def _results(lines: Iterable[LineCost], group_by: list[str]) -> list[dict[str, A
 
 def costs_page(entries: Iterable[Entry], query: QueryParams, *, now: float) -> dict[str, Any]:
     """One page of daily cost buckets from `start_time`, OpenAI's Costs API shape."""
-    start = _int_param(query, "start_time", None)
-    if start is None:
-        raise CostsQueryError("Missing required parameter: 'start_time'.", "start_time")
-    end = _int_param(query, "end_time", int(now) + 1)
-    assert end is not None
-    if query.get("bucket_width", "1d") != "1d":
-        raise CostsQueryError("Invalid 'bucket_width': only '1d' is supported.", "bucket_width")
-    limit = _int_param(query, "limit", DEFAULT_LIMIT)
-    assert limit is not None
-    if not 1 <= limit <= MAX_LIMIT:
-        raise CostsQueryError(f"Invalid 'limit': expected 1 to {MAX_LIMIT}.", "limit")
-    group_by = query.getlist("group_by[]") + query.getlist("group_by")
-    for group in group_by:
-        if group not in GROUPS:
-            raise CostsQueryError(f"Invalid 'group_by': '{group}' is not supported.", "group_by")
-    page = query.get("page") or "0"
-    try:
-        first = int(page.removeprefix("page_"))
-    except ValueError as exc:
-        raise CostsQueryError("Invalid 'page' cursor.", "page") from exc
-
-    starts = list(range(start, end, DAY))
-    chosen = starts[first : first + limit]
-    data = []
-    for bucket_start in chosen:
-        bucket_end = min(bucket_start + DAY, end)
-        lines = [
-            line
-            for entry in entries
-            if bucket_start <= entry.time < bucket_end
-            for line in line_costs(entry)
-        ]
-        data.append(
-            {
-                "object": "bucket",
-                "start_time": bucket_start,
-                "end_time": bucket_end,
-                "results": _results(lines, group_by) if lines else [],
-            }
-        )
-    has_more = first + limit < len(starts)
+    asked = _CostsQuery.of(query, now)
+    starts = list(range(asked.start, asked.end, DAY))
+    chosen = starts[asked.first : asked.first + asked.limit]
+    data = [
+        _bucket(entries, start, min(start + DAY, asked.end), asked.group_by) for start in chosen
+    ]
+    has_more = asked.first + asked.limit < len(starts)
     return {
         "object": "page",
         "data": data,
         "has_more": has_more,
-        "next_page": f"page_{first + limit}" if has_more else None,
+        "next_page": f"page_{asked.first + asked.limit}" if has_more else None,
+    }
+
+
+@dataclass(frozen=True)
+class _CostsQuery:
+    """The Costs API's parameters: the time range, the page and the grouping."""
+
+    start: int
+    end: int
+    limit: int
+    first: int
+    """The index of the page's first bucket (its cursor is `page_<first>`)."""
+    group_by: list[str]
+
+    @classmethod
+    def of(cls, query: QueryParams, now: float) -> _CostsQuery:
+        start = _int_param(query, "start_time", None)
+        if start is None:
+            raise CostsQueryError("Missing required parameter: 'start_time'.", "start_time")
+        end = _int_param(query, "end_time", int(now) + 1)
+        assert end is not None
+        if query.get("bucket_width", "1d") != "1d":
+            raise CostsQueryError("Invalid 'bucket_width': only '1d' is supported.", "bucket_width")
+        limit = _int_param(query, "limit", DEFAULT_LIMIT)
+        assert limit is not None
+        if not 1 <= limit <= MAX_LIMIT:
+            raise CostsQueryError(f"Invalid 'limit': expected 1 to {MAX_LIMIT}.", "limit")
+        group_by = query.getlist("group_by[]") + query.getlist("group_by")
+        for group in group_by:
+            if group not in GROUPS:
+                raise CostsQueryError(
+                    f"Invalid 'group_by': '{group}' is not supported.", "group_by"
+                )
+        page = query.get("page") or "0"
+        try:
+            first = int(page.removeprefix("page_"))
+        except ValueError as exc:
+            raise CostsQueryError("Invalid 'page' cursor.", "page") from exc
+        return cls(start, end, limit, first, group_by)
+
+
+def _bucket(entries: Iterable[Entry], start: int, end: int, group_by: list[str]) -> dict[str, Any]:
+    """One day's bucket: the cost of every entry billed from `start` to `end`."""
+    lines = [line for entry in entries if start <= entry.time < end for line in line_costs(entry)]
+    return {
+        "object": "bucket",
+        "start_time": start,
+        "end_time": end,
+        "results": _results(lines, group_by) if lines else [],
     }

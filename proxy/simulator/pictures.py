@@ -1,7 +1,7 @@
 """Making the images the simulator returns: small, honest, decodable (pure, cached).
 
-Encoding a 3840x2160 PNG costs tens of milliseconds; a benchmark asks for the
-same few shapes thousands of times, so encoded bytes are kept in an LRU cache.
+Encoding a 3840x2160 PNG costs far more than answering a request; a benchmark asks for
+the same few shapes thousands of times, so encoded bytes are kept in an LRU cache.
 """
 
 from __future__ import annotations

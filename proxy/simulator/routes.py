@@ -133,28 +133,10 @@ async def handle_image_request(
     """Answer one generations, edits or variations request the way OpenAI would."""
     arrival = _Arrival.of(endpoint, request)
     knobs = state.knobs
-    raw, order = unparsed(endpoint), None
-    # Until the prompt is read, only the configured fault is known.
-    fault = knobs.fault
-    try:
-        if not state.admits(arrival.authorization):
-            raise invalid_api_key(arrival.authorization)
-        raw = await read_request(endpoint, request)
-        order = validate(raw)
-        fault = pick_fault(order.prompt, knobs.fault)
-        if fault in ("timeout", "reset"):
-            state.record.append(arrival.entry(raw, order, status=NO_ANSWER))
-            return await _no_answer(fault, request, arrival.id)
-        error = (fault_error(fault) if fault else None) or moderation_error(order.prompt)
-        if error is not None:
-            raise error
-    except ApiError as error:
-        state.record.append(arrival.entry(raw, order, status=error.status))
-        await _sleep_ms(knobs.latency_ms)
-        if fault == "echo":
-            error = echoed(error, arrival.authorization)
-        return error_response(error, arrival.id)
-
+    accepted = await _accept(state, knobs, endpoint, request, arrival)
+    if isinstance(accepted, Response):
+        return accepted
+    raw, order, fault = accepted
     tokens = tokens_for(order)
     if fault == "texttokens" and not order.model.is_dalle:
         tokens = replace(tokens, text_output=TEXT_OUTPUT_TOKENS)
@@ -178,6 +160,35 @@ async def handle_image_request(
         body["echo"] = echo(arrival.authorization)
         return _json_response(200, body, arrival.id, {ECHO_HEADER: arrival.authorization or ""})
     return _json_response(200, body, arrival.id, {})
+
+
+async def _accept(
+    state: SimulatorState, knobs: Knobs, endpoint: Endpoint, request: Request, arrival: _Arrival
+) -> tuple[RawRequest, ImageOrder, Fault | None] | Response:
+    """The request read and validated, with the fault it plays; or, recorded, the answer
+    that ends it there (an error, or no answer at all)."""
+    raw, order = unparsed(endpoint), None
+    # Until the prompt is read, only the configured fault is known.
+    fault = knobs.fault
+    try:
+        if not state.admits(arrival.authorization):
+            raise invalid_api_key(arrival.authorization)
+        raw = await read_request(endpoint, request)
+        order = validate(raw)
+        fault = pick_fault(order.prompt, knobs.fault)
+        if fault in ("timeout", "reset"):
+            state.record.append(arrival.entry(raw, order, status=NO_ANSWER))
+            return await _no_answer(fault, request, arrival.id)
+        error = (fault_error(fault) if fault else None) or moderation_error(order.prompt)
+        if error is not None:
+            raise error
+    except ApiError as error:
+        state.record.append(arrival.entry(raw, order, status=error.status))
+        await _sleep_ms(knobs.latency_ms)
+        if fault == "echo":
+            error = echoed(error, arrival.authorization)
+        return error_response(error, arrival.id)
+    return raw, order, fault
 
 
 def _cut_short(body: bytes, request: Request, request_id: str) -> StreamingResponse:

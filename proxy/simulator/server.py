@@ -41,48 +41,78 @@ def create_simulator_app(settings: SimulatorSettings = DEFAULT_SETTINGS) -> Star
     """A fresh simulator with its own knobs, billing record and record of arrivals."""
     state = SimulatorState(Knobs.of(settings), settings.api_key)
     arrivals = Arrivals()
+    return Starlette(
+        routes=_Endpoints(state, arrivals).routes(),
+        middleware=[Middleware(Recorder, arrivals=arrivals, knobs=lambda: state.knobs)],
+    )
 
-    async def images(endpoint: Endpoint, request: Request) -> Response:
-        return await handle_image_request(state, endpoint, request)
 
-    async def get_config(request: Request) -> Response:
-        return JSONResponse(state.knobs.to_json())
+class _Endpoints:
+    """The simulator's endpoints, over one state and one record of arrivals."""
 
-    async def set_config(request: Request) -> Response:
+    def __init__(self, state: SimulatorState, arrivals: Arrivals) -> None:
+        self.state = state
+        self.arrivals = arrivals
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/images/generations", partial(self.images, "generations"), methods=["POST"]),
+            Route("/v1/images/edits", partial(self.images, "edits"), methods=["POST"]),
+            Route("/v1/images/variations", partial(self.images, "variations"), methods=["POST"]),
+            Route("/v1/organization/costs", self.costs, methods=["GET"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/_sim/config", self.get_config, methods=["GET"]),
+            Route("/_sim/config", self.set_config, methods=["POST"]),
+            Route("/_sim/billing", self.billing, methods=["GET"]),
+            Route("/_sim/arrivals", self.arrived, methods=["GET"]),
+            Route("/_sim/reset", self.reset, methods=["POST"]),
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route(
+                "/v1/{path:path}", self.not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]
+            ),
+        ]
+
+    async def images(self, endpoint: Endpoint, request: Request) -> Response:
+        return await handle_image_request(self.state, endpoint, request)
+
+    async def get_config(self, request: Request) -> Response:
+        return JSONResponse(self.state.knobs.to_json())
+
+    async def set_config(self, request: Request) -> Response:
         try:
             changes = json.loads(await request.body())
             if not isinstance(changes, dict):
                 raise ValueError("the body must be a JSON object")
-            state.knobs = state.knobs.updated(changes)
+            self.state.knobs = self.state.knobs.updated(changes)
         except ValueError as exc:
             return error_response(invalid(str(exc), param=None), "req_sim_config")
-        return JSONResponse(state.knobs.to_json())
+        return JSONResponse(self.state.knobs.to_json())
 
-    async def billing(request: Request) -> Response:
-        return JSONResponse(state.record.to_json())
+    async def billing(self, request: Request) -> Response:
+        return JSONResponse(self.state.record.to_json())
 
-    async def arrived(request: Request) -> Response:
-        return JSONResponse(arrivals.to_json())
+    async def arrived(self, request: Request) -> Response:
+        return JSONResponse(self.arrivals.to_json())
 
-    async def reset(request: Request) -> Response:
-        state.record.clear()
-        arrivals.clear()
+    async def reset(self, request: Request) -> Response:
+        self.state.record.clear()
+        self.arrivals.clear()
         return JSONResponse({"status": "ok"})
 
-    async def costs(request: Request) -> Response:
+    async def costs(self, request: Request) -> Response:
         authorization = request.headers.get("authorization")
-        if not state.admits(authorization):
+        if not self.state.admits(authorization):
             return error_response(invalid_api_key(authorization), "req_sim_costs")
         try:
-            page = costs_page(state.record.entries(), request.query_params, now=time.time())
+            page = costs_page(self.state.record.entries(), request.query_params, now=time.time())
         except CostsQueryError as exc:
             return error_response(invalid(str(exc), param=exc.param), "req_sim_costs")
         return JSONResponse(page)
 
-    async def models(request: Request) -> Response:
+    async def models(self, request: Request) -> Response:
         authorization = request.headers.get("authorization")
-        echoes = state.knobs.fault == "echo"
-        if not state.admits(authorization):
+        echoes = self.state.knobs.fault == "echo"
+        if not self.state.admits(authorization):
             error = invalid_api_key(authorization)
             if echoes:
                 error = echoed(error, authorization)
@@ -93,30 +123,11 @@ def create_simulator_app(settings: SimulatorSettings = DEFAULT_SETTINGS) -> Star
         page["echo"] = echo(authorization)
         return JSONResponse(page, headers={ECHO_HEADER: authorization or ""})
 
-    async def healthz(request: Request) -> Response:
+    async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    async def not_found(request: Request) -> Response:
+    async def not_found(self, request: Request) -> Response:
         error = ApiError(
             404, f"Invalid URL ({request.method} {request.url.path})", param=None, code=None
         )
         return error_response(error, "req_sim_not_found")
-
-    routes = [
-        Route("/v1/images/generations", partial(images, "generations"), methods=["POST"]),
-        Route("/v1/images/edits", partial(images, "edits"), methods=["POST"]),
-        Route("/v1/images/variations", partial(images, "variations"), methods=["POST"]),
-        Route("/v1/organization/costs", costs, methods=["GET"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/_sim/config", get_config, methods=["GET"]),
-        Route("/_sim/config", set_config, methods=["POST"]),
-        Route("/_sim/billing", billing, methods=["GET"]),
-        Route("/_sim/arrivals", arrived, methods=["GET"]),
-        Route("/_sim/reset", reset, methods=["POST"]),
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/v1/{path:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
-    ]
-    return Starlette(
-        routes=routes,
-        middleware=[Middleware(Recorder, arrivals=arrivals, knobs=lambda: state.knobs)],
-    )

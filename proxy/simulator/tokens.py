@@ -1,8 +1,9 @@
 """The token rules the simulator bills by (pure).
 
 text input    ceil(utf-8 bytes of the prompt / 4)
-image input   gpt-image-1's tile rule for every input image (§5.4)
-image output  the §5.2 table or the §5.3 formula, per image, + 100 per streamed partial
+image input   gpt-image-1's published tile rule for every input image
+image output  the image-generation guide's table (models before gpt-image-2) or the
+              community formula (gpt-image-2 and 2.x), per image, + 100 per streamed partial
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def images_input_tokens(images: tuple[InputImage, ...], *, high_fidelity: bool) 
 
 
 def formula_tokens(factor: int, width: int, height: int) -> int:
-    """The community formula of §5.3: `formula_tokens(96, 1024, 1024) == 7024`."""
+    """The community fit to OpenAI's calculator: `formula_tokens(96, 1024, 1024) == 7024`."""
     long, short = max(width, height), min(width, height)
     s = (2 * factor * short + long) // (2 * long)
     return _ceil_div(factor * s * (2_000_000 + width * height), 4_000_000)

@@ -133,7 +133,8 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def custom_size_problem(width: int, height: int) -> str | None:
-    """Why a `WxH` breaks the §2.4 custom-size rules, or None when it is acceptable."""
+    """Why a `WxH` breaks the custom-size rules of gpt-image-2 and 2.x, or None when it is
+    acceptable."""
     if width % SIZE_EDGE_MULTIPLE or height % SIZE_EDGE_MULTIPLE:
         return f"both edges must be multiples of {SIZE_EDGE_MULTIPLE}"
     if max(width, height) > SIZE_MAX_EDGE:
@@ -286,55 +287,13 @@ def validate(raw: RawRequest) -> ImageOrder:
     model = _model(raw.endpoint, fields)
     prompt = _prompt(raw.endpoint, fields)
     images = _input_images(raw, model)
-
-    n = fields.integer("n")
-    n = 1 if n is None else n
-    _in_range("n", n, 1, MAX_N)
-    if n > model.max_n:
-        raise invalid(f"Invalid 'n': model '{model.name}' supports only n=1.", param="n")
-
-    quality = fields.text("quality") or "auto"
-    _one_of("quality", quality, (*model.qualities, "auto"))
-    quality = model.default_quality if quality == "auto" else quality
+    n = _n(model, fields)
+    quality = _quality(model, fields)
     width, height = _size(model, fields.text("size") or "auto")
-
-    output_format = fields.text("output_format") or "png"
-    compression = fields.integer("output_compression")
-    background = fields.text("background") or "auto"
-    if not model.is_dalle:
-        _one_of("output_format", output_format, OUTPUT_FORMATS)
-        _one_of("background", background, BACKGROUNDS)
-        if compression is not None:
-            _in_range("output_compression", compression, 0, 100)
-            if output_format == "png":
-                raise invalid(
-                    "Invalid value: 'output_compression' is only supported with output_format "
-                    "'jpeg' or 'webp'.",
-                    param="output_compression",
-                )
-        if background == "transparent" and output_format == "jpeg":
-            raise invalid(
-                "Invalid value: transparent background requires output_format 'png' or 'webp'.",
-                param="background",
-            )
-    else:
-        output_format, compression, background = "png", None, "opaque"
-
-    stream = bool(fields.boolean("stream"))
-    if stream and model.is_dalle:
-        raise unsupported("stream", model.name)
-    partial_images = fields.integer("partial_images")
-    if partial_images is not None:
-        _in_range("partial_images", partial_images, 0, MAX_PARTIAL_IMAGES)
-        if not stream:
-            raise invalid(
-                "Invalid value: 'partial_images' is only supported when 'stream' is true.",
-                param="partial_images",
-            )
-
+    output_format, compression, background = _output(model, fields)
+    stream, partial_images = _stream(model, fields)
     response_format = fields.text("response_format") or "b64_json"
     _one_of("response_format", response_format, RESPONSE_FORMATS)
-
     return ImageOrder(
         endpoint=raw.endpoint,
         model=model,
@@ -347,8 +306,64 @@ def validate(raw: RawRequest) -> ImageOrder:
         compression=compression,
         background="opaque" if background == "auto" else background,
         stream=stream,
-        partial_images=partial_images or 0,
+        partial_images=partial_images,
         high_fidelity=_high_fidelity(model, fields),
         images=images,
         response_format=response_format if model.is_dalle else "b64_json",
     )
+
+
+def _n(model: ModelRule, fields: _Fields) -> int:
+    n = fields.integer("n")
+    n = 1 if n is None else n
+    _in_range("n", n, 1, MAX_N)
+    if n > model.max_n:
+        raise invalid(f"Invalid 'n': model '{model.name}' supports only n=1.", param="n")
+    return n
+
+
+def _quality(model: ModelRule, fields: _Fields) -> str:
+    quality = fields.text("quality") or "auto"
+    _one_of("quality", quality, (*model.qualities, "auto"))
+    return model.default_quality if quality == "auto" else quality
+
+
+def _output(model: ModelRule, fields: _Fields) -> tuple[str, int | None, str]:
+    """`output_format`, `output_compression` and `background` (DALL·E: a PNG, opaque)."""
+    output_format = fields.text("output_format") or "png"
+    compression = fields.integer("output_compression")
+    background = fields.text("background") or "auto"
+    if model.is_dalle:
+        return "png", None, "opaque"
+    _one_of("output_format", output_format, OUTPUT_FORMATS)
+    _one_of("background", background, BACKGROUNDS)
+    if compression is not None:
+        _in_range("output_compression", compression, 0, 100)
+        if output_format == "png":
+            raise invalid(
+                "Invalid value: 'output_compression' is only supported with output_format "
+                "'jpeg' or 'webp'.",
+                param="output_compression",
+            )
+    if background == "transparent" and output_format == "jpeg":
+        raise invalid(
+            "Invalid value: transparent background requires output_format 'png' or 'webp'.",
+            param="background",
+        )
+    return output_format, compression, background
+
+
+def _stream(model: ModelRule, fields: _Fields) -> tuple[bool, int]:
+    """`stream` and `partial_images`."""
+    stream = bool(fields.boolean("stream"))
+    if stream and model.is_dalle:
+        raise unsupported("stream", model.name)
+    partial_images = fields.integer("partial_images")
+    if partial_images is not None:
+        _in_range("partial_images", partial_images, 0, MAX_PARTIAL_IMAGES)
+        if not stream:
+            raise invalid(
+                "Invalid value: 'partial_images' is only supported when 'stream' is true.",
+                param="partial_images",
+            )
+    return stream, partial_images or 0
