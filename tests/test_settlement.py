@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from proxy.config.prices import load_price_book
 from proxy.core.errors import (
     DeadlineExceeded,
     InvalidRequest,
@@ -11,7 +12,6 @@ from proxy.core.errors import (
     UpstreamUnavailable,
 )
 from proxy.core.models import Charge, Usage
-from proxy.config.prices import load_price_book
 from proxy.core.pricing import ModelPrices
 from proxy.core.settlement import (
     Bound,
