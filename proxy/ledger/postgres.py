@@ -140,37 +140,16 @@ class PostgresLedger:
         self.url = url
         self.dsn, self.pool_size = split_url(url)
         self.name = redacted(url)
-        self._pool: asyncpg.Pool | None = None
+        self.db = Pool(self.dsn, self.pool_size, self.name)
         self.owner: Owner | None = None
 
     # -- opening, schema -------------------------------------------------------
-
-    async def connect(self) -> None:
-        """Open the pool, whatever the schema's version (connections open on first use)."""
-        try:
-            self._pool = await asyncpg.create_pool(
-                self.dsn,
-                # No floor: connections open on demand, so a database outage is not
-                # also a stream of reconnection attempts in the background.
-                min_size=0,
-                max_size=self.pool_size,
-                timeout=CONNECT_TIMEOUT_S,
-                # Transactions are short; a statement stuck this long is a lost server.
-                command_timeout=60,
-                reset=_keep_session,
-            )
-        except UNAVAILABLE as exc:
-            raise LedgerUnavailable(
-                f"cannot reach the PostgreSQL ledger {self.name}: {exc}"
-            ) from exc
-        except asyncpg.PostgresError as exc:
-            raise LedgerError(f"cannot open the PostgreSQL ledger {self.name}: {exc}") from exc
 
     async def open(self) -> None:
         """Connect, initialise an empty database (no Tollgate tables at all), and refuse a
         database that cannot be reached or a schema this Tollgate cannot use (one behind
         still needs `tollgate ledger migrate`)."""
-        await self.connect()
+        await self.db.connect()
         try:
             found = await self.version()
             if found == 0:
@@ -195,7 +174,7 @@ class PostgresLedger:
 
     async def version(self) -> int:
         """The schema version the database is at (0: no Tollgate tables yet)."""
-        async with self._connection() as conn:
+        async with self.db.connection() as conn:
             exists = await conn.fetchval("SELECT to_regclass('schema_version') IS NOT NULL")
             if not exists:
                 return 0
@@ -210,7 +189,7 @@ class PostgresLedger:
         waits for the first's commit, then finds its tables and leaves them alone. A
         database with some Tollgate tables but no version is not empty: it is refused
         like any schema behind, for `tollgate ledger migrate` to finish."""
-        async with self._connection() as conn, conn.transaction():
+        async with self.db.connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
             if await conn.fetchval(_ANY_TABLE, list(migrations.TABLES)):
                 if not await conn.fetchval("SELECT to_regclass('schema_version') IS NOT NULL"):
@@ -229,7 +208,7 @@ class PostgresLedger:
             ) from exc
 
     async def _migrate(self) -> tuple[int, int]:
-        async with self._connection() as conn, conn.transaction():
+        async with self.db.connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
             await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
             found = int(await conn.fetchval(_VERSION))
@@ -240,12 +219,6 @@ class PostgresLedger:
                 )
             await _apply(conn, found)
         return found, SCHEMA_VERSION
-
-    @property
-    def pool(self) -> asyncpg.Pool:
-        if self._pool is None:
-            raise LedgerError("ledger is not open")
-        return self._pool
 
     # -- the Ledger protocol ---------------------------------------------------
 
@@ -264,7 +237,7 @@ class PostgresLedger:
             await _write_and_add(conn, SQL.insert_reservation, values, text, reserved(entry, usage))
             return reservation
 
-        return await self._transaction(work)
+        return await self.db.transaction(work)
 
     async def settle(self, request_id: str, settlement: Settlement) -> None:
         values = (*settlement_values(settlement), request_id)
@@ -276,10 +249,10 @@ class PostgresLedger:
             if change is not None:
                 await _write_and_add(conn, SQL.settle, values, *change)
 
-        await self._transaction(work)
+        await self.db.transaction(work)
 
     async def record(self, entry: Entry, settlement: Settlement) -> None:
-        await self._execute(SQL.record, *record_values(entry, settlement))
+        await self.db.execute(SQL.record, *record_values(entry, settlement))
 
     async def reclaim(
         self, now: float, *, started_before: float = 0.0, owners: Sequence[str] = ()
@@ -296,10 +269,10 @@ class PostgresLedger:
                 await conn.execute(sql, *values)
             return len(stale)
 
-        return await self._transaction(work)
+        return await self.db.transaction(work)
 
     async def flagged(self, start: float, end: float) -> list[Flagged]:
-        found = await self._fetch(SQL.flagged, float(start), float(end))
+        found = await self.db.fetch(SQL.flagged, float(start), float(end))
         return [Flagged(*tuple(r)) for r in found]
 
     async def resolve(self, request_id: str, cost_nanos: int, now: float, note: str = "") -> int:
@@ -313,7 +286,7 @@ class PostgresLedger:
             )
             return charged
 
-        return await self._transaction(work)
+        return await self.db.transaction(work)
 
     async def register(self, owner: Owner, now: float) -> None:
         self.owner = owner
@@ -322,21 +295,21 @@ class PostgresLedger:
     async def heartbeat(self, now: float) -> None:
         if self.owner is not None:
             owner = self.owner
-            await self._execute(SQL.heartbeat, owner.id, owner.host, owner.pid, float(now))
+            await self.db.execute(SQL.heartbeat, owner.id, owner.host, owner.pid, float(now))
 
     async def owners(self) -> list[Owner]:
-        return [Owner(*tuple(r)) for r in await self._fetch(SQL.owners)]
+        return [Owner(*tuple(r)) for r in await self.db.fetch(SQL.owners)]
 
     async def unregister(self) -> None:
         if self.owner is not None:
-            await self._execute(SQL.unregister, self.owner.id)
+            await self.db.execute(SQL.unregister, self.owner.id)
 
     async def totals(self, counters: Sequence[Counter]) -> dict[Counter, Totals]:
-        async with self._connection() as conn:
+        async with self.db.connection() as conn:
             return await _read(conn, counters, lock=False)
 
     async def rows(self, since: float = 0.0) -> list[Row]:
-        return [row(tuple(r)) for r in await self._fetch(SQL.rows, float(since))]
+        return [row(tuple(r)) for r in await self.db.fetch(SQL.rows, float(since))]
 
     async def summarize(
         self,
@@ -346,12 +319,12 @@ class PostgresLedger:
         bucket_seconds: int | None = None,
     ) -> list[Aggregate]:
         sql, width = SQL.summary(by, bucket_seconds)
-        return aggregates(await self._fetch(sql, float(start), float(end)), width)
+        return aggregates(await self.db.fetch(sql, float(start), float(end)), width)
 
     async def export(self, start: float, end: float) -> AsyncGenerator[dict[str, Any], None]:
         # One snapshot for the whole export, read through a server-side cursor in batches.
         async with (
-            self._connection() as conn,
+            self.db.connection() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
             cursor = conn.cursor(SQL.export, float(start), float(end), prefetch=EXPORT_BATCH)
@@ -359,7 +332,82 @@ class PostgresLedger:
                 yield dict(record.items())
 
     async def claim_alert(self, key: str, now: float) -> bool:
-        return await self._execute(SQL.claim_alert, key, float(now)) == "INSERT 0 1"
+        return await self.db.execute(SQL.claim_alert, key, float(now)) == "INSERT 0 1"
+
+    async def ping(self) -> None:
+        await self.db.ping()
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    # -- copies: the whole history, out and in ------------------------------------------
+
+    async def dump(self, table: str) -> AsyncIterator[Batch]:
+        """The rows of `table` as stored, a batch at a time, from one snapshot."""
+        async with (
+            self.db.connection() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            columns: list[str] | None = None
+            batch: list[tuple[Any, ...]] = []
+            async for record in conn.cursor(f"SELECT * FROM {table}", prefetch=COPY_BATCH):
+                columns = columns or list(record.keys())
+                batch.append(tuple(record.values()))
+                if len(batch) == COPY_BATCH:
+                    yield columns, batch
+                    batch = []
+            if columns and batch:
+                yield columns, batch
+
+    async def restore(self, tables: AsyncIterable[tuple[str, Batch]]) -> None:
+        """Write `tables`' rows into this empty ledger, in one transaction: all or nothing."""
+        async with self.db.connection() as conn, conn.transaction():
+            found = await conn.fetchrow(SQL.contents)
+            Contents(*(int(v) for v in found)).refuse_to_merge(self.name)
+            await conn.execute("DELETE FROM budget_usage")
+            async for table, (columns, batch) in tables:
+                await conn.copy_records_to_table(table, records=batch, columns=columns)
+
+    async def contents(self) -> Contents:
+        async with self.db.connection() as conn:
+            found = await conn.fetchrow(SQL.contents)
+        return Contents(*(int(v) for v in found))
+
+
+class Pool:
+    """The connections to one PostgreSQL database: a pool, whose errors are translated, and
+    transactions retried on a serialization failure or a deadlock."""
+
+    def __init__(self, dsn: str, size: int, name: str) -> None:
+        self.dsn, self.size, self.name = dsn, size, name
+        self._pool: asyncpg.Pool | None = None
+
+    async def connect(self) -> None:
+        """Open the pool, whatever the schema's version (connections open on first use)."""
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn,
+                # No floor: connections open on demand, so a database outage is not
+                # also a stream of reconnection attempts in the background.
+                min_size=0,
+                max_size=self.size,
+                timeout=CONNECT_TIMEOUT_S,
+                # Transactions are short; a statement stuck this long is a lost server.
+                command_timeout=60,
+                reset=_keep_session,
+            )
+        except UNAVAILABLE as exc:
+            raise LedgerUnavailable(
+                f"cannot reach the PostgreSQL ledger {self.name}: {exc}"
+            ) from exc
+        except asyncpg.PostgresError as exc:
+            raise LedgerError(f"cannot open the PostgreSQL ledger {self.name}: {exc}") from exc
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise LedgerError("ledger is not open")
+        return self._pool
 
     async def ping(self) -> None:
         pool = self.pool
@@ -379,60 +427,25 @@ class PostgresLedger:
             except (TimeoutError, *UNAVAILABLE):
                 pool.terminate()
 
-    # -- copies: the whole history, out and in ------------------------------------------
-
-    async def dump(self, table: str) -> AsyncIterator[Batch]:
-        """The rows of `table` as stored, a batch at a time, from one snapshot."""
-        async with (
-            self._connection() as conn,
-            conn.transaction(isolation="repeatable_read", readonly=True),
-        ):
-            columns: list[str] | None = None
-            batch: list[tuple[Any, ...]] = []
-            async for record in conn.cursor(f"SELECT * FROM {table}", prefetch=COPY_BATCH):
-                columns = columns or list(record.keys())
-                batch.append(tuple(record.values()))
-                if len(batch) == COPY_BATCH:
-                    yield columns, batch
-                    batch = []
-            if columns and batch:
-                yield columns, batch
-
-    async def restore(self, tables: AsyncIterable[tuple[str, Batch]]) -> None:
-        """Write `tables`' rows into this empty ledger, in one transaction: all or nothing."""
-        async with self._connection() as conn, conn.transaction():
-            found = await conn.fetchrow(SQL.contents)
-            Contents(*(int(v) for v in found)).refuse_to_merge(self.name)
-            await conn.execute("DELETE FROM budget_usage")
-            async for table, (columns, batch) in tables:
-                await conn.copy_records_to_table(table, records=batch, columns=columns)
-
-    async def contents(self) -> Contents:
-        async with self._connection() as conn:
-            found = await conn.fetchrow(SQL.contents)
-        return Contents(*(int(v) for v in found))
-
-    # -- connections and transactions ------------------------------------------
-
     @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[Any]:
+    async def connection(self) -> AsyncIterator[Any]:
         """A pooled connection; database errors become LedgerUnavailable or LedgerError."""
         pool = self.pool
         try:
             async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
                 yield conn
         except asyncpg.TransactionRollbackError:
-            raise  # retried by _transaction
+            raise  # retried by transaction()
         except UNAVAILABLE as exc:
             raise LedgerUnavailable(f"ledger unreachable: {exc or type(exc).__name__}") from exc
         except asyncpg.PostgresError as exc:
             raise LedgerError(f"ledger query failed: {exc}") from exc
 
-    async def _transaction(self, work: Callable[[Any], Awaitable[T]]) -> T:
+    async def transaction(self, work: Callable[[Any], Awaitable[T]]) -> T:
         """Run `work` in a transaction, again on a serialization failure or a deadlock."""
         for attempt in range(RETRIES):
             try:
-                async with self._connection() as conn, conn.transaction():
+                async with self.connection() as conn, conn.transaction():
                     return await work(conn)
             except asyncpg.TransactionRollbackError as exc:
                 if attempt == RETRIES - 1:
@@ -440,14 +453,14 @@ class PostgresLedger:
                 await asyncio.sleep(0.005 * 2**attempt)
         raise AssertionError("unreachable")
 
-    async def _execute(self, sql: str, *args: Any) -> str:
+    async def execute(self, sql: str, *args: Any) -> str:
         """One statement on its own; its status (`INSERT 0 1`)."""
-        async with self._connection() as conn:
+        async with self.connection() as conn:
             status: str = await conn.execute(sql, *args)
         return status
 
-    async def _fetch(self, sql: str, *args: Any) -> list[Any]:
-        async with self._connection() as conn:
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        async with self.connection() as conn:
             found: list[Any] = await conn.fetch(sql, *args)
         return found
 
@@ -476,7 +489,7 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 async def migrate(url: str) -> tuple[int, int]:
     """Bring the schema of the ledger at `url` up to date; (version before, version after)."""
     shared = PostgresLedger(url)
-    await shared.connect()
+    await shared.db.connect()
     try:
         return await shared.migrate()
     finally:
