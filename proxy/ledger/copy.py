@@ -21,12 +21,10 @@ from proxy.ledger import migrate_ledger, open_ledger
 from proxy.ledger.base import Backend, Batch, Contents
 from proxy.ledger.statements import COPIED_TABLES
 
-Copied = Contents
-"""What a copy moved, as counted back on the target."""
 
-
-async def copy_ledger(source: Backend, target: Backend) -> Copied:
-    """Copy every row of `source` into the empty `target` (both open, at the same schema)."""
+async def copy_ledger(source: Backend, target: Backend) -> Contents:
+    """Copy every row of `source` into the empty `target` (both open, at the same schema);
+    what the target holds then."""
     await target.restore(_history(source))
     return await target.contents()
 
@@ -37,7 +35,7 @@ async def _history(source: Backend) -> AsyncIterator[tuple[str, Batch]]:
             yield table, batch
 
 
-async def copy_between(source_url: str, target_url: str) -> Copied:
+async def copy_between(source_url: str, target_url: str) -> Contents:
     """Migrate the ledger at `target_url`, then copy the one at `source_url` into it."""
     if source_url == target_url:
         raise LedgerError("ledger copy: --from and --to name the same ledger")

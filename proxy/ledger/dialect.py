@@ -45,18 +45,19 @@ class Dialect:
         return re.sub(r"\?", lambda _: f"${next(numbers)}", sql)
 
     def one_of(self, column: str, count: int) -> str:
-        """A condition that `column` is one of `count` values (passed by `values`)."""
-        if self.numbered:
+        """A condition that `column` is one of `count` values (passed by `values`): one
+        array parameter on PostgreSQL, so the statement's text does not vary with `count`."""
+        if self.name == "postgresql":
             return f"{column} = ANY(?::text[])"
         return f"{column} IN ({', '.join('?' * count)})"
 
     def values(self, items: Sequence[Any]) -> tuple[Any, ...]:
         """The arguments of a `one_of` condition."""
-        return (list(items),) if self.numbered else tuple(items)
+        return (list(items),) if self.name == "postgresql" else tuple(items)
 
     def bucket(self, seconds: int) -> str:
         """The number of the `seconds`-wide time bucket a row started in."""
-        if self.numbered:
+        if self.name == "postgresql":
             return f"floor(started_at / {int(seconds)})::bigint"
         # started_at is positive: CAST truncates, which is floor().
         return f"CAST(started_at / {int(seconds)} AS INTEGER)"

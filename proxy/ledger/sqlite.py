@@ -286,7 +286,7 @@ class SqliteLedger:
     async def restore(self, tables: AsyncIterable[tuple[str, Batch]]) -> None:
         """Write `tables`' rows into this empty ledger, in one transaction: all or nothing."""
         async with self.file.exclusive() as db:
-            async with db.execute(_CONTENTS) as cursor:
+            async with db.execute(SQL.contents) as cursor:
                 found = await cursor.fetchone()
             Contents(*(found or (0, 0, 0, 0))).refuse_to_merge(str(self.path))
             await db.execute("DELETE FROM budget_usage")
@@ -295,7 +295,7 @@ class SqliteLedger:
                 await db.executemany(sql, batch)
 
     async def contents(self) -> Contents:
-        [found] = await self.file.fetch(_CONTENTS, ())
+        [found] = await self.file.fetch(SQL.contents, ())
         return Contents(*(int(v) for v in found))
 
 
@@ -381,7 +381,7 @@ class Connections:
             pause = min(pause * 2, 0.05)
 
     async def _attempt(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """One try at `_transaction` (raising `_WalFull`, with nothing written, if the WAL
+        """One try at `transaction` (raising `_WalFull`, with nothing written, if the WAL
         is at its limit).
 
         While this process has writes on the thread, they hold the lock (and wait for the
@@ -527,7 +527,6 @@ def _migrate(conn: sqlite3.Connection) -> int:
 
 
 _UPSERT = add_to_counters(f"VALUES ({marks(len(KEY_COLUMNS) + 6)})")
-_CONTENTS = SQL.contents
 
 
 def _read_totals(conn: sqlite3.Connection, counters: Sequence[Counter]) -> dict[Counter, Totals]:

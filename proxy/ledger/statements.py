@@ -146,7 +146,14 @@ class Statements:
 
     def summary(self, by: Sequence[GroupColumn], bucket_seconds: int | None) -> tuple[str, int]:
         """(start, end): sums of the settled rows started then, grouped by `by` and the
-        time bucket if one is asked; and how many keys lead each row."""
+        time bucket if one is asked; and how many keys lead each row.
+
+        The grouping happens in SQL (one pass over the period's rows), so a report over a
+        million rows returns a few hundred groups. Days and months are local to the
+        configured timezone, which SQLite knows nothing of: the caller asks for fixed-width
+        UTC buckets (`bucket_seconds`, a divisor of a day chosen so that every local
+        midnight in the period falls on a bucket edge) and folds the buckets into local
+        days in Python."""
         keys = [GROUP_SQL[c] for c in by]
         if bucket_seconds is not None:
             keys.append(self.dialect.bucket(bucket_seconds))
@@ -166,64 +173,50 @@ def settle_sql(where: str) -> str:
 @functools.cache
 def statements(dialect: Dialect) -> Statements:
     """Every shared statement in `dialect`'s spelling."""
-    d, lock, collate = dialect, dialect.for_update, dialect.collate
+    texts = {**_writes(dialect), **_reads(dialect)}
+    return Statements(dialect, **{name: dialect.text(sql) for name, sql in texts.items()})
+
+
+def _writes(d: Dialect) -> dict[str, str]:
     usage = ", ".join(USAGE_COLUMNS)
-    flagged = ", ".join(f.name for f in fields(Flagged))
     resolve = "UPDATE requests SET cost_nanos = ?, resolved_at = ?, resolution = ?"
-    export = "SELECT * FROM requests WHERE started_at >= ? AND started_at < ?"
-    return Statements(
-        dialect=d,
-        insert_reservation=d.text(
-            f"INSERT INTO requests ({names(RESERVATION_COLUMNS)}) "
-            f"VALUES ({marks(len(RESERVATION_COLUMNS))})"
-        ),
-        record=d.text(
-            f"INSERT INTO requests ({names(ROW_COLUMNS)}) VALUES ({marks(len(ROW_COLUMNS))})"
-        ),
-        settle=d.text(settle_sql("WHERE id = ?")),
-        settle_reserved=d.text(settle_sql("WHERE id = ? AND state = 'reserved'")),
-        settling=d.text(
-            "SELECT state, error_code, resolved_at, cost_nanos, reserved_nanos, counters, "
-            f"{usage} FROM requests WHERE id = ?{lock}"
-        ),
-        reclaim=d.text(f"UPDATE requests SET {RECLAIM_SET}, finished_at = ? WHERE id = ?"),
-        flagged=d.text(
-            f"SELECT {flagged} FROM requests WHERE flagged = 1 AND state = 'settled' "
-            f"AND started_at >= ? AND started_at < ? ORDER BY started_at, id{collate}"
-        ),
-        resolving=d.text(
-            f"SELECT state, flagged, cost_nanos, counters, {usage} FROM requests WHERE id = ?{lock}"
-        ),
-        resolve=d.text(f"{resolve} WHERE id = ?"),
-        resolve_free=d.text(
-            f"{resolve}, {', '.join(f'{c} = 0' for c in USAGE_COLUMNS)} WHERE id = ?"
-        ),
-        heartbeat=d.text(
-            "INSERT INTO processes (owner, host, pid, heartbeat_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at"
-        ),
-        owners=(
-            "SELECT owner, host, pid, heartbeat_at FROM processes UNION "
-            "SELECT DISTINCT owner, '', 0, 0 FROM requests WHERE state = 'reserved' "
-            "AND owner IS NOT NULL AND owner NOT IN (SELECT owner FROM processes)"
-        ),
-        unregister=d.text("DELETE FROM processes WHERE owner = ?"),
-        rows=d.text(
-            f"SELECT {names(ROW_COLUMNS)} FROM requests WHERE started_at >= ? ORDER BY {d.by_start}"
-        ),
-        claim_alert=d.text(
-            "INSERT INTO alerts_sent (key, sent_at) VALUES (?, ?) ON CONFLICT DO NOTHING"
-        ),
-        export=d.text(f"{export} ORDER BY started_at, id{collate}"),
-        export_first=d.text(f"{export} ORDER BY started_at, id{collate} LIMIT ?"),
-        export_next=d.text(
-            f"SELECT * FROM requests WHERE started_at >= ? AND (started_at > ? OR id{collate} > ?) "
-            f"AND started_at < ? ORDER BY started_at, id{collate} LIMIT ?"
-        ),
-        contents=(
-            "SELECT (SELECT count(*) FROM requests), "
-            f"(SELECT count(*) FROM budget_usage WHERE {COUNTED}), "
-            "(SELECT count(*) FROM alerts_sent), "
-            "(SELECT coalesce(sum(cost_nanos), 0) FROM requests)"
-        ),
-    )
+    return {
+        "insert_reservation": f"INSERT INTO requests ({names(RESERVATION_COLUMNS)}) "
+        f"VALUES ({marks(len(RESERVATION_COLUMNS))})",
+        "record": f"INSERT INTO requests ({names(ROW_COLUMNS)}) VALUES ({marks(len(ROW_COLUMNS))})",
+        "settle": settle_sql("WHERE id = ?"),
+        "settle_reserved": settle_sql("WHERE id = ? AND state = 'reserved'"),
+        "settling": "SELECT state, error_code, resolved_at, cost_nanos, reserved_nanos, "
+        f"counters, {usage} FROM requests WHERE id = ?{d.for_update}",
+        "reclaim": f"UPDATE requests SET {RECLAIM_SET}, finished_at = ? WHERE id = ?",
+        "resolving": f"SELECT state, flagged, cost_nanos, counters, {usage} FROM requests "
+        f"WHERE id = ?{d.for_update}",
+        "resolve": f"{resolve} WHERE id = ?",
+        "resolve_free": f"{resolve}, {', '.join(f'{c} = 0' for c in USAGE_COLUMNS)} WHERE id = ?",
+        "heartbeat": "INSERT INTO processes (owner, host, pid, heartbeat_at) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+        "unregister": "DELETE FROM processes WHERE owner = ?",
+        "claim_alert": "INSERT INTO alerts_sent (key, sent_at) VALUES (?, ?) "
+        "ON CONFLICT DO NOTHING",
+    }
+
+
+def _reads(d: Dialect) -> dict[str, str]:
+    by_id = f"ORDER BY started_at, id{d.collate}"
+    export = f"SELECT * FROM requests WHERE started_at >= ? AND started_at < ? {by_id}"
+    return {
+        "flagged": f"SELECT {', '.join(f.name for f in fields(Flagged))} FROM requests "
+        f"WHERE flagged = 1 AND state = 'settled' AND started_at >= ? AND started_at < ? {by_id}",
+        "owners": "SELECT owner, host, pid, heartbeat_at FROM processes UNION "
+        "SELECT DISTINCT owner, '', 0, 0 FROM requests WHERE state = 'reserved' "
+        "AND owner IS NOT NULL AND owner NOT IN (SELECT owner FROM processes)",
+        "rows": f"SELECT {names(ROW_COLUMNS)} FROM requests WHERE started_at >= ? "
+        f"ORDER BY {d.by_start}",
+        "export": export,
+        "export_first": f"{export} LIMIT ?",
+        "export_next": "SELECT * FROM requests WHERE started_at >= ? "
+        f"AND (started_at > ? OR id{d.collate} > ?) AND started_at < ? {by_id} LIMIT ?",
+        "contents": "SELECT (SELECT count(*) FROM requests), "
+        f"(SELECT count(*) FROM budget_usage WHERE {COUNTED}), "
+        "(SELECT count(*) FROM alerts_sent), (SELECT coalesce(sum(cost_nanos), 0) FROM requests)",
+    }
