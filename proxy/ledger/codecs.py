@@ -14,16 +14,16 @@ from __future__ import annotations
 import functools
 import json
 import operator
-from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
 from proxy.ledger.base import Aggregate, Row
 
 ENTRY_COLUMNS = (
-    "started_at", "stream", "id", "endpoint", "team", "cost_center", "key_id", "user",
+    "id", "started_at", "endpoint", "team", "cost_center", "key_id", "user",
     "model_requested", "model", "quality_requested", "quality", "size_requested", "size",
-    "n_requested", "n", "estimated_nanos", "downgrades",
+    "n_requested", "n", "stream", "estimated_nanos", "downgrades",
 )  # fmt: skip
 USAGE_COLUMNS = (
     "text_input_tokens", "cached_text_input_tokens", "image_input_tokens",
@@ -54,21 +54,14 @@ ORGANIZATION_TOTAL = Counter("organization", "", "", "total", 0.0)
 NO_TOKENS = (0, 0, 0, 0)
 
 
-class Deltas(NamedTuple):
-    """What a write adds to each counter it touches (negative: takes back)."""
-
-    spent: int
-    reserved: int
-    tokens: tuple[int, ...]
-    """To text input, image input, image output and total tokens, in that order."""
+Deltas = tuple[int, int, tuple[int, ...]]
+"""What a write adds to each counter it touches (negative: takes back): to its spent and
+reserved nanos, and to its text input, image input, image output and total tokens."""
 
 
-_entry_rest = operator.attrgetter(*ENTRY_COLUMNS[2:])
-
-
-def entry_values(entry: Entry) -> tuple[Any, ...]:
-    """An entry's values in `ENTRY_COLUMNS` order (the flag as the integer it is stored as)."""
-    return (float(entry.started_at), int(entry.stream), *_entry_rest(entry))
+entry_values: Callable[[Entry], tuple[Any, ...]] = operator.attrgetter(*ENTRY_COLUMNS)
+"""An entry's values in `ENTRY_COLUMNS` order (one C call; both drivers store the flag
+`stream` as the integer its column holds)."""
 
 
 def usage_values(u: Usage) -> tuple[int, ...]:
@@ -204,7 +197,7 @@ def settled_tokens(actual: Usage, reserved: Usage) -> tuple[int, ...]:
 
 def reserved(entry: Entry, usage: Usage) -> Deltas:
     """A reservation holds its estimate and its estimated usage."""
-    return Deltas(0, entry.estimated_nanos, token_deltas(usage, 1))
+    return 0, entry.estimated_nanos, token_deltas(usage, 1)
 
 
 def settled(settlement: Settlement, release: int, charged: int, held: Usage) -> Deltas:
@@ -212,9 +205,9 @@ def settled(settlement: Settlement, release: int, charged: int, held: Usage) -> 
     a reclaim charged), releases what was reserved (`release`), and counts its usage in
     place of the estimate the reservation added (`held`)."""
     tokens = settled_tokens(settlement.usage, held)
-    return Deltas(settlement.cost_nanos - charged, -release, tokens)
+    return settlement.cost_nanos - charged, -release, tokens
 
 
 def reclaimed(bound: int) -> Deltas:
     """Reserved becomes spent; the estimated usage it holds stays counted."""
-    return Deltas(bound, -bound, NO_TOKENS)
+    return bound, -bound, NO_TOKENS

@@ -50,4 +50,4 @@ def resolution(
     if not flagged:
         raise LedgerError(f"request {request_id} is not flagged: its cost is known")
     tokens = token_deltas(Usage(*usage), -1) if cost_nanos == 0 else NO_TOKENS
-    return int(charged), counters_text, Deltas(cost_nanos - int(charged), 0, tokens)
+    return int(charged), counters_text, (cost_nanos - int(charged), 0, tokens)
