@@ -50,14 +50,18 @@ def test_importing_the_ledger_loads_no_backend_nor_driver(module: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("backend", "other"),
+    ("backend", "driver", "other"),
     [
-        ("sqlite", {"asyncpg", "proxy.ledger.postgres"}),
-        ("postgres", {"aiosqlite", "proxy.ledger.sqlite"}),
+        ("sqlite", "aiosqlite", {"asyncpg", "proxy.ledger.postgres"}),
+        ("postgres", "asyncpg", {"aiosqlite", "proxy.ledger.sqlite"}),
     ],
 )
-def test_neither_backend_loads_the_other(backend: str, other: set[str]) -> None:
-    assert loaded_after(f"import proxy.ledger.{backend}") & other == set()
+def test_a_backend_loads_its_own_driver_and_not_the_other_backend(
+    backend: str, driver: str, other: set[str]
+) -> None:
+    loaded = loaded_after(f"import proxy.ledger.{backend}")
+    assert driver in loaded
+    assert loaded & other == set()
 
 
 def shared(dialect_statements: Statements) -> dict[str, str]:
