@@ -16,6 +16,7 @@ import pytest
 from proxy.ledger import migrations
 from proxy.ledger.codecs import (
     KEY_COLUMNS,
+    REAL_COLUMNS,
     RESERVATION_COLUMNS,
     ROW_COLUMNS,
     TOTALS_COLUMNS,
@@ -98,7 +99,12 @@ def test_the_columns_written_and_read_are_the_schemas(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "t.db") as db:
         for sql in migrations.pending(0, migrations.SQLITE):
             db.execute(sql)
-        requests = {r[1] for r in db.execute("PRAGMA table_info(requests)")}
-        counters = {r[1] for r in db.execute("PRAGMA table_info(budget_usage)")}
+        columns = {
+            table: {(c[1], c[2]) for c in db.execute(f"PRAGMA table_info({table})")}
+            for table in migrations.TABLES
+        }
+    requests = {name for name, _ in columns["requests"]}
     assert set(ROW_COLUMNS) | set(RESERVATION_COLUMNS) <= requests
-    assert set(KEY_COLUMNS) | set(TOTALS_COLUMNS) == counters
+    assert set(KEY_COLUMNS) | set(TOTALS_COLUMNS) == {name for name, _ in columns["budget_usage"]}
+    reals = {name for found in columns.values() for name, kind in found if kind == "REAL"}
+    assert reals == REAL_COLUMNS

@@ -45,7 +45,7 @@ TOTALS_COLUMNS = (
     "image_output_tokens", "total_tokens",
 )  # fmt: skip
 REAL_COLUMNS = frozenset(
-    {"started_at", "finished_at", "latency_ms", "start", "sent_at", "heartbeat_at"}
+    {"started_at", "finished_at", "latency_ms", "resolved_at", "start", "sent_at", "heartbeat_at"}
 )
 """The columns of every table that hold floating-point numbers."""
 
