@@ -46,7 +46,7 @@ import asyncpg
 
 from proxy.core.errors import LedgerError, LedgerUnavailable
 from proxy.core.models import Counter, Entry, Settlement, Totals
-from proxy.ledger import flags, migrations
+from proxy.ledger import codecs, flags, migrations
 from proxy.ledger.base import (
     Aggregate,
     Batch,
@@ -57,21 +57,6 @@ from proxy.ledger.base import (
     Owner,
     Reservation,
     Row,
-)
-from proxy.ledger.codecs import (
-    ORGANIZATION_TOTAL,
-    Deltas,
-    aggregates,
-    counter_key,
-    counters_text,
-    reclaimed,
-    record_values,
-    reservation_values,
-    reserved,
-    row,
-    settlement_values,
-    totals_of,
-    written_keys,
 )
 from proxy.ledger.dialect import POSTGRES
 from proxy.ledger.statements import (
@@ -232,15 +217,17 @@ class PostgresLedger:
             # Choosing again after a retry is fine: the chooser is a pure function of totals.
             reservation = choose(await _read(conn, read, lock=True))
             entry, usage = reservation.entry, reservation.usage
-            text = counters_text(reservation.counters)
-            values = reservation_values(entry, usage, text, owner)
-            await _write_and_add(conn, SQL.insert_reservation, values, text, reserved(entry, usage))
+            text = codecs.counters_text(reservation.counters)
+            values = codecs.reservation_values(entry, usage, text, owner)
+            await _write_and_add(
+                conn, SQL.insert_reservation, values, text, codecs.reserved(entry, usage)
+            )
             return reservation
 
         return await self.db.transaction(work)
 
     async def settle(self, request_id: str, settlement: Settlement) -> None:
-        values = (*settlement_values(settlement), request_id)
+        values = (*codecs.settlement_values(settlement), request_id)
 
         async def work(conn: Any) -> None:
             await _lock_counters(conn)
@@ -252,7 +239,7 @@ class PostgresLedger:
         await self.db.transaction(work)
 
     async def record(self, entry: Entry, settlement: Settlement) -> None:
-        await self.db.execute(SQL.record, *record_values(entry, settlement))
+        await self.db.execute(SQL.record, *codecs.record_values(entry, settlement))
 
     async def reclaim(
         self, now: float, *, started_before: float = 0.0, owners: Sequence[str] = ()
@@ -263,7 +250,7 @@ class PostgresLedger:
             stale = await conn.fetch(sql, *values)
             for request_id, bound, text in (tuple(r) for r in stale):
                 reclaim = (float(now), request_id)
-                await _write_and_add(conn, SQL.reclaim, reclaim, text, reclaimed(bound))
+                await _write_and_add(conn, SQL.reclaim, reclaim, text, codecs.reclaimed(bound))
             if owners:
                 sql, values = SQL.forget(owners)
                 await conn.execute(sql, *values)
@@ -309,7 +296,7 @@ class PostgresLedger:
             return await _read(conn, counters, lock=False)
 
     async def rows(self, since: float = 0.0) -> list[Row]:
-        return [row(tuple(r)) for r in await self.db.fetch(SQL.rows, float(since))]
+        return [codecs.row(tuple(r)) for r in await self.db.fetch(SQL.rows, float(since))]
 
     async def summarize(
         self,
@@ -319,7 +306,7 @@ class PostgresLedger:
         bucket_seconds: int | None = None,
     ) -> list[Aggregate]:
         sql, width = SQL.summary(by, bucket_seconds)
-        return aggregates(await self.db.fetch(sql, float(start), float(end)), width)
+        return codecs.aggregates(await self.db.fetch(sql, float(start), float(end)), width)
 
     async def export(self, start: float, end: float) -> AsyncGenerator[dict[str, Any], None]:
         # One snapshot for the whole export, read through a server-side cursor in batches.
@@ -502,7 +489,7 @@ def _values(found: Any) -> tuple[Any, ...] | None:
 
 async def _lock_counters(conn: Any) -> None:
     """Take the first lock of every counter writer (see the module's docstring)."""
-    await conn.execute(LOCK_SQL, *counter_key(ORGANIZATION_TOTAL))
+    await conn.execute(LOCK_SQL, *codecs.counter_key(codecs.ORGANIZATION_TOTAL))
 
 
 LOCK_SQL = (
@@ -522,10 +509,10 @@ async def _read(conn: Any, counters: Sequence[Counter], *, lock: bool) -> dict[C
     """The totals of `counters`; with `lock`, their rows that exist locked, in lock order."""
     if not counters:
         return {}
-    wanted = sorted({counter_key(c) for c in counters})
+    wanted = sorted({codecs.counter_key(c) for c in counters})
     sql = READ_SQL + (" FOR UPDATE" if lock else "")
     found = await conn.fetch(sql, *_key_arrays(wanted))
-    return totals_of(counters, (tuple(r) for r in found))
+    return codecs.totals_of(counters, (tuple(r) for r in found))
 
 
 def _key_arrays(keys: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
@@ -534,7 +521,7 @@ def _key_arrays(keys: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
 
 
 async def _write_and_add(
-    conn: Any, sql: str, args: Sequence[Any], counters_text: str, deltas: Deltas
+    conn: Any, sql: str, args: Sequence[Any], counters_text: str, deltas: codecs.Deltas
 ) -> None:
     """`sql` (with `args`) and the counters' additions in one statement, one round trip:
     the request row's write as a data-modifying `WITH`, which PostgreSQL always runs, then
@@ -545,7 +532,7 @@ async def _write_and_add(
     await conn.execute(
         _with_counters(sql, len(args), len(tokens)),
         *args,
-        *_key_arrays(written_keys(counters_text)),
+        *_key_arrays(codecs.written_keys(counters_text)),
         spent,
         held,
         *tokens,

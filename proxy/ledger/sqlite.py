@@ -40,7 +40,7 @@ import aiosqlite
 
 from proxy.core.errors import LedgerError, LedgerUnavailable
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
-from proxy.ledger import flags, migrations
+from proxy.ledger import codecs, flags, migrations
 from proxy.ledger.base import (
     Aggregate,
     Batch,
@@ -51,23 +51,6 @@ from proxy.ledger.base import (
     Owner,
     Reservation,
     Row,
-)
-from proxy.ledger.codecs import (
-    KEY_COLUMNS,
-    REAL_COLUMNS,
-    Deltas,
-    aggregates,
-    counter_key,
-    counters_text,
-    reclaimed,
-    record_values,
-    reservation_values,
-    reserved,
-    row,
-    settled,
-    settlement_values,
-    totals_of,
-    written_keys,
 )
 from proxy.ledger.dialect import SQLITE
 from proxy.ledger.statements import (
@@ -139,9 +122,11 @@ class SqliteLedger:
         def run(conn: sqlite3.Connection) -> Reservation:
             reservation = choose(_read_totals(conn, read))  # pure: it may run twice
             entry, usage = reservation.entry, reservation.usage
-            text = counters_text(reservation.counters)
-            conn.execute(SQL.insert_reservation, reservation_values(entry, usage, text, owner))
-            _add(conn, text, reserved(entry, usage))
+            text = codecs.counters_text(reservation.counters)
+            conn.execute(
+                SQL.insert_reservation, codecs.reservation_values(entry, usage, text, owner)
+            )
+            _add(conn, text, codecs.reserved(entry, usage))
             held.append((entry.estimated_nanos, text, usage))
             return reservation
 
@@ -154,12 +139,12 @@ class SqliteLedger:
         # What this process reserved it knows: no need to read the row back, unless the
         # reservation was reclaimed meanwhile (then the update finds no reserved row).
         held = self._held.pop(request_id, None)
-        values = (*settlement_values(settlement), request_id)
+        values = (*codecs.settlement_values(settlement), request_id)
 
         def run(conn: sqlite3.Connection) -> None:
             if held is not None and conn.execute(SQL.settle_reserved, values).rowcount == 1:
                 release, text, usage = held
-                _add(conn, text, settled(settlement, release, 0, usage))
+                _add(conn, text, codecs.settled(settlement, release, 0, usage))
                 return
             found = conn.execute(SQL.settling, (request_id,)).fetchone()
             change = flags.settlement(request_id, found, settlement)
@@ -170,7 +155,7 @@ class SqliteLedger:
         await self.file.transaction(run)
 
     async def record(self, entry: Entry, settlement: Settlement) -> None:
-        await self.file.write(SQL.record, record_values(entry, settlement))
+        await self.file.write(SQL.record, codecs.record_values(entry, settlement))
 
     async def reclaim(
         self, now: float, *, started_before: float = 0.0, owners: Sequence[str] = ()
@@ -180,7 +165,7 @@ class SqliteLedger:
             for request_id, bound, text in stale:
                 self._held.pop(request_id, None)
                 conn.execute(SQL.reclaim, (now, request_id))
-                _add(conn, text, reclaimed(bound))
+                _add(conn, text, codecs.reclaimed(bound))
             if owners:
                 conn.execute(*SQL.forget(owners))
             return len(stale)
@@ -221,7 +206,7 @@ class SqliteLedger:
         return await self.file.on_thread(lambda conn: _read_totals(conn, counters))
 
     async def rows(self, since: float = 0.0) -> list[Row]:
-        return [row(r) for r in await self.file.fetch(SQL.rows, (since,))]
+        return [codecs.row(r) for r in await self.file.fetch(SQL.rows, (since,))]
 
     async def summarize(
         self,
@@ -231,7 +216,7 @@ class SqliteLedger:
         bucket_seconds: int | None = None,
     ) -> list[Aggregate]:
         sql, width = SQL.summary(by, bucket_seconds)
-        return aggregates(await self.file.fetch(sql, (start, end)), width)
+        return codecs.aggregates(await self.file.fetch(sql, (start, end)), width)
 
     async def export(self, start: float, end: float) -> AsyncGenerator[dict[str, Any], None]:
         # Its own read-only connection: a long read must not hold the writers' connection.
@@ -526,7 +511,7 @@ def _migrate(conn: sqlite3.Connection) -> int:
     return version
 
 
-_UPSERT = add_to_counters(f"VALUES ({marks(len(KEY_COLUMNS) + 6)})")
+_UPSERT = add_to_counters(f"VALUES ({marks(len(codecs.KEY_COLUMNS) + 6)})")
 
 
 def _read_totals(conn: sqlite3.Connection, counters: Sequence[Counter]) -> dict[Counter, Totals]:
@@ -534,27 +519,29 @@ def _read_totals(conn: sqlite3.Connection, counters: Sequence[Counter]) -> dict[
     statement: an OR of primary keys, which SQLite answers with one index search each."""
     if not counters:
         return {}
-    keys = [value for c in counters for value in counter_key(c)]
-    return totals_of(counters, conn.execute(_totals_query(len(counters)), keys))
+    keys = [value for c in counters for value in codecs.counter_key(c)]
+    return codecs.totals_of(counters, conn.execute(_totals_query(len(counters)), keys))
 
 
 @functools.lru_cache(maxsize=64)
 def _totals_query(count: int) -> str:
-    one = f"({' AND '.join(f'{names([c])} = ?' for c in KEY_COLUMNS)})"
+    one = f"({' AND '.join(f'{names([c])} = ?' for c in codecs.KEY_COLUMNS)})"
     return f"SELECT {KEYS}, {TOTALS} FROM budget_usage WHERE {' OR '.join([one] * count)}"
 
 
-def _add(conn: sqlite3.Connection, counters_text: str, deltas: Deltas) -> None:
+def _add(conn: sqlite3.Connection, counters_text: str, deltas: codecs.Deltas) -> None:
     """Add to a reservation's counters (its row's `counters` text) and to the
     organization's counters of the same periods."""
     spent, held, tokens = deltas
-    conn.executemany(_UPSERT, [(*key, spent, held, *tokens) for key in written_keys(counters_text)])
+    conn.executemany(
+        _UPSERT, [(*key, spent, held, *tokens) for key in codecs.written_keys(counters_text)]
+    )
 
 
 def _typed(columns: list[str], found: tuple[Any, ...]) -> tuple[Any, ...]:
     # SQLite may hand back an integer from a REAL column; PostgreSQL's binary COPY wants floats.
     return tuple(
-        float(v) if c in REAL_COLUMNS and isinstance(v, int) else v
+        float(v) if c in codecs.REAL_COLUMNS and isinstance(v, int) else v
         for c, v in zip(columns, found, strict=True)
     )
 
