@@ -10,6 +10,11 @@ budget counters. Each request is one reserve and one settle; CPU is this process
 For SQLite, "WAL peak" is the largest size of the WAL file seen after any settlement.
 With `--postgres SERVER` the same runs go to a fresh schema on that server too (dropped
 afterwards); its CPU column leaves out the database server's own.
+
+Why SQLite's transactions run inline on the event loop: on the machine these figures
+were first taken on, one took about 0.1 ms, and handing it to a thread and back cost
+twice that in wake-ups alone. A reserve and its settle write about 37 KB of WAL, so
+the 64 MiB bound on the WAL is some 1,800 requests.
 """
 
 from __future__ import annotations

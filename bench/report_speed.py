@@ -20,7 +20,7 @@ from datetime import date
 from pathlib import Path
 
 from proxy.finance.reports import Dimension, Period, parse_by, render, summarize
-from proxy.ledger import SqliteLedger
+from proxy.ledger.sqlite import SqliteLedger
 
 TEAMS = [f"team-{i:02d}" for i in range(12)]
 MODELS = [

@@ -21,7 +21,8 @@ from proxy.core.settings import Alerts as AlertSettings
 from proxy.core.settings import Allow, Budget, Config, Team, TeamKey
 from proxy.core.status import BudgetStatus
 from proxy.finance.alerts import Alerts, crossings
-from proxy.ledger import Reservation, SqliteLedger
+from proxy.ledger import Reservation
+from proxy.ledger.sqlite import SqliteLedger
 
 POLICIES = Path(__file__).parent.parent / "policies"
 

@@ -40,8 +40,6 @@ OUTSIDE_THE_TREE = {
     ("proxy.config.source", "YAMLError"): "a YAML problem, made a ConfigError by the loader",
     ("proxy.web.exchange", "TimeoutError"): "asyncio's, caught where it is raised",
     ("proxy.ledger.postgres", "AssertionError"): "after a loop that returns or raises",
-    ("proxy.ledger.postgres_reports", "NotImplementedError"): "a method the class mixed in has",
-    ("proxy.ledger.sqlite_reports", "NotImplementedError"): "a method the class mixed in has",
     ("proxy.__main__", "SystemExit"): "the exit status of the command line",
 }
 

@@ -20,9 +20,9 @@ import pytest
 
 from proxy.core.errors import LedgerError, LedgerUnavailable
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
-from proxy.ledger import PostgresLedger, migrate_ledger, migrations, open_ledger, settle_patiently
+from proxy.ledger import migrate_ledger, migrations, open_ledger, settle_patiently
 from proxy.ledger.base import Chooser, Flagged, Owner, Reservation
-from proxy.ledger.postgres import MIGRATION_LOCK
+from proxy.ledger.postgres import MIGRATION_LOCK, PostgresLedger
 from proxy.ledger.sqlite import SCHEMA_VERSION, SqliteLedger
 from tests import pg
 
@@ -943,7 +943,7 @@ async def test_an_export_read_slowly_does_not_hold_the_wal(
     """The audit export reads a batch at a time and holds no snapshot between batches: a
     client that stops reading halfway never keeps writers from emptying the WAL."""
     bound_the_wal(monkeypatch, lock_wait_ms=100)
-    monkeypatch.setattr("proxy.ledger.sqlite_reports.EXPORT_BATCH", 10)
+    monkeypatch.setattr("proxy.ledger.sqlite.EXPORT_BATCH", 10)
     path = tmp_path / "t.db"
     ledger = SqliteLedger(path)
     await ledger.open()

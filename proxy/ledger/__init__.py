@@ -4,49 +4,52 @@ Rows are written twice for forwarded requests: `reserve` when the estimate is
 taken (the row holds the reservation) and `settle` when the answer is metered.
 Rejections and client errors are written once, with `record`. Every backend
 keeps the same interface; nothing above it knows which one it talks to.
+
+One design, two dialects: the schema (`migrations`), the columns and their codecs
+(`codecs`) and the statements (`statements`, spelled by a `dialect`) are shared;
+`sqlite` and `postgres` hold only how each database is connected to and written in
+a transaction. A backend's module, and its driver, is imported when a ledger of
+its kind is opened.
 """
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
-from pathlib import Path
-
 from proxy.core.errors import LedgerError
 from proxy.core.models import Entry, Settlement
-from proxy.ledger.base import Ledger, Owner, Reservation, Row
-from proxy.ledger.migrations import SCHEMA_VERSION
-from proxy.ledger.postgres import PostgresLedger
+from proxy.ledger.base import Backend, Ledger, Owner, Reservation, Row
 from proxy.ledger.retry import settle_patiently
-from proxy.ledger.sqlite import SqliteLedger
 
 __all__ = [
+    "Backend",
     "Entry",
     "Ledger",
     "Owner",
-    "PostgresLedger",
     "Reservation",
     "Row",
     "Settlement",
-    "SqliteLedger",
     "migrate_ledger",
     "open_ledger",
     "settle_patiently",
 ]
 
 
+SQLITE_SCHEME = "sqlite:///"
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
-async def open_ledger(url: str) -> Ledger:
+async def open_ledger(url: str) -> Backend:
     """Open the ledger named by `url`: `sqlite:///path.db` (its schema brought up to date)
     or `postgresql://…` (initialised when empty; a schema behind is refused until
     `tollgate ledger migrate` brings it up to date)."""
-    if url.startswith("sqlite:///"):
-        ledger = SqliteLedger(url.removeprefix("sqlite:///"))
+    if url.startswith(SQLITE_SCHEME):
+        from proxy.ledger.sqlite import SqliteLedger
+
+        ledger = SqliteLedger(url.removeprefix(SQLITE_SCHEME))
         await ledger.open()
         return ledger
     if url.startswith(POSTGRES_SCHEMES):
+        from proxy.ledger.postgres import PostgresLedger
+
         shared = PostgresLedger(url)
         await shared.open()
         return shared
@@ -58,28 +61,11 @@ async def open_ledger(url: str) -> Ledger:
 async def migrate_ledger(url: str) -> tuple[int, int]:
     """Bring the schema of the ledger at `url` up to date; (version before, version after)."""
     if url.startswith(POSTGRES_SCHEMES):
-        shared = PostgresLedger(url)
-        await shared.connect()
-        try:
-            return await shared.migrate()
-        finally:
-            await shared.close()
-    if url.startswith("sqlite:///"):
-        path = url.removeprefix("sqlite:///")
-        before = _sqlite_version(Path(path))
-        ledger = SqliteLedger(path)
-        await ledger.open()  # the embedded ledger migrates itself when it opens
-        await ledger.close()
-        return before, SCHEMA_VERSION
+        from proxy.ledger import postgres
+
+        return await postgres.migrate(url)
+    if url.startswith(SQLITE_SCHEME):
+        from proxy.ledger import sqlite
+
+        return await sqlite.migrate(url.removeprefix(SQLITE_SCHEME))
     raise LedgerError(f"unsupported ledger URL {url!r}")
-
-
-def _sqlite_version(path: Path) -> int:
-    if not path.exists():
-        return 0
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        try:
-            found = db.execute("SELECT max(version) FROM schema_version").fetchone()
-        except sqlite3.Error:
-            return 0
-    return int(found[0] or 0)

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from proxy.core.errors import LedgerError
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
 
 
@@ -88,6 +96,32 @@ class Aggregate:
     cost_nanos: int = 0
 
 
+Batch = tuple[list[str], list[tuple[Any, ...]]]
+"""Rows of one table as stored: its column names, then rows of values in their order."""
+
+
+@dataclass(frozen=True, slots=True)
+class Contents:
+    """What a ledger holds, as counted (a copy is counted back on its target)."""
+
+    requests: int
+    counters: int
+    """Budget counters (team, user and organization), but the zero row every ledger has."""
+    alerts: int
+    cost_nanos: int
+    """What its requests cost, in all."""
+
+    def refuse_to_merge(self, name: str) -> None:
+        """LedgerError unless the ledger `name` is empty: a copy never merges two histories."""
+        held = {"requests": self.requests, "alerts": self.alerts, "counters": self.counters}
+        if any(held.values()):
+            found = ", ".join(f"{count} {what}" for what, count in held.items() if count)
+            raise LedgerError(
+                f"{name} is not empty ({found}): ledger copy does not merge histories; "
+                "copy into a fresh database (or drop its Tollgate tables) and run it again"
+            )
+
+
 class Ledger(Protocol):
     async def reserve(self, read: Sequence[Counter], choose: Chooser) -> Reservation:
         """Atomically: read the totals of `read`, let `choose` decide on them, and store its
@@ -163,3 +197,19 @@ class Ledger(Protocol):
         """Raise LedgerError when the ledger cannot be reached."""
 
     async def close(self) -> None: ...
+
+
+class Backend(Ledger, Protocol):
+    """A ledger as opened: the Ledger, and its whole history read out or written in (the
+    live-process registry aside), whatever the database."""
+
+    def dump(self, table: str) -> AsyncIterator[Batch]:
+        """The rows of `table` as stored, a batch at a time, in constant memory."""
+
+    async def restore(self, tables: AsyncIterable[tuple[str, Batch]]) -> None:
+        """Write the rows of `tables` (each batch with its table's name) into this empty
+        ledger, in one transaction: it holds all of them or, on any error, none. LedgerError
+        if it holds anything already (see `Contents.refuse_to_merge`)."""
+
+    async def contents(self) -> Contents:
+        """What this ledger holds."""

@@ -1,24 +1,17 @@
-"""What both backends write and check for flagged rows: a reclaim, a late settlement, a
-resolution. One text for each, so the backends cannot drift apart."""
+"""What a settlement or a resolution finds in the row it replaces, and what it adds to the
+row's counters: one rule for each, so the backends cannot drift apart. A reservation
+reclaimed at its bound is settled and flagged; a settlement arriving after the reclaim
+replaces what the reclaim charged; an operator's resolution corrects a flagged row."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import fields
 from typing import Any
 
 from proxy.core.errors import LedgerError
-from proxy.core.models import Usage
-from proxy.ledger.base import OUTCOME_UNKNOWN, RECLAIMED, Flagged
-
-FLAGGED_COLUMNS = ", ".join(f.name for f in fields(Flagged))
-"""The requests columns a `Flagged` is read from, in its fields' order."""
-
-RECLAIM_SET = (
-    "state = 'settled', cost_nanos = reserved_nanos, reserved_nanos = 0, "
-    f"outcome = 'upstream_error', error_code = '{OUTCOME_UNKNOWN}', flagged = 1"
-)
-"""What a reclaim sets on a reservation (its `finished_at` aside): charged its bound."""
+from proxy.core.models import Settlement, Usage
+from proxy.ledger.base import RECLAIMED
+from proxy.ledger.codecs import NO_TOKENS, Deltas, settled, token_deltas
 
 
 def settled_already(state: str, error_code: str | None, resolved_at: float | None) -> bool:
@@ -27,9 +20,28 @@ def settled_already(state: str, error_code: str | None, resolved_at: float | Non
     return state != "reserved" and (error_code not in RECLAIMED or resolved_at is not None)
 
 
-def resolvable(request_id: str, found: Sequence[Any] | None) -> tuple[int, str, Usage]:
-    """(cost charged, counters text, usage) of the row `resolve` read (state, flagged, cost,
-    counters, usage columns…), once it is known to be a settled flagged row."""
+def settlement(
+    request_id: str, found: Sequence[Any] | None, outcome: Settlement
+) -> tuple[str, Deltas] | None:
+    """(counters text, deltas) of settling the row read by `settling` (None: settled
+    already, nothing to do). LedgerError if there is no such row."""
+    if found is None:
+        raise LedgerError(f"no reservation {request_id}")
+    state, error_code, resolved_at, charged, reserved, counters_text, *usage = found
+    if settled_already(state, error_code, resolved_at):
+        return None
+    # What the row holds: the reservation (nothing charged yet), or the bound a
+    # reclaim charged before the answer came, which this settlement replaces.
+    release = reserved if state == "reserved" else 0
+    return counters_text, settled(outcome, release, charged, Usage(*usage))
+
+
+def resolution(
+    request_id: str, found: Sequence[Any] | None, cost_nanos: int
+) -> tuple[int, str, Deltas]:
+    """(cost charged before, counters text, deltas) of resolving the row read by
+    `resolving` at `cost_nanos` (0: nothing was billed, so its usage is taken back too).
+    LedgerError unless it is a settled flagged row."""
     if found is None:
         raise LedgerError(f"no request {request_id}")
     state, flagged, charged, counters_text, *usage = found
@@ -37,4 +49,5 @@ def resolvable(request_id: str, found: Sequence[Any] | None) -> tuple[int, str, 
         raise LedgerError(f"request {request_id} is still in flight: nothing to resolve yet")
     if not flagged:
         raise LedgerError(f"request {request_id} is not flagged: its cost is known")
-    return int(charged), counters_text, Usage(*usage)
+    tokens = token_deltas(Usage(*usage), -1) if cost_nanos == 0 else NO_TOKENS
+    return int(charged), counters_text, (cost_nanos - int(charged), 0, tokens)

@@ -25,15 +25,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-TOTALS = (
-    "spent_nanos, reserved_nanos, text_input_tokens, image_input_tokens, "
-    "image_output_tokens, total_tokens"
-)
-SUMMED = ", ".join(f"SUM({c.strip()})" for c in TOTALS.split(","))
+from proxy.ledger import dialect
+from proxy.ledger.codecs import TOTALS_COLUMNS
+from proxy.ledger.dialect import Dialect
+
+TOTALS = ", ".join(TOTALS_COLUMNS)
+SUMMED = ", ".join(f"SUM({c})" for c in TOTALS_COLUMNS)
 
 
-def _requests(real: str, big: str) -> str:
+def _requests(d: Dialect) -> str:
     # One column list for both backends: copies and audit exports keep the same order.
+    real, big = d.real, d.big
     return f"""
 CREATE TABLE IF NOT EXISTS requests (
     id                        TEXT PRIMARY KEY,
@@ -80,9 +82,10 @@ TABLES = ("schema_version", "requests", "processes", "budget_usage", "alerts_sen
 """Every table of a ledger: a database with none of them is empty."""
 
 
-def _tables(real: str, big: str) -> list[str]:
+def _tables(d: Dialect) -> list[str]:
+    real, big = d.real, d.big
     return [
-        _requests(real, big),
+        _requests(d),
         "CREATE INDEX IF NOT EXISTS requests_started ON requests (started_at)",
         "CREATE INDEX IF NOT EXISTS requests_team_started ON requests (team, started_at)",
         "CREATE INDEX IF NOT EXISTS requests_reserved ON requests (state) WHERE state = 'reserved'",
@@ -124,25 +127,21 @@ ORGANIZATION_ROWS = [
 ]
 
 
-def _resolutions(real: str) -> list[str]:
+def _resolutions(d: Dialect) -> list[str]:
     return [
-        f"ALTER TABLE requests ADD COLUMN resolved_at {real}",
+        f"ALTER TABLE requests ADD COLUMN resolved_at {d.real}",
         "ALTER TABLE requests ADD COLUMN resolution TEXT",
         "CREATE INDEX IF NOT EXISTS requests_flagged ON requests (started_at) WHERE flagged = 1",
     ]
 
 
-SQLITE: Sequence[Sequence[str]] = (
-    _tables("REAL", "INTEGER"),
-    ORGANIZATION_ROWS,
-    _resolutions("REAL"),
-)
-POSTGRES: Sequence[Sequence[str]] = (
-    _tables("DOUBLE PRECISION", "BIGINT"),
-    ORGANIZATION_ROWS,
-    _resolutions("DOUBLE PRECISION"),
-)
-assert len(SQLITE) == len(POSTGRES), "both backends share one version numbering"
+def steps(d: Dialect) -> Sequence[Sequence[str]]:
+    """The migrations in `d`'s spelling: one list of statements per version."""
+    return (_tables(d), ORGANIZATION_ROWS, _resolutions(d))
+
+
+SQLITE = steps(dialect.SQLITE)
+POSTGRES = steps(dialect.POSTGRES)
 
 SCHEMA_VERSION = len(SQLITE)
 """The version this Tollgate reads and writes."""

@@ -30,37 +30,48 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import functools
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Sequence,
+)
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
 from proxy.core.errors import LedgerError, LedgerUnavailable
-from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
-from proxy.ledger import migrations
-from proxy.ledger.base import Chooser, Flagged, Owner, Reservation, Row
-from proxy.ledger.counters import ORGANIZATION_TOTAL, key, with_organization
-from proxy.ledger.flags import FLAGGED_COLUMNS, RECLAIM_SET, resolvable, settled_already
-from proxy.ledger.postgres_reports import PostgresReports
-from proxy.ledger.sqlite import (
-    ENTRY_COLUMNS,
-    SETTLEMENT_COLUMNS,
-    TOTALS_COLUMNS,
-    USAGE_COLUMNS,
-    _counter_key,
-    _counters,
-    _row,
-    _settled_tokens,
-    _settlement_values,
-    _token_deltas,
-    _usage_values,
+from proxy.core.models import Counter, Entry, Settlement, Totals
+from proxy.ledger import codecs, flags, migrations
+from proxy.ledger.base import (
+    Aggregate,
+    Batch,
+    Chooser,
+    Contents,
+    Flagged,
+    GroupColumn,
+    Owner,
+    Reservation,
+    Row,
+)
+from proxy.ledger.dialect import POSTGRES
+from proxy.ledger.statements import (
+    COPY_BATCH,
+    EXPORT_BATCH,
+    KEYS,
+    TOTALS,
+    add_to_counters,
+    statements,
 )
 
 T = TypeVar("T")
 
 SCHEMA_VERSION = migrations.SCHEMA_VERSION
+SQL = statements(POSTGRES)
 POOL_SIZE = 10
 """Connections per process unless the URL says `?pool_size=N`."""
 CONNECT_TIMEOUT_S = 5.0
@@ -79,33 +90,6 @@ UNAVAILABLE = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up
     asyncpg.exceptions.InsufficientResourcesError,  # too many connections
-)
-
-
-def q(column: str) -> str:
-    """A column name as PostgreSQL reads it (`user` is a reserved word)."""
-    return '"user"' if column == "user" else column
-
-
-def cols(columns: Sequence[str]) -> str:
-    return ", ".join(q(c) for c in columns)
-
-
-def marks(count: int, first: int = 1) -> str:
-    return ", ".join(f"${i}" for i in range(first, first + count))
-
-
-KEY = 'scope = $1 AND team = $2 AND "user" = $3 AND period = $4 AND start = $5'
-LOCK_SQL = (
-    'INSERT INTO budget_usage (scope, team, "user", period, start) VALUES ($1, $2, $3, $4, $5) '
-    'ON CONFLICT (scope, team, "user", period, start) '
-    "DO UPDATE SET spent_nanos = budget_usage.spent_nanos"
-)
-READ_SQL = (
-    f'SELECT scope, team, "user", period, start, {cols(TOTALS_COLUMNS)} FROM budget_usage '
-    'WHERE (scope, team, "user", period, start) IN '
-    "(SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[])) "
-    'ORDER BY scope, team COLLATE "C", "user" COLLATE "C", period, start'
 )
 
 
@@ -134,44 +118,23 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-class PostgresLedger(PostgresReports):
+class PostgresLedger:
     """The Ledger on a PostgreSQL database shared by every replica."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.dsn, self.pool_size = split_url(url)
         self.name = redacted(url)
-        self._pool: asyncpg.Pool | None = None
+        self.db = Pool(self.dsn, self.pool_size, self.name)
         self.owner: Owner | None = None
 
     # -- opening, schema -------------------------------------------------------
-
-    async def connect(self) -> None:
-        """Open the pool, whatever the schema's version (connections open on first use)."""
-        try:
-            self._pool = await asyncpg.create_pool(
-                self.dsn,
-                # No floor: connections open on demand, so a database outage is not
-                # also a stream of reconnection attempts in the background.
-                min_size=0,
-                max_size=self.pool_size,
-                timeout=CONNECT_TIMEOUT_S,
-                # Transactions are short; a statement stuck this long is a lost server.
-                command_timeout=60,
-                reset=_keep_session,
-            )
-        except UNAVAILABLE as exc:
-            raise LedgerUnavailable(
-                f"cannot reach the PostgreSQL ledger {self.name}: {exc}"
-            ) from exc
-        except asyncpg.PostgresError as exc:
-            raise LedgerError(f"cannot open the PostgreSQL ledger {self.name}: {exc}") from exc
 
     async def open(self) -> None:
         """Connect, initialise an empty database (no Tollgate tables at all), and refuse a
         database that cannot be reached or a schema this Tollgate cannot use (one behind
         still needs `tollgate ledger migrate`)."""
-        await self.connect()
+        await self.db.connect()
         try:
             found = await self.version()
             if found == 0:
@@ -196,7 +159,7 @@ class PostgresLedger(PostgresReports):
 
     async def version(self) -> int:
         """The schema version the database is at (0: no Tollgate tables yet)."""
-        async with self._connection() as conn:
+        async with self.db.connection() as conn:
             exists = await conn.fetchval("SELECT to_regclass('schema_version') IS NOT NULL")
             if not exists:
                 return 0
@@ -211,7 +174,7 @@ class PostgresLedger(PostgresReports):
         waits for the first's commit, then finds its tables and leaves them alone. A
         database with some Tollgate tables but no version is not empty: it is refused
         like any schema behind, for `tollgate ledger migrate` to finish."""
-        async with self._connection() as conn, conn.transaction():
+        async with self.db.connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
             if await conn.fetchval(_ANY_TABLE, list(migrations.TABLES)):
                 if not await conn.fetchval("SELECT to_regclass('schema_version') IS NOT NULL"):
@@ -230,7 +193,7 @@ class PostgresLedger(PostgresReports):
             ) from exc
 
     async def _migrate(self) -> tuple[int, int]:
-        async with self._connection() as conn, conn.transaction():
+        async with self.db.connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
             await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
             found = int(await conn.fetchval(_VERSION))
@@ -242,15 +205,11 @@ class PostgresLedger(PostgresReports):
             await _apply(conn, found)
         return found, SCHEMA_VERSION
 
-    @property
-    def pool(self) -> asyncpg.Pool:
-        if self._pool is None:
-            raise LedgerError("ledger is not open")
-        return self._pool
-
     # -- the Ledger protocol ---------------------------------------------------
 
     async def reserve(self, read: Sequence[Counter], choose: Chooser) -> Reservation:
+        owner = self.owner.id if self.owner else None
+
         async def work(conn: Any) -> Reservation:
             # Two statements, not one: the read's snapshot must be taken once the lock is
             # held, or it would miss counter rows the previous holder inserted.
@@ -258,189 +217,184 @@ class PostgresLedger(PostgresReports):
             # Choosing again after a retry is fine: the chooser is a pure function of totals.
             reservation = choose(await _read(conn, read, lock=True))
             entry, usage = reservation.entry, reservation.usage
-            columns = (*ENTRY_COLUMNS, *USAGE_COLUMNS, "state", "reserved_nanos", "counters")
+            text = codecs.counters_text(reservation.counters)
+            values = codecs.reservation_values(entry, usage, text, owner)
             await _write_and_add(
-                conn,
-                f"INSERT INTO requests ({cols(columns)}, owner) VALUES ({marks(len(columns) + 1)})",
-                [
-                    *_entry_values(entry),
-                    *_usage_values(usage),
-                    "reserved",
-                    entry.estimated_nanos,
-                    json.dumps([_counter_key(c) for c in reservation.counters]),
-                    self.owner.id if self.owner else None,
-                ],
-                reservation.counters,
-                0,
-                entry.estimated_nanos,
-                _token_deltas(usage, 1),
+                conn, SQL.insert_reservation, values, text, codecs.reserved(entry, usage)
             )
             return reservation
 
-        return await self._transaction(work)
+        return await self.db.transaction(work)
 
     async def settle(self, request_id: str, settlement: Settlement) -> None:
+        values = (*codecs.settlement_values(settlement), request_id)
+
         async def work(conn: Any) -> None:
             await _lock_counters(conn)
-            found = await conn.fetchrow(
-                "SELECT state, error_code, resolved_at, cost_nanos, reserved_nanos, counters, "
-                f"{cols(USAGE_COLUMNS)} FROM requests WHERE id = $1 FOR UPDATE",
-                request_id,
-            )
-            if found is None:
-                raise LedgerError(f"no reservation {request_id}")
-            state, error_code, resolved_at, charged, reserved, counters_text, *usage = tuple(found)
-            if settled_already(state, error_code, resolved_at):
-                return
-            # What the row holds: the reservation (nothing charged yet), or the bound a
-            # reclaim charged before the answer came, which this settlement replaces.
-            release = reserved if state == "reserved" else 0
-            assignments = ", ".join(f"{q(c)} = ${i}" for i, c in enumerate(SETTLEMENT_COLUMNS, 2))
-            await _write_and_add(
-                conn,
-                f"UPDATE requests SET {assignments}, state = 'settled', reserved_nanos = 0 "
-                "WHERE id = $1",
-                [request_id, *_settlement_values(settlement)],
-                _counters(counters_text),
-                settlement.cost_nanos - charged,
-                -release,
-                _settled_tokens(settlement.usage, Usage(*usage)),
-            )
+            found = await conn.fetchrow(SQL.settling, request_id)
+            change = flags.settlement(request_id, _values(found), settlement)
+            if change is not None:
+                await _write_and_add(conn, SQL.settle, values, *change)
 
-        await self._transaction(work)
+        await self.db.transaction(work)
 
     async def record(self, entry: Entry, settlement: Settlement) -> None:
-        columns = (*ENTRY_COLUMNS, *SETTLEMENT_COLUMNS, "state")
-        async with self._connection() as conn:
-            await conn.execute(
-                f"INSERT INTO requests ({cols(columns)}) VALUES ({marks(len(columns))})",
-                *_entry_values(entry),
-                *_settlement_values(settlement),
-                "settled",
-            )
+        await self.db.execute(SQL.record, *codecs.record_values(entry, settlement))
 
     async def reclaim(
         self, now: float, *, started_before: float = 0.0, owners: Sequence[str] = ()
     ) -> int:
         async def work(conn: Any) -> int:
             await _lock_counters(conn)
-            stale = await conn.fetch(
-                "SELECT id, reserved_nanos, counters FROM requests "
-                "WHERE state = 'reserved' AND (started_at < $1 OR owner = ANY($2::text[])) "
-                "ORDER BY id FOR UPDATE",
-                float(started_before),
-                list(owners),
-            )
-            for request_id, reserved, counters_text in (tuple(r) for r in stale):
-                # Reserved becomes spent; the estimated usage it holds stays counted.
-                await _write_and_add(
-                    conn,
-                    f"UPDATE requests SET {RECLAIM_SET}, finished_at = $2 WHERE id = $1",
-                    [request_id, float(now)],
-                    _counters(counters_text),
-                    reserved,
-                    -reserved,
-                    (0, 0, 0, 0),
-                )
+            sql, values = SQL.stale(started_before, owners)
+            stale = await conn.fetch(sql, *values)
+            for request_id, bound, text in (tuple(r) for r in stale):
+                reclaim = (float(now), request_id)
+                await _write_and_add(conn, SQL.reclaim, reclaim, text, codecs.reclaimed(bound))
             if owners:
-                await conn.execute(
-                    "DELETE FROM processes WHERE owner = ANY($1::text[])", list(owners)
-                )
+                sql, values = SQL.forget(owners)
+                await conn.execute(sql, *values)
             return len(stale)
 
-        return await self._transaction(work)
+        return await self.db.transaction(work)
 
     async def flagged(self, start: float, end: float) -> list[Flagged]:
-        async with self._connection() as conn:
-            found = await conn.fetch(
-                f"SELECT {FLAGGED_COLUMNS} FROM requests "
-                "WHERE flagged = 1 AND state = 'settled' AND started_at >= $1 "
-                'AND started_at < $2 ORDER BY started_at, id COLLATE "C"',
-                float(start),
-                float(end),
-            )
+        found = await self.db.fetch(SQL.flagged, float(start), float(end))
         return [Flagged(*tuple(r)) for r in found]
 
     async def resolve(self, request_id: str, cost_nanos: int, now: float, note: str = "") -> int:
         async def work(conn: Any) -> int:
             await _lock_counters(conn)
-            found = await conn.fetchrow(
-                f"SELECT state, flagged, cost_nanos, counters, {cols(USAGE_COLUMNS)} "
-                "FROM requests WHERE id = $1 FOR UPDATE",
-                request_id,
-            )
-            charged, counters_text, usage = resolvable(
-                request_id, tuple(found) if found is not None else None
-            )
-            free = cost_nanos == 0
-            zeroed = "".join(f", {c} = 0" for c in USAGE_COLUMNS) if free else ""
+            found = await conn.fetchrow(SQL.resolving, request_id)
+            charged, text, deltas = flags.resolution(request_id, _values(found), cost_nanos)
+            sql = SQL.resolve_free if cost_nanos == 0 else SQL.resolve
             await _write_and_add(
-                conn,
-                f"UPDATE requests SET cost_nanos = $2, resolved_at = $3, resolution = $4{zeroed} "
-                "WHERE id = $1",
-                [request_id, cost_nanos, float(now), note],
-                _counters(counters_text),
-                cost_nanos - charged,
-                0,
-                _token_deltas(usage, -1) if free else (0, 0, 0, 0),
+                conn, sql, (cost_nanos, float(now), note, request_id), text, deltas
             )
             return charged
 
-        return await self._transaction(work)
+        return await self.db.transaction(work)
 
     async def register(self, owner: Owner, now: float) -> None:
         self.owner = owner
         await self.heartbeat(now)
 
     async def heartbeat(self, now: float) -> None:
-        if self.owner is None:
-            return
-        async with self._connection() as conn:
-            await conn.execute(
-                "INSERT INTO processes (owner, host, pid, heartbeat_at) VALUES ($1, $2, $3, $4) "
-                "ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
-                self.owner.id,
-                self.owner.host,
-                self.owner.pid,
-                float(now),
-            )
+        if self.owner is not None:
+            owner = self.owner
+            await self.db.execute(SQL.heartbeat, owner.id, owner.host, owner.pid, float(now))
 
     async def owners(self) -> list[Owner]:
-        async with self._connection() as conn:
-            found = await conn.fetch(
-                "SELECT owner, host, pid, heartbeat_at FROM processes UNION "
-                "SELECT DISTINCT owner, '', 0, 0 FROM requests WHERE state = 'reserved' "
-                "AND owner IS NOT NULL AND owner NOT IN (SELECT owner FROM processes)"
-            )
-        return [Owner(*tuple(r)) for r in found]
+        return [Owner(*tuple(r)) for r in await self.db.fetch(SQL.owners)]
 
     async def unregister(self) -> None:
         if self.owner is not None:
-            async with self._connection() as conn:
-                await conn.execute("DELETE FROM processes WHERE owner = $1", self.owner.id)
+            await self.db.execute(SQL.unregister, self.owner.id)
 
     async def totals(self, counters: Sequence[Counter]) -> dict[Counter, Totals]:
-        async with self._connection() as conn:
+        async with self.db.connection() as conn:
             return await _read(conn, counters, lock=False)
 
     async def rows(self, since: float = 0.0) -> list[Row]:
-        columns = (*ENTRY_COLUMNS, *SETTLEMENT_COLUMNS, "state")
-        async with self._connection() as conn:
-            found = await conn.fetch(
-                f"SELECT {cols(columns)} FROM requests WHERE started_at >= $1 "
-                'ORDER BY started_at, id COLLATE "C"',
-                float(since),
-            )
-        return [_row(tuple(r)) for r in found]
+        return [codecs.row(tuple(r)) for r in await self.db.fetch(SQL.rows, float(since))]
+
+    async def summarize(
+        self,
+        start: float,
+        end: float,
+        by: Sequence[GroupColumn],
+        bucket_seconds: int | None = None,
+    ) -> list[Aggregate]:
+        sql, width = SQL.summary(by, bucket_seconds)
+        return codecs.aggregates(await self.db.fetch(sql, float(start), float(end)), width)
+
+    async def export(self, start: float, end: float) -> AsyncGenerator[dict[str, Any], None]:
+        # One snapshot for the whole export, read through a server-side cursor in batches.
+        async with (
+            self.db.connection() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            cursor = conn.cursor(SQL.export, float(start), float(end), prefetch=EXPORT_BATCH)
+            async for record in cursor:
+                yield dict(record.items())
 
     async def claim_alert(self, key: str, now: float) -> bool:
-        async with self._connection() as conn:
-            status = await conn.execute(
-                "INSERT INTO alerts_sent (key, sent_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                key,
-                float(now),
+        return await self.db.execute(SQL.claim_alert, key, float(now)) == "INSERT 0 1"
+
+    async def ping(self) -> None:
+        await self.db.ping()
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    # -- copies: the whole history, out and in ------------------------------------------
+
+    async def dump(self, table: str) -> AsyncIterator[Batch]:
+        """The rows of `table` as stored, a batch at a time, from one snapshot."""
+        async with (
+            self.db.connection() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            columns: list[str] | None = None
+            batch: list[tuple[Any, ...]] = []
+            async for record in conn.cursor(f"SELECT * FROM {table}", prefetch=COPY_BATCH):
+                columns = columns or list(record.keys())
+                batch.append(tuple(record.values()))
+                if len(batch) == COPY_BATCH:
+                    yield columns, batch
+                    batch = []
+            if columns and batch:
+                yield columns, batch
+
+    async def restore(self, tables: AsyncIterable[tuple[str, Batch]]) -> None:
+        """Write `tables`' rows into this empty ledger, in one transaction: all or nothing."""
+        async with self.db.connection() as conn, conn.transaction():
+            found = await conn.fetchrow(SQL.contents)
+            Contents(*(int(v) for v in found)).refuse_to_merge(self.name)
+            await conn.execute("DELETE FROM budget_usage")
+            async for table, (columns, batch) in tables:
+                await conn.copy_records_to_table(table, records=batch, columns=columns)
+
+    async def contents(self) -> Contents:
+        async with self.db.connection() as conn:
+            found = await conn.fetchrow(SQL.contents)
+        return Contents(*(int(v) for v in found))
+
+
+class Pool:
+    """The connections to one PostgreSQL database: a pool, whose errors are translated, and
+    transactions retried on a serialization failure or a deadlock."""
+
+    def __init__(self, dsn: str, size: int, name: str) -> None:
+        self.dsn, self.size, self.name = dsn, size, name
+        self._pool: asyncpg.Pool | None = None
+
+    async def connect(self) -> None:
+        """Open the pool, whatever the schema's version (connections open on first use)."""
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn,
+                # No floor: connections open on demand, so a database outage is not
+                # also a stream of reconnection attempts in the background.
+                min_size=0,
+                max_size=self.size,
+                timeout=CONNECT_TIMEOUT_S,
+                # Transactions are short; a statement stuck this long is a lost server.
+                command_timeout=60,
+                reset=_keep_session,
             )
-        return bool(status == "INSERT 0 1")
+        except UNAVAILABLE as exc:
+            raise LedgerUnavailable(
+                f"cannot reach the PostgreSQL ledger {self.name}: {exc}"
+            ) from exc
+        except asyncpg.PostgresError as exc:
+            raise LedgerError(f"cannot open the PostgreSQL ledger {self.name}: {exc}") from exc
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise LedgerError("ledger is not open")
+        return self._pool
 
     async def ping(self) -> None:
         pool = self.pool
@@ -460,33 +414,42 @@ class PostgresLedger(PostgresReports):
             except (TimeoutError, *UNAVAILABLE):
                 pool.terminate()
 
-    # -- connections and transactions ------------------------------------------
-
     @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[Any]:
+    async def connection(self) -> AsyncIterator[Any]:
         """A pooled connection; database errors become LedgerUnavailable or LedgerError."""
         pool = self.pool
         try:
             async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
                 yield conn
         except asyncpg.TransactionRollbackError:
-            raise  # retried by _transaction
+            raise  # retried by transaction()
         except UNAVAILABLE as exc:
             raise LedgerUnavailable(f"ledger unreachable: {exc or type(exc).__name__}") from exc
         except asyncpg.PostgresError as exc:
             raise LedgerError(f"ledger query failed: {exc}") from exc
 
-    async def _transaction(self, work: Callable[[Any], Awaitable[T]]) -> T:
+    async def transaction(self, work: Callable[[Any], Awaitable[T]]) -> T:
         """Run `work` in a transaction, again on a serialization failure or a deadlock."""
         for attempt in range(RETRIES):
             try:
-                async with self._connection() as conn, conn.transaction():
+                async with self.connection() as conn, conn.transaction():
                     return await work(conn)
             except asyncpg.TransactionRollbackError as exc:
                 if attempt == RETRIES - 1:
                     raise LedgerError(f"ledger too busy: {exc}") from exc
                 await asyncio.sleep(0.005 * 2**attempt)
         raise AssertionError("unreachable")
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        """One statement on its own; its status (`INSERT 0 1`)."""
+        async with self.connection() as conn:
+            status: str = await conn.execute(sql, *args)
+        return status
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        async with self.connection() as conn:
+            found: list[Any] = await conn.fetch(sql, *args)
+        return found
 
 
 _VERSION = "SELECT coalesce(max(version), 0) FROM schema_version"
@@ -510,79 +473,77 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     trip per transaction."""
 
 
-def _entry_values(entry: Entry) -> list[Any]:
-    values = [getattr(entry, c) for c in ENTRY_COLUMNS]
-    values[ENTRY_COLUMNS.index("stream")] = int(entry.stream)
-    values[ENTRY_COLUMNS.index("started_at")] = float(entry.started_at)
-    return values
+async def migrate(url: str) -> tuple[int, int]:
+    """Bring the schema of the ledger at `url` up to date; (version before, version after)."""
+    shared = PostgresLedger(url)
+    await shared.db.connect()
+    try:
+        return await shared.migrate()
+    finally:
+        await shared.close()
+
+
+def _values(found: Any) -> tuple[Any, ...] | None:
+    return tuple(found) if found is not None else None
 
 
 async def _lock_counters(conn: Any) -> None:
     """Take the first lock of every counter writer (see the module's docstring)."""
-    await conn.execute(LOCK_SQL, *key(ORGANIZATION_TOTAL))
+    await conn.execute(LOCK_SQL, *codecs.counter_key(codecs.ORGANIZATION_TOTAL))
+
+
+LOCK_SQL = (
+    f"INSERT INTO budget_usage ({KEYS}) VALUES ($1, $2, $3, $4, $5) "
+    f"ON CONFLICT ({KEYS}) DO UPDATE SET spent_nanos = budget_usage.spent_nanos"
+)
+UNNEST_KEYS = "unnest({}::text[], {}::text[], {}::text[], {}::text[], {}::float8[])"
+"""Counters' keys from five arrays, a column each (see `_key_arrays`)."""
+READ_SQL = (
+    f"SELECT {KEYS}, {TOTALS} FROM budget_usage WHERE ({KEYS}) IN "
+    f"(SELECT * FROM {UNNEST_KEYS.format('$1', '$2', '$3', '$4', '$5')}) "
+    'ORDER BY scope, team COLLATE "C", "user" COLLATE "C", period, start'
+)
 
 
 async def _read(conn: Any, counters: Sequence[Counter], *, lock: bool) -> dict[Counter, Totals]:
+    """The totals of `counters`; with `lock`, their rows that exist locked, in lock order."""
     if not counters:
         return {}
-    return _totals(
-        counters, await _rows(conn, counters, READ_SQL + (" FOR UPDATE" if lock else ""))
-    )
+    wanted = sorted({codecs.counter_key(c) for c in counters})
+    sql = READ_SQL + (" FOR UPDATE" if lock else "")
+    found = await conn.fetch(sql, *_key_arrays(wanted))
+    return codecs.totals_of(counters, (tuple(r) for r in found))
 
 
-async def _rows(conn: Any, counters: Sequence[Counter], sql: str) -> dict[tuple[Any, ...], Totals]:
-    """The `budget_usage` rows of `counters` that exist, by key."""
-    wanted = sorted(set(counters), key=key)
-    found = await conn.fetch(
-        sql,
-        [c.scope for c in wanted],
-        [c.team for c in wanted],
-        [c.user for c in wanted],
-        [c.period for c in wanted],
-        [float(c.start) for c in wanted],
-    )
-    return {tuple(r[:5]): Totals(*(int(v) for v in tuple(r)[5:])) for r in found}
-
-
-def _totals(
-    counters: Sequence[Counter], rows: dict[tuple[Any, ...], Totals]
-) -> dict[Counter, Totals]:
-    return {
-        c: rows.get((c.scope, c.team, c.user, c.period, float(c.start)), Totals()) for c in counters
-    }
+def _key_arrays(keys: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
+    """Counters' keys column by column, as `UNNEST_KEYS` reads them."""
+    return [[k[i] for k in keys] for i in range(4)] + [[float(k[4]) for k in keys]]
 
 
 async def _write_and_add(
-    conn: Any,
-    sql: str,
-    args: list[Any],
-    counters: Sequence[Counter],
-    spent: int,
-    reserved: int,
-    tokens: tuple[int, ...],
+    conn: Any, sql: str, args: Sequence[Any], counters_text: str, deltas: codecs.Deltas
 ) -> None:
     """`sql` (with `args`) and the counters' additions in one statement, one round trip:
     the request row's write as a data-modifying `WITH`, which PostgreSQL always runs, then
     the counters' upsert, row by row in lock order. The organization's total row, locked
     first, keeps every writer in line, so the order of the two parts within it does not
     matter."""
-    rows = with_organization(counters)
-    n = len(args)
-    values = ", ".join(f"${i}::bigint" for i in range(n + 6, n + 8 + len(tokens)))
+    spent, held, tokens = deltas
     await conn.execute(
-        f"WITH written AS ({sql}) "
-        f'INSERT INTO budget_usage (scope, team, "user", period, start, {cols(TOTALS_COLUMNS)}) '
-        f"SELECT s, t, u, p, st, {values} FROM unnest(${n + 1}::text[], ${n + 2}::text[], "
-        f"${n + 3}::text[], ${n + 4}::text[], ${n + 5}::float8[]) AS k(s, t, u, p, st) "
-        'ON CONFLICT (scope, team, "user", period, start) DO UPDATE SET '
-        + ", ".join(f"{c} = budget_usage.{c} + excluded.{c}" for c in TOTALS_COLUMNS),
+        _with_counters(sql, len(args), len(tokens)),
         *args,
-        [c.scope for c in rows],
-        [c.team for c in rows],
-        [c.user for c in rows],
-        [c.period for c in rows],
-        [float(c.start) for c in rows],
+        *_key_arrays(codecs.written_keys(counters_text)),
         spent,
-        reserved,
+        held,
         *tokens,
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _with_counters(sql: str, count: int, tokens: int) -> str:
+    """`sql`, whose parameters are the first `count`, then the counters' upsert (see
+    `_write_and_add`)."""
+    keys = UNNEST_KEYS.format(*(f"${i}" for i in range(count + 1, count + 6)))
+    values = ", ".join(f"${i}::bigint" for i in range(count + 6, count + 8 + tokens))
+    source = f"SELECT s, t, u, p, st, {values} FROM {keys} AS k(s, t, u, p, st)"
+    return f"WITH written AS ({sql}) {add_to_counters(source)}"

@@ -6,9 +6,10 @@ reads cannot change before its reservation is written. Per-period totals are
 kept in `budget_usage` (one row per counter), so a decision reads a handful of
 rows instead of summing the month's requests.
 
-Writes run on the event loop's own thread. A transaction here takes about 0.1 ms
-and never waits on the disk (WAL with `synchronous = NORMAL` appends to the page
-cache), while handing it to a thread and back cost twice that in wake-ups alone.
+Writes run on the event loop's own thread. A transaction here is short and never
+waits on the disk (WAL with `synchronous = NORMAL` appends to the page cache), while
+handing it to a thread and back costs more in wake-ups alone than the transaction
+itself (`bench/ledger.py` measures it).
 The loop never waits for a lock either: that connection has no busy timeout, and
 a transaction that finds the write lock taken (another worker is writing) is
 tried again after the loop's next turn, then handed to aiosqlite's thread, whose
@@ -28,12 +29,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
-import operator
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,11 +40,29 @@ import aiosqlite
 
 from proxy.core.errors import LedgerError, LedgerUnavailable
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
-from proxy.ledger import migrations
-from proxy.ledger.base import Chooser, Flagged, Owner, Reservation, Row
-from proxy.ledger.counters import with_organization
-from proxy.ledger.flags import FLAGGED_COLUMNS, RECLAIM_SET, resolvable, settled_already
-from proxy.ledger.sqlite_reports import SqliteReports
+from proxy.ledger import codecs, flags, migrations
+from proxy.ledger.base import (
+    Aggregate,
+    Batch,
+    Chooser,
+    Contents,
+    Flagged,
+    GroupColumn,
+    Owner,
+    Reservation,
+    Row,
+)
+from proxy.ledger.dialect import SQLITE
+from proxy.ledger.statements import (
+    COPY_BATCH,
+    EXPORT_BATCH,
+    KEYS,
+    TOTALS,
+    add_to_counters,
+    marks,
+    names,
+    statements,
+)
 
 T = TypeVar("T")
 log = logging.getLogger("tollgate")
@@ -57,8 +74,10 @@ INLINE_ATTEMPTS = 3
 LOCK_WAIT_MS = 30_000
 """How long the thread's connection waits for the write lock before giving up."""
 WAL_LIMIT_BYTES = 64 * 1024 * 1024
-"""The WAL file's bound: no transaction starts writing once the file has reached it (a
-reserve and its settle write about 37 KB of WAL, so this is some 1,800 requests)."""
+"""The WAL file's bound: no transaction starts writing once the file has reached it (the
+README says how many requests that is)."""
+SCHEMA_VERSION = migrations.SCHEMA_VERSION
+SQL = statements(SQLITE)
 
 
 class _Busy(Exception):
@@ -69,145 +88,33 @@ class _WalFull(Exception):
     """The WAL has reached `WAL_LIMIT_BYTES`: nothing was written; checkpoint, then retry."""
 
 
-# The schema lives in migrations.py: ordered steps, applied when the ledger opens.
-SCHEMA_VERSION = migrations.SCHEMA_VERSION
-
-ENTRY_COLUMNS = (
-    "id", "started_at", "endpoint", "team", "cost_center", "key_id", "user",
-    "model_requested", "model", "quality_requested", "quality", "size_requested", "size",
-    "n_requested", "n", "stream", "estimated_nanos", "downgrades",
-)  # fmt: skip
-USAGE_COLUMNS = (
-    "text_input_tokens", "cached_text_input_tokens", "image_input_tokens",
-    "cached_image_input_tokens", "image_output_tokens", "text_output_tokens", "images",
-)  # fmt: skip
-SETTLEMENT_COLUMNS = (
-    "finished_at", "outcome", "status", *USAGE_COLUMNS, "cost_nanos", "flagged",
-    "upstream_request_id", "error_code", "latency_ms",
-)  # fmt: skip
-TOTALS_COLUMNS = (
-    "spent_nanos", "reserved_nanos", "text_input_tokens", "image_input_tokens",
-    "image_output_tokens", "total_tokens",
-)  # fmt: skip
-
-
-_entry_values: Callable[[Entry], tuple[Any, ...]] = operator.attrgetter(*ENTRY_COLUMNS)
-"""An entry's values in `ENTRY_COLUMNS` order (one C call)."""
-
-
-def _usage_values(u: Usage) -> tuple[int, ...]:
-    return (
-        u.text_input, u.cached_text_input, u.image_input, u.cached_image_input,
-        u.image_output, u.text_output, u.images,
-    )  # fmt: skip
-
-
-def _settlement_values(s: Settlement) -> tuple[Any, ...]:
-    return (
-        s.finished_at, s.outcome, s.status, *_usage_values(s.usage), s.cost_nanos,
-        int(s.flagged), s.upstream_request_id, s.error_code, s.latency_ms,
-    )  # fmt: skip
-
-
-def _token_deltas(usage: Usage, sign: int) -> tuple[int, int, int, int]:
-    """What `usage` adds to a counter's token columns (negative to take it back)."""
-    return (
-        sign * (usage.text_input + usage.cached_text_input),
-        sign * (usage.image_input + usage.cached_image_input),
-        sign * usage.image_output,
-        sign * usage.total_tokens,
-    )
-
-
-def _settled_tokens(actual: Usage, reserved: Usage) -> tuple[int, ...]:
-    """What a settlement adds to a counter's token columns: the usage metered, less the
-    estimate its reservation added."""
-    added, taken_back = _token_deltas(actual, 1), _token_deltas(reserved, -1)
-    return tuple(a + b for a, b in zip(added, taken_back, strict=True))
-
-
-def _counter_key(c: Counter) -> list[Any]:
-    return [c.scope, c.team, c.user, c.period, c.start]
-
-
-def _counters(text: str) -> list[Counter]:
-    return [Counter(*item) for item in json.loads(text)]
-
-
-def _counters_text(counters: Sequence[Counter]) -> str:
-    """How a reservation keeps its counters in its row (for its settlement and reclaim)."""
-    return json.dumps([_counter_key(c) for c in counters])
-
-
-@functools.lru_cache(maxsize=4096)
-def _written_keys(text: str) -> tuple[tuple[Any, ...], ...]:
-    """The budget_usage keys a reservation's writes touch, in lock order, from its row's
-    `counters` text. Every request of a team, user and period writes the same ones, so
-    they are worked out once (a string's hash is cached; a tuple of Counters' is not)."""
-    return tuple(tuple(_counter_key(c)) for c in with_organization(_counters(text)))
-
-
-class SqliteLedger(SqliteReports):
+class SqliteLedger:
     """The Ledger on one SQLite file."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._db: aiosqlite.Connection | None = None
-        self._inline: sqlite3.Connection | None = None
         self.owner: Owner | None = None
-        # The thread's connection: its statements must not interleave with a transaction.
-        self._lock = asyncio.Lock()
-        self._commits = 0
-        self._checkpoint: asyncio.Task[None] | None = None
-        self._wal = f"{self.path}-wal"
-        self._room = asyncio.Lock()
-        self._thread_writes = 0
+        self.file = Connections(self.path)
         self._held: dict[str, tuple[int, str, Usage]] = {}
         """What each reservation of this process not yet settled holds: (reserved nanos,
         counters text, usage), as written in its row."""
-        self._thread_idle = asyncio.Event()
-        self._thread_idle.set()
 
     async def open(self) -> None:
+        """Open the file (created if need be) and bring its schema up to date: the embedded
+        ledger migrates itself, one process, nobody else to coordinate with."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = await aiosqlite.connect(self.path, isolation_level=None)
-            await db.execute(f"PRAGMA busy_timeout = {LOCK_WAIT_MS}")
-            await db.execute("PRAGMA journal_mode = WAL")
-            await db.execute("PRAGMA synchronous = NORMAL")
-            await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            # The embedded ledger migrates itself: one process, nobody else to coordinate with.
-            await db.execute("BEGIN IMMEDIATE")
-            async with db.execute("SELECT version FROM schema_version") as cursor:
-                found = await cursor.fetchone()
-            version = found[0] if found is not None else 0
-            for sql in migrations.pending(version, migrations.SQLITE):
-                await db.execute(sql)
-            if found is None:
-                await db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
-            elif version < SCHEMA_VERSION:
-                await db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
-            await db.execute("COMMIT")
+            await self.file.open()
+            found = await self.file.on_thread(_migrate)
         except (sqlite3.Error, OSError) as exc:
+            await self.file.close()
             raise LedgerError(f"cannot open ledger {self.path}: {exc}") from exc
-        if found is not None and found[0] > SCHEMA_VERSION:
-            await db.close()
+        if found > SCHEMA_VERSION:
+            await self.file.close()
             raise LedgerError(
-                f"{self.path}: ledger schema version {found[0]} is newer than this "
+                f"{self.path}: ledger schema version {found} is newer than this "
                 f"Tollgate's ({SCHEMA_VERSION}); upgrade Tollgate"
             )
-        try:
-            self._inline = _loop_connection(self.path)
-        except sqlite3.Error as exc:
-            await db.close()
-            raise LedgerError(f"cannot open ledger {self.path}: {exc}") from exc
-        self._db = db
-
-    @property
-    def db(self) -> aiosqlite.Connection:
-        if self._db is None:
-            raise LedgerError("ledger is not open")
-        return self._db
 
     async def reserve(self, read: Sequence[Counter], choose: Chooser) -> Reservation:
         owner = self.owner.id if self.owner else None
@@ -215,24 +122,16 @@ class SqliteLedger(SqliteReports):
         def run(conn: sqlite3.Connection) -> Reservation:
             reservation = choose(_read_totals(conn, read))  # pure: it may run twice
             entry, usage = reservation.entry, reservation.usage
-            counters_text = _counters_text(reservation.counters)
+            text = codecs.counters_text(reservation.counters)
             conn.execute(
-                _INSERT_RESERVATION,
-                (
-                    *_entry_values(entry),
-                    *_usage_values(usage),
-                    "reserved",
-                    entry.estimated_nanos,
-                    counters_text,
-                    owner,
-                ),
+                SQL.insert_reservation, codecs.reservation_values(entry, usage, text, owner)
             )
-            _add(conn, counters_text, 0, entry.estimated_nanos, _token_deltas(usage, 1))
-            held.append((entry.estimated_nanos, counters_text, usage))
+            _add(conn, text, codecs.reserved(entry, usage))
+            held.append((entry.estimated_nanos, text, usage))
             return reservation
 
         held: list[tuple[int, str, Usage]] = []
-        reservation = await self._transaction(run)
+        reservation = await self.file.transaction(run)
         self._held[reservation.entry.id] = held[-1]
         return reservation
 
@@ -240,134 +139,186 @@ class SqliteLedger(SqliteReports):
         # What this process reserved it knows: no need to read the row back, unless the
         # reservation was reclaimed meanwhile (then the update finds no reserved row).
         held = self._held.pop(request_id, None)
+        values = (*codecs.settlement_values(settlement), request_id)
 
         def run(conn: sqlite3.Connection) -> None:
-            if held is not None:
-                updated = conn.execute(
-                    _SETTLE_RESERVED, (*_settlement_values(settlement), request_id)
-                )
-                if updated.rowcount == 1:
-                    release, counters_text, held_usage = held
-                    _settle_counters(conn, counters_text, settlement, release, held_usage)
-                    return
-            found = conn.execute(_SETTLED_BEFORE, (request_id,)).fetchone()
-            if found is None:
-                raise LedgerError(f"no reservation {request_id}")
-            state, error_code, resolved_at, charged, reserved, counters_text, *usage = found
-            if settled_already(state, error_code, resolved_at):
+            if held is not None and conn.execute(SQL.settle_reserved, values).rowcount == 1:
+                release, text, usage = held
+                _add(conn, text, codecs.settled(settlement, release, 0, usage))
                 return
-            # What the row holds: the reservation (nothing charged yet), or the bound a
-            # reclaim charged before the answer came, which this settlement replaces.
-            release = reserved if state == "reserved" else 0
-            conn.execute(_SETTLE, (*_settlement_values(settlement), request_id))
-            tokens = _settled_tokens(settlement.usage, Usage(*usage))
-            _add(conn, counters_text, settlement.cost_nanos - charged, -release, tokens)
+            found = conn.execute(SQL.settling, (request_id,)).fetchone()
+            change = flags.settlement(request_id, found, settlement)
+            if change is not None:
+                conn.execute(SQL.settle, values)
+                _add(conn, *change)
 
-        await self._transaction(run)
+        await self.file.transaction(run)
 
     async def record(self, entry: Entry, settlement: Settlement) -> None:
-        columns = (*ENTRY_COLUMNS, *SETTLEMENT_COLUMNS, "state")
-        await self._write(
-            f"INSERT INTO requests ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-            (
-                *_entry_values(entry),
-                *_settlement_values(settlement),
-                "settled",
-            ),
-        )
+        await self.file.write(SQL.record, codecs.record_values(entry, settlement))
 
     async def reclaim(
         self, now: float, *, started_before: float = 0.0, owners: Sequence[str] = ()
     ) -> int:
-        marks = ", ".join("?" * len(owners))
-
         def run(conn: sqlite3.Connection) -> int:
-            stale = conn.execute(
-                "SELECT id, reserved_nanos, counters FROM requests WHERE state = 'reserved' "
-                f"AND (started_at < ? OR owner IN ({marks}))",
-                (started_before, *owners),
-            ).fetchall()
-            for request_id, reserved, counters_text in stale:
+            stale = conn.execute(*SQL.stale(started_before, owners)).fetchall()
+            for request_id, bound, text in stale:
                 self._held.pop(request_id, None)
-                conn.execute(_RECLAIM, (now, request_id))
-                # Reserved becomes spent; the estimated usage it holds stays counted.
-                _add(conn, counters_text, reserved, -reserved, (0, 0, 0, 0))
+                conn.execute(SQL.reclaim, (now, request_id))
+                _add(conn, text, codecs.reclaimed(bound))
             if owners:
-                conn.execute(f"DELETE FROM processes WHERE owner IN ({marks})", tuple(owners))
+                conn.execute(*SQL.forget(owners))
             return len(stale)
 
-        return await self._transaction(run)
+        return await self.file.transaction(run)
 
     async def flagged(self, start: float, end: float) -> list[Flagged]:
-        async with self._lock, self.db.execute(_FLAGGED, (start, end)) as cursor:
-            return [Flagged(*row) for row in await cursor.fetchall()]
+        return [Flagged(*r) for r in await self.file.fetch(SQL.flagged, (start, end))]
 
     async def resolve(self, request_id: str, cost_nanos: int, now: float, note: str = "") -> int:
         def run(conn: sqlite3.Connection) -> int:
-            found = conn.execute(_RESOLVABLE, (request_id,)).fetchone()
-            charged, counters_text, usage = resolvable(request_id, found)
-            free = cost_nanos == 0
-            conn.execute(_RESOLVE_FREE if free else _RESOLVE, (cost_nanos, now, note, request_id))
-            tokens = _token_deltas(usage, -1) if free else (0, 0, 0, 0)
-            _add(conn, counters_text, cost_nanos - charged, 0, tokens)
+            found = conn.execute(SQL.resolving, (request_id,)).fetchone()
+            charged, text, deltas = flags.resolution(request_id, found, cost_nanos)
+            sql = SQL.resolve_free if cost_nanos == 0 else SQL.resolve
+            conn.execute(sql, (cost_nanos, now, note, request_id))
+            _add(conn, text, deltas)
             return charged
 
-        return await self._transaction(run)
+        return await self.file.transaction(run)
 
     async def register(self, owner: Owner, now: float) -> None:
         self.owner = owner
         await self.heartbeat(now)
 
     async def heartbeat(self, now: float) -> None:
-        if self.owner is None:
-            return
-        await self._write(
-            "INSERT INTO processes (owner, host, pid, heartbeat_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
-            (self.owner.id, self.owner.host, self.owner.pid, now),
-        )
+        if self.owner is not None:
+            owner = self.owner
+            await self.file.write(SQL.heartbeat, (owner.id, owner.host, owner.pid, now))
 
     async def owners(self) -> list[Owner]:
-        async with (
-            self._lock,
-            self.db.execute(
-                "SELECT owner, host, pid, heartbeat_at FROM processes UNION "
-                "SELECT DISTINCT owner, '', 0, 0 FROM requests WHERE state = 'reserved' "
-                "AND owner IS NOT NULL AND owner NOT IN (SELECT owner FROM processes)"
-            ) as cursor,
-        ):
-            return [Owner(*row) for row in await cursor.fetchall()]
+        return [Owner(*r) for r in await self.file.fetch(SQL.owners, ())]
 
     async def unregister(self) -> None:
         if self.owner is not None:
-            await self._write("DELETE FROM processes WHERE owner = ?", (self.owner.id,))
+            await self.file.write(SQL.unregister, (self.owner.id,))
 
     async def totals(self, counters: Sequence[Counter]) -> dict[Counter, Totals]:
-        return await self._on_thread(lambda conn: _read_totals(conn, counters))
+        return await self.file.on_thread(lambda conn: _read_totals(conn, counters))
 
     async def rows(self, since: float = 0.0) -> list[Row]:
-        columns = (*ENTRY_COLUMNS, *SETTLEMENT_COLUMNS, "state")
-        async with self.db.execute(
-            f"SELECT {', '.join(columns)} FROM requests WHERE started_at >= ? ORDER BY started_at",
-            (since,),
-        ) as cursor:
-            found = await cursor.fetchall()
-        return [_row(tuple(r)) for r in found]
+        return [codecs.row(r) for r in await self.file.fetch(SQL.rows, (since,))]
+
+    async def summarize(
+        self,
+        start: float,
+        end: float,
+        by: Sequence[GroupColumn],
+        bucket_seconds: int | None = None,
+    ) -> list[Aggregate]:
+        sql, width = SQL.summary(by, bucket_seconds)
+        return codecs.aggregates(await self.file.fetch(sql, (start, end)), width)
+
+    async def export(self, start: float, end: float) -> AsyncGenerator[dict[str, Any], None]:
+        # Its own read-only connection: a long read must not hold the writers' connection.
+        # A batch at a time, each its own statement (keyset: after the last row sent), so
+        # between two batches it holds no snapshot: a client reading slowly never keeps the
+        # WAL from being checkpointed, which writers wait for once the WAL is at its bound.
+        # Each row comes once, as it was when its batch was read (rows are placed by when
+        # they started, which nothing changes).
+        try:
+            db = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True)
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot open ledger {self.path}: {exc}") from exc
+        try:
+            batch = await _fetch_dicts(db, SQL.export_first, (start, end, EXPORT_BATCH))
+            while batch:
+                for found in batch:
+                    yield found
+                if len(batch) < EXPORT_BATCH:
+                    break
+                at, after = batch[-1]["started_at"], batch[-1]["id"]
+                following = (at, at, after, end, EXPORT_BATCH)
+                batch = await _fetch_dicts(db, SQL.export_next, following)
+        except sqlite3.Error as exc:
+            raise LedgerError(f"ledger read failed: {exc}") from exc
+        finally:
+            await db.close()
 
     async def claim_alert(self, key: str, now: float) -> bool:
         def run(conn: sqlite3.Connection) -> bool:
-            cursor = conn.execute(
-                "INSERT OR IGNORE INTO alerts_sent (key, sent_at) VALUES (?, ?)", (key, now)
-            )
-            return cursor.rowcount == 1
+            return conn.execute(SQL.claim_alert, (key, now)).rowcount == 1
 
-        return await self._transaction(run)
+        return await self.file.transaction(run)
 
     async def ping(self) -> None:
         try:
-            await self.db.execute("SELECT 1")
+            await self.file.db.execute("SELECT 1")
         except (sqlite3.Error, ValueError) as exc:
             raise LedgerError(f"ledger unreachable: {exc}") from exc
+
+    async def close(self) -> None:
+        await self.file.close()
+
+    # -- copies: the whole history, out and in ------------------------------------------
+
+    async def dump(self, table: str) -> AsyncIterator[Batch]:
+        """The rows of `table` as stored, a batch at a time, with their column names."""
+        async with self.file.db.execute(f"SELECT * FROM {table}") as cursor:
+            columns = [d[0] for d in cursor.description]
+            while found := await cursor.fetchmany(COPY_BATCH):
+                yield columns, [_typed(columns, tuple(r)) for r in found]
+
+    async def restore(self, tables: AsyncIterable[tuple[str, Batch]]) -> None:
+        """Write `tables`' rows into this empty ledger, in one transaction: all or nothing."""
+        async with self.file.exclusive() as db:
+            async with db.execute(SQL.contents) as cursor:
+                found = await cursor.fetchone()
+            Contents(*(found or (0, 0, 0, 0))).refuse_to_merge(str(self.path))
+            await db.execute("DELETE FROM budget_usage")
+            async for table, (columns, batch) in tables:
+                sql = f"INSERT INTO {table} ({names(columns)}) VALUES ({marks(len(columns))})"
+                await db.executemany(sql, batch)
+
+    async def contents(self) -> Contents:
+        [found] = await self.file.fetch(SQL.contents, ())
+        return Contents(*(int(v) for v in found))
+
+
+class Connections:
+    """The two connections to one SQLite file, and the write transactions run on them.
+
+    The loop's connection runs transactions inline; aiosqlite's thread runs those that
+    must wait for the write lock, reads, and checkpoints. Every transaction keeps the
+    WAL under its bound."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        self._inline: sqlite3.Connection | None = None
+        # The thread's connection: its statements must not interleave with a transaction.
+        self._lock = asyncio.Lock()
+        self._commits = 0
+        self._checkpoint: asyncio.Task[None] | None = None
+        self._wal = f"{path}-wal"
+        self._room = asyncio.Lock()
+        self._thread_writes = 0
+        self._thread_idle = asyncio.Event()
+        self._thread_idle.set()
+
+    async def open(self) -> None:
+        """Open both connections (sqlite3.Error or OSError if the file cannot be)."""
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        self._db = db
+        await db.execute(f"PRAGMA busy_timeout = {LOCK_WAIT_MS}")
+        await db.execute("PRAGMA journal_mode = WAL")
+        await db.execute("PRAGMA synchronous = NORMAL")
+        self._inline = _loop_connection(self.path)
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise LedgerError("ledger is not open")
+        return self._db
 
     async def close(self) -> None:
         if self._checkpoint is not None:
@@ -380,9 +331,7 @@ class SqliteLedger(SqliteReports):
             await self._db.close()
             self._db = None
 
-    # -- on the connection's thread -------------------------------------------
-
-    async def _on_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    async def on_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run `work` on aiosqlite's thread in one hop (one hop per statement would wait for
         a turn of the busy event loop each time, with the lock held). aiosqlite has no public
         call for this; `_execute` is what its own methods use."""
@@ -390,7 +339,7 @@ class SqliteLedger(SqliteReports):
             done: T = await self.db._execute(work, self.db._conn)  # type: ignore[no-untyped-call]
             return done
 
-    async def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    async def transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """`work` inside `BEGIN IMMEDIATE` … `COMMIT` (ROLLBACK on any error, which propagates):
         SQLite's single write lock, so what it reads cannot change before it writes.
 
@@ -417,7 +366,7 @@ class SqliteLedger(SqliteReports):
             pause = min(pause * 2, 0.05)
 
     async def _attempt(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """One try at `_transaction` (raising `_WalFull`, with nothing written, if the WAL
+        """One try at `transaction` (raising `_WalFull`, with nothing written, if the WAL
         is at its limit).
 
         While this process has writes on the thread, they hold the lock (and wait for the
@@ -441,7 +390,7 @@ class SqliteLedger(SqliteReports):
         self._thread_writes += 1
         self._thread_idle.clear()
         try:
-            return await self._on_thread(lambda conn: _atomically(conn, work, self._wal, wait=True))
+            return await self.on_thread(lambda conn: _atomically(conn, work, self._wal, wait=True))
         finally:
             self._thread_writes -= 1
             if not self._thread_writes:
@@ -467,7 +416,7 @@ class SqliteLedger(SqliteReports):
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
         try:
-            await self._on_thread(checkpoint)
+            await self.on_thread(checkpoint)
         except (LedgerError, sqlite3.Error, ValueError) as exc:
             log.warning("ledger checkpoint failed: %s", exc)
         finally:
@@ -488,14 +437,121 @@ class SqliteLedger(SqliteReports):
             if _wal_size(self._wal) < WAL_LIMIT_BYTES:
                 return True
             try:
-                return await self._on_thread(truncate)
+                return await self.on_thread(truncate)
             except sqlite3.Error as exc:
                 if _is_busy(exc):
                     return False
                 raise LedgerError(f"ledger checkpoint failed: {exc}") from exc
 
-    async def _write(self, sql: str, values: Sequence[Any]) -> None:
-        await self._transaction(lambda conn: conn.execute(sql, values))
+    async def write(self, sql: str, values: Sequence[Any]) -> None:
+        """One statement in a write transaction of its own."""
+        await self.transaction(lambda conn: conn.execute(sql, values))
+
+    async def fetch(self, sql: str, values: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """The rows `sql` reads, on the thread (reads wait on the disk)."""
+        try:
+            return await self.on_thread(lambda conn: conn.execute(sql, values).fetchall())
+        except sqlite3.Error as exc:
+            raise LedgerError(f"ledger read failed: {exc}") from exc
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[aiosqlite.Connection]:
+        """The thread's connection in one write transaction held across awaits (a copy
+        loading batches as they come); nothing else runs on it meanwhile."""
+        async with self._lock:
+            db = self.db
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+
+
+async def migrate(path: str) -> tuple[int, int]:
+    """Bring the schema of the ledger file at `path` up to date; (version before, after)."""
+    before = _version(Path(path))
+    ledger = SqliteLedger(path)
+    await ledger.open()  # the embedded ledger migrates itself when it opens
+    await ledger.close()
+    return before, SCHEMA_VERSION
+
+
+def _version(path: Path) -> int:
+    """The schema version of the ledger file at `path` (0: none yet)."""
+    if not path.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        try:
+            found = db.execute("SELECT max(version) FROM schema_version").fetchone()
+        except sqlite3.Error:
+            return 0
+    return int(found[0] or 0)
+
+
+def _migrate(conn: sqlite3.Connection) -> int:
+    """Apply the pending migrations in one transaction; the version found."""
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        found = conn.execute("SELECT version FROM schema_version").fetchone()
+        version = int(found[0]) if found is not None else 0
+        for sql in migrations.pending(version, migrations.SQLITE):
+            conn.execute(sql)
+        if found is None:
+            conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+        elif version < SCHEMA_VERSION:
+            conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    return version
+
+
+_UPSERT = add_to_counters(f"VALUES ({marks(len(codecs.KEY_COLUMNS) + 6)})")
+
+
+def _read_totals(conn: sqlite3.Connection, counters: Sequence[Counter]) -> dict[Counter, Totals]:
+    """The totals of `counters` (organization counters are rows of their own), in one
+    statement: an OR of primary keys, which SQLite answers with one index search each."""
+    if not counters:
+        return {}
+    keys = [value for c in counters for value in codecs.counter_key(c)]
+    return codecs.totals_of(counters, conn.execute(_totals_query(len(counters)), keys))
+
+
+@functools.lru_cache(maxsize=64)
+def _totals_query(count: int) -> str:
+    one = f"({' AND '.join(f'{names([c])} = ?' for c in codecs.KEY_COLUMNS)})"
+    return f"SELECT {KEYS}, {TOTALS} FROM budget_usage WHERE {' OR '.join([one] * count)}"
+
+
+def _add(conn: sqlite3.Connection, counters_text: str, deltas: codecs.Deltas) -> None:
+    """Add to a reservation's counters (its row's `counters` text) and to the
+    organization's counters of the same periods."""
+    spent, held, tokens = deltas
+    conn.executemany(
+        _UPSERT, [(*key, spent, held, *tokens) for key in codecs.written_keys(counters_text)]
+    )
+
+
+def _typed(columns: list[str], found: tuple[Any, ...]) -> tuple[Any, ...]:
+    # SQLite may hand back an integer from a REAL column; PostgreSQL's binary COPY wants floats.
+    return tuple(
+        float(v) if c in codecs.REAL_COLUMNS and isinstance(v, int) else v
+        for c, v in zip(columns, found, strict=True)
+    )
+
+
+async def _fetch_dicts(
+    db: aiosqlite.Connection, sql: str, values: Sequence[Any]
+) -> list[dict[str, Any]]:
+    async with db.execute(sql, values) as cursor:
+        columns = [d[0] for d in cursor.description]
+        return [dict(zip(columns, found, strict=True)) for found in await cursor.fetchall()]
 
 
 def _loop_connection(path: Path) -> sqlite3.Connection:
@@ -553,116 +609,3 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     """SQLITE_BUSY or SQLITE_LOCKED, whatever the extended code."""
     code = getattr(exc, "sqlite_errorcode", None)
     return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-
-
-_SETTLE = (
-    f"UPDATE requests SET {', '.join(f'{c} = ?' for c in SETTLEMENT_COLUMNS)}, "
-    "state = 'settled', reserved_nanos = 0 WHERE id = ?"
-)
-_SETTLE_RESERVED = _SETTLE + " AND state = 'reserved'"
-_SETTLED_BEFORE = (
-    "SELECT state, error_code, resolved_at, cost_nanos, reserved_nanos, counters, "
-    f"{', '.join(USAGE_COLUMNS)} FROM requests WHERE id = ?"
-)
-_RECLAIM = f"UPDATE requests SET {RECLAIM_SET}, finished_at = ? WHERE id = ?"
-_FLAGGED = (
-    f"SELECT {FLAGGED_COLUMNS} FROM requests "
-    "WHERE flagged = 1 AND state = 'settled' AND started_at >= ? AND started_at < ? "
-    "ORDER BY started_at, id"
-)
-_RESOLVABLE = (
-    f"SELECT state, flagged, cost_nanos, counters, {', '.join(USAGE_COLUMNS)} "
-    "FROM requests WHERE id = ?"
-)
-_RESOLVE = "UPDATE requests SET cost_nanos = ?, resolved_at = ?, resolution = ? WHERE id = ?"
-_RESOLVE_FREE = (
-    "UPDATE requests SET cost_nanos = ?, resolved_at = ?, resolution = ?, "
-    + ", ".join(f"{c} = 0" for c in USAGE_COLUMNS)
-    + " WHERE id = ?"
-)
-_RESERVATION_COLUMNS = (
-    *ENTRY_COLUMNS, *USAGE_COLUMNS, "state", "reserved_nanos", "counters", "owner",
-)  # fmt: skip
-_INSERT_RESERVATION = (
-    f"INSERT INTO requests ({', '.join(_RESERVATION_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * len(_RESERVATION_COLUMNS))})"
-)
-_UPSERT = (
-    f"INSERT INTO budget_usage (scope, team, user, period, start, {', '.join(TOTALS_COLUMNS)}) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (scope, team, user, period, start) DO UPDATE SET "
-    + ", ".join(f"{c} = {c} + excluded.{c}" for c in TOTALS_COLUMNS)
-)
-
-
-def _read_totals(conn: sqlite3.Connection, counters: Sequence[Counter]) -> dict[Counter, Totals]:
-    """The totals of `counters` (organization counters are rows of their own), in one
-    statement: an OR of primary keys, which SQLite answers with one index search each."""
-    if not counters:
-        return {}
-    found = {
-        tuple(row[:5]): Totals(*row[5:])
-        for row in conn.execute(_totals_query(len(counters)), _flat_keys(counters))
-    }
-    return {c: found.get(tuple(_counter_key(c)), Totals()) for c in counters}
-
-
-@functools.lru_cache(maxsize=64)
-def _totals_query(count: int) -> str:
-    one = "(scope = ? AND team = ? AND user = ? AND period = ? AND start = ?)"
-    return (
-        f"SELECT scope, team, user, period, start, {', '.join(TOTALS_COLUMNS)} "
-        f"FROM budget_usage WHERE {' OR '.join([one] * count)}"
-    )
-
-
-def _flat_keys(counters: Sequence[Counter]) -> list[Any]:
-    return [value for c in counters for value in _counter_key(c)]
-
-
-def _add(
-    conn: sqlite3.Connection,
-    counters_text: str,
-    spent: int,
-    reserved: int,
-    tokens: tuple[int, ...],
-) -> None:
-    """Add to a reservation's counters (its row's `counters` text) and to the
-    organization's counters of the same periods."""
-    conn.executemany(
-        _UPSERT, [(*key, spent, reserved, *tokens) for key in _written_keys(counters_text)]
-    )
-
-
-def _settle_counters(
-    conn: sqlite3.Connection,
-    counters_text: str,
-    settlement: Settlement,
-    release: int,
-    reserved_usage: Usage,
-) -> None:
-    """Replace what a reservation held in its counters by what its request cost."""
-    tokens = _settled_tokens(settlement.usage, reserved_usage)
-    _add(conn, counters_text, settlement.cost_nanos, -release, tokens)
-
-
-def _row(values: tuple[Any, ...]) -> Row:
-    e = dict(zip(ENTRY_COLUMNS, values[: len(ENTRY_COLUMNS)], strict=True))
-    s = dict(zip(SETTLEMENT_COLUMNS, values[len(ENTRY_COLUMNS) : -1], strict=True))
-    e["stream"] = bool(e["stream"])
-    entry = Entry(**e)
-    if values[-1] == "reserved":
-        return Row(entry, None)
-    usage = Usage(*(s[c] for c in USAGE_COLUMNS))
-    settlement = Settlement(
-        finished_at=s["finished_at"],
-        outcome=s["outcome"],
-        status=s["status"],
-        usage=usage,
-        cost_nanos=s["cost_nanos"],
-        flagged=bool(s["flagged"]),
-        upstream_request_id=s["upstream_request_id"],
-        error_code=s["error_code"],
-        latency_ms=s["latency_ms"] or 0.0,
-    )
-    return Row(entry, settlement)

@@ -1,0 +1,213 @@
+"""The ledger's values as columns and back, the same on every backend.
+
+A request row is written from an `Entry`, its reservation's `Usage` and, once it
+ends, a `Settlement`; it is read back as a `Row`. A reservation names the counters
+it adds to in its row (`counters`, a JSON list of keys), so that its settlement, a
+reclaim or a resolution adds to the same ones. Every counter write also adds to the
+organization's counters of the same periods, and touches its rows in one order,
+the lock order (see `with_organization`). The tables themselves are in
+`migrations.py`: these columns are theirs, in the order the statements list them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import operator
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
+from proxy.ledger.base import Aggregate, Row
+
+ENTRY_COLUMNS = (
+    "id", "started_at", "endpoint", "team", "cost_center", "key_id", "user",
+    "model_requested", "model", "quality_requested", "quality", "size_requested", "size",
+    "n_requested", "n", "stream", "estimated_nanos", "downgrades",
+)  # fmt: skip
+USAGE_COLUMNS = (
+    "text_input_tokens", "cached_text_input_tokens", "image_input_tokens",
+    "cached_image_input_tokens", "image_output_tokens", "text_output_tokens", "images",
+)  # fmt: skip
+SETTLEMENT_COLUMNS = (
+    "finished_at", "outcome", "status", *USAGE_COLUMNS, "cost_nanos", "flagged",
+    "upstream_request_id", "error_code", "latency_ms",
+)  # fmt: skip
+ROW_COLUMNS = (*ENTRY_COLUMNS, *SETTLEMENT_COLUMNS, "state")
+"""What a `Row` is read from (and a request never forwarded is written with)."""
+RESERVATION_COLUMNS = (
+    *ENTRY_COLUMNS, *USAGE_COLUMNS, "state", "reserved_nanos", "counters", "owner",
+)  # fmt: skip
+KEY_COLUMNS = ("scope", "team", "user", "period", "start")
+"""A `budget_usage` row's primary key: a counter's fields, in lock order."""
+TOTALS_COLUMNS = (
+    "spent_nanos", "reserved_nanos", "text_input_tokens", "image_input_tokens",
+    "image_output_tokens", "total_tokens",
+)  # fmt: skip
+REAL_COLUMNS = frozenset(
+    {"started_at", "finished_at", "latency_ms", "resolved_at", "start", "sent_at", "heartbeat_at"}
+)
+"""The columns of every table that hold floating-point numbers."""
+
+ORGANIZATION_TOTAL = Counter("organization", "", "", "total", 0.0)
+"""Written by every reservation, settlement and release: the first row each one locks."""
+NO_TOKENS = (0, 0, 0, 0)
+
+
+Deltas = tuple[int, int, tuple[int, ...]]
+"""What a write adds to each counter it touches (negative: takes back): to its spent and
+reserved nanos, and to its text input, image input, image output and total tokens."""
+
+
+entry_values: Callable[[Entry], tuple[Any, ...]] = operator.attrgetter(*ENTRY_COLUMNS)
+"""An entry's values in `ENTRY_COLUMNS` order (one C call; both drivers store the flag
+`stream` as the integer its column holds)."""
+
+
+def usage_values(u: Usage) -> tuple[int, ...]:
+    return (
+        u.text_input, u.cached_text_input, u.image_input, u.cached_image_input,
+        u.image_output, u.text_output, u.images,
+    )  # fmt: skip
+
+
+def settlement_values(s: Settlement) -> tuple[Any, ...]:
+    return (
+        s.finished_at, s.outcome, s.status, *usage_values(s.usage), s.cost_nanos,
+        int(s.flagged), s.upstream_request_id, s.error_code, s.latency_ms,
+    )  # fmt: skip
+
+
+def reservation_values(
+    entry: Entry, usage: Usage, counters_text: str, owner: str | None
+) -> tuple[Any, ...]:
+    """A reservation's row in `RESERVATION_COLUMNS` order: it holds its estimate."""
+    return (
+        *entry_values(entry),
+        *usage_values(usage),
+        "reserved",
+        entry.estimated_nanos,
+        counters_text,
+        owner,
+    )
+
+
+def record_values(entry: Entry, settlement: Settlement) -> tuple[Any, ...]:
+    """A request never forwarded, in `ROW_COLUMNS` order: settled at once."""
+    return (*entry_values(entry), *settlement_values(settlement), "settled")
+
+
+def row(values: Sequence[Any]) -> Row:
+    """A row read in `ROW_COLUMNS` order."""
+    e = dict(zip(ENTRY_COLUMNS, values[: len(ENTRY_COLUMNS)], strict=True))
+    s = dict(zip(SETTLEMENT_COLUMNS, values[len(ENTRY_COLUMNS) : -1], strict=True))
+    e["stream"] = bool(e["stream"])
+    entry = Entry(**e)
+    if values[-1] == "reserved":
+        return Row(entry, None)
+    usage = Usage(*(s[c] for c in USAGE_COLUMNS))
+    settlement = Settlement(
+        finished_at=s["finished_at"],
+        outcome=s["outcome"],
+        status=s["status"],
+        usage=usage,
+        cost_nanos=s["cost_nanos"],
+        flagged=bool(s["flagged"]),
+        upstream_request_id=s["upstream_request_id"],
+        error_code=s["error_code"],
+        latency_ms=s["latency_ms"] or 0.0,
+    )
+    return Row(entry, settlement)
+
+
+def aggregates(found: Iterable[Sequence[Any]], width: int) -> list[Aggregate]:
+    """Rows of a summary (`width` keys, then its sums) as Aggregates; PostgreSQL's sums
+    of BIGINT are NUMERIC, read as ints like SQLite's."""
+    return [
+        Aggregate(tuple(r[:width]), *(int(v or 0) for v in tuple(r)[width:]))
+        for r in found
+        if r[width]  # an empty period still answers one all-NULL row when ungrouped
+    ]
+
+
+# -- counters -----------------------------------------------------------------
+
+
+def counter_key(c: Counter) -> tuple[Any, ...]:
+    """A counter's `budget_usage` key, in `KEY_COLUMNS` order."""
+    return (c.scope, c.team, c.user, c.period, c.start)
+
+
+def counters_text(counters: Sequence[Counter]) -> str:
+    """How a reservation keeps its counters in its row (for its settlement and reclaim)."""
+    return json.dumps([counter_key(c) for c in counters])
+
+
+def counters_of(text: str) -> list[Counter]:
+    return [Counter(*item) for item in json.loads(text)]
+
+
+def with_organization(counters: Iterable[Counter]) -> list[Counter]:
+    """`counters` plus the organization counter of each team counter's window, once each,
+    in lock order (scope, team, user, period, start).
+
+    The organization's counters are real rows that every team's writes update too
+    (schema version 2), so reading one is reading one row."""
+    found = set(counters)
+    found |= {
+        Counter("organization", "", "", c.period, c.start) for c in found if c.scope == "team"
+    }
+    return sorted(found, key=counter_key)
+
+
+@functools.lru_cache(maxsize=4096)
+def written_keys(text: str) -> tuple[tuple[Any, ...], ...]:
+    """The budget_usage keys a reservation's writes touch, in lock order, from its row's
+    `counters` text. Every request of a team, user and period writes the same ones, so
+    they are worked out once (a string's hash is cached; a tuple of Counters' is not)."""
+    return tuple(counter_key(c) for c in with_organization(counters_of(text)))
+
+
+def totals_of(counters: Sequence[Counter], found: Iterable[Sequence[Any]]) -> dict[Counter, Totals]:
+    """The totals of `counters` from the `budget_usage` rows found (key, then totals
+    columns); a counter without a row holds nothing yet."""
+    rows = {tuple(r[:5]): Totals(*r[5:]) for r in found}
+    return {c: rows.get(counter_key(c), Totals()) for c in counters}
+
+
+# -- what writes add to counters -------------------------------------------------
+
+
+def token_deltas(usage: Usage, sign: int) -> tuple[int, int, int, int]:
+    """What `usage` adds to a counter's token columns (negative to take it back)."""
+    return (
+        sign * (usage.text_input + usage.cached_text_input),
+        sign * (usage.image_input + usage.cached_image_input),
+        sign * usage.image_output,
+        sign * usage.total_tokens,
+    )
+
+
+def settled_tokens(actual: Usage, reserved: Usage) -> tuple[int, ...]:
+    """What a settlement adds to a counter's token columns: the usage metered, less the
+    estimate its reservation added."""
+    added, taken_back = token_deltas(actual, 1), token_deltas(reserved, -1)
+    return tuple(a + b for a, b in zip(added, taken_back, strict=True))
+
+
+def reserved(entry: Entry, usage: Usage) -> Deltas:
+    """A reservation holds its estimate and its estimated usage."""
+    return 0, entry.estimated_nanos, token_deltas(usage, 1)
+
+
+def settled(settlement: Settlement, release: int, charged: int, held: Usage) -> Deltas:
+    """A settlement charges its cost in place of what was `charged` (nothing, or the bound
+    a reclaim charged), releases what was reserved (`release`), and counts its usage in
+    place of the estimate the reservation added (`held`)."""
+    tokens = settled_tokens(settlement.usage, held)
+    return settlement.cost_nanos - charged, -release, tokens
+
+
+def reclaimed(bound: int) -> Deltas:
+    """Reserved becomes spent; the estimated usage it holds stays counted."""
+    return bound, -bound, NO_TOKENS

@@ -1,0 +1,222 @@
+"""The SQL both ledger backends run, written once and spelled by a `Dialect`.
+
+`statements(SQLITE)` and `statements(POSTGRES)` hold the same statements with the
+same parameters in the same order; a backend decides only how to run them (on which
+connection, in which transaction, in how many round trips). The reads that exist
+for one backend's mechanics alone (SQLite's checkpoints, PostgreSQL's locks and
+batched counter writes) stay in that backend's module.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from proxy.ledger.base import OUTCOME_UNKNOWN, Flagged, GroupColumn
+from proxy.ledger.codecs import (
+    KEY_COLUMNS,
+    RESERVATION_COLUMNS,
+    ROW_COLUMNS,
+    SETTLEMENT_COLUMNS,
+    TOTALS_COLUMNS,
+    USAGE_COLUMNS,
+)
+from proxy.ledger.dialect import Dialect
+
+COPIED_TABLES = ("requests", "budget_usage", "alerts_sent")
+"""What a copy moves: every table but the live-process registry and the schema's version."""
+COPY_BATCH = 5000
+"""Rows a copy reads and writes at a time."""
+EXPORT_BATCH = 1000
+"""Rows the audit export reads at a time."""
+
+# How each group column is read: what was sent, else (rejections) what was requested.
+GROUP_SQL: dict[GroupColumn, str] = {
+    "team": "team",
+    "cost_center": "cost_center",
+    "user": '"user"',
+    "key_id": "key_id",
+    "model": "COALESCE(model, model_requested)",
+    "quality": "COALESCE(quality, quality_requested)",
+    "size": "COALESCE(size, size_requested)",
+    "endpoint": "endpoint",
+    "outcome": "outcome",
+}
+SUMS = (
+    "COUNT(*)",
+    "SUM(images)",
+    "SUM(text_input_tokens + cached_text_input_tokens)",
+    "SUM(image_input_tokens + cached_image_input_tokens)",
+    "SUM(image_output_tokens)",
+    "SUM(cost_nanos)",
+)
+COUNTED = "NOT (scope = 'organization' AND period = 'total' AND start = 0)"
+"""Counters but the zero row migrations create, which an empty ledger holds."""
+RECLAIM_SET = (
+    "state = 'settled', cost_nanos = reserved_nanos, reserved_nanos = 0, "
+    f"outcome = 'upstream_error', error_code = '{OUTCOME_UNKNOWN}', flagged = 1"
+)
+"""What a reclaim sets on a reservation (its `finished_at` aside): charged its bound."""
+
+
+def names(columns: Sequence[str]) -> str:
+    """Column names as both databases read them (`user` is a reserved word in PostgreSQL)."""
+    return ", ".join('"user"' if c == "user" else c for c in columns)
+
+
+def marks(count: int) -> str:
+    return ", ".join("?" * count)
+
+
+KEYS = names(KEY_COLUMNS)
+TOTALS = names(TOTALS_COLUMNS)
+
+
+def add_to_counters(source: str) -> str:
+    """Add the totals of each row of `source` (a counter's key, then what it adds to each
+    of `TOTALS_COLUMNS`) to that counter, creating its row if it has none yet."""
+    return (
+        f"INSERT INTO budget_usage ({KEYS}, {TOTALS}) {source} ON CONFLICT ({KEYS}) "
+        "DO UPDATE SET "
+        + ", ".join(f"{c} = budget_usage.{c} + excluded.{c}" for c in TOTALS_COLUMNS)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Statements:
+    """The statements of one dialect (see `statements`); `?` in the docs is a parameter."""
+
+    dialect: Dialect
+    insert_reservation: str
+    """A reservation's row: `reservation_values`."""
+    record: str
+    """A request never forwarded: `record_values`."""
+    settle: str
+    """`settlement_values`, then the id: the row settled."""
+    settle_reserved: str
+    """`settle`, when the row is still the reservation."""
+    settling: str
+    """What a settlement replaces: state, error code, resolution time, cost, reservation,
+    counters text and usage of the row of id `?`."""
+    reclaim: str
+    """(finished at, id): a reservation charged its bound (`RECLAIM_SET`)."""
+    flagged: str
+    """(start, end): the settled flagged rows started then, as `Flagged`."""
+    resolving: str
+    """What a resolution replaces: state, flagged, cost, counters text and usage of the
+    row of id `?`."""
+    resolve: str
+    """(cost, resolved at, note, id)."""
+    resolve_free: str
+    """`resolve`, taking back the row's usage too."""
+    heartbeat: str
+    """(owner, host, pid, now)."""
+    owners: str
+    unregister: str
+    """(owner,)."""
+    rows: str
+    """(since,): rows in `ROW_COLUMNS` order."""
+    claim_alert: str
+    """(key, now): writes a row only the first time."""
+    export: str
+    """(start, end): whole rows, in the export's order."""
+    export_first: str
+    """(start, end, limit): the first batch of `export`."""
+    export_next: str
+    """(at, at, after id, end, limit): the batch after the row (at, after id)."""
+    contents: str
+    """How many requests, counters and alerts a ledger holds, and the requests' cost."""
+
+    def stale(self, started_before: float, owners: Sequence[str]) -> tuple[str, tuple[Any, ...]]:
+        """The reservations a reclaim settles (id, bound, counters text), in id order:
+        those started before `started_before` or held by one of `owners`."""
+        owned = self.dialect.one_of("owner", len(owners))
+        sql = (
+            "SELECT id, reserved_nanos, counters FROM requests WHERE state = 'reserved' "
+            f"AND (started_at < ? OR {owned}) ORDER BY id{self.dialect.for_update}"
+        )
+        return self.dialect.text(sql), (float(started_before), *self.dialect.values(owners))
+
+    def forget(self, owners: Sequence[str]) -> tuple[str, tuple[Any, ...]]:
+        """Forget the processes `owners`."""
+        sql = f"DELETE FROM processes WHERE {self.dialect.one_of('owner', len(owners))}"
+        return self.dialect.text(sql), self.dialect.values(owners)
+
+    def summary(self, by: Sequence[GroupColumn], bucket_seconds: int | None) -> tuple[str, int]:
+        """(start, end): sums of the settled rows started then, grouped by `by` and the
+        time bucket if one is asked; and how many keys lead each row.
+
+        The grouping happens in SQL (one pass over the period's rows), so a report over a
+        million rows returns a few hundred groups. Days and months are local to the
+        configured timezone, which SQLite knows nothing of: the caller asks for fixed-width
+        UTC buckets (`bucket_seconds`, a divisor of a day chosen so that every local
+        midnight in the period falls on a bucket edge) and folds the buckets into local
+        days in Python."""
+        keys = [GROUP_SQL[c] for c in by]
+        if bucket_seconds is not None:
+            keys.append(self.dialect.bucket(bucket_seconds))
+        group = f" GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))}" if keys else ""
+        sql = (
+            f"SELECT {', '.join([*keys, *SUMS])} FROM requests "
+            f"WHERE state = 'settled' AND started_at >= ? AND started_at < ?{group}"
+        )
+        return self.dialect.text(sql), len(keys)
+
+
+def settle_sql(where: str) -> str:
+    assignments = ", ".join(f"{c} = ?" for c in SETTLEMENT_COLUMNS)
+    return f"UPDATE requests SET {assignments}, state = 'settled', reserved_nanos = 0 {where}"
+
+
+@functools.cache
+def statements(dialect: Dialect) -> Statements:
+    """Every shared statement in `dialect`'s spelling."""
+    texts = {**_writes(dialect), **_reads(dialect)}
+    return Statements(dialect, **{name: dialect.text(sql) for name, sql in texts.items()})
+
+
+def _writes(d: Dialect) -> dict[str, str]:
+    usage = ", ".join(USAGE_COLUMNS)
+    resolve = "UPDATE requests SET cost_nanos = ?, resolved_at = ?, resolution = ?"
+    return {
+        "insert_reservation": f"INSERT INTO requests ({names(RESERVATION_COLUMNS)}) "
+        f"VALUES ({marks(len(RESERVATION_COLUMNS))})",
+        "record": f"INSERT INTO requests ({names(ROW_COLUMNS)}) VALUES ({marks(len(ROW_COLUMNS))})",
+        "settle": settle_sql("WHERE id = ?"),
+        "settle_reserved": settle_sql("WHERE id = ? AND state = 'reserved'"),
+        "settling": "SELECT state, error_code, resolved_at, cost_nanos, reserved_nanos, "
+        f"counters, {usage} FROM requests WHERE id = ?{d.for_update}",
+        "reclaim": f"UPDATE requests SET {RECLAIM_SET}, finished_at = ? WHERE id = ?",
+        "resolving": f"SELECT state, flagged, cost_nanos, counters, {usage} FROM requests "
+        f"WHERE id = ?{d.for_update}",
+        "resolve": f"{resolve} WHERE id = ?",
+        "resolve_free": f"{resolve}, {', '.join(f'{c} = 0' for c in USAGE_COLUMNS)} WHERE id = ?",
+        "heartbeat": "INSERT INTO processes (owner, host, pid, heartbeat_at) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+        "unregister": "DELETE FROM processes WHERE owner = ?",
+        "claim_alert": "INSERT INTO alerts_sent (key, sent_at) VALUES (?, ?) "
+        "ON CONFLICT DO NOTHING",
+    }
+
+
+def _reads(d: Dialect) -> dict[str, str]:
+    by_id = f"ORDER BY started_at, id{d.collate}"
+    export = f"SELECT * FROM requests WHERE started_at >= ? AND started_at < ? {by_id}"
+    return {
+        "flagged": f"SELECT {', '.join(f.name for f in fields(Flagged))} FROM requests "
+        f"WHERE flagged = 1 AND state = 'settled' AND started_at >= ? AND started_at < ? {by_id}",
+        "owners": "SELECT owner, host, pid, heartbeat_at FROM processes UNION "
+        "SELECT DISTINCT owner, '', 0, 0 FROM requests WHERE state = 'reserved' "
+        "AND owner IS NOT NULL AND owner NOT IN (SELECT owner FROM processes)",
+        "rows": f"SELECT {names(ROW_COLUMNS)} FROM requests WHERE started_at >= ? "
+        f"ORDER BY {d.by_start}",
+        "export": export,
+        "export_first": f"{export} LIMIT ?",
+        "export_next": "SELECT * FROM requests WHERE started_at >= ? "
+        f"AND (started_at > ? OR id{d.collate} > ?) AND started_at < ? {by_id} LIMIT ?",
+        "contents": "SELECT (SELECT count(*) FROM requests), "
+        f"(SELECT count(*) FROM budget_usage WHERE {COUNTED}), "
+        "(SELECT count(*) FROM alerts_sent), (SELECT coalesce(sum(cost_nanos), 0) FROM requests)",
+    }

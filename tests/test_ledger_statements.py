@@ -1,0 +1,110 @@
+"""The ledger's shared parts: statements spelled by dialect, columns that match the schema,
+and backends (with their drivers) loaded only when a ledger of their kind is opened."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from proxy.ledger import migrations
+from proxy.ledger.codecs import (
+    KEY_COLUMNS,
+    REAL_COLUMNS,
+    RESERVATION_COLUMNS,
+    ROW_COLUMNS,
+    TOTALS_COLUMNS,
+)
+from proxy.ledger.dialect import POSTGRES, SQLITE
+from proxy.ledger.statements import Statements, statements
+
+DRIVERS = {"aiosqlite", "asyncpg", "sqlite3", "proxy.ledger.sqlite", "proxy.ledger.postgres"}
+
+
+def loaded_after(statement: str) -> set[str]:
+    """The modules a fresh interpreter holds after running `statement`."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"{statement}\nimport json, sys\nprint(json.dumps(list(sys.modules)))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return set(json.loads(done.stdout))
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["proxy.ledger", "proxy.ledger.base", "proxy.ledger.copy", "proxy.ledger.statements"],
+)
+def test_importing_the_ledger_loads_no_backend_nor_driver(module: str) -> None:
+    assert loaded_after(f"import {module}") & DRIVERS == set()
+
+
+@pytest.mark.parametrize(
+    ("backend", "driver", "other"),
+    [
+        ("sqlite", "aiosqlite", {"asyncpg", "proxy.ledger.postgres"}),
+        ("postgres", "asyncpg", {"aiosqlite", "proxy.ledger.sqlite"}),
+    ],
+)
+def test_a_backend_loads_its_own_driver_and_not_the_other_backend(
+    backend: str, driver: str, other: set[str]
+) -> None:
+    loaded = loaded_after(f"import proxy.ledger.{backend}")
+    assert driver in loaded
+    assert loaded & other == set()
+
+
+def shared(dialect_statements: Statements) -> dict[str, str]:
+    return {
+        f.name: getattr(dialect_statements, f.name)
+        for f in fields(Statements)
+        if isinstance(getattr(dialect_statements, f.name), str)
+    }
+
+
+def test_postgresql_numbers_the_placeholders_sqlite_marks_with_question_marks() -> None:
+    assert POSTGRES.text("a = ? AND b IN (?, ?)") == "a = $1 AND b IN ($2, $3)"
+    assert SQLITE.text("a = ? AND b IN (?, ?)") == "a = ? AND b IN (?, ?)"
+
+
+def spelled_as_sqlite(sql: str) -> str:
+    """A PostgreSQL statement with what its dialect spells otherwise spelled as SQLite's."""
+    for theirs, ours in ((POSTGRES.collate, SQLITE.collate), (POSTGRES.for_update, "")):
+        sql = sql.replace(theirs, ours)
+    return re.sub(r"\$\d+", "?", sql)
+
+
+@pytest.mark.parametrize("name", sorted(shared(statements(SQLITE))))
+def test_each_statement_is_the_same_in_both_dialects_but_for_their_spelling(name: str) -> None:
+    lite, pg = shared(statements(SQLITE))[name], shared(statements(POSTGRES))[name]
+    numbers = [int(n) for n in re.findall(r"\$(\d+)", pg)]
+    assert numbers == list(range(1, lite.count("?") + 1))
+    if name == "rows":  # ties in the order each database keeps
+        lite = lite.replace(f"ORDER BY {SQLITE.by_start}", f"ORDER BY {POSTGRES.by_start}")
+    assert spelled_as_sqlite(pg) == spelled_as_sqlite(lite)
+
+
+def test_the_columns_written_and_read_are_the_schemas(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "t.db") as db:
+        for sql in migrations.pending(0, migrations.SQLITE):
+            db.execute(sql)
+        columns = {
+            table: {(c[1], c[2]) for c in db.execute(f"PRAGMA table_info({table})")}
+            for table in migrations.TABLES
+        }
+    requests = {name for name, _ in columns["requests"]}
+    assert set(ROW_COLUMNS) | set(RESERVATION_COLUMNS) <= requests
+    assert set(KEY_COLUMNS) | set(TOTALS_COLUMNS) == {name for name, _ in columns["budget_usage"]}
+    reals = {name for found in columns.values() for name, kind in found if kind == "REAL"}
+    assert reals == REAL_COLUMNS
