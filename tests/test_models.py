@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from decimal import Decimal
 
 import pytest
@@ -10,6 +11,7 @@ from proxy.core.models import (
     NANOS_PER_USD,
     TOKEN_KINDS,
     Change,
+    Entry,
     ImageRequest,
     TokenKind,
     Usage,
@@ -77,3 +79,41 @@ def test_image_request_with_changes_returns_a_new_request() -> None:
 
 def test_change_reads_as_knob_before_after() -> None:
     assert str(Change("quality", "high", "medium", "budget")) == "quality=high->medium"
+
+
+def test_an_entry_is_built_in_stages_each_keeping_what_came_before() -> None:
+    asked = ImageRequest("generations", "gpt-image-1", 10, n=2, quality="high", user="ana")
+    sent = asked.with_changes(quality="medium", size="1024x1024")
+    entry = (
+        Entry("tg_req_1", 100.0, "generations")
+        .identified("design", "CC-1", "web-app")
+        .asked(asked)
+        .sent(sent, 123, "quality=high->medium")
+    )
+    assert entry == Entry(
+        id="tg_req_1",
+        started_at=100.0,
+        endpoint="generations",
+        team="design",
+        cost_center="CC-1",
+        key_id="web-app",
+        user="ana",
+        model_requested="gpt-image-1",
+        model="gpt-image-1",
+        quality_requested="high",
+        quality="medium",
+        size_requested="auto",
+        size="1024x1024",
+        n_requested=2,
+        n=2,
+        stream=False,
+        estimated_nanos=123,
+        downgrades="quality=high->medium",
+    )
+
+
+def test_every_field_of_an_entry_is_set_by_a_stage() -> None:
+    """A field added to Entry must be given by one of its stages (or the first)."""
+    request = ImageRequest("edits", "m", 1, n=3, quality="q", size="s", stream=True, user="u")
+    entry = Entry("i", 1.0, "edits").identified("t", "c", "k").asked(request).sent(request, 9, "d")
+    assert all(getattr(entry, f.name) not in (None, 0, "", False) for f in fields(Entry))

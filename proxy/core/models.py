@@ -237,32 +237,32 @@ class Entry:
     estimated_nanos: int = 0
     downgrades: str = ""
 
+    # Each stage spells its fields out: `dataclasses.replace` costs 4 µs a call, which
+    # the request path would pay three times per request.
+
     def identified(self, team: str, cost_center: str | None, key_id: str) -> Entry:
-        return replace(self, team=team, cost_center=cost_center, key_id=key_id)
+        return Entry(self.id, self.started_at, self.endpoint, team, cost_center, key_id)
 
     def asked(self, request: ImageRequest) -> Entry:
         """What the client asked for."""
-        return replace(
-            self,
+        return Entry(
+            self.id, self.started_at, self.endpoint, self.team, self.cost_center, self.key_id,
             user=request.user,
             model_requested=request.model,
             quality_requested=request.quality,
             size_requested=request.size,
             n_requested=request.n,
             stream=request.stream,
-        )
+        )  # fmt: skip
 
     def sent(self, request: ImageRequest, estimated_nanos: int, downgrades: str) -> Entry:
         """What is forwarded (after any downgrade) and the bound reserved for it."""
-        return replace(
-            self,
-            model=request.model,
-            quality=request.quality,
-            size=request.size,
-            n=request.n,
-            estimated_nanos=estimated_nanos,
-            downgrades=downgrades,
-        )
+        return Entry(
+            self.id, self.started_at, self.endpoint, self.team, self.cost_center, self.key_id,
+            self.user, self.model_requested, request.model, self.quality_requested,
+            request.quality, self.size_requested, request.size, self.n_requested, request.n,
+            self.stream, estimated_nanos, downgrades,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
