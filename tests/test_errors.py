@@ -29,8 +29,8 @@ SIMULATOR = "proxy.simulator"
 
 OUTSIDE_THE_TREE = {
     # Private control flow, caught in the module that raises it.
-    ("proxy.ledger.sqlite", "_Busy"): "a busy database, retried in place",
-    ("proxy.ledger.sqlite", "_WalFull"): "a write-ahead log past its bound, retried in place",
+    ("proxy.ledger.sqlite_connections", "_Busy"): "a busy database, retried in place",
+    ("proxy.ledger.sqlite_connections", "_WalFull"): "a WAL past its bound, retried in place",
     ("proxy.core.dimensions", "_Ambiguous"): "why an image is refused, raised as InvalidRequest",
     # Python's and libraries' own, on purpose.
     ("proxy.core.metering", "ValueError"): "how json's hooks refuse a document",
