@@ -39,7 +39,7 @@ OUTSIDE_THE_TREE = {
     "a size that is not explicit (a caller's mistake)",
     ("proxy.config.source", "YAMLError"): "a YAML problem, made a ConfigError by the loader",
     ("proxy.web.exchange", "TimeoutError"): "asyncio's, caught where it is raised",
-    ("proxy.ledger.postgres", "AssertionError"): "after a loop that returns or raises",
+    ("proxy.ledger.postgres_pool", "AssertionError"): "after a loop that returns or raises",
     ("proxy.__main__", "SystemExit"): "the exit status of the command line",
 }
 

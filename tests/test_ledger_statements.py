@@ -25,7 +25,7 @@ from proxy.ledger.dialect import POSTGRES, SQLITE
 from proxy.ledger.statements import Statements, statements
 
 SQLITE_MODULES = {"proxy.ledger.sqlite", "proxy.ledger.sqlite_connections"}
-POSTGRES_MODULES = {"proxy.ledger.postgres"}
+POSTGRES_MODULES = {"proxy.ledger.postgres", "proxy.ledger.postgres_pool"}
 DRIVERS = {"aiosqlite", "asyncpg", "sqlite3", *SQLITE_MODULES, *POSTGRES_MODULES}
 
 
@@ -58,6 +58,7 @@ def test_importing_the_ledger_loads_no_backend_nor_driver(module: str) -> None:
         ("sqlite", "aiosqlite", {"asyncpg", *POSTGRES_MODULES}),
         ("sqlite_connections", "aiosqlite", {"asyncpg", *POSTGRES_MODULES}),
         ("postgres", "asyncpg", {"aiosqlite", *SQLITE_MODULES}),
+        ("postgres_pool", "asyncpg", {"aiosqlite", *SQLITE_MODULES}),
     ],
 )
 def test_a_backend_loads_its_own_driver_and_not_the_other_backend(
