@@ -29,8 +29,8 @@ SIMULATOR = "proxy.simulator"
 
 OUTSIDE_THE_TREE = {
     # Private control flow, caught in the module that raises it.
-    ("proxy.ledger.sqlite", "_Busy"): "a busy database, retried in place",
-    ("proxy.ledger.sqlite", "_WalFull"): "a write-ahead log past its bound, retried in place",
+    ("proxy.ledger.sqlite_connections", "_Busy"): "a busy database, retried in place",
+    ("proxy.ledger.sqlite_connections", "_WalFull"): "a WAL past its bound, retried in place",
     ("proxy.core.dimensions", "_Ambiguous"): "why an image is refused, raised as InvalidRequest",
     # Python's and libraries' own, on purpose.
     ("proxy.core.metering", "ValueError"): "how json's hooks refuse a document",
@@ -39,7 +39,7 @@ OUTSIDE_THE_TREE = {
     "a size that is not explicit (a caller's mistake)",
     ("proxy.config.source", "YAMLError"): "a YAML problem, made a ConfigError by the loader",
     ("proxy.web.exchange", "TimeoutError"): "asyncio's, caught where it is raised",
-    ("proxy.ledger.postgres", "AssertionError"): "after a loop that returns or raises",
+    ("proxy.ledger.postgres_pool", "AssertionError"): "after a loop that returns or raises",
     ("proxy.__main__", "SystemExit"): "the exit status of the command line",
 }
 

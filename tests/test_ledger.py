@@ -733,7 +733,7 @@ async def test_a_transaction_that_finds_the_lock_taken_waits_off_the_loop(tmp_pa
 async def test_a_lock_held_too_long_is_a_retryable_outage(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("proxy.ledger.sqlite.LOCK_WAIT_MS", 100)
+    monkeypatch.setattr("proxy.ledger.sqlite_connections.LOCK_WAIT_MS", 100)
     path = tmp_path / "t.db"
     ledger = SqliteLedger(path)
     await ledger.open()
@@ -795,10 +795,10 @@ def settled_count(path: Path) -> int:
 
 def bound_the_wal(monkeypatch: pytest.MonkeyPatch, lock_wait_ms: int | None = None) -> None:
     """`WAL_LIMIT`, and no periodic checkpoint: the writers alone keep the bound."""
-    monkeypatch.setattr("proxy.ledger.sqlite.CHECKPOINT_EVERY", 10**9)
-    monkeypatch.setattr("proxy.ledger.sqlite.WAL_LIMIT_BYTES", WAL_LIMIT)
+    monkeypatch.setattr("proxy.ledger.sqlite_connections.CHECKPOINT_EVERY", 10**9)
+    monkeypatch.setattr("proxy.ledger.sqlite_connections.WAL_LIMIT_BYTES", WAL_LIMIT)
     if lock_wait_ms is not None:
-        monkeypatch.setattr("proxy.ledger.sqlite.LOCK_WAIT_MS", lock_wait_ms)
+        monkeypatch.setattr("proxy.ledger.sqlite_connections.LOCK_WAIT_MS", lock_wait_ms)
 
 
 async def test_the_wal_stays_under_its_limit_however_late_checkpoints_run(
@@ -861,12 +861,13 @@ async def test_a_reader_holding_the_wal_makes_writers_wait_rather_than_grow_it(
 WAL_WRITER = """
 import asyncio, json, os, sys
 import proxy.ledger.sqlite as sqlite
+import proxy.ledger.sqlite_connections as sqlite_connections
 from proxy.core.budgets import Counter
 from proxy.ledger.base import Entry, Reservation, Settlement
 from proxy.core.models import Usage
 
-sqlite.CHECKPOINT_EVERY = 10**9
-sqlite.WAL_LIMIT_BYTES = int(sys.argv[2])
+sqlite_connections.CHECKPOINT_EVERY = 10**9
+sqlite_connections.WAL_LIMIT_BYTES = int(sys.argv[2])
 path, name, count = sys.argv[1], sys.argv[3], int(sys.argv[4])
 DAY = Counter("team", "design", "", "day", 0.0)
 USAGE = Usage(text_input=20, image_output=7024, images=1)

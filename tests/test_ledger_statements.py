@@ -24,7 +24,9 @@ from proxy.ledger.codecs import (
 from proxy.ledger.dialect import POSTGRES, SQLITE
 from proxy.ledger.statements import Statements, statements
 
-DRIVERS = {"aiosqlite", "asyncpg", "sqlite3", "proxy.ledger.sqlite", "proxy.ledger.postgres"}
+SQLITE_MODULES = {"proxy.ledger.sqlite", "proxy.ledger.sqlite_connections"}
+POSTGRES_MODULES = {"proxy.ledger.postgres", "proxy.ledger.postgres_pool"}
+DRIVERS = {"aiosqlite", "asyncpg", "sqlite3", *SQLITE_MODULES, *POSTGRES_MODULES}
 
 
 def loaded_after(statement: str) -> set[str]:
@@ -53,8 +55,10 @@ def test_importing_the_ledger_loads_no_backend_nor_driver(module: str) -> None:
 @pytest.mark.parametrize(
     ("backend", "driver", "other"),
     [
-        ("sqlite", "aiosqlite", {"asyncpg", "proxy.ledger.postgres"}),
-        ("postgres", "asyncpg", {"aiosqlite", "proxy.ledger.sqlite"}),
+        ("sqlite", "aiosqlite", {"asyncpg", *POSTGRES_MODULES}),
+        ("sqlite_connections", "aiosqlite", {"asyncpg", *POSTGRES_MODULES}),
+        ("postgres", "asyncpg", {"aiosqlite", *SQLITE_MODULES}),
+        ("postgres_pool", "asyncpg", {"aiosqlite", *SQLITE_MODULES}),
     ],
 )
 def test_a_backend_loads_its_own_driver_and_not_the_other_backend(

@@ -7,9 +7,9 @@ keeps the same interface; nothing above it knows which one it talks to.
 
 One design, two dialects: the schema (`migrations`), the columns and their codecs
 (`codecs`) and the statements (`statements`, spelled by a `dialect`) are shared;
-`sqlite` and `postgres` hold only how each database is connected to and written in
-a transaction. A backend's module, and its driver, is imported when a ledger of
-its kind is opened.
+`sqlite` and `postgres` hold only how each database is written in a transaction, and
+`sqlite_connections` and `postgres_pool` how each is connected to. A backend's modules,
+and its driver, are imported when a ledger of its kind is opened.
 """
 
 from __future__ import annotations

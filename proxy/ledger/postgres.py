@@ -21,28 +21,15 @@ a few round trips, far below the rate at which image requests arrive. Deadlocks
 (40P01) and serialization failures (40001) are retried all the same, in case a
 future query escapes this order.
 
-Errors: an unreachable database is `LedgerUnavailable` (the web layer answers
-503; a settlement retries it), anything else is `LedgerError`. The pool
-reconnects by itself when the database comes back.
+How transactions reach the database (the pool, its errors, the retries): see
+`postgres_pool`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
-from collections.abc import (
-    AsyncGenerator,
-    AsyncIterable,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Sequence,
-)
-from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-
-import asyncpg
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Sequence
+from typing import Any
 
 from proxy.core.errors import LedgerError, LedgerUnavailable
 from proxy.core.models import Counter, Entry, Settlement, Totals
@@ -59,6 +46,7 @@ from proxy.ledger.base import (
     Row,
 )
 from proxy.ledger.dialect import POSTGRES
+from proxy.ledger.postgres_pool import Pool, redacted, split_url
 from proxy.ledger.statements import (
     COPY_BATCH,
     EXPORT_BATCH,
@@ -68,54 +56,11 @@ from proxy.ledger.statements import (
     statements,
 )
 
-T = TypeVar("T")
-
 SCHEMA_VERSION = migrations.SCHEMA_VERSION
 SQL = statements(POSTGRES)
-POOL_SIZE = 10
-"""Connections per process unless the URL says `?pool_size=N`."""
-CONNECT_TIMEOUT_S = 5.0
-ACQUIRE_TIMEOUT_S = 10.0
-PING_TIMEOUT_S = 2.0
-RETRIES = 8
 MIGRATION_LOCK = 0x7011_6A7E
 """The advisory lock that keeps two migrations (`tollgate ledger migrate`, or replicas
 initialising an empty database together) from interleaving."""
-
-UNAVAILABLE = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,  # a connection cut in the middle of a statement
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up
-    asyncpg.exceptions.InsufficientResourcesError,  # too many connections
-)
-
-
-def split_url(url: str) -> tuple[str, int]:
-    """The DSN for asyncpg and the pool size (`?pool_size=N`, which PostgreSQL must not see).
-
-    Other query parameters pass to the server as settings, e.g. `?search_path=tollgate`."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query)
-    size = POOL_SIZE
-    for name, value in query:
-        if name == "pool_size":
-            if not value.isdigit() or int(value) < 1:
-                raise LedgerError(f"pool_size must be a positive integer, not {value!r}")
-            size = int(value)
-    rest = urlencode([(n, v) for n, v in query if n != "pool_size"])
-    return urlunsplit(parts._replace(query=rest)), size
-
-
-def redacted(url: str) -> str:
-    """`url` without its password, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class PostgresLedger:
@@ -361,97 +306,6 @@ class PostgresLedger:
         return Contents(*(int(v) for v in found))
 
 
-class Pool:
-    """The connections to one PostgreSQL database: a pool, whose errors are translated, and
-    transactions retried on a serialization failure or a deadlock."""
-
-    def __init__(self, dsn: str, size: int, name: str) -> None:
-        self.dsn, self.size, self.name = dsn, size, name
-        self._pool: asyncpg.Pool | None = None
-
-    async def connect(self) -> None:
-        """Open the pool, whatever the schema's version (connections open on first use)."""
-        try:
-            self._pool = await asyncpg.create_pool(
-                self.dsn,
-                # No floor: connections open on demand, so a database outage is not
-                # also a stream of reconnection attempts in the background.
-                min_size=0,
-                max_size=self.size,
-                timeout=CONNECT_TIMEOUT_S,
-                # Transactions are short; a statement stuck this long is a lost server.
-                command_timeout=60,
-                reset=_keep_session,
-            )
-        except UNAVAILABLE as exc:
-            raise LedgerUnavailable(
-                f"cannot reach the PostgreSQL ledger {self.name}: {exc}"
-            ) from exc
-        except asyncpg.PostgresError as exc:
-            raise LedgerError(f"cannot open the PostgreSQL ledger {self.name}: {exc}") from exc
-
-    @property
-    def pool(self) -> asyncpg.Pool:
-        if self._pool is None:
-            raise LedgerError("ledger is not open")
-        return self._pool
-
-    async def ping(self) -> None:
-        pool = self.pool
-        try:
-            async with pool.acquire(timeout=PING_TIMEOUT_S) as conn:
-                await conn.fetchval("SELECT 1", timeout=PING_TIMEOUT_S)
-        except UNAVAILABLE as exc:
-            raise LedgerUnavailable(f"ledger unreachable: {exc or type(exc).__name__}") from exc
-        except asyncpg.PostgresError as exc:
-            raise LedgerUnavailable(f"ledger unreachable: {exc}") from exc
-
-    async def close(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            try:
-                await asyncio.wait_for(pool.close(), timeout=5)
-            except (TimeoutError, *UNAVAILABLE):
-                pool.terminate()
-
-    @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[Any]:
-        """A pooled connection; database errors become LedgerUnavailable or LedgerError."""
-        pool = self.pool
-        try:
-            async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
-                yield conn
-        except asyncpg.TransactionRollbackError:
-            raise  # retried by transaction()
-        except UNAVAILABLE as exc:
-            raise LedgerUnavailable(f"ledger unreachable: {exc or type(exc).__name__}") from exc
-        except asyncpg.PostgresError as exc:
-            raise LedgerError(f"ledger query failed: {exc}") from exc
-
-    async def transaction(self, work: Callable[[Any], Awaitable[T]]) -> T:
-        """Run `work` in a transaction, again on a serialization failure or a deadlock."""
-        for attempt in range(RETRIES):
-            try:
-                async with self.connection() as conn, conn.transaction():
-                    return await work(conn)
-            except asyncpg.TransactionRollbackError as exc:
-                if attempt == RETRIES - 1:
-                    raise LedgerError(f"ledger too busy: {exc}") from exc
-                await asyncio.sleep(0.005 * 2**attempt)
-        raise AssertionError("unreachable")
-
-    async def execute(self, sql: str, *args: Any) -> str:
-        """One statement on its own; its status (`INSERT 0 1`)."""
-        async with self.connection() as conn:
-            status: str = await conn.execute(sql, *args)
-        return status
-
-    async def fetch(self, sql: str, *args: Any) -> list[Any]:
-        async with self.connection() as conn:
-            found: list[Any] = await conn.fetch(sql, *args)
-        return found
-
-
 _VERSION = "SELECT coalesce(max(version), 0) FROM schema_version"
 _ANY_TABLE = "SELECT EXISTS (SELECT 1 FROM unnest($1::text[]) t WHERE to_regclass(t) IS NOT NULL)"
 """Whether any of the tables named exists on the connection's search path."""
@@ -464,13 +318,6 @@ async def _apply(conn: Any, found: int) -> None:
         await conn.execute(sql)
     await conn.execute("DELETE FROM schema_version")
     await conn.execute("INSERT INTO schema_version VALUES ($1)", SCHEMA_VERSION)
-
-
-async def _keep_session(conn: asyncpg.Connection) -> None:
-    """What a connection goes back to the pool with: asyncpg has already rolled back any
-    open transaction; the ledger sets no session state (no SET, LISTEN, session advisory
-    lock or open cursor) for its default reset query to clear, which would cost a round
-    trip per transaction."""
 
 
 async def migrate(url: str) -> tuple[int, int]:

@@ -1,0 +1,167 @@
+"""The PostgreSQL ledger's connections: an asyncpg pool, its errors translated, and
+transactions retried.
+
+`postgres.PostgresLedger` says what each transaction locks, reads and writes; `Pool` says
+how it reaches the database. Apart because these are the driver's mechanics, the same
+whatever the statements: the pool's size and timeouts, which errors mean the database
+cannot be reached, and the retries on a serialization failure (40001) or a deadlock
+(40P01).
+
+Errors: an unreachable database is `LedgerUnavailable` (the web layer answers
+503; a settlement retries it), anything else is `LedgerError`. The pool
+reconnects by itself when the database comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+
+from proxy.core.errors import LedgerError, LedgerUnavailable
+
+T = TypeVar("T")
+
+POOL_SIZE = 10
+"""Connections per process unless the URL says `?pool_size=N`."""
+CONNECT_TIMEOUT_S = 5.0
+ACQUIRE_TIMEOUT_S = 10.0
+PING_TIMEOUT_S = 2.0
+RETRIES = 8
+
+UNAVAILABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # a connection cut in the middle of a statement
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections
+)
+
+
+def split_url(url: str) -> tuple[str, int]:
+    """The DSN for asyncpg and the pool size (`?pool_size=N`, which PostgreSQL must not see).
+
+    Other query parameters pass to the server as settings, e.g. `?search_path=tollgate`."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query)
+    size = POOL_SIZE
+    for name, value in query:
+        if name == "pool_size":
+            if not value.isdigit() or int(value) < 1:
+                raise LedgerError(f"pool_size must be a positive integer, not {value!r}")
+            size = int(value)
+    rest = urlencode([(n, v) for n, v in query if n != "pool_size"])
+    return urlunsplit(parts._replace(query=rest)), size
+
+
+def redacted(url: str) -> str:
+    """`url` without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class Pool:
+    """The connections to one PostgreSQL database: a pool, whose errors are translated, and
+    transactions retried on a serialization failure or a deadlock."""
+
+    def __init__(self, dsn: str, size: int, name: str) -> None:
+        self.dsn, self.size, self.name = dsn, size, name
+        self._pool: asyncpg.Pool | None = None
+
+    async def connect(self) -> None:
+        """Open the pool, whatever the schema's version (connections open on first use)."""
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn,
+                # No floor: connections open on demand, so a database outage is not
+                # also a stream of reconnection attempts in the background.
+                min_size=0,
+                max_size=self.size,
+                timeout=CONNECT_TIMEOUT_S,
+                # Transactions are short; a statement stuck this long is a lost server.
+                command_timeout=60,
+                reset=_keep_session,
+            )
+        except UNAVAILABLE as exc:
+            raise LedgerUnavailable(
+                f"cannot reach the PostgreSQL ledger {self.name}: {exc}"
+            ) from exc
+        except asyncpg.PostgresError as exc:
+            raise LedgerError(f"cannot open the PostgreSQL ledger {self.name}: {exc}") from exc
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise LedgerError("ledger is not open")
+        return self._pool
+
+    async def ping(self) -> None:
+        pool = self.pool
+        try:
+            async with pool.acquire(timeout=PING_TIMEOUT_S) as conn:
+                await conn.fetchval("SELECT 1", timeout=PING_TIMEOUT_S)
+        except UNAVAILABLE as exc:
+            raise LedgerUnavailable(f"ledger unreachable: {exc or type(exc).__name__}") from exc
+        except asyncpg.PostgresError as exc:
+            raise LedgerUnavailable(f"ledger unreachable: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), timeout=5)
+            except (TimeoutError, *UNAVAILABLE):
+                pool.terminate()
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        """A pooled connection; database errors become LedgerUnavailable or LedgerError."""
+        pool = self.pool
+        try:
+            async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                yield conn
+        except asyncpg.TransactionRollbackError:
+            raise  # retried by transaction()
+        except UNAVAILABLE as exc:
+            raise LedgerUnavailable(f"ledger unreachable: {exc or type(exc).__name__}") from exc
+        except asyncpg.PostgresError as exc:
+            raise LedgerError(f"ledger query failed: {exc}") from exc
+
+    async def transaction(self, work: Callable[[Any], Awaitable[T]]) -> T:
+        """Run `work` in a transaction, again on a serialization failure or a deadlock."""
+        for attempt in range(RETRIES):
+            try:
+                async with self.connection() as conn, conn.transaction():
+                    return await work(conn)
+            except asyncpg.TransactionRollbackError as exc:
+                if attempt == RETRIES - 1:
+                    raise LedgerError(f"ledger too busy: {exc}") from exc
+                await asyncio.sleep(0.005 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        """One statement on its own; its status (`INSERT 0 1`)."""
+        async with self.connection() as conn:
+            status: str = await conn.execute(sql, *args)
+        return status
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        async with self.connection() as conn:
+            found: list[Any] = await conn.fetch(sql, *args)
+        return found
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """What a connection goes back to the pool with: asyncpg has already rolled back any
+    open transaction; the ledger sets no session state (no SET, LISTEN, session advisory
+    lock or open cursor) for its default reset query to clear, which would cost a round
+    trip per transaction."""

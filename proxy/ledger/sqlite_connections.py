@@ -1,0 +1,305 @@
+"""How the SQLite ledger's transactions reach the file: two connections, the write lock,
+checkpoints and the WAL's bound.
+
+`sqlite.SqliteLedger` says what each transaction reads and writes; `Connections` says where
+and when it runs. Apart because these are SQLite's own mechanics, the same whatever the
+rows and counters: they can be read and tuned on their own.
+
+Every write transaction is `BEGIN IMMEDIATE` … `COMMIT`, which takes SQLite's single write
+lock, shared by every worker process on the machine.
+
+Writes run on the event loop's own thread. A transaction here is short and never
+waits on the disk (WAL with `synchronous = NORMAL` appends to the page cache), while
+handing it to a thread and back costs more in wake-ups alone than the transaction
+itself (`bench/ledger.py` measures it).
+The loop never waits for a lock either: that connection has no busy timeout, and
+a transaction that finds the write lock taken (another worker is writing) is
+tried again after the loop's next turn, then handed to aiosqlite's thread, whose
+connection waits for the lock. Checkpoints, which do wait on the disk, run on that
+thread every `CHECKPOINT_EVERY` commits, and so do reports and other reads.
+
+The WAL is bounded whatever the scheduling: a transaction that finds the WAL file at
+`WAL_LIMIT_BYTES` once it holds the write lock writes nothing, and the writer waits for a
+TRUNCATE checkpoint before it tries again (see `_make_room`). The check is made under the
+write lock every worker process shares, so the WAL file never grows past the limit plus
+what one transaction writes, however many processes write and however late the
+checkpoints on the thread run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from proxy.core.errors import LedgerError, LedgerUnavailable
+
+T = TypeVar("T")
+log = logging.getLogger("tollgate")
+
+CHECKPOINT_EVERY = 500
+"""Commits on the loop's connection between two checkpoints of the WAL on the thread."""
+INLINE_ATTEMPTS = 3
+"""Tries on the loop's connection, one turn of the loop apart, before the thread takes over."""
+LOCK_WAIT_MS = 30_000
+"""How long the thread's connection waits for the write lock before giving up."""
+WAL_LIMIT_BYTES = 64 * 1024 * 1024
+"""The WAL file's bound: no transaction starts writing once the file has reached it (the
+README says how many requests that is)."""
+
+
+class _Busy(Exception):
+    """Another connection holds the write lock: try later, or where waiting is allowed."""
+
+
+class _WalFull(Exception):
+    """The WAL has reached `WAL_LIMIT_BYTES`: nothing was written; checkpoint, then retry."""
+
+
+class Connections:
+    """The two connections to one SQLite file, and the write transactions run on them.
+
+    The loop's connection runs transactions inline; aiosqlite's thread runs those that
+    must wait for the write lock, reads, and checkpoints. Every transaction keeps the
+    WAL under its bound."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        self._inline: sqlite3.Connection | None = None
+        # The thread's connection: its statements must not interleave with a transaction.
+        self._lock = asyncio.Lock()
+        self._commits = 0
+        self._checkpoint: asyncio.Task[None] | None = None
+        self._wal = f"{path}-wal"
+        self._room = asyncio.Lock()
+        self._thread_writes = 0
+        self._thread_idle = asyncio.Event()
+        self._thread_idle.set()
+
+    async def open(self) -> None:
+        """Open both connections (sqlite3.Error or OSError if the file cannot be)."""
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        self._db = db
+        await db.execute(f"PRAGMA busy_timeout = {LOCK_WAIT_MS}")
+        await db.execute("PRAGMA journal_mode = WAL")
+        await db.execute("PRAGMA synchronous = NORMAL")
+        self._inline = _loop_connection(self.path)
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise LedgerError("ledger is not open")
+        return self._db
+
+    async def close(self) -> None:
+        if self._checkpoint is not None:
+            with contextlib.suppress(LedgerError):
+                await self._checkpoint
+        if self._inline is not None:
+            self._inline.close()
+            self._inline = None
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def on_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` on aiosqlite's thread in one hop (one hop per statement would wait for
+        a turn of the busy event loop each time, with the lock held). aiosqlite has no public
+        call for this; `_execute` is what its own methods use."""
+        async with self._lock:
+            done: T = await self.db._execute(work, self.db._conn)  # type: ignore[no-untyped-call]
+            return done
+
+    async def transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work` inside `BEGIN IMMEDIATE` … `COMMIT` (ROLLBACK on any error, which propagates):
+        SQLite's single write lock, so what it reads cannot change before it writes.
+
+        On the loop's connection when the lock is free within `INLINE_ATTEMPTS` turns of the
+        loop, else on the thread's. `work` may run more than once: only its last run commits.
+        A WAL found full makes room first (`_make_room`), for `LOCK_WAIT_MS` at most.
+        """
+        deadline: float | None = None
+        pause = 0.001
+        while True:
+            try:
+                return await self._attempt(work)
+            except _WalFull:
+                pass
+            loop = asyncio.get_running_loop()
+            if deadline is None:
+                deadline = loop.time() + LOCK_WAIT_MS / 1000
+            if await self._make_room():
+                continue
+            if loop.time() >= deadline:
+                raise LedgerUnavailable("ledger busy: its WAL is full and cannot be checkpointed")
+            # Another process's checkpoint is running, or a reader holds the WAL.
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    async def _attempt(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """One try at `transaction` (raising `_WalFull`, with nothing written, if the WAL
+        is at its limit).
+
+        While this process has writes on the thread, they hold the lock (and wait for the
+        GIL while holding it): a new one waits for them to end rather than find the lock
+        taken and join the queue on the thread, which would keep the queue from emptying.
+        """
+        if self._thread_writes:
+            await self._thread_idle.wait()
+        for attempt in range(INLINE_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(0)
+            conn = self._inline
+            if conn is None:
+                raise LedgerError("ledger is not open")
+            try:
+                result = _atomically(conn, work, self._wal, wait=False)
+            except _Busy:
+                continue
+            self._committed()
+            return result
+        self._thread_writes += 1
+        self._thread_idle.clear()
+        try:
+            return await self.on_thread(lambda conn: _atomically(conn, work, self._wal, wait=True))
+        finally:
+            self._thread_writes -= 1
+            if not self._thread_writes:
+                self._thread_idle.set()
+
+    def _committed(self) -> None:
+        """Count a commit on the loop's connection; start a checkpoint every so many."""
+        self._commits += 1
+        if self._commits < CHECKPOINT_EVERY or self._checkpoint is not None:
+            return
+        self._commits = 0
+        self._checkpoint = asyncio.get_running_loop().create_task(self._checkpoint_wal())
+
+    async def _checkpoint_wal(self) -> None:
+        """Copy the WAL back into the database file, off the loop (it waits on the disk).
+
+        PASSIVE, so transactions go on meanwhile. The WAL starts over (from its beginning,
+        the file keeping its size) when a checkpoint copied all of it before the next write,
+        which writes appended meanwhile prevent: under sustained writes it is the limit that
+        empties it (`_make_room`)."""
+
+        def checkpoint(conn: sqlite3.Connection) -> None:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+
+        try:
+            await self.on_thread(checkpoint)
+        except (LedgerError, sqlite3.Error, ValueError) as exc:
+            log.warning("ledger checkpoint failed: %s", exc)
+        finally:
+            self._checkpoint = None
+
+    async def _make_room(self) -> bool:
+        """Empty the WAL file: a TRUNCATE checkpoint on the thread. It takes the write lock
+        (waiting for it like the thread's transactions), so every process's writers wait
+        while it copies the WAL into the database file, syncs both and truncates the WAL;
+        it also waits for readers still reading from the WAL. False if it could not: another
+        process's checkpoint was running, or readers held on for `LOCK_WAIT_MS`."""
+
+        def truncate(conn: sqlite3.Connection) -> bool:
+            busy, _frames, _copied = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            return not busy
+
+        async with self._room:  # one at a time: those waiting may find it done
+            if _wal_size(self._wal) < WAL_LIMIT_BYTES:
+                return True
+            try:
+                return await self.on_thread(truncate)
+            except sqlite3.Error as exc:
+                if _is_busy(exc):
+                    return False
+                raise LedgerError(f"ledger checkpoint failed: {exc}") from exc
+
+    async def write(self, sql: str, values: Sequence[Any]) -> None:
+        """One statement in a write transaction of its own."""
+        await self.transaction(lambda conn: conn.execute(sql, values))
+
+    async def fetch(self, sql: str, values: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """The rows `sql` reads, on the thread (reads wait on the disk)."""
+        try:
+            return await self.on_thread(lambda conn: conn.execute(sql, values).fetchall())
+        except sqlite3.Error as exc:
+            raise LedgerError(f"ledger read failed: {exc}") from exc
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[aiosqlite.Connection]:
+        """The thread's connection in one write transaction held across awaits (a copy
+        loading batches as they come); nothing else runs on it meanwhile."""
+        async with self._lock:
+            db = self.db
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+
+
+def _loop_connection(path: Path) -> sqlite3.Connection:
+    """The connection transactions run on, on the event loop's thread: it never waits for
+    the write lock (`busy_timeout = 0`) and never checkpoints (that waits on the disk)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout = 0")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    return conn
+
+
+def _atomically(
+    conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T], wal: str, wait: bool
+) -> T:
+    """`work` in one write transaction on `conn`. Without `wait`, finding the write lock
+    taken raises `_Busy` (nothing written); with it, the connection's busy timeout applies.
+    Finding the WAL file (`wal`) at `WAL_LIMIT_BYTES` raises `_WalFull` (nothing written):
+    with the write lock held no other process can add to it before this commit."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:
+        if _is_busy(exc):
+            if not wait:
+                raise _Busy from exc
+            raise LedgerUnavailable(f"ledger busy: {exc}") from exc
+        raise LedgerError(f"ledger unavailable: {exc}") from exc
+    if _wal_size(wal) >= WAL_LIMIT_BYTES:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise _WalFull
+    try:
+        result = work(conn)
+        conn.execute("COMMIT")
+    except BaseException as exc:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            if not wait and _is_busy(exc):
+                raise _Busy from exc
+            raise LedgerError(f"ledger write failed: {exc}") from exc
+        raise
+    return result
+
+
+def _wal_size(wal: str) -> int:
+    """The WAL file's size: what it has held since it was last truncated."""
+    try:
+        return os.stat(wal).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED, whatever the extended code."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
