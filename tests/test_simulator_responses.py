@@ -450,6 +450,19 @@ def test_a_background_response_is_queued_then_completed_after_the_latency_and_bi
     assert entry["id"] == queued.id and entry["billed"] and entry["images"] == 1
 
 
+def test_a_background_stream_is_streamed_at_once_and_retrievable_as_completed(
+    sim: Sim,
+) -> None:
+    sim.configure(latency_ms=60)
+    stream = sim.client.responses.create(
+        model="gpt-4.1", input="Draw a cat", tools=[TOOL], background=True, stream=True
+    )
+    last = list(stream)[-1]
+    assert last.type == "response.completed" and last.response.background
+    assert sim.client.responses.retrieve(last.response.id).status == "completed"
+    assert sim.last()["billed"]
+
+
 def test_cancelling_a_background_response_bills_only_the_mainline_input(sim: Sim) -> None:
     sim.configure(latency_ms=60_000)
     queued = sim.client.responses.create(

@@ -125,7 +125,9 @@ async def create_response(state: SimulatorState, request: Request) -> Response:
     if fault == "failed":
         tokens = failed_tokens(tokens)
     knobs = state.knobs
-    delay = knobs.latency_ms / 1000 if order.background else 0.0
+    # A background stream is answered as a stream: it ends (and bills) as it is sent.
+    queued = order.background and not order.stream
+    delay = knobs.latency_ms / 1000 if queued else 0.0
     stored = StoredResponse(
         arrival.id,
         order,
@@ -136,13 +138,13 @@ async def create_response(state: SimulatorState, request: Request) -> Response:
         knobs.payload_bytes,
     )
     entry = arrival.entry(fields, order, status=200, tokens=tokens)
-    if order.background:
+    if queued:
         stored.pending = entry
     else:
         state.record.append(entry)
     if order.store:
         state.responses.put(stored)
-    if order.background:
+    if queued:
         return json_response(200, response_json(stored.snapshot(arrival.time)), arrival.id, {})
     snap = replace(stored.snapshot(stored.ready_at), with_usage=fault != "nousage")
     if order.stream:

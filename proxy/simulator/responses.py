@@ -3,8 +3,10 @@
 
 How many images a response makes (OpenAI's model decides; this is the simulator's rule):
     0 when no image_generation tool is offered or `tool_choice` is "none";
-    else 1, or N with an `[[images:N]]` marker in the input text (0 ≤ N ≤ MAX_IMAGE_CALLS);
+    else 1, or N with an `[[images:N]]` marker in the last user text (0 ≤ N ≤
+    MAX_IMAGE_CALLS; at least 1 when `tool_choice` requires the tool);
     never more than `max_tool_calls`.
+The revised prompt the tool receives is that user text with its `[[…]]` markers removed.
 
 Mainline tokens (top-level `usage`):
     input   ceil(utf-8 bytes / 4) of the instructions and every input text, the tile rule
@@ -53,6 +55,9 @@ TOOL_PARAMS = frozenset(
         "type",
         "action",
         "background",
+        "complexity",
+        "frame_count",
+        "frame_duration_ms",
         "input_fidelity",
         "input_image_mask",
         "model",
@@ -62,9 +67,10 @@ TOOL_PARAMS = frozenset(
         "partial_images",
         "quality",
         "size",
+        "svg",
     }
 )
-# Accepted and, but for the ones the order keeps, without effect on the simulated answer.
+# The SDK's parameters: accepted and, but for the ones the order keeps, without effect.
 BODY_PARAMS = frozenset(
     {
         "model",
@@ -92,6 +98,15 @@ BODY_PARAMS = frozenset(
         "prompt_cache_key",
         "safety_identifier",
         "top_logprobs",
+        "access_programs",
+        "background_options",
+        "context_management",
+        "conversation",
+        "image",
+        "moderation",
+        "prompt",
+        "prompt_cache_options",
+        "prompt_cache_retention",
     }
 )
 TOOL_CHOICES = ("none", "auto", "required")
@@ -266,8 +281,9 @@ def _image_tool(tool: dict[str, Any], index: int, stream: bool, prompt: str) -> 
             raise invalid(
                 f"Invalid value: '{value}'. Supported values are: {choices}.", param=prefix + key
             )
-    fields = {k: v for k, v in tool.items() if k not in ("type", "action", "moderation")}
-    fields.pop("input_image_mask", None)
+    # The Images path checks what the two APIs share; the rest has no effect here.
+    shared = ("model", "quality", "size", "output_format", "output_compression", "background")
+    fields = {k: v for k, v in tool.items() if k in (*shared, "partial_images", "input_fidelity")}
     fields.update(model=name, prompt=prompt, stream=True)
     try:
         order = validate(RawRequest("generations", "json", fields))

@@ -136,6 +136,7 @@ class _Endpoints:
         authorization = request.headers.get("authorization")
         if not self.state.admits(authorization):
             return error_response(invalid_api_key(authorization), "req_sim_costs")
+        self.state.responses.settle(time.time(), self.state.record)
         try:
             page = costs_page(self.state.record.entries(), request.query_params, now=time.time())
         except CostsQueryError as exc:
