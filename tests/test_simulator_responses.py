@@ -21,9 +21,11 @@ from PIL import Image
 from proxy.simulator import SimulatorSettings, create_simulator_app
 from proxy.simulator.responses import (
     MAINLINE_IMAGE_TOKENS,
+    MAX_IMAGE_CALLS,
     REASONING_TOKENS,
     answer_text,
     cached_tokens,
+    read_order,
 )
 from proxy.simulator.tokens import (
     PARTIAL_IMAGE_TOKENS,
@@ -554,3 +556,41 @@ def test_prompt_caching_hits_carried_tokens_in_128_steps_from_1024(
     carried: int, cached: int
 ) -> None:
     assert cached_tokens(carried) == cached
+
+
+def test_the_sdks_stream_helper_accumulates_the_events_into_the_final_response(
+    sim: Sim,
+) -> None:
+    with sim.client.responses.stream(
+        model="gpt-5", input="Two cats [[images:2]]", tools=[{**TOOL, "partial_images": 1}]
+    ) as stream:
+        final = stream.get_final_response()
+    assert final.output_text == answer_text(2)
+    assert [item.type for item in final.output] == [
+        "image_generation_call",
+        "image_generation_call",
+        "message",
+    ]
+    assert final.tool_usage is not None
+    assert final.tool_usage.image_gen.output_tokens == 2 * (LOW_1024 + PARTIAL_IMAGE_TOKENS)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "options", "calls"),
+    [
+        ("a cat", {}, 1),
+        ("cats [[images:3]]", {}, 3),
+        ("cats [[images:9]]", {}, MAX_IMAGE_CALLS),
+        ("cats [[images:0]]", {}, 0),
+        ("cats [[images:0]]", {"tool_choice": "required"}, 1),
+        ("cats [[images:0]]", {"tool_choice": {"type": "image_generation"}}, 1),
+        ("cats [[images:3]]", {"max_tool_calls": 2}, 2),
+        ("cats [[images:3]]", {"tool_choice": "none"}, 0),
+    ],
+)
+def test_the_image_call_count_follows_the_marker_tool_choice_and_max_tool_calls(
+    prompt: str, options: dict[str, Any], calls: int
+) -> None:
+    order = read_order({"model": "gpt-4.1", "input": prompt, "tools": [TOOL], **options})
+    assert order.image_calls == calls
+    assert order.revised_prompt == prompt.split(" [[")[0]
