@@ -26,6 +26,9 @@
                         `status: "failed"` response; billed for the images and the
                         mainline input (the answer text is never written)
 
+On the Responses API (`POST /v1/responses`) the faults play as on the Images API, but
+for `texttokens` and `echo`, which change nothing there.
+
 A prompt containing the word `forbidden` is blocked by moderation (400, not billed).
 """
 
