@@ -19,14 +19,13 @@ from openai.types.responses import Response
 from PIL import Image
 
 from proxy.simulator import SimulatorSettings, create_simulator_app
-from proxy.simulator.responses import (
+from proxy.simulator.response_tokens import (
     MAINLINE_IMAGE_TOKENS,
-    MAX_IMAGE_CALLS,
     REASONING_TOKENS,
     answer_text,
     cached_tokens,
-    read_order,
 )
+from proxy.simulator.responses import MAX_IMAGE_CALLS, read_order
 from proxy.simulator.tokens import (
     PARTIAL_IMAGE_TOKENS,
     formula_tokens,

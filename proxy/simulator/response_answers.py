@@ -13,7 +13,8 @@ from typing import Any, Literal
 from proxy.simulator.answers import sse
 from proxy.simulator.billing import BilledUsage, MainlineUsage
 from proxy.simulator.pictures import encoded_b64
-from proxy.simulator.responses import ResponseOrder, ResponseTokens
+from proxy.simulator.response_tokens import ResponseTokens
+from proxy.simulator.responses import ResponseOrder
 
 Status = Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
 FrameKind = Literal["event", "terminal"]

@@ -37,13 +37,8 @@ from proxy.simulator.response_answers import (
     stream_frames,
 )
 from proxy.simulator.response_store import StoredResponse
-from proxy.simulator.responses import (
-    ResponseOrder,
-    ResponseTokens,
-    failed_tokens,
-    read_order,
-    tokens_of,
-)
+from proxy.simulator.response_tokens import ResponseTokens, failed_tokens, tokens_of
+from proxy.simulator.responses import ResponseOrder, read_order
 from proxy.simulator.routes import (
     NO_ANSWER,
     SimulatorState,

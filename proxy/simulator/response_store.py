@@ -18,7 +18,8 @@ from dataclasses import dataclass, replace
 from proxy.simulator.billing import BilledUsage, BillingRecord, Entry, MainlineUsage
 from proxy.simulator.refusals import ApiError, invalid
 from proxy.simulator.response_answers import Snapshot, Status
-from proxy.simulator.responses import ResponseOrder, ResponseTokens
+from proxy.simulator.response_tokens import ResponseTokens
+from proxy.simulator.responses import ResponseOrder
 
 MAX_STORED = 10_000
 
