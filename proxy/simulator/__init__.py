@@ -7,7 +7,10 @@ Modules: `server` the app and its routes, `routes` the request path, `forms` bod
 `validation` OpenAI's checks, `catalogue` the models, `tokens` the token rules,
 `answers` JSON and SSE bodies, `pictures` Pillow images, `faults` the fault markers,
 `billing` the record, `costs` the Costs API, `connection` hanging and resets,
-`refusals` its error answers, `options` its settings, `arrivals` what reached it.
+`refusals` its error answers, `options` its settings, `arrivals` what reached it;
+for the Responses API: `responses` its orders, `response_tokens` its token rules,
+`response_answers` its bodies and events, `response_store` stored and background
+responses, `response_routes` its request path.
 """
 
 from proxy.simulator.server import SimulatorSettings, create_simulator_app

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from proxy.core.models import Endpoint
 from proxy.simulator.tokens import Tokens
 
+RecordedEndpoint = Endpoint | Literal["responses"]
 RECORDED_HEADERS = ("openai-organization", "openai-project", "x-stainless-retry-count")
 
 
@@ -27,13 +28,24 @@ class BilledUsage:
 
 
 @dataclass(frozen=True)
+class MainlineUsage:
+    """The mainline model's tokens of one Responses request (its top-level `usage`)."""
+
+    input: int = 0
+    cached_input: int = 0
+    output: int = 0
+    reasoning: int = 0
+
+
+@dataclass(frozen=True)
 class Entry:
     """One request that reached the simulator, as `GET /_sim/billing` shows it."""
 
     id: str
     time: float
-    endpoint: Endpoint
+    endpoint: RecordedEndpoint
     model: str | None
+    """The image model (for `responses`, the image_generation tool's)."""
     quality: str | None
     size: str | None
     n: int | None
@@ -46,6 +58,9 @@ class Entry:
     headers: Mapping[str, str] = field(default_factory=dict)
     params: Mapping[str, Any] = field(default_factory=dict)
     image_count: int = 0
+    mainline_model: str | None = None
+    mainline: MainlineUsage | None = None
+    """For `responses`: the mainline tokens billed; `usage` is then `tool_usage.image_gen`."""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -139,3 +139,32 @@ AUTO_SIZE = (1024, 1024)
 def find_model(name: str) -> ModelRule | None:
     """The rule of a model by its exact name, or None when the simulator does not know it."""
     return MODELS.get(name)
+
+
+@dataclass(frozen=True)
+class MainlineRule:
+    """A mainline model of the Responses API that can call the image_generation tool."""
+
+    name: str
+    reasoning: bool = False
+    """Whether it reasons (and so bills reasoning tokens as output)."""
+
+
+# The mainline models the image-generation guide names for the tool.
+_MAINLINE: tuple[MainlineRule, ...] = (
+    MainlineRule("gpt-4o"),
+    MainlineRule("gpt-4o-mini"),
+    MainlineRule("gpt-4.1"),
+    MainlineRule("gpt-4.1-mini"),
+    MainlineRule("gpt-4.1-nano"),
+    MainlineRule("o3", reasoning=True),
+    MainlineRule("gpt-5", reasoning=True),
+    MainlineRule("gpt-5-mini", reasoning=True),
+    MainlineRule("gpt-5-nano", reasoning=True),
+    MainlineRule("gpt-5.5", reasoning=True),
+)
+
+MAINLINE_MODELS: Mapping[str, MainlineRule] = MappingProxyType({m.name: m for m in _MAINLINE})
+
+# The tool's documented default image model (retired upstream, still simulated).
+DEFAULT_TOOL_MODEL = "gpt-image-1"

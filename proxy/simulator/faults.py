@@ -21,6 +21,14 @@
                         (`POST /_sim/config {"fault": "echo"}`), it also echoes in 401
                         answers (given before the prompt is read) and `GET /v1/models`.
 
+    [[fault:failed]]    (Responses only) the response fails after its image calls: its
+                        stream ends with `response.failed`, a non-stream answer is a 200
+                        `status: "failed"` response; billed for the images and the
+                        mainline input (the answer text is never written)
+
+On the Responses API (`POST /v1/responses`) the faults play as on the Images API, but
+for `texttokens` and `echo`, which change nothing there.
+
 A prompt containing the word `forbidden` is blocked by moderation (400, not billed).
 """
 
@@ -74,7 +82,20 @@ def pick_fault(prompt: str, configured: Fault | None) -> Fault | None:
     return configured
 
 
-def fault_error(fault: Fault) -> ApiError | None:
+ResponseFault = Fault | Literal["failed"]
+
+
+def pick_response_fault(prompt: str, configured: Fault | None) -> ResponseFault | None:
+    """The fault a Responses request plays: `pick_fault`'s, or `failed` by its marker."""
+    for match in _MARKER.finditer(prompt):
+        if match[1] == "failed":
+            return "failed"
+        if match[1] in FAULTS:
+            return parse_fault(match[1])
+    return configured
+
+
+def fault_error(fault: ResponseFault) -> ApiError | None:
     """The error answer of a fault that is answered with one."""
     if fault == "500":
         return ApiError(

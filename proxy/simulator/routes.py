@@ -34,6 +34,7 @@ from proxy.simulator.faults import (
 from proxy.simulator.forms import RawRequest, read_request, unparsed
 from proxy.simulator.options import Knobs
 from proxy.simulator.refusals import ApiError, invalid_api_key
+from proxy.simulator.response_store import ResponseStore
 from proxy.simulator.tokens import Tokens, tokens_for
 from proxy.simulator.validation import ImageOrder, validate
 
@@ -44,11 +45,13 @@ NO_ANSWER = 0
 
 @dataclass
 class SimulatorState:
-    """What lives as long as one simulator app: its knobs and its billing record."""
+    """What lives as long as one simulator app: its knobs, its billing record and its
+    stored responses."""
 
     knobs: Knobs
     api_key: str | None = None
     record: BillingRecord = field(default_factory=BillingRecord)
+    responses: ResponseStore = field(default_factory=ResponseStore)
 
     def admits(self, authorization: str | None) -> bool:
         """Whether an `Authorization` header carries the simulator's key (any, without one)."""
@@ -111,18 +114,16 @@ class _Arrival:
         )
 
 
-def _json_response(
-    status: int, body: object, request_id: str, extra: Mapping[str, str]
-) -> Response:
+def json_response(status: int, body: object, request_id: str, extra: Mapping[str, str]) -> Response:
     headers = {"x-request-id": request_id, **extra}
     return Response(json.dumps(body), status, headers=headers, media_type=JSON)
 
 
 def error_response(error: ApiError, request_id: str) -> Response:
-    return _json_response(error.status, error.body(), request_id, error.headers)
+    return json_response(error.status, error.body(), request_id, error.headers)
 
 
-async def _sleep_ms(ms: float) -> None:
+async def sleep_ms(ms: float) -> None:
     if ms > 0:
         await asyncio.sleep(ms / 1000)
 
@@ -143,7 +144,7 @@ async def handle_image_request(
     state.record.append(arrival.entry(raw, order, status=200, tokens=tokens))
     if order.stream:
         return _stream(order, tokens, knobs, fault, request, arrival)
-    await _sleep_ms(knobs.latency_ms)
+    await sleep_ms(knobs.latency_ms)
     if fault == "garbage":
         return Response(GARBAGE_BODY, headers={"x-request-id": arrival.id}, media_type=JSON)
     body = response_body(
@@ -155,11 +156,11 @@ async def handle_image_request(
         with_usage=fault != "nousage",
     )
     if fault == "truncate":
-        return _cut_short(json.dumps(body).encode(), request, arrival.id)
+        return cut_short(json.dumps(body).encode(), request, arrival.id)
     if fault == "echo":
         body["echo"] = echo(arrival.authorization)
-        return _json_response(200, body, arrival.id, {ECHO_HEADER: arrival.authorization or ""})
-    return _json_response(200, body, arrival.id, {})
+        return json_response(200, body, arrival.id, {ECHO_HEADER: arrival.authorization or ""})
+    return json_response(200, body, arrival.id, {})
 
 
 async def _accept(
@@ -178,20 +179,20 @@ async def _accept(
         fault = pick_fault(order.prompt, knobs.fault)
         if fault in ("timeout", "reset"):
             state.record.append(arrival.entry(raw, order, status=NO_ANSWER))
-            return await _no_answer(fault, request, arrival.id)
+            return await no_answer(fault, request, arrival.id)
         error = (fault_error(fault) if fault else None) or moderation_error(order.prompt)
         if error is not None:
             raise error
     except ApiError as error:
         state.record.append(arrival.entry(raw, order, status=error.status))
-        await _sleep_ms(knobs.latency_ms)
+        await sleep_ms(knobs.latency_ms)
         if fault == "echo":
             error = echoed(error, arrival.authorization)
         return error_response(error, arrival.id)
     return raw, order, fault
 
 
-def _cut_short(body: bytes, request: Request, request_id: str) -> StreamingResponse:
+def cut_short(body: bytes, request: Request, request_id: str) -> StreamingResponse:
     """A 200 whose body stops halfway: the connection closes mid-answer."""
 
     async def half() -> AsyncIterator[bytes]:
@@ -201,7 +202,7 @@ def _cut_short(body: bytes, request: Request, request_id: str) -> StreamingRespo
     return StreamingResponse(half(), headers={"x-request-id": request_id}, media_type=JSON)
 
 
-async def _no_answer(fault: Fault, request: Request, request_id: str) -> Response:
+async def no_answer(fault: Fault, request: Request, request_id: str) -> Response:
     """Play `timeout` or `reset`; the response returned is never seen by the client."""
     if fault == "reset":
         await connection.abort(request)
@@ -249,7 +250,7 @@ def _stream(
 
     async def events() -> AsyncIterator[bytes]:
         for kind, frame in frames:
-            await _sleep_ms(pause_ms)
+            await sleep_ms(pause_ms)
             if kind == "completed" and fault == "truncate":
                 await connection.abort(request)
                 return

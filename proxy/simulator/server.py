@@ -1,9 +1,12 @@
 """The simulator's web app: `create_simulator_app(settings)` builds it.
 
 POST /v1/images/generations | edits | variations   the simulated OpenAI API
+POST /v1/responses (also ?beta=true)               the Responses API, image_generation tool
+GET | DELETE /v1/responses/{id}, POST …/cancel, GET …/input_items
 GET  /v1/organization/costs                        costs built from the record
 GET  /v1/models                                    the simulated models
-GET  /_sim/billing    POST /_sim/reset             the billing record (reset: and arrivals)
+GET  /_sim/billing    POST /_sim/reset             the billing record (reset: and arrivals,
+                                                   stored responses)
 GET  /_sim/arrivals                                every request received, as sent
 GET  /_sim/config     POST /_sim/config            runtime knobs (latency, payload, fault,
                                                    extra answer headers)
@@ -30,6 +33,13 @@ from proxy.simulator.costs import CostsQueryError, costs_page
 from proxy.simulator.faults import ECHO_HEADER, echo, echoed
 from proxy.simulator.options import Knobs, SimulatorSettings
 from proxy.simulator.refusals import ApiError, invalid, invalid_api_key
+from proxy.simulator.response_routes import (
+    cancel_response,
+    create_response,
+    delete_response,
+    list_input_items,
+    retrieve_response,
+)
 from proxy.simulator.routes import SimulatorState, error_response, handle_image_request
 
 __all__ = ["SimulatorSettings", "create_simulator_app"]
@@ -59,6 +69,27 @@ class _Endpoints:
             Route("/v1/images/generations", partial(self.images, "generations"), methods=["POST"]),
             Route("/v1/images/edits", partial(self.images, "edits"), methods=["POST"]),
             Route("/v1/images/variations", partial(self.images, "variations"), methods=["POST"]),
+            Route("/v1/responses", partial(create_response, self.state), methods=["POST"]),
+            Route(
+                "/v1/responses/{response_id}",
+                partial(retrieve_response, self.state),
+                methods=["GET"],
+            ),
+            Route(
+                "/v1/responses/{response_id}",
+                partial(delete_response, self.state),
+                methods=["DELETE"],
+            ),
+            Route(
+                "/v1/responses/{response_id}/cancel",
+                partial(cancel_response, self.state),
+                methods=["POST"],
+            ),
+            Route(
+                "/v1/responses/{response_id}/input_items",
+                partial(list_input_items, self.state),
+                methods=["GET"],
+            ),
             Route("/v1/organization/costs", self.costs, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/_sim/config", self.get_config, methods=["GET"]),
@@ -89,6 +120,7 @@ class _Endpoints:
         return JSONResponse(self.state.knobs.to_json())
 
     async def billing(self, request: Request) -> Response:
+        self.state.responses.settle(time.time(), self.state.record)
         return JSONResponse(self.state.record.to_json())
 
     async def arrived(self, request: Request) -> Response:
@@ -96,6 +128,7 @@ class _Endpoints:
 
     async def reset(self, request: Request) -> Response:
         self.state.record.clear()
+        self.state.responses.clear()
         self.arrivals.clear()
         return JSONResponse({"status": "ok"})
 
@@ -103,6 +136,7 @@ class _Endpoints:
         authorization = request.headers.get("authorization")
         if not self.state.admits(authorization):
             return error_response(invalid_api_key(authorization), "req_sim_costs")
+        self.state.responses.settle(time.time(), self.state.record)
         try:
             page = costs_page(self.state.record.entries(), request.query_params, now=time.time())
         except CostsQueryError as exc:

@@ -1,0 +1,267 @@
+"""The simulated Responses API request path, top to bottom.
+
+create:   authenticate → read the body → validate → play a fault → find the previous
+          response → moderate → bill (a background response: when it ends) → store → answer
+retrieve, cancel, delete, input_items: authenticate → bill what has ended → find → answer
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from proxy.simulator import connection
+from proxy.simulator.billing import RECORDED_HEADERS, Entry
+from proxy.simulator.faults import (
+    GARBAGE_BODY,
+    ResponseFault,
+    fault_error,
+    moderation_error,
+    pick_response_fault,
+)
+from proxy.simulator.forms import parse_json
+from proxy.simulator.refusals import ApiError, invalid_api_key
+from proxy.simulator.response_answers import (
+    FrameKind,
+    Snapshot,
+    Status,
+    input_items_page,
+    response_json,
+    stream_frames,
+)
+from proxy.simulator.response_store import StoredResponse
+from proxy.simulator.response_tokens import ResponseTokens, failed_tokens, tokens_of
+from proxy.simulator.responses import ResponseOrder, read_order
+from proxy.simulator.routes import (
+    NO_ANSWER,
+    SimulatorState,
+    cut_short,
+    error_response,
+    json_response,
+    no_answer,
+    sleep_ms,
+)
+
+
+@dataclass(frozen=True)
+class _Arrival:
+    """A create request as it arrived: what its record entry needs."""
+
+    id: str
+    time: float
+    authorization: str | None
+    headers: dict[str, str]
+
+    @classmethod
+    def of(cls, request: Request) -> _Arrival:
+        headers = {n: request.headers[n] for n in RECORDED_HEADERS if n in request.headers}
+        return cls(
+            f"resp_{uuid.uuid4().hex}", time.time(), request.headers.get("authorization"), headers
+        )
+
+    def entry(
+        self,
+        fields: dict[str, Any],
+        order: ResponseOrder | None,
+        *,
+        status: int,
+        tokens: ResponseTokens | None = None,
+    ) -> Entry:
+        """The record entry; billed when `tokens` is given (OpenAI did the work)."""
+        tool = order.tool if order else None
+        model = fields.get("model")
+        return Entry(
+            id=self.id,
+            time=self.time,
+            endpoint="responses",
+            model=tool.model.name if tool else None,
+            quality=tool.quality if tool else None,
+            size=tool.size if tool else None,
+            n=order.image_calls if order else None,
+            stream=order.stream if order else False,
+            status=status,
+            billed=tokens is not None,
+            usage=tokens.image_gen if tokens else None,
+            images=order.image_calls if order and tokens else 0,
+            authorization=self.authorization,
+            headers=self.headers,
+            params={
+                k: v
+                for k, v in fields.items()
+                if k not in ("input", "instructions") and isinstance(v, str | int | float | bool)
+            },
+            image_count=len(order.images) if order else 0,
+            mainline_model=model if isinstance(model, str) else None,
+            mainline=tokens.mainline if tokens else None,
+        )
+
+
+def _final(tokens: ResponseTokens, fault: ResponseFault | None) -> Status:
+    if fault == "failed":
+        return "failed"
+    return "incomplete" if tokens.incomplete else "completed"
+
+
+async def create_response(state: SimulatorState, request: Request) -> Response:
+    """Answer `POST /v1/responses` the way OpenAI would."""
+    arrival = _Arrival.of(request)
+    accepted = await _accept(state, request, arrival)
+    if isinstance(accepted, Response):
+        return accepted
+    fields, order, fault, carried = accepted
+    tokens = tokens_of(order, carried)
+    if fault == "failed":
+        tokens = failed_tokens(tokens)
+    knobs = state.knobs
+    # A background stream is answered as a stream: it ends (and bills) as it is sent.
+    queued = order.background and not order.stream
+    delay = knobs.latency_ms / 1000 if queued else 0.0
+    stored = StoredResponse(
+        arrival.id,
+        order,
+        tokens,
+        arrival.time,
+        arrival.time + delay,
+        _final(tokens, fault),
+        knobs.payload_bytes,
+    )
+    entry = arrival.entry(fields, order, status=200, tokens=tokens)
+    if queued:
+        stored.pending = entry
+    else:
+        state.record.append(entry)
+    if order.store:
+        state.responses.put(stored)
+    if queued:
+        return json_response(200, response_json(stored.snapshot(arrival.time)), arrival.id, {})
+    snap = replace(stored.snapshot(stored.ready_at), with_usage=fault != "nousage")
+    if order.stream:
+        return _stream(snap, knobs.latency_ms, fault, request)
+    await sleep_ms(knobs.latency_ms)
+    if fault == "garbage":
+        return Response(
+            GARBAGE_BODY, headers={"x-request-id": arrival.id}, media_type="application/json"
+        )
+    if fault == "truncate":
+        return cut_short(json.dumps(response_json(snap)).encode(), request, arrival.id)
+    return json_response(200, response_json(snap), arrival.id, {})
+
+
+async def _accept(
+    state: SimulatorState, request: Request, arrival: _Arrival
+) -> tuple[dict[str, Any], ResponseOrder, ResponseFault | None, int] | Response:
+    """The body read and validated, its fault and the tokens carried from the previous
+    response; or, recorded, the answer that ends the request there."""
+    fields: dict[str, Any] = {}
+    order = None
+    fault: ResponseFault | None = state.knobs.fault
+    try:
+        if not state.admits(arrival.authorization):
+            raise invalid_api_key(arrival.authorization)
+        fields = dict(parse_json("generations", await request.body()).fields)
+        order = read_order(fields)
+        fault = pick_response_fault(order.prompt, state.knobs.fault)
+        if fault == "timeout" or fault == "reset":
+            state.record.append(arrival.entry(fields, order, status=NO_ANSWER))
+            return await no_answer(fault, request, arrival.id)
+        carried = 0
+        if order.previous_response_id is not None:
+            previous = state.responses.previous(order.previous_response_id).tokens.mainline
+            carried = previous.input + previous.output
+        error = (fault_error(fault) if fault else None) or moderation_error(order.prompt)
+        if error is not None:
+            raise error
+    except ApiError as error:
+        state.record.append(arrival.entry(fields, order, status=error.status))
+        await sleep_ms(state.knobs.latency_ms)
+        return error_response(error, arrival.id)
+    return fields, order, fault, carried
+
+
+def _garbled(frames: list[tuple[FrameKind, bytes]]) -> list[tuple[FrameKind, bytes]]:
+    """The stream with its terminal event's data replaced by what is not JSON."""
+    event_line = frames[-1][1].split(b"\n", 1)[0]
+    return [*frames[:-1], ("terminal", event_line + b"\ndata: " + GARBAGE_BODY + b"\n\n")]
+
+
+def _stream(
+    snap: Snapshot, latency_ms: int, fault: ResponseFault | None, request: Request
+) -> StreamingResponse:
+    frames = stream_frames(snap)
+    if fault == "garbage":
+        frames = _garbled(frames)
+    pause_ms = latency_ms / len(frames)
+
+    async def events() -> AsyncIterator[bytes]:
+        for kind, frame in frames:
+            await sleep_ms(pause_ms)
+            if kind == "terminal" and fault == "truncate":
+                await connection.abort(request)
+                return
+            yield frame
+
+    headers = {"x-request-id": snap.id, "cache-control": "no-cache"}
+    return StreamingResponse(events(), headers=headers, media_type="text/event-stream")
+
+
+async def _found(
+    state: SimulatorState, request: Request
+) -> tuple[StoredResponse, float] | Response:
+    """The stored response the path names, with every ended background response billed."""
+    authorization = request.headers.get("authorization")
+    request_id = f"req_{uuid.uuid4().hex}"
+    now = time.time()
+    state.responses.settle(now, state.record)
+    try:
+        if not state.admits(authorization):
+            raise invalid_api_key(authorization)
+        return state.responses.get(request.path_params["response_id"]), now
+    except ApiError as error:
+        return error_response(error, request_id)
+
+
+async def retrieve_response(state: SimulatorState, request: Request) -> Response:
+    found = await _found(state, request)
+    if isinstance(found, Response):
+        return found
+    stored, now = found
+    return json_response(200, response_json(stored.snapshot(now)), stored.id, {})
+
+
+async def cancel_response(state: SimulatorState, request: Request) -> Response:
+    found = await _found(state, request)
+    if isinstance(found, Response):
+        return found
+    stored, now = found
+    try:
+        state.responses.cancel(stored.id, now, state.record)
+    except ApiError as error:
+        return error_response(error, stored.id)
+    return json_response(200, response_json(stored.snapshot(now)), stored.id, {})
+
+
+async def delete_response(state: SimulatorState, request: Request) -> Response:
+    found = await _found(state, request)
+    if isinstance(found, Response):
+        return found
+    stored, _ = found
+    state.responses.delete(stored.id)
+    body = {"id": stored.id, "object": "response.deleted", "deleted": True}
+    return json_response(200, body, stored.id, {})
+
+
+async def list_input_items(state: SimulatorState, request: Request) -> Response:
+    found = await _found(state, request)
+    if isinstance(found, Response):
+        return found
+    stored, _ = found
+    ascending = request.query_params.get("order") == "asc"
+    page = input_items_page(stored.order, stored.id, ascending=ascending)
+    return json_response(200, page, stored.id, {})

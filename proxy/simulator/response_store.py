@@ -1,0 +1,127 @@
+"""Stored responses: what `retrieve`, `cancel`, `delete`, `input_items` and
+`previous_response_id` find, kept in memory for one simulator (time passed in).
+
+A background response is `queued` when created, `in_progress` until its latency has
+passed, then final (`completed`, `incomplete` or `failed`); it is billed (its entry added
+to the record) when it is first seen final, by any later request to the simulator.
+
+Cancelling (background responses only; OpenAI's rule) before the end stops the work:
+the response is `cancelled`, billed for the mainline input it had read and nothing
+else (no image was finished, no output written). Cancelling a finished response
+returns it unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from proxy.simulator.billing import BilledUsage, BillingRecord, Entry, MainlineUsage
+from proxy.simulator.refusals import ApiError, invalid
+from proxy.simulator.response_answers import Snapshot, Status
+from proxy.simulator.response_tokens import ResponseTokens
+from proxy.simulator.responses import ResponseOrder
+
+MAX_STORED = 10_000
+
+
+@dataclass
+class StoredResponse:
+    """One response as stored: its order, what it bills and where it stands."""
+
+    id: str
+    order: ResponseOrder
+    tokens: ResponseTokens
+    created_at: float
+    ready_at: float
+    final: Status
+    padding: int = 0
+    cancelled: bool = False
+    pending: Entry | None = None
+    """The record entry still to add (a background response not yet seen final)."""
+
+    def status(self, now: float) -> Status:
+        if self.cancelled:
+            return "cancelled"
+        if now < self.ready_at:
+            return "queued" if now <= self.created_at else "in_progress"
+        return self.final
+
+    def snapshot(self, now: float) -> Snapshot:
+        return Snapshot(
+            self.id, self.order, self.tokens, int(self.created_at), self.status(now), self.padding
+        )
+
+
+def cancelled_tokens(tokens: ResponseTokens) -> ResponseTokens:
+    """What a response cancelled before its end bills: the mainline input only."""
+    mainline = MainlineUsage(input=tokens.mainline.input, cached_input=tokens.mainline.cached_input)
+    return ResponseTokens(mainline, BilledUsage(), "", incomplete=False)
+
+
+def not_found(response_id: str) -> ApiError:
+    return ApiError(404, f"Response with id '{response_id}' not found.", param=None, code=None)
+
+
+class ResponseStore:
+    """The simulator's stored responses, by id, oldest first."""
+
+    def __init__(self) -> None:
+        self._responses: dict[str, StoredResponse] = {}
+
+    def put(self, stored: StoredResponse) -> None:
+        self._responses[stored.id] = stored
+        while len(self._responses) > MAX_STORED:
+            oldest = next(iter(self._responses))
+            if self._responses[oldest].pending is not None:
+                break
+            del self._responses[oldest]
+
+    def get(self, response_id: str) -> StoredResponse:
+        stored = self._responses.get(response_id)
+        if stored is None:
+            raise not_found(response_id)
+        return stored
+
+    def previous(self, response_id: str) -> StoredResponse:
+        """The response `previous_response_id` names, or OpenAI's 404."""
+        stored = self._responses.get(response_id)
+        if stored is None:
+            raise ApiError(
+                404,
+                f"Previous response with id '{response_id}' not found.",
+                param="previous_response_id",
+                code="previous_response_not_found",
+            )
+        return stored
+
+    def delete(self, response_id: str) -> None:
+        self.get(response_id)
+        del self._responses[response_id]
+
+    def cancel(self, response_id: str, now: float, record: BillingRecord) -> StoredResponse:
+        stored = self.get(response_id)
+        if not stored.order.background:
+            raise invalid(
+                "Only responses created with background=true can be cancelled.", param=None
+            )
+        if stored.status(now) in ("queued", "in_progress"):
+            stored.cancelled = True
+            stored.tokens = cancelled_tokens(stored.tokens)
+            if stored.pending is not None:
+                record.append(cancelled_entry(stored.pending, stored.tokens))
+                stored.pending = None
+        return stored
+
+    def settle(self, now: float, record: BillingRecord) -> None:
+        """Bill every background response that has reached its end."""
+        for stored in self._responses.values():
+            if stored.pending is not None and now >= stored.ready_at:
+                record.append(stored.pending)
+                stored.pending = None
+
+    def clear(self) -> None:
+        self._responses.clear()
+
+
+def cancelled_entry(entry: Entry, tokens: ResponseTokens) -> Entry:
+    return replace(entry, usage=tokens.image_gen, mainline=tokens.mainline, images=0)

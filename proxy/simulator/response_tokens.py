@@ -1,0 +1,97 @@
+"""The token rules of a simulated Responses answer (pure).
+
+Mainline tokens (top-level `usage`):
+    input   ceil(utf-8 bytes / 4) of the instructions and every input text, the tile rule
+            for each input image (counted at 1024x1024), plus the previous response's
+            input and output tokens, which OpenAI bills again as input; of those carried
+            tokens, `cached_tokens` reports the part prompt caching would hit (128-token
+            steps, from 1024 tokens on)
+    output  the answer text's tokens, the revised prompt's tokens per image call (the
+            model writes the call), and REASONING_TOKENS for reasoning models
+            (`output_tokens_details.reasoning_tokens`)
+Image tokens (`tool_usage.image_gen`), summed over calls, by the Images path's rules
+(`tokens.py`) for the tool's model, quality and size: the revised prompt as text input,
+the input images as image input, and 100 output tokens per partial image when streamed.
+
+With `max_output_tokens` below the output the answer needs, the response is
+`incomplete` (reason `max_output_tokens`): the image calls still run and bill, the text
+is cut, and `output_tokens` is `max_output_tokens`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from proxy.simulator.billing import BilledUsage, MainlineUsage
+from proxy.simulator.responses import ResponseOrder
+from proxy.simulator.tokens import image_input_tokens, text_tokens, tokens_for
+
+REASONING_TOKENS = 64
+CACHE_MIN_TOKENS = 1024
+CACHE_STEP = 128
+MAINLINE_IMAGE_TOKENS = image_input_tokens(1024, 1024, high_fidelity=False)
+
+
+@dataclass(frozen=True)
+class ResponseTokens:
+    """What one response bills: the mainline model's tokens and the image tool's."""
+
+    mainline: MainlineUsage
+    image_gen: BilledUsage
+    answer: str
+    """The answer text, cut when `max_output_tokens` is reached."""
+    incomplete: bool
+
+
+def answer_text(calls: int) -> str:
+    """The mainline model's deterministic answer."""
+    if calls == 0:
+        return "This is the simulator's answer to your request."
+    if calls == 1:
+        return "Here is the image you asked for."
+    return f"Here are the {calls} images you asked for."
+
+
+def cached_tokens(carried: int) -> int:
+    """Prompt caching's hit on a carried prefix: `cached_tokens(1300) == 1280`."""
+    return 0 if carried < CACHE_MIN_TOKENS else carried // CACHE_STEP * CACHE_STEP
+
+
+def image_gen_usage(order: ResponseOrder) -> BilledUsage:
+    """`tool_usage.image_gen` of all the order's image calls."""
+    if order.tool is None or order.image_calls == 0:
+        return BilledUsage()
+    one = tokens_for(replace(order.tool, n=1))
+    calls = order.image_calls
+    return BilledUsage(
+        text_input=one.text_input * calls,
+        image_input=one.image_input * calls,
+        image_output=one.output_per_completed * calls,
+    )
+
+
+def tokens_of(order: ResponseOrder, carried: int = 0) -> ResponseTokens:
+    """What a response bills; `carried` is the previous response's input + output tokens."""
+    answer = answer_text(order.image_calls)
+    reasoning = REASONING_TOKENS if order.model.reasoning else 0
+    calls = order.image_calls * text_tokens(order.revised_prompt) if order.tool else 0
+    output = reasoning + calls + text_tokens(answer)
+    incomplete = order.max_output_tokens is not None and output > order.max_output_tokens
+    if incomplete and order.max_output_tokens is not None:
+        room = max(0, order.max_output_tokens - reasoning - calls)
+        answer, output = answer[: room * 4], order.max_output_tokens
+    own = sum(text_tokens(t) for t in order.texts) + MAINLINE_IMAGE_TOKENS * len(order.images)
+    mainline = MainlineUsage(
+        input=own + carried,
+        cached_input=cached_tokens(carried),
+        output=output,
+        reasoning=reasoning,
+    )
+    return ResponseTokens(mainline, image_gen_usage(order), answer, incomplete)
+
+
+def failed_tokens(tokens: ResponseTokens) -> ResponseTokens:
+    """What a response that failed after its image calls bills: no answer text written."""
+    written = tokens.mainline.output - text_tokens(tokens.answer)
+    mainline = replace(tokens.mainline, output=max(written, tokens.mainline.reasoning))
+    return replace(tokens, mainline=mainline, answer="")

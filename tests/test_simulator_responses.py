@@ -1,0 +1,595 @@
+"""The simulated Responses API (image_generation tool), driven by the official openai SDK
+over loopback."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from openai.types.responses import Response
+from PIL import Image
+
+from proxy.simulator import SimulatorSettings, create_simulator_app
+from proxy.simulator.response_tokens import (
+    MAINLINE_IMAGE_TOKENS,
+    REASONING_TOKENS,
+    answer_text,
+    cached_tokens,
+)
+from proxy.simulator.responses import MAX_IMAGE_CALLS, read_order
+from proxy.simulator.tokens import (
+    PARTIAL_IMAGE_TOKENS,
+    formula_tokens,
+    image_input_tokens,
+    text_tokens,
+)
+
+API_KEY = "sk-sim-test-key-0002"
+AUTH = {"authorization": f"Bearer {API_KEY}"}
+TOOL: Any = {
+    "type": "image_generation",
+    "model": "gpt-image-2",
+    "quality": "low",
+    "size": "1024x1024",
+}
+LOW_1024 = formula_tokens(16, 1024, 1024)
+
+
+@dataclass
+class Sim:
+    """A running simulator: the SDK client and a plain HTTP client for the /_sim endpoints."""
+
+    http: httpx.Client
+    client: openai.OpenAI
+
+    def billing(self) -> list[dict[str, Any]]:
+        requests: list[dict[str, Any]] = self.http.get("/_sim/billing").json()["requests"]
+        return requests
+
+    def last(self) -> dict[str, Any]:
+        return self.billing()[-1]
+
+    def configure(self, **knobs: Any) -> None:
+        self.http.post("/_sim/config", json=knobs).raise_for_status()
+
+    def post(self, body: dict[str, Any], path: str = "/v1/responses") -> httpx.Response:
+        return self.http.post(path, headers=AUTH, json=body)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    app = create_simulator_app(SimulatorSettings(api_key=API_KEY))
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="critical", lifespan="off")
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not uv.started:
+        assert time.monotonic() < deadline, "simulator did not start"
+        time.sleep(0.01)
+    port = uv.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    uv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def sim(server: str) -> Iterator[Sim]:
+    with httpx.Client(base_url=server) as http:
+        http.post("/_sim/reset").raise_for_status()
+        http.post("/_sim/config", json={"latency_ms": 0, "payload_bytes": 0, "fault": None})
+        client = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+        with client:
+            yield Sim(http, client)
+
+
+def decoded(b64: str | None) -> Image.Image:
+    assert b64 is not None
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def images_of(response: Response) -> list[Any]:
+    return [item for item in response.output if item.type == "image_generation_call"]
+
+
+def test_a_response_with_the_image_tool_returns_a_decodable_image_and_a_message(
+    sim: Sim,
+) -> None:
+    tool = {**TOOL, "model": "gpt-image-1.5", "size": "1536x1024", "output_format": "webp"}
+    response = sim.client.responses.create(model="gpt-4.1", input="Draw a cat", tools=[tool])
+    assert response.status == "completed"
+    assert response.output_text == answer_text(1)
+    [call] = images_of(response)
+    assert call.status == "completed" and call.id.startswith("ig_")
+    assert call.revised_prompt == "Draw a cat"
+    assert (call.size, call.quality, call.output_format) == ("1536x1024", "low", "webp")
+    image = decoded(call.result)
+    assert (image.format, image.size) == ("WEBP", (1536, 1024))
+    assert [item.type for item in response.output] == ["image_generation_call", "message"]
+
+
+def test_usage_is_the_mainline_models_and_tool_usage_the_image_token_rules(sim: Sim) -> None:
+    prompt = "Draw a lighthouse at dusk"
+    response = sim.client.responses.create(
+        model="gpt-5",
+        instructions="Be brief.",
+        input=prompt,
+        tools=[TOOL],
+    )
+    usage, image_gen = response.usage, response.tool_usage
+    assert usage is not None and image_gen is not None
+    expected_input = text_tokens("Be brief.") + text_tokens(prompt)
+    expected_output = REASONING_TOKENS + text_tokens(prompt) + text_tokens(answer_text(1))
+    assert (usage.input_tokens, usage.input_tokens_details.cached_tokens) == (expected_input, 0)
+    assert usage.output_tokens == expected_output
+    assert usage.output_tokens_details.reasoning_tokens == REASONING_TOKENS
+    assert usage.total_tokens == expected_input + expected_output
+    gen = image_gen.image_gen
+    assert gen.input_tokens_details.text_tokens == text_tokens(prompt)
+    assert gen.input_tokens_details.image_tokens == 0
+    assert gen.output_tokens == LOW_1024
+    assert gen.total_tokens == text_tokens(prompt) + LOW_1024
+    entry = sim.last()
+    assert (entry["endpoint"], entry["model"], entry["mainline_model"]) == (
+        "responses",
+        "gpt-image-2",
+        "gpt-5",
+    )
+    assert entry["billed"] and entry["images"] == 1
+    assert entry["mainline"] == {
+        "input": expected_input,
+        "cached_input": 0,
+        "output": expected_output,
+        "reasoning": REASONING_TOKENS,
+    }
+    assert entry["usage"] == {
+        "text_input": text_tokens(prompt),
+        "image_input": 0,
+        "image_output": LOW_1024,
+        "text_output": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"tools": []}, {"tools": [TOOL], "tool_choice": "none"}],
+    ids=["no tool", "tool_choice none"],
+)
+def test_no_image_is_made_without_the_tool_or_with_tool_choice_none(
+    sim: Sim, options: dict[str, Any]
+) -> None:
+    response = sim.client.responses.create(model="gpt-4.1-mini", input="Draw a cat", **options)
+    assert images_of(response) == []
+    assert response.output_text == answer_text(0)
+    assert response.tool_usage is not None
+    assert response.tool_usage.image_gen.total_tokens == 0
+    assert sim.last()["images"] == 0
+
+
+def test_an_images_marker_asks_for_several_images_and_max_tool_calls_caps_them(
+    sim: Sim,
+) -> None:
+    prompt = "Three cats [[images:3]]"
+    three = sim.client.responses.create(model="gpt-4.1", input=prompt, tools=[TOOL])
+    assert len(images_of(three)) == 3
+    assert three.tool_usage is not None
+    assert three.tool_usage.image_gen.output_tokens == 3 * LOW_1024
+    assert images_of(three)[0].revised_prompt == "Three cats"
+    two = sim.client.responses.create(
+        model="gpt-4.1",
+        input=prompt,
+        tools=[TOOL],
+        max_tool_calls=2,
+    )
+    assert len(images_of(two)) == 2
+    assert [e["images"] for e in sim.billing()] == [3, 2]
+
+
+def test_input_images_make_an_edit_billed_as_image_input_to_both_models(sim: Sim) -> None:
+    content = [
+        {"type": "input_text", "text": "Make it blue"},
+        {"type": "input_image", "image_url": "https://example.com/cat.png"},
+    ]
+    response = sim.client.responses.create(
+        model="gpt-4.1",
+        input=[{"role": "user", "content": content}],
+        tools=[TOOL],
+    )
+    [call] = images_of(response)
+    assert call.action == "edit"
+    assert response.usage is not None and response.tool_usage is not None
+    assert response.usage.input_tokens == text_tokens("Make it blue") + MAINLINE_IMAGE_TOKENS
+    reference = image_input_tokens(1024, 1024, high_fidelity=True)  # gpt-image-2: always high
+    assert response.tool_usage.image_gen.input_tokens_details.image_tokens == reference
+    assert sim.last()["image_count"] == 1
+
+
+def test_a_stream_sends_every_event_in_order_and_completed_carries_the_usage(
+    sim: Sim,
+) -> None:
+    tool = {**TOOL, "partial_images": 2}
+    stream = sim.client.responses.create(
+        model="gpt-4.1",
+        input="Draw a cat",
+        tools=[tool],
+        stream=True,
+    )
+    events = list(stream)
+    types = [event.type for event in events]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    image_events = [
+        "response.output_item.added",
+        "response.image_generation_call.in_progress",
+        "response.image_generation_call.generating",
+        "response.image_generation_call.partial_image",
+        "response.image_generation_call.partial_image",
+        "response.image_generation_call.completed",
+        "response.output_item.done",
+    ]
+    assert types[:9] == ["response.created", "response.in_progress", *image_events]
+    assert types[9:11] == ["response.output_item.added", "response.content_part.added"]
+    assert types[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == answer_text(1)
+    partials = [e for e in events if e.type == "response.image_generation_call.partial_image"]
+    assert [p.partial_image_index for p in partials] == [0, 1]
+    assert decoded(partials[0].partial_image_b64).size == (1024, 1024)
+    completed = events[-1]
+    assert completed.type == "response.completed"
+    final = completed.response
+    assert final.tool_usage is not None and final.usage is not None
+    expected = LOW_1024 + 2 * PARTIAL_IMAGE_TOKENS
+    assert final.tool_usage.image_gen.output_tokens == expected
+    assert decoded(images_of(final)[0].result).size == (1024, 1024)
+    entry = sim.last()
+    assert entry["stream"] and entry["usage"]["image_output"] == expected
+    assert entry["mainline"]["output"] == final.usage.output_tokens
+
+
+def test_the_beta_query_path_is_served_like_the_plain_path(sim: Sim) -> None:
+    answer = sim.post(
+        {"model": "gpt-4.1", "input": "Draw", "tools": [TOOL]}, "/v1/responses?beta=true"
+    )
+    assert answer.status_code == 200
+    assert answer.json()["output"][0]["type"] == "image_generation_call"
+    assert sim.last()["endpoint"] == "responses"
+
+
+def test_max_output_tokens_below_the_answer_makes_an_incomplete_response(sim: Sim) -> None:
+    response = sim.client.responses.create(
+        model="gpt-5",
+        input="Draw a cat",
+        tools=[TOOL],
+        max_output_tokens=70,
+    )
+    assert response.status == "incomplete"
+    assert response.incomplete_details is not None
+    assert response.incomplete_details.reason == "max_output_tokens"
+    assert response.usage is not None and response.usage.output_tokens == 70
+    assert len(images_of(response)) == 1
+    assert len(response.output_text) < len(answer_text(1))
+    stream = sim.client.responses.create(
+        model="gpt-5",
+        input="Draw a cat",
+        tools=[TOOL],
+        max_output_tokens=70,
+        stream=True,
+    )
+    last = list(stream)[-1]
+    assert last.type == "response.incomplete"
+    assert last.response.usage is not None and last.response.usage.output_tokens == 70
+
+
+def test_the_failed_fault_ends_a_stream_with_response_failed_billed_for_its_image(
+    sim: Sim,
+) -> None:
+    stream = sim.client.responses.create(
+        model="gpt-4.1",
+        input="Draw [[fault:failed]]",
+        tools=[TOOL],
+        stream=True,
+    )
+    events = list(stream)
+    assert events[-1].type == "response.failed"
+    failed = events[-1].response
+    assert failed.status == "failed" and failed.error is not None
+    assert failed.error.code == "server_error"
+    assert [item.type for item in failed.output] == ["image_generation_call"]
+    assert "response.output_text.delta" not in [e.type for e in events]
+    assert failed.usage is not None and failed.tool_usage is not None
+    assert failed.usage.output_tokens == text_tokens("Draw")
+    assert failed.tool_usage.image_gen.output_tokens == LOW_1024
+    assert sim.last()["billed"]
+
+
+def test_the_truncate_fault_cuts_a_stream_before_its_terminal_event_and_still_bills(
+    sim: Sim,
+) -> None:
+    seen: list[str] = []
+    with pytest.raises((httpx.HTTPError, openai.APIError)):
+        stream = sim.client.responses.create(
+            model="gpt-4.1",
+            input="Draw [[fault:truncate]]",
+            tools=[TOOL],
+            stream=True,
+        )
+        seen.extend(event.type for event in stream)
+    assert seen[0] == "response.created" and seen[-1] == "response.output_item.done"
+    assert sim.last()["billed"]
+
+
+def test_the_failed_fault_answers_a_non_stream_request_with_a_failed_response(
+    sim: Sim,
+) -> None:
+    response = sim.client.responses.create(
+        model="gpt-4.1", input="Draw [[fault:failed]]", tools=[TOOL]
+    )
+    assert response.status == "failed" and response.output_text == ""
+    assert len(images_of(response)) == 1
+    assert sim.last()["usage"]["image_output"] == LOW_1024
+
+
+def test_the_garbage_fault_answers_a_body_that_is_not_json_and_bills(sim: Sim) -> None:
+    answer = sim.post({"model": "gpt-4.1", "input": "Draw [[fault:garbage]]", "tools": [TOOL]})
+    assert answer.status_code == 200
+    with pytest.raises(ValueError):
+        answer.json()
+    assert sim.last()["billed"]
+
+
+def test_nousage_fault_answers_without_usage_or_tool_usage_but_bills(sim: Sim) -> None:
+    response = sim.client.responses.create(
+        model="gpt-4.1",
+        input="Draw [[fault:nousage]]",
+        tools=[TOOL],
+    )
+    assert response.usage is None and response.tool_usage is None
+    assert sim.last()["billed"]
+
+
+@pytest.mark.parametrize(
+    ("marker", "error", "status"),
+    [
+        ("[[fault:429]]", openai.RateLimitError, 429),
+        ("[[fault:500]]", openai.InternalServerError, 500),
+        ("a forbidden picture", openai.BadRequestError, 400),
+    ],
+)
+def test_error_faults_and_moderation_answer_in_openais_shape_and_bill_nothing(
+    sim: Sim, marker: str, error: type[openai.APIStatusError], status: int
+) -> None:
+    with pytest.raises(error) as caught:
+        sim.client.responses.create(model="gpt-4.1", input=marker, tools=[TOOL])
+    assert caught.value.status_code == status
+    entry = sim.last()
+    assert (entry["status"], entry["billed"]) == (status, False)
+
+
+@pytest.mark.parametrize(
+    ("change", "param", "code"),
+    [
+        ({"model": "gpt-unknown"}, "model", "model_not_found"),
+        ({"tools": [{**TOOL, "colour": "red"}]}, "tools[0].colour", "unknown_parameter"),
+        (
+            {"tools": [{**TOOL, "partial_images": 4}]},
+            "tools[0].partial_images",
+            "integer_above_max_value",
+        ),
+        (
+            {"tools": [{**TOOL, "model": "gpt-image-1.5", "size": "2048x2048"}]},
+            "tools[0].size",
+            "invalid_value",
+        ),
+        ({"tools": [{**TOOL, "size": "1000x1000"}]}, "tools[0].size", "invalid_value"),
+        ({"tools": [{**TOOL, "model": "dall-e-3"}]}, "tools[0].model", "invalid_value"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type", "invalid_value"),
+        ({"max_output_tokens": 8}, "max_output_tokens", "integer_below_min_value"),
+        ({"max_tool_calls": "two"}, "max_tool_calls", "invalid_type"),
+        ({"stream": "yes"}, "stream", "invalid_type"),
+        ({"tool_choice": "sometimes"}, "tool_choice", "invalid_value"),
+        ({"background": True, "store": False}, "background", "invalid_value"),
+        ({"input": []}, "input", "missing_required_parameter"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+            "input[0].content[0].type",
+            "invalid_value",
+        ),
+        ({"temperatur": 1}, "temperatur", "unknown_parameter"),
+    ],
+)
+def test_invalid_requests_are_400s_in_openais_shape_naming_the_parameter(
+    sim: Sim, change: dict[str, Any], param: str, code: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        # Sent over the SDK's own body, as a caller's raw extra_body would be.
+        sim.client.responses.create(
+            model="gpt-4.1",
+            input="Draw a cat",
+            tools=[TOOL],
+            extra_body=change,
+        )
+    error = caught.value.body
+    assert isinstance(error, dict)
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code)
+    assert sim.last()["status"] == 400 and not sim.last()["billed"]
+
+
+def test_a_background_response_is_queued_then_completed_after_the_latency_and_billed_then(
+    sim: Sim,
+) -> None:
+    sim.configure(latency_ms=300)
+    queued = sim.client.responses.create(
+        model="gpt-4.1",
+        input="Draw a cat",
+        tools=[TOOL],
+        background=True,
+    )
+    assert queued.status == "queued" and queued.background
+    assert queued.usage is None and queued.output == []
+    assert sim.client.responses.retrieve(queued.id).status == "in_progress"
+    assert sim.billing() == []
+    time.sleep(0.35)
+    done = sim.client.responses.retrieve(queued.id)
+    assert done.status == "completed"
+    assert done.tool_usage is not None and done.tool_usage.image_gen.output_tokens == LOW_1024
+    assert decoded(images_of(done)[0].result).size == (1024, 1024)
+    [entry] = sim.billing()
+    assert entry["id"] == queued.id and entry["billed"] and entry["images"] == 1
+
+
+def test_a_background_stream_is_streamed_at_once_and_retrievable_as_completed(
+    sim: Sim,
+) -> None:
+    sim.configure(latency_ms=60)
+    stream = sim.client.responses.create(
+        model="gpt-4.1", input="Draw a cat", tools=[TOOL], background=True, stream=True
+    )
+    last = list(stream)[-1]
+    assert last.type == "response.completed" and last.response.background
+    assert sim.client.responses.retrieve(last.response.id).status == "completed"
+    assert sim.last()["billed"]
+
+
+def test_cancelling_a_background_response_bills_only_the_mainline_input(sim: Sim) -> None:
+    sim.configure(latency_ms=60_000)
+    queued = sim.client.responses.create(
+        model="gpt-4.1",
+        input="Draw a cat",
+        tools=[TOOL],
+        background=True,
+    )
+    cancelled = sim.client.responses.cancel(queued.id)
+    assert cancelled.status == "cancelled" and cancelled.output == []
+    assert cancelled.usage is not None and cancelled.tool_usage is not None
+    assert cancelled.usage.input_tokens == text_tokens("Draw a cat")
+    assert cancelled.usage.output_tokens == 0
+    assert cancelled.tool_usage.image_gen.total_tokens == 0
+    assert sim.client.responses.retrieve(queued.id).status == "cancelled"
+    [entry] = sim.billing()
+    assert entry["images"] == 0 and entry["mainline"]["input"] == text_tokens("Draw a cat")
+    assert entry["usage"]["image_output"] == 0
+
+
+def test_only_a_background_response_can_be_cancelled(sim: Sim) -> None:
+    response = sim.client.responses.create(model="gpt-4.1", input="Draw", tools=[TOOL])
+    with pytest.raises(openai.BadRequestError):
+        sim.client.responses.cancel(response.id)
+
+
+def test_retrieve_returns_a_stored_response_and_delete_removes_it(sim: Sim) -> None:
+    response = sim.client.responses.create(model="gpt-4.1", input="Draw", tools=[TOOL])
+    again = sim.client.responses.retrieve(response.id)
+    assert again.id == response.id and again.status == "completed"
+    assert again.usage == response.usage
+    sim.client.responses.delete(response.id)
+    with pytest.raises(openai.NotFoundError):
+        sim.client.responses.retrieve(response.id)
+
+
+def test_a_response_with_store_false_cannot_be_retrieved(sim: Sim) -> None:
+    response = sim.client.responses.create(model="gpt-4.1", input="Draw", store=False)
+    with pytest.raises(openai.NotFoundError):
+        sim.client.responses.retrieve(response.id)
+
+
+def test_input_items_list_the_input_messages_newest_first_by_default(sim: Sim) -> None:
+    response = sim.client.responses.create(
+        model="gpt-4.1",
+        input=[
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "input_text", "text": "Draw a cat"}]},
+        ],
+    )
+    items = list(sim.client.responses.input_items.list(response.id))
+    assert [item.role for item in items] == ["user", "developer"]
+    ascending = sim.client.responses.input_items.list(response.id, order="asc")
+    assert [item.role for item in ascending] == ["developer", "user"]
+
+
+def test_previous_response_id_bills_the_previous_turn_again_as_input(sim: Sim) -> None:
+    first = sim.client.responses.create(model="gpt-4.1", input="Draw a cat", tools=[TOOL])
+    assert first.usage is not None
+    second = sim.client.responses.create(
+        model="gpt-4.1", input="Now a dog", previous_response_id=first.id
+    )
+    carried = first.usage.input_tokens + first.usage.output_tokens
+    assert second.usage is not None
+    assert second.usage.input_tokens == text_tokens("Now a dog") + carried
+    assert second.usage.input_tokens_details.cached_tokens == cached_tokens(carried)
+    assert second.previous_response_id == first.id
+
+
+def test_an_unknown_previous_response_id_is_a_404_previous_response_not_found(
+    sim: Sim,
+) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        sim.client.responses.create(model="gpt-4.1", input="Hi", previous_response_id="resp_x")
+    assert caught.value.code == "previous_response_not_found"
+    assert caught.value.param == "previous_response_id"
+
+
+def test_a_wrong_key_is_a_401_for_create_and_retrieve(sim: Sim, server: str) -> None:
+    with openai.OpenAI(base_url=f"{server}/v1", api_key="sk-wrong", max_retries=0) as wrong:
+        with pytest.raises(openai.AuthenticationError):
+            wrong.responses.create(model="gpt-4.1", input="Hi")
+        with pytest.raises(openai.AuthenticationError):
+            wrong.responses.retrieve("resp_x")
+
+
+@pytest.mark.parametrize(("carried", "cached"), [(0, 0), (1023, 0), (1024, 1024), (1300, 1280)])
+def test_prompt_caching_hits_carried_tokens_in_128_steps_from_1024(
+    carried: int, cached: int
+) -> None:
+    assert cached_tokens(carried) == cached
+
+
+def test_the_sdks_stream_helper_accumulates_the_events_into_the_final_response(
+    sim: Sim,
+) -> None:
+    with sim.client.responses.stream(
+        model="gpt-5", input="Two cats [[images:2]]", tools=[{**TOOL, "partial_images": 1}]
+    ) as stream:
+        final = stream.get_final_response()
+    assert final.output_text == answer_text(2)
+    assert [item.type for item in final.output] == [
+        "image_generation_call",
+        "image_generation_call",
+        "message",
+    ]
+    assert final.tool_usage is not None
+    assert final.tool_usage.image_gen.output_tokens == 2 * (LOW_1024 + PARTIAL_IMAGE_TOKENS)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "options", "calls"),
+    [
+        ("a cat", {}, 1),
+        ("cats [[images:3]]", {}, 3),
+        ("cats [[images:9]]", {}, MAX_IMAGE_CALLS),
+        ("cats [[images:0]]", {}, 0),
+        ("cats [[images:0]]", {"tool_choice": "required"}, 1),
+        ("cats [[images:0]]", {"tool_choice": {"type": "image_generation"}}, 1),
+        ("cats [[images:3]]", {"max_tool_calls": 2}, 2),
+        ("cats [[images:3]]", {"tool_choice": "none"}, 0),
+    ],
+)
+def test_the_image_call_count_follows_the_marker_tool_choice_and_max_tool_calls(
+    prompt: str, options: dict[str, Any], calls: int
+) -> None:
+    order = read_order({"model": "gpt-4.1", "input": prompt, "tools": [TOOL], **options})
+    assert order.image_calls == calls
+    assert order.revised_prompt == prompt.split(" [[")[0]
