@@ -10,8 +10,10 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.types import ASGIApp
 
 from proxy.core.auth import key_hash
 from tests import pg
@@ -102,6 +106,32 @@ class Simulator:
 
     def configure(self, **knobs: Any) -> None:
         httpx.post(f"{self.url}/_sim/config", json=knobs).raise_for_status()
+
+
+@contextmanager
+def serving(app: ASGIApp) -> Iterator[str]:
+    """`app` served by uvicorn on a free loopback port in a thread of this process; its URL."""
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=0,
+        log_level="critical",
+        lifespan="off",
+        timeout_graceful_shutdown=2,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def start_simulator() -> Simulator:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,11 +13,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 from PIL import Image
 
 from proxy.simulator import SimulatorSettings, create_simulator_app
 from proxy.simulator.tokens import formula_tokens, image_input_tokens, text_tokens
+from tests.conftest import serving
 
 API_KEY = "sk-sim-test-key-0001"
 AUTH = {"authorization": f"Bearer {API_KEY}"}
@@ -54,26 +53,8 @@ class Sim:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    app = create_simulator_app(SimulatorSettings(api_key=API_KEY))
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=0,
-        log_level="critical",
-        lifespan="off",
-        timeout_graceful_shutdown=2,
-    )
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not uv.started:
-        assert time.monotonic() < deadline, "simulator did not start"
-        time.sleep(0.01)
-    port = uv.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_simulator_app(SimulatorSettings(api_key=API_KEY))) as url:
+        yield url
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,7 +13,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 from openai.types.responses import Response
 from PIL import Image
 
@@ -32,6 +30,7 @@ from proxy.simulator.tokens import (
     image_input_tokens,
     text_tokens,
 )
+from tests.conftest import serving
 
 API_KEY = "sk-sim-test-key-0002"
 AUTH = {"authorization": f"Bearer {API_KEY}"}
@@ -67,19 +66,8 @@ class Sim:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    app = create_simulator_app(SimulatorSettings(api_key=API_KEY))
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="critical", lifespan="off")
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not uv.started:
-        assert time.monotonic() < deadline, "simulator did not start"
-        time.sleep(0.01)
-    port = uv.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_simulator_app(SimulatorSettings(api_key=API_KEY))) as url:
+        yield url
 
 
 @pytest.fixture
@@ -431,7 +419,7 @@ def test_invalid_requests_are_400s_in_openais_shape_naming_the_parameter(
 def test_a_background_response_is_queued_then_completed_after_the_latency_and_billed_then(
     sim: Sim,
 ) -> None:
-    sim.configure(latency_ms=300)
+    sim.configure(latency_ms=1500)
     queued = sim.client.responses.create(
         model="gpt-4.1",
         input="Draw a cat",
@@ -442,8 +430,10 @@ def test_a_background_response_is_queued_then_completed_after_the_latency_and_bi
     assert queued.usage is None and queued.output == []
     assert sim.client.responses.retrieve(queued.id).status == "in_progress"
     assert sim.billing() == []
-    time.sleep(0.35)
-    done = sim.client.responses.retrieve(queued.id)
+    deadline = time.monotonic() + 60
+    while (done := sim.client.responses.retrieve(queued.id)).status == "in_progress":
+        assert time.monotonic() < deadline, "the background response never ended"
+        time.sleep(0.05)
     assert done.status == "completed"
     assert done.tool_usage is not None and done.tool_usage.image_gen.output_tokens == LOW_1024
     assert decoded(images_of(done)[0].result).size == (1024, 1024)
