@@ -32,6 +32,7 @@ from proxy.core.models import (
     ImageRequest,
     Period,
     Totals,
+    Usage,
     usd_text,
 )
 from proxy.core.pricing import AUTO, ModelPrices, PriceBook, estimate, parse_size
@@ -147,6 +148,9 @@ def applicable(config: Config, team: Team, user: str | None, now: float) -> tupl
 # -- decisions -----------------------------------------------------------------
 
 
+NO_BASE = Estimate(Usage(), 0)
+
+
 @dataclass(frozen=True, slots=True)
 class Variant:
     """A request as it would be sent, with what changed and its bound."""
@@ -154,7 +158,18 @@ class Variant:
     request: ImageRequest
     model: ModelPrices
     estimate: Estimate
+    """The whole bound: the images' and `base`."""
     changes: tuple[Change, ...] = ()
+    base: Estimate = NO_BASE
+    """The part of the bound no downgrade changes (the Responses API's mainline model)."""
+
+
+def priced(model: ModelPrices, request: ImageRequest, base: Estimate = NO_BASE) -> Estimate:
+    """The bound of `request` on `model`, plus `base`."""
+    images = estimate(model, request)
+    if base is NO_BASE:
+        return images
+    return Estimate(images.usage + base.usage, images.cost_nanos + base.cost_nanos)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,18 +180,25 @@ class Decision:
     remaining_nanos: int | None
 
 
+def endpoint_path(endpoint: Endpoint) -> str:
+    return "/v1/responses" if endpoint == "responses" else f"/v1/images/{endpoint}"
+
+
 def allow_endpoint(team: Team, endpoint: Endpoint) -> None:
     """Refuse an endpoint the team may not use, before its body is even read."""
     allowed = team.allow.endpoints
     if allowed is not None and endpoint not in allowed:
         raise PolicyViolation(
-            f"Team {team.name} may not use /v1/images/{endpoint} (allow.endpoints: "
+            f"Team {team.name} may not use {endpoint_path(endpoint)} (allow.endpoints: "
             f"{', '.join(sorted(allowed))})."
         )
 
 
-def apply_allow(team: Team, request: ImageRequest, model: ModelPrices) -> Variant:
-    """The team's `allow` rules: a PolicyViolation, or the request clamped to `max_quality`."""
+def apply_allow(
+    team: Team, request: ImageRequest, model: ModelPrices, base: Estimate = NO_BASE
+) -> Variant:
+    """The team's `allow` rules: a PolicyViolation, or the request clamped to `max_quality`
+    (`base`: the part of the bound outside the images, see `Variant.base`)."""
     allow = team.allow
     allow_endpoint(team, request.endpoint)
     if (
@@ -209,7 +231,7 @@ def apply_allow(team: Team, request: ImageRequest, model: ModelPrices) -> Varian
                 f"{', '.join(sorted(allowed))}).",
                 param=name,
             )
-    variant = Variant(request, model, estimate(model, request))
+    variant = Variant(request, model, priced(model, request, base), (), base)
     if allow.max_quality is not None:
         variant = clamp_quality(variant, allow.max_quality, "policy")
     return variant
@@ -246,7 +268,7 @@ def change(
     request = variant.request.with_changes(**{knob: value})
     target = model or variant.model
     changes = (*variant.changes, Change(knob, before, value, reason))
-    return Variant(request, target, estimate(target, request), changes)
+    return Variant(request, target, priced(target, request, variant.base), changes, variant.base)
 
 
 def summary(changes: Iterable[Change]) -> str:
@@ -443,4 +465,10 @@ def switch_model(variant: Variant, fallback: ModelPrices) -> Variant | None:
     if size != request.size:
         changes.append(Change("size", request.size, size, "budget"))
     switched = request.with_changes(model=fallback.name, quality=quality, size=size)
-    return Variant(switched, fallback, estimate(fallback, switched), (*variant.changes, *changes))
+    return Variant(
+        switched,
+        fallback,
+        priced(fallback, switched, variant.base),
+        (*variant.changes, *changes),
+        variant.base,
+    )

@@ -10,8 +10,10 @@ from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal
 from typing import Literal
 
-Endpoint = Literal["generations", "edits", "variations"]
-ENDPOINTS: tuple[Endpoint, ...] = ("generations", "edits", "variations")
+ImagesEndpoint = Literal["generations", "edits", "variations"]
+IMAGES_ENDPOINTS: tuple[ImagesEndpoint, ...] = ("generations", "edits", "variations")
+Endpoint = Literal["generations", "edits", "variations", "responses"]
+ENDPOINTS: tuple[Endpoint, ...] = ("generations", "edits", "variations", "responses")
 
 Outcome = Literal[
     "ok",
@@ -86,6 +88,12 @@ class Usage:
     know (a future `audio_tokens`), or a total above the sum of its details. Priced at the
     model's dearest input or output rate (fail closed), never stored as such: pricing folds
     them into that kind before the ledger sees them."""
+    mainline_input: int = 0
+    mainline_cached_input: int = 0
+    mainline_output: int = 0
+    """The Responses API's mainline model (top-level `usage`): uncached input, cached
+    input, and output (reasoning included). Priced at the mainline model's rates, never
+    the image model's; the kinds above are the image tool's (`tool_usage.image_gen`)."""
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
@@ -104,7 +112,12 @@ class Usage:
             + self.text_output
             + self.unclassified_input
             + self.unclassified_output
+            + self.mainline_tokens
         )
+
+    @property
+    def mainline_tokens(self) -> int:
+        return self.mainline_input + self.mainline_cached_input + self.mainline_output
 
     def tokens(self, kind: TokenKind) -> int:
         value: int = getattr(self, kind)
@@ -137,6 +150,8 @@ class ImageRequest:
     user: str | None = None
     params: tuple[tuple[str, str], ...] = ()
     """Other scalar request fields (name, value as text) for policy checks."""
+    mainline: str | None = None
+    """The Responses API's mainline model; None for the Images API."""
 
     def with_changes(self, **changes: object) -> ImageRequest:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -173,6 +188,8 @@ class Charge:
     """True when the price is not the price book's exact answer: the answer carried no
     usage (the estimate was charged), or tokens of a kind the model has no rate for were
     priced at a stand-in rate."""
+    mainline_nanos: int = 0
+    """The part of `cost_nanos` that is the Responses API mainline model's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +253,11 @@ class Entry:
     stream: bool = False
     estimated_nanos: int = 0
     downgrades: str = ""
+    mainline_model: str | None = None
+    """The Responses API's mainline model (`model` is then the image tool's)."""
+    context_images: int = 0
+    """Responses API: the images a `previous_response_id` carries into this response's
+    context (its own input images, the images it produced, and what it carried)."""
 
     # Each stage spells its fields out: `dataclasses.replace` costs 4 µs a call, which
     # the request path would pay three times per request.
@@ -253,6 +275,7 @@ class Entry:
             size_requested=request.size,
             n_requested=request.n,
             stream=request.stream,
+            mainline_model=request.mainline,
         )  # fmt: skip
 
     def sent(self, request: ImageRequest, estimated_nanos: int, downgrades: str) -> Entry:
@@ -261,7 +284,7 @@ class Entry:
             self.id, self.started_at, self.endpoint, self.team, self.cost_center, self.key_id,
             self.user, self.model_requested, request.model, self.quality_requested,
             request.quality, self.size_requested, request.size, self.n_requested, request.n,
-            self.stream, estimated_nanos, downgrades,
+            self.stream, estimated_nanos, downgrades, request.mainline, self.context_images,
         )  # fmt: skip
 
 
@@ -278,3 +301,7 @@ class Settlement:
     upstream_request_id: str | None = None
     error_code: str | None = None
     latency_ms: float = 0.0
+    mainline_cost_nanos: int = 0
+    """The part of `cost_nanos` that is the Responses API mainline model's."""
+    response_id: str | None = None
+    """The Responses API's response id (`resp_…`): who may read, cancel or continue it."""

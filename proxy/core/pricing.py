@@ -322,14 +322,68 @@ def to_nanos(usd: Decimal) -> int:
     return int((usd * 10**9).to_integral_value(ROUND_CEILING))
 
 
+@dataclass(frozen=True, slots=True)
+class LongContext:
+    """Rates that replace a mainline model's own for a whole request whose input passes
+    `above_input_tokens` (OpenAI bills such a request entirely at the higher rates)."""
+
+    above_input_tokens: int
+    rates: Mapping[str, Decimal]
+
+
+MAINLINE_KINDS = ("text_input", "cached_text_input", "text_output")
+
+
+@dataclass(frozen=True)
+class MainlinePrices:
+    """A Responses API mainline model (the text model that calls the image tool): USD per
+    million tokens of text input, cached text input and text output (reasoning included)."""
+
+    name: str
+    source: str
+    effective_from: date
+    rates: Mapping[str, Decimal]
+    """`text_input`, `cached_text_input`, `text_output`."""
+    long_context: LongContext | None = None
+    aliases: tuple[str, ...] = ()
+
+    def rates_for(self, input_tokens: int) -> Mapping[str, Decimal]:
+        """The rates of a request with `input_tokens` of input (cached included)."""
+        long = self.long_context
+        if long is not None and input_tokens > long.above_input_tokens:
+            return long.rates
+        return self.rates
+
+    def cost(self, usage: Usage) -> int:
+        """The price of `usage`'s mainline tokens in nano-dollars (rounded up)."""
+        uncached, cached, output = (
+            usage.mainline_input,
+            usage.mainline_cached_input,
+            usage.mainline_output,
+        )
+        rates = self.rates_for(uncached + cached)
+        # USD per million × tokens = micro-dollars × 1000 nanos.
+        total = (
+            rates["text_input"] * uncached
+            + rates.get("cached_text_input", rates["text_input"]) * cached
+            + rates["text_output"] * output
+        ) * 1000
+        return int(total.to_integral_value(ROUND_CEILING))
+
+
 @dataclass(frozen=True)
 class PriceBook:
-    """Every priced model by name and alias."""
+    """Every priced model by name and alias: image models, and the Responses API's
+    mainline models."""
 
     models: Mapping[str, ModelPrices]
+    mainline: Mapping[str, MainlinePrices] = field(default_factory=dict)
 
     def find(self, model: str) -> ModelPrices | None:
         return self.models.get(model)
+
+    def find_mainline(self, model: str) -> MainlinePrices | None:
+        return self.mainline.get(model)
 
     def names(self) -> tuple[str, ...]:
         """Canonical model names (aliases excluded), sorted."""
@@ -340,13 +394,20 @@ ENTRY_ERRORS = (KeyError, TypeError, ValueError, ArithmeticError, AttributeError
 """What `model_prices` raises for an entry it cannot read."""
 
 
-def price_book(entries: Iterable[ModelPrices]) -> PriceBook:
-    """The book of `entries`, each found by its name and its aliases (a later entry wins)."""
+def price_book(
+    entries: Iterable[ModelPrices], mainline: Iterable[MainlinePrices] = ()
+) -> PriceBook:
+    """The book of `entries` (and mainline models), each found by its name and its aliases
+    (a later entry wins)."""
     models: dict[str, ModelPrices] = {}
     for entry in entries:
         for name in (entry.name, *entry.aliases):
             models[name] = entry
-    return PriceBook(models)
+    texts: dict[str, MainlinePrices] = {}
+    for text in mainline:
+        for name in (text.name, *text.aliases):
+            texts[name] = text
+    return PriceBook(models, texts)
 
 
 def _decimal(value: Any) -> Decimal:

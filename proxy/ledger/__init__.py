@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from proxy.core.errors import LedgerError
 from proxy.core.models import Entry, Settlement
-from proxy.ledger.base import Backend, Ledger, Owner, Reservation, Row
+from proxy.ledger.base import Backend, Ledger, Owner, Reservation, ResponseRow, Row
 from proxy.ledger.retry import settle_patiently
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "Ledger",
     "Owner",
     "Reservation",
+    "ResponseRow",
     "Row",
     "Settlement",
     "migrate_ledger",

@@ -76,6 +76,27 @@ class Row:
     """None while the request is in flight (its estimate is reserved)."""
 
 
+@dataclass(frozen=True, slots=True)
+class ResponseRow:
+    """A Responses API response forwarded through Tollgate, as its row knows it: who
+    created it (only that team may read, cancel, delete or continue it) and the context a
+    `previous_response_id` naming it carries into the next response's bound."""
+
+    response_id: str
+    request_id: str
+    team: str
+    input_tokens: int
+    """Its mainline input tokens, cached ones included (while it is in flight: the bound)."""
+    output_tokens: int
+    """Its mainline output tokens (while it is in flight: the bound)."""
+    images: int
+    """The images it produced (while it is in flight: the most it may produce)."""
+    context_images: int
+    """The images its own context carried (see `Entry.context_images`)."""
+    held: bool
+    """A background response whose reservation is held until it ends (see `Ledger.hold`)."""
+
+
 GroupColumn = Literal[
     "team", "cost_center", "user", "key_id", "model", "quality", "size", "endpoint", "outcome"
 ]
@@ -188,6 +209,23 @@ class Ledger(Protocol):
     def export(self, start: float, end: float) -> AsyncGenerator[dict[str, Any], None]:
         """Every row (settled or in flight) started in [start, end), oldest first, as
         column -> value; streamed in batches, in constant memory."""
+
+    async def hold(self, request_id: str, response_id: str) -> None:
+        """Keep the reservation of `request_id`, a background response `response_id` that
+        has not ended, until it is settled: `reclaim` never settles it at its bound; when its
+        process stops, `adopt` hands it to a live one, which follows it to its end. Records
+        `response_id` on the row."""
+
+    async def held(self) -> list[tuple[str, str]]:
+        """(request id, response id) of every held reservation this process owns."""
+
+    async def adopt(self, owners: Sequence[str]) -> int:
+        """Make the held reservations of the (stopped) processes `owners`, and those of no
+        process, this process's own, so it follows them. Returns how many."""
+
+    async def response(self, response_id: str) -> ResponseRow | None:
+        """The row of the response `response_id` (settled, or in flight and held), or
+        None when Tollgate never forwarded it."""
 
     async def claim_alert(self, key: str, now: float) -> bool:
         """Remember that the budget alert `key` was sent: True only the first time, for

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.core.errors import LedgerError
-from proxy.core.models import ENDPOINTS
+from proxy.core.models import IMAGES_ENDPOINTS
 from proxy.core.settings import Config
 from proxy.doors import ImagesDoor
 from proxy.finance.status import budget_status
@@ -50,7 +50,7 @@ def create_app(
     overrides = overrides or Overrides()
     upstream_key(config, overrides)
     metrics = Metrics(multiprocess_dir=str(metrics_dir) if metrics_dir else None)
-    images: dict[str, Handler] = {f"/v1/images/{e}": Pipeline(ImagesDoor(e)) for e in ENDPOINTS}
+    images: dict[str, Handler] = {f"/v1/images/{e}": Pipeline(ImagesDoor(e)) for e in IMAGES_ENDPOINTS}
     gateway = Gateway(Starlette(), images, BodyBudget(config.limits, metrics), metrics)
     reloader = Reloader(gateway, source, overrides, after_reload)
     admin, other_paths, bind = AdminApi(reloader), OtherPaths(), gateway.bind
