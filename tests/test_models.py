@@ -13,6 +13,7 @@ from proxy.core.models import (
     Change,
     Entry,
     ImageRequest,
+    InputImage,
     TokenKind,
     Usage,
     usd,
@@ -114,6 +115,9 @@ def test_an_entry_is_built_in_stages_each_keeping_what_came_before() -> None:
 
 def test_every_field_of_an_entry_is_set_by_a_stage() -> None:
     """A field added to Entry must be given by one of its stages (or the first)."""
-    request = ImageRequest("edits", "m", 1, n=3, quality="q", size="s", stream=True, user="u")
+    request = ImageRequest(
+        "responses", "m", 1, n=3, quality="q", size="s", stream=True, user="u",
+        images=(InputImage(),), mainline="mm",
+    )  # fmt: skip
     entry = Entry("i", 1.0, "edits").identified("t", "c", "k").asked(request).sent(request, 9, "d")
     assert all(getattr(entry, f.name) not in (None, 0, "", False) for f in fields(Entry))

@@ -151,7 +151,9 @@ class ImageRequest:
     params: tuple[tuple[str, str], ...] = ()
     """Other scalar request fields (name, value as text) for policy checks."""
     mainline: str | None = None
-    """The Responses API's mainline model; None for the Images API."""
+    """The Responses API's mainline model; None for the Images API. Its image tool runs up
+    to `n` times, and each call is billed its own text and image input: `images` are the
+    images one call may be given."""
 
     def with_changes(self, **changes: object) -> ImageRequest:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -256,8 +258,8 @@ class Entry:
     mainline_model: str | None = None
     """The Responses API's mainline model (`model` is then the image tool's)."""
     context_images: int = 0
-    """Responses API: the images a `previous_response_id` carries into this response's
-    context (its own input images, the images it produced, and what it carried)."""
+    """Responses API: the images in this response's context, which its image tool may be
+    given (its own input images, and those a `previous_response_id` carried in)."""
 
     # Each stage spells its fields out: `dataclasses.replace` costs 4 µs a call, which
     # the request path would pay three times per request.
@@ -276,6 +278,7 @@ class Entry:
             n_requested=request.n,
             stream=request.stream,
             mainline_model=request.mainline,
+            context_images=len(request.images) if request.mainline else 0,
         )  # fmt: skip
 
     def sent(self, request: ImageRequest, estimated_nanos: int, downgrades: str) -> Entry:
