@@ -38,6 +38,7 @@ from proxy.core.settings import (
     Limits,
     Metric,
     Passthrough,
+    ResponsesPolicy,
     Team,
     TeamKey,
     ThrottleTier,
@@ -333,6 +334,7 @@ class _Builder:
             throttle=self._throttle(doc, base, raw, allow, downgrade, budgets),
             on_exhausted=raw.get("on_exhausted", "downgrade"),
             downgrade=downgrade,
+            responses=ResponsesPolicy(**raw.get("responses", {})),
             source=doc.file,
         )
         seen: dict[str, int] = {}

@@ -102,6 +102,13 @@ _DEFS: dict[str, Any] = {
             "fallback_model": _NAME,
         }
     ),
+    "responses": _strict(
+        {
+            "max_output_tokens": {"type": "integer", "minimum": 16},
+            "max_tool_calls": {"type": "integer", "minimum": 1, "maximum": 10},
+            "unbounded": {"enum": ["inject", "refuse"]},
+        }
+    ),
     "team": _strict(
         {
             "name": {
@@ -117,6 +124,7 @@ _DEFS: dict[str, Any] = {
             "throttle": _list({"$ref": "#/$defs/throttle_tier"}),
             "on_exhausted": {"enum": ["downgrade", "reject"]},
             "downgrade": {"$ref": "#/$defs/downgrade"},
+            "responses": {"$ref": "#/$defs/responses"},
         },
         required=["name", "keys"],
         title="Tollgate team (policies/teams/*.yaml)",

@@ -69,6 +69,22 @@ class Downgrade:
     fallback_model: str | None = None
 
 
+Unbounded = Literal["inject", "refuse"]
+
+
+@dataclass(frozen=True, slots=True)
+class ResponsesPolicy:
+    """How the Responses API's open bounds are closed for a team (`responses:`).
+
+    A request without `max_output_tokens` or `max_tool_calls` leaves its cost unbounded:
+    under `unbounded: inject` Tollgate writes these defaults into it (and says so in
+    `x-tollgate-downgraded`); under `refuse` it answers 400."""
+
+    max_output_tokens: int = 8192
+    max_tool_calls: int = 1
+    unbounded: Unbounded = "inject"
+
+
 @dataclass(frozen=True, slots=True)
 class TeamKey:
     id: str
@@ -88,6 +104,7 @@ class Team:
     """Sorted by `above`, ascending."""
     on_exhausted: OnExhausted = "downgrade"
     downgrade: Downgrade = field(default_factory=Downgrade)
+    responses: ResponsesPolicy = field(default_factory=ResponsesPolicy)
     source: str = ""
     """The file the team was read from."""
 
