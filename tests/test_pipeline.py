@@ -18,6 +18,7 @@ from proxy.core.errors import BudgetExceeded
 from proxy.core.models import Counter, Endpoint, ImageRequest, Totals
 from proxy.core.parsing import ParsedBody
 from proxy.core.settings import Config, Limits, Team
+from proxy.core.settlement import Bound
 from proxy.doors import AnswerMeter, ImagesDoor, StreamMeter
 from proxy.ledger import Row
 from proxy.simulator import SimulatorSettings, create_simulator_app
@@ -65,6 +66,22 @@ class SpyDoor:
     def names_model(self, parsed: ParsedBody) -> bool:
         self.asked.append("names_model")
         return self.inner.names_model(parsed)
+
+    def previous(self, parsed: ParsedBody) -> str | None:
+        self.asked.append("previous")
+        return self.inner.previous(parsed)
+
+    def carry(self, parsed: ParsedBody, tokens: int, images: int) -> ParsedBody:
+        self.asked.append("carry")
+        return self.inner.carry(parsed, tokens, images)
+
+    def injected(self, parsed: ParsedBody) -> str:
+        self.asked.append("injected")
+        return self.inner.injected(parsed)
+
+    def bound(self, parsed: ParsedBody, variant: Variant) -> Bound:
+        self.asked.append("bound")
+        return self.inner.bound(parsed, variant)
 
     def admit(self, team: Team, parsed: ParsedBody, config: Config) -> Variant:
         self.asked.append("admit")
@@ -128,11 +145,14 @@ def test_a_request_is_walked_through_every_question_of_its_door(app: Gateway) ->
     assert door.asked == [
         "body_limit",
         "parse",
+        "previous",
         "request",
         "admit",
         "decide",
         "names_model",
+        "injected",
         "encode",
+        "bound",
         "upstream_path",
         "answer_meter",
     ]

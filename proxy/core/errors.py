@@ -12,6 +12,7 @@
           ├── AuthenticationFailed   401 invalid_api_key
           ├── PolicyViolation        403 policy_violation
           ├── NotFound               404 not_found
+          │    └── PreviousResponseNotFound  404 previous_response_not_found
           ├── MethodNotAllowed       405 method_not_allowed
           ├── RequestTimeout         408 request_timeout
           ├── RequestTooLarge        413 request_too_large
@@ -114,6 +115,12 @@ class PolicyViolation(RequestError):
 class NotFound(RequestError):
     status = 404
     code = "not_found"
+
+
+class PreviousResponseNotFound(NotFound):
+    """A `previous_response_id` that names no response of the caller's team."""
+
+    code = "previous_response_not_found"
 
 
 class MethodNotAllowed(RequestError):

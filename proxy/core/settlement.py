@@ -26,7 +26,7 @@ from typing import Any, Literal
 from proxy.core.budgets import Variant
 from proxy.core.errors import RequestError, UpstreamFailure
 from proxy.core.models import Charge, Usage
-from proxy.core.pricing import ModelPrices
+from proxy.core.pricing import MainlinePrices, ModelPrices
 
 STREAM_TRUNCATED = "stream_truncated"
 MALFORMED_ANSWER = "malformed_answer"
@@ -42,10 +42,15 @@ class Bound:
     size: str
     cost_nanos: int
     usage: Usage
+    mainline: MainlinePrices | None = None
+    """The Responses API's mainline model: its tokens are priced at its own rates."""
+    mainline_nanos: int = 0
+    """The part of `cost_nanos` that is the mainline model's."""
 
     @classmethod
-    def of(cls, sent: Variant) -> Bound:
-        """The bound of the variant that is forwarded."""
+    def of(cls, sent: Variant, mainline: MainlinePrices | None = None) -> Bound:
+        """The bound of the variant that is forwarded (`mainline`: a Responses request's
+        mainline model, whose bound is the variant's `base`)."""
         request = sent.request
         return cls(
             sent.model,
@@ -54,12 +59,16 @@ class Bound:
             request.size,
             sent.estimate.cost_nanos,
             sent.estimate.usage,
+            mainline,
+            sent.base.cost_nanos,
         )
 
     def charged(self) -> Charge:
         """The bound as a charge: its cost and usage (so token budgets keep counting it),
         flagged for reconciliation."""
-        return Charge(replace(self.usage, images=self.n), self.cost_nanos, flagged=True)
+        return Charge(
+            replace(self.usage, images=self.n), self.cost_nanos, True, self.mainline_nanos
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +89,8 @@ NOTHING = Charge(Usage(), 0)
 
 def answered(bound: Bound, usage: Usage | None, images: int) -> Verdict:
     """A 2xx answer carrying `usage` (None: it had none) and `images` images."""
+    if bound.mainline is not None:
+        return _response_answered(bound, bound.mainline, usage, images)
     count = images or bound.n
     model = bound.model
     if model.per_image_billing:
@@ -88,6 +99,26 @@ def answered(bound: Bound, usage: Usage | None, images: int) -> Verdict:
         # A successful answer without usage: charge the bound, flag for reconciliation.
         return Verdict("ok", Charge(Usage(images=count), bound.cost_nanos, flagged=True))
     return Verdict("ok", model.charge(replace(usage, images=count)))
+
+
+def _response_answered(
+    bound: Bound, mainline: MainlinePrices, usage: Usage | None, images: int
+) -> Verdict:
+    """A Responses API answer: its mainline tokens at the mainline model's rates, its image
+    tool's at the image model's. Without usage (or with images but no `tool_usage`, which
+    the meter reports as None): the bound, flagged."""
+    if usage is None:
+        return Verdict("ok", bound.charged())
+    lines = replace(usage, mainline_input=0, mainline_cached_input=0, mainline_output=0)
+    tool = bound.model.charge(replace(lines, images=images))
+    text = mainline.cost(usage)
+    merged = replace(
+        tool.usage,
+        mainline_input=usage.mainline_input,
+        mainline_cached_input=usage.mainline_cached_input,
+        mainline_output=usage.mainline_output,
+    )
+    return Verdict("ok", Charge(merged, tool.cost_nanos + text, tool.flagged, text))
 
 
 def refused(error_code: str | None) -> Verdict:
@@ -111,25 +142,69 @@ def not_answered(bound: Bound, failure: RequestError) -> Verdict:
 
 
 @dataclass(frozen=True, slots=True)
+class Metered:
+    """What a whole 2xx answer was read to hold."""
+
+    usage: Usage | None
+    """None when it carried none."""
+    images: int
+    response_id: str | None = None
+    """A Responses API answer's response id."""
+    pending: bool = False
+    """A background response that has not ended: it is settled when it does."""
+    status: str | None = None
+    """A Responses API answer's `status` (`completed`, `incomplete`, `failed`, …)."""
+
+
+UNBILLED_ENDS = frozenset({"failed", "cancelled"})
+"""Responses that may end without usage: then nothing ran that OpenAI bills."""
+
+
+def metered(bound: Bound, found: Metered) -> Verdict:
+    """A whole 2xx answer as metered. A Responses API response that failed or was
+    cancelled is charged its usage if it reports one, else nothing (an upstream error)."""
+    if found.status in UNBILLED_ENDS:
+        if found.usage is None:
+            return refused(f"response_{found.status}")
+        charge = answered(bound, found.usage, found.images).charge
+        return Verdict("upstream_error", charge, f"response_{found.status}")
+    return answered(bound, found.usage, found.images)
+
+
+@dataclass(frozen=True, slots=True)
 class StreamEnd:
     """What was seen of a stream when it ended."""
 
     completed: int
     """Images whose completion event (with its usage) arrived."""
-    usage: Usage
-    """The usage of those completion events, summed."""
+    usage: Usage | None
+    """The usage of those completion events, summed (a Responses stream: its terminal
+    event's, None when it had none)."""
     error: Any = None
     """The `error` object of an error event, if one came."""
     unreadable: int = 0
     """Events that could not be read: each may have been a billed image."""
     broken: str | None = None
     """The ledger code of how the stream broke off, if it did (else it ended cleanly)."""
+    terminal: bool = False
+    """A Responses stream: its terminal event (`response.completed`, `.failed` or
+    `.incomplete`) arrived."""
+    response_id: str | None = None
+    """A Responses stream: the id its `response.created` event gave."""
 
 
 def stream_ended(bound: Bound, end: StreamEnd) -> Verdict:
     """A stream is settled from its completion events only when it ended cleanly with every
     event read; an error before any image bills nothing; anything else was cut short and
-    may have been billed."""
+    may have been billed. A Responses stream is settled from its terminal event, else at
+    its bound (its mainline model may have run whatever the error)."""
+    if bound.mainline is not None:
+        if end.broken is None and end.terminal and not end.unreadable:
+            return answered(bound, end.usage, end.completed)
+        code = end.broken or (
+            MALFORMED_ANSWER if end.unreadable else error_code_of(end.error) or STREAM_TRUNCATED
+        )
+        return unknown(bound, code)
     if end.broken is None and end.completed and end.error is None and not end.unreadable:
         return answered(bound, end.usage, end.completed)
     if end.error is not None and not end.completed and not end.unreadable:

@@ -7,9 +7,9 @@ from typing import Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
 from proxy.core.budgets import Applied, Decision, Variant
-from proxy.core.models import Counter, Endpoint, ImageRequest, Totals, Usage
+from proxy.core.models import Counter, Endpoint, ImageRequest, Totals
 from proxy.core.settings import Config, Limits, Team
-from proxy.core.settlement import StreamEnd
+from proxy.core.settlement import Bound, Metered, StreamEnd
 
 Parsed = TypeVar("Parsed")
 
@@ -19,9 +19,9 @@ class AnswerMeter(Protocol):
 
     def feed(self, chunk: bytes) -> None: ...
 
-    def finish(self) -> tuple[Usage | None, int]:
-        """(usage, or None when the answer had none; images in it). Raises
-        `MalformedAnswer` when the answer is not what the upstream sends."""
+    def finish(self) -> Metered:
+        """What the answer held. Raises `MalformedAnswer` when the answer is not what the
+        upstream sends."""
         ...
 
 
@@ -64,6 +64,21 @@ class Door(Protocol[Parsed]):
         """False when the default model was applied."""
         ...
 
+    def previous(self, parsed: Parsed) -> str | None:
+        """The id of an earlier response the request continues, whose context it carries
+        (the pipeline checks the team created it)."""
+        ...
+
+    def carry(self, parsed: Parsed, tokens: int, images: int) -> Parsed:
+        """The request with the context of its `previous` response counted in its bound:
+        `tokens` billed again as input, `images` its tool may be given."""
+        ...
+
+    def injected(self, parsed: Parsed) -> str:
+        """The bounds Tollgate wrote into the request (`max_tool_calls=unset->1`), for
+        `x-tollgate-downgraded`; empty when none."""
+        ...
+
     def admit(self, team: Team, parsed: Parsed, config: Config) -> Variant:
         """The request priced and put through the team's `allow` policy: UnpricedModel,
         PolicyViolation or InvalidRequest when it cannot be sent at all."""
@@ -79,6 +94,10 @@ class Door(Protocol[Parsed]):
         tz: ZoneInfo,
     ) -> Decision:
         """The variant to send given what the budgets hold, or BudgetExceeded."""
+        ...
+
+    def bound(self, parsed: Parsed, variant: Variant) -> Bound:
+        """What the forwarded `variant` is reserved at."""
         ...
 
     def encode(self, parsed: Parsed, variant: Variant) -> tuple[bytes, str]:

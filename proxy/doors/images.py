@@ -13,7 +13,7 @@ from proxy.core.models import Counter, Endpoint, ImageRequest, Totals
 from proxy.core.parsing import ParsedBody, parse_request
 from proxy.core.pricing import ModelPrices, PriceBook
 from proxy.core.settings import Config, Limits, Team
-from proxy.core.settlement import StreamEnd
+from proxy.core.settlement import Bound, Metered, StreamEnd
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +42,15 @@ class ImagesDoor:
     def names_model(self, parsed: ParsedBody) -> bool:
         return parsed.names_model
 
+    def previous(self, parsed: ParsedBody) -> str | None:
+        return None
+
+    def carry(self, parsed: ParsedBody, tokens: int, images: int) -> ParsedBody:
+        return parsed
+
+    def injected(self, parsed: ParsedBody) -> str:
+        return ""
+
     def admit(self, team: Team, parsed: ParsedBody, config: Config) -> Variant:
         model = priced(config.prices, parsed.request.model)
         model.validate(parsed.request)
@@ -58,15 +67,32 @@ class ImagesDoor:
     ) -> Decision:
         return decide(team, variant, budgets, totals, config.prices, tz)
 
+    def bound(self, parsed: ParsedBody, variant: Variant) -> Bound:
+        return Bound.of(variant)
+
     def encode(self, parsed: ParsedBody, variant: Variant) -> tuple[bytes, str]:
         sent = variant.request
         return parsed.encode({c.knob: str(getattr(sent, c.knob)) for c in variant.changes})
 
-    def answer_meter(self) -> BodyMeter:
-        return BodyMeter()
+    def answer_meter(self) -> ImageAnswer:
+        return ImageAnswer()
 
     def stream_meter(self) -> ImageEvents:
         return ImageEvents()
+
+
+class ImageAnswer:
+    """An image answer: its `usage` and the images in its `data`."""
+
+    def __init__(self) -> None:
+        self._meter = BodyMeter()
+
+    def feed(self, chunk: bytes) -> None:
+        self._meter.feed(chunk)
+
+    def finish(self) -> Metered:
+        usage, images = self._meter.finish()
+        return Metered(usage, images)
 
 
 class ImageEvents:

@@ -50,7 +50,9 @@ def create_app(
     overrides = overrides or Overrides()
     upstream_key(config, overrides)
     metrics = Metrics(multiprocess_dir=str(metrics_dir) if metrics_dir else None)
-    images: dict[str, Handler] = {f"/v1/images/{e}": Pipeline(ImagesDoor(e)) for e in IMAGES_ENDPOINTS}
+    images: dict[str, Handler] = {
+        f"/v1/images/{e}": Pipeline(ImagesDoor(e)) for e in IMAGES_ENDPOINTS
+    }
     gateway = Gateway(Starlette(), images, BodyBudget(config.limits, metrics), metrics)
     reloader = Reloader(gateway, source, overrides, after_reload)
     admin, other_paths, bind = AdminApi(reloader), OtherPaths(), gateway.bind

@@ -68,6 +68,9 @@ class Exchange:
         self.deadline = entry.started_at + runtime.config.upstream.deadline_s
         """When the exchange must be over, on the runtime's clock."""
         self.sent_at = 0.0
+        self.response_id: str | None = None
+        """A Responses API answer's response id, once read."""
+        self.upstream_id: str | None = None
 
     # -- the two ways through ------------------------------------------------------
 
@@ -160,15 +163,34 @@ class Exchange:
             finally:
                 await answer.aclose()
                 self.observe_upstream()
-            usage, images = meter.finish() if meter is not None else (None, 0)
+            found = meter.finish() if meter is not None else None
         except (*BROKEN_OFF, MalformedAnswer) as exc:
             spool.close()
             return await self.unreadable(answer, exc)
-        if meter is None:
+        if found is None:
             return await self.pass_error(answer, spool)
-        verdict = settlement.answered(self.bound, usage, images)
+        self.response_id = found.response_id
+        if found.pending and found.response_id is not None:
+            return await self.hold(answer, spool, found.response_id)
+        verdict = settlement.metered(self.bound, found)
         await self.settle(verdict, answer.status, upstream_id)
         return spooled_response(spool, answer, self.after(verdict.cost_nanos))
+
+    async def hold(self, answer: Answer, spool: Spool, response_id: str) -> Response:
+        """A background response that has not ended: its reservation is held in the ledger
+        and the followers settle it when it ends (`proxy.web.follow`); the answer carries
+        what is reserved, as a stream's does."""
+        self.upstream_id = answer.headers.get("x-request-id")
+        try:
+            await self.runtime.ledger.hold(self.entry.id, response_id)
+        except LedgerError as exc:
+            # Still followed by this process; only a restart could lose track of it.
+            log.error("ledger hold failed for %s: %s", self.entry.id, exc)
+        self.runtime.followers.follow(self, response_id)
+        headers = {**self.headers, "x-tollgate-reserved-usd": usd_text(self.entry.estimated_nanos)}
+        if self.remaining_nanos is not None:
+            headers["x-tollgate-budget-remaining-usd"] = usd_text(max(self.remaining_nanos, 0))
+        return spooled_response(spool, answer, headers)
 
     async def pass_error(self, answer: Answer, spool: Spool) -> Response:
         """An upstream error answer: passed through unchanged, nothing charged."""
@@ -211,6 +233,7 @@ class Exchange:
             relay.close()
             self.observe_upstream()
         end: StreamEnd = meter.end(broken)
+        self.response_id = end.response_id
         verdict = settlement.stream_ended(self.bound, end)
         await self.settle(verdict, answer.status, answer.headers.get("x-request-id"))
 
@@ -242,6 +265,8 @@ class Exchange:
             upstream_request_id=upstream_id,
             error_code=verdict.error_code,
             latency_ms=(now - entry.started_at) * 1000,
+            mainline_cost_nanos=charge.mainline_nanos,
+            response_id=self.response_id,
         )
         try:
             await settle_patiently(

@@ -2,7 +2,8 @@
 
 Start-up opens the ledger and the upstream client into the first runtime, registers the
 process in the ledger, settles what stopped processes left reserved, and starts the alerts
-and the housekeeping (heartbeat, reclaim). Shutdown lets the exchanges in flight finish and
+and the housekeeping (heartbeat, reclaim), and follows the background responses it holds
+(`proxy.web.follow`). Shutdown lets the exchanges in flight finish and
 settle within their deadline, then closes everything.
 """
 
@@ -54,11 +55,16 @@ async def start_duties(first: Runtime, current: Callable[[], Runtime]) -> asynci
     after_s = housekeeping.reclaim_after_s(first.config.upstream)
     await housekeeping.reclaim_once(ledger, me, clock(), after_s)
     first.alerts.start()
-    return asyncio.create_task(
-        housekeeping.run(
-            ledger, me, clock, lambda: housekeeping.reclaim_after_s(current().config.upstream)
+
+    async def duties() -> None:
+        await asyncio.gather(
+            housekeeping.run(
+                ledger, me, clock, lambda: housekeeping.reclaim_after_s(current().config.upstream)
+            ),
+            first.followers.run(current),
         )
-    )
+
+    return asyncio.create_task(duties())
 
 
 async def close(last: Runtime) -> None:

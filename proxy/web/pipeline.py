@@ -36,12 +36,12 @@ from proxy.core.errors import (
     BudgetExceeded,
     LedgerError,
     PolicyViolation,
+    PreviousResponseNotFound,
     RequestError,
     ServiceUnavailable,
 )
 from proxy.core.models import Counter, Entry, Outcome, Settlement, Totals
 from proxy.core.settings import Team
-from proxy.core.settlement import Bound
 from proxy.doors.base import Door, Parsed
 from proxy.ledger import Reservation
 from proxy.web.admission import read_body
@@ -83,6 +83,9 @@ class Pipeline(Generic[Parsed]):
             allow_endpoint(team, door.endpoint)
             body = await read_body(request, door.body_limit(config.limits), runtime.bodies)
             parsed = door.parse(request.headers.get("content-type", ""), body, config)
+            previous = door.previous(parsed)
+            if previous is not None:
+                parsed = await self.continued(runtime, team, parsed, previous)
             entry = entry.asked(door.request(parsed))
             variant = door.admit(team, parsed, config)
             decision, entry = await self.reserve(runtime, team, entry, variant)
@@ -94,10 +97,11 @@ class Pipeline(Generic[Parsed]):
         if not door.names_model(parsed):
             # The parse already wrote the default into the fields it forwards; say so.
             headers["x-tollgate-model"] = sent.request.model
-        if sent.changes:
-            headers["x-tollgate-downgraded"] = entry.downgrades
+        changed = "; ".join(filter(None, (door.injected(parsed), entry.downgrades)))
+        if changed:
+            headers["x-tollgate-downgraded"] = changed
         body, content_type = door.encode(parsed, sent)
-        bound = Bound.of(sent)
+        bound = door.bound(parsed, sent)
         exchange = Exchange(
             runtime, door, entry, bound, headers, sent.changes, decision.remaining_nanos
         )
@@ -107,6 +111,21 @@ class Pipeline(Generic[Parsed]):
         # Shielded: a client that hangs up does not stop the metering of what it asked for.
         return await asyncio.shield(
             runtime.spawn(exchange.whole(body, content_type, client_headers))
+        )
+
+    async def continued(
+        self, runtime: Runtime, team: Team, parsed: Parsed, previous: str
+    ) -> Parsed:
+        """`parsed` with the context of the response `previous` it continues, which must be
+        one its team created through Tollgate (else 404, as OpenAI answers an unknown id)."""
+        row = await runtime.ledger.response(previous)
+        if row is None or row.team != team.name:
+            raise PreviousResponseNotFound(
+                f"Previous response with id '{previous}' not found.",
+                param="previous_response_id",
+            )
+        return self.door.carry(
+            parsed, row.input_tokens + row.output_tokens, row.context_images + row.images
         )
 
     async def reserve(

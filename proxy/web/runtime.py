@@ -23,6 +23,7 @@ from proxy.ledger import Ledger, open_ledger
 from proxy.metrics import Metrics
 from proxy.upstream import Upstream
 from proxy.web.admission import BodyBudget
+from proxy.web.follow import Followers
 
 T = TypeVar("T")
 
@@ -108,6 +109,8 @@ class Runtime:
     """Request-body bytes held in memory, against `limits.inflight_bytes`."""
     tasks: Tasks = field(default_factory=Tasks)
     clock: Callable[[], float] = time.time
+    followers: Followers = field(default_factory=Followers)
+    """The background responses this process follows (shared by every generation)."""
     """Unix time for budgets and the ledger (tests move it)."""
 
     def spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:

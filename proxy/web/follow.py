@@ -1,0 +1,116 @@
+"""Background responses, followed to their end.
+
+A Responses API request with `background: true` is answered at once (`queued`) and runs
+upstream afterwards; OpenAI bills it when it ends. Its reservation is held in the ledger
+meanwhile (`Ledger.hold`: never reclaimed at its bound), and the followers poll
+`GET /v1/responses/{id}` with the company key until the response is terminal, then settle
+it from the usage it reports (`settlement.metered`): a cancelled or failed response
+without usage releases its reservation.
+
+A process that stops leaves its held reservations in the ledger; the housekeeping of a
+live process adopts them (`Ledger.adopt`), and its followers pick them up (`adopted`) from
+their rows, so a restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from proxy.core import settlement
+from proxy.core.errors import LedgerError, RequestError
+from proxy.core.metering import MalformedAnswer
+from proxy.upstream import BROKEN_OFF
+
+if TYPE_CHECKING:
+    from proxy.web.exchange import Exchange
+    from proxy.web.runtime import Runtime
+
+log = logging.getLogger("tollgate.requests")
+
+POLL_S = 1.0
+"""How often a followed response is asked for its status."""
+GONE = "response_not_found"
+"""The error code of a held response the upstream no longer knows (deleted): its outcome
+is unknown, so it is charged its bound, flagged."""
+
+
+class Followers:
+    """The background responses this process follows: request id → (exchange, response id).
+
+    `follow` adds one; `run` polls every one of them each `POLL_S` seconds (at once when
+    one is added) until it ends and is settled."""
+
+    def __init__(self, poll_s: float = POLL_S) -> None:
+        self.poll_s = poll_s
+        self.following: dict[str, tuple[Exchange, str]] = {}
+        self._wake = asyncio.Event()
+
+    def follow(self, exchange: Exchange, response_id: str) -> None:
+        self.following[exchange.entry.id] = (exchange, response_id)
+        self._wake.set()
+
+    def nudge(self) -> None:
+        """Poll now (a cancel was forwarded, a response may have ended)."""
+        self._wake.set()
+
+    async def run(self, current: Callable[[], Runtime]) -> None:
+        """Poll until cancelled; `current()` is the runtime in force (a reload may change the
+        upstream client)."""
+        while True:
+            self._wake.clear()
+            await self.poll_all(current())
+            try:
+                async with asyncio.timeout(self.poll_s):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    async def poll_all(self, runtime: Runtime) -> None:
+        """Poll every followed response once; settle those that ended."""
+        if not self.following:
+            return
+        pending = list(self.following.items())
+        ended = await asyncio.gather(
+            *(self.poll(runtime, exchange, response_id) for _, (exchange, response_id) in pending)
+        )
+        for (request_id, _), done in zip(pending, ended, strict=True):
+            if done:
+                self.following.pop(request_id, None)
+
+    async def poll(self, runtime: Runtime, exchange: Exchange, response_id: str) -> bool:
+        """Ask the upstream for `response_id`; settle it if it ended. True once settled."""
+        try:
+            answer = await runtime.upstream.send(
+                f"/responses/{response_id}", b"", "", (), method="GET"
+            )
+        except RequestError as exc:
+            log.warning("following %s: %s; will ask again", response_id, exc.message)
+            return False
+        meter = exchange.door.answer_meter() if answer.status == 200 else None
+        try:
+            try:
+                async for chunk in answer.chunks():
+                    if meter is not None:
+                        meter.feed(chunk)
+            finally:
+                await answer.aclose()
+            found = meter.finish() if meter is not None else None
+        except (*BROKEN_OFF, MalformedAnswer) as exc:
+            log.warning("following %s: unreadable answer (%s); will ask again", response_id, exc)
+            return False
+        if answer.status == 404:
+            verdict = settlement.unknown(exchange.bound, GONE)
+        elif found is None or found.pending:
+            return False
+        else:
+            verdict = settlement.metered(exchange.bound, found)
+        exchange.response_id = response_id
+        try:
+            await exchange.settle(verdict, answer.status, exchange.upstream_id)
+        except LedgerError as exc:  # settle logs its own failures; be sure the loop lives
+            log.error("settling %s failed: %s", response_id, exc)
+            return False
+        return True
