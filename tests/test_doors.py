@@ -67,23 +67,25 @@ def test_the_images_door_is_a_door() -> None:
 
 def test_a_body_without_model_gets_the_default_and_says_so(config: Config) -> None:
     door = ImagesDoor("generations")
-    parsed = door.parse(JSON, body(quality="low"), config)
+    parsed = door.parse(JSON, body(quality="low"), config, team(config, "design"))
     assert door.request(parsed).model == config.default_model
     assert not door.names_model(parsed)
-    assert door.names_model(door.parse(JSON, body(model="gpt-image-1"), config))
+    assert door.names_model(
+        door.parse(JSON, body(model="gpt-image-1"), config, team(config, "design"))
+    )
 
 
 def test_a_body_it_cannot_read_is_an_invalid_request(config: Config) -> None:
     with pytest.raises(InvalidRequest):
-        ImagesDoor("generations").parse(JSON, b"{", config)
+        ImagesDoor("generations").parse(JSON, b"{", config, team(config, "design"))
 
 
 def test_admit_prices_the_model_and_applies_the_allow_policy(config: Config) -> None:
     door = ImagesDoor("generations")
-    unpriced = door.parse(JSON, body(model="gpt-image-0"), config)
+    unpriced = door.parse(JSON, body(model="gpt-image-0"), config, team(config, "design"))
     with pytest.raises(UnpricedModel):
         door.admit(team(config, "design"), unpriced, config)
-    other = door.parse(JSON, body(model="gpt-image-2"), config)
+    other = door.parse(JSON, body(model="gpt-image-2"), config, team(config, "design"))
     with pytest.raises(PolicyViolation):
         door.admit(team(config, "strict"), other, config)
     variant = door.admit(team(config, "design"), other, config)
@@ -95,7 +97,9 @@ def test_the_bytes_forwarded_are_written_from_the_parse_with_the_downgrades(
     config: Config,
 ) -> None:
     door = ImagesDoor("generations")
-    parsed = door.parse(JSON, body(model="gpt-image-1", quality="high"), config)
+    parsed = door.parse(
+        JSON, body(model="gpt-image-1", quality="high"), config, team(config, "design")
+    )
     variant = door.admit(team(config, "design"), parsed, config)
     lower = Variant(
         variant.request.with_changes(quality="low"),

@@ -15,7 +15,7 @@ from proxy.core.metering import (
     SMALL_BODY,
     BodyMeter,
     MalformedAnswer,
-    _ShortStrings,
+    ShortStrings,
 )
 
 USAGE = {
@@ -50,7 +50,7 @@ def chunks(data: bytes, rng: random.Random) -> list[bytes]:
 @pytest.mark.parametrize("seed", range(8))
 def test_filtered_stream_is_the_json_with_long_strings_emptied(seed: int) -> None:
     data = answer(image_bytes=5_000)
-    strings = _ShortStrings()
+    strings = ShortStrings()
     out = b"".join(strings.filter(c) for c in chunks(data, random.Random(seed)))
     parsed = json.loads(out)
     original = json.loads(data)
@@ -64,7 +64,7 @@ def test_filtered_stream_is_the_json_with_long_strings_emptied(seed: int) -> Non
 def test_splitting_on_quotes_drops_the_same_strings_as_stepping(seed: int) -> None:
     rng = random.Random(seed)
     data = json.dumps({"a": "x" * 2000, "b": "y" * SHORT_STRING, "c": ["z" * 1025, 1]}).encode()
-    split, step = _ShortStrings(), _ShortStrings()
+    split, step = ShortStrings(), ShortStrings()
     pieces = chunks(data, rng)
     assert b"".join(split.filter(c) for c in pieces) == b"".join(step._step(c) for c in pieces)
 
@@ -162,9 +162,9 @@ def longest_number(data: bytes) -> int:
     return longest
 
 
-def filtered(pieces: list[bytes], strings: _ShortStrings | None = None) -> bytes | None:
+def filtered(pieces: list[bytes], strings: ShortStrings | None = None) -> bytes | None:
     """The filter's output, or None when it refuses."""
-    strings = strings or _ShortStrings()
+    strings = strings or ShortStrings()
     try:
         return b"".join(strings.filter(piece) for piece in pieces)
     except MalformedAnswer:
@@ -219,7 +219,7 @@ def test_digits_in_strings_are_not_numbers() -> None:
 
 
 def test_the_filter_refuses_every_chunk_after_a_number_too_long() -> None:
-    strings = _ShortStrings()
+    strings = ShortStrings()
     assert strings.filter(b'{"n": ' + b"1" * 60) == b'{"n": ' + b"1" * 60
     with pytest.raises(MalformedAnswer):
         strings.filter(b"1" * 60)

@@ -55,9 +55,9 @@ class SpyDoor:
         self.asked.append("body_limit")
         return self.inner.body_limit(limits)
 
-    def parse(self, content_type: str, body: bytes, config: Config) -> ParsedBody:
+    def parse(self, content_type: str, body: bytes, config: Config, team: Team) -> ParsedBody:
         self.asked.append("parse")
-        return self.inner.parse(content_type, body, config)
+        return self.inner.parse(content_type, body, config, team)
 
     def request(self, parsed: ParsedBody) -> ImageRequest:
         self.asked.append("request")

@@ -8,7 +8,7 @@ of its `*.completed` events.
 
 ijson's C backend crashes the process on an integer of some 4,300 digits, and raises
 `decimal.InvalidOperation` on an exponent past 10**18: no number longer than
-`LONG_NUMBER` characters ever reaches it (`_ShortStrings` refuses the answer), and its
+`LONG_NUMBER` characters ever reaches it (`ShortStrings` refuses the answer), and its
 arithmetic errors are read as JSON errors.
 """
 
@@ -51,8 +51,8 @@ def usage_from_openai(raw: Any) -> Usage | None:
         return None
     input_details = raw.get("input_tokens_details")
     output_details = raw.get("output_tokens_details")
-    input_tokens = _int(raw.get("input_tokens"))
-    output_tokens = _int(raw.get("output_tokens"))
+    input_tokens = token_count(raw.get("input_tokens"))
+    output_tokens = token_count(raw.get("output_tokens"))
     kinds: dict[str, int] = {}
     if isinstance(input_details, Mapping):
         unclassified_input = _details(input_details, INPUT_DETAILS, input_tokens, kinds)
@@ -75,7 +75,7 @@ def _details(
     """Put the known details of `details` in `kinds`; return the tokens they leave out."""
     classified = unknown = 0
     for name, value in details.items():
-        tokens = _int(value)
+        tokens = token_count(value)
         kind = known.get(name)
         if kind is None:
             unknown += tokens
@@ -85,7 +85,7 @@ def _details(
     return max(total - classified, unknown)
 
 
-def _int(value: Any) -> int:
+def token_count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
@@ -96,12 +96,12 @@ SMALL_BODY = 64 * 1024
 class BodyMeter:
     """Feed a JSON answer chunk by chunk; `finish()` gives its usage and image count.
 
-    The parser never sees the base64: `_ShortStrings` empties every string longer than
+    The parser never sees the base64: `ShortStrings` empties every string longer than
     `SHORT_STRING` bytes on the way in (found with `bytes.find`), so a 2 MB image costs
     neither a tokenizer pass nor a 2 MB string per answer in flight.
 
     An answer with a number longer than `LONG_NUMBER` characters is malformed (ijson's
-    C backend would crash on it): refused by `_ShortStrings` as it passes.
+    C backend would crash on it): refused by `ShortStrings` as it passes.
 
     Stepping through ijson's events in Python costs more than the parse itself for a small
     answer, so up to `small` bytes the chunks are only held, and `finish()` reads them with
@@ -113,7 +113,7 @@ class BodyMeter:
         self._small = small
         self._held: list[bytes] | None = []  # None once streaming
         self._size = 0
-        self._strings = _ShortStrings()
+        self._strings = ShortStrings()
         self._found: list[Any] = ijson.sendable_list()
         self._parser: Any = None  # made when streaming starts: a small answer never needs it
 
@@ -226,7 +226,7 @@ _NUMBER_RUN = re.compile(rb"[-+.eE0-9]*")
 _LONG_NUMBER_RUN = re.compile(rb"[-+.eE0-9]{%d,}" % (LONG_NUMBER + 1))
 
 
-class _ShortStrings:
+class ShortStrings:
     """A JSON byte stream with the contents of every long string dropped, chunk by chunk.
 
     Outside strings bytes pass as they are; a string's contents are held until its closing
@@ -401,7 +401,7 @@ PARTIAL_SUFFIX = ".partial_image"
 class SseMeter:
     """Follow a server-sent event stream; sum the usage of its `*.completed` events.
 
-    Each event's JSON reaches ijson through `_ShortStrings`, like a plain answer: the
+    Each event's JSON reaches ijson through `ShortStrings`, like a plain answer: the
     base64 of a completed image (megabytes) is never tokenized, and a number longer than
     `LONG_NUMBER` characters, which ijson's C backend would crash on, never reaches it.
     An event that cannot be read is counted in `unreadable` (its usage is unknown).
@@ -418,7 +418,7 @@ class SseMeter:
     def feed(self, chunk: bytes) -> None:
         self._buffer += chunk
         while True:
-            end, sep_len = _event_end(self._buffer)
+            end, sep_len = event_end(self._buffer)
             if end < 0:
                 return
             event = bytes(self._buffer[:end])
@@ -449,7 +449,7 @@ class SseMeter:
         if payload == b"[DONE]":
             return
         try:
-            short = _ShortStrings().filter(payload)
+            short = ShortStrings().filter(payload)
             kind: Any = ""
             error: Any = None
             for prefix, _, value in ijson.parse(short):
@@ -473,7 +473,7 @@ class SseMeter:
             self.unreadable += 1
 
 
-def _event_end(buffer: bytearray) -> tuple[int, int]:
+def event_end(buffer: bytearray) -> tuple[int, int]:
     """Index and length of the first event separator (a blank line) in `buffer`."""
     candidates = [(buffer.find(sep), len(sep)) for sep in (b"\n\n", b"\r\n\r\n")]
     found = [c for c in candidates if c[0] >= 0]

@@ -174,7 +174,7 @@ def parse_request(
 
 def _json_request(endpoint: Endpoint, body: bytes, default_model: str) -> ParsedBody:
     """A JSON body: generations, or edits whose images are references (URLs or file ids)."""
-    given = _json_object(body)
+    given = json_object(body)
     _check_names(
         given, ACCEPTED[endpoint, False], ("images", "mask") if endpoint == "edits" else ()
     )
@@ -238,7 +238,9 @@ def _check_text(text: str, name: str) -> None:
         )
 
 
-def _json_object(body: bytes) -> dict[str, Any]:
+def json_object(body: bytes) -> dict[str, Any]:
+    """A JSON object body, read strictly (no repeated key, no NaN, no lone surrogate or NUL);
+    InvalidRequest in OpenAI's words otherwise."""
     try:
         fields = _DECODER.decode(body.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:

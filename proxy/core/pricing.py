@@ -315,7 +315,7 @@ def estimate(model: ModelPrices, request: ImageRequest) -> Estimate:
         text_input=request.prompt_bytes * (request.n if request.mainline is not None else 1),
         image_input=image_input,
         image_output=(per_image + partials * model.partial_image_tokens) * request.n,
-        text_output=model.text_output_ceiling,
+        text_output=model.text_output_ceiling * (request.n if request.mainline is not None else 1),
         images=request.n,
     )
     return Estimate(usage, model.cost(usage))

@@ -191,6 +191,8 @@ class StreamEnd:
     `.incomplete`) arrived."""
     response_id: str | None = None
     """A Responses stream: the id its `response.created` event gave."""
+    status: str | None = None
+    """A Responses stream: the status its terminal event gave."""
 
 
 def stream_ended(bound: Bound, end: StreamEnd) -> Verdict:
@@ -200,7 +202,7 @@ def stream_ended(bound: Bound, end: StreamEnd) -> Verdict:
     its bound (its mainline model may have run whatever the error)."""
     if bound.mainline is not None:
         if end.broken is None and end.terminal and not end.unreadable:
-            return answered(bound, end.usage, end.completed)
+            return metered(bound, Metered(end.usage, end.completed, status=end.status))
         code = end.broken or (
             MALFORMED_ANSWER if end.unreadable else error_code_of(end.error) or STREAM_TRUNCATED
         )

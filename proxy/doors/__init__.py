@@ -8,5 +8,6 @@ is the pipeline's (`proxy.web.pipeline`), written once for every door.
 
 from proxy.doors.base import AnswerMeter, Door, StreamMeter
 from proxy.doors.images import ImagesDoor
+from proxy.doors.responses import ResponsesDoor
 
-__all__ = ["AnswerMeter", "Door", "ImagesDoor", "StreamMeter"]
+__all__ = ["AnswerMeter", "Door", "ImagesDoor", "ResponsesDoor", "StreamMeter"]

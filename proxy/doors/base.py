@@ -52,8 +52,9 @@ class Door(Protocol[Parsed]):
         """The largest body accepted."""
         ...
 
-    def parse(self, content_type: str, body: bytes, config: Config) -> Parsed:
-        """The body understood; InvalidRequest in OpenAI's words when it is not."""
+    def parse(self, content_type: str, body: bytes, config: Config, team: Team) -> Parsed:
+        """The body understood (and, where it leaves its cost open, bounded by the team's
+        policy); InvalidRequest in OpenAI's words when it is not."""
         ...
 
     def request(self, parsed: Parsed) -> ImageRequest:

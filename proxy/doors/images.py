@@ -33,7 +33,7 @@ class ImagesDoor:
             "variations": limits.variations_bytes,
         }[self.endpoint]
 
-    def parse(self, content_type: str, body: bytes, config: Config) -> ParsedBody:
+    def parse(self, content_type: str, body: bytes, config: Config, team: Team) -> ParsedBody:
         return parse_request(self.endpoint, content_type, body, config.default_model)
 
     def request(self, parsed: ParsedBody) -> ImageRequest:

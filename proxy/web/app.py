@@ -15,7 +15,7 @@ from starlette.routing import Route
 from proxy.core.errors import LedgerError
 from proxy.core.models import IMAGES_ENDPOINTS
 from proxy.core.settings import Config
-from proxy.doors import ImagesDoor
+from proxy.doors import ImagesDoor, ResponsesDoor
 from proxy.finance.status import budget_status
 from proxy.metrics import Metrics
 from proxy.web.admin import AdminApi
@@ -25,6 +25,7 @@ from proxy.web.lifespan import Lifespan
 from proxy.web.passthrough import OtherPaths
 from proxy.web.pipeline import Pipeline
 from proxy.web.reload import Reloader
+from proxy.web.response_objects import ResponseObjects, websocket_refused
 from proxy.web.responses import EXCEPTION_HANDLERS
 from proxy.web.runtime import Overrides, Runtime, upstream_key
 
@@ -50,12 +51,14 @@ def create_app(
     overrides = overrides or Overrides()
     upstream_key(config, overrides)
     metrics = Metrics(multiprocess_dir=str(metrics_dir) if metrics_dir else None)
-    images: dict[str, Handler] = {
+    doors: dict[str, Handler] = {
         f"/v1/images/{e}": Pipeline(ImagesDoor(e)) for e in IMAGES_ENDPOINTS
     }
-    gateway = Gateway(Starlette(), images, BodyBudget(config.limits, metrics), metrics)
+    doors["/v1/responses"] = Pipeline(ResponsesDoor())
+    gateway = Gateway(Starlette(), doors, BodyBudget(config.limits, metrics), metrics)
     reloader = Reloader(gateway, source, overrides, after_reload)
     admin, other_paths, bind = AdminApi(reloader), OtherPaths(), gateway.bind
+    responses = ResponseObjects()
     routes = [
         Route("/metrics", bind(metrics_endpoint), methods=["GET"]),
         Route("/admin/budgets", bind(admin.budgets), methods=["GET"]),
@@ -63,6 +66,10 @@ def create_app(
         Route("/admin/reload", bind(admin.reload), methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", bind(readyz), methods=["GET"]),
+        Route("/v1/responses", bind(websocket_refused), methods=["GET"]),
+        Route("/v1/responses/{response_id}", bind(responses.handle), methods=["GET", "DELETE"]),
+        Route("/v1/responses/{response_id}/input_items", bind(responses.handle), methods=["GET"]),
+        Route("/v1/responses/{response_id}/cancel", bind(responses.handle), methods=["POST"]),
         # Every standard method: OtherPaths answers each one in OpenAI's way (404, unless a
         # `passthrough:` prefix forwards it); starlette's 405 is left for made-up methods.
         Route("/v1/{path:path}", bind(other_paths.handle), methods=ALL_METHODS),

@@ -71,6 +71,7 @@ class Exchange:
         self.response_id: str | None = None
         """A Responses API answer's response id, once read."""
         self.upstream_id: str | None = None
+        self.settled = False
 
     # -- the two ways through ------------------------------------------------------
 
@@ -249,6 +250,9 @@ class Exchange:
     async def settle(self, verdict: Verdict, status: int, upstream_id: str | None) -> None:
         """Write the verdict to the ledger (riding out a short outage: the upstream has
         billed what it answered), then observe it in metrics, alerts and the log."""
+        if self.settled:
+            return  # a background response polled by two hands: the first settles it
+        self.settled = True
         runtime, entry = self.runtime, self.entry
         now = runtime.clock()
         outcome: Outcome = verdict.outcome

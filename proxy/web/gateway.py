@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -9,7 +10,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxy.core.errors import NotFound, Overloaded, ServiceUnavailable, UnsupportedEncoding
+from proxy.core.errors import (
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    ServiceUnavailable,
+    UnsupportedEncoding,
+)
 from proxy.core.paths import canonical
 from proxy.metrics import Metrics
 from proxy.web.admission import BodyBudget
@@ -77,6 +84,9 @@ class Gateway:
         return bound
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await refuse_websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -139,3 +149,32 @@ def refuse_encoded(headers: list[tuple[bytes, bytes]]) -> None:
                 f"Content-Encoding {value.decode('latin-1')!r} is not accepted: Tollgate reads "
                 "and prices the request body itself, so send it uncompressed."
             )
+
+
+WEBSOCKETS_REFUSED = InvalidRequest(
+    "WebSocket connections are not supported by Tollgate (the Responses API's WebSocket "
+    "mode included): send POST /v1/responses, with stream: true for events."
+)
+
+
+async def refuse_websocket(scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer a WebSocket handshake with a 400 in OpenAI's error shape where the server can
+    send one (the ASGI denial response), else close it with policy violation (1008)."""
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    body = json.dumps(WEBSOCKETS_REFUSED.body()).encode()
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": WEBSOCKETS_REFUSED.status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": 1008, "reason": "not supported"})

@@ -82,7 +82,7 @@ class Pipeline(Generic[Parsed]):
         try:
             allow_endpoint(team, door.endpoint)
             body = await read_body(request, door.body_limit(config.limits), runtime.bodies)
-            parsed = door.parse(request.headers.get("content-type", ""), body, config)
+            parsed = door.parse(request.headers.get("content-type", ""), body, config, team)
             previous = door.previous(parsed)
             if previous is not None:
                 parsed = await self.continued(runtime, team, parsed, previous)

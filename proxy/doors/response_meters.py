@@ -1,0 +1,162 @@
+"""What a Responses API answer bills, read as it passes (pure).
+
+A response object carries its mainline model's `usage` (`input_tokens`, of which
+`input_tokens_details.cached_tokens` were cached; `output_tokens`, reasoning included)
+and, when the image tool ran, `tool_usage.image_gen` in the Images API's usage shape.
+Typed SDKs drop `tool_usage`; Tollgate reads the raw JSON. A response whose image
+calls completed but that reports no `tool_usage` is metered as having no usage: charged
+its bound, flagged (never $0 for the images).
+
+Images travel as base64 in `result` and `partial_image_b64`: like the Images meters, the
+JSON reaches the parser with every long string emptied (`ShortStrings`), and partial-image
+events are never parsed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from proxy.core.metering import (
+    MalformedAnswer,
+    ShortStrings,
+    event_end,
+    token_count,
+    usage_from_openai,
+)
+from proxy.core.models import Usage
+from proxy.core.settlement import Metered, StreamEnd
+
+PENDING = frozenset({"queued", "in_progress"})
+"""Statuses of a response that has not ended (a background one)."""
+TERMINAL_EVENTS = frozenset({"response.completed", "response.failed", "response.incomplete"})
+OPENING_EVENTS = frozenset({"response.created", "response.queued", "response.in_progress"})
+PARTIAL_EVENT = b"response.image_generation_call.partial_image"
+
+
+def read_response(response: Any) -> Metered:
+    """What a response object bills; MalformedAnswer when it is not one."""
+    if not isinstance(response, Mapping) or not isinstance(response.get("status"), str):
+        raise MalformedAnswer("upstream answer is not a response object")
+    status = response["status"]
+    response_id = response.get("id") if isinstance(response.get("id"), str) else None
+    output = response.get("output")
+    images = sum(
+        1
+        for item in (output if isinstance(output, list) else ())
+        if isinstance(item, Mapping)
+        and item.get("type") == "image_generation_call"
+        and item.get("status") == "completed"
+    )
+    return Metered(response_usage(response, images), images, response_id, status in PENDING, status)
+
+
+def response_usage(response: Mapping[str, Any], images: int) -> Usage | None:
+    """The mainline usage plus the image tool's; None when either is missing but needed."""
+    main = response.get("usage")
+    if not isinstance(main, Mapping):
+        return None
+    tool_usage = response.get("tool_usage")
+    image_gen = tool_usage.get("image_gen") if isinstance(tool_usage, Mapping) else None
+    tool = usage_from_openai(image_gen)
+    if tool is None:
+        if images:
+            return None  # images made, their usage unknown: the bound, flagged
+        tool = Usage()
+    details = main.get("input_tokens_details")
+    input_tokens = token_count(main.get("input_tokens"))
+    cached = token_count(details.get("cached_tokens")) if isinstance(details, Mapping) else 0
+    cached = min(cached, input_tokens)
+    return tool + Usage(
+        mainline_input=input_tokens - cached,
+        mainline_cached_input=cached,
+        mainline_output=token_count(main.get("output_tokens")),
+    )
+
+
+def _loads(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise MalformedAnswer(f"upstream answer is not JSON: {exc}") from None
+
+
+class ResponseAnswer:
+    """A whole response object, fed chunk by chunk: long strings dropped on the way in."""
+
+    def __init__(self) -> None:
+        self._strings = ShortStrings()
+        self._kept: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> None:
+        self._kept.append(self._strings.filter(chunk))
+
+    def finish(self) -> Metered:
+        return read_response(_loads(b"".join(self._kept)))
+
+
+class ResponseEvents:
+    """A Responses stream: its id from the opening event, what it bills from the terminal
+    event (`response.completed`, `.failed` or `.incomplete`), and an `error` event if one
+    came. Partial images are counted, never parsed."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self.response_id: str | None = None
+        self.ended: Metered | None = None
+        self.error: Any = None
+        self.partials = 0
+        self.unreadable = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self._buffer += chunk
+        while True:
+            end, sep = event_end(self._buffer)
+            if end < 0:
+                return
+            event = bytes(self._buffer[:end])
+            del self._buffer[: end + sep]
+            self._event(event)
+
+    def end(self, broken: str | None) -> StreamEnd:
+        if broken is None and self._buffer.strip():
+            self._event(bytes(self._buffer))  # a last event may lack its blank line
+        self._buffer.clear()
+        ended = self.ended
+        return StreamEnd(
+            completed=ended.images if ended else 0,
+            usage=ended.usage if ended else None,
+            error=self.error,
+            unreadable=self.unreadable,
+            broken=broken,
+            terminal=ended is not None,
+            response_id=self.response_id or (ended.response_id if ended else None),
+            status=ended.status if ended else None,
+        )
+
+    def _event(self, raw: bytes) -> None:
+        name = b""
+        data: list[bytes] = []
+        for line in raw.splitlines():
+            if line.startswith(b"event:"):
+                name = line[6:].strip()
+            elif line.startswith(b"data:"):
+                data.append(line[5:].lstrip(b" "))
+        if not data:
+            return
+        if name == PARTIAL_EVENT:
+            self.partials += 1
+            return
+        try:
+            event = _loads(ShortStrings().filter(b"\n".join(data)))
+            kind = event.get("type") if isinstance(event, Mapping) else None
+            if kind in OPENING_EVENTS and isinstance(event.get("response"), Mapping):
+                found = event["response"].get("id")
+                self.response_id = found if isinstance(found, str) else self.response_id
+            elif kind in TERMINAL_EVENTS:
+                self.ended = read_response(event.get("response"))
+            elif kind == "error":
+                self.error = event.get("error") or event
+        except MalformedAnswer:
+            self.unreadable += 1

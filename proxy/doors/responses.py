@@ -1,0 +1,465 @@
+"""The Responses API: `POST /v1/responses` with the `image_generation` tool (pure).
+
+OpenAI bills a response twice over: its mainline model's tokens (`usage`, at that model's
+text rates) and its image tool's (`tool_usage.image_gen`, at the image model's rates).
+The bound reserved before it is sent covers both:
+
+    mainline input   every text byte of the request (a token is at least one byte), the
+                     tool's hidden instructions (`HIDDEN_INPUT_TOKENS`), each image in its
+                     context at `MAINLINE_IMAGE_TOKENS`, and the tokens of the response
+                     it continues (`previous_response_id`), which OpenAI bills again
+    mainline output  `max_output_tokens` (reasoning included)
+    images           `max_tool_calls` calls of the tool, each billed as one image of its
+                     model, quality and size (with its partial images when streamed), its
+                     text input (at most the request's text and the prompt the mainline
+                     model writes, itself output) and every image in the context
+
+A request that leaves `max_output_tokens` or `max_tool_calls` open is closed by the
+team's `responses:` policy (the cap written into it, or a 400). Only what Tollgate can
+bound is forwarded: the function tool (its calls are the client's) and the image tool,
+message, function-call and reasoning input items, text and image content; anything else
+(file inputs, item references, other hosted tools, `conversation`, reusable prompts) is
+refused with a 400 that says so. The body sent upstream is re-encoded from this parse.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from proxy.core.budgets import Applied, Decision, Variant, apply_allow, decide, priced
+from proxy.core.errors import InvalidRequest, PolicyViolation, UnpricedModel
+from proxy.core.models import Counter, Endpoint, Estimate, ImageRequest, InputImage, Totals, Usage
+from proxy.core.parsing import json_object
+from proxy.core.pricing import MAX_N, MainlinePrices
+from proxy.core.settings import Config, Limits, Team
+from proxy.core.settlement import Bound
+from proxy.doors.images import priced as image_prices
+from proxy.doors.response_meters import ResponseAnswer, ResponseEvents
+
+HIDDEN_INPUT_TOKENS = 4096
+"""Input OpenAI adds to the mainline model for the image tool's own instructions: 1,820
+input tokens were measured for a short prompt (gpt-5.5 with gpt-image-2), so twice that."""
+MAINLINE_IMAGE_TOKENS = 12_000
+"""The most one input image can cost the mainline model: above the largest published
+vision count (a 10-megapixel image at `detail: original`, about 10,000 patches)."""
+MAX_TOOL_CALLS = MAX_N
+
+BODY_PARAMS = frozenset(
+    {
+        "model", "input", "instructions", "tools", "tool_choice", "max_output_tokens",
+        "max_tool_calls", "stream", "stream_options", "background", "previous_response_id",
+        "store", "metadata", "temperature", "top_p", "parallel_tool_calls", "user", "text",
+        "reasoning", "truncation", "include", "service_tier", "prompt_cache_key",
+        "prompt_cache_retention", "safety_identifier", "top_logprobs",
+    }
+)  # fmt: skip
+"""The body parameters of `client.responses.create` that Tollgate can bound."""
+REFUSED_PARAMS = {
+    "conversation": "Conversations keep their items on OpenAI's side, where Tollgate cannot "
+    "bound them: send `input` (and `previous_response_id`) instead.",
+    "prompt": "Reusable prompts are stored on OpenAI's side, where Tollgate cannot bound "
+    "them: send the prompt's text as `input`.",
+}
+TOOL_PARAMS = frozenset(
+    {
+        "type", "model", "quality", "size", "partial_images", "input_fidelity",
+        "output_format", "output_compression", "background", "moderation", "action",
+        "input_image_mask",
+    }
+)  # fmt: skip
+TOOL_CHOICES: Mapping[str, tuple[str, ...]] = {
+    "action": ("generate", "edit", "auto"),
+    "background": ("transparent", "opaque", "auto"),
+    "input_fidelity": ("high", "low"),
+    "moderation": ("auto", "low"),
+    "output_format": ("png", "webp", "jpeg"),
+}
+SERVICE_TIERS = ("auto", "default", "flex")
+"""Tiers priced at or below the price book's (Standard) rates; `priority` costs more."""
+TEXT_ITEMS = frozenset({"function_call", "function_call_output", "reasoning"})
+TEXT_PARTS = frozenset({"input_text", "output_text", "refusal", "summary_text"})
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseBody:
+    """A Responses request as understood: its fields (bounds written in) and its price."""
+
+    fields: dict[str, Any]
+    request: ImageRequest
+    """The image tool as priced: up to `n` calls (0 without the tool), each given the
+    context's images; `mainline` is the mainline model."""
+    tool: int | None
+    """The index of the image_generation tool in `tools`."""
+    names_model: bool
+    text_bytes: int
+    """The request's text: every byte of its JSON but image data."""
+    images: int
+    """Images in the request's own input (and the tool's mask)."""
+    max_output_tokens: int
+    mainline: MainlinePrices | None
+    """The mainline model's price-book entry (None: it has none, and is refused)."""
+    injected: tuple[str, ...] = ()
+    context_tokens: int = 0
+    """The tokens of the response it continues, billed again as input."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResponsesDoor:
+    """`POST /v1/responses`."""
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return "responses"
+
+    @property
+    def upstream_path(self) -> str:
+        return "/responses"
+
+    def body_limit(self, limits: Limits) -> int:
+        return limits.edits_bytes  # input images may be sent inline, as for edits
+
+    def parse(self, content_type: str, body: bytes, config: Config, team: Team) -> ResponseBody:
+        media_type = content_type.split(";", 1)[0].strip().lower()
+        if media_type != "application/json":
+            raise InvalidRequest(
+                f"Unsupported content type {content_type or '(none)'!r} for /v1/responses: "
+                "send application/json."
+            )
+        parsed = read_body(json_object(body), len(body), config.default_model, team)
+        return replace(parsed, mainline=config.prices.find_mainline(parsed.request.mainline or ""))
+
+    def request(self, parsed: ResponseBody) -> ImageRequest:
+        return parsed.request
+
+    def names_model(self, parsed: ResponseBody) -> bool:
+        return parsed.names_model
+
+    def previous(self, parsed: ResponseBody) -> str | None:
+        previous = parsed.fields.get("previous_response_id")
+        return previous if isinstance(previous, str) else None
+
+    def carry(self, parsed: ResponseBody, tokens: int, images: int) -> ResponseBody:
+        own = parsed.request.images
+        context = (*own, *(InputImage() for _ in range(images)))
+        request = replace(parsed.request, images=context)
+        return replace(parsed, request=request, context_tokens=tokens)
+
+    def injected(self, parsed: ResponseBody) -> str:
+        return "; ".join(parsed.injected)
+
+    def admit(self, team: Team, parsed: ResponseBody, config: Config) -> Variant:
+        request = parsed.request
+        mainline = parsed.mainline
+        if mainline is None:
+            raise UnpricedModel(
+                f"Model {request.mainline!r} is not in Tollgate's price book as a Responses "
+                "API model, so its cost cannot be metered. Ask your Tollgate administrator "
+                "to add it.",
+                param="model",
+            )
+        allowed = team.allow.models
+        if allowed is not None and not {request.mainline, mainline.name} & allowed:
+            raise PolicyViolation(
+                f"Team {team.name} may not use model {request.mainline!r} (allow.models: "
+                f"{', '.join(sorted(allowed))}).",
+                param="model",
+            )
+        if team.allow.max_n is not None and request.n > team.allow.max_n:
+            raise PolicyViolation(
+                f"Team {team.name} may have at most {team.allow.max_n} images made per "
+                f"request (allow.max_n), not max_tool_calls={request.n}.",
+                param="max_tool_calls",
+            )
+        base = mainline_bound(parsed, mainline)
+        param = f"tools[{parsed.tool}].model"
+        try:
+            model = image_prices(config.prices, request.model)
+        except UnpricedModel as exc:
+            raise UnpricedModel(exc.message, param=param) from None
+        if parsed.tool is None:
+            # No image tool: the mainline model alone (the image part bounds nothing).
+            return Variant(request, model, priced(model, request, base), (), base)
+        model.validate(replace(request, n=1))
+        try:
+            return apply_allow(team, request, model, base)
+        except PolicyViolation as exc:
+            if exc.param == "model":
+                exc.param = param
+            raise
+
+    def decide(
+        self,
+        team: Team,
+        variant: Variant,
+        budgets: tuple[Applied, ...],
+        totals: Mapping[Counter, Totals],
+        config: Config,
+        tz: ZoneInfo,
+    ) -> Decision:
+        return decide(team, variant, budgets, totals, config.prices, tz)
+
+    def bound(self, parsed: ResponseBody, variant: Variant) -> Bound:
+        return Bound.of(variant, parsed.mainline)
+
+    def encode(self, parsed: ResponseBody, variant: Variant) -> tuple[bytes, str]:
+        fields = parsed.fields
+        if parsed.tool is not None:
+            sent = variant.request
+            tools = list(fields["tools"])
+            tool = dict(tools[parsed.tool])
+            tool["model"] = sent.model
+            for change in variant.changes:
+                tool[change.knob] = getattr(sent, change.knob)
+            tools[parsed.tool] = tool
+            fields = {**fields, "tools": tools}
+        return _ENCODER.encode(fields).encode(), "application/json"
+
+    def answer_meter(self) -> ResponseAnswer:
+        return ResponseAnswer()
+
+    def stream_meter(self) -> ResponseEvents:
+        return ResponseEvents()
+
+
+def mainline_bound(parsed: ResponseBody, mainline: MainlinePrices) -> Estimate:
+    """The most the mainline model can bill for `parsed`."""
+    images = len(parsed.request.images)
+    usage = Usage(
+        mainline_input=parsed.text_bytes
+        + HIDDEN_INPUT_TOKENS
+        + images * MAINLINE_IMAGE_TOKENS
+        + parsed.context_tokens,
+        mainline_output=parsed.max_output_tokens,
+    )
+    return Estimate(usage, mainline.cost(usage))
+
+
+# -- reading the body ----------------------------------------------------------------
+
+
+def read_body(fields: dict[str, Any], size: int, default_model: str, team: Team) -> ResponseBody:
+    """The request `fields` (a JSON object of `size` bytes) understood and bounded."""
+    for name in fields:
+        if name in REFUSED_PARAMS:
+            raise InvalidRequest(
+                f"Tollgate does not support '{name}' yet. {REFUSED_PARAMS[name]}", param=name
+            )
+        if name not in BODY_PARAMS:
+            raise InvalidRequest(
+                f"Unknown parameter: '{name}'. Tollgate forwards only the Responses API "
+                "parameters it can price.",
+                param=name,
+            )
+    fields = {k: v for k, v in fields.items() if v is not None}
+    model = fields.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("Missing required parameter: 'model'.", param="model")
+    stream = _flag(fields, "stream")
+    _flag(fields, "background")
+    tier = fields.get("service_tier")
+    if tier is not None and tier not in SERVICE_TIERS:
+        raise InvalidRequest(
+            f"Tollgate does not forward service_tier={tier!r}: its rates are not in the price "
+            f"book. Use one of {', '.join(SERVICE_TIERS)}.",
+            param="service_tier",
+        )
+    image_data, input_images = _input(fields.get("input"))
+    if "instructions" in fields and not isinstance(fields["instructions"], str):
+        raise InvalidRequest(
+            "Invalid type for 'instructions': expected a string.", param="instructions"
+        )
+    tools = fields.get("tools", [])
+    index, tool = _tools(tools)
+    choice = fields.get("tool_choice", "auto")
+    policy = team.responses
+    injected: list[str] = []
+
+    def bounded(name: str, default: int, low: int, high: int | None) -> int:
+        value = fields.get(name)
+        if value is None:
+            if policy.unbounded == "refuse":
+                raise InvalidRequest(
+                    f"Set '{name}': without it this request's cost has no bound, and your "
+                    "team's policy (responses.unbounded: refuse) asks for one.",
+                    param=name,
+                )
+            fields[name] = default
+            injected.append(f"{name}=unset->{default}")
+            return default
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InvalidRequest(f"Invalid type for '{name}': expected an integer.", param=name)
+        if value < low or (high is not None and value > high):
+            top = f" and at most {high}" if high is not None else ""
+            raise InvalidRequest(
+                f"Invalid '{name}': expected at least {low}{top}, got {value}.", param=name
+            )
+        return value
+
+    max_output = bounded("max_output_tokens", policy.max_output_tokens, 16, None)
+    calls = 0
+    if tool is not None and choice != "none":
+        calls = bounded("max_tool_calls", policy.max_tool_calls, 1, MAX_TOOL_CALLS)
+    names_model = tool is None or (isinstance(tool.get("model"), str) and bool(tool["model"]))
+    image_model = tool["model"] if tool is not None and names_model else default_model
+    mask = 1 if tool is not None and tool.get("input_image_mask") is not None else 0
+    text_bytes = size - image_data
+    request = ImageRequest(
+        endpoint="responses",
+        model=image_model,
+        # Each call's prompt: at most the request's text and what the mainline model writes.
+        prompt_bytes=text_bytes + max_output,
+        n=calls,
+        quality=_text(tool, "quality", "auto"),
+        size=_text(tool, "size", "auto"),
+        stream=stream,
+        partial_images=_partial_images(tool) if stream else 0,
+        input_fidelity=tool.get("input_fidelity") if tool is not None else None,
+        images=tuple(InputImage() for _ in range(input_images + mask)),
+        user=fields.get("user") if isinstance(fields.get("user"), str) else None,
+        params=tuple(
+            (k, str(v).lower() if isinstance(v, bool) else str(v))
+            for k, v in (tool or {}).items()
+            if k in TOOL_CHOICES and isinstance(v, str | bool)
+        ),
+        mainline=model,
+    )
+    return ResponseBody(
+        fields,
+        request,
+        index,
+        names_model,
+        text_bytes,
+        input_images + mask,
+        max_output,
+        None,
+        tuple(injected),
+    )
+
+
+def _flag(fields: Mapping[str, Any], name: str) -> bool:
+    value = fields.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"Invalid type for '{name}': expected a boolean.", param=name)
+    return value
+
+
+def _text(tool: Mapping[str, Any] | None, name: str, default: str) -> str:
+    value = (tool or {}).get(name, default)
+    if not isinstance(value, str):
+        raise InvalidRequest(f"Invalid type for 'tools[].{name}': expected a string.", param=name)
+    return value
+
+
+def _partial_images(tool: Mapping[str, Any] | None) -> int:
+    value = (tool or {}).get("partial_images", 0)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 3:
+        raise InvalidRequest(
+            "Invalid value for 'tools[].partial_images': expected an integer from 0 to 3.",
+            param="partial_images",
+        )
+    return value
+
+
+def _tools(tools: Any) -> tuple[int | None, dict[str, Any] | None]:
+    """The image_generation tool (its index) among `tools`: function tools are allowed
+    (their calls are the client's to make), hosted tools Tollgate does not price are not."""
+    if not isinstance(tools, list):
+        raise InvalidRequest("Invalid type for 'tools': expected an array.", param="tools")
+    found: tuple[int | None, dict[str, Any] | None] = (None, None)
+    for index, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind == "function":
+            continue
+        if kind != "image_generation":
+            raise InvalidRequest(
+                f"Tollgate does not meter the {kind!r} tool: it forwards the image_generation "
+                "and function tools only.",
+                param=f"tools[{index}].type",
+            )
+        if found[0] is not None:
+            raise InvalidRequest(
+                "The image_generation tool may be given once.", param=f"tools[{index}]"
+            )
+        for name in tool:
+            if name not in TOOL_PARAMS:
+                raise InvalidRequest(
+                    f"Unknown parameter: 'tools[{index}].{name}'. Tollgate cannot price it.",
+                    param=f"tools[{index}].{name}",
+                )
+        for name, choices in TOOL_CHOICES.items():
+            value = tool.get(name)
+            if value is not None and value not in choices:
+                raise InvalidRequest(
+                    f"Invalid value for 'tools[{index}].{name}': {value!r}. Supported values "
+                    f"are: {', '.join(choices)}.",
+                    param=f"tools[{index}].{name}",
+                )
+        found = (index, tool)
+    return found
+
+
+def _input(value: Any) -> tuple[int, int]:
+    """(bytes of image data, images) in the request's `input`, every item checked."""
+    if isinstance(value, str):
+        return 0, 0
+    if not isinstance(value, list) or not value:
+        raise InvalidRequest("Missing required parameter: 'input'.", param="input")
+    data = images = 0
+    for index, item in enumerate(value):
+        param = f"input[{index}]"
+        if not isinstance(item, dict):
+            raise InvalidRequest(f"Invalid '{param}': expected an object.", param=param)
+        kind = item.get("type", "message")
+        if kind == "message":
+            item_data, item_images = _content(item.get("content"), param)
+        elif kind == "image_generation_call":
+            # An image made earlier, given back: it is in the context, not text.
+            result = item.get("result")
+            item_data, item_images = (len(result) if isinstance(result, str) else 0), 1
+        elif kind in TEXT_ITEMS:
+            continue
+        else:
+            raise InvalidRequest(
+                f"Tollgate does not forward input items of type {kind!r}: it cannot bound "
+                "their tokens. Send messages (text and images), function calls and their "
+                "outputs.",
+                param=f"{param}.type",
+            )
+        data += item_data
+        images += item_images
+    return data, images
+
+
+def _content(content: Any, param: str) -> tuple[int, int]:
+    if isinstance(content, str):
+        return 0, 0
+    if not isinstance(content, list):
+        raise InvalidRequest(f"Missing required parameter: '{param}.content'.", param=param)
+    data = images = 0
+    for index, part in enumerate(content):
+        where = f"{param}.content[{index}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in TEXT_PARTS:
+            continue
+        if kind == "input_image":
+            url = part.get("image_url")
+            if not isinstance(url, str) and not isinstance(part.get("file_id"), str):
+                raise InvalidRequest(
+                    f"Invalid '{where}': an input_image needs an 'image_url' or a 'file_id'.",
+                    param=where,
+                )
+            data += len(url) if isinstance(url, str) and url.startswith("data:") else 0
+            images += 1
+            continue
+        raise InvalidRequest(
+            f"Tollgate does not forward content of type {kind!r}: it cannot bound its tokens. "
+            "Send input_text and input_image.",
+            param=f"{where}.type",
+        )
+    return data, images

@@ -1,0 +1,105 @@
+"""A response's own paths: `GET /v1/responses/{id}`, `GET …/input_items`,
+`POST …/cancel` and `DELETE /v1/responses/{id}`, for the team that created it.
+
+A response belongs to the team whose request made it (its ledger row); any other team,
+and any id Tollgate never forwarded, gets the 404 OpenAI answers for an unknown id, so
+one team cannot even learn that another's response exists. What is forwarded goes with
+the company key, its answer passed through as it comes.
+
+A background response is settled by the followers when it ends (`proxy.web.follow`): a
+cancel wakes them; a delete waits for them to settle it first, since a deleted response
+can no longer be read for its usage.
+"""
+
+from __future__ import annotations
+
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from proxy.core.auth import identify
+from proxy.core.errors import AuthenticationFailed, InvalidRequest, NotFound, RequestError
+from proxy.core.paths import plain_query
+from proxy.upstream import response_headers
+from proxy.web.observe import KeyRefusals
+from proxy.web.pipeline import new_request_id
+from proxy.web.responses import error_response
+from proxy.web.runtime import Runtime
+
+DELETE_WAIT_POLLS = 3
+"""How many times a delete asks the upstream whether a held response has ended."""
+
+
+class ResponseObjects:
+    """The paths below `/v1/responses/{response_id}`."""
+
+    def __init__(self) -> None:
+        self.key_refusals = KeyRefusals("responses")
+
+    async def handle(self, request: Request, runtime: Runtime) -> Response:
+        response_id = request.path_params["response_id"]
+        headers = {"x-tollgate-request-id": new_request_id()}
+        try:
+            team, _ = identify(
+                request.headers.get("authorization"), runtime.config.team_by_key_hash()
+            )
+        except AuthenticationFailed as exc:
+            return self.key_refusals.refuse(request, exc, headers, runtime)
+        headers["x-tollgate-team"] = team.name
+        try:
+            row = await runtime.ledger.response(response_id)
+            if row is None or row.team != team.name:
+                raise NotFound(f"Response with id '{response_id}' not found.")
+            query = plain_query(request.scope.get("query_string", b""))
+            if query is None:
+                raise InvalidRequest(
+                    "The query string holds characters that must be percent-encoded."
+                )
+            if request.method == "DELETE" and row.held:
+                await self.settle_first(runtime, row.request_id)
+            answer = await runtime.upstream.send(
+                request.url.path.removeprefix("/v1"),
+                b"",
+                "",
+                request.headers.items(),
+                method=request.method,
+                query=query,
+            )
+        except RequestError as exc:
+            return error_response(exc, headers)
+        if request.url.path.endswith("/cancel"):
+            runtime.followers.nudge()
+        return StreamingResponse(
+            answer.chunks(),
+            status_code=answer.status,
+            headers={**dict(response_headers(answer)), **headers},
+            background=BackgroundTask(answer.aclose),
+        )
+
+    async def settle_first(self, runtime: Runtime, request_id: str) -> None:
+        """A held response is read for its usage before it may be deleted."""
+        followers = runtime.followers
+        for _ in range(DELETE_WAIT_POLLS):
+            followed = followers.following.get(request_id)
+            if followed is None:
+                return
+            exchange, response_id = followed
+            if await followers.poll(runtime, exchange, response_id):
+                followers.following.pop(request_id, None)
+                return
+        raise InvalidRequest(
+            "This background response has not ended: cancel it first "
+            "(POST /v1/responses/{id}/cancel), then delete it. Tollgate settles its cost "
+            "from the response, which a delete would remove."
+        )
+
+
+async def websocket_refused(request: Request, runtime: Runtime) -> Response:
+    """`GET /v1/responses` is the Responses API's WebSocket mode: not supported (yet)."""
+    return error_response(WEBSOCKET_REFUSAL)
+
+
+WEBSOCKET_REFUSAL = InvalidRequest(
+    "The Responses API's WebSocket mode is not supported by Tollgate: send "
+    "POST /v1/responses (with stream: true for events)."
+)
