@@ -44,10 +44,16 @@ class FakeBook:
             | {"dall-e-3": FakeModel("dall-e-3", ("standard", "hd"), ("1024x1024", "1792x1024"))}
         )
     )
+    mainline: dict[str, str] = field(
+        default_factory=lambda: {name: name for name in ("gpt-5", "gpt-5.5", "gpt-4.1-mini")}
+    )
     path: Path | None = None
 
     def find(self, model: str) -> FakeModel | None:
         return self.models.get(model)
+
+    def find_mainline(self, model: str) -> str | None:
+        return self.mainline.get(model)
 
 
 def fake_loader(path: Path | None) -> Any:
@@ -276,6 +282,20 @@ def test_allow_params_values_are_text(policies: Path) -> None:
     }
 
 
+def test_allow_models_may_name_mainline_models(policies: Path) -> None:
+    extra = "allow:\n  models: [gpt-image-2, gpt-5.5, gpt-4.1-mini]\n  max_quality: medium\n"
+    write(policies / "teams" / "t.yaml", team_yaml(extra=extra))
+    allow = load(policies).teams[0].allow
+    assert allow.models == {"gpt-image-2", "gpt-5.5", "gpt-4.1-mini"}
+
+
+def test_allow_models_may_name_mainline_models_of_the_built_in_book(policies: Path) -> None:
+    extra = "allow:\n  models: [gpt-image-2, gpt-5.5, gpt-5-2025-08-07, o3]\n"
+    write(policies / "teams" / "t.yaml", team_yaml(extra=extra))
+    config = load_config(policies, env={})
+    assert config.teams[0].allow.models == {"gpt-image-2", "gpt-5.5", "gpt-5-2025-08-07", "o3"}
+
+
 def test_throttle_tiers_are_sorted_by_threshold(policies: Path) -> None:
     extra = """
     budgets: [{period: month, limit_usd: 10}]
@@ -391,6 +411,15 @@ TEAM_PROBLEMS = [
         "5: downgrade.fallback_model: model 'gpt-imag-1-mini' is not in the price book "
         "(did you mean 'gpt-image-1-mini'?)",
     ),
+    (
+        "allow:\n  models: [gpt-image-2, gpt-5.6]\n",
+        "5: allow.models[1]: model 'gpt-5.6' is not in the price book (did you mean 'gpt-5.5'?)",
+    ),
+    (
+        "downgrade:\n  fallback_model: gpt-5\n",
+        "5: downgrade.fallback_model: model 'gpt-5' is a mainline text model; "
+        "an image model is needed",
+    ),
     ("cost_center: [a]\n", "4: cost_center: must be a string, got a list"),
     (
         "budgets:\n  - {period: day, limit_usd: 1\n",
@@ -459,6 +488,10 @@ SETTINGS_PROBLEMS = [
         "default_model: gpt-image-7\n",
         "1: default_model: model 'gpt-image-7' is not in the price book"
         " (did you mean 'gpt-image-2'?)",
+    ),
+    (
+        "default_model: gpt-5.5\n",
+        "1: default_model: model 'gpt-5.5' is a mainline text model; an image model is needed",
     ),
     (
         "organization:\n  budgets:\n    - {period: month, limit_usd: -5}\n",

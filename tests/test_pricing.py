@@ -8,6 +8,7 @@ import textwrap
 import typing
 from datetime import date
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,18 @@ from proxy.core.models import (
 )
 from proxy.core.parsing import parse_request
 from proxy.core.pricing import (
+    ENTRY_ERRORS,
     CustomSizes,
+    EntryError,
+    MainlinePrices,
     ModelPrices,
     PriceBook,
     estimate,
+    mainline_prices,
     model_prices,
     price_book,
 )
+from proxy.simulator.catalogue import MAINLINE_MODELS
 from proxy.simulator.forms import RawRequest
 from proxy.simulator.tokens import tokens_for
 from proxy.simulator.validation import validate as simulator_validate
@@ -875,3 +881,482 @@ def test_costs_are_the_exact_decimal_price_rounded_up_to_a_nano_dollar() -> None
             exact += model.stand_in_rate(INPUT_KINDS) * usage.unclassified_input * 1000
             exact += model.stand_in_rate(OUTPUT_KINDS) * usage.unclassified_output * 1000
             assert model.cost(usage) == int(exact.to_integral_value(ROUND_CEILING)), model.name
+
+
+# --- mainline models: the Responses API's text model that calls the image tool -------------
+
+BUILT_IN_MAINLINE = {
+    *MAINLINE_MODELS,
+    "gpt-5.4",
+    "gpt-5.4-mini",
+    "gpt-5.4-nano",
+}
+
+
+def mainline_of(book: PriceBook, name: str) -> MainlinePrices:
+    found = book.find_mainline(name)
+    assert found is not None, name
+    return found
+
+
+def mainline_usage(uncached: int = 0, cached: int = 0, output: int = 0) -> Usage:
+    return Usage(mainline_input=uncached, mainline_cached_input=cached, mainline_output=output)
+
+
+def test_built_in_book_lists_the_mainline_models_of_the_image_tool(book: PriceBook) -> None:
+    assert {m.name for m in book.mainline.values()} == BUILT_IN_MAINLINE
+
+
+@pytest.mark.parametrize("name", sorted(BUILT_IN_MAINLINE))
+def test_every_mainline_entry_has_a_source_a_date_and_the_three_rates(
+    book: PriceBook, name: str
+) -> None:
+    model = mainline_of(book, name)
+    assert model.name == name
+    assert model.source.startswith("https://developers.openai.com/api/docs/pricing")
+    assert isinstance(model.effective_from, date)
+    assert set(model.rates) == {"text_input", "cached_text_input", "text_output"}
+    assert all(rate > 0 for rate in model.rates.values())
+    assert model.rates["cached_text_input"] < model.rates["text_input"]
+
+
+@pytest.mark.parametrize("name", sorted(BUILT_IN_MAINLINE))
+def test_mainline_models_are_not_image_models(book: PriceBook, name: str) -> None:
+    assert book.find(name) is None
+
+
+def test_image_models_are_not_mainline_models(book: PriceBook) -> None:
+    assert all(book.find_mainline(name) is None for name in book.names())
+
+
+def test_mainline_names_are_not_listed_with_the_image_models(book: PriceBook) -> None:
+    assert not set(book.names()) & BUILT_IN_MAINLINE
+
+
+@pytest.mark.parametrize(
+    ("name", "uncached", "cached", "output", "nanos"),
+    [
+        # 1820 × $5/M + 210 × $30/M
+        ("gpt-5.5", 1820, 0, 210, 1820 * 5_000 + 210 * 30_000),
+        ("gpt-5.5", 1000, 800, 50, 1000 * 5_000 + 800 * 500 + 50 * 30_000),
+        ("gpt-5", 1000, 500, 300, 1000 * 1_250 + 500 * 125 + 300 * 10_000),
+        ("gpt-5-mini", 2000, 0, 700, 2000 * 250 + 700 * 2_000),
+        ("gpt-5-nano", 1, 1, 1, 50 + 5 + 400),
+        ("gpt-5.4", 1000, 1000, 1000, 2_500_000 + 250_000 + 15_000_000),
+        ("gpt-5.4-mini", 1000, 1000, 1000, 750_000 + 75_000 + 4_500_000),
+        ("gpt-5.4-nano", 1000, 1000, 1000, 200_000 + 20_000 + 1_250_000),
+        ("o3", 10, 10, 10, 20_000 + 5_000 + 80_000),
+        ("gpt-4.1", 10, 10, 10, 20_000 + 5_000 + 80_000),
+        ("gpt-4.1-mini", 10, 10, 10, 4_000 + 1_000 + 16_000),
+        ("gpt-4.1-nano", 10, 10, 10, 1_000 + 250 + 4_000),
+        ("gpt-4o", 10, 10, 10, 25_000 + 12_500 + 100_000),
+        ("gpt-4o-mini", 1, 1, 1, 150 + 75 + 600),
+        ("gpt-5.5", 0, 0, 0, 0),
+    ],
+)
+def test_mainline_cost_is_exact_in_nano_dollars(
+    book: PriceBook, name: str, uncached: int, cached: int, output: int, nanos: int
+) -> None:
+    assert mainline_of(book, name).cost(mainline_usage(uncached, cached, output)) == nanos
+
+
+def test_mainline_cost_ignores_the_image_tools_tokens(book: PriceBook) -> None:
+    usage = Usage(text_input=1000, image_output=4160, mainline_input=100, mainline_output=10)
+    assert mainline_of(book, "gpt-5").cost(usage) == 100 * 1_250 + 10 * 10_000
+
+
+@pytest.mark.parametrize(
+    ("uncached", "cached", "output", "nanos"),
+    [
+        (272_000, 0, 100, 272_000 * 5_000 + 100 * 30_000),
+        (272_001, 0, 100, 272_001 * 10_000 + 100 * 45_000),
+        # Cached tokens are input: they count toward the threshold, and are priced at the
+        # long-context cached rate once it is passed.
+        (271_000, 1_000, 100, 271_000 * 5_000 + 1_000 * 500 + 100 * 30_000),
+        (271_000, 1_001, 100, 271_000 * 10_000 + 1_001 * 1_000 + 100 * 45_000),
+        (0, 272_001, 0, 272_001 * 1_000),
+    ],
+    ids=["at-the-threshold", "one-above", "cached-at", "cached-above", "all-cached-above"],
+)
+def test_gpt_55_bills_the_whole_request_at_long_context_rates_above_272k_input(
+    book: PriceBook, uncached: int, cached: int, output: int, nanos: int
+) -> None:
+    assert mainline_of(book, "gpt-5.5").cost(mainline_usage(uncached, cached, output)) == nanos
+
+
+@pytest.mark.parametrize("name", sorted(BUILT_IN_MAINLINE - {"gpt-5.5"}))
+def test_models_without_long_context_rates_keep_their_rates_at_any_length(
+    book: PriceBook, name: str
+) -> None:
+    model = mainline_of(book, name)
+    assert model.long_context is None
+    assert model.rates_for(10**7) == model.rates
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "canonical"),
+    [
+        ("gpt-5-2025-08-07", "gpt-5"),
+        ("gpt-5-mini-2025-08-07", "gpt-5-mini"),
+        ("gpt-5-nano-2025-08-07", "gpt-5-nano"),
+        ("o3-2025-04-16", "o3"),
+        ("gpt-4.1-2025-04-14", "gpt-4.1"),
+        ("gpt-4.1-mini-2025-04-14", "gpt-4.1-mini"),
+        ("gpt-4.1-nano-2025-04-14", "gpt-4.1-nano"),
+        ("gpt-4o-2024-08-06", "gpt-4o"),
+        ("gpt-4o-2024-11-20", "gpt-4o"),
+        ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
+    ],
+)
+def test_dated_mainline_snapshots_resolve_to_the_canonical_entry(
+    book: PriceBook, snapshot: str, canonical: str
+) -> None:
+    assert mainline_of(book, snapshot) is mainline_of(book, canonical)
+    assert mainline_of(book, snapshot).name == canonical
+
+
+def test_an_unknown_mainline_model_is_not_found(book: PriceBook) -> None:
+    assert book.find_mainline("gpt-9") is None
+
+
+MAINLINE_FIELDS: dict[str, Any] = {
+    "source": "negotiated contract 2027",
+    "effective_from": "2027-01-01",
+    "aliases": ["gpt-6-2027-01-01"],
+    "rates": {"text_input": "3.00", "cached_text_input": "0.30", "text_output": "12.00"},
+}
+
+
+def test_a_mainline_model_is_built_from_a_plain_mapping() -> None:
+    model = mainline_prices("gpt-6", MAINLINE_FIELDS)
+    book = price_book([], [model])
+    assert mainline_of(book, "gpt-6-2027-01-01") is model
+    assert model.effective_from == date(2027, 1, 1)
+    assert model.rates == {
+        "text_input": Decimal("3.00"),
+        "cached_text_input": Decimal("0.30"),
+        "text_output": Decimal("12.00"),
+    }
+    assert model.cost(mainline_usage(10**6, 10**6, 10**6)) == (3 + Decimal("0.3") + 12) * 10**9
+
+
+def test_mainline_cost_rounds_fractional_nanos_up() -> None:
+    # $0.0001/M is a tenth of a nano-dollar per token.
+    rates = {"text_input": "0.0001", "cached_text_input": "0.00001", "text_output": "0.0003"}
+    model = mainline_prices("cheap", {**MAINLINE_FIELDS, "rates": rates})
+    assert model.cost(mainline_usage(uncached=1)) == 1
+    assert model.cost(mainline_usage(uncached=10)) == 1
+    assert model.cost(mainline_usage(uncached=11)) == 2
+    assert model.cost(mainline_usage(cached=1)) == 1
+    assert model.cost(mainline_usage(output=4)) == 2  # 1.2 nanos
+    # Rounded once, on the sum: 0.1 + 0.01 + 0.3 = 0.41 nanos.
+    assert model.cost(mainline_usage(1, 1, 1)) == 1
+
+
+def test_cached_input_without_its_own_rate_costs_the_input_rate() -> None:
+    rates = {"text_input": "2.00", "text_output": "8.00"}
+    model = mainline_prices("no-cache", {**MAINLINE_FIELDS, "rates": rates})
+    assert model.cost(mainline_usage(cached=1000)) == model.cost(mainline_usage(uncached=1000))
+
+
+def test_long_context_rates_are_built_from_a_plain_mapping() -> None:
+    long = {"above_input_tokens": 100, "rates": {"text_input": "6.00", "text_output": "24.00"}}
+    model = mainline_prices("gpt-6", {**MAINLINE_FIELDS, "long_context": long})
+    assert model.cost(mainline_usage(uncached=100)) == 100 * 3_000
+    # Without a long-context cached rate, cached tokens cost its input rate.
+    assert model.cost(mainline_usage(uncached=100, cached=1)) == 101 * 6_000
+
+
+@pytest.mark.parametrize(
+    ("fields", "message", "at"),
+    [
+        ({"source": ""}, "every entry needs `source` and `effective_from`", ()),
+        ({"effective_from": None}, "every entry needs `source` and `effective_from`", ()),
+        ({"rates": None}, "`rates` needs text_input and text_output", ("rates",)),
+        (
+            {"rates": {"text_input": "1.00"}},
+            "`rates` needs text_input and text_output",
+            ("rates",),
+        ),
+        (
+            {"rates": {"text_input": "one", "text_output": "8.00"}},
+            "must be a number of USD >= 0, got 'one'",
+            ("rates", "text_input"),
+        ),
+        (
+            {"rates": {"text_input": "-1", "text_output": "8.00"}},
+            "must be a number of USD >= 0, got '-1'",
+            ("rates", "text_input"),
+        ),
+        (
+            {"rates": {"text_input": "NaN", "text_output": "8.00"}},
+            "must be a number of USD >= 0, got 'NaN'",
+            ("rates", "text_input"),
+        ),
+        (
+            {"rates": {"text_input": True, "text_output": "8.00"}},
+            "must be a number of USD >= 0, got True",
+            ("rates", "text_input"),
+        ),
+        (
+            {"rates": {"text_input": "1", "text_output": "8", "image_output": "30"}},
+            "unknown key 'image_output' (known: text_input, cached_text_input, text_output)",
+            ("rates", "image_output"),
+        ),
+        (
+            {"qualities": ["low"]},
+            "unknown key 'qualities' (known: source, effective_from, rates, long_context, aliases)",
+            ("qualities",),
+        ),
+        ({"aliases": "gpt-6-latest"}, "`aliases` must be a list of model names", ("aliases",)),
+        (
+            {"long_context": {"above_input_tokens": 0, "rates": {}}},
+            "`above_input_tokens` must be an integer >= 1, got 0",
+            ("long_context", "above_input_tokens"),
+        ),
+        (
+            {"long_context": {"above_input_tokens": 10, "rates": {"text_input": "1"}}},
+            "`rates` needs text_input and text_output",
+            ("long_context", "rates"),
+        ),
+        (
+            {"long_context": {"above": 10}},
+            "unknown key 'above' (known: above_input_tokens, rates)",
+            ("long_context", "above"),
+        ),
+    ],
+)
+def test_a_mainline_entry_the_builder_cannot_read_names_the_key_at_fault(
+    fields: dict[str, Any], message: str, at: tuple[str, ...]
+) -> None:
+    with pytest.raises(EntryError) as caught:
+        mainline_prices("gpt-6", {**MAINLINE_FIELDS, **fields})
+    assert str(caught.value).startswith(message)
+    assert caught.value.at == at
+
+
+@pytest.mark.parametrize("raw", [None, "gpt-6", ["rates"]])
+def test_a_mainline_entry_that_is_not_a_mapping_is_refused(raw: Any) -> None:
+    with pytest.raises(ENTRY_ERRORS):
+        mainline_prices("gpt-6", raw)
+
+
+def test_a_mainline_entry_with_a_bad_date_is_refused() -> None:
+    with pytest.raises(ENTRY_ERRORS):
+        mainline_prices("gpt-6", {**MAINLINE_FIELDS, "effective_from": "someday"})
+
+
+# --- mainline models in a deployment's price book -------------------------------------------
+
+BUILT_IN_LINE = {
+    name: f"proxy/prices.yaml:{number}"
+    for number, line in enumerate(
+        resources.files("proxy").joinpath("prices.yaml").read_text().splitlines(), 1
+    )
+    for name in ("gpt-image-2", "gpt-5.5")
+    if line == f"  {name}:"
+}
+
+MAINLINE_OVERRIDE = """
+    # negotiated rates: mainline models only
+    mainline:
+      gpt-6:
+        source: negotiated contract 2027
+        effective_from: 2027-01-01
+        aliases: [gpt-6-2027-01-01]
+        rates: {text_input: "3.00", cached_text_input: "0.30", text_output: "12.00"}
+      gpt-5:
+        rates: {text_input: "1.00", cached_text_input: "0.10", text_output: "8.00"}
+"""
+
+
+def test_override_file_adds_a_mainline_model(tmp_path: Path) -> None:
+    book = load_price_book(write(tmp_path, MAINLINE_OVERRIDE))
+    model = mainline_of(book, "gpt-6")
+    assert mainline_of(book, "gpt-6-2027-01-01") is model
+    assert model.source == "negotiated contract 2027"
+    assert model.cost(mainline_usage(1000, 1000, 1000)) == 3_000_000 + 300_000 + 12_000_000
+    # A file with `mainline:` only keeps every built-in image model.
+    assert set(book.names()) == set(load_price_book().names())
+
+
+def test_override_file_changes_the_rates_of_a_built_in_mainline_model(tmp_path: Path) -> None:
+    book = load_price_book(write(tmp_path, MAINLINE_OVERRIDE))
+    model = mainline_of(book, "gpt-5")
+    assert model.cost(mainline_usage(1000, 1000, 1000)) == 1_000_000 + 100_000 + 8_000_000
+    # The keys the file does not name are the built-in entry's, its aliases too.
+    assert model.effective_from == date(2025, 8, 7)
+    assert model.source == "https://developers.openai.com/api/docs/pricing"
+    assert mainline_of(book, "gpt-5-2025-08-07") is model
+    # Models the file does not name keep their built-in entry.
+    assert mainline_of(book, "gpt-5.5").cost(mainline_usage(uncached=1)) == 5_000
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            """
+            mainline:
+              gpt-6:
+                effective_from: 2027-01-01
+                rates: {text_input: "3.00", text_output: "12.00"}
+            """,
+            "3: mainline.gpt-6: invalid price-book entry: "
+            "every entry needs `source` and `effective_from`",
+        ),
+        (
+            """
+            mainline:
+              gpt-6:
+                source: x
+                rates: {text_input: "3.00", text_output: "12.00"}
+            """,
+            "3: mainline.gpt-6: invalid price-book entry: "
+            "every entry needs `source` and `effective_from`",
+        ),
+        (
+            """
+            mainline:
+              gpt-6:
+                source: x
+                effective_from: 2027-01-01
+            """,
+            "3: mainline.gpt-6.rates: invalid price-book entry: `rates` needs text_input and "
+            "text_output (and cached_text_input where the model discounts cached input), "
+            "USD per 1M tokens",
+        ),
+        (
+            """
+            mainline:
+              gpt-6:
+                source: x
+                effective_from: 2027-01-01
+                rates:
+                  text_input: "3.00"
+                  text_output: twelve
+            """,
+            "8: mainline.gpt-6.rates.text_output: invalid price-book entry: "
+            "must be a number of USD >= 0, got 'twelve'",
+        ),
+        (
+            """
+            mainline:
+              gpt-6:
+                source: x
+                effective_from: 2027-01-01
+                rates: {text_input: "3.00", text_output: "12.00"}
+                long_context: {above_input_tokens: 1000, rates: {text_input: "6.00"}}
+            """,
+            "7: mainline.gpt-6.long_context.rates: invalid price-book entry: `rates` needs "
+            "text_input and text_output (and cached_text_input where the model discounts "
+            "cached input), USD per 1M tokens",
+        ),
+        (
+            """
+            mainline:
+              gpt-6:
+                source: x
+                effective_from: 2027-01-01
+                rates: {text_input: "3.00", text_output: "12.00"}
+                long_context:
+                  above_input_tokens: lots
+                  rates: {text_input: "6.00", text_output: "24.00"}
+            """,
+            "8: mainline.gpt-6.long_context.above_input_tokens: invalid price-book entry: "
+            "`above_input_tokens` must be an integer >= 1, got 'lots'",
+        ),
+        (
+            """
+            mainline:
+              gpt-6:
+                source: x
+                effective_from: 2027-01-01
+                rates: {text_input: "3.00", text_output: "12.00"}
+                qualities: [low]
+            """,
+            "7: mainline.gpt-6.qualities: invalid price-book entry: unknown key 'qualities' "
+            "(known: source, effective_from, rates, long_context, aliases)",
+        ),
+        (
+            """
+            mainline:
+              gpt-6:
+                source: x
+                effective_from: someday
+                rates: {text_input: "3.00", text_output: "12.00"}
+            """,
+            "3: mainline.gpt-6: invalid price-book entry: "
+            "ValueError(\"Invalid isoformat string: 'someday'\")",
+        ),
+        (
+            """
+            mainline:
+              gpt-image-2:
+                source: x
+                effective_from: 2027-01-01
+                rates: {text_input: "3.00", text_output: "12.00"}
+            """,
+            "3: mainline.gpt-image-2: 'gpt-image-2' is also an image model "
+            f"(models.gpt-image-2 at {BUILT_IN_LINE['gpt-image-2']}); a name prices one model",
+        ),
+        (
+            """
+            mainline:
+              gpt-6:
+                source: x
+                effective_from: 2027-01-01
+                aliases: [gpt-image-2-2026-04-21]
+                rates: {text_input: "3.00", text_output: "12.00"}
+            """,
+            "3: mainline.gpt-6: 'gpt-image-2-2026-04-21' is also an image model "
+            f"(models.gpt-image-2 at {BUILT_IN_LINE['gpt-image-2']}); a name prices one model",
+        ),
+        ("mainline: [gpt-6]\n", "2: mainline: `mainline:` must be a mapping of models"),
+        ("version: 1\n", "2: a price book needs a `models:` or `mainline:` mapping"),
+    ],
+    ids=[
+        "no-source",
+        "no-date",
+        "no-rates",
+        "rate-not-a-number",
+        "long-context-rates-incomplete",
+        "long-context-threshold",
+        "unknown-key",
+        "bad-date",
+        "an-image-models-name",
+        "an-image-models-alias",
+        "section-not-a-mapping",
+        "no-section",
+    ],
+)
+def test_broken_mainline_entry_is_reported_at_its_own_line(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = write(tmp_path, "# negotiated\n" + textwrap.dedent(text).lstrip("\n"))
+    assert problems_of(path) == [f"{path}:{expected}"]
+
+
+def test_an_image_model_added_with_a_mainline_models_name_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, OVERRIDE.replace("gpt-image-3:", "gpt-5.5:", 1))
+    assert problems_of(path) == [
+        f"{BUILT_IN_LINE['gpt-5.5']}: mainline.gpt-5.5: 'gpt-5.5' is also an "
+        f"image model (models.gpt-5.5 at {path}:4); a name prices one model"
+    ]
+
+
+def test_every_broken_entry_of_both_sections_is_reported_at_once(tmp_path: Path) -> None:
+    text = """
+        models:
+          gpt-image-3: {source: x}
+        mainline:
+          gpt-6: {source: x}
+          gpt-7: {source: x, effective_from: 2027-01-01, rates: {text_input: "1"}}
+    """
+    path = write(tmp_path, text.lstrip("\n"))
+    problems = problems_of(path)
+    assert [p.split(": ")[0:2] for p in problems] == [
+        [f"{path}:2", "models.gpt-image-3"],
+        [f"{path}:4", "mainline.gpt-6"],
+        [f"{path}:5", "mainline.gpt-7.rates"],
+    ]

@@ -24,7 +24,7 @@ from proxy.config.source import Document, JsonPath, read_document
 from proxy.core.errors import ConfigError
 from proxy.core.models import NANOS_PER_USD
 from proxy.core.paths import canonical, under
-from proxy.core.pricing import ModelPrices, PriceBook
+from proxy.core.pricing import MainlinePrices, ModelPrices, PriceBook
 from proxy.core.settings import (
     BODY_COPIES,
     KNOBS,
@@ -378,7 +378,8 @@ class _Builder:
     def _allow(self, doc: Document, path: JsonPath, raw: dict[str, Any]) -> Allow:
         models = raw.get("models")
         for index, model in enumerate(models or ()):
-            self._priced(doc, (*path, "models", index), model)
+            # The Responses API's mainline model is allowed (or not) by the same list.
+            self._priced(doc, (*path, "models", index), model, mainline=True)
         candidates = self._models(models)
         if "max_quality" in raw:
             self._quality(doc, (*path, "max_quality"), raw["max_quality"], candidates)
@@ -435,10 +436,17 @@ class _Builder:
 
     # -- price-book checks ---------------------------------------------------
 
-    def _priced(self, doc: Document, path: JsonPath, model: str) -> None:
+    def _priced(self, doc: Document, path: JsonPath, model: str, mainline: bool = False) -> None:
+        """A problem unless `model` is an image model of the book (or, with `mainline`, one
+        of its mainline text models)."""
         if self.book is None or self.book.find(model) is not None:
             return
-        known = sorted(_all_models(self.book))
+        if self.book.find_mainline(model) is not None:
+            if not mainline:
+                message = f"model {model!r} is a mainline text model; an image model is needed"
+                self._problem(doc, path, message)
+            return
+        known = sorted({*_all_models(self.book), *(_all_mainline(self.book) if mainline else ())})
         close = difflib.get_close_matches(model, known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         self._problem(doc, path, f"model {model!r} is not in the price book{hint}")
@@ -483,6 +491,11 @@ def _all_models(book: PriceBook) -> Mapping[str, ModelPrices]:
     # The price book's own table; a stand-in without one gets no enumeration.
     models = getattr(book, "models", None)
     return cast(Mapping[str, ModelPrices], models) if isinstance(models, Mapping) else {}
+
+
+def _all_mainline(book: PriceBook) -> Mapping[str, MainlinePrices]:
+    mainline = getattr(book, "mainline", None)
+    return cast(Mapping[str, MainlinePrices], mainline) if isinstance(mainline, Mapping) else {}
 
 
 def _as_text(value: object) -> str:

@@ -11,6 +11,12 @@ module builds the book from plain mappings and interprets it:
     estimate(model, request).cost_nanos                  # an upper bound, reserved
     model.cost(usage)                                    # the exact price of reported usage
     model.charge(usage)                                  # that price as the ledger records it
+
+The Responses API's mainline text models (the model that calls the image tool) are a
+second table of the same book:
+
+    book = price_book(images, [mainline_prices("gpt-5.5", fields)])
+    book.find_mainline("gpt-5.5").cost(usage)            # its `mainline_*` tokens only
 """
 
 from __future__ import annotations
@@ -393,8 +399,17 @@ class PriceBook:
         return tuple(sorted({m.name for m in self.models.values()}))
 
 
+class EntryError(ValueError):
+    """An entry the builder refuses, with the key `at` fault (empty: the entry itself), so
+    that a reader of files can point at that key's line."""
+
+    def __init__(self, message: str, at: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.at = at
+
+
 ENTRY_ERRORS = (KeyError, TypeError, ValueError, ArithmeticError, AttributeError)
-"""What `model_prices` raises for an entry it cannot read."""
+"""What `model_prices` and `mainline_prices` raise for an entry they cannot read."""
 
 
 def price_book(
@@ -458,3 +473,76 @@ def model_prices(name: str, raw: Mapping[str, Any], custom: CustomSizes) -> Mode
         max_n=int(raw.get("max_n", MAX_N)),
         aliases=tuple(raw.get("aliases", ())),
     )
+
+
+MAINLINE_KEYS = ("source", "effective_from", "rates", "long_context", "aliases")
+LONG_CONTEXT_KEYS = ("above_input_tokens", "rates")
+
+
+def mainline_prices(name: str, raw: Mapping[str, Any]) -> MainlinePrices:
+    """One mainline model from its plain mapping, as a price-book file writes it under
+    `mainline:` (raises one of `ENTRY_ERRORS`, an `EntryError` naming the key at fault):
+
+        mainline_prices("gpt-5", {"source": "…", "effective_from": "2025-08-07",
+                                  "rates": {"text_input": "1.25", "text_output": "10.00"}})
+    """
+    if not isinstance(raw, Mapping):
+        raise EntryError(f"must be a mapping of {', '.join(MAINLINE_KEYS)}")
+    _known_keys(raw, MAINLINE_KEYS, ())
+    if not raw.get("source") or not raw.get("effective_from"):
+        raise EntryError("every entry needs `source` and `effective_from`")
+    effective = raw["effective_from"]
+    long = raw.get("long_context")
+    aliases = raw.get("aliases", ())
+    if not isinstance(aliases, list | tuple) or not all(isinstance(a, str) for a in aliases):
+        raise EntryError("`aliases` must be a list of model names", ("aliases",))
+    return MainlinePrices(
+        name=name,
+        source=str(raw["source"]),
+        effective_from=effective if isinstance(effective, date) else date.fromisoformat(effective),
+        rates=_mainline_rates(raw.get("rates"), ("rates",)),
+        long_context=None if long is None else _long_context(long),
+        aliases=tuple(aliases),
+    )
+
+
+def _long_context(raw: Any) -> LongContext:
+    at = ("long_context",)
+    if not isinstance(raw, Mapping):
+        raise EntryError("`long_context` must be a mapping of above_input_tokens, rates", at)
+    _known_keys(raw, LONG_CONTEXT_KEYS, at)
+    above = raw.get("above_input_tokens")
+    if isinstance(above, bool) or not isinstance(above, int) or above < 1:
+        raise EntryError(
+            f"`above_input_tokens` must be an integer >= 1, got {above!r}",
+            (*at, "above_input_tokens"),
+        )
+    return LongContext(above, _mainline_rates(raw.get("rates"), (*at, "rates")))
+
+
+def _mainline_rates(raw: Any, at: tuple[str, ...]) -> Mapping[str, Decimal]:
+    """USD per million tokens by kind: `text_input` and `text_output` required; without
+    `cached_text_input`, cached tokens are priced at `text_input` (never free)."""
+    if not isinstance(raw, Mapping) or not {"text_input", "text_output"} <= set(raw):
+        raise EntryError(
+            "`rates` needs text_input and text_output (and cached_text_input where the "
+            "model discounts cached input), USD per 1M tokens",
+            at,
+        )
+    _known_keys(raw, MAINLINE_KINDS, at)
+    rates: dict[str, Decimal] = {}
+    for kind, value in raw.items():
+        try:
+            rate = None if isinstance(value, bool) else _decimal(value)
+        except ArithmeticError:
+            rate = None
+        if rate is None or not rate.is_finite() or rate < 0:
+            raise EntryError(f"must be a number of USD >= 0, got {value!r}", (*at, kind))
+        rates[kind] = rate
+    return rates
+
+
+def _known_keys(raw: Mapping[str, Any], known: tuple[str, ...], at: tuple[str, ...]) -> None:
+    for key in raw:
+        if key not in known:
+            raise EntryError(f"unknown key {key!r} (known: {', '.join(known)})", (*at, key))
