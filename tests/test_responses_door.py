@@ -335,7 +335,7 @@ def test_a_response_is_charged_at_both_models_rates(config: Config) -> None:
     mainline = bound.mainline
     assert mainline is not None
     text = mainline.cost(found.usage)
-    assert text == -(-(540 * 5000 + 1280 * 500 + 210 * 30000) // 1000)
+    assert text == 540 * 5000 + 1280 * 500 + 210 * 30000  # nanos: tokens × USD/M × 1000
     assert verdict.cost_nanos == image + text
     assert verdict.charge.mainline_nanos == text
     assert not verdict.charge.flagged
