@@ -15,7 +15,10 @@ Two kinds of values:
 A Responses request (`endpoint="responses"`) is labelled with its image tool's model;
 its mainline model's tokens (`text_input`, `cached_text_input`, `text_output`) and
 dollars are counted under the mainline model's name with `quality=""`, so that
-`tollgate_cost_usd_total` still adds up to the ledger's spend.
+`tollgate_cost_usd_total` still adds up to the ledger's spend. Its cost is also counted
+in `tollgate_responses_cost_usd_total{team, model, part}` (`part`: `mainline` or
+`image_tool`): the cost counter has no endpoint label (a contract of the dashboards), and
+the Responses API's spend must still be told apart from the Images API's.
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ class Metrics:
         self._requests = Children(self.requests)
         self._tokens = Children(self.tokens)
         self._cost = Children(self.cost)
+        self._responses_cost = Children(self.responses_cost)
         self._reserved = Children(self.reserved)
         self._images = Children(self.images)
         self._downgrades = Children(self.downgrades)
@@ -124,6 +128,14 @@ class Metrics:
             "tollgate_cost_usd",
             "Metered cost in US dollars.",
             ["team", "model", "quality"],
+            registry=r,
+        )
+        self.responses_cost = Counter(
+            "tollgate_responses_cost_usd",
+            "Metered cost of Responses API requests in US dollars, by part: the mainline "
+            "model's tokens (part=mainline) or the image_generation tool's "
+            "(part=image_tool). Also counted in tollgate_cost_usd_total.",
+            ["team", "model", "part"],
             registry=r,
         )
         self.reserved = Counter(
@@ -193,6 +205,8 @@ class Metrics:
         image_nanos = settlement.cost_nanos - (settlement.mainline_cost_nanos if mainline else 0)
         if image_nanos:
             self._cost(team, model, quality).inc(image_nanos / NANOS_PER_USD)
+            if entry.endpoint == "responses":
+                self._responses_cost(team, model, "image_tool").inc(image_nanos / NANOS_PER_USD)
         if mainline:
             self._mainline(team, mainline, settlement)
         if entry.estimated_nanos:
@@ -211,7 +225,9 @@ class Metrics:
             if count:
                 self._tokens(team, model, kind).inc(count)
         if settlement.mainline_cost_nanos:
-            self._cost(team, model, "").inc(settlement.mainline_cost_nanos / NANOS_PER_USD)
+            dollars = settlement.mainline_cost_nanos / NANOS_PER_USD
+            self._cost(team, model, "").inc(dollars)
+            self._responses_cost(team, model, "mainline").inc(dollars)
 
     def unauthenticated(self, endpoint: str, reason: str) -> None:
         """Count a request refused for its key (`endpoint`: an image endpoint or

@@ -133,6 +133,27 @@ def test_a_responses_requests_cost_is_split_between_the_image_and_the_mainline_m
     assert image + mainline == pytest.approx(RESPONSES_COST_NANOS / NANOS, rel=1e-15)
 
 
+def test_a_responses_requests_cost_is_also_counted_by_part_on_its_own_counter(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    metrics.started()
+    metrics.finished(responses_entry(), responses_settlement(), ())
+    metrics.started()
+    metrics.finished(forwarded(), Settlement(1.0, "ok", 200, Usage(images=1), 5_000_000), ())
+
+    def part(model: str, name: str) -> float | None:
+        labels = {"team": "design", "model": model, "part": name}
+        return registry.get_sample_value("tollgate_responses_cost_usd_total", labels)
+
+    assert part("gpt-image-2", "image_tool") == 0.00608
+    assert part("gpt-5.5", "mainline") == 0.01315
+    assert part("gpt-image-2", "mainline") is None
+    assert part("gpt-5.5", "image_tool") is None
+    # The Images API request is in tollgate_cost_usd_total only.
+    images = {"team": "design", "model": "gpt-image-2", "quality": "medium"}
+    assert registry.get_sample_value("tollgate_cost_usd_total", images) == 0.005
+
+
 def test_a_responses_requests_tokens_are_counted_under_the_model_that_billed_them(
     metrics: Metrics, registry: CollectorRegistry
 ) -> None:
@@ -395,6 +416,8 @@ def test_the_exposition_has_exactly_the_catalogue_of_the_spec(metrics: Metrics) 
         "tollgate_requests": "counter",
         "tollgate_tokens": "counter",
         "tollgate_cost_usd": "counter",
+        # The Responses API's spend by part (the cost counter has no endpoint label).
+        "tollgate_responses_cost_usd": "counter",
         "tollgate_reserved_usd": "counter",
         "tollgate_images": "counter",
         "tollgate_downgrades": "counter",

@@ -87,6 +87,13 @@ def test_observing_a_responses_request_counts_both_models_spend(
         registry.get_sample_value("tollgate_tokens_total", {**mainline, "kind": "text_output"})
         == 80
     )
+    parts = {
+        s.labels["part"]: (s.labels["model"], s.value)
+        for f in text_string_to_metric_families(metrics.exposition().decode())
+        for s in f.samples
+        if s.name == "tollgate_responses_cost_usd_total"
+    }
+    assert parts == {"image_tool": ("gpt-image-2", 0.21078), "mainline": ("gpt-4.1", 0.003152)}
     assert registry.get_sample_value("tollgate_inflight_requests") == 0
 
 
