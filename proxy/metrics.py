@@ -11,6 +11,14 @@ Two kinds of values:
   and a scrape sums every worker's files (the client's multiprocess mode);
 - budget gauges, read from the ledger at scrape time and handed to
   `exposition()` as a snapshot, so every worker and replica tells the same truth.
+
+A Responses request (`endpoint="responses"`) is labelled with its image tool's model;
+its mainline model's tokens (`text_input`, `cached_text_input`, `text_output`) and
+dollars are counted under the mainline model's name with `quality=""`, so that
+`tollgate_cost_usd_total` still adds up to the ledger's spend. Its cost is also counted
+in `tollgate_responses_cost_usd_total{team, model, part}` (`part`: `mainline` or
+`image_tool`): the cost counter has no endpoint label (a contract of the dashboards), and
+the Responses API's spend must still be told apart from the Images API's.
 """
 
 from __future__ import annotations
@@ -82,6 +90,7 @@ class Metrics:
         self._requests = Children(self.requests)
         self._tokens = Children(self.tokens)
         self._cost = Children(self.cost)
+        self._responses_cost = Children(self.responses_cost)
         self._reserved = Children(self.reserved)
         self._images = Children(self.images)
         self._downgrades = Children(self.downgrades)
@@ -119,6 +128,14 @@ class Metrics:
             "tollgate_cost_usd",
             "Metered cost in US dollars.",
             ["team", "model", "quality"],
+            registry=r,
+        )
+        self.responses_cost = Counter(
+            "tollgate_responses_cost_usd",
+            "Metered cost of Responses API requests in US dollars, by part: the mainline "
+            "model's tokens (part=mainline) or the image_generation tool's "
+            "(part=image_tool). Also counted in tollgate_cost_usd_total.",
+            ["team", "model", "part"],
             registry=r,
         )
         self.reserved = Counter(
@@ -165,10 +182,14 @@ class Metrics:
         self.inflight.inc()
 
     def finished(self, entry: Entry, settlement: Settlement, changes: Sequence[Change]) -> None:
-        """Count a request that has ended, whatever its outcome."""
+        """Count a request that has ended, whatever its outcome.
+
+        A Responses request is billed under two models: its image tool's (`entry.model`,
+        the request's own label) and its mainline model's, whose tokens and dollars are
+        counted under that model with `quality=""`."""
         self.inflight.dec()
         team = entry.team or ""
-        model = entry.model or entry.model_requested or ""
+        model = entry.model or entry.model_requested or entry.mainline_model or ""
         self._requests(team, model, entry.endpoint or "", settlement.outcome).inc()
         for change in changes:
             self._downgrades(team, change.knob, change.reason).inc()
@@ -178,12 +199,35 @@ class Metrics:
             if count:
                 self._tokens(team, model, kind).inc(count)
         quality = entry.quality or ""
-        if settlement.cost_nanos:
-            self._cost(team, model, quality).inc(settlement.cost_nanos / NANOS_PER_USD)
+        mainline = entry.mainline_model
+        # Without a mainline model to name, every dollar stays on the request's own label:
+        # the two parts always add up to the ledger's cost.
+        image_nanos = settlement.cost_nanos - (settlement.mainline_cost_nanos if mainline else 0)
+        if image_nanos:
+            self._cost(team, model, quality).inc(image_nanos / NANOS_PER_USD)
+            if entry.endpoint == "responses":
+                self._responses_cost(team, model, "image_tool").inc(image_nanos / NANOS_PER_USD)
+        if mainline:
+            self._mainline(team, mainline, settlement)
         if entry.estimated_nanos:
             self._reserved(team, model).inc(entry.estimated_nanos / NANOS_PER_USD)
         if usage.images and 200 <= settlement.status < 300:
             self._images(team, model, quality, entry.size or "").inc(usage.images)
+
+    def _mainline(self, team: str, model: str, settlement: Settlement) -> None:
+        """The Responses API mainline model's tokens and dollars, under its own name."""
+        usage = settlement.usage
+        for kind, count in (
+            ("text_input", usage.mainline_input),
+            ("cached_text_input", usage.mainline_cached_input),
+            ("text_output", usage.mainline_output),
+        ):
+            if count:
+                self._tokens(team, model, kind).inc(count)
+        if settlement.mainline_cost_nanos:
+            dollars = settlement.mainline_cost_nanos / NANOS_PER_USD
+            self._cost(team, model, "").inc(dollars)
+            self._responses_cost(team, model, "mainline").inc(dollars)
 
     def unauthenticated(self, endpoint: str, reason: str) -> None:
         """Count a request refused for its key (`endpoint`: an image endpoint or

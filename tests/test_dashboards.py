@@ -29,6 +29,7 @@ BOARD = DASHBOARDS / "tollgate.json"
 RULE_FILES = sorted((DASHBOARDS / "prometheus").glob("*rules.yml"))
 # Names of series: Tollgate's metrics, and recorded series (`level:metric:operations`).
 SERIES = re.compile(r"\b(tollgate_[a-z_]+|[a-z_]+:[a-z0-9_:]+)\b")
+RESPONSES_ROW = "Responses API"
 LABEL_VALUES = re.compile(r"^label_values\((\w+),\s*(\w+)\)$")
 THRESHOLD = re.compile(r"\s*(>=|<=|==|!=|>|<)\s*[0-9.]+\s*$")
 
@@ -40,6 +41,18 @@ def board() -> dict[str, Any]:
 
 def panels() -> list[dict[str, Any]]:
     return [p for p in board()["panels"] if p["type"] != "row"]
+
+
+def row_expressions(title: str) -> list[str]:
+    """The expressions of the panels under the row called `title` (up to the next row)."""
+    found: list[str] = []
+    inside = False
+    for panel in board()["panels"]:
+        if panel["type"] == "row":
+            inside = panel["title"] == title
+        elif inside:
+            found.extend(t["expr"] for t in panel["targets"])
+    return found
 
 
 def dashboard_expressions() -> list[str]:
@@ -77,6 +90,9 @@ def exported() -> set[str]:
     metrics.started()
     change = Change("quality", "a", "b", "policy")
     metrics.finished(entry, Settlement(1, "ok", 200, usage, 1), (change,))
+    responses = Entry("r2", 0.0, "responses", team="t", model="m", mainline_model="l")
+    metrics.started()
+    metrics.finished(responses, Settlement(1, "ok", 200, Usage(mainline_input=1), 3, 1), ())
     metrics.upstream("m", "generations", 1)
     budget = BudgetStatus("team", "t", "", "month", "usd", 10, 1, 1, Window("month", 0, 1),
                           (Decimal("0.5"),))  # fmt: skip
@@ -138,8 +154,26 @@ def test_the_board_has_the_panels_operators_need() -> None:
         "spend by team", "budget utilization", "projected end-of-period", "burn rate",
         "images by model, quality and size", "cost per image", "downgrades", "rejections",
         "tokens by kind", "reserved vs actual", "latency percentiles", "error rate", "in-flight",
+        "responses api spend by team and model", "mainline vs image tool",
+        "responses api requests by outcome",
     ):  # fmt: skip
         assert words in titles
+
+
+def test_the_responses_row_reads_only_the_responses_apis_series() -> None:
+    """The cost counter has no endpoint label: the row's spend comes from the Responses
+    API's own cost counter, its requests from the `responses` endpoint's."""
+    exprs = row_expressions(RESPONSES_ROW)
+    assert len(exprs) == 4
+    for expr in exprs:
+        names = series(expr)
+        if names == {"tollgate_requests_total"}:
+            assert 'endpoint="responses"' in expr
+        else:
+            assert names == {"tollgate_responses_cost_usd_total"}, expr
+    assert any("sum by (team, model)" in e for e in exprs)
+    assert any("sum by (part)" in e for e in exprs)
+    assert any("sum by (outcome)" in e and "tollgate_requests_total" in e for e in exprs)
 
 
 def test_utilization_panels_draw_the_alert_thresholds() -> None:

@@ -75,6 +75,191 @@ def test_a_settled_request_counts_its_outcome_cost_images_tokens_and_estimate(
     assert registry.get_sample_value("tollgate_inflight_requests") == 0
 
 
+def responses_entry(**fields: object) -> Entry:
+    """A Responses request: gpt-5.5 calling the image tool with gpt-image-2, low quality."""
+    return forwarded(endpoint="responses", mainline_model="gpt-5.5", quality="low", **fields)
+
+
+# gpt-5.5 wrote 1820 input (500 of them cached) and 210 output tokens; the image tool read 40
+# text tokens and wrote one image of 196 tokens.
+RESPONSES_USAGE = Usage(
+    text_input=40, image_output=196, images=1,
+    mainline_input=1320, mainline_cached_input=500, mainline_output=210,
+)  # fmt: skip
+RESPONSES_MAINLINE_NANOS = 1320 * 5_000 + 500 * 500 + 210 * 30_000  # 13_150_000
+RESPONSES_COST_NANOS = RESPONSES_MAINLINE_NANOS + 40 * 5_000 + 196 * 30_000  # 19_230_000
+
+
+def responses_settlement(**fields: object) -> Settlement:
+    values: dict[str, object] = {
+        "usage": RESPONSES_USAGE,
+        "cost_nanos": RESPONSES_COST_NANOS,
+        "mainline_cost_nanos": RESPONSES_MAINLINE_NANOS,
+        **fields,
+    }
+    return Settlement(1.0, "ok", 200, **values)  # type: ignore[arg-type]
+
+
+def test_a_responses_request_counts_under_the_image_model_with_endpoint_responses(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    metrics.started()
+    metrics.finished(responses_entry(), responses_settlement(), ())
+    requests = {"team": "design", "model": "gpt-image-2", "endpoint": "responses", "outcome": "ok"}
+    assert registry.get_sample_value("tollgate_requests_total", requests) == 1
+    images = {"team": "design", "model": "gpt-image-2", "quality": "low", "size": "1024x1024"}
+    assert registry.get_sample_value("tollgate_images_total", images) == 1
+    assert (
+        registry.get_sample_value("tollgate_images_total", {**images, "model": "gpt-5.5"}) is None
+    )
+    mainline = {"team": "design", "model": "gpt-5.5", "endpoint": "responses", "outcome": "ok"}
+    assert registry.get_sample_value("tollgate_requests_total", mainline) is None
+
+
+def test_a_responses_requests_cost_is_split_between_the_image_and_the_mainline_model(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    metrics.started()
+    metrics.finished(responses_entry(), responses_settlement(), ())
+    image = registry.get_sample_value(
+        "tollgate_cost_usd_total", {"team": "design", "model": "gpt-image-2", "quality": "low"}
+    )
+    mainline = registry.get_sample_value(
+        "tollgate_cost_usd_total", {"team": "design", "model": "gpt-5.5", "quality": ""}
+    )
+    # Each part is the nano-dollar integer turned into dollars once, at the edge.
+    assert image == (RESPONSES_COST_NANOS - RESPONSES_MAINLINE_NANOS) / NANOS == 0.00608
+    assert mainline == RESPONSES_MAINLINE_NANOS / NANOS == 0.01315
+    assert image + mainline == pytest.approx(RESPONSES_COST_NANOS / NANOS, rel=1e-15)
+
+
+def test_a_responses_requests_cost_is_also_counted_by_part_on_its_own_counter(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    metrics.started()
+    metrics.finished(responses_entry(), responses_settlement(), ())
+    metrics.started()
+    metrics.finished(forwarded(), Settlement(1.0, "ok", 200, Usage(images=1), 5_000_000), ())
+
+    def part(model: str, name: str) -> float | None:
+        labels = {"team": "design", "model": model, "part": name}
+        return registry.get_sample_value("tollgate_responses_cost_usd_total", labels)
+
+    assert part("gpt-image-2", "image_tool") == 0.00608
+    assert part("gpt-5.5", "mainline") == 0.01315
+    assert part("gpt-image-2", "mainline") is None
+    assert part("gpt-5.5", "image_tool") is None
+    # The Images API request is in tollgate_cost_usd_total only.
+    images = {"team": "design", "model": "gpt-image-2", "quality": "medium"}
+    assert registry.get_sample_value("tollgate_cost_usd_total", images) == 0.005
+
+
+def test_a_responses_requests_tokens_are_counted_under_the_model_that_billed_them(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    metrics.started()
+    metrics.finished(responses_entry(), responses_settlement(), ())
+
+    def tokens(model: str, kind: str) -> float | None:
+        labels = {"team": "design", "model": model, "kind": kind}
+        return registry.get_sample_value("tollgate_tokens_total", labels)
+
+    assert tokens("gpt-5.5", "text_input") == 1320  # uncached only
+    assert tokens("gpt-5.5", "cached_text_input") == 500
+    assert tokens("gpt-5.5", "text_output") == 210
+    assert tokens("gpt-image-2", "text_input") == 40
+    assert tokens("gpt-image-2", "image_output") == 196
+    for kind in ("image_input", "cached_image_input", "image_output"):
+        assert tokens("gpt-5.5", kind) is None
+    assert tokens("gpt-image-2", "text_output") is None
+
+
+def test_the_exposition_of_a_responses_request_adds_up_to_its_cost(metrics: Metrics) -> None:
+    for _ in range(3):
+        metrics.started()
+        metrics.finished(responses_entry(), responses_settlement(), ())
+    text = metrics.exposition().decode()
+    cost: dict[tuple[str, str], float] = {}
+    tokens: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "tollgate_cost_usd_total":
+                cost[sample.labels["model"], sample.labels["quality"]] = sample.value
+            if sample.name == "tollgate_tokens_total":
+                tokens[sample.labels["model"], sample.labels["kind"]] = sample.value
+    assert cost == {
+        ("gpt-image-2", "low"): pytest.approx(3 * 0.00608, rel=1e-15),
+        ("gpt-5.5", ""): pytest.approx(3 * 0.01315, rel=1e-15),
+    }
+    assert sum(cost.values()) == pytest.approx(3 * RESPONSES_COST_NANOS / NANOS, rel=1e-15)
+    assert tokens == {
+        ("gpt-5.5", "text_input"): 3 * 1320,
+        ("gpt-5.5", "cached_text_input"): 3 * 500,
+        ("gpt-5.5", "text_output"): 3 * 210,
+        ("gpt-image-2", "text_input"): 3 * 40,
+        ("gpt-image-2", "image_output"): 3 * 196,
+    }
+    assert 'endpoint="responses"' in text
+
+
+def test_a_responses_request_that_made_no_image_bills_only_its_mainline_model(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    usage = Usage(mainline_input=100, mainline_output=20)
+    nanos = 100 * 5_000 + 20 * 30_000
+    settlement = Settlement(1.0, "ok", 200, usage, nanos, mainline_cost_nanos=nanos)
+    metrics.started()
+    metrics.finished(responses_entry(), settlement, ())
+    text = metrics.exposition().decode()
+    assert 'tollgate_cost_usd_total{model="gpt-image-2"' not in text
+    assert "tollgate_images_total{" not in text
+    labels = {"team": "design", "model": "gpt-5.5", "quality": ""}
+    assert registry.get_sample_value("tollgate_cost_usd_total", labels) == nanos / NANOS
+
+
+def test_a_refused_responses_request_is_counted_with_no_cost_or_tokens(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    entry = Entry("tg_req_3", 0.0, "responses", team="research", model_requested="gpt-image-2",
+                  mainline_model="gpt-5.5")  # fmt: skip
+    metrics.started()
+    metrics.finished(entry, Settlement(1.0, "rejected_policy", 403), ())
+    assert registry.get_sample_value(
+        "tollgate_requests_total",
+        {"team": "research", "model": "gpt-image-2", "endpoint": "responses",
+         "outcome": "rejected_policy"},
+    ) == 1  # fmt: skip
+    text = metrics.exposition().decode()
+    assert "tollgate_cost_usd_total{" not in text
+    assert "tollgate_tokens_total{" not in text
+
+
+def test_a_responses_request_without_an_image_model_is_counted_under_its_mainline_model(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    entry = Entry("tg_req_4", 0.0, "responses", team="design", mainline_model="gpt-4.1")
+    metrics.started()
+    metrics.finished(entry, Settlement(1.0, "client_error", 400), ())
+    labels = {"team": "design", "model": "gpt-4.1", "endpoint": "responses"}
+    assert (
+        registry.get_sample_value("tollgate_requests_total", {**labels, "outcome": "client_error"})
+        == 1
+    )
+
+
+def test_a_mainline_cost_with_no_mainline_model_to_name_stays_on_the_requests_model(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    settlement = responses_settlement()
+    metrics.started()
+    metrics.finished(forwarded(endpoint="responses", quality="low"), settlement, ())
+    labels = {"team": "design", "model": "gpt-image-2", "quality": "low"}
+    assert registry.get_sample_value("tollgate_cost_usd_total", labels) == pytest.approx(
+        RESPONSES_COST_NANOS / NANOS, rel=1e-15
+    )
+    assert 'quality=""' not in metrics.exposition().decode()
+
+
 def test_requests_with_the_same_labels_add_up_on_one_child(
     metrics: Metrics, registry: CollectorRegistry
 ) -> None:
@@ -231,6 +416,8 @@ def test_the_exposition_has_exactly_the_catalogue_of_the_spec(metrics: Metrics) 
         "tollgate_requests": "counter",
         "tollgate_tokens": "counter",
         "tollgate_cost_usd": "counter",
+        # The Responses API's spend by part (the cost counter has no endpoint label).
+        "tollgate_responses_cost_usd": "counter",
         "tollgate_reserved_usd": "counter",
         "tollgate_images": "counter",
         "tollgate_downgrades": "counter",

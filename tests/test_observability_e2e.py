@@ -15,7 +15,7 @@ import subprocess
 import textwrap
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,20 +23,35 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from proxy.core.auth import key_hash
+from proxy.core.models import Entry, Settlement, Usage
+from proxy.metrics import Metrics
 from tests.conftest import (
     DESIGN_KEY,
     RESEARCH_KEY,
     Simulator,
     Tollgate,
     free_port,
+    serving,
     start_tollgate,
     write_config,
 )
 from tests.test_alerts import Receiver
-from tests.test_dashboards import RULE_FILES, dashboard_expressions, instant, rule_expressions
+from tests.test_dashboards import (
+    RESPONSES_ROW,
+    RULE_FILES,
+    dashboard_expressions,
+    instant,
+    row_expressions,
+    rule_expressions,
+)
 
 TEAMS = {
     # Tight month budget: a policy clamp (max_quality), then the throttle, then budget
@@ -138,14 +153,15 @@ class Observed:
     receiver: Receiver
     outcomes: Counter[str]
     downgraded_headers: list[str]
+    responses: bool
+    """Whether Tollgate has a Responses door: the workload then has Responses requests."""
 
 
-def generate(client: openai.OpenAI, prompt: str, quality: str, **extra: Any) -> str:
-    """One generation; the outcome the client saw."""
+def outcome(send: Callable[[], Any]) -> str:
+    """The outcome the client saw of one request `send` makes through the SDK's raw
+    response (`downgraded:<header>` for a downgrade)."""
     try:
-        raw = client.images.with_raw_response.generate(
-            model="gpt-image-2", prompt=prompt, quality=quality, size="1024x1024", **extra
-        )
+        raw = send()
     except openai.RateLimitError:
         return "rejected_budget"
     except openai.PermissionDeniedError:
@@ -157,6 +173,33 @@ def generate(client: openai.OpenAI, prompt: str, quality: str, **extra: Any) -> 
         if raw.headers.get("x-tollgate-downgraded")
         else "ok"
     )
+
+
+def generate(client: openai.OpenAI, prompt: str, quality: str, **extra: Any) -> str:
+    """One generation; the outcome the client saw."""
+    return outcome(
+        lambda: client.images.with_raw_response.generate(
+            model="gpt-image-2", prompt=prompt, quality=quality, size="1024x1024", **extra
+        )
+    )
+
+
+def respond(client: openai.OpenAI, prompt: str) -> str | None:
+    """One Responses API request with the image tool, its bounds set (so no `responses:`
+    policy has to inject them); the outcome the client saw, or None when Tollgate has no
+    Responses door (`/v1/responses` is then an unknown path: 404, counted nowhere)."""
+    tool: Any = {"type": "image_generation", "model": "gpt-image-2", "quality": "low",
+                 "size": "1024x1024"}  # fmt: skip
+
+    def send() -> Any:
+        return client.responses.with_raw_response.create(
+            model="gpt-4.1", input=prompt, tools=[tool], max_tool_calls=1, max_output_tokens=256
+        )
+
+    try:
+        return outcome(send)
+    except openai.NotFoundError:
+        return None
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +226,13 @@ def observed(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> 
         headers: list[str] = []
         design, research = tollgate.client(DESIGN_KEY), tollgate.client(RESEARCH_KEY)
         outcomes[generate(design, "too many", "low", n=4)] += 1
+        # A few Responses requests while design's budget has room (a Tollgate without the
+        # door answers the first with 404 and the Responses row is proven on its own).
+        answered = respond(design, "a lighthouse")
+        responses = answered is not None
+        if answered is not None:
+            outcomes[answered.split(":")[0]] += 1
+            outcomes[str(respond(design, "a harbour")).split(":")[0]] += 1
         outcomes[generate(research, "a storm [[fault:500]]", "low")] += 1
         for i in range(60):
             seen = generate(design, f"design {i}", "high" if i == 0 else "medium")
@@ -197,7 +247,7 @@ def observed(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> 
             outcomes[seen] += 1
             if seen == "rejected_budget":
                 break
-        yield Observed(tollgate, prometheus, receiver, outcomes, headers)
+        yield Observed(tollgate, prometheus, receiver, outcomes, headers, responses)
     finally:
         prometheus.process.terminate()
         prometheus.process.wait(timeout=15)
@@ -246,7 +296,11 @@ def test_every_dashboard_and_rule_expression_returns_data_from_prometheus(
             break
         time.sleep(0.5)
     assert prometheus.by_team("sum(tollgate_requests_total)") == {"": sent}
-    missing = wait_for_data(prometheus, [*dashboard_expressions(), *rule_expressions()], 30)
+    # Without a Responses door there is no Responses traffic to show: the row's queries are
+    # proven on a scrape of Responses metrics instead (the test below).
+    responses_row = [] if observed.responses else row_expressions(RESPONSES_ROW)
+    expected = [e for e in dashboard_expressions() if e not in responses_row]
+    missing = wait_for_data(prometheus, [*expected, *rule_expressions()], 30)
     assert missing == []
     rules = httpx.get(f"{prometheus.url}/api/v1/rules").json()["data"]["groups"]
     assert {r["health"] for g in rules for r in g["rules"]} == {"ok"}
@@ -319,3 +373,53 @@ def test_counters_sum_every_worker(simulator: Simulator, tmp_path: Path) -> None
         assert totals == [sent] * 8
     finally:
         tollgate.stop()
+
+
+def responses_metrics() -> Metrics:
+    """Metrics of Responses API traffic as the pipeline counts it: hand-built settled
+    requests (gpt-5.5 and gpt-4.1 calling the image tool; one refused for its budget)."""
+    metrics = Metrics(CollectorRegistry())
+    for team, mainline, image, outcome, cost, mainline_cost in (
+        ("design", "gpt-5.5", "gpt-image-2", "ok", 19_230_000, 13_150_000),
+        ("design", "gpt-5.5", "gpt-image-2", "ok", 19_230_000, 13_150_000),
+        ("research", "gpt-4.1", "gpt-image-1-mini", "ok", 3_000_000, 1_000_000),
+        ("research", "gpt-4.1", "gpt-image-1-mini", "rejected_budget", 0, 0),
+    ):
+        entry = Entry("tg_req", 0.0, "responses", team=team, model=image, quality="low",
+                      size="1024x1024", mainline_model=mainline)  # fmt: skip
+        usage = Usage(image_output=196, images=1, mainline_input=900, mainline_output=80)
+        settlement = Settlement(1.0, outcome, 200 if cost else 429, usage if cost else Usage(),
+                                cost, mainline_cost_nanos=mainline_cost)  # fmt: skip
+        metrics.started()
+        metrics.finished(entry, settlement, ())
+    return metrics
+
+
+def test_the_responses_row_returns_data_from_a_prometheus_scraping_responses_metrics(
+    tmp_path: Path,
+) -> None:
+    metrics = responses_metrics()
+
+    async def scrape(request: Request) -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    with serving(Starlette(routes=[Route("/metrics", scrape)])) as url:
+        prometheus = start_prometheus(tmp_path, url.removeprefix("http://"))
+        try:
+            row = row_expressions(RESPONSES_ROW)
+            assert wait_for_data(prometheus, row, 30) == []
+            parts = prometheus.query("sum by (part) (tollgate_responses_cost_usd_total)")
+            assert {r["metric"]["part"]: float(r["value"][1]) for r in parts} == {
+                "mainline": pytest.approx(0.0273, rel=1e-12),
+                "image_tool": pytest.approx(0.01416, rel=1e-12),
+            }
+            by_team_model = prometheus.query(instant(row[0]))
+            assert {(r["metric"]["team"], r["metric"]["model"]) for r in by_team_model} == {
+                ("design", "gpt-5.5"), ("design", "gpt-image-2"),
+                ("research", "gpt-4.1"), ("research", "gpt-image-1-mini"),
+            }  # fmt: skip
+            outcomes = prometheus.query(instant(row[-1]))
+            assert {r["metric"]["outcome"] for r in outcomes} == {"ok", "rejected_budget"}
+        finally:
+            prometheus.process.terminate()
+            prometheus.process.wait(timeout=15)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from types import MappingProxyType
 from typing import Literal
 
@@ -142,26 +143,57 @@ def find_model(name: str) -> ModelRule | None:
 
 
 @dataclass(frozen=True)
+class MainlineRates:
+    """What a mainline model bills, in USD per 1M tokens (OpenAI's Standard tier)."""
+
+    input: Decimal
+    """Uncached input."""
+    cached_input: Decimal
+    output: Decimal
+    """Output, reasoning included."""
+
+
+def _rates(uncached: str, cached: str, output: str) -> MainlineRates:
+    return MainlineRates(Decimal(uncached), Decimal(cached), Decimal(output))
+
+
+@dataclass(frozen=True)
 class MainlineRule:
     """A mainline model of the Responses API that can call the image_generation tool."""
 
     name: str
+    rates: MainlineRates
     reasoning: bool = False
     """Whether it reasons (and so bills reasoning tokens as output)."""
+    long_context: tuple[int, MainlineRates] | None = None
+    """(threshold, rates): a request with more input tokens than the threshold (cached
+    ones included) is billed at these rates, every one of its tokens."""
+
+    def rates_for(self, input_tokens: int) -> MainlineRates:
+        """The rates a request of `input_tokens` input tokens is billed at."""
+        if self.long_context is not None and input_tokens > self.long_context[0]:
+            return self.long_context[1]
+        return self.rates
 
 
-# The mainline models the image-generation guide names for the tool.
+# The mainline models the image-generation guide names for the tool, at OpenAI's published
+# rates (input / cached input / output), kept apart from the proxy's price book.
 _MAINLINE: tuple[MainlineRule, ...] = (
-    MainlineRule("gpt-4o"),
-    MainlineRule("gpt-4o-mini"),
-    MainlineRule("gpt-4.1"),
-    MainlineRule("gpt-4.1-mini"),
-    MainlineRule("gpt-4.1-nano"),
-    MainlineRule("o3", reasoning=True),
-    MainlineRule("gpt-5", reasoning=True),
-    MainlineRule("gpt-5-mini", reasoning=True),
-    MainlineRule("gpt-5-nano", reasoning=True),
-    MainlineRule("gpt-5.5", reasoning=True),
+    MainlineRule("gpt-4o", _rates("2.50", "1.25", "10.00")),
+    MainlineRule("gpt-4o-mini", _rates("0.15", "0.075", "0.60")),
+    MainlineRule("gpt-4.1", _rates("2.00", "0.50", "8.00")),
+    MainlineRule("gpt-4.1-mini", _rates("0.40", "0.10", "1.60")),
+    MainlineRule("gpt-4.1-nano", _rates("0.10", "0.025", "0.40")),
+    MainlineRule("o3", _rates("2.00", "0.50", "8.00"), reasoning=True),
+    MainlineRule("gpt-5", _rates("1.25", "0.125", "10.00"), reasoning=True),
+    MainlineRule("gpt-5-mini", _rates("0.25", "0.025", "2.00"), reasoning=True),
+    MainlineRule("gpt-5-nano", _rates("0.05", "0.005", "0.40"), reasoning=True),
+    MainlineRule(
+        "gpt-5.5",
+        _rates("5.00", "0.50", "30.00"),
+        reasoning=True,
+        long_context=(272_000, _rates("10.00", "1.00", "45.00")),
+    ),
 )
 
 MAINLINE_MODELS: Mapping[str, MainlineRule] = MappingProxyType({m.name: m for m in _MAINLINE})

@@ -1,8 +1,14 @@
 """`GET /v1/organization/costs` built from the billing record (pure; `now` passed in).
 
-Prices are OpenAI's published rates (USD, Standard tier), written here apart from
-the proxy's price book. Line items are named
-`"<model>, <kind>"`, e.g. `"gpt-image-2, image output"` or `"dall-e-3, images"`.
+Prices are OpenAI's published rates (USD, Standard tier), written here (and, for the
+Responses API's mainline models, in `catalogue`) apart from the proxy's price book.
+Line items are named `"<model>, <kind>"`: e.g. `"gpt-image-2, image output"` or
+`"dall-e-3, images"` for image models; and as OpenAI names a text model's,
+`"gpt-5.5, input"` (uncached), `"gpt-5.5, cached input"` and `"gpt-5.5, output"`
+(reasoning included) for a Responses request's mainline model, with `", long context"`
+appended when the request was billed at the model's long-context rates. A Responses
+request adds both: its mainline model's line items and its image tool's, priced at the
+image model's rates as for the Images API.
 """
 
 from __future__ import annotations
@@ -16,13 +22,16 @@ from typing import Any
 
 from starlette.datastructures import QueryParams
 
-from proxy.simulator.billing import Entry
+from proxy.simulator.billing import Entry, MainlineUsage
+from proxy.simulator.catalogue import MAINLINE_MODELS
 
 DAY = 86_400
 DEFAULT_LIMIT = 7
 MAX_LIMIT = 180
 PER_MILLION = Decimal(1_000_000)
 GROUPS = ("line_item", "project_id")
+
+LONG_CONTEXT = ", long context"
 
 _TOKEN_KINDS = (
     ("text_input", "text input"),
@@ -96,9 +105,16 @@ class LineCost:
 
 def line_costs(entry: Entry) -> list[LineCost]:
     """The priced line items of one record entry (none when it was not billed)."""
-    if not entry.billed or entry.model is None:
+    if not entry.billed:
         return []
     project = entry.headers.get("openai-project")
+    return [*_mainline_costs(entry, project), *_image_costs(entry, project)]
+
+
+def _image_costs(entry: Entry, project: str | None) -> list[LineCost]:
+    """The image model's line items (for `responses`, its image tool's)."""
+    if entry.model is None:
+        return []
     if entry.usage is None:
         price = IMAGE_PRICES.get((entry.model, entry.quality or "", entry.size or ""))
         if price is None:
@@ -115,6 +131,26 @@ def line_costs(entry: Entry) -> list[LineCost]:
         if tokens:
             amount = prices.get(kind, Decimal(0)) * tokens / PER_MILLION
             lines.append(LineCost(f"{entry.model}, {label}", project, amount, tokens, "tokens"))
+    return lines
+
+
+def _mainline_costs(entry: Entry, project: str | None) -> list[LineCost]:
+    """A Responses request's mainline model's line items, at that model's rates."""
+    usage: MainlineUsage | None = entry.mainline
+    rule = MAINLINE_MODELS.get(entry.mainline_model or "")
+    if usage is None or rule is None:
+        return []
+    rates = rule.rates_for(usage.input)
+    suffix = LONG_CONTEXT if rates is not rule.rates else ""
+    lines = []
+    for label, tokens, rate in (
+        ("input", usage.input - usage.cached_input, rates.input),
+        ("cached input", usage.cached_input, rates.cached_input),
+        ("output", usage.output, rates.output),
+    ):
+        if tokens:
+            name = f"{rule.name}, {label}{suffix}"
+            lines.append(LineCost(name, project, rate * tokens / PER_MILLION, tokens, "tokens"))
     return lines
 
 

@@ -28,7 +28,8 @@ def observe(
 
 
 def log_request(entry: Entry, settlement: Settlement) -> None:
-    """One structured line per request: never a key, a prompt or image data."""
+    """One structured line per request: never a key, a prompt or image data. A Responses
+    request names its mainline model and the part of its cost that model's tokens are."""
     if not log.isEnabledFor(logging.INFO):
         return
     log.info(
@@ -41,6 +42,7 @@ def log_request(entry: Entry, settlement: Settlement) -> None:
                 "endpoint": entry.endpoint,
                 "model_requested": entry.model_requested,
                 "model": entry.model,
+                "mainline_model": entry.mainline_model,
                 "quality_requested": entry.quality_requested,
                 "quality": entry.quality,
                 "size_requested": entry.size_requested,
@@ -52,6 +54,9 @@ def log_request(entry: Entry, settlement: Settlement) -> None:
                 "status": settlement.status,
                 "error_code": settlement.error_code,
                 "cost_usd": usd_text(settlement.cost_nanos),
+                "mainline_cost_usd": (
+                    usd_text(settlement.mainline_cost_nanos) if entry.mainline_model else None
+                ),
                 "estimated_usd": usd_text(entry.estimated_nanos),
                 "flagged": settlement.flagged,
                 "latency_ms": round(settlement.latency_ms, 1),

@@ -1,0 +1,119 @@
+"""Observing a finished request: its metrics and its one log line (proxy/web/observe.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.core.models import Entry, Settlement, Usage
+from proxy.metrics import Metrics
+from proxy.web.observe import observe
+from proxy.web.runtime import Runtime
+
+NANOS = 10**9
+
+
+def runtime_with(metrics: Metrics) -> Runtime:
+    """What `observe` reads of a runtime: its metrics."""
+    return cast(Runtime, SimpleNamespace(metrics=metrics))
+
+
+def observed(
+    entry: Entry, settlement: Settlement, caplog: pytest.LogCaptureFixture
+) -> tuple[Metrics, CollectorRegistry, dict[str, Any]]:
+    """`entry` observed as `settlement`: the metrics, their registry and the log line."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.started()
+    with caplog.at_level(logging.INFO, logger="tollgate.requests"):
+        observe(runtime_with(metrics), entry, settlement, ())
+    [record] = [r for r in caplog.records if r.name == "tollgate.requests"]
+    line: dict[str, Any] = json.loads(record.getMessage())
+    return metrics, registry, line
+
+
+RESPONSES = Entry(
+    "tg_req_r1", 0.0, "responses", team="design", key_id="web-app",
+    model_requested="gpt-image-2", model="gpt-image-2", quality_requested="high",
+    quality="high", size_requested="1024x1024", size="1024x1024", n_requested=1, n=1,
+    estimated_nanos=400_000_000, mainline_model="gpt-4.1",
+)  # fmt: skip
+# gpt-4.1 at $2 / $0.50 / $8 per 1M: 1000 uncached + 1024 cached input, 80 output tokens;
+# gpt-image-2 at $5 text input, $30 image output: 12 and 7024 tokens.
+MAINLINE_NANOS = 1000 * 2_000 + 1024 * 500 + 80 * 8_000  # 3_152_000
+IMAGE_NANOS = 12 * 5_000 + 7024 * 30_000  # 210_780_000
+SETTLED = Settlement(
+    1.5, "ok", 200,
+    Usage(text_input=12, image_output=7024, images=1, mainline_input=1000,
+          mainline_cached_input=1024, mainline_output=80),
+    cost_nanos=MAINLINE_NANOS + IMAGE_NANOS, mainline_cost_nanos=MAINLINE_NANOS,
+    upstream_request_id="resp_1", latency_ms=1500.0,
+)  # fmt: skip
+
+
+def test_observing_a_responses_request_counts_both_models_spend(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    metrics, registry, _ = observed(RESPONSES, SETTLED, caplog)
+    cost = {
+        (s.labels["model"], s.labels["quality"]): s.value
+        for f in text_string_to_metric_families(metrics.exposition().decode())
+        for s in f.samples
+        if s.name == "tollgate_cost_usd_total"
+    }
+    assert cost == {("gpt-image-2", "high"): 0.21078, ("gpt-4.1", ""): 0.003152}
+    assert cost[("gpt-image-2", "high")] == IMAGE_NANOS / NANOS
+    assert cost[("gpt-4.1", "")] == MAINLINE_NANOS / NANOS
+    labels = {"team": "design", "model": "gpt-image-2", "endpoint": "responses", "outcome": "ok"}
+    assert registry.get_sample_value("tollgate_requests_total", labels) == 1
+    mainline = {"team": "design", "model": "gpt-4.1"}
+    assert (
+        registry.get_sample_value("tollgate_tokens_total", {**mainline, "kind": "text_input"})
+        == 1000
+    )
+    assert (
+        registry.get_sample_value(
+            "tollgate_tokens_total", {**mainline, "kind": "cached_text_input"}
+        )
+        == 1024
+    )
+    assert (
+        registry.get_sample_value("tollgate_tokens_total", {**mainline, "kind": "text_output"})
+        == 80
+    )
+    parts = {
+        s.labels["part"]: (s.labels["model"], s.value)
+        for f in text_string_to_metric_families(metrics.exposition().decode())
+        for s in f.samples
+        if s.name == "tollgate_responses_cost_usd_total"
+    }
+    assert parts == {"image_tool": ("gpt-image-2", 0.21078), "mainline": ("gpt-4.1", 0.003152)}
+    assert registry.get_sample_value("tollgate_inflight_requests") == 0
+
+
+def test_the_log_line_of_a_responses_request_names_its_mainline_model_and_cost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, _, line = observed(RESPONSES, SETTLED, caplog)
+    assert line["endpoint"] == "responses"
+    assert (line["model"], line["mainline_model"]) == ("gpt-image-2", "gpt-4.1")
+    assert (line["cost_usd"], line["mainline_cost_usd"]) == ("0.213932", "0.003152")
+    assert line["estimated_usd"] == "0.4"
+
+
+def test_the_log_line_of_an_images_request_has_no_mainline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    entry = Entry("tg_req_i1", 0.0, "generations", team="design", model="gpt-image-2")
+    settlement = Settlement(1.0, "ok", 200, Usage(image_output=196, images=1), 5_880_000)
+    _, registry, line = observed(entry, settlement, caplog)
+    assert (line["mainline_model"], line["mainline_cost_usd"]) == (None, None)
+    assert line["cost_usd"] == "0.00588"
+    labels = {"team": "design", "model": "gpt-image-2", "quality": ""}
+    assert registry.get_sample_value("tollgate_cost_usd_total", labels) == 0.00588

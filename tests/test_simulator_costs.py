@@ -1,0 +1,202 @@
+"""The simulated Costs API's answer for Responses requests: the mainline model's line items
+at its own rates, and the image tool's at the image model's, read with the official SDK."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from proxy.simulator import SimulatorSettings, create_simulator_app
+from proxy.simulator.billing import BilledUsage, Entry, MainlineUsage
+from proxy.simulator.costs import line_costs
+from proxy.simulator.response_tokens import cached_tokens
+from proxy.simulator.tokens import formula_tokens, text_tokens
+from tests.conftest import serving
+
+API_KEY = "sk-sim-test-key-0003"
+TOOL: Any = {
+    "type": "image_generation",
+    "model": "gpt-image-2",
+    "quality": "low",
+    "size": "1024x1024",
+}
+LOW_1024 = formula_tokens(16, 1024, 1024)
+Costs = dict[tuple[str | None, str | None], tuple[float, float | None]]
+
+
+def usd(*parts: tuple[str, int]) -> float:
+    """(rate in USD per 1M, tokens) parts summed exactly, then sent as a JSON float."""
+    return float(sum(Decimal(rate) * tokens / 1_000_000 for rate, tokens in parts))
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with serving(create_simulator_app(SimulatorSettings(api_key=API_KEY))) as url:
+        yield url
+
+
+@pytest.fixture
+def clients(server: str) -> Iterator[dict[str, openai.OpenAI]]:
+    """An SDK client per project (`proj_art`, `proj_ops`) of a reset simulator."""
+    with httpx.Client(base_url=server) as http:
+        http.post("/_sim/reset").raise_for_status()
+        http.post("/_sim/config", json={"latency_ms": 0, "payload_bytes": 0, "fault": None})
+    made = {
+        project: openai.OpenAI(
+            base_url=f"{server}/v1",
+            api_key=API_KEY,
+            admin_api_key=API_KEY,
+            project=project,
+            max_retries=0,
+        )
+        for project in ("proj_art", "proj_ops")
+    }
+    yield made
+    for client in made.values():
+        client.close()
+
+
+def costs(client: openai.OpenAI, group_by: list[Any]) -> Costs:
+    """Today's bucket: (line_item, project_id) → (amount, quantity)."""
+    page = client.admin.organization.usage.costs(
+        start_time=int(time.time()) - 3600, group_by=group_by, limit=1
+    )
+    [bucket] = page.data
+    found: Costs = {}
+    for result in bucket.results:
+        assert result.object == "organization.costs.result" and result.amount is not None
+        assert result.amount.currency == "usd" and result.amount.value is not None
+        found[result.line_item, result.project_id] = (result.amount.value, result.quantity)
+    return found
+
+
+def test_a_response_is_billed_as_its_mainline_and_its_image_models_line_items(
+    clients: dict[str, openai.OpenAI],
+) -> None:
+    client = clients["proj_art"]
+    prompt = "Draw a lighthouse at dusk"
+    response = client.responses.create(model="gpt-5.5", input=prompt, tools=[TOOL])
+    usage = response.usage
+    assert usage is not None and usage.input_tokens_details.cached_tokens == 0
+    read, written = usage.input_tokens, usage.output_tokens
+    art = "proj_art"
+    assert costs(client, ["line_item", "project_id"]) == {
+        ("gpt-5.5, input", art): (usd(("5.00", read)), read),
+        ("gpt-5.5, output", art): (usd(("30.00", written)), written),
+        ("gpt-image-2, text input", art): (usd(("5.00", text_tokens(prompt))), text_tokens(prompt)),
+        ("gpt-image-2, image output", art): (usd(("30.00", LOW_1024)), LOW_1024),
+    }  # fmt: skip
+
+
+def test_a_continued_response_bills_its_carried_tokens_as_cached_input_in_its_project(
+    clients: dict[str, openai.OpenAI],
+) -> None:
+    art, ops = clients["proj_art"], clients["proj_ops"]
+    prompt = "Draw a lighthouse at dusk. " * 160  # ~1,100 tokens: the next turn hits the cache
+    first = art.responses.create(model="gpt-4.1", input=prompt, tools=[TOOL])
+    second = ops.responses.create(
+        model="gpt-4.1", input="Now at dawn", previous_response_id=first.id
+    )
+    one, two = first.usage, second.usage
+    assert one is not None and two is not None
+    cached = two.input_tokens_details.cached_tokens
+    assert cached == cached_tokens(one.input_tokens + one.output_tokens) > 0
+    image_text = text_tokens(prompt.strip())
+    assert costs(art, ["line_item", "project_id"]) == {
+        ("gpt-4.1, input", "proj_art"): (usd(("2.00", one.input_tokens)), one.input_tokens),
+        ("gpt-4.1, output", "proj_art"): (usd(("8.00", one.output_tokens)), one.output_tokens),
+        ("gpt-image-2, text input", "proj_art"): (usd(("5.00", image_text)), image_text),
+        ("gpt-image-2, image output", "proj_art"): (usd(("30.00", LOW_1024)), LOW_1024),
+        # The second turn made no image: its mainline model's line items only.
+        ("gpt-4.1, input", "proj_ops"): (
+            usd(("2.00", two.input_tokens - cached)), two.input_tokens - cached),
+        ("gpt-4.1, cached input", "proj_ops"): (usd(("0.50", cached)), cached),
+        ("gpt-4.1, output", "proj_ops"): (usd(("8.00", two.output_tokens)), two.output_tokens),
+    }  # fmt: skip
+    by_line = costs(art, ["line_item"])
+    both_inputs = usd(("2.00", one.input_tokens + two.input_tokens - cached))
+    assert by_line["gpt-4.1, input", None] == (
+        both_inputs,
+        one.input_tokens + two.input_tokens - cached,
+    )
+    by_project = costs(art, ["project_id"])
+    assert by_project == {
+        (None, "proj_art"): (
+            usd(("2.00", one.input_tokens), ("8.00", one.output_tokens), ("5.00", image_text),
+                ("30.00", LOW_1024)),
+            None,
+        ),
+        (None, "proj_ops"): (
+            usd(("2.00", two.input_tokens - cached), ("0.50", cached),
+                ("8.00", two.output_tokens)),
+            None,
+        ),
+    }  # fmt: skip
+
+
+def record_entry(model: str, mainline: MainlineUsage, *, billed: bool = True) -> Entry:
+    """A billed Responses record entry whose response made no image."""
+    return Entry(
+        id="resp_1", time=0.0, endpoint="responses", model="gpt-image-2", quality="low",
+        size="1024x1024", n=0, stream=False, status=200, billed=billed,
+        usage=BilledUsage() if billed else None, images=0, authorization=None,
+        mainline_model=model, mainline=mainline if billed else None,
+    )  # fmt: skip
+
+
+PUBLISHED = {
+    "gpt-4o": ("2.50", "1.25", "10.00"),
+    "gpt-4o-mini": ("0.15", "0.075", "0.60"),
+    "gpt-4.1": ("2.00", "0.50", "8.00"),
+    "gpt-4.1-mini": ("0.40", "0.10", "1.60"),
+    "gpt-4.1-nano": ("0.10", "0.025", "0.40"),
+    "o3": ("2.00", "0.50", "8.00"),
+    "gpt-5": ("1.25", "0.125", "10.00"),
+    "gpt-5-mini": ("0.25", "0.025", "2.00"),
+    "gpt-5-nano": ("0.05", "0.005", "0.40"),
+    "gpt-5.5": ("5.00", "0.50", "30.00"),
+}
+
+
+@pytest.mark.parametrize("model", PUBLISHED)
+def test_each_mainline_model_is_billed_at_its_published_rates(model: str) -> None:
+    # 200k input tokens (half of them cached) and 100k output: a tenth of each rate.
+    usage = MainlineUsage(input=200_000, cached_input=100_000, output=100_000)
+    lines = {c.line_item: (c.amount, c.quantity) for c in line_costs(record_entry(model, usage))}
+    uncached, cached, output = (Decimal(rate) / 10 for rate in PUBLISHED[model])
+    assert lines == {
+        f"{model}, input": (uncached, 100_000),
+        f"{model}, cached input": (cached, 100_000),
+        f"{model}, output": (output, 100_000),
+    }
+
+
+@pytest.mark.parametrize(
+    ("read", "rates", "suffix"),
+    [(272_000, ("5.00", "0.50", "30.00"), ""),
+     (272_001, ("10.00", "1.00", "45.00"), ", long context")],
+)  # fmt: skip
+def test_a_gpt_5_5_request_above_272k_input_tokens_is_billed_at_the_long_context_rates(
+    read: int, rates: tuple[str, str, str], suffix: str
+) -> None:
+    usage = MainlineUsage(input=read, cached_input=2_048, output=900, reasoning=64)
+    lines = {
+        c.line_item: (c.amount, c.quantity) for c in line_costs(record_entry("gpt-5.5", usage))
+    }
+    uncached, cached, output = (Decimal(rate) / 1_000_000 for rate in rates)
+    assert lines == {
+        f"gpt-5.5, input{suffix}": (uncached * (read - 2_048), read - 2_048),
+        f"gpt-5.5, cached input{suffix}": (cached * 2_048, 2_048),
+        f"gpt-5.5, output{suffix}": (output * 900, 900),
+    }
+
+
+def test_a_responses_request_that_was_not_billed_has_no_line_items() -> None:
+    usage = MainlineUsage(input=10, output=10)
+    assert line_costs(record_entry("gpt-5.5", usage, billed=False)) == []
