@@ -3,17 +3,20 @@ row, counter and alert arrives once, and a ledger that holds anything is never m
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from proxy.core.errors import LedgerError
 from proxy.core.models import Settlement
 from proxy.ledger import open_ledger
-from proxy.ledger.base import Backend
+from proxy.ledger.base import Backend, Owner
 from proxy.ledger.copy import copy_between
 from tests import pg
 from tests.test_ledger import ALICE_DAY, DESIGN_DAY, ORG_DAY, SETTLED, entry, ledger_url, take
+from tests.test_ledger_responses import ANSWERED, take_response
 
 COUNTERS = [DESIGN_DAY, ALICE_DAY, ORG_DAY]
 
@@ -59,3 +62,43 @@ async def test_a_copy_holds_what_its_source_holds_and_is_never_merged_into(
         for kind, url in ((source_kind, source_url), (target_kind, target_url)):
             if kind == "postgresql":
                 pg.drop_schema(url)
+
+
+async def every_row(ledger: Backend) -> list[dict[str, Any]]:
+    async with contextlib.aclosing(ledger.export(0.0, float("inf"))) as rows:
+        return [row async for row in rows]
+
+
+async def test_a_copy_there_and_back_keeps_the_responses_columns(tmp_path: Path) -> None:
+    """SQLite to PostgreSQL and back: a settled response, a held one in flight (its owner
+    with it, to be adopted on the target) and their mainline columns arrive as they were."""
+    first = ledger_url("sqlite", tmp_path / "first")
+    shared = ledger_url("postgresql", tmp_path)
+    last = ledger_url("sqlite", tmp_path / "last")
+    try:
+        source = await open_ledger(first)
+        try:
+            await source.register(Owner("source", "host", 1), 1.0)
+            await source.reserve([], take_response("done", started_at=1.0))
+            await source.settle("done", ANSWERED)
+            await source.reserve([], take_response("running", started_at=2.0))
+            await source.hold("running", "resp_running")
+            rows, stored = await source.rows(), await every_row(source)
+            responses = [await source.response(r) for r in ("resp_abc", "resp_running")]
+        finally:
+            await source.close()
+        await copy_between(first, shared)
+        await copy_between(shared, last)
+        target = await open_ledger(last)
+        try:
+            assert await target.rows() == rows
+            assert await every_row(target) == stored
+            assert [await target.response(r) for r in ("resp_abc", "resp_running")] == responses
+            await target.register(Owner("target", "host", 2), 10.0)
+            assert await target.adopt(["source"]) == 1
+            assert await target.held() == [("running", "resp_running")]
+        finally:
+            await target.close()
+        assert stored[1]["held"] == 1 and stored[0]["mainline_cost_nanos"] == 4_000_000
+    finally:
+        pg.drop_schema(shared)

@@ -21,7 +21,7 @@ from proxy.ledger.codecs import (
     ROW_COLUMNS,
     TOTALS_COLUMNS,
 )
-from proxy.ledger.dialect import POSTGRES, SQLITE
+from proxy.ledger.dialect import POSTGRES, SQLITE, Dialect
 from proxy.ledger.statements import Statements, statements
 
 SQLITE_MODULES = {"proxy.ledger.sqlite", "proxy.ledger.sqlite_connections"}
@@ -112,3 +112,35 @@ def test_the_columns_written_and_read_are_the_schemas(tmp_path: Path) -> None:
     assert set(KEY_COLUMNS) | set(TOTALS_COLUMNS) == {name for name, _ in columns["budget_usage"]}
     reals = {name for found in columns.values() for name, kind in found if kind == "REAL"}
     assert reals == REAL_COLUMNS
+
+
+@pytest.mark.parametrize(("dialect", "big"), [(SQLITE, "INTEGER"), (POSTGRES, "BIGINT")])
+def test_step_4_adds_the_responses_columns_and_indexes_the_response_id(
+    dialect: Dialect, big: str
+) -> None:
+    assert len(migrations.steps(dialect)) == migrations.SCHEMA_VERSION == 4
+    counts = [
+        "context_images",
+        "mainline_input_tokens",
+        "mainline_cached_input_tokens",
+        "mainline_output_tokens",
+        "mainline_cost_nanos",
+    ]
+    assert list(migrations.steps(dialect)[3]) == [
+        "ALTER TABLE requests ADD COLUMN mainline_model TEXT",
+        *(f"ALTER TABLE requests ADD COLUMN {c} {big} NOT NULL DEFAULT 0" for c in counts),
+        "ALTER TABLE requests ADD COLUMN response_id TEXT",
+        "ALTER TABLE requests ADD COLUMN held INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX IF NOT EXISTS requests_response ON requests (response_id) "
+        "WHERE response_id IS NOT NULL",
+    ]
+
+
+def test_a_response_is_found_by_its_index(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "t.db") as db:
+        for sql in migrations.pending(0, migrations.SQLITE):
+            db.execute(sql)
+        plan = db.execute(
+            f"EXPLAIN QUERY PLAN {statements(SQLITE).response}", ("resp_1",)
+        ).fetchall()
+    assert "requests_response" in " ".join(str(step[-1]) for step in plan)

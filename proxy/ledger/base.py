@@ -214,14 +214,19 @@ class Ledger(Protocol):
         """Keep the reservation of `request_id`, a background response `response_id` that
         has not ended, until it is settled: `reclaim` never settles it at its bound; when its
         process stops, `adopt` hands it to a live one, which follows it to its end. Records
-        `response_id` on the row."""
+        `response_id` on the row (on a row no longer in flight, only that: a reclaimed
+        reservation stays charged at its bound until its settlement replaces it).
+        LedgerError if there is no request `request_id`."""
 
     async def held(self) -> list[tuple[str, str]]:
-        """(request id, response id) of every held reservation this process owns."""
+        """(request id, response id) of every held reservation this process owns (none
+        before it is `register`ed)."""
 
     async def adopt(self, owners: Sequence[str]) -> int:
         """Make the held reservations of the (stopped) processes `owners`, and those of no
-        process, this process's own, so it follows them. Returns how many."""
+        process, this process's own, so it follows them, atomically: of two processes
+        adopting together, each row goes to one. Returns how many (0 before this process is
+        `register`ed: it has no id to own them by)."""
 
     async def response(self, response_id: str) -> ResponseRow | None:
         """The row of the response `response_id` (settled, or in flight and held), or

@@ -18,20 +18,32 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
-from proxy.ledger.base import Aggregate, Row
+from proxy.ledger.base import Aggregate, ResponseRow, Row
 
 ENTRY_COLUMNS = (
     "id", "started_at", "endpoint", "team", "cost_center", "key_id", "user",
     "model_requested", "model", "quality_requested", "quality", "size_requested", "size",
-    "n_requested", "n", "stream", "estimated_nanos", "downgrades",
+    "n_requested", "n", "stream", "estimated_nanos", "downgrades", "mainline_model",
+    "context_images",
 )  # fmt: skip
-USAGE_COLUMNS = (
-    "text_input_tokens", "cached_text_input_tokens", "image_input_tokens",
-    "cached_image_input_tokens", "image_output_tokens", "text_output_tokens", "images",
-)  # fmt: skip
+USAGE_FIELDS = {
+    "text_input_tokens": "text_input",
+    "cached_text_input_tokens": "cached_text_input",
+    "image_input_tokens": "image_input",
+    "cached_image_input_tokens": "cached_image_input",
+    "image_output_tokens": "image_output",
+    "text_output_tokens": "text_output",
+    "images": "images",
+    "mainline_input_tokens": "mainline_input",
+    "mainline_cached_input_tokens": "mainline_cached_input",
+    "mainline_output_tokens": "mainline_output",
+}
+"""Each usage column and the `Usage` field it holds (`unclassified_*` are never stored:
+pricing folds them into a known kind first)."""
+USAGE_COLUMNS = tuple(USAGE_FIELDS)
 SETTLEMENT_COLUMNS = (
     "finished_at", "outcome", "status", *USAGE_COLUMNS, "cost_nanos", "flagged",
-    "upstream_request_id", "error_code", "latency_ms",
+    "upstream_request_id", "error_code", "latency_ms", "mainline_cost_nanos", "response_id",
 )  # fmt: skip
 ROW_COLUMNS = (*ENTRY_COLUMNS, *SETTLEMENT_COLUMNS, "state")
 """What a `Row` is read from (and a request never forwarded is written with)."""
@@ -64,17 +76,20 @@ entry_values: Callable[[Entry], tuple[Any, ...]] = operator.attrgetter(*ENTRY_CO
 `stream` as the integer its column holds)."""
 
 
-def usage_values(u: Usage) -> tuple[int, ...]:
-    return (
-        u.text_input, u.cached_text_input, u.image_input, u.cached_image_input,
-        u.image_output, u.text_output, u.images,
-    )  # fmt: skip
+usage_values: Callable[[Usage], tuple[int, ...]] = operator.attrgetter(*USAGE_FIELDS.values())
+"""A usage's values in `USAGE_COLUMNS` order."""
+
+
+def usage_of(values: Sequence[Any]) -> Usage:
+    """The usage read in `USAGE_COLUMNS` order."""
+    return Usage(**{f: int(v) for f, v in zip(USAGE_FIELDS.values(), values, strict=True)})
 
 
 def settlement_values(s: Settlement) -> tuple[Any, ...]:
     return (
         s.finished_at, s.outcome, s.status, *usage_values(s.usage), s.cost_nanos,
         int(s.flagged), s.upstream_request_id, s.error_code, s.latency_ms,
+        s.mainline_cost_nanos, s.response_id,
     )  # fmt: skip
 
 
@@ -105,7 +120,7 @@ def row(values: Sequence[Any]) -> Row:
     entry = Entry(**e)
     if values[-1] == "reserved":
         return Row(entry, None)
-    usage = Usage(*(s[c] for c in USAGE_COLUMNS))
+    usage = usage_of([s[c] for c in USAGE_COLUMNS])
     settlement = Settlement(
         finished_at=s["finished_at"],
         outcome=s["outcome"],
@@ -116,8 +131,25 @@ def row(values: Sequence[Any]) -> Row:
         upstream_request_id=s["upstream_request_id"],
         error_code=s["error_code"],
         latency_ms=s["latency_ms"] or 0.0,
+        mainline_cost_nanos=s["mainline_cost_nanos"],
+        response_id=s["response_id"],
     )
     return Row(entry, settlement)
+
+
+def response_row(response_id: str, values: Sequence[Any]) -> ResponseRow:
+    """The response `response_id` from its row, read by the `response` statement."""
+    team, request_id, input_tokens, output_tokens, images, context_images, held = values
+    return ResponseRow(
+        response_id,
+        request_id,
+        team or "",
+        int(input_tokens),
+        int(output_tokens),
+        int(images),
+        int(context_images),
+        bool(held),
+    )
 
 
 def aggregates(found: Iterable[Sequence[Any]], width: int) -> list[Aggregate]:
@@ -179,7 +211,9 @@ def totals_of(counters: Sequence[Counter], found: Iterable[Sequence[Any]]) -> di
 
 
 def token_deltas(usage: Usage, sign: int) -> tuple[int, int, int, int]:
-    """What `usage` adds to a counter's token columns (negative to take it back)."""
+    """What `usage` adds to a counter's token columns (negative to take it back): the text
+    and image columns count the image model's kinds, `total_tokens` every token (a
+    Responses API mainline model's included)."""
     return (
         sign * (usage.text_input + usage.cached_text_input),
         sign * (usage.image_input + usage.cached_image_input),

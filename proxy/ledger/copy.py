@@ -6,7 +6,8 @@ alert already sent (so no alert is sent twice) is copied as stored, in batches,
 into one transaction on the target: it holds all of it or, on any error, none.
 The live-process registry is not copied; a reservation copied in flight belongs
 to a process the target never saw alive, so the first Tollgate that starts on
-the target settles it at its bound (flagged `outcome_unknown`), as after a crash.
+the target settles it at its bound (flagged `outcome_unknown`), as after a crash;
+a held one (a background response) it adopts and follows to its end instead.
 
 The target is brought to this Tollgate's schema first and must be empty: copy
 refuses to merge two histories (run it again on a fresh database).

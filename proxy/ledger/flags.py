@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from proxy.core.errors import LedgerError
-from proxy.core.models import Settlement, Usage
+from proxy.core.models import Settlement
 from proxy.ledger.base import RECLAIMED
-from proxy.ledger.codecs import NO_TOKENS, Deltas, settled, token_deltas
+from proxy.ledger.codecs import NO_TOKENS, Deltas, settled, token_deltas, usage_of
 
 
 def settled_already(state: str, error_code: str | None, resolved_at: float | None) -> bool:
@@ -33,7 +33,7 @@ def settlement(
     # What the row holds: the reservation (nothing charged yet), or the bound a
     # reclaim charged before the answer came, which this settlement replaces.
     release = reserved if state == "reserved" else 0
-    return counters_text, settled(outcome, release, charged, Usage(*usage))
+    return counters_text, settled(outcome, release, charged, usage_of(usage))
 
 
 def resolution(
@@ -49,5 +49,5 @@ def resolution(
         raise LedgerError(f"request {request_id} is still in flight: nothing to resolve yet")
     if not flagged:
         raise LedgerError(f"request {request_id} is not flagged: its cost is known")
-    tokens = token_deltas(Usage(*usage), -1) if cost_nanos == 0 else NO_TOKENS
+    tokens = token_deltas(usage_of(usage), -1) if cost_nanos == 0 else NO_TOKENS
     return int(charged), counters_text, (cost_nanos - int(charged), 0, tokens)

@@ -13,6 +13,11 @@ transaction, so a ledger is never left half-way between two versions.
     3  `resolved_at` and `resolution` on requests: an operator's correction of a flagged
        row's cost (`tollgate ledger resolve`), which keeps the row flagged and says when
        and why it was resolved; and an index of the flagged rows by start.
+    4  the Responses API on requests: the mainline model, its tokens (`mainline_*_tokens`)
+       and its part of the cost (`mainline_cost_nanos`), the images a response's context
+       carried (`context_images`), OpenAI's response id (`response_id`, indexed: a
+       response is looked up by it), and `held`: a background response's reservation,
+       kept until it ends (never reclaimed at its bound; adopted by a live process).
 
 The embedded SQLite ledger applies its steps when it opens. A PostgreSQL ledger shared
 by several replicas is initialised when it opens only while it is empty (none of `TABLES`
@@ -135,9 +140,32 @@ def _resolutions(d: Dialect) -> list[str]:
     ]
 
 
+RESPONSES_COUNTS = (
+    "context_images",
+    "mainline_input_tokens",
+    "mainline_cached_input_tokens",
+    "mainline_output_tokens",
+    "mainline_cost_nanos",
+)
+
+
+def _responses(d: Dialect) -> list[str]:
+    return [
+        "ALTER TABLE requests ADD COLUMN mainline_model TEXT",
+        *(
+            f"ALTER TABLE requests ADD COLUMN {c} {d.big} NOT NULL DEFAULT 0"
+            for c in RESPONSES_COUNTS
+        ),
+        "ALTER TABLE requests ADD COLUMN response_id TEXT",
+        "ALTER TABLE requests ADD COLUMN held INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX IF NOT EXISTS requests_response ON requests (response_id) "
+        "WHERE response_id IS NOT NULL",
+    ]
+
+
 def steps(d: Dialect) -> Sequence[Sequence[str]]:
     """The migrations in `d`'s spelling: one list of statements per version."""
-    return (_tables(d), ORGANIZATION_ROWS, _resolutions(d))
+    return (_tables(d), ORGANIZATION_ROWS, _resolutions(d), _responses(d))
 
 
 SQLITE = steps(dialect.SQLITE)

@@ -43,6 +43,7 @@ from proxy.ledger.base import (
     GroupColumn,
     Owner,
     Reservation,
+    ResponseRow,
     Row,
 )
 from proxy.ledger.dialect import POSTGRES
@@ -262,6 +263,30 @@ class PostgresLedger:
             cursor = conn.cursor(SQL.export, float(start), float(end), prefetch=EXPORT_BATCH)
             async for record in cursor:
                 yield dict(record.items())
+
+    async def hold(self, request_id: str, response_id: str) -> None:
+        if await self.db.execute(SQL.hold, response_id, request_id) == "UPDATE 0":
+            raise LedgerError(f"no request {request_id}")
+
+    async def held(self) -> list[tuple[str, str]]:
+        if self.owner is None:
+            return []
+        return [(r[0], r[1]) for r in await self.db.fetch(SQL.held, self.owner.id)]
+
+    async def adopt(self, owners: Sequence[str]) -> int:
+        if self.owner is None:
+            return 0
+        sql, values = SQL.adopt(self.owner.id, owners)
+
+        async def work(conn: Any) -> int:
+            status: str = await conn.execute(sql, *values)
+            return int(status.rsplit(" ", 1)[1])
+
+        return await self.db.transaction(work)
+
+    async def response(self, response_id: str) -> ResponseRow | None:
+        found = await self.db.fetch(SQL.response, response_id)
+        return codecs.response_row(response_id, tuple(found[0])) if found else None
 
     async def claim_alert(self, key: str, now: float) -> bool:
         return await self.db.execute(SQL.claim_alert, key, float(now)) == "INSERT 0 1"

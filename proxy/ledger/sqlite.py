@@ -32,6 +32,7 @@ from proxy.ledger.base import (
     GroupColumn,
     Owner,
     Reservation,
+    ResponseRow,
     Row,
 )
 from proxy.ledger.dialect import SQLITE
@@ -206,6 +207,31 @@ class SqliteLedger:
             raise LedgerError(f"ledger read failed: {exc}") from exc
         finally:
             await db.close()
+
+    async def hold(self, request_id: str, response_id: str) -> None:
+        # What this process holds in `_held` stays as it is: the row is still the same
+        # reservation, which its settlement replaces as any other.
+        def run(conn: sqlite3.Connection) -> None:
+            if conn.execute(SQL.hold, (response_id, request_id)).rowcount == 0:
+                raise LedgerError(f"no request {request_id}")
+
+        await self.file.transaction(run)
+
+    async def held(self) -> list[tuple[str, str]]:
+        if self.owner is None:
+            return []
+        return [(r[0], r[1]) for r in await self.file.fetch(SQL.held, (self.owner.id,))]
+
+    async def adopt(self, owners: Sequence[str]) -> int:
+        if self.owner is None:
+            return 0
+        sql, values = SQL.adopt(self.owner.id, owners)
+        adopted: int = await self.file.transaction(lambda conn: conn.execute(sql, values).rowcount)
+        return adopted
+
+    async def response(self, response_id: str) -> ResponseRow | None:
+        found = await self.file.fetch(SQL.response, (response_id,))
+        return codecs.response_row(response_id, found[0]) if found else None
 
     async def claim_alert(self, key: str, now: float) -> bool:
         def run(conn: sqlite3.Connection) -> bool:

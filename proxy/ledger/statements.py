@@ -128,6 +128,13 @@ class Statements:
     """(at, at, after id, end, limit): the batch after the row (at, after id)."""
     contents: str
     """How many requests, counters and alerts a ledger holds, and the requests' cost."""
+    hold: str
+    """(response id, id): a background response's id on its row, and its reservation held
+    (a row no longer in flight gets the id only)."""
+    held: str
+    """(owner,): (id, response id) of the held reservations of `owner`."""
+    response: str
+    """(response id,): the `ResponseRow` fields but the response id, of its latest row."""
 
     def stale(self, started_before: float, owners: Sequence[str]) -> tuple[str, tuple[Any, ...]]:
         """The reservations a reclaim settles (id, bound, counters text), in id order:
@@ -135,9 +142,21 @@ class Statements:
         owned = self.dialect.one_of("owner", len(owners))
         sql = (
             "SELECT id, reserved_nanos, counters FROM requests WHERE state = 'reserved' "
-            f"AND (started_at < ? OR {owned}) ORDER BY id{self.dialect.for_update}"
+            f"AND held = 0 AND (started_at < ? OR {owned}) ORDER BY id{self.dialect.for_update}"
         )
         return self.dialect.text(sql), (float(started_before), *self.dialect.values(owners))
+
+    def adopt(self, owner: str, owners: Sequence[str]) -> tuple[str, tuple[Any, ...]]:
+        """Make `owner` the owner of the held reservations of `owners` and of no owner.
+
+        One statement: on PostgreSQL a second adopter waits for the first's row locks, then
+        finds those rows no longer match (their owner changed), so no row is adopted twice."""
+        owned = self.dialect.one_of("owner", len(owners))
+        sql = (
+            "UPDATE requests SET owner = ? WHERE state = 'reserved' AND held = 1 "
+            f"AND (owner IS NULL OR {owned})"
+        )
+        return self.dialect.text(sql), (owner, *self.dialect.values(owners))
 
     def forget(self, owners: Sequence[str]) -> tuple[str, tuple[Any, ...]]:
         """Forget the processes `owners`."""
@@ -166,8 +185,15 @@ class Statements:
 
 
 def settle_sql(where: str) -> str:
-    assignments = ", ".join(f"{c} = ?" for c in SETTLEMENT_COLUMNS)
-    return f"UPDATE requests SET {assignments}, state = 'settled', reserved_nanos = 0 {where}"
+    # A response id the row was held with stays, should the settlement not repeat it.
+    assignments = ", ".join(
+        "response_id = COALESCE(?, response_id)" if c == "response_id" else f"{c} = ?"
+        for c in SETTLEMENT_COLUMNS
+    )
+    return (
+        f"UPDATE requests SET {assignments}, state = 'settled', reserved_nanos = 0, held = 0 "
+        f"{where}"
+    )
 
 
 @functools.cache
@@ -198,6 +224,8 @@ def _writes(d: Dialect) -> dict[str, str]:
         "unregister": "DELETE FROM processes WHERE owner = ?",
         "claim_alert": "INSERT INTO alerts_sent (key, sent_at) VALUES (?, ?) "
         "ON CONFLICT DO NOTHING",
+        "hold": "UPDATE requests SET response_id = ?, "
+        "held = CASE WHEN state = 'reserved' THEN 1 ELSE 0 END WHERE id = ?",
     }
 
 
@@ -216,6 +244,11 @@ def _reads(d: Dialect) -> dict[str, str]:
         "export_first": f"{export} LIMIT ?",
         "export_next": "SELECT * FROM requests WHERE started_at >= ? "
         f"AND (started_at > ? OR id{d.collate} > ?) AND started_at < ? {by_id} LIMIT ?",
+        "held": "SELECT id, response_id FROM requests "
+        f"WHERE state = 'reserved' AND held = 1 AND owner = ? {by_id}",
+        "response": "SELECT team, id, mainline_input_tokens + mainline_cached_input_tokens, "
+        "mainline_output_tokens, images, context_images, held FROM requests "
+        f"WHERE response_id = ? ORDER BY started_at DESC, id{d.collate} DESC LIMIT 1",
         "contents": "SELECT (SELECT count(*) FROM requests), "
         f"(SELECT count(*) FROM budget_usage WHERE {COUNTED}), "
         "(SELECT count(*) FROM alerts_sent), (SELECT coalesce(sum(cost_nanos), 0) FROM requests)",

@@ -11,6 +11,11 @@ A reclaimed reservation is never freed: its request may have reached OpenAI, whi
 bills what it accepted whether or not the answer arrived. It is settled at its
 bound, flagged `outcome_unknown`, until an operator resolves it (`tollgate ledger
 resolve`) or its late answer settles it.
+
+A background response (Responses API) is different: its reservation is held until the
+response ends (`Ledger.hold`), however long that takes, and its outcome can still be
+learnt from OpenAI. A held reservation is never reclaimed: a live process adopts those of
+dead ones (`Ledger.adopt`) and follows them to their end.
 """
 
 from __future__ import annotations
@@ -68,9 +73,13 @@ def reclaim_after_s(upstream: UpstreamSettings) -> float:
 
 
 async def reclaim_once(ledger: Ledger, me: Owner, now: float, after_s: float) -> int:
-    """Settle at their bound the reservations of dead processes and of requests older than
+    """Adopt the held reservations (background responses) of dead processes, then settle at
+    their bound the other reservations of dead processes and of requests older than
     `after_s` (see `reclaim_after_s`)."""
     gone = [o.id for o in await ledger.owners() if dead(o, me, now)]
+    adopted = await ledger.adopt(gone)
+    if adopted:
+        log.info("following %d background response(s) of stopped processes", adopted)
     count = await ledger.reclaim(now, started_before=now - after_s, owners=gone)
     if count:
         log.warning(
