@@ -228,6 +228,10 @@ class Ledger(Protocol):
         adopting together, each row goes to one. Returns how many (0 before this process is
         `register`ed: it has no id to own them by)."""
 
+    async def held_entry(self, request_id: str) -> tuple[Entry, Usage] | None:
+        """The entry and reserved usage of the held reservation `request_id` (None when it
+        is not one): what a process that adopted it needs to settle it."""
+
     async def response(self, response_id: str) -> ResponseRow | None:
         """The row of the response `response_id` (settled, or in flight and held), or
         None when Tollgate never forwarded it."""

@@ -137,6 +137,13 @@ def row(values: Sequence[Any]) -> Row:
     return Row(entry, settlement)
 
 
+def held_entry(values: Sequence[Any]) -> tuple[Entry, Usage]:
+    """A held reservation's entry and reserved usage, read by the `held_entry` statement."""
+    e = dict(zip(ENTRY_COLUMNS, values[: len(ENTRY_COLUMNS)], strict=True))
+    e["stream"] = bool(e["stream"])
+    return Entry(**e), usage_of(values[len(ENTRY_COLUMNS) :])
+
+
 def response_row(response_id: str, values: Sequence[Any]) -> ResponseRow:
     """The response `response_id` from its row, read by the `response` statement."""
     team, request_id, input_tokens, output_tokens, images, context_images, held = values

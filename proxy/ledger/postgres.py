@@ -32,7 +32,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Sequen
 from typing import Any
 
 from proxy.core.errors import LedgerError, LedgerUnavailable
-from proxy.core.models import Counter, Entry, Settlement, Totals
+from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
 from proxy.ledger import codecs, flags, migrations
 from proxy.ledger.base import (
     Aggregate,
@@ -283,6 +283,10 @@ class PostgresLedger:
             return int(status.rsplit(" ", 1)[1])
 
         return await self.db.transaction(work)
+
+    async def held_entry(self, request_id: str) -> tuple[Entry, Usage] | None:
+        found = await self.db.fetch(SQL.held_entry, request_id)
+        return codecs.held_entry(tuple(found[0])) if found else None
 
     async def response(self, response_id: str) -> ResponseRow | None:
         found = await self.db.fetch(SQL.response, response_id)

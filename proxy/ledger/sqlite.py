@@ -229,6 +229,10 @@ class SqliteLedger:
         adopted: int = await self.file.transaction(lambda conn: conn.execute(sql, values).rowcount)
         return adopted
 
+    async def held_entry(self, request_id: str) -> tuple[Entry, Usage] | None:
+        found = await self.file.fetch(SQL.held_entry, (request_id,))
+        return codecs.held_entry(found[0]) if found else None
+
     async def response(self, response_id: str) -> ResponseRow | None:
         found = await self.file.fetch(SQL.response, (response_id,))
         return codecs.response_row(response_id, found[0]) if found else None

@@ -16,6 +16,7 @@ from typing import Any
 
 from proxy.ledger.base import OUTCOME_UNKNOWN, Flagged, GroupColumn
 from proxy.ledger.codecs import (
+    ENTRY_COLUMNS,
     KEY_COLUMNS,
     RESERVATION_COLUMNS,
     ROW_COLUMNS,
@@ -135,6 +136,9 @@ class Statements:
     """(owner,): (id, response id) of the held reservations of `owner`."""
     response: str
     """(response id,): the `ResponseRow` fields but the response id, of its latest row."""
+    held_entry: str
+    """(id,): the entry and reserved usage of a held reservation (`ENTRY_COLUMNS`, then
+    `USAGE_COLUMNS`)."""
 
     def stale(self, started_before: float, owners: Sequence[str]) -> tuple[str, tuple[Any, ...]]:
         """The reservations a reclaim settles (id, bound, counters text), in id order:
@@ -249,6 +253,8 @@ def _reads(d: Dialect) -> dict[str, str]:
         "response": "SELECT team, id, mainline_input_tokens + mainline_cached_input_tokens, "
         "mainline_output_tokens, images, context_images, held FROM requests "
         f"WHERE response_id = ? ORDER BY started_at DESC, id{d.collate} DESC LIMIT 1",
+        "held_entry": f"SELECT {names(ENTRY_COLUMNS)}, {names(USAGE_COLUMNS)} FROM requests "
+        "WHERE id = ? AND state = 'reserved' AND held = 1",
         "contents": "SELECT (SELECT count(*) FROM requests), "
         f"(SELECT count(*) FROM budget_usage WHERE {COUNTED}), "
         "(SELECT count(*) FROM alerts_sent), (SELECT coalesce(sum(cost_nanos), 0) FROM requests)",

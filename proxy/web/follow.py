@@ -22,6 +22,9 @@ from typing import TYPE_CHECKING
 from proxy.core import settlement
 from proxy.core.errors import LedgerError, RequestError
 from proxy.core.metering import MalformedAnswer
+from proxy.core.models import Entry, Usage
+from proxy.core.settlement import Bound
+from proxy.doors import ResponsesDoor
 from proxy.upstream import BROKEN_OFF
 
 if TYPE_CHECKING:
@@ -32,6 +35,9 @@ log = logging.getLogger("tollgate.requests")
 
 POLL_S = 1.0
 """How often a followed response is asked for its status."""
+PICK_UP_S = 10.0
+"""How often the ledger is asked for held reservations this process owns but does not
+follow (adopted from a stopped process, or left by a settlement that failed)."""
 GONE = "response_not_found"
 """The error code of a held response the upstream no longer knows (deleted): its outcome
 is unknown, so it is charged its bound, flagged."""
@@ -43,8 +49,9 @@ class Followers:
     `follow` adds one; `run` polls every one of them each `POLL_S` seconds (at once when
     one is added) until it ends and is settled."""
 
-    def __init__(self, poll_s: float = POLL_S) -> None:
+    def __init__(self, poll_s: float = POLL_S, pick_up_s: float = PICK_UP_S) -> None:
         self.poll_s = poll_s
+        self.pick_up_s = pick_up_s
         self.following: dict[str, tuple[Exchange, str]] = {}
         self._wake = asyncio.Event()
 
@@ -59,14 +66,47 @@ class Followers:
     async def run(self, current: Callable[[], Runtime]) -> None:
         """Poll until cancelled; `current()` is the runtime in force (a reload may change the
         upstream client)."""
+        picked_up = -self.pick_up_s
+        loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
-            await self.poll_all(current())
+            runtime = current()
+            if loop.time() - picked_up >= self.pick_up_s:
+                picked_up = loop.time()
+                await self.pick_up(runtime)
+            await self.poll_all(runtime)
             try:
                 async with asyncio.timeout(self.poll_s):
                     await self._wake.wait()
             except TimeoutError:
                 pass
+
+    async def pick_up(self, runtime: Runtime) -> None:
+        """Follow the held reservations this process owns but does not follow yet."""
+        from proxy.web.exchange import Exchange  # the exchange imports the runtime
+
+        try:
+            held = await runtime.ledger.held()
+            for request_id, response_id in held:
+                if request_id in self.following:
+                    continue
+                found = await runtime.ledger.held_entry(request_id)
+                if found is None:
+                    continue  # settled meanwhile
+                entry, usage = found
+                bound = adopted_bound(runtime, entry, usage)
+                if bound is None:
+                    log.error(
+                        "cannot follow %s (%s): its models are no longer in the price book",
+                        response_id,
+                        request_id,
+                    )
+                    continue
+                exchange = Exchange(runtime, ResponsesDoor(), entry, bound, {})
+                self.following[request_id] = (exchange, response_id)
+                log.info("following %s (%s), held by a stopped process", response_id, request_id)
+        except LedgerError as exc:
+            log.error("cannot read the held responses: %s; will try again", exc)
 
     async def poll_all(self, runtime: Runtime) -> None:
         """Poll every followed response once; settle those that ended."""
@@ -114,3 +154,23 @@ class Followers:
             log.error("settling %s failed: %s", response_id, exc)
             return False
         return True
+
+
+def adopted_bound(runtime: Runtime, entry: Entry, usage: Usage) -> Bound | None:
+    """The bound of a held reservation, rebuilt from its row: its models' prices as the
+    book has them now, its reserved cost and usage."""
+    book = runtime.config.prices
+    model = book.find(entry.model or "")
+    mainline = book.find_mainline(entry.mainline_model or "")
+    if model is None or mainline is None:
+        return None
+    return Bound(
+        model,
+        entry.n or 0,
+        entry.quality or "auto",
+        entry.size or "auto",
+        entry.estimated_nanos,
+        usage,
+        mainline,
+        min(mainline.cost(usage), entry.estimated_nanos),
+    )
