@@ -104,6 +104,7 @@ class Followers:
                     continue
                 exchange = Exchange(runtime, ResponsesDoor(), entry, bound, {})
                 self.following[request_id] = (exchange, response_id)
+                runtime.metrics.started()  # in flight here now: its settlement ends it
                 log.info("following %s (%s), held by a stopped process", response_id, request_id)
         except LedgerError as exc:
             log.error("cannot read the held responses: %s; will try again", exc)
