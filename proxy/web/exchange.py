@@ -181,13 +181,7 @@ class Exchange:
         """A background response that has not ended: its reservation is held in the ledger
         and the followers settle it when it ends (`proxy.web.follow`); the answer carries
         what is reserved, as a stream's does."""
-        self.upstream_id = answer.headers.get("x-request-id")
-        try:
-            await self.runtime.ledger.hold(self.entry.id, response_id)
-        except LedgerError as exc:
-            # Still followed by this process; only a restart could lose track of it.
-            log.error("ledger hold failed for %s: %s", self.entry.id, exc)
-        self.runtime.followers.follow(self, response_id)
+        await self.follow_later(response_id, answer.headers.get("x-request-id"))
         headers = {**self.headers, "x-tollgate-reserved-usd": usd_text(self.entry.estimated_nanos)}
         if self.remaining_nanos is not None:
             headers["x-tollgate-budget-remaining-usd"] = usd_text(max(self.remaining_nanos, 0))
@@ -218,6 +212,16 @@ class Exchange:
         await self.settle(verdict, exc.status, answer.headers.get("x-request-id"))
         return error_response(exc, self.after(verdict.cost_nanos))
 
+    async def follow_later(self, response_id: str, upstream_id: str | None) -> None:
+        """Hold the reservation until the response `response_id` ends, and follow it."""
+        self.upstream_id = upstream_id
+        try:
+            await self.runtime.ledger.hold(self.entry.id, response_id)
+        except LedgerError as exc:
+            # Still followed by this process; only a restart could lose track of it.
+            log.error("ledger hold failed for %s: %s", self.entry.id, exc)
+        self.runtime.followers.follow(self, response_id)
+
     async def pump(self, answer: Answer, relay: Relay) -> None:
         """Read the upstream stream to its end, relaying and metering each event, then
         settle what it came to."""
@@ -235,6 +239,11 @@ class Exchange:
             self.observe_upstream()
         end: StreamEnd = meter.end(broken)
         self.response_id = end.response_id
+        if end.broken and not end.terminal and end.response_id and self.bound.mainline:
+            # A Responses stream cut short: the response it named may still run upstream
+            # (and bill); it is followed to its end rather than charged its bound.
+            await self.follow_later(end.response_id, answer.headers.get("x-request-id"))
+            return
         verdict = settlement.stream_ended(self.bound, end)
         await self.settle(verdict, answer.status, answer.headers.get("x-request-id"))
 
