@@ -432,16 +432,9 @@ class SseMeter:
         self._buffer.clear()
 
     def _event(self, raw: bytes) -> None:
-        name = b""
-        data: list[bytes] = []
-        for line in raw.splitlines():
-            if line.startswith(b"event:"):
-                name = line[6:].strip()
-            elif line.startswith(b"data:"):
-                data.append(line[5:].lstrip(b" "))
-        if not data:
+        name, payload = sse_event(raw)
+        if payload is None:
             return
-        payload = b"\n".join(data)
         if name.endswith(PARTIAL_SUFFIX.encode()):
             # Partial images carry only pixels: never parse their base64.
             self.partials += 1
@@ -471,6 +464,18 @@ class SseMeter:
         except (ijson.JSONError, UnicodeDecodeError, ArithmeticError, MalformedAnswer):
             # UnicodeDecodeError and ArithmeticError: as in BodyMeter._stream.
             self.unreadable += 1
+
+
+def sse_event(raw: bytes) -> tuple[bytes, bytes | None]:
+    """One server-sent event's name and data (its `data:` lines joined; None without any)."""
+    name = b""
+    data: list[bytes] = []
+    for line in raw.splitlines():
+        if line.startswith(b"event:"):
+            name = line[6:].strip()
+        elif line.startswith(b"data:"):
+            data.append(line[5:].lstrip(b" "))
+    return name, b"\n".join(data) if data else None
 
 
 def event_end(buffer: bytearray) -> tuple[int, int]:

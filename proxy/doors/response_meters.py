@@ -22,6 +22,7 @@ from proxy.core.metering import (
     MalformedAnswer,
     ShortStrings,
     event_end,
+    sse_event,
     token_count,
     usage_from_openai,
 )
@@ -136,20 +137,14 @@ class ResponseEvents:
         )
 
     def _event(self, raw: bytes) -> None:
-        name = b""
-        data: list[bytes] = []
-        for line in raw.splitlines():
-            if line.startswith(b"event:"):
-                name = line[6:].strip()
-            elif line.startswith(b"data:"):
-                data.append(line[5:].lstrip(b" "))
-        if not data:
+        name, payload = sse_event(raw)
+        if payload is None:
             return
         if name == PARTIAL_EVENT:
             self.partials += 1
             return
         try:
-            event = _loads(ShortStrings().filter(b"\n".join(data)))
+            event = _loads(ShortStrings().filter(payload))
             kind = event.get("type") if isinstance(event, Mapping) else None
             if kind in OPENING_EVENTS and isinstance(event.get("response"), Mapping):
                 found = event["response"].get("id")
