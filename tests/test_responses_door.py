@@ -77,6 +77,12 @@ def test_a_team_that_refuses_unbounded_requests_gets_a_400_naming_the_bound(
     parse(config, body(model="gpt-5-mini", max_output_tokens=64, max_tool_calls=1), "strict")
 
 
+def test_per_user_budgets_count_the_safety_identifier_else_the_user(config: Config) -> None:
+    assert parse(config, body(user="ana")).request.user == "ana"
+    assert parse(config, body(user="ana", safety_identifier="s-1")).request.user == "s-1"
+    assert parse(config, body()).request.user is None
+
+
 def test_a_tool_without_model_gets_the_default_model(config: Config) -> None:
     parsed = parse(config, body(tools=[{"type": "image_generation"}]))
     assert not DOOR.names_model(parsed)

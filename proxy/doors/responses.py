@@ -321,7 +321,7 @@ def read_body(fields: dict[str, Any], size: int, default_model: str, team: Team)
         partial_images=_partial_images(tool) if stream else 0,
         input_fidelity=tool.get("input_fidelity") if tool is not None else None,
         images=tuple(InputImage() for _ in range(input_images + mask)),
-        user=fields.get("user") if isinstance(fields.get("user"), str) else None,
+        user=_user(fields),
         params=tuple(
             (k, str(v).lower() if isinstance(v, bool) else str(v))
             for k, v in (tool or {}).items()
@@ -340,6 +340,15 @@ def read_body(fields: dict[str, Any], size: int, default_model: str, team: Team)
         None,
         tuple(injected),
     )
+
+
+def _user(fields: Mapping[str, Any]) -> str | None:
+    """Who per-user budgets count the request against: `safety_identifier`, else `user`."""
+    for name in ("safety_identifier", "user"):
+        value = fields.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return None
 
 
 def _flag(fields: Mapping[str, Any], name: str) -> bool:
