@@ -415,10 +415,12 @@ def _tools(tools: Any) -> tuple[int | None, dict[str, Any] | None]:
 
 def _input(value: Any) -> tuple[int, int]:
     """(bytes of image data, images) in the request's `input`, every item checked."""
-    if isinstance(value, str):
-        return 0, 0
-    if not isinstance(value, list) or not value:
-        raise InvalidRequest("Missing required parameter: 'input'.", param="input")
+    if value is None or isinstance(value, str):
+        return 0, 0  # no input (a continued response may have none): the upstream decides
+    if not isinstance(value, list):
+        raise InvalidRequest(
+            "Invalid type for 'input': expected a string or an array.", param="input"
+        )
     data = images = 0
     for index, item in enumerate(value):
         param = f"input[{index}]"
