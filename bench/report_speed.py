@@ -4,7 +4,8 @@
 
 Generates the rows straight into a fresh SQLite ledger (the real schema, opened by
 `SqliteLedger`) with `executemany`, one month of traffic from 12 teams, 6 models,
-3 qualities and 500 users, then times the report through the same code the CLI
+3 qualities and 500 users (one request in ten through the Responses API, billed under
+one of 3 mainline models too), then times the report through the same code the CLI
 runs (`proxy.finance.reports.summarize` + `render`), cold and warm, for a few groupings.
 """
 
@@ -27,6 +28,7 @@ MODELS = [
     "gpt-image-2", "gpt-image-1.5", "gpt-image-1-mini", "gpt-image-1", "gpt-image-2.5-sunburst",
     "dall-e-3",
 ]  # fmt: skip
+MAINLINE = ["gpt-5.5", "gpt-5.4-mini", "gpt-4.1"]
 QUALITIES = ["low", "medium", "high"]
 OUTCOMES = ["ok"] * 90 + ["downgraded"] * 6 + ["rejected_budget"] * 3 + ["rejected_policy"]
 PERIOD = Period(date(2026, 11, 1), date(2026, 11, 30), "Europe/Paris")
@@ -44,9 +46,10 @@ def generate(path: Path, rows: int, seed: int = 7) -> float:
     columns = (
         "id, started_at, finished_at, team, cost_center, key_id, user, endpoint, model, "
         "quality, size, n, state, outcome, status, text_input_tokens, image_output_tokens, "
-        "images, estimated_nanos, cost_nanos"
+        "images, estimated_nanos, cost_nanos, mainline_model, mainline_input_tokens, "
+        "mainline_output_tokens, mainline_cost_nanos"
     )
-    sql = f"INSERT INTO requests ({columns}) VALUES ({', '.join('?' * 20)})"
+    sql = f"INSERT INTO requests ({columns}) VALUES ({', '.join('?' * 24)})"
     for offset in range(0, rows, BATCH):
         batch = []
         for i in range(offset, min(offset + BATCH, rows)):
@@ -55,13 +58,17 @@ def generate(path: Path, rows: int, seed: int = 7) -> float:
             billed = outcome in ("ok", "downgraded")
             out_tokens = rng.randrange(200, 6000) if billed else 0
             cost = out_tokens * 30_000 + 40 * 5_000 if billed else 0
+            responses = i % 10 == 0
+            mainline = rng.choice(MAINLINE) if responses else None
+            text_in, text_out = (1800, 200) if responses and billed else (0, 0)
+            text_cost = text_in * 5_000 + text_out * 30_000
             at = start + span * i / rows
             row = (
                 f"req_{i:08d}", at, at + 5, team, f"CC-{TEAMS.index(team) % 4}",
-                "key", f"user-{rng.randrange(500)}", "generations", rng.choice(MODELS),
-                rng.choice(QUALITIES), "1024x1024", 1, "settled", outcome,
+                "key", f"user-{rng.randrange(500)}", "responses" if responses else "generations",
+                rng.choice(MODELS), rng.choice(QUALITIES), "1024x1024", 1, "settled", outcome,
                 200 if billed else 429, 40 if billed else 0, out_tokens, int(billed),
-                cost, cost,
+                cost + text_cost, cost + text_cost, mainline, text_in, text_out, text_cost,
             )  # fmt: skip
             batch.append(row)
         db.executemany(sql, batch)

@@ -10,7 +10,8 @@ import pytest
 
 from proxy.config.prices import load_price_book
 from proxy.core.errors import InvalidRequest
-from proxy.finance.reconcile import OpenAICosts, compare, line_item_model
+from proxy.finance.parts import is_mainline, split
+from proxy.finance.reconcile import OpenAICosts, compare, line_item_model, parse_costs
 from proxy.finance.reconcile import as_json as reconcile_json
 from proxy.finance.reconcile import as_table as reconcile_table
 from proxy.finance.reports import Period, as_csv, as_json, fold, parse_by
@@ -65,7 +66,9 @@ def test_unknown_dimension_names_the_valid_ones() -> None:
      ("batch api | gpt-image-2.5-sunburst image", "gpt-image-2.5-sunburst"),
      ("batch api | gpt-image-2.5-sunburst text", "gpt-image-2.5-sunburst"),
      ("dall-e-3, images", "dall-e-3"),
-     ("gpt-6-astra, input_tokens", "gpt-6-astra")],
+     ("gpt-6-astra, input_tokens", "gpt-6-astra"),
+     ("gpt-5.5, cached input", "gpt-5.5"),
+     ("gpt-5.5, output, long context", "gpt-5.5")],
 )  # fmt: skip
 def test_line_items_name_their_model(item: str, model: str) -> None:
     assert line_item_model(item) == model
@@ -99,3 +102,36 @@ def test_reconcile_lists_the_unresolved_flagged_requests_of_its_days() -> None:
         {"id": "tg_req_1", "team": "design", "day": "2026-11-03", "charged_usd": "0.0196",
          "error_code": "outcome_unknown", "upstream_request_id": None}
     ]  # fmt: skip
+
+
+def test_a_responses_group_splits_into_its_image_part_and_its_mainline_part() -> None:
+    found = split(
+        [Aggregate(("design", "gpt-image-2", "medium", "gpt-5.5", 7), 2, 2, 3100, 0, 8320, 900,
+                   3000, 300),
+         Aggregate(("design", "gpt-image-2", "medium", None, 7), 1, 1, 20, 0, 1056, 50)],
+        ["team", "model", "quality"],
+    )  # fmt: skip
+    assert found == [
+        Aggregate(("design", "gpt-image-2", "medium", 7), 2, 2, 100, 0, 8320, 600),
+        Aggregate(("design", "gpt-5.5", None, 7), 0, 0, 3000, 0, 0, 300, 3000, 300),
+        Aggregate(("design", "gpt-image-2", "medium", 7), 1, 1, 20, 0, 1056, 50),
+    ]
+    assert [is_mainline(a) for a in found] == [False, True, False]
+    report = fold(found, ("team", "model", "quality", "day"), Period(date(1970, 1, 8),
+                  date(1970, 1, 8), "UTC"))  # fmt: skip
+    assert [(k[1], s.requests, s.cost_nanos) for k, s in report.rows] == [
+        ("gpt-5.5", 0, 300), ("gpt-image-2", 3, 650)
+    ]  # fmt: skip
+    assert report.total.requests == 3 and report.total.cost_nanos == 950
+
+
+def test_reconcile_names_mainline_models_and_their_snapshots_by_the_price_book() -> None:
+    book = load_price_book()
+    pages = [{"data": [{"start_time": 1_793_664_000, "results": [
+        {"line_item": "gpt-4.1-2025-04-14, input", "amount": {"value": 0.5}},
+        {"line_item": "gpt-4.1, output", "amount": {"value": 0.25}},
+        {"line_item": "gpt-3.5-turbo, input", "amount": {"value": 0.125}},
+    ]}]}]  # fmt: skip
+    found = parse_costs(pages, book)
+    assert found.amounts == {(date(2026, 11, 3), "gpt-4.1"): Decimal("0.75")}
+    assert found.ignored == {"gpt-3.5-turbo, input": Decimal("0.125")}

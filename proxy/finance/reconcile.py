@@ -9,8 +9,13 @@ timezone. A positive difference (OpenAI billed more) is spend that did not go
 through Tollgate: another key, a batch job, a tool calling OpenAI directly. A
 negative one is spend Tollgate recorded that OpenAI did not bill (or a day missing
 from the export). Line items name a model and a kind, e.g. `"gpt-image-2, image
-output"` or `"batch api | gpt-image-2.5-sunburst image"`; items whose model is not
-an image model of the price book (chat, audio, …) are left out and counted.
+output"`, `"batch api | gpt-image-2.5-sunburst image"` or `"gpt-5.5, cached input"`;
+items whose model is in neither section of the price book (chat, audio, …) are left out
+and counted.
+
+A Responses API request is billed under two models, and so reconciled: its mainline
+model's part (`mainline_cost_nanos`) under that model, matched with the mainline model's
+line items, the rest under its image tool's model (see `parts`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from proxy.core.errors import InvalidRequest, UpstreamUnavailable
 from proxy.core.models import NANOS_PER_USD
 from proxy.core.pricing import PriceBook
 from proxy.core.settings import Config
+from proxy.finance import parts
 from proxy.finance.reports import aligned
 from proxy.ledger import open_ledger
 from proxy.ledger.base import Flagged, Ledger
@@ -56,8 +62,9 @@ def line_item_model(line_item: str) -> str:
 
 
 def canonical(model: str, book: PriceBook) -> str | None:
-    """The price book's name for `model` (snapshots → their model); None if it is not priced."""
-    found = book.find(model)
+    """The price book's name for `model`, an image model or a mainline model (snapshots →
+    their model); None if it is not priced."""
+    found = book.find(model) or book.find_mainline(model)
     return found.name if found is not None else None
 
 
@@ -79,7 +86,7 @@ class OpenAICosts:
 
 
 def parse_costs(pages: Iterable[Mapping[str, Any]], book: PriceBook) -> OpenAICosts:
-    """Sum a Costs API answer (one page, or a list of pages) by UTC day and image model."""
+    """Sum a Costs API answer (one page, or a list of pages) by UTC day and priced model."""
     found = OpenAICosts()
     amounts: dict[tuple[date, str], Decimal] = defaultdict(Decimal)
     for page in pages:
@@ -147,12 +154,13 @@ async def fetch_costs(
 async def ledger_costs(
     ledger: Ledger, first: date, last: date, book: PriceBook
 ) -> dict[tuple[date, str], int]:
-    """Tollgate's settled spend in nano-dollars by UTC day and (canonical) model."""
+    """Tollgate's settled spend in nano-dollars by UTC day and (canonical) model, a
+    Responses request's under its two models."""
     found: dict[tuple[date, str], int] = defaultdict(int)
     groups = await ledger.summarize(
-        midnight(first), midnight(last + timedelta(days=1)), ["model"], DAY
+        midnight(first), midnight(last + timedelta(days=1)), ["model", "mainline_model"], DAY
     )
-    for g in groups:
+    for g in parts.split(groups, ["model"]):
         if not g.cost_nanos:
             continue
         model = str(g.keys[0])
@@ -279,7 +287,7 @@ def as_table(r: Reconciliation) -> str:
         out.append("(no spend on either side)")
     if r.ignored:
         out.append("")
-        out.append("Left out (not image models): " + ", ".join(sorted(r.ignored)))
+        out.append("Left out (not priced models): " + ", ".join(sorted(r.ignored)))
     out.append("")
     if r.off_days:
         out.append(

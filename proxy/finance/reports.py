@@ -11,6 +11,11 @@ a request, rejections and errors included (they cost nothing), so `--by outcome`
 shows them. Money stays integer nano-dollars until it is printed as a decimal
 string. The grouping is done by the ledger in SQL; this module folds UTC buckets
 into local days and months and formats (pure, apart from `summarize`/`audit`).
+
+A Responses API request is one row, billed under two models: grouped by model, quality
+or size, its mainline model's part is shown under that model (see `parts`), so that
+spend by model is what OpenAI bills each model; `requests` counts it once, under its
+image model.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from zoneinfo import ZoneInfo
 
 from proxy.core.errors import InvalidRequest
 from proxy.core.models import usd_text
+from proxy.finance import parts
 from proxy.ledger.base import Aggregate, GroupColumn, Ledger
 
 Dimension = Literal[
@@ -227,10 +233,11 @@ async def summarize(ledger: Ledger, period: Period, by: Sequence[Dimension]) -> 
     """The report of `period` grouped by `by`, read from the ledger."""
     columns = [COLUMN[d] for d in by if d not in ("day", "month")]
     timed = "day" in by or "month" in by
-    found = await ledger.summarize(
-        period.start, period.end, columns, period.bucket_seconds() if timed else None
-    )
-    return fold(found, by, period)
+    width = period.bucket_seconds() if timed else None
+    if not parts.splits(columns):
+        return fold(await ledger.summarize(period.start, period.end, columns, width), by, period)
+    found = await ledger.summarize(period.start, period.end, [*columns, "mainline_model"], width)
+    return fold(parts.split(found, columns), by, period)
 
 
 # -- formats -------------------------------------------------------------------

@@ -3,9 +3,11 @@
     statement = await build(ledger, config, Period.month("2026-11", config.timezone))
     page = as_html(statement)      # one self-contained page, charts as inline SVG
 
-Each team gets: spend by model and quality, images, tokens by kind, its monthly USD
-budget against the actual, downgrades and rejections, its top users and its daily
-spend. HTML, CSV and JSON carry the same numbers (the same `Sums`).
+Each team gets: spend by model and quality, by endpoint (the door: Images API endpoints,
+`responses`), images, tokens by kind, its monthly USD budget against the actual,
+downgrades and rejections, its top users and its daily spend. A Responses API request's
+mainline model's part is a model line of its own (`part` `mainline`, no quality; see
+`parts`). HTML, CSV and JSON carry the same numbers (the same `Sums`).
 """
 
 from __future__ import annotations
@@ -18,13 +20,17 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 from proxy.core.models import usd_text
 from proxy.core.settings import Config
+from proxy.finance import parts
 from proxy.finance.reports import BASE_CSS, Period, Sums, csv_start, fold
-from proxy.ledger.base import Ledger
+from proxy.ledger.base import Aggregate, GroupColumn, Ledger
 
+Part = Literal["image", "mainline"]
+"""A model line's part of its requests: the image model's, or a Responses request's
+mainline model's."""
 TOP_USERS = 5
 PALETTE = ("#2563eb", "#f59e0b", "#10b981", "#ef4444", "#8b5cf6", "#0891b2", "#db2777", "#65a30d")
 
@@ -34,8 +40,10 @@ class TeamStatement:
     cost_center: str
     team: str
     sums: Sums
-    by_model: tuple[tuple[str, str, Sums], ...]
-    """(model, quality, sums), most expensive first."""
+    by_model: tuple[tuple[str, str, Sums, Part], ...]
+    """(model, quality, sums, part), most expensive first."""
+    by_endpoint: tuple[tuple[str, Sums], ...]
+    """(endpoint, sums), most expensive first."""
     outcomes: dict[str, int]
     budget_nanos: int | None
     """The team's tightest monthly USD budget, if it has one."""
@@ -64,9 +72,13 @@ class Statement:
 
 
 async def build(ledger: Ledger, config: Config, period: Period) -> Statement:
-    """Read the month's numbers from the ledger (four grouped queries)."""
+    """Read the month's numbers from the ledger (five grouped queries)."""
     start, end, width = period.start, period.end, period.bucket_seconds()
-    by_model = await ledger.summarize(start, end, ["team", "model", "quality"])
+    columns: list[GroupColumn] = ["team", "model", "quality"]
+    by_model = parts.split(
+        await ledger.summarize(start, end, [*columns, "mainline_model"]), columns
+    )
+    doors = await ledger.summarize(start, end, ["team", "endpoint"])
     outcomes = await ledger.summarize(start, end, ["team", "outcome"])
     users = await ledger.summarize(start, end, ["team", "user"])
     daily = fold(await ledger.summarize(start, end, ["team"], width), ("team", "day"), period)
@@ -81,10 +93,13 @@ async def build(ledger: Ledger, config: Config, period: Period) -> Statement:
     teams = []
     for name in sorted(names):
         models = sorted(
-            ((str(a.keys[1]), str(a.keys[2] or ""), Sums.of(a)) for a in by_model
-             if a.keys[0] == name and a.keys[1] is not None),
-            key=lambda m: (-m[2].cost_nanos, m[0], m[1]),
-        )  # fmt: skip
+            _model_lines(a for a in by_model if a.keys[0] == name and a.keys[1] is not None),
+            key=lambda m: (-m[2].cost_nanos, m[0], m[1], m[3]),
+        )
+        endpoints = sorted(
+            ((str(a.keys[1] or ""), Sums.of(a)) for a in doors if a.keys[0] == name),
+            key=lambda d: (-d[1].cost_nanos, d[0]),
+        )
         team_users = sorted(
             ((str(a.keys[1] or "(none)"), Sums.of(a)) for a in users if a.keys[0] == name),
             key=lambda u: (-u[1].cost_nanos, u[0]),
@@ -96,6 +111,7 @@ async def build(ledger: Ledger, config: Config, period: Period) -> Statement:
                 team=name,
                 sums=sum((Sums.of(a) for a in outcomes if a.keys[0] == name), Sums()),
                 by_model=tuple(models),
+                by_endpoint=tuple(endpoints),
                 outcomes={str(a.keys[1]): a.requests for a in outcomes if a.keys[0] == name},
                 budget_nanos=budgets.get(name),
                 top_users=tuple(team_users[:TOP_USERS]),
@@ -104,6 +120,20 @@ async def build(ledger: Ledger, config: Config, period: Period) -> Statement:
         )
     teams.sort(key=lambda t: (t.cost_center, t.team))
     return Statement(period, tuple(teams), sum((t.sums for t in teams), Sums()))
+
+
+def _model_lines(found: Iterable[Aggregate]) -> list[tuple[str, str, Sums, Part]]:
+    """(model, quality, sums, part) of one team's groups (split, so that a model line may
+    come in several groups: an image model called by two mainline models)."""
+    lines: dict[tuple[str, str, Part], Sums] = {}
+    for a in found:
+        key = (str(a.keys[1]), str(a.keys[2] or ""), _part(a))
+        lines[key] = lines.get(key, Sums()) + Sums.of(a)
+    return [(m, q, sums, part) for (m, q, part), sums in lines.items()]
+
+
+def _part(a: Aggregate) -> Part:
+    return "mainline" if parts.is_mainline(a) else "image"
 
 
 # -- JSON and CSV: the same numbers -------------------------------------------
@@ -134,8 +164,10 @@ def _team_json(t: TeamStatement, period: Period) -> dict[str, Any]:
         "budget_usd": usd_text(t.budget_nanos) if t.budget_nanos is not None else None,
         "utilization": format(t.utilization, "f") if t.utilization is not None else None,
         "by_model": [
-            {"model": m, "quality": q or None, **sums.as_json()} for m, q, sums in t.by_model
+            {"model": m, "quality": q or None, "part": part, **sums.as_json()}
+            for m, q, sums, part in t.by_model
         ],
+        "by_endpoint": [{"endpoint": d, **sums.as_json()} for d, sums in t.by_endpoint],
         "outcomes": t.outcomes,
         "downgrades": t.outcomes.get("downgraded", 0),
         "rejections": t.outcomes.get("rejected_budget", 0) + t.outcomes.get("rejected_policy", 0),
@@ -165,8 +197,12 @@ def as_csv(s: Statement, excel: bool = False) -> str:
                              metric, "" if data[metric] is None else data[metric]))  # fmt: skip
         for m in data["by_model"]:
             item = f"{m['model']} {m['quality'] or ''}".strip()
+            section = "mainline_model" if m["part"] == "mainline" else "model_quality"
             for metric in Sums().as_json():
-                writer.writerow((*head, "model_quality", item, metric, m[metric]))
+                writer.writerow((*head, section, item, metric, m[metric]))
+        for d in data["by_endpoint"]:
+            for metric in Sums().as_json():
+                writer.writerow((*head, "endpoint", d["endpoint"], metric, d[metric]))
         for outcome, count in sorted(t.outcomes.items()):
             writer.writerow((*head, "outcome", outcome, "requests", count))
         for u in data["top_users"]:
@@ -223,11 +259,17 @@ def _team_html(t: TeamStatement, period: Period) -> str:
         budget = f"No monthly USD budget; actual ${usd_text(t.sums.cost_nanos)}"
     rejections = t.outcomes.get("rejected_budget", 0) + t.outcomes.get("rejected_policy", 0)
     models = "".join(
-        f"<tr><td>{e(m)}</td><td>{e(q)}</td><td class=n>{x.requests}</td>"
+        f"<tr><td>{e(m)}</td><td>{e(q) if part == 'image' else '<i>mainline</i>'}</td>"
+        f"<td class=n>{x.requests}</td>"
         f"<td class=n>{x.images}</td><td class=n>{x.text_input_tokens}</td>"
         f"<td class=n>{x.image_input_tokens}</td><td class=n>{x.image_output_tokens}</td>"
         f"<td class=n>{usd_text(x.cost_nanos)}</td></tr>"
-        for m, q, x in t.by_model
+        for m, q, x, part in t.by_model
+    )
+    doors = "".join(
+        f"<tr><td>{e(d)}</td><td class=n>{x.requests}</td><td class=n>{x.images}</td>"
+        f"<td class=n>{usd_text(x.cost_nanos)}</td></tr>"
+        for d, x in t.by_endpoint
     )
     users = "".join(
         f"<tr><td>{e(u)}</td><td class=n>{x.requests}</td><td class=n>{x.images}</td>"
@@ -246,7 +288,9 @@ def _team_html(t: TeamStatement, period: Period) -> str:
         f"</span></p><div class=grid><div><table><thead><tr><th>model</th><th>quality</th>"
         f"<th class=n>requests</th><th class=n>images</th><th class=n>text in</th>"
         f"<th class=n>image in</th><th class=n>image out</th><th class=n>USD</th></tr></thead>"
-        f"<tbody>{models}</tbody></table><table><thead><tr><th>top users</th>"
+        f"<tbody>{models}</tbody></table><table><thead><tr><th>endpoint</th>"
+        f"<th class=n>requests</th><th class=n>images</th><th class=n>USD</th></tr></thead>"
+        f"<tbody>{doors}</tbody></table><table><thead><tr><th>top users</th>"
         f"<th class=n>requests</th><th class=n>images</th><th class=n>USD</th></tr></thead>"
         f"<tbody>{users}</tbody></table></div>"
         f"{_daily(t.daily_nanos, period)}</div></section>"
@@ -323,7 +367,10 @@ def _text(s: Statement) -> str:
                 f"requests, {t.sums.images} images, downgrades {t.outcomes.get('downgraded', 0)}"
                 f", rejections {rejected}"
             )
-            for m, q, x in t.by_model:
-                lines.append(f"    {m} {q}: {x.images} images, ${usd_text(x.cost_nanos)}")
+            for m, q, x, part in t.by_model:
+                what = q if part == "image" else "(mainline)"
+                lines.append(f"    {m} {what}: {x.images} images, ${usd_text(x.cost_nanos)}")
+            doors = ", ".join(f"{d} ${usd_text(x.cost_nanos)}" for d, x in t.by_endpoint)
+            lines.append(f"    by endpoint: {doors or 'none'}")
     lines.append(f"\nTotal ${usd_text(s.total.cost_nanos)}")
     return "\n".join(lines) + "\n"

@@ -98,9 +98,11 @@ class ResponseRow:
 
 
 GroupColumn = Literal[
-    "team", "cost_center", "user", "key_id", "model", "quality", "size", "endpoint", "outcome"
-]
-"""What a report may group settled rows by (model/quality/size: as sent, else as requested)."""
+    "team", "cost_center", "user", "key_id", "model", "quality", "size", "endpoint", "outcome",
+    "mainline_model",
+]  # fmt: skip
+"""What a report may group settled rows by (model/quality/size: as sent, else as requested;
+`mainline_model`: a Responses request's, None for the Images API)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +117,10 @@ class Aggregate:
     image_input_tokens: int = 0
     image_output_tokens: int = 0
     cost_nanos: int = 0
+    mainline_text_input_tokens: int = 0
+    """Of `text_input_tokens`, a Responses request's mainline model's (cached included)."""
+    mainline_cost_nanos: int = 0
+    """Of `cost_nanos`, a Responses request's mainline model's part."""
 
 
 Batch = tuple[list[str], list[tuple[Any, ...]]]

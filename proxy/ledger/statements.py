@@ -44,15 +44,23 @@ GROUP_SQL: dict[GroupColumn, str] = {
     "size": "COALESCE(size, size_requested)",
     "endpoint": "endpoint",
     "outcome": "outcome",
+    "mainline_model": "mainline_model",
 }
+MAINLINE_INPUT = "mainline_input_tokens + mainline_cached_input_tokens"
 SUMS = (
     "COUNT(*)",
     "SUM(images)",
-    "SUM(text_input_tokens + cached_text_input_tokens)",
+    f"SUM(text_input_tokens + cached_text_input_tokens + {MAINLINE_INPUT})",
     "SUM(image_input_tokens + cached_image_input_tokens)",
     "SUM(image_output_tokens)",
     "SUM(cost_nanos)",
+    f"SUM({MAINLINE_INPUT})",
+    # An operator's resolution sets a row's cost, not its parts: the mainline part is never
+    # more than the whole.
+    "SUM(CASE WHEN mainline_cost_nanos < cost_nanos THEN mainline_cost_nanos ELSE cost_nanos END)",
 )
+"""`Aggregate`'s sums, in its order: text input counts a Responses request's mainline input
+too, and the last two are the mainline model's part of the text input and of the cost."""
 COUNTED = "NOT (scope = 'organization' AND period = 'total' AND start = 0)"
 """Counters but the zero row migrations create, which an empty ledger holds."""
 RECLAIM_SET = (
