@@ -8,13 +8,16 @@ rates, the mainline model's `usage` and the image tool's `tool_usage.image_gen` 
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
+import socket
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any, TypeVar
 
 import httpx
+import openai
 import pytest
 
 from proxy.config.prices import load_price_book
@@ -209,8 +212,9 @@ def calm(simulator: Simulator) -> Iterator[None]:
 
 
 def arrivals(simulator: Simulator) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = httpx.get(f"{simulator.url}/_sim/arrivals").json()["requests"]
-    return found
+    """The requests that reached the simulated API (not its `/_sim/` pages)."""
+    found = httpx.get(f"{simulator.url}/_sim/arrivals").json()["requests"]
+    return [a for a in found if a["raw_path"].startswith("/v1/")]
 
 
 # -- 1. exact cost, every way a response is asked for ------------------------------------
@@ -337,3 +341,300 @@ def test_a_continued_response_pays_for_the_context_it_carries(
     assert first.usage is not None
     carried = first.usage.input_tokens + first.usage.output_tokens
     assert billed(simulator, body["id"])["mainline"]["input"] > carried
+
+
+# -- 2. the caps a request leaves open ---------------------------------------------------
+
+
+def test_open_caps_are_injected_named_and_sent_upstream(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    for key, output, calls in ((DESIGN_KEY, 8192, 1), (KEYS["capped"], 600, 2)):
+        raw = proxy.client(key).responses.with_raw_response.create(
+            model="gpt-4.1-mini", input="A lantern", tools=[tool()]
+        )
+        assert raw.headers["x-tollgate-downgraded"] == (
+            f"max_output_tokens=unset->{output}; max_tool_calls=unset->{calls}"
+        )
+        body = json.loads(raw.content)
+        assert (body["max_output_tokens"], body["max_tool_calls"]) == (output, calls)
+        params = billed(simulator, body["id"])["params"]
+        assert (params["max_output_tokens"], params["max_tool_calls"]) == (output, calls)
+        row = check_charge(proxy, simulator, body["id"], "gpt-4.1-mini", "gpt-image-2")
+        assert row["n"] == calls
+
+
+def test_a_team_that_refuses_unbounded_requests_gets_400_naming_the_bound(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    sdk = proxy.client(KEYS["strict"])
+    before = len(arrivals(simulator))
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.responses.create(
+            model="gpt-4.1-mini", input="A lantern", tools=[tool()], max_tool_calls=1
+        )
+    assert caught.value.code == "invalid_request"
+    assert caught.value.param == "max_output_tokens"  # type: ignore[attr-defined]
+    assert "max_output_tokens" in caught.value.message
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.responses.create(
+            model="gpt-4.1-mini", input="A lantern", tools=[tool()], max_output_tokens=300
+        )
+    assert "max_tool_calls" in caught.value.message
+    assert len(arrivals(simulator)) == before  # nothing was forwarded
+    fine = sdk.responses.create(
+        model="gpt-4.1-mini",
+        input="A lantern",
+        tools=[tool()],
+        max_output_tokens=300,
+        max_tool_calls=1,
+    )
+    check_charge(proxy, simulator, fine.id, "gpt-4.1-mini", "gpt-image-2")
+
+
+def test_a_tool_without_a_model_gets_the_default_model(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    raw = proxy.client().responses.with_raw_response.create(
+        model="gpt-5.5",
+        input="A windmill",
+        tools=[tool(None)],
+        max_output_tokens=300,
+        max_tool_calls=1,
+    )
+    assert raw.headers["x-tollgate-model"] == "gpt-image-2"  # the configured default_model
+    response_id = json.loads(raw.content)["id"]
+    assert billed(simulator, response_id)["model"] == "gpt-image-2"
+    check_charge(proxy, simulator, response_id, "gpt-5.5", "gpt-image-2")
+
+
+# -- 3. a response belongs to the team that created it -----------------------------------
+
+
+def test_another_team_cannot_reach_a_response_and_its_creator_can(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    simulator.configure(latency_ms=30_000)  # the background response stays queued
+    design = proxy.client()
+    created = design.responses.create(
+        model="gpt-5.5",
+        input="A quiet street",
+        tools=[tool()],
+        max_output_tokens=300,
+        max_tool_calls=1,
+        background=True,
+    )
+    simulator.configure(latency_ms=0)
+    research = proxy.client(RESEARCH_KEY)
+    before = len(arrivals(simulator))
+    attempts: list[Callable[[], Any]] = [
+        lambda: research.responses.retrieve(created.id),
+        lambda: research.responses.cancel(created.id),
+        lambda: research.responses.delete(created.id),
+        lambda: research.responses.input_items.list(created.id),
+        lambda: research.responses.create(
+            model="gpt-5.5",
+            input="And again",
+            previous_response_id=created.id,
+            max_output_tokens=300,
+        ),
+    ]
+    for attempt in attempts:
+        with pytest.raises(openai.NotFoundError) as caught:
+            attempt()
+        assert created.id in caught.value.message
+    assert len(arrivals(simulator)) == before  # nothing reached the upstream
+    # The creating team can.
+    assert design.responses.retrieve(created.id).status in ("queued", "in_progress")
+    items = design.responses.input_items.list(created.id)
+    assert [i.type for i in items.data] == ["message"]
+    with pytest.raises(openai.BadRequestError) as refused:  # not ended: cancel it first
+        design.responses.delete(created.id)
+    assert "cancel it first" in refused.value.message
+    cancelled = design.responses.cancel(created.id)
+    assert cancelled.status == "cancelled"
+    # Cancelled before it ended: settled from the usage it reports (its input, read).
+    record = billed(simulator, created.id)
+    assert record["usage"]["image_output"] == 0 and record["mainline"]["output"] == 0
+    row = settled_row(proxy, created.id)
+    assert row["cost_nanos"] == record_cost(record) > 0
+    assert row["estimated_nanos"] >= row["cost_nanos"]
+    assert (row["flagged"], row["held"]) == (0, 0)
+    continued = design.responses.create(
+        model="gpt-5.5",
+        input="Start again",
+        previous_response_id=created.id,
+        tools=[tool()],
+        max_output_tokens=300,
+        max_tool_calls=1,
+    )
+    check_charge(proxy, simulator, continued.id, "gpt-5.5", "gpt-image-2")
+    assert design.responses.delete(created.id) is None
+    with pytest.raises(openai.NotFoundError):
+        research.responses.retrieve(continued.id)
+
+
+# -- 6. what Tollgate cannot bound is refused ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "param"),
+    [
+        ({"conversation": "conv_123"}, "conversation"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+    ],
+    ids=["conversation", "web_search"],
+)
+def test_what_cannot_be_bounded_is_refused_in_openais_shape(
+    proxy: Tollgate, simulator: Simulator, options: dict[str, Any], param: str
+) -> None:
+    before = len(arrivals(simulator))
+    with pytest.raises(openai.BadRequestError) as caught:
+        proxy.client().responses.create(
+            model="gpt-5.5", input="Search the web", max_output_tokens=300, **options
+        )
+    error = caught.value
+    assert (error.status_code, error.type, error.code) == (
+        400,
+        "invalid_request_error",
+        "invalid_request",
+    )
+    assert error.param == param  # type: ignore[attr-defined]
+    assert len(arrivals(simulator)) == before
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/responses?beta=true"])
+def test_a_websocket_upgrade_is_answered_400_at_once(
+    proxy: Tollgate, simulator: Simulator, path: str
+) -> None:
+    host, port = proxy.url.removeprefix("http://").split(":")
+    handshake = (
+        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {DESIGN_KEY}\r\n\r\n"
+    ).encode()
+    before = len(arrivals(simulator))
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(handshake)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = raw.recv(65536)
+            assert chunk, "the connection closed without an answer"
+            answer += chunk
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        assert lines[0].split(" ")[1] == "400", lines[0]
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        length = int({k.lower(): v for k, v in headers.items()}["content-length"])
+        while len(rest) < length:
+            chunk = raw.recv(65536)
+            assert chunk
+            rest += chunk
+    error = json.loads(rest)["error"]
+    assert error["type"] == "invalid_request_error" and "WebSocket" in error["message"]
+    assert len(arrivals(simulator)) == before
+
+
+# -- 7. faults: what the upstream may have billed is charged its bound ------------------
+
+
+def bound_charged(proxy: Tollgate, response_id: str | None, request_id: str) -> dict[str, Any]:
+    row = wait_for(
+        "the row settled",
+        lambda: next(
+            (r for r in proxy.rows() if r["id"] == request_id and r["state"] == "settled"), None
+        ),
+    )
+    assert row["cost_nanos"] == row["estimated_nanos"] > 0
+    assert row["flagged"] == 1
+    if response_id is not None:
+        assert row["response_id"] in (None, response_id)
+    return row
+
+
+def last_request_id(proxy: Tollgate) -> str:
+    return str(proxy.query("SELECT id FROM requests ORDER BY started_at DESC LIMIT 1")[0]["id"])
+
+
+def test_a_truncated_stream_is_charged_its_bound_flagged(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    seen = {r["id"] for r in simulator.billing()}
+    kinds = []
+    with contextlib.suppress(openai.APIError, httpx.HTTPError):  # cut: the SDK may notice
+        for event in proxy.client().responses.create(
+            model="gpt-5.5",
+            input="A bridge [[fault:truncate]]",
+            tools=[tool()],
+            max_output_tokens=300,
+            max_tool_calls=1,
+            stream=True,
+        ):
+            kinds.append(event.type)
+    assert "response.image_generation_call.completed" in kinds
+    assert "response.completed" not in kinds
+    [record] = [r for r in simulator.billing() if r["id"] not in seen]
+    row = bound_charged(proxy, record["id"], last_request_id(proxy))
+    assert record["billed"] and row["cost_nanos"] >= record_cost(record)
+
+
+def test_a_truncated_answer_is_charged_its_bound_flagged(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    seen = {r["id"] for r in simulator.billing()}
+    with pytest.raises(openai.APIStatusError) as caught:
+        proxy.client().responses.create(
+            model="gpt-5.5",
+            input="A bridge [[fault:truncate]]",
+            tools=[tool()],
+            max_output_tokens=300,
+            max_tool_calls=1,
+        )
+    request_id = caught.value.response.headers["x-tollgate-request-id"]
+    [record] = [r for r in simulator.billing() if r["id"] not in seen]
+    row = bound_charged(proxy, None, request_id)
+    assert nanos(caught.value.response.headers["x-tollgate-cost-usd"]) == row["cost_nanos"]
+    assert record["billed"] and row["cost_nanos"] >= record_cost(record)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_an_answer_without_usage_is_charged_its_bound_flagged(
+    proxy: Tollgate, simulator: Simulator, stream: bool
+) -> None:
+    raw = proxy.client().responses.with_raw_response.create(
+        model="gpt-4.1-mini",
+        input="A bridge [[fault:nousage]]",
+        tools=[tool("gpt-image-1.5")],
+        max_output_tokens=300,
+        max_tool_calls=1,
+        stream=stream,
+    )
+    if stream:
+        events = list(raw.parse())  # type: ignore[call-overload]
+        response_id = events[-1].response.id
+    else:
+        response = json.loads(raw.content)
+        assert response["usage"] is None
+        response_id = response["id"]
+    row = bound_charged(proxy, response_id, raw.headers["x-tollgate-request-id"])
+    if not stream:
+        assert nanos(raw.headers["x-tollgate-cost-usd"]) == row["cost_nanos"]
+    assert row["cost_nanos"] >= record_cost(billed(simulator, response_id))
+
+
+def test_a_server_error_is_charged_nothing(proxy: Tollgate, simulator: Simulator) -> None:
+    seen = {r["id"] for r in simulator.billing()}
+    with pytest.raises(openai.InternalServerError) as caught:
+        proxy.client().responses.create(
+            model="gpt-5.5",
+            input="A bridge [[fault:500]]",
+            tools=[tool()],
+            max_output_tokens=300,
+            max_tool_calls=1,
+        )
+    headers = caught.value.response.headers
+    assert headers["x-tollgate-cost-usd"] == "0"
+    row = next(r for r in proxy.rows() if r["id"] == headers["x-tollgate-request-id"])
+    assert (row["state"], row["cost_nanos"], row["outcome"]) == ("settled", 0, "upstream_error")
+    [record] = [r for r in simulator.billing() if r["id"] not in seen]
+    assert (record["status"], record["billed"]) == (500, False)
