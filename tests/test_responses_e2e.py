@@ -7,13 +7,16 @@ rates, the mainline model's `usage` and the image tool's `tool_usage.image_gen` 
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import json
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -638,3 +641,110 @@ def test_a_server_error_is_charged_nothing(proxy: Tollgate, simulator: Simulator
     assert (row["state"], row["cost_nanos"], row["outcome"]) == ("settled", 0, "upstream_error")
     [record] = [r for r in simulator.billing() if r["id"] not in seen]
     assert (record["status"], record["billed"]) == (500, False)
+
+
+# -- 4. a storm against a budget that fits a few bounds ----------------------------------
+
+ADMIN = "admin-secret-token"
+STORM_BODY: dict[str, Any] = {
+    "model": "gpt-4.1-mini",
+    "input": "A storm at sea",
+    "tools": [tool()],
+    "max_output_tokens": 200,
+    "max_tool_calls": 1,
+}
+
+
+async def storm(url: str, count: int) -> list[Any]:
+    """`count` Responses requests at once: each one's response, or the error it raised."""
+    async with openai.AsyncOpenAI(
+        base_url=f"{url}/v1", api_key=KEYS["storm"], max_retries=0, timeout=60
+    ) as sdk:
+
+        async def one() -> Any:
+            try:
+                return await sdk.responses.create(**STORM_BODY)
+            except openai.APIError as exc:
+                return exc
+
+        return await asyncio.gather(*(one() for _ in range(count)))
+
+
+def test_a_storm_never_settles_past_the_limit(simulator: Simulator, tmp_path: Path) -> None:
+    teams = {**TEAMS, "storm": team("storm", "budgets:\n  - {period: month, limit_usd: 100}\n")}
+    write_config(tmp_path, f"{simulator.url}/v1", f"admin_token: {ADMIN}\n", teams)
+    proxy = start_tollgate(tmp_path)
+    try:
+        probe = proxy.client().responses.create(**STORM_BODY)
+        bound = settled_row(proxy, probe.id)["estimated_nanos"]
+        limit = bound * 7 // 2  # three bounds and a half
+        text = teams["storm"].replace("limit_usd: 100", f"limit_usd: {Decimal(limit) / 10**9}")
+        (tmp_path / "teams" / "storm.yaml").write_text(text)
+        reload = httpx.post(
+            f"{proxy.url}/admin/reload", headers={"authorization": f"Bearer {ADMIN}"}
+        )
+        assert reload.status_code == 200
+        simulator.configure(latency_ms=300)
+        answers = asyncio.run(storm(proxy.url, 24))
+        simulator.configure(latency_ms=0)
+        done = [a for a in answers if not isinstance(a, Exception)]
+        refused = [a for a in answers if isinstance(a, Exception)]
+        assert len(done) >= 3, answers
+        assert refused, "the budget fits only a few bounds"
+        for error in refused:
+            assert isinstance(error, openai.RateLimitError), error
+            assert error.code == "budget_exceeded"
+        rows = [r for r in proxy.rows() if r["team"] == "storm"]
+        assert all(r["state"] == "settled" for r in rows)
+        spent = sum(r["cost_nanos"] for r in rows)
+        billed_total = sum(record_cost(billed(simulator, a.id)) for a in done)
+        assert billed_total <= spent <= limit
+        for row in rows:
+            assert row["estimated_nanos"] >= row["cost_nanos"]
+        [reserved] = proxy.query("SELECT SUM(reserved_nanos) AS v FROM budget_usage")[0].values()
+        assert reserved == 0
+    finally:
+        proxy.stop()
+
+
+# -- 5. a background response outlives the process that sent it --------------------------
+
+
+@pytest.mark.parametrize("stop_with", [signal.SIGTERM, signal.SIGKILL], ids=["term", "kill"])
+def test_a_restart_adopts_a_held_background_response_and_settles_it_once(
+    simulator: Simulator, tmp_path: Path, stop_with: signal.Signals
+) -> None:
+    write_config(tmp_path, f"{simulator.url}/v1", teams=TEAMS)
+    first = start_tollgate(tmp_path)
+    simulator.configure(latency_ms=6000)  # queued while Tollgate restarts
+    try:
+        queued = first.client().responses.create(
+            model="gpt-5.5",
+            input="A comet",
+            tools=[tool()],
+            max_output_tokens=300,
+            max_tool_calls=1,
+            background=True,
+        )
+    finally:
+        simulator.configure(latency_ms=0)
+        first.process.send_signal(stop_with)
+        first.process.wait(timeout=30)
+    [held] = rows_of(first, queued.id)
+    assert (held["state"], held["held"]) == ("reserved", 1)  # not ended: still held
+    second = start_tollgate(tmp_path)
+    try:
+        assert second.client().responses.retrieve(queued.id).id == queued.id  # still its team's
+        row = check_charge(second, simulator, queued.id, "gpt-5.5", "gpt-image-2")
+        assert row["owner"] != held["owner"]  # adopted by the new process
+        assert row["error_code"] is None
+        counted = second.query(
+            "SELECT spent_nanos, reserved_nanos FROM budget_usage "
+            "WHERE scope = 'team' AND team = 'design'"
+        )
+        assert counted and all(
+            (c["spent_nanos"], c["reserved_nanos"]) == (row["cost_nanos"], 0) for c in counted
+        )
+        assert [r["state"] for r in second.rows()] == ["settled"]
+    finally:
+        second.stop()
