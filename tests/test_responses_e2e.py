@@ -11,8 +11,11 @@ import asyncio
 import collections
 import contextlib
 import json
+import os
+import shutil
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -748,3 +751,58 @@ def test_a_restart_adopts_a_held_background_response_and_settles_it_once(
         assert [r["state"] for r in second.rows()] == ["settled"]
     finally:
         second.stop()
+
+
+# -- 8. the official Node SDK ----------------------------------------------------------
+
+NODE_PROJECT = Path(__file__).parent / "node"
+IN_CI = os.environ.get("CI", "").lower() not in {"", "0", "false", "no"}
+
+
+def node_sdk() -> str:
+    """The `node` binary, with tests/node's packages installed (`npm ci`, as tests/run
+    does, when they are missing). Without node the test skips on a workstation and fails
+    in CI ($CI)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        reason = "node and npm are not installed (tests/run installs them)"
+        if IN_CI:
+            pytest.fail(f"{reason}; CI is set: the Node SDK test must run", pytrace=False)
+        pytest.skip(reason)
+    if not (NODE_PROJECT / "node_modules" / "openai").is_dir():
+        subprocess.run(
+            [npm, "ci", "--prefix", str(NODE_PROJECT), "--no-audit", "--no-fund"],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+    return node
+
+
+def test_the_node_sdk_is_metered_exactly(proxy: Tollgate, simulator: Simulator) -> None:
+    node = node_sdk()
+    simulator.configure(latency_ms=500)  # the background response is queued at first
+    ran = subprocess.run(
+        [node, str(NODE_PROJECT / "responses.mjs")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            **os.environ,
+            "TOLLGATE_BASE_URL": f"{proxy.url}/v1",
+            "TOLLGATE_API_KEY": DESIGN_KEY,
+            "MAINLINE_MODEL": "gpt-4.1-mini",
+            "IMAGE_MODEL": "gpt-image-1.5",
+        },
+    )
+    assert ran.returncode == 0, ran.stderr
+    results = json.loads(ran.stdout)
+    plain, streamed, background = results["plain"], results["stream"], results["background"]
+    assert plain["status"] == streamed["status"] == background["status"] == "completed"
+    assert background["queued"] in ("queued", "in_progress")
+    for result in (plain, streamed, background):
+        row = check_charge(proxy, simulator, result["id"], "gpt-4.1-mini", "gpt-image-1.5")
+        assert row["team"] == "design"
+    row = settled_row(proxy, plain["id"])
+    assert row["id"] == plain["request_id"]
+    assert nanos(plain["cost_usd"]) == row["cost_nanos"]
