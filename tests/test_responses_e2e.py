@@ -628,6 +628,49 @@ def test_an_answer_without_usage_is_charged_its_bound_flagged(
     assert row["cost_nanos"] >= record_cost(billed(simulator, response_id))
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_failed_response_is_charged_the_usage_it_reports(
+    proxy: Tollgate, simulator: Simulator, stream: bool
+) -> None:
+    raw = proxy.client().responses.with_raw_response.create(
+        model="gpt-5.5",
+        input="A bridge [[fault:failed]]",
+        tools=[tool()],
+        max_output_tokens=300,
+        max_tool_calls=1,
+        stream=stream,
+    )
+    if stream:
+        events = list(raw.parse())  # type: ignore[call-overload]
+        assert events[-1].type == "response.failed"
+        response_id = events[-1].response.id
+    else:
+        body = json.loads(raw.content)
+        assert body["status"] == "failed"
+        response_id = body["id"]
+    record = billed(simulator, response_id)
+    assert record["usage"]["image_output"] > 0  # its image was made, and billed
+    row = settled_row(proxy, response_id)
+    assert row["cost_nanos"] == record_cost(record) > 0
+    assert row["estimated_nanos"] >= row["cost_nanos"]
+    assert (row["flagged"], row["outcome"]) == (0, "upstream_error")
+
+
+def test_an_incomplete_response_is_charged_the_usage_it_reports(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    response = proxy.client().responses.create(
+        model="gpt-5.5",
+        input="A very long story about a bridge",
+        tools=[tool()],
+        max_output_tokens=16,
+        max_tool_calls=1,
+    )
+    assert response.status == "incomplete"
+    row = check_charge(proxy, simulator, response.id, "gpt-5.5", "gpt-image-2")
+    assert row["mainline_output_tokens"] == 16
+
+
 def test_a_server_error_is_charged_nothing(proxy: Tollgate, simulator: Simulator) -> None:
     seen = {r["id"] for r in simulator.billing()}
     with pytest.raises(openai.InternalServerError) as caught:
@@ -658,7 +701,7 @@ STORM_BODY: dict[str, Any] = {
 }
 
 
-async def storm(url: str, count: int) -> list[Any]:
+async def storm(url: str, count: int, background: bool) -> list[Any]:
     """`count` Responses requests at once: each one's response, or the error it raised."""
     async with openai.AsyncOpenAI(
         base_url=f"{url}/v1", api_key=KEYS["storm"], max_retries=0, timeout=60
@@ -666,14 +709,17 @@ async def storm(url: str, count: int) -> list[Any]:
 
         async def one() -> Any:
             try:
-                return await sdk.responses.create(**STORM_BODY)
+                return await sdk.responses.create(**STORM_BODY, background=background)
             except openai.APIError as exc:
                 return exc
 
         return await asyncio.gather(*(one() for _ in range(count)))
 
 
-def test_a_storm_never_settles_past_the_limit(simulator: Simulator, tmp_path: Path) -> None:
+@pytest.mark.parametrize("background", [False, True], ids=["answered", "background"])
+def test_a_storm_never_settles_past_the_limit(
+    simulator: Simulator, tmp_path: Path, background: bool
+) -> None:
     teams = {**TEAMS, "storm": team("storm", "budgets:\n  - {period: month, limit_usd: 100}\n")}
     write_config(tmp_path, f"{simulator.url}/v1", f"admin_token: {ADMIN}\n", teams)
     proxy = start_tollgate(tmp_path)
@@ -688,7 +734,7 @@ def test_a_storm_never_settles_past_the_limit(simulator: Simulator, tmp_path: Pa
         )
         assert reload.status_code == 200
         simulator.configure(latency_ms=300)
-        answers = asyncio.run(storm(proxy.url, 24))
+        answers = asyncio.run(storm(proxy.url, 24, background))
         simulator.configure(latency_ms=0)
         done = [a for a in answers if not isinstance(a, Exception)]
         refused = [a for a in answers if isinstance(a, Exception)]
@@ -697,8 +743,10 @@ def test_a_storm_never_settles_past_the_limit(simulator: Simulator, tmp_path: Pa
         for error in refused:
             assert isinstance(error, openai.RateLimitError), error
             assert error.code == "budget_exceeded"
+        for answer in done:  # a background response is settled when it ends
+            settled_row(proxy, answer.id)
         rows = [r for r in proxy.rows() if r["team"] == "storm"]
-        assert all(r["state"] == "settled" for r in rows)
+        assert all(r["state"] == "settled" and r["flagged"] == 0 for r in rows)
         spent = sum(r["cost_nanos"] for r in rows)
         billed_total = sum(record_cost(billed(simulator, a.id)) for a in done)
         assert billed_total <= spent <= limit
