@@ -32,6 +32,7 @@ from proxy.core.models import Usage
 from tests.conftest import (
     DESIGN_KEY,
     RESEARCH_KEY,
+    UPSTREAM_KEY,
     Simulator,
     Tollgate,
     start_tollgate,
@@ -854,3 +855,49 @@ def test_the_node_sdk_is_metered_exactly(proxy: Tollgate, simulator: Simulator) 
     row = settled_row(proxy, plain["id"])
     assert row["id"] == plain["request_id"]
     assert nanos(plain["cost_usd"]) == row["cost_nanos"]
+
+
+@pytest.mark.parametrize("meanwhile", ["cancelled", "deleted"])
+def test_a_response_ended_elsewhere_while_tollgate_was_down_is_settled_on_restart(
+    simulator: Simulator, tmp_path: Path, meanwhile: str
+) -> None:
+    """Cancelled upstream: settled from the usage it reports. Deleted upstream: its usage
+    can no longer be read, so it is charged its bound, flagged."""
+    write_config(tmp_path, f"{simulator.url}/v1", teams=TEAMS)
+    first = start_tollgate(tmp_path)
+    simulator.configure(latency_ms=30_000)
+    try:
+        queued = first.client().responses.create(
+            model="gpt-4.1-mini",
+            input="A nebula",
+            tools=[tool()],
+            max_output_tokens=300,
+            max_tool_calls=1,
+            background=True,
+        )
+    finally:
+        simulator.configure(latency_ms=0)
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait(timeout=30)
+    upstream = {"authorization": f"Bearer {UPSTREAM_KEY}"}
+    path = f"{simulator.url}/v1/responses/{queued.id}"
+    if meanwhile == "cancelled":
+        httpx.post(f"{path}/cancel", headers=upstream).raise_for_status()
+    else:
+        httpx.delete(path, headers=upstream).raise_for_status()
+    second = start_tollgate(tmp_path)
+    try:
+        row = settled_row(second, queued.id)
+        assert row["estimated_nanos"] >= row["cost_nanos"] > 0
+        if meanwhile == "cancelled":
+            assert row["cost_nanos"] == record_cost(billed(simulator, queued.id))
+            assert row["flagged"] == 0
+        else:
+            assert row["cost_nanos"] == row["estimated_nanos"]
+            assert (row["flagged"], row["error_code"]) == (1, "response_not_found")
+        [[reserved]] = [
+            r.values() for r in second.query("SELECT SUM(reserved_nanos) AS v FROM budget_usage")
+        ]
+        assert reserved == 0
+    finally:
+        second.stop()
