@@ -350,6 +350,48 @@ def test_a_continued_response_pays_for_the_context_it_carries(
     assert billed(simulator, body["id"])["mainline"]["input"] > carried
 
 
+@pytest.mark.parametrize(("mainline", "image_model"), PAIRS)
+def test_a_long_conversation_pays_its_cached_context_at_the_cached_rate(
+    proxy: Tollgate, simulator: Simulator, mainline: str, image_model: str
+) -> None:
+    sdk = proxy.client()
+    previous: str | None = None
+    for turn in range(4):
+        raw = sdk.responses.with_raw_response.create(
+            model=mainline,
+            input=f"Turn {turn}: " + "a long description of a harbour town. " * 120,
+            tools=[tool(image_model)],
+            max_output_tokens=300,
+            max_tool_calls=1,
+            **({"previous_response_id": previous} if previous else {}),
+        )
+        body = json.loads(raw.content)
+        row = check_charge(proxy, simulator, body["id"], mainline, image_model)
+        assert json_cost(body, image_model) == row["cost_nanos"]
+        cached = body["usage"]["input_tokens_details"]["cached_tokens"]
+        assert row["mainline_cached_input_tokens"] == cached
+        assert (cached > 0) == (turn > 0)  # the carried context is cached from turn 1
+        previous = body["id"]
+
+
+def test_the_beta_path_is_the_same_door(proxy: Tollgate, simulator: Simulator) -> None:
+    answer = httpx.post(
+        f"{proxy.url}/v1/responses?beta=true",
+        headers={"authorization": f"Bearer {DESIGN_KEY}", "openai-beta": "responses=v1"},
+        json={
+            "model": "gpt-5.5",
+            "input": "A lighthouse, in beta",
+            "tools": [tool()],
+            "max_output_tokens": 300,
+            "max_tool_calls": 1,
+        },
+        timeout=30,
+    )
+    assert answer.status_code == 200, answer.text
+    row = check_charge(proxy, simulator, answer.json()["id"], "gpt-5.5", "gpt-image-2")
+    assert nanos(answer.headers["x-tollgate-cost-usd"]) == row["cost_nanos"]
+
+
 # -- 2. the caps a request leaves open ---------------------------------------------------
 
 
