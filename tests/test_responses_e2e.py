@@ -810,7 +810,7 @@ def test_a_restart_adopts_a_held_background_response_and_settles_it_once(
 ) -> None:
     write_config(tmp_path, f"{simulator.url}/v1", teams=TEAMS)
     first = start_tollgate(tmp_path)
-    simulator.configure(latency_ms=6000)  # queued while Tollgate restarts
+    simulator.configure(latency_ms=4000)  # queued while Tollgate restarts
     try:
         queued = first.client().responses.create(
             model="gpt-5.5",
