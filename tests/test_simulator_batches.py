@@ -197,7 +197,7 @@ def problems_of(content: bytes) -> list[tuple[str, int | None]]:
 def test_a_batch_goes_through_openais_statuses_and_answers_each_line_with_exact_usage(
     sim: Sim,
 ) -> None:
-    sim.configure(batch_delay_ms=1000)
+    sim.configure(batch_delay_ms=1500)
     prompts = ["a lighthouse at dusk", "two cats", "a red fox in snow"]
     lines = [line(f"gen-{i}", {**LOW, "prompt": p, "n": i + 1}) for i, p in enumerate(prompts)]
     created = sim.batch(lines, metadata={"team": "art"})
