@@ -210,6 +210,17 @@ def add_simulate(commands: Commands) -> None:
         "--payload-bytes", type=int, default=0, help="pad each image to about this many bytes"
     )
     simulate.add_argument("--api-key", help="the only upstream key accepted (default: any)")
+    simulate.add_argument(
+        "--batch-delay-ms",
+        type=int,
+        help="how long a batch takes from validating to completed (default 1500)",
+    )
+    simulate.add_argument(
+        "--batch-window-ms",
+        type=int,
+        help="the simulated completion window: a batch not finalizing by then expires "
+        "(default 24 h)",
+    )
     simulate.set_defaults(run=run_simulate)
 
 
@@ -428,8 +439,16 @@ def run_keys_new(args: argparse.Namespace) -> int:
 def run_simulate(args: argparse.Namespace) -> int:
     from proxy.simulator import SimulatorSettings, create_simulator_app
 
+    batches = {
+        name: value
+        for name in ("batch_delay_ms", "batch_window_ms")
+        if (value := getattr(args, name)) is not None
+    }
     settings = SimulatorSettings(
-        latency_ms=args.latency_ms, payload_bytes=args.payload_bytes, api_key=args.api_key
+        latency_ms=args.latency_ms,
+        payload_bytes=args.payload_bytes,
+        api_key=args.api_key,
+        **batches,
     )
     print(f"Simulated OpenAI image API on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(

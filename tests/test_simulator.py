@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from proxy.simulator import SimulatorSettings, create_simulator_app
+from proxy.simulator.options import DEFAULT_BATCH_DELAY_MS, DEFAULT_BATCH_WINDOW_MS
 from proxy.simulator.tokens import formula_tokens, image_input_tokens, text_tokens
 from tests.conftest import serving
 
@@ -632,6 +633,8 @@ def test_runtime_config_sets_a_fault_for_every_request(sim: Sim, client: openai.
         "payload_bytes": 0,
         "fault": None,
         "response_headers": {},
+        "batch_delay_ms": DEFAULT_BATCH_DELAY_MS,
+        "batch_window_ms": DEFAULT_BATCH_WINDOW_MS,
     }
     assert sim.configure(fault="503")["fault"] == "503"
     with pytest.raises(openai.InternalServerError):

@@ -10,7 +10,9 @@ Modules: `server` the app and its routes, `routes` the request path, `forms` bod
 `refusals` its error answers, `options` its settings, `arrivals` what reached it;
 for the Responses API: `responses` its orders, `response_tokens` its token rules,
 `response_answers` its bodies and events, `response_store` stored and background
-responses, `response_routes` its request path.
+responses, `response_routes` its request path; for the Files and Batch APIs: `files`
+the stored files, `batch_lines` a batch's lines read and run, `batches` stored batches
+and their statuses, `batch_routes` their request paths.
 """
 
 from proxy.simulator.server import SimulatorSettings, create_simulator_app

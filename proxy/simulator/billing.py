@@ -61,6 +61,11 @@ class Entry:
     mainline_model: str | None = None
     mainline: MainlineUsage | None = None
     """For `responses`: the mainline tokens billed; `usage` is then `tool_usage.image_gen`."""
+    batch_id: str | None = None
+    """For a line of a batch: its batch (billed at the batch rate, and `time` is when
+    the batch ended, the day OpenAI books it on)."""
+    custom_id: str | None = None
+    """For a line of a batch: the line's `custom_id`."""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -56,6 +56,8 @@ class ModelRule:
     max_n: int = 10
     output_details: bool = False
     """Whether a non-stream answer's usage carries `output_tokens_details`."""
+    batch: bool = True
+    """Whether the Batch API accepts it (its lines are then billed at `BATCH_RATE`)."""
 
     @property
     def is_dalle(self) -> bool:
@@ -78,6 +80,7 @@ def _formula(
     multipliers: Mapping[str, int] | None = None,
     *,
     fidelity_param_allowed: bool = True,
+    batch: bool = True,
 ) -> ModelRule:
     return ModelRule(
         name,
@@ -88,6 +91,7 @@ def _formula(
         multipliers=multipliers or {},
         fidelity="high",
         fidelity_param_allowed=fidelity_param_allowed,
+        batch=batch,
     )
 
 
@@ -102,14 +106,16 @@ _RULES: tuple[ModelRule, ...] = (
     _formula("gpt-image-2.5-sunburst-2026-09-08", GPT_25_FACTORS),
     _formula("gpt-image-2.5-flare", GPT_25_FACTORS),
     _formula("gpt-image-2.5-flare-2026-09-08", GPT_25_FACTORS),
-    _formula("gpt-image-2.6-sunburst", GPT_25_FACTORS, GPT_26_MULTIPLIERS),
-    _formula("gpt-image-2.6-flare", GPT_25_FACTORS, GPT_26_MULTIPLIERS),
+    # "Batch is not supported in 2.6" (a third party); 2.5 was seen billed at 50 %.
+    _formula("gpt-image-2.6-sunburst", GPT_25_FACTORS, GPT_26_MULTIPLIERS, batch=False),
+    _formula("gpt-image-2.6-flare", GPT_25_FACTORS, GPT_26_MULTIPLIERS, batch=False),
     ModelRule(
         "dall-e-2",
         ("standard",),
         ("256x256", "512x512", "1024x1024"),
         "per_image",
         endpoints=frozenset({"generations", "edits", "variations"}),
+        batch=False,
     ),
     ModelRule(
         "dall-e-3",
@@ -118,8 +124,13 @@ _RULES: tuple[ModelRule, ...] = (
         "per_image",
         endpoints=frozenset({"generations"}),
         max_n=1,
+        batch=False,
     ),
 )
+
+# The Batch API bills every accepted model at half its rates (gpt-image-2's published
+# Batch rates are exactly half; 2.5 was seen billed at 50 %).
+BATCH_RATE = Decimal("0.5")
 
 MODELS: Mapping[str, ModelRule] = MappingProxyType({rule.name: rule for rule in _RULES})
 

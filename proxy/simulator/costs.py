@@ -9,6 +9,15 @@ Line items are named `"<model>, <kind>"`: e.g. `"gpt-image-2, image output"` or
 appended when the request was billed at the model's long-context rates. A Responses
 request adds both: its mainline model's line items and its image tool's, priced at the
 image model's rates as for the Images API.
+
+A line of a batch is billed at the batch rate (`catalogue.BATCH_RATE`, half of every
+rate) and named as OpenAI's Cost export names batch spend, by modality:
+`"batch api | <model> image"` (image input and image output tokens together) and
+`"batch api | <model> text"` (text input and text output tokens together), each
+quantity the tokens summed, unit `tokens`; e.g. `"batch api | gpt-image-2.5-sunburst
+image"`. A per-image model would be `"batch api | <model> images"`, but the simulated
+Batch API accepts no DALL·E model. Its entries' `time` is the batch's end, so batch
+spend falls in the UTC day's bucket the batch completed (was cancelled, expired) on.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from typing import Any
 from starlette.datastructures import QueryParams
 
 from proxy.simulator.billing import Entry, MainlineUsage
-from proxy.simulator.catalogue import MAINLINE_MODELS
+from proxy.simulator.catalogue import BATCH_RATE, MAINLINE_MODELS
 
 DAY = 86_400
 DEFAULT_LIMIT = 7
@@ -32,6 +41,8 @@ PER_MILLION = Decimal(1_000_000)
 GROUPS = ("line_item", "project_id")
 
 LONG_CONTEXT = ", long context"
+BATCH_PREFIX = "batch api | "
+_BATCH_KINDS = (("image", ("image_input", "image_output")), ("text", ("text_input", "text_output")))
 
 _TOKEN_KINDS = (
     ("text_input", "text input"),
@@ -125,12 +136,32 @@ def _image_costs(entry: Entry, project: str | None) -> list[LineCost]:
             )
         ]
     prices = TOKEN_PRICES.get(entry.model, {})
+    if entry.batch_id is not None:
+        return _batch_costs(entry, project, prices)
     lines = []
     for kind, label in _TOKEN_KINDS:
         tokens: int = getattr(entry.usage, kind)
         if tokens:
             amount = prices.get(kind, Decimal(0)) * tokens / PER_MILLION
             lines.append(LineCost(f"{entry.model}, {label}", project, amount, tokens, "tokens"))
+    return lines
+
+
+def _batch_costs(
+    entry: Entry, project: str | None, prices: Mapping[str, Decimal]
+) -> list[LineCost]:
+    """A batch line's items: by modality, at the batch rate."""
+    assert entry.model is not None and entry.usage is not None
+    lines = []
+    for label, kinds in _BATCH_KINDS:
+        tokens = sum(getattr(entry.usage, kind) for kind in kinds)
+        if tokens:
+            amount = sum(
+                prices.get(kind, Decimal(0)) * BATCH_RATE * getattr(entry.usage, kind)
+                for kind in kinds
+            )
+            name = f"{BATCH_PREFIX}{entry.model} {label}"
+            lines.append(LineCost(name, project, amount / PER_MILLION, tokens, "tokens"))
     return lines
 
 

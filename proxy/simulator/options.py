@@ -7,6 +7,11 @@ from typing import Any
 
 from proxy.simulator.faults import Fault, parse_fault
 
+DEFAULT_BATCH_DELAY_MS = 1_500
+DEFAULT_BATCH_WINDOW_MS = 24 * 3600 * 1000
+"""OpenAI's only completion window, "24h"."""
+_COUNTS = ("latency_ms", "payload_bytes", "batch_delay_ms", "batch_window_ms")
+
 
 @dataclass(frozen=True)
 class SimulatorSettings:
@@ -18,6 +23,10 @@ class SimulatorSettings:
     """Pad each png/jpeg image to about this many bytes; 0 = natural size."""
     api_key: str | None = None
     """When set, any other Bearer key gets 401 invalid_api_key."""
+    batch_delay_ms: int = DEFAULT_BATCH_DELAY_MS
+    """How long a batch takes from `validating` to `completed`."""
+    batch_window_ms: int = DEFAULT_BATCH_WINDOW_MS
+    """The simulated completion window: a batch not finalizing by then expires."""
 
 
 @dataclass(frozen=True)
@@ -30,14 +39,22 @@ class Knobs:
     response_headers: tuple[tuple[str, str], ...] = ()
     """Added to every answer of the simulated API (an upstream that says more than it
     should, e.g. `openai-organization`)."""
+    batch_delay_ms: int = DEFAULT_BATCH_DELAY_MS
+    batch_window_ms: int = DEFAULT_BATCH_WINDOW_MS
+    """Both apply to batches created later."""
 
     @classmethod
     def of(cls, settings: SimulatorSettings) -> Knobs:
-        return cls(settings.latency_ms, settings.payload_bytes)
+        return cls(
+            settings.latency_ms,
+            settings.payload_bytes,
+            batch_delay_ms=settings.batch_delay_ms,
+            batch_window_ms=settings.batch_window_ms,
+        )
 
     def updated(self, changes: dict[str, Any]) -> Knobs:
         """These knobs with `changes` applied; raises ValueError naming a bad key or value."""
-        unknown = changes.keys() - {"latency_ms", "payload_bytes", "fault", "response_headers"}
+        unknown = changes.keys() - {*_COUNTS, "fault", "response_headers"}
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
 
@@ -51,6 +68,8 @@ class Knobs:
             self,
             latency_ms=count("latency_ms", self.latency_ms),
             payload_bytes=count("payload_bytes", self.payload_bytes),
+            batch_delay_ms=count("batch_delay_ms", self.batch_delay_ms),
+            batch_window_ms=count("batch_window_ms", self.batch_window_ms),
         )
         if "fault" in changes:
             knobs = replace(knobs, fault=parse_fault(changes["fault"]))
@@ -69,4 +88,6 @@ class Knobs:
             "payload_bytes": self.payload_bytes,
             "fault": self.fault,
             "response_headers": dict(self.response_headers),
+            "batch_delay_ms": self.batch_delay_ms,
+            "batch_window_ms": self.batch_window_ms,
         }

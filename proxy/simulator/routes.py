@@ -18,6 +18,7 @@ from starlette.responses import Response, StreamingResponse
 from proxy.core.models import Endpoint
 from proxy.simulator import connection
 from proxy.simulator.answers import response_body, stream_events
+from proxy.simulator.batches import BatchStore
 from proxy.simulator.billing import RECORDED_HEADERS, BilledUsage, BillingRecord, Entry
 from proxy.simulator.faults import (
     ECHO_HEADER,
@@ -31,6 +32,7 @@ from proxy.simulator.faults import (
     moderation_error,
     pick_fault,
 )
+from proxy.simulator.files import FileStore
 from proxy.simulator.forms import RawRequest, read_request, unparsed
 from proxy.simulator.options import Knobs
 from proxy.simulator.refusals import ApiError, invalid_api_key
@@ -45,13 +47,27 @@ NO_ANSWER = 0
 
 @dataclass
 class SimulatorState:
-    """What lives as long as one simulator app: its knobs, its billing record and its
-    stored responses."""
+    """What lives as long as one simulator app: its knobs, its billing record, its
+    stored responses, files and batches."""
 
     knobs: Knobs
     api_key: str | None = None
     record: BillingRecord = field(default_factory=BillingRecord)
     responses: ResponseStore = field(default_factory=ResponseStore)
+    files: FileStore = field(default_factory=FileStore)
+    batches: BatchStore = field(default_factory=BatchStore)
+
+    def settle(self, now: float) -> None:
+        """Bill every background response and batch that has ended by `now`."""
+        self.responses.settle(now, self.record)
+        self.batches.settle(now, self.record, self.files)
+
+    def clear(self) -> None:
+        """Forget everything but the knobs (`POST /_sim/reset`)."""
+        self.record.clear()
+        self.responses.clear()
+        self.files.clear()
+        self.batches.clear()
 
     def admits(self, authorization: str | None) -> bool:
         """Whether an `Authorization` header carries the simulator's key (any, without one)."""

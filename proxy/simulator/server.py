@@ -3,13 +3,16 @@
 POST /v1/images/generations | edits | variations   the simulated OpenAI API
 POST /v1/responses (also ?beta=true)               the Responses API, image_generation tool
 GET | DELETE /v1/responses/{id}, POST …/cancel, GET …/input_items
+POST | GET /v1/files, GET | DELETE /v1/files/{id}, GET …/content   the Files API
+POST | GET /v1/batches, GET /v1/batches/{id}, POST …/cancel      image batches
 GET  /v1/organization/costs                        costs built from the record
 GET  /v1/models                                    the simulated models
 GET  /_sim/billing    POST /_sim/reset             the billing record (reset: and arrivals,
-                                                   stored responses)
+                                                   stored responses, files, batches)
 GET  /_sim/arrivals                                every request received, as sent
 GET  /_sim/config     POST /_sim/config            runtime knobs (latency, payload, fault,
-                                                   extra answer headers)
+                                                   extra answer headers, batch delay and
+                                                   completion window)
 GET  /healthz
 """
 
@@ -28,6 +31,17 @@ from starlette.routing import Route
 from proxy.core.models import Endpoint
 from proxy.simulator.answers import models_page
 from proxy.simulator.arrivals import Arrivals, Recorder
+from proxy.simulator.batch_routes import (
+    cancel_batch,
+    create_batch,
+    delete_file,
+    file_content,
+    list_batches,
+    list_files,
+    retrieve_batch,
+    retrieve_file,
+    upload_file,
+)
 from proxy.simulator.catalogue import MODELS
 from proxy.simulator.costs import CostsQueryError, costs_page
 from proxy.simulator.faults import ECHO_HEADER, echo, echoed
@@ -90,6 +104,21 @@ class _Endpoints:
                 partial(list_input_items, self.state),
                 methods=["GET"],
             ),
+            Route("/v1/files", partial(upload_file, self.state), methods=["POST"]),
+            Route("/v1/files", partial(list_files, self.state), methods=["GET"]),
+            Route("/v1/files/{file_id}", partial(retrieve_file, self.state), methods=["GET"]),
+            Route("/v1/files/{file_id}", partial(delete_file, self.state), methods=["DELETE"]),
+            Route(
+                "/v1/files/{file_id}/content", partial(file_content, self.state), methods=["GET"]
+            ),
+            Route("/v1/batches", partial(create_batch, self.state), methods=["POST"]),
+            Route("/v1/batches", partial(list_batches, self.state), methods=["GET"]),
+            Route("/v1/batches/{batch_id}", partial(retrieve_batch, self.state), methods=["GET"]),
+            Route(
+                "/v1/batches/{batch_id}/cancel",
+                partial(cancel_batch, self.state),
+                methods=["POST"],
+            ),
             Route("/v1/organization/costs", self.costs, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/_sim/config", self.get_config, methods=["GET"]),
@@ -120,15 +149,14 @@ class _Endpoints:
         return JSONResponse(self.state.knobs.to_json())
 
     async def billing(self, request: Request) -> Response:
-        self.state.responses.settle(time.time(), self.state.record)
+        self.state.settle(time.time())
         return JSONResponse(self.state.record.to_json())
 
     async def arrived(self, request: Request) -> Response:
         return JSONResponse(self.arrivals.to_json())
 
     async def reset(self, request: Request) -> Response:
-        self.state.record.clear()
-        self.state.responses.clear()
+        self.state.clear()
         self.arrivals.clear()
         return JSONResponse({"status": "ok"})
 
@@ -136,7 +164,7 @@ class _Endpoints:
         authorization = request.headers.get("authorization")
         if not self.state.admits(authorization):
             return error_response(invalid_api_key(authorization), "req_sim_costs")
-        self.state.responses.settle(time.time(), self.state.record)
+        self.state.settle(time.time())
         try:
             page = costs_page(self.state.record.entries(), request.query_params, now=time.time())
         except CostsQueryError as exc:
