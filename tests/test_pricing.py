@@ -6,6 +6,7 @@ import json
 import random
 import textwrap
 import typing
+from dataclasses import replace
 from datetime import date
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from importlib import resources
@@ -16,7 +17,7 @@ import pytest
 from openai.types.image_model import ImageModel
 
 from proxy.config.prices import load_price_book
-from proxy.core.errors import ConfigError, InvalidRequest
+from proxy.core.errors import BatchUnsupported, ConfigError, InvalidRequest
 from proxy.core.models import (
     INPUT_KINDS,
     OUTPUT_KINDS,
@@ -881,6 +882,159 @@ def test_costs_are_the_exact_decimal_price_rounded_up_to_a_nano_dollar() -> None
             exact += model.stand_in_rate(INPUT_KINDS) * usage.unclassified_input * 1000
             exact += model.stand_in_rate(OUTPUT_KINDS) * usage.unclassified_output * 1000
             assert model.cost(usage) == int(exact.to_integral_value(ROUND_CEILING)), model.name
+
+
+# --- batch rates: the Batch API's prices, every other rule of the entry kept -----------------
+
+BATCH_FIELDS: dict[str, Any] = {
+    "source": "x",
+    "effective_from": "2027-01-01",
+    "aliases": ["gpt-image-3-2027-01-01"],
+    "rates": {"text_input": "5.00", "image_input": "8.00", "image_output": "30.00"},
+    "batch": {"text_input": "2.50", "image_input": "4.00", "image_output": "15.00"},
+    "qualities": ["low", "high"],
+    "sizes": "custom",
+    "auto_size": "1536x1536",
+    "output_tokens": {"formula": {"low": 16, "high": 96}},
+    "image_input": {"ceiling": 8192},
+}
+
+
+def batch_model(**fields: Any) -> ModelPrices:
+    return model_prices("gpt-image-3", {**BATCH_FIELDS, **fields}, CustomSizes())
+
+
+def test_an_entry_with_batch_rates_is_priced_at_them_through_the_batch_api() -> None:
+    model = batch_model()
+    usage = Usage(text_input=1000, image_input=1000, image_output=7024)
+    assert model.accepts_batch
+    # USD per 1M tokens × 1000 = nano-dollars per token.
+    assert model.for_batch().cost(usage) == 1000 * 2500 + 1000 * 4000 + 7024 * 15000
+    assert model.cost(usage) == 1000 * 5000 + 1000 * 8000 + 7024 * 30000
+
+
+def test_for_batch_keeps_everything_but_the_rates() -> None:
+    model = batch_model()
+    batch = model.for_batch()
+    assert batch.rates == model.batch_rates
+    assert replace(batch, rates=model.rates) == model
+    assert (batch.name, batch.aliases) == ("gpt-image-3", ("gpt-image-3-2027-01-01",))
+    assert batch.output_tokens("high", "1024x1024") == model.output_tokens("high", "1024x1024")
+    assert batch.accepts_batch
+
+
+def test_for_batch_is_built_once_per_entry() -> None:
+    model = batch_model()
+    assert model.for_batch() is model.for_batch()
+
+
+def test_a_batch_estimate_bounds_the_same_tokens_at_the_batch_rates() -> None:
+    model = batch_model()
+    req = request("gpt-image-3", quality="auto", size="auto", n=2, prompt_bytes=40)
+    standard, batch = estimate(model, req), estimate(model.for_batch(), req)
+    assert batch.usage == standard.usage
+    assert batch.cost_nanos * 2 == standard.cost_nanos
+
+
+def test_a_batch_charge_prices_a_kind_without_a_batch_rate_at_the_batch_stand_in() -> None:
+    batch = batch_model().for_batch()
+    charge = batch.charge(Usage(text_output=100, unclassified_input=10))
+    # text_output: the dearest batch output rate; unclassified input: the dearest batch input.
+    assert charge.cost_nanos == 100 * 15000 + 10 * 4000
+    assert charge.flagged
+    assert charge.usage.image_input == 10
+
+
+@pytest.mark.parametrize("batch", [None, False], ids=["absent", "false"])
+def test_an_entry_without_batch_rates_is_refused_by_the_batch_api(batch: bool | None) -> None:
+    fields = {k: v for k, v in BATCH_FIELDS.items() if k != "batch"}
+    model = model_prices(
+        "gpt-image-3", fields if batch is None else {**fields, "batch": batch}, CustomSizes()
+    )
+    assert not model.accepts_batch
+    assert model.batch_rates is None
+    with pytest.raises(BatchUnsupported) as caught:
+        model.for_batch()
+    assert isinstance(caught.value, InvalidRequest)
+    assert caught.value.param == "model"
+    assert "'gpt-image-3'" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("fields", "message", "at"),
+    [
+        (
+            {"batch": True},
+            "`batch` must be the Batch API's rates by kind (USD per 1M tokens, as `rates`) or "
+            "false where the Batch API does not take the model",
+            ("batch",),
+        ),
+        ({"batch": {}}, "`batch` must be the Batch API's rates", ("batch",)),
+        ({"batch": ["text_input"]}, "`batch` must be the Batch API's rates", ("batch",)),
+        (
+            {"batch": {"text_input": "2.50", "image_output": "15.00"}},
+            "`batch` needs a rate for every kind of `rates` (missing: image_input)",
+            ("batch",),
+        ),
+        (
+            {"batch": {**BATCH_FIELDS["batch"], "audio_output": "1"}},
+            "unknown key 'audio_output' (known: text_input, cached_text_input, image_input, "
+            "cached_image_input, image_output, text_output)",
+            ("batch", "audio_output"),
+        ),
+        (
+            {"batch": {**BATCH_FIELDS["batch"], "image_output": "half"}},
+            "must be a number of USD >= 0, got 'half'",
+            ("batch", "image_output"),
+        ),
+        (
+            {"batch": {**BATCH_FIELDS["batch"], "image_output": -1}},
+            "must be a number of USD >= 0, got -1",
+            ("batch", "image_output"),
+        ),
+        (
+            {"batch": {**BATCH_FIELDS["batch"], "image_output": True}},
+            "must be a number of USD >= 0, got True",
+            ("batch", "image_output"),
+        ),
+        (
+            {
+                "rates": {},
+                "output_tokens": {},
+                "per_image": {"low": {"1024x1024": "0.04"}},
+                "batch": {"image_output": "1"},
+            },
+            "a per-image model has no token rates to batch: write `batch: false`",
+            ("batch",),
+        ),
+    ],
+    ids=[
+        "true",
+        "empty",
+        "a-list",
+        "a-kind-of-rates-missing",
+        "unknown-kind",
+        "not-a-number",
+        "negative",
+        "boolean-rate",
+        "per-image",
+    ],
+)
+def test_batch_rates_the_builder_cannot_read_name_the_key_at_fault(
+    fields: dict[str, Any], message: str, at: tuple[str, ...]
+) -> None:
+    with pytest.raises(EntryError) as caught:
+        batch_model(**fields)
+    assert str(caught.value).startswith(message)
+    assert caught.value.at == at
+
+
+def test_a_per_image_model_may_say_the_batch_api_does_not_take_it() -> None:
+    model = batch_model(
+        rates={}, output_tokens={}, per_image={"low": {"1024x1024": "0.04"}}, batch=False
+    )
+    assert model.per_image_billing
+    assert not model.accepts_batch
 
 
 # --- mainline models: the Responses API's text model that calls the image tool -------------
