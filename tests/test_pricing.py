@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from openai.types.image_model import ImageModel
 
 from proxy.config.prices import load_price_book
@@ -1035,6 +1036,243 @@ def test_a_per_image_model_may_say_the_batch_api_does_not_take_it() -> None:
     )
     assert model.per_image_billing
     assert not model.accepts_batch
+
+
+# --- batch rates of the built-in book and of a deployment's ------------------------------------
+
+BATCH_MODELS = (
+    "gpt-image-2",
+    "gpt-image-2.5-sunburst",
+    "gpt-image-2.5-flare",
+    "gpt-image-1.5",
+    "chatgpt-image-latest",
+    "gpt-image-1",
+    "gpt-image-1-mini",
+)
+NOT_BATCH_MODELS = ("gpt-image-2.6-sunburst", "gpt-image-2.6-flare", "dall-e-3", "dall-e-2")
+
+
+def test_every_built_in_model_says_whether_the_batch_api_takes_it() -> None:
+    assert {*BATCH_MODELS, *NOT_BATCH_MODELS} == set(load_price_book().names())
+    written = yaml.safe_load(resources.files("proxy").joinpath("prices.yaml").read_text())
+    for name, fields in written["models"].items():
+        assert "batch" in fields, name
+        assert "batch:" in fields["source"], name
+
+
+@pytest.mark.parametrize("name", BATCH_MODELS)
+def test_the_batch_api_takes_the_gpt_image_models_at_half_their_rates(
+    book: PriceBook, name: str
+) -> None:
+    model = model_of(book, name)
+    assert model.accepts_batch
+    assert model.batch_rates == {kind: rate / 2 for kind, rate in model.rates.items()}
+
+
+@pytest.mark.parametrize("name", NOT_BATCH_MODELS)
+def test_the_batch_api_refuses_gpt_image_26_and_dalle(book: PriceBook, name: str) -> None:
+    model = model_of(book, name)
+    assert not model.accepts_batch
+    with pytest.raises(BatchUnsupported):
+        model.for_batch()
+
+
+@pytest.mark.parametrize(
+    ("name", "usage", "nanos"),
+    [
+        ("gpt-image-2", Usage(text_input=1000, image_input=1000, image_output=7024), 111_860_000),
+        (
+            "gpt-image-2-2026-04-21",
+            Usage(cached_text_input=1000, cached_image_input=1000),
+            1_625_000,
+        ),
+        ("gpt-image-2.5-sunburst", Usage(image_output=1_000_000), 15 * 10**9),
+        ("gpt-image-1.5", Usage(text_input=100, image_output=4160, text_output=200), 67_810_000),
+        (
+            "chatgpt-image-latest",
+            Usage(text_input=100, image_output=4160, text_output=200),
+            67_810_000,
+        ),
+        ("gpt-image-1", Usage(image_input=1000, image_output=6240), 129_800_000),
+        (
+            "gpt-image-1-mini",
+            Usage(cached_text_input=1000, cached_image_input=1000, image_output=272),
+            1_313_000,
+        ),
+    ],
+)
+def test_batch_costs_are_exact_in_nano_dollars_and_half_the_standard_cost(
+    book: PriceBook, name: str, usage: Usage, nanos: int
+) -> None:
+    model = model_of(book, name)
+    charge = model.for_batch().charge(usage)
+    assert charge.cost_nanos == nanos
+    assert not charge.flagged
+    assert model.cost(usage) == 2 * nanos
+
+
+def test_every_batch_cost_is_half_the_standard_cost_to_the_nano_dollar(book: PriceBook) -> None:
+    rng = random.Random(11)
+    for name in BATCH_MODELS:
+        model = model_of(book, name)
+        for _ in range(200):
+            draws = [rng.choice((0, 1, 7, rng.randrange(10**7))) for _ in range(8)]
+            usage = Usage(*draws[:6], 0, *draws[6:])
+            assert model.for_batch().cost(usage) * 2 == model.cost(usage), (name, usage)
+
+
+@pytest.mark.parametrize("name", BATCH_MODELS)
+def test_a_batch_estimate_is_half_the_standard_one(book: PriceBook, name: str) -> None:
+    model = model_of(book, name)
+    for fields in (
+        {"quality": "auto", "size": "auto", "n": 3, "prompt_bytes": 400},
+        {"stream": True, "partial_images": 2, "images": (InputImage(None, None),)},
+    ):
+        req = request(name, **fields)
+        assert estimate(model.for_batch(), req).cost_nanos * 2 == estimate(model, req).cost_nanos
+
+
+@pytest.mark.parametrize("name", BATCH_MODELS)
+def test_a_built_in_batch_entry_differs_from_its_model_by_the_rates_only(
+    book: PriceBook, name: str
+) -> None:
+    model = model_of(book, name)
+    assert replace(model.for_batch(), rates=model.rates) == model
+
+
+def test_a_dated_snapshot_gets_its_models_batch_entry(book: PriceBook) -> None:
+    batch = model_of(book, "gpt-image-2-2026-04-21").for_batch()
+    assert batch is model_of(book, "gpt-image-2").for_batch()
+    assert batch.name == "gpt-image-2"
+
+
+BATCH_OVERRIDE = """
+    # negotiated
+    models:
+      gpt-image-2.6-sunburst:
+        batch:
+          {text_input: "2.50", cached_text_input: "0.625", image_input: "4.00",
+           cached_image_input: "1.00", image_output: "15.00"}
+      gpt-image-2:
+        batch: false
+      gpt-image-1:
+        rates: {text_input: "4.00", image_input: "8.00", image_output: "32.00"}
+      gpt-image-3:
+        source: negotiated contract 2027
+        effective_from: 2027-01-01
+        rates: {text_input: "4.00", image_output: "20.00"}
+        batch: {text_input: "1.00", image_output: "5.00"}
+        qualities: [low]
+        sizes: [1024x1024]
+        output_tokens: {table: {low: {1024x1024: 100}}}
+"""
+
+
+def test_a_deployment_sets_and_overrides_batch_rates(tmp_path: Path) -> None:
+    book = load_price_book(write(tmp_path, BATCH_OVERRIDE))
+    sunburst = model_of(book, "gpt-image-2.6-sunburst")
+    assert sunburst.for_batch().cost(Usage(image_output=1000)) == 15_000_000
+    assert sunburst.cost(Usage(image_output=1000)) == 30_000_000
+    # An entry the file does not name keeps its built-in `batch:`, as the alias of 2.6 does.
+    assert not model_of(book, "gpt-image-2.6-flare").accepts_batch
+    assert not model_of(book, "gpt-image-2").accepts_batch
+    assert not model_of(book, "gpt-image-2-2026-04-21").accepts_batch
+    assert model_of(book, "gpt-image-3").for_batch().cost(Usage(image_output=100)) == 500_000
+
+
+def test_a_deployment_that_changes_only_the_rates_keeps_the_built_in_batch_rates(
+    tmp_path: Path,
+) -> None:
+    book = load_price_book(write(tmp_path, BATCH_OVERRIDE))
+    model = model_of(book, "gpt-image-1")
+    assert model.cost(Usage(image_output=1000)) == 32_000_000
+    assert model.for_batch().rates == model_of(load_price_book(), "gpt-image-1").batch_rates
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            """
+            models:
+              gpt-image-2:
+                batch: true
+            """,
+            "4: models.gpt-image-2.batch: invalid price-book entry: `batch` must be the Batch "
+            "API's rates by kind (USD per 1M tokens, as `rates`) or false where the Batch API "
+            "does not take the model",
+        ),
+        (
+            """
+            models:
+              gpt-image-2:
+                batch: {image_output: "15.00"}
+            """,
+            "4: models.gpt-image-2.batch: invalid price-book entry: `batch` needs a rate for "
+            "every kind of `rates` (missing: text_input, cached_text_input, image_input, "
+            "cached_image_input)",
+        ),
+        (
+            """
+            models:
+              gpt-image-2:
+                batch:
+                  text_input: "2.50"
+                  cached_text_input: "0.625"
+                  image_input: "4.00"
+                  cached_image_input: "1.00"
+                  image_output: half
+            """,
+            "9: models.gpt-image-2.batch.image_output: invalid price-book entry: "
+            "must be a number of USD >= 0, got 'half'",
+        ),
+        (
+            """
+            models:
+              gpt-image-2.6-sunburst:
+                batch:
+                  image_output: "15.00"
+                  video_output: "1.00"
+            """,
+            "6: models.gpt-image-2.6-sunburst.batch.video_output: invalid price-book entry: "
+            "unknown key 'video_output' (known: text_input, cached_text_input, image_input, "
+            "cached_image_input, image_output, text_output)",
+        ),
+        (
+            # The built-in `batch:` is kept, and no longer prices every kind of the rates.
+            """
+            models:
+              gpt-image-2:
+                rates: {text_input: "5.00", image_input: "8.00", image_output: "30.00",
+                        text_output: "10.00"}
+            """,
+            "3: models.gpt-image-2.batch: invalid price-book entry: `batch` needs a rate for "
+            "every kind of `rates` (missing: text_output)",
+        ),
+        (
+            """
+            models:
+              dall-e-3:
+                batch: {image_output: "0.02"}
+            """,
+            "4: models.dall-e-3.batch: invalid price-book entry: a per-image model has no "
+            "token rates to batch: write `batch: false`",
+        ),
+    ],
+    ids=[
+        "true",
+        "a-kind-missing",
+        "not-a-number",
+        "unknown-kind",
+        "rates-gain-a-kind",
+        "per-image",
+    ],
+)
+def test_a_broken_batch_entry_is_reported_at_its_own_line(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = write(tmp_path, "# negotiated\n" + textwrap.dedent(text).lstrip("\n"))
+    assert problems_of(path) == [f"{path}:{expected}"]
 
 
 # --- mainline models: the Responses API's text model that calls the image tool -------------
