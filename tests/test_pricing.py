@@ -6,6 +6,7 @@ import json
 import random
 import textwrap
 import typing
+from dataclasses import replace
 from datetime import date
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from importlib import resources
@@ -13,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from openai.types.image_model import ImageModel
 
 from proxy.config.prices import load_price_book
-from proxy.core.errors import ConfigError, InvalidRequest
+from proxy.core.errors import BatchUnsupported, ConfigError, InvalidRequest
 from proxy.core.models import (
     INPUT_KINDS,
     OUTPUT_KINDS,
@@ -881,6 +883,396 @@ def test_costs_are_the_exact_decimal_price_rounded_up_to_a_nano_dollar() -> None
             exact += model.stand_in_rate(INPUT_KINDS) * usage.unclassified_input * 1000
             exact += model.stand_in_rate(OUTPUT_KINDS) * usage.unclassified_output * 1000
             assert model.cost(usage) == int(exact.to_integral_value(ROUND_CEILING)), model.name
+
+
+# --- batch rates: the Batch API's prices, every other rule of the entry kept -----------------
+
+BATCH_FIELDS: dict[str, Any] = {
+    "source": "x",
+    "effective_from": "2027-01-01",
+    "aliases": ["gpt-image-3-2027-01-01"],
+    "rates": {"text_input": "5.00", "image_input": "8.00", "image_output": "30.00"},
+    "batch": {"text_input": "2.50", "image_input": "4.00", "image_output": "15.00"},
+    "qualities": ["low", "high"],
+    "sizes": "custom",
+    "auto_size": "1536x1536",
+    "output_tokens": {"formula": {"low": 16, "high": 96}},
+    "image_input": {"ceiling": 8192},
+}
+
+
+def batch_model(**fields: Any) -> ModelPrices:
+    return model_prices("gpt-image-3", {**BATCH_FIELDS, **fields}, CustomSizes())
+
+
+def test_an_entry_with_batch_rates_is_priced_at_them_through_the_batch_api() -> None:
+    model = batch_model()
+    usage = Usage(text_input=1000, image_input=1000, image_output=7024)
+    assert model.accepts_batch
+    # USD per 1M tokens × 1000 = nano-dollars per token.
+    assert model.for_batch().cost(usage) == 1000 * 2500 + 1000 * 4000 + 7024 * 15000
+    assert model.cost(usage) == 1000 * 5000 + 1000 * 8000 + 7024 * 30000
+
+
+def test_for_batch_keeps_everything_but_the_rates() -> None:
+    model = batch_model()
+    batch = model.for_batch()
+    assert batch.rates == model.batch_rates
+    assert replace(batch, rates=model.rates) == model
+    assert (batch.name, batch.aliases) == ("gpt-image-3", ("gpt-image-3-2027-01-01",))
+    assert batch.output_tokens("high", "1024x1024") == model.output_tokens("high", "1024x1024")
+    assert batch.accepts_batch
+
+
+def test_for_batch_is_built_once_per_entry() -> None:
+    model = batch_model()
+    assert model.for_batch() is model.for_batch()
+
+
+def test_a_batch_estimate_bounds_the_same_tokens_at_the_batch_rates() -> None:
+    model = batch_model()
+    req = request("gpt-image-3", quality="auto", size="auto", n=2, prompt_bytes=40)
+    standard, batch = estimate(model, req), estimate(model.for_batch(), req)
+    assert batch.usage == standard.usage
+    assert batch.cost_nanos * 2 == standard.cost_nanos
+
+
+def test_a_batch_charge_prices_a_kind_without_a_batch_rate_at_the_batch_stand_in() -> None:
+    batch = batch_model().for_batch()
+    charge = batch.charge(Usage(text_output=100, unclassified_input=10))
+    # text_output: the dearest batch output rate; unclassified input: the dearest batch input.
+    assert charge.cost_nanos == 100 * 15000 + 10 * 4000
+    assert charge.flagged
+    assert charge.usage.image_input == 10
+
+
+@pytest.mark.parametrize("batch", [None, False], ids=["absent", "false"])
+def test_an_entry_without_batch_rates_is_refused_by_the_batch_api(batch: bool | None) -> None:
+    fields = {k: v for k, v in BATCH_FIELDS.items() if k != "batch"}
+    model = model_prices(
+        "gpt-image-3", fields if batch is None else {**fields, "batch": batch}, CustomSizes()
+    )
+    assert not model.accepts_batch
+    assert model.batch_rates is None
+    with pytest.raises(BatchUnsupported) as caught:
+        model.for_batch()
+    assert isinstance(caught.value, InvalidRequest)
+    assert caught.value.param == "model"
+    assert "'gpt-image-3'" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("fields", "message", "at"),
+    [
+        (
+            {"batch": True},
+            "`batch` must be the Batch API's rates by kind (USD per 1M tokens, as `rates`) or "
+            "false where the Batch API does not take the model",
+            ("batch",),
+        ),
+        ({"batch": {}}, "`batch` must be the Batch API's rates", ("batch",)),
+        ({"batch": ["text_input"]}, "`batch` must be the Batch API's rates", ("batch",)),
+        (
+            {"batch": {"text_input": "2.50", "image_output": "15.00"}},
+            "`batch` needs a rate for every kind of `rates` (missing: image_input)",
+            ("batch",),
+        ),
+        (
+            {"batch": {**BATCH_FIELDS["batch"], "audio_output": "1"}},
+            "unknown key 'audio_output' (known: text_input, cached_text_input, image_input, "
+            "cached_image_input, image_output, text_output)",
+            ("batch", "audio_output"),
+        ),
+        (
+            {"batch": {**BATCH_FIELDS["batch"], "image_output": "half"}},
+            "must be a number of USD >= 0, got 'half'",
+            ("batch", "image_output"),
+        ),
+        (
+            {"batch": {**BATCH_FIELDS["batch"], "image_output": -1}},
+            "must be a number of USD >= 0, got -1",
+            ("batch", "image_output"),
+        ),
+        (
+            {"batch": {**BATCH_FIELDS["batch"], "image_output": True}},
+            "must be a number of USD >= 0, got True",
+            ("batch", "image_output"),
+        ),
+        (
+            {
+                "rates": {},
+                "output_tokens": {},
+                "per_image": {"low": {"1024x1024": "0.04"}},
+                "batch": {"image_output": "1"},
+            },
+            "a per-image model has no token rates to batch: write `batch: false`",
+            ("batch",),
+        ),
+    ],
+    ids=[
+        "true",
+        "empty",
+        "a-list",
+        "a-kind-of-rates-missing",
+        "unknown-kind",
+        "not-a-number",
+        "negative",
+        "boolean-rate",
+        "per-image",
+    ],
+)
+def test_batch_rates_the_builder_cannot_read_name_the_key_at_fault(
+    fields: dict[str, Any], message: str, at: tuple[str, ...]
+) -> None:
+    with pytest.raises(EntryError) as caught:
+        batch_model(**fields)
+    assert str(caught.value).startswith(message)
+    assert caught.value.at == at
+
+
+def test_a_per_image_model_may_say_the_batch_api_does_not_take_it() -> None:
+    model = batch_model(
+        rates={}, output_tokens={}, per_image={"low": {"1024x1024": "0.04"}}, batch=False
+    )
+    assert model.per_image_billing
+    assert not model.accepts_batch
+
+
+# --- batch rates of the built-in book and of a deployment's ------------------------------------
+
+BATCH_MODELS = (
+    "gpt-image-2",
+    "gpt-image-2.5-sunburst",
+    "gpt-image-2.5-flare",
+    "gpt-image-1.5",
+    "chatgpt-image-latest",
+    "gpt-image-1",
+    "gpt-image-1-mini",
+)
+NOT_BATCH_MODELS = ("gpt-image-2.6-sunburst", "gpt-image-2.6-flare", "dall-e-3", "dall-e-2")
+
+
+def test_every_built_in_model_says_whether_the_batch_api_takes_it() -> None:
+    assert {*BATCH_MODELS, *NOT_BATCH_MODELS} == set(load_price_book().names())
+    written = yaml.safe_load(resources.files("proxy").joinpath("prices.yaml").read_text())
+    for name, fields in written["models"].items():
+        assert "batch" in fields, name
+        assert "batch:" in fields["source"], name
+
+
+@pytest.mark.parametrize("name", BATCH_MODELS)
+def test_the_batch_api_takes_the_gpt_image_models_at_half_their_rates(
+    book: PriceBook, name: str
+) -> None:
+    model = model_of(book, name)
+    assert model.accepts_batch
+    assert model.batch_rates == {kind: rate / 2 for kind, rate in model.rates.items()}
+
+
+@pytest.mark.parametrize("name", NOT_BATCH_MODELS)
+def test_the_batch_api_refuses_gpt_image_26_and_dalle(book: PriceBook, name: str) -> None:
+    model = model_of(book, name)
+    assert not model.accepts_batch
+    with pytest.raises(BatchUnsupported):
+        model.for_batch()
+
+
+@pytest.mark.parametrize(
+    ("name", "usage", "nanos"),
+    [
+        ("gpt-image-2", Usage(text_input=1000, image_input=1000, image_output=7024), 111_860_000),
+        (
+            "gpt-image-2-2026-04-21",
+            Usage(cached_text_input=1000, cached_image_input=1000),
+            1_625_000,
+        ),
+        ("gpt-image-2.5-sunburst", Usage(image_output=1_000_000), 15 * 10**9),
+        ("gpt-image-1.5", Usage(text_input=100, image_output=4160, text_output=200), 67_810_000),
+        (
+            "chatgpt-image-latest",
+            Usage(text_input=100, image_output=4160, text_output=200),
+            67_810_000,
+        ),
+        ("gpt-image-1", Usage(image_input=1000, image_output=6240), 129_800_000),
+        (
+            "gpt-image-1-mini",
+            Usage(cached_text_input=1000, cached_image_input=1000, image_output=272),
+            1_313_000,
+        ),
+    ],
+)
+def test_batch_costs_are_exact_in_nano_dollars_and_half_the_standard_cost(
+    book: PriceBook, name: str, usage: Usage, nanos: int
+) -> None:
+    model = model_of(book, name)
+    charge = model.for_batch().charge(usage)
+    assert charge.cost_nanos == nanos
+    assert not charge.flagged
+    assert model.cost(usage) == 2 * nanos
+
+
+def test_every_batch_cost_is_half_the_standard_cost_to_the_nano_dollar(book: PriceBook) -> None:
+    rng = random.Random(11)
+    for name in BATCH_MODELS:
+        model = model_of(book, name)
+        for _ in range(200):
+            draws = [rng.choice((0, 1, 7, rng.randrange(10**7))) for _ in range(8)]
+            usage = Usage(*draws[:6], 0, *draws[6:])
+            assert model.for_batch().cost(usage) * 2 == model.cost(usage), (name, usage)
+
+
+@pytest.mark.parametrize("name", BATCH_MODELS)
+def test_a_batch_estimate_is_half_the_standard_one(book: PriceBook, name: str) -> None:
+    model = model_of(book, name)
+    for fields in (
+        {"quality": "auto", "size": "auto", "n": 3, "prompt_bytes": 400},
+        {"stream": True, "partial_images": 2, "images": (InputImage(None, None),)},
+    ):
+        req = request(name, **fields)
+        assert estimate(model.for_batch(), req).cost_nanos * 2 == estimate(model, req).cost_nanos
+
+
+@pytest.mark.parametrize("name", BATCH_MODELS)
+def test_a_built_in_batch_entry_differs_from_its_model_by_the_rates_only(
+    book: PriceBook, name: str
+) -> None:
+    model = model_of(book, name)
+    assert replace(model.for_batch(), rates=model.rates) == model
+
+
+def test_a_dated_snapshot_gets_its_models_batch_entry(book: PriceBook) -> None:
+    batch = model_of(book, "gpt-image-2-2026-04-21").for_batch()
+    assert batch is model_of(book, "gpt-image-2").for_batch()
+    assert batch.name == "gpt-image-2"
+
+
+BATCH_OVERRIDE = """
+    # negotiated
+    models:
+      gpt-image-2.6-sunburst:
+        batch:
+          {text_input: "2.50", cached_text_input: "0.625", image_input: "4.00",
+           cached_image_input: "1.00", image_output: "15.00"}
+      gpt-image-2:
+        batch: false
+      gpt-image-1:
+        rates: {text_input: "4.00", image_input: "8.00", image_output: "32.00"}
+      gpt-image-3:
+        source: negotiated contract 2027
+        effective_from: 2027-01-01
+        rates: {text_input: "4.00", image_output: "20.00"}
+        batch: {text_input: "1.00", image_output: "5.00"}
+        qualities: [low]
+        sizes: [1024x1024]
+        output_tokens: {table: {low: {1024x1024: 100}}}
+"""
+
+
+def test_a_deployment_sets_and_overrides_batch_rates(tmp_path: Path) -> None:
+    book = load_price_book(write(tmp_path, BATCH_OVERRIDE))
+    sunburst = model_of(book, "gpt-image-2.6-sunburst")
+    assert sunburst.for_batch().cost(Usage(image_output=1000)) == 15_000_000
+    assert sunburst.cost(Usage(image_output=1000)) == 30_000_000
+    # An entry the file does not name keeps its built-in `batch:`, as the alias of 2.6 does.
+    assert not model_of(book, "gpt-image-2.6-flare").accepts_batch
+    assert not model_of(book, "gpt-image-2").accepts_batch
+    assert not model_of(book, "gpt-image-2-2026-04-21").accepts_batch
+    assert model_of(book, "gpt-image-3").for_batch().cost(Usage(image_output=100)) == 500_000
+
+
+def test_a_deployment_that_changes_only_the_rates_keeps_the_built_in_batch_rates(
+    tmp_path: Path,
+) -> None:
+    book = load_price_book(write(tmp_path, BATCH_OVERRIDE))
+    model = model_of(book, "gpt-image-1")
+    assert model.cost(Usage(image_output=1000)) == 32_000_000
+    assert model.for_batch().rates == model_of(load_price_book(), "gpt-image-1").batch_rates
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            """
+            models:
+              gpt-image-2:
+                batch: true
+            """,
+            "4: models.gpt-image-2.batch: invalid price-book entry: `batch` must be the Batch "
+            "API's rates by kind (USD per 1M tokens, as `rates`) or false where the Batch API "
+            "does not take the model",
+        ),
+        (
+            """
+            models:
+              gpt-image-2:
+                batch: {image_output: "15.00"}
+            """,
+            "4: models.gpt-image-2.batch: invalid price-book entry: `batch` needs a rate for "
+            "every kind of `rates` (missing: text_input, cached_text_input, image_input, "
+            "cached_image_input)",
+        ),
+        (
+            """
+            models:
+              gpt-image-2:
+                batch:
+                  text_input: "2.50"
+                  cached_text_input: "0.625"
+                  image_input: "4.00"
+                  cached_image_input: "1.00"
+                  image_output: half
+            """,
+            "9: models.gpt-image-2.batch.image_output: invalid price-book entry: "
+            "must be a number of USD >= 0, got 'half'",
+        ),
+        (
+            """
+            models:
+              gpt-image-2.6-sunburst:
+                batch:
+                  image_output: "15.00"
+                  video_output: "1.00"
+            """,
+            "6: models.gpt-image-2.6-sunburst.batch.video_output: invalid price-book entry: "
+            "unknown key 'video_output' (known: text_input, cached_text_input, image_input, "
+            "cached_image_input, image_output, text_output)",
+        ),
+        (
+            # The built-in `batch:` is kept, and no longer prices every kind of the rates.
+            """
+            models:
+              gpt-image-2:
+                rates: {text_input: "5.00", image_input: "8.00", image_output: "30.00",
+                        text_output: "10.00"}
+            """,
+            "3: models.gpt-image-2.batch: invalid price-book entry: `batch` needs a rate for "
+            "every kind of `rates` (missing: text_output)",
+        ),
+        (
+            """
+            models:
+              dall-e-3:
+                batch: {image_output: "0.02"}
+            """,
+            "4: models.dall-e-3.batch: invalid price-book entry: a per-image model has no "
+            "token rates to batch: write `batch: false`",
+        ),
+    ],
+    ids=[
+        "true",
+        "a-kind-missing",
+        "not-a-number",
+        "unknown-kind",
+        "rates-gain-a-kind",
+        "per-image",
+    ],
+)
+def test_a_broken_batch_entry_is_reported_at_its_own_line(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = write(tmp_path, "# negotiated\n" + textwrap.dedent(text).lstrip("\n"))
+    assert problems_of(path) == [f"{path}:{expected}"]
 
 
 # --- mainline models: the Responses API's text model that calls the image tool -------------

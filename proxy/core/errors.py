@@ -7,6 +7,7 @@
      ├── MalformedAnswer             an upstream 2xx body unlike OpenAI's (`proxy.core.metering`)
      └── RequestError                answered to the client in OpenAI's error shape
           ├── InvalidRequest         400 invalid_request
+          │    └── BatchUnsupported  400 invalid_request: the Batch API does not take the model
           ├── InvalidConfig          400 invalid_config: a reload refused, the old one stays
           ├── UnpricedModel          400 unpriced_model
           ├── AuthenticationFailed   401 invalid_api_key
@@ -83,6 +84,11 @@ class RequestError(TollgateError):
 
 class InvalidRequest(RequestError):
     pass
+
+
+class BatchUnsupported(InvalidRequest):
+    """A batch line for a model the Batch API does not take (its price book entry has no
+    `batch:` rates): refused before the file is uploaded."""
 
 
 class InvalidConfig(RequestError):

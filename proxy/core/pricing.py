@@ -11,6 +11,7 @@ module builds the book from plain mappings and interprets it:
     estimate(model, request).cost_nanos                  # an upper bound, reserved
     model.cost(usage)                                    # the exact price of reported usage
     model.charge(usage)                                  # that price as the ledger records it
+    model.for_batch().charge(usage)                      # the same usage sent through a batch
 
 The Responses API's mainline text models (the model that calls the image tool) are a
 second table of the same book:
@@ -30,7 +31,7 @@ from datetime import date
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
-from proxy.core.errors import InvalidRequest
+from proxy.core.errors import BatchUnsupported, InvalidRequest
 from proxy.core.models import (
     INPUT_KINDS,
     OUTPUT_KINDS,
@@ -141,10 +142,36 @@ class ModelPrices:
     partial_image_tokens: int = 100
     max_n: int = MAX_N
     aliases: tuple[str, ...] = ()
+    batch_rates: Mapping[TokenKind, Decimal] | None = None
+    """The Batch API's rates, by kind as `rates`; None: the Batch API does not take the model."""
 
     @property
     def per_image_billing(self) -> bool:
         return self.per_image is not None
+
+    @property
+    def accepts_batch(self) -> bool:
+        """Whether the Batch API takes the model (the price book gives its batch rates)."""
+        return self.batch_rates is not None
+
+    def for_batch(self) -> ModelPrices:
+        """This entry priced at its Batch API rates, every other rule kept (token tables or
+        formula, ceilings, aliases, stand-in rates), so that `estimate(model.for_batch(), r)`
+        and `model.for_batch().charge(usage)` price a batch line. Raises BatchUnsupported
+        where the Batch API does not take the model (see `accepts_batch`)."""
+        return self._batch
+
+    @functools.cached_property
+    def _batch(self) -> ModelPrices:
+        # Built once per entry: a batch file asks for it on each of its 50,000 lines, and the
+        # batch entry's own `_nano_rates` are then computed once too.
+        if self.batch_rates is None:
+            raise BatchUnsupported(
+                f"The Batch API does not accept {self.name!r}: send its requests to the Images "
+                "API directly, or choose a model the Batch API accepts.",
+                param="model",
+            )
+        return replace(self, rates=self.batch_rates)
 
     @property
     def arbitrary_sizes(self) -> bool:
@@ -472,7 +499,34 @@ def model_prices(name: str, raw: Mapping[str, Any], custom: CustomSizes) -> Mode
         partial_image_tokens=int(raw.get("partial_image_tokens", 100)),
         max_n=int(raw.get("max_n", MAX_N)),
         aliases=tuple(raw.get("aliases", ())),
+        batch_rates=_batch_rates(raw.get("batch"), raw.get("rates", {}), per_image is not None),
     )
+
+
+def _batch_rates(
+    raw: Any, rates: Mapping[str, Any], per_image: bool
+) -> Mapping[TokenKind, Decimal] | None:
+    """`batch:`, the Batch API's rates by kind (USD per 1M tokens, at least the kinds of
+    `rates`), or `false` where the Batch API does not take the model. Without it the model
+    is not taken either: a batch line is never priced at rates nobody wrote."""
+    at = ("batch",)
+    if raw is None or raw is False:
+        return None
+    if per_image:
+        raise EntryError("a per-image model has no token rates to batch: write `batch: false`", at)
+    if not isinstance(raw, Mapping) or not raw:
+        raise EntryError(
+            "`batch` must be the Batch API's rates by kind (USD per 1M tokens, as `rates`) "
+            "or false where the Batch API does not take the model",
+            at,
+        )
+    _known_keys(raw, TOKEN_KINDS, at)
+    missing = [kind for kind in rates if kind in TOKEN_KINDS and kind not in raw]
+    if missing:
+        raise EntryError(
+            f"`batch` needs a rate for every kind of `rates` (missing: {', '.join(missing)})", at
+        )
+    return {kind: _usd(value, (*at, kind)) for kind, value in raw.items() if kind in TOKEN_KINDS}
 
 
 MAINLINE_KEYS = ("source", "effective_from", "rates", "long_context", "aliases")
@@ -530,16 +584,18 @@ def _mainline_rates(raw: Any, at: tuple[str, ...]) -> Mapping[str, Decimal]:
             at,
         )
     _known_keys(raw, MAINLINE_KINDS, at)
-    rates: dict[str, Decimal] = {}
-    for kind, value in raw.items():
-        try:
-            rate = None if isinstance(value, bool) else _decimal(value)
-        except ArithmeticError:
-            rate = None
-        if rate is None or not rate.is_finite() or rate < 0:
-            raise EntryError(f"must be a number of USD >= 0, got {value!r}", (*at, kind))
-        rates[kind] = rate
-    return rates
+    return {kind: _usd(value, (*at, kind)) for kind, value in raw.items()}
+
+
+def _usd(value: Any, at: tuple[str, ...]) -> Decimal:
+    """A rate as written: a number of USD >= 0 (not a boolean, not NaN)."""
+    try:
+        rate = None if isinstance(value, bool) else _decimal(value)
+    except ArithmeticError:
+        rate = None
+    if rate is None or not rate.is_finite() or rate < 0:
+        raise EntryError(f"must be a number of USD >= 0, got {value!r}", at)
+    return rate
 
 
 def _known_keys(raw: Mapping[str, Any], known: tuple[str, ...], at: tuple[str, ...]) -> None:
