@@ -378,7 +378,7 @@ TEAM_PROBLEMS = [
     (
         "allow:\n  endpoints: [generations, images]\n",
         "5: allow.endpoints[1]: must be one of 'generations', 'edits', 'variations', "
-        "'responses', got 'images'",
+        "'responses', 'batches', got 'images'",
     ),
     ("allow:\n  max_n: 0\n", "5: allow.max_n: must be an integer >= 1 and <= 10, got 0"),
     (

@@ -181,7 +181,9 @@ class Decision:
 
 
 def endpoint_path(endpoint: Endpoint) -> str:
-    return "/v1/responses" if endpoint == "responses" else f"/v1/images/{endpoint}"
+    if endpoint in ("responses", "batches"):
+        return f"/v1/{endpoint}"
+    return f"/v1/images/{endpoint}"
 
 
 def allow_endpoint(team: Team, endpoint: Endpoint) -> None:

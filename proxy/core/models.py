@@ -12,8 +12,8 @@ from typing import Literal
 
 ImagesEndpoint = Literal["generations", "edits", "variations"]
 IMAGES_ENDPOINTS: tuple[ImagesEndpoint, ...] = ("generations", "edits", "variations")
-Endpoint = Literal["generations", "edits", "variations", "responses"]
-ENDPOINTS: tuple[Endpoint, ...] = ("generations", "edits", "variations", "responses")
+Endpoint = Literal["generations", "edits", "variations", "responses", "batches"]
+ENDPOINTS: tuple[Endpoint, ...] = ("generations", "edits", "variations", "responses", "batches")
 
 Outcome = Literal[
     "ok",

@@ -16,11 +16,23 @@ from __future__ import annotations
 
 from proxy.core.errors import LedgerError
 from proxy.core.models import Entry, Settlement
-from proxy.ledger.base import Backend, Ledger, Owner, Reservation, ResponseRow, Row
+from proxy.ledger.base import (
+    Backend,
+    BatchLine,
+    BilledLine,
+    Ledger,
+    Owner,
+    Reservation,
+    ResponseRow,
+    Row,
+    StoredObject,
+)
 from proxy.ledger.retry import settle_patiently
 
 __all__ = [
     "Backend",
+    "BatchLine",
+    "BilledLine",
     "Entry",
     "Ledger",
     "Owner",
@@ -28,6 +40,7 @@ __all__ = [
     "ResponseRow",
     "Row",
     "Settlement",
+    "StoredObject",
     "migrate_ledger",
     "open_ledger",
     "settle_patiently",

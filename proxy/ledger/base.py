@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from proxy.core.errors import LedgerError
-from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
+from proxy.core.models import Counter, Endpoint, Entry, Settlement, Totals, Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +95,55 @@ class ResponseRow:
     """The images its own context carried (see `Entry.context_images`)."""
     held: bool
     """A background response whose reservation is held until it ends (see `Ledger.hold`)."""
+
+
+ObjectKind = Literal["file", "batch"]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    """A file or batch forwarded through Tollgate: only its team may see or use it."""
+
+    id: str
+    team: str
+    kind: ObjectKind
+    purpose: str | None = None
+    """A file's purpose (`batch`, `vision`, `user_data`, `batch_output`)."""
+    created_at: float = 0.0
+    lines: int = 0
+    """A batch input file: its lines (a batch: those of its input file)."""
+    bound_nanos: int = 0
+    """A batch input file: the sum of its lines' bounds at batch rates."""
+    bound_usage: Usage = Usage()
+    """A batch input file: the sum of its lines' bounded usage (for token budgets)."""
+    input_file_id: str | None = None
+    """A batch: its input file."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLine:
+    """One line of a batch input file, as Tollgate priced it at upload."""
+
+    custom_id: str
+    line: int
+    """Its line number in the file, from 1."""
+    endpoint: Endpoint
+    model: str
+    quality: str
+    size: str
+    n: int
+    user: str | None
+    bound_nanos: int
+
+
+@dataclass(frozen=True, slots=True)
+class BilledLine:
+    """A billed line of an ended batch, as its settlement writes it: its row and the
+    counters its cost goes to (those of the day the batch ended)."""
+
+    entry: Entry
+    settlement: Settlement
+    counters: tuple[Counter, ...]
 
 
 GroupColumn = Literal[
@@ -241,6 +290,31 @@ class Ledger(Protocol):
     async def response(self, response_id: str) -> ResponseRow | None:
         """The row of the response `response_id` (settled, or in flight and held), or
         None when Tollgate never forwarded it."""
+
+    async def own(self, obj: StoredObject, lines: Sequence[BatchLine] = ()) -> None:
+        """Record that `obj` belongs to its team, with a batch input file's priced `lines`,
+        in one transaction (a 50,000-line file included). An id recorded already keeps its
+        first owner (LedgerError if another team's)."""
+
+    async def stored(self, object_id: str) -> StoredObject | None:
+        """The object `object_id` as recorded, or None when Tollgate never forwarded it."""
+
+    async def teams_of(self, object_ids: Sequence[str]) -> dict[str, str]:
+        """The team of each of `object_ids` Tollgate forwarded (to filter a listing)."""
+
+    async def batch_lines(self, file_id: str) -> dict[str, BatchLine]:
+        """The priced lines of the batch input file `file_id`, by `custom_id`."""
+
+    async def settle_batch(
+        self, request_id: str, lines: Sequence[BilledLine], outcome: Settlement
+    ) -> int:
+        """Settle the (held) reservation `request_id` of a batch that ended by the rows of
+        its billed `lines`, in one transaction: the reservation's bound and usage leave its
+        counters, and each line's cost and usage is added to its own `counters` (summed per
+        counter first: one write per counter, whatever the number of lines). The
+        reservation's row becomes the first line's row, so a batch's rows are its billed
+        lines; with no billed line it is settled as `outcome` says (cost 0). A reservation
+        settled already is left as it is (returns 0). Returns the rows written."""
 
     async def claim_alert(self, key: str, now: float) -> bool:
         """Remember that the budget alert `key` was sent: True only the first time, for
