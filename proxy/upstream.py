@@ -14,7 +14,7 @@ while the body is read. Tests swap the network for an in-process httpx transport
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import aiohttp
 import httpx
@@ -96,11 +96,17 @@ class Answer(Protocol):
         ...
 
 
+Body = bytes | BinaryIO
+"""What is sent: bytes, or a file read from its current position (a file upload spooled to
+disk: aiohttp sends it with its length, never holding it whole)."""
+FILE_CHUNK = 256 * 1024
+
+
 class Client(Protocol):
     """The wire under `Upstream`: sends one request and returns its answer unread."""
 
     async def fetch(
-        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes
+        self, method: str, url: str, headers: list[tuple[str, str]], body: Body
     ) -> Answer: ...
 
     async def aclose(self) -> None: ...
@@ -193,7 +199,7 @@ class Upstream:
     async def send(
         self,
         path: str,
-        body: bytes,
+        body: Body,
         content_type: str,
         client_headers: Iterable[tuple[str, str]],
         *,
@@ -255,7 +261,7 @@ class AiohttpClient:
         return self._session
 
     async def fetch(
-        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes
+        self, method: str, url: str, headers: list[tuple[str, str]], body: Body
     ) -> Answer:
         session = self._session or self._open()
         try:
@@ -301,10 +307,11 @@ class HttpxClient:
         self._timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, CONNECT_S)).as_dict()
 
     async def fetch(
-        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes
+        self, method: str, url: str, headers: list[tuple[str, str]], body: Body
     ) -> Answer:
+        content = (body or None) if isinstance(body, bytes) else _file_chunks(body)
         request = httpx.Request(
-            method, url, content=body or None, headers=headers,
+            method, url, content=content, headers=headers,
             extensions={"timeout": self._timeout},
         )  # fmt: skip
         try:
@@ -315,6 +322,11 @@ class HttpxClient:
 
     async def aclose(self) -> None:
         await self._transport.aclose()
+
+
+async def _file_chunks(file: BinaryIO) -> AsyncIterator[bytes]:
+    while chunk := file.read(FILE_CHUNK):
+        yield chunk
 
 
 class HttpxAnswer:

@@ -161,6 +161,7 @@ _DEFS: dict[str, Any] = {
                     "generations_bytes": _COUNT,
                     "edits_bytes": _COUNT,
                     "variations_bytes": _COUNT,
+                    "files_bytes": _COUNT,
                     "inflight_bytes": {
                         **_COUNT,
                         "description": "request-body bytes held at once, each body counted 3x",

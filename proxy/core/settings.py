@@ -144,6 +144,9 @@ class Limits:
     generations_bytes: int = 1 * MiB
     edits_bytes: int = 128 * MiB
     variations_bytes: int = 128 * MiB
+    files_bytes: int = 201 * MiB
+    """A file upload (`POST /v1/files`: a batch file of up to 200 MB, and its form). Spooled
+    to disk as it arrives, never held in memory: not counted in `inflight_bytes`."""
     inflight_bytes: int = 1 * GiB
     """Request bodies held in memory at once by one process, each charged `BODY_COPIES`
     times its length; a body that would pass it is refused (503) before it is read."""

@@ -15,7 +15,7 @@ whatever ended the request: an answer, an error, a client gone, a cancelled task
 from __future__ import annotations
 
 import asyncio
-from collections.abc import MutableMapping
+from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
@@ -164,6 +164,33 @@ async def read_body(request: Request, limit: int, budget: BodyBudget) -> bytes:
     finally:
         deadline.close()
     return b"".join(chunks)
+
+
+async def body_chunks(request: Request, limit: int, budget: BodyBudget) -> AsyncIterator[bytes]:
+    """The request body chunk by chunk, for a body that is spooled to disk rather than held
+    (a file upload): refused with 413 once it passes `limit` bytes (at once when its declared
+    length does), 408 when the client pauses or takes too long. Only the chunk in hand is in
+    memory, so nothing is charged to `budget`'s cap."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    size = 0
+    deadline = BodyDeadline(budget.idle_s, budget.total_s)
+    try:
+        async for chunk in request.stream():
+            deadline.progress()
+            size += len(chunk)
+            if size > limit:
+                raise too_large(limit)
+            yield chunk
+    except ClientDisconnect:
+        raise InvalidRequest("The client disconnected before sending the whole body.") from None
+    except asyncio.CancelledError:
+        if not deadline.expired:
+            raise
+        raise budget.timed_out(size) from None
+    finally:
+        deadline.close()
 
 
 def too_large(limit: int) -> RequestTooLarge:

@@ -1,0 +1,216 @@
+"""The Batch API's input files: JSONL read line by line, each line priced (pure).
+
+A batch input file (`POST /v1/files`, purpose `batch`) holds up to 50,000 requests, one
+JSON object a line:
+
+    {"custom_id": "…", "method": "POST", "url": "/v1/images/generations", "body": {…}}
+
+`BatchFile` reads it as it arrives, in chunks, and checks every line as the same request
+sent directly would be checked (`proxy.doors.images`): a JSON body the Images API takes
+on that endpoint, a priced model the Batch API accepts, the team's `allow` policy. Each
+line is bounded at the model's batch rates (`ModelPrices.for_batch`) and written out
+again from its parse (`encoded`), so the file forwarded is the file priced. A line the
+policy would change (a quality above `allow.max_quality`) is refused rather than changed:
+a batch runs unattended, with no header to say what changed. Every bad line is listed
+(`line 12: …`, up to `MAX_PROBLEMS` of them, then how many more), and any one refuses the
+whole file before it is uploaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.core.budgets import apply_allow
+from proxy.core.errors import InvalidRequest, RequestError, UnpricedModel
+from proxy.core.models import Endpoint, Usage
+from proxy.core.parsing import json_object, parse_request
+from proxy.core.settings import Config, Team
+from proxy.doors.images import priced
+
+MAX_LINES = 50_000
+MAX_LINE_BYTES = 64 * 1024 * 1024
+"""A longer line is refused (an edit's inline images included, a line stays far below)."""
+MAX_PROBLEMS = 100
+URLS: dict[str, Endpoint] = {
+    "/v1/images/generations": "generations",
+    "/v1/images/edits": "edits",
+}
+LINE_KEYS = frozenset({"custom_id", "method", "url", "body"})
+
+
+@dataclass(frozen=True, slots=True)
+class PricedLine:
+    """One line as priced: what the ledger keeps of it, and its bound."""
+
+    custom_id: str
+    line: int
+    endpoint: Endpoint
+    model: str
+    quality: str
+    size: str
+    n: int
+    user: str | None
+    bound_nanos: int
+    usage: Usage
+    file_ids: tuple[str, ...]
+    """The files its images name (each must be the team's)."""
+
+
+@dataclass
+class BatchFile:
+    """A batch input file read as it arrives: `feed` chunks, then `finish`; each returns
+    the lines written out again (canonical JSON, one a line)."""
+
+    team: Team
+    config: Config
+    lines: list[PricedLine] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    """`line N: reason`, in order, at most `MAX_PROBLEMS`."""
+    more_problems: int = 0
+    endpoint: Endpoint | None = None
+    """The endpoint of its lines (a batch has one)."""
+    bound_nanos: int = 0
+    usage: Usage = field(default_factory=Usage)
+    _count: int = 0
+    _tail: bytes = b""
+    _ids: set[str] = field(default_factory=set)
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._tail + chunk
+        end = data.rfind(b"\n")
+        if end < 0:
+            if len(data) > MAX_LINE_BYTES:
+                self._count += 1
+                self._problem(f"longer than {MAX_LINE_BYTES:,} bytes")
+                data = b""
+            self._tail = data
+            return b""
+        self._tail = data[end + 1 :]
+        return b"".join(self._line(raw) for raw in data[:end].split(b"\n"))
+
+    def finish(self) -> bytes:
+        """The last line (it may lack its newline); then the file as a whole is checked."""
+        out = self._line(self._tail) if self._tail.strip() else b""
+        self._tail = b""
+        if self._count == 0:
+            self._problems_append("the file holds no request: a batch needs at least one line")
+        elif self._count > MAX_LINES:
+            self._problems_append(
+                f"the file holds {self._count:,} lines; the Batch API takes at most {MAX_LINES:,}"
+            )
+        return out
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def report(self) -> str:
+        """Every problem, one a line, for the 400 that refuses the file."""
+        count = len(self.problems) + self.more_problems
+        more = [f"… and {self.more_problems:,} more"] if self.more_problems else []
+        head = f"The batch file was not uploaded: {count:,} problem(s)."
+        return "\n".join([head, *self.problems, *more])
+
+    # -- one line ------------------------------------------------------------------
+
+    def _line(self, raw: bytes) -> bytes:
+        self._count += 1
+        if self._count > MAX_LINES:
+            return b""
+        raw = raw.removesuffix(b"\r")
+        try:
+            priced_line, encoded = self._read(raw, self._count)
+        except RequestError as exc:
+            self._problem(exc.message)
+            return b""
+        self.lines.append(priced_line)
+        self.bound_nanos += priced_line.bound_nanos
+        self.usage = self.usage + priced_line.usage
+        return encoded
+
+    def _read(self, raw: bytes, number: int) -> tuple[PricedLine, bytes]:
+        if not raw.strip():
+            raise InvalidRequest("an empty line (every line must be one request)")
+        given = json_object(raw)
+        unknown = sorted(set(given) - LINE_KEYS)
+        if unknown:
+            raise InvalidRequest(f"unknown field {unknown[0]!r}")
+        custom_id = given.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id:
+            raise InvalidRequest("'custom_id' must be a non-empty string")
+        if custom_id in self._ids:
+            raise InvalidRequest(f"custom_id {custom_id!r} is used by an earlier line")
+        self._ids.add(custom_id)
+        if given.get("method") != "POST":
+            raise InvalidRequest("'method' must be \"POST\"")
+        url = given.get("url")
+        endpoint = URLS.get(url) if isinstance(url, str) else None
+        if endpoint is None or not isinstance(url, str):
+            raise InvalidRequest(
+                f"url {url!r} is not one Tollgate meters in a batch: use "
+                f"{' or '.join(URLS)} (JSON bodies)"
+            )
+        if self.endpoint is None:
+            self.endpoint = endpoint
+        elif endpoint != self.endpoint:
+            raise InvalidRequest(
+                f"url {url} differs from the file's first line: a batch has one endpoint"
+            )
+        body = given.get("body")
+        if not isinstance(body, dict):
+            raise InvalidRequest("'body' must be a JSON object")
+        return self._price(custom_id, number, endpoint, url, body)
+
+    def _price(
+        self, custom_id: str, number: int, endpoint: Endpoint, url: str, body: dict[str, Any]
+    ) -> tuple[PricedLine, bytes]:
+        parsed = parse_request(
+            endpoint, "application/json", json.dumps(body).encode(), self.config.default_model
+        )
+        request = parsed.request
+        if request.stream:
+            raise InvalidRequest("'stream' cannot be used in a batch")
+        model = priced(self.config.prices, request.model)
+        if not model.accepts_batch:
+            raise UnpricedModel(f"model {model.name!r} is not accepted by the Batch API")
+        model.validate(request)
+        variant = apply_allow(self.team, request, model.for_batch())
+        if variant.changes:
+            change = variant.changes[0]
+            raise InvalidRequest(
+                f"{change.knob} {change.before} is above what team {self.team.name} may "
+                f"request ({change.knob}={change.after} at most): a batch line is not changed"
+            )
+        sent, _ = parsed.encode({})
+        encoded = (
+            b'{"custom_id":' + json.dumps(custom_id).encode()
+            + b',"method":"POST","url":"' + url.encode() + b'","body":' + sent + b"}\n"
+        )  # fmt: skip
+        references = parsed.references or {}
+        refs = [*references.get("images", ()), references.get("mask") or {}]
+        files = tuple(r["file_id"] for r in refs if isinstance(r, dict) and "file_id" in r)
+        line = PricedLine(
+            custom_id,
+            number,
+            endpoint,
+            request.model,
+            request.quality,
+            request.size,
+            request.n,
+            request.user,
+            variant.estimate.cost_nanos,
+            variant.estimate.usage,
+            files,
+        )
+        return line, encoded
+
+    def _problem(self, reason: str) -> None:
+        self._problems_append(f"line {self._count}: {reason}")
+
+    def _problems_append(self, text: str) -> None:
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(text)
+        else:
+            self.more_problems += 1

@@ -1,0 +1,353 @@
+"""`/v1/files`: uploads priced line by line when they are batch files, and a team's own
+files only.
+
+    POST /v1/files   identify → spool the form to disk → a batch file: every line checked
+                     and priced (`proxy.doors.batches`), any bad line refusing the file with
+                     all of them listed → the form written out again from the parse →
+                     forwarded with the company key → the file recorded as the team's
+    GET /v1/files, GET /v1/files/{id}, GET …/content, DELETE /v1/files/{id}
+                     forwarded for the team that owns the file; a listing is filtered to
+                     the team's files; another team's id is 404, as OpenAI answers an
+                     unknown one
+
+An upload is never held in memory: starlette's form parser spools the file to disk as it
+arrives (`limits.files_bytes` bounds it), the lines are read from there in chunks, and the
+form sent upstream is written to another file that aiohttp streams with its length.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import tempfile
+from typing import IO, Any
+
+from starlette.background import BackgroundTask
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from proxy.core.auth import identify
+from proxy.core.budgets import allow_endpoint
+from proxy.core.errors import AuthenticationFailed, InvalidRequest, NotFound, RequestError
+from proxy.core.models import Usage
+from proxy.core.paths import plain_query
+from proxy.core.settings import Team
+from proxy.doors.batches import BatchFile
+from proxy.ledger import BatchLine, StoredObject
+from proxy.upstream import Answer, response_headers
+from proxy.web.admission import body_chunks
+from proxy.web.observe import KeyRefusals
+from proxy.web.pipeline import new_request_id
+from proxy.web.responses import error_response
+from proxy.web.runtime import Runtime
+
+PURPOSES = ("batch", "vision", "user_data")
+"""What Tollgate forwards: batch input files (priced), and files an image request may name
+(`vision` reference images for edits, `user_data`). Fine-tuning and the other purposes
+lead to spend Tollgate does not meter."""
+FORM_FIELDS = frozenset({"file", "purpose", "expires_after[anchor]", "expires_after[seconds]"})
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", re.ASCII)
+SAFE_TYPE = re.compile(r"[a-z]+/[a-z0-9.+-]+", re.ASCII)
+CHUNK = 256 * 1024
+ANSWER_LIMIT = 1024 * 1024
+
+
+def not_found(kind: str, object_id: str) -> NotFound:
+    """OpenAI's answer to an id it does not know (and Tollgate's to another team's)."""
+    return NotFound(f"No such {kind} object: {object_id}")
+
+
+class Files:
+    """The paths under `/v1/files`."""
+
+    def __init__(self) -> None:
+        self.key_refusals = KeyRefusals("files")
+
+    async def upload(self, request: Request, runtime: Runtime) -> Response:
+        headers = {"x-tollgate-request-id": new_request_id()}
+        try:
+            team, _ = identify(
+                request.headers.get("authorization"), runtime.config.team_by_key_hash()
+            )
+        except AuthenticationFailed as exc:
+            return self.key_refusals.refuse(request, exc, headers, runtime)
+        headers["x-tollgate-team"] = team.name
+        try:
+            return await self._upload(request, runtime, team, headers)
+        except RequestError as exc:
+            return error_response(exc, headers)
+
+    async def _upload(
+        self, request: Request, runtime: Runtime, team: Team, headers: dict[str, str]
+    ) -> Response:
+        form = await read_form(request, runtime)
+        try:
+            purpose, upload, extra = checked_form(form)
+            if purpose == "batch":
+                allow_endpoint(team, "batches")
+            with tempfile.TemporaryFile() as outgoing:
+                boundary = f"tollgate-{secrets.token_hex(16)}"
+                write_fields(outgoing, boundary, [("purpose", purpose), *extra])
+                write_file_head(outgoing, boundary, upload, purpose)
+                batch = None
+                if purpose == "batch":
+                    batch = BatchFile(team, runtime.config)
+                    await copy_lines(upload, batch, outgoing)
+                    if not batch.ok:
+                        raise InvalidRequest(batch.report(), param="file")
+                    await self.check_files(runtime, team, batch)
+                else:
+                    await copy_file(upload, outgoing)
+                outgoing.write(f"\r\n--{boundary}--\r\n".encode())
+                outgoing.seek(0)
+                answer = await runtime.upstream.send(
+                    "/files",
+                    outgoing,
+                    f"multipart/form-data; boundary={boundary}",
+                    request.headers.items(),
+                )
+                body = await read_answer(answer)
+        finally:
+            await form.close()
+        if 200 <= answer.status < 300:
+            await own_file(runtime, team, purpose, body, batch)
+        return Response(body, answer.status, headers={**dict(response_headers(answer)), **headers})
+
+    async def check_files(self, runtime: Runtime, team: Team, batch: BatchFile) -> None:
+        """Every file a batch line names must be the team's."""
+        named = sorted({f for line in batch.lines for f in line.file_ids})
+        if not named:
+            return
+        teams = await runtime.ledger.teams_of(named)
+        for line in batch.lines:
+            for file_id in line.file_ids:
+                if teams.get(file_id) != team.name:
+                    raise InvalidRequest(
+                        f"The batch file was not uploaded: line {line.line}: no such File "
+                        f"object: {file_id} (a file uploaded by your team through Tollgate).",
+                        param="file",
+                    )
+
+    async def listing(self, request: Request, runtime: Runtime) -> Response:
+        """`GET /v1/files`: the upstream's page, with only the team's files in it."""
+        return await scoped_listing(request, runtime, self.key_refusals, "/files")
+
+    async def one(self, request: Request, runtime: Runtime) -> Response:
+        """`GET`/`DELETE /v1/files/{id}`, `GET …/content`: the team's own file only."""
+        return await scoped_object(
+            request, runtime, self.key_refusals, request.path_params["file_id"], "File"
+        )
+
+
+async def read_form(request: Request, runtime: Runtime) -> Any:
+    """The upload's form, its file spooled to disk (starlette's parser) as it arrives."""
+    media = request.headers.get("content-type", "")
+    if not media.startswith("multipart/form-data"):
+        raise InvalidRequest(
+            f"Unsupported content type {media or '(none)'!r} for /v1/files: send "
+            "multipart/form-data."
+        )
+    limits = runtime.config.limits
+    parser = MultiPartParser(
+        request.headers,
+        body_chunks(request, limits.files_bytes, runtime.bodies),  # type: ignore[arg-type]
+        max_files=1,
+        max_fields=len(FORM_FIELDS),
+        max_part_size=64 * 1024,
+    )
+    try:
+        return await parser.parse()
+    except MultiPartException as exc:
+        raise InvalidRequest(f"The upload's form could not be read: {exc.message}") from None
+
+
+def checked_form(form: Any) -> tuple[str, UploadFile, list[tuple[str, str]]]:
+    """(purpose, the file, the other fields to forward), or InvalidRequest."""
+    seen: dict[str, Any] = {}
+    for name, value in form.multi_items():
+        if name not in FORM_FIELDS:
+            raise InvalidRequest(f"Unknown parameter: '{name}'.", param=name)
+        if name in seen:
+            raise InvalidRequest(f"Duplicate parameter: '{name}'.", param=name)
+        seen[name] = value
+    upload = seen.get("file")
+    if not isinstance(upload, UploadFile):
+        raise InvalidRequest("Missing required parameter: 'file'.", param="file")
+    purpose = seen.get("purpose")
+    if purpose not in PURPOSES:
+        raise InvalidRequest(
+            f"Tollgate forwards files for purposes {', '.join(PURPOSES)}, not {purpose!r}.",
+            param="purpose",
+        )
+    extra = []
+    for name in ("expires_after[anchor]", "expires_after[seconds]"):
+        value = seen.get(name)
+        if value is not None:
+            if not isinstance(value, str) or not re.fullmatch(r"[a-z_]{1,32}|[0-9]{1,9}", value):
+                raise InvalidRequest(f"Invalid value for '{name}'.", param=name)
+            extra.append((name, value))
+    return str(purpose), upload, extra
+
+
+def write_fields(out: IO[bytes], boundary: str, fields: list[tuple[str, str]]) -> None:
+    for name, value in fields:
+        out.write(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
+            f"{value}\r\n".encode()
+        )
+
+
+def write_file_head(out: IO[bytes], boundary: str, upload: UploadFile, purpose: str) -> None:
+    """The file part's head: a plain ASCII name (the client's when it is one), a plain type."""
+    name = upload.filename or ""
+    if not SAFE_NAME.fullmatch(name):
+        name = "batch.jsonl" if purpose == "batch" else "upload"
+    given = (upload.content_type or "").split(";", 1)[0].strip().lower()
+    kind = given if SAFE_TYPE.fullmatch(given) else "application/octet-stream"
+    out.write(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+        f"Content-Type: {kind}\r\n\r\n".encode()
+    )
+
+
+async def copy_lines(upload: UploadFile, batch: BatchFile, out: IO[bytes]) -> None:
+    """Read the batch file from its spool, write each line as priced."""
+    while chunk := await upload.read(CHUNK):
+        out.write(batch.feed(chunk))
+    out.write(batch.finish())
+
+
+async def copy_file(upload: UploadFile, out: IO[bytes]) -> None:
+    while chunk := await upload.read(CHUNK):
+        out.write(chunk)
+
+
+async def read_answer(answer: Answer) -> bytes:
+    """A small JSON answer read whole (an upstream that sends more is cut at the limit)."""
+    chunks, size = [], 0
+    try:
+        async for chunk in answer.chunks():
+            size += len(chunk)
+            if size > ANSWER_LIMIT:
+                break
+            chunks.append(chunk)
+    finally:
+        await answer.aclose()
+    return b"".join(chunks)
+
+
+async def own_file(
+    runtime: Runtime, team: Team, purpose: str, body: bytes, batch: BatchFile | None
+) -> None:
+    """Record the uploaded file as the team's, with a batch file's priced lines."""
+    try:
+        file_id = json.loads(body)["id"]
+    except (ValueError, KeyError, TypeError):
+        return  # not a file object: nothing to own (the client sees the answer as it came)
+    if not isinstance(file_id, str):
+        return
+    lines = [
+        BatchLine(
+            line.custom_id, line.line, line.endpoint, line.model, line.quality, line.size,
+            line.n, line.user, line.bound_nanos,
+        )
+        for line in (batch.lines if batch else ())
+    ]  # fmt: skip
+    await runtime.ledger.own(
+        StoredObject(
+            file_id,
+            team.name,
+            "file",
+            purpose,
+            runtime.clock(),
+            len(lines),
+            batch.bound_nanos if batch else 0,
+            batch.usage if batch else Usage(),
+            None,
+        ),
+        lines,
+    )
+
+
+async def scoped_listing(
+    request: Request, runtime: Runtime, refusals: KeyRefusals, path: str
+) -> Response:
+    """A list endpoint (`/files`, `/batches`): the upstream's page with only the caller's
+    objects in `data` (a page may so come out shorter than `limit`; `has_more` and the
+    cursors are the upstream's)."""
+    headers = {"x-tollgate-request-id": new_request_id()}
+    try:
+        team, _ = identify(request.headers.get("authorization"), runtime.config.team_by_key_hash())
+    except AuthenticationFailed as exc:
+        return refusals.refuse(request, exc, headers, runtime)
+    headers["x-tollgate-team"] = team.name
+    try:
+        query = plain_query(request.scope.get("query_string", b""))
+        if query is None:
+            raise InvalidRequest("The query string holds characters that must be percent-encoded.")
+        answer = await runtime.upstream.send(
+            path, b"", "", request.headers.items(), method="GET", query=query
+        )
+        body = await read_answer(answer)
+        if 200 <= answer.status < 300:
+            body = await filtered(runtime, team, body)
+    except RequestError as exc:
+        return error_response(exc, headers)
+    return Response(body, answer.status, headers={**dict(response_headers(answer)), **headers})
+
+
+async def filtered(runtime: Runtime, team: Team, body: bytes) -> bytes:
+    try:
+        page = json.loads(body)
+        items = page["data"]
+    except (ValueError, KeyError, TypeError):
+        return b'{"object":"list","data":[],"has_more":false}'
+    ids = [item.get("id") for item in items if isinstance(item, dict)]
+    teams = await runtime.ledger.teams_of([i for i in ids if isinstance(i, str)])
+    page["data"] = [
+        item
+        for item in items
+        if isinstance(item, dict) and teams.get(str(item.get("id"))) == team.name
+    ]
+    data = page["data"]
+    page["first_id"] = data[0]["id"] if data else None
+    page["last_id"] = data[-1]["id"] if data else page.get("last_id")
+    return json.dumps(page).encode()
+
+
+async def scoped_object(
+    request: Request, runtime: Runtime, refusals: KeyRefusals, object_id: str, kind: str
+) -> Response:
+    """A path naming one object: forwarded for its team, 404 for anyone else."""
+    headers = {"x-tollgate-request-id": new_request_id()}
+    try:
+        team, _ = identify(request.headers.get("authorization"), runtime.config.team_by_key_hash())
+    except AuthenticationFailed as exc:
+        return refusals.refuse(request, exc, headers, runtime)
+    headers["x-tollgate-team"] = team.name
+    try:
+        found = await runtime.ledger.stored(object_id)
+        if found is None or found.team != team.name:
+            raise not_found(kind, object_id)
+        query = plain_query(request.scope.get("query_string", b""))
+        if query is None:
+            raise InvalidRequest("The query string holds characters that must be percent-encoded.")
+        answer = await runtime.upstream.send(
+            request.url.path.removeprefix("/v1"),
+            b"",
+            "",
+            request.headers.items(),
+            method=request.method,
+            query=query,
+        )
+    except RequestError as exc:
+        return error_response(exc, headers)
+    return StreamingResponse(
+        answer.chunks(),
+        status_code=answer.status,
+        headers={**dict(response_headers(answer)), **headers},
+        background=BackgroundTask(answer.aclose),
+    )
