@@ -20,6 +20,8 @@ from proxy.finance.status import budget_status
 from proxy.metrics import Metrics
 from proxy.web.admin import AdminApi
 from proxy.web.admission import BodyBudget
+from proxy.web.batches import Batches
+from proxy.web.files import Files
 from proxy.web.gateway import Gateway, Handler
 from proxy.web.lifespan import Lifespan
 from proxy.web.passthrough import OtherPaths
@@ -58,7 +60,7 @@ def create_app(
     gateway = Gateway(Starlette(), doors, BodyBudget(config.limits, metrics), metrics)
     reloader = Reloader(gateway, source, overrides, after_reload)
     admin, other_paths, bind = AdminApi(reloader), OtherPaths(), gateway.bind
-    responses = ResponseObjects()
+    responses, files, batches = ResponseObjects(), Files(), Batches()
     routes = [
         Route("/metrics", bind(metrics_endpoint), methods=["GET"]),
         Route("/admin/budgets", bind(admin.budgets), methods=["GET"]),
@@ -70,6 +72,14 @@ def create_app(
         Route("/v1/responses/{response_id}", bind(responses.handle), methods=["GET", "DELETE"]),
         Route("/v1/responses/{response_id}/input_items", bind(responses.handle), methods=["GET"]),
         Route("/v1/responses/{response_id}/cancel", bind(responses.handle), methods=["POST"]),
+        Route("/v1/files", bind(files.upload), methods=["POST"]),
+        Route("/v1/files", bind(files.listing), methods=["GET"]),
+        Route("/v1/files/{file_id}", bind(files.one), methods=["GET", "DELETE"]),
+        Route("/v1/files/{file_id}/content", bind(files.one), methods=["GET"]),
+        Route("/v1/batches", bind(batches.create), methods=["POST"]),
+        Route("/v1/batches", bind(batches.listing), methods=["GET"]),
+        Route("/v1/batches/{batch_id}", bind(batches.one), methods=["GET"]),
+        Route("/v1/batches/{batch_id}/cancel", bind(batches.one), methods=["POST"]),
         # Every standard method: OtherPaths answers each one in OpenAI's way (404, unless a
         # `passthrough:` prefix forwards it); starlette's 405 is left for made-up methods.
         Route("/v1/{path:path}", bind(other_paths.handle), methods=ALL_METHODS),

@@ -28,6 +28,7 @@ from proxy.core.settlement import Bound, StreamEnd, Verdict
 from proxy.doors.base import Door
 from proxy.ledger import settle_patiently
 from proxy.upstream import BROKEN_OFF, Answer, response_headers
+from proxy.web.follow import ResponseFollow
 from proxy.web.observe import observe
 from proxy.web.relay import Relay
 from proxy.web.responses import error_response, spooled_response
@@ -220,7 +221,7 @@ class Exchange:
         except LedgerError as exc:
             # Still followed by this process; only a restart could lose track of it.
             log.error("ledger hold failed for %s: %s", self.entry.id, exc)
-        self.runtime.followers.follow(self, response_id)
+        self.runtime.followers.follow(self.entry.id, ResponseFollow(self, response_id))
 
     async def pump(self, answer: Answer, relay: Relay) -> None:
         """Read the upstream stream to its end, relaying and metering each event, then

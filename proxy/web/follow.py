@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from proxy.core import settlement
 from proxy.core.errors import LedgerError, RequestError
@@ -43,8 +44,17 @@ GONE = "response_not_found"
 is unknown, so it is charged its bound, flagged."""
 
 
+class Followed(Protocol):
+    """Something upstream that ends later, its reservation held until then."""
+
+    async def poll(self, runtime: Runtime) -> bool:
+        """Ask the upstream how it is; settle it if it ended. True once settled."""
+        ...
+
+
 class Followers:
-    """The background responses this process follows: request id → (exchange, response id).
+    """What this process follows to its end, by the request id of its held reservation:
+    background responses (`ResponseFollow`) and batches (`proxy.web.batches.BatchFollow`).
 
     `follow` adds one; `run` polls every one of them each `POLL_S` seconds (at once when
     one is added) until it ends and is settled."""
@@ -52,15 +62,15 @@ class Followers:
     def __init__(self, poll_s: float = POLL_S, pick_up_s: float = PICK_UP_S) -> None:
         self.poll_s = poll_s
         self.pick_up_s = pick_up_s
-        self.following: dict[str, tuple[Exchange, str]] = {}
+        self.following: dict[str, Followed] = {}
         self._wake = asyncio.Event()
 
-    def follow(self, exchange: Exchange, response_id: str) -> None:
-        self.following[exchange.entry.id] = (exchange, response_id)
+    def follow(self, request_id: str, followed: Followed) -> None:
+        self.following[request_id] = followed
         self._wake.set()
 
     def nudge(self) -> None:
-        """Poll now (a cancel was forwarded, a response may have ended)."""
+        """Poll now (a cancel was forwarded: something may have ended)."""
         self._wake.set()
 
     async def run(self, current: Callable[[], Runtime]) -> None:
@@ -83,46 +93,47 @@ class Followers:
 
     async def pick_up(self, runtime: Runtime) -> None:
         """Follow the held reservations this process owns but does not follow yet."""
-        from proxy.web.exchange import Exchange  # the exchange imports the runtime
-
         try:
-            held = await runtime.ledger.held()
-            for request_id, response_id in held:
+            for request_id, upstream_id in await runtime.ledger.held():
                 if request_id in self.following:
                     continue
                 found = await runtime.ledger.held_entry(request_id)
                 if found is None:
                     continue  # settled meanwhile
-                entry, usage = found
-                bound = adopted_bound(runtime, entry, usage)
-                if bound is None:
+                followed = adopted(runtime, *found, upstream_id)
+                if followed is None:
                     log.error(
                         "cannot follow %s (%s): its models are no longer in the price book",
-                        response_id,
+                        upstream_id,
                         request_id,
                     )
                     continue
-                exchange = Exchange(runtime, ResponsesDoor(), entry, bound, {})
-                self.following[request_id] = (exchange, response_id)
+                self.following[request_id] = followed
                 runtime.metrics.started()  # in flight here now: its settlement ends it
-                log.info("following %s (%s), held by a stopped process", response_id, request_id)
+                log.info("following %s (%s), held by a stopped process", upstream_id, request_id)
         except LedgerError as exc:
-            log.error("cannot read the held responses: %s; will try again", exc)
+            log.error("cannot read the held reservations: %s; will try again", exc)
 
     async def poll_all(self, runtime: Runtime) -> None:
-        """Poll every followed response once; settle those that ended."""
+        """Poll everything followed once; drop what was settled."""
         if not self.following:
             return
         pending = list(self.following.items())
-        ended = await asyncio.gather(
-            *(self.poll(runtime, exchange, response_id) for _, (exchange, response_id) in pending)
-        )
+        ended = await asyncio.gather(*(followed.poll(runtime) for _, followed in pending))
         for (request_id, _), done in zip(pending, ended, strict=True):
             if done:
                 self.following.pop(request_id, None)
 
-    async def poll(self, runtime: Runtime, exchange: Exchange, response_id: str) -> bool:
-        """Ask the upstream for `response_id`; settle it if it ended. True once settled."""
+
+@dataclass(frozen=True, slots=True)
+class ResponseFollow:
+    """A background response (or one whose stream broke off), settled when it ends."""
+
+    exchange: Exchange
+    response_id: str
+
+    async def poll(self, runtime: Runtime) -> bool:
+        exchange, response_id = self.exchange, self.response_id
         try:
             answer = await runtime.upstream.send(
                 f"/responses/{response_id}", b"", "", (), method="GET"
@@ -155,6 +166,19 @@ class Followers:
             log.error("settling %s failed: %s", response_id, exc)
             return False
         return True
+
+
+def adopted(runtime: Runtime, entry: Entry, usage: Usage, upstream_id: str) -> Followed | None:
+    """What follows a held reservation adopted from its row (None: it cannot be priced)."""
+    from proxy.web.batches import BatchFollow  # both import the runtime, which imports this
+    from proxy.web.exchange import Exchange
+
+    if entry.endpoint == "batches":
+        return BatchFollow.adopted(runtime, entry, usage, upstream_id)
+    bound = adopted_bound(runtime, entry, usage)
+    if bound is None:
+        return None
+    return ResponseFollow(Exchange(runtime, ResponsesDoor(), entry, bound, {}), upstream_id)
 
 
 def adopted_bound(runtime: Runtime, entry: Entry, usage: Usage) -> Bound | None:

@@ -83,8 +83,7 @@ class ResponseObjects:
             followed = followers.following.get(request_id)
             if followed is None:
                 return
-            exchange, response_id = followed
-            if await followers.poll(runtime, exchange, response_id):
+            if await followed.poll(runtime):
                 followers.following.pop(request_id, None)
                 return
         raise InvalidRequest(
