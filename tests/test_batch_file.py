@@ -1,0 +1,157 @@
+"""A batch input file read line by line (`proxy.doors.batches`), pure: every line priced
+at batch rates and written out from its parse, every bad line listed with its number."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.config import load_config
+from proxy.core.auth import key_hash
+from proxy.core.parsing import parse_request
+from proxy.core.pricing import estimate
+from proxy.core.settings import Config, Team
+from proxy.doors.batches import MAX_LINES, MAX_PROBLEMS, BatchFile
+from tests.conftest import write_config
+
+GENERATIONS = "/v1/images/generations"
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> Config:
+    root = tmp_path_factory.mktemp("batch-file")
+    write_config(
+        root,
+        "http://upstream.invalid/v1",
+        teams={
+            "design": f"name: design\nkeys:\n  - {{id: a, sha256: {key_hash('tg_a')}}}\n",
+            "strict": (
+                f"name: strict\nkeys:\n  - {{id: b, sha256: {key_hash('tg_b')}}}\n"
+                "allow:\n  max_quality: medium\n  models: [gpt-image-2]\n"
+            ),
+        },
+    )
+    return load_config(root)
+
+
+def team(config: Config, name: str = "design") -> Team:
+    return next(t for t in config.teams if t.name == name)
+
+
+def line(custom_id: str, url: str = GENERATIONS, **body: Any) -> bytes:
+    fields = {"model": "gpt-image-2", "prompt": "a lighthouse", "quality": "low", **body}
+    request = {"custom_id": custom_id, "method": "POST", "url": url, "body": fields}
+    return json.dumps(request).encode()
+
+
+def read(
+    config: Config, data: bytes, who: str = "design", step: int = 0
+) -> tuple[BatchFile, bytes]:
+    batch = BatchFile(team(config, who), config)
+    chunks = [data[i : i + step] for i in range(0, len(data), step)] if step else [data]
+    out = b"".join(batch.feed(chunk) for chunk in chunks) + batch.finish()
+    return batch, out
+
+
+def test_each_line_is_priced_at_the_models_batch_rates(config: Config) -> None:
+    data = b"\n".join(line(f"r{i}", size="1024x1024") for i in range(3)) + b"\n"
+    batch, out = read(config, data)
+    assert batch.ok and batch.endpoint == "generations" and len(batch.lines) == 3
+    model = config.prices.find("gpt-image-2")
+    assert model is not None and model.accepts_batch
+    body = json.dumps(json.loads(line("x", size="1024x1024"))["body"]).encode()
+    one = parse_request("generations", "application/json", body, config.default_model)
+    bound = estimate(model.for_batch(), one.request)
+    assert [priced.bound_nanos for priced in batch.lines] == [bound.cost_nanos] * 3
+    assert batch.bound_nanos == 3 * bound.cost_nanos
+    assert bound.cost_nanos * 2 == estimate(model, one.request).cost_nanos  # half price
+    written = [json.loads(x) for x in out.splitlines()]
+    assert [w["custom_id"] for w in written] == ["r0", "r1", "r2"]
+    assert written[0]["body"]["model"] == "gpt-image-2"
+    assert written[0]["url"] == GENERATIONS and written[0]["method"] == "POST"
+
+
+def test_every_bad_line_is_listed_with_its_number(config: Config) -> None:
+    data = b"\n".join(
+        [
+            line("ok"),
+            b"not json",
+            line("ok"),
+            line("a", url="/v1/chat/completions"),
+            line("b", model="gpt-image-2.6-flare"),
+            line("c", model="gpt-image-9"),
+            line("d", quality="ultra"),
+            line("e", stream=True),
+            b"",
+            line("f", url="/v1/images/edits", images=[{"file_id": "file_1"}]),
+            json.dumps(
+                {"custom_id": "g", "method": "GET", "url": GENERATIONS, "body": {}}
+            ).encode(),
+            line("h", extra=1),
+        ]
+    )
+    batch, _ = read(config, data)
+    assert not batch.ok
+    numbers = [p.split(":")[0] for p in batch.problems]
+    assert numbers == [f"line {n}" for n in (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)]
+    text = batch.report()
+    assert "line 3: custom_id 'ok' is used by an earlier line" in text
+    assert "gpt-image-2.6-flare" in text and "Batch API" in text
+    assert "differs from the file's first line" in text
+
+
+def test_the_teams_policy_refuses_lines_it_would_change(config: Config) -> None:
+    batch, _ = read(
+        config, line("hi", quality="high") + b"\n" + line("m", model="gpt-image-1"), "strict"
+    )
+    assert [p.split(":")[0] for p in batch.problems] == ["line 1", "line 2"]
+    assert "quality high" in batch.problems[0]
+    assert "may not use model" in batch.problems[1]
+
+
+def test_edits_name_their_files_for_the_ownership_check(config: Config) -> None:
+    edit = line(
+        "e",
+        url="/v1/images/edits",
+        images=[{"file_id": "file_a"}, {"image_url": "https://example.com/x.png"}],
+        mask={"file_id": "file_m"},
+    )
+    batch, _ = read(config, edit)
+    assert batch.ok, batch.problems
+    assert batch.lines[0].file_ids == ("file_a", "file_m")
+
+
+def test_an_empty_file_and_one_over_the_line_limit_are_refused(config: Config) -> None:
+    assert read(config, b"")[0].problems == [
+        "the file holds no request: a batch needs at least one line"
+    ]
+    many = BatchFile(team(config), config)
+    many._count = MAX_LINES  # as if 50,000 lines had been read
+    many.feed(line("one-more") + b"\n")
+    many.finish()
+    assert any("at most 50,000" in p for p in many.problems)
+
+
+def test_problems_are_listed_up_to_a_limit_then_counted(config: Config) -> None:
+    batch, _ = read(config, b"\n".join(b"x" for _ in range(MAX_PROBLEMS + 7)))
+    assert len(batch.problems) == MAX_PROBLEMS and batch.more_problems == 7
+    assert batch.report().endswith("… and 7 more")
+
+
+@settings(max_examples=60, deadline=None)
+@given(step=st.integers(min_value=1, max_value=400), crlf=st.booleans(), last_newline=st.booleans())
+def test_how_the_file_arrives_in_chunks_does_not_change_what_is_read(
+    config: Config, step: int, crlf: bool, last_newline: bool
+) -> None:
+    sep = b"\r\n" if crlf else b"\n"
+    data = sep.join(line(f"r{i}", size="1536x1024") for i in range(5))
+    data += sep if last_newline else b""
+    whole, whole_out = read(config, data)
+    split, split_out = read(config, data, step=step)
+    assert whole.ok and split.ok
+    assert split_out == whole_out
+    assert split.bound_nanos == whole.bound_nanos and len(split.lines) == 5
