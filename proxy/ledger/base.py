@@ -10,7 +10,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from proxy.core.errors import LedgerError
@@ -114,7 +114,7 @@ class StoredObject:
     """A batch input file: its lines (a batch: those of its input file)."""
     bound_nanos: int = 0
     """A batch input file: the sum of its lines' bounds at batch rates."""
-    bound_usage: Usage = Usage()
+    bound_usage: Usage = field(default_factory=Usage)
     """A batch input file: the sum of its lines' bounded usage (for token budgets)."""
     input_file_id: str | None = None
     """A batch: its input file."""
@@ -186,10 +186,17 @@ class Contents:
     alerts: int
     cost_nanos: int
     """What its requests cost, in all."""
+    objects: int = 0
+    """Files and batches recorded (see `Ledger.own`)."""
 
     def refuse_to_merge(self, name: str) -> None:
         """LedgerError unless the ledger `name` is empty: a copy never merges two histories."""
-        held = {"requests": self.requests, "alerts": self.alerts, "counters": self.counters}
+        held = {
+            "requests": self.requests,
+            "alerts": self.alerts,
+            "counters": self.counters,
+            "files and batches": self.objects,
+        }
         if any(held.values()):
             found = ", ".join(f"{count} {what}" for what, count in held.items() if count)
             raise LedgerError(
