@@ -18,7 +18,7 @@ import pytest
 
 from proxy.core.errors import LedgerError
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
-from proxy.ledger import migrate_ledger, migrations, open_ledger
+from proxy.ledger import codecs, migrate_ledger, migrations, open_ledger
 from proxy.ledger.base import (
     Backend,
     BatchLine,
@@ -526,3 +526,32 @@ async def test_a_ledger_holding_only_files_is_never_copied_into(tmp_path: Path) 
         await target.close()
     with pytest.raises(LedgerError, match=r"is not empty \(1 files and batches\)"):
         await copy_between(source_url, target_url)
+
+
+def test_a_batch_adds_to_each_counter_once_in_lock_order() -> None:
+    """However many lines, one delta per counter: the lines' costs and usage summed, less
+    the reservation's bound and usage on the creation day's counters."""
+    bob = Counter("user", "design", "bob", "day", 32 * DAY)
+    lines = [billed(i) for i in range(1, 5)]
+    lines.append(replace(billed(5), counters=(*END_COUNTERS[:2], bob)))
+    reserved = codecs.counters_text(CREATION_COUNTERS)
+    found = codecs.batch_settled(codecs.billed(lines), reserved, 99, Usage(image_output=7))
+    keys = [row[:5] for row in found]
+    assert keys == sorted(set(keys))
+    by_key = {row[:5]: row[5:] for row in found}
+    spent = sum(line.settlement.cost_nanos for line in lines)
+    texts = sum(line.settlement.usage.text_input for line in lines)
+    images = 5 * 4160
+    assert by_key[codecs.counter_key(END_COUNTERS[0])] == (
+        spent,
+        0,
+        texts,
+        0,
+        images,
+        texts + images,
+    )
+    assert by_key[codecs.counter_key(bob)][0] == lines[-1].settlement.cost_nanos
+    assert by_key[codecs.counter_key(END_COUNTERS[2])][0] == spent - lines[-1].settlement.cost_nanos
+    for counter in (*CREATION_COUNTERS, *organization(CREATION_COUNTERS)):
+        assert by_key[codecs.counter_key(counter)] == (0, -99, 0, 0, -7, -7)
+    assert len(found) == len(CREATION_COUNTERS) + 2 + len(END_COUNTERS) + 2 + 1

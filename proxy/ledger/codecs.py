@@ -224,13 +224,20 @@ def billed(lines: Sequence[BilledLine]) -> Billed:
     counter: one write per counter, whatever the number of lines."""
     texts: dict[tuple[Counter, ...], str] = {}
     rows = []
-    sums: dict[tuple[Any, ...], list[int]] = {}
+    # Summed per counters text first: lines of one batch mostly share their counters.
+    per_text: dict[str, list[int]] = {}
     for line in lines:
         text = texts.get(line.counters)
         if text is None:
             text = texts[line.counters] = counters_text(line.counters)
         rows.append((*record_values(line.entry, line.settlement), text))
-        _sum(sums, text, line.settlement.cost_nanos, 0, token_deltas(line.settlement.usage, 1))
+        total = per_text.setdefault(text, [0, 0, 0, 0, 0])
+        total[0] += line.settlement.cost_nanos
+        for i, value in enumerate(token_deltas(line.settlement.usage, 1), 1):
+            total[i] += value
+    sums: dict[tuple[Any, ...], list[int]] = {}
+    for text, (spent, *tokens) in per_text.items():
+        _sum(sums, text, spent, 0, tokens)
     return Billed(rows, sums)
 
 
