@@ -260,7 +260,8 @@ def run_ledger_copy(args: argparse.Namespace) -> int:
     copied = asyncio.run(copy_between(args.source, args.target))
     print(
         f"copied {copied.requests} requests (${usd_text(copied.cost_nanos)}), "
-        f"{copied.counters} budget counters and {copied.alerts} alerts sent "
+        f"{copied.counters} budget counters, {copied.objects} files and batches "
+        f"and {copied.alerts} alerts sent "
         f"from {args.source} to {args.target}"
     )
     return 0

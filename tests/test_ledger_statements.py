@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 
 from proxy.ledger import migrations
+from proxy.ledger.base import BatchLine
 from proxy.ledger.codecs import (
     KEY_COLUMNS,
+    LINE_COLUMNS,
+    OBJECT_COLUMNS,
     REAL_COLUMNS,
     RESERVATION_COLUMNS,
     ROW_COLUMNS,
@@ -118,7 +121,6 @@ def test_the_columns_written_and_read_are_the_schemas(tmp_path: Path) -> None:
 def test_step_4_adds_the_responses_columns_and_indexes_the_response_id(
     dialect: Dialect, big: str
 ) -> None:
-    assert len(migrations.steps(dialect)) == migrations.SCHEMA_VERSION == 4
     counts = [
         "context_images",
         "mainline_input_tokens",
@@ -134,6 +136,35 @@ def test_step_4_adds_the_responses_columns_and_indexes_the_response_id(
         "CREATE INDEX IF NOT EXISTS requests_response ON requests (response_id) "
         "WHERE response_id IS NOT NULL",
     ]
+
+
+@pytest.mark.parametrize(
+    ("dialect", "real", "big"),
+    [(SQLITE, "REAL", "INTEGER"), (POSTGRES, "DOUBLE PRECISION", "BIGINT")],
+)
+def test_step_5_adds_files_batches_their_lines_and_the_custom_id(
+    dialect: Dialect, real: str, big: str
+) -> None:
+    assert len(migrations.steps(dialect)) == migrations.SCHEMA_VERSION == 5
+    objects, lines, custom_id = migrations.steps(dialect)[4]
+    assert objects.startswith("CREATE TABLE IF NOT EXISTS stored_objects (")
+    assert f"created_at                   {real} NOT NULL" in objects
+    assert f"mainline_cached_input_tokens {big} NOT NULL DEFAULT 0" in objects
+    assert lines.startswith("CREATE TABLE IF NOT EXISTS batch_lines (")
+    assert "PRIMARY KEY (file_id, custom_id)" in lines
+    assert custom_id == "ALTER TABLE requests ADD COLUMN custom_id TEXT"
+
+
+def test_the_object_and_line_columns_are_the_schemas(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "t.db") as db:
+        for sql in migrations.pending(0, migrations.SQLITE):
+            db.execute(sql)
+        columns = {
+            table: [c[1] for c in db.execute(f"PRAGMA table_info({table})")]
+            for table in ("stored_objects", "batch_lines")
+        }
+    assert columns == {"stored_objects": list(OBJECT_COLUMNS), "batch_lines": list(LINE_COLUMNS)}
+    assert [f.name for f in fields(BatchLine)] == list(LINE_COLUMNS[1:])
 
 
 def test_a_response_is_found_by_its_index(tmp_path: Path) -> None:

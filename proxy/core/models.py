@@ -260,6 +260,9 @@ class Entry:
     context_images: int = 0
     """Responses API: the images in this response's context, which its image tool may be
     given (its own input images, and those a `previous_response_id` carried in)."""
+    custom_id: str | None = None
+    """Batch API: the line of the batch input file this row bills (its `custom_id`). Set
+    only on a batch's billed lines, which are built whole when the batch ends, never staged."""
 
     # Each stage spells its fields out: `dataclasses.replace` costs 4 µs a call, which
     # the request path would pay three times per request.

@@ -186,10 +186,17 @@ class Contents:
     alerts: int
     cost_nanos: int
     """What its requests cost, in all."""
+    objects: int = 0
+    """Files and batches recorded (see `Ledger.own`)."""
 
     def refuse_to_merge(self, name: str) -> None:
         """LedgerError unless the ledger `name` is empty: a copy never merges two histories."""
-        held = {"requests": self.requests, "alerts": self.alerts, "counters": self.counters}
+        held = {
+            "requests": self.requests,
+            "alerts": self.alerts,
+            "counters": self.counters,
+            "files and batches": self.objects,
+        }
         if any(held.values()):
             found = ", ".join(f"{count} {what}" for what, count in held.items() if count)
             raise LedgerError(

@@ -15,16 +15,17 @@ import functools
 import json
 import operator
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
-from proxy.ledger.base import Aggregate, ResponseRow, Row
+from proxy.ledger.base import Aggregate, BatchLine, BilledLine, ResponseRow, Row, StoredObject
 
 ENTRY_COLUMNS = (
     "id", "started_at", "endpoint", "team", "cost_center", "key_id", "user",
     "model_requested", "model", "quality_requested", "quality", "size_requested", "size",
     "n_requested", "n", "stream", "estimated_nanos", "downgrades", "mainline_model",
-    "context_images",
+    "context_images", "custom_id",
 )  # fmt: skip
 USAGE_FIELDS = {
     "text_input_tokens": "text_input",
@@ -56,9 +57,24 @@ TOTALS_COLUMNS = (
     "spent_nanos", "reserved_nanos", "text_input_tokens", "image_input_tokens",
     "image_output_tokens", "total_tokens",
 )  # fmt: skip
+OBJECT_COLUMNS = (
+    "id", "team", "kind", "purpose", "created_at", "lines", "bound_nanos", *USAGE_COLUMNS,
+    "input_file_id",
+)  # fmt: skip
+"""A `stored_objects` row: a `StoredObject`, its bound usage as the usage columns."""
+LINE_COLUMNS = (
+    "file_id", "custom_id", "line", "endpoint", "model", "quality", "size", "n", "user",
+    "bound_nanos",
+)  # fmt: skip
+"""A `batch_lines` row: the file's id, then a `BatchLine`'s fields in their order."""
+BILLED_COLUMNS = (*ROW_COLUMNS, "counters")
+"""What a batch's billed line is written with: a settled row and the counters it added to."""
 REAL_COLUMNS = frozenset(
-    {"started_at", "finished_at", "latency_ms", "resolved_at", "start", "sent_at", "heartbeat_at"}
-)
+    {
+        "started_at", "finished_at", "latency_ms", "resolved_at", "start", "sent_at",
+        "heartbeat_at", "created_at",
+    }
+)  # fmt: skip
 """The columns of every table that hold floating-point numbers."""
 
 ORGANIZATION_TOTAL = Counter("organization", "", "", "total", 0.0)
@@ -157,6 +173,111 @@ def response_row(response_id: str, values: Sequence[Any]) -> ResponseRow:
         int(context_images),
         bool(held),
     )
+
+
+# -- files and batches --------------------------------------------------------------
+
+
+def object_values(obj: StoredObject) -> tuple[Any, ...]:
+    """An object's row in `OBJECT_COLUMNS` order."""
+    return (
+        obj.id, obj.team, obj.kind, obj.purpose, float(obj.created_at), obj.lines,
+        obj.bound_nanos, *usage_values(obj.bound_usage), obj.input_file_id,
+    )  # fmt: skip
+
+
+def stored_object(values: Sequence[Any]) -> StoredObject:
+    """An object read in `OBJECT_COLUMNS` order."""
+    usage = usage_of(values[7:-1])
+    id_, team, kind, purpose, created_at, lines, bound = values[:7]
+    return StoredObject(
+        id_, team, kind, purpose, created_at, int(lines), int(bound), usage, values[-1]
+    )
+
+
+_line_fields: Callable[[BatchLine], tuple[Any, ...]] = operator.attrgetter(*LINE_COLUMNS[1:])
+
+
+def line_values(file_id: str, lines: Iterable[BatchLine]) -> list[tuple[Any, ...]]:
+    """The `batch_lines` rows of the file `file_id`'s `lines`, in `LINE_COLUMNS` order."""
+    return [(file_id, *_line_fields(line)) for line in lines]
+
+
+def batch_lines(found: Iterable[Sequence[Any]]) -> dict[str, BatchLine]:
+    """Lines read in `LINE_COLUMNS` order (the file's id left out), by `custom_id`."""
+    return {r[0]: BatchLine(*r) for r in found}
+
+
+@dataclass(frozen=True, slots=True)
+class Billed:
+    """A batch's billed lines as its settlement writes them, worked out before its
+    transaction (which then holds locks only for the writes)."""
+
+    rows: list[tuple[Any, ...]]
+    """Each line's row, in `BILLED_COLUMNS` order."""
+    sums: dict[tuple[Any, ...], list[int]]
+    """What the lines add to each counter (its key: its deltas in `TOTALS_COLUMNS` order)."""
+
+
+def billed(lines: Sequence[BilledLine]) -> Billed:
+    """The rows of a batch's billed `lines` and what they add to their counters, summed per
+    counter: one write per counter, whatever the number of lines."""
+    texts: dict[tuple[Counter, ...], str] = {}
+    rows = []
+    # Summed per counters text first: lines of one batch mostly share their counters.
+    per_text: dict[str, list[int]] = {}
+    for line in lines:
+        text = texts.get(line.counters)
+        if text is None:
+            text = texts[line.counters] = counters_text(line.counters)
+        rows.append((*record_values(line.entry, line.settlement), text))
+        total = per_text.setdefault(text, [0, 0, 0, 0, 0])
+        total[0] += line.settlement.cost_nanos
+        for i, value in enumerate(token_deltas(line.settlement.usage, 1), 1):
+            total[i] += value
+    sums: dict[tuple[Any, ...], list[int]] = {}
+    for text, (spent, *tokens) in per_text.items():
+        _sum(sums, text, spent, 0, tokens)
+    return Billed(rows, sums)
+
+
+def with_batch_id(rows: list[tuple[Any, ...]], batch_id: str | None) -> list[tuple[Any, ...]]:
+    """`rows` (`BILLED_COLUMNS`), those whose settlement named no response id given the
+    batch's (`batch_id`, the id its reservation was held with)."""
+    at = BILLED_COLUMNS.index("response_id")
+    if batch_id is None or all(r[at] is not None for r in rows):
+        return rows
+    return [r if r[at] is not None else (*r[:at], batch_id, *r[at + 1 :]) for r in rows]
+
+
+def batch_settled(
+    lines: Billed, reserved_text: str, bound: int, held: Usage
+) -> list[tuple[Any, ...]]:
+    """What settling a batch adds to each counter it touches, one row per counter in lock
+    order (its key, then its deltas in `TOTALS_COLUMNS` order): its billed `lines`' sums,
+    and its reservation's bound and usage taken out of the reservation's counters."""
+    sums = {key: list(deltas) for key, deltas in lines.sums.items()}
+    _sum(sums, reserved_text, 0, -bound, token_deltas(held, -1))
+    return [(*key, *sums[key]) for key in sorted(sums)]
+
+
+def _sum(
+    sums: dict[tuple[Any, ...], list[int]],
+    text: str,
+    spent: int,
+    reserved: int,
+    tokens: Sequence[int],
+) -> None:
+    """Add deltas to each counter of `text` (a row's counters text) in `sums`."""
+    for key in written_keys(text):
+        total = sums.get(key)
+        if total is None:
+            sums[key] = [spent, reserved, *tokens]
+            continue
+        total[0] += spent
+        total[1] += reserved
+        for i, value in enumerate(tokens, 2):
+            total[i] += value
 
 
 def aggregates(found: Iterable[Sequence[Any]], width: int) -> list[Aggregate]:

@@ -1,13 +1,15 @@
 """`tollgate ledger copy`: move a ledger's history to another backend, losing nothing.
 
 Every row of `requests` (settled and in flight), every `budget_usage` counter
-(team, user and organization, so budgets carry on where they were) and every
-alert already sent (so no alert is sent twice) is copied as stored, in batches,
-into one transaction on the target: it holds all of it or, on any error, none.
+(team, user and organization, so budgets carry on where they were), every alert
+already sent (so no alert is sent twice) and every file and batch forwarded (so
+each stays its team's, and an open batch's input file keeps its priced lines) is
+copied as stored, in batches, into one transaction on the target: it holds all of
+it or, on any error, none.
 The live-process registry is not copied; a reservation copied in flight belongs
 to a process the target never saw alive, so the first Tollgate that starts on
 the target settles it at its bound (flagged `outcome_unknown`), as after a crash;
-a held one (a background response) it adopts and follows to its end instead.
+a held one (a background response, a batch) it adopts and follows to its end instead.
 
 The target is brought to this Tollgate's schema first and must be empty: copy
 refuses to merge two histories (run it again on a fresh database).

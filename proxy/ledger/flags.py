@@ -1,16 +1,20 @@
 """What a settlement or a resolution finds in the row it replaces, and what it adds to the
 row's counters: one rule for each, so the backends cannot drift apart. A reservation
 reclaimed at its bound is settled and flagged; a settlement arriving after the reclaim
-replaces what the reclaim charged; an operator's resolution corrects a flagged row."""
+replaces what the reclaim charged; an operator's resolution corrects a flagged row; a
+batch's reservation becomes the rows of its billed lines; an object recorded twice keeps
+its first owner."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from proxy.core.errors import LedgerError
-from proxy.core.models import Settlement
-from proxy.ledger.base import RECLAIMED
+from proxy.core.models import Settlement, Usage
+from proxy.ledger import codecs
+from proxy.ledger.base import RECLAIMED, StoredObject
 from proxy.ledger.codecs import NO_TOKENS, Deltas, settled, token_deltas, usage_of
 
 
@@ -51,3 +55,53 @@ def resolution(
         raise LedgerError(f"request {request_id} is not flagged: its cost is known")
     tokens = token_deltas(usage_of(usage), -1) if cost_nanos == 0 else NO_TOKENS
     return int(charged), counters_text, (cost_nanos - int(charged), 0, tokens)
+
+
+def owned_already(obj: StoredObject, team: str) -> None:
+    """An object recorded again (`team`: its first owner) is left as it was; LedgerError if
+    another team claims it."""
+    if team != obj.team:
+        raise LedgerError(f"{obj.kind} {obj.id} belongs to another team")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchWrites:
+    """What settling a batch writes, in one transaction (see `batch`)."""
+
+    billed: bool
+    """Whether any line was billed."""
+    reservation: tuple[Any, ...]
+    """What the reservation's row becomes: the first billed line's (`bill_first` values) or,
+    when no line was billed, settled at no cost (`settle_reserved` values)."""
+    others: list[tuple[Any, ...]]
+    """`bill` rows: the other billed lines."""
+    counters: list[tuple[Any, ...]]
+    """One row per counter touched, in lock order: its key, then its deltas."""
+
+    @property
+    def rows(self) -> int:
+        return len(self.others) + 1
+
+
+def batch(
+    request_id: str, found: Sequence[Any] | None, lines: codecs.Billed, outcome: Settlement
+) -> BatchWrites | None:
+    """What settling the batch reservation read by `settling_batch` by its billed `lines`
+    writes (None: it is no longer reserved, nothing to do). LedgerError if there is no such
+    row."""
+    if found is None:
+        raise LedgerError(f"no reservation {request_id}")
+    state, bound, text, batch_id, *usage = found
+    if state != "reserved":
+        return None
+    counters = codecs.batch_settled(lines, text, int(bound), usage_of(usage))
+    if not lines.rows:
+        # Nothing billed: nothing charged, nothing used, whatever the outcome says.
+        free = Settlement(
+            outcome.finished_at, outcome.outcome, outcome.status, Usage(), 0,
+            outcome.flagged, outcome.upstream_request_id, outcome.error_code,
+            outcome.latency_ms, 0, outcome.response_id,
+        )  # fmt: skip
+        return BatchWrites(False, (*codecs.settlement_values(free), request_id), [], counters)
+    first, *others = codecs.with_batch_id(lines.rows, batch_id)
+    return BatchWrites(True, (*first[1:], request_id), others, counters)

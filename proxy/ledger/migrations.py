@@ -18,6 +18,11 @@ transaction, so a ledger is never left half-way between two versions.
        carried (`context_images`), OpenAI's response id (`response_id`, indexed: a
        response is looked up by it), and `held`: a background response's reservation,
        kept until it ends (never reclaimed at its bound; adopted by a live process).
+    5  the Batch API: `stored_objects`, the files and batches forwarded for a team (only
+       that team may see or use them; a batch input file with its line count, the sum of
+       its lines' bounds and of their bounded usage), `batch_lines`, each line of a batch
+       input file as priced at upload (by file and `custom_id`), and `custom_id` on
+       requests: the line a batch's billed row stands for.
 
 The embedded SQLite ledger applies its steps when it opens. A PostgreSQL ledger shared
 by several replicas is initialised when it opens only while it is empty (none of `TABLES`
@@ -31,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from proxy.ledger import dialect
-from proxy.ledger.codecs import TOTALS_COLUMNS
+from proxy.ledger.codecs import TOTALS_COLUMNS, USAGE_COLUMNS
 from proxy.ledger.dialect import Dialect
 
 TOTALS = ", ".join(TOTALS_COLUMNS)
@@ -83,7 +88,10 @@ CREATE TABLE IF NOT EXISTS requests (
 )"""
 
 
-TABLES = ("schema_version", "requests", "processes", "budget_usage", "alerts_sent")
+TABLES = (
+    "schema_version", "requests", "processes", "budget_usage", "alerts_sent",
+    "stored_objects", "batch_lines",
+)  # fmt: skip
 """Every table of a ledger: a database with none of them is empty."""
 
 
@@ -163,9 +171,42 @@ def _responses(d: Dialect) -> list[str]:
     ]
 
 
+def _batches(d: Dialect) -> list[str]:
+    real, big = d.real, d.big
+    # A batch input file's bounded usage as the requests' usage columns: one codec for both.
+    usage = ",\n".join(f"    {c:<29}{big} NOT NULL DEFAULT 0" for c in USAGE_COLUMNS)
+    return [
+        f"""CREATE TABLE IF NOT EXISTS stored_objects (
+    id                           TEXT PRIMARY KEY,
+    team                         TEXT NOT NULL,
+    kind                         TEXT NOT NULL,
+    purpose                      TEXT,
+    created_at                   {real} NOT NULL,
+    lines                        INTEGER NOT NULL DEFAULT 0,
+    bound_nanos                  {big} NOT NULL DEFAULT 0,
+{usage},
+    input_file_id                TEXT
+)""",
+        f"""CREATE TABLE IF NOT EXISTS batch_lines (
+    file_id     TEXT NOT NULL,
+    custom_id   TEXT NOT NULL,
+    line        INTEGER NOT NULL,
+    endpoint    TEXT NOT NULL,
+    model       TEXT NOT NULL,
+    quality     TEXT NOT NULL,
+    size        TEXT NOT NULL,
+    n           INTEGER NOT NULL,
+    "user"      TEXT,
+    bound_nanos {big} NOT NULL,
+    PRIMARY KEY (file_id, custom_id)
+)""",
+        "ALTER TABLE requests ADD COLUMN custom_id TEXT",
+    ]
+
+
 def steps(d: Dialect) -> Sequence[Sequence[str]]:
     """The migrations in `d`'s spelling: one list of statements per version."""
-    return (_tables(d), ORGANIZATION_ROWS, _resolutions(d), _responses(d))
+    return (_tables(d), ORGANIZATION_ROWS, _resolutions(d), _responses(d), _batches(d))
 
 
 SQLITE = steps(dialect.SQLITE)

@@ -1,10 +1,11 @@
 """The shared ledger: PostgreSQL through an asyncpg connection pool, for several replicas.
 
 Atomic reservations across replicas rest on row locks taken in one fixed order.
-Every transaction that writes counters (reserve, settle, reclaim) first locks the
-organization's `total` counter row, which it writes anyway: since schema version
-2 the organization's counters are real `budget_usage` rows, updated in the same
-transaction as the team rows they sum (see `migrations.py`). Then, in lock order
+Every transaction that writes counters (reserve, settle, reclaim, a batch's
+settlement) first locks the organization's `total` counter row, which it writes
+anyway: since schema version 2 the organization's counters are real `budget_usage`
+rows, updated in the same transaction as the team rows they sum (see
+`migrations.py`). Then, in lock order
 (scope, team, user, period, start), it reads the counters a decision needs with
 `SELECT … FOR UPDATE`, lets the chooser decide, inserts the request row and adds
 to every counter it touches.
@@ -37,6 +38,8 @@ from proxy.ledger import codecs, flags, migrations
 from proxy.ledger.base import (
     Aggregate,
     Batch,
+    BatchLine,
+    BilledLine,
     Chooser,
     Contents,
     Flagged,
@@ -45,6 +48,7 @@ from proxy.ledger.base import (
     Reservation,
     ResponseRow,
     Row,
+    StoredObject,
 )
 from proxy.ledger.dialect import POSTGRES
 from proxy.ledger.postgres_pool import Pool, redacted, split_url
@@ -292,6 +296,55 @@ class PostgresLedger:
         found = await self.db.fetch(SQL.response, response_id)
         return codecs.response_row(response_id, tuple(found[0])) if found else None
 
+    async def own(self, obj: StoredObject, lines: Sequence[BatchLine] = ()) -> None:
+        rows = codecs.line_values(obj.id, lines)
+
+        async def work(conn: Any) -> None:
+            if await conn.execute(SQL.own, *codecs.object_values(obj)) == "INSERT 0 0":
+                flags.owned_already(obj, await conn.fetchval(SQL.owner_of, obj.id))
+                return
+            if rows:  # COPY: a file's 50,000 lines in one round trip
+                await conn.copy_records_to_table("batch_lines", records=rows, columns=LINES)
+
+        await self.db.transaction(work)
+
+    async def stored(self, object_id: str) -> StoredObject | None:
+        found = await self.db.fetch(SQL.stored, object_id)
+        return codecs.stored_object(tuple(found[0])) if found else None
+
+    async def teams_of(self, object_ids: Sequence[str]) -> dict[str, str]:
+        if not object_ids:
+            return {}
+        sql, values = SQL.teams_of(object_ids)
+        return {r[0]: r[1] for r in await self.db.fetch(sql, *values)}
+
+    async def batch_lines(self, file_id: str) -> dict[str, BatchLine]:
+        return codecs.batch_lines(await self.db.fetch(SQL.batch_lines, file_id))
+
+    async def settle_batch(
+        self, request_id: str, lines: Sequence[BilledLine], outcome: Settlement
+    ) -> int:
+        billed = codecs.billed(lines)
+
+        async def work(conn: Any) -> int:
+            await _lock_counters(conn)
+            found = await conn.fetchrow(SQL.settling_batch, request_id)
+            writes = flags.batch(request_id, _values(found), billed, outcome)
+            if writes is None:
+                return 0
+            sql = SQL.bill_first if writes.billed else SQL.settle_reserved
+            await conn.execute(sql, *writes.reservation)
+            if writes.others:
+                await conn.copy_records_to_table("requests", records=writes.others, columns=BILLED)
+            if writes.counters:
+                # One statement for every counter, in lock order (the rows come in that order).
+                deltas = [list(c) for c in list(zip(*writes.counters, strict=True))[5:]]
+                keys = _key_arrays([c[:5] for c in writes.counters])
+                await conn.execute(ADD_SQL, *keys, *deltas)
+            return writes.rows
+
+        return await self.db.transaction(work)
+
     async def claim_alert(self, key: str, now: float) -> bool:
         return await self.db.execute(SQL.claim_alert, key, float(now)) == "INSERT 0 1"
 
@@ -379,6 +432,17 @@ READ_SQL = (
     f"(SELECT * FROM {UNNEST_KEYS.format('$1', '$2', '$3', '$4', '$5')}) "
     'ORDER BY scope, team COLLATE "C", "user" COLLATE "C", period, start'
 )
+
+
+ADD_SQL = add_to_counters(
+    "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[], "
+    + ", ".join(f"${i}::bigint[]" for i in range(6, 6 + len(codecs.TOTALS_COLUMNS)))
+    + ")"
+)
+"""Add to each counter of five key arrays (see `_key_arrays`) the deltas of as many arrays,
+one per `TOTALS_COLUMNS` column."""
+LINES = list(codecs.LINE_COLUMNS)
+BILLED = list(codecs.BILLED_COLUMNS)
 
 
 async def _read(conn: Any, counters: Sequence[Counter], *, lock: bool) -> dict[Counter, Totals]:

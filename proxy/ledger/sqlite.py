@@ -26,6 +26,8 @@ from proxy.ledger import codecs, flags, migrations
 from proxy.ledger.base import (
     Aggregate,
     Batch,
+    BatchLine,
+    BilledLine,
     Chooser,
     Contents,
     Flagged,
@@ -34,6 +36,7 @@ from proxy.ledger.base import (
     Reservation,
     ResponseRow,
     Row,
+    StoredObject,
 )
 from proxy.ledger.dialect import SQLITE
 from proxy.ledger.sqlite_connections import Connections
@@ -50,6 +53,8 @@ from proxy.ledger.statements import (
 
 SCHEMA_VERSION = migrations.SCHEMA_VERSION
 SQL = statements(SQLITE)
+LONG_WRITE = 100
+"""Rows past which a write runs on the thread rather than inline on the loop."""
 
 
 class SqliteLedger:
@@ -237,6 +242,52 @@ class SqliteLedger:
         found = await self.file.fetch(SQL.response, (response_id,))
         return codecs.response_row(response_id, found[0]) if found else None
 
+    async def own(self, obj: StoredObject, lines: Sequence[BatchLine] = ()) -> None:
+        rows = codecs.line_values(obj.id, lines)
+
+        def run(conn: sqlite3.Connection) -> None:
+            if conn.execute(SQL.own, codecs.object_values(obj)).rowcount == 0:
+                [(team,)] = conn.execute(SQL.owner_of, (obj.id,)).fetchall()
+                flags.owned_already(obj, team)
+                return
+            conn.executemany(SQL.insert_line, rows)
+
+        # A file's 50,000 lines are written off the loop, which goes on serving meanwhile.
+        await self.file.transaction(run, long=len(rows) > LONG_WRITE)
+
+    async def stored(self, object_id: str) -> StoredObject | None:
+        found = await self.file.fetch(SQL.stored, (object_id,))
+        return codecs.stored_object(found[0]) if found else None
+
+    async def teams_of(self, object_ids: Sequence[str]) -> dict[str, str]:
+        if not object_ids:
+            return {}
+        return {r[0]: r[1] for r in await self.file.fetch(*SQL.teams_of(object_ids))}
+
+    async def batch_lines(self, file_id: str) -> dict[str, BatchLine]:
+        return codecs.batch_lines(await self.file.fetch(SQL.batch_lines, (file_id,)))
+
+    async def settle_batch(
+        self, request_id: str, lines: Sequence[BilledLine], outcome: Settlement
+    ) -> int:
+        billed = codecs.billed(lines)
+
+        def run(conn: sqlite3.Connection) -> int:
+            found = conn.execute(SQL.settling_batch, (request_id,)).fetchone()
+            writes = flags.batch(request_id, found, billed, outcome)
+            if writes is None:
+                return 0
+            conn.execute(
+                SQL.bill_first if writes.billed else SQL.settle_reserved, writes.reservation
+            )
+            conn.executemany(SQL.bill, writes.others)
+            conn.executemany(_UPSERT, writes.counters)
+            return writes.rows
+
+        written = await self.file.transaction(run, long=len(lines) > LONG_WRITE)
+        self._held.pop(request_id, None)
+        return written
+
     async def claim_alert(self, key: str, now: float) -> bool:
         def run(conn: sqlite3.Connection) -> bool:
             return conn.execute(SQL.claim_alert, (key, now)).rowcount == 1
@@ -266,7 +317,7 @@ class SqliteLedger:
         async with self.file.exclusive() as db:
             async with db.execute(SQL.contents) as cursor:
                 found = await cursor.fetchone()
-            Contents(*(found or (0, 0, 0, 0))).refuse_to_merge(str(self.path))
+            Contents(*(found or (0, 0, 0, 0, 0))).refuse_to_merge(str(self.path))
             await db.execute("DELETE FROM budget_usage")
             async for table, (columns, batch) in tables:
                 sql = f"INSERT INTO {table} ({names(columns)}) VALUES ({marks(len(columns))})"

@@ -118,19 +118,23 @@ class Connections:
             done: T = await self.db._execute(work, self.db._conn)  # type: ignore[no-untyped-call]
             return done
 
-    async def transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    async def transaction(
+        self, work: Callable[[sqlite3.Connection], T], *, long: bool = False
+    ) -> T:
         """`work` inside `BEGIN IMMEDIATE` … `COMMIT` (ROLLBACK on any error, which propagates):
         SQLite's single write lock, so what it reads cannot change before it writes.
 
         On the loop's connection when the lock is free within `INLINE_ATTEMPTS` turns of the
-        loop, else on the thread's. `work` may run more than once: only its last run commits.
-        A WAL found full makes room first (`_make_room`), for `LOCK_WAIT_MS` at most.
+        loop, else on the thread's; a `long` one (a whole batch input file's lines) always
+        on the thread's, so that the loop goes on serving while it writes. `work` may run
+        more than once: only its last run commits. A WAL found full makes room first
+        (`_make_room`), for `LOCK_WAIT_MS` at most.
         """
         deadline: float | None = None
         pause = 0.001
         while True:
             try:
-                return await self._attempt(work)
+                return await self._attempt(work, long)
             except _WalFull:
                 pass
             loop = asyncio.get_running_loop()
@@ -144,7 +148,7 @@ class Connections:
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.05)
 
-    async def _attempt(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    async def _attempt(self, work: Callable[[sqlite3.Connection], T], long: bool) -> T:
         """One try at `transaction` (raising `_WalFull`, with nothing written, if the WAL
         is at its limit).
 
@@ -154,7 +158,7 @@ class Connections:
         """
         if self._thread_writes:
             await self._thread_idle.wait()
-        for attempt in range(INLINE_ATTEMPTS):
+        for attempt in range(0 if long else INLINE_ATTEMPTS):
             if attempt:
                 await asyncio.sleep(0)
             conn = self._inline

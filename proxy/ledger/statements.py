@@ -16,8 +16,11 @@ from typing import Any
 
 from proxy.ledger.base import OUTCOME_UNKNOWN, Flagged, GroupColumn
 from proxy.ledger.codecs import (
+    BILLED_COLUMNS,
     ENTRY_COLUMNS,
     KEY_COLUMNS,
+    LINE_COLUMNS,
+    OBJECT_COLUMNS,
     RESERVATION_COLUMNS,
     ROW_COLUMNS,
     SETTLEMENT_COLUMNS,
@@ -26,7 +29,7 @@ from proxy.ledger.codecs import (
 )
 from proxy.ledger.dialect import Dialect
 
-COPIED_TABLES = ("requests", "budget_usage", "alerts_sent")
+COPIED_TABLES = ("requests", "budget_usage", "alerts_sent", "stored_objects", "batch_lines")
 """What a copy moves: every table but the live-process registry and the schema's version."""
 COPY_BATCH = 5000
 """Rows a copy reads and writes at a time."""
@@ -147,6 +150,30 @@ class Statements:
     held_entry: str
     """(id,): the entry and reserved usage of a held reservation (`ENTRY_COLUMNS`, then
     `USAGE_COLUMNS`)."""
+    own: str
+    """`object_values`: an object recorded, unless its id is already (then nothing)."""
+    owner_of: str
+    """(id,): the team an object was recorded for."""
+    insert_line: str
+    """A batch input file's line, in `LINE_COLUMNS` order."""
+    stored: str
+    """(id,): an object in `OBJECT_COLUMNS` order."""
+    batch_lines: str
+    """(file id,): its lines in `LINE_COLUMNS` order but the file's id, by line number."""
+    settling_batch: str
+    """(id,): state, reserved nanos, counters text, response id and usage of a batch's
+    reservation, locked."""
+    bill_first: str
+    """A billed line's row (`BILLED_COLUMNS` values but the id), then the id: the batch's
+    reservation becomes its first billed line's row."""
+    bill: str
+    """A batch's other billed lines: rows in `BILLED_COLUMNS` order."""
+
+    def teams_of(self, object_ids: Sequence[str]) -> tuple[str, tuple[Any, ...]]:
+        """(id, team) of the objects `object_ids` recorded."""
+        among = self.dialect.one_of("id", len(object_ids))
+        sql = f"SELECT id, team FROM stored_objects WHERE {among}"
+        return self.dialect.text(sql), self.dialect.values(object_ids)
 
     def stale(self, started_before: float, owners: Sequence[str]) -> tuple[str, tuple[Any, ...]]:
         """The reservations a reclaim settles (id, bound, counters text), in id order:
@@ -238,6 +265,17 @@ def _writes(d: Dialect) -> dict[str, str]:
         "ON CONFLICT DO NOTHING",
         "hold": "UPDATE requests SET response_id = ?, "
         "held = CASE WHEN state = 'reserved' THEN 1 ELSE 0 END WHERE id = ?",
+        "own": f"INSERT INTO stored_objects ({names(OBJECT_COLUMNS)}) "
+        f"VALUES ({marks(len(OBJECT_COLUMNS))}) ON CONFLICT (id) DO NOTHING",
+        "insert_line": f"INSERT INTO batch_lines ({names(LINE_COLUMNS)}) "
+        f"VALUES ({marks(len(LINE_COLUMNS))})",
+        "settling_batch": f"SELECT state, reserved_nanos, counters, response_id, {usage} "
+        f"FROM requests WHERE id = ?{d.for_update}",
+        "bill_first": "UPDATE requests SET "
+        + ", ".join(f"{names([c])} = ?" for c in BILLED_COLUMNS[1:])
+        + ", reserved_nanos = 0, held = 0 WHERE id = ? AND state = 'reserved'",
+        "bill": f"INSERT INTO requests ({names(BILLED_COLUMNS)}) "
+        f"VALUES ({marks(len(BILLED_COLUMNS))})",
     }
 
 
@@ -265,5 +303,10 @@ def _reads(d: Dialect) -> dict[str, str]:
         "WHERE id = ? AND state = 'reserved' AND held = 1",
         "contents": "SELECT (SELECT count(*) FROM requests), "
         f"(SELECT count(*) FROM budget_usage WHERE {COUNTED}), "
-        "(SELECT count(*) FROM alerts_sent), (SELECT coalesce(sum(cost_nanos), 0) FROM requests)",
+        "(SELECT count(*) FROM alerts_sent), (SELECT coalesce(sum(cost_nanos), 0) FROM requests), "
+        "(SELECT count(*) FROM stored_objects)",
+        "owner_of": "SELECT team FROM stored_objects WHERE id = ?",
+        "stored": f"SELECT {names(OBJECT_COLUMNS)} FROM stored_objects WHERE id = ?",
+        "batch_lines": f"SELECT {names(LINE_COLUMNS[1:])} FROM batch_lines WHERE file_id = ? "
+        "ORDER BY line",
     }

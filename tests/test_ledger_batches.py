@@ -1,0 +1,557 @@
+"""The ledger's files and batches on both backends: objects owned by their team, a batch input
+file's priced lines (50,000 of them), a batch's reservation settled by its billed lines on the
+day it ended (once, whoever settles it, whatever reserves meanwhile), schema version 5, and
+copies that carry them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.core.errors import LedgerError
+from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
+from proxy.ledger import codecs, migrate_ledger, migrations, open_ledger
+from proxy.ledger.base import (
+    Backend,
+    BatchLine,
+    BilledLine,
+    Chooser,
+    Owner,
+    Reservation,
+    StoredObject,
+)
+from proxy.ledger.copy import copy_between
+from proxy.ledger.sqlite import SCHEMA_VERSION
+from tests import pg
+from tests.test_ledger import SETTLED, ledger_url, take
+
+DAY = 86_400.0
+CREATED = 1000.0
+"""The batch is created on day 0 of month 0..."""
+ENDED = 32 * DAY + 500.0
+"""...and ends on day 32, in the next month."""
+MONTH_TWO = 31 * DAY
+
+
+def counters(start: float, month: float) -> tuple[Counter, ...]:
+    return (
+        Counter("team", "design", "", "day", start),
+        Counter("team", "design", "", "month", month),
+        Counter("user", "design", "alice", "day", start),
+    )
+
+
+CREATION_COUNTERS = counters(0.0, 0.0)
+END_COUNTERS = counters(32 * DAY, MONTH_TWO)
+
+
+def organization(found: Sequence[Counter]) -> tuple[Counter, ...]:
+    return tuple(
+        Counter("organization", "", "", c.period, c.start) for c in found if c.scope == "team"
+    )
+
+
+EVERY_COUNTER = (
+    *CREATION_COUNTERS,
+    *END_COUNTERS,
+    *organization(CREATION_COUNTERS),
+    *organization(END_COUNTERS),
+)
+LINE_BOUND = 21_000_000
+BOUND_USAGE = Usage(text_input=10, image_output=4160, images=1)
+
+
+def priced(i: int, file_lines: int = 3) -> BatchLine:
+    return BatchLine(
+        custom_id=f"req-{i}",
+        line=i,
+        endpoint="generations",
+        model="gpt-image-1",
+        quality="medium",
+        size="1024x1024",
+        n=1,
+        user="alice" if i % 2 else None,
+        bound_nanos=LINE_BOUND,
+    )
+
+
+def input_file(file_id: str = "file-abc", lines: int = 3, team: str = "design") -> StoredObject:
+    return StoredObject(
+        id=file_id,
+        team=team,
+        kind="file",
+        purpose="batch",
+        created_at=900.0,
+        lines=lines,
+        bound_nanos=lines * LINE_BOUND,
+        bound_usage=BOUND_USAGE.scaled(lines),
+    )
+
+
+def batch_entry(request_id: str, lines: int) -> Entry:
+    return Entry(
+        id=request_id,
+        started_at=CREATED,
+        endpoint="batches",
+        team="design",
+        cost_center="CC-1042",
+        key_id="web-app",
+        user="alice",
+        model_requested="gpt-image-1",
+        model="gpt-image-1",
+        estimated_nanos=lines * LINE_BOUND,
+    )
+
+
+def take_batch(request_id: str, lines: int = 3) -> Chooser:
+    def choose(totals: Mapping[Counter, Totals]) -> Reservation:
+        entry = batch_entry(request_id, lines)
+        return Reservation(entry, BOUND_USAGE.scaled(lines), CREATION_COUNTERS)
+
+    return choose
+
+
+def billed(
+    i: int, batch_id: str | None = "batch_abc", row_id: str | None = None, cost: int = 0
+) -> BilledLine:
+    """The billed line `req-{i}` of a batch that ended on day 32."""
+    entry = Entry(
+        id=row_id or f"row-{i}",
+        started_at=ENDED,
+        endpoint="batches",
+        team="design",
+        cost_center="CC-1042",
+        key_id="web-app",
+        user="alice",
+        model_requested="gpt-image-1",
+        model="gpt-image-1",
+        quality_requested="medium",
+        quality="medium",
+        size_requested="1024x1024",
+        size="1024x1024",
+        n_requested=1,
+        n=1,
+        estimated_nanos=LINE_BOUND,
+        custom_id=f"req-{i}",
+    )
+    settlement = Settlement(
+        finished_at=ENDED + 1.0,
+        outcome="ok",
+        status=200,
+        usage=Usage(text_input=8 + i, image_output=4160, images=1),
+        cost_nanos=cost or 10_000_000 + i,
+        upstream_request_id=f"batch_req_{i}",
+        response_id=batch_id,
+    )
+    return BilledLine(entry, settlement, END_COUNTERS)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    found = ledger_url(request.param, tmp_path)
+    yield found
+    if request.param == "postgresql":
+        pg.drop_schema(found)
+
+
+@pytest.fixture
+async def ledger(url: str) -> AsyncIterator[Backend]:
+    opened = await open_ledger(url)
+    yield opened
+    await opened.close()
+
+
+async def every_row(ledger: Backend) -> list[dict[str, Any]]:
+    async with contextlib.aclosing(ledger.export(0.0, float("inf"))) as rows:
+        return [row async for row in rows]
+
+
+# -- files and batches owned --------------------------------------------------------------
+
+
+async def test_an_object_is_its_teams_and_a_file_keeps_its_priced_lines(ledger: Backend) -> None:
+    lines = [priced(i) for i in range(1, 4)]
+    batch = StoredObject(
+        "batch_abc", "design", "batch", None, 950.0, 3, 3 * LINE_BOUND, Usage(), "file-abc"
+    )
+    vision = StoredObject("file-img", "research", "file", "vision", 960.0)
+    await ledger.own(input_file(), lines)
+    await ledger.own(batch)
+    await ledger.own(vision)
+    assert await ledger.stored("file-abc") == input_file()
+    assert await ledger.stored("batch_abc") == batch
+    assert await ledger.stored("file-img") == vision
+    assert await ledger.stored("file-unknown") is None
+    assert await ledger.teams_of(["file-abc", "file-img", "file-unknown", "batch_abc"]) == {
+        "file-abc": "design",
+        "file-img": "research",
+        "batch_abc": "design",
+    }
+    assert await ledger.teams_of([]) == {}
+    assert await ledger.batch_lines("file-abc") == {line.custom_id: line for line in lines}
+    assert await ledger.batch_lines("file-img") == {}
+    assert (await ledger.contents()).objects == 3
+
+
+async def test_an_object_recorded_again_keeps_its_first_owner(ledger: Backend) -> None:
+    await ledger.own(input_file(lines=1), [priced(1)])
+    # A retry whose first attempt committed unseen: nothing changes, nothing is duplicated.
+    await ledger.own(input_file(lines=2), [priced(1), priced(2)])
+    assert await ledger.stored("file-abc") == input_file(lines=1)
+    assert list(await ledger.batch_lines("file-abc")) == ["req-1"]
+    with pytest.raises(LedgerError, match="file file-abc belongs to another team"):
+        await ledger.own(input_file(team="research"), [])
+    assert await ledger.teams_of(["file-abc"]) == {"file-abc": "design"}
+
+
+async def test_a_file_with_a_custom_id_twice_is_not_recorded(ledger: Backend) -> None:
+    with pytest.raises(LedgerError):
+        await ledger.own(input_file(lines=2), [priced(1), priced(1)])
+    assert await ledger.stored("file-abc") is None
+    assert await ledger.batch_lines("file-abc") == {}
+
+
+async def test_a_file_of_50000_lines_is_recorded_and_read_back_whole(ledger: Backend) -> None:
+    count = 50_000
+    lines = [priced(i) for i in range(1, count + 1)]
+    began = time.perf_counter()
+    await ledger.own(input_file(lines=count), lines)
+    owned = time.perf_counter() - began
+    began = time.perf_counter()
+    found = await ledger.batch_lines("file-abc")
+    read = time.perf_counter() - began
+    print(f"\n{type(ledger).__name__}: own {count} lines {owned:.3f}s, read back {read:.3f}s")
+    assert len(found) == count
+    assert found["req-1"] == lines[0] and found[f"req-{count}"] == lines[-1]
+    assert list(found) == [line.custom_id for line in lines]  # in file order
+
+
+# -- a batch settled by its billed lines ------------------------------------------------
+
+
+async def reserve_batch(ledger: Backend, request_id: str = "b1", lines: int = 3) -> None:
+    await ledger.reserve(CREATION_COUNTERS, take_batch(request_id, lines))
+    await ledger.hold(request_id, "batch_abc")
+
+
+def end_totals(lines: Sequence[BilledLine], user_lines: int | None = None) -> Totals:
+    usage = sum((line.settlement.usage for line in lines), Usage())
+    return Totals(
+        spent_nanos=sum(line.settlement.cost_nanos for line in lines),
+        text_input_tokens=usage.text_input,
+        image_output_tokens=usage.image_output,
+        total_tokens=usage.total_tokens,
+    )
+
+
+async def test_a_batch_becomes_its_billed_lines_on_the_day_it_ended(ledger: Backend) -> None:
+    """Created on day 0 of one month, ended on day 32: the reservation leaves the creation
+    day's and month's counters whole, and the lines' cost lands on the end day's and month's,
+    the team's, the user's and the organization's alike."""
+    await reserve_batch(ledger)
+    before = await ledger.totals(EVERY_COUNTER)
+    assert before[CREATION_COUNTERS[0]].reserved_nanos == 3 * LINE_BOUND
+    # Line 2 failed: two billed lines, the second one's settlement naming no batch id.
+    lines = [billed(1, row_id="ignored"), billed(3, batch_id=None)]
+    assert await ledger.settle_batch("b1", lines, Settlement(ENDED, "ok", 200)) == 2
+
+    totals = await ledger.totals(EVERY_COUNTER)
+    for counter in (*CREATION_COUNTERS, *organization(CREATION_COUNTERS)):
+        assert totals[counter] == Totals(), counter
+    for counter in (*END_COUNTERS, *organization(END_COUNTERS)):
+        assert totals[counter] == end_totals(lines), counter
+    assert totals[END_COUNTERS[0]].spent_nanos == 20_000_004
+
+    first, second = await ledger.rows()
+    # The reservation's row, now the first line's: its id stays, the rest is the line's.
+    assert first.entry == replace(lines[0].entry, id="b1")
+    assert (first.entry.custom_id, first.entry.started_at) == ("req-1", ENDED)
+    assert first.settlement == lines[0].settlement
+    assert second.entry == lines[1].entry
+    assert second.settlement is not None and second.settlement.response_id == "batch_abc"
+    stored = {row["id"]: row for row in await every_row(ledger)}
+    assert set(stored) == {"b1", "row-3"}
+    for row in stored.values():
+        assert (row["state"], row["held"], row["reserved_nanos"]) == ("settled", 0, 0)
+        assert row["response_id"] == "batch_abc"
+        assert row["estimated_nanos"] == LINE_BOUND
+    assert stored["row-3"]["custom_id"] == "req-3"
+    assert await ledger.held() == []
+
+
+async def test_a_batch_settled_again_is_left_as_it_is(ledger: Backend) -> None:
+    await ledger.register(Owner("me", "host", 1), 10.0)
+    await reserve_batch(ledger)
+    lines = [billed(1), billed(2)]
+    assert await ledger.settle_batch("b1", lines, Settlement(ENDED, "ok", 200)) == 2
+    rows, totals = await ledger.rows(), await ledger.totals(EVERY_COUNTER)
+    assert await ledger.settle_batch("b1", lines, Settlement(ENDED, "ok", 200)) == 0
+    assert await ledger.settle_batch("b1", [], Settlement(ENDED, "ok", 200)) == 0
+    assert await ledger.rows() == rows
+    assert await ledger.totals(EVERY_COUNTER) == totals
+    # Nor does a settlement of the plain kind move anything.
+    await ledger.settle("b1", SETTLED)
+    assert await ledger.totals(EVERY_COUNTER) == totals
+
+
+async def test_a_batch_with_no_billed_line_is_settled_at_no_cost(ledger: Backend) -> None:
+    await reserve_batch(ledger)
+    failed = Settlement(
+        ENDED, "upstream_error", 200, Usage(images=3), 99, error_code="batch_failed"
+    )
+    assert await ledger.settle_batch("b1", [], failed) == 1
+    assert (await ledger.totals(EVERY_COUNTER)) == {c: Totals() for c in EVERY_COUNTER}
+    [row] = await ledger.rows()
+    assert row.settlement is not None
+    assert (row.settlement.outcome, row.settlement.error_code) == ("upstream_error", "batch_failed")
+    assert (row.settlement.cost_nanos, row.settlement.usage) == (0, Usage())
+    assert row.settlement.response_id == "batch_abc"  # kept from the hold
+
+
+async def test_settling_an_unknown_batch_raises_ledger_error(ledger: Backend) -> None:
+    with pytest.raises(LedgerError, match="no reservation nope"):
+        await ledger.settle_batch("nope", [billed(1)], Settlement(ENDED, "ok", 200))
+
+
+async def test_a_batch_of_many_lines_writes_each_counter_once_and_exactly(
+    ledger: Backend,
+) -> None:
+    count = 5_000
+    await reserve_batch(ledger, lines=count)
+    lines = [billed(i, cost=1_000 + i) for i in range(count)]
+    began = time.perf_counter()
+    assert await ledger.settle_batch("b1", lines, Settlement(ENDED, "ok", 200)) == count
+    took = time.perf_counter() - began
+    print(f"\n{type(ledger).__name__}: settle a batch of {count} lines {took:.3f}s")
+    totals = await ledger.totals(EVERY_COUNTER)
+    assert totals[END_COUNTERS[0]] == end_totals(lines)
+    assert totals[CREATION_COUNTERS[1]] == Totals()
+    assert (await ledger.contents()).requests == count
+
+
+# -- replicas settling together -------------------------------------------------------------
+
+
+@pytest.fixture
+def shared() -> Iterator[str]:
+    found = pg.migrated_schema()
+    yield found
+    pg.drop_schema(found)
+
+
+async def test_two_replicas_settling_one_batch_together_settle_it_once(shared: str) -> None:
+    ledger = await open_ledger(shared)
+    try:
+        await reserve_batch(ledger, lines=200)
+        lines = [billed(i) for i in range(200)]
+
+        async def settle() -> int:
+            replica = await open_ledger(shared)
+            try:
+                return await replica.settle_batch("b1", lines, Settlement(ENDED, "ok", 200))
+            finally:
+                await replica.close()
+
+        # Each on a loop and connections of its own, as separate replicas would be.
+        found = await asyncio.gather(*(asyncio.to_thread(pg.run, settle()) for _ in range(2)))
+        assert sorted(found) == [0, 200]
+        totals = await ledger.totals(EVERY_COUNTER)
+        assert totals[END_COUNTERS[0]] == end_totals(lines)
+        assert totals[organization(END_COUNTERS)[1]] == end_totals(lines)
+        assert totals[CREATION_COUNTERS[0]] == Totals()
+        assert (await ledger.contents()).requests == 200
+    finally:
+        await ledger.close()
+
+
+async def test_batches_settled_among_reservations_of_their_team_never_deadlock(
+    shared: str,
+) -> None:
+    """Replicas reserve for the team on the creation and the end day while others settle
+    batches onto those same counters: everything ends, and every total is exact."""
+    replicas = [await open_ledger(shared)]
+    batches, per_batch, requests = 6, 300, 60
+    try:
+        for b in range(batches):
+            await reserve_batch(replicas[0], f"b{b}", lines=per_batch)
+        billed_lines = {
+            f"b{b}": [billed(i, row_id=f"b{b}-{i}", cost=1_000_000 + i) for i in range(per_batch)]
+            for b in range(batches)
+        }
+
+        async def settle(replica: Backend, request_id: str) -> int:
+            lines = billed_lines[request_id]
+            return await replica.settle_batch(request_id, lines, Settlement(ENDED, "ok", 200))
+
+        async def reserve(replica: Backend, i: int) -> None:
+            on = END_COUNTERS if i % 2 else CREATION_COUNTERS
+            await replica.reserve(on, take(f"r{i}", estimate=1_000, counters=on))
+
+        async def on_replica(k: int) -> list[Any]:
+            own = await open_ledger(shared)
+            try:
+                work = [settle(own, f"b{b}") for b in range(batches) if b % 3 == k]
+                work += [reserve(own, i) for i in range(requests) if i % 3 == k]
+                return await asyncio.gather(*work)
+            finally:
+                await own.close()
+
+        found = await asyncio.wait_for(
+            asyncio.gather(*(asyncio.to_thread(pg.run, on_replica(k)) for k in range(3))),
+            timeout=120,
+        )
+        assert sum(n for done in found for n in done if n) == batches * per_batch
+        every = [line for lines in billed_lines.values() for line in lines]
+        totals = await replicas[0].totals(EVERY_COUNTER)
+        reserved = (requests // 2) * 1_000
+        expected = end_totals(every)
+        for counter in END_COUNTERS[:2] + organization(END_COUNTERS):
+            assert totals[counter].spent_nanos == expected.spent_nanos
+            assert totals[counter].reserved_nanos == reserved
+            assert (
+                totals[counter].image_output_tokens
+                == expected.image_output_tokens + (requests // 2) * 7024
+            )
+        for counter in CREATION_COUNTERS[:2] + organization(CREATION_COUNTERS):
+            assert (totals[counter].spent_nanos, totals[counter].reserved_nanos) == (0, reserved)
+    finally:
+        for replica in replicas:
+            await replica.close()
+
+
+# -- schema version 5 ----------------------------------------------------------------------
+
+V4_ROW = (
+    "INSERT INTO requests (id, started_at, finished_at, team, endpoint, model, state, "
+    "outcome, status, image_output_tokens, images, cost_nanos, counters, response_id) VALUES "
+    "('old', 100.0, 101.0, 'design', 'responses', 'gpt-image-1', 'settled', 'ok', 200, "
+    "4160, 1, 167000000, '[]', 'resp_old')"
+)
+
+
+def version_4_ledger(kind: str, tmp_path: Path) -> str:
+    """A ledger at schema version 4, holding one settled response."""
+    if kind == "sqlite":
+        path = tmp_path / "v4.db"
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            for sql in migrations.pending(0, migrations.SQLITE[:4]):
+                db.execute(sql)
+            db.execute("INSERT INTO schema_version VALUES (4)")
+            db.execute(V4_ROW)
+        return f"sqlite:///{path}"
+    url = pg.schema_at_version(4)
+    pg.fetch(url, V4_ROW)
+    return url
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_a_version_4_ledger_migrates_to_5_and_takes_files_and_batches(
+    kind: str, tmp_path: Path
+) -> None:
+    url = version_4_ledger(kind, tmp_path)
+    try:
+        assert SCHEMA_VERSION == 5
+        assert await migrate_ledger(url) == (4, 5)
+        ledger = await open_ledger(url)
+        try:
+            [row] = await ledger.rows()
+            assert (row.entry.id, row.entry.custom_id) == ("old", None)
+            assert (await every_row(ledger))[0]["custom_id"] is None
+            await ledger.own(input_file(), [priced(1), priced(2), priced(3)])
+            assert await ledger.teams_of(["file-abc"]) == {"file-abc": "design"}
+            await reserve_batch(ledger)
+            assert await ledger.settle_batch("b1", [billed(1)], Settlement(ENDED, "ok", 200)) == 1
+        finally:
+            await ledger.close()
+        assert await migrate_ledger(url) == (5, 5)
+    finally:
+        if kind == "postgresql":
+            pg.drop_schema(url)
+
+
+# -- copies ----------------------------------------------------------------------------------
+
+
+async def test_a_copy_there_and_back_keeps_files_batches_and_billed_lines(tmp_path: Path) -> None:
+    first = ledger_url("sqlite", tmp_path / "first")
+    shared = ledger_url("postgresql", tmp_path)
+    last = ledger_url("sqlite", tmp_path / "last")
+    batch = StoredObject("batch_abc", "design", "batch", None, 950.0, 3, 0, Usage(), "file-abc")
+    lines = [priced(i) for i in range(1, 4)]
+    try:
+        source = await open_ledger(first)
+        try:
+            await source.own(input_file(), lines)
+            await source.own(batch)
+            await reserve_batch(source)
+            await source.settle_batch("b1", [billed(1), billed(2)], Settlement(ENDED, "ok", 200))
+            rows, stored = await source.rows(), await every_row(source)
+            totals, held = await source.totals(EVERY_COUNTER), await source.contents()
+        finally:
+            await source.close()
+        assert (held.requests, held.objects) == (2, 2)
+        assert await copy_between(first, shared) == held
+        assert await copy_between(shared, last) == held
+        target = await open_ledger(last)
+        try:
+            assert await target.rows() == rows
+            assert await every_row(target) == stored
+            assert await target.totals(EVERY_COUNTER) == totals
+            assert await target.stored("file-abc") == input_file()
+            assert await target.stored("batch_abc") == batch
+            assert await target.batch_lines("file-abc") == {line.custom_id: line for line in lines}
+        finally:
+            await target.close()
+        assert [row["custom_id"] for row in stored] == ["req-1", "req-2"]
+    finally:
+        pg.drop_schema(shared)
+
+
+async def test_a_ledger_holding_only_files_is_never_copied_into(tmp_path: Path) -> None:
+    source_url = ledger_url("sqlite", tmp_path / "source")
+    target_url = ledger_url("sqlite", tmp_path / "target")
+    target = await open_ledger(target_url)
+    try:
+        await target.own(StoredObject("file-img", "research", "file", "vision", 960.0))
+    finally:
+        await target.close()
+    with pytest.raises(LedgerError, match=r"is not empty \(1 files and batches\)"):
+        await copy_between(source_url, target_url)
+
+
+def test_a_batch_adds_to_each_counter_once_in_lock_order() -> None:
+    """However many lines, one delta per counter: the lines' costs and usage summed, less
+    the reservation's bound and usage on the creation day's counters."""
+    bob = Counter("user", "design", "bob", "day", 32 * DAY)
+    lines = [billed(i) for i in range(1, 5)]
+    lines.append(replace(billed(5), counters=(*END_COUNTERS[:2], bob)))
+    reserved = codecs.counters_text(CREATION_COUNTERS)
+    found = codecs.batch_settled(codecs.billed(lines), reserved, 99, Usage(image_output=7))
+    keys = [row[:5] for row in found]
+    assert keys == sorted(set(keys))
+    by_key = {row[:5]: row[5:] for row in found}
+    spent = sum(line.settlement.cost_nanos for line in lines)
+    texts = sum(line.settlement.usage.text_input for line in lines)
+    images = 5 * 4160
+    assert by_key[codecs.counter_key(END_COUNTERS[0])] == (
+        spent,
+        0,
+        texts,
+        0,
+        images,
+        texts + images,
+    )
+    assert by_key[codecs.counter_key(bob)][0] == lines[-1].settlement.cost_nanos
+    assert by_key[codecs.counter_key(END_COUNTERS[2])][0] == spent - lines[-1].settlement.cost_nanos
+    for counter in (*CREATION_COUNTERS, *organization(CREATION_COUNTERS)):
+        assert by_key[codecs.counter_key(counter)] == (0, -99, 0, 0, -7, -7)
+    assert len(found) == len(CREATION_COUNTERS) + 2 + len(END_COUNTERS) + 2 + 1
