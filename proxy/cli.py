@@ -30,7 +30,7 @@ from proxy.finance import flagged, reconcile
 from proxy.finance.reports_query import ReportQuery
 from proxy.finance.reports_query import run as run_report_query
 from proxy.finance.status import budget_status
-from proxy.ledger import migrate_ledger, open_ledger
+from proxy.ledger import OpenBatch, migrate_ledger, open_ledger
 from proxy.ledger.copy import copy_between
 from proxy.logs import configure_logging
 from proxy.web.runtime import Overrides
@@ -315,9 +315,15 @@ def run_check(args: argparse.Namespace) -> int:
 
 def run_budgets(args: argparse.Namespace) -> int:
     config = load_config(config_path(args))
-    found = asyncio.run(read_budgets(config, args.ledger or config.ledger_url, time.time()))
+    found, batches = asyncio.run(
+        read_budgets(config, args.ledger or config.ledger_url, time.time())
+    )
     if args.format == "json":
-        print(json.dumps({"budgets": [b.as_json() for b in found]}, indent=2))
+        held = [
+            {"batch_id": b.batch_id, "team": b.team, "reserved": usd_text(b.reserved_nanos)}
+            for b in batches
+        ]
+        print(json.dumps({"budgets": [b.as_json() for b in found], "open_batches": held}, indent=2))
         return 0
     header = ("SCOPE", "TEAM", "PERIOD", "LIMIT", "SPENT", "RESERVED", "REMAINING", "USED",
               "PERIOD ENDS")  # fmt: skip
@@ -339,13 +345,19 @@ def run_budgets(args: argparse.Namespace) -> int:
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     for line in lines:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)))
+    if batches:
+        print("\nOpen batches (their reservations are in RESERVED above):")
+        for batch in batches:
+            print(f"  {batch.batch_id}  {batch.team}  ${usd_text(batch.reserved_nanos)}")
     return 0
 
 
-async def read_budgets(config: Config, ledger_url: str, now: float) -> list[BudgetStatus]:
+async def read_budgets(
+    config: Config, ledger_url: str, now: float
+) -> tuple[list[BudgetStatus], list[OpenBatch]]:
     ledger = await open_ledger(ledger_url)
     try:
-        return await budget_status(config, ledger, now)
+        return await budget_status(config, ledger, now), await ledger.open_batches()
     finally:
         await ledger.close()
 

@@ -302,6 +302,20 @@ async def test_a_batch_settled_again_is_left_as_it_is(ledger: Backend) -> None:
     assert await ledger.totals(EVERY_COUNTER) == totals
 
 
+async def test_an_open_batch_is_listed_with_its_reservation_until_it_is_settled(
+    ledger: Backend,
+) -> None:
+    await ledger.register(Owner("me", "host", 1), 10.0)
+    assert await ledger.open_batches() == []
+    await reserve_batch(ledger)
+    [held] = await ledger.open_batches()
+    [row] = await ledger.rows()
+    assert (held.batch_id, held.team) == ("batch_abc", row.entry.team)
+    assert held.reserved_nanos == row.entry.estimated_nanos > 0
+    await ledger.settle_batch("b1", [billed(1)], Settlement(ENDED, "ok", 200))
+    assert await ledger.open_batches() == []
+
+
 async def test_a_batch_with_no_billed_line_is_settled_at_no_cost(ledger: Backend) -> None:
     await reserve_batch(ledger)
     failed = Settlement(

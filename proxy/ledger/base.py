@@ -121,6 +121,16 @@ class StoredObject:
 
 
 @dataclass(frozen=True, slots=True)
+class OpenBatch:
+    """A batch in flight: what its reservation holds."""
+
+    batch_id: str
+    team: str
+    reserved_nanos: int
+    started_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class BatchLine:
     """One line of a batch input file, as Tollgate priced it at upload."""
 
@@ -279,6 +289,9 @@ class Ledger(Protocol):
         `response_id` on the row (on a row no longer in flight, only that: a reclaimed
         reservation stays charged at its bound until its settlement replaces it).
         LedgerError if there is no request `request_id`."""
+
+    async def open_batches(self) -> list[OpenBatch]:
+        """Every batch in flight (held), oldest first, with what it holds reserved."""
 
     async def held(self) -> list[tuple[str, str]]:
         """(request id, response id) of every held reservation this process owns (none

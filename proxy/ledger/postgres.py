@@ -44,6 +44,7 @@ from proxy.ledger.base import (
     Contents,
     Flagged,
     GroupColumn,
+    OpenBatch,
     Owner,
     Reservation,
     ResponseRow,
@@ -271,6 +272,9 @@ class PostgresLedger:
     async def hold(self, request_id: str, response_id: str) -> None:
         if await self.db.execute(SQL.hold, response_id, request_id) == "UPDATE 0":
             raise LedgerError(f"no request {request_id}")
+
+    async def open_batches(self) -> list[OpenBatch]:
+        return [OpenBatch(*r) for r in await self.db.fetch(SQL.open_batches)]
 
     async def held(self) -> list[tuple[str, str]]:
         if self.owner is None:

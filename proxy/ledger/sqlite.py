@@ -32,6 +32,7 @@ from proxy.ledger.base import (
     Contents,
     Flagged,
     GroupColumn,
+    OpenBatch,
     Owner,
     Reservation,
     ResponseRow,
@@ -221,6 +222,9 @@ class SqliteLedger:
                 raise LedgerError(f"no request {request_id}")
 
         await self.file.transaction(run)
+
+    async def open_batches(self) -> list[OpenBatch]:
+        return [OpenBatch(*r) for r in await self.file.fetch(SQL.open_batches, ())]
 
     async def held(self) -> list[tuple[str, str]]:
         if self.owner is None:

@@ -145,6 +145,8 @@ class Statements:
     (a row no longer in flight gets the id only)."""
     held: str
     """(owner,): (id, response id) of the held reservations of `owner`."""
+    open_batches: str
+    """(): the batches held in flight: (batch id, team, reserved nanos, started at)."""
     response: str
     """(response id,): the `ResponseRow` fields but the response id, of its latest row."""
     held_entry: str
@@ -294,6 +296,8 @@ def _reads(d: Dialect) -> dict[str, str]:
         "export_first": f"{export} LIMIT ?",
         "export_next": "SELECT * FROM requests WHERE started_at >= ? "
         f"AND (started_at > ? OR id{d.collate} > ?) AND started_at < ? {by_id} LIMIT ?",
+        "open_batches": "SELECT response_id, team, reserved_nanos, started_at FROM requests "
+        f"WHERE state = 'reserved' AND held = 1 AND endpoint = 'batches' ORDER BY {d.by_start}",
         "held": "SELECT id, response_id FROM requests "
         f"WHERE state = 'reserved' AND held = 1 AND owner = ? {by_id}",
         "response": "SELECT team, id, mainline_input_tokens + mainline_cached_input_tokens, "
