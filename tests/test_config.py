@@ -568,11 +568,11 @@ def test_settings_problem_names_file_line_and_key_path(
 def test_passthrough_is_get_and_head_unless_the_methods_are_listed(policies: Path) -> None:
     write(
         policies / "tollgate.yaml",
-        "passthrough:\n  - /v1/models/\n  - {path: /v1/files, methods: [GET, POST]}\n",
+        "passthrough:\n  - /v1/models/\n  - {path: /v1/moderations, methods: [GET, POST]}\n",
     )
     assert load(policies).passthrough == (
         Passthrough("/v1/models", frozenset({"GET", "HEAD"})),
-        Passthrough("/v1/files", frozenset({"GET", "POST"})),
+        Passthrough("/v1/moderations", frozenset({"GET", "POST"})),
     )
 
 

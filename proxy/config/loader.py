@@ -47,7 +47,7 @@ from proxy.core.settings import (
 
 # Paths other than the Images API through which OpenAI bills image generation: passthrough
 # may read there, never write (a POST would be spend Tollgate did not price).
-SPENDING_DOORS = ("/v1/responses", "/v1/batches")
+SPENDING_DOORS = ("/v1/responses", "/v1/batches", "/v1/files")
 
 PriceBookLoader = Callable[[Path | None], PriceBook]
 
