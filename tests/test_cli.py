@@ -44,12 +44,12 @@ def test_check_names_what_passthrough_forwards_and_refuses_image_prefixes(
     write_config(tmp_path, "http://127.0.0.1:9/v1", settings="""
 passthrough:
   - /v1/models
-  - {path: /v1/files, methods: [POST, GET]}
+  - {path: /v1/moderations, methods: [POST, GET]}
 """)  # fmt: skip
     done = tollgate("check", "--config", str(tmp_path))
     assert done.returncode == 0, done.stderr
     assert "passthrough /v1/models: GET, HEAD, unmetered" in done.stdout
-    assert "passthrough /v1/files: GET, POST, unmetered" in done.stdout
+    assert "passthrough /v1/moderations: GET, POST, unmetered" in done.stdout
     write_config(tmp_path, "http://127.0.0.1:9/v1", settings="passthrough: [/v1/images]\n")
     done = tollgate("check", "--config", str(tmp_path))
     assert done.returncode == 1

@@ -48,7 +48,7 @@ limits:
   header_timeout_s: 1
   body_idle_timeout_s: 1
 passthrough:
-  - {path: /v1/files, methods: [POST]}
+  - {path: /v1/moderations, methods: [POST]}
 """
 
 
@@ -202,7 +202,7 @@ def test_a_passthrough_body_is_charged_and_given_back(
     tollgate: Tollgate, simulator: Simulator
 ) -> None:
     body = b"x" * 100_000
-    conn = start_post(tollgate, "/v1/files", body, "application/octet-stream", 10)
+    conn = start_post(tollgate, "/v1/moderations", body, "application/octet-stream", 10)
     wait_for(lambda: body_bytes(tollgate) == 3 * len(body), "the body is charged")
     conn.send(body[10:])
     conn.getresponse().read()  # whatever the upstream says of it

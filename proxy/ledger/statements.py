@@ -297,7 +297,7 @@ def _reads(d: Dialect) -> dict[str, str]:
         "export_next": "SELECT * FROM requests WHERE started_at >= ? "
         f"AND (started_at > ? OR id{d.collate} > ?) AND started_at < ? {by_id} LIMIT ?",
         "open_batches": "SELECT response_id, team, reserved_nanos, started_at FROM requests "
-        f"WHERE state = 'reserved' AND held = 1 AND endpoint = 'batches' ORDER BY {d.by_start}",
+        "WHERE state = 'reserved' AND held = 1 AND endpoint = 'batches' ORDER BY started_at",
         "held": "SELECT id, response_id FROM requests "
         f"WHERE state = 'reserved' AND held = 1 AND owner = ? {by_id}",
         "response": "SELECT team, id, mainline_input_tokens + mainline_cached_input_tokens, "
