@@ -123,13 +123,15 @@ class Files:
             return
         teams = await runtime.ledger.teams_of(named)
         for line in batch.lines:
-            for file_id in line.file_ids:
-                if teams.get(file_id) != team.name:
-                    raise InvalidRequest(
-                        f"The batch file was not uploaded: line {line.line}: no such File "
-                        f"object: {file_id} (a file uploaded by your team through Tollgate).",
-                        param="file",
-                    )
+            foreign = [f for f in line.file_ids if teams.get(f) != team.name]
+            if foreign:
+                batch.refuse(
+                    line.line,
+                    f"no such File object: {foreign[0]} (a file uploaded by your team "
+                    "through Tollgate)",
+                )
+        if not batch.ok:
+            raise InvalidRequest(batch.report(), param="file")
 
     async def listing(self, request: Request, runtime: Runtime) -> Response:
         """`GET /v1/files`: the upstream's page, with only the team's files in it."""

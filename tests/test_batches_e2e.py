@@ -1,0 +1,416 @@
+"""The Batch API door end to end: the official openai client → Tollgate → the simulator.
+
+Every line's cost is checked against an oracle that does not use Tollgate's meter: the
+usage the simulator billed for that line (its billing record, with the batch id and the
+line's `custom_id`), and the `usage` of the line in the output file, priced at the price
+book's `batch:` rates by plain decimal arithmetic (USD per million tokens, rounded up to
+the nano-dollar as a charge is).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from typing import Any, TypeVar
+
+import httpx
+import openai
+import pytest
+from openai.types import Batch, FileObject
+from PIL import Image
+
+from proxy.config.prices import load_price_book
+from proxy.core.auth import key_hash
+from tests.conftest import (
+    DESIGN_KEY,
+    RESEARCH_KEY,
+    UPSTREAM_KEY,
+    Simulator,
+    Tollgate,
+    start_tollgate,
+    write_config,
+)
+
+BOOK = load_price_book()
+GENERATIONS = "/v1/images/generations"
+EDITS = "/v1/images/edits"
+ENDED = ("completed", "failed", "expired", "cancelled")
+DEADLINE_S = 60.0
+DAY = 86_400
+KEYS = {name: f"tg_test_{name}_batches_key" for name in ("strict", "tight", "closed")}
+T = TypeVar("T")
+
+
+def team(name: str, body: str = "") -> str:
+    return f"name: {name}\nkeys:\n  - {{id: {name}-key, sha256: {key_hash(KEYS[name])}}}\n" + body
+
+
+TIGHT_LIMIT_USD = Decimal("0.02")
+TEAMS = {
+    "design": f"name: design\nkeys:\n  - {{id: web-app, sha256: {key_hash(DESIGN_KEY)}}}\n",
+    "research": f"name: research\nkeys:\n  - {{id: nb, sha256: {key_hash(RESEARCH_KEY)}}}\n",
+    "strict": team("strict", "allow:\n  max_quality: low\n  models: [gpt-image-2]\n"),
+    "tight": team(
+        "tight",
+        f"budgets:\n  - {{period: month, limit_usd: {TIGHT_LIMIT_USD}}}\non_exhausted: reject\n",
+    ),
+    "closed": team("closed", "allow:\n  endpoints: [generations]\n"),
+}
+LOW: dict[str, Any] = {"quality": "low", "size": "1024x1024", "output_format": "webp"}
+
+
+# -- the oracle ----------------------------------------------------------------------
+
+
+def batch_cost(model: str, tokens: dict[str, int]) -> int:
+    """Nano-dollars: `tokens` by kind at `model`'s batch rates (USD per 1M tokens), rounded
+    up; a kind the entry gives no rate is priced at the dearest rate of its side."""
+    entry = BOOK.find(model)
+    assert entry is not None and entry.batch_rates is not None
+    rates = {str(k): Decimal(v) for k, v in entry.batch_rates.items()}
+    outputs = max(rates[k] for k in ("image_output", "text_output") if k in rates)
+    total = Decimal(0)
+    for kind, count in tokens.items():
+        rate = rates.get(kind, outputs if kind.endswith("output") else None)
+        assert rate is not None or count == 0, (model, kind)
+        total += count * (rate or 0)
+    return math.ceil(total * 1000)  # USD per 1M tokens → nano-dollars per token: × 1000
+
+
+def record_tokens(record: dict[str, Any]) -> dict[str, int]:
+    usage = record["usage"]
+    return {k: usage[k] for k in ("text_input", "image_input", "image_output", "text_output")}
+
+
+def output_tokens(usage: dict[str, Any]) -> dict[str, int]:
+    """An output line's Images API `usage`, by kind (all output is image output unless the
+    answer details text output)."""
+    details = usage["input_tokens_details"]
+    out = usage.get("output_tokens_details") or {}
+    text_output = out.get("text_tokens", 0)
+    return {
+        "text_input": details["text_tokens"],
+        "image_input": details["image_tokens"],
+        "image_output": usage["output_tokens"] - text_output,
+        "text_output": text_output,
+    }
+
+
+def nanos(header: str) -> int:
+    return int(Decimal(header) * 10**9)
+
+
+# -- waiting for conditions -----------------------------------------------------------
+
+
+def wait_for(what: str, found: Callable[[], T | None], timeout: float = DEADLINE_S) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = found()
+        if value is not None:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+def ended(client: openai.OpenAI, batch_id: str) -> Batch:
+    """The batch once it has ended, asked through `client`."""
+
+    def done() -> Batch | None:
+        batch = client.batches.retrieve(batch_id)
+        return batch if batch.status in ENDED else None
+
+    return wait_for(f"batch {batch_id} ended", done)
+
+
+def batch_rows(proxy: Tollgate, batch_id: str) -> list[dict[str, Any]]:
+    return proxy.query(
+        f"SELECT * FROM requests WHERE response_id = '{batch_id}' ORDER BY custom_id"
+    )
+
+
+def settled_rows(proxy: Tollgate, batch_id: str) -> list[dict[str, Any]]:
+    """The batch's rows once its reservation was settled (one row per billed line)."""
+
+    def settled() -> list[dict[str, Any]] | None:
+        rows = batch_rows(proxy, batch_id)
+        return rows if rows and all(r["state"] == "settled" for r in rows) else None
+
+    return wait_for(f"the rows of {batch_id} settled", settled)
+
+
+def billed_lines(simulator: Simulator, batch_id: str) -> dict[str, dict[str, Any]]:
+    """The simulator's billing record of the batch's lines, by `custom_id`."""
+    return {
+        r["custom_id"]: r
+        for r in simulator.billing()
+        if r.get("batch_id") == batch_id and r["billed"]
+    }
+
+
+def reserved_total(proxy: Tollgate) -> int:
+    [found] = proxy.query("SELECT SUM(reserved_nanos) AS v FROM budget_usage")
+    return int(found["v"] or 0)
+
+
+def arrivals(simulator: Simulator, method: str, path: str) -> int:
+    found = httpx.get(f"{simulator.url}/_sim/arrivals").json()["requests"]
+    return sum(1 for a in found if a["method"] == method and a["raw_path"] == path)
+
+
+def upstream_files(simulator: Simulator) -> set[str]:
+    page = httpx.get(
+        f"{simulator.url}/v1/files",
+        params={"limit": 10_000},
+        headers={"authorization": f"Bearer {UPSTREAM_KEY}"},
+    ).json()
+    return {f["id"] for f in page["data"]}
+
+
+# -- batch files ------------------------------------------------------------------------
+
+
+def line(custom_id: str, body: dict[str, Any], url: str = GENERATIONS) -> dict[str, Any]:
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
+
+
+def jsonl(lines: list[dict[str, Any]] | list[str]) -> bytes:
+    return "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines).encode()
+
+
+def upload(client: openai.OpenAI, lines: list[dict[str, Any]] | list[str]) -> FileObject:
+    return client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+
+
+def create(
+    client: openai.OpenAI, lines: list[dict[str, Any]], endpoint: Any = GENERATIONS
+) -> Batch:
+    uploaded = upload(client, lines)
+    return client.batches.create(
+        input_file_id=uploaded.id, endpoint=endpoint, completion_window="24h"
+    )
+
+
+def png_bytes() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(out, "PNG")
+    return out.getvalue()
+
+
+def data_url() -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
+
+
+def generations(model: str, count: int, **extra: Any) -> list[dict[str, Any]]:
+    return [
+        line(f"{model}-{i:02d}", {"model": model, "prompt": f"a lighthouse, take {i}", **LOW,
+                                  "n": 1 + i % 2, **extra})
+        for i in range(count)
+    ]  # fmt: skip
+
+
+def check_settled(
+    proxy: Tollgate, simulator: Simulator, batch: Batch, model: str, team_name: str = "design"
+) -> list[dict[str, Any]]:
+    """One settled row per billed line, each the oracle's price of that line's usage, booked
+    when the batch ended; the reservation released."""
+    rows = settled_rows(proxy, batch.id)
+    records = billed_lines(simulator, batch.id)
+    assert records, "the simulator billed no line"
+    assert sorted(r["custom_id"] for r in rows) == sorted(records)
+    end = {
+        "completed": batch.completed_at,
+        "cancelled": batch.cancelled_at,
+        "expired": batch.expired_at,
+        "failed": batch.failed_at,
+    }[batch.status]
+    assert end is not None
+    for row in rows:
+        record = records[row["custom_id"]]
+        assert row["cost_nanos"] == batch_cost(model, record_tokens(record)) > 0
+        assert (row["endpoint"], row["model"], row["team"]) == ("batches", model, team_name)
+        assert (row["state"], row["flagged"], row["held"], row["reserved_nanos"]) == (
+            "settled", 0, 0, 0,
+        )  # fmt: skip
+        assert row["image_output_tokens"] == record["usage"]["image_output"]
+        assert row["started_at"] == end == int(record["time"])  # booked on the batch's end
+        assert row["started_at"] // DAY == record["time"] // DAY  # the UTC day OpenAI books
+        assert row["upstream_request_id"] == record["id"]
+    if batch.output_file_id is not None:
+        content = proxy.client(DESIGN_KEY if team_name == "design" else KEYS[team_name])
+        text = content.files.content(batch.output_file_id).text
+        outputs = [json.loads(x) for x in text.splitlines()]
+        by_id = {r["custom_id"]: r for r in rows}
+        for out in outputs:
+            usage = out["response"]["body"]["usage"]
+            assert by_id[out["custom_id"]]["cost_nanos"] == batch_cost(model, output_tokens(usage))
+        assert {o["custom_id"] for o in outputs} == set(by_id)
+    return rows
+
+
+# -- fixtures ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def proxy(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
+    root = tmp_path_factory.mktemp("batches")
+    write_config(root, f"{simulator.url}/v1", "timezone: UTC\n", teams=TEAMS)
+    tollgate = start_tollgate(root)
+    yield tollgate
+    tollgate.stop()
+
+
+@pytest.fixture(autouse=True)
+def calm(simulator: Simulator) -> Iterator[None]:
+    """Short batches, a day's window, no latency or faults."""
+    simulator.configure(latency_ms=0, fault=None, batch_delay_ms=400, batch_window_ms=DAY * 1000)
+    yield
+    simulator.configure(latency_ms=0, fault=None, batch_delay_ms=400, batch_window_ms=DAY * 1000)
+
+
+# -- 1. exact cost, per billed line, at batch rates ------------------------------------
+
+
+@pytest.mark.parametrize("model", ["gpt-image-2", "gpt-image-1.5", "gpt-image-1-mini"])
+def test_a_generations_batch_settles_one_row_per_line_at_batch_rates(
+    proxy: Tollgate, simulator: Simulator, model: str
+) -> None:
+    sdk = proxy.client()
+    uploaded = sdk.files.with_raw_response.create(
+        file=("in.jsonl", jsonl(generations(model, 4))), purpose="batch"
+    )
+    assert uploaded.headers["x-tollgate-team"] == "design"
+    file = uploaded.parse()
+    raw = sdk.batches.with_raw_response.create(
+        input_file_id=file.id, endpoint=GENERATIONS, completion_window="24h"
+    )
+    created = raw.parse()
+    [stored] = proxy.query(f"SELECT * FROM stored_objects WHERE id = '{file.id}'")
+    assert nanos(raw.headers["x-tollgate-reserved-usd"]) == stored["bound_nanos"] > 0
+    batch = ended(sdk, created.id)
+    assert batch.status == "completed"
+    rows = check_settled(proxy, simulator, batch, model)
+    assert len(rows) == 4
+    assert sum(r["n"] for r in rows) == 6
+    assert sum(r["cost_nanos"] for r in rows) <= stored["bound_nanos"]
+    assert reserved_total(proxy) == 0
+
+
+def test_an_edits_batch_names_a_vision_file_of_the_team_and_a_data_url(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    sdk = proxy.client()
+    reference = sdk.files.create(file=("cat.png", png_bytes()), purpose="vision")
+    assert reference.id in upstream_files(simulator)
+    body = {"model": "gpt-image-1.5", "prompt": "make it blue", **LOW}
+    lines = [
+        line("by-file", {**body, "images": [{"file_id": reference.id}]}, EDITS),
+        line("by-url", {**body, "images": [{"image_url": data_url()}]}, EDITS),
+        line("both", {**body, "images": [{"file_id": reference.id}, {"image_url": data_url()}]},
+             EDITS),
+    ]  # fmt: skip
+    batch = ended(sdk, create(sdk, lines, EDITS).id)
+    assert batch.status == "completed"
+    rows = check_settled(proxy, simulator, batch, "gpt-image-1.5")
+    by_id = {r["custom_id"]: r for r in rows}
+    assert by_id["both"]["image_input_tokens"] > by_id["by-url"]["image_input_tokens"] > 0
+    assert reserved_total(proxy) == 0
+
+
+# -- 2. a file with a bad line never reaches the upstream --------------------------------
+
+
+def refused_upload(
+    proxy: Tollgate, simulator: Simulator, key: str, lines: list[dict[str, Any]] | list[str]
+) -> openai.APIStatusError:
+    """The error Tollgate answered to uploading `lines`, having forwarded nothing."""
+    before, files = arrivals(simulator, "POST", "/v1/files"), upstream_files(simulator)
+    with pytest.raises(openai.APIStatusError) as caught:
+        upload(proxy.client(key), lines)
+    assert arrivals(simulator, "POST", "/v1/files") == before
+    assert upstream_files(simulator) == files
+    return caught.value
+
+
+def test_a_file_with_bad_lines_is_refused_with_every_bad_line_before_upload(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    good = generations("gpt-image-2", 1)[0]
+    lines = [
+        json.dumps(good),
+        "{not json",
+        json.dumps(line("size", {"model": "gpt-image-2", "prompt": "x", "size": "1000x1000"})),
+        json.dumps(line("no-prompt", {"model": "gpt-image-2", **LOW})),
+        json.dumps(line("sunburst-2.6", {"model": "gpt-image-2.6-sunburst", "prompt": "x", **LOW})),
+        json.dumps(line("unpriced", {"model": "gpt-image-9", "prompt": "x"})),
+        json.dumps(line("edit", {"model": "gpt-image-2", "prompt": "x"}, EDITS)),
+        json.dumps(line("stream", {"model": "gpt-image-2", "prompt": "x", "stream": True})),
+        json.dumps({**good, "custom_id": good["custom_id"]}),
+    ]
+    error = refused_upload(proxy, simulator, DESIGN_KEY, lines)
+    assert isinstance(error, openai.BadRequestError)
+    assert error.status_code == 400 and error.param == "file"  # type: ignore[attr-defined]
+    message = error.message
+    assert "8 problem(s)" in message, message
+    reasons = {
+        2: "",
+        3: "size",
+        4: "prompt",
+        5: "not accepted by the Batch API",
+        6: "gpt-image-9",
+        7: "one endpoint",
+        8: "stream",
+        9: "used by an earlier line",
+    }
+    listed = [x for x in message.splitlines() if x.startswith("line ")]
+    assert [int(x.split(":")[0].removeprefix("line ")) for x in listed] == list(reasons)
+    for text, (number, reason) in zip(listed, reasons.items(), strict=True):
+        assert text.startswith(f"line {number}: ") and reason in text, text
+    assert "line 1:" not in message
+
+
+def test_lines_beyond_the_teams_allow_policy_are_refused_by_line(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    lines = [
+        line("fine", {"model": "gpt-image-2", "prompt": "a", **LOW}),
+        line("high", {"model": "gpt-image-2", "prompt": "b", **LOW, "quality": "high"}),
+        line("other-model", {"model": "gpt-image-1.5", "prompt": "c", **LOW}),
+        line("fine-too", {"model": "gpt-image-2", "prompt": "d", **LOW}),
+    ]
+    error = refused_upload(proxy, simulator, KEYS["strict"], lines)
+    listed = [x for x in error.message.splitlines() if x.startswith("line ")]
+    assert [x.split(":")[0] for x in listed] == ["line 2", "line 3"], error.message
+    assert "quality" in listed[0] and "strict" in listed[0]
+    assert "gpt-image-1.5" in listed[1]
+    allowed = upload(proxy.client(KEYS["strict"]), [lines[0], lines[3]])
+    assert allowed.id in upstream_files(simulator)
+
+
+def test_a_team_without_the_batches_endpoint_cannot_upload_a_batch_file(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    error = refused_upload(proxy, simulator, KEYS["closed"], generations("gpt-image-2", 1))
+    assert isinstance(error, openai.PermissionDeniedError)
+    assert error.code == "policy_violation" and "batches" in error.message
+
+
+def test_a_line_naming_another_teams_file_is_refused(proxy: Tollgate, simulator: Simulator) -> None:
+    theirs = proxy.client(RESEARCH_KEY).files.create(file=("a.png", png_bytes()), purpose="vision")
+    mine = proxy.client().files.create(file=("b.png", png_bytes()), purpose="vision")
+    body = {"model": "gpt-image-2", "prompt": "make it blue", **LOW}
+    lines = [
+        line("mine", {**body, "images": [{"file_id": mine.id}]}, EDITS),
+        line("theirs", {**body, "images": [{"file_id": theirs.id}]}, EDITS),
+        line("unknown", {**body, "images": [{"file_id": "file-doesnotexist000000"}]}, EDITS),
+    ]
+    error = refused_upload(proxy, simulator, DESIGN_KEY, lines)
+    assert isinstance(error, openai.BadRequestError)
+    listed = [x for x in error.message.splitlines() if x.startswith("line ")]
+    assert [x.split(":")[0] for x in listed] == ["line 2", "line 3"], error.message
+    assert theirs.id in listed[0] and "file-doesnotexist000000" in listed[1]
