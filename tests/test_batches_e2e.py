@@ -13,6 +13,8 @@ import base64
 import io
 import json
 import math
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -50,7 +52,7 @@ def team(name: str, body: str = "") -> str:
     return f"name: {name}\nkeys:\n  - {{id: {name}-key, sha256: {key_hash(KEYS[name])}}}\n" + body
 
 
-TIGHT_LIMIT_USD = Decimal("0.02")
+TIGHT_LIMIT_USD = Decimal("0.10")
 TEAMS = {
     "design": f"name: design\nkeys:\n  - {{id: web-app, sha256: {key_hash(DESIGN_KEY)}}}\n",
     "research": f"name: research\nkeys:\n  - {{id: nb, sha256: {key_hash(RESEARCH_KEY)}}}\n",
@@ -158,9 +160,14 @@ def reserved_total(proxy: Tollgate) -> int:
     return int(found["v"] or 0)
 
 
-def arrivals(simulator: Simulator, method: str, path: str) -> int:
+def api_arrivals(simulator: Simulator) -> list[dict[str, Any]]:
+    """The requests that reached the simulated API (not its `/_sim/` pages)."""
     found = httpx.get(f"{simulator.url}/_sim/arrivals").json()["requests"]
-    return sum(1 for a in found if a["method"] == method and a["raw_path"] == path)
+    return [a for a in found if a["raw_path"].startswith("/v1/")]
+
+
+def arrivals(simulator: Simulator, method: str, path: str) -> int:
+    return sum(1 for a in api_arrivals(simulator) if (a["method"], a["raw_path"]) == (method, path))
 
 
 def upstream_files(simulator: Simulator) -> set[str]:
@@ -251,6 +258,21 @@ def check_settled(
             assert by_id[out["custom_id"]]["cost_nanos"] == batch_cost(model, output_tokens(usage))
         assert {o["custom_id"] for o in outputs} == set(by_id)
     return rows
+
+
+def settled_spend(
+    proxy: Tollgate, simulator: Simulator, batch: Batch, model: str, team_name: str = "design"
+) -> int:
+    """What an ended batch was settled at: its billed lines as `check_settled` proves them,
+    or, when no line was billed, one row at no cost (the reservation, released)."""
+    if billed_lines(simulator, batch.id):
+        return sum(
+            r["cost_nanos"] for r in check_settled(proxy, simulator, batch, model, team_name)
+        )
+    [row] = settled_rows(proxy, batch.id)
+    assert (row["cost_nanos"], row["custom_id"]) == (0, None)
+    assert row["error_code"] == f"batch_{batch.status}"
+    return 0
 
 
 # -- fixtures ------------------------------------------------------------------------
@@ -414,3 +436,208 @@ def test_a_line_naming_another_teams_file_is_refused(proxy: Tollgate, simulator:
     listed = [x for x in error.message.splitlines() if x.startswith("line ")]
     assert [x.split(":")[0] for x in listed] == ["line 2", "line 3"], error.message
     assert theirs.id in listed[0] and "file-doesnotexist000000" in listed[1]
+
+
+# -- 3. a batch is reserved whole, or refused --------------------------------------------
+
+
+def cli(proxy: Tollgate, *args: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", *args, "--config", str(proxy.root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"OPENAI_ADMIN_KEY": UPSTREAM_KEY, "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode in (0, 1), done.stderr
+    return done
+
+
+def team_budget(proxy: Tollgate, name: str) -> dict[str, Any]:
+    found = json.loads(cli(proxy, "budgets", "--format", "json").stdout)["budgets"]
+    [budget] = [b for b in found if b["team"] == name and b["metric"] == "usd"]
+    return budget  # type: ignore[no-any-return]
+
+
+def test_a_batch_over_the_budget_is_refused_and_one_that_fits_reserves_its_bound(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """`tight` may spend $0.10 a month: 40 low lines ($0.003 each at batch rates) do not
+    fit; 20 do, and leave no room for a medium image ($0.053 at the Images API's rates)."""
+    sdk = proxy.client(KEYS["tight"])
+    too_big = upload(sdk, generations("gpt-image-2", 40, n=1))
+    before = arrivals(simulator, "POST", "/v1/batches")
+    with pytest.raises(openai.RateLimitError) as caught:
+        sdk.batches.create(input_file_id=too_big.id, endpoint=GENERATIONS, completion_window="24h")
+    error = caught.value
+    assert (error.code, error.type) == ("budget_exceeded", "insufficient_quota")
+    assert "tight" in error.message and "month" in error.message, error.message
+    assert error.response.headers["x-should-retry"] == "false"
+    assert arrivals(simulator, "POST", "/v1/batches") == before
+    assert reserved_total(proxy) == 0
+
+    simulator.configure(batch_delay_ms=20_000)  # its lines run from 2 s, one each 0.8 s
+    fits = upload(sdk, generations("gpt-image-2", 20, n=1))
+    [stored] = proxy.query(f"SELECT * FROM stored_objects WHERE id = '{fits.id}'")
+    raw = sdk.batches.with_raw_response.create(
+        input_file_id=fits.id, endpoint=GENERATIONS, completion_window="24h"
+    )
+    created = raw.parse()
+    bound = nanos(raw.headers["x-tollgate-reserved-usd"])
+    assert bound == stored["bound_nanos"]
+    limit = int(TIGHT_LIMIT_USD * 10**9)
+    assert nanos(raw.headers["x-tollgate-budget-remaining-usd"]) == limit - bound
+    budget = team_budget(proxy, "tight")  # `tollgate budgets` while it runs
+    assert nanos(budget["reserved"]) == bound and nanos(budget["spent"]) == 0
+    [held] = batch_rows(proxy, created.id)
+    assert (held["state"], held["held"], held["estimated_nanos"]) == ("reserved", 1, bound)
+
+    medium = {"model": "gpt-image-2", "quality": "medium", "size": "1024x1024"}
+    images_before = arrivals(simulator, "POST", "/v1/images/generations")
+    with pytest.raises(openai.RateLimitError) as caught:
+        sdk.images.generate(prompt="a lighthouse", **medium)  # type: ignore[arg-type]
+    assert caught.value.code == "budget_exceeded"
+    assert arrivals(simulator, "POST", "/v1/images/generations") == images_before
+
+    assert sdk.batches.cancel(created.id).status == "cancelling"
+    batch = ended(sdk, created.id)
+    assert batch.status == "cancelled"
+    spent = settled_spend(proxy, simulator, batch, "gpt-image-2", "tight")
+    assert spent < limit // 2  # few lines, if any, ran before the cancel
+    assert reserved_total(proxy) == 0
+    assert nanos(team_budget(proxy, "tight")["reserved"]) == 0
+    image = sdk.images.with_raw_response.generate(prompt="a lighthouse", **medium)  # type: ignore[arg-type]
+    assert nanos(image.headers["x-tollgate-cost-usd"]) > 0  # the room is back
+
+
+# -- 4. failed lines, cancelled and expired batches --------------------------------------
+
+
+def test_lines_that_fail_upstream_are_not_billed(proxy: Tollgate, simulator: Simulator) -> None:
+    sdk = proxy.client()
+    lines = generations("gpt-image-2", 5)
+    for index in (1, 3):
+        lines[index]["body"]["prompt"] += " [[fault:500]]"
+    batch = ended(sdk, create(sdk, lines).id)
+    assert batch.status == "completed" and batch.request_counts is not None
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (3, 2)
+    rows = check_settled(proxy, simulator, batch, "gpt-image-2")
+    assert [r["custom_id"] for r in rows] == [lines[i]["custom_id"] for i in (0, 2, 4)]
+    assert batch.error_file_id is not None
+    errors = [json.loads(x) for x in sdk.files.content(batch.error_file_id).text.splitlines()]
+    assert sorted(e["custom_id"] for e in errors) == [lines[i]["custom_id"] for i in (1, 3)]
+    assert reserved_total(proxy) == 0
+
+
+def test_a_batch_cancelled_while_running_is_settled_for_the_lines_that_completed(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    simulator.configure(batch_delay_ms=6000)  # 12 lines, one each 0.4 s from 0.6 s
+    sdk = proxy.client()
+    created = create(sdk, generations("gpt-image-1.5", 12))
+
+    def some_done() -> Batch | None:
+        batch = sdk.batches.retrieve(created.id)
+        counts = batch.request_counts
+        return batch if counts is not None and counts.completed >= 3 else None
+
+    wait_for("three lines done", some_done)
+    assert sdk.batches.cancel(created.id).status == "cancelling"
+    batch = ended(sdk, created.id)
+    assert batch.status == "cancelled" and batch.request_counts is not None
+    done = batch.request_counts.completed
+    assert 3 <= done < 12
+    rows = check_settled(proxy, simulator, batch, "gpt-image-1.5")
+    assert len(rows) == done
+    assert all(r["outcome"] == "ok" for r in rows)
+    assert reserved_total(proxy) == 0
+
+
+def test_an_expired_batch_is_settled_for_the_lines_that_completed(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    # 10 lines run from 0.3 s to 2.7 s; the window closes at 1.5 s.
+    simulator.configure(batch_delay_ms=3000, batch_window_ms=1500)
+    sdk = proxy.client()
+    batch = ended(sdk, create(sdk, generations("gpt-image-1-mini", 10)).id)
+    assert batch.status == "expired" and batch.request_counts is not None
+    done = batch.request_counts.completed
+    assert 0 < done < 10 and batch.request_counts.failed == 10 - done
+    rows = check_settled(proxy, simulator, batch, "gpt-image-1-mini")
+    assert len(rows) == done
+    assert batch.error_file_id is not None
+    errors = [json.loads(x) for x in sdk.files.content(batch.error_file_id).text.splitlines()]
+    assert {e["error"]["code"] for e in errors} == {"batch_expired"}
+    assert reserved_total(proxy) == 0
+
+
+# -- 6. a team's own files and batches only ----------------------------------------------
+
+
+def test_a_batchs_output_file_can_be_read_as_soon_as_the_batch_ended(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """The client sees `completed` before Tollgate's follower does (it polls each second):
+    the output file is the batch's team's at once."""
+    sdk = proxy.client()
+    batch = ended(sdk, create(sdk, generations("gpt-image-2", 2)).id)
+    assert batch.output_file_id is not None
+    text = sdk.files.content(batch.output_file_id).text
+    assert len(text.splitlines()) == 2
+    check_settled(proxy, simulator, batch, "gpt-image-2")
+
+
+def test_teams_cannot_see_each_others_files_and_batches(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    simulator.configure(batch_delay_ms=1500)
+    design, research = proxy.client(), proxy.client(RESEARCH_KEY)
+    mine = [upload(design, generations("gpt-image-2", 1)) for _ in range(3)]
+    batches = [
+        design.batches.create(input_file_id=f.id, endpoint=GENERATIONS, completion_window="24h")
+        for f in mine[:2]
+    ]
+    theirs = [upload(research, generations("gpt-image-2", 1)) for _ in range(3)]
+    their_batch = research.batches.create(
+        input_file_id=theirs[0].id, endpoint=GENERATIONS, completion_window="24h"
+    )
+    finished = [ended(design, b.id) for b in batches]
+    ended(research, their_batch.id)
+    outputs = [b.output_file_id for b in finished]
+    assert all(outputs)
+    for batch_id in (*(b.id for b in batches), their_batch.id):
+        settled_rows(proxy, batch_id)  # nothing followed: only the attempts may arrive
+
+    attempts: list[tuple[str, Callable[[], Any]]] = [
+        (mine[0].id, lambda: research.files.retrieve(mine[0].id)),
+        (mine[0].id, lambda: research.files.content(mine[0].id)),
+        (mine[1].id, lambda: research.files.delete(mine[1].id)),
+        (str(outputs[0]), lambda: research.files.content(str(outputs[0]))),
+        (str(outputs[0]), lambda: research.files.retrieve(str(outputs[0]))),
+        (batches[0].id, lambda: research.batches.retrieve(batches[0].id)),
+        (batches[1].id, lambda: research.batches.cancel(batches[1].id)),
+        (mine[2].id, lambda: research.batches.create(
+            input_file_id=mine[2].id, endpoint=GENERATIONS, completion_window="24h")),
+    ]  # fmt: skip
+    for object_id, attempt in attempts:
+        count = len(api_arrivals(simulator))
+        with pytest.raises(openai.NotFoundError) as caught:
+            attempt()
+        assert object_id in caught.value.message
+        found = api_arrivals(simulator)
+        assert len(found) == count, (object_id, found[count:])  # nothing reached the upstream
+
+    # Their own: every one listed (across pages, by the SDK's auto-pagination), no other.
+    mine_ids = {f.id for f in mine} | {str(o) for o in outputs}
+    theirs_ids = {f.id for f in theirs}
+    listed = {f.id for f in design.files.list(limit=2)}
+    assert mine_ids <= listed and not listed & theirs_ids
+    listed = {f.id for f in research.files.list(limit=2)}
+    assert theirs_ids <= listed and not listed & mine_ids
+    assert {b.id for b in design.batches.list(limit=1)} >= {b.id for b in batches}
+    assert their_batch.id not in {b.id for b in design.batches.list(limit=1)}
+    owned = proxy.query("SELECT id FROM stored_objects WHERE kind = 'batch' AND team = 'research'")
+    assert {b.id for b in research.batches.list(limit=1)} == {r["id"] for r in owned}
+    assert design.files.retrieve(str(outputs[0])).purpose == "batch_output"
+    assert design.files.delete(mine[1].id).deleted
+    assert design.batches.retrieve(batches[0].id).status == "completed"
