@@ -10,14 +10,17 @@ the nano-dollar as a charge is).
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import io
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -28,12 +31,14 @@ from PIL import Image
 
 from proxy.config.prices import load_price_book
 from proxy.core.auth import key_hash
+from tests import pg
 from tests.conftest import (
     DESIGN_KEY,
     RESEARCH_KEY,
     UPSTREAM_KEY,
     Simulator,
     Tollgate,
+    drop_ledger,
     start_tollgate,
     write_config,
 )
@@ -641,3 +646,76 @@ def test_teams_cannot_see_each_others_files_and_batches(
     assert design.files.retrieve(str(outputs[0])).purpose == "batch_output"
     assert design.files.delete(mine[1].id).deleted
     assert design.batches.retrieve(batches[0].id).status == "completed"
+
+
+# -- 5. a batch outlives the process that created it -------------------------------------
+
+
+def exactly_once(proxy: Tollgate, simulator: Simulator, batch: Batch, model: str) -> None:
+    """The batch settled once: its billed lines' rows, no more, and the counters holding
+    exactly their cost and nothing reserved."""
+    rows = check_settled(proxy, simulator, batch, model)
+    assert len(rows) == len(billed_lines(simulator, batch.id))
+    assert len({r["id"] for r in rows}) == len(rows)
+    spent = sum(r["cost_nanos"] for r in rows)
+    counted = proxy.query(
+        "SELECT scope, spent_nanos, reserved_nanos FROM budget_usage WHERE team = 'design' "
+        "OR scope = 'organization'"
+    )
+    assert counted and all((c["spent_nanos"], c["reserved_nanos"]) == (spent, 0) for c in counted)
+    everything = proxy.query("SELECT COUNT(*) AS n, SUM(cost_nanos) AS v FROM requests")[0]
+    assert (everything["n"], everything["v"]) == (len(rows), spent)
+
+
+@pytest.mark.parametrize("stop_with", [signal.SIGTERM, signal.SIGKILL], ids=["term", "kill"])
+def test_a_restart_adopts_a_running_batch_and_settles_it_once(
+    simulator: Simulator, tmp_path: Path, stop_with: signal.Signals
+) -> None:
+    write_config(tmp_path, f"{simulator.url}/v1", teams=TEAMS)
+    first = start_tollgate(tmp_path)
+    simulator.configure(batch_delay_ms=4000)  # running while Tollgate restarts
+    try:
+        created = create(first.client(), generations("gpt-image-2", 6))
+    finally:
+        first.process.send_signal(stop_with)
+        first.process.wait(timeout=30)
+    [held] = batch_rows(first, created.id)
+    assert (held["state"], held["held"]) == ("reserved", 1)  # not ended: still held
+    second = start_tollgate(tmp_path)
+    try:
+        sdk = second.client()
+        batch = ended(sdk, created.id)  # still the team's
+        assert batch.status == "completed"
+        exactly_once(second, simulator, batch, "gpt-image-2")
+        assert held["owner"] not in {r["owner"] for r in batch_rows(second, batch.id)}
+    finally:
+        second.stop()
+
+
+def test_two_replicas_follow_a_batch_whose_creator_died_and_one_settles_it(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    shared = pg.migrated_schema()
+    write_config(tmp_path, f"{simulator.url}/v1", teams=TEAMS)
+    replicas: list[Tollgate] = []
+    try:
+        creator = start_tollgate(tmp_path, ledger_url=shared)
+        simulator.configure(batch_delay_ms=5000)
+        try:
+            created = create(creator.client(), generations("gpt-image-1.5", 8))
+        finally:
+            creator.process.kill()
+            creator.process.wait(timeout=30)
+        [held] = batch_rows(creator, created.id)
+        assert (held["state"], held["held"]) == ("reserved", 1)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            replicas = list(pool.map(lambda _: start_tollgate(tmp_path, ledger_url=shared), [1, 2]))
+        batch = ended(replicas[1].client(), created.id)
+        assert batch.status == "completed"
+        exactly_once(replicas[0], simulator, batch, "gpt-image-1.5")
+        owners = {r["owner"] for r in batch_rows(replicas[0], batch.id)} - {None}
+        assert len(owners) == 1 and held["owner"] not in owners  # adopted by one replica
+    finally:
+        for replica in replicas:
+            replica.stop()
+        drop_ledger(shared)
