@@ -29,6 +29,7 @@ import pytest
 from openai.types import Batch, FileObject
 from PIL import Image
 
+from bench import batch_upload
 from proxy.config.prices import load_price_book
 from proxy.core.auth import key_hash
 from tests import pg
@@ -789,3 +790,34 @@ def test_reports_and_reconcile_show_batch_spend_as_openai_bills_it(tmp_path: Pat
     finally:
         proxy.stop()
         stop(simulator.process)
+
+
+# -- 8. a 50,000-line file ---------------------------------------------------------------
+
+
+def test_a_50000_line_file_is_priced_and_forwarded_through_a_real_process(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """Priced line by line and forwarded whole; its upload time and the process's peak
+    resident memory are printed (bench/batch_upload.py measures the same, best of three)."""
+    found = batch_upload.measure(proxy.url, DESIGN_KEY, proxy.process.pid, 50_000)
+    print(f"\n{batch_upload.report(found)}")
+    [stored] = proxy.query(
+        "SELECT * FROM stored_objects WHERE kind = 'file' AND purpose = 'batch' "
+        "ORDER BY created_at DESC LIMIT 1"
+    )
+    assert stored["lines"] == 50_000
+    [priced] = proxy.query(
+        f"SELECT COUNT(*) AS n, SUM(bound_nanos) AS bound FROM batch_lines "
+        f"WHERE file_id = '{stored['id']}'"
+    )
+    assert (priced["n"], priced["bound"]) == (50_000, stored["bound_nanos"])
+    assert stored["bound_nanos"] >= 50_000 * batch_cost("gpt-image-2", {"image_output": 196})
+    content = httpx.get(
+        f"{simulator.url}/v1/files/{stored['id']}/content",
+        headers={"authorization": f"Bearer {UPSTREAM_KEY}"},
+        timeout=60,
+    )
+    forwarded = content.content.splitlines()
+    assert len(forwarded) == 50_000
+    assert json.loads(forwarded[-1])["custom_id"] == "line-49999"
