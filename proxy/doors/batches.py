@@ -206,8 +206,12 @@ class BatchFile:
         )
         return line, encoded
 
+    def refuse(self, number: int, reason: str) -> None:
+        """Line `number` found bad after it was read (a file it names is not the team's)."""
+        self._problems_append(f"line {number}: {reason}")
+
     def _problem(self, reason: str) -> None:
-        self._problems_append(f"line {self._count}: {reason}")
+        self.refuse(self._count, reason)
 
     def _problems_append(self, text: str) -> None:
         if len(self.problems) < MAX_PROBLEMS:

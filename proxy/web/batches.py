@@ -41,6 +41,7 @@ from proxy.core.errors import (
 from proxy.core.metering import MalformedAnswer, ShortStrings, usage_from_openai
 from proxy.core.models import Charge, Entry, Estimate, ImageRequest, Settlement, Usage, usd_text
 from proxy.core.parsing import json_object
+from proxy.core.settings import Team
 from proxy.ledger import BatchLine, BilledLine, Reservation, StoredObject
 from proxy.upstream import BROKEN_OFF, response_headers
 from proxy.web.admission import read_body
@@ -213,16 +214,37 @@ class Batches:
         await release(runtime, entry, failure.status, failure.code)
 
     async def listing(self, request: Request, runtime: Runtime) -> Response:
-        return await scoped_listing(request, runtime, self.key_refusals, "/batches")
+        return await scoped_listing(request, runtime, self.key_refusals, "/batches", own_outputs)
 
     async def one(self, request: Request, runtime: Runtime) -> Response:
         """`GET /v1/batches/{id}` and `POST …/cancel` for the batch's team."""
         response = await scoped_object(
-            request, runtime, self.key_refusals, request.path_params["batch_id"], "Batch"
+            request,
+            runtime,
+            self.key_refusals,
+            request.path_params["batch_id"],
+            "Batch",
+            own_outputs,
         )
         if request.url.path.endswith("/cancel"):
             runtime.followers.nudge()
         return response
+
+
+async def own_outputs(runtime: Runtime, team: Team, batch: Any) -> None:
+    """The output and error files of a batch shown to its team are that team's: the team
+    may read them as soon as it sees them, before the follower has settled the batch."""
+    if not isinstance(batch, dict):
+        return
+    for name in ("output_file_id", "error_file_id"):
+        file_id = batch.get(name)
+        if isinstance(file_id, str) and file_id:
+            try:
+                await runtime.ledger.own(
+                    StoredObject(file_id, team.name, "file", "batch_output", runtime.clock())
+                )
+            except LedgerError as exc:
+                log.error("recording %s of batch %s failed: %s", file_id, batch.get("id"), exc)
 
 
 async def release(runtime: Runtime, entry: Entry, status: int, code: str | None) -> None:

@@ -21,7 +21,9 @@ import json
 import re
 import secrets
 import tempfile
+from collections.abc import Awaitable, Callable
 from typing import IO, Any
+from urllib.parse import parse_qsl, urlencode
 
 from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
@@ -53,6 +55,8 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", re.ASCII)
 SAFE_TYPE = re.compile(r"[a-z]+/[a-z0-9.+-]+", re.ASCII)
 CHUNK = 256 * 1024
 ANSWER_LIMIT = 1024 * 1024
+SKIPPED_PAGES = 20
+"""Upstream pages a listing reads past when they hold none of the caller's objects."""
 
 
 def not_found(kind: str, object_id: str) -> NotFound:
@@ -123,13 +127,15 @@ class Files:
             return
         teams = await runtime.ledger.teams_of(named)
         for line in batch.lines:
-            for file_id in line.file_ids:
-                if teams.get(file_id) != team.name:
-                    raise InvalidRequest(
-                        f"The batch file was not uploaded: line {line.line}: no such File "
-                        f"object: {file_id} (a file uploaded by your team through Tollgate).",
-                        param="file",
-                    )
+            foreign = [f for f in line.file_ids if teams.get(f) != team.name]
+            if foreign:
+                batch.refuse(
+                    line.line,
+                    f"no such File object: {foreign[0]} (a file uploaded by your team "
+                    "through Tollgate)",
+                )
+        if not batch.ok:
+            raise InvalidRequest(batch.report(), param="file")
 
     async def listing(self, request: Request, runtime: Runtime) -> Response:
         """`GET /v1/files`: the upstream's page, with only the team's files in it."""
@@ -272,12 +278,19 @@ async def own_file(
     )
 
 
+Seen = Callable[[Runtime, Team, Any], Awaitable[None]]
+"""Told of each object (parsed JSON) a team is shown: see `proxy.web.batches.own_outputs`."""
+
+
 async def scoped_listing(
-    request: Request, runtime: Runtime, refusals: KeyRefusals, path: str
+    request: Request, runtime: Runtime, refusals: KeyRefusals, path: str, seen: Seen | None = None
 ) -> Response:
     """A list endpoint (`/files`, `/batches`): the upstream's page with only the caller's
-    objects in `data` (a page may so come out shorter than `limit`; `has_more` and the
-    cursors are the upstream's)."""
+    objects in `data` (a page may so come out shorter than `limit`; `has_more` is the
+    upstream's). An upstream page holding none of them is read past (the next one asked
+    `after` its last object, up to `SKIPPED_PAGES` of them): an empty page with `has_more`
+    would end a client's pagination (the SDKs ask for the next page `after` the last object
+    of `data`), so the caller's older objects would never be listed."""
     headers = {"x-tollgate-request-id": new_request_id()}
     try:
         team, _ = identify(request.headers.get("authorization"), runtime.config.team_by_key_hash())
@@ -288,23 +301,33 @@ async def scoped_listing(
         query = plain_query(request.scope.get("query_string", b""))
         if query is None:
             raise InvalidRequest("The query string holds characters that must be percent-encoded.")
-        answer = await runtime.upstream.send(
-            path, b"", "", request.headers.items(), method="GET", query=query
-        )
-        body = await read_answer(answer)
-        if 200 <= answer.status < 300:
-            body = await filtered(runtime, team, body)
+        for _ in range(SKIPPED_PAGES + 1):
+            answer = await runtime.upstream.send(
+                path, b"", "", request.headers.items(), method="GET", query=query
+            )
+            body = await read_answer(answer)
+            if not 200 <= answer.status < 300:
+                break
+            body, read_past = await filtered(runtime, team, body, seen)
+            if read_past is None:
+                break
+            query = urlencode([*((k, v) for k, v in parse_qsl(query) if k != "after"),
+                               ("after", read_past)])  # fmt: skip
     except RequestError as exc:
         return error_response(exc, headers)
     return Response(body, answer.status, headers={**dict(response_headers(answer)), **headers})
 
 
-async def filtered(runtime: Runtime, team: Team, body: bytes) -> bytes:
+async def filtered(
+    runtime: Runtime, team: Team, body: bytes, seen: Seen | None = None
+) -> tuple[bytes, str | None]:
+    """The page with only the team's objects, and, when it holds none of them but the
+    upstream has more, the id to read on after (else None)."""
     try:
         page = json.loads(body)
         items = page["data"]
     except (ValueError, KeyError, TypeError):
-        return b'{"object":"list","data":[],"has_more":false}'
+        return b'{"object":"list","data":[],"has_more":false}', None
     ids = [item.get("id") for item in items if isinstance(item, dict)]
     teams = await runtime.ledger.teams_of([i for i in ids if isinstance(i, str)])
     page["data"] = [
@@ -313,15 +336,27 @@ async def filtered(runtime: Runtime, team: Team, body: bytes) -> bytes:
         if isinstance(item, dict) and teams.get(str(item.get("id"))) == team.name
     ]
     data = page["data"]
+    if seen is not None:
+        for item in data:
+            await seen(runtime, team, item)
     page["first_id"] = data[0]["id"] if data else None
     page["last_id"] = data[-1]["id"] if data else page.get("last_id")
-    return json.dumps(page).encode()
+    last = ids[-1] if ids else None
+    read_past = last if not data and page.get("has_more") and isinstance(last, str) else None
+    return json.dumps(page).encode(), read_past
 
 
 async def scoped_object(
-    request: Request, runtime: Runtime, refusals: KeyRefusals, object_id: str, kind: str
+    request: Request,
+    runtime: Runtime,
+    refusals: KeyRefusals,
+    object_id: str,
+    kind: str,
+    seen: Seen | None = None,
 ) -> Response:
-    """A path naming one object: forwarded for its team, 404 for anyone else."""
+    """A path naming one object: forwarded for its team, 404 for anyone else. With `seen`,
+    the answer (a small JSON object) is read whole and `seen` told of it before it is
+    answered; else it streams."""
     headers = {"x-tollgate-request-id": new_request_id()}
     try:
         team, _ = identify(request.headers.get("authorization"), runtime.config.team_by_key_hash())
@@ -343,6 +378,13 @@ async def scoped_object(
             method=request.method,
             query=query,
         )
+        if seen is not None:
+            body = await read_answer(answer)
+            if 200 <= answer.status < 300:
+                await seen(runtime, team, _parsed(body))
+            return Response(
+                body, answer.status, headers={**dict(response_headers(answer)), **headers}
+            )
     except RequestError as exc:
         return error_response(exc, headers)
     return StreamingResponse(
@@ -351,3 +393,10 @@ async def scoped_object(
         headers={**dict(response_headers(answer)), **headers},
         background=BackgroundTask(answer.aclose),
     )
+
+
+def _parsed(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
