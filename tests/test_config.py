@@ -520,14 +520,14 @@ SETTINGS_PROBLEMS = [
     (
         "passthrough:\n  - {path: /v1/responses, methods: [GET, POST]}\n",
         "2: passthrough[0].path: '/v1/responses' with POST would let image spend through "
-        "unmetered (the Responses image tool, batches and their files): only GET and HEAD may be passed "
-        "through there",
+        "unmetered (the Responses image tool, batches and their files): only GET and HEAD "
+        "may be passed through there",
     ),
     (
         "passthrough:\n  - {path: /v1/Batches/x, methods: [DELETE]}\n",
         "2: passthrough[0].path: '/v1/Batches/x' with DELETE would let image spend through "
-        "unmetered (the Responses image tool, batches and their files): only GET and HEAD may be passed "
-        "through there",
+        "unmetered (the Responses image tool, batches and their files): only GET and HEAD "
+        "may be passed through there",
     ),
     (
         "passthrough: [/v1/models/../images]\n",

@@ -274,8 +274,8 @@ class _Builder:
                     doc,
                     where,
                     f"{prefix!r} with {', '.join(sorted(methods - READ_ONLY))} would let image "
-                    "spend through unmetered (the Responses image tool, batches and their files): only GET and "
-                    "HEAD may be passed through there",
+                    "spend through unmetered (the Responses image tool, batches and their "
+                    "files): only GET and HEAD may be passed through there",
                 )
             elif prefix in found:
                 self._problem(doc, where, f"{prefix!r} is listed twice")
