@@ -119,7 +119,8 @@ def test_every_field_of_an_entry_is_set_by_a_stage() -> None:
         "responses", "m", 1, n=3, quality="q", size="s", stream=True, user="u",
         images=(InputImage(),), mainline="mm",
     )  # fmt: skip
-    entry = Entry("i", 1.0, "edits").identified("t", "c", "k").asked(request).sent(request, 9, "d")
+    asked = Entry("i", 1.0, "edits").identified("t", "c", "k").asked(request, "digest", "key")
+    entry = asked.sent(request, 9, "d")
     # A batch's billed line is built whole when its batch ends, from the line's own result:
     # no request walks the stages with a `custom_id`.
     built_whole = {"custom_id"}

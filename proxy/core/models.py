@@ -18,6 +18,7 @@ ENDPOINTS: tuple[Endpoint, ...] = ("generations", "edits", "variations", "respon
 Outcome = Literal[
     "ok",
     "downgraded",
+    "replayed",
     "rejected_budget",
     "rejected_policy",
     "upstream_error",
@@ -263,6 +264,11 @@ class Entry:
     custom_id: str | None = None
     """Batch API: the line of the batch input file this row bills (its `custom_id`). Set
     only on a batch's billed lines, which are built whole when the batch ends, never staged."""
+    content_digest: str | None = None
+    """What a repeat of this request matches (its team, path and content: README, "Retries
+    never pay twice"); None when it cannot be repeated (no SDK retry header, no key)."""
+    idempotency_key: str | None = None
+    """A digest of its team and `Idempotency-Key` header, when it sent one."""
 
     # Each stage spells its fields out: `dataclasses.replace` costs 4 µs a call, which
     # the request path would pay three times per request.
@@ -270,8 +276,13 @@ class Entry:
     def identified(self, team: str, cost_center: str | None, key_id: str) -> Entry:
         return Entry(self.id, self.started_at, self.endpoint, team, cost_center, key_id)
 
-    def asked(self, request: ImageRequest) -> Entry:
-        """What the client asked for."""
+    def asked(
+        self,
+        request: ImageRequest,
+        content_digest: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Entry:
+        """What the client asked for (and what its repeats would match)."""
         return Entry(
             self.id, self.started_at, self.endpoint, self.team, self.cost_center, self.key_id,
             user=request.user,
@@ -282,6 +293,8 @@ class Entry:
             stream=request.stream,
             mainline_model=request.mainline,
             context_images=len(request.images) if request.mainline else 0,
+            content_digest=content_digest,
+            idempotency_key=idempotency_key,
         )  # fmt: skip
 
     def sent(self, request: ImageRequest, estimated_nanos: int, downgrades: str) -> Entry:
@@ -291,6 +304,7 @@ class Entry:
             self.user, self.model_requested, request.model, self.quality_requested,
             request.quality, self.size_requested, request.size, self.n_requested, request.n,
             self.stream, estimated_nanos, downgrades, request.mainline, self.context_images,
+            None, self.content_digest, self.idempotency_key,
         )  # fmt: skip
 
 

@@ -121,6 +121,35 @@ class StoredObject:
 
 
 @dataclass(frozen=True, slots=True)
+class FirstAttempt:
+    """The earlier request a repeat repeats, as its row says now."""
+
+    request_id: str
+    started_at: float
+    settled: bool
+    """False while it is in flight (reserved)."""
+    outcome: str | None
+    status: int | None
+    cost_nanos: int
+    content_digest: str | None
+    """Its content digest (an Idempotency-Key reused with another content is a conflict)."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeptAnswer:
+    """An answer kept for the repeats of its request: status, headers and body as the
+    client got them (a stream: its events, in order)."""
+
+    request_id: str
+    team: str
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    stream: bool
+    kept_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class OpenBatch:
     """A batch in flight: what its reservation holds."""
 
@@ -289,6 +318,24 @@ class Ledger(Protocol):
         `response_id` on the row (on a row no longer in flight, only that: a reclaimed
         reservation stays charged at its bound until its settlement replaces it).
         LedgerError if there is no request `request_id`."""
+
+    async def first_attempt(
+        self, team: str, since: float, *, content: str | None = None, key: str | None = None
+    ) -> FirstAttempt | None:
+        """The latest request of `team` started at or after `since` with the content digest
+        `content` (or, given `key`, with that idempotency key, whatever its content), not
+        itself a replay; None when there is none."""
+
+    async def keep_answer(self, answer: KeptAnswer, store_bytes: int) -> bool:
+        """Keep `answer` for the repeats of its request, the kept answers' bodies staying
+        within `store_bytes` in all: the oldest are forgotten first; an answer larger than
+        `store_bytes` is not kept (False). One transaction."""
+
+    async def kept_answer(self, request_id: str) -> KeptAnswer | None:
+        """The answer kept for `request_id`, if one is."""
+
+    async def forget_answers(self, kept_before: float) -> int:
+        """Forget the answers kept before `kept_before` (past the retry window)."""
 
     async def open_batches(self) -> list[OpenBatch]:
         """Every batch in flight (held), oldest first, with what it holds reserved."""
