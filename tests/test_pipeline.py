@@ -75,6 +75,10 @@ class SpyDoor:
         self.asked.append("carry")
         return self.inner.carry(parsed, tokens, images)
 
+    def digest(self, parsed: ParsedBody) -> bytes:
+        self.asked.append("digest")
+        return self.inner.digest(parsed)
+
     def injected(self, parsed: ParsedBody) -> str:
         self.asked.append("injected")
         return self.inner.injected(parsed)

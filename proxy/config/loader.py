@@ -39,6 +39,7 @@ from proxy.core.settings import (
     Metric,
     Passthrough,
     ResponsesPolicy,
+    Retries,
     Team,
     TeamKey,
     ThrottleTier,
@@ -245,6 +246,7 @@ class _Builder:
             limits=limits,
             passthrough=passthrough,
             alerts=alerts,
+            retries=Retries(**data.get("retries", {})),
         )
 
     def _passthrough(self, doc: Document, entries: list[Any]) -> tuple[Passthrough, ...]:

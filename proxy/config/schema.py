@@ -204,6 +204,13 @@ _DEFS: dict[str, Any] = {
                     "timeout_s": _POSITIVE,
                 }
             ),
+            "retries": _strict(
+                {
+                    "enabled": {"type": "boolean"},
+                    "window_s": _POSITIVE,
+                    "store_bytes": _COUNT,
+                }
+            ),
             "teams": _list({"$ref": "#/$defs/team"}),
         },
         title="Tollgate settings (policies/tollgate.yaml, or a single file with `teams`)",

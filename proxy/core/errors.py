@@ -15,6 +15,7 @@
           ├── NotFound               404 not_found
           │    └── PreviousResponseNotFound  404 previous_response_not_found
           ├── MethodNotAllowed       405 method_not_allowed
+          ├── IdempotencyConflict    409 idempotency_conflict
           ├── RequestTimeout         408 request_timeout
           ├── RequestTooLarge        413 request_too_large
           ├── UnsupportedEncoding    415 unsupported_content_encoding
@@ -127,6 +128,13 @@ class PreviousResponseNotFound(NotFound):
     """A `previous_response_id` that names no response of the caller's team."""
 
     code = "previous_response_not_found"
+
+
+class IdempotencyConflict(RequestError):
+    """An `Idempotency-Key` reused with another content."""
+
+    status = 409
+    code = "idempotency_conflict"
 
 
 class MethodNotAllowed(RequestError):

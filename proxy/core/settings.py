@@ -187,6 +187,17 @@ class Alerts:
 
 
 @dataclass(frozen=True, slots=True)
+class Retries:
+    """How repeats of a request are answered (README, "Retries never pay twice")."""
+
+    enabled: bool = True
+    window_s: float = 600.0
+    """How long after a request its repeats are recognised (and its answer kept)."""
+    store_bytes: int = 256 * MiB
+    """The bodies of kept answers, in all, shared by every worker and replica."""
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """A whole, validated configuration. Build it with `load_config`."""
 
@@ -204,6 +215,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     passthrough: tuple[Passthrough, ...] = ()
     alerts: Alerts = field(default_factory=Alerts)
+    retries: Retries = field(default_factory=Retries)
     _by_key_hash: Mapping[str, tuple[Team, TeamKey]] = field(
         init=False, repr=False, compare=False, hash=False
     )

@@ -75,6 +75,11 @@ class Door(Protocol[Parsed]):
         `tokens` billed again as input, `images` its tool may be given."""
         ...
 
+    def digest(self, parsed: Parsed) -> bytes:
+        """What the request asks, the same for every sending of it (a retry draws a new
+        multipart boundary): what its repeats are recognised by."""
+        ...
+
     def injected(self, parsed: Parsed) -> str:
         """The bounds Tollgate wrote into the request (`max_tool_calls=unset->1`), for
         `x-tollgate-downgraded`; empty when none."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
@@ -50,6 +52,9 @@ class ImagesDoor:
 
     def injected(self, parsed: ParsedBody) -> str:
         return ""
+
+    def digest(self, parsed: ParsedBody) -> bytes:
+        return content_digest(parsed)
 
     def admit(self, team: Team, parsed: ParsedBody, config: Config) -> Variant:
         model = priced(config.prices, parsed.request.model)
@@ -122,3 +127,15 @@ def priced(book: PriceBook, name: str) -> ModelPrices:
             param="model",
         )
     return model
+
+
+def content_digest(parsed: ParsedBody) -> bytes:
+    """SHA-256 of a request's parsed fields, its JSON image references and its uploads'
+    bytes: the same however its body was framed."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(parsed.fields, sort_keys=True).encode())
+    digest.update(json.dumps(parsed.references, sort_keys=True).encode())
+    for upload in parsed.uploads:
+        digest.update(f"\0{upload.name}\0{upload.format}\0{len(upload.data)}\0".encode())
+        digest.update(upload.data)
+    return digest.digest()

@@ -24,6 +24,7 @@ refused with a 400 that says so. The body sent upstream is re-encoded from this 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -149,6 +150,9 @@ class ResponsesDoor:
         context = (*own, *(InputImage() for _ in range(images)))
         request = replace(parsed.request, images=context)
         return replace(parsed, request=request, context_tokens=tokens)
+
+    def digest(self, parsed: ResponseBody) -> bytes:
+        return hashlib.sha256(json.dumps(parsed.fields, sort_keys=True).encode()).digest()
 
     def injected(self, parsed: ResponseBody) -> str:
         return "; ".join(parsed.injected)

@@ -31,6 +31,7 @@ from proxy.upstream import BROKEN_OFF, Answer, response_headers
 from proxy.web.follow import ResponseFollow
 from proxy.web.observe import observe
 from proxy.web.relay import Relay
+from proxy.web.repeats import Keep
 from proxy.web.responses import error_response, spooled_response
 from proxy.web.runtime import Runtime
 from proxy.web.spool import Spool
@@ -73,6 +74,8 @@ class Exchange:
         """A Responses API answer's response id, once read."""
         self.upstream_id: str | None = None
         self.settled = False
+        self.keep: Keep | None = None
+        """When set, the answer may be kept for the request's repeats."""
 
     # -- the two ways through ------------------------------------------------------
 
@@ -175,8 +178,24 @@ class Exchange:
         if found.pending and found.response_id is not None:
             return await self.hold(answer, spool, found.response_id)
         verdict = settlement.metered(self.bound, found)
+        headers = self.after(verdict.cost_nanos)
+        # Kept before the settlement: a repeat that sees this settled finds its answer.
+        keep = self.keep
+        if keep is not None and spool.size <= keep.store_bytes and await keep.wanted():
+            kept = [*response_headers(answer), *headers.items()]
+            await self.keep_answer(answer.status, kept, spool.read_all(), stream=False)
         await self.settle(verdict, answer.status, upstream_id)
-        return spooled_response(spool, answer, self.after(verdict.cost_nanos))
+        return spooled_response(spool, answer, headers)
+
+    async def keep_answer(
+        self, status: int, headers: list[tuple[str, str]], body: bytes, *, stream: bool
+    ) -> None:
+        """Keep this answer for the request's repeats (`proxy.web.repeats`)."""
+        assert self.keep is not None
+        try:
+            await self.keep.keep(self.runtime, self.entry.id, status, headers, body, stream)
+        except LedgerError as exc:
+            log.error("keeping the answer of %s failed: %s", self.entry.id, exc)
 
     async def hold(self, answer: Answer, spool: Spool, response_id: str) -> Response:
         """A background response that has not ended: its reservation is held in the ledger
@@ -228,10 +247,19 @@ class Exchange:
         settle what it came to."""
         meter = self.door.stream_meter()
         broken: str | None = None
+        keep = self.keep
+        events: list[bytes] | None = [] if keep is not None else None
+        size = 0
         try:
             async for chunk in self.within_deadline(answer.chunks()):
                 meter.feed(chunk)
                 relay.put(chunk)
+                if events is not None:
+                    size += len(chunk)
+                    if keep is not None and size > keep.store_bytes:
+                        events = None  # too large to keep: the repeat is forwarded anew
+                    else:
+                        events.append(chunk)
         except BROKEN_OFF as exc:
             broken = exc.ledger_code
         finally:
@@ -240,6 +268,9 @@ class Exchange:
             self.observe_upstream()
         end: StreamEnd = meter.end(broken)
         self.response_id = end.response_id
+        if keep and events is not None and not broken and await keep.wanted(relay.listening):
+            kept = [*response_headers(answer), *self.headers.items()]
+            await self.keep_answer(answer.status, kept, b"".join(events), stream=True)
         if end.broken and not end.terminal and end.response_id and self.bound.mainline:
             # A Responses stream cut short: the response it named may still run upstream
             # (and bill); it is followed to its end rather than charged its bound.

@@ -44,6 +44,7 @@ from proxy.core.models import Counter, Entry, Outcome, Settlement, Totals
 from proxy.core.settings import Team
 from proxy.doors.base import Door, Parsed
 from proxy.ledger import Reservation
+from proxy.web import repeats
 from proxy.web.admission import read_body
 from proxy.web.exchange import Exchange
 from proxy.web.observe import KeyRefusals, observe
@@ -86,7 +87,16 @@ class Pipeline(Generic[Parsed]):
             previous = door.previous(parsed)
             if previous is not None:
                 parsed = await self.continued(runtime, team, parsed, previous)
-            entry = entry.asked(door.request(parsed))
+            found = None
+            if config.retries.enabled and repeats.repeatable(request):
+                found = repeats.marks(request, team.name, door.endpoint, door.digest(parsed))
+            entry = entry.asked(
+                door.request(parsed), *((found.content, found.key) if found else (None, None))
+            )
+            if found is not None and found.repeat:
+                replayed = await repeats.replay(runtime, entry, team.name, found, headers)
+                if replayed is not None:
+                    return replayed
             variant = door.admit(team, parsed, config)
             decision, entry = await self.reserve(runtime, team, entry, variant)
         except RequestError as exc:
@@ -105,6 +115,13 @@ class Pipeline(Generic[Parsed]):
         exchange = Exchange(
             runtime, door, entry, bound, headers, sent.changes, decision.remaining_nanos
         )
+        if found is not None:
+            exchange.keep = repeats.Keep(
+                team.name,
+                found.key is not None,
+                request.is_disconnected,
+                config.retries.store_bytes,
+            )
         client_headers = request.headers.items()
         if sent.request.stream:
             return await exchange.stream(body, content_type, client_headers)

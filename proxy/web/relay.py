@@ -21,6 +21,11 @@ class Relay:
         if self._listening:
             self._queue.put_nowait(chunk)
 
+    @property
+    def listening(self) -> bool:
+        """The client still reads the events (False once it is gone)."""
+        return self._listening
+
     def close(self) -> None:
         self._queue.put_nowait(None)
 

@@ -43,6 +43,13 @@ class Spool:
         assert self._file is None
         return b"".join(self._chunks)
 
+    def read_all(self) -> bytes:
+        """The whole body, wherever it is held (the spool can still be streamed after)."""
+        if self._file is None:
+            return b"".join(self._chunks)
+        self._file.seek(0)
+        return self._file.read()
+
     async def stream(self) -> AsyncIterator[bytes]:
         """The body in chunks; closes the spool at the end (or when the reader stops)."""
         try:

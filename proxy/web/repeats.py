@@ -1,0 +1,164 @@
+"""Retries never pay twice: a repeat of a request is answered from its first attempt.
+
+OpenAI takes no idempotency key, and the official SDKs retry a request that timed out
+(or lost its connection) while its image was still rendering: OpenAI bills both. A
+request is a repeat when it comes from the same team, to the same path, with the same
+content (`Door.digest`: its parsed fields and file bytes, whatever the framing), within
+`retries.window_s` of the first, and it either carries the same `Idempotency-Key` or is
+an SDK retry (`x-stainless-retry-count` ≥ 1). The ledger decides who was first, for
+every worker and replica (`Ledger.first_attempt`):
+
+    first in flight              the repeat waits for it to end, then as below
+    first answered, answer kept  the repeat gets the kept answer, `x-tollgate-replay-of`,
+                                 recorded with outcome `replayed` at no cost
+    anything else                the repeat is forwarded as a new request (a first that
+                                 failed without a charge; one whose client got its answer)
+
+An attempt's answer is kept (`Ledger.keep_answer`, within `retries.store_bytes`) when its
+client was gone before it ended — what a retry follows — or when it carried an
+`Idempotency-Key`; it is kept before the attempt is settled, so a repeat that sees the
+first settled finds its answer. An `Idempotency-Key` reused with another content is
+`409 idempotency_conflict`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from proxy.core.errors import IdempotencyConflict
+from proxy.core.models import Entry, Settlement
+from proxy.ledger import FirstAttempt, KeptAnswer
+from proxy.web.observe import observe
+from proxy.web.runtime import Runtime
+
+RETRY_HEADER = "x-stainless-retry-count"
+KEY_HEADER = "idempotency-key"
+REPLAY_HEADER = "x-tollgate-replay-of"
+WAIT_S = 0.25
+"""How often a repeat asks the ledger whether its first attempt has ended."""
+NOT_REPLAYED = frozenset({"content-length", "transfer-encoding", "x-tollgate-request-id"})
+
+
+@dataclass(frozen=True, slots=True)
+class Marks:
+    """What a request's repeats match, and whether it says it is one."""
+
+    content: str
+    """The digest of its team, path and content."""
+    key: str | None
+    """The digest of its team and `Idempotency-Key`, when it sent one."""
+    repeat: bool
+    """It carries a key, or is an SDK retry: it may repeat an earlier request."""
+
+
+def repeatable(request: Request) -> bool:
+    """Whether a request may be repeated, or repeat another: an SDK's (it sends its retry
+    count, 0 the first time) or one with a key. A request with neither is always new
+    (users may really want two images) and its content is never digested."""
+    headers = request.headers
+    return RETRY_HEADER in headers or bool(headers.get(KEY_HEADER))
+
+
+def marks(request: Request, team: str, path: str, digest: bytes) -> Marks:
+    """The marks of a `repeatable` request."""
+    retry = request.headers.get(RETRY_HEADER)
+    key = request.headers.get(KEY_HEADER)
+    content = hashlib.sha256(f"{team}\0{path}\0".encode() + digest).hexdigest()
+    key_digest = hashlib.sha256(f"{team}\0{key}".encode()).hexdigest() if key else None
+    count = int(retry) if retry is not None and retry.isdigit() else 0
+    return Marks(content, key_digest, bool(key) or count >= 1)
+
+
+async def first_of(runtime: Runtime, team: str, found: Marks, now: float) -> FirstAttempt | None:
+    """The first attempt `found` repeats, if there is one within the window."""
+    since = now - runtime.config.retries.window_s
+    if found.key is not None:
+        first = await runtime.ledger.first_attempt(team, since, key=found.key)
+        if first is not None and first.content_digest != found.content:
+            raise IdempotencyConflict(
+                "This Idempotency-Key was used for a request with another content. Use a new "
+                "key for a new request."
+            )
+        return first
+    return await runtime.ledger.first_attempt(team, since, content=found.content)
+
+
+async def replay(
+    runtime: Runtime,
+    entry: Entry,
+    team: str,
+    found: Marks,
+    headers: dict[str, str],
+) -> Response | None:
+    """The answer to a repeat from its first attempt, recorded as `replayed`; None when it
+    must be forwarded as a new request."""
+    clock = runtime.clock
+    first = await first_of(runtime, team, found, clock())
+    if first is None:
+        return None
+    deadline = entry.started_at + runtime.config.upstream.deadline_s
+    while not first.settled:
+        if clock() >= deadline:
+            return None  # the first outlived every deadline: its reclaim will charge it
+        await asyncio.sleep(WAIT_S)
+        first = await first_of(runtime, team, found, clock()) or first
+    kept = await runtime.ledger.kept_answer(first.request_id)
+    if kept is None or kept.team != team:
+        return None
+    now = clock()
+    settlement = Settlement(
+        finished_at=now,
+        outcome="replayed",
+        status=kept.status,
+        upstream_request_id=first.request_id,
+        latency_ms=(now - entry.started_at) * 1000,
+    )
+    await runtime.ledger.record(entry, settlement)
+    observe(runtime, entry, settlement, ())
+    answer_headers = {k: v for k, v in kept.headers if k.lower() not in NOT_REPLAYED}
+    answer_headers.update(headers)
+    answer_headers["x-tollgate-cost-usd"] = "0"
+    answer_headers[REPLAY_HEADER] = first.request_id
+    if kept.stream:
+        body = kept.body
+        return StreamingResponse(iter((body,)), kept.status, headers=answer_headers)
+    return Response(kept.body, kept.status, headers=answer_headers)
+
+
+@dataclass(frozen=True, slots=True)
+class Keep:
+    """When an attempt's answer is kept for its repeats."""
+
+    team: str
+    keyed: bool
+    """It carried an `Idempotency-Key`: always kept."""
+    gone: Callable[[], Awaitable[bool]]
+    """Whether its client is gone (then a retry may follow)."""
+    store_bytes: int
+
+    async def wanted(self, listening: bool | None = None) -> bool:
+        """Whether to keep the answer: keyed, or its client gone (`listening`, a stream's
+        reader, says so; else the connection is asked)."""
+        if self.keyed:
+            return True
+        return not listening if listening is not None else await self.gone()
+
+    async def keep(
+        self,
+        runtime: Runtime,
+        request_id: str,
+        status: int,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        stream: bool,
+    ) -> None:
+        answer = KeptAnswer(
+            request_id, self.team, status, tuple(headers), body, stream, runtime.clock()
+        )
+        await runtime.ledger.keep_answer(answer, self.store_bytes)
