@@ -10,15 +10,20 @@ settle within their deadline, then closes everything.
 from __future__ import annotations
 
 import asyncio
+import logging
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from proxy.core.errors import LedgerError
 from proxy.core.settings import Config
 from proxy.web import housekeeping
 from proxy.web.gateway import Gateway
 from proxy.web.reload import Reloader, reload_on_hangup
 from proxy.web.runtime import Overrides, Runtime, open_runtime
+
+
+log = logging.getLogger("tollgate")
 
 
 class Lifespan:
@@ -62,9 +67,24 @@ async def start_duties(first: Runtime, current: Callable[[], Runtime]) -> asynci
                 ledger, me, clock, lambda: housekeeping.reclaim_after_s(current().config.upstream)
             ),
             first.followers.run(current),
+            forget_kept_answers(current),
         )
 
     return asyncio.create_task(duties())
+
+
+FORGET_EVERY_S = 60.0
+
+
+async def forget_kept_answers(current: Callable[[], Runtime]) -> None:
+    """Forget the answers kept for repeats once they are past the retry window."""
+    while True:
+        await asyncio.sleep(FORGET_EVERY_S)
+        runtime = current()
+        try:
+            await runtime.ledger.forget_answers(runtime.clock() - runtime.config.retries.window_s)
+        except LedgerError as exc:
+            log.warning("forgetting kept answers failed: %s; will try again", exc)
 
 
 async def close(last: Runtime) -> None:
