@@ -10,8 +10,8 @@ settle within their deadline, then closes everything.
 from __future__ import annotations
 
 import asyncio
-import logging
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -21,7 +21,6 @@ from proxy.web import housekeeping
 from proxy.web.gateway import Gateway
 from proxy.web.reload import Reloader, reload_on_hangup
 from proxy.web.runtime import Overrides, Runtime, open_runtime
-
 
 log = logging.getLogger("tollgate")
 
