@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from proxy.ledger import migrations
-from proxy.ledger.base import BatchLine
+from proxy.ledger.base import BatchLine, FirstAttempt, KeptAnswer
 from proxy.ledger.codecs import (
+    ANSWER_COLUMNS,
+    FIRST_COLUMNS,
     KEY_COLUMNS,
     LINE_COLUMNS,
     OBJECT_COLUMNS,
@@ -145,7 +147,6 @@ def test_step_4_adds_the_responses_columns_and_indexes_the_response_id(
 def test_step_5_adds_files_batches_their_lines_and_the_custom_id(
     dialect: Dialect, real: str, big: str
 ) -> None:
-    assert len(migrations.steps(dialect)) == migrations.SCHEMA_VERSION == 5
     objects, lines, custom_id = migrations.steps(dialect)[4]
     assert objects.startswith("CREATE TABLE IF NOT EXISTS stored_objects (")
     assert f"created_at                   {real} NOT NULL" in objects
@@ -175,3 +176,59 @@ def test_a_response_is_found_by_its_index(tmp_path: Path) -> None:
             f"EXPLAIN QUERY PLAN {statements(SQLITE).response}", ("resp_1",)
         ).fetchall()
     assert "requests_response" in " ".join(str(step[-1]) for step in plan)
+
+
+@pytest.mark.parametrize(
+    ("dialect", "real", "big", "blob"),
+    [(SQLITE, "REAL", "INTEGER", "BLOB"), (POSTGRES, "DOUBLE PRECISION", "BIGINT", "BYTEA")],
+)
+def test_step_6_adds_digests_indexed_by_team_and_a_table_of_kept_answers(
+    dialect: Dialect, real: str, big: str, blob: str
+) -> None:
+    assert len(migrations.steps(dialect)) == migrations.SCHEMA_VERSION == 6
+    digest, key, by_content, by_key, answers, by_kept = migrations.steps(dialect)[5]
+    assert digest == "ALTER TABLE requests ADD COLUMN content_digest TEXT"
+    assert key == "ALTER TABLE requests ADD COLUMN idempotency_key TEXT"
+    assert by_content.endswith(
+        "ON requests (team, content_digest, started_at) WHERE content_digest IS NOT NULL"
+    )
+    assert by_key.endswith(
+        "ON requests (team, idempotency_key, started_at) WHERE idempotency_key IS NOT NULL"
+    )
+    assert answers.startswith("CREATE TABLE IF NOT EXISTS kept_answers (")
+    assert "request_id TEXT PRIMARY KEY" in answers
+    assert f"body       {blob} NOT NULL" in answers
+    assert f"size       {big} NOT NULL" in answers
+    assert f"kept_at    {real} NOT NULL" in answers
+    assert by_kept == "CREATE INDEX IF NOT EXISTS kept_answers_kept ON kept_answers (kept_at)"
+
+
+def test_the_kept_answer_columns_are_the_schemas(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "t.db") as db:
+        for sql in migrations.pending(0, migrations.SQLITE):
+            db.execute(sql)
+        columns = [c[1] for c in db.execute("PRAGMA table_info(kept_answers)")]
+    assert columns == list(ANSWER_COLUMNS)
+    assert [f.name for f in fields(KeptAnswer)] == [c for c in ANSWER_COLUMNS if c != "size"]
+    assert [f.name for f in fields(FirstAttempt)] == [
+        "request_id", "started_at", "settled", "outcome", "status", "cost_nanos",
+        "content_digest",
+    ]  # fmt: skip
+    assert len(FIRST_COLUMNS) == len(fields(FirstAttempt))
+
+
+@pytest.mark.parametrize(
+    ("name", "index"),
+    [("first_by_content", "requests_content"), ("first_by_key", "requests_idempotency")],
+)
+def test_a_first_attempt_is_one_lookup_in_its_index(name: str, index: str, tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "t.db") as db:
+        for sql in migrations.pending(0, migrations.SQLITE):
+            db.execute(sql)
+        sql = getattr(statements(SQLITE), name)
+        plan = " ".join(
+            str(step[-1])
+            for step in db.execute(f"EXPLAIN QUERY PLAN {sql}", ("design", "d", 900.0))
+        )
+    assert f"SEARCH requests USING INDEX {index} (team=? AND" in plan, plan
+    assert "TEMP B-TREE" not in plan, plan  # read in order from the index: no sort

@@ -19,13 +19,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
-from proxy.ledger.base import Aggregate, BatchLine, BilledLine, ResponseRow, Row, StoredObject
+from proxy.ledger.base import (
+    Aggregate,
+    BatchLine,
+    BilledLine,
+    FirstAttempt,
+    KeptAnswer,
+    ResponseRow,
+    Row,
+    StoredObject,
+)
 
 ENTRY_COLUMNS = (
     "id", "started_at", "endpoint", "team", "cost_center", "key_id", "user",
     "model_requested", "model", "quality_requested", "quality", "size_requested", "size",
     "n_requested", "n", "stream", "estimated_nanos", "downgrades", "mainline_model",
-    "context_images", "custom_id",
+    "context_images", "custom_id", "content_digest", "idempotency_key",
 )  # fmt: skip
 USAGE_FIELDS = {
     "text_input_tokens": "text_input",
@@ -68,11 +77,17 @@ LINE_COLUMNS = (
 )  # fmt: skip
 """A `batch_lines` row: the file's id, then a `BatchLine`'s fields in their order."""
 BILLED_COLUMNS = (*ROW_COLUMNS, "counters")
+FIRST_COLUMNS = (
+    "id", "started_at", "state", "outcome", "status", "cost_nanos", "content_digest",
+)  # fmt: skip
+"""What a repeat reads of its first attempt's row (a `FirstAttempt`)."""
+ANSWER_COLUMNS = ("request_id", "team", "status", "headers", "body", "stream", "size", "kept_at")
+"""A `kept_answers` row: a `KeptAnswer` (its headers as JSON text), and its body's size."""
 """What a batch's billed line is written with: a settled row and the counters it added to."""
 REAL_COLUMNS = frozenset(
     {
         "started_at", "finished_at", "latency_ms", "resolved_at", "start", "sent_at",
-        "heartbeat_at", "created_at",
+        "heartbeat_at", "created_at", "kept_at",
     }
 )  # fmt: skip
 """The columns of every table that hold floating-point numbers."""
@@ -173,6 +188,33 @@ def response_row(response_id: str, values: Sequence[Any]) -> ResponseRow:
         int(context_images),
         bool(held),
     )
+
+
+# -- repeats ---------------------------------------------------------------------------
+
+
+def first_attempt(values: Sequence[Any]) -> FirstAttempt:
+    """A first attempt read in `FIRST_COLUMNS` order."""
+    request_id, started_at, state, outcome, status, cost, digest = values
+    return FirstAttempt(
+        request_id, float(started_at), state == "settled", outcome, status, int(cost), digest
+    )
+
+
+def answer_values(answer: KeptAnswer) -> tuple[Any, ...]:
+    """A kept answer's row in `ANSWER_COLUMNS` order."""
+    headers = json.dumps([list(pair) for pair in answer.headers])
+    return (
+        answer.request_id, answer.team, answer.status, headers, answer.body,
+        int(answer.stream), len(answer.body), float(answer.kept_at),
+    )  # fmt: skip
+
+
+def kept_answer(values: Sequence[Any]) -> KeptAnswer:
+    """A kept answer read in `ANSWER_COLUMNS` order (its size left out)."""
+    request_id, team, status, headers, body, stream, kept_at = values
+    pairs = tuple((str(name), str(value)) for name, value in json.loads(headers))
+    return KeptAnswer(request_id, team, int(status), pairs, bytes(body), bool(stream), kept_at)
 
 
 # -- files and batches --------------------------------------------------------------

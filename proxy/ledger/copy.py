@@ -6,7 +6,10 @@ already sent (so no alert is sent twice) and every file and batch forwarded (so
 each stays its team's, and an open batch's input file keeps its priced lines) is
 copied as stored, in batches, into one transaction on the target: it holds all of
 it or, on any error, none.
-The live-process registry is not copied; a reservation copied in flight belongs
+The answers kept for repeats (`kept_answers`) are not copied: they are not history
+but a cache for the retry window (minutes), bounded and forgotten as it passes; the
+target starts with none, and the rows of the requests they answered are copied like any
+other. The live-process registry is not copied; a reservation copied in flight belongs
 to a process the target never saw alive, so the first Tollgate that starts on
 the target settles it at its bound (flagged `outcome_unknown`), as after a crash;
 a held one (a background response, a batch) it adopts and follows to its end instead.

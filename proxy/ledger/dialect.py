@@ -3,7 +3,7 @@
 Every statement both backends run is written once, with `?` placeholders and the
 reserved word `user` quoted (which SQLite reads as PostgreSQL does), then put in a
 dialect's spelling by `Dialect.text`. What remains is listed here: column types,
-placeholders, how a list is matched, byte-wise ordering of text, row locks, and the
+binary values, placeholders, how a list is matched, byte-wise ordering of text, row locks, and the
 time buckets of reports.
 """
 
@@ -25,6 +25,8 @@ class Dialect:
     """The type of timestamps and durations."""
     big: str
     """The type of nanos and token counts."""
+    blob: str
+    """The type of bytes (a kept answer's body)."""
     numbered: bool
     """Placeholders are `$1, $2, …` (PostgreSQL) rather than `?`."""
     collate: str
@@ -67,6 +69,7 @@ SQLITE = Dialect(
     name="sqlite",
     real="REAL",
     big="INTEGER",
+    blob="BLOB",
     numbered=False,
     collate="",
     for_update="",
@@ -76,6 +79,7 @@ POSTGRES = Dialect(
     name="postgresql",
     real="DOUBLE PRECISION",
     big="BIGINT",
+    blob="BYTEA",
     numbered=True,
     collate=' COLLATE "C"',
     for_update=" FOR UPDATE",

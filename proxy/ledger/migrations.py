@@ -23,6 +23,12 @@ transaction, so a ledger is never left half-way between two versions.
        its lines' bounds and of their bounded usage), `batch_lines`, each line of a batch
        input file as priced at upload (by file and `custom_id`), and `custom_id` on
        requests: the line a batch's billed row stands for.
+    6  repeats (README, "Retries never pay twice"): `content_digest` and `idempotency_key`
+       on requests, each indexed with its team and start (only the rows that have one), so
+       that a repeat finds its first attempt in one index lookup; and `kept_answers`, the
+       answers kept for the repeats of their request within the retry window (status,
+       headers as JSON text, body, whether it was a stream, its size), indexed by when
+       they were kept, which is the order they are forgotten in.
 
 The embedded SQLite ledger applies its steps when it opens. A PostgreSQL ledger shared
 by several replicas is initialised when it opens only while it is empty (none of `TABLES`
@@ -90,7 +96,7 @@ CREATE TABLE IF NOT EXISTS requests (
 
 TABLES = (
     "schema_version", "requests", "processes", "budget_usage", "alerts_sent",
-    "stored_objects", "batch_lines",
+    "stored_objects", "batch_lines", "kept_answers",
 )  # fmt: skip
 """Every table of a ledger: a database with none of them is empty."""
 
@@ -204,9 +210,34 @@ def _batches(d: Dialect) -> list[str]:
     ]
 
 
+def _repeats(d: Dialect) -> list[str]:
+    real, big = d.real, d.big
+    return [
+        "ALTER TABLE requests ADD COLUMN content_digest TEXT",
+        "ALTER TABLE requests ADD COLUMN idempotency_key TEXT",
+        "CREATE INDEX IF NOT EXISTS requests_content ON requests "
+        "(team, content_digest, started_at) WHERE content_digest IS NOT NULL",
+        "CREATE INDEX IF NOT EXISTS requests_idempotency ON requests "
+        "(team, idempotency_key, started_at) WHERE idempotency_key IS NOT NULL",
+        f"""CREATE TABLE IF NOT EXISTS kept_answers (
+    request_id TEXT PRIMARY KEY,
+    team       TEXT NOT NULL,
+    status     INTEGER NOT NULL,
+    headers    TEXT NOT NULL,
+    body       {d.blob} NOT NULL,
+    stream     INTEGER NOT NULL DEFAULT 0,
+    size       {big} NOT NULL,
+    kept_at    {real} NOT NULL
+)""",
+        "CREATE INDEX IF NOT EXISTS kept_answers_kept ON kept_answers (kept_at)",
+    ]
+
+
 def steps(d: Dialect) -> Sequence[Sequence[str]]:
     """The migrations in `d`'s spelling: one list of statements per version."""
-    return (_tables(d), ORGANIZATION_ROWS, _resolutions(d), _responses(d), _batches(d))
+    return (
+        _tables(d), ORGANIZATION_ROWS, _resolutions(d), _responses(d), _batches(d), _repeats(d),
+    )  # fmt: skip
 
 
 SQLITE = steps(dialect.SQLITE)

@@ -42,8 +42,10 @@ from proxy.ledger.base import (
     BilledLine,
     Chooser,
     Contents,
+    FirstAttempt,
     Flagged,
     GroupColumn,
+    KeptAnswer,
     OpenBatch,
     Owner,
     Reservation,
@@ -273,6 +275,42 @@ class PostgresLedger:
         if await self.db.execute(SQL.hold, response_id, request_id) == "UPDATE 0":
             raise LedgerError(f"no request {request_id}")
 
+    async def first_attempt(
+        self, team: str, since: float, *, content: str | None = None, key: str | None = None
+    ) -> FirstAttempt | None:
+        if key is not None:
+            found = await self.db.fetch(SQL.first_by_key, team, key, float(since))
+        elif content is not None:
+            found = await self.db.fetch(SQL.first_by_content, team, content, float(since))
+        else:
+            return None
+        return codecs.first_attempt(tuple(found[0])) if found else None
+
+    async def keep_answer(self, answer: KeptAnswer, store_bytes: int) -> bool:
+        size = len(answer.body)
+        if size > store_bytes:
+            return False
+        values = codecs.answer_values(answer)
+
+        async def work(conn: Any) -> None:
+            # Replicas keeping answers together take turns: each sums what the one before
+            # it left, so the bound holds whatever their number (readers never wait).
+            await conn.execute(KEEP_LOCK_SQL)
+            await conn.execute(SQL.forget_answer, answer.request_id)
+            await conn.execute(SQL.make_room, store_bytes - size)
+            await conn.execute(SQL.keep_answer, *values)
+
+        await self.db.transaction(work)
+        return True
+
+    async def kept_answer(self, request_id: str) -> KeptAnswer | None:
+        found = await self.db.fetch(SQL.kept_answer, request_id)
+        return codecs.kept_answer(tuple(found[0])) if found else None
+
+    async def forget_answers(self, kept_before: float) -> int:
+        status = await self.db.execute(SQL.forget_answers, float(kept_before))
+        return int(status.rsplit(" ", 1)[1])
+
     async def open_batches(self) -> list[OpenBatch]:
         return [OpenBatch(*r) for r in await self.db.fetch(SQL.open_batches)]
 
@@ -429,6 +467,9 @@ LOCK_SQL = (
     f"INSERT INTO budget_usage ({KEYS}) VALUES ($1, $2, $3, $4, $5) "
     f"ON CONFLICT ({KEYS}) DO UPDATE SET spent_nanos = budget_usage.spent_nanos"
 )
+KEEP_LOCK_SQL = "LOCK TABLE kept_answers IN SHARE ROW EXCLUSIVE MODE"
+"""Taken by each `keep_answer` first: it conflicts with itself and with other writes of
+kept answers, not with reads."""
 UNNEST_KEYS = "unnest({}::text[], {}::text[], {}::text[], {}::text[], {}::float8[])"
 """Counters' keys from five arrays, a column each (see `_key_arrays`)."""
 READ_SQL = (

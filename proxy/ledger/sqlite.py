@@ -30,8 +30,10 @@ from proxy.ledger.base import (
     BilledLine,
     Chooser,
     Contents,
+    FirstAttempt,
     Flagged,
     GroupColumn,
+    KeptAnswer,
     OpenBatch,
     Owner,
     Reservation,
@@ -56,6 +58,8 @@ SCHEMA_VERSION = migrations.SCHEMA_VERSION
 SQL = statements(SQLITE)
 LONG_WRITE = 100
 """Rows past which a write runs on the thread rather than inline on the loop."""
+LONG_ANSWER = 64 * 1024
+"""Bytes of a kept answer past which it is written on the thread rather than inline."""
 
 
 class SqliteLedger:
@@ -222,6 +226,42 @@ class SqliteLedger:
                 raise LedgerError(f"no request {request_id}")
 
         await self.file.transaction(run)
+
+    async def first_attempt(
+        self, team: str, since: float, *, content: str | None = None, key: str | None = None
+    ) -> FirstAttempt | None:
+        if key is not None:
+            found = await self.file.fetch(SQL.first_by_key, (team, key, since))
+        elif content is not None:
+            found = await self.file.fetch(SQL.first_by_content, (team, content, since))
+        else:
+            return None
+        return codecs.first_attempt(found[0]) if found else None
+
+    async def keep_answer(self, answer: KeptAnswer, store_bytes: int) -> bool:
+        size = len(answer.body)
+        if size > store_bytes:
+            return False
+        values = codecs.answer_values(answer)
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(SQL.forget_answer, (answer.request_id,))
+            conn.execute(SQL.make_room, (store_bytes - size,))
+            conn.execute(SQL.keep_answer, values)
+
+        # A large body is copied into the file off the loop, which goes on serving meanwhile.
+        await self.file.transaction(run, long=size > LONG_ANSWER)
+        return True
+
+    async def kept_answer(self, request_id: str) -> KeptAnswer | None:
+        found = await self.file.fetch(SQL.kept_answer, (request_id,))
+        return codecs.kept_answer(found[0]) if found else None
+
+    async def forget_answers(self, kept_before: float) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            return conn.execute(SQL.forget_answers, (kept_before,)).rowcount
+
+        return await self.file.transaction(run)
 
     async def open_batches(self) -> list[OpenBatch]:
         return [OpenBatch(*r) for r in await self.file.fetch(SQL.open_batches, ())]

@@ -16,8 +16,10 @@ from typing import Any
 
 from proxy.ledger.base import OUTCOME_UNKNOWN, Flagged, GroupColumn
 from proxy.ledger.codecs import (
+    ANSWER_COLUMNS,
     BILLED_COLUMNS,
     ENTRY_COLUMNS,
+    FIRST_COLUMNS,
     KEY_COLUMNS,
     LINE_COLUMNS,
     OBJECT_COLUMNS,
@@ -30,7 +32,8 @@ from proxy.ledger.codecs import (
 from proxy.ledger.dialect import Dialect
 
 COPIED_TABLES = ("requests", "budget_usage", "alerts_sent", "stored_objects", "batch_lines")
-"""What a copy moves: every table but the live-process registry and the schema's version."""
+"""What a copy moves: every table but the live-process registry, the schema's version and
+the answers kept for repeats (a cache for the retry window)."""
 COPY_BATCH = 5000
 """Rows a copy reads and writes at a time."""
 EXPORT_BATCH = 1000
@@ -170,6 +173,22 @@ class Statements:
     reservation becomes its first billed line's row."""
     bill: str
     """A batch's other billed lines: rows in `BILLED_COLUMNS` order."""
+    first_by_content: str
+    """(team, content digest, since): the latest row with that content started since then,
+    not a replay, in `FIRST_COLUMNS` order."""
+    first_by_key: str
+    """(team, idempotency key, since): `first_by_content`, by idempotency key."""
+    keep_answer: str
+    """A kept answer's row, in `ANSWER_COLUMNS` order."""
+    forget_answer: str
+    """(request id,): the answer kept for it, which a new one replaces."""
+    make_room: str
+    """(bytes,): forget the oldest kept answers, leaving the newest whose bodies sum to
+    `bytes` at most (evicting the oldest until what is left fits)."""
+    kept_answer: str
+    """(request id,): its kept answer in `ANSWER_COLUMNS` order, its size left out."""
+    forget_answers: str
+    """(kept before,): the answers kept before then."""
 
     def teams_of(self, object_ids: Sequence[str]) -> tuple[str, tuple[Any, ...]]:
         """(id, team) of the objects `object_ids` recorded."""
@@ -278,6 +297,15 @@ def _writes(d: Dialect) -> dict[str, str]:
         + ", reserved_nanos = 0, held = 0 WHERE id = ? AND state = 'reserved'",
         "bill": f"INSERT INTO requests ({names(BILLED_COLUMNS)}) "
         f"VALUES ({marks(len(BILLED_COLUMNS))})",
+        "keep_answer": f"INSERT INTO kept_answers ({names(ANSWER_COLUMNS)}) "
+        f"VALUES ({marks(len(ANSWER_COLUMNS))})",
+        "forget_answer": "DELETE FROM kept_answers WHERE request_id = ?",
+        # Summed from the newest: what is left is the longest run of the newest that fits.
+        "make_room": "DELETE FROM kept_answers WHERE request_id IN (SELECT request_id FROM "
+        "(SELECT request_id, SUM(size) OVER (ORDER BY kept_at DESC, "
+        f"request_id{d.collate} DESC ROWS UNBOUNDED PRECEDING) AS newer FROM kept_answers) "
+        "AS kept WHERE newer > ?)",
+        "forget_answers": "DELETE FROM kept_answers WHERE kept_at < ?",
     }
 
 
@@ -313,4 +341,18 @@ def _reads(d: Dialect) -> dict[str, str]:
         "stored": f"SELECT {names(OBJECT_COLUMNS)} FROM stored_objects WHERE id = ?",
         "batch_lines": f"SELECT {names(LINE_COLUMNS[1:])} FROM batch_lines WHERE file_id = ? "
         "ORDER BY line",
+        "first_by_content": _first("content_digest"),
+        "first_by_key": _first("idempotency_key"),
+        "kept_answer": f"SELECT {names([c for c in ANSWER_COLUMNS if c != 'size'])} "
+        "FROM kept_answers WHERE request_id = ?",
     }
+
+
+def _first(column: str) -> str:
+    """The latest row of a team with `column` = ?, started since ?, not a replay: one
+    lookup in the index of (team, `column`, started_at), read from its newest end."""
+    return (
+        f"SELECT {names(FIRST_COLUMNS)} FROM requests WHERE team = ? AND {column} = ? "
+        "AND started_at >= ? AND (outcome IS NULL OR outcome <> 'replayed') "
+        "ORDER BY started_at DESC LIMIT 1"
+    )
