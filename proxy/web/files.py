@@ -31,9 +31,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from proxy.core.auth import identify
 from proxy.core.budgets import allow_endpoint
-from proxy.core.errors import AuthenticationFailed, InvalidRequest, NotFound, RequestError
+from proxy.core.errors import InvalidRequest, NotFound, RequestError
 from proxy.core.models import Usage
 from proxy.core.paths import plain_query
 from proxy.core.settings import Team
@@ -72,13 +71,9 @@ class Files:
 
     async def upload(self, request: Request, runtime: Runtime) -> Response:
         headers = {"x-tollgate-request-id": new_request_id()}
-        try:
-            team, _ = identify(
-                request.headers.get("authorization"), runtime.config.team_by_key_hash()
-            )
-        except AuthenticationFailed as exc:
-            return self.key_refusals.refuse(request, exc, headers, runtime)
-        headers["x-tollgate-team"] = team.name
+        team = self.key_refusals.team_of(request, runtime, headers)
+        if isinstance(team, Response):
+            return team
         try:
             return await self._upload(request, runtime, team, headers)
         except RequestError as exc:
@@ -292,11 +287,9 @@ async def scoped_listing(
     would end a client's pagination (the SDKs ask for the next page `after` the last object
     of `data`), so the caller's older objects would never be listed."""
     headers = {"x-tollgate-request-id": new_request_id()}
-    try:
-        team, _ = identify(request.headers.get("authorization"), runtime.config.team_by_key_hash())
-    except AuthenticationFailed as exc:
-        return refusals.refuse(request, exc, headers, runtime)
-    headers["x-tollgate-team"] = team.name
+    team = refusals.team_of(request, runtime, headers)
+    if isinstance(team, Response):
+        return team
     try:
         query = plain_query(request.scope.get("query_string", b""))
         if query is None:
@@ -358,11 +351,9 @@ async def scoped_object(
     the answer (a small JSON object) is read whole and `seen` told of it before it is
     answered; else it streams."""
     headers = {"x-tollgate-request-id": new_request_id()}
-    try:
-        team, _ = identify(request.headers.get("authorization"), runtime.config.team_by_key_hash())
-    except AuthenticationFailed as exc:
-        return refusals.refuse(request, exc, headers, runtime)
-    headers["x-tollgate-team"] = team.name
+    team = refusals.team_of(request, runtime, headers)
+    if isinstance(team, Response):
+        return team
     try:
         found = await runtime.ledger.stored(object_id)
         if found is None or found.team != team.name:

@@ -10,8 +10,10 @@ import time
 from starlette.requests import Request
 from starlette.responses import Response
 
+from proxy.core.auth import identify
 from proxy.core.errors import AuthenticationFailed
 from proxy.core.models import Change, Entry, Settlement, usd_text
+from proxy.core.settings import Team
 from proxy.web.responses import error_response
 from proxy.web.runtime import Runtime
 
@@ -74,6 +76,20 @@ class KeyRefusals:
         self.endpoint = endpoint
         self._unlogged = 0
         self._next_log = 0.0
+
+    def team_of(
+        self, request: Request, runtime: Runtime, headers: dict[str, str]
+    ) -> Team | Response:
+        """The team whose key the request carries (named in `headers`), or the refusal to
+        answer when it carries none that Tollgate knows."""
+        try:
+            team, _ = identify(
+                request.headers.get("authorization"), runtime.config.team_by_key_hash()
+            )
+        except AuthenticationFailed as exc:
+            return self.refuse(request, exc, headers, runtime)
+        headers["x-tollgate-team"] = team.name
+        return team
 
     def refuse(
         self,

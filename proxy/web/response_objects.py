@@ -17,8 +17,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from proxy.core.auth import identify
-from proxy.core.errors import AuthenticationFailed, InvalidRequest, NotFound, RequestError
+from proxy.core.errors import InvalidRequest, NotFound, RequestError
 from proxy.core.paths import plain_query
 from proxy.upstream import response_headers
 from proxy.web.observe import KeyRefusals
@@ -39,13 +38,9 @@ class ResponseObjects:
     async def handle(self, request: Request, runtime: Runtime) -> Response:
         response_id = request.path_params["response_id"]
         headers = {"x-tollgate-request-id": new_request_id()}
-        try:
-            team, _ = identify(
-                request.headers.get("authorization"), runtime.config.team_by_key_hash()
-            )
-        except AuthenticationFailed as exc:
-            return self.key_refusals.refuse(request, exc, headers, runtime)
-        headers["x-tollgate-team"] = team.name
+        team = self.key_refusals.team_of(request, runtime, headers)
+        if isinstance(team, Response):
+            return team
         try:
             row = await runtime.ledger.response(response_id)
             if row is None or row.team != team.name:
