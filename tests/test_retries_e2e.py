@@ -9,8 +9,11 @@ from the price book's rates without Tollgate's meter; the ledger must show one c
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import io
 import json
+import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -24,6 +27,7 @@ from PIL import Image
 
 from tests.conftest import (
     DESIGN_KEY,
+    RESEARCH_KEY,
     Simulator,
     Tollgate,
     start_simulator,
@@ -32,7 +36,7 @@ from tests.conftest import (
     write_config,
 )
 from tests.test_proxy_e2e import expected_cost
-from tests.test_responses_e2e import record_cost
+from tests.test_responses_e2e import NODE_PROJECT, node_sdk, record_cost
 
 T = TypeVar("T")
 DEADLINE_S = 60.0
@@ -286,3 +290,203 @@ def test_a_stream_whose_reader_timed_out_is_replayed_as_its_events(
     done = json.loads(events[-1].split("data: ", 1)[1])
     decodable(done["b64_json"])
     one_charge(clean, sim, replay.headers["x-tollgate-request-id"], first["id"], 2)
+
+
+# -- 2. the Node SDK -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["generate", "edit", "responses"])
+def test_node_sdk_retried_after_timeout_pays_once(
+    clean: Tollgate, sim: Simulator, kind: str
+) -> None:
+    node = node_sdk()
+    sim.configure(latency_ms=LATENCY_MS)
+    ran = subprocess.run(
+        [node, str(NODE_PROJECT / "retries.mjs")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            **os.environ,
+            "TOLLGATE_BASE_URL": f"{clean.url}/v1",
+            "TOLLGATE_API_KEY": DESIGN_KEY,
+            "RETRY_KIND": kind,
+            "PROMPT": f"A lighthouse, retried from Node ({kind})",
+            "TIMEOUT_MS": str(int(TIMEOUT_S * 1000)),
+        },
+    )
+    assert ran.returncode == 0, ran.stderr
+    got = json.loads(ran.stdout)
+    decodable(got["b64"])
+    assert got["cost_usd"] == "0"
+    rows = settled(clean, 2)
+    first = one_charge(clean, sim, got["request_id"], got["replay_of"], len(rows))
+    retried = [a["headers"].get("x-stainless-retry-count") for a in sim.billing()]
+    assert retried == ["0"], "only the first attempt reaches the upstream"
+    if kind == "responses":
+        assert first["response_id"] == got["id"]
+
+
+# -- 3. a retry while the first renders; after it answered a client that had gone --------
+
+
+def in_background(work: Callable[[], T]) -> concurrent.futures.Future[T]:
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    future = pool.submit(work)
+    pool.shutdown(wait=False)
+    return future
+
+
+def test_a_retry_while_the_first_renders_waits_and_gets_its_answer(
+    clean: Tollgate, sim: Simulator
+) -> None:
+    sim.configure(latency_ms=3000)
+    asked = body("A retry that waits")
+    started = time.monotonic()
+    assert post(clean, asked, retry=0, timeout=0.5) is None  # the client is gone
+    answer = post(clean, asked, retry=1)  # the first still renders
+    waited = time.monotonic() - started
+    assert answer is not None and answer.status_code == 200, answer
+    assert waited >= 2.9, "the retry got its answer only once the first had it"
+    decodable(answer.json()["data"][0]["b64_json"])
+    one_charge(
+        clean, sim, answer.headers["x-tollgate-request-id"],
+        answer.headers.get("x-tollgate-replay-of"), 2,
+    )  # fmt: skip
+
+
+def test_a_retry_after_the_first_answered_a_gone_client_is_replayed_at_once(
+    clean: Tollgate, sim: Simulator
+) -> None:
+    sim.configure(latency_ms=1500)
+    asked = body("A retry after the answer")
+    assert post(clean, asked, retry=0, timeout=0.3) is None
+    first = settled(clean, 1)[0]
+    assert first["outcome"] == "ok"
+    kept = clean.query(f"SELECT size FROM kept_answers WHERE request_id = '{first['id']}'")
+    assert len(kept) == 1 and kept[0]["size"] > 0
+    answer = post(clean, asked, retry=1)
+    assert answer is not None and answer.status_code == 200
+    assert answer.headers["x-tollgate-replay-of"] == first["id"]
+    decodable(answer.json()["data"][0]["b64_json"])
+    one_charge(clean, sim, answer.headers["x-tollgate-request-id"], first["id"], 2)
+
+
+# -- 4. what is not a repeat, a key reused, a first that failed ----------------------------
+
+
+def test_two_teams_sending_the_same_retry_pay_each_their_own(
+    clean: Tollgate, sim: Simulator
+) -> None:
+    sim.configure(latency_ms=1000)
+    asked = body("The same picture for two teams")
+    assert post(clean, asked, retry=0, timeout=0.3) is None  # design's answer is kept
+    settled(clean, 1)
+    other = post(clean, asked, key=RESEARCH_KEY, retry=1)
+    assert other is not None and other.status_code == 200
+    assert "x-tollgate-replay-of" not in other.headers
+    own = post(clean, asked, retry=1)  # design's own retry is a repeat
+    assert own is not None and "x-tollgate-replay-of" in own.headers
+    rows = settled(clean, 3)
+    assert sorted((r["team"], r["outcome"]) for r in rows) == [
+        ("design", "ok"), ("design", "replayed"), ("research", "ok"),
+    ]  # fmt: skip
+    assert len(charges(sim)) == 2
+
+
+def test_identical_requests_without_a_retry_mark_or_key_pay_twice(
+    clean: Tollgate, sim: Simulator
+) -> None:
+    client = sdk(clean, max_retries=0, timeout=30)
+    for _ in range(2):
+        client.images.generate(prompt="Two pictures, the SDK not retrying", **IMAGE)  # type: ignore[call-overload]
+    for _ in range(2):
+        plain = post(clean, body("Two pictures, a plain POST"))
+        assert plain is not None and plain.status_code == 200
+    rows = settled(clean, 4)
+    assert [r["outcome"] for r in rows] == ["ok"] * 4
+    assert all(r["cost_nanos"] > 0 for r in rows)
+    assert len(charges(sim)) == 4
+
+
+def test_an_idempotency_key_reused_with_another_body_is_409(clean: Tollgate) -> None:
+    first = post(clean, body("Keyed, first"), idempotency="key-conflict-1")
+    assert first is not None and first.status_code == 200
+    again = post(clean, body("Keyed, something else"), idempotency="key-conflict-1")
+    assert again is not None and again.status_code == 409
+    error = again.json()["error"]
+    assert error["code"] == "idempotency_conflict", error
+    rows = settled(clean, 2)
+    assert sorted(r["outcome"] for r in rows) == ["client_error", "ok"]
+
+
+def test_the_same_key_and_body_while_the_first_is_in_flight_waits_and_replays(
+    clean: Tollgate, sim: Simulator
+) -> None:
+    sim.configure(latency_ms=2500)
+    asked = body("Keyed, sent twice")
+    first = in_background(lambda: post(clean, asked, idempotency="key-twice-1"))
+    time.sleep(0.8)
+    second = post(clean, asked, idempotency="key-twice-1")
+    got = first.result(timeout=DEADLINE_S)
+    assert got is not None and second is not None
+    assert got.status_code == second.status_code == 200
+    assert second.json() == got.json(), "the second gets the first's answer"
+    assert second.headers["x-tollgate-replay-of"] == got.headers["x-tollgate-request-id"]
+    one_charge(
+        clean, sim, second.headers["x-tollgate-request-id"], got.headers["x-tollgate-request-id"], 2
+    )
+
+
+@pytest.mark.parametrize("how", ["marker", "knob"])
+def test_a_first_that_failed_without_a_charge_does_not_block_its_retry(
+    clean: Tollgate, sim: Simulator, how: str
+) -> None:
+    prompt = "A first that fails" + (" [[fault:503]]" if how == "marker" else "")
+    asked = body(prompt)
+    if how == "knob":
+        sim.configure(fault="500")
+    failed = post(clean, asked, retry=0)
+    assert failed is not None and failed.status_code >= 500
+    if how == "marker":
+        # The same body plays the same fault: the retry is forwarded, not answered with
+        # the first's error, and fails (uncharged) on its own.
+        retried = post(clean, asked, retry=1)
+        assert retried is not None and retried.status_code >= 500
+        assert "x-tollgate-replay-of" not in retried.headers
+        assert len(arrivals(sim)) == 2 and charges(sim) == []
+        rows = settled(clean, 2)
+        assert all(r["cost_nanos"] == 0 and r["outcome"] != "replayed" for r in rows), rows
+        return
+    sim.configure(fault=None)
+    retried = post(clean, asked, retry=1)
+    assert retried is not None and retried.status_code == 200
+    assert "x-tollgate-replay-of" not in retried.headers
+    rows = settled(clean, 2)
+    assert [r["cost_nanos"] > 0 for r in rows] == [False, True]
+    assert rows[1]["outcome"] == "ok"
+    assert len(charges(sim)) == 1
+
+
+# -- 8. retries off ------------------------------------------------------------------------
+
+
+def test_with_retries_off_a_retry_is_forwarded_and_charged_again(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    configure(tmp_path, sim, "retries: {enabled: false}\n")
+    gate = start_tollgate(tmp_path)
+    try:
+        sim.configure(latency_ms=1000)
+        asked = body("Retries off")
+        assert post(gate, asked, retry=0, timeout=0.3) is None
+        settled(gate, 1)
+        again = post(gate, asked, retry=1)
+        assert again is not None and again.status_code == 200
+        assert "x-tollgate-replay-of" not in again.headers
+        rows = settled(gate, 2)
+        assert [r["outcome"] for r in rows] == ["ok", "ok"]
+        assert len(charges(sim)) == 2
+        assert gate.query("SELECT count(*) AS n FROM kept_answers")[0]["n"] == 0
+    finally:
+        gate.stop()
