@@ -14,6 +14,7 @@ import io
 import json
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -25,11 +26,13 @@ import openai
 import pytest
 from PIL import Image
 
+from tests import pg
 from tests.conftest import (
     DESIGN_KEY,
     RESEARCH_KEY,
     Simulator,
     Tollgate,
+    drop_ledger,
     start_simulator,
     start_tollgate,
     stop,
@@ -489,4 +492,135 @@ def test_with_retries_off_a_retry_is_forwarded_and_charged_again(
         assert len(charges(sim)) == 2
         assert gate.query("SELECT count(*) AS n FROM kept_answers")[0]["n"] == 0
     finally:
+        gate.stop()
+
+
+# -- 5. replicas and workers ---------------------------------------------------------------
+
+
+@pytest.fixture
+def shared() -> Iterator[str]:
+    url = pg.migrated_schema()
+    yield url
+    drop_ledger(url)
+
+
+def test_a_retry_sent_to_another_replica_is_replayed_from_the_shared_ledger(
+    sim: Simulator, tmp_path: Path, shared: str
+) -> None:
+    configure(tmp_path, sim)
+    a = start_tollgate(tmp_path, ledger_url=shared)
+    b = start_tollgate(tmp_path, ledger_url=shared)
+    try:
+        sim.configure(latency_ms=2000)
+        asked = body("One picture, two replicas")
+        assert post(a, asked, retry=0, timeout=0.5) is None
+        answer = post(b, asked, retry=1)  # waits on B for A's first
+        assert answer is not None and answer.status_code == 200
+        decodable(answer.json()["data"][0]["b64_json"])
+        one_charge(
+            b, sim, answer.headers["x-tollgate-request-id"],
+            answer.headers.get("x-tollgate-replay-of"), 2,
+        )  # fmt: skip
+        # And once A's answer is kept, a later retry on B replays it at once.
+        again = post(b, asked, retry=2)
+        assert again is not None and again.json() == answer.json()
+        assert len(charges(sim)) == 1
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_two_workers_on_sqlite_answer_each_others_retries(sim: Simulator, tmp_path: Path) -> None:
+    configure(tmp_path, sim)
+    gate = start_tollgate(tmp_path, "--workers", "2")
+    try:
+        sim.configure(latency_ms=LATENCY_MS)
+        client = sdk(gate)
+        prompts = [f"Two workers, picture {i}" for i in range(3)]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            answers = list(
+                pool.map(
+                    lambda p: client.images.with_raw_response.generate(prompt=p, **IMAGE),  # type: ignore[call-overload]
+                    prompts,
+                )
+            )
+        for raw in answers:
+            decodable(raw.parse().data[0].b64_json)
+            assert raw.headers.get("x-tollgate-replay-of")
+        rows = settled(gate, 6)
+        assert [r for r in rows if r["outcome"] == "ok"].__len__() == 3
+        assert all(r["outcome"] in ("ok", "replayed") for r in rows)
+        assert all(r["cost_nanos"] == 0 for r in rows if r["outcome"] == "replayed")
+        assert len(charges(sim)) == 3
+    finally:
+        gate.stop()
+
+
+# -- 6. a storm of large answers against store_bytes -------------------------------------------
+
+
+STORE_BYTES = 6_000_000
+WINDOW_S = 6
+
+
+def test_a_storm_of_large_answers_keeps_within_store_bytes_and_forgets_them_after_the_window(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    configure(tmp_path, sim, f"retries: {{window_s: {WINDOW_S}, store_bytes: {STORE_BYTES}}}\n")
+    gate = start_tollgate(tmp_path)
+    samples: list[int] = []
+    stop_sampling = threading.Event()
+
+    def sample() -> None:
+        while not stop_sampling.is_set():
+            found = gate.query("SELECT coalesce(sum(size), 0) AS total FROM kept_answers")
+            samples.append(int(found[0]["total"]))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        sim.configure(latency_ms=1500, payload_bytes=2_000_000)
+        prompts = [f"A large picture, number {i}" for i in range(8)]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            gone = list(pool.map(lambda p: post(gate, body(p), retry=0, timeout=0.5), prompts))
+            assert gone == [None] * 8
+            settled(gate, 8)
+            retried = list(pool.map(lambda p: post(gate, body(p), retry=1), prompts))
+        assert all(r is not None and r.status_code == 200 for r in retried)
+        rows = settled(gate, 16)
+        stop_sampling.set()
+        sampler.join()
+        assert samples and max(samples) <= STORE_BYTES, max(samples)
+        # Each request is charged once or replayed; the upstream billed every charge.
+        by_content: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            by_content.setdefault(row["content_digest"], []).append(row)
+        assert len(by_content) == 8
+        replayed = 0
+        for pair in by_content.values():
+            first, retry = sorted(pair, key=lambda r: r["started_at"])
+            assert first["outcome"] == "ok" and first["cost_nanos"] > 0
+            assert retry["outcome"] in ("ok", "replayed")
+            if retry["outcome"] == "replayed":
+                replayed += 1
+                assert retry["cost_nanos"] == 0 and retry["upstream_request_id"] == first["id"]
+            else:
+                assert retry["cost_nanos"] > 0
+        assert len(charges(sim)) == 16 - replayed
+        assert replayed >= 1, "the newest kept answers fit and are replayed"
+        print(
+            f"\nstorm: {replayed}/8 retries replayed, {8 - replayed} forwarded anew; kept "
+            f"at most {max(samples)} bytes of {STORE_BYTES} ({len(samples)} samples)"
+        )
+        # Past the window, what is kept is forgotten.
+        forgotten = wait_for(
+            "kept answers forgotten",
+            lambda: gate.query("SELECT count(*) AS n FROM kept_answers")[0]["n"] == 0 or None,
+            timeout=3 * WINDOW_S + 10,
+        )
+        assert forgotten
+    finally:
+        stop_sampling.set()
         gate.stop()
