@@ -413,15 +413,34 @@ def test_identical_requests_without_a_retry_mark_or_key_pay_twice(
     assert len(charges(sim)) == 4
 
 
-def test_an_idempotency_key_reused_with_another_body_is_409(clean: Tollgate) -> None:
+def test_an_idempotency_key_reused_with_another_body_is_409(
+    clean: Tollgate, sim: Simulator
+) -> None:
     first = post(clean, body("Keyed, first"), idempotency="key-conflict-1")
     assert first is not None and first.status_code == 200
     again = post(clean, body("Keyed, something else"), idempotency="key-conflict-1")
     assert again is not None and again.status_code == 409
     error = again.json()["error"]
     assert error["code"] == "idempotency_conflict", error
+    # Retried (as an SDK would, or by hand): it still conflicts with the key's first.
+    retried = post(clean, body("Keyed, something else"), idempotency="key-conflict-1", retry=1)
+    assert retried is not None and retried.status_code == 409
+    rows = settled(clean, 3)
+    assert sorted(r["outcome"] for r in rows) == ["client_error", "client_error", "ok"]
+    assert len(charges(sim)) == 1
+
+
+def test_the_sdk_does_not_retry_an_idempotency_conflict(clean: Tollgate) -> None:
+    """The SDKs retry a 409 unless told not to; a conflict stays one whatever the retries."""
+    client = sdk(clean, timeout=30)
+    key = {"Idempotency-Key": "key-conflict-sdk"}
+    client.images.generate(prompt="Keyed by the SDK", extra_headers=key, **IMAGE)  # type: ignore[call-overload]
+    with pytest.raises(openai.ConflictError) as conflict:
+        client.images.generate(prompt="Keyed, another", extra_headers=key, **IMAGE)  # type: ignore[call-overload]
+    assert conflict.value.code == "idempotency_conflict"
+    assert conflict.value.response.headers["x-should-retry"] == "false"
     rows = settled(clean, 2)
-    assert sorted(r["outcome"] for r in rows) == ["client_error", "ok"]
+    assert sorted(r["outcome"] for r in rows) == ["client_error", "ok"], "one 409, not retried"
 
 
 def test_the_same_key_and_body_while_the_first_is_in_flight_waits_and_replays(
