@@ -136,6 +136,10 @@ class IdempotencyConflict(RequestError):
     status = 409
     code = "idempotency_conflict"
 
+    def headers(self) -> dict[str, str]:
+        # The official SDKs retry 409 unless told not to; the same body conflicts again.
+        return {"x-should-retry": "false"}
+
 
 class MethodNotAllowed(RequestError):
     status = 405

@@ -73,12 +73,13 @@ async def start_duties(first: Runtime, current: Callable[[], Runtime]) -> asynci
 
 
 FORGET_EVERY_S = 60.0
+"""At most; a shorter retry window is followed more closely (every `window_s`)."""
 
 
 async def forget_kept_answers(current: Callable[[], Runtime]) -> None:
     """Forget the answers kept for repeats once they are past the retry window."""
     while True:
-        await asyncio.sleep(FORGET_EVERY_S)
+        await asyncio.sleep(min(FORGET_EVERY_S, current().config.retries.window_s))
         runtime = current()
         try:
             await runtime.ledger.forget_answers(runtime.clock() - runtime.config.retries.window_s)

@@ -16,6 +16,7 @@ import logging
 import secrets
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Generic
 
 from starlette.requests import Request
@@ -34,6 +35,7 @@ from proxy.core.budgets import (
 from proxy.core.errors import (
     AuthenticationFailed,
     BudgetExceeded,
+    IdempotencyConflict,
     LedgerError,
     PolicyViolation,
     PreviousResponseNotFound,
@@ -99,6 +101,10 @@ class Pipeline(Generic[Parsed]):
                     return replayed
             variant = door.admit(team, parsed, config)
             decision, entry = await self.reserve(runtime, team, entry, variant)
+        except IdempotencyConflict as exc:
+            # Recorded without the key it reused: the key's repeats still find its first
+            # attempt (and conflict), not this refusal (and be forwarded as new).
+            return await refuse(runtime, replace(entry, idempotency_key=None), exc, headers)
         except RequestError as exc:
             return await refuse(runtime, entry, exc, headers)
         except LedgerError as exc:
