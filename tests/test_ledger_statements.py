@@ -212,7 +212,7 @@ def test_the_kept_answer_columns_are_the_schemas(tmp_path: Path) -> None:
     assert [f.name for f in fields(KeptAnswer)] == [c for c in ANSWER_COLUMNS if c != "size"]
     assert [f.name for f in fields(FirstAttempt)] == [
         "request_id", "started_at", "settled", "outcome", "status", "cost_nanos",
-        "content_digest",
+        "content_digest", "owner",
     ]  # fmt: skip
     assert len(FIRST_COLUMNS) == len(fields(FirstAttempt))
 

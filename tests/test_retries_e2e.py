@@ -706,14 +706,6 @@ def test_a_retry_after_the_first_attempts_process_was_killed_ends_once_each(
                 gate.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A repeat waits for an unsettled first until its own deadline "
-    "(repeats.replay: entry.started_at + deadline_s), then is 'forwarded as new' with no time "
-    "left: it is answered 504 upstream_timeout without reaching the upstream. When the first's "
-    "process died, the retry should be forwarded with time to render (stop waiting at the "
-    "first's own deadline, or when its owner is dead, and give the forward its own deadline).",
-)
 def test_a_retry_waiting_on_a_killed_first_is_forwarded_with_time_to_render(
     sim: Simulator, tmp_path: Path
 ) -> None:

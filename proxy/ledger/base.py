@@ -133,6 +133,8 @@ class FirstAttempt:
     cost_nanos: int
     content_digest: str | None
     """Its content digest (an Idempotency-Key reused with another content is a conflict)."""
+    owner: str | None = None
+    """The process that holds it while it is in flight."""
 
 
 @dataclass(frozen=True, slots=True)

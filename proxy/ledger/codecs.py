@@ -78,7 +78,7 @@ LINE_COLUMNS = (
 """A `batch_lines` row: the file's id, then a `BatchLine`'s fields in their order."""
 BILLED_COLUMNS = (*ROW_COLUMNS, "counters")
 FIRST_COLUMNS = (
-    "id", "started_at", "state", "outcome", "status", "cost_nanos", "content_digest",
+    "id", "started_at", "state", "outcome", "status", "cost_nanos", "content_digest", "owner",
 )  # fmt: skip
 """What a repeat reads of its first attempt's row (a `FirstAttempt`)."""
 ANSWER_COLUMNS = ("request_id", "team", "status", "headers", "body", "stream", "size", "kept_at")
@@ -195,9 +195,16 @@ def response_row(response_id: str, values: Sequence[Any]) -> ResponseRow:
 
 def first_attempt(values: Sequence[Any]) -> FirstAttempt:
     """A first attempt read in `FIRST_COLUMNS` order."""
-    request_id, started_at, state, outcome, status, cost, digest = values
+    request_id, started_at, state, outcome, status, cost, digest, owner = values
     return FirstAttempt(
-        request_id, float(started_at), state == "settled", outcome, status, int(cost), digest
+        request_id,
+        float(started_at),
+        state == "settled",
+        outcome,
+        status,
+        int(cost),
+        digest,
+        owner,
     )
 
 

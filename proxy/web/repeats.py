@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -33,7 +35,8 @@ from starlette.responses import Response, StreamingResponse
 
 from proxy.core.errors import IdempotencyConflict
 from proxy.core.models import Entry, Settlement
-from proxy.ledger import FirstAttempt, KeptAnswer
+from proxy.ledger import FirstAttempt, KeptAnswer, Owner
+from proxy.web.housekeeping import dead
 from proxy.web.observe import observe
 from proxy.web.runtime import Runtime
 
@@ -42,6 +45,9 @@ KEY_HEADER = "idempotency-key"
 REPLAY_HEADER = "x-tollgate-replay-of"
 WAIT_S = 0.25
 """How often a repeat asks the ledger whether its first attempt has ended."""
+OWNER_CHECK_S = 1.0
+"""How often a waiting repeat asks whether its first attempt's process is still alive."""
+HERE = Owner("", socket.gethostname(), os.getpid())
 NOT_REPLAYED = frozenset({"content-length", "transfer-encoding", "x-tollgate-request-id"})
 
 
@@ -103,9 +109,17 @@ async def replay(
     if first is None:
         return None
     deadline = entry.started_at + runtime.config.upstream.deadline_s
+    checked = clock()
     while not first.settled:
-        if clock() >= deadline:
-            return None  # the first outlived every deadline: its reclaim will charge it
+        now = clock()
+        if now >= min(deadline, first.started_at + runtime.config.upstream.deadline_s):
+            return None  # the first outlived its deadline: it will not answer now
+        if now - checked >= OWNER_CHECK_S:
+            checked = now
+            if await gone(runtime, first.owner, now):
+                # Its process died: its reservation is reclaimed at its bound (flagged) and
+                # this repeat is forwarded while it still has the time to render.
+                return None
         await asyncio.sleep(WAIT_S)
         first = await first_of(runtime, team, found, clock()) or first
     kept = await runtime.ledger.kept_answer(first.request_id)
@@ -129,6 +143,17 @@ async def replay(
         body = kept.body
         return StreamingResponse(iter((body,)), kept.status, headers=answer_headers)
     return Response(kept.body, kept.status, headers=answer_headers)
+
+
+async def gone(runtime: Runtime, owner: str | None, now: float) -> bool:
+    """Whether the process `owner` that holds a first attempt has stopped (its pid is gone
+    on this host, or its heartbeat stopped; housekeeping's rule)."""
+    if owner is None:
+        return False
+    for process in await runtime.ledger.owners():
+        if process.id == owner:
+            return dead(process, HERE, now)
+    return True  # not among the processes that hold reservations: it is gone
 
 
 @dataclass(frozen=True, slots=True)
