@@ -331,6 +331,34 @@ def test_a_generations_batch_settles_one_row_per_line_at_batch_rates(
     assert reserved_total(proxy) == 0
 
 
+def test_a_retried_create_gets_the_first_batch_and_never_a_second(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """An SDK retry of `POST /v1/batches` (its first timed out, say) is answered with the
+    batch the first created: one batch runs, one reservation, the retry a $0 replay."""
+    sdk = proxy.client()
+    file = upload(sdk, generations("gpt-image-2", 2))
+    asked = {"input_file_id": file.id, "endpoint": GENERATIONS, "completion_window": "24h"}
+    before = arrivals(simulator, "POST", "/v1/batches")
+    headers = {"authorization": f"Bearer {DESIGN_KEY}"}
+    first = httpx.post(
+        f"{proxy.url}/v1/batches", json=asked, headers={**headers, "x-stainless-retry-count": "0"}
+    )
+    retry = httpx.post(
+        f"{proxy.url}/v1/batches", json=asked, headers={**headers, "x-stainless-retry-count": "1"}
+    )
+    assert first.status_code == retry.status_code == 200, retry.text
+    assert retry.json()["id"] == first.json()["id"]
+    assert retry.headers["x-tollgate-replay-of"] == first.headers["x-tollgate-request-id"]
+    assert retry.headers["x-tollgate-cost-usd"] == "0"
+    assert arrivals(simulator, "POST", "/v1/batches") == before + 1
+    replay = proxy.row(retry.headers["x-tollgate-request-id"])
+    assert (replay["outcome"], replay["cost_nanos"]) == ("replayed", 0)
+    batch = ended(sdk, first.json()["id"])
+    assert len(check_settled(proxy, simulator, batch, "gpt-image-2")) == 2
+    assert reserved_total(proxy) == 0
+
+
 def test_an_edits_batch_names_a_vision_file_of_the_team_and_a_data_url(
     proxy: Tollgate, simulator: Simulator
 ) -> None:

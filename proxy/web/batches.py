@@ -21,6 +21,8 @@ replicas never settle one batch twice.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -44,6 +46,7 @@ from proxy.core.parsing import json_object
 from proxy.core.settings import Team
 from proxy.ledger import BatchLine, BilledLine, Reservation, StoredObject
 from proxy.upstream import BROKEN_OFF, response_headers
+from proxy.web import repeats
 from proxy.web.admission import read_body
 from proxy.web.files import not_found, read_answer, scoped_listing, scoped_object
 from proxy.web.observe import KeyRefusals, observe
@@ -99,7 +102,16 @@ class Batches:
                 quality=first.quality,
                 size=first.size,
             )
-            entry = entry.asked(asked)
+            sent = {k: v for k, v in fields.items() if k in CREATE_FIELDS}
+            found = None
+            if config.retries.enabled and repeats.repeatable(request):
+                digest = hashlib.sha256(json.dumps(sent, sort_keys=True).encode()).digest()
+                found = repeats.marks(request, team.name, "batches", digest)
+            entry = entry.asked(asked, *((found.content, found.key) if found else (None, None)))
+            if found is not None and found.repeat:
+                again = await replay_create(runtime, entry, team.name, found, headers)
+                if again is not None:
+                    return again
             model = config.prices.find(first.model)
             if model is None:
                 raise InvalidRequest(
@@ -130,7 +142,6 @@ class Batches:
         headers["x-tollgate-reserved-usd"] = usd_text(entry.estimated_nanos)
         if remaining and remaining[-1] is not None:
             headers["x-tollgate-budget-remaining-usd"] = usd_text(max(remaining[-1], 0))
-        sent = {k: v for k, v in fields.items() if k in CREATE_FIELDS}
         try:
             answer = await runtime.upstream.send(
                 "/batches",
@@ -144,6 +155,16 @@ class Batches:
             return error_response(exc, headers)
         if 200 <= answer.status < 300:
             batch_id = _id_of(body)
+            if found is not None:
+                # Kept at once (a few hundred bytes): a retry of this create is answered with
+                # this batch instead of creating, and paying for, a second one.
+                kept = [*response_headers(answer), *headers.items()]
+                store = config.retries.store_bytes
+                keep = repeats.Keep(team.name, True, request.is_disconnected, store)
+                try:
+                    await keep.keep(runtime, entry.id, answer.status, kept, body, False)
+                except LedgerError as exc:
+                    log.error("keeping the answer of %s failed: %s", entry.id, exc)
             if batch_id is not None:
                 await self.follow(runtime, entry, stored, batch_id)
         else:
@@ -275,6 +296,26 @@ async def _batch_of_file(runtime: Runtime, file_id: str) -> str | None:
         )
     except (RequestError, ValueError, AttributeError, TypeError, KeyError):
         return None
+
+
+async def replay_create(
+    runtime: Runtime, entry: Entry, team: str, found: repeats.Marks, headers: dict[str, str]
+) -> Response | None:
+    """A repeated create answered with its first attempt's batch (a batch's reservation is
+    held until it ends, so the first is awaited until its answer is kept, not settled);
+    None when it must be forwarded as new (no first, or a first that failed)."""
+    first = await repeats.first_of(runtime, team, found, runtime.clock())
+    if first is None:
+        return None
+    deadline = entry.started_at + runtime.config.upstream.deadline_s
+    while True:
+        kept = await runtime.ledger.kept_answer(first.request_id)
+        if kept is not None and kept.team == team:
+            return await repeats.replayed(runtime, entry, first.request_id, kept, headers)
+        if first.settled or runtime.clock() >= deadline:
+            return None
+        await asyncio.sleep(repeats.WAIT_S)
+        first = await repeats.first_of(runtime, team, found, runtime.clock()) or first
 
 
 def _id_of(body: bytes) -> str | None:

@@ -125,12 +125,20 @@ async def replay(
     kept = await runtime.ledger.kept_answer(first.request_id)
     if kept is None or kept.team != team:
         return None
-    now = clock()
+    return await replayed(runtime, entry, first.request_id, kept, headers)
+
+
+async def replayed(
+    runtime: Runtime, entry: Entry, first_id: str, kept: KeptAnswer, headers: dict[str, str]
+) -> Response:
+    """A repeat answered with the kept answer of its first attempt `first_id`, recorded
+    with outcome `replayed` at no cost."""
+    now = runtime.clock()
     settlement = Settlement(
         finished_at=now,
         outcome="replayed",
         status=kept.status,
-        upstream_request_id=first.request_id,
+        upstream_request_id=first_id,
         latency_ms=(now - entry.started_at) * 1000,
     )
     await runtime.ledger.record(entry, settlement)
@@ -138,7 +146,7 @@ async def replay(
     answer_headers = {k: v for k, v in kept.headers if k.lower() not in NOT_REPLAYED}
     answer_headers.update(headers)
     answer_headers["x-tollgate-cost-usd"] = "0"
-    answer_headers[REPLAY_HEADER] = first.request_id
+    answer_headers[REPLAY_HEADER] = first_id
     if kept.stream:
         body = kept.body
         return StreamingResponse(iter((body,)), kept.status, headers=answer_headers)
