@@ -39,8 +39,8 @@ from tests.conftest import (
     stop,
     write_config,
 )
+from tests.responses_e2e import NODE_PROJECT, node_sdk, record_cost
 from tests.test_proxy_e2e import expected_cost
-from tests.test_responses_e2e import NODE_PROJECT, node_sdk, record_cost
 
 T = TypeVar("T")
 DEADLINE_S = 60.0

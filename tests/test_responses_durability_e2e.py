@@ -1,0 +1,244 @@
+"""The Responses API door end to end: a storm against a budget, a background response
+that outlives its process, and the official Node SDK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import (
+    DESIGN_KEY,
+    UPSTREAM_KEY,
+    Simulator,
+    Tollgate,
+    start_tollgate,
+    write_config,
+)
+from tests.responses_e2e import (
+    KEYS,
+    NODE_PROJECT,
+    TEAMS,
+    billed,
+    calm_simulator,
+    check_charge,
+    nanos,
+    node_sdk,
+    record_cost,
+    rows_of,
+    serve_proxy,
+    settled_row,
+    team,
+    tool,
+)
+
+
+@pytest.fixture(scope="module")
+def proxy(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
+    yield from serve_proxy(simulator, tmp_path_factory)
+
+
+@pytest.fixture(autouse=True)
+def calm(simulator: Simulator) -> Iterator[None]:
+    yield from calm_simulator(simulator)
+
+
+# -- 4. a storm against a budget that fits a few bounds ----------------------------------
+
+ADMIN = "admin-secret-token"
+STORM_BODY: dict[str, Any] = {
+    "model": "gpt-4.1-mini",
+    "input": "A storm at sea",
+    "tools": [tool()],
+    "max_output_tokens": 200,
+    "max_tool_calls": 1,
+}
+
+
+async def storm(url: str, count: int, background: bool) -> list[Any]:
+    """`count` Responses requests at once: each one's response, or the error it raised."""
+    async with openai.AsyncOpenAI(
+        base_url=f"{url}/v1", api_key=KEYS["storm"], max_retries=0, timeout=60
+    ) as sdk:
+
+        async def one() -> Any:
+            try:
+                return await sdk.responses.create(**STORM_BODY, background=background)
+            except openai.APIError as exc:
+                return exc
+
+        return await asyncio.gather(*(one() for _ in range(count)))
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["answered", "background"])
+def test_a_storm_never_settles_past_the_limit(
+    simulator: Simulator, tmp_path: Path, background: bool
+) -> None:
+    teams = {**TEAMS, "storm": team("storm", "budgets:\n  - {period: month, limit_usd: 100}\n")}
+    write_config(tmp_path, f"{simulator.url}/v1", f"admin_token: {ADMIN}\n", teams)
+    proxy = start_tollgate(tmp_path)
+    try:
+        probe = proxy.client().responses.create(**STORM_BODY)
+        bound = settled_row(proxy, probe.id)["estimated_nanos"]
+        limit = bound * 7 // 2  # three bounds and a half
+        text = teams["storm"].replace("limit_usd: 100", f"limit_usd: {Decimal(limit) / 10**9}")
+        (tmp_path / "teams" / "storm.yaml").write_text(text)
+        reload = httpx.post(
+            f"{proxy.url}/admin/reload", headers={"authorization": f"Bearer {ADMIN}"}
+        )
+        assert reload.status_code == 200
+        simulator.configure(latency_ms=300)
+        answers = asyncio.run(storm(proxy.url, 24, background))
+        simulator.configure(latency_ms=0)
+        done = [a for a in answers if not isinstance(a, Exception)]
+        refused = [a for a in answers if isinstance(a, Exception)]
+        assert len(done) >= 3, answers
+        assert refused, "the budget fits only a few bounds"
+        for error in refused:
+            assert isinstance(error, openai.RateLimitError), error
+            assert error.code == "budget_exceeded"
+        for answer in done:  # a background response is settled when it ends
+            settled_row(proxy, answer.id)
+        rows = [r for r in proxy.rows() if r["team"] == "storm"]
+        assert all(r["state"] == "settled" and r["flagged"] == 0 for r in rows)
+        spent = sum(r["cost_nanos"] for r in rows)
+        billed_total = sum(record_cost(billed(simulator, a.id)) for a in done)
+        assert billed_total <= spent <= limit
+        for row in rows:
+            assert row["estimated_nanos"] >= row["cost_nanos"]
+        [reserved] = proxy.query("SELECT SUM(reserved_nanos) AS v FROM budget_usage")[0].values()
+        assert reserved == 0
+    finally:
+        proxy.stop()
+
+
+# -- 5. a background response outlives the process that sent it --------------------------
+
+
+@pytest.mark.parametrize("stop_with", [signal.SIGTERM, signal.SIGKILL], ids=["term", "kill"])
+def test_a_restart_adopts_a_held_background_response_and_settles_it_once(
+    simulator: Simulator, tmp_path: Path, stop_with: signal.Signals
+) -> None:
+    write_config(tmp_path, f"{simulator.url}/v1", teams=TEAMS)
+    first = start_tollgate(tmp_path)
+    simulator.configure(latency_ms=4000)  # queued while Tollgate restarts
+    try:
+        queued = first.client().responses.create(
+            model="gpt-5.5",
+            input="A comet",
+            tools=[tool()],
+            max_output_tokens=300,
+            max_tool_calls=1,
+            background=True,
+        )
+    finally:
+        simulator.configure(latency_ms=0)
+        first.process.send_signal(stop_with)
+        first.process.wait(timeout=30)
+    [held] = rows_of(first, queued.id)
+    assert (held["state"], held["held"]) == ("reserved", 1)  # not ended: still held
+    second = start_tollgate(tmp_path)
+    try:
+        assert second.client().responses.retrieve(queued.id).id == queued.id  # still its team's
+        row = check_charge(second, simulator, queued.id, "gpt-5.5", "gpt-image-2")
+        assert row["owner"] != held["owner"]  # adopted by the new process
+        assert row["error_code"] is None
+        counted = second.query(
+            "SELECT spent_nanos, reserved_nanos FROM budget_usage "
+            "WHERE scope = 'team' AND team = 'design'"
+        )
+        assert counted and all(
+            (c["spent_nanos"], c["reserved_nanos"]) == (row["cost_nanos"], 0) for c in counted
+        )
+        assert [r["state"] for r in second.rows()] == ["settled"]
+    finally:
+        second.stop()
+
+
+# -- 8. the official Node SDK ----------------------------------------------------------
+
+
+def test_the_node_sdk_is_metered_exactly(proxy: Tollgate, simulator: Simulator) -> None:
+    node = node_sdk()
+    simulator.configure(latency_ms=500)  # the background response is queued at first
+    ran = subprocess.run(
+        [node, str(NODE_PROJECT / "responses.mjs")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            **os.environ,
+            "TOLLGATE_BASE_URL": f"{proxy.url}/v1",
+            "TOLLGATE_API_KEY": DESIGN_KEY,
+            "MAINLINE_MODEL": "gpt-4.1-mini",
+            "IMAGE_MODEL": "gpt-image-1.5",
+        },
+    )
+    assert ran.returncode == 0, ran.stderr
+    results = json.loads(ran.stdout)
+    plain, streamed, background = results["plain"], results["stream"], results["background"]
+    assert plain["status"] == streamed["status"] == background["status"] == "completed"
+    assert background["queued"] in ("queued", "in_progress")
+    for result in (plain, streamed, background):
+        row = check_charge(proxy, simulator, result["id"], "gpt-4.1-mini", "gpt-image-1.5")
+        assert row["team"] == "design"
+    row = settled_row(proxy, plain["id"])
+    assert row["id"] == plain["request_id"]
+    assert nanos(plain["cost_usd"]) == row["cost_nanos"]
+
+
+@pytest.mark.parametrize("meanwhile", ["cancelled", "deleted"])
+def test_a_response_ended_elsewhere_while_tollgate_was_down_is_settled_on_restart(
+    simulator: Simulator, tmp_path: Path, meanwhile: str
+) -> None:
+    """Cancelled upstream: settled from the usage it reports. Deleted upstream: its usage
+    can no longer be read, so it is charged its bound, flagged."""
+    write_config(tmp_path, f"{simulator.url}/v1", teams=TEAMS)
+    first = start_tollgate(tmp_path)
+    simulator.configure(latency_ms=30_000)
+    try:
+        queued = first.client().responses.create(
+            model="gpt-4.1-mini",
+            input="A nebula",
+            tools=[tool()],
+            max_output_tokens=300,
+            max_tool_calls=1,
+            background=True,
+        )
+    finally:
+        simulator.configure(latency_ms=0)
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait(timeout=30)
+    upstream = {"authorization": f"Bearer {UPSTREAM_KEY}"}
+    path = f"{simulator.url}/v1/responses/{queued.id}"
+    if meanwhile == "cancelled":
+        httpx.post(f"{path}/cancel", headers=upstream).raise_for_status()
+    else:
+        httpx.delete(path, headers=upstream).raise_for_status()
+    second = start_tollgate(tmp_path)
+    try:
+        row = settled_row(second, queued.id)
+        assert row["estimated_nanos"] >= row["cost_nanos"] > 0
+        if meanwhile == "cancelled":
+            assert row["cost_nanos"] == record_cost(billed(simulator, queued.id))
+            assert row["flagged"] == 0
+        else:
+            assert row["cost_nanos"] == row["estimated_nanos"]
+            assert (row["flagged"], row["error_code"]) == (1, "response_not_found")
+        [[reserved]] = [
+            r.values() for r in second.query("SELECT SUM(reserved_nanos) AS v FROM budget_usage")
+        ]
+        assert reserved == 0
+    finally:
+        second.stop()

@@ -1,0 +1,249 @@
+"""The Responses API door end to end: what Tollgate cannot bound is refused, and what the
+upstream may have billed but cannot be read back is charged its bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import DESIGN_KEY, Simulator, Tollgate
+from tests.responses_e2e import (
+    arrivals,
+    billed,
+    calm_simulator,
+    check_charge,
+    nanos,
+    record_cost,
+    serve_proxy,
+    settled_row,
+    tool,
+    wait_for,
+)
+
+
+@pytest.fixture(scope="module")
+def proxy(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
+    yield from serve_proxy(simulator, tmp_path_factory)
+
+
+@pytest.fixture(autouse=True)
+def calm(simulator: Simulator) -> Iterator[None]:
+    yield from calm_simulator(simulator)
+
+
+# -- 6. what Tollgate cannot bound is refused ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "param"),
+    [
+        ({"conversation": "conv_123"}, "conversation"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+    ],
+    ids=["conversation", "web_search"],
+)
+def test_what_cannot_be_bounded_is_refused_in_openais_shape(
+    proxy: Tollgate, simulator: Simulator, options: dict[str, Any], param: str
+) -> None:
+    before = len(arrivals(simulator))
+    with pytest.raises(openai.BadRequestError) as caught:
+        proxy.client().responses.create(
+            model="gpt-5.5", input="Search the web", max_output_tokens=300, **options
+        )
+    error = caught.value
+    assert (error.status_code, error.type, error.code) == (
+        400,
+        "invalid_request_error",
+        "invalid_request",
+    )
+    assert error.param == param  # type: ignore[attr-defined]
+    assert len(arrivals(simulator)) == before
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/responses?beta=true"])
+def test_a_websocket_upgrade_is_answered_400_at_once(
+    proxy: Tollgate, simulator: Simulator, path: str
+) -> None:
+    host, port = proxy.url.removeprefix("http://").split(":")
+    handshake = (
+        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {DESIGN_KEY}\r\n\r\n"
+    ).encode()
+    before = len(arrivals(simulator))
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(handshake)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = raw.recv(65536)
+            assert chunk, "the connection closed without an answer"
+            answer += chunk
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        assert lines[0].split(" ")[1] == "400", lines[0]
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        length = int({k.lower(): v for k, v in headers.items()}["content-length"])
+        while len(rest) < length:
+            chunk = raw.recv(65536)
+            assert chunk
+            rest += chunk
+    error = json.loads(rest)["error"]
+    assert error["type"] == "invalid_request_error" and "WebSocket" in error["message"]
+    assert len(arrivals(simulator)) == before
+
+
+# -- 7. faults: what the upstream may have billed, and cannot be read back, is charged its bound
+
+
+def bound_charged(proxy: Tollgate, response_id: str | None, request_id: str) -> dict[str, Any]:
+    row = wait_for(
+        "the row settled",
+        lambda: next(
+            (r for r in proxy.rows() if r["id"] == request_id and r["state"] == "settled"), None
+        ),
+    )
+    assert row["cost_nanos"] == row["estimated_nanos"] > 0
+    assert row["flagged"] == 1
+    if response_id is not None:
+        assert row["response_id"] in (None, response_id)
+    return row
+
+
+def last_request_id(proxy: Tollgate) -> str:
+    return str(proxy.query("SELECT id FROM requests ORDER BY started_at DESC LIMIT 1")[0]["id"])
+
+
+def test_a_stream_cut_short_is_followed_to_its_end_and_charged_exactly(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """The stream named its response before it broke off: the response may still run (and
+    bill) upstream, so Tollgate follows it to its end instead of charging its bound."""
+    seen = {r["id"] for r in simulator.billing()}
+    kinds = []
+    with contextlib.suppress(openai.APIError, httpx.HTTPError):  # cut: the SDK may notice
+        for event in proxy.client().responses.create(
+            model="gpt-5.5",
+            input="A bridge [[fault:truncate]]",
+            tools=[tool()],
+            max_output_tokens=300,
+            max_tool_calls=1,
+            stream=True,
+        ):
+            kinds.append(event.type)
+    assert "response.image_generation_call.completed" in kinds
+    assert "response.completed" not in kinds
+    [record] = [r for r in simulator.billing() if r["id"] not in seen]
+    check_charge(proxy, simulator, record["id"], "gpt-5.5", "gpt-image-2")
+
+
+def test_a_truncated_answer_is_charged_its_bound_flagged(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    seen = {r["id"] for r in simulator.billing()}
+    with pytest.raises(openai.APIStatusError) as caught:
+        proxy.client().responses.create(
+            model="gpt-5.5",
+            input="A bridge [[fault:truncate]]",
+            tools=[tool()],
+            max_output_tokens=300,
+            max_tool_calls=1,
+        )
+    request_id = caught.value.response.headers["x-tollgate-request-id"]
+    [record] = [r for r in simulator.billing() if r["id"] not in seen]
+    row = bound_charged(proxy, None, request_id)
+    assert nanos(caught.value.response.headers["x-tollgate-cost-usd"]) == row["cost_nanos"]
+    assert record["billed"] and row["cost_nanos"] >= record_cost(record)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_an_answer_without_usage_is_charged_its_bound_flagged(
+    proxy: Tollgate, simulator: Simulator, stream: bool
+) -> None:
+    raw = proxy.client().responses.with_raw_response.create(
+        model="gpt-4.1-mini",
+        input="A bridge [[fault:nousage]]",
+        tools=[tool("gpt-image-1.5")],
+        max_output_tokens=300,
+        max_tool_calls=1,
+        stream=stream,
+    )
+    if stream:
+        events = list(raw.parse())  # type: ignore[call-overload]
+        response_id = events[-1].response.id
+    else:
+        response = json.loads(raw.content)
+        assert response["usage"] is None
+        response_id = response["id"]
+    row = bound_charged(proxy, response_id, raw.headers["x-tollgate-request-id"])
+    if not stream:
+        assert nanos(raw.headers["x-tollgate-cost-usd"]) == row["cost_nanos"]
+    assert row["cost_nanos"] >= record_cost(billed(simulator, response_id))
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_failed_response_is_charged_the_usage_it_reports(
+    proxy: Tollgate, simulator: Simulator, stream: bool
+) -> None:
+    raw = proxy.client().responses.with_raw_response.create(
+        model="gpt-5.5",
+        input="A bridge [[fault:failed]]",
+        tools=[tool()],
+        max_output_tokens=300,
+        max_tool_calls=1,
+        stream=stream,
+    )
+    if stream:
+        events = list(raw.parse())  # type: ignore[call-overload]
+        assert events[-1].type == "response.failed"
+        response_id = events[-1].response.id
+    else:
+        body = json.loads(raw.content)
+        assert body["status"] == "failed"
+        response_id = body["id"]
+    record = billed(simulator, response_id)
+    assert record["usage"]["image_output"] > 0  # its image was made, and billed
+    row = settled_row(proxy, response_id)
+    assert row["cost_nanos"] == record_cost(record) > 0
+    assert row["estimated_nanos"] >= row["cost_nanos"]
+    assert (row["flagged"], row["outcome"]) == (0, "upstream_error")
+
+
+def test_an_incomplete_response_is_charged_the_usage_it_reports(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    response = proxy.client().responses.create(
+        model="gpt-5.5",
+        input="A very long story about a bridge",
+        tools=[tool()],
+        max_output_tokens=16,
+        max_tool_calls=1,
+    )
+    assert response.status == "incomplete"
+    row = check_charge(proxy, simulator, response.id, "gpt-5.5", "gpt-image-2")
+    assert row["mainline_output_tokens"] == 16
+
+
+def test_a_server_error_is_charged_nothing(proxy: Tollgate, simulator: Simulator) -> None:
+    seen = {r["id"] for r in simulator.billing()}
+    with pytest.raises(openai.InternalServerError) as caught:
+        proxy.client().responses.create(
+            model="gpt-5.5",
+            input="A bridge [[fault:500]]",
+            tools=[tool()],
+            max_output_tokens=300,
+            max_tool_calls=1,
+        )
+    headers = caught.value.response.headers
+    assert headers["x-tollgate-cost-usd"] == "0"
+    row = next(r for r in proxy.rows() if r["id"] == headers["x-tollgate-request-id"])
+    assert (row["state"], row["cost_nanos"], row["outcome"]) == ("settled", 0, "upstream_error")
+    [record] = [r for r in simulator.billing() if r["id"] not in seen]
+    assert (record["status"], record["billed"]) == (500, False)
