@@ -1,0 +1,259 @@
+"""The Batch API door end to end: failed lines, cancelled and expired batches, a team's own
+files and batches only, and a batch outliving the process that created it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from openai.types import Batch
+
+from tests import pg
+from tests.batches_e2e import (
+    GENERATIONS,
+    TEAMS,
+    api_arrivals,
+    batch_rows,
+    billed_lines,
+    calm_simulator,
+    check_settled,
+    create,
+    ended,
+    generations,
+    reserved_total,
+    serve_proxy,
+    settled_rows,
+    upload,
+    wait_for,
+)
+from tests.conftest import (
+    RESEARCH_KEY,
+    Simulator,
+    Tollgate,
+    drop_ledger,
+    start_tollgate,
+    write_config,
+)
+
+
+@pytest.fixture(scope="module")
+def proxy(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
+    yield from serve_proxy(simulator, tmp_path_factory)
+
+
+@pytest.fixture(autouse=True)
+def calm(simulator: Simulator) -> Iterator[None]:
+    yield from calm_simulator(simulator)
+
+
+# -- 4. failed lines, cancelled and expired batches --------------------------------------
+
+
+def test_lines_that_fail_upstream_are_not_billed(proxy: Tollgate, simulator: Simulator) -> None:
+    sdk = proxy.client()
+    lines = generations("gpt-image-2", 5)
+    for index in (1, 3):
+        lines[index]["body"]["prompt"] += " [[fault:500]]"
+    batch = ended(sdk, create(sdk, lines).id)
+    assert batch.status == "completed" and batch.request_counts is not None
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (3, 2)
+    rows = check_settled(proxy, simulator, batch, "gpt-image-2")
+    assert [r["custom_id"] for r in rows] == [lines[i]["custom_id"] for i in (0, 2, 4)]
+    assert batch.error_file_id is not None
+    errors = [json.loads(x) for x in sdk.files.content(batch.error_file_id).text.splitlines()]
+    assert sorted(e["custom_id"] for e in errors) == [lines[i]["custom_id"] for i in (1, 3)]
+    assert reserved_total(proxy) == 0
+
+
+def test_a_batch_cancelled_while_running_is_settled_for_the_lines_that_completed(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    simulator.configure(batch_delay_ms=6000)  # 12 lines, one each 0.4 s from 0.6 s
+    sdk = proxy.client()
+    created = create(sdk, generations("gpt-image-1.5", 12))
+
+    def some_done() -> Batch | None:
+        batch = sdk.batches.retrieve(created.id)
+        counts = batch.request_counts
+        return batch if counts is not None and counts.completed >= 3 else None
+
+    wait_for("three lines done", some_done)
+    assert sdk.batches.cancel(created.id).status == "cancelling"
+    batch = ended(sdk, created.id)
+    assert batch.status == "cancelled" and batch.request_counts is not None
+    done = batch.request_counts.completed
+    assert 3 <= done < 12
+    rows = check_settled(proxy, simulator, batch, "gpt-image-1.5")
+    assert len(rows) == done
+    assert all(r["outcome"] == "ok" for r in rows)
+    assert reserved_total(proxy) == 0
+
+
+def test_an_expired_batch_is_settled_for_the_lines_that_completed(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    # 10 lines run from 0.3 s to 2.7 s; the window closes at 1.5 s.
+    simulator.configure(batch_delay_ms=3000, batch_window_ms=1500)
+    sdk = proxy.client()
+    batch = ended(sdk, create(sdk, generations("gpt-image-1-mini", 10)).id)
+    assert batch.status == "expired" and batch.request_counts is not None
+    done = batch.request_counts.completed
+    assert 0 < done < 10 and batch.request_counts.failed == 10 - done
+    rows = check_settled(proxy, simulator, batch, "gpt-image-1-mini")
+    assert len(rows) == done
+    assert batch.error_file_id is not None
+    errors = [json.loads(x) for x in sdk.files.content(batch.error_file_id).text.splitlines()]
+    assert {e["error"]["code"] for e in errors} == {"batch_expired"}
+    assert reserved_total(proxy) == 0
+
+
+# -- 6. a team's own files and batches only ----------------------------------------------
+
+
+def test_a_batchs_output_file_can_be_read_as_soon_as_the_batch_ended(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """The client sees `completed` before Tollgate's follower does (it polls each second):
+    the output file is the batch's team's at once."""
+    sdk = proxy.client()
+    batch = ended(sdk, create(sdk, generations("gpt-image-2", 2)).id)
+    assert batch.output_file_id is not None
+    text = sdk.files.content(batch.output_file_id).text
+    assert len(text.splitlines()) == 2
+    check_settled(proxy, simulator, batch, "gpt-image-2")
+
+
+def test_teams_cannot_see_each_others_files_and_batches(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    simulator.configure(batch_delay_ms=1500)
+    design, research = proxy.client(), proxy.client(RESEARCH_KEY)
+    mine = [upload(design, generations("gpt-image-2", 1)) for _ in range(3)]
+    batches = [
+        design.batches.create(input_file_id=f.id, endpoint=GENERATIONS, completion_window="24h")
+        for f in mine[:2]
+    ]
+    theirs = [upload(research, generations("gpt-image-2", 1)) for _ in range(3)]
+    their_batch = research.batches.create(
+        input_file_id=theirs[0].id, endpoint=GENERATIONS, completion_window="24h"
+    )
+    finished = [ended(design, b.id) for b in batches]
+    ended(research, their_batch.id)
+    outputs = [b.output_file_id for b in finished]
+    assert all(outputs)
+    for batch_id in (*(b.id for b in batches), their_batch.id):
+        settled_rows(proxy, batch_id)  # nothing followed: only the attempts may arrive
+
+    attempts: list[tuple[str, Callable[[], Any]]] = [
+        (mine[0].id, lambda: research.files.retrieve(mine[0].id)),
+        (mine[0].id, lambda: research.files.content(mine[0].id)),
+        (mine[1].id, lambda: research.files.delete(mine[1].id)),
+        (str(outputs[0]), lambda: research.files.content(str(outputs[0]))),
+        (str(outputs[0]), lambda: research.files.retrieve(str(outputs[0]))),
+        (batches[0].id, lambda: research.batches.retrieve(batches[0].id)),
+        (batches[1].id, lambda: research.batches.cancel(batches[1].id)),
+        (mine[2].id, lambda: research.batches.create(
+            input_file_id=mine[2].id, endpoint=GENERATIONS, completion_window="24h")),
+    ]  # fmt: skip
+    for object_id, attempt in attempts:
+        count = len(api_arrivals(simulator))
+        with pytest.raises(openai.NotFoundError) as caught:
+            attempt()
+        assert object_id in caught.value.message
+        found = api_arrivals(simulator)
+        assert len(found) == count, (object_id, found[count:])  # nothing reached the upstream
+
+    # Their own: every one listed (across pages, by the SDK's auto-pagination), no other.
+    mine_ids = {f.id for f in mine} | {str(o) for o in outputs}
+    theirs_ids = {f.id for f in theirs}
+    listed = {f.id for f in design.files.list(limit=2)}
+    assert mine_ids <= listed and not listed & theirs_ids
+    listed = {f.id for f in research.files.list(limit=2)}
+    assert theirs_ids <= listed and not listed & mine_ids
+    assert {b.id for b in design.batches.list(limit=1)} >= {b.id for b in batches}
+    assert their_batch.id not in {b.id for b in design.batches.list(limit=1)}
+    owned = proxy.query("SELECT id FROM stored_objects WHERE kind = 'batch' AND team = 'research'")
+    assert {b.id for b in research.batches.list(limit=1)} == {r["id"] for r in owned}
+    assert design.files.retrieve(str(outputs[0])).purpose == "batch_output"
+    assert design.files.delete(mine[1].id).deleted
+    assert design.batches.retrieve(batches[0].id).status == "completed"
+
+
+# -- 5. a batch outlives the process that created it -------------------------------------
+
+
+def exactly_once(proxy: Tollgate, simulator: Simulator, batch: Batch, model: str) -> None:
+    """The batch settled once: its billed lines' rows, no more, and the counters holding
+    exactly their cost and nothing reserved."""
+    rows = check_settled(proxy, simulator, batch, model)
+    assert len(rows) == len(billed_lines(simulator, batch.id))
+    assert len({r["id"] for r in rows}) == len(rows)
+    spent = sum(r["cost_nanos"] for r in rows)
+    counted = proxy.query(
+        "SELECT scope, spent_nanos, reserved_nanos FROM budget_usage WHERE team = 'design' "
+        "OR scope = 'organization'"
+    )
+    assert counted and all((c["spent_nanos"], c["reserved_nanos"]) == (spent, 0) for c in counted)
+    everything = proxy.query("SELECT COUNT(*) AS n, SUM(cost_nanos) AS v FROM requests")[0]
+    assert (everything["n"], everything["v"]) == (len(rows), spent)
+
+
+@pytest.mark.parametrize("stop_with", [signal.SIGTERM, signal.SIGKILL], ids=["term", "kill"])
+def test_a_restart_adopts_a_running_batch_and_settles_it_once(
+    simulator: Simulator, tmp_path: Path, stop_with: signal.Signals
+) -> None:
+    write_config(tmp_path, f"{simulator.url}/v1", teams=TEAMS)
+    first = start_tollgate(tmp_path)
+    simulator.configure(batch_delay_ms=4000)  # running while Tollgate restarts
+    try:
+        created = create(first.client(), generations("gpt-image-2", 6))
+    finally:
+        first.process.send_signal(stop_with)
+        first.process.wait(timeout=30)
+    [held] = batch_rows(first, created.id)
+    assert (held["state"], held["held"]) == ("reserved", 1)  # not ended: still held
+    second = start_tollgate(tmp_path)
+    try:
+        sdk = second.client()
+        batch = ended(sdk, created.id)  # still the team's
+        assert batch.status == "completed"
+        exactly_once(second, simulator, batch, "gpt-image-2")
+        assert held["owner"] not in {r["owner"] for r in batch_rows(second, batch.id)}
+    finally:
+        second.stop()
+
+
+def test_two_replicas_follow_a_batch_whose_creator_died_and_one_settles_it(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    shared = pg.migrated_schema()
+    write_config(tmp_path, f"{simulator.url}/v1", teams=TEAMS)
+    replicas: list[Tollgate] = []
+    try:
+        creator = start_tollgate(tmp_path, ledger_url=shared)
+        simulator.configure(batch_delay_ms=5000)
+        try:
+            created = create(creator.client(), generations("gpt-image-1.5", 8))
+        finally:
+            creator.process.kill()
+            creator.process.wait(timeout=30)
+        [held] = batch_rows(creator, created.id)
+        assert (held["state"], held["held"]) == ("reserved", 1)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            replicas = list(pool.map(lambda _: start_tollgate(tmp_path, ledger_url=shared), [1, 2]))
+        batch = ended(replicas[1].client(), created.id)
+        assert batch.status == "completed"
+        exactly_once(replicas[0], simulator, batch, "gpt-image-1.5")
+        owners = {r["owner"] for r in batch_rows(replicas[0], batch.id)} - {None}
+        assert len(owners) == 1 and held["owner"] not in owners  # adopted by one replica
+    finally:
+        for replica in replicas:
+            replica.stop()
+        drop_ledger(shared)
