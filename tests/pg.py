@@ -102,6 +102,29 @@ def schema_at_version(version: int, server: str = SERVER) -> str:
     return url
 
 
+def ledger_at_version(kind: str, directory: Path, version: int, *inserts: str) -> str:
+    """The URL of a ledger left at an older schema `version` holding the rows `inserts`: a
+    SQLite file in `directory` (kind `sqlite`) or a fresh PostgreSQL schema."""
+    from proxy.ledger import migrations
+
+    if kind == "sqlite":
+        import sqlite3
+
+        path = directory / f"v{version}.db"
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            for sql in migrations.pending(0, migrations.SQLITE[:version]):
+                db.execute(sql)
+            db.execute(f"INSERT INTO schema_version VALUES ({version})")
+            for sql in inserts:
+                db.execute(sql)
+        return f"sqlite:///{path}"
+    url = schema_at_version(version)
+    for sql in inserts:
+        fetch(url, sql)
+    return url
+
+
 class Cluster:
     """A private PostgreSQL server in a temporary directory, which a test may stop and start."""
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -18,7 +17,7 @@ import pytest
 
 from proxy.core.errors import LedgerError
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
-from proxy.ledger import codecs, migrate_ledger, migrations, open_ledger
+from proxy.ledger import codecs, migrate_ledger, open_ledger
 from proxy.ledger.base import (
     Backend,
     BatchLine,
@@ -453,18 +452,7 @@ V4_ROW = (
 
 def version_4_ledger(kind: str, tmp_path: Path) -> str:
     """A ledger at schema version 4, holding one settled response."""
-    if kind == "sqlite":
-        path = tmp_path / "v4.db"
-        with contextlib.closing(sqlite3.connect(path)) as db, db:
-            db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-            for sql in migrations.pending(0, migrations.SQLITE[:4]):
-                db.execute(sql)
-            db.execute("INSERT INTO schema_version VALUES (4)")
-            db.execute(V4_ROW)
-        return f"sqlite:///{path}"
-    url = pg.schema_at_version(4)
-    pg.fetch(url, V4_ROW)
-    return url
+    return pg.ledger_at_version(kind, tmp_path, 4, V4_ROW)
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])

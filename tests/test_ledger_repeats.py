@@ -9,7 +9,6 @@ import asyncio
 import base64
 import contextlib
 import random
-import sqlite3
 import statistics
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -21,7 +20,7 @@ import asyncpg
 import pytest
 
 from proxy.core.models import Counter, Settlement, Totals
-from proxy.ledger import migrate_ledger, migrations, open_ledger
+from proxy.ledger import migrate_ledger, open_ledger
 from proxy.ledger.base import Backend, KeptAnswer, Reservation
 from proxy.ledger.copy import copy_between
 from proxy.ledger.postgres import SQL
@@ -325,18 +324,7 @@ V5_ROW = (
 
 def version_5_ledger(kind: str, tmp_path: Path) -> str:
     """A ledger at schema version 5, holding one settled request."""
-    if kind == "sqlite":
-        path = tmp_path / "v5.db"
-        with contextlib.closing(sqlite3.connect(path)) as db, db:
-            db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-            for sql in migrations.pending(0, migrations.SQLITE[:5]):
-                db.execute(sql)
-            db.execute("INSERT INTO schema_version VALUES (5)")
-            db.execute(V5_ROW)
-        return f"sqlite:///{path}"
-    url = pg.schema_at_version(5)
-    pg.fetch(url, V5_ROW)
-    return url
+    return pg.ledger_at_version(kind, tmp_path, 5, V5_ROW)
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])

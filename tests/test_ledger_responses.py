@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 
 from proxy.core.errors import LedgerError
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
-from proxy.ledger import migrate_ledger, migrations, open_ledger
+from proxy.ledger import migrate_ledger, open_ledger
 from proxy.ledger.base import Backend, Chooser, Owner, Reservation, ResponseRow
 from proxy.ledger.postgres import PostgresLedger
 from proxy.ledger.sqlite import SCHEMA_VERSION, SqliteLedger
@@ -369,18 +368,7 @@ V3_ROW = (
 
 def version_3_ledger(kind: str, tmp_path: Path) -> str:
     """A ledger at schema version 3, holding one settled image row."""
-    if kind == "sqlite":
-        path = tmp_path / "v3.db"
-        with contextlib.closing(sqlite3.connect(path)) as db, db:
-            db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-            for sql in migrations.pending(0, migrations.SQLITE[:3]):
-                db.execute(sql)
-            db.execute("INSERT INTO schema_version VALUES (3)")
-            db.execute(V3_ROW)
-        return f"sqlite:///{path}"
-    url = pg.schema_at_version(3)
-    pg.fetch(url, V3_ROW)
-    return url
+    return pg.ledger_at_version(kind, tmp_path, 3, V3_ROW)
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
