@@ -12,7 +12,7 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import ASGIApp
 
 from proxy.core.auth import key_hash
+from proxy.ledger import Backend, open_ledger
 from tests import pg
 
 UPSTREAM_KEY = "sk-upstream-real-key-for-tests"
@@ -268,3 +269,21 @@ def tollgate(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> 
     proxy = start_tollgate(root)
     yield proxy
     proxy.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh ledger's URL, once for each backend, which one or several processes open
+    (a module may define its own `url`)."""
+    found = pg.ledger_url(request.param, tmp_path)
+    yield found
+    if request.param == "postgresql":
+        pg.drop_schema(found)
+
+
+@pytest.fixture
+async def ledger(url: str) -> AsyncIterator[Backend]:
+    """The ledger at `url`, open (a module may define its own `ledger`)."""
+    opened = await open_ledger(url)
+    yield opened
+    await opened.close()

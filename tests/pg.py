@@ -102,6 +102,13 @@ def schema_at_version(version: int, server: str = SERVER) -> str:
     return url
 
 
+def ledger_url(backend: str, tmp_path: Path) -> str:
+    """A fresh, empty ledger of `backend`: a new SQLite file, or a new PostgreSQL schema."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger' / 'tollgate.db'}"
+    return migrated_schema()
+
+
 def ledger_at_version(kind: str, directory: Path, version: int, *inserts: str) -> str:
     """The URL of a ledger left at an older schema `version` holding the rows `inserts`: a
     SQLite file in `directory` (kind `sqlite`) or a fresh PostgreSQL schema."""

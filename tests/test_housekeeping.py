@@ -6,25 +6,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from proxy.ledger import open_ledger
 from proxy.ledger.base import Owner
 from proxy.web import housekeeping
-from tests import pg
-from tests.test_ledger import ledger_url, take
+from tests.test_ledger import take
 from tests.test_ledger_responses import take_response
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    found = ledger_url(request.param, tmp_path)
-    yield found
-    if request.param == "postgresql":
-        pg.drop_schema(found)
 
 
 async def test_reclaim_once_adopts_the_held_responses_of_dead_processes(

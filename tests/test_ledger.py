@@ -25,6 +25,7 @@ from proxy.ledger.base import Chooser, Flagged, Owner, Reservation
 from proxy.ledger.postgres import MIGRATION_LOCK, PostgresLedger
 from proxy.ledger.sqlite import SCHEMA_VERSION, SqliteLedger
 from tests import pg
+from tests.pg import ledger_url
 
 AnyLedger = SqliteLedger | PostgresLedger
 
@@ -86,13 +87,6 @@ def take(
         return Reservation(entry(request_id, started_at, estimate, team), ESTIMATE, counters)
 
     return choose
-
-
-def ledger_url(backend: str, tmp_path: Path) -> str:
-    """A fresh, empty ledger of `backend`: a new SQLite file, or a new PostgreSQL schema."""
-    if backend == "sqlite":
-        return f"sqlite:///{tmp_path / 'ledger' / 'tollgate.db'}"
-    return pg.migrated_schema()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

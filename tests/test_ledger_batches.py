@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -151,21 +151,6 @@ def billed(
         response_id=batch_id,
     )
     return BilledLine(entry, settlement, END_COUNTERS)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    found = ledger_url(request.param, tmp_path)
-    yield found
-    if request.param == "postgresql":
-        pg.drop_schema(found)
-
-
-@pytest.fixture
-async def ledger(url: str) -> AsyncIterator[Backend]:
-    opened = await open_ledger(url)
-    yield opened
-    await opened.close()
 
 
 async def every_row(ledger: Backend) -> list[dict[str, Any]]:

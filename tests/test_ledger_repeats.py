@@ -11,7 +11,7 @@ import contextlib
 import random
 import statistics
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,21 +30,6 @@ from tests.test_ledger import ESTIMATE, SETTLED, entry, ledger_url
 
 MB = 1024 * 1024
 HEADERS = (("content-type", "application/json"), ("x-request-id", "req_abc"))
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    found = ledger_url(request.param, tmp_path)
-    yield found
-    if request.param == "postgresql":
-        pg.drop_schema(found)
-
-
-@pytest.fixture
-async def ledger(url: str) -> AsyncIterator[Backend]:
-    opened = await open_ledger(url)
-    yield opened
-    await opened.close()
 
 
 @pytest.fixture

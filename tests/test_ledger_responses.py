@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from proxy.ledger.base import Backend, Chooser, Owner, Reservation, ResponseRow
 from proxy.ledger.postgres import PostgresLedger
 from proxy.ledger.sqlite import SCHEMA_VERSION, SqliteLedger
 from tests import pg
-from tests.test_ledger import ALICE_DAY, DESIGN_DAY, ORG_DAY, ledger_url, take
+from tests.test_ledger import ALICE_DAY, DESIGN_DAY, ORG_DAY, take
 
 AnyLedger = SqliteLedger | PostgresLedger
 
@@ -88,22 +88,6 @@ def take_response(request_id: str, started_at: float = 1000.0) -> Chooser:
         return Reservation(responses_entry(request_id, started_at), BOUND, (DESIGN_DAY, ALICE_DAY))
 
     return choose
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh ledger, which one or several processes open."""
-    found = ledger_url(request.param, tmp_path)
-    yield found
-    if request.param == "postgresql":
-        pg.drop_schema(found)
-
-
-@pytest.fixture
-async def ledger(url: str) -> AsyncIterator[Backend]:
-    opened = await open_ledger(url)
-    yield opened
-    await opened.close()
 
 
 async def exported(ledger: Backend, request_id: str) -> dict[str, Any]:

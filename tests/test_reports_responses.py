@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -139,14 +139,6 @@ async def filled(url: str, requests: tuple[Request, ...] = REQUESTS) -> Backend:
     for r in requests:
         await ledger.record(r.entry, r.settlement)
     return ledger
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    found = ledger_url(request.param, tmp_path)
-    yield found
-    if request.param == "postgresql":
-        pg.drop_schema(found)
 
 
 @pytest.fixture
