@@ -31,10 +31,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from proxy.core.auth import identify
 from proxy.core.budgets import Variant, allow_endpoint, applicable, counters, decide, zone
 from proxy.core.errors import (
-    AuthenticationFailed,
     InvalidRequest,
     LedgerError,
     RequestError,
@@ -81,13 +79,12 @@ class Batches:
         config = runtime.config
         entry = Entry(new_request_id(), runtime.clock(), "batches")
         headers = {"x-tollgate-request-id": entry.id}
-        try:
-            team, key = identify(request.headers.get("authorization"), config.team_by_key_hash())
-        except AuthenticationFailed as exc:
-            return self.key_refusals.refuse(request, exc, headers, runtime)
+        caller = self.key_refusals.key_of(request, runtime, headers)
+        if isinstance(caller, Response):
+            return caller
+        team, key = caller
         runtime.metrics.started()
         entry = entry.identified(team.name, team.cost_center, key.id)
-        headers["x-tollgate-team"] = team.name
         try:
             allow_endpoint(team, "batches")
             fields = json_object(

@@ -13,7 +13,7 @@ from starlette.responses import Response
 from proxy.core.auth import identify
 from proxy.core.errors import AuthenticationFailed
 from proxy.core.models import Change, Entry, Settlement, usd_text
-from proxy.core.settings import Team
+from proxy.core.settings import Team, TeamKey
 from proxy.web.responses import error_response
 from proxy.web.runtime import Runtime
 
@@ -77,19 +77,26 @@ class KeyRefusals:
         self._unlogged = 0
         self._next_log = 0.0
 
-    def team_of(
+    def key_of(
         self, request: Request, runtime: Runtime, headers: dict[str, str]
-    ) -> Team | Response:
-        """The team whose key the request carries (named in `headers`), or the refusal to
-        answer when it carries none that Tollgate knows."""
+    ) -> tuple[Team, TeamKey] | Response:
+        """The team and key the request carries (the team named in `headers`), or the
+        refusal to answer when it carries no key Tollgate knows."""
         try:
-            team, _ = identify(
+            team, key = identify(
                 request.headers.get("authorization"), runtime.config.team_by_key_hash()
             )
         except AuthenticationFailed as exc:
             return self.refuse(request, exc, headers, runtime)
         headers["x-tollgate-team"] = team.name
-        return team
+        return team, key
+
+    def team_of(
+        self, request: Request, runtime: Runtime, headers: dict[str, str]
+    ) -> Team | Response:
+        """The team whose key the request carries, or the refusal (see `key_of`)."""
+        found = self.key_of(request, runtime, headers)
+        return found if isinstance(found, Response) else found[0]
 
     def refuse(
         self,
