@@ -28,6 +28,7 @@ from proxy.core.pricing import MainlinePrices, ModelPrices, PriceBook
 from proxy.core.settings import (
     BODY_COPIES,
     KNOBS,
+    RATE_METRICS,
     READ_ONLY,
     TOKEN_METRICS,
     Alerts,
@@ -38,6 +39,8 @@ from proxy.core.settings import (
     Limits,
     Metric,
     Passthrough,
+    RateLimit,
+    RateShare,
     ResponsesPolicy,
     Retries,
     Team,
@@ -242,6 +245,7 @@ class _Builder:
             prices=self.book,
             default_model=default_model,
             organization_budgets=self._budgets(doc, ("organization", "budgets"), org),
+            organization_rate_limits=self._org_rate_limits(doc, org, teams),
             teams=teams,
             limits=limits,
             passthrough=passthrough,
@@ -326,6 +330,10 @@ class _Builder:
         if downgrade.fallback_model is not None:
             self._priced(doc, (*base, "downgrade", "fallback_model"), downgrade.fallback_model)
         budgets = self._budgets(doc, (*base, "budgets"), raw)
+        rates = [
+            self._rate_limit(doc, (*base, "rate_limits", index), entry)
+            for index, entry in enumerate(raw.get("rate_limits", ()))
+        ]
         team = Team(
             name=raw["name"],
             cost_center=raw.get("cost_center") or None,
@@ -337,6 +345,8 @@ class _Builder:
             on_exhausted=raw.get("on_exhausted", "downgrade"),
             downgrade=downgrade,
             responses=ResponsesPolicy(**raw.get("responses", {})),
+            rate_limits=tuple(limits for limits in rates if isinstance(limits, RateLimit)),
+            rate_shares=tuple(share for share in rates if isinstance(share, RateShare)),
             source=doc.file,
         )
         seen: dict[str, int] = {}
@@ -370,6 +380,48 @@ class _Builder:
             alert_at=tuple(sorted(Decimal(str(x)) for x in raw.get("alert_at", ()))),
             where=doc.where(path),
         )
+
+    def _rate_limit(
+        self, doc: Document, path: JsonPath, raw: dict[str, Any]
+    ) -> RateLimit | RateShare:
+        model = raw.get("model")
+        if model is not None:
+            self._priced(doc, (*path, "model"), model, mainline=True)
+        if "share" in raw:
+            share = Decimal(str(raw["share"]))
+            return RateShare(raw["per"], share, model, doc.where(path))
+        metric = next(m for m in RATE_METRICS if m in raw)
+        return RateLimit(raw["per"], metric, int(raw[metric]), model, doc.where(path))
+
+    def _org_rate_limits(
+        self, doc: Document, org: dict[str, Any], teams: tuple[Team, ...]
+    ) -> tuple[RateLimit, ...]:
+        """The organization's rate limits; the teams' shares of them must each cover one,
+        and those of one limit may not promise more than all of it."""
+        path: JsonPath = ("organization", "rate_limits")
+        limits = tuple(
+            limit
+            for index, entry in enumerate(org.get("rate_limits", ()))
+            if isinstance(limit := self._rate_limit(doc, (*path, index), entry), RateLimit)
+        )
+        for team in teams:
+            for share in team.rate_shares:
+                if not any(share.covers(limit) for limit in limits):
+                    what = f"{share.model}'s " if share.model else ""
+                    self.problems.append(
+                        f"{share.where}: rate_limits: a share of the organization's "
+                        f"{what}per-{share.per} rate limits, but `organization.rate_limits` "
+                        f"has none"
+                    )
+        for limit in limits:
+            sharing = [(t.name, s.share) for t in teams for s in t.rate_shares if s.covers(limit)]
+            if sum(share for _, share in sharing) > 1:
+                parts = ", ".join(f"{name} {share}" for name, share in sharing)
+                self.problems.append(
+                    f"{limit.where}: organization.rate_limits: the teams' shares of this "
+                    f"limit add up to more than all of it ({parts})"
+                )
+        return limits
 
     def _nanos(self, doc: Document, path: JsonPath, value: float) -> int:
         nanos = Decimal(str(value)) * NANOS_PER_USD

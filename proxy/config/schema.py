@@ -17,7 +17,7 @@ from typing import Any
 from jsonschema import Draft202012Validator, ValidationError
 
 from proxy.core.models import ENDPOINTS, PERIODS
-from proxy.core.settings import HTTP_METHODS, KNOBS, TOKEN_METRICS
+from proxy.core.settings import HTTP_METHODS, KNOBS, RATE_METRICS, RATE_PERS, TOKEN_METRICS
 
 JsonPath = tuple[str | int, ...]
 
@@ -53,6 +53,36 @@ _DEFS: dict[str, Any] = {
         allOf=[_LIMITS_ONE_OF],
     ),
     "budgets": _list({"$ref": "#/$defs/budget"}),
+    "rate_limit": _strict(
+        {
+            "per": {"enum": list(RATE_PERS), "description": "minute or day"},
+            **{metric: _COUNT for metric in RATE_METRICS},
+            "model": _NAME,
+        },
+        required=["per"],
+        oneOf=[{"required": [metric]} for metric in RATE_METRICS],
+        errorMessage="needs exactly one limit: " + ", ".join(RATE_METRICS),
+    ),
+    "rate_limits": _list({"$ref": "#/$defs/rate_limit"}),
+    "team_rate_limit": {
+        # A limit of the team's own, or its share of the organization's limits.
+        "if": {"type": "object", "required": ["share"]},
+        "then": _strict(
+            {
+                "per": {"enum": list(RATE_PERS)},
+                "share": {
+                    "type": "number",
+                    "exclusiveMinimum": 0,
+                    "maximum": 1,
+                    "description": "the fraction of each organization limit of the same "
+                    "`per` kept for the team",
+                },
+                "model": _NAME,
+            },
+            required=["per", "share"],
+        ),
+        "else": {"$ref": "#/$defs/rate_limit"},
+    },
     "key": _strict(
         {
             "id": _NAME,
@@ -125,6 +155,7 @@ _DEFS: dict[str, Any] = {
             "on_exhausted": {"enum": ["downgrade", "reject"]},
             "downgrade": {"$ref": "#/$defs/downgrade"},
             "responses": {"$ref": "#/$defs/responses"},
+            "rate_limits": _list({"$ref": "#/$defs/team_rate_limit"}),
         },
         required=["name", "keys"],
         title="Tollgate team (policies/teams/*.yaml)",
@@ -155,7 +186,12 @@ _DEFS: dict[str, Any] = {
             "admin_token": _OPTIONAL_TEXT,
             "prices": {**_NAME, "description": "builtin, or the path of a price-book YAML"},
             "default_model": _NAME,
-            "organization": _strict({"budgets": {"$ref": "#/$defs/budgets"}}),
+            "organization": _strict(
+                {
+                    "budgets": {"$ref": "#/$defs/budgets"},
+                    "rate_limits": {"$ref": "#/$defs/rate_limits"},
+                }
+            ),
             "limits": _strict(
                 {
                     "generations_bytes": _COUNT,

@@ -186,6 +186,35 @@ class BudgetExceeded(RequestError):
         return {"x-should-retry": "false"}
 
 
+SDK_LONGEST_WAIT_S = 60
+"""The longest `Retry-After` the official SDKs wait out before they retry."""
+
+
+class RateLimited(RequestError):
+    """A team's (or the organization's) rate limit has no room until its window turns.
+    `Retry-After` says when: the SDKs wait that long and retry (a wait of a day exceeds
+    what they wait, so they give up at once)."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(
+        self, message: str, *, retry_after: int, metric: str, headers: dict[str, str]
+    ) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.metric = metric
+        self.rate_headers = headers
+        """`x-tollgate-ratelimit-*`: the room of each metric's tightest limit."""
+
+    def headers(self) -> dict[str, str]:
+        found = {**self.rate_headers, "retry-after": str(self.retry_after)}
+        if self.retry_after > SDK_LONGEST_WAIT_S:
+            found["x-should-retry"] = "false"  # a day's limit: no retry will find room soon
+        return found
+
+
 class UpstreamFailure(RequestError):
     """No answer from the upstream. `maybe_billed` when the request may have reached it
     (the connection broke or went silent after it was sent): OpenAI bills a generation it

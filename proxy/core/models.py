@@ -21,6 +21,7 @@ Outcome = Literal[
     "replayed",
     "rejected_budget",
     "rejected_policy",
+    "rejected_rate",
     "upstream_error",
     "client_error",
 ]

@@ -85,6 +85,48 @@ class ResponsesPolicy:
     unbounded: Unbounded = "inject"
 
 
+RatePer = Literal["minute", "day"]
+RATE_PERS: tuple[RatePer, ...] = ("minute", "day")
+RateMetric = Literal["images", "requests", "tokens"]
+RATE_METRICS: tuple[RateMetric, ...] = ("images", "requests", "tokens")
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most `limit` images, requests or tokens per minute or day (README, "Rate
+    limits"), of one model's requests or of all."""
+
+    per: RatePer
+    metric: RateMetric
+    limit: int
+    model: str | None = None
+    where: str = ""
+    """`file:line` of the entry, for messages."""
+
+    def matches(self, model: str | None, mainline: str | None) -> bool:
+        """Whether a request of image model `model` (and mainline model `mainline`, on
+        the Responses API) counts against this limit."""
+        return self.model is None or self.model in (model, mainline)
+
+
+@dataclass(frozen=True, slots=True)
+class RateShare:
+    """A team's guaranteed fraction of each organization rate limit of the same `per`
+    (and of `model`'s, when it names one): that much of the limit is kept for it."""
+
+    per: RatePer
+    share: Decimal
+    model: str | None = None
+    where: str = ""
+
+    def covers(self, limit: RateLimit) -> bool:
+        return limit.per == self.per and (self.model is None or self.model == limit.model)
+
+    def of(self, limit: RateLimit) -> int:
+        """The part of `limit` it guarantees, rounded down."""
+        return int(self.share * limit.limit)
+
+
 @dataclass(frozen=True, slots=True)
 class TeamKey:
     id: str
@@ -105,6 +147,8 @@ class Team:
     on_exhausted: OnExhausted = "downgrade"
     downgrade: Downgrade = field(default_factory=Downgrade)
     responses: ResponsesPolicy = field(default_factory=ResponsesPolicy)
+    rate_limits: tuple[RateLimit, ...] = ()
+    rate_shares: tuple[RateShare, ...] = ()
     source: str = ""
     """The file the team was read from."""
 
@@ -211,6 +255,7 @@ class Config:
     prices: PriceBook = field(repr=False, compare=False, hash=False)
     default_model: str = "gpt-image-2"
     organization_budgets: tuple[Budget, ...] = ()
+    organization_rate_limits: tuple[RateLimit, ...] = ()
     teams: tuple[Team, ...] = ()
     limits: Limits = field(default_factory=Limits)
     passthrough: tuple[Passthrough, ...] = ()

@@ -139,6 +139,14 @@ def _part(a: Aggregate) -> Part:
 # -- JSON and CSV: the same numbers -------------------------------------------
 
 
+REJECTIONS = ("rejected_budget", "rejected_policy", "rejected_rate")
+
+
+def rejections(outcomes: dict[str, int]) -> int:
+    """The requests refused by a budget, a policy or a rate limit."""
+    return sum(outcomes.get(outcome, 0) for outcome in REJECTIONS)
+
+
 def as_json(s: Statement) -> dict[str, Any]:
     return {
         "month": s.period.first.isoformat()[:7],
@@ -170,7 +178,7 @@ def _team_json(t: TeamStatement, period: Period) -> dict[str, Any]:
         "by_endpoint": [{"endpoint": d, **sums.as_json()} for d, sums in t.by_endpoint],
         "outcomes": t.outcomes,
         "downgrades": t.outcomes.get("downgraded", 0),
-        "rejections": t.outcomes.get("rejected_budget", 0) + t.outcomes.get("rejected_policy", 0),
+        "rejections": rejections(t.outcomes),
         "top_users": [{"user": u, **sums.as_json()} for u, sums in t.top_users],
         "daily": [
             {"day": d.isoformat(), "cost_usd": usd_text(n)}
@@ -257,7 +265,7 @@ def _team_html(t: TeamStatement, period: Period) -> str:
         )
     else:
         budget = f"No monthly USD budget; actual ${usd_text(t.sums.cost_nanos)}"
-    rejections = t.outcomes.get("rejected_budget", 0) + t.outcomes.get("rejected_policy", 0)
+    rejected = rejections(t.outcomes)
     models = "".join(
         f"<tr><td>{e(m)}</td><td>{e(q) if part == 'image' else '<i>mainline</i>'}</td>"
         f"<td class=n>{x.requests}</td>"
@@ -282,9 +290,10 @@ def _team_html(t: TeamStatement, period: Period) -> str:
         f"{t.sums.requests} requests, {t.sums.images} images; tokens: "
         f"{t.sums.text_input_tokens} text input, {t.sums.image_input_tokens} image input, "
         f"{t.sums.image_output_tokens} image output. Downgrades "
-        f"{t.outcomes.get('downgraded', 0)}, rejections {rejections} "
+        f"{t.outcomes.get('downgraded', 0)}, rejections {rejected} "
         f"(budget {t.outcomes.get('rejected_budget', 0)}, policy "
-        f"{t.outcomes.get('rejected_policy', 0)}). <span class=muted>Outcomes: {outcomes}."
+        f"{t.outcomes.get('rejected_policy', 0)}, rate {t.outcomes.get('rejected_rate', 0)})."
+        f" <span class=muted>Outcomes: {outcomes}."
         f"</span></p><div class=grid><div><table><thead><tr><th>model</th><th>quality</th>"
         f"<th class=n>requests</th><th class=n>images</th><th class=n>text in</th>"
         f"<th class=n>image in</th><th class=n>image out</th><th class=n>USD</th></tr></thead>"
@@ -361,7 +370,7 @@ def _text(s: Statement) -> str:
         lines.append(f"Cost center {center or '(none)'}")
         for t in teams:
             budget = f" of {usd_text(t.budget_nanos)}" if t.budget_nanos is not None else ""
-            rejected = t.outcomes.get("rejected_budget", 0) + t.outcomes.get("rejected_policy", 0)
+            rejected = rejections(t.outcomes)
             lines.append(
                 f"  {t.team}: ${usd_text(t.sums.cost_nanos)}{budget}, {t.sums.requests} "
                 f"requests, {t.sums.images} images, downgrades {t.outcomes.get('downgraded', 0)}"

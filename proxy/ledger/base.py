@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol
 
 from proxy.core.errors import LedgerError
 from proxy.core.models import Counter, Endpoint, Entry, Settlement, Totals, Usage
+from proxy.core.rates import Counts, Paced, Plan
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,8 @@ class Reservation:
     usage: Usage
     """The estimated usage, held in the counters until the request settles."""
     counters: tuple[Counter, ...]
+    paced: Paced | None = None
+    """What its rate limits counted, and the room they have left (when it has any)."""
 
 
 Chooser = Callable[[Mapping[Counter, Totals]], Reservation]
@@ -247,10 +250,20 @@ class Contents:
 
 
 class Ledger(Protocol):
-    async def reserve(self, read: Sequence[Counter], choose: Chooser) -> Reservation:
+    async def reserve(
+        self, read: Sequence[Counter], choose: Chooser, pace: Plan | None = None
+    ) -> Reservation:
         """Atomically: read the totals of `read`, let `choose` decide on them, and store its
-        reservation (the row, and its bound added to its counters). Whatever `choose`
-        raises aborts the transaction and propagates."""
+        reservation (the row, and its bound added to its counters). With `pace`, the
+        request as chosen must also fit its rate limits (`Plan.admit`, on the counts read
+        in the same transaction), and their counts are added to. Whatever `choose` or
+        `pace` raises aborts the transaction and propagates."""
+
+    async def rate_counts(self, plan: Plan) -> Counts:
+        """The counts a plan reads, now (for what the room of a team's limits is)."""
+
+    async def forget_counts(self, before: float) -> int:
+        """Forget the rate counts of windows that started before `before`."""
 
     async def settle(self, request_id: str, settlement: Settlement) -> None:
         """Replace the reservation of `request_id` by its final outcome and cost, in the row

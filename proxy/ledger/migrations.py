@@ -29,6 +29,10 @@ transaction, so a ledger is never left half-way between two versions.
        answers kept for the repeats of their request within the retry window (status,
        headers as JSON text, body, whether it was a stream, its size), indexed by when
        they were kept, which is the order they are forgotten in.
+    7  rate limits (README, "Rate limits"): `rate_counts`, what each scope used of each
+       limit in each window (`slot`, `start`), added to when a request is reserved; a
+       team's count against a shared organization limit also holds the limit's key
+       (`grp`, indexed with the window) and the team's promise of it.
 
 The embedded SQLite ledger applies its steps when it opens. A PostgreSQL ledger shared
 by several replicas is initialised when it opens only while it is empty (none of `TABLES`
@@ -96,7 +100,7 @@ CREATE TABLE IF NOT EXISTS requests (
 
 TABLES = (
     "schema_version", "requests", "processes", "budget_usage", "alerts_sent",
-    "stored_objects", "batch_lines", "kept_answers",
+    "stored_objects", "batch_lines", "kept_answers", "rate_counts",
 )  # fmt: skip
 """Every table of a ledger: a database with none of them is empty."""
 
@@ -233,10 +237,27 @@ def _repeats(d: Dialect) -> list[str]:
     ]
 
 
+def _rates(d: Dialect) -> list[str]:
+    real, big = d.real, d.big
+    return [
+        f"""CREATE TABLE IF NOT EXISTS rate_counts (
+    slot    TEXT NOT NULL,
+    start   {real} NOT NULL,
+    used    {big} NOT NULL DEFAULT 0,
+    team    TEXT NOT NULL DEFAULT '',
+    grp     TEXT NOT NULL DEFAULT '',
+    promise {big} NOT NULL DEFAULT 0,
+    PRIMARY KEY (slot, start)
+)""",
+        "CREATE INDEX IF NOT EXISTS rate_counts_group ON rate_counts (grp, start) WHERE grp <> ''",
+    ]
+
+
 def steps(d: Dialect) -> Sequence[Sequence[str]]:
     """The migrations in `d`'s spelling: one list of statements per version."""
     return (
         _tables(d), ORGANIZATION_ROWS, _resolutions(d), _responses(d), _batches(d), _repeats(d),
+        _rates(d),
     )  # fmt: skip
 
 

@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from proxy.core.errors import LedgerError, LedgerUnavailable
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
-from proxy.ledger import codecs, flags, migrations
+from proxy.core.rates import Counts, Plan
+from proxy.ledger import codecs, flags, migrations, rate_counts
 from proxy.ledger.base import (
     Aggregate,
     Batch,
@@ -160,7 +162,9 @@ class PostgresLedger:
 
     # -- the Ledger protocol ---------------------------------------------------
 
-    async def reserve(self, read: Sequence[Counter], choose: Chooser) -> Reservation:
+    async def reserve(
+        self, read: Sequence[Counter], choose: Chooser, pace: Plan | None = None
+    ) -> Reservation:
         owner = self.owner.id if self.owner else None
 
         async def work(conn: Any) -> Reservation:
@@ -170,6 +174,13 @@ class PostgresLedger:
             # Choosing again after a retry is fine: the chooser is a pure function of totals.
             reservation = choose(await _read(conn, read, lock=True))
             entry, usage = reservation.entry, reservation.usage
+            if pace is not None:
+                # Under the same lock as the budgets: every reservation takes turns, so
+                # the counts read cannot change before the ones admitted are added.
+                counts = await rate_counts.read_postgres(conn, pace)
+                paced = pace.admit(entry, usage, counts, entry.started_at)
+                await rate_counts.add_postgres(conn, paced.adds)
+                reservation = replace(reservation, paced=paced)
             text = codecs.counters_text(reservation.counters)
             values = codecs.reservation_values(entry, usage, text, owner)
             await _write_and_add(
@@ -306,6 +317,14 @@ class PostgresLedger:
     async def kept_answer(self, request_id: str) -> KeptAnswer | None:
         found = await self.db.fetch(SQL.kept_answer, request_id)
         return codecs.kept_answer(tuple(found[0])) if found else None
+
+    async def rate_counts(self, plan: Plan) -> Counts:
+        async with self.db.connection() as conn:
+            return await rate_counts.read_postgres(conn, plan)
+
+    async def forget_counts(self, before: float) -> int:
+        status = await self.db.execute(rate_counts.PG_FORGET, float(before))
+        return int(status.rsplit(" ", 1)[1])
 
     async def forget_answers(self, kept_before: float) -> int:
         status = await self.db.execute(SQL.forget_answers, float(kept_before))

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import sqlite3
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ import aiosqlite
 
 from proxy.core.errors import LedgerError
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
-from proxy.ledger import codecs, flags, migrations
+from proxy.core.rates import Counts, Plan
+from proxy.ledger import codecs, flags, migrations, rate_counts
 from proxy.ledger.base import (
     Aggregate,
     Batch,
@@ -90,12 +92,19 @@ class SqliteLedger:
                 f"Tollgate's ({SCHEMA_VERSION}); upgrade Tollgate"
             )
 
-    async def reserve(self, read: Sequence[Counter], choose: Chooser) -> Reservation:
+    async def reserve(
+        self, read: Sequence[Counter], choose: Chooser, pace: Plan | None = None
+    ) -> Reservation:
         owner = self.owner.id if self.owner else None
 
         def run(conn: sqlite3.Connection) -> Reservation:
             reservation = choose(_read_totals(conn, read))  # pure: it may run twice
             entry, usage = reservation.entry, reservation.usage
+            if pace is not None:
+                counts = rate_counts.read_sqlite(conn, pace)
+                paced = pace.admit(entry, usage, counts, entry.started_at)
+                rate_counts.add_sqlite(conn, paced.adds)
+                reservation = replace(reservation, paced=paced)
             text = codecs.counters_text(reservation.counters)
             conn.execute(
                 SQL.insert_reservation, codecs.reservation_values(entry, usage, text, owner)
@@ -256,6 +265,12 @@ class SqliteLedger:
     async def kept_answer(self, request_id: str) -> KeptAnswer | None:
         found = await self.file.fetch(SQL.kept_answer, (request_id,))
         return codecs.kept_answer(found[0]) if found else None
+
+    async def rate_counts(self, plan: Plan) -> Counts:
+        return await self.file.on_thread(lambda conn: rate_counts.read_sqlite(conn, plan))
+
+    async def forget_counts(self, before: float) -> int:
+        return await self.file.transaction(lambda conn: rate_counts.forget_sqlite(conn, before))
 
     async def forget_answers(self, kept_before: float) -> int:
         def run(conn: sqlite3.Connection) -> int:

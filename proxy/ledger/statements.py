@@ -33,7 +33,8 @@ from proxy.ledger.dialect import Dialect
 
 COPIED_TABLES = ("requests", "budget_usage", "alerts_sent", "stored_objects", "batch_lines")
 """What a copy moves: every table but the live-process registry, the schema's version and
-the answers kept for repeats (a cache for the retry window)."""
+the answers kept for repeats (a cache for the retry window) and the rate-limit counts (of
+a minute or a day, gone by the time a copy is put to use)."""
 COPY_BATCH = 5000
 """Rows a copy reads and writes at a time."""
 EXPORT_BATCH = 1000

@@ -22,6 +22,7 @@ from typing import Generic
 from starlette.requests import Request
 from starlette.responses import Response
 
+from proxy.core import rates
 from proxy.core.auth import identify
 from proxy.core.budgets import (
     Decision,
@@ -39,10 +40,12 @@ from proxy.core.errors import (
     LedgerError,
     PolicyViolation,
     PreviousResponseNotFound,
+    RateLimited,
     RequestError,
     ServiceUnavailable,
 )
 from proxy.core.models import Counter, Entry, Outcome, Settlement, Totals
+from proxy.core.rates import Paced
 from proxy.core.settings import Team
 from proxy.doors.base import Door, Parsed
 from proxy.ledger import Reservation
@@ -100,15 +103,20 @@ class Pipeline(Generic[Parsed]):
                 if replayed is not None:
                     return replayed
             variant = door.admit(team, parsed, config)
-            decision, entry = await self.reserve(runtime, team, entry, variant)
+            decision, entry, paced = await self.reserve(runtime, team, entry, variant)
         except IdempotencyConflict as exc:
             # Recorded without the key it reused: the key's repeats still find its first
             # attempt (and conflict), not this refusal (and be forwarded as new).
             return await refuse(runtime, replace(entry, idempotency_key=None), exc, headers)
+        except RateLimited as exc:
+            return await refuse(runtime, entry, exc, headers)
         except RequestError as exc:
+            headers.update(await rate_headers(runtime, team))
             return await refuse(runtime, entry, exc, headers)
         except LedgerError as exc:
             return unavailable(runtime, entry, exc, headers)
+        if paced is not None:
+            headers.update(rates.headers(paced.rooms, entry.started_at))
         sent = decision.variant
         if not door.names_model(parsed):
             # The parse already wrote the default into the fields it forwards; say so.
@@ -153,8 +161,9 @@ class Pipeline(Generic[Parsed]):
 
     async def reserve(
         self, runtime: Runtime, team: Team, entry: Entry, variant: Variant
-    ) -> tuple[Decision, Entry]:
-        """Decide against the budgets and reserve the bound, in one ledger transaction."""
+    ) -> tuple[Decision, Entry, Paced | None]:
+        """Decide against the budgets and the rate limits and reserve the bound, in one
+        ledger transaction."""
         config, user = runtime.config, variant.request.user
         budgets = applicable(config, team, user, entry.started_at)
         tz = zone(config.timezone)
@@ -169,8 +178,22 @@ class Pipeline(Generic[Parsed]):
             return Reservation(reserved, sent.estimate.usage, written)
 
         read = tuple(dict.fromkeys(a.counter for a in budgets))
-        reservation = await runtime.ledger.reserve(read, choose)
-        return chosen[-1], reservation.entry
+        pace = rates.plan(config, team, entry.started_at)
+        reservation = await runtime.ledger.reserve(read, choose, pace)
+        return chosen[-1], reservation.entry, reservation.paced
+
+
+async def rate_headers(runtime: Runtime, team: Team) -> dict[str, str]:
+    """The room of `team`'s rate limits now, for an answer that counted nothing."""
+    now = runtime.clock()
+    pace = rates.plan(runtime.config, team, now)
+    if pace is None:
+        return {}
+    try:
+        counts = await runtime.ledger.rate_counts(pace)
+    except LedgerError:
+        return {}
+    return rates.headers(rates.tightest(pace.rooms(counts)), now)
 
 
 async def refuse(
@@ -208,4 +231,6 @@ def refusal_outcome(exc: RequestError) -> Outcome:
         return "rejected_budget"
     if isinstance(exc, PolicyViolation):
         return "rejected_policy"
+    if isinstance(exc, RateLimited):
+        return "rejected_rate"
     return "client_error"

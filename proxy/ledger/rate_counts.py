@@ -1,0 +1,93 @@
+"""The ledger's rate-limit counts (`rate_counts`, schema version 7): what each scope used
+of each limit in each window, read and added to in the transaction that reserves a
+request (see `proxy.core.rates`), so that the counts of every worker and replica are one.
+
+A team's count against an organization limit that teams have shares of keeps the team's
+promise beside it (`promise`), and the limit's key (`grp`): what the other teams used of
+their promises is then one indexed sum, whatever the number of teams.
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+from proxy.core.rates import Add, Counts, Plan, Promise, Slot
+from proxy.ledger.dialect import POSTGRES, SQLITE
+
+_PROMISE = (
+    "SELECT COALESCE(SUM(CASE WHEN used < promise THEN used ELSE promise END), 0) "
+    "FROM rate_counts WHERE grp = ? AND start = ? AND team <> ?"
+)
+_ADD = (
+    "INSERT INTO rate_counts (slot, start, used, team, grp, promise) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (slot, start) DO UPDATE "
+    "SET used = rate_counts.used + excluded.used, promise = excluded.promise"
+)
+_FORGET = "DELETE FROM rate_counts WHERE start < ?"
+_PG_READ = (
+    "SELECT slot, start, used FROM rate_counts "
+    "WHERE (slot, start) IN (SELECT * FROM unnest($1::text[], $2::float8[]))"
+)
+
+
+@functools.lru_cache(maxsize=32)
+def _sqlite_read(count: int) -> str:
+    one = "(slot = ? AND start = ?)"
+    return f"SELECT slot, start, used FROM rate_counts WHERE {' OR '.join([one] * count)}"
+
+
+def _add_values(add: Add) -> tuple[Any, ...]:
+    return (add.slot.key, add.slot.start, add.amount, add.team, add.group, add.promise)
+
+
+def _counts(rows: Sequence[Sequence[Any]], kept: dict[Promise, int]) -> Counts:
+    return Counts({Slot(slot, float(start)): int(used) for slot, start, used in rows}, kept)
+
+
+# -- SQLite (inside a `BEGIN IMMEDIATE` transaction, or a plain read) -----------------
+
+
+def read_sqlite(conn: sqlite3.Connection, plan: Plan) -> Counts:
+    slots = plan.slots
+    values = [v for s in slots for v in (s.key, s.start)]
+    rows = conn.execute(_sqlite_read(len(slots)), values).fetchall() if slots else []
+    kept = {
+        p: int(conn.execute(_PROMISE, (p.group, p.start, p.team)).fetchone()[0])
+        for p in plan.promises
+    }
+    return _counts(rows, kept)
+
+
+def add_sqlite(conn: sqlite3.Connection, adds: Sequence[Add]) -> None:
+    conn.executemany(_ADD, [_add_values(a) for a in adds])
+
+
+def forget_sqlite(conn: sqlite3.Connection, before: float) -> int:
+    return conn.execute(_FORGET, (before,)).rowcount
+
+
+# -- PostgreSQL (asyncpg; inside the reservation's transaction, under its lock) --------
+
+PG_PROMISE = POSTGRES.text(_PROMISE)
+PG_ADD = POSTGRES.text(_ADD)
+PG_FORGET = POSTGRES.text(_FORGET)
+assert SQLITE.text(_ADD) == _ADD
+
+
+async def read_postgres(conn: Any, plan: Plan) -> Counts:
+    slots = plan.slots
+    rows = []
+    if slots:
+        found = await conn.fetch(_PG_READ, [s.key for s in slots], [s.start for s in slots])
+        rows = [tuple(r) for r in found]
+    kept = {
+        p: int(await conn.fetchval(PG_PROMISE, p.group, p.start, p.team)) for p in plan.promises
+    }
+    return _counts(rows, kept)
+
+
+async def add_postgres(conn: Any, adds: Sequence[Add]) -> None:
+    await conn.executemany(PG_ADD, [_add_values(a) for a in adds])
