@@ -186,7 +186,7 @@ class BudgetExceeded(RequestError):
         return {"x-should-retry": "false"}
 
 
-SDK_LONGEST_WAIT_S = 60
+SDK_LONGEST_WAIT_S = 120
 """The longest `Retry-After` the official SDKs wait out before they retry."""
 
 

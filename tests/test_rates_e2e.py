@@ -1,0 +1,175 @@
+"""Rate limits through real processes and the official SDK: a team's share of the
+organization's images per minute holds while another team floods with `n=4` from many
+clients; the SDK's own retry honours `Retry-After` and succeeds once the minute turns;
+limits hold over two workers and over two replicas sharing PostgreSQL; every answer says
+the room left."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from proxy.core.auth import key_hash
+from tests import pg
+from tests.conftest import (
+    DESIGN_KEY,
+    RESEARCH_KEY,
+    Simulator,
+    Tollgate,
+    drop_ledger,
+    start_tollgate,
+    write_config,
+)
+
+SHARED = """
+organization:
+  rate_limits:
+    - {per: minute, images: 12, model: gpt-image-2}
+"""
+FLOOD = {
+    "design": f"""
+name: design
+keys:
+  - {{id: web, sha256: {key_hash(DESIGN_KEY)}}}
+rate_limits:
+  - {{per: minute, share: 0.5}}
+""",
+    "research": f"""
+name: research
+keys:
+  - {{id: lab, sha256: {key_hash(RESEARCH_KEY)}}}
+rate_limits:
+  - {{per: minute, share: 0.25}}
+""",
+}
+LOW = {"model": "gpt-image-2", "prompt": "a lighthouse", "quality": "low", "size": "1024x1024"}
+
+
+def early_in_a_minute(latest: float = 30.0) -> None:
+    """Wait, if need be, for a minute to start: what follows then fits in one minute."""
+    second = time.time() % 60
+    if second > latest:
+        time.sleep(60 - second + 0.2)
+
+
+def late_in_a_minute(earliest: float = 50.0) -> None:
+    """Wait for the last seconds of a minute: a refusal then asks for a short wait."""
+    second = time.time() % 60
+    if second < earliest:
+        time.sleep(earliest - second)
+
+
+async def flood(url: str, key: str, count: int, n: int = 4) -> list[int]:
+    """`count` clients at once, each asking for `n` images; their statuses."""
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=count)) as http:
+
+        async def one() -> int:
+            answer = await http.post(
+                f"{url}/v1/images/generations",
+                headers={"authorization": f"Bearer {key}"},
+                json={**LOW, "n": n},
+            )
+            return answer.status_code
+
+        return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+@pytest.fixture
+def shared() -> Iterator[str]:
+    url = pg.migrated_schema()
+    yield url
+    drop_ledger(url)
+
+
+def images(proxy: Tollgate, team: str) -> int:
+    rows = proxy.query(
+        f"SELECT COALESCE(SUM(n), 0) AS v FROM requests WHERE team = '{team}' AND status = 200"
+    )
+    return int(rows[0]["v"])
+
+
+def test_a_share_holds_while_another_team_floods(simulator: Simulator, tmp_path: Path) -> None:
+    write_config(tmp_path, f"{simulator.url}/v1", SHARED, FLOOD)
+    proxy = start_tollgate(tmp_path)
+    try:
+        early_in_a_minute()
+        statuses = asyncio.run(flood(proxy.url, RESEARCH_KEY, 12))
+        # research: its 3 promised, then the 3 nobody is promised: one request of 4 fits.
+        assert collections.Counter(statuses) == {200: 1, 429: 11}
+        design = proxy.client(DESIGN_KEY)
+        answer = design.images.with_raw_response.generate(**LOW, n=4)  # type: ignore[call-overload]
+        # Left: 2 of its promise and the 2 nobody is promised that research did not take.
+        assert answer.headers["x-tollgate-ratelimit-remaining-images"] == "4"
+        answer = design.images.with_raw_response.generate(**LOW, n=4)  # type: ignore[call-overload]
+        assert answer.headers["x-tollgate-ratelimit-remaining-images"] == "0"
+        with pytest.raises(openai.RateLimitError) as caught:
+            design.images.generate(**LOW)  # type: ignore[call-overload]
+        error = caught.value
+        assert error.code == "rate_limit_exceeded" and error.type == "requests"
+        assert "the organization's limit of 12 images of gpt-image-2 per minute" in error.message
+        assert 1 <= int(error.response.headers["retry-after"]) <= 60
+        assert (images(proxy, "design"), images(proxy, "research")) == (8, 4)
+        refused = proxy.query("SELECT outcome, COUNT(*) AS c FROM requests GROUP BY outcome")
+        assert {r["outcome"]: r["c"] for r in refused} == {"ok": 3, "rejected_rate": 12}
+    finally:
+        proxy.stop()
+
+
+def test_the_sdk_waits_out_retry_after_and_succeeds_once_the_minute_turns(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    teams = {"design": FLOOD["design"].replace("share: 0.5", "requests: 1")}
+    write_config(tmp_path, f"{simulator.url}/v1", "", teams)
+    proxy = start_tollgate(tmp_path)
+    try:
+        late_in_a_minute()
+        client = proxy.client(DESIGN_KEY, max_retries=2)
+        first = client.images.with_raw_response.generate(**LOW)  # type: ignore[call-overload]
+        minute = float(first.headers["x-tollgate-ratelimit-reset-requests"].rstrip("s"))
+        second = client.images.with_raw_response.generate(**LOW)  # type: ignore[call-overload]
+        assert second.status_code == 200
+        rows = proxy.rows()
+        assert [r["outcome"] for r in rows] == ["ok", "rejected_rate", "ok"]
+        assert rows[2]["started_at"] - rows[1]["started_at"] >= minute - 1
+        assert int(rows[2]["started_at"] // 60) == int(rows[0]["started_at"] // 60) + 1
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.parametrize("layout", ["two workers", "two replicas"])
+def test_limits_hold_across_workers_and_replicas(
+    simulator: Simulator, tmp_path: Path, shared: str, layout: str
+) -> None:
+    teams = {
+        "design": FLOOD["design"].replace("share: 0.5", "images: 40"),
+        "research": FLOOD["research"],
+    }
+    settings = SHARED.replace("images: 12", "images: 20")
+    write_config(tmp_path, f"{simulator.url}/v1", settings, teams)
+    if layout == "two workers":
+        proxies = [start_tollgate(tmp_path, "--workers", "2", ledger_url=shared)]
+    else:
+        proxies = [start_tollgate(tmp_path, ledger_url=shared) for _ in range(2)]
+    try:
+        early_in_a_minute(25.0)
+
+        async def both() -> list[int]:
+            asks = [flood(p.url, DESIGN_KEY, 12, n=2) for p in proxies]
+            asks += [flood(p.url, RESEARCH_KEY, 6, n=1) for p in proxies]
+            return [s for part in await asyncio.gather(*asks) for s in part]
+
+        statuses = asyncio.run(both())
+        assert set(statuses) <= {200, 429}
+        design, research = images(proxies[0], "design"), images(proxies[0], "research")
+        assert research >= 5  # its share, a quarter of 20, whatever design did
+        assert 19 <= design + research <= 20  # design asks in pairs: one may stay unused
+    finally:
+        for proxy in proxies:
+            proxy.stop()
