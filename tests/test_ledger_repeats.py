@@ -313,9 +313,7 @@ def version_5_ledger(kind: str, tmp_path: Path) -> str:
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
-async def test_a_version_5_ledger_migrates_and_keeps_answers(
-    kind: str, tmp_path: Path
-) -> None:
+async def test_a_version_5_ledger_migrates_and_keeps_answers(kind: str, tmp_path: Path) -> None:
     url = version_5_ledger(kind, tmp_path)
     try:
         assert await migrate_ledger(url) == (5, SCHEMA_VERSION)

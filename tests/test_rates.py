@@ -102,8 +102,8 @@ def test_no_limits_no_plan() -> None:
 
 
 def test_a_request_counts_its_images_one_request_and_the_tokens_of_its_bound() -> None:
-    entry, usage = request(n=4, tokens=1000)
-    assert rates.ask(entry, replace(usage, text_input=20)) == {
+    _, usage = request(n=4, tokens=1000)
+    assert rates.ask(replace(usage, text_input=20)) == {
         "images": 4,
         "requests": 1,
         "tokens": 1020,

@@ -173,3 +173,38 @@ def test_limits_hold_across_workers_and_replicas(
     finally:
         for proxy in proxies:
             proxy.stop()
+
+
+def test_the_responses_image_tool_counts_its_calls_and_a_refusal_keeps_its_room(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    limits = "rate_limits:\n  - {per: minute, images: 3}\n  - {per: minute, requests: 10}\n"
+    teams = {
+        "design": FLOOD["design"].replace("rate_limits:\n  - {per: minute, share: 0.5}\n", limits)
+    }
+    write_config(tmp_path, f"{simulator.url}/v1", "", teams)
+    proxy = start_tollgate(tmp_path)
+    try:
+        early_in_a_minute()
+        client = proxy.client(DESIGN_KEY)
+        tool = {"type": "image_generation", "model": "gpt-image-2", "quality": "low"}
+        answer = client.responses.with_raw_response.create(
+            model="gpt-4.1-mini", input="A red bicycle", tools=[tool],  # type: ignore[list-item]
+            max_output_tokens=300, max_tool_calls=2,
+        )  # fmt: skip
+        assert answer.headers["x-tollgate-ratelimit-remaining-images"] == "1"
+        assert answer.headers["x-tollgate-ratelimit-remaining-requests"] == "9"
+        with pytest.raises(openai.RateLimitError) as caught:
+            client.responses.create(
+                model="gpt-4.1-mini", input="A blue bicycle", tools=[tool],  # type: ignore[list-item]
+                max_output_tokens=300, max_tool_calls=2,
+            )  # fmt: skip
+        headers = caught.value.response.headers
+        assert headers["x-tollgate-ratelimit-remaining-images"] == "1"
+        assert headers["x-tollgate-ratelimit-remaining-requests"] == "9"  # nothing counted
+        # A refusal of another kind still tells the room left.
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.images.generate(model="gpt-image-2", prompt="x", size="7x7")  # type: ignore[call-overload]
+        assert refused.value.response.headers["x-tollgate-ratelimit-remaining-images"] == "1"
+    finally:
+        proxy.stop()

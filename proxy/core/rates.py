@@ -128,11 +128,11 @@ class Counts:
         return self.used.get(slot, 0) if slot is not None else 0
 
 
-def ask(entry: Entry, usage: Usage) -> dict[RateMetric, int]:
-    """What a request counts against each metric: its images (`n` counts as `n`), one
-    request, and the tokens of its bound."""
-    images = usage.images or entry.n or 0
-    return {"images": images, "requests": 1, "tokens": usage.total_tokens}
+def ask(usage: Usage) -> dict[RateMetric, int]:
+    """What a request with bound `usage` counts against each metric: its images (`n`
+    counts as `n`; the Responses image tool: its most calls), one request, and the tokens
+    of its bound."""
+    return {"images": usage.images, "requests": 1, "tokens": usage.total_tokens}
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +155,7 @@ class Plan:
     def admit(self, entry: Entry, usage: Usage, counts: Counts, now: float) -> Paced:
         """The counts to add for a request sent as `entry` with bound `usage`; raises
         `RateLimited` naming the first limit it does not fit."""
-        asked = ask(entry, usage)
+        asked = ask(usage)
         adds: dict[Slot, Add] = {}
         rooms: list[Room] = []
         for check in self.checks:
