@@ -26,7 +26,7 @@ from proxy.core.errors import ConfigError, InvalidRequest, LedgerError, RequestE
 from proxy.core.models import usd_text
 from proxy.core.settings import HTTP_METHODS, Config
 from proxy.core.status import BudgetStatus
-from proxy.finance import flagged, reconcile
+from proxy.finance import flagged, projects, reconcile
 from proxy.finance.reports_query import ReportQuery
 from proxy.finance.reports_query import run as run_report_query
 from proxy.finance.status import budget_status
@@ -139,7 +139,16 @@ def add_reconcile(commands: Commands) -> None:
     rec.add_argument("--from", dest="start", metavar="DATE", help="first UTC day")
     rec.add_argument("--to", dest="end", metavar="DATE", help="last UTC day, included")
     rec.add_argument(
-        "--tolerance", type=Decimal, default=None, help="USD per day and model (default 0.01)"
+        "--by",
+        choices=("model", "project"),
+        default="model",
+        help="per day and model, or per day and OpenAI project (the teams' openai_project)",
+    )
+    rec.add_argument(
+        "--tolerance",
+        type=Decimal,
+        default=None,
+        help="USD per day and model (or project; default 0.01)",
     )
     rec.add_argument("--format", choices=("table", "json"), default="table")
     rec.set_defaults(run=run_reconcile)
@@ -411,27 +420,24 @@ def run_reconcile(args: argparse.Namespace) -> int:
             print(f"tollgate reconcile: ${args.admin_key_env} is not set", file=sys.stderr)
             return 2
         pages = []
+    given = (config, args.ledger or config.ledger_url, pages, admin_key, first, last, tolerance)
     try:
-        result = asyncio.run(
-            reconcile.run(
-                config,
-                args.ledger or config.ledger_url,
-                pages,
-                admin_key,
-                first,
-                last,
-                tolerance,
-                time.time(),
-            )
-        )
+        if args.by == "project":
+            per_project = asyncio.run(projects.run(*given, time.time()))
+            found, off = projects.as_json(per_project), per_project.off_days
+            table = projects.as_table(per_project)
+        else:
+            per_model = asyncio.run(reconcile.run(*given, time.time()))
+            found, off = reconcile.as_json(per_model), per_model.off_days
+            table = reconcile.as_table(per_model)
     except RequestError as exc:
         print(f"tollgate reconcile: {exc.message}", file=sys.stderr)
         return 2
     if args.format == "json":
-        print(json.dumps(reconcile.as_json(result), indent=2))
+        print(json.dumps(found, indent=2))
     else:
-        print(reconcile.as_table(result), end="")
-    return 1 if result.off_days else 0
+        print(table, end="")
+    return 1 if off else 0
 
 
 def run_schema(args: argparse.Namespace) -> int:

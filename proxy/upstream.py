@@ -182,9 +182,13 @@ class Upstream:
         )
 
     def headers(
-        self, client_headers: Iterable[tuple[str, str]], content_type: str
+        self,
+        client_headers: Iterable[tuple[str, str]],
+        content_type: str,
+        project: str | None = None,
     ) -> list[tuple[str, str]]:
-        """The client's headers that are safe to forward, plus the upstream's own."""
+        """The client's headers that are safe to forward, plus the upstream's own: the
+        OpenAI project is `project` (a team's), else the configured one."""
         # In lower case: aiohttp keeps a repeated header only if it is spelled alike.
         out = allowed(client_headers, FORWARDED_REQUEST_HEADERS, FORWARDED_REQUEST_PREFIXES)
         out.append(("authorization", self._auth))
@@ -192,8 +196,9 @@ class Upstream:
             out.append(("content-type", content_type))
         if self._organization:
             out.append(("openai-organization", self._organization))
-        if self._project:
-            out.append(("openai-project", self._project))
+        project = project or self._project
+        if project:
+            out.append(("openai-project", project))
         return out
 
     async def send(
@@ -205,16 +210,21 @@ class Upstream:
         *,
         method: str = "POST",
         query: str = "",
+        project: str | None = None,
     ) -> Answer:
         """Send `body` to `path` (e.g. `/images/generations`); the answer is left unread,
         and the key is masked in whatever of it echoes the key (`ScrubbedAnswer`).
+
+        `project` is the OpenAI project billed, on whose behalf objects (files, batches,
+        responses) are created and read: a team's (`Config.project_of`); None sends the
+        configured `upstream.project`.
 
         `path` and `query` must be canonical (`proxy.core.paths`): the URL is sent as built,
         never re-read by the HTTP client, so the upstream gets the path Tollgate matched."""
         url = self.base_url + path + (f"?{query}" if query else "")
         try:
             answer = await self._client.fetch(
-                method, url, self.headers(client_headers, content_type), body
+                method, url, self.headers(client_headers, content_type, project), body
             )
         except BROKEN_OFF as exc:
             scrub_message(exc, self._scrubber)

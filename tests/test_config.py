@@ -312,6 +312,49 @@ def test_default_config_path() -> None:
     assert default_config_path({}) == Path("policies")
 
 
+# -- a project per team -------------------------------------------------------------
+
+
+def test_a_team_names_the_openai_project_its_requests_are_billed_to(policies: Path) -> None:
+    write(policies / "tollgate.yaml", "upstream: {project: proj_company}\n")
+    write(policies / "teams" / "a.yaml", team_yaml("a", KEY_A, "openai_project: proj_a1\n"))
+    write(policies / "teams" / "b.yaml", team_yaml("b", KEY_B))
+    config = load(policies)
+    assert [t.openai_project for t in config.teams] == ["proj_a1", None]
+    assert config.project_of("a") == "proj_a1"
+    assert config.project_of("b") == "proj_company"
+    assert config.project_of("gone") == "proj_company"
+    assert config.team_named("a") is config.teams[0]
+
+
+def test_without_any_project_a_team_has_none(policies: Path) -> None:
+    write(policies / "teams" / "a.yaml", team_yaml("a"))
+    assert load(policies).project_of("a") is None
+
+
+def test_openai_project_may_come_from_the_environment(policies: Path) -> None:
+    write(policies / "teams" / "t.yaml", team_yaml(extra="openai_project: ${A_PROJECT}\n"))
+    assert load(policies, A_PROJECT="proj_x").teams[0].openai_project == "proj_x"
+    assert problems_of(policies) == [
+        "policies/teams/t.yaml:4: openai_project: must be an OpenAI project id, "
+        "e.g. 'proj_abc123', got ''"
+    ]
+
+
+@pytest.mark.parametrize("value", ["''", "proj_", "abc123", "proj abc", "12", "null", "[proj_a]"])
+def test_openai_project_must_be_a_project_id(policies: Path, value: str) -> None:
+    write(policies / "teams" / "t.yaml", team_yaml(extra=f"openai_project: {value}\n"))
+    [problem] = problems_of(policies)
+    assert problem.startswith("policies/teams/t.yaml:4: openai_project: must be an OpenAI")
+
+
+def test_a_misspelt_openai_project_is_an_unknown_key(policies: Path) -> None:
+    write(policies / "teams" / "t.yaml", team_yaml(extra="openai_projet: proj_a\n"))
+    assert problems_of(policies) == [
+        "policies/teams/t.yaml:4: openai_projet: unknown key (did you mean 'openai_project'?)"
+    ]
+
+
 # -- problems in a team file -------------------------------------------------------
 
 TEAM_PROBLEMS = [

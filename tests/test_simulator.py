@@ -531,6 +531,9 @@ def test_record_keeps_organization_project_and_retry_headers(sim: Sim) -> None:
         "openai-project": "proj-xyz",
         "x-stainless-retry-count": "0",
     }
+    arrived = sim.http.get("/_sim/arrivals").json()["requests"]
+    [generation] = [a for a in arrived if a["raw_path"] == "/v1/images/generations"]
+    assert generation["project"] == "proj-xyz"
 
 
 # --- faults -----------------------------------------------------------------------------
@@ -665,6 +668,7 @@ def test_runtime_config_adds_headers_to_every_answer_and_arrivals_show_raw_paths
         "raw_path": "/v1/models/%2e%2e/x",
         "query": "",
         "authorization": None,
+        "project": None,
     } in arrived
 
 

@@ -257,6 +257,25 @@ async def test_only_allowed_client_headers_and_the_upstreams_own_are_sent() -> N
     assert not any(h.startswith("content-type") for h in get)
 
 
+@pytest.mark.parametrize(
+    ("configured", "team", "sent"),
+    [
+        ("proj_company", "proj_design", "proj_design"),
+        ("proj_company", None, "proj_company"),
+        (None, "proj_design", "proj_design"),
+        (None, None, None),
+    ],
+)
+def test_the_project_sent_is_the_teams_else_the_configured_one(
+    configured: str | None, team: str | None, sent: str | None
+) -> None:
+    client = Upstream("http://127.0.0.1:1/v1", UPSTREAM_KEY, project=configured)
+    client_headers = [*CLIENT_HEADERS, ("OpenAI-Project", "proj_from_the_client")]
+    headers = client.headers(client_headers, JSON, team)
+    projects = [v for k, v in headers if k.lower() == "openai-project"]
+    assert projects == ([sent] if sent else [])
+
+
 async def test_redirects_are_not_followed_and_cookies_not_kept() -> None:
     heads: list[bytes] = []
 

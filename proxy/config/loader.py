@@ -337,6 +337,7 @@ class _Builder:
         team = Team(
             name=raw["name"],
             cost_center=raw.get("cost_center") or None,
+            openai_project=raw.get("openai_project"),
             keys=tuple(TeamKey(id=k["id"], sha256=k["sha256"].lower()) for k in raw["keys"]),
             budgets=budgets,
             per_user=self._budgets(doc, (*base, "per_user"), raw),

@@ -147,6 +147,12 @@ _DEFS: dict[str, Any] = {
                 "errorMessage": ("must be a name of at most 64 letters, digits, '-', '_' or '.'"),
             },
             "cost_center": _OPTIONAL_TEXT,
+            "openai_project": {
+                "type": "string",
+                "pattern": "^(proj_[A-Za-z0-9_-]+|\\$\\{.*)$",
+                "errorMessage": "must be an OpenAI project id, e.g. 'proj_abc123'",
+                "description": "the OpenAI project the team's requests are sent under",
+            },
             "keys": _list({"$ref": "#/$defs/key"}, minItems=1),
             "budgets": {"$ref": "#/$defs/budgets"},
             "per_user": {"$ref": "#/$defs/budgets"},

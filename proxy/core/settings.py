@@ -144,6 +144,9 @@ class Team:
     allow: Allow
     throttle: tuple[ThrottleTier, ...]
     """Sorted by `above`, ascending."""
+    openai_project: str | None = None
+    """The OpenAI project (`proj_…`) the team's requests are sent under, instead of
+    `upstream.project`: OpenAI's usage and costs by project then match the team."""
     on_exhausted: OnExhausted = "downgrade"
     downgrade: Downgrade = field(default_factory=Downgrade)
     responses: ResponsesPolicy = field(default_factory=ResponsesPolicy)
@@ -264,11 +267,25 @@ class Config:
     _by_key_hash: Mapping[str, tuple[Team, TeamKey]] = field(
         init=False, repr=False, compare=False, hash=False
     )
+    _by_name: Mapping[str, Team] = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         index = {key.sha256: (team, key) for team in self.teams for key in team.keys}
         object.__setattr__(self, "_by_key_hash", MappingProxyType(index))
+        object.__setattr__(self, "_by_name", MappingProxyType({t.name: t for t in self.teams}))
 
     def team_by_key_hash(self) -> Mapping[str, tuple[Team, TeamKey]]:
         """SHA-256 hex of a secret key -> (its team, the key entry); built once."""
         return self._by_key_hash
+
+    def team_named(self, name: str | None) -> Team | None:
+        """The team called `name`; None for no team, or one no longer configured."""
+        return self._by_name.get(name) if name is not None else None
+
+    def project_of(self, team: str | None) -> str | None:
+        """The OpenAI project a team's requests are billed to: its `openai_project`, else
+        `upstream.project`; None when neither is set (the upstream key's default project)."""
+        found = self.team_named(team)
+        if found is not None and found.openai_project is not None:
+            return found.openai_project
+        return self.upstream.project

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -120,13 +120,15 @@ async def fetch_costs(
     first: date,
     last: date,
     transport: httpx.AsyncBaseTransport | None = None,
+    group_by: Sequence[str] = ("line_item",),
 ) -> list[dict[str, Any]]:
-    """Every page of `GET /organization/costs` for the UTC days `first`..`last`."""
+    """Every page of `GET /organization/costs` for the UTC days `first`..`last`, its
+    results grouped by `group_by` (`line_item`, `project_id`)."""
     params: dict[str, Any] = {
         "start_time": midnight(first),
         "end_time": midnight(last + timedelta(days=1)),
         "bucket_width": "1d",
-        "group_by[]": "line_item",
+        "group_by[]": list(group_by),
         "limit": PAGE_LIMIT,
     }
     pages: list[dict[str, Any]] = []
@@ -233,10 +235,6 @@ def compare(
     return Reconciliation(first, last, tolerance, tuple(lines), ignored)
 
 
-def _money(value: Decimal) -> str:
-    return format(value.quantize(Decimal("0.000001")).normalize(), "f")
-
-
 def as_json(r: Reconciliation) -> dict[str, Any]:
     return {
         "from": r.first.isoformat(),
@@ -246,34 +244,24 @@ def as_json(r: Reconciliation) -> dict[str, Any]:
             {
                 "day": line.day.isoformat(),
                 "model": line.model,
-                "openai_usd": _money(line.openai_usd),
-                "tollgate_usd": _money(line.tollgate_usd),
-                "difference_usd": _money(line.difference),
+                "openai_usd": money(line.openai_usd),
+                "tollgate_usd": money(line.tollgate_usd),
+                "difference_usd": money(line.difference),
                 "status": line.status,
                 "note": line.note,
             }
             for line in r.lines
         ],
         "off_days": [d.isoformat() for d in r.off_days],
-        "ignored_line_items": {k: _money(v) for k, v in sorted(r.ignored.items())},
-        "unresolved_flagged": [
-            {
-                "id": f.id,
-                "team": f.team,
-                "day": utc_day(f.started_at).isoformat(),
-                "charged_usd": _money(Decimal(f.cost_nanos) / NANOS_PER_USD),
-                "error_code": f.error_code,
-                "upstream_request_id": f.upstream_request_id,
-            }
-            for f in r.unresolved
-        ],
+        "ignored_line_items": {k: money(v) for k, v in sorted(r.ignored.items())},
+        "unresolved_flagged": unresolved_json(r.unresolved),
     }
 
 
 def as_table(r: Reconciliation) -> str:
     head = ("day (UTC)", "model", "openai_usd", "tollgate_usd", "difference", "status", "note")
     rows = [
-        (line.day.isoformat(), line.model, _money(line.openai_usd), _money(line.tollgate_usd),
+        (line.day.isoformat(), line.model, money(line.openai_usd), money(line.tollgate_usd),
          f"{line.difference:+.6f}", "OFF" if line.status == "off" else "ok", line.note)
         for line in r.lines
     ]  # fmt: skip
@@ -298,15 +286,50 @@ def as_table(r: Reconciliation) -> str:
     else:
         out.append("Every day matches within the tolerance.")
     if r.unresolved:
-        charged = Decimal(sum(f.cost_nanos for f in r.unresolved)) / NANOS_PER_USD
         out.append("")
-        out.append(
-            f"{len(r.unresolved)} flagged request(s) of these days are charged their bound "
-            f"(${_money(charged)} in all) until resolved: list them with `tollgate ledger "
-            "flagged --unresolved`, then `tollgate ledger resolve ID --cost USD` (or --free) "
-            "once OpenAI's costs show what they were billed."
-        )
+        out.append(unresolved_note(r.unresolved))
     return "\n".join(out) + "\n"
+
+
+def money(value: Decimal) -> str:
+    return format(value.quantize(Decimal("0.000001")).normalize(), "f")
+
+
+def unresolved_note(unresolved: Sequence[Flagged]) -> str:
+    """What to do about the flagged rows of the reconciled days, charged their bound."""
+    charged = Decimal(sum(f.cost_nanos for f in unresolved)) / NANOS_PER_USD
+    return (
+        f"{len(unresolved)} flagged request(s) of these days are charged their bound "
+        f"(${money(charged)} in all) until resolved: list them with `tollgate ledger "
+        "flagged --unresolved`, then `tollgate ledger resolve ID --cost USD` (or --free) "
+        "once OpenAI's costs show what they were billed."
+    )
+
+
+def unresolved_json(unresolved: Sequence[Flagged]) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": f.id,
+            "team": f.team,
+            "day": utc_day(f.started_at).isoformat(),
+            "charged_usd": money(Decimal(f.cost_nanos) / NANOS_PER_USD),
+            "error_code": f.error_code,
+            "upstream_request_id": f.upstream_request_id,
+        }
+        for f in unresolved
+    ]
+
+
+def window(
+    covered: Iterable[date], first: date | None, last: date | None, today: date
+) -> tuple[date, date]:
+    """The UTC days to reconcile: `first`..`last`, by default the days an export covers."""
+    days = sorted(covered) or [today]
+    first = first or days[0]
+    last = last or days[-1]
+    if last < first:
+        raise InvalidRequest(f"--to {last} is before --from {first}.", param="to")
+    return first, last
 
 
 def parse_day(text: str) -> date:
@@ -335,11 +358,7 @@ async def run(
         pages = await fetch_costs(config.upstream.base_url, admin_key, first, last)
     book = config.prices
     openai = parse_costs(pages, book)
-    covered = sorted(openai.days) or [today]
-    first = first or covered[0]
-    last = last or covered[-1]
-    if last < first:
-        raise InvalidRequest(f"--to {last} is before --from {first}.", param="to")
+    first, last = window(openai.days, first, last, today)
     ledger = await open_ledger(ledger_url)
     try:
         ours = await ledger_costs(ledger, first, last, book)

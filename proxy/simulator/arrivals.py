@@ -28,6 +28,8 @@ class Arrival:
     """As sent, still percent-encoded."""
     query: str
     authorization: str | None
+    project: str | None = None
+    """The `OpenAI-Project` header: which project the request was made under."""
 
 
 class Arrivals:
@@ -62,12 +64,14 @@ class Recorder:
         raw: bytes = scope.get("raw_path") or scope["path"].encode()
         headers = dict(scope["headers"])
         authorization = headers.get(b"authorization")
+        project = headers.get(b"openai-project")
         self.arrivals.append(
             Arrival(
                 scope["method"],
                 raw.decode("latin-1"),
                 scope.get("query_string", b"").decode("latin-1"),
                 authorization.decode("latin-1") if authorization is not None else None,
+                project.decode("latin-1") if project is not None else None,
             )
         )
         extra = self.knobs().response_headers

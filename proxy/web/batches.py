@@ -139,16 +139,18 @@ class Batches:
         headers["x-tollgate-reserved-usd"] = usd_text(entry.estimated_nanos)
         if remaining and remaining[-1] is not None:
             headers["x-tollgate-budget-remaining-usd"] = usd_text(max(remaining[-1], 0))
+        project = config.project_of(team.name)
         try:
             answer = await runtime.upstream.send(
                 "/batches",
                 json.dumps(sent, separators=(",", ":")).encode(),
                 "application/json",
                 request.headers.items(),
+                project=project,
             )
             body = await read_answer(answer)
         except RequestError as exc:
-            await self.not_created(runtime, entry, exc, stored.id)
+            await self.not_created(runtime, entry, exc, stored.id, project)
             return error_response(exc, headers)
         if 200 <= answer.status < 300:
             batch_id = _id_of(body)
@@ -163,7 +165,7 @@ class Batches:
                 except LedgerError as exc:
                     log.error("keeping the answer of %s failed: %s", entry.id, exc)
             if batch_id is not None:
-                await self.follow(runtime, entry, stored, batch_id)
+                await self.follow(runtime, entry, stored, batch_id, project)
         else:
             await release(runtime, entry, answer.status, "batch_not_created")
         return Response(body, answer.status, headers={**dict(response_headers(answer)), **headers})
@@ -201,7 +203,12 @@ class Batches:
         return stored, lines
 
     async def follow(
-        self, runtime: Runtime, entry: Entry, stored: StoredObject, batch_id: str
+        self,
+        runtime: Runtime,
+        entry: Entry,
+        stored: StoredObject,
+        batch_id: str,
+        project: str | None,
     ) -> None:
         """A batch created: the team's, its reservation held and followed to its end."""
         try:
@@ -214,20 +221,25 @@ class Batches:
             await runtime.ledger.hold(entry.id, batch_id)
         except LedgerError as exc:
             log.error("recording batch %s failed: %s", batch_id, exc)
-        runtime.followers.follow(entry.id, BatchFollow(entry, batch_id, stored.id))
+        runtime.followers.follow(entry.id, BatchFollow(entry, batch_id, stored.id, project))
 
     async def not_created(
-        self, runtime: Runtime, entry: Entry, failure: RequestError, file_id: str
+        self,
+        runtime: Runtime,
+        entry: Entry,
+        failure: RequestError,
+        file_id: str,
+        project: str | None,
     ) -> None:
         """No answer to the create: if it may have reached the upstream, the batch may exist;
         the upstream's list says (a batch of this input file not yet Tollgate's is followed),
         else the reservation is released."""
         if isinstance(failure, UpstreamFailure) and failure.maybe_billed:
-            found = await _batch_of_file(runtime, file_id)
+            found = await _batch_of_file(runtime, file_id, project)
             if found is not None and await runtime.ledger.stored(found) is None:
                 stored = await runtime.ledger.stored(file_id)
                 if stored is not None:
-                    await self.follow(runtime, entry, stored, found)
+                    await self.follow(runtime, entry, stored, found, project)
                     return
         await release(runtime, entry, failure.status, failure.code)
 
@@ -282,10 +294,10 @@ async def release(runtime: Runtime, entry: Entry, status: int, code: str | None)
     observe(runtime, entry, settled, ())
 
 
-async def _batch_of_file(runtime: Runtime, file_id: str) -> str | None:
+async def _batch_of_file(runtime: Runtime, file_id: str, project: str | None) -> str | None:
     try:
         answer = await runtime.upstream.send(
-            "/batches", b"", "", (), method="GET", query="limit=100"
+            "/batches", b"", "", (), method="GET", query="limit=100", project=project
         )
         page = json.loads(await read_answer(answer))
         return next(
@@ -331,15 +343,18 @@ class BatchFollow:
     """Its reservation's row: the team, key and cost center its lines are booked to."""
     batch_id: str
     input_file_id: str | None
+    project: str | None
+    """The OpenAI project the batch was created under, where it (and its output) is read."""
 
     @classmethod
     def adopted(cls, runtime: Runtime, entry: Entry, usage: Usage, batch_id: str) -> BatchFollow:
-        return cls(entry, batch_id, None)
+        # The team's project now: a row does not say which one the batch was created under.
+        return cls(entry, batch_id, None, runtime.config.project_of(entry.team))
 
     async def poll(self, runtime: Runtime) -> bool:
         try:
             answer = await runtime.upstream.send(
-                f"/batches/{self.batch_id}", b"", "", (), method="GET"
+                f"/batches/{self.batch_id}", b"", "", (), method="GET", project=self.project
             )
             body = await read_answer(answer)
         except (RequestError, *BROKEN_OFF) as exc:
@@ -372,7 +387,7 @@ class BatchFollow:
         billed: list[BilledLine] = []
         output = batch.get("output_file_id")
         if isinstance(output, str):
-            async for raw in _file_lines(runtime, output):
+            async for raw in _file_lines(runtime, output, self.project):
                 line = billed_line(runtime, entry, lines, raw, ended_at, self.batch_id)
                 if line is not None:
                     billed.append(line)
@@ -399,9 +414,11 @@ class BatchFollow:
             observe(runtime, line.entry, line.settlement, ())
 
 
-async def _file_lines(runtime: Runtime, file_id: str) -> Any:
+async def _file_lines(runtime: Runtime, file_id: str, project: str | None) -> Any:
     """The lines of an upstream file, each with its long strings (images) emptied."""
-    answer = await runtime.upstream.send(f"/files/{file_id}/content", b"", "", (), method="GET")
+    answer = await runtime.upstream.send(
+        f"/files/{file_id}/content", b"", "", (), method="GET", project=project
+    )
     if answer.status != 200:
         await answer.aclose()
         raise MalformedAnswer(f"the batch's output file {file_id} answered {answer.status}")

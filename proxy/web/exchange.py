@@ -58,6 +58,7 @@ class Exchange:
         headers: dict[str, str],
         changes: tuple[Change, ...] = (),
         remaining_nanos: int | None = None,
+        project: str | None = None,
     ) -> None:
         self.runtime = runtime
         self.door = door
@@ -67,6 +68,8 @@ class Exchange:
         self.changes = changes
         self.remaining_nanos = remaining_nanos
         """Room left in the tightest USD budget with this request's bound reserved."""
+        self.project = project
+        """The OpenAI project the request is sent under, and its response followed under."""
         self.deadline = entry.started_at + runtime.config.upstream.deadline_s
         """When the exchange must be over, on the runtime's clock."""
         self.sent_at = 0.0
@@ -123,8 +126,9 @@ class Exchange:
         try:
             async with asyncio.timeout(left):
                 return await self.runtime.upstream.send(
-                    self.door.upstream_path, body, content_type, client_headers
-                )
+                    self.door.upstream_path, body, content_type, client_headers,
+                    project=self.project,
+                )  # fmt: skip
         except TimeoutError as exc:  # the deadline: the client's own are translated
             raise DeadlineExceeded(DEADLINE_MESSAGE, maybe_billed=True) from exc
 

@@ -107,6 +107,7 @@ class Files:
                     outgoing,
                     f"multipart/form-data; boundary={boundary}",
                     request.headers.items(),
+                    project=runtime.config.project_of(team.name),
                 )
                 body = await read_answer(answer)
         finally:
@@ -296,8 +297,9 @@ async def scoped_listing(
             raise InvalidRequest("The query string holds characters that must be percent-encoded.")
         for _ in range(SKIPPED_PAGES + 1):
             answer = await runtime.upstream.send(
-                path, b"", "", request.headers.items(), method="GET", query=query
-            )
+                path, b"", "", request.headers.items(), method="GET", query=query,
+                project=runtime.config.project_of(team.name),
+            )  # fmt: skip
             body = await read_answer(answer)
             if not 200 <= answer.status < 300:
                 break
@@ -368,6 +370,7 @@ async def scoped_object(
             request.headers.items(),
             method=request.method,
             query=query,
+            project=runtime.config.project_of(team.name),
         )
         if seen is not None:
             body = await read_answer(answer)

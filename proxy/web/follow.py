@@ -136,7 +136,7 @@ class ResponseFollow:
         exchange, response_id = self.exchange, self.response_id
         try:
             answer = await runtime.upstream.send(
-                f"/responses/{response_id}", b"", "", (), method="GET"
+                f"/responses/{response_id}", b"", "", (), method="GET", project=exchange.project
             )
         except RequestError as exc:
             log.warning("following %s: %s; will ask again", response_id, exc.message)
@@ -178,7 +178,10 @@ def adopted(runtime: Runtime, entry: Entry, usage: Usage, upstream_id: str) -> F
     bound = adopted_bound(runtime, entry, usage)
     if bound is None:
         return None
-    return ResponseFollow(Exchange(runtime, ResponsesDoor(), entry, bound, {}), upstream_id)
+    # The team's project now: a row does not say which one the response was created under.
+    project = runtime.config.project_of(entry.team)
+    exchange = Exchange(runtime, ResponsesDoor(), entry, bound, {}, project=project)
+    return ResponseFollow(exchange, upstream_id)
 
 
 def adopted_bound(runtime: Runtime, entry: Entry, usage: Usage) -> Bound | None:

@@ -127,8 +127,9 @@ class Pipeline(Generic[Parsed]):
         body, content_type = door.encode(parsed, sent)
         bound = door.bound(parsed, sent)
         exchange = Exchange(
-            runtime, door, entry, bound, headers, sent.changes, decision.remaining_nanos
-        )
+            runtime, door, entry, bound, headers, sent.changes, decision.remaining_nanos,
+            config.project_of(team.name),
+        )  # fmt: skip
         if found is not None:
             exchange.keep = repeats.Keep(
                 team.name,

@@ -59,6 +59,7 @@ class ResponseObjects:
                 request.headers.items(),
                 method=request.method,
                 query=query,
+                project=runtime.config.project_of(team.name),
             )
         except RequestError as exc:
             return error_response(exc, headers)

@@ -1,0 +1,281 @@
+"""Reconciliation per OpenAI project: each project's spend in OpenAI's Costs API against
+the ledger's spend of the teams billed to it (`tollgate reconcile --by project`).
+
+    pages = await fetch_costs(base_url, admin_key, first, last, group_by=GROUP_BY)
+    result = compare(parse_costs(pages, book), await ledger_costs(ledger, first, last),
+                     config.project_of, first, last)
+
+A team's requests go upstream under its `openai_project`, else `upstream.project`
+(`Config.project_of`), so OpenAI books them to that project; a team with neither is
+billed to the upstream key's default project, which Tollgate cannot name: its spend is
+shown as unmapped, never counted as off. Like `proxy.finance.reconcile`, it compares UTC
+days (OpenAI's buckets). Asked live, the costs are grouped by project and line item, so
+that the spend of models Tollgate does not price (chat, audio) is left out and listed; a
+saved export grouped by project alone is taken whole.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import date, timedelta
+from decimal import Decimal
+from typing import Any
+
+from proxy.core.errors import InvalidRequest
+from proxy.core.models import NANOS_PER_USD
+from proxy.core.pricing import PriceBook
+from proxy.core.settings import Config
+from proxy.finance.reconcile import (
+    DAY,
+    DEFAULT_TOLERANCE,
+    Status,
+    canonical,
+    fetch_costs,
+    line_item_model,
+    midnight,
+    money,
+    unresolved_json,
+    unresolved_note,
+    utc_day,
+    window,
+)
+from proxy.finance.reports import aligned
+from proxy.ledger import open_ledger
+from proxy.ledger.base import Flagged, Ledger
+
+GROUP_BY = ("project_id", "line_item")
+UNMAPPED_NOTE = (
+    "no openai_project and no upstream.project: billed to the upstream key's default "
+    "project; set one to reconcile these teams"
+)
+ProjectOf = Callable[[str], str | None]
+"""A team's OpenAI project (`Config.project_of`); None: the key's default project."""
+
+
+@dataclass
+class ProjectCosts:
+    amounts: dict[tuple[date, str | None], Decimal] = field(default_factory=dict)
+    """By UTC day and project (None: spend OpenAI booked to no project)."""
+    days: set[date] = field(default_factory=set)
+    """Days the export has a bucket for (a day with no bucket is unknown, not zero)."""
+    ignored: dict[str, Decimal] = field(default_factory=dict)
+    """Line items of other products, left out, with their amounts."""
+
+
+def parse_costs(pages: Iterable[Mapping[str, Any]], book: PriceBook) -> ProjectCosts:
+    """Sum a Costs API answer grouped by `project_id` (and maybe `line_item`) by UTC day
+    and project. InvalidRequest when it is not grouped by project."""
+    found = ProjectCosts()
+    amounts: dict[tuple[date, str | None], Decimal] = defaultdict(Decimal)
+    results = grouped = 0
+    for page in pages:
+        for bucket in page.get("data", []):
+            day = utc_day(bucket["start_time"])
+            found.days.add(day)
+            for result in bucket.get("results", []):
+                value = Decimal(str(result.get("amount", {}).get("value", 0)))
+                project = result.get("project_id") or None
+                results, grouped = results + 1, grouped + (project is not None)
+                item = result.get("line_item")
+                if item is not None and canonical(line_item_model(str(item)), book) is None:
+                    found.ignored[item] = found.ignored.get(item, Decimal(0)) + value
+                else:
+                    amounts[day, None if project is None else str(project)] += value
+    if results and not grouped:
+        raise InvalidRequest(
+            "The costs are not grouped by project: export them with group_by[]=project_id "
+            "(and group_by[]=line_item), or fetch them live with --admin-key-env.",
+            param="costs",
+        )
+    found.amounts = dict(amounts)
+    return found
+
+
+async def ledger_costs(ledger: Ledger, first: date, last: date) -> dict[tuple[date, str], int]:
+    """Tollgate's settled spend in nano-dollars by UTC day and team."""
+    groups = await ledger.summarize(
+        midnight(first), midnight(last + timedelta(days=1)), ["team"], DAY
+    )
+    found: dict[tuple[date, str], int] = defaultdict(int)
+    for g in groups:
+        if g.cost_nanos:
+            found[utc_day(int(g.keys[1]) * DAY), str(g.keys[0])] += g.cost_nanos
+    return dict(found)
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectLine:
+    day: date
+    project: str | None
+    """None: the upstream key's default project (the teams set no project)."""
+    teams: tuple[str, ...]
+    openai_usd: Decimal
+    tollgate_usd: Decimal
+    status: Status | None
+    """None when the project is unknown, so the line cannot be compared."""
+    note: str = ""
+
+    @property
+    def difference(self) -> Decimal:
+        """OpenAI minus Tollgate: positive when spend bypassed Tollgate."""
+        return self.openai_usd - self.tollgate_usd
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectReconciliation:
+    first: date
+    last: date
+    tolerance: Decimal
+    lines: tuple[ProjectLine, ...]
+    ignored: Mapping[str, Decimal]
+    flagged: tuple[Flagged, ...] = ()
+
+    @property
+    def unresolved(self) -> list[Flagged]:
+        return [f for f in self.flagged if f.resolved_at is None]
+
+    @property
+    def off_days(self) -> list[date]:
+        return sorted({line.day for line in self.lines if line.status == "off"})
+
+
+def compare(
+    openai: ProjectCosts,
+    tollgate: Mapping[tuple[date, str], int],
+    project_of: ProjectOf,
+    teams: Iterable[str],
+    first: date,
+    last: date,
+    tolerance: Decimal = DEFAULT_TOLERANCE,
+) -> ProjectReconciliation:
+    """One line per UTC day and project that either side billed, naming the teams billed
+    to it: the configured `teams` and any other with spend in the ledger (pure)."""
+    members: dict[str | None, set[str]] = defaultdict(set)
+    for team in teams:
+        members[project_of(team)].add(team)
+    ours: dict[tuple[date, str | None], int] = defaultdict(int)
+    for (day, team), nanos in tollgate.items():
+        project = project_of(team)
+        members[project].add(team)
+        ours[day, project] += nanos
+    theirs: Mapping[tuple[date, str | None], Decimal] = dict(openai.amounts)
+    keys = sorted(
+        {k for k in [*theirs, *ours] if first <= k[0] <= last},
+        key=lambda k: (k[0], k[1] is None, k[1] or ""),
+    )
+    lines = []
+    for day, project in keys:
+        spent = Decimal(ours.get((day, project), 0)) / NANOS_PER_USD
+        billed = theirs.get((day, project), Decimal(0))
+        diff = billed - spent
+        status: Status | None = "off" if abs(diff) > tolerance else "ok"
+        if project is None:
+            status, note = None, UNMAPPED_NOTE
+        elif day not in openai.days:
+            note = "no OpenAI data for this day (missing from the export?)"
+        elif status == "off" and diff > 0:
+            note = "OpenAI billed more: requests that bypassed Tollgate"
+        elif status == "off":
+            note = "Tollgate recorded more than OpenAI billed"
+        else:
+            note = ""
+        team_names = tuple(sorted(members.get(project, ())))
+        lines.append(ProjectLine(day, project, team_names, billed, spent, status, note))
+    ignored = {k: v for k, v in openai.ignored.items() if v}
+    return ProjectReconciliation(first, last, tolerance, tuple(lines), ignored)
+
+
+def as_json(r: ProjectReconciliation) -> dict[str, Any]:
+    return {
+        "from": r.first.isoformat(),
+        "to": r.last.isoformat(),
+        "by": "project",
+        "tolerance_usd": format(r.tolerance, "f"),
+        "lines": [
+            {
+                "day": line.day.isoformat(),
+                "project": line.project,
+                "teams": list(line.teams),
+                "openai_usd": money(line.openai_usd),
+                "tollgate_usd": money(line.tollgate_usd),
+                "difference_usd": money(line.difference),
+                "status": line.status or "unmapped",
+                "note": line.note,
+            }
+            for line in r.lines
+        ],
+        "off_days": [d.isoformat() for d in r.off_days],
+        "ignored_line_items": {k: money(v) for k, v in sorted(r.ignored.items())},
+        "unresolved_flagged": unresolved_json(r.unresolved),
+    }
+
+
+def as_table(r: ProjectReconciliation) -> str:
+    head = ("day (UTC)", "project", "teams", "openai_usd", "tollgate_usd", "difference",
+            "status", "note")  # fmt: skip
+    rows = [
+        (line.day.isoformat(), line.project or "(key's default)", ",".join(line.teams) or "-",
+         money(line.openai_usd), money(line.tollgate_usd), f"{line.difference:+.6f}",
+         {"off": "OFF", "ok": "ok", None: "unmapped"}[line.status], line.note)
+        for line in r.lines
+    ]  # fmt: skip
+    out = [
+        f"Reconciliation by OpenAI project {r.first} .. {r.last} (UTC days), tolerance "
+        f"${r.tolerance} per day and project; difference = OpenAI - Tollgate",
+        "",
+        *aligned([head, *rows]),
+    ]
+    if not rows:
+        out.append("(no spend on either side)")
+    if r.ignored:
+        out.append("")
+        out.append("Left out (not priced models): " + ", ".join(sorted(r.ignored)))
+    out.append("")
+    if r.off_days:
+        out.append(
+            f"{len(r.off_days)} day(s) off: {', '.join(d.isoformat() for d in r.off_days)}. "
+            "A positive difference is spend of the project that bypassed Tollgate (another "
+            "key or a direct call); a negative one is spend OpenAI did not bill to that "
+            "project, or a day missing from the export."
+        )
+    else:
+        out.append("Every project matches within the tolerance, every day.")
+    if r.unresolved:
+        out.append("")
+        out.append(unresolved_note(r.unresolved))
+    return "\n".join(out) + "\n"
+
+
+async def run(
+    config: Config,
+    ledger_url: str,
+    pages: list[dict[str, Any]],
+    admin_key: str | None,
+    first: date | None,
+    last: date | None,
+    tolerance: Decimal,
+    now: float,
+) -> ProjectReconciliation:
+    """Reconcile the UTC days `first`..`last` per project: by default the days a saved
+    export covers, or (live) the current UTC month up to today. `pages` is fetched, grouped
+    by project and line item, when `admin_key` is given."""
+    today = utc_day(now)
+    if admin_key is not None:
+        first = first or today.replace(day=1)
+        last = last or today
+        pages = await fetch_costs(
+            config.upstream.base_url, admin_key, first, last, group_by=GROUP_BY
+        )
+    openai = parse_costs(pages, config.prices)
+    first, last = window(openai.days, first, last, today)
+    ledger = await open_ledger(ledger_url)
+    try:
+        ours = await ledger_costs(ledger, first, last)
+        flagged = await ledger.flagged(midnight(first), midnight(last + timedelta(days=1)))
+    finally:
+        await ledger.close()
+    teams = [team.name for team in config.teams]
+    result = compare(openai, ours, config.project_of, teams, first, last, tolerance)
+    return replace(result, flagged=tuple(flagged))

@@ -1,0 +1,123 @@
+"""Reconciliation per OpenAI project (pure): the Costs API grouped by project against the
+ledger's spend of the teams billed to each project."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from proxy.config.prices import load_price_book
+from proxy.core.errors import InvalidRequest
+from proxy.finance.projects import ProjectCosts, as_json, as_table, compare, parse_costs
+
+BOOK = load_price_book()
+DAY = date(2026, 11, 3)
+PROJECTS = {"design": "proj_design", "research": "proj_research", "ops": "proj_company"}
+
+
+def project_of(team: str) -> str | None:
+    return PROJECTS.get(team)
+
+
+def page(*results: dict[str, Any], day: date = DAY) -> dict[str, Any]:
+    start = int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp())
+    bucket = {"object": "bucket", "start_time": start, "end_time": start + 86_400,
+              "results": list(results)}  # fmt: skip
+    return {"object": "page", "data": [bucket], "has_more": False, "next_page": None}
+
+
+def cost(value: float, project: str | None, item: str | None = None) -> dict[str, Any]:
+    return {"object": "organization.costs.result", "amount": {"value": value, "currency": "usd"},
+            "project_id": project, "line_item": item}  # fmt: skip
+
+
+def test_costs_are_summed_by_day_and_project_leaving_out_unpriced_models() -> None:
+    found = parse_costs(
+        [page(cost(0.5, "proj_design", "gpt-image-2, image output"),
+              cost(0.25, "proj_design", "gpt-5.5, input"),
+              cost(3.0, "proj_design", "gpt-3.5-turbo, input"),
+              cost(1.0, "proj_research", "batch api | gpt-image-2 image"))],
+        BOOK,
+    )  # fmt: skip
+    assert found.amounts == {(DAY, "proj_design"): Decimal("0.75"),
+                             (DAY, "proj_research"): Decimal("1.0")}  # fmt: skip
+    assert found.ignored == {"gpt-3.5-turbo, input": Decimal("3.0")}
+    assert found.days == {DAY}
+
+
+def test_costs_grouped_by_project_alone_are_taken_whole() -> None:
+    found = parse_costs([page(cost(2.0, "proj_design"), cost(1.0, "proj_research"))], BOOK)
+    assert found.amounts == {(DAY, "proj_design"): Decimal("2.0"),
+                             (DAY, "proj_research"): Decimal("1.0")}  # fmt: skip
+
+
+def test_costs_not_grouped_by_project_are_refused() -> None:
+    with pytest.raises(InvalidRequest, match="group_by"):
+        parse_costs([page(cost(2.0, None, "gpt-image-2, image output"))], BOOK)
+
+
+def test_each_project_is_compared_with_the_spend_of_its_teams() -> None:
+    openai = ProjectCosts({(DAY, "proj_design"): Decimal("1.5"),
+                           (DAY, "proj_company"): Decimal("0.2")}, {DAY})  # fmt: skip
+    ours = {(DAY, "design"): 1_000_000_000, (DAY, "research"): 300_000_000,
+            (DAY, "ops"): 200_000_000}  # fmt: skip
+    result = compare(openai, ours, project_of, PROJECTS, DAY, DAY)
+    by_project = {line.project: line for line in result.lines}
+    assert [line.project for line in result.lines] == ["proj_company", "proj_design",
+                                                       "proj_research"]  # fmt: skip
+    assert by_project["proj_company"].status == "ok"
+    assert by_project["proj_company"].teams == ("ops",)
+    design = by_project["proj_design"]
+    assert (design.status, design.difference) == ("off", Decimal("0.5"))
+    assert "bypassed" in design.note
+    research = by_project["proj_research"]
+    assert (research.openai_usd, research.tollgate_usd) == (Decimal(0), Decimal("0.3"))
+    assert research.status == "off" and "Tollgate recorded more" in research.note
+    assert result.off_days == [DAY]
+
+
+def test_teams_sharing_a_project_are_one_line() -> None:
+    shared = {"design": "proj_art", "research": "proj_art"}
+    openai = ProjectCosts({(DAY, "proj_art"): Decimal("1.3")}, {DAY})
+    ours = {(DAY, "design"): 1_000_000_000, (DAY, "research"): 300_000_000}
+    result = compare(openai, ours, shared.get, shared, DAY, DAY)
+    [line] = result.lines
+    assert (line.project, line.teams, line.status) == ("proj_art", ("design", "research"), "ok")
+    assert result.off_days == []
+
+
+def test_teams_without_a_project_are_shown_unmapped_and_never_off() -> None:
+    openai = ProjectCosts({(DAY, "proj_design"): Decimal("1")}, {DAY})
+    ours = {(DAY, "design"): 1_000_000_000, (DAY, "legacy"): 700_000_000}
+    result = compare(openai, ours, project_of, ["design", "legacy"], DAY, DAY)
+    unmapped = result.lines[-1]
+    assert (unmapped.project, unmapped.teams, unmapped.status) == (None, ("legacy",), None)
+    assert "default project" in unmapped.note
+    assert result.off_days == []
+    assert as_json(result)["lines"][-1]["status"] == "unmapped"
+    assert "(key's default)" in as_table(result)
+
+
+def test_json_and_table_name_the_project_its_teams_and_both_amounts() -> None:
+    openai = ProjectCosts({(DAY, "proj_design"): Decimal("1.25")}, {DAY})
+    result = compare(openai, {(DAY, "design"): 1_250_000_000}, project_of, ["design"], DAY, DAY)
+    assert as_json(result)["lines"] == [
+        {"day": "2026-11-03", "project": "proj_design", "teams": ["design"],
+         "openai_usd": "1.25", "tollgate_usd": "1.25", "difference_usd": "0", "status": "ok",
+         "note": ""}
+    ]  # fmt: skip
+    table = as_table(result)
+    assert "proj_design" in table and "design" in table
+    assert "Every project matches within the tolerance" in table
+
+
+def test_a_day_missing_from_the_export_is_said_so() -> None:
+    other = date(2026, 11, 4)
+    openai = ProjectCosts({(DAY, "proj_design"): Decimal("1")}, {DAY})
+    ours = {(DAY, "design"): 1_000_000_000, (other, "design"): 1_000_000_000}
+    result = compare(openai, ours, project_of, ["design"], DAY, other)
+    assert result.off_days == [other]
+    assert "no OpenAI data" in result.lines[-1].note
