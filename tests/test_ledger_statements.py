@@ -185,7 +185,7 @@ def test_a_response_is_found_by_its_index(tmp_path: Path) -> None:
 def test_step_6_adds_digests_indexed_by_team_and_a_table_of_kept_answers(
     dialect: Dialect, real: str, big: str, blob: str
 ) -> None:
-    assert len(migrations.steps(dialect)) == migrations.SCHEMA_VERSION == 6
+    assert len(migrations.steps(dialect)) == migrations.SCHEMA_VERSION >= 6
     digest, key, by_content, by_key, answers, by_kept = migrations.steps(dialect)[5]
     assert digest == "ALTER TABLE requests ADD COLUMN content_digest TEXT"
     assert key == "ALTER TABLE requests ADD COLUMN idempotency_key TEXT"
@@ -201,6 +201,22 @@ def test_step_6_adds_digests_indexed_by_team_and_a_table_of_kept_answers(
     assert f"size       {big} NOT NULL" in answers
     assert f"kept_at    {real} NOT NULL" in answers
     assert by_kept == "CREATE INDEX IF NOT EXISTS kept_answers_kept ON kept_answers (kept_at)"
+
+
+@pytest.mark.parametrize(
+    ("dialect", "real", "big"),
+    [(SQLITE, "REAL", "INTEGER"), (POSTGRES, "DOUBLE PRECISION", "BIGINT")],
+)
+def test_step_7_adds_the_rate_counts_indexed_by_shared_limit(
+    dialect: Dialect, real: str, big: str
+) -> None:
+    assert migrations.SCHEMA_VERSION >= 7
+    table, by_group = migrations.steps(dialect)[6]
+    assert table.startswith("CREATE TABLE IF NOT EXISTS rate_counts (")
+    assert f"start   {real} NOT NULL" in table
+    assert f"used    {big} NOT NULL DEFAULT 0" in table
+    assert "PRIMARY KEY (slot, start)" in table
+    assert by_group.endswith("ON rate_counts (grp, start) WHERE grp <> ''")
 
 
 def test_the_kept_answer_columns_are_the_schemas(tmp_path: Path) -> None:
