@@ -209,7 +209,11 @@ def refusal(
         f"{amount:,} {metric}). Try again in {wait}s."
     )
     return RateLimited(
-        message, retry_after=wait, metric=metric, headers=headers(tightest(rooms), now)
+        message,
+        retry_after=wait,
+        metric=metric,
+        headers=headers(tightest(rooms), now),
+        per=check.limit.per,
     )
 
 

@@ -16,7 +16,7 @@ from proxy.core.errors import LedgerError
 from proxy.core.models import IMAGES_ENDPOINTS
 from proxy.core.settings import Config
 from proxy.doors import ImagesDoor, ResponsesDoor
-from proxy.finance.status import budget_status
+from proxy.finance.status import budget_status, rate_status
 from proxy.metrics import Metrics
 from proxy.web.admin import AdminApi
 from proxy.web.admission import BodyBudget
@@ -107,10 +107,13 @@ async def readyz(request: Request, runtime: Runtime) -> Response:
 
 
 async def metrics_endpoint(request: Request, runtime: Runtime) -> Response:
-    """The Prometheus exposition, with the budget gauges read from the ledger now."""
+    """The Prometheus exposition, with the budget and rate-limit gauges read from the
+    ledger now."""
+    now = runtime.clock()
     try:
-        budgets = await budget_status(runtime.config, runtime.ledger, runtime.clock())
+        budgets = await budget_status(runtime.config, runtime.ledger, now)
+        rates = await rate_status(runtime.config, runtime.ledger, now)
     except LedgerError as exc:
-        log.error("budget gauges left out of this scrape: %s", exc)
-        budgets = []
-    return Response(runtime.metrics.exposition(budgets), media_type=CONTENT_TYPE_LATEST)
+        log.error("budget and rate-limit gauges left out of this scrape: %s", exc)
+        budgets, rates = [], []
+    return Response(runtime.metrics.exposition(budgets, rates), media_type=CONTENT_TYPE_LATEST)
