@@ -20,7 +20,13 @@ from starlette.exceptions import HTTPException
 
 import proxy
 from proxy.core import errors
-from proxy.core.errors import InternalError, MethodNotAllowed, RequestError, TollgateError
+from proxy.core.errors import (
+    InternalError,
+    MethodNotAllowed,
+    RateLimited,
+    RequestError,
+    TollgateError,
+)
 from proxy.web.responses import as_request_error, error_response
 
 PACKAGE = Path(proxy.__file__).parent
@@ -156,6 +162,9 @@ REQUEST_ERRORS = sorted(every_subclass(RequestError), key=lambda c: c.__name__)
 def example(cls: type[RequestError]) -> RequestError:
     if issubclass(cls, MethodNotAllowed):
         return cls("Invalid method (PUT /metrics).", ("GET", "HEAD"))
+    if issubclass(cls, RateLimited):
+        headers = {"x-tollgate-ratelimit-remaining-images": "0"}
+        return cls("Rate limit reached.", retry_after=30, metric="images", headers=headers)
     return cls("What went wrong, and what to do.")
 
 
@@ -168,7 +177,8 @@ def test_every_request_error_is_answered_in_openai_shape(cls: type[RequestError]
     assert json.loads(bytes(answer.body)) == {
         "error": {"message": exc.message, "type": cls.type, "param": None, "code": cls.code}
     }
-    assert cls.type in ("invalid_request_error", "insufficient_quota", "api_error", "server_error")
+    types = ("invalid_request_error", "insufficient_quota", "requests", "api_error", "server_error")
+    assert cls.type in types
     for name, value in {"x-request-id": "tg_req_1", **exc.headers()}.items():
         assert answer.headers[name] == value
 

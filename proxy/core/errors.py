@@ -20,6 +20,7 @@
           ├── RequestTooLarge        413 request_too_large
           ├── UnsupportedEncoding    415 unsupported_content_encoding
           ├── BudgetExceeded         429 budget_exceeded
+          ├── RateLimited            429 rate_limit_exceeded: a rate limit's window is full
           ├── InternalError          500 internal_error
           ├── UpstreamFailure        the upstream gave no answer (`maybe_billed`: after the send)
           │    ├── UpstreamUnavailable    502 upstream_unavailable
