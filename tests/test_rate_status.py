@@ -21,6 +21,7 @@ from proxy.core.settings import (
     UpstreamSettings,
 )
 from proxy.core.status import rate_statuses, window_statuses
+from proxy.finance.status import rate_status, team_rate_status
 from proxy.ledger import Reservation
 from proxy.ledger.base import Backend, Chooser
 
@@ -124,3 +125,14 @@ async def test_rate_windows_reads_every_slot_asked_in_one_call(ledger: Backend) 
     earlier = Slot(team_slot.key, MINUTE_START - 60)
     assert await ledger.rate_windows([earlier]) == {earlier: 1}
     assert await ledger.rate_windows([]) == {}
+
+
+async def test_a_team_without_limits_in_an_organization_without_any_has_no_statuses(
+    ledger: Backend,
+) -> None:
+    assert await team_rate_status(config(QUIET, org=()), ledger, QUIET, NOW) == []
+    assert await rate_status(config(QUIET, org=()), ledger, NOW) == []
+    shown = await team_rate_status(config(QUIET), ledger, QUIET, NOW)
+    assert [(s.scope, s.used, s.remaining, s.share) for s in shown] == [
+        ("organization", 0, 100, None)
+    ]
