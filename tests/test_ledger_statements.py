@@ -185,7 +185,7 @@ def test_a_response_is_found_by_its_index(tmp_path: Path) -> None:
 def test_step_6_adds_digests_indexed_by_team_and_a_table_of_kept_answers(
     dialect: Dialect, real: str, big: str, blob: str
 ) -> None:
-    assert len(migrations.steps(dialect)) == migrations.SCHEMA_VERSION == 6
+    assert len(migrations.steps(dialect)) == migrations.SCHEMA_VERSION == 7
     digest, key, by_content, by_key, answers, by_kept = migrations.steps(dialect)[5]
     assert digest == "ALTER TABLE requests ADD COLUMN content_digest TEXT"
     assert key == "ALTER TABLE requests ADD COLUMN idempotency_key TEXT"
