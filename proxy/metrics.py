@@ -9,7 +9,7 @@ Two kinds of values:
   With several uvicorn workers `tollgate serve` points `PROMETHEUS_MULTIPROC_DIR`
   at a fresh directory before they start, each worker writes its values there,
   and a scrape sums every worker's files (the client's multiprocess mode);
-- budget gauges, read from the ledger at scrape time and handed to
+- budget and rate-limit gauges, read from the ledger at scrape time and handed to
   `exposition()` as a snapshot, so every worker and replica tells the same truth.
 
 A Responses request (`endpoint="responses"`) is labelled with its image tool's model;
@@ -39,11 +39,12 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from proxy.core.models import NANOS_PER_USD, TOKEN_KINDS, Change, Entry, Settlement
-from proxy.core.status import BudgetStatus
+from proxy.core.status import BudgetStatus, RateStatus
 
 ENV_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.5, 1, 2.5, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300)
 BUDGET_LABELS = ("scope", "team", "period")
+RATE_LABELS = ("scope", "team", "per", "metric", "model")
 
 M = TypeVar("M", Counter, Histogram)
 
@@ -96,6 +97,8 @@ class Metrics:
         self._downgrades = Children(self.downgrades)
         self._upstream_duration = Children(self.upstream_duration)
         self._unauthenticated = Children(self.unauthenticated_requests)
+        self._rate_limited = Children(self.rate_limited_requests)
+        self._upstream_limited = Children(self.upstream_rate_limited)
 
     def _upstream_and_keys(self, r: CollectorRegistry) -> None:
         """How long the upstream took, and the requests refused for their key."""
@@ -109,6 +112,19 @@ class Metrics:
             "Requests refused for a missing or unknown key (kept out of the ledger: anyone "
             "can send them), by endpoint (or passthrough) and reason.",
             ["endpoint", "reason"],
+            registry=r,
+        )
+        self.rate_limited_requests = Counter(
+            "tollgate_rate_limited",
+            "Requests refused by a rate limit (429 rate_limit_exceeded), by the window and "
+            "metric of the limit that refused.",
+            ["team", "per", "metric"],
+            registry=r,
+        )
+        self.upstream_rate_limited = Counter(
+            "tollgate_upstream_rate_limited",
+            "Requests OpenAI answered 429 (its own rate limits or quota).",
+            ["team", "model"],
             registry=r,
         )
 
@@ -213,6 +229,8 @@ class Metrics:
             self._reserved(team, model).inc(entry.estimated_nanos / NANOS_PER_USD)
         if usage.images and 200 <= settlement.status < 300:
             self._images(team, model, quality, entry.size or "").inc(usage.images)
+        if settlement.outcome == "upstream_error" and settlement.status == 429:
+            self._upstream_limited(team, model).inc()
 
     def _mainline(self, team: str, model: str, settlement: Settlement) -> None:
         """The Responses API mainline model's tokens and dollars, under its own name."""
@@ -234,6 +252,10 @@ class Metrics:
         `passthrough`; `reason`: missing_key or invalid_key)."""
         self._unauthenticated(endpoint, reason).inc()
 
+    def rate_limited(self, team: str, per: str, metric: str) -> None:
+        """Count a request refused by one of its rate limits."""
+        self._rate_limited(team, per, metric).inc()
+
     def refused(self, reason: str) -> None:
         """Count a request refused to protect the process (not for a client's fault)."""
         self.overload_refusals.labels(reason).inc()
@@ -241,15 +263,18 @@ class Metrics:
     def upstream(self, model: str, endpoint: str, seconds: float) -> None:
         self._upstream_duration(model, endpoint).observe(seconds)
 
-    def exposition(self, budgets: Sequence[BudgetStatus] = ()) -> bytes:
+    def exposition(
+        self, budgets: Sequence[BudgetStatus] = (), rates: Sequence[RateStatus] = ()
+    ) -> bytes:
         """The text format of every metric: this process's (or every worker's) values and
-        the budget gauges of `budgets`, a snapshot read from the ledger for this scrape."""
+        the gauges of `budgets` and `rates`, snapshots read from the ledger for this scrape."""
         scrape = CollectorRegistry(auto_describe=False)
         if self.multiprocess_dir:
             multiprocess.MultiProcessCollector(scrape, self.multiprocess_dir)  # type: ignore[no-untyped-call]
         else:
             scrape.register(self.registry)
         scrape.register(BudgetCollector(budgets))
+        scrape.register(RateCollector(rates))
         return generate_latest(scrape)
 
     def close(self) -> None:
@@ -317,3 +342,34 @@ class BudgetCollector(Collector):
             if b.window.end is not None:
                 period_end.add_metric(values, b.window.end)
         return [limit, spent, reserved, utilization, period_end]
+
+
+class RateCollector(Collector):
+    """The rate-limit gauges of one snapshot: each team's limits and the organization's, in
+    their current windows (`team=""` for the organization, `model=""` for all models)."""
+
+    def __init__(self, rates: Sequence[RateStatus]) -> None:
+        self.rates = rates
+
+    def describe(self) -> Iterable[Metric]:
+        return self.families(())
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families(self.rates)
+
+    @staticmethod
+    def families(rates: Sequence[RateStatus]) -> list[Metric]:
+        labels = list(RATE_LABELS)
+        used = GaugeMetricFamily(
+            "tollgate_rate_limit_used",
+            "What the rate limit's current window counted (images, requests or tokens).",
+            labels=labels,
+        )
+        limit = GaugeMetricFamily(
+            "tollgate_rate_limit_limit", "The rate limit per window.", labels=labels
+        )
+        for r in rates:
+            values = [r.scope, r.team, r.limit.per, r.limit.metric, r.limit.model or ""]
+            used.add_metric(values, r.used)
+            limit.add_metric(values, r.limit.limit)
+        return [used, limit]

@@ -557,6 +557,14 @@ SETTINGS_PROBLEMS = [
     ("passthrough: [/v1/i]\n", "1: passthrough[0]: '/v1/i' " + IMAGES),
     ("passthrough: [/v1/IMAGES/edits]\n", "1: passthrough[0]: '/v1/IMAGES/edits' " + IMAGES),
     (
+        "passthrough: [/v1/tollgate]\n",
+        "1: passthrough[0]: '/v1/tollgate' would forward /v1/tollgate, Tollgate's own paths",
+    ),
+    (
+        "passthrough: [/v1/Tollgate/budget]\n",
+        "1: passthrough[0]: '/v1/Tollgate/budget' would forward /v1/tollgate, Tollgate's own paths",
+    ),
+    (
         "passthrough:\n  - {path: /v1/images/variations, methods: [POST]}\n",
         "2: passthrough[0].path: '/v1/images/variations' " + IMAGES,
     ),

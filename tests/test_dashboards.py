@@ -21,7 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.core.budgets import Window
 from proxy.core.models import Change, Entry, Settlement, Usage
-from proxy.core.status import BudgetStatus
+from proxy.core.settings import RateLimit
+from proxy.core.status import BudgetStatus, RateStatus
 from proxy.metrics import Metrics
 
 DASHBOARDS = Path(__file__).parent.parent / "dashboards"
@@ -30,6 +31,7 @@ RULE_FILES = sorted((DASHBOARDS / "prometheus").glob("*rules.yml"))
 # Names of series: Tollgate's metrics, and recorded series (`level:metric:operations`).
 SERIES = re.compile(r"\b(tollgate_[a-z_]+|[a-z_]+:[a-z0-9_:]+)\b")
 RESPONSES_ROW = "Responses API"
+RATE_LIMITS_ROW = "Rate limits"
 LABEL_VALUES = re.compile(r"^label_values\((\w+),\s*(\w+)\)$")
 THRESHOLD = re.compile(r"\s*(>=|<=|==|!=|>|<)\s*[0-9.]+\s*$")
 
@@ -96,7 +98,11 @@ def exported() -> set[str]:
     metrics.upstream("m", "generations", 1)
     budget = BudgetStatus("team", "t", "", "month", "usd", 10, 1, 1, Window("month", 0, 1),
                           (Decimal("0.5"),))  # fmt: skip
-    text = metrics.exposition([budget]).decode()
+    metrics.rate_limited("t", "minute", "images")
+    metrics.started()
+    metrics.finished(entry, Settlement(1, "upstream_error", 429), ())  # OpenAI's own 429
+    rate = RateStatus("team", "t", RateLimit("minute", "images", 2), 1, 1, 60.0)
+    text = metrics.exposition([budget], [rate]).decode()
     return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
 
 
@@ -155,7 +161,8 @@ def test_the_board_has_the_panels_operators_need() -> None:
         "images by model, quality and size", "cost per image", "downgrades", "rejections",
         "tokens by kind", "reserved vs actual", "latency percentiles", "error rate", "in-flight",
         "responses api spend by team and model", "mainline vs image tool",
-        "responses api requests by outcome",
+        "responses api requests by outcome", "rate-limit usage", "rate-limit refusals",
+        "rate-limit windows", "openai 429s",
     ):  # fmt: skip
         assert words in titles
 
@@ -208,6 +215,22 @@ def test_the_rules_alert_on_budgets_burn_rate_errors_and_rejections() -> None:
         "TollgateMonthlyBudgetBurnRate",
         "TollgateUpstreamErrorRate",
         "TollgateRejectionSpike",
+        "TollgateRateLimitRefusals",
+    }
+
+
+def test_the_rate_limit_alert_counts_refusals_per_team_over_five_minutes() -> None:
+    rule = next(r for r in rules() if r.get("alert") == "TollgateRateLimitRefusals")
+    assert rule["expr"] == "sum by (team) (increase(tollgate_rate_limited_total[5m])) > 10"
+
+
+def test_the_rate_limits_row_reads_the_rate_limit_series() -> None:
+    names = set().union(*(series(e) for e in row_expressions(RATE_LIMITS_ROW)))
+    assert names == {
+        "tollgate_rate_limit_used",
+        "tollgate_rate_limit_limit",
+        "tollgate_rate_limited_total",
+        "tollgate_upstream_rate_limited_total",
     }
 
 

@@ -14,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.core.budgets import Window
 from proxy.core.models import Change, Entry, Settlement, Usage
-from proxy.core.status import BudgetStatus
+from proxy.core.settings import RateLimit
+from proxy.core.status import BudgetStatus, RateStatus
 from proxy.metrics import Children, Metrics
 
 NANOS = 10**9
@@ -432,8 +433,71 @@ def test_the_exposition_has_exactly_the_catalogue_of_the_spec(metrics: Metrics) 
         "tollgate_budget_reserved_usd": "gauge",
         "tollgate_budget_utilization_ratio": "gauge",
         "tollgate_budget_period_end_timestamp_seconds": "gauge",
+        # Rate limits (README, Rate limits): refusals, OpenAI's own 429s, and the windows.
+        "tollgate_rate_limited": "counter",
+        "tollgate_upstream_rate_limited": "counter",
+        "tollgate_rate_limit_used": "gauge",
+        "tollgate_rate_limit_limit": "gauge",
     }
     assert "user=" not in text
+
+
+def rate(scope: str, team: str, limit: RateLimit, used: int) -> RateStatus:
+    return RateStatus(scope, team, limit, used, max(limit.limit - used, 0), 60.0)  # type: ignore[arg-type]
+
+
+def test_rate_limit_gauges_come_from_the_snapshot_given_at_scrape_time(metrics: Metrics) -> None:
+    snapshot = [
+        rate("team", "design", RateLimit("minute", "images", 20), 7),
+        rate("team", "design", RateLimit("day", "tokens", 5000, "gpt-image-2"), 1200),
+        rate("organization", "", RateLimit("minute", "images", 250, "gpt-image-2"), 31),
+    ]
+    text = metrics.exposition([], snapshot).decode()
+    found = {
+        (s.name, *(s.labels[k] for k in ("scope", "team", "per", "metric", "model"))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name.startswith("tollgate_rate_limit_")
+    }
+    assert found == {
+        ("tollgate_rate_limit_used", "team", "design", "minute", "images", ""): 7,
+        ("tollgate_rate_limit_limit", "team", "design", "minute", "images", ""): 20,
+        ("tollgate_rate_limit_used", "team", "design", "day", "tokens", "gpt-image-2"): 1200,
+        ("tollgate_rate_limit_limit", "team", "design", "day", "tokens", "gpt-image-2"): 5000,
+        ("tollgate_rate_limit_used", "organization", "", "minute", "images", "gpt-image-2"): 31,
+        ("tollgate_rate_limit_limit", "organization", "", "minute", "images", "gpt-image-2"): 250,
+    }
+    assert "tollgate_rate_limit_used{" not in metrics.exposition().decode()
+
+
+def test_rate_limit_refusals_are_counted_by_team_window_and_metric(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    metrics.rate_limited("design", "minute", "images")
+    metrics.rate_limited("design", "minute", "images")
+    metrics.rate_limited("design", "day", "tokens")
+    labels = {"team": "design", "per": "minute", "metric": "images"}
+    assert registry.get_sample_value("tollgate_rate_limited_total", labels) == 2
+    labels = {"team": "design", "per": "day", "metric": "tokens"}
+    assert registry.get_sample_value("tollgate_rate_limited_total", labels) == 1
+
+
+@pytest.mark.parametrize(
+    ("outcome", "status", "counted"),
+    [
+        ("upstream_error", 429, 1),  # OpenAI's own rate limit (or quota)
+        ("upstream_error", 500, None),
+        ("rejected_rate", 429, None),  # Tollgate's refusal: counted in tollgate_rate_limited
+        ("rejected_budget", 429, None),
+    ],
+)
+def test_only_openais_429s_count_as_upstream_rate_limited(
+    metrics: Metrics, registry: CollectorRegistry, outcome: str, status: int, counted: int | None
+) -> None:
+    metrics.started()
+    metrics.finished(forwarded(), Settlement(1.0, outcome, status), ())  # type: ignore[arg-type]
+    labels = {"team": "design", "model": "gpt-image-2"}
+    assert registry.get_sample_value("tollgate_upstream_rate_limited_total", labels) == counted
 
 
 WORKER = """

@@ -53,6 +53,7 @@ from tests.test_dashboards import (
     rule_expressions,
 )
 
+PACER_KEY = "tg_test_pacer_key_0003"
 TEAMS = {
     # Tight month budget: a policy clamp (max_quality), then the throttle, then budget
     # downgrades to the fallback model, then 429.
@@ -81,6 +82,16 @@ TEAMS = {
         budgets:
           - {{period: total, limit_usd: 0.03, alert_at: [0.5]}}
         on_exhausted: reject
+    """,
+    # Two requests a day: one answered, one OpenAI refuses (429), then Tollgate refuses.
+    "pacer": f"""
+        name: pacer
+        keys:
+          - {{id: pace, sha256: {key_hash(PACER_KEY)}}}
+        budgets:
+          - {{period: total, limit_usd: 5}}
+        rate_limits:
+          - {{per: day, requests: 2}}
     """,
 }
 
@@ -152,9 +163,16 @@ class Observed:
     prometheus: Prometheus
     receiver: Receiver
     outcomes: Counter[str]
+    """Of design's and research's requests."""
+    paced: Counter[str]
+    """Of pacer's: rate limits, Tollgate's and OpenAI's."""
     downgraded_headers: list[str]
     responses: bool
     """Whether Tollgate has a Responses door: the workload then has Responses requests."""
+
+    @property
+    def sent(self) -> int:
+        return sum(self.outcomes.values()) + sum(self.paced.values())
 
 
 def outcome(send: Callable[[], Any]) -> str:
@@ -247,12 +265,29 @@ def observed(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> 
             outcomes[seen] += 1
             if seen == "rejected_budget":
                 break
-        yield Observed(tollgate, prometheus, receiver, outcomes, headers, responses)
+        paced = pace(tollgate.client(PACER_KEY))
+        yield Observed(tollgate, prometheus, receiver, outcomes, paced, headers, responses)
     finally:
         prometheus.process.terminate()
         prometheus.process.wait(timeout=15)
         tollgate.stop()
         receiver.close()
+
+
+def pace(client: openai.OpenAI) -> Counter[str]:
+    """Pacer's three requests against its limit of two a day: answered, refused by OpenAI
+    (429, counted against the limit all the same), refused by Tollgate's rate limit."""
+    seen: Counter[str] = Counter()
+    for prompt in ("a breeze", "a squall [[fault:429]]", "a gale"):
+        try:
+            client.images.generate(
+                model="gpt-image-2", prompt=prompt, quality="low", size="1024x1024"
+            )
+            seen["ok"] += 1
+        except openai.RateLimitError as exc:
+            # OpenAI's answers carry its request id; Tollgate's refusals only Tollgate's.
+            seen["429" if "x-request-id" in exc.response.headers else "rejected_rate"] += 1
+    return seen
 
 
 def wait_for_data(prometheus: Prometheus, exprs: list[str], timeout: float) -> list[str]:
@@ -282,12 +317,13 @@ def test_the_workload_was_allowed_downgraded_and_refused_for_both_teams(
     assert o["rejected_budget"] == 2  # each team ran out once
     assert any("quality=high->medium" in h for h in observed.downgraded_headers)
     assert any("quality=medium->low" in h for h in observed.downgraded_headers)  # throttle
+    assert observed.paced == {"ok": 1, "429": 1, "rejected_rate": 1}
 
 
 def test_every_dashboard_and_rule_expression_returns_data_from_prometheus(
     observed: Observed,
 ) -> None:
-    sent = sum(observed.outcomes.values())
+    sent = observed.sent
     prometheus = observed.prometheus
     # Wait until Prometheus has scraped the end of the workload.
     deadline = time.monotonic() + 30
@@ -309,7 +345,7 @@ def test_every_dashboard_and_rule_expression_returns_data_from_prometheus(
 def test_spend_per_team_in_prometheus_equals_the_ledger(observed: Observed) -> None:
     prometheus = observed.prometheus
     ledger = ledger_spend(observed.tollgate.root)
-    sent = sum(observed.outcomes.values())
+    sent = observed.sent
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if prometheus.by_team("sum(tollgate_requests_total)").get("") == sent:

@@ -23,7 +23,7 @@ from proxy.config.schema import schema_problems, validator
 from proxy.config.source import Document, JsonPath, read_document
 from proxy.core.errors import ConfigError
 from proxy.core.models import NANOS_PER_USD
-from proxy.core.paths import canonical, under
+from proxy.core.paths import TOLLGATE_PATHS, canonical, under
 from proxy.core.pricing import MainlinePrices, ModelPrices, PriceBook
 from proxy.core.settings import (
     BODY_COPIES,
@@ -275,6 +275,10 @@ class _Builder:
                 )
             elif covers(prefix, "/v1/images"):
                 self._problem(doc, where, f"{prefix!r} would forward image requests unmetered")
+            elif covers(prefix, TOLLGATE_PATHS):
+                self._problem(
+                    doc, where, f"{prefix!r} would forward {TOLLGATE_PATHS}, Tollgate's own paths"
+                )
             elif methods - READ_ONLY and any(covers(prefix, door) for door in SPENDING_DOORS):
                 self._problem(
                     doc,

@@ -201,11 +201,19 @@ class RateLimited(RequestError):
     code = "rate_limit_exceeded"
 
     def __init__(
-        self, message: str, *, retry_after: int, metric: str, headers: dict[str, str]
+        self,
+        message: str,
+        *,
+        retry_after: int,
+        metric: str,
+        headers: dict[str, str],
+        per: str = "minute",
     ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.metric = metric
+        self.per = per
+        """The window of the limit that refused: `minute` or `day`."""
         self.rate_headers = headers
         """`x-tollgate-ratelimit-*`: the room of each metric's tightest limit."""
 

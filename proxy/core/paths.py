@@ -26,6 +26,10 @@ _SEGMENT = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@]+")
 _PLAIN = re.compile(rb"(?:/[A-Za-z0-9\-._~!$&'()*+,;=:@]+)+")
 _DOTS = (".", "..")
 
+TOLLGATE_PATHS = "/v1/tollgate"
+"""Tollgate's own paths under `/v1` (`GET /v1/tollgate/budget`): never forwarded upstream,
+whatever `passthrough:` lists."""
+
 
 def canonical(raw_path: bytes) -> str | None:
     """The path `raw_path` (as sent, still percent-encoded) names, or None when it is not

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 from zoneinfo import ZoneInfo
 
@@ -209,7 +209,11 @@ def refusal(
         f"{amount:,} {metric}). Try again in {wait}s."
     )
     return RateLimited(
-        message, retry_after=wait, metric=metric, headers=headers(tightest(rooms), now)
+        message,
+        retry_after=wait,
+        metric=metric,
+        headers=headers(tightest(rooms), now),
+        per=check.limit.per,
     )
 
 
@@ -253,6 +257,21 @@ def plan(config: Config, team: Team, now: float) -> Plan | None:
             )
         checks.append(check)
     return Plan(team.name, tuple(checks))
+
+
+def every_limit(config: Config, now: float) -> tuple[Check, ...]:
+    """Every team's own limits, then the organization's, as they apply at `now` (what the
+    rate gauges show; without shares: the gauges count the organization as a whole)."""
+    tz = zone(config.timezone)
+    found = [
+        replace(_check(limit, "team", f"t|{team.name}", now, tz), team=team.name)
+        for team in config.teams
+        for limit in team.rate_limits
+    ]
+    found += [
+        _check(limit, "organization", "o", now, tz) for limit in config.organization_rate_limits
+    ]
+    return tuple(found)
 
 
 def _check(limit: RateLimit, scope: RateScope, prefix: str, now: float, tz: ZoneInfo) -> Check:

@@ -1,7 +1,8 @@
-"""Where a budget stands: limit, spent, reserved, remaining, utilization, period end (pure).
+"""Where a budget stands: limit, spent, reserved, remaining, utilization, period end; and
+where a rate limit stands in its current window (pure).
 
 The values `proxy.finance.status` reads from the ledger, shown by the admin API,
-`tollgate budgets`, the alerts and the Prometheus budget gauges.
+`tollgate budgets`, `GET /v1/tollgate/budget`, the alerts and the Prometheus gauges.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from zoneinfo import ZoneInfo
 
 from proxy.core.budgets import Applied, Window, window, zone
 from proxy.core.models import Counter, Period, Scope, Totals, usd_text
-from proxy.core.settings import Budget, Config, Metric
+from proxy.core.rates import Check, Counts, Plan, RateScope, Slot
+from proxy.core.settings import Budget, Config, Metric, RateLimit, Team
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,18 +93,81 @@ def statuses(applied: list[Applied], totals: dict[Counter, Totals]) -> list[Budg
     return found
 
 
-def configured(config: Config, now: float) -> list[Applied]:
-    """Every organization and team budget as it applies now (per-user ones excepted)."""
+def configured(config: Config, now: float, team: Team | None = None) -> list[Applied]:
+    """Every organization and team budget as it applies now (per-user ones excepted); with
+    `team`, the organization's and that team's only."""
     tz = zone(config.timezone)
     found: list[Applied] = []
     for budget in config.organization_budgets:
         found.append(_applied(budget, "organization", "", now, tz))
-    for team in config.teams:
-        for budget in team.budgets:
-            found.append(_applied(budget, "team", team.name, now, tz))
+    for each in config.teams if team is None else (team,):
+        for budget in each.budgets:
+            found.append(_applied(budget, "team", each.name, now, tz))
     return found
 
 
 def _applied(budget: Budget, scope: Scope, team: str, now: float, tz: ZoneInfo) -> Applied:
     w = window(budget.period, now, tz)
     return Applied(budget, Counter(scope, team, "", budget.period, w.start), w)
+
+
+@dataclass(frozen=True, slots=True)
+class RateStatus:
+    """Where one rate limit stands in its current window."""
+
+    scope: RateScope
+    team: str
+    """The team whose limit it is, or who asks about an organization limit ("" for none)."""
+    limit: RateLimit
+    used: int
+    """What the window counted: the team's, or every team's on an organization limit."""
+    remaining: int
+    """What may still be added in the window (by `team`, when there is one: on an
+    organization limit, its share's room and the room no other team is promised)."""
+    resets_at: float
+    """When the window ends (unix seconds)."""
+    share: int | None = None
+    """The part of an organization limit kept for `team` (its `share`), if it has one."""
+    share_used: int = 0
+    """What `team` counted against that share in the window."""
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "scope": self.scope,
+            "per": self.limit.per,
+            "metric": self.limit.metric,
+            "model": self.limit.model,
+            "limit": self.limit.limit,
+            "used": self.used,
+            "remaining": self.remaining,
+            "resets_at": self.resets_at,
+            "share": self.share,
+            "share_used": self.share_used if self.share is not None else None,
+        }
+
+
+def rate_statuses(plan: Plan, counts: Counts) -> list[RateStatus]:
+    """Each limit of a team's `plan`, given the counts the ledger read for it."""
+    return [
+        RateStatus(
+            check.scope,
+            plan.team,
+            check.limit,
+            counts.of(check.slot),
+            room.remaining,
+            check.end,
+            check.promise if check.own is not None else None,
+            counts.of(check.own),
+        )
+        for check, room in zip(plan.checks, plan.rooms(counts), strict=True)
+    ]
+
+
+def window_statuses(checks: tuple[Check, ...], used: dict[Slot, int]) -> list[RateStatus]:
+    """Each of `checks` (`proxy.core.rates.every_limit`) given what its window counted."""
+    found = []
+    for check in checks:
+        count = used.get(check.slot, 0)
+        remaining = max(check.limit.limit - count, 0)
+        found.append(RateStatus(check.scope, check.team, check.limit, count, remaining, check.end))
+    return found

@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol
 
 from proxy.core.errors import LedgerError
 from proxy.core.models import Counter, Endpoint, Entry, Settlement, Totals, Usage
-from proxy.core.rates import Counts, Paced, Plan
+from proxy.core.rates import Counts, Paced, Plan, Slot
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +261,10 @@ class Ledger(Protocol):
 
     async def rate_counts(self, plan: Plan) -> Counts:
         """The counts a plan reads, now (for what the room of a team's limits is)."""
+
+    async def rate_windows(self, slots: Sequence[Slot]) -> dict[Slot, int]:
+        """What each of `slots` counted (those never added to are left out), in one read
+        however many: the rate gauges read every limit's current window at each scrape."""
 
     async def forget_counts(self, before: float) -> int:
         """Forget the rate counts of windows that started before `before`."""

@@ -35,7 +35,7 @@ from typing import Any
 
 from proxy.core.errors import LedgerError, LedgerUnavailable
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
-from proxy.core.rates import Counts, Plan
+from proxy.core.rates import Counts, Plan, Slot
 from proxy.ledger import codecs, flags, migrations, rate_counts
 from proxy.ledger.base import (
     Aggregate,
@@ -321,6 +321,10 @@ class PostgresLedger:
     async def rate_counts(self, plan: Plan) -> Counts:
         async with self.db.connection() as conn:
             return await rate_counts.read_postgres(conn, plan)
+
+    async def rate_windows(self, slots: Sequence[Slot]) -> dict[Slot, int]:
+        async with self.db.connection() as conn:
+            return await rate_counts.windows_postgres(conn, slots)
 
     async def forget_counts(self, before: float) -> int:
         status = await self.db.execute(rate_counts.PG_FORGET, float(before))

@@ -10,6 +10,7 @@ their promises is then one indexed sum, whatever the number of teams.
 from __future__ import annotations
 
 import functools
+import json
 import sqlite3
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +32,12 @@ _PG_READ = (
     "SELECT slot, start, used FROM rate_counts "
     "WHERE (slot, start) IN (SELECT * FROM unnest($1::text[], $2::float8[]))"
 )
+# Every limit's count at once (the rate gauges): one parameter, however many slots, each
+# found through the primary key.
+_SQLITE_WINDOWS = (
+    "SELECT r.slot, r.start, r.used FROM json_each(?) AS j JOIN rate_counts AS r "
+    "ON r.slot = json_extract(j.value, '$[0]') AND r.start = json_extract(j.value, '$[1]')"
+)
 
 
 @functools.lru_cache(maxsize=32)
@@ -43,8 +50,12 @@ def _add_values(add: Add) -> tuple[Any, ...]:
     return (add.slot.key, add.slot.start, add.amount, add.team, add.group, add.promise)
 
 
+def _used(rows: Sequence[Sequence[Any]]) -> dict[Slot, int]:
+    return {Slot(slot, float(start)): int(used) for slot, start, used in rows}
+
+
 def _counts(rows: Sequence[Sequence[Any]], kept: dict[Promise, int]) -> Counts:
-    return Counts({Slot(slot, float(start)): int(used) for slot, start, used in rows}, kept)
+    return Counts(_used(rows), kept)
 
 
 # -- SQLite (inside a `BEGIN IMMEDIATE` transaction, or a plain read) -----------------
@@ -59,6 +70,11 @@ def read_sqlite(conn: sqlite3.Connection, plan: Plan) -> Counts:
         for p in plan.promises
     }
     return _counts(rows, kept)
+
+
+def windows_sqlite(conn: sqlite3.Connection, slots: Sequence[Slot]) -> dict[Slot, int]:
+    rows = conn.execute(_SQLITE_WINDOWS, (json.dumps([[s.key, s.start] for s in slots]),))
+    return _used(rows.fetchall())
 
 
 def add_sqlite(conn: sqlite3.Connection, adds: Sequence[Add]) -> None:
@@ -87,6 +103,11 @@ async def read_postgres(conn: Any, plan: Plan) -> Counts:
         p: int(await conn.fetchval(PG_PROMISE, p.group, p.start, p.team)) for p in plan.promises
     }
     return _counts(rows, kept)
+
+
+async def windows_postgres(conn: Any, slots: Sequence[Slot]) -> dict[Slot, int]:
+    found = await conn.fetch(_PG_READ, [s.key for s in slots], [float(s.start) for s in slots])
+    return _used([tuple(r) for r in found])
 
 
 async def add_postgres(conn: Any, adds: Sequence[Add]) -> None:

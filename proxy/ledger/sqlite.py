@@ -23,7 +23,7 @@ import aiosqlite
 
 from proxy.core.errors import LedgerError
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
-from proxy.core.rates import Counts, Plan
+from proxy.core.rates import Counts, Plan, Slot
 from proxy.ledger import codecs, flags, migrations, rate_counts
 from proxy.ledger.base import (
     Aggregate,
@@ -268,6 +268,9 @@ class SqliteLedger:
 
     async def rate_counts(self, plan: Plan) -> Counts:
         return await self.file.on_thread(lambda conn: rate_counts.read_sqlite(conn, plan))
+
+    async def rate_windows(self, slots: Sequence[Slot]) -> dict[Slot, int]:
+        return await self.file.on_thread(lambda conn: rate_counts.windows_sqlite(conn, slots))
 
     async def forget_counts(self, before: float) -> int:
         return await self.file.transaction(lambda conn: rate_counts.forget_sqlite(conn, before))

@@ -16,7 +16,7 @@ from proxy.core.errors import LedgerError
 from proxy.core.models import IMAGES_ENDPOINTS
 from proxy.core.settings import Config
 from proxy.doors import ImagesDoor, ResponsesDoor
-from proxy.finance.status import budget_status
+from proxy.finance.status import budget_status, rate_status
 from proxy.metrics import Metrics
 from proxy.web.admin import AdminApi
 from proxy.web.admission import BodyBudget
@@ -30,6 +30,7 @@ from proxy.web.reload import Reloader
 from proxy.web.response_objects import ResponseObjects, websocket_refused
 from proxy.web.responses import EXCEPTION_HANDLERS
 from proxy.web.runtime import Overrides, Runtime, upstream_key
+from proxy.web.self_service import BUDGET_PATH, SelfService
 
 log = logging.getLogger("tollgate")
 
@@ -61,6 +62,7 @@ def create_app(
     reloader = Reloader(gateway, source, overrides, after_reload)
     admin, other_paths, bind = AdminApi(reloader), OtherPaths(), gateway.bind
     responses, files, batches = ResponseObjects(), Files(), Batches()
+    self_service = SelfService()
     routes = [
         Route("/metrics", bind(metrics_endpoint), methods=["GET"]),
         Route("/admin/budgets", bind(admin.budgets), methods=["GET"]),
@@ -80,6 +82,8 @@ def create_app(
         Route("/v1/batches", bind(batches.listing), methods=["GET"]),
         Route("/v1/batches/{batch_id}", bind(batches.one), methods=["GET"]),
         Route("/v1/batches/{batch_id}/cancel", bind(batches.one), methods=["POST"]),
+        # Every method, so that none reaches the passthrough below: GET answers, others 405.
+        Route(BUDGET_PATH, bind(self_service.budget), methods=ALL_METHODS),
         # Every standard method: OtherPaths answers each one in OpenAI's way (404, unless a
         # `passthrough:` prefix forwards it); starlette's 405 is left for made-up methods.
         Route("/v1/{path:path}", bind(other_paths.handle), methods=ALL_METHODS),
@@ -107,10 +111,13 @@ async def readyz(request: Request, runtime: Runtime) -> Response:
 
 
 async def metrics_endpoint(request: Request, runtime: Runtime) -> Response:
-    """The Prometheus exposition, with the budget gauges read from the ledger now."""
+    """The Prometheus exposition, with the budget and rate-limit gauges read from the
+    ledger now."""
+    now = runtime.clock()
     try:
-        budgets = await budget_status(runtime.config, runtime.ledger, runtime.clock())
+        budgets = await budget_status(runtime.config, runtime.ledger, now)
+        rates = await rate_status(runtime.config, runtime.ledger, now)
     except LedgerError as exc:
-        log.error("budget gauges left out of this scrape: %s", exc)
-        budgets = []
-    return Response(runtime.metrics.exposition(budgets), media_type=CONTENT_TYPE_LATEST)
+        log.error("budget and rate-limit gauges left out of this scrape: %s", exc)
+        budgets, rates = [], []
+    return Response(runtime.metrics.exposition(budgets, rates), media_type=CONTENT_TYPE_LATEST)

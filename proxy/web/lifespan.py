@@ -67,6 +67,7 @@ async def start_duties(first: Runtime, current: Callable[[], Runtime]) -> asynci
             ),
             first.followers.run(current),
             forget_kept_answers(current),
+            forget_rate_counts(current),
         )
 
     return asyncio.create_task(duties())
@@ -74,21 +75,34 @@ async def start_duties(first: Runtime, current: Callable[[], Runtime]) -> asynci
 
 FORGET_EVERY_S = 60.0
 """At most; a shorter retry window is followed more closely (every `window_s`)."""
-RATE_COUNTS_KEPT_S = 2 * 86400.0
-"""Rate counts are kept two days: past the longest window (a day) in any time zone."""
 
 
 async def forget_kept_answers(current: Callable[[], Runtime]) -> None:
-    """Forget the answers kept for repeats once they are past the retry window, and the
-    rate counts of windows long ended."""
+    """Forget the answers kept for repeats once they are past the retry window."""
     while True:
         await asyncio.sleep(min(FORGET_EVERY_S, current().config.retries.window_s))
         runtime = current()
         try:
             await runtime.ledger.forget_answers(runtime.clock() - runtime.config.retries.window_s)
-            await runtime.ledger.forget_counts(runtime.clock() - RATE_COUNTS_KEPT_S)
         except LedgerError as exc:
-            log.warning("forgetting kept answers or rate counts failed: %s; will try again", exc)
+            log.warning("forgetting kept answers failed: %s; will try again", exc)
+
+
+COUNTS_KEPT_S = 2 * 86400.0
+"""Rate counts are forgotten once their window started this long ago: longer than any
+window (a day, 25 hours across a clock change), so a count is never forgotten in force."""
+
+
+async def forget_rate_counts(current: Callable[[], Runtime]) -> None:
+    """Forget the rate-limit counts of windows long past (else one row per team, limit and
+    minute would stay in the ledger for ever)."""
+    while True:
+        await asyncio.sleep(FORGET_EVERY_S)
+        runtime = current()
+        try:
+            await runtime.ledger.forget_counts(runtime.clock() - COUNTS_KEPT_S)
+        except LedgerError as exc:
+            log.warning("forgetting rate counts failed: %s; will try again", exc)
 
 
 async def close(last: Runtime) -> None:

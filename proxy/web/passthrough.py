@@ -15,7 +15,7 @@ from proxy.core.errors import (
     NotFound,
     RequestError,
 )
-from proxy.core.paths import plain_query, under
+from proxy.core.paths import TOLLGATE_PATHS, plain_query, under
 from proxy.upstream import response_headers
 from proxy.web.admission import read_body
 from proxy.web.observe import KeyRefusals
@@ -40,8 +40,10 @@ class OtherPaths:
         s = runtime
         path, method = request.url.path, request.method
         listed = [p for p in s.config.passthrough if under(path, p.prefix)]
-        # Image requests are never unmetered, whatever a prefix or the path's case says.
-        if not listed or under(path.lower(), "/v1/images"):
+        # Image requests are never unmetered, whatever a prefix or the path's case says, and
+        # Tollgate's own paths are never forwarded.
+        lowered = path.lower()
+        if not listed or under(lowered, "/v1/images") or under(lowered, TOLLGATE_PATHS):
             return error_response(
                 NotFound(
                     f"Invalid URL ({method} {path}): Tollgate proxies only the image endpoints."

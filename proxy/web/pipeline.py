@@ -109,6 +109,7 @@ class Pipeline(Generic[Parsed]):
             # attempt (and conflict), not this refusal (and be forwarded as new).
             return await refuse(runtime, replace(entry, idempotency_key=None), exc, headers)
         except RateLimited as exc:
+            runtime.metrics.rate_limited(team.name, exc.per, exc.metric)
             return await refuse(runtime, entry, exc, headers)
         except RequestError as exc:
             headers.update(await rate_headers(runtime, team))
