@@ -244,7 +244,7 @@ def plan(config: Config, team: Team, now: float) -> Plan | None:
         return None
     tz = zone(config.timezone)
     checks = [_check(limit, "team", f"t|{team.name}", now, tz) for limit in team.rate_limits]
-    promises = _promises(config)
+    promises = config.promises()
     for index, limit in enumerate(config.organization_rate_limits):
         check = _check(limit, "organization", "o", now, tz)
         shares = promises[index]
@@ -283,27 +283,3 @@ def _check(limit: RateLimit, scope: RateScope, prefix: str, now: float, tz: Zone
         day = window("day", now, tz)
         start, end = day.start, day.end or day.start
     return Check(limit, scope, Slot(key, start), end)
-
-
-_PROMISES: dict[int, tuple[Config, tuple[dict[str, int], ...]]] = {}
-
-
-def _promises(config: Config) -> tuple[dict[str, int], ...]:
-    """For each organization rate limit, each team's promise of it (teams with a share of
-    it only), computed once per configuration: a request must not walk every team."""
-    cached = _PROMISES.get(id(config))
-    if cached is not None and cached[0] is config:
-        return cached[1]
-    found = tuple(
-        {
-            team.name: share.of(limit)
-            for team in config.teams
-            for share in team.rate_shares
-            if share.covers(limit)
-        }
-        for limit in config.organization_rate_limits
-    )
-    if len(_PROMISES) > 8:
-        _PROMISES.clear()
-    _PROMISES[id(config)] = (config, found)
-    return found

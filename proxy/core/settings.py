@@ -268,11 +268,31 @@ class Config:
         init=False, repr=False, compare=False, hash=False
     )
     _by_name: Mapping[str, Team] = field(init=False, repr=False, compare=False, hash=False)
+    _promises: tuple[Mapping[str, int], ...] = field(
+        init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         index = {key.sha256: (team, key) for team in self.teams for key in team.keys}
         object.__setattr__(self, "_by_key_hash", MappingProxyType(index))
         object.__setattr__(self, "_by_name", MappingProxyType({t.name: t for t in self.teams}))
+        promises = tuple(
+            MappingProxyType(
+                {
+                    team.name: share.of(limit)
+                    for team in self.teams
+                    for share in team.rate_shares
+                    if share.covers(limit)
+                }
+            )
+            for limit in self.organization_rate_limits
+        )
+        object.__setattr__(self, "_promises", promises)
+
+    def promises(self) -> tuple[Mapping[str, int], ...]:
+        """For each organization rate limit, each team's promise of it (only the teams with
+        a share of it); built once: a request must not walk every team."""
+        return self._promises
 
     def team_by_key_hash(self) -> Mapping[str, tuple[Team, TeamKey]]:
         """SHA-256 hex of a secret key -> (its team, the key entry); built once."""
