@@ -29,6 +29,11 @@ transaction, so a ledger is never left half-way between two versions.
        answers kept for the repeats of their request within the retry window (status,
        headers as JSON text, body, whether it was a stream, its size), indexed by when
        they were kept, which is the order they are forgotten in.
+    7  the rate-limit counters (written on main meanwhile; empty on this branch)
+    8  live streams (README, "Retries never pay twice"): `live` on kept_answers (a stream
+       still kept as it goes, until it ends) and `kept_chunks`, its events so far, by
+       request and order (`seq`), which a repeat follows while the first streams; a kept
+       answer's `size` counts its chunks, which are forgotten with it.
 
 The embedded SQLite ledger applies its steps when it opens. A PostgreSQL ledger shared
 by several replicas is initialised when it opens only while it is empty (none of `TABLES`
@@ -96,7 +101,7 @@ CREATE TABLE IF NOT EXISTS requests (
 
 TABLES = (
     "schema_version", "requests", "processes", "budget_usage", "alerts_sent",
-    "stored_objects", "batch_lines", "kept_answers",
+    "stored_objects", "batch_lines", "kept_answers", "kept_chunks",
 )  # fmt: skip
 """Every table of a ledger: a database with none of them is empty."""
 
@@ -233,10 +238,28 @@ def _repeats(d: Dialect) -> list[str]:
     ]
 
 
+def _live_streams(d: Dialect) -> list[str]:
+    return [
+        "ALTER TABLE kept_answers ADD COLUMN live INTEGER NOT NULL DEFAULT 0",
+        f"""CREATE TABLE IF NOT EXISTS kept_chunks (
+    request_id TEXT NOT NULL,
+    seq        INTEGER NOT NULL,
+    body       {d.blob} NOT NULL,
+    PRIMARY KEY (request_id, seq)
+)""",
+    ]
+
+
+STEP_7: list[str] = []
+"""Step 7 is the rate-limit counters', written on main meanwhile: empty on this branch
+until the two meet."""
+
+
 def steps(d: Dialect) -> Sequence[Sequence[str]]:
     """The migrations in `d`'s spelling: one list of statements per version."""
     return (
         _tables(d), ORGANIZATION_ROWS, _resolutions(d), _responses(d), _batches(d), _repeats(d),
+        STEP_7, _live_streams(d),
     )  # fmt: skip
 
 
