@@ -197,7 +197,7 @@ def serve_gate(sim: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 def calm(sim: Simulator) -> Iterator[None]:
     """Each test starts with an empty billing record and a calm simulator."""
-    knobs = {"latency_ms": 0, "payload_bytes": 0, "fault": None}
+    knobs = {"latency_ms": 0, "payload_bytes": 0, "fault": None, "queue_ms": 0}
     sim.configure(**knobs)
     httpx.post(f"{sim.url}/_sim/reset").raise_for_status()
     yield
@@ -209,4 +209,5 @@ def emptied(gate: Tollgate) -> Tollgate:
     wait_for("nothing in flight", lambda: all(r["state"] == "settled" for r in gate.rows()) or None)
     gate.query("DELETE FROM requests")
     gate.query("DELETE FROM kept_answers")
+    gate.query("DELETE FROM kept_chunks")
     return gate

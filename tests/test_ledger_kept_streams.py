@@ -5,6 +5,8 @@ appended while the first attempt streams), read back by a repeat that follows it
 from __future__ import annotations
 
 import asyncio
+import statistics
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -68,6 +70,13 @@ async def test_a_live_stream_is_read_as_it_grows_then_whole(ledger: Backend) -> 
     assert not await ledger.end_stream("r1")  # ended once
     assert not await ledger.append_chunk("r1", 3, b"late", 1004.0, 10 * MB)
     assert await ledger.kept_tail("r1", -1) is None  # a chunk after the end forgets it
+
+
+async def test_a_whole_answer_is_read_from_the_start_with_its_body(ledger: Backend) -> None:
+    whole = answer("r1", 300)
+    assert await ledger.keep_answer(whole, MB)
+    tail = await ledger.kept_tail("r1", -1)
+    assert tail is not None and (tail.answer, tail.seq) == (whole, -1)
 
 
 async def test_nothing_is_kept_for_a_stream_never_begun(ledger: Backend) -> None:
@@ -140,6 +149,25 @@ async def test_a_held_background_response_is_a_first_attempt_held(ledger: Backen
     await ledger.hold("r1", "resp_1")
     first = await ledger.first_attempt("design", 900.0, key="key-1")
     assert first is not None and first.held and not first.settled
+
+
+async def test_measure_appending_and_following_a_stream(ledger: Backend) -> None:
+    """Measured, not asserted: what an event costs the first attempt, and a repeat's read."""
+    event = b"event: response.output_text.delta\ndata: " + b"x" * 200 + b"\n\n"
+    assert await ledger.keep_answer(live("r1"), 10 * MB)
+    appends, reads = [], []
+    for seq in range(200):
+        began = time.perf_counter()
+        assert await ledger.append_chunk("r1", seq, event, 1000.0 + seq, 10 * MB)
+        appends.append(time.perf_counter() - began)
+        began = time.perf_counter()
+        tail = await ledger.kept_tail("r1", seq - 1)
+        reads.append(time.perf_counter() - began)
+        assert tail is not None and tail.answer.body == event
+    print(
+        f"\n{type(ledger).__name__}: append an event {statistics.median(appends) * 1000:.2f} ms "
+        f"median, read the next {statistics.median(reads) * 1000:.2f} ms median"
+    )
 
 
 # -- replicas following and appending together ----------------------------------------------

@@ -1,6 +1,6 @@
 """Retries never pay twice, end to end, as the official SDKs retry: the Python SDK
 (generation, edit, Responses) and the Node SDK, each with a timeout shorter than the
-upstream's rendering, pay for one image.
+upstream's rendering, pay for one image; a background Responses request is created once.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -25,18 +26,15 @@ from tests.retries_e2e import (
     LATENCY_MS,
     TIMEOUT_S,
     TOOL,
-    body,
     calm,
     decodable,
     emptied,
     one_charge,
     own_simulator,
     png,
-    post,
     sdk,
     serve_gate,
     settled,
-    stream_events,
     wait_for,
 )
 
@@ -117,32 +115,6 @@ def test_python_sdk_responses_request_retried_pays_once(clean: Tollgate, sim: Si
     assert first["response_id"] == response.id
 
 
-def test_a_stream_whose_reader_timed_out_is_replayed_as_its_events(
-    clean: Tollgate, sim: Simulator
-) -> None:
-    """The SDK retries a stream only until its headers arrive; a reader that times out
-    mid-stream raises (not retried by the SDK). Its events are kept, and its retry (the
-    same body, `x-stainless-retry-count: 1`) gets them, whole, at no cost."""
-    sim.configure(latency_ms=LATENCY_MS)
-    asked = {**body("A kite, streamed and retried"), "stream": True, "partial_images": 1}
-    client = sdk(clean)
-    got: list[str] = []
-    with pytest.raises((openai.APITimeoutError, httpx.TimeoutException)):
-        for event in client.images.generate(**asked):  # type: ignore[call-overload]
-            got.append(event.type)
-    first = wait_for("the first stream settled", lambda: settled(clean, 1)[0])
-    assert first["outcome"] == "ok"
-    replay = post(clean, asked, retry=1)
-    assert replay is not None and replay.status_code == 200
-    assert replay.headers["x-tollgate-replay-of"] == first["id"]
-    events = stream_events(replay.text)
-    kinds = [json.loads(e.split("data: ", 1)[1])["type"] for e in events]
-    assert kinds == ["image_generation.partial_image", "image_generation.completed"]
-    done = json.loads(events[-1].split("data: ", 1)[1])
-    decodable(done["b64_json"])
-    one_charge(clean, sim, replay.headers["x-tollgate-request-id"], first["id"], 2)
-
-
 # -- 2. the Node SDK -------------------------------------------------------------------
 
 
@@ -176,3 +148,82 @@ def test_node_sdk_retried_after_timeout_pays_once(
     assert retried == ["0"], "only the first attempt reaches the upstream"
     if kind == "responses":
         assert first["response_id"] == got["id"]
+
+
+# -- 3. a background response is created once -------------------------------------------------
+
+
+def create_background(client: openai.OpenAI, prompt: str, **options: Any) -> Any:
+    """A background Responses request with the image tool, raw (its headers readable)."""
+    return client.responses.with_raw_response.create(
+        model="gpt-5.5",
+        input=prompt,
+        tools=[TOOL],  # type: ignore[list-item]
+        max_output_tokens=300,
+        max_tool_calls=1,
+        background=True,
+        **options,
+    )
+
+
+def polled_to_its_end(client: openai.OpenAI, response_id: str) -> Any:
+    def ended() -> Any:
+        found = client.responses.retrieve(response_id)
+        return found if found.status not in ("queued", "in_progress") else None
+
+    return wait_for("the background response ended", ended)
+
+
+def test_a_background_create_retried_after_timeout_is_one_response_paid_once(
+    clean: Tollgate, sim: Simulator
+) -> None:
+    """The create itself is slow (OpenAI queues it first): the SDK times out and retries.
+    The retry gets the response the first created, not a second one, and polling it works."""
+    sim.configure(queue_ms=2000, latency_ms=1000)
+    client = sdk(clean)
+    raw = create_background(client, "A harbour at dawn, created in the background")
+    queued = raw.parse()
+    assert queued.status in ("queued", "in_progress")
+    first_id = raw.headers["x-tollgate-replay-of"]
+    assert raw.headers["x-tollgate-cost-usd"] == "0"
+    assert clean.row(first_id)["response_id"] == queued.id
+    done = polled_to_its_end(sdk(clean, timeout=30), queued.id)
+    assert done.status == "completed" and done.id == queued.id
+    calls = [o for o in done.output if o.type == "image_generation_call"]
+    assert calls and decodable(calls[0].result)  # type: ignore[union-attr]
+    rows = settled(clean, 2)
+    first = one_charge(clean, sim, raw.headers["x-tollgate-request-id"], first_id, len(rows))
+    assert first["response_id"] == queued.id
+    assert [a["raw_path"] for a in arrivals_of(sim, "POST")] == ["/v1/responses"]
+
+
+def test_a_background_create_sent_twice_with_one_key_is_answered_at_once_with_the_first(
+    clean: Tollgate, sim: Simulator
+) -> None:
+    """The first's create was answered (queued) and its reservation is held until the
+    response ends: the repeat does not wait for that end, it gets the create's answer."""
+    sim.configure(latency_ms=60_000)  # the response runs for a minute
+    client = sdk(clean, timeout=30)
+    key = {"Idempotency-Key": "background-1"}
+    prompt = "A glacier at noon, created twice"
+    first = create_background(client, prompt, extra_headers=key)
+    again = create_background(client, prompt, extra_headers=key)
+    assert again.parse().id == first.parse().id
+    assert again.parse().model_dump() == first.parse().model_dump()
+    assert again.headers["x-tollgate-replay-of"] == first.headers["x-tollgate-request-id"]
+    held = clean.row(first.headers["x-tollgate-request-id"])
+    assert (held["state"], held["held"]) == ("reserved", 1), "the first still runs"
+    retrieved = client.responses.retrieve(first.parse().id)
+    assert retrieved.status in ("queued", "in_progress")
+    client.responses.cancel(first.parse().id)
+    assert len(arrivals_of(sim, "POST", "/v1/responses")) == 1
+
+
+def arrivals_of(sim: Simulator, method: str, path: str | None = None) -> list[dict[str, Any]]:
+    """The requests that reached the simulated API with that method (and path)."""
+    found = httpx.get(f"{sim.url}/_sim/arrivals").json()["requests"]
+    return [
+        a for a in found
+        if a["method"] == method and a["raw_path"].startswith("/v1/")
+        and (path is None or a["raw_path"] == path)
+    ]  # fmt: skip

@@ -370,8 +370,9 @@ class Ledger(Protocol):
 
     async def kept_tail(self, request_id: str, after: int) -> KeptTail | None:
         """The answer kept for `request_id` with, as its body, its chunks after the
-        `after`th (from -1: the whole answer so far); None when none is kept. Whether it
-        is still `live` is read before its chunks: a stream read as ended is read whole."""
+        `after`th (after -1: its whole body so far, a whole answer's included); None when
+        none is kept. Whether it is still `live` is read before its chunks: a stream read
+        as ended is read to its end."""
 
     async def forget_answers(self, kept_before: float) -> int:
         """Forget the answers kept before `kept_before` (past the retry window), and their

@@ -346,12 +346,14 @@ class PostgresLedger:
         return codecs.kept_answer(tuple(found[0]), [tuple(c) for c in chunks])
 
     async def kept_tail(self, request_id: str, after: int) -> KeptTail | None:
-        found = await self.db.fetch(SQL.kept_head, request_id)
+        # From the start, its body too (a whole answer's, or what a stream kept whole).
+        whole = after < 0
+        found = await self.db.fetch(SQL.kept_answer if whole else SQL.kept_head, request_id)
         if not found:
             return None
         chunks = [tuple(c) for c in await self.db.fetch(SQL.kept_chunks, request_id, after)]
-        head = codecs.kept_head(tuple(found[0]), chunks)
-        return KeptTail(head, chunks[-1][0] if chunks else after)
+        read = codecs.kept_answer if whole else codecs.kept_head
+        return KeptTail(read(tuple(found[0]), chunks), chunks[-1][0] if chunks else after)
 
     async def forget_answers(self, kept_before: float) -> int:
         async def work(conn: Any) -> int:

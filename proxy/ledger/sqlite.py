@@ -293,11 +293,14 @@ class SqliteLedger:
         return codecs.kept_answer(found[0], chunks)
 
     async def kept_tail(self, request_id: str, after: int) -> KeptTail | None:
-        found = await self.file.fetch(SQL.kept_head, (request_id,))
+        # From the start, its body too (a whole answer's, or what a stream kept whole).
+        whole = after < 0
+        found = await self.file.fetch(SQL.kept_answer if whole else SQL.kept_head, (request_id,))
         if not found:
             return None
         chunks = await self.file.fetch(SQL.kept_chunks, (request_id, after))
-        return KeptTail(codecs.kept_head(found[0], chunks), chunks[-1][0] if chunks else after)
+        read = codecs.kept_answer if whole else codecs.kept_head
+        return KeptTail(read(found[0], chunks), chunks[-1][0] if chunks else after)
 
     async def forget_answers(self, kept_before: float) -> int:
         def run(conn: sqlite3.Connection) -> int:
