@@ -228,9 +228,31 @@ def test_the_kept_answer_columns_are_the_schemas(tmp_path: Path) -> None:
     assert [f.name for f in fields(KeptAnswer)] == [c for c in ANSWER_COLUMNS if c != "size"]
     assert [f.name for f in fields(FirstAttempt)] == [
         "request_id", "started_at", "settled", "outcome", "status", "cost_nanos",
-        "content_digest", "owner",
+        "content_digest", "owner", "held",
     ]  # fmt: skip
     assert len(FIRST_COLUMNS) == len(fields(FirstAttempt))
+
+
+@pytest.mark.parametrize(("dialect", "blob"), [(SQLITE, "BLOB"), (POSTGRES, "BYTEA")])
+def test_step_8_keeps_live_streams_as_chunks(dialect: Dialect, blob: str) -> None:
+    assert len(migrations.steps(dialect)) == migrations.SCHEMA_VERSION == 8
+    live, chunks = migrations.steps(dialect)[7]
+    assert live == "ALTER TABLE kept_answers ADD COLUMN live INTEGER NOT NULL DEFAULT 0"
+    assert chunks.startswith("CREATE TABLE IF NOT EXISTS kept_chunks (")
+    assert f"body       {blob} NOT NULL" in chunks
+    assert "PRIMARY KEY (request_id, seq)" in chunks
+
+
+def test_a_repeat_reads_a_live_streams_chunks_in_order_from_its_key(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "t.db") as db:
+        for sql in migrations.pending(0, migrations.SQLITE):
+            db.execute(sql)
+        sql = statements(SQLITE).kept_chunks
+        plan = " ".join(
+            str(step[-1]) for step in db.execute(f"EXPLAIN QUERY PLAN {sql}", ("r1", -1))
+        )
+    assert "(request_id=? AND seq>?)" in plan and "SEARCH kept_chunks" in plan, plan
+    assert "TEMP B-TREE" not in plan, plan
 
 
 @pytest.mark.parametrize(

@@ -138,6 +138,8 @@ class FirstAttempt:
     """Its content digest (an Idempotency-Key reused with another content is a conflict)."""
     owner: str | None = None
     """The process that holds it while it is in flight."""
+    held: bool = False
+    """A background response held in flight (`Ledger.hold`): its create was answered."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +154,19 @@ class KeptAnswer:
     body: bytes
     stream: bool
     kept_at: float
+    live: bool = False
+    """A stream still kept as it goes: its events so far are its chunks
+    (`Ledger.append_chunk`), until `Ledger.end_stream`."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeptTail:
+    """What a repeat following a live stream reads next (`Ledger.kept_tail`)."""
+
+    answer: KeptAnswer
+    """The kept answer, its body the chunks read (joined)."""
+    seq: int
+    """The last chunk read (the one it was read after when there is none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,10 +366,34 @@ class Ledger(Protocol):
         `store_bytes` is not kept (False). One transaction."""
 
     async def kept_answer(self, request_id: str) -> KeptAnswer | None:
-        """The answer kept for `request_id`, if one is."""
+        """The answer kept for `request_id`, if one is (a stream: every chunk kept so far)."""
+
+    async def append_chunk(
+        self, request_id: str, seq: int, chunk: bytes, now: float, store_bytes: int
+    ) -> bool:
+        """Add `chunk`, the `seq`th (from 0), to the live stream kept for `request_id` (kept
+        by `keep_answer` with `live`), the kept answers staying within `store_bytes` as
+        `keep_answer` keeps them: the stream, kept at `now` from then on, is the newest and
+        forgotten last. False, and the stream forgotten, when it is no longer kept or would
+        outgrow `store_bytes`. One transaction."""
+
+    async def end_stream(self, request_id: str) -> bool:
+        """The live stream kept for `request_id` ended: its chunks are its whole answer.
+        False when it is no longer kept."""
+
+    async def forget_answer(self, request_id: str) -> None:
+        """Forget the answer kept for `request_id` and its chunks (a live stream that broke
+        off: its repeats then end theirs)."""
+
+    async def kept_tail(self, request_id: str, after: int) -> KeptTail | None:
+        """The answer kept for `request_id` with, as its body, its chunks after the
+        `after`th (after -1: its whole body so far, a whole answer's included); None when
+        none is kept. Whether it is still `live` is read before its chunks: a stream read
+        as ended is read to its end."""
 
     async def forget_answers(self, kept_before: float) -> int:
-        """Forget the answers kept before `kept_before` (past the retry window)."""
+        """Forget the answers kept before `kept_before` (past the retry window), and their
+        chunks."""
 
     async def open_batches(self) -> list[OpenBatch]:
         """Every batch in flight (held), oldest first, with what it holds reserved."""

@@ -79,10 +79,14 @@ LINE_COLUMNS = (
 BILLED_COLUMNS = (*ROW_COLUMNS, "counters")
 FIRST_COLUMNS = (
     "id", "started_at", "state", "outcome", "status", "cost_nanos", "content_digest", "owner",
+    "held",
 )  # fmt: skip
 """What a repeat reads of its first attempt's row (a `FirstAttempt`)."""
-ANSWER_COLUMNS = ("request_id", "team", "status", "headers", "body", "stream", "size", "kept_at")
-"""A `kept_answers` row: a `KeptAnswer` (its headers as JSON text), and its body's size."""
+ANSWER_COLUMNS = (
+    "request_id", "team", "status", "headers", "body", "stream", "size", "kept_at", "live",
+)  # fmt: skip
+"""A `kept_answers` row: a `KeptAnswer` (its headers as JSON text), and its size (its body's
+and its chunks')."""
 """What a batch's billed line is written with: a settled row and the counters it added to."""
 REAL_COLUMNS = frozenset(
     {
@@ -195,7 +199,7 @@ def response_row(response_id: str, values: Sequence[Any]) -> ResponseRow:
 
 def first_attempt(values: Sequence[Any]) -> FirstAttempt:
     """A first attempt read in `FIRST_COLUMNS` order."""
-    request_id, started_at, state, outcome, status, cost, digest, owner = values
+    request_id, started_at, state, outcome, status, cost, digest, owner, held = values
     return FirstAttempt(
         request_id,
         float(started_at),
@@ -205,6 +209,7 @@ def first_attempt(values: Sequence[Any]) -> FirstAttempt:
         int(cost),
         digest,
         owner,
+        bool(held) and state == "reserved",
     )
 
 
@@ -213,15 +218,24 @@ def answer_values(answer: KeptAnswer) -> tuple[Any, ...]:
     headers = json.dumps([list(pair) for pair in answer.headers])
     return (
         answer.request_id, answer.team, answer.status, headers, answer.body,
-        int(answer.stream), len(answer.body), float(answer.kept_at),
+        int(answer.stream), len(answer.body), float(answer.kept_at), int(answer.live),
     )  # fmt: skip
 
 
-def kept_answer(values: Sequence[Any]) -> KeptAnswer:
-    """A kept answer read in `ANSWER_COLUMNS` order (its size left out)."""
-    request_id, team, status, headers, body, stream, kept_at = values
+def kept_head(values: Sequence[Any], chunks: Sequence[Sequence[Any]]) -> KeptAnswer:
+    """A kept answer read without its body (`kept_head`), its chunks as its body."""
+    return kept_answer((*values[:4], b"", *values[4:]), chunks)
+
+
+def kept_answer(values: Sequence[Any], chunks: Sequence[Sequence[Any]] = ()) -> KeptAnswer:
+    """A kept answer read in `ANSWER_COLUMNS` order (its size left out), its body followed
+    by its `chunks` read as (seq, body) rows."""
+    request_id, team, status, headers, body, stream, kept_at, live = values
     pairs = tuple((str(name), str(value)) for name, value in json.loads(headers))
-    return KeptAnswer(request_id, team, int(status), pairs, bytes(body), bool(stream), kept_at)
+    whole = bytes(body) + b"".join(bytes(c[1]) for c in chunks)
+    return KeptAnswer(
+        request_id, team, int(status), pairs, whole, bool(stream), kept_at, bool(live)
+    )
 
 
 # -- files and batches --------------------------------------------------------------

@@ -33,6 +33,10 @@ transaction, so a ledger is never left half-way between two versions.
        limit in each window (`slot`, `start`), added to when a request is reserved; a
        team's count against a shared organization limit also holds the limit's key
        (`grp`, indexed with the window) and the team's promise of it.
+    8  live streams (README, "Retries never pay twice"): `live` on kept_answers (a stream
+       still kept as it goes, until it ends) and `kept_chunks`, its events so far, by
+       request and order (`seq`), which a repeat follows while the first streams; a kept
+       answer's `size` counts its chunks, which are forgotten with it.
 
 The embedded SQLite ledger applies its steps when it opens. A PostgreSQL ledger shared
 by several replicas is initialised when it opens only while it is empty (none of `TABLES`
@@ -100,7 +104,7 @@ CREATE TABLE IF NOT EXISTS requests (
 
 TABLES = (
     "schema_version", "requests", "processes", "budget_usage", "alerts_sent",
-    "stored_objects", "batch_lines", "kept_answers", "rate_counts",
+    "stored_objects", "batch_lines", "kept_answers", "rate_counts", "kept_chunks",
 )  # fmt: skip
 """Every table of a ledger: a database with none of them is empty."""
 
@@ -253,11 +257,23 @@ def _rates(d: Dialect) -> list[str]:
     ]
 
 
+def _live_streams(d: Dialect) -> list[str]:
+    return [
+        "ALTER TABLE kept_answers ADD COLUMN live INTEGER NOT NULL DEFAULT 0",
+        f"""CREATE TABLE IF NOT EXISTS kept_chunks (
+    request_id TEXT NOT NULL,
+    seq        INTEGER NOT NULL,
+    body       {d.blob} NOT NULL,
+    PRIMARY KEY (request_id, seq)
+)""",
+    ]
+
+
 def steps(d: Dialect) -> Sequence[Sequence[str]]:
     """The migrations in `d`'s spelling: one list of statements per version."""
     return (
         _tables(d), ORGANIZATION_ROWS, _resolutions(d), _responses(d), _batches(d), _repeats(d),
-        _rates(d),
+        _rates(d), _live_streams(d),
     )  # fmt: skip
 
 

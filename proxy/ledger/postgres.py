@@ -48,6 +48,7 @@ from proxy.ledger.base import (
     Flagged,
     GroupColumn,
     KeptAnswer,
+    KeptTail,
     OpenBatch,
     Owner,
     Reservation,
@@ -307,16 +308,63 @@ class PostgresLedger:
             # Replicas keeping answers together take turns: each sums what the one before
             # it left, so the bound holds whatever their number (readers never wait).
             await conn.execute(KEEP_LOCK_SQL)
-            await conn.execute(SQL.forget_answer, answer.request_id)
+            await _forget(conn, answer.request_id)
+            await conn.execute(SQL.make_room_chunks, store_bytes - size)
             await conn.execute(SQL.make_room, store_bytes - size)
             await conn.execute(SQL.keep_answer, *values)
 
         await self.db.transaction(work)
         return True
 
+    async def append_chunk(
+        self, request_id: str, seq: int, chunk: bytes, now: float, store_bytes: int
+    ) -> bool:
+        size = len(chunk)
+
+        async def work(conn: Any) -> bool:
+            await conn.execute(KEEP_LOCK_SQL)  # as keep_answer: the bound is summed in turn
+            grown = await conn.execute(
+                SQL.grow_stream, size, float(now), request_id, size, store_bytes
+            )
+            if grown == "UPDATE 0":
+                await _forget(conn, request_id)  # gone already, or too large to keep
+                return False
+            await conn.execute(SQL.make_room_chunks, store_bytes)
+            await conn.execute(SQL.make_room, store_bytes)
+            if not await conn.fetch(SQL.still_kept, request_id):
+                return False  # newer answers took the room
+            await conn.execute(SQL.keep_chunk, request_id, seq, chunk)
+            return True
+
+        kept: bool = await self.db.transaction(work)
+        return kept
+
+    async def end_stream(self, request_id: str) -> bool:
+        return await self.db.execute(SQL.end_stream, request_id) == "UPDATE 1"
+
+    async def forget_answer(self, request_id: str) -> None:
+        async def work(conn: Any) -> None:
+            await conn.execute(KEEP_LOCK_SQL)
+            await _forget(conn, request_id)
+
+        await self.db.transaction(work)
+
     async def kept_answer(self, request_id: str) -> KeptAnswer | None:
         found = await self.db.fetch(SQL.kept_answer, request_id)
-        return codecs.kept_answer(tuple(found[0])) if found else None
+        if not found:
+            return None
+        chunks = await self.db.fetch(SQL.kept_chunks, request_id, -1)
+        return codecs.kept_answer(tuple(found[0]), [tuple(c) for c in chunks])
+
+    async def kept_tail(self, request_id: str, after: int) -> KeptTail | None:
+        # From the start, its body too (a whole answer's, or what a stream kept whole).
+        whole = after < 0
+        found = await self.db.fetch(SQL.kept_answer if whole else SQL.kept_head, request_id)
+        if not found:
+            return None
+        chunks = [tuple(c) for c in await self.db.fetch(SQL.kept_chunks, request_id, after)]
+        read = codecs.kept_answer if whole else codecs.kept_head
+        return KeptTail(read(tuple(found[0]), chunks), chunks[-1][0] if chunks else after)
 
     async def rate_counts(self, plan: Plan) -> Counts:
         async with self.db.connection() as conn:
@@ -331,8 +379,14 @@ class PostgresLedger:
         return int(status.rsplit(" ", 1)[1])
 
     async def forget_answers(self, kept_before: float) -> int:
-        status = await self.db.execute(SQL.forget_answers, float(kept_before))
-        return int(status.rsplit(" ", 1)[1])
+        async def work(conn: Any) -> int:
+            await conn.execute(KEEP_LOCK_SQL)
+            await conn.execute(SQL.forget_chunks_before, float(kept_before))
+            status: str = await conn.execute(SQL.forget_answers, float(kept_before))
+            return int(status.rsplit(" ", 1)[1])
+
+        forgotten: int = await self.db.transaction(work)
+        return forgotten
 
     async def open_batches(self) -> list[OpenBatch]:
         return [OpenBatch(*r) for r in await self.db.fetch(SQL.open_batches)]
@@ -479,6 +533,12 @@ async def migrate(url: str) -> tuple[int, int]:
 
 def _values(found: Any) -> tuple[Any, ...] | None:
     return tuple(found) if found is not None else None
+
+
+async def _forget(conn: Any, request_id: str) -> None:
+    """Forget the answer kept for `request_id`, and its chunks."""
+    await conn.execute(SQL.forget_chunks, request_id)
+    await conn.execute(SQL.forget_answer, request_id)
 
 
 async def _lock_counters(conn: Any) -> None:

@@ -36,6 +36,7 @@ from proxy.ledger.base import (
     Flagged,
     GroupColumn,
     KeptAnswer,
+    KeptTail,
     OpenBatch,
     Owner,
     Reservation,
@@ -254,7 +255,8 @@ class SqliteLedger:
         values = codecs.answer_values(answer)
 
         def run(conn: sqlite3.Connection) -> None:
-            conn.execute(SQL.forget_answer, (answer.request_id,))
+            _forget(conn, answer.request_id)
+            conn.execute(SQL.make_room_chunks, (store_bytes - size,))
             conn.execute(SQL.make_room, (store_bytes - size,))
             conn.execute(SQL.keep_answer, values)
 
@@ -262,9 +264,52 @@ class SqliteLedger:
         await self.file.transaction(run, long=size > LONG_ANSWER)
         return True
 
+    async def append_chunk(
+        self, request_id: str, seq: int, chunk: bytes, now: float, store_bytes: int
+    ) -> bool:
+        size = len(chunk)
+
+        def run(conn: sqlite3.Connection) -> bool:
+            grown = (size, now, request_id, size, store_bytes)
+            if conn.execute(SQL.grow_stream, grown).rowcount == 0:
+                _forget(conn, request_id)  # gone already, or too large to keep
+                return False
+            conn.execute(SQL.make_room_chunks, (store_bytes,))
+            conn.execute(SQL.make_room, (store_bytes,))
+            if not conn.execute(SQL.still_kept, (request_id,)).fetchall():
+                return False  # a replica's newer answers took the room
+            conn.execute(SQL.keep_chunk, (request_id, seq, chunk))
+            return True
+
+        kept: bool = await self.file.transaction(run, long=size > LONG_ANSWER)
+        return kept
+
+    async def end_stream(self, request_id: str) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            return conn.execute(SQL.end_stream, (request_id,)).rowcount == 1
+
+        ended: bool = await self.file.transaction(run)
+        return ended
+
+    async def forget_answer(self, request_id: str) -> None:
+        await self.file.transaction(lambda conn: _forget(conn, request_id))
+
     async def kept_answer(self, request_id: str) -> KeptAnswer | None:
         found = await self.file.fetch(SQL.kept_answer, (request_id,))
-        return codecs.kept_answer(found[0]) if found else None
+        if not found:
+            return None
+        chunks = await self.file.fetch(SQL.kept_chunks, (request_id, -1))
+        return codecs.kept_answer(found[0], chunks)
+
+    async def kept_tail(self, request_id: str, after: int) -> KeptTail | None:
+        # From the start, its body too (a whole answer's, or what a stream kept whole).
+        whole = after < 0
+        found = await self.file.fetch(SQL.kept_answer if whole else SQL.kept_head, (request_id,))
+        if not found:
+            return None
+        chunks = await self.file.fetch(SQL.kept_chunks, (request_id, after))
+        read = codecs.kept_answer if whole else codecs.kept_head
+        return KeptTail(read(found[0], chunks), chunks[-1][0] if chunks else after)
 
     async def rate_counts(self, plan: Plan) -> Counts:
         return await self.file.on_thread(lambda conn: rate_counts.read_sqlite(conn, plan))
@@ -277,6 +322,7 @@ class SqliteLedger:
 
     async def forget_answers(self, kept_before: float) -> int:
         def run(conn: sqlite3.Connection) -> int:
+            conn.execute(SQL.forget_chunks_before, (kept_before,))
             return conn.execute(SQL.forget_answers, (kept_before,)).rowcount
 
         return await self.file.transaction(run)
@@ -473,3 +519,9 @@ async def _fetch_dicts(
     async with db.execute(sql, values) as cursor:
         columns = [d[0] for d in cursor.description]
         return [dict(zip(columns, found, strict=True)) for found in await cursor.fetchall()]
+
+
+def _forget(conn: sqlite3.Connection, request_id: str) -> None:
+    """Forget the answer kept for `request_id`, and its chunks."""
+    conn.execute(SQL.forget_chunks, (request_id,))
+    conn.execute(SQL.forget_answer, (request_id,))

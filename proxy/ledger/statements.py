@@ -184,12 +184,32 @@ class Statements:
     forget_answer: str
     """(request id,): the answer kept for it, which a new one replaces."""
     make_room: str
-    """(bytes,): forget the oldest kept answers, leaving the newest whose bodies sum to
+    """(bytes,): forget the oldest kept answers, leaving the newest whose sizes sum to
     `bytes` at most (evicting the oldest until what is left fits)."""
+    make_room_chunks: str
+    """(bytes,): the chunks of the answers `make_room` forgets; run before it."""
     kept_answer: str
     """(request id,): its kept answer in `ANSWER_COLUMNS` order, its size left out."""
+    kept_head: str
+    """(request id,): `kept_answer`, its body left out too."""
+    kept_chunks: str
+    """(request id, after): (seq, body) of its chunks after the `after`th, in order."""
+    grow_stream: str
+    """(bytes, now, request id, bytes, store bytes): a live stream grows by `bytes`, kept at
+    `now`, unless it would outgrow the store (then no row is updated)."""
+    keep_chunk: str
+    """(request id, seq, body): a live stream's chunk."""
+    still_kept: str
+    """(request id,): a row when an answer is kept for it."""
+    end_stream: str
+    """(request id,): a live stream ended."""
+    forget_chunks: str
+    """(request id,): the chunks kept for it."""
     forget_answers: str
     """(kept before,): the answers kept before then."""
+    forget_chunks_before: str
+    """(kept before,): the chunks of the answers kept before then; run before
+    `forget_answers`."""
 
     def teams_of(self, object_ids: Sequence[str]) -> tuple[str, tuple[Any, ...]]:
         """(id, team) of the objects `object_ids` recorded."""
@@ -267,6 +287,12 @@ def statements(dialect: Dialect) -> Statements:
 def _writes(d: Dialect) -> dict[str, str]:
     usage = ", ".join(USAGE_COLUMNS)
     resolve = "UPDATE requests SET cost_nanos = ?, resolved_at = ?, resolution = ?"
+    # Summed from the newest: what is left is the longest run of the newest that fits.
+    crowded = (
+        "SELECT request_id FROM (SELECT request_id, SUM(size) OVER (ORDER BY kept_at DESC, "
+        f"request_id{d.collate} DESC ROWS UNBOUNDED PRECEDING) AS newer FROM kept_answers) "
+        "AS kept WHERE newer > ?"
+    )
     return {
         "insert_reservation": f"INSERT INTO requests ({names(RESERVATION_COLUMNS)}) "
         f"VALUES ({marks(len(RESERVATION_COLUMNS))})",
@@ -301,13 +327,21 @@ def _writes(d: Dialect) -> dict[str, str]:
         "keep_answer": f"INSERT INTO kept_answers ({names(ANSWER_COLUMNS)}) "
         f"VALUES ({marks(len(ANSWER_COLUMNS))})",
         "forget_answer": "DELETE FROM kept_answers WHERE request_id = ?",
-        # Summed from the newest: what is left is the longest run of the newest that fits.
-        "make_room": "DELETE FROM kept_answers WHERE request_id IN (SELECT request_id FROM "
-        "(SELECT request_id, SUM(size) OVER (ORDER BY kept_at DESC, "
-        f"request_id{d.collate} DESC ROWS UNBOUNDED PRECEDING) AS newer FROM kept_answers) "
-        "AS kept WHERE newer > ?)",
+        "make_room": f"DELETE FROM kept_answers WHERE request_id IN ({crowded})",
+        "make_room_chunks": f"DELETE FROM kept_chunks WHERE request_id IN ({crowded})",
+        "grow_stream": "UPDATE kept_answers SET size = size + ?, kept_at = ? "
+        "WHERE request_id = ? AND live = 1 AND size + ? <= ?",
+        "keep_chunk": "INSERT INTO kept_chunks (request_id, seq, body) VALUES (?, ?, ?)",
+        "end_stream": "UPDATE kept_answers SET live = 0 WHERE request_id = ? AND live = 1",
+        "forget_chunks": "DELETE FROM kept_chunks WHERE request_id = ?",
         "forget_answers": "DELETE FROM kept_answers WHERE kept_at < ?",
+        "forget_chunks_before": "DELETE FROM kept_chunks WHERE request_id IN "
+        "(SELECT request_id FROM kept_answers WHERE kept_at < ?)",
     }
+
+
+HEADLESS = ("size", "body")
+"""What `kept_head` leaves out of a kept answer's row."""
 
 
 def _reads(d: Dialect) -> dict[str, str]:
@@ -346,6 +380,11 @@ def _reads(d: Dialect) -> dict[str, str]:
         "first_by_key": _first("idempotency_key"),
         "kept_answer": f"SELECT {names([c for c in ANSWER_COLUMNS if c != 'size'])} "
         "FROM kept_answers WHERE request_id = ?",
+        "kept_head": f"SELECT {names([c for c in ANSWER_COLUMNS if c not in HEADLESS])} "
+        "FROM kept_answers WHERE request_id = ?",
+        "kept_chunks": "SELECT seq, body FROM kept_chunks WHERE request_id = ? AND seq > ? "
+        "ORDER BY seq",
+        "still_kept": "SELECT 1 FROM kept_answers WHERE request_id = ?",
     }
 
 

@@ -10,7 +10,7 @@ from proxy.simulator.faults import Fault, parse_fault
 DEFAULT_BATCH_DELAY_MS = 1_500
 DEFAULT_BATCH_WINDOW_MS = 24 * 3600 * 1000
 """OpenAI's only completion window, "24h"."""
-_COUNTS = ("latency_ms", "payload_bytes", "batch_delay_ms", "batch_window_ms")
+_COUNTS = ("latency_ms", "payload_bytes", "batch_delay_ms", "batch_window_ms", "queue_ms")
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,9 @@ class Knobs:
     batch_delay_ms: int = DEFAULT_BATCH_DELAY_MS
     batch_window_ms: int = DEFAULT_BATCH_WINDOW_MS
     """Both apply to batches created later."""
+    queue_ms: int = 0
+    """How long a background response's create takes to be answered (`queued`): a slow
+    create, which a client with a shorter timeout retries."""
 
     @classmethod
     def of(cls, settings: SimulatorSettings) -> Knobs:
@@ -70,6 +73,7 @@ class Knobs:
             payload_bytes=count("payload_bytes", self.payload_bytes),
             batch_delay_ms=count("batch_delay_ms", self.batch_delay_ms),
             batch_window_ms=count("batch_window_ms", self.batch_window_ms),
+            queue_ms=count("queue_ms", self.queue_ms),
         )
         if "fault" in changes:
             knobs = replace(knobs, fault=parse_fault(changes["fault"]))
@@ -90,4 +94,5 @@ class Knobs:
             "response_headers": dict(self.response_headers),
             "batch_delay_ms": self.batch_delay_ms,
             "batch_window_ms": self.batch_window_ms,
+            "queue_ms": self.queue_ms,
         }

@@ -140,6 +140,7 @@ async def create_response(state: SimulatorState, request: Request) -> Response:
     if order.store:
         state.responses.put(stored)
     if queued:
+        await sleep_ms(knobs.queue_ms)
         return json_response(200, response_json(stored.snapshot(arrival.time)), arrival.id, {})
     snap = replace(stored.snapshot(stored.ready_at), with_usage=fault != "nousage")
     if order.stream:

@@ -161,7 +161,7 @@ class Batches:
                 store = config.retries.store_bytes
                 keep = repeats.Keep(team.name, True, request.is_disconnected, store)
                 try:
-                    await keep.keep(runtime, entry.id, answer.status, kept, body, False)
+                    await keep.keep(runtime, entry.id, answer.status, kept, body)
                 except LedgerError as exc:
                     log.error("keeping the answer of %s failed: %s", entry.id, exc)
             if batch_id is not None:

@@ -184,20 +184,18 @@ class Exchange:
         verdict = settlement.metered(self.bound, found)
         headers = self.after(verdict.cost_nanos)
         # Kept before the settlement: a repeat that sees this settled finds its answer.
-        keep = self.keep
-        if keep is not None and spool.size <= keep.store_bytes and await keep.wanted():
-            kept = [*response_headers(answer), *headers.items()]
-            await self.keep_answer(answer.status, kept, spool.read_all(), stream=False)
+        await self.keep_whole(answer, spool, headers)
         await self.settle(verdict, answer.status, upstream_id)
         return spooled_response(spool, answer, headers)
 
-    async def keep_answer(
-        self, status: int, headers: list[tuple[str, str]], body: bytes, *, stream: bool
-    ) -> None:
-        """Keep this answer for the request's repeats (`proxy.web.repeats`)."""
-        assert self.keep is not None
+    async def keep_whole(self, answer: Answer, spool: Spool, headers: dict[str, str]) -> None:
+        """Keep this answer, read whole, for the request's repeats, when it is wanted."""
+        keep = self.keep
+        if keep is None or spool.size > keep.store_bytes or not await keep.wanted():
+            return
+        kept = [*response_headers(answer), *headers.items()]
         try:
-            await self.keep.keep(self.runtime, self.entry.id, status, headers, body, stream)
+            await keep.keep(self.runtime, self.entry.id, answer.status, kept, spool.read_all())
         except LedgerError as exc:
             log.error("keeping the answer of %s failed: %s", self.entry.id, exc)
 
@@ -205,10 +203,12 @@ class Exchange:
         """A background response that has not ended: its reservation is held in the ledger
         and the followers settle it when it ends (`proxy.web.follow`); the answer carries
         what is reserved, as a stream's does."""
-        await self.follow_later(response_id, answer.headers.get("x-request-id"))
         headers = {**self.headers, "x-tollgate-reserved-usd": usd_text(self.entry.estimated_nanos)}
         if self.remaining_nanos is not None:
             headers["x-tollgate-budget-remaining-usd"] = usd_text(max(self.remaining_nanos, 0))
+        # Kept before the hold: a repeat that sees the first held finds its answer.
+        await self.keep_whole(answer, spool, headers)
+        await self.follow_later(response_id, answer.headers.get("x-request-id"))
         return spooled_response(spool, answer, headers)
 
     async def pass_error(self, answer: Answer, spool: Spool) -> Response:
@@ -252,18 +252,16 @@ class Exchange:
         meter = self.door.stream_meter()
         broken: str | None = None
         keep = self.keep
-        events: list[bytes] | None = [] if keep is not None else None
-        size = 0
+        recorder = None
+        if keep is not None:
+            head = [*response_headers(answer), *self.headers.items()]
+            recorder = keep.recorder(self.runtime, self.entry.id, answer.status, head)
         try:
             async for chunk in self.within_deadline(answer.chunks()):
                 meter.feed(chunk)
                 relay.put(chunk)
-                if events is not None:
-                    size += len(chunk)
-                    if keep is not None and size > keep.store_bytes:
-                        events = None  # too large to keep: the repeat is forwarded anew
-                    else:
-                        events.append(chunk)
+                if recorder is not None and keep is not None:
+                    recorder.put(chunk, keep.sure(relay.listening))
         except BROKEN_OFF as exc:
             broken = exc.ledger_code
         finally:
@@ -272,9 +270,13 @@ class Exchange:
             self.observe_upstream()
         end: StreamEnd = meter.end(broken)
         self.response_id = end.response_id
-        if keep and events is not None and not broken and await keep.wanted(relay.listening):
-            kept = [*response_headers(answer), *self.headers.items()]
-            await self.keep_answer(answer.status, kept, b"".join(events), stream=True)
+        # Ended (or forgotten) before the settlement: a repeat that sees this settled
+        # finds the whole stream.
+        if recorder is not None and keep is not None:
+            if broken:
+                await recorder.abandon()
+            else:
+                await recorder.end(await keep.wanted(relay.listening))
         if end.broken and not end.terminal and end.response_id and self.bound.mainline:
             # A Responses stream cut short: the response it named may still run upstream
             # (and bill); it is followed to its end rather than charged its bound.

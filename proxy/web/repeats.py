@@ -9,15 +9,20 @@ an SDK retry (`x-stainless-retry-count` ≥ 1). The ledger decides who was first
 every worker and replica (`Ledger.first_attempt`):
 
     first in flight              the repeat waits for it to end, then as below
+    first streaming, kept so far the repeat follows it: the events so far, then the rest
+                                 as they come (`proxy.web.kept_streams`)
     first answered, answer kept  the repeat gets the kept answer, `x-tollgate-replay-of`,
                                  recorded with outcome `replayed` at no cost
+    background response created  as answered (its create's answer, kept or not: the
+                                 repeat never waits for the response to end)
     anything else                the repeat is forwarded as a new request (a first that
                                  failed without a charge; one whose client got its answer)
 
 An attempt's answer is kept (`Ledger.keep_answer`, within `retries.store_bytes`) when its
 client was gone before it ended — what a retry follows — or when it carried an
-`Idempotency-Key`; it is kept before the attempt is settled, so a repeat that sees the
-first settled finds its answer. An `Idempotency-Key` reused with another content is
+`Idempotency-Key`; it is kept before the attempt is settled (or held), so a repeat that
+sees the first settled finds its answer. A stream is kept as it goes, once it is sure to
+be kept. An `Idempotency-Key` reused with another content is
 `409 idempotency_conflict`.
 """
 
@@ -35,16 +40,18 @@ from starlette.responses import Response, StreamingResponse
 
 from proxy.core.errors import IdempotencyConflict
 from proxy.core.models import Entry, Settlement
-from proxy.ledger import FirstAttempt, KeptAnswer, Owner
+from proxy.ledger import FirstAttempt, KeptAnswer, KeptTail, Owner
 from proxy.web.housekeeping import dead
+from proxy.web.kept_streams import Recorder, follow
 from proxy.web.observe import observe
 from proxy.web.runtime import Runtime
 
 RETRY_HEADER = "x-stainless-retry-count"
 KEY_HEADER = "idempotency-key"
 REPLAY_HEADER = "x-tollgate-replay-of"
-WAIT_S = 0.25
-"""How often a repeat asks the ledger whether its first attempt has ended."""
+WAIT_S = 0.1
+"""How often a repeat asks the ledger whether its first attempt has ended, or kept some of
+its stream already."""
 OWNER_CHECK_S = 1.0
 """How often a waiting repeat asks whether its first attempt's process is still alive."""
 HERE = Owner("", socket.gethostname(), os.getpid())
@@ -108,11 +115,22 @@ async def replay(
     first = await first_of(runtime, team, found, clock())
     if first is None:
         return None
-    deadline = entry.started_at + runtime.config.upstream.deadline_s
+    deadline = min(entry.started_at, first.started_at) + runtime.config.upstream.deadline_s
     checked = clock()
-    while not first.settled:
+    while True:
+        # Read after `first`: an answer kept before the first settled (or was held) is seen.
+        tail = await runtime.ledger.kept_tail(first.request_id, -1)
+        if tail is not None and tail.answer.team == team:
+            if not tail.answer.live:
+                return await replayed(runtime, entry, first.request_id, tail.answer, headers)
+            if tail.answer.body:
+                return await followed(runtime, entry, first, tail, headers, deadline)
+        if first.settled or first.held:
+            # It ended, or it is a background response whose create was answered: with no
+            # answer kept, this repeat is a new request.
+            return None
         now = clock()
-        if now >= min(deadline, first.started_at + runtime.config.upstream.deadline_s):
+        if now >= deadline:
             return None  # the first outlived its deadline: it will not answer now
         if now - checked >= OWNER_CHECK_S:
             checked = now
@@ -122,10 +140,6 @@ async def replay(
                 return None
         await asyncio.sleep(WAIT_S)
         first = await first_of(runtime, team, found, clock()) or first
-    kept = await runtime.ledger.kept_answer(first.request_id)
-    if kept is None or kept.team != team:
-        return None
-    return await replayed(runtime, entry, first.request_id, kept, headers)
 
 
 async def replayed(
@@ -133,6 +147,38 @@ async def replayed(
 ) -> Response:
     """A repeat answered with the kept answer of its first attempt `first_id`, recorded
     with outcome `replayed` at no cost."""
+    answer_headers = await recorded(runtime, entry, first_id, kept, headers)
+    if kept.stream:
+        body = kept.body
+        return StreamingResponse(iter((body,)), kept.status, headers=answer_headers)
+    return Response(kept.body, kept.status, headers=answer_headers)
+
+
+async def followed(
+    runtime: Runtime,
+    entry: Entry,
+    first: FirstAttempt,
+    tail: KeptTail,
+    headers: dict[str, str],
+    deadline: float,
+) -> Response:
+    """A repeat of a stream still streaming: the events so far, then each later one as the
+    first attempt passes it on (`kept_streams.follow`), recorded as `replayed` at once."""
+    kept = tail.answer
+    answer_headers = await recorded(runtime, entry, first.request_id, kept, headers)
+
+    async def stopped() -> bool:
+        return await gone(runtime, first.owner, runtime.clock())
+
+    events = follow(runtime, tail, deadline, stopped, OWNER_CHECK_S)
+    return StreamingResponse(events, kept.status, headers=answer_headers)
+
+
+async def recorded(
+    runtime: Runtime, entry: Entry, first_id: str, kept: KeptAnswer, headers: dict[str, str]
+) -> dict[str, str]:
+    """Record a repeat answered from `first_id` (outcome `replayed`, no cost); the headers
+    of its answer."""
     now = runtime.clock()
     settlement = Settlement(
         finished_at=now,
@@ -147,10 +193,7 @@ async def replayed(
     answer_headers.update(headers)
     answer_headers["x-tollgate-cost-usd"] = "0"
     answer_headers[REPLAY_HEADER] = first_id
-    if kept.stream:
-        body = kept.body
-        return StreamingResponse(iter((body,)), kept.status, headers=answer_headers)
-    return Response(kept.body, kept.status, headers=answer_headers)
+    return answer_headers
 
 
 async def gone(runtime: Runtime, owner: str | None, now: float) -> bool:
@@ -175,6 +218,11 @@ class Keep:
     """Whether its client is gone (then a retry may follow)."""
     store_bytes: int
 
+    def sure(self, listening: bool) -> bool:
+        """Whether the answer is sure to be kept by now: keyed, or its client gone (a
+        client gone stays gone)."""
+        return self.keyed or not listening
+
     async def wanted(self, listening: bool | None = None) -> bool:
         """Whether to keep the answer: keyed, or its client gone (`listening`, a stream's
         reader, says so; else the connection is asked)."""
@@ -189,9 +237,16 @@ class Keep:
         status: int,
         headers: list[tuple[str, str]],
         body: bytes,
-        stream: bool,
     ) -> None:
+        """Keep an answer read whole."""
         answer = KeptAnswer(
-            request_id, self.team, status, tuple(headers), body, stream, runtime.clock()
+            request_id, self.team, status, tuple(headers), body, False, runtime.clock()
         )
         await runtime.ledger.keep_answer(answer, self.store_bytes)
+
+    def recorder(
+        self, runtime: Runtime, request_id: str, status: int, headers: list[tuple[str, str]]
+    ) -> Recorder:
+        """What keeps a stream as it goes (`proxy.web.kept_streams`)."""
+        head = KeptAnswer(request_id, self.team, status, tuple(headers), b"", True, 0.0)
+        return Recorder(runtime, head, self.store_bytes)

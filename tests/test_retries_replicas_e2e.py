@@ -1,0 +1,189 @@
+"""Retries never pay twice across processes: a retry sent to another replica on a
+shared PostgreSQL ledger, two workers on SQLite, and a first attempt whose process is
+killed (-9) while it renders.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests import pg
+from tests.conftest import (
+    Simulator,
+    Tollgate,
+    drop_ledger,
+    start_tollgate,
+)
+from tests.retries_e2e import (
+    DEADLINE_S,
+    IMAGE,
+    LATENCY_MS,
+    body,
+    calm,
+    charges,
+    configure,
+    decodable,
+    in_background,
+    one_charge,
+    own_simulator,
+    post,
+    sdk,
+    settled,
+    wait_for,
+)
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[Simulator]:
+    yield from own_simulator()
+
+
+@pytest.fixture(autouse=True)
+def fresh(sim: Simulator) -> Iterator[None]:
+    yield from calm(sim)
+
+
+# -- 1. replicas and workers ---------------------------------------------------------------
+
+
+@pytest.fixture
+def shared() -> Iterator[str]:
+    url = pg.migrated_schema()
+    yield url
+    drop_ledger(url)
+
+
+def test_a_retry_sent_to_another_replica_is_replayed_from_the_shared_ledger(
+    sim: Simulator, tmp_path: Path, shared: str
+) -> None:
+    configure(tmp_path, sim)
+    a = start_tollgate(tmp_path, ledger_url=shared)
+    b = start_tollgate(tmp_path, ledger_url=shared)
+    try:
+        sim.configure(latency_ms=2000)
+        asked = body("One picture, two replicas")
+        assert post(a, asked, retry=0, timeout=0.5) is None
+        answer = post(b, asked, retry=1)  # waits on B for A's first
+        assert answer is not None and answer.status_code == 200
+        decodable(answer.json()["data"][0]["b64_json"])
+        one_charge(
+            b, sim, answer.headers["x-tollgate-request-id"],
+            answer.headers.get("x-tollgate-replay-of"), 2,
+        )  # fmt: skip
+        # And once A's answer is kept, a later retry on B replays it at once.
+        again = post(b, asked, retry=2)
+        assert again is not None and again.json() == answer.json()
+        assert len(charges(sim)) == 1
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_two_workers_on_sqlite_answer_each_others_retries(sim: Simulator, tmp_path: Path) -> None:
+    configure(tmp_path, sim)
+    gate = start_tollgate(tmp_path, "--workers", "2")
+    try:
+        sim.configure(latency_ms=LATENCY_MS)
+        client = sdk(gate)
+        prompts = [f"Two workers, picture {i}" for i in range(3)]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            answers = list(
+                pool.map(
+                    lambda p: client.images.with_raw_response.generate(prompt=p, **IMAGE),  # type: ignore[call-overload]
+                    prompts,
+                )
+            )
+        for raw in answers:
+            decodable(raw.parse().data[0].b64_json)
+            assert raw.headers.get("x-tollgate-replay-of")
+        rows = settled(gate, 6)
+        assert [r for r in rows if r["outcome"] == "ok"].__len__() == 3
+        assert all(r["outcome"] in ("ok", "replayed") for r in rows)
+        assert all(r["cost_nanos"] == 0 for r in rows if r["outcome"] == "replayed")
+        assert len(charges(sim)) == 3
+    finally:
+        gate.stop()
+
+
+# -- 2. the process holding the first attempt is killed ----------------------------------------
+
+
+def kill_while_rendering(a: Tollgate, sim: Simulator, asked: dict[str, Any]) -> None:
+    """Send `asked` to A and kill A (-9) once the upstream renders it."""
+
+    def lost() -> None:
+        with pytest.raises(httpx.TransportError):  # its process is killed under it
+            post(a, asked, retry=0, timeout=30)
+
+    first = in_background(lost)
+    wait_for("the first rendering upstream", lambda: sim.billing() or None)
+    a.process.kill()
+    a.process.wait()
+    first.result(timeout=DEADLINE_S)
+
+
+def test_a_retry_after_the_first_attempts_process_was_killed_ends_once_each(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """A's first attempt dies with A (kill -9 while it renders). Its retry on B waits for it no
+    longer than its own deadline (no deadlock); a restarted A reclaims the first at its bound,
+    flagged, and the SDK's next retry is forwarded as new. One settled row per request,
+    nothing left reserved, and the ledger charges what the upstream billed (the dead first at
+    its bound, for reconciliation)."""
+    configure(tmp_path, sim, timeout_s=3)  # an exchange's deadline: 6 s
+    a = start_tollgate(tmp_path)
+    b = start_tollgate(tmp_path)
+    restarted: Tollgate | None = None
+    try:
+        sim.configure(latency_ms=2500)
+        asked = body("A first attempt that dies with its process")
+        kill_while_rendering(a, sim, asked)
+        started = time.monotonic()
+        waited = post(b, asked, retry=1)
+        took = time.monotonic() - started
+        assert waited is not None, "the retry on B ended"
+        assert took < 6 + 5, took
+        print(f"\nkilled first: the retry on B ended after {took:.1f} s ({waited.status_code})")
+        restarted = start_tollgate(tmp_path)  # reclaims what the dead process held
+        last = post(restarted, asked, retry=2)
+        assert last is not None and last.status_code == 200, last
+        assert "x-tollgate-replay-of" not in last.headers
+        decodable(last.json()["data"][0]["b64_json"])
+        rows = settled(restarted, 3)
+        assert len(rows) == 3 and len({r["id"] for r in rows}) == 3
+        dead, on_b, new = rows
+        assert (dead["flagged"], dead["error_code"]) == (1, "outcome_unknown"), dead
+        assert dead["cost_nanos"] == dead["estimated_nanos"] > 0
+        assert (new["outcome"], new["flagged"]) == ("ok", 0) and new["cost_nanos"] > 0
+        assert on_b["outcome"] in ("ok", "upstream_error")
+        billed = charges(sim)
+        assert {r["id"] for r in billed} >= {new["upstream_request_id"]}
+        assert len(billed) == 1 + sum(r["outcome"] == "ok" for r in (on_b, new))
+    finally:
+        for gate in (a, b, restarted):
+            if gate is not None:
+                gate.stop()
+
+
+def test_a_retry_waiting_on_a_killed_first_is_forwarded_with_time_to_render(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    configure(tmp_path, sim, timeout_s=3)
+    a = start_tollgate(tmp_path)
+    b = start_tollgate(tmp_path)
+    try:
+        sim.configure(latency_ms=2500)
+        asked = body("A first attempt that dies, and a retry that should render")
+        kill_while_rendering(a, sim, asked)
+        retry = post(b, asked, retry=1)
+        assert retry is not None and retry.status_code == 200, retry
+    finally:
+        a.stop()
+        b.stop()
