@@ -208,3 +208,22 @@ def test_the_responses_image_tool_counts_its_calls_and_a_refusal_keeps_its_room(
         assert refused.value.response.headers["x-tollgate-ratelimit-remaining-images"] == "1"
     finally:
         proxy.stop()
+
+
+def test_a_replay_counts_against_no_limit_and_tells_the_room_left(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    teams = {"design": FLOOD["design"].replace("share: 0.5", "requests: 5")}
+    write_config(tmp_path, f"{simulator.url}/v1", "", teams)
+    proxy = start_tollgate(tmp_path)
+    try:
+        early_in_a_minute()
+        client = proxy.client(DESIGN_KEY)
+        options = {"extra_headers": {"Idempotency-Key": "one-lighthouse"}}
+        first = client.images.with_raw_response.generate(**LOW, **options)  # type: ignore[call-overload]
+        again = client.images.with_raw_response.generate(**LOW, **options)  # type: ignore[call-overload]
+        assert again.headers["x-tollgate-replay-of"] == first.headers["x-tollgate-request-id"]
+        assert first.headers["x-tollgate-ratelimit-remaining-requests"] == "4"
+        assert again.headers["x-tollgate-ratelimit-remaining-requests"] == "4"
+    finally:
+        proxy.stop()

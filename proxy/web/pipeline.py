@@ -99,7 +99,9 @@ class Pipeline(Generic[Parsed]):
                 door.request(parsed), *((found.content, found.key) if found else (None, None))
             )
             if found is not None and found.repeat:
-                replayed = await repeats.replay(runtime, entry, team.name, found, headers)
+                # A replay counts against no limit, and says the room left like any answer.
+                replay_headers = {**headers, **await rate_headers(runtime, team)}
+                replayed = await repeats.replay(runtime, entry, team.name, found, replay_headers)
                 if replayed is not None:
                     return replayed
             variant = door.admit(team, parsed, config)
