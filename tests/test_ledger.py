@@ -22,7 +22,8 @@ from proxy.core.errors import LedgerError, LedgerUnavailable
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
 from proxy.ledger import migrate_ledger, migrations, open_ledger, settle_patiently
 from proxy.ledger.base import Chooser, Flagged, Owner, Reservation
-from proxy.ledger.postgres import MIGRATION_LOCK, PostgresLedger
+from proxy.ledger.postgres import PostgresLedger
+from proxy.ledger.postgres_schema import MIGRATION_LOCK
 from proxy.ledger.sqlite import SCHEMA_VERSION, SqliteLedger
 from tests import pg
 from tests.pg import ledger_url

@@ -1,34 +1,12 @@
 """The shared ledger: PostgreSQL through an asyncpg connection pool, for several replicas.
 
-Atomic reservations across replicas rest on row locks taken in one fixed order.
-Every transaction that writes counters (reserve, settle, reclaim, a batch's
-settlement) first locks the organization's `total` counter row, which it writes
-anyway: since schema version 2 the organization's counters are real `budget_usage`
-rows, updated in the same transaction as the team rows they sum (see
-`migrations.py`). Then, in lock order
-(scope, team, user, period, start), it reads the counters a decision needs with
-`SELECT … FOR UPDATE`, lets the chooser decide, inserts the request row and adds
-to every counter it touches.
-
-Why one first lock rather than locking only the rows read: a reservation adds to
-counters its decision did not read (periods without a budget, the organization's
-rows), and settlements add to counters in their own order; locking those after
-the decision could deadlock two replicas. Writers would queue on the
-organization's rows anyway, because every one of them updates those rows, so
-taking that lock first costs no concurrency and makes deadlocks impossible. It
-also closes the phantom problem of summing team rows: a team row inserted by
-another replica cannot appear between a read and a commit. The lock is held for
-a few round trips, far below the rate at which image requests arrive. Deadlocks
-(40P01) and serialization failures (40001) are retried all the same, in case a
-future query escapes this order.
-
-How transactions reach the database (the pool, its errors, the retries): see
-`postgres_pool`.
+How reservations stay atomic across replicas (the lock order every counter writer
+follows): see `postgres_counters`. The answers kept for repeats: `postgres_kept`. How
+transactions reach the database (the pool, its errors, the retries): `postgres_pool`.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
@@ -44,11 +22,8 @@ from proxy.ledger.base import (
     BilledLine,
     Chooser,
     Contents,
-    FirstAttempt,
     Flagged,
     GroupColumn,
-    KeptAnswer,
-    KeptTail,
     OpenBatch,
     Owner,
     Reservation,
@@ -57,24 +32,27 @@ from proxy.ledger.base import (
     StoredObject,
 )
 from proxy.ledger.dialect import POSTGRES
+from proxy.ledger.postgres_counters import (
+    ADD_SQL,
+    key_arrays,
+    lock_counters,
+    read_totals,
+    write_and_add,
+)
+from proxy.ledger.postgres_kept import KeptAnswers
 from proxy.ledger.postgres_pool import Pool, redacted, split_url
+from proxy.ledger.postgres_schema import Schema
 from proxy.ledger.statements import (
     COPY_BATCH,
     EXPORT_BATCH,
-    KEYS,
-    TOTALS,
-    add_to_counters,
     statements,
 )
 
 SCHEMA_VERSION = migrations.SCHEMA_VERSION
 SQL = statements(POSTGRES)
-MIGRATION_LOCK = 0x7011_6A7E
-"""The advisory lock that keeps two migrations (`tollgate ledger migrate`, or replicas
-initialising an empty database together) from interleaving."""
 
 
-class PostgresLedger:
+class PostgresLedger(Schema, KeptAnswers):
     """The Ledger on a PostgreSQL database shared by every replica."""
 
     def __init__(self, url: str) -> None:
@@ -84,7 +62,7 @@ class PostgresLedger:
         self.db = Pool(self.dsn, self.pool_size, self.name)
         self.owner: Owner | None = None
 
-    # -- opening, schema -------------------------------------------------------
+    # -- opening (the schema: see `postgres_schema`) ---------------------------
 
     async def open(self) -> None:
         """Connect, initialise an empty database (no Tollgate tables at all), and refuse a
@@ -113,54 +91,6 @@ class PostgresLedger:
             f"({SCHEMA_VERSION}); upgrade Tollgate"
         )
 
-    async def version(self) -> int:
-        """The schema version the database is at (0: no Tollgate tables yet)."""
-        async with self.db.connection() as conn:
-            exists = await conn.fetchval("SELECT to_regclass('schema_version') IS NOT NULL")
-            if not exists:
-                return 0
-            found = await conn.fetchval("SELECT max(version) FROM schema_version")
-        return int(found or 0)
-
-    async def _initialise(self) -> int:
-        """Bring an empty database to this Tollgate's version; the version found otherwise.
-
-        Emptiness is decided under the migration lock, in the transaction that creates
-        the tables: of two replicas starting together on an empty database, the second
-        waits for the first's commit, then finds its tables and leaves them alone. A
-        database with some Tollgate tables but no version is not empty: it is refused
-        like any schema behind, for `tollgate ledger migrate` to finish."""
-        async with self.db.connection() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-            if await conn.fetchval(_ANY_TABLE, list(migrations.TABLES)):
-                if not await conn.fetchval("SELECT to_regclass('schema_version') IS NOT NULL"):
-                    return 0
-                return int(await conn.fetchval(_VERSION))
-            await _apply(conn, 0)
-        return SCHEMA_VERSION
-
-    async def migrate(self) -> tuple[int, int]:
-        """Apply the pending migrations in one transaction; (version before, version after)."""
-        try:
-            return await self._migrate()
-        except LedgerUnavailable as exc:
-            raise LedgerUnavailable(
-                f"cannot reach the PostgreSQL ledger {self.name}: {exc.__cause__ or exc}"
-            ) from exc
-
-    async def _migrate(self) -> tuple[int, int]:
-        async with self.db.connection() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-            await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
-            found = int(await conn.fetchval(_VERSION))
-            if found > SCHEMA_VERSION:
-                raise LedgerError(
-                    f"{self.name}: ledger schema version {found} is newer than this Tollgate's "
-                    f"({SCHEMA_VERSION}); upgrade Tollgate"
-                )
-            await _apply(conn, found)
-        return found, SCHEMA_VERSION
-
     # -- the Ledger protocol ---------------------------------------------------
 
     async def reserve(
@@ -171,9 +101,9 @@ class PostgresLedger:
         async def work(conn: Any) -> Reservation:
             # Two statements, not one: the read's snapshot must be taken once the lock is
             # held, or it would miss counter rows the previous holder inserted.
-            await _lock_counters(conn)
+            await lock_counters(conn)
             # Choosing again after a retry is fine: the chooser is a pure function of totals.
-            reservation = choose(await _read(conn, read, lock=True))
+            reservation = choose(await read_totals(conn, read, lock=True))
             entry, usage = reservation.entry, reservation.usage
             if pace is not None:
                 # Under the same lock as the budgets: every reservation takes turns, so
@@ -184,7 +114,7 @@ class PostgresLedger:
                 reservation = replace(reservation, paced=paced)
             text = codecs.counters_text(reservation.counters)
             values = codecs.reservation_values(entry, usage, text, owner)
-            await _write_and_add(
+            await write_and_add(
                 conn, SQL.insert_reservation, values, text, codecs.reserved(entry, usage)
             )
             return reservation
@@ -195,11 +125,11 @@ class PostgresLedger:
         values = (*codecs.settlement_values(settlement), request_id)
 
         async def work(conn: Any) -> None:
-            await _lock_counters(conn)
+            await lock_counters(conn)
             found = await conn.fetchrow(SQL.settling, request_id)
             change = flags.settlement(request_id, _values(found), settlement)
             if change is not None:
-                await _write_and_add(conn, SQL.settle, values, *change)
+                await write_and_add(conn, SQL.settle, values, *change)
 
         await self.db.transaction(work)
 
@@ -210,12 +140,12 @@ class PostgresLedger:
         self, now: float, *, started_before: float = 0.0, owners: Sequence[str] = ()
     ) -> int:
         async def work(conn: Any) -> int:
-            await _lock_counters(conn)
+            await lock_counters(conn)
             sql, values = SQL.stale(started_before, owners)
             stale = await conn.fetch(sql, *values)
             for request_id, bound, text in (tuple(r) for r in stale):
                 reclaim = (float(now), request_id)
-                await _write_and_add(conn, SQL.reclaim, reclaim, text, codecs.reclaimed(bound))
+                await write_and_add(conn, SQL.reclaim, reclaim, text, codecs.reclaimed(bound))
             if owners:
                 sql, values = SQL.forget(owners)
                 await conn.execute(sql, *values)
@@ -229,13 +159,11 @@ class PostgresLedger:
 
     async def resolve(self, request_id: str, cost_nanos: int, now: float, note: str = "") -> int:
         async def work(conn: Any) -> int:
-            await _lock_counters(conn)
+            await lock_counters(conn)
             found = await conn.fetchrow(SQL.resolving, request_id)
             charged, text, deltas = flags.resolution(request_id, _values(found), cost_nanos)
             sql = SQL.resolve_free if cost_nanos == 0 else SQL.resolve
-            await _write_and_add(
-                conn, sql, (cost_nanos, float(now), note, request_id), text, deltas
-            )
+            await write_and_add(conn, sql, (cost_nanos, float(now), note, request_id), text, deltas)
             return charged
 
         return await self.db.transaction(work)
@@ -258,7 +186,7 @@ class PostgresLedger:
 
     async def totals(self, counters: Sequence[Counter]) -> dict[Counter, Totals]:
         async with self.db.connection() as conn:
-            return await _read(conn, counters, lock=False)
+            return await read_totals(conn, counters, lock=False)
 
     async def rows(self, since: float = 0.0) -> list[Row]:
         return [codecs.row(tuple(r)) for r in await self.db.fetch(SQL.rows, float(since))]
@@ -287,85 +215,6 @@ class PostgresLedger:
         if await self.db.execute(SQL.hold, response_id, request_id) == "UPDATE 0":
             raise LedgerError(f"no request {request_id}")
 
-    async def first_attempt(
-        self, team: str, since: float, *, content: str | None = None, key: str | None = None
-    ) -> FirstAttempt | None:
-        if key is not None:
-            found = await self.db.fetch(SQL.first_by_key, team, key, float(since))
-        elif content is not None:
-            found = await self.db.fetch(SQL.first_by_content, team, content, float(since))
-        else:
-            return None
-        return codecs.first_attempt(tuple(found[0])) if found else None
-
-    async def keep_answer(self, answer: KeptAnswer, store_bytes: int) -> bool:
-        size = len(answer.body)
-        if size > store_bytes:
-            return False
-        values = codecs.answer_values(answer)
-
-        async def work(conn: Any) -> None:
-            # Replicas keeping answers together take turns: each sums what the one before
-            # it left, so the bound holds whatever their number (readers never wait).
-            await conn.execute(KEEP_LOCK_SQL)
-            await _forget(conn, answer.request_id)
-            await conn.execute(SQL.make_room_chunks, store_bytes - size)
-            await conn.execute(SQL.make_room, store_bytes - size)
-            await conn.execute(SQL.keep_answer, *values)
-
-        await self.db.transaction(work)
-        return True
-
-    async def append_chunk(
-        self, request_id: str, seq: int, chunk: bytes, now: float, store_bytes: int
-    ) -> bool:
-        size = len(chunk)
-
-        async def work(conn: Any) -> bool:
-            await conn.execute(KEEP_LOCK_SQL)  # as keep_answer: the bound is summed in turn
-            grown = await conn.execute(
-                SQL.grow_stream, size, float(now), request_id, size, store_bytes
-            )
-            if grown == "UPDATE 0":
-                await _forget(conn, request_id)  # gone already, or too large to keep
-                return False
-            await conn.execute(SQL.make_room_chunks, store_bytes)
-            await conn.execute(SQL.make_room, store_bytes)
-            if not await conn.fetch(SQL.still_kept, request_id):
-                return False  # newer answers took the room
-            await conn.execute(SQL.keep_chunk, request_id, seq, chunk)
-            return True
-
-        kept: bool = await self.db.transaction(work)
-        return kept
-
-    async def end_stream(self, request_id: str) -> bool:
-        return await self.db.execute(SQL.end_stream, request_id) == "UPDATE 1"
-
-    async def forget_answer(self, request_id: str) -> None:
-        async def work(conn: Any) -> None:
-            await conn.execute(KEEP_LOCK_SQL)
-            await _forget(conn, request_id)
-
-        await self.db.transaction(work)
-
-    async def kept_answer(self, request_id: str) -> KeptAnswer | None:
-        found = await self.db.fetch(SQL.kept_answer, request_id)
-        if not found:
-            return None
-        chunks = await self.db.fetch(SQL.kept_chunks, request_id, -1)
-        return codecs.kept_answer(tuple(found[0]), [tuple(c) for c in chunks])
-
-    async def kept_tail(self, request_id: str, after: int) -> KeptTail | None:
-        # From the start, its body too (a whole answer's, or what a stream kept whole).
-        whole = after < 0
-        found = await self.db.fetch(SQL.kept_answer if whole else SQL.kept_head, request_id)
-        if not found:
-            return None
-        chunks = [tuple(c) for c in await self.db.fetch(SQL.kept_chunks, request_id, after)]
-        read = codecs.kept_answer if whole else codecs.kept_head
-        return KeptTail(read(tuple(found[0]), chunks), chunks[-1][0] if chunks else after)
-
     async def rate_counts(self, plan: Plan) -> Counts:
         async with self.db.connection() as conn:
             return await rate_counts.read_postgres(conn, plan)
@@ -377,16 +226,6 @@ class PostgresLedger:
     async def forget_counts(self, before: float) -> int:
         status = await self.db.execute(rate_counts.PG_FORGET, float(before))
         return int(status.rsplit(" ", 1)[1])
-
-    async def forget_answers(self, kept_before: float) -> int:
-        async def work(conn: Any) -> int:
-            await conn.execute(KEEP_LOCK_SQL)
-            await conn.execute(SQL.forget_chunks_before, float(kept_before))
-            status: str = await conn.execute(SQL.forget_answers, float(kept_before))
-            return int(status.rsplit(" ", 1)[1])
-
-        forgotten: int = await self.db.transaction(work)
-        return forgotten
 
     async def open_batches(self) -> list[OpenBatch]:
         return [OpenBatch(*r) for r in await self.db.fetch(SQL.open_batches)]
@@ -446,7 +285,7 @@ class PostgresLedger:
         billed = codecs.billed(lines)
 
         async def work(conn: Any) -> int:
-            await _lock_counters(conn)
+            await lock_counters(conn)
             found = await conn.fetchrow(SQL.settling_batch, request_id)
             writes = flags.batch(request_id, _values(found), billed, outcome)
             if writes is None:
@@ -458,7 +297,7 @@ class PostgresLedger:
             if writes.counters:
                 # One statement for every counter, in lock order (the rows come in that order).
                 deltas = [list(c) for c in list(zip(*writes.counters, strict=True))[5:]]
-                keys = _key_arrays([c[:5] for c in writes.counters])
+                keys = key_arrays([c[:5] for c in writes.counters])
                 await conn.execute(ADD_SQL, *keys, *deltas)
             return writes.rows
 
@@ -507,20 +346,6 @@ class PostgresLedger:
         return Contents(*(int(v) for v in found))
 
 
-_VERSION = "SELECT coalesce(max(version), 0) FROM schema_version"
-_ANY_TABLE = "SELECT EXISTS (SELECT 1 FROM unnest($1::text[]) t WHERE to_regclass(t) IS NOT NULL)"
-"""Whether any of the tables named exists on the connection's search path."""
-
-
-async def _apply(conn: Any, found: int) -> None:
-    """Take the schema from version `found` to this Tollgate's, in the caller's transaction."""
-    await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
-    for sql in migrations.pending(found, migrations.POSTGRES):
-        await conn.execute(sql)
-    await conn.execute("DELETE FROM schema_version")
-    await conn.execute("INSERT INTO schema_version VALUES ($1)", SCHEMA_VERSION)
-
-
 async def migrate(url: str) -> tuple[int, int]:
     """Bring the schema of the ledger at `url` up to date; (version before, version after)."""
     shared = PostgresLedger(url)
@@ -535,83 +360,5 @@ def _values(found: Any) -> tuple[Any, ...] | None:
     return tuple(found) if found is not None else None
 
 
-async def _forget(conn: Any, request_id: str) -> None:
-    """Forget the answer kept for `request_id`, and its chunks."""
-    await conn.execute(SQL.forget_chunks, request_id)
-    await conn.execute(SQL.forget_answer, request_id)
-
-
-async def _lock_counters(conn: Any) -> None:
-    """Take the first lock of every counter writer (see the module's docstring)."""
-    await conn.execute(LOCK_SQL, *codecs.counter_key(codecs.ORGANIZATION_TOTAL))
-
-
-LOCK_SQL = (
-    f"INSERT INTO budget_usage ({KEYS}) VALUES ($1, $2, $3, $4, $5) "
-    f"ON CONFLICT ({KEYS}) DO UPDATE SET spent_nanos = budget_usage.spent_nanos"
-)
-KEEP_LOCK_SQL = "LOCK TABLE kept_answers IN SHARE ROW EXCLUSIVE MODE"
-"""Taken by each `keep_answer` first: it conflicts with itself and with other writes of
-kept answers, not with reads."""
-UNNEST_KEYS = "unnest({}::text[], {}::text[], {}::text[], {}::text[], {}::float8[])"
-"""Counters' keys from five arrays, a column each (see `_key_arrays`)."""
-READ_SQL = (
-    f"SELECT {KEYS}, {TOTALS} FROM budget_usage WHERE ({KEYS}) IN "
-    f"(SELECT * FROM {UNNEST_KEYS.format('$1', '$2', '$3', '$4', '$5')}) "
-    'ORDER BY scope, team COLLATE "C", "user" COLLATE "C", period, start'
-)
-
-
-ADD_SQL = add_to_counters(
-    "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[], "
-    + ", ".join(f"${i}::bigint[]" for i in range(6, 6 + len(codecs.TOTALS_COLUMNS)))
-    + ")"
-)
-"""Add to each counter of five key arrays (see `_key_arrays`) the deltas of as many arrays,
-one per `TOTALS_COLUMNS` column."""
 LINES = list(codecs.LINE_COLUMNS)
 BILLED = list(codecs.BILLED_COLUMNS)
-
-
-async def _read(conn: Any, counters: Sequence[Counter], *, lock: bool) -> dict[Counter, Totals]:
-    """The totals of `counters`; with `lock`, their rows that exist locked, in lock order."""
-    if not counters:
-        return {}
-    wanted = sorted({codecs.counter_key(c) for c in counters})
-    sql = READ_SQL + (" FOR UPDATE" if lock else "")
-    found = await conn.fetch(sql, *_key_arrays(wanted))
-    return codecs.totals_of(counters, (tuple(r) for r in found))
-
-
-def _key_arrays(keys: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
-    """Counters' keys column by column, as `UNNEST_KEYS` reads them."""
-    return [[k[i] for k in keys] for i in range(4)] + [[float(k[4]) for k in keys]]
-
-
-async def _write_and_add(
-    conn: Any, sql: str, args: Sequence[Any], counters_text: str, deltas: codecs.Deltas
-) -> None:
-    """`sql` (with `args`) and the counters' additions in one statement, one round trip:
-    the request row's write as a data-modifying `WITH`, which PostgreSQL always runs, then
-    the counters' upsert, row by row in lock order. The organization's total row, locked
-    first, keeps every writer in line, so the order of the two parts within it does not
-    matter."""
-    spent, held, tokens = deltas
-    await conn.execute(
-        _with_counters(sql, len(args), len(tokens)),
-        *args,
-        *_key_arrays(codecs.written_keys(counters_text)),
-        spent,
-        held,
-        *tokens,
-    )
-
-
-@functools.lru_cache(maxsize=64)
-def _with_counters(sql: str, count: int, tokens: int) -> str:
-    """`sql`, whose parameters are the first `count`, then the counters' upsert (see
-    `_write_and_add`)."""
-    keys = UNNEST_KEYS.format(*(f"${i}" for i in range(count + 1, count + 6)))
-    values = ", ".join(f"${i}::bigint" for i in range(count + 6, count + 8 + tokens))
-    source = f"SELECT s, t, u, p, st, {values} FROM {keys} AS k(s, t, u, p, st)"
-    return f"WITH written AS ({sql}) {add_to_counters(source)}"
