@@ -35,6 +35,8 @@ from proxy.ledger.dialect import POSTGRES
 from proxy.ledger.postgres_counters import (
     ADD_SQL,
     key_arrays,
+    lock_and_fetch,
+    lock_and_read,
     lock_counters,
     read_totals,
     write_and_add,
@@ -99,11 +101,8 @@ class PostgresLedger(Schema, KeptAnswers):
         owner = self.owner.id if self.owner else None
 
         async def work(conn: Any) -> Reservation:
-            # Two statements, not one: the read's snapshot must be taken once the lock is
-            # held, or it would miss counter rows the previous holder inserted.
-            await lock_counters(conn)
             # Choosing again after a retry is fine: the chooser is a pure function of totals.
-            reservation = choose(await read_totals(conn, read, lock=True))
+            reservation = choose(await lock_and_read(conn, read))
             entry, usage = reservation.entry, reservation.usage
             if pace is not None:
                 # Under the same lock as the budgets: every reservation takes turns, so
@@ -125,8 +124,7 @@ class PostgresLedger(Schema, KeptAnswers):
         values = (*codecs.settlement_values(settlement), request_id)
 
         async def work(conn: Any) -> None:
-            await lock_counters(conn)
-            found = await conn.fetchrow(SQL.settling, request_id)
+            found = await lock_and_fetch(conn, SQL.settling, request_id)
             change = flags.settlement(request_id, _values(found), settlement)
             if change is not None:
                 await write_and_add(conn, SQL.settle, values, *change)
