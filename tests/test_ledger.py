@@ -152,6 +152,17 @@ async def test_organization_counter_sums_every_team(ledger: AnyLedger) -> None:
     assert (await ledger.totals([ORG_DAY]))[ORG_DAY].reserved_nanos == 7
 
 
+async def test_totals_reads_the_counters_of_a_thousand_teams(ledger: AnyLedger) -> None:
+    # As the budget gauges and `tollgate budgets` read them: one counter per budget.
+    periods = ("day", "week", "month")
+    many = [Counter("team", f"team-{n:04d}", "", p, 0.0) for n in range(1000) for p in periods]
+    await ledger.reserve([], take("r1", counters=(many[-1],), estimate=5))
+    found = await ledger.totals(many)
+    assert len(found) == 3000
+    assert found[many[-1]].reserved_nanos == 5
+    assert found[many[0]] == Totals()
+
+
 async def test_a_refusing_chooser_stores_nothing(ledger: AnyLedger) -> None:
     def refuse(totals: Mapping[Counter, Totals]) -> Reservation:
         raise RuntimeError("over budget")

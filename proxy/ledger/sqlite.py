@@ -58,6 +58,8 @@ SCHEMA_VERSION = migrations.SCHEMA_VERSION
 SQL = statements(SQLITE)
 LONG_WRITE = 100
 """Rows past which a write runs on the thread rather than inline on the loop."""
+READ_CHUNK = 200
+"""Counters read by one statement at most."""
 LONG_ANSWER = 64 * 1024
 """Bytes of a kept answer past which it is written on the thread rather than inline."""
 
@@ -418,12 +420,16 @@ _UPSERT = add_to_counters(f"VALUES ({marks(len(codecs.KEY_COLUMNS) + 6)})")
 
 
 def _read_totals(conn: sqlite3.Connection, counters: Sequence[Counter]) -> dict[Counter, Totals]:
-    """The totals of `counters` (organization counters are rows of their own), in one
-    statement: an OR of primary keys, which SQLite answers with one index search each."""
-    if not counters:
-        return {}
-    keys = [value for c in counters for value in codecs.counter_key(c)]
-    return codecs.totals_of(counters, conn.execute(_totals_query(len(counters)), keys))
+    """The totals of `counters` (organization counters are rows of their own): an OR of
+    primary keys, which SQLite answers with one index search each, in one statement per
+    `READ_CHUNK` counters (SQLite refuses an expression deeper than 1,000: every budget
+    of 1,000 teams, as the gauges read them, would be one)."""
+    found: list[tuple[Any, ...]] = []
+    for at in range(0, len(counters), READ_CHUNK):
+        chunk = counters[at : at + READ_CHUNK]
+        keys = [value for c in chunk for value in codecs.counter_key(c)]
+        found += conn.execute(_totals_query(len(chunk)), keys).fetchall()
+    return codecs.totals_of(counters, found)
 
 
 @functools.lru_cache(maxsize=64)
