@@ -33,6 +33,7 @@ PYTHON = str(ROOT / ".venv" / "bin" / "python")
 TICKS = os.sysconf("SC_CLK_TCK")
 SIM_KEY = "sk-bench-upstream"
 TEAM_KEY = "tg_bench_team_key_0001"
+ADMIN_TOKEN = "tg_bench_admin_token"
 NOFILE = 65536
 
 
@@ -209,9 +210,17 @@ def start_simulator(latency_ms: int = 0, payload_bytes: int = 0) -> Proc:
     )  # fmt: skip
 
 
-def write_policies(root: Path, upstream: str, timeout_s: int = 120) -> Path:
+def write_policies(
+    root: Path,
+    upstream: str,
+    timeout_s: int = 120,
+    teams: int = 1,
+    ledger: str = "sqlite:///tollgate.db",
+) -> Path:
     """A config with one team whose budgets are large but real: every request reserves
-    against a month USD budget, a day USD budget and a per-user day budget."""
+    against a month USD budget, a day USD budget and a per-user day budget. `teams` - 1
+    more teams (one file each) have three budgets each (month, week, day) and a per-user
+    day budget: a configuration that grows without changing the bench team's work."""
     (root / "teams").mkdir(parents=True, exist_ok=True)
     (root / "tollgate.yaml").write_text(
         textwrap.dedent(f"""\
@@ -219,7 +228,8 @@ def write_policies(root: Path, upstream: str, timeout_s: int = 120) -> Path:
               base_url: {upstream}/v1
               api_key: {SIM_KEY}
               timeout_s: {timeout_s}
-            ledger: sqlite:///tollgate.db
+            ledger: {ledger}
+            admin_token: {ADMIN_TOKEN}
             default_model: gpt-image-2
             organization:
               budgets:
@@ -239,14 +249,35 @@ def write_policies(root: Path, upstream: str, timeout_s: int = 120) -> Path:
               - {{period: day, limit_usd: 1000000}}
         """)
     )
+    for n in range(1, teams):
+        (root / "teams" / f"team-{n:04d}.yaml").write_text(
+            textwrap.dedent(f"""\
+                name: team-{n:04d}
+                cost_center: CC-{n % 40:04d}
+                keys:
+                  - {{id: k{n}, sha256: {key_hash(f"tg_bench_filler_key_{n:06d}")}}}
+                budgets:
+                  - {{period: month, limit_usd: 100000}}
+                  - {{period: week, limit_usd: 50000}}
+                  - {{period: day, limit_usd: 10000}}
+                per_user:
+                  - {{period: day, limit_usd: 1000}}
+            """)
+        )
     return root
 
 
 def start_tollgate(
-    upstream: str, root: Path, workers: int = 1, timeout_s: int = 120, settings: str = ""
+    upstream: str,
+    root: Path,
+    workers: int = 1,
+    timeout_s: int = 120,
+    settings: str = "",
+    teams: int = 1,
+    ledger: str = "sqlite:///tollgate.db",
 ) -> Proc:
     """Tollgate on `write_policies`' config, with `settings` (YAML) appended to tollgate.yaml."""
-    write_policies(root, upstream, timeout_s)
+    write_policies(root, upstream, timeout_s, teams, ledger)
     with (root / "tollgate.yaml").open("a") as file:
         file.write(settings)
     port = free_port()
