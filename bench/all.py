@@ -4,7 +4,7 @@
                                   [--rows 10000000] [--big-ledger PATH]
                                   [--postgres postgresql://postgres@127.0.0.1:5432/test]
                                   [--only small,big,stream,responses,teams,rows]
-                                  [--skip-points]
+                                  [--skip-points] [--before DIR]
 
 One table of CPU per request and latency for each door and body, each row beside the
 floor (`bench.floor`) for the same request, then the point figures:
@@ -28,6 +28,10 @@ of `/metrics` (budget gauges read at scrape time) and `tollgate budgets` with 1,
 `tollgate report --by team,model` over the big ledger, a 50,000-line batch upload through
 the floor and Tollgate (seconds, peak RSS), and with `--postgres` reserve + settle pairs
 per second with one and two replica processes and 100 teams (`bench.replicas`).
+
+`--before DIR` runs a second Tollgate for every Tollgate row from the `proxy` package in
+DIR (`git archive REV proxy | tar -x -C DIR`), its rows interleaved with this tree's:
+before and after in one run, on the same noise.
 """
 
 from __future__ import annotations
@@ -226,6 +230,9 @@ def main() -> None:
     parser.add_argument("--postgres", help="a PostgreSQL server for the replicas figure")
     parser.add_argument("--only", default="small,big,stream,responses,teams,rows")
     parser.add_argument("--skip-points", action="store_true")
+    parser.add_argument(
+        "--before", type=Path, help="a tree whose proxy/ runs beside this one's, row by row"
+    )
     args = parser.parse_args()
     harness.raise_nofile()
     groups = set(args.only.split(","))
@@ -245,55 +252,62 @@ def main() -> None:
 
         floor_small = server(harness.start_floor(small.url))
         floor_big = server(harness.start_floor(big.url))
-        tg3 = server(harness.start_tollgate(small.url, Path(tmp) / "t3", teams=3))
-        tg3.name = "tollgate-t3"
         sim_key, key = harness.SIM_KEY, harness.TEAM_KEY
         gen, resp = "/v1/images/generations", "/v1/responses"
+        r, st = RESPONSES, STREAMED
         targets = [
             Target("direct", "small", None, small, sim_key, gen, SMALL),
             Target("floor", "small", floor_small, small, sim_key, gen, SMALL),
-            Target("tollgate, 3 teams", "small", tg3, small, key, gen, SMALL),
+            Target("direct, 2 MB", "big", None, big, sim_key, gen, SMALL, 0.25),
+            Target("floor, 2 MB", "big", floor_big, big, sim_key, gen, SMALL, 0.25),
+            Target("direct, 2 MB stream", "stream", None, big, sim_key, gen, st, 0.25),
+            Target("floor, 2 MB stream", "stream", floor_big, big, sim_key, gen, st, 0.25),
+            Target("direct, responses", "responses", None, small, sim_key, resp, r),
+            Target("floor, responses", "responses", floor_small, small, sim_key, resp, r),
         ]
-        if "teams" in groups or not args.skip_points:
-            tg1000 = server(harness.start_tollgate(small.url, Path(tmp) / "t1000", teams=TEAMS))
-            tg1000.name = "tollgate-t1000"
-            if "teams" in groups:
-                targets.append(
-                    Target("tollgate, 1,000 teams", "small", tg1000, small, key, gen, SMALL)
-                )
-        if "rows" in groups:
-            tgrows = server(
-                harness.start_tollgate(
-                    small.url, Path(tmp) / "rows", teams=3, ledger=f"sqlite:///{path}"
-                )
-            )
-            tgrows.name = "tollgate-rows"
-            label = f"tollgate, {args.rows / 1e6:g}M rows"
-            targets.append(Target(label, "small", tgrows, small, key, gen, SMALL))
-        if "big" in groups or "stream" in groups:
-            tgbig = server(harness.start_tollgate(big.url, Path(tmp) / "big", teams=3))
-            tgbig.name = "tollgate-big"
-        if "big" in groups:
+        versions = [("", None)] + ([(" (before)", args.before)] if args.before else [])
+
+        def tollgate(
+            sim: Proc, name: str, teams: int, source: Path | None, ledger: str | None = None
+        ) -> Proc:
+            tag = "before" if source else "now"
+            root = Path(tmp) / f"{name}-{tag}"
+            found = harness.start_tollgate(
+                sim.url, root, teams=teams, source=source,
+                ledger=ledger or f"sqlite:///{root}/tollgate.db",
+            )  # fmt: skip
+            found.name = f"tollgate-{name}-{tag}"
+            return server(found)
+
+        for suffix, source in versions:
+            tg3 = tollgate(small, "t3", 3, source)
             targets += [
-                Target("direct, 2 MB", "big", None, big, sim_key, gen, SMALL, 0.25),
-                Target("floor, 2 MB", "big", floor_big, big, sim_key, gen, SMALL, 0.25),
-                Target("tollgate, 2 MB", "big", tgbig, big, key, gen, SMALL, 0.25),
+                Target("tollgate, 3 teams" + suffix, "small", tg3, small, key, gen, SMALL),
+                Target("tollgate, responses" + suffix, "responses", tg3, small, key, resp, r),
             ]
-        if "stream" in groups:
+            if "teams" in groups or (not args.skip_points and not source):
+                tg1000 = tollgate(small, "t1000", TEAMS, source)
+                label = "tollgate, 1,000 teams" + suffix
+                targets.append(Target(label, "small", tg1000, small, key, gen, SMALL))
+                if not source:
+                    tg_teams = tg1000
+            if "rows" in groups:
+                tgrows = tollgate(small, "rows", 3, source, f"sqlite:///{path}")
+                label = f"tollgate, {args.rows / 1e6:g}M rows" + suffix
+                targets.append(Target(label, "small", tgrows, small, key, gen, SMALL))
+            tgbig = tollgate(big, "big", 3, source)
             targets += [
-                Target("direct, 2 MB stream", "stream", None, big, sim_key, gen, STREAMED, 0.25),
-                Target(
-                    "floor, 2 MB stream", "stream", floor_big, big, sim_key, gen, STREAMED, 0.25
-                ),
-                Target("tollgate, 2 MB stream", "stream", tgbig, big, key, gen, STREAMED, 0.25),
-            ]
-        if "responses" in groups:
-            r = RESPONSES
-            targets += [
-                Target("direct, responses", "responses", None, small, sim_key, resp, r),
-                Target("floor, responses", "responses", floor_small, small, sim_key, resp, r),
-                Target("tollgate, responses", "responses", tg3, small, key, resp, r),
-            ]
+                Target("tollgate, 2 MB" + suffix, "big", tgbig, big, key, gen, SMALL, 0.25),
+                Target("tollgate, 2 MB stream" + suffix, "stream", tgbig, big, key, gen, st, 0.25),
+            ]  # fmt: skip
+        wanted = groups | {"small"}
+        targets = [
+            t for t in targets
+            if t.group in wanted and ("1,000" not in t.name or "teams" in groups)
+            and ("rows" not in t.name or "rows" in groups)
+        ]  # fmt: skip
+        order = {"small": 0, "big": 1, "stream": 2, "responses": 3}
+        targets.sort(key=lambda t: order[t.group])
         for n in range(args.rounds):
             note(f"round {n + 1} of {args.rounds}")
             for target in targets:
@@ -301,7 +315,8 @@ def main() -> None:
         print(overhead_table(targets), flush=True)
         if not args.skip_points:
             note("point figures")
-            root = Path(tmp) / "t1000"
+            root = Path(tmp) / "t1000-now"
+            tg1000 = tg_teams
             reload = timed(lambda: post(tg1000.url + "/admin/reload", harness.ADMIN_TOKEN), 5)
             points.append(
                 (f"reload, {TEAMS:,} teams (POST /admin/reload)", f"{reload * 1000:.0f} ms")

@@ -167,6 +167,7 @@ def start(
     url: str,
     env: dict[str, str] | None = None,
     timeout: float = 60.0,
+    cwd: Path | None = None,
 ) -> Proc:
     """Start `argv` in its own process group, wait for `health_url` to answer 200."""
     log = Path(tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")[1])
@@ -177,6 +178,7 @@ def start(
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
             preexec_fn=_preexec,
+            cwd=cwd,
         )
     proc = Proc(name, url, process, log)
     deadline = time.monotonic() + timeout
@@ -275,8 +277,11 @@ def start_tollgate(
     settings: str = "",
     teams: int = 1,
     ledger: str = "sqlite:///tollgate.db",
+    source: Path | None = None,
 ) -> Proc:
-    """Tollgate on `write_policies`' config, with `settings` (YAML) appended to tollgate.yaml."""
+    """Tollgate on `write_policies`' config, with `settings` (YAML) appended to tollgate.yaml.
+    With `source`, the `proxy` package is that directory's (another version's tree, for
+    before-and-after runs side by side; the venv's dependencies are shared)."""
     write_policies(root, upstream, timeout_s, teams, ledger)
     with (root / "tollgate.yaml").open("a") as file:
         file.write(settings)
@@ -287,6 +292,8 @@ def start_tollgate(
          "--workers", str(workers)],
         f"http://127.0.0.1:{port}/healthz",
         f"http://127.0.0.1:{port}",
+        env={"PYTHONPATH": str(source)} if source else None,
+        cwd=source,
     )  # fmt: skip
 
 
