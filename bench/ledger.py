@@ -1,6 +1,6 @@
 """Ledger: reservations + settlements per second, in-process, SQLite and PostgreSQL.
 
-    .venv/bin/python -m bench.ledger [--requests 5000] [--concurrency 1 64]
+    .venv/bin/python -m bench.ledger [--requests 5000] [--concurrency 1 64] [--every-counter]
                                      [--postgres postgresql://postgres@127.0.0.1:5432/test]
 
 Drives the ledger's `reserve` and `settle` directly (the Ledger API the request path
@@ -34,16 +34,17 @@ import asyncpg
 
 from bench import harness
 from proxy.config import load_config
-from proxy.core.budgets import applicable, counters, zone
+from proxy.core.budgets import applicable, counters, written, zone
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
 from proxy.ledger import Reservation, migrate_ledger, open_ledger
 
 
 async def run(
-    url: str, root: Path, requests: int, concurrency: int
+    url: str, root: Path, requests: int, concurrency: int, every_counter: bool = False
 ) -> tuple[float, float, int | None]:
     """(seconds, CPU seconds, largest WAL in bytes or None) for `requests` reserve+settle
-    pairs at `concurrency`."""
+    pairs at `concurrency`; with `every_counter`, each writes the twelve counters every
+    request wrote before (team, user, organization × four periods)."""
     config = load_config(harness.write_policies(root, "http://127.0.0.1:1"))
     team = config.teams[0]
     await migrate_ledger(url)
@@ -52,7 +53,9 @@ async def run(
     tz = zone(config.timezone)
     budgets = applicable(config, team, "bench-user", now)
     read = tuple(dict.fromkeys(a.counter for a in budgets))
-    write = counters(team.name, "bench-user", now, tz)
+    write = written(budgets, now, tz)
+    if every_counter:
+        write = counters(team.name, "bench-user", now, tz)
     usage = Usage(text_input=5, image_output=272)
     left = [requests]
     wal = f"{url.removeprefix('sqlite:///')}-wal" if url.startswith("sqlite:///") else None
@@ -99,18 +102,24 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--postgres", help="a PostgreSQL server URL to measure as well")
+    parser.add_argument(
+        "--every-counter", action="store_true", help="write all twelve counters, as before"
+    )
     args = parser.parse_args()
+    every = args.every_counter
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for c in args.concurrency:
             url = f"sqlite:///{tmp}/ledger-{c}.db"
-            seconds, cpu, wal = asyncio.run(run(url, Path(tmp) / f"p{c}", args.requests, c))
+            seconds, cpu, wal = asyncio.run(run(url, Path(tmp) / f"p{c}", args.requests, c, every))
             rows.append(("sqlite", c, args.requests, args.requests / seconds,
                          cpu * 1000 / args.requests, f"{(wal or 0) / 2**20:.1f}"))  # fmt: skip
         if args.postgres:
             for c in args.concurrency:
                 with fresh_schema(args.postgres) as url:
-                    seconds, cpu, _ = asyncio.run(run(url, Path(tmp) / f"pg{c}", args.requests, c))
+                    seconds, cpu, _ = asyncio.run(
+                        run(url, Path(tmp) / f"pg{c}", args.requests, c, every)
+                    )
                 rows.append(("postgresql", c, args.requests, args.requests / seconds,
                              cpu * 1000 / args.requests, "-"))  # fmt: skip
     header = ("ledger", "concurrency", "pairs", "reserve+settle/s", "CPU ms/pair", "WAL peak MiB")

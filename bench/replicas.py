@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.replicas [--postgres postgresql://postgres@127.0.0.1:5432/test]
                                        [--processes 1 2] [--teams 100] [--seconds 8]
+                                       [--every-counter]
 
 Each replica is a process of its own driving the ledger's `reserve` and `settle` (the
 calls the request path makes) at concurrency 8 for `--seconds`, its requests spread over
@@ -27,7 +28,7 @@ from pathlib import Path
 from bench import harness
 from bench.ledger import fresh_schema
 from proxy.config import load_config
-from proxy.core.budgets import applicable, counters, zone
+from proxy.core.budgets import applicable, counters, written, zone
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
 from proxy.ledger import Reservation, migrate_ledger, open_ledger
 
@@ -40,8 +41,11 @@ class Found:
     cpu_ms: float
 
 
-async def drive(url: str, root: Path, name: str, begin: float, seconds: float) -> dict[str, float]:
-    """Reserve + settle from `begin` (unix time) for `seconds`: pairs done and CPU seconds."""
+async def drive(
+    url: str, root: Path, name: str, begin: float, seconds: float, every_counter: bool
+) -> dict[str, float]:
+    """Reserve + settle from `begin` (unix time) for `seconds`: pairs done and CPU seconds.
+    With `every_counter`, each writes the twelve counters every request wrote before."""
     config = load_config(root)
     tz = zone(config.timezone)
     ledger = await open_ledger(url)
@@ -60,7 +64,9 @@ async def drive(url: str, root: Path, name: str, begin: float, seconds: float) -
                 now = time.time()
                 budgets = applicable(config, team, user, now)
                 read = tuple(dict.fromkeys(a.counter for a in budgets))
-                written = counters(team.name, user, now, tz)
+                adds_to = written(budgets, now, tz)
+                if every_counter:
+                    adds_to = counters(team.name, user, now, tz)
                 entry = Entry(
                     id=f"{name}-{n}-{i}",
                     started_at=now,
@@ -74,9 +80,9 @@ async def drive(url: str, root: Path, name: str, begin: float, seconds: float) -
                 def choose(
                     totals: Mapping[Counter, Totals],
                     entry: Entry = entry,
-                    written: tuple[Counter, ...] = written,
+                    adds_to: tuple[Counter, ...] = adds_to,
                 ) -> Reservation:
-                    return Reservation(replace(entry, downgrades=""), usage, written)
+                    return Reservation(replace(entry, downgrades=""), usage, adds_to)
 
                 await ledger.reserve(read, choose)
                 await ledger.settle(
@@ -90,7 +96,9 @@ async def drive(url: str, root: Path, name: str, begin: float, seconds: float) -
         await ledger.close()
 
 
-def measure(server: str, processes: int, teams: int = 100, seconds: float = 8.0) -> Found:
+def measure(
+    server: str, processes: int, teams: int = 100, seconds: float = 8.0, every: bool = False
+) -> Found:
     """`processes` replicas on a fresh schema of `server`."""
     with tempfile.TemporaryDirectory() as tmp, fresh_schema(server) as url:
         root = harness.write_policies(Path(tmp), "http://127.0.0.1:1", teams=teams)
@@ -98,6 +106,7 @@ def measure(server: str, processes: int, teams: int = 100, seconds: float = 8.0)
         begin = time.time() + 3.0
         argv = [harness.PYTHON, "-m", "bench.replicas", "--worker", url, "--root", str(root),
                 "--begin", str(begin), "--seconds", str(seconds)]  # fmt: skip
+        argv += ["--every-counter"] if every else []
         workers = [
             subprocess.Popen([*argv, "--name", f"p{n}"], stdout=subprocess.PIPE)
             for n in range(processes)
@@ -113,18 +122,23 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--teams", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument(
+        "--every-counter", action="store_true", help="write all twelve counters, as before"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--name", help=argparse.SUPPRESS)
     parser.add_argument("--begin", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        found = asyncio.run(drive(args.worker, args.root, args.name, args.begin, args.seconds))
+        found = asyncio.run(
+            drive(args.worker, args.root, args.name, args.begin, args.seconds, args.every_counter)
+        )
         print(json.dumps(found))
         return
     rows = []
     for n in args.processes:
-        f = measure(args.postgres, n, args.teams, args.seconds)
+        f = measure(args.postgres, n, args.teams, args.seconds, args.every_counter)
         rows.append((n, args.teams, f.pairs_per_s, f.cpu_ms))
     print(harness.table(("replicas", "teams", "reserve+settle/s", "CPU ms/pair"), rows))
 

@@ -33,6 +33,7 @@ from proxy.core.budgets import (
     throttle,
     variants,
     window,
+    written,
 )
 from proxy.core.errors import BudgetExceeded, PolicyViolation
 from proxy.core.models import Change, Counter, ImageRequest, InputImage, Period, Totals, usd_text
@@ -358,6 +359,33 @@ def test_applicable_lists_organization_team_and_user_budgets_with_their_counters
     # The team and user counters are the ones `counters` says the request adds to.
     added = set(counters("design", "alice", NOW, tz))
     assert {a.counter for a in found if a.counter.scope != "organization"} <= added
+
+
+def test_written_counters_are_those_budgets_read_and_the_organizations_four(
+    book: PriceBook,
+) -> None:
+    team = make_team(budgets=(usd_budget("month", 800),), per_user=(usd_budget("day", 5),))
+    config = make_config(book, (team,), org=(usd_budget("month", 20000),))
+    found = written(applicable(config, team, "alice", NOW), NOW, UTC_ZONE)
+    assert [(c.scope, c.team, c.user, c.period) for c in found] == [
+        *(("organization", "", "", p) for p in ("day", "week", "month", "total")),
+        ("team", "design", "", "month"),
+        ("user", "design", "alice", "day"),
+    ]
+    assert all(c.start == window(c.period, NOW, UTC_ZONE).start for c in found)
+
+
+def test_a_team_without_budgets_writes_only_the_organizations_counters(book: PriceBook) -> None:
+    team = make_team()
+    found = written(applicable(make_config(book, (team,)), team, "alice", NOW), NOW, UTC_ZONE)
+    assert {c.scope for c in found} == {"organization"}
+    assert len(found) == 4
+
+
+def test_two_budgets_of_one_period_write_their_counter_once(book: PriceBook) -> None:
+    team = make_team(budgets=(usd_budget("day", 60), Budget("day", "image_output_tokens", 9000)))
+    found = written(applicable(make_config(book, (team,)), team, None, NOW), NOW, UTC_ZONE)
+    assert [c.scope for c in found].count("team") == 1
 
 
 def test_applicable_without_a_user_skips_per_user_budgets(book: PriceBook) -> None:

@@ -200,6 +200,32 @@ def test_per_user_caps_apply_to_each_user(proxy: Tollgate) -> None:
     assert "x-tollgate-downgraded" not in bob.headers
 
 
+def test_only_counters_a_budget_reads_are_written_and_the_organizations_stay_exact(
+    proxy: Tollgate,
+) -> None:
+    # frugal has a team day budget and a per-user day budget: those two counters, and the
+    # organization's of every period, are all its requests write.
+    raw = client(proxy, "frugal").images.with_raw_response.generate(
+        model="gpt-image-1-mini", prompt="c", quality="low", size="1024x1024", user="carol"
+    )
+    wait_settled(proxy, raw.headers["x-tollgate-request-id"])
+    frugal = proxy.query(
+        "SELECT scope, \"user\", period FROM budget_usage WHERE team = 'frugal' "
+        'ORDER BY scope, "user"'
+    )
+    assert {(r["scope"], r["period"]) for r in frugal} == {("team", "day"), ("user", "day")}
+    assert "carol" in {r["user"] for r in frugal}
+    organization = proxy.query(
+        "SELECT period, spent_nanos FROM budget_usage WHERE scope = 'organization'"
+    )
+    assert {r["period"] for r in organization} == {"day", "week", "month", "total"}
+    for r in organization:  # every team's spend, whatever its budgets (all of it is today's)
+        [spent] = proxy.query("SELECT SUM(cost_nanos) AS v FROM requests WHERE state = 'settled'")[
+            0
+        ].values()
+        assert (r["period"], r["spent_nanos"]) == (r["period"], spent)
+
+
 def test_token_caps_are_budgets_too(proxy: Tollgate) -> None:
     sdk = client(proxy, "tokens")
     sdk.images.generate(model="gpt-image-2", prompt="x", quality="high", size="1024x1024")

@@ -14,7 +14,7 @@ read there, so the choice and the reservation are one atomic step.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -102,6 +102,19 @@ def counters(team: str, user: str | None, now: float, tz: ZoneInfo) -> tuple[Cou
     if user:
         found += [Counter("user", team, user, p, window(p, now, tz).start) for p in PERIOD_ORDER]
     return tuple(found)
+
+
+def written(budgets: Sequence[Applied], now: float, tz: ZoneInfo) -> tuple[Counter, ...]:
+    """The counters a request adds to: each team and user counter one of its `budgets` (as
+    `applicable` lists them) reads, and the organization's of every period, which every
+    request adds to whatever is configured (its spend stays exact in every period).
+
+    A counter no budget reads is not written: a team with a month budget and a per-user
+    day budget writes two counters and the organization's four, not twelve. A budget added
+    later (a reload) counts its team's or user's spend from then on."""
+    found = [Counter("organization", "", "", p, window(p, now, tz).start) for p in PERIOD_ORDER]
+    found += [a.counter for a in budgets if a.counter.scope != "organization"]
+    return tuple(dict.fromkeys(found))
 
 
 @dataclass(frozen=True, slots=True)
