@@ -163,6 +163,57 @@ async def test_totals_reads_the_counters_of_a_thousand_teams(ledger: AnyLedger) 
     assert found[many[0]] == Totals()
 
 
+async def test_reservations_of_one_turn_commit_together_and_a_refusal_alone(
+    ledger: AnyLedger,
+) -> None:
+    # SQLite gathers the reservations of one turn of the loop into one transaction: each
+    # sees the ones before it, and one that refuses takes nothing of the others back.
+    seen: list[Mapping[Counter, Totals]] = []
+
+    def refuse(totals: Mapping[Counter, Totals]) -> Reservation:
+        raise RuntimeError("over budget")
+
+    choosers = [take(f"r{n}", estimate=10, seen=seen) for n in range(5)]
+    choosers.insert(2, refuse)
+    found = await asyncio.gather(
+        *(ledger.reserve([DESIGN_DAY], c) for c in choosers), return_exceptions=True
+    )
+    assert [type(f).__name__ for f in found] == ["Reservation"] * 2 + ["RuntimeError"] + [
+        "Reservation"
+    ] * 3
+    assert sorted(t[DESIGN_DAY].reserved_nanos for t in seen) == [0, 10, 20, 30, 40]
+    assert len(await ledger.rows()) == 5
+    assert (await ledger.totals([DESIGN_DAY]))[DESIGN_DAY].reserved_nanos == 50
+    await asyncio.gather(*(ledger.settle(f"r{n}", SETTLED) for n in range(5)))
+    assert {(await state(ledger, f"r{n}"))[0] for n in range(5)} == {"settled"}
+    assert (await ledger.totals([DESIGN_DAY]))[DESIGN_DAY].reserved_nanos == 0
+
+
+async def test_a_failing_statement_in_a_group_commit_fails_its_caller_alone(
+    tmp_path: Path,
+) -> None:
+    opened = await open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    assert isinstance(opened, SqliteLedger)
+    try:
+
+        def broken(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO alerts_sent (key, sent_at) VALUES ('k', 1)")
+            conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+        found = await asyncio.gather(
+            opened.reserve([DESIGN_DAY], take("r1")),
+            opened.file.together(broken),
+            opened.reserve([DESIGN_DAY], take("r2")),
+            return_exceptions=True,
+        )
+        assert isinstance(found[1], LedgerError)
+        assert "no_such_table" in str(found[1])
+        assert len(await opened.rows()) == 2
+        assert await opened.file.fetch("SELECT * FROM alerts_sent", ()) == []
+    finally:
+        await opened.close()
+
+
 async def test_a_refusing_chooser_stores_nothing(ledger: AnyLedger) -> None:
     def refuse(totals: Mapping[Counter, Totals]) -> Reservation:
         raise RuntimeError("over budget")

@@ -107,7 +107,7 @@ class SqliteLedger:
             return reservation
 
         held: list[tuple[int, str, Usage]] = []
-        reservation = await self.file.transaction(run)
+        reservation = await self.file.together(run)
         self._held[reservation.entry.id] = held[-1]
         return reservation
 
@@ -128,7 +128,7 @@ class SqliteLedger:
                 conn.execute(SQL.settle, values)
                 _add(conn, *change)
 
-        await self.file.transaction(run)
+        await self.file.together(run)
 
     async def record(self, entry: Entry, settlement: Settlement) -> None:
         await self.file.write(SQL.record, codecs.record_values(entry, settlement))
