@@ -1017,3 +1017,29 @@ async def test_an_export_read_slowly_does_not_hold_the_wal(
         assert first + rest == [f"r{i:03}" for i in range(200)]
     finally:
         await ledger.close()
+
+
+async def test_a_summary_read_a_slice_at_a_time_sums_each_group_once(
+    ledger: AnyLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SQLite reads a summary in slices of time (two threads) and adds the groups up: the
+    # sums are those of one statement over the whole period.
+    for n in range(12):
+        team = Counter("team", ("design", "research")[n % 2], "", "day", 0.0)
+        at = 1000.0 + n * 20_000  # three days
+        await ledger.reserve([], take(f"r{n}", started_at=at, counters=(team,), estimate=n))
+        await ledger.settle(f"r{n}", SETTLED)
+    await ledger.record(entry("refused", 5000.0), Settlement(5001.0, "rejected_budget", 429))
+    whole = await ledger.summarize(0.0, 1e6, ["team", "outcome"])
+    monkeypatch.setattr("proxy.ledger.sqlite.REPORT_SLICE_SECONDS", 7_000.0)
+    sliced = await ledger.summarize(0.0, 1e6, ["team", "outcome"])
+    assert sorted(sliced, key=repr) == sorted(whole, key=repr)
+    assert {a.keys: a.requests for a in whole} == {
+        ("design", "ok"): 6,
+        ("research", "ok"): 6,
+        ("design", "rejected_budget"): 1,
+    }
+    [total] = await ledger.summarize(0.0, 1e6, [])
+    assert total.requests == 13
+    assert total.cost_nanos == 12 * SETTLED.cost_nanos
+    assert await ledger.summarize(2e6, 3e6, ["team"]) == []
