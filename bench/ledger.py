@@ -81,6 +81,7 @@ async def run(
                 return Reservation(replace(entry, downgrades=""), usage, write)
 
             await ledger.reserve(read, choose)
+            await asyncio.sleep(0)  # the upstream's turn: the other clients go on meanwhile
             await ledger.settle(
                 entry.id, Settlement(time.time(), "ok", 200, usage=usage, cost_nanos=9_000_000)
             )

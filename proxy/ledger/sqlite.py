@@ -16,10 +16,17 @@ import contextlib
 import functools
 import sqlite3
 import threading
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Sequence,
+)
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -57,6 +64,7 @@ from proxy.ledger.statements import (
     statements,
 )
 
+T = TypeVar("T")
 SCHEMA_VERSION = migrations.SCHEMA_VERSION
 SQL = statements(SQLITE)
 LONG_WRITE = 100
@@ -114,7 +122,7 @@ class SqliteLedger:
             return reservation
 
         held: list[tuple[int, str, Usage]] = []
-        reservation = await self.file.together(run)
+        reservation = await self._request_write(run)
         self._held[reservation.entry.id] = held[-1]
         return reservation
 
@@ -135,7 +143,13 @@ class SqliteLedger:
                 conn.execute(SQL.settle, values)
                 _add(conn, *change)
 
-        await self.file.together(run)
+        await self._request_write(run)
+
+    def _request_write(self, run: Callable[[sqlite3.Connection], T]) -> Awaitable[T]:
+        """A reservation's or settlement's transaction: in the group commit of this turn of
+        the loop (`Connections.together`) while other requests of this process are in
+        flight; alone, at once (waiting a turn of the loop would only add latency)."""
+        return self.file.together(run) if self._held else self.file.transaction(run)
 
     async def record(self, entry: Entry, settlement: Settlement) -> None:
         await self.file.write(SQL.record, codecs.record_values(entry, settlement))
