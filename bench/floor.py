@@ -7,12 +7,13 @@ session), no Tollgate logic: what any proxy built on these libraries pays per re
 from __future__ import annotations
 
 import argparse
+from collections.abc import AsyncIterator
 
 import aiohttp
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 DROPPED = {"host", "content-length", "connection", "transfer-encoding", "content-encoding"}
@@ -34,19 +35,27 @@ def create_floor(upstream: str) -> Starlette:
 
     async def forward(request: Request) -> Response:
         headers = [(k, v) for k, v in request.headers.items() if k not in DROPPED]
-        async with session().post(
-            upstream + "/images/generations", data=await request.body(), headers=headers
-        ) as answer:
+        path = request.url.path.removeprefix("/v1")
+        answer = await session().post(upstream + path, data=await request.body(), headers=headers)
+        kept = {k: v for k, v in answer.headers.items() if k.lower() not in DROPPED}
+        if answer.content_type == "text/event-stream":
+            # Streamed as it comes, as any proxy must: the client sees each event at once.
+            return StreamingResponse(relay(answer), status_code=answer.status, headers=kept)
+        async with answer:
             body = await answer.read()
-            kept = {k: v for k, v in answer.headers.items() if k.lower() not in DROPPED}
         return Response(body, status_code=answer.status, headers=kept)
+
+    async def relay(answer: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        async with answer:
+            async for chunk in answer.content.iter_any():
+                yield chunk
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     return Starlette(
         routes=[
-            Route("/v1/images/generations", forward, methods=["POST"]),
+            Route("/v1/{path:path}", forward, methods=["POST"]),
             Route("/healthz", healthz),
         ]
     )

@@ -23,16 +23,20 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import aiohttp
 
 from proxy.core.auth import key_hash
+from proxy.core.budgets import PERIOD_ORDER, Applied, window
+from proxy.core.models import Counter
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
 TICKS = os.sysconf("SC_CLK_TCK")
 SIM_KEY = "sk-bench-upstream"
 TEAM_KEY = "tg_bench_team_key_0001"
+ADMIN_TOKEN = "tg_bench_admin_token"
 NOFILE = 65536
 
 
@@ -166,6 +170,7 @@ def start(
     url: str,
     env: dict[str, str] | None = None,
     timeout: float = 60.0,
+    cwd: Path | None = None,
 ) -> Proc:
     """Start `argv` in its own process group, wait for `health_url` to answer 200."""
     log = Path(tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")[1])
@@ -176,6 +181,7 @@ def start(
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
             preexec_fn=_preexec,
+            cwd=cwd,
         )
     proc = Proc(name, url, process, log)
     deadline = time.monotonic() + timeout
@@ -209,9 +215,17 @@ def start_simulator(latency_ms: int = 0, payload_bytes: int = 0) -> Proc:
     )  # fmt: skip
 
 
-def write_policies(root: Path, upstream: str, timeout_s: int = 120) -> Path:
+def write_policies(
+    root: Path,
+    upstream: str,
+    timeout_s: int = 120,
+    teams: int = 1,
+    ledger: str = "sqlite:///tollgate.db",
+) -> Path:
     """A config with one team whose budgets are large but real: every request reserves
-    against a month USD budget, a day USD budget and a per-user day budget."""
+    against a month USD budget, a day USD budget and a per-user day budget. `teams` - 1
+    more teams (one file each) have three budgets each (month, week, day) and a per-user
+    day budget: a configuration that grows without changing the bench team's work."""
     (root / "teams").mkdir(parents=True, exist_ok=True)
     (root / "tollgate.yaml").write_text(
         textwrap.dedent(f"""\
@@ -219,7 +233,8 @@ def write_policies(root: Path, upstream: str, timeout_s: int = 120) -> Path:
               base_url: {upstream}/v1
               api_key: {SIM_KEY}
               timeout_s: {timeout_s}
-            ledger: sqlite:///tollgate.db
+            ledger: {ledger}
+            admin_token: {ADMIN_TOKEN}
             default_model: gpt-image-2
             organization:
               budgets:
@@ -239,14 +254,38 @@ def write_policies(root: Path, upstream: str, timeout_s: int = 120) -> Path:
               - {{period: day, limit_usd: 1000000}}
         """)
     )
+    for n in range(1, teams):
+        (root / "teams" / f"team-{n:04d}.yaml").write_text(
+            textwrap.dedent(f"""\
+                name: team-{n:04d}
+                cost_center: CC-{n % 40:04d}
+                keys:
+                  - {{id: k{n}, sha256: {key_hash(f"tg_bench_filler_key_{n:06d}")}}}
+                budgets:
+                  - {{period: month, limit_usd: 100000}}
+                  - {{period: week, limit_usd: 50000}}
+                  - {{period: day, limit_usd: 10000}}
+                per_user:
+                  - {{period: day, limit_usd: 1000}}
+            """)
+        )
     return root
 
 
 def start_tollgate(
-    upstream: str, root: Path, workers: int = 1, timeout_s: int = 120, settings: str = ""
+    upstream: str,
+    root: Path,
+    workers: int = 1,
+    timeout_s: int = 120,
+    settings: str = "",
+    teams: int = 1,
+    ledger: str = "sqlite:///tollgate.db",
+    source: Path | None = None,
 ) -> Proc:
-    """Tollgate on `write_policies`' config, with `settings` (YAML) appended to tollgate.yaml."""
-    write_policies(root, upstream, timeout_s)
+    """Tollgate on `write_policies`' config, with `settings` (YAML) appended to tollgate.yaml.
+    With `source`, the `proxy` package is that directory's (another version's tree, for
+    before-and-after runs side by side; the venv's dependencies are shared)."""
+    write_policies(root, upstream, timeout_s, teams, ledger)
     with (root / "tollgate.yaml").open("a") as file:
         file.write(settings)
     port = free_port()
@@ -256,6 +295,8 @@ def start_tollgate(
          "--workers", str(workers)],
         f"http://127.0.0.1:{port}/healthz",
         f"http://127.0.0.1:{port}",
+        env={"PYTHONPATH": str(source)} if source else None,
+        cwd=source,
     )  # fmt: skip
 
 
@@ -421,3 +462,13 @@ def running(*procs: Proc) -> Iterator[None]:
 
 def note(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+def budgeted_counters(budgets: Sequence[Applied], now: float, tz: ZoneInfo) -> tuple[Counter, ...]:
+    """The counters a request would write if it wrote only those its budgets read and the
+    organization's four (`--only-budgeted`): an alternative measured, not what Tollgate does.
+    Tollgate writes all twelve (team, user, organization × four periods), so that a budget
+    added by a reload counts the spend already made in its period."""
+    found = [Counter("organization", "", "", p, window(p, now, tz).start) for p in PERIOD_ORDER]
+    found += [a.counter for a in budgets if a.counter.scope != "organization"]
+    return tuple(dict.fromkeys(found))

@@ -1,6 +1,7 @@
 """Profile Tollgate under load with py-spy (not a test).
 
     .venv/bin/python -m bench.profile [--seconds 16] [--concurrency 16] [--workers 1] [--out P]
+                                      [--payload-bytes 1500000] [--stream]
 
 Starts the simulated upstream and Tollgate (budgets and ledger on), drives it at
 `--concurrency` while py-spy samples the Tollgate process(es), and writes a flame graph
@@ -39,9 +40,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--out", default="/tmp/tollgate-profile")
+    parser.add_argument(
+        "--payload-bytes", type=int, default=0, help="image padding (2 MB: 1500000)"
+    )
+    parser.add_argument("--stream", action="store_true", help="streamed generations")
     args = parser.parse_args()
     harness.raise_nofile()
-    sim = harness.start_simulator()
+    sim = harness.start_simulator(payload_bytes=args.payload_bytes)
+    body = {**harness.GENERATION, "stream": args.stream}
     with harness.running(sim), tempfile.TemporaryDirectory() as tmp:
         tg = harness.start_tollgate(sim.url, Path(tmp), args.workers)
         with harness.running(tg):
@@ -49,7 +55,7 @@ def main() -> None:
             load = threading.Thread(
                 target=lambda: asyncio.run(
                     harness.closed_loop(
-                        url, harness.TEAM_KEY, args.concurrency, seconds=args.seconds + 4
+                        url, harness.TEAM_KEY, args.concurrency, seconds=args.seconds + 4, body=body
                     )
                 )
             )

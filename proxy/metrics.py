@@ -24,7 +24,7 @@ the Responses API's spend must still be told apart from the Images API's.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Generic, TypeVar
 
 from prometheus_client import (
@@ -37,6 +37,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from proxy.core.models import NANOS_PER_USD, TOKEN_KINDS, Change, Entry, Settlement
 from proxy.core.status import BudgetStatus, RateStatus
@@ -273,9 +274,10 @@ class Metrics:
             multiprocess.MultiProcessCollector(scrape, self.multiprocess_dir)  # type: ignore[no-untyped-call]
         else:
             scrape.register(self.registry)
-        scrape.register(BudgetCollector(budgets))
         scrape.register(RateCollector(rates))
-        return generate_latest(scrape)
+        # The budget gauges come last, as their collector would: written directly, not
+        # through generate_latest (15,000 samples for 1,000 teams took it 100 ms).
+        return generate_latest(scrape) + BudgetCollector(budgets).text()
 
     def close(self) -> None:
         """This worker stops: its in-flight gauge no longer counts."""
@@ -309,39 +311,28 @@ class BudgetCollector(Collector):
 
     @staticmethod
     def families(budgets: dict[tuple[str, str, str], BudgetStatus]) -> list[Metric]:
-        labels = list(BUDGET_LABELS)
-        limit = GaugeMetricFamily(
-            "tollgate_budget_limit_usd", "Budget limit in US dollars.", labels=labels
-        )
-        spent = GaugeMetricFamily(
-            "tollgate_budget_spent_usd",
-            "Settled spend in the budget's current period, in US dollars.",
-            labels=labels,
-        )
-        reserved = GaugeMetricFamily(
-            "tollgate_budget_reserved_usd",
-            "Spend held by requests in flight, in US dollars.",
-            labels=labels,
-        )
-        utilization = GaugeMetricFamily(
-            "tollgate_budget_utilization_ratio",
-            "Settled spend over the limit (1 = exhausted).",
-            labels=labels,
-        )
-        period_end = GaugeMetricFamily(
-            "tollgate_budget_period_end_timestamp_seconds",
-            "When the budget's current period ends (unix seconds; none for `total`).",
-            labels=labels,
-        )
-        for key, b in budgets.items():
-            values = list(key)
-            limit.add_metric(values, b.limit / NANOS_PER_USD)
-            spent.add_metric(values, b.spent / NANOS_PER_USD)
-            reserved.add_metric(values, b.reserved / NANOS_PER_USD)
-            utilization.add_metric(values, float(b.utilization))
-            if b.window.end is not None:
-                period_end.add_metric(values, b.window.end)
-        return [limit, spent, reserved, utilization, period_end]
+        found: list[Metric] = []
+        for name, doc, value_of in BUDGET_GAUGES:
+            family = GaugeMetricFamily(name, doc, labels=list(BUDGET_LABELS))
+            for key, b in budgets.items():
+                value = value_of(b)
+                if value is not None:
+                    family.add_metric(list(key), value)
+            found.append(family)
+        return found
+
+    def text(self) -> bytes:
+        """The families in the text format, as `generate_latest` writes them."""
+        budgets = self.tightest()
+        labels = {key: _labels(key) for key in budgets}
+        lines = []
+        for name, doc, value_of in BUDGET_GAUGES:
+            lines.append(f"# HELP {name} {doc}\n# TYPE {name} gauge\n")
+            for key, b in budgets.items():
+                value = value_of(b)
+                if value is not None:
+                    lines.append(f"{name}{labels[key]} {floatToGoString(value)}\n")  # type: ignore[no-untyped-call]
+        return "".join(lines).encode()
 
 
 class RateCollector(Collector):
@@ -373,3 +364,38 @@ class RateCollector(Collector):
             used.add_metric(values, r.used)
             limit.add_metric(values, r.limit.limit)
         return [used, limit]
+
+
+def _labels(key: tuple[str, str, str]) -> str:
+    """A budget's labels as the text format writes them: by name, values escaped."""
+    pairs = sorted(zip(BUDGET_LABELS, key, strict=True))
+    escaped = (
+        (n, v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')) for n, v in pairs
+    )
+    return "{" + ",".join(f'{n}="{v}"' for n, v in escaped) + "}"
+
+
+BUDGET_GAUGES: tuple[tuple[str, str, Callable[[BudgetStatus], float | None]], ...] = (
+    ("tollgate_budget_limit_usd", "Budget limit in US dollars.", lambda b: b.limit / NANOS_PER_USD),
+    (
+        "tollgate_budget_spent_usd",
+        "Settled spend in the budget's current period, in US dollars.",
+        lambda b: b.spent / NANOS_PER_USD,
+    ),
+    (
+        "tollgate_budget_reserved_usd",
+        "Spend held by requests in flight, in US dollars.",
+        lambda b: b.reserved / NANOS_PER_USD,
+    ),
+    (
+        "tollgate_budget_utilization_ratio",
+        "Settled spend over the limit (1 = exhausted).",
+        lambda b: float(b.utilization),
+    ),
+    (
+        "tollgate_budget_period_end_timestamp_seconds",
+        "When the budget's current period ends (unix seconds; none for `total`).",
+        lambda b: b.window.end,
+    ),
+)
+"""Each budget gauge: name, help and its value for a budget (None: no sample)."""

@@ -281,6 +281,27 @@ def test_reload_swaps_the_configuration_and_refuses_an_invalid_one(
         team_file.write_text(original)
 
 
+def test_a_budget_added_by_a_reload_counts_the_spend_already_made(proxy: Tollgate) -> None:
+    headers = {"authorization": f"Bearer {ADMIN}"}
+    raw = client(proxy, "throttled").images.with_raw_response.generate(
+        model="gpt-image-2", prompt="x", quality="low", size="1024x1024"
+    )
+    wait_settled(proxy, raw.headers["x-tollgate-request-id"])
+    team_file = proxy.root / "teams" / "throttled.yaml"
+    original = team_file.read_text()
+    try:
+        added = "  - {period: day, limit_usd: 50}\n  - {period: month, limit_usd: 1.00}"
+        team_file.write_text(original.replace("  - {period: month, limit_usd: 1.00}", added))
+        assert httpx.post(f"{proxy.url}/admin/reload", headers=headers).status_code == 200
+        answer = httpx.get(f"{proxy.url}/admin/budgets", headers=headers).json()
+        by_period = {b["period"]: b for b in answer["budgets"] if b["team"] == "throttled"}
+        # The day's spend so far, though no budget read that counter when it was made.
+        assert Decimal(by_period["day"]["spent"]) == Decimal(by_period["month"]["spent"]) > 0
+    finally:
+        team_file.write_text(original)
+        httpx.post(f"{proxy.url}/admin/reload", headers=headers)
+
+
 # -- concurrency: the hard-limit guarantee -------------------------------------------
 
 

@@ -480,6 +480,22 @@ def test_team_file_problem_names_file_line_and_key_path(
     assert problems_of(policies) == [f"policies/teams/t.yaml:{expected}"]
 
 
+def test_a_document_validated_before_is_reported_again_and_an_edit_is_seen(
+    policies: Path,
+) -> None:
+    # What the schema says of a document is remembered (reloads of 1,000 team files).
+    write(policies / "teams" / "t.yaml", team_yaml(extra="on_exhausted: block\n"))
+    first = problems_of(policies)
+    assert problems_of(policies) == first != []
+    write(policies / "teams" / "t.yaml", team_yaml(extra="on_exhausted: reject\n"))
+    assert [t.on_exhausted for t in load(policies).teams if t.name == "t"] == ["reject"]
+    write(policies / "teams" / "t.yaml", team_yaml(extra="on_exhausted: 2026-01-01\n"))
+    assert problems_of(policies) == [
+        "policies/teams/t.yaml:4: on_exhausted: must be one of 'downgrade', 'reject', "
+        "got 2026-01-01"
+    ]
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -153,6 +153,68 @@ async def test_organization_counter_sums_every_team(ledger: AnyLedger) -> None:
     assert (await ledger.totals([ORG_DAY]))[ORG_DAY].reserved_nanos == 7
 
 
+async def test_totals_reads_the_counters_of_a_thousand_teams(ledger: AnyLedger) -> None:
+    # As the budget gauges and `tollgate budgets` read them: one counter per budget.
+    periods = ("day", "week", "month")
+    many = [Counter("team", f"team-{n:04d}", "", p, 0.0) for n in range(1000) for p in periods]
+    await ledger.reserve([], take("r1", counters=(many[-1],), estimate=5))
+    found = await ledger.totals(many)
+    assert len(found) == 3000
+    assert found[many[-1]].reserved_nanos == 5
+    assert found[many[0]] == Totals()
+
+
+async def test_reservations_of_one_turn_commit_together_and_a_refusal_alone(
+    ledger: AnyLedger,
+) -> None:
+    # SQLite gathers the reservations of one turn of the loop into one transaction: each
+    # sees the ones before it, and one that refuses takes nothing of the others back.
+    seen: list[Mapping[Counter, Totals]] = []
+
+    def refuse(totals: Mapping[Counter, Totals]) -> Reservation:
+        raise RuntimeError("over budget")
+
+    choosers = [take(f"r{n}", estimate=10, seen=seen) for n in range(5)]
+    choosers.insert(2, refuse)
+    found = await asyncio.gather(
+        *(ledger.reserve([DESIGN_DAY], c) for c in choosers), return_exceptions=True
+    )
+    assert [type(f).__name__ for f in found] == ["Reservation"] * 2 + ["RuntimeError"] + [
+        "Reservation"
+    ] * 3
+    assert sorted(t[DESIGN_DAY].reserved_nanos for t in seen) == [0, 10, 20, 30, 40]
+    assert len(await ledger.rows()) == 5
+    assert (await ledger.totals([DESIGN_DAY]))[DESIGN_DAY].reserved_nanos == 50
+    await asyncio.gather(*(ledger.settle(f"r{n}", SETTLED) for n in range(5)))
+    assert {(await state(ledger, f"r{n}"))[0] for n in range(5)} == {"settled"}
+    assert (await ledger.totals([DESIGN_DAY]))[DESIGN_DAY].reserved_nanos == 0
+
+
+async def test_a_failing_statement_in_a_group_commit_fails_its_caller_alone(
+    tmp_path: Path,
+) -> None:
+    opened = await open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    assert isinstance(opened, SqliteLedger)
+    try:
+
+        def broken(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO alerts_sent (key, sent_at) VALUES ('k', 1)")
+            conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+        found = await asyncio.gather(
+            opened.reserve([DESIGN_DAY], take("r1")),
+            opened.file.together(broken),
+            opened.reserve([DESIGN_DAY], take("r2")),
+            return_exceptions=True,
+        )
+        assert isinstance(found[1], LedgerError)
+        assert "no_such_table" in str(found[1])
+        assert len(await opened.rows()) == 2
+        assert await opened.file.fetch("SELECT * FROM alerts_sent", ()) == []
+    finally:
+        await opened.close()
+
+
 async def test_a_refusing_chooser_stores_nothing(ledger: AnyLedger) -> None:
     def refuse(totals: Mapping[Counter, Totals]) -> Reservation:
         raise RuntimeError("over budget")
@@ -956,3 +1018,29 @@ async def test_an_export_read_slowly_does_not_hold_the_wal(
         assert first + rest == [f"r{i:03}" for i in range(200)]
     finally:
         await ledger.close()
+
+
+async def test_a_summary_read_a_slice_at_a_time_sums_each_group_once(
+    ledger: AnyLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SQLite reads a summary in slices of time (two threads) and adds the groups up: the
+    # sums are those of one statement over the whole period.
+    for n in range(12):
+        team = Counter("team", ("design", "research")[n % 2], "", "day", 0.0)
+        at = 1000.0 + n * 20_000  # three days
+        await ledger.reserve([], take(f"r{n}", started_at=at, counters=(team,), estimate=n))
+        await ledger.settle(f"r{n}", SETTLED)
+    await ledger.record(entry("refused", 5000.0), Settlement(5001.0, "rejected_budget", 429))
+    whole = await ledger.summarize(0.0, 1e6, ["team", "outcome"])
+    monkeypatch.setattr("proxy.ledger.sqlite.REPORT_SLICE_SECONDS", 7_000.0)
+    sliced = await ledger.summarize(0.0, 1e6, ["team", "outcome"])
+    assert sorted(sliced, key=repr) == sorted(whole, key=repr)
+    assert {a.keys: a.requests for a in whole} == {
+        ("design", "ok"): 6,
+        ("research", "ok"): 6,
+        ("design", "rejected_budget"): 1,
+    }
+    [total] = await ledger.summarize(0.0, 1e6, [])
+    assert total.requests == 13
+    assert total.cost_nanos == 12 * SETTLED.cost_nanos
+    assert await ledger.summarize(2e6, 3e6, ["team"]) == []

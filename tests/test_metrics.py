@@ -9,14 +9,14 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.core.budgets import Window
 from proxy.core.models import Change, Entry, Settlement, Usage
 from proxy.core.settings import RateLimit
 from proxy.core.status import BudgetStatus, RateStatus
-from proxy.metrics import Children, Metrics
+from proxy.metrics import BudgetCollector, Children, Metrics
 
 NANOS = 10**9
 
@@ -401,6 +401,18 @@ def test_token_budgets_are_left_out_and_the_tightest_usd_budget_of_a_period_wins
     found = scrape(metrics, budgets)
     assert found["tollgate_budget_utilization_ratio"] == {("team", "design", "day"): 0.5}
     assert found["tollgate_budget_limit_usd"] == {("team", "design", "day"): 10}
+
+
+@pytest.mark.parametrize("count", [0, 1, 3])
+def test_budget_gauges_are_written_as_prometheus_client_writes_them(count: int) -> None:
+    budgets = [
+        status("organization", "", "month", 1000 * NANOS, 250 * NANOS),
+        status("team", 'de"sign\\x\ny', "day", 800 * NANOS, 600 * NANOS),
+        status("team", "design", "total", 10 * NANOS, 2 * NANOS + 7),
+    ][:count]
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BudgetCollector(budgets))
+    assert BudgetCollector(budgets).text() == generate_latest(registry)
 
 
 def test_the_exposition_has_exactly_the_catalogue_of_the_spec(metrics: Metrics) -> None:

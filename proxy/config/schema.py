@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -279,8 +280,10 @@ def config_schema() -> dict[str, Any]:
     }
 
 
+@functools.cache
 def validator(kind: str) -> Draft202012Validator:
-    """A validator of one kind of file: "settings" or "team"."""
+    """A validator of one kind of file: "settings" or "team" (built once: it resolves its
+    references once, not once per team file)."""
     return Draft202012Validator({"$defs": _DEFS, "$ref": f"#/$defs/{kind}"})
 
 

@@ -408,7 +408,7 @@ class SseMeter:
     """
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        self._events = EventSplitter()
         self.usage = Usage()
         self.completed = 0
         self.partials = 0
@@ -416,20 +416,14 @@ class SseMeter:
         self.error: Any = None
 
     def feed(self, chunk: bytes) -> None:
-        self._buffer += chunk
-        while True:
-            end, sep_len = event_end(self._buffer)
-            if end < 0:
-                return
-            event = bytes(self._buffer[:end])
-            del self._buffer[: end + sep_len]
+        for event in self._events.feed(chunk):
             self._event(event)
 
     def finish(self) -> None:
         """The stream ended: a last event may lack its blank line."""
-        if self._buffer.strip():
-            self._event(bytes(self._buffer))
-        self._buffer.clear()
+        rest = self._events.rest()
+        if rest.strip():
+            self._event(rest)
 
     def _event(self, raw: bytes) -> None:
         name, payload = sse_event(raw)
@@ -467,10 +461,37 @@ class SseMeter:
 
 
 def sse_event(raw: bytes) -> tuple[bytes, bytes | None]:
-    """One server-sent event's name and data (its `data:` lines joined; None without any)."""
+    """One server-sent event's name and data (its `data:` lines joined; None without any).
+
+    Its lines are found with `find` (memchr), and a line's data is copied once: the data
+    line of a completed image is megabytes. An event with a carriage return takes the
+    general path (`splitlines`)."""
+    if b"\r" in raw:
+        return _sse_lines(raw.splitlines())
     name = b""
     data: list[bytes] = []
-    for line in raw.splitlines():
+    at, size = 0, len(raw)
+    while at < size:
+        end = raw.find(b"\n", at)
+        end = size if end < 0 else end
+        if raw.startswith(b"data:", at):
+            first = at + 5
+            while first < end and raw[first] == SPACE:
+                first += 1
+            data.append(raw[first:end])
+        elif raw.startswith(b"event:", at):
+            name = raw[at + 6 : end].strip()
+        at = end + 1
+    return name, b"\n".join(data) if data else None
+
+
+SPACE = ord(" ")
+
+
+def _sse_lines(lines: list[bytes]) -> tuple[bytes, bytes | None]:
+    name = b""
+    data: list[bytes] = []
+    for line in lines:
         if line.startswith(b"event:"):
             name = line[6:].strip()
         elif line.startswith(b"data:"):
@@ -478,8 +499,51 @@ def sse_event(raw: bytes) -> tuple[bytes, bytes | None]:
     return name, b"\n".join(data) if data else None
 
 
-def event_end(buffer: bytearray) -> tuple[int, int]:
-    """Index and length of the first event separator (a blank line) in `buffer`."""
-    candidates = [(buffer.find(sep), len(sep)) for sep in (b"\n\n", b"\r\n\r\n")]
-    found = [c for c in candidates if c[0] >= 0]
-    return min(found) if found else (-1, 0)
+def event_end(buffer: bytearray, start: int = 0) -> tuple[int, int]:
+    """Index and length of the first event separator (a blank line: `\\n\\n` or
+    `\\r\\n\\r\\n`) in `buffer` from `start`. Found from its line feeds (memchr): the
+    base64 of an image has none, so a 2 MB event is one fast scan."""
+    at = buffer.find(b"\n", start)
+    while at >= 0:
+        if at >= 1 and buffer[at - 1 : at + 3] == b"\r\n\r\n":
+            return at - 1, 4
+        if buffer[at + 1 : at + 2] == b"\n":
+            return at, 2
+        at = buffer.find(b"\n", at + 1)
+    return -1, 0
+
+
+class EventSplitter:
+    """A server-sent event stream's chunks in, its events (the bytes before each blank
+    line) out.
+
+    Each chunk is searched once for a separator (with the three bytes before it, where a
+    separator may begin): a completed image's event of megabytes arriving in hundreds of
+    chunks would otherwise be searched from its start at each one (41 ms for 2 MB in
+    64 KiB chunks, 578 ms in 4 KiB chunks)."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._searched = 0
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The events `chunk` completes, in order."""
+        buffer = self._buffer
+        buffer += chunk
+        events: list[bytes] = []
+        while True:
+            end, sep = event_end(buffer, max(0, self._searched - 3))
+            if end < 0:
+                self._searched = len(buffer)
+                return events
+            with memoryview(buffer) as view:  # one copy of the event, not two
+                events.append(view[:end].tobytes())
+            del buffer[: end + sep]
+            self._searched = 0
+
+    def rest(self) -> bytes:
+        """What came after the last separator (the stream ended); the buffer is emptied."""
+        rest = bytes(self._buffer)
+        self._buffer.clear()
+        self._searched = 0
+        return rest

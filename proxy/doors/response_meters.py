@@ -19,9 +19,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from proxy.core.metering import (
+    EventSplitter,
     MalformedAnswer,
     ShortStrings,
-    event_end,
     sse_event,
     token_count,
     usage_from_openai,
@@ -103,7 +103,7 @@ class ResponseEvents:
     came. Partial images are counted, never parsed."""
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        self._events = EventSplitter()
         self.response_id: str | None = None
         self.ended: Metered | None = None
         self.error: Any = None
@@ -111,19 +111,13 @@ class ResponseEvents:
         self.unreadable = 0
 
     def feed(self, chunk: bytes) -> None:
-        self._buffer += chunk
-        while True:
-            end, sep = event_end(self._buffer)
-            if end < 0:
-                return
-            event = bytes(self._buffer[:end])
-            del self._buffer[: end + sep]
+        for event in self._events.feed(chunk):
             self._event(event)
 
     def end(self, broken: str | None) -> StreamEnd:
-        if broken is None and self._buffer.strip():
-            self._event(bytes(self._buffer))  # a last event may lack its blank line
-        self._buffer.clear()
+        rest = self._events.rest()
+        if broken is None and rest.strip():
+            self._event(rest)  # a last event may lack its blank line
         ended = self.ended
         return StreamEnd(
             completed=ended.images if ended else 0,

@@ -55,6 +55,10 @@ WAL_LIMIT_BYTES = 64 * 1024 * 1024
 README says how many requests that is)."""
 
 
+Gathered = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
+"""A work of a group commit and the future its caller awaits."""
+
+
 class _Busy(Exception):
     """Another connection holds the write lock: try later, or where waiting is allowed."""
 
@@ -83,6 +87,9 @@ class Connections:
         self._thread_writes = 0
         self._thread_idle = asyncio.Event()
         self._thread_idle.set()
+        self._gathering: list[Gathered] | None = None
+        """The works of the group commit this turn of the loop gathers (see `together`)."""
+        self._committing: set[asyncio.Task[None]] = set()
 
     async def open(self) -> None:
         """Open both connections (sqlite3.Error or OSError if the file cannot be)."""
@@ -100,6 +107,8 @@ class Connections:
         return self._db
 
     async def close(self) -> None:
+        if self._committing:
+            await asyncio.gather(*self._committing, return_exceptions=True)
         if self._checkpoint is not None:
             with contextlib.suppress(LedgerError):
                 await self._checkpoint
@@ -226,6 +235,52 @@ class Connections:
                     return False
                 raise LedgerError(f"ledger checkpoint failed: {exc}") from exc
 
+    async def together(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work` in a write transaction shared with every other `together` of this turn of
+        the loop (group commit): under load, the reservations and settlements of several
+        requests pay for one `BEGIN IMMEDIATE` … `COMMIT`, and the pages they share (the
+        newest rows of `requests`, its indexes, the counters) go into the WAL once.
+
+        The transaction runs in a task of its own on the loop's next turn. Each `work` runs
+        in a savepoint: one that raises is rolled back alone and its caller gets the error
+        (a sqlite3.Error as a LedgerError), the others commit. A caller cancelled before its
+        work ran has nothing written.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        if self._gathering is None:
+            self._gathering = []
+            task = loop.create_task(self._commit_gathered())
+            self._committing.add(task)
+            task.add_done_callback(self._committing.discard)
+        self._gathering.append((work, future))
+        return await future
+
+    async def _commit_gathered(self) -> None:
+        gathered = [(w, f) for w, f in self._gathering or () if not f.done()]
+        self._gathering = None
+        if not gathered:
+            return
+        try:
+            if len(gathered) == 1:  # alone: no savepoint needed
+                work, future = gathered[0]
+                outcomes = [(True, await self.transaction(work))]
+            else:
+                outcomes = await self.transaction(lambda conn: _each(conn, gathered))
+        except BaseException as exc:
+            outcomes = [(False, exc)] * len(gathered)
+            if not isinstance(exc, Exception):
+                for _, future in gathered:
+                    future.cancel()
+                raise
+        for (_, future), (ok, value) in zip(gathered, outcomes, strict=True):
+            if future.done():  # its caller was cancelled meanwhile
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
     async def write(self, sql: str, values: Sequence[Any]) -> None:
         """One statement in a write transaction of its own."""
         await self.transaction(lambda conn: conn.execute(sql, values))
@@ -250,6 +305,29 @@ class Connections:
                 await db.execute("ROLLBACK")
                 raise
             await db.execute("COMMIT")
+
+
+def _each(conn: sqlite3.Connection, gathered: Sequence[Gathered]) -> list[tuple[bool, Any]]:
+    """Run each work of a group commit in a savepoint of its own: (True, result), or
+    (False, the exception) with what it wrote rolled back."""
+    outcomes: list[tuple[bool, Any]] = []
+    for work, future in gathered:
+        if future.done():  # its caller was cancelled while the write lock was awaited
+            outcomes.append((False, None))
+            continue
+        conn.execute("SAVEPOINT work")
+        try:
+            outcome: tuple[bool, Any] = (True, work(conn))
+        except Exception as exc:
+            if isinstance(exc, sqlite3.Error) and _is_busy(exc):
+                raise  # the whole transaction is tried again
+            conn.execute("ROLLBACK TO work")
+            if isinstance(exc, sqlite3.Error):
+                exc = LedgerError(f"ledger write failed: {exc}")
+            outcome = (False, exc)
+        conn.execute("RELEASE work")
+        outcomes.append(outcome)
+    return outcomes
 
 
 def _loop_connection(path: Path) -> sqlite3.Connection:

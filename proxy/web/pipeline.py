@@ -171,7 +171,7 @@ class Pipeline(Generic[Parsed]):
         config, user = runtime.config, variant.request.user
         budgets = applicable(config, team, user, entry.started_at)
         tz = zone(config.timezone)
-        written = counters(team.name, user, entry.started_at, tz)
+        adds_to = counters(team.name, user, entry.started_at, tz)
         chosen: list[Decision] = []
 
         def choose(totals: Mapping[Counter, Totals]) -> Reservation:
@@ -179,7 +179,7 @@ class Pipeline(Generic[Parsed]):
             chosen.append(decision)
             sent = decision.variant
             reserved = entry.sent(sent.request, sent.estimate.cost_nanos, summary(sent.changes))
-            return Reservation(reserved, sent.estimate.usage, written)
+            return Reservation(reserved, sent.estimate.usage, adds_to)
 
         read = tuple(dict.fromkeys(a.counter for a in budgets))
         pace = rates.plan(config, team, entry.started_at)
