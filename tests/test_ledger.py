@@ -1032,7 +1032,7 @@ async def test_a_summary_read_a_slice_at_a_time_sums_each_group_once(
         await ledger.settle(f"r{n}", SETTLED)
     await ledger.record(entry("refused", 5000.0), Settlement(5001.0, "rejected_budget", 429))
     whole = await ledger.summarize(0.0, 1e6, ["team", "outcome"])
-    monkeypatch.setattr("proxy.ledger.sqlite.REPORT_SLICE_SECONDS", 7_000.0)
+    monkeypatch.setattr("proxy.ledger.sqlite_reports.REPORT_SLICE_SECONDS", 7_000.0)
     sliced = await ledger.summarize(0.0, 1e6, ["team", "outcome"])
     assert sorted(sliced, key=repr) == sorted(whole, key=repr)
     assert {a.keys: a.requests for a in whole} == {

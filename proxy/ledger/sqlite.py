@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import functools
 import sqlite3
-import threading
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -24,7 +23,6 @@ from collections.abc import (
     Callable,
     Sequence,
 )
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,11 +40,8 @@ from proxy.ledger.base import (
     BilledLine,
     Chooser,
     Contents,
-    FirstAttempt,
     Flagged,
     GroupColumn,
-    KeptAnswer,
-    KeptTail,
     OpenBatch,
     Owner,
     Reservation,
@@ -56,6 +51,8 @@ from proxy.ledger.base import (
 )
 from proxy.ledger.dialect import SQLITE
 from proxy.ledger.sqlite_connections import Connections
+from proxy.ledger.sqlite_kept import KeptAnswers
+from proxy.ledger.sqlite_reports import summed
 from proxy.ledger.statements import (
     COPY_BATCH,
     EXPORT_BATCH,
@@ -74,15 +71,9 @@ LONG_WRITE = 100
 """Rows past which a write runs on the thread rather than inline on the loop."""
 READ_CHUNK = 200
 """Counters read by one statement at most."""
-REPORT_SLICE_SECONDS = 86400.0
-"""A report's rows are grouped a day at a time (see `_summed`)."""
-REPORT_THREADS = 2
-"""Connections a report reads its slices with at once."""
-LONG_ANSWER = 64 * 1024
-"""Bytes of a kept answer past which it is written on the thread rather than inline."""
 
 
-class SqliteLedger:
+class SqliteLedger(KeptAnswers):
     """The Ledger on one SQLite file."""
 
     def __init__(self, path: str | Path) -> None:
@@ -223,7 +214,7 @@ class SqliteLedger:
         bucket_seconds: int | None = None,
     ) -> list[Aggregate]:
         sql, width = SQL.summary(by, bucket_seconds)
-        found = await asyncio.to_thread(_summed, self.path, sql, start, end, width)
+        found = await asyncio.to_thread(summed, self.path, sql, start, end, width)
         return codecs.aggregates(found, width)
 
     async def export(self, start: float, end: float) -> AsyncGenerator[dict[str, Any], None]:
@@ -261,80 +252,6 @@ class SqliteLedger:
 
         await self.file.transaction(run)
 
-    async def first_attempt(
-        self, team: str, since: float, *, content: str | None = None, key: str | None = None
-    ) -> FirstAttempt | None:
-        if key is not None:
-            found = await self.file.fetch(SQL.first_by_key, (team, key, since))
-        elif content is not None:
-            found = await self.file.fetch(SQL.first_by_content, (team, content, since))
-        else:
-            return None
-        return codecs.first_attempt(found[0]) if found else None
-
-    async def keep_answer(self, answer: KeptAnswer, store_bytes: int) -> bool:
-        size = len(answer.body)
-        if size > store_bytes:
-            return False
-        values = codecs.answer_values(answer)
-
-        def run(conn: sqlite3.Connection) -> None:
-            _forget(conn, answer.request_id)
-            conn.execute(SQL.make_room_chunks, (store_bytes - size,))
-            conn.execute(SQL.make_room, (store_bytes - size,))
-            conn.execute(SQL.keep_answer, values)
-
-        # A large body is copied into the file off the loop, which goes on serving meanwhile.
-        await self.file.transaction(run, long=size > LONG_ANSWER)
-        return True
-
-    async def append_chunk(
-        self, request_id: str, seq: int, chunk: bytes, now: float, store_bytes: int
-    ) -> bool:
-        size = len(chunk)
-
-        def run(conn: sqlite3.Connection) -> bool:
-            grown = (size, now, request_id, size, store_bytes)
-            if conn.execute(SQL.grow_stream, grown).rowcount == 0:
-                _forget(conn, request_id)  # gone already, or too large to keep
-                return False
-            conn.execute(SQL.make_room_chunks, (store_bytes,))
-            conn.execute(SQL.make_room, (store_bytes,))
-            if not conn.execute(SQL.still_kept, (request_id,)).fetchall():
-                return False  # a replica's newer answers took the room
-            conn.execute(SQL.keep_chunk, (request_id, seq, chunk))
-            return True
-
-        kept: bool = await self.file.transaction(run, long=size > LONG_ANSWER)
-        return kept
-
-    async def end_stream(self, request_id: str) -> bool:
-        def run(conn: sqlite3.Connection) -> bool:
-            return conn.execute(SQL.end_stream, (request_id,)).rowcount == 1
-
-        ended: bool = await self.file.transaction(run)
-        return ended
-
-    async def forget_answer(self, request_id: str) -> None:
-        await self.file.transaction(lambda conn: _forget(conn, request_id))
-
-    async def kept_answer(self, request_id: str) -> KeptAnswer | None:
-        found = await self.file.fetch(SQL.kept_answer, (request_id,))
-        if not found:
-            return None
-        chunks = await self.file.fetch(SQL.kept_chunks, (request_id, -1))
-        return codecs.kept_answer(found[0], chunks)
-
-    async def kept_tail(self, request_id: str, after: int) -> KeptTail | None:
-        # From the start, its body too (a whole answer's, or what a stream kept whole).
-        whole = after < 0
-        found = await self.file.fetch(SQL.kept_answer if whole else SQL.kept_head, (request_id,))
-        if not found:
-            return None
-        chunks = await self.file.fetch(SQL.kept_chunks, (request_id, after))
-        read = codecs.kept_answer if whole else codecs.kept_head
-        return KeptTail(read(found[0], chunks), chunks[-1][0] if chunks else after)
-
     async def rate_counts(self, plan: Plan) -> Counts:
         return await self.file.on_thread(lambda conn: rate_counts.read_sqlite(conn, plan))
 
@@ -343,13 +260,6 @@ class SqliteLedger:
 
     async def forget_counts(self, before: float) -> int:
         return await self.file.transaction(lambda conn: rate_counts.forget_sqlite(conn, before))
-
-    async def forget_answers(self, kept_before: float) -> int:
-        def run(conn: sqlite3.Connection) -> int:
-            conn.execute(SQL.forget_chunks_before, (kept_before,))
-            return conn.execute(SQL.forget_answers, (kept_before,)).rowcount
-
-        return await self.file.transaction(run)
 
     async def open_batches(self) -> list[OpenBatch]:
         return [OpenBatch(*r) for r in await self.file.fetch(SQL.open_batches, ())]
@@ -533,60 +443,6 @@ def _add(conn: sqlite3.Connection, counters_text: str, deltas: codecs.Deltas) ->
     )
 
 
-def _summed(path: Path, sql: str, start: float, end: float, width: int) -> list[list[Any]]:
-    """The summary `sql` over [start, end) as slices of `REPORT_SLICE_SECONDS`, summed
-    group by group (every sum is additive), read by `REPORT_THREADS` read-only connections.
-
-    SQLite groups by sorting: over 10 million rows one statement sorted them all (14-22 s
-    here); a day's rows sort in memory, and two threads use both cores (8 s). Each slice
-    is read at its own moment: a row settling meanwhile is counted once, in its slice."""
-    with contextlib.closing(_reader(path)) as db:
-        first, last = db.execute(_RANGE, (start, end)).fetchone()
-    if first is None:
-        return []
-    edges = [float(first)]
-    while edges[-1] + REPORT_SLICE_SECONDS <= last:
-        edges.append(edges[-1] + REPORT_SLICE_SECONDS)
-    slices = [*zip(edges, [*edges[1:], end], strict=True)]
-    local = threading.local()
-    opened: list[sqlite3.Connection] = []
-
-    def read(bounds: tuple[float, float]) -> list[Any]:
-        db = getattr(local, "db", None)
-        if db is None:
-            db = local.db = _reader(path)
-            opened.append(db)
-        return db.execute(sql, bounds).fetchall()
-
-    sums: dict[tuple[Any, ...], list[Any]] = {}
-    try:
-        with ThreadPoolExecutor(min(REPORT_THREADS, len(slices))) as pool:
-            for rows in pool.map(read, slices):
-                for row in rows:
-                    key = tuple(row[:width])
-                    held = sums.get(key)
-                    if held is None:
-                        sums[key] = list(row)
-                    else:
-                        for i in range(width, len(row)):
-                            held[i] = (held[i] or 0) + (row[i] or 0)
-    except sqlite3.Error as exc:
-        raise LedgerError(f"ledger read failed: {exc}") from exc
-    finally:
-        for db in opened:
-            db.close()
-    return list(sums.values())
-
-
-_RANGE = (
-    "SELECT min(started_at), max(started_at) FROM requests WHERE started_at >= ? AND started_at < ?"
-)
-
-
-def _reader(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-
-
 def _typed(columns: list[str], found: tuple[Any, ...]) -> tuple[Any, ...]:
     # SQLite may hand back an integer from a REAL column; PostgreSQL's binary COPY wants floats.
     return tuple(
@@ -601,9 +457,3 @@ async def _fetch_dicts(
     async with db.execute(sql, values) as cursor:
         columns = [d[0] for d in cursor.description]
         return [dict(zip(columns, found, strict=True)) for found in await cursor.fetchall()]
-
-
-def _forget(conn: sqlite3.Connection, request_id: str) -> None:
-    """Forget the answer kept for `request_id`, and its chunks."""
-    conn.execute(SQL.forget_chunks, (request_id,))
-    conn.execute(SQL.forget_answer, (request_id,))
