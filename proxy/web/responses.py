@@ -79,7 +79,7 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
 
 def spooled_response(spool: Spool, answer: Answer, headers: dict[str, str]) -> Response:
     all_headers = {**dict(response_headers(answer)), **headers}
-    if spool.in_memory:
+    if spool.small:
         return Response(spool.getvalue(), status_code=answer.status, headers=all_headers)
     all_headers["content-length"] = str(spool.size)
     return StreamingResponse(spool.stream(), status_code=answer.status, headers=all_headers)

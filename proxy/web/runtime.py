@@ -24,6 +24,7 @@ from proxy.metrics import Metrics
 from proxy.upstream import Upstream
 from proxy.web.admission import BodyBudget
 from proxy.web.follow import Followers
+from proxy.web.spool import SpoolMemory
 
 T = TypeVar("T")
 
@@ -107,6 +108,8 @@ class Runtime:
     alerts: Alerts
     bodies: BodyBudget
     """Request-body bytes held in memory, against `limits.inflight_bytes`."""
+    spools: SpoolMemory = field(default_factory=SpoolMemory)
+    """Answers read whole before they are sent, held in memory (shared by every generation)."""
     tasks: Tasks = field(default_factory=Tasks)
     clock: Callable[[], float] = time.time
     followers: Followers = field(default_factory=Followers)
