@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
-from math import gcd
+from math import gcd, inf
 from typing import Literal
 from zoneinfo import ZoneInfo
 
@@ -98,10 +98,32 @@ def _window_of(period: Period, now: float, tz: ZoneInfo) -> Window:
 
 def counters(team: str, user: str | None, now: float, tz: ZoneInfo) -> tuple[Counter, ...]:
     """The counters a request of `team` (and `user`) adds to, one per period and scope."""
-    found = [Counter("team", team, "", p, window(p, now, tz).start) for p in PERIOD_ORDER]
+    # Built once a minute per team and user (every request of a team builds the same
+    # ones), and used for any instant inside all of their windows, which is every
+    # instant of the minute but where a zone's boundary falls within one.
+    found, since, until = _counters_of_minute(team, user, int(now // 60), tz)
+    if since <= now < until:
+        return found
+    return _counters_at(team, user, now, tz)[0]
+
+
+@lru_cache(maxsize=4096)
+def _counters_of_minute(
+    team: str, user: str | None, minute: int, tz: ZoneInfo
+) -> tuple[tuple[Counter, ...], float, float]:
+    return _counters_at(team, user, minute * 60.0, tz)
+
+
+def _counters_at(
+    team: str, user: str | None, now: float, tz: ZoneInfo
+) -> tuple[tuple[Counter, ...], float, float]:
+    """The counters at `now`, and the latest start and earliest end of their windows."""
+    windows = [window(p, now, tz) for p in PERIOD_ORDER]
+    found = [Counter("team", team, "", w.period, w.start) for w in windows]
     if user:
-        found += [Counter("user", team, user, p, window(p, now, tz).start) for p in PERIOD_ORDER]
-    return tuple(found)
+        found += [Counter("user", team, user, w.period, w.start) for w in windows]
+    ends = [w.end for w in windows if w.end is not None]
+    return tuple(found), max(w.start for w in windows), min(ends, default=inf)
 
 
 @dataclass(frozen=True, slots=True)
