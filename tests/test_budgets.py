@@ -1199,3 +1199,36 @@ def test_counters_kept_for_a_minute_are_those_of_each_instant(
             assert list(counters("design", user, now, tz)) == counters_built_now(
                 "design", user, now, tz
             ), (zone_name, offset, user)
+
+
+@pytest.mark.parametrize(
+    ("zone_name", "around"),
+    [
+        ("UTC", datetime(2026, 3, 1, tzinfo=UTC).timestamp()),
+        ("Europe/Paris", datetime(2026, 3, 29, 1, tzinfo=UTC).timestamp()),
+        ("Africa/Monrovia", datetime(1960, 5, 1, 0, 44, 30, tzinfo=UTC).timestamp()),
+    ],
+)
+def test_applicable_budgets_kept_for_a_minute_are_those_of_each_instant(
+    book: PriceBook, zone_name: str, around: float
+) -> None:
+    team = make_team(
+        budgets=(usd_budget("month", 800), usd_budget("day", 60)),
+        per_user=(usd_budget("week", 5),),
+    )
+    config = make_config(book, (team,), org=(usd_budget("month", 20000),), timezone=zone_name)
+    tz = ZoneInfo(zone_name)
+    for offset in (-61.0, -60.0, -30.5, -1.0, -0.25, 0.0, 0.25, 1.0, 29.5, 30.0, 59.999, 61.0):
+        now = around + offset
+        for user in (None, "alice"):
+            found = applicable(config, team, user, now)
+            assert [(a.budget, a.counter, a.window) for a in found] == [
+                (b, Counter(scope, who_team, who, b.period, window(b.period, now, tz).start),
+                 window(b.period, now, tz))
+                for scope, who_team, who, budgets in (
+                    ("organization", "", "", config.organization_budgets),
+                    ("team", "design", "", team.budgets),
+                    ("user", "design", user or "", team.per_user if user else ()),
+                )
+                for b in budgets
+            ], (zone_name, offset, user)  # fmt: skip

@@ -151,20 +151,57 @@ class Applied:
 
 def applicable(config: Config, team: Team, user: str | None, now: float) -> tuple[Applied, ...]:
     """Every budget a request of `team` by `user` must fit: organization, team, user."""
+    # Kept for a minute, as `counters` are: the same budgets give the same answer.
     tz = zone(config.timezone)
+    found, since, until = _applicable_of_minute(
+        config.organization_budgets, team.name, team.budgets, team.per_user, user,
+        int(now // 60), tz,
+    )  # fmt: skip
+    if since <= now < until:
+        return found
+    return _applicable_at(
+        config.organization_budgets, team.name, team.budgets, team.per_user, user, now, tz
+    )[0]
+
+
+@lru_cache(maxsize=4096)
+def _applicable_of_minute(
+    organization: tuple[Budget, ...],
+    team: str,
+    budgets: tuple[Budget, ...],
+    per_user: tuple[Budget, ...],
+    user: str | None,
+    minute: int,
+    tz: ZoneInfo,
+) -> tuple[tuple[Applied, ...], float, float]:
+    return _applicable_at(organization, team, budgets, per_user, user, minute * 60.0, tz)
+
+
+def _applicable_at(
+    organization: tuple[Budget, ...],
+    team: str,
+    budgets: tuple[Budget, ...],
+    per_user: tuple[Budget, ...],
+    user: str | None,
+    now: float,
+    tz: ZoneInfo,
+) -> tuple[tuple[Applied, ...], float, float]:
+    """The budgets that apply at `now`, and the latest start and earliest end of their
+    windows (the instants the same answer holds for)."""
     found: list[Applied] = []
-    for budget in config.organization_budgets:
+    for budget in organization:
         w = window(budget.period, now, tz)
         found.append(Applied(budget, Counter("organization", "", "", budget.period, w.start), w))
-    for budget in team.budgets:
+    for budget in budgets:
         w = window(budget.period, now, tz)
-        found.append(Applied(budget, Counter("team", team.name, "", budget.period, w.start), w))
+        found.append(Applied(budget, Counter("team", team, "", budget.period, w.start), w))
     if user:
-        for budget in team.per_user:
+        for budget in per_user:
             w = window(budget.period, now, tz)
-            counter = Counter("user", team.name, user, budget.period, w.start)
-            found.append(Applied(budget, counter, w))
-    return tuple(found)
+            found.append(Applied(budget, Counter("user", team, user, budget.period, w.start), w))
+    since = max((a.window.start for a in found), default=-inf)
+    until = min((a.window.end for a in found if a.window.end is not None), default=inf)
+    return tuple(found), since, until
 
 
 # -- decisions -----------------------------------------------------------------
