@@ -1167,3 +1167,68 @@ def test_alert_thresholds_are_soft_and_never_block(book: PriceBook) -> None:
     totals = {c.counter("team", "month"): Totals(spent_nanos=950_000_000)}
     request = req("gpt-image-2", quality="low", size="1024x1024")
     assert c.decide(request, totals).variant.request == request
+
+
+def counters_built_now(team: str, user: str | None, now: float, tz: ZoneInfo) -> list[Counter]:
+    """What `counters` must answer: each window worked out for `now` itself."""
+    users = [("team", "")] + ([("user", user)] if user else [])
+    return [
+        Counter(scope, team, who, p, window(p, now, tz).start)  # type: ignore[arg-type]
+        for scope, who in users
+        for p in ("day", "week", "month", "total")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("zone_name", "around"),
+    [
+        ("UTC", datetime(2026, 3, 1, tzinfo=UTC).timestamp()),  # a month, week and day end
+        ("Europe/Paris", datetime(2026, 3, 29, 1, tzinfo=UTC).timestamp()),  # DST begins
+        ("Europe/Paris", datetime(2026, 10, 24, 22, tzinfo=UTC).timestamp()),  # a day of 25 h
+        # Monrovia kept -0:44:30 until 1972: its midnight fell half-way through a minute.
+        ("Africa/Monrovia", datetime(1960, 5, 1, 0, 44, 30, tzinfo=UTC).timestamp()),
+    ],
+)
+def test_counters_kept_for_a_minute_are_those_of_each_instant(
+    zone_name: str, around: float
+) -> None:
+    tz = ZoneInfo(zone_name)
+    for offset in (-61.0, -60.0, -30.5, -1.0, -0.25, 0.0, 0.25, 1.0, 29.5, 30.0, 59.999, 61.0):
+        now = around + offset
+        for user in (None, "alice"):
+            assert list(counters("design", user, now, tz)) == counters_built_now(
+                "design", user, now, tz
+            ), (zone_name, offset, user)
+
+
+@pytest.mark.parametrize(
+    ("zone_name", "around"),
+    [
+        ("UTC", datetime(2026, 3, 1, tzinfo=UTC).timestamp()),
+        ("Europe/Paris", datetime(2026, 3, 29, 1, tzinfo=UTC).timestamp()),
+        ("Africa/Monrovia", datetime(1960, 5, 1, 0, 44, 30, tzinfo=UTC).timestamp()),
+    ],
+)
+def test_applicable_budgets_kept_for_a_minute_are_those_of_each_instant(
+    book: PriceBook, zone_name: str, around: float
+) -> None:
+    team = make_team(
+        budgets=(usd_budget("month", 800), usd_budget("day", 60)),
+        per_user=(usd_budget("week", 5),),
+    )
+    config = make_config(book, (team,), org=(usd_budget("month", 20000),), timezone=zone_name)
+    tz = ZoneInfo(zone_name)
+    for offset in (-61.0, -60.0, -30.5, -1.0, -0.25, 0.0, 0.25, 1.0, 29.5, 30.0, 59.999, 61.0):
+        now = around + offset
+        for user in (None, "alice"):
+            found = applicable(config, team, user, now)
+            assert [(a.budget, a.counter, a.window) for a in found] == [
+                (b, Counter(scope, who_team, who, b.period, window(b.period, now, tz).start),
+                 window(b.period, now, tz))
+                for scope, who_team, who, budgets in (
+                    ("organization", "", "", config.organization_budgets),
+                    ("team", "design", "", team.budgets),
+                    ("user", "design", user or "", team.per_user if user else ()),
+                )
+                for b in budgets
+            ], (zone_name, offset, user)  # fmt: skip

@@ -11,9 +11,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.core.models import Entry, Settlement, Usage
+from proxy.core.models import Entry, Settlement, Usage, usd_text
 from proxy.metrics import Metrics
-from proxy.web.observe import observe
+from proxy.web.observe import observe, request_line
 from proxy.web.runtime import Runtime
 
 NANOS = 10**9
@@ -117,3 +117,60 @@ def test_the_log_line_of_an_images_request_has_no_mainline(
     assert line["cost_usd"] == "0.00588"
     labels = {"team": "design", "model": "gpt-image-2", "quality": ""}
     assert registry.get_sample_value("tollgate_cost_usd_total", labels) == 0.00588
+
+
+def dumped(entry: Entry, settlement: Settlement) -> str:
+    """The line as `json.dumps` of a dict writes it: what `request_line`'s template must equal."""
+    return json.dumps({
+        "request_id": entry.id, "upstream_request_id": settlement.upstream_request_id,
+        "team": entry.team, "key_id": entry.key_id, "endpoint": entry.endpoint,
+        "model_requested": entry.model_requested, "model": entry.model,
+        "mainline_model": entry.mainline_model, "quality_requested": entry.quality_requested,
+        "quality": entry.quality, "size_requested": entry.size_requested, "size": entry.size,
+        "n": entry.n, "stream": entry.stream, "downgrades": entry.downgrades or None,
+        "outcome": settlement.outcome, "status": settlement.status,
+        "error_code": settlement.error_code, "cost_usd": usd_text(settlement.cost_nanos),
+        "mainline_cost_usd": (
+            usd_text(settlement.mainline_cost_nanos) if entry.mainline_model else None
+        ),
+        "estimated_usd": usd_text(entry.estimated_nanos), "flagged": settlement.flagged,
+        "latency_ms": round(settlement.latency_ms, 1),
+    })  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("entry", "settlement"),
+    [
+        (RESPONSES, SETTLED),
+        (Entry("tg_req_i1", 0.0, "generations"), Settlement(1.0, "client_error", 401)),
+        (
+            Entry(
+                "tg_req_u1",
+                0.0,
+                "edits",
+                team='équipe "b"\\\n',
+                key_id="k\u2603",
+                model="gpt-image-1",
+                n=3,
+                stream=True,
+                downgrades="quality high->low",
+            ),
+            Settlement(
+                2.0,
+                "downgraded",
+                200,
+                cost_nanos=7,
+                flagged=True,
+                error_code="x\ty",
+                latency_ms=12.345678,
+                upstream_request_id="req_\x00",
+            ),
+        ),
+        (RESPONSES, Settlement(1.0, "ok", 200, latency_ms=float("nan"))),
+        (RESPONSES, Settlement(1.0, "ok", 200, latency_ms=float("inf"))),
+    ],
+)
+def test_the_log_line_is_exactly_what_json_dumps_writes(
+    entry: Entry, settlement: Settlement
+) -> None:
+    assert request_line(entry, settlement) == dumped(entry, settlement)

@@ -174,3 +174,14 @@ def test_a_key_that_overlaps_itself_is_masked_across_chunks() -> None:
     assert key.encode() not in whole
     for cut in range(len(body) + 1):
         assert b"".join(scrub_chunks([body[:cut], body[cut:]], scrubber)) == whole
+
+
+def test_a_key_split_between_a_header_name_and_its_value_is_not_the_key() -> None:
+    half = len(KEY) // 2
+    assert SCRUB.pairs([(KEY[:half], KEY[half:]), ("x-request-id", "req_1")]) is None
+
+
+@pytest.mark.parametrize("form", encodings(KEY))
+def test_every_form_of_the_key_in_a_header_value_is_found(form: str) -> None:
+    scrubbed = SCRUB.pairs([("x-request-id", "req_1"), ("x-echo", f"a {form} b")])
+    assert scrubbed is not None and form not in scrubbed[1][1]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
-from math import gcd
+from math import gcd, inf
 from typing import Literal
 from zoneinfo import ZoneInfo
 
@@ -98,10 +98,32 @@ def _window_of(period: Period, now: float, tz: ZoneInfo) -> Window:
 
 def counters(team: str, user: str | None, now: float, tz: ZoneInfo) -> tuple[Counter, ...]:
     """The counters a request of `team` (and `user`) adds to, one per period and scope."""
-    found = [Counter("team", team, "", p, window(p, now, tz).start) for p in PERIOD_ORDER]
+    # Built once a minute per team and user (every request of a team builds the same
+    # ones), and used for any instant inside all of their windows, which is every
+    # instant of the minute but where a zone's boundary falls within one.
+    found, since, until = _counters_of_minute(team, user, int(now // 60), tz)
+    if since <= now < until:
+        return found
+    return _counters_at(team, user, now, tz)[0]
+
+
+@lru_cache(maxsize=4096)
+def _counters_of_minute(
+    team: str, user: str | None, minute: int, tz: ZoneInfo
+) -> tuple[tuple[Counter, ...], float, float]:
+    return _counters_at(team, user, minute * 60.0, tz)
+
+
+def _counters_at(
+    team: str, user: str | None, now: float, tz: ZoneInfo
+) -> tuple[tuple[Counter, ...], float, float]:
+    """The counters at `now`, and the latest start and earliest end of their windows."""
+    windows = [window(p, now, tz) for p in PERIOD_ORDER]
+    found = [Counter("team", team, "", w.period, w.start) for w in windows]
     if user:
-        found += [Counter("user", team, user, p, window(p, now, tz).start) for p in PERIOD_ORDER]
-    return tuple(found)
+        found += [Counter("user", team, user, w.period, w.start) for w in windows]
+    ends = [w.end for w in windows if w.end is not None]
+    return tuple(found), max(w.start for w in windows), min(ends, default=inf)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,20 +151,57 @@ class Applied:
 
 def applicable(config: Config, team: Team, user: str | None, now: float) -> tuple[Applied, ...]:
     """Every budget a request of `team` by `user` must fit: organization, team, user."""
+    # Kept for a minute, as `counters` are: the same budgets give the same answer.
     tz = zone(config.timezone)
+    found, since, until = _applicable_of_minute(
+        config.organization_budgets, team.name, team.budgets, team.per_user, user,
+        int(now // 60), tz,
+    )  # fmt: skip
+    if since <= now < until:
+        return found
+    return _applicable_at(
+        config.organization_budgets, team.name, team.budgets, team.per_user, user, now, tz
+    )[0]
+
+
+@lru_cache(maxsize=4096)
+def _applicable_of_minute(
+    organization: tuple[Budget, ...],
+    team: str,
+    budgets: tuple[Budget, ...],
+    per_user: tuple[Budget, ...],
+    user: str | None,
+    minute: int,
+    tz: ZoneInfo,
+) -> tuple[tuple[Applied, ...], float, float]:
+    return _applicable_at(organization, team, budgets, per_user, user, minute * 60.0, tz)
+
+
+def _applicable_at(
+    organization: tuple[Budget, ...],
+    team: str,
+    budgets: tuple[Budget, ...],
+    per_user: tuple[Budget, ...],
+    user: str | None,
+    now: float,
+    tz: ZoneInfo,
+) -> tuple[tuple[Applied, ...], float, float]:
+    """The budgets that apply at `now`, and the latest start and earliest end of their
+    windows (the instants the same answer holds for)."""
     found: list[Applied] = []
-    for budget in config.organization_budgets:
+    for budget in organization:
         w = window(budget.period, now, tz)
         found.append(Applied(budget, Counter("organization", "", "", budget.period, w.start), w))
-    for budget in team.budgets:
+    for budget in budgets:
         w = window(budget.period, now, tz)
-        found.append(Applied(budget, Counter("team", team.name, "", budget.period, w.start), w))
+        found.append(Applied(budget, Counter("team", team, "", budget.period, w.start), w))
     if user:
-        for budget in team.per_user:
+        for budget in per_user:
             w = window(budget.period, now, tz)
-            counter = Counter("user", team.name, user, budget.period, w.start)
-            found.append(Applied(budget, counter, w))
-    return tuple(found)
+            found.append(Applied(budget, Counter("user", team, user, budget.period, w.start), w))
+    since = max((a.window.start for a in found), default=-inf)
+    until = min((a.window.end for a in found if a.window.end is not None), default=inf)
+    return tuple(found), since, until
 
 
 # -- decisions -----------------------------------------------------------------

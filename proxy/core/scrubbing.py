@@ -39,6 +39,7 @@ import ctypes
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import chain
 from urllib.parse import quote
 
 MARKER = "[redacted]"
@@ -169,6 +170,12 @@ class Scrubber:
         no header carries it (the usual case: nothing is copied). A header whose name
         carries it is dropped: the mask's brackets are not allowed in a header name."""
         pairs = list(pairs)
+        # One search of each form in every name and value at once, the usual answer
+        # carrying none: a form in any of them is in the joined text (one found only
+        # across two of them is then looked for in each, and is not there).
+        joined = "\n".join(chain.from_iterable(pairs))
+        if not any(n.text in joined for n in self.needles):
+            return None
         if not any(self.text(k) != k or self.text(v) != v for k, v in pairs):
             return None
         return [(k, self.text(v)) for k, v in pairs if self.text(k) == k]
