@@ -211,3 +211,27 @@ def emptied(gate: Tollgate) -> Tollgate:
     gate.query("DELETE FROM kept_answers")
     gate.query("DELETE FROM kept_chunks")
     return gate
+
+
+# -- the fixtures of the modules that share one simulator and one Tollgate -----------------
+# A module imports them (and lists them in `__all__`): each gets its own of each.
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[Simulator]:
+    yield from own_simulator()
+
+
+@pytest.fixture(scope="module")
+def gate(sim: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
+    yield from serve_gate(sim, tmp_path_factory)
+
+
+@pytest.fixture(autouse=True)
+def fresh(sim: Simulator) -> Iterator[None]:
+    yield from calm(sim)
+
+
+@pytest.fixture
+def clean(gate: Tollgate) -> Tollgate:
+    return emptied(gate)

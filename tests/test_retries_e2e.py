@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -26,37 +25,19 @@ from tests.retries_e2e import (
     LATENCY_MS,
     TIMEOUT_S,
     TOOL,
-    calm,
+    clean,
     decodable,
-    emptied,
+    fresh,
+    gate,
     one_charge,
-    own_simulator,
     png,
     sdk,
-    serve_gate,
     settled,
+    sim,
     wait_for,
 )
 
-
-@pytest.fixture(scope="module")
-def sim() -> Iterator[Simulator]:
-    yield from own_simulator()
-
-
-@pytest.fixture(scope="module")
-def gate(sim: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
-    yield from serve_gate(sim, tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def fresh(sim: Simulator) -> Iterator[None]:
-    yield from calm(sim)
-
-
-@pytest.fixture
-def clean(gate: Tollgate) -> Tollgate:
-    return emptied(gate)
+__all__ = ["clean", "fresh", "gate", "sim"]  # the shared fixtures
 
 
 # -- 1. the Python SDK: one image, one charge ------------------------------------------

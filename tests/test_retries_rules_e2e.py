@@ -6,7 +6,6 @@ another body, a first that failed), and retries turned off.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -23,39 +22,21 @@ from tests.retries_e2e import (
     IMAGE,
     arrivals,
     body,
-    calm,
     charges,
+    clean,
     configure,
     decodable,
-    emptied,
+    fresh,
+    gate,
     in_background,
     one_charge,
-    own_simulator,
     post,
     sdk,
-    serve_gate,
     settled,
+    sim,
 )
 
-
-@pytest.fixture(scope="module")
-def sim() -> Iterator[Simulator]:
-    yield from own_simulator()
-
-
-@pytest.fixture(scope="module")
-def gate(sim: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
-    yield from serve_gate(sim, tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def fresh(sim: Simulator) -> Iterator[None]:
-    yield from calm(sim)
-
-
-@pytest.fixture
-def clean(gate: Tollgate) -> Tollgate:
-    return emptied(gate)
+__all__ = ["clean", "fresh", "gate", "sim"]  # the shared fixtures
 
 
 # -- 1. a retry while the first renders; after it answered a client that had gone --------

@@ -9,12 +9,11 @@ import concurrent.futures
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from tests.conftest import (
     Simulator,
@@ -23,36 +22,18 @@ from tests.conftest import (
 )
 from tests.retries_e2e import (
     body,
-    calm,
     charges,
+    clean,
     configure,
-    emptied,
-    own_simulator,
+    fresh,
+    gate,
     post,
-    serve_gate,
     settled,
+    sim,
     wait_for,
 )
 
-
-@pytest.fixture(scope="module")
-def sim() -> Iterator[Simulator]:
-    yield from own_simulator()
-
-
-@pytest.fixture(scope="module")
-def gate(sim: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
-    yield from serve_gate(sim, tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def fresh(sim: Simulator) -> Iterator[None]:
-    yield from calm(sim)
-
-
-@pytest.fixture
-def clean(gate: Tollgate) -> Tollgate:
-    return emptied(gate)
+__all__ = ["clean", "fresh", "gate", "sim"]  # the shared fixtures
 
 
 # -- 1. a storm of large answers against store_bytes -------------------------------------------

@@ -26,17 +26,17 @@ from tests.retries_e2e import (
     DEADLINE_S,
     LATENCY_MS,
     body,
-    calm,
+    clean,
     configure,
     decodable,
-    emptied,
+    fresh,
+    gate,
     in_background,
     one_charge,
-    own_simulator,
     post,
     sdk,
-    serve_gate,
     settled,
+    sim,
     stream_events,
     wait_for,
 )
@@ -46,24 +46,7 @@ PACED_MS = 6000
 EVENTS = [*(f"partial:{i}" for i in range(3)), "completed"]
 
 
-@pytest.fixture(scope="module")
-def sim() -> Iterator[Simulator]:
-    yield from own_simulator()
-
-
-@pytest.fixture(scope="module")
-def gate(sim: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
-    yield from serve_gate(sim, tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def fresh(sim: Simulator) -> Iterator[None]:
-    yield from calm(sim)
-
-
-@pytest.fixture
-def clean(gate: Tollgate) -> Tollgate:
-    return emptied(gate)
+__all__ = ["clean", "fresh", "gate", "sim"]  # the shared fixtures
 
 
 @pytest.fixture
