@@ -30,6 +30,7 @@ from proxy.core.settings import Config
 from proxy.finance.reconcile import (
     DAY,
     DEFAULT_TOLERANCE,
+    Reconciliation,
     Status,
     canonical,
     fetch_costs,
@@ -43,7 +44,7 @@ from proxy.finance.reconcile import (
 )
 from proxy.finance.reports import aligned
 from proxy.ledger import open_ledger
-from proxy.ledger.base import Flagged, Ledger
+from proxy.ledger.base import Ledger
 
 GROUP_BY = ("project_id", "line_item")
 UNMAPPED_NOTE = (
@@ -123,22 +124,8 @@ class ProjectLine:
         return self.openai_usd - self.tollgate_usd
 
 
-@dataclass(frozen=True, slots=True)
-class ProjectReconciliation:
-    first: date
-    last: date
-    tolerance: Decimal
-    lines: tuple[ProjectLine, ...]
-    ignored: Mapping[str, Decimal]
-    flagged: tuple[Flagged, ...] = ()
-
-    @property
-    def unresolved(self) -> list[Flagged]:
-        return [f for f in self.flagged if f.resolved_at is None]
-
-    @property
-    def off_days(self) -> list[date]:
-        return sorted({line.day for line in self.lines if line.status == "off"})
+ProjectReconciliation = Reconciliation[ProjectLine]
+"""Days of each project's spend: OpenAI's and its teams' in the ledger."""
 
 
 def compare(

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import httpx
 
@@ -185,12 +185,28 @@ class Line:
         return self.openai_usd - self.tollgate_usd
 
 
-@dataclass(frozen=True, slots=True)
-class Reconciliation:
+class DayLine(Protocol):
+    """A line of a reconciliation: one day of something, and whether it is off."""
+
+    @property
+    def day(self) -> date: ...
+
+    @property
+    def status(self) -> Status | None: ...
+
+
+L = TypeVar("L", bound=DayLine)
+
+
+@dataclass(frozen=True)  # not slots: a generic alias sets `__orig_class__` on its values
+class Reconciliation(Generic[L]):
+    """Days of OpenAI's bill and Tollgate's ledger side by side: by model (`Line`), or by
+    project (`projects.ProjectLine`)."""
+
     first: date
     last: date
     tolerance: Decimal
-    lines: tuple[Line, ...]
+    lines: tuple[L, ...]
     ignored: Mapping[str, Decimal]
     flagged: tuple[Flagged, ...] = ()
     """The flagged rows of these days: their charge is a bound until resolved."""
@@ -210,7 +226,7 @@ def compare(
     first: date,
     last: date,
     tolerance: Decimal = DEFAULT_TOLERANCE,
-) -> Reconciliation:
+) -> Reconciliation[Line]:
     """One line per UTC day and model that either side billed (pure)."""
     lines = []
     keys = sorted(
@@ -235,7 +251,7 @@ def compare(
     return Reconciliation(first, last, tolerance, tuple(lines), ignored)
 
 
-def as_json(r: Reconciliation) -> dict[str, Any]:
+def as_json(r: Reconciliation[Line]) -> dict[str, Any]:
     return {
         "from": r.first.isoformat(),
         "to": r.last.isoformat(),
@@ -258,7 +274,7 @@ def as_json(r: Reconciliation) -> dict[str, Any]:
     }
 
 
-def as_table(r: Reconciliation) -> str:
+def as_table(r: Reconciliation[Line]) -> str:
     head = ("day (UTC)", "model", "openai_usd", "tollgate_usd", "difference", "status", "note")
     rows = [
         (line.day.isoformat(), line.model, money(line.openai_usd), money(line.tollgate_usd),
@@ -348,7 +364,7 @@ async def run(
     last: date | None,
     tolerance: Decimal,
     now: float,
-) -> Reconciliation:
+) -> Reconciliation[Line]:
     """Reconcile the UTC days `first`..`last`: by default the days a saved export covers,
     or (live) the current UTC month up to today. `pages` is fetched when `admin_key` is given."""
     today = utc_day(now)
