@@ -37,12 +37,11 @@ from proxy.finance.reconcile import (
     line_item_model,
     midnight,
     money,
+    table,
     unresolved_json,
-    unresolved_note,
     utc_day,
     window,
 )
-from proxy.finance.reports import aligned
 from proxy.ledger import open_ledger
 from proxy.ledger.base import Ledger
 
@@ -208,31 +207,16 @@ def as_table(r: ProjectReconciliation) -> str:
          {"off": "OFF", "ok": "ok", None: "unmapped"}[line.status], line.note)
         for line in r.lines
     ]  # fmt: skip
-    out = [
+    return table(
+        r,
         f"Reconciliation by OpenAI project {r.first} .. {r.last} (UTC days), tolerance "
         f"${r.tolerance} per day and project; difference = OpenAI - Tollgate",
-        "",
-        *aligned([head, *rows]),
-    ]
-    if not rows:
-        out.append("(no spend on either side)")
-    if r.ignored:
-        out.append("")
-        out.append("Left out (not priced models): " + ", ".join(sorted(r.ignored)))
-    out.append("")
-    if r.off_days:
-        out.append(
-            f"{len(r.off_days)} day(s) off: {', '.join(d.isoformat() for d in r.off_days)}. "
-            "A positive difference is spend of the project that bypassed Tollgate (another "
-            "key or a direct call); a negative one is spend OpenAI did not bill to that "
-            "project, or a day missing from the export."
-        )
-    else:
-        out.append("Every project matches within the tolerance, every day.")
-    if r.unresolved:
-        out.append("")
-        out.append(unresolved_note(r.unresolved))
-    return "\n".join(out) + "\n"
+        [head, *rows],
+        "A positive difference is spend of the project that bypassed Tollgate (another "
+        "key or a direct call); a negative one is spend OpenAI did not bill to that "
+        "project, or a day missing from the export.",
+        "Every project matches within the tolerance, every day.",
+    )
 
 
 async def run(

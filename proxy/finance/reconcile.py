@@ -281,26 +281,34 @@ def as_table(r: Reconciliation[Line]) -> str:
          f"{line.difference:+.6f}", "OFF" if line.status == "off" else "ok", line.note)
         for line in r.lines
     ]  # fmt: skip
-    out = [
+    return table(
+        r,
         f"Reconciliation {r.first} .. {r.last} (UTC days), tolerance ${r.tolerance} per day "
         "and model; difference = OpenAI - Tollgate",
-        "",
-        *aligned([head, *rows]),
-    ]
-    if not rows:
+        [head, *rows],
+        "A positive difference is spend that bypassed Tollgate (another key or a direct "
+        "call); a negative one is spend OpenAI did not bill or a day missing from the export.",
+        "Every day matches within the tolerance.",
+    )
+
+
+def table(
+    r: Reconciliation[Any], title: str, rows: list[tuple[str, ...]], off: str, even: str
+) -> str:
+    """A reconciliation as text: `title`, its `rows` (a head, then a row per line) aligned,
+    what was left out, the days off (explained by `off`) or `even`, the flagged rows."""
+    out = [title, "", *aligned(rows)]
+    if len(rows) == 1:
         out.append("(no spend on either side)")
     if r.ignored:
         out.append("")
         out.append("Left out (not priced models): " + ", ".join(sorted(r.ignored)))
     out.append("")
     if r.off_days:
-        out.append(
-            f"{len(r.off_days)} day(s) off: {', '.join(d.isoformat() for d in r.off_days)}. "
-            "A positive difference is spend that bypassed Tollgate (another key or a direct "
-            "call); a negative one is spend OpenAI did not bill or a day missing from the export."
-        )
+        days = ", ".join(d.isoformat() for d in r.off_days)
+        out.append(f"{len(r.off_days)} day(s) off: {days}. {off}")
     else:
-        out.append("Every day matches within the tolerance.")
+        out.append(even)
     if r.unresolved:
         out.append("")
         out.append(unresolved_note(r.unresolved))
