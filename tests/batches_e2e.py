@@ -288,10 +288,10 @@ def cli(proxy: Tollgate, *args: str) -> subprocess.CompletedProcess[str]:
     return done
 
 
-def serve_proxy(
-    simulator: Simulator, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Tollgate]:
-    """A Tollgate of the test module's own, in front of the simulator, with `TEAMS`."""
+@pytest.fixture(scope="module")
+def proxy(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
+    """A Tollgate of the test module's own, in front of the simulator, with `TEAMS` (a
+    module imports this fixture, and `calm`, and lists them in its `__all__`)."""
     root = tmp_path_factory.mktemp("batches")
     write_config(root, f"{simulator.url}/v1", "timezone: UTC\n", teams=TEAMS)
     tollgate = start_tollgate(root)
@@ -299,7 +299,8 @@ def serve_proxy(
     tollgate.stop()
 
 
-def calm_simulator(simulator: Simulator) -> Iterator[None]:
+@pytest.fixture(autouse=True)
+def calm(simulator: Simulator) -> Iterator[None]:
     """Short batches, a day's window, no latency or faults."""
     simulator.configure(latency_ms=0, fault=None, batch_delay_ms=400, batch_window_ms=DAY * 1000)
     yield

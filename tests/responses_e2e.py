@@ -195,10 +195,10 @@ def check_charge(
 # -- fixtures ------------------------------------------------------------------------
 
 
-def serve_proxy(
-    simulator: Simulator, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Tollgate]:
-    """A Tollgate of the test module's own, in front of the simulator, with `TEAMS`."""
+@pytest.fixture(scope="module")
+def proxy(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
+    """A Tollgate of the test module's own, in front of the simulator, with `TEAMS` (a
+    module imports this fixture, and `calm`, and lists them in its `__all__`)."""
     root = tmp_path_factory.mktemp("responses")
     write_config(root, f"{simulator.url}/v1", teams=TEAMS)
     tollgate = start_tollgate(root)
@@ -206,7 +206,8 @@ def serve_proxy(
     tollgate.stop()
 
 
-def calm_simulator(simulator: Simulator) -> Iterator[None]:
+@pytest.fixture(autouse=True)
+def calm(simulator: Simulator) -> Iterator[None]:
     """Each test starts and ends with a simulator without latency or faults."""
     simulator.configure(latency_ms=0, fault=None)
     yield

@@ -5,7 +5,6 @@ batch rates, bad files refused before upload, a batch reserved whole or refused.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -20,7 +19,7 @@ from tests.batches_e2e import (
     TIGHT_LIMIT_USD,
     arrivals,
     batch_rows,
-    calm_simulator,
+    calm,
     check_settled,
     cli,
     create,
@@ -31,23 +30,15 @@ from tests.batches_e2e import (
     line,
     nanos,
     png_bytes,
+    proxy,
     reserved_total,
-    serve_proxy,
     settled_spend,
     upload,
     upstream_files,
 )
 from tests.conftest import DESIGN_KEY, RESEARCH_KEY, Simulator, Tollgate
 
-
-@pytest.fixture(scope="module")
-def proxy(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
-    yield from serve_proxy(simulator, tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def calm(simulator: Simulator) -> Iterator[None]:
-    yield from calm_simulator(simulator)
+__all__ = ["calm", "proxy"]  # the shared fixtures
 
 
 # -- 1. exact cost, per billed line, at batch rates ------------------------------------

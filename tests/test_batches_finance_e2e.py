@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
 import httpx
-import pytest
 
 from bench import batch_upload
 from tests.batches_e2e import (
@@ -20,7 +18,7 @@ from tests.batches_e2e import (
     LOW,
     TEAMS,
     batch_cost,
-    calm_simulator,
+    calm,
     check_settled,
     cli,
     create,
@@ -29,7 +27,7 @@ from tests.batches_e2e import (
     line,
     nanos,
     png_bytes,
-    serve_proxy,
+    proxy,
 )
 from tests.conftest import (
     DESIGN_KEY,
@@ -42,15 +40,7 @@ from tests.conftest import (
     write_config,
 )
 
-
-@pytest.fixture(scope="module")
-def proxy(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
-    yield from serve_proxy(simulator, tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def calm(simulator: Simulator) -> Iterator[None]:
-    yield from calm_simulator(simulator)
+__all__ = ["calm", "proxy"]  # the shared fixtures
 
 
 # -- 7. reports and reconciliation ----------------------------------------------------------

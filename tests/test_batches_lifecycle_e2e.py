@@ -7,7 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,13 @@ from tests.batches_e2e import (
     api_arrivals,
     batch_rows,
     billed_lines,
-    calm_simulator,
+    calm,
     check_settled,
     create,
     ended,
     generations,
+    proxy,
     reserved_total,
-    serve_proxy,
     settled_rows,
     upload,
     wait_for,
@@ -42,15 +42,7 @@ from tests.conftest import (
     write_config,
 )
 
-
-@pytest.fixture(scope="module")
-def proxy(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
-    yield from serve_proxy(simulator, tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def calm(simulator: Simulator) -> Iterator[None]:
-    yield from calm_simulator(simulator)
+__all__ = ["calm", "proxy"]  # the shared fixtures
 
 
 # -- 4. failed lines, cancelled and expired batches --------------------------------------

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -31,27 +30,19 @@ from tests.responses_e2e import (
     NODE_PROJECT,
     TEAMS,
     billed,
-    calm_simulator,
+    calm,
     check_charge,
     nanos,
     node_sdk,
+    proxy,
     record_cost,
     rows_of,
-    serve_proxy,
     settled_row,
     team,
     tool,
 )
 
-
-@pytest.fixture(scope="module")
-def proxy(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
-    yield from serve_proxy(simulator, tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def calm(simulator: Simulator) -> Iterator[None]:
-    yield from calm_simulator(simulator)
+__all__ = ["calm", "proxy"]  # the shared fixtures
 
 
 # -- 4. a storm against a budget that fits a few bounds ----------------------------------

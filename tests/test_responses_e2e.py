@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import collections
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -20,27 +20,19 @@ from tests.responses_e2e import (
     PAIRS,
     arrivals,
     billed,
-    calm_simulator,
+    calm,
     check_charge,
     json_cost,
     nanos,
+    proxy,
     record_cost,
     rows_of,
-    serve_proxy,
     settled_row,
     tool,
     wait_for,
 )
 
-
-@pytest.fixture(scope="module")
-def proxy(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
-    yield from serve_proxy(simulator, tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def calm(simulator: Simulator) -> Iterator[None]:
-    yield from calm_simulator(simulator)
+__all__ = ["calm", "proxy"]  # the shared fixtures
 
 
 # -- 1. exact cost, every way a response is asked for ------------------------------------

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -18,25 +17,17 @@ from tests.conftest import DESIGN_KEY, Simulator, Tollgate
 from tests.responses_e2e import (
     arrivals,
     billed,
-    calm_simulator,
+    calm,
     check_charge,
     nanos,
+    proxy,
     record_cost,
-    serve_proxy,
     settled_row,
     tool,
     wait_for,
 )
 
-
-@pytest.fixture(scope="module")
-def proxy(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
-    yield from serve_proxy(simulator, tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def calm(simulator: Simulator) -> Iterator[None]:
-    yield from calm_simulator(simulator)
+__all__ = ["calm", "proxy"]  # the shared fixtures
 
 
 # -- 6. what Tollgate cannot bound is refused ---------------------------------------------
