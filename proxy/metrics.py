@@ -42,7 +42,7 @@ from prometheus_client.utils import floatToGoString
 
 from proxy.core.models import NANOS_PER_USD, TOKEN_KINDS, Change, Entry, Settlement
 from proxy.core.status import BudgetStatus, RateStatus
-from proxy.metrics_text import RegistryText, label_text
+from proxy.metrics_text import MultiprocessText, RegistryText, label_text
 
 ENV_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.5, 1, 2.5, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300)
@@ -94,6 +94,7 @@ class Metrics:
         # Every metric above, in the order it was registered (attributes keep the order in
         # which they were set, each right as it was made and registered).
         self._text = RegistryText([m for m in vars(self).values() if isinstance(m, _METRICS)])
+        self._workers = MultiprocessText(multiprocess_dir) if multiprocess_dir else None
         # The request path finds its children here (see `Children`).
         self._requests = Children(self.requests)
         self._tokens = Children(self.tokens)
@@ -275,13 +276,10 @@ class Metrics:
     ) -> bytes:
         """The text format of every metric: this process's (or every worker's) values and
         the gauges of `budgets` and `rates`, snapshots read from the ledger for this scrape."""
+        # Every worker's values or this process's, written without generate_latest (see
+        # `MultiprocessText` and `RegistryText`).
+        own = self._workers.text() if self._workers else self._text.text()
         scrape = CollectorRegistry(auto_describe=False)
-        if self.multiprocess_dir:
-            multiprocess.MultiProcessCollector(scrape, self.multiprocess_dir)  # type: ignore[no-untyped-call]
-            own = b""
-        else:
-            # This process's values, written without generate_latest (see `RegistryText`).
-            own = self._text.text()
         scrape.register(RateCollector(rates))
         # The budget gauges come last, as their collector would: written directly, not
         # through generate_latest (15,000 samples for 1,000 teams took it 100 ms).

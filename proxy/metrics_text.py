@@ -13,11 +13,17 @@ registry's order. The output is byte for byte `generate_latest`'s (a test holds 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import glob
+import json
+import os
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client import metrics as client_metrics
+from prometheus_client.metrics_core import Metric
+from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -105,3 +111,67 @@ class RegistryText:
             else:
                 out.append(generate_latest(part).decode())
         return "".join(out).encode()
+
+
+class MultiprocessText:
+    """Every worker's values in the text format (prometheus-client's multiprocess mode).
+
+    `MultiProcessCollector` parses each series' key and builds a sample for it in every
+    worker's file, then `generate_latest` writes each: about 180 ms a scrape for 1,000
+    teams that have each sent a request. Counters, which hold nearly every series, are
+    summed here by their key as written (the same text in every worker's file), and each
+    key's name and label text are parsed once in the process's life. The other files
+    (the in-flight gauges, the upstream latency histogram: a few series) go through the
+    client's own collector. Counters come first, then the rest; within a family the
+    series are those `generate_latest` writes, with the same values (a test parses both).
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        # A series' key → (family, the sample's line up to its value, help).
+        self._keys: dict[str, tuple[str, str, str]] = {}
+
+    def _parsed(self, key: str) -> tuple[str, str, str]:
+        found = self._keys.get(key)
+        if found is None:
+            family, name, labels, doc = json.loads(key)
+            text = label_text(list(labels), list(labels.values())) if labels else ""
+            found = self._keys[key] = (family, f"{name}{text} ", doc)
+        return found
+
+    def text(self) -> bytes:
+        files = glob.glob(os.path.join(self._path, "*.db"))
+        counters = [f for f in files if os.path.basename(f).startswith("counter_")]
+        summed: dict[str, float] = {}
+        for file in counters:
+            for key, value, _, _ in MmapedDict.read_all_values_from_file(file):  # type: ignore[no-untyped-call]
+                summed[key] = summed.get(key, 0.0) + value
+        families: dict[str, list[str]] = {}
+        docs: dict[str, str] = {}
+        for key, value in summed.items():
+            family, line, doc = self._parsed(key)
+            lines = families.get(family)
+            if lines is None:
+                lines = families[family] = []
+                docs[family] = doc
+            lines.append(f"{line}{floatToGoString(value)}\n")  # type: ignore[no-untyped-call]
+        out: list[str] = []
+        for family, lines in families.items():
+            total = f"{family}_total"
+            out.append(_help(total, docs[family]) + f"# TYPE {total} counter\n")
+            out.extend(lines)
+        others = CollectorRegistry(auto_describe=False)
+        summed_files = set(counters)
+        others.register(_Merged([f for f in files if f not in summed_files]))
+        out.append(generate_latest(others).decode())
+        return "".join(out).encode()
+
+
+class _Merged(Collector):
+    """The client's own merge of some of the workers' files."""
+
+    def __init__(self, files: list[str]) -> None:
+        self._files = files
+
+    def collect(self) -> Iterable[Metric]:
+        return MultiProcessCollector.merge(self._files, accumulate=True)  # type: ignore[no-any-return,no-untyped-call]

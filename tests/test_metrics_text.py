@@ -3,11 +3,17 @@ prometheus-client's `generate_latest` writes, scrape after scrape."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client import metrics as client_metrics
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.core.models import Entry, Settlement, Usage
 from proxy.metrics import BudgetCollector, Metrics, RateCollector
@@ -101,3 +107,74 @@ def test_any_requests_between_any_scrapes(scrapes: list[list[tuple[str, str, int
         for team, model, cost in requests:
             finish(metrics, team, model, cost)
         assert metrics.exposition() == reference(metrics)
+
+
+WORKER = """
+import sys
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from proxy.metrics import BudgetCollector, Metrics, RateCollector
+from proxy.core.models import Entry, Settlement, Usage
+metrics = Metrics(multiprocess_dir=sys.argv[1])
+for n, team in enumerate(sys.argv[3:]):
+    entry = Entry("tg_req_1", 0.0, "generations", team=team, model="gpt-image-2",
+                  quality="low", size="1024x1024", estimated_nanos=10**7 + n)
+    metrics.started()
+    metrics.upstream("gpt-image-2", "generations", 0.1 * n)
+    usage = Usage(text_input=3 + n, image_output=7, images=1)
+    metrics.finished(entry, Settlement(1.0, "ok", 200, usage, cost_nanos=5 * 10**6 + n), ())
+metrics.rate_limited("design", "minute", "images")
+metrics.started()  # one still in flight
+if sys.argv[2] == "report":
+    stock = CollectorRegistry(auto_describe=False)
+    MultiProcessCollector(stock, sys.argv[1])
+    stock.register(RateCollector(()))
+    stock.register(BudgetCollector(()))
+    sys.stdout.write(metrics.exposition().decode() + "\\f" + generate_latest(stock).decode())
+"""
+
+
+def families(text: str) -> list[tuple[str, str, str, list[tuple[str, tuple[object, ...], float]]]]:
+    """Each family (name, type, help, samples sorted): a family written in two places
+    would be parsed as two, and the lists would differ."""
+    found = [
+        (
+            family.name,
+            family.type,
+            family.documentation,
+            sorted((s.name, tuple(sorted(s.labels.items())), s.value) for s in family.samples),
+        )
+        for family in text_string_to_metric_families(text)
+    ]
+    return sorted(found)
+
+
+def test_every_workers_values_are_summed_as_the_clients_collector_sums_them(
+    tmp_path: Path,
+) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    runs = [
+        ("work", ["design", 'de"sign\\x\ny', "équipe ☃"]),
+        ("work", ["design", "late"]),
+        ("report", ["design"]),
+    ]
+    for role, teams in runs:
+        done = subprocess.run(
+            [sys.executable, "-c", WORKER, str(tmp_path), role, *teams],
+            cwd=Path(__file__).parents[1],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+    ours, stock = done.stdout.split("\f")
+    assert families(ours) == families(stock)
+    samples = {
+        (s.name, s.labels.get("team", "")): s.value
+        for family in text_string_to_metric_families(ours)
+        for s in family.samples
+    }
+    assert samples[("tollgate_requests_total", "design")] == 3
+    assert samples[("tollgate_requests_total", 'de"sign\\x\ny')] == 1
+    assert samples[("tollgate_inflight_requests", "")] == 3
