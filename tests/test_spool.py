@@ -8,6 +8,7 @@ from typing import IO, Any, cast
 
 import pytest
 
+from proxy.web.responses import HeldResponse
 from proxy.web.spool import CHUNK, Spool, SpoolMemory
 
 
@@ -141,3 +142,48 @@ async def test_small_chunks_in_memory_are_sent_joined() -> None:
         spool.write(b"z" * 1024)
     sent = [chunk async for chunk in spool.stream()]
     assert [len(chunk) for chunk in sent] == [CHUNK] * 3
+
+
+def held_spool(memory: SpoolMemory, chunks: list[bytes]) -> Spool:
+    spool = Spool(threshold=100, memory=memory)
+    for chunk in chunks:
+        spool.write(chunk)
+    assert spool.in_memory and not spool.small
+    return spool
+
+
+async def test_an_answer_held_in_memory_is_sent_in_one_message_then_its_share_given_back() -> None:
+    memory = SpoolMemory(limit=10_000)
+    chunks = [b"a" * 90, b"b" * 300, b"c" * 7]
+    spool = held_spool(memory, chunks)
+    response = HeldResponse(spool, 200, {"content-length": "397", "x-kept": "1"})
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        # While the body is being sent, its memory still counts against the process.
+        sent.append({**message, "held": memory.held})
+
+    await response({"type": "http"}, _no_receive, send)
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[0]["status"] == 200
+    assert (b"content-length", b"397") in sent[0]["headers"]
+    assert (b"x-kept", b"1") in sent[0]["headers"]
+    assert sent[1]["body"] == b"".join(chunks) and not sent[1].get("more_body", False)
+    assert sent[1]["held"] == 297
+    assert memory.held == 0
+
+
+async def test_an_answer_held_in_memory_gives_its_share_back_when_the_send_fails() -> None:
+    memory = SpoolMemory(limit=10_000)
+    response = HeldResponse(held_spool(memory, [b"x" * 500]), 200, {"content-length": "500"})
+
+    async def send(message: dict[str, Any]) -> None:
+        raise OSError("the client is gone")
+
+    with pytest.raises(OSError):
+        await response({"type": "http"}, _no_receive, send)
+    assert memory.held == 0
+
+
+async def _no_receive() -> dict[str, Any]:
+    raise AssertionError("a held answer reads nothing from the client")

@@ -82,4 +82,32 @@ def spooled_response(spool: Spool, answer: Answer, headers: dict[str, str]) -> R
     if spool.small:
         return Response(spool.getvalue(), status_code=answer.status, headers=all_headers)
     all_headers["content-length"] = str(spool.size)
+    if spool.in_memory:
+        return HeldResponse(spool, answer.status, all_headers)
     return StreamingResponse(spool.stream(), status_code=answer.status, headers=all_headers)
+
+
+class HeldResponse(Response):
+    """An answer held in memory past its spool's own threshold, sent in one message, as a
+    `Response` sends its body: its pieces joined once, then dropped. What the spool took of
+    the process's `SpoolMemory` is given back only once the body is sent (the server's send
+    returns once its buffer has drained that far), so a slow reader still counts against it.
+
+    A `StreamingResponse` over the pieces copied as much (into 256 KiB messages) and
+    cost a task group per answer to watch for the client's disconnect, which a single
+    send does not need: the server drops what it is sent for a connection that is gone."""
+
+    def __init__(self, spool: Spool, status: int, headers: dict[str, str]) -> None:
+        super().__init__(None, status_code=status, headers=headers)
+        self.spool = spool
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            body = self.spool.take_all()
+            await send(
+                {"type": "http.response.start", "status": self.status_code,
+                 "headers": self.raw_headers}
+            )  # fmt: skip
+            await send({"type": "http.response.body", "body": body})
+        finally:
+            self.spool.close()

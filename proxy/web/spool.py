@@ -88,6 +88,14 @@ class Spool:
         self._file.seek(0)
         return self._file.read()
 
+    def take_all(self) -> bytes:
+        """The whole body of a spool held in memory, its pieces dropped: what it holds of
+        the shared memory is given back by `close`, once the body is sent."""
+        assert self._file is None
+        body = b"".join(self._chunks)
+        self._chunks = []
+        return body
+
     async def stream(self) -> AsyncIterator[bytes]:
         """The body in chunks; closes the spool at the end (or when the reader stops)."""
         try:
