@@ -28,6 +28,7 @@ from proxy.core.settlement import Bound, StreamEnd, Verdict
 from proxy.doors.base import Door
 from proxy.ledger import settle_patiently
 from proxy.upstream import BROKEN_OFF, Answer, response_headers
+from proxy.web.deadline import ReadDeadline
 from proxy.web.follow import ResponseFollow
 from proxy.web.observe import observe
 from proxy.web.relay import Relay
@@ -134,24 +135,27 @@ class Exchange:
 
     async def within_deadline(self, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
         """`chunks` until the exchange's deadline, then DeadlineExceeded: checked as each
-        chunk arrives, and by a timer while the upstream sends none. The timer covers one
-        read at a time, never the consumer's work between two chunks."""
+        chunk arrives, and by a timer while the upstream sends none. The timer (one for the
+        whole answer, `ReadDeadline`) interrupts only a read, never the consumer's work
+        between two chunks."""
         clock, deadline = self.runtime.clock, self.deadline
         reading = aiter(chunks)
-        while True:
-            try:
-                left = deadline - clock()
-                if left <= 0:
-                    raise TimeoutError
-                async with asyncio.timeout(left):
-                    chunk = await anext(reading)
-                if clock() >= deadline:
-                    raise TimeoutError  # it came, but too late
-            except StopAsyncIteration:
-                return
-            except TimeoutError as exc:  # the upstream's own silences are translated
-                raise DeadlineExceeded(DEADLINE_MESSAGE, maybe_billed=True) from exc
-            yield chunk
+        timer = ReadDeadline(deadline - clock())
+        try:
+            while True:
+                try:
+                    if clock() >= deadline:
+                        raise TimeoutError
+                    chunk = await timer.read(reading)
+                    if clock() >= deadline:
+                        raise TimeoutError  # it came, but too late
+                except StopAsyncIteration:
+                    return
+                except TimeoutError as exc:  # the upstream's own silences are translated
+                    raise DeadlineExceeded(DEADLINE_MESSAGE, maybe_billed=True) from exc
+                yield chunk
+        finally:
+            timer.close()
 
     # -- meter -----------------------------------------------------------------------
 
