@@ -202,6 +202,8 @@ class Scrubber:
 
     def __init__(self, forms: Iterable[str], *, patterns: bool = True) -> None:
         self.needles = tuple(Needle.of(f) for f in forms if f)
+        self.form_bytes = frozenset(b"".join(n.data for n in self.needles))
+        """Every byte found in some form."""
         self._patterns = Patterns.of(self.needles) if patterns else None
 
     @classmethod
@@ -274,7 +276,10 @@ class ChunkScrubber:
     def feed(self, chunk: bytes) -> bytes:
         data = self._held + chunk if self._held else chunk
         data = self._scrubber.data(data)
-        hold = max((n.started_at_end(data) for n in self._scrubber.needles), default=0)
+        # Only data whose last byte is in some form can end with the start of one: a JSON
+        # answer's `}` or an event's blank line never is.
+        ends_in_form = bool(data) and data[-1] in self._scrubber.form_bytes
+        hold = ends_in_form and max(n.started_at_end(data) for n in self._scrubber.needles)
         if not hold:
             self._held = b""
             return data
