@@ -14,9 +14,7 @@ from collections.abc import Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import TypeAlias
-
-import uvicorn
+from typing import TYPE_CHECKING, TypeAlias
 
 from proxy import __version__
 from proxy.config import config_schema, default_config_path, environment, load_config
@@ -32,9 +30,9 @@ from proxy.finance.reports_query import run as run_report_query
 from proxy.finance.status import budget_status
 from proxy.ledger import OpenBatch, migrate_ledger, open_ledger
 from proxy.ledger.copy import copy_between
-from proxy.logs import configure_logging
-from proxy.web.runtime import Overrides
-from proxy.web.server import Prepared, ServeOptions, prepare, serve, with_simulated_upstream
+
+if TYPE_CHECKING:
+    from proxy.web.server import Prepared
 
 Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -456,6 +454,8 @@ def run_keys_new(args: argparse.Namespace) -> int:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
+    import uvicorn
+
     from proxy.simulator import SimulatorSettings, create_simulator_app
 
     batches = {
@@ -481,6 +481,12 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    """The server's stack (uvicorn, starlette, aiohttp, httpx) is imported here, by the one
+    command that serves: importing it takes longer than `tollgate budgets` needs in all."""
+    from proxy.logs import configure_logging
+    from proxy.web.runtime import Overrides
+    from proxy.web.server import ServeOptions, prepare, serve, with_simulated_upstream
+
     options = ServeOptions(
         config_path(args),
         host=args.host,

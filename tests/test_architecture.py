@@ -190,7 +190,7 @@ RULES = [
     Rule(
         "only config reads YAML and JSON Schema",
         every_layer_but("config"),
-        ("yaml", "jsonschema"),
+        ("yaml", "jsonschema", "jsonschema_rs"),
         through="config",
     ),
     *(

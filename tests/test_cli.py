@@ -181,3 +181,60 @@ def test_ledger_flagged_lists_and_resolve_sets_the_true_cost(tmp_path: Path, bac
     finally:
         if backend == "postgresql":
             pg.drop_schema(url)
+
+
+# What the commands that only read configuration and ledger leave unimported: the server's
+# stack (its import took longer than all the rest of `tollgate budgets` with 1,000 teams),
+# and jsonschema, which only words the errors of a file found invalid.
+UNNEEDED = ("aiohttp", "starlette", "uvicorn", "httpx", "proxy.web", "jsonschema")
+LOADED = "loaded:"
+
+
+def loaded_by(*script: str) -> list[str]:
+    """The modules of UNNEEDED a fresh interpreter holds after `script`'s lines."""
+    probe = (
+        f"import sys; print({LOADED!r}, sorted(m for m in sys.modules "
+        f"if any(m == p or m.startswith(p + '.') for p in {UNNEEDED!r})))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", "\n".join([*script, probe])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    last = run.stdout.splitlines()[-1]
+    assert last.startswith(LOADED), run.stdout
+    return list(yaml.safe_load(last.removeprefix(LOADED)))
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["budgets"],
+        ["budgets", "--format", "json"],
+        ["check"],
+        ["schema"],
+        ["report", "--by", "team"],
+        ["reconcile", "--costs", "COSTS"],
+        ["ledger", "flagged"],
+        ["ledger", "migrate"],
+        ["keys", "new", "design"],
+    ],
+    ids=" ".join,
+)
+def test_commands_that_only_read_leave_the_server_stack_unimported(
+    tmp_path: Path, command: list[str]
+) -> None:
+    write_config(tmp_path, "http://127.0.0.1:9")
+    costs = tmp_path / "costs.json"
+    costs.write_text('{"object": "page", "data": [], "has_more": false}')
+    argv = [str(costs) if arg == "COSTS" else arg for arg in command]
+    if command[0] not in ("schema", "keys"):
+        argv += ["--config", str(tmp_path)]
+    assert loaded_by("from proxy.cli import main", f"assert main({argv!r}) == 0") == []
+
+
+def test_the_probe_sees_the_server_stack() -> None:
+    loaded = loaded_by("import proxy.cli", "import proxy.web.server")
+    assert {"aiohttp", "starlette", "uvicorn", "httpx", "proxy.web.server"} <= set(loaded)

@@ -20,8 +20,8 @@ from types import MappingProxyType
 from typing import Any, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from proxy.config.fastcheck import schema_problems
 from proxy.config.prices import load_price_book
-from proxy.config.schema import schema_problems, validator
 from proxy.config.source import Document, JsonPath, read_document
 from proxy.core.errors import ConfigError
 from proxy.core.models import NANOS_PER_USD
@@ -592,6 +592,6 @@ class _Canonical:
 @functools.lru_cache(maxsize=8192)
 def _schema_problems(kind: str, doc: _Canonical) -> tuple[tuple[JsonPath, str], ...]:
     """The schema's problems with a document. Remembered: a reload of 1,000 team files
-    validates only those that changed (jsonschema takes about a millisecond a file, most
-    of a reload)."""
-    return tuple(schema_problems(validator(kind), doc.data))
+    validates only those that changed (a file found invalid is validated twice, the
+    second time by jsonschema at about a millisecond)."""
+    return tuple(schema_problems(kind, doc.data))

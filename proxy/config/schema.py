@@ -13,12 +13,13 @@ import copy
 import difflib
 import functools
 from collections.abc import Iterator, Sequence
-from typing import Any
-
-from jsonschema import Draft202012Validator, ValidationError
+from typing import TYPE_CHECKING, Any
 
 from proxy.core.models import ENDPOINTS, PERIODS
 from proxy.core.settings import HTTP_METHODS, KNOBS, RATE_METRICS, RATE_PERS, TOKEN_METRICS
+
+if TYPE_CHECKING:
+    from jsonschema import Draft202012Validator, ValidationError
 
 JsonPath = tuple[str | int, ...]
 
@@ -280,11 +281,18 @@ def config_schema() -> dict[str, Any]:
     }
 
 
+def kind_schema(kind: str) -> dict[str, Any]:
+    """The schema of one kind of file: "settings" or "team"."""
+    return {"$defs": _DEFS, "$ref": f"#/$defs/{kind}"}
+
+
 @functools.cache
 def validator(kind: str) -> Draft202012Validator:
-    """A validator of one kind of file: "settings" or "team" (built once: it resolves its
-    references once, not once per team file)."""
-    return Draft202012Validator({"$defs": _DEFS, "$ref": f"#/$defs/{kind}"})
+    """A validator of one kind of file (built once: it resolves its references once, not
+    once per team file). jsonschema is imported only for a file found invalid: 60 ms."""
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator(kind_schema(kind))
 
 
 def schema_problems(validator: Draft202012Validator, data: Any) -> Iterator[tuple[JsonPath, str]]:

@@ -26,9 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Generic, Literal, Protocol, TypeVar
-
-import httpx
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
 
 from proxy.core.errors import InvalidRequest, UpstreamUnavailable
 from proxy.core.models import NANOS_PER_USD
@@ -38,6 +36,9 @@ from proxy.finance import parts
 from proxy.finance.reports import aligned
 from proxy.ledger import open_ledger
 from proxy.ledger.base import Flagged, Ledger
+
+if TYPE_CHECKING:
+    import httpx
 
 DAY = 86_400
 DEFAULT_TOLERANCE = Decimal("0.01")
@@ -123,7 +124,10 @@ async def fetch_costs(
     group_by: Sequence[str] = ("line_item",),
 ) -> list[dict[str, Any]]:
     """Every page of `GET /organization/costs` for the UTC days `first`..`last`, its
-    results grouped by `group_by` (`line_item`, `project_id`)."""
+    results grouped by `group_by` (`line_item`, `project_id`). httpx is imported here:
+    `ledger flagged` and a reconciliation of a saved file need none of it."""
+    import httpx
+
     params: dict[str, Any] = {
         "start_time": midnight(first),
         "end_time": midnight(last + timedelta(days=1)),
