@@ -1,4 +1,4 @@
-"""The process's metrics written directly (`proxy.metrics_text`) are byte for byte what
+"""The process's metrics written directly (`proxy.metrics.text`) are byte for byte what
 prometheus-client's `generate_latest` writes, scrape after scrape."""
 
 from __future__ import annotations

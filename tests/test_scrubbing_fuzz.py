@@ -10,6 +10,7 @@ chunking must give.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import itertools
 
 import pytest
@@ -79,3 +80,15 @@ def test_scrubbing_whole_and_in_chunks_agrees_with_replacing_every_form(
     chunks = [body[a:b] for a, b in itertools.pairwise([0, *cuts, len(body)])]
     out = [stream.feed(chunk) for chunk in chunks]
     assert b"".join([*out, stream.finish()]) == expected
+
+
+def test_threads_scrubbing_at_once_each_get_their_own_scratch_space() -> None:
+    scrubber = Scrubber.of_key("sk-upstream-real-key-for-tests")
+    assert scrubber.searches_at_once
+    echo = base64.b64encode(b"Bearer sk-upstream-real-key-for-tests")
+    body = b"x" * 200_000 + echo + b"y" * 200_000
+    expected = oracle(scrubber, body)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        found = list(pool.map(lambda _: scrubber.data(body), range(64)))
+    assert found == [expected] * 64
+    assert echo not in expected

@@ -41,7 +41,6 @@ from __future__ import annotations
 import base64
 import ctypes
 import json
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -159,11 +158,12 @@ class Patterns:
     """Which of some needles occur in bytes, found in one Hyperscan pass for them all.
 
     `of` gives None where Hyperscan cannot run. A scan needs scratch space that no other
-    scan uses at the same time: one per thread."""
+    scan uses at the same time: each takes one from the spares (made when there is none,
+    as when two threads scan at once) and puts it back."""
 
     def __init__(self, database: Any) -> None:
         self._database = database
-        self._scratch = threading.local()
+        self._spares: list[Any] = []
 
     @classmethod
     def of(cls, needles: Sequence[Needle]) -> Patterns | None:
@@ -183,11 +183,15 @@ class Patterns:
 
     def found(self, data: bytes) -> set[int]:
         """The indexes of the needles that occur in `data`."""
-        scratch = getattr(self._scratch, "space", None)
-        if scratch is None:
-            scratch = self._scratch.space = hyperscan.Scratch(self._database)
+        try:
+            scratch = self._spares.pop()  # atomic: two threads never take the same one
+        except IndexError:
+            scratch = hyperscan.Scratch(self._database)
         found: set[int] = set()
-        self._database.scan(data, match_event_handler=_found, context=found, scratch=scratch)
+        try:
+            self._database.scan(data, match_event_handler=_found, context=found, scratch=scratch)
+        finally:
+            self._spares.append(scratch)
         return found
 
 

@@ -42,7 +42,7 @@ from prometheus_client.utils import floatToGoString
 
 from proxy.core.models import NANOS_PER_USD, TOKEN_KINDS, Change, Entry, Settlement
 from proxy.core.status import BudgetStatus, RateStatus
-from proxy.metrics_text import MultiprocessText, RegistryText, label_text
+from proxy.metrics.text import MultiprocessText, RegistryText, label_text
 
 ENV_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.5, 1, 2.5, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300)
