@@ -89,13 +89,14 @@ def spooled_response(spool: Spool, answer: Answer, headers: dict[str, str]) -> R
 
 class HeldResponse(Response):
     """An answer held in memory past its spool's own threshold, sent in one message, as a
-    `Response` sends its body: its pieces joined once, then dropped. What the spool took of
-    the process's `SpoolMemory` is given back only once the body is sent (the server's send
-    returns once its buffer has drained that far), so a slow reader still counts against it.
+    `Response` sends its body: its pieces joined once, then dropped. The server writes the
+    body whole into its buffer; the last, empty message waits until that buffer has drained
+    (uvicorn's flow control), and only then is what the spool took of the process's
+    `SpoolMemory` given back: a slow reader's answer still counts against it.
 
     A `StreamingResponse` over the pieces copied as much (into 256 KiB messages) and
-    cost a task group per answer to watch for the client's disconnect, which a single
-    send does not need: the server drops what it is sent for a connection that is gone."""
+    cost a task group per answer to watch for the client's disconnect, which these sends
+    do not need: the server drops what it is sent for a connection that is gone."""
 
     def __init__(self, spool: Spool, status: int, headers: dict[str, str]) -> None:
         super().__init__(None, status_code=status, headers=headers)
@@ -108,6 +109,8 @@ class HeldResponse(Response):
                 {"type": "http.response.start", "status": self.status_code,
                  "headers": self.raw_headers}
             )  # fmt: skip
-            await send({"type": "http.response.body", "body": body})
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+            del body
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             self.spool.close()
