@@ -47,6 +47,10 @@ OUTSIDE_THE_TREE = {
     "ValueError, made a ConfigError at that key's line)",
     ("proxy.config.source", "YAMLError"): "a YAML problem, made a ConfigError by the loader",
     ("proxy.web.exchange", "TimeoutError"): "asyncio's, caught where it is raised",
+    (
+        "proxy.web.deadline",
+        "TimeoutError",
+    ): "raised where asyncio.timeout would, caught by its reader",
     ("proxy.ledger.postgres_pool", "AssertionError"): "after a loop that returns or raises",
     ("proxy.__main__", "SystemExit"): "the exit status of the command line",
 }
