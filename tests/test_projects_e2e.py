@@ -159,13 +159,22 @@ def test_a_batch_is_uploaded_created_followed_and_read_under_its_teams_project(
     assert sent(simulator, before, "GET", "/v1/batches") == [PROJECTS[team]]
 
 
+@pytest.fixture
+def own_simulator() -> Iterator[Simulator]:
+    """A simulator of the test's own: the module's Costs API holds the module's teams only."""
+    simulator = start_simulator()
+    yield simulator
+    stop(simulator.process)
+
+
 def test_what_is_held_across_a_restart_is_followed_under_the_project_it_was_created_under(
-    simulator: Simulator, tmp_path: Path
+    own_simulator: Simulator, tmp_path: Path
 ) -> None:
     """A background response and a batch created under proj_A, still running when Tollgate
     is killed; the team's file then moves it to proj_B, and Tollgate restarts. The process
     that adopts them polls both, and reads the batch's output, under proj_A (OpenAI keeps
     them there), and settles them exactly; the team's new requests go under proj_B."""
+    simulator = own_simulator
     design = TEAMS["design"].replace("proj_design", "proj_A")
     write_config(tmp_path, f"{simulator.url}/v1", "timezone: UTC\n", teams={"design": design})
     first = start_tollgate(tmp_path)
@@ -181,7 +190,7 @@ def test_what_is_held_across_a_restart_is_followed_under_the_project_it_was_crea
             input_file_id=uploaded.id, endpoint="/v1/images/generations", completion_window="24h"
         )
     finally:
-        simulator.configure(latency_ms=0, batch_delay_ms=400)
+        simulator.configure(latency_ms=0)
         first.process.send_signal(signal.SIGKILL)
         first.process.wait(timeout=30)
     held = [*rows_of(first, queued.id), *batch_rows(first, batch.id)]
