@@ -235,12 +235,19 @@ def test_the_kept_answer_columns_are_the_schemas(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("dialect", "blob"), [(SQLITE, "BLOB"), (POSTGRES, "BYTEA")])
 def test_step_8_keeps_live_streams_as_chunks(dialect: Dialect, blob: str) -> None:
-    assert len(migrations.steps(dialect)) == migrations.SCHEMA_VERSION == 8
+    assert migrations.SCHEMA_VERSION >= 8
     live, chunks = migrations.steps(dialect)[7]
     assert live == "ALTER TABLE kept_answers ADD COLUMN live INTEGER NOT NULL DEFAULT 0"
     assert chunks.startswith("CREATE TABLE IF NOT EXISTS kept_chunks (")
     assert f"body       {blob} NOT NULL" in chunks
     assert "PRIMARY KEY (request_id, seq)" in chunks
+
+
+@pytest.mark.parametrize("dialect", [SQLITE, POSTGRES])
+def test_step_9_records_the_project_a_held_row_was_created_under(dialect: Dialect) -> None:
+    assert len(migrations.steps(dialect)) == migrations.SCHEMA_VERSION == 9
+    [project] = migrations.steps(dialect)[8]
+    assert project == "ALTER TABLE requests ADD COLUMN project TEXT"  # NULL: not recorded
 
 
 def test_a_repeat_reads_a_live_streams_chunks_in_order_from_its_key(tmp_path: Path) -> None:

@@ -9,9 +9,11 @@ The module has a simulator of its own, so every request it records is this modul
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,7 +21,17 @@ import pytest
 
 from proxy.core.auth import key_hash
 from proxy.simulator.billing import RECORDED_HEADERS
-from tests.batches_e2e import DAY, api_arrivals, cli, generations, settled_rows, upload
+from tests.batches_e2e import (
+    DAY,
+    api_arrivals,
+    batch_rows,
+    check_settled,
+    cli,
+    ended,
+    generations,
+    settled_rows,
+    upload,
+)
 from tests.conftest import (
     DESIGN_KEY,
     RESEARCH_KEY,
@@ -31,7 +43,7 @@ from tests.conftest import (
     stop,
     write_config,
 )
-from tests.responses_e2e import settled_row, tool
+from tests.responses_e2e import check_charge, rows_of, settled_row, tool
 
 PLAIN_KEY = "tg_test_plain_projects_key"
 PROJECTS = {"design": "proj_design", "research": "proj_research", "plain": "proj_company"}
@@ -145,6 +157,66 @@ def test_a_batch_is_uploaded_created_followed_and_read_under_its_teams_project(
     before = len(api_arrivals(simulator))
     assert batch.id in {b.id for b in sdk.batches.list().data}
     assert sent(simulator, before, "GET", "/v1/batches") == [PROJECTS[team]]
+
+
+@pytest.fixture
+def own_simulator() -> Iterator[Simulator]:
+    """A simulator of the test's own: the module's Costs API holds the module's teams only."""
+    simulator = start_simulator()
+    yield simulator
+    stop(simulator.process)
+
+
+def test_what_is_held_across_a_restart_is_followed_under_the_project_it_was_created_under(
+    own_simulator: Simulator, tmp_path: Path
+) -> None:
+    """A background response and a batch created under proj_A, still running when Tollgate
+    is killed; the team's file then moves it to proj_B, and Tollgate restarts. The process
+    that adopts them polls both, and reads the batch's output, under proj_A (OpenAI keeps
+    them there), and settles them exactly; the team's new requests go under proj_B."""
+    simulator = own_simulator
+    design = TEAMS["design"].replace("proj_design", "proj_A")
+    write_config(tmp_path, f"{simulator.url}/v1", "timezone: UTC\n", teams={"design": design})
+    first = start_tollgate(tmp_path)
+    simulator.configure(latency_ms=4000, batch_delay_ms=4000)  # running while it restarts
+    try:
+        sdk = first.client(DESIGN_KEY)
+        queued = sdk.responses.create(
+            model="gpt-5.5", input="A comet", tools=[tool()], max_output_tokens=300,
+            max_tool_calls=1, background=True,
+        )  # fmt: skip
+        uploaded = upload(sdk, generations("gpt-image-2", 3))
+        batch = sdk.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/images/generations", completion_window="24h"
+        )
+    finally:
+        simulator.configure(latency_ms=0)
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait(timeout=30)
+    held = [*rows_of(first, queued.id), *batch_rows(first, batch.id)]
+    assert [(r["state"], r["held"], r["project"]) for r in held] == [("reserved", 1, "proj_A")] * 2
+    (tmp_path / "teams" / "design.yaml").write_text(design.replace("proj_A", "proj_B"))
+    since = len(api_arrivals(simulator))
+    second = start_tollgate(tmp_path)
+    try:
+        check_charge(second, simulator, queued.id, "gpt-5.5", "gpt-image-2")  # not flagged
+        rows = settled_rows(second, batch.id)
+        assert rows and all(r["flagged"] == 0 for r in rows)
+        followed = api_arrivals(simulator)[since:]
+        assert {a["method"] for a in followed} == {"GET"}  # the adopter's polls alone
+        assert [a["project"] for a in followed if queued.id in a["raw_path"]]
+        assert [a["project"] for a in followed if batch.id in a["raw_path"]]
+        assert [a["raw_path"] for a in followed if a["raw_path"].endswith("/content")]
+        assert {a["project"] for a in followed} == {"proj_A"}
+        image = second.client(DESIGN_KEY).images.with_raw_response.generate(
+            model="gpt-image-2", prompt="a lighthouse", quality="low", size="1024x1024"
+        )
+        assert simulator.record(image.headers["x-request-id"])["headers"]["openai-project"] == (
+            "proj_B"
+        )
+        check_settled(second, simulator, ended(second.client(DESIGN_KEY), batch.id), "gpt-image-2")
+    finally:
+        second.stop()
 
 
 def sent(simulator: Simulator, since: int, method: str, path: str) -> list[str | None]:

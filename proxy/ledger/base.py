@@ -100,6 +100,22 @@ class ResponseRow:
     """A background response whose reservation is held until it ends (see `Ledger.hold`)."""
 
 
+@dataclass(frozen=True, slots=True)
+class HeldEntry:
+    """A held reservation as a process that adopted it reads it (`Ledger.held_entry`):
+    what it needs to settle it, and where to read its object upstream."""
+
+    entry: Entry
+    usage: Usage
+    """Its reserved usage."""
+    project: str | None
+    """The OpenAI project it was created under (`Ledger.hold`), None when it was sent
+    without one: OpenAI finds a response or batch only in the project that created it."""
+    project_known: bool = True
+    """False for a reservation held before schema version 9, which did not record its
+    project: the team's project now is the best guess left."""
+
+
 ObjectKind = Literal["file", "batch"]
 
 
@@ -345,13 +361,15 @@ class Ledger(Protocol):
         """Every row (settled or in flight) started in [start, end), oldest first, as
         column -> value; streamed in batches, in constant memory."""
 
-    async def hold(self, request_id: str, response_id: str) -> None:
+    async def hold(self, request_id: str, response_id: str, project: str | None = None) -> None:
         """Keep the reservation of `request_id`, a background response `response_id` that
         has not ended, until it is settled: `reclaim` never settles it at its bound; when its
         process stops, `adopt` hands it to a live one, which follows it to its end. Records
-        `response_id` on the row (on a row no longer in flight, only that: a reclaimed
-        reservation stays charged at its bound until its settlement replaces it).
-        LedgerError if there is no request `request_id`."""
+        `response_id` and `project`, the OpenAI project it was created under (None: none was
+        sent), on the row, so that it is followed under that project whatever the team's is
+        by then (on a row no longer in flight, only that: a reclaimed reservation stays
+        charged at its bound until its settlement replaces it). LedgerError if there is no
+        request `request_id`."""
 
     async def first_attempt(
         self, team: str, since: float, *, content: str | None = None, key: str | None = None
@@ -408,9 +426,9 @@ class Ledger(Protocol):
         adopting together, each row goes to one. Returns how many (0 before this process is
         `register`ed: it has no id to own them by)."""
 
-    async def held_entry(self, request_id: str) -> tuple[Entry, Usage] | None:
-        """The entry and reserved usage of the held reservation `request_id` (None when it
-        is not one): what a process that adopted it needs to settle it."""
+    async def held_entry(self, request_id: str) -> HeldEntry | None:
+        """The entry, reserved usage and project of the held reservation `request_id` (None
+        when it is not one): what a process that adopted it needs to follow and settle it."""
 
     async def response(self, response_id: str) -> ResponseRow | None:
         """The row of the response `response_id` (settled, or in flight and held), or

@@ -24,6 +24,7 @@ from proxy.ledger.base import (
     BatchLine,
     BilledLine,
     FirstAttempt,
+    HeldEntry,
     KeptAnswer,
     ResponseRow,
     Row,
@@ -172,11 +173,23 @@ def row(values: Sequence[Any]) -> Row:
     return Row(entry, settlement)
 
 
-def held_entry(values: Sequence[Any]) -> tuple[Entry, Usage]:
-    """A held reservation's entry and reserved usage, read by the `held_entry` statement."""
+NO_PROJECT = ""
+"""A held row's `project` when it was created without one (NULL: not recorded, a row held
+before schema version 9)."""
+
+
+def project_value(project: str | None) -> str:
+    """The `project` column of a row held under `project` (None: none was sent)."""
+    return NO_PROJECT if project is None else project
+
+
+def held_entry(values: Sequence[Any]) -> HeldEntry:
+    """A held reservation's entry, reserved usage and project, read by the `held_entry`
+    statement."""
     e = dict(zip(ENTRY_COLUMNS, values[: len(ENTRY_COLUMNS)], strict=True))
     e["stream"] = bool(e["stream"])
-    return Entry(**e), usage_of(values[len(ENTRY_COLUMNS) :])
+    *usage, project = values[len(ENTRY_COLUMNS) :]
+    return HeldEntry(Entry(**e), usage_of(usage), project or None, project is not None)
 
 
 def response_row(response_id: str, values: Sequence[Any]) -> ResponseRow:

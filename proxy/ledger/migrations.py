@@ -37,6 +37,11 @@ transaction, so a ledger is never left half-way between two versions.
        still kept as it goes, until it ends) and `kept_chunks`, its events so far, by
        request and order (`seq`), which a repeat follows while the first streams; a kept
        answer's `size` counts its chunks, which are forgotten with it.
+    9  `project` on requests: the OpenAI project a held background response or batch was
+       created under (`Ledger.hold`), where its follower reads it after a restart even if
+       the team's `openai_project` changed meanwhile; '' when it was sent without one,
+       NULL when it was not recorded (rows held before this version, which are followed
+       under the team's project at the time).
 
 The embedded SQLite ledger applies its steps when it opens. A PostgreSQL ledger shared
 by several replicas is initialised when it opens only while it is empty (none of `TABLES`
@@ -269,11 +274,14 @@ def _live_streams(d: Dialect) -> list[str]:
     ]
 
 
+HELD_PROJECTS = ["ALTER TABLE requests ADD COLUMN project TEXT"]
+
+
 def steps(d: Dialect) -> Sequence[Sequence[str]]:
     """The migrations in `d`'s spelling: one list of statements per version."""
     return (
         _tables(d), ORGANIZATION_ROWS, _resolutions(d), _responses(d), _batches(d), _repeats(d),
-        _rates(d), _live_streams(d),
+        _rates(d), _live_streams(d), HELD_PROJECTS,
     )  # fmt: skip
 
 

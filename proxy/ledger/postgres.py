@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 from proxy.core.errors import LedgerError, LedgerUnavailable
-from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
+from proxy.core.models import Counter, Entry, Settlement, Totals
 from proxy.core.rates import Counts, Plan, Slot
 from proxy.ledger import codecs, flags, migrations, rate_counts
 from proxy.ledger.base import (
@@ -24,6 +24,7 @@ from proxy.ledger.base import (
     Contents,
     Flagged,
     GroupColumn,
+    HeldEntry,
     OpenBatch,
     Owner,
     Reservation,
@@ -209,8 +210,9 @@ class PostgresLedger(Schema, KeptAnswers):
             async for record in cursor:
                 yield dict(record.items())
 
-    async def hold(self, request_id: str, response_id: str) -> None:
-        if await self.db.execute(SQL.hold, response_id, request_id) == "UPDATE 0":
+    async def hold(self, request_id: str, response_id: str, project: str | None = None) -> None:
+        values = (response_id, codecs.project_value(project), request_id)
+        if await self.db.execute(SQL.hold, *values) == "UPDATE 0":
             raise LedgerError(f"no request {request_id}")
 
     async def rate_counts(self, plan: Plan) -> Counts:
@@ -244,7 +246,7 @@ class PostgresLedger(Schema, KeptAnswers):
 
         return await self.db.transaction(work)
 
-    async def held_entry(self, request_id: str) -> tuple[Entry, Usage] | None:
+    async def held_entry(self, request_id: str) -> HeldEntry | None:
         found = await self.db.fetch(SQL.held_entry, request_id)
         return codecs.held_entry(tuple(found[0])) if found else None
 

@@ -42,6 +42,7 @@ from proxy.ledger.base import (
     Contents,
     Flagged,
     GroupColumn,
+    HeldEntry,
     OpenBatch,
     Owner,
     Reservation,
@@ -243,11 +244,13 @@ class SqliteLedger(KeptAnswers):
         finally:
             await db.close()
 
-    async def hold(self, request_id: str, response_id: str) -> None:
+    async def hold(self, request_id: str, response_id: str, project: str | None = None) -> None:
         # What this process holds in `_held` stays as it is: the row is still the same
         # reservation, which its settlement replaces as any other.
+        values = (response_id, codecs.project_value(project), request_id)
+
         def run(conn: sqlite3.Connection) -> None:
-            if conn.execute(SQL.hold, (response_id, request_id)).rowcount == 0:
+            if conn.execute(SQL.hold, values).rowcount == 0:
                 raise LedgerError(f"no request {request_id}")
 
         await self.file.transaction(run)
@@ -276,7 +279,7 @@ class SqliteLedger(KeptAnswers):
         adopted: int = await self.file.transaction(lambda conn: conn.execute(sql, values).rowcount)
         return adopted
 
-    async def held_entry(self, request_id: str) -> tuple[Entry, Usage] | None:
+    async def held_entry(self, request_id: str) -> HeldEntry | None:
         found = await self.file.fetch(SQL.held_entry, (request_id,))
         return codecs.held_entry(found[0]) if found else None
 

@@ -145,8 +145,9 @@ class Statements:
     contents: str
     """How many requests, counters and alerts a ledger holds, and the requests' cost."""
     hold: str
-    """(response id, id): a background response's id on its row, and its reservation held
-    (a row no longer in flight gets the id only)."""
+    """(response id, project, id): a background response's id and the project it was created
+    under ('' for none) on its row, and its reservation held (a row no longer in flight
+    gets the id and project only)."""
     held: str
     """(owner,): (id, response id) of the held reservations of `owner`."""
     open_batches: str
@@ -154,8 +155,8 @@ class Statements:
     response: str
     """(response id,): the `ResponseRow` fields but the response id, of its latest row."""
     held_entry: str
-    """(id,): the entry and reserved usage of a held reservation (`ENTRY_COLUMNS`, then
-    `USAGE_COLUMNS`)."""
+    """(id,): the entry, reserved usage and project of a held reservation (`ENTRY_COLUMNS`,
+    then `USAGE_COLUMNS`, then `project`)."""
     own: str
     """`object_values`: an object recorded, unless its id is already (then nothing)."""
     owner_of: str
@@ -311,7 +312,7 @@ def _writes(d: Dialect) -> dict[str, str]:
         "unregister": "DELETE FROM processes WHERE owner = ?",
         "claim_alert": "INSERT INTO alerts_sent (key, sent_at) VALUES (?, ?) "
         "ON CONFLICT DO NOTHING",
-        "hold": "UPDATE requests SET response_id = ?, "
+        "hold": "UPDATE requests SET response_id = ?, project = ?, "
         "held = CASE WHEN state = 'reserved' THEN 1 ELSE 0 END WHERE id = ?",
         "own": f"INSERT INTO stored_objects ({names(OBJECT_COLUMNS)}) "
         f"VALUES ({marks(len(OBJECT_COLUMNS))}) ON CONFLICT (id) DO NOTHING",
@@ -366,7 +367,8 @@ def _reads(d: Dialect) -> dict[str, str]:
         "response": "SELECT team, id, mainline_input_tokens + mainline_cached_input_tokens, "
         "mainline_output_tokens, images, context_images, held FROM requests "
         f"WHERE response_id = ? ORDER BY started_at DESC, id{d.collate} DESC LIMIT 1",
-        "held_entry": f"SELECT {names(ENTRY_COLUMNS)}, {names(USAGE_COLUMNS)} FROM requests "
+        "held_entry": f"SELECT {names(ENTRY_COLUMNS)}, {names(USAGE_COLUMNS)}, project "
+        "FROM requests "
         "WHERE id = ? AND state = 'reserved' AND held = 1",
         "contents": "SELECT (SELECT count(*) FROM requests), "
         f"(SELECT count(*) FROM budget_usage WHERE {COUNTED}), "

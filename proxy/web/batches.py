@@ -218,7 +218,7 @@ class Batches:
                     stored.lines, stored.bound_nanos, stored.bound_usage, stored.id,
                 )
             )  # fmt: skip
-            await runtime.ledger.hold(entry.id, batch_id)
+            await runtime.ledger.hold(entry.id, batch_id, project)
         except LedgerError as exc:
             log.error("recording batch %s failed: %s", batch_id, exc)
         runtime.followers.follow(entry.id, BatchFollow(entry, batch_id, stored.id, project))
@@ -344,12 +344,9 @@ class BatchFollow:
     batch_id: str
     input_file_id: str | None
     project: str | None
-    """The OpenAI project the batch was created under, where it (and its output) is read."""
-
-    @classmethod
-    def adopted(cls, runtime: Runtime, entry: Entry, usage: Usage, batch_id: str) -> BatchFollow:
-        # The team's project now: a row does not say which one the batch was created under.
-        return cls(entry, batch_id, None, runtime.config.project_of(entry.team))
+    """The OpenAI project the batch was created under, where it (and its output) is read:
+    recorded with its held reservation, so a process that adopts it after a restart reads
+    it there too (`proxy.web.follow.created_under`)."""
 
     async def poll(self, runtime: Runtime) -> bool:
         try:

@@ -245,7 +245,7 @@ class Exchange:
         """Hold the reservation until the response `response_id` ends, and follow it."""
         self.upstream_id = upstream_id
         try:
-            await self.runtime.ledger.hold(self.entry.id, response_id)
+            await self.runtime.ledger.hold(self.entry.id, response_id, self.project)
         except LedgerError as exc:
             # Still followed by this process; only a restart could lose track of it.
             log.error("ledger hold failed for %s: %s", self.entry.id, exc)

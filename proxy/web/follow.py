@@ -26,6 +26,7 @@ from proxy.core.metering import MalformedAnswer
 from proxy.core.models import Entry, Usage
 from proxy.core.settlement import Bound
 from proxy.doors import ResponsesDoor
+from proxy.ledger import HeldEntry
 from proxy.upstream import BROKEN_OFF
 
 if TYPE_CHECKING:
@@ -100,7 +101,7 @@ class Followers:
                 found = await runtime.ledger.held_entry(request_id)
                 if found is None:
                     continue  # settled meanwhile
-                followed = adopted(runtime, *found, upstream_id)
+                followed = adopted(runtime, found, upstream_id)
                 if followed is None:
                     log.error(
                         "cannot follow %s (%s): its models are no longer in the price book",
@@ -168,20 +169,30 @@ class ResponseFollow:
         return True
 
 
-def adopted(runtime: Runtime, entry: Entry, usage: Usage, upstream_id: str) -> Followed | None:
+def adopted(runtime: Runtime, held: HeldEntry, upstream_id: str) -> Followed | None:
     """What follows a held reservation adopted from its row (None: it cannot be priced)."""
     from proxy.web.batches import BatchFollow  # both import the runtime, which imports this
     from proxy.web.exchange import Exchange
 
+    entry = held.entry
+    project = created_under(runtime, held)
     if entry.endpoint == "batches":
-        return BatchFollow.adopted(runtime, entry, usage, upstream_id)
-    bound = adopted_bound(runtime, entry, usage)
+        return BatchFollow(entry, upstream_id, None, project)
+    bound = adopted_bound(runtime, entry, held.usage)
     if bound is None:
         return None
-    # The team's project now: a row does not say which one the response was created under.
-    project = runtime.config.project_of(entry.team)
     exchange = Exchange(runtime, ResponsesDoor(), entry, bound, {}, project=project)
     return ResponseFollow(exchange, upstream_id)
+
+
+def created_under(runtime: Runtime, held: HeldEntry) -> str | None:
+    """The OpenAI project a held response or batch is read under: the one it was created
+    under, as its row recorded it, whatever the team's is now (OpenAI answers 404 for it
+    in any other). A row held before schema version 9 did not record it: the team's
+    project now is the best guess left."""
+    if held.project_known:
+        return held.project
+    return runtime.config.project_of(held.entry.team)
 
 
 def adopted_bound(runtime: Runtime, entry: Entry, usage: Usage) -> Bound | None:
