@@ -28,6 +28,7 @@ from python_multipart.multipart import parse_options_header
 
 from proxy.core.dimensions import measure_image
 from proxy.core.errors import InvalidRequest
+from proxy.core.image_tokens import parse_size
 from proxy.core.models import Endpoint, ImageRequest, InputImage
 from proxy.core.multipart import (
     Part,
@@ -38,7 +39,6 @@ from proxy.core.multipart import (
     form_text,
     parse_multipart,
 )
-from proxy.core.pricing import parse_size
 
 MAX_PROMPT_CHARS = 32_000
 MAX_PARTIAL_IMAGES = 3
