@@ -51,6 +51,7 @@ from pathlib import Path
 from bench import batch_upload, harness, replicas, report_speed
 from bench.harness import Proc, closed_loop, measured, note, table
 from proxy import cli
+from proxy.cli.finance import read_budgets
 from proxy.config import load_config
 from proxy.finance.reports import parse_by
 
@@ -207,7 +208,7 @@ def budgets_command(root: Path) -> tuple[float, float]:
             cli.main(["budgets", "--config", str(root)])
         whole = time.perf_counter() - began
         began = time.perf_counter()
-        asyncio.run(cli.read_budgets(config, config.ledger_url, time.time()))
+        asyncio.run(read_budgets(config, config.ledger_url, time.time()))
         found.append((whole, time.perf_counter() - began))
     return median([w for w, _ in found]), median([r for _, r in found])
 

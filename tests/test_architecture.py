@@ -384,7 +384,7 @@ def test_the_checker_sees_imports_of_every_form() -> None:
     assert "aiohttp" in GRAPH.imports("proxy.upstream")
     assert "proxy.upstream" in GRAPH.imports("proxy.web.exchange")
     assert {"proxy.ledger", "proxy.ledger.base"} <= GRAPH.imports("proxy.ledger.sqlite")
-    assert "proxy.simulator" in GRAPH.imports("proxy.cli")  # function-local
+    assert "proxy.simulator" in GRAPH.imports("proxy.cli.server")  # function-local
     assert "proxy.simulator.connection" in GRAPH.imports("proxy.simulator.routes")
 
 

@@ -35,8 +35,9 @@ from proxy.core.budgets import (
     window,
 )
 from proxy.core.errors import BudgetExceeded, PolicyViolation
+from proxy.core.image_tokens import parse_size
 from proxy.core.models import Change, Counter, ImageRequest, InputImage, Period, Totals, usd_text
-from proxy.core.pricing import ModelPrices, PriceBook, estimate, parse_size
+from proxy.core.pricing import ModelPrices, PriceBook, estimate
 from proxy.core.settings import (
     KNOBS,
     Allow,

@@ -41,10 +41,10 @@ OUTSIDE_THE_TREE = {
     # Python's and libraries' own, on purpose.
     ("proxy.core.metering", "ValueError"): "how json's hooks refuse a document",
     ("proxy.core.parsing", "ValueError"): "how json's hooks refuse a document",
-    ("proxy.core.pricing", "ValueError"): "a malformed price entry (made a ConfigError), "
-    "a size that is not explicit (a caller's mistake)",
-    ("proxy.core.pricing", "EntryError"): "a malformed price entry naming its key at fault (a "
-    "ValueError, made a ConfigError at that key's line)",
+    ("proxy.core.pricing", "ValueError"): "a size that is not explicit (a caller's mistake)",
+    ("proxy.core.price_entries", "ValueError"): "a malformed price entry (made a ConfigError)",
+    ("proxy.core.price_entries", "EntryError"): "a malformed price entry naming its key at "
+    "fault (a ValueError, made a ConfigError at that key's line)",
     ("proxy.config.source", "YAMLError"): "a YAML problem, made a ConfigError by the loader",
     ("proxy.web.exchange", "TimeoutError"): "asyncio's, caught where it is raised",
     (

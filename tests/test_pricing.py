@@ -19,6 +19,7 @@ from openai.types.image_model import ImageModel
 
 from proxy.config.prices import load_price_book
 from proxy.core.errors import BatchUnsupported, ConfigError, InvalidRequest
+from proxy.core.image_tokens import CustomSizes
 from proxy.core.models import (
     INPUT_KINDS,
     OUTPUT_KINDS,
@@ -28,18 +29,14 @@ from proxy.core.models import (
     Usage,
 )
 from proxy.core.parsing import parse_request
-from proxy.core.pricing import (
+from proxy.core.price_entries import (
     ENTRY_ERRORS,
-    CustomSizes,
     EntryError,
-    MainlinePrices,
-    ModelPrices,
-    PriceBook,
-    estimate,
     mainline_prices,
     model_prices,
     price_book,
 )
+from proxy.core.pricing import MainlinePrices, ModelPrices, PriceBook, estimate
 from proxy.simulator.catalogue import MAINLINE_MODELS
 from proxy.simulator.forms import RawRequest
 from proxy.simulator.tokens import tokens_for

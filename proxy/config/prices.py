@@ -6,7 +6,7 @@
 The built-in book is `proxy/prices.yaml` (package data): image models under `models:`, the
 Responses API's mainline text models under `mainline:`. An entry of the deployment's file
 changes the keys it names and keeps the rest of the built-in entry of the same name (its
-aliases too); a new name adds a model. `proxy.core.pricing` builds the entries.
+aliases too); a new name adds a model. `proxy.core.price_entries` builds the entries.
 """
 
 from __future__ import annotations
@@ -18,17 +18,15 @@ from typing import Any
 
 from proxy.config.source import Document, JsonPath, dotted, parse_document, read_document
 from proxy.core.errors import ConfigError
-from proxy.core.pricing import (
+from proxy.core.image_tokens import CustomSizes
+from proxy.core.price_entries import (
     ENTRY_ERRORS,
-    CustomSizes,
     EntryError,
-    MainlinePrices,
-    ModelPrices,
-    PriceBook,
     mainline_prices,
     model_prices,
     price_book,
 )
+from proxy.core.pricing import MainlinePrices, ModelPrices, PriceBook
 
 BUILT_IN = "proxy/prices.yaml"
 SECTIONS = ("models", "mainline")

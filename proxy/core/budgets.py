@@ -24,6 +24,7 @@ from typing import Literal
 from zoneinfo import ZoneInfo
 
 from proxy.core.errors import BudgetExceeded, PolicyViolation
+from proxy.core.image_tokens import parse_size
 from proxy.core.models import (
     Change,
     Counter,
@@ -35,7 +36,7 @@ from proxy.core.models import (
     Usage,
     usd_text,
 )
-from proxy.core.pricing import AUTO, ModelPrices, PriceBook, estimate, parse_size
+from proxy.core.pricing import AUTO, ModelPrices, PriceBook, estimate
 from proxy.core.settings import Budget, Config, Team
 
 PERIOD_ORDER: tuple[Period, ...] = ("day", "week", "month", "total")

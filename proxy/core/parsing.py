@@ -13,21 +13,30 @@ written in other than ASCII digits, and strings holding NUL or lone surrogates.
 Empty and absent are the same: the default applies, and the model is always
 written out. `ParsedBody.encode` writes canonical JSON, or multipart afresh
 (proxy.core.multipart: the form-data wire format, read and written).
+
+The rules of each scalar parameter are `proxy.core.image_params`; the input images of
+an edit or a variation, uploaded or referenced, `proxy.core.input_images`.
 """
 
 from __future__ import annotations
 
-import binascii
 import json
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from python_multipart.multipart import parse_options_header
 
-from proxy.core.dimensions import measure_image
 from proxy.core.errors import InvalidRequest
+from proxy.core.image_params import (
+    ACCEPTED,
+    AUTO,
+    check_names,
+    check_text,
+    part_text,
+    typed_fields,
+)
+from proxy.core.input_images import IMAGE_FIELDS, json_image_ref, json_images, multipart_images
 from proxy.core.models import Endpoint, ImageRequest, InputImage
 from proxy.core.multipart import (
     Part,
@@ -38,63 +47,10 @@ from proxy.core.multipart import (
     form_text,
     parse_multipart,
 )
-from proxy.core.pricing import parse_size
 
 MAX_PROMPT_CHARS = 32_000
 MAX_PARTIAL_IMAGES = 3
-MAX_IMAGES = 16
-MAX_INTEGER = 2**31 - 1
-"""No integer parameter means anything near this; past it a value is refused before it is
-priced or recorded (a 64-bit ledger column overflows at 2**63)."""
-IMAGE_FIELDS = ("image", "image[]", "mask", "markup")
-AUTO = "auto"
-DIGITS = re.compile(r"[0-9]+", re.ASCII)
-UNSAFE_CHARS = re.compile("[\x00\ud800-\udfff]")
-DATA_URL = re.compile(r"data:image/(png|jpeg|jpg|webp);base64,", re.ASCII)
-
 JSON_TYPE: tuple[bytes, dict[bytes, bytes]] = (b"application/json", {})
-Kind = Literal["text", "integer", "boolean"]
-
-
-@dataclass(frozen=True, slots=True)
-class Param:
-    """How one scalar parameter is read: its type, and its values when it has few."""
-
-    kind: Kind = "text"
-    choices: tuple[str, ...] = ()
-
-
-PARAMS: Mapping[str, Param] = {
-    "prompt": Param(),
-    "model": Param(),
-    "n": Param("integer"),
-    "size": Param(),
-    "quality": Param(),
-    "stream": Param("boolean"),
-    "partial_images": Param("integer"),
-    "input_fidelity": Param(choices=("high", "low")),
-    # Price-neutral: they change how the image is delivered, not how many tokens it costs.
-    "background": Param(choices=("transparent", "opaque", "auto")),
-    "output_format": Param(choices=("png", "jpeg", "webp")),
-    "output_compression": Param("integer"),
-    "moderation": Param(choices=("low", "auto")),
-    "response_format": Param(choices=("url", "b64_json")),
-    "style": Param(choices=("vivid", "natural")),
-    "user": Param(),
-    "safety_identifier": Param(),
-}
-_GENERATION = frozenset(PARAMS) - {"input_fidelity"}
-_EDIT = frozenset(PARAMS) - {"moderation", "style"}
-ACCEPTED: Mapping[tuple[Endpoint, bool], frozenset[str]] = {
-    # (endpoint, multipart) → the scalar parameters OpenAI's Images API takes there.
-    ("generations", False): _GENERATION,
-    ("edits", True): _EDIT,
-    ("edits", False): _EDIT | {"moderation"},
-    ("variations", True): frozenset({"model", "n", "size", "response_format", "user"}),
-}
-UNPRICED = frozenset({"complexity", "frame_count", "frame_duration_ms", "svg"})
-"""Accepted by OpenAI, but their cost (planning, GIF frames, SVG models) is not in the price
-book: Tollgate cannot bound it, so it refuses them rather than forward unpriced spend."""
 
 
 @dataclass(frozen=True)
@@ -175,18 +131,16 @@ def parse_request(
 def _json_request(endpoint: Endpoint, body: bytes, default_model: str) -> ParsedBody:
     """A JSON body: generations, or edits whose images are references (URLs or file ids)."""
     given = json_object(body)
-    _check_names(
-        given, ACCEPTED[endpoint, False], ("images", "mask") if endpoint == "edits" else ()
-    )
-    fields = _typed(given, endpoint, multipart=False)
+    check_names(given, ACCEPTED[endpoint, False], ("images", "mask") if endpoint == "edits" else ())
+    fields = typed_fields(given, endpoint, multipart=False)
     images: tuple[InputImage, ...] = ()
     mask = None
     references: dict[str, Any] | None = None
     if endpoint == "edits":
         references = {}
-        images, references["images"] = _json_images(given.get("images"))
+        images, references["images"] = json_images(given.get("images"))
         if given.get("mask") is not None:
-            mask, references["mask"] = _json_image_ref(given["mask"], "mask")
+            mask, references["mask"] = json_image_ref(given["mask"], "mask")
     return _parsed(endpoint, fields, images, mask, default_model, references=references)
 
 
@@ -201,41 +155,11 @@ def _multipart_request(endpoint: Endpoint, parts: list[Part], default_model: str
                 f"Duplicate parameter: '{part.name}'. It may be given only once.",
                 param=part.name,
             )
-        text[part.name] = _utf8(part)
-    _check_names(text, ACCEPTED[endpoint, True], ())
-    fields = _typed(text, endpoint, multipart=True)
-    uploads, images, mask = _multipart_images(endpoint, parts)
+        text[part.name] = part_text(part)
+    check_names(text, ACCEPTED[endpoint, True], ())
+    fields = typed_fields(text, endpoint, multipart=True)
+    uploads, images, mask = multipart_images(endpoint, parts)
     return _parsed(endpoint, fields, images, mask, default_model, uploads=uploads)
-
-
-def _check_names(
-    given: Mapping[str, Any], accepted: frozenset[str], nested: tuple[str, ...]
-) -> None:
-    for name in given:
-        if name in accepted or name in nested:
-            continue
-        if name in UNPRICED or name.startswith("svg["):
-            raise InvalidRequest(
-                f"Tollgate cannot price '{name}', so it does not forward it.", param=name
-            )
-        raise InvalidRequest(f"Unrecognized request argument supplied: {name}", param=name)
-
-
-def _utf8(part: Part) -> str:
-    try:
-        text = bytes(part.data).decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidRequest(f"Field '{part.name}' is not UTF-8 text.", param=part.name) from None
-    _check_text(text, part.name)
-    return text
-
-
-def _check_text(text: str, name: str) -> None:
-    if "\x00" in text if text.isascii() else UNSAFE_CHARS.search(text):
-        raise InvalidRequest(
-            f"Invalid value for '{name}': NUL characters and lone surrogates are not text.",
-            param=name,
-        )
 
 
 def json_object(body: bytes) -> dict[str, Any]:
@@ -256,10 +180,10 @@ def json_object(body: bytes) -> dict[str, Any]:
 
 def _check_strings(value: Any, name: str) -> None:
     if isinstance(value, str):
-        _check_text(value, name)
+        check_text(value, name)
     elif isinstance(value, dict):
         for key, item in value.items():
-            _check_text(key, name)
+            check_text(key, name)
             _check_strings(item, key if name == "the request" else name)
     elif isinstance(value, list):
         for item in value:
@@ -282,146 +206,6 @@ def _no_constant(name: str) -> None:
 # Built once: json.loads and json.dumps with options build a new coder on every call.
 _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
-
-
-def _typed(given: Mapping[str, Any], endpoint: Endpoint, *, multipart: bool) -> dict[str, Scalar]:
-    """The scalar parameters with their types checked; empty and null ones left out."""
-    fields: dict[str, Scalar] = {}
-    for name, value in given.items():
-        param = PARAMS.get(name)
-        if param is None or value is None or value == "":
-            continue
-        if param.kind == "integer":
-            fields[name] = _integer(name, value, multipart)
-        elif param.kind == "boolean":
-            fields[name] = _boolean(name, value, multipart)
-        else:
-            if not isinstance(value, str):
-                raise InvalidRequest(f"Invalid type for '{name}': expected a string.", param=name)
-            if param.choices and value not in param.choices:
-                raise InvalidRequest(
-                    f"Invalid value for '{name}': {value!r}. Supported values are: "
-                    f"{', '.join(param.choices)}.",
-                    param=name,
-                )
-            fields[name] = value
-    size = fields.get("size")
-    if isinstance(size, str) and size != AUTO and parse_size(size) is None:
-        raise InvalidRequest(
-            f"Invalid value for 'size': {size!r}. Expected 'auto' or WIDTHxHEIGHT.", param="size"
-        )
-    compression = fields.get("output_compression")
-    if isinstance(compression, int) and compression > 100:
-        raise InvalidRequest(
-            f"Invalid value for 'output_compression': {compression}. Expected 0 to 100.",
-            param="output_compression",
-        )
-    return fields
-
-
-def _integer(name: str, value: Any, multipart: bool) -> int:
-    if multipart and isinstance(value, str):
-        if DIGITS.fullmatch(value) is None:
-            raise InvalidRequest(
-                f"Invalid value for '{name}': expected an integer in ASCII digits.", param=name
-            )
-        # Never int() of thousands of digits: past 10 it is out of range anyway.
-        value = int(value) if len(value) <= 10 else MAX_INTEGER + 1
-    elif isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"Invalid type for '{name}': expected an integer.", param=name)
-    if not 0 <= value <= MAX_INTEGER:
-        raise InvalidRequest(
-            f"Invalid value for '{name}': expected an integer from 0 to {MAX_INTEGER}.",
-            param=name,
-        )
-    return int(value)
-
-
-def _boolean(name: str, value: Any, multipart: bool) -> bool:
-    if multipart and isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    if isinstance(value, bool):
-        return value
-    expected = "true or false" if multipart else "a boolean"
-    raise InvalidRequest(f"Invalid type for '{name}': expected {expected}.", param=name)
-
-
-def _json_images(refs: Any) -> tuple[tuple[InputImage, ...], list[dict[str, str]]]:
-    if not isinstance(refs, list) or not refs:
-        raise InvalidRequest("Missing required parameter: 'images'.", param="images")
-    if len(refs) > MAX_IMAGES:
-        raise InvalidRequest(f"Too many images: at most {MAX_IMAGES}.", param="images")
-    read = [_json_image_ref(ref, f"images[{i}]") for i, ref in enumerate(refs)]
-    return tuple(image for image, _ in read), [ref for _, ref in read]
-
-
-def _json_image_ref(ref: Any, param: str) -> tuple[InputImage, dict[str, str]]:
-    """One `{image_url}` or `{file_id}`: the size of a data URL's image (a URL or a file id
-    is priced at the model's ceiling), and the reference rebuilt with its one key."""
-    if not isinstance(ref, dict) or len(ref) != 1 or not ref.keys() <= {"image_url", "file_id"}:
-        raise InvalidRequest(
-            f"'{param}' must hold exactly one of image_url or file_id.", param=param
-        )
-    ((key, value),) = ref.items()
-    if not isinstance(value, str) or not value:
-        raise InvalidRequest(f"'{param}.{key}' must be a non-empty string.", param=param)
-    if key == "file_id" or value.startswith(("https://", "http://")):
-        # Tollgate never fetches URLs nor files: their size is unknown.
-        return InputImage(), {key: value}
-    header = DATA_URL.match(value)
-    if header is None:
-        raise InvalidRequest(
-            f"'{param}.image_url' must be an http(s) URL or a base64 data URL of a PNG, JPEG "
-            "or WebP image.",
-            param=param,
-        )
-    try:
-        # Strict: a decoder that skipped what Python's lenient one drops would see other bytes.
-        data = binascii.a2b_base64(value[header.end() :], strict_mode=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequest(f"'{param}.image_url' is not valid base64.", param=param) from None
-    fmt, image = measure_image(data, param)
-    if fmt != header[1].replace("jpg", "jpeg"):
-        raise InvalidRequest(
-            f"'{param}.image_url' says image/{header[1]} but holds a {fmt.upper()} image.",
-            param=param,
-        )
-    return image, {key: value}
-
-
-def _multipart_images(
-    endpoint: Endpoint, parts: list[Part]
-) -> tuple[tuple[Upload, ...], tuple[InputImage, ...], InputImage | None]:
-    files = [p for p in parts if p.name in ("image", "image[]")]
-    counts = {name: sum(p.name == name for p in parts) for name in IMAGE_FIELDS}
-    if counts["image"] > 1:
-        raise InvalidRequest(
-            "Duplicate parameter: 'image'. To send several images, use the array syntax "
-            "'image[]=<value>'.",
-            param="image",
-        )
-    for name in ("mask", "markup"):
-        if counts[name] > 1:
-            raise InvalidRequest(f"Duplicate parameter: '{name}'.", param=name)
-    if not files:
-        raise InvalidRequest("Missing required parameter: 'image'.", param="image")
-    if endpoint == "variations" and (len(files) > 1 or counts["mask"] or counts["markup"]):
-        raise InvalidRequest("Variations take exactly one image.", param="image")
-    if len(files) > MAX_IMAGES:
-        raise InvalidRequest(f"Too many images: at most {MAX_IMAGES}.", param="image")
-    uploads: list[Upload] = []
-    images: list[InputImage] = []
-    mask = None
-    for part in parts:
-        if part.name not in IMAGE_FIELDS:
-            continue
-        fmt, image = measure_image(part.data, part.name)
-        uploads.append(Upload(part.name, part.data, fmt))
-        if part.name == "mask":
-            mask = image
-        elif part.name != "markup":
-            images.append(image)
-    return tuple(uploads), tuple(images), mask
 
 
 def _parsed(

@@ -1,10 +1,10 @@
 """The price book: what each model charges and how many tokens a request may use (pure).
 
 Prices and token rules are data (`prices.yaml` inside the package, extended or
-overridden by a deployment's own file, both read by `proxy.config.prices`); this
-module builds the book from plain mappings and interprets it:
+overridden by a deployment's own file, both read by `proxy.config.prices`);
+`proxy.core.price_entries` builds the book from plain mappings, and this module
+interprets it:
 
-    fields = {"source": "…", "effective_from": "2026-04-21", "rates": {...}, ...}
     book = price_book([model_prices("gpt-image-2", fields, CustomSizes())])
     model = book.find("gpt-image-2-2026-04-21")       # aliases resolve
     model.output_tokens("high", "1024x1024")            # 7024
@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import functools
 import math
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date
 from decimal import ROUND_CEILING, Decimal
-from typing import Any
 
 from proxy.core.errors import BatchUnsupported, InvalidRequest
+from proxy.core.image_tokens import CustomSizes, TileRule, formula_tokens, parse_size
 from proxy.core.models import (
     INPUT_KINDS,
     OUTPUT_KINDS,
@@ -45,79 +44,6 @@ from proxy.core.models import (
 
 AUTO = "auto"
 MAX_N = 10
-
-
-@dataclass(frozen=True, slots=True)
-class CustomSizes:
-    """The rules for arbitrary `WxH` sizes (gpt-image-2 and later)."""
-
-    multiple_of: int = 16
-    max_edge: int = 3840
-    max_aspect: int = 3
-    min_pixels: int = 655_360
-    max_pixels: int = 8_294_400
-
-    def accepts(self, width: int, height: int) -> bool:
-        long, short = max(width, height), min(width, height)
-        return (
-            width % self.multiple_of == 0
-            and height % self.multiple_of == 0
-            and long <= self.max_edge
-            and long <= self.max_aspect * short
-            and self.min_pixels <= width * height <= self.max_pixels
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class TileRule:
-    """gpt-image-1's published input rule: 512-px tiles, 65 + 129 a tile, more at high fidelity."""
-
-    fit: int
-    shortest_side: int
-    tile: int
-    base: int
-    per_tile: int
-    high_fidelity_square: int
-    high_fidelity_other: int
-
-    def tokens(self, width: int, height: int, high_fidelity: bool) -> int:
-        w, h = float(width), float(height)
-        if max(w, h) > self.fit:
-            scale = self.fit / max(w, h)
-            w, h = w * scale, h * scale
-        if min(w, h) > self.shortest_side:
-            scale = self.shortest_side / min(w, h)
-            w, h = w * scale, h * scale
-        tiles = -(-round(w) // self.tile) * -(-round(h) // self.tile)
-        tokens = self.base + self.per_tile * tiles
-        if high_fidelity:
-            tokens += self.high_fidelity_square if width == height else self.high_fidelity_other
-        return tokens
-
-    @property
-    def ceiling(self) -> int:
-        """The most one image can cost: the longest thin image at high fidelity."""
-        tiles = math.ceil(self.fit / self.tile)
-        return self.base + self.per_tile * tiles + self.high_fidelity_other
-
-
-SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})", re.ASCII)
-
-
-def parse_size(size: str) -> tuple[int, int] | None:
-    """`"1536x1024"` → (1536, 1024); None for anything else (ASCII digits only: `str.isdigit`
-    takes `²⁰⁴⁸`, which `int()` then refuses)."""
-    match = SIZE.fullmatch(size)
-    if match is None:
-        return None
-    return int(match[1]), int(match[2])
-
-
-def formula_tokens(factor: int, width: int, height: int) -> int:
-    """Output tokens of one gpt-image-2/2.5 image (the community fit to OpenAI's calculator)."""
-    long, short = max(width, height), min(width, height)
-    steps = (2 * factor * short + long) // (2 * long)
-    return -(-(factor * steps * (2_000_000 + width * height)) // 4_000_000)
 
 
 @dataclass(frozen=True)
@@ -424,181 +350,3 @@ class PriceBook:
     def names(self) -> tuple[str, ...]:
         """Canonical model names (aliases excluded), sorted."""
         return tuple(sorted({m.name for m in self.models.values()}))
-
-
-class EntryError(ValueError):
-    """An entry the builder refuses, with the key `at` fault (empty: the entry itself), so
-    that a reader of files can point at that key's line."""
-
-    def __init__(self, message: str, at: tuple[str, ...] = ()) -> None:
-        super().__init__(message)
-        self.at = at
-
-
-ENTRY_ERRORS = (KeyError, TypeError, ValueError, ArithmeticError, AttributeError)
-"""What `model_prices` and `mainline_prices` raise for an entry they cannot read."""
-
-
-def price_book(
-    entries: Iterable[ModelPrices], mainline: Iterable[MainlinePrices] = ()
-) -> PriceBook:
-    """The book of `entries` (and mainline models), each found by its name and its aliases
-    (a later entry wins)."""
-    models: dict[str, ModelPrices] = {}
-    for entry in entries:
-        for name in (entry.name, *entry.aliases):
-            models[name] = entry
-    texts: dict[str, MainlinePrices] = {}
-    for text in mainline:
-        for name in (text.name, *text.aliases):
-            texts[name] = text
-    return PriceBook(models, texts)
-
-
-def _decimal(value: Any) -> Decimal:
-    return Decimal(str(value))
-
-
-def model_prices(name: str, raw: Mapping[str, Any], custom: CustomSizes) -> ModelPrices:
-    """One entry from its plain mapping, as a price-book file writes it (raises one of
-    `ENTRY_ERRORS`); `custom` holds the rules of `sizes: custom`."""
-    sizes = raw.get("sizes", [])
-    output = raw.get("output_tokens", {})
-    image_input = raw.get("image_input", {})
-    per_image = raw.get("per_image")
-    if not raw.get("source") or not raw.get("effective_from"):
-        raise ValueError("every entry needs `source` and `effective_from`")
-    if per_image is None and not raw.get("rates"):
-        raise ValueError("an entry needs `rates` or `per_image`")
-    if per_image is None and not ({"table", "formula"} & set(output)):
-        # Without it the bound would reserve nothing for the images themselves.
-        raise ValueError("a token-priced entry needs `output_tokens` (a table or a formula)")
-    effective = raw["effective_from"]
-    return ModelPrices(
-        name=name,
-        source=str(raw["source"]),
-        effective_from=effective if isinstance(effective, date) else date.fromisoformat(effective),
-        qualities=tuple(raw["qualities"]),
-        rates={
-            kind: _decimal(v) for kind, v in raw.get("rates", {}).items() if kind in TOKEN_KINDS
-        },
-        sizes=() if sizes == "custom" else tuple(sizes),
-        custom_sizes=custom if sizes == "custom" else None,
-        auto_size=raw.get("auto_size"),
-        output_table=output.get("table"),
-        output_formula=output.get("formula"),
-        output_scale={q: _decimal(v) for q, v in output.get("scale", {}).items()},
-        input_tiles=TileRule(**image_input["tiles"]) if "tiles" in image_input else None,
-        input_ceiling=image_input.get("ceiling"),
-        per_image=(
-            {q: {s: _decimal(p) for s, p in by_size.items()} for q, by_size in per_image.items()}
-            if per_image is not None
-            else None
-        ),
-        text_output_ceiling=int(raw.get("text_output_ceiling", 0)),
-        partial_image_tokens=int(raw.get("partial_image_tokens", 100)),
-        max_n=int(raw.get("max_n", MAX_N)),
-        aliases=tuple(raw.get("aliases", ())),
-        batch_rates=_batch_rates(raw.get("batch"), raw.get("rates", {}), per_image is not None),
-    )
-
-
-def _batch_rates(
-    raw: Any, rates: Mapping[str, Any], per_image: bool
-) -> Mapping[TokenKind, Decimal] | None:
-    """`batch:`, the Batch API's rates by kind (USD per 1M tokens, at least the kinds of
-    `rates`), or `false` where the Batch API does not take the model. Without it the model
-    is not taken either: a batch line is never priced at rates nobody wrote."""
-    at = ("batch",)
-    if raw is None or raw is False:
-        return None
-    if per_image:
-        raise EntryError("a per-image model has no token rates to batch: write `batch: false`", at)
-    if not isinstance(raw, Mapping) or not raw:
-        raise EntryError(
-            "`batch` must be the Batch API's rates by kind (USD per 1M tokens, as `rates`) "
-            "or false where the Batch API does not take the model",
-            at,
-        )
-    _known_keys(raw, TOKEN_KINDS, at)
-    missing = [kind for kind in rates if kind in TOKEN_KINDS and kind not in raw]
-    if missing:
-        raise EntryError(
-            f"`batch` needs a rate for every kind of `rates` (missing: {', '.join(missing)})", at
-        )
-    return {kind: _usd(value, (*at, kind)) for kind, value in raw.items() if kind in TOKEN_KINDS}
-
-
-MAINLINE_KEYS = ("source", "effective_from", "rates", "long_context", "aliases")
-LONG_CONTEXT_KEYS = ("above_input_tokens", "rates")
-
-
-def mainline_prices(name: str, raw: Mapping[str, Any]) -> MainlinePrices:
-    """One mainline model from its plain mapping, as a price-book file writes it under
-    `mainline:` (raises one of `ENTRY_ERRORS`, an `EntryError` naming the key at fault):
-
-        mainline_prices("gpt-5", {"source": "…", "effective_from": "2025-08-07",
-                                  "rates": {"text_input": "1.25", "text_output": "10.00"}})
-    """
-    if not isinstance(raw, Mapping):
-        raise EntryError(f"must be a mapping of {', '.join(MAINLINE_KEYS)}")
-    _known_keys(raw, MAINLINE_KEYS, ())
-    if not raw.get("source") or not raw.get("effective_from"):
-        raise EntryError("every entry needs `source` and `effective_from`")
-    effective = raw["effective_from"]
-    long = raw.get("long_context")
-    aliases = raw.get("aliases", ())
-    if not isinstance(aliases, list | tuple) or not all(isinstance(a, str) for a in aliases):
-        raise EntryError("`aliases` must be a list of model names", ("aliases",))
-    return MainlinePrices(
-        name=name,
-        source=str(raw["source"]),
-        effective_from=effective if isinstance(effective, date) else date.fromisoformat(effective),
-        rates=_mainline_rates(raw.get("rates"), ("rates",)),
-        long_context=None if long is None else _long_context(long),
-        aliases=tuple(aliases),
-    )
-
-
-def _long_context(raw: Any) -> LongContext:
-    at = ("long_context",)
-    if not isinstance(raw, Mapping):
-        raise EntryError("`long_context` must be a mapping of above_input_tokens, rates", at)
-    _known_keys(raw, LONG_CONTEXT_KEYS, at)
-    above = raw.get("above_input_tokens")
-    if isinstance(above, bool) or not isinstance(above, int) or above < 1:
-        raise EntryError(
-            f"`above_input_tokens` must be an integer >= 1, got {above!r}",
-            (*at, "above_input_tokens"),
-        )
-    return LongContext(above, _mainline_rates(raw.get("rates"), (*at, "rates")))
-
-
-def _mainline_rates(raw: Any, at: tuple[str, ...]) -> Mapping[str, Decimal]:
-    """USD per million tokens by kind: `text_input` and `text_output` required; without
-    `cached_text_input`, cached tokens are priced at `text_input` (never free)."""
-    if not isinstance(raw, Mapping) or not {"text_input", "text_output"} <= set(raw):
-        raise EntryError(
-            "`rates` needs text_input and text_output (and cached_text_input where the "
-            "model discounts cached input), USD per 1M tokens",
-            at,
-        )
-    _known_keys(raw, MAINLINE_KINDS, at)
-    return {kind: _usd(value, (*at, kind)) for kind, value in raw.items()}
-
-
-def _usd(value: Any, at: tuple[str, ...]) -> Decimal:
-    """A rate as written: a number of USD >= 0 (not a boolean, not NaN)."""
-    try:
-        rate = None if isinstance(value, bool) else _decimal(value)
-    except ArithmeticError:
-        rate = None
-    if rate is None or not rate.is_finite() or rate < 0:
-        raise EntryError(f"must be a number of USD >= 0, got {value!r}", at)
-    return rate
-
-
-def _known_keys(raw: Mapping[str, Any], known: tuple[str, ...], at: tuple[str, ...]) -> None:
-    for key in raw:
-        if key not in known:
-            raise EntryError(f"unknown key {key!r} (known: {', '.join(known)})", (*at, key))

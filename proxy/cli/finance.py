@@ -1,0 +1,199 @@
+"""`tollgate budgets`, `tollgate report` and `tollgate reconcile`: what finance reads."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+
+from proxy.cli.options import Commands, add_config, add_ledger_url, config_path
+from proxy.config import environment, load_config
+from proxy.core.budgets import zone
+from proxy.core.errors import InvalidRequest, RequestError
+from proxy.core.models import usd_text
+from proxy.core.settings import Config
+from proxy.core.status import BudgetStatus
+from proxy.finance import projects, reconcile
+from proxy.finance.reports_query import ReportQuery
+from proxy.finance.reports_query import run as run_report_query
+from proxy.finance.status import budget_status
+from proxy.ledger import OpenBatch, open_ledger
+
+
+def add_budgets(commands: Commands) -> None:
+    budgets = commands.add_parser("budgets", help="show every budget: limit, spent, remaining")
+    add_config(budgets)
+    add_ledger_url(budgets)
+    budgets.add_argument("--format", choices=("table", "json"), default="table")
+    budgets.set_defaults(run=run_budgets)
+
+
+def run_budgets(args: argparse.Namespace) -> int:
+    config = load_config(config_path(args))
+    found, batches = asyncio.run(
+        read_budgets(config, args.ledger or config.ledger_url, time.time())
+    )
+    if args.format == "json":
+        held = [
+            {"batch_id": b.batch_id, "team": b.team, "reserved": usd_text(b.reserved_nanos)}
+            for b in batches
+        ]
+        print(json.dumps({"budgets": [b.as_json() for b in found], "open_batches": held}, indent=2))
+        return 0
+    header = ("SCOPE", "TEAM", "PERIOD", "LIMIT", "SPENT", "RESERVED", "REMAINING", "USED",
+              "PERIOD ENDS")  # fmt: skip
+    lines = [header]
+    for b in found:
+        shown = b.as_json()
+        unit = "$" if b.metric == "usd" else ""
+        suffix = "" if b.metric == "usd" else " " + b.metric.removesuffix("_tokens") + " tok"
+        ends = "never"
+        if b.window.end is not None:
+            ends = datetime.fromtimestamp(b.window.end, zone(config.timezone)).strftime(
+                "%Y-%m-%d %H:%M"
+            )
+        lines.append((
+            b.scope, b.team or "-", b.period, f"{unit}{shown['limit']}{suffix}",
+            f"{unit}{shown['spent']}", f"{unit}{shown['reserved']}",
+            f"{unit}{shown['remaining']}", f"{b.utilization * 100:.1f}%", ends,
+        ))  # fmt: skip
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)))
+    if batches:
+        print("\nOpen batches (their reservations are in RESERVED above):")
+        for batch in batches:
+            print(f"  {batch.batch_id}  {batch.team}  ${usd_text(batch.reserved_nanos)}")
+    return 0
+
+
+async def read_budgets(
+    config: Config, ledger_url: str, now: float
+) -> tuple[list[BudgetStatus], list[OpenBatch]]:
+    ledger = await open_ledger(ledger_url)
+    try:
+        return await budget_status(config, ledger, now), await ledger.open_batches()
+    finally:
+        await ledger.close()
+
+
+def add_report(commands: Commands) -> None:
+    report = commands.add_parser(
+        "report", help="finance reports, chargeback statements, the audit export"
+    )
+    add_config(report)
+    add_ledger_url(report)
+    report.add_argument("--from", dest="start", metavar="DATE", help="first day (default: 1st)")
+    report.add_argument("--to", dest="end", metavar="DATE", help="last day, included")
+    report.add_argument("--by", metavar="FIELDS", help="e.g. team,model,quality or day")
+    report.add_argument("--statement", metavar="YYYY-MM", help="the month's chargeback statement")
+    report.add_argument("--audit", action="store_true", help="every ledger row (csv or jsonl)")
+    report.add_argument(
+        "--format", default=None, help="table|csv|json|html; jsonl|csv with --audit"
+    )
+    report.add_argument(
+        "--excel", action="store_true", help="CSV with a byte-order mark, for spreadsheets"
+    )
+    report.add_argument("--output", type=Path, help="write here instead of standard output")
+    report.set_defaults(run=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    config = load_config(config_path(args))
+    fmt = args.format or ("jsonl" if args.audit else "table")
+    try:
+        query = ReportQuery.parse(
+            start=args.start, end=args.end, by=args.by, fmt=fmt,
+            statement=args.statement, audit=args.audit, excel=args.excel,
+        )  # fmt: skip
+        asyncio.run(write_report(query, config, args.ledger or config.ledger_url, args.output))
+    except InvalidRequest as exc:
+        print(f"tollgate report: {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+async def write_report(
+    query: ReportQuery, config: Config, ledger_url: str, output: Path | None
+) -> None:
+    ledger = await open_ledger(ledger_url)
+    try:
+        answer = await run_report_query(query, ledger, config, time.time())
+        out = output.open("w", encoding="utf-8", newline="") if output else sys.stdout
+        try:
+            if answer.stream is not None:
+                async for chunk in answer.stream:
+                    out.write(chunk)
+            else:
+                out.write(answer.body or "")
+        finally:
+            if output:
+                out.close()
+    finally:
+        await ledger.close()
+
+
+def add_reconcile(commands: Commands) -> None:
+    rec = commands.add_parser("reconcile", help="compare the ledger with OpenAI's Costs API")
+    add_config(rec)
+    add_ledger_url(rec)
+    source = rec.add_mutually_exclusive_group(required=True)
+    source.add_argument("--costs", type=Path, metavar="FILE", help="a saved Costs API answer")
+    source.add_argument(
+        "--admin-key-env", metavar="VAR", help="fetch live with the admin key in $VAR"
+    )
+    rec.add_argument("--from", dest="start", metavar="DATE", help="first UTC day")
+    rec.add_argument("--to", dest="end", metavar="DATE", help="last UTC day, included")
+    rec.add_argument(
+        "--by",
+        choices=("model", "project"),
+        default="model",
+        help="per day and model, or per day and OpenAI project (the teams' openai_project)",
+    )
+    rec.add_argument(
+        "--tolerance",
+        type=Decimal,
+        default=None,
+        help="USD per day and model (or project; default 0.01)",
+    )
+    rec.add_argument("--format", choices=("table", "json"), default="table")
+    rec.set_defaults(run=run_reconcile)
+
+
+def run_reconcile(args: argparse.Namespace) -> int:
+    config = load_config(config_path(args))
+    first = reconcile.parse_day(args.start) if args.start else None
+    last = reconcile.parse_day(args.end) if args.end else None
+    tolerance = args.tolerance if args.tolerance is not None else reconcile.DEFAULT_TOLERANCE
+    if args.costs is not None:
+        pages = reconcile.load_costs_file(args.costs.read_text(encoding="utf-8"))
+        admin_key = None
+    else:
+        admin_key = environment.variable(args.admin_key_env)
+        if not admin_key:
+            print(f"tollgate reconcile: ${args.admin_key_env} is not set", file=sys.stderr)
+            return 2
+        pages = []
+    given = (config, args.ledger or config.ledger_url, pages, admin_key, first, last, tolerance)
+    try:
+        if args.by == "project":
+            per_project = asyncio.run(projects.run(*given, time.time()))
+            found, off = projects.as_json(per_project), per_project.off_days
+            table = projects.as_table(per_project)
+        else:
+            per_model = asyncio.run(reconcile.run(*given, time.time()))
+            found, off = reconcile.as_json(per_model), per_model.off_days
+            table = reconcile.as_table(per_model)
+    except RequestError as exc:
+        print(f"tollgate reconcile: {exc.message}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        print(json.dumps(found, indent=2))
+    else:
+        print(table, end="")
+    return 1 if off else 0

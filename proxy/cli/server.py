@@ -1,0 +1,125 @@
+"""`tollgate serve` and `tollgate simulate-upstream`: the commands that serve.
+
+Their stacks (uvicorn, starlette, aiohttp, httpx, the simulator) are imported inside
+the commands, never when the command line is.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from proxy import __version__
+from proxy.cli.options import Commands, add_config, add_ledger_url, config_path
+
+if TYPE_CHECKING:
+    from proxy.web.server import Prepared
+
+
+def add_serve(commands: Commands) -> None:
+    serve = commands.add_parser("serve", help="run the proxy")
+    add_config(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=int, default=1)
+    add_ledger_url(serve)
+    serve.add_argument(
+        "--simulate",
+        action="store_true",
+        help="run the built-in simulated upstream in-process (no OpenAI key)",
+    )
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(run=run_serve)
+
+
+def add_simulate(commands: Commands) -> None:
+    simulate = commands.add_parser("simulate-upstream", help="run the simulated OpenAI image API")
+    simulate.add_argument("--host", default="127.0.0.1")
+    simulate.add_argument("--port", type=int, default=8090)
+    simulate.add_argument("--latency-ms", type=int, default=0)
+    simulate.add_argument(
+        "--payload-bytes", type=int, default=0, help="pad each image to about this many bytes"
+    )
+    simulate.add_argument("--api-key", help="the only upstream key accepted (default: any)")
+    simulate.add_argument(
+        "--batch-delay-ms",
+        type=int,
+        help="how long a batch takes from validating to completed (default 1500)",
+    )
+    simulate.add_argument(
+        "--batch-window-ms",
+        type=int,
+        help="the simulated completion window: a batch not finalizing by then expires "
+        "(default 24 h)",
+    )
+    simulate.set_defaults(run=run_simulate)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """The server's stack (uvicorn, starlette, aiohttp, httpx) is imported here, by the one
+    command that serves: importing it takes longer than `tollgate budgets` needs in all."""
+    from proxy.logs import configure_logging
+    from proxy.web.runtime import Overrides
+    from proxy.web.server import ServeOptions, prepare, serve, with_simulated_upstream
+
+    options = ServeOptions(
+        config_path(args),
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=args.log_level,
+        overrides=Overrides(ledger_url=args.ledger),
+    )
+    if args.simulate:
+        options = with_simulated_upstream(options)
+    configure_logging(args.log_level)
+    prepared = prepare(options)
+    print_banner(prepared, simulate=args.simulate)
+    return 0 if serve(prepared) else 1
+
+
+def print_banner(prepared: Prepared, simulate: bool) -> None:
+    options, config = prepared.options, prepared.config
+    overrides = options.overrides
+    url = f"http://{options.host}:{options.port}/v1"
+    upstream = overrides.upstream_url or config.upstream.base_url
+    note = " (simulated)" if simulate else ""
+    print(
+        f"Tollgate {__version__} on {url}, upstream {upstream}{note}, "
+        f"ledger {overrides.ledger_url or config.ledger_url}",
+        flush=True,
+    )
+    print(
+        f"Call it with any OpenAI client (pip install openai):\n"
+        f"    OPENAI_BASE_URL={url} OPENAI_API_KEY=<team key> python -c "
+        f"\"import openai; print(openai.OpenAI().images.generate(model='gpt-image-2', "
+        f"prompt='a lighthouse', quality='low', size='1024x1024').usage)\"",
+        flush=True,
+    )
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from proxy.simulator import SimulatorSettings, create_simulator_app
+
+    batches = {
+        name: value
+        for name in ("batch_delay_ms", "batch_window_ms")
+        if (value := getattr(args, name)) is not None
+    }
+    settings = SimulatorSettings(
+        latency_ms=args.latency_ms,
+        payload_bytes=args.payload_bytes,
+        api_key=args.api_key,
+        **batches,
+    )
+    print(f"Simulated OpenAI image API on http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(
+        create_simulator_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+    )
+    return 0

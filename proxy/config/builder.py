@@ -1,0 +1,240 @@
+"""Schema-checked documents → a `Config`: the settings, the teams (`proxy.config.teams`),
+and the rules across files (a team or key hash defined twice, the teams' shares of the
+organization's rate limits), every problem collected as `file:line: key.path: message`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from proxy.config.fastcheck import schema_problems
+from proxy.config.passthrough import passthrough_prefixes
+from proxy.config.source import Document, JsonPath
+from proxy.config.teams import TeamBuilder
+from proxy.core.errors import ConfigError
+from proxy.core.pricing import PriceBook
+from proxy.core.settings import (
+    BODY_COPIES,
+    Alerts,
+    Config,
+    Limits,
+    RateLimit,
+    Retries,
+    Team,
+    UpstreamSettings,
+)
+
+PriceBookLoader = Callable[[Path | None], PriceBook]
+
+
+class Builder:
+    """Turns schema-checked documents into frozen values, collecting problems."""
+
+    def __init__(self, root: Path, price_book_loader: PriceBookLoader) -> None:
+        self.root = root.absolute()
+        self.load_prices = price_book_loader
+        self.problems: list[str] = []
+        self.book: PriceBook | None = None
+
+    def build(self, settings_doc: Document | None, team_docs: list[Document]) -> Config | None:
+        settings_ok = True
+        data: dict[str, Any] = {}
+        inline_teams: list[tuple[Document, JsonPath]] = []
+        if settings_doc is not None:
+            if settings_doc.data is None:
+                settings_doc.data = {}
+            bad = self._check(settings_doc, "settings")
+            settings_ok = not any(len(p) < 2 or p[0] != "teams" for p in bad)
+            if isinstance(settings_doc.data, dict):
+                data = settings_doc.data
+                teams = data.get("teams")
+                if isinstance(teams, list):
+                    inline_teams = [
+                        (settings_doc, ("teams", i))
+                        for i in range(len(teams))
+                        if not any(p[:2] == ("teams", i) for p in bad)
+                    ]
+        file_teams = [(doc, ()) for doc in team_docs if not self._check(doc, "team")]
+        prices = data.get("prices", "builtin")
+        if isinstance(prices, str) and prices:
+            self.book = self._price_book(prices, settings_doc)
+
+        # Made once the price book is read: each model a team names is checked against it.
+        self.teams = TeamBuilder(self.book, self.problems)
+        built_teams = [self.teams.team(doc, base) for doc, base in (*inline_teams, *file_teams)]
+        self._check_unique(built_teams)
+        if settings_doc is None or not settings_ok or self.book is None:
+            return None
+        return self._config(settings_doc, data, tuple(team for team, _, _ in built_teams))
+
+    def _check(self, doc: Document, kind: str) -> list[JsonPath]:
+        """Validate against the schema; the paths of the problems found."""
+        if doc.data is None and kind == "team":
+            self.problems.append(f"{doc.file}:1: empty file (a team needs `name` and `keys`)")
+            return [()]
+        found = _schema_problems(kind, _Canonical(doc.data))
+        self.problems += [doc.problem(path, message) for path, message in found]
+        return [path for path, _ in found]
+
+    def _problem(self, doc: Document, path: JsonPath, message: str) -> None:
+        self.problems.append(doc.problem(path, message))
+
+    # -- settings ------------------------------------------------------------
+
+    def _price_book(self, prices: str, doc: Document | None) -> PriceBook | None:
+        path = None if prices == "builtin" else self.root / prices
+        try:
+            return self.load_prices(path)
+        except ConfigError as exc:
+            self.problems += exc.problems
+        except OSError as exc:
+            if doc is not None:
+                what = "the built-in price book" if path is None else str(path)
+                self._problem(doc, ("prices",), f"cannot read {what}: {exc.strerror or exc}")
+        return None
+
+    def _config(self, doc: Document, data: dict[str, Any], teams: tuple[Team, ...]) -> Config:
+        assert self.book is not None
+        up = dict(data.get("upstream", {}))
+        for optional in ("api_key", "organization", "project"):
+            if optional in up:
+                up[optional] = up[optional] or None  # an unset ${VAR} turns the setting off
+        if "base_url" in up:
+            up["base_url"] = up["base_url"].rstrip("/")
+        for seconds in ("timeout_s", "total_timeout_s"):
+            if seconds in up:
+                up[seconds] = float(up[seconds])
+        upstream = UpstreamSettings(**up)
+        timezone = data.get("timezone", "UTC")
+        try:
+            ZoneInfo(timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            self._problem(doc, ("timezone",), f"unknown time zone {timezone!r}")
+        default_model = data.get("default_model", "gpt-image-2")
+        self.teams.priced(doc, ("default_model",), default_model)
+        limits = self._limits(doc, data.get("limits", {}))
+        passthrough = passthrough_prefixes(doc, data.get("passthrough", ()), self.problems)
+        al = data.get("alerts", {})
+        alerts = Alerts(
+            webhooks=tuple(al.get("webhooks", ())),
+            timeout_s=float(al.get("timeout_s", Alerts().timeout_s)),
+        )
+        org = data.get("organization", {})
+        return Config(
+            root=self.root,
+            upstream=upstream,
+            ledger_url=self._ledger_url(data.get("ledger", "sqlite:///tollgate.db")),
+            timezone=timezone,
+            admin_token=data.get("admin_token") or None,
+            prices=self.book,
+            default_model=default_model,
+            organization_budgets=self.teams.budgets(doc, ("organization", "budgets"), org),
+            organization_rate_limits=self._org_rate_limits(doc, org, teams),
+            teams=teams,
+            limits=limits,
+            passthrough=passthrough,
+            alerts=alerts,
+            retries=Retries(**data.get("retries", {})),
+        )
+
+    def _limits(self, doc: Document, raw: dict[str, Any]) -> Limits:
+        values: dict[str, Any] = {
+            k: float(v) if k.endswith("_s") else int(v) for k, v in raw.items()
+        }
+        limits = Limits(**values)
+        # Else the largest body allowed would be refused as "overloaded" forever, and retried.
+        if limits.inflight_bytes < BODY_COPIES * limits.largest_body():
+            path = ("limits", "inflight_bytes") if "inflight_bytes" in raw else ("limits",)
+            self._problem(
+                doc,
+                path,
+                f"{limits.inflight_bytes:,} bytes must be at least {BODY_COPIES} "
+                f"times the largest body limit ({limits.largest_body():,} bytes): each body "
+                f"is counted {BODY_COPIES} times while it is held",
+            )
+        return limits
+
+    def _ledger_url(self, url: str) -> str:
+        if url.startswith("postgres://"):
+            return "postgresql://" + url.removeprefix("postgres://")
+        if url.startswith("sqlite:///"):
+            file = url.removeprefix("sqlite:///")
+            if file != ":memory:" and not Path(file).is_absolute():
+                return f"sqlite:///{self.root / file}"
+        return url
+
+    # -- across files --------------------------------------------------------
+
+    def _org_rate_limits(
+        self, doc: Document, org: dict[str, Any], teams: tuple[Team, ...]
+    ) -> tuple[RateLimit, ...]:
+        """The organization's rate limits; the teams' shares of them must each cover one,
+        and those of one limit may not promise more than all of it."""
+        path: JsonPath = ("organization", "rate_limits")
+        limits = tuple(
+            limit
+            for index, entry in enumerate(org.get("rate_limits", ()))
+            if isinstance(limit := self.teams.rate_limit(doc, (*path, index), entry), RateLimit)
+        )
+        for team in teams:
+            for share in team.rate_shares:
+                if not any(share.covers(limit) for limit in limits):
+                    what = f"{share.model}'s " if share.model else ""
+                    self.problems.append(
+                        f"{share.where}: rate_limits: a share of the organization's "
+                        f"{what}per-{share.per} rate limits, but `organization.rate_limits` "
+                        f"has none"
+                    )
+        for limit in limits:
+            sharing = [(t.name, s.share) for t in teams for s in t.rate_shares if s.covers(limit)]
+            if sum(share for _, share in sharing) > 1:
+                parts = ", ".join(f"{name} {share}" for name, share in sharing)
+                self.problems.append(
+                    f"{limit.where}: organization.rate_limits: the teams' shares of this "
+                    f"limit add up to more than all of it ({parts})"
+                )
+        return limits
+
+    def _check_unique(self, teams: list[tuple[Team, Document, JsonPath]]) -> None:
+        names: dict[str, str] = {}
+        hashes: dict[str, str] = {}
+        for team, doc, base in teams:
+            if team.name in names:
+                message = f"team {team.name!r} is already defined at {names[team.name]}"
+                self._problem(doc, (*base, "name"), message)
+            names.setdefault(team.name, doc.where((*base, "name")))
+            for index, key in enumerate(team.keys):
+                path = (*base, "keys", index, "sha256")
+                if key.sha256 in hashes:
+                    self._problem(doc, path, f"same key hash as {hashes[key.sha256]}")
+                hashes.setdefault(key.sha256, doc.where(path))
+
+
+class _Canonical:
+    """A document's data, equal to another (and hashed alike) when both are written the
+    same: its canonical JSON, values JSON lacks (a YAML date) tagged with their type."""
+
+    __slots__ = ("data", "key")
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+        self.key = json.dumps(data, sort_keys=True, default=lambda o: [type(o).__name__, repr(o)])
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Canonical) and other.key == self.key
+
+
+@functools.lru_cache(maxsize=8192)
+def _schema_problems(kind: str, doc: _Canonical) -> tuple[tuple[JsonPath, str], ...]:
+    """The schema's problems with a document. Remembered: a reload of 1,000 team files
+    validates only those that changed (a file found invalid is validated twice, the
+    second time by jsonschema at about a millisecond)."""
+    return tuple(schema_problems(kind, doc.data))

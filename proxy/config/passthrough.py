@@ -1,0 +1,72 @@
+"""`passthrough:`, the other /v1 paths forwarded unmetered, and the rules that keep image
+spend out of them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.config.source import Document, JsonPath
+from proxy.core.paths import TOLLGATE_PATHS, canonical, under
+from proxy.core.settings import READ_ONLY, Passthrough
+
+# Paths other than the Images API through which OpenAI bills image generation: passthrough
+# may read there, never write (a POST would be spend Tollgate did not price).
+SPENDING_DOORS = ("/v1/responses", "/v1/batches", "/v1/files")
+
+
+def passthrough_prefixes(
+    doc: Document, entries: list[Any], problems: list[str]
+) -> tuple[Passthrough, ...]:
+    """The `passthrough:` prefixes; one that is not a canonical path, or that covers an
+    image endpoint (images are never forwarded unmetered), is refused."""
+    found: dict[str, Passthrough] = {}
+    for index, raw in enumerate(entries):
+        where: JsonPath = ("passthrough", index)
+        if isinstance(raw, dict):
+            where = (*where, "path")
+            prefix = str(raw["path"])
+            methods = frozenset(raw.get("methods", READ_ONLY))
+        else:
+            prefix, methods = str(raw), READ_ONLY
+        prefix = prefix.removesuffix("/")
+        if canonical(prefix.encode()) != prefix:
+            _problem(
+                problems,
+                doc,
+                where,
+                f"{prefix!r} is not a plain path: no '.' or '..' segments, empty "
+                "segments, '%' escapes, backslashes or spaces",
+            )
+        elif covers(prefix, "/v1/images"):
+            _problem(problems, doc, where, f"{prefix!r} would forward image requests unmetered")
+        elif covers(prefix, TOLLGATE_PATHS):
+            _problem(
+                problems,
+                doc,
+                where,
+                f"{prefix!r} would forward {TOLLGATE_PATHS}, Tollgate's own paths",
+            )
+        elif methods - READ_ONLY and any(covers(prefix, door) for door in SPENDING_DOORS):
+            _problem(
+                problems,
+                doc,
+                where,
+                f"{prefix!r} with {', '.join(sorted(methods - READ_ONLY))} would let image "
+                "spend through unmetered (the Responses image tool, batches and their "
+                "files): only GET and HEAD may be passed through there",
+            )
+        elif prefix in found:
+            _problem(problems, doc, where, f"{prefix!r} is listed twice")
+        else:
+            found[prefix] = Passthrough(prefix, methods)
+    return tuple(found.values())
+
+
+def _problem(problems: list[str], doc: Document, path: JsonPath, message: str) -> None:
+    problems.append(doc.problem(path, message))
+
+
+def covers(prefix: str, path: str) -> bool:
+    """Whether passthrough of `prefix` reaches `path` or anything under it (any letter case)."""
+    prefix = prefix.lower()
+    return (path + "/").startswith(prefix) or under(prefix, path)

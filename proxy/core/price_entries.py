@@ -1,0 +1,206 @@
+"""Price-book entries built from plain mappings, as a price-book file writes them (pure).
+
+`proxy.config.prices` reads the files; this module turns each entry's mapping into the
+values of `proxy.core.pricing`, or raises one of `ENTRY_ERRORS` (an `EntryError` naming the
+key at fault):
+
+    fields = {"source": "…", "effective_from": "2026-04-21", "rates": {...}, ...}
+    book = price_book([model_prices("gpt-image-2", fields, CustomSizes())])
+    book = price_book(images, [mainline_prices("gpt-5.5", fields)])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import date
+from decimal import Decimal
+from typing import Any
+
+from proxy.core.image_tokens import CustomSizes, TileRule
+from proxy.core.models import TOKEN_KINDS, TokenKind
+from proxy.core.pricing import (
+    MAINLINE_KINDS,
+    MAX_N,
+    LongContext,
+    MainlinePrices,
+    ModelPrices,
+    PriceBook,
+)
+
+
+class EntryError(ValueError):
+    """An entry the builder refuses, with the key `at` fault (empty: the entry itself), so
+    that a reader of files can point at that key's line."""
+
+    def __init__(self, message: str, at: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.at = at
+
+
+ENTRY_ERRORS = (KeyError, TypeError, ValueError, ArithmeticError, AttributeError)
+"""What `model_prices` and `mainline_prices` raise for an entry they cannot read."""
+
+
+def price_book(
+    entries: Iterable[ModelPrices], mainline: Iterable[MainlinePrices] = ()
+) -> PriceBook:
+    """The book of `entries` (and mainline models), each found by its name and its aliases
+    (a later entry wins)."""
+    models: dict[str, ModelPrices] = {}
+    for entry in entries:
+        for name in (entry.name, *entry.aliases):
+            models[name] = entry
+    texts: dict[str, MainlinePrices] = {}
+    for text in mainline:
+        for name in (text.name, *text.aliases):
+            texts[name] = text
+    return PriceBook(models, texts)
+
+
+def _decimal(value: Any) -> Decimal:
+    return Decimal(str(value))
+
+
+def model_prices(name: str, raw: Mapping[str, Any], custom: CustomSizes) -> ModelPrices:
+    """One entry from its plain mapping, as a price-book file writes it (raises one of
+    `ENTRY_ERRORS`); `custom` holds the rules of `sizes: custom`."""
+    sizes = raw.get("sizes", [])
+    output = raw.get("output_tokens", {})
+    image_input = raw.get("image_input", {})
+    per_image = raw.get("per_image")
+    if not raw.get("source") or not raw.get("effective_from"):
+        raise ValueError("every entry needs `source` and `effective_from`")
+    if per_image is None and not raw.get("rates"):
+        raise ValueError("an entry needs `rates` or `per_image`")
+    if per_image is None and not ({"table", "formula"} & set(output)):
+        # Without it the bound would reserve nothing for the images themselves.
+        raise ValueError("a token-priced entry needs `output_tokens` (a table or a formula)")
+    effective = raw["effective_from"]
+    return ModelPrices(
+        name=name,
+        source=str(raw["source"]),
+        effective_from=effective if isinstance(effective, date) else date.fromisoformat(effective),
+        qualities=tuple(raw["qualities"]),
+        rates={
+            kind: _decimal(v) for kind, v in raw.get("rates", {}).items() if kind in TOKEN_KINDS
+        },
+        sizes=() if sizes == "custom" else tuple(sizes),
+        custom_sizes=custom if sizes == "custom" else None,
+        auto_size=raw.get("auto_size"),
+        output_table=output.get("table"),
+        output_formula=output.get("formula"),
+        output_scale={q: _decimal(v) for q, v in output.get("scale", {}).items()},
+        input_tiles=TileRule(**image_input["tiles"]) if "tiles" in image_input else None,
+        input_ceiling=image_input.get("ceiling"),
+        per_image=(
+            {q: {s: _decimal(p) for s, p in by_size.items()} for q, by_size in per_image.items()}
+            if per_image is not None
+            else None
+        ),
+        text_output_ceiling=int(raw.get("text_output_ceiling", 0)),
+        partial_image_tokens=int(raw.get("partial_image_tokens", 100)),
+        max_n=int(raw.get("max_n", MAX_N)),
+        aliases=tuple(raw.get("aliases", ())),
+        batch_rates=_batch_rates(raw.get("batch"), raw.get("rates", {}), per_image is not None),
+    )
+
+
+def _batch_rates(
+    raw: Any, rates: Mapping[str, Any], per_image: bool
+) -> Mapping[TokenKind, Decimal] | None:
+    """`batch:`, the Batch API's rates by kind (USD per 1M tokens, at least the kinds of
+    `rates`), or `false` where the Batch API does not take the model. Without it the model
+    is not taken either: a batch line is never priced at rates nobody wrote."""
+    at = ("batch",)
+    if raw is None or raw is False:
+        return None
+    if per_image:
+        raise EntryError("a per-image model has no token rates to batch: write `batch: false`", at)
+    if not isinstance(raw, Mapping) or not raw:
+        raise EntryError(
+            "`batch` must be the Batch API's rates by kind (USD per 1M tokens, as `rates`) "
+            "or false where the Batch API does not take the model",
+            at,
+        )
+    _known_keys(raw, TOKEN_KINDS, at)
+    missing = [kind for kind in rates if kind in TOKEN_KINDS and kind not in raw]
+    if missing:
+        raise EntryError(
+            f"`batch` needs a rate for every kind of `rates` (missing: {', '.join(missing)})", at
+        )
+    return {kind: _usd(value, (*at, kind)) for kind, value in raw.items() if kind in TOKEN_KINDS}
+
+
+MAINLINE_KEYS = ("source", "effective_from", "rates", "long_context", "aliases")
+LONG_CONTEXT_KEYS = ("above_input_tokens", "rates")
+
+
+def mainline_prices(name: str, raw: Mapping[str, Any]) -> MainlinePrices:
+    """One mainline model from its plain mapping, as a price-book file writes it under
+    `mainline:` (raises one of `ENTRY_ERRORS`, an `EntryError` naming the key at fault):
+
+        mainline_prices("gpt-5", {"source": "…", "effective_from": "2025-08-07",
+                                  "rates": {"text_input": "1.25", "text_output": "10.00"}})
+    """
+    if not isinstance(raw, Mapping):
+        raise EntryError(f"must be a mapping of {', '.join(MAINLINE_KEYS)}")
+    _known_keys(raw, MAINLINE_KEYS, ())
+    if not raw.get("source") or not raw.get("effective_from"):
+        raise EntryError("every entry needs `source` and `effective_from`")
+    effective = raw["effective_from"]
+    long = raw.get("long_context")
+    aliases = raw.get("aliases", ())
+    if not isinstance(aliases, list | tuple) or not all(isinstance(a, str) for a in aliases):
+        raise EntryError("`aliases` must be a list of model names", ("aliases",))
+    return MainlinePrices(
+        name=name,
+        source=str(raw["source"]),
+        effective_from=effective if isinstance(effective, date) else date.fromisoformat(effective),
+        rates=_mainline_rates(raw.get("rates"), ("rates",)),
+        long_context=None if long is None else _long_context(long),
+        aliases=tuple(aliases),
+    )
+
+
+def _long_context(raw: Any) -> LongContext:
+    at = ("long_context",)
+    if not isinstance(raw, Mapping):
+        raise EntryError("`long_context` must be a mapping of above_input_tokens, rates", at)
+    _known_keys(raw, LONG_CONTEXT_KEYS, at)
+    above = raw.get("above_input_tokens")
+    if isinstance(above, bool) or not isinstance(above, int) or above < 1:
+        raise EntryError(
+            f"`above_input_tokens` must be an integer >= 1, got {above!r}",
+            (*at, "above_input_tokens"),
+        )
+    return LongContext(above, _mainline_rates(raw.get("rates"), (*at, "rates")))
+
+
+def _mainline_rates(raw: Any, at: tuple[str, ...]) -> Mapping[str, Decimal]:
+    """USD per million tokens by kind: `text_input` and `text_output` required; without
+    `cached_text_input`, cached tokens are priced at `text_input` (never free)."""
+    if not isinstance(raw, Mapping) or not {"text_input", "text_output"} <= set(raw):
+        raise EntryError(
+            "`rates` needs text_input and text_output (and cached_text_input where the "
+            "model discounts cached input), USD per 1M tokens",
+            at,
+        )
+    _known_keys(raw, MAINLINE_KINDS, at)
+    return {kind: _usd(value, (*at, kind)) for kind, value in raw.items()}
+
+
+def _usd(value: Any, at: tuple[str, ...]) -> Decimal:
+    """A rate as written: a number of USD >= 0 (not a boolean, not NaN)."""
+    try:
+        rate = None if isinstance(value, bool) else _decimal(value)
+    except ArithmeticError:
+        rate = None
+    if rate is None or not rate.is_finite() or rate < 0:
+        raise EntryError(f"must be a number of USD >= 0, got {value!r}", at)
+    return rate
+
+
+def _known_keys(raw: Mapping[str, Any], known: tuple[str, ...], at: tuple[str, ...]) -> None:
+    for key in raw:
+        if key not in known:
+            raise EntryError(f"unknown key {key!r} (known: {', '.join(known)})", (*at, key))
