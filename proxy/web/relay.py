@@ -30,8 +30,25 @@ class Relay:
         self._queue.put_nowait(None)
 
     async def events(self) -> AsyncIterator[bytes]:
+        """The chunks in order; those that queued up while the client's last write was under
+        way go out together, in one write (a busy process sends a 2 MB event in a few
+        writes, not one per upstream read)."""
+        queue = self._queue
         try:
-            while (chunk := await self._queue.get()) is not None:
-                yield chunk
+            while (chunk := await queue.get()) is not None:
+                if queue.empty():
+                    yield chunk
+                    continue
+                waiting = [chunk]
+                ended = False
+                while not queue.empty():
+                    more = queue.get_nowait()
+                    if more is None:
+                        ended = True
+                        break
+                    waiting.append(more)
+                yield b"".join(waiting)
+                if ended:
+                    return
         finally:
             self._listening = False
