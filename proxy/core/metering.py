@@ -494,14 +494,17 @@ def sse_event_parts(parts: list[bytes]) -> tuple[bytes, list[bytes] | None]:
 
     An event whose last line, a data line, runs on over several parts (a completed image's
     megabytes of base64 arriving in chunks) is read without joining them: its pieces are
-    the parts themselves. Any other event is joined and read by `sse_event`."""
+    the parts themselves. Any other event is joined and read by `sse_event`.
+
+    `parts` are an event as `EventSplitter.feed_parts` gives it: no part after the first
+    has a line feed, so only carriage returns (a line end too) are searched for there."""
     if len(parts) > 1:
         first, rest = parts[0], parts[1:]
         line = first.rfind(b"\n") + 1  # the start of the line that runs on
         if (
             first.startswith(b"data:", line)
             and b"\r" not in first
-            and not any(b"\n" in part or b"\r" in part for part in rest)
+            and not any(b"\r" in part for part in rest)
         ):
             name, earlier = sse_event(first[:line])
             if earlier is None:  # the line that runs on is the event's only data line
@@ -560,6 +563,7 @@ class EventSplitter:
     def __init__(self) -> None:
         self._held: list[bytes] = []
         self._edge = b""  # the last EDGE bytes held, where a separator may begin
+        self._lines = False  # a part held after the first has a line feed
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """The events `chunk` completes, in order."""
@@ -567,7 +571,9 @@ class EventSplitter:
 
     def feed_parts(self, chunk: bytes) -> list[list[bytes]]:
         """The events `chunk` completes, in order, each in the parts it came in (joined,
-        they are the event): a long event is not copied whole."""
+        they are the event): a long event is not copied whole. No part after an event's
+        first has a line feed (an event whose later parts would is given joined, in one
+        part): `sse_event_parts` need not search them for one."""
         if b"\n" not in chunk:  # no separator can end in it
             self._hold(chunk)
             return []
@@ -583,11 +589,15 @@ class EventSplitter:
             else:
                 end, sep = event_end(chunk)
                 if end < 0:
+                    self._lines = True  # held after the first, with a line feed
                     self._hold(chunk)
                     return []
-                events.append([*self._held, chunk[:end]] if end else self._held)
+                parts = [*self._held, chunk[:end]] if end else self._held
+                if self._lines or chunk.find(b"\n", 0, end) >= 0:
+                    parts = [b"".join(parts)]
+                events.append(parts)
                 at = end + sep
-            self._held, self._edge = [], b""
+            self._held, self._edge, self._lines = [], b"", False
         while (found := event_end(chunk, at))[0] >= 0:
             end, sep = found
             events.append([chunk[at:end]])
@@ -604,5 +614,5 @@ class EventSplitter:
     def rest(self) -> bytes:
         """What came after the last separator (the stream ended); nothing is held after."""
         rest = b"".join(self._held)
-        self._held, self._edge = [], b""
+        self._held, self._edge, self._lines = [], b"", False
         return rest
