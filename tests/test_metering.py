@@ -14,13 +14,12 @@ from proxy.core.metering import (
     LONG_NUMBER,
     SMALL_BODY,
     BodyMeter,
-    EventSplitter,
     MalformedAnswer,
     SseMeter,
-    sse_event,
     usage_from_openai,
 )
 from proxy.core.models import Usage
+from proxy.core.sse import EventSplitter, sse_event
 
 USAGE = {
     "input_tokens": 50,

@@ -18,16 +18,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.core.metering import (
-    EventSplitter,
-    MalformedAnswer,
-    ShortStrings,
-    sse_event,
-    token_count,
-    usage_from_openai,
-)
+from proxy.core.metering import MalformedAnswer, ShortStrings, token_count, usage_from_openai
 from proxy.core.models import Usage
 from proxy.core.settlement import Metered, StreamEnd
+from proxy.core.sse import EventSplitter, sse_event
 
 PENDING = frozenset({"queued", "in_progress"})
 """Statuses of a response that has not ended (a background one)."""
