@@ -10,15 +10,10 @@ from typing import Any
 
 import pytest
 
-from proxy.core.metering import (
-    LONG_NUMBER,
-    SMALL_BODY,
-    BodyMeter,
-    MalformedAnswer,
-    SseMeter,
-    usage_from_openai,
-)
+from proxy.core.errors import MalformedAnswer
+from proxy.core.metering import SMALL_BODY, BodyMeter, SseMeter, usage_from_openai
 from proxy.core.models import Usage
+from proxy.core.short_strings import LONG_NUMBER
 from proxy.core.sse import EventSplitter, sse_event
 
 USAGE = {
@@ -333,7 +328,8 @@ def test_a_number_too_long_in_a_big_streamed_answer_is_refused_as_it_passes() ->
 
 NO_CRASH = r"""
 import sys
-from proxy.core.metering import BodyMeter, MalformedAnswer, SseMeter
+from proxy.core.errors import MalformedAnswer
+from proxy.core.metering import BodyMeter, SseMeter
 
 number = b"1" * 5000
 answer = b'{"data": [{"b64_json": "x"}], "usage": {"output_tokens": ' + number + b'}}'

@@ -35,13 +35,15 @@ from proxy.core.budgets import Variant, allow_endpoint, applicable, counters, de
 from proxy.core.errors import (
     InvalidRequest,
     LedgerError,
+    MalformedAnswer,
     RequestError,
     UpstreamFailure,
 )
-from proxy.core.metering import MalformedAnswer, ShortStrings, usage_from_openai
+from proxy.core.metering import usage_from_openai
 from proxy.core.models import Charge, Entry, Estimate, ImageRequest, Settlement, Usage, usd_text
 from proxy.core.parsing import json_object
 from proxy.core.settings import Team
+from proxy.core.short_strings import ShortStrings
 from proxy.ledger import BatchLine, BilledLine, Reservation, StoredObject
 from proxy.upstream import BROKEN_OFF, response_headers
 from proxy.web import repeats
