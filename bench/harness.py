@@ -28,8 +28,8 @@ from zoneinfo import ZoneInfo
 import aiohttp
 
 from proxy.core.auth import key_hash
-from proxy.core.budgets import PERIOD_ORDER, Applied, window
 from proxy.core.models import Counter
+from proxy.core.periods import PERIOD_ORDER, Applied, window
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = str(ROOT / ".venv" / "bin" / "python")

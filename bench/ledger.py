@@ -34,8 +34,8 @@ import asyncpg
 
 from bench import harness
 from proxy.config import load_config
-from proxy.core.budgets import applicable, counters, zone
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
+from proxy.core.periods import applicable, counters, zone
 from proxy.ledger import Reservation, migrate_ledger, open_ledger
 
 

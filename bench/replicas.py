@@ -28,8 +28,8 @@ from pathlib import Path
 from bench import harness
 from bench.ledger import fresh_schema
 from proxy.config import load_config
-from proxy.core.budgets import applicable, counters, zone
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
+from proxy.core.periods import applicable, counters, zone
 from proxy.ledger import Reservation, migrate_ledger, open_ledger
 
 CONCURRENCY = 8

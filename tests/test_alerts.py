@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from proxy.config import load_config
-from proxy.core.budgets import Window, counters, zone
 from proxy.core.models import Entry, Settlement, Usage
+from proxy.core.periods import Window, counters, zone
 from proxy.core.settings import Alerts as AlertSettings
 from proxy.core.settings import Allow, Budget, Config, Team, TeamKey
 from proxy.core.status import BudgetStatus

@@ -17,13 +17,10 @@ import pytest
 from proxy.config.prices import load_price_book
 from proxy.core.budgets import (
     STANDARD_SIZES,
-    Applied,
     Decision,
     Variant,
-    applicable,
     apply_allow,
     clamp_quality,
-    counters,
     decide,
     quality_steps,
     same_aspect_sizes,
@@ -32,11 +29,11 @@ from proxy.core.budgets import (
     switch_model,
     throttle,
     variants,
-    window,
 )
 from proxy.core.errors import BudgetExceeded, PolicyViolation
 from proxy.core.image_tokens import parse_size
 from proxy.core.models import Change, Counter, ImageRequest, InputImage, Period, Totals, usd_text
+from proxy.core.periods import Applied, applicable, counters, window
 from proxy.core.pricing import ModelPrices, PriceBook, estimate
 from proxy.core.settings import (
     KNOBS,

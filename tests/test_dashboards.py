@@ -19,8 +19,8 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.core.budgets import Window
 from proxy.core.models import Change, Entry, Settlement, Usage
+from proxy.core.periods import Window
 from proxy.core.settings import RateLimit
 from proxy.core.status import BudgetStatus, RateStatus
 from proxy.metrics import Metrics

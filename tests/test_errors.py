@@ -151,7 +151,7 @@ def test_the_check_finds_raises_of_every_form() -> None:
     assert ("proxy.core.budgets", "BudgetExceeded") in found  # raise X(...)
     assert ("proxy.upstream", "translate") in found  # raise f(...), f returning one
     assert ("proxy.config.source", "YAMLError") in found  # raise module.X(...)
-    assert ("proxy.core.metering", "MalformedAnswer") in found  # class X(...)
+    assert ("proxy.core.errors", "MalformedAnswer") in found  # class X(...)
 
 
 def every_subclass(cls: type[RequestError]) -> Iterator[type[RequestError]]:

@@ -12,7 +12,7 @@ import itertools
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.core.metering import EventSplitter, event_end, sse_event, sse_event_parts
+from proxy.core.sse import EventSplitter, event_end, sse_event, sse_event_parts
 
 FUZZ = settings(
     max_examples=500,

@@ -919,7 +919,7 @@ WAL_WRITER = """
 import asyncio, json, os, sys
 import proxy.ledger.sqlite as sqlite
 import proxy.ledger.sqlite_connections as sqlite_connections
-from proxy.core.budgets import Counter
+from proxy.core.models import Counter
 from proxy.ledger.base import Entry, Reservation, Settlement
 from proxy.core.models import Usage
 

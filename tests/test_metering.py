@@ -10,17 +10,10 @@ from typing import Any
 
 import pytest
 
-from proxy.core.metering import (
-    LONG_NUMBER,
-    SMALL_BODY,
-    BodyMeter,
-    EventSplitter,
-    MalformedAnswer,
-    SseMeter,
-    sse_event,
-    usage_from_openai,
-)
+from proxy.core.errors import MalformedAnswer
+from proxy.core.metering import SMALL_BODY, BodyMeter, SseMeter, usage_from_openai
 from proxy.core.models import Usage
+from proxy.core.short_strings import LONG_NUMBER
 
 USAGE = {
     "input_tokens": 50,
@@ -334,7 +327,8 @@ def test_a_number_too_long_in_a_big_streamed_answer_is_refused_as_it_passes() ->
 
 NO_CRASH = r"""
 import sys
-from proxy.core.metering import BodyMeter, MalformedAnswer, SseMeter
+from proxy.core.errors import MalformedAnswer
+from proxy.core.metering import BodyMeter, SseMeter
 
 number = b"1" * 5000
 answer = b'{"data": [{"b64_json": "x"}], "usage": {"output_tokens": ' + number + b'}}'
@@ -535,38 +529,3 @@ def test_sse_meter_skips_an_event_ijson_cannot_decode() -> None:
         bad = b'data: {"type": "' + kind.encode() + b'", "a": ' + text + b"}\n\n"
         meter = meter_stream(bad + completed(100), 1 << 30)
         assert (meter.completed, meter.usage.image_output) == (1, 100)
-
-
-# --- EventSplitter and sse_event ---------------------------------------------------------------
-
-
-MIXED = b"event: a\n\ndata: 1\r\n\r\nevent: b\ndata: 2\n\n\n\ndata: 3\r\n\r\n: comment\n\n"
-
-
-@pytest.mark.parametrize("size", [1, 2, 3, 5, 1 << 30])
-def test_event_splitter_finds_every_separator_whatever_the_chunks(size: int) -> None:
-    splitter = EventSplitter()
-    found = [e for chunk in chunks(MIXED, size) for e in splitter.feed(chunk)]
-    assert found == [b"event: a", b"data: 1", b"event: b\ndata: 2", b"", b"data: 3", b": comment"]
-    assert splitter.rest() == b""
-
-
-def test_event_splitter_keeps_what_follows_the_last_separator() -> None:
-    splitter = EventSplitter()
-    assert splitter.feed(b"data: 1\n\ndata: 2\r\n\r") == [b"data: 1"]
-    assert splitter.rest() == b"data: 2\r\n\r"
-    assert splitter.rest() == b""
-
-
-@pytest.mark.parametrize(
-    ("raw", "expected"),
-    [
-        (b"event: x.completed\ndata: {}", (b"x.completed", b"{}")),
-        (b"data:a\ndata:   b\ndata:", (b"", b"a\nb\n")),
-        (b"event:  padded \n: comment", (b"padded", None)),
-        (b"event: y\r\ndata: 1\r\ndata: 2", (b"y", b"1\n2")),
-        (b"event: z\rdata: 3", (b"z", b"3")),
-    ],
-)
-def test_sse_event_reads_name_and_data_lines(raw: bytes, expected: tuple[bytes, bytes]) -> None:
-    assert sse_event(raw) == expected

@@ -9,14 +9,9 @@ import random
 
 import pytest
 
-from proxy.core.metering import (
-    LONG_NUMBER,
-    SHORT_STRING,
-    SMALL_BODY,
-    BodyMeter,
-    MalformedAnswer,
-    ShortStrings,
-)
+from proxy.core.errors import MalformedAnswer
+from proxy.core.metering import SMALL_BODY, BodyMeter
+from proxy.core.short_strings import LONG_NUMBER, SHORT_STRING, ShortStrings
 
 USAGE = {
     "input_tokens": 12,

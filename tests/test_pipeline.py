@@ -13,10 +13,11 @@ from starlette.testclient import TestClient
 
 from proxy.config import load_config
 from proxy.core.auth import key_hash
-from proxy.core.budgets import Applied, Decision, Variant
+from proxy.core.budgets import Decision, Variant
 from proxy.core.errors import BudgetExceeded
 from proxy.core.models import Counter, Endpoint, ImageRequest, Totals
 from proxy.core.parsing import ParsedBody
+from proxy.core.periods import Applied
 from proxy.core.settings import Config, Limits, Team
 from proxy.core.settlement import Bound
 from proxy.doors import AnswerMeter, ImagesDoor, StreamMeter

@@ -12,10 +12,10 @@ import pytest
 from proxy.config import load_config
 from proxy.core import settlement
 from proxy.core.auth import key_hash
-from proxy.core.budgets import Applied, Window, decide
-from proxy.core.errors import InvalidRequest, PolicyViolation, UnpricedModel
-from proxy.core.metering import MalformedAnswer
+from proxy.core.budgets import decide
+from proxy.core.errors import InvalidRequest, MalformedAnswer, PolicyViolation, UnpricedModel
 from proxy.core.models import Counter, Totals, Usage
+from proxy.core.periods import Applied, Window
 from proxy.core.pricing import estimate
 from proxy.core.settings import Budget, Config, ResponsesPolicy, Team
 from proxy.doors import ResponsesDoor

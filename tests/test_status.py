@@ -10,8 +10,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from proxy.config.prices import load_price_book
-from proxy.core.budgets import Applied, applicable, window
 from proxy.core.models import Counter, Totals
+from proxy.core.periods import Applied, applicable, window
 from proxy.core.settings import Allow, Budget, Config, Team, UpstreamSettings
 from proxy.core.status import configured, statuses
 

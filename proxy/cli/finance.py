@@ -13,9 +13,9 @@ from pathlib import Path
 
 from proxy.cli.options import Commands, add_config, add_ledger_url, config_path
 from proxy.config import environment, load_config
-from proxy.core.budgets import zone
 from proxy.core.errors import InvalidRequest, RequestError
 from proxy.core.models import usd_text
+from proxy.core.periods import zone
 from proxy.core.settings import Config
 from proxy.core.status import BudgetStatus
 from proxy.finance import projects, reconcile

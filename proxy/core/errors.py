@@ -4,7 +4,7 @@
      ├── ConfigError                 configuration invalid (list of `file:line: message`)
      ├── LedgerError                 the ledger cannot be reached or is unusable
      │    └── LedgerUnavailable      the database is unreachable right now: retrying may help
-     ├── MalformedAnswer             an upstream 2xx body unlike OpenAI's (`proxy.core.metering`)
+     ├── MalformedAnswer             an upstream 2xx body unlike OpenAI's
      └── RequestError                answered to the client in OpenAI's error shape
           ├── InvalidRequest         400 invalid_request
           │    └── BatchUnsupported  400 invalid_request: the Batch API does not take the model
@@ -56,6 +56,10 @@ class LedgerError(TollgateError):
 
 class LedgerUnavailable(LedgerError):
     """The ledger's database cannot be reached right now (a later retry may succeed)."""
+
+
+class MalformedAnswer(TollgateError):
+    """The upstream answered 2xx with a body that is not what OpenAI sends."""
 
 
 class RequestError(TollgateError):

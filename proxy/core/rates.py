@@ -27,9 +27,9 @@ from dataclasses import dataclass, replace
 from typing import Literal
 from zoneinfo import ZoneInfo
 
-from proxy.core.budgets import window, zone
 from proxy.core.errors import RateLimited
 from proxy.core.models import Entry, Usage
+from proxy.core.periods import window, zone
 from proxy.core.settings import Config, RateLimit, RateMetric, Team
 
 MINUTE = 60.0

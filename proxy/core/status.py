@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
-from proxy.core.budgets import Applied, Window, window, zone
 from proxy.core.models import Counter, Period, Scope, Totals, usd_text
+from proxy.core.periods import Applied, Window, window, zone
 from proxy.core.rates import Check, Counts, Plan, RateScope, Slot
 from proxy.core.settings import Budget, Config, Metric, RateLimit, Team
 

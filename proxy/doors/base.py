@@ -6,8 +6,9 @@ from collections.abc import Mapping
 from typing import Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
-from proxy.core.budgets import Applied, Decision, Variant
+from proxy.core.budgets import Decision, Variant
 from proxy.core.models import Counter, Endpoint, ImageRequest, Totals
+from proxy.core.periods import Applied
 from proxy.core.settings import Config, Limits, Team
 from proxy.core.settlement import Bound, Metered, StreamEnd
 

@@ -8,11 +8,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
-from proxy.core.budgets import Applied, Decision, Variant, apply_allow, decide
+from proxy.core.budgets import Decision, Variant, apply_allow, decide
 from proxy.core.errors import UnpricedModel
 from proxy.core.metering import BodyMeter, SseMeter
 from proxy.core.models import Counter, Endpoint, ImageRequest, Totals
 from proxy.core.parsing import ParsedBody, parse_request
+from proxy.core.periods import Applied
 from proxy.core.pricing import ModelPrices, PriceBook
 from proxy.core.settings import Config, Limits, Team
 from proxy.core.settlement import Bound, Metered, StreamEnd

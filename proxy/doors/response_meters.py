@@ -18,16 +18,12 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.core.metering import (
-    EventSplitter,
-    MalformedAnswer,
-    ShortStrings,
-    sse_event,
-    token_count,
-    usage_from_openai,
-)
+from proxy.core.errors import MalformedAnswer
+from proxy.core.metering import token_count, usage_from_openai
 from proxy.core.models import Usage
 from proxy.core.settlement import Metered, StreamEnd
+from proxy.core.short_strings import ShortStrings
+from proxy.core.sse import EventSplitter, sse_event
 
 PENDING = frozenset({"queued", "in_progress"})
 """Statuses of a response that has not ended (a background one)."""

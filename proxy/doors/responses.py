@@ -31,10 +31,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from proxy.core.budgets import Applied, Decision, Variant, apply_allow, decide, priced
+from proxy.core.budgets import Decision, Variant, apply_allow, decide, priced
 from proxy.core.errors import InvalidRequest, PolicyViolation, UnpricedModel
 from proxy.core.models import Counter, Endpoint, Estimate, ImageRequest, InputImage, Totals, Usage
 from proxy.core.parsing import json_object
+from proxy.core.periods import Applied
 from proxy.core.pricing import MAX_N, MainlinePrices
 from proxy.core.settings import Config, Limits, Team
 from proxy.core.settlement import Bound

@@ -7,7 +7,7 @@ the Prometheus gauges all use it); `proxy.core.status` holds the values.
 from __future__ import annotations
 
 from proxy.core import rates
-from proxy.core.budgets import applicable
+from proxy.core.periods import applicable
 from proxy.core.settings import Config, Team
 from proxy.core.status import (
     BudgetStatus,

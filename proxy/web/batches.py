@@ -31,17 +31,20 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from proxy.core.budgets import Variant, allow_endpoint, applicable, counters, decide, zone
+from proxy.core.budgets import Variant, allow_endpoint, decide
 from proxy.core.errors import (
     InvalidRequest,
     LedgerError,
+    MalformedAnswer,
     RequestError,
     UpstreamFailure,
 )
-from proxy.core.metering import MalformedAnswer, ShortStrings, usage_from_openai
+from proxy.core.metering import usage_from_openai
 from proxy.core.models import Charge, Entry, Estimate, ImageRequest, Settlement, Usage, usd_text
 from proxy.core.parsing import json_object
+from proxy.core.periods import applicable, counters, zone
 from proxy.core.settings import Team
+from proxy.core.short_strings import ShortStrings
 from proxy.ledger import BatchLine, BilledLine, Reservation, StoredObject
 from proxy.upstream import BROKEN_OFF, response_headers
 from proxy.web import repeats

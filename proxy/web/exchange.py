@@ -21,8 +21,13 @@ from typing import Any
 from starlette.responses import Response, StreamingResponse
 
 from proxy.core import settlement
-from proxy.core.errors import DeadlineExceeded, LedgerError, RequestError, UpstreamUnavailable
-from proxy.core.metering import MalformedAnswer
+from proxy.core.errors import (
+    DeadlineExceeded,
+    LedgerError,
+    MalformedAnswer,
+    RequestError,
+    UpstreamUnavailable,
+)
 from proxy.core.models import Change, Entry, Outcome, Settlement, usd_text
 from proxy.core.settlement import Bound, StreamEnd, Verdict
 from proxy.doors.base import Door

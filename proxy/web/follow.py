@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from proxy.core import settlement
-from proxy.core.errors import LedgerError, RequestError
-from proxy.core.metering import MalformedAnswer
+from proxy.core.errors import LedgerError, MalformedAnswer, RequestError
 from proxy.core.models import Entry, Usage
 from proxy.core.settlement import Bound
 from proxy.doors import ResponsesDoor

@@ -24,15 +24,7 @@ from starlette.responses import Response
 
 from proxy.core import rates
 from proxy.core.auth import identify
-from proxy.core.budgets import (
-    Decision,
-    Variant,
-    allow_endpoint,
-    applicable,
-    counters,
-    summary,
-    zone,
-)
+from proxy.core.budgets import Decision, Variant, allow_endpoint, summary
 from proxy.core.errors import (
     AuthenticationFailed,
     BudgetExceeded,
@@ -45,6 +37,7 @@ from proxy.core.errors import (
     ServiceUnavailable,
 )
 from proxy.core.models import Counter, Entry, Outcome, Settlement, Totals
+from proxy.core.periods import applicable, counters, zone
 from proxy.core.rates import Paced
 from proxy.core.settings import Team
 from proxy.doors.base import Door, Parsed

@@ -1,0 +1,46 @@
+"""Server-sent event framing: events split out of any chunking, an event's name and data."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from proxy.core.sse import EventSplitter, sse_event
+
+
+def chunks(data: bytes, size: int) -> Iterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+MIXED = b"event: a\n\ndata: 1\r\n\r\nevent: b\ndata: 2\n\n\n\ndata: 3\r\n\r\n: comment\n\n"
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 1 << 30])
+def test_event_splitter_finds_every_separator_whatever_the_chunks(size: int) -> None:
+    splitter = EventSplitter()
+    found = [e for chunk in chunks(MIXED, size) for e in splitter.feed(chunk)]
+    assert found == [b"event: a", b"data: 1", b"event: b\ndata: 2", b"", b"data: 3", b": comment"]
+    assert splitter.rest() == b""
+
+
+def test_event_splitter_keeps_what_follows_the_last_separator() -> None:
+    splitter = EventSplitter()
+    assert splitter.feed(b"data: 1\n\ndata: 2\r\n\r") == [b"data: 1"]
+    assert splitter.rest() == b"data: 2\r\n\r"
+    assert splitter.rest() == b""
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"event: x.completed\ndata: {}", (b"x.completed", b"{}")),
+        (b"data:a\ndata:   b\ndata:", (b"", b"a\nb\n")),
+        (b"event:  padded \n: comment", (b"padded", None)),
+        (b"event: y\r\ndata: 1\r\ndata: 2", (b"y", b"1\n2")),
+        (b"event: z\rdata: 3", (b"z", b"3")),
+    ],
+)
+def test_sse_event_reads_name_and_data_lines(raw: bytes, expected: tuple[bytes, bytes]) -> None:
+    assert sse_event(raw) == expected
