@@ -528,21 +528,27 @@ if sys.argv[2] == "report":
 """
 
 
+def run_worker(script: str, directory: Path, *args: str) -> str:
+    """What `script` prints, run as one worker process writing its metrics to `directory`
+    (`sys.argv[1]`), with `args` after it."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(directory), *args],
+        cwd=Path(__file__).parents[1],
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def test_multiprocess_workers_sum_their_children_in_the_exposition(tmp_path: Path) -> None:
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    for role in ("work", "report"):
-        done = subprocess.run(
-            [sys.executable, "-c", WORKER, str(tmp_path), role],
-            cwd=Path(__file__).parents[1],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stderr
+    run_worker(WORKER, tmp_path, "work")
+    report = run_worker(WORKER, tmp_path, "report")
     samples = {
         (sample.name, sample.labels.get("kind", "")): sample.value
-        for family in text_string_to_metric_families(done.stdout)
+        for family in text_string_to_metric_families(report)
         for sample in family.samples
     }
     assert samples[("tollgate_requests_total", "")] == 4

@@ -3,9 +3,6 @@ prometheus-client's `generate_latest` writes, scrape after scrape."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.core.models import Entry, Settlement, Usage
 from proxy.metrics import BudgetCollector, Metrics, RateCollector
+from tests.test_metrics import run_worker
 
 NANOS = 10**9
 
@@ -114,6 +112,7 @@ import sys
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from proxy.metrics import BudgetCollector, Metrics, RateCollector
+from tests.test_metrics import run_worker
 from proxy.core.models import Entry, Settlement, Usage
 metrics = Metrics(multiprocess_dir=sys.argv[1])
 for n, team in enumerate(sys.argv[3:]):
@@ -152,23 +151,9 @@ def families(text: str) -> list[tuple[str, str, str, list[tuple[str, tuple[objec
 def test_every_workers_values_are_summed_as_the_clients_collector_sums_them(
     tmp_path: Path,
 ) -> None:
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    runs = [
-        ("work", ["design", 'de"sign\\x\ny', "équipe ☃"]),
-        ("work", ["design", "late"]),
-        ("report", ["design"]),
-    ]
-    for role, teams in runs:
-        done = subprocess.run(
-            [sys.executable, "-c", WORKER, str(tmp_path), role, *teams],
-            cwd=Path(__file__).parents[1],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stderr
-    ours, stock = done.stdout.split("\f")
+    run_worker(WORKER, tmp_path, "work", "design", 'de"sign\\x\ny', "équipe ☃")
+    run_worker(WORKER, tmp_path, "work", "design", "late")
+    ours, stock = run_worker(WORKER, tmp_path, "report", "design").split("\f")
     assert families(ours) == families(stock)
     samples = {
         (s.name, s.labels.get("team", "")): s.value
