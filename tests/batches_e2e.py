@@ -223,10 +223,16 @@ def generations(model: str, count: int, **extra: Any) -> list[dict[str, Any]]:
 
 
 def check_settled(
-    proxy: Tollgate, simulator: Simulator, batch: Batch, model: str, team_name: str = "design"
+    proxy: Tollgate,
+    simulator: Simulator,
+    batch: Batch,
+    model: str,
+    team_name: str = "design",
+    reader: openai.OpenAI | None = None,
 ) -> list[dict[str, Any]]:
     """One settled row per billed line, each the oracle's price of that line's usage, booked
-    when the batch ended; the reservation released."""
+    when the batch ended; the reservation released. The output file is read through the
+    team's key, or `reader`."""
     rows = settled_rows(proxy, batch.id)
     records = billed_lines(simulator, batch.id)
     assert records, "the simulator billed no line"
@@ -250,7 +256,7 @@ def check_settled(
         assert row["started_at"] // DAY == record["time"] // DAY  # the UTC day OpenAI books
         assert row["upstream_request_id"] == record["id"]
     if batch.output_file_id is not None:
-        content = proxy.client(DESIGN_KEY if team_name == "design" else KEYS[team_name])
+        content = reader or proxy.client(DESIGN_KEY if team_name == "design" else KEYS[team_name])
         text = content.files.content(batch.output_file_id).text
         outputs = [json.loads(x) for x in text.splitlines()]
         by_id = {r["custom_id"]: r for r in rows}

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from proxy.core.auth import key_hash
@@ -214,7 +215,12 @@ def test_what_is_held_across_a_restart_is_followed_under_the_project_it_was_crea
         assert simulator.record(image.headers["x-request-id"])["headers"]["openai-project"] == (
             "proj_B"
         )
-        check_settled(second, simulator, ended(second.client(DESIGN_KEY), batch.id), "gpt-image-2")
+        # Asked for at the simulator under proj_A, where the batch is: through Tollgate the
+        # team now asks under proj_B, where OpenAI (and the simulator) would not find it.
+        upstream = openai.OpenAI(
+            base_url=f"{simulator.url}/v1", api_key=UPSTREAM_KEY, project="proj_A", max_retries=0
+        )
+        check_settled(second, simulator, ended(upstream, batch.id), "gpt-image-2", reader=upstream)
     finally:
         second.stop()
 

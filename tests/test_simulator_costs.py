@@ -97,10 +97,14 @@ def test_a_response_is_billed_as_its_mainline_and_its_image_models_line_items(
 def test_a_continued_response_bills_its_carried_tokens_as_cached_input_in_its_project(
     clients: dict[str, openai.OpenAI],
 ) -> None:
+    # A response is continued in the project it was made in (from another, OpenAI answers
+    # previous_response_not_found); another project's spend stays apart.
     art, ops = clients["proj_art"], clients["proj_ops"]
     prompt = "Draw a lighthouse at dusk. " * 160  # ~1,100 tokens: the next turn hits the cache
     first = art.responses.create(model="gpt-4.1", input=prompt, tools=[TOOL])
-    second = ops.responses.create(
+    with pytest.raises(openai.NotFoundError):
+        ops.responses.create(model="gpt-4.1", input="Now at dawn", previous_response_id=first.id)
+    second = art.responses.create(
         model="gpt-4.1", input="Now at dawn", previous_response_id=first.id
     )
     one, two = first.usage, second.usage
@@ -108,32 +112,27 @@ def test_a_continued_response_bills_its_carried_tokens_as_cached_input_in_its_pr
     cached = two.input_tokens_details.cached_tokens
     assert cached == cached_tokens(one.input_tokens + one.output_tokens) > 0
     image_text = text_tokens(prompt.strip())
+    fresh = two.input_tokens - cached
     assert costs(art, ["line_item", "project_id"]) == {
-        ("gpt-4.1, input", "proj_art"): (usd(("2.00", one.input_tokens)), one.input_tokens),
-        ("gpt-4.1, output", "proj_art"): (usd(("8.00", one.output_tokens)), one.output_tokens),
+        ("gpt-4.1, input", "proj_art"): (
+            usd(("2.00", one.input_tokens), ("2.00", fresh)), one.input_tokens + fresh),
+        ("gpt-4.1, cached input", "proj_art"): (usd(("0.50", cached)), cached),
+        ("gpt-4.1, output", "proj_art"): (
+            usd(("8.00", one.output_tokens), ("8.00", two.output_tokens)),
+            one.output_tokens + two.output_tokens),
         ("gpt-image-2, text input", "proj_art"): (usd(("5.00", image_text)), image_text),
         ("gpt-image-2, image output", "proj_art"): (usd(("30.00", LOW_1024)), LOW_1024),
-        # The second turn made no image: its mainline model's line items only.
-        ("gpt-4.1, input", "proj_ops"): (
-            usd(("2.00", two.input_tokens - cached)), two.input_tokens - cached),
-        ("gpt-4.1, cached input", "proj_ops"): (usd(("0.50", cached)), cached),
-        ("gpt-4.1, output", "proj_ops"): (usd(("8.00", two.output_tokens)), two.output_tokens),
     }  # fmt: skip
     by_line = costs(art, ["line_item"])
-    both_inputs = usd(("2.00", one.input_tokens + two.input_tokens - cached))
     assert by_line["gpt-4.1, input", None] == (
-        both_inputs,
-        one.input_tokens + two.input_tokens - cached,
+        usd(("2.00", one.input_tokens), ("2.00", fresh)),
+        one.input_tokens + fresh,
     )
     by_project = costs(art, ["project_id"])
     assert by_project == {
         (None, "proj_art"): (
             usd(("2.00", one.input_tokens), ("8.00", one.output_tokens), ("5.00", image_text),
-                ("30.00", LOW_1024)),
-            None,
-        ),
-        (None, "proj_ops"): (
-            usd(("2.00", two.input_tokens - cached), ("0.50", cached),
+                ("30.00", LOW_1024), ("2.00", fresh), ("0.50", cached),
                 ("8.00", two.output_tokens)),
             None,
         ),

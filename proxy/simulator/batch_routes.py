@@ -62,6 +62,11 @@ async def _guarded(handler: Handler, state: SimulatorState, request: Request) ->
         return error_response(error, request_id)
 
 
+def _project(request: Request) -> str | None:
+    """The project the request is made under: OpenAI scopes files and batches to it."""
+    return request.headers.get("openai-project")
+
+
 def _ok(body: dict[str, Any]) -> Response:
     return json_response(200, body, f"req_{uuid.uuid4().hex}", {})
 
@@ -91,26 +96,28 @@ async def _upload(state: SimulatorState, request: Request, now: float) -> Respon
                 param="expires_after.anchor",
             )
         expires_at = int(now) + expiry_seconds(seconds, "expires_after.seconds")
-    stored = StoredFile(new_file_id(), filename, purpose, content, int(now), expires_at)
+    stored = StoredFile(
+        new_file_id(), filename, purpose, content, int(now), expires_at, _project(request)
+    )
     return _ok(state.files.add(stored).to_json())
 
 
 async def _list_files(state: SimulatorState, request: Request, now: float) -> Response:
-    return _ok(state.files.page(request.query_params))
+    return _ok(state.files.page(request.query_params, _project(request)))
 
 
 async def _retrieve_file(state: SimulatorState, request: Request, now: float) -> Response:
-    return _ok(state.files.get(request.path_params["file_id"]).to_json())
+    return _ok(state.files.get(request.path_params["file_id"], _project(request)).to_json())
 
 
 async def _file_content(state: SimulatorState, request: Request, now: float) -> Response:
-    stored = state.files.get(request.path_params["file_id"])
+    stored = state.files.get(request.path_params["file_id"], _project(request))
     return Response(stored.content, media_type="application/octet-stream")
 
 
 async def _delete_file(state: SimulatorState, request: Request, now: float) -> Response:
     file_id = request.path_params["file_id"]
-    state.files.delete(file_id)
+    state.files.delete(file_id, _project(request))
     return _ok({"id": file_id, "object": "file", "deleted": True})
 
 
@@ -182,7 +189,7 @@ async def _create_batch(state: SimulatorState, request: Request, now: float) -> 
         )
     metadata = _metadata(fields.get("metadata"))
     output_expiry = _output_expiry(fields.get("output_expires_after"))
-    source = state.files.get(input_file_id)
+    source = state.files.get(input_file_id, _project(request))
     if source.purpose != "batch":
         raise invalid(
             f"Invalid 'input_file_id': the file '{input_file_id}' has purpose "
@@ -212,7 +219,7 @@ async def _create_batch(state: SimulatorState, request: Request, now: float) -> 
 
 
 async def _list_batches(state: SimulatorState, request: Request, now: float) -> Response:
-    views = [_View(b.id, b.to_json(now)) for b in state.batches.newest_first()]
+    views = [_View(b.id, b.to_json(now)) for b in state.batches.newest_first(_project(request))]
     return _ok(
         list_page(
             views,
@@ -235,11 +242,12 @@ class _View:
 
 
 async def _retrieve_batch(state: SimulatorState, request: Request, now: float) -> Response:
-    return _ok(state.batches.get(request.path_params["batch_id"]).to_json(now))
+    return _ok(state.batches.get(request.path_params["batch_id"], _project(request)).to_json(now))
 
 
 async def _cancel_batch(state: SimulatorState, request: Request, now: float) -> Response:
-    return _ok(state.batches.cancel(request.path_params["batch_id"], now).to_json(now))
+    batch = state.batches.cancel(request.path_params["batch_id"], now, _project(request))
+    return _ok(batch.to_json(now))
 
 
 def _bound(handler: Handler) -> Callable[[SimulatorState, Request], Awaitable[Response]]:

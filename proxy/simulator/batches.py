@@ -87,6 +87,11 @@ class StoredBatch:
     error_file_id: str | None = None
 
     @property
+    def project(self) -> str | None:
+        """The `OpenAI-Project` it was created under (None: the key's default project)."""
+        return self.headers.get("openai-project")
+
+    @property
     def in_progress_at(self) -> float:
         return self.created_at + VALIDATING_SHARE * self.delay
 
@@ -207,17 +212,20 @@ class BatchStore:
     def put(self, batch: StoredBatch) -> None:
         self._batches[batch.id] = batch
 
-    def get(self, batch_id: str) -> StoredBatch:
+    def get(self, batch_id: str, project: str | None) -> StoredBatch:
+        """The batch `batch_id`, asked for under `project`; OpenAI's 404 when there is
+        none, or it is another project's."""
         batch = self._batches.get(batch_id)
-        if batch is None:
+        if batch is None or batch.project != project:
             raise not_found(batch_id)
         return batch
 
-    def newest_first(self) -> list[StoredBatch]:
-        return list(reversed(self._batches.values()))
+    def newest_first(self, project: str | None) -> list[StoredBatch]:
+        """The batches of `project`, newest first."""
+        return [b for b in reversed(self._batches.values()) if b.project == project]
 
-    def cancel(self, batch_id: str, now: float) -> StoredBatch:
-        batch = self.get(batch_id)
+    def cancel(self, batch_id: str, now: float, project: str | None) -> StoredBatch:
+        batch = self.get(batch_id, project)
         status = batch.status(now)
         if status in ENDED:
             raise ApiError(
@@ -287,6 +295,7 @@ def _write(
         "".join(f"{line}\n" for line in lines).encode(),
         int(at),
         int(at) + expires if expires is not None else None,
+        project=batch.project,
     )
     return files.add(stored).id
 

@@ -44,6 +44,9 @@ class StoredFile:
     content: bytes
     created_at: int
     expires_at: int | None = None
+    project: str | None = None
+    """The `OpenAI-Project` it was uploaded (or its batch created) under; None: the key's
+    default project. Another project's requests do not find it, as OpenAI's do not."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -166,25 +169,32 @@ class FileStore:
         self._files[stored.id] = stored
         return stored
 
-    def get(self, file_id: str) -> StoredFile:
+    def get(self, file_id: str, project: str | None) -> StoredFile:
+        """The file `file_id`, asked for under `project`; OpenAI's 404 when there is none,
+        or it is another project's."""
         stored = self._files.get(file_id)
-        if stored is None:
+        if stored is None or stored.project != project:
             raise not_found(file_id)
         return stored
 
-    def delete(self, file_id: str) -> None:
-        self.get(file_id)
+    def delete(self, file_id: str, project: str | None) -> None:
+        self.get(file_id, project)
         del self._files[file_id]
 
-    def page(self, query: Mapping[str, str]) -> dict[str, Any]:
-        """`GET /v1/files`: filtered by `purpose`, newest first unless `order=asc`."""
+    def page(self, query: Mapping[str, str], project: str | None) -> dict[str, Any]:
+        """`GET /v1/files` under `project`: filtered by `purpose`, newest first unless
+        `order=asc`."""
         order = query.get("order") or "desc"
         if order not in ("asc", "desc"):
             raise invalid(
                 f"Invalid value: '{order}'. Supported values are: 'asc', 'desc'.", param="order"
             )
         purpose = query.get("purpose")
-        files = [f for f in self._files.values() if purpose is None or f.purpose == purpose]
+        files = [
+            f
+            for f in self._files.values()
+            if f.project == project and (purpose is None or f.purpose == purpose)
+        ]
         files.sort(key=lambda f: f.created_at)
         if order == "desc":
             files.reverse()

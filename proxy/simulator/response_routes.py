@@ -131,6 +131,7 @@ async def create_response(state: SimulatorState, request: Request) -> Response:
         arrival.time + delay,
         _final(tokens, fault),
         knobs.payload_bytes,
+        project=request.headers.get("openai-project"),
     )
     entry = arrival.entry(fields, order, status=200, tokens=tokens)
     if queued:
@@ -174,8 +175,9 @@ async def _accept(
             return await no_answer(fault, request, arrival.id)
         carried = 0
         if order.previous_response_id is not None:
-            previous = state.responses.previous(order.previous_response_id).tokens.mainline
-            carried = previous.input + previous.output
+            project = request.headers.get("openai-project")
+            previous = state.responses.previous(order.previous_response_id, project)
+            carried = previous.tokens.mainline.input + previous.tokens.mainline.output
         error = (fault_error(fault) if fault else None) or moderation_error(order.prompt)
         if error is not None:
             raise error
@@ -223,7 +225,8 @@ async def _found(
     try:
         if not state.admits(authorization):
             raise invalid_api_key(authorization)
-        return state.responses.get(request.path_params["response_id"]), now
+        project = request.headers.get("openai-project")
+        return state.responses.get(request.path_params["response_id"], project), now
     except ApiError as error:
         return error_response(error, request_id)
 
@@ -242,7 +245,7 @@ async def cancel_response(state: SimulatorState, request: Request) -> Response:
         return found
     stored, now = found
     try:
-        state.responses.cancel(stored.id, now, state.record)
+        state.responses.cancel(stored, now, state.record)
     except ApiError as error:
         return error_response(error, stored.id)
     return json_response(200, response_json(stored.snapshot(now)), stored.id, {})
@@ -253,7 +256,7 @@ async def delete_response(state: SimulatorState, request: Request) -> Response:
     if isinstance(found, Response):
         return found
     stored, _ = found
-    state.responses.delete(stored.id)
+    state.responses.delete(stored)
     body = {"id": stored.id, "object": "response.deleted", "deleted": True}
     return json_response(200, body, stored.id, {})
 

@@ -5,6 +5,9 @@ A background response is `queued` when created, `in_progress` until its latency 
 passed, then final (`completed`, `incomplete` or `failed`); it is billed (its entry added
 to the record) when it is first seen final, by any later request to the simulator.
 
+A response belongs to the project it was created under (the `OpenAI-Project` header, or
+none): asked for under another, it is not found, as OpenAI answers.
+
 Cancelling (background responses only; OpenAI's rule) before the end stops the work:
 the response is `cancelled`, billed for the mainline input it had read and nothing
 else (no image was finished, no output written). Cancelling a finished response
@@ -38,6 +41,8 @@ class StoredResponse:
     cancelled: bool = False
     pending: Entry | None = None
     """The record entry still to add (a background response not yet seen final)."""
+    project: str | None = None
+    """The `OpenAI-Project` it was created under (None: the key's default project)."""
 
     def status(self, now: float) -> Status:
         if self.cancelled:
@@ -76,16 +81,19 @@ class ResponseStore:
                 break
             del self._responses[oldest]
 
-    def get(self, response_id: str) -> StoredResponse:
+    def get(self, response_id: str, project: str | None) -> StoredResponse:
+        """The response `response_id`, asked for under `project`; OpenAI's 404 when there
+        is none, or it is another project's."""
         stored = self._responses.get(response_id)
-        if stored is None:
+        if stored is None or stored.project != project:
             raise not_found(response_id)
         return stored
 
-    def previous(self, response_id: str) -> StoredResponse:
-        """The response `previous_response_id` names, or OpenAI's 404."""
+    def previous(self, response_id: str, project: str | None) -> StoredResponse:
+        """The response `previous_response_id` names, asked for under `project`, or
+        OpenAI's 404."""
         stored = self._responses.get(response_id)
-        if stored is None:
+        if stored is None or stored.project != project:
             raise ApiError(
                 404,
                 f"Previous response with id '{response_id}' not found.",
@@ -94,12 +102,10 @@ class ResponseStore:
             )
         return stored
 
-    def delete(self, response_id: str) -> None:
-        self.get(response_id)
-        del self._responses[response_id]
+    def delete(self, stored: StoredResponse) -> None:
+        self._responses.pop(stored.id, None)
 
-    def cancel(self, response_id: str, now: float, record: BillingRecord) -> StoredResponse:
-        stored = self.get(response_id)
+    def cancel(self, stored: StoredResponse, now: float, record: BillingRecord) -> StoredResponse:
         if not stored.order.background:
             raise invalid(
                 "Only responses created with background=true can be cancelled.", param=None
