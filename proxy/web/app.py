@@ -44,13 +44,15 @@ def create_app(
     *,
     metrics_dir: Path | None = None,
     after_reload: Callable[[], None] | None = None,
+    settle_heap: bool = False,
 ) -> Gateway:
     """The Tollgate ASGI app for `config` (read from `source`, which a reload reads again);
     the ledger and upstream open with the app.
 
     `metrics_dir`: where the workers of a multi-worker server keep their metric values;
     `after_reload`: called after each successful reload (a multi-worker server replaces
-    its workers). A missing upstream key is a ConfigError here, before anything opens."""
+    its workers); `settle_heap`: the app is its process's server (`proxy.web.heap`), not
+    one of a test's. A missing upstream key is a ConfigError here, before anything opens."""
     overrides = overrides or Overrides()
     upstream_key(config, overrides)
     metrics = Metrics(multiprocess_dir=str(metrics_dir) if metrics_dir else None)
@@ -90,7 +92,7 @@ def create_app(
     ]
     gateway.app = Starlette(
         routes=routes,
-        lifespan=Lifespan(gateway, config, overrides, reloader),
+        lifespan=Lifespan(gateway, config, overrides, reloader, settle_heap),
         exception_handlers=EXCEPTION_HANDLERS,
     )
     return gateway

@@ -3,7 +3,8 @@
 Start-up opens the ledger and the upstream client into the first runtime, registers the
 process in the ledger, settles what stopped processes left reserved, and starts the alerts
 and the housekeeping (heartbeat, reclaim), and follows the background responses it holds
-(`proxy.web.follow`). Shutdown lets the exchanges in flight finish and
+(`proxy.web.follow`); a serving process then sets its start-up heap aside from the garbage
+collector (`proxy.web.heap`). Shutdown lets the exchanges in flight finish and
 settle within their deadline, then closes everything.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 
 from proxy.core.errors import LedgerError
 from proxy.core.settings import Config
-from proxy.web import housekeeping
+from proxy.web import heap, housekeeping
 from proxy.web.gateway import Gateway
 from proxy.web.reload import Reloader, reload_on_hangup
 from proxy.web.runtime import Overrides, Runtime, open_runtime
@@ -26,15 +27,22 @@ log = logging.getLogger("tollgate")
 
 
 class Lifespan:
-    """starlette's `lifespan` for `gateway`, first serving `config`."""
+    """starlette's `lifespan` for `gateway`, first serving `config`; with `settle_heap`
+    (a serving process, not an app in a test's process), `heap.settle` once started."""
 
     def __init__(
-        self, gateway: Gateway, config: Config, overrides: Overrides, reloader: Reloader
+        self,
+        gateway: Gateway,
+        config: Config,
+        overrides: Overrides,
+        reloader: Reloader,
+        settle_heap: bool = False,
     ) -> None:
         self.gateway = gateway
         self.config = config
         self.overrides = overrides
         self.reloader = reloader
+        self.settle_heap = settle_heap
 
     @contextlib.asynccontextmanager
     async def __call__(self, app: Any) -> AsyncIterator[None]:
@@ -43,6 +51,8 @@ class Lifespan:
         gateway.runtime = first
         duties = await start_duties(first, gateway.current)
         reload_on_hangup(self.reloader)
+        if self.settle_heap:
+            heap.settle()
         try:
             yield
         finally:

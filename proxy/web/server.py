@@ -92,6 +92,7 @@ def prepare(options: ServeOptions) -> Prepared:
         options.overrides,
         options.config_path,
         metrics_dir=options.metrics_dir or environment.metrics_dir(),
+        settle_heap=True,
     )
     asyncio.run(check_ledger(options.overrides.ledger_url or config.ledger_url))
     return Prepared(options, config, app)
@@ -158,6 +159,7 @@ def worker_app(options: ServeOptions) -> Gateway:
         options.config_path,
         metrics_dir=options.metrics_dir,
         after_reload=replace_workers,
+        settle_heap=True,
     )
 
 
