@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
@@ -19,7 +17,6 @@ from proxy.core.models import Counter, Totals
 from proxy.ledger import HeldEntry, StoredObject, migrate_ledger, open_ledger
 from proxy.ledger.base import Backend, Chooser, Owner, Reservation
 from proxy.ledger.sqlite import SCHEMA_VERSION
-from proxy.web.follow import created_under
 from tests import pg
 from tests.test_ledger_responses import (
     ALICE_DAY,
@@ -224,26 +221,3 @@ async def test_a_version_9_ledger_migrates_and_its_objects_projects_are_unknown(
     finally:
         if kind == "postgresql":
             pg.drop_schema(url)
-
-
-# -- the project an adopted row is followed under --------------------------------------------
-
-
-def runtime_with(projects: dict[str, str | None]) -> Any:
-    """Just what `created_under` reads of a runtime: the configured projects of teams."""
-    return SimpleNamespace(config=SimpleNamespace(project_of=projects.get))
-
-
-@pytest.mark.parametrize(
-    ("recorded", "known", "followed"),
-    [
-        ("proj_A", True, "proj_A"),  # the team moved to proj_B since
-        (None, True, None),  # created without a project: followed without one
-        (None, False, "proj_B"),  # held before version 9: the team's project now
-    ],
-)
-def test_an_adopted_row_is_followed_under_the_project_it_was_created_under(
-    recorded: str | None, known: bool, followed: str | None
-) -> None:
-    held = HeldEntry(responses_entry("bg"), BOUND, recorded, known)
-    assert created_under(runtime_with({"design": "proj_B"}), held) == followed
