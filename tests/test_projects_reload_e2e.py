@@ -135,7 +135,8 @@ def test_after_a_project_change_a_new_request_cannot_build_on_the_former_project
 ) -> None:
     """Continuing a response of proj_A, or making a batch of a file uploaded under proj_A,
     is refused (400 `object_in_other_project`): under proj_B OpenAI would not find the
-    object, and under proj_A it would bill the new request to a project the team left."""
+    object, and under proj_A it would bill the new request to a project the team left. A
+    repeat of such a request answered before the change is still answered as it was."""
     design = TEAMS["design"].replace("proj_design", "proj_A")
     settings = f"timezone: UTC\nadmin_token: {ADMIN}\n"
     write_config(tmp_path, f"{simulator.url}/v1", settings, teams={"design": design})
@@ -144,6 +145,23 @@ def test_after_a_project_change_a_new_request_cannot_build_on_the_former_project
         sdk = proxy.client(DESIGN_KEY)
         first = sdk.responses.create(**RESPONSE)
         uploaded = upload(sdk, generations("gpt-image-2", 2))
+        keyed = {
+            "continue": {**RESPONSE, "previous_response_id": first.id},
+            "batch": {"input_file_id": uploaded.id, "endpoint": GENERATIONS,
+                      "completion_window": "24h"},
+        }  # fmt: skip
+        simulator.configure(batch_delay_ms=30_000)  # still running when it is repeated
+        try:
+            before = {
+                "continue": sdk.responses.create(
+                    **keyed["continue"], extra_headers={"Idempotency-Key": "continue-1"}
+                ).id,
+                "batch": sdk.batches.create(
+                    **keyed["batch"], extra_headers={"Idempotency-Key": "batch-1"}
+                ).id,
+            }
+        finally:
+            simulator.configure(batch_delay_ms=400)
         (tmp_path / "teams" / "design.yaml").write_text(design.replace("proj_A", "proj_B"))
         reload = httpx.post(
             f"{proxy.url}/admin/reload", headers={"authorization": f"Bearer {ADMIN}"}
@@ -161,7 +179,20 @@ def test_after_a_project_change_a_new_request_cannot_build_on_the_former_project
             )
         assert batched.value.code == "object_in_other_project"
         assert batched.value.param == "input_file_id"
-        assert since(simulator, start) == []  # neither reached the upstream
+        # Repeats of those answered under proj_A: answered as they were, from the ledger.
+        again_continued = sdk.responses.with_raw_response.create(
+            **keyed["continue"], extra_headers={"Idempotency-Key": "continue-1"}
+        )
+        again_batched = sdk.batches.with_raw_response.create(
+            **keyed["batch"], extra_headers={"Idempotency-Key": "batch-1"}
+        )
+        for again, first_id in [(again_continued, before["continue"]),
+                                (again_batched, before["batch"])]:  # fmt: skip
+            assert again.headers["x-tollgate-replay-of"]
+            assert again.parse().id == first_id
+        # None reached the upstream (the batch of proj_A is still polled there).
+        reached = since(simulator, start)
+        assert all((a["method"], a["project"]) == ("GET", "proj_A") for a in reached), reached
         refused = proxy.query("SELECT outcome, status, cost_nanos FROM requests WHERE status = 400")
         assert refused == [{"outcome": "client_error", "status": 400, "cost_nanos": 0}] * 2
         # Started again in proj_B, both go through.
@@ -172,6 +203,8 @@ def test_after_a_project_change_a_new_request_cannot_build_on_the_former_project
             input_file_id=fresh.id, endpoint=GENERATIONS, completion_window="24h"
         )
         settled_rows(proxy, batch.id)
-        assert {a["project"] for a in since(simulator, start)} == {"proj_B"}
+        for arrival in since(simulator, start):
+            polled = before["batch"] in arrival["raw_path"]
+            assert arrival["project"] == ("proj_A" if polled else "proj_B"), arrival
     finally:
         proxy.stop()

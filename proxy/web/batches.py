@@ -86,7 +86,6 @@ class Batches:
             )
             stored, lines = await self.input_file(runtime, team.name, fields)
             project = config.project_of(team.name)
-            same_project(runtime, stored, project, f"File '{stored.id}'")
             first = next(iter(lines.values()))
             asked = ImageRequest(
                 endpoint="batches",
@@ -105,6 +104,9 @@ class Batches:
                 again = await replay_create(runtime, entry, team.name, found, headers)
                 if again is not None:
                     return again
+            # After a replay: a repeat of a create answered before the team's project
+            # changed is still answered with its batch.
+            same_project(runtime, stored, project, f"File '{stored.id}'")
             model = config.prices.find(first.model)
             if model is None:
                 raise InvalidRequest(

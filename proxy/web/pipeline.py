@@ -41,7 +41,7 @@ from proxy.core.periods import applicable, counters, zone
 from proxy.core.rates import Paced
 from proxy.core.settings import Team
 from proxy.doors.base import Door, Parsed
-from proxy.ledger import Reservation
+from proxy.ledger import Reservation, ResponseRow
 from proxy.web import repeats
 from proxy.web.admission import read_body
 from proxy.web.exchange import Exchange
@@ -85,8 +85,9 @@ class Pipeline(Generic[Parsed]):
             body = await read_body(request, door.body_limit(config.limits), runtime.bodies)
             parsed = door.parse(request.headers.get("content-type", ""), body, config, team)
             previous = door.previous(parsed)
+            continues: ResponseRow | None = None
             if previous is not None:
-                parsed = await self.continued(runtime, team, parsed, previous, project)
+                parsed, continues = await self.continued(runtime, team, parsed, previous)
             found = None
             if config.retries.enabled and repeats.repeatable(request):
                 found = repeats.marks(request, team.name, door.endpoint, door.digest(parsed))
@@ -99,6 +100,12 @@ class Pipeline(Generic[Parsed]):
                 replayed = await repeats.replay(runtime, entry, team.name, found, replay_headers)
                 if replayed is not None:
                     return replayed
+            if continues is not None:
+                # Checked after a replay: a repeat of a request answered before its team's
+                # project changed is still answered as its first attempt was.
+                same_project(
+                    runtime, continues, project, f"Previous response '{continues.response_id}'"
+                )
             variant = door.admit(team, parsed, config)
             decision, entry, paced = await self.reserve(runtime, team, entry, variant, project)
         except IdempotencyConflict as exc:
@@ -143,24 +150,22 @@ class Pipeline(Generic[Parsed]):
         )
 
     async def continued(
-        self, runtime: Runtime, team: Team, parsed: Parsed, previous: str, project: str | None
-    ) -> Parsed:
+        self, runtime: Runtime, team: Team, parsed: Parsed, previous: str
+    ) -> tuple[Parsed, ResponseRow]:
         """`parsed` with the context of the response `previous` it continues, which must be
         one its team created through Tollgate (else 404, as OpenAI answers an unknown id),
-        under `project`, the one this request goes under: one the team created under its
-        former project is refused (400 `object_in_other_project`), neither sent where OpenAI
-        would not find it nor billed to a project the team no longer maps to
-        (`proxy.web.projects`)."""
+        and that response's row. The caller then checks that it was created under the
+        project this request goes under: one the team created under its former project is
+        refused (400 `object_in_other_project`), neither sent where OpenAI would not find it
+        nor billed to a project the team no longer maps to (`proxy.web.projects`)."""
         row = await runtime.ledger.response(previous)
         if row is None or row.team != team.name:
             raise PreviousResponseNotFound(
                 f"Previous response with id '{previous}' not found.",
                 param="previous_response_id",
             )
-        same_project(runtime, row, project, f"Previous response '{previous}'")
-        return self.door.carry(
-            parsed, row.input_tokens + row.output_tokens, row.context_images + row.images
-        )
+        carried = row.input_tokens + row.output_tokens, row.context_images + row.images
+        return self.door.carry(parsed, *carried), row
 
     async def reserve(
         self, runtime: Runtime, team: Team, entry: Entry, variant: Variant, project: str | None
