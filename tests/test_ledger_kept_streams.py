@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from proxy.ledger import migrate_ledger, open_ledger
-from proxy.ledger.base import Backend, KeptAnswer
+from proxy.ledger.base import Backend
+from proxy.ledger.kept import KeptAnswer
 from proxy.ledger.sqlite import SCHEMA_VERSION
 from tests import pg
 from tests.test_ledger_repeats import HEADERS, MB, answer, kept, reserve

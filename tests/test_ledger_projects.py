@@ -1,28 +1,42 @@
-"""The OpenAI project a held row was created under, on both backends: recorded by `hold`,
-read back by the process that adopts the row (`held_entry`), a create without one
-included; schema version 9 keeps the rows held before it, which recorded none."""
+"""The OpenAI project a row or object was created under, on both backends: recorded with a
+request's reservation and by `hold`, read back by the process that adopts a held row
+(`held_entry`) and with a response's row (`response`); recorded with a file or batch
+(`own`, `stored`); a create without one included. Schema versions 9 and 10 keep the rows
+and objects written before them, which recorded none."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
 from proxy.core.errors import LedgerError
-from proxy.ledger import HeldEntry, migrate_ledger, open_ledger
-from proxy.ledger.base import Backend, Owner
+from proxy.core.models import Counter, Totals
+from proxy.ledger import HeldEntry, StoredObject, migrate_ledger, open_ledger
+from proxy.ledger.base import Backend, Chooser, Owner, Reservation
 from proxy.ledger.sqlite import SCHEMA_VERSION
-from proxy.web.follow import created_under
 from tests import pg
 from tests.test_ledger_responses import (
+    ALICE_DAY,
     ANSWERED,
     BOUND,
+    DESIGN_DAY,
     exported,
     responses_entry,
     take_response,
 )
+
+
+def take_under(request_id: str, project: str | None) -> Chooser:
+    """`take_response`, the request sent under `project` (None: without one)."""
+
+    def choose(totals: Mapping[Counter, Totals]) -> Reservation:
+        counters = (DESIGN_DAY, ALICE_DAY)
+        return Reservation(responses_entry(request_id), BOUND, counters, project=project)
+
+    return choose
 
 
 @pytest.mark.parametrize("project", ["proj_A", None], ids=["project", "none"])
@@ -57,13 +71,72 @@ async def test_held_entry_is_none_for_a_row_not_held_or_unknown(ledger: Backend)
 
 
 async def test_the_project_is_stored_as_sent(ledger: Backend) -> None:
-    """'' for a create sent without a project: NULL is left to rows that recorded none."""
-    await ledger.reserve([], take_response("a"))
-    await ledger.reserve([], take_response("b"))
-    await ledger.reserve([], take_response("c"))
+    """'' for a request sent without a project: NULL is left to rows that recorded none (a
+    request never forwarded, rows written before schema version 10)."""
+    await ledger.reserve([], take_under("a", "proj_A"))
+    await ledger.reserve([], take_under("b", None))
+    await ledger.reserve([], take_under("c", "proj_A"))
+    await ledger.record(responses_entry("d"), replace(ANSWERED, response_id=None))
     await ledger.hold("a", "resp_a", "proj_A")
     await ledger.hold("b", "resp_b")
-    assert [(await exported(ledger, i))["project"] for i in "abc"] == ["proj_A", "", None]
+    stored = [(await exported(ledger, i))["project"] for i in "abcd"]
+    assert stored == ["proj_A", "", "proj_A", None]
+
+
+@pytest.mark.parametrize("project", ["proj_A", None], ids=["project", "none"])
+async def test_a_response_settled_at_once_is_found_with_its_project(
+    ledger: Backend, project: str | None
+) -> None:
+    await ledger.reserve([], take_under("r1", project))
+    await ledger.settle("r1", ANSWERED)  # it names resp_abc: never held
+    found = await ledger.response("resp_abc")
+    assert found is not None
+    assert (found.request_id, found.team, found.held) == ("r1", "design", False)
+    assert (found.project, found.project_known) == (project, True)
+
+
+async def test_a_held_response_is_found_with_its_project_before_and_after_it_ends(
+    ledger: Backend,
+) -> None:
+    await ledger.reserve([], take_under("bg", "proj_A"))
+    await ledger.hold("bg", "resp_abc", "proj_A")
+    held = await ledger.response("resp_abc")
+    assert held is not None and (held.held, held.project, held.project_known) == (
+        True,
+        "proj_A",
+        True,
+    )
+    await ledger.settle("bg", ANSWERED)
+    ended = await ledger.response("resp_abc")
+    assert ended is not None and (ended.held, ended.project) == (False, "proj_A")
+
+
+BATCH_FILE = StoredObject("file-in", "design", "file", "batch", 10.0, project="proj_A")
+
+
+@pytest.mark.parametrize(
+    ("obj", "read"),
+    [
+        (BATCH_FILE, ("proj_A", True)),
+        (replace(BATCH_FILE, id="file-none", project=None), (None, True)),
+        (StoredObject("batch_1", "design", "batch", project="proj_A"), ("proj_A", True)),
+        # A batch's output file, owned while its batch's project is not known: it stays so.
+        (
+            StoredObject("file-out", "design", "file", "batch_output", project_known=False),
+            (None, False),
+        ),
+    ],
+    ids=["file", "file-without", "batch", "unknown"],
+)
+async def test_a_file_or_batch_is_stored_with_the_project_it_was_created_under(
+    ledger: Backend, obj: StoredObject, read: tuple[str | None, bool]
+) -> None:
+    await ledger.own(obj)
+    found = await ledger.stored(obj.id)
+    assert found is not None and (found.project, found.project_known) == read
+    assert found == obj
+    await ledger.own(replace(obj, project="proj_B"))  # an id recorded keeps its first record
+    assert await ledger.stored(obj.id) == obj
 
 
 # -- schema version 9 ------------------------------------------------------------------------
@@ -83,8 +156,7 @@ async def test_a_version_8_ledger_migrates_and_keeps_its_held_rows(
 ) -> None:
     url = pg.ledger_at_version(kind, tmp_path, 8, V8_HELD)
     try:
-        assert SCHEMA_VERSION == 9
-        assert await migrate_ledger(url) == (8, 9)
+        assert await migrate_ledger(url) == (8, SCHEMA_VERSION)
         ledger = await open_ledger(url)
         try:
             await ledger.register(Owner("after", "host", 1), 200.0)
@@ -102,30 +174,50 @@ async def test_a_version_8_ledger_migrates_and_keeps_its_held_rows(
             assert new is not None and (new.project, new.project_known) == ("proj_A", True)
         finally:
             await ledger.close()
-        assert await migrate_ledger(url) == (9, 9)
+        assert await migrate_ledger(url) == (SCHEMA_VERSION, SCHEMA_VERSION)
     finally:
         if kind == "postgresql":
             pg.drop_schema(url)
 
 
-# -- the project an adopted row is followed under --------------------------------------------
+# -- schema version 10 -----------------------------------------------------------------------
 
-
-def runtime_with(projects: dict[str, str | None]) -> Any:
-    """Just what `created_under` reads of a runtime: the configured projects of teams."""
-    return SimpleNamespace(config=SimpleNamespace(project_of=projects.get))
-
-
-@pytest.mark.parametrize(
-    ("recorded", "known", "followed"),
-    [
-        ("proj_A", True, "proj_A"),  # the team moved to proj_B since
-        (None, True, None),  # created without a project: followed without one
-        (None, False, "proj_B"),  # held before version 9: the team's project now
-    ],
+V9_SETTLED = (
+    "INSERT INTO requests (id, started_at, team, endpoint, model, mainline_model, state, "
+    "response_id, counters) VALUES ('old', 100.0, 'design', 'responses', 'gpt-image-2', "
+    "'gpt-5.5', 'settled', 'resp_old', '[]')"
 )
-def test_an_adopted_row_is_followed_under_the_project_it_was_created_under(
-    recorded: str | None, known: bool, followed: str | None
+"""A response settled at once by a version 9 ledger: its row recorded no project."""
+V9_FILE = (
+    "INSERT INTO stored_objects (id, team, kind, purpose, created_at, lines) "
+    "VALUES ('file-old', 'design', 'file', 'batch', 100.0, 2)"
+)
+"""A batch input file a version 9 ledger recorded, without its project."""
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_a_version_9_ledger_migrates_and_its_objects_projects_are_unknown(
+    kind: str, tmp_path: Path
 ) -> None:
-    held = HeldEntry(responses_entry("bg"), BOUND, recorded, known)
-    assert created_under(runtime_with({"design": "proj_B"}), held) == followed
+    url = pg.ledger_at_version(kind, tmp_path, 9, V9_SETTLED, V9_FILE)
+    try:
+        assert SCHEMA_VERSION == 10
+        assert await migrate_ledger(url) == (9, 10)
+        ledger = await open_ledger(url)
+        try:
+            old = await ledger.response("resp_old")
+            assert old is not None and (old.team, old.project, old.project_known) == (
+                "design",
+                None,
+                False,
+            )
+            stored = await ledger.stored("file-old")
+            assert stored is not None and (stored.lines, stored.project_known) == (2, False)
+            await ledger.own(BATCH_FILE)  # and it takes the new objects
+            assert await ledger.stored(BATCH_FILE.id) == BATCH_FILE
+        finally:
+            await ledger.close()
+        assert await migrate_ledger(url) == (10, 10)
+    finally:
+        if kind == "postgresql":
+            pg.drop_schema(url)

@@ -21,8 +21,9 @@ import pytest
 
 from proxy.core.models import Counter, Settlement, Totals
 from proxy.ledger import migrate_ledger, open_ledger
-from proxy.ledger.base import Backend, KeptAnswer, Reservation
+from proxy.ledger.base import Backend, Reservation
 from proxy.ledger.copy import copy_between
+from proxy.ledger.kept import KeptAnswer
 from proxy.ledger.postgres import SQL
 from proxy.ledger.sqlite import SCHEMA_VERSION
 from tests import pg

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from proxy.ledger import migrations
-from proxy.ledger.base import BatchLine, FirstAttempt, KeptAnswer
+from proxy.ledger.base import BatchLine
 from proxy.ledger.codecs import (
     ANSWER_COLUMNS,
     FIRST_COLUMNS,
@@ -27,6 +27,7 @@ from proxy.ledger.codecs import (
     TOTALS_COLUMNS,
 )
 from proxy.ledger.dialect import POSTGRES, SQLITE, Dialect
+from proxy.ledger.kept import FirstAttempt, KeptAnswer
 from proxy.ledger.statements import Statements, statements
 
 SQLITE_MODULES = {"proxy.ledger.sqlite", "proxy.ledger.sqlite_connections"}
@@ -245,9 +246,16 @@ def test_step_8_keeps_live_streams_as_chunks(dialect: Dialect, blob: str) -> Non
 
 @pytest.mark.parametrize("dialect", [SQLITE, POSTGRES])
 def test_step_9_records_the_project_a_held_row_was_created_under(dialect: Dialect) -> None:
-    assert len(migrations.steps(dialect)) == migrations.SCHEMA_VERSION == 9
+    assert migrations.SCHEMA_VERSION >= 9
     [project] = migrations.steps(dialect)[8]
     assert project == "ALTER TABLE requests ADD COLUMN project TEXT"  # NULL: not recorded
+
+
+@pytest.mark.parametrize("dialect", [SQLITE, POSTGRES])
+def test_step_10_records_the_project_a_file_or_batch_was_created_under(dialect: Dialect) -> None:
+    assert len(migrations.steps(dialect)) == migrations.SCHEMA_VERSION == 10
+    [project] = migrations.steps(dialect)[9]
+    assert project == "ALTER TABLE stored_objects ADD COLUMN project TEXT"  # NULL: not recorded
 
 
 def test_a_repeat_reads_a_live_streams_chunks_in_order_from_its_key(tmp_path: Path) -> None:

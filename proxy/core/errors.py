@@ -7,7 +7,8 @@
      ├── MalformedAnswer             an upstream 2xx body unlike OpenAI's
      └── RequestError                answered to the client in OpenAI's error shape
           ├── InvalidRequest         400 invalid_request
-          │    └── BatchUnsupported  400 invalid_request: the Batch API does not take the model
+          │    ├── BatchUnsupported  400 invalid_request: the Batch API does not take the model
+          │    └── OtherProject      400 object_in_other_project: the team's former project's
           ├── InvalidConfig          400 invalid_config: a reload refused, the old one stays
           ├── UnpricedModel          400 unpriced_model
           ├── AuthenticationFailed   401 invalid_api_key
@@ -95,6 +96,15 @@ class InvalidRequest(RequestError):
 class BatchUnsupported(InvalidRequest):
     """A batch line for a model the Batch API does not take (its price book entry has no
     `batch:` rates): refused before the file is uploaded."""
+
+
+class OtherProject(InvalidRequest):
+    """A `previous_response_id` or a batch's `input_file_id` naming an object its team
+    created under another OpenAI project than the one its requests go under now (its
+    `openai_project` changed since): a new request cannot use it (see
+    `proxy.web.projects`)."""
+
+    code = "object_in_other_project"
 
 
 class InvalidConfig(RequestError):

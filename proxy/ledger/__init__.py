@@ -20,10 +20,7 @@ from proxy.ledger.base import (
     Backend,
     BatchLine,
     BilledLine,
-    FirstAttempt,
     HeldEntry,
-    KeptAnswer,
-    KeptTail,
     Ledger,
     OpenBatch,
     Owner,
@@ -32,6 +29,7 @@ from proxy.ledger.base import (
     Row,
     StoredObject,
 )
+from proxy.ledger.kept import FirstAttempt, KeptAnswer, KeptTail
 from proxy.ledger.retry import settle_patiently
 
 __all__ = [

@@ -16,6 +16,7 @@ from typing import Any, Literal, Protocol
 from proxy.core.errors import LedgerError
 from proxy.core.models import Counter, Endpoint, Entry, Settlement, Totals, Usage
 from proxy.core.rates import Counts, Paced, Plan, Slot
+from proxy.ledger.kept import FirstAttempt, KeptAnswer, KeptTail
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,9 @@ class Reservation:
     counters: tuple[Counter, ...]
     paced: Paced | None = None
     """What its rate limits counted, and the room they have left (when it has any)."""
+    project: str | None = None
+    """The OpenAI project it is sent under (None: none is sent), recorded on its row: a
+    response it creates is found upstream only there."""
 
 
 Chooser = Callable[[Mapping[Counter, Totals]], Reservation]
@@ -98,6 +102,12 @@ class ResponseRow:
     """The images its own context carried (see `Entry.context_images`)."""
     held: bool
     """A background response whose reservation is held until it ends (see `Ledger.hold`)."""
+    project: str | None = None
+    """The OpenAI project it was created under (None: none was sent), where OpenAI keeps it
+    and so where it is read, cancelled and deleted."""
+    project_known: bool = True
+    """False for a row written before schema version 10 that did not record its project
+    (only held rows did, from version 9): the team's project now is the best guess left."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,52 +147,13 @@ class StoredObject:
     """A batch input file: the sum of its lines' bounded usage (for token budgets)."""
     input_file_id: str | None = None
     """A batch: its input file."""
-
-
-@dataclass(frozen=True, slots=True)
-class FirstAttempt:
-    """The earlier request a repeat repeats, as its row says now."""
-
-    request_id: str
-    started_at: float
-    settled: bool
-    """False while it is in flight (reserved)."""
-    outcome: str | None
-    status: int | None
-    cost_nanos: int
-    content_digest: str | None
-    """Its content digest (an Idempotency-Key reused with another content is a conflict)."""
-    owner: str | None = None
-    """The process that holds it while it is in flight."""
-    held: bool = False
-    """A background response held in flight (`Ledger.hold`): its create was answered."""
-
-
-@dataclass(frozen=True, slots=True)
-class KeptAnswer:
-    """An answer kept for the repeats of its request: status, headers and body as the
-    client got them (a stream: its events, in order)."""
-
-    request_id: str
-    team: str
-    status: int
-    headers: tuple[tuple[str, str], ...]
-    body: bytes
-    stream: bool
-    kept_at: float
-    live: bool = False
-    """A stream still kept as it goes: its events so far are its chunks
-    (`Ledger.append_chunk`), until `Ledger.end_stream`."""
-
-
-@dataclass(frozen=True, slots=True)
-class KeptTail:
-    """What a repeat following a live stream reads next (`Ledger.kept_tail`)."""
-
-    answer: KeptAnswer
-    """The kept answer, its body the chunks read (joined)."""
-    seq: int
-    """The last chunk read (the one it was read after when there is none)."""
+    project: str | None = None
+    """The OpenAI project it was created under (None: none was sent), where OpenAI keeps it
+    and so where it is read, cancelled and deleted (a batch's output and error files: the
+    batch's)."""
+    project_known: bool = True
+    """False for an object recorded before schema version 10, which did not record its
+    project: the team's project now is the best guess left."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,13 +23,12 @@ from proxy.ledger.base import (
     Aggregate,
     BatchLine,
     BilledLine,
-    FirstAttempt,
     HeldEntry,
-    KeptAnswer,
     ResponseRow,
     Row,
     StoredObject,
 )
+from proxy.ledger.kept import FirstAttempt, KeptAnswer
 
 ENTRY_COLUMNS = (
     "id", "started_at", "endpoint", "team", "cost_center", "key_id", "user",
@@ -59,7 +58,7 @@ SETTLEMENT_COLUMNS = (
 ROW_COLUMNS = (*ENTRY_COLUMNS, *SETTLEMENT_COLUMNS, "state")
 """What a `Row` is read from (and a request never forwarded is written with)."""
 RESERVATION_COLUMNS = (
-    *ENTRY_COLUMNS, *USAGE_COLUMNS, "state", "reserved_nanos", "counters", "owner",
+    *ENTRY_COLUMNS, *USAGE_COLUMNS, "state", "reserved_nanos", "counters", "owner", "project",
 )  # fmt: skip
 KEY_COLUMNS = ("scope", "team", "user", "period", "start")
 """A `budget_usage` row's primary key: a counter's fields, in lock order."""
@@ -69,9 +68,10 @@ TOTALS_COLUMNS = (
 )  # fmt: skip
 OBJECT_COLUMNS = (
     "id", "team", "kind", "purpose", "created_at", "lines", "bound_nanos", *USAGE_COLUMNS,
-    "input_file_id",
+    "input_file_id", "project",
 )  # fmt: skip
-"""A `stored_objects` row: a `StoredObject`, its bound usage as the usage columns."""
+"""A `stored_objects` row: a `StoredObject`, its bound usage as the usage columns (and its
+project as `project_value` writes it)."""
 LINE_COLUMNS = (
     "file_id", "custom_id", "line", "endpoint", "model", "quality", "size", "n", "user",
     "bound_nanos",
@@ -129,10 +129,29 @@ def settlement_values(s: Settlement) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
+NO_PROJECT = ""
+"""The `project` of a row or object created without one (NULL: not recorded; a row
+written before schema version 10 and not held, or held before version 9; an object
+recorded before version 10)."""
+
+
+def project_value(project: str | None) -> str:
+    """The `project` column of a row or object created under `project` (None: none was
+    sent)."""
+    return NO_PROJECT if project is None else project
+
+
+def project_read(value: str | None) -> tuple[str | None, bool]:
+    """A `project` column read back: (the project, None for none sent; whether it was
+    recorded at all)."""
+    return value or None, value is not None
+
+
 def reservation_values(
-    entry: Entry, usage: Usage, counters_text: str, owner: str | None
+    entry: Entry, usage: Usage, counters_text: str, owner: str | None, project: str | None
 ) -> tuple[Any, ...]:
-    """A reservation's row in `RESERVATION_COLUMNS` order: it holds its estimate."""
+    """A reservation's row in `RESERVATION_COLUMNS` order: it holds its estimate, and the
+    project it is sent under (`project_value`)."""
     return (
         *entry_values(entry),
         *usage_values(usage),
@@ -140,6 +159,7 @@ def reservation_values(
         entry.estimated_nanos,
         counters_text,
         owner,
+        project_value(project),
     )
 
 
@@ -173,28 +193,18 @@ def row(values: Sequence[Any]) -> Row:
     return Row(entry, settlement)
 
 
-NO_PROJECT = ""
-"""A held row's `project` when it was created without one (NULL: not recorded, a row held
-before schema version 9)."""
-
-
-def project_value(project: str | None) -> str:
-    """The `project` column of a row held under `project` (None: none was sent)."""
-    return NO_PROJECT if project is None else project
-
-
 def held_entry(values: Sequence[Any]) -> HeldEntry:
     """A held reservation's entry, reserved usage and project, read by the `held_entry`
     statement."""
     e = dict(zip(ENTRY_COLUMNS, values[: len(ENTRY_COLUMNS)], strict=True))
     e["stream"] = bool(e["stream"])
     *usage, project = values[len(ENTRY_COLUMNS) :]
-    return HeldEntry(Entry(**e), usage_of(usage), project or None, project is not None)
+    return HeldEntry(Entry(**e), usage_of(usage), *project_read(project))
 
 
 def response_row(response_id: str, values: Sequence[Any]) -> ResponseRow:
     """The response `response_id` from its row, read by the `response` statement."""
-    team, request_id, input_tokens, output_tokens, images, context_images, held = values
+    team, request_id, input_tokens, output_tokens, images, context_images, held, project = values
     return ResponseRow(
         response_id,
         request_id,
@@ -204,6 +214,7 @@ def response_row(response_id: str, values: Sequence[Any]) -> ResponseRow:
         int(images),
         int(context_images),
         bool(held),
+        *project_read(project),
     )
 
 
@@ -256,19 +267,24 @@ def kept_answer(values: Sequence[Any], chunks: Sequence[Sequence[Any]] = ()) -> 
 
 def object_values(obj: StoredObject) -> tuple[Any, ...]:
     """An object's row in `OBJECT_COLUMNS` order."""
+    # An object whose project is not known stays so (NULL), rather than passing for one
+    # created without a project.
+    project = project_value(obj.project) if obj.project_known else None
     return (
         obj.id, obj.team, obj.kind, obj.purpose, float(obj.created_at), obj.lines,
-        obj.bound_nanos, *usage_values(obj.bound_usage), obj.input_file_id,
+        obj.bound_nanos, *usage_values(obj.bound_usage), obj.input_file_id, project,
     )  # fmt: skip
 
 
 def stored_object(values: Sequence[Any]) -> StoredObject:
     """An object read in `OBJECT_COLUMNS` order."""
-    usage = usage_of(values[7:-1])
+    usage = usage_of(values[7:-2])
     id_, team, kind, purpose, created_at, lines, bound = values[:7]
+    input_file_id, project = values[-2:]
     return StoredObject(
-        id_, team, kind, purpose, created_at, int(lines), int(bound), usage, values[-1]
-    )
+        id_, team, kind, purpose, created_at, int(lines), int(bound), usage, input_file_id,
+        *project_read(project),
+    )  # fmt: skip
 
 
 _line_fields: Callable[[BatchLine], tuple[Any, ...]] = operator.attrgetter(*LINE_COLUMNS[1:])

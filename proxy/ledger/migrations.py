@@ -42,6 +42,14 @@ transaction, so a ledger is never left half-way between two versions.
        the team's `openai_project` changed meanwhile; '' when it was sent without one,
        NULL when it was not recorded (rows held before this version, which are followed
        under the team's project at the time).
+   10  `project` on stored_objects: the OpenAI project a file or batch was created under
+       (a batch's output and error files: the batch's), where it is read, cancelled and
+       deleted even after the team's `openai_project` changed (OpenAI answers 404 for it
+       in any other). From this version every forwarded request also records on its row
+       the project it was sent under (`Reservation.project`), so a response settled at
+       once is found in its project too. '' and NULL as in version 9: NULL (objects
+       recorded before this version, rows neither written since nor held since version 9)
+       is read under the team's project at the time.
 
 The embedded SQLite ledger applies its steps when it opens. A PostgreSQL ledger shared
 by several replicas is initialised when it opens only while it is empty (none of `TABLES`
@@ -275,13 +283,14 @@ def _live_streams(d: Dialect) -> list[str]:
 
 
 HELD_PROJECTS = ["ALTER TABLE requests ADD COLUMN project TEXT"]
+OBJECT_PROJECTS = ["ALTER TABLE stored_objects ADD COLUMN project TEXT"]
 
 
 def steps(d: Dialect) -> Sequence[Sequence[str]]:
     """The migrations in `d`'s spelling: one list of statements per version."""
     return (
         _tables(d), ORGANIZATION_ROWS, _resolutions(d), _responses(d), _batches(d), _repeats(d),
-        _rates(d), _live_streams(d), HELD_PROJECTS,
+        _rates(d), _live_streams(d), HELD_PROJECTS, OBJECT_PROJECTS,
     )  # fmt: skip
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.ledger import codecs
-from proxy.ledger.base import FirstAttempt, KeptAnswer, KeptTail
 from proxy.ledger.dialect import POSTGRES
+from proxy.ledger.kept import FirstAttempt, KeptAnswer, KeptTail
 from proxy.ledger.postgres_pool import Pool
 from proxy.ledger.statements import statements
 

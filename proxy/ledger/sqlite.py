@@ -116,9 +116,8 @@ class SqliteLedger(KeptAnswers):
                 rate_counts.add_sqlite(conn, paced.adds)
                 reservation = replace(reservation, paced=paced)
             text = codecs.counters_text(reservation.counters)
-            conn.execute(
-                SQL.insert_reservation, codecs.reservation_values(entry, usage, text, owner)
-            )
+            values = codecs.reservation_values(entry, usage, text, owner, reservation.project)
+            conn.execute(SQL.insert_reservation, values)
             _add(conn, text, codecs.reserved(entry, usage))
             held.append((entry.estimated_nanos, text, usage))
             return reservation

@@ -9,8 +9,8 @@ from __future__ import annotations
 import sqlite3
 
 from proxy.ledger import codecs
-from proxy.ledger.base import FirstAttempt, KeptAnswer, KeptTail
 from proxy.ledger.dialect import SQLITE
+from proxy.ledger.kept import FirstAttempt, KeptAnswer, KeptTail
 from proxy.ledger.sqlite_connections import Connections
 from proxy.ledger.statements import statements
 

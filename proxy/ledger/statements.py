@@ -153,7 +153,8 @@ class Statements:
     open_batches: str
     """(): the batches held in flight: (batch id, team, reserved nanos, started at)."""
     response: str
-    """(response id,): the `ResponseRow` fields but the response id, of its latest row."""
+    """(response id,): the `ResponseRow` fields but the response id, of its latest row (its
+    project as stored: `codecs.project_read`)."""
     held_entry: str
     """(id,): the entry, reserved usage and project of a held reservation (`ENTRY_COLUMNS`,
     then `USAGE_COLUMNS`, then `project`)."""
@@ -365,7 +366,7 @@ def _reads(d: Dialect) -> dict[str, str]:
         "held": "SELECT id, response_id FROM requests "
         f"WHERE state = 'reserved' AND held = 1 AND owner = ? {by_id}",
         "response": "SELECT team, id, mainline_input_tokens + mainline_cached_input_tokens, "
-        "mainline_output_tokens, images, context_images, held FROM requests "
+        "mainline_output_tokens, images, context_images, held, project FROM requests "
         f"WHERE response_id = ? ORDER BY started_at DESC, id{d.collate} DESC LIMIT 1",
         "held_entry": f"SELECT {names(ENTRY_COLUMNS)}, {names(USAGE_COLUMNS)}, project "
         "FROM requests "

@@ -8,15 +8,17 @@ and settled one ledger row per billed line.
                          → forwarded → the batch recorded as the team's, its reservation
                          held (`Ledger.hold`) and followed
     GET /v1/batches, GET /v1/batches/{id}, POST /v1/batches/{id}/cancel
-                         the team's own batches only (404 for another team's id)
+                         the team's own batches only (404 for another team's id); one
+                         batch under the project it was created under, a listing under
+                         the team's project now (`proxy.web.projects`)
 
-`BatchFollow` polls `GET /v1/batches/{id}` with the company key until the batch ended
-(completed, failed, expired, cancelled), then reads its output file line by line and
-settles, in one ledger transaction, one row per line that OpenAI answered 200 (its
-`usage` at the model's batch rates, on the day the batch ended, as OpenAI books it) and
-releases the rest of the reservation (`Ledger.settle_batch`). A held reservation survives
-a restart and is adopted by a live process, and `settle_batch` writes only once, so two
-replicas never settle one batch twice.
+A batch is created in the team's project now, from an input file uploaded there: a file
+uploaded under the team's former project is refused (400 `object_in_other_project`,
+`proxy.web.projects.same_project`). OpenAI would not find it in the new project, and a
+batch created in the former one, where the file is, would be billed to a project the team
+no longer maps to.
+
+A batch created is followed to its end by `proxy.web.batch_follow.BatchFollow`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import asyncio
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from starlette.requests import Request
@@ -35,23 +37,22 @@ from proxy.core.budgets import Variant, allow_endpoint, decide
 from proxy.core.errors import (
     InvalidRequest,
     LedgerError,
-    MalformedAnswer,
     RequestError,
     UpstreamFailure,
 )
-from proxy.core.metering import usage_from_openai
-from proxy.core.models import Charge, Entry, Estimate, ImageRequest, Settlement, Usage, usd_text
+from proxy.core.models import Entry, Estimate, ImageRequest, Settlement, usd_text
 from proxy.core.parsing import json_object
 from proxy.core.periods import applicable, counters, zone
 from proxy.core.settings import Team
-from proxy.core.short_strings import ShortStrings
-from proxy.ledger import BatchLine, BilledLine, Reservation, StoredObject
-from proxy.upstream import BROKEN_OFF, response_headers
+from proxy.ledger import BatchLine, Reservation, StoredObject
+from proxy.upstream import response_headers
 from proxy.web import repeats
 from proxy.web.admission import read_body
+from proxy.web.batch_follow import BatchFollow
 from proxy.web.files import not_found, read_answer, scoped_listing, scoped_object
 from proxy.web.observe import KeyRefusals, observe
 from proxy.web.pipeline import new_request_id, refuse
+from proxy.web.projects import same_project
 from proxy.web.responses import error_response
 from proxy.web.runtime import Runtime
 
@@ -60,16 +61,6 @@ log = logging.getLogger("tollgate.requests")
 CREATE_FIELDS = frozenset(
     {"input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after"}
 )
-ENDED = ("completed", "failed", "expired", "cancelled")
-ENDED_AT = {
-    "completed": "completed_at",
-    "failed": "failed_at",
-    "expired": "expired_at",
-    "cancelled": "cancelled_at",
-}
-UNKNOWN_LINE = "batch_line_unknown"
-"""The error code of an output line whose `custom_id` was not in the file priced: charged
-the dearest line's bound, flagged."""
 
 
 class Batches:
@@ -94,6 +85,7 @@ class Batches:
                 await read_body(request, config.limits.generations_bytes, runtime.bodies)
             )
             stored, lines = await self.input_file(runtime, team.name, fields)
+            project = config.project_of(team.name)
             first = next(iter(lines.values()))
             asked = ImageRequest(
                 endpoint="batches",
@@ -112,6 +104,9 @@ class Batches:
                 again = await replay_create(runtime, entry, team.name, found, headers)
                 if again is not None:
                     return again
+            # After a replay: a repeat of a create answered before the team's project
+            # changed is still answered with its batch.
+            same_project(runtime, stored, project, f"File '{stored.id}'")
             model = config.prices.find(first.model)
             if model is None:
                 raise InvalidRequest(
@@ -130,9 +125,8 @@ class Batches:
                 decision = decide(strict, variant, budgets, totals, config.prices, tz)
                 remaining.append(decision.remaining_nanos)
                 sent = entry.sent(asked, stored.bound_nanos, "")
-                return Reservation(
-                    sent, stored.bound_usage, counters(team.name, None, entry.started_at, tz)
-                )
+                adds_to = counters(team.name, None, entry.started_at, tz)
+                return Reservation(sent, stored.bound_usage, adds_to, project=project)
 
             read = tuple(dict.fromkeys(a.counter for a in budgets))
             reservation = await runtime.ledger.reserve(read, choose)
@@ -142,7 +136,6 @@ class Batches:
         headers["x-tollgate-reserved-usd"] = usd_text(entry.estimated_nanos)
         if remaining and remaining[-1] is not None:
             headers["x-tollgate-budget-remaining-usd"] = usd_text(max(remaining[-1], 0))
-        project = config.project_of(team.name)
         try:
             answer = await runtime.upstream.send(
                 "/batches",
@@ -218,7 +211,7 @@ class Batches:
             await runtime.ledger.own(
                 StoredObject(
                     batch_id, entry.team or "", "batch", None, runtime.clock(),
-                    stored.lines, stored.bound_nanos, stored.bound_usage, stored.id,
+                    stored.lines, stored.bound_nanos, stored.bound_usage, stored.id, project,
                 )
             )  # fmt: skip
             await runtime.ledger.hold(entry.id, batch_id, project)
@@ -264,18 +257,21 @@ class Batches:
         return response
 
 
-async def own_outputs(runtime: Runtime, team: Team, batch: Any) -> None:
+async def own_outputs(runtime: Runtime, team: Team, batch: Any, project: str | None) -> None:
     """The output and error files of a batch shown to its team are that team's: the team
-    may read them as soon as it sees them, before the follower has settled the batch."""
+    may read them as soon as it sees them, before the follower has settled the batch.
+    OpenAI keeps them in the batch's project, where the batch was just read (`project`):
+    they are recorded there."""
     if not isinstance(batch, dict):
         return
     for name in ("output_file_id", "error_file_id"):
         file_id = batch.get(name)
         if isinstance(file_id, str) and file_id:
             try:
-                await runtime.ledger.own(
-                    StoredObject(file_id, team.name, "file", "batch_output", runtime.clock())
+                output = StoredObject(
+                    file_id, team.name, "file", "batch_output", runtime.clock(), project=project
                 )
+                await runtime.ledger.own(output)
             except LedgerError as exc:
                 log.error("recording %s of batch %s failed: %s", file_id, batch.get("id"), exc)
 
@@ -336,154 +332,3 @@ def _id_of(body: bytes) -> str | None:
     except (ValueError, AttributeError):
         return None
     return found if isinstance(found, str) else None
-
-
-@dataclass
-class BatchFollow:
-    """A batch followed to its end, then settled by its billed lines."""
-
-    entry: Entry
-    """Its reservation's row: the team, key and cost center its lines are booked to."""
-    batch_id: str
-    input_file_id: str | None
-    project: str | None
-    """The OpenAI project the batch was created under, where it (and its output) is read:
-    recorded with its held reservation, so a process that adopts it after a restart reads
-    it there too (`proxy.web.follow.created_under`)."""
-
-    async def poll(self, runtime: Runtime) -> bool:
-        try:
-            answer = await runtime.upstream.send(
-                f"/batches/{self.batch_id}", b"", "", (), method="GET", project=self.project
-            )
-            body = await read_answer(answer)
-        except (RequestError, *BROKEN_OFF) as exc:
-            log.warning("following %s: %s; will ask again", self.batch_id, exc)
-            return False
-        try:
-            batch = json.loads(body)
-            status = batch["status"]
-        except (ValueError, KeyError, TypeError):
-            log.warning("following %s: answered %s; will ask again", self.batch_id, answer.status)
-            return False
-        if status not in ENDED:
-            return False
-        try:
-            await self.settle(runtime, batch, status)
-        except (RequestError, LedgerError, MalformedAnswer, *BROKEN_OFF) as exc:
-            log.error("settling batch %s failed: %s; will try again", self.batch_id, exc)
-            return False
-        return True
-
-    async def settle(self, runtime: Runtime, batch: dict[str, Any], status: str) -> None:
-        """Read the ended batch's output file and settle a row per billed line."""
-        ledger, entry = runtime.ledger, self.entry
-        if self.input_file_id is None:
-            stored = await ledger.stored(self.batch_id)
-            self.input_file_id = stored.input_file_id if stored else batch.get("input_file_id")
-        lines = await ledger.batch_lines(self.input_file_id or "")
-        ended = batch.get(ENDED_AT[status]) or runtime.clock()
-        ended_at = float(ended)
-        billed: list[BilledLine] = []
-        output = batch.get("output_file_id")
-        if isinstance(output, str):
-            async for raw in _file_lines(runtime, output, self.project):
-                line = billed_line(runtime, entry, lines, raw, ended_at, self.batch_id)
-                if line is not None:
-                    billed.append(line)
-        for file_id in (output, batch.get("error_file_id")):
-            if isinstance(file_id, str):
-                await ledger.own(
-                    StoredObject(file_id, entry.team or "", "file", "batch_output", ended_at)
-                )
-        outcome = Settlement(
-            finished_at=ended_at,
-            outcome="ok" if status == "completed" else "upstream_error",
-            status=200,
-            upstream_request_id=self.batch_id,
-            error_code=None if status == "completed" else f"batch_{status}",
-            latency_ms=(ended_at - entry.started_at) * 1000,
-            response_id=self.batch_id,
-        )
-        written = await ledger.settle_batch(entry.id, billed, outcome)
-        if not written:
-            return  # settled already (another replica, or an earlier try)
-        for index, line in enumerate(billed or [BilledLine(entry, outcome, ())]):
-            if index:
-                runtime.metrics.started()  # each line is a request in the metrics
-            observe(runtime, line.entry, line.settlement, ())
-
-
-async def _file_lines(runtime: Runtime, file_id: str, project: str | None) -> Any:
-    """The lines of an upstream file, each with its long strings (images) emptied."""
-    answer = await runtime.upstream.send(
-        f"/files/{file_id}/content", b"", "", (), method="GET", project=project
-    )
-    if answer.status != 200:
-        await answer.aclose()
-        raise MalformedAnswer(f"the batch's output file {file_id} answered {answer.status}")
-    strings, held = ShortStrings(), b""
-    try:
-        async for chunk in answer.chunks():
-            held += strings.filter(chunk)
-            *complete, held = held.split(b"\n")
-            for line in complete:
-                if line.strip():
-                    yield line
-    finally:
-        await answer.aclose()
-    if held.strip():
-        yield held
-
-
-def billed_line(
-    runtime: Runtime,
-    reservation: Entry,
-    lines: dict[str, BatchLine],
-    raw: bytes,
-    ended_at: float,
-    batch_id: str,
-) -> BilledLine | None:
-    """The row of one output line that OpenAI answered 200; None for an error line."""
-    try:
-        found = json.loads(raw)
-        response = found.get("response") or {}
-        if response.get("status_code") != 200:
-            return None
-        body = response.get("body") or {}
-        custom_id = found.get("custom_id")
-    except (ValueError, AttributeError):
-        raise MalformedAnswer(f"batch {batch_id}: an output line is not JSON") from None
-    config = runtime.config
-    line = lines.get(custom_id) if isinstance(custom_id, str) else None
-    if line is None:
-        line = max(lines.values(), key=lambda priced: priced.bound_nanos)
-        charge, code = Charge(Usage(), line.bound_nanos, True), UNKNOWN_LINE
-    else:
-        model = config.prices.find(line.model)
-        usage = usage_from_openai(body.get("usage"))
-        data = body.get("data")
-        images = len(data) if isinstance(data, list) else line.n
-        if model is None or usage is None:
-            charge, code = Charge(Usage(images=images), line.bound_nanos, True), None
-        else:
-            charge, code = model.for_batch().charge(replace(usage, images=images)), None
-    entry = Entry(
-        new_request_id(), ended_at, "batches", reservation.team, reservation.cost_center,
-        reservation.key_id, line.user, line.model, line.model, line.quality, line.quality,
-        line.size, line.size, line.n, line.n, False, line.bound_nanos,
-    )  # fmt: skip
-    entry = replace(entry, custom_id=line.custom_id)
-    settled = Settlement(
-        finished_at=ended_at,
-        outcome="ok",
-        status=200,
-        usage=charge.usage,
-        cost_nanos=charge.cost_nanos,
-        flagged=charge.flagged,
-        upstream_request_id=response.get("request_id"),
-        error_code=code,
-        response_id=batch_id,
-    )
-    tz = zone(config.timezone)
-    return BilledLine(entry, settled, counters(reservation.team or "", line.user, ended_at, tz))

@@ -10,6 +10,10 @@ files only.
                      the team's files; another team's id is 404, as OpenAI answers an
                      unknown one
 
+A file is recorded with the OpenAI project it was uploaded under, and read and deleted
+there, whatever the team's project is now (OpenAI keeps it there); a listing goes under
+the team's project now and shows that project's files (`proxy.web.projects`).
+
 An upload is never held in memory: starlette's form parser spools the file to disk as it
 arrives (`limits.files_bytes` bounds it), the lines are read from there in chunks, and the
 form sent upstream is written to another file that aiohttp streams with its length.
@@ -42,6 +46,7 @@ from proxy.upstream import Answer, response_headers
 from proxy.web.admission import body_chunks
 from proxy.web.observe import KeyRefusals
 from proxy.web.pipeline import new_request_id
+from proxy.web.projects import created_under
 from proxy.web.responses import error_response
 from proxy.web.runtime import Runtime
 
@@ -83,6 +88,7 @@ class Files:
         self, request: Request, runtime: Runtime, team: Team, headers: dict[str, str]
     ) -> Response:
         form = await read_form(request, runtime)
+        project = runtime.config.project_of(team.name)
         try:
             purpose, upload, extra = checked_form(form)
             if purpose == "batch":
@@ -107,13 +113,13 @@ class Files:
                     outgoing,
                     f"multipart/form-data; boundary={boundary}",
                     request.headers.items(),
-                    project=runtime.config.project_of(team.name),
+                    project=project,
                 )
                 body = await read_answer(answer)
         finally:
             await form.close()
         if 200 <= answer.status < 300:
-            await own_file(runtime, team, purpose, body, batch)
+            await own_file(runtime, team, purpose, body, batch, project)
         return Response(body, answer.status, headers={**dict(response_headers(answer)), **headers})
 
     async def check_files(self, runtime: Runtime, team: Team, batch: BatchFile) -> None:
@@ -242,9 +248,15 @@ async def read_answer(answer: Answer) -> bytes:
 
 
 async def own_file(
-    runtime: Runtime, team: Team, purpose: str, body: bytes, batch: BatchFile | None
+    runtime: Runtime,
+    team: Team,
+    purpose: str,
+    body: bytes,
+    batch: BatchFile | None,
+    project: str | None,
 ) -> None:
-    """Record the uploaded file as the team's, with a batch file's priced lines."""
+    """Record the uploaded file as the team's, uploaded under `project`, with a batch
+    file's priced lines."""
     try:
         file_id = json.loads(body)["id"]
     except (ValueError, KeyError, TypeError):
@@ -269,13 +281,15 @@ async def own_file(
             batch.bound_nanos if batch else 0,
             batch.usage if batch else Usage(),
             None,
+            project,
         ),
         lines,
     )
 
 
-Seen = Callable[[Runtime, Team, Any], Awaitable[None]]
-"""Told of each object (parsed JSON) a team is shown: see `proxy.web.batches.own_outputs`."""
+Seen = Callable[[Runtime, Team, Any, str | None], Awaitable[None]]
+"""Told of each object (parsed JSON) a team is shown, and the OpenAI project it was read
+under: see `proxy.web.batches.own_outputs`."""
 
 
 async def scoped_listing(
@@ -286,7 +300,9 @@ async def scoped_listing(
     upstream's). An upstream page holding none of them is read past (the next one asked
     `after` its last object, up to `SKIPPED_PAGES` of them): an empty page with `has_more`
     would end a client's pagination (the SDKs ask for the next page `after` the last object
-    of `data`), so the caller's older objects would never be listed."""
+    of `data`), so the caller's older objects would never be listed. It is asked for under
+    the team's project now, and so lists that project's objects (those the team created
+    under a former one are read one by one, `scoped_object`)."""
     headers = {"x-tollgate-request-id": new_request_id()}
     team = refusals.team_of(request, runtime, headers)
     if isinstance(team, Response):
@@ -295,15 +311,16 @@ async def scoped_listing(
         query = plain_query(request.scope.get("query_string", b""))
         if query is None:
             raise InvalidRequest("The query string holds characters that must be percent-encoded.")
+        project = runtime.config.project_of(team.name)
         for _ in range(SKIPPED_PAGES + 1):
             answer = await runtime.upstream.send(
                 path, b"", "", request.headers.items(), method="GET", query=query,
-                project=runtime.config.project_of(team.name),
+                project=project,
             )  # fmt: skip
             body = await read_answer(answer)
             if not 200 <= answer.status < 300:
                 break
-            body, read_past = await filtered(runtime, team, body, seen)
+            body, read_past = await filtered(runtime, team, body, project, seen)
             if read_past is None:
                 break
             query = urlencode([*((k, v) for k, v in parse_qsl(query) if k != "after"),
@@ -314,7 +331,7 @@ async def scoped_listing(
 
 
 async def filtered(
-    runtime: Runtime, team: Team, body: bytes, seen: Seen | None = None
+    runtime: Runtime, team: Team, body: bytes, project: str | None, seen: Seen | None = None
 ) -> tuple[bytes, str | None]:
     """The page with only the team's objects, and, when it holds none of them but the
     upstream has more, the id to read on after (else None)."""
@@ -333,7 +350,7 @@ async def filtered(
     data = page["data"]
     if seen is not None:
         for item in data:
-            await seen(runtime, team, item)
+            await seen(runtime, team, item, project)
     page["first_id"] = data[0]["id"] if data else None
     page["last_id"] = data[-1]["id"] if data else page.get("last_id")
     last = ids[-1] if ids else None
@@ -349,7 +366,8 @@ async def scoped_object(
     kind: str,
     seen: Seen | None = None,
 ) -> Response:
-    """A path naming one object: forwarded for its team, 404 for anyone else. With `seen`,
+    """A path naming one object: forwarded for its team, under the project the object was
+    created under (`proxy.web.projects.created_under`), 404 for anyone else. With `seen`,
     the answer (a small JSON object) is read whole and `seen` told of it before it is
     answered; else it streams."""
     headers = {"x-tollgate-request-id": new_request_id()}
@@ -360,6 +378,7 @@ async def scoped_object(
         found = await runtime.ledger.stored(object_id)
         if found is None or found.team != team.name:
             raise not_found(kind, object_id)
+        project = created_under(runtime, found)
         query = plain_query(request.scope.get("query_string", b""))
         if query is None:
             raise InvalidRequest("The query string holds characters that must be percent-encoded.")
@@ -370,12 +389,12 @@ async def scoped_object(
             request.headers.items(),
             method=request.method,
             query=query,
-            project=runtime.config.project_of(team.name),
+            project=project,
         )
         if seen is not None:
             body = await read_answer(answer)
             if 200 <= answer.status < 300:
-                await seen(runtime, team, _parsed(body))
+                await seen(runtime, team, _parsed(body), project)
             return Response(
                 body, answer.status, headers={**dict(response_headers(answer)), **headers}
             )

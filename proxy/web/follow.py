@@ -27,6 +27,7 @@ from proxy.core.settlement import Bound
 from proxy.doors import ResponsesDoor
 from proxy.ledger import HeldEntry
 from proxy.upstream import BROKEN_OFF
+from proxy.web.projects import created_under
 
 if TYPE_CHECKING:
     from proxy.web.exchange import Exchange
@@ -54,7 +55,7 @@ class Followed(Protocol):
 
 class Followers:
     """What this process follows to its end, by the request id of its held reservation:
-    background responses (`ResponseFollow`) and batches (`proxy.web.batches.BatchFollow`).
+    background responses (`ResponseFollow`) and batches (`proxy.web.batch_follow.BatchFollow`).
 
     `follow` adds one; `run` polls every one of them each `POLL_S` seconds (at once when
     one is added) until it ends and is settled."""
@@ -170,7 +171,7 @@ class ResponseFollow:
 
 def adopted(runtime: Runtime, held: HeldEntry, upstream_id: str) -> Followed | None:
     """What follows a held reservation adopted from its row (None: it cannot be priced)."""
-    from proxy.web.batches import BatchFollow  # both import the runtime, which imports this
+    from proxy.web.batch_follow import BatchFollow  # both import the runtime, which imports this
     from proxy.web.exchange import Exchange
 
     entry = held.entry
@@ -182,16 +183,6 @@ def adopted(runtime: Runtime, held: HeldEntry, upstream_id: str) -> Followed | N
         return None
     exchange = Exchange(runtime, ResponsesDoor(), entry, bound, {}, project=project)
     return ResponseFollow(exchange, upstream_id)
-
-
-def created_under(runtime: Runtime, held: HeldEntry) -> str | None:
-    """The OpenAI project a held response or batch is read under: the one it was created
-    under, as its row recorded it, whatever the team's is now (OpenAI answers 404 for it
-    in any other). A row held before schema version 9 did not record it: the team's
-    project now is the best guess left."""
-    if held.project_known:
-        return held.project
-    return runtime.config.project_of(held.entry.team)
 
 
 def adopted_bound(runtime: Runtime, entry: Entry, usage: Usage) -> Bound | None:

@@ -41,11 +41,12 @@ from proxy.core.periods import applicable, counters, zone
 from proxy.core.rates import Paced
 from proxy.core.settings import Team
 from proxy.doors.base import Door, Parsed
-from proxy.ledger import Reservation
+from proxy.ledger import Reservation, ResponseRow
 from proxy.web import repeats
 from proxy.web.admission import read_body
 from proxy.web.exchange import Exchange
 from proxy.web.observe import KeyRefusals, observe
+from proxy.web.projects import same_project
 from proxy.web.responses import error_response
 from proxy.web.runtime import Runtime
 
@@ -78,13 +79,15 @@ class Pipeline(Generic[Parsed]):
         runtime.metrics.started()
         entry = entry.identified(team.name, team.cost_center, key.id)
         headers["x-tollgate-team"] = team.name
+        project = config.project_of(team.name)
         try:
             allow_endpoint(team, door.endpoint)
             body = await read_body(request, door.body_limit(config.limits), runtime.bodies)
             parsed = door.parse(request.headers.get("content-type", ""), body, config, team)
             previous = door.previous(parsed)
+            continues: ResponseRow | None = None
             if previous is not None:
-                parsed = await self.continued(runtime, team, parsed, previous)
+                parsed, continues = await self.continued(runtime, team, parsed, previous)
             found = None
             if config.retries.enabled and repeats.repeatable(request):
                 found = repeats.marks(request, team.name, door.endpoint, door.digest(parsed))
@@ -97,8 +100,14 @@ class Pipeline(Generic[Parsed]):
                 replayed = await repeats.replay(runtime, entry, team.name, found, replay_headers)
                 if replayed is not None:
                     return replayed
+            if continues is not None:
+                # Checked after a replay: a repeat of a request answered before its team's
+                # project changed is still answered as its first attempt was.
+                same_project(
+                    runtime, continues, project, f"Previous response '{continues.response_id}'"
+                )
             variant = door.admit(team, parsed, config)
-            decision, entry, paced = await self.reserve(runtime, team, entry, variant)
+            decision, entry, paced = await self.reserve(runtime, team, entry, variant, project)
         except IdempotencyConflict as exc:
             # Recorded without the key it reused: the key's repeats still find its first
             # attempt (and conflict), not this refusal (and be forwarded as new).
@@ -123,8 +132,7 @@ class Pipeline(Generic[Parsed]):
         body, content_type = door.encode(parsed, sent)
         bound = door.bound(parsed, sent)
         exchange = Exchange(
-            runtime, door, entry, bound, headers, sent.changes, decision.remaining_nanos,
-            config.project_of(team.name),
+            runtime, door, entry, bound, headers, sent.changes, decision.remaining_nanos, project,
         )  # fmt: skip
         if found is not None:
             exchange.keep = repeats.Keep(
@@ -143,24 +151,27 @@ class Pipeline(Generic[Parsed]):
 
     async def continued(
         self, runtime: Runtime, team: Team, parsed: Parsed, previous: str
-    ) -> Parsed:
+    ) -> tuple[Parsed, ResponseRow]:
         """`parsed` with the context of the response `previous` it continues, which must be
-        one its team created through Tollgate (else 404, as OpenAI answers an unknown id)."""
+        one its team created through Tollgate (else 404, as OpenAI answers an unknown id),
+        and that response's row. The caller then checks that it was created under the
+        project this request goes under: one the team created under its former project is
+        refused (400 `object_in_other_project`), neither sent where OpenAI would not find it
+        nor billed to a project the team no longer maps to (`proxy.web.projects`)."""
         row = await runtime.ledger.response(previous)
         if row is None or row.team != team.name:
             raise PreviousResponseNotFound(
                 f"Previous response with id '{previous}' not found.",
                 param="previous_response_id",
             )
-        return self.door.carry(
-            parsed, row.input_tokens + row.output_tokens, row.context_images + row.images
-        )
+        carried = row.input_tokens + row.output_tokens, row.context_images + row.images
+        return self.door.carry(parsed, *carried), row
 
     async def reserve(
-        self, runtime: Runtime, team: Team, entry: Entry, variant: Variant
+        self, runtime: Runtime, team: Team, entry: Entry, variant: Variant, project: str | None
     ) -> tuple[Decision, Entry, Paced | None]:
         """Decide against the budgets and the rate limits and reserve the bound, in one
-        ledger transaction."""
+        ledger transaction; its row records `project`, the one the request is sent under."""
         config, user = runtime.config, variant.request.user
         budgets = applicable(config, team, user, entry.started_at)
         tz = zone(config.timezone)
@@ -172,7 +183,7 @@ class Pipeline(Generic[Parsed]):
             chosen.append(decision)
             sent = decision.variant
             reserved = entry.sent(sent.request, sent.estimate.cost_nanos, summary(sent.changes))
-            return Reservation(reserved, sent.estimate.usage, adds_to)
+            return Reservation(reserved, sent.estimate.usage, adds_to, project=project)
 
         read = tuple(dict.fromkeys(a.counter for a in budgets))
         pace = rates.plan(config, team, entry.started_at)

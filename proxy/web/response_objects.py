@@ -4,7 +4,9 @@
 A response belongs to the team whose request made it (its ledger row); any other team,
 and any id Tollgate never forwarded, gets the 404 OpenAI answers for an unknown id, so
 one team cannot even learn that another's response exists. What is forwarded goes with
-the company key, its answer passed through as it comes.
+the company key, under the OpenAI project the response was created under (where OpenAI
+keeps it, whatever the team's project is now: `proxy.web.projects`), its answer passed
+through as it comes.
 
 A background response is settled by the followers when it ends (`proxy.web.follow`): a
 cancel wakes them; a delete waits for them to settle it first, since a deleted response
@@ -22,6 +24,7 @@ from proxy.core.paths import plain_query
 from proxy.upstream import response_headers
 from proxy.web.observe import KeyRefusals
 from proxy.web.pipeline import new_request_id
+from proxy.web.projects import created_under
 from proxy.web.responses import error_response
 from proxy.web.runtime import Runtime
 
@@ -59,7 +62,7 @@ class ResponseObjects:
                 request.headers.items(),
                 method=request.method,
                 query=query,
-                project=runtime.config.project_of(team.name),
+                project=created_under(runtime, row),
             )
         except RequestError as exc:
             return error_response(exc, headers)

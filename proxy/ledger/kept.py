@@ -1,0 +1,52 @@
+"""What the ledger keeps for the repeats of a request (README, "Retries never pay twice"):
+its first attempt as its row says now, and the answer kept for its repeats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class FirstAttempt:
+    """The earlier request a repeat repeats, as its row says now."""
+
+    request_id: str
+    started_at: float
+    settled: bool
+    """False while it is in flight (reserved)."""
+    outcome: str | None
+    status: int | None
+    cost_nanos: int
+    content_digest: str | None
+    """Its content digest (an Idempotency-Key reused with another content is a conflict)."""
+    owner: str | None = None
+    """The process that holds it while it is in flight."""
+    held: bool = False
+    """A background response held in flight (`Ledger.hold`): its create was answered."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeptAnswer:
+    """An answer kept for the repeats of its request: status, headers and body as the
+    client got them (a stream: its events, in order)."""
+
+    request_id: str
+    team: str
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    stream: bool
+    kept_at: float
+    live: bool = False
+    """A stream still kept as it goes: its events so far are its chunks
+    (`Ledger.append_chunk`), until `Ledger.end_stream`."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeptTail:
+    """What a repeat following a live stream reads next (`Ledger.kept_tail`)."""
+
+    answer: KeptAnswer
+    """The kept answer, its body the chunks read (joined)."""
+    seq: int
+    """The last chunk read (the one it was read after when there is none)."""

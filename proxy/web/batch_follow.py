@@ -1,0 +1,195 @@
+"""A batch followed to its end, then settled one ledger row per billed line.
+
+`BatchFollow` polls `GET /v1/batches/{id}` with the company key until the batch ended
+(completed, failed, expired, cancelled), then reads its output file line by line and
+settles, in one ledger transaction, one row per line that OpenAI answered 200 (its
+`usage` at the model's batch rates, on the day the batch ended, as OpenAI books it) and
+releases the rest of the reservation (`Ledger.settle_batch`). A held reservation survives
+a restart and is adopted by a live process, and `settle_batch` writes only once, so two
+replicas never settle one batch twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from typing import Any
+
+from proxy.core.errors import LedgerError, MalformedAnswer, RequestError
+from proxy.core.metering import usage_from_openai
+from proxy.core.models import Charge, Entry, Settlement, Usage
+from proxy.core.periods import counters, zone
+from proxy.core.short_strings import ShortStrings
+from proxy.ledger import BatchLine, BilledLine, StoredObject
+from proxy.upstream import BROKEN_OFF
+from proxy.web.files import read_answer
+from proxy.web.observe import observe
+from proxy.web.pipeline import new_request_id
+from proxy.web.runtime import Runtime
+
+log = logging.getLogger("tollgate.requests")
+
+ENDED = ("completed", "failed", "expired", "cancelled")
+ENDED_AT = {
+    "completed": "completed_at",
+    "failed": "failed_at",
+    "expired": "expired_at",
+    "cancelled": "cancelled_at",
+}
+UNKNOWN_LINE = "batch_line_unknown"
+"""The error code of an output line whose `custom_id` was not in the file priced: charged
+the dearest line's bound, flagged."""
+
+
+@dataclass
+class BatchFollow:
+    """A batch followed to its end, then settled by its billed lines."""
+
+    entry: Entry
+    """Its reservation's row: the team, key and cost center its lines are booked to."""
+    batch_id: str
+    input_file_id: str | None
+    project: str | None
+    """The OpenAI project the batch was created under, where it (and its output) is read:
+    recorded with its held reservation, so a process that adopts it after a restart reads
+    it there too (`proxy.web.follow.created_under`)."""
+
+    async def poll(self, runtime: Runtime) -> bool:
+        try:
+            answer = await runtime.upstream.send(
+                f"/batches/{self.batch_id}", b"", "", (), method="GET", project=self.project
+            )
+            body = await read_answer(answer)
+        except (RequestError, *BROKEN_OFF) as exc:
+            log.warning("following %s: %s; will ask again", self.batch_id, exc)
+            return False
+        try:
+            batch = json.loads(body)
+            status = batch["status"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("following %s: answered %s; will ask again", self.batch_id, answer.status)
+            return False
+        if status not in ENDED:
+            return False
+        try:
+            await self.settle(runtime, batch, status)
+        except (RequestError, LedgerError, MalformedAnswer, *BROKEN_OFF) as exc:
+            log.error("settling batch %s failed: %s; will try again", self.batch_id, exc)
+            return False
+        return True
+
+    async def settle(self, runtime: Runtime, batch: dict[str, Any], status: str) -> None:
+        """Read the ended batch's output file and settle a row per billed line."""
+        ledger, entry = runtime.ledger, self.entry
+        if self.input_file_id is None:
+            stored = await ledger.stored(self.batch_id)
+            self.input_file_id = stored.input_file_id if stored else batch.get("input_file_id")
+        lines = await ledger.batch_lines(self.input_file_id or "")
+        ended = batch.get(ENDED_AT[status]) or runtime.clock()
+        ended_at = float(ended)
+        billed: list[BilledLine] = []
+        output = batch.get("output_file_id")
+        if isinstance(output, str):
+            async for raw in _file_lines(runtime, output, self.project):
+                line = billed_line(runtime, entry, lines, raw, ended_at, self.batch_id)
+                if line is not None:
+                    billed.append(line)
+        for file_id in (output, batch.get("error_file_id")):
+            if isinstance(file_id, str):
+                team = entry.team or ""
+                output = StoredObject(
+                    file_id, team, "file", "batch_output", ended_at, project=self.project
+                )
+                await ledger.own(output)
+        outcome = Settlement(
+            finished_at=ended_at,
+            outcome="ok" if status == "completed" else "upstream_error",
+            status=200,
+            upstream_request_id=self.batch_id,
+            error_code=None if status == "completed" else f"batch_{status}",
+            latency_ms=(ended_at - entry.started_at) * 1000,
+            response_id=self.batch_id,
+        )
+        written = await ledger.settle_batch(entry.id, billed, outcome)
+        if not written:
+            return  # settled already (another replica, or an earlier try)
+        for index, line in enumerate(billed or [BilledLine(entry, outcome, ())]):
+            if index:
+                runtime.metrics.started()  # each line is a request in the metrics
+            observe(runtime, line.entry, line.settlement, ())
+
+
+async def _file_lines(runtime: Runtime, file_id: str, project: str | None) -> Any:
+    """The lines of an upstream file, each with its long strings (images) emptied."""
+    answer = await runtime.upstream.send(
+        f"/files/{file_id}/content", b"", "", (), method="GET", project=project
+    )
+    if answer.status != 200:
+        await answer.aclose()
+        raise MalformedAnswer(f"the batch's output file {file_id} answered {answer.status}")
+    strings, held = ShortStrings(), b""
+    try:
+        async for chunk in answer.chunks():
+            held += strings.filter(chunk)
+            *complete, held = held.split(b"\n")
+            for line in complete:
+                if line.strip():
+                    yield line
+    finally:
+        await answer.aclose()
+    if held.strip():
+        yield held
+
+
+def billed_line(
+    runtime: Runtime,
+    reservation: Entry,
+    lines: dict[str, BatchLine],
+    raw: bytes,
+    ended_at: float,
+    batch_id: str,
+) -> BilledLine | None:
+    """The row of one output line that OpenAI answered 200; None for an error line."""
+    try:
+        found = json.loads(raw)
+        response = found.get("response") or {}
+        if response.get("status_code") != 200:
+            return None
+        body = response.get("body") or {}
+        custom_id = found.get("custom_id")
+    except (ValueError, AttributeError):
+        raise MalformedAnswer(f"batch {batch_id}: an output line is not JSON") from None
+    config = runtime.config
+    line = lines.get(custom_id) if isinstance(custom_id, str) else None
+    if line is None:
+        line = max(lines.values(), key=lambda priced: priced.bound_nanos)
+        charge, code = Charge(Usage(), line.bound_nanos, True), UNKNOWN_LINE
+    else:
+        model = config.prices.find(line.model)
+        usage = usage_from_openai(body.get("usage"))
+        data = body.get("data")
+        images = len(data) if isinstance(data, list) else line.n
+        if model is None or usage is None:
+            charge, code = Charge(Usage(images=images), line.bound_nanos, True), None
+        else:
+            charge, code = model.for_batch().charge(replace(usage, images=images)), None
+    entry = Entry(
+        new_request_id(), ended_at, "batches", reservation.team, reservation.cost_center,
+        reservation.key_id, line.user, line.model, line.model, line.quality, line.quality,
+        line.size, line.size, line.n, line.n, False, line.bound_nanos,
+    )  # fmt: skip
+    entry = replace(entry, custom_id=line.custom_id)
+    settled = Settlement(
+        finished_at=ended_at,
+        outcome="ok",
+        status=200,
+        usage=charge.usage,
+        cost_nanos=charge.cost_nanos,
+        flagged=charge.flagged,
+        upstream_request_id=response.get("request_id"),
+        error_code=code,
+        response_id=batch_id,
+    )
+    tz = zone(config.timezone)
+    return BilledLine(entry, settled, counters(reservation.team or "", line.user, ended_at, tz))
