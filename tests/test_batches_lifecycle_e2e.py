@@ -20,6 +20,7 @@ from tests.batches_e2e import (
     GENERATIONS,
     TEAMS,
     api_arrivals,
+    arrivals,
     batch_rows,
     billed_lines,
     calm,
@@ -120,6 +121,28 @@ def test_a_batchs_output_file_can_be_read_as_soon_as_the_batch_ended(
     text = sdk.files.content(batch.output_file_id).text
     assert len(text.splitlines()) == 2
     check_settled(proxy, simulator, batch, "gpt-image-2")
+
+
+def test_a_create_repeated_after_its_batch_ended_is_answered_with_that_batch(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """Once a batch is settled its reservation's row is its first billed line's: a repeat of
+    the create (same key, same content) still finds it, and is not sent upstream to be
+    billed a second time."""
+    sdk = proxy.client()
+    uploaded = upload(sdk, generations("gpt-image-2", 2))
+    keyed = {"extra_headers": {"Idempotency-Key": "batch-after-end"}}
+    fields = {"input_file_id": uploaded.id, "endpoint": GENERATIONS, "completion_window": "24h"}
+    first = sdk.batches.create(**fields, **keyed)
+    batch = ended(sdk, first.id)
+    check_settled(proxy, simulator, batch, "gpt-image-2")
+    creates = arrivals(simulator, "POST", "/v1/batches")
+    settled = settled_rows(proxy, first.id)
+    again = sdk.batches.with_raw_response.create(**fields, **keyed)
+    assert again.parse().id == first.id
+    assert again.headers["x-tollgate-replay-of"]
+    assert arrivals(simulator, "POST", "/v1/batches") == creates
+    assert settled_rows(proxy, first.id) == settled
 
 
 def test_teams_cannot_see_each_others_files_and_batches(

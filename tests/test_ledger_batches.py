@@ -271,6 +271,26 @@ async def test_a_batch_becomes_its_billed_lines_on_the_day_it_ended(ledger: Back
     assert await ledger.held() == []
 
 
+async def test_a_settled_batch_is_still_found_by_a_repeat_of_its_create(ledger: Backend) -> None:
+    """The reservation's row becomes its first billed line's, but keeps what a repeat of the
+    create finds it by: a retry after the batch ended is answered with it, not billed again."""
+    entry = replace(batch_entry("b1", 3), content_digest="digest-1", idempotency_key="key-1")
+    await ledger.reserve(
+        CREATION_COUNTERS, lambda _: Reservation(entry, BOUND_USAGE.scaled(3), CREATION_COUNTERS)
+    )
+    await ledger.hold("b1", "batch_abc")
+    lines = [billed(1), billed(2)]
+    assert await ledger.settle_batch("b1", lines, Settlement(ENDED, "ok", 200)) == 2
+    by_key = await ledger.first_attempt("design", 0.0, key="key-1")
+    by_content = await ledger.first_attempt("design", 0.0, content="digest-1")
+    assert by_key is not None and by_content is not None
+    assert by_key == by_content
+    assert (by_key.request_id, by_key.settled, by_key.content_digest) == ("b1", True, "digest-1")
+    first = next(row for row in await ledger.rows() if row.entry.id == "b1")
+    assert first.entry == replace(lines[0].entry, id="b1", content_digest="digest-1",
+                                  idempotency_key="key-1")  # fmt: skip
+
+
 async def test_a_batch_settled_again_is_left_as_it_is(ledger: Backend) -> None:
     await ledger.register(Owner("me", "host", 1), 10.0)
     await reserve_batch(ledger)

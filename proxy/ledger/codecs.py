@@ -78,6 +78,12 @@ LINE_COLUMNS = (
 )  # fmt: skip
 """A `batch_lines` row: the file's id, then a `BatchLine`'s fields in their order."""
 BILLED_COLUMNS = (*ROW_COLUMNS, "counters")
+"""What a batch's billed line is written with: a settled row and the counters it added to."""
+FOUND_BY = ("content_digest", "idempotency_key")
+"""What a repeat finds its first attempt by (`FIRST_COLUMNS`' lookups)."""
+BILL_FIRST_COLUMNS = tuple(c for c in BILLED_COLUMNS[1:] if c not in FOUND_BY)
+"""What a batch's reservation row takes of its first billed line's: all but the id and what
+a repeat of the batch's create finds it by, which stay the create's."""
 FIRST_COLUMNS = (
     "id", "started_at", "state", "outcome", "status", "cost_nanos", "content_digest", "owner",
     "held",
@@ -88,7 +94,6 @@ ANSWER_COLUMNS = (
 )  # fmt: skip
 """A `kept_answers` row: a `KeptAnswer` (its headers as JSON text), and its size (its body's
 and its chunks')."""
-"""What a batch's billed line is written with: a settled row and the counters it added to."""
 REAL_COLUMNS = frozenset(
     {
         "started_at", "finished_at", "latency_ms", "resolved_at", "start", "sent_at",

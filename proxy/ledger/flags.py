@@ -104,4 +104,8 @@ def batch(
         )  # fmt: skip
         return BatchWrites(False, (*codecs.settlement_values(free), request_id), [], counters)
     first, *others = codecs.with_batch_id(lines.rows, batch_id)
-    return BatchWrites(True, (*first[1:], request_id), others, counters)
+    taken = [v for c, v in zip(codecs.BILLED_COLUMNS, first, strict=True) if c in TAKEN]
+    return BatchWrites(True, (*taken, request_id), others, counters)
+
+
+TAKEN = frozenset(codecs.BILL_FIRST_COLUMNS)

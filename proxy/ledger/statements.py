@@ -17,6 +17,7 @@ from typing import Any
 from proxy.ledger.base import OUTCOME_UNKNOWN, Flagged, GroupColumn
 from proxy.ledger.codecs import (
     ANSWER_COLUMNS,
+    BILL_FIRST_COLUMNS,
     BILLED_COLUMNS,
     ENTRY_COLUMNS,
     FIRST_COLUMNS,
@@ -172,8 +173,8 @@ class Statements:
     """(id,): state, reserved nanos, counters text, response id and usage of a batch's
     reservation, locked."""
     bill_first: str
-    """A billed line's row (`BILLED_COLUMNS` values but the id), then the id: the batch's
-    reservation becomes its first billed line's row."""
+    """A billed line's row (`BILL_FIRST_COLUMNS` values), then the id: the batch's
+    reservation becomes its first billed line's row, still found by a repeat of its create."""
     bill: str
     """A batch's other billed lines: rows in `BILLED_COLUMNS` order."""
     first_by_content: str
@@ -322,7 +323,7 @@ def _writes(d: Dialect) -> dict[str, str]:
         "settling_batch": f"SELECT state, reserved_nanos, counters, response_id, {usage} "
         f"FROM requests WHERE id = ?{d.for_update}",
         "bill_first": "UPDATE requests SET "
-        + ", ".join(f"{names([c])} = ?" for c in BILLED_COLUMNS[1:])
+        + ", ".join(f"{names([c])} = ?" for c in BILL_FIRST_COLUMNS)
         + ", reserved_nanos = 0, held = 0 WHERE id = ? AND state = 'reserved'",
         "bill": f"INSERT INTO requests ({names(BILLED_COLUMNS)}) "
         f"VALUES ({marks(len(BILLED_COLUMNS))})",
