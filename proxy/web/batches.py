@@ -25,6 +25,7 @@ import asyncio
 import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -42,7 +43,7 @@ from proxy.core.errors import (
 from proxy.core.metering import usage_from_openai
 from proxy.core.models import Charge, Entry, Estimate, ImageRequest, Settlement, Usage, usd_text
 from proxy.core.parsing import json_object
-from proxy.core.periods import applicable, counters, zone
+from proxy.core.periods import counters, spanning, zone
 from proxy.core.settings import Team
 from proxy.core.short_strings import ShortStrings
 from proxy.ledger import BatchLine, BilledLine, Reservation, StoredObject
@@ -67,6 +68,9 @@ ENDED_AT = {
     "expired": "expired_at",
     "cancelled": "cancelled_at",
 }
+BATCH_SPAN_S = 26 * 3600.0
+"""How long after its creation a batch may end (and its lines be billed): its 24-hour
+window, then the time it takes to expire or finalize."""
 UNKNOWN_LINE = "batch_line_unknown"
 """The error code of an output line whose `custom_id` was not in the file priced: charged
 the dearest line's bound, flagged."""
@@ -120,7 +124,10 @@ class Batches:
                     param="input_file_id",
                 )
             variant = Variant(asked, model, Estimate(stored.bound_usage, stored.bound_nanos))
-            budgets = applicable(config, team, None, entry.started_at)
+            # Its lines are billed on the day the batch ends, to the users they name: the
+            # bound is held in every window it may end in, and in its user's budgets.
+            user = batch_user(team, lines.values())
+            budgets, adds_to = spanning(config, team, user, entry.started_at, BATCH_SPAN_S)
             tz = zone(config.timezone)
             strict = replace(team, on_exhausted="reject", throttle=())
             remaining: list[int | None] = []
@@ -130,9 +137,7 @@ class Batches:
                 decision = decide(strict, variant, budgets, totals, config.prices, tz)
                 remaining.append(decision.remaining_nanos)
                 sent = entry.sent(asked, stored.bound_nanos, "")
-                return Reservation(
-                    sent, stored.bound_usage, counters(team.name, None, entry.started_at, tz)
-                )
+                return Reservation(sent, stored.bound_usage, adds_to)
 
             read = tuple(dict.fromkeys(a.counter for a in budgets))
             reservation = await runtime.ledger.reserve(read, choose)
@@ -262,6 +267,21 @@ class Batches:
         if request.url.path.endswith("/cancel"):
             runtime.followers.nudge()
         return response
+
+
+def batch_user(team: Team, lines: Iterable[BatchLine]) -> str | None:
+    """The one user the lines of a batch name (None: none, or several for a team without
+    per-user budgets); InvalidRequest when they name several and the team has per-user
+    budgets, which one reservation cannot hold room in."""
+    users = sorted({line.user for line in lines if line.user})
+    if len(users) > 1 and team.per_user:
+        raise InvalidRequest(
+            f"The lines of this batch name {len(users)} users ({users[0]!r}, {users[1]!r}"
+            f"{', …' if len(users) > 2 else ''}) and team {team.name} has per-user budgets: "
+            "a batch is reserved against one user's budgets, so send one batch per user.",
+            param="input_file_id",
+        )
+    return users[0] if len(users) == 1 else None
 
 
 async def own_outputs(runtime: Runtime, team: Team, batch: Any) -> None:
