@@ -17,7 +17,8 @@ The bound reserved before it is sent covers both:
 A request that leaves `max_output_tokens` or `max_tool_calls` open is closed by the
 team's `responses:` policy (the cap written into it, or a 400). Only what Tollgate can
 bound is forwarded: the function tool (its calls are the client's) and the image tool,
-message, function-call and reasoning input items, text and image content; anything else
+message, function-call (with their outputs) and reasoning input items, text and image
+content; anything else
 (file inputs, item references, other hosted tools, `conversation`, reusable prompts) is
 refused with a 400 that says so. The body sent upstream is re-encoded from this parse.
 """
@@ -82,7 +83,8 @@ TOOL_CHOICES: Mapping[str, tuple[str, ...]] = {
 }
 SERVICE_TIERS = ("auto", "default", "flex")
 """Tiers priced at or below the price book's (Standard) rates; `priority` costs more."""
-TEXT_ITEMS = frozenset({"function_call", "function_call_output", "reasoning"})
+TEXT_ITEMS = frozenset({"function_call", "reasoning"})
+ROLES = ("user", "assistant", "system", "developer")
 TEXT_PARTS = frozenset({"input_text", "output_text", "refusal", "summary_text"})
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
@@ -433,7 +435,18 @@ def _input(value: Any) -> tuple[int, int]:
             raise InvalidRequest(f"Invalid '{param}': expected an object.", param=param)
         kind = item.get("type", "message")
         if kind == "message":
+            if item.get("role") not in ROLES:
+                # Without its role an item is no message: the upstream may read it as an
+                # item reference (`{"id": …}`), stored content Tollgate cannot bound.
+                raise InvalidRequest(
+                    f"Invalid '{param}.role': a message needs a role, one of {', '.join(ROLES)}.",
+                    param=f"{param}.role",
+                )
             item_data, item_images = _content(item.get("content"), param)
+        elif kind == "function_call_output":
+            # Its output is text, or content parts: images are in the context like a
+            # message's, and files are refused as they are in a message.
+            item_data, item_images = _content(item.get("output"), param, "output")
         elif kind == "image_generation_call":
             # An image made earlier, given back: it is in the context, not text.
             result = item.get("result")
@@ -452,14 +465,15 @@ def _input(value: Any) -> tuple[int, int]:
     return data, images
 
 
-def _content(content: Any, param: str) -> tuple[int, int]:
+def _content(content: Any, param: str, name: str = "content") -> tuple[int, int]:
+    """(bytes of image data, images) in the content parts `content` of `param`."""
     if isinstance(content, str):
         return 0, 0
     if not isinstance(content, list):
-        raise InvalidRequest(f"Missing required parameter: '{param}.content'.", param=param)
+        raise InvalidRequest(f"Missing required parameter: '{param}.{name}'.", param=param)
     data = images = 0
     for index, part in enumerate(content):
-        where = f"{param}.content[{index}]"
+        where = f"{param}.{name}[{index}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in TEXT_PARTS:
             continue
