@@ -125,6 +125,8 @@ def test_a_tool_without_model_gets_the_default_model(config: Config) -> None:
         ({"input": [{"role": "tool", "content": "hi"}]}, "input[0].role"),
         ({"max_tool_calls": 11}, "max_tool_calls"),
         ({"max_output_tokens": "9"}, "max_output_tokens"),
+        ({"max_output_tokens": 2**62}, "max_output_tokens"),
+        ({"max_output_tokens": 10**22}, "max_output_tokens"),
         ({"model": None}, "model"),
     ],
 )

@@ -34,6 +34,7 @@ from zoneinfo import ZoneInfo
 
 from proxy.core.budgets import Decision, Variant, apply_allow, decide, priced
 from proxy.core.errors import InvalidRequest, PolicyViolation, UnpricedModel
+from proxy.core.image_params import MAX_INTEGER
 from proxy.core.models import Counter, Endpoint, Estimate, ImageRequest, InputImage, Totals, Usage
 from proxy.core.parsing import json_object
 from proxy.core.periods import Applied
@@ -308,7 +309,7 @@ def read_body(fields: dict[str, Any], size: int, default_model: str, team: Team)
             )
         return value
 
-    max_output = bounded("max_output_tokens", policy.max_output_tokens, 16, None)
+    max_output = bounded("max_output_tokens", policy.max_output_tokens, 16, MAX_INTEGER)
     calls = 0
     if tool is not None and choice != "none":
         calls = bounded("max_tool_calls", policy.max_tool_calls, 1, MAX_TOOL_CALLS)
