@@ -112,6 +112,8 @@ class ResponseBody:
     injected: tuple[str, ...] = ()
     context_tokens: int = 0
     """The tokens of the response it continues, billed again as input."""
+    files: tuple[str, ...] = ()
+    """The files its input images and the tool's mask name by id."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +146,9 @@ class ResponsesDoor:
 
     def names_model(self, parsed: ResponseBody) -> bool:
         return parsed.names_model
+
+    def file_ids(self, parsed: ResponseBody) -> tuple[str, ...]:
+        return parsed.files
 
     def previous(self, parsed: ResponseBody) -> str | None:
         previous = parsed.fields.get("previous_response_id")
@@ -347,7 +352,26 @@ def read_body(fields: dict[str, Any], size: int, default_model: str, team: Team)
         max_output,
         None,
         tuple(injected),
+        files=_named_files(fields.get("input"), tool),
     )
+
+
+def _named_files(value: Any, tool: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The file ids of the input images of `value` (an `input` already checked) and of the
+    tool's mask."""
+    found: list[str] = []
+    for item in value if isinstance(value, list) else ():
+        kind = item.get("type", "message")
+        parts = item.get("content" if kind == "message" else "output")
+        if kind not in ("message", "function_call_output") or not isinstance(parts, list):
+            continue
+        for part in parts:
+            if part.get("type") == "input_image" and isinstance(part.get("file_id"), str):
+                found.append(part["file_id"])
+    mask = (tool or {}).get("input_image_mask")
+    if isinstance(mask, dict) and isinstance(mask.get("file_id"), str):
+        found.append(mask["file_id"])
+    return tuple(dict.fromkeys(found))
 
 
 def _user(fields: Mapping[str, Any]) -> str | None:
