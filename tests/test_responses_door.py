@@ -122,6 +122,10 @@ def test_a_tool_without_model_gets_the_default_model(config: Config) -> None:
         ),
         ({"input": [{"type": "function_call_output", "call_id": "c"}]}, "input[0]"),
         ({"input": [{"id": "msg_1", "content": "hi"}]}, "input[0].role"),
+        (
+            {"input": [{"type": "reasoning", "id": "rs_1", "summary": []}]},
+            "input[0].encrypted_content",
+        ),
         ({"input": [{"role": "tool", "content": "hi"}]}, "input[0].role"),
         ({"max_tool_calls": 11}, "max_tool_calls"),
         ({"max_output_tokens": "9"}, "max_output_tokens"),
@@ -155,6 +159,7 @@ def test_images_in_a_function_call_output_are_in_the_bound(config: Config) -> No
             {"type": "function_call", "call_id": "c", "name": "chart", "arguments": "{}"},
             {"type": "function_call_output", "call_id": "c", "output": output},
             {"type": "function_call_output", "call_id": "d", "output": "plain text"},
+            {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "gAAA"},
         ],
     )
     raw = json.dumps(fields).encode()

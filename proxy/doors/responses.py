@@ -17,10 +17,11 @@ The bound reserved before it is sent covers both:
 A request that leaves `max_output_tokens` or `max_tool_calls` open is closed by the
 team's `responses:` policy (the cap written into it, or a 400). Only what Tollgate can
 bound is forwarded: the function tool (its calls are the client's) and the image tool,
-message, function-call (with their outputs) and reasoning input items, text and image
-content; anything else
-(file inputs, item references, other hosted tools, `conversation`, reusable prompts) is
-refused with a 400 that says so. The body sent upstream is re-encoded from this parse.
+message, function-call (with their outputs) and reasoning input items (these with their
+`encrypted_content`), text and image content; anything else (file inputs, item
+references, reasoning named by its id alone, other hosted tools, `conversation`,
+reusable prompts) is refused with a 400 that says so. The body sent upstream is
+re-encoded from this parse.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ TOOL_CHOICES: Mapping[str, tuple[str, ...]] = {
 }
 SERVICE_TIERS = ("auto", "default", "flex")
 """Tiers priced at or below the price book's (Standard) rates; `priority` costs more."""
-TEXT_ITEMS = frozenset({"function_call", "reasoning"})
+TEXT_ITEMS = frozenset({"function_call"})
 ROLES = ("user", "assistant", "system", "developer")
 TEXT_PARTS = frozenset({"input_text", "output_text", "refusal", "summary_text"})
 
@@ -477,6 +478,19 @@ def _input(value: Any) -> tuple[int, int]:
             result = item.get("result")
             item_data, item_images = (len(result) if isinstance(result, str) else 0), 1
         elif kind in TEXT_ITEMS:
+            continue
+        elif kind == "reasoning":
+            if not isinstance(item.get("encrypted_content"), str):
+                # Named by its id alone, the upstream reads the reasoning it stored: tokens
+                # billed again as input that Tollgate cannot see, so cannot bound.
+                raise InvalidRequest(
+                    f"Tollgate does not forward a reasoning item without its "
+                    f"'encrypted_content' ('{param}'): the upstream would read the reasoning "
+                    "it stored, whose tokens Tollgate cannot bound. Continue with "
+                    "previous_response_id, or ask for include: "
+                    "['reasoning.encrypted_content'] and send the items back whole.",
+                    param=f"{param}.encrypted_content",
+                )
             continue
         else:
             raise InvalidRequest(
