@@ -106,6 +106,30 @@ def test_an_expired_batch_is_settled_for_the_lines_that_completed(
     assert reserved_total(proxy) == 0
 
 
+def test_a_batch_whose_output_file_was_deleted_unread_is_settled_at_its_bound_flagged(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """The team may delete the output file as soon as it sees the batch ended, before the
+    follower (polling each second) has read it: OpenAI billed its lines all the same. The
+    batch is settled, each line at its bound and flagged, not held for ever unsettled."""
+    sdk = proxy.client()
+    for _ in range(5):  # until the delete comes before the follower's read
+        lines = generations("gpt-image-2", 3)
+        batch = ended(sdk, create(sdk, lines).id)
+        assert batch.output_file_id is not None
+        assert sdk.files.delete(batch.output_file_id).deleted
+        rows = settled_rows(proxy, batch.id)
+        if all(r["flagged"] for r in rows):
+            break
+    else:
+        pytest.fail("the follower read every output file before it was deleted")
+    bounds = {r["custom_id"]: r["estimated_nanos"] for r in rows}
+    assert sorted(bounds) == sorted(x["custom_id"] for x in lines)
+    assert all(r["error_code"] == "batch_output_gone" for r in rows)
+    assert all(r["cost_nanos"] == r["estimated_nanos"] > 0 for r in rows)
+    assert reserved_total(proxy) == 0
+
+
 # -- 6. a team's own files and batches only ----------------------------------------------
 
 
