@@ -38,6 +38,8 @@ OUTSIDE_THE_TREE = {
     ("proxy.ledger.sqlite_connections", "_Busy"): "a busy database, retried in place",
     ("proxy.ledger.sqlite_connections", "_WalFull"): "a WAL past its bound, retried in place",
     ("proxy.core.dimensions", "_Ambiguous"): "why an image is refused, raised as InvalidRequest",
+    ("proxy.web.batch_follow", "OutputGone"): "a batch's output file deleted unread, its "
+    "lines then charged their bounds",
     # Python's and libraries' own, on purpose.
     ("proxy.core.metering", "ValueError"): "how json's hooks refuse a document",
     ("proxy.core.parsing", "ValueError"): "how json's hooks refuse a document",

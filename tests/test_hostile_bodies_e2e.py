@@ -166,7 +166,8 @@ def test_an_empty_model_is_the_default_model_upstream_too(
     its own default (dall-e-2 for generations, gpt-image-1.5 for edits)."""
     fields: dict[str, Any] = {"prompt": "a cat", "model": "", "quality": "", "size": None}
     if path == "edits":
-        fields["images"] = [{"file_id": "file-abc"}]
+        reference = tollgate.client().files.create(file=("a.png", png(64, 64)), purpose="vision")
+        fields["images"] = [{"file_id": reference.id}]
     answer = post(tollgate, path, json.dumps(fields).encode(), "application/json")
     billed_as_priced(tollgate, simulator, answer)
     assert answer.headers["x-tollgate-model"] == "gpt-image-2"

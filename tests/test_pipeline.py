@@ -68,6 +68,10 @@ class SpyDoor:
         self.asked.append("names_model")
         return self.inner.names_model(parsed)
 
+    def file_ids(self, parsed: ParsedBody) -> tuple[str, ...]:
+        self.asked.append("file_ids")
+        return self.inner.file_ids(parsed)
+
     def previous(self, parsed: ParsedBody) -> str | None:
         self.asked.append("previous")
         return self.inner.previous(parsed)
@@ -150,6 +154,7 @@ def test_a_request_is_walked_through_every_question_of_its_door(app: Gateway) ->
     assert door.asked == [
         "body_limit",
         "parse",
+        "file_ids",
         "previous",
         "request",
         "admit",

@@ -162,6 +162,7 @@ def test_edit_with_several_images_and_a_mask(tollgate: Tollgate, simulator: Simu
 
 def test_edit_as_json_with_image_urls(tollgate: Tollgate, simulator: Simulator) -> None:
     data_url = "data:image/png;base64," + base64.b64encode(png(512, 512)).decode()
+    reference = tollgate.client().files.create(file=("b.png", png(64, 64)), purpose="vision")
     answer = httpx.post(
         f"{tollgate.url}/v1/images/edits",
         headers={"authorization": f"Bearer {DESIGN_KEY}"},
@@ -170,7 +171,7 @@ def test_edit_as_json_with_image_urls(tollgate: Tollgate, simulator: Simulator) 
             "prompt": "make it blue",
             "quality": "low",
             "size": "1024x1024",
-            "images": [{"image_url": data_url}, {"file_id": "file-abc123"}],
+            "images": [{"image_url": data_url}, {"file_id": reference.id}],
         },
         timeout=30,
     )

@@ -108,8 +108,29 @@ def test_a_tool_without_model_gets_the_default_model(config: Config) -> None:
             {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
             "input[0].content[0].type",
         ),
+        (
+            {
+                "input": [
+                    {
+                        "type": "function_call_output",
+                        "call_id": "c",
+                        "output": [{"type": "input_file", "file_url": "https://x.test/a.pdf"}],
+                    }
+                ]
+            },
+            "input[0].output[0].type",
+        ),
+        ({"input": [{"type": "function_call_output", "call_id": "c"}]}, "input[0]"),
+        ({"input": [{"id": "msg_1", "content": "hi"}]}, "input[0].role"),
+        (
+            {"input": [{"type": "reasoning", "id": "rs_1", "summary": []}]},
+            "input[0].encrypted_content",
+        ),
+        ({"input": [{"role": "tool", "content": "hi"}]}, "input[0].role"),
         ({"max_tool_calls": 11}, "max_tool_calls"),
         ({"max_output_tokens": "9"}, "max_output_tokens"),
+        ({"max_output_tokens": 2**62}, "max_output_tokens"),
+        ({"max_output_tokens": 10**22}, "max_output_tokens"),
         ({"model": None}, "model"),
     ],
 )
@@ -120,6 +141,36 @@ def test_what_tollgate_cannot_bound_is_refused_with_a_400(
         parse(config, body(**fields))
     assert caught.value.status == 400
     assert caught.value.param == param
+
+
+def test_images_in_a_function_call_output_are_in_the_bound(config: Config) -> None:
+    """A function's output may hold images, which the mainline model and the image tool
+    read like a message's: each is bounded, its inline data not counted as text."""
+    image = "data:image/png;base64," + "A" * 4000
+    output = [
+        {"type": "input_text", "text": "the chart"},
+        {"type": "input_image", "image_url": image},
+        {"type": "input_image", "image_url": "https://x.test/b.png"},
+    ]
+    fields = body(
+        max_output_tokens=100,
+        max_tool_calls=1,
+        input=[
+            {"type": "function_call", "call_id": "c", "name": "chart", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c", "output": output},
+            {"type": "function_call_output", "call_id": "d", "output": "plain text"},
+            {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "gAAA"},
+        ],
+    )
+    raw = json.dumps(fields).encode()
+    parsed = DOOR.parse(JSON, raw, config, team(config))
+    assert parsed.images == 2
+    assert len(parsed.request.images) == 2
+    assert parsed.text_bytes == len(raw) - len(image)
+    variant = DOOR.admit(team(config), parsed, config)
+    assert variant.base.usage.mainline_input == (
+        len(raw) - len(image) + HIDDEN_INPUT_TOKENS + 2 * MAINLINE_IMAGE_TOKENS
+    )
 
 
 def test_a_json_body_is_required(config: Config) -> None:

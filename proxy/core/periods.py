@@ -176,3 +176,22 @@ def _applicable_at(
     since = max((a.window.start for a in found), default=-inf)
     until = min((a.window.end for a in found if a.window.end is not None), default=inf)
     return tuple(found), since, until
+
+
+def spanning(
+    config: Config, team: Team, user: str | None, start: float, span: float
+) -> tuple[tuple[Applied, ...], tuple[Counter, ...]]:
+    """Every budget, and every counter, of each window that a spend booked at any instant
+    from `start` to `start + span` falls in: what a reservation must hold room in when its
+    cost is booked when it ends, not when it starts (a batch is billed on the day it
+    completes, up to a day after it was created)."""
+    tz = zone(config.timezone)
+    step = 1800.0  # far shorter than any window: each one the span touches is sampled
+    instants = [start + i * step for i in range(int(span // step) + 1)] + [start + span]
+    budgets: dict[tuple[Counter, Budget], Applied] = {}
+    found: dict[Counter, None] = {}
+    for instant in instants:
+        for applied in applicable(config, team, user, instant):
+            budgets.setdefault((applied.counter, applied.budget), applied)
+        found.update(dict.fromkeys(counters(team.name, user, instant, tz)))
+    return tuple(budgets.values()), tuple(found)

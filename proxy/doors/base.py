@@ -66,6 +66,11 @@ class Door(Protocol[Parsed]):
         """False when the default model was applied."""
         ...
 
+    def file_ids(self, parsed: Parsed) -> tuple[str, ...]:
+        """The uploaded files the request names by id (the pipeline checks each is one
+        its team uploaded through Tollgate)."""
+        ...
+
     def previous(self, parsed: Parsed) -> str | None:
         """The id of an earlier response the request continues, whose context it carries
         (the pipeline checks the team created it)."""

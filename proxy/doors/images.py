@@ -45,6 +45,11 @@ class ImagesDoor:
     def names_model(self, parsed: ParsedBody) -> bool:
         return parsed.names_model
 
+    def file_ids(self, parsed: ParsedBody) -> tuple[str, ...]:
+        references = parsed.references or {}
+        refs = [*references.get("images", ()), references.get("mask") or {}]
+        return tuple(dict.fromkeys(r["file_id"] for r in refs if "file_id" in r))
+
     def previous(self, parsed: ParsedBody) -> str | None:
         return None
 

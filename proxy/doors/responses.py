@@ -17,9 +17,11 @@ The bound reserved before it is sent covers both:
 A request that leaves `max_output_tokens` or `max_tool_calls` open is closed by the
 team's `responses:` policy (the cap written into it, or a 400). Only what Tollgate can
 bound is forwarded: the function tool (its calls are the client's) and the image tool,
-message, function-call and reasoning input items, text and image content; anything else
-(file inputs, item references, other hosted tools, `conversation`, reusable prompts) is
-refused with a 400 that says so. The body sent upstream is re-encoded from this parse.
+message, function-call (with their outputs) and reasoning input items (these with their
+`encrypted_content`), text and image content; anything else (file inputs, item
+references, reasoning named by its id alone, other hosted tools, `conversation`,
+reusable prompts) is refused with a 400 that says so. The body sent upstream is
+re-encoded from this parse.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from zoneinfo import ZoneInfo
 
 from proxy.core.budgets import Decision, Variant, apply_allow, decide, priced
 from proxy.core.errors import InvalidRequest, PolicyViolation, UnpricedModel
+from proxy.core.image_params import MAX_INTEGER
 from proxy.core.models import Counter, Endpoint, Estimate, ImageRequest, InputImage, Totals, Usage
 from proxy.core.parsing import json_object
 from proxy.core.periods import Applied
@@ -82,7 +85,8 @@ TOOL_CHOICES: Mapping[str, tuple[str, ...]] = {
 }
 SERVICE_TIERS = ("auto", "default", "flex")
 """Tiers priced at or below the price book's (Standard) rates; `priority` costs more."""
-TEXT_ITEMS = frozenset({"function_call", "function_call_output", "reasoning"})
+TEXT_ITEMS = frozenset({"function_call"})
+ROLES = ("user", "assistant", "system", "developer")
 TEXT_PARTS = frozenset({"input_text", "output_text", "refusal", "summary_text"})
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
@@ -109,6 +113,8 @@ class ResponseBody:
     injected: tuple[str, ...] = ()
     context_tokens: int = 0
     """The tokens of the response it continues, billed again as input."""
+    files: tuple[str, ...] = ()
+    """The files its input images and the tool's mask name by id."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +147,9 @@ class ResponsesDoor:
 
     def names_model(self, parsed: ResponseBody) -> bool:
         return parsed.names_model
+
+    def file_ids(self, parsed: ResponseBody) -> tuple[str, ...]:
+        return parsed.files
 
     def previous(self, parsed: ResponseBody) -> str | None:
         previous = parsed.fields.get("previous_response_id")
@@ -306,7 +315,7 @@ def read_body(fields: dict[str, Any], size: int, default_model: str, team: Team)
             )
         return value
 
-    max_output = bounded("max_output_tokens", policy.max_output_tokens, 16, None)
+    max_output = bounded("max_output_tokens", policy.max_output_tokens, 16, MAX_INTEGER)
     calls = 0
     if tool is not None and choice != "none":
         calls = bounded("max_tool_calls", policy.max_tool_calls, 1, MAX_TOOL_CALLS)
@@ -344,7 +353,26 @@ def read_body(fields: dict[str, Any], size: int, default_model: str, team: Team)
         max_output,
         None,
         tuple(injected),
+        files=_named_files(fields.get("input"), tool),
     )
+
+
+def _named_files(value: Any, tool: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The file ids of the input images of `value` (an `input` already checked) and of the
+    tool's mask."""
+    found: list[str] = []
+    for item in value if isinstance(value, list) else ():
+        kind = item.get("type", "message")
+        parts = item.get("content" if kind == "message" else "output")
+        if kind not in ("message", "function_call_output") or not isinstance(parts, list):
+            continue
+        for part in parts:
+            if part.get("type") == "input_image" and isinstance(part.get("file_id"), str):
+                found.append(part["file_id"])
+    mask = (tool or {}).get("input_image_mask")
+    if isinstance(mask, dict) and isinstance(mask.get("file_id"), str):
+        found.append(mask["file_id"])
+    return tuple(dict.fromkeys(found))
 
 
 def _user(fields: Mapping[str, Any]) -> str | None:
@@ -433,12 +461,36 @@ def _input(value: Any) -> tuple[int, int]:
             raise InvalidRequest(f"Invalid '{param}': expected an object.", param=param)
         kind = item.get("type", "message")
         if kind == "message":
+            if item.get("role") not in ROLES:
+                # Without its role an item is no message: the upstream may read it as an
+                # item reference (`{"id": …}`), stored content Tollgate cannot bound.
+                raise InvalidRequest(
+                    f"Invalid '{param}.role': a message needs a role, one of {', '.join(ROLES)}.",
+                    param=f"{param}.role",
+                )
             item_data, item_images = _content(item.get("content"), param)
+        elif kind == "function_call_output":
+            # Its output is text, or content parts: images are in the context like a
+            # message's, and files are refused as they are in a message.
+            item_data, item_images = _content(item.get("output"), param, "output")
         elif kind == "image_generation_call":
             # An image made earlier, given back: it is in the context, not text.
             result = item.get("result")
             item_data, item_images = (len(result) if isinstance(result, str) else 0), 1
         elif kind in TEXT_ITEMS:
+            continue
+        elif kind == "reasoning":
+            if not isinstance(item.get("encrypted_content"), str):
+                # Named by its id alone, the upstream reads the reasoning it stored: tokens
+                # billed again as input that Tollgate cannot see, so cannot bound.
+                raise InvalidRequest(
+                    f"Tollgate does not forward a reasoning item without its "
+                    f"'encrypted_content' ('{param}'): the upstream would read the reasoning "
+                    "it stored, whose tokens Tollgate cannot bound. Continue with "
+                    "previous_response_id, or ask for include: "
+                    "['reasoning.encrypted_content'] and send the items back whole.",
+                    param=f"{param}.encrypted_content",
+                )
             continue
         else:
             raise InvalidRequest(
@@ -452,14 +504,15 @@ def _input(value: Any) -> tuple[int, int]:
     return data, images
 
 
-def _content(content: Any, param: str) -> tuple[int, int]:
+def _content(content: Any, param: str, name: str = "content") -> tuple[int, int]:
+    """(bytes of image data, images) in the content parts `content` of `param`."""
     if isinstance(content, str):
         return 0, 0
     if not isinstance(content, list):
-        raise InvalidRequest(f"Missing required parameter: '{param}.content'.", param=param)
+        raise InvalidRequest(f"Missing required parameter: '{param}.{name}'.", param=param)
     data = images = 0
     for index, part in enumerate(content):
-        where = f"{param}.content[{index}]"
+        where = f"{param}.{name}[{index}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in TEXT_PARTS:
             continue

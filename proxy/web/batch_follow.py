@@ -38,6 +38,9 @@ ENDED_AT = {
     "cancelled": "cancelled_at",
 }
 UNKNOWN_LINE = "batch_line_unknown"
+OUTPUT_GONE = "batch_output_gone"
+"""The error code of the lines of a batch whose output file was deleted before it was read:
+each charged its bound, flagged."""
 """The error code of an output line whose `custom_id` was not in the file priced: charged
 the dearest line's bound, flagged."""
 
@@ -91,10 +94,23 @@ class BatchFollow:
         billed: list[BilledLine] = []
         output = batch.get("output_file_id")
         if isinstance(output, str):
-            async for raw in _file_lines(runtime, output, self.project):
-                line = billed_line(runtime, entry, lines, raw, ended_at, self.batch_id)
-                if line is not None:
-                    billed.append(line)
+            try:
+                async for raw in _file_lines(runtime, output, self.project):
+                    line = billed_line(runtime, entry, lines, raw, ended_at, self.batch_id)
+                    if line is not None:
+                        billed.append(line)
+            except OutputGone:
+                # Deleted before it was read (its team may delete it as soon as it sees
+                # it): what each line billed can no longer be read, so each line is
+                # charged its bound, flagged, rather than the batch never being settled.
+                log.warning("batch %s: its output file %s is gone", self.batch_id, output)
+                billed = [
+                    line_row(
+                        runtime, entry, line, Charge(Usage(images=line.n), line.bound_nanos, True),
+                        OUTPUT_GONE, ended_at, self.batch_id, {},
+                    )
+                    for line in lines.values()
+                ]  # fmt: skip
         for file_id in (output, batch.get("error_file_id")):
             if isinstance(file_id, str):
                 team = entry.team or ""
@@ -120,6 +136,10 @@ class BatchFollow:
             observe(runtime, line.entry, line.settlement, ())
 
 
+class OutputGone(Exception):
+    """A batch's output file that the upstream no longer has (it was deleted)."""
+
+
 async def _file_lines(runtime: Runtime, file_id: str, project: str | None) -> Any:
     """The lines of an upstream file, each with its long strings (images) emptied."""
     answer = await runtime.upstream.send(
@@ -127,6 +147,8 @@ async def _file_lines(runtime: Runtime, file_id: str, project: str | None) -> An
     )
     if answer.status != 200:
         await answer.aclose()
+        if answer.status == 404:
+            raise OutputGone(file_id)
         raise MalformedAnswer(f"the batch's output file {file_id} answered {answer.status}")
     strings, held = ShortStrings(), b""
     try:
@@ -174,6 +196,21 @@ def billed_line(
             charge, code = Charge(Usage(images=images), line.bound_nanos, True), None
         else:
             charge, code = model.for_batch().charge(replace(usage, images=images)), None
+    return line_row(runtime, reservation, line, charge, code, ended_at, batch_id, response)
+
+
+def line_row(
+    runtime: Runtime,
+    reservation: Entry,
+    line: BatchLine,
+    charge: Charge,
+    code: str | None,
+    ended_at: float,
+    batch_id: str,
+    response: dict[str, Any],
+) -> BilledLine:
+    """The row of billed line `line`, charged `charge`, booked when the batch ended."""
+    config = runtime.config
     entry = Entry(
         new_request_id(), ended_at, "batches", reservation.team, reservation.cost_center,
         reservation.key_id, line.user, line.model, line.model, line.quality, line.quality,

@@ -27,6 +27,7 @@ import asyncio
 import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -42,7 +43,7 @@ from proxy.core.errors import (
 )
 from proxy.core.models import Entry, Estimate, ImageRequest, Settlement, usd_text
 from proxy.core.parsing import json_object
-from proxy.core.periods import applicable, counters, zone
+from proxy.core.periods import spanning, zone
 from proxy.core.settings import Team
 from proxy.ledger import BatchLine, Reservation, StoredObject
 from proxy.upstream import response_headers
@@ -61,6 +62,9 @@ log = logging.getLogger("tollgate.requests")
 CREATE_FIELDS = frozenset(
     {"input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after"}
 )
+BATCH_SPAN_S = 26 * 3600.0
+"""How long after its creation a batch may end (and its lines be billed): its 24-hour
+window, then the time it takes to expire or finalize."""
 
 
 class Batches:
@@ -115,7 +119,10 @@ class Batches:
                     param="input_file_id",
                 )
             variant = Variant(asked, model, Estimate(stored.bound_usage, stored.bound_nanos))
-            budgets = applicable(config, team, None, entry.started_at)
+            # Its lines are billed on the day the batch ends, to the users they name: the
+            # bound is held in every window it may end in, and in its user's budgets.
+            user = batch_user(team, lines.values())
+            budgets, adds_to = spanning(config, team, user, entry.started_at, BATCH_SPAN_S)
             tz = zone(config.timezone)
             strict = replace(team, on_exhausted="reject", throttle=())
             remaining: list[int | None] = []
@@ -125,7 +132,6 @@ class Batches:
                 decision = decide(strict, variant, budgets, totals, config.prices, tz)
                 remaining.append(decision.remaining_nanos)
                 sent = entry.sent(asked, stored.bound_nanos, "")
-                adds_to = counters(team.name, None, entry.started_at, tz)
                 return Reservation(sent, stored.bound_usage, adds_to, project=project)
 
             read = tuple(dict.fromkeys(a.counter for a in budgets))
@@ -255,6 +261,21 @@ class Batches:
         if request.url.path.endswith("/cancel"):
             runtime.followers.nudge()
         return response
+
+
+def batch_user(team: Team, lines: Iterable[BatchLine]) -> str | None:
+    """The one user the lines of a batch name (None: none, or several for a team without
+    per-user budgets); InvalidRequest when they name several and the team has per-user
+    budgets, which one reservation cannot hold room in."""
+    users = sorted({line.user for line in lines if line.user})
+    if len(users) > 1 and team.per_user:
+        raise InvalidRequest(
+            f"The lines of this batch name {len(users)} users ({users[0]!r}, {users[1]!r}"
+            f"{', …' if len(users) > 2 else ''}) and team {team.name} has per-user budgets: "
+            "a batch is reserved against one user's budgets, so send one batch per user.",
+            param="input_file_id",
+        )
+    return users[0] if len(users) == 1 else None
 
 
 async def own_outputs(runtime: Runtime, team: Team, batch: Any, project: str | None) -> None:

@@ -30,6 +30,7 @@ from proxy.core.errors import (
     BudgetExceeded,
     IdempotencyConflict,
     LedgerError,
+    NotFound,
     PolicyViolation,
     PreviousResponseNotFound,
     RateLimited,
@@ -84,6 +85,9 @@ class Pipeline(Generic[Parsed]):
             allow_endpoint(team, door.endpoint)
             body = await read_body(request, door.body_limit(config.limits), runtime.bodies)
             parsed = door.parse(request.headers.get("content-type", ""), body, config, team)
+            named = door.file_ids(parsed)
+            if named:
+                await owned_files(runtime, team, named)
             previous = door.previous(parsed)
             continues: ResponseRow | None = None
             if previous is not None:
@@ -189,6 +193,19 @@ class Pipeline(Generic[Parsed]):
         pace = rates.plan(config, team, entry.started_at)
         reservation = await runtime.ledger.reserve(read, choose, pace)
         return chosen[-1], reservation.entry, reservation.paced
+
+
+async def owned_files(runtime: Runtime, team: Team, named: tuple[str, ...]) -> None:
+    """Every file in `named` must be one `team` uploaded through Tollgate: another team's
+    (or one Tollgate never saw) is not found, as it is at `/v1/files/{id}`; the company
+    key would otherwise read it for any team that knows its id."""
+    teams = await runtime.ledger.teams_of(named)
+    for file_id in named:
+        if teams.get(file_id) != team.name:
+            raise NotFound(
+                f"No such File object: {file_id} (a file uploaded by your team through Tollgate).",
+                param="file_id",
+            )
 
 
 async def rate_headers(runtime: Runtime, team: Team) -> dict[str, str]:
