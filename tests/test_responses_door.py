@@ -68,6 +68,29 @@ def test_unbounded_requests_get_the_teams_caps_and_say_so(config: Config) -> Non
     assert given.request.n == 2
 
 
+@pytest.mark.parametrize(
+    ("given", "sent", "named"),
+    [
+        (None, "default", ""),
+        ("auto", "default", "service_tier=auto->default"),
+        ("default", "default", ""),
+        ("flex", "flex", ""),
+    ],
+)
+def test_the_tier_is_sent_explicit_never_left_to_the_projects_setting(
+    config: Config, given: str | None, sent: str, named: str
+) -> None:
+    """`auto` (and an unset tier, which OpenAI reads as `auto`) runs at the tier the OpenAI
+    project is set to, which may be priority, dearer than the price book's rates: it is sent
+    as `default`; an `auto` the client asked for is named as changed."""
+    fields = body(max_output_tokens=500, max_tool_calls=1)
+    if given is not None:
+        fields["service_tier"] = given
+    parsed = parse(config, fields)
+    assert parsed.fields["service_tier"] == sent
+    assert DOOR.injected(parsed) == named
+
+
 def test_a_team_that_refuses_unbounded_requests_gets_a_400_naming_the_bound(
     config: Config,
 ) -> None:

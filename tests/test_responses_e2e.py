@@ -220,6 +220,7 @@ def test_open_caps_are_injected_named_and_sent_upstream(
         assert (body["max_output_tokens"], body["max_tool_calls"]) == (output, calls)
         params = billed(simulator, body["id"])["params"]
         assert (params["max_output_tokens"], params["max_tool_calls"]) == (output, calls)
+        assert params["service_tier"] == "default"  # never the project's own setting
         row = check_charge(proxy, simulator, body["id"], "gpt-4.1-mini", "gpt-image-2")
         assert row["n"] == calls
 

@@ -84,7 +84,9 @@ TOOL_CHOICES: Mapping[str, tuple[str, ...]] = {
     "output_format": ("png", "webp", "jpeg"),
 }
 SERVICE_TIERS = ("auto", "default", "flex")
-"""Tiers priced at or below the price book's (Standard) rates; `priority` costs more."""
+"""Tiers priced at or below the price book's (Standard) rates; `priority` costs more.
+`auto`, and an unset tier (which OpenAI reads as `auto`), is sent as `default`: `auto`
+runs at the tier set in the OpenAI project's settings, which may be priority."""
 TEXT_ITEMS = frozenset({"function_call"})
 ROLES = ("user", "assistant", "system", "developer")
 TEXT_PARTS = frozenset({"input_text", "output_text", "refusal", "summary_text"})
@@ -319,6 +321,13 @@ def read_body(fields: dict[str, Any], size: int, default_model: str, team: Team)
     calls = 0
     if tool is not None and choice != "none":
         calls = bounded("max_tool_calls", policy.max_tool_calls, 1, MAX_TOOL_CALLS)
+    if tier is None or tier == "auto":
+        # Sent as `default`, the tier priced. An unset tier changes nothing for a project
+        # with no tier of its own (OpenAI runs it at `default`), so it is not named; an
+        # `auto` the client asked for is.
+        fields["service_tier"] = "default"
+        if tier == "auto":
+            injected.append("service_tier=auto->default")
     names_model = tool is None or (isinstance(tool.get("model"), str) and bool(tool["model"]))
     image_model = tool["model"] if tool is not None and names_model else default_model
     mask = 1 if tool is not None and tool.get("input_image_mask") is not None else 0
