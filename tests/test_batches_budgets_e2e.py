@@ -21,6 +21,7 @@ from proxy.config import load_config
 from proxy.core.auth import key_hash
 from proxy.simulator import SimulatorSettings, create_simulator_app
 from proxy.web.app import create_app
+from proxy.web.batch_follow import BATCH_SPAN_S
 from proxy.web.runtime import Overrides
 from tests.batches_e2e import GENERATIONS, LOW, jsonl, line, wait_for
 from tests.conftest import (
@@ -192,3 +193,52 @@ def test_a_batch_created_before_midnight_and_ending_after_it_keeps_the_next_days
         (day,) = [b for b in budget["budgets"] if b["period"] == "day"]
         assert Decimal(day["reserved"]) == 0, day
         assert Decimal(day["spent"]) <= DAY_LIMIT_USD, day
+
+
+def test_a_batch_that_ends_past_its_span_is_booked_within_it(tmp_path: Path) -> None:
+    """Reserved in every window of the 26 hours after its creation, a batch whose end comes
+    later (here the upstream's clock is two days past Tollgate's at creation) is booked at
+    the span's end, inside windows it held room in, never in one it did not."""
+    write_config(tmp_path, "http://simulated/v1", "timezone: UTC\n", teams={"night": NIGHT})
+    simulator = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY, batch_delay_ms=300))
+    created = time.time() - 2 * DAY
+    app = create_app(
+        load_config(tmp_path),
+        Overrides(transport=httpx.ASGITransport(app=simulator), clock=lambda: created),
+        tmp_path,
+    )
+    headers = {"authorization": f"Bearer {KEY}"}
+    with TestClient(app) as client:
+        uploaded = client.post(
+            "/v1/files",
+            headers=headers,
+            data={"purpose": "batch"},
+            files={"file": ("in.jsonl", jsonl([line("n0", {**HIGH, **LOW})]), "application/jsonl")},
+        )
+        assert uploaded.status_code == 200, uploaded.text
+        made = client.post(
+            "/v1/batches",
+            headers=headers,
+            json={
+                "input_file_id": uploaded.json()["id"],
+                "endpoint": GENERATIONS,
+                "completion_window": "24h",
+            },
+        )
+        assert made.status_code == 200, made.text
+        batch_id = made.json()["id"]
+        query = (
+            "SELECT started_at, finished_at FROM requests "
+            f"WHERE response_id = '{batch_id}' AND state = 'settled'"
+        )
+
+        def booked() -> list[tuple[float, float]] | None:
+            with sqlite3.connect(tmp_path / "tollgate.db") as db:
+                return db.execute(query).fetchall() or None
+
+        (row,) = wait_for(f"batch {batch_id} settled", booked)
+        assert row == (created + BATCH_SPAN_S, created + BATCH_SPAN_S)
+        budget = client.get("/v1/tollgate/budget", headers=headers).json()
+        (day,) = [b for b in budget["budgets"] if b["period"] == "day"]
+        # The day it was created in: held while it ran, released, nothing booked there.
+        assert (Decimal(day["reserved"]), Decimal(day["spent"])) == (0, 0), day

@@ -37,6 +37,10 @@ ENDED_AT = {
     "expired": "expired_at",
     "cancelled": "cancelled_at",
 }
+BATCH_SPAN_S = 26 * 3600.0
+"""How long after its creation a batch may end (and its lines be billed): its 24-hour
+window, then the time it takes to expire or finalize. Its reservation holds room in every
+window of that span, and its lines are booked within it."""
 UNKNOWN_LINE = "batch_line_unknown"
 OUTPUT_GONE = "batch_output_gone"
 """The error code of the lines of a batch whose output file was deleted before it was read:
@@ -90,7 +94,9 @@ class BatchFollow:
             self.input_file_id = stored.input_file_id if stored else batch.get("input_file_id")
         lines = await ledger.batch_lines(self.input_file_id or "")
         ended = batch.get(ENDED_AT[status]) or runtime.clock()
-        ended_at = float(ended)
+        # Booked within the span its reservation held room in: an end reported later (or
+        # none, the batch read late after an outage) would land in a window it held none in.
+        ended_at = min(float(ended), entry.started_at + BATCH_SPAN_S)
         billed: list[BilledLine] = []
         output = batch.get("output_file_id")
         if isinstance(output, str):

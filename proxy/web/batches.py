@@ -49,7 +49,7 @@ from proxy.ledger import BatchLine, Reservation, StoredObject
 from proxy.upstream import response_headers
 from proxy.web import repeats
 from proxy.web.admission import read_body
-from proxy.web.batch_follow import BatchFollow
+from proxy.web.batch_follow import BATCH_SPAN_S, BatchFollow
 from proxy.web.files import not_found, read_answer, scoped_listing, scoped_object
 from proxy.web.observe import KeyRefusals, observe
 from proxy.web.pipeline import new_request_id, refuse
@@ -62,9 +62,6 @@ log = logging.getLogger("tollgate.requests")
 CREATE_FIELDS = frozenset(
     {"input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after"}
 )
-BATCH_SPAN_S = 26 * 3600.0
-"""How long after its creation a batch may end (and its lines be billed): its 24-hour
-window, then the time it takes to expire or finalize."""
 
 
 class Batches:
