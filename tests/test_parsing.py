@@ -133,6 +133,10 @@ def test_safety_identifier_takes_precedence_over_user(fields: dict[str, str], us
         ({"prompt": "x", "model": 2}, "model"),
         ({"prompt": "x", "quality": ["high"]}, "quality"),
         ({"prompt": "x", "size": 1024}, "size"),
+        # Forwarded as written: priced only when written as OpenAI's sizes are.
+        ({"prompt": "x", "size": "01024x1024"}, "size"),
+        ({"prompt": "x", "size": "1024x01024"}, "size"),
+        ({"prompt": "x", "size": "0x0"}, "size"),
     ],
 )
 def test_generation_refusals_name_the_parameter(fields: dict[str, Any], param: str) -> None:

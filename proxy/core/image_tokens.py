@@ -69,12 +69,13 @@ class TileRule:
         return self.base + self.per_tile * tiles + self.high_fidelity_other
 
 
-SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})", re.ASCII)
+SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})", re.ASCII)
 
 
 def parse_size(size: str) -> tuple[int, int] | None:
     """`"1536x1024"` → (1536, 1024); None for anything else (ASCII digits only: `str.isdigit`
-    takes `²⁰⁴⁸`, which `int()` then refuses)."""
+    takes `²⁰⁴⁸`, which `int()` then refuses; no leading zero: `01024x1024` is forwarded as
+    written, so it is priced only if it is written as OpenAI's sizes are)."""
     match = SIZE.fullmatch(size)
     if match is None:
         return None
