@@ -730,6 +730,25 @@ def test_yaml_merge_keys_may_be_overridden_but_keys_not_repeated(policies: Path)
     assert budgets[0].alert_at == (Decimal("0.5"), Decimal("0.9"))
 
 
+def test_aliases_that_stand_for_too_many_values_are_a_problem_not_a_hang(policies: Path) -> None:
+    """Nine levels of ten aliases each stand for a billion values ("billion laughs"): read
+    out, they would take minutes and gigabytes; the file is refused at once instead."""
+    levels = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for level in range(1, 9):
+        refs = ", ".join([f"*a{level - 1}"] * 10)
+        levels.append(f"a{level}: &a{level} [{refs}]")
+    write(policies / "teams" / "t.yaml", team_yaml() + "\n".join(levels) + "\n")
+    (problem,) = problems_of(policies)
+    assert problem.startswith("policies/teams/t.yaml:")
+    assert "aliases stand for more than 10,000 values" in problem
+    # A few aliases, as written by hand, are read as ever (see the merge keys above).
+    budgets = "budgets:\n  - &day {period: day, limit_usd: 1}\n" + "".join(
+        f"  - {{<<: *day, period: {p}}}\n" for p in ("week", "month", "total")
+    )
+    write(policies / "teams" / "t.yaml", team_yaml() + budgets)
+    assert len(load(policies).teams[0].budgets) == 4
+
+
 def test_empty_team_file_is_a_problem(policies: Path) -> None:
     write(policies / "teams" / "t.yaml", "# TODO\n")
     assert problems_of(policies) == [

@@ -20,6 +20,10 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 JsonPath = tuple[str | int, ...]
 
 _MERGE = "tag:yaml.org,2002:merge"
+ALIASED_VALUES = 10_000
+"""At most this many values read through aliases in one file: an alias names a node, not
+a copy, so nested aliases can stand for billions of values in a few lines (a "billion
+laughs"), which reading them out would take minutes and gigabytes to build."""
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -105,9 +109,15 @@ def _parse(
         if node is not None:
             doc.lines[()] = node.start_mark.line + 1
             doc.data = reader.value(node, (), doc.lines)
+    except _TooManyAliased as exc:
+        return None, [str(exc)]
     finally:
         loader.dispose()
     return doc, reader.problems
+
+
+class _TooManyAliased(Exception):
+    """A file whose aliases stand for more than `ALIASED_VALUES` values: its problem."""
 
 
 class _Loader(yaml.SafeLoader):
@@ -126,13 +136,32 @@ class _Reader:
         self.file = file
         self.env = env
         self.problems: list[str] = []
+        self._read: set[int] = set()  # the collection nodes read so far, by identity
+        self._aliased = 0  # values read again through an alias
 
     def _problem(self, line: int, path: JsonPath, message: str) -> str:
         return f"{self.file}:{line}: {dotted(path) + ': ' if path else ''}{message}"
 
-    def value(self, node: Node, path: JsonPath, lines: dict[JsonPath, int]) -> Any:
+    def value(
+        self, node: Node, path: JsonPath, lines: dict[JsonPath, int], aliased: bool = False
+    ) -> Any:
         if len(path) > 100:  # a recursive alias would never end
             raise yaml.YAMLError("nesting too deep (recursive alias?)")
+        if isinstance(node, MappingNode | SequenceNode):
+            # A node read a second time is reached through an alias, as is all below it.
+            aliased = aliased or id(node) in self._read
+            self._read.add(id(node))
+        if aliased:
+            self._aliased += 1
+            if self._aliased > ALIASED_VALUES:
+                raise _TooManyAliased(
+                    self._problem(
+                        node.start_mark.line + 1,
+                        path,
+                        f"the file's aliases stand for more than {ALIASED_VALUES:,} values: "
+                        "write them out, or use fewer aliases",
+                    )
+                )
         if isinstance(node, MappingNode):
             explicit = sum(1 for key_node, _ in node.value if key_node.tag != _MERGE)
             self.loader.flatten_mapping(node)  # resolves `<<` merge keys, placed first
@@ -151,13 +180,13 @@ class _Reader:
                         self.problems.append(self._problem(line, key_path, "duplicate key"))
                     written.add(key)
                 lines[key_path] = line
-                result[key] = self.value(value_node, key_path, lines)
+                result[key] = self.value(value_node, key_path, lines, aliased)
             return result
         if isinstance(node, SequenceNode):
             items = []
             for index, item in enumerate(node.value):
                 lines[(*path, index)] = item.start_mark.line + 1
-                items.append(self.value(item, (*path, index), lines))
+                items.append(self.value(item, (*path, index), lines, aliased))
             return items
         scalar = self.loader.construct_object(node)
         if isinstance(scalar, str):
