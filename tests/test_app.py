@@ -3,6 +3,8 @@ through starlette's routes, and a fault of Tollgate's own still gets an OpenAI-s
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -128,6 +130,33 @@ def test_a_reload_swaps_the_runtime_and_calls_after_reload_only_when_it_succeeds
         assert refused.json()["error"]["code"] == "invalid_config"
         assert reloaded == [True]
         assert app.current() is second
+
+
+def test_a_reload_reads_the_files_while_the_app_goes_on_answering(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The files are read on a thread: a request that arrives meanwhile is answered before
+    the reload ends (on the event loop it would wait for the whole reading)."""
+    admin = {"authorization": "Bearer admin-secret"}
+    write_config(tmp_path, "http://simulated/v1", settings="admin_token: admin-secret\n")
+    app = create_app(load_config(tmp_path), Overrides(upstream_key=UPSTREAM_KEY), tmp_path)
+    reading, read_on = threading.Event(), threading.Event()
+
+    def slow_load(source: Path) -> Any:
+        reading.set()
+        assert read_on.wait(30)
+        return load_config(source)
+
+    monkeypatch.setattr("proxy.web.reload.load_config", slow_load)
+    with TestClient(app) as test_client, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = app.current()
+        reloaded = pool.submit(test_client.post, "/admin/reload", headers=admin)
+        assert reading.wait(30)
+        assert test_client.get("/healthz").status_code == 200  # while the files are read
+        assert app.current() is first and not reloaded.done()
+        read_on.set()
+        assert reloaded.result(30).status_code == 200
+        assert app.current() is not first
 
 
 def test_admin_refusals_are_answered_in_openai_shape(client: TestClient) -> None:
