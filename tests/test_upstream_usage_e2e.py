@@ -1,4 +1,5 @@
-"""Answers whose usage cannot be believed are charged their bound, flagged, never $0.
+"""Answers whose usage cannot be believed are charged their bound, flagged, never $0; and
+an answer that spells the company key with JSON escapes never gives it away.
 
 An upstream (or anything between Tollgate and it) that answers 200 with a `usage` whose
 counts are strings, negatives, floats, missing or absurd, a stream whose completed event
@@ -21,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tests.conftest import Tollgate, serving, start_tollgate, write_config
+from tests.conftest import UPSTREAM_KEY, Tollgate, serving, start_tollgate, write_config
 from tests.test_proxy_e2e import wait_settled
 
 IMAGE = "iVBORw0KGgo="
@@ -45,9 +46,24 @@ def sse(kind: str, fields: dict[str, Any]) -> bytes:
     return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields})}\n\n".encode()
 
 
+def escaped_key() -> str:
+    """The key this upstream was sent, every other character a JSON `\\uXXXX` escape."""
+    key = UPSTREAM_KEY
+    return "".join(f"\\u{ord(c):04x}" if i % 2 else c for i, c in enumerate(key))
+
+
 async def images(request: Request) -> Response:
     body = await request.json()
     mode = body["prompt"]
+    if mode == "escaped-echo":
+        echo = f'"echo": "Bearer {escaped_key()}"'
+        if body.get("stream"):
+            fields = f'"type": "image_generation.completed", "b64_json": "{IMAGE}"'
+            event = f'{{{fields}, "usage": {json.dumps(USAGE)}, {echo}}}'
+            data = f"event: image_generation.completed\ndata: {event}\n\n"
+            return Response(data, media_type="text/event-stream")
+        answer = f'{{"created": 1, "data": [{{"b64_json": "{IMAGE}"}}], {echo}, '
+        return Response(answer + f'"usage": {json.dumps(USAGE)}}}', media_type="application/json")
     if not body.get("stream"):
         return JSONResponse({"created": 1, "data": [{"b64_json": IMAGE}], "usage": ANSWERS[mode]})
 
@@ -164,3 +180,27 @@ def test_a_responses_stream_that_ends_twice_is_charged_no_less_than_its_dearer_e
     assert row["image_output_tokens"] >= 50_000
     assert row["cost_nanos"] >= 50_000 * 30_000
     assert row["error_code"] == "malformed_answer"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_the_company_key_spelled_with_json_escapes_never_reaches_a_team(
+    proxy: Tollgate, stream: bool
+) -> None:
+    """Every JSON reader decodes `\\u002d` to `-`: echoed so, the key would reach the team
+    whole; it is masked like the key itself."""
+    assert UPSTREAM_KEY in json.loads(f'"{escaped_key()}"')
+    with proxy.client().images.with_streaming_response.generate(
+        model="gpt-image-2",
+        prompt="escaped-echo",
+        quality="low",
+        size="1024x1024",
+        **({"stream": True} if stream else {}),
+    ) as answer:
+        text = answer.read().decode()
+    decoded = [
+        json.loads(line.removeprefix("data: "))
+        for line in (text.splitlines() if stream else [text])
+        if line.startswith("data: ") or not stream
+    ]
+    assert decoded and all("[redacted]" in d["echo"] for d in decoded)
+    assert all(UPSTREAM_KEY not in json.dumps(d, ensure_ascii=False) for d in decoded)
