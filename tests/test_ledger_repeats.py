@@ -19,11 +19,12 @@ from typing import Any
 import asyncpg
 import pytest
 
+from proxy.core.errors import RepeatArrived
 from proxy.core.models import Counter, Settlement, Totals
 from proxy.ledger import migrate_ledger, open_ledger
 from proxy.ledger.base import Backend, Reservation
 from proxy.ledger.copy import copy_between
-from proxy.ledger.kept import KeptAnswer
+from proxy.ledger.kept import KeptAnswer, RepeatGuard
 from proxy.ledger.postgres import SQL
 from proxy.ledger.sqlite import SCHEMA_VERSION
 from tests import pg
@@ -48,8 +49,10 @@ async def reserve(
     team: str = "design",
     content: str | None = "digest-a",
     key: str | None = None,
+    guard: RepeatGuard | None = None,
 ) -> None:
-    """Reserve a request of `team` with that content digest and idempotency key."""
+    """Reserve a request of `team` with that content digest and idempotency key (a repeat's
+    `guard` checked in the same transaction)."""
     day = Counter("team", team, "", "day", 0.0)
     made = replace(
         entry(request_id, started_at, team=team), content_digest=content, idempotency_key=key
@@ -58,7 +61,7 @@ async def reserve(
     def choose(_: Mapping[Counter, Totals]) -> Reservation:
         return Reservation(made, ESTIMATE, (day,))
 
-    await ledger.reserve([day], choose)
+    await ledger.reserve([day], choose, guard=guard)
 
 
 async def record_replay(ledger: Backend, request_id: str, started_at: float, **of: Any) -> None:
@@ -165,6 +168,30 @@ async def test_by_key_the_first_attempt_is_found_whatever_its_content(ledger: Ba
     assert (found.request_id, found.content_digest) == ("r1", "digest-a")  # a conflict
     assert await ledger.first_attempt("design", 900.0, key="key-3") is None
     assert await ledger.first_attempt("design", 900.0) is None
+
+
+async def test_a_repeat_is_not_reserved_when_another_attempt_reserved_since_it_looked(
+    ledger: Backend,
+) -> None:
+    """Two attempts of one request arriving together each find no first: the one that
+    reserves second finds the other in its own transaction and is not reserved."""
+    by_key = RepeatGuard("design", 900.0, "digest-a", "key-1", past=None)
+    await reserve(ledger, "r1", 1000.0, key="key-1", guard=by_key)
+    with pytest.raises(RepeatArrived):
+        await reserve(ledger, "r2", 1000.1, key="key-1", guard=by_key)
+    # Gone past r1 (it failed without a charge, say): forwarded, and then the latest.
+    await reserve(ledger, "r3", 1000.2, key="key-1", guard=replace(by_key, past="r1"))
+    with pytest.raises(RepeatArrived):
+        await reserve(ledger, "r4", 1000.3, key="key-1", guard=replace(by_key, past="r1"))
+    # An SDK retry without a key is checked by its content; another team's never counts.
+    by_content = RepeatGuard("design", 900.0, "digest-b", None, past=None)
+    await reserve(ledger, "r5", 1000.4, content="digest-b", guard=by_content)
+    with pytest.raises(RepeatArrived):
+        await reserve(ledger, "r6", 1000.5, content="digest-b", guard=by_content)
+    other = replace(by_content, team="research")
+    await reserve(ledger, "r7", 1000.6, team="research", content="digest-b", guard=other)
+    reserved = {r.entry.id for r in await ledger.rows()}
+    assert reserved == {"r1", "r3", "r5", "r7"}
 
 
 async def test_a_first_attempt_is_one_lookup_in_its_index_on_postgresql(shared: str) -> None:

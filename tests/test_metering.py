@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from proxy.core.errors import MalformedAnswer
-from proxy.core.metering import SMALL_BODY, BodyMeter, SseMeter, usage_from_openai
+from proxy.core.metering import MAX_TOKENS, SMALL_BODY, BodyMeter, SseMeter, usage_from_openai
 from proxy.core.models import Usage
 from proxy.core.short_strings import LONG_NUMBER
 
@@ -111,13 +111,44 @@ def test_usage_that_is_not_an_object_is_none(raw: Any) -> None:
     assert usage_from_openai(raw) is None
 
 
-def test_usage_ignores_values_that_are_not_positive_integers() -> None:
-    raw = {
-        "input_tokens": "12",
-        "input_tokens_details": {"text_tokens": -5, "image_tokens": True},
-        "output_tokens": 1.5,
-    }
-    assert usage_from_openai(raw) == Usage()
+GOOD = {"input_tokens": 12, "input_tokens_details": {"text_tokens": 12}, "output_tokens": 272}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {**GOOD, "input_tokens": "12"},
+        {**GOOD, "output_tokens": "272"},
+        {**GOOD, "output_tokens": -272},
+        {**GOOD, "output_tokens": 272.0},
+        {**GOOD, "output_tokens": True},
+        {**GOOD, "output_tokens": 2**31},
+        {**GOOD, "input_tokens_details": {"text_tokens": -5}},
+        {**GOOD, "input_tokens_details": {"image_tokens": "5"}},
+        {**GOOD, "output_tokens_details": {"image_tokens": 1.5}},
+        {"input_tokens": 12},
+        {"output_tokens": 272},
+        {"total_tokens": 284},
+        {},
+    ],
+)
+def test_a_usage_with_a_count_that_is_missing_or_not_a_whole_token_count_is_none(
+    raw: dict[str, Any],
+) -> None:
+    """Such a usage says nothing reliable about what was billed: the answer is charged its
+    bound, flagged, never the $0 its counts would read as."""
+    assert usage_from_openai(GOOD) is not None
+    assert usage_from_openai(raw) is None
+
+
+def test_a_usage_with_counts_up_to_the_most_believed_is_read() -> None:
+    raw = {"input_tokens": 0, "output_tokens": MAX_TOKENS}
+    assert usage_from_openai(raw) == Usage(image_output=MAX_TOKENS)
+
+
+def test_a_detail_of_an_unknown_kind_that_is_no_count_is_left_to_the_total() -> None:
+    raw = {**GOOD, "input_tokens_details": {"text_tokens": 10, "cached": {"text_tokens": 1}}}
+    assert usage_from_openai(raw) == Usage(text_input=10, unclassified_input=2, image_output=272)
 
 
 # --- BodyMeter ---------------------------------------------------------------------------------
@@ -183,9 +214,12 @@ def test_body_meter_reads_a_body_bigger_than_small_by_streaming() -> None:
         # Only object items of a top-level `data` list are images; only an object is usage.
         (b'{"data": [1, {}, [{}], "x", null]}', (None, 1)),
         (b'{"data": "none", "usage": 3}', (None, 0)),
-        (b'{"usage": {"output_tokens": 5}, "x": {"data": [{}]}}', (Usage(image_output=5), 0)),
+        (
+            b'{"usage": {"input_tokens": 0, "output_tokens": 5}, "x": {"data": [{}]}}',
+            (Usage(image_output=5), 0),
+        ),
         # A top-level array or scalar holds neither.
-        (b'[{"usage": {"output_tokens": 5}, "data": [{}]}]', (None, 0)),
+        (b'[{"usage": {"input_tokens": 0, "output_tokens": 5}, "data": [{}]}]', (None, 0)),
         (b"42", (None, 0)),
         (b"null", (None, 0)),
         # ijson's dotted prefixes: what it finds where `data.item` is not a list item.
@@ -193,13 +227,19 @@ def test_body_meter_reads_a_body_bigger_than_small_by_streaming() -> None:
         (b'{"data.item": {}, "data": [{}]}', (None, 2)),
         # Repeated keys: every `data` counts; the last `usage` object wins.
         (b'{"data": [{}], "data": [{}, {}]}', (None, 3)),
-        (b'{"usage": {"output_tokens": 5}, "usage": 3}', (Usage(image_output=5), 0)),
-        (b'{"usage": {"output_tokens": 5, "output_tokens": 7}}', (Usage(image_output=7), 0)),
+        (
+            b'{"usage": {"input_tokens": 0, "output_tokens": 5}, "usage": 3}',
+            (Usage(image_output=5), 0),
+        ),
+        (
+            b'{"usage": {"input_tokens": 0, "output_tokens": 5, "output_tokens": 7}}',
+            (Usage(image_output=7), 0),
+        ),
         # Escapes: a key spelled with one is the same key; a lone surrogate is passed.
-        (b'{"\\u0075sage": {"output_tokens": 5}}', (Usage(image_output=5), 0)),
+        (b'{"\\u0075sage": {"input_tokens": 0, "output_tokens": 5}}', (Usage(image_output=5), 0)),
         (b'{"data": [{"revised_prompt": "\\ud800"}]}', (None, 1)),
         (b'{"data": [{}]}\x0c', (None, 1)),  # yajl takes a form feed as white space
-        (b'{"usage": {"output_tokens": 1.0, "input_tokens": 1e3}}', (Usage(), 0)),
+        (b'{"usage": {"output_tokens": 1.0, "input_tokens": 1e3}}', (None, 0)),
     ],
 )
 def test_body_meter_reads_odd_but_valid_json_the_same_either_way(
@@ -310,7 +350,9 @@ def test_body_meter_reads_numbers_up_to_the_limit_and_long_digits_in_strings(
 
 
 def test_body_meter_reads_a_big_exponent_in_decimal_range_the_same_either_way(small: int) -> None:
-    data = b'{"usage": {"output_tokens": 3, "total_tokens": 1e99999}, "data": [{}]}'
+    data = (
+        b'{"usage": {"input_tokens": 0, "output_tokens": 3, "total_tokens": 1e99999}, "data": [{}]}'
+    )
     assert meter_body(data, 3, small) == (Usage(image_output=3), 1)
 
 
@@ -431,7 +473,7 @@ def test_sse_meter_handles_an_event_split_at_any_byte(split: int) -> None:
 
 CRLF_STREAM = event("image_generation.partial_image", {"type": "a.partial_image"}, "\r\n") + event(
     "image_generation.completed",
-    {"type": "image_generation.completed", "usage": {"output_tokens": 42}},
+    {"type": "image_generation.completed", "usage": {"input_tokens": 0, "output_tokens": 42}},
     "\r\n",
 )
 
@@ -480,7 +522,10 @@ def test_sse_meter_counts_partials_identified_only_by_their_type() -> None:
 
 
 def test_sse_meter_counts_a_completed_event_identified_only_by_its_type() -> None:
-    data = b'data: {"type": "image_generation.completed", "usage": {"output_tokens": 7}}\n\n'
+    data = (
+        b'data: {"type": "image_generation.completed", '
+        b'"usage": {"input_tokens": 0, "output_tokens": 7}}\n\n'
+    )
     meter = meter_stream(data, 1 << 30)
     assert (meter.completed, meter.usage.image_output) == (1, 7)
 
@@ -496,15 +541,26 @@ def test_sse_meter_reads_a_completed_event_without_tokenizing_its_image() -> Non
     """The image's base64 reaches ijson emptied; the usage after it is read all the same."""
     kind = "image_generation.completed"
     image = "QUJD" * 500_000  # 2 MB
-    data = event(kind, {"type": kind, "b64_json": image, "usage": {"output_tokens": 4160}})
+    data = event(
+        kind,
+        {"type": kind, "b64_json": image, "usage": {"input_tokens": 0, "output_tokens": 4160}},
+    )
     meter = meter_stream(data, 1 << 16)
     assert (meter.completed, meter.usage.image_output, meter.unreadable) == (1, 4160, 0)
 
 
-def test_sse_meter_counts_a_completed_event_without_usage_but_adds_nothing() -> None:
+@pytest.mark.parametrize(
+    "usage",
+    [None, {}, {"output_tokens": "4160", "input_tokens": 0}, {"input_tokens": -1}],
+    ids=["absent", "empty", "string", "negative"],
+)
+def test_sse_meter_counts_a_completed_event_without_a_usage_to_believe_as_unmetered(
+    usage: Any,
+) -> None:
     kind = "image_generation.completed"
-    meter = meter_stream(event(kind, {"type": kind, "b64_json": "QUJD"}), 1 << 30)
-    assert (meter.completed, meter.usage) == (1, Usage())
+    fields = {"type": kind, "b64_json": "QUJD"} | ({} if usage is None else {"usage": usage})
+    meter = meter_stream(event(kind, fields) + completed(9), 1 << 30)
+    assert (meter.completed, meter.usage.image_output, meter.unmetered) == (2, 9, 1)
 
 
 @pytest.mark.parametrize(

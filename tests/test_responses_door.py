@@ -402,6 +402,62 @@ def test_a_stream_cut_before_its_terminal_event_is_not_terminal() -> None:
     assert not end.terminal and end.usage is None
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"usage": {"input_tokens": "1820", "output_tokens": 210}},
+        {"usage": {"input_tokens": 1820, "output_tokens": -210}},
+        {"usage": {}},
+        {"usage": {**response()["usage"], "input_tokens_details": {"cached_tokens": "1280"}}},
+        {"tool_usage": {"image_gen": {"input_tokens": 30, "output_tokens": "196"}}},
+        {"tool_usage": {"image_gen": {}}, "output": []},
+    ],
+    ids=["string", "negative", "empty", "cached-string", "tool-string", "tool-empty"],
+)
+def test_an_answer_with_counts_that_are_no_token_counts_is_unknown_usage(
+    fields: dict[str, Any],
+) -> None:
+    """Charged its bound, flagged, never the $0 such counts would read as."""
+    assert metered(response(**fields)).usage is None
+
+
+def test_a_stream_with_two_terminal_events_is_unreadable_and_keeps_both() -> None:
+    """A stream ends once: which of two ends was billed is unknown, so the settlement
+    charges the bound, or both ends' usage when that costs more (flagged)."""
+    meter = ResponseEvents()
+    big = response(tool_usage={"image_gen": {"input_tokens": 30, "output_tokens": 90_000}})
+    meter.feed(
+        events(
+            ("response.completed", {"type": "response.completed", "response": big}),
+            ("response.completed", {"type": "response.completed", "response": response()}),
+        )
+    )
+    end = meter.end(None)
+    assert end.terminal and end.unreadable == 1 and end.completed == 2
+    first, second = metered(big).usage, metered(response()).usage
+    assert end.usage == first + second
+
+
+def test_a_stream_with_two_terminal_events_is_charged_no_less_than_the_dearer(
+    config: Config,
+) -> None:
+    parsed = parse(config, body(max_output_tokens=1000))
+    bound = DOOR.bound(parsed, DOOR.admit(team(config), parsed, config))
+    big = response(tool_usage={"image_gen": {"input_tokens": 30, "output_tokens": 90_000}})
+    meter = ResponseEvents()
+    meter.feed(
+        events(
+            ("response.completed", {"type": "response.completed", "response": big}),
+            ("response.completed", {"type": "response.completed", "response": response()}),
+        )
+    )
+    verdict = settlement.stream_ended(bound, meter.end(None))
+    dearest = settlement.metered(bound, metered(big))
+    assert dearest.cost_nanos > bound.cost_nanos
+    assert verdict.cost_nanos >= dearest.cost_nanos and verdict.charge.flagged
+    assert verdict.error_code == "malformed_answer"
+
+
 # -- what each ending costs -------------------------------------------------------------
 
 

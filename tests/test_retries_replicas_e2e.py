@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests import pg
+from tests.batches_e2e import GENERATIONS, arrivals, generations, upload
 from tests.conftest import (
     Simulator,
     Tollgate,
@@ -110,6 +111,72 @@ def test_two_workers_on_sqlite_answer_each_others_retries(sim: Simulator, tmp_pa
         assert len(charges(sim)) == 3
     finally:
         gate.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_attempts_with_one_idempotency_key_arriving_together_on_two_replicas_pay_once(
+    sim: Simulator, tmp_path: Path, shared: str, stream: bool
+) -> None:
+    """Eight attempts of one request, with one Idempotency-Key, sent at once to two
+    replicas of two workers each: each looked for an earlier attempt before any had
+    reserved, so each was forwarded (and billed). The reservation now checks, in its own
+    transaction, that no attempt reserved since it looked: one is forwarded, the seven
+    others wait for it and replay its answer."""
+    configure(tmp_path, sim)
+    a = start_tollgate(tmp_path, "--workers", "2", ledger_url=shared)
+    b = start_tollgate(tmp_path, "--workers", "2", ledger_url=shared)
+    try:
+        sim.configure(latency_ms=1500)
+        asked = {**body("One key, eight attempts"), "stream": stream}
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(
+                pool.map(
+                    lambda i: post((a, b)[i % 2], asked, idempotency="one-key-eight-attempts"),
+                    range(8),
+                )
+            )
+        assert all(r is not None and r.status_code == 200 for r in answers)
+        replays = [r for r in answers if r is not None and r.headers.get("x-tollgate-replay-of")]
+        assert len(replays) == 7
+        assert len({r.headers["x-tollgate-replay-of"] for r in replays}) == 1
+        assert len(charges(sim)) == 1
+        rows = settled(a, 8)
+        assert sorted(r["outcome"] for r in rows) == ["ok"] + ["replayed"] * 7
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_batch_creates_with_one_idempotency_key_arriving_together_make_one_batch(
+    sim: Simulator, tmp_path: Path, shared: str
+) -> None:
+    """Six creates of one batch, with one Idempotency-Key, sent at once to two replicas:
+    one batch is created and reserved, the five others get it, at no cost."""
+    configure(tmp_path, sim)
+    a = start_tollgate(tmp_path, "--workers", "2", ledger_url=shared)
+    b = start_tollgate(tmp_path, "--workers", "2", ledger_url=shared)
+    try:
+        sim.configure(latency_ms=1500)
+        file = upload(a.client(), generations("gpt-image-2", 2))
+        asked = {"input_file_id": file.id, "endpoint": GENERATIONS, "completion_window": "24h"}
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            answers = list(
+                pool.map(
+                    lambda i: post(
+                        (a, b)[i % 2], asked, idempotency="one-batch", path="/v1/batches"
+                    ),
+                    range(6),
+                )
+            )
+        assert all(r is not None and r.status_code == 200 for r in answers)
+        assert len({r.json()["id"] for r in answers if r is not None}) == 1
+        assert arrivals(sim, "POST", "/v1/batches") == 1
+        replays = [r for r in answers if r is not None and r.headers.get("x-tollgate-replay-of")]
+        assert len(replays) == 5
+        assert all(r.headers["x-tollgate-cost-usd"] == "0" for r in replays)
+    finally:
+        a.stop()
+        b.stop()
 
 
 # -- 2. the process holding the first attempt is killed ----------------------------------------

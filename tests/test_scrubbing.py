@@ -185,3 +185,45 @@ def test_a_key_split_between_a_header_name_and_its_value_is_not_the_key() -> Non
 def test_every_form_of_the_key_in_a_header_value_is_found(form: str) -> None:
     scrubbed = SCRUB.pairs([("x-request-id", "req_1"), ("x-echo", f"a {form} b")])
     assert scrubbed is not None and form not in scrubbed[1][1]
+
+
+def escaped(key: str, rng: random.Random, share: float = 0.5) -> str:
+    """`key` as a JSON writer may spell it: some of its characters as `\\uXXXX` escapes."""
+    return "".join(f"\\u{ord(c):04{rng.choice('xX')}}" if rng.random() < share else c for c in key)
+
+
+def test_a_key_written_with_json_escapes_is_masked_and_the_json_still_reads() -> None:
+    """Every JSON reader decodes `\\u002d` to `-`: a key with any of its characters
+    escaped reaches the team as the key itself unless it is masked too."""
+    rng = random.Random(7)
+    for spelled in [escaped(KEY, rng, 1.0), *(escaped(KEY, rng) for _ in range(50))]:
+        body = (
+            json.dumps({"a": 1}).encode()[:-1]
+            + (f', "echo": "Bearer {spelled}", "note": "caf\\u00e9", "k": "{spelled}"}}').encode()
+        )
+        assert KEY in json.loads(body)["echo"]
+        out = SCRUB.data(body)
+        found = json.loads(out)
+        assert KEY not in found["echo"] and KEY not in found["k"]
+        assert found["note"] == "café" and len(out) == len(body)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_key_written_with_json_escapes_is_masked_across_any_chunking(seed: int) -> None:
+    rng = random.Random(seed)
+    spelled = escaped(KEY, rng)
+    body = (
+        f'{{"data": [{{"b64_json": "QUJD"}}], "echo": "{spelled}", "x": "\\u00e9\\u4e2d"}}'
+    ).encode()
+    cuts = sorted(rng.sample(range(1, len(body)), 6))
+    chunks = [body[a:b] for a, b in itertools.pairwise([0, *cuts, len(body)])]
+    out = b"".join(scrub_chunks(chunks))
+    assert len(out) == len(body)
+    assert KEY not in json.loads(out)["echo"]
+    assert json.loads(out)["x"] == "\u00e9\u4e2d"
+
+
+def test_escapes_that_spell_no_key_are_left_as_they_are() -> None:
+    near = KEY[:-1].replace("-", "\\u002d")
+    body = f'{{"near": "{near}", "text": "caf\\u00e9 \\u0041BC"}}'.encode()
+    assert SCRUB.data(body) == body

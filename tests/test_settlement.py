@@ -14,6 +14,7 @@ from proxy.core.errors import (
 from proxy.core.models import Charge, Usage
 from proxy.core.pricing import ModelPrices
 from proxy.core.settlement import (
+    MOST_BELIEVED_NANOS,
     Bound,
     StreamEnd,
     answered,
@@ -40,6 +41,8 @@ def bound(name: str = "gpt-image-1", n: int = 2, quality: str = "high") -> Bound
 
 
 USAGE = Usage(text_input=10, image_output=4160)
+LOW = Usage(text_input=10, image_output=272)
+"""Costs less than `bound()`."""
 
 
 def test_an_answer_with_usage_is_charged_its_price_with_the_images_it_held() -> None:
@@ -125,15 +128,45 @@ def test_a_stream_that_errored_before_any_image_costs_nothing() -> None:
     ("end", "code"),
     [
         (StreamEnd(0, Usage()), "stream_truncated"),  # ended without its completion
-        (StreamEnd(1, USAGE, broken="upstream_timeout"), "upstream_timeout"),
-        (StreamEnd(1, USAGE, unreadable=1), "malformed_answer"),  # an event lost
+        (StreamEnd(1, LOW, broken="upstream_timeout"), "upstream_timeout"),
+        (StreamEnd(1, LOW, unreadable=1), "malformed_answer"),  # an event lost
         (StreamEnd(0, Usage(), error={"code": "x"}, unreadable=1), "malformed_answer"),
-        (StreamEnd(1, USAGE, error={"code": "server_error"}), "stream_truncated"),
-        (StreamEnd(2, USAGE, broken="deadline_exceeded"), "deadline_exceeded"),
+        (StreamEnd(1, LOW, error={"code": "server_error"}), "stream_truncated"),
+        (StreamEnd(2, LOW, broken="deadline_exceeded"), "deadline_exceeded"),
+        (StreamEnd(0, Usage(), error={"code": "x"}, partials=1), "stream_truncated"),
     ],
 )
 def test_a_stream_cut_short_is_charged_its_bound_flagged(end: StreamEnd, code: str) -> None:
     assert stream_ended(bound(), end) == unknown(bound(), code)
+    assert stream_ended(bound(), end).charge == bound().charged()
+
+
+def test_a_stream_cut_short_after_completions_dearer_than_its_bound_is_charged_those() -> None:
+    """The part of a stream that was read reported more than the bound: what it reported is
+    the least the upstream billed."""
+    end = StreamEnd(2, USAGE, broken="upstream_timeout")
+    verdict = stream_ended(bound(), end)
+    reported = answered(bound(), USAGE, 2).charge
+    assert reported.cost_nanos > bound().cost_nanos
+    assert verdict.outcome == "upstream_error"
+    assert verdict.charge == Charge(reported.usage, reported.cost_nanos, flagged=True)
+
+
+def test_a_clean_stream_with_a_completion_without_usage_is_charged_at_least_its_bound() -> None:
+    verdict = stream_ended(bound(), StreamEnd(2, LOW, unmetered=1))
+    assert verdict.outcome == "ok"
+    assert verdict.charge == bound().charged()
+    dearer = stream_ended(bound(), StreamEnd(2, USAGE, unmetered=1))
+    assert dearer.charge.cost_nanos == answered(bound(), USAGE, 2).charge.cost_nanos
+    assert dearer.charge.flagged
+
+
+def test_an_answer_whose_usage_costs_past_belief_is_charged_its_bound_flagged() -> None:
+    absurd = Usage(image_output=2**31 - 1).scaled(3)  # three completions, each at the most
+    assert model("gpt-image-1").charge(absurd).cost_nanos > MOST_BELIEVED_NANOS
+    assert answered(bound(), absurd, 1).charge == bound().charged()
+    end = StreamEnd(40, absurd.scaled(40_000))
+    assert stream_ended(bound(), end).charge == bound().charged()
 
 
 @pytest.mark.parametrize(

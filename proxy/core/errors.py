@@ -5,6 +5,8 @@
      ├── LedgerError                 the ledger cannot be reached or is unusable
      │    └── LedgerUnavailable      the database is unreachable right now: retrying may help
      ├── MalformedAnswer             an upstream 2xx body unlike OpenAI's
+     ├── RepeatArrived               another attempt of a repeat reserved first: it is
+     │                               answered from that one (caught by the pipeline)
      └── RequestError                answered to the client in OpenAI's error shape
           ├── InvalidRequest         400 invalid_request
           │    ├── BatchUnsupported  400 invalid_request: the Batch API does not take the model
@@ -61,6 +63,13 @@ class LedgerUnavailable(LedgerError):
 
 class MalformedAnswer(TollgateError):
     """The upstream answered 2xx with a body that is not what OpenAI sends."""
+
+
+class RepeatArrived(TollgateError):
+    """A repeat was about to be reserved when the ledger found an attempt of the same request
+    (its `Idempotency-Key`, or its content for an SDK retry) that it had not waited for: two
+    attempts that arrived together, on two workers or replicas. The reservation is not
+    taken; the repeat is answered from that attempt, as if it had arrived after it."""
 
 
 class RequestError(TollgateError):

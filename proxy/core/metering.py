@@ -37,19 +37,27 @@ OUTPUT_DETAILS = {"image_tokens": "image_output", "text_tokens": "text_output"}
 
 
 def usage_from_openai(raw: Any) -> Usage | None:
-    """OpenAI's `usage` object as a Usage; None when absent or not an object.
+    """OpenAI's `usage` object as a Usage; None when absent or not one that can be believed.
 
     `output_tokens_details` may be missing: the output tokens are then image output.
     No reported token vanishes: a detail of a kind Tollgate does not know, or a total
     above the sum of its known details, is counted as unclassified (the larger of the
     two, since the unknown details may be what the total's excess is).
+
+    OpenAI always reports `input_tokens` and `output_tokens` as integers. A usage without
+    them, or with a count that is not a whole number from 0 to `MAX_TOKENS` (a string, a
+    negative, a float, an absurd size), says nothing reliable about what was billed: it is
+    None, and the answer is charged its bound, flagged, never the $0 its counts would read
+    as.
     """
     if not isinstance(raw, Mapping):
         return None
-    input_details = raw.get("input_tokens_details")
-    output_details = raw.get("output_tokens_details")
     input_tokens = token_count(raw.get("input_tokens"))
     output_tokens = token_count(raw.get("output_tokens"))
+    if input_tokens is None or output_tokens is None:
+        return None
+    input_details = raw.get("input_tokens_details")
+    output_details = raw.get("output_tokens_details")
     kinds: dict[str, int] = {}
     if isinstance(input_details, Mapping):
         unclassified_input = _details(input_details, INPUT_DETAILS, input_tokens, kinds)
@@ -59,6 +67,8 @@ def usage_from_openai(raw: Any) -> Usage | None:
         unclassified_output = _details(output_details, OUTPUT_DETAILS, output_tokens, kinds)
     else:
         kinds["image_output"], unclassified_output = output_tokens, 0
+    if unclassified_input is None or unclassified_output is None:
+        return None
     return Usage(
         **kinds,
         unclassified_input=unclassified_input,
@@ -68,22 +78,35 @@ def usage_from_openai(raw: Any) -> Usage | None:
 
 def _details(
     details: Mapping[str, Any], known: Mapping[str, str], total: int, kinds: dict[str, int]
-) -> int:
-    """Put the known details of `details` in `kinds`; return the tokens they leave out."""
+) -> int | None:
+    """Put the known details of `details` in `kinds`; return the tokens they leave out, or
+    None when a known detail is not a count. A detail of an unknown kind that is not a count
+    (a nested object a newer API may add) counts nothing by itself: the total covers it."""
     classified = unknown = 0
     for name, value in details.items():
         tokens = token_count(value)
         kind = known.get(name)
         if kind is None:
-            unknown += tokens
+            unknown += tokens or 0
+        elif tokens is None:
+            return None
         else:
             kinds[kind] = tokens
             classified += tokens
     return max(total - classified, unknown)
 
 
-def token_count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+MAX_TOKENS = 2**31 - 1
+"""The most tokens one count of a usage can be believed to hold (OpenAI's counts are 32-bit;
+its own `max_output_tokens` stops there). Past it a count is not read: what it would cost
+does not fit the ledger's integers, and no image request bills so much."""
+
+
+def token_count(value: Any) -> int | None:
+    """A usage count: a whole number from 0 to MAX_TOKENS; None for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS:
+        return value
+    return None
 
 
 SMALL_BODY = 64 * 1024
@@ -242,7 +265,8 @@ class SseMeter:
     Each event's JSON reaches ijson through `ShortStrings`, like a plain answer: the
     base64 of a completed image (megabytes) is never tokenized, and a number longer than
     `LONG_NUMBER` characters, which ijson's C backend would crash on, never reaches it.
-    An event that cannot be read is counted in `unreadable` (its usage is unknown).
+    An event that cannot be read is counted in `unreadable` (its usage is unknown), and a
+    completed event without a usage that can be believed in `unmetered`.
     """
 
     def __init__(self) -> None:
@@ -251,6 +275,9 @@ class SseMeter:
         self.completed = 0
         self.partials = 0
         self.unreadable = 0
+        self.unmetered = 0
+        """Completed events without a usage that can be believed (OpenAI's always carry
+        one): what their images billed is unknown."""
         self.error: Any = None
 
     def feed(self, chunk: bytes) -> None:
@@ -291,7 +318,9 @@ class SseMeter:
             if isinstance(kind, str) and kind.endswith(COMPLETED_SUFFIX):
                 usage = usage_from_openai(next(ijson.items(short, "usage"), None))
                 self.completed += 1
-                if usage is not None:
+                if usage is None:
+                    self.unmetered += 1
+                else:
                     self.usage = self.usage + usage
         except (ijson.JSONError, UnicodeDecodeError, ArithmeticError, MalformedAnswer):
             # UnicodeDecodeError and ArithmeticError: as in BodyMeter._stream.

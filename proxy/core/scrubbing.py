@@ -13,6 +13,10 @@ likely to use and overwrites each occurrence with a mask of the same length:
                                     `Bearer <key>`, of `<key>` alone and of a Basic
                                     `user:<key>` are all caught, whatever precedes it
 
+    the key with JSON `\\uXXXX`     any of its characters written as an escape (every JSON
+    escapes                         reader decodes them): the whole run of key characters
+                                    and escapes that decodes to hold it is masked
+
 Not covered: url-safe base64, hex, other encodings, and pieces of the key (a
 truncated echo such as OpenAI's own `sk-pro***abcd`). In base64 the character at
 each end of the encoded key that also carries bits of its neighbours is left as it
@@ -41,6 +45,7 @@ from __future__ import annotations
 import base64
 import ctypes
 import json
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -204,18 +209,22 @@ class Scrubber:
 
     `patterns=False` searches for each form in turn, as where Hyperscan cannot run."""
 
-    def __init__(self, forms: Iterable[str], *, patterns: bool = True) -> None:
+    def __init__(
+        self, forms: Iterable[str], *, patterns: bool = True, escaped: str | None = None
+    ) -> None:
         self.needles = tuple(Needle.of(f) for f in forms if f)
         self.form_bytes = frozenset(b"".join(n.data for n in self.needles))
         """Every byte found in some form."""
         self._patterns = Patterns.of(self.needles) if patterns else None
+        self.escapes = Escapes.of(escaped) if escaped else None
+        """The key written with JSON escapes (`Escapes`), when it is scrubbed so."""
 
     @classmethod
     def of_key(cls, key: str | None) -> Scrubber:
         """The scrubber of an upstream key (of nothing for a missing or toy key)."""
         if not key or len(key) < MIN_KEY_LENGTH:
             return cls(())
-        return cls(encodings(key))
+        return cls(encodings(key), escaped=key)
 
     def __bool__(self) -> bool:
         return bool(self.needles)
@@ -227,6 +236,8 @@ class Scrubber:
 
     def data(self, data: bytes) -> bytes:
         """`data` with every form of the secret masked."""
+        if self.escapes is not None and BACKSLASH in data:
+            data = self.escapes.masked(data)
         if self._patterns is not None:
             found = self._patterns.found(data)
             if not found:
@@ -267,6 +278,90 @@ class Scrubber:
         return ChunkScrubber(self)
 
 
+ESCAPE = b"\\u"
+"""What starts a JSON escape of a character."""
+BACKSLASH = b"\\"
+"""What every JSON escape starts with: bytes without one (base64 never has one) need no
+escaped search, and looking for a single byte is a `memchr`, where looking for `\\u` in
+base64, full of `u`s, costs some 60 µs per 64 KiB."""
+_ESCAPE_OF = re.compile(rb"\\u([0-9a-fA-F]{4})")
+
+
+class Escapes:
+    """The key written with JSON `\\uXXXX` escapes for any of its characters.
+
+    A run of bytes that are the key's characters or escapes is decoded; when the decoded
+    run holds the key, the whole run is masked (its length kept). Only bytes holding a
+    backslash are searched (`BACKSLASH`), so an answer without one costs a single `memchr`.
+    """
+
+    def __init__(self, key: bytes, run: re.Pattern[bytes], tail: re.Pattern[bytes]) -> None:
+        self.key = key
+        self._run = run
+        self._tail = tail
+        self.longest = 6 * len(key)
+        """The most bytes an escaped key takes (every character escaped)."""
+
+    @classmethod
+    def of(cls, key: str) -> Escapes:
+        chars = b"".join(re.escape(bytes([c])) for c in sorted(set(key.encode())))
+        unit = rb"(?:[" + chars + rb"]|\\u[0-9a-fA-F]{4})"
+        # What may end a chunk inside an escaped key: units, then part of an escape.
+        tail = unit + rb"*(?:\\(?:u[0-9a-fA-F]{0,3})?)?\Z"
+        return cls(key.encode(), re.compile(unit + rb"+"), re.compile(tail))
+
+    def masked(self, data: bytes) -> bytes:
+        """`data` with every run that decodes to hold the key masked. Only the bytes around
+        each escape are read: an escaped key holds one, and lies within `longest` bytes of
+        each of its escapes (a megabyte of base64 is never run through the pattern)."""
+        at = _next_escape(data, 0)
+        while at >= 0:
+            low = max(at - self.longest, 0)
+            window = data[low : at + self.longest]
+            after = at + len(ESCAPE)
+            for found in self._run.finditer(window):
+                if found.start() <= at - low < found.end():
+                    masked = self._mask_run(found[0])
+                    if masked is not found[0]:
+                        start, end = low + found.start(), low + found.end()
+                        data = data[:start] + masked + data[end:]
+                        after = end
+                    break
+            at = _next_escape(data, after)
+        return data
+
+    def _mask_run(self, run: bytes) -> bytes:
+        if len(run) < len(self.key):
+            return run
+        decoded = _ESCAPE_OF.sub(lambda e: _decoded(int(e[1], 16)), run)
+        return mask(len(run)).encode() if self.key in decoded else run
+
+    def held(self, data: bytes) -> int:
+        """How many bytes at the end of `data` could begin an escaped key (0: none): the
+        trailing run of key characters and escapes, when it holds an escape."""
+        start = max(len(data) - self.longest, 0)
+        if data.find(BACKSLASH, start) < 0:
+            return 0
+        found = self._tail.search(data, start)
+        if found is None or b"\\" not in found[0]:
+            return 0
+        return len(found[0])
+
+
+def _next_escape(data: bytes, start: int) -> int:
+    """Where the next `\\u` escape at or after `start` begins in `data`; -1 when none does
+    (an escaped backslash, `\\\\`, is stepped over whole)."""
+    at = data.find(BACKSLASH, start)
+    while at >= 0 and data[at + 1 : at + 2] != b"u":
+        at = data.find(BACKSLASH, at + 2)
+    return at
+
+
+def _decoded(code: int) -> bytes:
+    """An escaped character as the byte it stands for; one that is no key byte as NUL."""
+    return bytes([code]) if code < 0x80 else b"\0"
+
+
 class ChunkScrubber:
     """Scrubs a body that arrives in chunks, including a key split across chunks.
 
@@ -284,6 +379,9 @@ class ChunkScrubber:
         # answer's `}` or an event's blank line never is.
         ends_in_form = bool(data) and data[-1] in self._scrubber.form_bytes
         hold = ends_in_form and max(n.started_at_end(data) for n in self._scrubber.needles)
+        escapes = self._scrubber.escapes
+        if escapes is not None:
+            hold = max(hold, escapes.held(data))
         if not hold:
             self._held = b""
             return data

@@ -7,7 +7,8 @@ and what was seen of the answer:
                  the bound (flagged); per-image models at their per-image price (flagged)
     refused      an error answer from the upstream: nothing is billed
     unknown      the answer broke off, was unreadable or outlived its deadline: the
-                 upstream may have billed, so the bound is charged, flagged
+                 upstream may have billed, so the bound is charged, flagged (or what the
+                 part that was read reported, when that costs more)
     not_answered the upstream never answered: the bound (flagged) when the request may
                  have reached it, else nothing
     stream_ended a stream's end (completed, errored, cut short) as one of the above
@@ -85,6 +86,10 @@ class Verdict:
 
 
 NOTHING = Charge(Usage(), 0)
+MOST_BELIEVED_NANOS = 100_000 * 10**9
+"""The most one request's reported usage is believed to cost ($100,000): an answer whose
+usage prices above it is charged its bound, flagged, as one without usage is. No image
+request costs that much, and sums of such answers would overflow the ledger's integers."""
 
 
 def answered(bound: Bound, usage: Usage | None, images: int) -> Verdict:
@@ -98,7 +103,21 @@ def answered(bound: Bound, usage: Usage | None, images: int) -> Verdict:
     if usage is None:
         # A successful answer without usage: charge the bound, flag for reconciliation.
         return Verdict("ok", Charge(Usage(images=count), bound.cost_nanos, flagged=True))
-    return Verdict("ok", model.charge(replace(usage, images=count)))
+    return Verdict("ok", believed(bound, model.charge(replace(usage, images=count))))
+
+
+def believed(bound: Bound, charge: Charge) -> Charge:
+    """`charge`, unless it costs more than usage can be believed to: then the bound, flagged."""
+    return charge if charge.cost_nanos <= MOST_BELIEVED_NANOS else bound.charged()
+
+
+def dearer(bound: Bound, seen: Charge | None) -> Charge:
+    """The bound or what was `seen` of an answer, whichever costs more, flagged: an answer
+    whose billing is uncertain is never charged less than the part of it that was read."""
+    charged = bound.charged()
+    if seen is None or seen.cost_nanos <= charged.cost_nanos:
+        return charged
+    return replace(believed(bound, seen), flagged=True)
 
 
 def _response_answered(
@@ -118,7 +137,8 @@ def _response_answered(
         mainline_cached_input=usage.mainline_cached_input,
         mainline_output=usage.mainline_output,
     )
-    return Verdict("ok", Charge(merged, tool.cost_nanos + text, tool.flagged, text))
+    charge = Charge(merged, tool.cost_nanos + text, tool.flagged, text)
+    return Verdict("ok", believed(bound, charge))
 
 
 def refused(error_code: str | None) -> Verdict:
@@ -126,9 +146,10 @@ def refused(error_code: str | None) -> Verdict:
     return Verdict("upstream_error", NOTHING, error_code)
 
 
-def unknown(bound: Bound, error_code: str) -> Verdict:
-    """The upstream may have billed, and what is unknown: the bound, flagged."""
-    return Verdict("upstream_error", bound.charged(), error_code)
+def unknown(bound: Bound, error_code: str, seen: Charge | None = None) -> Verdict:
+    """The upstream may have billed, and what is unknown: the bound, flagged (or what the
+    part of the answer that was read reported, `seen`, when that costs more)."""
+    return Verdict("upstream_error", dearer(bound, seen), error_code)
 
 
 def not_answered(bound: Bound, failure: RequestError) -> Verdict:
@@ -193,26 +214,39 @@ class StreamEnd:
     """A Responses stream: the id its `response.created` event gave."""
     status: str | None = None
     """A Responses stream: the status its terminal event gave."""
+    unmetered: int = 0
+    """Completion events that carried no usage that can be believed: what they billed is
+    unknown."""
+    partials: int = 0
+    """Partial images that arrived: the upstream was rendering (and billing)."""
 
 
 def stream_ended(bound: Bound, end: StreamEnd) -> Verdict:
     """A stream is settled from its completion events only when it ended cleanly with every
-    event read; an error before any image bills nothing; anything else was cut short and
-    may have been billed. A Responses stream is settled from its terminal event, else at
-    its bound (its mainline model may have run whatever the error)."""
+    event read and every completion's usage believed; an error before any image (whole or
+    partial) bills nothing; anything else was cut short and may have been billed: the
+    bound, or what its completion events reported when that costs more. A Responses stream
+    is settled from its one terminal event, else likewise (its mainline model may have run
+    whatever the error)."""
     if bound.mainline is not None:
         if end.broken is None and end.terminal and not end.unreadable:
             return metered(bound, Metered(end.usage, end.completed, status=end.status))
         code = end.broken or (
             MALFORMED_ANSWER if end.unreadable else error_code_of(end.error) or STREAM_TRUNCATED
         )
-        return unknown(bound, code)
+        seen = None
+        if end.usage is not None:
+            seen = metered(bound, Metered(end.usage, end.completed, status=end.status)).charge
+        return unknown(bound, code, seen)
+    seen = answered(bound, end.usage, end.completed).charge if end.usage is not None else None
     if end.broken is None and end.completed and end.error is None and not end.unreadable:
+        if end.unmetered:
+            return Verdict("ok", dearer(bound, seen))
         return answered(bound, end.usage, end.completed)
-    if end.error is not None and not end.completed and not end.unreadable:
+    if end.error is not None and not (end.completed or end.partials or end.unreadable):
         return refused(error_code_of(end.error))
     code = end.broken or (MALFORMED_ANSWER if end.unreadable else STREAM_TRUNCATED)
-    return unknown(bound, code)
+    return unknown(bound, code, seen if end.completed else None)
 
 
 def error_code(body: bytes) -> str | None:

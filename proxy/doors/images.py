@@ -120,7 +120,15 @@ class ImageEvents:
         meter = self._meter
         if broken is None:
             meter.finish()  # a last event may lack its blank line
-        return StreamEnd(meter.completed, meter.usage, meter.error, meter.unreadable, broken)
+        return StreamEnd(
+            meter.completed,
+            meter.usage,
+            meter.error,
+            meter.unreadable,
+            broken,
+            unmetered=meter.unmetered,
+            partials=meter.partials,
+        )
 
 
 def priced(book: PriceBook, name: str) -> ModelPrices:

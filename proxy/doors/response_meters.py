@@ -50,7 +50,8 @@ def read_response(response: Any) -> Metered:
 
 
 def response_usage(response: Mapping[str, Any], images: int) -> Usage | None:
-    """The mainline usage plus the image tool's; None when either is missing but needed."""
+    """The mainline usage plus the image tool's; None when either is missing but needed, or
+    holds a count that is not a whole number from 0 to `MAX_TOKENS` (`token_count`)."""
     main = response.get("usage")
     if not isinstance(main, Mapping):
         return None
@@ -58,17 +59,34 @@ def response_usage(response: Mapping[str, Any], images: int) -> Usage | None:
     image_gen = tool_usage.get("image_gen") if isinstance(tool_usage, Mapping) else None
     tool = usage_from_openai(image_gen)
     if tool is None:
-        if images:
-            return None  # images made, their usage unknown: the bound, flagged
+        if images or image_gen is not None:
+            return None  # images made (or usage of theirs unreadable): the bound, flagged
         tool = Usage()
     details = main.get("input_tokens_details")
     input_tokens = token_count(main.get("input_tokens"))
-    cached = token_count(details.get("cached_tokens")) if isinstance(details, Mapping) else 0
+    output_tokens = token_count(main.get("output_tokens"))
+    cached = token_count(details.get("cached_tokens", 0)) if isinstance(details, Mapping) else 0
+    if input_tokens is None or output_tokens is None or cached is None:
+        return None
     cached = min(cached, input_tokens)
     return tool + Usage(
         mainline_input=input_tokens - cached,
         mainline_cached_input=cached,
-        mainline_output=token_count(main.get("output_tokens")),
+        mainline_output=output_tokens,
+    )
+
+
+def both(first: Metered, second: Metered) -> Metered:
+    """Two terminal events of one stream, summed (unknown usage stays unknown)."""
+    usage = None
+    if first.usage is not None and second.usage is not None:
+        usage = first.usage + second.usage
+    return Metered(
+        usage,
+        first.images + second.images,
+        first.response_id or second.response_id,
+        second.pending,
+        second.status,
     )
 
 
@@ -140,7 +158,13 @@ class ResponseEvents:
                 found = event["response"].get("id")
                 self.response_id = found if isinstance(found, str) else self.response_id
             elif kind in TERMINAL_EVENTS:
-                self.ended = read_response(event.get("response"))
+                ended = read_response(event.get("response"))
+                if self.ended is not None:
+                    # A stream ends once: a second end leaves what was billed unknown.
+                    # Both are kept (summed), so the bound charged is never below either.
+                    self.unreadable += 1
+                    ended = both(self.ended, ended)
+                self.ended = ended
             elif kind == "error":
                 self.error = event.get("error") or event
         except MalformedAnswer:

@@ -29,7 +29,7 @@ from proxy.ledger.base import (
     Row,
     StoredObject,
 )
-from proxy.ledger.kept import FirstAttempt, KeptAnswer, KeptTail
+from proxy.ledger.kept import FirstAttempt, KeptAnswer, KeptTail, RepeatGuard
 from proxy.ledger.retry import settle_patiently
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "Ledger",
     "OpenBatch",
     "Owner",
+    "RepeatGuard",
     "Reservation",
     "ResponseRow",
     "Row",

@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol
 from proxy.core.errors import LedgerError
 from proxy.core.models import Counter, Endpoint, Entry, Settlement, Totals, Usage
 from proxy.core.rates import Counts, Paced, Plan, Slot
-from proxy.ledger.kept import FirstAttempt, KeptAnswer, KeptTail
+from proxy.ledger.kept import FirstAttempt, KeptAnswer, KeptTail, RepeatGuard
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,13 +253,19 @@ class Contents:
 
 class Ledger(Protocol):
     async def reserve(
-        self, read: Sequence[Counter], choose: Chooser, pace: Plan | None = None
+        self,
+        read: Sequence[Counter],
+        choose: Chooser,
+        pace: Plan | None = None,
+        guard: RepeatGuard | None = None,
     ) -> Reservation:
         """Atomically: read the totals of `read`, let `choose` decide on them, and store its
         reservation (the row, and its bound added to its counters). With `pace`, the
         request as chosen must also fit its rate limits (`Plan.admit`, on the counts read
-        in the same transaction), and their counts are added to. Whatever `choose` or
-        `pace` raises aborts the transaction and propagates."""
+        in the same transaction), and their counts are added to. With `guard` (a repeat),
+        the latest attempt of its request must still be the one it went past, read in the
+        same transaction, after every reservation before it (else RepeatArrived). Whatever
+        `choose`, `pace` or `guard` raises aborts the transaction and propagates."""
 
     async def rate_counts(self, plan: Plan) -> Counts:
         """The counts a plan reads, now (for what the room of a team's limits is)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from proxy.core.errors import RepeatArrived
+
 
 @dataclass(frozen=True, slots=True)
 class FirstAttempt:
@@ -50,3 +52,32 @@ class KeptTail:
     """The kept answer, its body the chunks read (joined)."""
     seq: int
     """The last chunk read (the one it was read after when there is none)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RepeatGuard:
+    """What a repeat's reservation checks in its own transaction (`Ledger.reserve`): that
+    the latest attempt of its request is still `past`, the one it looked at before deciding
+    to be forwarded (None: it found none). Any other (an attempt that reserved meanwhile,
+    on another worker or replica) raises RepeatArrived: two attempts of one request are
+    never both forwarded."""
+
+    team: str
+    since: float
+    """The start of the retry window."""
+    content: str
+    """The repeat's content digest, looked up when it has no key."""
+    key: str | None
+    """The digest of its `Idempotency-Key`, looked up when it has one."""
+    past: str | None
+    """The request id of the attempt it went past, if any."""
+
+    def params(self) -> tuple[str, str, float]:
+        """The parameters of the lookup of the latest attempt: `first_by_key` when the
+        repeat has a key, else `first_by_content`."""
+        return self.team, self.key if self.key is not None else self.content, self.since
+
+    def arrived(self, latest: str | None) -> None:
+        """RepeatArrived when `latest`, the latest attempt's request id, is not `past`."""
+        if latest is not None and latest != self.past:
+            raise RepeatArrived(f"attempt {latest} of this request reserved first")

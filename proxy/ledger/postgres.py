@@ -33,6 +33,7 @@ from proxy.ledger.base import (
     StoredObject,
 )
 from proxy.ledger.dialect import POSTGRES
+from proxy.ledger.kept import RepeatGuard
 from proxy.ledger.postgres_counters import (
     ADD_SQL,
     key_arrays,
@@ -97,13 +98,24 @@ class PostgresLedger(Schema, KeptAnswers):
     # -- the Ledger protocol ---------------------------------------------------
 
     async def reserve(
-        self, read: Sequence[Counter], choose: Chooser, pace: Plan | None = None
+        self,
+        read: Sequence[Counter],
+        choose: Chooser,
+        pace: Plan | None = None,
+        guard: RepeatGuard | None = None,
     ) -> Reservation:
         owner = self.owner.id if self.owner else None
 
         async def work(conn: Any) -> Reservation:
             # Choosing again after a retry is fine: the chooser is a pure function of totals.
-            reservation = choose(await lock_and_read(conn, read))
+            totals = await lock_and_read(conn, read)
+            if guard is not None:
+                # Read after the lock every reservation takes (and, at READ COMMITTED, in a
+                # snapshot of its own): every reservation before this one is seen.
+                sql = SQL.first_by_key if guard.key is not None else SQL.first_by_content
+                latest = await conn.fetchrow(sql, *guard.params())
+                guard.arrived(latest[0] if latest else None)
+            reservation = choose(totals)
             entry, usage = reservation.entry, reservation.usage
             if pace is not None:
                 # Under the same lock as the budgets: every reservation takes turns, so

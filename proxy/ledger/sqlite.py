@@ -51,6 +51,7 @@ from proxy.ledger.base import (
     StoredObject,
 )
 from proxy.ledger.dialect import SQLITE
+from proxy.ledger.kept import RepeatGuard
 from proxy.ledger.sqlite_connections import Connections
 from proxy.ledger.sqlite_kept import KeptAnswers
 from proxy.ledger.sqlite_reports import summed
@@ -103,11 +104,20 @@ class SqliteLedger(KeptAnswers):
             )
 
     async def reserve(
-        self, read: Sequence[Counter], choose: Chooser, pace: Plan | None = None
+        self,
+        read: Sequence[Counter],
+        choose: Chooser,
+        pace: Plan | None = None,
+        guard: RepeatGuard | None = None,
     ) -> Reservation:
         owner = self.owner.id if self.owner else None
 
         def run(conn: sqlite3.Connection) -> Reservation:
+            if guard is not None:
+                # In the write transaction: every reservation before this one is seen.
+                sql = SQL.first_by_key if guard.key is not None else SQL.first_by_content
+                latest = conn.execute(sql, guard.params()).fetchone()
+                guard.arrived(latest[0] if latest else None)
             reservation = choose(_read_totals(conn, read))  # pure: it may run twice
             entry, usage = reservation.entry, reservation.usage
             if pace is not None:

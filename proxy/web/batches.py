@@ -38,14 +38,16 @@ from proxy.core.budgets import Variant, allow_endpoint, decide
 from proxy.core.errors import (
     InvalidRequest,
     LedgerError,
+    RepeatArrived,
     RequestError,
+    ServiceUnavailable,
     UpstreamFailure,
 )
 from proxy.core.models import Entry, Estimate, ImageRequest, Settlement, usd_text
 from proxy.core.parsing import json_object
 from proxy.core.periods import spanning, zone
 from proxy.core.settings import Team
-from proxy.ledger import BatchLine, Reservation, StoredObject
+from proxy.ledger import BatchLine, RepeatGuard, Reservation, StoredObject
 from proxy.upstream import response_headers
 from proxy.web import repeats
 from proxy.web.admission import read_body
@@ -101,10 +103,12 @@ class Batches:
                 digest = hashlib.sha256(json.dumps(sent, sort_keys=True).encode()).digest()
                 found = repeats.marks(request, team.name, "batches", digest)
             entry = entry.asked(asked, *((found.content, found.key) if found else (None, None)))
+            guard: RepeatGuard | None = None
             if found is not None and found.repeat:
                 again = await replay_create(runtime, entry, team.name, found, headers)
-                if again is not None:
+                if isinstance(again, Response):
                     return again
+                guard = again
             # After a replay: a repeat of a create answered before the team's project
             # changed is still answered with its batch.
             same_project(runtime, stored, project, f"File '{stored.id}'")
@@ -132,7 +136,22 @@ class Batches:
                 return Reservation(sent, stored.bound_usage, adds_to, project=project)
 
             read = tuple(dict.fromkeys(a.counter for a in budgets))
-            reservation = await runtime.ledger.reserve(read, choose)
+            for _ in range(repeats.RACES):
+                try:
+                    reservation = await runtime.ledger.reserve(read, choose, guard=guard)
+                    break
+                except RepeatArrived:
+                    # Another attempt of this create reserved first (on another worker or
+                    # replica): answered with its batch, never a second one.
+                    assert found is not None
+                    again = await replay_create(runtime, entry, team.name, found, headers)
+                    if isinstance(again, Response):
+                        return again
+                    guard = again
+            else:
+                raise ServiceUnavailable(
+                    "Attempts of this batch create keep arriving together; retry shortly."
+                )
         except RequestError as exc:
             return await refuse(runtime, entry, exc, headers)
         entry = reservation.entry
@@ -326,20 +345,27 @@ async def _batch_of_file(runtime: Runtime, file_id: str, project: str | None) ->
 
 async def replay_create(
     runtime: Runtime, entry: Entry, team: str, found: repeats.Marks, headers: dict[str, str]
-) -> Response | None:
+) -> Response | RepeatGuard:
     """A repeated create answered with its first attempt's batch (a batch's reservation is
     held until it ends, so the first is awaited until its answer is kept, not settled);
-    None when it must be forwarded as new (no first, or a first that failed)."""
-    first = await repeats.first_of(runtime, team, found, runtime.clock())
+    else, when it must be forwarded as new (no first, or a first that failed), the guard
+    its reservation checks (`RepeatGuard`)."""
+    now = runtime.clock()
+    first = await repeats.first_of(runtime, team, found, now)
+    since = now - runtime.config.retries.window_s
+
+    def forward(past: str | None) -> RepeatGuard:
+        return RepeatGuard(team, since, found.content, found.key, past)
+
     if first is None:
-        return None
+        return forward(None)
     deadline = entry.started_at + runtime.config.upstream.deadline_s
     while True:
         kept = await runtime.ledger.kept_answer(first.request_id)
         if kept is not None and kept.team == team:
             return await repeats.replayed(runtime, entry, first.request_id, kept, headers)
         if first.settled or runtime.clock() >= deadline:
-            return None
+            return forward(first.request_id)
         await asyncio.sleep(repeats.WAIT_S)
         first = await repeats.first_of(runtime, team, found, runtime.clock()) or first
 

@@ -34,6 +34,7 @@ from proxy.core.errors import (
     PolicyViolation,
     PreviousResponseNotFound,
     RateLimited,
+    RepeatArrived,
     RequestError,
     ServiceUnavailable,
 )
@@ -42,7 +43,7 @@ from proxy.core.periods import applicable, counters, zone
 from proxy.core.rates import Paced
 from proxy.core.settings import Team
 from proxy.doors.base import Door, Parsed
-from proxy.ledger import Reservation, ResponseRow
+from proxy.ledger import RepeatGuard, Reservation, ResponseRow
 from proxy.web import repeats
 from proxy.web.admission import read_body
 from proxy.web.exchange import Exchange
@@ -98,20 +99,36 @@ class Pipeline(Generic[Parsed]):
             entry = entry.asked(
                 door.request(parsed), *((found.content, found.key) if found else (None, None))
             )
-            if found is not None and found.repeat:
-                # A replay counts against no limit, and says the room left like any answer.
-                replay_headers = {**headers, **await rate_headers(runtime, team)}
-                replayed = await repeats.replay(runtime, entry, team.name, found, replay_headers)
-                if replayed is not None:
-                    return replayed
-            if continues is not None:
-                # Checked after a replay: a repeat of a request answered before its team's
-                # project changed is still answered as its first attempt was.
-                same_project(
-                    runtime, continues, project, f"Previous response '{continues.response_id}'"
+            for _ in range(repeats.RACES):
+                guard: RepeatGuard | None = None
+                if found is not None and found.repeat:
+                    # A replay counts against no limit, and says the room left like any answer.
+                    replay_headers = {**headers, **await rate_headers(runtime, team)}
+                    replayed = await repeats.replay(
+                        runtime, entry, team.name, found, replay_headers
+                    )
+                    if isinstance(replayed, Response):
+                        return replayed
+                    guard = replayed
+                if continues is not None:
+                    # Checked after a replay: a repeat of a request answered before its team's
+                    # project changed is still answered as its first attempt was.
+                    same_project(
+                        runtime, continues, project, f"Previous response '{continues.response_id}'"
+                    )
+                variant = door.admit(team, parsed, config)
+                try:
+                    reserved = await self.reserve(runtime, team, entry, variant, project, guard)
+                except RepeatArrived:
+                    # Another attempt of this request reserved first (on another worker or
+                    # replica): this one is answered from it, as if it had come after it.
+                    continue
+                decision, entry, paced = reserved
+                break
+            else:
+                raise ServiceUnavailable(
+                    "Attempts of this request keep arriving together; retry shortly."
                 )
-            variant = door.admit(team, parsed, config)
-            decision, entry, paced = await self.reserve(runtime, team, entry, variant, project)
         except IdempotencyConflict as exc:
             # Recorded without the key it reused: the key's repeats still find its first
             # attempt (and conflict), not this refusal (and be forwarded as new).
@@ -172,10 +189,17 @@ class Pipeline(Generic[Parsed]):
         return self.door.carry(parsed, *carried), row
 
     async def reserve(
-        self, runtime: Runtime, team: Team, entry: Entry, variant: Variant, project: str | None
+        self,
+        runtime: Runtime,
+        team: Team,
+        entry: Entry,
+        variant: Variant,
+        project: str | None,
+        guard: RepeatGuard | None = None,
     ) -> tuple[Decision, Entry, Paced | None]:
         """Decide against the budgets and the rate limits and reserve the bound, in one
-        ledger transaction; its row records `project`, the one the request is sent under."""
+        ledger transaction; its row records `project`, the one the request is sent under.
+        A repeat's `guard` is checked in that transaction (RepeatArrived)."""
         config, user = runtime.config, variant.request.user
         budgets = applicable(config, team, user, entry.started_at)
         tz = zone(config.timezone)
@@ -191,7 +215,7 @@ class Pipeline(Generic[Parsed]):
 
         read = tuple(dict.fromkeys(a.counter for a in budgets))
         pace = rates.plan(config, team, entry.started_at)
-        reservation = await runtime.ledger.reserve(read, choose, pace)
+        reservation = await runtime.ledger.reserve(read, choose, pace, guard)
         return chosen[-1], reservation.entry, reservation.paced
 
 

@@ -18,6 +18,11 @@ every worker and replica (`Ledger.first_attempt`):
     anything else                the repeat is forwarded as a new request (a first that
                                  failed without a charge; one whose client got its answer)
 
+Attempts that arrive together (on two workers or replicas) would each find no first: a
+repeat's reservation checks again, in its own transaction, that the latest attempt is the
+one it looked at (`RepeatGuard`); if another reserved meanwhile it is not reserved
+(`RepeatArrived`) and goes back to wait for that one.
+
 An attempt's answer is kept (`Ledger.keep_answer`, within `retries.store_bytes`) when its
 client was gone before it ended — what a retry follows — or when it carried an
 `Idempotency-Key`; it is kept before the attempt is settled (or held), so a repeat that
@@ -40,7 +45,7 @@ from starlette.responses import Response, StreamingResponse
 
 from proxy.core.errors import IdempotencyConflict
 from proxy.core.models import Entry, Settlement
-from proxy.ledger import FirstAttempt, KeptAnswer, KeptTail, Owner
+from proxy.ledger import FirstAttempt, KeptAnswer, KeptTail, Owner, RepeatGuard
 from proxy.web.housekeeping import dead
 from proxy.web.kept_streams import Recorder, follow
 from proxy.web.observe import observe
@@ -54,6 +59,9 @@ WAIT_S = 0.1
 its stream already."""
 OWNER_CHECK_S = 1.0
 """How often a waiting repeat asks whether its first attempt's process is still alive."""
+RACES = 8
+"""How many times a repeat goes back to wait for an attempt of its request that reserved
+while it was looking (`RepeatArrived`) before it is refused with a 503."""
 HERE = Owner("", socket.gethostname(), os.getpid())
 NOT_REPLAYED = frozenset({"content-length", "transfer-encoding", "x-tollgate-request-id"})
 
@@ -108,13 +116,21 @@ async def replay(
     team: str,
     found: Marks,
     headers: dict[str, str],
-) -> Response | None:
-    """The answer to a repeat from its first attempt, recorded as `replayed`; None when it
-    must be forwarded as a new request."""
+) -> Response | RepeatGuard:
+    """The answer to a repeat from its first attempt, recorded as `replayed`; else, when it
+    must be forwarded as a new request, the guard its reservation checks (`RepeatGuard`:
+    no other attempt may have reserved since this one looked)."""
     clock = runtime.clock
-    first = await first_of(runtime, team, found, clock())
+    now = clock()
+    first = await first_of(runtime, team, found, now)
+    since = now - runtime.config.retries.window_s
+
+    def forward(past: FirstAttempt | None) -> RepeatGuard:
+        request_id = past.request_id if past is not None else None
+        return RepeatGuard(team, since, found.content, found.key, request_id)
+
     if first is None:
-        return None
+        return forward(None)
     deadline = min(entry.started_at, first.started_at) + runtime.config.upstream.deadline_s
     checked = clock()
     while True:
@@ -128,16 +144,16 @@ async def replay(
         if first.settled or first.held:
             # It ended, or it is a background response whose create was answered: with no
             # answer kept, this repeat is a new request.
-            return None
+            return forward(first)
         now = clock()
         if now >= deadline:
-            return None  # the first outlived its deadline: it will not answer now
+            return forward(first)  # the first outlived its deadline: it will not answer now
         if now - checked >= OWNER_CHECK_S:
             checked = now
             if await gone(runtime, first.owner, now):
                 # Its process died: its reservation is reclaimed at its bound (flagged) and
                 # this repeat is forwarded while it still has the time to render.
-                return None
+                return forward(first)
         await asyncio.sleep(WAIT_S)
         first = await first_of(runtime, team, found, clock()) or first
 
