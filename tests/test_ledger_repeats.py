@@ -242,6 +242,26 @@ async def test_the_oldest_answers_are_forgotten_to_make_room(ledger: Backend) ->
     assert await ledger.kept_answer("r0") is None
 
 
+async def test_a_team_keeping_many_answers_forgets_its_own_not_another_teams(
+    ledger: Backend,
+) -> None:
+    """A team that sends many keyed requests fills the store with its answers: making room,
+    they go first, oldest first, so a quieter team's answer is still there for its retry
+    (forgotten, the retry would be forwarded and paid again)."""
+    quiet = replace(answer("q0", 200, kept_at=1000.0), team="quiet")
+    assert await ledger.keep_answer(quiet, 1000)
+    for i in range(6):
+        flood = replace(answer(f"f{i}", 200, kept_at=1001.0 + i), team="flood")
+        assert await ledger.keep_answer(flood, 1000)
+    assert await kept(ledger) == {"q0": 200, "f2": 200, "f3": 200, "f4": 200, "f5": 200}
+    assert await ledger.kept_answer("q0") == quiet
+    # Once the quiet team keeps the most, its oldest go first in turn.
+    for i in range(1, 4):
+        again = replace(answer(f"q{i}", 200, kept_at=1010.0 + i), team="quiet")
+        assert await ledger.keep_answer(again, 1000)
+    assert await kept(ledger) == {"f4": 200, "f5": 200, "q1": 200, "q2": 200, "q3": 200}
+
+
 async def test_an_answer_larger_than_the_store_is_not_kept(ledger: Backend) -> None:
     assert await ledger.keep_answer(answer("r1", 500), 1000)
     assert not await ledger.keep_answer(answer("r2", 1001), 1000)

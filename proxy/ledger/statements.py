@@ -187,8 +187,9 @@ class Statements:
     forget_answer: str
     """(request id,): the answer kept for it, which a new one replaces."""
     make_room: str
-    """(bytes,): forget the oldest kept answers, leaving the newest whose sizes sum to
-    `bytes` at most (evicting the oldest until what is left fits)."""
+    """(bytes,): forget kept answers until what is left sums to `bytes` at most: those of
+    the team keeping the most bytes first, oldest first (one team's flood of answers
+    forgets its own before any other team's)."""
     make_room_chunks: str
     """(bytes,): the chunks of the answers `make_room` forgets; run before it."""
     kept_answer: str
@@ -290,11 +291,16 @@ def statements(dialect: Dialect) -> Statements:
 def _writes(d: Dialect) -> dict[str, str]:
     usage = ", ".join(USAGE_COLUMNS)
     resolve = "UPDATE requests SET cost_nanos = ?, resolved_at = ?, resolution = ?"
-    # Summed from the newest: what is left is the longest run of the newest that fits.
+    # Forgotten in order until what is left fits: the answers of the team that keeps the
+    # most bytes first, oldest first, then the next team's. One team's many answers push
+    # out its own, never those of a team that keeps fewer; for one team, what is left is
+    # the longest run of its newest that fits.
     crowded = (
-        "SELECT request_id FROM (SELECT request_id, SUM(size) OVER (ORDER BY kept_at DESC, "
-        f"request_id{d.collate} DESC ROWS UNBOUNDED PRECEDING) AS newer FROM kept_answers) "
-        "AS kept WHERE newer > ?"
+        "SELECT request_id FROM (SELECT request_id, SUM(size) OVER (ORDER BY team_bytes DESC, "
+        f"team{d.collate}, kept_at, request_id{d.collate} ROWS UNBOUNDED PRECEDING) - size "
+        "AS before FROM (SELECT request_id, team, size, kept_at, SUM(size) OVER "
+        "(PARTITION BY team) AS team_bytes FROM kept_answers) AS per_team) AS ordered "
+        "WHERE before < (SELECT COALESCE(SUM(size), 0) FROM kept_answers) - ?"
     )
     return {
         "insert_reservation": f"INSERT INTO requests ({names(RESERVATION_COLUMNS)}) "
