@@ -26,6 +26,7 @@ import html
 import io
 import json
 import math
+import re
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import date, datetime, timedelta
@@ -73,6 +74,34 @@ awk read the header as written."""
 def csv_start(excel: bool) -> str:
     """What a CSV starts with: the byte-order mark for spreadsheets, else nothing."""
     return CSV_BOM if excel else ""
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n", "\uff1d", "\uff0b", "\uff0d", "\uff20")
+"""How a cell a spreadsheet runs as a formula starts (fullwidth signs too)."""
+PLAIN_NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?", re.ASCII)
+
+
+def csv_cell(value: object) -> object:
+    """`value` as a CSV cell that no spreadsheet runs: text that starts like a formula (a
+    `user` a client sent, a cost center: `=HYPERLINK(...)`, `+cmd|...`) gets a leading
+    apostrophe, as spreadsheets write text; numbers and every other value are unchanged."""
+    if not isinstance(value, str) or not value.startswith(FORMULA_STARTS):
+        return value
+    return value if PLAIN_NUMBER.fullmatch(value) else "'" + value
+
+
+class CsvWriter:
+    """`csv.writer` (RFC 4180: quoted as needed, CRLF line ends) whose cells are `csv_cell`s."""
+
+    def __init__(self, out: io.StringIO) -> None:
+        self._writer = csv.writer(out)
+
+    def writerow(self, row: Iterable[object]) -> None:
+        self._writer.writerow([csv_cell(c) for c in row])
+
+    def writerows(self, rows: Iterable[Iterable[object]]) -> None:
+        for row in rows:
+            self.writerow(row)
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,7 +296,7 @@ def _cells(report: Report) -> tuple[list[str], list[list[str]]]:
 def as_csv(report: Report, excel: bool = False) -> str:
     header, body = _cells(report)
     out = io.StringIO()
-    writer = csv.writer(out)  # RFC 4180: quoted as needed, CRLF line ends
+    writer = CsvWriter(out)
     writer.writerow(header)
     writer.writerows(body)
     return csv_start(excel) + out.getvalue()
@@ -362,7 +391,7 @@ async def audit(
     `resolution`)."""
     header: list[str] | None = None
     out = io.StringIO()
-    writer = csv.writer(out)
+    writer = CsvWriter(out)
     # Closed with this generator (a client that stops reading), not whenever the loop
     # finalizes it: the export holds a database connection open.
     async with contextlib.aclosing(ledger.export(period.start, period.end)) as rows:

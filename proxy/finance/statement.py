@@ -12,7 +12,6 @@ mainline model's part is a model line of its own (`part` `mainline`, no quality;
 
 from __future__ import annotations
 
-import csv
 import html
 import io
 import json
@@ -25,7 +24,7 @@ from typing import Any, Literal
 from proxy.core.models import usd_text
 from proxy.core.settings import Config
 from proxy.finance import parts
-from proxy.finance.reports import BASE_CSS, Period, Sums, csv_start, fold
+from proxy.finance.reports import BASE_CSS, CsvWriter, Period, Sums, csv_start, fold
 from proxy.ledger.base import Aggregate, GroupColumn, Ledger
 
 Part = Literal["image", "mainline"]
@@ -193,7 +192,7 @@ CSV_HEADER = ("cost_center", "team", "section", "item", "metric", "value")
 def as_csv(s: Statement, excel: bool = False) -> str:
     """One number per line (`section, item, metric, value`): pivots in any spreadsheet."""
     out = io.StringIO()
-    writer = csv.writer(out)
+    writer = CsvWriter(out)
     writer.writerow(CSV_HEADER)
     for t in s.teams:
         data = _team_json(t, s.period)
