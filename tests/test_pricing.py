@@ -1542,7 +1542,7 @@ BUILT_IN_LINE = {
     for number, line in enumerate(
         resources.files("proxy").joinpath("prices.yaml").read_text().splitlines(), 1
     )
-    for name in ("gpt-image-2", "gpt-5.5")
+    for name in ("gpt-image-2", "gpt-5.5", "gpt-image-1")
     if line == f"  {name}:"
 }
 
@@ -1749,3 +1749,50 @@ def test_every_broken_entry_of_both_sections_is_reported_at_once(tmp_path: Path)
         [f"{path}:4", "mainline.gpt-6"],
         [f"{path}:5", "mainline.gpt-7.rates"],
     ]
+
+
+@pytest.mark.parametrize(
+    ("alias", "owner"),
+    [("gpt-image-1", "gpt-image-1"), ("gpt-image-2-2026-04-21", "gpt-image-2")],
+    ids=["a-models-name", "a-models-alias"],
+)
+def test_an_alias_cannot_reprice_another_image_model(
+    tmp_path: Path, alias: str, owner: str
+) -> None:
+    # A cheap entry whose alias is a real model's name would price every request for that
+    # model at its own rates, while OpenAI bills the real model's.
+    path = write(tmp_path, OVERRIDE.replace("[gpt-image-3-2027-01-01]", f"[{alias}]", 1))
+    path.write_text(path.read_text().split("  gpt-image-2:\n")[0])
+    assert problems_of(path) == [
+        f"{path}:4: models.gpt-image-3: '{alias}' is also '{owner}' "
+        f"(models.{owner} at {BUILT_IN_LINE[owner]}); a name prices one model"
+    ]
+
+
+def test_a_new_model_cannot_take_a_dated_snapshots_name(tmp_path: Path) -> None:
+    path = write(tmp_path, OVERRIDE.replace("gpt-image-3:", "gpt-image-2-2026-04-21:", 1))
+    assert problems_of(path) == [
+        f"{path}:4: models.gpt-image-2-2026-04-21: 'gpt-image-2-2026-04-21' is also "
+        f"'gpt-image-2' (models.gpt-image-2 at {path}:16); a name prices one model"
+    ]
+
+
+def test_two_mainline_models_cannot_share_a_name(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        mainline:
+          cheap-text:
+            source: x
+            effective_from: 2027-01-01
+            aliases: [gpt-5]
+            rates: {text_input: "0.01", text_output: "0.01"}
+        """,
+    )
+    (problem,) = problems_of(path)
+    assert problem.startswith(f"{path}:3: mainline.cheap-text: 'gpt-5' is also 'gpt-5' (")
+
+
+def test_an_entry_may_repeat_its_own_name_as_an_alias(tmp_path: Path) -> None:
+    path = write(tmp_path, OVERRIDE.replace("[gpt-image-3-2027-01-01]", "[gpt-image-3]", 1))
+    assert load_price_book(path).find("gpt-image-3") is not None
