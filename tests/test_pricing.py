@@ -575,6 +575,8 @@ def test_estimate_counts_uploaded_images_and_the_mask(book: PriceBook) -> None:
     assert estimate(model, edit).usage.image_input == (194 + 4160) + (323 + 6240)
     masked = estimate(model, edit.with_changes(mask=image)).usage.image_input
     assert masked == (194 + 4160) * 2 + (323 + 6240)
+    marked = estimate(model, edit.with_changes(markup=image)).usage.image_input
+    assert marked == masked  # a markup is an image OpenAI is given: bounded as one
 
 
 def test_estimate_gives_url_images_the_ceiling(book: PriceBook) -> None:
