@@ -38,3 +38,10 @@ def test_a_markup_is_reserved_as_an_input_image(tollgate: Tollgate) -> None:
     plain = reserved(tollgate, [image])
     marked = reserved(tollgate, [image, markup])
     assert marked - plain == 194 * IMAGE_INPUT_NANOS  # 65 + 129 a tile, one 512-px tile
+
+
+def test_tiles_of_a_scaled_image_are_reserved_rounding_up(tollgate: Tollgate) -> None:
+    # 1250x2501 scales to 512 x 1024.41: three 512-px tiles unless the side is rounded down.
+    square = reserved(tollgate, [("image", ("a.png", png(1024, 1024), "image/png"))])
+    tall = reserved(tollgate, [("image", ("a.png", png(1250, 2501), "image/png"))])
+    assert tall - square == (65 + 129 * 3 - 194) * IMAGE_INPUT_NANOS

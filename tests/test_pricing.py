@@ -1798,3 +1798,24 @@ def test_two_mainline_models_cannot_share_a_name(tmp_path: Path) -> None:
 def test_an_entry_may_repeat_its_own_name_as_an_alias(tmp_path: Path) -> None:
     path = write(tmp_path, OVERRIDE.replace("[gpt-image-3-2027-01-01]", "[gpt-image-3]", 1))
     assert load_price_book(path).find("gpt-image-3") is not None
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "tokens"),
+    [(1250, 2501, 65 + 129 * 3), (2501, 1250, 65 + 129 * 3), (1024, 1024, 194), (2048, 1024, 323)],
+)
+def test_input_tiles_are_counted_rounding_scaled_sides_up(
+    book: PriceBook, width: int, height: int, tokens: int
+) -> None:
+    # 1250x2501 scales to 512 x 1024.41: two tiles if the side is rounded, three if it is
+    # rounded up. The published rule does not say which, so the bound counts three.
+    rule = model_of(book, "gpt-image-1").input_tiles
+    assert rule is not None
+    assert rule.tokens(width, height, False) == tokens
+
+
+def test_input_tiles_never_pass_the_ceiling(book: PriceBook) -> None:
+    rule = model_of(book, "gpt-image-1").input_tiles
+    assert rule is not None
+    sides = [1, 511, 512, 513, 1023, 1025, 2047, 2048, 2049, 2501, 4097, 30_000]
+    assert max(rule.tokens(w, h, True) for w in sides for h in sides) == rule.ceiling
