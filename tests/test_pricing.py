@@ -820,6 +820,7 @@ def test_a_book_is_built_from_plain_mappings_without_a_file() -> None:
         "qualities": ["low"],
         "sizes": "custom",
         "output_tokens": {"formula": {"low": 16}},
+        "image_input": {"ceiling": 5000},
     }
     book = price_book([model_prices("gpt-image-3", fields, CustomSizes())])
     model = model_of(book, "gpt-image-3-2027-01-01")
@@ -1164,6 +1165,7 @@ BATCH_OVERRIDE = """
         qualities: [low]
         sizes: [1024x1024]
         output_tokens: {table: {low: {1024x1024: 100}}}
+        image_input: {ceiling: 5000}
 """
 
 
@@ -1244,6 +1246,7 @@ def test_a_deployment_that_changes_only_the_rates_keeps_the_built_in_batch_rates
               gpt-image-2:
                 rates: {text_input: "5.00", image_input: "8.00", image_output: "30.00",
                         text_output: "10.00"}
+                text_output_ceiling: 1000
             """,
             "3: models.gpt-image-2.batch: invalid price-book entry: `batch` needs a rate for "
             "every kind of `rates` (missing: text_output)",
@@ -1819,3 +1822,31 @@ def test_input_tiles_never_pass_the_ceiling(book: PriceBook) -> None:
     assert rule is not None
     sides = [1, 511, 512, 513, 1023, 1025, 2047, 2048, 2049, 2501, 4097, 30_000]
     assert max(rule.tokens(w, h, True) for w in sides for h in sides) == rule.ceiling
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "problem"),
+    [
+        (
+            "        image_input: {ceiling: 5000}\n",
+            "",
+            "a token-priced entry needs `image_input` (the `tiles` rule or a per-image `ceiling`)",
+        ),
+        (
+            'image_output: "20.00"}',
+            'image_output: "20.00", text_output: "10.00"}',
+            "an entry with a `text_output` rate needs a `text_output_ceiling`",
+        ),
+    ],
+    ids=["no-image-input", "text-output-unbounded"],
+)
+def test_a_new_model_must_bound_its_input_images_and_text_output(
+    tmp_path: Path, old: str, new: str, problem: str
+) -> None:
+    # Otherwise an edit of 16 URL images, or a model that bills text output, would reserve
+    # nothing for tokens OpenAI bills.
+    new_model = OVERRIDE.split("      gpt-image-2:\n")[0]
+    path = write(tmp_path, new_model.replace(old, new, 1))
+    assert problems_of(path) == [
+        f"{path}:4: models.gpt-image-3: invalid price-book entry: ValueError('{problem}')"
+    ]

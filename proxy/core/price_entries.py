@@ -75,6 +75,18 @@ def model_prices(name: str, raw: Mapping[str, Any], custom: CustomSizes) -> Mode
     if per_image is None and not ({"table", "formula"} & set(output)):
         # Without it the bound would reserve nothing for the images themselves.
         raise ValueError("a token-priced entry needs `output_tokens` (a table or a formula)")
+    if per_image is None and not ({"tiles", "ceiling"} & set(image_input)):
+        # Without it an edit's input images would be bounded at nothing.
+        raise ValueError(
+            "a token-priced entry needs `image_input` (the `tiles` rule or a per-image `ceiling`)"
+        )
+    if (
+        per_image is None
+        and _decimal(raw["rates"].get("text_output", 0))
+        and not int(raw.get("text_output_ceiling", 0))
+    ):
+        # OpenAI publishes no bound of text output: without a ceiling none would be reserved.
+        raise ValueError("an entry with a `text_output` rate needs a `text_output_ceiling`")
     effective = raw["effective_from"]
     return ModelPrices(
         name=name,
