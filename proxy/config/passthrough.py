@@ -13,6 +13,16 @@ from proxy.core.settings import READ_ONLY, Passthrough
 # may read there, never write (a POST would be spend Tollgate did not price).
 SPENDING_DOORS = ("/v1/responses", "/v1/batches", "/v1/files")
 
+# Paths where OpenAI mints a client secret from the key that calls it: an ephemeral key that
+# a browser then uses against OpenAI directly. Passed through, they would hand a team a
+# credential of the upstream account, and spend Tollgate never sees.
+KEY_MINTING = (
+    "/v1/realtime/client_secrets",
+    "/v1/realtime/sessions",
+    "/v1/realtime/transcription_sessions",
+    "/v1/chatkit/sessions",
+)
+
 
 def passthrough_prefixes(
     doc: Document, entries: list[Any], problems: list[str]
@@ -45,6 +55,15 @@ def passthrough_prefixes(
                 doc,
                 where,
                 f"{prefix!r} would forward {TOLLGATE_PATHS}, Tollgate's own paths",
+            )
+        elif methods - READ_ONLY and any(covers(prefix, door) for door in KEY_MINTING):
+            _problem(
+                problems,
+                doc,
+                where,
+                f"{prefix!r} with {', '.join(sorted(methods - READ_ONLY))} would let a team "
+                "mint client secrets with the upstream key (Realtime and ChatKit sessions): "
+                "only GET and HEAD may be passed through there",
             )
         elif methods - READ_ONLY and any(covers(prefix, door) for door in SPENDING_DOORS):
             _problem(
