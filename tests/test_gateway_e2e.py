@@ -343,3 +343,7 @@ def test_passthrough_cannot_be_configured_to_mint_client_secrets(
             load_config(tmp_path)
     write_config(tmp_path, f"{simulator.url}/v1", settings="passthrough: [/v1/realtime]\n")
     assert load_config(tmp_path).passthrough[0].prefix == "/v1/realtime"  # reading is fine
+    # Chat completions share only letters with /v1/chatkit: still forwarded for POST.
+    settings = "passthrough:\n  - {path: /v1/chat, methods: [POST]}\n"
+    write_config(tmp_path, f"{simulator.url}/v1", settings=settings)
+    assert load_config(tmp_path).passthrough[0].prefix == "/v1/chat"

@@ -56,7 +56,7 @@ def passthrough_prefixes(
                 where,
                 f"{prefix!r} would forward {TOLLGATE_PATHS}, Tollgate's own paths",
             )
-        elif methods - READ_ONLY and any(covers(prefix, door) for door in KEY_MINTING):
+        elif methods - READ_ONLY and any(reaches(prefix, door) for door in KEY_MINTING):
             _problem(
                 problems,
                 doc,
@@ -89,3 +89,11 @@ def covers(prefix: str, path: str) -> bool:
     """Whether passthrough of `prefix` reaches `path` or anything under it (any letter case)."""
     prefix = prefix.lower()
     return (path + "/").startswith(prefix) or under(prefix, path)
+
+
+def reaches(prefix: str, path: str) -> bool:
+    """Whether passthrough of `prefix` forwards `path` or anything under it, segment by
+    segment as requests are matched (any letter case): `/v1/chat` does not reach
+    `/v1/chatkit/sessions`."""
+    prefix = prefix.lower()
+    return under(path, prefix) or under(prefix, path)
