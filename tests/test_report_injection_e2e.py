@@ -107,3 +107,17 @@ def test_json_keeps_the_values_as_they_were_sent(gate: Tollgate) -> None:
 
 def test_rows_are_recorded_for_every_user(gate: Tollgate) -> None:
     assert sorted(r["user"] for r in gate.rows()) == sorted(FORMULAS)
+
+
+def test_a_period_no_report_can_read_is_refused_not_a_crash(gate: Tollgate) -> None:
+    period = ["--from", "0001-01-01", "--to", "9999-12-31"]
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "report", *period, "--config", str(gate.root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode != 0
+    assert "outside the dates a report covers" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -120,6 +120,11 @@ class Period:
         last = parse_date(end, "to") if end else month_end(first if start else today)
         if last < first:
             raise InvalidRequest(f"--to {last} is before --from {first}.", param="to")
+        if (last - first).days >= MAX_DAYS:
+            raise InvalidRequest(
+                f"{first} to {last} is more than {MAX_DAYS} days: report a shorter period.",
+                param="to",
+            )
         return cls(first, last, tz)
 
     @classmethod
@@ -130,7 +135,7 @@ class Period:
         except ValueError as exc:
             message = f"{text!r} is not a month: use YYYY-MM."
             raise InvalidRequest(message, param="statement") from exc
-        return cls(first, month_end(first), tz)
+        return cls(in_range(first, "statement"), month_end(first), tz)
 
     def midnights(self) -> list[float]:
         """The unix time of each local midnight from `first` to the day after `last`."""
@@ -164,9 +169,26 @@ def month_end(day: date) -> date:
 
 def parse_date(text: str, param: str) -> date:
     try:
-        return date.fromisoformat(text)
+        day = date.fromisoformat(text)
     except ValueError as exc:
         raise InvalidRequest(f"{text!r} is not a date: use YYYY-MM-DD.", param=param) from exc
+    return in_range(day, param)
+
+
+FIRST_DAY, LAST_DAY = date(1970, 1, 2), date(9998, 12, 31)
+"""The days a report may name: its midnights, in any time zone, and the day after its last,
+stay unix times a datetime can hold (year 1 and 9999 overflow)."""
+MAX_DAYS = 36_525
+"""A hundred years at most: a report reads its period a day at a time."""
+
+
+def in_range(day: date, param: str) -> date:
+    if not FIRST_DAY <= day <= LAST_DAY:
+        raise InvalidRequest(
+            f"{day} is outside the dates a report covers ({FIRST_DAY} to {LAST_DAY}).",
+            param=param,
+        )
+    return day
 
 
 def parse_by(text: str | None) -> tuple[Dimension, ...]:
