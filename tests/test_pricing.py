@@ -819,6 +819,7 @@ def test_a_book_is_built_from_plain_mappings_without_a_file() -> None:
         "rates": {"image_output": "20.00"},
         "qualities": ["low"],
         "sizes": "custom",
+        "auto_size": "1024x1024",
         "output_tokens": {"formula": {"low": 16}},
         "image_input": {"ceiling": 5000},
     }
@@ -1032,7 +1033,13 @@ def test_batch_rates_the_builder_cannot_read_name_the_key_at_fault(
 
 def test_a_per_image_model_may_say_the_batch_api_does_not_take_it() -> None:
     model = batch_model(
-        rates={}, output_tokens={}, per_image={"low": {"1024x1024": "0.04"}}, batch=False
+        rates={},
+        output_tokens={},
+        per_image={"low": {"1024x1024": "0.04"}},
+        batch=False,
+        qualities=["low"],
+        sizes=["1024x1024"],
+        auto_size=None,
     )
     assert model.per_image_billing
     assert not model.accepts_batch
@@ -1850,3 +1857,33 @@ def test_a_new_model_must_bound_its_input_images_and_text_output(
     assert problems_of(path) == [
         f"{path}:4: models.gpt-image-3: invalid price-book entry: ValueError('{problem}')"
     ]
+
+
+@pytest.mark.parametrize(
+    ("override", "problem"),
+    [
+        (
+            "  gpt-image-2:\n    qualities: [low, medium, high, ultra]\n",
+            "2: models.gpt-image-2: invalid price-book entry: "
+            "ValueError(\"quality 'ultra' at size 'auto' has no output token count\")",
+        ),
+        (
+            "  gpt-image-1:\n    sizes: [1024x1024, 2048x2048]\n",
+            "2: models.gpt-image-1: invalid price-book entry: "
+            "ValueError(\"quality 'low' at size '2048x2048' has no output token count\")",
+        ),
+        (
+            "  dall-e-3:\n    qualities: [standard, hd, ultra]\n",
+            "2: models.dall-e-3: invalid price-book entry: "
+            "ValueError(\"quality 'ultra' at size '1024x1024' has no price\")",
+        ),
+    ],
+    ids=["quality-without-factor", "size-without-count", "per-image-quality-without-price"],
+)
+def test_a_ladder_or_size_the_table_lacks_is_refused_when_loaded(
+    tmp_path: Path, override: str, problem: str
+) -> None:
+    # Otherwise every request for the model at that quality or size, and every `auto` one,
+    # would fail when it is priced.
+    path = write(tmp_path, "models:\n" + override)
+    assert problems_of(path) == [f"{path}:{problem}"]
