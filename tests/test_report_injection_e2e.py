@@ -31,6 +31,8 @@ FORMULAS = [
     "\r=1+1",
     "\uff1d1+1",
 ]
+CONTROLS = ["\x1b]0;owned\x07\x1b[2J", "bob\ncarol  999  999", "eve\u202egnp.exe"]
+"""A terminal escape, a line break that would forge a table row, a right-to-left override."""
 TEAMS = {
     "evil": f"""
         name: design
@@ -47,7 +49,7 @@ def gate(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iter
     write_config(root, f"{simulator.url}/v1", teams=TEAMS)
     proxy = start_tollgate(root)
     client = proxy.client()
-    for user in FORMULAS:
+    for user in FORMULAS + CONTROLS:
         client.images.generate(
             model="gpt-image-1-mini", prompt="a cat", size="1024x1024", quality="low", user=user
         )
@@ -90,23 +92,24 @@ def formula_cells(text: str) -> list[str]:
 )
 def test_no_csv_cell_starts_a_formula(gate: Tollgate, args: tuple[str, ...]) -> None:
     text = cli(gate, *args, "--format", "csv")
-    assert "HYPERLINK" in text and "calc" in text  # the values are there, as text
+    assert "'=1+CC" in text or "'=HYPERLINK" in text  # the values are there, as text
     assert formula_cells(text) == []
 
 
 def test_the_neutralized_values_keep_their_text_after_an_apostrophe(gate: Tollgate) -> None:
     rows = list(csv.DictReader(io.StringIO(cli(gate, "--by", "user", "--format", "csv"))))
-    assert {r["user"] for r in rows} == {"'" + u.replace("\r", "\n") for u in FORMULAS}
+    users = {r["user"] for r in rows} - set(CONTROLS)
+    assert users == {"'" + u.replace("\r", "\n") for u in FORMULAS}
     assert all(r["cost_usd"][0].isdigit() for r in rows)
 
 
 def test_json_keeps_the_values_as_they_were_sent(gate: Tollgate) -> None:
     rows = json.loads(cli(gate, "--by", "user", "--format", "json"))["rows"]
-    assert {r["user"] for r in rows} == set(FORMULAS)
+    assert {r["user"] for r in rows} == set(FORMULAS + CONTROLS)
 
 
 def test_rows_are_recorded_for_every_user(gate: Tollgate) -> None:
-    assert sorted(r["user"] for r in gate.rows()) == sorted(FORMULAS)
+    assert sorted(r["user"] for r in gate.rows()) == sorted(FORMULAS + CONTROLS)
 
 
 def test_a_period_no_report_can_read_is_refused_not_a_crash(gate: Tollgate) -> None:
@@ -121,3 +124,14 @@ def test_a_period_no_report_can_read_is_refused_not_a_crash(gate: Tollgate) -> N
     assert done.returncode != 0
     assert "outside the dates a report covers" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_text_reports_show_control_characters_as_escapes(gate: Tollgate) -> None:
+    text = cli(gate, "--by", "user", "--format", "table")
+    assert "\x1b" not in text and "\u202e" not in text and "\x07" not in text
+    assert "\\x1b]0;owned\\x07\\x1b[2J" in text and "eve\\u202egnp.exe" in text
+    # One line per user, the total and the title's: no row forged by a line break.
+    assert "bob\\ncarol" in text
+    assert not any(line.startswith("carol") for line in text.splitlines())
+    statement = cli(gate, "--statement", time.strftime("%Y-%m", time.gmtime()))
+    assert all(line.isprintable() for line in statement.splitlines())

@@ -324,9 +324,20 @@ def as_csv(report: Report, excel: bool = False) -> str:
     return csv_start(excel) + out.getvalue()
 
 
+def printable(value: object) -> str:
+    """`value` as text a terminal shows as it is: control and format characters (an escape
+    sequence, a line break that would forge a row, a right-to-left override) written as
+    Python escapes, `\\x1b`, `\\n`, `\\u202e`. Text formats only: CSV and JSON keep values."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def aligned(lines: Sequence[Sequence[object]]) -> list[str]:
-    """`lines` of cells as text in left-aligned columns two spaces apart, each line's
-    trailing spaces dropped."""
+    """`lines` of cells as `printable` text in left-aligned columns two spaces apart, each
+    line's trailing spaces dropped."""
+    lines = [[printable(c) for c in line] for line in lines]
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(lines[0]))]
     return [
         "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
@@ -336,6 +347,7 @@ def aligned(lines: Sequence[Sequence[object]]) -> list[str]:
 
 def as_table(report: Report) -> str:
     header, body = _cells(report)
+    body = [[printable(c) for c in row] for row in body]
     total = ["TOTAL", *[""] * (len(report.by) - 1)] if report.by else []
     body = [*body, [*total, *(str(v) for v in report.total.as_json().values())]]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
