@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.config.prices import load_price_book
 from proxy.core.models import Entry, Settlement, Usage, usd_text
 from proxy.metrics import Metrics
 from proxy.web.observe import observe, request_line
@@ -20,8 +21,9 @@ NANOS = 10**9
 
 
 def runtime_with(metrics: Metrics) -> Runtime:
-    """What `observe` reads of a runtime: its metrics."""
-    return cast(Runtime, SimpleNamespace(metrics=metrics))
+    """What `observe` reads of a runtime: its metrics and its price book."""
+    config = SimpleNamespace(prices=load_price_book())
+    return cast(Runtime, SimpleNamespace(metrics=metrics, config=config))
 
 
 def observed(

@@ -211,6 +211,7 @@ def test_multipart_edit_accepts_markup_and_does_not_count_it_as_an_input_image()
     markup = ("markup", ("markup.png", image_bytes(64, 48, mode="RGBA"), "image/png"))
     request = edit({"prompt": "x"}, [png("image", 64, 48), markup]).request
     assert request.images == (InputImage(64, 48),)
+    assert request.markup == InputImage(64, 48)  # priced as one, apart from the images
 
 
 @pytest.mark.parametrize(

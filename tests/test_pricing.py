@@ -575,6 +575,8 @@ def test_estimate_counts_uploaded_images_and_the_mask(book: PriceBook) -> None:
     assert estimate(model, edit).usage.image_input == (194 + 4160) + (323 + 6240)
     masked = estimate(model, edit.with_changes(mask=image)).usage.image_input
     assert masked == (194 + 4160) * 2 + (323 + 6240)
+    marked = estimate(model, edit.with_changes(markup=image)).usage.image_input
+    assert marked == masked  # a markup is an image OpenAI is given: bounded as one
 
 
 def test_estimate_gives_url_images_the_ceiling(book: PriceBook) -> None:
@@ -817,7 +819,9 @@ def test_a_book_is_built_from_plain_mappings_without_a_file() -> None:
         "rates": {"image_output": "20.00"},
         "qualities": ["low"],
         "sizes": "custom",
+        "auto_size": "1024x1024",
         "output_tokens": {"formula": {"low": 16}},
+        "image_input": {"ceiling": 5000},
     }
     book = price_book([model_prices("gpt-image-3", fields, CustomSizes())])
     model = model_of(book, "gpt-image-3-2027-01-01")
@@ -1029,7 +1033,13 @@ def test_batch_rates_the_builder_cannot_read_name_the_key_at_fault(
 
 def test_a_per_image_model_may_say_the_batch_api_does_not_take_it() -> None:
     model = batch_model(
-        rates={}, output_tokens={}, per_image={"low": {"1024x1024": "0.04"}}, batch=False
+        rates={},
+        output_tokens={},
+        per_image={"low": {"1024x1024": "0.04"}},
+        batch=False,
+        qualities=["low"],
+        sizes=["1024x1024"],
+        auto_size=None,
     )
     assert model.per_image_billing
     assert not model.accepts_batch
@@ -1162,6 +1172,7 @@ BATCH_OVERRIDE = """
         qualities: [low]
         sizes: [1024x1024]
         output_tokens: {table: {low: {1024x1024: 100}}}
+        image_input: {ceiling: 5000}
 """
 
 
@@ -1242,6 +1253,7 @@ def test_a_deployment_that_changes_only_the_rates_keeps_the_built_in_batch_rates
               gpt-image-2:
                 rates: {text_input: "5.00", image_input: "8.00", image_output: "30.00",
                         text_output: "10.00"}
+                text_output_ceiling: 1000
             """,
             "3: models.gpt-image-2.batch: invalid price-book entry: `batch` needs a rate for "
             "every kind of `rates` (missing: text_output)",
@@ -1542,7 +1554,7 @@ BUILT_IN_LINE = {
     for number, line in enumerate(
         resources.files("proxy").joinpath("prices.yaml").read_text().splitlines(), 1
     )
-    for name in ("gpt-image-2", "gpt-5.5")
+    for name in ("gpt-image-2", "gpt-5.5", "gpt-image-1")
     if line == f"  {name}:"
 }
 
@@ -1749,3 +1761,129 @@ def test_every_broken_entry_of_both_sections_is_reported_at_once(tmp_path: Path)
         [f"{path}:4", "mainline.gpt-6"],
         [f"{path}:5", "mainline.gpt-7.rates"],
     ]
+
+
+@pytest.mark.parametrize(
+    ("alias", "owner"),
+    [("gpt-image-1", "gpt-image-1"), ("gpt-image-2-2026-04-21", "gpt-image-2")],
+    ids=["a-models-name", "a-models-alias"],
+)
+def test_an_alias_cannot_reprice_another_image_model(
+    tmp_path: Path, alias: str, owner: str
+) -> None:
+    # A cheap entry whose alias is a real model's name would price every request for that
+    # model at its own rates, while OpenAI bills the real model's.
+    path = write(tmp_path, OVERRIDE.replace("[gpt-image-3-2027-01-01]", f"[{alias}]", 1))
+    path.write_text(path.read_text().split("  gpt-image-2:\n")[0])
+    assert problems_of(path) == [
+        f"{path}:4: models.gpt-image-3: '{alias}' is also '{owner}' "
+        f"(models.{owner} at {BUILT_IN_LINE[owner]}); a name prices one model"
+    ]
+
+
+def test_a_new_model_cannot_take_a_dated_snapshots_name(tmp_path: Path) -> None:
+    path = write(tmp_path, OVERRIDE.replace("gpt-image-3:", "gpt-image-2-2026-04-21:", 1))
+    assert problems_of(path) == [
+        f"{path}:4: models.gpt-image-2-2026-04-21: 'gpt-image-2-2026-04-21' is also "
+        f"'gpt-image-2' (models.gpt-image-2 at {path}:16); a name prices one model"
+    ]
+
+
+def test_two_mainline_models_cannot_share_a_name(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        mainline:
+          cheap-text:
+            source: x
+            effective_from: 2027-01-01
+            aliases: [gpt-5]
+            rates: {text_input: "0.01", text_output: "0.01"}
+        """,
+    )
+    (problem,) = problems_of(path)
+    assert problem.startswith(f"{path}:3: mainline.cheap-text: 'gpt-5' is also 'gpt-5' (")
+
+
+def test_an_entry_may_repeat_its_own_name_as_an_alias(tmp_path: Path) -> None:
+    path = write(tmp_path, OVERRIDE.replace("[gpt-image-3-2027-01-01]", "[gpt-image-3]", 1))
+    assert load_price_book(path).find("gpt-image-3") is not None
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "tokens"),
+    [(1250, 2501, 65 + 129 * 3), (2501, 1250, 65 + 129 * 3), (1024, 1024, 194), (2048, 1024, 323)],
+)
+def test_input_tiles_are_counted_rounding_scaled_sides_up(
+    book: PriceBook, width: int, height: int, tokens: int
+) -> None:
+    # 1250x2501 scales to 512 x 1024.41: two tiles if the side is rounded, three if it is
+    # rounded up. The published rule does not say which, so the bound counts three.
+    rule = model_of(book, "gpt-image-1").input_tiles
+    assert rule is not None
+    assert rule.tokens(width, height, False) == tokens
+
+
+def test_input_tiles_never_pass_the_ceiling(book: PriceBook) -> None:
+    rule = model_of(book, "gpt-image-1").input_tiles
+    assert rule is not None
+    sides = [1, 511, 512, 513, 1023, 1025, 2047, 2048, 2049, 2501, 4097, 30_000]
+    assert max(rule.tokens(w, h, True) for w in sides for h in sides) == rule.ceiling
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "problem"),
+    [
+        (
+            "        image_input: {ceiling: 5000}\n",
+            "",
+            "a token-priced entry needs `image_input` (the `tiles` rule or a per-image `ceiling`)",
+        ),
+        (
+            'image_output: "20.00"}',
+            'image_output: "20.00", text_output: "10.00"}',
+            "an entry with a `text_output` rate needs a `text_output_ceiling`",
+        ),
+    ],
+    ids=["no-image-input", "text-output-unbounded"],
+)
+def test_a_new_model_must_bound_its_input_images_and_text_output(
+    tmp_path: Path, old: str, new: str, problem: str
+) -> None:
+    # Otherwise an edit of 16 URL images, or a model that bills text output, would reserve
+    # nothing for tokens OpenAI bills.
+    new_model = OVERRIDE.split("      gpt-image-2:\n")[0]
+    path = write(tmp_path, new_model.replace(old, new, 1))
+    assert problems_of(path) == [
+        f"{path}:4: models.gpt-image-3: invalid price-book entry: ValueError('{problem}')"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("override", "problem"),
+    [
+        (
+            "  gpt-image-2:\n    qualities: [low, medium, high, ultra]\n",
+            "2: models.gpt-image-2: invalid price-book entry: "
+            "ValueError(\"quality 'ultra' at size 'auto' has no output token count\")",
+        ),
+        (
+            "  gpt-image-1:\n    sizes: [1024x1024, 2048x2048]\n",
+            "2: models.gpt-image-1: invalid price-book entry: "
+            "ValueError(\"quality 'low' at size '2048x2048' has no output token count\")",
+        ),
+        (
+            "  dall-e-3:\n    qualities: [standard, hd, ultra]\n",
+            "2: models.dall-e-3: invalid price-book entry: "
+            "ValueError(\"quality 'ultra' at size '1024x1024' has no price\")",
+        ),
+    ],
+    ids=["quality-without-factor", "size-without-count", "per-image-quality-without-price"],
+)
+def test_a_ladder_or_size_the_table_lacks_is_refused_when_loaded(
+    tmp_path: Path, override: str, problem: str
+) -> None:
+    # Otherwise every request for the model at that quality or size, and every `auto` one,
+    # would fail when it is priced.
+    path = write(tmp_path, "models:\n" + override)
+    assert problems_of(path) == [f"{path}:{problem}"]

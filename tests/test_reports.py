@@ -135,3 +135,31 @@ def test_reconcile_names_mainline_models_and_their_snapshots_by_the_price_book()
     found = parse_costs(pages, book)
     assert found.amounts == {(date(2026, 11, 3), "gpt-4.1"): Decimal("0.75")}
     assert found.ignored == {"gpt-3.5-turbo, input": Decimal("0.125")}
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "param"),
+    [
+        ("0001-01-01", "2026-01-01", "from"),  # its midnight in Tokyo is before year 1
+        ("2026-01-01", "9999-12-31", "to"),  # the day after it is past year 9999
+        ("1970-01-02", "2080-01-01", "to"),  # a hundred years and more
+    ],
+)
+def test_a_period_past_what_a_report_can_read_is_a_request_error(
+    start: str, end: str, param: str
+) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        Period.parse(start, end, "Asia/Tokyo", 0).midnights()
+    assert caught.value.param == param
+
+
+def test_a_statement_of_year_9999_is_a_request_error() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        Period.month("9999-12", "UTC")
+    assert caught.value.param == "statement"
+
+
+def test_the_widest_period_still_has_its_midnights() -> None:
+    period = Period.parse("9998-12-01", "9998-12-31", "Pacific/Kiritimati", 0)
+    assert len(period.midnights()) == 32
+    assert len(Period.parse("1970-01-02", "1970-01-02", "America/Adak", 0).midnights()) == 2

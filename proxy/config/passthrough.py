@@ -13,6 +13,16 @@ from proxy.core.settings import READ_ONLY, Passthrough
 # may read there, never write (a POST would be spend Tollgate did not price).
 SPENDING_DOORS = ("/v1/responses", "/v1/batches", "/v1/files")
 
+# Paths where OpenAI mints a client secret from the key that calls it: an ephemeral key that
+# a browser then uses against OpenAI directly. Passed through, they would hand a team a
+# credential of the upstream account, and spend Tollgate never sees.
+KEY_MINTING = (
+    "/v1/realtime/client_secrets",
+    "/v1/realtime/sessions",
+    "/v1/realtime/transcription_sessions",
+    "/v1/chatkit/sessions",
+)
+
 
 def passthrough_prefixes(
     doc: Document, entries: list[Any], problems: list[str]
@@ -46,6 +56,15 @@ def passthrough_prefixes(
                 where,
                 f"{prefix!r} would forward {TOLLGATE_PATHS}, Tollgate's own paths",
             )
+        elif methods - READ_ONLY and any(reaches(prefix, door) for door in KEY_MINTING):
+            _problem(
+                problems,
+                doc,
+                where,
+                f"{prefix!r} with {', '.join(sorted(methods - READ_ONLY))} would let a team "
+                "mint client secrets with the upstream key (Realtime and ChatKit sessions): "
+                "only GET and HEAD may be passed through there",
+            )
         elif methods - READ_ONLY and any(covers(prefix, door) for door in SPENDING_DOORS):
             _problem(
                 problems,
@@ -70,3 +89,11 @@ def covers(prefix: str, path: str) -> bool:
     """Whether passthrough of `prefix` reaches `path` or anything under it (any letter case)."""
     prefix = prefix.lower()
     return (path + "/").startswith(prefix) or under(prefix, path)
+
+
+def reaches(prefix: str, path: str) -> bool:
+    """Whether passthrough of `prefix` forwards `path` or anything under it, segment by
+    segment as requests are matched (any letter case): `/v1/chat` does not reach
+    `/v1/chatkit/sessions`."""
+    prefix = prefix.lower()
+    return under(path, prefix) or under(prefix, path)

@@ -100,12 +100,24 @@ def _sections(
 def _built(
     entries: dict[str, _Entry], custom: CustomSizes, problems: list[str]
 ) -> list[ModelPrices]:
+    """The image models; a name or alias that another entry also claims is a problem (one
+    name prices one model: a deployment's alias must not quietly reprice a real model)."""
     built: list[ModelPrices] = []
+    owners: dict[str, str] = {}
     for name, entry in entries.items():
         try:
-            built.append(model_prices(name, entry.fields, custom))
+            model = model_prices(name, entry.fields, custom)
         except ENTRY_ERRORS as exc:
             problems.append(_problem(entry, exc))
+            continue
+        for claimed in dict.fromkeys((model.name, *model.aliases)):
+            owner = owners.setdefault(claimed, model.name)
+            if owner != model.name:
+                other = entries[owner]
+                where = f"{dotted(other.path)} at {other.doc.where(other.path)}"
+                message = f"{claimed!r} is also {owner!r} ({where}); a name prices one model"
+                problems.append(entry.doc.problem(entry.path, message))
+        built.append(model)
     return built
 
 
@@ -119,6 +131,7 @@ def _built_mainline(
     (one name prices one model), naming where that image model is written."""
     image_names = {name: model.name for model in images for name in (model.name, *model.aliases)}
     built: list[MainlinePrices] = []
+    texts: dict[str, str] = {}
     for name, entry in entries.items():
         try:
             text = mainline_prices(name, entry.fields)
@@ -126,6 +139,12 @@ def _built_mainline(
             problems.append(_problem(entry, exc))
             continue
         clash = [n for n in (text.name, *text.aliases) if n in image_names]
+        twice = [n for n in (text.name, *text.aliases) if texts.setdefault(n, name) != name]
+        if twice:
+            other = entries[texts[twice[0]]]
+            where = f"{dotted(other.path)} at {other.doc.where(other.path)}"
+            message = f"{twice[0]!r} is also {texts[twice[0]]!r} ({where}); a name prices one model"
+            problems.append(entry.doc.problem(entry.path, message))
         if clash:
             image = written[image_names[clash[0]]]
             where = f"{dotted(image.path)} at {image.doc.where(image.path)}"

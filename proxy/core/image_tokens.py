@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,14 +50,18 @@ class TileRule:
     high_fidelity_other: int
 
     def tokens(self, width: int, height: int, high_fidelity: bool) -> int:
-        w, h = float(width), float(height)
+        """An upper bound of the published rule. The rule does not say how a scaled side is
+        rounded (1250x2501 scales to 512 x 1024.41: 2 tiles rounded, 3 if rounded up), so
+        sides are kept exact and the tiles counted rounding up, at least what any rounding
+        counts."""
+        w, h = Fraction(width), Fraction(height)
         if max(w, h) > self.fit:
             scale = self.fit / max(w, h)
             w, h = w * scale, h * scale
         if min(w, h) > self.shortest_side:
             scale = self.shortest_side / min(w, h)
             w, h = w * scale, h * scale
-        tiles = -(-round(w) // self.tile) * -(-round(h) // self.tile)
+        tiles = math.ceil(w / self.tile) * math.ceil(h / self.tile)
         tokens = self.base + self.per_tile * tiles
         if high_fidelity:
             tokens += self.high_fidelity_square if width == height else self.high_fidelity_other

@@ -66,7 +66,10 @@ def json_image_ref(ref: Any, param: str) -> tuple[InputImage, dict[str, str]]:
 
 def multipart_images(
     endpoint: Endpoint, parts: list[Part]
-) -> tuple[tuple[Upload, ...], tuple[InputImage, ...], InputImage | None]:
+) -> tuple[tuple[Upload, ...], tuple[InputImage, ...], InputImage | None, InputImage | None]:
+    """The uploads, the input images, the mask and the markup. The markup (an image laid over
+    the first one) is not an input image of the request, but it is priced as one: OpenAI
+    publishes nothing that says it is free."""
     files = [p for p in parts if p.name in ("image", "image[]")]
     counts = {name: sum(p.name == name for p in parts) for name in IMAGE_FIELDS}
     if counts["image"] > 1:
@@ -86,7 +89,7 @@ def multipart_images(
         raise InvalidRequest(f"Too many images: at most {MAX_IMAGES}.", param="image")
     uploads: list[Upload] = []
     images: list[InputImage] = []
-    mask = None
+    mask = markup = None
     for part in parts:
         if part.name not in IMAGE_FIELDS:
             continue
@@ -94,6 +97,8 @@ def multipart_images(
         uploads.append(Upload(part.name, part.data, fmt))
         if part.name == "mask":
             mask = image
-        elif part.name != "markup":
+        elif part.name == "markup":
+            markup = image
+        else:
             images.append(image)
-    return tuple(uploads), tuple(images), mask
+    return tuple(uploads), tuple(images), mask, markup

@@ -149,6 +149,8 @@ class ImageRequest:
     input_fidelity: str | None = None
     images: tuple[InputImage, ...] = ()
     mask: InputImage | None = None
+    markup: InputImage | None = None
+    """An image laid over the first one (multipart `markup`): priced as an input image."""
     user: str | None = None
     params: tuple[tuple[str, str], ...] = ()
     """Other scalar request fields (name, value as text) for policy checks."""

@@ -158,8 +158,8 @@ def _multipart_request(endpoint: Endpoint, parts: list[Part], default_model: str
         text[part.name] = part_text(part)
     check_names(text, ACCEPTED[endpoint, True], ())
     fields = typed_fields(text, endpoint, multipart=True)
-    uploads, images, mask = multipart_images(endpoint, parts)
-    return _parsed(endpoint, fields, images, mask, default_model, uploads=uploads)
+    uploads, images, mask, markup = multipart_images(endpoint, parts)
+    return _parsed(endpoint, fields, images, mask, default_model, uploads=uploads, markup=markup)
 
 
 def json_object(body: bytes) -> dict[str, Any]:
@@ -217,6 +217,7 @@ def _parsed(
     *,
     uploads: tuple[Upload, ...] = (),
     references: Mapping[str, Any] | None = None,
+    markup: InputImage | None = None,
 ) -> ParsedBody:
     prompt = _prompt(endpoint, given)
     named = given.get("model")
@@ -241,6 +242,7 @@ def _parsed(
         input_fidelity=fidelity if isinstance(fidelity, str) else None,
         images=images,
         mask=mask,
+        markup=markup,
         user=user if isinstance(user, str) else None,
         params=tuple((name, form_text(value)) for name, value in given.items() if name != "prompt"),
     )

@@ -75,34 +75,70 @@ def model_prices(name: str, raw: Mapping[str, Any], custom: CustomSizes) -> Mode
     if per_image is None and not ({"table", "formula"} & set(output)):
         # Without it the bound would reserve nothing for the images themselves.
         raise ValueError("a token-priced entry needs `output_tokens` (a table or a formula)")
+    if per_image is None and not ({"tiles", "ceiling"} & set(image_input)):
+        # Without it an edit's input images would be bounded at nothing.
+        raise ValueError(
+            "a token-priced entry needs `image_input` (the `tiles` rule or a per-image `ceiling`)"
+        )
+    if (
+        per_image is None
+        and _decimal(raw["rates"].get("text_output", 0))
+        and not int(raw.get("text_output_ceiling", 0))
+    ):
+        # OpenAI publishes no bound of text output: without a ceiling none would be reserved.
+        raise ValueError("an entry with a `text_output` rate needs a `text_output_ceiling`")
     effective = raw["effective_from"]
-    return ModelPrices(
-        name=name,
-        source=str(raw["source"]),
-        effective_from=effective if isinstance(effective, date) else date.fromisoformat(effective),
-        qualities=tuple(raw["qualities"]),
-        rates={
-            kind: _decimal(v) for kind, v in raw.get("rates", {}).items() if kind in TOKEN_KINDS
-        },
-        sizes=() if sizes == "custom" else tuple(sizes),
-        custom_sizes=custom if sizes == "custom" else None,
-        auto_size=raw.get("auto_size"),
-        output_table=output.get("table"),
-        output_formula=output.get("formula"),
-        output_scale={q: _decimal(v) for q, v in output.get("scale", {}).items()},
-        input_tiles=TileRule(**image_input["tiles"]) if "tiles" in image_input else None,
-        input_ceiling=image_input.get("ceiling"),
-        per_image=(
-            {q: {s: _decimal(p) for s, p in by_size.items()} for q, by_size in per_image.items()}
-            if per_image is not None
-            else None
-        ),
-        text_output_ceiling=int(raw.get("text_output_ceiling", 0)),
-        partial_image_tokens=int(raw.get("partial_image_tokens", 100)),
-        max_n=int(raw.get("max_n", MAX_N)),
-        aliases=tuple(raw.get("aliases", ())),
-        batch_rates=_batch_rates(raw.get("batch"), raw.get("rates", {}), per_image is not None),
+    return _complete(
+        ModelPrices(
+            name=name,
+            source=str(raw["source"]),
+            effective_from=effective
+            if isinstance(effective, date)
+            else date.fromisoformat(effective),
+            qualities=tuple(raw["qualities"]),
+            rates={
+                kind: _decimal(v) for kind, v in raw.get("rates", {}).items() if kind in TOKEN_KINDS
+            },
+            sizes=() if sizes == "custom" else tuple(sizes),
+            custom_sizes=custom if sizes == "custom" else None,
+            auto_size=raw.get("auto_size"),
+            output_table=output.get("table"),
+            output_formula=output.get("formula"),
+            output_scale={q: _decimal(v) for q, v in output.get("scale", {}).items()},
+            input_tiles=TileRule(**image_input["tiles"]) if "tiles" in image_input else None,
+            input_ceiling=image_input.get("ceiling"),
+            per_image=(
+                {
+                    q: {s: _decimal(p) for s, p in by_size.items()}
+                    for q, by_size in per_image.items()
+                }
+                if per_image is not None
+                else None
+            ),
+            text_output_ceiling=int(raw.get("text_output_ceiling", 0)),
+            partial_image_tokens=int(raw.get("partial_image_tokens", 100)),
+            max_n=int(raw.get("max_n", MAX_N)),
+            aliases=tuple(raw.get("aliases", ())),
+            batch_rates=_batch_rates(raw.get("batch"), raw.get("rates", {}), per_image is not None),
+        )
     )
+
+
+def _complete(model: ModelPrices) -> ModelPrices:
+    """`model`, once every quality of its ladder at every size it accepts (and `auto`) has a
+    count or a price: an entry whose ladder or sizes name one its table lacks would fail
+    every such request, `auto` ones included, instead of being refused when loaded."""
+    for quality in model.qualities:
+        for size in (*model.sizes, "auto"):
+            try:
+                if model.per_image is not None:
+                    model.image_price_nanos(quality, size)
+                else:
+                    model.max_output_tokens(quality, size)
+            except (KeyError, TypeError, ValueError):
+                what = "price" if model.per_image is not None else "output token count"
+                raise ValueError(f"quality {quality!r} at size {size!r} has no {what}") from None
+    return model
 
 
 def _batch_rates(

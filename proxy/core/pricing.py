@@ -259,7 +259,9 @@ def estimate(model: ModelPrices, request: ImageRequest) -> Estimate:
     if model.per_image_billing:
         charge = model.per_image_charge(request.quality, request.size, request.n)
         return Estimate(charge.usage, charge.cost_nanos)
-    images = (*request.images, request.mask) if request.mask is not None else request.images
+    # A mask and a markup are priced as input images too: OpenAI publishes no rule that
+    # leaves them out, and the bound must hold whatever it counts.
+    images = (*request.images, *(i for i in (request.mask, request.markup) if i is not None))
     image_input = sum(
         model.input_image_tokens(image.width, image.height, request.input_fidelity)
         for image in images

@@ -26,6 +26,7 @@ import html
 import io
 import json
 import math
+import re
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import date, datetime, timedelta
@@ -75,6 +76,34 @@ def csv_start(excel: bool) -> str:
     return CSV_BOM if excel else ""
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n", "\uff1d", "\uff0b", "\uff0d", "\uff20")
+"""How a cell a spreadsheet runs as a formula starts (fullwidth signs too)."""
+PLAIN_NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?", re.ASCII)
+
+
+def csv_cell(value: object) -> object:
+    """`value` as a CSV cell that no spreadsheet runs: text that starts like a formula (a
+    `user` a client sent, a cost center: `=HYPERLINK(...)`, `+cmd|...`) gets a leading
+    apostrophe, as spreadsheets write text; numbers and every other value are unchanged."""
+    if not isinstance(value, str) or not value.startswith(FORMULA_STARTS):
+        return value
+    return value if PLAIN_NUMBER.fullmatch(value) else "'" + value
+
+
+class CsvWriter:
+    """`csv.writer` (RFC 4180: quoted as needed, CRLF line ends) whose cells are `csv_cell`s."""
+
+    def __init__(self, out: io.StringIO) -> None:
+        self._writer = csv.writer(out)
+
+    def writerow(self, row: Iterable[object]) -> None:
+        self._writer.writerow([csv_cell(c) for c in row])
+
+    def writerows(self, rows: Iterable[Iterable[object]]) -> None:
+        for row in rows:
+            self.writerow(row)
+
+
 @dataclass(frozen=True, slots=True)
 class Period:
     """Whole local days `first`..`last` (inclusive) in the time zone `tz`."""
@@ -91,6 +120,11 @@ class Period:
         last = parse_date(end, "to") if end else month_end(first if start else today)
         if last < first:
             raise InvalidRequest(f"--to {last} is before --from {first}.", param="to")
+        if (last - first).days >= MAX_DAYS:
+            raise InvalidRequest(
+                f"{first} to {last} is more than {MAX_DAYS} days: report a shorter period.",
+                param="to",
+            )
         return cls(first, last, tz)
 
     @classmethod
@@ -101,7 +135,7 @@ class Period:
         except ValueError as exc:
             message = f"{text!r} is not a month: use YYYY-MM."
             raise InvalidRequest(message, param="statement") from exc
-        return cls(first, month_end(first), tz)
+        return cls(in_range(first, "statement"), month_end(first), tz)
 
     def midnights(self) -> list[float]:
         """The unix time of each local midnight from `first` to the day after `last`."""
@@ -135,9 +169,26 @@ def month_end(day: date) -> date:
 
 def parse_date(text: str, param: str) -> date:
     try:
-        return date.fromisoformat(text)
+        day = date.fromisoformat(text)
     except ValueError as exc:
         raise InvalidRequest(f"{text!r} is not a date: use YYYY-MM-DD.", param=param) from exc
+    return in_range(day, param)
+
+
+FIRST_DAY, LAST_DAY = date(1970, 1, 2), date(9998, 12, 31)
+"""The days a report may name: its midnights, in any time zone, and the day after its last,
+stay unix times a datetime can hold (year 1 and 9999 overflow)."""
+MAX_DAYS = 36_525
+"""A hundred years at most: a report reads its period a day at a time."""
+
+
+def in_range(day: date, param: str) -> date:
+    if not FIRST_DAY <= day <= LAST_DAY:
+        raise InvalidRequest(
+            f"{day} is outside the dates a report covers ({FIRST_DAY} to {LAST_DAY}).",
+            param=param,
+        )
+    return day
 
 
 def parse_by(text: str | None) -> tuple[Dimension, ...]:
@@ -267,15 +318,26 @@ def _cells(report: Report) -> tuple[list[str], list[list[str]]]:
 def as_csv(report: Report, excel: bool = False) -> str:
     header, body = _cells(report)
     out = io.StringIO()
-    writer = csv.writer(out)  # RFC 4180: quoted as needed, CRLF line ends
+    writer = CsvWriter(out)
     writer.writerow(header)
     writer.writerows(body)
     return csv_start(excel) + out.getvalue()
 
 
+def printable(value: object) -> str:
+    """`value` as text a terminal shows as it is: control and format characters (an escape
+    sequence, a line break that would forge a row, a right-to-left override) written as
+    Python escapes, `\\x1b`, `\\n`, `\\u202e`. Text formats only: CSV and JSON keep values."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def aligned(lines: Sequence[Sequence[object]]) -> list[str]:
-    """`lines` of cells as text in left-aligned columns two spaces apart, each line's
-    trailing spaces dropped."""
+    """`lines` of cells as `printable` text in left-aligned columns two spaces apart, each
+    line's trailing spaces dropped."""
+    lines = [[printable(c) for c in line] for line in lines]
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(lines[0]))]
     return [
         "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
@@ -285,6 +347,7 @@ def aligned(lines: Sequence[Sequence[object]]) -> list[str]:
 
 def as_table(report: Report) -> str:
     header, body = _cells(report)
+    body = [[printable(c) for c in row] for row in body]
     total = ["TOTAL", *[""] * (len(report.by) - 1)] if report.by else []
     body = [*body, [*total, *(str(v) for v in report.total.as_json().values())]]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
@@ -362,7 +425,7 @@ async def audit(
     `resolution`)."""
     header: list[str] | None = None
     out = io.StringIO()
-    writer = csv.writer(out)
+    writer = CsvWriter(out)
     # Closed with this generator (a client that stops reading), not whenever the loop
     # finalizes it: the export holds a database connection open.
     async with contextlib.aclosing(ledger.export(period.start, period.end)) as rows:

@@ -12,7 +12,6 @@ mainline model's part is a model line of its own (`part` `mainline`, no quality;
 
 from __future__ import annotations
 
-import csv
 import html
 import io
 import json
@@ -25,7 +24,7 @@ from typing import Any, Literal
 from proxy.core.models import usd_text
 from proxy.core.settings import Config
 from proxy.finance import parts
-from proxy.finance.reports import BASE_CSS, Period, Sums, csv_start, fold
+from proxy.finance.reports import BASE_CSS, CsvWriter, Period, Sums, csv_start, fold, printable
 from proxy.ledger.base import Aggregate, GroupColumn, Ledger
 
 Part = Literal["image", "mainline"]
@@ -193,7 +192,7 @@ CSV_HEADER = ("cost_center", "team", "section", "item", "metric", "value")
 def as_csv(s: Statement, excel: bool = False) -> str:
     """One number per line (`section, item, metric, value`): pivots in any spreadsheet."""
     out = io.StringIO()
-    writer = csv.writer(out)
+    writer = CsvWriter(out)
     writer.writerow(CSV_HEADER)
     for t in s.teams:
         data = _team_json(t, s.period)
@@ -365,21 +364,22 @@ def render(s: Statement, fmt: str, excel: bool = False) -> str:
 
 
 def _text(s: Statement) -> str:
+    p = printable
     lines = [f"Chargeback statement {s.period.first:%Y-%m} ({s.period.tz})", ""]
     for center, teams in s.cost_centers().items():
-        lines.append(f"Cost center {center or '(none)'}")
+        lines.append(f"Cost center {p(center or '(none)')}")
         for t in teams:
             budget = f" of {usd_text(t.budget_nanos)}" if t.budget_nanos is not None else ""
             rejected = rejections(t.outcomes)
             lines.append(
-                f"  {t.team}: ${usd_text(t.sums.cost_nanos)}{budget}, {t.sums.requests} "
+                f"  {p(t.team)}: ${usd_text(t.sums.cost_nanos)}{budget}, {t.sums.requests} "
                 f"requests, {t.sums.images} images, downgrades {t.outcomes.get('downgraded', 0)}"
                 f", rejections {rejected}"
             )
             for m, q, x, part in t.by_model:
                 what = q if part == "image" else "(mainline)"
-                lines.append(f"    {m} {what}: {x.images} images, ${usd_text(x.cost_nanos)}")
-            doors = ", ".join(f"{d} ${usd_text(x.cost_nanos)}" for d, x in t.by_endpoint)
+                lines.append(f"    {p(m)} {p(what)}: {x.images} images, ${usd_text(x.cost_nanos)}")
+            doors = ", ".join(f"{p(d)} ${usd_text(x.cost_nanos)}" for d, x in t.by_endpoint)
             lines.append(f"    by endpoint: {doors or 'none'}")
     lines.append(f"\nTotal ${usd_text(s.total.cost_nanos)}")
     return "\n".join(lines) + "\n"

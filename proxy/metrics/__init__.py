@@ -44,6 +44,9 @@ from proxy.core.models import NANOS_PER_USD, TOKEN_KINDS, Change, Entry, Settlem
 from proxy.core.status import BudgetStatus, RateStatus
 from proxy.metrics.text import MultiprocessText, RegistryText, label_text
 
+UNPRICED = "(unpriced)"
+"""The `model` label of a request for a model the price book does not know."""
+
 ENV_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.5, 1, 2.5, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300)
 BUDGET_LABELS = ("scope", "team", "period")
@@ -205,15 +208,25 @@ class Metrics:
     def started(self) -> None:
         self.inflight.inc()
 
-    def finished(self, entry: Entry, settlement: Settlement, changes: Sequence[Change]) -> None:
+    def finished(
+        self,
+        entry: Entry,
+        settlement: Settlement,
+        changes: Sequence[Change],
+        priced: Callable[[str], bool] | None = None,
+    ) -> None:
         """Count a request that has ended, whatever its outcome.
 
         A Responses request is billed under two models: its image tool's (`entry.model`,
         the request's own label) and its mainline model's, whose tokens and dollars are
-        counted under that model with `quality=""`."""
+        counted under that model with `quality=""`. A model name `priced` does not know
+        (any string a client sent, refused as unpriced) is counted as `UNPRICED`: a label
+        value a client chooses would make one series per name, without bound."""
         self.inflight.dec()
         team = entry.team or ""
         model = entry.model or entry.model_requested or entry.mainline_model or ""
+        if model and priced is not None and not priced(model):
+            model = UNPRICED
         self._requests(team, model, entry.endpoint or "", settlement.outcome).inc()
         for change in changes:
             self._downgrades(team, change.knob, change.reason).inc()

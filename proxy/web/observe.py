@@ -26,7 +26,13 @@ def observe(
     runtime: Runtime, entry: Entry, settlement: Settlement, changes: tuple[Change, ...]
 ) -> None:
     """Count a finished request in the metrics and write its log line."""
-    runtime.metrics.finished(entry, settlement, changes)
+    prices = runtime.config.prices
+    runtime.metrics.finished(
+        entry,
+        settlement,
+        changes,
+        priced=lambda m: prices.find(m) is not None or prices.find_mainline(m) is not None,
+    )
     log_request(entry, settlement)
 
 
