@@ -134,6 +134,29 @@ on_exhausted: reject
 """
 
 
+def batch_of(client: TestClient, headers: dict[str, str], lines: list[dict[str, Any]]) -> str:
+    """The id of a batch of `lines`, uploaded and created through an app in process."""
+    uploaded = client.post(
+        "/v1/files",
+        headers=headers,
+        data={"purpose": "batch"},
+        files={"file": ("in.jsonl", jsonl(lines), "application/jsonl")},
+    )
+    assert uploaded.status_code == 200, uploaded.text
+    made = client.post(
+        "/v1/batches",
+        headers=headers,
+        json={
+            "input_file_id": uploaded.json()["id"],
+            "endpoint": GENERATIONS,
+            "completion_window": "24h",
+        },
+    )
+    assert made.status_code == 200, made.text
+    batch_id: str = made.json()["id"]
+    return batch_id
+
+
 def test_a_batch_created_before_midnight_and_ending_after_it_keeps_the_next_days_limit(
     tmp_path: Path,
 ) -> None:
@@ -152,24 +175,7 @@ def test_a_batch_created_before_midnight_and_ending_after_it_keeps_the_next_days
     body = {**HIGH, **LOW}
     with TestClient(app) as client:
         lines = [line(f"n{i}", body) for i in range(4)]
-        uploaded = client.post(
-            "/v1/files",
-            headers=headers,
-            data={"purpose": "batch"},
-            files={"file": ("in.jsonl", jsonl(lines), "application/jsonl")},
-        )
-        assert uploaded.status_code == 200, uploaded.text
-        made = client.post(
-            "/v1/batches",
-            headers=headers,
-            json={
-                "input_file_id": uploaded.json()["id"],
-                "endpoint": GENERATIONS,
-                "completion_window": "24h",
-            },
-        )
-        assert made.status_code == 200, made.text
-        batch_id = made.json()["id"]
+        batch_id = batch_of(client, headers, lines)
         now[0] = time.time()  # the next day: the batch ends in it
         direct = 0
         while direct < 20:
@@ -209,24 +215,7 @@ def test_a_batch_that_ends_past_its_span_is_booked_within_it(tmp_path: Path) -> 
     )
     headers = {"authorization": f"Bearer {KEY}"}
     with TestClient(app) as client:
-        uploaded = client.post(
-            "/v1/files",
-            headers=headers,
-            data={"purpose": "batch"},
-            files={"file": ("in.jsonl", jsonl([line("n0", {**HIGH, **LOW})]), "application/jsonl")},
-        )
-        assert uploaded.status_code == 200, uploaded.text
-        made = client.post(
-            "/v1/batches",
-            headers=headers,
-            json={
-                "input_file_id": uploaded.json()["id"],
-                "endpoint": GENERATIONS,
-                "completion_window": "24h",
-            },
-        )
-        assert made.status_code == 200, made.text
-        batch_id = made.json()["id"]
+        batch_id = batch_of(client, headers, [line("n0", {**HIGH, **LOW})])
         query = (
             "SELECT started_at, finished_at FROM requests "
             f"WHERE response_id = '{batch_id}' AND state = 'settled'"

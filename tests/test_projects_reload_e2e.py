@@ -32,6 +32,7 @@ from tests.batches_e2e import (
 from tests.conftest import (
     DESIGN_KEY,
     Simulator,
+    Tollgate,
     start_simulator,
     start_tollgate,
     stop,
@@ -61,13 +62,26 @@ def since(simulator: Simulator, start: int) -> list[dict[str, Any]]:
     return api_arrivals(simulator)[start:]
 
 
-def test_after_a_project_change_a_team_reads_what_it_made_where_it_was_made(
-    simulator: Simulator, tmp_path: Path
-) -> None:
+def in_project_a(simulator: Simulator, tmp_path: Path) -> Tollgate:
+    """Tollgate started with the design team in proj_A (and an admin token, to reload)."""
     design = TEAMS["design"].replace("proj_design", "proj_A")
     settings = f"timezone: UTC\nadmin_token: {ADMIN}\n"
     write_config(tmp_path, f"{simulator.url}/v1", settings, teams={"design": design})
-    proxy = start_tollgate(tmp_path)
+    return start_tollgate(tmp_path)
+
+
+def move_to(proxy: Tollgate, tmp_path: Path, project: str) -> None:
+    """The design team's file moves it to `project`, and Tollgate reloads."""
+    design = TEAMS["design"].replace("proj_design", project)
+    (tmp_path / "teams" / "design.yaml").write_text(design)
+    reload = httpx.post(f"{proxy.url}/admin/reload", headers={"authorization": f"Bearer {ADMIN}"})
+    assert reload.status_code == 200, reload.text
+
+
+def test_after_a_project_change_a_team_reads_what_it_made_where_it_was_made(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    proxy = in_project_a(simulator, tmp_path)
     try:
         sdk = proxy.client(DESIGN_KEY)
         answered = sdk.responses.create(**RESPONSE)
@@ -86,11 +100,7 @@ def test_after_a_project_change_a_team_reads_what_it_made_where_it_was_made(
         assert done.status == "completed" and done.output_file_id is not None
         assert {a["project"] for a in api_arrivals(simulator)} == {"proj_A"}
 
-        (tmp_path / "teams" / "design.yaml").write_text(design.replace("proj_A", "proj_B"))
-        reload = httpx.post(
-            f"{proxy.url}/admin/reload", headers={"authorization": f"Bearer {ADMIN}"}
-        )
-        assert reload.status_code == 200, reload.text
+        move_to(proxy, tmp_path, "proj_B")
 
         start = len(api_arrivals(simulator))
         assert sdk.responses.retrieve(answered.id).status == "completed"
@@ -137,10 +147,7 @@ def test_after_a_project_change_a_new_request_cannot_build_on_the_former_project
     is refused (400 `object_in_other_project`): under proj_B OpenAI would not find the
     object, and under proj_A it would bill the new request to a project the team left. A
     repeat of such a request answered before the change is still answered as it was."""
-    design = TEAMS["design"].replace("proj_design", "proj_A")
-    settings = f"timezone: UTC\nadmin_token: {ADMIN}\n"
-    write_config(tmp_path, f"{simulator.url}/v1", settings, teams={"design": design})
-    proxy = start_tollgate(tmp_path)
+    proxy = in_project_a(simulator, tmp_path)
     try:
         sdk = proxy.client(DESIGN_KEY)
         first = sdk.responses.create(**RESPONSE)
@@ -162,11 +169,7 @@ def test_after_a_project_change_a_new_request_cannot_build_on_the_former_project
             }
         finally:
             simulator.configure(batch_delay_ms=400)
-        (tmp_path / "teams" / "design.yaml").write_text(design.replace("proj_A", "proj_B"))
-        reload = httpx.post(
-            f"{proxy.url}/admin/reload", headers={"authorization": f"Bearer {ADMIN}"}
-        )
-        assert reload.status_code == 200, reload.text
+        move_to(proxy, tmp_path, "proj_B")
         start = len(api_arrivals(simulator))
         with pytest.raises(openai.BadRequestError) as continued:
             sdk.responses.create(**RESPONSE, previous_response_id=first.id)
