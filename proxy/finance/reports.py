@@ -120,11 +120,6 @@ class Period:
         last = parse_date(end, "to") if end else month_end(first if start else today)
         if last < first:
             raise InvalidRequest(f"--to {last} is before --from {first}.", param="to")
-        if (last - first).days >= MAX_DAYS:
-            raise InvalidRequest(
-                f"{first} to {last} is more than {MAX_DAYS} days: report a shorter period.",
-                param="to",
-            )
         return cls(first, last, tz)
 
     @classmethod
@@ -178,8 +173,6 @@ def parse_date(text: str, param: str) -> date:
 FIRST_DAY, LAST_DAY = date(1970, 1, 2), date(9998, 12, 31)
 """The days a report may name: its midnights, in any time zone, and the day after its last,
 stay unix times a datetime can hold (year 1 and 9999 overflow)."""
-MAX_DAYS = 36_525
-"""A hundred years at most: a report reads its period a day at a time."""
 
 
 def in_range(day: date, param: str) -> date:
