@@ -120,10 +120,10 @@ class BatchFollow:
         for file_id in (output, batch.get("error_file_id")):
             if isinstance(file_id, str):
                 team = entry.team or ""
-                output = StoredObject(
+                owned = StoredObject(
                     file_id, team, "file", "batch_output", ended_at, project=self.project
                 )
-                await ledger.own(output)
+                await ledger.own(owned)
         outcome = Settlement(
             finished_at=ended_at,
             outcome="ok" if status == "completed" else "upstream_error",
