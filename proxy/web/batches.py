@@ -47,6 +47,7 @@ from proxy.core.models import Entry, Estimate, ImageRequest, Settlement, usd_tex
 from proxy.core.parsing import json_object
 from proxy.core.periods import spanning, zone
 from proxy.core.settings import Team
+from proxy.doors.batches import bound_now
 from proxy.ledger import BatchLine, RepeatGuard, Reservation, StoredObject
 from proxy.upstream import response_headers
 from proxy.web import repeats
@@ -119,7 +120,12 @@ class Batches:
                     "book: upload the file again.",
                     param="input_file_id",
                 )
-            variant = Variant(asked, model, Estimate(stored.bound_usage, stored.bound_nanos))
+            # Checked and bounded again under the configuration in force now: a reload since
+            # the upload may have tightened the team's policy or raised a rate.
+            bound = bound_now(
+                team, config, lines.values(), Estimate(stored.bound_usage, stored.bound_nanos)
+            )
+            variant = Variant(asked, model, bound)
             # Its lines are billed on the day the batch ends, to the users they name: the
             # bound is held in every window it may end in, and in its user's budgets.
             user = batch_user(team, lines.values())
@@ -132,8 +138,8 @@ class Batches:
                 # A batch is reserved whole or refused: never downgraded, never throttled.
                 decision = decide(strict, variant, budgets, totals, config.prices, tz)
                 remaining.append(decision.remaining_nanos)
-                sent = entry.sent(asked, stored.bound_nanos, "")
-                return Reservation(sent, stored.bound_usage, adds_to, project=project)
+                sent = entry.sent(asked, bound.cost_nanos, "")
+                return Reservation(sent, bound.usage, adds_to, project=project)
 
             read = tuple(dict.fromkeys(a.counter for a in budgets))
             for _ in range(repeats.RACES):
