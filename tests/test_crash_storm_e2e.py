@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests import pg
-from tests.conftest import Simulator, Tollgate, drop_ledger, start_tollgate
+from tests.conftest import Simulator, Tollgate, drop_ledger, free_port, start_tollgate
 from tests.test_budgets_e2e import ONE, fire, storm_config
 
 FITS = 40
@@ -128,3 +128,46 @@ def test_a_worker_killed_mid_storm_on_sqlite_leaves_spend_within_the_limit(
     finally:
         simulator.configure(latency_ms=0)
         gate.stop()
+
+
+@pytest.fixture
+def cluster() -> Iterator[pg.Cluster]:
+    """A private PostgreSQL server this test may stop: the shared one is never stopped."""
+    private = pg.Cluster(free_port())
+    private.start()
+    yield private
+    private.remove()
+
+
+def test_a_database_outage_mid_storm_over_two_replicas_leaves_spend_within_the_limit(
+    simulator: Simulator, tmp_path: Path, cluster: pg.Cluster
+) -> None:
+    from proxy.ledger import migrate_ledger
+
+    pg.run(migrate_ledger(cluster.url))
+    limit = ONE * FITS
+    storm_config(tmp_path, simulator, limit)
+    billed_before = len(simulator.billing())
+    simulator.configure(latency_ms=1500)
+    replicas = [start_tollgate(tmp_path, ledger_url=cluster.url) for _ in range(2)]
+    try:
+
+        async def storm() -> None:
+            async def outage() -> None:
+                reserved = "SELECT count(*) AS n FROM requests WHERE state = 'reserved'"
+                while (await asyncio.to_thread(replicas[0].query, reserved))[0]["n"] < 5:
+                    await asyncio.sleep(0.02)
+                await asyncio.to_thread(cluster.stop)
+                await asyncio.sleep(2)
+                await asyncio.to_thread(cluster.start)
+
+            await asyncio.gather(*(fire(r.url, 150) for r in replicas), outage())
+
+        asyncio.run(storm())
+        simulator.configure(latency_ms=0)
+        wait_for_no_reservation(replicas[0])
+        check_ledger(replicas[0], simulator, limit, billed_before)
+    finally:
+        simulator.configure(latency_ms=0)
+        for replica in replicas:
+            replica.stop()
