@@ -54,8 +54,9 @@ def check_ledger(gate: Tollgate, simulator: Simulator, limit: Decimal, billed_be
     assert len(charged) >= billed - billed_before
 
 
-def worker_of(supervisor: int) -> int:
-    """The pid of one serving worker of a multi-worker server (not the resource tracker)."""
+def workers_of(supervisor: int) -> list[int]:
+    """The pids of the serving workers of a multi-worker server (not its resource tracker)."""
+    found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
@@ -63,18 +64,20 @@ def worker_of(supervisor: int) -> int:
         except OSError:
             continue
         if int(fields[1]) == supervisor and b"resource_tracker" not in cmdline:
-            return int(stat.parent.name)
-    raise AssertionError("no worker found")
+            found.append(int(stat.parent.name))
+    assert found, "no worker found"
+    return found
 
 
-async def storm_then_kill(gate: Tollgate, url: str, victim: int, count: int) -> list[int]:
-    """`count` requests to `url`; `victim` killed once reservations are in flight."""
+async def storm_then_kill(gate: Tollgate, url: str, victims: list[int], count: int) -> list[int]:
+    """`count` requests to `url`; `victims` killed once reservations are in flight."""
 
     async def kill() -> None:
         reserved = "SELECT count(*) AS n FROM requests WHERE state = 'reserved'"
         while (await asyncio.to_thread(gate.query, reserved))[0]["n"] < 5:
             await asyncio.sleep(0.02)
-        os.kill(victim, signal.SIGKILL)
+        for victim in victims:
+            os.kill(victim, signal.SIGKILL)
 
     statuses, _ = await asyncio.gather(fire(url, count), kill())
     return statuses
@@ -92,7 +95,7 @@ def test_a_replica_killed_mid_storm_leaves_spend_within_the_limit_after_restart(
 
         async def storm() -> None:
             await asyncio.gather(
-                storm_then_kill(first, first.url, first.process.pid, 150),
+                storm_then_kill(first, first.url, [first.process.pid], 150),
                 fire(second.url, 150),
             )
 
@@ -120,11 +123,35 @@ def test_a_worker_killed_mid_storm_on_sqlite_leaves_spend_within_the_limit(
     simulator.configure(latency_ms=1500)
     gate = start_tollgate(tmp_path, "--workers", "2")
     try:
-        victim = worker_of(gate.process.pid)
-        asyncio.run(storm_then_kill(gate, gate.url, victim, 200))
+        victim = workers_of(gate.process.pid)[0]
+        asyncio.run(storm_then_kill(gate, gate.url, [victim], 200))
         simulator.configure(latency_ms=0)
         wait_for_no_reservation(gate)
         check_ledger(gate, simulator, limit, billed_before)
+    finally:
+        simulator.configure(latency_ms=0)
+        gate.stop()
+
+
+def test_a_two_worker_server_killed_whole_mid_storm_on_sqlite_leaves_spend_within_the_limit(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    limit = ONE * FITS
+    storm_config(tmp_path, simulator, limit)
+    billed_before = len(simulator.billing())
+    simulator.configure(latency_ms=1500)
+    gate = start_tollgate(tmp_path, "--workers", "2")
+    try:
+        every = [gate.process.pid, *workers_of(gate.process.pid)]
+        asyncio.run(storm_then_kill(gate, gate.url, every, 200))
+        gate.process.wait()
+        simulator.configure(latency_ms=0)
+        again = start_tollgate(tmp_path, "--workers", "2")
+        try:
+            wait_for_no_reservation(again)
+            check_ledger(again, simulator, limit, billed_before)
+        finally:
+            again.stop()
     finally:
         simulator.configure(latency_ms=0)
         gate.stop()
