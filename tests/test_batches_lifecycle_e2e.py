@@ -316,13 +316,13 @@ def test_a_create_that_timed_out_but_ran_upstream_is_charged_not_released(
     uploaded = upload(client, generations("gpt-image-2", 3))
     # The upstream reads the file for longer than Tollgate waits (`timeout_s: 3`): the create
     # times out, Tollgate finds no batch of the file yet, and the batch is created after.
-    simulator.configure(latency_ms=4_500)
+    simulator.configure(batch_read_ms=4_500)
     since = time.time()
     with pytest.raises(openai.APIError):
         client.batches.create(
             input_file_id=uploaded.id, endpoint=GENERATIONS, completion_window="24h"
         )
-    simulator.configure(latency_ms=0)
+    simulator.configure(batch_read_ms=0)
 
     def upstream_batch() -> dict[str, Any] | None:
         page = httpx.get(

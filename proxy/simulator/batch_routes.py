@@ -3,7 +3,7 @@
 every request:  authenticate → settle the batches that have ended → answer
 upload:         read the multipart form → check purpose, name, size, expiry → store
 create batch:   read the JSON body → check its parameters → read the input file's lines
-                (taking `latency_ms`) → run each valid line as the Images API would → store
+                (taking `batch_read_ms`) → run each valid line as the Images API would → store
                 (answer `validating`)
 """
 
@@ -199,10 +199,10 @@ async def _create_batch(state: SimulatorState, request: Request, now: float) -> 
         )
     read = read_input(source.content, endpoint)
     knobs = state.knobs
-    if knobs.latency_ms:
+    if knobs.batch_read_ms:
         # Reading the input file takes time: the batch exists once it is read, whether or
         # not the client still waits for the answer (a create that timed out may have run).
-        await sleep_ms(knobs.latency_ms)
+        await sleep_ms(knobs.batch_read_ms)
         now = time.time()
     batch = StoredBatch(
         id=f"batch_{uuid.uuid4().hex}",
