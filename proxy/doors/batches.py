@@ -31,7 +31,7 @@ from proxy.core.budgets import apply_allow
 from proxy.core.errors import InvalidRequest, RequestError, UnpricedModel
 from proxy.core.models import Endpoint, Estimate, ImageRequest, Usage
 from proxy.core.parsing import json_object, parse_request
-from proxy.core.pricing import estimate
+from proxy.core.pricing import ModelPrices, estimate
 from proxy.core.settings import Config, Team
 from proxy.doors.images import priced
 
@@ -260,29 +260,20 @@ def bound_now(
     otherwise leaves the batch reserved below what it is settled at."""
     problems: list[str] = []
     output = text_output = images = 0
-    models = {}
+    models: dict[str, ModelPrices] = {}
+    # Lines asking the same thing get the same answer: each kind is checked once (a file of
+    # 50,000 lines holds a handful of kinds, and this runs on the event loop).
+    seen: dict[tuple[Any, ...], str | tuple[ModelPrices, Usage]] = {}
     for stored in lines:
-        request = ImageRequest(
-            endpoint=stored.endpoint, model=stored.model, n=stored.n, quality=stored.quality,
-            size=stored.size, user=stored.user,
-        )  # fmt: skip
-        try:
-            model = priced(config.prices, stored.model)
-            if not model.accepts_batch:
-                raise UnpricedModel(f"model {model.name!r} is not accepted by the Batch API")
-            variant = apply_allow(team, request, model.for_batch())
-        except RequestError as exc:
-            problems.append(f"line {stored.line}: {exc.message}")
+        kind = (stored.endpoint, stored.model, stored.n, stored.quality, stored.size, stored.user)
+        found = seen.get(kind)
+        if found is None:
+            found = seen[kind] = _checked_again(team, config, *kind)
+        if isinstance(found, str):
+            problems.append(f"line {stored.line}: {found}")
             continue
-        if variant.changes:
-            change = variant.changes[0]
-            problems.append(
-                f"line {stored.line}: {change.knob} {change.before} is above what team "
-                f"{team.name} may request ({change.knob}={change.after} at most)"
-            )
-            continue
-        models[model.name] = model.for_batch()
-        ceiling = estimate(models[model.name], request).usage
+        model, ceiling = found
+        models[model.name] = model
         output += ceiling.image_output
         text_output += ceiling.text_output
         images += ceiling.images
@@ -306,3 +297,34 @@ def bound_now(
     )
     cost = max((model.cost(usage) for model in models.values()), default=0)
     return Estimate(usage, max(priced_at.cost_nanos, cost))
+
+
+def _checked_again(
+    team: Team,
+    config: Config,
+    endpoint: Endpoint,
+    name: str,
+    n: int,
+    quality: str,
+    size: str,
+    user: str | None,
+) -> str | tuple[ModelPrices, Usage]:
+    """Why a line asking this is refused now, or its model at batch rates and its output
+    ceiling."""
+    request = ImageRequest(
+        endpoint=endpoint, model=name, n=n, quality=quality, size=size, user=user
+    )  # fmt: skip
+    try:
+        model = priced(config.prices, name)
+        if not model.accepts_batch:
+            raise UnpricedModel(f"model {model.name!r} is not accepted by the Batch API")
+        variant = apply_allow(team, request, model.for_batch())
+    except RequestError as exc:
+        return exc.message
+    if variant.changes:
+        change = variant.changes[0]
+        return (
+            f"{change.knob} {change.before} is above what team {team.name} may request "
+            f"({change.knob}={change.after} at most)"
+        )
+    return model.for_batch(), estimate(model.for_batch(), request).usage
