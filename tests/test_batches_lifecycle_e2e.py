@@ -316,7 +316,7 @@ def test_a_create_that_timed_out_but_ran_upstream_is_charged_not_released(
     uploaded = upload(client, generations("gpt-image-2", 3))
     # The upstream reads the file for longer than Tollgate waits (`timeout_s: 3`): the create
     # times out, Tollgate finds no batch of the file yet, and the batch is created after.
-    simulator.configure(batch_read_ms=4_500)
+    simulator.configure(batch_read_ms=8_000)
     since = time.time()
     with pytest.raises(openai.APIError):
         client.batches.create(
