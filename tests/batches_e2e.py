@@ -307,7 +307,8 @@ def proxy(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 @pytest.fixture(autouse=True)
 def calm(simulator: Simulator) -> Iterator[None]:
-    """Short batches, a day's window, no latency or faults."""
-    simulator.configure(latency_ms=0, fault=None, batch_delay_ms=400, batch_window_ms=DAY * 1000)
+    """Short batches, a day's window, no latency or faults, creates answered at once."""
+    knobs = {"batch_delay_ms": 400, "batch_window_ms": DAY * 1000, "batch_read_ms": 0}
+    simulator.configure(latency_ms=0, fault=None, **knobs)
     yield
-    simulator.configure(latency_ms=0, fault=None, batch_delay_ms=400, batch_window_ms=DAY * 1000)
+    simulator.configure(latency_ms=0, fault=None, **knobs)

@@ -12,10 +12,12 @@ from hypothesis import strategies as st
 
 from proxy.config import load_config
 from proxy.core.auth import key_hash
+from proxy.core.errors import InvalidRequest
+from proxy.core.models import Estimate
 from proxy.core.parsing import parse_request
 from proxy.core.pricing import estimate
 from proxy.core.settings import Config, Team
-from proxy.doors.batches import MAX_LINES, MAX_PROBLEMS, BatchFile
+from proxy.doors.batches import MAX_LINES, MAX_PROBLEMS, BatchFile, bound_now
 from tests.conftest import write_config
 
 GENERATIONS = "/v1/images/generations"
@@ -155,3 +157,33 @@ def test_how_the_file_arrives_in_chunks_does_not_change_what_is_read(
     assert whole.ok and split.ok
     assert split_out == whole_out
     assert split.bound_nanos == whole.bound_nanos and len(split.lines) == 5
+
+
+# -- checked again when the batch is created ------------------------------------------------
+
+
+def test_a_file_checked_again_under_the_same_configuration_keeps_its_bound(
+    config: Config,
+) -> None:
+    batch, _ = read(config, line("a") + b"\n" + line("b", n=2, quality="high"))
+    again = bound_now(team(config), config, batch.lines, Estimate(batch.usage, batch.bound_nanos))
+    assert again == Estimate(batch.usage, batch.bound_nanos)
+
+
+def test_a_file_of_two_models_is_bounded_at_the_dearer_one(config: Config) -> None:
+    batch, _ = read(config, line("a") + b"\n" + line("b", model="gpt-image-1-mini"))
+    priced_at = Estimate(batch.usage, 1)  # as if priced at far lower rates
+    again = bound_now(team(config), config, batch.lines, priced_at)
+    dearest = max(
+        config.prices.find(m).for_batch().cost(batch.usage)  # type: ignore[union-attr]
+        for m in ("gpt-image-2", "gpt-image-1-mini")
+    )
+    assert again.cost_nanos == dearest >= batch.bound_nanos
+
+
+def test_every_line_a_tightened_policy_refuses_is_listed(config: Config) -> None:
+    batch, _ = read(config, line("a", quality="high") + b"\n" + line("b", model="gpt-image-1.5"))
+    with pytest.raises(InvalidRequest) as refused:
+        bound_now(team(config, "strict"), config, batch.lines, Estimate(batch.usage, 0))
+    message = refused.value.message
+    assert "line 1: quality high" in message and "line 2: Team strict may not use model" in message

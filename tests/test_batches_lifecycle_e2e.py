@@ -7,10 +7,12 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from openai.types import Batch
@@ -21,6 +23,7 @@ from tests.batches_e2e import (
     TEAMS,
     api_arrivals,
     arrivals,
+    batch_cost,
     batch_rows,
     billed_lines,
     calm,
@@ -29,6 +32,7 @@ from tests.batches_e2e import (
     ended,
     generations,
     proxy,
+    record_tokens,
     reserved_total,
     settled_rows,
     upload,
@@ -36,6 +40,7 @@ from tests.batches_e2e import (
 )
 from tests.conftest import (
     RESEARCH_KEY,
+    UPSTREAM_KEY,
     Simulator,
     Tollgate,
     drop_ledger,
@@ -299,3 +304,53 @@ def test_two_replicas_follow_a_batch_whose_creator_died_and_one_settles_it(
         for replica in replicas:
             replica.stop()
         drop_ledger(shared)
+
+
+# -- a create whose answer never came ------------------------------------------------------
+
+
+def test_a_create_that_timed_out_but_ran_upstream_is_charged_not_released(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    client = proxy.client(RESEARCH_KEY)
+    uploaded = upload(client, generations("gpt-image-2", 3))
+    # The upstream reads the file for longer than Tollgate waits (`timeout_s: 3`): the create
+    # times out, Tollgate finds no batch of the file yet, and the batch is created after.
+    simulator.configure(batch_read_ms=8_000)
+    since = time.time()
+    with pytest.raises(openai.APIError):
+        client.batches.create(
+            input_file_id=uploaded.id, endpoint=GENERATIONS, completion_window="24h"
+        )
+    simulator.configure(batch_read_ms=0)
+
+    def upstream_batch() -> dict[str, Any] | None:
+        page = httpx.get(
+            f"{simulator.url}/v1/batches",
+            headers={"authorization": f"Bearer {UPSTREAM_KEY}"},
+            params={"limit": 100},
+        ).json()
+        found = [b for b in page["data"] if b["input_file_id"] == uploaded.id]
+        return found[0] if found and found[0]["status"] == "completed" else None
+
+    ran = wait_for("the batch created upstream ran", upstream_batch)
+    billed = sum(
+        batch_cost("gpt-image-2", record_tokens(r))
+        for r in billed_lines(simulator, ran["id"]).values()
+    )
+    assert billed > 0
+    [row] = wait_for(
+        "the create's reservation settled",
+        lambda: (
+            [
+                r
+                for r in proxy.query("SELECT * FROM requests WHERE endpoint = 'batches'")
+                if r["team"] == "research" and r["state"] == "settled" and r["started_at"] >= since
+            ]
+            or None
+        ),
+    )
+    # The upstream may have created the batch (and did): its bound is charged, flagged,
+    # never released for spend the ledger would not see.
+    assert row["cost_nanos"] >= billed, row
+    assert row["flagged"] == 1

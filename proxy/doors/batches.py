@@ -14,18 +14,24 @@ policy would change (a quality above `allow.max_quality`) is refused rather than
 a batch runs unattended, with no header to say what changed. Every bad line is listed
 (`line 12: …`, up to `MAX_PROBLEMS` of them, then how many more), and any one refuses the
 whole file before it is uploaded.
+
+A file may be run as a batch long after it was uploaded, under a configuration reloaded
+since: `bound_now` checks its lines again, when the batch is created, against the team's
+`allow` policy and the price book in force then, and bounds the batch at today's rates.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 from proxy.core.budgets import apply_allow
 from proxy.core.errors import InvalidRequest, RequestError, UnpricedModel
-from proxy.core.models import Endpoint, Usage
+from proxy.core.models import Endpoint, Estimate, ImageRequest, Usage
 from proxy.core.parsing import json_object, parse_request
+from proxy.core.pricing import ModelPrices, estimate
 from proxy.core.settings import Config, Team
 from proxy.doors.images import priced
 
@@ -218,3 +224,107 @@ class BatchFile:
             self.problems.append(text)
         else:
             self.more_problems += 1
+
+
+class StoredLine(Protocol):
+    """What the ledger keeps of a priced line (`proxy.ledger.BatchLine`)."""
+
+    @property
+    def line(self) -> int: ...
+    @property
+    def endpoint(self) -> Endpoint: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def quality(self) -> str: ...
+    @property
+    def size(self) -> str: ...
+    @property
+    def n(self) -> int: ...
+    @property
+    def user(self) -> str | None: ...
+
+
+def bound_now(
+    team: Team, config: Config, lines: Iterable[StoredLine], priced_at: Estimate
+) -> Estimate:
+    """The bound of a batch of a file priced at upload (`priced_at`), under the
+    configuration in force now; InvalidRequest listing every line that it refuses (a model
+    no longer priced or accepted by the Batch API, a policy it no longer meets: a batch
+    line is never changed).
+
+    The bound is never below the upload's. Its output is each line's output ceiling now;
+    its input, the file's as priced at upload (the prompts and images are not kept). Priced
+    at the dearest rates of the file's models (OpenAI runs a batch of one model only), it
+    holds every line whatever its model: a reload that raised a rate since the upload
+    otherwise leaves the batch reserved below what it is settled at."""
+    problems: list[str] = []
+    output = text_output = images = 0
+    models: dict[str, ModelPrices] = {}
+    # Lines asking the same thing get the same answer: each kind is checked once (a file of
+    # 50,000 lines holds a handful of kinds, and this runs on the event loop).
+    seen: dict[tuple[Any, ...], str | tuple[ModelPrices, Usage]] = {}
+    for stored in lines:
+        kind = (stored.endpoint, stored.model, stored.n, stored.quality, stored.size, stored.user)
+        found = seen.get(kind)
+        if found is None:
+            found = seen[kind] = _checked_again(team, config, *kind)
+        if isinstance(found, str):
+            problems.append(f"line {stored.line}: {found}")
+            continue
+        model, ceiling = found
+        models[model.name] = model
+        output += ceiling.image_output
+        text_output += ceiling.text_output
+        images += ceiling.images
+    if problems:
+        count = len(problems)
+        shown = problems[:MAX_PROBLEMS] + ([f"… and {count - MAX_PROBLEMS:,} more"]
+                                           if count > MAX_PROBLEMS else [])  # fmt: skip
+        raise InvalidRequest(
+            "\n".join([
+                f"This batch file no longer meets Tollgate's configuration: {count:,} "
+                "problem(s). Fix the lines and upload the file again.",
+                *shown,
+            ]),
+            param="input_file_id",
+        )  # fmt: skip
+    usage = replace(
+        priced_at.usage,
+        image_output=max(priced_at.usage.image_output, output),
+        text_output=max(priced_at.usage.text_output, text_output),
+        images=max(priced_at.usage.images, images),
+    )
+    cost = max((model.cost(usage) for model in models.values()), default=0)
+    return Estimate(usage, max(priced_at.cost_nanos, cost))
+
+
+def _checked_again(
+    team: Team,
+    config: Config,
+    endpoint: Endpoint,
+    name: str,
+    n: int,
+    quality: str,
+    size: str,
+    user: str | None,
+) -> str | tuple[ModelPrices, Usage]:
+    """Why a line asking this is refused now, or its model at batch rates and its output
+    ceiling."""
+    request = ImageRequest(
+        endpoint=endpoint, model=name, n=n, quality=quality, size=size, user=user
+    )  # fmt: skip
+    try:
+        model = priced(config.prices, name)
+        if not model.accepts_batch:
+            raise UnpricedModel(f"model {model.name!r} is not accepted by the Batch API")
+        variant = apply_allow(team, request, model.for_batch())
+    except RequestError as exc:
+        return exc.message
+    if variant.changes:
+        change = variant.changes[0]
+        return (
+            f"{change.knob} {change.before} is above what team {team.name} may request "
+            f"({change.knob}={change.after} at most)"
+        )
+    return model.for_batch(), estimate(model.for_batch(), request).usage

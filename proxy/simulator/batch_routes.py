@@ -3,7 +3,8 @@
 every request:  authenticate → settle the batches that have ended → answer
 upload:         read the multipart form → check purpose, name, size, expiry → store
 create batch:   read the JSON body → check its parameters → read the input file's lines
-                → run each valid line as the Images API would → store (answer `validating`)
+                (taking `batch_read_ms`) → run each valid line as the Images API would → store
+                (answer `validating`)
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from proxy.simulator.files import (
 )
 from proxy.simulator.forms import parse_json
 from proxy.simulator.refusals import ApiError, invalid, invalid_api_key, missing
-from proxy.simulator.routes import SimulatorState, error_response, json_response
+from proxy.simulator.routes import SimulatorState, error_response, json_response, sleep_ms
 
 MAX_BATCH_LIST_LIMIT = 100
 DEFAULT_BATCH_LIST_LIMIT = 20
@@ -198,6 +199,11 @@ async def _create_batch(state: SimulatorState, request: Request, now: float) -> 
         )
     read = read_input(source.content, endpoint)
     knobs = state.knobs
+    if knobs.batch_read_ms:
+        # Reading the input file takes time: the batch exists once it is read, whether or
+        # not the client still waits for the answer (a create that timed out may have run).
+        await sleep_ms(knobs.batch_read_ms)
+        now = time.time()
     batch = StoredBatch(
         id=f"batch_{uuid.uuid4().hex}",
         input_file_id=input_file_id,

@@ -10,7 +10,10 @@ from proxy.simulator.faults import Fault, parse_fault
 DEFAULT_BATCH_DELAY_MS = 1_500
 DEFAULT_BATCH_WINDOW_MS = 24 * 3600 * 1000
 """OpenAI's only completion window, "24h"."""
-_COUNTS = ("latency_ms", "payload_bytes", "batch_delay_ms", "batch_window_ms", "queue_ms")
+_COUNTS = (
+    "latency_ms", "payload_bytes", "batch_delay_ms", "batch_window_ms", "queue_ms",
+    "batch_read_ms",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,9 @@ class Knobs:
     queue_ms: int = 0
     """How long a background response's create takes to be answered (`queued`): a slow
     create, which a client with a shorter timeout retries."""
+    batch_read_ms: int = 0
+    """How long a batch create reads its input file before the batch exists and is
+    answered: a create that outlives its client's timeout still creates the batch."""
 
     @classmethod
     def of(cls, settings: SimulatorSettings) -> Knobs:
@@ -74,6 +80,7 @@ class Knobs:
             batch_delay_ms=count("batch_delay_ms", self.batch_delay_ms),
             batch_window_ms=count("batch_window_ms", self.batch_window_ms),
             queue_ms=count("queue_ms", self.queue_ms),
+            batch_read_ms=count("batch_read_ms", self.batch_read_ms),
         )
         if "fault" in changes:
             knobs = replace(knobs, fault=parse_fault(changes["fault"]))
@@ -95,4 +102,5 @@ class Knobs:
             "batch_delay_ms": self.batch_delay_ms,
             "batch_window_ms": self.batch_window_ms,
             "queue_ms": self.queue_ms,
+            "batch_read_ms": self.batch_read_ms,
         }

@@ -12,7 +12,8 @@ GET  /_sim/billing    POST /_sim/reset             the billing record (reset: an
 GET  /_sim/arrivals                                every request received, as sent
 GET  /_sim/config     POST /_sim/config            runtime knobs (latency, payload, fault,
                                                    extra answer headers, batch delay and
-                                                   completion window)
+                                                   completion window, how long a batch
+                                                   create reads its file)
 GET  /healthz
 """
 

@@ -184,10 +184,12 @@ def billed_line(
         response = found.get("response") or {}
         if response.get("status_code") != 200:
             return None
-        body = response.get("body") or {}
+        body = response.get("body")
         custom_id = found.get("custom_id")
     except (ValueError, AttributeError):
         raise MalformedAnswer(f"batch {batch_id}: an output line is not JSON") from None
+    if not isinstance(body, dict):
+        body = {}  # a billed line whose answer cannot be read: charged its bound, flagged
     config = runtime.config
     line = lines.get(custom_id) if isinstance(custom_id, str) else None
     if line is None:

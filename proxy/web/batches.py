@@ -43,10 +43,11 @@ from proxy.core.errors import (
     ServiceUnavailable,
     UpstreamFailure,
 )
-from proxy.core.models import Entry, Estimate, ImageRequest, Settlement, usd_text
+from proxy.core.models import Entry, Estimate, ImageRequest, Settlement, Usage, usd_text
 from proxy.core.parsing import json_object
 from proxy.core.periods import spanning, zone
 from proxy.core.settings import Team
+from proxy.doors.batches import bound_now
 from proxy.ledger import BatchLine, RepeatGuard, Reservation, StoredObject
 from proxy.upstream import response_headers
 from proxy.web import repeats
@@ -119,7 +120,12 @@ class Batches:
                     "book: upload the file again.",
                     param="input_file_id",
                 )
-            variant = Variant(asked, model, Estimate(stored.bound_usage, stored.bound_nanos))
+            # Checked and bounded again under the configuration in force now: a reload since
+            # the upload may have tightened the team's policy or raised a rate.
+            bound = bound_now(
+                team, config, lines.values(), Estimate(stored.bound_usage, stored.bound_nanos)
+            )
+            variant = Variant(asked, model, bound)
             # Its lines are billed on the day the batch ends, to the users they name: the
             # bound is held in every window it may end in, and in its user's budgets.
             user = batch_user(team, lines.values())
@@ -132,8 +138,8 @@ class Batches:
                 # A batch is reserved whole or refused: never downgraded, never throttled.
                 decision = decide(strict, variant, budgets, totals, config.prices, tz)
                 remaining.append(decision.remaining_nanos)
-                sent = entry.sent(asked, stored.bound_nanos, "")
-                return Reservation(sent, stored.bound_usage, adds_to, project=project)
+                sent = entry.sent(asked, bound.cost_nanos, "")
+                return Reservation(sent, bound.usage, adds_to, project=project)
 
             read = tuple(dict.fromkeys(a.counter for a in budgets))
             for _ in range(repeats.RACES):
@@ -168,7 +174,7 @@ class Batches:
             )
             body = await read_answer(answer)
         except RequestError as exc:
-            await self.not_created(runtime, entry, exc, stored.id, project)
+            await self.not_created(runtime, entry, exc, stored.id, project, bound.usage)
             return error_response(exc, headers)
         if 200 <= answer.status < 300:
             batch_id = _id_of(body)
@@ -248,10 +254,13 @@ class Batches:
         failure: RequestError,
         file_id: str,
         project: str | None,
+        usage: Usage,
     ) -> None:
         """No answer to the create: if it may have reached the upstream, the batch may exist;
-        the upstream's list says (a batch of this input file not yet Tollgate's is followed),
-        else the reservation is released."""
+        the upstream's list says (a batch of this input file not yet Tollgate's is followed).
+        When it does not, the upstream may still be creating it (it reads the whole file
+        first) and would bill its lines: the bound is charged, flagged for reconciliation, as
+        any request that may have been billed. Else the reservation is released."""
         if isinstance(failure, UpstreamFailure) and failure.maybe_billed:
             found = await _batch_of_file(runtime, file_id, project)
             if found is not None and await runtime.ledger.stored(found) is None:
@@ -259,6 +268,8 @@ class Batches:
                 if stored is not None:
                     await self.follow(runtime, entry, stored, found, project)
                     return
+            await release(runtime, entry, failure.status, failure.ledger_code, charged=usage)
+            return
         await release(runtime, entry, failure.status, failure.code)
 
     async def listing(self, request: Request, runtime: Runtime) -> Response:
@@ -313,13 +324,19 @@ async def own_outputs(runtime: Runtime, team: Team, batch: Any, project: str | N
                 log.error("recording %s of batch %s failed: %s", file_id, batch.get("id"), exc)
 
 
-async def release(runtime: Runtime, entry: Entry, status: int, code: str | None) -> None:
-    """A batch reservation whose batch was never created: released, at no cost."""
+async def release(
+    runtime: Runtime, entry: Entry, status: int, code: str | None, *, charged: Usage | None = None
+) -> None:
+    """A batch reservation whose batch was never created: released, at no cost (`charged`:
+    the bound usage of one that may have been, charged its bound, flagged)."""
     now = runtime.clock()
     settled = Settlement(
         finished_at=now,
         outcome="upstream_error",
         status=status,
+        usage=charged or Usage(),
+        cost_nanos=entry.estimated_nanos if charged else 0,
+        flagged=charged is not None,
         error_code=code,
         latency_ms=(now - entry.started_at) * 1000,
     )

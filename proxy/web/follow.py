@@ -120,9 +120,18 @@ class Followers:
         if not self.following:
             return
         pending = list(self.following.items())
-        ended = await asyncio.gather(*(followed.poll(runtime) for _, followed in pending))
+        # One that fails in a way its poll did not foresee is asked again next time: it must
+        # not end the loop, which would leave every other one held for good (this process
+        # still beats its heartbeat, so no other adopts them).
+        ended = await asyncio.gather(
+            *(followed.poll(runtime) for _, followed in pending), return_exceptions=True
+        )
         for (request_id, _), done in zip(pending, ended, strict=True):
-            if done:
+            if isinstance(done, BaseException):
+                if not isinstance(done, Exception):
+                    raise done
+                log.error("following %s failed: %r; will try again", request_id, done)
+            elif done:
                 self.following.pop(request_id, None)
 
 

@@ -1,0 +1,115 @@
+"""A batch file uploaded under one configuration and run as a batch after a reload: the batch
+is reserved and checked under the configuration in force when it is created. A file priced
+at last week's rates, or checked against last week's `allow` policy, would otherwise run
+past the hard limit, or past the policy, that the team now has."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.batches_e2e import (
+    GENERATIONS,
+    KEYS,
+    LOW,
+    ended,
+    generations,
+    settled_rows,
+    team,
+    upload,
+)
+from tests.conftest import Simulator, Tollgate, start_tollgate, write_config
+
+ADMIN = "tg_admin_batches_reload"
+DAY_MS = 86_400_000
+
+
+def teams(limit_usd: str, max_quality: str) -> dict[str, str]:
+    return {
+        "tight": team(
+            "tight",
+            f"budgets:\n  - {{period: month, limit_usd: {limit_usd}}}\non_exhausted: reject\n",
+        ),
+        "strict": team("strict", f"allow:\n  max_quality: {max_quality}\n"),
+    }
+
+
+def price_book(image_output_batch_rate: str) -> str:
+    """gpt-image-2's built-in entry, its batch image output at `image_output_batch_rate`."""
+    return (
+        'models:\n  gpt-image-2:\n    batch: {text_input: "2.50", cached_text_input: '
+        '"0.625", image_input: "4.00", cached_image_input: "1.00", '
+        f'image_output: "{image_output_batch_rate}"}}\n'
+    )
+
+
+@pytest.fixture
+def gate(simulator: Simulator, tmp_path: Path) -> Iterator[Tollgate]:
+    simulator.configure(latency_ms=0, fault=None, batch_delay_ms=400, batch_window_ms=DAY_MS)
+    (tmp_path / "prices.yaml").write_text(price_book("15.00"))
+    settings = f"timezone: UTC\nadmin_token: {ADMIN}\nprices: prices.yaml\n"
+    write_config(tmp_path, f"{simulator.url}/v1", settings, teams=teams("100", "high"))
+    proxy = start_tollgate(tmp_path)
+    yield proxy
+    proxy.stop()
+
+
+def reload(gate: Tollgate, limit_usd: str, max_quality: str, rate: str) -> None:
+    for name, text in teams(limit_usd, max_quality).items():
+        (gate.root / "teams" / f"{name}.yaml").write_text(text)
+    (gate.root / "prices.yaml").write_text(price_book(rate))
+    answer = httpx.post(f"{gate.url}/admin/reload", headers={"authorization": f"Bearer {ADMIN}"})
+    assert answer.status_code == 200, answer.text
+
+
+def test_a_batch_created_after_its_model_got_dearer_is_reserved_at_the_new_rates(
+    gate: Tollgate,
+) -> None:
+    client = gate.client(KEYS["tight"])
+    uploaded = upload(client, generations("gpt-image-2", 4))
+    [stored] = gate.query(f"SELECT bound_nanos FROM stored_objects WHERE id = '{uploaded.id}'")
+    bound = int(stored["bound_nanos"])
+    # The limit holds the bound priced at upload, with room to spare, but not the same lines
+    # at four times the image output rate.
+    limit = Decimal(bound) * 3 / 2 / 10**9
+    reload(gate, f"{limit:.9f}", "high", "60.00")
+    try:
+        batch = client.batches.create(
+            input_file_id=uploaded.id, endpoint=GENERATIONS, completion_window="24h"
+        )
+    except openai.RateLimitError as exc:
+        assert exc.code == "budget_exceeded"
+        assert not gate.query("SELECT id FROM requests WHERE state = 'reserved'")
+        return
+    ended(client, batch.id)
+    spent = sum(int(r["cost_nanos"]) for r in settled_rows(gate, batch.id))
+    assert spent <= limit * 10**9, f"settled {spent} nanos past a limit of {limit} USD"
+
+
+def test_a_batch_created_after_the_policy_tightened_is_refused(gate: Tollgate) -> None:
+    client = gate.client(KEYS["strict"])
+    uploaded = upload(client, generations("gpt-image-2", 2, quality="high"))
+    reload(gate, "100", "low", "15.00")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.batches.create(
+            input_file_id=uploaded.id, endpoint=GENERATIONS, completion_window="24h"
+        )
+    message = refused.value.message
+    assert re.search(r"line 1: .*quality high", message) and "line 2" in message, message
+    assert not gate.query("SELECT id FROM requests WHERE state = 'reserved'")
+
+
+def test_a_batch_whose_file_still_fits_the_configuration_is_created(gate: Tollgate) -> None:
+    client = gate.client(KEYS["strict"])
+    uploaded = upload(client, generations("gpt-image-2", 2, **LOW))
+    reload(gate, "100", "low", "15.00")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint=GENERATIONS, completion_window="24h"
+    )
+    assert ended(client, batch.id).status == "completed"
