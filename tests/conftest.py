@@ -93,6 +93,21 @@ def stop(process: subprocess.Popen[bytes]) -> str:
     return output(process)
 
 
+def workers_of(supervisor: int) -> list[int]:
+    """The pids of the serving workers of a multi-worker server (not its resource tracker)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == supervisor and b"resource_tracker" not in cmdline:
+            found.append(int(stat.parent.name))
+    assert found, "no worker found"
+    return found
+
+
 @dataclass
 class Simulator:
     url: str

@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 
 from tests import pg
-from tests.conftest import Simulator, Tollgate, drop_ledger, free_port, start_tollgate
+from tests.conftest import (
+    Simulator,
+    Tollgate,
+    drop_ledger,
+    free_port,
+    start_tollgate,
+    workers_of,
+)
 from tests.test_budgets_e2e import ONE, fire, storm_config
 
 FITS = 40
@@ -52,21 +59,6 @@ def check_ledger(gate: Tollgate, simulator: Simulator, limit: Decimal, billed_be
     billed = len(simulator.billing())
     charged = [r for r in rows if Decimal(r["cost_nanos"] or 0) > 0]
     assert len(charged) >= billed - billed_before
-
-
-def workers_of(supervisor: int) -> list[int]:
-    """The pids of the serving workers of a multi-worker server (not its resource tracker)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(fields[1]) == supervisor and b"resource_tracker" not in cmdline:
-            found.append(int(stat.parent.name))
-    assert found, "no worker found"
-    return found
 
 
 async def storm_then_kill(gate: Tollgate, url: str, victims: list[int], count: int) -> list[int]:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import signal
+import socket
 import sqlite3
+import time
 from pathlib import Path
 
 import openai
@@ -12,7 +16,16 @@ from proxy.config import load_config
 from proxy.web.app import create_app
 from proxy.web.runtime import Overrides
 from proxy.web.server import Prepared, ServeOptions, worker_app, workers_config
-from tests.conftest import DESIGN_KEY, UPSTREAM_KEY, free_port, start, stop, write_config
+from tests.conftest import (
+    DESIGN_KEY,
+    UPSTREAM_KEY,
+    free_port,
+    output,
+    start,
+    stop,
+    workers_of,
+    write_config,
+)
 
 UNREACHABLE = "http://127.0.0.1:9/v1"
 
@@ -62,3 +75,35 @@ def test_workers_serve_with_the_options_of_the_command_line(tmp_path: Path) -> N
     with sqlite3.connect(elsewhere) as db:
         assert db.execute("SELECT count(*) FROM requests").fetchone() == (4,)
     assert not (tmp_path / "tollgate.db").exists()
+
+
+def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
+    """A supervisor killed with SIGKILL cannot stop its workers: they stop themselves, as
+    SIGTERM stops them, rather than go on serving its port unsupervised."""
+    write_config(tmp_path, UNREACHABLE)
+    port = free_port()
+    process = start(
+        ["serve", "--config", str(tmp_path), "--port", str(port), "--workers", "2", "--simulate"],
+        f"http://127.0.0.1:{port}/healthz",
+    )
+    workers = workers_of(process.pid)
+    assert len(workers) == 2
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 60
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in workers), output(process)
+    with socket.socket() as probe:  # nobody serves the port any more
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
+    assert output(process).count(f"the supervisor (pid {process.pid}) is gone") == 2
+
+
+def alive(pid: int) -> bool:
+    """`pid` is a process that has not ended (a zombie has: init reaps it soon)."""
+    try:
+        os.kill(pid, 0)
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+    return "\nState:\tZ" not in status

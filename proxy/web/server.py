@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import signal
 import socket
@@ -34,6 +35,8 @@ from proxy.web.connections import ServerConfig
 from proxy.web.gateway import Gateway
 from proxy.web.runtime import Overrides
 
+log = logging.getLogger("tollgate")
+
 # asyncio's event loop, not uvloop: measured again with the aiohttp upstream client, uvloop
 # used no less CPU per request (1.1-1.5 ms against 0.8-1.3) and more memory with 2,000 slow
 # 2 MB answers in flight (165 MiB against 148; bench.overhead, bench.inflight).
@@ -42,6 +45,9 @@ LOOP = "asyncio"
 # A client may be reading a stream until its deadline: let it, then this long to answer.
 SHUTDOWN_MARGIN_S = 5
 SIMULATED_KEY = "sk-simulated-upstream"
+SUPERVISOR_CHECK_S = 0.5
+"""How often a worker checks that its supervisor is alive (as often as uvicorn's supervisor
+checks its workers)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,8 @@ class ServeOptions:
     """Only ledger and upstream choices: a transport or a clock does not cross processes."""
     metrics_dir: Path | None = None
     """Where the workers keep their metric values (set by `serve` for several workers)."""
+    supervisor: int | None = None
+    """The pid of the workers' supervisor (set by `serve` for several workers)."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +127,9 @@ def serve(prepared: Prepared) -> bool:
 def serve_workers(prepared: Prepared) -> None:
     """What `uvicorn.run` does for several workers, with a TCP socket made explicitly."""
     # Before the workers import prometheus-client: their counters are summed from files.
-    options = replace(prepared.options, metrics_dir=environment.share_metrics_dir())
+    options = replace(
+        prepared.options, metrics_dir=environment.share_metrics_dir(), supervisor=os.getpid()
+    )
     config = workers_config(replace(prepared, options=options))
     Multiprocess(config, sockets=[config.bind_socket()]).run()
 
@@ -153,20 +163,44 @@ def worker_app(options: ServeOptions) -> Gateway:
     """The app of one worker process: its own logging, the configuration read afresh, and
     a reload that has the supervisor replace every worker."""
     configure_logging(options.log_level)  # each worker logs its own requests
+    if options.supervisor is not None:
+        stop_with(options.supervisor)
     return create_app(
         load_config(options.config_path),
         options.overrides,
         options.config_path,
         metrics_dir=options.metrics_dir,
-        after_reload=replace_workers,
+        after_reload=functools.partial(replace_workers, options.supervisor),
         settle_heap=True,
     )
 
 
-def replace_workers() -> None:
+def replace_workers(supervisor: int | None) -> None:
     """Ask uvicorn's supervisor, this worker's parent, to replace its workers one by one:
-    each new worker reads the configuration files afresh."""
-    os.kill(os.getppid(), signal.SIGHUP)
+    each new worker reads the configuration files afresh. Not once it is gone: the parent
+    then is whatever adopted this worker (init), and this worker is stopping anyway."""
+    parent = os.getppid()
+    if supervisor is None or parent == supervisor:
+        os.kill(parent, signal.SIGHUP)
+
+
+def stop_with(supervisor: int) -> None:
+    """Stop this worker as SIGTERM does (it stops accepting, and its requests in flight end
+    and are settled) once its supervisor is gone, checked every `SUPERVISOR_CHECK_S`.
+
+    A supervisor stopped by SIGTERM stops its workers itself; one killed (SIGKILL, the
+    OOM killer) cannot, and its workers would go on serving its port unsupervised: a
+    Tollgate started again would serve beside them, under an older configuration, and
+    nothing would replace them at a reload. A process whose parent dies gets a new one
+    (init, or a subreaper), so a changed parent pid is the sign."""
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(SUPERVISOR_CHECK_S)
+        log.warning("the supervisor (pid %d) is gone: this worker stops", supervisor)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
 
 class TcpConfig(ServerConfig):
