@@ -170,6 +170,19 @@ def test_other_v1_paths_are_404_in_openai_shape(tollgate: Tollgate) -> None:
     assert_openai_error(answer, 404, "not_found")
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_v1_itself_is_404_not_a_redirect_built_from_the_host_header(
+    tollgate: Tollgate, method: str
+) -> None:
+    # A redirect to `/v1/` named whatever host the client claimed, and led only to a path
+    # Tollgate refuses.
+    answer = httpx.request(
+        method, f"{tollgate.url}/v1", headers={"host": "elsewhere.example"}, json={}
+    )
+    assert "location" not in answer.headers
+    assert_openai_error(answer, 404, "not_found")
+
+
 def test_upstream_errors_pass_through_and_charge_nothing(
     tollgate: Tollgate, simulator: Simulator
 ) -> None:
