@@ -13,7 +13,7 @@ from PIL import Image
 
 from proxy.core.errors import InvalidRequest
 from proxy.core.models import Endpoint, InputImage
-from proxy.core.parsing import ParsedBody, parse_request
+from proxy.core.parsing import MAX_DEPTH, ParsedBody, json_object, parse_request
 
 JSON = "application/json"
 DEFAULT_MODEL = "gpt-image-2"
@@ -158,6 +158,29 @@ def test_body_that_is_not_json_is_refused(body: bytes) -> None:
 def test_json_that_is_not_an_object_is_refused(body: bytes) -> None:
     error = invalid("generations", JSON, body)
     assert "object" in error.message
+
+
+def nested(depth: int, kind: str = "array") -> bytes:
+    """A generations body whose `metadata` makes it `depth` levels deep in all."""
+    levels = depth - 1
+    if kind == "array":
+        inner = "[" * levels + "]" * levels
+    else:
+        inner = '{"a": ' * (levels - 1) + "{}" + "}" * (levels - 1)
+    return f'{{"prompt": "a cat", "metadata": {inner}}}'.encode()
+
+
+@pytest.mark.parametrize("kind", ["array", "object"])
+@pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 5_000, 100_000])
+def test_json_nested_deeper_than_the_bound_is_refused_not_raised(depth: int, kind: str) -> None:
+    # 5,000 and 100,000 levels once escaped as a RecursionError: a 500 with no ledger row.
+    with pytest.raises(InvalidRequest, match=f"more than {MAX_DEPTH} deep"):
+        json_object(nested(depth, kind))
+
+
+@pytest.mark.parametrize("kind", ["array", "object"])
+def test_json_nested_to_the_bound_is_read(kind: str) -> None:
+    assert json_object(nested(MAX_DEPTH, kind))["metadata"]
 
 
 @pytest.mark.parametrize(

@@ -162,20 +162,52 @@ def _multipart_request(endpoint: Endpoint, parts: list[Part], default_model: str
     return _parsed(endpoint, fields, images, mask, default_model, uploads=uploads, markup=markup)
 
 
+MAX_DEPTH = 128
+"""How deeply a JSON body may nest arrays and objects. The decoder, the checks and the
+encoder all recurse once per level, and the interpreter's recursion limit (about 1,000
+frames, less whatever the server's own stack holds) would otherwise decide, as a 500 with
+no ledger row, which of them fails first, and whether before or after the reservation.
+Far above any real body (a JSON schema in a Responses request nests a few dozen deep)."""
+
+
 def json_object(body: bytes) -> dict[str, Any]:
-    """A JSON object body, read strictly (no repeated key, no NaN, no lone surrogate or NUL);
-    InvalidRequest in OpenAI's words otherwise."""
+    """A JSON object body, read strictly (no repeated key, no NaN, no lone surrogate or NUL,
+    nothing nested more than `MAX_DEPTH` deep); InvalidRequest in OpenAI's words otherwise."""
     try:
         fields = _DECODER.decode(body.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}") from None
+    except RecursionError:
+        raise too_deep() from None
     if not isinstance(fields, dict):
         raise InvalidRequest("The JSON body of your request must be an object.")
+    # Counted with memchr: a body with few brackets cannot nest deeply, and is not walked.
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH:
+        _check_depth(fields)
     # Strict UTF-8 has no surrogates and JSON no raw NUL: only a \u escape can make either
     # (a one-byte search is memchr, much faster than searching for b"\\u").
     if b"\\" in body:
         _check_strings(fields, "the request")
     return fields
+
+
+def too_deep() -> InvalidRequest:
+    return InvalidRequest(
+        "We could not parse the JSON body of your request: it nests arrays and objects "
+        f"more than {MAX_DEPTH} deep."
+    )
+
+
+def _check_depth(fields: dict[str, Any]) -> None:
+    """Raise when `fields` nests more than `MAX_DEPTH` deep (walked without recursion)."""
+    stack: list[tuple[Any, int]] = [(fields, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise too_deep()
+        for item in value.values() if isinstance(value, dict) else value:
+            if isinstance(item, (dict, list)):
+                stack.append((item, depth + 1))
 
 
 def _check_strings(value: Any, name: str) -> None:
