@@ -319,3 +319,17 @@ def test_a_body_nested_past_the_recursion_limit_is_a_recorded_400(
     assert (row["status"], row["outcome"]) == (400, "client_error")
     assert len(simulator.billing()) == billed
     assert tollgate.metric("tollgate_inflight_requests") == inflight
+
+
+def test_a_multipart_boundary_too_long_for_the_parser_is_a_recorded_400(
+    tollgate: Tollgate, simulator: Simulator
+) -> None:
+    """A 300-byte boundary once raised python-multipart's FormParserError out of the parser's
+    constructor: a 500 with no ledger row, and an in-flight request left on the gauge."""
+    inflight = tollgate.metric("tollgate_inflight_requests")
+    body, _ = multipart([("prompt", b"a cat", None), ("image", png(8, 8), "a.png")])
+    boundary = "b" * 300
+    body = body.replace(b"hostile-boundary", boundary.encode())
+    answer = post(tollgate, "edits", body, f"multipart/form-data; boundary={boundary}")
+    refused_before_upstream(tollgate, simulator, answer, None)
+    assert tollgate.metric("tollgate_inflight_requests") == inflight

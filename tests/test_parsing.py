@@ -324,6 +324,17 @@ def test_multipart_without_a_boundary_is_refused() -> None:
     invalid("edits", "multipart/form-data", b"--x\r\n")
 
 
+@pytest.mark.parametrize("endpoint", ["edits", "variations"])
+def test_a_boundary_longer_than_the_parser_takes_is_refused_not_raised(endpoint: Endpoint) -> None:
+    # python-multipart refuses a boundary past 256 bytes when the parser is built: that
+    # FormParserError once escaped as a 500 with no ledger row.
+    boundary = "b" * 300
+    body = f'--{boundary}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\ncat\r\n'
+    body += f"--{boundary}--\r\n"
+    error = invalid(endpoint, f"multipart/form-data; boundary={boundary}", body.encode())
+    assert "Malformed multipart body" in error.message
+
+
 def test_malformed_multipart_body_is_refused() -> None:
     invalid("edits", "multipart/form-data; boundary=abc", b"this is not multipart at all")
 

@@ -55,17 +55,18 @@ def parse_multipart(body: bytes, boundary: bytes) -> list[Part]:
     A part's data is a view of `body` where it is one run of it (the usual case), so the
     only copy of an image is the one `encode_multipart` makes."""
     collected = _Collector(body)
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_header_field": collected.on_header_field,
-            "on_header_value": collected.on_header_value,
-            "on_header_end": collected.on_header_end,
-            "on_part_data": collected.on_part_data,
-            "on_part_end": collected.on_part_end,
-        },
-    )
     try:
+        # Built in the `try`: it refuses a boundary past 256 bytes (RFC 2046 allows 70).
+        parser = MultipartParser(
+            boundary,
+            {
+                "on_header_field": collected.on_header_field,
+                "on_header_value": collected.on_header_value,
+                "on_header_end": collected.on_header_end,
+                "on_part_data": collected.on_part_data,
+                "on_part_end": collected.on_part_end,
+            },
+        )
         parser.write(body)
         parser.finalize()
     except InvalidRequest:
