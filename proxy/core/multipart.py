@@ -20,6 +20,10 @@ from proxy.core.errors import InvalidRequest
 
 UTF8_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
 MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+MAX_PARTS = 64
+"""More parts than any request of the Images API holds (16 images, a mask, a markup and
+its parameters). Each part costs the parser ~17 µs of the event loop: 8 MiB of empty parts
+took 2.8 s, a body at the edits limit (128 MiB) would take 45."""
 DISPOSITION = re.compile(
     r"[ \t]*form-data"
     r"((?:[ \t]*;[ \t]*[A-Za-z]+=(?:\"[^\"\\\r\n]*\"|[A-Za-z0-9!#$%&'+.^_`|~\[\]-]+))*)"
@@ -119,6 +123,11 @@ class _Collector:
         self.copied.extend(buf[start:end])
 
     def on_part_end(self) -> None:
+        if len(self.parts) == MAX_PARTS:
+            raise InvalidRequest(
+                f"The multipart body has more than {MAX_PARTS} parts: an image request holds "
+                "at most 16 images, a mask, a markup and its parameters."
+            )
         data: Bytes
         if self.copied:
             data = bytes(self.copied)
