@@ -208,6 +208,20 @@ def loaded_by(*script: str) -> list[str]:
     return list(yaml.safe_load(last.removeprefix(LOADED)))
 
 
+def test_ledger_migrate_never_prints_the_ledgers_password() -> None:
+    url = pg.new_schema()
+    try:
+        # The test server trusts its clients: the password is read, and not needed.
+        with_password = url + "&password=pg-s3cret"
+        for _ in range(2):  # migrated, then up to date
+            done = tollgate("ledger", "migrate", "--ledger", with_password)
+            assert done.returncode == 0, done.stderr
+            assert "s3cret" not in done.stdout + done.stderr
+            assert "password=***" in done.stdout
+    finally:
+        pg.drop_schema(url)
+
+
 @pytest.mark.parametrize(
     "command",
     [

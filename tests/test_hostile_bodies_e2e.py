@@ -295,3 +295,41 @@ def test_the_largest_n_is_recorded_and_a_larger_one_is_not(
     answer = post(on_each_ledger, "generations", body, "application/json")
     refused_before_upstream(on_each_ledger, simulator, answer, "n")
     assert on_each_ledger.row(answer.headers["x-tollgate-request-id"])["n_requested"] == recorded
+
+
+@pytest.mark.parametrize("path", ["images/generations", "responses"])
+def test_a_body_nested_past_the_recursion_limit_is_a_recorded_400(
+    tollgate: Tollgate, simulator: Simulator, path: str
+) -> None:
+    """1,500 levels of arrays (3 kB) once raised a RecursionError out of the JSON decoder:
+    a 500 with no ledger row, and one more in-flight request on the gauge for good."""
+    inflight = tollgate.metric("tollgate_inflight_requests")
+    billed = len(simulator.billing())
+    body = b'{"model": "gpt-image-2", "prompt": "a cat", "metadata": ' + b"[" * 1500
+    body += b"]" * 1500 + b"}"
+    answer = httpx.post(
+        f"{tollgate.url}/v1/{path}",
+        content=body,
+        headers={"authorization": f"Bearer {DESIGN_KEY}", "content-type": "application/json"},
+        timeout=30,
+    )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["code"] == "invalid_request"
+    row = tollgate.row(answer.headers["x-tollgate-request-id"])
+    assert (row["status"], row["outcome"]) == (400, "client_error")
+    assert len(simulator.billing()) == billed
+    assert tollgate.metric("tollgate_inflight_requests") == inflight
+
+
+def test_a_multipart_boundary_too_long_for_the_parser_is_a_recorded_400(
+    tollgate: Tollgate, simulator: Simulator
+) -> None:
+    """A 300-byte boundary once raised python-multipart's FormParserError out of the parser's
+    constructor: a 500 with no ledger row, and an in-flight request left on the gauge."""
+    inflight = tollgate.metric("tollgate_inflight_requests")
+    body, _ = multipart([("prompt", b"a cat", None), ("image", png(8, 8), "a.png")])
+    boundary = "b" * 300
+    body = body.replace(b"hostile-boundary", boundary.encode())
+    answer = post(tollgate, "edits", body, f"multipart/form-data; boundary={boundary}")
+    refused_before_upstream(tollgate, simulator, answer, None)
+    assert tollgate.metric("tollgate_inflight_requests") == inflight

@@ -38,10 +38,11 @@ BODY = {"model": "gpt-image-1", "prompt": "a lighthouse", "quality": "low", "siz
 class SpyDoor:
     """The Images door, recording each question the pipeline asks it."""
 
-    def __init__(self, refuse: bool = False) -> None:
+    def __init__(self, refuse: bool = False, fault: bool = False) -> None:
         self.inner = ImagesDoor("generations")
         self.asked: list[str] = []
         self.refuse = refuse
+        self.fault = fault
 
     @property
     def endpoint(self) -> Endpoint:
@@ -58,6 +59,8 @@ class SpyDoor:
 
     def parse(self, content_type: str, body: bytes, config: Config, team: Team) -> ParsedBody:
         self.asked.append("parse")
+        if self.fault:
+            raise RuntimeError("a fault of the door's own")
         return self.inner.parse(content_type, body, config, team)
 
     def request(self, parsed: ParsedBody) -> ImageRequest:
@@ -198,3 +201,17 @@ def test_what_the_door_refuses_is_recorded_and_never_forwarded(app: Gateway) -> 
     assert answer.headers["x-tollgate-cost-usd"] == "0"
     assert "upstream_path" not in door.asked
     assert row.settlement is not None and row.settlement.outcome == "rejected_budget"
+
+
+def test_a_fault_of_tollgates_own_leaves_no_request_in_flight(app: Gateway) -> None:
+    """Three hostile inputs once raised out of a parse (a RecursionError, a ValueError, a
+    FormParserError): each answered 500 and left one more request on the in-flight gauge,
+    for good."""
+    plug(app, SpyDoor(fault=True))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for _ in range(3):
+            answer = client.post(PATH, json=BODY, headers=HEADERS)
+            assert answer.status_code == 500
+            assert answer.json()["error"]["code"] == "internal_error"
+        exposition = client.get("/metrics").text
+    assert "\ntollgate_inflight_requests 0.0\n" in exposition

@@ -170,6 +170,37 @@ def test_other_v1_paths_are_404_in_openai_shape(tollgate: Tollgate) -> None:
     assert_openai_error(answer, 404, "not_found")
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_v1_itself_is_404_not_a_redirect_built_from_the_host_header(
+    tollgate: Tollgate, method: str
+) -> None:
+    # A redirect to `/v1/` named whatever host the client claimed, and led only to a path
+    # Tollgate refuses.
+    answer = httpx.request(
+        method, f"{tollgate.url}/v1", headers={"host": "elsewhere.example"}, json={}
+    )
+    assert "location" not in answer.headers
+    assert_openai_error(answer, 404, "not_found")
+
+
+def test_a_retry_count_in_non_ascii_digits_is_served_and_recorded(
+    tollgate: Tollgate, simulator: Simulator
+) -> None:
+    """`x-stainless-retry-count: ²` (latin-1 0xB2, a digit to `str.isdigit`) once raised
+    ValueError: a 500 with no ledger row and an in-flight request left on the gauge."""
+    inflight = tollgate.metric("tollgate_inflight_requests")
+    answer = httpx.post(
+        f"{tollgate.url}/v1/images/generations",
+        json={"prompt": "a cat", "quality": "low", "size": "1024x1024"},
+        headers={"authorization": f"Bearer {DESIGN_KEY}", "x-stainless-retry-count": b"\xb2"},
+        timeout=30,
+    )
+    assert answer.status_code == 200, answer.text
+    row = wait_settled(tollgate, answer.headers["x-tollgate-request-id"])
+    assert row["outcome"] == "ok" and row["cost_nanos"] > 0
+    assert tollgate.metric("tollgate_inflight_requests") == inflight
+
+
 def test_upstream_errors_pass_through_and_charge_nothing(
     tollgate: Tollgate, simulator: Simulator
 ) -> None:

@@ -50,6 +50,15 @@ def test_a_first_attempt_is_not_a_repeat_and_a_retry_is() -> None:
     assert keyed.repeat and keyed.key is not None
 
 
+@pytest.mark.parametrize("count", [b"\xb2", b"\xb9", b"1\xbd", b"\xb3\xb2"])
+def test_a_retry_count_of_other_than_ascii_digits_is_no_retry(count: bytes) -> None:
+    """Header values are read as latin-1, where `²` is a digit to `str.isdigit` and not to
+    `int`: such a count once raised ValueError, a 500 with no ledger row."""
+    headers = [(b"x-stainless-retry-count", count)]
+    sent = Request({"type": "http", "method": "POST", "path": "/", "headers": headers})
+    assert not marks(sent, "design", "generations", b"d").repeat
+
+
 def test_the_same_content_elsewhere_is_another_request() -> None:
     headers = request(x_stainless_retry_count="1")
     one = marks(headers, "design", "generations", b"d").content

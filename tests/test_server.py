@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 import openai
+import pytest
 
+from proxy.cli.server import print_banner
 from proxy.config import load_config
 from proxy.web.app import create_app
 from proxy.web.runtime import Overrides
@@ -107,3 +109,29 @@ def alive(pid: int) -> bool:
     except (ProcessLookupError, FileNotFoundError):
         return False
     return "\nState:\tZ" not in status
+
+
+def test_the_start_up_banner_never_prints_a_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The banner goes to the server's log: a PostgreSQL ledger's URL (or an upstream's)
+    holding a password is printed with the password masked."""
+    write_config(tmp_path, UNREACHABLE)
+    for ledger in (
+        "postgresql://tollgate:pg-s3cret@db:5432/tollgate?sslmode=require",
+        "postgresql://db/tollgate?user=tollgate&password=pg-s3cret",
+    ):
+        options = ServeOptions(
+            tmp_path,
+            overrides=Overrides(
+                ledger_url=ledger,
+                upstream_url="https://egress:proxy-s3cret@proxy.internal/v1",
+                upstream_key=UPSTREAM_KEY,
+            ),
+        )
+        config = load_config(tmp_path)
+        print_banner(Prepared(options, config, create_app(config, options.overrides)), False)
+        shown = capsys.readouterr().out
+        assert "s3cret" not in shown
+        assert "ledger postgresql://" in shown and "db" in shown and "***" in shown
+        assert "upstream https://egress:***@proxy.internal/v1" in shown

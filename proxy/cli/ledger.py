@@ -12,7 +12,7 @@ from proxy.cli.options import Commands, add_config, add_ledger_url, ledger_url_o
 from proxy.core.errors import InvalidRequest
 from proxy.core.models import usd_text
 from proxy.finance import flagged, reconcile
-from proxy.ledger import migrate_ledger
+from proxy.ledger import migrate_ledger, redacted
 from proxy.ledger.copy import copy_between
 
 
@@ -67,10 +67,11 @@ def add_ledger_resolve(ledger_commands: Commands) -> None:
 def run_ledger_migrate(args: argparse.Namespace) -> int:
     url = ledger_url_of(args)
     before, after = asyncio.run(migrate_ledger(url))
+    shown = redacted(url)
     if before == after:
-        print(f"{url}: ledger schema is up to date (version {after})")
+        print(f"{shown}: ledger schema is up to date (version {after})")
     else:
-        print(f"{url}: ledger schema migrated from version {before} to {after}")
+        print(f"{shown}: ledger schema migrated from version {before} to {after}")
     return 0
 
 
@@ -80,7 +81,7 @@ def run_ledger_copy(args: argparse.Namespace) -> int:
         f"copied {copied.requests} requests (${usd_text(copied.cost_nanos)}), "
         f"{copied.counters} budget counters, {copied.objects} files and batches "
         f"and {copied.alerts} alerts sent "
-        f"from {args.source} to {args.target}"
+        f"from {redacted(args.source)} to {redacted(args.target)}"
     )
     return 0
 

@@ -79,14 +79,16 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def print_banner(prepared: Prepared, simulate: bool) -> None:
+    from proxy.ledger import redacted  # URLs may hold a password: never printed
+
     options, config = prepared.options, prepared.config
     overrides = options.overrides
     url = f"http://{options.host}:{options.port}/v1"
-    upstream = overrides.upstream_url or config.upstream.base_url
+    upstream = redacted(overrides.upstream_url or config.upstream.base_url)
     note = " (simulated)" if simulate else ""
     print(
         f"Tollgate {__version__} on {url}, upstream {upstream}{note}, "
-        f"ledger {overrides.ledger_url or config.ledger_url}",
+        f"ledger {redacted(overrides.ledger_url or config.ledger_url)}",
         flush=True,
     )
     print(

@@ -31,6 +31,17 @@ JPEG_SOS, JPEG_EOI, JPEG_DNL, JPEG_DHP = 0xDA, 0xD9, 0xDC, 0xDE
 # Inside entropy-coded data, 0xFF is followed by a stuffed 0x00 or a restart marker.
 JPEG_MARKER_AFTER_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# Each chunk or segment costs both walkers (this one and Pillow's, up to the image data)
+# a few µs of the event loop: 8 MiB of empty chunks or segments took 2-5 s, and a body at
+# the edits limit 16 times that. Real files hold far fewer: libpng writes 8 KiB image data
+# chunks (6,400 for OpenAI's 50 MB limit), and a JPEG a few dozen segments.
+MAX_PNG_CHUNKS = 100_000
+MAX_PNG_CHUNKS_BEFORE_IDAT = 1_000
+MAX_JPEG_MARKERS = 10_000
+MAX_JPEG_FILL = 1_024
+MAX_WEBP_CHUNKS = 1_000
+"""Fill bytes (0xFF) before one marker: each is a step of both walkers."""
+JPEG_FILL = re.compile(rb"\xff*")
 
 Bytes = bytes | memoryview
 
@@ -90,8 +101,11 @@ def _png(data: Bytes) -> Measured:
     length, kind, width, height = struct.unpack_from(">I4sII", data, 8)
     if kind != b"IHDR" or length != 13:
         raise _Ambiguous("the PNG does not start with its IHDR chunk")
-    pos, first_idat = 33, 0
+    pos, first_idat, chunks = 33, 0, 0
     while True:
+        chunks += 1
+        if chunks > (MAX_PNG_CHUNKS if first_idat else MAX_PNG_CHUNKS_BEFORE_IDAT):
+            raise _Ambiguous("the PNG has more chunks than any image needs")
         if pos + 12 > end:
             raise _Ambiguous("the PNG is truncated")
         length, kind = struct.unpack_from(">I4s", data, pos)
@@ -114,12 +128,16 @@ def _jpeg(data: Bytes) -> Measured:
     frame header must give the same size (a progressive JPEG has one SOF2 and many scans)."""
     end, pos = len(data), 2
     size: tuple[int, int] | None = None
-    header_end = 0
+    header_end = markers = 0
     while True:
         if pos >= end or data[pos] != 0xFF:
             raise _Ambiguous("the JPEG has bytes outside its segments")
-        while pos < end and data[pos] == 0xFF:  # fill bytes
-            pos += 1
+        markers += 1
+        fill = JPEG_FILL.match(data, pos)
+        assert fill is not None  # `\xff*` matches anywhere
+        if markers > MAX_JPEG_MARKERS or fill.end() - pos > MAX_JPEG_FILL:
+            raise _Ambiguous("the JPEG has more markers or fill bytes than any image needs")
+        pos = fill.end()
         if pos >= end:
             raise _Ambiguous("the JPEG is truncated")
         marker = data[pos]
@@ -166,7 +184,9 @@ def _webp(data: Bytes) -> Measured:
     pos = 12
     canvas: tuple[int, int] | None = None
     sizes: list[tuple[int, int]] = []
-    while pos < end:
+    for _ in range(MAX_WEBP_CHUNKS + 1):
+        if pos >= end:
+            break
         if pos + 8 > end:
             raise _Ambiguous("the WebP is truncated")
         kind = bytes(data[pos : pos + 4])
@@ -186,6 +206,8 @@ def _webp(data: Bytes) -> Measured:
         elif kind == b"VP8L":
             sizes.append(_vp8l(data, body, length))
         pos = body + length + (length & 1)
+    else:
+        raise _Ambiguous("the WebP has more chunks than any image needs")
     if len(sizes) != 1:
         raise _Ambiguous("the WebP must hold exactly one image bitstream")
     if canvas is not None and canvas != sizes[0]:

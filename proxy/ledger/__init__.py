@@ -14,6 +14,8 @@ and its driver, are imported when a ledger of its kind is opened.
 
 from __future__ import annotations
 
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
 from proxy.core.errors import LedgerError
 from proxy.core.models import Entry, Settlement
 from proxy.ledger.base import (
@@ -52,12 +54,34 @@ __all__ = [
     "StoredObject",
     "migrate_ledger",
     "open_ledger",
+    "redacted",
     "settle_patiently",
 ]
 
 
 SQLITE_SCHEME = "sqlite:///"
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def redacted(url: str) -> str:
+    """`url` without its password, for messages and the start-up banner.
+
+    >>> redacted("postgresql://tollgate:s3cret@db/tollgate?sslmode=require")
+    'postgresql://tollgate:***@db/tollgate?sslmode=require'
+    >>> redacted("postgresql://db/tollgate?user=tollgate&password=s3cret")
+    'postgresql://db/tollgate?user=tollgate&password=***'
+    """
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not a URL one can read a password out of: shown as a scheme only
+        return url.split("://", 1)[0] + "://***" if "://" in url else "***"
+    if password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{password}@", ":***@"))
+    if "password=" in parts.query:  # libpq's `?password=`
+        query = [(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query)]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return urlunsplit(parts)
 
 
 async def open_ledger(url: str) -> Backend:
@@ -77,7 +101,8 @@ async def open_ledger(url: str) -> Backend:
         await shared.open()
         return shared
     raise LedgerError(
-        f"unsupported ledger URL {url!r}: use sqlite:///path.db or postgresql://host/database"
+        f"unsupported ledger URL {redacted(url)!r}: use sqlite:///path.db or "
+        "postgresql://host/database"
     )
 
 
@@ -91,4 +116,4 @@ async def migrate_ledger(url: str) -> tuple[int, int]:
         from proxy.ledger import sqlite
 
         return await sqlite.migrate(url.removeprefix(SQLITE_SCHEME))
-    raise LedgerError(f"unsupported ledger URL {url!r}")
+    raise LedgerError(f"unsupported ledger URL {redacted(url)!r}")

@@ -14,7 +14,7 @@ from typing import Any
 from proxy.core.errors import LedgerError, LedgerUnavailable
 from proxy.core.models import Counter, Entry, Settlement, Totals
 from proxy.core.rates import Counts, Plan, Slot
-from proxy.ledger import codecs, flags, migrations, rate_counts
+from proxy.ledger import codecs, flags, migrations, rate_counts, redacted
 from proxy.ledger.base import (
     Aggregate,
     Batch,
@@ -44,7 +44,7 @@ from proxy.ledger.postgres_counters import (
     write_and_add,
 )
 from proxy.ledger.postgres_kept import KeptAnswers
-from proxy.ledger.postgres_pool import Pool, redacted, split_url
+from proxy.ledger.postgres_pool import Pool, split_url
 from proxy.ledger.postgres_schema import Schema
 from proxy.ledger.statements import (
     COPY_BATCH,

@@ -60,15 +60,6 @@ def split_url(url: str) -> tuple[str, int]:
     return urlunsplit(parts._replace(query=rest)), size
 
 
-def redacted(url: str) -> str:
-    """`url` without its password, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 class Pool:
     """The connections to one PostgreSQL database: a pool, whose errors are translated, and
     transactions retried on a serialization failure or a deadlock."""

@@ -208,6 +208,10 @@ class Metrics:
     def started(self) -> None:
         self.inflight.inc()
 
+    def abandoned(self) -> None:
+        """A request `started` that a fault of Tollgate's own ended before it could finish."""
+        self.inflight.dec()
+
     def finished(
         self,
         entry: Entry,

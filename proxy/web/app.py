@@ -90,11 +90,15 @@ def create_app(
         # `passthrough:` prefix forwards it); starlette's 405 is left for made-up methods.
         Route("/v1/{path:path}", bind(other_paths.handle), methods=ALL_METHODS),
     ]
-    gateway.app = Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=Lifespan(gateway, config, overrides, reloader, settle_heap),
         exception_handlers=EXCEPTION_HANDLERS,
     )
+    # No redirect to the path with a slash added or removed: it would be built from the
+    # client's Host header, and lead only to a path `Gateway` refuses (`/v1/`).
+    app.router.redirect_slashes = False
+    gateway.app = app
     return gateway
 
 

@@ -141,6 +141,11 @@ class Pipeline(Generic[Parsed]):
             return await refuse(runtime, entry, exc, headers)
         except LedgerError as exc:
             return unavailable(runtime, entry, exc, headers)
+        except Exception:
+            # A fault of Tollgate's own, answered 500 (and logged) by the Gateway: the request
+            # is no longer in flight, whatever raised.
+            runtime.metrics.abandoned()
+            raise
         if paced is not None:
             headers.update(rates.headers(paced.rooms, entry.started_at))
         sent = decision.variant

@@ -92,7 +92,8 @@ def marks(request: Request, team: str, path: str, digest: bytes) -> Marks:
     key = request.headers.get(KEY_HEADER)
     content = hashlib.sha256(f"{team}\0{path}\0".encode() + digest).hexdigest()
     key_digest = hashlib.sha256(f"{team}\0{key}".encode()).hexdigest() if key else None
-    count = int(retry) if retry is not None and retry.isdigit() else 0
+    # ASCII only: header values are latin-1, where `²` is a digit to isdigit, not to int.
+    count = int(retry) if retry is not None and retry.isascii() and retry.isdigit() else 0
     return Marks(content, key_digest, bool(key) or count >= 1)
 
 
