@@ -599,14 +599,14 @@ SETTINGS_PROBLEMS = [
     (
         "passthrough:\n  - {path: /v1/realtime, methods: [GET, POST]}\n",
         "2: passthrough[0].path: '/v1/realtime' with POST would let a team mint client "
-        "secrets with the upstream key (Realtime and ChatKit sessions): only GET and HEAD "
+        "secrets or sessions with the upstream key (Realtime and ChatKit): only GET and HEAD "
         "may be passed through there",
     ),
     (
         "passthrough:\n  - {path: /v1/ChatKit/sessions/x, methods: [POST]}\n",
         "2: passthrough[0].path: '/v1/ChatKit/sessions/x' with POST would let a team mint "
-        "client secrets with the upstream key (Realtime and ChatKit sessions): only GET and "
-        "HEAD may be passed through there",
+        "client secrets or sessions with the upstream key (Realtime and ChatKit): only GET "
+        "and HEAD may be passed through there",
     ),
     (
         "passthrough: [/v1/models/../images]\n",

@@ -332,14 +332,16 @@ def test_passthrough_cannot_be_configured_to_mint_client_secrets(
     simulator: Simulator, tmp_path: Path
 ) -> None:
     # POST /v1/realtime/client_secrets answers an ephemeral key made with the key that
-    # called it: passed through, a team would leave with a credential of the upstream account.
+    # called it, POST /v1/realtime/calls a WebRTC session on its account: passed through, a
+    # team would leave with a credential of the upstream account.
     from proxy.config import load_config
     from proxy.core.errors import ConfigError
 
-    for prefix in ("/v1/realtime", "/v1/realtime/client_secrets", "/v1/chatkit"):
+    for prefix in ("/v1/realtime", "/v1/realtime/client_secrets", "/v1/realtime/calls",
+                   "/v1/chatkit"):  # fmt: skip
         settings = f"passthrough:\n  - {{path: {prefix}, methods: [GET, POST]}}\n"
         write_config(tmp_path, f"{simulator.url}/v1", settings=settings)
-        with pytest.raises(ConfigError, match="mint client secrets with the upstream key"):
+        with pytest.raises(ConfigError, match="mint client secrets or sessions with the upstream"):
             load_config(tmp_path)
     write_config(tmp_path, f"{simulator.url}/v1", settings="passthrough: [/v1/realtime]\n")
     assert load_config(tmp_path).passthrough[0].prefix == "/v1/realtime"  # reading is fine

@@ -13,15 +13,12 @@ from proxy.core.settings import READ_ONLY, Passthrough
 # may read there, never write (a POST would be spend Tollgate did not price).
 SPENDING_DOORS = ("/v1/responses", "/v1/batches", "/v1/files")
 
-# Paths where OpenAI mints a client secret from the key that calls it: an ephemeral key that
-# a browser then uses against OpenAI directly. Passed through, they would hand a team a
-# credential of the upstream account, and spend Tollgate never sees.
-KEY_MINTING = (
-    "/v1/realtime/client_secrets",
-    "/v1/realtime/sessions",
-    "/v1/realtime/transcription_sessions",
-    "/v1/chatkit/sessions",
-)
+# Paths where OpenAI opens a session on the account of the key that calls it, for a browser
+# to use against OpenAI directly: an ephemeral client secret (Realtime's client secrets and
+# sessions, ChatKit's sessions) or a WebRTC call (`/v1/realtime/calls`, whose answer is the
+# session itself). Passed through, they would hand a team a credential of the upstream
+# account, and spend Tollgate never sees: every write under `/v1/realtime` is one.
+KEY_MINTING = ("/v1/realtime", "/v1/chatkit/sessions")
 
 
 def passthrough_prefixes(
@@ -62,7 +59,7 @@ def passthrough_prefixes(
                 doc,
                 where,
                 f"{prefix!r} with {', '.join(sorted(methods - READ_ONLY))} would let a team "
-                "mint client secrets with the upstream key (Realtime and ChatKit sessions): "
+                "mint client secrets or sessions with the upstream key (Realtime and ChatKit): "
                 "only GET and HEAD may be passed through there",
             )
         elif methods - READ_ONLY and any(covers(prefix, door) for door in SPENDING_DOORS):
