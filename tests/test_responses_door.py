@@ -150,6 +150,13 @@ def test_a_tool_without_model_gets_the_default_model(config: Config) -> None:
             "input[0].encrypted_content",
         ),
         ({"input": [{"role": "tool", "content": "hi"}]}, "input[0].role"),
+        # OpenAI's guide continues an image by its call's id alone: the upstream then reads
+        # the stored image, whichever team's it is.
+        ({"input": [{"type": "image_generation_call", "id": "ig_1"}]}, "input[0].result"),
+        (
+            {"input": [{"type": "image_generation_call", "id": "ig_1", "result": None}]},
+            "input[0].result",
+        ),
         ({"max_tool_calls": 11}, "max_tool_calls"),
         ({"max_output_tokens": "9"}, "max_output_tokens"),
         ({"max_output_tokens": 2**62}, "max_output_tokens"),
