@@ -157,6 +157,11 @@ def test_a_tool_without_model_gets_the_default_model(config: Config) -> None:
             {"input": [{"type": "image_generation_call", "id": "ig_1", "result": None}]},
             "input[0].result",
         ),
+        ({"input": [{"type": "function_call", "id": "fc_1"}]}, "input[0].call_id"),
+        (
+            {"input": [{"type": "function_call", "id": "fc_1", "call_id": "c", "name": "f"}]},
+            "input[0].arguments",
+        ),
         ({"max_tool_calls": 11}, "max_tool_calls"),
         ({"max_output_tokens": "9"}, "max_output_tokens"),
         ({"max_output_tokens": 2**62}, "max_output_tokens"),

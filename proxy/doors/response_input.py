@@ -15,7 +15,9 @@ from typing import Any
 
 from proxy.core.errors import InvalidRequest
 
-TEXT_ITEMS = frozenset({"function_call"})
+TEXT_ITEMS: dict[str, tuple[str, ...]] = {"function_call": ("call_id", "name", "arguments")}
+"""Items that are text, each with the fields that must carry it: without them the
+upstream would read the item it stored under the item's id."""
 ROLES = ("user", "assistant", "system", "developer")
 TEXT_PARTS = frozenset({"input_text", "output_text", "refusal", "summary_text"})
 
@@ -62,6 +64,13 @@ def read_input(value: Any) -> tuple[int, int]:
                 )
             item_data, item_images = len(result), 1
         elif kind in TEXT_ITEMS:
+            for name in TEXT_ITEMS[kind]:
+                if not isinstance(item.get(name), str):
+                    raise InvalidRequest(
+                        f"Missing required parameter: '{param}.{name}'. Tollgate forwards a "
+                        f"{kind} item with its text, never named by its id alone.",
+                        param=f"{param}.{name}",
+                    )
             continue
         elif kind == "reasoning":
             if not isinstance(item.get("encrypted_content"), str):
