@@ -333,3 +333,32 @@ def test_another_team_cannot_reach_a_response_and_its_creator_can(
     assert design.responses.delete(created.id) is None
     with pytest.raises(openai.NotFoundError):
         research.responses.retrieve(continued.id)
+
+
+def test_a_streamed_background_response_is_its_teams_while_it_runs(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """A background response asked for as a stream is named by its first event: from
+    then on its team may retrieve and cancel it (OpenAI's way to stop, or resume, a
+    stream that runs on), another team still may not, and it is settled once."""
+    simulator.configure(latency_ms=3000)  # the stream's events spread over 3 s
+    design, research = proxy.client(), proxy.client(RESEARCH_KEY)
+    stream = design.responses.create(
+        model="gpt-5.5",
+        input="A lantern in fog",
+        tools=[tool()],
+        max_output_tokens=300,
+        max_tool_calls=1,
+        stream=True,
+        background=True,
+    )
+    events = iter(stream)
+    created = next(e for e in events if e.type == "response.created")
+    response_id = created.response.id
+    assert design.responses.retrieve(response_id).id == response_id
+    assert design.responses.cancel(response_id).id == response_id
+    with pytest.raises(openai.NotFoundError):
+        research.responses.retrieve(response_id)
+    kinds = [e.type for e in events]
+    assert kinds[-1] == "response.completed"  # the simulator's stream ran to its end
+    check_charge(proxy, simulator, response_id, "gpt-5.5", "gpt-image-2")

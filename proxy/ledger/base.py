@@ -348,6 +348,15 @@ class Ledger(Protocol):
         charged at its bound until its settlement replaces it). LedgerError if there is no
         request `request_id`."""
 
+    async def name_response(
+        self, request_id: str, response_id: str, project: str | None = None
+    ) -> None:
+        """Record on the row of `request_id`, in flight, the response `response_id` it is
+        and the OpenAI project it was created under, as soon as a stream names it: its
+        team may read, cancel or delete it while it runs (`response`). Its reservation is
+        not held (`hold` is for responses no one is reading). LedgerError if there is no
+        request `request_id`."""
+
     async def first_attempt(
         self, team: str, since: float, *, content: str | None = None, key: str | None = None
     ) -> FirstAttempt | None:
