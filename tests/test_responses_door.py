@@ -506,3 +506,30 @@ def test_a_cancelled_response_without_usage_costs_nothing(config: Config) -> Non
     assert verdict.cost_nanos == 0 and verdict.outcome == "upstream_error"
     failed = settlement.metered(bound, metered(response(status="failed")))
     assert failed.outcome == "upstream_error" and failed.cost_nanos > 0
+
+
+def test_a_failed_response_that_made_images_but_reports_no_usage_is_charged_its_bound(
+    config: Config,
+) -> None:
+    """A response that failed after its image calls ran billed them, whatever usage it
+    reports: without usage it is charged its bound, flagged, never nothing. The images
+    are known from its output (whole) or from the partial images streamed."""
+    parsed = parse(config, body(stream=True, tools=[{**TOOL, "partial_images": 2}]))
+    bound = DOOR.bound(parsed, DOOR.admit(team(config), parsed, config))
+    failed = response(status="failed", usage=None, tool_usage=None)
+    whole = settlement.metered(bound, metered(failed))
+    assert whole.cost_nanos == bound.cost_nanos and whole.charge.flagged
+    assert whole.error_code == "response_failed"
+    no_image = {**failed, "output": [{**failed["output"][1], "status": "failed"}]}
+    meter = ResponseEvents()
+    meter.feed(
+        events(
+            ("response.created", {"type": "response.created", "response": {"id": "resp_1"}}),
+            ("response.image_generation_call.partial_image", {"partial_image_b64": "!"}),
+            ("response.failed", {"type": "response.failed", "response": no_image}),
+        )
+    )
+    streamed = settlement.stream_ended(bound, meter.end(None))
+    assert streamed.cost_nanos == bound.cost_nanos and streamed.charge.flagged
+    nothing_ran = {**no_image, "output": []}
+    assert settlement.metered(bound, metered(nothing_ran)).cost_nanos == 0
