@@ -362,3 +362,31 @@ def test_a_streamed_background_response_is_its_teams_while_it_runs(
     kinds = [e.type for e in events]
     assert kinds[-1] == "response.completed"  # the simulator's stream ran to its end
     check_charge(proxy, simulator, response_id, "gpt-5.5", "gpt-image-2")
+
+
+def test_gpt_4o_minis_dearer_input_images_stay_within_the_bound(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """gpt-4o-mini bills an input image as many tokens as gpt-4o's dollars buy (25,501 for
+    a 1024x1024 image, above the bound other models' images get): without the image tool
+    its images are all the bound has to cover them."""
+    picture = "https://images.example.test/harbour.png"
+    raw = proxy.client().responses.with_raw_response.create(
+        model="gpt-4o-mini",
+        input=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "Describe these."},
+                    *({"type": "input_image", "image_url": picture} for _ in range(3)),
+                ],
+            }
+        ],
+        max_output_tokens=100,
+    )
+    response = raw.parse()
+    record = billed(simulator, response.id)
+    assert record["mainline"]["input"] > 3 * 25_000
+    row = settled_row(proxy, response.id)
+    assert row["cost_nanos"] == record_cost(record) > 0
+    assert row["estimated_nanos"] >= row["cost_nanos"]

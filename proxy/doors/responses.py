@@ -6,7 +6,8 @@ The bound reserved before it is sent covers both:
 
     mainline input   every text byte of the request (a token is at least one byte), the
                      tool's hidden instructions (`HIDDEN_INPUT_TOKENS`), each image in its
-                     context at `MAINLINE_IMAGE_TOKENS`, and the tokens of the response
+                     context at `MAINLINE_IMAGE_TOKENS` (`OWN_IMAGE_TOKENS` for a model
+                     that bills images dearer), and the tokens of the response
                      it continues (`previous_response_id`), which OpenAI bills again
     mainline output  `max_output_tokens` (reasoning included)
     images           `max_tool_calls` calls of the tool, each billed as one image of its
@@ -52,6 +53,10 @@ input tokens were measured for a short prompt (gpt-5.5 with gpt-image-2), so twi
 MAINLINE_IMAGE_TOKENS = 12_000
 """The most one input image can cost the mainline model: above the largest published
 vision count (a 10-megapixel image at `detail: original`, about 10,000 patches)."""
+OWN_IMAGE_TOKENS: Mapping[str, int] = {"gpt-4o-mini": 2833 + 8 * 5667}
+"""Mainline models whose one input image can cost more: gpt-4o-mini bills an image as
+gpt-4o does in dollars, 2,833 tokens plus 5,667 a 512-px tile, and a high-detail image
+has up to 8 tiles (2048 x 768 once scaled)."""
 MAX_TOOL_CALLS = MAX_N
 
 BODY_PARAMS = frozenset(
@@ -244,10 +249,11 @@ class ResponsesDoor:
 def mainline_bound(parsed: ResponseBody, mainline: MainlinePrices) -> Estimate:
     """The most the mainline model can bill for `parsed`."""
     images = len(parsed.request.images)
+    per_image = OWN_IMAGE_TOKENS.get(mainline.name, MAINLINE_IMAGE_TOKENS)
     usage = Usage(
         mainline_input=parsed.text_bytes
         + HIDDEN_INPUT_TOKENS
-        + images * MAINLINE_IMAGE_TOKENS
+        + images * per_image
         + parsed.context_tokens,
         mainline_output=parsed.max_output_tokens,
     )
