@@ -356,12 +356,16 @@ def test_a_streamed_background_response_is_its_teams_while_it_runs(
     created = next(e for e in events if e.type == "response.created")
     response_id = created.response.id
     assert design.responses.retrieve(response_id).id == response_id
+    with pytest.raises(openai.BadRequestError) as refused:  # its stream is still read
+        design.responses.delete(response_id)
+    assert "still streaming" in refused.value.message
     assert design.responses.cancel(response_id).id == response_id
     with pytest.raises(openai.NotFoundError):
         research.responses.retrieve(response_id)
     kinds = [e.type for e in events]
     assert kinds[-1] == "response.completed"  # the simulator's stream ran to its end
     check_charge(proxy, simulator, response_id, "gpt-5.5", "gpt-image-2")
+    assert design.responses.delete(response_id) is None  # settled: now it may go
 
 
 def test_gpt_4o_minis_dearer_input_images_stay_within_the_bound(

@@ -108,6 +108,8 @@ class ResponseRow:
     project_known: bool = True
     """False for a row written before schema version 10 that did not record its project
     (only held rows did, from version 9): the team's project now is the best guess left."""
+    in_flight: bool = False
+    """Its reservation is not settled yet: held, or a stream still being read."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -377,7 +377,8 @@ def _reads(d: Dialect) -> dict[str, str]:
         "held": "SELECT id, response_id FROM requests "
         f"WHERE state = 'reserved' AND held = 1 AND owner = ? {by_id}",
         "response": "SELECT team, id, mainline_input_tokens + mainline_cached_input_tokens, "
-        "mainline_output_tokens, images, context_images, held, project FROM requests "
+        "mainline_output_tokens, images, context_images, held, project, "
+        "CASE WHEN state = 'reserved' THEN 1 ELSE 0 END FROM requests "
         f"WHERE response_id = ? ORDER BY started_at DESC, id{d.collate} DESC LIMIT 1",
         "held_entry": f"SELECT {names(ENTRY_COLUMNS)}, {names(USAGE_COLUMNS)}, project "
         "FROM requests "

@@ -55,6 +55,14 @@ class ResponseObjects:
                 )
             if request.method == "DELETE" and row.held:
                 await self.settle_first(runtime, row.request_id, response_id)
+            elif request.method == "DELETE" and row.in_flight:
+                # A stream still being read: deleted now, a stream cut after it could not
+                # be read back for its usage.
+                raise InvalidRequest(
+                    "This response is still streaming: delete it once its stream has ended "
+                    "(cancel it first if it runs in the background). Tollgate settles its "
+                    "cost from the response, which a delete would remove."
+                )
             answer = await runtime.upstream.send(
                 request.url.path.removeprefix("/v1"),
                 b"",
