@@ -275,3 +275,24 @@ def test_a_response_that_ended_without_usage_cannot_be_continued(
     assert caught.value.body["param"] == "previous_response_id"  # type: ignore[index]
     assert "without reporting its usage" in caught.value.message
     assert len(arrivals(simulator)) == before
+
+
+def test_a_stream_whose_last_event_is_unreadable_is_followed_and_charged_exactly(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """A stream that ends without a terminal event it could read (here its last event's
+    data is not JSON) named its response: the response says what it billed once read
+    back, so it is charged that, not its bound."""
+    seen = {r["id"] for r in simulator.billing()}
+    with contextlib.suppress(openai.APIError, ValueError):  # the SDK may choke on it
+        for _ in proxy.client().responses.create(
+            model="gpt-5.5",
+            input="A bridge [[fault:garbage]]",
+            tools=[tool()],
+            max_output_tokens=300,
+            max_tool_calls=1,
+            stream=True,
+        ):
+            pass
+    [record] = [r for r in simulator.billing() if r["id"] not in seen]
+    check_charge(proxy, simulator, record["id"], "gpt-5.5", "gpt-image-2")

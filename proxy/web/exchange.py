@@ -300,9 +300,11 @@ class Exchange:
                 await recorder.abandon()
             else:
                 await recorder.end(await keep.wanted(relay.listening))
-        if end.broken and not end.terminal and end.response_id and self.bound.mainline:
-            # A Responses stream cut short: the response it named may still run upstream
-            # (and bill); it is followed to its end rather than charged its bound.
+        if not end.terminal and end.response_id and self.bound.mainline:
+            # A Responses stream cut short, or that ended without a terminal event it could
+            # read (a cancelled background stream, an error, an unreadable last event): the
+            # response it named may still run upstream (and bill), and says what it billed
+            # once it ends; it is followed to its end rather than charged its bound.
             await self.follow_later(end.response_id, answer.headers.get("x-request-id"))
             return
         verdict = settlement.stream_ended(self.bound, end)
