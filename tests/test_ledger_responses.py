@@ -256,6 +256,25 @@ async def test_holding_a_settled_request_records_its_response_id_only(ledger: Ba
     assert found is not None and not found.held
 
 
+async def test_a_stream_named_in_flight_is_found_by_its_id_and_not_held(
+    ledger: Backend,
+) -> None:
+    await ledger.register(Owner("me", "host", 1), 10.0)
+    await ledger.reserve([], take_response("streaming"))
+    await ledger.name_response("streaming", "resp_abc", "proj_A")
+    found = await ledger.response("resp_abc")
+    assert found is not None
+    assert (found.request_id, found.held, found.project) == ("streaming", False, "proj_A")
+    assert found.in_flight
+    assert found.input_tokens == 1200 + 300  # its bound, while it runs
+    assert await ledger.held() == []  # a stream read to its end is settled by its reader
+    await ledger.settle("streaming", ANSWERED)
+    settled = await ledger.response("resp_abc")
+    assert settled is not None and settled.output_tokens == 173 and not settled.in_flight
+    with pytest.raises(LedgerError, match="no request nope"):
+        await ledger.name_response("nope", "resp_x")
+
+
 async def test_response_reads_a_settled_a_held_and_no_response(ledger: Backend) -> None:
     await ledger.reserve([], take_response("done"))
     await ledger.settle("done", ANSWERED)
@@ -280,6 +299,7 @@ async def test_response_reads_a_settled_a_held_and_no_response(ledger: Backend) 
         images=1,
         context_images=3,
         held=True,
+        in_flight=True,
     )
     assert await ledger.response("resp_unknown") is None
 

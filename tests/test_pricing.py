@@ -1385,7 +1385,24 @@ def test_gpt_55_bills_the_whole_request_at_long_context_rates_above_272k_input(
     assert mainline_of(book, "gpt-5.5").cost(mainline_usage(uncached, cached, output)) == nanos
 
 
-@pytest.mark.parametrize("name", sorted(BUILT_IN_MAINLINE - {"gpt-5.5"}))
+@pytest.mark.parametrize(
+    ("uncached", "cached", "output", "nanos"),
+    [
+        (272_000, 0, 100, 272_000 * 2_500 + 100 * 15_000),
+        (272_001, 0, 100, 272_001 * 5_000 + 100 * 22_500),
+        (271_000, 1_001, 100, 271_000 * 5_000 + 1_001 * 500 + 100 * 22_500),
+    ],
+    ids=["at-the-threshold", "one-above", "cached-above"],
+)
+def test_gpt_54_bills_the_whole_request_at_2x_input_and_1_5x_output_above_272k_input(
+    book: PriceBook, uncached: int, cached: int, output: int, nanos: int
+) -> None:
+    """OpenAI's model page: GPT-5.4 (1.05M context) prices prompts above 272K input tokens
+    at 2x input and 1.5x output for the whole request."""
+    assert mainline_of(book, "gpt-5.4").cost(mainline_usage(uncached, cached, output)) == nanos
+
+
+@pytest.mark.parametrize("name", sorted(BUILT_IN_MAINLINE - {"gpt-5.5", "gpt-5.4"}))
 def test_models_without_long_context_rates_keep_their_rates_at_any_length(
     book: PriceBook, name: str
 ) -> None:

@@ -10,16 +10,14 @@ from typing import Any
 import pytest
 
 from proxy.config import load_config
-from proxy.core import settlement
 from proxy.core.auth import key_hash
 from proxy.core.budgets import decide
-from proxy.core.errors import InvalidRequest, MalformedAnswer, PolicyViolation, UnpricedModel
+from proxy.core.errors import InvalidRequest, PolicyViolation, UnpricedModel
 from proxy.core.models import Counter, Totals, Usage
 from proxy.core.periods import Applied, Window
 from proxy.core.pricing import estimate
 from proxy.core.settings import Budget, Config, ResponsesPolicy, Team
 from proxy.doors import ResponsesDoor
-from proxy.doors.response_meters import ResponseAnswer, ResponseEvents, read_response
 from proxy.doors.responses import HIDDEN_INPUT_TOKENS, MAINLINE_IMAGE_TOKENS
 from tests.conftest import write_config
 
@@ -150,6 +148,18 @@ def test_a_tool_without_model_gets_the_default_model(config: Config) -> None:
             "input[0].encrypted_content",
         ),
         ({"input": [{"role": "tool", "content": "hi"}]}, "input[0].role"),
+        # OpenAI's guide continues an image by its call's id alone: the upstream then reads
+        # the stored image, whichever team's it is.
+        ({"input": [{"type": "image_generation_call", "id": "ig_1"}]}, "input[0].result"),
+        (
+            {"input": [{"type": "image_generation_call", "id": "ig_1", "result": None}]},
+            "input[0].result",
+        ),
+        ({"input": [{"type": "function_call", "id": "fc_1"}]}, "input[0].call_id"),
+        (
+            {"input": [{"type": "function_call", "id": "fc_1", "call_id": "c", "name": "f"}]},
+            "input[0].arguments",
+        ),
         ({"max_tool_calls": 11}, "max_tool_calls"),
         ({"max_output_tokens": "9"}, "max_output_tokens"),
         ({"max_output_tokens": 2**62}, "max_output_tokens"),
@@ -298,199 +308,3 @@ def test_a_request_without_the_image_tool_is_bounded_by_its_mainline_model_alone
     assert DOOR.injected(parsed) == ""
     variant = DOOR.admit(team(config), parsed, config)
     assert variant.estimate == variant.base
-
-
-# -- what answers bill ------------------------------------------------------------------
-
-
-def response(**fields: Any) -> dict[str, Any]:
-    return {
-        "id": "resp_1",
-        "object": "response",
-        "status": "completed",
-        "output": [
-            {"type": "message", "content": [{"type": "output_text", "text": "Here."}]},
-            {"type": "image_generation_call", "status": "completed", "result": "A" * 5000},
-        ],
-        "usage": {
-            "input_tokens": 1820,
-            "input_tokens_details": {"cached_tokens": 1280},
-            "output_tokens": 210,
-            "output_tokens_details": {"reasoning_tokens": 64},
-        },
-        "tool_usage": {
-            "image_gen": {
-                "input_tokens": 30,
-                "input_tokens_details": {"text_tokens": 30, "image_tokens": 0},
-                "output_tokens": 196,
-                "output_tokens_details": {"image_tokens": 196, "text_tokens": 0},
-                "total_tokens": 226,
-            }
-        },
-        **fields,
-    }
-
-
-def metered(answer: dict[str, Any]) -> Any:
-    meter = ResponseAnswer()
-    raw = json.dumps(answer).encode()
-    for start in range(0, len(raw), 700):
-        meter.feed(raw[start : start + 700])
-    return meter.finish()
-
-
-def test_an_answer_bills_its_mainline_usage_and_its_image_tools() -> None:
-    found = metered(response())
-    assert found.response_id == "resp_1"
-    assert found.images == 1
-    assert not found.pending
-    assert found.usage == Usage(
-        text_input=30,
-        image_output=196,
-        mainline_input=540,
-        mainline_cached_input=1280,
-        mainline_output=210,
-    )
-
-
-def test_image_calls_without_tool_usage_are_unknown_usage() -> None:
-    assert metered(response(tool_usage=None)).usage is None
-    no_images = response(tool_usage=None, output=[])
-    assert metered(no_images).usage == Usage(
-        mainline_input=540, mainline_cached_input=1280, mainline_output=210
-    )
-
-
-def test_a_queued_background_response_is_pending() -> None:
-    found = metered(response(status="queued", usage=None, tool_usage=None, output=[]))
-    assert found.pending and found.response_id == "resp_1"
-
-
-def test_an_answer_that_is_not_a_response_is_malformed() -> None:
-    with pytest.raises(MalformedAnswer):
-        metered({"data": []})
-    with pytest.raises(MalformedAnswer):
-        read_response([])
-
-
-def events(*items: tuple[str, dict[str, Any]]) -> bytes:
-    return b"".join(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode() for name, data in items)
-
-
-def test_a_stream_is_read_for_its_id_and_its_terminal_event() -> None:
-    meter = ResponseEvents()
-    created = {"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}}
-    partial = {"type": "response.image_generation_call.partial_image", "partial_image_b64": "!"}
-    done = {"type": "response.completed", "response": response()}
-    raw = events(
-        ("response.created", created),
-        ("response.image_generation_call.partial_image", partial),
-        ("response.completed", done),
-    )
-    for start in range(0, len(raw), 97):
-        meter.feed(raw[start : start + 97])
-    end = meter.end(None)
-    assert end.terminal and end.response_id == "resp_1" and end.completed == 1
-    assert end.usage == metered(response()).usage
-    assert meter.partials == 1
-
-
-def test_a_stream_cut_before_its_terminal_event_is_not_terminal() -> None:
-    meter = ResponseEvents()
-    meter.feed(events(("response.created", {"type": "response.created", "response": {}})))
-    end = meter.end("stream_truncated")
-    assert not end.terminal and end.usage is None
-
-
-@pytest.mark.parametrize(
-    "fields",
-    [
-        {"usage": {"input_tokens": "1820", "output_tokens": 210}},
-        {"usage": {"input_tokens": 1820, "output_tokens": -210}},
-        {"usage": {}},
-        {"usage": {**response()["usage"], "input_tokens_details": {"cached_tokens": "1280"}}},
-        {"tool_usage": {"image_gen": {"input_tokens": 30, "output_tokens": "196"}}},
-        {"tool_usage": {"image_gen": {}}, "output": []},
-    ],
-    ids=["string", "negative", "empty", "cached-string", "tool-string", "tool-empty"],
-)
-def test_an_answer_with_counts_that_are_no_token_counts_is_unknown_usage(
-    fields: dict[str, Any],
-) -> None:
-    """Charged its bound, flagged, never the $0 such counts would read as."""
-    assert metered(response(**fields)).usage is None
-
-
-def test_a_stream_with_two_terminal_events_is_unreadable_and_keeps_both() -> None:
-    """A stream ends once: which of two ends was billed is unknown, so the settlement
-    charges the bound, or both ends' usage when that costs more (flagged)."""
-    meter = ResponseEvents()
-    big = response(tool_usage={"image_gen": {"input_tokens": 30, "output_tokens": 90_000}})
-    meter.feed(
-        events(
-            ("response.completed", {"type": "response.completed", "response": big}),
-            ("response.completed", {"type": "response.completed", "response": response()}),
-        )
-    )
-    end = meter.end(None)
-    assert end.terminal and end.unreadable == 1 and end.completed == 2
-    first, second = metered(big).usage, metered(response()).usage
-    assert end.usage == first + second
-
-
-def test_a_stream_with_two_terminal_events_is_charged_no_less_than_the_dearer(
-    config: Config,
-) -> None:
-    parsed = parse(config, body(max_output_tokens=1000))
-    bound = DOOR.bound(parsed, DOOR.admit(team(config), parsed, config))
-    big = response(tool_usage={"image_gen": {"input_tokens": 30, "output_tokens": 90_000}})
-    meter = ResponseEvents()
-    meter.feed(
-        events(
-            ("response.completed", {"type": "response.completed", "response": big}),
-            ("response.completed", {"type": "response.completed", "response": response()}),
-        )
-    )
-    verdict = settlement.stream_ended(bound, meter.end(None))
-    dearest = settlement.metered(bound, metered(big))
-    assert dearest.cost_nanos > bound.cost_nanos
-    assert verdict.cost_nanos >= dearest.cost_nanos and verdict.charge.flagged
-    assert verdict.error_code == "malformed_answer"
-
-
-# -- what each ending costs -------------------------------------------------------------
-
-
-def test_a_response_is_charged_at_both_models_rates(config: Config) -> None:
-    parsed = parse(config, body(max_output_tokens=1000))
-    variant = DOOR.admit(team(config), parsed, config)
-    bound = DOOR.bound(parsed, variant)
-    found = metered(response())
-    verdict = settlement.metered(bound, found)
-    image = bound.model.cost(Usage(text_input=30, image_output=196))
-    mainline = bound.mainline
-    assert mainline is not None
-    text = mainline.cost(found.usage)
-    assert text == 540 * 5000 + 1280 * 500 + 210 * 30000  # nanos: tokens × USD/M × 1000
-    assert verdict.cost_nanos == image + text
-    assert verdict.charge.mainline_nanos == text
-    assert not verdict.charge.flagged
-    assert verdict.cost_nanos <= bound.cost_nanos
-
-
-def test_a_response_without_usage_is_charged_its_bound_flagged(config: Config) -> None:
-    parsed = parse(config, body())
-    bound = DOOR.bound(parsed, DOOR.admit(team(config), parsed, config))
-    verdict = settlement.metered(bound, metered(response(tool_usage=None)))
-    assert verdict.cost_nanos == bound.cost_nanos and verdict.charge.flagged
-    assert verdict.charge.mainline_nanos == bound.mainline_nanos
-
-
-def test_a_cancelled_response_without_usage_costs_nothing(config: Config) -> None:
-    parsed = parse(config, body())
-    bound = DOOR.bound(parsed, DOOR.admit(team(config), parsed, config))
-    cancelled = metered(response(status="cancelled", usage=None, tool_usage=None, output=[]))
-    verdict = settlement.metered(bound, cancelled)
-    assert verdict.cost_nanos == 0 and verdict.outcome == "upstream_error"
-    failed = settlement.metered(bound, metered(response(status="failed")))
-    assert failed.outcome == "upstream_error" and failed.cost_nanos > 0

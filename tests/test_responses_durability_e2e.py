@@ -40,6 +40,7 @@ from tests.responses_e2e import (
     settled_row,
     team,
     tool,
+    wait_for,
 )
 
 __all__ = ["calm", "proxy"]  # the shared fixtures
@@ -155,6 +156,48 @@ def test_a_restart_adopts_a_held_background_response_and_settles_it_once(
         assert [r["state"] for r in second.rows()] == ["settled"]
     finally:
         second.stop()
+
+
+def test_a_response_followed_by_another_process_is_settled_there_before_it_is_deleted(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """Two processes on one ledger (workers, replicas): the one that created a background
+    response follows it; a delete that reaches the other waits, as it would there, for
+    the response to be settled, never deleting what its follower must still read."""
+    write_config(tmp_path, f"{simulator.url}/v1", teams=TEAMS)
+    creator, other = start_tollgate(tmp_path), start_tollgate(tmp_path)
+    try:
+        simulator.configure(latency_ms=30_000)  # stays queued
+        queued = creator.client().responses.create(
+            model="gpt-5.5",
+            input="A lighthouse",
+            tools=[tool()],
+            max_output_tokens=300,
+            max_tool_calls=1,
+            background=True,
+        )
+        simulator.configure(latency_ms=0)
+        sdk = other.client()
+        with pytest.raises(openai.BadRequestError) as refused:
+            sdk.responses.delete(queued.id)
+        assert "cancel it first" in refused.value.message
+        assert sdk.responses.cancel(queued.id).status == "cancelled"
+
+        def deleted() -> bool | None:
+            try:
+                sdk.responses.delete(queued.id)
+            except openai.BadRequestError:
+                return None  # not settled by its follower yet
+            return True
+
+        wait_for("the delete, once the response is settled", deleted)
+        record = billed(simulator, queued.id)
+        row = settled_row(other, queued.id)
+        assert row["cost_nanos"] == record_cost(record) > 0
+        assert (row["flagged"], row["held"], row["error_code"]) == (0, 0, "response_cancelled")
+    finally:
+        other.stop()
+        creator.stop()
 
 
 # -- 8. the official Node SDK ----------------------------------------------------------

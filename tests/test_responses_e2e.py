@@ -333,3 +333,64 @@ def test_another_team_cannot_reach_a_response_and_its_creator_can(
     assert design.responses.delete(created.id) is None
     with pytest.raises(openai.NotFoundError):
         research.responses.retrieve(continued.id)
+
+
+def test_a_streamed_background_response_is_its_teams_while_it_runs(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """A background response asked for as a stream is named by its first event: from
+    then on its team may retrieve and cancel it (OpenAI's way to stop, or resume, a
+    stream that runs on), another team still may not, and it is settled once."""
+    simulator.configure(latency_ms=3000)  # the stream's events spread over 3 s
+    design, research = proxy.client(), proxy.client(RESEARCH_KEY)
+    stream = design.responses.create(
+        model="gpt-5.5",
+        input="A lantern in fog",
+        tools=[tool()],
+        max_output_tokens=300,
+        max_tool_calls=1,
+        stream=True,
+        background=True,
+    )
+    events = iter(stream)
+    created = next(e for e in events if e.type == "response.created")
+    response_id = created.response.id
+    assert design.responses.retrieve(response_id).id == response_id
+    with pytest.raises(openai.BadRequestError) as refused:  # its stream is still read
+        design.responses.delete(response_id)
+    assert "still streaming" in refused.value.message
+    assert design.responses.cancel(response_id).id == response_id
+    with pytest.raises(openai.NotFoundError):
+        research.responses.retrieve(response_id)
+    kinds = [e.type for e in events]
+    assert kinds[-1] == "response.completed"  # the simulator's stream ran to its end
+    check_charge(proxy, simulator, response_id, "gpt-5.5", "gpt-image-2")
+    assert design.responses.delete(response_id) is None  # settled: now it may go
+
+
+def test_gpt_4o_minis_dearer_input_images_stay_within_the_bound(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """gpt-4o-mini bills an input image as many tokens as gpt-4o's dollars buy (25,501 for
+    a 1024x1024 image, above the bound other models' images get): without the image tool
+    its images are all the bound has to cover them."""
+    picture = "https://images.example.test/harbour.png"
+    raw = proxy.client().responses.with_raw_response.create(
+        model="gpt-4o-mini",
+        input=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "Describe these."},
+                    *({"type": "input_image", "image_url": picture} for _ in range(3)),
+                ],
+            }
+        ],
+        max_output_tokens=100,
+    )
+    response = raw.parse()
+    record = billed(simulator, response.id)
+    assert record["mainline"]["input"] > 3 * 25_000
+    row = settled_row(proxy, response.id)
+    assert row["cost_nanos"] == record_cost(record) > 0
+    assert row["estimated_nanos"] >= row["cost_nanos"]

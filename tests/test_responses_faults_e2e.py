@@ -238,3 +238,61 @@ def test_a_server_error_is_charged_nothing(proxy: Tollgate, simulator: Simulator
     assert (row["state"], row["cost_nanos"], row["outcome"]) == ("settled", 0, "upstream_error")
     [record] = [r for r in simulator.billing() if r["id"] not in seen]
     assert (record["status"], record["billed"]) == (500, False)
+
+
+def test_a_response_that_ended_without_usage_cannot_be_continued(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """A response that failed or was cancelled without reporting usage is settled at
+    nothing, and its row keeps no token counts; OpenAI still stores its input and bills it
+    again as the context of a response that continues it. Continuing it would be bounded
+    without that context: refused, nothing sent."""
+    sdk = proxy.client()
+    first = sdk.responses.create(
+        model="gpt-5.5",
+        input="A harbour at dawn. " + "Every mast and rope drawn in detail. " * 500,
+        tools=[tool()],
+        max_output_tokens=300,
+        max_tool_calls=1,
+    )
+    # Its row as a usage-less end leaves it (`settlement.metered`: nothing charged).
+    proxy.query(
+        "UPDATE requests SET mainline_input_tokens = 0, mainline_cached_input_tokens = 0, "
+        "mainline_output_tokens = 0, images = 0, cost_nanos = 0, mainline_cost_nanos = 0, "
+        "outcome = 'upstream_error', error_code = 'response_failed' "
+        f"WHERE response_id = '{first.id}'"
+    )
+    before = len(arrivals(simulator))
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.responses.create(
+            model="gpt-5.5",
+            input="Now at dusk",
+            previous_response_id=first.id,
+            tools=[tool()],
+            max_output_tokens=300,
+            max_tool_calls=1,
+        )
+    assert caught.value.body["param"] == "previous_response_id"  # type: ignore[index]
+    assert "without reporting its usage" in caught.value.message
+    assert len(arrivals(simulator)) == before
+
+
+def test_a_stream_whose_last_event_is_unreadable_is_followed_and_charged_exactly(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """A stream that ends without a terminal event it could read (here its last event's
+    data is not JSON) named its response: the response says what it billed once read
+    back, so it is charged that, not its bound."""
+    seen = {r["id"] for r in simulator.billing()}
+    with contextlib.suppress(openai.APIError, ValueError):  # the SDK may choke on it
+        for _ in proxy.client().responses.create(
+            model="gpt-5.5",
+            input="A bridge [[fault:garbage]]",
+            tools=[tool()],
+            max_output_tokens=300,
+            max_tool_calls=1,
+            stream=True,
+        ):
+            pass
+    [record] = [r for r in simulator.billing() if r["id"] not in seen]
+    check_charge(proxy, simulator, record["id"], "gpt-5.5", "gpt-image-2")

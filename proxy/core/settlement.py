@@ -181,11 +181,15 @@ UNBILLED_ENDS = frozenset({"failed", "cancelled"})
 """Responses that may end without usage: then nothing ran that OpenAI bills."""
 
 
-def metered(bound: Bound, found: Metered) -> Verdict:
+def metered(bound: Bound, found: Metered, partials: int = 0) -> Verdict:
     """A whole 2xx answer as metered. A Responses API response that failed or was
-    cancelled is charged its usage if it reports one, else nothing (an upstream error)."""
+    cancelled is charged its usage if it reports one, else nothing (an upstream error),
+    unless images were made (completed, or `partials` streamed): then the image tool ran
+    and billed, at a cost unknown, so its bound, flagged."""
     if found.status in UNBILLED_ENDS:
         if found.usage is None:
+            if found.images or partials:
+                return unknown(bound, f"response_{found.status}")
             return refused(f"response_{found.status}")
         charge = answered(bound, found.usage, found.images).charge
         return Verdict("upstream_error", charge, f"response_{found.status}")
@@ -230,7 +234,8 @@ def stream_ended(bound: Bound, end: StreamEnd) -> Verdict:
     whatever the error)."""
     if bound.mainline is not None:
         if end.broken is None and end.terminal and not end.unreadable:
-            return metered(bound, Metered(end.usage, end.completed, status=end.status))
+            found = Metered(end.usage, end.completed, status=end.status)
+            return metered(bound, found, end.partials)
         code = end.broken or (
             MALFORMED_ANSWER if end.unreadable else error_code_of(end.error) or STREAM_TRUNCATED
         )

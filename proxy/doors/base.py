@@ -29,6 +29,9 @@ class AnswerMeter(Protocol):
 class StreamMeter(Protocol):
     """Follows a stream's events as they pass."""
 
+    response_id: str | None
+    """A Responses stream's response id, once its opening event named it."""
+
     def feed(self, chunk: bytes) -> None: ...
 
     def end(self, broken: str | None) -> StreamEnd:

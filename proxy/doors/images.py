@@ -112,6 +112,7 @@ class ImageEvents:
 
     def __init__(self) -> None:
         self._meter = SseMeter()
+        self.response_id: str | None = None  # an image stream names no response
 
     def feed(self, chunk: bytes) -> None:
         self._meter.feed(chunk)

@@ -142,6 +142,7 @@ class ResponseEvents:
             terminal=ended is not None,
             response_id=self.response_id or (ended.response_id if ended else None),
             status=ended.status if ended else None,
+            partials=self.partials,
         )
 
     def _event(self, raw: bytes) -> None:

@@ -6,7 +6,8 @@ The bound reserved before it is sent covers both:
 
     mainline input   every text byte of the request (a token is at least one byte), the
                      tool's hidden instructions (`HIDDEN_INPUT_TOKENS`), each image in its
-                     context at `MAINLINE_IMAGE_TOKENS`, and the tokens of the response
+                     context at `MAINLINE_IMAGE_TOKENS` (`OWN_IMAGE_TOKENS` for a model
+                     that bills images dearer), and the tokens of the response
                      it continues (`previous_response_id`), which OpenAI bills again
     mainline output  `max_output_tokens` (reasoning included)
     images           `max_tool_calls` calls of the tool, each billed as one image of its
@@ -17,11 +18,11 @@ The bound reserved before it is sent covers both:
 A request that leaves `max_output_tokens` or `max_tool_calls` open is closed by the
 team's `responses:` policy (the cap written into it, or a 400). Only what Tollgate can
 bound is forwarded: the function tool (its calls are the client's) and the image tool,
-message, function-call (with their outputs) and reasoning input items (these with their
-`encrypted_content`), text and image content; anything else (file inputs, item
-references, reasoning named by its id alone, other hosted tools, `conversation`,
-reusable prompts) is refused with a 400 that says so. The body sent upstream is
-re-encoded from this parse.
+message, function-call (with their outputs), reasoning (with its `encrypted_content`)
+and image-call (with its `result`) input items, text and image content; anything else
+(file inputs, item references, reasoning or image calls named by their id alone, other
+hosted tools, `conversation`, reusable prompts) is refused with a 400 that says so. The
+body sent upstream is re-encoded from this parse.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from proxy.core.pricing import MAX_N, MainlinePrices
 from proxy.core.settings import Config, Limits, Team
 from proxy.core.settlement import Bound
 from proxy.doors.images import priced as image_prices
+from proxy.doors.response_input import named_files, read_input
 from proxy.doors.response_meters import ResponseAnswer, ResponseEvents
 
 HIDDEN_INPUT_TOKENS = 4096
@@ -51,6 +53,10 @@ input tokens were measured for a short prompt (gpt-5.5 with gpt-image-2), so twi
 MAINLINE_IMAGE_TOKENS = 12_000
 """The most one input image can cost the mainline model: above the largest published
 vision count (a 10-megapixel image at `detail: original`, about 10,000 patches)."""
+OWN_IMAGE_TOKENS: Mapping[str, int] = {"gpt-4o-mini": 2833 + 8 * 5667}
+"""Mainline models whose one input image can cost more: gpt-4o-mini bills an image as
+gpt-4o does in dollars, 2,833 tokens plus 5,667 a 512-px tile, and a high-detail image
+has up to 8 tiles (2048 x 768 once scaled)."""
 MAX_TOOL_CALLS = MAX_N
 
 BODY_PARAMS = frozenset(
@@ -87,9 +93,6 @@ SERVICE_TIERS = ("auto", "default", "flex")
 """Tiers priced at or below the price book's (Standard) rates; `priority` costs more.
 `auto`, and an unset tier (which OpenAI reads as `auto`), is sent as `default`: `auto`
 runs at the tier set in the OpenAI project's settings, which may be priority."""
-TEXT_ITEMS = frozenset({"function_call"})
-ROLES = ("user", "assistant", "system", "developer")
-TEXT_PARTS = frozenset({"input_text", "output_text", "refusal", "summary_text"})
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 
@@ -246,10 +249,11 @@ class ResponsesDoor:
 def mainline_bound(parsed: ResponseBody, mainline: MainlinePrices) -> Estimate:
     """The most the mainline model can bill for `parsed`."""
     images = len(parsed.request.images)
+    per_image = OWN_IMAGE_TOKENS.get(mainline.name, MAINLINE_IMAGE_TOKENS)
     usage = Usage(
         mainline_input=parsed.text_bytes
         + HIDDEN_INPUT_TOKENS
-        + images * MAINLINE_IMAGE_TOKENS
+        + images * per_image
         + parsed.context_tokens,
         mainline_output=parsed.max_output_tokens,
     )
@@ -285,7 +289,7 @@ def read_body(fields: dict[str, Any], size: int, default_model: str, team: Team)
             f"book. Use one of {', '.join(SERVICE_TIERS)}.",
             param="service_tier",
         )
-    image_data, input_images = _input(fields.get("input"))
+    image_data, input_images = read_input(fields.get("input"))
     if "instructions" in fields and not isinstance(fields["instructions"], str):
         raise InvalidRequest(
             "Invalid type for 'instructions': expected a string.", param="instructions"
@@ -362,26 +366,8 @@ def read_body(fields: dict[str, Any], size: int, default_model: str, team: Team)
         max_output,
         None,
         tuple(injected),
-        files=_named_files(fields.get("input"), tool),
+        files=named_files(fields.get("input"), tool),
     )
-
-
-def _named_files(value: Any, tool: Mapping[str, Any] | None) -> tuple[str, ...]:
-    """The file ids of the input images of `value` (an `input` already checked) and of the
-    tool's mask."""
-    found: list[str] = []
-    for item in value if isinstance(value, list) else ():
-        kind = item.get("type", "message")
-        parts = item.get("content" if kind == "message" else "output")
-        if kind not in ("message", "function_call_output") or not isinstance(parts, list):
-            continue
-        for part in parts:
-            if part.get("type") == "input_image" and isinstance(part.get("file_id"), str):
-                found.append(part["file_id"])
-    mask = (tool or {}).get("input_image_mask")
-    if isinstance(mask, dict) and isinstance(mask.get("file_id"), str):
-        found.append(mask["file_id"])
-    return tuple(dict.fromkeys(found))
 
 
 def _user(fields: Mapping[str, Any]) -> str | None:
@@ -453,91 +439,3 @@ def _tools(tools: Any) -> tuple[int | None, dict[str, Any] | None]:
                 )
         found = (index, tool)
     return found
-
-
-def _input(value: Any) -> tuple[int, int]:
-    """(bytes of image data, images) in the request's `input`, every item checked."""
-    if value is None or isinstance(value, str):
-        return 0, 0  # no input (a continued response may have none): the upstream decides
-    if not isinstance(value, list):
-        raise InvalidRequest(
-            "Invalid type for 'input': expected a string or an array.", param="input"
-        )
-    data = images = 0
-    for index, item in enumerate(value):
-        param = f"input[{index}]"
-        if not isinstance(item, dict):
-            raise InvalidRequest(f"Invalid '{param}': expected an object.", param=param)
-        kind = item.get("type", "message")
-        if kind == "message":
-            if item.get("role") not in ROLES:
-                # Without its role an item is no message: the upstream may read it as an
-                # item reference (`{"id": …}`), stored content Tollgate cannot bound.
-                raise InvalidRequest(
-                    f"Invalid '{param}.role': a message needs a role, one of {', '.join(ROLES)}.",
-                    param=f"{param}.role",
-                )
-            item_data, item_images = _content(item.get("content"), param)
-        elif kind == "function_call_output":
-            # Its output is text, or content parts: images are in the context like a
-            # message's, and files are refused as they are in a message.
-            item_data, item_images = _content(item.get("output"), param, "output")
-        elif kind == "image_generation_call":
-            # An image made earlier, given back: it is in the context, not text.
-            result = item.get("result")
-            item_data, item_images = (len(result) if isinstance(result, str) else 0), 1
-        elif kind in TEXT_ITEMS:
-            continue
-        elif kind == "reasoning":
-            if not isinstance(item.get("encrypted_content"), str):
-                # Named by its id alone, the upstream reads the reasoning it stored: tokens
-                # billed again as input that Tollgate cannot see, so cannot bound.
-                raise InvalidRequest(
-                    f"Tollgate does not forward a reasoning item without its "
-                    f"'encrypted_content' ('{param}'): the upstream would read the reasoning "
-                    "it stored, whose tokens Tollgate cannot bound. Continue with "
-                    "previous_response_id, or ask for include: "
-                    "['reasoning.encrypted_content'] and send the items back whole.",
-                    param=f"{param}.encrypted_content",
-                )
-            continue
-        else:
-            raise InvalidRequest(
-                f"Tollgate does not forward input items of type {kind!r}: it cannot bound "
-                "their tokens. Send messages (text and images), function calls and their "
-                "outputs.",
-                param=f"{param}.type",
-            )
-        data += item_data
-        images += item_images
-    return data, images
-
-
-def _content(content: Any, param: str, name: str = "content") -> tuple[int, int]:
-    """(bytes of image data, images) in the content parts `content` of `param`."""
-    if isinstance(content, str):
-        return 0, 0
-    if not isinstance(content, list):
-        raise InvalidRequest(f"Missing required parameter: '{param}.{name}'.", param=param)
-    data = images = 0
-    for index, part in enumerate(content):
-        where = f"{param}.{name}[{index}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind in TEXT_PARTS:
-            continue
-        if kind == "input_image":
-            url = part.get("image_url")
-            if not isinstance(url, str) and not isinstance(part.get("file_id"), str):
-                raise InvalidRequest(
-                    f"Invalid '{where}': an input_image needs an 'image_url' or a 'file_id'.",
-                    param=where,
-                )
-            data += len(url) if isinstance(url, str) and url.startswith("data:") else 0
-            images += 1
-            continue
-        raise InvalidRequest(
-            f"Tollgate does not forward content of type {kind!r}: it cannot bound its tokens. "
-            "Send input_text and input_image.",
-            param=f"{where}.type",
-        )
-    return data, images

@@ -108,6 +108,8 @@ class ResponseRow:
     project_known: bool = True
     """False for a row written before schema version 10 that did not record its project
     (only held rows did, from version 9): the team's project now is the best guess left."""
+    in_flight: bool = False
+    """Its reservation is not settled yet: held, or a stream still being read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +348,15 @@ class Ledger(Protocol):
         sent), on the row, so that it is followed under that project whatever the team's is
         by then (on a row no longer in flight, only that: a reclaimed reservation stays
         charged at its bound until its settlement replaces it). LedgerError if there is no
+        request `request_id`."""
+
+    async def name_response(
+        self, request_id: str, response_id: str, project: str | None = None
+    ) -> None:
+        """Record on the row of `request_id`, in flight, the response `response_id` it is
+        and the OpenAI project it was created under, as soon as a stream names it: its
+        team may read, cancel or delete it while it runs (`response`). Its reservation is
+        not held (`hold` is for responses no one is reading). LedgerError if there is no
         request `request_id`."""
 
     async def first_attempt(

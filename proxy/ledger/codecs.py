@@ -209,7 +209,9 @@ def held_entry(values: Sequence[Any]) -> HeldEntry:
 
 def response_row(response_id: str, values: Sequence[Any]) -> ResponseRow:
     """The response `response_id` from its row, read by the `response` statement."""
-    team, request_id, input_tokens, output_tokens, images, context_images, held, project = values
+    team, request_id, input_tokens, output_tokens, images, context_images, held, project, busy = (
+        values
+    )
     return ResponseRow(
         response_id,
         request_id,
@@ -220,6 +222,7 @@ def response_row(response_id: str, values: Sequence[Any]) -> ResponseRow:
         int(context_images),
         bool(held),
         *project_read(project),
+        in_flight=bool(busy),
     )
 
 

@@ -227,6 +227,13 @@ class PostgresLedger(Schema, KeptAnswers):
         if await self.db.execute(SQL.hold, *values) == "UPDATE 0":
             raise LedgerError(f"no request {request_id}")
 
+    async def name_response(
+        self, request_id: str, response_id: str, project: str | None = None
+    ) -> None:
+        values = (response_id, codecs.project_value(project), request_id)
+        if await self.db.execute(SQL.name_response, *values) == "UPDATE 0":
+            raise LedgerError(f"no request {request_id}")
+
     async def rate_counts(self, plan: Plan) -> Counts:
         async with self.db.connection() as conn:
             return await rate_counts.read_postgres(conn, plan)

@@ -264,6 +264,17 @@ class SqliteLedger(KeptAnswers):
 
         await self.file.transaction(run)
 
+    async def name_response(
+        self, request_id: str, response_id: str, project: str | None = None
+    ) -> None:
+        values = (response_id, codecs.project_value(project), request_id)
+
+        def run(conn: sqlite3.Connection) -> None:
+            if conn.execute(SQL.name_response, values).rowcount == 0:
+                raise LedgerError(f"no request {request_id}")
+
+        await self.file.transaction(run)
+
     async def rate_counts(self, plan: Plan) -> Counts:
         return await self.file.on_thread(lambda conn: rate_counts.read_sqlite(conn, plan))
 

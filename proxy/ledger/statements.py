@@ -149,6 +149,9 @@ class Statements:
     """(response id, project, id): a background response's id and the project it was created
     under ('' for none) on its row, and its reservation held (a row no longer in flight
     gets the id and project only)."""
+    name_response: str
+    """(response id, project, id): the id of the response a reservation in flight is and
+    the project it was created under, on its row; its reservation is not held."""
     held: str
     """(owner,): (id, response id) of the held reservations of `owner`."""
     open_batches: str
@@ -320,6 +323,7 @@ def _writes(d: Dialect) -> dict[str, str]:
         "unregister": "DELETE FROM processes WHERE owner = ?",
         "claim_alert": "INSERT INTO alerts_sent (key, sent_at) VALUES (?, ?) "
         "ON CONFLICT DO NOTHING",
+        "name_response": "UPDATE requests SET response_id = ?, project = ? WHERE id = ?",
         "hold": "UPDATE requests SET response_id = ?, project = ?, "
         "held = CASE WHEN state = 'reserved' THEN 1 ELSE 0 END WHERE id = ?",
         "own": f"INSERT INTO stored_objects ({names(OBJECT_COLUMNS)}) "
@@ -373,7 +377,8 @@ def _reads(d: Dialect) -> dict[str, str]:
         "held": "SELECT id, response_id FROM requests "
         f"WHERE state = 'reserved' AND held = 1 AND owner = ? {by_id}",
         "response": "SELECT team, id, mainline_input_tokens + mainline_cached_input_tokens, "
-        "mainline_output_tokens, images, context_images, held, project FROM requests "
+        "mainline_output_tokens, images, context_images, held, project, "
+        "CASE WHEN state = 'reserved' THEN 1 ELSE 0 END FROM requests "
         f"WHERE response_id = ? ORDER BY started_at DESC, id{d.collate} DESC LIMIT 1",
         "held_entry": f"SELECT {names(ENTRY_COLUMNS)}, {names(USAGE_COLUMNS)}, project "
         "FROM requests "

@@ -179,6 +179,9 @@ class MainlineRule:
     long_context: tuple[int, MainlineRates] | None = None
     """(threshold, rates): a request with more input tokens than the threshold (cached
     ones included) is billed at these rates, every one of its tokens."""
+    image_tokens: int | None = None
+    """What one input image (simulated as 1024x1024) bills as its input, when the model
+    has its own rule (None: the common tile rule)."""
 
     def rates_for(self, input_tokens: int) -> MainlineRates:
         """The rates a request of `input_tokens` input tokens is billed at."""
@@ -191,7 +194,9 @@ class MainlineRule:
 # rates (input / cached input / output), kept apart from the proxy's price book.
 _MAINLINE: tuple[MainlineRule, ...] = (
     MainlineRule("gpt-4o", _rates("2.50", "1.25", "10.00")),
-    MainlineRule("gpt-4o-mini", _rates("0.15", "0.075", "0.60")),
+    # Vision priced per image as gpt-4o's: 2,833 tokens plus 5,667 a 512-px tile, so a
+    # 1024x1024 image (768x768 at high detail, 4 tiles) bills 25,501 input tokens.
+    MainlineRule("gpt-4o-mini", _rates("0.15", "0.075", "0.60"), image_tokens=2833 + 4 * 5667),
     MainlineRule("gpt-4.1", _rates("2.00", "0.50", "8.00")),
     MainlineRule("gpt-4.1-mini", _rates("0.40", "0.10", "1.60")),
     MainlineRule("gpt-4.1-nano", _rates("0.10", "0.025", "0.40")),

@@ -2,7 +2,8 @@
 
 Mainline tokens (top-level `usage`):
     input   ceil(utf-8 bytes / 4) of the instructions and every input text, the tile rule
-            for each input image (counted at 1024x1024), plus the previous response's
+            for each input image (counted at 1024x1024; gpt-4o-mini has its own, dearer
+            rule), plus the previous response's
             input and output tokens, which OpenAI bills again as input; of those carried
             tokens, `cached_tokens` reports the part prompt caching would hit (128-token
             steps, from 1024 tokens on)
@@ -80,7 +81,8 @@ def tokens_of(order: ResponseOrder, carried: int = 0) -> ResponseTokens:
     if incomplete and order.max_output_tokens is not None:
         room = max(0, order.max_output_tokens - reasoning - calls)
         answer, output = answer[: room * 4], order.max_output_tokens
-    own = sum(text_tokens(t) for t in order.texts) + MAINLINE_IMAGE_TOKENS * len(order.images)
+    per_image = order.model.image_tokens or MAINLINE_IMAGE_TOKENS
+    own = sum(text_tokens(t) for t in order.texts) + per_image * len(order.images)
     mainline = MainlineUsage(
         input=own + carried,
         cached_input=cached_tokens(carried),

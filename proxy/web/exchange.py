@@ -256,6 +256,15 @@ class Exchange:
             log.error("ledger hold failed for %s: %s", self.entry.id, exc)
         self.runtime.followers.follow(self.entry.id, ResponseFollow(self, response_id))
 
+    async def name_response(self, response_id: str) -> None:
+        """Record which response this stream is as soon as it says: while it runs, its team
+        may read, cancel or delete it (`proxy.web.response_objects`), which finds it by its
+        row."""
+        try:
+            await self.runtime.ledger.name_response(self.entry.id, response_id, self.project)
+        except LedgerError as exc:
+            log.error("recording the response of %s failed: %s", self.entry.id, exc)
+
     async def pump(self, answer: Answer, relay: Relay) -> None:
         """Read the upstream stream to its end, relaying and metering each event, then
         settle what it came to."""
@@ -266,12 +275,16 @@ class Exchange:
         if keep is not None:
             head = [*response_headers(answer), *self.headers.items()]
             recorder = keep.recorder(self.runtime, self.entry.id, answer.status, head)
+        named = False
         try:
             async for chunk in self.within_deadline(answer.chunks()):
                 meter.feed(chunk)
                 relay.put(chunk)
                 if recorder is not None and keep is not None:
                     recorder.put(chunk, keep.sure(relay.listening))
+                if not named and meter.response_id is not None:
+                    named = True
+                    await self.name_response(meter.response_id)
         except BROKEN_OFF as exc:
             broken = exc.ledger_code
         finally:
@@ -287,9 +300,11 @@ class Exchange:
                 await recorder.abandon()
             else:
                 await recorder.end(await keep.wanted(relay.listening))
-        if end.broken and not end.terminal and end.response_id and self.bound.mainline:
-            # A Responses stream cut short: the response it named may still run upstream
-            # (and bill); it is followed to its end rather than charged its bound.
+        if not end.terminal and end.response_id and self.bound.mainline:
+            # A Responses stream cut short, or that ended without a terminal event it could
+            # read (a cancelled background stream, an error, an unreadable last event): the
+            # response it named may still run upstream (and bill), and says what it billed
+            # once it ends; it is followed to its end rather than charged its bound.
             await self.follow_later(end.response_id, answer.headers.get("x-request-id"))
             return
         verdict = settlement.stream_ended(self.bound, end)

@@ -29,6 +29,7 @@ from proxy.core.errors import (
     AuthenticationFailed,
     BudgetExceeded,
     IdempotencyConflict,
+    InvalidRequest,
     LedgerError,
     NotFound,
     PolicyViolation,
@@ -188,6 +189,16 @@ class Pipeline(Generic[Parsed]):
         if row is None or row.team != team.name:
             raise PreviousResponseNotFound(
                 f"Previous response with id '{previous}' not found.",
+                param="previous_response_id",
+            )
+        if row.input_tokens == 0 and not row.held:
+            # Every response OpenAI ran read some input; none recorded means it ended
+            # (failed, cancelled) without reporting usage. Its input is still stored and
+            # billed again as this request's context, at a size Tollgate never learnt.
+            raise InvalidRequest(
+                f"Previous response '{previous}' ended without reporting its usage, so "
+                "Tollgate cannot bound the context OpenAI would bill again with it. Send "
+                "its input again instead of continuing it.",
                 param="previous_response_id",
             )
         carried = row.input_tokens + row.output_tokens, row.context_images + row.images

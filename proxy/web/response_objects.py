@@ -54,7 +54,15 @@ class ResponseObjects:
                     "The query string holds characters that must be percent-encoded."
                 )
             if request.method == "DELETE" and row.held:
-                await self.settle_first(runtime, row.request_id)
+                await self.settle_first(runtime, row.request_id, response_id)
+            elif request.method == "DELETE" and row.in_flight:
+                # A stream still being read: deleted now, a stream cut after it could not
+                # be read back for its usage.
+                raise InvalidRequest(
+                    "This response is still streaming: delete it once its stream has ended "
+                    "(cancel it first if it runs in the background). Tollgate settles its "
+                    "cost from the response, which a delete would remove."
+                )
             answer = await runtime.upstream.send(
                 request.url.path.removeprefix("/v1"),
                 b"",
@@ -75,20 +83,27 @@ class ResponseObjects:
             background=BackgroundTask(answer.aclose),
         )
 
-    async def settle_first(self, runtime: Runtime, request_id: str) -> None:
-        """A held response is read for its usage before it may be deleted."""
+    async def settle_first(self, runtime: Runtime, request_id: str, response_id: str) -> None:
+        """A held response is read for its usage before it may be deleted: by this process
+        when it follows it, else by the one that does (another worker or replica, or the
+        next process once one that stopped is adopted), which the ledger says it has done
+        once the row is no longer held."""
         followers = runtime.followers
         for _ in range(DELETE_WAIT_POLLS):
             followed = followers.following.get(request_id)
             if followed is None:
-                return
+                row = await runtime.ledger.response(response_id)
+                if row is None or row.request_id != request_id or not row.held:
+                    return  # settled
+                break  # followed elsewhere: it is settled there once it ends
             if await followed.poll(runtime):
                 followers.following.pop(request_id, None)
                 return
         raise InvalidRequest(
-            "This background response has not ended: cancel it first "
-            "(POST /v1/responses/{id}/cancel), then delete it. Tollgate settles its cost "
-            "from the response, which a delete would remove."
+            "This background response has not ended, or Tollgate has not settled it yet: "
+            "cancel it first (POST /v1/responses/{id}/cancel), then delete it (retry "
+            "shortly if this persists). Tollgate settles its cost from the response, which "
+            "a delete would remove."
         )
 
 
