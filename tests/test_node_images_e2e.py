@@ -170,6 +170,20 @@ def test_node_streamed_generation_passes_partials_and_settles_from_completed(
     assert row["image_output_tokens"] >= 200  # the two partial images are billed
 
 
+def test_a_node_client_that_leaves_a_stream_early_is_charged_what_was_billed(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    simulator.configure(latency_ms=3000)  # a second before each of its three events
+    got = node(proxy, "generate_stream_left")["generate_stream_left"]
+    assert [e["type"] for e in got["events"]] == ["image_generation.partial_image"]
+    record = simulator.record(got["headers"]["x-request-id"])
+    row = wait_settled(proxy, got["headers"]["x-tollgate-request-id"])
+    assert row["cost_nanos"] == nanos(expected_cost(record)) > 0
+    assert row["image_output_tokens"] == record["usage"]["image_output"]
+    assert nanos(got["headers"]["x-tollgate-reserved-usd"]) == row["estimated_nanos"]
+    assert row["flagged"] == 0
+
+
 # -- 2. multipart edits ----------------------------------------------------------------------
 
 

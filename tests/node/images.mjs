@@ -119,10 +119,12 @@ async function answered(request) {
   return { status: response.status, headers: picked(response.headers), ...summary(data) };
 }
 
-async function streamed(request) {
+async function streamed(request, { leaveAfter = Infinity } = {}) {
   const { data: stream, response } = await request.withResponse();
   const events = [];
   for await (const event of stream) {
+    // Leaving the loop aborts the request: the client hangs up mid-stream.
+    if (events.length >= leaveAfter) break;
     events.push({
       type: event.type,
       partial_image_index: event.partial_image_index ?? null,
@@ -209,6 +211,16 @@ const CASES = {
         stream: true,
         partial_images: 2,
       }),
+    ),
+  generate_stream_left: () =>
+    streamed(
+      design.images.generate({
+        ...image,
+        prompt: "A harbour, left after the first partial, from Node",
+        stream: true,
+        partial_images: 2,
+      }),
+      { leaveAfter: 1 },
     ),
   edit_one: async () =>
     answered(
