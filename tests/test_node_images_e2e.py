@@ -26,7 +26,7 @@ from tests.conftest import DESIGN_KEY, Simulator, Tollgate, start_tollgate, writ
 from tests.responses_e2e import NODE_PROJECT, arrivals, node_sdk
 from tests.test_proxy_e2e import expected_cost, png, wait_settled
 
-KEYS = {name: f"tg_test_{name}_node_key" for name in ("broke", "strict", "audit")}
+KEYS = {name: f"tg_test_{name}_node_key" for name in ("broke", "strict", "limited", "audit")}
 ADMIN_TOKEN = "tg_test_node_admin_token"
 
 
@@ -40,6 +40,7 @@ TEAMS = {
     "strict": team(
         "strict", "allow:\n  models: [gpt-image-2, gpt-image-1.5]\n  max_quality: low\n"
     ),
+    "limited": team("limited", "rate_limits:\n  - {per: day, requests: 1}\n"),
     "audit": team("audit"),
 }
 
@@ -344,6 +345,44 @@ def test_node_sdk_reads_a_policy_refusal_and_a_downgrade(
             "downgraded",
         )
         assert simulator.record(answer["headers"]["x-request-id"])["quality"] == "low"
+
+
+def test_node_sdk_does_not_wait_out_a_rate_limit_that_lasts_until_tomorrow(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    # This SDK waits out any `Retry-After`, however long: only `x-should-retry: false`
+    # stops it retrying.
+    got = node(proxy, "rate_limited")["rate_limited"]
+    charged(proxy, simulator, got["first"])
+    second = got["second"]
+    assert (second["error"], second["status"], second["code"]) == (
+        "RateLimitError",
+        429,
+        "rate_limit_exceeded",
+    )
+    assert int(second["headers"]["retry-after"]) > 120
+    assert second["headers"]["x-should-retry"] == "false"
+    assert [s["retry_count"] for s in got["sent"]] == ["0", "0"]  # one attempt each
+    rows = proxy.query("SELECT * FROM requests WHERE team = 'limited' ORDER BY started_at")
+    assert [r["status"] for r in rows] == [200, 429]
+
+
+def test_node_sdk_with_an_idempotency_key_is_replayed_and_a_conflict_is_not_retried(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    got = node(proxy, "idempotency_key")["idempotency_key"]
+    assert {s["idempotency_key"] for s in got["sent"]} != {None}  # as the team set it
+    first = charged(proxy, simulator, got["first"])
+    again = got["again"]
+    assert again["headers"]["x-tollgate-replay-of"] == first["id"]
+    assert again["headers"]["x-request-id"] == got["first"]["headers"]["x-request-id"]
+    assert again["headers"]["x-tollgate-cost-usd"] == "0"
+    replay = proxy.row(again["headers"]["x-tollgate-request-id"])
+    assert (replay["outcome"], replay["cost_nanos"]) == ("replayed", 0)
+    conflict = got["conflict"]
+    assert (conflict["status"], conflict["code"]) == (409, "idempotency_conflict")
+    assert conflict["headers"]["x-should-retry"] == "false"
+    assert [s["retry_count"] for s in got["sent"]] == ["0", "0", "0"]  # the 409 not retried
 
 
 # -- 5. the report ---------------------------------------------------------------------------

@@ -12,7 +12,9 @@ import OpenAI, { toFile } from "openai";
 
 const KEYS = JSON.parse(process.env.TOLLGATE_KEYS);
 const HEADERS = [
+  "retry-after",
   "x-request-id",
+  "x-tollgate-replay-of",
   "x-should-retry",
   "x-tollgate-cost-usd",
   "x-tollgate-downgraded",
@@ -328,6 +330,29 @@ const CASES = {
         completion_window: "24h",
       }),
     );
+  },
+  rate_limited: async () => {
+    // A day's limit of one request: the first is answered, the second refused until
+    // tomorrow, longer than any client should wait.
+    const limited = client(KEYS.limited, retrying);
+    const first = await answered(
+      limited.images.generate({ ...image, prompt: "The one request of the day, from Node" }),
+    );
+    const second = await refused(
+      limited.images.generate({ ...image, prompt: "One too many, from Node" }),
+    );
+    return { first, second };
+  },
+  idempotency_key: async () => {
+    // The Node SDK sends no Idempotency-Key of its own: a team may set one.
+    const key = { headers: { "Idempotency-Key": `node-${process.pid}-${Date.now()}` } };
+    const keyed = client(KEYS.design, retrying);
+    const ask = (prompt) => keyed.images.generate({ ...image, prompt }, key);
+    return {
+      first: await answered(ask("A keyed lighthouse, from Node")),
+      again: await answered(ask("A keyed lighthouse, from Node")),
+      conflict: await refused(ask("Another picture under the same key, from Node")),
+    };
   },
   policy: () =>
     refused(
