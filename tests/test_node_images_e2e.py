@@ -28,6 +28,7 @@ from tests.test_proxy_e2e import expected_cost, png, wait_settled
 
 KEYS = {name: f"tg_test_{name}_node_key" for name in ("broke", "strict", "limited", "audit")}
 ADMIN_TOKEN = "tg_test_node_admin_token"
+AUDIT_LIMIT_USD = 100
 
 
 def team(name: str, body: str = "") -> str:
@@ -41,7 +42,7 @@ TEAMS = {
         "strict", "allow:\n  models: [gpt-image-2, gpt-image-1.5]\n  max_quality: low\n"
     ),
     "limited": team("limited", "rate_limits:\n  - {per: day, requests: 1}\n"),
-    "audit": team("audit"),
+    "audit": team("audit", f"budgets:\n  - {{period: month, limit_usd: {AUDIT_LIMIT_USD}}}\n"),
 }
 
 
@@ -388,14 +389,14 @@ def test_node_sdk_with_an_idempotency_key_is_replayed_and_a_conflict_is_not_retr
 # -- 5. the report ---------------------------------------------------------------------------
 
 
-def test_the_admin_report_of_a_node_team_is_what_the_simulator_billed(
+def test_the_admin_report_and_budget_of_a_node_team_are_what_the_simulator_billed(
     proxy: Tollgate, simulator: Simulator
 ) -> None:
-    cases = ("generate", "generate_n", "generate_stream", "edit_one", "edit_stream")
+    # The streams last: each is settled after its last event, as the next request arrives.
+    cases = ("generate", "generate_n", "edit_one", "generate_stream", "edit_stream")
     got = node(proxy, *cases, design_key=KEYS["audit"])
     records = [simulator.record(got[c]["headers"]["x-request-id"]) for c in cases]
-    for case in cases:
-        wait_settled(proxy, got[case]["headers"]["x-tollgate-request-id"])
+    rows = [wait_settled(proxy, got[c]["headers"]["x-tollgate-request-id"]) for c in cases]
     answer = httpx.get(
         f"{proxy.url}/admin/report",
         params={"by": "team", "format": "json"},
@@ -409,3 +410,12 @@ def test_the_admin_report_of_a_node_team_is_what_the_simulator_billed(
     assert row["image_output_tokens"] == sum(r["usage"]["image_output"] for r in records)
     assert row["image_input_tokens"] == sum(r["usage"]["image_input"] for r in records)
     assert Decimal(row["cost_usd"]) == sum(expected_cost(r) for r in records)
+    # What the budget has left, as each answer told the client: the limit less what was
+    # billed so far (and, for the first stream, less what it reserved).
+    spent = 0
+    for case, record in zip(cases[:3], records[:3], strict=True):
+        spent += nanos(expected_cost(record))
+        remaining = got[case]["headers"]["x-tollgate-budget-remaining-usd"]
+        assert nanos(remaining) == AUDIT_LIMIT_USD * 10**9 - spent, case
+    stream_left = got["generate_stream"]["headers"]["x-tollgate-budget-remaining-usd"]
+    assert nanos(stream_left) == AUDIT_LIMIT_USD * 10**9 - spent - rows[3]["estimated_nanos"]

@@ -16,6 +16,7 @@ const HEADERS = [
   "x-request-id",
   "x-tollgate-replay-of",
   "x-should-retry",
+  "x-tollgate-budget-remaining-usd",
   "x-tollgate-cost-usd",
   "x-tollgate-downgraded",
   "x-tollgate-model",
