@@ -18,6 +18,7 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from proxy.core.auth import key_hash
@@ -184,6 +185,39 @@ def test_a_node_client_that_leaves_a_stream_early_is_charged_what_was_billed(
     assert row["image_output_tokens"] == record["usage"]["image_output"]
     assert nanos(got["headers"]["x-tollgate-reserved-usd"]) == row["estimated_nanos"]
     assert row["flagged"] == 0
+
+
+def test_a_stream_the_upstream_breaks_off_fails_in_the_node_sdk_and_is_charged_its_bound(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """Read from OpenAI itself, a stream whose connection breaks fails in the SDK; through
+    Tollgate it must too, not end as if it were whole with no image."""
+    got = node(proxy, "generate_stream_cut", "edit_stream_cut")
+    partials = {"generate_stream_cut": 2, "edit_stream_cut": 1}
+    for case, cut in got.items():
+        assert [e.endswith(".partial_image") for e in cut["events"]] == [True] * partials[case]
+        assert (cut["error"], cut["type"], cut["code"]) == (
+            "APIError",
+            "api_error",
+            "upstream_unavailable",
+        ), case
+        row = wait_settled(proxy, cut["headers"]["x-tollgate-request-id"])
+        assert (row["flagged"], row["cost_nanos"]) == (1, row["estimated_nanos"])
+        assert nanos(cut["headers"]["x-tollgate-reserved-usd"]) == row["estimated_nanos"]
+    # The Python SDK fails the same way.
+    seen = []
+    with pytest.raises(openai.APIError) as caught:
+        for event in proxy.client().images.generate(
+            model="gpt-image-2",
+            prompt="A harbour [[fault:truncate]], streamed from Python",
+            quality="low",
+            size="1024x1024",
+            stream=True,
+            partial_images=2,
+        ):
+            seen.append(event.type)
+    assert seen == ["image_generation.partial_image"] * 2
+    assert (caught.value.type, caught.value.code) == ("api_error", "upstream_unavailable")
 
 
 # -- 2. multipart edits ----------------------------------------------------------------------

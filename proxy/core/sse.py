@@ -160,6 +160,11 @@ class EventSplitter:
             self._held.append(data)
             self._edge = data[-EDGE:] if len(data) >= EDGE else (self._edge + data)[-EDGE:]
 
+    @property
+    def inside(self) -> bool:
+        """An event has begun and not ended: the stream stopped now would cut it."""
+        return bool(self._held)
+
     def rest(self) -> bytes:
         """What came after the last separator (the stream ended); nothing is held after."""
         rest = b"".join(self._held)

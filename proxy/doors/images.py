@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
 from proxy.core.budgets import Decision, Variant, apply_allow, decide
-from proxy.core.errors import UnpricedModel
+from proxy.core.errors import RequestError, UnpricedModel
 from proxy.core.metering import BodyMeter, SseMeter
 from proxy.core.models import Counter, Endpoint, ImageRequest, Totals
 from proxy.core.parsing import ParsedBody, parse_request
@@ -129,6 +129,15 @@ class ImageEvents:
             unmetered=meter.unmetered,
             partials=meter.partials,
         )
+
+    def cut_short(self, failure: RequestError) -> bytes:
+        """An `error` event, whose `error` the official SDKs raise as an `APIError`: the
+        client's connection is not broken as the upstream's was, so without it the stream
+        would end as if whole. An event the break cut in two is ended first (its client
+        then fails to read it, which fails the stream too)."""
+        event = json.dumps({"type": "error", **failure.body()}, separators=(",", ":"))
+        ended = b"\n\n" if self._meter.inside else b""
+        return ended + b"event: error\ndata: " + event.encode() + b"\n\n"
 
 
 def priced(book: PriceBook, name: str) -> ModelPrices:

@@ -18,7 +18,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.core.errors import MalformedAnswer
+from proxy.core.errors import MalformedAnswer, RequestError
 from proxy.core.metering import token_count, usage_from_openai
 from proxy.core.models import Usage
 from proxy.core.settlement import Metered, StreamEnd
@@ -127,6 +127,12 @@ class ResponseEvents:
     def feed(self, chunk: bytes) -> None:
         for event in self._events.feed(chunk):
             self._event(event)
+
+    def cut_short(self, failure: RequestError) -> bytes:
+        """Nothing: a client notices a Responses stream without its terminal event (the
+        SDKs' stream helpers raise), and the response the stream named, followed to its
+        end, can be retrieved."""
+        return b""
 
     def end(self, broken: str | None) -> StreamEnd:
         rest = self._events.rest()

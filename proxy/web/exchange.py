@@ -274,6 +274,8 @@ class Exchange:
                     recorder.put(chunk, keep.sure(relay.listening))
         except BROKEN_OFF as exc:
             broken = exc.ledger_code
+            if tail := meter.cut_short(exc):
+                relay.put(tail)
         finally:
             await answer.aclose()
             relay.close()

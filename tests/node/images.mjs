@@ -138,6 +138,26 @@ async function streamed(request, { leaveAfter = Infinity } = {}) {
   return { status: response.status, headers: picked(response.headers), events };
 }
 
+/** A stream the upstream breaks off: the events read, then how the SDK failed, if it did. */
+async function cutShort(request) {
+  const { data: stream, response } = await request.withResponse();
+  const events = [];
+  try {
+    for await (const event of stream) events.push(event.type);
+  } catch (error) {
+    return {
+      headers: picked(response.headers),
+      events,
+      error: error.constructor.name,
+      status: error.status ?? null,
+      type: error.type ?? null,
+      code: error.code ?? null,
+      message: error.message,
+    };
+  }
+  return { headers: picked(response.headers), events, error: null };
+}
+
 async function refused(request) {
   try {
     await request;
@@ -224,6 +244,26 @@ const CASES = {
         partial_images: 2,
       }),
       { leaveAfter: 1 },
+    ),
+  // `[[fault:truncate]]`: the simulator breaks the connection before the completed event.
+  generate_stream_cut: () =>
+    cutShort(
+      design.images.generate({
+        ...image,
+        prompt: "A harbour [[fault:truncate]], streamed from Node",
+        stream: true,
+        partial_images: 2,
+      }),
+    ),
+  edit_stream_cut: async () =>
+    cutShort(
+      design.images.edit({
+        ...image,
+        prompt: "Make it night [[fault:truncate]], streamed from Node",
+        image: await pngFile("in.png", 1024, 1024),
+        stream: true,
+        partial_images: 1,
+      }),
     ),
   edit_one: async () =>
     answered(
