@@ -159,7 +159,8 @@ def test_a_stream_cut_short_ends_with_an_error_event_the_sdks_raise(
     assert json.loads(data.removeprefix(b"data: ")) == {
         "type": "error",
         "error": {
-            "message": "The upstream closed the connection.",
+            "message": "The upstream's stream broke off before its end. The upstream closed "
+            "the connection.",
             "type": "api_error",
             "param": None,
             "code": "upstream_unavailable",

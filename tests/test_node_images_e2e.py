@@ -201,6 +201,7 @@ def test_a_stream_the_upstream_breaks_off_fails_in_the_node_sdk_and_is_charged_i
             "api_error",
             "upstream_unavailable",
         ), case
+        assert "stream broke off before its end" in cut["message"]
         row = wait_settled(proxy, cut["headers"]["x-tollgate-request-id"])
         assert (row["flagged"], row["cost_nanos"]) == (1, row["estimated_nanos"])
         assert nanos(cut["headers"]["x-tollgate-reserved-usd"]) == row["estimated_nanos"]

@@ -135,7 +135,9 @@ class ImageEvents:
         client's connection is not broken as the upstream's was, so without it the stream
         would end as if whole. An event the break cut in two is ended first (its client
         then fails to read it, which fails the stream too)."""
-        event = json.dumps({"type": "error", **failure.body()}, separators=(",", ":"))
+        error = failure.body()["error"]
+        error["message"] = f"The upstream's stream broke off before its end. {failure.message}"
+        event = json.dumps({"type": "error", "error": error}, separators=(",", ":"))
         ended = b"\n\n" if self._meter.inside else b""
         return ended + b"event: error\ndata: " + event.encode() + b"\n\n"
 
