@@ -283,6 +283,18 @@ def test_a_node_edit_is_reserved_and_charged_as_the_same_edit_from_python(
         assert node_row[column] == python_row[column], column
 
 
+def test_a_node_variation_is_priced_per_image(proxy: Tollgate, simulator: Simulator) -> None:
+    got = node(proxy, "variation")["variation"]
+    assert fields(got) == ["model", "image", "n", "size"]
+    assert got["images"] == [[256, 256], [256, 256]]
+    row = wait_settled(proxy, got["headers"]["x-tollgate-request-id"])
+    price = 2 * nanos("0.016")  # DALL-E 2's published price of a 256x256 image
+    assert row["cost_nanos"] == nanos(got["headers"]["x-tollgate-cost-usd"]) == price
+    # No usage in a DALL-E answer: charged its price, flagged for reconciliation (SPEC 5).
+    assert (row["endpoint"], row["images"], row["flagged"]) == ("variations", 2, 1)
+    assert simulator.record(got["headers"]["x-request-id"])["images"] == 2
+
+
 # -- 3. files and batches ------------------------------------------------------------------
 
 

@@ -324,6 +324,15 @@ const CASES = {
         partial_images: 1,
       }),
     ),
+  variation: async () =>
+    answered(
+      design.images.createVariation({
+        model: "dall-e-2",
+        image: await pngFile("in.png", 256, 256),
+        n: 2,
+        size: "256x256",
+      }),
+    ),
   file_vision: async () =>
     answered(design.files.create({ file: await pngFile("ref.png", 64, 64), purpose: "vision" })),
   batch_completed: async () => {
