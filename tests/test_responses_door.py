@@ -13,7 +13,13 @@ from proxy.config import load_config
 from proxy.core import settlement
 from proxy.core.auth import key_hash
 from proxy.core.budgets import decide
-from proxy.core.errors import InvalidRequest, MalformedAnswer, PolicyViolation, UnpricedModel
+from proxy.core.errors import (
+    InvalidRequest,
+    MalformedAnswer,
+    PolicyViolation,
+    UnpricedModel,
+    UpstreamTimeout,
+)
 from proxy.core.models import Counter, Totals, Usage
 from proxy.core.periods import Applied, Window
 from proxy.core.pricing import estimate
@@ -494,3 +500,17 @@ def test_a_cancelled_response_without_usage_costs_nothing(config: Config) -> Non
     assert verdict.cost_nanos == 0 and verdict.outcome == "upstream_error"
     failed = settlement.metered(bound, metered(response(status="failed")))
     assert failed.outcome == "upstream_error" and failed.cost_nanos > 0
+
+
+def test_a_stream_cut_short_ends_with_an_error_event_naming_its_response() -> None:
+    meter = ResponseEvents()
+    created = {"type": "response.created", "response": {"id": "resp_9", "status": "queued"}}
+    meter.feed(f"event: response.created\ndata: {json.dumps(created)}\n\n".encode())
+    tail = meter.cut_short(UpstreamTimeout("The upstream did not answer in time."))
+    assert tail.startswith(b"event: error\ndata: ") and tail.endswith(b"\n\n")
+    event = json.loads(tail.split(b"data: ", 1)[1])
+    assert event["type"] == "error"
+    assert (event["code"], event["param"]) == ("upstream_timeout", None)
+    assert event["error"]["code"] == "upstream_timeout"  # what the SDKs raise
+    assert event["message"] == event["error"]["message"]
+    assert "resp_9" in event["message"] and "did not answer in time" in event["message"]

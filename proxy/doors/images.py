@@ -17,6 +17,7 @@ from proxy.core.periods import Applied
 from proxy.core.pricing import ModelPrices, PriceBook
 from proxy.core.settings import Config, Limits, Team
 from proxy.core.settlement import Bound, Metered, StreamEnd
+from proxy.core.sse import error_event
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,15 +132,11 @@ class ImageEvents:
         )
 
     def cut_short(self, failure: RequestError) -> bytes:
-        """An `error` event, whose `error` the official SDKs raise as an `APIError`: the
-        client's connection is not broken as the upstream's was, so without it the stream
-        would end as if whole. An event the break cut in two is ended first (its client
-        then fails to read it, which fails the stream too)."""
+        """An `error` event: the client's connection is not broken as the upstream's was,
+        so without it the stream would end for its SDK as if whole."""
         error = failure.body()["error"]
         error["message"] = f"The upstream's stream broke off before its end. {failure.message}"
-        event = json.dumps({"type": "error", "error": error}, separators=(",", ":"))
-        ended = b"\n\n" if self._meter.inside else b""
-        return ended + b"event: error\ndata: " + event.encode() + b"\n\n"
+        return error_event(error, inside=self._meter.inside)
 
 
 def priced(book: PriceBook, name: str) -> ModelPrices:

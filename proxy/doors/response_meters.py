@@ -23,7 +23,7 @@ from proxy.core.metering import token_count, usage_from_openai
 from proxy.core.models import Usage
 from proxy.core.settlement import Metered, StreamEnd
 from proxy.core.short_strings import ShortStrings
-from proxy.core.sse import EventSplitter, sse_event
+from proxy.core.sse import EventSplitter, error_event, sse_event
 
 PENDING = frozenset({"queued", "in_progress"})
 """Statuses of a response that has not ended (a background one)."""
@@ -129,10 +129,16 @@ class ResponseEvents:
             self._event(event)
 
     def cut_short(self, failure: RequestError) -> bytes:
-        """Nothing: a client notices a Responses stream without its terminal event (the
-        SDKs' stream helpers raise), and the response the stream named, followed to its
-        end, can be retrieved."""
-        return b""
+        """An `error` event, as for an image stream; with `code`, `message` and `param`
+        beside its `error`, the fields of the Responses API's own error event. The
+        response the stream named is followed to its end and charged what it bills."""
+        error = failure.body()["error"]
+        named = f" Response {self.response_id} may still end: retrieve it by its id."
+        error["message"] = f"The upstream's stream broke off before its end. {failure.message}" + (
+            named if self.response_id else ""
+        )
+        beside = {"code": error["code"], "message": error["message"], "param": None}
+        return error_event(error, inside=self._events.inside, **beside)
 
     def end(self, broken: str | None) -> StreamEnd:
         rest = self._events.rest()
