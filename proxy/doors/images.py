@@ -134,8 +134,8 @@ class ImageEvents:
     def cut_short(self, failure: RequestError) -> bytes:
         """An `error` event: the client's connection is not broken as the upstream's was,
         so without it the stream would end for its SDK as if whole."""
-        error = failure.body()["error"]
-        error["message"] = f"The upstream's stream broke off before its end. {failure.message}"
+        message = f"The upstream's stream broke off before its end. {failure.message}"
+        error = {**failure.body()["error"], "message": message}
         return error_event(error, inside=self._meter.inside)
 
 

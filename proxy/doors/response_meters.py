@@ -132,12 +132,11 @@ class ResponseEvents:
         """An `error` event, as for an image stream; with `code`, `message` and `param`
         beside its `error`, the fields of the Responses API's own error event. The
         response the stream named is followed to its end and charged what it bills."""
-        error = failure.body()["error"]
-        named = f" Response {self.response_id} may still end: retrieve it by its id."
-        error["message"] = f"The upstream's stream broke off before its end. {failure.message}" + (
-            named if self.response_id else ""
-        )
-        beside = {"code": error["code"], "message": error["message"], "param": None}
+        message = f"The upstream's stream broke off before its end. {failure.message}"
+        if self.response_id:
+            message += f" Response {self.response_id} may still end: retrieve it by its id."
+        error = {**failure.body()["error"], "message": message}
+        beside = {"code": error["code"], "message": message, "param": None}
         return error_event(error, inside=self._events.inside, **beside)
 
     def end(self, broken: str | None) -> StreamEnd:
