@@ -9,7 +9,7 @@ import pytest
 from proxy.config import load_config
 from proxy.core.auth import key_hash
 from proxy.core.budgets import Variant
-from proxy.core.errors import InvalidRequest, PolicyViolation, UnpricedModel
+from proxy.core.errors import InvalidRequest, PolicyViolation, UnpricedModel, UpstreamUnavailable
 from proxy.core.models import Change, Usage
 from proxy.core.settings import Config, Team
 from proxy.core.settlement import StreamEnd
@@ -136,3 +136,36 @@ def test_a_stream_that_broke_off_says_how() -> None:
     events = ImageEvents()
     events.feed(COMPLETED.rstrip(b"\n"))  # the last event's end never came
     assert events.end("upstream_timeout") == StreamEnd(0, Usage(), broken="upstream_timeout")
+
+
+PARTIAL = (
+    b'event: image_generation.partial_image\ndata: {"type": "image_generation.partial_image"}\n\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("sent", "opening"),
+    [(PARTIAL, b"event: error\n"), (PARTIAL + COMPLETED[:40], b"\n\nevent: error\n")],
+    ids=["between events", "inside an event"],
+)
+def test_a_stream_cut_short_ends_with_an_error_event_the_sdks_raise(
+    sent: bytes, opening: bytes
+) -> None:
+    events = ImageEvents()
+    events.feed(sent)
+    tail = events.cut_short(UpstreamUnavailable("The upstream closed the connection."))
+    assert tail.startswith(opening) and tail.endswith(b"\n\n")
+    [data] = [line for line in tail.split(b"\n") if line.startswith(b"data: ")]
+    assert json.loads(data.removeprefix(b"data: ")) == {
+        "type": "error",
+        "error": {
+            "message": "The upstream's stream broke off before its end. The upstream closed "
+            "the connection.",
+            "type": "api_error",
+            "param": None,
+            "code": "upstream_unavailable",
+        },
+    }
+    # Tollgate's own meter reads the whole stream as one that ended without its image.
+    events.feed(tail)
+    assert events.end("upstream_unavailable").completed == 0

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from proxy.core import settlement
-from proxy.core.errors import MalformedAnswer
+from proxy.core.errors import MalformedAnswer, UpstreamTimeout
 from proxy.core.models import Usage
 from proxy.core.settings import Config
 from proxy.doors.response_meters import ResponseAnswer, ResponseEvents, read_response
@@ -239,3 +239,17 @@ def test_a_failed_response_that_made_images_but_reports_no_usage_is_charged_its_
     assert streamed.cost_nanos == bound.cost_nanos and streamed.charge.flagged
     nothing_ran = {**no_image, "output": []}
     assert settlement.metered(bound, metered(nothing_ran)).cost_nanos == 0
+
+
+def test_a_stream_cut_short_ends_with_an_error_event_naming_its_response() -> None:
+    meter = ResponseEvents()
+    created = {"type": "response.created", "response": {"id": "resp_9", "status": "queued"}}
+    meter.feed(f"event: response.created\ndata: {json.dumps(created)}\n\n".encode())
+    tail = meter.cut_short(UpstreamTimeout("The upstream did not answer in time."))
+    assert tail.startswith(b"event: error\ndata: ") and tail.endswith(b"\n\n")
+    event = json.loads(tail.split(b"data: ", 1)[1])
+    assert event["type"] == "error"
+    assert (event["code"], event["param"]) == ("upstream_timeout", None)
+    assert event["error"]["code"] == "upstream_timeout"  # what the SDKs raise
+    assert event["message"] == event["error"]["message"]
+    assert "resp_9" in event["message"] and "did not answer in time" in event["message"]

@@ -135,6 +135,30 @@ def test_a_stream_cut_short_is_followed_to_its_end_and_charged_exactly(
     check_charge(proxy, simulator, record["id"], "gpt-5.5", "gpt-image-2")
 
 
+def test_a_stream_cut_short_fails_in_the_sdk_naming_its_response(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """Read from OpenAI itself, a stream whose connection breaks fails in the SDK; through
+    Tollgate it must too, not end as if it were whole."""
+    seen = {r["id"] for r in simulator.billing()}
+    kinds = []
+    with pytest.raises(openai.APIError) as caught:
+        for event in proxy.client().responses.create(
+            model="gpt-5.5",
+            input="A pier [[fault:truncate]]",
+            tools=[tool()],
+            max_output_tokens=300,
+            max_tool_calls=1,
+            stream=True,
+        ):
+            kinds.append(event.type)
+    assert "response.completed" not in kinds
+    [record] = [r for r in simulator.billing() if r["id"] not in seen]
+    assert (caught.value.type, caught.value.code) == ("api_error", "upstream_unavailable")
+    assert record["id"] in caught.value.message
+    check_charge(proxy, simulator, record["id"], "gpt-5.5", "gpt-image-2")
+
+
 def test_a_truncated_answer_is_charged_its_bound_flagged(
     proxy: Tollgate, simulator: Simulator
 ) -> None:

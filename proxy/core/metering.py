@@ -284,6 +284,11 @@ class SseMeter:
         for parts in self._events.feed_parts(chunk):
             self._event(*sse_event_parts(parts))
 
+    @property
+    def inside(self) -> bool:
+        """The stream so far stops inside an event."""
+        return self._events.inside
+
     def finish(self) -> None:
         """The stream ended: a last event may lack its blank line."""
         rest = self._events.rest()

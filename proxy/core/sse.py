@@ -8,6 +8,19 @@ line, arriving over hundreds of chunks: events are found from their line feeds w
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+from typing import Any
+
+
+def error_event(error: Mapping[str, Any], *, inside: bool, **beside: Any) -> bytes:
+    """An `error` event whose data carries `error` (OpenAI's error shape), which the
+    official SDKs raise as an `APIError`, with the fields `beside` it. When the stream
+    stopped `inside` an event, that event is ended first (its reader then fails on it,
+    which fails the stream too)."""
+    data = json.dumps({"type": "error", **beside, "error": error}, separators=(",", ":"))
+    return (b"\n\n" if inside else b"") + b"event: error\ndata: " + data.encode() + b"\n\n"
+
 
 def sse_event(raw: bytes) -> tuple[bytes, bytes | None]:
     """One server-sent event's name and data (its `data:` lines joined; None without any).
@@ -159,6 +172,11 @@ class EventSplitter:
         if data:
             self._held.append(data)
             self._edge = data[-EDGE:] if len(data) >= EDGE else (self._edge + data)[-EDGE:]
+
+    @property
+    def inside(self) -> bool:
+        """An event has begun and not ended: the stream stopped now would cut it."""
+        return bool(self._held)
 
     def rest(self) -> bytes:
         """What came after the last separator (the stream ended); nothing is held after."""

@@ -7,6 +7,7 @@ from typing import Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
 from proxy.core.budgets import Decision, Variant
+from proxy.core.errors import RequestError
 from proxy.core.models import Counter, Endpoint, ImageRequest, Totals
 from proxy.core.periods import Applied
 from proxy.core.settings import Config, Limits, Team
@@ -36,6 +37,12 @@ class StreamMeter(Protocol):
 
     def end(self, broken: str | None) -> StreamEnd:
         """What was seen once the stream is over (`broken`: how it broke off, if it did)."""
+        ...
+
+    def cut_short(self, failure: RequestError) -> bytes:
+        """What the client is sent after the events relayed when the upstream's stream
+        broke off (`failure`: how), so that its SDK fails as it would have reading the
+        upstream itself; empty when the stream has no such event."""
         ...
 
 

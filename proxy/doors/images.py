@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
 from proxy.core.budgets import Decision, Variant, apply_allow, decide
-from proxy.core.errors import UnpricedModel
+from proxy.core.errors import RequestError, UnpricedModel
 from proxy.core.metering import BodyMeter, SseMeter
 from proxy.core.models import Counter, Endpoint, ImageRequest, Totals
 from proxy.core.parsing import ParsedBody, parse_request
@@ -17,6 +17,7 @@ from proxy.core.periods import Applied
 from proxy.core.pricing import ModelPrices, PriceBook
 from proxy.core.settings import Config, Limits, Team
 from proxy.core.settlement import Bound, Metered, StreamEnd
+from proxy.core.sse import error_event
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +131,13 @@ class ImageEvents:
             unmetered=meter.unmetered,
             partials=meter.partials,
         )
+
+    def cut_short(self, failure: RequestError) -> bytes:
+        """An `error` event: the client's connection is not broken as the upstream's was,
+        so without it the stream would end for its SDK as if whole."""
+        message = f"The upstream's stream broke off before its end. {failure.message}"
+        error = {**failure.body()["error"], "message": message}
+        return error_event(error, inside=self._meter.inside)
 
 
 def priced(book: PriceBook, name: str) -> ModelPrices:

@@ -18,12 +18,12 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.core.errors import MalformedAnswer
+from proxy.core.errors import MalformedAnswer, RequestError
 from proxy.core.metering import token_count, usage_from_openai
 from proxy.core.models import Usage
 from proxy.core.settlement import Metered, StreamEnd
 from proxy.core.short_strings import ShortStrings
-from proxy.core.sse import EventSplitter, sse_event
+from proxy.core.sse import EventSplitter, error_event, sse_event
 
 PENDING = frozenset({"queued", "in_progress"})
 """Statuses of a response that has not ended (a background one)."""
@@ -127,6 +127,17 @@ class ResponseEvents:
     def feed(self, chunk: bytes) -> None:
         for event in self._events.feed(chunk):
             self._event(event)
+
+    def cut_short(self, failure: RequestError) -> bytes:
+        """An `error` event, as for an image stream; with `code`, `message` and `param`
+        beside its `error`, the fields of the Responses API's own error event. The
+        response the stream named is followed to its end and charged what it bills."""
+        message = f"The upstream's stream broke off before its end. {failure.message}"
+        if self.response_id:
+            message += f" Response {self.response_id} may still end: retrieve it by its id."
+        error = {**failure.body()["error"], "message": message}
+        beside = {"code": error["code"], "message": message, "param": None}
+        return error_event(error, inside=self._events.inside, **beside)
 
     def end(self, broken: str | None) -> StreamEnd:
         rest = self._events.rest()

@@ -287,6 +287,8 @@ class Exchange:
                     await self.name_response(meter.response_id)
         except BROKEN_OFF as exc:
             broken = exc.ledger_code
+            if tail := meter.cut_short(exc):
+                relay.put(tail)
         finally:
             await answer.aclose()
             relay.close()
