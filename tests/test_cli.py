@@ -238,3 +238,53 @@ def test_commands_that_only_read_leave_the_server_stack_unimported(
 def test_the_probe_sees_the_server_stack() -> None:
     loaded = loaded_by("import proxy.cli", "import proxy.web.server")
     assert {"aiohttp", "starlette", "uvicorn", "httpx", "proxy.web.server"} <= set(loaded)
+
+
+@pytest.mark.parametrize(
+    ("costs", "says"),
+    [
+        (None, "cannot read the costs file"),
+        ("not json{", "is not JSON"),
+        ("[1]", "page 1: not an object"),
+        ('{"data": 5}', "'data' is not a list"),
+        ('{"data": [{"results": []}]}', "no numeric 'start_time'"),
+        ('{"data": [{"start_time": 0, "results": [{"amount": {"value": "x"}}]}]}', "amount"),
+    ],
+    ids=["missing", "not-json", "not-a-page", "data", "bucket", "amount"],
+)
+def test_reconcile_exits_2_naming_a_costs_file_it_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], costs: str | None, says: str
+) -> None:
+    from proxy.cli import main
+
+    write_config(tmp_path, "http://127.0.0.1:9/v1")
+    path = tmp_path / "costs.json"
+    if costs is not None:
+        path.write_text(costs)
+    # Exit 1 means a day is off; a file that says nothing must not read as one.
+    assert main(["reconcile", "--config", str(tmp_path), "--costs", str(path)]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_reconcile_exits_2_on_a_date_that_is_not_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from proxy.cli import main
+
+    write_config(tmp_path, "http://127.0.0.1:9/v1")
+    (tmp_path / "costs.json").write_text('{"object": "page", "data": []}')
+    argv = ["reconcile", "--config", str(tmp_path), "--costs", str(tmp_path / "costs.json")]
+    assert main([*argv, "--from", "2026-13-01"]) == 2
+    assert "'2026-13-01' is not a date" in capsys.readouterr().err
+
+
+def test_report_exits_2_naming_an_output_it_cannot_write(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from proxy.cli import main
+
+    write_config(tmp_path, "http://127.0.0.1:9/v1")
+    output = tmp_path / "no such folder" / "report.csv"
+    argv = ["report", "--config", str(tmp_path), "--format", "csv", "--output", str(output)]
+    assert main(argv) == 2
+    assert f"cannot write {output}" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import time
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import TextIO
 
 from proxy.cli.options import Commands, add_config, add_ledger_url, config_path
 from proxy.config import environment, load_config
@@ -124,7 +125,7 @@ async def write_report(
     ledger = await open_ledger(ledger_url)
     try:
         answer = await run_report_query(query, ledger, config, time.time())
-        out = output.open("w", encoding="utf-8", newline="") if output else sys.stdout
+        out = open_output(output) if output else sys.stdout
         try:
             if answer.stream is not None:
                 async for chunk in answer.stream:
@@ -136,6 +137,20 @@ async def write_report(
                 out.close()
     finally:
         await ledger.close()
+
+
+def open_output(path: Path) -> TextIO:
+    try:
+        return path.open("w", encoding="utf-8", newline="")
+    except OSError as exc:
+        raise InvalidRequest(f"cannot write {path}: {exc}", param="output") from exc
+
+
+def read_costs(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"cannot read the costs file {path}: {exc}", param="costs") from exc
 
 
 def add_reconcile(commands: Commands) -> None:
@@ -167,11 +182,17 @@ def add_reconcile(commands: Commands) -> None:
 
 def run_reconcile(args: argparse.Namespace) -> int:
     config = load_config(config_path(args))
-    first = reconcile.parse_day(args.start) if args.start else None
-    last = reconcile.parse_day(args.end) if args.end else None
     tolerance = args.tolerance if args.tolerance is not None else reconcile.DEFAULT_TOLERANCE
+    try:
+        first = reconcile.parse_day(args.start) if args.start else None
+        last = reconcile.parse_day(args.end) if args.end else None
+        if args.costs is not None:
+            pages = reconcile.load_costs_file(read_costs(args.costs))
+    except InvalidRequest as exc:
+        # Exit 1 says a day is off: a bad argument must not read as one.
+        print(f"tollgate reconcile: {exc.message}", file=sys.stderr)
+        return 2
     if args.costs is not None:
-        pages = reconcile.load_costs_file(args.costs.read_text(encoding="utf-8"))
         admin_key = None
     else:
         admin_key = environment.variable(args.admin_key_env)
