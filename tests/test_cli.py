@@ -288,3 +288,18 @@ def test_report_exits_2_naming_an_output_it_cannot_write(
     argv = ["report", "--config", str(tmp_path), "--format", "csv", "--output", str(output)]
     assert main(argv) == 2
     assert f"cannot write {output}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "label", ["laptop", "my: laptop", "a, b", "{x}", "#1", "123", "yes", "null", 'it\'s "q"']
+)
+def test_keys_new_prints_an_entry_that_reads_back_as_the_label_and_hash(
+    capsys: pytest.CaptureFixture[str], label: str
+) -> None:
+    from proxy.cli import main
+
+    assert main(["keys", "new", "design", "--label", label]) == 0
+    out = capsys.readouterr().out
+    secret = next(w for w in out.split() if w.startswith("tg_"))
+    entry = yaml.safe_load(out[out.index("  - {") :])
+    assert entry == [{"id": label, "sha256": key_hash(secret)}]
