@@ -220,11 +220,17 @@ def decide(
     blocker = blocking(cheapest, budgets, totals) or blocking(variant, budgets, totals)
     assert blocker is not None
     used = totals.get(blocker.counter, Totals()).used(blocker.budget.metric)
+    rooms = [
+        a.budget.limit - totals.get(a.counter, Totals()).used("usd")
+        for a in budgets
+        if a.budget.metric == "usd"
+    ]
     raise BudgetExceeded(
         f"Budget exhausted: {blocker.describe()} ({blocker.limit_text(used)}) cannot cover "
         f"this request; the cheapest allowed form of it costs up to "
         f"${usd_text(cheapest.estimate.cost_nanos)}. The budget resets "
-        f"{resets(blocker, tz)}; ask your Tollgate administrator to raise it."
+        f"{resets(blocker, tz)}; ask your Tollgate administrator to raise it.",
+        remaining_usd=usd_text(max(min(rooms), 0)) if rooms else None,
     )
 
 
