@@ -303,3 +303,22 @@ def test_keys_new_prints_an_entry_that_reads_back_as_the_label_and_hash(
     secret = next(w for w in out.split() if w.startswith("tg_"))
     entry = yaml.safe_load(out[out.index("  - {") :])
     assert entry == [{"id": label, "sha256": key_hash(secret)}]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("--by", "team"), ("--statement", "2026-11")],
+    ids=["report", "statement"],
+)
+def test_csv_lines_end_so_that_cut_and_awk_read_the_last_column_as_written(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    from proxy.cli import main
+
+    write_config(tmp_path, "http://127.0.0.1:9/v1")
+    output = tmp_path / "out.csv"
+    argv = ["report", "--config", str(tmp_path), *args, "--format", "csv"]
+    assert main([*argv, "--output", str(output)]) == 0
+    header = output.read_bytes().split(b"\n")[0]
+    # What `head -1 | awk -F, '{print $NF}'` prints: the last name, nothing after it.
+    assert header.split(b",")[-1] in (b"cost_usd", b"value")
