@@ -322,3 +322,25 @@ def test_csv_lines_end_so_that_cut_and_awk_read_the_last_column_as_written(
     header = output.read_bytes().split(b"\n")[0]
     # What `head -1 | awk -F, '{print $NF}'` prints: the last name, nothing after it.
     assert header.split(b",")[-1] in (b"cost_usd", b"value")
+
+
+@pytest.mark.parametrize("args", [("report", "--by", "team"), ("schema",)], ids=" ".join)
+def test_a_reader_that_stops_reading_gets_no_traceback(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    write_config(tmp_path, "http://127.0.0.1:9/v1")
+    read, write = os.pipe()
+    os.close(read)  # `tollgate … | head -0`: the reader is gone before the first line
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "proxy", *args]
+            + (["--config", str(tmp_path)] if args[0] == "report" else []),
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write)
+    assert done.stderr == ""
+    assert done.returncode == 1

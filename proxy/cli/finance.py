@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -128,8 +129,11 @@ async def write_report(
         out = open_output(output) if output else sys.stdout
         try:
             if answer.stream is not None:
-                async for chunk in answer.stream:
-                    out.write(chunk)
+                # Closed here, at once, when the reader goes away (`| head`): its ledger
+                # connection with it, not later from a finalizer.
+                async with contextlib.aclosing(answer.stream) as chunks:
+                    async for chunk in chunks:
+                        out.write(chunk)
             else:
                 out.write(answer.body or "")
         finally:

@@ -27,7 +27,7 @@ import io
 import json
 import math
 import re
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import date, datetime, timedelta
 from typing import Any, Literal, get_args
@@ -418,7 +418,7 @@ def render(report: Report, fmt: Format, excel: bool = False) -> str:
 
 async def audit(
     ledger: Ledger, period: Period, fmt: AuditFormat, excel: bool = False
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """Every ledger row of `period` as CSV (header first) or JSON lines, chunk by chunk.
 
     Rows stream from the ledger in batches; memory stays constant however many there are.
