@@ -344,3 +344,26 @@ def test_a_reader_that_stops_reading_gets_no_traceback(
         os.close(write)
     assert done.stderr == ""
     assert done.returncode == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["reconcile", "--costs", "c.json", "--tolerance", "abc"], "not an amount in USD"),
+        (["reconcile", "--costs", "c.json", "--tolerance", "-1"], "0 or more"),
+        (["reconcile", "--costs", "c.json", "--tolerance", "NaN"], "0 or more"),
+        (["serve", "--port", "99999"], "use 0 to 65535"),
+        (["serve", "--workers", "0"], "not at least 1"),
+        (["simulate-upstream", "--port", "http"], "not a port number"),
+    ],
+    ids=["tolerance-text", "tolerance-negative", "tolerance-nan", "port", "workers", "sim-port"],
+)
+def test_a_flag_out_of_its_range_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], argv: list[str], says: str
+) -> None:
+    from proxy.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert says in capsys.readouterr().err

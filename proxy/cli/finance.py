@@ -9,11 +9,10 @@ import json
 import sys
 import time
 from datetime import datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import TextIO
 
-from proxy.cli.options import Commands, add_config, add_ledger_url, config_path
+from proxy.cli.options import Commands, add_config, add_ledger_url, config_path, usd
 from proxy.config import environment, load_config
 from proxy.core.errors import InvalidRequest, RequestError
 from proxy.core.models import usd_text
@@ -176,7 +175,7 @@ def add_reconcile(commands: Commands) -> None:
     )
     rec.add_argument(
         "--tolerance",
-        type=Decimal,
+        type=usd,
         default=None,
         help="USD per day and model (or project; default 0.01)",
     )
