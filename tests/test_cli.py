@@ -367,3 +367,22 @@ def test_a_flag_out_of_its_range_is_a_usage_error(
         main(argv)
     assert exited.value.code == 2
     assert says in capsys.readouterr().err
+
+
+def test_check_counts_one_team_and_one_budget_in_the_singular(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from proxy.cli import main
+
+    write_config(tmp_path, "http://127.0.0.1:9/v1", teams={"solo": TEAM_WITH_ONE_BUDGET})
+    assert main(["check", "--config", str(tmp_path)]) == 0
+    assert f"{tmp_path}: ok (1 team, 1 budget)" in capsys.readouterr().out
+
+
+TEAM_WITH_ONE_BUDGET = f"""
+name: solo
+keys:
+  - {{id: k, sha256: {key_hash("tg_solo_key_0001")}}}
+budgets:
+  - {{period: day, limit_usd: 1}}
+"""

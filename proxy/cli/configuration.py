@@ -25,7 +25,11 @@ def run_check(args: argparse.Namespace) -> int:
     budgets = len(config.organization_budgets) + sum(
         len(t.budgets) + len(t.per_user) for t in config.teams
     )
-    print(f"{config_path(args)}: ok ({len(config.teams)} teams, {budgets} budgets)")
+    teams = len(config.teams)
+    print(
+        f"{config_path(args)}: ok ({teams} team{'s' * (teams != 1)}, "
+        f"{budgets} budget{'s' * (budgets != 1)})"
+    )
     for entry in config.passthrough:
         methods = ", ".join(m for m in HTTP_METHODS if m in entry.methods)
         print(f"passthrough {entry.prefix}: {methods}, unmetered, with the company key")
