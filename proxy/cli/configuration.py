@@ -6,10 +6,8 @@ import argparse
 import json
 from datetime import date
 
-import yaml
-
 from proxy.cli.options import Commands, add_config, config_path
-from proxy.config import config_schema, load_config
+from proxy.config import config_schema, flow_scalar, load_config
 from proxy.core.auth import key_hash, new_key
 from proxy.core.settings import HTTP_METHODS
 
@@ -57,14 +55,3 @@ def run_keys_new(args: argparse.Namespace) -> int:
     print("Add this entry under `keys:` in the team's file (it holds only the hash):\n")
     print(f"  - {{id: {flow_scalar(label)}, sha256: {key_hash(secret)}}}")
     return 0
-
-
-def flow_scalar(text: str) -> str:
-    """`text` as it can be written in a YAML flow mapping and read back as itself: as is
-    when it can, else double-quoted (a JSON string is a YAML double-quoted scalar)."""
-    try:
-        if yaml.safe_load(f"{{id: {text}}}") == {"id": text}:
-            return text
-    except yaml.YAMLError:
-        pass
-    return json.dumps(text)
