@@ -905,6 +905,19 @@ def test_reject_never_downgrades_and_answers_429(book: PriceBook) -> None:
     assert downgrading.decide(request, totals).variant.changes
 
 
+def test_a_429_says_the_room_left_in_the_tightest_usd_budget(book: PriceBook) -> None:
+    budgets = (usd_budget("month", 1), usd_budget("day", "0.95"))
+    c = case(book, make_team(budgets=budgets, on_exhausted="reject"))
+    totals = {
+        c.counter("team", "month"): Totals(spent_nanos=800_000_000, reserved_nanos=100_000_000),
+        c.counter("team", "day"): Totals(spent_nanos=890_000_000),
+    }
+    with pytest.raises(BudgetExceeded) as caught:
+        c.decide(req("gpt-image-2", quality="high", size="1024x1024"), totals)
+    # As every answer says it: the day's $0.06 is tighter than the month's $0.10.
+    assert caught.value.headers()["x-tollgate-budget-remaining-usd"] == "0.06"
+
+
 def test_reject_sends_a_request_that_fits_unchanged(book: PriceBook) -> None:
     c = case(book, make_team(budgets=(usd_budget("month", 1),), on_exhausted="reject"))
     request = req("gpt-image-2", quality="high", size="1024x1024")

@@ -181,6 +181,19 @@ def test_policy_violations_are_403(proxy: Tollgate, call: Any, param: str | None
     body: Any = caught.value.body
     assert body["param"] == param
     assert proxy.rows()[-1]["outcome"] == "rejected_policy"
+    # Like every answer, a refusal says the room left in the tightest USD budget.
+    left = usd(caught.value.response.headers["x-tollgate-budget-remaining-usd"])
+    assert 0 <= left <= Decimal("0.05")
+
+
+def test_a_bad_request_says_the_room_left_in_the_tightest_budget_too(proxy: Tollgate) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(proxy, "frugal").images.generate(
+            model="gpt-image-2", prompt="x", size="999x999", user="bob"
+        )
+    # bob's own $0.06 a day is tighter than the team's $0.10.
+    left = usd(caught.value.response.headers["x-tollgate-budget-remaining-usd"])
+    assert 0 <= left <= Decimal("0.06")
 
 
 def test_per_user_caps_apply_to_each_user(proxy: Tollgate) -> None:

@@ -252,3 +252,151 @@ def test_commands_that_only_read_leave_the_server_stack_unimported(
 def test_the_probe_sees_the_server_stack() -> None:
     loaded = loaded_by("import proxy.cli", "import proxy.web.server")
     assert {"aiohttp", "starlette", "uvicorn", "httpx", "proxy.web.server"} <= set(loaded)
+
+
+@pytest.mark.parametrize(
+    ("costs", "says"),
+    [
+        (None, "cannot read the costs file"),
+        ("not json{", "is not JSON"),
+        ("[1]", "page 1: not an object"),
+        ('{"data": 5}', "'data' is not a list"),
+        ('{"data": [{"results": []}]}', "no numeric 'start_time'"),
+        ('{"data": [{"start_time": 0, "results": [{"amount": {"value": "x"}}]}]}', "amount"),
+    ],
+    ids=["missing", "not-json", "not-a-page", "data", "bucket", "amount"],
+)
+def test_reconcile_exits_2_naming_a_costs_file_it_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], costs: str | None, says: str
+) -> None:
+    from proxy.cli import main
+
+    write_config(tmp_path, "http://127.0.0.1:9/v1")
+    path = tmp_path / "costs.json"
+    if costs is not None:
+        path.write_text(costs)
+    # Exit 1 means a day is off; a file that says nothing must not read as one.
+    assert main(["reconcile", "--config", str(tmp_path), "--costs", str(path)]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_reconcile_exits_2_on_a_date_that_is_not_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from proxy.cli import main
+
+    write_config(tmp_path, "http://127.0.0.1:9/v1")
+    (tmp_path / "costs.json").write_text('{"object": "page", "data": []}')
+    argv = ["reconcile", "--config", str(tmp_path), "--costs", str(tmp_path / "costs.json")]
+    assert main([*argv, "--from", "2026-13-01"]) == 2
+    assert "'2026-13-01' is not a date" in capsys.readouterr().err
+
+
+def test_report_exits_2_naming_an_output_it_cannot_write(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from proxy.cli import main
+
+    write_config(tmp_path, "http://127.0.0.1:9/v1")
+    output = tmp_path / "no such folder" / "report.csv"
+    argv = ["report", "--config", str(tmp_path), "--format", "csv", "--output", str(output)]
+    assert main(argv) == 2
+    assert f"cannot write {output}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "label", ["laptop", "my: laptop", "a, b", "{x}", "#1", "123", "yes", "null", 'it\'s "q"']
+)
+def test_keys_new_prints_an_entry_that_reads_back_as_the_label_and_hash(
+    capsys: pytest.CaptureFixture[str], label: str
+) -> None:
+    from proxy.cli import main
+
+    assert main(["keys", "new", "design", "--label", label]) == 0
+    out = capsys.readouterr().out
+    secret = next(w for w in out.split() if w.startswith("tg_"))
+    entry = yaml.safe_load(out[out.index("  - {") :])
+    assert entry == [{"id": label, "sha256": key_hash(secret)}]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("--by", "team"), ("--statement", "2026-11")],
+    ids=["report", "statement"],
+)
+def test_csv_lines_end_so_that_cut_and_awk_read_the_last_column_as_written(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    from proxy.cli import main
+
+    write_config(tmp_path, "http://127.0.0.1:9/v1")
+    output = tmp_path / "out.csv"
+    argv = ["report", "--config", str(tmp_path), *args, "--format", "csv"]
+    assert main([*argv, "--output", str(output)]) == 0
+    header = output.read_bytes().split(b"\n")[0]
+    # What `head -1 | awk -F, '{print $NF}'` prints: the last name, nothing after it.
+    assert header.split(b",")[-1] in (b"cost_usd", b"value")
+
+
+@pytest.mark.parametrize("args", [("report", "--by", "team"), ("schema",)], ids=" ".join)
+def test_a_reader_that_stops_reading_gets_no_traceback(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    write_config(tmp_path, "http://127.0.0.1:9/v1")
+    read, write = os.pipe()
+    os.close(read)  # `tollgate … | head -0`: the reader is gone before the first line
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "proxy", *args]
+            + (["--config", str(tmp_path)] if args[0] == "report" else []),
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write)
+    assert done.stderr == ""
+    assert done.returncode == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["reconcile", "--costs", "c.json", "--tolerance", "abc"], "not an amount in USD"),
+        (["reconcile", "--costs", "c.json", "--tolerance", "-1"], "0 or more"),
+        (["reconcile", "--costs", "c.json", "--tolerance", "NaN"], "0 or more"),
+        (["serve", "--port", "99999"], "use 0 to 65535"),
+        (["serve", "--workers", "0"], "not at least 1"),
+        (["simulate-upstream", "--port", "http"], "not a port number"),
+    ],
+    ids=["tolerance-text", "tolerance-negative", "tolerance-nan", "port", "workers", "sim-port"],
+)
+def test_a_flag_out_of_its_range_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], argv: list[str], says: str
+) -> None:
+    from proxy.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+def test_check_counts_one_team_and_one_budget_in_the_singular(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from proxy.cli import main
+
+    write_config(tmp_path, "http://127.0.0.1:9/v1", teams={"solo": TEAM_WITH_ONE_BUDGET})
+    assert main(["check", "--config", str(tmp_path)]) == 0
+    assert f"{tmp_path}: ok (1 team, 1 budget)" in capsys.readouterr().out
+
+
+TEAM_WITH_ONE_BUDGET = f"""
+name: solo
+keys:
+  - {{id: k, sha256: {key_hash("tg_solo_key_0001")}}}
+budgets:
+  - {{period: day, limit_usd: 1}}
+"""

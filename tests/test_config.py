@@ -266,6 +266,19 @@ def test_price_book_problems_are_reported_with_the_others(policies: Path) -> Non
     ]
 
 
+def test_a_price_book_that_cannot_be_read_is_a_problem_at_its_prices_line(
+    policies: Path,
+) -> None:
+    write(policies / "tollgate.yaml", "timezone: UTC\nprices: missing.yaml\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(policies, env={})
+    # `file:line: message`, as `tollgate check` prints every problem.
+    assert caught.value.problems == [
+        f"{policies / 'tollgate.yaml'}:2: prices: cannot read "
+        f"{policies.absolute() / 'missing.yaml'}: No such file or directory"
+    ]
+
+
 def test_allow_params_values_are_text(policies: Path) -> None:
     write(
         policies / "teams" / "t.yaml",

@@ -57,6 +57,8 @@ OUTSIDE_THE_TREE = {
     ): "raised where asyncio.timeout would, caught by its reader",
     ("proxy.ledger.postgres_pool", "AssertionError"): "after a loop that returns or raises",
     ("proxy.__main__", "SystemExit"): "the exit status of the command line",
+    ("proxy.cli.options", "ArgumentTypeError"): "how a flag's type tells argparse it is out "
+    "of range (a usage error, exit 2)",
 }
 
 

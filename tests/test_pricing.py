@@ -391,6 +391,16 @@ def test_custom_size_models_reject_sizes_outside_the_rules(
     assert not model_of(book, "gpt-image-2").accepts_size(size), rule
 
 
+def test_a_refused_custom_size_is_told_every_rule_it_must_meet(book: PriceBook) -> None:
+    # 2400x784 has edges multiple of 16: the refusal must name the rule it breaks too.
+    with pytest.raises(InvalidRequest) as caught:
+        model_of(book, "gpt-image-2").validate(request("gpt-image-2", size="2400x784"))
+    message = caught.value.message
+    for rule in ("multiples of 16", "no edge above 3840", "within 3:1", "655,360 to 8,294,400"):
+        assert rule in message
+    assert caught.value.param == "size"
+
+
 @pytest.mark.parametrize("name", ["gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5"])
 def test_standard_size_models_reject_custom_sizes(book: PriceBook, name: str) -> None:
     model = model_of(book, name)

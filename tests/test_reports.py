@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import replace
 from datetime import date
 from decimal import Decimal
@@ -14,7 +16,7 @@ from proxy.finance.parts import is_mainline, split
 from proxy.finance.reconcile import OpenAICosts, compare, line_item_model, parse_costs
 from proxy.finance.reconcile import as_json as reconcile_json
 from proxy.finance.reconcile import as_table as reconcile_table
-from proxy.finance.reports import Period, as_csv, as_json, fold, parse_by
+from proxy.finance.reports import CsvWriter, Period, as_csv, as_json, fold, parse_by
 from proxy.ledger.base import Aggregate, Flagged
 
 
@@ -168,3 +170,16 @@ def test_the_widest_period_still_has_its_midnights() -> None:
     period = Period.parse("9998-12-01", "9998-12-31", "Pacific/Kiritimati", 0)
     assert len(period.midnights()) == 32
     assert len(Period.parse("1970-01-02", "1970-01-02", "America/Adak", 0).midnights()) == 2
+
+
+def test_csv_rows_end_in_lf_and_a_cell_holding_a_line_break_stays_one_cell() -> None:
+    out = io.StringIO()
+    writer = CsvWriter(out)
+    writer.writerow(["team", "cost_usd"])
+    writer.writerow(["a\rb", "c\nd"])
+    text = out.getvalue()
+    assert text.startswith("team,cost_usd\n")
+    assert list(csv.reader(io.StringIO(text, newline=""))) == [
+        ["team", "cost_usd"],
+        ["a\rb", "c\nd"],
+    ]

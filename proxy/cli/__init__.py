@@ -8,6 +8,8 @@ reconcile) and `ledger`; `options` holds the flags several share.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -27,12 +29,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         code: int = args.run(args)
+        sys.stdout.flush()  # here, where a reader gone away is caught below
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 1
     except LedgerError as exc:
         print(f"tollgate: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # Whoever read the output stopped reading (`| head`): no traceback. What is still
+        # buffered goes nowhere, else flushing it at exit fails the same way.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return code
 

@@ -7,7 +7,7 @@ import json
 from datetime import date
 
 from proxy.cli.options import Commands, add_config, config_path
-from proxy.config import config_schema, load_config
+from proxy.config import config_schema, flow_scalar, load_config
 from proxy.core.auth import key_hash, new_key
 from proxy.core.settings import HTTP_METHODS
 
@@ -23,7 +23,11 @@ def run_check(args: argparse.Namespace) -> int:
     budgets = len(config.organization_budgets) + sum(
         len(t.budgets) + len(t.per_user) for t in config.teams
     )
-    print(f"{config_path(args)}: ok ({len(config.teams)} teams, {budgets} budgets)")
+    teams = len(config.teams)
+    print(
+        f"{config_path(args)}: ok ({teams} team{'s' * (teams != 1)}, "
+        f"{budgets} budget{'s' * (budgets != 1)})"
+    )
     for entry in config.passthrough:
         methods = ", ".join(m for m in HTTP_METHODS if m in entry.methods)
         print(f"passthrough {entry.prefix}: {methods}, unmetered, with the company key")
@@ -49,5 +53,5 @@ def run_keys_new(args: argparse.Namespace) -> int:
     print(f"New key for team {args.team!r} (shown once; give it to the team):\n")
     print(f"    {secret}\n")
     print("Add this entry under `keys:` in the team's file (it holds only the hash):\n")
-    print(f"  - {{id: {label}, sha256: {key_hash(secret)}}}")
+    print(f"  - {{id: {flow_scalar(label)}, sha256: {key_hash(secret)}}}")
     return 0

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
 from datetime import datetime
-from decimal import Decimal
 from pathlib import Path
+from typing import TextIO
 
-from proxy.cli.options import Commands, add_config, add_ledger_url, config_path
+from proxy.cli.options import Commands, add_config, add_ledger_url, config_path, usd
 from proxy.config import environment, load_config
 from proxy.core.errors import InvalidRequest, RequestError
 from proxy.core.models import usd_text
@@ -124,11 +125,14 @@ async def write_report(
     ledger = await open_ledger(ledger_url)
     try:
         answer = await run_report_query(query, ledger, config, time.time())
-        out = output.open("w", encoding="utf-8", newline="") if output else sys.stdout
+        out = open_output(output) if output else sys.stdout
         try:
             if answer.stream is not None:
-                async for chunk in answer.stream:
-                    out.write(chunk)
+                # Closed here, at once, when the reader goes away (`| head`): its ledger
+                # connection with it, not later from a finalizer.
+                async with contextlib.aclosing(answer.stream) as chunks:
+                    async for chunk in chunks:
+                        out.write(chunk)
             else:
                 out.write(answer.body or "")
         finally:
@@ -136,6 +140,20 @@ async def write_report(
                 out.close()
     finally:
         await ledger.close()
+
+
+def open_output(path: Path) -> TextIO:
+    try:
+        return path.open("w", encoding="utf-8", newline="")
+    except OSError as exc:
+        raise InvalidRequest(f"cannot write {path}: {exc}", param="output") from exc
+
+
+def read_costs(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"cannot read the costs file {path}: {exc}", param="costs") from exc
 
 
 def add_reconcile(commands: Commands) -> None:
@@ -157,7 +175,7 @@ def add_reconcile(commands: Commands) -> None:
     )
     rec.add_argument(
         "--tolerance",
-        type=Decimal,
+        type=usd,
         default=None,
         help="USD per day and model (or project; default 0.01)",
     )
@@ -167,11 +185,17 @@ def add_reconcile(commands: Commands) -> None:
 
 def run_reconcile(args: argparse.Namespace) -> int:
     config = load_config(config_path(args))
-    first = reconcile.parse_day(args.start) if args.start else None
-    last = reconcile.parse_day(args.end) if args.end else None
     tolerance = args.tolerance if args.tolerance is not None else reconcile.DEFAULT_TOLERANCE
+    try:
+        first = reconcile.parse_day(args.start) if args.start else None
+        last = reconcile.parse_day(args.end) if args.end else None
+        if args.costs is not None:
+            pages = reconcile.load_costs_file(read_costs(args.costs))
+    except InvalidRequest as exc:
+        # Exit 1 says a day is off: a bad argument must not read as one.
+        print(f"tollgate reconcile: {exc.message}", file=sys.stderr)
+        return 2
     if args.costs is not None:
-        pages = reconcile.load_costs_file(args.costs.read_text(encoding="utf-8"))
         admin_key = None
     else:
         admin_key = environment.variable(args.admin_key_env)

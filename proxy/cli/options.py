@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TypeAlias
 
@@ -31,3 +32,37 @@ def config_path(args: argparse.Namespace) -> Path:
 def ledger_url_of(args: argparse.Namespace) -> str:
     """`--ledger`, else the configuration's (read only when needed)."""
     return str(args.ledger or load_config(config_path(args)).ledger_url)
+
+
+def port(text: str) -> int:
+    """A TCP port (0: any free one), for argparse: else exit 2 with a usage message."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port: use 0 to 65535")
+    return value
+
+
+def count(text: str) -> int:
+    """A whole number of at least 1 (workers), for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not at least 1")
+    return value
+
+
+def usd(text: str) -> Decimal:
+    """An amount of US dollars, 0 or more (a tolerance), for argparse. Decimal's own error
+    is no ValueError, which argparse would not turn into a usage message."""
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an amount in USD, e.g. 0.01") from None
+    if not value.is_finite() or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not an amount in USD of 0 or more")
+    return value

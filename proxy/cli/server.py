@@ -10,7 +10,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from proxy import __version__
-from proxy.cli.options import Commands, add_config, add_ledger_url, config_path
+from proxy.cli.options import Commands, add_config, add_ledger_url, config_path, count, port
 
 if TYPE_CHECKING:
     from proxy.web.server import Prepared
@@ -20,8 +20,8 @@ def add_serve(commands: Commands) -> None:
     serve = commands.add_parser("serve", help="run the proxy")
     add_config(serve)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--port", type=port, default=8080)
+    serve.add_argument("--workers", type=count, default=1)
     add_ledger_url(serve)
     serve.add_argument(
         "--simulate",
@@ -35,7 +35,7 @@ def add_serve(commands: Commands) -> None:
 def add_simulate(commands: Commands) -> None:
     simulate = commands.add_parser("simulate-upstream", help="run the simulated OpenAI image API")
     simulate.add_argument("--host", default="127.0.0.1")
-    simulate.add_argument("--port", type=int, default=8090)
+    simulate.add_argument("--port", type=port, default=8090)
     simulate.add_argument("--latency-ms", type=int, default=0)
     simulate.add_argument(
         "--payload-bytes", type=int, default=0, help="pad each image to about this many bytes"

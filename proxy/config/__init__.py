@@ -10,5 +10,6 @@ the price-book files, `loader` the checks.
 
 from proxy.config.loader import default_config_path, load_config
 from proxy.config.schema import config_schema
+from proxy.config.source import flow_scalar
 
-__all__ = ["config_schema", "default_config_path", "load_config"]
+__all__ = ["config_schema", "default_config_path", "flow_scalar", "load_config"]

@@ -91,7 +91,15 @@ class Builder:
         try:
             return self.load_prices(path)
         except ConfigError as exc:
-            self.problems += exc.problems
+            # A book that cannot be read has no line of its own: said at the `prices:`
+            # line that names it, as every problem is `file:line: message`.
+            unread = f"{path}: cannot read: "
+            for problem in exc.problems:
+                if path is not None and doc is not None and problem.startswith(unread):
+                    reason = problem.removeprefix(unread)
+                    self._problem(doc, ("prices",), f"cannot read {path}: {reason}")
+                else:
+                    self.problems.append(problem)
         except OSError as exc:
             if doc is not None:
                 what = "the built-in price book" if path is None else str(path)

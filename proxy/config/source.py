@@ -7,6 +7,7 @@ syntax errors and duplicate keys as `file:line: message`.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -194,3 +195,14 @@ class _Reader:
         if isinstance(scalar, float) and not math.isfinite(scalar):
             return str(node.value)  # .inf and .nan are no amounts; the schema says so
         return scalar
+
+
+def flow_scalar(text: str) -> str:
+    """`text` as it can be written in a YAML flow mapping and read back as itself: as is
+    when it can, else double-quoted (a JSON string is a YAML double-quoted scalar)."""
+    try:
+        if yaml.safe_load(f"{{id: {text}}}") == {"id": text}:
+            return text
+    except yaml.YAMLError:
+        pass
+    return json.dumps(text)

@@ -220,11 +220,13 @@ def decide(
     blocker = blocking(cheapest, budgets, totals) or blocking(variant, budgets, totals)
     assert blocker is not None
     used = totals.get(blocker.counter, Totals()).used(blocker.budget.metric)
+    left = room(budgets, totals)
     raise BudgetExceeded(
         f"Budget exhausted: {blocker.describe()} ({blocker.limit_text(used)}) cannot cover "
         f"this request; the cheapest allowed form of it costs up to "
         f"${usd_text(cheapest.estimate.cost_nanos)}. The budget resets "
-        f"{resets(blocker, tz)}; ask your Tollgate administrator to raise it."
+        f"{resets(blocker, tz)}; ask your Tollgate administrator to raise it.",
+        remaining_usd=usd_text(max(left, 0)) if left is not None else None,
     )
 
 
@@ -251,6 +253,17 @@ def blocking(
         if used + need[applied.budget.metric] > applied.budget.limit:
             return applied
     return None
+
+
+def room(budgets: Iterable[Applied], totals: Mapping[Counter, Totals]) -> int | None:
+    """Room left in the tightest USD budget before anything more is reserved (None: no USD
+    budget applies)."""
+    rooms = [
+        a.budget.limit - totals.get(a.counter, Totals()).used("usd")
+        for a in budgets
+        if a.budget.metric == "usd"
+    ]
+    return min(rooms) if rooms else None
 
 
 def remaining(

@@ -205,9 +205,20 @@ class BudgetExceeded(RequestError):
     type = "insufficient_quota"
     code = "budget_exceeded"
 
+    def __init__(
+        self, message: str, *, param: str | None = None, remaining_usd: str | None = None
+    ) -> None:
+        super().__init__(message, param=param)
+        self.remaining_usd = remaining_usd
+        """The room left in the tightest USD budget, as `x-tollgate-budget-remaining-usd`
+        says it on every answer (None: the team has no USD budget)."""
+
     def headers(self) -> dict[str, str]:
         # The official SDKs retry 429 unless told not to; more money will not appear.
-        return {"x-should-retry": "false"}
+        headers = {"x-should-retry": "false"}
+        if self.remaining_usd is not None:
+            headers["x-tollgate-budget-remaining-usd"] = self.remaining_usd
+        return headers
 
 
 SDK_LONGEST_WAIT_S = 120

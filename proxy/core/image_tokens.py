@@ -36,6 +36,14 @@ class CustomSizes:
             and self.min_pixels <= width * height <= self.max_pixels
         )
 
+    def describe(self) -> str:
+        """The rules, as an error message names them."""
+        return (
+            f"WxH sizes with both edges multiples of {self.multiple_of}, no edge above "
+            f"{self.max_edge}, an aspect ratio within {self.max_aspect}:1 and "
+            f"{self.min_pixels:,} to {self.max_pixels:,} pixels"
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class TileRule:

@@ -239,8 +239,8 @@ class ModelPrices:
             )
         if not self.accepts_size(request.size):
             accepted = (
-                "WxH sizes with edges multiple of 16"
-                if self.arbitrary_sizes
+                f"{self.custom_sizes.describe()}, or auto"
+                if self.custom_sizes is not None
                 else ", ".join((*self.sizes, AUTO))
             )
             raise InvalidRequest(

@@ -21,6 +21,7 @@ line items, the rest under its image tool's model (see `parts`).
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -107,12 +108,59 @@ def parse_costs(pages: Iterable[Mapping[str, Any]], book: PriceBook) -> OpenAICo
 
 
 def load_costs_file(text: str) -> list[dict[str, Any]]:
-    """A saved Costs API answer: one page object, a list of pages, or JSON lines of pages."""
+    """A saved Costs API answer: one page object, a list of pages, or JSON lines of pages.
+    InvalidRequest (naming what is wrong) when it is none of them."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    return data if isinstance(data, list) else [data]
+        try:
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(f"the costs file is not JSON: {exc}", param="costs") from exc
+    pages = data if isinstance(data, list) else [data]
+    for number, page in enumerate(pages, 1):
+        problem = _page_problem(page)
+        if problem:
+            raise InvalidRequest(
+                f"the costs file is not a Costs API answer: page {number}: {problem}",
+                param="costs",
+            )
+    return pages
+
+
+def _page_problem(page: object) -> str:
+    """What keeps `page` from being a page of `GET /v1/organization/costs` ('' if nothing)."""
+    if not isinstance(page, dict):
+        return "not an object"
+    buckets = page.get("data", [])
+    if not isinstance(buckets, list):
+        return "'data' is not a list"
+    for bucket in buckets:
+        start = bucket.get("start_time") if isinstance(bucket, dict) else None
+        if not isinstance(start, int | float) or isinstance(start, bool):
+            return "a bucket has no numeric 'start_time'"
+        results = bucket.get("results", [])
+        if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+            return "a bucket's 'results' is not a list of objects"
+        for result in results:
+            amount = result.get("amount", {})
+            value = amount.get("value", 0) if isinstance(amount, dict) else None
+            if not _is_amount(value):
+                return f"an amount is not a number: {amount!r}"
+    return ""
+
+
+def _is_amount(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | float):
+        return math.isfinite(value)
+    if isinstance(value, str):
+        try:
+            return Decimal(value).is_finite()
+        except ArithmeticError:
+            return False
+    return False
 
 
 async def fetch_costs(

@@ -27,7 +27,7 @@ import io
 import json
 import math
 import re
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import date, datetime, timedelta
 from typing import Any, Literal, get_args
@@ -91,13 +91,23 @@ def csv_cell(value: object) -> object:
 
 
 class CsvWriter:
-    """`csv.writer` (RFC 4180: quoted as needed, CRLF line ends) whose cells are `csv_cell`s."""
+    """`csv.writer` (quoted as needed) whose cells are `csv_cell`s. Lines end in LF, not
+    RFC 4180's CRLF: `cut` and `awk` would read the last column's name as `cost_usd\r`
+    (csv readers and spreadsheets take either). Each row is written with CRLF and its
+    end replaced, because `csv` quotes a cell holding a CR only when CR is part of the
+    line end: a bare CR in a cell would otherwise split the row for some readers."""
 
     def __init__(self, out: io.StringIO) -> None:
-        self._writer = csv.writer(out)
+        self._out = out
+        self._line = io.StringIO()
+        self._writer = csv.writer(self._line)
 
     def writerow(self, row: Iterable[object]) -> None:
         self._writer.writerow([csv_cell(c) for c in row])
+        line = self._line.getvalue()
+        self._line.seek(0)
+        self._line.truncate()
+        self._out.write(line.removesuffix("\r\n") + "\n")
 
     def writerows(self, rows: Iterable[Iterable[object]]) -> None:
         for row in rows:
@@ -408,7 +418,7 @@ def render(report: Report, fmt: Format, excel: bool = False) -> str:
 
 async def audit(
     ledger: Ledger, period: Period, fmt: AuditFormat, excel: bool = False
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """Every ledger row of `period` as CSV (header first) or JSON lines, chunk by chunk.
 
     Rows stream from the ledger in batches; memory stays constant however many there are.

@@ -8,7 +8,7 @@ Both front ends call this, so `tollgate report` and the admin API give the same 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import cast
 
@@ -64,7 +64,7 @@ class ReportQuery:
 class Answer:
     media_type: str
     body: str | None = None
-    stream: AsyncIterator[str] | None = None
+    stream: AsyncGenerator[str, None] | None = None
     """The audit export, chunk by chunk (body is None)."""
 
 

@@ -24,7 +24,7 @@ from starlette.responses import Response
 
 from proxy.core import rates
 from proxy.core.auth import identify
-from proxy.core.budgets import Decision, Variant, allow_endpoint, summary
+from proxy.core.budgets import Decision, Variant, allow_endpoint, room, summary
 from proxy.core.errors import (
     AuthenticationFailed,
     BudgetExceeded,
@@ -39,7 +39,7 @@ from proxy.core.errors import (
     RequestError,
     ServiceUnavailable,
 )
-from proxy.core.models import Counter, Entry, Outcome, Settlement, Totals
+from proxy.core.models import Counter, Entry, Outcome, Settlement, Totals, usd_text
 from proxy.core.periods import applicable, counters, zone
 from proxy.core.rates import Paced
 from proxy.core.settings import Team
@@ -139,6 +139,8 @@ class Pipeline(Generic[Parsed]):
             return await refuse(runtime, entry, exc, headers)
         except RequestError as exc:
             headers.update(await rate_headers(runtime, team))
+            if not isinstance(exc, BudgetExceeded):  # which says it already
+                headers.update(await budget_headers(runtime, team, entry.user))
             return await refuse(runtime, entry, exc, headers)
         except LedgerError as exc:
             return unavailable(runtime, entry, exc, headers)
@@ -259,6 +261,24 @@ async def rate_headers(runtime: Runtime, team: Team) -> dict[str, str]:
     except LedgerError:
         return {}
     return rates.headers(rates.tightest(pace.rooms(counts)), now)
+
+
+async def budget_headers(runtime: Runtime, team: Team, user: str | None) -> dict[str, str]:
+    """The room left in the tightest USD budget of `team` (and `user`) now, for an answer
+    that reserved nothing: every answer says it."""
+    budgets = [
+        a
+        for a in applicable(runtime.config, team, user, runtime.clock())
+        if a.budget.metric == "usd"
+    ]
+    if not budgets:
+        return {}
+    try:
+        totals = await runtime.ledger.totals(tuple(dict.fromkeys(a.counter for a in budgets)))
+    except LedgerError:
+        return {}
+    left = room(budgets, totals)
+    return {} if left is None else {"x-tollgate-budget-remaining-usd": usd_text(max(left, 0))}
 
 
 async def refuse(
