@@ -310,6 +310,24 @@ class MainlinePrices:
     """`text_input`, `cached_text_input`, `text_output`."""
     long_context: LongContext | None = None
     aliases: tuple[str, ...] = ()
+    batch_rates: Mapping[str, Decimal] | None = None
+    """The Batch API's rates, by kind as `rates`; None: a batch line naming the model is
+    refused. Long-context requests keep `long_context`'s rates in a batch (OpenAI publishes
+    no batch long-context rates): a dearer bound, never a cheaper one."""
+
+    @property
+    def accepts_batch(self) -> bool:
+        return self.batch_rates is not None
+
+    def for_batch(self) -> MainlinePrices:
+        """This entry at its Batch API rates; BatchUnsupported where it has none."""
+        if self.batch_rates is None:
+            raise BatchUnsupported(
+                f"The Batch API does not accept {self.name!r} in Tollgate's price book: send "
+                "its requests to the Responses API directly, or choose a mainline model with "
+                "batch rates."
+            )
+        return replace(self, rates=self.batch_rates, batch_rates=None)
 
     def rates_for(self, input_tokens: int) -> Mapping[str, Decimal]:
         """The rates of a request with `input_tokens` of input (cached included)."""
