@@ -1533,7 +1533,8 @@ def test_long_context_rates_are_built_from_a_plain_mapping() -> None:
         ),
         (
             {"qualities": ["low"]},
-            "unknown key 'qualities' (known: source, effective_from, rates, long_context, aliases, batch)",
+            "unknown key 'qualities' (known: source, effective_from, rates, long_context, "
+            "aliases, batch)",
             ("qualities",),
         ),
         ({"aliases": "gpt-6-latest"}, "`aliases` must be a list of model names", ("aliases",)),
