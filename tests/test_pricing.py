@@ -1938,3 +1938,14 @@ def test_a_mainline_entrys_batch_rates_price_a_batch_line_and_without_them_it_is
     for name, found in book.mainline.items():  # the built-in book: 50 % of Standard
         assert found.batch_rates is not None, name
         assert {k: v * 2 for k, v in found.batch_rates.items()} == dict(found.rates), name
+
+
+def test_a_mainline_models_long_context_rates_are_scaled_to_its_batch_rates() -> None:
+    found = load_price_book().find_mainline("gpt-5.5")
+    assert found is not None and found.long_context is not None
+    batch = found.for_batch()
+    assert batch.long_context is not None
+    assert batch.long_context.above_input_tokens == found.long_context.above_input_tokens
+    long = Usage(mainline_input=300_000, mainline_output=1000)
+    assert batch.cost(long) * 2 == found.cost(long)  # half of the long-context rates too
+    assert batch.rates_for(300_000) is batch.long_context.rates
