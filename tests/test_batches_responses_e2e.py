@@ -36,6 +36,7 @@ from tests.batches_e2e import (
     ended,
     line,
     nanos,
+    png_bytes,
     proxy,
     record_tokens,
     reserved_total,
@@ -45,6 +46,7 @@ from tests.batches_e2e import (
 )
 from tests.conftest import (
     DESIGN_KEY,
+    RESEARCH_KEY,
     UPSTREAM_KEY,
     Simulator,
     Tollgate,
@@ -144,12 +146,15 @@ def test_a_responses_batch_settles_each_line_at_batch_rates_as_the_simulator_bil
     assert reserved_total(proxy) == 0
 
 
-def test_a_line_without_usage_is_charged_its_bound_flagged(
+def test_a_line_without_usage_is_charged_its_bound_and_a_failed_one_what_it_billed(
     proxy: Tollgate, simulator: Simulator
 ) -> None:
     sdk = proxy.client()
-    lines = [line("plain", body("a fox"), RESPONSES)]
-    lines.append(line("nousage", body("a fox [[fault:nousage]]"), RESPONSES))
+    lines = [
+        line("plain", body("a fox"), RESPONSES),
+        line("nousage", body("a fox [[fault:nousage]]"), RESPONSES),
+        line("failed", body("a fox [[fault:failed]]"), RESPONSES),
+    ]
     batch = ended(sdk, sdk.batches.create(
         input_file_id=upload(sdk, lines).id, endpoint=RESPONSES, completion_window="24h"
     ).id)  # fmt: skip
@@ -158,6 +163,11 @@ def test_a_line_without_usage_is_charged_its_bound_flagged(
     blind = by_id["nousage"]
     assert blind["flagged"] == 1 and blind["cost_nanos"] == blind["estimated_nanos"] > 0
     assert blind["cost_nanos"] > by_id["plain"]["cost_nanos"]
+    failed = by_id["failed"]  # its image calls ran: billed its usage, as directly
+    record = billed_lines(simulator, batch.id)["failed"]
+    cost = mainline_cost("gpt-5.5", record) + batch_cost("gpt-image-2", record_tokens(record))
+    assert (failed["outcome"], failed["error_code"]) == ("upstream_error", "response_failed")
+    assert failed["cost_nanos"] == cost > 0 and failed["flagged"] == 0
     assert reserved_total(proxy) == 0
 
 
@@ -188,6 +198,12 @@ def test_every_line_the_direct_door_or_a_batch_refuses_is_listed_before_upload(
     assert len(listed) == len(refused), caught.value.message
     for number, (text, reason) in enumerate(zip(listed, refused, strict=True), start=2):
         assert text.startswith(f"line {number}: ") and reason in text, text
+    theirs = proxy.client(RESEARCH_KEY).files.create(file=("a.png", png_bytes()), purpose="vision")
+    image = {"type": "input_image", "file_id": theirs.id}
+    named = body("x", input=[{"role": "user", "content": [image]}])
+    with pytest.raises(openai.BadRequestError) as caught:
+        upload(proxy.client(), [good, line("theirs", named, RESPONSES)])
+    assert f"line 2: no such File object: {theirs.id}" in caught.value.message
     mixed = [good, line("image", {"model": "gpt-image-2", "prompt": "x"})]
     with pytest.raises(openai.BadRequestError, match="one endpoint"):
         upload(proxy.client(), mixed)
