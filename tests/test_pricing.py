@@ -1533,7 +1533,8 @@ def test_long_context_rates_are_built_from_a_plain_mapping() -> None:
         ),
         (
             {"qualities": ["low"]},
-            "unknown key 'qualities' (known: source, effective_from, rates, long_context, aliases)",
+            "unknown key 'qualities' (known: source, effective_from, rates, long_context, "
+            "aliases, batch)",
             ("qualities",),
         ),
         ({"aliases": "gpt-6-latest"}, "`aliases` must be a list of model names", ("aliases",)),
@@ -1704,7 +1705,7 @@ def test_override_file_changes_the_rates_of_a_built_in_mainline_model(tmp_path: 
                 qualities: [low]
             """,
             "7: mainline.gpt-6.qualities: invalid price-book entry: unknown key 'qualities' "
-            "(known: source, effective_from, rates, long_context, aliases)",
+            "(known: source, effective_from, rates, long_context, aliases, batch)",
         ),
         (
             """
@@ -1914,3 +1915,37 @@ def test_a_ladder_or_size_the_table_lacks_is_refused_when_loaded(
     # would fail when it is priced.
     path = write(tmp_path, "models:\n" + override)
     assert problems_of(path) == [f"{path}:{problem}"]
+
+
+def test_a_mainline_entrys_batch_rates_price_a_batch_line_and_without_them_it_is_refused() -> None:
+    fields = {
+        "source": "s",
+        "effective_from": "2026-01-01",
+        "rates": {"text_input": "2.00", "cached_text_input": "0.50", "text_output": "8.00"},
+        "batch": {"text_input": "1.00", "cached_text_input": "0.25", "text_output": "4.00"},
+    }
+    entry = mainline_prices("gpt-x", fields)
+    usage = Usage(mainline_input=1000, mainline_cached_input=1000, mainline_output=1000)
+    assert entry.accepts_batch and entry.for_batch().cost(usage) * 2 == entry.cost(usage)
+    for closed in (False, None):
+        entry = mainline_prices("gpt-x", {**fields, "batch": closed})
+        assert not entry.accepts_batch
+        with pytest.raises(BatchUnsupported, match="gpt-x"):
+            entry.for_batch()
+    with pytest.raises(ValueError, match="text_output"):
+        mainline_prices("gpt-x", {**fields, "batch": {"text_input": "1.00"}})
+    book = load_price_book()
+    for name, found in book.mainline.items():  # the built-in book: 50 % of Standard
+        assert found.batch_rates is not None, name
+        assert {k: v * 2 for k, v in found.batch_rates.items()} == dict(found.rates), name
+
+
+def test_a_mainline_models_long_context_rates_are_scaled_to_its_batch_rates() -> None:
+    found = load_price_book().find_mainline("gpt-5.5")
+    assert found is not None and found.long_context is not None
+    batch = found.for_batch()
+    assert batch.long_context is not None
+    assert batch.long_context.above_input_tokens == found.long_context.above_input_tokens
+    long = Usage(mainline_input=300_000, mainline_output=1000)
+    assert batch.cost(long) * 2 == found.cost(long)  # half of the long-context rates too
+    assert batch.rates_for(300_000) is batch.long_context.rates

@@ -331,8 +331,8 @@ def test_a_model_the_batch_api_does_not_accept_fails_the_batch(sim: Sim, model: 
 def test_batch_parameters_are_checked_at_creation(sim: Sim) -> None:
     uploaded = sim.upload([line("a", {**LOW, "prompt": "x"})])
     create = sim.client.batches.create
-    with pytest.raises(openai.BadRequestError, match="only image batches"):
-        create(input_file_id=uploaded.id, endpoint="/v1/responses", completion_window="24h")
+    with pytest.raises(openai.BadRequestError, match="only image and Responses batches"):
+        create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
     with pytest.raises(openai.BadRequestError, match="Supported values are"):
         create(input_file_id=uploaded.id, endpoint="/v1/videos", completion_window="24h")
     with pytest.raises(openai.BadRequestError, match="'24h'"):

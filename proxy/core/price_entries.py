@@ -167,7 +167,7 @@ def _batch_rates(
     return {kind: _usd(value, (*at, kind)) for kind, value in raw.items() if kind in TOKEN_KINDS}
 
 
-MAINLINE_KEYS = ("source", "effective_from", "rates", "long_context", "aliases")
+MAINLINE_KEYS = ("source", "effective_from", "rates", "long_context", "aliases", "batch")
 LONG_CONTEXT_KEYS = ("above_input_tokens", "rates")
 
 
@@ -195,7 +195,15 @@ def mainline_prices(name: str, raw: Mapping[str, Any]) -> MainlinePrices:
         rates=_mainline_rates(raw.get("rates"), ("rates",)),
         long_context=None if long is None else _long_context(long),
         aliases=tuple(aliases),
+        batch_rates=_mainline_batch(raw.get("batch")),
     )
+
+
+def _mainline_batch(raw: Any) -> Mapping[str, Decimal] | None:
+    """A mainline model's `batch:` rates (as `rates`), or None (`false`, or not written)."""
+    if raw is None or raw is False:
+        return None
+    return _mainline_rates(raw, ("batch",))
 
 
 def _long_context(raw: Any) -> LongContext:

@@ -310,6 +310,34 @@ class MainlinePrices:
     """`text_input`, `cached_text_input`, `text_output`."""
     long_context: LongContext | None = None
     aliases: tuple[str, ...] = ()
+    batch_rates: Mapping[str, Decimal] | None = None
+    """The Batch API's rates, by kind as `rates`; None: a batch line naming the model is
+    refused. In a batch, `long_context`'s rates are scaled by the same ratio, kind by kind
+    (the pricing page: long context is "2x input and 1.5x output … for standard, batch, and
+    flex"); a kind whose ratio is unknown keeps its long-context rate."""
+
+    @property
+    def accepts_batch(self) -> bool:
+        return self.batch_rates is not None
+
+    def for_batch(self) -> MainlinePrices:
+        """This entry at its Batch API rates; BatchUnsupported where it has none."""
+        if self.batch_rates is None:
+            raise BatchUnsupported(
+                f"The Batch API does not accept {self.name!r} in Tollgate's price book: send "
+                "its requests to the Responses API directly, or choose a mainline model with "
+                "batch rates."
+            )
+        batch, long = self.batch_rates, self.long_context
+        if long is not None:
+            scaled = {
+                kind: rate * batch[kind] / self.rates[kind]
+                if kind in batch and self.rates.get(kind)
+                else rate
+                for kind, rate in long.rates.items()
+            }
+            long = LongContext(long.above_input_tokens, scaled)
+        return replace(self, rates=batch, batch_rates=None, long_context=long)
 
     def rates_for(self, input_tokens: int) -> Mapping[str, Decimal]:
         """The rates of a request with `input_tokens` of input (cached included)."""

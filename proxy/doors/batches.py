@@ -9,7 +9,9 @@ JSON object a line:
 sent directly would be checked (`proxy.doors.images`): a JSON body the Images API takes
 on that endpoint, a priced model the Batch API accepts, the team's `allow` policy. Each
 line is bounded at the model's batch rates (`ModelPrices.for_batch`) and written out
-again from its parse (`encoded`), so the file forwarded is the file priced. A line the
+again from its parse (`encoded`), so the file forwarded is the file priced. A
+`/v1/responses` line goes through the Responses door instead (`batch_responses`), bounded
+at the batch rates of its mainline model and of its image tool's model. A line the
 policy would change (a quality above `allow.max_quality`) is refused rather than changed:
 a batch runs unattended, with no header to say what changed. Every bad line is listed
 (`line 12: …`, up to `MAX_PROBLEMS` of them, then how many more), and any one refuses the
@@ -31,8 +33,9 @@ from proxy.core.budgets import apply_allow
 from proxy.core.errors import InvalidRequest, RequestError, UnpricedModel
 from proxy.core.models import Endpoint, Estimate, ImageRequest, Usage
 from proxy.core.parsing import json_object, parse_request
-from proxy.core.pricing import ModelPrices, estimate
+from proxy.core.pricing import MainlinePrices, ModelPrices, estimate
 from proxy.core.settings import Config, Team
+from proxy.doors.batch_responses import response_line
 from proxy.doors.images import priced
 
 MAX_LINES = 50_000
@@ -42,6 +45,7 @@ MAX_PROBLEMS = 100
 URLS: dict[str, Endpoint] = {
     "/v1/images/generations": "generations",
     "/v1/images/edits": "edits",
+    "/v1/responses": "responses",
 }
 LINE_KEYS = frozenset({"custom_id", "method", "url", "body"})
 
@@ -62,6 +66,8 @@ class PricedLine:
     usage: Usage
     file_ids: tuple[str, ...]
     """The files its images name (each must be the team's)."""
+    mainline: str | None = None
+    """A `/v1/responses` line's mainline model (`model` is its image tool's)."""
 
 
 @dataclass
@@ -156,7 +162,7 @@ class BatchFile:
         if endpoint is None or not isinstance(url, str):
             raise InvalidRequest(
                 f"url {url!r} is not one Tollgate meters in a batch: use "
-                f"{' or '.join(URLS)} (JSON bodies)"
+                f"{', '.join(URLS)} (JSON bodies)"
             )
         if self.endpoint is None:
             self.endpoint = endpoint
@@ -167,7 +173,30 @@ class BatchFile:
         body = given.get("body")
         if not isinstance(body, dict):
             raise InvalidRequest("'body' must be a JSON object")
+        if endpoint == "responses":
+            return self._price_response(custom_id, number, url, body)
         return self._price(custom_id, number, endpoint, url, body)
+
+    def _price_response(
+        self, custom_id: str, number: int, url: str, body: dict[str, Any]
+    ) -> tuple[PricedLine, bytes]:
+        parsed, variant, sent = response_line(self.team, self.config, body)
+        request = variant.request
+        line = PricedLine(
+            custom_id,
+            number,
+            "responses",
+            request.model,
+            request.quality,
+            request.size,
+            request.n,
+            request.user,
+            variant.estimate.cost_nanos,
+            variant.estimate.usage,
+            parsed.files,
+            request.mainline,
+        )
+        return line, _encoded(custom_id, url, sent)
 
     def _price(
         self, custom_id: str, number: int, endpoint: Endpoint, url: str, body: dict[str, Any]
@@ -190,10 +219,7 @@ class BatchFile:
                 f"request ({change.knob}={change.after} at most): a batch line is not changed"
             )
         sent, _ = parsed.encode({})
-        encoded = (
-            b'{"custom_id":' + json.dumps(custom_id).encode()
-            + b',"method":"POST","url":"' + url.encode() + b'","body":' + sent + b"}\n"
-        )  # fmt: skip
+        encoded = _encoded(custom_id, url, sent)
         references = parsed.references or {}
         refs = [*references.get("images", ()), references.get("mask") or {}]
         files = tuple(r["file_id"] for r in refs if isinstance(r, dict) and "file_id" in r)
@@ -243,6 +269,8 @@ class StoredLine(Protocol):
     def n(self) -> int: ...
     @property
     def user(self) -> str | None: ...
+    @property
+    def mainline(self) -> str | None: ...
 
 
 def bound_now(
@@ -257,23 +285,33 @@ def bound_now(
     its input, the file's as priced at upload (the prompts and images are not kept). Priced
     at the dearest rates of the file's models (OpenAI runs a batch of one model only), it
     holds every line whatever its model: a reload that raised a rate since the upload
-    otherwise leaves the batch reserved below what it is settled at."""
+    otherwise leaves the batch reserved below what it is settled at. The mainline tokens of
+    `/v1/responses` lines (as bounded at upload) are priced so too, at the dearest batch
+    rates of the file's mainline models (their standard-context rates: the file's tokens
+    summed would pass any long-context threshold that no line passes; a line that did was
+    bounded at those rates at upload, which the bound never goes below)."""
     problems: list[str] = []
     output = text_output = images = 0
     models: dict[str, ModelPrices] = {}
+    mainlines: dict[str, MainlinePrices] = {}
     # Lines asking the same thing get the same answer: each kind is checked once (a file of
     # 50,000 lines holds a handful of kinds, and this runs on the event loop).
-    seen: dict[tuple[Any, ...], str | tuple[ModelPrices, Usage]] = {}
+    seen: dict[tuple[Any, ...], str | tuple[ModelPrices, Usage, MainlinePrices | None]] = {}
     for stored in lines:
         kind = (stored.endpoint, stored.model, stored.n, stored.quality, stored.size, stored.user)
-        found = seen.get(kind)
+        found = seen.get((*kind, stored.mainline))
         if found is None:
-            found = seen[kind] = _checked_again(team, config, *kind)
+            found = _checked_again(team, config, *kind)
+            if not isinstance(found, str) and stored.mainline is not None:
+                found = _mainline_again(team, config, stored.mainline, found)
+            seen[(*kind, stored.mainline)] = found
         if isinstance(found, str):
             problems.append(f"line {stored.line}: {found}")
             continue
-        model, ceiling = found
+        model, ceiling, mainline = found
         models[model.name] = model
+        if mainline is not None:
+            mainlines[mainline.name] = mainline
         output += ceiling.image_output
         text_output += ceiling.text_output
         images += ceiling.images
@@ -296,7 +334,22 @@ def bound_now(
         images=max(priced_at.usage.images, images),
     )
     cost = max((model.cost(usage) for model in models.values()), default=0)
+    cost += max((mainline.cost(usage) for mainline in mainlines.values()), default=0)
     return Estimate(usage, max(priced_at.cost_nanos, cost))
+
+
+def _mainline_again(
+    team: Team, config: Config, name: str, found: tuple[ModelPrices, Usage, None]
+) -> str | tuple[ModelPrices, Usage, MainlinePrices]:
+    """Why a `/v1/responses` line of mainline model `name` is refused now, or `found` with
+    that model at its batch rates (standard context, see `bound_now`)."""
+    mainline = config.prices.find_mainline(name)
+    if mainline is None or not mainline.accepts_batch:
+        return f"model {name!r} is not accepted by the Batch API"
+    allowed = team.allow.models
+    if allowed is not None and not {name, mainline.name} & allowed:
+        return f"team {team.name} may not use model {name!r}"
+    return found[0], found[1], replace(mainline.for_batch(), long_context=None)
 
 
 def _checked_again(
@@ -308,7 +361,7 @@ def _checked_again(
     quality: str,
     size: str,
     user: str | None,
-) -> str | tuple[ModelPrices, Usage]:
+) -> str | tuple[ModelPrices, Usage, None]:
     """Why a line asking this is refused now, or its model at batch rates and its output
     ceiling."""
     request = ImageRequest(
@@ -327,4 +380,12 @@ def _checked_again(
             f"{change.knob} {change.before} is above what team {team.name} may request "
             f"({change.knob}={change.after} at most)"
         )
-    return model.for_batch(), estimate(model.for_batch(), request).usage
+    return model.for_batch(), estimate(model.for_batch(), request).usage, None
+
+
+def _encoded(custom_id: str, url: str, body: bytes) -> bytes:
+    """A line as forwarded: canonical JSON, `body` as Tollgate wrote it."""
+    return (
+        b'{"custom_id":' + json.dumps(custom_id).encode()
+        + b',"method":"POST","url":"' + url.encode() + b'","body":' + body + b"}\n"
+    )  # fmt: skip

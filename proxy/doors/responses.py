@@ -172,7 +172,11 @@ class ResponsesDoor:
     def injected(self, parsed: ResponseBody) -> str:
         return "; ".join(parsed.injected)
 
-    def admit(self, team: Team, parsed: ResponseBody, config: Config) -> Variant:
+    def admit(
+        self, team: Team, parsed: ResponseBody, config: Config, *, batch: bool = False
+    ) -> Variant:
+        """`batch`: priced at the Batch API's rates (a line of a batch file), the mainline
+        and the image tool's model refused where the price book gives none."""
         request = parsed.request
         mainline = parsed.mainline
         if mainline is None:
@@ -195,12 +199,26 @@ class ResponsesDoor:
                 f"request (allow.max_n), not max_tool_calls={request.n}.",
                 param="max_tool_calls",
             )
+        if batch:
+            if not mainline.accepts_batch:
+                raise UnpricedModel(
+                    f"Model {request.mainline!r} is not accepted by the Batch API (Tollgate's "
+                    "price book gives it no batch rates).",
+                    param="model",
+                )
+            mainline = mainline.for_batch()
         base = mainline_bound(parsed, mainline)
         param = f"tools[{parsed.tool}].model"
         try:
             model = image_prices(config.prices, request.model)
         except UnpricedModel as exc:
             raise UnpricedModel(exc.message, param=param) from None
+        if batch and (model.accepts_batch or parsed.tool is not None):
+            if not model.accepts_batch:
+                raise UnpricedModel(
+                    f"Model {model.name!r} is not accepted by the Batch API.", param=param
+                )
+            model = model.for_batch()
         if parsed.tool is None:
             # No image tool: the mainline model alone (the image part bounds nothing).
             return Variant(request, model, priced(model, request, base), (), base)

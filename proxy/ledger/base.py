@@ -182,6 +182,9 @@ class BatchLine:
     n: int
     user: str | None
     bound_nanos: int
+    mainline: str | None = None
+    """A `/v1/responses` line's mainline model (`model` is then its image tool's); None for
+    an image line."""
 
 
 @dataclass(frozen=True, slots=True)

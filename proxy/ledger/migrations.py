@@ -50,6 +50,9 @@ transaction, so a ledger is never left half-way between two versions.
        once is found in its project too. '' and NULL as in version 9: NULL (objects
        recorded before this version, rows neither written since nor held since version 9)
        is read under the team's project at the time.
+   11  `mainline` on batch_lines: a `/v1/responses` line's mainline model (its `model` is
+       then its image tool's), which its settlement prices at batch rates; NULL for an
+       image line.
 
 The embedded SQLite ledger applies its steps when it opens. A PostgreSQL ledger shared
 by several replicas is initialised when it opens only while it is empty (none of `TABLES`
@@ -284,13 +287,14 @@ def _live_streams(d: Dialect) -> list[str]:
 
 HELD_PROJECTS = ["ALTER TABLE requests ADD COLUMN project TEXT"]
 OBJECT_PROJECTS = ["ALTER TABLE stored_objects ADD COLUMN project TEXT"]
+LINE_MAINLINES = ["ALTER TABLE batch_lines ADD COLUMN mainline TEXT"]
 
 
 def steps(d: Dialect) -> Sequence[Sequence[str]]:
     """The migrations in `d`'s spelling: one list of statements per version."""
     return (
         _tables(d), ORGANIZATION_ROWS, _resolutions(d), _responses(d), _batches(d), _repeats(d),
-        _rates(d), _live_streams(d), HELD_PROJECTS, OBJECT_PROJECTS,
+        _rates(d), _live_streams(d), HELD_PROJECTS, OBJECT_PROJECTS, LINE_MAINLINES,
     )  # fmt: skip
 
 

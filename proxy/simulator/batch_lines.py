@@ -50,9 +50,14 @@ from proxy.simulator.validation import ImageOrder, validate
 
 MAX_LINES = 50_000
 BATCH_ENDPOINTS: Mapping[str, Endpoint] = MappingProxyType(
-    {"/v1/images/generations": "generations", "/v1/images/edits": "edits"}
+    {
+        "/v1/images/generations": "generations",
+        "/v1/images/edits": "edits",
+        "/v1/responses": "responses",
+    }
 )
-# What OpenAI's Batch API accepts, though the simulator runs only image batches.
+# What OpenAI's Batch API accepts, though the simulator runs only image and Responses
+# batches (`batch_responses`).
 OPENAI_BATCH_ENDPOINTS = (
     "/v1/responses",
     "/v1/chat/completions",
@@ -108,6 +113,13 @@ class LineResult:
     def billed(self) -> bool:
         return self.tokens is not None
 
+    @property
+    def batch_tokens(self) -> tuple[int, int]:
+        """(input, output) tokens for the batch's `usage`."""
+        if self.tokens is None:
+            return 0, 0
+        return self.tokens.input_total, self.tokens.output_total + self.tokens.text_output
+
     def body(self, *, created: int, padding: int, request_id: str) -> dict[str, Any]:
         """The line's `response.body`: the Images API's answer, or its error body."""
         if self.order is None or self.tokens is None:
@@ -125,6 +137,8 @@ class LineResult:
 
 def _line_model(endpoint: Endpoint, body: Mapping[str, Any]) -> object:
     model = body.get("model")
+    if endpoint == "responses":
+        return "" if model is None else model  # required: the line is refused without it
     return DEFAULT_MODELS[endpoint] if model is None else model
 
 

@@ -25,6 +25,7 @@ from proxy.simulator.batch_lines import (
     read_input,
     run_line,
 )
+from proxy.simulator.batch_responses import run_response_line
 from proxy.simulator.batches import StoredBatch
 from proxy.simulator.billing import RECORDED_HEADERS
 from proxy.simulator.files import (
@@ -132,8 +133,8 @@ def _endpoint(value: object) -> str:
         )
     if value not in BATCH_ENDPOINTS:
         raise invalid(
-            f"The simulated upstream runs only image batches ('/v1/images/generations', "
-            f"'/v1/images/edits'), not '{value}'.",
+            f"The simulated upstream runs only image and Responses batches "
+            f"('/v1/images/generations', '/v1/images/edits', '/v1/responses'), not '{value}'.",
             param="endpoint",
             code="unsupported_value",
         )
@@ -198,6 +199,7 @@ async def _create_batch(state: SimulatorState, request: Request, now: float) -> 
             param="input_file_id",
         )
     read = read_input(source.content, endpoint)
+    run = run_response_line if endpoint == "/v1/responses" else run_line
     knobs = state.knobs
     if knobs.batch_read_ms:
         # Reading the input file takes time: the batch exists once it is read, whether or
@@ -213,7 +215,7 @@ async def _create_batch(state: SimulatorState, request: Request, now: float) -> 
         window=knobs.batch_window_ms / 1000,
         model=None if isinstance(read, list) else read.model,
         problems=tuple(read) if isinstance(read, list) else (),
-        results=() if isinstance(read, list) else tuple(run_line(li) for li in read.lines),
+        results=() if isinstance(read, list) else tuple(run(li) for li in read.lines),
         metadata=metadata,
         output_expires_after=output_expiry,
         authorization=request.headers.get("authorization"),

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from proxy.simulator.batch_lines import LineProblem, LineResult
+from proxy.simulator.batch_responses import ResponseLineResult
 from proxy.simulator.billing import BilledUsage, BillingRecord, Entry
 from proxy.simulator.files import FileStore, StoredFile, new_file_id
 from proxy.simulator.refusals import ApiError
@@ -74,7 +75,7 @@ class StoredBatch:
     window: float
     model: str | None
     problems: tuple[LineProblem, ...]
-    results: tuple[LineResult, ...]
+    results: tuple[LineResult | ResponseLineResult, ...]
     metadata: Mapping[str, str] | None = None
     output_expires_after: int | None = None
     authorization: str | None = None
@@ -129,7 +130,7 @@ class StoredBatch:
             return "validating"
         return "in_progress" if now < self.finalizing_at else "finalizing"
 
-    def ran(self, until: float) -> list[LineResult]:
+    def ran(self, until: float) -> list[LineResult | ResponseLineResult]:
         """The lines that finished before `until` (and before the cut)."""
         _, _, cut = self.end()
         until = min(until, cut)
@@ -148,9 +149,9 @@ class StoredBatch:
 
     def usage(self, now: float) -> dict[str, Any]:
         """The batch's `usage`: the sum of its billed lines' so far."""
-        billed = [r.tokens for r in self.ran(now) if r.tokens is not None]
-        inputs = sum(t.input_total for t in billed)
-        outputs = sum(t.output_total + t.text_output for t in billed)
+        counts = [r.batch_tokens for r in self.ran(now)]
+        inputs = sum(i for i, _ in counts)
+        outputs = sum(o for _, o in counts)
         return {
             "input_tokens": inputs,
             "input_tokens_details": {"cached_tokens": 0},
@@ -300,8 +301,12 @@ def _write(
     return files.add(stored).id
 
 
-def _entry(batch: StoredBatch, result: LineResult, request_id: str, booked: float) -> Entry:
-    """The line's record entry, as its Images API request's, booked when the batch ended."""
+def _entry(
+    batch: StoredBatch, result: LineResult | ResponseLineResult, request_id: str, booked: float
+) -> Entry:
+    """The line's record entry, as its direct request's, booked when the batch ended."""
+    if isinstance(result, ResponseLineResult):
+        return result.entry(request_id, booked, batch.id, batch.authorization, batch.headers)
     order, tokens, raw = result.order, result.tokens, result.line.raw
     model = raw.fields.get("model")
     billed = tokens is not None and order is not None

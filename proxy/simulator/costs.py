@@ -18,6 +18,10 @@ quantity the tokens summed, unit `tokens`; e.g. `"batch api | gpt-image-2.5-sunb
 image"`. A per-image model would be `"batch api | <model> images"`, but the simulated
 Batch API accepts no DALL·E model. Its entries' `time` is the batch's end, so batch
 spend falls in the UTC day's bucket the batch completed (was cancelled, expired) on.
+A Responses line of a batch adds its image tool's items so and its mainline model's at
+the batch rate, named as directly under the prefix: `"batch api | gpt-5.5, input"`,
+`"… cached input"`, `"… output"` (no export of OpenAI's was seen for them: the
+simulator's choice; `reconcile` reads the model either way).
 """
 
 from __future__ import annotations
@@ -173,6 +177,7 @@ def _mainline_costs(entry: Entry, project: str | None) -> list[LineCost]:
         return []
     rates = rule.rates_for(usage.input)
     suffix = LONG_CONTEXT if rates is not rule.rates else ""
+    prefix, share = (BATCH_PREFIX, BATCH_RATE) if entry.batch_id is not None else ("", 1)
     lines = []
     for label, tokens, rate in (
         ("input", usage.input - usage.cached_input, rates.input),
@@ -180,8 +185,9 @@ def _mainline_costs(entry: Entry, project: str | None) -> list[LineCost]:
         ("output", usage.output, rates.output),
     ):
         if tokens:
-            name = f"{rule.name}, {label}{suffix}"
-            lines.append(LineCost(name, project, rate * tokens / PER_MILLION, tokens, "tokens"))
+            name = f"{prefix}{rule.name}, {label}{suffix}"
+            amount = rate * share * tokens / PER_MILLION
+            lines.append(LineCost(name, project, amount, tokens, "tokens"))
     return lines
 
 

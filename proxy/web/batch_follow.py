@@ -18,9 +18,12 @@ from typing import Any
 
 from proxy.core.errors import LedgerError, MalformedAnswer, RequestError
 from proxy.core.metering import usage_from_openai
-from proxy.core.models import Charge, Entry, Settlement, Usage
+from proxy.core.models import Charge, Entry, Outcome, Settlement, Usage
 from proxy.core.periods import counters, zone
+from proxy.core.pricing import PriceBook
+from proxy.core.settlement import MALFORMED_ANSWER, Bound, metered
 from proxy.core.short_strings import ShortStrings
+from proxy.doors.response_meters import read_response
 from proxy.ledger import BatchLine, BilledLine, StoredObject
 from proxy.upstream import BROKEN_OFF
 from proxy.web.files import read_answer
@@ -191,10 +194,15 @@ def billed_line(
     if not isinstance(body, dict):
         body = {}  # a billed line whose answer cannot be read: charged its bound, flagged
     config = runtime.config
+    code: str | None
     line = lines.get(custom_id) if isinstance(custom_id, str) else None
     if line is None:
         line = max(lines.values(), key=lambda priced: priced.bound_nanos)
         charge, code = Charge(Usage(), line.bound_nanos, True), UNKNOWN_LINE
+    elif line.mainline is not None:
+        charge, code, outcome = response_charge(config.prices, line, body)
+        row = line_row(runtime, reservation, line, charge, code, ended_at, batch_id, response)
+        return replace(row, settlement=replace(row.settlement, outcome=outcome))
     else:
         model = config.prices.find(line.model)
         usage = usage_from_openai(body.get("usage"))
@@ -205,6 +213,29 @@ def billed_line(
         else:
             charge, code = model.for_batch().charge(replace(usage, images=images)), None
     return line_row(runtime, reservation, line, charge, code, ended_at, batch_id, response)
+
+
+def response_charge(
+    prices: PriceBook, line: BatchLine, body: Any
+) -> tuple[Charge, str | None, Outcome]:
+    """What a `/v1/responses` line answered 200 costs: its Responses object metered as the
+    Responses door meters a whole response (`read_response`, `settlement.metered`: its
+    mainline tokens and its image tool's, each model at its batch rates), with its outcome
+    and error code. Without trustworthy usage (none, unreadable, images made but no
+    `tool_usage`, or a model gone from the price book): its bound, flagged."""
+    mainline = prices.find_mainline(line.mainline or "")
+    model = prices.find(line.model)
+    if mainline is None or not mainline.accepts_batch or model is None:
+        return Charge(Usage(images=line.n), line.bound_nanos, True), None, "ok"
+    bound = Bound(
+        model.for_batch() if model.accepts_batch else model,
+        line.n, line.quality, line.size, line.bound_nanos, Usage(), mainline.for_batch(),
+    )  # fmt: skip
+    try:
+        verdict = metered(bound, read_response(body))
+    except MalformedAnswer:
+        return bound.charged(), MALFORMED_ANSWER, "ok"
+    return verdict.charge, verdict.error_code, verdict.outcome
 
 
 def line_row(
@@ -224,13 +255,14 @@ def line_row(
         reservation.key_id, line.user, line.model, line.model, line.quality, line.quality,
         line.size, line.size, line.n, line.n, False, line.bound_nanos,
     )  # fmt: skip
-    entry = replace(entry, custom_id=line.custom_id)
+    entry = replace(entry, custom_id=line.custom_id, mainline_model=line.mainline)
     settled = Settlement(
         finished_at=ended_at,
         outcome="ok",
         status=200,
         usage=charge.usage,
         cost_nanos=charge.cost_nanos,
+        mainline_cost_nanos=charge.mainline_nanos,
         flagged=charge.flagged,
         upstream_request_id=response.get("request_id"),
         error_code=code,

@@ -34,7 +34,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from proxy.core.budgets import Variant, allow_endpoint, decide
+from proxy.core.budgets import Variant, allow_endpoint, decide, endpoint_path
 from proxy.core.errors import (
     InvalidRequest,
     LedgerError,
@@ -214,7 +214,7 @@ class Batches:
                 f"File {file_id} was not uploaded with purpose 'batch'.", param="input_file_id"
             )
         lines = await runtime.ledger.batch_lines(file_id)
-        endpoint = f"/v1/images/{next(iter(lines.values())).endpoint}"
+        endpoint = endpoint_path(next(iter(lines.values())).endpoint)
         if fields.get("endpoint") != endpoint:
             raise InvalidRequest(
                 f"The file's requests are for {endpoint}: set 'endpoint' to it.", param="endpoint"

@@ -266,7 +266,7 @@ async def own_file(
     lines = [
         BatchLine(
             line.custom_id, line.line, line.endpoint, line.model, line.quality, line.size,
-            line.n, line.user, line.bound_nanos,
+            line.n, line.user, line.bound_nanos, line.mainline,
         )
         for line in (batch.lines if batch else ())
     ]  # fmt: skip
