@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from proxy.core.models import Counter, Totals
-from proxy.ledger import codecs
+from proxy.ledger import codecs, overlaps
 from proxy.ledger.statements import KEYS, TOTALS, add_to_counters
 
 
@@ -40,11 +40,16 @@ async def lock_and_read(conn: Any, counters: Sequence[Counter]) -> dict[Counter,
     then of each counter's row in lock order, returning what each holds. An upsert that
     finds a row locks its latest version, whoever committed it (unlike a read, which would
     see the statement's snapshot, taken before the lock was had); a counter without a row
-    gets one at zero, which the reservation writes anyway."""
+    gets one at zero, which the reservation writes anyway. The rows of other zones'
+    windows that overlap a counter's (`proxy.ledger.overlaps`) are read next, under the
+    first lock: every writer waits for it, so none can change them before this commits."""
     first = codecs.counter_key(codecs.ORGANIZATION_TOTAL)
     wanted = [first, *sorted({codecs.counter_key(c) for c in counters} - {first})]
-    found = await conn.fetch(LOCK_READ_SQL, *key_arrays(wanted))
-    return codecs.totals_of(counters, (tuple(r) for r in found))
+    found = [tuple(r) for r in await conn.fetch(LOCK_READ_SQL, *key_arrays(wanted))]
+    reaching = [c for c in counters if c.since is not None]
+    if reaching:
+        found += await _in_bounds(conn, reaching, "")
+    return overlaps.totals_of(counters, found)
 
 
 async def lock_and_fetch(conn: Any, select: str, *args: Any) -> Any:
@@ -88,10 +93,13 @@ LOCK_READ_SQL = (
 )
 """Upsert the counters' rows in the order given (the caller's lock order), returning each."""
 READ_SQL = (
-    f"SELECT {KEYS}, {TOTALS} FROM budget_usage WHERE ({KEYS}) IN "
-    f"(SELECT * FROM {UNNEST_KEYS.format('$1', '$2', '$3', '$4', '$5')}) "
+    f"SELECT {KEYS}, {TOTALS} FROM budget_usage JOIN unnest($1::text[], $2::text[], "
+    "$3::text[], $4::text[], $5::float8[], $6::float8[]) AS k(s, t, u, p, low, high) "
+    'ON scope = k.s AND team = k.t AND "user" = k.u AND period = k.p '
+    "AND start > k.low AND start < k.high "
     'ORDER BY scope, team COLLATE "C", "user" COLLATE "C", period, start'
 )
+"""The rows in each counter's `overlaps.bounds`, in lock order."""
 
 
 ADD_SQL = add_to_counters(
@@ -109,10 +117,15 @@ async def read_totals(
     """The totals of `counters`; with `lock`, their rows that exist locked, in lock order."""
     if not counters:
         return {}
-    wanted = sorted({codecs.counter_key(c) for c in counters})
-    sql = READ_SQL + (" FOR UPDATE" if lock else "")
-    found = await conn.fetch(sql, *key_arrays(wanted))
-    return codecs.totals_of(counters, (tuple(r) for r in found))
+    found = await _in_bounds(conn, counters, " FOR UPDATE OF budget_usage" if lock else "")
+    return overlaps.totals_of(counters, found)
+
+
+async def _in_bounds(conn: Any, counters: Sequence[Counter], lock: str) -> list[tuple[Any, ...]]:
+    ranges = sorted({(*codecs.counter_key(c)[:4], *overlaps.bounds(c)) for c in counters})
+    columns = [[r[i] for r in ranges] for i in range(4)]
+    columns += [[float(r[i]) for r in ranges] for i in (4, 5)]
+    return [tuple(r) for r in await conn.fetch(READ_SQL + lock, *columns)]
 
 
 def key_arrays(keys: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
