@@ -95,6 +95,28 @@ async def test_a_share_is_kept_for_its_team_in_the_ledger(ledger: Backend) -> No
     assert results == [True] * 4 + [False]
 
 
+async def test_a_share_taken_away_mid_window_is_kept_for_nobody(ledger: Backend) -> None:
+    # a, c and d hold shares of 12 (3, 3 and 6); a uses its 3, then a reload takes its
+    # share away: b may borrow only what c and d are not promised, and they get theirs.
+    def shares(a: str) -> Config:
+        return config(
+            (
+                team("a", *([RateShare("minute", Decimal(a))] if a else [])),
+                team("b"),
+                team("c", RateShare("minute", Decimal("0.25"))),
+                team("d", RateShare("minute", Decimal("0.5"))),
+            ),
+            RateLimit("minute", "images", 12),
+        )
+
+    before, after = shares("0.25"), shares("")
+    assert [await admitted(ledger, before, "a", f"a{i}") for i in range(3)] == [True] * 3
+    borrowed = sum([await admitted(ledger, after, "b", f"b{i}") for i in range(12)])
+    assert borrowed == 0  # 3 used, 9 promised to c and d
+    assert [await admitted(ledger, after, "c", f"c{i}") for i in range(3)] == [True] * 3
+    assert [await admitted(ledger, after, "d", f"d{i}") for i in range(6)] == [True] * 6
+
+
 async def test_counts_of_old_windows_are_forgotten(ledger: Backend) -> None:
     cfg = limited()
     await reserve(ledger, cfg, "a", "old", now=NOW - 3600)

@@ -68,11 +68,7 @@ class Store:
 
     def counts(self, plan: Plan) -> Counts:
         kept = {
-            p: sum(
-                min(self.used[a.slot], a.promise)
-                for a in self.rows.values()
-                if a.group == p.group and a.slot.start == p.start and a.team != p.team
-            )
+            p: sum(min(self.used.get(Slot(key, p.start), 0), n) for key, n in p.others)
             for p in plan.promises
         }
         return Counts({s: self.used[s] for s in plan.slots if s in self.used}, kept)
@@ -258,7 +254,9 @@ def test_promises_are_computed_once_per_configuration() -> None:
     assert first == again
     assert first is not None and first.checks[0].promise == 5
     assert first.checks[0].promised == 10
-    assert first.promises == (Promise(first.checks[0].slot.key, MINUTE_START, "a"),)
+    group = first.checks[0].slot.key
+    others = ((f"s|b|{group}", 10),)
+    assert first.promises == (Promise(group, MINUTE_START, "a", others),)
 
 
 # -- the guarantee, for any order of requests ------------------------------------------

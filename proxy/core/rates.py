@@ -48,12 +48,17 @@ class Slot:
 @dataclass(frozen=True, slots=True)
 class Promise:
     """What the teams other than `team` holding shares of one organization limit used of
-    their promises in a window: the sum of each one's count, capped at its promise."""
+    their promises in a window: the sum of each one's count, capped at its promise as the
+    configuration in force says it. A count made under a share since made smaller, or
+    taken away by a reload within the window, keeps no more than what is promised now:
+    room kept for a promise nobody holds any more would be given twice."""
 
     group: str
     """The organization limit's slot key."""
     start: float
     team: str
+    others: tuple[tuple[str, int], ...] = ()
+    """Each other team holding a share: the slot key of its count, and its promise."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,12 +90,14 @@ class Check:
     """The team's share of it (0 without one)."""
     promised: int = 0
     """What the other teams' shares of it promise in all."""
+    others: tuple[tuple[str, int], ...] = ()
+    """Those teams' counts' slot keys and promises (`Promise.others`)."""
 
     @property
     def shared(self) -> Promise | None:
         if self.promised == 0:
             return None
-        return Promise(self.slot.key, self.slot.start, self.team)
+        return Promise(self.slot.key, self.slot.start, self.team, self.others)
 
     def describe(self) -> str:
         who = "the organization's" if self.scope == "organization" else "the team's"
@@ -250,13 +257,24 @@ def plan(config: Config, team: Team, now: float) -> Plan | None:
         shares = promises[index]
         if shares:
             promise = shares.get(team.name, 0)
-            own = Slot(f"s|{team.name}|{check.slot.key}", check.slot.start) if promise else None
+            own = Slot(share_key(team.name, check.slot.key), check.slot.start) if promise else None
             promised = sum(shares.values()) - promise
-            check = Check(
-                limit, "organization", check.slot, check.end, team.name, own, promise, promised
+            others = tuple(
+                (share_key(name, check.slot.key), kept)
+                for name, kept in shares.items()
+                if name != team.name and kept
             )
+            check = Check(
+                limit, "organization", check.slot, check.end, team.name, own, promise, promised,
+                others,
+            )  # fmt: skip
         checks.append(check)
     return Plan(team.name, tuple(checks))
+
+
+def share_key(team: str, group: str) -> str:
+    """The slot key of `team`'s count against the organization limit of slot key `group`."""
+    return f"s|{team}|{group}"
 
 
 def every_limit(config: Config, now: float) -> tuple[Check, ...]:

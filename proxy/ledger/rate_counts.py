@@ -3,8 +3,9 @@ of each limit in each window, read and added to in the transaction that reserves
 request (see `proxy.core.rates`), so that the counts of every worker and replica are one.
 
 A team's count against an organization limit that teams have shares of keeps the team's
-promise beside it (`promise`), and the limit's key (`grp`): what the other teams used of
-their promises is then one indexed sum, whatever the number of teams.
+promise beside it (`promise`), and the limit's key (`grp`). What the other teams used of
+their promises is summed over the teams that hold a share in the configuration in force,
+each count capped at its promise now (`Promise.others`): one primary-key search each.
 """
 
 from __future__ import annotations
@@ -19,8 +20,13 @@ from proxy.core.rates import Add, Counts, Plan, Promise, Slot
 from proxy.ledger.dialect import POSTGRES, SQLITE
 
 _PROMISE = (
-    "SELECT COALESCE(SUM(CASE WHEN used < promise THEN used ELSE promise END), 0) "
-    "FROM rate_counts WHERE grp = ? AND start = ? AND team <> ?"
+    "SELECT COALESCE(SUM(CASE WHEN r.used < j.promise THEN r.used ELSE j.promise END), 0) "
+    "FROM (SELECT json_extract(value, '$[0]') AS slot, json_extract(value, '$[1]') AS promise "
+    "FROM json_each(?)) AS j JOIN rate_counts AS r ON r.slot = j.slot AND r.start = ?"
+)
+_PG_PROMISE = (
+    "SELECT COALESCE(SUM(LEAST(r.used, k.promise)), 0) FROM unnest($1::text[], $2::bigint[]) "
+    "AS k(slot, promise) JOIN rate_counts AS r ON r.slot = k.slot AND r.start = $3"
 )
 _ADD = (
     "INSERT INTO rate_counts (slot, start, used, team, grp, promise) "
@@ -66,7 +72,7 @@ def read_sqlite(conn: sqlite3.Connection, plan: Plan) -> Counts:
     values = [v for s in slots for v in (s.key, s.start)]
     rows = conn.execute(_sqlite_read(len(slots)), values).fetchall() if slots else []
     kept = {
-        p: int(conn.execute(_PROMISE, (p.group, p.start, p.team)).fetchone()[0])
+        p: int(conn.execute(_PROMISE, (json.dumps(p.others), p.start)).fetchone()[0])
         for p in plan.promises
     }
     return _counts(rows, kept)
@@ -87,7 +93,6 @@ def forget_sqlite(conn: sqlite3.Connection, before: float) -> int:
 
 # -- PostgreSQL (asyncpg; inside the reservation's transaction, under its lock) --------
 
-PG_PROMISE = POSTGRES.text(_PROMISE)
 PG_ADD = POSTGRES.text(_ADD)
 PG_FORGET = POSTGRES.text(_FORGET)
 assert SQLITE.text(_ADD) == _ADD
@@ -100,7 +105,12 @@ async def read_postgres(conn: Any, plan: Plan) -> Counts:
         found = await conn.fetch(_PG_READ, [s.key for s in slots], [s.start for s in slots])
         rows = [tuple(r) for r in found]
     kept = {
-        p: int(await conn.fetchval(PG_PROMISE, p.group, p.start, p.team)) for p in plan.promises
+        p: int(
+            await conn.fetchval(
+                _PG_PROMISE, [k for k, _ in p.others], [n for _, n in p.others], p.start
+            )
+        )
+        for p in plan.promises
     }
     return _counts(rows, kept)
 
