@@ -196,7 +196,7 @@ def adopted(runtime: Runtime, held: HeldEntry, upstream_id: str) -> Followed | N
 
 def adopted_bound(runtime: Runtime, entry: Entry, usage: Usage) -> Bound | None:
     """The bound of a held reservation, rebuilt from its row: its models' prices as the
-    book has them now, its reserved cost and usage."""
+    book has them now (`Bound.repriced`), its reserved cost and usage."""
     book = runtime.config.prices
     model = book.find(entry.model or "")
     mainline = book.find_mainline(entry.mainline_model or "")
@@ -211,4 +211,5 @@ def adopted_bound(runtime: Runtime, entry: Entry, usage: Usage) -> Bound | None:
         usage,
         mainline,
         min(mainline.cost(usage), entry.estimated_nanos),
+        repriced=True,
     )
