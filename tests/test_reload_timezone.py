@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -55,5 +56,9 @@ def test_a_day_budget_keeps_its_spend_when_the_time_zone_changes_on_reload(
         reload = client.post("/admin/reload", headers={"authorization": f"Bearer {ADMIN}"})
         assert reload.status_code == 200, reload.text
         second = client.post("/v1/images/generations", json=BODY, headers=headers)
-        assert second.status_code == 429, second.text
+        assert second.status_code == 429, second.status_code
         assert second.json()["error"]["code"] == "budget_exceeded"
+        # The team's own view says what the decision saw.
+        view = client.get("/v1/tollgate/budget", headers=headers).json()
+        [day] = [b for b in view["budgets"] if b["scope"] == "team" and b["period"] == "day"]
+        assert Decimal(str(day["spent"])) == Decimal(first.headers["x-tollgate-cost-usd"])

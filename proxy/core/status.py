@@ -12,7 +12,7 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 from proxy.core.models import Counter, Period, Scope, Totals, usd_text
-from proxy.core.periods import Applied, Window, window, zone
+from proxy.core.periods import Applied, Window, read_counter, window, zone
 from proxy.core.rates import Check, Counts, Plan, RateScope, Slot
 from proxy.core.settings import Budget, Config, Metric, RateLimit, Team
 
@@ -108,7 +108,7 @@ def configured(config: Config, now: float, team: Team | None = None) -> list[App
 
 def _applied(budget: Budget, scope: Scope, team: str, now: float, tz: ZoneInfo) -> Applied:
     w = window(budget.period, now, tz)
-    return Applied(budget, Counter(scope, team, "", budget.period, w.start), w)
+    return Applied(budget, read_counter(scope, team, "", w, tz), w)
 
 
 @dataclass(frozen=True, slots=True)
