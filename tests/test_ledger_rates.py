@@ -117,6 +117,24 @@ async def test_a_share_taken_away_mid_window_is_kept_for_nobody(ledger: Backend)
     assert [await admitted(ledger, after, "d", f"d{i}") for i in range(6)] == [True] * 6
 
 
+async def test_a_share_given_mid_window_counts_what_its_team_borrowed(ledger: Backend) -> None:
+    # b borrows the 6 of 12 that a's share leaves, then a reload gives b the other half:
+    # what b borrowed is its use of its new promise, and the organization stays within 12.
+    def shares(b: str) -> Config:
+        return config(
+            (
+                team("a", RateShare("minute", Decimal("0.5"))),
+                team("b", *([RateShare("minute", Decimal(b))] if b else [])),
+            ),
+            RateLimit("minute", "images", 12),
+        )
+
+    before, after = shares(""), shares("0.5")
+    assert sum([await admitted(ledger, before, "b", f"b{i}") for i in range(8)]) == 6
+    assert sum([await admitted(ledger, after, "a", f"a{i}") for i in range(8)]) == 6
+    assert sum([await admitted(ledger, after, "b", f"c{i}") for i in range(8)]) == 0
+
+
 async def test_counts_of_old_windows_are_forgotten(ledger: Backend) -> None:
     cfg = limited()
     await reserve(ledger, cfg, "a", "old", now=NOW - 3600)

@@ -85,7 +85,9 @@ class Check:
     """When its window ends (and the limit has room again)."""
     team: str = ""
     own: Slot | None = None
-    """On an organization limit that teams have shares of: the team's count against it."""
+    """On an organization limit that teams have shares of: the team's count against it,
+    kept for a team without a share too (a reload may give it one within the window: what
+    it borrowed is then what it used of its promise)."""
     promise: int = 0
     """The team's share of it (0 without one)."""
     promised: int = 0
@@ -257,7 +259,7 @@ def plan(config: Config, team: Team, now: float) -> Plan | None:
         shares = promises[index]
         if shares:
             promise = shares.get(team.name, 0)
-            own = Slot(share_key(team.name, check.slot.key), check.slot.start) if promise else None
+            own = Slot(share_key(team.name, check.slot.key), check.slot.start)
             promised = sum(shares.values()) - promise
             others = tuple(
                 (share_key(name, check.slot.key), kept)

@@ -156,7 +156,7 @@ def rate_statuses(plan: Plan, counts: Counts) -> list[RateStatus]:
             counts.of(check.slot),
             room.remaining,
             check.end,
-            check.promise if check.own is not None else None,
+            check.promise or None,
             counts.of(check.own),
         )
         for check, room in zip(plan.checks, plan.rooms(counts), strict=True)
