@@ -142,6 +142,15 @@ def test_a_daily_limit_says_not_to_retry() -> None:
     assert refusal.headers()["x-should-retry"] == "false"
 
 
+def test_a_request_larger_than_a_whole_window_says_not_to_retry() -> None:
+    # 5 images a minute: n=8 never fits, however long the SDK waits (and it would wait the
+    # minute out twice before giving up).
+    cfg = config((team("a", RateLimit("minute", "images", 5)),))
+    refusal = Store().refused(cfg, "a", n=8)
+    assert refusal.headers()["x-should-retry"] == "false"
+    assert "more than the limit allows in a whole minute" in refusal.message
+
+
 def test_days_turn_in_the_configured_time_zone() -> None:
     cfg = config((team("a", RateLimit("day", "requests", 1)),), timezone="Asia/Tokyo")
     plan = rates.plan(cfg, cfg.teams[0], NOW)

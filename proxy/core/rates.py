@@ -213,9 +213,16 @@ def refusal(
 ) -> RateLimited:
     wait = max(1, math.ceil(check.end - now))
     metric = check.limit.metric
+    never = amount > check.limit.limit
     message = (
         f"Rate limit reached: {check.describe()} (used {used:,}, this request "
-        f"{amount:,} {metric}). Try again in {wait}s."
+        f"{amount:,} {metric}). "
+        + (
+            f"This request asks for more than the limit allows in a whole {check.limit.per}: "
+            "ask for less (fewer images, a smaller bound) or split it."
+            if never
+            else f"Try again in {wait}s."
+        )
     )
     return RateLimited(
         message,
@@ -223,6 +230,7 @@ def refusal(
         metric=metric,
         headers=headers(tightest(rooms), now),
         per=check.limit.per,
+        never=never,
     )
 
 
