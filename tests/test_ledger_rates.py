@@ -135,6 +135,21 @@ async def test_a_share_given_mid_window_counts_what_its_team_borrowed(ledger: Ba
     assert sum([await admitted(ledger, after, "b", f"c{i}") for i in range(8)]) == 0
 
 
+async def test_a_day_limit_keeps_its_count_when_the_time_zone_changes(ledger: Backend) -> None:
+    # NOW is 20:27 UTC: Tokyo's day began at 15:00 UTC, after the UTC day did; what UTC's
+    # day counted still counts (more than Tokyo's own day, never less).
+    def daily(timezone: str) -> Config:
+        return config((team("a", RateLimit("day", "requests", 3)),), timezone=timezone)
+
+    assert [await admitted(ledger, daily("UTC"), "a", f"r{i}") for i in range(3)] == [True] * 3
+    assert not await admitted(ledger, daily("Asia/Tokyo"), "a", "tokyo")
+    tokyo = daily("Asia/Tokyo")
+    plan = rates.plan(tokyo, tokyo.teams[0], NOW)
+    assert plan is not None
+    assert list((await ledger.rate_counts(plan)).used.values()) == [3]
+    assert list((await ledger.rate_windows(plan.slots)).values()) == [3]
+
+
 async def test_counts_of_old_windows_are_forgotten(ledger: Backend) -> None:
     cfg = limited()
     await reserve(ledger, cfg, "a", "old", now=NOW - 3600)

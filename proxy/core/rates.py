@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 from zoneinfo import ZoneInfo
 
@@ -39,10 +39,23 @@ RateScope = Literal["team", "organization"]
 
 @dataclass(frozen=True, slots=True)
 class Slot:
-    """One count in the ledger: what a scope used of one limit in one window."""
+    """One count in the ledger: what a scope used of one limit in one window.
+
+    A day's count read for a decision also names, in `since` and `until`, the starts of
+    the counts of the same limit kept under another time zone whose days overlap it: they
+    count too after the configuration's `timezone` changed (as budgets' counters do, see
+    `proxy.ledger.overlaps`). Neither takes part in a slot's identity."""
 
     key: str
     start: float
+    since: float | None = field(default=None, compare=False, repr=False)
+    until: float | None = field(default=None, compare=False, repr=False)
+
+    def bounds(self) -> tuple[float, float]:
+        """The starts, both excluded, of the counts that count toward this one."""
+        if self.since is None or self.until is None:
+            return self.start - 0.5, self.start + 0.5
+        return self.since, self.until
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +72,8 @@ class Promise:
     team: str
     others: tuple[tuple[str, int], ...] = ()
     """Each other team holding a share: the slot key of its count, and its promise."""
+    window: tuple[float, float] = field(default=(0.0, 0.0), compare=False)
+    """The starts, both excluded, of the counts read (`Slot.bounds`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +114,7 @@ class Check:
     def shared(self) -> Promise | None:
         if self.promised == 0:
             return None
-        return Promise(self.slot.key, self.slot.start, self.team, self.others)
+        return Promise(self.slot.key, self.slot.start, self.team, self.others, self.slot.bounds())
 
     def describe(self) -> str:
         who = "the organization's" if self.scope == "organization" else "the team's"
@@ -267,7 +282,7 @@ def plan(config: Config, team: Team, now: float) -> Plan | None:
         shares = promises[index]
         if shares:
             promise = shares.get(team.name, 0)
-            own = Slot(share_key(team.name, check.slot.key), check.slot.start)
+            own = replace(check.slot, key=share_key(team.name, check.slot.key))
             promised = sum(shares.values()) - promise
             others = tuple(
                 (share_key(name, check.slot.key), kept)
@@ -306,8 +321,8 @@ def _check(limit: RateLimit, scope: RateScope, prefix: str, now: float, tz: Zone
     key = f"{prefix}|{limit.per}|{limit.metric}|{limit.model or '*'}"
     if limit.per == "minute":
         start = now // MINUTE * MINUTE
-        end = start + MINUTE
-    else:
-        day = window("day", now, tz)
-        start, end = day.start, day.end or day.start
-    return Check(limit, scope, Slot(key, start), end)
+        return Check(limit, scope, Slot(key, start), start + MINUTE)
+    day = window("day", now, tz)
+    end = day.end or day.start
+    before = window("day", day.start - 1, tz)
+    return Check(limit, scope, Slot(key, day.start, before.start, end), end)
