@@ -113,3 +113,26 @@ def test_a_batch_whose_file_still_fits_the_configuration_is_created(gate: Tollga
         input_file_id=uploaded.id, endpoint=GENERATIONS, completion_window="24h"
     )
     assert ended(client, batch.id).status == "completed"
+
+
+def test_a_batch_in_flight_when_its_model_gets_dearer_settles_within_its_reservation(
+    gate: Tollgate, simulator: Simulator
+) -> None:
+    simulator.configure(batch_delay_ms=4000)
+    client = gate.client(KEYS["tight"])
+    uploaded = upload(client, generations("gpt-image-2", 4))
+    [stored] = gate.query(f"SELECT bound_nanos FROM stored_objects WHERE id = '{uploaded.id}'")
+    bound = int(stored["bound_nanos"])
+    limit = Decimal(bound) * 3 / 2 / 10**9
+    reload(gate, f"{limit:.9f}", "high", "15.00")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint=GENERATIONS, completion_window="24h"
+    )
+    # Reserved at 15.00 a million image output tokens; the book then says four times that.
+    reload(gate, f"{limit:.9f}", "high", "60.00")
+    assert client.batches.retrieve(batch.id).status not in ("completed", "failed")
+    ended(client, batch.id)
+    rows = settled_rows(gate, batch.id)
+    spent = sum(int(r["cost_nanos"]) for r in rows)
+    assert spent <= bound, f"settled {spent} nanos past the {bound} reserved"
+    assert spent <= limit * 10**9

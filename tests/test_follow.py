@@ -4,12 +4,22 @@ way its poll did not foresee never stops the others from being followed."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 
+from proxy.core.models import Counter, Totals
+from proxy.ledger import open_ledger
+from proxy.ledger.base import Owner, Reservation
 from proxy.web.follow import Followers
 from proxy.web.runtime import Runtime
+from tests.test_ledger import DESIGN_DAY
+from tests.test_ledger_responses import BOUND, exported, responses_entry
+from tests.test_rates import config, team
 
 RUNTIME = cast(Runtime, None)  # the fakes below never read it
 
@@ -45,3 +55,36 @@ def test_a_poll_that_raises_leaves_the_others_followed_and_is_asked_again(
     assert "following tg_req_breaks failed" in caplog.text
     asyncio.run(followers.poll_all(RUNTIME))
     assert breaks.polls == 2
+
+
+def test_a_held_response_whose_models_left_the_price_book_is_charged_its_bound(
+    tmp_path: Path,
+) -> None:
+    # Adopted after a reload took its mainline model out of the book: it cannot be priced
+    # when it ends, and must not stay held (its room reserved) for good.
+    async def run() -> tuple[dict[str, Any], Totals]:
+        ledger = await open_ledger(f"sqlite:///{tmp_path / 'tollgate.db'}")
+        try:
+            await ledger.register(Owner("me", "host", 1), 10.0)
+            retired = replace(responses_entry("bg"), mainline_model="gpt-retired")
+
+            def choose(_: Mapping[Counter, Totals]) -> Reservation:
+                return Reservation(retired, BOUND, (DESIGN_DAY,))
+
+            await ledger.reserve([], choose)
+            await ledger.hold("bg", "resp_bg")
+            runtime = SimpleNamespace(
+                ledger=ledger, config=config((team("design"),)), clock=lambda: 2000.0
+            )
+            followers = Followers()
+            await followers.pick_up(cast(Runtime, runtime))
+            assert followers.following == {}
+            assert await ledger.held() == []
+            return await exported(ledger, "bg"), (await ledger.totals([DESIGN_DAY]))[DESIGN_DAY]
+        finally:
+            await ledger.close()
+
+    row, totals = asyncio.run(run())
+    assert (row["state"], row["cost_nanos"], row["flagged"]) == ("settled", 400_000_000, 1)
+    assert (row["error_code"], row["response_id"]) == ("outcome_unknown", "resp_bg")
+    assert (totals.spent_nanos, totals.reserved_nanos) == (400_000_000, 0)

@@ -95,6 +95,61 @@ async def test_a_share_is_kept_for_its_team_in_the_ledger(ledger: Backend) -> No
     assert results == [True] * 4 + [False]
 
 
+async def test_a_share_taken_away_mid_window_is_kept_for_nobody(ledger: Backend) -> None:
+    # a, c and d hold shares of 12 (3, 3 and 6); a uses its 3, then a reload takes its
+    # share away: b may borrow only what c and d are not promised, and they get theirs.
+    def shares(a: str) -> Config:
+        return config(
+            (
+                team("a", *([RateShare("minute", Decimal(a))] if a else [])),
+                team("b"),
+                team("c", RateShare("minute", Decimal("0.25"))),
+                team("d", RateShare("minute", Decimal("0.5"))),
+            ),
+            RateLimit("minute", "images", 12),
+        )
+
+    before, after = shares("0.25"), shares("")
+    assert [await admitted(ledger, before, "a", f"a{i}") for i in range(3)] == [True] * 3
+    borrowed = sum([await admitted(ledger, after, "b", f"b{i}") for i in range(12)])
+    assert borrowed == 0  # 3 used, 9 promised to c and d
+    assert [await admitted(ledger, after, "c", f"c{i}") for i in range(3)] == [True] * 3
+    assert [await admitted(ledger, after, "d", f"d{i}") for i in range(6)] == [True] * 6
+
+
+async def test_a_share_given_mid_window_counts_what_its_team_borrowed(ledger: Backend) -> None:
+    # b borrows the 6 of 12 that a's share leaves, then a reload gives b the other half:
+    # what b borrowed is its use of its new promise, and the organization stays within 12.
+    def shares(b: str) -> Config:
+        return config(
+            (
+                team("a", RateShare("minute", Decimal("0.5"))),
+                team("b", *([RateShare("minute", Decimal(b))] if b else [])),
+            ),
+            RateLimit("minute", "images", 12),
+        )
+
+    before, after = shares(""), shares("0.5")
+    assert sum([await admitted(ledger, before, "b", f"b{i}") for i in range(8)]) == 6
+    assert sum([await admitted(ledger, after, "a", f"a{i}") for i in range(8)]) == 6
+    assert sum([await admitted(ledger, after, "b", f"c{i}") for i in range(8)]) == 0
+
+
+async def test_a_day_limit_keeps_its_count_when_the_time_zone_changes(ledger: Backend) -> None:
+    # NOW is 20:27 UTC: Tokyo's day began at 15:00 UTC, after the UTC day did; what UTC's
+    # day counted still counts (more than Tokyo's own day, never less).
+    def daily(timezone: str) -> Config:
+        return config((team("a", RateLimit("day", "requests", 3)),), timezone=timezone)
+
+    assert [await admitted(ledger, daily("UTC"), "a", f"r{i}") for i in range(3)] == [True] * 3
+    assert not await admitted(ledger, daily("Asia/Tokyo"), "a", "tokyo")
+    tokyo = daily("Asia/Tokyo")
+    plan = rates.plan(tokyo, tokyo.teams[0], NOW)
+    assert plan is not None
+    assert list((await ledger.rate_counts(plan)).used.values()) == [3]
+    assert list((await ledger.rate_windows(plan.slots)).values()) == [3]
+
+
 async def test_counts_of_old_windows_are_forgotten(ledger: Backend) -> None:
     cfg = limited()
     await reserve(ledger, cfg, "a", "old", now=NOW - 3600)

@@ -68,11 +68,7 @@ class Store:
 
     def counts(self, plan: Plan) -> Counts:
         kept = {
-            p: sum(
-                min(self.used[a.slot], a.promise)
-                for a in self.rows.values()
-                if a.group == p.group and a.slot.start == p.start and a.team != p.team
-            )
+            p: sum(min(self.used.get(Slot(key, p.start), 0), n) for key, n in p.others)
             for p in plan.promises
         }
         return Counts({s: self.used[s] for s in plan.slots if s in self.used}, kept)
@@ -144,6 +140,15 @@ def test_a_daily_limit_says_not_to_retry() -> None:
     refusal = store.refused(cfg, "a")
     assert refusal.retry_after > 60
     assert refusal.headers()["x-should-retry"] == "false"
+
+
+def test_a_request_larger_than_a_whole_window_says_not_to_retry() -> None:
+    # 5 images a minute: n=8 never fits, however long the SDK waits (and it would wait the
+    # minute out twice before giving up).
+    cfg = config((team("a", RateLimit("minute", "images", 5)),))
+    refusal = Store().refused(cfg, "a", n=8)
+    assert refusal.headers()["x-should-retry"] == "false"
+    assert "more than the limit allows in a whole minute" in refusal.message
 
 
 def test_days_turn_in_the_configured_time_zone() -> None:
@@ -258,7 +263,9 @@ def test_promises_are_computed_once_per_configuration() -> None:
     assert first == again
     assert first is not None and first.checks[0].promise == 5
     assert first.checks[0].promised == 10
-    assert first.promises == (Promise(first.checks[0].slot.key, MINUTE_START, "a"),)
+    group = first.checks[0].slot.key
+    others = ((f"s|b|{group}", 10),)
+    assert first.promises == (Promise(group, MINUTE_START, "a", others),)
 
 
 # -- the guarantee, for any order of requests ------------------------------------------

@@ -242,9 +242,12 @@ class RateLimited(RequestError):
         metric: str,
         headers: dict[str, str],
         per: str = "minute",
+        never: bool = False,
     ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.never = never
+        """The request asks more than the limit holds in a whole window: no retry fits."""
         self.metric = metric
         self.per = per
         """The window of the limit that refused: `minute` or `day`."""
@@ -253,8 +256,9 @@ class RateLimited(RequestError):
 
     def headers(self) -> dict[str, str]:
         found = {**self.rate_headers, "retry-after": str(self.retry_after)}
-        if self.retry_after > SDK_LONGEST_WAIT_S:
-            found["x-should-retry"] = "false"  # a day's limit: no retry will find room soon
+        if self.never or self.retry_after > SDK_LONGEST_WAIT_S:
+            # Too large for any window, or a day's limit: no retry will find room soon.
+            found["x-should-retry"] = "false"
         return found
 
 

@@ -202,13 +202,25 @@ class Charge:
 class Counter:
     """One aggregate the ledger keeps: spend and tokens of a scope over one window.
 
-    The organization's counters are the sum of every team's (team = "")."""
+    The organization's counters are the sum of every team's (team = "").
+
+    A counter a decision reads also names, in `since` and `until`, the starts of the
+    counters written under another time zone that overlap its window: after the
+    configuration's `timezone` changes, the spend already counted in the current period is
+    in counters of other starts, and counts too (more than the window's own, never less).
+    Neither takes part in a counter's identity."""
 
     scope: Scope
     team: str
     user: str
     period: Period
     start: float
+    since: float | None = field(default=None, compare=False, repr=False)
+    """The start of the window before this one in the time zone in force: counters of the
+    same scope and period that started after it and before `until` count toward this one
+    (None: this counter's own row only)."""
+    until: float | None = field(default=None, compare=False, repr=False)
+    """The end of this counter's window."""
 
 
 @dataclass(frozen=True, slots=True)

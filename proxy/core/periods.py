@@ -14,7 +14,7 @@ from functools import lru_cache
 from math import inf
 from zoneinfo import ZoneInfo
 
-from proxy.core.models import Counter, Period, usd_text
+from proxy.core.models import Counter, Period, Scope, usd_text
 from proxy.core.settings import Budget, Config, Team
 
 PERIOD_ORDER: tuple[Period, ...] = ("day", "week", "month", "total")
@@ -165,17 +165,29 @@ def _applicable_at(
     found: list[Applied] = []
     for budget in organization:
         w = window(budget.period, now, tz)
-        found.append(Applied(budget, Counter("organization", "", "", budget.period, w.start), w))
+        found.append(Applied(budget, read_counter("organization", "", "", w, tz), w))
     for budget in budgets:
         w = window(budget.period, now, tz)
-        found.append(Applied(budget, Counter("team", team, "", budget.period, w.start), w))
+        found.append(Applied(budget, read_counter("team", team, "", w, tz), w))
     if user:
         for budget in per_user:
             w = window(budget.period, now, tz)
-            found.append(Applied(budget, Counter("user", team, user, budget.period, w.start), w))
+            found.append(Applied(budget, read_counter("user", team, user, w, tz), w))
     since = max((a.window.start for a in found), default=-inf)
     until = min((a.window.end for a in found if a.window.end is not None), default=inf)
     return tuple(found), since, until
+
+
+def read_counter(scope: Scope, team: str, user: str, w: Window, tz: ZoneInfo) -> Counter:
+    """The counter of window `w` as a decision reads it: with the counters written under
+    another time zone whose windows overlap `w` (see `Counter.since`): each one that holds
+    spend of `w` starts before `w` ends, and after the window before `w` began (but where a
+    DST change made it longer than that one). Those windows may hold spend from before `w`
+    too, which then counts: a budget refuses early rather than let spend pass its limit."""
+    if w.end is None:
+        return Counter(scope, team, user, w.period, w.start)
+    before = window(w.period, w.start - 1, tz)
+    return Counter(scope, team, user, w.period, w.start, before.start, w.end)
 
 
 def spanning(

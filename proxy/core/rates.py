@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 from zoneinfo import ZoneInfo
 
@@ -39,21 +39,41 @@ RateScope = Literal["team", "organization"]
 
 @dataclass(frozen=True, slots=True)
 class Slot:
-    """One count in the ledger: what a scope used of one limit in one window."""
+    """One count in the ledger: what a scope used of one limit in one window.
+
+    A day's count read for a decision also names, in `since` and `until`, the starts of
+    the counts of the same limit kept under another time zone whose days overlap it: they
+    count too after the configuration's `timezone` changed (as budgets' counters do, see
+    `proxy.ledger.overlaps`). Neither takes part in a slot's identity."""
 
     key: str
     start: float
+    since: float | None = field(default=None, compare=False, repr=False)
+    until: float | None = field(default=None, compare=False, repr=False)
+
+    def bounds(self) -> tuple[float, float]:
+        """The starts, both excluded, of the counts that count toward this one."""
+        if self.since is None or self.until is None:
+            return self.start - 0.5, self.start + 0.5
+        return self.since, self.until
 
 
 @dataclass(frozen=True, slots=True)
 class Promise:
     """What the teams other than `team` holding shares of one organization limit used of
-    their promises in a window: the sum of each one's count, capped at its promise."""
+    their promises in a window: the sum of each one's count, capped at its promise as the
+    configuration in force says it. A count made under a share since made smaller, or
+    taken away by a reload within the window, keeps no more than what is promised now:
+    room kept for a promise nobody holds any more would be given twice."""
 
     group: str
     """The organization limit's slot key."""
     start: float
     team: str
+    others: tuple[tuple[str, int], ...] = ()
+    """Each other team holding a share: the slot key of its count, and its promise."""
+    window: tuple[float, float] = field(default=(0.0, 0.0), compare=False)
+    """The starts, both excluded, of the counts read (`Slot.bounds`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,17 +100,21 @@ class Check:
     """When its window ends (and the limit has room again)."""
     team: str = ""
     own: Slot | None = None
-    """On an organization limit that teams have shares of: the team's count against it."""
+    """On an organization limit that teams have shares of: the team's count against it,
+    kept for a team without a share too (a reload may give it one within the window: what
+    it borrowed is then what it used of its promise)."""
     promise: int = 0
     """The team's share of it (0 without one)."""
     promised: int = 0
     """What the other teams' shares of it promise in all."""
+    others: tuple[tuple[str, int], ...] = ()
+    """Those teams' counts' slot keys and promises (`Promise.others`)."""
 
     @property
     def shared(self) -> Promise | None:
         if self.promised == 0:
             return None
-        return Promise(self.slot.key, self.slot.start, self.team)
+        return Promise(self.slot.key, self.slot.start, self.team, self.others, self.slot.bounds())
 
     def describe(self) -> str:
         who = "the organization's" if self.scope == "organization" else "the team's"
@@ -204,9 +228,16 @@ def refusal(
 ) -> RateLimited:
     wait = max(1, math.ceil(check.end - now))
     metric = check.limit.metric
+    never = amount > check.limit.limit
     message = (
         f"Rate limit reached: {check.describe()} (used {used:,}, this request "
-        f"{amount:,} {metric}). Try again in {wait}s."
+        f"{amount:,} {metric}). "
+        + (
+            f"This request asks for more than the limit allows in a whole {check.limit.per}: "
+            "ask for less (fewer images, a smaller bound) or split it."
+            if never
+            else f"Try again in {wait}s."
+        )
     )
     return RateLimited(
         message,
@@ -214,6 +245,7 @@ def refusal(
         metric=metric,
         headers=headers(tightest(rooms), now),
         per=check.limit.per,
+        never=never,
     )
 
 
@@ -250,13 +282,24 @@ def plan(config: Config, team: Team, now: float) -> Plan | None:
         shares = promises[index]
         if shares:
             promise = shares.get(team.name, 0)
-            own = Slot(f"s|{team.name}|{check.slot.key}", check.slot.start) if promise else None
+            own = replace(check.slot, key=share_key(team.name, check.slot.key))
             promised = sum(shares.values()) - promise
-            check = Check(
-                limit, "organization", check.slot, check.end, team.name, own, promise, promised
+            others = tuple(
+                (share_key(name, check.slot.key), kept)
+                for name, kept in shares.items()
+                if name != team.name and kept
             )
+            check = Check(
+                limit, "organization", check.slot, check.end, team.name, own, promise, promised,
+                others,
+            )  # fmt: skip
         checks.append(check)
     return Plan(team.name, tuple(checks))
+
+
+def share_key(team: str, group: str) -> str:
+    """The slot key of `team`'s count against the organization limit of slot key `group`."""
+    return f"s|{team}|{group}"
 
 
 def every_limit(config: Config, now: float) -> tuple[Check, ...]:
@@ -278,8 +321,8 @@ def _check(limit: RateLimit, scope: RateScope, prefix: str, now: float, tz: Zone
     key = f"{prefix}|{limit.per}|{limit.metric}|{limit.model or '*'}"
     if limit.per == "minute":
         start = now // MINUTE * MINUTE
-        end = start + MINUTE
-    else:
-        day = window("day", now, tz)
-        start, end = day.start, day.end or day.start
-    return Check(limit, scope, Slot(key, start), end)
+        return Check(limit, scope, Slot(key, start), start + MINUTE)
+    day = window("day", now, tz)
+    end = day.end or day.start
+    before = window("day", day.start - 1, tz)
+    return Check(limit, scope, Slot(key, day.start, before.start, end), end)

@@ -47,6 +47,11 @@ class Bound:
     """The Responses API's mainline model: its tokens are priced at its own rates."""
     mainline_nanos: int = 0
     """The part of `cost_nanos` that is the mainline model's."""
+    repriced: bool = False
+    """Rebuilt from a held reservation by a process that adopted it: its models' prices are
+    the book's now, which a reload or a restart may have raised since it was reserved. It
+    is then charged no more than it was reserved at (capped, flagged): what was priced and
+    reserved is what it may settle at, whatever the book says later."""
 
     @classmethod
     def of(cls, sent: Variant, mainline: MainlinePrices | None = None) -> Bound:
@@ -107,8 +112,14 @@ def answered(bound: Bound, usage: Usage | None, images: int) -> Verdict:
 
 
 def believed(bound: Bound, charge: Charge) -> Charge:
-    """`charge`, unless it costs more than usage can be believed to: then the bound, flagged."""
-    return charge if charge.cost_nanos <= MOST_BELIEVED_NANOS else bound.charged()
+    """`charge`, unless it costs more than usage can be believed to: then the bound, flagged.
+    A repriced bound's charge is capped at its cost (`Bound.repriced`)."""
+    if charge.cost_nanos > MOST_BELIEVED_NANOS:
+        return bound.charged()
+    if bound.repriced and charge.cost_nanos > bound.cost_nanos:
+        mainline = min(charge.mainline_nanos, bound.cost_nanos)
+        return Charge(charge.usage, bound.cost_nanos, True, mainline)
+    return charge
 
 
 def dearer(bound: Bound, seen: Charge | None) -> Charge:

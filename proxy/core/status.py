@@ -12,7 +12,7 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 from proxy.core.models import Counter, Period, Scope, Totals, usd_text
-from proxy.core.periods import Applied, Window, window, zone
+from proxy.core.periods import Applied, Window, read_counter, window, zone
 from proxy.core.rates import Check, Counts, Plan, RateScope, Slot
 from proxy.core.settings import Budget, Config, Metric, RateLimit, Team
 
@@ -108,7 +108,7 @@ def configured(config: Config, now: float, team: Team | None = None) -> list[App
 
 def _applied(budget: Budget, scope: Scope, team: str, now: float, tz: ZoneInfo) -> Applied:
     w = window(budget.period, now, tz)
-    return Applied(budget, Counter(scope, team, "", budget.period, w.start), w)
+    return Applied(budget, read_counter(scope, team, "", w, tz), w)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +156,7 @@ def rate_statuses(plan: Plan, counts: Counts) -> list[RateStatus]:
             counts.of(check.slot),
             room.remaining,
             check.end,
-            check.promise if check.own is not None else None,
+            check.promise or None,
             counts.of(check.own),
         )
         for check, room in zip(plan.checks, plan.rooms(counts), strict=True)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
+from proxy.core.models import Counter, Entry, Settlement, Usage
 from proxy.ledger.base import (
     Aggregate,
     BatchLine,
@@ -429,17 +429,6 @@ def written_keys(text: str) -> tuple[tuple[Any, ...], ...]:
     `counters` text. Every request of a team, user and period writes the same ones, so
     they are worked out once (a string's hash is cached; a tuple of Counters' is not)."""
     return tuple(counter_key(c) for c in with_organization(counters_of(text)))
-
-
-def totals_of(counters: Sequence[Counter], found: Iterable[Sequence[Any]]) -> dict[Counter, Totals]:
-    """The totals of `counters` from the `budget_usage` rows found (key, then totals
-    columns); a counter without a row holds nothing yet."""
-    rows = {tuple(r[:5]): Totals(*r[5:]) for r in found}
-    return {c: rows.get(counter_key(c), NOTHING) for c in counters}
-
-
-NOTHING = Totals()
-"""A counter without a row (a frozen value: one serves them all)."""
 
 
 # -- what writes add to counters -------------------------------------------------

@@ -32,7 +32,7 @@ import aiosqlite
 from proxy.core.errors import LedgerError
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
 from proxy.core.rates import Counts, Plan, Slot
-from proxy.ledger import codecs, flags, migrations, rate_counts
+from proxy.ledger import codecs, flags, migrations, overlaps, rate_counts
 from proxy.ledger.base import (
     Aggregate,
     Batch,
@@ -439,21 +439,23 @@ _UPSERT = add_to_counters(f"VALUES ({marks(len(codecs.KEY_COLUMNS) + 6)})")
 
 
 def _read_totals(conn: sqlite3.Connection, counters: Sequence[Counter]) -> dict[Counter, Totals]:
-    """The totals of `counters` (organization counters are rows of their own): an OR of
-    primary keys, which SQLite answers with one index search each, in one statement per
-    `READ_CHUNK` counters (SQLite refuses an expression deeper than 1,000: every budget
-    of 1,000 teams, as the gauges read them, would be one)."""
+    """The totals of `counters` (organization counters are rows of their own), each with
+    the rows of other zones' windows that overlap it (`proxy.ledger.overlaps`): an OR of
+    primary-key ranges, which SQLite answers with one index search each, in one statement
+    per `READ_CHUNK` counters (SQLite refuses an expression deeper than 1,000: every
+    budget of 1,000 teams, as the gauges read them, would be one)."""
     found: list[tuple[Any, ...]] = []
     for at in range(0, len(counters), READ_CHUNK):
         chunk = counters[at : at + READ_CHUNK]
-        keys = [value for c in chunk for value in codecs.counter_key(c)]
+        keys = [v for c in chunk for v in (*codecs.counter_key(c)[:4], *overlaps.bounds(c))]
         found += conn.execute(_totals_query(len(chunk)), keys).fetchall()
-    return codecs.totals_of(counters, found)
+    return overlaps.totals_of(counters, found)
 
 
 @functools.lru_cache(maxsize=64)
 def _totals_query(count: int) -> str:
-    one = f"({' AND '.join(f'{names([c])} = ?' for c in codecs.KEY_COLUMNS)})"
+    prefix = [f"{names([c])} = ?" for c in codecs.KEY_COLUMNS[:4]]
+    one = f"({' AND '.join([*prefix, 'start > ?', 'start < ?'])})"
     return f"SELECT {KEYS}, {TOTALS} FROM budget_usage WHERE {' OR '.join([one] * count)}"
 
 

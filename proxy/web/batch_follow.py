@@ -120,6 +120,7 @@ class BatchFollow:
                     )
                     for line in lines.values()
                 ]  # fmt: skip
+        billed = within(billed, entry.estimated_nanos)
         for file_id in (output, batch.get("error_file_id")):
             if isinstance(file_id, str):
                 team = entry.team or ""
@@ -236,6 +237,22 @@ def response_charge(
     except MalformedAnswer:
         return bound.charged(), MALFORMED_ANSWER, "ok"
     return verdict.charge, verdict.error_code, verdict.outcome
+
+
+def within(billed: list[BilledLine], reserved_nanos: int) -> list[BilledLine]:
+    """`billed`, each line's cost capped at what is left of the batch's reservation after
+    the lines before it (a capped line is flagged, for reconciliation). A batch is priced at
+    the rates in force when it is created; a reload that raised a rate while it ran would
+    otherwise settle it at the new one, past what was reserved and past a hard limit."""
+    left, found = reserved_nanos, []
+    for line in billed:
+        settled = line.settlement
+        if settled.cost_nanos > left:
+            settled = replace(settled, cost_nanos=left, flagged=True)
+            line = replace(line, settlement=settled)
+        left -= settled.cost_nanos
+        found.append(line)
+    return found
 
 
 def line_row(

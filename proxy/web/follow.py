@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Protocol
 
 from proxy.core import settlement
 from proxy.core.errors import LedgerError, MalformedAnswer, RequestError
-from proxy.core.models import Entry, Usage
+from proxy.core.models import Entry, Settlement, Usage
 from proxy.core.settlement import Bound
 from proxy.doors import ResponsesDoor
 from proxy.ledger import HeldEntry
+from proxy.ledger.base import OUTCOME_UNKNOWN
 from proxy.upstream import BROKEN_OFF
 from proxy.web.projects import created_under
 
@@ -103,11 +104,7 @@ class Followers:
                     continue  # settled meanwhile
                 followed = adopted(runtime, found, upstream_id)
                 if followed is None:
-                    log.error(
-                        "cannot follow %s (%s): its models are no longer in the price book",
-                        upstream_id,
-                        request_id,
-                    )
+                    await charge_bound(runtime, found, upstream_id)
                     continue
                 self.following[request_id] = followed
                 runtime.metrics.started()  # in flight here now: its settlement ends it
@@ -178,6 +175,30 @@ class ResponseFollow:
         return True
 
 
+async def charge_bound(runtime: Runtime, held: HeldEntry, upstream_id: str) -> None:
+    """Settle at its bound, flagged, a held reservation whose models the price book no
+    longer has (a reload took them away): it cannot be priced when it ends, and held it
+    would keep its room reserved for good. Its bound is the most it may cost."""
+    entry = held.entry
+    log.error(
+        "cannot follow %s (%s): its models are no longer in the price book; charged its "
+        "bound, flagged outcome_unknown: see `tollgate ledger flagged`",
+        upstream_id,
+        entry.id,
+    )
+    charged = Settlement(
+        finished_at=runtime.clock(),
+        outcome="upstream_error",
+        status=0,
+        usage=held.usage,
+        cost_nanos=entry.estimated_nanos,
+        flagged=True,
+        error_code=OUTCOME_UNKNOWN,
+        response_id=upstream_id,
+    )
+    await runtime.ledger.settle(entry.id, charged)
+
+
 def adopted(runtime: Runtime, held: HeldEntry, upstream_id: str) -> Followed | None:
     """What follows a held reservation adopted from its row (None: it cannot be priced)."""
     from proxy.web.batch_follow import BatchFollow  # both import the runtime, which imports this
@@ -196,7 +217,7 @@ def adopted(runtime: Runtime, held: HeldEntry, upstream_id: str) -> Followed | N
 
 def adopted_bound(runtime: Runtime, entry: Entry, usage: Usage) -> Bound | None:
     """The bound of a held reservation, rebuilt from its row: its models' prices as the
-    book has them now, its reserved cost and usage."""
+    book has them now (`Bound.repriced`), its reserved cost and usage."""
     book = runtime.config.prices
     model = book.find(entry.model or "")
     mainline = book.find_mainline(entry.mainline_model or "")
@@ -211,4 +232,5 @@ def adopted_bound(runtime: Runtime, entry: Entry, usage: Usage) -> Bound | None:
         usage,
         mainline,
         min(mainline.cost(usage), entry.estimated_nanos),
+        repriced=True,
     )

@@ -1,0 +1,49 @@
+"""What a counter holds, read with the counters of other time zones that overlap it.
+
+Counters are kept per window, each named by its start, and windows are computed in the
+configured `timezone`. When the configuration moves to another zone (a reload, a restart),
+the current period's window gets a new start: a counter of its own would hold nothing of
+the spend already counted in the period, under the former zone, and let a team spend its
+limit again. A decision therefore reads, for each counter, every row of the same scope and
+period whose window overlaps its own (`Counter.since`, `Counter.until`): in a ledger that
+only ever saw one zone, that is its own row alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from proxy.core.models import Counter, Totals
+
+NOTHING = Totals()
+"""A counter without a row (a frozen value: one serves them all)."""
+HALF_SECOND = 0.5
+"""Window starts are whole seconds: a range this wide around one holds it alone."""
+
+
+def bounds(c: Counter) -> tuple[float, float]:
+    """The starts, both excluded, of the rows that count toward `c`."""
+    if c.since is None or c.until is None:
+        return c.start - HALF_SECOND, c.start + HALF_SECOND
+    return c.since, c.until
+
+
+def totals_of(counters: Sequence[Counter], found: Iterable[Sequence[Any]]) -> dict[Counter, Totals]:
+    """The totals of `counters` from the `budget_usage` rows found (key, then totals
+    columns; a row found twice counts once): each counter's sum of the rows in its
+    `bounds`; a counter without any holds nothing yet."""
+    rows = {tuple(r[:5]): tuple(r[5:]) for r in found}
+    by_prefix: dict[tuple[Any, ...], list[tuple[float, tuple[int, ...]]]] = {}
+    for key, values in rows.items():
+        by_prefix.setdefault(key[:4], []).append((float(key[4]), values))
+    totals: dict[Counter, Totals] = {}
+    for c in counters:
+        low, high = bounds(c)
+        summed = [
+            v
+            for start, v in by_prefix.get((c.scope, c.team, c.user, c.period), ())
+            if low < start < high
+        ]
+        totals[c] = Totals(*map(sum, zip(*summed, strict=True))) if summed else NOTHING
+    return totals
