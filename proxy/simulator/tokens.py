@@ -8,6 +8,7 @@ image output  the image-generation guide's table (models before gpt-image-2) or 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from proxy.core.models import InputImage
@@ -76,7 +77,7 @@ def output_tokens_per_image(model: ModelRule, quality: str, width: int, height: 
         return TABLE_TOKENS[quality][f"{width}x{height}"]
     if model.output_rule == "formula":
         tokens = formula_tokens(model.factors[quality], width, height)
-        return tokens * model.multipliers.get(quality, 1)
+        return math.ceil(tokens * model.multipliers.get(quality, 1))
     return 0
 
 
