@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from starlette.requests import Request
 
 from proxy.config import load_config
@@ -41,7 +42,13 @@ DEEP = "bound-deep"
 """The profile of a run by hand with many more examples (registered in `conftest`):
 `pytest --hypothesis-profile=bound-deep tests/test_bound_fuzz_*.py`."""
 DEEP_SCALE = 40
-FALLBACKS = (None, "gpt-image-1-mini", "gpt-image-2", "gpt-image-1.5", "dall-e-2")
+FALLBACKS = (
+    None, "gpt-image-1-mini", "gpt-image-1", "gpt-image-2", "gpt-image-1.5",
+    "gpt-image-2.6-flare", "dall-e-2", "dall-e-3",
+)  # fmt: skip
+MAX_QUALITIES = (None, None, "low", "medium", "high", "xhigh", "standard")
+POLICIES = st.tuples(st.sampled_from(FALLBACKS), st.sampled_from(MAX_QUALITIES))
+"""(downgrade.fallback_model, allow.max_quality) of the team, for `team_with`."""
 
 
 def examples(normal: int) -> settings:
@@ -65,9 +72,11 @@ def build_config(root: Path) -> Config:
     return load_config(root)
 
 
-def team_with(config: Config, fallback: str | None) -> Team:
+def team_with(config: Config, fallback: str | None, max_quality: str | None = None) -> Team:
+    """The one team, with a fallback model for budget downgrades and `allow.max_quality`."""
     (team,) = config.teams
-    return replace(team, downgrade=Downgrade(fallback_model=fallback))
+    allow = replace(team.allow, max_quality=max_quality)
+    return replace(team, allow=allow, downgrade=Downgrade(fallback_model=fallback))
 
 
 @dataclass(frozen=True)

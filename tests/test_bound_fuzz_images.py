@@ -29,7 +29,7 @@ from proxy.core.models import Endpoint
 from proxy.core.multipart import Upload, encode_multipart
 from proxy.core.settings import Config
 from proxy.simulator.tokens import image_input_tokens
-from tests.bound_oracle import FALLBACKS, build_config, check_images, examples, team_with
+from tests.bound_oracle import POLICIES, build_config, check_images, examples, team_with
 
 MODELS = (
     "gpt-image-2.6-sunburst", "gpt-image-2.6-flare", "gpt-image-2.5-sunburst",
@@ -152,7 +152,7 @@ def options(draw: st.DrawFn, *, stream_allowed: bool = True) -> dict[str, Any]:
 
 
 def _check(config: Config, endpoint: Endpoint, content_type: str, body: bytes, fb: Any) -> None:
-    accepted = check_images(endpoint, content_type, body, config, team_with(config, fb))
+    accepted = check_images(endpoint, content_type, body, config, team_with(config, *fb))
     event(f"forms the simulator accepted: {min(accepted, 3)}{'+' if accepted > 3 else ''}")
 
 
@@ -160,14 +160,14 @@ def _check(config: Config, endpoint: Endpoint, content_type: str, body: bytes, f
     body=options(),
     prompt=prompts,
     moderation=st.sampled_from((None, "low", "auto")),
-    fallback=st.sampled_from(FALLBACKS),
+    policy=POLICIES,
 )
 @examples(150)
 def test_a_generation_never_bills_above_its_bound(
-    config: Config, body: dict[str, Any], prompt: str, moderation: str | None, fallback: Any
+    config: Config, body: dict[str, Any], prompt: str, moderation: str | None, policy: Any
 ) -> None:
     body = {**body, "prompt": prompt, **({"moderation": moderation} if moderation else {})}
-    _check(config, "generations", "application/json", json.dumps(body).encode(), fallback)
+    _check(config, "generations", "application/json", json.dumps(body).encode(), policy)
 
 
 # -- input images ----------------------------------------------------------------------
@@ -211,7 +211,7 @@ def upload(name: str, width: int, height: int, fmt: str) -> Upload:
     mask=st.none() | pictures(),
     markup=st.none() | pictures(),
     fidelity=st.sampled_from((None, "low", "high")),
-    fallback=st.sampled_from(FALLBACKS),
+    policy=POLICIES,
 )
 @examples(25)
 def test_a_multipart_edit_never_bills_above_its_bound(
@@ -223,7 +223,7 @@ def test_a_multipart_edit_never_bills_above_its_bound(
     mask: tuple[int, int, str] | None,
     markup: tuple[int, int, str] | None,
     fidelity: str | None,
-    fallback: Any,
+    policy: Any,
 ) -> None:
     fields = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in body.items()}
     fields["prompt"] = prompt
@@ -236,7 +236,7 @@ def test_a_multipart_edit_never_bills_above_its_bound(
     if markup:
         uploads.append(upload("markup", markup[0], markup[1], "PNG"))
     data, content_type = encode_multipart(fields, tuple(uploads))
-    _check(config, "edits", content_type, data, fallback)
+    _check(config, "edits", content_type, data, policy)
 
 
 def data_url(width: int, height: int, fmt: str) -> str:
@@ -258,7 +258,7 @@ references = st.one_of(
     mask=st.none() | references,
     fidelity=st.sampled_from((None, "low", "high")),
     moderation=st.sampled_from((None, "low", "auto")),
-    fallback=st.sampled_from(FALLBACKS),
+    policy=POLICIES,
 )
 @examples(40)
 def test_a_json_edit_never_bills_above_its_bound(
@@ -269,13 +269,13 @@ def test_a_json_edit_never_bills_above_its_bound(
     mask: dict[str, str] | None,
     fidelity: str | None,
     moderation: str | None,
-    fallback: Any,
+    policy: Any,
 ) -> None:
     body = {**body, "prompt": prompt, "images": images}
     body.update({k: v for k, v in (("mask", mask), ("input_fidelity", fidelity)) if v})
     if moderation:
         body["moderation"] = moderation
-    _check(config, "edits", "application/json", json.dumps(body).encode(), fallback)
+    _check(config, "edits", "application/json", json.dumps(body).encode(), policy)
 
 
 @given(
@@ -298,7 +298,7 @@ def test_a_dalle_2_variation_or_edit_never_bills_above_its_bound(
         fields["prompt"] = "a cat"
     image = upload("image", side, side, "PNG")
     data, content_type = encode_multipart(fields, (image,))
-    _check(config, endpoint, content_type, data, None)
+    _check(config, endpoint, content_type, data, (None, None))
 
 
 GPT_IMAGE_1_TILES = TileRule(2048, 512, 512, 65, 129, 4160, 6240)

@@ -24,7 +24,7 @@ from proxy.simulator.catalogue import MAINLINE_MODELS
 from proxy.simulator.response_tokens import tokens_of
 from proxy.simulator.responses import read_order
 from tests.bound_oracle import (
-    FALLBACKS,
+    POLICIES,
     RESPONSES,
     build_config,
     examples,
@@ -193,12 +193,12 @@ def check(
     return accepted
 
 
-@given(body=bodies(), fallback=st.sampled_from(FALLBACKS))
+@given(body=bodies(), policy=POLICIES)
 @examples(150)
 def test_a_response_never_bills_above_its_bound(
-    config: Config, body: dict[str, Any], fallback: str | None
+    config: Config, body: dict[str, Any], policy: Any
 ) -> None:
-    accepted = check(config, team_with(config, fallback), body)
+    accepted = check(config, team_with(config, *policy), body)
     event(f"forms the simulator accepted: {min(accepted, 2)}")
 
 
