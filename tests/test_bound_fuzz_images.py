@@ -28,7 +28,9 @@ from proxy.core.image_tokens import CustomSizes, TileRule
 from proxy.core.models import Endpoint
 from proxy.core.multipart import Upload, encode_multipart
 from proxy.core.settings import Config
-from proxy.simulator.tokens import image_input_tokens
+from proxy.simulator.forms import parse_json
+from proxy.simulator.tokens import image_input_tokens, tokens_for
+from proxy.simulator.validation import validate
 from tests.bound_oracle import POLICIES, build_config, check_images, examples, team_with
 
 MODELS = (
@@ -324,3 +326,20 @@ def test_the_fixture_config_is_the_built_in_price_book(config: Config, tmp_path:
     assert config.prices.find("gpt-image-1") is not None
     tiles = config.prices.find("gpt-image-1").input_tiles  # type: ignore[union-attr]
     assert tiles == GPT_IMAGE_1_TILES
+
+
+def test_the_simulator_bills_a_json_edits_data_url_image_at_its_size(config: Config) -> None:
+    """As OpenAI reads the image it is sent: a 2048x512 data URL on gpt-image-1 at high
+    fidelity is 4 tiles and the non-square extra (6,821 tokens), not a 1024x1024 stand-in
+    (4,354); so the property above checks Tollgate's measure of data URLs too."""
+    body = {
+        "model": "gpt-image-1",
+        "prompt": "a fox",
+        "images": [{"image_url": data_url(2048, 512, "PNG")}],
+        "input_fidelity": "high",
+    }
+    order = validate(parse_json("edits", json.dumps(body).encode()))
+    assert tokens_for(order).image_input == 65 + 4 * 129 + 6240
+    reference = {**body, "images": [{"file_id": "file-abc"}]}
+    order = validate(parse_json("edits", json.dumps(reference).encode()))
+    assert tokens_for(order).image_input == 65 + 129 + 4160

@@ -22,7 +22,8 @@ TILE_BASE_TOKENS = 65
 TOKENS_PER_TILE = 129
 HIGH_FIDELITY_SQUARE = 4160
 HIGH_FIDELITY_OTHER = 6240
-# An image given by URL or file id is counted as if it were this size.
+# An image given by URL or file id (or a data URL Pillow cannot read) is counted as if
+# it were this size; a data URL's image is counted at its own.
 REFERENCE_IMAGE_SIZE = (1024, 1024)
 
 
