@@ -231,3 +231,41 @@ def test_a_response_through_the_sdk_is_billed_within_its_reservation(
 
 def test_the_price_book_read_is_the_proxys(proxy: Tollgate, book: PriceBook) -> None:
     assert Path(proxy.root).is_dir() and book.find("gpt-image-2") is not None
+
+
+@given(
+    mainline=st.sampled_from(MAINLINES),
+    texts=st.lists(user_texts(), min_size=2, max_size=3),
+    tool_model=st.sampled_from(IMAGE_MODELS),
+    calls=st.integers(1, 4),
+)
+@examples(4)
+def test_each_response_of_a_chain_through_the_sdk_is_billed_within_its_reservation(
+    sdk: openai.OpenAI,
+    proxy: Tollgate,
+    simulator: Simulator,
+    book: PriceBook,
+    mainline: str,
+    texts: list[str],
+    tool_model: str,
+    calls: int,
+) -> None:
+    """Continued by `previous_response_id`: the ledger carries the previous response's
+    tokens and images into the bound; the simulator bills its tokens again as input."""
+    previous: str | None = None
+    for text in texts:
+        asked: dict[str, Any] = {
+            "model": mainline,
+            "input": text.strip() or "a fox",
+            "tools": [{"type": "image_generation", "model": tool_model, "quality": "low"}],
+            "max_tool_calls": calls,
+        }
+        if previous is not None:
+            asked["previous_response_id"] = previous
+        try:
+            raw = sdk.responses.with_raw_response.create(**asked)
+        except openai.BadRequestError as exc:
+            event(f"refused: {exc.message[:60]}")
+            return
+        assert_covered(raw, proxy, simulator, book, asked)
+        previous = raw.parse().id
