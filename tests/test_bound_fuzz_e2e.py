@@ -36,7 +36,15 @@ GENERATION_MODELS = (
     "gpt-image-2", "gpt-image-2.5-sunburst", "gpt-image-2.6-flare", "gpt-image-1.5",
     "gpt-image-1", "gpt-image-1-mini", "dall-e-3", "dall-e-2",
 )  # fmt: skip
-MAINLINES = ("gpt-5.5", "gpt-5-mini", "gpt-4o-mini", "gpt-4.1-nano", "o3")
+MAINLINES = (
+    "gpt-5.5",
+    "gpt-5.4",
+    "gpt-5.4-nano",
+    "gpt-5-mini",
+    "gpt-4o-mini",
+    "gpt-4.1-nano",
+    "o3",
+)
 
 
 @pytest.fixture(scope="module")

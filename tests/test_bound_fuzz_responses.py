@@ -38,8 +38,7 @@ IMAGE_MODELS = (
     "gpt-image-2.6-sunburst", "gpt-image-2.5-flare", "gpt-image-2.5-sunburst-2026-09-08",
     "gpt-image-2", "gpt-image-1.5", "chatgpt-image-latest", "gpt-image-1", "gpt-image-1-mini",
 )  # fmt: skip
-# The simulator's mainline models (Tollgate prices more: gpt-5.4*, which the simulator
-# refuses, so they prove nothing here).
+# The simulator's mainline models: every one the price book lists.
 MAINLINES = tuple(MAINLINE_MODELS)
 
 

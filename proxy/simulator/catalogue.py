@@ -210,6 +210,16 @@ _MAINLINE: tuple[MainlineRule, ...] = (
     MainlineRule("gpt-5", _rates("1.25", "0.125", "10.00"), reasoning=True),
     MainlineRule("gpt-5-mini", _rates("0.25", "0.025", "2.00"), reasoning=True),
     MainlineRule("gpt-5-nano", _rates("0.05", "0.005", "0.40"), reasoning=True),
+    # "prompts with >272K input tokens are priced at 2x input and 1.5x output for the full
+    # session" (the gpt-5.4 model page).
+    MainlineRule(
+        "gpt-5.4",
+        _rates("2.50", "0.25", "15.00"),
+        reasoning=True,
+        long_context=(272_000, _rates("5.00", "0.50", "22.50")),
+    ),
+    MainlineRule("gpt-5.4-mini", _rates("0.75", "0.075", "4.50"), reasoning=True),
+    MainlineRule("gpt-5.4-nano", _rates("0.20", "0.02", "1.25"), reasoning=True),
     MainlineRule(
         "gpt-5.5",
         _rates("5.00", "0.50", "30.00"),
