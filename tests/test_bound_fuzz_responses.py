@@ -238,3 +238,22 @@ def test_each_response_of_a_chain_never_bills_above_its_bound(
 
 def _mask(fields: dict[str, Any]) -> bool:
     return any(t.get("input_image_mask") for t in fields.get("tools", []))
+
+
+@pytest.mark.parametrize("model", ["gpt-5.5", "gpt-5.4"])
+@pytest.mark.parametrize("continued", [False, True])
+def test_a_long_context_response_never_bills_above_its_bound(
+    config: Config, model: str, continued: bool
+) -> None:
+    """Past 272,000 input tokens the whole response is billed at the long-context rates:
+    by its own text, or by the context it continues."""
+    body: dict[str, Any] = {"model": model, "input": "a fox [[images:2]]"}
+    body |= {"tools": [{"type": "image_generation"}], "max_output_tokens": 1000}
+    body |= {"max_tool_calls": 2, "instructions": "" if continued else "x" * (4 * 272_000 + 8)}
+    carried = (280_000, 3) if continued else (0, 0)
+    if continued:
+        body["previous_response_id"] = "resp_previous"
+    assert check(config, team_with(config, None), body, carried, carried[0]) >= 1
+    billed = responses_bill(forwarded(config, team_with(config, None), body, carried)[0][0],
+                            config.prices, carried[0])  # fmt: skip
+    assert billed is not None and billed[1].input > 272_000
