@@ -31,7 +31,16 @@ from proxy.core.settings import Config
 from proxy.simulator.forms import parse_json
 from proxy.simulator.tokens import image_input_tokens, tokens_for
 from proxy.simulator.validation import validate
-from tests.bound_oracle import POLICIES, build_config, check_images, examples, team_with
+from tests.bound_oracle import (
+    IMAGES,
+    POLICIES,
+    build_config,
+    check_images,
+    examples,
+    images_bill,
+    sent_forms,
+    team_with,
+)
 
 MODELS = (
     "gpt-image-2.6-sunburst", "gpt-image-2.6-flare", "gpt-image-2.5-sunburst",
@@ -53,6 +62,7 @@ VALID_CUSTOM = (
     "auto", "1024x640", "640x1024", "816x816", "1536x864", "2048x1152", "2048x2048",
     "2880x2880", "3840x2160", "2160x3840", "3840x1280", "1280x3840", "3840x1296",
 )  # fmt: skip
+JSON = "application/json"
 MAX_EDGE, MULTIPLE, MIN_PIXELS, MAX_PIXELS = 3840, 16, 655_360, 8_294_400
 
 
@@ -350,3 +360,20 @@ def test_the_simulator_bills_a_json_edits_data_url_image_at_its_size(config: Con
     reference = {**body, "images": [{"file_id": "file-abc"}]}
     order = validate(parse_json("edits", json.dumps(reference).encode()))
     assert tokens_for(order).image_input == 65 + 129 + 4160
+
+
+@given(body=options(), fallback=st.sampled_from(("dall-e-3", "dall-e-2", "gpt-image-1")))
+@examples(100)
+def test_a_downgrade_the_upstream_would_refuse_is_never_sent(
+    config: Config, body: dict[str, Any], fallback: str
+) -> None:
+    """Every form of a generation the simulator accepts as asked is accepted too: a
+    fallback to DALL·E was sent with `n` above dall-e-3's 1, or streamed (1,500 generated
+    requests had 859 such forms)."""
+    body = {**body, "prompt": "a fox"}
+    data = json.dumps(body).encode()
+    forms = sent_forms(IMAGES["generations"], JSON, data, config, team_with(config, fallback))
+    if not forms or images_bill("generations", forms[0], config.prices) is None:
+        return
+    for sent in forms[1:]:
+        assert images_bill("generations", sent, config.prices) is not None, sent.changes

@@ -357,6 +357,8 @@ def _same_aspect(size: str, width: int, height: int) -> bool:
 def switch_model(variant: Variant, fallback: ModelPrices) -> Variant | None:
     """`variant` on the fallback model, its quality and size re-checked on that model."""
     request = variant.request
+    if request.n > fallback.max_n or (request.stream and fallback.per_image_billing):
+        return None  # it would be refused: dall-e-3 makes one image, DALL·E never streams
     quality = request.quality
     if quality != AUTO and quality not in fallback.qualities:
         quality = fallback.qualities[-1]
