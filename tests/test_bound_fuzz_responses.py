@@ -257,3 +257,14 @@ def test_a_long_context_response_never_bills_above_its_bound(
     billed = responses_bill(forwarded(config, team_with(config, None), body, carried)[0][0],
                             config.prices, carried[0])  # fmt: skip
     assert billed is not None and billed[1].input > 272_000
+
+
+@given(body=bodies(), fallback=st.sampled_from(("dall-e-3", "dall-e-2")))
+@examples(60)
+def test_the_image_tool_never_falls_back_to_dall_e(
+    config: Config, body: dict[str, Any], fallback: str
+) -> None:
+    """The tool takes GPT image models only: a DALL·E fallback was sent, and refused."""
+    for fields, _, changes in forwarded(config, team_with(config, fallback), body, (0, 0)) or ():
+        tool = next(iter(fields.get("tools", [])), {})
+        assert not str(tool.get("model", "")).startswith("dall-e"), changes

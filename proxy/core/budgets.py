@@ -357,8 +357,12 @@ def _same_aspect(size: str, width: int, height: int) -> bool:
 def switch_model(variant: Variant, fallback: ModelPrices) -> Variant | None:
     """`variant` on the fallback model, its quality and size re-checked on that model."""
     request = variant.request
-    if request.n > fallback.max_n or (request.stream and fallback.per_image_billing):
-        return None  # it would be refused: dall-e-3 makes one image, DALL·E never streams
+    if request.n > fallback.max_n or (
+        fallback.per_image_billing and (request.stream or request.mainline is not None)
+    ):
+        # It would be refused: dall-e-3 makes one image, DALL·E never streams and is no
+        # model of the Responses API's image tool.
+        return None
     quality = request.quality
     if quality != AUTO and quality not in fallback.qualities:
         quality = fallback.qualities[-1]
