@@ -259,12 +259,16 @@ def test_a_long_context_response_never_bills_above_its_bound(
     assert billed is not None and billed[1].input > 272_000
 
 
-@given(body=bodies(), fallback=st.sampled_from(("dall-e-3", "dall-e-2")))
+@given(body=bodies(), fallback=st.sampled_from(("dall-e-3", "dall-e-2", "gpt-image-2")))
 @examples(60)
-def test_the_image_tool_never_falls_back_to_dall_e(
+def test_a_downgrade_of_the_image_tool_the_upstream_would_refuse_is_never_sent(
     config: Config, body: dict[str, Any], fallback: str
 ) -> None:
-    """The tool takes GPT image models only: a DALL·E fallback was sent, and refused."""
-    for fields, _, changes in forwarded(config, team_with(config, fallback), body, (0, 0)) or ():
-        tool = next(iter(fields.get("tools", [])), {})
-        assert not str(tool.get("model", "")).startswith("dall-e"), changes
+    """Every form of a body the simulator accepts as asked is accepted too: the tool was
+    sent falling back to DALL·E (which it does not take), and to gpt-image-2 with the
+    `input_fidelity` that model refuses."""
+    forms = forwarded(config, team_with(config, fallback), body, (0, 0))
+    if not forms or responses_bill(forms[0][0], config.prices) is None:
+        return
+    for fields, _, changes in forms[1:]:
+        assert responses_bill(fields, config.prices) is not None, changes
