@@ -22,6 +22,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from hypothesis import settings
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import ASGIApp
 
@@ -30,6 +31,8 @@ from proxy.ledger import Backend, open_ledger
 from tests import pg
 
 UPSTREAM_KEY = "sk-upstream-real-key-for-tests"
+# The generated bound tests (`tests/bound_oracle.py`) run 40 times their examples under it.
+settings.register_profile("bound-deep", deadline=None, database=None)
 DESIGN_KEY = "tg_test_design_key_0001"
 RESEARCH_KEY = "tg_test_research_key_0002"
 

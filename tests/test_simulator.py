@@ -156,7 +156,9 @@ def test_generate_with_n_returns_n_images_and_bills_n_times(
         ("gpt-image-1.5", "medium", "1536x1024", 1568),
         ("gpt-image-2.5-sunburst", "xhigh", "1024x1024", 3122),
         ("gpt-image-2.5-flare", "medium", "2048x2048", 892),
-        ("gpt-image-2.6-sunburst", "low", "1024x1024", 4 * 196),
+        ("gpt-image-2.6-sunburst", "low", "1024x1024", 824),  # 196 x 664/158, rounded up
+        ("gpt-image-2.6-sunburst", "low", "1536x1024", 664),  # as measured (a third party)
+        ("gpt-image-2.6-flare", "medium", "1024x1024", 4 * 439),
         ("gpt-image-2.6-flare", "high", "1536x1024", 1372),
     ],
 )

@@ -357,6 +357,15 @@ def _same_aspect(size: str, width: int, height: int) -> bool:
 def switch_model(variant: Variant, fallback: ModelPrices) -> Variant | None:
     """`variant` on the fallback model, its quality and size re-checked on that model."""
     request = variant.request
+    if (
+        request.n > fallback.max_n
+        or (fallback.per_image_billing and (request.stream or request.endpoint != "generations"))
+        or (request.input_fidelity is not None and not fallback.accepts_input_fidelity)
+    ):
+        # It would be refused: dall-e-3 makes one image; DALL·E never streams, is no model
+        # of the Responses API's image tool, takes no JSON edit (dall-e-3 no edit at all,
+        # dall-e-2 one square PNG); gpt-image-2 takes no input_fidelity.
+        return None
     quality = request.quality
     if quality != AUTO and quality not in fallback.qualities:
         quality = fallback.qualities[-1]

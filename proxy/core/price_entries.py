@@ -118,6 +118,7 @@ def model_prices(name: str, raw: Mapping[str, Any], custom: CustomSizes) -> Mode
             text_output_ceiling=int(raw.get("text_output_ceiling", 0)),
             partial_image_tokens=int(raw.get("partial_image_tokens", 100)),
             max_n=int(raw.get("max_n", MAX_N)),
+            accepts_input_fidelity=raw.get("input_fidelity", True) is not False,
             aliases=tuple(raw.get("aliases", ())),
             batch_rates=_batch_rates(raw.get("batch"), raw.get("rates", {}), per_image is not None),
         )

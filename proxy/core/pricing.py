@@ -67,6 +67,8 @@ class ModelPrices:
     text_output_ceiling: int = 0
     partial_image_tokens: int = 100
     max_n: int = MAX_N
+    accepts_input_fidelity: bool = True
+    """False where the model refuses the `input_fidelity` parameter (gpt-image-2)."""
     aliases: tuple[str, ...] = ()
     batch_rates: Mapping[TokenKind, Decimal] | None = None
     """The Batch API's rates, by kind as `rates`; None: the Batch API does not take the model."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from fractions import Fraction
 from types import MappingProxyType
 from typing import Literal
 
@@ -33,8 +34,13 @@ TABLE_TOKENS: Mapping[str, Mapping[str, int]] = MappingProxyType(
 # Quality factors of the community output-token formula (a fit to OpenAI's calculator).
 GPT_2_FACTORS = MappingProxyType({"low": 16, "medium": 48, "high": 96})
 GPT_25_FACTORS = MappingProxyType({"low": 16, "medium": 24, "high": 48, "xhigh": 64, "max": 96})
-# A stand-in for the 3P measurements of 2.6: low and medium cost about 4x the 2.5 formula.
-GPT_26_MULTIPLIERS = MappingProxyType({"low": 4, "medium": 4, "high": 1, "xhigh": 1, "max": 1})
+# A stand-in for the 3P measurements of 2.6 (docs.laozhang.ai, 2026-11-05): low measured
+# 664 tokens at 1536x1024, where the 2.5 formula gives 158 (x4.2, more than the "3-4x"
+# quoted with it); medium "3-4x" (x4); high and above as 2.5 (high measured 1353 at
+# 1536x1024 against 1372). Each image's tokens are rounded up.
+GPT_26_MULTIPLIERS: Mapping[str, Fraction] = MappingProxyType(
+    {"low": Fraction(664, 158), "medium": Fraction(4), "high": Fraction(1)}
+)
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,7 @@ class ModelRule:
     output_rule: OutputRule
     endpoints: frozenset[Endpoint] = GPT_ENDPOINTS
     factors: Mapping[str, int] = field(default_factory=dict)
-    multipliers: Mapping[str, int] = field(default_factory=dict)
+    multipliers: Mapping[str, Fraction] = field(default_factory=dict)
     fidelity: Fidelity = "param"
     """`param`: the request's input_fidelity decides; `low`/`high`: fixed by the model."""
     fidelity_param_allowed: bool = True
@@ -77,7 +83,7 @@ def _table(name: str, *, fidelity: Fidelity = "param", details: bool = False) ->
 def _formula(
     name: str,
     factors: Mapping[str, int],
-    multipliers: Mapping[str, int] | None = None,
+    multipliers: Mapping[str, Fraction] | None = None,
     *,
     fidelity_param_allowed: bool = True,
     batch: bool = True,
@@ -204,6 +210,16 @@ _MAINLINE: tuple[MainlineRule, ...] = (
     MainlineRule("gpt-5", _rates("1.25", "0.125", "10.00"), reasoning=True),
     MainlineRule("gpt-5-mini", _rates("0.25", "0.025", "2.00"), reasoning=True),
     MainlineRule("gpt-5-nano", _rates("0.05", "0.005", "0.40"), reasoning=True),
+    # "prompts with >272K input tokens are priced at 2x input and 1.5x output for the full
+    # session" (the gpt-5.4 model page).
+    MainlineRule(
+        "gpt-5.4",
+        _rates("2.50", "0.25", "15.00"),
+        reasoning=True,
+        long_context=(272_000, _rates("5.00", "0.50", "22.50")),
+    ),
+    MainlineRule("gpt-5.4-mini", _rates("0.75", "0.075", "4.50"), reasoning=True),
+    MainlineRule("gpt-5.4-nano", _rates("0.20", "0.02", "1.25"), reasoning=True),
     MainlineRule(
         "gpt-5.5",
         _rates("5.00", "0.50", "30.00"),

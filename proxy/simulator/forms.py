@@ -61,7 +61,8 @@ class RawRequest:
         return params
 
 
-def _image_size(data: bytes) -> tuple[int, int] | None:
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """An image's (width, height) as Pillow reads its header; None when it is no image."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             return image.size
@@ -99,7 +100,7 @@ async def parse_multipart(endpoint: Endpoint, request: Request) -> RawRequest:
     try:
         for name, value in form.multi_items():
             if isinstance(value, UploadFile):
-                size = _image_size(await value.read())
+                size = image_size(await value.read())
                 parts.append(Part(name, *size) if size else Part(name))
             elif name in FILE_FIELDS:
                 parts.append(Part(name))

@@ -20,7 +20,7 @@ from proxy.core.models import InputImage
 from proxy.simulator.catalogue import DEFAULT_TOOL_MODEL, MAINLINE_MODELS, MODELS, MainlineRule
 from proxy.simulator.forms import RawRequest
 from proxy.simulator.refusals import ApiError, invalid, missing
-from proxy.simulator.validation import ImageOrder, validate
+from proxy.simulator.validation import ImageOrder, data_url_image, validate
 
 MAX_IMAGE_CALLS = 4
 MIN_MAX_OUTPUT_TOKENS = 16
@@ -172,7 +172,7 @@ def _part(part: Any, param: str) -> tuple[str | None, InputImage | None, dict[st
         if isinstance(ref, str) and ref:
             stored = {"type": "input_image", "detail": part.get("detail") or "auto"}
             stored.update({k: part[k] for k in ("image_url", "file_id") if part.get(k)})
-            return None, InputImage(), stored
+            return None, data_url_image(ref), stored
         raise invalid(
             f"Invalid '{param}': an input_image needs an 'image_url' or a 'file_id'.",
             param=param,

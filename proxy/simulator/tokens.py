@@ -8,6 +8,7 @@ image output  the image-generation guide's table (models before gpt-image-2) or 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from proxy.core.models import InputImage
@@ -21,7 +22,8 @@ TILE_BASE_TOKENS = 65
 TOKENS_PER_TILE = 129
 HIGH_FIDELITY_SQUARE = 4160
 HIGH_FIDELITY_OTHER = 6240
-# An image given by URL or file id is counted as if it were this size.
+# An image given by URL or file id (or a data URL Pillow cannot read) is counted as if
+# it were this size; a data URL's image is counted at its own.
 REFERENCE_IMAGE_SIZE = (1024, 1024)
 
 
@@ -76,7 +78,7 @@ def output_tokens_per_image(model: ModelRule, quality: str, width: int, height: 
         return TABLE_TOKENS[quality][f"{width}x{height}"]
     if model.output_rule == "formula":
         tokens = formula_tokens(model.factors[quality], width, height)
-        return tokens * model.multipliers.get(quality, 1)
+        return math.ceil(tokens * model.multipliers.get(quality, 1))
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +20,7 @@ from proxy.simulator.catalogue import (
     SIZE_MIN_PIXELS,
     ModelRule,
 )
-from proxy.simulator.forms import RawRequest
+from proxy.simulator.forms import RawRequest, image_size
 from proxy.simulator.refusals import invalid, missing, unsupported
 
 MAX_PROMPT_CHARS = 32_000
@@ -204,12 +206,25 @@ def _reference(value: Any, param: str) -> InputImage:
     if isinstance(value, dict) and len(value.keys() & {"image_url", "file_id"}) == 1:
         ref = value.get("image_url") or value.get("file_id")
         if isinstance(ref, str) and ref:
-            return InputImage()
+            return data_url_image(ref)
     raise invalid(
         f"Invalid '{param}': each image must be an object with exactly one of 'image_url' "
         "or 'file_id'.",
         param=param,
     )
+
+
+def data_url_image(ref: str) -> InputImage:
+    """A base64 data URL's image at its size, as OpenAI reads (and bills) it; a URL, a
+    file id or a data URL Pillow cannot read at no known size."""
+    head, _, data = ref.partition(",")
+    if not (head.startswith("data:") and head.endswith(";base64")):
+        return InputImage()
+    try:
+        size = image_size(base64.b64decode(data, validate=True))
+    except binascii.Error:
+        return InputImage()
+    return InputImage(*size) if size else InputImage()
 
 
 def _json_images(raw: RawRequest, model: ModelRule) -> tuple[InputImage, ...]:
