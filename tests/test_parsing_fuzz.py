@@ -10,7 +10,6 @@ OpenAI-shaped and carries Tollgate's request id.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import email.parser
 import email.policy
@@ -28,7 +27,6 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from openai.types import image_create_variation_params, image_edit_params, image_generate_params
 from PIL import Image
-from starlette.requests import Request
 from starlette.testclient import TestClient
 
 from proxy.config import load_config
@@ -37,11 +35,12 @@ from proxy.core.errors import InvalidRequest
 from proxy.core.models import Endpoint, ImageRequest, InputImage
 from proxy.core.parsing import ParsedBody, parse_request
 from proxy.simulator import SimulatorSettings, create_simulator_app
-from proxy.simulator.forms import parse_json, parse_multipart
+from proxy.simulator.forms import parse_json
 from proxy.simulator.refusals import ApiError
 from proxy.simulator.validation import validate
 from proxy.web.app import create_app
 from proxy.web.runtime import Overrides
+from tests.bound_oracle import raw_request
 from tests.conftest import UPSTREAM_KEY, write_config
 
 DEFAULT_MODEL = "gpt-image-2"
@@ -361,28 +360,6 @@ def _email_parts(content_type: str, body: bytes) -> list[tuple[str, str | None, 
     return found
 
 
-def _simulator_read(endpoint: Endpoint, content_type: str, body: bytes) -> Any:
-    async def read() -> Any:
-        sent = False
-
-        async def receive() -> dict[str, Any]:
-            nonlocal sent
-            if sent:
-                return {"type": "http.disconnect"}
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": f"/v1/images/{endpoint}",
-            "headers": [(b"content-type", content_type.encode())],
-        }
-        return await parse_multipart(endpoint, Request(scope, receive))
-
-    return asyncio.run(read())
-
-
 def _check_multipart(endpoint: Endpoint, parsed: ParsedBody) -> None:
     forwarded, content_type = parsed.encode({})
     request = parsed.request
@@ -402,7 +379,7 @@ def _check_multipart(endpoint: Endpoint, parsed: ParsedBody) -> None:
             assert seen in priced
     assert len(sizes) == len(priced)
     # The simulated upstream: starlette's form parser (charset-aware) and Pillow.
-    raw = _simulator_read(endpoint, content_type, forwarded)
+    raw = raw_request(endpoint, forwarded, content_type)
     assert {k: str(v) for k, v in raw.fields.items()} == {k: v.decode() for k, v in scalars.items()}
     _same_order(request, raw)
     again = parse_request(endpoint, content_type, forwarded, DEFAULT_MODEL)
