@@ -27,7 +27,12 @@ from proxy.simulator.billing import Entry
 from proxy.simulator.faults import fault_error, moderation_error, pick_response_fault
 from proxy.simulator.refusals import ApiError, invalid
 from proxy.simulator.response_answers import Snapshot, Status, response_json
-from proxy.simulator.response_tokens import ResponseTokens, failed_tokens, tokens_of
+from proxy.simulator.response_tokens import (
+    ResponseTokens,
+    failed_tokens,
+    response_entry,
+    tokens_of,
+)
 from proxy.simulator.responses import ResponseOrder, read_order
 
 REFUSED_IN_BATCH = {
@@ -90,32 +95,16 @@ class ResponseLineResult:
         headers: Mapping[str, str],
     ) -> Entry:
         """The line's record entry, as its direct request's, booked when the batch ended."""
-        order, tokens, fields = self.order, self.tokens, self.line.raw.fields
-        tool = order.tool if order else None
-        model = fields.get("model")
-        return Entry(
-            id=request_id,
-            time=booked,
-            endpoint="responses",
-            model=tool.model.name if tool else None,
-            quality=tool.quality if tool else None,
-            size=tool.size if tool else None,
-            n=order.image_calls if order else None,
-            stream=False,
+        return response_entry(
+            request_id,
+            booked,
+            self.line.raw.fields,
+            self.order,
+            self.tokens,
             status=self.status,
-            billed=tokens is not None,
-            usage=tokens.image_gen if tokens else None,
-            images=order.image_calls if order and tokens else 0,
+            stream=False,
             authorization=authorization,
             headers=headers,
-            params={
-                k: v
-                for k, v in fields.items()
-                if k not in ("input", "instructions") and isinstance(v, str | int | float | bool)
-            },
-            image_count=len(order.images) if order else 0,
-            mainline_model=model if isinstance(model, str) else None,
-            mainline=tokens.mainline if tokens else None,
             batch_id=batch_id,
             custom_id=self.line.custom_id,
         )

@@ -37,7 +37,12 @@ from proxy.simulator.response_answers import (
     stream_frames,
 )
 from proxy.simulator.response_store import StoredResponse
-from proxy.simulator.response_tokens import ResponseTokens, failed_tokens, tokens_of
+from proxy.simulator.response_tokens import (
+    ResponseTokens,
+    failed_tokens,
+    response_entry,
+    tokens_of,
+)
 from proxy.simulator.responses import ResponseOrder, read_order
 from proxy.simulator.routes import (
     NO_ANSWER,
@@ -75,31 +80,16 @@ class _Arrival:
         tokens: ResponseTokens | None = None,
     ) -> Entry:
         """The record entry; billed when `tokens` is given (OpenAI did the work)."""
-        tool = order.tool if order else None
-        model = fields.get("model")
-        return Entry(
-            id=self.id,
-            time=self.time,
-            endpoint="responses",
-            model=tool.model.name if tool else None,
-            quality=tool.quality if tool else None,
-            size=tool.size if tool else None,
-            n=order.image_calls if order else None,
-            stream=order.stream if order else False,
+        return response_entry(
+            self.id,
+            self.time,
+            fields,
+            order,
+            tokens,
             status=status,
-            billed=tokens is not None,
-            usage=tokens.image_gen if tokens else None,
-            images=order.image_calls if order and tokens else 0,
+            stream=order.stream if order else False,
             authorization=self.authorization,
             headers=self.headers,
-            params={
-                k: v
-                for k, v in fields.items()
-                if k not in ("input", "instructions") and isinstance(v, str | int | float | bool)
-            },
-            image_count=len(order.images) if order else 0,
-            mainline_model=model if isinstance(model, str) else None,
-            mainline=tokens.mainline if tokens else None,
         )
 
 

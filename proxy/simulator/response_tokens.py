@@ -21,9 +21,11 @@ is cut, and `output_tokens` is `max_output_tokens`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
-from proxy.simulator.billing import BilledUsage, MainlineUsage
+from proxy.simulator.billing import BilledUsage, Entry, MainlineUsage
 from proxy.simulator.responses import ResponseOrder
 from proxy.simulator.tokens import image_input_tokens, text_tokens, tokens_for
 
@@ -97,3 +99,49 @@ def failed_tokens(tokens: ResponseTokens) -> ResponseTokens:
     written = tokens.mainline.output - text_tokens(tokens.answer)
     mainline = replace(tokens.mainline, output=max(written, tokens.mainline.reasoning))
     return replace(tokens, mainline=mainline, answer="")
+
+
+def response_entry(
+    request_id: str,
+    at: float,
+    fields: Mapping[str, Any],
+    order: ResponseOrder | None,
+    tokens: ResponseTokens | None,
+    *,
+    status: int,
+    stream: bool,
+    authorization: str | None,
+    headers: Mapping[str, str],
+    batch_id: str | None = None,
+    custom_id: str | None = None,
+) -> Entry:
+    """The record entry of a response, sent directly or as a batch line: billed when
+    `tokens` is given (OpenAI did the work)."""
+    tool = order.tool if order else None
+    model = fields.get("model")
+    return Entry(
+        id=request_id,
+        time=at,
+        endpoint="responses",
+        model=tool.model.name if tool else None,
+        quality=tool.quality if tool else None,
+        size=tool.size if tool else None,
+        n=order.image_calls if order else None,
+        stream=stream,
+        status=status,
+        billed=tokens is not None,
+        usage=tokens.image_gen if tokens else None,
+        images=order.image_calls if order and tokens else 0,
+        authorization=authorization,
+        headers=headers,
+        params={
+            k: v
+            for k, v in fields.items()
+            if k not in ("input", "instructions") and isinstance(v, str | int | float | bool)
+        },
+        image_count=len(order.images) if order else 0,
+        mainline_model=model if isinstance(model, str) else None,
+        mainline=tokens.mainline if tokens else None,
+        batch_id=batch_id,
+        custom_id=custom_id,
+    )
