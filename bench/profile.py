@@ -27,7 +27,9 @@ def top(collapsed: Path, count: int = 25) -> str:
     """The frames with the most samples at the top of the stack (own time)."""
     own: collections.Counter[str] = collections.Counter()
     total = 0
-    for line in collapsed.read_text().splitlines():
+    for line in collapsed.read_bytes().decode(errors="replace").split("\n"):  # not read_text: a frame may hold \r
+        if not line:
+            continue
         stack, _, n = line.rpartition(" ")
         total += int(n)
         own[stack.split(";")[-1]] += int(n)
