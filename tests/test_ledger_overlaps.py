@@ -8,6 +8,7 @@ from zoneinfo import ZoneInfo
 
 from proxy.core.models import Counter, Totals
 from proxy.core.periods import read_counter, window
+from proxy.ledger import overlaps
 from tests.test_ledger import AnyLedger, ledger, take
 
 __all__ = ["ledger"]  # the fixture, used by name
@@ -47,3 +48,24 @@ async def test_a_day_read_in_one_zone_holds_its_own_window_alone(ledger: AnyLedg
     today = day_counter(NOON, UTC, read=True)
     await ledger.reserve([], take("r3", counters=(today,), estimate=5))
     assert (await ledger.totals([today]))[today].reserved_nanos == 5
+
+
+def test_totals_sum_the_rows_in_a_counters_bounds_once_each() -> None:
+    tokyo_day = day_counter(NOON, TOKYO, read=True)
+    utc_day = day_counter(NOON, UTC, read=True)
+    _, high = overlaps.bounds(tokyo_day)
+    inside = tokyo_day.start + 9 * 3600  # a UTC day's start within the Tokyo day
+    key = ("team", "design", "", "day")
+    found = [
+        (*key, tokyo_day.start, 10, 1, 0, 0, 0, 0),
+        (*key, inside, 5, 2, 0, 0, 0, 3),
+        (*key, inside, 5, 2, 0, 0, 0, 3),  # found again by another statement's range
+        (*key, high + 86_400, 1_000, 0, 0, 0, 0, 0),  # a later window
+        ("team", "other", "", "day", tokyo_day.start, 7, 0, 0, 0, 0, 0),
+    ]
+    never = Counter("user", "design", "ana", "day", tokyo_day.start)
+    totals = overlaps.totals_of([tokyo_day, utc_day, never], found)
+    assert totals[tokyo_day] == Totals(15, 3, 0, 0, 0, 3)
+    assert totals[never] is overlaps.NOTHING
+    alone = overlaps.totals_of([tokyo_day], found[:1])
+    assert alone[tokyo_day] == Totals(10, 1, 0, 0, 0, 0)

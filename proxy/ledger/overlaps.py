@@ -33,17 +33,23 @@ def totals_of(counters: Sequence[Counter], found: Iterable[Sequence[Any]]) -> di
     """The totals of `counters` from the `budget_usage` rows found (key, then totals
     columns; a row found twice counts once): each counter's sum of the rows in its
     `bounds`; a counter without any holds nothing yet."""
-    rows = {tuple(r[:5]): tuple(r[5:]) for r in found}
-    by_prefix: dict[tuple[Any, ...], list[tuple[float, tuple[int, ...]]]] = {}
-    for key, values in rows.items():
-        by_prefix.setdefault(key[:4], []).append((float(key[4]), values))
+    seen: set[tuple[Any, ...]] = set()
+    by_prefix: dict[tuple[Any, ...], list[tuple[float, Sequence[int]]]] = {}
+    for row in found:
+        key = tuple(row[:5])
+        if key not in seen:
+            seen.add(key)
+            by_prefix.setdefault(key[:4], []).append((float(key[4]), row[5:]))
     totals: dict[Counter, Totals] = {}
     for c in counters:
+        rows = by_prefix.get((c.scope, c.team, c.user, c.period))
+        if rows is None:
+            totals[c] = NOTHING
+            continue
         low, high = bounds(c)
-        summed = [
-            v
-            for start, v in by_prefix.get((c.scope, c.team, c.user, c.period), ())
-            if low < start < high
-        ]
-        totals[c] = Totals(*map(sum, zip(*summed, strict=True))) if summed else NOTHING
+        summed = [values for start, values in rows if low < start < high]
+        if len(summed) == 1:  # a ledger that only ever saw one zone: the counter's own row
+            totals[c] = Totals(*summed[0])
+        else:
+            totals[c] = Totals(*map(sum, zip(*summed, strict=True))) if summed else NOTHING
     return totals
