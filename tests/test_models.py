@@ -6,6 +6,8 @@ from dataclasses import fields
 from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.core.models import (
     NANOS_PER_USD,
@@ -126,3 +128,14 @@ def test_every_field_of_an_entry_is_set_by_a_stage() -> None:
     built_whole = {"custom_id"}
     staged = [f.name for f in fields(Entry) if f.name not in built_whole]
     assert all(getattr(entry, name) not in (None, 0, "", False) for name in staged)
+
+
+@settings(max_examples=2000)
+@given(st.integers(min_value=-(2**70), max_value=2**70))
+def test_usd_text_is_decimals_own_plain_form(nanos: int) -> None:
+    """What Decimal's exact arithmetic writes, trailing zeros dropped."""
+    text = format(Decimal(nanos).scaleb(-9), "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    assert usd_text(nanos) == text
+    assert usd(nanos) == Decimal(nanos) / NANOS_PER_USD
