@@ -6,12 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.config.source import Document, JsonPath
-from proxy.core.paths import TOLLGATE_PATHS, canonical, under
+from proxy.core.paths import OBJECT_PATHS, TOLLGATE_PATHS, canonical, under
 from proxy.core.settings import READ_ONLY, Passthrough
-
-# Paths other than the Images API through which OpenAI bills image generation: passthrough
-# may read there, never write (a POST would be spend Tollgate did not price).
-SPENDING_DOORS = ("/v1/responses", "/v1/batches", "/v1/files")
 
 # Paths where OpenAI opens a session on the account of the key that calls it, for a browser
 # to use against OpenAI directly: an ephemeral client secret (Realtime's client secrets and
@@ -62,14 +58,14 @@ def passthrough_prefixes(
                 "mint client secrets or sessions with the upstream key (Realtime and ChatKit): "
                 "only GET and HEAD may be passed through there",
             )
-        elif methods - READ_ONLY and any(covers(prefix, door) for door in SPENDING_DOORS):
+        elif any(covers(prefix, door) for door in OBJECT_PATHS):
             _problem(
                 problems,
                 doc,
                 where,
-                f"{prefix!r} with {', '.join(sorted(methods - READ_ONLY))} would let image "
-                "spend through unmetered (the Responses image tool, batches and their "
-                "files): only GET and HEAD may be passed through there",
+                f"{prefix!r} would forward the responses, batches and files Tollgate keeps to "
+                "each team (and, written to, image spend it did not price): Tollgate serves "
+                "those paths itself",
             )
         elif prefix in found:
             _problem(problems, doc, where, f"{prefix!r} is listed twice")

@@ -29,6 +29,11 @@ _DOTS = (".", "..")
 TOLLGATE_PATHS = "/v1/tollgate"
 """Tollgate's own paths under `/v1` (`GET /v1/tollgate/budget`): never forwarded upstream,
 whatever `passthrough:` lists."""
+OBJECT_PATHS = ("/v1/responses", "/v1/batches", "/v1/files")
+"""Where OpenAI keeps the responses, batches and files of the company account, each of which
+Tollgate keeps to the team that made it: only Tollgate's own routes reach them, which look
+the object up first, never `passthrough:` (a path no route takes, `/v1/files/{id}/x` or
+`…/content;x`, would name another team's object to an upstream that may read it as one)."""
 
 
 def canonical(raw_path: bytes) -> str | None:
