@@ -7,6 +7,7 @@ page (not even as a cursor), and a bounded number of upstream pages read for eac
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from tests.conftest import (
     write_config,
 )
 
+GENERATIONS = "/v1/images/generations"
 EMPTY_KEY = "tg_test_empty_key_0003"
 TEAMS = {
     "design": f"name: design\nkeys:\n  - {{id: web-app, sha256: {key_hash(DESIGN_KEY)}}}\n",
@@ -200,3 +202,26 @@ def test_the_largest_limit_lists_every_own_file_in_one_page(
     page = get(proxy, "limit=10000&purpose=user_data").json()
     assert [f["id"] for f in page["data"]] == list(reversed(files["design"]))
     assert page["has_more"] is False
+
+
+def test_batches_are_listed_for_their_team_only_across_pages(
+    proxy: Tollgate, upstream: Simulator
+) -> None:
+    line = {"model": "gpt-image-2", "prompt": "a", "quality": "low", "size": "1024x1024"}
+    body = b"".join(
+        json.dumps({"custom_id": f"c{i}", "method": "POST", "url": GENERATIONS, "body": line})
+        .encode() + b"\n"
+        for i in range(2)
+    )  # fmt: skip
+    made: dict[str, list[str]] = {"design": [], "research": []}
+    for owner, count in [("design", 2), ("research", 4), ("design", 1), ("research", 3)]:
+        client = proxy.client(DESIGN_KEY if owner == "design" else RESEARCH_KEY)
+        for _ in range(count):
+            uploaded = client.files.create(file=("in.jsonl", body), purpose="batch")
+            batch = client.batches.create(
+                input_file_id=uploaded.id, endpoint=GENERATIONS, completion_window="24h"
+            )
+            made[owner].append(batch.id)
+    for owner, key in (("design", DESIGN_KEY), ("research", RESEARCH_KEY)):
+        listed = [b.id for b in proxy.client(key).batches.list(limit=1)]
+        assert listed == list(reversed(made[owner]))
