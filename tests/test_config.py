@@ -543,6 +543,15 @@ def test_team_key_problems(policies: Path, text: str, expected: list[str]) -> No
 # -- problems in tollgate.yaml -----------------------------------------------------
 
 IMAGES = "would forward image requests unmetered"
+
+
+def shared(store: str) -> str:
+    return (
+        f"would show every team the objects OpenAI keeps under {store} for the company key, "
+        "which Tollgate cannot keep to the team that made each one"
+    )
+
+
 KEPT_OBJECTS = (
     "would forward the responses, batches and files Tollgate keeps to each team (and, "
     "written to, image spend it did not price): Tollgate serves those paths itself"
@@ -610,6 +619,22 @@ SETTINGS_PROBLEMS = [
         "2: passthrough[0].path: '/v1/Batches/x' " + KEPT_OBJECTS,
     ),
     ("passthrough: [/v1/files]\n", "1: passthrough[0]: '/v1/files' " + KEPT_OBJECTS),
+    (
+        "passthrough: [/v1/vector_stores]\n",
+        "1: passthrough[0]: '/v1/vector_stores' " + shared("/v1/vector_stores"),
+    ),
+    (
+        "passthrough: [/v1/Uploads/x]\n",
+        "1: passthrough[0]: '/v1/Uploads/x' " + shared("/v1/uploads"),
+    ),
+    (
+        "passthrough:\n  - {path: /v1/containers, methods: [DELETE]}\n",
+        "2: passthrough[0].path: '/v1/containers' " + shared("/v1/containers"),
+    ),
+    (
+        "passthrough: [/v1/chatkit/threads]\n",
+        "1: passthrough[0]: '/v1/chatkit/threads' " + shared("/v1/chatkit"),
+    ),
     ("passthrough: [/v1/Responses/x]\n", "1: passthrough[0]: '/v1/Responses/x' " + KEPT_OBJECTS),
     (
         "passthrough:\n  - {path: /v1/realtime, methods: [GET, POST]}\n",

@@ -16,6 +16,18 @@ from proxy.core.settings import READ_ONLY, Passthrough
 # account, and spend Tollgate never sees: every write under `/v1/realtime` is one.
 KEY_MINTING = ("/v1/realtime", "/v1/chatkit/sessions")
 
+# Paths where OpenAI keeps objects of the account that calls it, listed, read, changed and
+# deleted by id: every team would share the company key's, and Tollgate keeps none of them
+# to the team that made it (as it does files, batches and responses). Passed through in any
+# method, one team would list, read or delete another's uploads, containers and their
+# files, vector stores, conversations, assistants and threads, fine-tuning jobs, evals,
+# videos or ChatKit threads.
+OBJECT_STORES = (
+    "/v1/uploads", "/v1/containers", "/v1/vector_stores", "/v1/conversations",
+    "/v1/assistants", "/v1/threads", "/v1/fine_tuning", "/v1/evals", "/v1/videos",
+    "/v1/chatkit",
+)  # fmt: skip
+
 
 def passthrough_prefixes(
     doc: Document, entries: list[Any], problems: list[str]
@@ -57,6 +69,14 @@ def passthrough_prefixes(
                 f"{prefix!r} with {', '.join(sorted(methods - READ_ONLY))} would let a team "
                 "mint client secrets or sessions with the upstream key (Realtime and ChatKit): "
                 "only GET and HEAD may be passed through there",
+            )
+        elif store := next((kept for kept in OBJECT_STORES if reaches(prefix, kept)), None):
+            _problem(
+                problems,
+                doc,
+                where,
+                f"{prefix!r} would show every team the objects OpenAI keeps under {store} for "
+                "the company key, which Tollgate cannot keep to the team that made each one",
             )
         elif any(covers(prefix, door) for door in OBJECT_PATHS):
             _problem(
