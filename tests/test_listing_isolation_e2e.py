@@ -78,8 +78,10 @@ def direct(upstream: Simulator, count: int) -> list[str]:
 
 
 def listings(upstream: Simulator) -> int:
+    """The listings (of files or batches) that reached the upstream so far."""
     found = httpx.get(f"{upstream.url}/_sim/arrivals").json()["requests"]
-    return sum(1 for a in found if (a["method"], a["raw_path"]) == ("GET", "/v1/files"))
+    lists = ("/v1/files", "/v1/batches")
+    return sum(1 for a in found if a["method"] == "GET" and a["raw_path"] in lists)
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +139,9 @@ def test_the_sdk_iterator_gives_the_same_files(
 
 
 def test_a_team_without_files_is_shown_none_and_no_cursor(
-    proxy: Tollgate, files: dict[str, list[str]]
+    proxy: Tollgate, upstream: Simulator, files: dict[str, list[str]]
 ) -> None:
+    before = listings(upstream)
     raw = httpx.get(
         f"{proxy.url}/v1/files",
         params={"limit": 2},
@@ -149,6 +152,8 @@ def test_a_team_without_files_is_shown_none_and_no_cursor(
     assert page["data"] == [] and page["first_id"] is None and page["last_id"] is None
     assert page["has_more"] is False
     assert list(proxy.client(EMPTY_KEY).files.list(limit=5)) == []
+    assert list(proxy.client(EMPTY_KEY).batches.list(limit=5)) == []
+    assert listings(upstream) == before  # nothing to look for: nothing read upstream
 
 
 def get(proxy: Tollgate, query: str, key: str = DESIGN_KEY) -> httpx.Response:

@@ -42,7 +42,7 @@ from proxy.core.models import Usage
 from proxy.core.paths import plain_query
 from proxy.core.settings import Team
 from proxy.doors.batches import BatchFile
-from proxy.ledger import BatchLine, StoredObject
+from proxy.ledger import BatchLine, ObjectKind, StoredObject
 from proxy.upstream import Answer, response_headers
 from proxy.web.admission import body_chunks
 from proxy.web.observe import KeyRefusals
@@ -300,17 +300,18 @@ under: see `proxy.web.batches.own_outputs`."""
 
 @dataclass(frozen=True)
 class Listing:
-    """A list endpoint: its upstream path, the query parameters OpenAI takes there, and its
-    page sizes."""
+    """A list endpoint: its upstream path, the kind of object it lists, the query parameters
+    OpenAI takes there, and its page sizes."""
 
     path: str
+    kind: ObjectKind
     params: frozenset[str]
     default_limit: int
     max_limit: int
 
 
-FILES = Listing("/files", frozenset({"after", "limit", "order", "purpose"}), 10_000, 10_000)
-BATCHES = Listing("/batches", frozenset({"after", "limit"}), 20, 100)
+FILES = Listing("/files", "file", frozenset({"after", "limit", "order", "purpose"}), 10_000, 10_000)
+BATCHES = Listing("/batches", "batch", frozenset({"after", "limit"}), 20, 100)
 
 
 async def scoped_listing(
@@ -330,9 +331,10 @@ async def scoped_listing(
 
     The query is written from its parse (the parameters OpenAI takes there, each once);
     an `after` that is not one of the caller's objects is answered as OpenAI answers an
-    unknown one, with an empty page, and never forwarded. It is asked for under the team's
-    project now, and so lists that project's objects (those the team created under a
-    former one are read one by one, `scoped_object`)."""
+    unknown one, with an empty page, and never forwarded. A team without any object of
+    the kind is answered that empty page at once, without reading the upstream. It is
+    asked for under the team's project now, and so lists that project's objects (those
+    the team created under a former one are read one by one, `scoped_object`)."""
     headers = {"x-tollgate-request-id": new_request_id()}
     team = refusals.team_of(request, runtime, headers)
     if isinstance(team, Response):
@@ -344,7 +346,11 @@ async def scoped_listing(
         found: list[Any] = []
         more = False
         project = runtime.config.project_of(team.name)
-        if after is None or (await runtime.ledger.teams_of([after])).get(after) == team.name:
+        if after is None:
+            walk = await runtime.ledger.owns_any(team.name, listing.kind)
+        else:
+            walk = (await runtime.ledger.teams_of([after])).get(after) == team.name
+        if walk:
             for _ in range(SKIPPED_PAGES + 1):
                 query = [*asked.items(), ("limit", str(UPSTREAM_PAGE))]
                 answer = await runtime.upstream.send(
