@@ -230,3 +230,52 @@ def test_batches_are_listed_for_their_team_only_across_pages(
     for owner, key in (("design", DESIGN_KEY), ("research", RESEARCH_KEY)):
         listed = [b.id for b in proxy.client(key).batches.list(limit=1)]
         assert listed == list(reversed(made[owner]))
+
+
+def test_objects_made_directly_upstream_are_no_teams(
+    proxy: Tollgate, upstream: Simulator, files: dict[str, list[str]]
+) -> None:
+    company = {"authorization": f"Bearer {UPSTREAM_KEY}"}
+    line = {"model": "gpt-image-2", "prompt": "a", "quality": "low", "size": "1024x1024"}
+    jsonl = json.dumps({"custom_id": "c", "method": "POST", "url": GENERATIONS, "body": line})
+    batch_file = httpx.post(
+        f"{upstream.url}/v1/files", headers=company, files={"file": ("in.jsonl", jsonl)},
+        data={"purpose": "batch"},
+    ).json()["id"]  # fmt: skip
+    batch = httpx.post(
+        f"{upstream.url}/v1/batches", headers=company,
+        json={"input_file_id": batch_file, "endpoint": GENERATIONS, "completion_window": "24h"},
+    ).json()["id"]  # fmt: skip
+    response = httpx.post(
+        f"{upstream.url}/v1/responses", headers=company,
+        json={"model": "gpt-5.5", "input": "hello", "max_output_tokens": 16},
+    ).json()["id"]  # fmt: skip
+    vision = files["direct"][0]
+    design = proxy.client()
+    attempts = [
+        lambda: design.files.retrieve(vision),
+        lambda: design.files.content(vision),
+        lambda: design.files.delete(vision),
+        lambda: design.batches.retrieve(batch),
+        lambda: design.batches.cancel(batch),
+        lambda: design.batches.create(
+            input_file_id=batch_file, endpoint=GENERATIONS, completion_window="24h"
+        ),
+        lambda: design.responses.retrieve(response),
+        lambda: design.responses.delete(response),
+        lambda: design.responses.input_items.list(response),
+        lambda: design.responses.create(
+            model="gpt-5.5", input="again", max_output_tokens=16, previous_response_id=response
+        ),
+        lambda: design.post(
+            "/images/edits", cast_to=httpx.Response,
+            body={"model": "gpt-image-2", "prompt": "copy", "images": [{"file_id": vision}]},
+        ),
+    ]  # fmt: skip
+    found = httpx.get(f"{upstream.url}/_sim/arrivals").json()["requests"]
+    before = len(found)
+    for attempt in attempts:
+        with pytest.raises(openai.NotFoundError):
+            attempt()
+    found = httpx.get(f"{upstream.url}/_sim/arrivals").json()["requests"][before:]
+    assert [a["raw_path"] for a in found] == ["/_sim/arrivals"]  # nothing forwarded
