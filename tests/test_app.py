@@ -194,3 +194,36 @@ def test_no_passthrough_reaches_the_objects_tollgate_keeps_to_each_team(
         assert answer.json()["error"]["code"] == "not_found"
         arrived = upstream.get("/_sim/arrivals").json()["requests"]
         assert [a["raw_path"] for a in arrived] == ["/_sim/arrivals"]
+
+
+@pytest.mark.parametrize(
+    ("method", "target"),
+    [
+        ("GET", "/v1/chat/completions"),
+        ("GET", "/v1/chat/completions/chatcmpl-theirs"),
+        ("GET", "/v1/chat/completions/chatcmpl-theirs/messages"),
+        ("POST", "/v1/chat/completions/chatcmpl-theirs"),
+        ("DELETE", "/v1/chat/completions/chatcmpl-theirs"),
+        ("GET", "/v1/Chat/Completions"),
+    ],
+)
+def test_stored_chat_completions_are_never_passed_through(
+    tmp_path: Path, method: str, target: str
+) -> None:
+    # OpenAI lists, reads, updates and deletes the completions stored under the company
+    # key, every team's alike: only their creation is forwarded.
+    write_config(tmp_path, "http://simulated/v1", settings="""
+        passthrough:
+          - {path: /v1/chat, methods: [GET, POST, DELETE]}
+          - {path: /v1/Chat, methods: [GET]}
+    """, teams={"web": f"name: web\nkeys:\n  - {{id: k, sha256: {key_hash(KEY)}}}\n"})  # fmt: skip
+    simulator = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY))
+    transport = Overrides(transport=httpx.ASGITransport(app=simulator))
+    app = create_app(load_config(tmp_path), transport, tmp_path)
+    with TestClient(app) as client, TestClient(simulator) as upstream:
+        answer = client.request(method, target, headers=HEADERS, json={})
+        assert answer.status_code == 404
+        assert answer.json()["error"]["code"] == "not_found"
+        client.post("/v1/chat/completions", headers=HEADERS, json={})  # forwarded
+        arrived = [a["raw_path"] for a in upstream.get("/_sim/arrivals").json()["requests"]]
+        assert arrived == ["/v1/chat/completions", "/_sim/arrivals"]
