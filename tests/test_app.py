@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from starlette.testclient import TestClient
 
 from proxy.config import load_config
 from proxy.core.auth import key_hash
+from proxy.core.settings import Passthrough
 from proxy.simulator import SimulatorSettings, create_simulator_app
 from proxy.web.app import create_app
 from proxy.web.passthrough import OtherPaths
@@ -163,3 +165,65 @@ def test_admin_refusals_are_answered_in_openai_shape(client: TestClient) -> None
     answer = client.get("/admin/budgets")
     assert answer.status_code == 404
     assert answer.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    ("prefix", "target"),
+    [
+        ("/v1/files", "/v1/files/file-theirs/content;x"),
+        ("/v1/files", "/v1/files/file-theirs/x"),
+        ("/v1/batches", "/v1/batches/batch_theirs/x"),
+        ("/v1/responses", "/v1/responses/resp_theirs/input_items;x"),
+        ("/v1/Responses", "/v1/Responses/resp_theirs"),
+        ("/v1/FILES", "/v1/FILES/file-theirs/content"),
+    ],
+)
+def test_no_passthrough_reaches_the_objects_tollgate_keeps_to_each_team(
+    tmp_path: Path, prefix: str, target: str
+) -> None:
+    # Set past the loader, which refuses such a prefix: the request path refuses it too.
+    write_config(tmp_path, "http://simulated/v1", teams={
+        "web": f"name: web\nkeys:\n  - {{id: k, sha256: {key_hash(KEY)}}}\n",
+    })  # fmt: skip
+    config = replace(load_config(tmp_path), passthrough=(Passthrough(prefix),))
+    simulator = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY))
+    app = create_app(config, Overrides(transport=httpx.ASGITransport(app=simulator)), tmp_path)
+    with TestClient(app) as client, TestClient(simulator) as upstream:
+        answer = client.get(target, headers=HEADERS)
+        assert answer.status_code == 404
+        assert answer.json()["error"]["code"] == "not_found"
+        arrived = upstream.get("/_sim/arrivals").json()["requests"]
+        assert [a["raw_path"] for a in arrived] == ["/_sim/arrivals"]
+
+
+@pytest.mark.parametrize(
+    ("method", "target"),
+    [
+        ("GET", "/v1/chat/completions"),
+        ("GET", "/v1/chat/completions/chatcmpl-theirs"),
+        ("GET", "/v1/chat/completions/chatcmpl-theirs/messages"),
+        ("POST", "/v1/chat/completions/chatcmpl-theirs"),
+        ("DELETE", "/v1/chat/completions/chatcmpl-theirs"),
+        ("GET", "/v1/Chat/Completions"),
+    ],
+)
+def test_stored_chat_completions_are_never_passed_through(
+    tmp_path: Path, method: str, target: str
+) -> None:
+    # OpenAI lists, reads, updates and deletes the completions stored under the company
+    # key, every team's alike: only their creation is forwarded.
+    write_config(tmp_path, "http://simulated/v1", settings="""
+        passthrough:
+          - {path: /v1/chat, methods: [GET, POST, DELETE]}
+          - {path: /v1/Chat, methods: [GET]}
+    """, teams={"web": f"name: web\nkeys:\n  - {{id: k, sha256: {key_hash(KEY)}}}\n"})  # fmt: skip
+    simulator = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY))
+    transport = Overrides(transport=httpx.ASGITransport(app=simulator))
+    app = create_app(load_config(tmp_path), transport, tmp_path)
+    with TestClient(app) as client, TestClient(simulator) as upstream:
+        answer = client.request(method, target, headers=HEADERS, json={})
+        assert answer.status_code == 404
+        assert answer.json()["error"]["code"] == "not_found"
+        client.post("/v1/chat/completions", headers=HEADERS, json={})  # forwarded
+        arrived = [a["raw_path"] for a in upstream.get("/_sim/arrivals").json()["requests"]]
+        assert arrived == ["/v1/chat/completions", "/_sim/arrivals"]

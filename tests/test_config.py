@@ -543,6 +543,19 @@ def test_team_key_problems(policies: Path, text: str, expected: list[str]) -> No
 # -- problems in tollgate.yaml -----------------------------------------------------
 
 IMAGES = "would forward image requests unmetered"
+
+
+def shared(store: str) -> str:
+    return (
+        f"would show every team the objects OpenAI keeps under {store} for the company key, "
+        "which Tollgate cannot keep to the team that made each one"
+    )
+
+
+KEPT_OBJECTS = (
+    "would forward the responses, batches and files Tollgate keeps to each team (and, "
+    "written to, image spend it did not price): Tollgate serves those paths itself"
+)
 NOT_PLAIN = (
     "is not a plain path: no '.' or '..' segments, empty segments, '%' escapes, backslashes "
     "or spaces"
@@ -599,16 +612,30 @@ SETTINGS_PROBLEMS = [
     ),
     (
         "passthrough:\n  - {path: /v1/responses, methods: [GET, POST]}\n",
-        "2: passthrough[0].path: '/v1/responses' with POST would let image spend through "
-        "unmetered (the Responses image tool, batches and their files): only GET and HEAD "
-        "may be passed through there",
+        "2: passthrough[0].path: '/v1/responses' " + KEPT_OBJECTS,
     ),
     (
         "passthrough:\n  - {path: /v1/Batches/x, methods: [DELETE]}\n",
-        "2: passthrough[0].path: '/v1/Batches/x' with DELETE would let image spend through "
-        "unmetered (the Responses image tool, batches and their files): only GET and HEAD "
-        "may be passed through there",
+        "2: passthrough[0].path: '/v1/Batches/x' " + KEPT_OBJECTS,
     ),
+    ("passthrough: [/v1/files]\n", "1: passthrough[0]: '/v1/files' " + KEPT_OBJECTS),
+    (
+        "passthrough: [/v1/vector_stores]\n",
+        "1: passthrough[0]: '/v1/vector_stores' " + shared("/v1/vector_stores"),
+    ),
+    (
+        "passthrough: [/v1/Uploads/x]\n",
+        "1: passthrough[0]: '/v1/Uploads/x' " + shared("/v1/uploads"),
+    ),
+    (
+        "passthrough:\n  - {path: /v1/containers, methods: [DELETE]}\n",
+        "2: passthrough[0].path: '/v1/containers' " + shared("/v1/containers"),
+    ),
+    (
+        "passthrough: [/v1/chatkit/threads]\n",
+        "1: passthrough[0]: '/v1/chatkit/threads' " + shared("/v1/chatkit"),
+    ),
+    ("passthrough: [/v1/Responses/x]\n", "1: passthrough[0]: '/v1/Responses/x' " + KEPT_OBJECTS),
     (
         "passthrough:\n  - {path: /v1/realtime, methods: [GET, POST]}\n",
         "2: passthrough[0].path: '/v1/realtime' with POST would let a team mint client "
@@ -668,9 +695,16 @@ def test_passthrough_is_get_and_head_unless_the_methods_are_listed(policies: Pat
     )
 
 
-def test_the_other_image_doors_may_be_passed_through_for_reading_only(policies: Path) -> None:
+def test_the_other_image_doors_are_never_passed_through_not_even_for_reading(
+    policies: Path,
+) -> None:
+    # Their objects are kept to each team by Tollgate's own routes; a path under them that
+    # no route takes would reach another team's object with the company key.
     write(policies / "tollgate.yaml", "passthrough:\n  - /v1/responses\n  - /v1/batches\n")
-    assert [p.methods for p in load(policies).passthrough] == [frozenset({"GET", "HEAD"})] * 2
+    assert problems_of(policies) == [
+        f"policies/tollgate.yaml:2: passthrough[0]: '/v1/responses' {KEPT_OBJECTS}",
+        f"policies/tollgate.yaml:3: passthrough[1]: '/v1/batches' {KEPT_OBJECTS}",
+    ]
 
 
 def test_missing_settings_file_is_a_problem(policies: Path) -> None:

@@ -23,6 +23,7 @@ from proxy.ledger.base import (
     BatchLine,
     BilledLine,
     Chooser,
+    ObjectKind,
     Owner,
     Reservation,
     StoredObject,
@@ -180,6 +181,10 @@ async def test_an_object_is_its_teams_and_a_file_keeps_its_priced_lines(ledger: 
         "batch_abc": "design",
     }
     assert await ledger.teams_of([]) == {}
+    kinds: tuple[ObjectKind, ...] = ("file", "batch")
+    owned = [(t, k) for t in ("design", "research", "ops") for k in kinds
+             if await ledger.owns_any(t, k)]  # fmt: skip
+    assert owned == [("design", "file"), ("design", "batch"), ("research", "file")]
     assert await ledger.batch_lines("file-abc") == {line.custom_id: line for line in lines}
     assert await ledger.batch_lines("file-img") == {}
     assert (await ledger.contents()).objects == 3

@@ -6,12 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.config.source import Document, JsonPath
-from proxy.core.paths import TOLLGATE_PATHS, canonical, under
+from proxy.core.paths import OBJECT_PATHS, TOLLGATE_PATHS, canonical, under
 from proxy.core.settings import READ_ONLY, Passthrough
-
-# Paths other than the Images API through which OpenAI bills image generation: passthrough
-# may read there, never write (a POST would be spend Tollgate did not price).
-SPENDING_DOORS = ("/v1/responses", "/v1/batches", "/v1/files")
 
 # Paths where OpenAI opens a session on the account of the key that calls it, for a browser
 # to use against OpenAI directly: an ephemeral client secret (Realtime's client secrets and
@@ -19,6 +15,18 @@ SPENDING_DOORS = ("/v1/responses", "/v1/batches", "/v1/files")
 # session itself). Passed through, they would hand a team a credential of the upstream
 # account, and spend Tollgate never sees: every write under `/v1/realtime` is one.
 KEY_MINTING = ("/v1/realtime", "/v1/chatkit/sessions")
+
+# Paths where OpenAI keeps objects of the account that calls it, listed, read, changed and
+# deleted by id: every team would share the company key's, and Tollgate keeps none of them
+# to the team that made it (as it does files, batches and responses). Passed through in any
+# method, one team would list, read or delete another's uploads, containers and their
+# files, vector stores, conversations, assistants and threads, fine-tuning jobs, evals,
+# videos or ChatKit threads.
+OBJECT_STORES = (
+    "/v1/uploads", "/v1/containers", "/v1/vector_stores", "/v1/conversations",
+    "/v1/assistants", "/v1/threads", "/v1/fine_tuning", "/v1/evals", "/v1/videos",
+    "/v1/chatkit",
+)  # fmt: skip
 
 
 def passthrough_prefixes(
@@ -62,14 +70,22 @@ def passthrough_prefixes(
                 "mint client secrets or sessions with the upstream key (Realtime and ChatKit): "
                 "only GET and HEAD may be passed through there",
             )
-        elif methods - READ_ONLY and any(covers(prefix, door) for door in SPENDING_DOORS):
+        elif store := next((kept for kept in OBJECT_STORES if reaches(prefix, kept)), None):
             _problem(
                 problems,
                 doc,
                 where,
-                f"{prefix!r} with {', '.join(sorted(methods - READ_ONLY))} would let image "
-                "spend through unmetered (the Responses image tool, batches and their "
-                "files): only GET and HEAD may be passed through there",
+                f"{prefix!r} would show every team the objects OpenAI keeps under {store} for "
+                "the company key, which Tollgate cannot keep to the team that made each one",
+            )
+        elif any(covers(prefix, door) for door in OBJECT_PATHS):
+            _problem(
+                problems,
+                doc,
+                where,
+                f"{prefix!r} would forward the responses, batches and files Tollgate keeps to "
+                "each team (and, written to, image spend it did not price): Tollgate serves "
+                "those paths itself",
             )
         elif prefix in found:
             _problem(problems, doc, where, f"{prefix!r} is listed twice")

@@ -29,6 +29,15 @@ _DOTS = (".", "..")
 TOLLGATE_PATHS = "/v1/tollgate"
 """Tollgate's own paths under `/v1` (`GET /v1/tollgate/budget`): never forwarded upstream,
 whatever `passthrough:` lists."""
+OBJECT_PATHS = ("/v1/responses", "/v1/batches", "/v1/files")
+"""Where OpenAI keeps the responses, batches and files of the company account, each of which
+Tollgate keeps to the team that made it: only Tollgate's own routes reach them, which look
+the object up first, never `passthrough:` (a path no route takes, `/v1/files/{id}/x` or
+`…/content;x`, would name another team's object to an upstream that may read it as one)."""
+CHAT_COMPLETIONS = "/v1/chat/completions"
+"""Where OpenAI lists, reads, updates and deletes the chat completions stored under the
+company key, every team's alike: under a `passthrough:` prefix, only `POST` of this path
+itself (a new completion) is forwarded."""
 
 
 def canonical(raw_path: bytes) -> str | None:

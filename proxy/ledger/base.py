@@ -436,6 +436,10 @@ class Ledger(Protocol):
     async def teams_of(self, object_ids: Sequence[str]) -> dict[str, str]:
         """The team of each of `object_ids` Tollgate forwarded (to filter a listing)."""
 
+    async def owns_any(self, team: str, kind: ObjectKind) -> bool:
+        """Whether `team` has any object of `kind` recorded (a listing of a team without
+        one reads nothing upstream)."""
+
     async def batch_lines(self, file_id: str) -> dict[str, BatchLine]:
         """The priced lines of the batch input file `file_id`, by `custom_id`."""
 

@@ -25,6 +25,7 @@ from proxy.ledger.base import (
     Flagged,
     GroupColumn,
     HeldEntry,
+    ObjectKind,
     OpenBatch,
     Owner,
     Reservation,
@@ -294,6 +295,9 @@ class PostgresLedger(Schema, KeptAnswers):
             return {}
         sql, values = SQL.teams_of(object_ids)
         return {r[0]: r[1] for r in await self.db.fetch(sql, *values)}
+
+    async def owns_any(self, team: str, kind: ObjectKind) -> bool:
+        return bool(await self.db.fetch(SQL.owns_any, team, kind))
 
     async def batch_lines(self, file_id: str) -> dict[str, BatchLine]:
         return codecs.batch_lines(await self.db.fetch(SQL.batch_lines, file_id))

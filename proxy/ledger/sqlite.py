@@ -43,6 +43,7 @@ from proxy.ledger.base import (
     Flagged,
     GroupColumn,
     HeldEntry,
+    ObjectKind,
     OpenBatch,
     Owner,
     Reservation,
@@ -328,6 +329,9 @@ class SqliteLedger(KeptAnswers):
         if not object_ids:
             return {}
         return {r[0]: r[1] for r in await self.file.fetch(*SQL.teams_of(object_ids))}
+
+    async def owns_any(self, team: str, kind: ObjectKind) -> bool:
+        return bool(await self.file.fetch(SQL.owns_any, (team, kind)))
 
     async def batch_lines(self, file_id: str) -> dict[str, BatchLine]:
         return codecs.batch_lines(await self.file.fetch(SQL.batch_lines, (file_id,)))

@@ -166,6 +166,8 @@ class Statements:
     """`object_values`: an object recorded, unless its id is already (then nothing)."""
     owner_of: str
     """(id,): the team an object was recorded for."""
+    owns_any: str
+    """(team, kind): a row when the team has an object of that kind."""
     insert_line: str
     """A batch input file's line, in `LINE_COLUMNS` order."""
     stored: str
@@ -388,6 +390,7 @@ def _reads(d: Dialect) -> dict[str, str]:
         "(SELECT count(*) FROM alerts_sent), (SELECT coalesce(sum(cost_nanos), 0) FROM requests), "
         "(SELECT count(*) FROM stored_objects)",
         "owner_of": "SELECT team FROM stored_objects WHERE id = ?",
+        "owns_any": "SELECT 1 FROM stored_objects WHERE team = ? AND kind = ? LIMIT 1",
         "stored": f"SELECT {names(OBJECT_COLUMNS)} FROM stored_objects WHERE id = ?",
         "batch_lines": f"SELECT {names(LINE_COLUMNS[1:])} FROM batch_lines WHERE file_id = ? "
         "ORDER BY line",

@@ -53,7 +53,7 @@ from proxy.upstream import response_headers
 from proxy.web import repeats
 from proxy.web.admission import read_body
 from proxy.web.batch_follow import BATCH_SPAN_S, BatchFollow
-from proxy.web.files import not_found, read_answer, scoped_listing, scoped_object
+from proxy.web.files import BATCHES, not_found, read_answer, scoped_listing, scoped_object
 from proxy.web.observe import KeyRefusals, observe
 from proxy.web.pipeline import new_request_id, refuse
 from proxy.web.projects import same_project
@@ -273,7 +273,7 @@ class Batches:
         await release(runtime, entry, failure.status, failure.code)
 
     async def listing(self, request: Request, runtime: Runtime) -> Response:
-        return await scoped_listing(request, runtime, self.key_refusals, "/batches", own_outputs)
+        return await scoped_listing(request, runtime, self.key_refusals, BATCHES, own_outputs)
 
     async def one(self, request: Request, runtime: Runtime) -> Response:
         """`GET /v1/batches/{id}` and `POST …/cancel` for the batch's team."""

@@ -6,9 +6,9 @@ files only.
                      all of them listed → the form written out again from the parse →
                      forwarded with the company key → the file recorded as the team's
     GET /v1/files, GET /v1/files/{id}, GET …/content, DELETE /v1/files/{id}
-                     forwarded for the team that owns the file; a listing is filtered to
-                     the team's files; another team's id is 404, as OpenAI answers an
-                     unknown one
+                     forwarded for the team that owns the file; a listing shows only
+                     the team's files, read from the upstream's pages; another team's id
+                     is 404, as OpenAI answers an unknown one
 
 A file is recorded with the OpenAI project it was uploaded under, and read and deleted
 there, whatever the team's project is now (OpenAI keeps it there); a listing goes under
@@ -26,6 +26,7 @@ import re
 import secrets
 import tempfile
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import IO, Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -36,12 +37,12 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from proxy.core.budgets import allow_endpoint
-from proxy.core.errors import InvalidRequest, NotFound, RequestError
+from proxy.core.errors import InvalidRequest, NotFound, RequestError, UpstreamUnavailable
 from proxy.core.models import Usage
 from proxy.core.paths import plain_query
 from proxy.core.settings import Team
 from proxy.doors.batches import BatchFile
-from proxy.ledger import BatchLine, StoredObject
+from proxy.ledger import BatchLine, ObjectKind, StoredObject
 from proxy.upstream import Answer, response_headers
 from proxy.web.admission import body_chunks
 from proxy.web.observe import KeyRefusals
@@ -60,7 +61,12 @@ SAFE_TYPE = re.compile(r"[a-z]+/[a-z0-9.+-]+", re.ASCII)
 CHUNK = 256 * 1024
 ANSWER_LIMIT = 1024 * 1024
 SKIPPED_PAGES = 20
-"""Upstream pages a listing reads past when they hold none of the caller's objects."""
+"""Upstream pages a listing reads past when they hold too few of the caller's objects."""
+UPSTREAM_PAGE = 100
+"""The objects a listing asks the upstream for at a time, whatever the client's `limit`
+(the most OpenAI lists of batches at once): the caller's are found among them."""
+LIST_ANSWER_LIMIT = 4 * 1024 * 1024
+"""An upstream page read whole: 100 batches of 16 metadata pairs each hold about 1 MB."""
 
 
 def not_found(kind: str, object_id: str) -> NotFound:
@@ -140,8 +146,8 @@ class Files:
             raise InvalidRequest(batch.report(), param="file")
 
     async def listing(self, request: Request, runtime: Runtime) -> Response:
-        """`GET /v1/files`: the upstream's page, with only the team's files in it."""
-        return await scoped_listing(request, runtime, self.key_refusals, "/files")
+        """`GET /v1/files`: the team's files, read from the upstream's pages."""
+        return await scoped_listing(request, runtime, self.key_refusals, FILES)
 
     async def one(self, request: Request, runtime: Runtime) -> Response:
         """`GET`/`DELETE /v1/files/{id}`, `GET …/content`: the team's own file only."""
@@ -233,13 +239,13 @@ async def copy_file(upload: UploadFile, out: IO[bytes]) -> None:
         out.write(chunk)
 
 
-async def read_answer(answer: Answer) -> bytes:
+async def read_answer(answer: Answer, limit: int = ANSWER_LIMIT) -> bytes:
     """A small JSON answer read whole (an upstream that sends more is cut at the limit)."""
     chunks, size = [], 0
     try:
         async for chunk in answer.chunks():
             size += len(chunk)
-            if size > ANSWER_LIMIT:
+            if size > limit:
                 break
             chunks.append(chunk)
     finally:
@@ -292,70 +298,133 @@ Seen = Callable[[Runtime, Team, Any, str | None], Awaitable[None]]
 under: see `proxy.web.batches.own_outputs`."""
 
 
+@dataclass(frozen=True)
+class Listing:
+    """A list endpoint: its upstream path, the kind of object it lists, the query parameters
+    OpenAI takes there, and its page sizes."""
+
+    path: str
+    kind: ObjectKind
+    params: frozenset[str]
+    default_limit: int
+    max_limit: int
+
+
+FILES = Listing("/files", "file", frozenset({"after", "limit", "order", "purpose"}), 10_000, 10_000)
+BATCHES = Listing("/batches", "batch", frozenset({"after", "limit"}), 20, 100)
+
+
 async def scoped_listing(
-    request: Request, runtime: Runtime, refusals: KeyRefusals, path: str, seen: Seen | None = None
+    request: Request,
+    runtime: Runtime,
+    refusals: KeyRefusals,
+    listing: Listing,
+    seen: Seen | None = None,
 ) -> Response:
-    """A list endpoint (`/files`, `/batches`): the upstream's page with only the caller's
-    objects in `data` (a page may so come out shorter than `limit`; `has_more` is the
-    upstream's). An upstream page holding none of them is read past (the next one asked
-    `after` its last object, up to `SKIPPED_PAGES` of them): an empty page with `has_more`
-    would end a client's pagination (the SDKs ask for the next page `after` the last object
-    of `data`), so the caller's older objects would never be listed. It is asked for under
-    the team's project now, and so lists that project's objects (those the team created
-    under a former one are read one by one, `scoped_object`)."""
+    """A list endpoint (`/files`, `/batches`): the caller's objects, in the upstream's order,
+    read from the upstream's pages (`UPSTREAM_PAGE` objects each) until `limit` of them are
+    found, the upstream has no more, or `SKIPPED_PAGES + 1` pages were read. A page may so
+    come out shorter than `limit`; `first_id` and `last_id` are its own objects' (None when
+    it holds none) and `has_more` says whether the upstream has more past the last one. The
+    SDKs ask for the next page `after` the last object of `data`: always one of the
+    caller's, so another team's objects are read past again, never skipped over.
+
+    The query is written from its parse (the parameters OpenAI takes there, each once);
+    an `after` that is not one of the caller's objects is answered as OpenAI answers an
+    unknown one, with an empty page, and never forwarded. A team without any object of
+    the kind is answered that empty page at once, without reading the upstream. It is
+    asked for under the team's project now, and so lists that project's objects (those
+    the team created under a former one are read one by one, `scoped_object`)."""
     headers = {"x-tollgate-request-id": new_request_id()}
     team = refusals.team_of(request, runtime, headers)
     if isinstance(team, Response):
         return team
     try:
-        query = plain_query(request.scope.get("query_string", b""))
-        if query is None:
-            raise InvalidRequest("The query string holds characters that must be percent-encoded.")
+        asked = listed_query(request, listing)
+        limit = int(asked.pop("limit", listing.default_limit))
+        after = asked.pop("after", None)
+        found: list[Any] = []
+        more = False
         project = runtime.config.project_of(team.name)
-        for _ in range(SKIPPED_PAGES + 1):
-            answer = await runtime.upstream.send(
-                path, b"", "", request.headers.items(), method="GET", query=query,
-                project=project,
-            )  # fmt: skip
-            body = await read_answer(answer)
-            if not 200 <= answer.status < 300:
-                break
-            body, read_past = await filtered(runtime, team, body, project, seen)
-            if read_past is None:
-                break
-            query = urlencode([*((k, v) for k, v in parse_qsl(query) if k != "after"),
-                               ("after", read_past)])  # fmt: skip
+        if after is None:
+            walk = await runtime.ledger.owns_any(team.name, listing.kind)
+        else:
+            walk = (await runtime.ledger.teams_of([after])).get(after) == team.name
+        if walk:
+            for _ in range(SKIPPED_PAGES + 1):
+                query = [*asked.items(), ("limit", str(UPSTREAM_PAGE))]
+                answer = await runtime.upstream.send(
+                    listing.path, b"", "", request.headers.items(), method="GET",
+                    query=urlencode([*query, *((("after", after),) if after else ())]),
+                    project=project,
+                )  # fmt: skip
+                body = await read_answer(answer, LIST_ANSWER_LIMIT)
+                if not 200 <= answer.status < 300:
+                    return Response(
+                        body, answer.status, headers={**dict(response_headers(answer)), **headers}
+                    )
+                ids, more = page_of(body)
+                teams = await runtime.ledger.teams_of([i for i, _ in ids])
+                found += [item for i, item in ids if teams.get(i) == team.name]
+                if len(found) >= limit or not more or not ids:
+                    break
+                after = ids[-1][0]
+            more = more or len(found) > limit
+            found = found[:limit]
+            if seen is not None:
+                for item in found:
+                    await seen(runtime, team, item, project)
     except RequestError as exc:
         return error_response(exc, headers)
-    return Response(body, answer.status, headers={**dict(response_headers(answer)), **headers})
+    page = {
+        "object": "list",
+        "data": found,
+        "first_id": found[0]["id"] if found else None,
+        "last_id": found[-1]["id"] if found else None,
+        "has_more": more,
+    }
+    return Response(json.dumps(page).encode(), 200, media_type="application/json", headers=headers)
 
 
-async def filtered(
-    runtime: Runtime, team: Team, body: bytes, project: str | None, seen: Seen | None = None
-) -> tuple[bytes, str | None]:
-    """The page with only the team's objects, and, when it holds none of them but the
-    upstream has more, the id to read on after (else None)."""
+def listed_query(request: Request, listing: Listing) -> dict[str, str]:
+    """The query of a listing, read: each parameter OpenAI takes there at most once, a
+    `limit` within OpenAI's range; anything else is refused."""
+    raw = plain_query(request.scope.get("query_string", b""))
+    if raw is None:
+        raise InvalidRequest("The query string holds characters that must be percent-encoded.")
+    asked: dict[str, str] = {}
+    for name, value in parse_qsl(raw, keep_blank_values=True):
+        if name not in listing.params:
+            raise InvalidRequest(f"Unknown parameter: '{name}'.", param=name)
+        if name in asked:
+            raise InvalidRequest(f"Duplicate parameter: '{name}'.", param=name)
+        if value:
+            asked[name] = value
+    limit = asked.get("limit")
+    if limit is not None and not (
+        limit.isascii() and limit.isdigit() and 1 <= int(limit) <= listing.max_limit
+    ):
+        raise InvalidRequest(
+            f"Invalid 'limit': expected an integer between 1 and {listing.max_limit}.",
+            param="limit",
+        )
+    if asked.get("order", "desc") not in ("asc", "desc"):
+        raise InvalidRequest("Invalid 'order': expected 'asc' or 'desc'.", param="order")
+    return asked
+
+
+def page_of(body: bytes) -> tuple[list[tuple[str, Any]], bool]:
+    """An upstream page's objects, each with its id, and its `has_more`; UpstreamUnavailable
+    for a page unlike OpenAI's (or cut at the limit), which would otherwise list nothing."""
     try:
         page = json.loads(body)
-        items = page["data"]
+        items, more = page["data"], page.get("has_more")
+        ids = [(item["id"], item) for item in items]
     except (ValueError, KeyError, TypeError):
-        return b'{"object":"list","data":[],"has_more":false}', None
-    ids = [item.get("id") for item in items if isinstance(item, dict)]
-    teams = await runtime.ledger.teams_of([i for i in ids if isinstance(i, str)])
-    page["data"] = [
-        item
-        for item in items
-        if isinstance(item, dict) and teams.get(str(item.get("id"))) == team.name
-    ]
-    data = page["data"]
-    if seen is not None:
-        for item in data:
-            await seen(runtime, team, item, project)
-    page["first_id"] = data[0]["id"] if data else None
-    page["last_id"] = data[-1]["id"] if data else page.get("last_id")
-    last = ids[-1] if ids else None
-    read_past = last if not data and page.get("has_more") and isinstance(last, str) else None
-    return json.dumps(page).encode(), read_past
+        ids, more = [], "unreadable"
+    if more not in (True, False, None) or not all(isinstance(i, str) for i, _ in ids):
+        raise UpstreamUnavailable("The upstream answered a listing with an unreadable page.")
+    return ids, bool(more)
 
 
 async def scoped_object(

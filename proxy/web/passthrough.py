@@ -15,7 +15,7 @@ from proxy.core.errors import (
     NotFound,
     RequestError,
 )
-from proxy.core.paths import TOLLGATE_PATHS, plain_query, under
+from proxy.core.paths import CHAT_COMPLETIONS, OBJECT_PATHS, TOLLGATE_PATHS, plain_query, under
 from proxy.upstream import response_headers
 from proxy.web.admission import read_body
 from proxy.web.observe import KeyRefusals
@@ -40,10 +40,13 @@ class OtherPaths:
         s = runtime
         path, method = request.url.path, request.method
         listed = [p for p in s.config.passthrough if under(path, p.prefix)]
-        # Image requests are never unmetered, whatever a prefix or the path's case says, and
-        # Tollgate's own paths are never forwarded.
+        # Image requests are never unmetered, whatever a prefix or the path's case says;
+        # Tollgate's own paths, the objects it keeps to each team, and the chat completions
+        # stored under the company key (all but a new one) are never forwarded.
         lowered = path.lower()
-        if not listed or under(lowered, "/v1/images") or under(lowered, TOLLGATE_PATHS):
+        kept = ("/v1/images", TOLLGATE_PATHS, *OBJECT_PATHS)
+        stored = under(lowered, CHAT_COMPLETIONS) and (method, path) != ("POST", CHAT_COMPLETIONS)
+        if not listed or stored or any(under(lowered, p) for p in kept):
             return error_response(
                 NotFound(
                     f"Invalid URL ({method} {path}): Tollgate proxies only the image endpoints."
