@@ -27,7 +27,8 @@ def top(collapsed: Path, count: int = 25) -> str:
     """The frames with the most samples at the top of the stack (own time)."""
     own: collections.Counter[str] = collections.Counter()
     total = 0
-    for line in collapsed.read_bytes().decode(errors="replace").split("\n"):  # not read_text: a frame may hold \r
+    # Not read_text: its universal newlines would break a line at a frame name's \r.
+    for line in collapsed.read_bytes().decode(errors="replace").split("\n"):
         if not line:
             continue
         stack, _, n = line.rpartition(" ")
