@@ -568,7 +568,18 @@ def test_estimate_multiplies_output_by_n(book: PriceBook) -> None:
     four = estimate(model, request(quality="medium", size="1536x1024", prompt_bytes=10, n=4))
     assert four.usage.image_output == 4 * one.usage.image_output == 4 * 1372
     assert four.usage.images == 4
-    assert four.usage.text_input == one.usage.text_input == 10
+    assert one.usage.text_input == 10
+
+
+def test_estimate_bounds_the_input_of_every_image(book: PriceBook) -> None:
+    """OpenAI does not say that `n` images bill their prompt and input images once: each
+    image is bounded as if billed its own, as each call of the Responses image tool is."""
+    model = model_of(book, "gpt-image-1.5")
+    edit = request("gpt-image-1.5", endpoint="edits", prompt_bytes=10, images=(InputImage(),), n=1)
+    one, four = estimate(model, edit), estimate(model, edit.with_changes(n=4))
+    assert one.usage.text_input == 10 and four.usage.text_input == 40
+    assert one.usage.image_input == 6821 and four.usage.image_input == 4 * 6821
+    assert four.usage.text_output == 4 * one.usage.text_output == 4 * model.text_output_ceiling
 
 
 def test_estimate_counts_uploaded_images_and_the_mask(book: PriceBook) -> None:
@@ -649,8 +660,9 @@ def grid() -> list[Any]:
         {"n": 3},
         {"stream": True, "partial_images": 3, "n": 2},
         {"prompt": "ünïcødé " * 50},
+        {"prompt": "a lighthouse at dusk, " * 200, "n": 10},
     ],
-    ids=["plain", "n3", "partials", "unicode"],
+    ids=["plain", "n3", "partials", "unicode", "long-n10"],
 )
 def test_estimate_is_never_below_what_the_simulator_bills(
     book: PriceBook, name: str, quality: str, size: str, extra: dict[str, Any]
@@ -672,14 +684,16 @@ def test_estimate_is_never_below_what_the_simulator_bills(
 
 @pytest.mark.parametrize("name", ["gpt-image-1", "gpt-image-1.5", "gpt-image-2.5-flare"])
 @pytest.mark.parametrize("fidelity", [None, "low", "high"])
+@pytest.mark.parametrize("n", [1, 10])
 def test_estimate_of_a_json_edit_is_never_below_what_the_simulator_bills(
-    book: PriceBook, name: str, fidelity: str | None
+    book: PriceBook, name: str, fidelity: str | None, n: int
 ) -> None:
     fields: dict[str, Any] = {
         "prompt": "add a hat",
         "model": name,
         "images": [{"image_url": "https://example.com/a.png"}, {"file_id": "file-1"}],
         "quality": "auto",
+        "n": n,
     }
     if fidelity is not None:
         fields["input_fidelity"] = fidelity
