@@ -2,7 +2,8 @@
 
 text input    ceil(utf-8 bytes of the prompt / 4), per image made
 image input   gpt-image-1's published tile rule for every input image, per image made
-image output  the image-generation guide's table (models before gpt-image-2) or the
+image output  the image-generation guide's table (models before gpt-image-2; for
+              gpt-image-1-mini its published per-image prices at its output rate) or the
               community formula (gpt-image-2 and 2.x), per image, + 100 per streamed partial
 
 OpenAI does not say whether a request for `n` images bills its input once or once per
@@ -16,7 +17,7 @@ import math
 from dataclasses import dataclass
 
 from proxy.core.models import InputImage
-from proxy.simulator.catalogue import TABLE_TOKENS, ModelRule
+from proxy.simulator.catalogue import ModelRule
 from proxy.simulator.validation import ImageOrder
 
 PARTIAL_IMAGE_TOKENS = 100
@@ -79,7 +80,7 @@ def formula_tokens(factor: int, width: int, height: int) -> int:
 def output_tokens_per_image(model: ModelRule, quality: str, width: int, height: int) -> int:
     """Image output tokens of one final image at an effective quality and size (0 for DALL·E)."""
     if model.output_rule == "table":
-        return TABLE_TOKENS[quality][f"{width}x{height}"]
+        return model.table[quality][f"{width}x{height}"]
     if model.output_rule == "formula":
         tokens = formula_tokens(model.factors[quality], width, height)
         return math.ceil(tokens * model.multipliers.get(quality, 1))
