@@ -85,3 +85,26 @@ def test_a_batch_line_never_bills_above_its_bound(
             f"{billed.detail}"
         )
     event(f"lines billed: {min(billed_lines, 2)}")
+
+
+@pytest.mark.parametrize("model", ["gpt-image-1.5", "gpt-image-2", "gpt-image-1-mini"])
+def test_a_batch_edit_line_of_ten_images_never_bills_above_its_bound(
+    config: Config, model: str
+) -> None:
+    """Ten images from four reference images and a long prompt, at the cheapest quality:
+    the input, which the simulated Batch API bills for each image, dwarfs the output."""
+    body = {"model": model, "prompt": "keep the fox, " * 500, "n": 10, "quality": "low"}
+    body |= {"size": "1024x1024", "images": [{"image_url": "https://example.com/a.png"}] * 4}
+    if model == "gpt-image-1.5":
+        body["input_fidelity"] = "high"
+    line = {"custom_id": "r0", "method": "POST", "url": URLS["edits"], "body": body}
+    batch = BatchFile(team_with(config, None), config)
+    forwarded = batch.feed(json.dumps(line).encode() + b"\n") + batch.finish()
+    assert batch.ok
+    read = read_input(forwarded, URLS["edits"])
+    assert not isinstance(read, list)
+    (ran,) = (run_line(line) for line in read.lines)
+    assert ran.order is not None and ran.tokens is not None
+    billed = image_billed(ran.order, ran.tokens, config.prices, batch=True)
+    (bound,) = (line.bound_nanos for line in batch.lines)
+    assert billed.nanos <= bound, f"bound {bound} < billed {billed.nanos}: {billed.detail}"

@@ -272,3 +272,20 @@ def test_a_downgrade_of_the_image_tool_the_upstream_would_refuse_is_never_sent(
         return
     for fields, _, changes in forms[1:]:
         assert responses_bill(fields, config.prices) is not None, changes
+
+
+@pytest.mark.parametrize("model", ["gpt-image-2", "gpt-image-1.5", "gpt-image-2.6-flare"])
+def test_a_chain_of_edits_in_one_response_never_bills_above_its_bound(
+    config: Config, model: str
+) -> None:
+    """Four calls of the tool in one response, the cheapest image each: every call after
+    the first is also given the images the calls before it made (1 + 2 + 3 of them), which
+    the request's own context (no image at all) does not bound."""
+    tool = {"type": "image_generation", "model": model, "quality": "low", "size": "1024x1024"}
+    if model == "gpt-image-1.5":
+        tool["input_fidelity"] = "high"
+    body = {"model": "gpt-5.4-nano", "input": "a fox, then give it a hat [[images:4]]"}
+    body |= {"tools": [tool], "max_output_tokens": 16, "max_tool_calls": 4}
+    assert check(config, team_with(config, None), body) >= 1
+    made = tokens_of(read_order(body)).image_gen.image_input
+    assert made == (1 + 2 + 3) * (65 + 129 + 4160)  # 1024x1024 (one tile), high fidelity

@@ -561,6 +561,20 @@ NOT_PLAIN = (
     "or spaces"
 )
 SETTINGS_PROBLEMS = [
+    (
+        "upstream:\n  base_url: https://eu.api.openai.com/v1\n",
+        "2: upstream.base_url: eu.api.openai.com is a data-residency endpoint, where OpenAI "
+        "bills 10 % above the price book's rates for models released on or after "
+        "2026-03-05, so Tollgate would reserve less than it is billed: use "
+        "https://api.openai.com/v1",
+    ),
+    (
+        "upstream:\n  base_url: https://MTLS-US.api.openai.com./v1\n",
+        "2: upstream.base_url: mtls-us.api.openai.com is a data-residency endpoint, where "
+        "OpenAI bills 10 % above the price book's rates for models released on or after "
+        "2026-03-05, so Tollgate would reserve less than it is billed: use "
+        "https://api.openai.com/v1",
+    ),
     ("upstream:\n  timout_s: 3\n", "2: upstream.timout_s: unknown key (did you mean 'timeout_s'?)"),
     ("upstream:\n  timeout_s: 0\n", "2: upstream.timeout_s: must be a number > 0, got 0"),
     ("timezone: Mars/Olympus\n", "1: timezone: unknown time zone 'Mars/Olympus'"),
@@ -682,6 +696,14 @@ def test_settings_problem_names_file_line_and_key_path(
 ) -> None:
     write(policies / "tollgate.yaml", text)
     assert problems_of(policies) == [f"policies/tollgate.yaml:{expected}"]
+
+
+@pytest.mark.parametrize(
+    "url", ["https://api.openai.com/v1", "https://mtls.api.openai.com/v1", "http://127.0.0.1:9"]
+)
+def test_an_upstream_billed_at_the_price_books_rates_is_accepted(policies: Path, url: str) -> None:
+    write(policies / "tollgate.yaml", f"upstream:\n  base_url: {url}\n")
+    assert load(policies).upstream.base_url == url
 
 
 def test_passthrough_is_get_and_head_unless_the_methods_are_listed(policies: Path) -> None:

@@ -36,7 +36,7 @@ from proxy.core.price_entries import (
     model_prices,
     price_book,
 )
-from proxy.core.pricing import MainlinePrices, ModelPrices, PriceBook, estimate
+from proxy.core.pricing import MainlinePrices, ModelPrices, PriceBook, estimate, to_nanos
 from proxy.simulator.catalogue import MAINLINE_MODELS
 from proxy.simulator.forms import RawRequest
 from proxy.simulator.tokens import tokens_for
@@ -187,9 +187,7 @@ PRIOR_TO_2_TABLE = {
 }
 
 
-@pytest.mark.parametrize(
-    "name", ["gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "chatgpt-image-latest"]
-)
+@pytest.mark.parametrize("name", ["gpt-image-1", "gpt-image-1.5", "chatgpt-image-latest"])
 @pytest.mark.parametrize(
     ("quality", "size", "tokens"),
     [(q, s, t) for q, by_size in PRIOR_TO_2_TABLE.items() for s, t in by_size.items()],
@@ -198,6 +196,28 @@ def test_models_before_gpt_image_2_use_the_published_table(
     book: PriceBook, name: str, quality: str, size: str, tokens: int
 ) -> None:
     assert model_of(book, name).output_tokens(quality, size) == tokens
+
+
+MINI_PRICES = {
+    "low": {"1024x1024": "0.005", "1024x1536": "0.006", "1536x1024": "0.006"},
+    "medium": {"1024x1024": "0.011", "1024x1536": "0.015", "1536x1024": "0.015"},
+    "high": {"1024x1024": "0.036", "1024x1536": "0.052", "1536x1024": "0.052"},
+}
+
+
+@pytest.mark.parametrize(
+    ("quality", "size", "price"),
+    [(q, s, p) for q, by_size in MINI_PRICES.items() for s, p in by_size.items()],
+)
+def test_gpt_image_1_mini_bounds_an_image_by_its_published_price_above_the_guides_table(
+    book: PriceBook, quality: str, size: str, price: str
+) -> None:
+    """Mini's per-image prices do not match the guide's table at $8/M (low 1024x1024 would
+    be $0.0022, listed at $0.005): an image is bounded by the dearer of the two."""
+    model = model_of(book, "gpt-image-1-mini")
+    cost = model.cost(Usage(image_output=model.output_tokens(quality, size)))
+    assert cost >= to_nanos(Decimal(price))
+    assert model.output_tokens(quality, size) >= PRIOR_TO_2_TABLE[quality][size]
 
 
 # --- published prices ------------------------------------------------------------------------
@@ -530,12 +550,14 @@ def test_estimate_of_auto_quality_is_the_top_of_the_ladder(book: PriceBook) -> N
     assert est.usage.image_output == 7024  # `max`
 
 
-@pytest.mark.parametrize("name", ["gpt-image-1", "gpt-image-1.5", "gpt-image-1-mini"])
+@pytest.mark.parametrize(
+    ("name", "worst"), [("gpt-image-1", 6240), ("gpt-image-1.5", 6240), ("gpt-image-1-mini", 6500)]
+)
 def test_estimate_of_auto_size_on_a_table_model_is_its_worst_size(
-    book: PriceBook, name: str
+    book: PriceBook, name: str, worst: int
 ) -> None:
     est = estimate(model_of(book, name), request(name, quality="high", size="auto"))
-    assert est.usage.image_output == 6240
+    assert est.usage.image_output == worst
 
 
 def test_estimate_of_auto_size_on_a_custom_size_model_is_not_below_the_listed_sizes(
@@ -568,7 +590,18 @@ def test_estimate_multiplies_output_by_n(book: PriceBook) -> None:
     four = estimate(model, request(quality="medium", size="1536x1024", prompt_bytes=10, n=4))
     assert four.usage.image_output == 4 * one.usage.image_output == 4 * 1372
     assert four.usage.images == 4
-    assert four.usage.text_input == one.usage.text_input == 10
+    assert one.usage.text_input == 10
+
+
+def test_estimate_bounds_the_input_of_every_image(book: PriceBook) -> None:
+    """OpenAI does not say that `n` images bill their prompt and input images once: each
+    image is bounded as if billed its own, as each call of the Responses image tool is."""
+    model = model_of(book, "gpt-image-1.5")
+    edit = request("gpt-image-1.5", endpoint="edits", prompt_bytes=10, images=(InputImage(),), n=1)
+    one, four = estimate(model, edit), estimate(model, edit.with_changes(n=4))
+    assert one.usage.text_input == 10 and four.usage.text_input == 40
+    assert one.usage.image_input == 6821 and four.usage.image_input == 4 * 6821
+    assert four.usage.text_output == 4 * one.usage.text_output == 4 * model.text_output_ceiling
 
 
 def test_estimate_counts_uploaded_images_and_the_mask(book: PriceBook) -> None:
@@ -649,8 +682,9 @@ def grid() -> list[Any]:
         {"n": 3},
         {"stream": True, "partial_images": 3, "n": 2},
         {"prompt": "ünïcødé " * 50},
+        {"prompt": "a lighthouse at dusk, " * 200, "n": 10},
     ],
-    ids=["plain", "n3", "partials", "unicode"],
+    ids=["plain", "n3", "partials", "unicode", "long-n10"],
 )
 def test_estimate_is_never_below_what_the_simulator_bills(
     book: PriceBook, name: str, quality: str, size: str, extra: dict[str, Any]
@@ -672,14 +706,16 @@ def test_estimate_is_never_below_what_the_simulator_bills(
 
 @pytest.mark.parametrize("name", ["gpt-image-1", "gpt-image-1.5", "gpt-image-2.5-flare"])
 @pytest.mark.parametrize("fidelity", [None, "low", "high"])
+@pytest.mark.parametrize("n", [1, 10])
 def test_estimate_of_a_json_edit_is_never_below_what_the_simulator_bills(
-    book: PriceBook, name: str, fidelity: str | None
+    book: PriceBook, name: str, fidelity: str | None, n: int
 ) -> None:
     fields: dict[str, Any] = {
         "prompt": "add a hat",
         "model": name,
         "images": [{"image_url": "https://example.com/a.png"}, {"file_id": "file-1"}],
         "quality": "auto",
+        "n": n,
     }
     if fidelity is not None:
         fields["input_fidelity"] = fidelity

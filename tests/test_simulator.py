@@ -140,7 +140,8 @@ def test_generate_with_n_returns_n_images_and_bills_n_times(
     assert answer.data is not None and len(answer.data) == 3
     assert answer.usage is not None
     assert answer.usage.output_tokens == 3 * 272
-    assert answer.usage.input_tokens_details.text_tokens == text_tokens("two cats") == 2
+    # The prompt is billed for every image (OpenAI does not say it is billed once).
+    assert answer.usage.input_tokens_details.text_tokens == 3 * text_tokens("two cats") == 6
     assert answer.usage.total_tokens == answer.usage.input_tokens + answer.usage.output_tokens
     entry = sim.last()
     assert entry["images"] == 3
@@ -351,10 +352,11 @@ def test_stream_sends_partials_then_completed_per_image(sim: Sim, client: openai
     assert decode(completed[0].b64_json).size == (1024, 1024)
     assert completed[0].quality == "medium" and completed[0].size == "1024x1024"
     first, second = (c.usage for c in completed)
-    assert first.input_tokens == text_tokens("a castle") and second.input_tokens == 0
+    # Each image's completed event carries the input billed for it.
+    assert first.input_tokens == second.input_tokens == text_tokens("a castle")
     assert first.output_tokens == second.output_tokens == 1756 + 200
     total = sum(c.usage.total_tokens for c in completed)
-    assert total == 2 + 2 * (1756 + 200)
+    assert total == 2 * (2 + 1756 + 200)
     entry = sim.last()
     assert entry["stream"] is True
     assert entry["usage"]["image_output"] == 2 * 1756 + 4 * 100

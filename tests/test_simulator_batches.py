@@ -227,14 +227,15 @@ def test_a_batch_goes_through_openais_statuses_and_answers_each_line_with_exact_
         body = response["body"]
         assert len(body["data"]) == i + 1
         assert decoded(body["data"][0]["b64_json"]).size == (1024, 1024)
+        text = text_tokens(prompt) * (i + 1)  # the prompt is billed for every image
         assert body["usage"] == {
-            "input_tokens": text_tokens(prompt),
-            "input_tokens_details": {"text_tokens": text_tokens(prompt), "image_tokens": 0},
+            "input_tokens": text,
+            "input_tokens_details": {"text_tokens": text, "image_tokens": 0},
             "output_tokens": LOW_1024 * (i + 1),
-            "total_tokens": text_tokens(prompt) + LOW_1024 * (i + 1),
+            "total_tokens": text + LOW_1024 * (i + 1),
         }
     assert batch.usage is not None
-    assert batch.usage.input_tokens == sum(text_tokens(p) for p in prompts)
+    assert batch.usage.input_tokens == sum(text_tokens(p) * (i + 1) for i, p in enumerate(prompts))
     assert batch.usage.output_tokens == LOW_1024 * 6
     assert batch.output_file_id is not None
     assert sim.client.files.retrieve(batch.output_file_id).purpose == "batch_output"
@@ -457,7 +458,7 @@ def test_batch_lines_are_billed_at_half_the_rates_as_batch_api_line_items(server
             assert result.object == "organization.costs.result" and result.amount is not None
             found[result.line_item, result.project_id] = (result.amount.value, result.quantity)
     image = 2 * 2 * LOW_1024  # two lines of n=2, at gpt-image-2.5's low quality
-    text = 2 * text_tokens(prompt)
+    text = 2 * 2 * text_tokens(prompt)  # the prompt is billed for each image
     assert found == {
         ("batch api | gpt-image-2.5-sunburst image", "proj_art"): (
             float(Decimal("15.00") * image / 1_000_000),

@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from proxy.config.fastcheck import schema_problems
@@ -30,6 +31,11 @@ from proxy.core.settings import (
 )
 
 PriceBookLoader = Callable[[Path | None], PriceBook]
+OPENAI_DOMAIN = ".api.openai.com"
+GLOBAL_HOSTS = frozenset({"api.openai.com", "mtls.api.openai.com"})
+"""OpenAI's endpoints billed at the price book's rates; every other host under
+`api.openai.com` (us., eu., ae., au., in., jp., mtls-us., mtls-eu.) is a data-residency
+endpoint, billed 10 % more for models released on or after 2026-03-05."""
 
 
 class Builder:
@@ -114,6 +120,16 @@ class Builder:
                 up[optional] = up[optional] or None  # an unset ${VAR} turns the setting off
         if "base_url" in up:
             up["base_url"] = up["base_url"].rstrip("/")
+            host = (urlsplit(up["base_url"]).hostname or "").rstrip(".")
+            if host.endswith(OPENAI_DOMAIN) and host not in GLOBAL_HOSTS:
+                self._problem(
+                    doc,
+                    ("upstream", "base_url"),
+                    f"{host} is a data-residency endpoint, where OpenAI bills 10 % above "
+                    "the price book's rates for models released on or after 2026-03-05, "
+                    "so Tollgate would reserve less than it is billed: use "
+                    "https://api.openai.com/v1",
+                )
         for seconds in ("timeout_s", "total_timeout_s"):
             if seconds in up:
                 up[seconds] = float(up[seconds])

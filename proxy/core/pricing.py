@@ -270,15 +270,21 @@ def estimate(model: ModelPrices, request: ImageRequest) -> Estimate:
     )
     per_image = model.max_output_tokens(request.quality, request.size)
     partials = request.partial_images if request.stream else 0
+    # Every image is bounded as if it were billed its own input and text output: each call
+    # of the Responses image tool is, and OpenAI does not say that a request for `n` images
+    # bills its prompt and input images only once.
+    image_input *= request.n
     if request.mainline is not None:
-        # The Responses image tool: every call is billed its own input.
-        image_input *= request.n
+        # The Responses image tool: call k may also be given the k images the calls before
+        # it made (a chain of edits), each bounded as an input image of unknown size.
+        made = model.input_image_tokens(None, None, request.input_fidelity)
+        image_input += made * (request.n * (request.n - 1) // 2)
     usage = Usage(
         # A text token is at least one byte of the prompt.
-        text_input=request.prompt_bytes * (request.n if request.mainline is not None else 1),
+        text_input=request.prompt_bytes * request.n,
         image_input=image_input,
         image_output=(per_image + partials * model.partial_image_tokens) * request.n,
-        text_output=model.text_output_ceiling * (request.n if request.mainline is not None else 1),
+        text_output=model.text_output_ceiling * request.n,
         images=request.n,
     )
     return Estimate(usage, model.cost(usage))

@@ -13,7 +13,8 @@ The bound reserved before it is sent covers both:
     images           `max_tool_calls` calls of the tool, each billed as one image of its
                      model, quality and size (with its partial images when streamed), its
                      text input (at most the request's text and the prompt the mainline
-                     model writes, itself output) and every image in the context
+                     model writes, itself output), every image in the context and the
+                     images the calls before it made (call k may edit those k images)
 
 A request that leaves `max_output_tokens` or `max_tool_calls` open is closed by the
 team's `responses:` policy (the cap written into it, or a 400). Only what Tollgate can

@@ -103,8 +103,9 @@ def stream_events(
 ) -> list[tuple[str, bytes]]:
     """The stream of an order, as (kind, frame): per image its partials, then its completed.
 
-    The first completed event carries the input tokens; the completed usages sum to
-    the non-stream usage plus 100 tokens per partial. `extra` fields go in every event.
+    Each completed event carries its image's input tokens (the input is billed per
+    image); the completed usages sum to the non-stream usage plus 100 tokens per
+    partial. `extra` fields go in every event.
     """
     prefix = EVENT_PREFIX[order.endpoint]
     common: dict[str, Any] = {
@@ -124,8 +125,8 @@ def stream_events(
             frames.append(("partial", sse(kind, payload)))
         first = image == 0
         usage = usage_json(
-            text=tokens.text_input if first else 0,
-            image=tokens.image_input if first else 0,
+            text=tokens.text_input_per_image,
+            image=tokens.image_input_per_image,
             output=tokens.output_per_completed,
             details=False,
             text_output=tokens.text_output if first else 0,

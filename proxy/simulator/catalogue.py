@@ -30,6 +30,18 @@ TABLE_TOKENS: Mapping[str, Mapping[str, int]] = MappingProxyType(
         "high": {"1024x1024": 4160, "1024x1536": 6240, "1536x1024": 6208},
     }
 )
+# gpt-image-1-mini's output tokens per image: its published per-image prices (the de-DE
+# model page: $0.005 / $0.011 / $0.036 at 1024x1024, $0.006 / $0.015 / $0.052 at 1024x1536
+# and 1536x1024) at its $8 per 1M output rate. They do not match the guide's table (low
+# 1024x1024 would be $0.0022), and OpenAI says to take mini's `usage` as the truth: the
+# simulator reports what its price list charges.
+MINI_TABLE_TOKENS: Mapping[str, Mapping[str, int]] = MappingProxyType(
+    {
+        "low": {"1024x1024": 625, "1024x1536": 750, "1536x1024": 750},
+        "medium": {"1024x1024": 1375, "1024x1536": 1875, "1536x1024": 1875},
+        "high": {"1024x1024": 4500, "1024x1536": 6500, "1536x1024": 6500},
+    }
+)
 
 # Quality factors of the community output-token formula (a fit to OpenAI's calculator).
 GPT_2_FACTORS = MappingProxyType({"low": 16, "medium": 48, "high": 96})
@@ -54,6 +66,8 @@ class ModelRule:
     """Accepted sizes besides `auto`; None means any `WxH` within the custom-size rules."""
     output_rule: OutputRule
     endpoints: frozenset[Endpoint] = GPT_ENDPOINTS
+    table: Mapping[str, Mapping[str, int]] = field(default_factory=lambda: TABLE_TOKENS)
+    """Output tokens per image by quality and size, for the `table` rule."""
     factors: Mapping[str, int] = field(default_factory=dict)
     multipliers: Mapping[str, Fraction] = field(default_factory=dict)
     fidelity: Fidelity = "param"
@@ -74,9 +88,21 @@ class ModelRule:
         return "standard" if self.is_dalle else "medium"
 
 
-def _table(name: str, *, fidelity: Fidelity = "param", details: bool = False) -> ModelRule:
+def _table(
+    name: str,
+    *,
+    fidelity: Fidelity = "param",
+    details: bool = False,
+    table: Mapping[str, Mapping[str, int]] = TABLE_TOKENS,
+) -> ModelRule:
     return ModelRule(
-        name, GPT_QUALITIES, STANDARD_SIZES, "table", fidelity=fidelity, output_details=details
+        name,
+        GPT_QUALITIES,
+        STANDARD_SIZES,
+        "table",
+        table=table,
+        fidelity=fidelity,
+        output_details=details,
     )
 
 
@@ -103,7 +129,7 @@ def _formula(
 
 _RULES: tuple[ModelRule, ...] = (
     _table("gpt-image-1"),
-    _table("gpt-image-1-mini", fidelity="low"),
+    _table("gpt-image-1-mini", fidelity="low", table=MINI_TABLE_TOKENS),
     _table("gpt-image-1.5", details=True),
     _table("chatgpt-image-latest", details=True),
     _formula("gpt-image-2", GPT_2_FACTORS, fidelity_param_allowed=False),

@@ -13,6 +13,10 @@ Mainline tokens (top-level `usage`):
 Image tokens (`tool_usage.image_gen`), summed over calls, by the Images path's rules
 (`tokens.py`) for the tool's model, quality and size: the revised prompt as text input,
 the input images as image input, and 100 output tokens per partial image when streamed.
+A call is given every image in the context, the images the calls before it in the same
+response made included (a chain of edits: the second call edits the first one's image),
+each counted at its own size, as a later response is given them through
+`previous_response_id`.
 
 With `max_output_tokens` below the output the answer needs, the response is
 `incomplete` (reason `max_output_tokens`): the image calls still run and bill, the text
@@ -64,11 +68,14 @@ def image_gen_usage(order: ResponseOrder) -> BilledUsage:
     """`tool_usage.image_gen` of all the order's image calls."""
     if order.tool is None or order.image_calls == 0:
         return BilledUsage()
-    one = tokens_for(replace(order.tool, n=1))
+    tool = order.tool
+    one = tokens_for(replace(tool, n=1))
     calls = order.image_calls
+    # Call k (from 0) is also given the k images the calls before it made.
+    made = image_input_tokens(tool.width, tool.height, high_fidelity=tool.high_fidelity)
     return BilledUsage(
         text_input=one.text_input * calls,
-        image_input=one.image_input * calls,
+        image_input=one.image_input * calls + made * (calls * (calls - 1) // 2),
         image_output=one.output_per_completed * calls,
     )
 

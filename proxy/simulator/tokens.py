@@ -1,9 +1,14 @@
 """The token rules the simulator bills by (pure).
 
-text input    ceil(utf-8 bytes of the prompt / 4)
-image input   gpt-image-1's published tile rule for every input image
-image output  the image-generation guide's table (models before gpt-image-2) or the
+text input    ceil(utf-8 bytes of the prompt / 4), per image made
+image input   gpt-image-1's published tile rule for every input image, per image made
+image output  the image-generation guide's table (models before gpt-image-2; for
+              gpt-image-1-mini its published per-image prices at its output rate) or the
               community formula (gpt-image-2 and 2.x), per image, + 100 per streamed partial
+
+OpenAI does not say whether a request for `n` images bills its input once or once per
+image; the simulator bills it per image, the dearer reading (as the Responses image tool
+bills every call its input), so that a bound that counts it once is caught.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import math
 from dataclasses import dataclass
 
 from proxy.core.models import InputImage
-from proxy.simulator.catalogue import TABLE_TOKENS, ModelRule
+from proxy.simulator.catalogue import ModelRule
 from proxy.simulator.validation import ImageOrder
 
 PARTIAL_IMAGE_TOKENS = 100
@@ -75,7 +80,7 @@ def formula_tokens(factor: int, width: int, height: int) -> int:
 def output_tokens_per_image(model: ModelRule, quality: str, width: int, height: int) -> int:
     """Image output tokens of one final image at an effective quality and size (0 for DALL·E)."""
     if model.output_rule == "table":
-        return TABLE_TOKENS[quality][f"{width}x{height}"]
+        return model.table[quality][f"{width}x{height}"]
     if model.output_rule == "formula":
         tokens = formula_tokens(model.factors[quality], width, height)
         return math.ceil(tokens * model.multipliers.get(quality, 1))
@@ -86,13 +91,23 @@ def output_tokens_per_image(model: ModelRule, quality: str, width: int, height: 
 class Tokens:
     """What one request bills, split the way the answers report it."""
 
-    text_input: int
-    image_input: int
+    text_input_per_image: int
+    image_input_per_image: int
     output_per_image: int
     n: int
     partials_per_image: int = 0
     text_output: int = 0
     """Text output of the whole request (only with the `texttokens` fault)."""
+
+    @property
+    def text_input(self) -> int:
+        """Text input of the whole request: the prompt, billed for every image."""
+        return self.text_input_per_image * self.n
+
+    @property
+    def image_input(self) -> int:
+        """Image input of the whole request: the input images, billed for every image."""
+        return self.image_input_per_image * self.n
 
     @property
     def input_total(self) -> int:
@@ -111,8 +126,8 @@ class Tokens:
 def tokens_for(order: ImageOrder) -> Tokens:
     """Everything a valid order bills: `tokens_for(order).output_total` etc."""
     return Tokens(
-        text_input=0 if order.model.is_dalle else text_tokens(order.prompt),
-        image_input=(
+        text_input_per_image=0 if order.model.is_dalle else text_tokens(order.prompt),
+        image_input_per_image=(
             0
             if order.model.is_dalle
             else images_input_tokens(order.images, high_fidelity=order.high_fidelity)
