@@ -31,23 +31,21 @@ def bounds(c: Counter) -> tuple[float, float]:
 
 def totals_of(counters: Sequence[Counter], found: Iterable[Sequence[Any]]) -> dict[Counter, Totals]:
     """The totals of `counters` from the `budget_usage` rows found (key, then totals
-    columns; a row found twice counts once): each counter's sum of the rows in its
-    `bounds`; a counter without any holds nothing yet."""
-    seen: set[tuple[Any, ...]] = set()
+    columns; a row found twice counts once, as its last copy: a caller that reads a row
+    both in a snapshot and locked puts the locked one last): each counter's sum of the
+    rows in its `bounds`; a counter without any holds nothing yet."""
+    rows = {tuple(row[:5]): row[5:] for row in found}
     by_prefix: dict[tuple[Any, ...], list[tuple[float, Sequence[int]]]] = {}
-    for row in found:
-        key = tuple(row[:5])
-        if key not in seen:
-            seen.add(key)
-            by_prefix.setdefault(key[:4], []).append((float(key[4]), row[5:]))
+    for key, values in rows.items():
+        by_prefix.setdefault(key[:4], []).append((float(key[4]), values))
     totals: dict[Counter, Totals] = {}
     for c in counters:
-        rows = by_prefix.get((c.scope, c.team, c.user, c.period))
-        if rows is None:
+        candidates = by_prefix.get((c.scope, c.team, c.user, c.period))
+        if candidates is None:
             totals[c] = NOTHING
             continue
         low, high = bounds(c)
-        summed = [values for start, values in rows if low < start < high]
+        summed = [values for start, values in candidates if low < start < high]
         if len(summed) == 1:  # a ledger that only ever saw one zone: the counter's own row
             totals[c] = Totals(*summed[0])
         else:
