@@ -60,9 +60,12 @@ FORWARDED_RESPONSE_HEADERS = frozenset(
     }
 )
 FORWARDED_RESPONSE_PREFIXES = ("x-ratelimit-",)
-# Headers aiohttp would add that the client did not send. Without Accept-Encoding the
-# upstream answers uncompressed, which the meters read and the client is sent as is.
+# Headers aiohttp would add that the client did not send.
 NOT_ADDED = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+# Asked for on every request: an answer without Accept-Encoding may come in any content
+# coding (RFC 9110, 12.5.3), and a compressed body is one the meters cannot read and the
+# scrubber cannot search, which a client would decompress all the same (`Withheld`).
+ACCEPT_ENCODING = ("accept-encoding", "identity")
 KEEPALIVE_S = 5.0
 CONNECT_S = 10.0
 
@@ -150,6 +153,48 @@ def scrub_message(exc: UpstreamTimeout | UpstreamUnavailable, scrubber: Scrubber
     exc.args = (exc.message,)
 
 
+def content_coding(headers: CIMultiDictProxy[str]) -> str | None:
+    """The content coding of an answer's body, as its `Content-Encoding` says; None when it
+    has none (or only `identity`)."""
+    codings = (c.strip() for v in headers.getall("content-encoding", ()) for c in v.split(","))
+    found = [c for c in codings if c and c.lower() != "identity"]
+    return ", ".join(found) or None
+
+
+async def withheld(answer: Answer, coding: str, scrubber: Scrubber) -> Answer:
+    """An answer in a content coding Tollgate did not ask for (it asks for `identity`): its
+    body is never passed on, since the key could be in it where no search finds it and the
+    client would decode it. An error answer comes without its body (`Withheld`: its status
+    and headers pass, nothing was billed); a success cannot be read, and may have been
+    billed: UpstreamUnavailable."""
+    if not 200 <= answer.status < 300:
+        return Withheld(answer)
+    await answer.aclose()
+    exc = UpstreamUnavailable(
+        f"The upstream answered {answer.status} in content coding {coding!r}, which Tollgate "
+        "did not ask for and does not read.",
+        maybe_billed=True,
+    )
+    scrub_message(exc, scrubber)
+    raise exc
+
+
+class Withheld:
+    """An upstream error answer whose body is left unread: its status and headers only."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.status = answer.status
+        self.headers = answer.headers
+        self._answer = answer
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        return
+        yield  # an async generator of nothing
+
+    async def aclose(self) -> None:
+        await self._answer.aclose()
+
+
 class Upstream:
     """Sends image requests to the upstream with the company's key.
 
@@ -192,6 +237,7 @@ class Upstream:
         # In lower case: aiohttp keeps a repeated header only if it is spelled alike.
         out = allowed(client_headers, FORWARDED_REQUEST_HEADERS, FORWARDED_REQUEST_PREFIXES)
         out.append(("authorization", self._auth))
+        out.append(ACCEPT_ENCODING)
         if content_type:
             out.append(("content-type", content_type))
         if self._organization:
@@ -229,6 +275,9 @@ class Upstream:
         except BROKEN_OFF as exc:
             scrub_message(exc, self._scrubber)
             raise
+        coding = content_coding(answer.headers)
+        if coding is not None:
+            answer = await withheld(answer, coding, self._scrubber)
         return ScrubbedAnswer(answer, self._scrubber) if self._scrubber else answer
 
     async def aclose(self) -> None:

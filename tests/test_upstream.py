@@ -7,7 +7,9 @@ exact bytes on the wire matter.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -247,7 +249,10 @@ async def test_only_allowed_client_headers_and_the_upstreams_own_are_sent() -> N
     assert {"content-type: application/json", "openai-organization: org-1"} <= set(post)
     assert "x-stainless-lang: python" in post
     names = {h.partition(":")[0] for h in post + get}
-    assert not {"accept-encoding", "accept", "user-agent"} & names  # aiohttp adds none
+    assert not {"accept", "user-agent"} & names  # aiohttp adds none
+    # The client's coding is not asked for: Tollgate asks for the body as it is.
+    for head in (post, get):
+        assert [h for h in head if h.startswith("accept-encoding")] == ["accept-encoding: identity"]
     # Only what is on the allow-list is forwarded: never a content coding or a credential.
     dropped = {"x-trace", "content-encoding", "idempotency-key", "cookie", "forwarded"}
     assert not dropped & names
@@ -406,6 +411,64 @@ async def test_a_body_that_breaks_off_on_an_echo_of_the_key_fails_without_it() -
         with pytest.raises(UpstreamUnavailable) as caught:
             await read(answer)
     assert "[redacted]" in caught.value.message and UPSTREAM_KEY not in str(caught.value)
+
+
+def coded_reply(status: bytes, coding: bytes) -> Handler:
+    """An answer that echoes the key in a body compressed with `coding` (gzip if it names
+    none zlib makes), though Tollgate asked for it as it is."""
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await request_head(reader)
+        body = json.dumps({"error": {"message": f"Bearer {UPSTREAM_KEY}"}}).encode()
+        packed = zlib.compress(body) if coding == b"deflate" else gzip.compress(body)
+        writer.write(
+            b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
+            b"content-encoding: " + coding + b"\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n" % len(packed) + packed
+        )
+        await writer.drain()
+        writer.close()
+
+    return reply
+
+
+CODINGS = [b"gzip", b"deflate", b"br", b"identity, gzip", b"GZIP"]
+
+
+@pytest.mark.parametrize("coding", CODINGS, ids=lambda c: c.decode())
+async def test_an_error_answer_in_a_coding_not_asked_for_comes_without_its_body(
+    coding: bytes,
+) -> None:
+    async with loopback(coded_reply(b"401 Unauthorized", coding)) as url, upstream(url) as client:
+        answer = await client.send("/images/generations", order(), JSON, [])
+        body = b"".join(await read(answer))
+    assert answer.status == 401 and body == b""
+
+
+@pytest.mark.parametrize("coding", CODINGS, ids=lambda c: c.decode())
+async def test_a_success_in_a_coding_not_asked_for_cannot_be_read_and_may_have_been_billed(
+    coding: bytes,
+) -> None:
+    async with loopback(coded_reply(b"200 OK", coding)) as url, upstream(url) as client:
+        with pytest.raises(UpstreamUnavailable) as caught:
+            await client.send("/images/generations", order(), JSON, [])
+    assert caught.value.maybe_billed
+    assert "content coding" in caught.value.message
+
+
+async def test_an_answer_marked_identity_is_read_as_it_is() -> None:
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await request_head(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-encoding: identity\r\ncontent-length: 2\r\n"
+            b"connection: close\r\n\r\n{}"
+        )
+        await writer.drain()
+        writer.close()
+
+    async with loopback(reply) as url, upstream(url) as client:
+        answer = await client.send("/images/generations", order(), JSON, [])
+        assert b"".join(await read(answer)) == b"{}"
 
 
 async def test_a_client_never_used_closes_without_a_session() -> None:
