@@ -153,11 +153,22 @@ def scrub_message(exc: UpstreamTimeout | UpstreamUnavailable, scrubber: Scrubber
     exc.args = (exc.message,)
 
 
+NOT_CODED = frozenset({"", "identity", "chunked"})
+"""What leaves a body as it is: no coding, and the framing the HTTP client takes off."""
+
+
 def content_coding(headers: CIMultiDictProxy[str]) -> str | None:
-    """The content coding of an answer's body, as its `Content-Encoding` says; None when it
-    has none (or only `identity`)."""
-    codings = (c.strip() for v in headers.getall("content-encoding", ()) for c in v.split(","))
-    found = [c for c in codings if c and c.lower() != "identity"]
+    """The coding of an answer's body once the HTTP client has read it: its
+    `Content-Encoding`, and any `Transfer-Encoding` but `chunked` (which the client takes
+    off; Tollgate sends no `TE`, so no other may be used, yet one would be left on);
+    None when there is none."""
+    named = (
+        c.strip()
+        for name in ("content-encoding", "transfer-encoding")
+        for value in headers.getall(name, ())
+        for c in value.split(",")
+    )
+    found = [c for c in named if c.lower() not in NOT_CODED]
     return ", ".join(found) or None
 
 

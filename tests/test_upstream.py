@@ -415,16 +415,23 @@ async def test_a_body_that_breaks_off_on_an_echo_of_the_key_fails_without_it() -
 
 def coded_reply(status: bytes, coding: bytes) -> Handler:
     """An answer that echoes the key in a body compressed with `coding` (gzip if it names
-    none zlib makes), though Tollgate asked for it as it is."""
+    none zlib makes), though Tollgate asked for it as it is. A `coding` that starts with
+    `transfer-encoding:` is a transfer coding, chunked after it."""
 
     async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await request_head(reader)
         body = json.dumps({"error": {"message": f"Bearer {UPSTREAM_KEY}"}}).encode()
-        packed = zlib.compress(body) if coding == b"deflate" else gzip.compress(body)
+        packed = zlib.compress(body) if b"deflate" in coding else gzip.compress(body)
+        if coding.startswith(b"transfer-encoding:"):
+            framing = coding + b", chunked\r\n\r\n%x\r\n" % len(packed)
+            packed += b"\r\n0\r\n\r\n"
+        else:
+            framing = (
+                b"content-encoding: " + coding + b"\r\ncontent-length: %d\r\n\r\n" % len(packed)
+            )
         writer.write(
             b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
-            b"content-encoding: " + coding + b"\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n\r\n" % len(packed) + packed
+            b"connection: close\r\n" + framing + packed
         )
         await writer.drain()
         writer.close()
@@ -432,7 +439,15 @@ def coded_reply(status: bytes, coding: bytes) -> Handler:
     return reply
 
 
-CODINGS = [b"gzip", b"deflate", b"br", b"identity, gzip", b"GZIP"]
+CODINGS = [
+    b"gzip",
+    b"deflate",
+    b"br",
+    b"identity, gzip",
+    b"GZIP",
+    b"transfer-encoding: gzip",
+    b"transfer-encoding: deflate",
+]
 
 
 @pytest.mark.parametrize("coding", CODINGS, ids=lambda c: c.decode())
