@@ -13,6 +13,7 @@ while the body is read. Tests swap the network for an in-process httpx transport
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Iterable
 from typing import BinaryIO, Protocol
 
@@ -153,6 +154,42 @@ def scrub_message(exc: UpstreamTimeout | UpstreamUnavailable, scrubber: Scrubber
     exc.args = (exc.message,)
 
 
+CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+"""Characters no header value may hold (uvicorn refuses to send one that does)."""
+
+
+def field_values(headers: CIMultiDictProxy[str]) -> CIMultiDictProxy[str] | None:
+    """The headers with every value as the bytes it came in, read as Latin-1, and without
+    those holding a control character; None when every header already is so (the usual
+    case: one search over them all).
+
+    aiohttp reads a header as UTF-8 and keeps a byte that is not as a lone surrogate, which
+    no later write accepts: an `x-request-id` of such bytes failed the ledger's settlement
+    and a forwarded one the answer, each a 500 after the upstream billed."""
+    joined = "\t".join(headers.values())  # a tab: allowed in a value
+    if joined.isascii() and CONTROL.search(joined) is None:
+        return None
+    values = (
+        (k, v.encode("utf-8", "surrogateescape").decode("latin-1")) for k, v in headers.items()
+    )
+    return CIMultiDictProxy(CIMultiDict((k, v) for k, v in values if CONTROL.search(v) is None))
+
+
+class Reheaded:
+    """An answer with other headers (`field_values`)."""
+
+    def __init__(self, answer: Answer, headers: CIMultiDictProxy[str]) -> None:
+        self.status = answer.status
+        self.headers = headers
+        self._answer = answer
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self._answer.chunks()
+
+    async def aclose(self) -> None:
+        await self._answer.aclose()
+
+
 NOT_CODED = frozenset({"", "identity", "chunked"})
 """What leaves a body as it is: no coding, and the framing the HTTP client takes off."""
 
@@ -286,6 +323,9 @@ class Upstream:
         except BROKEN_OFF as exc:
             scrub_message(exc, self._scrubber)
             raise
+        fields = field_values(answer.headers)
+        if fields is not None:
+            answer = Reheaded(answer, fields)
         coding = content_coding(answer.headers)
         if coding is not None:
             answer = await withheld(answer, coding, self._scrubber)

@@ -486,6 +486,32 @@ async def test_an_answer_marked_identity_is_read_as_it_is() -> None:
         assert b"".join(await read(answer)) == b"{}"
 
 
+async def test_header_values_come_as_their_bytes_and_without_control_characters() -> None:
+    """A value that is not UTF-8 is read as its bytes (never a lone surrogate, which neither
+    the ledger nor the answer to the client can write), one with a control character that
+    no answer may carry is dropped."""
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await request_head(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nx-request-id: req_\xff\xfe\r\nx-ratelimit-a: \xc3\xa9\r\n"
+            b"x-ratelimit-b: a\x01b\r\nx-ratelimit-c: a\tb\r\ncontent-length: 2\r\n"
+            b"connection: close\r\n\r\n{}"
+        )
+        await writer.drain()
+        writer.close()
+
+    async with loopback(reply) as url, upstream(url) as client:
+        answer = await client.send("/images/generations", order(), JSON, [])
+        assert b"".join(await read(answer)) == b"{}"
+    assert answer.headers["x-request-id"].encode("latin-1") == b"req_\xff\xfe"
+    assert answer.headers["x-request-id"].encode("utf-8")  # no lone surrogate
+    assert answer.headers["x-ratelimit-a"].encode("latin-1") == b"\xc3\xa9"
+    assert "x-ratelimit-b" not in answer.headers
+    assert answer.headers["x-ratelimit-c"] == "a\tb"
+    assert response_headers(answer)[:1] == [("x-request-id", "req_\xff\xfe")]
+
+
 async def test_a_client_never_used_closes_without_a_session() -> None:
     await Upstream("http://127.0.0.1:9/v1", UPSTREAM_KEY).aclose()
 
