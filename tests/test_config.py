@@ -229,6 +229,18 @@ def test_env_variables_are_expanded_in_every_string(policies: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "url", ["https://user:s3cret@proxy.example/v1", "https://s3cret@proxy.example/v1"]
+)
+def test_an_upstream_url_holding_credentials_is_refused_without_showing_them(
+    policies: Path, url: str
+) -> None:
+    write(policies / "tollgate.yaml", "upstream:\n  base_url: ${URL}\n")
+    [problem] = problems_of(policies, URL=url)
+    assert problem.startswith("policies/tollgate.yaml:2: upstream.base_url: must not hold")
+    assert "s3cret" not in problem
+
+
+@pytest.mark.parametrize(
     ("ledger", "expected"),
     [
         ("sqlite:///tollgate.db", "sqlite:///{root}/tollgate.db"),

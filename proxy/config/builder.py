@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from proxy.config.fastcheck import schema_problems
@@ -114,6 +115,15 @@ class Builder:
                 up[optional] = up[optional] or None  # an unset ${VAR} turns the setting off
         if "base_url" in up:
             up["base_url"] = up["base_url"].rstrip("/")
+            if "@" in urlsplit(up["base_url"]).netloc:
+                # Never shown: the URL holds a secret. The HTTP client would refuse every
+                # request (it sends no credentials of a URL beside an Authorization header).
+                self._problem(
+                    doc,
+                    ("upstream", "base_url"),
+                    "must not hold credentials (user:password@): the upstream's key is "
+                    "upstream.api_key",
+                )
         for seconds in ("timeout_s", "total_timeout_s"):
             if seconds in up:
                 up[seconds] = float(up[seconds])
