@@ -36,6 +36,7 @@ TEAM = {"authorization": f"Bearer {DESIGN_KEY}"}
 ASKED: list[str] = []
 """The Accept-Encoding of every request the upstream got."""
 PACK = {"gzip": gzip.compress, "deflate": zlib.compress}
+WIDE = ["utf-16", "utf-16-be", "utf-32", "utf-32-be"]
 
 
 async def echo(request: Request) -> Response:
@@ -45,6 +46,10 @@ async def echo(request: Request) -> Response:
     pack = request.query_params.get("pack") or (await request.json())["prompt"]
     coding, _, status = pack.partition("-")
     body = json.dumps({"error": {"message": request.headers["authorization"]}}).encode()
+    if pack in WIDE:
+        # Not compressed: JSON in an encoding a JSON reader tells by its first bytes.
+        page = {"object": "list", "data": [], "echo": request.headers["authorization"]}
+        return Response(json.dumps(page).encode(pack), media_type="application/json")
     return Response(
         PACK[coding](body),
         status_code=int(status or 200),
@@ -135,3 +140,15 @@ def test_a_passthrough_answer_compressed_anyway_never_reaches_the_team(
     assert answer.status_code == status
     assert_no_key(answer)
     assert answer.headers["x-tollgate-request-id"]
+
+
+@pytest.mark.parametrize("encoding", WIDE)
+def test_a_passthrough_answer_in_utf_16_or_utf_32_reaches_the_team_masked(
+    proxy: Tollgate, encoding: str
+) -> None:
+    answer = httpx.get(
+        f"{proxy.url}/v1/models", params={"pack": encoding}, headers=TEAM, timeout=30
+    )
+    assert answer.status_code == 200
+    page = answer.json()  # as the SDK reads it: the encoding told by the first bytes
+    assert page["echo"] == "Bearer [redacted]" + "*" * (len(UPSTREAM_KEY) - len("[redacted]"))
