@@ -380,7 +380,9 @@ class AiohttpClient:
             response = await session.request(
                 method, target, headers=headers, data=body or None, allow_redirects=False
             )
-        except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
+        # TimeoutError is an OSError; a ValueError is a request aiohttp would not write (a
+        # header value with a control character).
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
             raise translate(exc) from exc
         return AiohttpAnswer(response)
 
@@ -462,6 +464,7 @@ class HttpxAnswer:
 # the wait for a pooled connection or for the connect itself ran out). Nothing reached
 # the upstream, so nothing can have been billed.
 NEVER_SENT: tuple[type[Exception], ...] = (
+    ValueError,  # aiohttp refused to write the request (its URL and headers come first)
     aiohttp.ClientConnectorError,  # refused, DNS (ClientConnectorDNSError), certificates
     aiohttp.ConnectionTimeoutError,  # `connect` / `sock_connect`: the pool wait included
     httpx.ConnectError,

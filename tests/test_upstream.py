@@ -512,6 +512,27 @@ async def test_header_values_come_as_their_bytes_and_without_control_characters(
     assert response_headers(answer)[:1] == [("x-request-id", "req_\xff\xfe")]
 
 
+async def test_a_request_the_client_refuses_to_write_was_never_sent() -> None:
+    """A key with a control character (a secret file's last newline) fails before anything
+    is written: a 502 that charges nothing, never an error of Tollgate's own."""
+    arrived: list[bytes] = []
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        arrived.append(await reader.read())
+        writer.close()
+
+    async with loopback(reply) as url:
+        client = Upstream(url, UPSTREAM_KEY + "\n")
+        try:
+            with pytest.raises(UpstreamUnavailable) as caught:
+                await client.send("/images/generations", order(), JSON, [])
+        finally:
+            await client.aclose()
+    assert not caught.value.maybe_billed
+    assert UPSTREAM_KEY not in caught.value.message
+    assert arrived in ([], [b""])
+
+
 async def test_a_client_never_used_closes_without_a_session() -> None:
     await Upstream("http://127.0.0.1:9/v1", UPSTREAM_KEY).aclose()
 

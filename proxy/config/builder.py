@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,10 @@ from proxy.core.settings import (
 )
 
 PriceBookLoader = Callable[[Path | None], PriceBook]
+
+
+HEADER_TOKEN = re.compile(r"[!-~]+")
+"""What a value sent in a header (the upstream key, organization, project) may hold."""
 
 
 class Builder:
@@ -113,6 +118,15 @@ class Builder:
         for optional in ("api_key", "organization", "project"):
             if optional in up:
                 up[optional] = up[optional] or None  # an unset ${VAR} turns the setting off
+            if isinstance(up.get(optional), str) and not HEADER_TOKEN.fullmatch(up[optional]):
+                # Never shown: the key is a secret. Sent in a header, a space or a control
+                # character (a secret file's last newline) fails every request or is sent.
+                self._problem(
+                    doc,
+                    ("upstream", optional),
+                    "must be printable ASCII without spaces (is there a newline at the end "
+                    "of the file or variable it comes from?)",
+                )
         if "base_url" in up:
             up["base_url"] = up["base_url"].rstrip("/")
             if "@" in urlsplit(up["base_url"]).netloc:
