@@ -145,6 +145,14 @@ def test_header_values_are_scrubbed_and_a_header_named_after_the_key_dropped() -
     assert not any(leaks(f"{k}: {v}".encode()) for k, v in scrubbed)
 
 
+@pytest.mark.parametrize("cut", [1, 10, len(KEY) - 1])
+def test_a_header_holding_the_key_with_blanks_inside_is_dropped(cut: int) -> None:
+    """A folded header line (`obs-fold`) reaches Tollgate joined with a space."""
+    folded = f"Bearer {KEY[:cut]} \t{KEY[cut:]}"
+    scrubbed = SCRUB.pairs([("x-request-id", "req 1"), ("x-echo", folded)])
+    assert scrubbed == [("x-request-id", "req 1")]
+
+
 def test_headers_without_the_key_are_not_copied() -> None:
     assert SCRUB.pairs([("x-request-id", "req_1"), ("content-type", "application/json")]) is None
 

@@ -512,6 +512,28 @@ async def test_header_values_come_as_their_bytes_and_without_control_characters(
     assert response_headers(answer)[:1] == [("x-request-id", "req_\xff\xfe")]
 
 
+async def test_a_header_folding_the_key_over_two_lines_is_dropped() -> None:
+    """aiohttp joins a folded header line (`obs-fold`) with a space: the key with a blank
+    inside, which a reader puts back together."""
+    cut = len(UPSTREAM_KEY) // 2
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await request_head(reader)
+        key = UPSTREAM_KEY.encode()
+        writer.write(
+            b"HTTP/1.1 401 Unauthorized\r\nx-ratelimit-echo: Bearer " + key[:cut] + b"\r\n "
+            + key[cut:] + b"\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}"
+        )  # fmt: skip
+        await writer.drain()
+        writer.close()
+
+    async with loopback(reply) as url, upstream(url) as client:
+        answer = await client.send("/images/generations", order(), JSON, [])
+        await read(answer)
+    assert "x-ratelimit-echo" not in answer.headers
+    assert response_headers(answer) == []
+
+
 async def test_a_request_the_client_refuses_to_write_was_never_sent() -> None:
     """A key with a control character (a secret file's last newline) fails before anything
     is written: a 502 that charges nothing, never an error of Tollgate's own."""

@@ -293,20 +293,27 @@ class Scrubber:
     def pairs(self, pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]] | None:
         """Header (name, value) pairs with the secret masked in the values, or None when
         no header carries it (the usual case: nothing is copied). A header whose name
-        carries it is dropped: the mask's brackets are not allowed in a header name."""
+        carries it is dropped: the mask's brackets are not allowed in a header name. So is
+        one whose value carries it with blanks inside (a folded line, `obs-fold`, which
+        the HTTP client joins with a space)."""
         pairs = list(pairs)
         # One search of each form in every name and value at once, the usual answer
         # carrying none: a form in any of them is in the joined text (one found only
-        # across two of them is then looked for in each, and is not there).
-        joined = "\n".join(chain.from_iterable(pairs))
+        # across two of them is then looked for in each, and is not there). Blanks are
+        # taken out first: no form holds one.
+        joined = _unblanked("\n".join(chain.from_iterable(pairs)))
         if not any(n.text in joined for n in self.needles):
             return None
-        if not any(self.text(k) != k or self.text(v) != v for k, v in pairs):
-            return None
-        return [(k, self.text(v)) for k, v in pairs if self.text(k) == k]
+        kept = [(k, self.text(v)) for k, v in pairs if self.text(k) == k]
+        kept = [(k, v) for k, v in kept if self.text(_unblanked(v)) == _unblanked(v)]
+        return kept if kept != pairs else None
 
     def stream(self) -> ChunkScrubber:
         return ChunkScrubber(self)
+
+
+def _unblanked(text: str) -> str:
+    return text.replace(" ", "").replace("\t", "")
 
 
 NUL = b"\0"
