@@ -381,7 +381,8 @@ class AiohttpClient:
                 method, target, headers=headers, data=body or None, allow_redirects=False
             )
         # TimeoutError is an OSError; a ValueError is a request aiohttp would not write (a
-        # header value with a control character).
+        # header value with a control character), or an answer it could not read: not known
+        # to have failed before sending, so counted as sent.
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             raise translate(exc) from exc
         return AiohttpAnswer(response)
@@ -464,7 +465,6 @@ class HttpxAnswer:
 # the wait for a pooled connection or for the connect itself ran out). Nothing reached
 # the upstream, so nothing can have been billed.
 NEVER_SENT: tuple[type[Exception], ...] = (
-    ValueError,  # aiohttp refused to write the request (its URL and headers come first)
     aiohttp.ClientConnectorError,  # refused, DNS (ClientConnectorDNSError), certificates
     aiohttp.ConnectionTimeoutError,  # `connect` / `sock_connect`: the pool wait included
     httpx.ConnectError,
