@@ -13,6 +13,7 @@ while the body is read. Tests swap the network for an in-process httpx transport
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Iterable
 from typing import BinaryIO, Protocol
 
@@ -60,9 +61,12 @@ FORWARDED_RESPONSE_HEADERS = frozenset(
     }
 )
 FORWARDED_RESPONSE_PREFIXES = ("x-ratelimit-",)
-# Headers aiohttp would add that the client did not send. Without Accept-Encoding the
-# upstream answers uncompressed, which the meters read and the client is sent as is.
+# Headers aiohttp would add that the client did not send.
 NOT_ADDED = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+# Asked for on every request: an answer without Accept-Encoding may come in any content
+# coding (RFC 9110, 12.5.3), and a compressed body is one the meters cannot read and the
+# scrubber cannot search, which a client would decompress all the same (`Withheld`).
+ACCEPT_ENCODING = ("accept-encoding", "identity")
 KEEPALIVE_S = 5.0
 CONNECT_S = 10.0
 
@@ -150,6 +154,95 @@ def scrub_message(exc: UpstreamTimeout | UpstreamUnavailable, scrubber: Scrubber
     exc.args = (exc.message,)
 
 
+CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+"""Characters no header value may hold (uvicorn refuses to send one that does)."""
+
+
+def field_values(headers: CIMultiDictProxy[str]) -> CIMultiDictProxy[str] | None:
+    """The headers with every value as the bytes it came in, read as Latin-1, and without
+    those holding a control character; None when every header already is so (the usual
+    case: one search over them all).
+
+    aiohttp reads a header as UTF-8 and keeps a byte that is not as a lone surrogate, which
+    no later write accepts: an `x-request-id` of such bytes failed the ledger's settlement
+    and a forwarded one the answer, each a 500 after the upstream billed."""
+    joined = "\t".join(headers.values())  # a tab: allowed in a value
+    if joined.isascii() and CONTROL.search(joined) is None:
+        return None
+    values = (
+        (k, v.encode("utf-8", "surrogateescape").decode("latin-1")) for k, v in headers.items()
+    )
+    return CIMultiDictProxy(CIMultiDict((k, v) for k, v in values if CONTROL.search(v) is None))
+
+
+class Reheaded:
+    """An answer with other headers (`field_values`)."""
+
+    def __init__(self, answer: Answer, headers: CIMultiDictProxy[str]) -> None:
+        self.status = answer.status
+        self.headers = headers
+        self._answer = answer
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self._answer.chunks()
+
+    async def aclose(self) -> None:
+        await self._answer.aclose()
+
+
+NOT_CODED = frozenset({"", "identity", "chunked"})
+"""What leaves a body as it is: no coding, and the framing the HTTP client takes off."""
+
+
+def content_coding(headers: CIMultiDictProxy[str]) -> str | None:
+    """The coding of an answer's body once the HTTP client has read it: its
+    `Content-Encoding`, and any `Transfer-Encoding` but `chunked` (which the client takes
+    off; Tollgate sends no `TE`, so no other may be used, yet one would be left on);
+    None when there is none."""
+    named = (
+        c.strip()
+        for name in ("content-encoding", "transfer-encoding")
+        for value in headers.getall(name, ())
+        for c in value.split(",")
+    )
+    found = [c for c in named if c.lower() not in NOT_CODED]
+    return ", ".join(found) or None
+
+
+async def withheld(answer: Answer, coding: str, scrubber: Scrubber) -> Answer:
+    """An answer in a content coding Tollgate did not ask for (it asks for `identity`): its
+    body is never passed on, since the key could be in it where no search finds it and the
+    client would decode it. An error answer comes without its body (`Withheld`: its status
+    and headers pass, nothing was billed); a success cannot be read, and may have been
+    billed: UpstreamUnavailable."""
+    if not 200 <= answer.status < 300:
+        return Withheld(answer)
+    await answer.aclose()
+    exc = UpstreamUnavailable(
+        f"The upstream answered {answer.status} in content coding {coding!r}, which Tollgate "
+        "did not ask for and does not read.",
+        maybe_billed=True,
+    )
+    scrub_message(exc, scrubber)
+    raise exc
+
+
+class Withheld:
+    """An upstream error answer whose body is left unread: its status and headers only."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.status = answer.status
+        self.headers = answer.headers
+        self._answer = answer
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        return
+        yield  # an async generator of nothing
+
+    async def aclose(self) -> None:
+        await self._answer.aclose()
+
+
 class Upstream:
     """Sends image requests to the upstream with the company's key.
 
@@ -192,6 +285,7 @@ class Upstream:
         # In lower case: aiohttp keeps a repeated header only if it is spelled alike.
         out = allowed(client_headers, FORWARDED_REQUEST_HEADERS, FORWARDED_REQUEST_PREFIXES)
         out.append(("authorization", self._auth))
+        out.append(ACCEPT_ENCODING)
         if content_type:
             out.append(("content-type", content_type))
         if self._organization:
@@ -229,6 +323,12 @@ class Upstream:
         except BROKEN_OFF as exc:
             scrub_message(exc, self._scrubber)
             raise
+        fields = field_values(answer.headers)
+        if fields is not None:
+            answer = Reheaded(answer, fields)
+        coding = content_coding(answer.headers)
+        if coding is not None:
+            answer = await withheld(answer, coding, self._scrubber)
         return ScrubbedAnswer(answer, self._scrubber) if self._scrubber else answer
 
     async def aclose(self) -> None:
@@ -280,7 +380,10 @@ class AiohttpClient:
             response = await session.request(
                 method, target, headers=headers, data=body or None, allow_redirects=False
             )
-        except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
+        # TimeoutError is an OSError; a ValueError is a request aiohttp would not write (a
+        # header value with a control character), or an answer it could not read: not known
+        # to have failed before sending, so counted as sent.
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
             raise translate(exc) from exc
         return AiohttpAnswer(response)
 

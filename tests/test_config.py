@@ -228,6 +228,29 @@ def test_env_variables_are_expanded_in_every_string(policies: Path) -> None:
     assert load(policies).upstream.api_key is None
 
 
+@pytest.mark.parametrize("setting", ["api_key", "organization", "project"])
+@pytest.mark.parametrize("value", ["sk-s3cret\n", "sk-s3cret\r", " sk-s3cret", "sk-s3cr\u00e9t"])
+def test_an_upstream_key_with_a_newline_or_a_space_is_refused_without_showing_it(
+    policies: Path, setting: str, value: str
+) -> None:
+    write(policies / "tollgate.yaml", f"upstream:\n  {setting}: ${{VALUE}}\n")
+    [problem] = problems_of(policies, VALUE=value)
+    assert problem.startswith(f"policies/tollgate.yaml:2: upstream.{setting}: must be printable")
+    assert "s3cr" not in problem
+
+
+@pytest.mark.parametrize(
+    "url", ["https://user:s3cret@proxy.example/v1", "https://s3cret@proxy.example/v1"]
+)
+def test_an_upstream_url_holding_credentials_is_refused_without_showing_them(
+    policies: Path, url: str
+) -> None:
+    write(policies / "tollgate.yaml", "upstream:\n  base_url: ${URL}\n")
+    [problem] = problems_of(policies, URL=url)
+    assert problem.startswith("policies/tollgate.yaml:2: upstream.base_url: must not hold")
+    assert "s3cret" not in problem
+
+
 @pytest.mark.parametrize(
     ("ledger", "expected"),
     [

@@ -145,17 +145,51 @@ def test_header_values_are_scrubbed_and_a_header_named_after_the_key_dropped() -
     assert not any(leaks(f"{k}: {v}".encode()) for k, v in scrubbed)
 
 
+@pytest.mark.parametrize("cut", [1, 10, len(KEY) - 1])
+def test_a_header_holding_the_key_with_blanks_inside_is_dropped(cut: int) -> None:
+    """A folded header line (`obs-fold`) reaches Tollgate joined with a space."""
+    folded = f"Bearer {KEY[:cut]} \t{KEY[cut:]}"
+    scrubbed = SCRUB.pairs([("x-request-id", "req 1"), ("x-echo", folded)])
+    assert scrubbed == [("x-request-id", "req 1")]
+
+
 def test_headers_without_the_key_are_not_copied() -> None:
     assert SCRUB.pairs([("x-request-id", "req_1"), ("content-type", "application/json")]) is None
 
 
 def test_escaped_forms_are_added_only_for_keys_that_need_them() -> None:
-    assert len(encodings(KEY)) == 4  # the key and its base64 at three alignments
+    # The key, its base64 at three alignments, and its UTF-16 and UTF-32 (either order).
+    assert len(encodings(KEY)) == 6
     odd = 'sk-with/slash"quote'
     scrubber = Scrubber.of_key(odd)
     for text in (json.dumps({"a": odd}), odd.replace("/", "\\/"), "q=sk-with%2Fslash%22quote"):
         out = scrubber.data(text.encode())
         assert b"[redacted]" in out, text
+
+
+WIDE = ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"]
+
+
+def read_json(data: bytes) -> object:
+    """`data` as a JSON reader takes it (the encoding told by its first bytes), or None."""
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
+
+
+@pytest.mark.parametrize("codec", WIDE)
+def test_a_body_in_utf_16_or_utf_32_is_read_by_json_readers_without_the_key(codec: str) -> None:
+    text = json.dumps({"object": "list", "data": [], "echo": f"Bearer {KEY}", "n": 1})
+    body = text.encode(codec)
+    assert KEY in json.dumps(read_json(body))
+    out = SCRUB.data(body)
+    assert len(out) == len(body)
+    assert read_json(out) == {**json.loads(text), "echo": f"Bearer {mask(len(KEY))}"}
+    for cut in range(len(body)):
+        # A cut may leave one byte order's form whole before the other's: either is masked.
+        whole = b"".join(scrub_chunks([body[:cut], body[cut:]]))
+        assert len(whole) == len(body) and KEY not in json.dumps(read_json(whole)), cut
 
 
 def test_missing_and_toy_keys_scrub_nothing() -> None:

@@ -7,7 +7,9 @@ exact bytes on the wire matter.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -247,7 +249,10 @@ async def test_only_allowed_client_headers_and_the_upstreams_own_are_sent() -> N
     assert {"content-type: application/json", "openai-organization: org-1"} <= set(post)
     assert "x-stainless-lang: python" in post
     names = {h.partition(":")[0] for h in post + get}
-    assert not {"accept-encoding", "accept", "user-agent"} & names  # aiohttp adds none
+    assert not {"accept", "user-agent"} & names  # aiohttp adds none
+    # The client's coding is not asked for: Tollgate asks for the body as it is.
+    for head in (post, get):
+        assert [h for h in head if h.startswith("accept-encoding")] == ["accept-encoding: identity"]
     # Only what is on the allow-list is forwarded: never a content coding or a credential.
     dropped = {"x-trace", "content-encoding", "idempotency-key", "cookie", "forwarded"}
     assert not dropped & names
@@ -406,6 +411,149 @@ async def test_a_body_that_breaks_off_on_an_echo_of_the_key_fails_without_it() -
         with pytest.raises(UpstreamUnavailable) as caught:
             await read(answer)
     assert "[redacted]" in caught.value.message and UPSTREAM_KEY not in str(caught.value)
+
+
+def coded_reply(status: bytes, coding: bytes) -> Handler:
+    """An answer that echoes the key in a body compressed with `coding` (gzip if it names
+    none zlib makes), though Tollgate asked for it as it is. A `coding` that starts with
+    `transfer-encoding:` is a transfer coding, chunked after it."""
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await request_head(reader)
+        body = json.dumps({"error": {"message": f"Bearer {UPSTREAM_KEY}"}}).encode()
+        packed = zlib.compress(body) if b"deflate" in coding else gzip.compress(body)
+        if coding.startswith(b"transfer-encoding:"):
+            framing = coding + b", chunked\r\n\r\n%x\r\n" % len(packed)
+            packed += b"\r\n0\r\n\r\n"
+        else:
+            framing = (
+                b"content-encoding: " + coding + b"\r\ncontent-length: %d\r\n\r\n" % len(packed)
+            )
+        writer.write(
+            b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
+            b"connection: close\r\n" + framing + packed
+        )
+        await writer.drain()
+        writer.close()
+
+    return reply
+
+
+CODINGS = [
+    b"gzip",
+    b"deflate",
+    b"br",
+    b"identity, gzip",
+    b"GZIP",
+    b"transfer-encoding: gzip",
+    b"transfer-encoding: deflate",
+]
+
+
+@pytest.mark.parametrize("coding", CODINGS, ids=lambda c: c.decode())
+async def test_an_error_answer_in_a_coding_not_asked_for_comes_without_its_body(
+    coding: bytes,
+) -> None:
+    async with loopback(coded_reply(b"401 Unauthorized", coding)) as url, upstream(url) as client:
+        answer = await client.send("/images/generations", order(), JSON, [])
+        body = b"".join(await read(answer))
+    assert answer.status == 401 and body == b""
+
+
+@pytest.mark.parametrize("coding", CODINGS, ids=lambda c: c.decode())
+async def test_a_success_in_a_coding_not_asked_for_cannot_be_read_and_may_have_been_billed(
+    coding: bytes,
+) -> None:
+    async with loopback(coded_reply(b"200 OK", coding)) as url, upstream(url) as client:
+        with pytest.raises(UpstreamUnavailable) as caught:
+            await client.send("/images/generations", order(), JSON, [])
+    assert caught.value.maybe_billed
+    assert "content coding" in caught.value.message
+
+
+async def test_an_answer_marked_identity_is_read_as_it_is() -> None:
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await request_head(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-encoding: identity\r\ncontent-length: 2\r\n"
+            b"connection: close\r\n\r\n{}"
+        )
+        await writer.drain()
+        writer.close()
+
+    async with loopback(reply) as url, upstream(url) as client:
+        answer = await client.send("/images/generations", order(), JSON, [])
+        assert b"".join(await read(answer)) == b"{}"
+
+
+async def test_header_values_come_as_their_bytes_and_without_control_characters() -> None:
+    """A value that is not UTF-8 is read as its bytes (never a lone surrogate, which neither
+    the ledger nor the answer to the client can write), one with a control character that
+    no answer may carry is dropped."""
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await request_head(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nx-request-id: req_\xff\xfe\r\nx-ratelimit-a: \xc3\xa9\r\n"
+            b"x-ratelimit-b: a\x01b\r\nx-ratelimit-c: a\tb\r\ncontent-length: 2\r\n"
+            b"connection: close\r\n\r\n{}"
+        )
+        await writer.drain()
+        writer.close()
+
+    async with loopback(reply) as url, upstream(url) as client:
+        answer = await client.send("/images/generations", order(), JSON, [])
+        assert b"".join(await read(answer)) == b"{}"
+    assert answer.headers["x-request-id"].encode("latin-1") == b"req_\xff\xfe"
+    assert answer.headers["x-request-id"].encode("utf-8")  # no lone surrogate
+    assert answer.headers["x-ratelimit-a"].encode("latin-1") == b"\xc3\xa9"
+    assert "x-ratelimit-b" not in answer.headers
+    assert answer.headers["x-ratelimit-c"] == "a\tb"
+    assert response_headers(answer)[:1] == [("x-request-id", "req_\xff\xfe")]
+
+
+async def test_a_header_folding_the_key_over_two_lines_is_dropped() -> None:
+    """aiohttp joins a folded header line (`obs-fold`) with a space: the key with a blank
+    inside, which a reader puts back together."""
+    cut = len(UPSTREAM_KEY) // 2
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await request_head(reader)
+        key = UPSTREAM_KEY.encode()
+        writer.write(
+            b"HTTP/1.1 401 Unauthorized\r\nx-ratelimit-echo: Bearer " + key[:cut] + b"\r\n "
+            + key[cut:] + b"\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}"
+        )  # fmt: skip
+        await writer.drain()
+        writer.close()
+
+    async with loopback(reply) as url, upstream(url) as client:
+        answer = await client.send("/images/generations", order(), JSON, [])
+        await read(answer)
+    assert "x-ratelimit-echo" not in answer.headers
+    assert response_headers(answer) == []
+
+
+async def test_a_request_the_client_refuses_to_write_is_a_502_without_the_key() -> None:
+    """A key with a control character (a secret file's last newline, which the
+    configuration refuses) fails before anything is written: a 502, never an error of
+    Tollgate's own that would leave its reservation held. aiohttp's ValueError does not say
+    whether the request left, so it counts as sent."""
+    arrived: list[bytes] = []
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        arrived.append(await reader.read())
+        writer.close()
+
+    async with loopback(reply) as url:
+        client = Upstream(url, UPSTREAM_KEY + "\n")
+        try:
+            with pytest.raises(UpstreamUnavailable) as caught:
+                await client.send("/images/generations", order(), JSON, [])
+        finally:
+            await client.aclose()
+    assert UPSTREAM_KEY not in caught.value.message
+    assert arrived in ([], [b""])
 
 
 async def test_a_client_never_used_closes_without_a_session() -> None:

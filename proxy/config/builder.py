@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,10 @@ GLOBAL_HOSTS = frozenset({"api.openai.com", "mtls.api.openai.com"})
 """OpenAI's endpoints billed at the price book's rates; every other host under
 `api.openai.com` (us., eu., ae., au., in., jp., mtls-us., mtls-eu.) is a data-residency
 endpoint, billed 10 % more for models released on or after 2026-03-05."""
+
+
+HEADER_TOKEN = re.compile(r"[!-~]+")
+"""What a value sent in a header (the upstream key, organization, project) may hold."""
 
 
 class Builder:
@@ -118,8 +123,26 @@ class Builder:
         for optional in ("api_key", "organization", "project"):
             if optional in up:
                 up[optional] = up[optional] or None  # an unset ${VAR} turns the setting off
+            if isinstance(up.get(optional), str) and not HEADER_TOKEN.fullmatch(up[optional]):
+                # Never shown: the key is a secret. Sent in a header, a space or a control
+                # character (a secret file's last newline) fails every request or is sent.
+                self._problem(
+                    doc,
+                    ("upstream", optional),
+                    "must be printable ASCII without spaces (is there a newline at the end "
+                    "of the file or variable it comes from?)",
+                )
         if "base_url" in up:
             up["base_url"] = up["base_url"].rstrip("/")
+            if "@" in urlsplit(up["base_url"]).netloc:
+                # Never shown: the URL holds a secret. The HTTP client would refuse every
+                # request (it sends no credentials of a URL beside an Authorization header).
+                self._problem(
+                    doc,
+                    ("upstream", "base_url"),
+                    "must not hold credentials (user:password@): the upstream's key is "
+                    "upstream.api_key",
+                )
             host = (urlsplit(up["base_url"]).hostname or "").rstrip(".")
             if host.endswith(OPENAI_DOMAIN) and host not in GLOBAL_HOSTS:
                 self._problem(

@@ -12,12 +12,18 @@ likely to use and overwrites each occurrence with a mask of the same length:
     the key in standard base64      at each of the three alignments, so base64 of
                                     `Bearer <key>`, of `<key>` alone and of a Basic
                                     `user:<key>` are all caught, whatever precedes it
+                                    (for a key of [A-Za-z0-9_-], as OpenAI's are, this is
+                                    also its url-safe base64: no `+` or `/` in it)
+    the key in UTF-16 and UTF-32    either byte order: a JSON reader takes a body in them
+                                    (Python's `json.loads` of bytes, so the SDK's
+                                    `response.json()`, tells them by the NULs it starts with)
 
     the key with JSON `\\uXXXX`     any of its characters written as an escape (every JSON
     escapes                         reader decodes them): the whole run of key characters
                                     and escapes that decodes to hold it is masked
 
-Not covered: url-safe base64, hex, other encodings, and pieces of the key (a
+Not covered: url-safe base64 of a key with other characters, hex, other encodings,
+JSON escapes in a UTF-16 or UTF-32 body, and pieces of the key (a
 truncated echo such as OpenAI's own `sk-pro***abcd`). In base64 the character at
 each end of the encoded key that also carries bits of its neighbours is left as it
 is (at most four bits of the key's first and of its last byte).
@@ -25,7 +31,7 @@ is (at most four bits of the key's first and of its last byte).
 The mask keeps the length: JSON stays valid, the bytes after it keep their
 offsets, and any length already computed (a spooled answer's Content-Length)
 stays true. It reads `[redacted]` followed by `*`s, so whoever meets one knows
-what happened.
+what happened (in a UTF-16 or UTF-32 form, written in that encoding).
 
 Bodies are scrubbed chunk by chunk. Which forms a chunk holds is found by one pass of
 Hyperscan (Intel's multi-pattern matcher, SIMD) for all of them at once: a 2 MB answer
@@ -115,6 +121,11 @@ def encodings(key: str) -> list[str]:
         start = (offset * 8 + 5) // 6
         end = (offset + len(raw)) * 8 // 6
         forms.append(encoded[start:end])
+    if key.isascii():
+        # In UTF-16 or UTF-32, either byte order, an ASCII key is its characters with one
+        # or three NULs between each (and one set more before or after them, by the order:
+        # left out, so that one form covers both orders).
+        forms += ["\0".join(key), "\0\0\0".join(key)]
     return list(dict.fromkeys(forms))
 
 
@@ -134,7 +145,14 @@ class Needle:
         data = text.encode()
         at = next((i for i, byte in enumerate(data) if byte not in _COMMON), -1)
         anchor = data[at : at + 1] if at >= 0 else b""
-        return cls(text, data, mask(len(data)).encode(), anchor, at)
+        masked = mask(len(data))
+        if "\0" in text:
+            # A UTF-16 or UTF-32 form, its characters with NULs between: so is its mask,
+            # which then reads `[redacted]***` in that encoding too.
+            chars = text.replace("\0", "")
+            gap = (len(text) - len(chars)) // max(len(chars) - 1, 1)
+            masked = ("\0" * gap).join(mask(len(chars)))
+        return cls(text, data, masked.encode(), anchor, at)
 
     def found_in(self, data: bytes) -> bool:
         if not self.anchor:
@@ -150,10 +168,17 @@ class Needle:
 
     def started_at_end(self, data: bytes) -> int:
         """How many bytes at the end of `data` could begin this needle (0: none)."""
-        first = self.data[:1]
-        at = data.find(first, max(len(data) - len(self.data) + 1, 0))
+        start = max(len(data) - len(self.data) + 1, 0)
+        if self.anchor and data.find(self.anchor, start + self.anchor_at) < 0:
+            # A start longer than `anchor_at` bytes would hold the anchor: only those no
+            # longer can be there (a UTF-16 form's NUL, in a UTF-8 answer).
+            start = max(len(data) - self.anchor_at, start)
+        first, second = self.data[:1], self.data[1:2]
+        at = data.find(first, start)
         while at >= 0:
-            if self.data.startswith(data[at:]):
+            # The second byte first: no copy of the end for most places that do not begin
+            # it (a long form's end, in base64, holds dozens of its first byte).
+            if data[at + 1 : at + 2] in (second, b"") and self.data.startswith(data[at:]):
                 return len(data) - at
             at = data.find(first, at + 1)
         return 0
@@ -215,7 +240,11 @@ class Scrubber:
         self.needles = tuple(Needle.of(f) for f in forms if f)
         self.form_bytes = frozenset(b"".join(n.data for n in self.needles))
         """Every byte found in some form."""
-        self._patterns = Patterns.of(self.needles) if patterns else None
+        self._narrow = tuple(n for n in self.needles if NUL not in n.data)
+        self._wide = tuple(n for n in self.needles if NUL in n.data)
+        """The UTF-16 and UTF-32 forms: searched only in bytes holding a NUL, as no UTF-8
+        answer does (one `memchr`); Hyperscan's literals cannot hold one."""
+        self._patterns = Patterns.of(self._narrow) if patterns else None
         self.escapes = Escapes.of(escaped) if escaped else None
         """The key written with JSON escapes (`Escapes`), when it is scrubbed so."""
 
@@ -240,17 +269,19 @@ class Scrubber:
             data = self.escapes.masked(data)
         if self._patterns is not None:
             found = self._patterns.found(data)
-            if not found:
-                return data
             # In the needles' order, as below: a mask may break another form's occurrence
             # that overlaps it, which is then not found (nor masked) again.
-            for index, needle in enumerate(self.needles):
+            for index, needle in enumerate(self._narrow):
                 if index in found and needle.data in data:
                     data = data.replace(needle.data, needle.masked)
-            return data
-        for needle in self.needles:
-            if needle.found_in(data):
-                data = data.replace(needle.data, needle.masked)
+        else:
+            for needle in self._narrow:
+                if needle.found_in(data):
+                    data = data.replace(needle.data, needle.masked)
+        if self._wide and NUL in data:
+            for needle in self._wide:
+                if needle.data in data:
+                    data = data.replace(needle.data, needle.masked)
         return data
 
     def text(self, text: str) -> str:
@@ -262,22 +293,31 @@ class Scrubber:
     def pairs(self, pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]] | None:
         """Header (name, value) pairs with the secret masked in the values, or None when
         no header carries it (the usual case: nothing is copied). A header whose name
-        carries it is dropped: the mask's brackets are not allowed in a header name."""
+        carries it is dropped: the mask's brackets are not allowed in a header name. So is
+        one whose value carries it with blanks inside (a folded line, `obs-fold`, which
+        the HTTP client joins with a space)."""
         pairs = list(pairs)
         # One search of each form in every name and value at once, the usual answer
         # carrying none: a form in any of them is in the joined text (one found only
-        # across two of them is then looked for in each, and is not there).
-        joined = "\n".join(chain.from_iterable(pairs))
+        # across two of them is then looked for in each, and is not there). Blanks are
+        # taken out first: no form holds one.
+        joined = _unblanked("\n".join(chain.from_iterable(pairs)))
         if not any(n.text in joined for n in self.needles):
             return None
-        if not any(self.text(k) != k or self.text(v) != v for k, v in pairs):
-            return None
-        return [(k, self.text(v)) for k, v in pairs if self.text(k) == k]
+        kept = [(k, self.text(v)) for k, v in pairs if self.text(k) == k]
+        kept = [(k, v) for k, v in kept if self.text(_unblanked(v)) == _unblanked(v)]
+        return kept if kept != pairs else None
 
     def stream(self) -> ChunkScrubber:
         return ChunkScrubber(self)
 
 
+def _unblanked(text: str) -> str:
+    return text.replace(" ", "").replace("\t", "")
+
+
+NUL = b"\0"
+"""In every UTF-16 or UTF-32 form of the key, and in no UTF-8 text."""
 ESCAPE = b"\\u"
 """What starts a JSON escape of a character."""
 BACKSLASH = b"\\"
