@@ -199,10 +199,11 @@ class BilledLine:
 
 GroupColumn = Literal[
     "team", "cost_center", "user", "key_id", "model", "quality", "size", "endpoint", "outcome",
-    "mainline_model",
+    "mainline_model", "project",
 ]  # fmt: skip
 """What a report may group settled rows by (model/quality/size: as sent, else as requested;
-`mainline_model`: a Responses request's, None for the Images API)."""
+`mainline_model`: a Responses request's, None for the Images API; `project`: the OpenAI
+project it was sent under as stored, `codecs.project_read`)."""
 
 
 @dataclass(frozen=True, slots=True)

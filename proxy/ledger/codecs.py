@@ -81,6 +81,9 @@ BILLED_COLUMNS = (*ROW_COLUMNS, "counters")
 """What a batch's billed line is written with: a settled row and the counters it added to."""
 FOUND_BY = ("content_digest", "idempotency_key")
 """What a repeat finds its first attempt by (`FIRST_COLUMNS`' lookups)."""
+BILL_COLUMNS = (*BILLED_COLUMNS, "project")
+"""What a batch's billed line but its first is inserted with: its row and counters, and the
+project of its batch (OpenAI bills each line to the project that created the batch)."""
 BILL_FIRST_COLUMNS = tuple(c for c in BILLED_COLUMNS[1:] if c not in FOUND_BY)
 """What a batch's reservation row takes of its first billed line's: all but the id and what
 a repeat of the batch's create finds it by, which stay the create's."""

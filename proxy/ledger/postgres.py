@@ -380,4 +380,4 @@ def _values(found: Any) -> tuple[Any, ...] | None:
 
 
 LINES = list(codecs.LINE_COLUMNS)
-BILLED = list(codecs.BILLED_COLUMNS)
+BILLED = list(codecs.BILL_COLUMNS)
