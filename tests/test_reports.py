@@ -8,12 +8,19 @@ from dataclasses import replace
 from datetime import date
 from decimal import Decimal
 
+import httpx
 import pytest
 
 from proxy.config.prices import load_price_book
-from proxy.core.errors import InvalidRequest
+from proxy.core.errors import InvalidRequest, UpstreamUnavailable
 from proxy.finance.parts import is_mainline, split
-from proxy.finance.reconcile import OpenAICosts, compare, line_item_model, parse_costs
+from proxy.finance.reconcile import (
+    OpenAICosts,
+    compare,
+    fetch_costs,
+    line_item_model,
+    parse_costs,
+)
 from proxy.finance.reconcile import as_json as reconcile_json
 from proxy.finance.reconcile import as_table as reconcile_table
 from proxy.finance.reports import CsvWriter, Period, as_csv, as_json, fold, parse_by
@@ -183,3 +190,20 @@ def test_csv_rows_end_in_lf_and_a_cell_holding_a_line_break_stays_one_cell() -> 
         ["team", "cost_usd"],
         ["a\rb", "c\nd"],
     ]
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [(b"<html>", "not JSON"),
+     (b'{"data": [{"start_time": 0, "results": [{"amount": {"value": 1, "currency": "eur"}}]}]}',
+      "not in US dollars")],
+    ids=["not-json", "euros"],
+)  # fmt: skip
+async def test_a_live_page_unlike_the_costs_apis_is_the_costs_api_unreachable(
+    body: bytes, says: str
+) -> None:
+    """Refused as a saved file would be (exit 2), never read as a day that is off."""
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body))
+    day = date(2026, 11, 3)
+    with pytest.raises(UpstreamUnavailable, match=says):
+        await fetch_costs("http://costs.test/v1", "sk-admin", day, day, transport=transport)
