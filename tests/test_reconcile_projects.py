@@ -60,7 +60,7 @@ def test_costs_are_summed_by_day_and_project_leaving_out_unpriced_models() -> No
     )  # fmt: skip
     assert found.amounts == {(DAY, "proj_design"): Decimal("0.75"),
                              (DAY, "proj_research"): Decimal("1.0")}  # fmt: skip
-    assert found.ignored == {"gpt-3.5-turbo, input": Decimal("3.0")}
+    assert found.ignored == {(DAY, "gpt-3.5-turbo, input"): Decimal("3.0")}
     assert found.days == {DAY}
 
 
@@ -129,6 +129,17 @@ def test_json_and_table_name_the_project_its_teams_and_both_amounts() -> None:
     table = as_table(result)
     assert "proj_design" in table and "design" in table
     assert "Every project matches within the tolerance" in table
+
+
+def test_only_the_line_items_left_out_on_the_reconciled_days_are_listed() -> None:
+    other = date(2026, 11, 4)
+    found = parse_costs(
+        [page(cost(3.0, "proj_design", "gpt-3.5-turbo, input")),
+         page(cost(2.0, "proj_design", "gpt-3.5-turbo, input"), day=other)],
+        BOOK,
+    )  # fmt: skip
+    result = compare(found, {}, project_of, ["design"], other, other)
+    assert dict(result.ignored) == {"gpt-3.5-turbo, input": Decimal("2.0")}
 
 
 def test_a_day_missing_from_the_export_is_said_so() -> None:

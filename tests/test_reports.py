@@ -143,7 +143,25 @@ def test_reconcile_names_mainline_models_and_their_snapshots_by_the_price_book()
     ]}]}]  # fmt: skip
     found = parse_costs(pages, book)
     assert found.amounts == {(date(2026, 11, 3), "gpt-4.1"): Decimal("0.75")}
-    assert found.ignored == {"gpt-3.5-turbo, input": Decimal("0.125")}
+    assert found.ignored == {(date(2026, 11, 3), "gpt-3.5-turbo, input"): Decimal("0.125")}
+
+
+def test_only_the_line_items_left_out_on_the_reconciled_days_are_listed() -> None:
+    """A month's export reconciled for one day lists that day's chat spend, not the
+    month's."""
+    day = 86_400
+    pages = [{"data": [
+        {"start_time": 1_793_664_000 + i * day, "results": [
+            {"line_item": "gpt-3.5-turbo, input", "amount": {"value": 0.125}},
+            {"line_item": "gpt-image-2, image output", "amount": {"value": 0.5}}]}
+        for i in range(3)
+    ]}]  # fmt: skip
+    found = parse_costs(pages, load_price_book())
+    second = date(2026, 11, 4)
+    result = compare(found, {(second, "gpt-image-2"): 500_000_000}, second, second)
+    assert dict(result.ignored) == {"gpt-3.5-turbo, input": Decimal("0.125")}
+    assert reconcile_json(result)["ignored_line_items"] == {"gpt-3.5-turbo, input": "0.125"}
+    assert result.off_days == []
 
 
 @pytest.mark.parametrize(

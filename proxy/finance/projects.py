@@ -39,6 +39,7 @@ from proxy.finance.reconcile import (
     Status,
     canonical,
     fetch_costs,
+    left_out,
     line_item_model,
     midnight,
     money,
@@ -66,8 +67,8 @@ class ProjectCosts:
     """By UTC day and project (None: spend OpenAI booked to no project)."""
     days: set[date] = field(default_factory=set)
     """Days the export has a bucket for (a day with no bucket is unknown, not zero)."""
-    ignored: dict[str, Decimal] = field(default_factory=dict)
-    """Line items of other products, left out, with their amounts."""
+    ignored: dict[tuple[date, str], Decimal] = field(default_factory=dict)
+    """Line items of other products, left out, with their amounts by UTC day."""
 
 
 def parse_costs(pages: Iterable[Mapping[str, Any]], book: PriceBook) -> ProjectCosts:
@@ -86,7 +87,8 @@ def parse_costs(pages: Iterable[Mapping[str, Any]], book: PriceBook) -> ProjectC
                 results, grouped = results + 1, grouped + (project is not None)
                 item = result.get("line_item")
                 if item is not None and canonical(line_item_model(str(item)), book) is None:
-                    found.ignored[item] = found.ignored.get(item, Decimal(0)) + value
+                    key = (day, str(item))
+                    found.ignored[key] = found.ignored.get(key, Decimal(0)) + value
                 else:
                     amounts[day, None if project is None else str(project)] += value
     if results and not grouped:
@@ -186,7 +188,7 @@ def compare(
             note = ""
         team_names = tuple(sorted(members.get(project, ())))
         lines.append(ProjectLine(day, project, team_names, billed, spent, status, note))
-    ignored = {k: v for k, v in openai.ignored.items() if v}
+    ignored = left_out(openai.ignored, first, last)
     return ProjectReconciliation(first, last, tolerance, tuple(lines), ignored)
 
 

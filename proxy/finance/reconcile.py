@@ -88,8 +88,20 @@ class OpenAICosts:
     amounts: dict[tuple[date, str], Decimal] = field(default_factory=dict)
     days: set[date] = field(default_factory=set)
     """Days the export has a bucket for (a day with no bucket is unknown, not zero)."""
-    ignored: dict[str, Decimal] = field(default_factory=dict)
-    """Line items of other products, left out, with their amounts."""
+    ignored: dict[tuple[date, str], Decimal] = field(default_factory=dict)
+    """Line items of other products, left out, with their amounts by UTC day."""
+
+
+def left_out(
+    ignored: Mapping[tuple[date, str], Decimal], first: date, last: date
+) -> dict[str, Decimal]:
+    """The amounts of the line items left out on the days `first`..`last`, by line item
+    (none that sum to zero)."""
+    found: dict[str, Decimal] = defaultdict(Decimal)
+    for (day, item), value in ignored.items():
+        if first <= day <= last:
+            found[item] += value
+    return {item: value for item, value in found.items() if value}
 
 
 def parse_costs(pages: Iterable[Mapping[str, Any]], book: PriceBook) -> OpenAICosts:
@@ -105,7 +117,7 @@ def parse_costs(pages: Iterable[Mapping[str, Any]], book: PriceBook) -> OpenAICo
                 item = str(result.get("line_item") or "")
                 model = canonical(line_item_model(item), book)
                 if model is None:
-                    found.ignored[item] = found.ignored.get(item, Decimal(0)) + value
+                    found.ignored[day, item] = found.ignored.get((day, item), Decimal(0)) + value
                 else:
                     amounts[day, model] += value
     found.amounts = dict(amounts)
@@ -325,8 +337,9 @@ def compare(
         else:
             note = ""
         lines.append(Line(day, model, theirs, ours, "off" if off else "ok", note))
-    ignored = {k: v for k, v in openai.ignored.items() if v}
-    return Reconciliation(first, last, tolerance, tuple(lines), ignored)
+    return Reconciliation(
+        first, last, tolerance, tuple(lines), left_out(openai.ignored, first, last)
+    )
 
 
 def as_json(r: Reconciliation[Line]) -> dict[str, Any]:
