@@ -32,6 +32,10 @@ class Reservation:
     project: str | None = None
     """The OpenAI project it is sent under (None: none is sent), recorded on its row: a
     response it creates is found upstream only there."""
+    mainline_nanos: int = 0
+    """The part of the bound that is a Responses request's mainline model's, recorded on its
+    row (`mainline_cost_nanos`): a reservation charged its bound (reclaimed) is split
+    between its two models as OpenAI bills them, in reports and in `reconcile`."""
 
 
 Chooser = Callable[[Mapping[Counter, Totals]], Reservation]

@@ -59,6 +59,7 @@ ROW_COLUMNS = (*ENTRY_COLUMNS, *SETTLEMENT_COLUMNS, "state")
 """What a `Row` is read from (and a request never forwarded is written with)."""
 RESERVATION_COLUMNS = (
     *ENTRY_COLUMNS, *USAGE_COLUMNS, "state", "reserved_nanos", "counters", "owner", "project",
+    "mainline_cost_nanos",
 )  # fmt: skip
 KEY_COLUMNS = ("scope", "team", "user", "period", "start")
 """A `budget_usage` row's primary key: a counter's fields, in lock order."""
@@ -156,10 +157,16 @@ def project_read(value: str | None) -> tuple[str | None, bool]:
 
 
 def reservation_values(
-    entry: Entry, usage: Usage, counters_text: str, owner: str | None, project: str | None
+    entry: Entry,
+    usage: Usage,
+    counters_text: str,
+    owner: str | None,
+    project: str | None,
+    mainline_nanos: int = 0,
 ) -> tuple[Any, ...]:
-    """A reservation's row in `RESERVATION_COLUMNS` order: it holds its estimate, and the
-    project it is sent under (`project_value`)."""
+    """A reservation's row in `RESERVATION_COLUMNS` order: it holds its estimate, the
+    project it is sent under (`project_value`) and the mainline model's part of its bound
+    (what a reclaim charges that model; a settlement replaces it)."""
     return (
         *entry_values(entry),
         *usage_values(usage),
@@ -168,6 +175,7 @@ def reservation_values(
         counters_text,
         owner,
         project_value(project),
+        mainline_nanos,
     )
 
 
