@@ -225,3 +225,12 @@ async def test_a_live_page_unlike_the_costs_apis_is_the_costs_api_unreachable(
     day = date(2026, 11, 3)
     with pytest.raises(UpstreamUnavailable, match=says):
         await fetch_costs("http://costs.test/v1", "sk-admin", day, day, transport=transport)
+
+
+def test_a_line_item_left_out_is_shown_with_its_control_characters_as_escapes() -> None:
+    """The table is read in a terminal: a line item from an export cannot drive it."""
+    day = date(2026, 11, 3)
+    openai = OpenAICosts({}, {day}, {(day, "chat\x1b[2J, input\nforged"): Decimal("1")})
+    table = reconcile_table(compare(openai, {}, day, day))
+    assert "\x1b" not in table
+    assert "Left out (not priced models): chat\\x1b[2J, input\\nforged" in table

@@ -34,7 +34,7 @@ from proxy.core.models import NANOS_PER_USD
 from proxy.core.pricing import PriceBook
 from proxy.core.settings import Config
 from proxy.finance import parts
-from proxy.finance.reports import aligned
+from proxy.finance.reports import aligned, printable
 from proxy.ledger import open_ledger
 from proxy.ledger.base import Flagged, Ledger
 
@@ -393,7 +393,7 @@ def table(
         out.append("(no spend on either side)")
     if r.ignored:
         out.append("")
-        out.append("Left out (not priced models): " + ", ".join(sorted(r.ignored)))
+        out.append("Left out (not priced models): " + ", ".join(map(printable, sorted(r.ignored))))
     out.append("")
     if r.off_days:
         days = ", ".join(d.isoformat() for d in r.off_days)
