@@ -263,9 +263,17 @@ def test_the_probe_sees_the_server_stack() -> None:
         ('{"data": 5}', "'data' is not a list"),
         ('{"data": [{"results": []}]}', "no numeric 'start_time'"),
         ('{"data": [{"start_time": 0, "results": [{"amount": {"value": "x"}}]}]}', "amount"),
+        ('{"data": [{"start_time": 1e20, "results": []}]}', "not a unix time"),
+        ('{"data": [{"start_time": NaN, "results": []}]}', "no numeric 'start_time'"),
+        ('{"data": [{"start_time": 0, "results": [{"amount": {"value": "1e999999999"}}]}]}',
+         "not a number of US dollars"),
+        ('{"data": [{"start_time": 0, "results": [{"amount": {"value": 5, "currency": "eur"}}]}]}',
+         "not in US dollars"),
+        ('{"data": [{"start_time": 0, "end_time": 604800, "results": []}]}', "bucket_width=1d"),
     ],
-    ids=["missing", "not-json", "not-a-page", "data", "bucket", "amount"],
-)
+    ids=["missing", "not-json", "not-a-page", "data", "bucket", "amount", "year-3e12",
+         "nan-start", "amount-too-large", "euros", "a-week"],
+)  # fmt: skip
 def test_reconcile_exits_2_naming_a_costs_file_it_cannot_read(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], costs: str | None, says: str
 ) -> None:
@@ -290,6 +298,8 @@ def test_reconcile_exits_2_on_a_date_that_is_not_one(
     argv = ["reconcile", "--config", str(tmp_path), "--costs", str(tmp_path / "costs.json")]
     assert main([*argv, "--from", "2026-13-01"]) == 2
     assert "'2026-13-01' is not a date" in capsys.readouterr().err
+    assert main([*argv, "--to", "9999-12-31"]) == 2
+    assert "after the last day reconciled" in capsys.readouterr().err
 
 
 def test_report_exits_2_naming_an_output_it_cannot_write(

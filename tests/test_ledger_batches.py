@@ -276,6 +276,20 @@ async def test_a_batch_becomes_its_billed_lines_on_the_day_it_ended(ledger: Back
     assert await ledger.held() == []
 
 
+@pytest.mark.parametrize("project", ["proj_A", None], ids=["project", "none"])
+async def test_every_billed_line_keeps_the_project_its_batch_was_created_under(
+    ledger: Backend, project: str | None
+) -> None:
+    """OpenAI bills a batch's lines to the project that created it: each line's row says
+    so, as the reservation's did, for `reconcile --by project`."""
+    await ledger.reserve(CREATION_COUNTERS, take_batch("b1"))
+    await ledger.hold("b1", "batch_abc", project)
+    lines = [billed(1), billed(2), billed(3)]
+    assert await ledger.settle_batch("b1", lines, Settlement(ENDED, "ok", 200)) == 3
+    stored = {row["id"]: row["project"] for row in await every_row(ledger)}
+    assert stored == dict.fromkeys(("b1", "row-2", "row-3"), project or "")
+
+
 async def test_a_settled_batch_is_still_found_by_a_repeat_of_its_create(ledger: Backend) -> None:
     """The reservation's row becomes its first billed line's, but keeps what a repeat of the
     create finds it by: a retry after the batch ended is answered with it, not billed again."""

@@ -555,3 +555,36 @@ def test_multiprocess_workers_sum_their_children_in_the_exposition(tmp_path: Pat
     assert samples[("tollgate_tokens_total", "image_output")] == 28
     assert samples[("tollgate_upstream_request_duration_seconds_count", "")] == 4
     assert ("tollgate_tokens_total", "text_input") not in samples
+
+
+KILLED = """
+import os, sys
+from proxy.ledger import Entry, Settlement
+from proxy.metrics import Metrics
+metrics = Metrics(multiprocess_dir=sys.argv[1])
+metrics.started()
+entry = Entry("tg_req_1", 0.0, "generations", team="design", model="gpt-image-2")
+metrics.finished(entry, Settlement(1.0, "ok", 200), ())
+for _ in range(3):
+    metrics.started()
+metrics.body_bytes.inc(3000)
+os._exit(0)  # as kill -9 leaves it: close() never ran
+"""
+
+
+def test_a_worker_that_died_holding_requests_is_no_longer_counted_in_flight(
+    tmp_path: Path,
+) -> None:
+    """uvicorn replaces a killed worker; its in-flight gauges end with it, or the
+    dashboard's in-flight panel would show its requests forever."""
+    run_worker(WORKER, tmp_path, "work")
+    run_worker(KILLED, tmp_path)
+    report = run_worker(WORKER, tmp_path, "report")
+    samples = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(report)
+        for sample in family.samples
+    }
+    assert samples["tollgate_inflight_requests"] == 0
+    assert samples["tollgate_inflight_body_bytes"] == 0
+    assert samples["tollgate_requests_total"] == 5  # its counters stay: that was done

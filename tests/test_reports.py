@@ -8,12 +8,19 @@ from dataclasses import replace
 from datetime import date
 from decimal import Decimal
 
+import httpx
 import pytest
 
 from proxy.config.prices import load_price_book
-from proxy.core.errors import InvalidRequest
+from proxy.core.errors import InvalidRequest, UpstreamUnavailable
 from proxy.finance.parts import is_mainline, split
-from proxy.finance.reconcile import OpenAICosts, compare, line_item_model, parse_costs
+from proxy.finance.reconcile import (
+    OpenAICosts,
+    compare,
+    fetch_costs,
+    line_item_model,
+    parse_costs,
+)
 from proxy.finance.reconcile import as_json as reconcile_json
 from proxy.finance.reconcile import as_table as reconcile_table
 from proxy.finance.reports import CsvWriter, Period, as_csv, as_json, fold, parse_by
@@ -136,7 +143,25 @@ def test_reconcile_names_mainline_models_and_their_snapshots_by_the_price_book()
     ]}]}]  # fmt: skip
     found = parse_costs(pages, book)
     assert found.amounts == {(date(2026, 11, 3), "gpt-4.1"): Decimal("0.75")}
-    assert found.ignored == {"gpt-3.5-turbo, input": Decimal("0.125")}
+    assert found.ignored == {(date(2026, 11, 3), "gpt-3.5-turbo, input"): Decimal("0.125")}
+
+
+def test_only_the_line_items_left_out_on_the_reconciled_days_are_listed() -> None:
+    """A month's export reconciled for one day lists that day's chat spend, not the
+    month's."""
+    day = 86_400
+    pages = [{"data": [
+        {"start_time": 1_793_664_000 + i * day, "results": [
+            {"line_item": "gpt-3.5-turbo, input", "amount": {"value": 0.125}},
+            {"line_item": "gpt-image-2, image output", "amount": {"value": 0.5}}]}
+        for i in range(3)
+    ]}]  # fmt: skip
+    found = parse_costs(pages, load_price_book())
+    second = date(2026, 11, 4)
+    result = compare(found, {(second, "gpt-image-2"): 500_000_000}, second, second)
+    assert dict(result.ignored) == {"gpt-3.5-turbo, input": Decimal("0.125")}
+    assert reconcile_json(result)["ignored_line_items"] == {"gpt-3.5-turbo, input": "0.125"}
+    assert result.off_days == []
 
 
 @pytest.mark.parametrize(
@@ -183,3 +208,29 @@ def test_csv_rows_end_in_lf_and_a_cell_holding_a_line_break_stays_one_cell() -> 
         ["team", "cost_usd"],
         ["a\rb", "c\nd"],
     ]
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [(b"<html>", "not JSON"),
+     (b'{"data": [{"start_time": 0, "results": [{"amount": {"value": 1, "currency": "eur"}}]}]}',
+      "not in US dollars")],
+    ids=["not-json", "euros"],
+)  # fmt: skip
+async def test_a_live_page_unlike_the_costs_apis_is_the_costs_api_unreachable(
+    body: bytes, says: str
+) -> None:
+    """Refused as a saved file would be (exit 2), never read as a day that is off."""
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body))
+    day = date(2026, 11, 3)
+    with pytest.raises(UpstreamUnavailable, match=says):
+        await fetch_costs("http://costs.test/v1", "sk-admin", day, day, transport=transport)
+
+
+def test_a_line_item_left_out_is_shown_with_its_control_characters_as_escapes() -> None:
+    """The table is read in a terminal: a line item from an export cannot drive it."""
+    day = date(2026, 11, 3)
+    openai = OpenAICosts({}, {day}, {(day, "chat\x1b[2J, input\nforged"): Decimal("1")})
+    table = reconcile_table(compare(openai, {}, day, day))
+    assert "\x1b" not in table
+    assert "Left out (not priced models): chat\\x1b[2J, input\\nforged" in table

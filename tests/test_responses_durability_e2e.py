@@ -5,10 +5,13 @@ that outlives its process, and the official Node SDK.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
+import sys
+import threading
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -276,3 +279,57 @@ def test_a_response_ended_elsewhere_while_tollgate_was_down_is_settled_on_restar
         assert reserved == 0
     finally:
         second.stop()
+
+
+def post_quietly(url: str, body: dict[str, Any]) -> None:
+    """POST `body` as the design team, whatever becomes of the answer."""
+    headers = {"authorization": f"Bearer {DESIGN_KEY}"}
+    with contextlib.suppress(httpx.HTTPError):
+        httpx.post(url, json=body, headers=headers, timeout=30)
+
+
+def test_a_response_reclaimed_at_its_bound_is_charged_to_both_its_models(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """A Tollgate killed while a response renders: the restart charges its bound, and
+    OpenAI bills it under two models, so the bound is split as its reservation was priced
+    (the mainline model's part under that model in reports and `reconcile`), not put whole
+    under the image model."""
+    write_config(tmp_path, f"{simulator.url}/v1", teams={"design": TEAMS["design"]})
+    simulator.configure(latency_ms=3000)
+    killed = start_tollgate(tmp_path)
+    body = {**STORM_BODY, "model": "gpt-5.5"}
+    try:
+        # The client's request, left hanging by the kill.
+        client = threading.Thread(target=post_quietly, args=(f"{killed.url}/v1/responses", body))
+        client.start()
+        wait_for(
+            "the response reserved",
+            lambda: killed.query("SELECT id FROM requests WHERE state = 'reserved'") or None,
+        )
+        killed.process.send_signal(signal.SIGKILL)
+        killed.process.wait()
+        client.join()
+        restarted = start_tollgate(tmp_path)
+    finally:
+        simulator.configure(latency_ms=0)
+    try:
+        [row] = restarted.query(
+            "SELECT cost_nanos, estimated_nanos, mainline_cost_nanos, mainline_model, model, "
+            "error_code FROM requests"
+        )
+        assert (row["error_code"], row["mainline_model"]) == ("outcome_unknown", "gpt-5.5")
+        assert row["cost_nanos"] == row["estimated_nanos"]
+        assert 0 < row["mainline_cost_nanos"] < row["cost_nanos"]
+        done = subprocess.run(
+            [sys.executable, "-m", "proxy", "report", "--config", str(tmp_path), "--by",
+             "model", "--format", "json", "--from", "1970-01-02", "--to", "9998-12-31"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        spent = {r["model"]: Decimal(r["cost_usd"]) for r in json.loads(done.stdout)["rows"]}
+        assert spent == {
+            "gpt-5.5": Decimal(row["mainline_cost_nanos"]) / 10**9,
+            row["model"]: Decimal(row["cost_nanos"] - row["mainline_cost_nanos"]) / 10**9,
+        }
+    finally:
+        restarted.stop()

@@ -2,16 +2,21 @@
 the ledger's spend of the teams billed to it (`tollgate reconcile --by project`).
 
     pages = await fetch_costs(base_url, admin_key, first, last, group_by=GROUP_BY)
-    result = compare(parse_costs(pages, book), await ledger_costs(ledger, first, last),
-                     config.project_of, first, last)
+    result = compare(parse_costs(pages, book),
+                     await ledger_costs(ledger, first, last, config.project_of),
+                     config.project_of, teams, first, last)
 
 A team's requests go upstream under its `openai_project`, else `upstream.project`
 (`Config.project_of`), so OpenAI books them to that project; a team with neither is
 billed to the upstream key's default project, which Tollgate cannot name: its spend is
-shown as unmapped, never counted as off. Like `proxy.finance.reconcile`, it compares UTC
-days (OpenAI's buckets). Asked live, the costs are grouped by project and line item, so
-that the spend of models Tollgate does not price (chat, audio) is left out and listed; a
-saved export grouped by project alone is taken whole.
+shown as unmapped, never counted as off. Each request is counted under the project its
+row says it was sent under, so a team whose project changed is reconciled under its
+former project for the days before (a batch's lines under their batch's); only rows that
+recorded none (written before schema version 10) are taken to be under the team's project
+now. Like `proxy.finance.reconcile`, it compares UTC days (OpenAI's buckets). Asked live,
+the costs are grouped by project and line item, so that the spend of models Tollgate does
+not price (chat, audio) is left out and listed; a saved export grouped by project alone is
+taken whole.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from proxy.finance.reconcile import (
     Status,
     canonical,
     fetch_costs,
+    left_out,
     line_item_model,
     midnight,
     money,
@@ -44,6 +50,7 @@ from proxy.finance.reconcile import (
 )
 from proxy.ledger import open_ledger
 from proxy.ledger.base import Ledger
+from proxy.ledger.codecs import project_read
 
 GROUP_BY = ("project_id", "line_item")
 UNMAPPED_NOTE = (
@@ -60,8 +67,8 @@ class ProjectCosts:
     """By UTC day and project (None: spend OpenAI booked to no project)."""
     days: set[date] = field(default_factory=set)
     """Days the export has a bucket for (a day with no bucket is unknown, not zero)."""
-    ignored: dict[str, Decimal] = field(default_factory=dict)
-    """Line items of other products, left out, with their amounts."""
+    ignored: dict[tuple[date, str], Decimal] = field(default_factory=dict)
+    """Line items of other products, left out, with their amounts by UTC day."""
 
 
 def parse_costs(pages: Iterable[Mapping[str, Any]], book: PriceBook) -> ProjectCosts:
@@ -80,7 +87,8 @@ def parse_costs(pages: Iterable[Mapping[str, Any]], book: PriceBook) -> ProjectC
                 results, grouped = results + 1, grouped + (project is not None)
                 item = result.get("line_item")
                 if item is not None and canonical(line_item_model(str(item)), book) is None:
-                    found.ignored[item] = found.ignored.get(item, Decimal(0)) + value
+                    key = (day, str(item))
+                    found.ignored[key] = found.ignored.get(key, Decimal(0)) + value
                 else:
                     amounts[day, None if project is None else str(project)] += value
     if results and not grouped:
@@ -93,15 +101,26 @@ def parse_costs(pages: Iterable[Mapping[str, Any]], book: PriceBook) -> ProjectC
     return found
 
 
-async def ledger_costs(ledger: Ledger, first: date, last: date) -> dict[tuple[date, str], int]:
-    """Tollgate's settled spend in nano-dollars by UTC day and team."""
+Spent = Mapping[tuple[date, str, str | None], int]
+"""Settled nano-dollars by UTC day, team and the OpenAI project they were billed to (None:
+the upstream key's default project)."""
+
+
+async def ledger_costs(
+    ledger: Ledger, first: date, last: date, project_of: ProjectOf
+) -> dict[tuple[date, str, str | None], int]:
+    """Tollgate's settled spend in nano-dollars by UTC day, team and the project each row
+    was sent under (`project_of` the team for a row that recorded none)."""
     groups = await ledger.summarize(
-        midnight(first), midnight(last + timedelta(days=1)), ["team"], DAY
+        midnight(first), midnight(last + timedelta(days=1)), ["team", "project"], DAY
     )
-    found: dict[tuple[date, str], int] = defaultdict(int)
+    found: dict[tuple[date, str, str | None], int] = defaultdict(int)
     for g in groups:
         if g.cost_nanos:
-            found[utc_day(int(g.keys[1]) * DAY), str(g.keys[0])] += g.cost_nanos
+            team = str(g.keys[0])
+            stored, known = project_read(None if g.keys[1] is None else str(g.keys[1]))
+            project = stored if known else project_of(team)
+            found[utc_day(int(g.keys[2]) * DAY), team, project] += g.cost_nanos
     return dict(found)
 
 
@@ -129,7 +148,7 @@ ProjectReconciliation = Reconciliation[ProjectLine]
 
 def compare(
     openai: ProjectCosts,
-    tollgate: Mapping[tuple[date, str], int],
+    tollgate: Spent,
     project_of: ProjectOf,
     teams: Iterable[str],
     first: date,
@@ -137,13 +156,13 @@ def compare(
     tolerance: Decimal = DEFAULT_TOLERANCE,
 ) -> ProjectReconciliation:
     """One line per UTC day and project that either side billed, naming the teams billed
-    to it: the configured `teams` and any other with spend in the ledger (pure)."""
+    to it: the configured `teams` (by `project_of`, their project now) and every team with
+    spend in the ledger under it (pure)."""
     members: dict[str | None, set[str]] = defaultdict(set)
     for team in teams:
         members[project_of(team)].add(team)
     ours: dict[tuple[date, str | None], int] = defaultdict(int)
-    for (day, team), nanos in tollgate.items():
-        project = project_of(team)
+    for (day, team, project), nanos in tollgate.items():
         members[project].add(team)
         ours[day, project] += nanos
     theirs: Mapping[tuple[date, str | None], Decimal] = dict(openai.amounts)
@@ -169,7 +188,7 @@ def compare(
             note = ""
         team_names = tuple(sorted(members.get(project, ())))
         lines.append(ProjectLine(day, project, team_names, billed, spent, status, note))
-    ignored = {k: v for k, v in openai.ignored.items() if v}
+    ignored = left_out(openai.ignored, first, last)
     return ProjectReconciliation(first, last, tolerance, tuple(lines), ignored)
 
 
@@ -243,7 +262,7 @@ async def run(
     first, last = window(openai.days, first, last, today)
     ledger = await open_ledger(ledger_url)
     try:
-        ours = await ledger_costs(ledger, first, last)
+        ours = await ledger_costs(ledger, first, last, config.project_of)
         flagged = await ledger.flagged(midnight(first), midnight(last + timedelta(days=1)))
     finally:
         await ledger.close()

@@ -27,14 +27,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeGuard, TypeVar
 
 from proxy.core.errors import InvalidRequest, UpstreamUnavailable
 from proxy.core.models import NANOS_PER_USD
 from proxy.core.pricing import PriceBook
 from proxy.core.settings import Config
 from proxy.finance import parts
-from proxy.finance.reports import aligned
+from proxy.finance.reports import aligned, printable
 from proxy.ledger import open_ledger
 from proxy.ledger.base import Flagged, Ledger
 
@@ -46,6 +46,11 @@ DEFAULT_TOLERANCE = Decimal("0.01")
 """USD per day and model: OpenAI reports float amounts, Tollgate rounds each request up
 to the nano-dollar; a cent absorbs both, a single missed image does not."""
 PAGE_LIMIT = 31
+LATEST = 253_370_764_800
+"""9999-01-01 UTC: a bucket or a day after 9998 has no following midnight a datetime holds."""
+MOST_USD = 10**15
+"""An amount's bound: any sum of amounts below it prints to the micro-dollar in Decimal's
+precision; an export holding more is not one."""
 KIND_WORDS = frozenset(
     {"image", "images", "text", "input", "output", "tokens", "cached", "input_tokens",
      "output_tokens", "generation", "edit", "variation"}
@@ -83,8 +88,20 @@ class OpenAICosts:
     amounts: dict[tuple[date, str], Decimal] = field(default_factory=dict)
     days: set[date] = field(default_factory=set)
     """Days the export has a bucket for (a day with no bucket is unknown, not zero)."""
-    ignored: dict[str, Decimal] = field(default_factory=dict)
-    """Line items of other products, left out, with their amounts."""
+    ignored: dict[tuple[date, str], Decimal] = field(default_factory=dict)
+    """Line items of other products, left out, with their amounts by UTC day."""
+
+
+def left_out(
+    ignored: Mapping[tuple[date, str], Decimal], first: date, last: date
+) -> dict[str, Decimal]:
+    """The amounts of the line items left out on the days `first`..`last`, by line item
+    (none that sum to zero)."""
+    found: dict[str, Decimal] = defaultdict(Decimal)
+    for (day, item), value in ignored.items():
+        if first <= day <= last:
+            found[item] += value
+    return {item: value for item, value in found.items() if value}
 
 
 def parse_costs(pages: Iterable[Mapping[str, Any]], book: PriceBook) -> OpenAICosts:
@@ -100,7 +117,7 @@ def parse_costs(pages: Iterable[Mapping[str, Any]], book: PriceBook) -> OpenAICo
                 item = str(result.get("line_item") or "")
                 model = canonical(line_item_model(item), book)
                 if model is None:
-                    found.ignored[item] = found.ignored.get(item, Decimal(0)) + value
+                    found.ignored[day, item] = found.ignored.get((day, item), Decimal(0)) + value
                 else:
                     amounts[day, model] += value
     found.amounts = dict(amounts)
@@ -119,7 +136,7 @@ def load_costs_file(text: str) -> list[dict[str, Any]]:
             raise InvalidRequest(f"the costs file is not JSON: {exc}", param="costs") from exc
     pages = data if isinstance(data, list) else [data]
     for number, page in enumerate(pages, 1):
-        problem = _page_problem(page)
+        problem = page_problem(page)
         if problem:
             raise InvalidRequest(
                 f"the costs file is not a Costs API answer: page {number}: {problem}",
@@ -128,8 +145,9 @@ def load_costs_file(text: str) -> list[dict[str, Any]]:
     return pages
 
 
-def _page_problem(page: object) -> str:
-    """What keeps `page` from being a page of `GET /v1/organization/costs` ('' if nothing)."""
+def page_problem(page: object) -> str:
+    """What keeps `page` from being a page of `GET /v1/organization/costs` ('' if nothing):
+    buckets of at most a day from 1970 to 9998, amounts in US dollars (the ledger's)."""
     if not isinstance(page, dict):
         return "not an object"
     buckets = page.get("data", [])
@@ -137,8 +155,16 @@ def _page_problem(page: object) -> str:
         return "'data' is not a list"
     for bucket in buckets:
         start = bucket.get("start_time") if isinstance(bucket, dict) else None
-        if not isinstance(start, int | float) or isinstance(start, bool):
+        if not _is_number(start):
             return "a bucket has no numeric 'start_time'"
+        if not 0 <= start < LATEST:
+            return f"a bucket starts at {start!r}, not a unix time from 1970 to 9998"
+        end = bucket.get("end_time", start + DAY)
+        if not _is_number(end) or not 0 < end - start <= DAY:
+            return (
+                f"a bucket spans {start!r} to {end!r}, not at most a day: export the costs "
+                "with bucket_width=1d"
+            )
         results = bucket.get("results", [])
         if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
             return "a bucket's 'results' is not a list of objects"
@@ -146,18 +172,24 @@ def _page_problem(page: object) -> str:
             amount = result.get("amount", {})
             value = amount.get("value", 0) if isinstance(amount, dict) else None
             if not _is_amount(value):
-                return f"an amount is not a number: {amount!r}"
+                return f"an amount is not a number of US dollars: {amount!r}"
+            currency = amount.get("currency", "usd")
+            if not isinstance(currency, str) or currency.lower() != "usd":
+                return f"an amount is not in US dollars, as the ledger is: {amount!r}"
     return ""
 
 
+def _is_number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _is_amount(value: object) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int | float):
-        return math.isfinite(value)
+    """A number of dollars that sums and prints exactly: finite, below `MOST_USD`."""
+    if _is_number(value):
+        return abs(value) < MOST_USD
     if isinstance(value, str):
         try:
-            return Decimal(value).is_finite()
+            return abs(Decimal(value)) < MOST_USD
         except ArithmeticError:
             return False
     return False
@@ -198,7 +230,13 @@ async def fetch_costs(
                     f"{url} answered {answer.status_code}: {answer.text[:300]}"
                     " (is the key an admin key with access to usage and costs?)"
                 )
-            page: dict[str, Any] = answer.json()
+            try:
+                page: dict[str, Any] = answer.json()
+            except ValueError as exc:
+                raise UpstreamUnavailable(f"{url} answered something not JSON: {exc}") from exc
+            problem = page_problem(page)
+            if problem:
+                raise UpstreamUnavailable(f"{url} answered a page unlike the Costs API: {problem}")
             pages.append(page)
             if not page.get("has_more") or not page.get("next_page"):
                 return pages
@@ -299,8 +337,9 @@ def compare(
         else:
             note = ""
         lines.append(Line(day, model, theirs, ours, "off" if off else "ok", note))
-    ignored = {k: v for k, v in openai.ignored.items() if v}
-    return Reconciliation(first, last, tolerance, tuple(lines), ignored)
+    return Reconciliation(
+        first, last, tolerance, tuple(lines), left_out(openai.ignored, first, last)
+    )
 
 
 def as_json(r: Reconciliation[Line]) -> dict[str, Any]:
@@ -354,7 +393,7 @@ def table(
         out.append("(no spend on either side)")
     if r.ignored:
         out.append("")
-        out.append("Left out (not priced models): " + ", ".join(sorted(r.ignored)))
+        out.append("Left out (not priced models): " + ", ".join(map(printable, sorted(r.ignored))))
     out.append("")
     if r.off_days:
         days = ", ".join(d.isoformat() for d in r.off_days)
@@ -410,9 +449,12 @@ def window(
 
 def parse_day(text: str) -> date:
     try:
-        return date.fromisoformat(text)
+        day = date.fromisoformat(text)
     except ValueError as exc:
         raise InvalidRequest(f"{text!r} is not a date: use YYYY-MM-DD.", param="from") from exc
+    if midnight(day) >= LATEST:
+        raise InvalidRequest(f"{day} is after the last day reconciled (9998-12-31).", param="to")
+    return day
 
 
 async def run(

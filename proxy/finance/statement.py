@@ -49,12 +49,14 @@ class TeamStatement:
     top_users: tuple[tuple[str, Sums], ...]
     daily_nanos: tuple[int, ...]
     """Spend of each day of the month."""
+    month_nanos: int = 0
+    """The team's spend of the month under every cost center (its budget's actual)."""
 
     @property
     def utilization(self) -> Decimal | None:
         if not self.budget_nanos:
             return None
-        return (Decimal(self.sums.cost_nanos) / self.budget_nanos).quantize(Decimal("0.0001"))
+        return (Decimal(self.month_nanos) / self.budget_nanos).quantize(Decimal("0.0001"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,54 +73,75 @@ class Statement:
 
 
 async def build(ledger: Ledger, config: Config, period: Period) -> Statement:
-    """Read the month's numbers from the ledger (five grouped queries)."""
+    """Read the month's numbers from the ledger (five grouped queries).
+
+    Spend is charged to the cost center each request was recorded with, as `report --by
+    cost_center` does: a team that left the configuration keeps its cost center, and one
+    that moved during the month is listed under each of its cost centers (its budget read
+    against its whole month). A configured team with no request is listed under its
+    configured cost center."""
     start, end, width = period.start, period.end, period.bucket_seconds()
-    columns: list[GroupColumn] = ["team", "model", "quality"]
+    columns: list[GroupColumn] = ["cost_center", "team", "model", "quality"]
     by_model = parts.split(
         await ledger.summarize(start, end, [*columns, "mainline_model"]), columns
     )
-    doors = await ledger.summarize(start, end, ["team", "endpoint"])
-    outcomes = await ledger.summarize(start, end, ["team", "outcome"])
-    users = await ledger.summarize(start, end, ["team", "user"])
-    daily = fold(await ledger.summarize(start, end, ["team"], width), ("team", "day"), period)
-    centers = {t.name: t.cost_center or "" for t in config.teams}
+    doors = await ledger.summarize(start, end, ["cost_center", "team", "endpoint"])
+    outcomes = await ledger.summarize(start, end, ["cost_center", "team", "outcome"])
+    users = await ledger.summarize(start, end, ["cost_center", "team", "user"])
+    daily = fold(
+        await ledger.summarize(start, end, ["cost_center", "team"], width),
+        ("cost_center", "team", "day"),
+        period,
+    )
     budgets = {
         t.name: min(limits)
         for t in config.teams
         if (limits := [b.limit for b in t.budgets if b.period == "month" and b.metric == "usd"])
     }
-    names = set(centers) | {str(a.keys[0]) for a in [*by_model, *outcomes] if a.keys[0]}
+    found = {_owner(a) for a in [*by_model, *outcomes] if a.keys[1]}
+    recorded = {name for _, name in found}
+    names = found | {(t.cost_center or "", t.name) for t in config.teams if t.name not in recorded}
+    month: dict[str, int] = {}
+    for a in outcomes:
+        month[str(a.keys[1])] = month.get(str(a.keys[1]), 0) + a.cost_nanos
     days = [d.isoformat() for d in period.days()]
     teams = []
-    for name in sorted(names):
+    for owner in sorted(names):
+        center, name = owner
         models = sorted(
-            _model_lines(a for a in by_model if a.keys[0] == name and a.keys[1] is not None),
+            _model_lines(a for a in by_model if _owner(a) == owner and a.keys[2] is not None),
             key=lambda m: (-m[2].cost_nanos, m[0], m[1], m[3]),
         )
         endpoints = sorted(
-            ((str(a.keys[1] or ""), Sums.of(a)) for a in doors if a.keys[0] == name),
+            ((str(a.keys[2] or ""), Sums.of(a)) for a in doors if _owner(a) == owner),
             key=lambda d: (-d[1].cost_nanos, d[0]),
         )
         team_users = sorted(
-            ((str(a.keys[1] or "(none)"), Sums.of(a)) for a in users if a.keys[0] == name),
+            ((str(a.keys[2] or "(none)"), Sums.of(a)) for a in users if _owner(a) == owner),
             key=lambda u: (-u[1].cost_nanos, u[0]),
         )
-        per_day = {k[1]: s.cost_nanos for k, s in daily.rows if k[0] == name}
+        per_day = {k[2]: s.cost_nanos for k, s in daily.rows if (k[0] or "", k[1]) == owner}
         teams.append(
             TeamStatement(
-                cost_center=centers.get(name, ""),
+                cost_center=center,
                 team=name,
-                sums=sum((Sums.of(a) for a in outcomes if a.keys[0] == name), Sums()),
+                sums=sum((Sums.of(a) for a in outcomes if _owner(a) == owner), Sums()),
                 by_model=tuple(models),
                 by_endpoint=tuple(endpoints),
-                outcomes={str(a.keys[1]): a.requests for a in outcomes if a.keys[0] == name},
+                outcomes={str(a.keys[2]): a.requests for a in outcomes if _owner(a) == owner},
                 budget_nanos=budgets.get(name),
                 top_users=tuple(team_users[:TOP_USERS]),
                 daily_nanos=tuple(per_day.get(d, 0) for d in days),
+                month_nanos=month.get(name, 0),
             )
         )
     teams.sort(key=lambda t: (t.cost_center, t.team))
     return Statement(period, tuple(teams), sum((t.sums for t in teams), Sums()))
+
+
+def _owner(a: Aggregate) -> tuple[str, str]:
+    """The (cost center, team) a group grouped by both first is charged to."""
+    return str(a.keys[0] or ""), str(a.keys[1] or "")
 
 
 def _model_lines(found: Iterable[Aggregate]) -> list[tuple[str, str, Sums, Part]]:
@@ -126,7 +149,7 @@ def _model_lines(found: Iterable[Aggregate]) -> list[tuple[str, str, Sums, Part]
     come in several groups: an image model called by two mainline models)."""
     lines: dict[tuple[str, str, Part], Sums] = {}
     for a in found:
-        key = (str(a.keys[1]), str(a.keys[2] or ""), _part(a))
+        key = (str(a.keys[2]), str(a.keys[3] or ""), _part(a))
         lines[key] = lines.get(key, Sums()) + Sums.of(a)
     return [(m, q, sums, part) for (m, q, part), sums in lines.items()]
 
@@ -259,7 +282,7 @@ def _team_html(t: TeamStatement, period: Period) -> str:
     if t.budget_nanos is not None:
         used = t.utilization or Decimal(0)
         budget = (
-            f"Monthly budget ${usd_text(t.budget_nanos)}, actual ${usd_text(t.sums.cost_nanos)} "
+            f"Monthly budget ${usd_text(t.budget_nanos)}, actual ${usd_text(t.month_nanos)} "
             f"(<span class='{'over' if used > 1 else ''}'>{used * 100:.1f} %</span>)"
         )
     else:

@@ -32,6 +32,10 @@ class Reservation:
     project: str | None = None
     """The OpenAI project it is sent under (None: none is sent), recorded on its row: a
     response it creates is found upstream only there."""
+    mainline_nanos: int = 0
+    """The part of the bound that is a Responses request's mainline model's, recorded on its
+    row (`mainline_cost_nanos`): a reservation charged its bound (reclaimed) is split
+    between its two models as OpenAI bills them, in reports and in `reconcile`."""
 
 
 Chooser = Callable[[Mapping[Counter, Totals]], Reservation]
@@ -199,10 +203,11 @@ class BilledLine:
 
 GroupColumn = Literal[
     "team", "cost_center", "user", "key_id", "model", "quality", "size", "endpoint", "outcome",
-    "mainline_model",
+    "mainline_model", "project",
 ]  # fmt: skip
 """What a report may group settled rows by (model/quality/size: as sent, else as requested;
-`mainline_model`: a Responses request's, None for the Images API)."""
+`mainline_model`: a Responses request's, None for the Images API; `project`: the OpenAI
+project it was sent under as stored, `codecs.project_read`)."""
 
 
 @dataclass(frozen=True, slots=True)

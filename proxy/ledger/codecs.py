@@ -59,6 +59,7 @@ ROW_COLUMNS = (*ENTRY_COLUMNS, *SETTLEMENT_COLUMNS, "state")
 """What a `Row` is read from (and a request never forwarded is written with)."""
 RESERVATION_COLUMNS = (
     *ENTRY_COLUMNS, *USAGE_COLUMNS, "state", "reserved_nanos", "counters", "owner", "project",
+    "mainline_cost_nanos",
 )  # fmt: skip
 KEY_COLUMNS = ("scope", "team", "user", "period", "start")
 """A `budget_usage` row's primary key: a counter's fields, in lock order."""
@@ -81,6 +82,9 @@ BILLED_COLUMNS = (*ROW_COLUMNS, "counters")
 """What a batch's billed line is written with: a settled row and the counters it added to."""
 FOUND_BY = ("content_digest", "idempotency_key")
 """What a repeat finds its first attempt by (`FIRST_COLUMNS`' lookups)."""
+BILL_COLUMNS = (*BILLED_COLUMNS, "project")
+"""What a batch's billed line but its first is inserted with: its row and counters, and the
+project of its batch (OpenAI bills each line to the project that created the batch)."""
 BILL_FIRST_COLUMNS = tuple(c for c in BILLED_COLUMNS[1:] if c not in FOUND_BY)
 """What a batch's reservation row takes of its first billed line's: all but the id and what
 a repeat of the batch's create finds it by, which stay the create's."""
@@ -153,10 +157,16 @@ def project_read(value: str | None) -> tuple[str | None, bool]:
 
 
 def reservation_values(
-    entry: Entry, usage: Usage, counters_text: str, owner: str | None, project: str | None
+    entry: Entry,
+    usage: Usage,
+    counters_text: str,
+    owner: str | None,
+    project: str | None,
+    mainline_nanos: int = 0,
 ) -> tuple[Any, ...]:
-    """A reservation's row in `RESERVATION_COLUMNS` order: it holds its estimate, and the
-    project it is sent under (`project_value`)."""
+    """A reservation's row in `RESERVATION_COLUMNS` order: it holds its estimate, the
+    project it is sent under (`project_value`) and the mainline model's part of its bound
+    (what a reclaim charges that model; a settlement replaces it)."""
     return (
         *entry_values(entry),
         *usage_values(usage),
@@ -165,6 +175,7 @@ def reservation_values(
         counters_text,
         owner,
         project_value(project),
+        mainline_nanos,
     )
 
 

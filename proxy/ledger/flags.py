@@ -74,7 +74,7 @@ class BatchWrites:
     """What the reservation's row becomes: the first billed line's (`bill_first` values) or,
     when no line was billed, settled at no cost (`settle_reserved` values)."""
     others: list[tuple[Any, ...]]
-    """`bill` rows: the other billed lines."""
+    """`bill` rows: the other billed lines, each with its batch's project."""
     counters: list[tuple[Any, ...]]
     """One row per counter touched, in lock order: its key, then its deltas."""
 
@@ -91,7 +91,7 @@ def batch(
     row."""
     if found is None:
         raise LedgerError(f"no reservation {request_id}")
-    state, bound, text, batch_id, *usage = found
+    state, bound, text, batch_id, project, *usage = found
     if state != "reserved":
         return None
     counters = codecs.batch_settled(lines, text, int(bound), usage_of(usage))
@@ -105,7 +105,10 @@ def batch(
         return BatchWrites(False, (*codecs.settlement_values(free), request_id), [], counters)
     first, *others = codecs.with_batch_id(lines.rows, batch_id)
     taken = [v for c, v in zip(codecs.BILLED_COLUMNS, first, strict=True) if c in TAKEN]
-    return BatchWrites(True, (*taken, request_id), others, counters)
+    # The first line's row is the reservation's, which keeps its project; the others are
+    # billed to the same project.
+    billed = [(*row, project) for row in others]
+    return BatchWrites(True, (*taken, request_id), billed, counters)
 
 
 TAKEN = frozenset(codecs.BILL_FIRST_COLUMNS)

@@ -126,7 +126,9 @@ class PostgresLedger(Schema, KeptAnswers):
                 await rate_counts.add_postgres(conn, paced.adds)
                 reservation = replace(reservation, paced=paced)
             text = codecs.counters_text(reservation.counters)
-            values = codecs.reservation_values(entry, usage, text, owner, reservation.project)
+            values = codecs.reservation_values(
+                entry, usage, text, owner, reservation.project, reservation.mainline_nanos
+            )
             await write_and_add(
                 conn, SQL.insert_reservation, values, text, codecs.reserved(entry, usage)
             )
@@ -384,4 +386,4 @@ def _values(found: Any) -> tuple[Any, ...] | None:
 
 
 LINES = list(codecs.LINE_COLUMNS)
-BILLED = list(codecs.BILLED_COLUMNS)
+BILLED = list(codecs.BILL_COLUMNS)

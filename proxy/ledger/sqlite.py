@@ -127,7 +127,9 @@ class SqliteLedger(KeptAnswers):
                 rate_counts.add_sqlite(conn, paced.adds)
                 reservation = replace(reservation, paced=paced)
             text = codecs.counters_text(reservation.counters)
-            values = codecs.reservation_values(entry, usage, text, owner, reservation.project)
+            values = codecs.reservation_values(
+                entry, usage, text, owner, reservation.project, reservation.mainline_nanos
+            )
             conn.execute(SQL.insert_reservation, values)
             _add(conn, text, codecs.reserved(entry, usage))
             held.append((entry.estimated_nanos, text, usage))

@@ -17,8 +17,8 @@ from typing import Any
 from proxy.ledger.base import OUTCOME_UNKNOWN, Flagged, GroupColumn
 from proxy.ledger.codecs import (
     ANSWER_COLUMNS,
+    BILL_COLUMNS,
     BILL_FIRST_COLUMNS,
-    BILLED_COLUMNS,
     ENTRY_COLUMNS,
     FIRST_COLUMNS,
     KEY_COLUMNS,
@@ -53,6 +53,7 @@ GROUP_SQL: dict[GroupColumn, str] = {
     "endpoint": "endpoint",
     "outcome": "outcome",
     "mainline_model": "mainline_model",
+    "project": "project",
 }
 MAINLINE_INPUT = "mainline_input_tokens + mainline_cached_input_tokens"
 SUMS = (
@@ -175,13 +176,13 @@ class Statements:
     batch_lines: str
     """(file id,): its lines in `LINE_COLUMNS` order but the file's id, by line number."""
     settling_batch: str
-    """(id,): state, reserved nanos, counters text, response id and usage of a batch's
-    reservation, locked."""
+    """(id,): state, reserved nanos, counters text, response id, project and usage of a
+    batch's reservation, locked."""
     bill_first: str
     """A billed line's row (`BILL_FIRST_COLUMNS` values), then the id: the batch's
     reservation becomes its first billed line's row, still found by a repeat of its create."""
     bill: str
-    """A batch's other billed lines: rows in `BILLED_COLUMNS` order."""
+    """A batch's other billed lines: rows in `BILL_COLUMNS` order."""
     first_by_content: str
     """(team, content digest, since): the latest row with that content started since then,
     not a replay, in `FIRST_COLUMNS` order."""
@@ -332,13 +333,12 @@ def _writes(d: Dialect) -> dict[str, str]:
         f"VALUES ({marks(len(OBJECT_COLUMNS))}) ON CONFLICT (id) DO NOTHING",
         "insert_line": f"INSERT INTO batch_lines ({names(LINE_COLUMNS)}) "
         f"VALUES ({marks(len(LINE_COLUMNS))})",
-        "settling_batch": f"SELECT state, reserved_nanos, counters, response_id, {usage} "
+        "settling_batch": f"SELECT state, reserved_nanos, counters, response_id, project, {usage} "
         f"FROM requests WHERE id = ?{d.for_update}",
         "bill_first": "UPDATE requests SET "
         + ", ".join(f"{names([c])} = ?" for c in BILL_FIRST_COLUMNS)
         + ", reserved_nanos = 0, held = 0 WHERE id = ? AND state = 'reserved'",
-        "bill": f"INSERT INTO requests ({names(BILLED_COLUMNS)}) "
-        f"VALUES ({marks(len(BILLED_COLUMNS))})",
+        "bill": f"INSERT INTO requests ({names(BILL_COLUMNS)}) VALUES ({marks(len(BILL_COLUMNS))})",
         "keep_answer": f"INSERT INTO kept_answers ({names(ANSWER_COLUMNS)}) "
         f"VALUES ({marks(len(ANSWER_COLUMNS))})",
         "forget_answer": "DELETE FROM kept_answers WHERE request_id = ?",

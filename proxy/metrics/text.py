@@ -16,10 +16,11 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest, multiprocess
 from prometheus_client import metrics as client_metrics
 from prometheus_client.metrics_core import Metric
 from prometheus_client.mmap_dict import MmapedDict
@@ -140,7 +141,7 @@ class MultiprocessText:
         return found
 
     def text(self) -> bytes:
-        files = glob.glob(os.path.join(self._path, "*.db"))
+        files = _living(self._path, glob.glob(os.path.join(self._path, "*.db")))
         counters = [f for f in files if os.path.basename(f).startswith("counter_")]
         summed: dict[str, float] = {}
         for file in counters:
@@ -165,6 +166,33 @@ class MultiprocessText:
         others.register(_Merged([f for f in files if f not in summed_files]))
         out.append(generate_latest(others).decode())
         return "".join(out).encode()
+
+
+LIVE_GAUGE = re.compile(r"gauge_live[a-z]+_([0-9]+)\.db", re.ASCII)
+"""A worker's file of `live*` gauges (in-flight requests and body bytes), named by its pid."""
+
+
+def _living(path: str, files: list[str]) -> list[str]:
+    """`files` but the live gauges of workers that are gone. A worker that is killed
+    (uvicorn starts another) never marks itself dead: its in-flight requests would be
+    counted forever. Its counters stay, as what it did was done."""
+    gone = set()
+    for file in files:
+        found = LIVE_GAUGE.fullmatch(os.path.basename(file))
+        if found and not _alive(int(found[1])):
+            gone.add(file)
+            multiprocess.mark_process_dead(int(found[1]), path)  # type: ignore[no-untyped-call]
+    return [f for f in files if f not in gone]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process has that pid: not ours to judge
+    return True
 
 
 class _Merged(Collector):

@@ -229,7 +229,10 @@ class Pipeline(Generic[Parsed]):
             chosen.append(decision)
             sent = decision.variant
             reserved = entry.sent(sent.request, sent.estimate.cost_nanos, summary(sent.changes))
-            return Reservation(reserved, sent.estimate.usage, adds_to, project=project)
+            mainline = sent.base.cost_nanos  # a Responses request's mainline model's part
+            return Reservation(
+                reserved, sent.estimate.usage, adds_to, project=project, mainline_nanos=mainline
+            )
 
         read = tuple(dict.fromkeys(a.counter for a in budgets))
         pace = rates.plan(config, team, entry.started_at)
