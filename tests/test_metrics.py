@@ -12,11 +12,13 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.config.prices import load_price_book
 from proxy.core.models import Change, Entry, Settlement, Usage
 from proxy.core.periods import Window
 from proxy.core.settings import RateLimit
 from proxy.core.status import BudgetStatus, RateStatus
 from proxy.metrics import BudgetCollector, Children, Metrics
+from proxy.web.observe import listed_size
 
 NANOS = 10**9
 
@@ -588,3 +590,25 @@ def test_a_worker_that_died_holding_requests_is_no_longer_counted_in_flight(
     assert samples["tollgate_inflight_requests"] == 0
     assert samples["tollgate_inflight_body_bytes"] == 0
     assert samples["tollgate_requests_total"] == 5  # its counters stay: that was done
+
+
+def test_an_image_of_a_size_its_model_does_not_list_is_counted_under_custom(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    """gpt-image-2 takes some 29,000 sizes: a label for each would make as many series."""
+    prices = load_price_book()
+    usage = Usage(image_output=1000, images=1)
+    for size in ("1024x1024", "1040x1008", "1056x1008", "auto", "3840x2160"):
+        metrics.started()
+        metrics.finished(
+            forwarded(size=size),
+            Settlement(1.0, "ok", 200, usage, cost_nanos=1),
+            (),
+            listed=lambda m, s: listed_size(prices, m, s),
+        )
+    labels = {"team": "design", "model": "gpt-image-2", "quality": "medium"}
+    assert registry.get_sample_value("tollgate_images_total", {**labels, "size": "custom"}) == 2
+    for size in ("1024x1024", "auto", "3840x2160"):
+        assert registry.get_sample_value("tollgate_images_total", {**labels, "size": size}) == 1
+    odd = {**labels, "size": "1040x1008"}
+    assert registry.get_sample_value("tollgate_images_total", odd) is None

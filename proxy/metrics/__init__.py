@@ -46,6 +46,8 @@ from proxy.metrics.text import MultiprocessText, RegistryText, label_text
 
 UNPRICED = "(unpriced)"
 """The `model` label of a request for a model the price book does not know."""
+CUSTOM_SIZE = "custom"
+"""The `size` label of an image of a size its model does not list (an arbitrary size)."""
 
 ENV_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.5, 1, 2.5, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300)
@@ -218,6 +220,7 @@ class Metrics:
         settlement: Settlement,
         changes: Sequence[Change],
         priced: Callable[[str], bool] | None = None,
+        listed: Callable[[str, str], bool] | None = None,
     ) -> None:
         """Count a request that has ended, whatever its outcome.
 
@@ -225,7 +228,9 @@ class Metrics:
         the request's own label) and its mainline model's, whose tokens and dollars are
         counted under that model with `quality=""`. A model name `priced` does not know
         (any string a client sent, refused as unpriced) is counted as `UNPRICED`: a label
-        value a client chooses would make one series per name, without bound."""
+        value a client chooses would make one series per name, without bound. So would a
+        size: an image of a size `listed` does not give for its model (gpt-image-2 takes
+        some 29,000 sizes) is counted under the size `custom`."""
         self.inflight.dec()
         team = entry.team or ""
         model = entry.model or entry.model_requested or entry.mainline_model or ""
@@ -253,7 +258,10 @@ class Metrics:
         if entry.estimated_nanos:
             self._reserved(team, model).inc(entry.estimated_nanos / NANOS_PER_USD)
         if usage.images and 200 <= settlement.status < 300:
-            self._images(team, model, quality, entry.size or "").inc(usage.images)
+            size = entry.size or ""
+            if size and listed is not None and not listed(model, size):
+                size = CUSTOM_SIZE
+            self._images(team, model, quality, size).inc(usage.images)
         if settlement.outcome == "upstream_error" and settlement.status == 429:
             self._upstream_limited(team, model).inc()
 

@@ -14,6 +14,7 @@ from starlette.responses import Response
 from proxy.core.auth import identify
 from proxy.core.errors import AuthenticationFailed
 from proxy.core.models import Change, Entry, Settlement, usd_text
+from proxy.core.pricing import AUTO, PriceBook
 from proxy.core.settings import Team, TeamKey
 from proxy.web.responses import error_response
 from proxy.web.runtime import Runtime
@@ -32,8 +33,23 @@ def observe(
         settlement,
         changes,
         priced=lambda m: prices.find(m) is not None or prices.find_mainline(m) is not None,
+        listed=lambda m, size: listed_size(prices, m, size),
     )
     log_request(entry, settlement)
+
+
+POPULAR_SIZES = frozenset(
+    {"1024x1024", "1536x1024", "1024x1536", "2048x2048", "2048x1152", "3840x2160", "2160x3840"}
+)
+"""The sizes OpenAI's guide names as popular for the models that take any size."""
+
+
+def listed_size(prices: PriceBook, model: str, size: str) -> bool:
+    """Whether `size` is `auto`, one of the sizes `model` lists, or a popular one: the
+    images metric keeps its label, where any other (an arbitrary size) would make a series
+    of its own."""
+    found = prices.find(model)
+    return found is None or size == AUTO or size in found.sizes or size in POPULAR_SIZES
 
 
 def log_request(entry: Entry, settlement: Settlement) -> None:
