@@ -48,6 +48,13 @@ SIMULATED_KEY = "sk-simulated-upstream"
 SUPERVISOR_CHECK_S = 0.5
 """How often a worker checks that its supervisor is alive (as often as uvicorn's supervisor
 checks its workers)."""
+WORKER_START_S = 60
+"""How long the supervisor waits for a worker to answer it: one starting (importing,
+opening the ledger, waiting for its write lock) until it serves, and one serving, whose
+answers come from a thread of their own. uvicorn's 5 s is less than a worker takes to
+start on a busy machine: the supervisor then killed a worker starting with the server as
+hung, and at a reload killed each new worker and kept the old ones, under the old
+configuration, beside the worker that took the reload under the new one."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,7 @@ def server_config(prepared: Prepared, app: Any, **extra: Any) -> ServerConfig:
         # Tollgate never reads the client's address: no X-Forwarded-For layer per request.
         proxy_headers=False,
         timeout_graceful_shutdown=int(prepared.config.upstream.deadline_s + SHUTDOWN_MARGIN_S),
+        timeout_worker_healthcheck=WORKER_START_S,
         log_config=None,
         **extra,
     )
