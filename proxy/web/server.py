@@ -138,7 +138,22 @@ def serve_workers(prepared: Prepared) -> None:
         prepared.options, metrics_dir=environment.share_metrics_dir(), supervisor=os.getpid()
     )
     config = workers_config(replace(prepared, options=options))
-    Multiprocess(config, sockets=[config.bind_socket()]).run()
+    Supervisor(config, sockets=[config.bind_socket()]).run()
+
+
+class Supervisor(Multiprocess):
+    """uvicorn's supervisor of the workers, which stops listening when it stops.
+
+    Each worker stops accepting when it stops, but the listening socket is the
+    supervisor's too: uvicorn kept it open while the workers finished their requests
+    in flight, so the kernel went on queueing new connections nobody would accept, and
+    reset them when the supervisor exited. Closed once the workers are told to stop, it
+    stops listening as the last worker stops accepting: new connections are refused."""
+
+    def terminate_all(self) -> None:
+        super().terminate_all()
+        for sock in self.sockets:
+            sock.close()
 
 
 def workers_config(prepared: Prepared) -> ServerConfig:
