@@ -290,7 +290,7 @@ class Connections:
         try:
             return await self.on_thread(lambda conn: conn.execute(sql, values).fetchall())
         except sqlite3.Error as exc:
-            raise LedgerError(f"ledger read failed: {exc}") from exc
+            raise _failure("ledger read failed", exc) from exc
 
     @contextlib.asynccontextmanager
     async def exclusive(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -323,7 +323,7 @@ def _each(conn: sqlite3.Connection, gathered: Sequence[Gathered]) -> list[tuple[
                 raise  # the whole transaction is tried again
             conn.execute("ROLLBACK TO work")
             if isinstance(exc, sqlite3.Error):
-                exc = LedgerError(f"ledger write failed: {exc}")
+                exc = _failure("ledger write failed", exc)
             outcome = (False, exc)
         conn.execute("RELEASE work")
         outcomes.append(outcome)
@@ -354,7 +354,7 @@ def _atomically(
             if not wait:
                 raise _Busy from exc
             raise LedgerUnavailable(f"ledger busy: {exc}") from exc
-        raise LedgerError(f"ledger unavailable: {exc}") from exc
+        raise _failure("ledger unavailable", exc) from exc
     if _wal_size(wal) >= WAL_LIMIT_BYTES:
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
@@ -368,7 +368,7 @@ def _atomically(
         if isinstance(exc, sqlite3.Error):
             if not wait and _is_busy(exc):
                 raise _Busy from exc
-            raise LedgerError(f"ledger write failed: {exc}") from exc
+            raise _failure("ledger write failed", exc) from exc
         raise
     return result
 
@@ -379,6 +379,26 @@ def _wal_size(wal: str) -> int:
         return os.stat(wal).st_size
     except FileNotFoundError:
         return 0
+
+
+OUTAGES = (
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_CANTOPEN,
+)
+"""What the file's disk does, not the statement: full, failing, made read-only, or its
+directory gone. Each may pass, as a database server's restart does."""
+
+
+def _failure(what: str, exc: sqlite3.Error) -> LedgerError:
+    """`exc` as the ledger's error: LedgerUnavailable for an outage of the disk, so that a
+    settlement retries it (`settle_patiently`) rather than leave a billed request reserved,
+    to be charged at its bound; LedgerError for the rest."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in OUTAGES:
+        return LedgerUnavailable(f"{what}: {exc}")
+    return LedgerError(f"{what}: {exc}")
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
