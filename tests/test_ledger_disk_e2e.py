@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import openai
 
 from tests.conftest import Simulator, start_tollgate, write_config
@@ -50,8 +51,11 @@ def test_a_settlement_waits_for_a_disk_that_refuses_writes_for_a_while(
         )
         time.sleep(2.0)  # the answer has come (1.5 s) and its settlement failed
         assert gate.query("SELECT state FROM requests")[0]["state"] == "reserved"
+        ready = httpx.get(f"{gate.url}/readyz")  # every new request would get 503
+        assert ready.status_code == 503 and "ledger writes failing" in ready.text
         resource.prlimit(gate.process.pid, resource.RLIMIT_FSIZE, unlimited)
         caller.join(timeout=60)
+        assert httpx.get(f"{gate.url}/readyz").status_code == 200
     finally:
         simulator.configure(latency_ms=0)
         log = gate.stop()

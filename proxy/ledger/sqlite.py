@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from proxy.core.errors import LedgerError
+from proxy.core.errors import LedgerError, LedgerUnavailable
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
 from proxy.core.rates import Counts, Plan, Slot
 from proxy.ledger import codecs, flags, migrations, overlaps, rate_counts
@@ -360,10 +360,14 @@ class SqliteLedger(KeptAnswers):
         return await self.file.transaction(run)
 
     async def ping(self) -> None:
+        """Raises unless the file reads, and its last write transaction committed: a disk
+        that refuses writes leaves every new request refused, so the process is not ready."""
         try:
             await self.file.db.execute("SELECT 1")
         except (sqlite3.Error, ValueError) as exc:
             raise LedgerError(f"ledger unreachable: {exc}") from exc
+        if self.file.failing is not None:
+            raise LedgerUnavailable(f"ledger writes failing: {self.file.failing}")
 
     async def close(self) -> None:
         await self.file.close()

@@ -90,6 +90,9 @@ class Connections:
         self._gathering: list[Gathered] | None = None
         """The works of the group commit this turn of the loop gathers (see `together`)."""
         self._committing: set[asyncio.Task[None]] = set()
+        self.failing: LedgerUnavailable | None = None
+        """Why the last write transaction failed (a full disk, a lock held too long), until
+        one commits: the ledger is not ready meanwhile (`/readyz`), though it reads."""
 
     async def open(self) -> None:
         """Open both connections (sqlite3.Error or OSError if the file cannot be)."""
@@ -143,16 +146,25 @@ class Connections:
         pause = 0.001
         while True:
             try:
-                return await self._attempt(work, long)
+                result = await self._attempt(work, long)
             except _WalFull:
                 pass
+            except LedgerUnavailable as exc:
+                self.failing = exc
+                raise
+            else:
+                self.failing = None
+                return result
             loop = asyncio.get_running_loop()
             if deadline is None:
                 deadline = loop.time() + LOCK_WAIT_MS / 1000
             if await self._make_room():
                 continue
             if loop.time() >= deadline:
-                raise LedgerUnavailable("ledger busy: its WAL is full and cannot be checkpointed")
+                self.failing = LedgerUnavailable(
+                    "ledger busy: its WAL is full and cannot be checkpointed"
+                )
+                raise self.failing
             # Another process's checkpoint is running, or a reader holds the WAL.
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.05)
