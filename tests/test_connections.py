@@ -8,7 +8,14 @@ from typing import Any
 from uvicorn.server import ServerState
 
 from proxy.core.settings import Limits
-from proxy.web.connections import OVER_CAPACITY, GuardedProtocol, ServerConfig, accept_batch
+from proxy.web.connections import (
+    OVER_CAPACITY,
+    GuardedProtocol,
+    ServerConfig,
+    accept_batch,
+    default_max_connections,
+    descriptors_needed,
+)
 
 REQUEST = b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n"
 
@@ -193,3 +200,10 @@ async def test_a_stopping_server_leaves_a_new_connection_its_header_deadline() -
     assert not transport.closed and protocol.headers_due is not None
     protocol.headers_due._run()
     assert transport.closed
+
+
+def test_a_descriptor_limit_too_low_for_the_connections_is_named() -> None:
+    assert descriptors_needed(default_max_connections(1024), 1024) is None
+    assert descriptors_needed(default_max_connections(700), 700) is None
+    assert descriptors_needed(default_max_connections(64), 64) == 114  # the floor's 16
+    assert descriptors_needed(1000, 1024) == 3189  # a cap set past what the limit holds

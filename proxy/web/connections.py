@@ -59,6 +59,20 @@ def default_max_connections(soft_limit: int | None = None) -> int:
     return max(MIN_CONNECTIONS, min(MAX_DEFAULT_CONNECTIONS, usable))
 
 
+def descriptors_needed(max_connections: int, soft_limit: int | None = None) -> int | None:
+    """The descriptor limit `max_connections` need (the inverse of `default_max_connections`)
+    when `ulimit -n` is below it, else None. Below it, a burst of connections takes every
+    descriptor before the cap acts: asyncio's accepts fail (`out of system resource`,
+    logged at each), the SQLite ledger or the upstream cannot open a file or a socket, and
+    clients see their connections closed rather than 503 `server_overloaded`."""
+    if soft_limit is None:
+        soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    need = RESERVED_FDS + -(-max_connections * 25 // 8)
+    if soft_limit == resource.RLIM_INFINITY or soft_limit >= need:
+        return None
+    return need
+
+
 class ServerConfig(uvicorn.Config):
     """uvicorn's settings, served by `GuardedProtocol` with `limits`' connection bounds.
 
