@@ -14,7 +14,7 @@ import yaml
 from jsonschema import Draft202012Validator
 
 from proxy.core.auth import key_hash
-from proxy.ledger import open_ledger
+from proxy.ledger import migrate_ledger, open_ledger
 from tests import pg
 from tests.conftest import write_config
 from tests.test_ledger import DESIGN_DAY, SETTLED, ledger_url, take
@@ -30,6 +30,11 @@ def tollgate(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
         timeout=60,  # only so that a hang fails: start-up on a loaded machine is slow
         env={**os.environ, **(env or {})},
     )
+
+
+def new_ledger(root: Path) -> None:
+    """The empty ledger of the configuration written in `root`, for commands that read one."""
+    asyncio.run(migrate_ledger(f"sqlite:///{root / 'tollgate.db'}"))
 
 
 def test_check_accepts_the_example_policies() -> None:
@@ -241,6 +246,7 @@ def test_commands_that_only_read_leave_the_server_stack_unimported(
     tmp_path: Path, command: list[str]
 ) -> None:
     write_config(tmp_path, "http://127.0.0.1:9")
+    new_ledger(tmp_path)
     costs = tmp_path / "costs.json"
     costs.write_text('{"object": "page", "data": [], "has_more": false}')
     argv = [str(costs) if arg == "COSTS" else arg for arg in command]
@@ -308,6 +314,7 @@ def test_report_exits_2_naming_an_output_it_cannot_write(
     from proxy.cli import main
 
     write_config(tmp_path, "http://127.0.0.1:9/v1")
+    new_ledger(tmp_path)
     output = tmp_path / "no such folder" / "report.csv"
     argv = ["report", "--config", str(tmp_path), "--format", "csv", "--output", str(output)]
     assert main(argv) == 2
@@ -340,6 +347,7 @@ def test_csv_lines_end_so_that_cut_and_awk_read_the_last_column_as_written(
     from proxy.cli import main
 
     write_config(tmp_path, "http://127.0.0.1:9/v1")
+    new_ledger(tmp_path)
     output = tmp_path / "out.csv"
     argv = ["report", "--config", str(tmp_path), *args, "--format", "csv"]
     assert main([*argv, "--output", str(output)]) == 0
@@ -353,6 +361,7 @@ def test_a_reader_that_stops_reading_gets_no_traceback(
     tmp_path: Path, args: tuple[str, ...]
 ) -> None:
     write_config(tmp_path, "http://127.0.0.1:9/v1")
+    new_ledger(tmp_path)
     read, write = os.pipe()
     os.close(read)  # `tollgate … | head -0`: the reader is gone before the first line
     try:
@@ -410,3 +419,54 @@ keys:
 budgets:
   - {{period: day, limit_usd: 1}}
 """
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["budgets"],
+        ["report", "--by", "team"],
+        ["report", "--audit"],
+        ["reconcile", "--costs", "COSTS"],
+        ["ledger", "flagged"],
+        ["ledger", "resolve", "tg_req_x", "--free"],
+        ["ledger", "copy", "--to", "sqlite:///TARGET"],
+    ],
+    ids=" ".join,
+)
+def test_commands_that_read_the_ledger_refuse_one_that_does_not_exist(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """A mistyped `--ledger` path used to be created as an empty ledger, and reported as a
+    history with nothing spent (exit 0). It is refused as a bad argument, nothing created."""
+    write_config(tmp_path, "http://127.0.0.1:9")
+    costs = tmp_path / "costs.json"
+    costs.write_text('{"object": "page", "data": [], "has_more": false}')
+    typo = tmp_path / "typo" / "tollgate.db"
+    empty = tmp_path / "empty.db"
+    empty.touch()  # a file, but no ledger in it
+    for ledger in (typo, empty):
+        argv = [str(costs) if arg == "COSTS" else arg for arg in command]
+        argv = [
+            f"sqlite:///{tmp_path / 'target.db'}" if a == "sqlite:///TARGET" else a for a in argv
+        ]
+        where = (
+            ["--from", f"sqlite:///{ledger}"]
+            if command[1:2] == ["copy"]
+            else ["--config", str(tmp_path), "--ledger", f"sqlite:///{ledger}"]
+        )
+        done = tollgate(*argv, *where)
+        assert done.returncode == 2, done.stderr
+        assert f"no ledger at {ledger}" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    assert not typo.parent.exists() and empty.stat().st_size == 0
+    assert not (tmp_path / "tollgate.db").exists() and not (tmp_path / "target.db").exists()
+
+
+def test_serve_and_migrate_create_the_ledger_the_readers_then_read(tmp_path: Path) -> None:
+    write_config(tmp_path, "http://127.0.0.1:9")
+    url = f"sqlite:///{tmp_path / 'new' / 'tollgate.db'}"
+    done = tollgate("ledger", "migrate", "--config", str(tmp_path), "--ledger", url)
+    assert done.returncode == 0, done.stderr
+    done = tollgate("budgets", "--config", str(tmp_path), "--ledger", url)
+    assert done.returncode == 0, done.stderr

@@ -8,7 +8,14 @@ from typing import Any
 from uvicorn.server import ServerState
 
 from proxy.core.settings import Limits
-from proxy.web.connections import OVER_CAPACITY, GuardedProtocol, ServerConfig, accept_batch
+from proxy.web.connections import (
+    OVER_CAPACITY,
+    GuardedProtocol,
+    ServerConfig,
+    accept_batch,
+    default_max_connections,
+    descriptors_needed,
+)
 
 REQUEST = b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n"
 
@@ -146,3 +153,57 @@ async def test_past_the_overflow_a_connection_is_closed_at_once() -> None:
 
 def test_the_accept_batch_is_two_thirds_of_the_cap_within_bounds() -> None:
     assert [accept_batch(n) for n in (16, 203, 307, 8192)] == [64, 135, 204, 2048]
+
+
+async def test_a_stopping_server_answers_the_next_request_of_an_idle_connection() -> None:
+    """At a reload's worker replacement or SIGTERM, a client may be sending on a connection
+    the server sees idle: closing it then resets the client's request. It stays open, and
+    its next request is answered and the connection closed after it."""
+    app = Recorder()
+    protocol, transport = connect(*server(app, 10))
+    protocol.data_received(REQUEST)
+    await answered(app, 1)
+    assert b"connection: close" not in transport.written.lower()
+    protocol.shutdown()
+    assert not transport.closed
+    assert protocol.timeout_keep_alive_task is not None  # an idle close as any other
+    transport.written = b""
+    protocol.data_received(REQUEST)
+    await answered(app, 2)
+    assert b"200 OK" in transport.written
+    assert b"connection: close" in transport.written.lower()
+    assert transport.closed
+
+
+async def test_a_stopping_server_closes_a_connection_after_its_answer_in_flight() -> None:
+    app = Recorder()
+    release = asyncio.Event()
+
+    async def slow(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await release.wait()
+        await app(scope, receive, send)
+
+    protocol, transport = connect(*server(app, 10))
+    protocol.app = slow  # type: ignore[assignment]
+    protocol.data_received(REQUEST)
+    await asyncio.sleep(0)
+    protocol.shutdown()
+    assert not transport.closed
+    release.set()
+    await answered(app, 1)
+    assert b"connection: close" in transport.written.lower() and transport.closed
+
+
+async def test_a_stopping_server_leaves_a_new_connection_its_header_deadline() -> None:
+    protocol, transport = connect(*server(Recorder(), 10))
+    protocol.shutdown()
+    assert not transport.closed and protocol.headers_due is not None
+    protocol.headers_due._run()
+    assert transport.closed
+
+
+def test_a_descriptor_limit_too_low_for_the_connections_is_named() -> None:
+    assert descriptors_needed(default_max_connections(1024), 1024) is None
+    assert descriptors_needed(default_max_connections(700), 700) is None
+    assert descriptors_needed(default_max_connections(64), 64) == 114  # the floor's 16
+    assert descriptors_needed(1000, 1024) == 3189  # a cap set past what the limit holds

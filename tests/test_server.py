@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import resource
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -135,3 +138,28 @@ def test_the_start_up_banner_never_prints_a_password(
         assert "s3cret" not in shown
         assert "ledger postgresql://" in shown and "db" in shown and "***" in shown
         assert "upstream https://egress:***@proxy.internal/v1" in shown
+
+
+def test_serve_warns_of_a_descriptor_limit_too_low_for_its_connections(tmp_path: Path) -> None:
+    """With `ulimit -n 64`, a burst of connections took every descriptor: asyncio logged
+    `socket.accept() out of system resource` hundreds of times and clients saw their
+    connections fail. Start-up says so, naming the limit and what is needed."""
+    write_config(tmp_path, UNREACHABLE)
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--config", str(tmp_path),
+             "--port", str(port), "--simulate"],
+            stdout=sink, stderr=subprocess.STDOUT,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)),
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while "descriptor limit" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert "the descriptor limit (ulimit -n) is 64, below the 114" in log.read_text()

@@ -18,7 +18,7 @@ from proxy.cli.configuration import add_check, add_keys, run_schema
 from proxy.cli.finance import add_budgets, add_reconcile, add_report
 from proxy.cli.ledger import add_ledger
 from proxy.cli.server import add_serve, add_simulate
-from proxy.core.errors import ConfigError, LedgerError
+from proxy.core.errors import ConfigError, LedgerError, LedgerMissing
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,6 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 1
+    except LedgerMissing as exc:
+        # A mistyped path, as a bad argument: not exit 1, which `reconcile` gives a day off.
+        print(f"tollgate: {exc}", file=sys.stderr)
+        return 2
     except LedgerError as exc:
         print(f"tollgate: {exc}", file=sys.stderr)
         return 1

@@ -23,7 +23,7 @@ from proxy.finance import projects, reconcile
 from proxy.finance.reports_query import ReportQuery
 from proxy.finance.reports_query import run as run_report_query
 from proxy.finance.status import budget_status
-from proxy.ledger import OpenBatch, open_ledger
+from proxy.ledger import OpenBatch, open_ledger, require_existing
 
 
 def add_budgets(commands: Commands) -> None:
@@ -37,7 +37,7 @@ def add_budgets(commands: Commands) -> None:
 def run_budgets(args: argparse.Namespace) -> int:
     config = load_config(config_path(args))
     found, batches = asyncio.run(
-        read_budgets(config, args.ledger or config.ledger_url, time.time())
+        read_budgets(config, require_existing(args.ledger or config.ledger_url), time.time())
     )
     if args.format == "json":
         held = [
@@ -112,7 +112,8 @@ def run_report(args: argparse.Namespace) -> int:
             start=args.start, end=args.end, by=args.by, fmt=fmt,
             statement=args.statement, audit=args.audit, excel=args.excel,
         )  # fmt: skip
-        asyncio.run(write_report(query, config, args.ledger or config.ledger_url, args.output))
+        url = require_existing(args.ledger or config.ledger_url)
+        asyncio.run(write_report(query, config, url, args.output))
     except InvalidRequest as exc:
         print(f"tollgate report: {exc.message}", file=sys.stderr)
         return 2
@@ -203,7 +204,8 @@ def run_reconcile(args: argparse.Namespace) -> int:
             print(f"tollgate reconcile: ${args.admin_key_env} is not set", file=sys.stderr)
             return 2
         pages = []
-    given = (config, args.ledger or config.ledger_url, pages, admin_key, first, last, tolerance)
+    url = require_existing(args.ledger or config.ledger_url)
+    given = (config, url, pages, admin_key, first, last, tolerance)
     try:
         if args.by == "project":
             per_project = asyncio.run(projects.run(*given, time.time()))

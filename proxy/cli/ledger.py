@@ -12,7 +12,7 @@ from proxy.cli.options import Commands, add_config, add_ledger_url, ledger_url_o
 from proxy.core.errors import InvalidRequest
 from proxy.core.models import usd_text
 from proxy.finance import flagged, reconcile
-from proxy.ledger import migrate_ledger, redacted
+from proxy.ledger import migrate_ledger, redacted, require_existing
 from proxy.ledger.copy import copy_between
 
 
@@ -76,7 +76,7 @@ def run_ledger_migrate(args: argparse.Namespace) -> int:
 
 
 def run_ledger_copy(args: argparse.Namespace) -> int:
-    copied = asyncio.run(copy_between(args.source, args.target))
+    copied = asyncio.run(copy_between(require_existing(args.source), args.target))
     print(
         f"copied {copied.requests} requests (${usd_text(copied.cost_nanos)}), "
         f"{copied.counters} budget counters, {copied.objects} files and batches "
@@ -94,7 +94,9 @@ def run_ledger_flagged(args: argparse.Namespace) -> int:
         print(f"tollgate ledger flagged: {exc.message}", file=sys.stderr)
         return 2
     rows = asyncio.run(
-        flagged.flagged_rows(ledger_url_of(args), first, last, unresolved=args.unresolved)
+        flagged.flagged_rows(
+            require_existing(ledger_url_of(args)), first, last, unresolved=args.unresolved
+        )
     )
     if args.format == "json":
         print(json.dumps(flagged.as_json(rows), indent=2))
@@ -110,7 +112,9 @@ def run_ledger_resolve(args: argparse.Namespace) -> int:
         print(f"tollgate ledger resolve: {exc.message}", file=sys.stderr)
         return 2
     before = asyncio.run(
-        flagged.resolve(ledger_url_of(args), args.request_id, cost, args.note, time.time())
+        flagged.resolve(
+            require_existing(ledger_url_of(args)), args.request_id, cost, args.note, time.time()
+        )
     )
     print(
         f"{args.request_id}: charged ${usd_text(before)} -> ${usd_text(cost)} "

@@ -7,6 +7,7 @@ the commands, never when the command line is.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TYPE_CHECKING
 
 from proxy import __version__
@@ -75,7 +76,27 @@ def run_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     prepared = prepare(options)
     print_banner(prepared, simulate=args.simulate)
+    warn_of_descriptors(prepared)
     return 0 if serve(prepared) else 1
+
+
+def warn_of_descriptors(prepared: Prepared) -> None:
+    """Say so when `ulimit -n` cannot hold the connections each process takes."""
+    import resource
+
+    from proxy.web.connections import default_max_connections, descriptors_needed
+
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    connections = prepared.config.limits.max_connections or default_max_connections(limit)
+    need = descriptors_needed(connections, limit)
+    if need is not None:
+        print(
+            f"tollgate: warning: the descriptor limit (ulimit -n) is {limit}, below the "
+            f"{need} that {connections} connections per process need: past it connections "
+            "fail instead of being answered 503; raise it (1,024 serves 307 connections)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def print_banner(prepared: Prepared, simulate: bool) -> None:

@@ -3,7 +3,8 @@
     TollgateError
      ├── ConfigError                 configuration invalid (list of `file:line: message`)
      ├── LedgerError                 the ledger cannot be reached or is unusable
-     │    └── LedgerUnavailable      the database is unreachable right now: retrying may help
+     │    ├── LedgerUnavailable      the database is unreachable right now: retrying may help
+     │    └── LedgerMissing          no ledger where a command that only reads looks for one
      ├── MalformedAnswer             an upstream 2xx body unlike OpenAI's
      ├── RepeatArrived               another attempt of a repeat reserved first: it is
      │                               answered from that one (caught by the pipeline)
@@ -59,6 +60,11 @@ class LedgerError(TollgateError):
 
 class LedgerUnavailable(LedgerError):
     """The ledger's database cannot be reached right now (a later retry may succeed)."""
+
+
+class LedgerMissing(LedgerError):
+    """No ledger at the URL a command that only reads was given (a mistyped path): it is
+    not created, which would report an empty history as if it were the real one."""
 
 
 class MalformedAnswer(TollgateError):

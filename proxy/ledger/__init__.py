@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from proxy.core.errors import LedgerError
+from proxy.core.errors import LedgerError, LedgerMissing
 from proxy.core.models import Entry, Settlement
 from proxy.ledger.base import (
     Backend,
@@ -57,6 +57,7 @@ __all__ = [
     "migrate_ledger",
     "open_ledger",
     "redacted",
+    "require_existing",
     "settle_patiently",
 ]
 
@@ -106,6 +107,24 @@ async def open_ledger(url: str) -> Backend:
         f"unsupported ledger URL {redacted(url)!r}: use sqlite:///path.db or "
         "postgresql://host/database"
     )
+
+
+def require_existing(url: str) -> str:
+    """`url`, for a command that only reads the ledger: a SQLite file that does not exist,
+    or holds no Tollgate ledger, raises LedgerMissing. Opening it would create an empty
+    ledger (and any missing directory) and report nothing, as if nothing had been spent.
+    `tollgate serve` and `tollgate ledger migrate` create a ledger; a PostgreSQL database
+    is created by its administrator."""
+    if url.startswith(SQLITE_SCHEME):
+        from proxy.ledger.sqlite import schema_version
+
+        path = url.removeprefix(SQLITE_SCHEME)
+        if path != ":memory:" and schema_version(path) == 0:
+            raise LedgerMissing(
+                f"no ledger at {path}: check --ledger or the configuration's `ledger` "
+                "(`tollgate serve` or `tollgate ledger migrate` creates one)"
+            )
+    return url
 
 
 async def migrate_ledger(url: str) -> tuple[int, int]:

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from proxy.core.errors import LedgerError
+from proxy.core.errors import LedgerError, LedgerUnavailable
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
 from proxy.core.rates import Counts, Plan, Slot
 from proxy.ledger import codecs, flags, migrations, overlaps, rate_counts
@@ -366,10 +366,14 @@ class SqliteLedger(KeptAnswers):
         return await self.file.transaction(run)
 
     async def ping(self) -> None:
+        """Raises unless the file reads, and its last write transaction committed: a disk
+        that refuses writes leaves every new request refused, so the process is not ready."""
         try:
             await self.file.db.execute("SELECT 1")
         except (sqlite3.Error, ValueError) as exc:
             raise LedgerError(f"ledger unreachable: {exc}") from exc
+        if self.file.failing is not None:
+            raise LedgerUnavailable(f"ledger writes failing: {self.file.failing}")
 
     async def close(self) -> None:
         await self.file.close()
@@ -401,22 +405,27 @@ class SqliteLedger(KeptAnswers):
 
 async def migrate(path: str) -> tuple[int, int]:
     """Bring the schema of the ledger file at `path` up to date; (version before, after)."""
-    before = _version(Path(path))
+    before = schema_version(path)
     ledger = SqliteLedger(path)
     await ledger.open()  # the embedded ledger migrates itself when it opens
     await ledger.close()
     return before, SCHEMA_VERSION
 
 
-def _version(path: Path) -> int:
-    """The schema version of the ledger file at `path` (0: none yet)."""
-    if not path.exists():
+def schema_version(path: str | Path) -> int:
+    """The schema version of the ledger file at `path` (0: no file, or no schema yet),
+    read without creating the file or writing to it."""
+    if not Path(path).is_file():
         return 0
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        try:
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+        ) as db:
             found = db.execute("SELECT max(version) FROM schema_version").fetchone()
-        except sqlite3.Error:
+    except sqlite3.Error as exc:
+        if "no such table" in str(exc):
             return 0
+        raise LedgerError(f"cannot read ledger {path}: {exc}") from exc
     return int(found[0] or 0)
 
 

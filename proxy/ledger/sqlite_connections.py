@@ -90,6 +90,9 @@ class Connections:
         self._gathering: list[Gathered] | None = None
         """The works of the group commit this turn of the loop gathers (see `together`)."""
         self._committing: set[asyncio.Task[None]] = set()
+        self.failing: LedgerUnavailable | None = None
+        """Why the last write transaction failed (a full disk, a lock held too long), until
+        one commits: the ledger is not ready meanwhile (`/readyz`), though it reads."""
 
     async def open(self) -> None:
         """Open both connections (sqlite3.Error or OSError if the file cannot be)."""
@@ -143,16 +146,25 @@ class Connections:
         pause = 0.001
         while True:
             try:
-                return await self._attempt(work, long)
+                result = await self._attempt(work, long)
             except _WalFull:
                 pass
+            except LedgerUnavailable as exc:
+                self.failing = exc
+                raise
+            else:
+                self.failing = None
+                return result
             loop = asyncio.get_running_loop()
             if deadline is None:
                 deadline = loop.time() + LOCK_WAIT_MS / 1000
             if await self._make_room():
                 continue
             if loop.time() >= deadline:
-                raise LedgerUnavailable("ledger busy: its WAL is full and cannot be checkpointed")
+                self.failing = LedgerUnavailable(
+                    "ledger busy: its WAL is full and cannot be checkpointed"
+                )
+                raise self.failing
             # Another process's checkpoint is running, or a reader holds the WAL.
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.05)
@@ -290,7 +302,7 @@ class Connections:
         try:
             return await self.on_thread(lambda conn: conn.execute(sql, values).fetchall())
         except sqlite3.Error as exc:
-            raise LedgerError(f"ledger read failed: {exc}") from exc
+            raise _failure("ledger read failed", exc) from exc
 
     @contextlib.asynccontextmanager
     async def exclusive(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -323,7 +335,7 @@ def _each(conn: sqlite3.Connection, gathered: Sequence[Gathered]) -> list[tuple[
                 raise  # the whole transaction is tried again
             conn.execute("ROLLBACK TO work")
             if isinstance(exc, sqlite3.Error):
-                exc = LedgerError(f"ledger write failed: {exc}")
+                exc = _failure("ledger write failed", exc)
             outcome = (False, exc)
         conn.execute("RELEASE work")
         outcomes.append(outcome)
@@ -354,7 +366,7 @@ def _atomically(
             if not wait:
                 raise _Busy from exc
             raise LedgerUnavailable(f"ledger busy: {exc}") from exc
-        raise LedgerError(f"ledger unavailable: {exc}") from exc
+        raise _failure("ledger unavailable", exc) from exc
     if _wal_size(wal) >= WAL_LIMIT_BYTES:
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
@@ -368,7 +380,7 @@ def _atomically(
         if isinstance(exc, sqlite3.Error):
             if not wait and _is_busy(exc):
                 raise _Busy from exc
-            raise LedgerError(f"ledger write failed: {exc}") from exc
+            raise _failure("ledger write failed", exc) from exc
         raise
     return result
 
@@ -379,6 +391,26 @@ def _wal_size(wal: str) -> int:
         return os.stat(wal).st_size
     except FileNotFoundError:
         return 0
+
+
+OUTAGES = (
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_CANTOPEN,
+)
+"""What the file's disk does, not the statement: full, failing, made read-only, or its
+directory gone. Each may pass, as a database server's restart does."""
+
+
+def _failure(what: str, exc: sqlite3.Error) -> LedgerError:
+    """`exc` as the ledger's error: LedgerUnavailable for an outage of the disk, so that a
+    settlement retries it (`settle_patiently`) rather than leave a billed request reserved,
+    to be charged at its bound; LedgerError for the rest."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in OUTAGES:
+        return LedgerUnavailable(f"{what}: {exc}")
+    return LedgerError(f"{what}: {exc}")
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:

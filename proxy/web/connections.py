@@ -16,7 +16,12 @@ sent a byte left a process limited to 700 descriptors unable to accept even `/he
   when every connection is busy with a request, the new one is still read, its request
   answered 503 `server_overloaded` in OpenAI's shape by the web layer (`/healthz`,
   `/readyz` and `/metrics` are answered as usual) and the connection closed; past an
-  eighth more, it is closed at once.
+  eighth more, it is closed at once;
+- when the server stops (SIGTERM, or a worker replaced at a reload), no connection is
+  closed under a client that may be sending on it: a request in flight, or the next one
+  on an idle connection, is answered with `Connection: close` and its connection closed
+  after the answer; an idle connection that gets no request closes as any does (uvicorn's
+  keep-alive timeout, or the header deadline of one that never sent a request).
 """
 
 from __future__ import annotations
@@ -52,6 +57,20 @@ def default_max_connections(soft_limit: int | None = None) -> int:
         return MAX_DEFAULT_CONNECTIONS
     usable = (soft_limit - RESERVED_FDS) * 8 // 25
     return max(MIN_CONNECTIONS, min(MAX_DEFAULT_CONNECTIONS, usable))
+
+
+def descriptors_needed(max_connections: int, soft_limit: int | None = None) -> int | None:
+    """The descriptor limit `max_connections` need (the inverse of `default_max_connections`)
+    when `ulimit -n` is below it, else None. Below it, a burst of connections takes every
+    descriptor before the cap acts: asyncio's accepts fail (`out of system resource`,
+    logged at each), the SQLite ledger or the upstream cannot open a file or a socket, and
+    clients see their connections closed rather than 503 `server_overloaded`."""
+    if soft_limit is None:
+        soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    need = RESERVED_FDS + -(-max_connections * 25 // 8)
+    if soft_limit == resource.RLIM_INFINITY or soft_limit >= need:
+        return None
+    return need
 
 
 class ServerConfig(uvicorn.Config):
@@ -98,6 +117,8 @@ class GuardedProtocol(HttpToolsProtocol):
         self.headers_due: asyncio.TimerHandle | None = None
         """Armed while the connection waits for a request's headers: it is idle."""
         self.over_capacity = False
+        self.draining = False
+        """The server is stopping: each answer from now on closes its connection."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -114,6 +135,21 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.over_capacity:
             self.scope[OVER_CAPACITY] = True  # type: ignore[literal-required]
         super().on_headers_complete()
+        if self.draining:
+            self.cycle.keep_alive = False
+
+    def shutdown(self) -> None:
+        """The server stops: answer what is asked, then close.
+
+        uvicorn closes an idle connection at once; but a client may have sent its next
+        request on it already (its bytes unread in the socket, so the close resets the
+        connection), or be sending it now: a client error at every reload. So an idle
+        connection stays open; its next request is answered with `Connection: close`,
+        or it closes when idle for the keep-alive timeout (or the header deadline, if it
+        never sent a request), which clients know as they know any idle close."""
+        self.draining = True
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

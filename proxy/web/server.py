@@ -48,6 +48,13 @@ SIMULATED_KEY = "sk-simulated-upstream"
 SUPERVISOR_CHECK_S = 0.5
 """How often a worker checks that its supervisor is alive (as often as uvicorn's supervisor
 checks its workers)."""
+WORKER_START_S = 60
+"""How long the supervisor waits for a worker to answer it: one starting (importing,
+opening the ledger, waiting for its write lock) until it serves, and one serving, whose
+answers come from a thread of their own. uvicorn's 5 s is less than a worker takes to
+start on a busy machine: the supervisor then killed a worker starting with the server as
+hung, and at a reload killed each new worker and kept the old ones, under the old
+configuration, beside the worker that took the reload under the new one."""
 
 
 @dataclass(frozen=True)
@@ -131,7 +138,22 @@ def serve_workers(prepared: Prepared) -> None:
         prepared.options, metrics_dir=environment.share_metrics_dir(), supervisor=os.getpid()
     )
     config = workers_config(replace(prepared, options=options))
-    Multiprocess(config, sockets=[config.bind_socket()]).run()
+    Supervisor(config, sockets=[config.bind_socket()]).run()
+
+
+class Supervisor(Multiprocess):
+    """uvicorn's supervisor of the workers, which stops listening when it stops.
+
+    Each worker stops accepting when it stops, but the listening socket is the
+    supervisor's too: uvicorn kept it open while the workers finished their requests
+    in flight, so the kernel went on queueing new connections nobody would accept, and
+    reset them when the supervisor exited. Closed once the workers are told to stop, it
+    stops listening as the last worker stops accepting: new connections are refused."""
+
+    def terminate_all(self) -> None:
+        super().terminate_all()
+        for sock in self.sockets:
+            sock.close()
 
 
 def workers_config(prepared: Prepared) -> ServerConfig:
@@ -154,6 +176,7 @@ def server_config(prepared: Prepared, app: Any, **extra: Any) -> ServerConfig:
         # Tollgate never reads the client's address: no X-Forwarded-For layer per request.
         proxy_headers=False,
         timeout_graceful_shutdown=int(prepared.config.upstream.deadline_s + SHUTDOWN_MARGIN_S),
+        timeout_worker_healthcheck=WORKER_START_S,
         log_config=None,
         **extra,
     )

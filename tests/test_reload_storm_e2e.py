@@ -1,0 +1,223 @@
+"""Reloads and stops under load: a worker replaced at a reload, or a server stopped by
+SIGTERM, breaks no client's request or connection, and every request is settled once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import (
+    DESIGN_KEY,
+    Simulator,
+    Tollgate,
+    output,
+    start_tollgate,
+    workers_of,
+    write_config,
+)
+
+ADMIN = "admin-reload-token"
+
+
+def reload(gate: Tollgate) -> None:
+    answer = httpx.post(
+        f"{gate.url}/admin/reload", headers={"authorization": f"Bearer {ADMIN}"}, timeout=60
+    )
+    assert answer.status_code == 200, answer.text
+
+
+def test_a_reload_waits_for_a_worker_slow_to_start(simulator: Simulator, tmp_path: Path) -> None:
+    """A new worker registers in the ledger before it serves: with the ledger's write lock
+    held for longer than uvicorn's 5 s health check, the supervisor used to kill it as
+    hung and keep the old worker, under the old configuration."""
+    write_config(tmp_path, f"{simulator.url}/v1", settings=f"admin_token: {ADMIN}\n")
+    gate = start_tollgate(tmp_path, "--workers", "2")
+    try:
+        before = set(workers_of(gate.process.pid))
+        with sqlite3.connect(tmp_path / "tollgate.db", isolation_level=None) as db:
+            db.execute("BEGIN IMMEDIATE")  # the write lock every worker's writes wait for
+            reload(gate)
+            time.sleep(8)
+            db.execute("ROLLBACK")
+        deadline = time.monotonic() + 90
+        while (now := set(workers_of(gate.process.pid))) & before or len(now) != 2:
+            assert time.monotonic() < deadline, output(gate.process)
+            time.sleep(0.2)
+    finally:
+        log = gate.stop()
+    assert "not ready in time" not in log and "died" not in log
+
+
+@dataclass
+class Storm:
+    """Requests sent back to back by `clients` tasks of one SDK client (max_retries=0)
+    until `stop` is set: each answer's Tollgate request id, and every error."""
+
+    ids: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self, gate: Tollgate, clients: int) -> None:
+        sdk = openai.AsyncOpenAI(base_url=f"{gate.url}/v1", api_key=DESIGN_KEY, max_retries=0)
+
+        async def client(c: int) -> None:
+            i = 0
+            while not self.stop.is_set():
+                i += 1
+                try:
+                    raw = await sdk.images.with_raw_response.generate(
+                        model="gpt-image-2", prompt=f"{c}-{i}", quality="low", size="1024x1024"
+                    )
+                    self.ids.append(raw.headers["x-tollgate-request-id"])
+                except openai.APIError as exc:
+                    self.errors.append(f"{type(exc).__name__}: {exc!r} ({exc.__cause__!r})")
+
+        async with sdk:
+            await asyncio.gather(*(client(c) for c in range(clients)))
+
+
+def settled_once(gate: Tollgate, ids: list[str]) -> None:
+    """Every answered request is one settled row, and nothing is held."""
+    rows = gate.query("SELECT id, state, outcome, cost_nanos FROM requests")
+    assert len(ids) == len(set(ids))
+    by_id = {r["id"]: r for r in rows}
+    assert set(ids) <= set(by_id)
+    assert all(r["state"] == "settled" for r in rows)
+    assert all(by_id[i]["outcome"] == "ok" and by_id[i]["cost_nanos"] > 0 for i in ids)
+    held = gate.query("SELECT scope, period, reserved_nanos FROM budget_usage")
+    assert all(r["reserved_nanos"] == 0 for r in held), held
+
+
+async def replaced(gate: Tollgate, ask: Callable[[], None]) -> None:
+    """Ask for a reload, and wait until the supervisor has replaced every worker."""
+    before = set(workers_of(gate.process.pid))
+    await asyncio.to_thread(ask)
+    deadline = time.monotonic() + 120
+    while (now := set(workers_of(gate.process.pid))) & before or len(now) != len(before):
+        assert time.monotonic() < deadline, output(gate.process)
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reloads_during_a_storm_break_no_request(
+    simulator: Simulator, tmp_path: Path, workers: int
+) -> None:
+    """Three reloads (two asked over HTTP, one by SIGHUP), with two workers each replacing
+    both, while 16 clients send requests back to back without retrying: not one error."""
+    write_config(tmp_path, f"{simulator.url}/v1", settings=f"admin_token: {ADMIN}\n")
+    simulator.configure(latency_ms=100)
+    gate = start_tollgate(tmp_path, "--workers", str(workers))
+    storm = Storm()
+
+    async def reloads() -> None:
+        await asyncio.sleep(1)
+        for ask in (
+            lambda: reload(gate),
+            lambda: os.kill(gate.process.pid, signal.SIGHUP),
+            lambda: reload(gate),
+        ):
+            if workers > 1:
+                await replaced(gate, ask)
+            else:
+                await asyncio.to_thread(ask)
+                await asyncio.sleep(1)
+            await asyncio.sleep(0.5)
+        storm.stop.set()
+
+    async def both() -> None:
+        await asyncio.gather(storm.run(gate, 16), reloads())
+
+    try:
+        asyncio.run(both())
+    finally:
+        simulator.configure(latency_ms=0)
+        log = gate.stop()
+    assert not storm.errors, storm.errors[:5]
+    assert len(storm.ids) > 50
+    if workers > 1:
+        assert log.count("Received SIGHUP") == 3 and "not ready in time" not in log
+    else:
+        assert log.count("configuration reloaded") == 3
+    settled_once(gate, storm.ids)
+
+
+def exchange(sock: socket.socket, path: str = "/healthz") -> bytes:
+    """One GET on a kept-alive connection: the answer's bytes, headers and body."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nhost: t\r\n\r\n".encode())
+    answer = b""
+    while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_finishes_what_is_asked_and_refuses_new_connections(
+    simulator: Simulator, tmp_path: Path, workers: int
+) -> None:
+    """SIGTERM: a request in flight ends and is settled; the next request on an idle
+    kept-alive connection is answered, with `Connection: close`; a new connection is
+    refused at once (with several workers too: the supervisor's socket used to queue them
+    until the workers were done, then reset them)."""
+    write_config(tmp_path, f"{simulator.url}/v1")
+    gate = start_tollgate(tmp_path, "--workers", str(workers))
+    idle = socket.create_connection(("127.0.0.1", int(gate.url.rsplit(":", 1)[1])))
+    assert b"200 OK" in exchange(idle)
+    results: list[object] = []
+
+    def slow() -> None:
+        try:
+            results.append(
+                openai.OpenAI(base_url=f"{gate.url}/v1", api_key=DESIGN_KEY, max_retries=0)
+                .images.with_raw_response.generate(
+                    model="gpt-image-2", prompt="slow", quality="low", size="1024x1024"
+                )
+                .headers["x-tollgate-request-id"]
+            )
+        except openai.APIError as exc:
+            results.append(exc)
+
+    simulator.configure(latency_ms=2000)
+    caller = threading.Thread(target=slow)
+    try:
+        caller.start()
+        deadline = time.monotonic() + 60
+        while not gate.query("SELECT id FROM requests WHERE state = 'reserved'"):
+            assert time.monotonic() < deadline, "the request was never reserved"
+            time.sleep(0.02)
+        assert b"200 OK" in exchange(idle)  # idle from now: its keep-alive time ahead
+        gate.process.send_signal(signal.SIGTERM)
+        refused_by = time.monotonic() + 5
+        while True:  # served until it stops listening, then refused: never held or reset
+            try:
+                assert httpx.get(f"{gate.url}/healthz", timeout=10).status_code == 200
+            except httpx.ConnectError:
+                break
+            assert time.monotonic() < refused_by, "new connections still accepted"
+            time.sleep(0.05)
+        last = exchange(idle)
+        assert b"200 OK" in last and b"connection: close" in last.lower()
+        assert idle.recv(1) == b""  # closed after the answer
+        caller.join(timeout=60)
+        gate.process.wait(timeout=60)
+    finally:
+        idle.close()
+        simulator.configure(latency_ms=0)
+        gate.stop()
+    [request_id] = results
+    assert isinstance(request_id, str), request_id
+    settled_once(gate, [request_id])
