@@ -28,6 +28,13 @@ OBJECT_STORES = (
     "/v1/chatkit",
 )  # fmt: skip
 
+# The organization's administration (its API keys, users, projects and service accounts,
+# audit logs, and the usage and costs of every team): no team's business, in any method.
+ADMINISTRATION = "/v1/organization"
+
+# The models of the account, which a write deletes (a fine-tuned model, for every team).
+MODELS = "/v1/models"
+
 
 def passthrough_prefixes(
     doc: Document, entries: list[Any], problems: list[str]
@@ -77,6 +84,24 @@ def passthrough_prefixes(
                 where,
                 f"{prefix!r} would show every team the objects OpenAI keeps under {store} for "
                 "the company key, which Tollgate cannot keep to the team that made each one",
+            )
+        elif reaches(prefix, ADMINISTRATION):
+            _problem(
+                problems,
+                doc,
+                where,
+                f"{prefix!r} would hand every team the organization's administration "
+                f"({ADMINISTRATION}: its API keys, users and projects, and every team's usage "
+                "and costs)",
+            )
+        elif methods - READ_ONLY and reaches(prefix, MODELS):
+            _problem(
+                problems,
+                doc,
+                where,
+                f"{prefix!r} with {', '.join(sorted(methods - READ_ONLY))} would let a team "
+                "delete the organization's fine-tuned models: only GET and HEAD may be passed "
+                "through there",
             )
         elif any(covers(prefix, door) for door in OBJECT_PATHS):
             _problem(
