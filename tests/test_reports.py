@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from dataclasses import replace
 from datetime import date
 from decimal import Decimal
 
 import httpx
 import pytest
+from starlette.datastructures import QueryParams
 
 from proxy.config.prices import load_price_book
 from proxy.core.errors import InvalidRequest, UpstreamUnavailable
@@ -19,12 +21,15 @@ from proxy.finance.reconcile import (
     compare,
     fetch_costs,
     line_item_model,
+    load_costs_file,
     parse_costs,
 )
 from proxy.finance.reconcile import as_json as reconcile_json
 from proxy.finance.reconcile import as_table as reconcile_table
 from proxy.finance.reports import CsvWriter, Period, as_csv, as_json, fold, parse_by
 from proxy.ledger.base import Aggregate, Flagged
+from proxy.simulator.costs import costs_page
+from tests.test_reports_responses import WORKLOAD
 
 
 @pytest.mark.parametrize(
@@ -234,3 +239,35 @@ def test_a_line_item_left_out_is_shown_with_its_control_characters_as_escapes() 
     table = reconcile_table(compare(openai, {}, day, day))
     assert "\x1b" not in table
     assert "Left out (not priced models): chat\\x1b[2J, input\\nforged" in table
+
+
+def test_an_export_repeating_a_bucket_is_refused_naming_it() -> None:
+    """Two overlapping exports put together: their common day would be summed twice."""
+    bucket = {"start_time": 1_793_664_000, "end_time": 1_793_750_400, "results": [
+        {"amount": {"value": 1.5, "currency": "usd"}, "line_item": "gpt-image-2, image output"}
+    ]}  # fmt: skip
+    other = {**bucket, "start_time": 1_793_750_400, "end_time": 1_793_836_800}
+    assert load_costs_file(json.dumps([{"data": [bucket]}, {"data": [other]}]))
+    with pytest.raises(InvalidRequest) as refused:
+        load_costs_file(json.dumps([{"data": [bucket, other]}, {"data": [bucket]}]))
+    assert refused.value.message == (
+        "the costs file is not one Costs API answer: page 2 repeats the bucket of 2026-11-03 "
+        "(start_time 1793664000), line item gpt-image-2, image output, of page 1: "
+        "overlapping exports put together? Export each day once."
+    )
+
+
+async def test_live_pages_of_one_answer_never_repeat_a_bucket() -> None:
+    """The simulated Costs API pages 40 days of spend in two pages: read as one answer."""
+    billed = [r.billed for r in WORKLOAD if r.billed is not None]
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        query = QueryParams(request.url.query.decode())
+        return httpx.Response(200, json=costs_page(billed, query, now=2_000_000_000))
+
+    first, last = date(2026, 10, 1), date(2026, 11, 9)
+    transport = httpx.MockTransport(answer)
+    pages = await fetch_costs("http://costs.test/v1", "sk-admin", first, last, transport=transport)
+    assert len(pages) == 2
+    spend = parse_costs(pages, load_price_book())
+    assert len(spend.days) == 40 and spend.amounts

@@ -142,6 +142,11 @@ def load_costs_file(text: str) -> list[dict[str, Any]]:
                 f"the costs file is not a Costs API answer: page {number}: {problem}",
                 param="costs",
             )
+    problem = repeated_bucket(pages)
+    if problem:
+        raise InvalidRequest(
+            f"the costs file is not one Costs API answer: {problem}", param="costs"
+        )
     return pages
 
 
@@ -176,6 +181,35 @@ def page_problem(page: object) -> str:
             currency = amount.get("currency", "usd")
             if not isinstance(currency, str) or currency.lower() != "usd":
                 return f"an amount is not in US dollars, as the ledger is: {amount!r}"
+    return ""
+
+
+GROUP_KEYS = ("line_item", "project_id", "api_key_id", "user_id", "api_source")
+"""The fields a Costs API result is grouped by: one bucket has one result per value."""
+
+
+def repeated_bucket(pages: Iterable[Mapping[str, Any]]) -> str:
+    """What repeats in `pages` ('' if nothing): a result of the same start time and
+    group (line item, project, …) twice, as two overlapping exports put together have,
+    whose amounts would be summed twice. One answer's pages, live ones too, start each
+    bucket once."""
+    seen: dict[tuple[Any, ...], int] = {}
+    for number, page in enumerate(pages, 1):
+        for bucket in page.get("data", []):
+            start = bucket["start_time"]
+            for result in bucket.get("results", []):
+                key = (start, *(repr(result.get(name)) for name in GROUP_KEYS))
+                if key in seen:
+                    day = utc_day(start).isoformat()
+                    item = printable(str(result.get("line_item") or "(all line items)"))
+                    project = result.get("project_id")
+                    of = f" of project {printable(str(project))}" if project else ""
+                    return (
+                        f"page {number} repeats the bucket of {day} (start_time {start!r}), "
+                        f"line item {item}{of}, of page {seen[key]}: overlapping exports put "
+                        "together? Export each day once."
+                    )
+                seen[key] = number
     return ""
 
 
@@ -239,6 +273,9 @@ async def fetch_costs(
                 raise UpstreamUnavailable(f"{url} answered a page unlike the Costs API: {problem}")
             pages.append(page)
             if not page.get("has_more") or not page.get("next_page"):
+                problem = repeated_bucket(pages)
+                if problem:
+                    raise UpstreamUnavailable(f"{url} answered pages repeating a day: {problem}")
                 return pages
             params["page"] = page["next_page"]
 
