@@ -20,6 +20,8 @@ from proxy.finance.reconcile import (
     OpenAICosts,
     compare,
     fetch_costs,
+    held_by_model,
+    holding_days,
     line_item_model,
     live_window,
     load_costs_file,
@@ -28,7 +30,7 @@ from proxy.finance.reconcile import (
 from proxy.finance.reconcile import as_json as reconcile_json
 from proxy.finance.reconcile import as_table as reconcile_table
 from proxy.finance.reports import CsvWriter, Period, as_csv, as_json, fold, parse_by
-from proxy.ledger.base import Aggregate, Flagged
+from proxy.ledger.base import Aggregate, Flagged, Holding
 from proxy.simulator.costs import costs_page
 from tests.test_reports_responses import WORKLOAD
 
@@ -297,3 +299,30 @@ def test_a_live_reconciliation_ends_yesterday_by_default(
     asked = (date(2026, 10, 3), date(2026, 10, 9))
     assert live_window(*asked, now, timezone) == asked
     assert live_window(None, asked[1], now, timezone) == (date(2026, 10, 1), asked[1])
+
+
+def test_a_difference_no_more_than_what_is_held_is_not_called_bypassed() -> None:
+    """A batch started on the 2nd, in flight: OpenAI may bill it on any day from then, so
+    it is held beside each of them; a difference it cannot cover still bypassed Tollgate."""
+    first, day = date(2026, 11, 1), date(2026, 11, 3)
+    batch = Holding("design", "gpt-image-2", None, None, 1_793_620_800.0, 900_000_000, 0)
+    response = Holding(
+        "design", "gpt-image-2", "gpt-5.5", None, 1_793_664_000.0, 300_000_000, 100_000_000
+    )
+    held = holding_days([batch, response], first, day, held_by_model(load_price_book()))
+    assert held == {(date(2026, 11, 2), "gpt-image-2"): 900_000_000,
+                    (day, "gpt-image-2"): 1_100_000_000, (day, "gpt-5.5"): 100_000_000}  # fmt: skip
+    openai = OpenAICosts({(day, "gpt-image-2"): Decimal("1.5"), (day, "gpt-5.5"): Decimal("1")},
+                         {day})  # fmt: skip
+    result = compare(openai, {(day, "gpt-image-2"): 400_000_000}, day, day, held=held)
+    image, mainline = result.lines[1], result.lines[0]
+    assert (image.status, image.held_usd, image.awaits_settlement) == ("off", Decimal("1.1"), True)
+    assert image.note.startswith("Tollgate holds $1.1 in flight, not settled")
+    assert (mainline.status, mainline.awaits_settlement) == ("off", False)
+    assert "bypassed Tollgate" in mainline.note
+    assert result.off_days == [day] and result.held_days == []
+    assert reconcile_json(result)["lines"][1]["held_usd"] == "1.1"
+    alone = compare(replace(openai, amounts={(day, "gpt-image-2"): Decimal("1.5")}),
+                    {(day, "gpt-image-2"): 400_000_000}, day, day, held=held)  # fmt: skip
+    assert alone.off_days == alone.held_days == [day]
+    assert "off only by what Tollgate holds in flight" in reconcile_table(alone)
