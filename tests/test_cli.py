@@ -276,9 +276,12 @@ def test_the_probe_sees_the_server_stack() -> None:
         ('{"data": [{"start_time": 0, "results": [{"amount": {"value": 5, "currency": "eur"}}]}]}',
          "not in US dollars"),
         ('{"data": [{"start_time": 0, "end_time": 604800, "results": []}]}', "bucket_width=1d"),
+        ('[{"data": [{"start_time": 0, "results": [{"amount": {"value": 1}}]}]},'
+         ' {"data": [{"start_time": 0, "results": [{"amount": {"value": 1}}]}]}]',
+         "page 2 repeats the bucket of 1970-01-01"),
     ],
     ids=["missing", "not-json", "not-a-page", "data", "bucket", "amount", "year-3e12",
-         "nan-start", "amount-too-large", "euros", "a-week"],
+         "nan-start", "amount-too-large", "euros", "a-week", "repeated"],
 )  # fmt: skip
 def test_reconcile_exits_2_naming_a_costs_file_it_cannot_read(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], costs: str | None, says: str

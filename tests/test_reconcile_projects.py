@@ -123,8 +123,8 @@ def test_json_and_table_name_the_project_its_teams_and_both_amounts() -> None:
     result = compare(openai, spent, project_of, ["design"], DAY, DAY)
     assert as_json(result)["lines"] == [
         {"day": "2026-11-03", "project": "proj_design", "teams": ["design"],
-         "openai_usd": "1.25", "tollgate_usd": "1.25", "difference_usd": "0", "status": "ok",
-         "note": ""}
+         "openai_usd": "1.25", "tollgate_usd": "1.25", "held_usd": "0", "difference_usd": "0",
+         "status": "ok", "note": ""}
     ]  # fmt: skip
     table = as_table(result)
     assert "proj_design" in table and "design" in table

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from dataclasses import replace
-from datetime import date
+from datetime import date, datetime
 from decimal import Decimal
 
 import httpx
 import pytest
+from starlette.datastructures import QueryParams
 
 from proxy.config.prices import load_price_book
 from proxy.core.errors import InvalidRequest, UpstreamUnavailable
@@ -18,13 +20,19 @@ from proxy.finance.reconcile import (
     OpenAICosts,
     compare,
     fetch_costs,
+    held_by_model,
+    holding_days,
     line_item_model,
+    live_window,
+    load_costs_file,
     parse_costs,
 )
 from proxy.finance.reconcile import as_json as reconcile_json
 from proxy.finance.reconcile import as_table as reconcile_table
 from proxy.finance.reports import CsvWriter, Period, as_csv, as_json, fold, parse_by
-from proxy.ledger.base import Aggregate, Flagged
+from proxy.ledger.base import Aggregate, Flagged, Holding
+from proxy.simulator.costs import costs_page
+from tests.test_reports_responses import WORKLOAD
 
 
 @pytest.mark.parametrize(
@@ -234,3 +242,87 @@ def test_a_line_item_left_out_is_shown_with_its_control_characters_as_escapes() 
     table = reconcile_table(compare(openai, {}, day, day))
     assert "\x1b" not in table
     assert "Left out (not priced models): chat\\x1b[2J, input\\nforged" in table
+
+
+def test_an_export_repeating_a_bucket_is_refused_naming_it() -> None:
+    """Two overlapping exports put together: their common day would be summed twice."""
+    bucket = {"start_time": 1_793_664_000, "end_time": 1_793_750_400, "results": [
+        {"amount": {"value": 1.5, "currency": "usd"}, "line_item": "gpt-image-2, image output"}
+    ]}  # fmt: skip
+    other = {**bucket, "start_time": 1_793_750_400, "end_time": 1_793_836_800}
+    assert load_costs_file(json.dumps([{"data": [bucket]}, {"data": [other]}]))
+    with pytest.raises(InvalidRequest) as refused:
+        load_costs_file(json.dumps([{"data": [bucket, other]}, {"data": [bucket]}]))
+    assert refused.value.message == (
+        "the costs file is not one Costs API answer: page 2 repeats the bucket of 2026-11-03 "
+        "(start_time 1793664000), line item gpt-image-2, image output, of page 1: "
+        "overlapping exports put together? Export each day once."
+    )
+
+
+async def test_live_pages_of_one_answer_never_repeat_a_bucket() -> None:
+    """The simulated Costs API pages 40 days of spend in two pages: read as one answer."""
+    billed = [r.billed for r in WORKLOAD if r.billed is not None]
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        query = QueryParams(request.url.query.decode())
+        return httpx.Response(200, json=costs_page(billed, query, now=2_000_000_000))
+
+    first, last = date(2026, 10, 1), date(2026, 11, 9)
+    transport = httpx.MockTransport(answer)
+    pages = await fetch_costs("http://costs.test/v1", "sk-admin", first, last, transport=transport)
+    assert len(pages) == 2
+    spend = parse_costs(pages, load_price_book())
+    assert len(spend.days) == 40 and spend.amounts
+
+
+@pytest.mark.parametrize(
+    ("at", "timezone", "period"),
+    [("2026-12-06T06:00:00+00:00", "UTC", ("2026-12-01", "2026-12-05")),
+     # 01:00 in Tokyo on the 7th is the 6th in UTC, not over: it ends on the 5th.
+     ("2026-12-06T16:00:00+00:00", "Asia/Tokyo", ("2026-12-01", "2026-12-05")),
+     # 20:00 on the 5th in New York: its yesterday, the 4th.
+     ("2026-12-06T01:00:00+00:00", "America/New_York", ("2026-12-01", "2026-12-04")),
+     # The 1st: the month before, whole.
+     ("2026-12-01T06:00:00+00:00", "UTC", ("2026-11-01", "2026-11-30"))],
+)  # fmt: skip
+def test_a_live_reconciliation_ends_yesterday_by_default(
+    at: str, timezone: str, period: tuple[str, str]
+) -> None:
+    """Today is not over, and OpenAI has not booked it: a run each morning compares whole
+    days only, and is not off on every day with spend."""
+    now = datetime.fromisoformat(at).timestamp()
+    first, last = live_window(None, None, now, timezone)
+    assert (first.isoformat(), last.isoformat()) == period
+    today = date(2026, 12, 6)
+    assert live_window(today, None, now, timezone) == (today, today)
+    asked = (date(2026, 10, 3), date(2026, 10, 9))
+    assert live_window(*asked, now, timezone) == asked
+    assert live_window(None, asked[1], now, timezone) == (date(2026, 10, 1), asked[1])
+
+
+def test_a_difference_no_more_than_what_is_held_is_not_called_bypassed() -> None:
+    """A batch started on the 2nd, in flight: OpenAI may bill it on any day from then, so
+    it is held beside each of them; a difference it cannot cover still bypassed Tollgate."""
+    first, day = date(2026, 11, 1), date(2026, 11, 3)
+    batch = Holding("design", "gpt-image-2", None, None, 1_793_620_800.0, 900_000_000, 0)
+    response = Holding(
+        "design", "gpt-image-2", "gpt-5.5", None, 1_793_664_000.0, 300_000_000, 100_000_000
+    )
+    held = holding_days([batch, response], first, day, held_by_model(load_price_book()))
+    assert held == {(date(2026, 11, 2), "gpt-image-2"): 900_000_000,
+                    (day, "gpt-image-2"): 1_100_000_000, (day, "gpt-5.5"): 100_000_000}  # fmt: skip
+    openai = OpenAICosts({(day, "gpt-image-2"): Decimal("1.5"), (day, "gpt-5.5"): Decimal("1")},
+                         {day})  # fmt: skip
+    result = compare(openai, {(day, "gpt-image-2"): 400_000_000}, day, day, held=held)
+    image, mainline = result.lines[1], result.lines[0]
+    assert (image.status, image.held_usd, image.awaits_settlement) == ("off", Decimal("1.1"), True)
+    assert image.note.startswith("Tollgate holds $1.1 in flight, not settled")
+    assert (mainline.status, mainline.awaits_settlement) == ("off", False)
+    assert "bypassed Tollgate" in mainline.note
+    assert result.off_days == [day] and result.held_days == []
+    assert reconcile_json(result)["lines"][1]["held_usd"] == "1.1"
+    alone = compare(replace(openai, amounts={(day, "gpt-image-2"): Decimal("1.5")}),
+                    {(day, "gpt-image-2"): 400_000_000}, day, day, held=held)  # fmt: skip
+    assert alone.off_days == alone.held_days == [day]
+    assert "off only by what Tollgate holds in flight" in reconcile_table(alone)

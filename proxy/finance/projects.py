@@ -37,19 +37,23 @@ from proxy.finance.reconcile import (
     DEFAULT_TOLERANCE,
     Reconciliation,
     Status,
+    awaits,
     canonical,
     fetch_costs,
+    holding_days,
     left_out,
     line_item_model,
+    live_window,
     midnight,
     money,
+    note_for,
     table,
     unresolved_json,
     utc_day,
     window,
 )
 from proxy.ledger import open_ledger
-from proxy.ledger.base import Ledger
+from proxy.ledger.base import Holding, Ledger
 from proxy.ledger.codecs import project_read
 
 GROUP_BY = ("project_id", "line_item")
@@ -124,6 +128,17 @@ async def ledger_costs(
     return dict(found)
 
 
+def held_by_project(project_of: ProjectOf) -> Callable[[Holding], list[tuple[str | None, int]]]:
+    """A reservation's bound under the project it is sent under (`project_of` its team for
+    one that recorded none), as `ledger_costs` counts what is settled."""
+
+    def under(h: Holding) -> list[tuple[str | None, int]]:
+        stored, known = project_read(h.project)
+        return [(stored if known else project_of(h.team), h.reserved_nanos)]
+
+    return under
+
+
 @dataclass(frozen=True, slots=True)
 class ProjectLine:
     day: date
@@ -135,11 +150,18 @@ class ProjectLine:
     status: Status | None
     """None when the project is unknown, so the line cannot be compared."""
     note: str = ""
+    held_usd: Decimal = Decimal(0)
+    """What the ledger holds in flight for the project, started by this day, unsettled."""
+    tolerance: Decimal = DEFAULT_TOLERANCE
 
     @property
     def difference(self) -> Decimal:
-        """OpenAI minus Tollgate: positive when spend bypassed Tollgate."""
+        """OpenAI minus Tollgate: positive when spend bypassed Tollgate, or is in flight."""
         return self.openai_usd - self.tollgate_usd
+
+    @property
+    def awaits_settlement(self) -> bool:
+        return awaits(self.status, self.difference, self.held_usd, self.tolerance)
 
 
 ProjectReconciliation = Reconciliation[ProjectLine]
@@ -154,10 +176,13 @@ def compare(
     first: date,
     last: date,
     tolerance: Decimal = DEFAULT_TOLERANCE,
+    held: Mapping[tuple[date, str | None], int] | None = None,
 ) -> ProjectReconciliation:
     """One line per UTC day and project that either side billed, naming the teams billed
     to it: the configured `teams` (by `project_of`, their project now) and every team with
-    spend in the ledger under it (pure)."""
+    spend in the ledger under it, and what the ledger holds in flight for it (`held`, from
+    `holding_days`) (pure)."""
+    held = held or {}
     members: dict[str | None, set[str]] = defaultdict(set)
     for team in teams:
         members[project_of(team)].add(team)
@@ -175,19 +200,16 @@ def compare(
         spent = Decimal(ours.get((day, project), 0)) / NANOS_PER_USD
         billed = theirs.get((day, project), Decimal(0))
         diff = billed - spent
+        holds = Decimal(held.get((day, project), 0)) / NANOS_PER_USD
         status: Status | None = "off" if abs(diff) > tolerance else "ok"
         if project is None:
             status, note = None, UNMAPPED_NOTE
-        elif day not in openai.days:
-            note = "no OpenAI data for this day (missing from the export?)"
-        elif status == "off" and diff > 0:
-            note = "OpenAI billed more: requests that bypassed Tollgate"
-        elif status == "off":
-            note = "Tollgate recorded more than OpenAI billed"
         else:
-            note = ""
+            note = note_for(diff, holds, tolerance, day in openai.days)
         team_names = tuple(sorted(members.get(project, ())))
-        lines.append(ProjectLine(day, project, team_names, billed, spent, status, note))
+        lines.append(
+            ProjectLine(day, project, team_names, billed, spent, status, note, holds, tolerance)
+        )
     ignored = left_out(openai.ignored, first, last)
     return ProjectReconciliation(first, last, tolerance, tuple(lines), ignored)
 
@@ -205,6 +227,7 @@ def as_json(r: ProjectReconciliation) -> dict[str, Any]:
                 "teams": list(line.teams),
                 "openai_usd": money(line.openai_usd),
                 "tollgate_usd": money(line.tollgate_usd),
+                "held_usd": money(line.held_usd),
                 "difference_usd": money(line.difference),
                 "status": line.status or "unmapped",
                 "note": line.note,
@@ -212,17 +235,19 @@ def as_json(r: ProjectReconciliation) -> dict[str, Any]:
             for line in r.lines
         ],
         "off_days": [d.isoformat() for d in r.off_days],
+        "held_days": [d.isoformat() for d in r.held_days],
         "ignored_line_items": {k: money(v) for k, v in sorted(r.ignored.items())},
         "unresolved_flagged": unresolved_json(r.unresolved),
     }
 
 
 def as_table(r: ProjectReconciliation) -> str:
-    head = ("day (UTC)", "project", "teams", "openai_usd", "tollgate_usd", "difference",
-            "status", "note")  # fmt: skip
+    head = ("day (UTC)", "project", "teams", "openai_usd", "tollgate_usd", "held_usd",
+            "difference", "status", "note")  # fmt: skip
     rows = [
         (line.day.isoformat(), line.project or "(key's default)", ",".join(line.teams) or "-",
-         money(line.openai_usd), money(line.tollgate_usd), f"{line.difference:+.6f}",
+         money(line.openai_usd), money(line.tollgate_usd), money(line.held_usd),
+         f"{line.difference:+.6f}",
          {"off": "OFF", "ok": "ok", None: "unmapped"}[line.status], line.note)
         for line in r.lines
     ]  # fmt: skip
@@ -232,7 +257,8 @@ def as_table(r: ProjectReconciliation) -> str:
         f"${r.tolerance} per day and project; difference = OpenAI - Tollgate",
         [head, *rows],
         "A positive difference is spend of the project that bypassed Tollgate (another "
-        "key or a direct call); a negative one is spend OpenAI did not bill to that "
+        "key or a direct call), unless no more than what Tollgate holds in flight "
+        "(held_usd); a negative one is spend OpenAI did not bill to that "
         "project, or a day missing from the export.",
         "Every project matches within the tolerance, every day.",
     )
@@ -249,12 +275,11 @@ async def run(
     now: float,
 ) -> ProjectReconciliation:
     """Reconcile the UTC days `first`..`last` per project: by default the days a saved
-    export covers, or (live) the current UTC month up to today. `pages` is fetched, grouped
-    by project and line item, when `admin_key` is given."""
+    export covers, or (live) the month up to yesterday (`live_window`). `pages` is fetched,
+    grouped by project and line item, when `admin_key` is given."""
     today = utc_day(now)
     if admin_key is not None:
-        first = first or today.replace(day=1)
-        last = last or today
+        first, last = live_window(first, last, now, config.timezone)
         pages = await fetch_costs(
             config.upstream.base_url, admin_key, first, last, group_by=GROUP_BY
         )
@@ -264,8 +289,10 @@ async def run(
     try:
         ours = await ledger_costs(ledger, first, last, config.project_of)
         flagged = await ledger.flagged(midnight(first), midnight(last + timedelta(days=1)))
+        holdings = await ledger.holding(midnight(last + timedelta(days=1)))
     finally:
         await ledger.close()
     teams = [team.name for team in config.teams]
-    result = compare(openai, ours, config.project_of, teams, first, last, tolerance)
+    held = holding_days(holdings, first, last, held_by_project(config.project_of))
+    result = compare(openai, ours, config.project_of, teams, first, last, tolerance, held)
     return replace(result, flagged=tuple(flagged))

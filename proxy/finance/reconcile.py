@@ -6,7 +6,9 @@
 
 OpenAI buckets costs by UTC day, so this compares UTC days whatever the configured
 timezone. A positive difference (OpenAI billed more) is spend that did not go
-through Tollgate: another key, a batch job, a tool calling OpenAI directly. A
+through Tollgate: another key, a batch job, a tool calling OpenAI directly; unless
+no more than what the ledger still holds in flight for it (`holding_days`: a batch or a
+background response OpenAI may have billed, not settled yet), which the line shows. A
 negative one is spend Tollgate recorded that OpenAI did not bill (or a day missing
 from the export). Line items name a model and a kind, e.g. `"gpt-image-2, image
 output"`, `"batch api | gpt-image-2.5-sunburst image"` or `"gpt-5.5, cached input"`;
@@ -23,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -31,12 +33,13 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeGuard, Ty
 
 from proxy.core.errors import InvalidRequest, UpstreamUnavailable
 from proxy.core.models import NANOS_PER_USD
+from proxy.core.periods import zone
 from proxy.core.pricing import PriceBook
 from proxy.core.settings import Config
 from proxy.finance import parts
 from proxy.finance.reports import aligned, printable
 from proxy.ledger import open_ledger
-from proxy.ledger.base import Flagged, Ledger
+from proxy.ledger.base import Flagged, Holding, Ledger
 
 if TYPE_CHECKING:
     import httpx
@@ -142,6 +145,11 @@ def load_costs_file(text: str) -> list[dict[str, Any]]:
                 f"the costs file is not a Costs API answer: page {number}: {problem}",
                 param="costs",
             )
+    problem = repeated_bucket(pages)
+    if problem:
+        raise InvalidRequest(
+            f"the costs file is not one Costs API answer: {problem}", param="costs"
+        )
     return pages
 
 
@@ -176,6 +184,35 @@ def page_problem(page: object) -> str:
             currency = amount.get("currency", "usd")
             if not isinstance(currency, str) or currency.lower() != "usd":
                 return f"an amount is not in US dollars, as the ledger is: {amount!r}"
+    return ""
+
+
+GROUP_KEYS = ("line_item", "project_id", "api_key_id", "user_id", "api_source")
+"""The fields a Costs API result is grouped by: one bucket has one result per value."""
+
+
+def repeated_bucket(pages: Iterable[Mapping[str, Any]]) -> str:
+    """What repeats in `pages` ('' if nothing): a result of the same start time and
+    group (line item, project, …) twice, as two overlapping exports put together have,
+    whose amounts would be summed twice. One answer's pages, live ones too, start each
+    bucket once."""
+    seen: dict[tuple[Any, ...], int] = {}
+    for number, page in enumerate(pages, 1):
+        for bucket in page.get("data", []):
+            start = bucket["start_time"]
+            for result in bucket.get("results", []):
+                key = (start, *(repr(result.get(name)) for name in GROUP_KEYS))
+                if key in seen:
+                    day = utc_day(start).isoformat()
+                    item = printable(str(result.get("line_item") or "(all line items)"))
+                    project = result.get("project_id")
+                    of = f" of project {printable(str(project))}" if project else ""
+                    return (
+                        f"page {number} repeats the bucket of {day} (start_time {start!r}), "
+                        f"line item {item}{of}, of page {seen[key]}: overlapping exports put "
+                        "together? Export each day once."
+                    )
+                seen[key] = number
     return ""
 
 
@@ -239,6 +276,9 @@ async def fetch_costs(
                 raise UpstreamUnavailable(f"{url} answered a page unlike the Costs API: {problem}")
             pages.append(page)
             if not page.get("has_more") or not page.get("next_page"):
+                problem = repeated_bucket(pages)
+                if problem:
+                    raise UpstreamUnavailable(f"{url} answered pages repeating a day: {problem}")
                 return pages
             params["page"] = page["next_page"]
 
@@ -260,6 +300,73 @@ async def ledger_costs(
     return dict(found)
 
 
+def holding_days(
+    holdings: Iterable[Holding],
+    first: date,
+    last: date,
+    key: Callable[[Holding], Iterable[tuple[Any, int]]],
+) -> dict[tuple[date, Any], int]:
+    """What the reservations in flight hold, in nano-dollars, by UTC day and `key` (which
+    splits a reservation's bound, e.g. by model): on each day of `first`..`last` from the
+    day it started, since OpenAI may have billed it on any of them (a batch on the day it
+    ends, a background response on the day it finishes), while the ledger holds it and has
+    settled none of it."""
+    found: dict[tuple[date, Any], int] = defaultdict(int)
+    for h in holdings:
+        day = max(utc_day(h.started_at), first)
+        parts_of = [(k, nanos) for k, nanos in key(h) if nanos]
+        while day <= last:
+            for k, nanos in parts_of:
+                found[day, k] += nanos
+            day += timedelta(days=1)
+    return dict(found)
+
+
+def held_by_model(book: PriceBook) -> Callable[[Holding], list[tuple[str, int]]]:
+    """A reservation's bound by (canonical) model: a Responses request's mainline part
+    under its mainline model, the rest under its image model, as `ledger_costs` splits
+    what is settled."""
+
+    def split(h: Holding) -> list[tuple[str, int]]:
+        mainline = h.mainline_nanos if h.mainline_model else 0
+        found = []
+        if mainline:
+            found.append(
+                (canonical(str(h.mainline_model), book) or str(h.mainline_model), mainline)
+            )
+        model = str(h.model or h.mainline_model)
+        found.append((canonical(model, book) or model, h.reserved_nanos - mainline))
+        return found
+
+    return split
+
+
+HELD_NOTE = (
+    "Tollgate holds ${held} in flight, not settled (a batch or background response): "
+    "OpenAI may have billed it; rerun once it settles"
+)
+
+
+def note_for(diff: Decimal, held: Decimal, tolerance: Decimal, covered: bool) -> str:
+    """What a line's difference means (`covered`: the export has the day)."""
+    if not covered:
+        return "no OpenAI data for this day (missing from the export?)"
+    if abs(diff) <= tolerance:
+        return ""
+    if diff < 0:
+        return "Tollgate recorded more than OpenAI billed"
+    if diff <= held + tolerance:
+        return HELD_NOTE.format(held=money(held))
+    if held:
+        return "OpenAI billed more than Tollgate settled and holds: requests that bypassed Tollgate"
+    return "OpenAI billed more: requests that bypassed Tollgate"
+
+
+def awaits(status: Status | None, diff: Decimal, held: Decimal, tolerance: Decimal) -> bool:
+    """Whether a line is off only by what the ledger still holds in flight."""
+    return status == "off" and 0 < diff <= held + tolerance
+
+
 @dataclass(frozen=True, slots=True)
 class Line:
     day: date
@@ -268,11 +375,18 @@ class Line:
     tollgate_usd: Decimal
     status: Status
     note: str = ""
+    held_usd: Decimal = Decimal(0)
+    """What the ledger holds in flight for this model, started by this day, unsettled."""
+    tolerance: Decimal = DEFAULT_TOLERANCE
 
     @property
     def difference(self) -> Decimal:
-        """OpenAI minus Tollgate: positive when spend bypassed Tollgate."""
+        """OpenAI minus Tollgate: positive when spend bypassed Tollgate, or is in flight."""
         return self.openai_usd - self.tollgate_usd
+
+    @property
+    def awaits_settlement(self) -> bool:
+        return awaits(self.status, self.difference, self.held_usd, self.tolerance)
 
 
 class DayLine(Protocol):
@@ -283,6 +397,10 @@ class DayLine(Protocol):
 
     @property
     def status(self) -> Status | None: ...
+
+    @property
+    def awaits_settlement(self) -> bool:
+        """Off only by what the ledger holds in flight: Tollgate has not settled it yet."""
 
 
 L = TypeVar("L", bound=DayLine)
@@ -309,6 +427,14 @@ class Reconciliation(Generic[L]):
     def off_days(self) -> list[date]:
         return sorted({line.day for line in self.lines if line.status == "off"})
 
+    @property
+    def held_days(self) -> list[date]:
+        """The days off only by what the ledger holds in flight (still off: exit 1)."""
+        off = [line for line in self.lines if line.status == "off"]
+        return sorted(
+            {line.day for line in off} - {line.day for line in off if not line.awaits_settlement}
+        )
+
 
 def compare(
     openai: OpenAICosts,
@@ -316,8 +442,11 @@ def compare(
     first: date,
     last: date,
     tolerance: Decimal = DEFAULT_TOLERANCE,
+    held: Mapping[tuple[date, str], int] | None = None,
 ) -> Reconciliation[Line]:
-    """One line per UTC day and model that either side billed (pure)."""
+    """One line per UTC day and model that either side billed, with what the ledger holds
+    in flight for it (`held`, from `holding_days`) (pure)."""
+    held = held or {}
     lines = []
     keys = sorted(
         {k for k in [*openai.amounts, *tollgate] if first <= k[0] <= last},
@@ -328,15 +457,10 @@ def compare(
         theirs = openai.amounts.get((day, model), Decimal(0))
         diff = theirs - ours
         off = abs(diff) > tolerance
-        if day not in openai.days:
-            note = "no OpenAI data for this day (missing from the export?)"
-        elif off and diff > 0:
-            note = "OpenAI billed more: requests that bypassed Tollgate"
-        elif off:
-            note = "Tollgate recorded more than OpenAI billed"
-        else:
-            note = ""
-        lines.append(Line(day, model, theirs, ours, "off" if off else "ok", note))
+        holds = Decimal(held.get((day, model), 0)) / NANOS_PER_USD
+        note = note_for(diff, holds, tolerance, day in openai.days)
+        status: Status = "off" if off else "ok"
+        lines.append(Line(day, model, theirs, ours, status, note, holds, tolerance))
     return Reconciliation(
         first, last, tolerance, tuple(lines), left_out(openai.ignored, first, last)
     )
@@ -353,6 +477,7 @@ def as_json(r: Reconciliation[Line]) -> dict[str, Any]:
                 "model": line.model,
                 "openai_usd": money(line.openai_usd),
                 "tollgate_usd": money(line.tollgate_usd),
+                "held_usd": money(line.held_usd),
                 "difference_usd": money(line.difference),
                 "status": line.status,
                 "note": line.note,
@@ -360,16 +485,19 @@ def as_json(r: Reconciliation[Line]) -> dict[str, Any]:
             for line in r.lines
         ],
         "off_days": [d.isoformat() for d in r.off_days],
+        "held_days": [d.isoformat() for d in r.held_days],
         "ignored_line_items": {k: money(v) for k, v in sorted(r.ignored.items())},
         "unresolved_flagged": unresolved_json(r.unresolved),
     }
 
 
 def as_table(r: Reconciliation[Line]) -> str:
-    head = ("day (UTC)", "model", "openai_usd", "tollgate_usd", "difference", "status", "note")
+    head = ("day (UTC)", "model", "openai_usd", "tollgate_usd", "held_usd", "difference",
+            "status", "note")  # fmt: skip
     rows = [
         (line.day.isoformat(), line.model, money(line.openai_usd), money(line.tollgate_usd),
-         f"{line.difference:+.6f}", "OFF" if line.status == "off" else "ok", line.note)
+         money(line.held_usd), f"{line.difference:+.6f}", "OFF" if line.status == "off" else "ok",
+         line.note)
         for line in r.lines
     ]  # fmt: skip
     return table(
@@ -378,7 +506,8 @@ def as_table(r: Reconciliation[Line]) -> str:
         "and model; difference = OpenAI - Tollgate",
         [head, *rows],
         "A positive difference is spend that bypassed Tollgate (another key or a direct "
-        "call); a negative one is spend OpenAI did not bill or a day missing from the export.",
+        "call), unless no more than what Tollgate holds in flight (held_usd); a negative "
+        "one is spend OpenAI did not bill or a day missing from the export.",
         "Every day matches within the tolerance.",
     )
 
@@ -398,6 +527,12 @@ def table(
     if r.off_days:
         days = ", ".join(d.isoformat() for d in r.off_days)
         out.append(f"{len(r.off_days)} day(s) off: {days}. {off}")
+    if r.held_days:
+        days = ", ".join(d.isoformat() for d in r.held_days)
+        out.append(
+            f"Of these, {days}: off only by what Tollgate holds in flight, not settled yet "
+            "(a batch or a background response OpenAI may have billed); rerun once they settle."
+        )
     else:
         out.append(even)
     if r.unresolved:
@@ -447,6 +582,20 @@ def window(
     return first, last
 
 
+def live_window(
+    first: date | None, last: date | None, now: float, timezone: str
+) -> tuple[date, date]:
+    """The UTC days a live reconciliation fetches: `first`..`last`, by default up to
+    yesterday in the configured `timezone` (yesterday in UTC if that is earlier) from the
+    1st of that day's month. Today is not over: OpenAI has not booked all of its costs, so
+    a run every morning would find every day with spend off. A `first` after that day
+    alone runs to `first`."""
+    local = datetime.fromtimestamp(now, zone(timezone)).date()
+    ended = min(local, utc_day(now)) - timedelta(days=1)
+    last = last or max(ended, first or ended)
+    return first or last.replace(day=1), last
+
+
 def parse_day(text: str) -> date:
     try:
         day = date.fromisoformat(text)
@@ -468,11 +617,11 @@ async def run(
     now: float,
 ) -> Reconciliation[Line]:
     """Reconcile the UTC days `first`..`last`: by default the days a saved export covers,
-    or (live) the current UTC month up to today. `pages` is fetched when `admin_key` is given."""
+    or (live) the month up to yesterday (`live_window`). `pages` is fetched when `admin_key`
+    is given."""
     today = utc_day(now)
     if admin_key is not None:
-        first = first or today.replace(day=1)
-        last = last or today
+        first, last = live_window(first, last, now, config.timezone)
         pages = await fetch_costs(config.upstream.base_url, admin_key, first, last)
     book = config.prices
     openai = parse_costs(pages, book)
@@ -481,6 +630,9 @@ async def run(
     try:
         ours = await ledger_costs(ledger, first, last, book)
         flagged = await ledger.flagged(midnight(first), midnight(last + timedelta(days=1)))
+        holdings = await ledger.holding(midnight(last + timedelta(days=1)))
     finally:
         await ledger.close()
-    return replace(compare(openai, ours, first, last, tolerance), flagged=tuple(flagged))
+    held = holding_days(holdings, first, last, held_by_model(book))
+    result = compare(openai, ours, first, last, tolerance, held)
+    return replace(result, flagged=tuple(flagged))

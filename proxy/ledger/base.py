@@ -173,6 +173,22 @@ class OpenBatch:
 
 
 @dataclass(frozen=True, slots=True)
+class Holding:
+    """A reservation in flight (a request, a background response, a batch): what it holds,
+    and for which models and project. OpenAI may already have billed it."""
+
+    team: str
+    model: str | None
+    mainline_model: str | None
+    project: str | None
+    """As stored: `codecs.project_read`."""
+    started_at: float
+    reserved_nanos: int
+    mainline_nanos: int
+    """Of `reserved_nanos`, a Responses request's mainline model's part."""
+
+
+@dataclass(frozen=True, slots=True)
 class BatchLine:
     """One line of a batch input file, as Tollgate priced it at upload."""
 
@@ -411,6 +427,9 @@ class Ledger(Protocol):
 
     async def open_batches(self) -> list[OpenBatch]:
         """Every batch in flight (held), oldest first, with what it holds reserved."""
+
+    async def holding(self, before: float) -> list[Holding]:
+        """Every reservation in flight started before `before`, oldest first."""
 
     async def held(self) -> list[tuple[str, str]]:
         """(request id, response id) of every held reservation this process owns (none

@@ -25,6 +25,7 @@ from proxy.ledger.base import (
     Flagged,
     GroupColumn,
     HeldEntry,
+    Holding,
     ObjectKind,
     OpenBatch,
     Owner,
@@ -251,6 +252,9 @@ class PostgresLedger(Schema, KeptAnswers):
 
     async def open_batches(self) -> list[OpenBatch]:
         return [OpenBatch(*r) for r in await self.db.fetch(SQL.open_batches)]
+
+    async def holding(self, before: float) -> list[Holding]:
+        return [Holding(*tuple(r)) for r in await self.db.fetch(SQL.holding, float(before))]
 
     async def held(self) -> list[tuple[str, str]]:
         if self.owner is None:

@@ -43,6 +43,7 @@ from proxy.ledger.base import (
     Flagged,
     GroupColumn,
     HeldEntry,
+    Holding,
     ObjectKind,
     OpenBatch,
     Owner,
@@ -289,6 +290,9 @@ class SqliteLedger(KeptAnswers):
 
     async def open_batches(self) -> list[OpenBatch]:
         return [OpenBatch(*r) for r in await self.file.fetch(SQL.open_batches, ())]
+
+    async def holding(self, before: float) -> list[Holding]:
+        return [Holding(*r) for r in await self.file.fetch(SQL.holding, (float(before),))]
 
     async def held(self) -> list[tuple[str, str]]:
         if self.owner is None:

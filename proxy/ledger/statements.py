@@ -157,6 +157,8 @@ class Statements:
     """(owner,): (id, response id) of the held reservations of `owner`."""
     open_batches: str
     """(): the batches held in flight: (batch id, team, reserved nanos, started at)."""
+    holding: str
+    """(before,): the `Holding` fields of every reservation in flight started before."""
     response: str
     """(response id,): the `ResponseRow` fields but the response id, of its latest row (its
     project as stored: `codecs.project_read`)."""
@@ -376,6 +378,8 @@ def _reads(d: Dialect) -> dict[str, str]:
         f"AND (started_at > ? OR id{d.collate} > ?) AND started_at < ? {by_id} LIMIT ?",
         "open_batches": "SELECT response_id, team, reserved_nanos, started_at FROM requests "
         "WHERE state = 'reserved' AND held = 1 AND endpoint = 'batches' ORDER BY started_at",
+        "holding": "SELECT team, model, mainline_model, project, started_at, reserved_nanos, "
+        f"mainline_cost_nanos FROM requests WHERE state = 'reserved' AND started_at < ? {by_id}",
         "held": "SELECT id, response_id FROM requests "
         f"WHERE state = 'reserved' AND held = 1 AND owner = ? {by_id}",
         "response": "SELECT team, id, mainline_input_tokens + mainline_cached_input_tokens, "
