@@ -351,20 +351,14 @@ def reconcile(world: World, *args: str) -> subprocess.CompletedProcess[str]:
     return world.cli("reconcile", *args)
 
 
-def reconcile_today(world: World, *args: str) -> subprocess.CompletedProcess[str]:
-    """Live, today's spend: today is not over, so not in the default period."""
-    today = time.strftime("%Y-%m-%d", time.gmtime())
-    return reconcile(world, "--admin-key-env", "OPENAI_ADMIN_KEY", "--from", today, *args)
-
-
 def test_reconcile_live_is_clean_when_every_request_went_through_tollgate(world: World) -> None:
-    done = reconcile_today(world, "--format", "json")
+    done = reconcile(world, "--admin-key-env", "OPENAI_ADMIN_KEY", "--format", "json")
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(done.stdout)
     assert result["off_days"] == []
     models = {line["model"] for line in result["lines"]}
     assert models == {m for (_, m), g in world.expected.groups.items() if g["cost_usd"]}
-    assert "matches" in reconcile_today(world).stdout
+    assert "matches" in reconcile(world, "--admin-key-env", "OPENAI_ADMIN_KEY").stdout
 
 
 def test_reconcile_from_a_file_flags_a_missing_day(world: World, tmp_path: Path) -> None:
@@ -394,10 +388,12 @@ def test_reconcile_shows_traffic_that_bypassed_tollgate_as_a_positive_difference
     direct.images.generate(
         model="gpt-image-1.5", prompt="behind finance's back", quality="high", size="1024x1024"
     )
-    done = reconcile_today(world)
+    done = reconcile(world, "--admin-key-env", "OPENAI_ADMIN_KEY")
     assert done.returncode == 1, done.stdout
     assert "bypassed Tollgate" in done.stdout
-    result = json.loads(reconcile_today(world, "--format", "json").stdout)
+    result = json.loads(
+        reconcile(world, "--admin-key-env", "OPENAI_ADMIN_KEY", "--format", "json").stdout
+    )
     off = [line for line in result["lines"] if line["status"] == "off"]
     assert [line["model"] for line in off] == ["gpt-image-1.5"]
     assert Decimal(off[0]["difference_usd"]) > 0

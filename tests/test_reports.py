@@ -6,7 +6,7 @@ import csv
 import io
 import json
 from dataclasses import replace
-from datetime import date, datetime
+from datetime import date
 from decimal import Decimal
 
 import httpx
@@ -23,7 +23,6 @@ from proxy.finance.reconcile import (
     held_by_model,
     holding_days,
     line_item_model,
-    live_window,
     load_costs_file,
     parse_costs,
 )
@@ -274,31 +273,6 @@ async def test_live_pages_of_one_answer_never_repeat_a_bucket() -> None:
     assert len(pages) == 2
     spend = parse_costs(pages, load_price_book())
     assert len(spend.days) == 40 and spend.amounts
-
-
-@pytest.mark.parametrize(
-    ("at", "timezone", "period"),
-    [("2026-12-06T06:00:00+00:00", "UTC", ("2026-12-01", "2026-12-05")),
-     # 01:00 in Tokyo on the 7th is the 6th in UTC, not over: it ends on the 5th.
-     ("2026-12-06T16:00:00+00:00", "Asia/Tokyo", ("2026-12-01", "2026-12-05")),
-     # 20:00 on the 5th in New York: its yesterday, the 4th.
-     ("2026-12-06T01:00:00+00:00", "America/New_York", ("2026-12-01", "2026-12-04")),
-     # The 1st: the month before, whole.
-     ("2026-12-01T06:00:00+00:00", "UTC", ("2026-11-01", "2026-11-30"))],
-)  # fmt: skip
-def test_a_live_reconciliation_ends_yesterday_by_default(
-    at: str, timezone: str, period: tuple[str, str]
-) -> None:
-    """Today is not over, and OpenAI has not booked it: a run each morning compares whole
-    days only, and is not off on every day with spend."""
-    now = datetime.fromisoformat(at).timestamp()
-    first, last = live_window(None, None, now, timezone)
-    assert (first.isoformat(), last.isoformat()) == period
-    today = date(2026, 12, 6)
-    assert live_window(today, None, now, timezone) == (today, today)
-    asked = (date(2026, 10, 3), date(2026, 10, 9))
-    assert live_window(*asked, now, timezone) == asked
-    assert live_window(None, asked[1], now, timezone) == (date(2026, 10, 1), asked[1])
 
 
 def test_a_difference_no_more_than_what_is_held_is_not_called_bypassed() -> None:

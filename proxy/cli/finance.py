@@ -166,19 +166,8 @@ def add_reconcile(commands: Commands) -> None:
     source.add_argument(
         "--admin-key-env", metavar="VAR", help="fetch live with the admin key in $VAR"
     )
-    rec.add_argument(
-        "--from",
-        dest="start",
-        metavar="DATE",
-        help="first UTC day (default: a file's first; live, the 1st of --to's month)",
-    )
-    rec.add_argument(
-        "--to",
-        dest="end",
-        metavar="DATE",
-        help="last UTC day, included (default: a file's last; live, yesterday in the "
-        "configured timezone, today not being over)",
-    )
+    rec.add_argument("--from", dest="start", metavar="DATE", help="first UTC day")
+    rec.add_argument("--to", dest="end", metavar="DATE", help="last UTC day, included")
     rec.add_argument(
         "--by",
         choices=("model", "project"),

@@ -43,7 +43,6 @@ from proxy.finance.reconcile import (
     holding_days,
     left_out,
     line_item_model,
-    live_window,
     midnight,
     money,
     note_for,
@@ -275,11 +274,12 @@ async def run(
     now: float,
 ) -> ProjectReconciliation:
     """Reconcile the UTC days `first`..`last` per project: by default the days a saved
-    export covers, or (live) the month up to yesterday (`live_window`). `pages` is fetched,
-    grouped by project and line item, when `admin_key` is given."""
+    export covers, or (live) the current UTC month up to today. `pages` is fetched, grouped
+    by project and line item, when `admin_key` is given."""
     today = utc_day(now)
     if admin_key is not None:
-        first, last = live_window(first, last, now, config.timezone)
+        first = first or today.replace(day=1)
+        last = last or today
         pages = await fetch_costs(
             config.upstream.base_url, admin_key, first, last, group_by=GROUP_BY
         )

@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeGuard, Ty
 
 from proxy.core.errors import InvalidRequest, UpstreamUnavailable
 from proxy.core.models import NANOS_PER_USD
-from proxy.core.periods import zone
 from proxy.core.pricing import PriceBook
 from proxy.core.settings import Config
 from proxy.finance import parts
@@ -582,20 +581,6 @@ def window(
     return first, last
 
 
-def live_window(
-    first: date | None, last: date | None, now: float, timezone: str
-) -> tuple[date, date]:
-    """The UTC days a live reconciliation fetches: `first`..`last`, by default up to
-    yesterday in the configured `timezone` (yesterday in UTC if that is earlier) from the
-    1st of that day's month. Today is not over: OpenAI has not booked all of its costs, so
-    a run every morning would find every day with spend off. A `first` after that day
-    alone runs to `first`."""
-    local = datetime.fromtimestamp(now, zone(timezone)).date()
-    ended = min(local, utc_day(now)) - timedelta(days=1)
-    last = last or max(ended, first or ended)
-    return first or last.replace(day=1), last
-
-
 def parse_day(text: str) -> date:
     try:
         day = date.fromisoformat(text)
@@ -617,11 +602,11 @@ async def run(
     now: float,
 ) -> Reconciliation[Line]:
     """Reconcile the UTC days `first`..`last`: by default the days a saved export covers,
-    or (live) the month up to yesterday (`live_window`). `pages` is fetched when `admin_key`
-    is given."""
+    or (live) the current UTC month up to today. `pages` is fetched when `admin_key` is given."""
     today = utc_day(now)
     if admin_key is not None:
-        first, last = live_window(first, last, now, config.timezone)
+        first = first or today.replace(day=1)
+        last = last or today
         pages = await fetch_costs(config.upstream.base_url, admin_key, first, last)
     book = config.prices
     openai = parse_costs(pages, book)
