@@ -23,7 +23,15 @@ from proxy.config.prices import load_price_book
 from proxy.core.models import Usage
 from proxy.simulator.billing import BilledUsage, Entry, MainlineUsage
 from proxy.simulator.costs import line_costs
-from tests.batches_e2e import billed_lines, cli, create, ended, generations, settled_rows
+from tests.batches_e2e import (
+    billed_lines,
+    cli,
+    create,
+    ended,
+    generations,
+    line,
+    settled_rows,
+)
 from tests.conftest import (
     UPSTREAM_KEY,
     Simulator,
@@ -38,6 +46,7 @@ GLOBAL = load_price_book()
 """The book at the global endpoint's rates: the regional bill is 110 % of it, or equal."""
 UPLIFT = Decimal("1.1")
 DAY = 86_400
+RESPONSES = "/v1/responses"
 LOW = {"quality": "low", "size": "1024x1024"}
 IMAGE_MODELS = [("gpt-image-2", UPLIFT), ("gpt-image-2.5-flare", UPLIFT), ("gpt-image-1.5", 1)]
 PAIRS = [("gpt-5.5", "gpt-image-2", UPLIFT, UPLIFT), ("gpt-4.1", "gpt-image-1.5", 1, 1),
@@ -101,10 +110,11 @@ def global_nanos(model: str, usage: Usage, batch: bool = False) -> Decimal:
     return sum((rates[k] * usage.tokens(k) * 1000 for k in rates), Decimal(0))
 
 
-def mainline_global_nanos(model: str, usage: Usage) -> Decimal:
+def mainline_global_nanos(model: str, usage: Usage, batch: bool = False) -> Decimal:
     entry = GLOBAL.find_mainline(model)
     assert entry is not None
-    rates = entry.rates
+    rates = entry.batch_rates if batch else entry.rates
+    assert rates is not None
     return 1000 * (
         rates["text_input"] * usage.mainline_input
         + rates["cached_text_input"] * usage.mainline_cached_input
@@ -184,6 +194,45 @@ def test_a_batch_line_is_bounded_and_settled_as_the_regional_endpoint_bills_it(
         assert (row["state"], row["flagged"], row["model"]) == ("settled", 0, model)
         assert row["cost_nanos"] == billed <= bounds[row["custom_id"]]
         assert billed == _ceil(global_nanos(model, image_usage(record), batch=True) * uplift)
+
+
+@pytest.mark.parametrize(("mainline", "image_model", "main_uplift", "image_uplift"), PAIRS)
+def test_a_responses_batch_line_is_bounded_and_settled_as_the_regional_endpoint_bills_it(
+    regional: tuple[Simulator, Tollgate],
+    mainline: str,
+    image_model: str,
+    main_uplift: Decimal,
+    image_uplift: Decimal,
+) -> None:
+    simulator, proxy = regional
+    tool = {"type": "image_generation", "model": image_model, **LOW}
+    body = {"model": mainline, "tools": [tool], "max_output_tokens": 2000, "max_tool_calls": 2}
+    lines = [
+        line(f"{mainline}-{image_model}-{i}", {**body, "input": f"a fjord, take {i}"}, RESPONSES)
+        for i in range(2)
+    ]
+    with proxy.client() as sdk:
+        batch = ended(sdk, create(sdk, lines, RESPONSES).id)
+    assert batch.status == "completed"
+    rows = settled_rows(proxy, batch.id)
+    records = billed_lines(simulator, batch.id)
+    bounds = {
+        r["custom_id"]: r["bound_nanos"]
+        for r in proxy.query("SELECT custom_id, bound_nanos FROM batch_lines")
+    }
+    assert (
+        sorted(r["custom_id"] for r in rows)
+        == sorted(records)
+        == sorted(x["custom_id"] for x in lines)
+    )
+    for row in rows:
+        record = records[row["custom_id"]]
+        main = _ceil(mainline_global_nanos(mainline, mainline_usage(record), True) * main_uplift)
+        image = _ceil(global_nanos(image_model, image_usage(record), True) * image_uplift)
+        assert (row["state"], row["flagged"], row["mainline_model"]) == ("settled", 0, mainline)
+        assert row["mainline_cost_nanos"] == main
+        assert bounds[row["custom_id"]] >= row["cost_nanos"] == main + image
+        assert 0 <= row["cost_nanos"] - simulator_nanos(record) <= 1
 
 
 def test_reconcile_against_the_regional_costs_export_finds_no_difference(
