@@ -48,7 +48,9 @@ UPLIFT = Decimal("1.1")
 DAY = 86_400
 RESPONSES = "/v1/responses"
 LOW = {"quality": "low", "size": "1024x1024"}
-IMAGE_MODELS = [("gpt-image-2", UPLIFT), ("gpt-image-2.5-flare", UPLIFT), ("gpt-image-1.5", 1)]
+IMAGE_MODELS = [("gpt-image-2", UPLIFT), ("gpt-image-2.5-flare", UPLIFT), ("gpt-image-1.5", 1),
+                ("chatgpt-image-latest", UPLIFT)]  # fmt: skip
+"""chatgpt-image-latest: undated (a pointer to ChatGPT's current model), so uplifted."""
 PAIRS = [("gpt-5.5", "gpt-image-2", UPLIFT, UPLIFT), ("gpt-4.1", "gpt-image-1.5", 1, 1),
          ("gpt-4.1-mini", "gpt-image-2", 1, UPLIFT)]  # fmt: skip
 """(mainline model, image model, their uplifts): each part by its own model's release."""

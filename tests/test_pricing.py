@@ -2006,6 +2006,9 @@ def test_a_regional_book_uplifts_models_released_since_march_2026_rounding_once(
     assert model_of(regional, "gpt-image-2-2026-04-21").cost(usage) == 38_500
     assert model_of(regional, "gpt-image-2.6-flare").cost(usage) == 38_500
     assert model_of(regional, "gpt-image-1.5").cost(usage) == 37_000
+    # undated: a pointer to ChatGPT's current image model
+    assert model_of(book, "chatgpt-image-latest").released is None
+    assert model_of(regional, "chatgpt-image-latest").cost(usage) == 40_700
     # a cached text token in a batch: 0.625 USD per 1M, 687.5 nanos at 110 %, rounded up
     batch = model_of(regional, "gpt-image-2").for_batch()
     assert batch.cost(Usage(cached_text_input=1)) == 688

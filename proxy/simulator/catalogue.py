@@ -261,7 +261,8 @@ MAINLINE_MODELS: Mapping[str, MainlineRule] = MappingProxyType({m.name: m for m 
 DEFAULT_TOOL_MODEL = "gpt-image-1"
 
 # OpenAI's release dates of the simulated models (the model pages; gpt-image-2.6's from a
-# third party). A regional (data-residency) endpoint bills "eligible models released on or
+# third party). chatgpt-image-latest has none (a pointer to ChatGPT's current model): it
+# is billed the uplift. A regional (data-residency) endpoint bills "eligible models released on or
 # after 2026-03-05" 10 % above their rates (a third party citing OpenAI's pricing and
 # data-residency guide), image and mainline models alike.
 DATA_RESIDENCY_FROM = date(2026, 3, 5)
@@ -279,7 +280,6 @@ RELEASED: Mapping[str, date] = MappingProxyType(
         "gpt-image-1": date(2025, 4, 23),
         "gpt-image-1-mini": date(2025, 10, 6),
         "gpt-image-1.5": _GPT_IMAGE_15,
-        "chatgpt-image-latest": _GPT_IMAGE_15,
         "gpt-image-2": _GPT_IMAGE_2,
         "gpt-image-2-2026-04-21": _GPT_IMAGE_2,
         "gpt-image-2.5-sunburst": _GPT_IMAGE_25,
