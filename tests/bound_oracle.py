@@ -63,10 +63,13 @@ def examples(normal: int) -> settings:
     )
 
 
-def build_config(root: Path) -> Config:
+def build_config(root: Path, upstream: str = "http://upstream.invalid/v1") -> Config:
+    """The fuzz configuration; `upstream` a regional host (never reached) prices the book as
+    that endpoint bills it, and the oracle's bill at Tollgate's rates is then the regional
+    bill (the simulator's own is computed as the global endpoint's, below it)."""
     write_config(
         root,
-        "http://upstream.invalid/v1",
+        upstream,
         teams={"fuzz": f"name: fuzz\nkeys:\n  - {{id: a, sha256: {key_hash('tg_fuzz')}}}\n"},
     )
     return load_config(root)

@@ -153,11 +153,12 @@ def serving(app: ASGIApp) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-def start_simulator() -> Simulator:
-    """A simulated upstream of its own, in a process on a free port (stop its `.process`)."""
+def start_simulator(*extra: str) -> Simulator:
+    """A simulated upstream of its own, in a process on a free port (stop its `.process`),
+    started with `extra` options (e.g. `--data-residency`)."""
     port = free_port()
     process = start(
-        ["simulate-upstream", "--port", str(port), "--api-key", UPSTREAM_KEY],
+        ["simulate-upstream", "--port", str(port), "--api-key", UPSTREAM_KEY, *extra],
         f"http://127.0.0.1:{port}/healthz",
     )
     return Simulator(f"http://127.0.0.1:{port}", process)

@@ -188,6 +188,26 @@ def test_a_generation_never_bills_above_its_bound(
     _check(config, "generations", "application/json", json.dumps(body).encode(), policy)
 
 
+@pytest.fixture(scope="module")
+def regional(tmp_path_factory: pytest.TempPathFactory) -> Config:
+    return build_config(tmp_path_factory.mktemp("bound-regional"), "https://eu.api.openai.com/v1")
+
+
+@given(
+    body=options(),
+    prompt=prompts,
+    moderation=st.sampled_from((None, "low", "auto")),
+    policy=POLICIES,
+)
+@examples(100)
+def test_a_generation_to_a_data_residency_endpoint_never_bills_above_its_bound(
+    regional: Config, body: dict[str, Any], prompt: str, moderation: str | None, policy: Any
+) -> None:
+    assert regional.upstream.data_residency
+    body = {**body, "prompt": prompt, **({"moderation": moderation} if moderation else {})}
+    _check(regional, "generations", "application/json", json.dumps(body).encode(), policy)
+
+
 # -- input images ----------------------------------------------------------------------
 
 

@@ -201,6 +201,21 @@ def test_a_response_never_bills_above_its_bound(
     event(f"forms the simulator accepted: {min(accepted, 2)}")
 
 
+@pytest.fixture(scope="module")
+def regional(tmp_path_factory: pytest.TempPathFactory) -> Config:
+    return build_config(tmp_path_factory.mktemp("bound-regional"), "https://eu.api.openai.com/v1")
+
+
+@given(body=bodies(), policy=POLICIES)
+@examples(100)
+def test_a_response_to_a_data_residency_endpoint_never_bills_above_its_bound(
+    regional: Config, body: dict[str, Any], policy: Any
+) -> None:
+    """Its mainline and image models each at 110 % or not, by their own release dates."""
+    assert regional.upstream.data_residency
+    check(regional, team_with(regional, *policy), body)
+
+
 @given(chain=st.lists(bodies(), min_size=2, max_size=4))
 @examples(40)
 def test_each_response_of_a_chain_never_bills_above_its_bound(

@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import textwrap
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from jsonschema import Draft202012Validator
 
 from proxy.config import config_schema, default_config_path, load_config
 from proxy.core.errors import ConfigError
+from proxy.core.models import Usage
 from proxy.core.settings import Budget, Config, Passthrough
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "policies"
@@ -54,6 +55,9 @@ class FakeBook:
 
     def find_mainline(self, model: str) -> str | None:
         return self.mainline.get(model)
+
+    def at_data_residency(self) -> FakeBook:
+        return self
 
 
 def fake_loader(path: Path | None) -> Any:
@@ -585,18 +589,22 @@ NOT_PLAIN = (
 )
 SETTINGS_PROBLEMS = [
     (
-        "upstream:\n  base_url: https://eu.api.openai.com/v1\n",
-        "2: upstream.base_url: eu.api.openai.com is a data-residency endpoint, where OpenAI "
-        "bills 10 % above the price book's rates for models released on or after "
-        "2026-03-05, so Tollgate would reserve less than it is billed: use "
-        "https://api.openai.com/v1",
+        "upstream:\n  base_url: https://eu.api.openai.com/v1\n  data_residency: false\n",
+        "3: upstream.data_residency: eu.api.openai.com is a data-residency endpoint, where "
+        "OpenAI bills 10 % above the price book's rates for models released on or after "
+        "2026-03-05: it cannot be priced at the global rates (remove `data_residency: "
+        "false`, or use https://api.openai.com/v1)",
     ),
     (
-        "upstream:\n  base_url: https://MTLS-US.api.openai.com./v1\n",
-        "2: upstream.base_url: mtls-us.api.openai.com is a data-residency endpoint, where "
+        "upstream:\n  base_url: https://MTLS-US.api.openai.com./v1\n  data_residency: false\n",
+        "3: upstream.data_residency: mtls-us.api.openai.com is a data-residency endpoint, where "
         "OpenAI bills 10 % above the price book's rates for models released on or after "
-        "2026-03-05, so Tollgate would reserve less than it is billed: use "
-        "https://api.openai.com/v1",
+        "2026-03-05: it cannot be priced at the global rates (remove `data_residency: "
+        "false`, or use https://api.openai.com/v1)",
+    ),
+    (
+        "upstream:\n  data_residency: yes please\n",
+        "2: upstream.data_residency: must be true or false, got 'yes please'",
     ),
     ("upstream:\n  timout_s: 3\n", "2: upstream.timout_s: unknown key (did you mean 'timeout_s'?)"),
     ("upstream:\n  timeout_s: 0\n", "2: upstream.timeout_s: must be a number > 0, got 0"),
@@ -738,6 +746,51 @@ def test_settings_problem_names_file_line_and_key_path(
 def test_an_upstream_billed_at_the_price_books_rates_is_accepted(policies: Path, url: str) -> None:
     write(policies / "tollgate.yaml", f"upstream:\n  base_url: {url}\n")
     assert load(policies).upstream.base_url == url
+    assert not load(policies).upstream.data_residency
+
+
+def ceil_nanos(nanos: Decimal) -> int:
+    return int(nanos.to_integral_value(ROUND_CEILING))
+
+
+@pytest.mark.parametrize(
+    ("settings", "regional"),
+    [
+        ("base_url: https://eu.api.openai.com/v1", True),
+        ("base_url: https://MTLS-EU.api.openai.com./v1", True),
+        ("base_url: https://eu.api.openai.com/v1\n  data_residency: true", True),
+        ("base_url: http://127.0.0.1:9/v1\n  data_residency: true", True),
+        ("base_url: http://127.0.0.1:9/v1\n  data_residency: false", False),
+        ("base_url: https://api.openai.com/v1", False),
+    ],
+)
+def test_a_data_residency_endpoint_is_priced_at_its_uplift_for_models_released_since_march(
+    policies: Path, settings: str, regional: bool
+) -> None:
+    """OpenAI bills regional endpoints 10 % above the book's rates for models released on
+    or after 2026-03-05: gpt-image-2, 2.5, gpt-5.4 and 5.5, not gpt-image-1.5 or gpt-4.1."""
+    write(policies / "tollgate.yaml", f"upstream:\n  {settings}\n")
+    config = load_config(policies, env={})
+    book = config.prices
+    assert config.upstream.data_residency is regional
+    usage = Usage(text_input=13, image_input=7, image_output=7024)
+    mainline = Usage(mainline_input=1820, mainline_cached_input=3, mainline_output=210)
+    uplift = Decimal("1.1") if regional else Decimal(1)
+    for name in ("gpt-image-2", "gpt-image-2-2026-04-21", "gpt-image-2.5-flare"):
+        model = book.find(name)
+        assert model is not None
+        # 13 x 5 + 7 x 8 + 7024 x 30 = 210,841 micro-dollars
+        assert model.cost(usage) == ceil_nanos(Decimal(210_841_000) * uplift)
+        assert model.for_batch().cost(usage) == ceil_nanos(Decimal(105_420_500) * uplift)
+    model = book.find("gpt-image-1.5")
+    assert model is not None and model.cost(usage) == 224_889_000
+    line = book.find_mainline("gpt-5.5")
+    assert line is not None
+    # 1820 x 5 + 3 x 0.5 + 210 x 30 = 15,401.5 micro-dollars
+    assert line.cost(mainline) == ceil_nanos(Decimal(15_401_500) * uplift)
+    assert line.for_batch().cost(mainline) == ceil_nanos(Decimal(7_700_750) * uplift)
+    line = book.find_mainline("gpt-4.1")
+    assert line is not None and line.cost(mainline) == 5_321_500
 
 
 def test_passthrough_is_get_and_head_unless_the_methods_are_listed(policies: Path) -> None:

@@ -37,7 +37,7 @@ from proxy.core.price_entries import (
     price_book,
 )
 from proxy.core.pricing import MainlinePrices, ModelPrices, PriceBook, estimate, to_nanos
-from proxy.simulator.catalogue import MAINLINE_MODELS
+from proxy.simulator.catalogue import MAINLINE_MODELS, RELEASED
 from proxy.simulator.forms import RawRequest
 from proxy.simulator.tokens import tokens_for
 from proxy.simulator.validation import validate as simulator_validate
@@ -1569,8 +1569,8 @@ def test_long_context_rates_are_built_from_a_plain_mapping() -> None:
         ),
         (
             {"qualities": ["low"]},
-            "unknown key 'qualities' (known: source, effective_from, rates, long_context, "
-            "aliases, batch)",
+            "unknown key 'qualities' (known: source, effective_from, released, rates, "
+            "long_context, aliases, batch)",
             ("qualities",),
         ),
         ({"aliases": "gpt-6-latest"}, "`aliases` must be a list of model names", ("aliases",)),
@@ -1741,7 +1741,7 @@ def test_override_file_changes_the_rates_of_a_built_in_mainline_model(tmp_path: 
                 qualities: [low]
             """,
             "7: mainline.gpt-6.qualities: invalid price-book entry: unknown key 'qualities' "
-            "(known: source, effective_from, rates, long_context, aliases, batch)",
+            "(known: source, effective_from, released, rates, long_context, aliases, batch)",
         ),
         (
             """
@@ -1985,3 +1985,58 @@ def test_a_mainline_models_long_context_rates_are_scaled_to_its_batch_rates() ->
     long = Usage(mainline_input=300_000, mainline_output=1000)
     assert batch.cost(long) * 2 == found.cost(long)  # half of the long-context rates too
     assert batch.rates_for(300_000) is batch.long_context.rates
+
+
+# --- data residency: regional endpoints bill models released on or after 2026-03-05 +10 % --
+
+
+def test_every_entry_has_the_release_date_the_simulated_upstream_bills_its_uplift_by(
+    book: PriceBook,
+) -> None:
+    """The price book and the simulator write the models' release dates apart: they agree."""
+    dated = {**book.models, **book.mainline}
+    assert {name: dated[name].released for name in RELEASED} == dict(RELEASED)
+
+
+def test_a_regional_book_uplifts_models_released_since_march_2026_rounding_once(
+    book: PriceBook,
+) -> None:
+    regional = book.at_data_residency()
+    usage = Usage(text_input=1, image_output=1)  # 35 micro-dollars, 38.5 at 110 %
+    assert model_of(regional, "gpt-image-2-2026-04-21").cost(usage) == 38_500
+    assert model_of(regional, "gpt-image-2.6-flare").cost(usage) == 38_500
+    assert model_of(regional, "gpt-image-1.5").cost(usage) == 37_000
+    # undated: a pointer to ChatGPT's current image model
+    assert model_of(book, "chatgpt-image-latest").released is None
+    assert model_of(regional, "chatgpt-image-latest").cost(usage) == 40_700
+    # a cached text token in a batch: 0.625 USD per 1M, 687.5 nanos at 110 %, rounded up
+    batch = model_of(regional, "gpt-image-2").for_batch()
+    assert batch.cost(Usage(cached_text_input=1)) == 688
+    assert batch.cost(Usage(cached_text_input=2)) == 1_375
+    per_image = model_of(regional, "dall-e-3")
+    assert per_image.image_price_nanos("hd", "1024x1024") == 80_000_000
+    line = mainline_of(regional, "gpt-5.4-mini").for_batch()
+    # 0.0375 USD per 1M × 1.1 = 41.25 nanos a token
+    assert line.cost(Usage(mainline_cached_input=1)) == 42
+    assert line.cost(Usage(mainline_cached_input=4)) == 165
+    long = mainline_of(regional, "gpt-5.5")
+    assert long.cost(Usage(mainline_input=272_001)) == 272_001 * 11_000
+    assert long.for_batch().cost(Usage(mainline_input=272_001)) == 272_001 * 5_500
+    assert model_of(regional, "gpt-image-2").for_batch().cost(usage) == 19_250
+
+
+def test_an_entry_without_a_release_date_is_uplifted_on_a_regional_endpoint() -> None:
+    """What Tollgate cannot date, it prices at the higher rate there."""
+    undated = batch_model()
+    dated = batch_model(released="2026-03-04")
+    line = mainline_prices("gpt-6", MAINLINE_FIELDS)
+    regional = price_book([undated, replace(dated, name="old")], [line]).at_data_residency()
+    usage = Usage(image_output=1_000)
+    assert model_of(regional, "gpt-image-3").cost(usage) == 33_000_000
+    assert model_of(regional, "old").cost(usage) == 30_000_000
+    assert mainline_of(regional, "gpt-6").cost(Usage(mainline_output=1_000)) == 13_200_000
+
+
+def test_a_release_date_that_is_not_a_date_is_refused() -> None:
+    with pytest.raises(EntryError, match="`released` must be a date"):
+        mainline_prices("gpt-6", {**MAINLINE_FIELDS, "released": "March"})

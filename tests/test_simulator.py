@@ -644,6 +644,7 @@ def test_runtime_config_sets_a_fault_for_every_request(sim: Sim, client: openai.
         "batch_window_ms": DEFAULT_BATCH_WINDOW_MS,
         "queue_ms": 0,
         "batch_read_ms": 0,
+        "data_residency": False,
     }
     assert sim.configure(fault="503")["fault"] == "503"
     with pytest.raises(openai.InternalServerError):

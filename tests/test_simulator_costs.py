@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
@@ -199,3 +200,51 @@ def test_a_gpt_5_5_request_above_272k_input_tokens_is_billed_at_the_long_context
 def test_a_responses_request_that_was_not_billed_has_no_line_items() -> None:
     usage = MainlineUsage(input=10, output=10)
     assert line_costs(record_entry("gpt-5.5", usage, billed=False)) == []
+
+
+@pytest.mark.parametrize(
+    ("model", "tool", "uplift"),
+    [("gpt-5.5", "gpt-image-2", Decimal("1.1")), ("gpt-4.1", "gpt-image-1.5", Decimal(1)),
+     ("gpt-4.1", "gpt-image-2.5-flare", None), ("gpt-5.4", "gpt-image-1", None)],
+)  # fmt: skip
+def test_a_regional_endpoint_bills_models_released_since_march_2026_at_110_percent(
+    model: str, tool: str, uplift: Decimal | None
+) -> None:
+    """Each model's line items apart: the mainline and the image model's released dates
+    decide their own uplift (None: the image model's is 1.1, the mainline's 1)."""
+    usage = MainlineUsage(input=2_000, cached_input=500, output=300)
+    entry = replace(record_entry(model, usage), model=tool, usage=BilledUsage(20, 0, 196, 0))
+    plain = {c.line_item: c.amount for c in line_costs(entry)}
+    regional = {c.line_item: c.amount for c in line_costs(replace(entry, data_residency=True))}
+    assert plain.keys() == regional.keys()
+    released = {
+        m: m in ("gpt-5.5", "gpt-5.4", "gpt-image-2", "gpt-image-2.5-flare") for m in (model, tool)
+    }
+    for item, amount in plain.items():
+        owner = item.split(",")[0]
+        assert regional[item] == amount * (Decimal("1.1") if released[owner] else 1), item
+    if uplift is not None:
+        assert sum(regional.values()) == sum(plain.values()) * uplift
+
+
+def test_the_data_residency_knob_bills_later_requests_as_a_regional_endpoint(
+    clients: dict[str, openai.OpenAI], server: str
+) -> None:
+    client = clients["proj_art"]
+    with httpx.Client(base_url=server) as http:
+        http.post("/_sim/config", json={"data_residency": True}).raise_for_status()
+        try:
+            client.images.generate(
+                model="gpt-image-2", prompt="a fox", quality="low", size="1024x1024"
+            )
+        finally:
+            http.post("/_sim/config", json={"data_residency": False}).raise_for_status()
+        client.images.generate(model="gpt-image-2", prompt="a fox", quality="low", size="1024x1024")
+        regional, plain = http.get("/_sim/billing").json()["requests"]
+    assert (regional["data_residency"], plain["data_residency"]) == (True, False)
+    found = costs(client, ["line_item"])
+    assert found["gpt-image-2, image output", None] == (
+        # one image at 30 USD per 1M output tokens, one at 33
+        usd(("63.00", LOW_1024)),
+        2 * LOW_1024,
+    )

@@ -53,6 +53,12 @@ def add_simulate(commands: Commands) -> None:
         help="the simulated completion window: a batch not finalizing by then expires "
         "(default 24 h)",
     )
+    simulate.add_argument(
+        "--data-residency",
+        action="store_true",
+        help="bill as a regional (data-residency) endpoint: models released on or after "
+        "2026-03-05 at 110 %% of their rates",
+    )
     simulate.set_defaults(run=run_simulate)
 
 
@@ -135,6 +141,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         latency_ms=args.latency_ms,
         payload_bytes=args.payload_bytes,
         api_key=args.api_key,
+        data_residency=args.data_residency,
         **batches,
     )
     print(f"Simulated OpenAI image API on http://{args.host}:{args.port}/v1", flush=True)

@@ -36,7 +36,8 @@ OPENAI_DOMAIN = ".api.openai.com"
 GLOBAL_HOSTS = frozenset({"api.openai.com", "mtls.api.openai.com"})
 """OpenAI's endpoints billed at the price book's rates; every other host under
 `api.openai.com` (us., eu., ae., au., in., jp., mtls-us., mtls-eu.) is a data-residency
-endpoint, billed 10 % more for models released on or after 2026-03-05."""
+endpoint, billed 10 % more for models released on or after 2026-03-05: the book is priced
+so there (`upstream.data_residency`, which such a host turns on and cannot turn off)."""
 
 
 HEADER_TOKEN = re.compile(r"[!-~]+")
@@ -143,20 +144,24 @@ class Builder:
                     "must not hold credentials (user:password@): the upstream's key is "
                     "upstream.api_key",
                 )
-            host = (urlsplit(up["base_url"]).hostname or "").rstrip(".")
-            if host.endswith(OPENAI_DOMAIN) and host not in GLOBAL_HOSTS:
-                self._problem(
-                    doc,
-                    ("upstream", "base_url"),
-                    f"{host} is a data-residency endpoint, where OpenAI bills 10 % above "
-                    "the price book's rates for models released on or after 2026-03-05, "
-                    "so Tollgate would reserve less than it is billed: use "
-                    "https://api.openai.com/v1",
-                )
+        base_url = up.get("base_url", UpstreamSettings().base_url)
+        host = (urlsplit(base_url).hostname or "").rstrip(".")
+        regional = host.endswith(OPENAI_DOMAIN) and host not in GLOBAL_HOSTS
+        if regional and up.get("data_residency") is False:
+            self._problem(
+                doc,
+                ("upstream", "data_residency"),
+                f"{host} is a data-residency endpoint, where OpenAI bills 10 % above the "
+                "price book's rates for models released on or after 2026-03-05: it cannot "
+                "be priced at the global rates (remove `data_residency: false`, or use "
+                "https://api.openai.com/v1)",
+            )
+        up["data_residency"] = up.get("data_residency", regional) or regional
         for seconds in ("timeout_s", "total_timeout_s"):
             if seconds in up:
                 up[seconds] = float(up[seconds])
         upstream = UpstreamSettings(**up)
+        book = self.book.at_data_residency() if upstream.data_residency else self.book
         timezone = data.get("timezone", "UTC")
         try:
             ZoneInfo(timezone)
@@ -178,7 +183,7 @@ class Builder:
             ledger_url=self._ledger_url(data.get("ledger", "sqlite:///tollgate.db")),
             timezone=timezone,
             admin_token=data.get("admin_token") or None,
-            prices=self.book,
+            prices=book,
             default_model=default_model,
             organization_budgets=self.teams.budgets(doc, ("organization", "budgets"), org),
             organization_rate_limits=self._org_rate_limits(doc, org, teams),

@@ -183,6 +183,7 @@ _DEFS: dict[str, Any] = {
                     "organization": _OPTIONAL_TEXT,
                     "project": _OPTIONAL_TEXT,
                     "max_connections": _COUNT,
+                    "data_residency": {"type": "boolean"},
                 }
             ),
             "ledger": {

@@ -121,6 +121,7 @@ def model_prices(name: str, raw: Mapping[str, Any], custom: CustomSizes) -> Mode
             accepts_input_fidelity=raw.get("input_fidelity", True) is not False,
             aliases=tuple(raw.get("aliases", ())),
             batch_rates=_batch_rates(raw.get("batch"), raw.get("rates", {}), per_image is not None),
+            released=_released(raw.get("released")),
         )
     )
 
@@ -168,7 +169,20 @@ def _batch_rates(
     return {kind: _usd(value, (*at, kind)) for kind, value in raw.items() if kind in TOKEN_KINDS}
 
 
-MAINLINE_KEYS = ("source", "effective_from", "rates", "long_context", "aliases", "batch")
+def _released(raw: Any) -> date | None:
+    """`released:`, OpenAI's release date of the model (it decides the data-residency
+    uplift); absent: unknown."""
+    if raw is None or isinstance(raw, date):
+        return raw
+    try:
+        return date.fromisoformat(str(raw))
+    except ValueError:
+        raise EntryError("`released` must be a date (YYYY-MM-DD)", ("released",)) from None
+
+
+MAINLINE_KEYS = (
+    "source", "effective_from", "released", "rates", "long_context", "aliases", "batch",
+)  # fmt: skip
 LONG_CONTEXT_KEYS = ("above_input_tokens", "rates")
 
 
@@ -196,6 +210,7 @@ def mainline_prices(name: str, raw: Mapping[str, Any]) -> MainlinePrices:
         rates=_mainline_rates(raw.get("rates"), ("rates",)),
         long_context=None if long is None else _long_context(long),
         aliases=tuple(aliases),
+        released=_released(raw.get("released")),
         batch_rates=_mainline_batch(raw.get("batch")),
     )
 

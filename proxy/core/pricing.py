@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date
 from decimal import ROUND_CEILING, Decimal
+from typing import Any
 
 from proxy.core.errors import BatchUnsupported, InvalidRequest
 from proxy.core.image_tokens import CustomSizes, TileRule, formula_tokens, parse_size
@@ -72,6 +73,9 @@ class ModelPrices:
     aliases: tuple[str, ...] = ()
     batch_rates: Mapping[TokenKind, Decimal] | None = None
     """The Batch API's rates, by kind as `rates`; None: the Batch API does not take the model."""
+    released: date | None = None
+    """OpenAI's release date of the model (None: unknown, taken as eligible for the data
+    residency uplift, see `residency_eligible`)."""
 
     @property
     def per_image_billing(self) -> bool:
@@ -318,6 +322,8 @@ class MainlinePrices:
     """`text_input`, `cached_text_input`, `text_output`."""
     long_context: LongContext | None = None
     aliases: tuple[str, ...] = ()
+    released: date | None = None
+    """As `ModelPrices.released`."""
     batch_rates: Mapping[str, Decimal] | None = None
     """The Batch API's rates, by kind as `rates`; None: a batch line naming the model is
     refused. In a batch, `long_context`'s rates are scaled by the same ratio, kind by kind
@@ -371,6 +377,51 @@ class MainlinePrices:
         return int(total.to_integral_value(ROUND_CEILING))
 
 
+DATA_RESIDENCY_FROM = date(2026, 3, 5)
+DATA_RESIDENCY_UPLIFT = Decimal("1.1")
+"""OpenAI's regional (data-residency) endpoints bill 10 % above the price book's rates for
+"eligible models released on or after 2026-03-05" (the pricing page and the data-residency
+guide, as a third party quotes them)."""
+
+
+def residency_eligible(released: date | None) -> bool:
+    """Whether a model released on `released` is billed the uplift on a regional endpoint;
+    an unknown release date is (what Tollgate cannot tell, it prices at the higher rate)."""
+    return released is None or released >= DATA_RESIDENCY_FROM
+
+
+def _uplifted(rates: Mapping[Any, Decimal]) -> dict[Any, Decimal]:
+    return {kind: rate * DATA_RESIDENCY_UPLIFT for kind, rate in rates.items()}
+
+
+def _at_residency_image(model: ModelPrices) -> ModelPrices:
+    if not residency_eligible(model.released):
+        return model
+    per_image = model.per_image
+    return replace(
+        model,
+        rates=_uplifted(model.rates),
+        batch_rates=None if model.batch_rates is None else _uplifted(model.batch_rates),
+        per_image=None
+        if per_image is None
+        else {q: _uplifted(by_size) for q, by_size in per_image.items()},
+    )
+
+
+def _at_residency_mainline(model: MainlinePrices) -> MainlinePrices:
+    if not residency_eligible(model.released):
+        return model
+    long = model.long_context
+    return replace(
+        model,
+        rates=_uplifted(model.rates),
+        batch_rates=None if model.batch_rates is None else _uplifted(model.batch_rates),
+        long_context=None
+        if long is None
+        else LongContext(long.above_input_tokens, _uplifted(long.rates)),
+    )
+
+
 @dataclass(frozen=True)
 class PriceBook:
     """Every priced model by name and alias: image models, and the Responses API's
@@ -384,6 +435,17 @@ class PriceBook:
 
     def find_mainline(self, model: str) -> MainlinePrices | None:
         return self.mainline.get(model)
+
+    def at_data_residency(self) -> PriceBook:
+        """This book as a regional (data-residency) endpoint bills: every eligible model's
+        rates (standard, batch, long context, per image) × `DATA_RESIDENCY_UPLIFT`, exact
+        Decimals, so that a cost is still rounded up once, in nano-dollars."""
+        images = {id(m): _at_residency_image(m) for m in self.models.values()}
+        mainline = {id(m): _at_residency_mainline(m) for m in self.mainline.values()}
+        return PriceBook(
+            {name: images[id(m)] for name, m in self.models.items()},
+            {name: mainline[id(m)] for name, m in self.mainline.items()},
+        )
 
     def names(self) -> tuple[str, ...]:
         """Canonical model names (aliases excluded), sorted."""

@@ -170,6 +170,10 @@ class UpstreamSettings:
     project: str | None = None
     """Replaces the client's `OpenAI-Project` header when set."""
     max_connections: int = 4096
+    data_residency: bool = False
+    """Whether the upstream is a regional (data-residency) endpoint, which bills eligible
+    models 10 % above the price book's rates: the book is then priced so
+    (`PriceBook.at_data_residency`)."""
 
     @property
     def deadline_s(self) -> float:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from proxy.core.models import Endpoint
@@ -66,6 +66,9 @@ class Entry:
     the batch ended, the day OpenAI books it on)."""
     custom_id: str | None = None
     """For a line of a batch: the line's `custom_id`."""
+    data_residency: bool = False
+    """Billed by a regional (data-residency) endpoint: its eligible models (the image
+    model's and the mainline model's tokens apart) at `catalogue.DATA_RESIDENCY_UPLIFT`."""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -77,10 +80,15 @@ class Entry:
 class BillingRecord:
     """An in-memory, append-only list of entries (cleared by `POST /_sim/reset`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, data_residency: Callable[[], bool] = lambda: False) -> None:
         self._entries: list[Entry] = []
+        self.data_residency = data_residency
+        """Whether the simulator bills as a regional endpoint (its knob), read as each
+        entry is recorded."""
 
     def append(self, entry: Entry) -> None:
+        if self.data_residency():
+            entry = replace(entry, data_residency=True)
         self._entries.append(entry)
 
     def entries(self) -> tuple[Entry, ...]:

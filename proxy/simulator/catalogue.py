@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import date
 from decimal import Decimal
 from fractions import Fraction
 from types import MappingProxyType
@@ -258,3 +259,56 @@ MAINLINE_MODELS: Mapping[str, MainlineRule] = MappingProxyType({m.name: m for m 
 
 # The tool's documented default image model (retired upstream, still simulated).
 DEFAULT_TOOL_MODEL = "gpt-image-1"
+
+# OpenAI's release dates of the simulated models (the model pages; gpt-image-2.6's from a
+# third party). chatgpt-image-latest has none (a pointer to ChatGPT's current model): it
+# is billed the uplift. A regional (data-residency) endpoint bills "eligible models released on or
+# after 2026-03-05" 10 % above their rates (a third party citing OpenAI's pricing and
+# data-residency guide), image and mainline models alike.
+DATA_RESIDENCY_FROM = date(2026, 3, 5)
+DATA_RESIDENCY_UPLIFT = Decimal("1.1")
+_GPT_IMAGE_2 = date(2026, 4, 21)
+_GPT_IMAGE_25 = date(2026, 9, 8)
+_GPT_IMAGE_15 = date(2025, 12, 16)
+_GPT_5 = date(2025, 8, 7)
+_GPT_54 = date(2026, 3, 5)
+_GPT_41 = date(2025, 4, 14)
+RELEASED: Mapping[str, date] = MappingProxyType(
+    {
+        "dall-e-2": date(2022, 11, 3),
+        "dall-e-3": date(2023, 11, 6),
+        "gpt-image-1": date(2025, 4, 23),
+        "gpt-image-1-mini": date(2025, 10, 6),
+        "gpt-image-1.5": _GPT_IMAGE_15,
+        "gpt-image-2": _GPT_IMAGE_2,
+        "gpt-image-2-2026-04-21": _GPT_IMAGE_2,
+        "gpt-image-2.5-sunburst": _GPT_IMAGE_25,
+        "gpt-image-2.5-sunburst-2026-09-08": _GPT_IMAGE_25,
+        "gpt-image-2.5-flare": _GPT_IMAGE_25,
+        "gpt-image-2.5-flare-2026-09-08": _GPT_IMAGE_25,
+        "gpt-image-2.6-sunburst": date(2026, 11, 4),
+        "gpt-image-2.6-flare": date(2026, 11, 4),
+        "gpt-4o": date(2024, 5, 13),
+        "gpt-4o-mini": date(2024, 7, 18),
+        "gpt-4.1": _GPT_41,
+        "gpt-4.1-mini": _GPT_41,
+        "gpt-4.1-nano": _GPT_41,
+        "o3": date(2025, 4, 16),
+        "gpt-5": _GPT_5,
+        "gpt-5-mini": _GPT_5,
+        "gpt-5-nano": _GPT_5,
+        "gpt-5.4": _GPT_54,
+        "gpt-5.4-mini": _GPT_54,
+        "gpt-5.4-nano": _GPT_54,
+        "gpt-5.5": date(2026, 4, 23),
+    }
+)
+
+
+def residency_uplift(model: str) -> Decimal:
+    """What a regional endpoint multiplies `model`'s rates by (1 for a model released
+    before 2026-03-05)."""
+    released = RELEASED.get(model)
+    if released is not None and released < DATA_RESIDENCY_FROM:
+        return Decimal(1)
+    return DATA_RESIDENCY_UPLIFT

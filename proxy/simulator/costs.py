@@ -18,6 +18,9 @@ quantity the tokens summed, unit `tokens`; e.g. `"batch api | gpt-image-2.5-sunb
 image"`. A per-image model would be `"batch api | <model> images"`, but the simulated
 Batch API accepts no DALL·E model. Its entries' `time` is the batch's end, so batch
 spend falls in the UTC day's bucket the batch completed (was cancelled, expired) on.
+Run as a regional (data-residency) endpoint, each model's line items are billed at
+`catalogue.residency_uplift` of its amount (x1.1 for models released on or after
+2026-03-05), names unchanged.
 A Responses line of a batch adds its image tool's items so and its mainline model's at
 the batch rate, named as directly under the prefix: `"batch api | gpt-5.5, input"`,
 `"… cached input"`, `"… output"` (no export of OpenAI's was seen for them: the
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from types import MappingProxyType
 from typing import Any
@@ -36,7 +39,7 @@ from typing import Any
 from starlette.datastructures import QueryParams
 
 from proxy.simulator.billing import Entry, MainlineUsage
-from proxy.simulator.catalogue import BATCH_RATE, MAINLINE_MODELS
+from proxy.simulator.catalogue import BATCH_RATE, MAINLINE_MODELS, residency_uplift
 
 DAY = 86_400
 DEFAULT_LIMIT = 7
@@ -123,7 +126,17 @@ def line_costs(entry: Entry) -> list[LineCost]:
     if not entry.billed:
         return []
     project = entry.headers.get("openai-project")
-    return [*_mainline_costs(entry, project), *_image_costs(entry, project)]
+    mainline, image = _mainline_costs(entry, project), _image_costs(entry, project)
+    if entry.data_residency:
+        mainline = _at_residency(mainline, entry.mainline_model)
+        image = _at_residency(image, entry.model)
+    return [*mainline, *image]
+
+
+def _at_residency(lines: list[LineCost], model: str | None) -> list[LineCost]:
+    """`lines` as a regional endpoint bills them: `model`'s uplift on each amount."""
+    uplift = residency_uplift(model or "")
+    return [replace(line, amount=line.amount * uplift) for line in lines]
 
 
 def _image_costs(entry: Entry, project: str | None) -> list[LineCost]:

@@ -30,6 +30,9 @@ class SimulatorSettings:
     """How long a batch takes from `validating` to `completed`."""
     batch_window_ms: int = DEFAULT_BATCH_WINDOW_MS
     """The simulated completion window: a batch not finalizing by then expires."""
+    data_residency: bool = False
+    """Bill as a regional (data-residency) endpoint, e.g. eu.api.openai.com: eligible models
+    at `catalogue.DATA_RESIDENCY_UPLIFT` times their rates."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,9 @@ class Knobs:
     batch_read_ms: int = 0
     """How long a batch create reads its input file before the batch exists and is
     answered: a create that outlives its client's timeout still creates the batch."""
+    data_residency: bool = False
+    """Requests billed from now on are billed as a regional endpoint bills them (a batch's
+    lines: as the knob stands when the batch ends)."""
 
     @classmethod
     def of(cls, settings: SimulatorSettings) -> Knobs:
@@ -59,11 +65,12 @@ class Knobs:
             settings.payload_bytes,
             batch_delay_ms=settings.batch_delay_ms,
             batch_window_ms=settings.batch_window_ms,
+            data_residency=settings.data_residency,
         )
 
     def updated(self, changes: dict[str, Any]) -> Knobs:
         """These knobs with `changes` applied; raises ValueError naming a bad key or value."""
-        unknown = changes.keys() - {*_COUNTS, "fault", "response_headers"}
+        unknown = changes.keys() - {*_COUNTS, "fault", "response_headers", "data_residency"}
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
 
@@ -82,6 +89,10 @@ class Knobs:
             queue_ms=count("queue_ms", self.queue_ms),
             batch_read_ms=count("batch_read_ms", self.batch_read_ms),
         )
+        if "data_residency" in changes:
+            if not isinstance(changes["data_residency"], bool):
+                raise ValueError("data_residency must be true or false")
+            knobs = replace(knobs, data_residency=changes["data_residency"])
         if "fault" in changes:
             knobs = replace(knobs, fault=parse_fault(changes["fault"]))
         if "response_headers" in changes:
@@ -103,4 +114,5 @@ class Knobs:
             "batch_window_ms": self.batch_window_ms,
             "queue_ms": self.queue_ms,
             "batch_read_ms": self.batch_read_ms,
+            "data_residency": self.data_residency,
         }

@@ -62,6 +62,9 @@ class SimulatorState:
         self.responses.settle(now, self.record)
         self.batches.settle(now, self.record, self.files)
 
+    def __post_init__(self) -> None:
+        self.record.data_residency = lambda: self.knobs.data_residency
+
     def clear(self) -> None:
         """Forget everything but the knobs (`POST /_sim/reset`)."""
         self.record.clear()
