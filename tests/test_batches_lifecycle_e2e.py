@@ -260,7 +260,10 @@ def test_a_restart_adopts_a_running_batch_and_settles_it_once(
     first = start_tollgate(tmp_path)
     simulator.configure(batch_delay_ms=4000)  # running while Tollgate restarts
     try:
-        created = create(first.client(), generations("gpt-image-2", 6))
+        # Closed before the signal: a stopping server waits for an idle connection's next
+        # request (up to its keep-alive timeout), and the batch would end meanwhile.
+        with first.client() as client:
+            created = create(client, generations("gpt-image-2", 6))
     finally:
         first.process.send_signal(stop_with)
         first.process.wait(timeout=30)

@@ -248,8 +248,10 @@ def test_admin_budgets_show_limit_spent_and_remaining(proxy: Tollgate) -> None:
     assert strict["period_end"] > answer["as_of"]
     denied = httpx.get(f"{proxy.url}/admin/budgets", headers={"authorization": "Bearer no"})
     assert denied.status_code == 401
+    ledger = ["--ledger", proxy.ledger_url] if proxy.ledger_url else []
     cli = subprocess.run(
-        [sys.executable, "-m", "proxy", "budgets", "--config", str(proxy.root), "--format", "json"],
+        [sys.executable, "-m", "proxy", "budgets", "--config", str(proxy.root), *ledger,
+         "--format", "json"],
         capture_output=True, text=True, check=True, env={**os.environ},
     )  # fmt: skip
     assert '"team": "strict"' in cli.stdout

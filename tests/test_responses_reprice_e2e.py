@@ -29,14 +29,17 @@ def test_an_adopted_background_response_settles_within_its_reservation_at_new_ra
     first = start_tollgate(tmp_path)
     simulator.configure(latency_ms=4000)  # queued while Tollgate restarts
     try:
-        queued = first.client().responses.create(
-            model="gpt-5.5",
-            input="A comet",
-            tools=[tool(quality="high")],
-            max_output_tokens=300,
-            max_tool_calls=1,
-            background=True,
-        )
+        # Closed before SIGTERM: a stopping server waits for an idle connection's next
+        # request (up to its keep-alive timeout), and the response would end meanwhile.
+        with first.client() as client:
+            queued = client.responses.create(
+                model="gpt-5.5",
+                input="A comet",
+                tools=[tool(quality="high")],
+                max_output_tokens=300,
+                max_tool_calls=1,
+                background=True,
+            )
     finally:
         simulator.configure(latency_ms=0)
         first.process.send_signal(signal.SIGTERM)
