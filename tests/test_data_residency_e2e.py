@@ -24,6 +24,7 @@ from proxy.core.models import Usage
 from proxy.simulator.billing import BilledUsage, Entry, MainlineUsage
 from proxy.simulator.costs import line_costs
 from tests.batches_e2e import (
+    GENERATIONS,
     billed_lines,
     cli,
     create,
@@ -170,14 +171,13 @@ def test_a_response_is_reserved_and_charged_as_the_regional_endpoint_bills_each_
     assert 0 <= row["cost_nanos"] - simulator_nanos(record) <= 1
 
 
-@pytest.mark.parametrize(("model", "uplift"), IMAGE_MODELS)
-def test_a_batch_line_is_bounded_and_settled_as_the_regional_endpoint_bills_it(
-    regional: tuple[Simulator, Tollgate], model: str, uplift: Decimal
-) -> None:
-    simulator, proxy = regional
-    lines = generations(model, 3)
+def run_batch(
+    simulator: Simulator, proxy: Tollgate, lines: list[dict[str, Any]], endpoint: str
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], dict[str, int]]:
+    """A batch of `lines` run to its end: its settled rows, the simulator's billing record
+    of each line and each line's bound, by `custom_id` (every line billed and settled)."""
     with proxy.client() as sdk:
-        batch = ended(sdk, create(sdk, lines).id)
+        batch = ended(sdk, create(sdk, lines, endpoint).id)
     assert batch.status == "completed"
     rows = settled_rows(proxy, batch.id)
     records = billed_lines(simulator, batch.id)
@@ -190,6 +190,16 @@ def test_a_batch_line_is_bounded_and_settled_as_the_regional_endpoint_bills_it(
         == sorted(records)
         == sorted(x["custom_id"] for x in lines)
     )
+    return rows, records, bounds
+
+
+@pytest.mark.parametrize(("model", "uplift"), IMAGE_MODELS)
+def test_a_batch_line_is_bounded_and_settled_as_the_regional_endpoint_bills_it(
+    regional: tuple[Simulator, Tollgate], model: str, uplift: Decimal
+) -> None:
+    simulator, proxy = regional
+    lines = generations(model, 3)
+    rows, records, bounds = run_batch(simulator, proxy, lines, GENERATIONS)
     for row in rows:
         record = records[row["custom_id"]]
         billed = simulator_nanos(record)
@@ -213,20 +223,7 @@ def test_a_responses_batch_line_is_bounded_and_settled_as_the_regional_endpoint_
         line(f"{mainline}-{image_model}-{i}", {**body, "input": f"a fjord, take {i}"}, RESPONSES)
         for i in range(2)
     ]
-    with proxy.client() as sdk:
-        batch = ended(sdk, create(sdk, lines, RESPONSES).id)
-    assert batch.status == "completed"
-    rows = settled_rows(proxy, batch.id)
-    records = billed_lines(simulator, batch.id)
-    bounds = {
-        r["custom_id"]: r["bound_nanos"]
-        for r in proxy.query("SELECT custom_id, bound_nanos FROM batch_lines")
-    }
-    assert (
-        sorted(r["custom_id"] for r in rows)
-        == sorted(records)
-        == sorted(x["custom_id"] for x in lines)
-    )
+    rows, records, bounds = run_batch(simulator, proxy, lines, RESPONSES)
     for row in rows:
         record = records[row["custom_id"]]
         main = _ceil(mainline_global_nanos(mainline, mainline_usage(record), True) * main_uplift)
