@@ -209,6 +209,14 @@ def test_the_largest_limit_lists_every_own_file_in_one_page(
     assert page["has_more"] is False
 
 
+def test_a_listing_carries_the_upstreams_request_id(proxy: Tollgate) -> None:
+    """As every proxied answer does: the SDK's `_request_id` is the last page read's."""
+    with proxy.client() as design:
+        page = design.files.with_raw_response.list(limit=2)
+    assert page.headers["x-request-id"].startswith("req_")
+    assert page.headers["x-tollgate-request-id"]
+
+
 def test_batches_are_listed_for_their_team_only_across_pages(
     proxy: Tollgate, upstream: Simulator
 ) -> None:

@@ -345,6 +345,7 @@ async def scoped_listing(
         after = asked.pop("after", None)
         found: list[Any] = []
         more = False
+        upstream: dict[str, str] = {}  # the last page's headers (x-request-id, rate limits)
         project = runtime.config.project_of(team.name)
         if after is None:
             walk = await runtime.ledger.owns_any(team.name, listing.kind)
@@ -363,6 +364,7 @@ async def scoped_listing(
                     return Response(
                         body, answer.status, headers={**dict(response_headers(answer)), **headers}
                     )
+                upstream = dict(response_headers(answer))
                 ids, more = page_of(body)
                 teams = await runtime.ledger.teams_of([i for i, _ in ids])
                 found += [item for i, item in ids if teams.get(i) == team.name]
@@ -383,7 +385,10 @@ async def scoped_listing(
         "last_id": found[-1]["id"] if found else None,
         "has_more": more,
     }
-    return Response(json.dumps(page).encode(), 200, media_type="application/json", headers=headers)
+    return Response(
+        json.dumps(page).encode(), 200, media_type="application/json",
+        headers={**upstream, **headers},
+    )  # fmt: skip
 
 
 def listed_query(request: Request, listing: Listing) -> dict[str, str]:
