@@ -682,15 +682,16 @@ SETTINGS_PROBLEMS = [
     ),
     ("passthrough: [/v1/Responses/x]\n", "1: passthrough[0]: '/v1/Responses/x' " + KEPT_OBJECTS),
     (
-        "passthrough: [/v1/organization/costs]\n",
-        "1: passthrough[0]: '/v1/organization/costs' would hand every team the organization's "
-        "administration (/v1/organization: its API keys, users and projects, and every team's "
-        "usage and costs)",
+        "passthrough:\n  - {path: /v1/organization, methods: [GET, POST]}\n",
+        "2: passthrough[0].path: '/v1/organization' with POST would let a team change the "
+        "whole account (the organization's API keys, users and projects, or delete its "
+        "fine-tuned models): only GET and HEAD may be passed through there",
     ),
     (
         "passthrough:\n  - {path: /v1/Models, methods: [GET, DELETE]}\n",
-        "2: passthrough[0].path: '/v1/Models' with DELETE would let a team delete the "
-        "organization's fine-tuned models: only GET and HEAD may be passed through there",
+        "2: passthrough[0].path: '/v1/Models' with DELETE would let a team change the whole "
+        "account (the organization's API keys, users and projects, or delete its fine-tuned "
+        "models): only GET and HEAD may be passed through there",
     ),
     (
         "passthrough:\n  - {path: /v1/realtime, methods: [GET, POST]}\n",

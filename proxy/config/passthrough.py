@@ -28,12 +28,10 @@ OBJECT_STORES = (
     "/v1/chatkit",
 )  # fmt: skip
 
-# The organization's administration (its API keys, users, projects and service accounts,
-# audit logs, and the usage and costs of every team): no team's business, in any method.
-ADMINISTRATION = "/v1/organization"
-
-# The models of the account, which a write deletes (a fine-tuned model, for every team).
-MODELS = "/v1/models"
+# Paths a write to which changes the whole account for every team: the organization's
+# administration (its API keys, users, projects, service accounts and rate limits) and its
+# models (a DELETE removes a fine-tuned model). Only GET and HEAD may be passed through.
+ACCOUNT_WIDE = ("/v1/organization", "/v1/models")
 
 
 def passthrough_prefixes(
@@ -85,23 +83,14 @@ def passthrough_prefixes(
                 f"{prefix!r} would show every team the objects OpenAI keeps under {store} for "
                 "the company key, which Tollgate cannot keep to the team that made each one",
             )
-        elif reaches(prefix, ADMINISTRATION):
-            _problem(
-                problems,
-                doc,
-                where,
-                f"{prefix!r} would hand every team the organization's administration "
-                f"({ADMINISTRATION}: its API keys, users and projects, and every team's usage "
-                "and costs)",
-            )
-        elif methods - READ_ONLY and reaches(prefix, MODELS):
+        elif methods - READ_ONLY and any(reaches(prefix, path) for path in ACCOUNT_WIDE):
             _problem(
                 problems,
                 doc,
                 where,
                 f"{prefix!r} with {', '.join(sorted(methods - READ_ONLY))} would let a team "
-                "delete the organization's fine-tuned models: only GET and HEAD may be passed "
-                "through there",
+                "change the whole account (the organization's API keys, users and projects, "
+                "or delete its fine-tuned models): only GET and HEAD may be passed through there",
             )
         elif any(covers(prefix, door) for door in OBJECT_PATHS):
             _problem(
