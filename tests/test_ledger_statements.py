@@ -260,9 +260,29 @@ def test_step_10_records_the_project_a_file_or_batch_was_created_under(dialect: 
 
 @pytest.mark.parametrize("dialect", [SQLITE, POSTGRES])
 def test_step_11_records_a_responses_batch_lines_mainline_model(dialect: Dialect) -> None:
-    assert len(migrations.steps(dialect)) == migrations.SCHEMA_VERSION == 11
+    assert len(migrations.steps(dialect)) == migrations.SCHEMA_VERSION >= 11
     [mainline] = migrations.steps(dialect)[10]
     assert mainline == "ALTER TABLE batch_lines ADD COLUMN mainline TEXT"  # NULL: an image line
+
+
+@pytest.mark.parametrize("dialect", [SQLITE, POSTGRES])
+def test_step_12_indexes_the_stored_objects_by_team_and_kind(dialect: Dialect) -> None:
+    assert len(migrations.steps(dialect)) == migrations.SCHEMA_VERSION == 12
+    [index] = migrations.steps(dialect)[11]
+    assert index.endswith("ON stored_objects (team, kind)")
+
+
+def test_whether_a_team_owns_any_object_is_one_lookup_in_its_index(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "t.db") as db:
+        for sql in migrations.pending(0, migrations.SQLITE):
+            db.execute(sql)
+        sql = statements(SQLITE).owns_any
+        plan = " ".join(
+            str(step[-1]) for step in db.execute(f"EXPLAIN QUERY PLAN {sql}", ("design", "file"))
+        )
+    assert "stored_objects USING COVERING INDEX stored_objects_team (team=? AND kind=?)" in plan, (
+        plan
+    )
 
 
 def test_a_repeat_reads_a_live_streams_chunks_in_order_from_its_key(tmp_path: Path) -> None:

@@ -53,6 +53,9 @@ transaction, so a ledger is never left half-way between two versions.
    11  `mainline` on batch_lines: a `/v1/responses` line's mainline model (its `model` is
        then its image tool's), which its settlement prices at batch rates; NULL for an
        image line.
+   12  an index of `stored_objects` by team and kind: a listing asks whether its team
+       owns any file or batch at all (`Ledger.owns_any`) before it reads the upstream,
+       which otherwise scanned every team's objects.
 
 The embedded SQLite ledger applies its steps when it opens. A PostgreSQL ledger shared
 by several replicas is initialised when it opens only while it is empty (none of `TABLES`
@@ -288,6 +291,7 @@ def _live_streams(d: Dialect) -> list[str]:
 HELD_PROJECTS = ["ALTER TABLE requests ADD COLUMN project TEXT"]
 OBJECT_PROJECTS = ["ALTER TABLE stored_objects ADD COLUMN project TEXT"]
 LINE_MAINLINES = ["ALTER TABLE batch_lines ADD COLUMN mainline TEXT"]
+OBJECTS_BY_TEAM = ["CREATE INDEX IF NOT EXISTS stored_objects_team ON stored_objects (team, kind)"]
 
 
 def steps(d: Dialect) -> Sequence[Sequence[str]]:
@@ -295,6 +299,7 @@ def steps(d: Dialect) -> Sequence[Sequence[str]]:
     return (
         _tables(d), ORGANIZATION_ROWS, _resolutions(d), _responses(d), _batches(d), _repeats(d),
         _rates(d), _live_streams(d), HELD_PROJECTS, OBJECT_PROJECTS, LINE_MAINLINES,
+        OBJECTS_BY_TEAM,
     )  # fmt: skip
 
 
