@@ -466,6 +466,53 @@ def test_commands_that_read_the_ledger_refuse_one_that_does_not_exist(
     assert not (tmp_path / "tollgate.db").exists() and not (tmp_path / "target.db").exists()
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["budgets"],
+        ["report", "--by", "team"],
+        ["reconcile", "--costs", "COSTS"],
+        ["ledger", "flagged"],
+        ["ledger", "copy", "--to", "sqlite:///TARGET"],
+    ],
+    ids=" ".join,
+)
+def test_commands_that_read_the_ledger_leave_an_empty_postgresql_database_empty(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """A URL naming a database (or a search path) that holds no ledger was initialised by
+    the read, and reported as a history with nothing spent. Refused as on SQLite."""
+    write_config(tmp_path, "http://127.0.0.1:9")
+    costs = tmp_path / "costs.json"
+    costs.write_text('{"object": "page", "data": [], "has_more": false}')
+    url = pg.new_schema()
+    try:
+        argv = [str(costs) if arg == "COSTS" else arg for arg in command]
+        argv = [f"sqlite:///{tmp_path / 't.db'}" if a == "sqlite:///TARGET" else a for a in argv]
+        where = (
+            ["--from", url]
+            if command[1:2] == ["copy"]
+            else ["--config", str(tmp_path), "--ledger", url]
+        )
+        done = tollgate(*argv, *where)
+        assert done.returncode == 2, done.stderr
+        assert "no ledger in the PostgreSQL database" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+        tables = pg.fetch(
+            url, "SELECT count(*) AS n FROM pg_tables WHERE schemaname = current_schema()"
+        )
+        assert tables == [{"n": 0}]
+        assert not (tmp_path / "t.db").exists()
+    finally:
+        pg.drop_schema(url)
+    migrated = pg.migrated_schema()
+    try:
+        done = tollgate("budgets", "--config", str(tmp_path), "--ledger", migrated)
+        assert done.returncode == 0, done.stderr
+    finally:
+        pg.drop_schema(migrated)
+
+
 def test_serve_and_migrate_create_the_ledger_the_readers_then_read(tmp_path: Path) -> None:
     write_config(tmp_path, "http://127.0.0.1:9")
     url = f"sqlite:///{tmp_path / 'new' / 'tollgate.db'}"

@@ -14,6 +14,7 @@ and its driver, are imported when a ledger of its kind is opened.
 
 from __future__ import annotations
 
+import asyncio
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from proxy.core.errors import LedgerError, LedgerMissing
@@ -110,20 +111,28 @@ async def open_ledger(url: str) -> Backend:
 
 
 def require_existing(url: str) -> str:
-    """`url`, for a command that only reads the ledger: a SQLite file that does not exist,
-    or holds no Tollgate ledger, raises LedgerMissing. Opening it would create an empty
-    ledger (and any missing directory) and report nothing, as if nothing had been spent.
-    `tollgate serve` and `tollgate ledger migrate` create a ledger; a PostgreSQL database
-    is created by its administrator."""
+    """`url`, for a command that only reads the ledger (called outside any event loop): a
+    SQLite file that does not exist, or a SQLite file or PostgreSQL database that holds no
+    Tollgate ledger, raises LedgerMissing. Opening it would create an empty ledger (and
+    any missing directory; on PostgreSQL, the tables in whatever schema the URL's
+    search path names) and report nothing, as if nothing had been spent. `tollgate serve`
+    and `tollgate ledger migrate` create a ledger; a PostgreSQL database itself is
+    created by its administrator."""
+    advice = (
+        "check --ledger or the configuration's `ledger` "
+        "(`tollgate serve` or `tollgate ledger migrate` creates one)"
+    )
     if url.startswith(SQLITE_SCHEME):
         from proxy.ledger.sqlite import schema_version
 
         path = url.removeprefix(SQLITE_SCHEME)
         if path != ":memory:" and schema_version(path) == 0:
-            raise LedgerMissing(
-                f"no ledger at {path}: check --ledger or the configuration's `ledger` "
-                "(`tollgate serve` or `tollgate ledger migrate` creates one)"
-            )
+            raise LedgerMissing(f"no ledger at {path}: {advice}")
+    elif url.startswith(POSTGRES_SCHEMES):
+        from proxy.ledger.postgres import version_of
+
+        if asyncio.run(version_of(url)) == 0:
+            raise LedgerMissing(f"no ledger in the PostgreSQL database {redacted(url)}: {advice}")
     return url
 
 

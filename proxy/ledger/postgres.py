@@ -385,6 +385,21 @@ async def migrate(url: str) -> tuple[int, int]:
         await shared.close()
 
 
+async def version_of(url: str) -> int:
+    """The schema version of the ledger at `url` (0: the database holds none), without
+    initialising an empty database as opening it would."""
+    shared = PostgresLedger(url)
+    await shared.db.connect()
+    try:
+        return await shared.version()
+    except LedgerUnavailable as exc:
+        raise LedgerUnavailable(
+            f"cannot reach the PostgreSQL ledger {shared.name}: {exc.__cause__ or exc}"
+        ) from exc
+    finally:
+        await shared.close()
+
+
 def _values(found: Any) -> tuple[Any, ...] | None:
     return tuple(found) if found is not None else None
 
