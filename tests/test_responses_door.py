@@ -201,9 +201,9 @@ def test_images_in_a_function_call_output_are_in_the_bound(config: Config) -> No
     assert len(parsed.request.images) == 2
     assert parsed.text_bytes == len(raw) - len(image)
     variant = DOOR.admit(team(config), parsed, config)
-    assert variant.base.usage.mainline_input == (
-        len(raw) - len(image) + HIDDEN_INPUT_TOKENS + 2 * MAINLINE_IMAGE_TOKENS
-    )
+    context = len(raw) - len(image) + HIDDEN_INPUT_TOKENS + 2 * MAINLINE_IMAGE_TOKENS
+    # One call: sampled twice, the second time with what it wrote and the image made.
+    assert variant.base.usage.mainline_input == 2 * context + 100 + MAINLINE_IMAGE_TOKENS
 
 
 def test_a_json_body_is_required(config: Config) -> None:
@@ -267,8 +267,11 @@ def test_the_bound_covers_the_mainline_model_and_every_tool_call(config: Config)
     assert parsed.text_bytes == text_bytes
     mainline = config.prices.find_mainline("gpt-5.5")
     assert mainline is not None
+    context = text_bytes + HIDDEN_INPUT_TOKENS + 3 * MAINLINE_IMAGE_TOKENS + 700
+    # Two calls: three samplings, each reading the context; the second and third also
+    # what was written before (at most max_output_tokens) and the 1, then 2, images made.
     base = Usage(
-        mainline_input=text_bytes + HIDDEN_INPUT_TOKENS + 3 * MAINLINE_IMAGE_TOKENS + 700,
+        mainline_input=3 * context + 2 * 1000 + (1 + 2) * MAINLINE_IMAGE_TOKENS,
         mainline_output=1000,
     )
     assert variant.base.usage == base

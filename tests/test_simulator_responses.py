@@ -115,8 +115,12 @@ def test_usage_is_the_mainline_models_and_tool_usage_the_image_token_rules(sim: 
     )
     usage, image_gen = response.usage, response.tool_usage
     assert usage is not None and image_gen is not None
-    expected_input = text_tokens("Be brief.") + text_tokens(prompt)
+    context = text_tokens("Be brief.") + text_tokens(prompt)
     expected_output = REASONING_TOKENS + text_tokens(prompt) + text_tokens(answer_text(1))
+    # Sampled twice (the call, then the answer): the second sampling reads the context
+    # again, with the call's prompt and the reasoning it wrote, and the image it made.
+    again = context + text_tokens(prompt) + REASONING_TOKENS + MAINLINE_IMAGE_TOKENS
+    expected_input = context + again
     assert (usage.input_tokens, usage.input_tokens_details.cached_tokens) == (expected_input, 0)
     assert usage.output_tokens == expected_output
     assert usage.output_tokens_details.reasoning_tokens == REASONING_TOKENS
@@ -195,7 +199,9 @@ def test_input_images_make_an_edit_billed_as_image_input_to_both_models(sim: Sim
     [call] = images_of(response)
     assert call.action == "edit"
     assert response.usage is not None and response.tool_usage is not None
-    assert response.usage.input_tokens == text_tokens("Make it blue") + MAINLINE_IMAGE_TOKENS
+    context = text_tokens("Make it blue") + MAINLINE_IMAGE_TOKENS
+    again = context + text_tokens("Make it blue") + MAINLINE_IMAGE_TOKENS  # and the image made
+    assert response.usage.input_tokens == context + again
     reference = image_input_tokens(1024, 1024, high_fidelity=True)  # gpt-image-2: always high
     assert response.tool_usage.image_gen.input_tokens_details.image_tokens == reference
     assert sim.last()["image_count"] == 1

@@ -8,7 +8,9 @@ The bound reserved before it is sent covers both:
                      tool's hidden instructions (`HIDDEN_INPUT_TOKENS`), each image in its
                      context at `MAINLINE_IMAGE_TOKENS` (`OWN_IMAGE_TOKENS` for a model
                      that bills images dearer), and the tokens of the response
-                     it continues (`previous_response_id`), which OpenAI bills again
+                     it continues (`previous_response_id`), which OpenAI bills again;
+                     read again at each of its `max_tool_calls` + 1 samplings, with what
+                     it wrote and the images the calls made so far (`mainline_bound`)
     mainline output  `max_output_tokens` (reasoning included)
     images           `max_tool_calls` calls of the tool, each billed as one image of its
                      model, quality and size (with its partial images when streamed), its
@@ -266,14 +268,25 @@ class ResponsesDoor:
 
 
 def mainline_bound(parsed: ResponseBody, mainline: MainlinePrices) -> Estimate:
-    """The most the mainline model can bill for `parsed`."""
-    images = len(parsed.request.images)
+    """The most the mainline model can bill for `parsed`.
+
+    With up to c image calls, the mainline model may sample c + 1 times: once before each
+    call and once after the last, to answer. OpenAI's usage sums its samplings, and each
+    reads the whole context again: the request (its text, the tool's instructions, its
+    images, the response it continues), what the samplings before it wrote (never more
+    than `max_output_tokens` in all) and the images the calls before it made (sampling k
+    sees k of them)."""
+    calls = parsed.request.n if parsed.tool is not None else 0
     per_image = OWN_IMAGE_TOKENS.get(mainline.name, MAINLINE_IMAGE_TOKENS)
-    usage = Usage(
-        mainline_input=parsed.text_bytes
+    context = (
+        parsed.text_bytes
         + HIDDEN_INPUT_TOKENS
-        + images * per_image
-        + parsed.context_tokens,
+        + len(parsed.request.images) * per_image
+        + parsed.context_tokens
+    )
+    made = calls * (calls + 1) // 2
+    usage = Usage(
+        mainline_input=(calls + 1) * context + calls * parsed.max_output_tokens + made * per_image,
         mainline_output=parsed.max_output_tokens,
     )
     return Estimate(usage, mainline.cost(usage))

@@ -58,8 +58,10 @@ class StoredResponse:
 
 
 def cancelled_tokens(tokens: ResponseTokens) -> ResponseTokens:
-    """What a response cancelled before its end bills: the mainline input only."""
-    mainline = MainlineUsage(input=tokens.mainline.input, cached_input=tokens.mainline.cached_input)
+    """What a response cancelled before its end bills: the input its first sampling read,
+    and nothing else."""
+    read = tokens.mainline.input if tokens.first_input is None else tokens.first_input
+    mainline = MainlineUsage(input=read, cached_input=min(tokens.mainline.cached_input, read))
     return ResponseTokens(mainline, BilledUsage(), "", incomplete=False)
 
 

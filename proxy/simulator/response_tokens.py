@@ -6,7 +6,11 @@ Mainline tokens (top-level `usage`):
             rule), plus the previous response's
             input and output tokens, which OpenAI bills again as input; of those carried
             tokens, `cached_tokens` reports the part prompt caching would hit (128-token
-            steps, from 1024 tokens on)
+            steps, from 1024 tokens on). With k image calls the model samples k + 1
+            times (before each call and once to answer), and the usage sums them: each
+            sampling after the first reads that context again, with what the samplings
+            before it wrote (each call's prompt, the reasoning) and the images the calls
+            before it made, at the image rule (the dearer reading of OpenAI's silence)
     output  the answer text's tokens, the revised prompt's tokens per image call (the
             model writes the call), and REASONING_TOKENS for reasoning models
             (`output_tokens_details.reasoning_tokens`)
@@ -48,6 +52,9 @@ class ResponseTokens:
     answer: str
     """The answer text, cut when `max_output_tokens` is reached."""
     incomplete: bool
+    first_input: int | None = None
+    """The first sampling's input (what a response cancelled before it ended had read);
+    None: all of `mainline.input`."""
 
 
 def answer_text(calls: int) -> str:
@@ -92,13 +99,22 @@ def tokens_of(order: ResponseOrder, carried: int = 0) -> ResponseTokens:
         answer, output = answer[: room * 4], order.max_output_tokens
     per_image = order.model.image_tokens or MAINLINE_IMAGE_TOKENS
     own = sum(text_tokens(t) for t in order.texts) + per_image * len(order.images)
+    made = order.image_calls if order.tool else 0
+    # Sampling j (from 1) after j image calls reads the context again, with what the
+    # samplings before it wrote (never more than the response's output) and the j images
+    # the calls made.
+    prompt = text_tokens(order.revised_prompt) if made else 0
+    again = sum(
+        own + carried + min(j * prompt + reasoning, output) + j * per_image
+        for j in range(1, made + 1)
+    )
     mainline = MainlineUsage(
-        input=own + carried,
+        input=own + carried + again,
         cached_input=cached_tokens(carried),
         output=output,
         reasoning=reasoning,
     )
-    return ResponseTokens(mainline, image_gen_usage(order), answer, incomplete)
+    return ResponseTokens(mainline, image_gen_usage(order), answer, incomplete, own + carried)
 
 
 def failed_tokens(tokens: ResponseTokens) -> ResponseTokens:
