@@ -38,8 +38,9 @@ __all__ = ["calm", "proxy"]  # the shared fixtures
     [
         ({"conversation": "conv_123"}, "conversation"),
         ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"reasoning": {"mode": "pro"}}, "reasoning.mode"),
     ],
-    ids=["conversation", "web_search"],
+    ids=["conversation", "web_search", "pro_mode"],
 )
 def test_what_cannot_be_bounded_is_refused_in_openais_shape(
     proxy: Tollgate, simulator: Simulator, options: dict[str, Any], param: str
