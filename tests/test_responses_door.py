@@ -147,6 +147,15 @@ def test_a_tool_without_model_gets_the_default_model(config: Config) -> None:
             {"input": [{"type": "reasoning", "id": "rs_1", "summary": []}]},
             "input[0].encrypted_content",
         ),
+        # Empty, it carries no reasoning: only the id is left, which the upstream would read.
+        (
+            {
+                "input": [
+                    {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": ""}
+                ]
+            },
+            "input[0].encrypted_content",
+        ),
         ({"input": [{"role": "tool", "content": "hi"}]}, "input[0].role"),
         # OpenAI's guide continues an image by its call's id alone: the upstream then reads
         # the stored image, whichever team's it is.
