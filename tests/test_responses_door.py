@@ -147,6 +147,15 @@ def test_a_tool_without_model_gets_the_default_model(config: Config) -> None:
             {"input": [{"type": "reasoning", "id": "rs_1", "summary": []}]},
             "input[0].encrypted_content",
         ),
+        # Empty, it carries no reasoning: only the id is left, which the upstream would read.
+        (
+            {
+                "input": [
+                    {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": ""}
+                ]
+            },
+            "input[0].encrypted_content",
+        ),
         ({"input": [{"role": "tool", "content": "hi"}]}, "input[0].role"),
         # OpenAI's guide continues an image by its call's id alone: the upstream then reads
         # the stored image, whichever team's it is.
@@ -159,6 +168,16 @@ def test_a_tool_without_model_gets_the_default_model(config: Config) -> None:
         (
             {"input": [{"type": "function_call", "id": "fc_1", "call_id": "c", "name": "f"}]},
             "input[0].arguments",
+        ),
+        # Pro mode bills the aggregated work of its runs, not one run's input and output.
+        ({"reasoning": {"mode": "pro", "effort": "high"}}, "reasoning.mode"),
+        ({"reasoning": {"mode": "deep"}}, "reasoning.mode"),
+        ({"reasoning": "high"}, "reasoning"),
+        # Every earlier turn's reasoning rendered again as input: the response continued
+        # holds only its own (earlier turns' reasoning was dropped from its context).
+        (
+            {"previous_response_id": "resp_1", "reasoning": {"context": "all_turns"}},
+            "reasoning.context",
         ),
         ({"max_tool_calls": 11}, "max_tool_calls"),
         ({"max_output_tokens": "9"}, "max_output_tokens"),
@@ -174,6 +193,25 @@ def test_what_tollgate_cannot_bound_is_refused_with_a_400(
         parse(config, body(**fields))
     assert caught.value.status == 400
     assert caught.value.param == param
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"reasoning": {"mode": "standard", "effort": "max", "summary": "auto"}},
+        {"reasoning": {"context": "all_turns"}},
+        {"previous_response_id": "resp_1", "reasoning": {"context": "current_turn"}},
+        {"previous_response_id": "resp_1", "reasoning": {"context": "auto"}},
+    ],
+)
+def test_reasoning_that_stays_within_the_bound_is_forwarded(
+    config: Config, fields: dict[str, Any]
+) -> None:
+    """Standard mode's reasoning is output, within `max_output_tokens`; without an earlier
+    turn stored upstream, `all_turns` renders only the reasoning items sent, whose bytes
+    are in the bound."""
+    parsed = parse(config, body(**fields))
+    assert parsed.fields["reasoning"] == fields["reasoning"]
 
 
 def test_images_in_a_function_call_output_are_in_the_bound(config: Config) -> None:

@@ -38,8 +38,13 @@ __all__ = ["calm", "proxy"]  # the shared fixtures
     [
         ({"conversation": "conv_123"}, "conversation"),
         ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"reasoning": {"mode": "pro"}}, "reasoning.mode"),
+        (
+            {"previous_response_id": "resp_1", "reasoning": {"context": "all_turns"}},
+            "reasoning.context",
+        ),
     ],
-    ids=["conversation", "web_search"],
+    ids=["conversation", "web_search", "pro_mode", "all_turns_continued"],
 )
 def test_what_cannot_be_bounded_is_refused_in_openais_shape(
     proxy: Tollgate, simulator: Simulator, options: dict[str, Any], param: str

@@ -73,9 +73,11 @@ def read_input(value: Any) -> tuple[int, int]:
                     )
             continue
         elif kind == "reasoning":
-            if not isinstance(item.get("encrypted_content"), str):
-                # Named by its id alone, the upstream reads the reasoning it stored: tokens
-                # billed again as input that Tollgate cannot see, so cannot bound.
+            encrypted = item.get("encrypted_content")
+            if not isinstance(encrypted, str) or not encrypted:
+                # Named by its id alone (an empty encrypted_content carries no reasoning), the
+                # upstream reads the reasoning it stored, whichever team's: tokens billed
+                # again as input that Tollgate cannot see, so cannot bound.
                 raise InvalidRequest(
                     f"Tollgate does not forward a reasoning item without its "
                     f"'encrypted_content' ('{param}'): the upstream would read the reasoning "

@@ -24,8 +24,8 @@ bound is forwarded: the function tool (its calls are the client's) and the image
 message, function-call (with their outputs), reasoning (with its `encrypted_content`)
 and image-call (with its `result`) input items, text and image content; anything else
 (file inputs, item references, reasoning or image calls named by their id alone, other
-hosted tools, `conversation`, reusable prompts) is refused with a 400 that says so. The
-body sent upstream is re-encoded from this parse.
+hosted tools, `conversation`, reusable prompts, reasoning beyond one standard run) is
+refused with a 400 that says so. The body sent upstream is re-encoded from this parse.
 """
 
 from __future__ import annotations
@@ -321,6 +321,7 @@ def read_body(fields: dict[str, Any], size: int, default_model: str, team: Team)
             f"book. Use one of {', '.join(SERVICE_TIERS)}.",
             param="service_tier",
         )
+    _reasoning(fields)
     image_data, input_images = read_input(fields.get("input"))
     if "instructions" in fields and not isinstance(fields["instructions"], str):
         raise InvalidRequest(
@@ -409,6 +410,38 @@ def _user(fields: Mapping[str, Any]) -> str | None:
         if isinstance(value, str) and value:
             return value
     return None
+
+
+def _reasoning(fields: Mapping[str, Any]) -> None:
+    """The reasoning options the bound covers: reasoning is output, within
+    `max_output_tokens`, and what earlier turns reasoned is in the context carried only as
+    far as the response continued held it."""
+    reasoning = fields.get("reasoning")
+    if reasoning is None:
+        return
+    if not isinstance(reasoning, dict):
+        raise InvalidRequest("Invalid type for 'reasoning': expected an object.", param="reasoning")
+    mode = reasoning.get("mode")
+    if mode is not None and mode != "standard":
+        raise InvalidRequest(
+            f"Tollgate does not forward reasoning.mode={mode!r}: it bills the aggregated work "
+            "of the mode's runs, which Tollgate's bound (one run: its input once, its output "
+            "within max_output_tokens) does not cover. Leave reasoning.mode out, or set it "
+            "to 'standard'.",
+            param="reasoning.mode",
+        )
+    if reasoning.get("context") == "all_turns" and "previous_response_id" in fields:
+        # The response continued dropped the reasoning of the turns before its own from its
+        # context, so its tokens (the context carried into the bound) do not hold it; with
+        # `all_turns` OpenAI renders it all again, billed as input.
+        raise InvalidRequest(
+            "Tollgate does not forward reasoning.context='all_turns' with "
+            "previous_response_id: it renders the reasoning of every earlier turn again as "
+            "input, which the response continued does not hold, so Tollgate cannot bound it. "
+            "Use 'current_turn', or send the turns' reasoning items (with their "
+            "encrypted_content) in 'input'.",
+            param="reasoning.context",
+        )
 
 
 def _flag(fields: Mapping[str, Any], name: str) -> bool:
