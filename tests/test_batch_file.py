@@ -106,6 +106,16 @@ def test_every_bad_line_is_listed_with_its_number(config: Config) -> None:
     assert "differs from the file's first line" in text
 
 
+def test_a_line_naming_an_end_user_id_past_its_length_is_refused(config: Config) -> None:
+    # Its billed line would name counters the ledger cannot key: the batch, once billed by
+    # OpenAI, could never be settled, and its reservation would be held for good.
+    data = line("a", user="bob") + b"\n" + line("b", user="x" * 257) + b"\n"
+    batch, _ = read(config, data)
+    assert not batch.ok
+    assert [p.split(":")[0] for p in batch.problems] == ["line 2"]
+    assert "'user': string too long" in batch.report()
+
+
 def test_the_teams_policy_refuses_lines_it_would_change(config: Config) -> None:
     batch, _ = read(
         config, line("hi", quality="high") + b"\n" + line("m", model="gpt-image-1"), "strict"

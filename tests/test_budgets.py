@@ -296,6 +296,29 @@ def test_timestamp_in_the_repeated_hour_belongs_to_its_local_day() -> None:
     assert w.end == datetime(2026, 11, 2, 5, tzinfo=UTC).timestamp()
 
 
+@pytest.mark.parametrize(
+    ("name", "midnight", "periods"),
+    [
+        # Havana turns 01:00 CDT back to 00:00 CST on 1 November 2026, the Azores 00:00 to
+        # 23:00 on 25 October: both 00:30s of that day are the day's (and the month's).
+        ("America/Havana", datetime(2026, 11, 1, 4, tzinfo=UTC), ("day", "month")),
+        ("Atlantic/Azores", datetime(2026, 10, 25, 0, tzinfo=UTC), ("day", "week")),
+    ],
+)
+def test_a_repeated_hour_after_midnight_belongs_to_the_window_of_the_first_midnight(
+    name: str, midnight: datetime, periods: tuple[Period, ...]
+) -> None:
+    tz = ZoneInfo(name)
+    first = midnight.timestamp() + 1800
+    for period in periods:
+        windows = {window(period, first + hours * 3600, tz) for hours in (-0.25, 0, 1, 2, 12)}
+        assert len(windows) == 1, period
+        (w,) = windows
+        if period != "week":
+            assert w.start == midnight.timestamp()
+        assert window(period, w.start - 1, tz).end == w.start
+
+
 def test_week_and_month_windows_across_dst_lose_an_hour() -> None:
     tz = ZoneInfo("America/New_York")
     week = window("week", ts("America/New_York", 2026, 3, 10), tz)

@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 
 from proxy.core.errors import LedgerError, LedgerUnavailable
+from proxy.core.image_params import MAX_USER_CHARS
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
 from proxy.ledger import migrate_ledger, migrations, open_ledger, settle_patiently
 from proxy.ledger.base import Chooser, Flagged, Owner, Reservation
@@ -135,6 +136,19 @@ async def test_reserve_adds_the_estimate_to_its_counters(ledger: AnyLedger) -> N
             total_tokens=7044,
         )
     assert totals[RESEARCH_DAY] == Totals()
+
+
+async def test_a_user_of_the_longest_id_a_request_may_name_keys_its_counters(
+    ledger: AnyLedger,
+) -> None:
+    # The longest end-user id of the longest UTF-8 characters, of a team of the longest name:
+    # within what PostgreSQL indexes of a counter's key (a longer one was refused there).
+    team = "t" * 64
+    user = "".join(chr(0x10000 + i * 7919 % 50000) for i in range(MAX_USER_CHARS))
+    counters = (Counter("team", team, "", "day", 0.0), Counter("user", team, user, "day", 0.0))
+    await ledger.reserve([], take("r1", counters=counters))
+    totals = await ledger.totals(list(counters))
+    assert [t.reserved_nanos for t in totals.values()] == [500_000_000] * 2
 
 
 async def test_reserve_shows_the_chooser_the_totals_it_reads(ledger: AnyLedger) -> None:

@@ -117,6 +117,17 @@ def test_safety_identifier_takes_precedence_over_user(fields: dict[str, str], us
     assert generations({"prompt": "x", **fields}).request.user == user
 
 
+@pytest.mark.parametrize("name", ["user", "safety_identifier"])
+def test_an_end_user_id_past_its_length_is_refused_before_it_names_a_budget(name: str) -> None:
+    # Incompressible 3-byte characters: 15 kB, past what PostgreSQL indexes in a counter's key.
+    long = "".join(chr(0x4E00 + i * 7919 % 20000) for i in range(5000))
+    with pytest.raises(InvalidRequest) as caught:
+        generations({"prompt": "x", name: long})
+    assert caught.value.param == name
+    assert "maximum length 256" in str(caught.value)
+    assert generations({"prompt": "x", name: "\U0001f600" * 256}).request.user is not None
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
     [

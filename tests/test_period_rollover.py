@@ -53,3 +53,41 @@ on_exhausted: reject
         assert third.status_code == 200, third.text
         remaining = Decimal(third.headers["x-tollgate-budget-remaining-usd"])
         assert remaining == Decimal("0.007") - Decimal(third.headers["x-tollgate-cost-usd"])
+
+
+def test_a_day_budget_holds_through_an_hour_repeated_after_local_midnight(
+    tmp_path: Path,
+) -> None:
+    """Havana turns its clocks back from 01:00 to 00:00: midnight happens twice on that day,
+    and the repeated hour is still the same day, counted in the same window."""
+    write_config(tmp_path, "http://simulated/v1", settings="timezone: America/Havana\n", teams={
+        "night": f"""
+name: night
+keys:
+  - {{id: k, sha256: {key_hash(KEY)}}}
+budgets:
+  - {{period: day, limit_usd: 0.007}}
+  - {{period: month, limit_usd: 0.007}}
+on_exhausted: reject
+""",
+    })  # fmt: skip
+    havana = ZoneInfo("America/Havana")
+    first_pass = datetime(2026, 11, 1, 0, 30, tzinfo=havana)  # 00:30 CDT, 04:30 UTC
+    now = [first_pass.timestamp()]
+    simulator = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY))
+    app = create_app(
+        load_config(tmp_path),
+        Overrides(transport=httpx.ASGITransport(app=simulator), clock=lambda: now[0]),
+        tmp_path,
+    )
+    headers = {"authorization": f"Bearer {KEY}"}
+    with TestClient(app) as client:
+        first = client.post("/v1/images/generations", json=BODY, headers=headers)
+        assert first.status_code == 200, first.text
+        now[0] += 3600  # 00:30 again, CST now (05:30 UTC): the same day and month
+        assert datetime.fromtimestamp(now[0], havana).replace(tzinfo=None) == datetime(
+            2026, 11, 1, 0, 30
+        )
+        second = client.post("/v1/images/generations", json=BODY, headers=headers)
+        assert second.status_code == 429, second.text[:200]
+        assert "resets at 2026-11-02T00:00-05:00" in second.json()["error"]["message"]

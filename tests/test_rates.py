@@ -160,6 +160,18 @@ def test_days_turn_in_the_configured_time_zone() -> None:
     assert plan.checks[0].end - start == 86400
 
 
+def test_a_day_whose_clocks_turn_back_to_midnight_keeps_one_count() -> None:
+    # Havana, 1 November 2026: 00:30 CDT (04:30 UTC), then 00:30 again in CST an hour later.
+    cfg = config((team("a", RateLimit("day", "requests", 1)),), timezone="America/Havana")
+    first = 1_793_507_400.0
+    slots = set()
+    for later in (0.0, 3600.0, 7200.0):
+        plan = rates.plan(cfg, cfg.teams[0], first + later)
+        assert plan is not None
+        slots.add((plan.checks[0].slot.key, plan.checks[0].slot.start))
+    assert len(slots) == 1
+
+
 def test_a_limit_of_one_model_counts_only_that_models_requests() -> None:
     cfg = config((team("a", RateLimit("minute", "images", 1, model="gpt-image-1.5")),))
     store = Store()

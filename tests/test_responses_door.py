@@ -104,6 +104,16 @@ def test_per_user_budgets_count_the_safety_identifier_else_the_user(config: Conf
     assert parse(config, body()).request.user is None
 
 
+@pytest.mark.parametrize("name", ["user", "safety_identifier"])
+def test_an_end_user_id_past_its_length_is_refused_even_when_the_other_is_counted(
+    config: Config, name: str
+) -> None:
+    other = "safety_identifier" if name == "user" else "user"
+    with pytest.raises(InvalidRequest) as caught:
+        parse(config, body(**{name: "u" * 257, other: "ana"}))
+    assert caught.value.param == name
+
+
 def test_a_tool_without_model_gets_the_default_model(config: Config) -> None:
     parsed = parse(config, body(tools=[{"type": "image_generation"}]))
     assert not DOOR.names_model(parsed)

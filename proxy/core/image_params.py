@@ -25,6 +25,12 @@ priced or recorded (a 64-bit ledger column overflows at 2**63)."""
 AUTO = "auto"
 DIGITS = re.compile(r"[0-9]+", re.ASCII)
 UNSAFE_CHARS = re.compile("[\x00\ud800-\udfff]")
+USER_PARAMS = ("safety_identifier", "user")
+"""Who a request is for, in the order the per-user budgets read them."""
+MAX_USER_CHARS = 256
+"""The longest end-user id: a hashed id needs 64 characters. The id names the user's budget
+counters, a key of the ledger's index (PostgreSQL refuses an index row of more than 8 KiB:
+a longer id could never be counted, and a batch line naming one could never be settled)."""
 
 Kind = Literal["text", "integer", "boolean"]
 
@@ -100,6 +106,16 @@ def check_text(text: str, name: str) -> None:
         )
 
 
+def check_user(value: str, name: str) -> None:
+    """Refuse an end-user id (`user`, `safety_identifier`) longer than `MAX_USER_CHARS`."""
+    if len(value) > MAX_USER_CHARS:
+        raise InvalidRequest(
+            f"Invalid '{name}': string too long. Expected a string with maximum length "
+            f"{MAX_USER_CHARS}, but got a string with length {len(value)} instead.",
+            param=name,
+        )
+
+
 def typed_fields(
     given: Mapping[str, Any], endpoint: Endpoint, *, multipart: bool
 ) -> dict[str, Scalar]:
@@ -122,6 +138,8 @@ def typed_fields(
                     f"{', '.join(param.choices)}.",
                     param=name,
                 )
+            if name in USER_PARAMS:
+                check_user(value, name)
             fields[name] = value
     size = fields.get("size")
     if isinstance(size, str) and size != AUTO and parse_size(size) is None:

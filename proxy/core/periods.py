@@ -55,7 +55,10 @@ def _window_of_minute(period: Period, minute: int, tz: ZoneInfo) -> Window:
 
 def _window_of(period: Period, now: float, tz: ZoneInfo) -> Window:
     local = datetime.fromtimestamp(now, tz)
-    day = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    # The day's first midnight (fold 0): where clocks turn back to midnight (Havana, 01:00 to
+    # 00:00), an instant of the repeated hour keeps fold 1, which would name the second
+    # midnight and start a window of its own within the same day.
+    day = local.replace(hour=0, minute=0, second=0, microsecond=0, fold=0)
     if period == "day":
         start, end = day, day + timedelta(days=1)
     elif period == "week":

@@ -39,7 +39,7 @@ from zoneinfo import ZoneInfo
 
 from proxy.core.budgets import Decision, Variant, apply_allow, decide, priced
 from proxy.core.errors import InvalidRequest, PolicyViolation, UnpricedModel
-from proxy.core.image_params import MAX_INTEGER
+from proxy.core.image_params import MAX_INTEGER, USER_PARAMS, check_user
 from proxy.core.models import Counter, Endpoint, Estimate, ImageRequest, InputImage, Totals, Usage
 from proxy.core.parsing import json_object
 from proxy.core.periods import Applied
@@ -405,11 +405,13 @@ def read_body(fields: dict[str, Any], size: int, default_model: str, team: Team)
 
 def _user(fields: Mapping[str, Any]) -> str | None:
     """Who per-user budgets count the request against: `safety_identifier`, else `user`."""
-    for name in ("safety_identifier", "user"):
+    found = None
+    for name in USER_PARAMS:
         value = fields.get(name)
         if isinstance(value, str) and value:
-            return value
-    return None
+            check_user(value, name)
+            found = found or value
+    return found
 
 
 def _reasoning(fields: Mapping[str, Any]) -> None:
