@@ -21,12 +21,16 @@ sent a byte left a process limited to 700 descriptors unable to accept even `/he
   closed under a client that may be sending on it: a request in flight, or the next one
   on an idle connection, is answered with `Connection: close` and its connection closed
   after the answer; an idle connection that gets no request closes as any does (uvicorn's
-  keep-alive timeout, or the header deadline of one that never sent a request).
+  keep-alive timeout, or the header deadline of one that never sent a request);
+- bytes the HTTP parser refuses (`Content-Length` with `Transfer-Encoding`, a malformed
+  chunk, a header line) are answered 400 in OpenAI's error shape, not uvicorn's plain
+  text, after the answers of the requests read before them, and the connection closed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import resource
 from typing import Any, cast
 
@@ -34,8 +38,16 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from proxy.core.errors import InvalidRequest
 from proxy.core.settings import Limits
 
+UNREADABLE = InvalidRequest(
+    "Tollgate could not read this request as HTTP/1.1 (for example: Content-Length together "
+    "with Transfer-Encoding, a malformed chunk, or a header line no HTTP parser accepts); "
+    "the connection is closed."
+)
+"""The answer to bytes the HTTP parser refuses: uvicorn's is plain text."""
+UNREADABLE_BODY = json.dumps(UNREADABLE.body()).encode()
 OVER_CAPACITY = "tollgate.over_capacity"
 """Set in the scope of a request that came on a connection past `max_connections`."""
 
@@ -117,6 +129,8 @@ class GuardedProtocol(HttpToolsProtocol):
         self.headers_due: asyncio.TimerHandle | None = None
         """Armed while the connection waits for a request's headers: it is idle."""
         self.over_capacity = False
+        self.refused = False
+        """Bytes the HTTP parser refused await their 400 after the answers in progress."""
         self.draining = False
         """The server is stopping: each answer from now on closes its connection."""
 
@@ -153,9 +167,43 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self.refused and self.cycle.response_complete:
+            self._refuse()  # the answers of the requests read before it are out
         # Idle again unless a pipelined request was started (its headers are in).
         if self.cycle.response_complete and not self.transport.is_closing():
             self._expect_headers()
+
+    def send_400_response(self, msg: str) -> None:
+        """Answer bytes the HTTP parser refuses (uvicorn's 400, in plain text) with a 400 in
+        OpenAI's error shape, and close the connection.
+
+        Not in the middle of another answer: when requests read before those bytes (a
+        request whose body came whole, then garbage pipelined after it) are still being
+        answered, their answers go first, and the 400 once they are out. uvicorn wrote its
+        400 at once and closed: the team's client got it for a request that was forwarded
+        and billed, and never got that request's answer (or got the 400 inside it). A
+        request whose own body cannot be read, and whose answer has not started, is
+        refused at once: it can never be answered otherwise."""
+        cycle = self.cycle
+        answering = cycle is not None and not cycle.response_complete
+        if answering and (not cycle.more_body or cycle.response_started):
+            self.refused = True
+            return
+        self._refuse()
+
+    def _refuse(self) -> None:
+        self.refused = False
+        if self.transport.is_closing():
+            return
+        head = [b"HTTP/1.1 400 Bad Request\r\n"]
+        for name, value in self.server_state.default_headers:
+            head.append(b"%s: %s\r\n" % (name, value))
+        head.append(
+            b"content-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n" % len(UNREADABLE_BODY)
+        )
+        self.transport.write(b"".join(head) + UNREADABLE_BODY)
+        self.transport.close()
 
     def _expect_headers(self) -> None:
         if self.headers_due is None:
