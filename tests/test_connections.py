@@ -11,6 +11,7 @@ from uvicorn.server import ServerState
 
 from proxy.core.settings import Limits
 from proxy.web.connections import (
+    MAX_HEADER_BYTES,
     OVER_CAPACITY,
     GuardedProtocol,
     ServerConfig,
@@ -261,6 +262,53 @@ async def test_a_request_whose_own_body_cannot_be_read_is_refused_at_once() -> N
     await reading.wait()
     protocol.data_received(b"zz\r\n")
     assert refusal(transport.written)["code"] == "invalid_request"
+    assert transport.closed
+
+
+async def test_headers_past_the_bound_get_a_431_and_the_connection_closes() -> None:
+    # httptools bounds no header: an endless one was held, and copied whole at each read.
+    protocol, transport = connect(*server(Recorder(), 10))
+    protocol.data_received(b"GET /healthz HTTP/1.1\r\nhost: t\r\nx-pad: ")
+    for _ in range(MAX_HEADER_BYTES // 4096 + 1):
+        protocol.data_received(b"a" * 4096)
+        if transport.closed:
+            break
+    assert transport.written.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+    assert refusal(transport.written)["code"] == "request_too_large"
+    assert transport.closed
+
+
+async def test_headers_within_the_bound_are_served_however_they_arrive() -> None:
+    app = Recorder()
+    protocol, transport = connect(*server(app, 10))
+    for _ in range(2):  # the count starts again with each request
+        protocol.data_received(b"GET /healthz HTTP/1.1\r\nhost: t\r\nx-pad: ")
+        for _ in range(MAX_HEADER_BYTES // 4096 - 1):
+            protocol.data_received(b"a" * 4096)
+        protocol.data_received(b"\r\n\r\n")
+    await answered(app, 2)
+    assert re.findall(rb"HTTP/1.1 (\d{3}) ", transport.written) == [b"200", b"200"]
+    assert not transport.closed
+
+
+async def test_headers_past_the_bound_after_a_request_wait_for_its_answer() -> None:
+    app = Recorder()
+    release = asyncio.Event()
+
+    async def slow(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await release.wait()
+        await app(scope, receive, send)
+
+    protocol, transport = connect(*server(app, 10))
+    protocol.app = slow  # type: ignore[assignment]
+    protocol.data_received(REQUEST + b"GET /healthz HTTP/1.1\r\nx-pad: ")
+    for _ in range(MAX_HEADER_BYTES // 4096 + 1):
+        protocol.data_received(b"a" * 4096)
+    await asyncio.sleep(0)
+    assert transport.written == b"" and not transport.closed
+    release.set()
+    await answered(app, 1)
+    assert re.findall(rb"HTTP/1.1 (\d{3}) ", transport.written) == [b"200", b"431"]
     assert transport.closed
 
 
