@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Iterable
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, NoReturn, Protocol
 
 import aiohttp
 import httpx
@@ -227,6 +227,27 @@ async def withheld(answer: Answer, coding: str, scrubber: Scrubber) -> Answer:
     raise exc
 
 
+FINAL_STATUSES = range(200, 600)
+"""The statuses of an answer that can be read and passed on: 2xx to 5xx. The HTTP client
+reads past the interim 1xx answers, but not past a 101 (an upgrade no request asked for);
+a status line may also hold any three digits (`000`, `600`, `999`), which no HTTP server
+can write back to a client."""
+
+
+async def not_final(answer: Answer) -> NoReturn:
+    """Refuse an answer whose status is not one of `FINAL_STATUSES`: neither a success that
+    can be metered nor an error to pass on. Relayed, a 101 switched the team's connection to
+    no protocol and a 600 broke off with nothing sent, each charged nothing. The request was
+    sent, and what the upstream did with it is not known: UpstreamUnavailable, which may
+    have been billed."""
+    await answer.aclose()
+    raise UpstreamUnavailable(
+        f"The upstream answered with status {answer.status}, which is not a final HTTP "
+        "answer Tollgate can read or pass on.",
+        maybe_billed=True,
+    )
+
+
 class Withheld:
     """An upstream error answer whose body is left unread: its status and headers only."""
 
@@ -323,6 +344,8 @@ class Upstream:
         except BROKEN_OFF as exc:
             scrub_message(exc, self._scrubber)
             raise
+        if answer.status not in FINAL_STATUSES:
+            await not_final(answer)
         fields = field_values(answer.headers)
         if fields is not None:
             answer = Reheaded(answer, fields)

@@ -4,6 +4,7 @@ through starlette's routes, and a fault of Tollgate's own still gets an OpenAI-s
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -12,7 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
-from starlette.requests import Request
+from starlette.datastructures import URL
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 from starlette.testclient import TestClient
 
@@ -227,3 +229,49 @@ def test_stored_chat_completions_are_never_passed_through(
         client.post("/v1/chat/completions", headers=HEADERS, json={})  # forwarded
         arrived = [a["raw_path"] for a in upstream.get("/_sim/arrivals").json()["requests"]]
         assert arrived == ["/v1/chat/completions", "/_sim/arrivals"]
+
+
+def host_built_url(self: HTTPConnection) -> URL:
+    """`request.url` as starlette made it before 1.7: the client's `Host` header, then the
+    path, read back as one URL (a `/` or `#` in the header moved the path it reads)."""
+    host = dict(self.scope["headers"]).get(b"host", b"").decode("latin-1")
+    return URL(f"http://{host}{self.scope['path']}")
+
+
+BATCH_LINE = {"method": "POST", "url": "/v1/images/generations", "body": BODY}
+
+
+def test_a_host_header_never_changes_the_path_checked_and_forwarded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The file is checked by the route's path, and was read by `request.url.path`: under
+    # starlette 1.0 to 1.6 (which `starlette>=1.0` installs), a team read another's file.
+    monkeypatch.setattr(HTTPConnection, "url", property(host_built_url))
+    other = "tg_test_gateway_other"
+    write_config(tmp_path, "http://simulated/v1", settings="passthrough: [/v1/models]\n", teams={
+        "web": f"name: web\nkeys:\n  - {{id: k, sha256: {key_hash(KEY)}}}\n",
+        "other": f"name: other\nkeys:\n  - {{id: k, sha256: {key_hash(other)}}}\n",
+    })  # fmt: skip
+    simulator = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY))
+    transport = Overrides(transport=httpx.ASGITransport(app=simulator))
+    app = create_app(load_config(tmp_path), transport, tmp_path)
+    with TestClient(app) as client, TestClient(simulator) as upstream:
+        ids = {}
+        for name, key in (("mine", KEY), ("theirs", other)):
+            line = json.dumps({**BATCH_LINE, "custom_id": name}).encode() + b"\n"
+            uploaded = client.post(
+                "/v1/files",
+                headers={"authorization": f"Bearer {key}"},
+                files={"file": ("in.jsonl", line)},
+                data={"purpose": "batch"},
+            )
+            assert uploaded.status_code == 200, uploaded.text
+            ids[name] = uploaded.json()["id"]
+        forged = {**HEADERS, "host": f"x/v1/files/{ids['theirs']}/content#"}
+        answer = client.get(f"/v1/files/{ids['mine']}/content", headers=forged)
+        assert answer.status_code == 200
+        assert json.loads(answer.content)["custom_id"] == "mine"
+        forged = {**HEADERS, "host": "x/v1/models/../images/generations#"}
+        assert client.get("/v1/models", headers=forged).status_code == 200
+        arrived = [a["raw_path"] for a in upstream.get("/_sim/arrivals").json()["requests"]]
+        assert arrived[-2:] == ["/v1/models", "/_sim/arrivals"]

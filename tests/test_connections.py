@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from typing import Any
 
 from uvicorn.server import ServerState
 
 from proxy.core.settings import Limits
 from proxy.web.connections import (
+    MAX_HEADER_BYTES,
     OVER_CAPACITY,
     GuardedProtocol,
     ServerConfig,
@@ -199,6 +202,113 @@ async def test_a_stopping_server_leaves_a_new_connection_its_header_deadline() -
     protocol.shutdown()
     assert not transport.closed and protocol.headers_due is not None
     protocol.headers_due._run()
+    assert transport.closed
+
+
+def refusal(written: bytes) -> dict[str, Any]:
+    """The error of the 400 that `written` ends with, in OpenAI's shape."""
+    head, _, body = written.rpartition(b"HTTP/1.1 400 Bad Request\r\n")[2].partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head and b"connection: close" in head
+    error: dict[str, Any] = json.loads(body)["error"]
+    return error
+
+
+async def test_bytes_the_parser_refuses_get_a_400_in_openai_shape() -> None:
+    # Content-Length and Transfer-Encoding together: uvicorn answered in plain text.
+    framing = b"POST /v1/images/generations HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n"
+    protocol, transport = connect(*server(Recorder(), 10))
+    protocol.data_received(framing + b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n")
+    assert transport.written.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert refusal(transport.written)["code"] == "invalid_request"
+    assert transport.closed
+
+
+async def test_garbage_pipelined_after_a_request_is_refused_after_its_answer() -> None:
+    """The request before the garbage is forwarded and billed: its client gets its answer,
+    then the 400, not the 400 instead (uvicorn's, written at once, and the connection closed
+    under the answer still being made)."""
+    app = Recorder()
+    release = asyncio.Event()
+
+    async def slow(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await release.wait()
+        await app(scope, receive, send)
+
+    protocol, transport = connect(*server(app, 10))
+    protocol.app = slow  # type: ignore[assignment]
+    protocol.data_received(REQUEST + REQUEST + b"GARBAGE\r\n\r\n")
+    protocol.data_received(b"more garbage\r\n\r\n")
+    await asyncio.sleep(0)
+    assert transport.written == b"" and not transport.closed
+    release.set()
+    await answered(app, 2)
+    assert re.findall(rb"HTTP/1.1 (\d{3}) ", transport.written) == [b"200", b"200", b"400"]
+    assert refusal(transport.written)["type"] == "invalid_request_error"
+    assert transport.closed
+
+
+async def test_a_request_whose_own_body_cannot_be_read_is_refused_at_once() -> None:
+    reading = asyncio.Event()
+
+    async def reader(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        reading.set()
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    protocol, transport = connect(*server(Recorder(), 10))
+    protocol.app = reader  # type: ignore[assignment]
+    chunked = b"POST /v1/images/generations HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n"
+    protocol.data_received(chunked + b'\r\n5\r\n{"pro\r\n')
+    await reading.wait()
+    protocol.data_received(b"zz\r\n")
+    assert refusal(transport.written)["code"] == "invalid_request"
+    assert transport.closed
+
+
+async def test_headers_past_the_bound_get_a_431_and_the_connection_closes() -> None:
+    # httptools bounds no header: an endless one was held, and copied whole at each read.
+    protocol, transport = connect(*server(Recorder(), 10))
+    protocol.data_received(b"GET /healthz HTTP/1.1\r\nhost: t\r\nx-pad: ")
+    for _ in range(MAX_HEADER_BYTES // 4096 + 1):
+        protocol.data_received(b"a" * 4096)
+        if transport.closed:
+            break
+    assert transport.written.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+    assert refusal(transport.written)["code"] == "request_too_large"
+    assert transport.closed
+
+
+async def test_headers_within_the_bound_are_served_however_they_arrive() -> None:
+    app = Recorder()
+    protocol, transport = connect(*server(app, 10))
+    for _ in range(2):  # the count starts again with each request
+        protocol.data_received(b"GET /healthz HTTP/1.1\r\nhost: t\r\nx-pad: ")
+        for _ in range(MAX_HEADER_BYTES // 4096 - 1):
+            protocol.data_received(b"a" * 4096)
+        protocol.data_received(b"\r\n\r\n")
+    await answered(app, 2)
+    assert re.findall(rb"HTTP/1.1 (\d{3}) ", transport.written) == [b"200", b"200"]
+    assert not transport.closed
+
+
+async def test_headers_past_the_bound_after_a_request_wait_for_its_answer() -> None:
+    app = Recorder()
+    release = asyncio.Event()
+
+    async def slow(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await release.wait()
+        await app(scope, receive, send)
+
+    protocol, transport = connect(*server(app, 10))
+    protocol.app = slow  # type: ignore[assignment]
+    protocol.data_received(REQUEST + b"GET /healthz HTTP/1.1\r\nx-pad: ")
+    for _ in range(MAX_HEADER_BYTES // 4096 + 1):
+        protocol.data_received(b"a" * 4096)
+    await asyncio.sleep(0)
+    assert transport.written == b"" and not transport.closed
+    release.set()
+    await answered(app, 1)
+    assert re.findall(rb"HTTP/1.1 (\d{3}) ", transport.written) == [b"200", b"431"]
     assert transport.closed
 
 

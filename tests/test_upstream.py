@@ -302,6 +302,37 @@ async def test_redirects_are_not_followed_and_cookies_not_kept() -> None:
     assert b"cookie" not in heads[1].lower()
 
 
+STATUS_LINES = [
+    b"101 Switching Protocols\r\nupgrade: h2c\r\nconnection: upgrade",
+    b"600 Beyond",
+    b"000 Nothing",
+    b"999 Anything",
+]
+
+
+@pytest.mark.parametrize("line", STATUS_LINES, ids=lambda line: line[:3].decode())
+async def test_an_answer_without_a_final_http_status_is_a_502_that_may_have_been_billed(
+    line: bytes,
+) -> None:
+    # A generation's whole answer, under a status no server can write back to a client.
+    body = json.dumps({"data": [{"b64_json": "AAAA"}], "usage": {"output_tokens": 196}})
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await request_head(reader)
+        writer.write(
+            b"HTTP/1.1 " + line + b"\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body.encode())
+        )
+        await writer.drain()
+        writer.close()
+
+    async with loopback(reply) as url, upstream(url) as client:
+        with pytest.raises(UpstreamUnavailable) as caught:
+            await client.send("/images/generations", order(), JSON, [])
+    assert caught.value.maybe_billed
+    assert f"status {int(line[:3])}," in caught.value.message
+
+
 async def test_an_in_process_transport_gives_the_same_answer() -> None:
     simulator = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY))
     transport = httpx.ASGITransport(app=simulator)

@@ -54,6 +54,7 @@ from proxy.web import repeats
 from proxy.web.admission import read_body
 from proxy.web.batch_follow import BATCH_SPAN_S, BatchFollow
 from proxy.web.files import BATCHES, not_found, read_answer, scoped_listing, scoped_object
+from proxy.web.gateway import path_of
 from proxy.web.observe import KeyRefusals, observe
 from proxy.web.pipeline import new_request_id, refuse
 from proxy.web.projects import same_project
@@ -285,7 +286,7 @@ class Batches:
             "Batch",
             own_outputs,
         )
-        if request.url.path.endswith("/cancel"):
+        if path_of(request).endswith("/cancel"):
             runtime.followers.nudge()
         return response
 

@@ -21,12 +21,17 @@ sent a byte left a process limited to 700 descriptors unable to accept even `/he
   closed under a client that may be sending on it: a request in flight, or the next one
   on an idle connection, is answered with `Connection: close` and its connection closed
   after the answer; an idle connection that gets no request closes as any does (uvicorn's
-  keep-alive timeout, or the header deadline of one that never sent a request).
+  keep-alive timeout, or the header deadline of one that never sent a request);
+- bytes the HTTP parser refuses (`Content-Length` with `Transfer-Encoding`, a malformed
+  chunk, a header line) are answered 400 in OpenAI's error shape, not uvicorn's plain
+  text, and a request line and headers past `MAX_HEADER_BYTES` 431: each after the
+  answers of the requests read before them, and the connection closed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import resource
 from typing import Any, cast
 
@@ -34,8 +39,27 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from proxy.core.errors import InvalidRequest, RequestError, RequestTooLarge
 from proxy.core.settings import Limits
 
+UNREADABLE = InvalidRequest(
+    "Tollgate could not read this request as HTTP/1.1 (for example: Content-Length together "
+    "with Transfer-Encoding, a malformed chunk, or a header line no HTTP parser accepts); "
+    "the connection is closed."
+)
+"""The answer to bytes the HTTP parser refuses: uvicorn's is plain text."""
+MAX_HEADER_BYTES = 64 * 1024
+"""A request line and headers longer than this are refused (`HEADERS_TOO_LARGE`): what an
+OpenAI SDK sends is a few hundred bytes. httptools has no bound of its own, and grows a
+header by copying it whole at each read: one connection's endless header line held
+130 MB within the header deadline, and the copying took the event loop from every other
+request (`/healthz` answered in 850 ms instead of 30)."""
+HEADERS_TOO_LARGE = RequestTooLarge(
+    f"The request line and headers are larger than the {MAX_HEADER_BYTES:,} bytes Tollgate "
+    "accepts; the connection is closed."
+)
+HEADERS_TOO_LARGE.status = 431
+STATUS_LINES = {400: b"400 Bad Request", 431: b"431 Request Header Fields Too Large"}
 OVER_CAPACITY = "tollgate.over_capacity"
 """Set in the scope of a request that came on a connection past `max_connections`."""
 
@@ -117,6 +141,13 @@ class GuardedProtocol(HttpToolsProtocol):
         self.headers_due: asyncio.TimerHandle | None = None
         """Armed while the connection waits for a request's headers: it is idle."""
         self.over_capacity = False
+        self.refused: RequestError | None = None
+        """The refusal of bytes the HTTP parser refused (or headers too large), answered
+        after the answers in progress."""
+        self.reading_headers = False
+        """A request has begun, and its headers are not all in."""
+        self.header_bytes = 0
+        """The bytes read of them, but those of the read they began in."""
         self.draining = False
         """The server is stopping: each answer from now on closes its connection."""
 
@@ -130,7 +161,21 @@ class GuardedProtocol(HttpToolsProtocol):
         self._headers_received()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        began = self.reading_headers
+        super().data_received(data)
+        if began and self.reading_headers:  # all of `data` is more of the same headers
+            self.header_bytes += len(data)
+            if self.header_bytes > MAX_HEADER_BYTES:
+                self._refuse_after_answers(HEADERS_TOO_LARGE)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.reading_headers = True
+        self.header_bytes = 0
+
     def on_headers_complete(self) -> None:
+        self.reading_headers = False
         self._headers_received()
         if self.over_capacity:
             self.scope[OVER_CAPACITY] = True  # type: ignore[literal-required]
@@ -153,9 +198,54 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self.refused is not None and self.cycle.response_complete:
+            self._refuse(self.refused)  # the answers of the requests read before it are out
         # Idle again unless a pipelined request was started (its headers are in).
         if self.cycle.response_complete and not self.transport.is_closing():
             self._expect_headers()
+
+    def send_400_response(self, msg: str) -> None:
+        """Answer bytes the HTTP parser refuses (uvicorn's 400, in plain text) with a 400 in
+        OpenAI's error shape, and close the connection.
+
+        Not in the middle of another answer: when requests read before those bytes (a
+        request whose body came whole, then garbage pipelined after it) are still being
+        answered, their answers go first, and the 400 once they are out. uvicorn wrote its
+        400 at once and closed: the team's client got it for a request that was forwarded
+        and billed, and never got that request's answer (or got the 400 inside it). A
+        request whose own body cannot be read, and whose answer has not started, is
+        refused at once: it can never be answered otherwise."""
+        cycle = self.cycle
+        unanswered = cycle is not None and not (cycle.response_started or cycle.response_complete)
+        if unanswered and cycle.more_body:
+            self._refuse(UNREADABLE)  # its own body cannot be read: never answered otherwise
+        else:
+            self._refuse_after_answers(UNREADABLE)
+
+    def _refuse_after_answers(self, refusal: RequestError) -> None:
+        """Answer `refusal` once the answers in progress on this connection are out (at
+        once when there are none), reading nothing more meanwhile."""
+        if self.cycle is None or self.cycle.response_complete:
+            self._refuse(refusal)
+            return
+        self.refused = refusal
+        self.flow.pause_reading()
+
+    def _refuse(self, refusal: RequestError) -> None:
+        """Answer `refusal` in OpenAI's error shape and close the connection."""
+        self.refused = None
+        if self.transport.is_closing():
+            return
+        body = json.dumps(refusal.body()).encode()
+        head = [b"HTTP/1.1 %s\r\n" % STATUS_LINES[refusal.status]]
+        for name, value in self.server_state.default_headers:
+            head.append(b"%s: %s\r\n" % (name, value))
+        head.append(
+            b"content-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n" % len(body)
+        )
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
 
     def _expect_headers(self) -> None:
         if self.headers_due is None:

@@ -45,6 +45,7 @@ from proxy.doors.batches import BatchFile
 from proxy.ledger import BatchLine, ObjectKind, StoredObject
 from proxy.upstream import Answer, response_headers
 from proxy.web.admission import body_chunks
+from proxy.web.gateway import path_of
 from proxy.web.observe import KeyRefusals
 from proxy.web.pipeline import new_request_id
 from proxy.web.projects import created_under
@@ -457,7 +458,7 @@ async def scoped_object(
         if query is None:
             raise InvalidRequest("The query string holds characters that must be percent-encoded.")
         answer = await runtime.upstream.send(
-            request.url.path.removeprefix("/v1"),
+            path_of(request).removeprefix("/v1"),
             b"",
             "",
             request.headers.items(),

@@ -129,6 +129,17 @@ class Gateway:
         scope["path"] = path
 
 
+def path_of(request: Request) -> str:
+    """The path of `request` as `Gateway` made it canonical, which its route matched and
+    checked: what is forwarded and told.
+
+    Never `request.url.path`: starlette before 1.7 read it back out of a URL it built with
+    the client's `Host` header, so that `Host: x/v1/files/{another team's}/content#` on
+    `GET /v1/files/{own}/content` had the own file checked and the other one read."""
+    path: str = request.scope["path"]
+    return path
+
+
 def refused(scope: Scope, raw: bytes) -> NotFound:
     """The answer to a path that is not canonical: it names no endpoint."""
     shown = raw.decode("ascii", "backslashreplace")

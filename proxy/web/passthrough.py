@@ -18,6 +18,7 @@ from proxy.core.errors import (
 from proxy.core.paths import CHAT_COMPLETIONS, OBJECT_PATHS, TOLLGATE_PATHS, plain_query, under
 from proxy.upstream import response_headers
 from proxy.web.admission import read_body
+from proxy.web.gateway import path_of
 from proxy.web.observe import KeyRefusals
 from proxy.web.pipeline import new_request_id
 from proxy.web.responses import error_response
@@ -38,7 +39,7 @@ class OtherPaths:
 
     async def handle(self, request: Request, runtime: Runtime) -> Response:
         s = runtime
-        path, method = request.url.path, request.method
+        path, method = path_of(request), request.method
         listed = [p for p in s.config.passthrough if under(path, p.prefix)]
         # Image requests are never unmetered, whatever a prefix or the path's case says;
         # Tollgate's own paths, the objects it keeps to each team, and the chat completions

@@ -22,6 +22,7 @@ from starlette.responses import Response, StreamingResponse
 from proxy.core.errors import InvalidRequest, NotFound, RequestError
 from proxy.core.paths import plain_query
 from proxy.upstream import response_headers
+from proxy.web.gateway import path_of
 from proxy.web.observe import KeyRefusals
 from proxy.web.pipeline import new_request_id
 from proxy.web.projects import created_under
@@ -64,7 +65,7 @@ class ResponseObjects:
                     "cost from the response, which a delete would remove."
                 )
             answer = await runtime.upstream.send(
-                request.url.path.removeprefix("/v1"),
+                path_of(request).removeprefix("/v1"),
                 b"",
                 "",
                 request.headers.items(),
@@ -74,7 +75,7 @@ class ResponseObjects:
             )
         except RequestError as exc:
             return error_response(exc, headers)
-        if request.url.path.endswith("/cancel"):
+        if path_of(request).endswith("/cancel"):
             runtime.followers.nudge()
         return StreamingResponse(
             answer.chunks(),

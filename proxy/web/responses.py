@@ -63,7 +63,7 @@ def from_starlette(exc: HTTPException, method: str, path: str) -> RequestError:
 
 def error_answer(request: Request, exc: Exception) -> Response:
     """starlette's exception handler: whatever a route raised, in OpenAI's shape."""
-    return error_response(as_request_error(exc, request.method, request.url.path))
+    return error_response(as_request_error(exc, request.method, request.scope["path"]))
 
 
 EXCEPTION_HANDLERS: dict[Any, Any] = {
