@@ -37,7 +37,7 @@ from zoneinfo import ZoneInfo
 
 from proxy.core.budgets import Decision, Variant, apply_allow, decide, priced
 from proxy.core.errors import InvalidRequest, PolicyViolation, UnpricedModel
-from proxy.core.image_params import MAX_INTEGER
+from proxy.core.image_params import MAX_INTEGER, check_output_format
 from proxy.core.models import Counter, Endpoint, Estimate, ImageRequest, InputImage, Totals, Usage
 from proxy.core.parsing import json_object
 from proxy.core.periods import Applied
@@ -448,6 +448,7 @@ def _tools(tools: Any) -> tuple[int | None, dict[str, Any] | None]:
                     f"Unknown parameter: 'tools[{index}].{name}'. Tollgate cannot price it.",
                     param=f"tools[{index}].{name}",
                 )
+        check_output_format(tool.get("output_format"), f"tools[{index}].output_format")
         for name, choices in TOOL_CHOICES.items():
             value = tool.get(name)
             if value is not None and value not in choices:

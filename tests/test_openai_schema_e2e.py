@@ -1,0 +1,57 @@
+"""Tollgate against OpenAI's own API schema, through the official openai client: what a
+drop-in client may send, and what it is answered."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import openai
+import pytest
+from PIL import Image
+
+from tests.conftest import Simulator, Tollgate
+
+
+def png() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["gif", "svg"])
+@pytest.mark.parametrize("door", ["generations", "edits", "responses"])
+def test_an_output_format_openai_takes_but_tollgate_cannot_price_is_refused_as_unpriced(
+    tollgate: Tollgate, simulator: Simulator, door: str, fmt: str
+) -> None:
+    # The openai client types `output_format` as png, webp, jpeg, gif or svg: a gif or svg
+    # is no unknown value, but its cost (the frames, the SVG's authoring model) is not in
+    # the price book. The refusal says that, not that only png, jpeg and webp exist.
+    client = tollgate.client()
+    before = len(simulator.billing())
+    with pytest.raises(openai.BadRequestError) as caught:
+        if door == "generations":
+            client.images.generate(model="gpt-image-2", prompt="a fox", output_format=fmt)  # type: ignore[arg-type]
+        elif door == "edits":
+            client.images.edit(
+                model="gpt-image-2",
+                image=("a.png", png(), "image/png"),
+                prompt="a fox",
+                output_format=fmt,  # type: ignore[arg-type]
+            )
+        else:
+            tool: Any = {"type": "image_generation", "model": "gpt-image-2", "output_format": fmt}
+            client.responses.create(
+                model="gpt-5.5",
+                input="a fox",
+                tools=[tool],
+                max_output_tokens=1000,
+                max_tool_calls=1,
+            )
+    error = caught.value.body
+    assert isinstance(error, dict)
+    assert "cannot price" in error["message"] and repr(fmt) in error["message"]
+    assert "Supported values" not in error["message"]
+    assert error["param"] == ("tools[0].output_format" if door == "responses" else "output_format")
+    assert error["type"] == "invalid_request_error" and error["code"] == "invalid_request"
+    assert len(simulator.billing()) == before
