@@ -10,7 +10,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.conftest import Simulator, Tollgate
+from tests.conftest import RESEARCH_KEY, Simulator, Tollgate
 
 
 def png() -> bytes:
@@ -55,3 +55,37 @@ def test_an_output_format_openai_takes_but_tollgate_cannot_price_is_refused_as_u
     assert error["param"] == ("tools[0].output_format" if door == "responses" else "output_format")
     assert error["type"] == "invalid_request_error" and error["code"] == "invalid_request"
     assert len(simulator.billing()) == before
+
+
+def test_a_background_stream_is_reconnected_to_through_tollgate_for_its_team_only(
+    tollgate: Tollgate, simulator: Simulator
+) -> None:
+    # The SDK's `retrieve(id, stream=True, starting_after=N)` resumes a background stream
+    # the client lost: Tollgate passes the events through to the team that made it, and
+    # the reconnection bills nothing.
+    client = tollgate.client()
+    tool: Any = {"type": "image_generation", "model": "gpt-image-2", "quality": "low"}
+    response_id = None
+    with client.responses.create(
+        model="gpt-5.5",
+        input="a fox",
+        tools=[tool],
+        max_output_tokens=1000,
+        max_tool_calls=1,
+        background=True,
+        stream=True,
+    ) as stream:
+        for event in stream:
+            if event.type == "response.created":
+                response_id = event.response.id
+            if event.sequence_number == 2:
+                break  # the connection lost
+    assert response_id is not None
+    billed = len(simulator.billing())
+    rest = list(client.responses.retrieve(response_id, stream=True, starting_after=2))
+    assert rest[0].sequence_number == 3
+    assert rest[-1].type == "response.completed" and rest[-1].response.id == response_id
+    assert any(e.type == "response.image_generation_call.completed" for e in rest)
+    assert len(simulator.billing()) == billed
+    with pytest.raises(openai.NotFoundError):
+        list(tollgate.client(RESEARCH_KEY).responses.retrieve(response_id, stream=True))

@@ -3,6 +3,10 @@
 create:   authenticate → read the body → validate → play a fault → find the previous
           response → moderate → bill (a background response: when it ends) → store → answer
 retrieve, cancel, delete, input_items: authenticate → bill what has ended → find → answer
+
+`GET /v1/responses/{id}?stream=true` replays a background stream's events (those after
+`starting_after`, a sequence number), as OpenAI lets a client reconnect to one; another
+response cannot be streamed again.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from proxy.simulator.faults import (
     pick_response_fault,
 )
 from proxy.simulator.forms import parse_json
-from proxy.simulator.refusals import ApiError, invalid_api_key
+from proxy.simulator.refusals import ApiError, invalid, invalid_api_key
 from proxy.simulator.response_answers import (
     FrameKind,
     Snapshot,
@@ -226,7 +230,41 @@ async def retrieve_response(state: SimulatorState, request: Request) -> Response
     if isinstance(found, Response):
         return found
     stored, now = found
+    if request.query_params.get("stream") == "true":
+        try:
+            after = _starting_after(stored, request.query_params.get("starting_after"))
+        except ApiError as error:
+            return error_response(error, stored.id)
+        return _replay(stored, after)
     return json_response(200, response_json(stored.snapshot(now)), stored.id, {})
+
+
+def _starting_after(stored: StoredResponse, value: str | None) -> int:
+    """The sequence number a streamed retrieve resumes after (-1: from the start)."""
+    if not (stored.order.background and stored.order.stream):
+        # Only a background stream can be reconnected to; OpenAI answers the others with
+        # the 404 of an unknown response.
+        raise ApiError(404, f"Response with id '{stored.id}' not found.", param=None, code=None)
+    if value is None:
+        return -1
+    if not value.isascii() or not value.isdigit():
+        raise invalid(
+            f"Invalid 'starting_after': expected an integer, but got {value!r}.",
+            param="starting_after",
+        )
+    return int(value)
+
+
+def _replay(stored: StoredResponse, after: int) -> StreamingResponse:
+    """The stream of a background response that has ended, from the event after `after`."""
+    frames = stream_frames(stored.snapshot(stored.ready_at))
+
+    async def events() -> AsyncIterator[bytes]:
+        for _, frame in frames[after + 1 :]:
+            yield frame
+
+    headers = {"x-request-id": stored.id, "cache-control": "no-cache"}
+    return StreamingResponse(events(), headers=headers, media_type="text/event-stream")
 
 
 async def cancel_response(state: SimulatorState, request: Request) -> Response:
