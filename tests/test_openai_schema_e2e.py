@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from PIL import Image
@@ -17,6 +18,12 @@ def png() -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (64, 64), (10, 20, 30)).save(out, "PNG")
     return out.getvalue()
+
+
+def api_arrivals(simulator: Simulator) -> int:
+    """How many requests have reached the simulated API (not its `/_sim/` pages)."""
+    found = httpx.get(f"{simulator.url}/_sim/arrivals").json()["requests"]
+    return sum(1 for a in found if a["raw_path"].startswith("/v1/"))
 
 
 @pytest.mark.parametrize("fmt", ["gif", "svg"])
@@ -89,3 +96,21 @@ def test_a_background_stream_is_reconnected_to_through_tollgate_for_its_team_onl
     assert len(simulator.billing()) == billed
     with pytest.raises(openai.NotFoundError):
         list(tollgate.client(RESEARCH_KEY).responses.retrieve(response_id, stream=True))
+
+
+def test_a_responses_path_tollgate_does_not_serve_is_a_404_that_says_so(
+    tollgate: Tollgate, simulator: Simulator
+) -> None:
+    # `client.responses.input_tokens.count` and `client.responses.compact` are OpenAI
+    # paths: the 404 says Tollgate does not forward them, not that only images exist.
+    client = tollgate.client()
+    arrived = api_arrivals(simulator)
+    with pytest.raises(openai.NotFoundError) as counted:
+        client.responses.input_tokens.count(model="gpt-5.5", input="a fox")
+    with pytest.raises(openai.NotFoundError) as compacted:
+        client.responses.compact(model="gpt-5.5", input="a fox")
+    for caught, path in ((counted, "input_tokens"), (compacted, "compact")):
+        message = caught.value.message
+        assert f"POST /v1/responses/{path}" in message
+        assert "Tollgate does not forward" in message and "only the image" not in message
+    assert api_arrivals(simulator) == arrived
