@@ -114,3 +114,30 @@ def test_a_responses_path_tollgate_does_not_serve_is_a_404_that_says_so(
         assert f"POST /v1/responses/{path}" in message
         assert "Tollgate does not forward" in message and "only the image" not in message
     assert api_arrivals(simulator) == arrived
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("access_programs", {"cyber": "standard"}),
+        ("background_options", {"completion_window": "2h"}),
+        ("context_management", [{"type": "compaction"}]),
+        ("image", {"context_compression": "disabled"}),
+        ("moderation", {"model": "omni-moderation-latest"}),
+        ("prompt_cache_options", {"ttl": "12h"}),
+    ],
+)
+def test_a_responses_parameter_openai_defines_but_tollgate_cannot_bound_is_not_called_unknown(
+    tollgate: Tollgate, simulator: Simulator, name: str, value: Any
+) -> None:
+    # Parameters of the openai client's `responses.create`: refused, since their cost has
+    # no rule in Tollgate, but not as if OpenAI had no such parameter.
+    arrived = api_arrivals(simulator)
+    with pytest.raises(openai.BadRequestError) as caught:
+        tollgate.client().responses.create(
+            model="gpt-5.5", input="a fox", max_output_tokens=100, **{name: value}
+        )
+    message = caught.value.message
+    assert f"Tollgate does not forward '{name}'" in message and "Unknown" not in message
+    assert isinstance(caught.value.body, dict) and caught.value.body["param"] == name
+    assert api_arrivals(simulator) == arrived

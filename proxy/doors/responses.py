@@ -76,6 +76,15 @@ REFUSED_PARAMS = {
     "prompt": "Reusable prompts are stored on OpenAI's side, where Tollgate cannot bound "
     "them: send the prompt's text as `input`.",
 }
+UNBOUNDED_PARAMS = frozenset(
+    {
+        "access_programs", "background_options", "context_management", "image",
+        "moderation", "prompt_cache_options",
+    }
+)  # fmt: skip
+"""Body parameters of `client.responses.create` whose cost (compaction, a moderation model,
+discounted windows, cache writes, access programs, image context compression) Tollgate has
+no rule for: refused as not forwarded, not as unknown."""
 TOOL_PARAMS = frozenset(
     {
         "type", "model", "quality", "size", "partial_images", "input_fidelity",
@@ -288,6 +297,12 @@ def read_body(fields: dict[str, Any], size: int, default_model: str, team: Team)
         if name in REFUSED_PARAMS:
             raise InvalidRequest(
                 f"Tollgate does not support '{name}' yet. {REFUSED_PARAMS[name]}", param=name
+            )
+        if name in UNBOUNDED_PARAMS:
+            raise InvalidRequest(
+                f"Tollgate does not forward '{name}' yet: it forwards only the Responses API "
+                "parameters whose cost it can bound.",
+                param=name,
             )
         if name not in BODY_PARAMS:
             raise InvalidRequest(
