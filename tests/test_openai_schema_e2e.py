@@ -101,19 +101,49 @@ def test_a_background_stream_is_reconnected_to_through_tollgate_for_its_team_onl
 def test_a_responses_path_tollgate_does_not_serve_is_a_404_that_says_so(
     tollgate: Tollgate, simulator: Simulator
 ) -> None:
-    # `client.responses.input_tokens.count` and `client.responses.compact` are OpenAI
-    # paths: the 404 says Tollgate does not forward them, not that only images exist.
-    client = tollgate.client()
+    # `client.responses.compact` is an OpenAI path (it runs a model on the context): the
+    # 404 says Tollgate does not forward it, not that only image endpoints exist.
     arrived = api_arrivals(simulator)
-    with pytest.raises(openai.NotFoundError) as counted:
-        client.responses.input_tokens.count(model="gpt-5.5", input="a fox")
-    with pytest.raises(openai.NotFoundError) as compacted:
-        client.responses.compact(model="gpt-5.5", input="a fox")
-    for caught, path in ((counted, "input_tokens"), (compacted, "compact")):
-        message = caught.value.message
-        assert f"POST /v1/responses/{path}" in message
-        assert "Tollgate does not forward" in message and "only the image" not in message
+    with pytest.raises(openai.NotFoundError) as caught:
+        tollgate.client().responses.compact(model="gpt-5.5", input="a fox")
+    message = caught.value.message
+    assert "POST /v1/responses/compact" in message
+    assert "Tollgate does not forward" in message and "only the image" not in message
     assert api_arrivals(simulator) == arrived
+
+
+def test_input_tokens_are_counted_for_the_teams_own_context_and_bill_nothing(
+    tollgate: Tollgate, simulator: Simulator
+) -> None:
+    # `client.responses.input_tokens.count` is free: it is forwarded, re-encoded, for a
+    # context that is the team's own. Another team's response or file is not found, as
+    # for a new response; what Tollgate cannot bound in a response is not counted either.
+    client, other = tollgate.client(), tollgate.client(RESEARCH_KEY)
+    first = client.responses.create(model="gpt-5.5", input="a fox", max_output_tokens=100)
+    assert first.usage is not None
+    counted = client.responses.input_tokens.count(model="gpt-5.5", input="a fox")
+    assert counted.object == "response.input_tokens"
+    assert counted.input_tokens == first.usage.input_tokens
+    again = client.responses.input_tokens.count(
+        model="gpt-5.5", input="and a hen", previous_response_id=first.id
+    )
+    assert again.input_tokens > first.usage.input_tokens + first.usage.output_tokens
+    billed, arrived = len(simulator.billing()), api_arrivals(simulator)
+    with pytest.raises(openai.NotFoundError) as foreign:
+        other.responses.input_tokens.count(
+            model="gpt-5.5", input="x", previous_response_id=first.id
+        )
+    assert isinstance(foreign.value.body, dict)
+    assert foreign.value.body["param"] == "previous_response_id"
+    theirs = other.files.create(file=("a.png", png(), "image/png"), purpose="vision")
+    arrived += 1
+    image: Any = {"role": "user", "content": [{"type": "input_image", "file_id": theirs.id}]}
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_tokens.count(model="gpt-5.5", input=[image])
+    with pytest.raises(openai.BadRequestError, match="conversation"):
+        client.responses.input_tokens.count(model="gpt-5.5", input="x", conversation="conv_1")
+    assert api_arrivals(simulator) == arrived
+    assert len(simulator.billing()) == billed
 
 
 @pytest.mark.parametrize(

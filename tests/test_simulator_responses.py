@@ -611,3 +611,26 @@ def test_the_image_call_count_follows_the_marker_tool_choice_and_max_tool_calls(
     order = read_order({"model": "gpt-4.1", "input": prompt, "tools": [TOOL], **options})
     assert order.image_calls == calls
     assert order.revised_prompt == prompt.split(" [[")[0]
+
+
+def test_input_tokens_are_counted_as_a_response_would_bill_them_and_bill_nothing(
+    sim: Sim,
+) -> None:
+    first = sim.client.responses.create(model="gpt-4.1", input="Draw a cat", tools=[TOOL])
+    assert first.usage is not None
+    counted = sim.client.responses.input_tokens.count(model="gpt-4.1", input="Draw a cat")
+    assert counted.input_tokens == first.usage.input_tokens == text_tokens("Draw a cat")
+    again = sim.client.responses.input_tokens.count(
+        model="gpt-4.1", input="Again", previous_response_id=first.id
+    )
+    carried = first.usage.input_tokens + first.usage.output_tokens
+    assert again.input_tokens == text_tokens("Again") + carried
+    assert len(sim.billing()) == 1
+    with pytest.raises(openai.NotFoundError):
+        sim.client.responses.input_tokens.count(
+            model="gpt-4.1", input="x", previous_response_id="resp_none"
+        )
+    with pytest.raises(openai.BadRequestError, match="max_output_tokens"):
+        sim.client.responses.input_tokens.count(
+            model="gpt-4.1", input="x", extra_body={"max_output_tokens": 100}
+        )

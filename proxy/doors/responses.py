@@ -404,6 +404,50 @@ def read_body(fields: dict[str, Any], size: int, default_model: str, team: Team)
     )
 
 
+COUNT_PARAMS = frozenset(
+    {
+        "model", "input", "instructions", "tools", "tool_choice", "previous_response_id",
+        "reasoning", "text", "truncation", "parallel_tool_calls",
+    }
+)  # fmt: skip
+"""The body parameters of `client.responses.input_tokens.count` Tollgate forwards."""
+
+
+@dataclass(frozen=True, slots=True)
+class CountBody:
+    """A `POST /v1/responses/input_tokens` body as understood: free, but it may name
+    objects (the response it continues, files) that must be the team's own."""
+
+    fields: dict[str, Any]
+    previous: str | None
+    files: tuple[str, ...]
+
+    def encode(self) -> bytes:
+        return _ENCODER.encode(self.fields).encode()
+
+
+def read_count(fields: dict[str, Any]) -> CountBody:
+    """The body of an input-token count, read with the rules of `read_body` for what it
+    may hold (the same inputs and tools: what a response could not be sent with, it is
+    not counted for), and the objects it names."""
+    for name in fields:
+        if name in REFUSED_PARAMS:
+            raise InvalidRequest(
+                f"Tollgate does not support '{name}' yet. {REFUSED_PARAMS[name]}", param=name
+            )
+        if name not in COUNT_PARAMS:
+            raise InvalidRequest(f"Unknown parameter: '{name}'.", param=name)
+    fields = {k: v for k, v in fields.items() if v is not None}
+    read_input(fields.get("input"))
+    for name in ("model", "instructions", "previous_response_id"):
+        if name in fields and not isinstance(fields[name], str):
+            raise InvalidRequest(f"Invalid type for '{name}': expected a string.", param=name)
+    _, tool = _tools(fields.get("tools", []))
+    return CountBody(
+        fields, fields.get("previous_response_id"), named_files(fields.get("input"), tool)
+    )
+
+
 def _user(fields: Mapping[str, Any]) -> str | None:
     """Who per-user budgets count the request against: `safety_identifier`, else `user`."""
     for name in ("safety_identifier", "user"):

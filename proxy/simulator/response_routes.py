@@ -4,6 +4,9 @@ create:   authenticate → read the body → validate → play a fault → find 
           response → moderate → bill (a background response: when it ends) → store → answer
 retrieve, cancel, delete, input_items: authenticate → bill what has ended → find → answer
 
+`POST /v1/responses/input_tokens` counts, free of charge, the input tokens a response
+with that body would bill (its previous response's included).
+
 `GET /v1/responses/{id}?stream=true` replays a background stream's events (those after
 `starting_after`, a sequence number), as OpenAI lets a client reconnect to one; another
 response cannot be streamed again.
@@ -180,6 +183,38 @@ async def _accept(
         await sleep_ms(state.knobs.latency_ms)
         return error_response(error, arrival.id)
     return fields, order, fault, carried
+
+
+COUNT_PARAMS = frozenset(
+    {
+        "model", "input", "instructions", "tools", "tool_choice", "previous_response_id",
+        "reasoning", "text", "truncation", "parallel_tool_calls", "conversation",
+    }
+)  # fmt: skip
+"""The body parameters of `client.responses.input_tokens.count`."""
+
+
+async def count_input_tokens(state: SimulatorState, request: Request) -> Response:
+    """Answer `POST /v1/responses/input_tokens` the way OpenAI would: bills nothing."""
+    request_id = f"req_{uuid.uuid4().hex}"
+    try:
+        if not state.admits(request.headers.get("authorization")):
+            raise invalid_api_key(request.headers.get("authorization"))
+        fields = dict(parse_json("generations", await request.body()).fields)
+        for key in fields:
+            if key not in COUNT_PARAMS:
+                raise invalid(f"Unknown parameter: '{key}'.", param=key, code="unknown_parameter")
+        order = read_order(fields)
+        carried = 0
+        if order.previous_response_id is not None:
+            project = request.headers.get("openai-project")
+            previous = state.responses.previous(order.previous_response_id, project)
+            carried = previous.tokens.mainline.input + previous.tokens.mainline.output
+    except ApiError as error:
+        return error_response(error, request_id)
+    tokens = tokens_of(order, carried)
+    body = {"object": "response.input_tokens", "input_tokens": tokens.mainline.input}
+    return json_response(200, body, request_id, {})
 
 
 def _garbled(frames: list[tuple[FrameKind, bytes]]) -> list[tuple[FrameKind, bytes]]:

@@ -27,7 +27,7 @@ from proxy.web.runtime import Runtime
 def not_served(method: str, path: str) -> str:
     """The 404's message for a path Tollgate neither serves nor forwards."""
     if any(under(path.lower(), p) for p in OBJECT_PATHS):
-        # A path of an API Tollgate serves (`/v1/responses/input_tokens`, `…/compact`):
+        # A path of an API Tollgate serves (`/v1/responses/compact`, which runs a model):
         # say that it is Tollgate that does not take it, not that OpenAI has no such URL.
         return (
             f"Invalid URL ({method} {path}): Tollgate does not forward this path of the "
