@@ -140,7 +140,11 @@ async def create_response(state: SimulatorState, request: Request) -> Response:
     if queued:
         await sleep_ms(knobs.queue_ms)
         return json_response(200, response_json(stored.snapshot(arrival.time)), arrival.id, {})
-    snap = replace(stored.snapshot(stored.ready_at), with_usage=fault != "nousage")
+    snap = replace(
+        stored.snapshot(stored.ready_at),
+        with_usage=fault != "nousage",
+        tool_counted=fault != "zerotool",
+    )
     if order.stream:
         return _stream(snap, knobs.latency_ms, fault, request)
     await sleep_ms(knobs.latency_ms)
