@@ -79,6 +79,27 @@ def test_image_calls_without_tool_usage_are_unknown_usage() -> None:
     )
 
 
+def test_image_calls_whose_tool_usage_counts_no_output_each_are_unknown_usage() -> None:
+    # `image_gen` skips calls whose usage records are missing: zero counts, or fewer
+    # output tokens than images made, are not free images.
+    zero = {
+        "input_tokens": 0,
+        "input_tokens_details": {"text_tokens": 0, "image_tokens": 0},
+        "output_tokens": 0,
+        "total_tokens": 0,
+    }
+    assert metered(response(tool_usage={"image_gen": zero})).usage is None
+    call = {"type": "image_generation_call", "status": "completed", "result": ""}
+    one = {**zero, "output_tokens": 1, "output_tokens_details": {"image_tokens": 1}}
+    assert metered(response(tool_usage={"image_gen": one}, output=[call, call])).usage is None
+    assert metered(response(tool_usage={"image_gen": one}, output=[call])).usage is not None
+    # Without a completed image, zero counts are what they say.
+    failed = {**call, "status": "failed"}
+    assert metered(response(tool_usage={"image_gen": zero}, output=[failed])).usage == Usage(
+        mainline_input=540, mainline_cached_input=1280, mainline_output=210
+    )
+
+
 def test_a_queued_background_response_is_pending() -> None:
     found = metered(response(status="queued", usage=None, tool_usage=None, output=[]))
     assert found.pending and found.response_id == "resp_1"

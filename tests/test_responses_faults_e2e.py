@@ -209,6 +209,34 @@ def test_an_answer_without_usage_is_charged_its_bound_flagged(
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_tool_usage_with_zero_counts_for_a_completed_image_is_charged_its_bound_flagged(
+    proxy: Tollgate, simulator: Simulator, stream: bool
+) -> None:
+    # OpenAI's `tool_usage.image_gen` "may skip calls with missing or incomplete usage
+    # records", and reports a family with no recorded usage as zero counts: an image that
+    # completed with none of its tokens reported is not free, it is charged the bound.
+    raw = proxy.client().responses.with_raw_response.create(
+        model="gpt-5.5",
+        input="A bridge [[fault:zerotool]]",
+        tools=[tool()],
+        max_output_tokens=300,
+        max_tool_calls=1,
+        stream=stream,
+    )
+    if stream:
+        events = list(raw.parse())  # type: ignore[call-overload]
+        response_id = events[-1].response.id
+    else:
+        response = json.loads(raw.content)
+        assert response["tool_usage"]["image_gen"]["output_tokens"] == 0
+        assert [i["status"] for i in response["output"] if i["type"] != "message"] == ["completed"]
+        response_id = response["id"]
+    row = bound_charged(proxy, response_id, raw.headers["x-tollgate-request-id"])
+    record = billed(simulator, response_id)
+    assert record["images"] == 1 and row["cost_nanos"] >= record_cost(record)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_a_failed_response_is_charged_the_usage_it_reports(
     proxy: Tollgate, simulator: Simulator, stream: bool
 ) -> None:

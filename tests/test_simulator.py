@@ -418,6 +418,9 @@ def test_stream_latency_is_spread_over_events(sim: Sim) -> None:
         ({"model": "gpt-image-9"}, "invalid_value", "model"),
         ({"model": "gpt-image-1", "size": "2048x2048"}, "invalid_value", "size"),
         ({"model": "gpt-image-2", "size": "1000x1000"}, "invalid_value", "size"),
+        # WIDTHxHEIGHT in plain decimal: no leading zero, no line end after it.
+        ({"model": "gpt-image-2", "size": "01536x864"}, "invalid_value", "size"),
+        ({"model": "gpt-image-2", "size": "1536x864\n"}, "invalid_value", "size"),
         ({"model": "gpt-image-2", "size": "3840x1024"}, "invalid_value", "size"),
         ({"model": "gpt-image-2", "size": "512x512"}, "invalid_value", "size"),
         ({"model": "gpt-image-2", "quality": "xhigh"}, "invalid_value", "quality"),

@@ -460,6 +460,34 @@ def test_a_background_stream_is_streamed_at_once_and_retrievable_as_completed(
     assert sim.last()["billed"]
 
 
+def test_a_background_stream_is_streamed_again_by_retrieve_after_starting_after(
+    sim: Sim,
+) -> None:
+    # OpenAI lets a client reconnect to a background stream: `retrieve(id, stream=True,
+    # starting_after=N)` replays the events after sequence number N. It bills nothing.
+    first = list(
+        sim.client.responses.create(
+            model="gpt-4.1", input="Draw a cat", tools=[TOOL], background=True, stream=True
+        )
+    )
+    response_id = first[-1].response.id
+    billed = len(sim.billing())
+    again = list(sim.client.responses.retrieve(response_id, stream=True, starting_after=3))
+    assert [e.sequence_number for e in again] == [e.sequence_number for e in first[4:]]
+    assert [e.type for e in again] == [e.type for e in first[4:]]
+    assert again[-1].type == "response.completed"
+    assert again[-1].response.usage == first[-1].response.usage
+    whole = list(sim.client.responses.retrieve(response_id, stream=True))
+    assert [e.type for e in whole] == [e.type for e in first]
+    assert len(sim.billing()) == billed
+    with pytest.raises(openai.BadRequestError):
+        list(sim.client.responses.retrieve(response_id, stream=True, starting_after="x"))  # type: ignore[arg-type]
+    # Neither a response that was not a background stream.
+    plain = sim.client.responses.create(model="gpt-4.1", input="Draw", background=True)
+    with pytest.raises(openai.NotFoundError):
+        list(sim.client.responses.retrieve(plain.id, stream=True))
+
+
 def test_cancelling_a_background_response_bills_only_the_mainline_input(sim: Sim) -> None:
     sim.configure(latency_ms=60_000)
     queued = sim.client.responses.create(
@@ -589,3 +617,26 @@ def test_the_image_call_count_follows_the_marker_tool_choice_and_max_tool_calls(
     order = read_order({"model": "gpt-4.1", "input": prompt, "tools": [TOOL], **options})
     assert order.image_calls == calls
     assert order.revised_prompt == prompt.split(" [[")[0]
+
+
+def test_input_tokens_are_counted_as_a_response_would_bill_them_and_bill_nothing(
+    sim: Sim,
+) -> None:
+    first = sim.client.responses.create(model="gpt-4.1", input="Draw a cat", tools=[TOOL])
+    assert first.usage is not None
+    counted = sim.client.responses.input_tokens.count(model="gpt-4.1", input="Draw a cat")
+    assert counted.input_tokens == first.usage.input_tokens == text_tokens("Draw a cat")
+    again = sim.client.responses.input_tokens.count(
+        model="gpt-4.1", input="Again", previous_response_id=first.id
+    )
+    carried = first.usage.input_tokens + first.usage.output_tokens
+    assert again.input_tokens == text_tokens("Again") + carried
+    assert len(sim.billing()) == 1
+    with pytest.raises(openai.NotFoundError):
+        sim.client.responses.input_tokens.count(
+            model="gpt-4.1", input="x", previous_response_id="resp_none"
+        )
+    with pytest.raises(openai.BadRequestError, match="max_output_tokens"):
+        sim.client.responses.input_tokens.count(
+            model="gpt-4.1", input="x", extra_body={"max_output_tokens": 100}
+        )

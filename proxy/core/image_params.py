@@ -74,6 +74,19 @@ ACCEPTED: Mapping[tuple[Endpoint, bool], frozenset[str]] = {
 UNPRICED = frozenset({"complexity", "frame_count", "frame_duration_ms", "svg"})
 """Accepted by OpenAI, but their cost (planning, GIF frames, SVG models) is not in the price
 book: Tollgate cannot bound it, so it refuses them rather than forward unpriced spend."""
+UNPRICED_FORMATS = frozenset({"gif", "svg"})
+"""`output_format` values OpenAI accepts whose cost is not in the price book (a GIF's
+frames, an SVG's authoring model): refused as unpriced, not as unknown values."""
+
+
+def check_output_format(value: object, param: str) -> None:
+    """Refuse an `output_format` OpenAI takes but Tollgate cannot price, saying so."""
+    if isinstance(value, str) and value in UNPRICED_FORMATS:
+        raise InvalidRequest(
+            f"Tollgate cannot price output_format {value!r} (the price book has no rate for "
+            "GIF frames or SVG authoring), so it does not forward it: use png, jpeg or webp.",
+            param=param,
+        )
 
 
 def check_names(
@@ -132,6 +145,8 @@ def typed_fields(
         else:
             if not isinstance(value, str):
                 raise InvalidRequest(f"Invalid type for '{name}': expected a string.", param=name)
+            if name == "output_format":
+                check_output_format(value, name)
             if param.choices and value not in param.choices:
                 raise InvalidRequest(
                     f"Invalid value for '{name}': {value!r}. Supported values are: "

@@ -4,8 +4,9 @@ A response object carries its mainline model's `usage` (`input_tokens`, of which
 `input_tokens_details.cached_tokens` were cached; `output_tokens`, reasoning included)
 and, when the image tool ran, `tool_usage.image_gen` in the Images API's usage shape.
 Typed SDKs drop `tool_usage`; Tollgate reads the raw JSON. A response whose image
-calls completed but that reports no `tool_usage` is metered as having no usage: charged
-its bound, flagged (never $0 for the images).
+calls completed but that reports no `tool_usage`, or fewer image-tool output tokens than
+images made (the usage of some calls missing from it), is metered as having no usage:
+charged its bound, flagged (never $0 for the images).
 
 Images travel as base64 in `result` and `partial_image_b64`: like the Images meters, the
 JSON reaches the parser with every long string emptied (`ShortStrings`), and partial-image
@@ -62,6 +63,12 @@ def response_usage(response: Mapping[str, Any], images: int) -> Usage | None:
         if images or image_gen is not None:
             return None  # images made (or usage of theirs unreadable): the bound, flagged
         tool = Usage()
+    elif tool.image_output + tool.text_output + tool.unclassified_output < images:
+        # Every image made bills output tokens: fewer than one each means the usage of
+        # some calls was not recorded (OpenAI's `image_gen` skips "calls with missing or
+        # incomplete usage records", and reports none as zero counts), not that they were
+        # free: the bound, flagged.
+        return None
     details = main.get("input_tokens_details")
     input_tokens = token_count(main.get("input_tokens"))
     output_tokens = token_count(main.get("output_tokens"))

@@ -39,7 +39,7 @@ from zoneinfo import ZoneInfo
 
 from proxy.core.budgets import Decision, Variant, apply_allow, decide, priced
 from proxy.core.errors import InvalidRequest, PolicyViolation, UnpricedModel
-from proxy.core.image_params import MAX_INTEGER, USER_PARAMS, check_user
+from proxy.core.image_params import MAX_INTEGER, USER_PARAMS, check_output_format, check_user
 from proxy.core.models import Counter, Endpoint, Estimate, ImageRequest, InputImage, Totals, Usage
 from proxy.core.parsing import json_object
 from proxy.core.periods import Applied
@@ -78,6 +78,15 @@ REFUSED_PARAMS = {
     "prompt": "Reusable prompts are stored on OpenAI's side, where Tollgate cannot bound "
     "them: send the prompt's text as `input`.",
 }
+UNBOUNDED_PARAMS = frozenset(
+    {
+        "access_programs", "background_options", "context_management", "image",
+        "moderation", "prompt_cache_options",
+    }
+)  # fmt: skip
+"""Body parameters of `client.responses.create` whose cost (compaction, a moderation model,
+discounted windows, cache writes, access programs, image context compression) Tollgate has
+no rule for: refused as not forwarded, not as unknown."""
 TOOL_PARAMS = frozenset(
     {
         "type", "model", "quality", "size", "partial_images", "input_fidelity",
@@ -302,6 +311,12 @@ def read_body(fields: dict[str, Any], size: int, default_model: str, team: Team)
             raise InvalidRequest(
                 f"Tollgate does not support '{name}' yet. {REFUSED_PARAMS[name]}", param=name
             )
+        if name in UNBOUNDED_PARAMS:
+            raise InvalidRequest(
+                f"Tollgate does not forward '{name}' yet: it forwards only the Responses API "
+                "parameters whose cost it can bound.",
+                param=name,
+            )
         if name not in BODY_PARAMS:
             raise InvalidRequest(
                 f"Unknown parameter: '{name}'. Tollgate forwards only the Responses API "
@@ -403,6 +418,50 @@ def read_body(fields: dict[str, Any], size: int, default_model: str, team: Team)
     )
 
 
+COUNT_PARAMS = frozenset(
+    {
+        "model", "input", "instructions", "tools", "tool_choice", "previous_response_id",
+        "reasoning", "text", "truncation", "parallel_tool_calls",
+    }
+)  # fmt: skip
+"""The body parameters of `client.responses.input_tokens.count` Tollgate forwards."""
+
+
+@dataclass(frozen=True, slots=True)
+class CountBody:
+    """A `POST /v1/responses/input_tokens` body as understood: free, but it may name
+    objects (the response it continues, files) that must be the team's own."""
+
+    fields: dict[str, Any]
+    previous: str | None
+    files: tuple[str, ...]
+
+    def encode(self) -> bytes:
+        return _ENCODER.encode(self.fields).encode()
+
+
+def read_count(fields: dict[str, Any]) -> CountBody:
+    """The body of an input-token count, read with the rules of `read_body` for what it
+    may hold (the same inputs and tools: what a response could not be sent with, it is
+    not counted for), and the objects it names."""
+    for name in fields:
+        if name in REFUSED_PARAMS:
+            raise InvalidRequest(
+                f"Tollgate does not support '{name}' yet. {REFUSED_PARAMS[name]}", param=name
+            )
+        if name not in COUNT_PARAMS:
+            raise InvalidRequest(f"Unknown parameter: '{name}'.", param=name)
+    fields = {k: v for k, v in fields.items() if v is not None}
+    read_input(fields.get("input"))
+    for name in ("model", "instructions", "previous_response_id"):
+        if name in fields and not isinstance(fields[name], str):
+            raise InvalidRequest(f"Invalid type for '{name}': expected a string.", param=name)
+    _, tool = _tools(fields.get("tools", []))
+    return CountBody(
+        fields, fields.get("previous_response_id"), named_files(fields.get("input"), tool)
+    )
+
+
 def _user(fields: Mapping[str, Any]) -> str | None:
     """Who per-user budgets count the request against: `safety_identifier`, else `user`."""
     found = None
@@ -496,6 +555,7 @@ def _tools(tools: Any) -> tuple[int | None, dict[str, Any] | None]:
                     f"Unknown parameter: 'tools[{index}].{name}'. Tollgate cannot price it.",
                     param=f"tools[{index}].{name}",
                 )
+        check_output_format(tool.get("output_format"), f"tools[{index}].output_format")
         for name, choices in TOOL_CHOICES.items():
             value = tool.get(name)
             if value is not None and value not in choices:

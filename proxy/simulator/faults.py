@@ -25,6 +25,10 @@
                         stream ends with `response.failed`, a non-stream answer is a 200
                         `status: "failed"` response; billed for the images and the
                         mainline input (the answer text is never written)
+    [[fault:zerotool]]  (Responses only) `tool_usage.image_gen` reports zero counts though
+                        the image calls completed, as OpenAI's does when their usage records
+                        are missing ("calls with missing or incomplete usage records may be
+                        skipped"); billed for the images all the same
 
 On the Responses API (`POST /v1/responses`) the faults play as on the Images API, but
 for `texttokens` and `echo`, which change nothing there.
@@ -82,7 +86,7 @@ def pick_fault(prompt: str, configured: Fault | None) -> Fault | None:
     return configured
 
 
-ResponseFault = Fault | Literal["failed"]
+ResponseFault = Fault | Literal["failed", "zerotool"]
 
 
 def pick_response_fault(prompt: str, configured: Fault | None) -> ResponseFault | None:
@@ -90,6 +94,8 @@ def pick_response_fault(prompt: str, configured: Fault | None) -> ResponseFault 
     for match in _MARKER.finditer(prompt):
         if match[1] == "failed":
             return "failed"
+        if match[1] == "zerotool":
+            return "zerotool"
         if match[1] in FAULTS:
             return parse_fault(match[1])
     return configured

@@ -32,6 +32,8 @@ class Snapshot:
     status: Status
     padding: int = 0
     with_usage: bool = True
+    tool_counted: bool = True
+    """False: `tool_usage.image_gen` reports zero counts (the `zerotool` fault)."""
 
     def image_id(self, index: int) -> str:
         return f"ig_{self.id.removeprefix('resp_')}{index:02d}"
@@ -150,7 +152,11 @@ def response_json(snap: Snapshot) -> dict[str, Any]:
         "top_p": 1.0,
         "truncation": "disabled",
         "usage": usage_json(snap.tokens.mainline) if billed else None,
-        "tool_usage": tool_usage_json(snap.tokens.image_gen) if billed else None,
+        "tool_usage": (
+            tool_usage_json(snap.tokens.image_gen if snap.tool_counted else BilledUsage())
+            if billed
+            else None
+        ),
     }
 
 

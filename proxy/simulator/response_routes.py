@@ -3,6 +3,13 @@
 create:   authenticate → read the body → validate → play a fault → find the previous
           response → moderate → bill (a background response: when it ends) → store → answer
 retrieve, cancel, delete, input_items: authenticate → bill what has ended → find → answer
+
+`POST /v1/responses/input_tokens` counts, free of charge, the input tokens a response
+with that body would bill (its previous response's included).
+
+`GET /v1/responses/{id}?stream=true` replays a background stream's events (those after
+`starting_after`, a sequence number), as OpenAI lets a client reconnect to one; another
+response cannot be streamed again.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from proxy.simulator.faults import (
     pick_response_fault,
 )
 from proxy.simulator.forms import parse_json
-from proxy.simulator.refusals import ApiError, invalid_api_key
+from proxy.simulator.refusals import ApiError, invalid, invalid_api_key
 from proxy.simulator.response_answers import (
     FrameKind,
     Snapshot,
@@ -133,7 +140,11 @@ async def create_response(state: SimulatorState, request: Request) -> Response:
     if queued:
         await sleep_ms(knobs.queue_ms)
         return json_response(200, response_json(stored.snapshot(arrival.time)), arrival.id, {})
-    snap = replace(stored.snapshot(stored.ready_at), with_usage=fault != "nousage")
+    snap = replace(
+        stored.snapshot(stored.ready_at),
+        with_usage=fault != "nousage",
+        tool_counted=fault != "zerotool",
+    )
     if order.stream:
         return _stream(snap, knobs.latency_ms, fault, request)
     await sleep_ms(knobs.latency_ms)
@@ -176,6 +187,38 @@ async def _accept(
         await sleep_ms(state.knobs.latency_ms)
         return error_response(error, arrival.id)
     return fields, order, fault, carried
+
+
+COUNT_PARAMS = frozenset(
+    {
+        "model", "input", "instructions", "tools", "tool_choice", "previous_response_id",
+        "reasoning", "text", "truncation", "parallel_tool_calls", "conversation",
+    }
+)  # fmt: skip
+"""The body parameters of `client.responses.input_tokens.count`."""
+
+
+async def count_input_tokens(state: SimulatorState, request: Request) -> Response:
+    """Answer `POST /v1/responses/input_tokens` the way OpenAI would: bills nothing."""
+    request_id = f"req_{uuid.uuid4().hex}"
+    try:
+        if not state.admits(request.headers.get("authorization")):
+            raise invalid_api_key(request.headers.get("authorization"))
+        fields = dict(parse_json("generations", await request.body()).fields)
+        for key in fields:
+            if key not in COUNT_PARAMS:
+                raise invalid(f"Unknown parameter: '{key}'.", param=key, code="unknown_parameter")
+        order = read_order(fields)
+        carried = 0
+        if order.previous_response_id is not None:
+            project = request.headers.get("openai-project")
+            previous = state.responses.previous(order.previous_response_id, project)
+            carried = previous.tokens.mainline.input + previous.tokens.mainline.output
+    except ApiError as error:
+        return error_response(error, request_id)
+    tokens = tokens_of(order, carried)
+    body = {"object": "response.input_tokens", "input_tokens": tokens.mainline.input}
+    return json_response(200, body, request_id, {})
 
 
 def _garbled(frames: list[tuple[FrameKind, bytes]]) -> list[tuple[FrameKind, bytes]]:
@@ -226,7 +269,41 @@ async def retrieve_response(state: SimulatorState, request: Request) -> Response
     if isinstance(found, Response):
         return found
     stored, now = found
+    if request.query_params.get("stream") == "true":
+        try:
+            after = _starting_after(stored, request.query_params.get("starting_after"))
+        except ApiError as error:
+            return error_response(error, stored.id)
+        return _replay(stored, after)
     return json_response(200, response_json(stored.snapshot(now)), stored.id, {})
+
+
+def _starting_after(stored: StoredResponse, value: str | None) -> int:
+    """The sequence number a streamed retrieve resumes after (-1: from the start)."""
+    if not (stored.order.background and stored.order.stream):
+        # Only a background stream can be reconnected to; OpenAI answers the others with
+        # the 404 of an unknown response.
+        raise ApiError(404, f"Response with id '{stored.id}' not found.", param=None, code=None)
+    if value is None:
+        return -1
+    if not value.isascii() or not value.isdigit():
+        raise invalid(
+            f"Invalid 'starting_after': expected an integer, but got {value!r}.",
+            param="starting_after",
+        )
+    return int(value)
+
+
+def _replay(stored: StoredResponse, after: int) -> StreamingResponse:
+    """The stream of a background response that has ended, from the event after `after`."""
+    frames = stream_frames(stored.snapshot(stored.ready_at))
+
+    async def events() -> AsyncIterator[bytes]:
+        for _, frame in frames[after + 1 :]:
+            yield frame
+
+    headers = {"x-request-id": stored.id, "cache-control": "no-cache"}
+    return StreamingResponse(events(), headers=headers, media_type="text/event-stream")
 
 
 async def cancel_response(state: SimulatorState, request: Request) -> Response:

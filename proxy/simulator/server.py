@@ -50,6 +50,7 @@ from proxy.simulator.options import Knobs, SimulatorSettings
 from proxy.simulator.refusals import ApiError, invalid, invalid_api_key
 from proxy.simulator.response_routes import (
     cancel_response,
+    count_input_tokens,
     create_response,
     delete_response,
     list_input_items,
@@ -85,6 +86,11 @@ class _Endpoints:
             Route("/v1/images/edits", partial(self.images, "edits"), methods=["POST"]),
             Route("/v1/images/variations", partial(self.images, "variations"), methods=["POST"]),
             Route("/v1/responses", partial(create_response, self.state), methods=["POST"]),
+            Route(
+                "/v1/responses/input_tokens",
+                partial(count_input_tokens, self.state),
+                methods=["POST"],
+            ),
             Route(
                 "/v1/responses/{response_id}",
                 partial(retrieve_response, self.state),

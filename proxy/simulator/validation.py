@@ -31,7 +31,7 @@ OUTPUT_FORMATS = ("png", "jpeg", "webp")
 BACKGROUNDS = ("transparent", "opaque", "auto")
 FIDELITIES = ("high", "low")
 RESPONSE_FORMATS = ("url", "b64_json")
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def custom_size_problem(width: int, height: int) -> str | None:
 def _size(model: ModelRule, value: str) -> tuple[int, int]:
     if value == "auto":
         return AUTO_SIZE
-    match = _SIZE.match(value)
+    match = _SIZE.fullmatch(value)
     if model.sizes is not None:
         if value not in model.sizes or match is None:
             allowed = (*model.sizes, "auto")

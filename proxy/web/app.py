@@ -27,7 +27,7 @@ from proxy.web.lifespan import Lifespan
 from proxy.web.passthrough import OtherPaths
 from proxy.web.pipeline import Pipeline
 from proxy.web.reload import Reloader
-from proxy.web.response_objects import ResponseObjects, websocket_refused
+from proxy.web.response_objects import InputTokens, ResponseObjects, websocket_refused
 from proxy.web.responses import EXCEPTION_HANDLERS
 from proxy.web.runtime import Overrides, Runtime, upstream_key
 from proxy.web.self_service import BUDGET_PATH, SelfService
@@ -64,6 +64,7 @@ def create_app(
     reloader = Reloader(gateway, source, overrides, after_reload)
     admin, other_paths, bind = AdminApi(reloader), OtherPaths(), gateway.bind
     responses, files, batches = ResponseObjects(), Files(), Batches()
+    input_tokens = InputTokens()
     self_service = SelfService()
     routes = [
         Route("/metrics", bind(metrics_endpoint), methods=["GET"]),
@@ -73,6 +74,7 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", bind(readyz), methods=["GET"]),
         Route("/v1/responses", bind(websocket_refused), methods=["GET"]),
+        Route("/v1/responses/input_tokens", bind(input_tokens.handle), methods=["POST"]),
         Route("/v1/responses/{response_id}", bind(responses.handle), methods=["GET", "DELETE"]),
         Route("/v1/responses/{response_id}/input_items", bind(responses.handle), methods=["GET"]),
         Route("/v1/responses/{response_id}/cancel", bind(responses.handle), methods=["POST"]),

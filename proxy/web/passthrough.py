@@ -25,6 +25,20 @@ from proxy.web.responses import error_response
 from proxy.web.runtime import Runtime
 
 
+def not_served(method: str, path: str) -> str:
+    """The 404's message for a path Tollgate neither serves nor forwards."""
+    if any(under(path.lower(), p) for p in OBJECT_PATHS):
+        # A path of an API Tollgate serves (`/v1/responses/compact`, which runs a model):
+        # say that it is Tollgate that does not take it, not that OpenAI has no such URL.
+        return (
+            f"Invalid URL ({method} {path}): Tollgate does not forward this path of the "
+            "Responses, Files or Batch API, whose cost it cannot bound or whose objects it "
+            "cannot keep to your team. It serves POST /v1/responses and a response's own "
+            "paths, /v1/files and /v1/batches."
+        )
+    return f"Invalid URL ({method} {path}): Tollgate proxies only the image endpoints."
+
+
 class OtherPaths:
     """Any other `/v1/*` path: 404 in OpenAI's error shape, unless a `passthrough:` prefix
     lists it; then it is forwarded for an authenticated team with the upstream key, as is
@@ -48,11 +62,7 @@ class OtherPaths:
         kept = ("/v1/images", TOLLGATE_PATHS, *OBJECT_PATHS)
         stored = under(lowered, CHAT_COMPLETIONS) and (method, path) != ("POST", CHAT_COMPLETIONS)
         if not listed or stored or any(under(lowered, p) for p in kept):
-            return error_response(
-                NotFound(
-                    f"Invalid URL ({method} {path}): Tollgate proxies only the image endpoints."
-                )
-            )
+            return error_response(NotFound(not_served(method, path)))
         headers = {"x-tollgate-request-id": new_request_id()}
         try:
             team, _ = identify(request.headers.get("authorization"), s.config.team_by_key_hash())

@@ -8,6 +8,11 @@ the company key, under the OpenAI project the response was created under (where 
 keeps it, whatever the team's project is now: `proxy.web.projects`), its answer passed
 through as it comes.
 
+`POST /v1/responses/input_tokens` (the SDK's `responses.input_tokens.count`) is free, and
+forwarded as OpenAI's token count for a team's own context: the response it continues and
+the files it names must be the team's, as for a new response; its body is re-encoded from
+Tollgate's reading of it, under the team's project.
+
 A background response is settled by the followers when it ends (`proxy.web.follow`): a
 cancel wakes them; a delete waits for them to settle it first, since a deleted response
 can no longer be read for its usage.
@@ -19,13 +24,17 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from proxy.core.errors import InvalidRequest, NotFound, RequestError
+from proxy.core.budgets import allow_endpoint
+from proxy.core.errors import InvalidRequest, NotFound, PreviousResponseNotFound, RequestError
+from proxy.core.parsing import json_object
 from proxy.core.paths import plain_query
+from proxy.doors.responses import read_count
 from proxy.upstream import response_headers
+from proxy.web.admission import read_body
 from proxy.web.gateway import path_of
 from proxy.web.observe import KeyRefusals
-from proxy.web.pipeline import new_request_id
-from proxy.web.projects import created_under
+from proxy.web.pipeline import new_request_id, owned_files
+from proxy.web.projects import created_under, same_project
 from proxy.web.responses import error_response
 from proxy.web.runtime import Runtime
 
@@ -105,6 +114,63 @@ class ResponseObjects:
             "cancel it first (POST /v1/responses/{id}/cancel), then delete it (retry "
             "shortly if this persists). Tollgate settles its cost from the response, which "
             "a delete would remove."
+        )
+
+
+class InputTokens:
+    """`POST /v1/responses/input_tokens`: free, for the team's own context."""
+
+    def __init__(self) -> None:
+        self.key_refusals = KeyRefusals("responses")
+
+    async def handle(self, request: Request, runtime: Runtime) -> Response:
+        headers = {"x-tollgate-request-id": new_request_id()}
+        team = self.key_refusals.team_of(request, runtime, headers)
+        if isinstance(team, Response):
+            return team
+        config = runtime.config
+        project = config.project_of(team.name)
+        try:
+            allow_endpoint(team, "responses")
+            query = plain_query(request.scope.get("query_string", b""))
+            if query is None:
+                raise InvalidRequest(
+                    "The query string holds characters that must be percent-encoded."
+                )
+            media_type = request.headers.get("content-type", "").split(";", 1)[0].strip()
+            if media_type.lower() != "application/json":
+                raise InvalidRequest(
+                    "Unsupported content type for /v1/responses/input_tokens: send "
+                    "application/json."
+                )
+            body = await read_body(request, config.limits.edits_bytes, runtime.bodies)
+            count = read_count(json_object(body))
+            if count.files:
+                await owned_files(runtime, team, count.files)
+            if count.previous is not None:
+                row = await runtime.ledger.response(count.previous)
+                if row is None or row.team != team.name:
+                    raise PreviousResponseNotFound(
+                        f"Previous response with id '{count.previous}' not found.",
+                        param="previous_response_id",
+                    )
+                same_project(runtime, row, project, f"Previous response '{count.previous}'")
+            answer = await runtime.upstream.send(
+                "/responses/input_tokens",
+                count.encode(),
+                "application/json",
+                request.headers.items(),
+                method="POST",
+                query=query,
+                project=project,
+            )
+        except RequestError as exc:
+            return error_response(exc, headers)
+        return StreamingResponse(
+            answer.chunks(),
+            status_code=answer.status,
+            headers={**dict(response_headers(answer)), **headers},
+            background=BackgroundTask(answer.aclose),
         )
 
 
