@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -96,10 +97,7 @@ class BatchFollow:
             stored = await ledger.stored(self.batch_id)
             self.input_file_id = stored.input_file_id if stored else batch.get("input_file_id")
         lines = await ledger.batch_lines(self.input_file_id or "")
-        ended = batch.get(ENDED_AT[status]) or runtime.clock()
-        # Booked within the span its reservation held room in: an end reported later (or
-        # none, the batch read late after an outage) would land in a window it held none in.
-        ended_at = min(float(ended), entry.started_at + BATCH_SPAN_S)
+        ended_at = booked_at(batch.get(ENDED_AT[status]), entry.started_at, runtime.clock())
         billed: list[BilledLine] = []
         output = batch.get("output_file_id")
         if isinstance(output, str):
@@ -146,6 +144,17 @@ class BatchFollow:
             observe(runtime, line.entry, line.settlement, ())
 
 
+def booked_at(ended: Any, started_at: float, now: float) -> float:
+    """When the lines of a batch created at `started_at` are booked: the end the upstream
+    reports (`now` when it reports none, or no finite number), within the span its
+    reservation held room in. An end reported later (the batch read late after an outage),
+    or earlier than its creation (a skewed or wrong clock: 0 would book it in 1970), would
+    land in a window it held no room in, and its spend would pass that window's budget."""
+    if isinstance(ended, bool) or not isinstance(ended, int | float) or not math.isfinite(ended):
+        ended = now
+    return min(max(float(ended), started_at), started_at + BATCH_SPAN_S)
+
+
 class OutputGone(Exception):
     """A batch's output file that the upstream no longer has (it was deleted)."""
 
@@ -182,16 +191,28 @@ def billed_line(
     ended_at: float,
     batch_id: str,
 ) -> BilledLine | None:
-    """The row of one output line that OpenAI answered 200; None for an error line."""
+    """The row of one output line that OpenAI answered 200; None for an error line.
+
+    A line that cannot be read (not a JSON object, a `response` that is not one, or a
+    `status_code` that is not a number; OpenAI writes none) may be a billed line: it is
+    charged the bound of the line it names (of the dearest line when it names none),
+    flagged `malformed_answer`, rather than the batch never being settled and its
+    reservation held for good."""
     try:
         found = json.loads(raw)
-        response = found.get("response") or {}
-        if response.get("status_code") != 200:
-            return None
-        body = response.get("body")
-        custom_id = found.get("custom_id")
-    except (ValueError, AttributeError):
-        raise MalformedAnswer(f"batch {batch_id}: an output line is not JSON") from None
+    except ValueError:
+        found = None
+    if not isinstance(found, dict):
+        found = {}
+    response, custom_id = found.get("response"), found.get("custom_id")
+    if response is None and isinstance(found.get("error"), dict):
+        return None  # not run (expired, say): `error` says why, and it is not billed
+    status = response.get("status_code") if isinstance(response, dict) else None
+    readable = type(status) is int
+    if readable and status != 200:
+        return None  # answered with an error: not billed
+    answered = response if isinstance(response, dict) else {}
+    body = answered.get("body")
     if not isinstance(body, dict):
         body = {}  # a billed line whose answer cannot be read: charged its bound, flagged
     config = runtime.config
@@ -199,10 +220,13 @@ def billed_line(
     line = lines.get(custom_id) if isinstance(custom_id, str) else None
     if line is None:
         line = max(lines.values(), key=lambda priced: priced.bound_nanos)
-        charge, code = Charge(Usage(), line.bound_nanos, True), UNKNOWN_LINE
+        code = UNKNOWN_LINE if readable else MALFORMED_ANSWER
+        charge = Charge(Usage(), line.bound_nanos, True)
+    elif not readable:
+        charge, code = Charge(Usage(images=line.n), line.bound_nanos, True), MALFORMED_ANSWER
     elif line.mainline is not None:
         charge, code, outcome = response_charge(config.prices, line, body)
-        row = line_row(runtime, reservation, line, charge, code, ended_at, batch_id, response)
+        row = line_row(runtime, reservation, line, charge, code, ended_at, batch_id, answered)
         return replace(row, settlement=replace(row.settlement, outcome=outcome))
     else:
         model = config.prices.find(line.model)
@@ -213,7 +237,7 @@ def billed_line(
             charge, code = Charge(Usage(images=images), line.bound_nanos, True), None
         else:
             charge, code = model.for_batch().charge(replace(usage, images=images)), None
-    return line_row(runtime, reservation, line, charge, code, ended_at, batch_id, response)
+    return line_row(runtime, reservation, line, charge, code, ended_at, batch_id, answered)
 
 
 def response_charge(
