@@ -4,6 +4,7 @@ at batch rates and written out from its parse, every bad line listed with its nu
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -157,6 +158,22 @@ def test_how_the_file_arrives_in_chunks_does_not_change_what_is_read(
     assert whole.ok and split.ok
     assert split_out == whole_out
     assert split.bound_nanos == whole.bound_nanos and len(split.lines) == 5
+
+
+def test_a_long_line_arriving_in_many_chunks_is_read_in_linear_time(config: Config) -> None:
+    """The file is read on the event loop: a 32 MiB line in 32 KiB chunks (a 200 MB file
+    holds three 64 MiB lines) must not be copied and searched again at every chunk, which
+    took seconds and stalled every other request meanwhile."""
+    data = b"x" * (32 * 1024 * 1024)
+    batch = BatchFile(team(config), config)
+    started = time.monotonic()
+    for at in range(0, len(data), 32 * 1024):
+        assert batch.feed(data[at : at + 32 * 1024]) == b""
+    assert time.monotonic() - started < 1.0
+    batch.feed(b"\n" + line("after") + b"\n")
+    batch.finish()
+    assert batch.problems[0].startswith("line 1: We could not parse")
+    assert [x.custom_id for x in batch.lines] == ["after"]
 
 
 # -- checked again when the batch is created ------------------------------------------------

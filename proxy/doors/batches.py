@@ -86,26 +86,29 @@ class BatchFile:
     bound_nanos: int = 0
     usage: Usage = field(default_factory=Usage)
     _count: int = 0
-    _tail: bytes = b""
+    _tail: bytearray = field(default_factory=bytearray)
+    """The start of a line whose end has not arrived yet."""
     _ids: set[str] = field(default_factory=set)
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._tail + chunk
-        end = data.rfind(b"\n")
+        # Only the new chunk is searched, and a long line grows in place: copying and
+        # searching it again at each chunk took seconds of the event loop for one line.
+        end = chunk.rfind(b"\n")
         if end < 0:
-            if len(data) > MAX_LINE_BYTES:
+            self._tail += chunk
+            if len(self._tail) > MAX_LINE_BYTES:
                 self._count += 1
                 self._problem(f"longer than {MAX_LINE_BYTES:,} bytes")
-                data = b""
-            self._tail = data
+                self._tail = bytearray()
             return b""
-        self._tail = data[end + 1 :]
-        return b"".join(self._line(raw) for raw in data[:end].split(b"\n"))
+        data = bytes(self._tail + chunk[:end])
+        self._tail = bytearray(chunk[end + 1 :])
+        return b"".join(self._line(raw) for raw in data.split(b"\n"))
 
     def finish(self) -> bytes:
         """The last line (it may lack its newline); then the file as a whole is checked."""
-        out = self._line(self._tail) if self._tail.strip() else b""
-        self._tail = b""
+        tail, self._tail = bytes(self._tail), bytearray()
+        out = self._line(tail) if tail.strip() else b""
         if self._count == 0:
             self._problems_append("the file holds no request: a batch needs at least one line")
         elif self._count > MAX_LINES:
