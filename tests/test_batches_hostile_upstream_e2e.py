@@ -23,7 +23,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tests.batches_e2e import DAY, line, settled_rows, upload
-from tests.conftest import Tollgate, serving, start_tollgate, write_config
+from tests.conftest import (
+    DESIGN_KEY,
+    RESEARCH_KEY,
+    Tollgate,
+    serving,
+    start_tollgate,
+    write_config,
+)
 
 USAGE = {
     "input_tokens": 12,
@@ -68,7 +75,7 @@ class Upstream:
 
     async def retrieve(self, request: Request) -> Response:
         batch = self.created[request.path_params["batch_id"]]
-        return JSONResponse({**batch, **self.ended, "output_file_id": "file-out"})
+        return JSONResponse({**batch, "output_file_id": "file-out", **self.ended})
 
     async def content(self, request: Request) -> Response:
         return Response(self.output, media_type="application/octet-stream")
@@ -105,11 +112,17 @@ def output_line(custom_id: str) -> str:
     return json.dumps({"id": "r", "custom_id": custom_id, "response": response, "error": None})
 
 
-def run(proxy: Tollgate, upstream: Upstream, ended: dict[str, Any], output: list[str]) -> Any:
-    """A batch of `LINES` that ends as `ended` says, with `output` as its output file; its
-    rows once settled, and when it was created."""
+def run(
+    proxy: Tollgate,
+    upstream: Upstream,
+    ended: dict[str, Any],
+    output: list[str],
+    key: str = DESIGN_KEY,
+) -> Any:
+    """A batch of `LINES` that ends as `ended` says, with `output` as its output file, made
+    with `key`; its rows once settled, and when it was created."""
     upstream.ended, upstream.output = ended, "".join(f"{x}\n" for x in output).encode()
-    sdk = proxy.client()
+    sdk = proxy.client(key)
     uploaded = upload(sdk, LINES)
     before = time.time()
     batch = sdk.batches.create(
@@ -174,3 +187,34 @@ def test_an_error_line_is_not_billed(proxy: Tollgate, upstream: Upstream) -> Non
     for other in (error, failed):
         rows, _ = run(proxy, upstream, ended, [output_line("a"), other])
         assert [(r["custom_id"], r["flagged"]) for r in rows] == [("a", 0)]
+
+
+def test_an_empty_error_file_id_is_no_file_and_every_teams_batch_is_settled(
+    proxy: Tollgate, upstream: Upstream
+) -> None:
+    """OpenAI has answered `error_file_id: ""` for a batch without failed lines: that is
+    no file, and no team's. Recorded as the first team's, it made the settlement of every
+    other team's batch fail for good (another team's file), its reservation held."""
+    ended = {"status": "completed", "completed_at": int(time.time()), "error_file_id": ""}
+    for key in (DESIGN_KEY, RESEARCH_KEY):
+        rows, _ = run(proxy, upstream, ended, [output_line("a"), output_line("b")], key)
+        assert [(r["custom_id"], r["flagged"]) for r in rows] == [("a", 0), ("b", 0)]
+    assert proxy.query("SELECT id FROM stored_objects WHERE id = ''") == []
+
+
+@pytest.mark.parametrize("output", [None, ""])
+def test_completed_lines_without_an_output_file_are_charged_their_bounds_flagged(
+    proxy: Tollgate, upstream: Upstream, output: str | None
+) -> None:
+    """A batch that says lines completed but names no output file to read them from was
+    billed for them: each line is charged its bound, flagged, never nothing."""
+    counts = {"total": 2, "completed": 2, "failed": 0}
+    ended = {
+        "status": "completed", "completed_at": int(time.time()), "output_file_id": output,
+        "request_counts": counts,
+    }  # fmt: skip
+    rows, _ = run(proxy, upstream, ended, [])
+    assert len(rows) == 2
+    for row in rows:
+        assert (row["flagged"], row["error_code"]) == (1, "batch_output_gone")
+        assert row["cost_nanos"] == row["estimated_nanos"] > 0

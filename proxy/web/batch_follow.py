@@ -99,33 +99,41 @@ class BatchFollow:
         lines = await ledger.batch_lines(self.input_file_id or "")
         ended_at = booked_at(batch.get(ENDED_AT[status]), entry.started_at, runtime.clock())
         billed: list[BilledLine] = []
-        output = batch.get("output_file_id")
-        if isinstance(output, str):
-            try:
+        output, errors = file_id_of(batch, "output_file_id"), file_id_of(batch, "error_file_id")
+        try:
+            if output is not None:
                 async for raw in _file_lines(runtime, output, self.project):
                     line = billed_line(runtime, entry, lines, raw, ended_at, self.batch_id)
                     if line is not None:
                         billed.append(line)
-            except OutputGone:
-                # Deleted before it was read (its team may delete it as soon as it sees
-                # it): what each line billed can no longer be read, so each line is
-                # charged its bound, flagged, rather than the batch never being settled.
-                log.warning("batch %s: its output file %s is gone", self.batch_id, output)
-                billed = [
-                    line_row(
-                        runtime, entry, line, Charge(Usage(images=line.n), line.bound_nanos, True),
-                        OUTPUT_GONE, ended_at, self.batch_id, {},
-                    )
-                    for line in lines.values()
-                ]  # fmt: skip
-        billed = within(billed, entry.estimated_nanos)
-        for file_id in (output, batch.get("error_file_id")):
-            if isinstance(file_id, str):
-                team = entry.team or ""
-                owned = StoredObject(
-                    file_id, team, "file", "batch_output", ended_at, project=self.project
+            elif completed_lines(batch):
+                raise OutputGone(None)
+        except OutputGone:
+            # Deleted before it was read (its team may delete it as soon as it sees it), or
+            # never named though lines completed: what each line billed cannot be read, so
+            # each line is charged its bound, flagged, rather than nothing or the batch
+            # never being settled.
+            log.warning("batch %s: its output file %s is gone", self.batch_id, output)
+            billed = [
+                line_row(
+                    runtime, entry, line, Charge(Usage(images=line.n), line.bound_nanos, True),
+                    OUTPUT_GONE, ended_at, self.batch_id, {},
                 )
-                await ledger.own(owned)
+                for line in lines.values()
+            ]  # fmt: skip
+        billed = within(billed, entry.estimated_nanos)
+        for file_id in (output, errors):
+            if file_id is not None:
+                owned = StoredObject(
+                    file_id, entry.team or "", "file", "batch_output", ended_at,
+                    project=self.project,
+                )  # fmt: skip
+                try:
+                    await ledger.own(owned)
+                except LedgerError as exc:
+                    # Another team's already (OpenAI's answers are not ours to trust): the
+                    # file stays theirs, and the batch is settled all the same.
+                    log.error("batch %s: recording %s failed: %s", self.batch_id, file_id, exc)
         outcome = Settlement(
             finished_at=ended_at,
             outcome="ok" if status == "completed" else "upstream_error",
@@ -153,6 +161,20 @@ def booked_at(ended: Any, started_at: float, now: float) -> float:
     if isinstance(ended, bool) or not isinstance(ended, int | float) or not math.isfinite(ended):
         ended = now
     return min(max(float(ended), started_at), started_at + BATCH_SPAN_S)
+
+
+def file_id_of(batch: dict[str, Any], name: str) -> str | None:
+    """The batch's output or error file; None when it names none (OpenAI writes an empty
+    string for a file it did not write, which is no file, and no team's)."""
+    found = batch.get(name)
+    return found if isinstance(found, str) and found else None
+
+
+def completed_lines(batch: dict[str, Any]) -> int:
+    """How many lines the batch says completed (0 when it does not say)."""
+    counts = batch.get("request_counts")
+    completed = counts.get("completed") if isinstance(counts, dict) else None
+    return completed if type(completed) is int and completed > 0 else 0
 
 
 class OutputGone(Exception):
