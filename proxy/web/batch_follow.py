@@ -157,10 +157,12 @@ def booked_at(ended: Any, started_at: float, now: float) -> float:
     reports (`now` when it reports none, or no finite number), within the span its
     reservation held room in. An end reported later (the batch read late after an outage),
     or earlier than its creation (a skewed or wrong clock: 0 would book it in 1970), would
-    land in a window it held no room in, and its spend would pass that window's budget."""
+    land in a window it held no room in, and its spend would pass that window's budget.
+    OpenAI reports whole seconds: an end in the second the batch was created is its own
+    (every window starts on a whole second, so that second is in the windows held)."""
     if isinstance(ended, bool) or not isinstance(ended, int | float) or not math.isfinite(ended):
         ended = now
-    return min(max(float(ended), started_at), started_at + BATCH_SPAN_S)
+    return min(max(float(ended), math.floor(started_at)), started_at + BATCH_SPAN_S)
 
 
 def file_id_of(batch: dict[str, Any], name: str) -> str | None:
