@@ -218,3 +218,18 @@ def test_completed_lines_without_an_output_file_are_charged_their_bounds_flagged
     for row in rows:
         assert (row["flagged"], row["error_code"]) == (1, "batch_output_gone")
         assert row["cost_nanos"] == row["estimated_nanos"] > 0
+
+
+def test_an_output_file_that_cannot_be_read_past_a_point_is_settled_at_the_lines_bounds(
+    proxy: Tollgate, upstream: Upstream
+) -> None:
+    """A number longer than any usage holds (refused before it reaches the JSON parser)
+    made every reading of the file fail, the batch never settled; the lines not read are
+    charged their bounds, flagged."""
+    ended = {"status": "completed", "completed_at": int(time.time())}
+    absurd = output_line("b").replace('"output_tokens": 196', '"output_tokens": ' + "9" * 200)
+    rows, _ = run(proxy, upstream, ended, [output_line("a"), absurd])
+    assert sorted(r["custom_id"] for r in rows) == ["a", "b"]
+    for row in rows:
+        assert (row["flagged"], row["error_code"]) == (1, "malformed_answer")
+        assert row["cost_nanos"] == row["estimated_nanos"] > 0

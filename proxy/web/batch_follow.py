@@ -108,6 +108,19 @@ class BatchFollow:
                         billed.append(line)
             elif completed_lines(batch):
                 raise OutputGone(None)
+        except OutputUnreadable as exc:
+            # The rest of the file cannot be read (a number no usage holds): the lines
+            # billed so far stand, and every other line is charged its bound, flagged.
+            log.warning("batch %s: output file %s unreadable: %s", self.batch_id, output, exc)
+            read = {line.entry.custom_id for line in billed}
+            billed += [
+                line_row(
+                    runtime, entry, line, Charge(Usage(images=line.n), line.bound_nanos, True),
+                    MALFORMED_ANSWER, ended_at, self.batch_id, {},
+                )
+                for line in lines.values()
+                if line.custom_id not in read
+            ]  # fmt: skip
         except OutputGone:
             # Deleted before it was read (its team may delete it as soon as it sees it), or
             # never named though lines completed: what each line billed cannot be read, so
@@ -183,6 +196,10 @@ class OutputGone(Exception):
     """A batch's output file that the upstream no longer has (it was deleted)."""
 
 
+class OutputUnreadable(Exception):
+    """A batch's output file that cannot be read past some point, whenever it is read."""
+
+
 async def _file_lines(runtime: Runtime, file_id: str, project: str | None) -> Any:
     """The lines of an upstream file, each with its long strings (images) emptied."""
     answer = await runtime.upstream.send(
@@ -196,7 +213,10 @@ async def _file_lines(runtime: Runtime, file_id: str, project: str | None) -> An
     strings, held = ShortStrings(), b""
     try:
         async for chunk in answer.chunks():
-            held += strings.filter(chunk)
+            try:
+                held += strings.filter(chunk)
+            except MalformedAnswer as exc:  # the same bytes again: asking again cannot help
+                raise OutputUnreadable(str(exc)) from None
             *complete, held = held.split(b"\n")
             for line in complete:
                 if line.strip():
