@@ -18,6 +18,7 @@ from proxy.core.models import Estimate
 from proxy.core.parsing import parse_request
 from proxy.core.pricing import estimate
 from proxy.core.settings import Config, Team
+from proxy.doors import batches
 from proxy.doors.batches import MAX_LINES, MAX_PROBLEMS, BatchFile, bound_now
 from tests.conftest import write_config
 
@@ -174,6 +175,20 @@ def test_a_long_line_arriving_in_many_chunks_is_read_in_linear_time(config: Conf
     batch.finish()
     assert batch.problems[0].startswith("line 1: We could not parse")
     assert [x.custom_id for x in batch.lines] == ["after"]
+
+
+@pytest.mark.parametrize("step", [0, 7, 100])
+def test_a_line_too_long_is_one_problem_and_the_lines_after_it_keep_their_numbers(
+    config: Config, monkeypatch: pytest.MonkeyPatch, step: int
+) -> None:
+    monkeypatch.setattr(batches, "MAX_LINE_BYTES", 1000)
+    data = line("a") + b"\n" + b'{"x": "' + b"y" * 2500 + b'"}\n' + line("c") + b"\nbad\n"
+    batch, _ = read(config, data, step=step)
+    reasons = [p.split(":")[0] for p in batch.problems]
+    assert reasons == ["line 2", "line 4"]
+    assert batch.problems[0] == "line 2: longer than 1,000 bytes"
+    assert [x.custom_id for x in batch.lines] == ["a", "c"]
+    assert [x.line for x in batch.lines] == [1, 3]
 
 
 # -- checked again when the batch is created ------------------------------------------------

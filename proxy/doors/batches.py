@@ -90,7 +90,15 @@ class BatchFile:
     """The start of a line whose end has not arrived yet."""
     _ids: set[str] = field(default_factory=set)
 
+    _skipping: bool = False
+    """The rest of a line refused as too long is arriving: dropped up to its newline."""
+
     def feed(self, chunk: bytes) -> bytes:
+        if self._skipping:
+            start = chunk.find(b"\n")
+            if start < 0:
+                return b""
+            chunk, self._skipping = chunk[start + 1 :], False
         # Only the new chunk is searched, and a long line grows in place: copying and
         # searching it again at each chunk took seconds of the event loop for one line.
         end = chunk.rfind(b"\n")
@@ -99,7 +107,7 @@ class BatchFile:
             if len(self._tail) > MAX_LINE_BYTES:
                 self._count += 1
                 self._problem(f"longer than {MAX_LINE_BYTES:,} bytes")
-                self._tail = bytearray()
+                self._tail, self._skipping = bytearray(), True
             return b""
         data = bytes(self._tail + chunk[:end])
         self._tail = bytearray(chunk[end + 1 :])
@@ -135,6 +143,9 @@ class BatchFile:
         if self._count > MAX_LINES:
             return b""
         raw = raw.removesuffix(b"\r")
+        if len(raw) > MAX_LINE_BYTES:  # however the file arrived in chunks
+            self._problem(f"longer than {MAX_LINE_BYTES:,} bytes")
+            return b""
         try:
             priced_line, encoded = self._read(raw, self._count)
         except RequestError as exc:
