@@ -233,3 +233,18 @@ def test_an_output_file_that_cannot_be_read_past_a_point_is_settled_at_the_lines
     for row in rows:
         assert (row["flagged"], row["error_code"]) == (1, "malformed_answer")
         assert row["cost_nanos"] == row["estimated_nanos"] > 0
+
+
+def test_a_line_answered_twice_is_charged_as_read_and_flagged(
+    proxy: Tollgate, upstream: Upstream
+) -> None:
+    """OpenAI answers each line once: a second answer to one is charged (never less than
+    the upstream may have billed, within the reservation) but flagged for reconciliation,
+    where it was booked as a line of its own."""
+    ended = {"status": "completed", "completed_at": int(time.time())}
+    rows, _ = run(proxy, upstream, ended, [output_line("a"), output_line("a")])
+    assert sorted((r["custom_id"], r["flagged"], r["error_code"]) for r in rows) == [
+        ("a", 0, None),
+        ("a", 1, "batch_line_repeated"),
+    ]
+    assert rows[0]["cost_nanos"] == rows[1]["cost_nanos"] > 0

@@ -46,11 +46,14 @@ BATCH_SPAN_S = 26 * 3600.0
 window, then the time it takes to expire or finalize. Its reservation holds room in every
 window of that span, and its lines are booked within it."""
 UNKNOWN_LINE = "batch_line_unknown"
+"""The error code of an output line whose `custom_id` was not in the file priced: charged
+the dearest line's bound, flagged."""
+REPEATED_LINE = "batch_line_repeated"
+"""The error code of a second answer to one line (OpenAI answers each once): charged as it
+reads, flagged, for reconciliation."""
 OUTPUT_GONE = "batch_output_gone"
 """The error code of the lines of a batch whose output file was deleted before it was read:
 each charged its bound, flagged."""
-"""The error code of an output line whose `custom_id` was not in the file priced: charged
-the dearest line's bound, flagged."""
 
 
 @dataclass
@@ -99,20 +102,25 @@ class BatchFollow:
         lines = await ledger.batch_lines(self.input_file_id or "")
         ended_at = booked_at(batch.get(ENDED_AT[status]), entry.started_at, runtime.clock())
         billed: list[BilledLine] = []
+        read: set[str | None] = set()
         output, errors = file_id_of(batch, "output_file_id"), file_id_of(batch, "error_file_id")
         try:
             if output is not None:
                 async for raw in _file_lines(runtime, output, self.project):
                     line = billed_line(runtime, entry, lines, raw, ended_at, self.batch_id)
-                    if line is not None:
-                        billed.append(line)
+                    if line is None:
+                        continue
+                    if line.entry.custom_id in read and not line.settlement.flagged:
+                        settled = replace(line.settlement, flagged=True, error_code=REPEATED_LINE)
+                        line = replace(line, settlement=settled)
+                    read.add(line.entry.custom_id)
+                    billed.append(line)
             elif completed_lines(batch):
                 raise OutputGone(None)
         except OutputUnreadable as exc:
             # The rest of the file cannot be read (a number no usage holds): the lines
             # billed so far stand, and every other line is charged its bound, flagged.
             log.warning("batch %s: output file %s unreadable: %s", self.batch_id, output, exc)
-            read = {line.entry.custom_id for line in billed}
             billed += [
                 line_row(
                     runtime, entry, line, Charge(Usage(images=line.n), line.bound_nanos, True),
