@@ -89,7 +89,6 @@ class BatchFile:
     _tail: bytearray = field(default_factory=bytearray)
     """The start of a line whose end has not arrived yet."""
     _ids: set[str] = field(default_factory=set)
-
     _skipping: bool = False
     """The rest of a line refused as too long is arriving: dropped up to its newline."""
 
