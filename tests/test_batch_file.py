@@ -19,7 +19,7 @@ from proxy.core.parsing import parse_request
 from proxy.core.pricing import estimate
 from proxy.core.settings import Config, Team
 from proxy.doors import batches
-from proxy.doors.batches import MAX_LINES, MAX_PROBLEMS, BatchFile, bound_now
+from proxy.doors.batches import MAX_CUSTOM_ID, MAX_LINES, MAX_PROBLEMS, BatchFile, bound_now
 from tests.conftest import write_config
 
 GENERATIONS = "/v1/images/generations"
@@ -189,6 +189,11 @@ def test_a_line_too_long_is_one_problem_and_the_lines_after_it_keep_their_number
     assert batch.problems[0] == "line 2: longer than 1,000 bytes"
     assert [x.custom_id for x in batch.lines] == ["a", "c"]
     assert [x.line for x in batch.lines] == [1, 3]
+
+
+def test_a_custom_id_longer_than_the_output_file_is_read_for_is_refused(config: Config) -> None:
+    batch, _ = read(config, line("k" * MAX_CUSTOM_ID) + b"\n" + line("k" * (MAX_CUSTOM_ID + 1)))
+    assert batch.problems == ["line 2: 'custom_id' is longer than 4,096 characters"]
 
 
 # -- checked again when the batch is created ------------------------------------------------

@@ -41,6 +41,12 @@ from proxy.doors.images import priced
 MAX_LINES = 50_000
 MAX_LINE_BYTES = 64 * 1024 * 1024
 """A longer line is refused (an edit's inline images included, a line stays far below)."""
+MAX_CUSTOM_ID = 4096
+"""The longest `custom_id`, in characters: its line's answer is found by it in the output
+file, whose strings are read up to `CUSTOM_ID_BYTES` (images are dropped unread)."""
+CUSTOM_ID_BYTES = 12 * MAX_CUSTOM_ID
+"""The most bytes JSON may write a `custom_id` of `MAX_CUSTOM_ID` characters in (each an
+emoji escaped as two `\\uXXXX`)."""
 MAX_PROBLEMS = 100
 URLS: dict[str, Endpoint] = {
     "/v1/images/generations": "generations",
@@ -165,6 +171,8 @@ class BatchFile:
         custom_id = given.get("custom_id")
         if not isinstance(custom_id, str) or not custom_id:
             raise InvalidRequest("'custom_id' must be a non-empty string")
+        if len(custom_id) > MAX_CUSTOM_ID:
+            raise InvalidRequest(f"'custom_id' is longer than {MAX_CUSTOM_ID:,} characters")
         if custom_id in self._ids:
             raise InvalidRequest(f"custom_id {custom_id!r} is used by an earlier line")
         self._ids.add(custom_id)

@@ -24,6 +24,7 @@ from proxy.core.periods import counters, zone
 from proxy.core.pricing import PriceBook
 from proxy.core.settlement import MALFORMED_ANSWER, Bound, metered
 from proxy.core.short_strings import ShortStrings
+from proxy.doors.batches import CUSTOM_ID_BYTES
 from proxy.doors.response_meters import read_response
 from proxy.ledger import BatchLine, BilledLine, StoredObject
 from proxy.upstream import BROKEN_OFF
@@ -218,7 +219,9 @@ async def _file_lines(runtime: Runtime, file_id: str, project: str | None) -> An
         if answer.status == 404:
             raise OutputGone(file_id)
         raise MalformedAnswer(f"the batch's output file {file_id} answered {answer.status}")
-    strings, held = ShortStrings(), b""
+    # Its custom_ids are kept whole (up to `CUSTOM_ID_BYTES`, the longest a file may hold):
+    # emptied, a line would answer no line of the file, and be charged another's bound.
+    strings, held = ShortStrings(CUSTOM_ID_BYTES), b""
     try:
         async for chunk in answer.chunks():
             try:
