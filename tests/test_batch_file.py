@@ -4,6 +4,7 @@ at batch rates and written out from its parse, every bad line listed with its nu
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -17,7 +18,8 @@ from proxy.core.models import Estimate
 from proxy.core.parsing import parse_request
 from proxy.core.pricing import estimate
 from proxy.core.settings import Config, Team
-from proxy.doors.batches import MAX_LINES, MAX_PROBLEMS, BatchFile, bound_now
+from proxy.doors import batches
+from proxy.doors.batches import MAX_CUSTOM_ID, MAX_LINES, MAX_PROBLEMS, BatchFile, bound_now
 from tests.conftest import write_config
 
 GENERATIONS = "/v1/images/generations"
@@ -167,6 +169,41 @@ def test_how_the_file_arrives_in_chunks_does_not_change_what_is_read(
     assert whole.ok and split.ok
     assert split_out == whole_out
     assert split.bound_nanos == whole.bound_nanos and len(split.lines) == 5
+
+
+def test_a_long_line_arriving_in_many_chunks_is_read_in_linear_time(config: Config) -> None:
+    """The file is read on the event loop: a 32 MiB line in 32 KiB chunks (a 200 MB file
+    holds three 64 MiB lines) must not be copied and searched again at every chunk, which
+    took seconds and stalled every other request meanwhile."""
+    data = b"x" * (32 * 1024 * 1024)
+    batch = BatchFile(team(config), config)
+    started = time.monotonic()
+    for at in range(0, len(data), 32 * 1024):
+        assert batch.feed(data[at : at + 32 * 1024]) == b""
+    assert time.monotonic() - started < 1.0
+    batch.feed(b"\n" + line("after") + b"\n")
+    batch.finish()
+    assert batch.problems[0].startswith("line 1: We could not parse")
+    assert [x.custom_id for x in batch.lines] == ["after"]
+
+
+@pytest.mark.parametrize("step", [0, 7, 100])
+def test_a_line_too_long_is_one_problem_and_the_lines_after_it_keep_their_numbers(
+    config: Config, monkeypatch: pytest.MonkeyPatch, step: int
+) -> None:
+    monkeypatch.setattr(batches, "MAX_LINE_BYTES", 1000)
+    data = line("a") + b"\n" + b'{"x": "' + b"y" * 2500 + b'"}\n' + line("c") + b"\nbad\n"
+    batch, _ = read(config, data, step=step)
+    reasons = [p.split(":")[0] for p in batch.problems]
+    assert reasons == ["line 2", "line 4"]
+    assert batch.problems[0] == "line 2: longer than 1,000 bytes"
+    assert [x.custom_id for x in batch.lines] == ["a", "c"]
+    assert [x.line for x in batch.lines] == [1, 3]
+
+
+def test_a_custom_id_longer_than_the_output_file_is_read_for_is_refused(config: Config) -> None:
+    batch, _ = read(config, line("k" * MAX_CUSTOM_ID) + b"\n" + line("k" * (MAX_CUSTOM_ID + 1)))
+    assert batch.problems == ["line 2: 'custom_id' is longer than 4,096 characters"]
 
 
 # -- checked again when the batch is created ------------------------------------------------

@@ -69,6 +69,25 @@ def test_a_generations_batch_settles_one_row_per_line_at_batch_rates(
     assert reserved_total(proxy) == 0
 
 
+def test_long_custom_ids_find_their_lines_in_the_output_file(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """A custom_id is how an output line names its line. One that JSON writes in more than
+    1,024 bytes (200 CJK characters escaped, or a long URL) was emptied with the images
+    when the output file was read, so every line was settled as an unknown one: the
+    dearest line's bound, flagged, under another line's id."""
+    names = ["k" * 1100 + "-1", "短" * 200, "🙂" * 4096]
+    lines = [
+        line(name, {"model": "gpt-image-2", "prompt": "a lighthouse", **LOW, "n": 1 + i})
+        for i, name in enumerate(names)
+    ]
+    sdk = proxy.client()
+    batch = ended(sdk, create(sdk, lines).id)
+    rows = check_settled(proxy, simulator, batch, "gpt-image-2")
+    assert sorted(r["custom_id"] for r in rows) == sorted(names)
+    assert [r["n"] for r in sorted(rows, key=lambda r: names.index(r["custom_id"]))] == [1, 2, 3]
+
+
 def test_a_retried_create_gets_the_first_batch_and_never_a_second(
     proxy: Tollgate, simulator: Simulator
 ) -> None:

@@ -42,6 +42,8 @@ OUTSIDE_THE_TREE = {
     "values, made its problem",
     ("proxy.web.batch_follow", "OutputGone"): "a batch's output file deleted unread, its "
     "lines then charged their bounds",
+    ("proxy.web.batch_follow", "OutputUnreadable"): "a batch's output file unreadable past a "
+    "point, the lines not read then charged their bounds",
     # Python's and libraries' own, on purpose.
     ("proxy.core.metering", "ValueError"): "how json's hooks refuse a document",
     ("proxy.core.parsing", "ValueError"): "how json's hooks refuse a document",

@@ -41,7 +41,9 @@ class ShortStrings:
     are still skipped with `bytes.find` alone.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, short: int = SHORT_STRING) -> None:
+        self._short = short
+        """The longest string whose contents are kept."""
         self._inside = False
         self._escape = False  # the last chunk ended on a backslash inside a string
         self._held = bytearray()
@@ -111,7 +113,7 @@ class ShortStrings:
                 self._held.clear()
                 self._keep(chunk, opening + 1, len(chunk))
                 return b"".join(out)
-            if closing - opening - 1 > SHORT_STRING:
+            if closing - opening - 1 > self._short:
                 out.append(chunk[kept : opening + 1])
                 kept = closing
             search = closing + 1
@@ -168,7 +170,7 @@ class ShortStrings:
         """Hold `chunk[start:stop]` as string contents (not copied once the string is long)."""
         if self._long:
             return
-        if len(self._held) + stop - start > SHORT_STRING:
+        if len(self._held) + stop - start > self._short:
             self._long = True
             self._held.clear()
         else:

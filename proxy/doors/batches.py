@@ -41,6 +41,12 @@ from proxy.doors.images import priced
 MAX_LINES = 50_000
 MAX_LINE_BYTES = 64 * 1024 * 1024
 """A longer line is refused (an edit's inline images included, a line stays far below)."""
+MAX_CUSTOM_ID = 4096
+"""The longest `custom_id`, in characters: its line's answer is found by it in the output
+file, whose strings are read up to `CUSTOM_ID_BYTES` (images are dropped unread)."""
+CUSTOM_ID_BYTES = 12 * MAX_CUSTOM_ID
+"""The most bytes JSON may write a `custom_id` of `MAX_CUSTOM_ID` characters in (each an
+emoji escaped as two `\\uXXXX`)."""
 MAX_PROBLEMS = 100
 URLS: dict[str, Endpoint] = {
     "/v1/images/generations": "generations",
@@ -86,26 +92,36 @@ class BatchFile:
     bound_nanos: int = 0
     usage: Usage = field(default_factory=Usage)
     _count: int = 0
-    _tail: bytes = b""
+    _tail: bytearray = field(default_factory=bytearray)
+    """The start of a line whose end has not arrived yet."""
     _ids: set[str] = field(default_factory=set)
+    _skipping: bool = False
+    """The rest of a line refused as too long is arriving: dropped up to its newline."""
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._tail + chunk
-        end = data.rfind(b"\n")
+        if self._skipping:
+            start = chunk.find(b"\n")
+            if start < 0:
+                return b""
+            chunk, self._skipping = chunk[start + 1 :], False
+        # Only the new chunk is searched, and a long line grows in place: copying and
+        # searching it again at each chunk took seconds of the event loop for one line.
+        end = chunk.rfind(b"\n")
         if end < 0:
-            if len(data) > MAX_LINE_BYTES:
+            self._tail += chunk
+            if len(self._tail) > MAX_LINE_BYTES:
                 self._count += 1
                 self._problem(f"longer than {MAX_LINE_BYTES:,} bytes")
-                data = b""
-            self._tail = data
+                self._tail, self._skipping = bytearray(), True
             return b""
-        self._tail = data[end + 1 :]
-        return b"".join(self._line(raw) for raw in data[:end].split(b"\n"))
+        data = bytes(self._tail + chunk[:end])
+        self._tail = bytearray(chunk[end + 1 :])
+        return b"".join(self._line(raw) for raw in data.split(b"\n"))
 
     def finish(self) -> bytes:
         """The last line (it may lack its newline); then the file as a whole is checked."""
-        out = self._line(self._tail) if self._tail.strip() else b""
-        self._tail = b""
+        tail, self._tail = bytes(self._tail), bytearray()
+        out = self._line(tail) if tail.strip() else b""
         if self._count == 0:
             self._problems_append("the file holds no request: a batch needs at least one line")
         elif self._count > MAX_LINES:
@@ -132,6 +148,9 @@ class BatchFile:
         if self._count > MAX_LINES:
             return b""
         raw = raw.removesuffix(b"\r")
+        if len(raw) > MAX_LINE_BYTES:  # however the file arrived in chunks
+            self._problem(f"longer than {MAX_LINE_BYTES:,} bytes")
+            return b""
         try:
             priced_line, encoded = self._read(raw, self._count)
         except RequestError as exc:
@@ -152,6 +171,8 @@ class BatchFile:
         custom_id = given.get("custom_id")
         if not isinstance(custom_id, str) or not custom_id:
             raise InvalidRequest("'custom_id' must be a non-empty string")
+        if len(custom_id) > MAX_CUSTOM_ID:
+            raise InvalidRequest(f"'custom_id' is longer than {MAX_CUSTOM_ID:,} characters")
         if custom_id in self._ids:
             raise InvalidRequest(f"custom_id {custom_id!r} is used by an earlier line")
         self._ids.add(custom_id)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -23,6 +24,7 @@ from proxy.core.periods import counters, zone
 from proxy.core.pricing import PriceBook
 from proxy.core.settlement import MALFORMED_ANSWER, Bound, metered
 from proxy.core.short_strings import ShortStrings
+from proxy.doors.batches import CUSTOM_ID_BYTES
 from proxy.doors.response_meters import read_response
 from proxy.ledger import BatchLine, BilledLine, StoredObject
 from proxy.upstream import BROKEN_OFF
@@ -45,11 +47,14 @@ BATCH_SPAN_S = 26 * 3600.0
 window, then the time it takes to expire or finalize. Its reservation holds room in every
 window of that span, and its lines are booked within it."""
 UNKNOWN_LINE = "batch_line_unknown"
+"""The error code of an output line whose `custom_id` was not in the file priced: charged
+the dearest line's bound, flagged."""
+REPEATED_LINE = "batch_line_repeated"
+"""The error code of a second answer to one line (OpenAI answers each once): charged as it
+reads, flagged, for reconciliation."""
 OUTPUT_GONE = "batch_output_gone"
 """The error code of the lines of a batch whose output file was deleted before it was read:
 each charged its bound, flagged."""
-"""The error code of an output line whose `custom_id` was not in the file priced: charged
-the dearest line's bound, flagged."""
 
 
 @dataclass
@@ -96,38 +101,61 @@ class BatchFollow:
             stored = await ledger.stored(self.batch_id)
             self.input_file_id = stored.input_file_id if stored else batch.get("input_file_id")
         lines = await ledger.batch_lines(self.input_file_id or "")
-        ended = batch.get(ENDED_AT[status]) or runtime.clock()
-        # Booked within the span its reservation held room in: an end reported later (or
-        # none, the batch read late after an outage) would land in a window it held none in.
-        ended_at = min(float(ended), entry.started_at + BATCH_SPAN_S)
+        ended_at = booked_at(batch.get(ENDED_AT[status]), entry.started_at, runtime.clock())
         billed: list[BilledLine] = []
-        output = batch.get("output_file_id")
-        if isinstance(output, str):
-            try:
+        read: set[str | None] = set()
+        output, errors = file_id_of(batch, "output_file_id"), file_id_of(batch, "error_file_id")
+        try:
+            if output is not None:
                 async for raw in _file_lines(runtime, output, self.project):
                     line = billed_line(runtime, entry, lines, raw, ended_at, self.batch_id)
-                    if line is not None:
-                        billed.append(line)
-            except OutputGone:
-                # Deleted before it was read (its team may delete it as soon as it sees
-                # it): what each line billed can no longer be read, so each line is
-                # charged its bound, flagged, rather than the batch never being settled.
-                log.warning("batch %s: its output file %s is gone", self.batch_id, output)
-                billed = [
-                    line_row(
-                        runtime, entry, line, Charge(Usage(images=line.n), line.bound_nanos, True),
-                        OUTPUT_GONE, ended_at, self.batch_id, {},
-                    )
-                    for line in lines.values()
-                ]  # fmt: skip
-        billed = within(billed, entry.estimated_nanos)
-        for file_id in (output, batch.get("error_file_id")):
-            if isinstance(file_id, str):
-                team = entry.team or ""
-                owned = StoredObject(
-                    file_id, team, "file", "batch_output", ended_at, project=self.project
+                    if line is None:
+                        continue
+                    if line.entry.custom_id in read and not line.settlement.flagged:
+                        settled = replace(line.settlement, flagged=True, error_code=REPEATED_LINE)
+                        line = replace(line, settlement=settled)
+                    read.add(line.entry.custom_id)
+                    billed.append(line)
+            elif completed_lines(batch):
+                raise OutputGone(None)
+        except OutputUnreadable as exc:
+            # The rest of the file cannot be read (a number no usage holds): the lines
+            # billed so far stand, and every other line is charged its bound, flagged.
+            log.warning("batch %s: output file %s unreadable: %s", self.batch_id, output, exc)
+            billed += [
+                line_row(
+                    runtime, entry, line, Charge(Usage(images=line.n), line.bound_nanos, True),
+                    MALFORMED_ANSWER, ended_at, self.batch_id, {},
                 )
-                await ledger.own(owned)
+                for line in lines.values()
+                if line.custom_id not in read
+            ]  # fmt: skip
+        except OutputGone:
+            # Deleted before it was read (its team may delete it as soon as it sees it), or
+            # never named though lines completed: what each line billed cannot be read, so
+            # each line is charged its bound, flagged, rather than nothing or the batch
+            # never being settled.
+            log.warning("batch %s: its output file %s is gone", self.batch_id, output)
+            billed = [
+                line_row(
+                    runtime, entry, line, Charge(Usage(images=line.n), line.bound_nanos, True),
+                    OUTPUT_GONE, ended_at, self.batch_id, {},
+                )
+                for line in lines.values()
+            ]  # fmt: skip
+        billed = within(billed, entry.estimated_nanos)
+        for file_id in (output, errors):
+            if file_id is not None:
+                owned = StoredObject(
+                    file_id, entry.team or "", "file", "batch_output", ended_at,
+                    project=self.project,
+                )  # fmt: skip
+                try:
+                    await ledger.own(owned)
+                except LedgerError as exc:
+                    # Another team's already (OpenAI's answers are not ours to trust): the
+                    # file stays theirs, and the batch is settled all the same.
+                    log.error("batch %s: recording %s failed: %s", self.batch_id, file_id, exc)
         outcome = Settlement(
             finished_at=ended_at,
             outcome="ok" if status == "completed" else "upstream_error",
@@ -146,8 +174,39 @@ class BatchFollow:
             observe(runtime, line.entry, line.settlement, ())
 
 
+def booked_at(ended: Any, started_at: float, now: float) -> float:
+    """When the lines of a batch created at `started_at` are booked: the end the upstream
+    reports (`now` when it reports none, or no finite number), within the span its
+    reservation held room in. An end reported later (the batch read late after an outage),
+    or earlier than its creation (a skewed or wrong clock: 0 would book it in 1970), would
+    land in a window it held no room in, and its spend would pass that window's budget.
+    OpenAI reports whole seconds: an end in the second the batch was created is its own
+    (every window starts on a whole second, so that second is in the windows held)."""
+    if isinstance(ended, bool) or not isinstance(ended, int | float) or not math.isfinite(ended):
+        ended = now
+    return min(max(float(ended), math.floor(started_at)), started_at + BATCH_SPAN_S)
+
+
+def file_id_of(batch: dict[str, Any], name: str) -> str | None:
+    """The batch's output or error file; None when it names none (OpenAI writes an empty
+    string for a file it did not write, which is no file, and no team's)."""
+    found = batch.get(name)
+    return found if isinstance(found, str) and found else None
+
+
+def completed_lines(batch: dict[str, Any]) -> int:
+    """How many lines the batch says completed (0 when it does not say)."""
+    counts = batch.get("request_counts")
+    completed = counts.get("completed") if isinstance(counts, dict) else None
+    return completed if type(completed) is int and completed > 0 else 0
+
+
 class OutputGone(Exception):
     """A batch's output file that the upstream no longer has (it was deleted)."""
+
+
+class OutputUnreadable(Exception):
+    """A batch's output file that cannot be read past some point, whenever it is read."""
 
 
 async def _file_lines(runtime: Runtime, file_id: str, project: str | None) -> Any:
@@ -160,10 +219,15 @@ async def _file_lines(runtime: Runtime, file_id: str, project: str | None) -> An
         if answer.status == 404:
             raise OutputGone(file_id)
         raise MalformedAnswer(f"the batch's output file {file_id} answered {answer.status}")
-    strings, held = ShortStrings(), b""
+    # Its custom_ids are kept whole (up to `CUSTOM_ID_BYTES`, the longest a file may hold):
+    # emptied, a line would answer no line of the file, and be charged another's bound.
+    strings, held = ShortStrings(CUSTOM_ID_BYTES), b""
     try:
         async for chunk in answer.chunks():
-            held += strings.filter(chunk)
+            try:
+                held += strings.filter(chunk)
+            except MalformedAnswer as exc:  # the same bytes again: asking again cannot help
+                raise OutputUnreadable(str(exc)) from None
             *complete, held = held.split(b"\n")
             for line in complete:
                 if line.strip():
@@ -182,16 +246,28 @@ def billed_line(
     ended_at: float,
     batch_id: str,
 ) -> BilledLine | None:
-    """The row of one output line that OpenAI answered 200; None for an error line."""
+    """The row of one output line that OpenAI answered 200; None for an error line.
+
+    A line that cannot be read (not a JSON object, a `response` that is not one, or a
+    `status_code` that is not a number; OpenAI writes none) may be a billed line: it is
+    charged the bound of the line it names (of the dearest line when it names none),
+    flagged `malformed_answer`, rather than the batch never being settled and its
+    reservation held for good."""
     try:
         found = json.loads(raw)
-        response = found.get("response") or {}
-        if response.get("status_code") != 200:
-            return None
-        body = response.get("body")
-        custom_id = found.get("custom_id")
-    except (ValueError, AttributeError):
-        raise MalformedAnswer(f"batch {batch_id}: an output line is not JSON") from None
+    except ValueError:
+        found = None
+    if not isinstance(found, dict):
+        found = {}
+    response, custom_id = found.get("response"), found.get("custom_id")
+    if response is None and isinstance(found.get("error"), dict):
+        return None  # not run (expired, say): `error` says why, and it is not billed
+    status = response.get("status_code") if isinstance(response, dict) else None
+    readable = type(status) is int
+    if readable and status != 200:
+        return None  # answered with an error: not billed
+    answered = response if isinstance(response, dict) else {}
+    body = answered.get("body")
     if not isinstance(body, dict):
         body = {}  # a billed line whose answer cannot be read: charged its bound, flagged
     config = runtime.config
@@ -199,10 +275,13 @@ def billed_line(
     line = lines.get(custom_id) if isinstance(custom_id, str) else None
     if line is None:
         line = max(lines.values(), key=lambda priced: priced.bound_nanos)
-        charge, code = Charge(Usage(), line.bound_nanos, True), UNKNOWN_LINE
+        code = UNKNOWN_LINE if readable else MALFORMED_ANSWER
+        charge = Charge(Usage(), line.bound_nanos, True)
+    elif not readable:
+        charge, code = Charge(Usage(images=line.n), line.bound_nanos, True), MALFORMED_ANSWER
     elif line.mainline is not None:
         charge, code, outcome = response_charge(config.prices, line, body)
-        row = line_row(runtime, reservation, line, charge, code, ended_at, batch_id, response)
+        row = line_row(runtime, reservation, line, charge, code, ended_at, batch_id, answered)
         return replace(row, settlement=replace(row.settlement, outcome=outcome))
     else:
         model = config.prices.find(line.model)
@@ -213,7 +292,7 @@ def billed_line(
             charge, code = Charge(Usage(images=images), line.bound_nanos, True), None
         else:
             charge, code = model.for_batch().charge(replace(usage, images=images)), None
-    return line_row(runtime, reservation, line, charge, code, ended_at, batch_id, response)
+    return line_row(runtime, reservation, line, charge, code, ended_at, batch_id, answered)
 
 
 def response_charge(
