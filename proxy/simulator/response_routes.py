@@ -1,8 +1,8 @@
 """The simulated Responses API request path, top to bottom.
 
 create:   authenticate → read the body → validate (the items its input names by id read
-          from the store) → play a fault → find the previous
-          response → moderate → bill (a background response: when it ends) → store → answer
+          from the store) → play a fault → find the previous response → moderate → bill
+          (a background response: when it ends) → store → answer
 retrieve, cancel, delete, input_items: authenticate → bill what has ended → find → answer
 
 `POST /v1/responses/input_tokens` counts, free of charge, the input tokens a response

@@ -9,10 +9,10 @@ A response belongs to the project it was created under (the `OpenAI-Project` hea
 none): asked for under another, it is not found, as OpenAI answers.
 
 Its messages are stored with it, by id: its input messages (`msg_in…`, as `input_items`
-lists them) and its answer (`msg_…`). An input message
-that names one of them by its `id` is read as stored, under the key's whole project
-(OpenAI's store knows no team), whatever content the request sends with it; an id
-nothing was stored under is OpenAI's 404 (`item`).
+lists them) and its answer (`msg_…`). An input message that names one of them by its
+`id` is read as stored, from any response of the project (OpenAI's store knows no team),
+whatever content the request sends with it; an id nothing was stored under is OpenAI's
+404 (`item`).
 
 Cancelling (background responses only; OpenAI's rule) before the end stops the work:
 the response is `cancelled`, billed for the mainline input it had read and nothing
