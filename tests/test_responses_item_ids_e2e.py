@@ -51,3 +51,32 @@ def test_another_teams_item_ids_read_nothing_and_bill_only_what_is_sent(
     for item_id in (f"msg_in00{short}", f"msg_{short}", "msg_nothing_stored_under_this"):
         assert read(item_id) == sent
     assert sent[0] < len(SECRET) // 8
+
+
+def test_a_teams_own_output_sent_back_whole_is_read_as_sent(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """The manual way to carry a conversation on (`input += response.output`) still works:
+    the items are read as sent, the answer settled at what was billed, within its bound."""
+    design = proxy.client()
+    first = design.responses.create(model="gpt-5.5", input="Name a colour", max_output_tokens=300)
+    assert [item.type for item in first.output] == ["message"]
+    history = [item.model_dump(exclude_none=True) for item in first.output]
+    assert history[0]["id"].startswith("msg_")
+    again = design.responses.with_raw_response.create(
+        model="gpt-5.5",
+        input=[
+            {"role": "user", "content": "Name a colour"},
+            *history,
+            {"role": "user", "content": "Another"},
+        ],
+        max_output_tokens=300,
+    )
+    body = json.loads(again.content)
+    record = billed(simulator, body["id"])
+    row = settled_row(proxy, body["id"])
+    assert row["estimated_nanos"] >= row["cost_nanos"] > 0
+    assert (
+        row["mainline_input_tokens"] + row["mainline_cached_input_tokens"]
+        == (record["mainline"]["input"])
+    )
