@@ -18,7 +18,8 @@ from proxy.core.periods import Applied, Window
 from proxy.core.pricing import estimate
 from proxy.core.settings import Budget, Config, ResponsesPolicy, Team
 from proxy.doors import ResponsesDoor
-from proxy.doors.responses import HIDDEN_INPUT_TOKENS, MAINLINE_IMAGE_TOKENS
+from proxy.doors.batch_responses import response_line
+from proxy.doors.responses import HIDDEN_INPUT_TOKENS, MAINLINE_IMAGE_TOKENS, read_count
 from tests.conftest import write_config
 
 JSON = "application/json"
@@ -252,6 +253,28 @@ def test_images_in_a_function_call_output_are_in_the_bound(config: Config) -> No
     context = len(raw) - len(image) + HIDDEN_INPUT_TOKENS + 2 * MAINLINE_IMAGE_TOKENS
     # One call: sampled twice, the second time with what it wrote and the image made.
     assert variant.base.usage.mainline_input == 2 * context + 100 + MAINLINE_IMAGE_TOKENS
+
+
+def test_no_input_item_is_forwarded_with_its_id(config: Config) -> None:
+    """OpenAI reads the item it stored under an item's id (any team's, under the company
+    key) rather than what is sent: each item goes upstream as sent, without its id, from
+    a response, an input-token count and a batch line alike."""
+    sent = [
+        {"type": "message", "role": "assistant", "id": "msg_1", "content": "earlier"},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "gAAA"},
+        {"type": "function_call", "id": "fc_1", "call_id": "c", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "id": "fco_1", "call_id": "c", "output": "done"},
+        {"type": "image_generation_call", "id": "ig_1", "result": "iVBOR", "status": "completed"},
+        {"role": "user", "content": "again"},
+    ]
+    expected = [{k: v for k, v in item.items() if k != "id"} for item in sent]
+    fields = body(input=sent, max_output_tokens=100, max_tool_calls=1)
+    parsed = parse(config, fields)
+    forwarded, _ = DOOR.encode(parsed, DOOR.admit(team(config), parsed, config))
+    assert json.loads(forwarded)["input"] == expected
+    assert json.loads(read_count({"model": "gpt-5.5", "input": sent}).encode())["input"] == expected
+    _, _, line = response_line(team(config), config, fields)
+    assert json.loads(line)["input"] == expected
 
 
 def test_a_json_body_is_required(config: Config) -> None:

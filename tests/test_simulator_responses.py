@@ -566,6 +566,43 @@ def test_an_unknown_previous_response_id_is_a_404_previous_response_not_found(
     assert caught.value.param == "previous_response_id"
 
 
+def test_an_input_item_named_by_its_id_is_read_as_stored_whatever_is_sent(sim: Sim) -> None:
+    secret = "The launch code of the other project is 0000. " * 40
+    first = sim.client.responses.create(model="gpt-4.1", input=secret, tools=[TOOL])
+    short = first.id.removeprefix("resp_")
+    named = [
+        {"type": "message", "role": "user", "id": f"msg_in00{short}", "content": "x"},
+        {"type": "message", "role": "assistant", "id": f"msg_{short}", "content": "y"},
+    ]
+    second = sim.post({"model": "gpt-4.1", "input": [*named, {"role": "user", "content": "Hi"}]})
+    assert second.status_code == 200, second.text
+    # The stored input and answer are read (and billed), not the one-letter stand-ins.
+    read = text_tokens(secret) + text_tokens(answer_text(1)) + text_tokens("Hi")
+    assert second.json()["usage"]["input_tokens"] == read
+    # Under another project nothing is found.
+    other = sim.http.post(
+        "/v1/responses",
+        headers={**AUTH, "openai-project": "proj_other"},
+        json={"model": "gpt-4.1", "input": [named[0]]},
+    )
+    assert other.status_code == 404
+    assert other.json()["error"]["message"] == f"Item with id 'msg_in00{short}' not found."
+
+
+def test_an_input_item_id_nothing_was_stored_under_is_a_404(sim: Sim) -> None:
+    item = {"type": "message", "role": "assistant", "id": "msg_none", "content": "y"}
+    before = len(sim.billing())
+    for store, tail in ((True, ""), (False, " Items are not persisted when `store`")):
+        answer = sim.post({"model": "gpt-4.1", "input": [item], "store": store})
+        assert answer.status_code == 404
+        error = answer.json()["error"]
+        assert error["message"].startswith(f"Item with id 'msg_none' not found.{tail}")
+        assert (error["param"], error["type"]) == ("input", "invalid_request_error")
+        count = sim.post({"model": "gpt-4.1", "input": [item]}, "/v1/responses/input_tokens")
+        assert count.status_code == 404
+    assert all(r["status"] == 404 and not r["billed"] for r in sim.billing()[before:])
+
+
 def test_a_wrong_key_is_a_401_for_create_and_retrieve(sim: Sim, server: str) -> None:
     with openai.OpenAI(base_url=f"{server}/v1", api_key="sk-wrong", max_retries=0) as wrong:
         with pytest.raises(openai.AuthenticationError):

@@ -5,7 +5,11 @@ An item is forwarded only when what the upstream reads of it is in the request i
 messages (text and images), function calls and their outputs, reasoning with its
 `encrypted_content`, image calls with their `result`. An item named by its id alone makes
 the upstream read what it stored under that id, whichever team stored it, at a cost
-Tollgate cannot see; such items, item references and file inputs are refused.
+Tollgate cannot see; such items, item references and file inputs are refused. And since
+the upstream looks an item's `id` up in its store even when the item's content is sent
+with it (answering 404 for an id it stored nothing under), and may read what it stored
+instead, no item is forwarded with its `id` (`without_ids`): it is read as sent, and
+another team's ids name nothing.
 """
 
 from __future__ import annotations
@@ -97,6 +101,21 @@ def read_input(value: Any) -> tuple[int, int]:
         data += item_data
         images += item_images
     return data, images
+
+
+def without_ids(value: Any) -> Any:
+    """The request's `input` (already checked) as forwarded: each item without its `id`.
+
+    OpenAI looks an item's id up in its store, the company key's, and may read what it
+    stored there rather than what is sent: named by another team's item ids, an item
+    would read that team's messages, reasoning or images into the context (and their
+    existence would show in a 404 or not), billed as input Tollgate never saw. Sent
+    without its id, an item is read as sent (its text, its image's `result`, its
+    reasoning's `encrypted_content`), as the stateless use of the API sends items
+    (`store: false`, where an id fails)."""
+    if not isinstance(value, list):
+        return value
+    return [{k: v for k, v in item.items() if k != "id"} for item in value]
 
 
 def content_of(content: Any, param: str, name: str = "content") -> tuple[int, int]:

@@ -25,7 +25,9 @@ message, function-call (with their outputs), reasoning (with its `encrypted_cont
 and image-call (with its `result`) input items, text and image content; anything else
 (file inputs, item references, reasoning or image calls named by their id alone, other
 hosted tools, `conversation`, reusable prompts, reasoning beyond one standard run) is
-refused with a 400 that says so. The body sent upstream is re-encoded from this parse.
+refused with a 400 that says so. The body sent upstream is re-encoded from this parse, its
+input items without their ids (`without_ids`: the upstream would read what it stored under
+them, whichever team's).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from proxy.core.pricing import MAX_N, MainlinePrices
 from proxy.core.settings import Config, Limits, Team
 from proxy.core.settlement import Bound
 from proxy.doors.images import priced as image_prices
-from proxy.doors.response_input import named_files, read_input
+from proxy.doors.response_input import named_files, read_input, without_ids
 from proxy.doors.response_meters import ResponseAnswer, ResponseEvents
 
 HIDDEN_INPUT_TOKENS = 4096
@@ -338,6 +340,8 @@ def read_body(fields: dict[str, Any], size: int, default_model: str, team: Team)
         )
     _reasoning(fields)
     image_data, input_images = read_input(fields.get("input"))
+    if "input" in fields:
+        fields["input"] = without_ids(fields["input"])
     if "instructions" in fields and not isinstance(fields["instructions"], str):
         raise InvalidRequest(
             "Invalid type for 'instructions': expected a string.", param="instructions"
@@ -453,6 +457,8 @@ def read_count(fields: dict[str, Any]) -> CountBody:
             raise InvalidRequest(f"Unknown parameter: '{name}'.", param=name)
     fields = {k: v for k, v in fields.items() if v is not None}
     read_input(fields.get("input"))
+    if "input" in fields:
+        fields["input"] = without_ids(fields["input"])
     for name in ("model", "instructions", "previous_response_id"):
         if name in fields and not isinstance(fields[name], str):
             raise InvalidRequest(f"Invalid type for '{name}': expected a string.", param=name)

@@ -1,7 +1,8 @@
 """The simulated Responses API request path, top to bottom.
 
-create:   authenticate → read the body → validate → play a fault → find the previous
-          response → moderate → bill (a background response: when it ends) → store → answer
+create:   authenticate → read the body → validate (the items its input names by id read
+          from the store) → play a fault → find the previous response → moderate → bill
+          (a background response: when it ends) → store → answer
 retrieve, cancel, delete, input_items: authenticate → bill what has ended → find → answer
 
 `POST /v1/responses/input_tokens` counts, free of charge, the input tokens a response
@@ -50,7 +51,7 @@ from proxy.simulator.response_tokens import (
     response_entry,
     tokens_of,
 )
-from proxy.simulator.responses import ResponseOrder, read_order
+from proxy.simulator.responses import Resolver, ResponseOrder, read_order
 from proxy.simulator.routes import (
     NO_ANSWER,
     SimulatorState,
@@ -169,14 +170,14 @@ async def _accept(
         if not state.admits(arrival.authorization):
             raise invalid_api_key(arrival.authorization)
         fields = dict(parse_json("generations", await request.body()).fields)
-        order = read_order(fields)
+        project = request.headers.get("openai-project")
+        order = read_order(fields, _resolver(state, project))
         fault = pick_response_fault(order.prompt, state.knobs.fault)
         if fault == "timeout" or fault == "reset":
             state.record.append(arrival.entry(fields, order, status=NO_ANSWER))
             return await no_answer(fault, request, arrival.id)
         carried = 0
         if order.previous_response_id is not None:
-            project = request.headers.get("openai-project")
             previous = state.responses.previous(order.previous_response_id, project)
             carried = previous.tokens.mainline.input + previous.tokens.mainline.output
         error = (fault_error(fault) if fault else None) or moderation_error(order.prompt)
@@ -187,6 +188,11 @@ async def _accept(
         await sleep_ms(state.knobs.latency_ms)
         return error_response(error, arrival.id)
     return fields, order, fault, carried
+
+
+def _resolver(state: SimulatorState, project: str | None) -> Resolver:
+    """Reads an input item's id in `project`'s store, as OpenAI does."""
+    return lambda item_id, store: state.responses.item(item_id, project, store)
 
 
 COUNT_PARAMS = frozenset(
@@ -208,10 +214,10 @@ async def count_input_tokens(state: SimulatorState, request: Request) -> Respons
         for key in fields:
             if key not in COUNT_PARAMS:
                 raise invalid(f"Unknown parameter: '{key}'.", param=key, code="unknown_parameter")
-        order = read_order(fields)
+        project = request.headers.get("openai-project")
+        order = read_order(fields, _resolver(state, project))
         carried = 0
         if order.previous_response_id is not None:
-            project = request.headers.get("openai-project")
             previous = state.responses.previous(order.previous_response_id, project)
             carried = previous.tokens.mainline.input + previous.tokens.mainline.output
     except ApiError as error:

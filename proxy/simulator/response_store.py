@@ -8,6 +8,12 @@ to the record) when it is first seen final, by any later request to the simulato
 A response belongs to the project it was created under (the `OpenAI-Project` header, or
 none): asked for under another, it is not found, as OpenAI answers.
 
+Its messages are stored with it, by id: its input messages (`msg_in…`, as `input_items`
+lists them) and its answer (`msg_…`). An input message that names one of them by its
+`id` is read as stored, from any response of the project (OpenAI's store knows no team),
+whatever content the request sends with it; an id nothing was stored under is OpenAI's
+404 (`item`).
+
 Cancelling (background responses only; OpenAI's rule) before the end stops the work:
 the response is `cancelled`, billed for the mainline input it had read and nothing
 else (no image was finished, no output written). Cancelling a finished response
@@ -18,11 +24,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from proxy.core.models import InputImage
 from proxy.simulator.billing import BilledUsage, BillingRecord, Entry, MainlineUsage
 from proxy.simulator.refusals import ApiError, invalid
 from proxy.simulator.response_answers import Snapshot, Status
 from proxy.simulator.response_tokens import ResponseTokens
-from proxy.simulator.responses import ResponseOrder
+from proxy.simulator.responses import ResponseOrder, StoredItem
 
 MAX_STORED = 10_000
 
@@ -65,6 +72,30 @@ def cancelled_tokens(tokens: ResponseTokens) -> ResponseTokens:
     return ResponseTokens(mainline, BilledUsage(), "", incomplete=False)
 
 
+def item_not_found(item_id: str, store: bool) -> ApiError:
+    """OpenAI's answer to an input item whose id names nothing it stored."""
+    message = f"Item with id '{item_id}' not found."
+    if not store:
+        message += (
+            " Items are not persisted when `store` is set to false. Try again with `store` "
+            "set to true, or remove this item from your input."
+        )
+    return ApiError(404, message, param="input", code=None)
+
+
+def stored_item(stored: StoredResponse, item_id: str) -> StoredItem | None:
+    """The texts and images `stored` keeps under `item_id`, if it is one of its items."""
+    short = stored.id.removeprefix("resp_")
+    if item_id == f"msg_{short}":
+        return [stored.tokens.answer], []
+    for index, message in enumerate(stored.order.messages):
+        if item_id == f"msg_in{index:02d}{short}":
+            texts = [p["text"] for p in message["content"] if isinstance(p.get("text"), str)]
+            images = [InputImage() for p in message["content"] if p["type"] == "input_image"]
+            return texts, images
+    return None
+
+
 def not_found(response_id: str) -> ApiError:
     return ApiError(404, f"Response with id '{response_id}' not found.", param=None, code=None)
 
@@ -103,6 +134,16 @@ class ResponseStore:
                 code="previous_response_not_found",
             )
         return stored
+
+    def item(self, item_id: str, project: str | None, store: bool) -> StoredItem:
+        """What the input item `item_id` reads, asked for under `project` by a request
+        stored (`store`) or not; OpenAI's 404 when no response of that project holds it."""
+        for stored in self._responses.values():
+            if stored.project == project:
+                found = stored_item(stored, item_id)
+                if found is not None:
+                    return found
+        raise item_not_found(item_id, store)
 
     def delete(self, stored: StoredResponse) -> None:
         self._responses.pop(stored.id, None)

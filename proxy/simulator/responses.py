@@ -8,11 +8,16 @@ How many images a response makes (OpenAI's model decides; this is the simulator'
     never more than `max_tool_calls`.
 The revised prompt the tool receives is that user text with its `[[…]]` markers removed.
 Its token rules are in `response_tokens`.
+
+An input message that carries an `id` is read as OpenAI reads it: the item stored under
+that id (`Resolver`: an input message or the answer of a stored response), whatever
+content the request sends with it; an id nothing was stored under is a 404.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -90,6 +95,10 @@ BODY_PARAMS = frozenset(
 TOOL_CHOICES = ("none", "auto", "required")
 ROLES = ("user", "system", "developer", "assistant")
 Action = Literal["generate", "edit"]
+StoredItem = tuple[list[str], list[InputImage]]
+Resolver = Callable[[str, bool], StoredItem]
+"""The texts and images stored under an item id (given whether the request is stored), or
+the ApiError OpenAI answers for an id it stored nothing under."""
 
 
 @dataclass(frozen=True)
@@ -165,8 +174,8 @@ def _unknown(keys: Any, known: frozenset[str], prefix: str) -> None:
 def _part(part: Any, param: str) -> tuple[str | None, InputImage | None, dict[str, Any]]:
     """One content part: its text or image, and the part as stored."""
     kind = part.get("type") if isinstance(part, dict) else None
-    if kind == "input_text" and isinstance(part.get("text"), str):
-        return part["text"], None, {"type": "input_text", "text": part["text"]}
+    if kind in ("input_text", "output_text") and isinstance(part.get("text"), str):
+        return part["text"], None, {"type": kind, "text": part["text"]}
     if kind == "input_image":
         ref = part.get("image_url") or part.get("file_id")
         if isinstance(ref, str) and ref:
@@ -178,13 +187,17 @@ def _part(part: Any, param: str) -> tuple[str | None, InputImage | None, dict[st
             param=param,
         )
     raise invalid(
-        f"Invalid value: '{kind}'. Supported values are: 'input_text' and 'input_image'.",
+        f"Invalid value: '{kind}'. Supported values are: 'input_text', 'output_text' and "
+        "'input_image'.",
         param=f"{param}.type",
     )
 
 
-def _message(item: Any, index: int) -> tuple[str, list[str], list[InputImage], dict[str, Any]]:
-    """One input item: its role, texts, images and the message item as stored."""
+def _message(
+    item: Any, index: int, resolve: Resolver | None, store: bool
+) -> tuple[str, list[str], list[InputImage], dict[str, Any]]:
+    """One input item: its role, texts, images and the message item as stored; with an
+    `id`, the texts and images are the ones stored under it."""
     param = f"input[{index}]"
     if not isinstance(item, dict) or item.get("type", "message") != "message":
         raise invalid(f"Invalid '{param}': the simulator accepts message items only.", param=param)
@@ -206,10 +219,17 @@ def _message(item: Any, index: int) -> tuple[str, list[str], list[InputImage], d
         texts += [text] if text is not None else []
         images += [image] if image is not None else []
         parts.append(stored)
+    item_id = item.get("id")
+    if item_id is not None and resolve is not None:
+        if not isinstance(item_id, str) or not item_id:
+            raise invalid(f"Invalid '{param}.id': expected a string.", param=f"{param}.id")
+        texts, images = resolve(item_id, store)
     return role, texts, images, {"type": "message", "role": role, "content": parts}
 
 
-def _input(value: Any) -> tuple[str, list[str], list[InputImage], list[dict[str, Any]]]:
+def _input(
+    value: Any, resolve: Resolver | None = None, store: bool = True
+) -> tuple[str, list[str], list[InputImage], list[dict[str, Any]]]:
     """The input: the last user text, all texts, the images and the message items."""
     if isinstance(value, str):
         value = [{"role": "user", "content": value}]
@@ -217,7 +237,7 @@ def _input(value: Any) -> tuple[str, list[str], list[InputImage], list[dict[str,
         raise missing("input")
     prompt, texts, images, messages = "", [], [], []
     for index, item in enumerate(value):
-        role, item_texts, item_images, stored = _message(item, index)
+        role, item_texts, item_images, stored = _message(item, index, resolve, store)
         if role == "user" and item_texts:
             prompt = item_texts[-1]
         texts += item_texts
@@ -305,8 +325,9 @@ def _image_calls(prompt: str, tool: ImageOrder | None, choice: Any, cap: int | N
     return calls if cap is None else min(calls, cap)
 
 
-def read_order(body: dict[str, Any]) -> ResponseOrder:
-    """The order a Responses body describes, or the ApiError OpenAI would answer it with."""
+def read_order(body: dict[str, Any], resolve: Resolver | None = None) -> ResponseOrder:
+    """The order a Responses body describes, or the ApiError OpenAI would answer it with;
+    `resolve` reads the items stored under the ids the input names (None: ids unread)."""
     _unknown(body, BODY_PARAMS, "")
     name = _typed(body.get("model"), str, "model", "a string")
     if not name:
@@ -319,10 +340,10 @@ def read_order(body: dict[str, Any]) -> ResponseOrder:
             code="model_not_found",
         )
     instructions = _typed(body.get("instructions"), str, "instructions", "a string")
-    prompt, texts, images, messages = _input(body.get("input"))
+    store = _typed(body.get("store"), bool, "store", "a boolean") is not False
+    prompt, texts, images, messages = _input(body.get("input"), resolve, store)
     stream = bool(_typed(body.get("stream"), bool, "stream", "a boolean"))
     background = bool(_typed(body.get("background"), bool, "background", "a boolean"))
-    store = _typed(body.get("store"), bool, "store", "a boolean") is not False
     if background and not store:
         raise invalid("Background mode requires 'store' to be true.", param="background")
     tools, tool = _tools(body.get("tools"), stream, revised(prompt))
