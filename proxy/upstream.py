@@ -14,12 +14,16 @@ while the body is read. Tests swap the network for an in-process httpx transport
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import AsyncIterator, Iterable
-from typing import BinaryIO, NoReturn, Protocol
+from typing import Any, BinaryIO, NoReturn, Protocol
 
 import aiohttp
 import httpx
 import yarl
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.connector import Connection
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.core.errors import UpstreamTimeout, UpstreamUnavailable
@@ -69,6 +73,9 @@ NOT_ADDED = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 ACCEPT_ENCODING = ("accept-encoding", "identity")
 KEEPALIVE_S = 5.0
 CONNECT_S = 10.0
+BODILESS_STATUSES = frozenset({204, 304})
+"""Statuses whose answer has no body whatever its headers say (RFC 9112, 6.3), as the answer
+to a HEAD has none: the upstream may not agree, and send one after it."""
 
 
 BROKEN_OFF = (UpstreamTimeout, UpstreamUnavailable)
@@ -378,7 +385,7 @@ class AiohttpClient:
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(
+        connector = FreshConnector(
             limit=self._max_connections,
             keepalive_timeout=KEEPALIVE_S,
             # The CA bundle httpx used (certifi, or SSL_CERT_FILE): slim images may have none.
@@ -389,6 +396,7 @@ class AiohttpClient:
             timeout=self._timeout,
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
+            response_class=BodilessClosed,
             skip_auto_headers=NOT_ADDED,
         )
         return self._session
@@ -413,6 +421,55 @@ class AiohttpClient:
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+class UnaskedAnswer(aiohttp.ClientConnectionError):
+    """A new connection that held an answer before any request was written on it."""
+
+
+class FreshConnector(aiohttp.TCPConnector):
+    """A pool that never hands out a kept connection holding bytes no request asked for.
+
+    An upstream that writes more than its answer's framing said (a body after a 204, a
+    304 or the answer to a HEAD, a second answer after a whole one) leaves those bytes on
+    the idle connection, where aiohttp reads them as an answer waiting to be taken: the
+    next request sent on it, perhaps another team's, got that answer as its own, with its
+    usage and its images. A connection that has received anything while idle (a parsed
+    answer, bytes, an error: aiohttp's `should_close`) is closed, and another taken."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._handed_out: weakref.WeakSet[ResponseHandler] = weakref.WeakSet()
+
+    async def connect(
+        self, req: ClientRequest, traces: list[Any], timeout: aiohttp.ClientTimeout
+    ) -> Connection:
+        while True:
+            connection = await super().connect(req, traces, timeout)
+            protocol = connection.protocol
+            if protocol is None or not protocol.should_close:
+                if protocol is not None:
+                    self._handed_out.add(protocol)
+                return connection
+            connection.close()
+            if protocol not in self._handed_out:
+                # A new connection on which the upstream spoke before it was asked.
+                raise UnaskedAnswer("The upstream answered before it was sent a request.")
+
+
+class BodilessClosed(aiohttp.ClientResponse):
+    """A response whose connection is never kept when it is answered with no body (a 204, a
+    304, the answer to a HEAD): whether the upstream sends one after it is not known, and one
+    that came after the next request was written on it would be read as that request's answer.
+    aiohttp gives such a connection back to its pool as soon as the head is read, so it is
+    closed there, before anything else can take it."""
+
+    async def start(self, connection: Connection) -> aiohttp.ClientResponse:
+        protocol = connection.protocol
+        response = await super().start(connection)
+        if protocol is not None and (self.status in BODILESS_STATUSES or self.method == "HEAD"):
+            protocol.close()  # the pool drops a closed connection
+        return response
 
 
 class AiohttpAnswer:
@@ -488,6 +545,7 @@ class HttpxAnswer:
 # the wait for a pooled connection or for the connect itself ran out). Nothing reached
 # the upstream, so nothing can have been billed.
 NEVER_SENT: tuple[type[Exception], ...] = (
+    UnaskedAnswer,
     aiohttp.ClientConnectorError,  # refused, DNS (ClientConnectorDNSError), certificates
     aiohttp.ConnectionTimeoutError,  # `connect` / `sock_connect`: the pool wait included
     httpx.ConnectError,

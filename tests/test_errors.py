@@ -45,6 +45,8 @@ OUTSIDE_THE_TREE = {
     ("proxy.web.batch_follow", "OutputUnreadable"): "a batch's output file unreadable past a "
     "point, the lines not read then charged their bounds",
     # Python's and libraries' own, on purpose.
+    ("proxy.upstream", "UnaskedAnswer"): "an aiohttp error raised inside its session, "
+    "translated at the boundary as its others are (a 502 never billed)",
     ("proxy.core.metering", "ValueError"): "how json's hooks refuse a document",
     ("proxy.core.parsing", "ValueError"): "how json's hooks refuse a document",
     ("proxy.core.pricing", "ValueError"): "a size that is not explicit (a caller's mistake)",

@@ -12,6 +12,7 @@ import json
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import aiohttp
 import httpx
@@ -209,6 +210,147 @@ async def test_an_answer_closed_before_its_end_does_not_go_back_to_the_pool() ->
             await answer.aclose()
             await answer.aclose()
     assert connections == 2
+
+
+GENERATED = b'{"data":[{"b64_json":"AAAA"}],"usage":{"input_tokens":1,"output_tokens":196}}'
+STALE = b'{"data":[{"b64_json":"BBBB"}],"usage":{"input_tokens":9,"output_tokens":99999}}'
+
+
+def whole(body: bytes, status: bytes = b"200 OK") -> bytes:
+    return b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
+        status,
+        len(body),
+        body,
+    )
+
+
+def chunked(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (
+        len(body),
+        body,
+    )
+
+
+LATE = whole(STALE)
+# The first answer on a connection, the method that asked for it, and whether it is read whole.
+FIRST_ANSWERS = {
+    "204": ("GET", b"HTTP/1.1 204 No Content\r\n\r\n", True),
+    "204 with a length": (
+        "GET",
+        b"HTTP/1.1 204 No Content\r\ncontent-length: %d\r\n\r\n" % len(LATE),
+        True,
+    ),
+    "304": ("GET", b"HTTP/1.1 304 Not Modified\r\n\r\n", True),
+    "HEAD": ("HEAD", whole(STALE)[: -len(STALE)], True),
+    "content-length": ("POST", whole(GENERATED), True),
+    "chunked": ("POST", chunked(GENERATED), True),
+    "error read in part": ("POST", whole(b"{" * 2**21, b"500 Internal Server Error"), False),
+}
+
+
+class Scripted:
+    """An upstream that answers the first request on its first connection with `first`,
+    then, `after` seconds later, writes a whole answer of another generation on the same
+    connection; it answers every other request with `GENERATED`."""
+
+    def __init__(self, first: bytes, after: float | None = 0.05) -> None:
+        self.first = first
+        self.after = after
+        self.connections = 0
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        first = self.connections == 1
+        try:
+            while True:
+                await request_head(reader)
+                if first:
+                    first = False
+                    writer.write(self.first)
+                    await writer.drain()
+                    if self.after is not None:
+                        await asyncio.sleep(self.after)
+                        writer.write(LATE)
+                else:
+                    writer.write(whole(GENERATED))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+
+async def first_then_order(client: Upstream, method: str, read_whole: bool, gap: float) -> bytes:
+    """Send a request by `method` and read its answer (whole, or its first chunk), then,
+    `gap` seconds later, an image order; the order's body as received."""
+    answer = await client.send("/models", b"", "", [], method=method)
+    try:
+        async for _ in answer.chunks():
+            if not read_whole:
+                break
+    finally:
+        await answer.aclose()
+    await asyncio.sleep(gap)
+    return b"".join(await read(await client.send("/images/generations", order(), JSON, [])))
+
+
+@pytest.mark.parametrize("first", list(FIRST_ANSWERS))
+async def test_bytes_after_an_answer_are_never_read_as_the_next_requests_answer(
+    first: str,
+) -> None:
+    # The late answer came while the connection waited in the pool: aiohttp parsed it and
+    # kept it, and the next order sent on that connection (perhaps another team's) took it
+    # as its own, with its images and 99,999 output tokens.
+    method, answer, read_whole = FIRST_ANSWERS[first]
+    scripted = Scripted(answer)
+    async with loopback(scripted) as url, upstream(url) as client:
+        body = await first_then_order(client, method, read_whole, gap=0.2)
+    assert body == GENERATED
+    assert scripted.connections == 2
+
+
+@pytest.mark.parametrize("first", ["204", "204 with a length", "304", "HEAD"])
+async def test_a_connection_answered_without_a_body_is_never_reused(first: str) -> None:
+    # Sent at once, the next order went out before the late answer came, which was then
+    # read as the order's: whether a body follows a body-less answer is not known.
+    method, answer, _ = FIRST_ANSWERS[first]
+    scripted = Scripted(answer)
+    async with loopback(scripted) as url, upstream(url) as client:
+        body = await first_then_order(client, method, True, gap=0)
+    assert body == GENERATED
+    assert scripted.connections == 2
+
+
+@pytest.mark.parametrize("first", ["content-length", "chunked"])
+async def test_ordinary_answers_keep_their_connection(first: str) -> None:
+    method, answer, _ = FIRST_ANSWERS[first]
+    scripted = Scripted(answer, after=None)
+    async with loopback(scripted) as url, upstream(url) as client:
+        for gap in (0, 0.05):
+            assert await first_then_order(client, method, True, gap) == GENERATED
+    assert scripted.connections == 1
+
+
+async def test_an_upstream_that_answers_before_it_is_asked_is_a_502_never_billed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    connect = aiohttp.TCPConnector.connect
+
+    async def slow_connect(*args: Any) -> Any:
+        connection = await connect(*args)
+        await asyncio.sleep(0.05)  # the unasked answer arrives before anything is sent
+        return connection
+
+    monkeypatch.setattr(aiohttp.TCPConnector, "connect", slow_connect)
+
+    async def eager(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(LATE)
+        await writer.drain()
+        await reader.read()  # until Tollgate hangs up
+        writer.close()
+
+    async with loopback(eager) as url, upstream(url) as client:
+        with pytest.raises(UpstreamUnavailable) as caught:
+            await client.send("/images/generations", order(), JSON, [])
+    assert not caught.value.maybe_billed
 
 
 async def test_only_allowed_client_headers_and_the_upstreams_own_are_sent() -> None:
