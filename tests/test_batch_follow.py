@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -10,11 +13,22 @@ from typing import Any, cast
 import pytest
 
 from proxy.config import load_config
-from proxy.core.models import Entry
-from proxy.ledger import BatchLine
-from proxy.web.batch_follow import billed_line
+from proxy.core.errors import RequestError
+from proxy.core.models import Counter, Entry, Totals
+from proxy.ledger import BatchLine, open_ledger
+from proxy.ledger.base import Owner
+from proxy.web.batch_follow import BATCH_GONE, GONE_AFTER_S, GONE_POLLS, BatchFollow, billed_line
 from proxy.web.runtime import Runtime
 from tests.conftest import write_config
+from tests.test_ledger_batches import (
+    CREATED,
+    CREATION_COUNTERS,
+    LINE_BOUND,
+    batch_entry,
+    input_file,
+    priced,
+    take_batch,
+)
 
 LINE = BatchLine("a", 1, "generations", "gpt-image-2", "low", "1024x1024", 1, None, 5_900_000)
 
@@ -40,3 +54,141 @@ def test_a_billed_line_whose_body_is_not_an_object_is_charged_its_bound_flagged(
 ) -> None:
     settled = charged(runtime, {"response": {"status_code": 200, "body": body}})
     assert (settled.cost_nanos, settled.flagged) == (LINE.bound_nanos, True)
+
+
+# -- a batch the upstream answers 404 ---------------------------------------------------
+
+
+class Scripted:
+    """An upstream whose batch polls are answered, one after the other, as `answers` says:
+    a status (with a body of its shape), or an exception to raise."""
+
+    def __init__(self, answers: list[int | Exception]) -> None:
+        self.answers = answers
+        self.polls = 0
+
+    async def send(self, path: str, *_: Any, **__: Any) -> Any:
+        found = self.answers[min(self.polls, len(self.answers) - 1)]
+        self.polls += 1
+        if isinstance(found, Exception):
+            raise found
+        if found == 200:
+            body = {"id": "batch_abc", "object": "batch", "status": "in_progress"}
+        else:
+            body = {"error": {"message": "No batch found with id 'batch_abc'.", "code": None}}
+        return Answer(found, json.dumps(body).encode())
+
+
+@dataclass
+class Answer:
+    status: int
+    body: bytes
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        yield self.body
+
+    async def aclose(self) -> None:
+        pass
+
+
+Polled = tuple[list[dict[str, Any]], Totals, list[Any]]
+
+
+def follow_until(
+    runtime: Runtime,
+    tmp_path: Path,
+    answers: list[int | Exception],
+    polls: int,
+    every_s: float,
+    input_file_id: str | None = "file-abc",
+) -> Polled:
+    """A batch of three lines reserved and held, then polled `polls` times `every_s` apart
+    against an upstream answering `answers`: its rows, the team's day totals and what is
+    still held (`input_file_id` None: a batch adopted whose input file is not on record)."""
+    now = [CREATED]
+
+    async def run() -> Polled:
+        ledger = await open_ledger(f"sqlite:///{tmp_path / 'tollgate.db'}")
+        try:
+            await ledger.register(Owner("me", "host", 1), CREATED)
+            await ledger.own(input_file(), [priced(i) for i in range(1, 4)])
+            await ledger.reserve(CREATION_COUNTERS, take_batch("b1"))
+            await ledger.hold("b1", "batch_abc")
+            metrics = SimpleNamespace(finished=lambda *_, **__: None, started=lambda: None)
+            here = SimpleNamespace(
+                config=runtime.config, ledger=ledger, upstream=Scripted(answers),
+                clock=lambda: now[0], metrics=metrics,
+            )  # fmt: skip
+            followed = BatchFollow(batch_entry("b1", 3), "batch_abc", input_file_id, None)
+            for _ in range(polls):
+                if await followed.poll(cast(Runtime, here)):
+                    break
+                now[0] += every_s
+            rows = [row async for row in ledger.export(0.0, float("inf"))]
+            day = Counter("team", "design", "", "day", 0.0)
+            return rows, (await ledger.totals([day]))[day], await ledger.held()
+        finally:
+            await ledger.close()
+
+    return asyncio.run(run())
+
+
+def test_a_batch_the_upstream_keeps_answering_404_is_charged_its_lines_bounds_flagged(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    # The company key moved to another organization: the batch is never found again. Its
+    # reservation must not be held for good.
+    rows, totals, held = follow_until(runtime, tmp_path, [404], GONE_POLLS * 200, 1.0)
+    assert held == []
+    assert len(rows) == 3
+    for row in rows:
+        assert (row["state"], row["cost_nanos"], row["flagged"]) == ("settled", LINE_BOUND, 1)
+        assert (row["error_code"], row["response_id"]) == (BATCH_GONE, "batch_abc")
+        assert row["started_at"] >= CREATED + GONE_AFTER_S
+    assert sorted(r["custom_id"] for r in rows) == ["req-1", "req-2", "req-3"]
+    assert (totals.spent_nanos, totals.reserved_nanos) == (3 * LINE_BOUND, 0)
+
+
+FOUND_BETWEEN: list[int | Exception] = [404] * (GONE_POLLS - 1) + [200] + [404] * (GONE_POLLS - 1)
+
+
+@pytest.mark.parametrize(
+    ("answers", "polls", "every_s"),
+    [
+        ([404], GONE_POLLS - 1, GONE_AFTER_S),  # long enough, but too few polls
+        ([404], GONE_POLLS * 10, GONE_AFTER_S / (GONE_POLLS * 20)),  # many, in too short a time
+        ([500], 1000, 60.0),  # the upstream failing for 16 hours: asked again
+        ([RequestError("no answer")], 1000, 60.0),
+        (FOUND_BETWEEN, len(FOUND_BETWEEN), GONE_AFTER_S),
+    ],
+    ids=["few-polls", "short-run", "5xx", "no-answer", "found-again"],
+)
+def test_a_batch_merely_unanswered_or_found_again_stays_held(
+    runtime: Runtime, tmp_path: Path, answers: list[int | Exception], polls: int, every_s: float
+) -> None:
+    rows, totals, held = follow_until(runtime, tmp_path, answers, polls, every_s)
+    assert held == [("b1", "batch_abc")]
+    [row] = rows
+    assert (row["state"], row["cost_nanos"]) == ("reserved", 0)
+    assert (totals.spent_nanos, totals.reserved_nanos) == (0, 3 * LINE_BOUND)
+
+
+def test_404s_between_failed_polls_still_count_as_one_run(runtime: Runtime, tmp_path: Path) -> None:
+    # A 5xx or a poll without an answer says nothing of the batch: it neither counts nor
+    # breaks the run of 404s.
+    answers: list[int | Exception] = [404, 502, RequestError("reset")] * (GONE_POLLS + 1)
+    rows, totals, held = follow_until(runtime, tmp_path, answers, GONE_POLLS * 3 + 3, 120.0)
+    assert held == []
+    assert {(r["error_code"], r["flagged"]) for r in rows} == {(BATCH_GONE, 1)}
+    assert totals.spent_nanos == 3 * LINE_BOUND
+
+
+def test_a_batch_gone_whose_lines_are_not_on_record_is_charged_its_whole_bound(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    rows, totals, held = follow_until(runtime, tmp_path, [404], GONE_POLLS * 200, 1.0, None)
+    assert held == []
+    [row] = rows
+    assert (row["state"], row["cost_nanos"], row["flagged"]) == ("settled", 3 * LINE_BOUND, 1)
+    assert row["error_code"] == BATCH_GONE
+    assert (totals.spent_nanos, totals.reserved_nanos) == (3 * LINE_BOUND, 0)

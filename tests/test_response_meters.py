@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from proxy.config.prices import load_price_book
 from proxy.core import settlement
 from proxy.core.errors import MalformedAnswer, UpstreamTimeout
 from proxy.core.models import Usage
@@ -98,6 +99,76 @@ def test_image_calls_whose_tool_usage_counts_no_output_each_are_unknown_usage() 
     assert metered(response(tool_usage={"image_gen": zero}, output=[failed])).usage == Usage(
         mainline_input=540, mainline_cached_input=1280, mainline_output=210
     )
+
+
+BOOK = load_price_book()
+
+
+def tool_charge(model: str, calls: list[dict[str, Any]], output_tokens: int, **details: Any) -> Any:
+    """What a response with image `calls` of `model` whose `image_gen` reports
+    `output_tokens` output tokens is charged (a gpt-5.5 mainline; `details`: its
+    `output_tokens_details`, `None` for none)."""
+    image_gen = {
+        "input_tokens": 30,
+        "input_tokens_details": {"text_tokens": 30, "image_tokens": 0},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"image_tokens": output_tokens, "text_tokens": 0, **details},
+        "total_tokens": 30 + output_tokens,
+    }
+    if details.get("image_tokens", 0) is None:
+        del image_gen["output_tokens_details"]
+    items = [{"type": "image_generation_call", "status": "completed", **c} for c in calls]
+    found = metered(response(output=items, tool_usage={"image_gen": image_gen}))
+    prices = BOOK.find(model)
+    mainline = BOOK.find_mainline("gpt-5.5")
+    assert prices is not None and mainline is not None
+    bound = settlement.Bound(prices, len(calls), "high", "auto", 10**9, Usage(), mainline)
+    return settlement.metered(bound, found).charge
+
+
+LOW = {"quality": "low", "size": "1024x1024"}
+
+
+@pytest.mark.parametrize(
+    ("model", "calls", "reported", "flagged"),
+    [
+        # gpt-image-2, low 1024x1024: 196 output tokens a call.
+        ("gpt-image-2", [LOW] * 3, 3 * 196, False),
+        ("gpt-image-2", [LOW] * 3, 2 * 196, True),  # one call of three left out
+        ("gpt-image-2", [LOW, {"quality": "high", "size": "1024x1024"}], 2 * 196, True),
+        ("gpt-image-2", [LOW] * 2 + [{"quality": "high", "size": "1024x1024"}], 7024 + 196, True),
+        # Partial images add tokens; the floor counts none.
+        ("gpt-image-2", [LOW] * 2, 2 * 196 + 300, False),
+        # `auto` quality: the least of the ladder at that size; `auto` size of a model
+        # that takes any size, or an item that names none: no floor of its own.
+        ("gpt-image-2", [{"quality": "auto", "size": "1024x1024"}] * 2, 2 * 196, False),
+        ("gpt-image-2", [{"quality": "auto", "size": "1024x1024"}] * 2, 196, True),
+        ("gpt-image-2", [{"quality": "high", "size": "auto"}] * 2, 2, False),
+        ("gpt-image-2", [{}] * 2, 2, False),
+        # gpt-image-1-mini may report the guide's table (272), below its price book's 625.
+        ("gpt-image-1-mini", [LOW] * 2, 2 * 272, False),
+        ("gpt-image-1-mini", [LOW] * 2, 272 + 271, True),
+        ("gpt-image-1-mini", [{"quality": "auto", "size": "auto"}] * 2, 2 * 272, False),
+        # gpt-image-2.6: no published rule, only a ceiling: no floor.
+        ("gpt-image-2.6-sunburst", [LOW] * 3, 3, False),
+        ("gpt-image-1.5", [{"quality": "high", "size": "1536x1024"}] * 2, 6208 + 6207, True),
+    ],
+)
+def test_image_output_below_what_the_completed_calls_bill_at_the_least_is_the_bound(
+    model: str, calls: list[dict[str, Any]], reported: int, flagged: bool
+) -> None:
+    # OpenAI's `image_gen` "may skip calls with missing or incomplete usage records": one
+    # call of several left out leaves a sum that has tokens for every image, yet less than
+    # the images made bill. Each completed call's item names its quality and size.
+    charge = tool_charge(model, calls, reported)
+    assert (charge.flagged, charge.cost_nanos == 10**9) == (flagged, flagged)
+
+
+def test_image_output_without_details_counts_toward_the_floor() -> None:
+    charge = tool_charge("gpt-image-2", [LOW] * 2, 2 * 196, image_tokens=None)
+    assert not charge.flagged
+    charge = tool_charge("gpt-image-2", [LOW] * 2, 196, image_tokens=None)
+    assert charge.flagged
 
 
 def test_a_queued_background_response_is_pending() -> None:

@@ -237,6 +237,64 @@ def test_tool_usage_with_zero_counts_for_a_completed_image_is_charged_its_bound_
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_tool_usage_missing_one_call_of_several_is_charged_its_bound_flagged(
+    proxy: Tollgate, simulator: Simulator, stream: bool
+) -> None:
+    # One call's usage record skipped: the other two are counted, so the sum is not zero
+    # and has more output tokens than images, yet it is less than three completed low
+    # 1024x1024 images bill. Charged as it reads, it would be an under-charge.
+    raw = proxy.client().responses.with_raw_response.create(
+        model="gpt-5.5",
+        input="Three bridges [[images:3]] [[fault:skipcall]]",
+        tools=[tool()],
+        max_output_tokens=300,
+        max_tool_calls=3,
+        stream=stream,
+    )
+    if stream:
+        events = list(raw.parse())  # type: ignore[call-overload]
+        response_id = events[-1].response.id
+    else:
+        response = json.loads(raw.content)
+        calls = [i for i in response["output"] if i["type"] == "image_generation_call"]
+        assert [(i["status"], i["quality"], i["size"]) for i in calls] == [
+            ("completed", "low", "1024x1024")
+        ] * 3
+        assert response["tool_usage"]["image_gen"]["output_tokens"] > 0
+        response_id = response["id"]
+    record = billed(simulator, response_id)
+    assert record["images"] == 3
+    row = bound_charged(proxy, response_id, raw.headers["x-tollgate-request-id"])
+    assert row["cost_nanos"] >= record_cost(record)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_every_call_counted_is_charged_as_it_reads_whatever_its_quality_and_size(
+    proxy: Tollgate, simulator: Simulator, stream: bool
+) -> None:
+    # The per-call floor never flags a whole answer: calls of `auto` quality and size
+    # (answered at what they were made at), partial images, and gpt-image-1-mini, whose
+    # images bill fewer tokens than its price book's per-image prices say.
+    for options in (
+        tool(quality="auto", size="auto"),
+        tool(partial_images=2) if stream else tool(quality="medium", size="1536x1024"),
+        tool("gpt-image-1-mini", quality="low", size="1024x1536"),
+        tool("gpt-image-1.5", quality="high", size="1024x1024"),
+    ):
+        raw = proxy.client().responses.with_raw_response.create(
+            model="gpt-5.5",
+            input="Two bridges [[images:2]]",
+            tools=[options],
+            max_output_tokens=300,
+            max_tool_calls=2,
+            stream=stream,
+        )
+        parsed = list(raw.parse()) if stream else []  # type: ignore[call-overload]
+        response_id = parsed[-1].response.id if stream else json.loads(raw.content)["id"]
+        check_charge(proxy, simulator, response_id, "gpt-5.5", options["model"])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_a_failed_response_is_charged_the_usage_it_reports(
     proxy: Tollgate, simulator: Simulator, stream: bool
 ) -> None:

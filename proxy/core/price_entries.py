@@ -105,6 +105,7 @@ def model_prices(name: str, raw: Mapping[str, Any], custom: CustomSizes) -> Mode
             output_table=output.get("table"),
             output_formula=output.get("formula"),
             output_scale={q: _decimal(v) for q, v in output.get("scale", {}).items()},
+            output_floor=_floor(output.get("floor")),
             input_tiles=TileRule(**image_input["tiles"]) if "tiles" in image_input else None,
             input_ceiling=image_input.get("ceiling"),
             per_image=(
@@ -124,6 +125,18 @@ def model_prices(name: str, raw: Mapping[str, Any], custom: CustomSizes) -> Mode
             released=_released(raw.get("released")),
         )
     )
+
+
+def _floor(raw: Any) -> dict[str, dict[str, int]] | None:
+    """`output_tokens.floor`: quality -> size -> the fewest output tokens an image bills."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise EntryError("`floor` is a table: quality -> size -> tokens", ("output_tokens",))
+    found = {str(q): {str(s): int(t) for s, t in sizes.items()} for q, sizes in raw.items()}
+    if any(t < 0 for sizes in found.values() for t in sizes.values()):
+        raise EntryError("`floor` tokens are whole numbers from 0", ("output_tokens",))
+    return found
 
 
 def _complete(model: ModelPrices) -> ModelPrices:

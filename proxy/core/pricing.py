@@ -62,6 +62,9 @@ class ModelPrices:
     output_table: Mapping[str, Mapping[str, int]] | None = None
     output_formula: Mapping[str, int] | None = None
     output_scale: Mapping[str, Decimal] = field(default_factory=dict)
+    output_floor: Mapping[str, Mapping[str, int]] | None = None
+    """The fewest image output tokens an image bills, by quality and size, where the token
+    rule is above what OpenAI's usage reports (see `least_output_tokens`)."""
     input_tiles: TileRule | None = None
     input_ceiling: int | None = None
     per_image: Mapping[str, Mapping[str, Decimal]] | None = None
@@ -146,6 +149,34 @@ class ModelPrices:
                 tokens = int((tokens * scale).to_integral_value(ROUND_CEILING))
             return tokens
         return 0
+
+    def least_output_tokens(self, quality: str, size: str) -> int:
+        """The fewest image output tokens one completed image of `quality` and `size` (as
+        its image_generation_call item names them) bills: the book's `floor` where it gives
+        one, else its token rule, which is what OpenAI bills (a table, an unscaled formula).
+        0 where that is not known: a scaled formula (only a ceiling is known), per-image
+        models, a quality or size the model does not take, `auto` size of a model that takes
+        any size. `auto` quality (or a listed model's `auto` size) is the least it may be."""
+        if self.per_image is not None:
+            return 0
+        qualities = self.qualities if quality == AUTO else (quality,)
+        if size == AUTO:
+            sizes = () if self.custom_sizes is not None else self.sizes
+        else:
+            sizes = (size,) if self.accepts_size(size) else ()
+        if not sizes or any(q not in self.qualities for q in qualities):
+            return 0
+        return min(self._least_output_tokens(q, s) for q in qualities for s in sizes)
+
+    def _least_output_tokens(self, quality: str, size: str) -> int:
+        if self.output_floor is not None:
+            return self.output_floor.get(quality, {}).get(size, 0)
+        if quality in self.output_scale:
+            return 0
+        try:
+            return self.output_tokens(quality, size)
+        except (KeyError, ValueError):
+            return 0
 
     def max_output_tokens(self, quality: str, size: str) -> int:
         """The most one image can cost in output tokens, `auto` included."""

@@ -97,10 +97,17 @@ usage prices above it is charged its bound, flagged, as one without usage is. No
 request costs that much, and sums of such answers would overflow the ledger's integers."""
 
 
-def answered(bound: Bound, usage: Usage | None, images: int) -> Verdict:
-    """A 2xx answer carrying `usage` (None: it had none) and `images` images."""
+Call = tuple[str, str]
+"""A Responses API image call that completed: the `quality` and `size` its item names."""
+
+
+def answered(
+    bound: Bound, usage: Usage | None, images: int, calls: tuple[Call, ...] = ()
+) -> Verdict:
+    """A 2xx answer carrying `usage` (None: it had none) and `images` images (a Responses
+    API answer: its completed image `calls`)."""
     if bound.mainline is not None:
-        return _response_answered(bound, bound.mainline, usage, images)
+        return _response_answered(bound, bound.mainline, usage, images, calls)
     count = images or bound.n
     model = bound.model
     if model.per_image_billing:
@@ -132,12 +139,17 @@ def dearer(bound: Bound, seen: Charge | None) -> Charge:
 
 
 def _response_answered(
-    bound: Bound, mainline: MainlinePrices, usage: Usage | None, images: int
+    bound: Bound,
+    mainline: MainlinePrices,
+    usage: Usage | None,
+    images: int,
+    calls: tuple[Call, ...] = (),
 ) -> Verdict:
     """A Responses API answer: its mainline tokens at the mainline model's rates, its image
     tool's at the image model's. Without usage (or with images but no `tool_usage`, which
-    the meter reports as None): the bound, flagged."""
-    if usage is None:
+    the meter reports as None), or with fewer image output tokens than its completed
+    `calls` bill at the least (`least_image_output`): the bound, flagged."""
+    if usage is None or image_output_short(bound.model, usage, calls):
         return Verdict("ok", bound.charged())
     lines = replace(usage, mainline_input=0, mainline_cached_input=0, mainline_output=0)
     tool = bound.model.charge(replace(lines, images=images))
@@ -150,6 +162,18 @@ def _response_answered(
     )
     charge = Charge(merged, tool.cost_nanos + text, tool.flagged, text)
     return Verdict("ok", believed(bound, charge))
+
+
+def image_output_short(model: ModelPrices, usage: Usage, calls: tuple[Call, ...]) -> bool:
+    """Whether the image tool's usage reports fewer image output tokens than its completed
+    `calls` bill at the least (each call's `ModelPrices.least_output_tokens`): OpenAI's
+    `tool_usage.image_gen` "may skip calls with missing or incomplete usage records", and
+    a sum that leaves out one call of several still looks plausible. Image output tokens
+    are counted with those of no kind (a usage without details)."""
+    if not calls:
+        return False
+    reported = usage.image_output + usage.unclassified_output
+    return reported < sum(model.least_output_tokens(quality, size) for quality, size in calls)
 
 
 def refused(error_code: str | None) -> Verdict:
@@ -186,6 +210,8 @@ class Metered:
     """A background response that has not ended: it is settled when it does."""
     status: str | None = None
     """A Responses API answer's `status` (`completed`, `incomplete`, `failed`, …)."""
+    calls: tuple[Call, ...] = ()
+    """A Responses API answer's completed image calls."""
 
 
 UNBILLED_ENDS = frozenset({"failed", "cancelled"})
@@ -202,9 +228,9 @@ def metered(bound: Bound, found: Metered, partials: int = 0) -> Verdict:
             if found.images or partials:
                 return unknown(bound, f"response_{found.status}")
             return refused(f"response_{found.status}")
-        charge = answered(bound, found.usage, found.images).charge
+        charge = answered(bound, found.usage, found.images, found.calls).charge
         return Verdict("upstream_error", charge, f"response_{found.status}")
-    return answered(bound, found.usage, found.images)
+    return answered(bound, found.usage, found.images, found.calls)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +260,8 @@ class StreamEnd:
     unknown."""
     partials: int = 0
     """Partial images that arrived: the upstream was rendering (and billing)."""
+    calls: tuple[Call, ...] = ()
+    """A Responses stream: the completed image calls its terminal event listed."""
 
 
 def stream_ended(bound: Bound, end: StreamEnd) -> Verdict:
@@ -245,14 +273,15 @@ def stream_ended(bound: Bound, end: StreamEnd) -> Verdict:
     whatever the error)."""
     if bound.mainline is not None:
         if end.broken is None and end.terminal and not end.unreadable:
-            found = Metered(end.usage, end.completed, status=end.status)
+            found = Metered(end.usage, end.completed, status=end.status, calls=end.calls)
             return metered(bound, found, end.partials)
         code = end.broken or (
             MALFORMED_ANSWER if end.unreadable else error_code_of(end.error) or STREAM_TRUNCATED
         )
         seen = None
         if end.usage is not None:
-            seen = metered(bound, Metered(end.usage, end.completed, status=end.status)).charge
+            found = Metered(end.usage, end.completed, status=end.status, calls=end.calls)
+            seen = metered(bound, found).charge
         return unknown(bound, code, seen)
     seen = answered(bound, end.usage, end.completed).charge if end.usage is not None else None
     if end.broken is None and end.completed and end.error is None and not end.unreadable:

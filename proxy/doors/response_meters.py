@@ -6,7 +6,9 @@ and, when the image tool ran, `tool_usage.image_gen` in the Images API's usage s
 Typed SDKs drop `tool_usage`; Tollgate reads the raw JSON. A response whose image
 calls completed but that reports no `tool_usage`, or fewer image-tool output tokens than
 images made (the usage of some calls missing from it), is metered as having no usage:
-charged its bound, flagged (never $0 for the images).
+charged its bound, flagged (never $0 for the images). The completed calls' `quality` and
+`size` go with what is metered: a usage with fewer image output tokens than those calls
+bill at the least is charged its bound too (`settlement.image_output_short`).
 
 Images travel as base64 in `result` and `partial_image_b64`: like the Images meters, the
 JSON reaches the parser with every long string emptied (`ShortStrings`), and partial-image
@@ -40,14 +42,22 @@ def read_response(response: Any) -> Metered:
     status = response["status"]
     response_id = response.get("id") if isinstance(response.get("id"), str) else None
     output = response.get("output")
-    images = sum(
-        1
+    calls = tuple(
+        (_text(item.get("quality")), _text(item.get("size")))
         for item in (output if isinstance(output, list) else ())
         if isinstance(item, Mapping)
         and item.get("type") == "image_generation_call"
         and item.get("status") == "completed"
     )
-    return Metered(response_usage(response, images), images, response_id, status in PENDING, status)
+    images = len(calls)
+    usage = response_usage(response, images)
+    return Metered(usage, images, response_id, status in PENDING, status, calls)
+
+
+def _text(value: Any) -> str:
+    """An image call's `quality` or `size` ("auto" when it names none: the least it bills
+    is then the least of any)."""
+    return value if isinstance(value, str) else "auto"
 
 
 def response_usage(response: Mapping[str, Any], images: int) -> Usage | None:
@@ -94,6 +104,7 @@ def both(first: Metered, second: Metered) -> Metered:
         first.response_id or second.response_id,
         second.pending,
         second.status,
+        first.calls + second.calls,
     )
 
 
@@ -161,6 +172,7 @@ class ResponseEvents:
             response_id=self.response_id or (ended.response_id if ended else None),
             status=ended.status if ended else None,
             partials=self.partials,
+            calls=ended.calls if ended else (),
         )
 
     def _event(self, raw: bytes) -> None:

@@ -29,6 +29,9 @@
                         the image calls completed, as OpenAI's does when their usage records
                         are missing ("calls with missing or incomplete usage records may be
                         skipped"); billed for the images all the same
+    [[fault:skipcall]]  (Responses only) `tool_usage.image_gen` leaves out the last image
+                        call's tokens (its usage record missing) while the others are
+                        counted: a sum that looks plausible; billed for every image
 
 On the Responses API (`POST /v1/responses`) the faults play as on the Images API, but
 for `texttokens` and `echo`, which change nothing there.
@@ -86,16 +89,19 @@ def pick_fault(prompt: str, configured: Fault | None) -> Fault | None:
     return configured
 
 
-ResponseFault = Fault | Literal["failed", "zerotool"]
+ResponseFault = Fault | Literal["failed", "zerotool", "skipcall"]
 
 
 def pick_response_fault(prompt: str, configured: Fault | None) -> ResponseFault | None:
-    """The fault a Responses request plays: `pick_fault`'s, or `failed` by its marker."""
+    """The fault a Responses request plays: `pick_fault`'s, or `failed`, `zerotool` or
+    `skipcall` by its marker."""
     for match in _MARKER.finditer(prompt):
         if match[1] == "failed":
             return "failed"
         if match[1] == "zerotool":
             return "zerotool"
+        if match[1] == "skipcall":
+            return "skipcall"
         if match[1] in FAULTS:
             return parse_fault(match[1])
     return configured

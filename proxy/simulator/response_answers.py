@@ -7,13 +7,13 @@ tool, then writes), then its message. Events carry a `sequence_number` from 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from proxy.simulator.answers import sse
 from proxy.simulator.billing import BilledUsage, MainlineUsage
 from proxy.simulator.pictures import encoded_b64
-from proxy.simulator.response_tokens import ResponseTokens
+from proxy.simulator.response_tokens import ResponseTokens, image_gen_usage
 from proxy.simulator.responses import ResponseOrder
 
 Status = Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
@@ -34,6 +34,9 @@ class Snapshot:
     with_usage: bool = True
     tool_counted: bool = True
     """False: `tool_usage.image_gen` reports zero counts (the `zerotool` fault)."""
+    calls_skipped: int = 0
+    """The image calls, the last ones, whose tokens `tool_usage.image_gen` leaves out (the
+    `skipcall` fault)."""
 
     def image_id(self, index: int) -> str:
         return f"ig_{self.id.removeprefix('resp_')}{index:02d}"
@@ -152,12 +155,19 @@ def response_json(snap: Snapshot) -> dict[str, Any]:
         "top_p": 1.0,
         "truncation": "disabled",
         "usage": usage_json(snap.tokens.mainline) if billed else None,
-        "tool_usage": (
-            tool_usage_json(snap.tokens.image_gen if snap.tool_counted else BilledUsage())
-            if billed
-            else None
-        ),
+        "tool_usage": tool_usage_json(counted_usage(snap)) if billed else None,
     }
+
+
+def counted_usage(snap: Snapshot) -> BilledUsage:
+    """The image tool's tokens as `tool_usage.image_gen` reports them: all of them, none
+    (`zerotool`), or those of the calls before the skipped ones (`skipcall`)."""
+    if not snap.tool_counted:
+        return BilledUsage()
+    if snap.calls_skipped:
+        counted = max(snap.order.image_calls - snap.calls_skipped, 0)
+        return image_gen_usage(replace(snap.order, image_calls=counted))
+    return snap.tokens.image_gen
 
 
 def input_items_page(order: ResponseOrder, response_id: str, *, ascending: bool) -> dict[str, Any]:

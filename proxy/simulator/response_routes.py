@@ -145,6 +145,7 @@ async def create_response(state: SimulatorState, request: Request) -> Response:
         stored.snapshot(stored.ready_at),
         with_usage=fault != "nousage",
         tool_counted=fault != "zerotool",
+        calls_skipped=1 if fault == "skipcall" else 0,
     )
     if order.stream:
         return _stream(snap, knobs.latency_ms, fault, request)

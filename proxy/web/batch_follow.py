@@ -7,6 +7,14 @@ settles, in one ledger transaction, one row per line that OpenAI answered 200 (i
 releases the rest of the reservation (`Ledger.settle_batch`). A held reservation survives
 a restart and is adopted by a live process, and `settle_batch` writes only once, so two
 replicas never settle one batch twice.
+
+A batch the upstream keeps answering 404 (the company key moved to another organization or
+project, or the batch is gone: OpenAI deletes no batch) cannot end as far as Tollgate can
+see, and its reservation would be held for good: once the 404 has been the answer to
+`GONE_POLLS` polls in a row over `GONE_AFTER_S` seconds, each of its lines is charged its
+bound, flagged `batch_not_found`, for `tollgate ledger resolve`. A poll that fails (no
+answer, a 5xx, an unreadable body) neither counts nor breaks the run; an answer that reads
+as the batch starts it again.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from proxy.core.errors import LedgerError, MalformedAnswer, RequestError
@@ -55,6 +63,14 @@ reads, flagged, for reconciliation."""
 OUTPUT_GONE = "batch_output_gone"
 """The error code of the lines of a batch whose output file was deleted before it was read:
 each charged its bound, flagged."""
+BATCH_GONE = "batch_not_found"
+"""The error code of the lines of a batch the upstream no longer finds: each charged its
+bound, flagged."""
+GONE_POLLS = 10
+GONE_AFTER_S = 900.0
+"""A batch is taken as gone once `GONE_POLLS` polls in a row, the first `GONE_AFTER_S`
+seconds before the last, were answered 404: a 404 that a moment of the upstream's (or of a
+proxy before it) answers is not mistaken for a batch's end."""
 
 
 @dataclass
@@ -69,6 +85,8 @@ class BatchFollow:
     """The OpenAI project the batch was created under, where it (and its output) is read:
     recorded with its held reservation, so a process that adopts it after a restart reads
     it there too (`proxy.web.follow.created_under`)."""
+    not_found: list[float] = field(default_factory=list, compare=False)
+    """When each poll of the current run of 404 answers was answered (see `GONE_POLLS`)."""
 
     async def poll(self, runtime: Runtime) -> bool:
         try:
@@ -79,12 +97,16 @@ class BatchFollow:
         except (RequestError, *BROKEN_OFF) as exc:
             log.warning("following %s: %s; will ask again", self.batch_id, exc)
             return False
+        if answer.status == 404:
+            return await self.gone(runtime)
         try:
             batch = json.loads(body)
             status = batch["status"]
         except (ValueError, KeyError, TypeError):
             log.warning("following %s: answered %s; will ask again", self.batch_id, answer.status)
             return False
+        if answer.status == 200:
+            self.not_found.clear()  # the upstream has it
         if status not in ENDED:
             return False
         try:
@@ -93,6 +115,69 @@ class BatchFollow:
             log.error("settling batch %s failed: %s; will try again", self.batch_id, exc)
             return False
         return True
+
+    async def gone(self, runtime: Runtime) -> bool:
+        """A poll answered 404: once the run of them is long enough, the batch is settled
+        with each line at its bound, flagged (True); until then it is asked again."""
+        self.not_found.append(runtime.clock())
+        first, polls = self.not_found[0], len(self.not_found)
+        if polls < GONE_POLLS or self.not_found[-1] - first < GONE_AFTER_S:
+            log.warning(
+                "following %s: not found (%d polls in a row, over %.0f s); will ask again",
+                self.batch_id, polls, self.not_found[-1] - first,
+            )  # fmt: skip
+            return False
+        try:
+            await self.settle_gone(runtime)
+        except LedgerError as exc:
+            log.error("settling batch %s failed: %s; will try again", self.batch_id, exc)
+            return False
+        return True
+
+    async def settle_gone(self, runtime: Runtime) -> None:
+        """The batch the upstream no longer finds: what its lines billed cannot be read, so
+        each is charged its bound, flagged `BATCH_GONE` (the whole reservation in one row
+        when its lines are not on record), booked now, within the span held."""
+        ledger, entry = runtime.ledger, self.entry
+        log.error(
+            "batch %s (%s): the upstream has answered 404 since %.0f s; each line charged its "
+            "bound, flagged %s: see `tollgate ledger flagged`",
+            self.batch_id, entry.id, runtime.clock() - self.not_found[0], BATCH_GONE,
+        )  # fmt: skip
+        if self.input_file_id is None:
+            stored = await ledger.stored(self.batch_id)
+            self.input_file_id = stored.input_file_id if stored else None
+        lines = await ledger.batch_lines(self.input_file_id) if self.input_file_id else {}
+        ended_at = booked_at(None, entry.started_at, runtime.clock())
+        outcome = Settlement(
+            finished_at=ended_at,
+            outcome="upstream_error",
+            status=404,
+            usage=Usage(images=entry.n or 0),
+            cost_nanos=entry.estimated_nanos,
+            flagged=True,
+            upstream_request_id=self.batch_id,
+            error_code=BATCH_GONE,
+            latency_ms=(ended_at - entry.started_at) * 1000,
+            response_id=self.batch_id,
+        )
+        billed = [
+            line_row(
+                runtime, entry, line, Charge(Usage(images=line.n), line.bound_nanos, True),
+                BATCH_GONE, ended_at, self.batch_id, {},
+            )
+            for line in lines.values()
+        ]  # fmt: skip
+        billed = [
+            replace(b, settlement=replace(b.settlement, outcome="upstream_error", status=404))
+            for b in billed
+        ] or [
+            BilledLine(
+                replace(entry, started_at=ended_at), outcome,
+                counters(entry.team or "", entry.user, ended_at, zone(runtime.config.timezone)),
+            )
+        ]  # fmt: skip
+        await self.write(runtime, within(billed, entry.estimated_nanos), outcome)
 
     async def settle(self, runtime: Runtime, batch: dict[str, Any], status: str) -> None:
         """Read the ended batch's output file and settle a row per billed line."""
@@ -165,7 +250,12 @@ class BatchFollow:
             latency_ms=(ended_at - entry.started_at) * 1000,
             response_id=self.batch_id,
         )
-        written = await ledger.settle_batch(entry.id, billed, outcome)
+        await self.write(runtime, billed, outcome)
+
+    async def write(self, runtime: Runtime, billed: list[BilledLine], outcome: Settlement) -> None:
+        """Settle the reservation by the rows of `billed`, once, and count them."""
+        entry = self.entry
+        written = await runtime.ledger.settle_batch(entry.id, billed, outcome)
         if not written:
             return  # settled already (another replica, or an earlier try)
         for index, line in enumerate(billed or [BilledLine(entry, outcome, ())]):
