@@ -134,6 +134,33 @@ def test_a_reload_swaps_the_runtime_and_calls_after_reload_only_when_it_succeeds
         assert app.current() is second
 
 
+def test_a_reload_that_names_another_ledger_is_refused(tmp_path: Path) -> None:
+    """The spend and reservations live in the ledger opened at start: a reload that moved
+    to another one (or said it had, keeping the old) would let every budget start again."""
+    admin = {"authorization": "Bearer admin-secret"}
+    write_config(tmp_path, "http://simulated/v1", settings="admin_token: admin-secret\n")
+    app = create_app(load_config(tmp_path), Overrides(upstream_key=UPSTREAM_KEY), tmp_path)
+    settings = tmp_path / "tollgate.yaml"
+    settings.write_text(settings.read_text().replace("sqlite:///tollgate.db", "sqlite:///b.db"))
+    with TestClient(app) as test_client:
+        first = app.current()
+        refused = test_client.post("/admin/reload", headers=admin)
+        assert refused.status_code == 400
+        error = refused.json()["error"]
+        assert error["code"] == "invalid_config"
+        assert "ledger: changed from" in error["message"] and "b.db" in error["message"]
+        assert app.current() is first
+    # Under `--ledger`, the file's ledger is not the one in use: changing it changes nothing.
+    pinned = create_app(
+        load_config(tmp_path),
+        Overrides(upstream_key=UPSTREAM_KEY, ledger_url=f"sqlite:///{tmp_path}/c.db"),
+        tmp_path,
+    )
+    settings.write_text(settings.read_text().replace("sqlite:///b.db", "sqlite:///d.db"))
+    with TestClient(pinned) as test_client:
+        assert test_client.post("/admin/reload", headers=admin).status_code == 200
+
+
 def test_a_reload_reads_the_files_while_the_app_goes_on_answering(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -4,6 +4,7 @@ SIGTERM, breaks no client's request or connection, and every request is settled 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ import httpx
 import openai
 import pytest
 
+from proxy.core.auth import key_hash
 from tests.conftest import (
     DESIGN_KEY,
     Simulator,
@@ -221,3 +223,56 @@ def test_sigterm_finishes_what_is_asked_and_refuses_new_connections(
     [request_id] = results
     assert isinstance(request_id, str), request_id
     settled_once(gate, [request_id])
+
+
+def test_no_reload_moves_the_workers_to_another_ledger(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """With two workers, a reload that names another ledger used to move each replaced
+    worker to it, with none of the spend made so far: a $0.10 hard limit let $0.20 through,
+    $0.10 in each ledger. Asked over HTTP it is refused, and by SIGHUP to the supervisor the
+    new workers refuse to start and the old ones stay: one ledger, one limit."""
+    teams = {
+        "design": f"""
+            name: design
+            keys:
+              - {{id: web-app, sha256: {key_hash(DESIGN_KEY)}}}
+            budgets:
+              - {{period: total, limit_usd: 0.10}}
+        """
+    }
+    write_config(tmp_path, f"{simulator.url}/v1", settings=f"admin_token: {ADMIN}\n", teams=teams)
+    gate = start_tollgate(tmp_path, "--workers", "2")
+    sdk = gate.client()
+
+    def spend(times: int) -> int:
+        done = 0
+        for _ in range(times):
+            with contextlib.suppress(openai.RateLimitError):
+                sdk.images.generate(model="gpt-image-2", prompt="x", quality="low")
+                done += 1
+        return done
+
+    try:
+        fit = spend(25)
+        assert 0 < fit < 25
+        settings = tmp_path / "tollgate.yaml"
+        settings.write_text(settings.read_text().replace("tollgate.db", "elsewhere.db"))
+        refused = httpx.post(
+            f"{gate.url}/admin/reload", headers={"authorization": f"Bearer {ADMIN}"}, timeout=60
+        )
+        assert refused.status_code == 400 and "ledger: changed" in refused.text
+        before = set(workers_of(gate.process.pid))
+        os.kill(gate.process.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 90
+        while "aborting the restart" not in output(gate.process):
+            assert time.monotonic() < deadline, output(gate.process)
+            time.sleep(0.2)
+        assert set(workers_of(gate.process.pid)) == before
+        assert spend(25) == 0
+    finally:
+        log = gate.stop()
+    assert "ledger cannot change on a reload" in log
+    assert not (tmp_path / "elsewhere.db").exists()
+    [spent] = gate.query("SELECT sum(cost_nanos) AS s FROM requests WHERE state = 'settled'")
+    assert 0 < spent["s"] <= 100_000_000

@@ -33,7 +33,7 @@ from proxy.logs import configure_logging
 from proxy.web.app import create_app
 from proxy.web.connections import ServerConfig
 from proxy.web.gateway import Gateway
-from proxy.web.runtime import Overrides
+from proxy.web.runtime import Overrides, same_ledger
 
 log = logging.getLogger("tollgate")
 
@@ -72,6 +72,10 @@ class ServeOptions:
     """Where the workers keep their metric values (set by `serve` for several workers)."""
     supervisor: int | None = None
     """The pid of the workers' supervisor (set by `serve` for several workers)."""
+    ledger_url: str | None = None
+    """The ledger the server opened at start (set by `serve` for several workers): a worker
+    started by a reload whose files name another one refuses to start, and the old one
+    stays, as a worker in one process refuses the reload (`proxy.web.runtime.same_ledger`)."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,10 @@ def serve_workers(prepared: Prepared) -> None:
     """What `uvicorn.run` does for several workers, with a TCP socket made explicitly."""
     # Before the workers import prometheus-client: their counters are summed from files.
     options = replace(
-        prepared.options, metrics_dir=environment.share_metrics_dir(), supervisor=os.getpid()
+        prepared.options,
+        metrics_dir=environment.share_metrics_dir(),
+        supervisor=os.getpid(),
+        ledger_url=prepared.options.overrides.ledger_url or prepared.config.ledger_url,
     )
     config = workers_config(replace(prepared, options=options))
     Supervisor(config, sockets=[config.bind_socket()]).run()
@@ -188,8 +195,11 @@ def worker_app(options: ServeOptions) -> Gateway:
     configure_logging(options.log_level)  # each worker logs its own requests
     if options.supervisor is not None:
         stop_with(options.supervisor)
+    config = load_config(options.config_path)
+    if options.ledger_url is not None:
+        same_ledger(config, options.overrides, options.ledger_url)
     return create_app(
-        load_config(options.config_path),
+        config,
         options.overrides,
         options.config_path,
         metrics_dir=options.metrics_dir,
