@@ -4,6 +4,7 @@ SIGTERM, breaks no client's request or connection, and every request is settled 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import signal
@@ -21,9 +22,12 @@ import pytest
 
 from proxy.core.auth import key_hash
 from tests.conftest import (
+    BACKENDS,
     DESIGN_KEY,
     Simulator,
     Tollgate,
+    backend_url,
+    drop_ledger,
     output,
     start_tollgate,
     workers_of,
@@ -48,11 +52,16 @@ def test_a_reload_waits_for_a_worker_slow_to_start(simulator: Simulator, tmp_pat
     gate = start_tollgate(tmp_path, "--workers", "2")
     try:
         before = set(workers_of(gate.process.pid))
-        with sqlite3.connect(tmp_path / "tollgate.db", isolation_level=None) as db:
+        with (
+            sqlite3.connect(tmp_path / "tollgate.db", isolation_level=None) as db,
+            concurrent.futures.ThreadPoolExecutor(1) as pool,
+        ):
             db.execute("BEGIN IMMEDIATE")  # the write lock every worker's writes wait for
-            reload(gate)
+            reloaded = pool.submit(reload, gate)  # answered once every worker is replaced
             time.sleep(8)
+            assert not reloaded.done()
             db.execute("ROLLBACK")
+            reloaded.result(timeout=90)
         deadline = time.monotonic() + 90
         while (now := set(workers_of(gate.process.pid))) & before or len(now) != 2:
             assert time.monotonic() < deadline, output(gate.process)
@@ -276,3 +285,61 @@ def test_no_reload_moves_the_workers_to_another_ledger(
     assert not (tmp_path / "elsewhere.db").exists()
     [spent] = gate.query("SELECT sum(cost_nanos) AS s FROM requests WHERE state = 'settled'")
     assert 0 < spent["s"] <= 100_000_000
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_once_a_reload_answers_a_revoked_key_works_on_no_worker(
+    simulator: Simulator, tmp_path: Path, backend: str
+) -> None:
+    """Two workers, one with requests in flight, and the design team's key revoked. The
+    reload used to answer at once, and the supervisor replaced the workers one at a time,
+    waiting for the first to finish its requests before replacing the second: the revoked
+    key went on working for as long (96 of 472 requests over 25 s). Now the answer comes
+    once every worker serves the new files; the requests in flight still end and settle."""
+    ledger_url = backend_url(backend)
+    write_config(tmp_path, f"{simulator.url}/v1", settings=f"admin_token: {ADMIN}\n")
+    settings = tmp_path / "tollgate.yaml"
+    settings.write_text(settings.read_text().replace("timeout_s: 3", "timeout_s: 30"))
+    gate = start_tollgate(tmp_path, "--workers", "2", ledger_url=ledger_url)
+    slow: list[str] = []
+
+    def in_flight() -> None:
+        raw = gate.client(timeout=60).images.with_raw_response.generate(
+            model="gpt-image-2", prompt="slow", quality="low", size="1024x1024"
+        )
+        slow.append(raw.headers["x-tollgate-request-id"])
+
+    callers = [threading.Thread(target=in_flight) for _ in range(4)]
+    try:
+        simulator.configure(latency_ms=10_000)
+        for caller in callers:
+            caller.start()
+        deadline = time.monotonic() + 60
+        while len(gate.query("SELECT id FROM requests WHERE state = 'reserved'")) < 4:
+            assert time.monotonic() < deadline, "the requests were never reserved"
+            time.sleep(0.05)
+        team = tmp_path / "teams" / "design.yaml"
+        team.write_text(team.read_text().replace(key_hash(DESIGN_KEY), key_hash("tg_new_0001")))
+        reload(gate)
+        statuses = []
+        for _ in range(40):  # a connection each: each may reach either worker
+            with httpx.Client() as fresh:
+                statuses.append(
+                    fresh.post(
+                        f"{gate.url}/v1/images/generations",
+                        headers={"authorization": f"Bearer {DESIGN_KEY}"},
+                        json={"prompt": "revoked", "quality": "low", "size": "1024x1024"},
+                        timeout=30,
+                    ).status_code
+                )
+        assert set(statuses) == {401}, statuses
+        for caller in callers:
+            caller.join(timeout=60)
+    finally:
+        simulator.configure(latency_ms=0)
+        gate.stop()
+    try:
+        assert len(slow) == 4
+        settled_once(gate, slow)
+    finally:
+        drop_ledger(ledger_url)

@@ -163,6 +163,12 @@ def same_ledger(fresh: Config, overrides: Overrides, in_use: str) -> None:
         )
 
 
+def check_next(old: Runtime, fresh: Config, overrides: Overrides) -> None:
+    """Raise the ConfigError `next_runtime(old, fresh, overrides)` would, changing nothing."""
+    same_ledger(fresh, overrides, overrides.ledger_url or old.config.ledger_url)
+    upstream_key(fresh, overrides)
+
+
 def next_runtime(old: Runtime, fresh: Config, overrides: Overrides) -> Runtime:
     """The generation that follows `old` for the configuration `fresh`.
 
@@ -170,7 +176,7 @@ def next_runtime(old: Runtime, fresh: Config, overrides: Overrides) -> Runtime:
     closed once every request that holds it has passed its deadline. The body budget and
     the alerts, shared by every generation, take the fresh limits and configuration.
     A ConfigError (another ledger, no upstream key) leaves everything as it was."""
-    same_ledger(fresh, overrides, overrides.ledger_url or old.config.ledger_url)
+    check_next(old, fresh, overrides)
     upstream = old.upstream
     if fresh.upstream != old.config.upstream:
         upstream = build_upstream(fresh, overrides)
