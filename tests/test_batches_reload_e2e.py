@@ -18,8 +18,11 @@ from tests.batches_e2e import (
     GENERATIONS,
     KEYS,
     LOW,
+    batch_cost,
+    billed_lines,
     ended,
     generations,
+    record_tokens,
     settled_rows,
     team,
     upload,
@@ -136,3 +139,27 @@ def test_a_batch_in_flight_when_its_model_gets_dearer_settles_within_its_reserva
     spent = sum(int(r["cost_nanos"]) for r in rows)
     assert spent <= bound, f"settled {spent} nanos past the {bound} reserved"
     assert spent <= limit * 10**9
+
+
+def test_a_batch_in_flight_when_its_model_gets_cheaper_settles_at_the_rates_it_was_reserved_at(
+    gate: Tollgate, simulator: Simulator
+) -> None:
+    """Reserved at 15.00 a million batch image output tokens, then the book says 1.50: its
+    lines used to settle at the new rate, a tenth of what the simulator billed at the rate
+    it was reserved at (as no image request in flight is: it keeps its runtime's book)."""
+    simulator.configure(batch_delay_ms=4000)
+    client = gate.client(KEYS["tight"])
+    batch = client.batches.create(
+        input_file_id=upload(client, generations("gpt-image-2", 3)).id,
+        endpoint=GENERATIONS,
+        completion_window="24h",
+    )
+    reload(gate, "100", "high", "1.50")
+    assert client.batches.retrieve(batch.id).status not in ("completed", "failed")
+    ended(client, batch.id)
+    rows = settled_rows(gate, batch.id)
+    records = billed_lines(simulator, batch.id)
+    assert len(rows) == len(records) == 3
+    for row in rows:
+        billed = batch_cost("gpt-image-2", record_tokens(records[row["custom_id"]]))
+        assert int(row["cost_nanos"]) == billed, row

@@ -64,6 +64,12 @@ class BatchFollow:
     """The OpenAI project the batch was created under, where it (and its output) is read:
     recorded with its held reservation, so a process that adopts it after a restart reads
     it there too (`proxy.web.follow.created_under`)."""
+    prices: PriceBook | None = None
+    """The price book its reservation was priced with (None: adopted after a restart, whose
+    book is not known). A line is charged the dearer of its price in this book and in the
+    book in force when the batch ends: a reload that lowered a rate while it ran settled
+    it at the new one, below what it was reserved at (a tenth of it for a rate cut ten
+    times), as no image request is; one that raised it is held to the reservation (`within`)."""
 
     async def poll(self, runtime: Runtime) -> bool:
         try:
@@ -105,7 +111,9 @@ class BatchFollow:
         if isinstance(output, str):
             try:
                 async for raw in _file_lines(runtime, output, self.project):
-                    line = billed_line(runtime, entry, lines, raw, ended_at, self.batch_id)
+                    line = billed_line(
+                        runtime, entry, lines, raw, ended_at, self.batch_id, self.prices
+                    )
                     if line is not None:
                         billed.append(line)
             except OutputGone:
@@ -181,8 +189,11 @@ def billed_line(
     raw: bytes,
     ended_at: float,
     batch_id: str,
+    reserved_under: PriceBook | None = None,
 ) -> BilledLine | None:
-    """The row of one output line that OpenAI answered 200; None for an error line."""
+    """The row of one output line that OpenAI answered 200; None for an error line. Charged
+    at the book in force, or at `reserved_under` (the book its batch was reserved with)
+    where that is dearer."""
     try:
         found = json.loads(raw)
         response = found.get("response") or {}
@@ -194,26 +205,35 @@ def billed_line(
         raise MalformedAnswer(f"batch {batch_id}: an output line is not JSON") from None
     if not isinstance(body, dict):
         body = {}  # a billed line whose answer cannot be read: charged its bound, flagged
-    config = runtime.config
-    code: str | None
     line = lines.get(custom_id) if isinstance(custom_id, str) else None
     if line is None:
         line = max(lines.values(), key=lambda priced: priced.bound_nanos)
-        charge, code = Charge(Usage(), line.bound_nanos, True), UNKNOWN_LINE
-    elif line.mainline is not None:
-        charge, code, outcome = response_charge(config.prices, line, body)
-        row = line_row(runtime, reservation, line, charge, code, ended_at, batch_id, response)
-        return replace(row, settlement=replace(row.settlement, outcome=outcome))
-    else:
-        model = config.prices.find(line.model)
-        usage = usage_from_openai(body.get("usage"))
-        data = body.get("data")
-        images = len(data) if isinstance(data, list) else line.n
-        if model is None or usage is None:
-            charge, code = Charge(Usage(images=images), line.bound_nanos, True), None
-        else:
-            charge, code = model.for_batch().charge(replace(usage, images=images)), None
-    return line_row(runtime, reservation, line, charge, code, ended_at, batch_id, response)
+        charge = Charge(Usage(), line.bound_nanos, True)
+        return line_row(
+            runtime, reservation, line, charge, UNKNOWN_LINE, ended_at, batch_id, response
+        )
+    charge, code, outcome = line_charge(runtime.config.prices, line, body)
+    if reserved_under is not None and reserved_under is not runtime.config.prices:
+        then = line_charge(reserved_under, line, body)
+        if then[0].cost_nanos > charge.cost_nanos:
+            charge, code, outcome = then
+    row = line_row(runtime, reservation, line, charge, code, ended_at, batch_id, response)
+    return replace(row, settlement=replace(row.settlement, outcome=outcome))
+
+
+def line_charge(
+    prices: PriceBook, line: BatchLine, body: dict[str, Any]
+) -> tuple[Charge, str | None, Outcome]:
+    """What a line answered 200 costs at `prices`, its error code and outcome."""
+    if line.mainline is not None:
+        return response_charge(prices, line, body)
+    model = prices.find(line.model)
+    usage = usage_from_openai(body.get("usage"))
+    data = body.get("data")
+    images = len(data) if isinstance(data, list) else line.n
+    if model is None or usage is None:
+        return Charge(Usage(images=images), line.bound_nanos, True), None, "ok"
+    return model.for_batch().charge(replace(usage, images=images)), None, "ok"
 
 
 def response_charge(

@@ -245,7 +245,8 @@ class Batches:
             await runtime.ledger.hold(entry.id, batch_id, project)
         except LedgerError as exc:
             log.error("recording batch %s failed: %s", batch_id, exc)
-        runtime.followers.follow(entry.id, BatchFollow(entry, batch_id, stored.id, project))
+        followed = BatchFollow(entry, batch_id, stored.id, project, runtime.config.prices)
+        runtime.followers.follow(entry.id, followed)
 
     async def not_created(
         self,
