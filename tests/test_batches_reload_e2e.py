@@ -23,11 +23,19 @@ from tests.batches_e2e import (
     ended,
     generations,
     record_tokens,
+    reserved_total,
     settled_rows,
     team,
     upload,
 )
-from tests.conftest import Simulator, Tollgate, start_tollgate, write_config
+from tests.conftest import (
+    Simulator,
+    Tollgate,
+    start_simulator,
+    start_tollgate,
+    stop,
+    write_config,
+)
 
 ADMIN = "tg_admin_batches_reload"
 DAY_MS = 86_400_000
@@ -163,3 +171,33 @@ def test_a_batch_in_flight_when_its_model_gets_cheaper_settles_at_the_rates_it_w
     for row in rows:
         billed = batch_cost("gpt-image-2", record_tokens(records[row["custom_id"]]))
         assert int(row["cost_nanos"]) == billed, row
+
+
+def test_a_batch_the_upstream_no_longer_knows_is_charged_its_bound_flagged(
+    gate: Tollgate, simulator: Simulator
+) -> None:
+    """A reload moves the upstream to another account (a second simulator) while a batch
+    runs on the first: asked there, the batch is not found. It used to be asked again every
+    second for good, its reservation held for good; now each line is charged its bound,
+    flagged `batch_not_found` (never less than what the first account bills), and nothing
+    stays held."""
+    simulator.configure(batch_delay_ms=4000)
+    client = gate.client(KEYS["tight"])
+    batch = client.batches.create(
+        input_file_id=upload(client, generations("gpt-image-2", 3)).id,
+        endpoint=GENERATIONS,
+        completion_window="24h",
+    )
+    [held] = gate.query("SELECT estimated_nanos FROM requests WHERE state = 'reserved'")
+    elsewhere = start_simulator()
+    try:
+        settings = gate.root / "tollgate.yaml"
+        settings.write_text(settings.read_text().replace(simulator.url, elsewhere.url))
+        reload(gate, "100", "high", "15.00")
+        rows = settled_rows(gate, batch.id)
+    finally:
+        stop(elsewhere.process)
+    assert len(rows) == 3
+    assert all(r["flagged"] and r["error_code"] == "batch_not_found" for r in rows), rows
+    assert sum(int(r["cost_nanos"]) for r in rows) == held["estimated_nanos"]
+    assert reserved_total(gate) == 0

@@ -45,6 +45,10 @@ BATCH_SPAN_S = 26 * 3600.0
 window, then the time it takes to expire or finalize. Its reservation holds room in every
 window of that span, and its lines are booked within it."""
 UNKNOWN_LINE = "batch_line_unknown"
+NOT_FOUND = "not_found"
+"""The status of a followed batch the upstream answers 404 for: it does not know it (the
+upstream was moved to another account by a reload since it was created). What it billed
+cannot be read there: each line is charged its bound, flagged `batch_not_found`."""
 OUTPUT_GONE = "batch_output_gone"
 """The error code of the lines of a batch whose output file was deleted before it was read:
 each charged its bound, flagged."""
@@ -84,9 +88,19 @@ class BatchFollow:
             batch = json.loads(body)
             status = batch["status"]
         except (ValueError, KeyError, TypeError):
-            log.warning("following %s: answered %s; will ask again", self.batch_id, answer.status)
-            return False
-        if status not in ENDED:
+            if answer.status != 404:
+                log.warning(
+                    "following %s: answered %s; will ask again", self.batch_id, answer.status
+                )
+                return False
+            # Asked again, it held its reservation for good (and logged every second).
+            log.error(
+                "following %s: the upstream does not know it (404); each line charged its "
+                "bound, flagged batch_not_found: see `tollgate ledger flagged`",
+                self.batch_id,
+            )
+            batch, status = {}, NOT_FOUND
+        if status not in ENDED and status != NOT_FOUND:
             return False
         try:
             await self.settle(runtime, batch, status)
@@ -102,13 +116,15 @@ class BatchFollow:
             stored = await ledger.stored(self.batch_id)
             self.input_file_id = stored.input_file_id if stored else batch.get("input_file_id")
         lines = await ledger.batch_lines(self.input_file_id or "")
-        ended = batch.get(ENDED_AT[status]) or runtime.clock()
+        ended = batch.get(ENDED_AT.get(status, "")) or runtime.clock()
         # Booked within the span its reservation held room in: an end reported later (or
         # none, the batch read late after an outage) would land in a window it held none in.
         ended_at = min(float(ended), entry.started_at + BATCH_SPAN_S)
         billed: list[BilledLine] = []
         output = batch.get("output_file_id")
-        if isinstance(output, str):
+        if status == NOT_FOUND:
+            billed = at_bound(runtime, entry, lines, f"batch_{NOT_FOUND}", ended_at, self.batch_id)
+        elif isinstance(output, str):
             try:
                 async for raw in _file_lines(runtime, output, self.project):
                     line = billed_line(
@@ -121,13 +137,7 @@ class BatchFollow:
                 # it): what each line billed can no longer be read, so each line is
                 # charged its bound, flagged, rather than the batch never being settled.
                 log.warning("batch %s: its output file %s is gone", self.batch_id, output)
-                billed = [
-                    line_row(
-                        runtime, entry, line, Charge(Usage(images=line.n), line.bound_nanos, True),
-                        OUTPUT_GONE, ended_at, self.batch_id, {},
-                    )
-                    for line in lines.values()
-                ]  # fmt: skip
+                billed = at_bound(runtime, entry, lines, OUTPUT_GONE, ended_at, self.batch_id)
         billed = within(billed, entry.estimated_nanos)
         for file_id in (output, batch.get("error_file_id")):
             if isinstance(file_id, str):
@@ -139,7 +149,7 @@ class BatchFollow:
         outcome = Settlement(
             finished_at=ended_at,
             outcome="ok" if status == "completed" else "upstream_error",
-            status=200,
+            status=404 if status == NOT_FOUND else 200,
             upstream_request_id=self.batch_id,
             error_code=None if status == "completed" else f"batch_{status}",
             latency_ms=(ended_at - entry.started_at) * 1000,
@@ -152,6 +162,25 @@ class BatchFollow:
             if index:
                 runtime.metrics.started()  # each line is a request in the metrics
             observe(runtime, line.entry, line.settlement, ())
+
+
+def at_bound(
+    runtime: Runtime,
+    reservation: Entry,
+    lines: dict[str, BatchLine],
+    code: str,
+    ended_at: float,
+    batch_id: str,
+) -> list[BilledLine]:
+    """Every line of a batch whose billed lines cannot be read, charged its bound, flagged
+    `code`, for `tollgate ledger resolve`."""
+    return [
+        line_row(
+            runtime, reservation, line, Charge(Usage(images=line.n), line.bound_nanos, True),
+            code, ended_at, batch_id, {},
+        )
+        for line in lines.values()
+    ]  # fmt: skip
 
 
 class OutputGone(Exception):
