@@ -343,3 +343,51 @@ def test_once_a_reload_answers_a_revoked_key_works_on_no_worker(
         settled_once(gate, slow)
     finally:
         drop_ledger(ledger_url)
+
+
+@pytest.mark.parametrize(
+    ("change", "status"),
+    [("key", 401), ("budget", 429)],
+)
+def test_a_request_whose_body_arrives_after_a_reload_is_admitted_under_the_new_configuration(
+    simulator: Simulator, tmp_path: Path, change: str, status: int
+) -> None:
+    """The headers arrive, then a reload revokes the key (or cuts the day's budget to a
+    micro-dollar), then the body ends. The request used to be admitted under the
+    configuration it found on arrival: forwarded and billed ($0.21) with a key refused
+    everywhere else, past the new hard limit, up to `limits.body_timeout_s` (300 s)
+    after the reload."""
+
+    def design(key: str, limit: str) -> dict[str, str]:
+        budget = f"budgets:\n  - {{period: day, limit_usd: {limit}}}\n"
+        return {"design": f"name: design\nkeys:\n  - {{id: a, sha256: {key_hash(key)}}}\n{budget}"}
+
+    write_config(
+        tmp_path, f"{simulator.url}/v1", f"admin_token: {ADMIN}\n", design(DESIGN_KEY, "1")
+    )
+    gate = start_tollgate(tmp_path)
+    body = b'{"model": "gpt-image-2", "prompt": "a slow body", "quality": "high"}'
+    head = (
+        "POST /v1/images/generations HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+        f"authorization: Bearer {DESIGN_KEY}\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    port = int(gate.url.rsplit(":", 1)[1])
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(head.encode() + body[:10])
+            time.sleep(0.5)  # the headers are in: the request has taken its runtime
+            key, limit = (
+                ("tg_test_rotated_0001", "1") if change == "key" else (DESIGN_KEY, "0.000001")
+            )
+            for name, text in design(key, limit).items():
+                (tmp_path / "teams" / f"{name}.yaml").write_text(text)
+            reload(gate)
+            sock.sendall(body[10:])
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(65536)
+    finally:
+        gate.stop()
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer[:300]
+    [row] = gate.query("SELECT state, cost_nanos FROM requests")
+    assert (row["state"], row["cost_nanos"]) == ("settled", 0)

@@ -86,6 +86,21 @@ class Pipeline(Generic[Parsed]):
         try:
             allow_endpoint(team, door.endpoint)
             body = await read_body(request, door.body_limit(config.limits), runtime.bodies)
+            if (newest := runtime.newest()) is not runtime:
+                # Reloaded while the body arrived (up to `limits.body_timeout_s`): admitted
+                # under the configuration in force now, not the one it found. A key revoked
+                # or a team removed meanwhile is refused; a budget lowered holds it.
+                runtime, config = newest, newest.config
+                try:
+                    team, key = identify(
+                        request.headers.get("authorization"), config.team_by_key_hash()
+                    )
+                except AuthenticationFailed as exc:
+                    return await refuse(runtime, entry, exc, headers)
+                entry = entry.identified(team.name, team.cost_center, key.id)
+                headers["x-tollgate-team"] = team.name
+                project = config.project_of(team.name)
+                allow_endpoint(team, door.endpoint)
             parsed = door.parse(request.headers.get("content-type", ""), body, config, team)
             named = door.file_ids(parsed)
             if named:

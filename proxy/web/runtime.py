@@ -115,9 +115,16 @@ class Runtime:
     followers: Followers = field(default_factory=Followers)
     """The background responses this process follows (shared by every generation)."""
     """Unix time for budgets and the ledger (tests move it)."""
+    in_force: Callable[[], Runtime] | None = None
+    """The runtime in force now (the gateway's), which a reload may have replaced since a
+    request took this one (shared by every generation)."""
 
     def spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         return self.tasks.spawn(work)
+
+    def newest(self) -> Runtime:
+        """The runtime in force now: this one, or the one a reload swapped in since."""
+        return self.in_force() if self.in_force is not None else self
 
 
 async def open_runtime(
