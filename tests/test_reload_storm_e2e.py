@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -21,6 +22,7 @@ import openai
 import pytest
 
 from proxy.core.auth import key_hash
+from tests.batches_e2e import GENERATIONS, generations, upload
 from tests.conftest import (
     BACKENDS,
     DESIGN_KEY,
@@ -346,17 +348,22 @@ def test_once_a_reload_answers_a_revoked_key_works_on_no_worker(
 
 
 @pytest.mark.parametrize(
-    ("change", "status"),
-    [("key", 401), ("budget", 429)],
+    ("path", "change", "status"),
+    [
+        ("/v1/images/generations", "key", 401),
+        ("/v1/images/generations", "budget", 429),
+        ("/v1/batches", "key", 401),
+        ("/v1/batches", "budget", 429),
+    ],
 )
 def test_a_request_whose_body_arrives_after_a_reload_is_admitted_under_the_new_configuration(
-    simulator: Simulator, tmp_path: Path, change: str, status: int
+    simulator: Simulator, tmp_path: Path, path: str, change: str, status: int
 ) -> None:
     """The headers arrive, then a reload revokes the key (or cuts the day's budget to a
     micro-dollar), then the body ends. The request used to be admitted under the
-    configuration it found on arrival: forwarded and billed ($0.21) with a key refused
-    everywhere else, past the new hard limit, up to `limits.body_timeout_s` (300 s)
-    after the reload."""
+    configuration it found on arrival: forwarded and billed ($0.21 for the image) with a
+    key refused everywhere else, past the new hard limit, up to `limits.body_timeout_s`
+    (300 s) after the reload."""
 
     def design(key: str, limit: str) -> dict[str, str]:
         budget = f"budgets:\n  - {{period: day, limit_usd: {limit}}}\n"
@@ -366,9 +373,14 @@ def test_a_request_whose_body_arrives_after_a_reload_is_admitted_under_the_new_c
         tmp_path, f"{simulator.url}/v1", f"admin_token: {ADMIN}\n", design(DESIGN_KEY, "1")
     )
     gate = start_tollgate(tmp_path)
-    body = b'{"model": "gpt-image-2", "prompt": "a slow body", "quality": "high"}'
+    if path == "/v1/batches":
+        uploaded = upload(gate.client(), generations("gpt-image-2", 2))
+        fields = {"input_file_id": uploaded.id, "endpoint": GENERATIONS, "completion_window": "24h"}
+    else:
+        fields = {"model": "gpt-image-2", "prompt": "a slow body", "quality": "high"}
+    body = json.dumps(fields).encode()
     head = (
-        "POST /v1/images/generations HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
         f"authorization: Bearer {DESIGN_KEY}\r\ncontent-length: {len(body)}\r\n\r\n"
     )
     port = int(gate.url.rsplit(":", 1)[1])
@@ -376,9 +388,8 @@ def test_a_request_whose_body_arrives_after_a_reload_is_admitted_under_the_new_c
         with socket.create_connection(("127.0.0.1", port)) as sock:
             sock.sendall(head.encode() + body[:10])
             time.sleep(0.5)  # the headers are in: the request has taken its runtime
-            key, limit = (
-                ("tg_test_rotated_0001", "1") if change == "key" else (DESIGN_KEY, "0.000001")
-            )
+            revoked = change == "key"
+            key, limit = ("tg_test_rotated_0001", "1") if revoked else (DESIGN_KEY, "0.000001")
             for name, text in design(key, limit).items():
                 (tmp_path / "teams" / f"{name}.yaml").write_text(text)
             reload(gate)
