@@ -20,6 +20,7 @@ from starlette.testclient import TestClient
 
 from proxy.config import load_config
 from proxy.core.auth import key_hash
+from proxy.core.errors import ConfigError
 from proxy.core.settings import Passthrough
 from proxy.simulator import SimulatorSettings, create_simulator_app
 from proxy.web.app import create_app
@@ -110,30 +111,83 @@ def test_request_ids_are_unique_and_sort_by_time() -> None:
     assert [i[:20] for i in ids] == sorted(i[:20] for i in ids)
 
 
-def test_a_reload_swaps_the_runtime_and_calls_after_reload_only_when_it_succeeds(
+def test_a_reload_swaps_the_runtime_and_refuses_an_invalid_configuration(
     tmp_path: Path,
 ) -> None:
     admin = {"authorization": "Bearer admin-secret"}
     write_config(tmp_path, "http://simulated/v1", settings="admin_token: admin-secret\n")
-    reloaded: list[bool] = []
-    app = create_app(
-        load_config(tmp_path),
-        Overrides(upstream_key=UPSTREAM_KEY),
-        tmp_path,
-        after_reload=lambda: reloaded.append(True),
-    )
+    app = create_app(load_config(tmp_path), Overrides(upstream_key=UPSTREAM_KEY), tmp_path)
     with TestClient(app) as test_client:
         first = app.current()
         assert test_client.post("/admin/reload", headers=admin).status_code == 200
-        assert reloaded == [True]
         second = app.current()
         assert second is not first and second.ledger is first.ledger
         (tmp_path / "tollgate.yaml").write_text("upstream: [not, a, mapping]\n")
         refused = test_client.post("/admin/reload", headers=admin)
         assert refused.status_code == 400
         assert refused.json()["error"]["code"] == "invalid_config"
-        assert reloaded == [True]
         assert app.current() is second
+
+
+def test_with_several_workers_a_reload_answers_once_they_are_replaced(tmp_path: Path) -> None:
+    """A worker checks the files and has every worker replaced; it answers when they are
+    (or that they were not), and never takes the new configuration itself: had it taken it
+    while a new worker failed to start, the workers would serve two configurations."""
+    admin = {"authorization": "Bearer admin-secret"}
+    write_config(tmp_path, "http://simulated/v1", settings="admin_token: admin-secret\n")
+    asked: list[str] = []
+    outcome: list[ConfigError | None] = [None]
+
+    async def replace_workers() -> None:
+        asked.append("replace")
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    app = create_app(
+        load_config(tmp_path),
+        Overrides(upstream_key=UPSTREAM_KEY),
+        tmp_path,
+        replace_workers=replace_workers,
+    )
+    with TestClient(app) as test_client:
+        first = app.current()
+        assert test_client.post("/admin/reload", headers=admin).status_code == 200
+        assert asked == ["replace"] and app.current() is first
+        outcome[0] = ConfigError(["policies: a new worker reading these files did not start"])
+        refused = test_client.post("/admin/reload", headers=admin)
+        assert refused.status_code == 400
+        assert "did not start" in refused.json()["error"]["message"]
+        (tmp_path / "tollgate.yaml").write_text("upstream: [not, a, mapping]\n")
+        assert test_client.post("/admin/reload", headers=admin).status_code == 400
+        assert asked == ["replace", "replace"]  # an invalid configuration is never sent on
+        assert app.current() is first
+
+
+def test_a_reload_that_names_another_ledger_is_refused(tmp_path: Path) -> None:
+    """The spend and reservations live in the ledger opened at start: a reload that moved
+    to another one (or said it had, keeping the old) would let every budget start again."""
+    admin = {"authorization": "Bearer admin-secret"}
+    write_config(tmp_path, "http://simulated/v1", settings="admin_token: admin-secret\n")
+    app = create_app(load_config(tmp_path), Overrides(upstream_key=UPSTREAM_KEY), tmp_path)
+    settings = tmp_path / "tollgate.yaml"
+    settings.write_text(settings.read_text().replace("sqlite:///tollgate.db", "sqlite:///b.db"))
+    with TestClient(app) as test_client:
+        first = app.current()
+        refused = test_client.post("/admin/reload", headers=admin)
+        assert refused.status_code == 400
+        error = refused.json()["error"]
+        assert error["code"] == "invalid_config"
+        assert "ledger: changed from" in error["message"] and "b.db" in error["message"]
+        assert app.current() is first
+    # Under `--ledger`, the file's ledger is not the one in use: changing it changes nothing.
+    pinned = create_app(
+        load_config(tmp_path),
+        Overrides(upstream_key=UPSTREAM_KEY, ledger_url=f"sqlite:///{tmp_path}/c.db"),
+        tmp_path,
+    )
+    settings.write_text(settings.read_text().replace("sqlite:///b.db", "sqlite:///d.db"))
+    with TestClient(pinned) as test_client:
+        assert test_client.post("/admin/reload", headers=admin).status_code == 200
 
 
 def test_a_reload_reads_the_files_while_the_app_goes_on_answering(

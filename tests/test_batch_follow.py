@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -13,13 +13,16 @@ from typing import Any, cast
 import pytest
 
 from proxy.config import load_config
+from proxy.config.prices import load_price_book
 from proxy.core.errors import RequestError
 from proxy.core.models import Counter, Entry, Totals
+from proxy.core.pricing import PriceBook
 from proxy.ledger import BatchLine, open_ledger
 from proxy.ledger.base import Owner
 from proxy.web.batch_follow import BATCH_GONE, GONE_AFTER_S, GONE_POLLS, BatchFollow, billed_line
 from proxy.web.runtime import Runtime
 from tests.conftest import write_config
+from tests.test_batches_reload_e2e import price_book
 from tests.test_ledger_batches import (
     CREATED,
     CREATION_COUNTERS,
@@ -192,3 +195,34 @@ def test_a_batch_gone_whose_lines_are_not_on_record_is_charged_its_whole_bound(
     assert (row["state"], row["cost_nanos"], row["flagged"]) == ("settled", 3 * LINE_BOUND, 1)
     assert row["error_code"] == BATCH_GONE
     assert (totals.spent_nanos, totals.reserved_nanos) == (3 * LINE_BOUND, 0)
+
+
+def test_a_line_is_charged_the_dearer_of_the_book_it_was_reserved_under_and_the_one_in_force(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """A batch followed by the process that created it keeps the book it was reserved
+    with: a reload that cut a rate while it ran does not settle it below that book."""
+    usage = {
+        "input_tokens": 10, "output_tokens": 200, "total_tokens": 210,
+        "input_tokens_details": {"text_tokens": 10, "image_tokens": 0},
+    }  # fmt: skip
+    raw = json.dumps(
+        {"custom_id": "a", "response": {"status_code": 200, "body": {"data": [{}], "usage": usage}}}
+    ).encode()
+    reservation = Entry("tg_req_1", 1_800_000_000.0, "batches", "design")
+    book = runtime.config.prices
+    (tmp_path / "prices.yaml").write_text(price_book("150.00"))
+    dearer = load_price_book(tmp_path / "prices.yaml")
+
+    def charge(now: Runtime, reserved_under: PriceBook | None) -> int:
+        found = billed_line(now, reservation, {"a": LINE}, raw, 1.8e9, "b", reserved_under)
+        assert found is not None
+        return found.settlement.cost_nanos
+
+    later = cast(Runtime, SimpleNamespace(config=replace(runtime.config, prices=dearer)))
+    # 10 text input tokens at 2.50 and 200 image output tokens at 15.00 (batch rates) ...
+    assert charge(runtime, None) == charge(runtime, book) == 25_000 + 3_000_000
+    # ... or at 150.00, whichever book has it: the one reserved under or the one now.
+    assert (
+        charge(runtime, dearer) == charge(later, book) == charge(later, None) == 25_000 + 30_000_000
+    )

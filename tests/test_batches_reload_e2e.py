@@ -6,6 +6,7 @@ past the hard limit, or past the policy, that the team now has."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -18,13 +19,23 @@ from tests.batches_e2e import (
     GENERATIONS,
     KEYS,
     LOW,
+    batch_cost,
+    billed_lines,
     ended,
     generations,
+    record_tokens,
     settled_rows,
     team,
     upload,
 )
-from tests.conftest import Simulator, Tollgate, start_tollgate, write_config
+from tests.conftest import (
+    Simulator,
+    Tollgate,
+    start_simulator,
+    start_tollgate,
+    stop,
+    write_config,
+)
 
 ADMIN = "tg_admin_batches_reload"
 DAY_MS = 86_400_000
@@ -136,3 +147,58 @@ def test_a_batch_in_flight_when_its_model_gets_dearer_settles_within_its_reserva
     spent = sum(int(r["cost_nanos"]) for r in rows)
     assert spent <= bound, f"settled {spent} nanos past the {bound} reserved"
     assert spent <= limit * 10**9
+
+
+def test_a_batch_in_flight_when_its_model_gets_cheaper_settles_at_the_rates_it_was_reserved_at(
+    gate: Tollgate, simulator: Simulator
+) -> None:
+    """Reserved at 15.00 a million batch image output tokens, then the book says 1.50: its
+    lines used to settle at the new rate, a tenth of what the simulator billed at the rate
+    it was reserved at (as no image request in flight is: it keeps its runtime's book)."""
+    simulator.configure(batch_delay_ms=4000)
+    client = gate.client(KEYS["tight"])
+    batch = client.batches.create(
+        input_file_id=upload(client, generations("gpt-image-2", 3)).id,
+        endpoint=GENERATIONS,
+        completion_window="24h",
+    )
+    reload(gate, "100", "high", "1.50")
+    assert client.batches.retrieve(batch.id).status not in ("completed", "failed")
+    ended(client, batch.id)
+    rows = settled_rows(gate, batch.id)
+    records = billed_lines(simulator, batch.id)
+    assert len(rows) == len(records) == 3
+    for row in rows:
+        billed = batch_cost("gpt-image-2", record_tokens(records[row["custom_id"]]))
+        assert int(row["cost_nanos"]) == billed, row
+
+
+def test_a_batch_the_upstream_no_longer_knows_stays_held_until_it_is_gone(
+    gate: Tollgate, simulator: Simulator
+) -> None:
+    """A reload moves the upstream to another account (a second simulator) while a batch
+    runs on the first: asked there, the batch is not found. A few 404s do not free or
+    settle it: its reservation stays held until the upstream has answered 404 for long
+    enough (`GONE_POLLS` polls over `GONE_AFTER_S`), then each line is charged its bound,
+    flagged `batch_not_found` (tests/test_batch_follow.py, on a clock of its own)."""
+    simulator.configure(batch_delay_ms=4000)
+    client = gate.client(KEYS["tight"])
+    client.batches.create(
+        input_file_id=upload(client, generations("gpt-image-2", 3)).id,
+        endpoint=GENERATIONS,
+        completion_window="24h",
+    )
+    [held] = gate.query("SELECT estimated_nanos FROM requests WHERE state = 'reserved'")
+    elsewhere = start_simulator()
+    try:
+        settings = gate.root / "tollgate.yaml"
+        settings.write_text(settings.read_text().replace(simulator.url, elsewhere.url))
+        reload(gate, "100", "high", "15.00")
+        time.sleep(3)  # several polls, each answered 404
+        still = gate.query("SELECT estimated_nanos FROM requests WHERE state = 'reserved'")
+        assert still == [held]
+        assert not gate.query(
+            "SELECT id FROM requests WHERE custom_id IS NOT NULL AND state = 'settled'"
+        )
+    finally:
+        stop(elsewhere.process)

@@ -4,6 +4,9 @@ SIGTERM, breaks no client's request or connection, and every request is settled 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -18,10 +21,15 @@ import httpx
 import openai
 import pytest
 
+from proxy.core.auth import key_hash
+from tests.batches_e2e import GENERATIONS, generations, upload
 from tests.conftest import (
+    BACKENDS,
     DESIGN_KEY,
     Simulator,
     Tollgate,
+    backend_url,
+    drop_ledger,
     output,
     start_tollgate,
     workers_of,
@@ -46,11 +54,16 @@ def test_a_reload_waits_for_a_worker_slow_to_start(simulator: Simulator, tmp_pat
     gate = start_tollgate(tmp_path, "--workers", "2")
     try:
         before = set(workers_of(gate.process.pid))
-        with sqlite3.connect(tmp_path / "tollgate.db", isolation_level=None) as db:
+        with (
+            sqlite3.connect(tmp_path / "tollgate.db", isolation_level=None) as db,
+            concurrent.futures.ThreadPoolExecutor(1) as pool,
+        ):
             db.execute("BEGIN IMMEDIATE")  # the write lock every worker's writes wait for
-            reload(gate)
+            reloaded = pool.submit(reload, gate)  # answered once every worker is replaced
             time.sleep(8)
+            assert not reloaded.done()
             db.execute("ROLLBACK")
+            reloaded.result(timeout=90)
         deadline = time.monotonic() + 90
         while (now := set(workers_of(gate.process.pid))) & before or len(now) != 2:
             assert time.monotonic() < deadline, output(gate.process)
@@ -221,3 +234,171 @@ def test_sigterm_finishes_what_is_asked_and_refuses_new_connections(
     [request_id] = results
     assert isinstance(request_id, str), request_id
     settled_once(gate, [request_id])
+
+
+def test_no_reload_moves_the_workers_to_another_ledger(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """With two workers, a reload that names another ledger used to move each replaced
+    worker to it, with none of the spend made so far: a $0.10 hard limit let $0.20 through,
+    $0.10 in each ledger. Asked over HTTP it is refused, and by SIGHUP to the supervisor the
+    new workers refuse to start and the old ones stay: one ledger, one limit."""
+    teams = {
+        "design": f"""
+            name: design
+            keys:
+              - {{id: web-app, sha256: {key_hash(DESIGN_KEY)}}}
+            budgets:
+              - {{period: total, limit_usd: 0.10}}
+        """
+    }
+    write_config(tmp_path, f"{simulator.url}/v1", settings=f"admin_token: {ADMIN}\n", teams=teams)
+    gate = start_tollgate(tmp_path, "--workers", "2")
+    sdk = gate.client()
+
+    def spend(times: int) -> int:
+        done = 0
+        for _ in range(times):
+            with contextlib.suppress(openai.RateLimitError):
+                sdk.images.generate(model="gpt-image-2", prompt="x", quality="low")
+                done += 1
+        return done
+
+    try:
+        fit = spend(25)
+        assert 0 < fit < 25
+        settings = tmp_path / "tollgate.yaml"
+        settings.write_text(settings.read_text().replace("tollgate.db", "elsewhere.db"))
+        refused = httpx.post(
+            f"{gate.url}/admin/reload", headers={"authorization": f"Bearer {ADMIN}"}, timeout=60
+        )
+        assert refused.status_code == 400 and "ledger: changed" in refused.text
+        before = set(workers_of(gate.process.pid))
+        os.kill(gate.process.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 90
+        while "aborting the restart" not in output(gate.process):
+            assert time.monotonic() < deadline, output(gate.process)
+            time.sleep(0.2)
+        assert set(workers_of(gate.process.pid)) == before
+        assert spend(25) == 0
+    finally:
+        log = gate.stop()
+    assert "ledger cannot change on a reload" in log
+    assert not (tmp_path / "elsewhere.db").exists()
+    [spent] = gate.query("SELECT sum(cost_nanos) AS s FROM requests WHERE state = 'settled'")
+    assert 0 < spent["s"] <= 100_000_000
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_once_a_reload_answers_a_revoked_key_works_on_no_worker(
+    simulator: Simulator, tmp_path: Path, backend: str
+) -> None:
+    """Two workers, one with requests in flight, and the design team's key revoked. The
+    reload used to answer at once, and the supervisor replaced the workers one at a time,
+    waiting for the first to finish its requests before replacing the second: the revoked
+    key went on working for as long (96 of 472 requests over 25 s). Now the answer comes
+    once every worker serves the new files; the requests in flight still end and settle."""
+    ledger_url = backend_url(backend)
+    write_config(tmp_path, f"{simulator.url}/v1", settings=f"admin_token: {ADMIN}\n")
+    settings = tmp_path / "tollgate.yaml"
+    settings.write_text(settings.read_text().replace("timeout_s: 3", "timeout_s: 30"))
+    gate = start_tollgate(tmp_path, "--workers", "2", ledger_url=ledger_url)
+    slow: list[str] = []
+
+    def in_flight() -> None:
+        raw = gate.client(timeout=60).images.with_raw_response.generate(
+            model="gpt-image-2", prompt="slow", quality="low", size="1024x1024"
+        )
+        slow.append(raw.headers["x-tollgate-request-id"])
+
+    callers = [threading.Thread(target=in_flight) for _ in range(4)]
+    try:
+        simulator.configure(latency_ms=10_000)
+        for caller in callers:
+            caller.start()
+        deadline = time.monotonic() + 60
+        while len(gate.query("SELECT id FROM requests WHERE state = 'reserved'")) < 4:
+            assert time.monotonic() < deadline, "the requests were never reserved"
+            time.sleep(0.05)
+        team = tmp_path / "teams" / "design.yaml"
+        team.write_text(team.read_text().replace(key_hash(DESIGN_KEY), key_hash("tg_new_0001")))
+        reload(gate)
+        statuses = []
+        for _ in range(40):  # a connection each: each may reach either worker
+            with httpx.Client() as fresh:
+                statuses.append(
+                    fresh.post(
+                        f"{gate.url}/v1/images/generations",
+                        headers={"authorization": f"Bearer {DESIGN_KEY}"},
+                        json={"prompt": "revoked", "quality": "low", "size": "1024x1024"},
+                        timeout=30,
+                    ).status_code
+                )
+        assert set(statuses) == {401}, statuses
+        for caller in callers:
+            caller.join(timeout=60)
+    finally:
+        simulator.configure(latency_ms=0)
+        gate.stop()
+    try:
+        assert len(slow) == 4
+        settled_once(gate, slow)
+    finally:
+        drop_ledger(ledger_url)
+
+
+@pytest.mark.parametrize(
+    ("path", "change", "status"),
+    [
+        ("/v1/images/generations", "key", 401),
+        ("/v1/images/generations", "budget", 429),
+        ("/v1/batches", "key", 401),
+        ("/v1/batches", "budget", 429),
+    ],
+)
+def test_a_request_whose_body_arrives_after_a_reload_is_admitted_under_the_new_configuration(
+    simulator: Simulator, tmp_path: Path, path: str, change: str, status: int
+) -> None:
+    """The headers arrive, then a reload revokes the key (or cuts the day's budget to a
+    micro-dollar), then the body ends. The request used to be admitted under the
+    configuration it found on arrival: forwarded and billed ($0.21 for the image) with a
+    key refused everywhere else, past the new hard limit, up to `limits.body_timeout_s`
+    (300 s) after the reload."""
+
+    def design(key: str, limit: str) -> dict[str, str]:
+        budget = f"budgets:\n  - {{period: day, limit_usd: {limit}}}\n"
+        return {"design": f"name: design\nkeys:\n  - {{id: a, sha256: {key_hash(key)}}}\n{budget}"}
+
+    write_config(
+        tmp_path, f"{simulator.url}/v1", f"admin_token: {ADMIN}\n", design(DESIGN_KEY, "1")
+    )
+    gate = start_tollgate(tmp_path)
+    if path == "/v1/batches":
+        uploaded = upload(gate.client(), generations("gpt-image-2", 2))
+        fields = {"input_file_id": uploaded.id, "endpoint": GENERATIONS, "completion_window": "24h"}
+    else:
+        fields = {"model": "gpt-image-2", "prompt": "a slow body", "quality": "high"}
+    body = json.dumps(fields).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+        f"authorization: Bearer {DESIGN_KEY}\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    port = int(gate.url.rsplit(":", 1)[1])
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(head.encode() + body[:10])
+            time.sleep(0.5)  # the headers are in: the request has taken its runtime
+            revoked = change == "key"
+            key, limit = ("tg_test_rotated_0001", "1") if revoked else (DESIGN_KEY, "0.000001")
+            for name, text in design(key, limit).items():
+                (tmp_path / "teams" / f"{name}.yaml").write_text(text)
+            reload(gate)
+            sock.sendall(body[10:])
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(65536)
+    finally:
+        gate.stop()
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer[:300]
+    [row] = gate.query("SELECT state, cost_nanos FROM requests")
+    assert (row["state"], row["cost_nanos"]) == ("settled", 0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -43,16 +43,17 @@ def create_app(
     source: Path | None = None,
     *,
     metrics_dir: Path | None = None,
-    after_reload: Callable[[], None] | None = None,
+    replace_workers: Callable[[], Awaitable[None]] | None = None,
     settle_heap: bool = False,
 ) -> Gateway:
     """The Tollgate ASGI app for `config` (read from `source`, which a reload reads again);
     the ledger and upstream open with the app.
 
     `metrics_dir`: where the workers of a multi-worker server keep their metric values;
-    `after_reload`: called after each successful reload (a multi-worker server replaces
-    its workers); `settle_heap`: the app is its process's server (`proxy.web.heap`), not
-    one of a test's. A missing upstream key is a ConfigError here, before anything opens."""
+    `replace_workers`: how a reload has a multi-worker server replace its workers, each of
+    which reads the files (`proxy.web.reload.Reloader`); `settle_heap`: the app is its
+    process's server (`proxy.web.heap`), not one of a test's. A missing upstream key is a
+    ConfigError here, before anything opens."""
     overrides = overrides or Overrides()
     upstream_key(config, overrides)
     metrics = Metrics(multiprocess_dir=str(metrics_dir) if metrics_dir else None)
@@ -61,7 +62,7 @@ def create_app(
     }
     doors["/v1/responses"] = Pipeline(ResponsesDoor())
     gateway = Gateway(Starlette(), doors, BodyBudget(config.limits, metrics), metrics)
-    reloader = Reloader(gateway, source, overrides, after_reload)
+    reloader = Reloader(gateway, source, overrides, replace_workers)
     admin, other_paths, bind = AdminApi(reloader), OtherPaths(), gateway.bind
     responses, files, batches = ResponseObjects(), Files(), Batches()
     input_tokens = InputTokens()

@@ -85,6 +85,12 @@ class BatchFollow:
     """The OpenAI project the batch was created under, where it (and its output) is read:
     recorded with its held reservation, so a process that adopts it after a restart reads
     it there too (`proxy.web.follow.created_under`)."""
+    prices: PriceBook | None = None
+    """The price book its reservation was priced with (None: adopted after a restart, whose
+    book is not known). A line is charged the dearer of its price in this book and in the
+    book in force when the batch ends: a reload that lowered a rate while it ran settled
+    it at the new one, below what it was reserved at (a tenth of it for a rate cut ten
+    times), as no image request is; one that raised it is held to the reservation (`within`)."""
     not_found: list[float] = field(default_factory=list, compare=False)
     """When each poll of the current run of 404 answers was answered (see `GONE_POLLS`)."""
 
@@ -193,7 +199,9 @@ class BatchFollow:
         try:
             if output is not None:
                 async for raw in _file_lines(runtime, output, self.project):
-                    line = billed_line(runtime, entry, lines, raw, ended_at, self.batch_id)
+                    line = billed_line(
+                        runtime, entry, lines, raw, ended_at, self.batch_id, self.prices
+                    )
                     if line is None:
                         continue
                     if line.entry.custom_id in read and not line.settlement.flagged:
@@ -335,8 +343,11 @@ def billed_line(
     raw: bytes,
     ended_at: float,
     batch_id: str,
+    reserved_under: PriceBook | None = None,
 ) -> BilledLine | None:
-    """The row of one output line that OpenAI answered 200; None for an error line.
+    """The row of one output line that OpenAI answered 200; None for an error line. Charged
+    at the book in force, or at `reserved_under` (the book its batch was reserved with)
+    where that is dearer.
 
     A line that cannot be read (not a JSON object, a `response` that is not one, or a
     `status_code` that is not a number; OpenAI writes none) may be a billed line: it is
@@ -360,7 +371,6 @@ def billed_line(
     body = answered.get("body")
     if not isinstance(body, dict):
         body = {}  # a billed line whose answer cannot be read: charged its bound, flagged
-    config = runtime.config
     code: str | None
     line = lines.get(custom_id) if isinstance(custom_id, str) else None
     if line is None:
@@ -369,20 +379,31 @@ def billed_line(
         charge = Charge(Usage(), line.bound_nanos, True)
     elif not readable:
         charge, code = Charge(Usage(images=line.n), line.bound_nanos, True), MALFORMED_ANSWER
-    elif line.mainline is not None:
-        charge, code, outcome = response_charge(config.prices, line, body)
+    else:
+        prices = runtime.config.prices
+        charge, code, outcome = line_charge(prices, line, body)
+        if reserved_under is not None and reserved_under is not prices:
+            then = line_charge(reserved_under, line, body)
+            if then[0].cost_nanos > charge.cost_nanos:
+                charge, code, outcome = then
         row = line_row(runtime, reservation, line, charge, code, ended_at, batch_id, answered)
         return replace(row, settlement=replace(row.settlement, outcome=outcome))
-    else:
-        model = config.prices.find(line.model)
-        usage = usage_from_openai(body.get("usage"))
-        data = body.get("data")
-        images = len(data) if isinstance(data, list) else line.n
-        if model is None or usage is None:
-            charge, code = Charge(Usage(images=images), line.bound_nanos, True), None
-        else:
-            charge, code = model.for_batch().charge(replace(usage, images=images)), None
     return line_row(runtime, reservation, line, charge, code, ended_at, batch_id, answered)
+
+
+def line_charge(
+    prices: PriceBook, line: BatchLine, body: dict[str, Any]
+) -> tuple[Charge, str | None, Outcome]:
+    """What a line answered 200 costs at `prices`, its error code and outcome."""
+    if line.mainline is not None:
+        return response_charge(prices, line, body)
+    model = prices.find(line.model)
+    usage = usage_from_openai(body.get("usage"))
+    data = body.get("data")
+    images = len(data) if isinstance(data, list) else line.n
+    if model is None or usage is None:
+        return Charge(Usage(images=images), line.bound_nanos, True), None, "ok"
+    return model.for_batch().charge(replace(usage, images=images)), None, "ok"
 
 
 def response_charge(

@@ -56,7 +56,7 @@ from proxy.web.batch_follow import BATCH_SPAN_S, BatchFollow
 from proxy.web.files import BATCHES, not_found, read_answer, scoped_listing, scoped_object
 from proxy.web.gateway import path_of
 from proxy.web.observe import KeyRefusals, observe
-from proxy.web.pipeline import new_request_id, refuse
+from proxy.web.pipeline import identified_again, new_request_id, refuse
 from proxy.web.projects import same_project
 from proxy.web.responses import error_response
 from proxy.web.runtime import Runtime
@@ -86,9 +86,14 @@ class Batches:
         entry = entry.identified(team.name, team.cost_center, key.id)
         try:
             allow_endpoint(team, "batches")
-            fields = json_object(
-                await read_body(request, config.limits.generations_bytes, runtime.bodies)
-            )
+            body = await read_body(request, config.limits.generations_bytes, runtime.bodies)
+            newer = identified_again(request, runtime)
+            if newer is not None:  # reloaded while the body arrived: admitted under the new
+                runtime, team, key = newer
+                config = runtime.config
+                entry = entry.identified(team.name, team.cost_center, key.id)
+                allow_endpoint(team, "batches")
+            fields = json_object(body)
             stored, lines = await self.input_file(runtime, team.name, fields)
             project = config.project_of(team.name)
             first = next(iter(lines.values()))
@@ -246,7 +251,8 @@ class Batches:
             await runtime.ledger.hold(entry.id, batch_id, project)
         except LedgerError as exc:
             log.error("recording batch %s failed: %s", batch_id, exc)
-        runtime.followers.follow(entry.id, BatchFollow(entry, batch_id, stored.id, project))
+        followed = BatchFollow(entry, batch_id, stored.id, project, prices=runtime.config.prices)
+        runtime.followers.follow(entry.id, followed)
 
     async def not_created(
         self,

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 from proxy.core.errors import LedgerError
@@ -48,6 +49,7 @@ class Lifespan:
     async def __call__(self, app: Any) -> AsyncIterator[None]:
         gateway = self.gateway
         first = await open_runtime(self.config, self.overrides, gateway.metrics, gateway.bodies)
+        first = replace(first, in_force=gateway.current)
         gateway.runtime = first
         duties = await start_duties(first, gateway.current)
         reload_on_hangup(self.reloader)

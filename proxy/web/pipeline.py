@@ -42,7 +42,7 @@ from proxy.core.errors import (
 from proxy.core.models import Counter, Entry, Outcome, Settlement, Totals, usd_text
 from proxy.core.periods import applicable, counters, zone
 from proxy.core.rates import Paced
-from proxy.core.settings import Team
+from proxy.core.settings import Team, TeamKey
 from proxy.doors.base import Door, Parsed
 from proxy.ledger import RepeatGuard, Reservation, ResponseRow
 from proxy.web import repeats
@@ -86,6 +86,17 @@ class Pipeline(Generic[Parsed]):
         try:
             allow_endpoint(team, door.endpoint)
             body = await read_body(request, door.body_limit(config.limits), runtime.bodies)
+            try:
+                newer = identified_again(request, runtime)
+            except AuthenticationFailed as exc:  # refused as any unknown key: no budget said
+                return await refuse(runtime, entry, exc, headers)
+            if newer is not None:
+                runtime, team, key = newer
+                config = runtime.config
+                entry = entry.identified(team.name, team.cost_center, key.id)
+                headers["x-tollgate-team"] = team.name
+                project = config.project_of(team.name)
+                allow_endpoint(team, door.endpoint)
             parsed = door.parse(request.headers.get("content-type", ""), body, config, team)
             named = door.file_ids(parsed)
             if named:
@@ -282,6 +293,20 @@ async def budget_headers(runtime: Runtime, team: Team, user: str | None) -> dict
         return {}
     left = room(budgets, totals)
     return {} if left is None else {"x-tollgate-budget-remaining-usd": usd_text(max(left, 0))}
+
+
+def identified_again(request: Request, runtime: Runtime) -> tuple[Runtime, Team, TeamKey] | None:
+    """Once a request's body is in: None while `runtime`, which it took when its headers
+    came, is still in force; else the runtime a reload swapped in meanwhile, and the team
+    and key its bearer key names there (AuthenticationFailed when none does: revoked, or
+    its team removed). A body may take `limits.body_timeout_s` to arrive: admitted under
+    the configuration its headers found, a request went upstream with a key refused
+    everywhere else, or past a budget cut meanwhile, that long after the reload."""
+    newest = runtime.newest()
+    if newest is runtime:
+        return None
+    team, key = identify(request.headers.get("authorization"), newest.config.team_by_key_hash())
+    return newest, team, key
 
 
 async def refuse(

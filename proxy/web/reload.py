@@ -2,7 +2,8 @@
 it and keep the one in force. Asked for by `POST /admin/reload` or SIGHUP.
 
 The files are read and checked on a thread (1,000 team files take a fifth of a second),
-so that the event loop goes on serving meanwhile; one reload at a time."""
+so that the event loop goes on serving meanwhile; one reload at a time. With several
+workers, the answer waits until every worker serves the new files."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from proxy.config import load_config
 from proxy.core.errors import ConfigError
 from proxy.core.settings import Config
 from proxy.web.gateway import Gateway
-from proxy.web.runtime import Overrides, next_runtime
+from proxy.web.runtime import Overrides, check_next, next_runtime
 
 log = logging.getLogger("tollgate")
 
@@ -25,20 +26,25 @@ log = logging.getLogger("tollgate")
 class Reloader:
     """Reloads the configuration of `gateway` from `source`.
 
-    `after` is called once a reload has succeeded: a multi-worker server passes what asks
-    its supervisor to replace every worker, each of which reads the new files."""
+    `replace`: a multi-worker server passes what has its supervisor replace every worker
+    by one that reads the files, and returns once they all serve (a ConfigError when the
+    supervisor could not start them and kept the workers in force). This process then only
+    checks the files, and keeps its configuration until it is replaced: had it taken the
+    new one while a new worker failed to start, the workers would serve two configurations,
+    and an answer given before the others were replaced let them serve the old one (a
+    revoked key, a budget lowered) for as long as they took to be replaced."""
 
     def __init__(
         self,
         gateway: Gateway,
         source: Path | None,
         overrides: Overrides,
-        after: Callable[[], None] | None = None,
+        replace: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.gateway = gateway
         self.source = source
         self.overrides = overrides
-        self.after = after
+        self.replace = replace
         self._one_at_a_time = asyncio.Lock()
 
     async def __call__(self) -> Config:
@@ -49,13 +55,16 @@ class Reloader:
         try:
             async with self._one_at_a_time:
                 fresh = await asyncio.to_thread(load_config, source)
-                self.gateway.runtime = next_runtime(self.gateway.current(), fresh, self.overrides)
+                if self.replace is None:
+                    current = self.gateway.current()
+                    self.gateway.runtime = next_runtime(current, fresh, self.overrides)
+                else:
+                    check_next(self.gateway.current(), fresh, self.overrides)
+                    await self.replace()
         except ConfigError as exc:
             log.error("configuration reload refused: %s", "; ".join(exc.problems))
             raise
         log.info("configuration reloaded from %s (%d teams)", self.source, len(fresh.teams))
-        if self.after is not None:
-            self.after()
         return fresh
 
     def on_signal(self) -> None:

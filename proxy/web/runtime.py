@@ -19,7 +19,7 @@ import httpx
 from proxy.core.errors import ConfigError
 from proxy.core.settings import Config, UpstreamSettings
 from proxy.finance.alerts import Alerts
-from proxy.ledger import Ledger, open_ledger
+from proxy.ledger import Ledger, open_ledger, redacted
 from proxy.metrics import Metrics
 from proxy.upstream import Upstream
 from proxy.web.admission import BodyBudget
@@ -115,9 +115,16 @@ class Runtime:
     followers: Followers = field(default_factory=Followers)
     """The background responses this process follows (shared by every generation)."""
     """Unix time for budgets and the ledger (tests move it)."""
+    in_force: Callable[[], Runtime] | None = None
+    """The runtime in force now (the gateway's), which a reload may have replaced since a
+    request took this one (shared by every generation)."""
 
     def spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         return self.tasks.spawn(work)
+
+    def newest(self) -> Runtime:
+        """The runtime in force now: this one, or the one a reload swapped in since."""
+        return self.in_force() if self.in_force is not None else self
 
 
 async def open_runtime(
@@ -142,13 +149,41 @@ RETIRE_AFTER_S = 5.0
 """How long past its deadline an old upstream client is kept for the requests it serves."""
 
 
+def same_ledger(fresh: Config, overrides: Overrides, in_use: str) -> None:
+    """Raise a ConfigError when `fresh` names another ledger than `in_use`, the one this
+    Tollgate opened at start.
+
+    A reload cannot move to another ledger: the spend and the reservations of the one in
+    force would not count there, so every budget would start again from nothing (with
+    several workers, each replaced one would reserve in the new ledger while the others
+    still reserve in the old one: a hard limit passed twice). A `--ledger` on the command
+    line wins over the file, whose `ledger` then changes nothing."""
+    named = overrides.ledger_url or fresh.ledger_url
+    if named != in_use:
+        raise ConfigError(
+            [
+                f"{fresh.root}: ledger: changed from {redacted(in_use)} to {redacted(named)}: the "
+                "ledger cannot change on a reload (the spend and reservations in the current "
+                "one would not count there); restart Tollgate to use it (after `tollgate ledger "
+                "copy`, to keep the spend)"
+            ]
+        )
+
+
+def check_next(old: Runtime, fresh: Config, overrides: Overrides) -> None:
+    """Raise the ConfigError `next_runtime(old, fresh, overrides)` would, changing nothing."""
+    same_ledger(fresh, overrides, overrides.ledger_url or old.config.ledger_url)
+    upstream_key(fresh, overrides)
+
+
 def next_runtime(old: Runtime, fresh: Config, overrides: Overrides) -> Runtime:
     """The generation that follows `old` for the configuration `fresh`.
 
     The upstream client is built anew only when its settings changed; the old one is
     closed once every request that holds it has passed its deadline. The body budget and
     the alerts, shared by every generation, take the fresh limits and configuration.
-    A ConfigError (no upstream key) leaves everything as it was."""
+    A ConfigError (another ledger, no upstream key) leaves everything as it was."""
+    check_next(old, fresh, overrides)
     upstream = old.upstream
     if fresh.upstream != old.config.upstream:
         upstream = build_upstream(fresh, overrides)

@@ -25,15 +25,17 @@ from typing import Any
 
 import uvicorn
 from uvicorn.supervisors import Multiprocess
+from uvicorn.supervisors.multiprocess import Process
 
 from proxy.config import environment, load_config
+from proxy.core.errors import ConfigError
 from proxy.core.settings import Config
 from proxy.ledger import open_ledger
 from proxy.logs import configure_logging
 from proxy.web.app import create_app
 from proxy.web.connections import ServerConfig
 from proxy.web.gateway import Gateway
-from proxy.web.runtime import Overrides
+from proxy.web.runtime import Overrides, same_ledger
 
 log = logging.getLogger("tollgate")
 
@@ -72,6 +74,10 @@ class ServeOptions:
     """Where the workers keep their metric values (set by `serve` for several workers)."""
     supervisor: int | None = None
     """The pid of the workers' supervisor (set by `serve` for several workers)."""
+    ledger_url: str | None = None
+    """The ledger the server opened at start (set by `serve` for several workers): a worker
+    started by a reload whose files name another one refuses to start, and the old one
+    stays, as a worker in one process refuses the reload (`proxy.web.runtime.same_ledger`)."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +141,10 @@ def serve_workers(prepared: Prepared) -> None:
     """What `uvicorn.run` does for several workers, with a TCP socket made explicitly."""
     # Before the workers import prometheus-client: their counters are summed from files.
     options = replace(
-        prepared.options, metrics_dir=environment.share_metrics_dir(), supervisor=os.getpid()
+        prepared.options,
+        metrics_dir=environment.share_metrics_dir(),
+        supervisor=os.getpid(),
+        ledger_url=prepared.options.overrides.ledger_url or prepared.config.ledger_url,
     )
     config = workers_config(replace(prepared, options=options))
     Supervisor(config, sockets=[config.bind_socket()]).run()
@@ -149,6 +158,64 @@ class Supervisor(Multiprocess):
     in flight, so the kernel went on queueing new connections nobody would accept, and
     reset them when the supervisor exited. Closed once the workers are told to stop, it
     stops listening as the last worker stops accepting: new connections are refused."""
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket]) -> None:
+        super().__init__(config, sockets)
+        self.retiring: list[Process] = []
+        """Workers replaced at a reload, finishing their requests in flight."""
+
+    def restart_all(self) -> None:
+        """Replace every worker (SIGHUP: a reload): start a new worker for each, and once
+        every one serves, stop the old ones together; if one does not start, stop the new
+        ones and keep the old ones, telling them (SIGUSR1: a reload waiting says so).
+
+        uvicorn replaced them one at a time, waiting for each old worker to finish its
+        requests in flight (up to `upstream.total_timeout_s`) before replacing the next:
+        meanwhile the others served the old configuration (a key revoked, a budget
+        lowered), and a new worker that did not start left the workers under two. The old
+        workers are not waited for here: they end as any stopping worker does, and are
+        reaped as they exit, so that the next reload is not held up by them either."""
+        fresh: list[Process] = []
+        for _ in self.processes:
+            process = Process(self.config, self.sockets)
+            process.start()
+            fresh.append(process)
+        for process in fresh:
+            if not process.wait_until_ready(
+                self.config.timeout_worker_healthcheck, self.should_exit
+            ):
+                for started in fresh:
+                    started.kill()
+                    started.join()
+                if not self.should_exit.is_set():
+                    kept = [old.pid for old in self.processes]
+                    log.error(
+                        "New worker [%s] was not ready in time; keeping workers %s and "
+                        "aborting the restart.",
+                        process.pid,
+                        kept,
+                    )
+                    for pid in kept:
+                        if pid is not None:
+                            with contextlib.suppress(ProcessLookupError):
+                                os.kill(pid, signal.SIGUSR1)
+                return
+        old, self.processes = self.processes, fresh
+        for process in old:
+            process.terminate()
+        self.retiring.extend(old)
+
+    def keep_subprocess_alive(self) -> None:
+        for process in list(self.retiring):
+            if not process.process.is_alive():
+                process.join()
+                self.retiring.remove(process)
+        super().keep_subprocess_alive()
+
+    def join_all(self) -> None:
+        super().join_all()
+        for process in self.retiring:
+            process.join()
 
     def terminate_all(self) -> None:
         super().terminate_all()
@@ -184,27 +251,92 @@ def server_config(prepared: Prepared, app: Any, **extra: Any) -> ServerConfig:
 
 def worker_app(options: ServeOptions) -> Gateway:
     """The app of one worker process: its own logging, the configuration read afresh, and
-    a reload that has the supervisor replace every worker."""
+    a reload that has the supervisor replace every worker (`Replacement`)."""
     configure_logging(options.log_level)  # each worker logs its own requests
     if options.supervisor is not None:
         stop_with(options.supervisor)
+    config = load_config(options.config_path)
+    if options.ledger_url is not None:
+        same_ledger(config, options.overrides, options.ledger_url)
+    replacement = Replacement(options.supervisor, options.config_path)
+    replacement.listen()
     return create_app(
-        load_config(options.config_path),
+        config,
         options.overrides,
         options.config_path,
         metrics_dir=options.metrics_dir,
-        after_reload=functools.partial(replace_workers, options.supervisor),
+        replace_workers=replacement,
         settle_heap=True,
     )
 
 
-def replace_workers(supervisor: int | None) -> None:
-    """Ask uvicorn's supervisor, this worker's parent, to replace its workers one by one:
-    each new worker reads the configuration files afresh. Not once it is gone: the parent
-    then is whatever adopted this worker (init), and this worker is stopping anyway."""
-    parent = os.getppid()
-    if supervisor is None or parent == supervisor:
+REPLACED_WITHIN_S = WORKER_START_S + 30
+"""How long a reload waits for the supervisor to bring the new workers into service (they
+start together, and each has `WORKER_START_S`) before it answers that they did not."""
+REPLACEMENT_POLL_S = 0.05
+STOPS_ACCEPTING_S = 0.5
+"""How long after being told to stop the old workers may still accept a connection:
+uvicorn looks at its stop flag every 0.1 s, then closes its listener. A reload answers only
+after it, or a client's next connection could still reach an old worker and its old
+configuration."""
+
+
+class Replacement:
+    """How a worker's reload has the supervisor replace every worker, and learns the outcome.
+
+    The supervisor (`Supervisor.restart_all`) starts a new worker for every one in force,
+    each reading the files, and once all of them serve, stops the old ones together: this
+    worker being told to stop (SIGTERM, still handled as uvicorn handles it) is the sign
+    that every worker now serves the new files. A new worker that does not start makes the
+    supervisor keep the workers in force and tell them so (SIGUSR1).
+
+    Not covered: a connection an old worker kept alive still has its next request answered
+    under the old configuration (with `Connection: close`, see `proxy.web.connections`),
+    within the keep-alive timeout (5 s)."""
+
+    def __init__(self, supervisor: int | None, source: Path) -> None:
+        self.supervisor = supervisor
+        self.source = source
+        self.stopping = False
+        self.refusals = 0
+
+    def listen(self) -> None:
+        """Take note of SIGTERM and SIGUSR1. Called in the worker's main thread while
+        uvicorn serves (it makes the app then), SIGTERM being uvicorn's to act on."""
+        previous = signal.getsignal(signal.SIGTERM)
+        if not callable(previous):
+            return  # not under uvicorn's signal handling: a reload will say it got no answer
+
+        def stopping(sig: int, frame: Any) -> None:
+            self.stopping = True
+            previous(sig, frame)
+
+        def refused(sig: int, frame: Any) -> None:
+            self.refusals += 1
+
+        signal.signal(signal.SIGTERM, stopping)
+        signal.signal(signal.SIGUSR1, refused)
+
+    async def __call__(self) -> None:
+        """Ask the supervisor, this worker's parent, to replace every worker; return once
+        they all serve, or raise a ConfigError. Not once the supervisor is gone: the parent
+        then is whatever adopted this worker (init), and this worker is stopping anyway."""
+        parent = os.getppid()
+        if self.supervisor is not None and parent != self.supervisor:
+            raise ConfigError([f"{self.source}: the supervisor is gone; this worker stops"])
+        refusals = self.refusals
         os.kill(parent, signal.SIGHUP)
+        deadline = time.monotonic() + REPLACED_WITHIN_S
+        while not self.stopping:
+            if self.refusals != refusals or time.monotonic() > deadline:
+                raise ConfigError(
+                    [
+                        f"{self.source}: a new worker reading these files did not start (the "
+                        "server's log says why): every worker keeps the configuration in force"
+                    ]
+                )
+            await asyncio.sleep(REPLACEMENT_POLL_S)
+        await asyncio.sleep(STOPS_ACCEPTING_S)
 
 
 def stop_with(supervisor: int) -> None:
