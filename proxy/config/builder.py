@@ -18,6 +18,7 @@ from proxy.config.fastcheck import schema_problems
 from proxy.config.passthrough import passthrough_prefixes
 from proxy.config.source import Document, JsonPath
 from proxy.config.teams import TeamBuilder
+from proxy.core.auth import key_hash
 from proxy.core.errors import ConfigError
 from proxy.core.pricing import PriceBook
 from proxy.core.settings import (
@@ -177,12 +178,14 @@ class Builder:
             timeout_s=float(al.get("timeout_s", Alerts().timeout_s)),
         )
         org = data.get("organization", {})
+        admin_token = data.get("admin_token") or None
+        self._admin_token(doc, admin_token, teams)
         return Config(
             root=self.root,
             upstream=upstream,
             ledger_url=self._ledger_url(data.get("ledger", "sqlite:///tollgate.db")),
             timezone=timezone,
-            admin_token=data.get("admin_token") or None,
+            admin_token=admin_token,
             prices=book,
             default_model=default_model,
             organization_budgets=self.teams.budgets(doc, ("organization", "budgets"), org),
@@ -193,6 +196,27 @@ class Builder:
             alerts=alerts,
             retries=Retries(**data.get("retries", {})),
         )
+
+    def _admin_token(self, doc: Document, token: str | None, teams: tuple[Team, ...]) -> None:
+        """The admin token (never shown) is sent in a header, and is no team's key: the
+        team holding it would read every team's spend and reload the configuration, and
+        the admin would spend as that team."""
+        if token is None:
+            return
+        if not HEADER_TOKEN.fullmatch(token):
+            # Clients strip a header's spaces: one with a newline could never be matched.
+            self._problem(
+                doc,
+                ("admin_token",),
+                "must be printable ASCII without spaces (is there a newline at the end "
+                "of the file or variable it comes from?)",
+            )
+        digest = key_hash(token)
+        for team in teams:
+            if any(key.sha256 == digest for key in team.keys):
+                self._problem(
+                    doc, ("admin_token",), f"is a key of team {team.name!r}: use a token of its own"
+                )
 
     def _limits(self, doc: Document, raw: dict[str, Any]) -> Limits:
         values: dict[str, Any] = {
