@@ -135,3 +135,24 @@ def test_text_reports_show_control_characters_as_escapes(gate: Tollgate) -> None
     assert not any(line.startswith("carol") for line in text.splitlines())
     statement = cli(gate, "--statement", time.strftime("%Y-%m", time.gmtime()))
     assert all(line.isprintable() for line in statement.splitlines())
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "ascii"])
+def test_a_report_is_utf_8_whatever_the_locale_says(gate: Tollgate, encoding: str) -> None:
+    """A CSV is UTF-8, the admin API's bytes: standard output in a Latin-1 locale stopped
+    at a `user` outside Latin-1 (the right-to-left override) with a UnicodeEncodeError."""
+
+    def report(env: dict[str, str], *args: str) -> bytes:
+        done = subprocess.run(
+            [sys.executable, "-m", "proxy", "report", *args, "--config", str(gate.root)],
+            capture_output=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin", **env},
+        )
+        assert done.returncode == 0, done.stderr.decode(errors="replace")
+        return done.stdout
+
+    for args in (("--by", "user", "--format", "csv"), ("--audit", "--format", "csv")):
+        utf8 = report({"PYTHONIOENCODING": "utf-8"}, *args)
+        assert "eve\u202egnp.exe" in utf8.decode()
+        assert report({"PYTHONIOENCODING": encoding}, *args) == utf8
