@@ -22,6 +22,7 @@ from proxy.config import load_config
 from proxy.core.auth import key_hash
 from proxy.core.settings import Passthrough
 from proxy.simulator import SimulatorSettings, create_simulator_app
+from proxy.web import admin
 from proxy.web.app import create_app
 from proxy.web.passthrough import OtherPaths
 from proxy.web.pipeline import Pipeline, new_request_id
@@ -303,3 +304,23 @@ def test_an_admin_report_parameter_the_cli_has_no_flag_for_is_refused(
         assert param in error["message"]
         for fine in ("", "by=team&format=csv&excel=TRUE", "audit=0&excel=no&format=json"):
             assert test_client.get(f"/admin/report?{fine}", headers=admin).status_code == 200
+
+
+def test_the_admin_token_is_compared_in_time_that_does_not_tell_its_length(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compared: list[tuple[int, int]] = []
+    real = admin.hmac.compare_digest
+
+    def recorded(a: Any, b: Any) -> bool:
+        compared.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(admin.hmac, "compare_digest", recorded)
+    write_config(tmp_path, "http://simulated/v1", settings="admin_token: admin-secret\n")
+    app = create_app(load_config(tmp_path), Overrides(upstream_key=UPSTREAM_KEY), tmp_path)
+    with TestClient(app) as test_client:
+        for token, status in (("a", 401), ("admin-secret-and-more", 401), ("admin-secret", 200)):
+            answer = test_client.get("/admin/budgets", headers={"authorization": f"Bearer {token}"})
+            assert answer.status_code == status
+    assert len(set(compared)) == 1 and compared[0][0] == compared[0][1]
