@@ -84,8 +84,11 @@ PLAIN_NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?", re.ASCII)
 def csv_cell(value: object) -> object:
     """`value` as a CSV cell that no spreadsheet runs: text that starts like a formula (a
     `user` a client sent, a cost center: `=HYPERLINK(...)`, `+cmd|...`) gets a leading
-    apostrophe, as spreadsheets write text; numbers and every other value are unchanged."""
-    if not isinstance(value, str) or not value.startswith(FORMULA_STARTS):
+    apostrophe, as spreadsheets write text; numbers and every other value are unchanged.
+    So does text that starts with an apostrophe, so that the user `'=1+1` is not written
+    as `=1+1` is: a cell that starts with one is its value after it, and no other cell
+    does (a script reads every value back exactly)."""
+    if not isinstance(value, str) or not value.startswith((*FORMULA_STARTS, "'")):
         return value
     return value if PLAIN_NUMBER.fullmatch(value) else "'" + value
 
