@@ -1004,3 +1004,23 @@ def test_an_admin_token_that_is_a_teams_key_is_refused_without_showing_it(
         "policies/tollgate.yaml:1: admin_token: is a key of team 'b': use a token of its own"
     )
     assert load(policies, ADMIN="tg_admin").admin_token == "tg_admin"
+
+
+@pytest.mark.parametrize(
+    ("team", "where"),
+    [
+        ('name: t\ncost_center: "CC-\\ud800"\nkeys:\n  - {id: k, sha256: %s}\n', "2: cost_center"),
+        ('name: t\nkeys:\n  - {id: "k\\0", sha256: %s}\n', "3: keys[0].id"),
+    ],
+)
+def test_a_string_no_ledger_row_can_hold_is_refused_at_its_line(
+    policies: Path, team: str, where: str
+) -> None:
+    """A lone surrogate (YAML's `"\\ud800"`) in a cost center made every request of the
+    team a 500: its ledger row could not be written."""
+    write(policies / "teams" / "t.yaml", team % KEY_A)
+    [problem] = problems_of(policies)
+    assert problem == (
+        f"policies/teams/t.yaml:{where}: NUL characters and lone surrogates are not text "
+        "(no ledger row or report can hold one)"
+    )

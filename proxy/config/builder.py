@@ -90,7 +90,10 @@ class Builder:
         if doc.data is None and kind == "team":
             self.problems.append(f"{doc.file}:1: empty file (a team needs `name` and `keys`)")
             return [()]
-        found = _schema_problems(kind, _Canonical(doc.data))
+        found = [
+            *_schema_problems(kind, _Canonical(doc.data)),
+            *((path, NOT_TEXT) for path in _not_text(doc.data, ())),
+        ]
         self.problems += [doc.problem(path, message) for path, message in found]
         return [path for path, _ in found]
 
@@ -289,6 +292,23 @@ class Builder:
                 if key.sha256 in hashes:
                     self._problem(doc, path, f"same key hash as {hashes[key.sha256]}")
                 hashes.setdefault(key.sha256, doc.where(path))
+
+
+NOT_TEXT = "NUL characters and lone surrogates are not text (no ledger row or report can hold one)"
+_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
+def _not_text(value: Any, path: JsonPath) -> list[JsonPath]:
+    """The paths of the strings in `value` that hold a NUL or a lone surrogate (a YAML
+    `"\\ud800"`): a team's `cost_center` or key id made every request of the team a 500,
+    its ledger row unwritable."""
+    if isinstance(value, str):
+        return [path] if _NOT_TEXT.search(value) else []
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _not_text(v, (*path, str(k)))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _not_text(v, (*path, i))]
+    return []
 
 
 class _Canonical:
