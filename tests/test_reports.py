@@ -28,6 +28,7 @@ from proxy.finance.reconcile import (
     line_item_model,
     load_costs_file,
     parse_costs,
+    parse_day,
 )
 from proxy.finance.reconcile import as_json as reconcile_json
 from proxy.finance.reconcile import as_table as reconcile_table
@@ -187,6 +188,19 @@ def test_a_period_past_what_a_report_can_read_is_a_request_error(
     with pytest.raises(InvalidRequest) as caught:
         Period.parse(start, end, "Asia/Tokyo", 0).midnights()
     assert caught.value.param == param
+
+
+@pytest.mark.parametrize(
+    "text", ["20261201", "2026-W49", "2026-W49-1", "2026-336", "２０２６-12-01"]
+)
+def test_a_day_is_written_yyyy_mm_dd_only(text: str) -> None:
+    """Python 3.11 reads `2026-W49` as its Monday: a report of one day, not of the week."""
+    with pytest.raises(InvalidRequest) as caught:
+        Period.parse(text, None, "UTC", 0)
+    assert "use YYYY-MM-DD" in caught.value.message
+    with pytest.raises(InvalidRequest):
+        parse_day(text)
+    assert Period.parse("2026-12-01", "2026-12-07", "UTC", 0).days()[-1] == date(2026, 12, 7)
 
 
 def test_a_period_of_centuries_is_read() -> None:

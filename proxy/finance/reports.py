@@ -192,8 +192,15 @@ def month_end(day: date) -> date:
     return (day.replace(day=1) + timedelta(days=32)).replace(day=1) - timedelta(days=1)
 
 
+ISO_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", re.ASCII)
+"""A day as the reports spell it. `date.fromisoformat` (Python 3.11) also reads `20261201`
+and ISO weeks: `2026-W49` is its Monday alone, not the week it reads as."""
+
+
 def parse_date(text: str, param: str) -> date:
     try:
+        if not ISO_DAY.fullmatch(text):
+            raise ValueError(text)
         day = date.fromisoformat(text)
     except ValueError as exc:
         raise InvalidRequest(f"{text!r} is not a date: use YYYY-MM-DD.", param=param) from exc
