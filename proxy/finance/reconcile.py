@@ -583,11 +583,11 @@ def window(
 
 def parse_day(text: str) -> date:
     try:
-        if not ISO_DAY.fullmatch(text):
-            raise ValueError(text)
-        day = date.fromisoformat(text)
-    except ValueError as exc:
-        raise InvalidRequest(f"{text!r} is not a date: use YYYY-MM-DD.", param="from") from exc
+        day = date.fromisoformat(text) if ISO_DAY.fullmatch(text) else None
+    except ValueError:
+        day = None
+    if day is None:
+        raise InvalidRequest(f"{text!r} is not a date: use YYYY-MM-DD.", param="from")
     if midnight(day) >= LATEST:
         raise InvalidRequest(f"{day} is after the last day reconciled (9998-12-31).", param="to")
     return day

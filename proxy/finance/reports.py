@@ -199,11 +199,11 @@ and ISO weeks: `2026-W49` is its Monday alone, not the week it reads as."""
 
 def parse_date(text: str, param: str) -> date:
     try:
-        if not ISO_DAY.fullmatch(text):
-            raise ValueError(text)
-        day = date.fromisoformat(text)
-    except ValueError as exc:
-        raise InvalidRequest(f"{text!r} is not a date: use YYYY-MM-DD.", param=param) from exc
+        day = date.fromisoformat(text) if ISO_DAY.fullmatch(text) else None
+    except ValueError:
+        day = None
+    if day is None:
+        raise InvalidRequest(f"{text!r} is not a date: use YYYY-MM-DD.", param=param)
     return in_range(day, param)
 
 
