@@ -23,6 +23,7 @@ from proxy.core.auth import key_hash
 from proxy.core.errors import ConfigError
 from proxy.core.settings import Passthrough
 from proxy.simulator import SimulatorSettings, create_simulator_app
+from proxy.web import admin
 from proxy.web.app import create_app
 from proxy.web.passthrough import OtherPaths
 from proxy.web.pipeline import Pipeline, new_request_id
@@ -329,3 +330,51 @@ def test_a_host_header_never_changes_the_path_checked_and_forwarded(
         assert client.get("/v1/models", headers=forged).status_code == 200
         arrived = [a["raw_path"] for a in upstream.get("/_sim/arrivals").json()["requests"]]
         assert arrived[-2:] == ["/v1/models", "/_sim/arrivals"]
+
+
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [
+        ("fromm=2026-01-01", "fromm"),  # a typo: the current month's report instead
+        ("start=2026-01-01&end=2026-01-31", "start"),
+        ("by=user&by=team", "by"),  # one of the two groupings, silently
+        ("format=csv&format=json", "format"),
+        ("format=csv&excel=on", "excel"),  # no byte-order mark, silently
+        ("audit=y", "audit"),  # the summary instead of the audit export
+        ("token=admin-secret", "token"),
+    ],
+)
+def test_an_admin_report_parameter_the_cli_has_no_flag_for_is_refused(
+    tmp_path: Path, query: str, param: str
+) -> None:
+    admin = {"authorization": "Bearer admin-secret"}
+    write_config(tmp_path, "http://simulated/v1", settings="admin_token: admin-secret\n")
+    app = create_app(load_config(tmp_path), Overrides(upstream_key=UPSTREAM_KEY), tmp_path)
+    with TestClient(app) as test_client:
+        answer = test_client.get(f"/admin/report?{query}", headers=admin)
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert (error["code"], error["param"]) == ("invalid_request", param)
+        assert param in error["message"]
+        for fine in ("", "by=team&format=csv&excel=TRUE", "audit=0&excel=no&format=json"):
+            assert test_client.get(f"/admin/report?{fine}", headers=admin).status_code == 200
+
+
+def test_the_admin_token_is_compared_in_time_that_does_not_tell_its_length(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compared: list[tuple[int, int]] = []
+    real = admin.hmac.compare_digest
+
+    def recorded(a: Any, b: Any) -> bool:
+        compared.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(admin.hmac, "compare_digest", recorded)
+    write_config(tmp_path, "http://simulated/v1", settings="admin_token: admin-secret\n")
+    app = create_app(load_config(tmp_path), Overrides(upstream_key=UPSTREAM_KEY), tmp_path)
+    with TestClient(app) as test_client:
+        for token, status in (("a", 401), ("admin-secret-and-more", 401), ("admin-secret", 200)):
+            answer = test_client.get("/admin/budgets", headers={"authorization": f"Bearer {token}"})
+            assert answer.status_code == status
+    assert len(set(compared)) == 1 and compared[0][0] == compared[0][1]

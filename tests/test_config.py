@@ -978,3 +978,49 @@ def test_limits_must_be_positive(policies: Path, setting: str) -> None:
     write(policies / "tollgate.yaml", f"limits:\n  {setting}\n")
     (problem,) = problems_of(policies)
     assert f"limits.{setting.partition(':')[0]}: must be" in problem
+
+
+@pytest.mark.parametrize("value", ["s3cret-admin\n", " s3cret-admin", "s3cret admin", "s3crét"])
+def test_an_admin_token_no_header_can_carry_is_refused_without_showing_it(
+    policies: Path, value: str
+) -> None:
+    """Clients strip a header's spaces and send ASCII: the admin API would refuse every
+    request, its token read from a secret file with a newline at its end."""
+    write(policies / "tollgate.yaml", "admin_token: ${ADMIN}\n")
+    [problem] = problems_of(policies, ADMIN=value)
+    assert problem.startswith("policies/tollgate.yaml:1: admin_token: must be printable")
+    assert "s3cr" not in problem
+
+
+def test_an_admin_token_that_is_a_teams_key_is_refused_without_showing_it(
+    policies: Path,
+) -> None:
+    """The team holding it would read every team's spend and reload the configuration."""
+    write(policies / "tollgate.yaml", "admin_token: ${ADMIN}\n")
+    write(policies / "teams" / "a.yaml", team_yaml("a", KEY_A))
+    write(policies / "teams" / "b.yaml", team_yaml("b", KEY_B))
+    [problem] = problems_of(policies, ADMIN="tg_b")
+    assert problem == (
+        "policies/tollgate.yaml:1: admin_token: is a key of team 'b': use a token of its own"
+    )
+    assert load(policies, ADMIN="tg_admin").admin_token == "tg_admin"
+
+
+@pytest.mark.parametrize(
+    ("team", "where"),
+    [
+        ('name: t\ncost_center: "CC-\\ud800"\nkeys:\n  - {id: k, sha256: %s}\n', "2: cost_center"),
+        ('name: t\nkeys:\n  - {id: "k\\0", sha256: %s}\n', "3: keys[0].id"),
+    ],
+)
+def test_a_string_no_ledger_row_can_hold_is_refused_at_its_line(
+    policies: Path, team: str, where: str
+) -> None:
+    """A lone surrogate (YAML's `"\\ud800"`) in a cost center made every request of the
+    team a 500: its ledger row could not be written."""
+    write(policies / "teams" / "t.yaml", team % KEY_A)
+    [problem] = problems_of(policies)
+    assert problem == (
+        f"policies/teams/t.yaml:{where}: NUL characters and lone surrogates are not text "
+        "(no ledger row or report can hold one)"
+    )

@@ -31,6 +31,8 @@ FORMULAS = [
     "\r=1+1",
     "\uff1d1+1",
 ]
+QUOTED = ["'=1+1", "'plain", "''"]
+"""Values that start with an apostrophe already: told apart from those it neutralizes."""
 CONTROLS = ["\x1b]0;owned\x07\x1b[2J", "bob\ncarol  999  999", "eve\u202egnp.exe"]
 """A terminal escape, a line break that would forge a table row, a right-to-left override."""
 TEAMS = {
@@ -49,7 +51,7 @@ def gate(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iter
     write_config(root, f"{simulator.url}/v1", teams=TEAMS)
     proxy = start_tollgate(root)
     client = proxy.client()
-    for user in FORMULAS + CONTROLS:
+    for user in FORMULAS + QUOTED + CONTROLS:
         client.images.generate(
             model="gpt-image-1-mini", prompt="a cat", size="1024x1024", quality="low", user=user
         )
@@ -99,17 +101,28 @@ def test_no_csv_cell_starts_a_formula(gate: Tollgate, args: tuple[str, ...]) -> 
 def test_the_neutralized_values_keep_their_text_after_an_apostrophe(gate: Tollgate) -> None:
     rows = list(csv.DictReader(io.StringIO(cli(gate, "--by", "user", "--format", "csv"))))
     users = {r["user"] for r in rows} - set(CONTROLS)
-    assert users == {"'" + u.replace("\r", "\n") for u in FORMULAS}
+    assert users == {"'" + u.replace("\r", "\n") for u in FORMULAS + QUOTED}
     assert all(r["cost_usd"][0].isdigit() for r in rows)
+
+
+def test_every_csv_value_is_read_back_exactly_by_dropping_one_leading_apostrophe(
+    gate: Tollgate,
+) -> None:
+    """The user `'=1+1` and the user `=1+1` were both written `'=1+1`: two rows no script
+    could tell apart. An apostrophe is added to every value that starts with one too."""
+    rows = list(csv.DictReader(io.StringIO(cli(gate, "--by", "user", "--format", "csv"))))
+    read = [r["user"][1:] if r["user"].startswith("'") else r["user"] for r in rows]
+    sent = [u.replace("\r", "\n") for u in FORMULAS + QUOTED + CONTROLS]
+    assert sorted(read) == sorted(sent)
 
 
 def test_json_keeps_the_values_as_they_were_sent(gate: Tollgate) -> None:
     rows = json.loads(cli(gate, "--by", "user", "--format", "json"))["rows"]
-    assert {r["user"] for r in rows} == set(FORMULAS + CONTROLS)
+    assert {r["user"] for r in rows} == set(FORMULAS + QUOTED + CONTROLS)
 
 
 def test_rows_are_recorded_for_every_user(gate: Tollgate) -> None:
-    assert sorted(r["user"] for r in gate.rows()) == sorted(FORMULAS + CONTROLS)
+    assert sorted(r["user"] for r in gate.rows()) == sorted(FORMULAS + QUOTED + CONTROLS)
 
 
 def test_a_period_no_report_can_read_is_refused_not_a_crash(gate: Tollgate) -> None:
@@ -135,3 +148,24 @@ def test_text_reports_show_control_characters_as_escapes(gate: Tollgate) -> None
     assert not any(line.startswith("carol") for line in text.splitlines())
     statement = cli(gate, "--statement", time.strftime("%Y-%m", time.gmtime()))
     assert all(line.isprintable() for line in statement.splitlines())
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "ascii"])
+def test_a_report_is_utf_8_whatever_the_locale_says(gate: Tollgate, encoding: str) -> None:
+    """A CSV is UTF-8, the admin API's bytes: standard output in a Latin-1 locale stopped
+    at a `user` outside Latin-1 (the right-to-left override) with a UnicodeEncodeError."""
+
+    def report(env: dict[str, str], *args: str) -> bytes:
+        done = subprocess.run(
+            [sys.executable, "-m", "proxy", "report", *args, "--config", str(gate.root)],
+            capture_output=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin", **env},
+        )
+        assert done.returncode == 0, done.stderr.decode(errors="replace")
+        return done.stdout
+
+    for args in (("--by", "user", "--format", "csv"), ("--audit", "--format", "csv")):
+        utf8 = report({"PYTHONIOENCODING": "utf-8"}, *args)
+        assert "eve\u202egnp.exe" in utf8.decode()
+        assert report({"PYTHONIOENCODING": encoding}, *args) == utf8

@@ -8,6 +8,7 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import TextIO
@@ -126,21 +127,36 @@ async def write_report(
     ledger = await open_ledger(ledger_url)
     try:
         answer = await run_report_query(query, ledger, config, time.time())
-        out = open_output(output) if output else sys.stdout
-        try:
+        with report_output(output) as write:
             if answer.stream is not None:
                 # Closed here, at once, when the reader goes away (`| head`): its ledger
                 # connection with it, not later from a finalizer.
                 async with contextlib.aclosing(answer.stream) as chunks:
                     async for chunk in chunks:
-                        out.write(chunk)
+                        write(chunk)
             else:
-                out.write(answer.body or "")
-        finally:
-            if output:
-                out.close()
+                write(answer.body or "")
     finally:
         await ledger.close()
+
+
+@contextlib.contextmanager
+def report_output(path: Path | None) -> Iterator[Callable[[str], object]]:
+    """How a report is written: to the file `path`, else to standard output, both in UTF-8
+    whatever the locale says (a CSV is UTF-8, and the admin API's bytes: in a Latin-1
+    locale a `user` outside it stopped the report with a UnicodeEncodeError, and one inside
+    it was written in Latin-1)."""
+    if path is not None:
+        with open_output(path) as out:
+            yield out.write
+        return
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:  # a stream of text only (a test's): nothing to encode
+        yield sys.stdout.write
+        return
+    sys.stdout.flush()
+    yield lambda text: buffer.write(text.encode())
+    buffer.flush()
 
 
 def open_output(path: Path) -> TextIO:

@@ -18,6 +18,7 @@ from proxy.config.fastcheck import schema_problems
 from proxy.config.passthrough import passthrough_prefixes
 from proxy.config.source import Document, JsonPath
 from proxy.config.teams import TeamBuilder
+from proxy.core.auth import key_hash
 from proxy.core.errors import ConfigError
 from proxy.core.pricing import PriceBook
 from proxy.core.settings import (
@@ -89,7 +90,10 @@ class Builder:
         if doc.data is None and kind == "team":
             self.problems.append(f"{doc.file}:1: empty file (a team needs `name` and `keys`)")
             return [()]
-        found = _schema_problems(kind, _Canonical(doc.data))
+        found = [
+            *_schema_problems(kind, _Canonical(doc.data)),
+            *((path, NOT_TEXT) for path in _not_text(doc.data, ())),
+        ]
         self.problems += [doc.problem(path, message) for path, message in found]
         return [path for path, _ in found]
 
@@ -177,12 +181,14 @@ class Builder:
             timeout_s=float(al.get("timeout_s", Alerts().timeout_s)),
         )
         org = data.get("organization", {})
+        admin_token = data.get("admin_token") or None
+        self._admin_token(doc, admin_token, teams)
         return Config(
             root=self.root,
             upstream=upstream,
             ledger_url=self._ledger_url(data.get("ledger", "sqlite:///tollgate.db")),
             timezone=timezone,
-            admin_token=data.get("admin_token") or None,
+            admin_token=admin_token,
             prices=book,
             default_model=default_model,
             organization_budgets=self.teams.budgets(doc, ("organization", "budgets"), org),
@@ -193,6 +199,27 @@ class Builder:
             alerts=alerts,
             retries=Retries(**data.get("retries", {})),
         )
+
+    def _admin_token(self, doc: Document, token: str | None, teams: tuple[Team, ...]) -> None:
+        """The admin token (never shown) is sent in a header, and is no team's key: the
+        team holding it would read every team's spend and reload the configuration, and
+        the admin would spend as that team."""
+        if token is None:
+            return
+        if not HEADER_TOKEN.fullmatch(token):
+            # Clients strip a header's spaces: one with a newline could never be matched.
+            self._problem(
+                doc,
+                ("admin_token",),
+                "must be printable ASCII without spaces (is there a newline at the end "
+                "of the file or variable it comes from?)",
+            )
+        digest = key_hash(token)
+        for team in teams:
+            if any(key.sha256 == digest for key in team.keys):
+                self._problem(
+                    doc, ("admin_token",), f"is a key of team {team.name!r}: use a token of its own"
+                )
 
     def _limits(self, doc: Document, raw: dict[str, Any]) -> Limits:
         values: dict[str, Any] = {
@@ -265,6 +292,23 @@ class Builder:
                 if key.sha256 in hashes:
                     self._problem(doc, path, f"same key hash as {hashes[key.sha256]}")
                 hashes.setdefault(key.sha256, doc.where(path))
+
+
+NOT_TEXT = "NUL characters and lone surrogates are not text (no ledger row or report can hold one)"
+_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
+def _not_text(value: Any, path: JsonPath) -> list[JsonPath]:
+    """The paths of the strings in `value` that hold a NUL or a lone surrogate (a YAML
+    `"\\ud800"`): a team's `cost_center` or key id made every request of the team a 500,
+    its ledger row unwritable."""
+    if isinstance(value, str):
+        return [path] if _NOT_TEXT.search(value) else []
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _not_text(v, (*path, str(k)))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _not_text(v, (*path, i))]
+    return []
 
 
 class _Canonical:

@@ -36,7 +36,7 @@ from proxy.core.models import NANOS_PER_USD
 from proxy.core.pricing import PriceBook
 from proxy.core.settings import Config
 from proxy.finance import parts
-from proxy.finance.reports import aligned, printable
+from proxy.finance.reports import ISO_DAY, aligned, printable
 from proxy.ledger import open_ledger
 from proxy.ledger.base import Flagged, Holding, Ledger
 
@@ -583,9 +583,11 @@ def window(
 
 def parse_day(text: str) -> date:
     try:
-        day = date.fromisoformat(text)
-    except ValueError as exc:
-        raise InvalidRequest(f"{text!r} is not a date: use YYYY-MM-DD.", param="from") from exc
+        day = date.fromisoformat(text) if ISO_DAY.fullmatch(text) else None
+    except ValueError:
+        day = None
+    if day is None:
+        raise InvalidRequest(f"{text!r} is not a date: use YYYY-MM-DD.", param="from")
     if midnight(day) >= LATEST:
         raise InvalidRequest(f"{day} is after the last day reconciled (9998-12-31).", param="to")
     return day

@@ -8,11 +8,18 @@ from __future__ import annotations
 import hmac
 from collections.abc import Awaitable, Callable
 
+from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from proxy.core.auth import bearer_token
-from proxy.core.errors import AuthenticationFailed, ConfigError, InvalidConfig, NotFound
+from proxy.core.auth import bearer_token, key_hash
+from proxy.core.errors import (
+    AuthenticationFailed,
+    ConfigError,
+    InvalidConfig,
+    InvalidRequest,
+    NotFound,
+)
 from proxy.core.settings import Config
 from proxy.finance.reports_query import ReportQuery
 from proxy.finance.reports_query import run as run_report
@@ -21,6 +28,9 @@ from proxy.web.runtime import Runtime
 
 YES = ("1", "true", "yes")
 """How a query parameter says yes (`audit=1`, `excel=true`)."""
+NO = ("", "0", "false", "no")
+REPORT_PARAMS = ("from", "to", "by", "format", "statement", "audit", "excel")
+"""The query parameters of `GET /admin/report`: the flags of `tollgate report`."""
 
 
 def check_admin(request: Request, config: Config) -> None:
@@ -28,8 +38,44 @@ def check_admin(request: Request, config: Config) -> None:
     if not config.admin_token:
         raise NotFound("The admin API is off: set admin_token in tollgate.yaml to enable it.")
     token = bearer_token(request.headers.get("authorization")) or ""
-    if not hmac.compare_digest(token.encode(), config.admin_token.encode()):
+    # Digests compared, not the tokens: compare_digest takes the time of the shorter of
+    # what it is given, and would tell the token's length.
+    if not hmac.compare_digest(key_hash(token), key_hash(config.admin_token)):
         raise AuthenticationFailed("Invalid admin token.")
+
+
+def report_query(params: QueryParams) -> ReportQuery:
+    """The report `params` ask for. As the CLI refuses a flag it does not know, a parameter
+    that is not one of the report's (`?form=`, `?start=`), given twice (`by=user&by=team`)
+    or a yes/no that is neither (`excel=on`) is refused: answering the current month's
+    report instead, or with one of the two groupings, reads as the numbers asked for."""
+    for name in params:
+        if name not in REPORT_PARAMS:
+            raise InvalidRequest(
+                f"unknown parameter {name!r}: use {', '.join(REPORT_PARAMS)}.", param=name
+            )
+        if len(params.getlist(name)) > 1:
+            raise InvalidRequest(f"parameter {name!r} is given more than once.", param=name)
+    flags = {}
+    for name in ("audit", "excel"):
+        value = params.get(name, "").lower()
+        if value not in YES + NO:
+            raise InvalidRequest(
+                f"{name}={params[name]!r} is neither yes ({', '.join(YES)}) nor no "
+                f"({', '.join(NO[1:])}).",
+                param=name,
+            )
+        flags[name] = value in YES
+    audit = flags["audit"]
+    return ReportQuery.parse(
+        start=params.get("from"),
+        end=params.get("to"),
+        by=params.get("by"),
+        fmt=params.get("format", "jsonl" if audit else "json"),
+        statement=params.get("statement"),
+        audit=audit,
+        excel=flags["excel"],
+    )
 
 
 class AdminApi:
@@ -48,17 +94,7 @@ class AdminApi:
         `excel=1` for a CSV with a byte-order mark): the same answer as `tollgate report`;
         the audit export is streamed."""
         check_admin(request, runtime.config)
-        q = request.query_params
-        audit = q.get("audit", "") in YES
-        query = ReportQuery.parse(
-            start=q.get("from"),
-            end=q.get("to"),
-            by=q.get("by"),
-            fmt=q.get("format", "jsonl" if audit else "json"),
-            statement=q.get("statement"),
-            audit=audit,
-            excel=q.get("excel", "") in YES,
-        )
+        query = report_query(request.query_params)
         answer = await run_report(query, runtime.ledger, runtime.config, runtime.clock())
         if answer.stream is not None:
             return StreamingResponse(answer.stream, media_type=answer.media_type)
