@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from proxy.config.prices import load_price_book
@@ -46,12 +48,26 @@ LOW = Usage(text_input=10, image_output=272)
 
 
 def test_an_answer_with_usage_is_charged_its_price_with_the_images_it_held() -> None:
-    verdict = answered(bound(), USAGE, images=2)
+    covering = replace(bound(), cost_nanos=10**9)
+    verdict = answered(covering, USAGE, images=2)
     expected = model("gpt-image-1").charge(Usage(text_input=10, image_output=4160, images=2))
     assert verdict.outcome == "ok"
     assert verdict.charge == expected
     assert not verdict.charge.flagged
     assert verdict.error_code is None
+
+
+def test_usage_that_costs_more_than_the_bound_is_charged_as_it_reads_flagged() -> None:
+    """The upstream billed past what was priced and reserved: recorded as billed, and
+    flagged for the operator, never passed over in silence."""
+    expected = model("gpt-image-1").charge(Usage(text_input=10, image_output=4160, images=2))
+    assert expected.cost_nanos > bound().cost_nanos
+    verdict = answered(bound(), USAGE, images=2)
+    assert verdict.outcome == "ok"
+    assert verdict.charge == replace(expected, flagged=True)
+    assert verdict.error_code == "usage_over_bound"
+    at_bound = replace(bound(), cost_nanos=expected.cost_nanos)
+    assert answered(at_bound, USAGE, images=2).error_code is None
 
 
 def test_an_answer_that_counts_no_image_is_charged_for_the_images_asked() -> None:

@@ -3,8 +3,9 @@
 Every way an exchange can end is priced here, from what was reserved (the `Bound`)
 and what was seen of the answer:
 
-    answered     a 2xx answer, metered: its usage at the model's rates; without usage,
-                 the bound (flagged); per-image models at their per-image price (flagged)
+    answered     a 2xx answer, metered: its usage at the model's rates (flagged
+                 `usage_over_bound` when that passes the bound); without usage, the bound
+                 (flagged); per-image models at their per-image price (flagged)
     refused      an error answer from the upstream: nothing is billed
     unknown      the answer broke off, was unreadable or outlived its deadline: the
                  upstream may have billed, so the bound is charged, flagged (or what the
@@ -31,6 +32,10 @@ from proxy.core.pricing import MainlinePrices, ModelPrices
 
 STREAM_TRUNCATED = "stream_truncated"
 MALFORMED_ANSWER = "malformed_answer"
+OVER_BOUND = "usage_over_bound"
+ROUNDING_NANOS = 2
+"""How far a charge may pass its bound by rounding alone: a Responses request's two parts
+are each rounded up once when charged, its bound once over both."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +120,19 @@ def answered(
     if usage is None:
         # A successful answer without usage: charge the bound, flag for reconciliation.
         return Verdict("ok", Charge(Usage(images=count), bound.cost_nanos, flagged=True))
-    return Verdict("ok", believed(bound, model.charge(replace(usage, images=count))))
+    return as_read(bound, model.charge(replace(usage, images=count)))
+
+
+def as_read(bound: Bound, charge: Charge) -> Verdict:
+    """An answer metered at `charge`, charged as it reads (`believed`), but flagged
+    `usage_over_bound` when that costs more than its bound: the upstream billed beyond what
+    was priced and reserved (a price book or token rule behind OpenAI's, or an upstream that
+    misreports), which settled spend should never show unnoticed. What it billed is what it
+    billed: the row records it, and `tollgate ledger flagged` lists it."""
+    charge = believed(bound, charge)
+    if charge.flagged or charge.cost_nanos <= bound.cost_nanos + ROUNDING_NANOS:
+        return Verdict("ok", charge)
+    return Verdict("ok", replace(charge, flagged=True), OVER_BOUND)
 
 
 def believed(bound: Bound, charge: Charge) -> Charge:
@@ -161,7 +178,7 @@ def _response_answered(
         mainline_output=usage.mainline_output,
     )
     charge = Charge(merged, tool.cost_nanos + text, tool.flagged, text)
-    return Verdict("ok", believed(bound, charge))
+    return as_read(bound, charge)
 
 
 def image_output_short(model: ModelPrices, usage: Usage, calls: tuple[Call, ...]) -> bool:
