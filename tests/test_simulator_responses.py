@@ -23,7 +23,7 @@ from proxy.simulator.response_tokens import (
     answer_text,
     cached_tokens,
 )
-from proxy.simulator.responses import MAX_IMAGE_CALLS, read_order
+from proxy.simulator.responses import MAX_IMAGE_CALLS, encrypted_reasoning, read_order
 from proxy.simulator.tokens import (
     PARTIAL_IMAGE_TOKENS,
     formula_tokens,
@@ -680,3 +680,85 @@ def test_input_tokens_are_counted_as_a_response_would_bill_them_and_bill_nothing
         sim.client.responses.input_tokens.count(
             model="gpt-4.1", input="x", extra_body={"max_output_tokens": 100}
         )
+
+
+def test_input_items_other_than_messages_are_read_into_the_context_as_openai_reads_them(
+    sim: Sim,
+) -> None:
+    """Function calls and their outputs (text and images), reasoning carried in its
+    encrypted content and image calls fed back with their result: each billed as input."""
+    first = sim.client.responses.create(
+        model="gpt-5",
+        input="Draw a cat",
+        tools=[TOOL],
+        include=["reasoning.encrypted_content"],
+        store=False,
+    )
+    assert [item.type for item in first.output] == ["reasoning", "image_generation_call", "message"]
+    reasoning = first.output[0]
+    assert reasoning.type == "reasoning" and reasoning.encrypted_content
+    image = images_of(first)[0].result
+    assert image is not None
+    function = {"type": "function", "name": "look", "parameters": {"type": "object"}}
+    base = [{"role": "user", "content": "Go on"}]
+    items = [
+        {"type": "function_call", "call_id": "c1", "name": "look", "arguments": '{"at": 1}'},
+        {
+            "type": "function_call_output",
+            "call_id": "c1",
+            "output": [
+                {"type": "input_text", "text": "seen"},
+                {"type": "input_image", "image_url": f"data:image/png;base64,{image}"},
+            ],
+        },
+        reasoning.model_dump(exclude_none=True),
+        {"type": "image_generation_call", "id": "ig_x", "status": "completed", "result": image},
+    ]
+    order = read_order({"model": "gpt-5", "input": [*base, *items], "tools": [function]})
+    assert order.reasoning_input == REASONING_TOKENS
+    assert order.texts == ("Go on", "look", '{"at": 1}', "seen")
+    assert [(i.width, i.height) for i in order.images] == [(1024, 1024), (1024, 1024)]
+    bare = sim.client.responses.create(model="gpt-5", input=base, tools=[function])
+    full = sim.client.responses.create(model="gpt-5", input=[*base, *items], tools=[function])
+    assert bare.usage is not None and full.usage is not None
+    extra = text_tokens("look") + text_tokens('{"at": 1}') + text_tokens("seen") + REASONING_TOKENS
+    assert full.usage.input_tokens == bare.usage.input_tokens + extra + 2 * MAINLINE_IMAGE_TOKENS
+
+
+@pytest.mark.parametrize(
+    ("model", "item", "message"),
+    [
+        (
+            "gpt-4.1",
+            {"type": "reasoning", "summary": [], "encrypted_content": encrypted_reasoning(9, "r")},
+            "can only be provided to a reasoning",
+        ),
+        ("gpt-5", {"type": "reasoning", "summary": [], "encrypted_content": "x"}, "verified"),
+        ("gpt-5", {"type": "reasoning", "summary": []}, "input[1].id"),
+        ("gpt-5", {"type": "function_call_output", "call_id": "c", "output": "x"}, "No tool call"),
+        (
+            "gpt-5",
+            {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+            "No tool output",
+        ),
+        ("gpt-5", {"type": "image_generation_call", "status": "completed"}, "input[1].id"),
+        ("gpt-5", {"type": "file_search_call", "id": "fs_1"}, "file_search_call"),
+    ],
+)
+def test_input_items_openai_refuses_are_400s(
+    sim: Sim, model: str, item: dict[str, Any], message: str
+) -> None:
+    answer = sim.post({"model": model, "input": [{"role": "user", "content": "x"}, item]})
+    assert answer.status_code == 400 and message in answer.json()["error"]["message"]
+    assert not any(entry["billed"] for entry in sim.billing())
+
+
+def test_an_item_named_by_its_id_alone_is_a_404_when_nothing_was_stored_under_it(
+    sim: Sim,
+) -> None:
+    for item in (
+        {"type": "reasoning", "id": "rs_none", "summary": []},
+        {"type": "image_generation_call", "id": "ig_none", "status": "completed", "result": None},
+    ):
+        answer = sim.post({"model": "gpt-5", "input": [{"role": "user", "content": "x"}, item]})
+        assert answer.status_code == 404, answer.text

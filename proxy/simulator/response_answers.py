@@ -1,8 +1,9 @@
 """The bodies of the Responses API: the `response` object, its SSE events and the
 input-items page (pure).
 
-A response's output lists its image_generation_call items first (the model calls the
-tool, then writes), then its message. Events carry a `sequence_number` from 0.
+A response's output lists its reasoning item first (when `include` asks for its
+encrypted content and the model reasons), then its image_generation_call items (the model
+calls the tool, then writes), then its message. Events carry a `sequence_number` from 0.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from proxy.simulator.answers import sse
 from proxy.simulator.billing import BilledUsage, MainlineUsage
 from proxy.simulator.pictures import encoded_b64
 from proxy.simulator.response_tokens import ResponseTokens, image_gen_usage
-from proxy.simulator.responses import ResponseOrder
+from proxy.simulator.responses import ResponseOrder, encrypted_reasoning
 
 Status = Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
 FrameKind = Literal["event", "terminal"]
@@ -118,13 +119,27 @@ def message_item(snap: Snapshot, *, done: bool) -> dict[str, Any]:
     }
 
 
+def reasoning_items(snap: Snapshot) -> list[dict[str, Any]]:
+    """The reasoning item, with its encrypted content, when the request asked for it."""
+    if not (snap.order.encrypted_reasoning and snap.order.model.reasoning):
+        return []
+    return [
+        {
+            "id": f"rs_{snap.id.removeprefix('resp_')}",
+            "type": "reasoning",
+            "summary": [],
+            "encrypted_content": encrypted_reasoning(snap.tokens.mainline.reasoning, snap.id),
+        }
+    ]
+
+
 def _output(snap: Snapshot) -> list[dict[str, Any]]:
     if snap.status in ("queued", "in_progress", "cancelled"):
         return []
     images = [image_item(snap, i, done=True) for i in range(snap.order.image_calls)]
     if snap.status == "failed":
-        return images
-    return [*images, message_item(snap, done=True)]
+        return [*reasoning_items(snap), *images]
+    return [*reasoning_items(snap), *images, message_item(snap, done=True)]
 
 
 def response_json(snap: Snapshot) -> dict[str, Any]:
@@ -199,12 +214,13 @@ class _Events:
         self.frames.append((frame, sse(kind, data)))
 
 
-def _image_events(events: _Events, snap: Snapshot, index: int) -> None:
-    """One image call: added, in progress, generating, its partials, completed, done."""
-    where = {"item_id": snap.image_id(index), "output_index": index}
+def _image_events(events: _Events, snap: Snapshot, index: int, at: int) -> None:
+    """One image call (output item `at`): added, in progress, generating, its partials,
+    completed, done."""
+    where = {"item_id": snap.image_id(index), "output_index": at}
     events.add(
         "response.output_item.added",
-        {"output_index": index, "item": image_item(snap, index, done=False)},
+        {"output_index": at, "item": image_item(snap, index, done=False)},
     )
     events.add("response.image_generation_call.in_progress", where)
     events.add("response.image_generation_call.generating", where)
@@ -229,7 +245,7 @@ def _image_events(events: _Events, snap: Snapshot, index: int) -> None:
     events.add("response.image_generation_call.completed", where)
     events.add(
         "response.output_item.done",
-        {"output_index": index, "item": image_item(snap, index, done=True)},
+        {"output_index": at, "item": image_item(snap, index, done=True)},
     )
 
 
@@ -270,9 +286,14 @@ def stream_frames(snap: Snapshot) -> list[tuple[FrameKind, bytes]]:
     opening = Snapshot(snap.id, snap.order, snap.tokens, snap.created_at, "in_progress")
     events.add("response.created", {"response": response_json(opening)})
     events.add("response.in_progress", {"response": response_json(opening)})
+    reasoning = reasoning_items(snap)
+    for item in reasoning:
+        added = {**item, "encrypted_content": None}
+        events.add("response.output_item.added", {"output_index": 0, "item": added})
+        events.add("response.output_item.done", {"output_index": 0, "item": item})
     for index in range(snap.order.image_calls):
-        _image_events(events, snap, index)
+        _image_events(events, snap, index, len(reasoning) + index)
     if snap.status != "failed":
-        _message_events(events, snap, snap.order.image_calls)
+        _message_events(events, snap, len(reasoning) + snap.order.image_calls)
     events.add(f"response.{snap.status}", {"response": response_json(snap)}, "terminal")
     return events.frames

@@ -1,9 +1,12 @@
 """The token rules of a simulated Responses answer (pure).
 
 Mainline tokens (top-level `usage`):
-    input   ceil(utf-8 bytes / 4) of the instructions and every input text, the tile rule
-            for each input image (counted at 1024x1024; gpt-4o-mini has its own, dearer
-            rule), plus the previous response's
+    input   ceil(utf-8 bytes / 4) of the instructions and every input text (function
+            calls' names and arguments, their outputs' text), the tile rule for each input
+            image (a message's, a function output's, an image call's result fed back;
+            counted at 1024x1024; gpt-4o-mini has its own, dearer rule), the reasoning
+            tokens of reasoning items fed back (their `encrypted_content`), plus the
+            previous response's
             input and output tokens, which OpenAI bills again as input; of those carried
             tokens, `cached_tokens` reports the part prompt caching would hit (128-token
             steps, from 1024 tokens on). With k image calls the model samples k + 1
@@ -98,7 +101,11 @@ def tokens_of(order: ResponseOrder, carried: int = 0) -> ResponseTokens:
         room = max(0, order.max_output_tokens - reasoning - calls)
         answer, output = answer[: room * 4], order.max_output_tokens
     per_image = order.model.image_tokens or MAINLINE_IMAGE_TOKENS
-    own = sum(text_tokens(t) for t in order.texts) + per_image * len(order.images)
+    own = (
+        sum(text_tokens(t) for t in order.texts)
+        + per_image * len(order.images)
+        + order.reasoning_input
+    )
     made = order.image_calls if order.tool else 0
     # Sampling j (from 1) after j image calls reads the context again, with what the
     # samplings before it wrote (never more than the response's output) and the j images

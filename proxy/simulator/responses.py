@@ -12,10 +12,31 @@ Its token rules are in `response_tokens`.
 An input message that carries an `id` is read as OpenAI reads it: the item stored under
 that id (`Resolver`: an input message or the answer of a stored response), whatever
 content the request sends with it; an id nothing was stored under is a 404.
+
+The other input items, as OpenAI reads them into the mainline model's context:
+    function_call           its name and arguments, as text; its `call_id` must have a
+                            function_call_output in the input ("No tool output found …")
+    function_call_output    its output: text, or input_text and input_image parts (the
+                            images as a message's); its `call_id` must name a function_call
+                            of the input ("No tool call found …")
+    reasoning               its `encrypted_content` (as `encrypted_reasoning` writes it):
+                            the reasoning tokens it holds, read again as input, and its
+                            reasoning_text content; refused for a model that does not
+                            reason, and for content the simulator did not write (OpenAI
+                            cannot decrypt it); without it, the item stored under its `id`
+                            (none is: a 404)
+    image_generation_call   its `result`: an image in the context at its size (and given to
+                            the image tool, as an image to edit); without it, a 404 for its
+                            `id`
+Reasoning items are in the output (first) when `include` names
+"reasoning.encrypted_content" and the model reasons.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -23,7 +44,7 @@ from typing import Any, Literal
 
 from proxy.core.models import InputImage
 from proxy.simulator.catalogue import DEFAULT_TOOL_MODEL, MAINLINE_MODELS, MODELS, MainlineRule
-from proxy.simulator.forms import RawRequest
+from proxy.simulator.forms import RawRequest, image_size
 from proxy.simulator.refusals import ApiError, invalid, missing
 from proxy.simulator.validation import ImageOrder, data_url_image, validate
 
@@ -125,6 +146,10 @@ class ResponseOrder:
     store: bool = True
     previous_response_id: str | None = None
     instructions: str | None = None
+    reasoning_input: int = 0
+    """The reasoning tokens of the input's reasoning items, read again as input."""
+    encrypted_reasoning: bool = False
+    """`include` names "reasoning.encrypted_content": the reasoning item is in the output."""
 
     @property
     def revised_prompt(self) -> str:
@@ -227,23 +252,159 @@ def _message(
     return role, texts, images, {"type": "message", "role": role, "content": parts}
 
 
-def _input(
-    value: Any, resolve: Resolver | None = None, store: bool = True
-) -> tuple[str, list[str], list[InputImage], list[dict[str, Any]]]:
-    """The input: the last user text, all texts, the images and the message items."""
+ENCRYPTED_PREFIX = "gAAAAAB"
+ENCRYPTED_BYTES_PER_TOKEN = 4
+
+
+def encrypted_reasoning(tokens: int, response_id: str) -> str:
+    """The `encrypted_content` of a response's reasoning: opaque, as long as the reasoning
+    text it holds (about 4 bytes a token, as ciphertext), its tokens readable back."""
+    head = json.dumps({"tokens": tokens, "response": response_id}, separators=(",", ":"))
+    plain = f"{head}\n".encode() + b"." * (tokens * ENCRYPTED_BYTES_PER_TOKEN)
+    return ENCRYPTED_PREFIX + base64.urlsafe_b64encode(plain).decode()
+
+
+def _reasoning_tokens(value: str, param: str) -> int:
+    """The tokens an `encrypted_content` holds, or OpenAI's 400 when it cannot read it."""
+    try:
+        if not value.startswith(ENCRYPTED_PREFIX):
+            raise ValueError(value)
+        plain = base64.urlsafe_b64decode(value.removeprefix(ENCRYPTED_PREFIX))
+        head = json.loads(plain.split(b"\n", 1)[0])
+        tokens = head["tokens"]
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+            raise ValueError(value)
+    except (ValueError, binascii.Error, KeyError, TypeError):
+        raise invalid(
+            f"The encrypted content for item {param} could not be verified.",
+            param=param,
+            code="invalid_encrypted_content",
+        ) from None
+    return int(tokens)
+
+
+def _result_image(result: Any) -> InputImage | None:
+    """An image_generation_call's `result` (base64, no data URL) at its size."""
+    if not isinstance(result, str) or not result:
+        return None
+    try:
+        size = image_size(base64.b64decode(result, validate=True))
+    except binascii.Error:
+        return InputImage()
+    return InputImage(*size) if size else InputImage()
+
+
+@dataclass
+class _Read:
+    """The input as read so far."""
+
+    prompt: str = ""
+    texts: list[str] | None = None
+    images: list[InputImage] | None = None
+    messages: list[dict[str, Any]] | None = None
+    reasoning: int = 0
+    reasoning_items: int = 0
+    calls: dict[str, int] | None = None
+    outputs: dict[str, int] | None = None
+
+
+def _by_id(item: dict[str, Any], param: str, resolve: Resolver | None, store: bool) -> StoredItem:
+    """An item named by its id alone: what is stored under it, or OpenAI's answers."""
+    item_id = item.get("id")
+    if not isinstance(item_id, str) or not item_id:
+        raise missing(f"{param}.id")
+    if resolve is None:
+        return [], []
+    return resolve(item_id, store)
+
+
+def _other_item(
+    item: dict[str, Any], index: int, read: _Read, resolve: Resolver | None, store: bool
+) -> None:
+    """An input item that is no message, read into `read`."""
+    assert read.texts is not None and read.images is not None
+    assert read.calls is not None and read.outputs is not None
+    param = f"input[{index}]"
+    kind = item.get("type")
+    if kind == "function_call":
+        for name in ("call_id", "name", "arguments"):
+            if not isinstance(item.get(name), str):
+                raise missing(f"{param}.{name}")
+        read.texts += [item["name"], item["arguments"]]
+        read.calls.setdefault(item["call_id"], index)
+    elif kind == "function_call_output":
+        call_id = item.get("call_id")
+        if not isinstance(call_id, str) or not call_id:
+            raise missing(f"{param}.call_id")
+        output = item.get("output")
+        if isinstance(output, str):
+            output = [{"type": "input_text", "text": output}]
+        if not isinstance(output, list):
+            raise missing(f"{param}.output")
+        for n, raw in enumerate(output):
+            text, image, _ = _part(raw, f"{param}.output[{n}]")
+            read.texts += [text] if text is not None else []
+            read.images += [image] if image is not None else []
+        read.outputs.setdefault(call_id, index)
+    elif kind == "reasoning":
+        read.reasoning_items += 1
+        encrypted = item.get("encrypted_content")
+        if isinstance(encrypted, str) and encrypted:
+            read.reasoning += _reasoning_tokens(encrypted, param)
+        else:
+            texts, images = _by_id(item, param, resolve, store)
+            read.texts += texts
+            read.images += images
+        for n, part in enumerate(item.get("content") or []):
+            if not isinstance(part, dict) or not isinstance(part.get("text"), str):
+                raise invalid(f"Invalid '{param}.content[{n}]'.", param=f"{param}.content[{n}]")
+            read.texts.append(part["text"])
+    elif kind == "image_generation_call":
+        image = _result_image(item.get("result"))
+        if image is None:
+            texts, images = _by_id(item, param, resolve, store)
+            read.texts += texts
+            read.images += images
+        else:
+            read.images.append(image)
+    else:
+        raise invalid(
+            f"Invalid value: '{kind}'. The simulator supports message, function_call, "
+            "function_call_output, reasoning and image_generation_call items.",
+            param=f"{param}.type",
+        )
+
+
+def _input(value: Any, resolve: Resolver | None = None, store: bool = True) -> _Read:
+    """The input: the last user text, all texts, the images, the message items and the
+    reasoning tokens fed back."""
     if isinstance(value, str):
         value = [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
         raise missing("input")
-    prompt, texts, images, messages = "", [], [], []
+    read = _Read(texts=[], images=[], messages=[], calls={}, outputs={})
+    assert read.texts is not None and read.images is not None and read.messages is not None
+    assert read.calls is not None and read.outputs is not None
     for index, item in enumerate(value):
+        if isinstance(item, dict) and item.get("type", "message") != "message":
+            _other_item(item, index, read, resolve, store)
+            continue
         role, item_texts, item_images, stored = _message(item, index, resolve, store)
         if role == "user" and item_texts:
-            prompt = item_texts[-1]
-        texts += item_texts
-        images += item_images
-        messages.append(stored)
-    return prompt, texts, images, messages
+            read.prompt = item_texts[-1]
+        read.texts += item_texts
+        read.images += item_images
+        read.messages.append(stored)
+    for call_id in read.outputs:
+        if call_id not in read.calls:
+            raise invalid(
+                f"No tool call found for function call output with call_id {call_id}.",
+                param="input",
+            )
+    for call_id in read.calls:
+        if call_id not in read.outputs:
+            raise invalid(f"No tool output found for function call {call_id}.", param="input")
+    return read
 
 
 def _image_tool(tool: dict[str, Any], index: int, stream: bool, prompt: str) -> ImageOrder:
@@ -297,14 +458,18 @@ def _tool_choice(value: Any) -> str | dict[str, Any]:
 def _tools(
     value: Any, stream: bool, prompt: str
 ) -> tuple[tuple[dict[str, Any], ...], ImageOrder | None]:
-    """The tools as sent and the image tool's order (the simulator offers no other tool)."""
+    """The tools as sent and the image tool's order (function tools are offered, never
+    called)."""
     value = _typed(value, list, "tools", "an array")
     tool = None
     for index, item in enumerate(value or []):
         kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "function" and isinstance(item.get("name"), str):
+            continue  # the model never calls it here: the client's function, offered
         if kind != "image_generation":
             raise invalid(
-                f"Invalid value: '{kind}'. The simulator supports 'image_generation' only.",
+                f"Invalid value: '{kind}'. The simulator supports 'image_generation' and "
+                "'function' only.",
                 param=f"tools[{index}].type",
             )
         if tool is not None:
@@ -341,7 +506,16 @@ def read_order(body: dict[str, Any], resolve: Resolver | None = None) -> Respons
         )
     instructions = _typed(body.get("instructions"), str, "instructions", "a string")
     store = _typed(body.get("store"), bool, "store", "a boolean") is not False
-    prompt, texts, images, messages = _input(body.get("input"), resolve, store)
+    read = _input(body.get("input"), resolve, store)
+    prompt = read.prompt
+    texts, images, messages = read.texts or [], read.images or [], read.messages or []
+    if read.reasoning_items and not model.reasoning:
+        raise invalid(
+            "Reasoning input items can only be provided to a reasoning or computer use "
+            "model. Remove reasoning items from your input and try again.",
+            param="input",
+        )
+    include = _typed(body.get("include"), list, "include", "an array") or []
     stream = bool(_typed(body.get("stream"), bool, "stream", "a boolean"))
     background = bool(_typed(body.get("background"), bool, "background", "a boolean"))
     if background and not store:
@@ -373,4 +547,6 @@ def read_order(body: dict[str, Any], resolve: Resolver | None = None) -> Respons
             body.get("previous_response_id"), str, "previous_response_id", "a string"
         ),
         instructions=instructions,
+        reasoning_input=read.reasoning,
+        encrypted_reasoning="reasoning.encrypted_content" in include,
     )
