@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -11,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from proxy.config import load_config
 from proxy.config.prices import load_price_book
@@ -19,7 +22,15 @@ from proxy.core.models import Counter, Entry, Totals
 from proxy.core.pricing import PriceBook
 from proxy.ledger import BatchLine, open_ledger
 from proxy.ledger.base import Owner
-from proxy.web.batch_follow import BATCH_GONE, GONE_AFTER_S, GONE_POLLS, BatchFollow, billed_line
+from proxy.metrics import Metrics
+from proxy.web.batch_follow import (
+    BATCH_GONE,
+    GONE_AFTER_S,
+    GONE_POLLS,
+    REFUSED_LOG_EVERY_S,
+    BatchFollow,
+    billed_line,
+)
 from proxy.web.runtime import Runtime
 from tests.conftest import write_config
 from tests.test_batches_reload_e2e import price_book
@@ -104,6 +115,7 @@ def follow_until(
     polls: int,
     every_s: float,
     input_file_id: str | None = "file-abc",
+    metrics: Any = None,
 ) -> Polled:
     """A batch of three lines reserved and held, then polled `polls` times `every_s` apart
     against an upstream answering `answers`: its rows, the team's day totals and what is
@@ -117,10 +129,12 @@ def follow_until(
             await ledger.own(input_file(), [priced(i) for i in range(1, 4)])
             await ledger.reserve(CREATION_COUNTERS, take_batch("b1"))
             await ledger.hold("b1", "batch_abc")
-            metrics = SimpleNamespace(finished=lambda *_, **__: None, started=lambda: None)
+            counted = metrics or SimpleNamespace(
+                finished=lambda *_, **__: None, started=lambda: None
+            )
             here = SimpleNamespace(
                 config=runtime.config, ledger=ledger, upstream=Scripted(answers),
-                clock=lambda: now[0], metrics=metrics,
+                clock=lambda: now[0], metrics=counted,
             )  # fmt: skip
             followed = BatchFollow(batch_entry("b1", 3), "batch_abc", input_file_id, None)
             for _ in range(polls):
@@ -184,6 +198,50 @@ def test_404s_between_failed_polls_still_count_as_one_run(runtime: Runtime, tmp_
     assert held == []
     assert {(r["error_code"], r["flagged"]) for r in rows} == {(BATCH_GONE, 1)}
     assert totals.spent_nanos == 3 * LINE_BOUND
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_batch_whose_polls_are_refused_stays_held_logged_now_and_then_and_counted(
+    runtime: Runtime, tmp_path: Path, caplog: pytest.LogCaptureFixture, status: int
+) -> None:
+    # The company key revoked (401), or no longer allowed in the batch's project (403): the
+    # batch may still run and be billed upstream, so it is never settled for it. Its polls
+    # used to be answered with a warning every second, an hour long, and counted nowhere.
+    caplog.set_level(logging.INFO, "tollgate.requests")
+    metrics = Metrics(CollectorRegistry())
+    hour = 3600
+    rows, totals, held = follow_until(runtime, tmp_path, [status], hour, 1.0, metrics=metrics)
+    assert held == [("b1", "batch_abc")]
+    [row] = rows
+    assert (row["state"], row["cost_nanos"]) == ("reserved", 0)
+    assert (totals.spent_nanos, totals.reserved_nanos) == (0, 3 * LINE_BOUND)
+    logged = [r for r in caplog.records if "batch_abc" in r.getMessage()]
+    assert {r.levelno for r in logged} == {logging.ERROR}
+    assert len(logged) == math.ceil(hour / REFUSED_LOG_EVERY_S)
+    assert f"({status} " in logged[0].getMessage()
+    assert metrics.batches_refused._value.get() == 1
+
+
+def test_a_batch_read_again_after_refused_polls_is_no_longer_counted(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    metrics = Metrics(CollectorRegistry())
+    answers: list[int | Exception] = [401, 403, 500, 401, 200, 200]
+    _, _, held = follow_until(runtime, tmp_path, answers, len(answers), 1.0, metrics=metrics)
+    assert held == [("b1", "batch_abc")]
+    assert metrics.batches_refused._value.get() == 0
+
+
+def test_refused_polls_neither_count_nor_break_a_run_of_404s(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    metrics = Metrics(CollectorRegistry())
+    answers: list[int | Exception] = [404, 401] * (GONE_POLLS + 1)
+    polls = len(answers)
+    rows, _, held = follow_until(runtime, tmp_path, answers, polls, 120.0, metrics=metrics)
+    assert held == []
+    assert {(r["error_code"], r["flagged"]) for r in rows} == {(BATCH_GONE, 1)}
+    assert metrics.batches_refused._value.get() == 0
 
 
 def test_a_batch_gone_whose_lines_are_not_on_record_is_charged_its_whole_bound(

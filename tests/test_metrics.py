@@ -442,6 +442,8 @@ def test_the_exposition_has_exactly_the_catalogue_of_the_spec(metrics: Metrics) 
         # And how close the process is to what it may hold (README, Limits).
         "tollgate_inflight_body_bytes": "gauge",
         "tollgate_overload_refusals": "counter",
+        # Batches whose polls the upstream refuses: held, their spend unread (README, Batches).
+        "tollgate_batches_refused": "gauge",
         "tollgate_budget_limit_usd": "gauge",
         "tollgate_budget_spent_usd": "gauge",
         "tollgate_budget_reserved_usd": "gauge",

@@ -402,3 +402,61 @@ def test_a_request_whose_body_arrives_after_a_reload_is_admitted_under_the_new_c
     assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer[:300]
     [row] = gate.query("SELECT state, cost_nanos FROM requests")
     assert (row["state"], row["cost_nanos"]) == ("settled", 0)
+
+
+@pytest.mark.parametrize("path", ["/v1/files", "/v1/moderations"])
+def test_an_upload_or_passthrough_whose_body_arrives_after_a_reload_revoking_its_key_is_refused(
+    simulator: Simulator, tmp_path: Path, path: str
+) -> None:
+    """As for an image request: the headers arrive, a reload revokes the key, then the body
+    ends. A file upload used to be forwarded and recorded as the team's (200), and a
+    passthrough request forwarded with the company key, under the key refused everywhere
+    else, up to `limits.body_timeout_s` after the reload."""
+
+    def design(key: str) -> dict[str, str]:
+        return {"design": f"name: design\nkeys:\n  - {{id: a, sha256: {key_hash(key)}}}\n"}
+
+    settings = (
+        f"admin_token: {ADMIN}\npassthrough:\n  - {{path: /v1/moderations, methods: [POST]}}\n"
+    )
+    write_config(tmp_path, f"{simulator.url}/v1", settings, design(DESIGN_KEY))
+    gate = start_tollgate(tmp_path)
+    if path == "/v1/files":
+        boundary = "b0undary"
+        lines = b"".join(json.dumps(one).encode() + b"\n" for one in generations("gpt-image-2", 2))
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="in.jsonl"'
+                "\r\nContent-Type: application/jsonl\r\n\r\n"
+            ).encode()
+            + lines
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        media = f"multipart/form-data; boundary={boundary}"
+    else:
+        body, media = b'{"input": "a slow body, revoked"}', "application/json"
+    head = (
+        f"POST {path} HTTP/1.1\r\nhost: t\r\ncontent-type: {media}\r\n"
+        f"authorization: Bearer {DESIGN_KEY}\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    port = int(gate.url.rsplit(":", 1)[1])
+    arrivals = f"{simulator.url}/_sim/arrivals"
+    before = [a for a in httpx.get(arrivals).json()["requests"] if a["raw_path"] == path]
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(head.encode() + body[:10])
+            time.sleep(0.5)  # the headers are in: the request has taken its runtime
+            for name, text in design("tg_test_rotated_0001").items():
+                (tmp_path / "teams" / f"{name}.yaml").write_text(text)
+            reload(gate)
+            sock.sendall(body[10:])
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(65536)
+    finally:
+        gate.stop()
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:300]
+    after = [a for a in httpx.get(arrivals).json()["requests"] if a["raw_path"] == path]
+    assert after == before
+    assert gate.query("SELECT id FROM stored_objects") == []

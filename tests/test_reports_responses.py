@@ -355,6 +355,21 @@ async def test_the_audit_export_carries_the_mainline_columns(ledger: Backend) ->
     assert rows["tg_req_1"]["mainline_model"] is None
 
 
+@pytest.mark.parametrize("excel", [False, True])
+async def test_the_audit_csv_of_a_period_without_rows_is_its_header(
+    ledger: Backend, excel: bool
+) -> None:
+    """A period with no rows used to export nothing at all: no header for a script that
+    reads the columns by name, and no byte-order mark with `excel`."""
+    filled = "".join([c async for c in reports.audit(ledger, NOVEMBER, "csv", excel)])
+    empty = Period(date(2025, 1, 1), date(2025, 1, 31), "UTC")
+    text = "".join([c async for c in reports.audit(ledger, empty, "csv", excel)])
+    bom = "\ufeff" if excel else ""
+    assert text == filled.split("\n", 1)[0] + "\n"
+    assert text.startswith(bom + "id,upstream_request_id,started_at,")
+    assert text.rstrip().endswith(",cost_usd,estimated_usd")
+
+
 async def test_reports_and_statements_are_identical_on_sqlite_and_postgresql(
     tmp_path: Path,
 ) -> None:

@@ -470,6 +470,10 @@ async def audit(
                 yield csv_start(excel) + _drain(out)
             writer.writerow(["" if v is None else v for v in record.values()])
             yield _drain(out)
+    if fmt == "csv" and header is None:
+        # No rows: the header alone, for a script that reads the columns by name.
+        writer.writerow(list(_audit_record(dict.fromkeys(await ledger.export_columns()))))
+        yield csv_start(excel) + _drain(out)
 
 
 def _drain(out: io.StringIO) -> str:

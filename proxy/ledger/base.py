@@ -364,6 +364,9 @@ class Ledger(Protocol):
         """Every row (settled or in flight) started in [start, end), oldest first, as
         column -> value; streamed in batches, in constant memory."""
 
+    async def export_columns(self) -> list[str]:
+        """The columns of a row `export` yields, in its order (a header for no rows)."""
+
     async def hold(self, request_id: str, response_id: str, project: str | None = None) -> None:
         """Keep the reservation of `request_id`, a background response `response_id` that
         has not ended, until it is settled: `reclaim` never settles it at its bound; when its

@@ -226,6 +226,11 @@ class PostgresLedger(Schema, KeptAnswers):
             async for record in cursor:
                 yield dict(record.items())
 
+    async def export_columns(self) -> list[str]:
+        async with self.db.connection() as conn:
+            statement = await conn.prepare(SQL.export_columns)
+            return [a.name for a in statement.get_attributes()]
+
     async def hold(self, request_id: str, response_id: str, project: str | None = None) -> None:
         values = (response_id, codecs.project_value(project), request_id)
         if await self.db.execute(SQL.hold, *values) == "UPDATE 0":

@@ -257,6 +257,16 @@ class SqliteLedger(KeptAnswers):
         finally:
             await db.close()
 
+    async def export_columns(self) -> list[str]:
+        try:
+            async with (
+                aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True) as db,
+                db.execute(SQL.export_columns) as cursor,
+            ):
+                return [d[0] for d in cursor.description]
+        except sqlite3.Error as exc:
+            raise LedgerError(f"ledger read failed: {exc}") from exc
+
     async def hold(self, request_id: str, response_id: str, project: str | None = None) -> None:
         # What this process holds in `_held` stays as it is: the row is still the same
         # reservation, which its settlement replaces as any other.

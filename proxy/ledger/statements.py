@@ -144,6 +144,8 @@ class Statements:
     """(start, end, limit): the first batch of `export`."""
     export_next: str
     """(at, at, after id, end, limit): the batch after the row (at, after id)."""
+    export_columns: str
+    """No row: the columns of `export`, in its order."""
     contents: str
     """How many requests, counters and alerts a ledger holds, and the requests' cost."""
     hold: str
@@ -374,6 +376,7 @@ def _reads(d: Dialect) -> dict[str, str]:
         f"ORDER BY {d.by_start}",
         "export": export,
         "export_first": f"{export} LIMIT ?",
+        "export_columns": "SELECT * FROM requests LIMIT 0",
         "export_next": "SELECT * FROM requests WHERE started_at >= ? "
         f"AND (started_at > ? OR id{d.collate} > ?) AND started_at < ? {by_id} LIMIT ?",
         "open_batches": "SELECT response_id, team, reserved_nanos, started_at FROM requests "

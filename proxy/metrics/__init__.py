@@ -199,6 +199,14 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.batches_refused = Gauge(
+            "tollgate_batches_refused",
+            "Batches followed whose latest poll the upstream answered 401 or 403 (the company "
+            "key revoked, or its project changed): each keeps its reservation held, as the "
+            "upstream may still run and bill it, until a poll reads it again.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.overload_refusals = Counter(
             "tollgate_overload_refusals",
             "Requests refused to protect the process: inflight_bytes (503), connections "
@@ -288,6 +296,13 @@ class Metrics:
     def rate_limited(self, team: str, per: str, metric: str) -> None:
         """Count a request refused by one of its rate limits."""
         self._rate_limited(team, per, metric).inc()
+
+    def batch_refused(self, refused: bool) -> None:
+        """A followed batch's polls began (`refused`) or ceased to be answered 401 or 403."""
+        if refused:
+            self.batches_refused.inc()
+        else:
+            self.batches_refused.dec()
 
     def refused(self, reason: str) -> None:
         """Count a request refused to protect the process (not for a client's fault)."""

@@ -37,7 +37,13 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from proxy.core.budgets import allow_endpoint
-from proxy.core.errors import InvalidRequest, NotFound, RequestError, UpstreamUnavailable
+from proxy.core.errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    NotFound,
+    RequestError,
+    UpstreamUnavailable,
+)
 from proxy.core.models import Usage
 from proxy.core.paths import plain_query
 from proxy.core.settings import Team
@@ -47,7 +53,7 @@ from proxy.upstream import Answer, response_headers
 from proxy.web.admission import body_chunks
 from proxy.web.gateway import path_of
 from proxy.web.observe import KeyRefusals
-from proxy.web.pipeline import new_request_id
+from proxy.web.pipeline import identified_again, new_request_id
 from proxy.web.projects import created_under
 from proxy.web.responses import error_response
 from proxy.web.runtime import Runtime
@@ -95,6 +101,16 @@ class Files:
         self, request: Request, runtime: Runtime, team: Team, headers: dict[str, str]
     ) -> Response:
         form = await read_form(request, runtime)
+        try:
+            # The form may take `limits.body_timeout_s` to arrive: a reload meanwhile that
+            # revoked the key, or moved it, is what the upload is admitted under.
+            newer = identified_again(request, runtime)
+        except AuthenticationFailed as exc:
+            await form.close()
+            return self.key_refusals.refuse(request, exc, headers, runtime)
+        if newer is not None:
+            runtime, team, _ = newer
+            headers["x-tollgate-team"] = team.name
         project = runtime.config.project_of(team.name)
         try:
             purpose, upload, extra = checked_form(form)

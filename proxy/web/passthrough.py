@@ -20,7 +20,7 @@ from proxy.upstream import response_headers
 from proxy.web.admission import read_body
 from proxy.web.gateway import path_of
 from proxy.web.observe import KeyRefusals
-from proxy.web.pipeline import new_request_id
+from proxy.web.pipeline import identified_again, new_request_id
 from proxy.web.responses import error_response
 from proxy.web.runtime import Runtime
 
@@ -54,34 +54,34 @@ class OtherPaths:
     async def handle(self, request: Request, runtime: Runtime) -> Response:
         s = runtime
         path, method = path_of(request), request.method
-        listed = [p for p in s.config.passthrough if under(path, p.prefix)]
-        # Image requests are never unmetered, whatever a prefix or the path's case says;
-        # Tollgate's own paths, the objects it keeps to each team, and the chat completions
-        # stored under the company key (all but a new one) are never forwarded.
-        lowered = path.lower()
-        kept = ("/v1/images", TOLLGATE_PATHS, *OBJECT_PATHS)
-        stored = under(lowered, CHAT_COMPLETIONS) and (method, path) != ("POST", CHAT_COMPLETIONS)
-        if not listed or stored or any(under(lowered, p) for p in kept):
-            return error_response(NotFound(not_served(method, path)))
+        refused = forwarded(s, path, method)
+        if refused is not None:
+            return error_response(refused)
         headers = {"x-tollgate-request-id": new_request_id()}
         try:
             team, _ = identify(request.headers.get("authorization"), s.config.team_by_key_hash())
         except AuthenticationFailed as exc:
             return self.key_refusals.refuse(request, exc, headers, s)
-        allowed = frozenset[str]().union(*(p.methods for p in listed))
         query = plain_query(request.scope.get("query_string", b""))
         try:
-            if method not in allowed:
-                raise MethodNotAllowed(
-                    f"{method} {path} is not forwarded: passthrough allows "
-                    f"{', '.join(sorted(allowed))} here.",
-                    tuple(sorted(allowed)),
-                )
+            allow_method(s, path, method)
             if query is None:
                 raise InvalidRequest(
                     "The query string holds characters that must be percent-encoded."
                 )
             body = await read_body(request, s.config.limits.generations_bytes, s.bodies)
+            try:
+                # A body may take `limits.body_timeout_s` to arrive: a reload meanwhile that
+                # revoked the key, or the prefix, is what the request is forwarded under.
+                newer = identified_again(request, s)
+            except AuthenticationFailed as exc:
+                return self.key_refusals.refuse(request, exc, headers, s)
+            if newer is not None:
+                s, team, _ = newer
+                refused = forwarded(s, path, method)
+                if refused is not None:
+                    raise refused
+                allow_method(s, path, method)
             answer = await s.upstream.send(
                 path.removeprefix("/v1"),
                 body,
@@ -98,4 +98,31 @@ class OtherPaths:
             status_code=answer.status,
             headers=headers,
             background=BackgroundTask(answer.aclose),
+        )
+
+
+def forwarded(runtime: Runtime, path: str, method: str) -> NotFound | None:
+    """None when a `passthrough:` prefix of `runtime` lists `path` and it is no path kept
+    from passthrough; else the 404 to answer."""
+    listed = [p for p in runtime.config.passthrough if under(path, p.prefix)]
+    # Image requests are never unmetered, whatever a prefix or the path's case says;
+    # Tollgate's own paths, the objects it keeps to each team, and the chat completions
+    # stored under the company key (all but a new one) are never forwarded.
+    lowered = path.lower()
+    kept = ("/v1/images", TOLLGATE_PATHS, *OBJECT_PATHS)
+    stored = under(lowered, CHAT_COMPLETIONS) and (method, path) != ("POST", CHAT_COMPLETIONS)
+    if not listed or stored or any(under(lowered, p) for p in kept):
+        return NotFound(not_served(method, path))
+    return None
+
+
+def allow_method(runtime: Runtime, path: str, method: str) -> None:
+    """MethodNotAllowed unless a prefix of `runtime` listing `path` lists `method`."""
+    listed = [p for p in runtime.config.passthrough if under(path, p.prefix)]
+    allowed = frozenset[str]().union(*(p.methods for p in listed))
+    if method not in allowed:
+        raise MethodNotAllowed(
+            f"{method} {path} is not forwarded: passthrough allows "
+            f"{', '.join(sorted(allowed))} here.",
+            tuple(sorted(allowed)),
         )
