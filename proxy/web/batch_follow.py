@@ -145,16 +145,13 @@ class BatchFollow:
         """The batch the upstream no longer finds: what its lines billed cannot be read, so
         each is charged its bound, flagged `BATCH_GONE` (the whole reservation in one row
         when its lines are not on record), booked now, within the span held."""
-        ledger, entry = runtime.ledger, self.entry
+        entry = self.entry
         log.error(
             "batch %s (%s): the upstream has answered 404 since %.0f s; each line charged its "
             "bound, flagged %s: see `tollgate ledger flagged`",
             self.batch_id, entry.id, runtime.clock() - self.not_found[0], BATCH_GONE,
         )  # fmt: skip
-        if self.input_file_id is None:
-            stored = await ledger.stored(self.batch_id)
-            self.input_file_id = stored.input_file_id if stored else None
-        lines = await ledger.batch_lines(self.input_file_id) if self.input_file_id else {}
+        lines = await self.priced_lines(runtime)
         ended_at = booked_at(None, entry.started_at, runtime.clock())
         outcome = Settlement(
             finished_at=ended_at,
@@ -177,10 +174,7 @@ class BatchFollow:
     async def settle(self, runtime: Runtime, batch: dict[str, Any], status: str) -> None:
         """Read the ended batch's output file and settle a row per billed line."""
         ledger, entry = runtime.ledger, self.entry
-        if self.input_file_id is None:
-            stored = await ledger.stored(self.batch_id)
-            self.input_file_id = stored.input_file_id if stored else batch.get("input_file_id")
-        lines = await ledger.batch_lines(self.input_file_id or "")
+        lines = await self.priced_lines(runtime, batch.get("input_file_id"))
         ended_at = booked_at(batch.get(ENDED_AT[status]), entry.started_at, runtime.clock())
         billed: list[BilledLine] = []
         unread: str | None = None  # why what the lines billed cannot be read, if it cannot
@@ -246,6 +240,18 @@ class BatchFollow:
             # Nor are its lines on record: the whole reservation, rather than nothing.
             billed = [whole_bound(runtime, entry, replace(outcome, error_code=unread))]
         await self.write(runtime, billed, outcome)
+
+    async def priced_lines(self, runtime: Runtime, named: Any = None) -> dict[str, BatchLine]:
+        """The lines of its input file as priced at its upload, by custom_id (none when they
+        are not on record): the file recorded with the batch, else the one the upstream
+        names (`named`)."""
+        if self.input_file_id is None:
+            stored = await runtime.ledger.stored(self.batch_id)
+            found = stored.input_file_id if stored else named
+            self.input_file_id = found if isinstance(found, str) and found else None
+        if self.input_file_id is None:
+            return {}
+        return await runtime.ledger.batch_lines(self.input_file_id)
 
     async def write(self, runtime: Runtime, billed: list[BilledLine], outcome: Settlement) -> None:
         """Settle the reservation by the rows of `billed`, once, and count them."""
