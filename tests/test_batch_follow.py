@@ -20,6 +20,7 @@ from proxy.config.prices import load_price_book
 from proxy.core.errors import RequestError
 from proxy.core.models import Counter, Entry, Totals
 from proxy.core.pricing import PriceBook
+from proxy.core.settlement import MALFORMED_ANSWER
 from proxy.ledger import BatchLine, open_ledger
 from proxy.ledger.base import Owner
 from proxy.metrics import Metrics
@@ -27,6 +28,7 @@ from proxy.web.batch_follow import (
     BATCH_GONE,
     GONE_AFTER_S,
     GONE_POLLS,
+    OUTPUT_GONE,
     REFUSED_LOG_EVERY_S,
     BatchFollow,
     billed_line,
@@ -116,10 +118,12 @@ def follow_until(
     every_s: float,
     input_file_id: str | None = "file-abc",
     metrics: Any = None,
+    upstream: Any = None,
 ) -> Polled:
     """A batch of three lines reserved and held, then polled `polls` times `every_s` apart
-    against an upstream answering `answers`: its rows, the team's day totals and what is
-    still held (`input_file_id` None: a batch adopted whose input file is not on record)."""
+    against an upstream answering `answers` (or `upstream`): its rows, the team's day totals
+    and what is still held (`input_file_id` None: a batch adopted whose input file is not
+    on record)."""
     now = [CREATED]
 
     async def run() -> Polled:
@@ -133,7 +137,7 @@ def follow_until(
                 finished=lambda *_, **__: None, started=lambda: None
             )
             here = SimpleNamespace(
-                config=runtime.config, ledger=ledger, upstream=Scripted(answers),
+                config=runtime.config, ledger=ledger, upstream=upstream or Scripted(answers),
                 clock=lambda: now[0], metrics=counted,
             )  # fmt: skip
             followed = BatchFollow(batch_entry("b1", 3), "batch_abc", input_file_id, None)
@@ -252,6 +256,46 @@ def test_a_batch_gone_whose_lines_are_not_on_record_is_charged_its_whole_bound(
     [row] = rows
     assert (row["state"], row["cost_nanos"], row["flagged"]) == ("settled", 3 * LINE_BOUND, 1)
     assert row["error_code"] == BATCH_GONE
+    assert (totals.spent_nanos, totals.reserved_nanos) == (3 * LINE_BOUND, 0)
+
+
+OUTPUT_LINE = {"custom_id": "req-1", "response": {"status_code": 200, "body": {"data": [{}]}}}
+
+
+@dataclass
+class Completed:
+    """An upstream whose batch completed its three lines, its output file answered
+    `output` (404: deleted since)."""
+
+    output: int
+
+    async def send(self, path: str, *_: Any, **__: Any) -> Any:
+        if path.startswith("/files/"):
+            if self.output == 404:
+                return Answer(404, b'{"error": {"message": "No such File object."}}')
+            return Answer(200, json.dumps(OUTPUT_LINE).encode() + b"\n")
+        batch = {
+            "id": "batch_abc", "object": "batch", "status": "completed",
+            "completed_at": CREATED + 60, "output_file_id": "file-out",
+            "request_counts": {"total": 3, "completed": 3, "failed": 0},
+        }  # fmt: skip
+        return Answer(200, json.dumps(batch).encode())
+
+
+@pytest.mark.parametrize(("output", "code"), [(404, OUTPUT_GONE), (200, MALFORMED_ANSWER)])
+def test_a_completed_batch_whose_lines_are_not_on_record_is_charged_its_whole_bound(
+    runtime: Runtime, tmp_path: Path, output: int, code: str
+) -> None:
+    """Its three lines billed, and its lines not on record (adopted, the batch's row
+    gone): what it billed cannot be matched to a line. Its output gone, it was settled
+    at nothing; read, each poll failed on a line it could not charge as any, its
+    reservation held for good. The whole reservation is charged, flagged, as for a batch
+    gone."""
+    rows, totals, held = follow_until(runtime, tmp_path, [], 2, 1.0, None, Completed(output))
+    assert held == []
+    [row] = rows
+    assert (row["state"], row["cost_nanos"], row["flagged"]) == ("settled", 3 * LINE_BOUND, 1)
+    assert row["error_code"] == code
     assert (totals.spent_nanos, totals.reserved_nanos) == (3 * LINE_BOUND, 0)
 
 

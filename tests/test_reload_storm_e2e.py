@@ -460,3 +460,55 @@ def test_an_upload_or_passthrough_whose_body_arrives_after_a_reload_revoking_its
     after = [a for a in httpx.get(arrivals).json()["requests"] if a["raw_path"] == path]
     assert after == before
     assert gate.query("SELECT id FROM stored_objects") == []
+
+
+@pytest.mark.parametrize(
+    ("path", "status"), [("/v1/images/generations", 200), ("/v1/batches", 404)]
+)
+def test_a_request_whose_key_moved_team_while_its_body_arrived_names_its_new_team(
+    simulator: Simulator, tmp_path: Path, path: str, status: int
+) -> None:
+    """The headers arrive, then a reload moves the key to another team, then the body
+    ends: the request is that team's (the batch's input file, uploaded by the first team,
+    is not found), and its answer names that team, not the one its headers found."""
+
+    def team(name: str, key: str) -> str:
+        keys = f"keys:\n  - {{id: a, sha256: {key_hash(key)}}}\n"
+        return f"name: {name}\n{keys}budgets:\n  - {{period: day, limit_usd: 1}}\n"
+
+    write_config(
+        tmp_path,
+        f"{simulator.url}/v1",
+        f"admin_token: {ADMIN}\n",
+        {"design": team("design", DESIGN_KEY), "brand": team("brand", "tg_test_brand_0001")},
+    )
+    gate = start_tollgate(tmp_path)
+    if path == "/v1/batches":
+        uploaded = upload(gate.client(), generations("gpt-image-2", 2))
+        fields = {"input_file_id": uploaded.id, "endpoint": GENERATIONS, "completion_window": "24h"}
+    else:
+        fields = {"model": "gpt-image-2", "prompt": "a slow body", "quality": "low"}
+    body = json.dumps(fields).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+        f"authorization: Bearer {DESIGN_KEY}\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    port = int(gate.url.rsplit(":", 1)[1])
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(head.encode() + body[:10])
+            time.sleep(0.5)  # the headers are in: the request has taken its runtime
+            (tmp_path / "teams" / "design.yaml").write_text(team("design", "tg_test_other_0001"))
+            (tmp_path / "teams" / "brand.yaml").write_text(team("brand", DESIGN_KEY))
+            reload(gate)
+            sock.sendall(body[10:])
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(65536)
+    finally:
+        gate.stop()
+    head_lines = answer.split(b"\r\n\r\n", 1)[0].lower().split(b"\r\n")
+    assert head_lines[0].startswith(f"http/1.1 {status} ".encode()), answer[:300]
+    assert b"x-tollgate-team: brand" in head_lines, answer[:600]
+    teams = {row["team"] for row in gate.query("SELECT team FROM requests")}
+    assert teams == {"brand"}

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -193,16 +194,13 @@ class BatchFollow:
         """The batch the upstream no longer finds: what its lines billed cannot be read, so
         each is charged its bound, flagged `BATCH_GONE` (the whole reservation in one row
         when its lines are not on record), booked now, within the span held."""
-        ledger, entry = runtime.ledger, self.entry
+        entry = self.entry
         log.error(
             "batch %s (%s): the upstream has answered 404 since %.0f s; each line charged its "
             "bound, flagged %s: see `tollgate ledger flagged`",
             self.batch_id, entry.id, runtime.clock() - self.not_found[0], BATCH_GONE,
         )  # fmt: skip
-        if self.input_file_id is None:
-            stored = await ledger.stored(self.batch_id)
-            self.input_file_id = stored.input_file_id if stored else None
-        lines = await ledger.batch_lines(self.input_file_id) if self.input_file_id else {}
+        lines = await self.priced_lines(runtime)
         ended_at = booked_at(None, entry.started_at, runtime.clock())
         outcome = Settlement(
             finished_at=ended_at,
@@ -217,37 +215,27 @@ class BatchFollow:
             response_id=self.batch_id,
         )
         billed = [
-            line_row(
-                runtime, entry, line, Charge(Usage(images=line.n), line.bound_nanos, True),
-                BATCH_GONE, ended_at, self.batch_id, {},
-            )
-            for line in lines.values()
-        ]  # fmt: skip
-        billed = [
             replace(b, settlement=replace(b.settlement, outcome="upstream_error", status=404))
-            for b in billed
-        ] or [
-            BilledLine(
-                replace(entry, started_at=ended_at), outcome,
-                counters(entry.team or "", entry.user, ended_at, zone(runtime.config.timezone)),
-            )
-        ]  # fmt: skip
+            for b in at_bounds(runtime, entry, lines.values(), BATCH_GONE, ended_at, self.batch_id)
+        ] or [whole_bound(runtime, entry, outcome)]
         await self.write(runtime, within(billed, entry.estimated_nanos), outcome)
 
     async def settle(self, runtime: Runtime, batch: dict[str, Any], status: str) -> None:
         """Read the ended batch's output file and settle a row per billed line."""
         ledger, entry = runtime.ledger, self.entry
-        if self.input_file_id is None:
-            stored = await ledger.stored(self.batch_id)
-            self.input_file_id = stored.input_file_id if stored else batch.get("input_file_id")
-        lines = await ledger.batch_lines(self.input_file_id or "")
+        lines = await self.priced_lines(runtime, batch.get("input_file_id"))
         ended_at = booked_at(batch.get(ENDED_AT[status]), entry.started_at, runtime.clock())
         billed: list[BilledLine] = []
+        unread: str | None = None  # why what the lines billed cannot be read, if it cannot
         read: set[str | None] = set()
         output, errors = file_id_of(batch, "output_file_id"), file_id_of(batch, "error_file_id")
         try:
             if output is not None:
                 async for raw in _file_lines(runtime, output, self.project):
+                    if not lines:  # no line to charge it as (nor the dearest's bound)
+                        raise OutputUnreadable(
+                            f"the lines of {self.input_file_id} are not on record"
+                        )
                     line = billed_line(
                         runtime, entry, lines, raw, ended_at, self.batch_id, self.prices
                     )
@@ -264,27 +252,17 @@ class BatchFollow:
             # The rest of the file cannot be read (a number no usage holds): the lines
             # billed so far stand, and every other line is charged its bound, flagged.
             log.warning("batch %s: output file %s unreadable: %s", self.batch_id, output, exc)
-            billed += [
-                line_row(
-                    runtime, entry, line, Charge(Usage(images=line.n), line.bound_nanos, True),
-                    MALFORMED_ANSWER, ended_at, self.batch_id, {},
-                )
-                for line in lines.values()
-                if line.custom_id not in read
-            ]  # fmt: skip
+            left = [line for line in lines.values() if line.custom_id not in read]
+            billed += at_bounds(runtime, entry, left, MALFORMED_ANSWER, ended_at, self.batch_id)
+            unread = MALFORMED_ANSWER
         except OutputGone:
             # Deleted before it was read (its team may delete it as soon as it sees it), or
             # never named though lines completed: what each line billed cannot be read, so
             # each line is charged its bound, flagged, rather than nothing or the batch
             # never being settled.
             log.warning("batch %s: its output file %s is gone", self.batch_id, output)
-            billed = [
-                line_row(
-                    runtime, entry, line, Charge(Usage(images=line.n), line.bound_nanos, True),
-                    OUTPUT_GONE, ended_at, self.batch_id, {},
-                )
-                for line in lines.values()
-            ]  # fmt: skip
+            billed = at_bounds(runtime, entry, lines.values(), OUTPUT_GONE, ended_at, self.batch_id)
+            unread = OUTPUT_GONE
         billed = within(billed, entry.estimated_nanos)
         for file_id in (output, errors):
             if file_id is not None:
@@ -307,7 +285,22 @@ class BatchFollow:
             latency_ms=(ended_at - entry.started_at) * 1000,
             response_id=self.batch_id,
         )
+        if unread is not None and not billed:
+            # Nor are its lines on record: the whole reservation, rather than nothing.
+            billed = [whole_bound(runtime, entry, replace(outcome, error_code=unread))]
         await self.write(runtime, billed, outcome)
+
+    async def priced_lines(self, runtime: Runtime, named: Any = None) -> dict[str, BatchLine]:
+        """The lines of its input file as priced at its upload, by custom_id (none when they
+        are not on record): the file recorded with the batch, else the one the upstream
+        names (`named`)."""
+        if self.input_file_id is None:
+            stored = await runtime.ledger.stored(self.batch_id)
+            found = stored.input_file_id if stored else named
+            self.input_file_id = found if isinstance(found, str) and found else None
+        if self.input_file_id is None:
+            return {}
+        return await runtime.ledger.batch_lines(self.input_file_id)
 
     async def write(self, runtime: Runtime, billed: list[BilledLine], outcome: Settlement) -> None:
         """Settle the reservation by the rows of `billed`, once, and count them."""
@@ -486,6 +479,43 @@ def response_charge(
     except MalformedAnswer:
         return bound.charged(), MALFORMED_ANSWER, "ok"
     return verdict.charge, verdict.error_code, verdict.outcome
+
+
+def at_bounds(
+    runtime: Runtime,
+    reservation: Entry,
+    lines: Iterable[BatchLine],
+    code: str,
+    ended_at: float,
+    batch_id: str,
+) -> list[BilledLine]:
+    """Each of `lines`, whose billed answer cannot be read, charged its bound, flagged
+    `code`, for `tollgate ledger resolve`."""
+    return [
+        line_row(
+            runtime, reservation, line, Charge(Usage(images=line.n), line.bound_nanos, True),
+            code, ended_at, batch_id, {},
+        )
+        for line in lines
+    ]  # fmt: skip
+
+
+def whole_bound(runtime: Runtime, reservation: Entry, outcome: Settlement) -> BilledLine:
+    """The one row of a batch whose lines are not on record, what they billed unread: its
+    whole reservation charged, flagged, as `outcome` says otherwise."""
+    ended_at = outcome.finished_at
+    settled = replace(
+        outcome,
+        usage=Usage(images=reservation.n or 0),
+        cost_nanos=reservation.estimated_nanos,
+        flagged=True,
+    )
+    tz = zone(runtime.config.timezone)
+    return BilledLine(
+        replace(reservation, started_at=ended_at),
+        settled,
+        counters(reservation.team or "", reservation.user, ended_at, tz),
+    )
 
 
 def within(billed: list[BilledLine], reserved_nanos: int) -> list[BilledLine]:

@@ -92,6 +92,7 @@ class Batches:
                 runtime, team, key = newer
                 config = runtime.config
                 entry = entry.identified(team.name, team.cost_center, key.id)
+                headers["x-tollgate-team"] = team.name
                 allow_endpoint(team, "batches")
             fields = json_object(body)
             stored, lines = await self.input_file(runtime, team.name, fields)

@@ -112,9 +112,10 @@ class Runtime:
     """Answers read whole before they are sent, held in memory (shared by every generation)."""
     tasks: Tasks = field(default_factory=Tasks)
     clock: Callable[[], float] = time.time
-    followers: Followers = field(default_factory=Followers)
-    """The background responses this process follows (shared by every generation)."""
     """Unix time for budgets and the ledger (tests move it)."""
+    followers: Followers = field(default_factory=Followers)
+    """The background responses and batches this process follows (shared by every
+    generation)."""
     in_force: Callable[[], Runtime] | None = None
     """The runtime in force now (the gateway's), which a reload may have replaced since a
     request took this one (shared by every generation)."""
