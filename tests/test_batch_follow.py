@@ -291,7 +291,9 @@ def test_a_completed_batch_whose_lines_are_not_on_record_is_charged_its_whole_bo
     at nothing; read, each poll failed on a line it could not charge as any, its
     reservation held for good. The whole reservation is charged, flagged, as for a batch
     gone."""
-    rows, totals, held = follow_until(runtime, tmp_path, [], 2, 1.0, None, Completed(output))
+    rows, totals, held = follow_until(
+        runtime, tmp_path, [], 2, 1.0, None, upstream=Completed(output)
+    )
     assert held == []
     [row] = rows
     assert (row["state"], row["cost_nanos"], row["flagged"]) == ("settled", 3 * LINE_BOUND, 1)

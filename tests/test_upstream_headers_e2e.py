@@ -23,11 +23,11 @@ from starlette.routing import Route
 from tests.conftest import DESIGN_KEY, Tollgate, serving, start_tollgate, write_config
 from tests.test_proxy_e2e import wait_settled
 
-USAGE = {
-    "input_tokens": 10,
-    "input_tokens_details": {"text_tokens": 10, "image_tokens": 0},
+USAGE = {  # within the bound of the shortest prompt sent ("plain": at most 5 tokens)
+    "input_tokens": 5,
+    "input_tokens_details": {"text_tokens": 5, "image_tokens": 0},
     "output_tokens": 196,
-    "total_tokens": 206,
+    "total_tokens": 201,
 }
 HEADERS = {
     # starlette writes a value as Latin-1: these are the bytes \xff\xfe and \xc3\xa9.
