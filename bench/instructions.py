@@ -1,0 +1,132 @@
+"""Instructions per request, counted by callgrind (not a test).
+
+    .venv/bin/python -m bench.instructions [--requests 300] [--before DIR]
+
+A CPU time measured under load moves by a third between runs on a shared machine; the
+instructions a process executes do not. This runs Tollgate (one worker, SQLite ledger,
+budgets on: `harness.write_policies`) under `valgrind --tool=callgrind`, sends it
+`--requests` bench generations one after the other, stops it, and counts what it
+executed. A second run with no request counts the start and the stop alone; the
+difference, divided by the requests, is what one request costs, with the first request's
+one-time work (modules imported on first use, caches filled: about 220 M instructions)
+spread over them: 300 requests keep it under 20 %, and it is the same for every tree
+compared. Each tree runs twice
+(bytecode compiled and cached by the first), and the median of the per-request figures
+is printed. `--before DIR` counts a Tollgate from the `proxy` package in DIR beside this
+tree's (`git archive REV proxy | tar -x -C DIR`). Needs valgrind (Debian's package);
+each run takes a minute or two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from bench import harness
+from bench.harness import note, table
+
+
+def executed(source: Path | None, upstream: str, requests: int) -> int:
+    """Instructions a Tollgate executes from start to stop, serving `requests` generations."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        harness.write_policies(root, upstream)
+        out = root / "callgrind"
+        out.mkdir()
+        port = harness.free_port()
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        env.pop("PYTHONDONTWRITEBYTECODE", None)  # the second run reads cached bytecode
+        if source is not None:
+            env["PYTHONPATH"] = str(source)
+        argv = [
+            "valgrind", "--tool=callgrind", "--trace-children=yes",
+            f"--callgrind-out-file={out}/out.%p", harness.PYTHON, "-m", "proxy", "serve",
+            "--config", str(root), "--port", str(port), "--workers", "1",
+        ]  # fmt: skip
+        process = subprocess.Popen(
+            argv, cwd=source, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            ready(url + "/healthz", process)
+            for _ in range(requests):
+                generate(url + "/v1/images/generations")
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=600)
+        return sum(total(path) for path in out.iterdir())
+
+
+def ready(url: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 600  # slow under valgrind
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"Tollgate exited under valgrind ({process.returncode})")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise SystemExit("Tollgate did not start under valgrind")
+
+
+def generate(url: str) -> None:
+    body = json.dumps(harness.GENERATION).encode()
+    request = urllib.request.Request(
+        url,
+        data=body,
+        headers={"authorization": f"Bearer {harness.TEAM_KEY}", "content-type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as answer:
+        answer.read()
+
+
+def total(path: Path) -> int:
+    """The instructions one callgrind output file counts."""
+    with path.open() as lines:
+        for line in lines:
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+    return 0
+
+
+def per_request(source: Path | None, upstream: str, requests: int) -> float:
+    idle = [executed(source, upstream, 0) for _ in range(2)][-1]
+    busy = [executed(source, upstream, requests) for _ in range(2)]
+    return statistics.median((b - idle) / requests for b in busy)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--before", type=Path, help="another tree's proxy package, beside")
+    args = parser.parse_args()
+    if shutil.which("valgrind") is None:
+        sys.exit("bench.instructions needs valgrind (apt-get install valgrind)")
+    sim = harness.start_simulator()
+    rows = []
+    with harness.running(sim):
+        versions: list[tuple[str, Path | None]] = [("this tree", None)]
+        if args.before:
+            versions.insert(0, (f"before ({args.before})", args.before))
+        for name, source in versions:
+            note(f"counting {name} …")
+            rows.append((name, f"{per_request(source, sim.url, args.requests) / 1e6:.2f}"))
+    print(table(("Tollgate", "M instructions per request"), rows))
+
+
+if __name__ == "__main__":
+    main()
