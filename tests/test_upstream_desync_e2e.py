@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import DESIGN_KEY, RESEARCH_KEY, Tollgate, start_tollgate, write_config
+from tests.conftest import (
+    DESIGN_KEY,
+    RESEARCH_KEY,
+    Tollgate,
+    raw_serving,
+    start_tollgate,
+    write_config,
+)
 from tests.test_proxy_e2e import wait_settled
 
 GENERATE = {"model": "gpt-image-2", "prompt": "a lighthouse", "quality": "low", "size": "1024x1024"}
@@ -64,21 +70,14 @@ async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
-    loop = asyncio.new_event_loop()
-    server = loop.run_until_complete(asyncio.start_server(reply, "127.0.0.1", 0))
-    port = server.sockets[0].getsockname()[1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    root: Path = tmp_path_factory.mktemp("desync")
-    write_config(root, f"http://127.0.0.1:{port}/v1", settings="passthrough: [/v1/models]\n")
-    tollgate = start_tollgate(root)
-    try:
-        yield tollgate
-    finally:
-        tollgate.stop()
-        loop.call_soon_threadsafe(server.close)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
+    with raw_serving(reply) as upstream:
+        root: Path = tmp_path_factory.mktemp("desync")
+        write_config(root, upstream, settings="passthrough: [/v1/models]\n")
+        tollgate = start_tollgate(root)
+        try:
+            yield tollgate
+        finally:
+            tollgate.stop()
 
 
 def test_a_late_answer_after_a_204_never_reaches_the_next_team(proxy: Tollgate) -> None:
