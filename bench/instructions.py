@@ -12,9 +12,11 @@ one-time work (modules imported on first use, caches filled: about 220 M instruc
 spread over them: 300 requests keep it under 20 %, and it is the same for every tree
 compared. Each tree runs twice
 (bytecode compiled and cached by the first), and the median of the per-request figures
-is printed. `--before DIR` counts a Tollgate from the `proxy` package in DIR beside this
-tree's (`git archive REV proxy | tar -x -C DIR`). Needs valgrind (Debian's package);
-each run takes a minute or two.
+is printed. The floor (`bench.floor`: starlette and the same aiohttp session, no
+Tollgate logic) is counted the same way for the same request, so the ratio to the floor
+is one that load does not move either. `--before DIR` counts a Tollgate from the `proxy`
+package in DIR beside this tree's (`git archive REV proxy | tar -x -C DIR`). Needs
+valgrind (Debian's package); each run takes a minute or two.
 """
 
 from __future__ import annotations
@@ -36,9 +38,13 @@ from pathlib import Path
 from bench import harness
 from bench.harness import note, table
 
+FLOOR = "floor"
+"""In place of a tree: the floor (`bench.floor`), counted as a Tollgate is."""
 
-def executed(source: Path | None, upstream: str, requests: int) -> int:
-    """Instructions a Tollgate executes from start to stop, serving `requests` generations."""
+
+def executed(source: Path | str | None, upstream: str, requests: int) -> int:
+    """Instructions a Tollgate (or the floor) executes from start to stop, serving
+    `requests` generations."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         harness.write_policies(root, upstream)
@@ -47,21 +53,28 @@ def executed(source: Path | None, upstream: str, requests: int) -> int:
         port = harness.free_port()
         env = {**os.environ, "PYTHONHASHSEED": "0"}
         env.pop("PYTHONDONTWRITEBYTECODE", None)  # the second run reads cached bytecode
+        if source == FLOOR:
+            serve = ["-m", "bench.floor", "--port", str(port), "--upstream", upstream + "/v1"]
+            key, source = harness.SIM_KEY, None
+        else:
+            serve = ["-m", "proxy", "serve", "--config", str(root), "--port", str(port)]
+            serve += ["--workers", "1"]
+            key = harness.TEAM_KEY
         if source is not None:
             env["PYTHONPATH"] = str(source)
         argv = [
             "valgrind", "--tool=callgrind", "--trace-children=yes",
-            f"--callgrind-out-file={out}/out.%p", harness.PYTHON, "-m", "proxy", "serve",
-            "--config", str(root), "--port", str(port), "--workers", "1",
+            f"--callgrind-out-file={out}/out.%p", harness.PYTHON, *serve,
         ]  # fmt: skip
         process = subprocess.Popen(
-            argv, cwd=source, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+            argv, cwd=source or harness.ROOT, env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         try:
             ready(url + "/healthz", process)
             for _ in range(requests):
-                generate(url + "/v1/images/generations")
+                generate(url + "/v1/images/generations", key)
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=600)
@@ -83,12 +96,12 @@ def ready(url: str, process: subprocess.Popen[bytes]) -> None:
     raise SystemExit("Tollgate did not start under valgrind")
 
 
-def generate(url: str) -> None:
+def generate(url: str, key: str) -> None:
     body = json.dumps(harness.GENERATION).encode()
     request = urllib.request.Request(
         url,
         data=body,
-        headers={"authorization": f"Bearer {harness.TEAM_KEY}", "content-type": "application/json"},
+        headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=120) as answer:
         answer.read()
@@ -103,7 +116,7 @@ def total(path: Path) -> int:
     return 0
 
 
-def per_request(source: Path | None, upstream: str, requests: int) -> float:
+def per_request(source: Path | str | None, upstream: str, requests: int) -> float:
     idle = [executed(source, upstream, 0) for _ in range(2)][-1]
     busy = [executed(source, upstream, requests) for _ in range(2)]
     return statistics.median((b - idle) / requests for b in busy)
@@ -117,15 +130,17 @@ def main() -> None:
     if shutil.which("valgrind") is None:
         sys.exit("bench.instructions needs valgrind (apt-get install valgrind)")
     sim = harness.start_simulator()
-    rows = []
+    counted = []
     with harness.running(sim):
-        versions: list[tuple[str, Path | None]] = [("this tree", None)]
+        versions: list[tuple[str, Path | str | None]] = [("floor", FLOOR), ("this tree", None)]
         if args.before:
-            versions.insert(0, (f"before ({args.before})", args.before))
+            versions.insert(1, (f"before ({args.before})", args.before))
         for name, source in versions:
             note(f"counting {name} …")
-            rows.append((name, f"{per_request(source, sim.url, args.requests) / 1e6:.2f}"))
-    print(table(("Tollgate", "M instructions per request"), rows))
+            counted.append((name, per_request(source, sim.url, args.requests)))
+    floor = counted[0][1]
+    rows = [(name, f"{n / 1e6:.2f}", f"{n / floor:.2f}") for name, n in counted]
+    print(table(("server", "M instructions per request", "× floor"), rows))
 
 
 if __name__ == "__main__":
