@@ -5,12 +5,12 @@
 A CPU time measured under load moves by a third between runs on a shared machine; the
 instructions a process executes do not. This runs Tollgate (one worker, SQLite ledger,
 budgets on: `harness.write_policies`) under `valgrind --tool=callgrind`, sends it
-`--requests` bench generations one after the other, stops it, and counts what it
-executed. A second run with no request counts the start and the stop alone; the
-difference, divided by the requests, is what one request costs, with the first request's
-one-time work (modules imported on first use, caches filled: about 220 M instructions)
-spread over them: 300 requests keep it under 20 %, and it is the same for every tree
-compared. Each tree runs twice
+`WARM` + `--requests` bench generations one after the other, stops it, and counts what
+it executed. A second run that sends only the first `WARM` of them counts the start, the
+stop and the first requests' one-time work (modules imported on first use, the upstream
+client and its TLS context made, caches filled: about 250 M instructions for Tollgate,
+whose first request makes its upstream session, 5 M for the floor); the difference, divided
+by the requests between, is what one request costs once warm. Each tree runs twice
 (bytecode compiled and cached by the first), and the median of the per-request figures
 is printed. The floor (`bench.floor`: starlette and the same aiohttp session, no
 Tollgate logic) is counted the same way for the same request, so the ratio to the floor
@@ -116,10 +116,14 @@ def total(path: Path) -> int:
     return 0
 
 
+WARM = 30
+"""Requests sent before those counted: their one-time work is not a request's."""
+
+
 def per_request(source: Path | str | None, upstream: str, requests: int) -> float:
-    idle = [executed(source, upstream, 0) for _ in range(2)][-1]
-    busy = [executed(source, upstream, requests) for _ in range(2)]
-    return statistics.median((b - idle) / requests for b in busy)
+    warm = [executed(source, upstream, WARM) for _ in range(2)][-1]
+    busy = [executed(source, upstream, WARM + requests) for _ in range(2)]
+    return statistics.median((b - warm) / requests for b in busy)
 
 
 def main() -> None:
