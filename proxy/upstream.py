@@ -116,6 +116,9 @@ FILE_CHUNK = 256 * 1024
 class Client(Protocol):
     """The wire under `Upstream`: sends one request and returns its answer unread."""
 
+    def open(self) -> None:
+        """Make the connection pool now (in the running event loop)."""
+
     async def fetch(
         self, method: str, url: str, headers: list[tuple[str, str]], body: Body
     ) -> Answer: ...
@@ -302,6 +305,12 @@ class Upstream:
             else HttpxClient(transport, timeout_s)
         )
 
+    def open(self) -> None:
+        """Make the client's connection pool, in the running event loop: its TLS context
+        (the CA bundle read and parsed) and the HTTP client's modules cost about 60 ms,
+        which the first request would otherwise wait for."""
+        self._client.open()
+
     def headers(
         self,
         client_headers: Iterable[tuple[str, str]],
@@ -383,6 +392,10 @@ class AiohttpClient:
             sock_read=timeout_s,
         )
         self._session: aiohttp.ClientSession | None = None
+
+    def open(self) -> None:
+        if self._session is None:
+            self._open()
 
     def _open(self) -> aiohttp.ClientSession:
         connector = FreshConnector(
@@ -498,6 +511,9 @@ class HttpxClient:
     def __init__(self, transport: httpx.AsyncBaseTransport, timeout_s: float) -> None:
         self._transport = transport
         self._timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, CONNECT_S)).as_dict()
+
+    def open(self) -> None:
+        pass  # the transport is the pool
 
     async def fetch(
         self, method: str, url: str, headers: list[tuple[str, str]], body: Body

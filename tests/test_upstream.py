@@ -12,17 +12,22 @@ import json
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import httpx
 import pytest
 from aiohttp.client_reqrep import ConnectionKey
+from starlette.testclient import TestClient
 
+from proxy.config import load_config
 from proxy.core.errors import UpstreamTimeout, UpstreamUnavailable
 from proxy.simulator import SimulatorSettings, create_simulator_app
 from proxy.upstream import Answer, Upstream, response_headers, translate
-from tests.conftest import UPSTREAM_KEY, Simulator, free_port
+from proxy.web.app import create_app
+from proxy.web.runtime import Overrides
+from tests.conftest import UPSTREAM_KEY, Simulator, free_port, write_config
 
 JSON = "application/json"
 KEY = ConnectionKey("api.openai.com", 443, True, True, None, None, None)
@@ -818,3 +823,22 @@ async def test_a_socket_error_of_an_in_process_upstream_is_translated() -> None:
         await upstream.send("/images/generations", b"{}", "application/json", [])
     assert caught.value.maybe_billed
     await upstream.aclose()
+
+
+def test_the_pool_is_made_when_the_app_starts_and_when_a_reload_replaces_it(
+    tmp_path: Path,
+) -> None:
+    """The TLS context and the HTTP client's modules cost tens of milliseconds: made at
+    start (and by a reload that builds a new client), not on the first request."""
+    write_config(tmp_path, "http://127.0.0.1:9/v1", settings="admin_token: admin-secret\n")
+    app = create_app(load_config(tmp_path), Overrides(upstream_key=UPSTREAM_KEY), tmp_path)
+    with TestClient(app) as client:
+        first = app.current().upstream
+        assert first._client._session is not None  # type: ignore[attr-defined]
+        text = (tmp_path / "tollgate.yaml").read_text()
+        (tmp_path / "tollgate.yaml").write_text(text.replace("timeout_s: 3", "timeout_s: 4"))
+        reloaded = client.post("/admin/reload", headers={"authorization": "Bearer admin-secret"})
+        assert reloaded.status_code == 200
+        second = app.current().upstream
+        assert second is not first
+        assert second._client._session is not None  # type: ignore[attr-defined]

@@ -134,10 +134,12 @@ async def open_runtime(
     """The first generation: the ledger opened, the upstream client and the alerts built."""
     ledger = await open_ledger(overrides.ledger_url or config.ledger_url)
     clock = overrides.clock or time.time
+    upstream = build_upstream(config, overrides)
+    upstream.open()
     return Runtime(
         config=config,
         ledger=ledger,
-        upstream=build_upstream(config, overrides),
+        upstream=upstream,
         metrics=metrics,
         alerts=Alerts(config, ledger, clock),
         bodies=bodies,
@@ -188,6 +190,7 @@ def next_runtime(old: Runtime, fresh: Config, overrides: Overrides) -> Runtime:
     upstream = old.upstream
     if fresh.upstream != old.config.upstream:
         upstream = build_upstream(fresh, overrides)
+        upstream.open()
         old.tasks.later(old.config.upstream.deadline_s + RETIRE_AFTER_S, old.upstream.aclose)
     old.bodies.configure(fresh.limits)
     old.alerts.config = fresh
