@@ -30,18 +30,18 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from proxy.core.errors import LedgerError, MalformedAnswer, RequestError
 from proxy.core.metering import usage_from_openai
-from proxy.core.models import Charge, Entry, Outcome, Settlement, Usage, usd_text
+from proxy.core.models import Charge, Entry, Estimate, Outcome, Settlement, Usage, usd_text
 from proxy.core.periods import counters, zone
 from proxy.core.pricing import PriceBook
 from proxy.core.settlement import MALFORMED_ANSWER, Bound, metered
 from proxy.core.short_strings import ShortStrings
-from proxy.doors.batches import CUSTOM_ID_BYTES
+from proxy.doors.batches import CUSTOM_ID_BYTES, user_shares
 from proxy.doors.response_meters import read_response
 from proxy.ledger import BatchLine, BilledLine, StoredObject
 from proxy.upstream import BROKEN_OFF
@@ -218,7 +218,8 @@ class BatchFollow:
             replace(b, settlement=replace(b.settlement, outcome="upstream_error", status=404))
             for b in at_bounds(runtime, entry, lines.values(), BATCH_GONE, ended_at, self.batch_id)
         ] or [whole_bound(runtime, entry, outcome)]
-        await self.write(runtime, within(billed, entry.estimated_nanos), outcome)
+        shares = share_nanos(lines, entry)
+        await self.write(runtime, within(billed, entry.estimated_nanos, shares), outcome)
 
     async def settle(self, runtime: Runtime, batch: dict[str, Any], status: str) -> None:
         """Read the ended batch's output file and settle a row per billed line."""
@@ -263,7 +264,7 @@ class BatchFollow:
             log.warning("batch %s: its output file %s is gone", self.batch_id, output)
             billed = at_bounds(runtime, entry, lines.values(), OUTPUT_GONE, ended_at, self.batch_id)
             unread = OUTPUT_GONE
-        billed = within(billed, entry.estimated_nanos)
+        billed = within(billed, entry.estimated_nanos, share_nanos(lines, entry))
         for file_id in (output, errors):
             if file_id is not None:
                 owned = StoredObject(
@@ -518,20 +519,35 @@ def whole_bound(runtime: Runtime, reservation: Entry, outcome: Settlement) -> Bi
     )
 
 
-def within(billed: list[BilledLine], reserved_nanos: int) -> list[BilledLine]:
+def within(
+    billed: list[BilledLine], reserved_nanos: int, shares: Mapping[str, int] | None = None
+) -> list[BilledLine]:
     """`billed`, each line's cost capped at what is left of the batch's reservation after
-    the lines before it (a capped line is flagged, for reconciliation). A batch is priced at
-    the rates in force when it is created; a reload that raised a rate while it ran would
-    otherwise settle it at the new one, past what was reserved and past a hard limit."""
+    the lines before it, and at what is left of its user's share (`shares`, the nanos each
+    user's counters hold: `proxy.doors.batches.user_shares`); a capped line is flagged, for
+    reconciliation. A batch is priced at the rates in force when it is created; a reload
+    that raised a rate while it ran would otherwise settle it at the new one, past what was
+    reserved and past a hard limit (the team's, or a user's)."""
     left, found = reserved_nanos, []
+    users = dict(shares or {})
     for line in billed:
         settled = line.settlement
-        if settled.cost_nanos > left:
-            settled = replace(settled, cost_nanos=left, flagged=True)
+        user = line.entry.user
+        cap = min(left, users[user]) if user in users else left
+        if settled.cost_nanos > cap:
+            settled = replace(settled, cost_nanos=cap, flagged=True)
             line = replace(line, settlement=settled)
         left -= settled.cost_nanos
+        if user in users:
+            users[user] -= settled.cost_nanos
         found.append(line)
     return found
+
+
+def share_nanos(lines: Mapping[str, BatchLine], reservation: Entry) -> dict[str, int]:
+    """What each user's counters hold of a batch's reservation (as its create reserved it)."""
+    bound = Estimate(Usage(), reservation.estimated_nanos)
+    return {user: e.cost_nanos for user, e in user_shares(lines.values(), bound).items()}
 
 
 def line_row(
