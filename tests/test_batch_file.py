@@ -14,12 +14,13 @@ from hypothesis import strategies as st
 from proxy.config import load_config
 from proxy.core.auth import key_hash
 from proxy.core.errors import InvalidRequest
-from proxy.core.models import Estimate
+from proxy.core.models import Estimate, Usage
 from proxy.core.parsing import parse_request
 from proxy.core.pricing import estimate
 from proxy.core.settings import Config, Team
 from proxy.doors import batches
 from proxy.doors.batches import MAX_CUSTOM_ID, MAX_LINES, MAX_PROBLEMS, BatchFile, bound_now
+from proxy.ledger import BatchLine
 from tests.conftest import write_config
 
 GENERATIONS = "/v1/images/generations"
@@ -234,3 +235,21 @@ def test_every_line_a_tightened_policy_refuses_is_listed(config: Config) -> None
         bound_now(team(config, "strict"), config, batch.lines, Estimate(batch.usage, 0))
     message = refused.value.message
     assert "line 1: quality high" in message and "line 2: Team strict may not use model" in message
+
+
+def test_each_user_gets_her_lines_part_of_the_bound_rounded_up_and_never_above_it() -> None:
+    def stored(i: int, user: str | None, bound: int) -> BatchLine:
+        return BatchLine(
+            f"c{i}", i, "generations", "gpt-image-2", "low", "1024x1024", 1, user, bound
+        )
+
+    bound = Estimate(Usage(text_input=10, image_output=3000, images=3), 3_000_001)
+    lines = [stored(1, "alice", 100), stored(2, "alice", 100), stored(3, "bob", 100)]
+    shares = batches.user_shares(lines, bound)
+    assert shares == {
+        "alice": Estimate(Usage(text_input=7, image_output=2000, images=2), 2_000_001),
+        "bob": Estimate(Usage(text_input=4, image_output=1000, images=1), 1_000_001),
+    }
+    # Her lines the whole file: the whole bound; lines naming no one: no share.
+    assert batches.user_shares(lines[:2], bound) == {"alice": bound}
+    assert batches.user_shares([stored(1, None, 100)], bound) == {}

@@ -18,10 +18,10 @@ from prometheus_client import CollectorRegistry
 from proxy.config import load_config
 from proxy.config.prices import load_price_book
 from proxy.core.errors import RequestError
-from proxy.core.models import Counter, Entry, Totals
+from proxy.core.models import Counter, Entry, Settlement, Totals
 from proxy.core.pricing import PriceBook
 from proxy.core.settlement import MALFORMED_ANSWER
-from proxy.ledger import BatchLine, open_ledger
+from proxy.ledger import BatchLine, BilledLine, open_ledger
 from proxy.ledger.base import Owner
 from proxy.metrics import Metrics
 from proxy.web.batch_follow import (
@@ -32,6 +32,7 @@ from proxy.web.batch_follow import (
     REFUSED_LOG_EVERY_S,
     BatchFollow,
     billed_line,
+    within,
 )
 from proxy.web.runtime import Runtime
 from tests.conftest import write_config
@@ -330,3 +331,21 @@ def test_a_line_is_charged_the_dearer_of_the_book_it_was_reserved_under_and_the_
     assert (
         charge(runtime, dearer) == charge(later, book) == charge(later, None) == 25_000 + 30_000_000
     )
+
+
+def test_a_users_lines_are_charged_at_most_her_share_and_the_batch_at_most_its_bound() -> None:
+    """Each user's counters hold her share of the batch's reservation: her lines are cut to
+    what is left of it (flagged), as every line is to what is left of the reservation."""
+
+    def charged(user: str | None, cost: int) -> BilledLine:
+        entry = Entry(f"r-{user}-{cost}", CREATED, "batches", "design", user=user)
+        return BilledLine(entry, Settlement(CREATED, "ok", 200, cost_nanos=cost), ())
+
+    billed = [charged("alice", 60), charged("alice", 60), charged("bob", 30), charged(None, 50)]
+    found = within(billed, 150, {"alice": 100, "bob": 40})
+    assert [(b.settlement.cost_nanos, b.settlement.flagged) for b in found] == [
+        (60, False),
+        (40, True),
+        (30, False),
+        (20, True),
+    ]

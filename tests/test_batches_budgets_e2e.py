@@ -84,20 +84,6 @@ def test_a_batch_is_held_to_the_per_user_budget_of_the_user_its_lines_name(
     assert spent == 0
 
 
-def test_a_batch_whose_lines_name_several_users_under_per_user_budgets_is_refused(
-    running: tuple[Simulator, Tollgate],
-) -> None:
-    _, proxy = running
-    sdk = proxy.client(KEY)
-    body = {**HIGH, "quality": "low"}
-    lines = [line(f"u{i}", {**body, "user": f"user-{i}"}) for i in range(2)]
-    uploaded = sdk.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
-    with pytest.raises(openai.BadRequestError) as refused:
-        sdk.batches.create(input_file_id=uploaded.id, endpoint=GENERATIONS, completion_window="24h")
-    assert refused.value.param == "input_file_id"
-    assert "one batch per user" in refused.value.message
-
-
 def test_a_batch_of_one_user_that_fits_is_settled_within_her_budget(
     running: tuple[Simulator, Tollgate],
 ) -> None:

@@ -27,6 +27,7 @@ from proxy.ledger.base import (
     Owner,
     Reservation,
     StoredObject,
+    UserShare,
 )
 from proxy.ledger.copy import copy_between
 from proxy.ledger.sqlite import SCHEMA_VERSION
@@ -372,6 +373,91 @@ async def test_a_batch_of_many_lines_writes_each_counter_once_and_exactly(
     assert totals[END_COUNTERS[0]] == end_totals(lines)
     assert totals[CREATION_COUNTERS[1]] == Totals()
     assert (await ledger.contents()).requests == count
+
+
+# -- users' shares ---------------------------------------------------------------------------
+
+TEAM_COUNTERS = CREATION_COUNTERS[:2]
+"""A batch naming several users reserves the whole bound in the team's counters only..."""
+SHARE_USAGE = Usage(text_input=3, image_output=1000, images=1)
+
+
+def shares(users: int) -> tuple[UserShare, ...]:
+    """...and each user's share (here 7 nanos and a few tokens more than a line's bound) in
+    that user's counters of the same windows."""
+    return tuple(UserShare(f"u{i}", LINE_BOUND + 7, SHARE_USAGE) for i in range(users))
+
+
+def user_counter(user: str, start: float = 0.0) -> Counter:
+    return Counter("user", "design", user, "day", start)
+
+
+async def reserve_shared(ledger: Backend, users: int, *, hold: bool = True) -> None:
+    def choose(totals: Mapping[Counter, Totals]) -> Reservation:
+        entry = replace(batch_entry("b1", users), user=None)
+        usage = BOUND_USAGE.scaled(users)
+        return Reservation(entry, usage, TEAM_COUNTERS, shares=shares(users))
+
+    await ledger.reserve(TEAM_COUNTERS, choose)
+    if hold:
+        await ledger.hold("b1", "batch_abc")
+
+
+async def test_each_users_share_is_held_in_her_counters_and_settled_by_her_lines(
+    ledger: Backend,
+) -> None:
+    """2,000 users: each one's counter holds her share, to the nano and the token, then
+    exactly what her line cost once the batch is settled; nothing stays reserved."""
+    users = 2_000
+    await reserve_shared(ledger, users)
+    held = await ledger.totals([user_counter(f"u{i}") for i in range(users)])
+    for total in held.values():
+        assert total == Totals(
+            reserved_nanos=LINE_BOUND + 7,
+            text_input_tokens=3,
+            image_output_tokens=1000,
+            total_tokens=1003,
+        )
+    team = (await ledger.totals(TEAM_COUNTERS))[TEAM_COUNTERS[0]]
+    assert team.reserved_nanos == users * LINE_BOUND
+    lines = [
+        replace(
+            billed(i, row_id=f"row-{i}", cost=1_000 + i),
+            entry=replace(billed(i).entry, id=f"row-{i}", user=f"u{i}"),
+            counters=(*END_COUNTERS[:2], user_counter(f"u{i}", 32 * DAY)),
+        )
+        for i in range(users)
+    ]
+    assert await ledger.settle_batch("b1", lines, Settlement(ENDED, "ok", 200)) == users
+    before = await ledger.totals([user_counter(f"u{i}") for i in range(users)])
+    assert set(before.values()) == {Totals()}
+    after = await ledger.totals([user_counter(f"u{i}", 32 * DAY) for i in range(users)])
+    for i, line in enumerate(lines):
+        assert after[user_counter(f"u{i}", 32 * DAY)] == end_totals([line])
+
+
+async def test_a_batch_reservation_reclaimed_or_released_moves_each_share_whole(
+    ledger: Backend,
+) -> None:
+    """Reclaimed at its bound (its process died before it was held), each user is charged
+    her share; a resolution to $0 takes it back; a batch never created releases it."""
+    await reserve_shared(ledger, 3, hold=False)
+    assert await ledger.reclaim(CREATED + 10.0, started_before=CREATED + 1.0) == 1
+    found = await ledger.totals([user_counter(f"u{i}") for i in range(3)])
+    assert {t.spent_nanos for t in found.values()} == {LINE_BOUND + 7}
+    assert {t.reserved_nanos for t in found.values()} == {0}
+    await ledger.resolve("b1", 0, CREATED + 20.0)
+    found = await ledger.totals([user_counter(f"u{i}") for i in range(3)] + list(TEAM_COUNTERS))
+    assert set(found.values()) == {Totals()}
+    async with contextlib.aclosing(ledger.export(0.0, float("inf"))) as rows:
+        assert [r["id"] async for r in rows] == ["b1"]
+
+
+async def test_a_batch_never_created_releases_each_users_share(ledger: Backend) -> None:
+    await reserve_shared(ledger, 3, hold=False)
+    await ledger.settle("b1", Settlement(CREATED + 1.0, "upstream_error", 400, Usage(), 0))
+    found = await ledger.totals([user_counter(f"u{i}") for i in range(3)] + list(TEAM_COUNTERS))
+    assert set(found.values()) == {Totals()}
 
 
 # -- replicas settling together -------------------------------------------------------------

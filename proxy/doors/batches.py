@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol
 
 from proxy.core.budgets import apply_allow
@@ -292,6 +292,38 @@ class StoredLine(Protocol):
     def user(self) -> str | None: ...
     @property
     def mainline(self) -> str | None: ...
+    @property
+    def bound_nanos(self) -> int: ...
+
+
+def user_shares(lines: Iterable[StoredLine], bound: Estimate) -> dict[str, Estimate]:
+    """Each user the lines name (`safety_identifier`, else `user`), with the share of the
+    batch's `bound` that the lines naming that user may cost: the bound (its cost and each
+    kind of its usage) in the proportion of their bounds at upload to the file's, rounded
+    up, never above the bound. A user whose lines are the whole file gets the whole bound;
+    with no rate changed since the upload, each share is at least its lines' bounds. One
+    pass over the lines, whatever the number of users."""
+    parts: dict[str, int] = {}
+    whole = 0
+    for line in lines:
+        whole += line.bound_nanos
+        if line.user:
+            parts[line.user] = parts.get(line.user, 0) + line.bound_nanos
+    if whole <= 0:
+        return dict.fromkeys(parts, bound)
+    usage = bound.usage
+    names = [f.name for f in fields(usage)]
+    return {
+        user: Estimate(
+            Usage(**{n: _share(getattr(usage, n), part, whole) for n in names}),
+            _share(bound.cost_nanos, part, whole),
+        )
+        for user, part in parts.items()
+    }
+
+
+def _share(amount: int, part: int, whole: int) -> int:
+    return min(amount, -(-amount * part // whole))
 
 
 def bound_now(

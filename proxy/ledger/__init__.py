@@ -32,6 +32,7 @@ from proxy.ledger.base import (
     ResponseRow,
     Row,
     StoredObject,
+    UserShare,
 )
 from proxy.ledger.kept import FirstAttempt, KeptAnswer, KeptTail, RepeatGuard
 from proxy.ledger.retry import settle_patiently
@@ -55,6 +56,7 @@ __all__ = [
     "Row",
     "Settlement",
     "StoredObject",
+    "UserShare",
     "migrate_ledger",
     "open_ledger",
     "redacted",

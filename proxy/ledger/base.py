@@ -20,6 +20,16 @@ from proxy.ledger.kept import FirstAttempt, KeptAnswer, KeptTail, RepeatGuard
 
 
 @dataclass(frozen=True, slots=True)
+class UserShare:
+    """The part of a batch's reservation that the lines naming one user may cost: held in
+    that user's counters (of the same windows as the team's) instead of the whole bound."""
+
+    user: str
+    nanos: int
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
 class Reservation:
     """A request about to be forwarded: its row, its bound, the counters it adds to."""
 
@@ -36,6 +46,10 @@ class Reservation:
     """The part of the bound that is a Responses request's mainline model's, recorded on its
     row (`mainline_cost_nanos`): a reservation charged its bound (reclaimed) is split
     between its two models as OpenAI bills them, in reports and in `reconcile`."""
+    shares: tuple[UserShare, ...] = ()
+    """A batch whose lines name users: each user's share, held in that user's counters of
+    the windows of the team's `counters` (which then name no user's). Its settlement, a
+    reclaim or a resolution moves each share as it moves the bound, in proportion."""
 
 
 Chooser = Callable[[Mapping[Counter, Totals]], Reservation]
@@ -475,11 +489,12 @@ class Ledger(Protocol):
     ) -> int:
         """Settle the (held) reservation `request_id` of a batch that ended by the rows of
         its billed `lines`, in one transaction: the reservation's bound and usage leave its
-        counters, and each line's cost and usage is added to its own `counters` (summed per
-        counter first: one write per counter, whatever the number of lines). The
-        reservation's row becomes the first line's row, so a batch's rows are its billed
-        lines; with no billed line it is settled as `outcome` says (cost 0). A reservation
-        settled already is left as it is (returns 0). Returns the rows written."""
+        counters (each user's share from hers), and each line's cost and usage is added to
+        its own `counters` (summed per counter first: one write per counter, whatever the
+        number of lines). The reservation's row becomes the first line's row, so a batch's
+        rows are its billed lines; with no billed line it is settled as `outcome` says (cost
+        0). A reservation settled already is left as it is (returns 0). Returns the rows
+        written."""
 
     async def claim_alert(self, key: str, now: float) -> bool:
         """Remember that the budget alert `key` was sent: True only the first time, for

@@ -2,11 +2,12 @@
 
 A request row is written from an `Entry`, its reservation's `Usage` and, once it
 ends, a `Settlement`; it is read back as a `Row`. A reservation names the counters
-it adds to in its row (`counters`, a JSON list of keys), so that its settlement, a
-reclaim or a resolution adds to the same ones. Every counter write also adds to the
-organization's counters of the same periods, and touches its rows in one order,
-the lock order (see `with_organization`). The tables themselves are in
-`migrations.py`: these columns are theirs, in the order the statements list them.
+it adds to in its row (`counters`, a JSON list of keys; a batch's also holds each user's
+share, `reservation_text`), so that its settlement, a reclaim or a resolution adds to the
+same ones. Every counter write also adds to the organization's counters of the same
+periods, and touches its rows in one order, the lock order (see `with_organization`).
+The tables themselves are in `migrations.py`: these columns are theirs, in the order the
+statements list them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from proxy.ledger.base import (
     BatchLine,
     BilledLine,
     HeldEntry,
+    Reservation,
     ResponseRow,
     Row,
     StoredObject,
@@ -380,14 +382,13 @@ def _sum(
     tokens: Sequence[int],
 ) -> None:
     """Add deltas to each counter of `text` (a row's counters text) in `sums`."""
-    for key in written_keys(text):
+    for row in counter_rows(text, (spent, reserved, tuple(tokens))):
+        key, deltas = row[:5], row[5:]
         total = sums.get(key)
         if total is None:
-            sums[key] = [spent, reserved, *tokens]
+            sums[key] = list(deltas)
             continue
-        total[0] += spent
-        total[1] += reserved
-        for i, value in enumerate(tokens, 2):
+        for i, value in enumerate(deltas):
             total[i] += value
 
 
@@ -415,6 +416,62 @@ def counters_text(counters: tuple[Counter, ...]) -> str:
     Every request of a team and user in a minute has the same counters: written once
     (hashing them costs a third of writing them)."""
     return json.dumps([counter_key(c) for c in counters])
+
+
+def reservation_text(reservation: Reservation) -> str:
+    """A reservation's counters text: `counters_text`, then, for a batch whose lines name
+    users (`Reservation.shares`), one last item holding its bound, its usage's token
+    deltas and each user's share of them: [user, nanos, *tokens]. Each user's counters are
+    those of the windows of the team's, so a batch naming thousands of users writes each of
+    them once."""
+    if not reservation.shares:
+        return counters_text(reservation.counters)
+    shares = {
+        "bound": reservation.entry.estimated_nanos,
+        "tokens": token_deltas(reservation.usage, 1),
+        "users": [[s.user, s.nanos, *token_deltas(s.usage, 1)] for s in reservation.shares],
+    }
+    return json.dumps([*(counter_key(c) for c in reservation.counters), shares])
+
+
+def counter_rows(text: str, deltas: Deltas) -> list[tuple[Any, ...]]:
+    """What a write of `deltas` adds to each counter of a row's counters `text`, one row
+    per counter in lock order: its key, then its spent, reserved and token deltas. A user's
+    share (`reservation_text`) gets the deltas in proportion to its part of the bound and
+    of each token count: exactly its share when the bound is reserved, released or charged
+    whole."""
+    spent, held, tokens = deltas
+    if not shared(text):
+        return [(*key, spent, held, *tokens) for key in written_keys(text)]
+    *keys, shares = json.loads(text)
+    plain = [Counter(*key) for key in keys]
+    found: dict[tuple[Any, ...], list[int]] = {
+        counter_key(c): [spent, held, *tokens] for c in with_organization(plain)
+    }
+    bound, whole = shares["bound"], shares["tokens"]
+    windows = [(c.team, c.period, c.start) for c in plain if c.scope == "team"]
+    for user, nanos, *part in shares["users"]:
+        added = [
+            _part(spent, nanos, bound),
+            _part(held, nanos, bound),
+            *(_part(d, p, w) for d, p, w in zip(tokens, part, whole, strict=True)),
+        ]
+        for team, period, start in windows:
+            total = found.setdefault(("user", team, user, period, start), [0] * len(added))
+            for i, value in enumerate(added):
+                total[i] += value
+    return [(*key, *found[key]) for key in sorted(found)]
+
+
+def shared(text: str) -> bool:
+    """Whether a row's counters text holds users' shares (`reservation_text`)."""
+    return text.endswith("}]")
+
+
+def _part(delta: int, part: int, whole: int) -> int:
+    """`delta` in the proportion `part` is of `whole` (exactly `part` when `delta` is
+    `whole`, `-part` when it is `-whole`)."""
+    return delta * part // whole if whole else 0
 
 
 def counters_of(text: str) -> list[Counter]:

@@ -126,7 +126,7 @@ class PostgresLedger(Schema, KeptAnswers):
                 paced = pace.admit(entry, usage, counts, entry.started_at)
                 await rate_counts.add_postgres(conn, paced.adds)
                 reservation = replace(reservation, paced=paced)
-            text = codecs.counters_text(reservation.counters)
+            text = codecs.reservation_text(reservation)
             values = codecs.reservation_values(
                 entry, usage, text, owner, reservation.project, reservation.mainline_nanos
             )

@@ -157,6 +157,13 @@ async def write_and_add(
     first, keeps every writer in line, so the order of the two parts within it does not
     matter."""
     spent, held, tokens = deltas
+    if codecs.shared(counters_text):
+        # A batch's users' shares: each counter adds its own deltas (`codecs.counter_rows`).
+        await conn.execute(sql, *args)
+        rows = codecs.counter_rows(counters_text, deltas)
+        columns = [list(c) for c in list(zip(*rows, strict=True))[5:]]
+        await conn.execute(ADD_SQL, *key_arrays([r[:5] for r in rows]), *columns)
+        return
     await conn.execute(
         _with_counters(sql, len(args), len(tokens)),
         *args,

@@ -127,7 +127,7 @@ class SqliteLedger(KeptAnswers):
                 paced = pace.admit(entry, usage, counts, entry.started_at)
                 rate_counts.add_sqlite(conn, paced.adds)
                 reservation = replace(reservation, paced=paced)
-            text = codecs.counters_text(reservation.counters)
+            text = codecs.reservation_text(reservation)
             values = codecs.reservation_values(
                 entry, usage, text, owner, reservation.project, reservation.mainline_nanos
             )
@@ -491,10 +491,7 @@ def _totals_query(count: int) -> str:
 def _add(conn: sqlite3.Connection, counters_text: str, deltas: codecs.Deltas) -> None:
     """Add to a reservation's counters (its row's `counters` text) and to the
     organization's counters of the same periods."""
-    spent, held, tokens = deltas
-    conn.executemany(
-        _UPSERT, [(*key, spent, held, *tokens) for key in codecs.written_keys(counters_text)]
-    )
+    conn.executemany(_UPSERT, codecs.counter_rows(counters_text, deltas))
 
 
 def _typed(columns: list[str], found: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -4,7 +4,8 @@
 (completed, failed, expired, cancelled), then reads its output file line by line and
 settles, in one ledger transaction, one row per line that OpenAI answered 200 (its
 `usage` at the model's batch rates, on the day the batch ended, as OpenAI books it) and
-releases the rest of the reservation (`Ledger.settle_batch`). A held reservation survives
+releases the rest of the reservation (`Ledger.settle_batch`); what each line is charged
+is `proxy.web.batch_charges`'. A held reservation survives
 a restart and is adopted by a live process, and `settle_batch` writes only once, so two
 replicas never settle one batch twice.
 
@@ -30,24 +31,20 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from proxy.core.errors import LedgerError, MalformedAnswer, RequestError
-from proxy.core.metering import usage_from_openai
-from proxy.core.models import Charge, Entry, Outcome, Settlement, Usage, usd_text
-from proxy.core.periods import counters, zone
+from proxy.core.models import Entry, Settlement, Usage, usd_text
 from proxy.core.pricing import PriceBook
-from proxy.core.settlement import MALFORMED_ANSWER, Bound, metered
+from proxy.core.settlement import MALFORMED_ANSWER
 from proxy.core.short_strings import ShortStrings
 from proxy.doors.batches import CUSTOM_ID_BYTES
-from proxy.doors.response_meters import read_response
 from proxy.ledger import BatchLine, BilledLine, StoredObject
 from proxy.upstream import BROKEN_OFF
+from proxy.web.batch_charges import at_bounds, billed_line, share_nanos, whole_bound, within
 from proxy.web.files import read_answer
 from proxy.web.observe import observe
-from proxy.web.pipeline import new_request_id
 from proxy.web.runtime import Runtime
 
 log = logging.getLogger("tollgate.requests")
@@ -63,9 +60,6 @@ BATCH_SPAN_S = 26 * 3600.0
 """How long after its creation a batch may end (and its lines be billed): its 24-hour
 window, then the time it takes to expire or finalize. Its reservation holds room in every
 window of that span, and its lines are booked within it."""
-UNKNOWN_LINE = "batch_line_unknown"
-"""The error code of an output line whose `custom_id` was not in the file priced: charged
-the dearest line's bound, flagged."""
 REPEATED_LINE = "batch_line_repeated"
 """The error code of a second answer to one line (OpenAI answers each once): charged as it
 reads, flagged, for reconciliation."""
@@ -218,7 +212,8 @@ class BatchFollow:
             replace(b, settlement=replace(b.settlement, outcome="upstream_error", status=404))
             for b in at_bounds(runtime, entry, lines.values(), BATCH_GONE, ended_at, self.batch_id)
         ] or [whole_bound(runtime, entry, outcome)]
-        await self.write(runtime, within(billed, entry.estimated_nanos), outcome)
+        shares = share_nanos(lines, entry)
+        await self.write(runtime, within(billed, entry.estimated_nanos, shares), outcome)
 
     async def settle(self, runtime: Runtime, batch: dict[str, Any], status: str) -> None:
         """Read the ended batch's output file and settle a row per billed line."""
@@ -263,7 +258,7 @@ class BatchFollow:
             log.warning("batch %s: its output file %s is gone", self.batch_id, output)
             billed = at_bounds(runtime, entry, lines.values(), OUTPUT_GONE, ended_at, self.batch_id)
             unread = OUTPUT_GONE
-        billed = within(billed, entry.estimated_nanos)
+        billed = within(billed, entry.estimated_nanos, share_nanos(lines, entry))
         for file_id in (output, errors):
             if file_id is not None:
                 owned = StoredObject(
@@ -386,183 +381,3 @@ async def _file_lines(runtime: Runtime, file_id: str, project: str | None) -> An
         await answer.aclose()
     if held.strip():
         yield held
-
-
-def billed_line(
-    runtime: Runtime,
-    reservation: Entry,
-    lines: dict[str, BatchLine],
-    raw: bytes,
-    ended_at: float,
-    batch_id: str,
-    reserved_under: PriceBook | None = None,
-) -> BilledLine | None:
-    """The row of one output line that OpenAI answered 200; None for an error line. Charged
-    at the book in force, or at `reserved_under` (the book its batch was reserved with)
-    where that is dearer.
-
-    A line that cannot be read (not a JSON object, a `response` that is not one, or a
-    `status_code` that is not a number; OpenAI writes none) may be a billed line: it is
-    charged the bound of the line it names (of the dearest line when it names none),
-    flagged `malformed_answer`, rather than the batch never being settled and its
-    reservation held for good."""
-    try:
-        found = json.loads(raw)
-    except ValueError:
-        found = None
-    if not isinstance(found, dict):
-        found = {}
-    response, custom_id = found.get("response"), found.get("custom_id")
-    if response is None and isinstance(found.get("error"), dict):
-        return None  # not run (expired, say): `error` says why, and it is not billed
-    status = response.get("status_code") if isinstance(response, dict) else None
-    readable = type(status) is int
-    if readable and status != 200:
-        return None  # answered with an error: not billed
-    answered = response if isinstance(response, dict) else {}
-    body = answered.get("body")
-    if not isinstance(body, dict):
-        body = {}  # a billed line whose answer cannot be read: charged its bound, flagged
-    code: str | None
-    line = lines.get(custom_id) if isinstance(custom_id, str) else None
-    if line is None:
-        line = max(lines.values(), key=lambda priced: priced.bound_nanos)
-        code = UNKNOWN_LINE if readable else MALFORMED_ANSWER
-        charge = Charge(Usage(), line.bound_nanos, True)
-    elif not readable:
-        charge, code = Charge(Usage(images=line.n), line.bound_nanos, True), MALFORMED_ANSWER
-    else:
-        prices = runtime.config.prices
-        charge, code, outcome = line_charge(prices, line, body)
-        if reserved_under is not None and reserved_under is not prices:
-            then = line_charge(reserved_under, line, body)
-            if then[0].cost_nanos > charge.cost_nanos:
-                charge, code, outcome = then
-        row = line_row(runtime, reservation, line, charge, code, ended_at, batch_id, answered)
-        return replace(row, settlement=replace(row.settlement, outcome=outcome))
-    return line_row(runtime, reservation, line, charge, code, ended_at, batch_id, answered)
-
-
-def line_charge(
-    prices: PriceBook, line: BatchLine, body: dict[str, Any]
-) -> tuple[Charge, str | None, Outcome]:
-    """What a line answered 200 costs at `prices`, its error code and outcome."""
-    if line.mainline is not None:
-        return response_charge(prices, line, body)
-    model = prices.find(line.model)
-    usage = usage_from_openai(body.get("usage"))
-    data = body.get("data")
-    images = len(data) if isinstance(data, list) else line.n
-    if model is None or usage is None:
-        return Charge(Usage(images=images), line.bound_nanos, True), None, "ok"
-    return model.for_batch().charge(replace(usage, images=images)), None, "ok"
-
-
-def response_charge(
-    prices: PriceBook, line: BatchLine, body: Any
-) -> tuple[Charge, str | None, Outcome]:
-    """What a `/v1/responses` line answered 200 costs: its Responses object metered as the
-    Responses door meters a whole response (`read_response`, `settlement.metered`: its
-    mainline tokens and its image tool's, each model at its batch rates), with its outcome
-    and error code. Without trustworthy usage (none, unreadable, images made but no
-    `tool_usage`, or a model gone from the price book): its bound, flagged."""
-    mainline = prices.find_mainline(line.mainline or "")
-    model = prices.find(line.model)
-    if mainline is None or not mainline.accepts_batch or model is None:
-        return Charge(Usage(images=line.n), line.bound_nanos, True), None, "ok"
-    bound = Bound(
-        model.for_batch() if model.accepts_batch else model,
-        line.n, line.quality, line.size, line.bound_nanos, Usage(), mainline.for_batch(),
-    )  # fmt: skip
-    try:
-        verdict = metered(bound, read_response(body))
-    except MalformedAnswer:
-        return bound.charged(), MALFORMED_ANSWER, "ok"
-    return verdict.charge, verdict.error_code, verdict.outcome
-
-
-def at_bounds(
-    runtime: Runtime,
-    reservation: Entry,
-    lines: Iterable[BatchLine],
-    code: str,
-    ended_at: float,
-    batch_id: str,
-) -> list[BilledLine]:
-    """Each of `lines`, whose billed answer cannot be read, charged its bound, flagged
-    `code`, for `tollgate ledger resolve`."""
-    return [
-        line_row(
-            runtime, reservation, line, Charge(Usage(images=line.n), line.bound_nanos, True),
-            code, ended_at, batch_id, {},
-        )
-        for line in lines
-    ]  # fmt: skip
-
-
-def whole_bound(runtime: Runtime, reservation: Entry, outcome: Settlement) -> BilledLine:
-    """The one row of a batch whose lines are not on record, what they billed unread: its
-    whole reservation charged, flagged, as `outcome` says otherwise."""
-    ended_at = outcome.finished_at
-    settled = replace(
-        outcome,
-        usage=Usage(images=reservation.n or 0),
-        cost_nanos=reservation.estimated_nanos,
-        flagged=True,
-    )
-    tz = zone(runtime.config.timezone)
-    return BilledLine(
-        replace(reservation, started_at=ended_at),
-        settled,
-        counters(reservation.team or "", reservation.user, ended_at, tz),
-    )
-
-
-def within(billed: list[BilledLine], reserved_nanos: int) -> list[BilledLine]:
-    """`billed`, each line's cost capped at what is left of the batch's reservation after
-    the lines before it (a capped line is flagged, for reconciliation). A batch is priced at
-    the rates in force when it is created; a reload that raised a rate while it ran would
-    otherwise settle it at the new one, past what was reserved and past a hard limit."""
-    left, found = reserved_nanos, []
-    for line in billed:
-        settled = line.settlement
-        if settled.cost_nanos > left:
-            settled = replace(settled, cost_nanos=left, flagged=True)
-            line = replace(line, settlement=settled)
-        left -= settled.cost_nanos
-        found.append(line)
-    return found
-
-
-def line_row(
-    runtime: Runtime,
-    reservation: Entry,
-    line: BatchLine,
-    charge: Charge,
-    code: str | None,
-    ended_at: float,
-    batch_id: str,
-    response: dict[str, Any],
-) -> BilledLine:
-    """The row of billed line `line`, charged `charge`, booked when the batch ended."""
-    config = runtime.config
-    entry = Entry(
-        new_request_id(), ended_at, "batches", reservation.team, reservation.cost_center,
-        reservation.key_id, line.user, line.model, line.model, line.quality, line.quality,
-        line.size, line.size, line.n, line.n, False, line.bound_nanos,
-    )  # fmt: skip
-    entry = replace(entry, custom_id=line.custom_id, mainline_model=line.mainline)
-    settled = Settlement(
-        finished_at=ended_at,
-        outcome="ok",
-        status=200,
-        usage=charge.usage,
-        cost_nanos=charge.cost_nanos,
-        mainline_cost_nanos=charge.mainline_nanos,
-        flagged=charge.flagged,
-        upstream_request_id=response.get("request_id"),
-        error_code=code,
-        response_id=batch_id,
-    )
-    tz = zone(config.timezone)
-    return BilledLine(entry, settled, counters(reservation.team or "", line.user, ended_at, tz))

@@ -3,7 +3,8 @@ and settled one ledger row per billed line.
 
     POST /v1/batches     identify → the input file must be the team's batch file → the
                          sum of its lines' bounds (batch rates, priced at upload) reserved
-                         against every budget that applies, in one transaction (429
+                         against every budget that applies, each user's share of it in
+                         that user's counters and budgets, in one transaction (429
                          `budget_exceeded` naming the budget; a batch is never downgraded)
                          → forwarded → the batch recorded as the team's, its reservation
                          held (`Ledger.hold`) and followed
@@ -27,7 +28,7 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -45,10 +46,10 @@ from proxy.core.errors import (
 )
 from proxy.core.models import Entry, Estimate, ImageRequest, Settlement, Usage, usd_text
 from proxy.core.parsing import json_object
-from proxy.core.periods import spanning, zone
-from proxy.core.settings import Team
-from proxy.doors.batches import bound_now
-from proxy.ledger import BatchLine, RepeatGuard, Reservation, StoredObject
+from proxy.core.periods import Applied, spanning, zone
+from proxy.core.settings import Config, Team
+from proxy.doors.batches import bound_now, user_shares
+from proxy.ledger import BatchLine, RepeatGuard, Reservation, StoredObject, UserShare
 from proxy.upstream import response_headers
 from proxy.web import repeats
 from proxy.web.admission import read_body
@@ -134,21 +135,36 @@ class Batches:
             )
             variant = Variant(asked, model, bound)
             # Its lines are billed on the day the batch ends, to the users they name: the
-            # bound is held in every window it may end in, and in its user's budgets.
-            user = batch_user(team, lines.values())
-            budgets, adds_to = spanning(config, team, user, entry.started_at, BATCH_SPAN_S)
+            # bound is held in every window it may end in, and each user's share of it in
+            # that user's counters of those windows, against that user's budgets.
+            shares = user_shares(lines.values(), bound)
+            budgets, adds_to = spanning(config, team, None, entry.started_at, BATCH_SPAN_S)
+            per_user = users_budgets(config, team, shares, entry.started_at)
             tz = zone(config.timezone)
             strict = replace(team, on_exhausted="reject", throttle=())
             remaining: list[int | None] = []
+            held = tuple(UserShare(u, e.cost_nanos, e.usage) for u, e in shares.items())
 
             def choose(totals: Any) -> Reservation:
                 # A batch is reserved whole or refused: never downgraded, never throttled.
+                # Each user's share is decided as a direct request of that user costing it.
                 decision = decide(strict, variant, budgets, totals, config.prices, tz)
-                remaining.append(decision.remaining_nanos)
+                rooms = [decision.remaining_nanos]
+                for user, applied in per_user:
+                    share = Variant(replace(asked, user=user), model, shares[user])
+                    found = decide(strict, share, applied, totals, config.prices, tz)
+                    rooms.append(found.remaining_nanos)
+                known = [r for r in rooms if r is not None]
+                remaining.append(min(known) if known else None)
                 sent = entry.sent(asked, bound.cost_nanos, "")
-                return Reservation(sent, bound.usage, adds_to, project=project)
+                return Reservation(sent, bound.usage, adds_to, project=project, shares=held)
 
-            read = tuple(dict.fromkeys(a.counter for a in budgets))
+            read = tuple(
+                dict.fromkeys(
+                    [a.counter for a in budgets]
+                    + [a.counter for _, applied in per_user for a in applied]
+                )
+            )
             for _ in range(repeats.RACES):
                 try:
                     reservation = await runtime.ledger.reserve(read, choose, guard=guard)
@@ -298,19 +314,22 @@ class Batches:
         return response
 
 
-def batch_user(team: Team, lines: Iterable[BatchLine]) -> str | None:
-    """The one user the lines of a batch name (None: none, or several for a team without
-    per-user budgets); InvalidRequest when they name several and the team has per-user
-    budgets, which one reservation cannot hold room in."""
-    users = sorted({line.user for line in lines if line.user})
-    if len(users) > 1 and team.per_user:
-        raise InvalidRequest(
-            f"The lines of this batch name {len(users)} users ({users[0]!r}, {users[1]!r}"
-            f"{', …' if len(users) > 2 else ''}) and team {team.name} has per-user budgets: "
-            "a batch is reserved against one user's budgets, so send one batch per user.",
-            param="input_file_id",
-        )
-    return users[0] if len(users) == 1 else None
+def users_budgets(
+    config: Config, team: Team, shares: Mapping[str, Any], start: float
+) -> list[tuple[str, tuple[Applied, ...]]]:
+    """Each user of `shares` with the per-user budgets of every window a batch created at
+    `start` may end in (none when the team has no per-user budgets). The windows are the
+    same for every user: worked out once, then named for each, so a batch naming thousands
+    of users costs a pass over them."""
+    if not team.per_user or not shares:
+        return []
+    probe = next(iter(shares))
+    found, _ = spanning(config, team, probe, start, BATCH_SPAN_S)
+    own = tuple(a for a in found if a.counter.scope == "user")
+    return [
+        (user, tuple(replace(a, counter=replace(a.counter, user=user)) for a in own))
+        for user in shares
+    ]
 
 
 async def own_outputs(runtime: Runtime, team: Team, batch: Any, project: str | None) -> None:
