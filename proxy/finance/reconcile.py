@@ -532,7 +532,7 @@ def table(
             f"Of these, {days}: off only by what Tollgate holds in flight, not settled yet "
             "(a batch or a background response OpenAI may have billed); rerun once they settle."
         )
-    else:
+    if not r.off_days:
         out.append(even)
     if r.unresolved:
         out.append("")
