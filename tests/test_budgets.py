@@ -755,13 +755,32 @@ def test_size_downgrade_picks_the_most_faithful_cheaper_size_that_fits(book: Pri
 
 
 def test_size_steps_come_after_quality_steps(book: PriceBook) -> None:
+    """Quality is given up first: every quality of the requested size comes before any
+    smaller size, and each smaller size tries the qualities afresh from the top."""
     room = cost(book, "gpt-image-2", quality="low", size="2048x1152")
     c = case(book, make_team(budgets=(Budget("day", "usd", room),)))
     decision = c.decide(req("gpt-image-2", quality="high", size="2048x1152"))
     assert sent(decision) == ("gpt-image-2", "low", "2048x1152")
     start = variant_of(book, req("gpt-image-2", quality="high", size="2048x1152"))
-    knobs = [v.changes[-1].knob for v in variants(start, make_team(), book) if v.changes]
-    assert knobs == sorted(knobs, key=["quality", "size"].index)
+    forms = [(v.request.size, v.request.quality) for v in variants(start, make_team(), book)]
+    sizes = list(dict.fromkeys(size for size, _ in forms))
+    assert sizes[0] == "2048x1152" and len(sizes) > 1
+    assert forms == [(size, q) for size in sizes for q in ("high", "medium", "low")]
+
+
+@pytest.mark.parametrize("order", [("size", "quality"), ("size", "quality", "model")])
+def test_a_knob_given_up_first_comes_back_once_a_later_one_is_given_up(
+    book: PriceBook, order: tuple[Knob, ...]
+) -> None:
+    """Under `order: [size, quality]` no size of high fits, medium fits at the requested
+    size: that is what is sent. The size steps used to stay at the smallest size once the
+    quality moved, and the image went out at medium and 1280x720 (40 % of its pixels)."""
+    room = cost(book, "gpt-image-2", quality="medium", size="2048x1152")
+    assert room < cost(book, "gpt-image-2", quality="high", size="1280x720")
+    team = make_team(budgets=(Budget("day", "usd", room),), order=order)
+    decision = case(book, team).decide(req("gpt-image-2", quality="high", size="2048x1152"))
+    assert sent(decision) == ("gpt-image-2", "medium", "2048x1152")
+    assert summary(decision.variant.changes) == "quality=high->medium"
 
 
 def test_custom_order_tries_sizes_before_quality(book: PriceBook) -> None:

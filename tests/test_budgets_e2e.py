@@ -32,7 +32,9 @@ from tests.conftest import (
 from tests.test_proxy_e2e import expected_cost, wait_settled
 
 ADMIN = "admin-secret-token"
-KEYS = {name: f"tg_test_{name}_key" for name in ("frugal", "strict", "throttled", "tokens")}
+KEYS = {
+    name: f"tg_test_{name}_key" for name in ("frugal", "strict", "throttled", "tokens", "sizefirst")
+}
 
 
 def team(name: str, body: str) -> str:
@@ -82,6 +84,16 @@ on_exhausted: downgrade
 budgets:
   - {period: month, image_output_tokens: 8000}
 on_exhausted: reject
+""",
+    ),
+    # $0.10 a day, size given up before quality: gpt-image-2 high at 2048x1152 ($0.17) fits
+    # at no 16:9 size ($0.11 at 1280x720); medium fits at the size asked for ($0.042).
+    "sizefirst": team(
+        "sizefirst",
+        """
+budgets:
+  - {period: day, limit_usd: 0.10}
+downgrade: {order: [size, quality]}
 """,
     ),
 }
@@ -140,6 +152,20 @@ def test_a_request_over_budget_is_downgraded_and_the_upstream_gets_the_cheaper_b
     assert row["outcome"] == "downgraded"
     assert (row["quality_requested"], row["quality"]) == ("high", "medium")
     assert Decimal(row["cost_nanos"]) / 10**9 == expected_cost(record)
+
+
+def test_a_size_given_up_first_is_given_back_once_the_quality_comes_down(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """Under `order: [size, quality]` the image went out at medium and 1280x720, the
+    smallest 16:9 size, though medium fitted at the 2048x1152 asked for."""
+    raw = client(proxy, "sizefirst").images.with_raw_response.generate(
+        model="gpt-image-2", prompt="a harbour", quality="high", size="2048x1152"
+    )
+    assert raw.headers["x-tollgate-downgraded"] == "quality=high->medium"
+    record = simulator.record(raw.headers["x-request-id"])
+    assert (record["params"]["quality"], record["params"]["size"]) == ("medium", "2048x1152")
+    assert usd(raw.headers["x-tollgate-cost-usd"]) == expected_cost(record)
 
 
 def test_a_rejection_is_429_budget_exceeded_and_the_sdk_tries_once(

@@ -267,6 +267,7 @@ def test_the_probe_sees_the_server_stack() -> None:
         ("not json{", "is not JSON"),
         ("[1]", "page 1: not an object"),
         ('{"data": 5}', "'data' is not a list"),
+        ('{"error": {"message": "Incorrect API key provided"}}', "page 1: no 'data'"),
         ('{"data": [{"results": []}]}', "no numeric 'start_time'"),
         ('{"data": [{"start_time": 0, "results": [{"amount": {"value": "x"}}]}]}', "amount"),
         ('{"data": [{"start_time": 1e20, "results": []}]}', "not a unix time"),
@@ -280,7 +281,7 @@ def test_the_probe_sees_the_server_stack() -> None:
          ' {"data": [{"start_time": 0, "results": [{"amount": {"value": 1}}]}]}]',
          "page 2 repeats the bucket of 1970-01-01"),
     ],
-    ids=["missing", "not-json", "not-a-page", "data", "bucket", "amount", "year-3e12",
+    ids=["missing", "not-json", "not-a-page", "data", "an-error", "bucket", "amount", "year-3e12",
          "nan-start", "amount-too-large", "euros", "a-week", "repeated"],
 )  # fmt: skip
 def test_reconcile_exits_2_naming_a_costs_file_it_cannot_read(

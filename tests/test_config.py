@@ -469,6 +469,17 @@ TEAM_PROBLEMS = [
         "6: allow.params.model: use allow.models instead",
     ),
     (
+        "allow:\n  params:\n    moderatoin: [auto]\n",
+        "6: allow.params.moderatoin: not a request parameter Tollgate reads (did you mean "
+        "'moderation'?)",
+    ),
+    (
+        "allow:\n  params:\n    seed: [1]\n",
+        "6: allow.params.seed: not a request parameter Tollgate reads (known: action, "
+        "background, input_fidelity, moderation, output_compression, output_format, "
+        "partial_images, response_format, safety_identifier, stream, style, user)",
+    ),
+    (
         "budgets: [{period: month, limit_usd: 5}]\nthrottle:\n  - {above: 0.5, max_quality: low}\n"
         "  - {above: 1.5, max_quality: low}\n",
         "7: throttle[1].above: must be a number > 0 and <= 1, got 1.5",

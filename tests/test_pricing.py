@@ -857,6 +857,40 @@ def test_broken_override_file_raises_config_error_naming_the_file(
     assert needle in "\n".join(problems)
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ('image_output: "20.00"}', 'image_ouput: "20.00"}',
+         "8: models.gpt-image-3.rates.image_ouput: invalid price-book entry: unknown key "
+         "'image_ouput' (known: text_input, cached_text_input, image_input, "
+         "cached_image_input, image_output, text_output)"),
+        ("qualities: [low, high]", "qualities: [low, high]\n    partial_images: 2",
+         "10: models.gpt-image-3.partial_images: invalid price-book entry: unknown key "
+         "'partial_images' (known: source, "),
+        ("      table:\n        low: {1024x1024: 100", "      tabel:\n        low: {1024x1024: 100",
+         "12: models.gpt-image-3.output_tokens.tabel: invalid price-book entry: unknown key "
+         "'tabel' (known: table, formula, scale, floor)"),
+        ("{ceiling: 5000}", "{ceilling: 5000}",
+         "15: models.gpt-image-3.image_input.ceilling: invalid price-book entry: unknown key "
+         "'ceilling' (known: tiles, ceiling)"),
+        ("version: 1", "version: 1\nmainlin: {}",
+         "3: mainlin: unknown key (known: version, models, mainline, custom_sizes)"),
+    ],
+    ids=["rate-kind", "entry", "output-tokens", "image-input", "book"],
+)  # fmt: skip
+def test_a_misspelt_key_of_a_price_book_is_refused_at_its_line(
+    tmp_path: Path, old: str, new: str, expected: str
+) -> None:
+    """A rate written `image_ouput` was dropped without a word, and gpt-image-3's images
+    priced at its dearest other rate (image input, $6 where $20 was meant); any other
+    misspelt key was ignored as well, as unknown keys of the configuration are not."""
+    text = textwrap.dedent(OVERRIDE)
+    assert old in text
+    path = write(tmp_path, text.replace(old, new, 1))
+    [problem] = problems_of(path)
+    assert problem.startswith(f"{path}:{expected}"), problem
+
+
 def test_a_book_is_built_from_plain_mappings_without_a_file() -> None:
     fields = {
         "source": "x",

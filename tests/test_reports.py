@@ -105,6 +105,18 @@ def test_reconcile_flags_positive_differences_as_bypassed_traffic() -> None:
     assert load_price_book().find("gpt-image-2-2026-04-21") is not None
 
 
+def test_a_reconciliation_table_with_a_day_off_never_says_every_day_matches() -> None:
+    """It said both: "1 day(s) off: …" and, below it, "Every day matches within the
+    tolerance" (written whenever no day was off only by what Tollgate holds)."""
+    day = date(2026, 11, 3)
+    openai = OpenAICosts({(day, "gpt-image-2"): Decimal("1.50")}, {day})
+    off = reconcile_table(compare(openai, {(day, "gpt-image-2"): 1_000_000_000}, day, day))
+    assert "1 day(s) off: 2026-11-03" in off
+    assert "Every day matches" not in off
+    even = reconcile_table(compare(openai, {(day, "gpt-image-2"): 1_500_000_000}, day, day))
+    assert "Every day matches within the tolerance." in even and "off:" not in even
+
+
 def test_reconcile_lists_the_unresolved_flagged_requests_of_its_days() -> None:
     day = date(2026, 11, 3)
     openai = OpenAICosts({(day, "gpt-image-2"): Decimal("0.02")}, {day})

@@ -140,6 +140,23 @@ def test_the_start_up_banner_never_prints_a_password(
         assert "upstream https://egress:***@proxy.internal/v1" in shown
 
 
+def test_the_start_up_banner_prints_an_sqlite_ledger_url_as_it_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The banner's SQLite URL can be passed back to `--ledger`: an absolute path keeps its
+    four slashes (rebuilt by urllib it read `sqlite://tmp/...`, a relative path)."""
+    write_config(tmp_path, UNREACHABLE)
+    config = load_config(tmp_path)
+    for given in (None, f"sqlite:///{tmp_path}/other.db"):
+        options = ServeOptions(
+            tmp_path, overrides=Overrides(ledger_url=given, upstream_key=UPSTREAM_KEY)
+        )
+        print_banner(Prepared(options, config, create_app(config, options.overrides)), False)
+        shown = capsys.readouterr().out
+        name = "other.db" if given else "tollgate.db"
+        assert f"ledger sqlite:///{tmp_path}/{name}" in shown, shown
+
+
 def test_serve_warns_of_a_descriptor_limit_too_low_for_its_connections(tmp_path: Path) -> None:
     """With `ulimit -n 64`, a burst of connections took every descriptor: asyncio logged
     `socket.accept() out of system resource` hundreds of times and clients saw their

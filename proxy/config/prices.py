@@ -30,6 +30,7 @@ from proxy.core.pricing import MainlinePrices, ModelPrices, PriceBook
 
 BUILT_IN = "proxy/prices.yaml"
 SECTIONS = ("models", "mainline")
+BOOK_KEYS = ("version", *SECTIONS, "custom_sizes")
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,10 @@ def _sections(
     if not isinstance(data, dict) or not any(section in data for section in SECTIONS):
         problems.append(doc.problem((), "a price book needs a `models:` or `mainline:` mapping"))
         return {}, {}, CustomSizes()
+    for key in data:
+        if key not in BOOK_KEYS:  # `mainlin:` would leave out every entry under it
+            known = ", ".join(BOOK_KEYS)
+            problems.append(doc.problem((str(key),), f"unknown key (known: {known})"))
     found: dict[str, dict[str, _Entry]] = {}
     for section in SECTIONS:
         written = data.get(section, {})

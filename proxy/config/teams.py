@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Any, cast
 
 from proxy.config.source import Document, JsonPath
+from proxy.core.image_params import PARAMS
 from proxy.core.models import NANOS_PER_USD
 from proxy.core.pricing import MainlinePrices, ModelPrices, PriceBook
 from proxy.core.settings import (
@@ -31,9 +32,12 @@ from proxy.core.settings import (
     TeamKey,
     ThrottleTier,
 )
+from proxy.doors.responses import TOOL_CHOICES
 
 # Request fields that have their own `allow` setting.
 _DEDICATED_PARAMS = {"model": "models", "quality": "max_quality", "n": "max_n", "size": "sizes"}
+_PARAM_NAMES = frozenset(PARAMS) - {"prompt", *_DEDICATED_PARAMS} | frozenset(TOOL_CHOICES)
+"""What `allow.params` may name: the Images API's parameters and the image tool's choices."""
 
 
 class TeamBuilder:
@@ -148,6 +152,18 @@ class TeamBuilder:
             if name in _DEDICATED_PARAMS:
                 self._problem(
                     doc, (*path, "params", name), f"use allow.{_DEDICATED_PARAMS[name]} instead"
+                )
+            elif name not in _PARAM_NAMES:
+                # A rule on a name no request carries never applies: `moderatoin: [auto]`
+                # left `moderation` open.
+                close = difflib.get_close_matches(name, sorted(_PARAM_NAMES), n=1)
+                hint = (
+                    f"did you mean {close[0]!r}?"
+                    if close
+                    else "known: " + ", ".join(sorted(_PARAM_NAMES))
+                )
+                self._problem(
+                    doc, (*path, "params", name), f"not a request parameter Tollgate reads ({hint})"
                 )
             params[name] = frozenset(_as_text(v) for v in values)
         return Allow(

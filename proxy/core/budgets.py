@@ -5,8 +5,9 @@ For each request, in order (README, "Budgets and decisions"):
     allow     → a 403, or a clamp to `max_quality` (a downgrade for reason `policy`)
     throttle  → as the team's tightest USD budget fills, cap quality (reason `throttle`)
     budgets   → the most faithful variant that fits every budget (reason `budget`):
+                the knobs of `downgrade.order` given up in that order (by default
                 quality down the model's ladder, then a cheaper size of the same
-                aspect ratio, then the fallback model; or a 429
+                aspect ratio, then the fallback model); or a 429
 
 `decide()` runs inside the ledger's reservation transaction, on the totals it
 read there, so the choice and the reservation are one atomic step. The budgets that
@@ -37,7 +38,7 @@ from proxy.core.models import (
 )
 from proxy.core.periods import UTC, Applied
 from proxy.core.pricing import AUTO, ModelPrices, PriceBook, estimate
-from proxy.core.settings import Team
+from proxy.core.settings import Knob, Team
 
 STANDARD_SIZES = ("1024x1024", "1536x1024", "1024x1536")
 
@@ -166,8 +167,12 @@ def change(
     return Variant(request, target, priced(target, request, variant.base), changes, variant.base)
 
 
+SUMMARY_ORDER = ("model", "quality", "size")
+
+
 def summary(changes: Iterable[Change]) -> str:
-    """The `x-tollgate-downgraded` header: one entry per knob, first value to last.
+    """The `x-tollgate-downgraded` header: one entry per knob, first value to last, the
+    model first, then quality, then size (whatever order they were changed in).
 
     `summary([quality high->medium (policy), quality medium->low (budget)])`
     is `"quality=high->low"`."""
@@ -175,7 +180,8 @@ def summary(changes: Iterable[Change]) -> str:
     for c in changes:
         first = merged.get(c.knob)
         merged[c.knob] = Change(c.knob, first.before if first else c.before, c.after, c.reason)
-    return "; ".join(str(c) for c in merged.values() if c.before != c.after)
+    ordered = sorted(merged.values(), key=lambda c: SUMMARY_ORDER.index(c.knob))
+    return "; ".join(str(c) for c in ordered if c.before != c.after)
 
 
 def throttle(
@@ -279,34 +285,43 @@ def remaining(
 
 
 def variants(start: Variant, team: Team, book: PriceBook) -> Iterator[Variant]:
-    """`start`, then ever cheaper variants in the team's `downgrade.order`, most faithful first."""
-    yield start
-    current = start
-    for knob in team.downgrade.order:
-        if knob == "quality":
-            for cheaper in quality_steps(current):
-                current = cheaper
-                yield current
-        elif knob == "size":
-            for cheaper in size_steps(current):
-                yield cheaper
-            # Later knobs start from the cheapest size found.
-            current = min((current, *size_steps(current)), key=lambda v: v.estimate.cost_nanos)
-        elif knob == "model" and team.downgrade.fallback_model:
-            fallback = book.find(team.downgrade.fallback_model)
-            if fallback is None or fallback.name == current.model.name:
-                continue
-            # The most faithful form on the fallback starts from the request as it came.
-            switched = switch_model(start, fallback)
-            if switched is None:
-                continue
+    """`start`, then ever less faithful variants in the team's `downgrade.order`, most
+    faithful first. The knobs are given up in that order, so a variant that keeps a later
+    knob closer to the request comes before every variant that gives more of it up: each
+    step of a later knob tries the earlier ones afresh from the top. (The later knobs used
+    to start from the cheapest form of the earlier ones: under `order: [size, quality]` a
+    request that fitted at medium quality and its own size was sent at medium and the
+    smallest size.) The fallback model starts from the request as it came, or as the knobs
+    before it in the order left it."""
+    name = team.downgrade.fallback_model
+    fallback = book.find(name) if name else None
+    return _nested(start, tuple(team.downgrade.order), fallback)
+
+
+def _nested(
+    variant: Variant, knobs: tuple[Knob, ...], fallback: ModelPrices | None
+) -> Iterator[Variant]:
+    """Every form of `variant` over `knobs`, the last one outermost (given up last)."""
+    if not knobs:
+        yield variant
+        return
+    *inner, outer = knobs
+    for option in _options(variant, outer, fallback):
+        yield from _nested(option, tuple(inner), fallback)
+
+
+def _options(variant: Variant, knob: Knob, fallback: ModelPrices | None) -> Iterator[Variant]:
+    """`variant`, then its cheaper forms on one knob, most faithful first (lazily: pricing
+    the downgrades of a request that fits was most of the request's CPU)."""
+    yield variant
+    if knob == "quality":
+        yield from quality_steps(variant)
+    elif knob == "size":
+        yield from size_steps(variant)
+    elif knob == "model" and fallback is not None and fallback.name != variant.model.name:
+        switched = switch_model(variant, fallback)
+        if switched is not None:
             yield switched
-            current = switched
-            for cheaper in quality_steps(current):
-                current = cheaper
-                yield current
-            for cheaper in size_steps(current):
-                yield cheaper
 
 
 def quality_steps(variant: Variant) -> Iterator[Variant]:

@@ -61,9 +61,29 @@ def _decimal(value: Any) -> Decimal:
     return Decimal(str(value))
 
 
+MODEL_KEYS = (
+    "source", "effective_from", "released", "aliases", "rates", "qualities", "sizes",
+    "auto_size", "output_tokens", "image_input", "per_image", "text_output_ceiling",
+    "partial_image_tokens", "max_n", "input_fidelity", "batch",
+)  # fmt: skip
+OUTPUT_TOKENS_KEYS = ("table", "formula", "scale", "floor")
+IMAGE_INPUT_KEYS = ("tiles", "ceiling")
+
+
 def model_prices(name: str, raw: Mapping[str, Any], custom: CustomSizes) -> ModelPrices:
     """One entry from its plain mapping, as a price-book file writes it (raises one of
-    `ENTRY_ERRORS`); `custom` holds the rules of `sizes: custom`."""
+    `ENTRY_ERRORS`); `custom` holds the rules of `sizes: custom`. Unknown keys are refused,
+    in the entry and in its `rates`, `output_tokens` and `image_input`: a rate written
+    `image_ouput` was dropped, and the model's images priced at its dearest other rate."""
+    if isinstance(raw, Mapping):
+        _known_keys(raw, MODEL_KEYS, ())
+        for key, known in (
+            ("rates", TOKEN_KINDS),
+            ("output_tokens", OUTPUT_TOKENS_KEYS),
+            ("image_input", IMAGE_INPUT_KEYS),
+        ):
+            if isinstance(raw.get(key), Mapping):
+                _known_keys(raw[key], known, (key,))
     sizes = raw.get("sizes", [])
     output = raw.get("output_tokens", {})
     image_input = raw.get("image_input", {})

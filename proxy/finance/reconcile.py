@@ -157,6 +157,8 @@ def page_problem(page: object) -> str:
     buckets of at most a day from 1970 to 9998, amounts in US dollars (the ledger's)."""
     if not isinstance(page, dict):
         return "not an object"
+    if "data" not in page:  # an error answer saved in its place, `{"error": …}`
+        return "no 'data' (saved: " + json.dumps(page)[:200] + ")"
     buckets = page.get("data", [])
     if not isinstance(buckets, list):
         return "'data' is not a list"
@@ -532,7 +534,7 @@ def table(
             f"Of these, {days}: off only by what Tollgate holds in flight, not settled yet "
             "(a batch or a background response OpenAI may have billed); rerun once they settle."
         )
-    else:
+    if not r.off_days:
         out.append(even)
     if r.unresolved:
         out.append("")

@@ -76,12 +76,20 @@ def redacted(url: str) -> str:
     'postgresql://tollgate:***@db/tollgate?sslmode=require'
     >>> redacted("postgresql://db/tollgate?user=tollgate&password=s3cret")
     'postgresql://db/tollgate?user=tollgate&password=***'
+
+    A URL without a password is shown as written: rebuilt, `sqlite:////var/t.db` would
+    read `sqlite://var/t.db`, a path relative to the configuration.
+
+    >>> redacted("sqlite:////var/lib/tollgate/tollgate.db")
+    'sqlite:////var/lib/tollgate/tollgate.db'
     """
     try:
         parts = urlsplit(url)
         password = parts.password
     except ValueError:  # not a URL one can read a password out of: shown as a scheme only
         return url.split("://", 1)[0] + "://***" if "://" in url else "***"
+    if password is None and "password=" not in parts.query:
+        return url
     if password is not None:
         parts = parts._replace(netloc=parts.netloc.replace(f":{password}@", ":***@"))
     if "password=" in parts.query:  # libpq's `?password=`
