@@ -687,6 +687,22 @@ def test_gpt_image_2_16_9_can_step_down_to_smaller_16_9_sizes(book: PriceBook) -
     assert all(model.accepts_size(s) for s in found)
 
 
+def test_same_aspect_sizes_are_every_smaller_accepted_size_of_the_aspect(book: PriceBook) -> None:
+    """Stepping by the least multiple whose edges are multiples of 16 skips only sizes the
+    model refuses: the same sizes as a walk over every width, for a spread of requests."""
+    model = model_of(book, "gpt-image-2")
+    pick = random.Random(17)
+    sizes = {"3840x2160", "2160x3840", "3840x1280", "2048x2048", "1008x1008", "2880x1920"}
+    while len(sizes) < 120:
+        w, h = pick.randrange(16, 3841, 16), pick.randrange(16, 3841, 16)
+        if model.accepts_size(f"{w}x{h}"):
+            sizes.add(f"{w}x{h}")
+    for size in sorted(sizes):
+        found = same_aspect_sizes(model, size)
+        assert set(found) == brute_same_aspect(model, size), size
+        assert len(found) == len(set(found))
+
+
 @pytest.mark.parametrize("size", ["2048x1152", "1152x2048", "1536x1024", "1024x1536", "2048x2048"])
 def test_same_aspect_sizes_keep_ratio_and_orientation(book: PriceBook, size: str) -> None:
     model = model_of(book, "gpt-image-2")

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from math import gcd
+from math import gcd, lcm
 from typing import Literal
 from zoneinfo import ZoneInfo
 
@@ -356,8 +356,13 @@ def same_aspect_sizes(model: ModelPrices, size: str) -> list[str]:
         return [s for s in model.sizes if _same_aspect(s, width, height)]
     g = gcd(width, height)
     base_w, base_h = width // g, height // g
+    # Only the multiples whose edges are both multiples of `multiple_of` can be accepted:
+    # stepping by the least such multiple asks about 128 sizes of a 2048x2048 request, not
+    # 2,048 (a refused request walks them inside the ledger's transaction).
+    m = model.custom_sizes.multiple_of
+    step = lcm(m // gcd(m, base_w), m // gcd(m, base_h))
     found = []
-    for k in range(1, g + 1):
+    for k in range(step, g + 1, step):
         w, h = base_w * k, base_h * k
         if w < width and model.accepts_size(f"{w}x{h}"):
             found.append(f"{w}x{h}")
