@@ -264,3 +264,24 @@ def test_a_replay_tells_only_the_limits_its_request_counts_against(
         assert named(refused.value.response.headers) == named(first.headers)
     finally:
         proxy.stop()
+
+
+def test_a_request_past_what_a_window_can_give_its_team_is_not_retried(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """Of the organization's 12 images a minute, design is promised 6: research, promised
+    3, is never given more than 6 in a minute, so its n=7 is refused once, not waited for
+    and retried by the SDK for two minutes."""
+    write_config(tmp_path, f"{simulator.url}/v1", SHARED, FLOOD)
+    proxy = start_tollgate(tmp_path)
+    try:
+        client = proxy.client(RESEARCH_KEY, max_retries=2)
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.images.generate(**LOW, n=7)  # type: ignore[call-overload]
+        assert refused.value.code == "rate_limit_exceeded"
+        assert refused.value.response.headers["x-should-retry"] == "false"
+        assert "6 images: the rest is promised to other teams' shares" in refused.value.message
+        assert len([r for r in proxy.rows() if r["team"] == "research"]) == 1  # no retry
+        client.images.generate(**LOW, n=6)  # type: ignore[call-overload]
+    finally:
+        proxy.stop()
