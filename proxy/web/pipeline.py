@@ -298,6 +298,13 @@ async def budget_headers(runtime: Runtime, team: Team, user: str | None) -> dict
     return {} if left is None else {"x-tollgate-budget-remaining-usd": usd_text(max(left, 0))}
 
 
+async def free_headers(runtime: Runtime, team: Team) -> dict[str, str]:
+    """What every answer of a free path says (a response's or a file's or a batch's own
+    paths, an upload, a listing): it cost nothing, and the room left in the tightest USD
+    budget of `team`, as an image request's answer says them."""
+    return {"x-tollgate-cost-usd": "0", **await budget_headers(runtime, team, None)}
+
+
 def identified_again(request: Request, runtime: Runtime) -> tuple[Runtime, Team, TeamKey] | None:
     """Once a request's body is in: None while `runtime`, which it took when its headers
     came, is still in force; else the runtime a reload swapped in meanwhile, and the team
