@@ -186,6 +186,26 @@ def test_a_limit_of_one_model_counts_only_that_models_requests() -> None:
         plan.admit(entry, usage, Counts({plan.checks[0].slot: 1}, {}), NOW)
 
 
+def test_a_request_larger_than_a_window_can_ever_give_its_team_says_not_to_retry() -> None:
+    # 20 images a minute, of which a and b are promised 15: c, without a share, is never
+    # given more than 5 in a minute, so n=8 never fits it (the SDK would wait two minutes
+    # out for nothing); a, promised 5, may borrow the 5 nobody is promised: 8 does not fit
+    # now, with b's 10 taken meanwhile, but may in a quieter minute.
+    cfg = shared_config()
+    store = Store()
+    refusal = store.refused(cfg, "c", n=8)
+    assert refusal.headers()["x-should-retry"] == "false"
+    assert "more than the limit allows its team in a whole minute" in refusal.message
+    for _ in range(4):
+        store.admit(cfg, "c")
+    refusal = store.refused(cfg, "a", n=11)  # past its 5 and the 5 nobody is promised
+    assert refusal.headers()["x-should-retry"] == "false"
+    store.admit(cfg, "b", n=10)
+    refusal = store.refused(cfg, "a", n=8)
+    assert "x-should-retry" not in refusal.headers()
+    assert "Try again in 30s." in refusal.message
+
+
 def test_the_organization_limit_counts_every_team() -> None:
     cfg = config((team("a"), team("b")), RateLimit("minute", "images", 5))
     store = Store()

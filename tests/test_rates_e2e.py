@@ -227,3 +227,61 @@ def test_a_replay_counts_against_no_limit_and_tells_the_room_left(
         assert again.headers["x-tollgate-ratelimit-remaining-requests"] == "4"
     finally:
         proxy.stop()
+
+
+def test_a_replay_tells_only_the_limits_its_request_counts_against(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """A limit on another model is none of the request's: its first answer does not name
+    it, and neither does its replay (nor a refusal of the same request)."""
+    teams = {
+        "design": FLOOD["design"].replace(
+            "{per: minute, share: 0.5}",
+            "{per: minute, requests: 50}\n  - {per: minute, images: 40, model: gpt-image-2}",
+        )
+    }
+    write_config(tmp_path, f"{simulator.url}/v1", "", teams)
+    proxy = start_tollgate(tmp_path)
+    try:
+        client = proxy.client(DESIGN_KEY)
+        mini = {**LOW, "model": "gpt-image-1-mini"}
+        options = {"extra_headers": {"Idempotency-Key": "one-mini-lighthouse"}}
+        first = client.images.with_raw_response.generate(**mini, **options)  # type: ignore[call-overload]
+        again = client.images.with_raw_response.generate(**mini, **options)  # type: ignore[call-overload]
+        assert again.headers["x-tollgate-replay-of"] == first.headers["x-tollgate-request-id"]
+
+        def named(headers: httpx.Headers) -> set[str]:
+            return {h for h in headers if h.startswith("x-tollgate-ratelimit-")}
+
+        assert named(first.headers) == {
+            "x-tollgate-ratelimit-limit-requests",
+            "x-tollgate-ratelimit-remaining-requests",
+            "x-tollgate-ratelimit-reset-requests",
+        }
+        assert named(again.headers) == named(first.headers)
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.images.generate(**{**mini, "size": "7x7"})  # type: ignore[call-overload]
+        assert named(refused.value.response.headers) == named(first.headers)
+    finally:
+        proxy.stop()
+
+
+def test_a_request_past_what_a_window_can_give_its_team_is_not_retried(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """Of the organization's 12 images a minute, design is promised 6: research, promised
+    3, is never given more than 6 in a minute, so its n=7 is refused once, not waited for
+    and retried by the SDK for two minutes."""
+    write_config(tmp_path, f"{simulator.url}/v1", SHARED, FLOOD)
+    proxy = start_tollgate(tmp_path)
+    try:
+        client = proxy.client(RESEARCH_KEY, max_retries=2)
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.images.generate(**LOW, n=7)  # type: ignore[call-overload]
+        assert refused.value.code == "rate_limit_exceeded"
+        assert refused.value.response.headers["x-should-retry"] == "false"
+        assert "6 images: the rest is promised to other teams' shares" in refused.value.message
+        assert len([r for r in proxy.rows() if r["team"] == "research"]) == 1  # no retry
+        client.images.generate(**LOW, n=6)  # type: ignore[call-overload]
+    finally:
+        proxy.stop()

@@ -129,6 +129,31 @@ def test_a_background_response_is_held_then_settled_when_it_ends(
     check_charge(proxy, simulator, queued.id, mainline, image_model)
 
 
+def test_a_background_response_on_the_simulators_own_knobs_is_held_and_cancellable(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """Without latency, as `serve --simulate` runs it, a background response is queued when
+    created (OpenAI answers every background create so): held, then cancelled, charged
+    what it billed."""
+    sdk = proxy.client()
+    raw = sdk.responses.with_raw_response.create(
+        model="gpt-5.5",
+        input="A lantern at dusk",
+        tools=[tool()],
+        max_output_tokens=300,
+        max_tool_calls=1,
+        background=True,
+    )
+    queued = raw.parse()
+    assert queued.status == "queued"
+    assert "x-tollgate-reserved-usd" in raw.headers and "x-tollgate-cost-usd" not in raw.headers
+    assert sdk.responses.cancel(queued.id).status == "cancelled"
+    row = settled_row(proxy, queued.id)  # a cancelled response: charged what it billed
+    assert row["cost_nanos"] == record_cost(billed(simulator, queued.id)) > 0
+    assert (row["outcome"], row["flagged"], row["held"]) == ("upstream_error", 0, 0)
+    assert row["cost_nanos"] < nanos(raw.headers["x-tollgate-reserved-usd"])
+
+
 @pytest.mark.parametrize(("mainline", "image_model"), PAIRS)
 def test_a_continued_response_pays_for_the_context_it_carries(
     proxy: Tollgate, simulator: Simulator, mainline: str, image_model: str

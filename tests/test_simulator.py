@@ -16,7 +16,11 @@ import pytest
 from PIL import Image
 
 from proxy.simulator import SimulatorSettings, create_simulator_app
-from proxy.simulator.options import DEFAULT_BATCH_DELAY_MS, DEFAULT_BATCH_WINDOW_MS
+from proxy.simulator.options import (
+    DEFAULT_BACKGROUND_MS,
+    DEFAULT_BATCH_DELAY_MS,
+    DEFAULT_BATCH_WINDOW_MS,
+)
 from proxy.simulator.tokens import formula_tokens, image_input_tokens, text_tokens
 from tests.conftest import serving
 
@@ -646,6 +650,7 @@ def test_runtime_config_sets_a_fault_for_every_request(sim: Sim, client: openai.
         "batch_delay_ms": DEFAULT_BATCH_DELAY_MS,
         "batch_window_ms": DEFAULT_BATCH_WINDOW_MS,
         "queue_ms": 0,
+        "background_ms": DEFAULT_BACKGROUND_MS,
         "batch_read_ms": 0,
         "data_residency": False,
     }

@@ -17,6 +17,7 @@ from openai.types.responses import Response
 from PIL import Image
 
 from proxy.simulator import SimulatorSettings, create_simulator_app
+from proxy.simulator.options import DEFAULT_BACKGROUND_MS
 from proxy.simulator.response_tokens import (
     MAINLINE_IMAGE_TOKENS,
     REASONING_TOKENS,
@@ -445,6 +446,28 @@ def test_a_background_response_is_queued_then_completed_after_the_latency_and_bi
     assert decoded(images_of(done)[0].result).size == (1024, 1024)
     [entry] = sim.billing()
     assert entry["id"] == queued.id and entry["billed"] and entry["images"] == 1
+
+
+def test_a_background_response_is_queued_at_its_create_and_runs_on_without_latency(
+    sim: Sim,
+) -> None:
+    # OpenAI answers every background create `queued` and runs the response afterwards.
+    # Without latency (the knobs `serve --simulate` starts with) it still runs for
+    # `background_ms`, so a client sees it queued, and can cancel it, as with OpenAI.
+    assert sim.http.get("/_sim/config").json()["background_ms"] == DEFAULT_BACKGROUND_MS > 0
+    queued = sim.client.responses.create(
+        model="gpt-4.1", input="Draw a cat", tools=[TOOL], background=True
+    )
+    assert queued.status == "queued" and queued.usage is None and queued.output == []
+    cancelled = sim.client.responses.cancel(queued.id)
+    assert cancelled.status == "cancelled" and cancelled.output == []
+    sim.configure(background_ms=0)  # a run of no time: ended when next looked at
+    ended = sim.client.responses.create(
+        model="gpt-4.1", input="Draw a dog", tools=[TOOL], background=True
+    )
+    assert ended.status == "queued"
+    assert sim.client.responses.retrieve(ended.id).status == "completed"
+    sim.configure(background_ms=DEFAULT_BACKGROUND_MS)
 
 
 def test_a_background_stream_is_streamed_at_once_and_retrievable_as_completed(

@@ -116,6 +116,14 @@ class Check:
             return None
         return Promise(self.slot.key, self.slot.start, self.team, self.others, self.slot.bounds())
 
+    @property
+    def ceiling(self) -> int:
+        """The most one window of this limit may ever give the team: the whole limit, but
+        for what the other teams' shares promise (unless its own share is more)."""
+        if self.scope == "team":
+            return self.limit.limit
+        return max(self.limit.limit - self.promised, self.promise)
+
     def describe(self) -> str:
         who = "the organization's" if self.scope == "organization" else "the team's"
         limit = self.limit
@@ -228,12 +236,20 @@ def refusal(
 ) -> RateLimited:
     wait = max(1, math.ceil(check.end - now))
     metric = check.limit.metric
-    never = amount > check.limit.limit
+    ceiling = check.ceiling
+    # A request no window can hold is never admitted: the SDKs must not wait for one.
+    never = amount > ceiling
+    whole = (
+        f"the limit allows in a whole {check.limit.per}"
+        if ceiling == check.limit.limit
+        else f"the limit allows its team in a whole {check.limit.per} ({ceiling:,} "
+        f"{metric}: the rest is promised to other teams' shares)"
+    )
     message = (
         f"Rate limit reached: {check.describe()} (used {used:,}, this request "
         f"{amount:,} {metric}). "
         + (
-            f"This request asks for more than the limit allows in a whole {check.limit.per}: "
+            f"This request asks for more than {whole}: "
             "ask for less (fewer images, a smaller bound) or split it."
             if never
             else f"Try again in {wait}s."

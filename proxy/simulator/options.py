@@ -8,11 +8,15 @@ from typing import Any
 from proxy.simulator.faults import Fault, parse_fault
 
 DEFAULT_BATCH_DELAY_MS = 1_500
+DEFAULT_BACKGROUND_MS = 1_500
+"""How long a background response runs at least: OpenAI answers every background create
+`queued` and runs it afterwards, for seconds; without latency it would have ended before
+its create was answered, so no client could see it queued, held or cancelled."""
 DEFAULT_BATCH_WINDOW_MS = 24 * 3600 * 1000
 """OpenAI's only completion window, "24h"."""
 _COUNTS = (
     "latency_ms", "payload_bytes", "batch_delay_ms", "batch_window_ms", "queue_ms",
-    "batch_read_ms",
+    "background_ms", "batch_read_ms",
 )  # fmt: skip
 
 
@@ -30,6 +34,9 @@ class SimulatorSettings:
     """How long a batch takes from `validating` to `completed`."""
     batch_window_ms: int = DEFAULT_BATCH_WINDOW_MS
     """The simulated completion window: a batch not finalizing by then expires."""
+    background_ms: int = DEFAULT_BACKGROUND_MS
+    """How long a background response runs after its create is answered `queued`, at least
+    (`latency_ms` when that is longer)."""
     data_residency: bool = False
     """Bill as a regional (data-residency) endpoint, e.g. eu.api.openai.com: eligible models
     at `catalogue.DATA_RESIDENCY_UPLIFT` times their rates."""
@@ -51,6 +58,8 @@ class Knobs:
     queue_ms: int = 0
     """How long a background response's create takes to be answered (`queued`): a slow
     create, which a client with a shorter timeout retries."""
+    background_ms: int = DEFAULT_BACKGROUND_MS
+    """How long a background response runs at least after it is answered `queued`."""
     batch_read_ms: int = 0
     """How long a batch create reads its input file before the batch exists and is
     answered: a create that outlives its client's timeout still creates the batch."""
@@ -65,6 +74,7 @@ class Knobs:
             settings.payload_bytes,
             batch_delay_ms=settings.batch_delay_ms,
             batch_window_ms=settings.batch_window_ms,
+            background_ms=settings.background_ms,
             data_residency=settings.data_residency,
         )
 
@@ -87,6 +97,7 @@ class Knobs:
             batch_delay_ms=count("batch_delay_ms", self.batch_delay_ms),
             batch_window_ms=count("batch_window_ms", self.batch_window_ms),
             queue_ms=count("queue_ms", self.queue_ms),
+            background_ms=count("background_ms", self.background_ms),
             batch_read_ms=count("batch_read_ms", self.batch_read_ms),
         )
         if "data_residency" in changes:
@@ -113,6 +124,7 @@ class Knobs:
             "batch_delay_ms": self.batch_delay_ms,
             "batch_window_ms": self.batch_window_ms,
             "queue_ms": self.queue_ms,
+            "background_ms": self.background_ms,
             "batch_read_ms": self.batch_read_ms,
             "data_residency": self.data_residency,
         }

@@ -120,7 +120,9 @@ async def create_response(state: SimulatorState, request: Request) -> Response:
     knobs = state.knobs
     # A background stream is answered as a stream: it ends (and bills) as it is sent.
     queued = order.background and not order.stream
-    delay = knobs.latency_ms / 1000 if queued else 0.0
+    # OpenAI answers a background create `queued`, then runs it: for `background_ms` at
+    # least, so that it is queued when answered even without latency.
+    delay = max(knobs.latency_ms, knobs.background_ms) / 1000 if queued else 0.0
     stored = StoredResponse(
         arrival.id,
         order,
@@ -140,7 +142,8 @@ async def create_response(state: SimulatorState, request: Request) -> Response:
         state.responses.put(stored)
     if queued:
         await sleep_ms(knobs.queue_ms)
-        return json_response(200, response_json(stored.snapshot(arrival.time)), arrival.id, {})
+        created = replace(stored.snapshot(arrival.time), status="queued")  # whatever its run
+        return json_response(200, response_json(created), arrival.id, {})
     snap = replace(
         stored.snapshot(stored.ready_at),
         with_usage=fault != "nousage",

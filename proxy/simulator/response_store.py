@@ -1,9 +1,10 @@
 """Stored responses: what `retrieve`, `cancel`, `delete`, `input_items` and
 `previous_response_id` find, kept in memory for one simulator (time passed in).
 
-A background response is `queued` when created, `in_progress` until its latency has
-passed, then final (`completed`, `incomplete` or `failed`); it is billed (its entry added
-to the record) when it is first seen final, by any later request to the simulator.
+A background response is `queued` when created, `in_progress` until its run has passed
+(`latency_ms`, and at least `background_ms`: OpenAI's take seconds), then final
+(`completed`, `incomplete` or `failed`); it is billed (its entry added to the record) when
+it is first seen final, by any later request to the simulator.
 
 A response belongs to the project it was created under (the `OpenAI-Project` header, or
 none): asked for under another, it is not found, as OpenAI answers.

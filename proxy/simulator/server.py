@@ -13,7 +13,9 @@ GET  /_sim/arrivals                                every request received, as se
 GET  /_sim/config     POST /_sim/config            runtime knobs (latency, payload, fault,
                                                    extra answer headers, batch delay and
                                                    completion window, how long a batch
-                                                   create reads its file, data residency)
+                                                   create reads its file, how long a
+                                                   background response runs at least,
+                                                   data residency)
 GET  /healthz
 """
 

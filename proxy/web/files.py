@@ -53,7 +53,7 @@ from proxy.upstream import Answer, response_headers
 from proxy.web.admission import body_chunks
 from proxy.web.gateway import path_of
 from proxy.web.observe import KeyRefusals
-from proxy.web.pipeline import identified_again, new_request_id
+from proxy.web.pipeline import free_headers, identified_again, new_request_id
 from proxy.web.projects import created_under
 from proxy.web.responses import error_response
 from proxy.web.runtime import Runtime
@@ -92,6 +92,7 @@ class Files:
         team = self.key_refusals.team_of(request, runtime, headers)
         if isinstance(team, Response):
             return team
+        headers.update(await free_headers(runtime, team))
         try:
             return await self._upload(request, runtime, team, headers)
         except RequestError as exc:
@@ -111,6 +112,8 @@ class Files:
         if newer is not None:
             runtime, team, _ = newer
             headers["x-tollgate-team"] = team.name
+            headers.pop("x-tollgate-budget-remaining-usd", None)
+            headers.update(await free_headers(runtime, team))
         project = runtime.config.project_of(team.name)
         try:
             purpose, upload, extra = checked_form(form)
@@ -356,6 +359,7 @@ async def scoped_listing(
     team = refusals.team_of(request, runtime, headers)
     if isinstance(team, Response):
         return team
+    headers.update(await free_headers(runtime, team))
     try:
         asked = listed_query(request, listing)
         limit = int(asked.pop("limit", listing.default_limit))
@@ -465,6 +469,7 @@ async def scoped_object(
     team = refusals.team_of(request, runtime, headers)
     if isinstance(team, Response):
         return team
+    headers.update(await free_headers(runtime, team))
     try:
         found = await runtime.ledger.stored(object_id)
         if found is None or found.team != team.name:

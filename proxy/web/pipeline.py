@@ -115,7 +115,7 @@ class Pipeline(Generic[Parsed]):
                 guard: RepeatGuard | None = None
                 if found is not None and found.repeat:
                     # A replay counts against no limit, and says the room left like any answer.
-                    replay_headers = {**headers, **await rate_headers(runtime, team)}
+                    replay_headers = {**headers, **await rate_headers(runtime, team, entry)}
                     replayed = await repeats.replay(
                         runtime, entry, team.name, found, replay_headers
                     )
@@ -149,7 +149,7 @@ class Pipeline(Generic[Parsed]):
             runtime.metrics.rate_limited(team.name, exc.per, exc.metric)
             return await refuse(runtime, entry, exc, headers)
         except RequestError as exc:
-            headers.update(await rate_headers(runtime, team))
+            headers.update(await rate_headers(runtime, team, entry))
             if not isinstance(exc, BudgetExceeded):  # which says it already
                 headers.update(await budget_headers(runtime, team, entry.user))
             return await refuse(runtime, entry, exc, headers)
@@ -264,8 +264,10 @@ async def owned_files(runtime: Runtime, team: Team, named: tuple[str, ...]) -> N
             )
 
 
-async def rate_headers(runtime: Runtime, team: Team) -> dict[str, str]:
-    """The room of `team`'s rate limits now, for an answer that counted nothing."""
+async def rate_headers(runtime: Runtime, team: Team, asked: Entry) -> dict[str, str]:
+    """The room of `team`'s rate limits now, for an answer that counted nothing: of the
+    limits a request of the model `asked` names counts against (every limit when it names
+    none yet), as the answer that counts it would say."""
     now = runtime.clock()
     pace = rates.plan(runtime.config, team, now)
     if pace is None:
@@ -274,7 +276,8 @@ async def rate_headers(runtime: Runtime, team: Team) -> dict[str, str]:
         counts = await runtime.ledger.rate_counts(pace)
     except LedgerError:
         return {}
-    return rates.headers(rates.tightest(pace.rooms(counts)), now)
+    rooms = pace.rooms(counts, asked.model_requested, asked.mainline_model)
+    return rates.headers(rates.tightest(rooms), now)
 
 
 async def budget_headers(runtime: Runtime, team: Team, user: str | None) -> dict[str, str]:
@@ -293,6 +296,13 @@ async def budget_headers(runtime: Runtime, team: Team, user: str | None) -> dict
         return {}
     left = room(budgets, totals)
     return {} if left is None else {"x-tollgate-budget-remaining-usd": usd_text(max(left, 0))}
+
+
+async def free_headers(runtime: Runtime, team: Team) -> dict[str, str]:
+    """What every answer of a free path says (a response's or a file's or a batch's own
+    paths, an upload, a listing): it cost nothing, and the room left in the tightest USD
+    budget of `team`, as an image request's answer says them."""
+    return {"x-tollgate-cost-usd": "0", **await budget_headers(runtime, team, None)}
 
 
 def identified_again(request: Request, runtime: Runtime) -> tuple[Runtime, Team, TeamKey] | None:

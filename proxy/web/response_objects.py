@@ -33,7 +33,7 @@ from proxy.upstream import response_headers
 from proxy.web.admission import read_body
 from proxy.web.gateway import path_of
 from proxy.web.observe import KeyRefusals
-from proxy.web.pipeline import new_request_id, owned_files
+from proxy.web.pipeline import free_headers, new_request_id, owned_files
 from proxy.web.projects import created_under, same_project
 from proxy.web.responses import error_response
 from proxy.web.runtime import Runtime
@@ -54,6 +54,7 @@ class ResponseObjects:
         team = self.key_refusals.team_of(request, runtime, headers)
         if isinstance(team, Response):
             return team
+        headers.update(await free_headers(runtime, team))
         try:
             row = await runtime.ledger.response(response_id)
             if row is None or row.team != team.name:
@@ -128,6 +129,7 @@ class InputTokens:
         team = self.key_refusals.team_of(request, runtime, headers)
         if isinstance(team, Response):
             return team
+        headers.update(await free_headers(runtime, team))
         config = runtime.config
         project = config.project_of(team.name)
         try:
