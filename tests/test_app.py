@@ -218,6 +218,41 @@ def test_a_reload_reads_the_files_while_the_app_goes_on_answering(
         assert app.current() is not first
 
 
+@pytest.mark.parametrize("readable", [True, False], ids=["read-again", "unreadable"])
+def test_a_worker_replaced_by_a_reload_decides_under_the_files_read_again_or_refuses(
+    tmp_path: Path, readable: bool
+) -> None:
+    """With several workers, an old worker told it was replaced (`Reloader.replaced`) may
+    still take a request: it used to admit it under the configuration the reload replaced
+    (here a key the reload revoked). It reads the files again and decides under them; if
+    it cannot, it refuses what it still takes with a 503 the SDKs retry elsewhere."""
+    write_config(tmp_path, "http://simulated/v1", teams={
+        "web": f"name: web\nkeys:\n  - {{id: k, sha256: {key_hash(KEY)}}}\n",
+    })  # fmt: skip
+    simulator = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY))
+    transport = httpx.ASGITransport(app=simulator)
+    app = create_app(load_config(tmp_path), Overrides(transport=transport), tmp_path)
+
+    with TestClient(app) as test_client:
+        assert test_client.post("/v1/images/generations", json=BODY, headers=HEADERS).is_success
+        team = tmp_path / "teams" / "web.yaml"
+        team.write_text(team.read_text().replace(key_hash(KEY), key_hash("tg_test_rotated")))
+        if not readable:  # changed again since the new workers read it, and invalid
+            (tmp_path / "tollgate.yaml").write_text("upstream: [not, a, mapping]\n")
+        assert test_client.portal is not None
+        test_client.portal.call(app.on_replaced)  # on the event loop, as a signal handler
+        answer = test_client.post("/v1/images/generations", json=BODY, headers=HEADERS)
+    if readable:
+        assert answer.status_code == 401
+        assert answer.json()["error"]["code"] == "invalid_api_key"
+    else:
+        assert answer.status_code == 503
+        assert answer.json()["error"]["type"] == "server_error"
+        assert answer.json()["error"]["code"] == "configuration_reloaded"
+        assert answer.headers["x-should-retry"] == "true"
+        assert answer.headers["connection"] == "close"
+
+
 def test_admin_refusals_are_answered_in_openai_shape(client: TestClient) -> None:
     answer = client.get("/admin/budgets")
     assert answer.status_code == 404

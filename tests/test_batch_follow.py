@@ -29,11 +29,11 @@ from proxy.web.batch_follow import (
     GONE_AFTER_S,
     GONE_POLLS,
     OUTPUT_GONE,
-    REFUSED_LOG_EVERY_S,
     BatchFollow,
     billed_line,
     within,
 )
+from proxy.web.follow import REFUSED_LOG_EVERY_S
 from proxy.web.runtime import Runtime
 from tests.conftest import write_config
 from tests.test_batches_reload_e2e import price_book

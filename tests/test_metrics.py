@@ -444,6 +444,8 @@ def test_the_exposition_has_exactly_the_catalogue_of_the_spec(metrics: Metrics) 
         "tollgate_overload_refusals": "counter",
         # Batches whose polls the upstream refuses: held, their spend unread (README, Batches).
         "tollgate_batches_refused": "gauge",
+        # And background responses whose polls the upstream refuses (README, Crashes).
+        "tollgate_background_responses_refused": "gauge",
         "tollgate_budget_limit_usd": "gauge",
         "tollgate_budget_spent_usd": "gauge",
         "tollgate_budget_reserved_usd": "gauge",

@@ -13,7 +13,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -512,3 +512,112 @@ def test_a_request_whose_key_moved_team_while_its_body_arrived_names_its_new_tea
     assert b"x-tollgate-team: brand" in head_lines, answer[:600]
     teams = {row["team"] for row in gate.query("SELECT team FROM requests")}
     assert teams == {"brand"}
+
+
+class LateFirstBody(httpx.BaseTransport):
+    """The official client's transport, but its first attempt's body stops after 10 bytes
+    (`head_sent` set) until `go_on` is set; any retry is sent whole. The status of each
+    answer is kept."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.head_sent, self.go_on = threading.Event(), threading.Event()
+        self.statuses: list[int] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if not self.statuses and not self.head_sent.is_set():
+            body = request.read()
+
+            def late() -> Iterator[bytes]:
+                yield body[:10]
+                self.head_sent.set()
+                assert self.go_on.wait(60)
+                yield body[10:]
+
+            request = httpx.Request(
+                request.method, request.url, headers=request.headers, content=late()
+            )
+        answer = self.inner.handle_request(request)
+        self.statuses.append(answer.status_code)
+        return answer
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "change"),
+    [
+        ("/v1/images/generations", "key"),
+        ("/v1/images/generations", "budget"),
+        ("/v1/files", "key"),
+        ("/v1/batches", "budget"),
+    ],
+)
+def test_with_workers_a_request_whose_body_arrives_after_a_reload_is_decided_under_the_new_one(
+    simulator: Simulator, tmp_path: Path, path: str, change: str
+) -> None:
+    """With two workers, the headers reach an old worker, then a reload revokes the key (or
+    cuts the day's budget to a micro-dollar) and replaces both workers, then the body ends.
+    The old worker, draining, used to admit the request under the configuration it was
+    replaced for: forwarded and billed ($0.21 for the image) with the revoked key, or past
+    the new limit. Told it was replaced, it now reads the files again, and refuses it under
+    them as a single worker does: 401, or 429, at once."""
+
+    def design(key: str, limit: str) -> dict[str, str]:
+        budget = f"budgets:\n  - {{period: day, limit_usd: {limit}}}\n"
+        return {"design": f"name: design\nkeys:\n  - {{id: a, sha256: {key_hash(key)}}}\n{budget}"}
+
+    write_config(
+        tmp_path, f"{simulator.url}/v1", f"admin_token: {ADMIN}\n", design(DESIGN_KEY, "1")
+    )
+    gate = start_tollgate(tmp_path, "--workers", "2")
+    uploaded = upload(gate.client(), generations("gpt-image-2", 2))
+    arrivals = f"{simulator.url}/_sim/arrivals"
+    before = [a for a in httpx.get(arrivals).json()["requests"] if a["raw_path"] == path]
+    transport = LateFirstBody()
+    sdk = openai.OpenAI(
+        base_url=f"{gate.url}/v1",
+        api_key=DESIGN_KEY,
+        max_retries=2,
+        http_client=httpx.Client(transport=transport, timeout=60),
+    )
+    expected = openai.AuthenticationError if change == "key" else openai.RateLimitError
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        try:
+            if path == "/v1/files":
+                asked = pool.submit(upload, sdk, generations("gpt-image-2", 2))
+            elif path == "/v1/batches":
+                asked = pool.submit(
+                    sdk.batches.create,
+                    input_file_id=uploaded.id,
+                    endpoint=GENERATIONS,
+                    completion_window="24h",
+                )
+            else:
+                asked = pool.submit(
+                    sdk.images.generate,
+                    model="gpt-image-2",
+                    prompt="a slow body",
+                    quality="high",
+                    size="1024x1024",
+                )
+            assert transport.head_sent.wait(60), "the request never started"
+            time.sleep(0.5)  # the headers are in: the request has taken its worker's runtime
+            revoked = change == "key"
+            key, limit = ("tg_test_rotated_0001", "1") if revoked else (DESIGN_KEY, "0.000001")
+            for name, text in design(key, limit).items():
+                (tmp_path / "teams" / f"{name}.yaml").write_text(text)
+            reload(gate)
+            transport.go_on.set()
+            with pytest.raises(expected):
+                asked.result(timeout=120)
+        finally:
+            transport.go_on.set()
+            gate.stop()
+    assert transport.statuses == [401 if change == "key" else 429]
+    after = [a for a in httpx.get(arrivals).json()["requests"] if a["raw_path"] == path]
+    assert after == before  # nothing forwarded
+    rows = gate.query("SELECT state, status, cost_nanos FROM requests")
+    assert {(r["state"], r["cost_nanos"]) for r in rows} <= {("settled", 0)}
+    assert [o["id"] for o in gate.query("SELECT id FROM stored_objects")] == [uploaded.id]

@@ -31,7 +31,9 @@
           │    └── UpstreamTimeout        504 upstream_timeout
           │         └── DeadlineExceeded  504 upstream_timeout: past `total_timeout_s`
           └── ServiceUnavailable     503 service_unavailable
-               └── Overloaded        503 server_overloaded (retry after a second)
+               ├── Overloaded        503 server_overloaded (retry after a second)
+               └── Superseded        503 configuration_reloaded: a replaced worker that
+                                     could not read the new configuration (retry)
 
 Only the web layer turns a RequestError into an HTTP answer (`proxy.web.responses`);
 only the CLI prints a ConfigError and exits.
@@ -314,6 +316,18 @@ class Overloaded(ServiceUnavailable):
     def headers(self) -> dict[str, str]:
         # Unlike a budget, this clears in moments: the SDKs wait and retry.
         return {"retry-after": "1", "x-should-retry": "true"}
+
+
+class Superseded(ServiceUnavailable):
+    """A request that reached its decision on a worker replaced by a reload (`--workers N`)
+    that could not read the new configuration: it would be admitted under the one the reload
+    replaced. The SDKs retry it, on a new connection, which a new worker takes."""
+
+    type = "server_error"
+    code = "configuration_reloaded"
+
+    def headers(self) -> dict[str, str]:
+        return {"x-should-retry": "true", "connection": "close"}
 
 
 class UpstreamTimeout(UpstreamFailure):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Iterable, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -207,6 +207,14 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.responses_refused = Gauge(
+            "tollgate_background_responses_refused",
+            "Background responses followed whose latest poll the upstream answered 401 or 403 "
+            "(the company key revoked, or its project changed): each keeps its reservation "
+            "held, as the upstream may still run and bill it, until a poll reads it again.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.overload_refusals = Counter(
             "tollgate_overload_refusals",
             "Requests refused to protect the process: inflight_bytes (503), connections "
@@ -297,12 +305,14 @@ class Metrics:
         """Count a request refused by one of its rate limits."""
         self._rate_limited(team, per, metric).inc()
 
-    def batch_refused(self, refused: bool) -> None:
-        """A followed batch's polls began (`refused`) or ceased to be answered 401 or 403."""
+    def followed_refused(self, kind: Literal["batch", "response"], refused: bool) -> None:
+        """The polls of a followed batch or background response began (`refused`) or ceased
+        to be answered 401 or 403."""
+        gauge = self.batches_refused if kind == "batch" else self.responses_refused
         if refused:
-            self.batches_refused.inc()
+            gauge.inc()
         else:
-            self.batches_refused.dec()
+            gauge.dec()
 
     def refused(self, reason: str) -> None:
         """Count a request refused to protect the process (not for a client's fault)."""

@@ -102,6 +102,7 @@ def create_app(
     # client's Host header, and lead only to a path `Gateway` refuses (`/v1/`).
     app.router.redirect_slashes = False
     gateway.app = app
+    gateway.on_replaced = reloader.replaced
     return gateway
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -44,6 +43,7 @@ from proxy.ledger import BatchLine, BilledLine, StoredObject
 from proxy.upstream import BROKEN_OFF
 from proxy.web.batch_charges import at_bounds, billed_line, share_nanos, whole_bound, within
 from proxy.web.files import read_answer
+from proxy.web.follow import REFUSED, Refusals, error_code
 from proxy.web.observe import observe
 from proxy.web.runtime import Runtime
 
@@ -74,11 +74,6 @@ GONE_AFTER_S = 900.0
 """A batch is taken as gone once `GONE_POLLS` polls in a row, the first `GONE_AFTER_S`
 seconds before the last, were answered 404: a 404 that a moment of the upstream's (or of a
 proxy before it) answers is not mistaken for a batch's end."""
-REFUSED = (401, 403)
-"""The answers to a poll that refuse the company key, not the batch."""
-REFUSED_LOG_EVERY_S = 300.0
-"""How often a batch whose polls keep being refused is logged again (it is polled every
-second)."""
 
 
 @dataclass
@@ -101,10 +96,8 @@ class BatchFollow:
     times), as no image request is; one that raised it is held to the reservation (`within`)."""
     not_found: list[float] = field(default_factory=list, compare=False)
     """When each poll of the current run of 404 answers was answered (see `GONE_POLLS`)."""
-    refused_since: float | None = field(default=None, compare=False)
-    """When the current run of polls answered 401 or 403 began (None: not refused)."""
-    refused_polls: int = field(default=0, compare=False)
-    refused_logged_at: float = field(default=-math.inf, compare=False)
+    refusals: Refusals = field(default_factory=lambda: Refusals("batch"), compare=False)
+    """The current run of polls answered 401 or 403."""
 
     async def poll(self, runtime: Runtime) -> bool:
         try:
@@ -118,14 +111,11 @@ class BatchFollow:
         if answer.status in REFUSED:
             self.refused(runtime, answer.status, body)
             return False
-        if answer.status in (200, 404) and self.refused_since is not None:
+        if answer.status in (200, 404) and (polls := self.refusals.read_again(runtime)):
             log.warning(
                 "following %s (%s): the upstream reads it again after %d refused polls",
-                self.batch_id, self.entry.id, self.refused_polls,
+                self.batch_id, self.entry.id, polls,
             )  # fmt: skip
-            self.refused_since, self.refused_polls = None, 0
-            self.refused_logged_at = -math.inf
-            runtime.metrics.batch_refused(False)
         if answer.status == 404:
             return await self.gone(runtime)
         try:
@@ -149,20 +139,15 @@ class BatchFollow:
         """A poll answered 401 or 403: the company key is refused, and what the batch runs
         and bills cannot be read. It is never settled for it (the upstream may still run it
         and bill its lines): logged, at most every `REFUSED_LOG_EVERY_S`, and counted."""
-        now = runtime.clock()
-        if self.refused_since is None:
-            self.refused_since = now
-            runtime.metrics.batch_refused(True)
-        self.refused_polls += 1
-        if now - self.refused_logged_at < REFUSED_LOG_EVERY_S:
+        refusals = self.refusals
+        if not refusals.refused(runtime):
             return
-        self.refused_logged_at = now
         log.error(
             "following batch %s (%s, team %s): the upstream refuses the company key (%d %s) "
             "for %d polls over %.0f s; its reservation of $%s stays held, as it may still run "
             "and be billed: fix upstream.api_key or the project it was created under (%s)",
             self.batch_id, self.entry.id, self.entry.team, status, error_code(body),
-            self.refused_polls, now - self.refused_since, usd_text(self.entry.estimated_nanos),
+            refusals.polls, refusals.lasted_s(runtime), usd_text(self.entry.estimated_nanos),
             self.project or "the key's default",
         )  # fmt: skip
 
@@ -307,16 +292,6 @@ class BatchFollow:
             if index:
                 runtime.metrics.started()  # each line is a request in the metrics
             observe(runtime, line.entry, line.settlement, ())
-
-
-def error_code(body: bytes) -> str:
-    """The `error.code` of an error answer, for a log line (its message may quote a key)."""
-    try:
-        code = json.loads(body)["error"]["code"]
-    except (ValueError, KeyError, TypeError):
-        return "(no code)"
-    plain = isinstance(code, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", code, re.ASCII)
-    return code if plain else "(no code)"
 
 
 def booked_at(ended: Any, started_at: float, now: float) -> float:

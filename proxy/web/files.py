@@ -109,6 +109,9 @@ class Files:
         except AuthenticationFailed as exc:
             await form.close()
             return self.key_refusals.refuse(request, exc, headers, runtime)
+        except RequestError:  # its worker replaced by a reload: answered by `upload`
+            await form.close()
+            raise
         if newer is not None:
             runtime, team, _ = newer
             headers["x-tollgate-team"] = team.name

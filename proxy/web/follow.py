@@ -10,19 +10,29 @@ without usage releases its reservation.
 A process that stops leaves its held reservations in the ledger; the housekeeping of a
 live process adopts them (`Ledger.adopt`), and its followers pick them up (`adopted`) from
 their rows, so a restart loses nothing.
+
+A poll answered 401 or 403 (the company key revoked, or no longer allowed in the project the
+response was created under) is a configuration fault the operator fixes, and the response
+may still run and be billed upstream: it is never settled for it, and is asked again
+(`Refusals`: logged as an error when it starts and every `REFUSED_LOG_EVERY_S` while it
+lasts, counted in the `tollgate_background_responses_refused` gauge until a poll reads the
+response, or a 404, again), as a batch is (`proxy.web.batch_follow`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from proxy.core import settlement
 from proxy.core.errors import LedgerError, MalformedAnswer, RequestError
-from proxy.core.models import Entry, Settlement, Usage
+from proxy.core.models import Entry, Settlement, Usage, usd_text
 from proxy.core.settlement import Bound
 from proxy.doors import ResponsesDoor
 from proxy.ledger import HeldEntry
@@ -44,6 +54,13 @@ follow (adopted from a stopped process, or left by a settlement that failed)."""
 GONE = "response_not_found"
 """The error code of a held response the upstream no longer knows (deleted): its outcome
 is unknown, so it is charged its bound, flagged."""
+REFUSED = (401, 403)
+"""The answers to a poll that refuse the company key, not the object polled."""
+REFUSED_LOG_EVERY_S = 300.0
+"""How often an object whose polls keep being refused is logged again (it is polled every
+second)."""
+ERROR_BYTES = 64 * 1024
+"""How much of a refused poll's answer is read for its error code."""
 
 
 class Followed(Protocol):
@@ -132,12 +149,65 @@ class Followers:
                 self.following.pop(request_id, None)
 
 
+@dataclass
+class Refusals:
+    """The current run of a followed object's polls that the upstream answered 401 or 403.
+
+    What the object runs and bills cannot be read meanwhile, and it may still run and be
+    billed upstream: it is never settled for it, and keeps its reservation held. The run is
+    counted in the gauge of its `kind` (`tollgate_batches_refused`,
+    `tollgate_background_responses_refused`) while it lasts, and logged by the caller when
+    `refused` says so: at its first refusal, then every `REFUSED_LOG_EVERY_S`."""
+
+    kind: Literal["batch", "response"]
+    since: float | None = None
+    """When the run began (None: the latest poll was not refused)."""
+    polls: int = 0
+    logged_at: float = -math.inf
+
+    def refused(self, runtime: Runtime) -> bool:
+        """One more refused poll; True when it is to be logged now."""
+        now = runtime.clock()
+        if self.since is None:
+            self.since = now
+            runtime.metrics.followed_refused(self.kind, True)
+        self.polls += 1
+        if now - self.logged_at < REFUSED_LOG_EVERY_S:
+            return False
+        self.logged_at = now
+        return True
+
+    def read_again(self, runtime: Runtime) -> int:
+        """A poll was answered with the object (or a 404): the refused polls of the run that
+        ends (0 when there was none), no longer counted."""
+        if self.since is None:
+            return 0
+        polls = self.polls
+        self.since, self.polls, self.logged_at = None, 0, -math.inf
+        runtime.metrics.followed_refused(self.kind, False)
+        return polls
+
+    def lasted_s(self, runtime: Runtime) -> float:
+        return runtime.clock() - (self.since if self.since is not None else runtime.clock())
+
+
+def error_code(body: bytes) -> str:
+    """The `error.code` of an error answer, for a log line (its message may quote a key)."""
+    try:
+        code = json.loads(body)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return "(no code)"
+    plain = isinstance(code, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", code, re.ASCII)
+    return code if plain else "(no code)"
+
+
 @dataclass(frozen=True, slots=True)
 class ResponseFollow:
     """A background response (or one whose stream broke off), settled when it ends."""
 
     exchange: Exchange
     response_id: str
+    refusals: Refusals = field(default_factory=lambda: Refusals("response"), compare=False)
 
     async def poll(self, runtime: Runtime) -> bool:
         exchange, response_id = self.exchange, self.response_id
@@ -149,17 +219,30 @@ class ResponseFollow:
             log.warning("following %s: %s; will ask again", response_id, exc.message)
             return False
         meter = exchange.door.answer_meter() if answer.status == 200 else None
+        refused, error = answer.status in REFUSED, b""
         try:
             try:
                 async for chunk in answer.chunks():
                     if meter is not None:
                         meter.feed(chunk)
+                    elif refused and len(error) < ERROR_BYTES:
+                        error += chunk[: ERROR_BYTES - len(error)]
             finally:
                 await answer.aclose()
             found = meter.finish() if meter is not None else None
         except (*BROKEN_OFF, MalformedAnswer) as exc:
             log.warning("following %s: unreadable answer (%s); will ask again", response_id, exc)
             return False
+        if refused:
+            self.refused(runtime, answer.status, error)
+            return False
+        if answer.status in (200, 404):
+            polls = self.refusals.read_again(runtime)
+            if polls:
+                log.warning(
+                    "following %s (%s): the upstream reads it again after %d refused polls",
+                    response_id, exchange.entry.id, polls,
+                )  # fmt: skip
         if answer.status == 404:
             verdict = settlement.unknown(exchange.bound, GONE)
         elif found is None or found.pending:
@@ -173,6 +256,22 @@ class ResponseFollow:
             log.error("settling %s failed: %s", response_id, exc)
             return False
         return True
+
+    def refused(self, runtime: Runtime, status: int, body: bytes) -> None:
+        """A poll answered 401 or 403: the company key is refused, and whether the response
+        ended, and what it billed, cannot be read. It is never settled for it (it may still
+        run and be billed): logged, at most every `REFUSED_LOG_EVERY_S`, and counted."""
+        refusals, entry = self.refusals, self.exchange.entry
+        if not refusals.refused(runtime):
+            return
+        log.error(
+            "following response %s (%s, team %s): the upstream refuses the company key (%d %s) "
+            "for %d polls over %.0f s; its reservation of $%s stays held, as it may still run "
+            "and be billed: fix upstream.api_key or the project it was created under (%s)",
+            self.response_id, entry.id, entry.team, status, error_code(body), refusals.polls,
+            refusals.lasted_s(runtime), usd_text(entry.estimated_nanos),
+            self.exchange.project or "the key's default",
+        )  # fmt: skip
 
 
 async def charge_bound(runtime: Runtime, held: HeldEntry, upstream_id: str) -> None:

@@ -67,6 +67,9 @@ class Gateway:
         self.runtime: Runtime | None = None
         """The runtime in force (None until the app has started): replaced whole on reload;
         each request reads it once, when it arrives."""
+        self.on_replaced: Callable[[], None] = lambda: None
+        """What this worker does once a reload replaced it (`--workers N`):
+        `proxy.web.reload.Reloader.replaced`."""
 
     def current(self) -> Runtime:
         if self.runtime is None:

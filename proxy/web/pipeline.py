@@ -38,6 +38,7 @@ from proxy.core.errors import (
     RepeatArrived,
     RequestError,
     ServiceUnavailable,
+    Superseded,
 )
 from proxy.core.models import Counter, Entry, Outcome, Settlement, Totals, usd_text
 from proxy.core.periods import applicable, counters, zone
@@ -311,8 +312,20 @@ def identified_again(request: Request, runtime: Runtime) -> tuple[Runtime, Team,
     and key its bearer key names there (AuthenticationFailed when none does: revoked, or
     its team removed). A body may take `limits.body_timeout_s` to arrive: admitted under
     the configuration its headers found, a request went upstream with a key refused
-    everywhere else, or past a budget cut meanwhile, that long after the reload."""
+    everywhere else, or past a budget cut meanwhile, that long after the reload.
+
+    A worker that a reload replaced (`--workers N`) reads the files again then, and takes
+    their runtime as a single worker does (`proxy.web.reload.Reloader.replaced`); one that
+    could not read them is `superseded`, and a request that reaches this point there is
+    refused (Superseded: 503, which the SDKs retry on a new connection, and a new worker
+    takes), never admitted under the configuration the reload replaced."""
     newest = runtime.newest()
+    if newest.superseded:
+        raise Superseded(
+            "Tollgate's configuration was reloaded while this request arrived, and the "
+            "process that received it could not read the new one; retry (a new connection "
+            "reaches a process under the new configuration)."
+        )
     if newest is runtime:
         return None
     team, key = identify(request.headers.get("authorization"), newest.config.team_by_key_hash())

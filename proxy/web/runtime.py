@@ -119,6 +119,11 @@ class Runtime:
     in_force: Callable[[], Runtime] | None = None
     """The runtime in force now (the gateway's), which a reload may have replaced since a
     request took this one (shared by every generation)."""
+    superseded: bool = False
+    """This process is a worker that a reload replaced (`--workers N`) and that could not
+    read the configuration in force in the workers that replaced it
+    (`proxy.web.reload.Reloader.replaced`): no request may be admitted here any more
+    (`proxy.web.pipeline.identified_again`)."""
 
     def spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         return self.tasks.spawn(work)

@@ -19,6 +19,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,10 @@ LOOP = "asyncio"
 # A client may be reading a stream until its deadline: let it, then this long to answer.
 SHUTDOWN_MARGIN_S = 5
 SIMULATED_KEY = "sk-simulated-upstream"
+REPLACED = signal.SIGUSR2
+"""What the supervisor sends the workers a reload replaced, just before it stops them: each
+reads the files again, and decides the requests it still takes under them, as the workers
+that replaced it do (`proxy.web.reload.Reloader.replaced`)."""
 SUPERVISOR_CHECK_S = 0.5
 """How often a worker checks that its supervisor is alive (as often as uvicorn's supervisor
 checks its workers)."""
@@ -166,8 +171,9 @@ class Supervisor(Multiprocess):
 
     def restart_all(self) -> None:
         """Replace every worker (SIGHUP: a reload): start a new worker for each, and once
-        every one serves, stop the old ones together; if one does not start, stop the new
-        ones and keep the old ones, telling them (SIGUSR1: a reload waiting says so).
+        every one serves, stop the old ones together, telling them first that they were
+        replaced (`REPLACED`); if one does not start, stop the new ones and keep the old
+        ones, telling them (SIGUSR1: a reload waiting says so).
 
         uvicorn replaced them one at a time, waiting for each old worker to finish its
         requests in flight (up to `upstream.total_timeout_s`) before replacing the next:
@@ -202,6 +208,12 @@ class Supervisor(Multiprocess):
                 return
         old, self.processes = self.processes, fresh
         for process in old:
+            # Told first that they were replaced: a request whose body (or decision) comes
+            # after this is decided there under the files read again, or refused, never
+            # admitted under the configuration replaced.
+            if process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, REPLACED)
             process.terminate()
         self.retiring.extend(old)
 
@@ -259,8 +271,7 @@ def worker_app(options: ServeOptions) -> Gateway:
     if options.ledger_url is not None:
         same_ledger(config, options.overrides, options.ledger_url)
     replacement = Replacement(options.supervisor, options.config_path)
-    replacement.listen()
-    return create_app(
+    gateway = create_app(
         config,
         options.overrides,
         options.config_path,
@@ -268,6 +279,8 @@ def worker_app(options: ServeOptions) -> Gateway:
         replace_workers=replacement,
         settle_heap=True,
     )
+    replacement.listen(gateway.on_replaced)
+    return gateway
 
 
 REPLACED_WITHIN_S = WORKER_START_S + 30
@@ -287,12 +300,12 @@ class Replacement:
     The supervisor (`Supervisor.restart_all`) starts a new worker for every one in force,
     each reading the files, and once all of them serve, stops the old ones together: this
     worker being told to stop (SIGTERM, still handled as uvicorn handles it) is the sign
-    that every worker now serves the new files. A new worker that does not start makes the
-    supervisor keep the workers in force and tell them so (SIGUSR1).
-
-    Not covered: a connection an old worker kept alive still has its next request answered
-    under the old configuration (with `Connection: close`, see `proxy.web.connections`),
-    within the keep-alive timeout (5 s)."""
+    that every worker now serves the new files. Just before, the supervisor tells it that it
+    was replaced (`REPLACED`): it reads the files again, and what it still decides (a body
+    that came late, the next request on a connection kept alive, answered with
+    `Connection: close`, see `proxy.web.connections`) is decided under them
+    (`proxy.web.reload.Reloader.replaced`). A new worker that does not start makes the
+    supervisor keep the workers in force and tell them so (SIGUSR1)."""
 
     def __init__(self, supervisor: int | None, source: Path) -> None:
         self.supervisor = supervisor
@@ -300,9 +313,10 @@ class Replacement:
         self.stopping = False
         self.refusals = 0
 
-    def listen(self) -> None:
-        """Take note of SIGTERM and SIGUSR1. Called in the worker's main thread while
-        uvicorn serves (it makes the app then), SIGTERM being uvicorn's to act on."""
+    def listen(self, replaced: Callable[[], None]) -> None:
+        """Take note of SIGTERM and SIGUSR1, and call `replaced` on `REPLACED`. Called in the
+        worker's main thread while uvicorn serves (it makes the app then), SIGTERM being
+        uvicorn's to act on."""
         previous = signal.getsignal(signal.SIGTERM)
         if not callable(previous):
             return  # not under uvicorn's signal handling: a reload will say it got no answer
@@ -316,6 +330,7 @@ class Replacement:
 
         signal.signal(signal.SIGTERM, stopping)
         signal.signal(signal.SIGUSR1, refused)
+        signal.signal(REPLACED, lambda sig, frame: replaced())
 
     async def __call__(self) -> None:
         """Ask the supervisor, this worker's parent, to replace every worker; return once
