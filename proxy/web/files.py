@@ -30,11 +30,10 @@ from dataclasses import dataclass
 from typing import IO, Any
 from urllib.parse import parse_qsl, urlencode
 
-from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from proxy.core.budgets import allow_endpoint
 from proxy.core.errors import (
@@ -54,6 +53,7 @@ from proxy.web.gateway import path_of
 from proxy.web.observe import KeyRefusals
 from proxy.web.pipeline import for_team, identified_again
 from proxy.web.projects import created_under
+from proxy.web.responses import streamed_response
 from proxy.web.runtime import Runtime
 
 PURPOSES = ("batch", "vision", "user_data")
@@ -478,12 +478,7 @@ async def scoped_object(
             return Response(
                 body, answer.status, headers={**dict(response_headers(answer)), **headers}
             )
-        return StreamingResponse(
-            answer.chunks(),
-            status_code=answer.status,
-            headers={**dict(response_headers(answer)), **headers},
-            background=BackgroundTask(answer.aclose),
-        )
+        return streamed_response(answer, headers)
 
     return await for_team(request, runtime, refusals, serve)
 

@@ -20,9 +20,8 @@ can no longer be read for its usage.
 
 from __future__ import annotations
 
-from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from proxy.core.budgets import allow_endpoint
 from proxy.core.errors import InvalidRequest, NotFound, PreviousResponseNotFound
@@ -30,13 +29,12 @@ from proxy.core.parsing import json_object
 from proxy.core.paths import plain_query
 from proxy.core.settings import Team
 from proxy.doors.responses import read_count
-from proxy.upstream import response_headers
 from proxy.web.admission import read_body
 from proxy.web.gateway import path_of
 from proxy.web.observe import KeyRefusals
 from proxy.web.pipeline import for_team, owned_files
 from proxy.web.projects import created_under, same_project
-from proxy.web.responses import error_response
+from proxy.web.responses import error_response, streamed_response
 from proxy.web.runtime import Runtime
 
 DELETE_WAIT_POLLS = 3
@@ -83,12 +81,7 @@ class ResponseObjects:
         )
         if path_of(request).endswith("/cancel"):
             runtime.followers.nudge()
-        return StreamingResponse(
-            answer.chunks(),
-            status_code=answer.status,
-            headers={**dict(response_headers(answer)), **headers},
-            background=BackgroundTask(answer.aclose),
-        )
+        return streamed_response(answer, headers)
 
     async def settle_first(self, runtime: Runtime, request_id: str, response_id: str) -> None:
         """A held response is read for its usage before it may be deleted: by this process
@@ -158,12 +151,7 @@ class InputTokens:
             query=query,
             project=project,
         )
-        return StreamingResponse(
-            answer.chunks(),
-            status_code=answer.status,
-            headers={**dict(response_headers(answer)), **headers},
-            background=BackgroundTask(answer.aclose),
-        )
+        return streamed_response(answer, headers)
 
 
 async def websocket_refused(request: Request, runtime: Runtime) -> Response:
