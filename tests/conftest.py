@@ -147,6 +147,21 @@ def raw_serving(
         thread.join(timeout=10)
 
 
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One request as a scripted upstream reads it: its head, through the blank line, and
+    its body, as long as its content-length says."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        (
+            int(h.split(b":")[1])
+            for h in head.split(b"\r\n")
+            if h.lower().startswith(b"content-length")
+        ),
+        0,
+    )
+    return head, await reader.readexactly(length)
+
+
 @contextmanager
 def serving(app: ASGIApp) -> Iterator[str]:
     """`app` served by uvicorn on a free loopback port in a thread of this process; its URL."""
@@ -269,6 +284,22 @@ def start_tollgate(root: Path, *extra: str, ledger_url: str | None = None) -> To
         f"http://127.0.0.1:{port}/healthz",
     )
     return Tollgate(f"http://127.0.0.1:{port}", root, process, ledger_url)
+
+
+@contextmanager
+def in_front_of_raw(
+    reply: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    root: Path,
+    settings: str = "",
+) -> Iterator[Tollgate]:
+    """A Tollgate configured in `root` in front of `raw_serving(reply)`, stopped after."""
+    with raw_serving(reply) as upstream:
+        write_config(root, upstream, settings=settings)
+        tollgate = start_tollgate(root)
+        try:
+            yield tollgate
+        finally:
+            tollgate.stop()
 
 
 def query_ledger(root: Path, ledger_url: str | None, sql: str) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ from aiohttp.client_reqrep import ConnectionKey
 from proxy.core.errors import UpstreamTimeout, UpstreamUnavailable
 from proxy.simulator import SimulatorSettings, create_simulator_app
 from proxy.upstream import Answer, Upstream, response_headers, translate
-from tests.conftest import UPSTREAM_KEY, Simulator, free_port
+from tests.conftest import UPSTREAM_KEY, Simulator, free_port, read_request
 
 JSON = "application/json"
 KEY = ConnectionKey("api.openai.com", 443, True, True, None, None, None)
@@ -71,10 +71,7 @@ async def loopback(reply: Handler) -> AsyncIterator[str]:
 
 
 async def request_head(reader: asyncio.StreamReader) -> bytes:
-    head = await reader.readuntil(b"\r\n\r\n")
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            await reader.readexactly(int(line.split(b":")[1]))
+    head, _ = await read_request(reader)
     return head
 
 
