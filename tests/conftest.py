@@ -27,8 +27,13 @@ from hypothesis import settings
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import ASGIApp
 
+from proxy.config import load_config
 from proxy.core.auth import key_hash
 from proxy.ledger import Backend, open_ledger
+from proxy.simulator import SimulatorSettings, create_simulator_app
+from proxy.web.app import create_app
+from proxy.web.gateway import Gateway
+from proxy.web.runtime import Overrides
 from tests import pg
 
 UPSTREAM_KEY = "sk-upstream-real-key-for-tests"
@@ -160,6 +165,17 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
         0,
     )
     return head, await reader.readexactly(length)
+
+
+def in_process(
+    root: Path, upstream: ASGIApp | None = None, clock: Callable[[], float] | None = None
+) -> Gateway:
+    """Tollgate's app on the configuration in `root`, in front of `upstream` in this
+    process (when None, a simulator app of its own), on `clock` when given."""
+    if upstream is None:
+        upstream = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY))
+    overrides = Overrides(transport=httpx.ASGITransport(app=upstream), clock=clock)
+    return create_app(load_config(root), overrides, root)
 
 
 @contextmanager

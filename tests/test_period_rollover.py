@@ -7,15 +7,10 @@ from decimal import Decimal
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-import httpx
 from starlette.testclient import TestClient
 
-from proxy.config import load_config
 from proxy.core.auth import key_hash
-from proxy.simulator import SimulatorSettings, create_simulator_app
-from proxy.web.app import create_app
-from proxy.web.runtime import Overrides
-from tests.conftest import UPSTREAM_KEY, write_config
+from tests.conftest import in_process, write_config
 
 KEY = "tg_test_rollover_key"
 # One gpt-image-2 low 1024x1024 request with a 4-byte prompt is bounded at $0.0059.
@@ -35,12 +30,7 @@ on_exhausted: reject
     })  # fmt: skip
     paris = ZoneInfo("Europe/Paris")
     now = [datetime(2026, 11, 26, 23, 58, tzinfo=paris).timestamp()]
-    simulator = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY))
-    app = create_app(
-        load_config(tmp_path),
-        Overrides(transport=httpx.ASGITransport(app=simulator), clock=lambda: now[0]),
-        tmp_path,
-    )
+    app = in_process(tmp_path, clock=lambda: now[0])
     headers = {"authorization": f"Bearer {KEY}"}
     with TestClient(app) as client:
         first = client.post("/v1/images/generations", json=BODY, headers=headers)
@@ -74,12 +64,7 @@ on_exhausted: reject
     havana = ZoneInfo("America/Havana")
     first_pass = datetime(2026, 11, 1, 0, 30, tzinfo=havana)  # 00:30 CDT, 04:30 UTC
     now = [first_pass.timestamp()]
-    simulator = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY))
-    app = create_app(
-        load_config(tmp_path),
-        Overrides(transport=httpx.ASGITransport(app=simulator), clock=lambda: now[0]),
-        tmp_path,
-    )
+    app = in_process(tmp_path, clock=lambda: now[0])
     headers = {"authorization": f"Bearer {KEY}"}
     with TestClient(app) as client:
         first = client.post("/v1/images/generations", json=BODY, headers=headers)
