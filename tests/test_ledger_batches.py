@@ -17,7 +17,7 @@ import pytest
 
 from proxy.core.errors import LedgerError
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
-from proxy.ledger import codecs, migrate_ledger, open_ledger
+from proxy.ledger import codecs, open_ledger
 from proxy.ledger.base import (
     Backend,
     BatchLine,
@@ -29,7 +29,6 @@ from proxy.ledger.base import (
     StoredObject,
 )
 from proxy.ledger.copy import copy_between
-from proxy.ledger.sqlite import SCHEMA_VERSION
 from tests import pg
 from tests.test_ledger import SETTLED, ledger_url, take
 
@@ -472,35 +471,21 @@ V4_ROW = (
     "('old', 100.0, 101.0, 'design', 'responses', 'gpt-image-1', 'settled', 'ok', 200, "
     "4160, 1, 167000000, '[]', 'resp_old')"
 )
-
-
-def version_4_ledger(kind: str, tmp_path: Path) -> str:
-    """A ledger at schema version 4, holding one settled response."""
-    return pg.ledger_at_version(kind, tmp_path, 4, V4_ROW)
+"""One settled response, as a version 4 ledger holds it."""
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 async def test_a_version_4_ledger_migrates_and_takes_files_and_batches(
     kind: str, tmp_path: Path
 ) -> None:
-    url = version_4_ledger(kind, tmp_path)
-    try:
-        assert await migrate_ledger(url) == (4, SCHEMA_VERSION)
-        ledger = await open_ledger(url)
-        try:
-            [row] = await ledger.rows()
-            assert (row.entry.id, row.entry.custom_id) == ("old", None)
-            assert (await every_row(ledger))[0]["custom_id"] is None
-            await ledger.own(input_file(), [priced(1), priced(2), priced(3)])
-            assert await ledger.teams_of(["file-abc"]) == {"file-abc": "design"}
-            await reserve_batch(ledger)
-            assert await ledger.settle_batch("b1", [billed(1)], Settlement(ENDED, "ok", 200)) == 1
-        finally:
-            await ledger.close()
-        assert await migrate_ledger(url) == (SCHEMA_VERSION, SCHEMA_VERSION)
-    finally:
-        if kind == "postgresql":
-            pg.drop_schema(url)
+    async with pg.migrated_from(kind, tmp_path, 4, V4_ROW) as ledger:
+        [row] = await ledger.rows()
+        assert (row.entry.id, row.entry.custom_id) == ("old", None)
+        assert (await every_row(ledger))[0]["custom_id"] is None
+        await ledger.own(input_file(), [priced(1), priced(2), priced(3)])
+        assert await ledger.teams_of(["file-abc"]) == {"file-abc": "design"}
+        await reserve_batch(ledger)
+        assert await ledger.settle_batch("b1", [billed(1)], Settlement(ENDED, "ok", 200)) == 1
 
 
 # -- copies ----------------------------------------------------------------------------------
