@@ -16,8 +16,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import openai
@@ -41,6 +42,26 @@ UPSTREAM_KEY = "sk-upstream-real-key-for-tests"
 settings.register_profile("bound-deep", deadline=None, database=None)
 DESIGN_KEY = "tg_test_design_key_0001"
 RESEARCH_KEY = "tg_test_research_key_0002"
+DEADLINE_S = 60.0
+"""How long an end-to-end test waits for what Tollgate or the simulator is to do."""
+T = TypeVar("T")
+
+
+def wait_for(what: str, found: Callable[[], T | None], timeout: float = DEADLINE_S) -> T:
+    """`found()` once it is not None, asked every 50 ms; AssertionError naming `what` when
+    it is still None after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = found()
+        if value is not None:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+def nanos(usd: Decimal | str) -> int:
+    """Nano-dollars of a dollar amount (an `x-tollgate-cost-usd` header's, say)."""
+    return int(Decimal(usd) * 10**9)
 
 
 def free_port() -> int:

@@ -20,7 +20,12 @@ from starlette.testclient import TestClient
 from proxy.core.auth import key_hash
 from proxy.simulator import SimulatorSettings, create_simulator_app
 from proxy.web.batch_follow import BATCH_SPAN_S
-from tests.batches_e2e import GENERATIONS, LOW, jsonl, line, wait_for
+from tests.batches_e2e import (
+    GENERATIONS,
+    LOW,
+    jsonl,
+    line,
+)
 from tests.conftest import (
     UPSTREAM_KEY,
     Simulator,
@@ -29,6 +34,7 @@ from tests.conftest import (
     start_simulator,
     start_tollgate,
     stop,
+    wait_for,
     write_config,
 )
 

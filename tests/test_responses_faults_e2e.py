@@ -15,18 +15,16 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import DESIGN_KEY, Simulator, Tollgate
+from tests.conftest import DESIGN_KEY, Simulator, Tollgate, nanos, wait_for
 from tests.responses_e2e import (
     arrivals,
     billed,
     calm,
     check_charge,
-    nanos,
     proxy,
     record_cost,
     settled_row,
     tool,
-    wait_for,
 )
 
 __all__ = ["calm", "proxy"]  # the shared fixtures

@@ -15,15 +15,21 @@ import httpx
 import pytest
 
 from tests import pg
-from tests.batches_e2e import GENERATIONS, arrivals, generations, upload
+from tests.batches_e2e import (
+    GENERATIONS,
+    arrivals,
+    generations,
+    upload,
+)
 from tests.conftest import (
+    DEADLINE_S,
     Simulator,
     Tollgate,
     drop_ledger,
     start_tollgate,
+    wait_for,
 )
 from tests.retries_e2e import (
-    DEADLINE_S,
     IMAGE,
     LATENCY_MS,
     body,
@@ -37,7 +43,6 @@ from tests.retries_e2e import (
     post,
     sdk,
     settled,
-    wait_for,
 )
 
 

@@ -21,9 +21,16 @@ import openai
 import pytest
 
 from tests import pg
-from tests.conftest import DESIGN_KEY, Simulator, Tollgate, drop_ledger, start_tollgate
-from tests.retries_e2e import (
+from tests.conftest import (
     DEADLINE_S,
+    DESIGN_KEY,
+    Simulator,
+    Tollgate,
+    drop_ledger,
+    start_tollgate,
+    wait_for,
+)
+from tests.retries_e2e import (
     LATENCY_MS,
     body,
     clean,
@@ -38,7 +45,6 @@ from tests.retries_e2e import (
     settled,
     sim,
     stream_events,
-    wait_for,
 )
 
 PACED_MS = 6000
