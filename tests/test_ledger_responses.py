@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from proxy.ledger.base import Backend, Chooser, Owner, Reservation, ResponseRow
 from proxy.ledger.postgres import PostgresLedger
 from proxy.ledger.sqlite import SqliteLedger
 from tests import pg
-from tests.test_ledger import ALICE_DAY, DESIGN_DAY, ORG_DAY, take
+from tests.test_ledger import ALICE_DAY, DESIGN_DAY, ORG_DAY, entry, take
 
 AnyLedger = SqliteLedger | PostgresLedger
 
@@ -59,24 +60,14 @@ ANSWERED = Settlement(
 
 
 def responses_entry(request_id: str, started_at: float = 1000.0) -> Entry:
-    return Entry(
-        id=request_id,
-        started_at=started_at,
+    """`entry`'s team, key and user asking the Responses API: two image calls, unstreamed."""
+    return replace(
+        entry(request_id, started_at, 400_000_000),
         endpoint="responses",
-        team="design",
-        cost_center="CC-1042",
-        key_id="web-app",
-        user="alice",
-        model_requested="gpt-image-2",
-        model="gpt-image-2",
-        quality_requested="auto",
         quality="medium",
         size_requested="auto",
-        size="1024x1024",
-        n_requested=1,
         n=2,
         stream=False,
-        estimated_nanos=400_000_000,
         downgrades="max_tool_calls=unset->2",
         mainline_model="gpt-5.1",
         context_images=3,
