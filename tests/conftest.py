@@ -30,6 +30,7 @@ from starlette.types import ASGIApp
 
 from proxy.config import load_config
 from proxy.core.auth import key_hash
+from proxy.core.settings import Config, Team
 from proxy.ledger import Backend, open_ledger
 from proxy.simulator import SimulatorSettings, create_simulator_app
 from proxy.web.app import create_app
@@ -337,6 +338,24 @@ def in_front_of_raw(
             yield tollgate
         finally:
             tollgate.stop()
+
+
+def two_teams(root: Path, strict: str) -> Config:
+    """A configuration written in `root` and loaded, its upstream never reached: team
+    `design` (key `tg_a`) and team `strict` (key `tg_b`, then the YAML `strict`)."""
+    write_config(
+        root,
+        "http://upstream.invalid/v1",
+        teams={
+            "design": f"name: design\nkeys:\n  - {{id: a, sha256: {key_hash('tg_a')}}}\n",
+            "strict": f"name: strict\nkeys:\n  - {{id: b, sha256: {key_hash('tg_b')}}}\n" + strict,
+        },
+    )
+    return load_config(root)
+
+
+def team_named(config: Config, name: str = "design") -> Team:
+    return next(t for t in config.teams if t.name == name)
 
 
 def query_ledger(root: Path, ledger_url: str | None, sql: str) -> list[dict[str, Any]]:
