@@ -380,6 +380,15 @@ def drop_ledger(ledger_url: str | None) -> None:
         pg.drop_schema(ledger_url)
 
 
+@pytest.fixture
+def shared() -> Iterator[str]:
+    """A migrated PostgreSQL ledger of the test's own (a schema on the shared server), for
+    the replicas or processes that share it; dropped after."""
+    url = pg.migrated_schema()
+    yield url
+    drop_ledger(url)
+
+
 @pytest.fixture(scope="module")
 def tollgate(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
     root = tmp_path_factory.mktemp("policies")

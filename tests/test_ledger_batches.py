@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -374,13 +374,6 @@ async def test_a_batch_of_many_lines_writes_each_counter_once_and_exactly(
 
 
 # -- replicas settling together -------------------------------------------------------------
-
-
-@pytest.fixture
-def shared() -> Iterator[str]:
-    found = pg.migrated_schema()
-    yield found
-    pg.drop_schema(found)
 
 
 async def test_two_replicas_settling_one_batch_together_settle_it_once(shared: str) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,13 +23,6 @@ EVENTS = [
     b'event: image_generation.partial_image\ndata: {"partial_image_index": 1}\n\n',
     b'event: image_generation.completed\ndata: {"b64_json": "\xff\x00"}\n\n',
 ]
-
-
-@pytest.fixture
-def shared() -> Iterator[str]:
-    found = pg.migrated_schema()
-    yield found
-    pg.drop_schema(found)
 
 
 def live(request_id: str, kept_at: float = 1000.0, team: str = "design") -> KeptAnswer:

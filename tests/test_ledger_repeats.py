@@ -11,7 +11,7 @@ import contextlib
 import random
 import statistics
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,13 +31,6 @@ from tests.test_ledger import ESTIMATE, SETTLED, entry, ledger_url
 
 MB = 1024 * 1024
 HEADERS = (("content-type", "application/json"), ("x-request-id", "req_abc"))
-
-
-@pytest.fixture
-def shared() -> Iterator[str]:
-    found = pg.migrated_schema()
-    yield found
-    pg.drop_schema(found)
 
 
 async def reserve(

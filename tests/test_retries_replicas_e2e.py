@@ -14,7 +14,6 @@ from typing import Any
 import httpx
 import pytest
 
-from tests import pg
 from tests.batches_e2e import (
     GENERATIONS,
     arrivals,
@@ -25,7 +24,6 @@ from tests.conftest import (
     DEADLINE_S,
     Simulator,
     Tollgate,
-    drop_ledger,
     start_tollgate,
     wait_for,
 )
@@ -57,13 +55,6 @@ def fresh(sim: Simulator) -> Iterator[None]:
 
 
 # -- 1. replicas and workers ---------------------------------------------------------------
-
-
-@pytest.fixture
-def shared() -> Iterator[str]:
-    url = pg.migrated_schema()
-    yield url
-    drop_ledger(url)
 
 
 def test_a_retry_sent_to_another_replica_is_replayed_from_the_shared_ledger(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,11 @@ import httpx
 import openai
 import pytest
 
-from tests import pg
 from tests.conftest import (
     DEADLINE_S,
     DESIGN_KEY,
     Simulator,
     Tollgate,
-    drop_ledger,
     start_tollgate,
     wait_for,
 )
@@ -53,13 +50,6 @@ EVENTS = [*(f"partial:{i}" for i in range(3)), "completed"]
 
 
 __all__ = ["clean", "fresh", "gate", "sim"]  # the shared fixtures
-
-
-@pytest.fixture
-def shared() -> Iterator[str]:
-    url = pg.migrated_schema()
-    yield url
-    drop_ledger(url)
 
 
 def streamed(prompt: str) -> dict[str, Any]:
