@@ -16,8 +16,7 @@ import json
 import math
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -36,6 +35,7 @@ from tests.conftest import (
     Simulator,
     Tollgate,
     start_tollgate,
+    wait_for,
     write_config,
 )
 
@@ -43,7 +43,6 @@ BOOK = load_price_book()
 GENERATIONS = "/v1/images/generations"
 EDITS = "/v1/images/edits"
 ENDED = ("completed", "failed", "expired", "cancelled")
-DEADLINE_S = 60.0
 DAY = 86_400
 KEYS = {name: f"tg_test_{name}_batches_key" for name in ("strict", "tight", "closed")}
 T = TypeVar("T")
@@ -104,21 +103,7 @@ def output_tokens(usage: dict[str, Any]) -> dict[str, int]:
     }
 
 
-def nanos(header: str) -> int:
-    return int(Decimal(header) * 10**9)
-
-
 # -- waiting for conditions -----------------------------------------------------------
-
-
-def wait_for(what: str, found: Callable[[], T | None], timeout: float = DEADLINE_S) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = found()
-        if value is not None:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 def ended(client: openai.OpenAI, batch_id: str) -> Batch:

@@ -16,8 +16,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import openai
@@ -27,8 +28,14 @@ from hypothesis import settings
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import ASGIApp
 
+from proxy.config import load_config
 from proxy.core.auth import key_hash
+from proxy.core.settings import Config, Team
 from proxy.ledger import Backend, open_ledger
+from proxy.simulator import SimulatorSettings, create_simulator_app
+from proxy.web.app import create_app
+from proxy.web.gateway import Gateway
+from proxy.web.runtime import Overrides
 from tests import pg
 
 UPSTREAM_KEY = "sk-upstream-real-key-for-tests"
@@ -36,6 +43,26 @@ UPSTREAM_KEY = "sk-upstream-real-key-for-tests"
 settings.register_profile("bound-deep", deadline=None, database=None)
 DESIGN_KEY = "tg_test_design_key_0001"
 RESEARCH_KEY = "tg_test_research_key_0002"
+DEADLINE_S = 60.0
+"""How long an end-to-end test waits for what Tollgate or the simulator is to do."""
+T = TypeVar("T")
+
+
+def wait_for(what: str, found: Callable[[], T | None], timeout: float = DEADLINE_S) -> T:
+    """`found()` once it is not None, asked every 50 ms; AssertionError naming `what` when
+    it is still None after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = found()
+        if value is not None:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+def nanos(usd: Decimal | str) -> int:
+    """Nano-dollars of a dollar amount (an `x-tollgate-cost-usd` header's, say)."""
+    return int(Decimal(usd) * 10**9)
 
 
 def free_port() -> int:
@@ -145,6 +172,32 @@ def raw_serving(
         loop.call_soon_threadsafe(server.close)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One request as a scripted upstream reads it: its head, through the blank line, and
+    its body, as long as its content-length says."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        (
+            int(h.split(b":")[1])
+            for h in head.split(b"\r\n")
+            if h.lower().startswith(b"content-length")
+        ),
+        0,
+    )
+    return head, await reader.readexactly(length)
+
+
+def in_process(
+    root: Path, upstream: ASGIApp | None = None, clock: Callable[[], float] | None = None
+) -> Gateway:
+    """Tollgate's app on the configuration in `root`, in front of `upstream` in this
+    process (when None, a simulator app of its own), on `clock` when given."""
+    if upstream is None:
+        upstream = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY))
+    overrides = Overrides(transport=httpx.ASGITransport(app=upstream), clock=clock)
+    return create_app(load_config(root), overrides, root)
 
 
 @contextmanager
@@ -271,6 +324,40 @@ def start_tollgate(root: Path, *extra: str, ledger_url: str | None = None) -> To
     return Tollgate(f"http://127.0.0.1:{port}", root, process, ledger_url)
 
 
+@contextmanager
+def in_front_of_raw(
+    reply: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    root: Path,
+    settings: str = "",
+) -> Iterator[Tollgate]:
+    """A Tollgate configured in `root` in front of `raw_serving(reply)`, stopped after."""
+    with raw_serving(reply) as upstream:
+        write_config(root, upstream, settings=settings)
+        tollgate = start_tollgate(root)
+        try:
+            yield tollgate
+        finally:
+            tollgate.stop()
+
+
+def two_teams(root: Path, strict: str) -> Config:
+    """A configuration written in `root` and loaded, its upstream never reached: team
+    `design` (key `tg_a`) and team `strict` (key `tg_b`, then the YAML `strict`)."""
+    write_config(
+        root,
+        "http://upstream.invalid/v1",
+        teams={
+            "design": f"name: design\nkeys:\n  - {{id: a, sha256: {key_hash('tg_a')}}}\n",
+            "strict": f"name: strict\nkeys:\n  - {{id: b, sha256: {key_hash('tg_b')}}}\n" + strict,
+        },
+    )
+    return load_config(root)
+
+
+def team_named(config: Config, name: str = "design") -> Team:
+    return next(t for t in config.teams if t.name == name)
+
+
 def query_ledger(root: Path, ledger_url: str | None, sql: str) -> list[dict[str, Any]]:
     """Rows of `sql` on the PostgreSQL ledger `ledger_url`, else on `root`'s SQLite file."""
     if ledger_url:
@@ -291,6 +378,15 @@ def backend_url(backend: str) -> str | None:
 def drop_ledger(ledger_url: str | None) -> None:
     if ledger_url:
         pg.drop_schema(ledger_url)
+
+
+@pytest.fixture
+def shared() -> Iterator[str]:
+    """A migrated PostgreSQL ledger of the test's own (a schema on the shared server), for
+    the replicas or processes that share it; dropped after."""
+    url = pg.migrated_schema()
+    yield url
+    drop_ledger(url)
 
 
 @pytest.fixture(scope="module")

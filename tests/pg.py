@@ -18,11 +18,14 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
+
+if TYPE_CHECKING:
+    from proxy.ledger.base import Backend
 
 T = TypeVar("T")
 
@@ -130,6 +133,29 @@ def ledger_at_version(kind: str, directory: Path, version: int, *inserts: str) -
     for sql in inserts:
         fetch(url, sql)
     return url
+
+
+@contextlib.asynccontextmanager
+async def migrated_from(
+    kind: str, directory: Path, version: int, *inserts: str
+) -> AsyncIterator[Backend]:
+    """A ledger left at schema `version` holding `inserts` (`ledger_at_version`), migrated
+    to the current version and opened; once it is closed, migrating it again finds nothing
+    to do, and a PostgreSQL schema is dropped."""
+    from proxy.ledger import migrate_ledger, migrations, open_ledger
+
+    url = ledger_at_version(kind, directory, version, *inserts)
+    try:
+        assert await migrate_ledger(url) == (version, migrations.SCHEMA_VERSION)
+        ledger = await open_ledger(url)
+        try:
+            yield ledger
+        finally:
+            await ledger.close()
+        assert await migrate_ledger(url) == (migrations.SCHEMA_VERSION,) * 2
+    finally:
+        if kind == "postgresql":
+            drop_schema(url)
 
 
 class Cluster:

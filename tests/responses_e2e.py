@@ -12,9 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
-from collections.abc import Callable, Iterator
-from decimal import Decimal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,11 +23,13 @@ from proxy.config.prices import load_price_book
 from proxy.core.auth import key_hash
 from proxy.core.models import Usage
 from tests.conftest import (
+    DEADLINE_S,
     DESIGN_KEY,
     RESEARCH_KEY,
     Simulator,
     Tollgate,
     start_tollgate,
+    wait_for,
     write_config,
 )
 
@@ -37,7 +37,6 @@ BOOK = load_price_book()
 KEYS = {name: f"tg_test_{name}_responses_key" for name in ("capped", "strict", "storm")}
 PAIRS = [("gpt-5.5", "gpt-image-2"), ("gpt-4.1-mini", "gpt-image-1.5")]
 """(mainline model, image model): two of each, with different rates and token rules."""
-DEADLINE_S = 60.0
 T = TypeVar("T")
 
 
@@ -118,21 +117,7 @@ def json_cost(body: dict[str, Any], image_model: str) -> int:
     )
 
 
-def nanos(header: str) -> int:
-    return int(Decimal(header) * 10**9)
-
-
 # -- waiting for conditions -----------------------------------------------------------
-
-
-def wait_for(what: str, found: Callable[[], T | None], timeout: float = DEADLINE_S) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = found()
-        if value is not None:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 def rows_of(proxy: Tollgate, response_id: str) -> list[dict[str, Any]]:

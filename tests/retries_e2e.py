@@ -15,7 +15,6 @@ import concurrent.futures
 import io
 import time
 from collections.abc import Callable, Iterator
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,19 +24,21 @@ import pytest
 from PIL import Image
 
 from tests.conftest import (
+    DEADLINE_S,
     DESIGN_KEY,
     Simulator,
     Tollgate,
+    nanos,
     start_simulator,
     start_tollgate,
     stop,
+    wait_for,
     write_config,
 )
 from tests.responses_e2e import record_cost
 from tests.test_proxy_e2e import expected_cost
 
 T = TypeVar("T")
-DEADLINE_S = 60.0
 LATENCY_MS = 2500
 """The simulator's rendering time: longer than the clients' timeout."""
 TIMEOUT_S = 1.0
@@ -46,16 +47,6 @@ TOOL = {"type": "image_generation", **IMAGE}
 
 
 # -- waiting and the oracle ----------------------------------------------------------
-
-
-def wait_for(what: str, found: Callable[[], T | None], timeout: float = DEADLINE_S) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = found()
-        if value is not None:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 def charges(sim: Simulator) -> list[dict[str, Any]]:
@@ -80,10 +71,6 @@ def settled(gate: Tollgate, count: int, timeout: float = DEADLINE_S) -> list[dic
     wait_for(f"{count} settled rows", done, timeout)
     time.sleep(0.3)
     return wait_for(f"{count} settled rows", done, timeout)
-
-
-def nanos(usd: Decimal | str) -> int:
-    return int(Decimal(usd) * 10**9)
 
 
 def one_charge(

@@ -28,7 +28,7 @@ from proxy.web.app import create_app
 from proxy.web.passthrough import OtherPaths
 from proxy.web.pipeline import Pipeline, new_request_id
 from proxy.web.runtime import Overrides, Runtime
-from tests.conftest import UPSTREAM_KEY, write_config
+from tests.conftest import UPSTREAM_KEY, in_process, write_config
 
 KEY = "tg_test_gateway_key"
 BODY = {"model": "gpt-image-2", "prompt": "abcd", "quality": "low", "size": "1024x1024"}
@@ -40,11 +40,7 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
     write_config(tmp_path, "http://simulated/v1", teams={
         "web": f"name: web\nkeys:\n  - {{id: k, sha256: {key_hash(KEY)}}}\n",
     })  # fmt: skip
-    simulator = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY))
-    app = create_app(
-        load_config(tmp_path), Overrides(transport=httpx.ASGITransport(app=simulator)), tmp_path
-    )
-    with TestClient(app) as test_client:
+    with TestClient(in_process(tmp_path)) as test_client:
         yield test_client
 
 
@@ -310,8 +306,7 @@ def test_stored_chat_completions_are_never_passed_through(
           - {path: /v1/Chat, methods: [GET]}
     """, teams={"web": f"name: web\nkeys:\n  - {{id: k, sha256: {key_hash(KEY)}}}\n"})  # fmt: skip
     simulator = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY))
-    transport = Overrides(transport=httpx.ASGITransport(app=simulator))
-    app = create_app(load_config(tmp_path), transport, tmp_path)
+    app = in_process(tmp_path, simulator)
     with TestClient(app) as client, TestClient(simulator) as upstream:
         answer = client.request(method, target, headers=HEADERS, json={})
         assert answer.status_code == 404
@@ -343,8 +338,7 @@ def test_a_host_header_never_changes_the_path_checked_and_forwarded(
         "other": f"name: other\nkeys:\n  - {{id: k, sha256: {key_hash(other)}}}\n",
     })  # fmt: skip
     simulator = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY))
-    transport = Overrides(transport=httpx.ASGITransport(app=simulator))
-    app = create_app(load_config(tmp_path), transport, tmp_path)
+    app = in_process(tmp_path, simulator)
     with TestClient(app) as client, TestClient(simulator) as upstream:
         ids = {}
         for name, key in (("mine", KEY), ("theirs", other)):

@@ -11,40 +11,25 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.config import load_config
-from proxy.core.auth import key_hash
 from proxy.core.errors import InvalidRequest
 from proxy.core.models import Estimate, Usage
 from proxy.core.parsing import parse_request
 from proxy.core.pricing import estimate
-from proxy.core.settings import Config, Team
+from proxy.core.settings import Config
 from proxy.doors import batches
 from proxy.doors.batches import MAX_CUSTOM_ID, MAX_LINES, MAX_PROBLEMS, BatchFile, bound_now
 from proxy.ledger import BatchLine
-from tests.conftest import write_config
+from tests.conftest import team_named, two_teams
 
 GENERATIONS = "/v1/images/generations"
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> Config:
-    root = tmp_path_factory.mktemp("batch-file")
-    write_config(
-        root,
-        "http://upstream.invalid/v1",
-        teams={
-            "design": f"name: design\nkeys:\n  - {{id: a, sha256: {key_hash('tg_a')}}}\n",
-            "strict": (
-                f"name: strict\nkeys:\n  - {{id: b, sha256: {key_hash('tg_b')}}}\n"
-                "allow:\n  max_quality: medium\n  models: [gpt-image-2]\n"
-            ),
-        },
+    return two_teams(
+        tmp_path_factory.mktemp("batch-file"),
+        "allow:\n  max_quality: medium\n  models: [gpt-image-2]\n",
     )
-    return load_config(root)
-
-
-def team(config: Config, name: str = "design") -> Team:
-    return next(t for t in config.teams if t.name == name)
 
 
 def line(custom_id: str, url: str = GENERATIONS, **body: Any) -> bytes:
@@ -56,7 +41,7 @@ def line(custom_id: str, url: str = GENERATIONS, **body: Any) -> bytes:
 def read(
     config: Config, data: bytes, who: str = "design", step: int = 0
 ) -> tuple[BatchFile, bytes]:
-    batch = BatchFile(team(config, who), config)
+    batch = BatchFile(team_named(config, who), config)
     chunks = [data[i : i + step] for i in range(0, len(data), step)] if step else [data]
     out = b"".join(batch.feed(chunk) for chunk in chunks) + batch.finish()
     return batch, out
@@ -144,7 +129,7 @@ def test_an_empty_file_and_one_over_the_line_limit_are_refused(config: Config) -
     assert read(config, b"")[0].problems == [
         "the file holds no request: a batch needs at least one line"
     ]
-    many = BatchFile(team(config), config)
+    many = BatchFile(team_named(config), config)
     many._count = MAX_LINES  # as if 50,000 lines had been read
     many.feed(line("one-more") + b"\n")
     many.finish()
@@ -177,7 +162,7 @@ def test_a_long_line_arriving_in_many_chunks_is_read_in_linear_time(config: Conf
     holds three 64 MiB lines) must not be copied and searched again at every chunk, which
     took seconds and stalled every other request meanwhile."""
     data = b"x" * (32 * 1024 * 1024)
-    batch = BatchFile(team(config), config)
+    batch = BatchFile(team_named(config), config)
     started = time.monotonic()
     for at in range(0, len(data), 32 * 1024):
         assert batch.feed(data[at : at + 32 * 1024]) == b""
@@ -214,14 +199,16 @@ def test_a_file_checked_again_under_the_same_configuration_keeps_its_bound(
     config: Config,
 ) -> None:
     batch, _ = read(config, line("a") + b"\n" + line("b", n=2, quality="high"))
-    again = bound_now(team(config), config, batch.lines, Estimate(batch.usage, batch.bound_nanos))
+    again = bound_now(
+        team_named(config), config, batch.lines, Estimate(batch.usage, batch.bound_nanos)
+    )
     assert again == Estimate(batch.usage, batch.bound_nanos)
 
 
 def test_a_file_of_two_models_is_bounded_at_the_dearer_one(config: Config) -> None:
     batch, _ = read(config, line("a") + b"\n" + line("b", model="gpt-image-1-mini"))
     priced_at = Estimate(batch.usage, 1)  # as if priced at far lower rates
-    again = bound_now(team(config), config, batch.lines, priced_at)
+    again = bound_now(team_named(config), config, batch.lines, priced_at)
     dearest = max(
         config.prices.find(m).for_batch().cost(batch.usage)  # type: ignore[union-attr]
         for m in ("gpt-image-2", "gpt-image-1-mini")
@@ -232,7 +219,7 @@ def test_a_file_of_two_models_is_bounded_at_the_dearer_one(config: Config) -> No
 def test_every_line_a_tightened_policy_refuses_is_listed(config: Config) -> None:
     batch, _ = read(config, line("a", quality="high") + b"\n" + line("b", model="gpt-image-1.5"))
     with pytest.raises(InvalidRequest) as refused:
-        bound_now(team(config, "strict"), config, batch.lines, Estimate(batch.usage, 0))
+        bound_now(team_named(config, "strict"), config, batch.lines, Estimate(batch.usage, 0))
     message = refused.value.message
     assert "line 1: quality high" in message and "line 2: Team strict may not use model" in message
 

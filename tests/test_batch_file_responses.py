@@ -15,7 +15,8 @@ from proxy.core.models import Estimate
 from proxy.core.settings import Config
 from proxy.doors.batches import bound_now
 from proxy.doors.responses import ResponsesDoor
-from tests.test_batch_file import config, read, team
+from tests.conftest import team_named
+from tests.test_batch_file import config, read
 
 __all__ = ["config"]  # the shared fixture
 
@@ -46,9 +47,9 @@ def test_a_line_is_bounded_as_the_direct_door_bounds_it_at_batch_rates(config: C
     assert (priced.model, priced.mainline, priced.n) == ("gpt-image-2", "gpt-5.5", 2)
     door = ResponsesDoor()
     raw = json.dumps(body(), separators=(",", ":")).encode()
-    parsed = door.parse("application/json", raw, config, team(config))
-    direct = door.admit(team(config), parsed, config)
-    batched = door.admit(team(config), parsed, config, batch=True)
+    parsed = door.parse("application/json", raw, config, team_named(config))
+    direct = door.admit(team_named(config), parsed, config)
+    batched = door.admit(team_named(config), parsed, config, batch=True)
     assert priced.bound_nanos == batched.estimate.cost_nanos
     assert batched.estimate.usage == direct.estimate.usage  # the same tokens, cheaper
     assert direct.estimate.cost_nanos // 2 <= priced.bound_nanos < direct.estimate.cost_nanos
@@ -60,7 +61,7 @@ def test_a_line_is_capped_and_held_to_the_teams_policy_as_directly(config: Confi
     batch, out = read(config, line("a", max_tool_calls=None) + b"\n")
     assert batch.ok, batch.problems
     sent = json.loads(out)["body"]
-    assert sent["max_tool_calls"] == team(config).responses.max_tool_calls  # written in
+    assert sent["max_tool_calls"] == team_named(config).responses.max_tool_calls  # written in
     strict, _ = read(config, line("a") + b"\n", "strict")  # allow.models: gpt-image-2
     assert strict.problems == [
         "line 1: Team strict may not use model 'gpt-5.5' (allow.models: gpt-image-2)."
@@ -84,7 +85,7 @@ def test_a_mainline_model_without_batch_rates_is_refused(config: Config) -> None
 def test_checked_again_at_create_a_raised_mainline_rate_raises_the_bound(config: Config) -> None:
     batch, _ = read(config, line("a") + b"\n" + line("b") + b"\n")
     priced_at = Estimate(batch.usage, batch.bound_nanos)
-    assert bound_now(team(config), config, batch.lines, priced_at) == priced_at
+    assert bound_now(team_named(config), config, batch.lines, priced_at) == priced_at
     entry = config.prices.mainline["gpt-5.5"]
     assert entry.batch_rates is not None
     dearer = {k: v * 3 for k, v in entry.batch_rates.items()}
@@ -92,8 +93,8 @@ def test_checked_again_at_create_a_raised_mainline_rate_raises_the_bound(config:
         config.prices,
         mainline={**config.prices.mainline, "gpt-5.5": replace(entry, batch_rates=dearer)},
     )
-    again = bound_now(team(config), replace(config, prices=book), batch.lines, priced_at)
+    again = bound_now(team_named(config), replace(config, prices=book), batch.lines, priced_at)
     assert again.cost_nanos > priced_at.cost_nanos
     gone = replace(config.prices, mainline={})
     with pytest.raises(InvalidRequest, match=r"line 2: model 'gpt-5\.5' is not accepted"):
-        bound_now(team(config), replace(config, prices=gone), batch.lines, priced_at)
+        bound_now(team_named(config), replace(config, prices=gone), batch.lines, priced_at)

@@ -17,20 +17,24 @@ import openai
 import pytest
 from starlette.testclient import TestClient
 
-from proxy.config import load_config
 from proxy.core.auth import key_hash
 from proxy.simulator import SimulatorSettings, create_simulator_app
-from proxy.web.app import create_app
 from proxy.web.batch_follow import BATCH_SPAN_S
-from proxy.web.runtime import Overrides
-from tests.batches_e2e import GENERATIONS, LOW, jsonl, line, wait_for
+from tests.batches_e2e import (
+    GENERATIONS,
+    LOW,
+    jsonl,
+    line,
+)
 from tests.conftest import (
     UPSTREAM_KEY,
     Simulator,
     Tollgate,
+    in_process,
     start_simulator,
     start_tollgate,
     stop,
+    wait_for,
     write_config,
 )
 
@@ -152,11 +156,7 @@ def test_a_batch_created_before_midnight_and_ending_after_it_keeps_the_next_days
     write_config(tmp_path, "http://simulated/v1", "timezone: UTC\n", teams={"night": NIGHT})
     simulator = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY, batch_delay_ms=3000))
     now = [time.time() - DAY]
-    app = create_app(
-        load_config(tmp_path),
-        Overrides(transport=httpx.ASGITransport(app=simulator), clock=lambda: now[0]),
-        tmp_path,
-    )
+    app = in_process(tmp_path, simulator, clock=lambda: now[0])
     headers = {"authorization": f"Bearer {KEY}"}
     body = {**HIGH, **LOW}
     with TestClient(app) as client:
@@ -194,11 +194,7 @@ def test_a_batch_that_ends_past_its_span_is_booked_within_it(tmp_path: Path) -> 
     write_config(tmp_path, "http://simulated/v1", "timezone: UTC\n", teams={"night": NIGHT})
     simulator = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY, batch_delay_ms=300))
     created = time.time() - 2 * DAY
-    app = create_app(
-        load_config(tmp_path),
-        Overrides(transport=httpx.ASGITransport(app=simulator), clock=lambda: created),
-        tmp_path,
-    )
+    app = in_process(tmp_path, simulator, clock=lambda: created)
     headers = {"authorization": f"Bearer {KEY}"}
     with TestClient(app) as client:
         batch_id = batch_of(client, headers, [line("n0", {**HIGH, **LOW})])

@@ -28,7 +28,6 @@ from tests.batches_e2e import (
     generations,
     jsonl,
     line,
-    nanos,
     png_bytes,
     proxy,
     reserved_total,
@@ -36,7 +35,7 @@ from tests.batches_e2e import (
     upload,
     upstream_files,
 )
-from tests.conftest import DESIGN_KEY, RESEARCH_KEY, Simulator, Tollgate
+from tests.conftest import DESIGN_KEY, RESEARCH_KEY, Simulator, Tollgate, nanos
 
 __all__ = ["calm", "proxy"]  # the shared fixtures
 

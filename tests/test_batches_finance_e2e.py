@@ -25,7 +25,6 @@ from tests.batches_e2e import (
     ended,
     generations,
     line,
-    nanos,
     png_bytes,
     proxy,
 )
@@ -34,6 +33,7 @@ from tests.conftest import (
     UPSTREAM_KEY,
     Simulator,
     Tollgate,
+    nanos,
     start_simulator,
     start_tollgate,
     stop,

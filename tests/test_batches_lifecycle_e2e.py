@@ -36,7 +36,6 @@ from tests.batches_e2e import (
     reserved_total,
     settled_rows,
     upload,
-    wait_for,
 )
 from tests.conftest import (
     RESEARCH_KEY,
@@ -45,6 +44,7 @@ from tests.conftest import (
     Tollgate,
     drop_ledger,
     start_tollgate,
+    wait_for,
     write_config,
 )
 

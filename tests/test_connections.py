@@ -83,6 +83,19 @@ async def answered(app: Recorder, count: int) -> None:
     raise AssertionError("the request was never answered")
 
 
+def held_back(app: Recorder) -> tuple[GuardedProtocol, Transport, asyncio.Event]:
+    """A connection whose requests `app` answers only once the event returned is set."""
+    release = asyncio.Event()
+
+    async def slow(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await release.wait()
+        await app(scope, receive, send)
+
+    protocol, transport = connect(*server(app, 10))
+    protocol.app = slow  # type: ignore[assignment]
+    return protocol, transport, release
+
+
 async def test_the_header_deadline_runs_while_idle_and_stops_at_the_headers() -> None:
     app = Recorder()
     protocol, transport = connect(*server(app, 10))
@@ -180,14 +193,7 @@ async def test_a_stopping_server_answers_the_next_request_of_an_idle_connection(
 
 async def test_a_stopping_server_closes_a_connection_after_its_answer_in_flight() -> None:
     app = Recorder()
-    release = asyncio.Event()
-
-    async def slow(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        await release.wait()
-        await app(scope, receive, send)
-
-    protocol, transport = connect(*server(app, 10))
-    protocol.app = slow  # type: ignore[assignment]
+    protocol, transport, release = held_back(app)
     protocol.data_received(REQUEST)
     await asyncio.sleep(0)
     protocol.shutdown()
@@ -228,14 +234,7 @@ async def test_garbage_pipelined_after_a_request_is_refused_after_its_answer() -
     then the 400, not the 400 instead (uvicorn's, written at once, and the connection closed
     under the answer still being made)."""
     app = Recorder()
-    release = asyncio.Event()
-
-    async def slow(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        await release.wait()
-        await app(scope, receive, send)
-
-    protocol, transport = connect(*server(app, 10))
-    protocol.app = slow  # type: ignore[assignment]
+    protocol, transport, release = held_back(app)
     protocol.data_received(REQUEST + REQUEST + b"GARBAGE\r\n\r\n")
     protocol.data_received(b"more garbage\r\n\r\n")
     await asyncio.sleep(0)
@@ -293,14 +292,7 @@ async def test_headers_within_the_bound_are_served_however_they_arrive() -> None
 
 async def test_headers_past_the_bound_after_a_request_wait_for_its_answer() -> None:
     app = Recorder()
-    release = asyncio.Event()
-
-    async def slow(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        await release.wait()
-        await app(scope, receive, send)
-
-    protocol, transport = connect(*server(app, 10))
-    protocol.app = slow  # type: ignore[assignment]
+    protocol, transport, release = held_back(app)
     protocol.data_received(REQUEST + b"GET /healthz HTTP/1.1\r\nx-pad: ")
     for _ in range(MAX_HEADER_BYTES // 4096 + 1):
         protocol.data_received(b"a" * 4096)

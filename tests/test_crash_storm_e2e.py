@@ -19,7 +19,6 @@ from tests import pg
 from tests.conftest import (
     Simulator,
     Tollgate,
-    drop_ledger,
     free_port,
     start_tollgate,
     workers_of,
@@ -27,13 +26,6 @@ from tests.conftest import (
 from tests.test_budgets_e2e import ONE, fire, storm_config
 
 FITS = 40
-
-
-@pytest.fixture
-def shared() -> Iterator[str]:
-    url = pg.migrated_schema()
-    yield url
-    drop_ledger(url)
 
 
 def wait_for_no_reservation(gate: Tollgate) -> None:

@@ -6,39 +6,24 @@ import json
 
 import pytest
 
-from proxy.config import load_config
-from proxy.core.auth import key_hash
 from proxy.core.budgets import Variant
 from proxy.core.errors import InvalidRequest, PolicyViolation, UnpricedModel, UpstreamUnavailable
 from proxy.core.models import Change, Usage
-from proxy.core.settings import Config, Team
+from proxy.core.settings import Config
 from proxy.core.settlement import StreamEnd
 from proxy.doors import Door, ImagesDoor
 from proxy.doors.images import ImageEvents
-from tests.conftest import write_config
+from tests.conftest import team_named, two_teams
 
 JSON = "application/json"
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> Config:
-    root = tmp_path_factory.mktemp("doors")
-    write_config(
-        root,
-        "http://upstream.invalid/v1",
-        teams={
-            "design": f"name: design\nkeys:\n  - {{id: a, sha256: {key_hash('tg_a')}}}\n",
-            "strict": (
-                f"name: strict\nkeys:\n  - {{id: b, sha256: {key_hash('tg_b')}}}\n"
-                "allow:\n  models: [gpt-image-1]\n"
-            ),
-        },
+    return two_teams(
+        tmp_path_factory.mktemp("doors"),
+        "allow:\n  models: [gpt-image-1]\n",
     )
-    return load_config(root)
-
-
-def team(config: Config, name: str) -> Team:
-    return next(t for t in config.teams if t.name == name)
 
 
 def body(**fields: object) -> bytes:
@@ -67,28 +52,28 @@ def test_the_images_door_is_a_door() -> None:
 
 def test_a_body_without_model_gets_the_default_and_says_so(config: Config) -> None:
     door = ImagesDoor("generations")
-    parsed = door.parse(JSON, body(quality="low"), config, team(config, "design"))
+    parsed = door.parse(JSON, body(quality="low"), config, team_named(config, "design"))
     assert door.request(parsed).model == config.default_model
     assert not door.names_model(parsed)
     assert door.names_model(
-        door.parse(JSON, body(model="gpt-image-1"), config, team(config, "design"))
+        door.parse(JSON, body(model="gpt-image-1"), config, team_named(config, "design"))
     )
 
 
 def test_a_body_it_cannot_read_is_an_invalid_request(config: Config) -> None:
     with pytest.raises(InvalidRequest):
-        ImagesDoor("generations").parse(JSON, b"{", config, team(config, "design"))
+        ImagesDoor("generations").parse(JSON, b"{", config, team_named(config, "design"))
 
 
 def test_admit_prices_the_model_and_applies_the_allow_policy(config: Config) -> None:
     door = ImagesDoor("generations")
-    unpriced = door.parse(JSON, body(model="gpt-image-0"), config, team(config, "design"))
+    unpriced = door.parse(JSON, body(model="gpt-image-0"), config, team_named(config, "design"))
     with pytest.raises(UnpricedModel):
-        door.admit(team(config, "design"), unpriced, config)
-    other = door.parse(JSON, body(model="gpt-image-2"), config, team(config, "design"))
+        door.admit(team_named(config, "design"), unpriced, config)
+    other = door.parse(JSON, body(model="gpt-image-2"), config, team_named(config, "design"))
     with pytest.raises(PolicyViolation):
-        door.admit(team(config, "strict"), other, config)
-    variant = door.admit(team(config, "design"), other, config)
+        door.admit(team_named(config, "strict"), other, config)
+    variant = door.admit(team_named(config, "design"), other, config)
     assert variant.model.name == "gpt-image-2"
     assert variant.estimate.cost_nanos > 0
 
@@ -98,9 +83,9 @@ def test_the_bytes_forwarded_are_written_from_the_parse_with_the_downgrades(
 ) -> None:
     door = ImagesDoor("generations")
     parsed = door.parse(
-        JSON, body(model="gpt-image-1", quality="high"), config, team(config, "design")
+        JSON, body(model="gpt-image-1", quality="high"), config, team_named(config, "design")
     )
-    variant = door.admit(team(config, "design"), parsed, config)
+    variant = door.admit(team_named(config, "design"), parsed, config)
     lower = Variant(
         variant.request.with_changes(quality="low"),
         variant.model,

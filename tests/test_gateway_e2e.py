@@ -223,6 +223,48 @@ def test_requests_with_a_bad_key_are_counted_but_never_written_to_the_ledger(
     assert log.count("for their key") <= 4  # throttled: not one line per request
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "endpoint", "status"),
+    [
+        ("POST", "/v1/files", "files", 400),
+        ("POST", "/v1/responses/input_tokens", "responses", 400),
+        ("GET", "/v1/responses/resp_unknown", "responses", 404),
+        ("GET", "/v1/files/file_unknown", "files", 404),
+        ("GET", "/v1/files?limit=0", "files", 400),
+    ],
+    ids=["upload", "input_tokens", "stored_response", "file", "file_listing"],
+)
+def test_requests_that_leave_no_row_are_refused_for_their_key_and_answered_with_their_ids(
+    gate: Tollgate, simulator: Simulator, method: str, path: str, endpoint: str, status: int
+) -> None:
+    """An upload, an input token count, a stored response's or file's path, a listing: an
+    unknown key is refused 401 (counted under the endpoint, free), and a known key's bad
+    request answered in OpenAI's shape; either answer names its request id, the second its
+    team too."""
+    before = len(forwarded(simulator))
+    rows = requests_rows(gate)
+    invalid = unauthenticated(gate, endpoint, "invalid_key")
+    body = b'{"input": "x"}'
+    plain = {"content-type": "text/plain"}
+    with httpx.Client(base_url=gate.url, timeout=30) as client:
+        refused = client.request(
+            method, path, content=body, headers={**keyed("tg_bogus_key_0001"), **plain}
+        )
+        known = client.request(method, path, content=body, headers={**keyed(), **plain})
+    assert refused.status_code == 401
+    assert refused.json()["error"]["code"] == "invalid_api_key"
+    assert refused.headers["x-tollgate-request-id"].startswith("tg_req_")
+    assert refused.headers["x-tollgate-cost-usd"] == "0"
+    assert "x-tollgate-team" not in refused.headers
+    assert unauthenticated(gate, endpoint, "invalid_key") == invalid + 1
+    assert known.status_code == status, known.text
+    assert set(known.json()["error"]) == {"message", "type", "param", "code"}
+    assert known.headers["x-tollgate-request-id"].startswith("tg_req_")
+    assert known.headers["x-tollgate-team"] == "design"
+    assert requests_rows(gate) == rows
+    assert len(forwarded(simulator)) == before
+
+
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "PROPFIND"]
 PATHS = [
     "/v1/images/generations",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ import pytest
 
 from proxy.core.errors import LedgerError
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
-from proxy.ledger import codecs, migrate_ledger, open_ledger
+from proxy.ledger import codecs, open_ledger
 from proxy.ledger.base import (
     Backend,
     BatchLine,
@@ -30,7 +30,6 @@ from proxy.ledger.base import (
     UserShare,
 )
 from proxy.ledger.copy import copy_between
-from proxy.ledger.sqlite import SCHEMA_VERSION
 from tests import pg
 from tests.test_ledger import SETTLED, ledger_url, take
 
@@ -463,13 +462,6 @@ async def test_a_batch_never_created_releases_each_users_share(ledger: Backend) 
 # -- replicas settling together -------------------------------------------------------------
 
 
-@pytest.fixture
-def shared() -> Iterator[str]:
-    found = pg.migrated_schema()
-    yield found
-    pg.drop_schema(found)
-
-
 async def test_two_replicas_settling_one_batch_together_settle_it_once(shared: str) -> None:
     ledger = await open_ledger(shared)
     try:
@@ -558,35 +550,21 @@ V4_ROW = (
     "('old', 100.0, 101.0, 'design', 'responses', 'gpt-image-1', 'settled', 'ok', 200, "
     "4160, 1, 167000000, '[]', 'resp_old')"
 )
-
-
-def version_4_ledger(kind: str, tmp_path: Path) -> str:
-    """A ledger at schema version 4, holding one settled response."""
-    return pg.ledger_at_version(kind, tmp_path, 4, V4_ROW)
+"""One settled response, as a version 4 ledger holds it."""
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 async def test_a_version_4_ledger_migrates_and_takes_files_and_batches(
     kind: str, tmp_path: Path
 ) -> None:
-    url = version_4_ledger(kind, tmp_path)
-    try:
-        assert await migrate_ledger(url) == (4, SCHEMA_VERSION)
-        ledger = await open_ledger(url)
-        try:
-            [row] = await ledger.rows()
-            assert (row.entry.id, row.entry.custom_id) == ("old", None)
-            assert (await every_row(ledger))[0]["custom_id"] is None
-            await ledger.own(input_file(), [priced(1), priced(2), priced(3)])
-            assert await ledger.teams_of(["file-abc"]) == {"file-abc": "design"}
-            await reserve_batch(ledger)
-            assert await ledger.settle_batch("b1", [billed(1)], Settlement(ENDED, "ok", 200)) == 1
-        finally:
-            await ledger.close()
-        assert await migrate_ledger(url) == (SCHEMA_VERSION, SCHEMA_VERSION)
-    finally:
-        if kind == "postgresql":
-            pg.drop_schema(url)
+    async with pg.migrated_from(kind, tmp_path, 4, V4_ROW) as ledger:
+        [row] = await ledger.rows()
+        assert (row.entry.id, row.entry.custom_id) == ("old", None)
+        assert (await every_row(ledger))[0]["custom_id"] is None
+        await ledger.own(input_file(), [priced(1), priced(2), priced(3)])
+        assert await ledger.teams_of(["file-abc"]) == {"file-abc": "design"}
+        await reserve_batch(ledger)
+        assert await ledger.settle_batch("b1", [billed(1)], Settlement(ENDED, "ok", 200)) == 1
 
 
 # -- copies ----------------------------------------------------------------------------------

@@ -7,16 +7,14 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from proxy.ledger import migrate_ledger, open_ledger
+from proxy.ledger import open_ledger
 from proxy.ledger.base import Backend
 from proxy.ledger.kept import KeptAnswer
-from proxy.ledger.sqlite import SCHEMA_VERSION
 from tests import pg
 from tests.test_ledger_repeats import HEADERS, MB, answer, kept, reserve
 
@@ -25,13 +23,6 @@ EVENTS = [
     b'event: image_generation.partial_image\ndata: {"partial_image_index": 1}\n\n',
     b'event: image_generation.completed\ndata: {"b64_json": "\xff\x00"}\n\n',
 ]
-
-
-@pytest.fixture
-def shared() -> Iterator[str]:
-    found = pg.migrated_schema()
-    yield found
-    pg.drop_schema(found)
 
 
 def live(request_id: str, kept_at: float = 1000.0, team: str = "design") -> KeptAnswer:
@@ -245,20 +236,10 @@ async def test_a_version_6_ledger_migrates_and_keeps_live_streams(
         "INSERT INTO kept_answers (request_id, team, status, headers, body, stream, size, "
         f"kept_at) VALUES ('old', 'design', 200, '[]', {blob}, 0, 3, 100.0)"
     )
-    url = pg.ledger_at_version(kind, tmp_path, 6, whole)
-    try:
-        assert await migrate_ledger(url) == (6, SCHEMA_VERSION)
-        ledger = await open_ledger(url)
-        try:
-            old = await ledger.kept_answer("old")
-            assert old is not None and (old.body, old.live) == (b"abc", False)
-            assert await ledger.keep_answer(live("new"), MB)
-            assert await ledger.append_chunk("new", 0, EVENTS[0], 101.0, MB)
-            tail = await ledger.kept_tail("new", -1)
-            assert tail is not None and tail.answer.body == EVENTS[0]
-        finally:
-            await ledger.close()
-        assert await migrate_ledger(url) == (SCHEMA_VERSION, SCHEMA_VERSION)
-    finally:
-        if kind == "postgresql":
-            pg.drop_schema(url)
+    async with pg.migrated_from(kind, tmp_path, 6, whole) as ledger:
+        old = await ledger.kept_answer("old")
+        assert old is not None and (old.body, old.live) == (b"abc", False)
+        assert await ledger.keep_answer(live("new"), MB)
+        assert await ledger.append_chunk("new", 0, EVENTS[0], 101.0, MB)
+        tail = await ledger.kept_tail("new", -1)
+        assert tail is not None and tail.answer.body == EVENTS[0]

@@ -14,9 +14,8 @@ import pytest
 
 from proxy.core.errors import LedgerError
 from proxy.core.models import Counter, Totals
-from proxy.ledger import HeldEntry, StoredObject, migrate_ledger, open_ledger
+from proxy.ledger import HeldEntry, StoredObject, open_ledger
 from proxy.ledger.base import Backend, Chooser, Owner, Reservation
-from proxy.ledger.sqlite import SCHEMA_VERSION
 from tests import pg
 from tests.test_ledger_responses import (
     ALICE_DAY,
@@ -154,30 +153,20 @@ V8_HELD = (
 async def test_a_version_8_ledger_migrates_and_keeps_its_held_rows(
     kind: str, tmp_path: Path
 ) -> None:
-    url = pg.ledger_at_version(kind, tmp_path, 8, V8_HELD)
-    try:
-        assert await migrate_ledger(url) == (8, SCHEMA_VERSION)
-        ledger = await open_ledger(url)
-        try:
-            await ledger.register(Owner("after", "host", 1), 200.0)
-            assert await ledger.adopt(["gone"]) == 1
-            assert await ledger.held() == [("old", "resp_old")]
-            old = await ledger.held_entry("old")
-            assert old is not None and (old.entry.id, old.entry.estimated_nanos) == (
-                "old",
-                500_000_000,
-            )
-            assert (old.project, old.project_known) == (None, False)  # it recorded none
-            await ledger.reserve([], take_response("new"))  # and it takes the new rows
-            await ledger.hold("new", "resp_new", "proj_A")
-            new = await ledger.held_entry("new")
-            assert new is not None and (new.project, new.project_known) == ("proj_A", True)
-        finally:
-            await ledger.close()
-        assert await migrate_ledger(url) == (SCHEMA_VERSION, SCHEMA_VERSION)
-    finally:
-        if kind == "postgresql":
-            pg.drop_schema(url)
+    async with pg.migrated_from(kind, tmp_path, 8, V8_HELD) as ledger:
+        await ledger.register(Owner("after", "host", 1), 200.0)
+        assert await ledger.adopt(["gone"]) == 1
+        assert await ledger.held() == [("old", "resp_old")]
+        old = await ledger.held_entry("old")
+        assert old is not None and (old.entry.id, old.entry.estimated_nanos) == (
+            "old",
+            500_000_000,
+        )
+        assert (old.project, old.project_known) == (None, False)  # it recorded none
+        await ledger.reserve([], take_response("new"))  # and it takes the new rows
+        await ledger.hold("new", "resp_new", "proj_A")
+        new = await ledger.held_entry("new")
+        assert new is not None and (new.project, new.project_known) == ("proj_A", True)
 
 
 # -- schema version 10 -----------------------------------------------------------------------
@@ -199,24 +188,14 @@ V9_FILE = (
 async def test_a_version_9_ledger_migrates_and_its_objects_projects_are_unknown(
     kind: str, tmp_path: Path
 ) -> None:
-    url = pg.ledger_at_version(kind, tmp_path, 9, V9_SETTLED, V9_FILE)
-    try:
-        assert await migrate_ledger(url) == (9, SCHEMA_VERSION)
-        ledger = await open_ledger(url)
-        try:
-            old = await ledger.response("resp_old")
-            assert old is not None and (old.team, old.project, old.project_known) == (
-                "design",
-                None,
-                False,
-            )
-            stored = await ledger.stored("file-old")
-            assert stored is not None and (stored.lines, stored.project_known) == (2, False)
-            await ledger.own(BATCH_FILE)  # and it takes the new objects
-            assert await ledger.stored(BATCH_FILE.id) == BATCH_FILE
-        finally:
-            await ledger.close()
-        assert await migrate_ledger(url) == (SCHEMA_VERSION, SCHEMA_VERSION)
-    finally:
-        if kind == "postgresql":
-            pg.drop_schema(url)
+    async with pg.migrated_from(kind, tmp_path, 9, V9_SETTLED, V9_FILE) as ledger:
+        old = await ledger.response("resp_old")
+        assert old is not None and (old.team, old.project, old.project_known) == (
+            "design",
+            None,
+            False,
+        )
+        stored = await ledger.stored("file-old")
+        assert stored is not None and (stored.lines, stored.project_known) == (2, False)
+        await ledger.own(BATCH_FILE)  # and it takes the new objects
+        assert await ledger.stored(BATCH_FILE.id) == BATCH_FILE

@@ -11,7 +11,7 @@ import contextlib
 import random
 import statistics
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,24 +21,16 @@ import pytest
 
 from proxy.core.errors import RepeatArrived
 from proxy.core.models import Counter, Settlement, Totals
-from proxy.ledger import migrate_ledger, open_ledger
+from proxy.ledger import open_ledger
 from proxy.ledger.base import Backend, Reservation
 from proxy.ledger.copy import copy_between
 from proxy.ledger.kept import KeptAnswer, RepeatGuard
 from proxy.ledger.postgres import SQL
-from proxy.ledger.sqlite import SCHEMA_VERSION
 from tests import pg
 from tests.test_ledger import ESTIMATE, SETTLED, entry, ledger_url
 
 MB = 1024 * 1024
 HEADERS = (("content-type", "application/json"), ("x-request-id", "req_abc"))
-
-
-@pytest.fixture
-def shared() -> Iterator[str]:
-    found = pg.migrated_schema()
-    yield found
-    pg.drop_schema(found)
 
 
 async def reserve(
@@ -353,38 +345,24 @@ V5_ROW = (
     "('old', 100.0, 101.0, 'design', 'generations', 'gpt-image-1', 'settled', 'ok', 200, "
     "4160, 1, 167000000, '[]')"
 )
-
-
-def version_5_ledger(kind: str, tmp_path: Path) -> str:
-    """A ledger at schema version 5, holding one settled request."""
-    return pg.ledger_at_version(kind, tmp_path, 5, V5_ROW)
+"""One settled request, as a version 5 ledger holds it."""
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 async def test_a_version_5_ledger_migrates_and_keeps_answers(kind: str, tmp_path: Path) -> None:
-    url = version_5_ledger(kind, tmp_path)
-    try:
-        assert await migrate_ledger(url) == (5, SCHEMA_VERSION)
-        ledger = await open_ledger(url)
-        try:
-            [row] = await ledger.rows()
-            assert (row.entry.id, row.entry.content_digest, row.entry.idempotency_key) == (
-                "old",
-                None,
-                None,
-            )
-            assert await ledger.first_attempt("design", 0.0, content="digest-a") is None
-            await reserve(ledger, "new", 200.0, key="key-1")
-            found = await ledger.first_attempt("design", 0.0, key="key-1")
-            assert found is not None and found.request_id == "new"
-            assert await ledger.keep_answer(answer("new"), MB)
-            assert await ledger.kept_answer("new") == answer("new")
-        finally:
-            await ledger.close()
-        assert await migrate_ledger(url) == (SCHEMA_VERSION, SCHEMA_VERSION)
-    finally:
-        if kind == "postgresql":
-            pg.drop_schema(url)
+    async with pg.migrated_from(kind, tmp_path, 5, V5_ROW) as ledger:
+        [row] = await ledger.rows()
+        assert (row.entry.id, row.entry.content_digest, row.entry.idempotency_key) == (
+            "old",
+            None,
+            None,
+        )
+        assert await ledger.first_attempt("design", 0.0, content="digest-a") is None
+        await reserve(ledger, "new", 200.0, key="key-1")
+        found = await ledger.first_attempt("design", 0.0, key="key-1")
+        assert found is not None and found.request_id == "new"
+        assert await ledger.keep_answer(answer("new"), MB)
+        assert await ledger.kept_answer("new") == answer("new")
 
 
 # -- copies ----------------------------------------------------------------------------------

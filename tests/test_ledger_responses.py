@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,12 @@ import pytest
 
 from proxy.core.errors import LedgerError
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
-from proxy.ledger import migrate_ledger, open_ledger
+from proxy.ledger import open_ledger
 from proxy.ledger.base import Backend, Chooser, Owner, Reservation, ResponseRow
 from proxy.ledger.postgres import PostgresLedger
-from proxy.ledger.sqlite import SCHEMA_VERSION, SqliteLedger
+from proxy.ledger.sqlite import SqliteLedger
 from tests import pg
-from tests.test_ledger import ALICE_DAY, DESIGN_DAY, ORG_DAY, take
+from tests.test_ledger import ALICE_DAY, DESIGN_DAY, ORG_DAY, entry, take
 
 AnyLedger = SqliteLedger | PostgresLedger
 
@@ -59,24 +60,14 @@ ANSWERED = Settlement(
 
 
 def responses_entry(request_id: str, started_at: float = 1000.0) -> Entry:
-    return Entry(
-        id=request_id,
-        started_at=started_at,
+    """`entry`'s team, key and user asking the Responses API: two image calls, unstreamed."""
+    return replace(
+        entry(request_id, started_at, 400_000_000),
         endpoint="responses",
-        team="design",
-        cost_center="CC-1042",
-        key_id="web-app",
-        user="alice",
-        model_requested="gpt-image-2",
-        model="gpt-image-2",
-        quality_requested="auto",
         quality="medium",
         size_requested="auto",
-        size="1024x1024",
-        n_requested=1,
         n=2,
         stream=False,
-        estimated_nanos=400_000_000,
         downgrades="max_tool_calls=unset->2",
         mainline_model="gpt-5.1",
         context_images=3,
@@ -368,40 +359,26 @@ V3_ROW = (
     "('old', 100.0, 101.0, 'design', 'generations', 'gpt-image-1', 'settled', 'ok', 200, "
     "4160, 1, 167000000, '[]')"
 )
-
-
-def version_3_ledger(kind: str, tmp_path: Path) -> str:
-    """A ledger at schema version 3, holding one settled image row."""
-    return pg.ledger_at_version(kind, tmp_path, 3, V3_ROW)
+"""One settled image row, as a version 3 ledger holds it."""
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 async def test_a_version_3_ledger_migrates_and_reads_its_rows(kind: str, tmp_path: Path) -> None:
-    url = version_3_ledger(kind, tmp_path)
-    try:
-        assert await migrate_ledger(url) == (3, SCHEMA_VERSION)
-        ledger = await open_ledger(url)
-        try:
-            [row] = await ledger.rows()
-            assert (row.entry.id, row.entry.mainline_model, row.entry.context_images) == (
-                "old",
-                None,
-                0,
-            )
-            assert row.settlement is not None
-            assert (row.settlement.usage, row.settlement.cost_nanos) == (
-                Usage(image_output=4160, images=1),
-                167_000_000,
-            )
-            assert (row.settlement.mainline_cost_nanos, row.settlement.response_id) == (0, None)
-            assert (await exported(ledger, "old"))["held"] == 0
-            await ledger.reserve([], take_response("new"))  # and it takes the new rows
-            await ledger.hold("new", "resp_new")
-            found = await ledger.response("resp_new")
-            assert found is not None and found.request_id == "new"
-        finally:
-            await ledger.close()
-        assert await migrate_ledger(url) == (SCHEMA_VERSION, SCHEMA_VERSION)
-    finally:
-        if kind == "postgresql":
-            pg.drop_schema(url)
+    async with pg.migrated_from(kind, tmp_path, 3, V3_ROW) as ledger:
+        [row] = await ledger.rows()
+        assert (row.entry.id, row.entry.mainline_model, row.entry.context_images) == (
+            "old",
+            None,
+            0,
+        )
+        assert row.settlement is not None
+        assert (row.settlement.usage, row.settlement.cost_nanos) == (
+            Usage(image_output=4160, images=1),
+            167_000_000,
+        )
+        assert (row.settlement.mainline_cost_nanos, row.settlement.response_id) == (0, None)
+        assert (await exported(ledger, "old"))["held"] == 0
+        await ledger.reserve([], take_response("new"))  # and it takes the new rows
+        await ledger.hold("new", "resp_new")
+        found = await ledger.response("resp_new")
+        assert found is not None and found.request_id == "new"

@@ -15,22 +15,18 @@ import math
 import os
 import signal
 import time
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import openai
-import pytest
 
 from proxy.simulator.billing import BilledUsage, Entry, MainlineUsage
 from proxy.simulator.costs import line_costs
-from tests import pg
 from tests.batches_e2e import jsonl, png_bytes
 from tests.conftest import (
     Simulator,
     Tollgate,
-    drop_ledger,
     key_hash,
     start_tollgate,
     workers_of,
@@ -178,13 +174,6 @@ def check(gate: Tollgate, simulator: Simulator, billed_before: int) -> None:
     assert math.floor(billed * 10**9) <= int(usage["spent_nanos"]) + len(records)
     rows = gate.query("SELECT state FROM requests WHERE team = 'mixed'")
     assert {r["state"] for r in rows} <= {"settled", "refused"}, rows
-
-
-@pytest.fixture
-def shared() -> Iterator[str]:
-    url = pg.migrated_schema()
-    yield url
-    drop_ledger(url)
 
 
 def test_every_door_at_once_over_two_replicas_one_killed_stays_within_the_limit(

@@ -20,7 +20,15 @@ from typing import Any
 import pytest
 
 from proxy.core.auth import key_hash
-from tests.conftest import DESIGN_KEY, Simulator, Tollgate, start_tollgate, write_config
+from tests.conftest import (
+    DESIGN_KEY,
+    Simulator,
+    Tollgate,
+    nanos,
+    start_tollgate,
+    wait_for,
+    write_config,
+)
 from tests.responses_e2e import (
     NODE_PROJECT,
     TEAMS,
@@ -28,13 +36,11 @@ from tests.responses_e2e import (
     billed,
     calm,
     check_charge,
-    nanos,
     node_sdk,
     record_cost,
     rows_of,
     settled_row,
     tool,
-    wait_for,
 )
 
 __all__ = ["calm"]  # the shared fixture

@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -29,19 +28,15 @@ from openai.types import image_create_variation_params, image_edit_params, image
 from PIL import Image
 from starlette.testclient import TestClient
 
-from proxy.config import load_config
 from proxy.core.auth import key_hash
 from proxy.core.errors import InvalidRequest
 from proxy.core.models import Endpoint, ImageRequest, InputImage
 from proxy.core.parsing import ParsedBody, parse_request
-from proxy.simulator import SimulatorSettings, create_simulator_app
 from proxy.simulator.forms import parse_json
 from proxy.simulator.refusals import ApiError
 from proxy.simulator.validation import validate
-from proxy.web.app import create_app
-from proxy.web.runtime import Overrides
 from tests.bound_oracle import raw_request
-from tests.conftest import UPSTREAM_KEY, write_config
+from tests.conftest import in_process, write_config
 
 DEFAULT_MODEL = "gpt-image-2"
 # What OpenAI's Images API accepts, from the official SDK's types (not from Tollgate's list).
@@ -428,11 +423,7 @@ def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]
     write_config(root, "http://simulated/v1", teams={
         "web": f"name: web\nkeys:\n  - {{id: k, sha256: {key_hash(KEY)}}}\n",
     })  # fmt: skip
-    simulator = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY))
-    app = create_app(
-        load_config(root), Overrides(transport=httpx.ASGITransport(app=simulator)), root
-    )
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with TestClient(in_process(root), raise_server_exceptions=False) as client:
         yield client
 
 

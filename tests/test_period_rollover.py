@@ -7,40 +7,28 @@ from decimal import Decimal
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-import httpx
 from starlette.testclient import TestClient
 
-from proxy.config import load_config
 from proxy.core.auth import key_hash
-from proxy.simulator import SimulatorSettings, create_simulator_app
-from proxy.web.app import create_app
-from proxy.web.runtime import Overrides
-from tests.conftest import UPSTREAM_KEY, write_config
+from tests.conftest import in_process, write_config
 
 KEY = "tg_test_rollover_key"
 # One gpt-image-2 low 1024x1024 request with a 4-byte prompt is bounded at $0.0059.
 BODY = {"model": "gpt-image-2", "prompt": "abcd", "quality": "low", "size": "1024x1024"}
 
 
+def teams(budgets: str) -> dict[str, str]:
+    """The one team, `night`, that refuses what its `budgets` (YAML list items) exceed."""
+    keys = f"keys:\n  - {{id: k, sha256: {key_hash(KEY)}}}\n"
+    return {"night": f"name: night\n{keys}budgets:\n{budgets}on_exhausted: reject\n"}
+
+
 def test_a_day_budget_rolls_over_at_midnight_in_the_configured_time_zone(tmp_path: Path) -> None:
-    write_config(tmp_path, "http://simulated/v1", settings="timezone: Europe/Paris\n", teams={
-        "night": f"""
-name: night
-keys:
-  - {{id: k, sha256: {key_hash(KEY)}}}
-budgets:
-  - {{period: day, limit_usd: 0.007}}
-on_exhausted: reject
-""",
-    })  # fmt: skip
+    night = "  - {period: day, limit_usd: 0.007}\n"
+    write_config(tmp_path, "http://simulated/v1", "timezone: Europe/Paris\n", teams(night))
     paris = ZoneInfo("Europe/Paris")
     now = [datetime(2026, 11, 26, 23, 58, tzinfo=paris).timestamp()]
-    simulator = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY))
-    app = create_app(
-        load_config(tmp_path),
-        Overrides(transport=httpx.ASGITransport(app=simulator), clock=lambda: now[0]),
-        tmp_path,
-    )
+    app = in_process(tmp_path, clock=lambda: now[0])
     headers = {"authorization": f"Bearer {KEY}"}
     with TestClient(app) as client:
         first = client.post("/v1/images/generations", json=BODY, headers=headers)
@@ -60,26 +48,12 @@ def test_a_day_budget_holds_through_an_hour_repeated_after_local_midnight(
 ) -> None:
     """Havana turns its clocks back from 01:00 to 00:00: midnight happens twice on that day,
     and the repeated hour is still the same day, counted in the same window."""
-    write_config(tmp_path, "http://simulated/v1", settings="timezone: America/Havana\n", teams={
-        "night": f"""
-name: night
-keys:
-  - {{id: k, sha256: {key_hash(KEY)}}}
-budgets:
-  - {{period: day, limit_usd: 0.007}}
-  - {{period: month, limit_usd: 0.007}}
-on_exhausted: reject
-""",
-    })  # fmt: skip
+    night = "  - {period: day, limit_usd: 0.007}\n  - {period: month, limit_usd: 0.007}\n"
+    write_config(tmp_path, "http://simulated/v1", "timezone: America/Havana\n", teams(night))
     havana = ZoneInfo("America/Havana")
     first_pass = datetime(2026, 11, 1, 0, 30, tzinfo=havana)  # 00:30 CDT, 04:30 UTC
     now = [first_pass.timestamp()]
-    simulator = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY))
-    app = create_app(
-        load_config(tmp_path),
-        Overrides(transport=httpx.ASGITransport(app=simulator), clock=lambda: now[0]),
-        tmp_path,
-    )
+    app = in_process(tmp_path, clock=lambda: now[0])
     headers = {"authorization": f"Bearer {KEY}"}
     with TestClient(app) as client:
         first = client.post("/v1/images/generations", json=BODY, headers=headers)

@@ -7,11 +7,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from proxy.config import load_config
 from proxy.core.auth import key_hash
 from proxy.core.budgets import Decision, Variant
 from proxy.core.errors import BudgetExceeded
@@ -22,12 +20,9 @@ from proxy.core.settings import Config, Limits, Team
 from proxy.core.settlement import Bound
 from proxy.doors import AnswerMeter, ImagesDoor, StreamMeter
 from proxy.ledger import Row
-from proxy.simulator import SimulatorSettings, create_simulator_app
-from proxy.web.app import create_app
 from proxy.web.gateway import Gateway
 from proxy.web.pipeline import Pipeline
-from proxy.web.runtime import Overrides
-from tests.conftest import UPSTREAM_KEY, write_config
+from tests.conftest import in_process, write_config
 
 KEY = "tg_test_pipeline_key"
 HEADERS = {"authorization": f"Bearer {KEY}"}
@@ -131,10 +126,7 @@ def app(tmp_path: Path) -> Iterator[Gateway]:
     write_config(tmp_path, "http://simulated/v1", teams={
         "web": f"name: web\nkeys:\n  - {{id: k, sha256: {key_hash(KEY)}}}\n",
     })  # fmt: skip
-    simulator = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY))
-    yield create_app(
-        load_config(tmp_path), Overrides(transport=httpx.ASGITransport(app=simulator)), tmp_path
-    )
+    yield in_process(tmp_path)
 
 
 def plug(app: Gateway, door: SpyDoor) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -17,13 +16,11 @@ import openai
 import pytest
 
 from proxy.core.auth import key_hash
-from tests import pg
 from tests.conftest import (
     DESIGN_KEY,
     RESEARCH_KEY,
     Simulator,
     Tollgate,
-    drop_ledger,
     start_tollgate,
     write_config,
 )
@@ -79,13 +76,6 @@ async def flood(url: str, key: str, count: int, n: int = 4) -> list[int]:
             return answer.status_code
 
         return list(await asyncio.gather(*(one() for _ in range(count))))
-
-
-@pytest.fixture
-def shared() -> Iterator[str]:
-    url = pg.migrated_schema()
-    yield url
-    drop_ledger(url)
 
 
 def images(proxy: Tollgate, team: str) -> int:

@@ -6,15 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
 from starlette.testclient import TestClient
 
-from proxy.config import load_config
 from proxy.core.auth import key_hash
-from proxy.simulator import SimulatorSettings, create_simulator_app
-from proxy.web.app import create_app
-from proxy.web.runtime import Overrides
-from tests.conftest import UPSTREAM_KEY, write_config
+from tests.conftest import in_process, write_config
 
 ADMIN = "tg_admin_rates_reload"
 KEYS = {name: f"tg_test_rates_reload_{name}" for name in ("design", "research", "ops")}
@@ -61,12 +56,7 @@ def test_a_share_taken_away_mid_minute_keeps_the_organization_within_its_limit(
     tmp_path: Path,
 ) -> None:
     write_config(tmp_path, "http://simulated/v1", SETTINGS, teams=teams("0.25"))
-    simulator = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY))
-    app = create_app(
-        load_config(tmp_path),
-        Overrides(transport=httpx.ASGITransport(app=simulator), clock=lambda: NOW),
-        tmp_path,
-    )
+    app = in_process(tmp_path, clock=lambda: NOW)
     with TestClient(app) as client:
         assert admitted(client, "research", 3) == 3  # its share, whole
         write_config(tmp_path, "http://simulated/v1", SETTINGS, teams=teams(None))

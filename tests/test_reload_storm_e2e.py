@@ -289,6 +289,40 @@ def test_no_reload_moves_the_workers_to_another_ledger(
     assert 0 < spent["s"] <= 100_000_000
 
 
+def across_a_reload(
+    gate: Tollgate, path: str, media: str, body: bytes, change: Callable[[], None]
+) -> bytes:
+    """POST `body` to `path` with the design team's key on a raw connection: its headers
+    and first bytes, then `change` (the teams' files rewritten) and a reload, then the rest.
+    The answer, up to the end of its head at least."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nhost: t\r\ncontent-type: {media}\r\n"
+        f"authorization: Bearer {DESIGN_KEY}\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    port = int(gate.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(head.encode() + body[:10])
+        time.sleep(0.5)  # the headers are in: the request has taken its runtime
+        change()
+        reload(gate)
+        sock.sendall(body[10:])
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+    return answer
+
+
+def image_or_batch(gate: Tollgate, path: str, quality: str) -> bytes:
+    """The JSON body of an image request (`quality`), or of a batch of two image lines
+    uploaded first."""
+    if path == "/v1/batches":
+        uploaded = upload(gate.client(), generations("gpt-image-2", 2))
+        fields = {"input_file_id": uploaded.id, "endpoint": GENERATIONS, "completion_window": "24h"}
+    else:
+        fields = {"model": "gpt-image-2", "prompt": "a slow body", "quality": quality}
+    return json.dumps(fields).encode()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_once_a_reload_answers_a_revoked_key_works_on_no_worker(
     simulator: Simulator, tmp_path: Path, backend: str
@@ -373,30 +407,16 @@ def test_a_request_whose_body_arrives_after_a_reload_is_admitted_under_the_new_c
         tmp_path, f"{simulator.url}/v1", f"admin_token: {ADMIN}\n", design(DESIGN_KEY, "1")
     )
     gate = start_tollgate(tmp_path)
-    if path == "/v1/batches":
-        uploaded = upload(gate.client(), generations("gpt-image-2", 2))
-        fields = {"input_file_id": uploaded.id, "endpoint": GENERATIONS, "completion_window": "24h"}
-    else:
-        fields = {"model": "gpt-image-2", "prompt": "a slow body", "quality": "high"}
-    body = json.dumps(fields).encode()
-    head = (
-        f"POST {path} HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
-        f"authorization: Bearer {DESIGN_KEY}\r\ncontent-length: {len(body)}\r\n\r\n"
-    )
-    port = int(gate.url.rsplit(":", 1)[1])
+    body = image_or_batch(gate, path, "high")
+
+    def cut() -> None:
+        revoked = change == "key"
+        key, limit = ("tg_test_rotated_0001", "1") if revoked else (DESIGN_KEY, "0.000001")
+        for name, text in design(key, limit).items():
+            (tmp_path / "teams" / f"{name}.yaml").write_text(text)
+
     try:
-        with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(head.encode() + body[:10])
-            time.sleep(0.5)  # the headers are in: the request has taken its runtime
-            revoked = change == "key"
-            key, limit = ("tg_test_rotated_0001", "1") if revoked else (DESIGN_KEY, "0.000001")
-            for name, text in design(key, limit).items():
-                (tmp_path / "teams" / f"{name}.yaml").write_text(text)
-            reload(gate)
-            sock.sendall(body[10:])
-            answer = b""
-            while b"\r\n\r\n" not in answer:
-                answer += sock.recv(65536)
+        answer = across_a_reload(gate, path, "application/json", body, cut)
     finally:
         gate.stop()
     assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer[:300]
@@ -436,24 +456,15 @@ def test_an_upload_or_passthrough_whose_body_arrives_after_a_reload_revoking_its
         media = f"multipart/form-data; boundary={boundary}"
     else:
         body, media = b'{"input": "a slow body, revoked"}', "application/json"
-    head = (
-        f"POST {path} HTTP/1.1\r\nhost: t\r\ncontent-type: {media}\r\n"
-        f"authorization: Bearer {DESIGN_KEY}\r\ncontent-length: {len(body)}\r\n\r\n"
-    )
-    port = int(gate.url.rsplit(":", 1)[1])
     arrivals = f"{simulator.url}/_sim/arrivals"
     before = [a for a in httpx.get(arrivals).json()["requests"] if a["raw_path"] == path]
+
+    def revoke() -> None:
+        for name, text in design("tg_test_rotated_0001").items():
+            (tmp_path / "teams" / f"{name}.yaml").write_text(text)
+
     try:
-        with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(head.encode() + body[:10])
-            time.sleep(0.5)  # the headers are in: the request has taken its runtime
-            for name, text in design("tg_test_rotated_0001").items():
-                (tmp_path / "teams" / f"{name}.yaml").write_text(text)
-            reload(gate)
-            sock.sendall(body[10:])
-            answer = b""
-            while b"\r\n\r\n" not in answer:
-                answer += sock.recv(65536)
+        answer = across_a_reload(gate, path, media, body, revoke)
     finally:
         gate.stop()
     assert answer.startswith(b"HTTP/1.1 401 "), answer[:300]
@@ -483,28 +494,14 @@ def test_a_request_whose_key_moved_team_while_its_body_arrived_names_its_new_tea
         {"design": team("design", DESIGN_KEY), "brand": team("brand", "tg_test_brand_0001")},
     )
     gate = start_tollgate(tmp_path)
-    if path == "/v1/batches":
-        uploaded = upload(gate.client(), generations("gpt-image-2", 2))
-        fields = {"input_file_id": uploaded.id, "endpoint": GENERATIONS, "completion_window": "24h"}
-    else:
-        fields = {"model": "gpt-image-2", "prompt": "a slow body", "quality": "low"}
-    body = json.dumps(fields).encode()
-    head = (
-        f"POST {path} HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
-        f"authorization: Bearer {DESIGN_KEY}\r\ncontent-length: {len(body)}\r\n\r\n"
-    )
-    port = int(gate.url.rsplit(":", 1)[1])
+    body = image_or_batch(gate, path, "low")
+
+    def move() -> None:
+        (tmp_path / "teams" / "design.yaml").write_text(team("design", "tg_test_other_0001"))
+        (tmp_path / "teams" / "brand.yaml").write_text(team("brand", DESIGN_KEY))
+
     try:
-        with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(head.encode() + body[:10])
-            time.sleep(0.5)  # the headers are in: the request has taken its runtime
-            (tmp_path / "teams" / "design.yaml").write_text(team("design", "tg_test_other_0001"))
-            (tmp_path / "teams" / "brand.yaml").write_text(team("brand", DESIGN_KEY))
-            reload(gate)
-            sock.sendall(body[10:])
-            answer = b""
-            while b"\r\n\r\n" not in answer:
-                answer += sock.recv(65536)
+        answer = across_a_reload(gate, path, "application/json", body, move)
     finally:
         gate.stop()
     head_lines = answer.split(b"\r\n\r\n", 1)[0].lower().split(b"\r\n")

@@ -7,15 +7,10 @@ from decimal import Decimal
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-import httpx
 from starlette.testclient import TestClient
 
-from proxy.config import load_config
 from proxy.core.auth import key_hash
-from proxy.simulator import SimulatorSettings, create_simulator_app
-from proxy.web.app import create_app
-from proxy.web.runtime import Overrides
-from tests.conftest import UPSTREAM_KEY, write_config
+from tests.conftest import in_process, write_config
 
 KEY = "tg_test_reload_timezone_key"
 ADMIN = "tg_admin_reload_timezone"
@@ -40,12 +35,7 @@ def test_a_day_budget_keeps_its_spend_when_the_time_zone_changes_on_reload(
 ) -> None:
     write_config(tmp_path, "http://simulated/v1", settings("UTC"), teams={"night": TEAM})
     now = [datetime(2026, 11, 26, 12, 0, tzinfo=ZoneInfo("UTC")).timestamp()]
-    simulator = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY))
-    app = create_app(
-        load_config(tmp_path),
-        Overrides(transport=httpx.ASGITransport(app=simulator), clock=lambda: now[0]),
-        tmp_path,
-    )
+    app = in_process(tmp_path, clock=lambda: now[0])
     headers = {"authorization": f"Bearer {KEY}"}
     with TestClient(app) as client:
         first = client.post("/v1/images/generations", json=BODY, headers=headers)

@@ -45,13 +45,6 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.fixture
-def shared() -> Iterator[str]:
-    url = pg.migrated_schema()
-    yield url
-    drop_ledger(url)
-
-
 def test_a_storm_over_two_replicas_never_overspends_and_leaves_no_room_unused(
     simulator: Simulator, tmp_path: Path, shared: str
 ) -> None:

@@ -14,7 +14,8 @@ from proxy.core.errors import MalformedAnswer, UpstreamTimeout
 from proxy.core.models import Usage
 from proxy.core.settings import Config
 from proxy.doors.response_meters import ResponseAnswer, ResponseEvents, read_response
-from tests.test_responses_door import DOOR, TOOL, body, config, parse, team
+from tests.conftest import team_named
+from tests.test_responses_door import DOOR, TOOL, body, config, parse
 
 __all__ = ["config"]  # the shared fixture
 
@@ -252,7 +253,7 @@ def test_a_stream_with_two_terminal_events_is_charged_no_less_than_the_dearer(
     config: Config,
 ) -> None:
     parsed = parse(config, body(max_output_tokens=1000))
-    bound = DOOR.bound(parsed, DOOR.admit(team(config), parsed, config))
+    bound = DOOR.bound(parsed, DOOR.admit(team_named(config), parsed, config))
     big = response(tool_usage={"image_gen": {"input_tokens": 30, "output_tokens": 90_000}})
     meter = ResponseEvents()
     meter.feed(
@@ -273,7 +274,7 @@ def test_a_stream_with_two_terminal_events_is_charged_no_less_than_the_dearer(
 
 def test_a_response_is_charged_at_both_models_rates(config: Config) -> None:
     parsed = parse(config, body(max_output_tokens=1000))
-    variant = DOOR.admit(team(config), parsed, config)
+    variant = DOOR.admit(team_named(config), parsed, config)
     bound = DOOR.bound(parsed, variant)
     found = metered(response())
     verdict = settlement.metered(bound, found)
@@ -290,7 +291,7 @@ def test_a_response_is_charged_at_both_models_rates(config: Config) -> None:
 
 def test_a_response_without_usage_is_charged_its_bound_flagged(config: Config) -> None:
     parsed = parse(config, body())
-    bound = DOOR.bound(parsed, DOOR.admit(team(config), parsed, config))
+    bound = DOOR.bound(parsed, DOOR.admit(team_named(config), parsed, config))
     verdict = settlement.metered(bound, metered(response(tool_usage=None)))
     assert verdict.cost_nanos == bound.cost_nanos and verdict.charge.flagged
     assert verdict.charge.mainline_nanos == bound.mainline_nanos
@@ -298,7 +299,7 @@ def test_a_response_without_usage_is_charged_its_bound_flagged(config: Config) -
 
 def test_a_cancelled_response_without_usage_costs_nothing(config: Config) -> None:
     parsed = parse(config, body())
-    bound = DOOR.bound(parsed, DOOR.admit(team(config), parsed, config))
+    bound = DOOR.bound(parsed, DOOR.admit(team_named(config), parsed, config))
     cancelled = metered(response(status="cancelled", usage=None, tool_usage=None, output=[]))
     verdict = settlement.metered(bound, cancelled)
     assert verdict.cost_nanos == 0 and verdict.outcome == "upstream_error"
@@ -313,7 +314,7 @@ def test_a_failed_response_that_made_images_but_reports_no_usage_is_charged_its_
     reports: without usage it is charged its bound, flagged, never nothing. The images
     are known from its output (whole) or from the partial images streamed."""
     parsed = parse(config, body(stream=True, tools=[{**TOOL, "partial_images": 2}]))
-    bound = DOOR.bound(parsed, DOOR.admit(team(config), parsed, config))
+    bound = DOOR.bound(parsed, DOOR.admit(team_named(config), parsed, config))
     failed = response(status="failed", usage=None, tool_usage=None)
     whole = settlement.metered(bound, metered(failed))
     assert whole.cost_nanos == bound.cost_nanos and whole.charge.flagged

@@ -9,18 +9,16 @@ from typing import Any
 
 import pytest
 
-from proxy.config import load_config
-from proxy.core.auth import key_hash
 from proxy.core.budgets import decide
 from proxy.core.errors import InvalidRequest, PolicyViolation, UnpricedModel
 from proxy.core.models import Counter, Totals, Usage
 from proxy.core.periods import Applied, Window
 from proxy.core.pricing import estimate
-from proxy.core.settings import Budget, Config, ResponsesPolicy, Team
+from proxy.core.settings import Budget, Config, ResponsesPolicy
 from proxy.doors import ResponsesDoor
 from proxy.doors.batch_responses import response_line
 from proxy.doors.responses import HIDDEN_INPUT_TOKENS, MAINLINE_IMAGE_TOKENS, read_count
-from tests.conftest import write_config
+from tests.conftest import team_named, two_teams
 
 JSON = "application/json"
 DOOR = ResponsesDoor()
@@ -29,24 +27,11 @@ TOOL = {"type": "image_generation", "model": "gpt-image-2", "quality": "low", "s
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> Config:
-    root = tmp_path_factory.mktemp("responses")
-    write_config(
-        root,
-        "http://upstream.invalid/v1",
-        teams={
-            "design": f"name: design\nkeys:\n  - {{id: a, sha256: {key_hash('tg_a')}}}\n",
-            "strict": (
-                f"name: strict\nkeys:\n  - {{id: b, sha256: {key_hash('tg_b')}}}\n"
-                "allow:\n  models: [gpt-image-2, gpt-5-mini]\n  max_n: 2\n"
-                "responses:\n  unbounded: refuse\n"
-            ),
-        },
+    return two_teams(
+        tmp_path_factory.mktemp("responses"),
+        "allow:\n  models: [gpt-image-2, gpt-5-mini]\n  max_n: 2\n"
+        "responses:\n  unbounded: refuse\n",
     )
-    return load_config(root)
-
-
-def team(config: Config, name: str = "design") -> Team:
-    return next(t for t in config.teams if t.name == name)
 
 
 def body(**fields: Any) -> dict[str, Any]:
@@ -54,7 +39,7 @@ def body(**fields: Any) -> dict[str, Any]:
 
 
 def parse(config: Config, fields: dict[str, Any], who: str = "design") -> Any:
-    return DOOR.parse(JSON, json.dumps(fields).encode(), config, team(config, who))
+    return DOOR.parse(JSON, json.dumps(fields).encode(), config, team_named(config, who))
 
 
 def test_unbounded_requests_get_the_teams_caps_and_say_so(config: Config) -> None:
@@ -119,7 +104,7 @@ def test_a_tool_without_model_gets_the_default_model(config: Config) -> None:
     parsed = parse(config, body(tools=[{"type": "image_generation"}]))
     assert not DOOR.names_model(parsed)
     assert parsed.request.model == config.default_model
-    variant = DOOR.admit(team(config), parsed, config)
+    variant = DOOR.admit(team_named(config), parsed, config)
     sent, _ = DOOR.encode(parsed, variant)
     assert json.loads(sent)["tools"][0]["model"] == config.default_model
 
@@ -245,11 +230,11 @@ def test_images_in_a_function_call_output_are_in_the_bound(config: Config) -> No
         ],
     )
     raw = json.dumps(fields).encode()
-    parsed = DOOR.parse(JSON, raw, config, team(config))
+    parsed = DOOR.parse(JSON, raw, config, team_named(config))
     assert parsed.images == 2
     assert len(parsed.request.images) == 2
     assert parsed.text_bytes == len(raw) - len(image)
-    variant = DOOR.admit(team(config), parsed, config)
+    variant = DOOR.admit(team_named(config), parsed, config)
     context = len(raw) - len(image) + HIDDEN_INPUT_TOKENS + 2 * MAINLINE_IMAGE_TOKENS
     # One call: sampled twice, the second time with what it wrote and the image made.
     assert variant.base.usage.mainline_input == 2 * context + 100 + MAINLINE_IMAGE_TOKENS
@@ -270,34 +255,34 @@ def test_no_input_item_is_forwarded_with_its_id(config: Config) -> None:
     expected = [{k: v for k, v in item.items() if k != "id"} for item in sent]
     fields = body(input=sent, max_output_tokens=100, max_tool_calls=1)
     parsed = parse(config, fields)
-    forwarded, _ = DOOR.encode(parsed, DOOR.admit(team(config), parsed, config))
+    forwarded, _ = DOOR.encode(parsed, DOOR.admit(team_named(config), parsed, config))
     assert json.loads(forwarded)["input"] == expected
     assert json.loads(read_count({"model": "gpt-5.5", "input": sent}).encode())["input"] == expected
-    _, _, line = response_line(team(config), config, fields)
+    _, _, line = response_line(team_named(config), config, fields)
     assert json.loads(line)["input"] == expected
 
 
 def test_a_json_body_is_required(config: Config) -> None:
     with pytest.raises(InvalidRequest):
-        DOOR.parse("multipart/form-data; boundary=x", b"--x--", config, team(config))
+        DOOR.parse("multipart/form-data; boundary=x", b"--x--", config, team_named(config))
     with pytest.raises(InvalidRequest):
-        DOOR.parse(JSON, b'{"model": "gpt-5.5", "model": "o3"}', config, team(config))
+        DOOR.parse(JSON, b'{"model": "gpt-5.5", "model": "o3"}', config, team_named(config))
 
 
 def test_unpriced_mainline_and_image_models_are_refused(config: Config) -> None:
     with pytest.raises(UnpricedModel) as mainline:
-        DOOR.admit(team(config), parse(config, body(model="gpt-9")), config)
+        DOOR.admit(team_named(config), parse(config, body(model="gpt-9")), config)
     assert mainline.value.param == "model"
     unpriced_tool = body(tools=[{**TOOL, "model": "gpt-image-9"}])
     with pytest.raises(UnpricedModel) as tool:
-        DOOR.admit(team(config), parse(config, unpriced_tool), config)
+        DOOR.admit(team_named(config), parse(config, unpriced_tool), config)
     assert tool.value.param == "tools[0].model"
 
 
 def test_allow_models_applies_to_the_mainline_model_and_max_n_to_the_calls(
     config: Config,
 ) -> None:
-    strict = team(config, "strict")
+    strict = team_named(config, "strict")
     bounded = {"max_output_tokens": 64, "max_tool_calls": 1}
     with pytest.raises(PolicyViolation) as mainline:
         DOOR.admit(strict, parse(config, body(**bounded), "strict"), config)
@@ -331,9 +316,9 @@ def test_the_bound_covers_the_mainline_model_and_every_tool_call(config: Config)
         ],
     )
     raw = json.dumps(fields).encode()
-    parsed = DOOR.parse(JSON, raw, config, team(config))
+    parsed = DOOR.parse(JSON, raw, config, team_named(config))
     parsed = DOOR.carry(parsed, tokens=700, images=1)
-    variant = DOOR.admit(team(config), parsed, config)
+    variant = DOOR.admit(team_named(config), parsed, config)
     text_bytes = len(raw) - len(image)
     assert parsed.text_bytes == text_bytes
     mainline = config.prices.find_mainline("gpt-5.5")
@@ -364,12 +349,14 @@ def test_the_bound_covers_the_mainline_model_and_every_tool_call(config: Config)
 
 def test_the_quality_ladder_applies_to_the_image_tool_and_is_forwarded(config: Config) -> None:
     parsed = parse(config, body(tools=[{**TOOL, "quality": "high"}], max_output_tokens=64))
-    variant = DOOR.admit(team(config), parsed, config)
+    variant = DOOR.admit(team_named(config), parsed, config)
     need = variant.estimate.cost_nanos
     limit = need - 1
     budget = Budget(period="day", metric="usd", limit=limit)
     applied = Applied(budget, Counter("team", "design", "", "day", 0.0), Window("day", 0.0, 1.0))
-    decision = decide(team(config), variant, (applied,), {applied.counter: Totals()}, config.prices)
+    decision = decide(
+        team_named(config), variant, (applied,), {applied.counter: Totals()}, config.prices
+    )
     sent = decision.variant
     assert sent.request.quality != "high"
     assert sent.estimate.cost_nanos <= limit
@@ -385,5 +372,5 @@ def test_a_request_without_the_image_tool_is_bounded_by_its_mainline_model_alone
     parsed = parse(config, body(tools=[], max_output_tokens=100))
     assert parsed.request.n == 0
     assert DOOR.injected(parsed) == ""
-    variant = DOOR.admit(team(config), parsed, config)
+    variant = DOOR.admit(team_named(config), parsed, config)
     assert variant.estimate == variant.base

@@ -25,7 +25,9 @@ from tests.conftest import (
     UPSTREAM_KEY,
     Simulator,
     Tollgate,
+    nanos,
     start_tollgate,
+    wait_for,
     write_config,
 )
 from tests.responses_e2e import (
@@ -35,7 +37,6 @@ from tests.responses_e2e import (
     billed,
     calm,
     check_charge,
-    nanos,
     node_sdk,
     proxy,
     record_cost,
@@ -43,7 +44,6 @@ from tests.responses_e2e import (
     settled_row,
     team,
     tool,
-    wait_for,
 )
 
 __all__ = ["calm", "proxy"]  # the shared fixtures

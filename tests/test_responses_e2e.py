@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import DESIGN_KEY, RESEARCH_KEY, Simulator, Tollgate
+from tests.conftest import DESIGN_KEY, RESEARCH_KEY, Simulator, Tollgate, nanos, wait_for
 from tests.responses_e2e import (
     KEYS,
     PAIRS,
@@ -23,13 +23,11 @@ from tests.responses_e2e import (
     calm,
     check_charge,
     json_cost,
-    nanos,
     proxy,
     record_cost,
     rows_of,
     settled_row,
     tool,
-    wait_for,
 )
 
 __all__ = ["calm", "proxy"]  # the shared fixtures

@@ -7,24 +7,24 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import DESIGN_KEY, Simulator, Tollgate
+from tests.conftest import DESIGN_KEY, Simulator, Tollgate, nanos, wait_for
 from tests.responses_e2e import (
     arrivals,
     billed,
     calm,
     check_charge,
-    nanos,
     proxy,
     record_cost,
     settled_row,
     tool,
-    wait_for,
 )
 
 __all__ = ["calm", "proxy"]  # the shared fixtures
@@ -117,23 +117,66 @@ def last_request_id(proxy: Tollgate) -> str:
     return str(proxy.query("SELECT id FROM requests ORDER BY started_at DESC LIMIT 1")[0]["id"])
 
 
+@dataclass(frozen=True)
+class Answered:
+    """One Responses call read raw: its answer's headers, its response's id, and its JSON
+    body (None when streamed) or the type of its stream's last event (None when not)."""
+
+    headers: Mapping[str, str]
+    response_id: str
+    body: Any
+    last_event: str | None
+
+
+def ask(
+    proxy: Tollgate,
+    prompt: str,
+    stream: bool,
+    *,
+    model: str = "gpt-5.5",
+    image: dict[str, Any] | None = None,
+    calls: int = 1,
+) -> Answered:
+    """`prompt` asked of `model` with one image tool (`image`, else `tool()`) and up to
+    `calls` calls, as a stream or not."""
+    raw = proxy.client().responses.with_raw_response.create(
+        model=model,
+        input=prompt,
+        tools=[image or tool()],
+        max_output_tokens=300,
+        max_tool_calls=calls,
+        stream=stream,
+    )
+    if stream:
+        last: Any = list(raw.parse())[-1]
+        return Answered(raw.headers, last.response.id, None, last.type)
+    body = json.loads(raw.content)
+    return Answered(raw.headers, body["id"], body, None)
+
+
+def read_stream(proxy: Tollgate, prompt: str, kinds: list[str]) -> None:
+    """Stream `prompt` (one image tool call) to its end, the type of each event kept in
+    `kinds`, up to where the SDK raises."""
+    for event in proxy.client().responses.create(
+        model="gpt-5.5",
+        input=prompt,
+        tools=[tool()],
+        max_output_tokens=300,
+        max_tool_calls=1,
+        stream=True,
+    ):
+        kinds.append(event.type)
+
+
 def test_a_stream_cut_short_is_followed_to_its_end_and_charged_exactly(
     proxy: Tollgate, simulator: Simulator
 ) -> None:
     """The stream named its response before it broke off: the response may still run (and
     bill) upstream, so Tollgate follows it to its end instead of charging its bound."""
     seen = {r["id"] for r in simulator.billing()}
-    kinds = []
+    kinds: list[str] = []
     with contextlib.suppress(openai.APIError, httpx.HTTPError):  # cut: the SDK may notice
-        for event in proxy.client().responses.create(
-            model="gpt-5.5",
-            input="A bridge [[fault:truncate]]",
-            tools=[tool()],
-            max_output_tokens=300,
-            max_tool_calls=1,
-            stream=True,
-        ):
-            kinds.append(event.type)
+        read_stream(proxy, "A bridge [[fault:truncate]]", kinds)
     assert "response.image_generation_call.completed" in kinds
     assert "response.completed" not in kinds
     [record] = [r for r in simulator.billing() if r["id"] not in seen]
@@ -146,17 +189,9 @@ def test_a_stream_cut_short_fails_in_the_sdk_naming_its_response(
     """Read from OpenAI itself, a stream whose connection breaks fails in the SDK; through
     Tollgate it must too, not end as if it were whole."""
     seen = {r["id"] for r in simulator.billing()}
-    kinds = []
+    kinds: list[str] = []
     with pytest.raises(openai.APIError) as caught:
-        for event in proxy.client().responses.create(
-            model="gpt-5.5",
-            input="A pier [[fault:truncate]]",
-            tools=[tool()],
-            max_output_tokens=300,
-            max_tool_calls=1,
-            stream=True,
-        ):
-            kinds.append(event.type)
+        read_stream(proxy, "A pier [[fault:truncate]]", kinds)
     assert "response.completed" not in kinds
     [record] = [r for r in simulator.billing() if r["id"] not in seen]
     assert (caught.value.type, caught.value.code) == ("api_error", "upstream_unavailable")
@@ -187,25 +222,19 @@ def test_a_truncated_answer_is_charged_its_bound_flagged(
 def test_an_answer_without_usage_is_charged_its_bound_flagged(
     proxy: Tollgate, simulator: Simulator, stream: bool
 ) -> None:
-    raw = proxy.client().responses.with_raw_response.create(
+    answered = ask(
+        proxy,
+        "A bridge [[fault:nousage]]",
+        stream,
         model="gpt-4.1-mini",
-        input="A bridge [[fault:nousage]]",
-        tools=[tool("gpt-image-1.5")],
-        max_output_tokens=300,
-        max_tool_calls=1,
-        stream=stream,
+        image=tool("gpt-image-1.5"),
     )
-    if stream:
-        events = list(raw.parse())  # type: ignore[call-overload]
-        response_id = events[-1].response.id
-    else:
-        response = json.loads(raw.content)
-        assert response["usage"] is None
-        response_id = response["id"]
-    row = bound_charged(proxy, response_id, raw.headers["x-tollgate-request-id"])
     if not stream:
-        assert nanos(raw.headers["x-tollgate-cost-usd"]) == row["cost_nanos"]
-    assert row["cost_nanos"] >= record_cost(billed(simulator, response_id))
+        assert answered.body["usage"] is None
+    row = bound_charged(proxy, answered.response_id, answered.headers["x-tollgate-request-id"])
+    if not stream:
+        assert nanos(answered.headers["x-tollgate-cost-usd"]) == row["cost_nanos"]
+    assert row["cost_nanos"] >= record_cost(billed(simulator, answered.response_id))
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
@@ -215,24 +244,13 @@ def test_tool_usage_with_zero_counts_for_a_completed_image_is_charged_its_bound_
     # OpenAI's `tool_usage.image_gen` "may skip calls with missing or incomplete usage
     # records", and reports a family with no recorded usage as zero counts: an image that
     # completed with none of its tokens reported is not free, it is charged the bound.
-    raw = proxy.client().responses.with_raw_response.create(
-        model="gpt-5.5",
-        input="A bridge [[fault:zerotool]]",
-        tools=[tool()],
-        max_output_tokens=300,
-        max_tool_calls=1,
-        stream=stream,
-    )
-    if stream:
-        events = list(raw.parse())  # type: ignore[call-overload]
-        response_id = events[-1].response.id
-    else:
-        response = json.loads(raw.content)
+    answered = ask(proxy, "A bridge [[fault:zerotool]]", stream)
+    if not stream:
+        response = answered.body
         assert response["tool_usage"]["image_gen"]["output_tokens"] == 0
         assert [i["status"] for i in response["output"] if i["type"] != "message"] == ["completed"]
-        response_id = response["id"]
-    row = bound_charged(proxy, response_id, raw.headers["x-tollgate-request-id"])
-    record = billed(simulator, response_id)
+    row = bound_charged(proxy, answered.response_id, answered.headers["x-tollgate-request-id"])
+    record = billed(simulator, answered.response_id)
     assert record["images"] == 1 and row["cost_nanos"] >= record_cost(record)
 
 
@@ -243,28 +261,17 @@ def test_tool_usage_missing_one_call_of_several_is_charged_its_bound_flagged(
     # One call's usage record skipped: the other two are counted, so the sum is not zero
     # and has more output tokens than images, yet it is less than three completed low
     # 1024x1024 images bill. Charged as it reads, it would be an under-charge.
-    raw = proxy.client().responses.with_raw_response.create(
-        model="gpt-5.5",
-        input="Three bridges [[images:3]] [[fault:skipcall]]",
-        tools=[tool()],
-        max_output_tokens=300,
-        max_tool_calls=3,
-        stream=stream,
-    )
-    if stream:
-        events = list(raw.parse())  # type: ignore[call-overload]
-        response_id = events[-1].response.id
-    else:
-        response = json.loads(raw.content)
+    answered = ask(proxy, "Three bridges [[images:3]] [[fault:skipcall]]", stream, calls=3)
+    if not stream:
+        response = answered.body
         calls = [i for i in response["output"] if i["type"] == "image_generation_call"]
         assert [(i["status"], i["quality"], i["size"]) for i in calls] == [
             ("completed", "low", "1024x1024")
         ] * 3
         assert response["tool_usage"]["image_gen"]["output_tokens"] > 0
-        response_id = response["id"]
-    record = billed(simulator, response_id)
+    record = billed(simulator, answered.response_id)
     assert record["images"] == 3
-    row = bound_charged(proxy, response_id, raw.headers["x-tollgate-request-id"])
+    row = bound_charged(proxy, answered.response_id, answered.headers["x-tollgate-request-id"])
     assert row["cost_nanos"] >= record_cost(record)
 
 
@@ -281,16 +288,9 @@ def test_every_call_counted_is_charged_as_it_reads_whatever_its_quality_and_size
         tool("gpt-image-1-mini", quality="low", size="1024x1536"),
         tool("gpt-image-1.5", quality="high", size="1024x1024"),
     ):
-        raw = proxy.client().responses.with_raw_response.create(
-            model="gpt-5.5",
-            input="Two bridges [[images:2]]",
-            tools=[options],
-            max_output_tokens=300,
-            max_tool_calls=2,
-            stream=stream,
-        )
-        parsed = list(raw.parse()) if stream else []  # type: ignore[call-overload]
-        response_id = parsed[-1].response.id if stream else json.loads(raw.content)["id"]
+        response_id = ask(
+            proxy, "Two bridges [[images:2]]", stream, image=options, calls=2
+        ).response_id
         check_charge(proxy, simulator, response_id, "gpt-5.5", options["model"])
 
 
@@ -298,22 +298,12 @@ def test_every_call_counted_is_charged_as_it_reads_whatever_its_quality_and_size
 def test_a_failed_response_is_charged_the_usage_it_reports(
     proxy: Tollgate, simulator: Simulator, stream: bool
 ) -> None:
-    raw = proxy.client().responses.with_raw_response.create(
-        model="gpt-5.5",
-        input="A bridge [[fault:failed]]",
-        tools=[tool()],
-        max_output_tokens=300,
-        max_tool_calls=1,
-        stream=stream,
-    )
+    answered = ask(proxy, "A bridge [[fault:failed]]", stream)
     if stream:
-        events = list(raw.parse())  # type: ignore[call-overload]
-        assert events[-1].type == "response.failed"
-        response_id = events[-1].response.id
+        assert answered.last_event == "response.failed"
     else:
-        body = json.loads(raw.content)
-        assert body["status"] == "failed"
-        response_id = body["id"]
+        assert answered.body["status"] == "failed"
+    response_id = answered.response_id
     record = billed(simulator, response_id)
     assert record["usage"]["image_output"] > 0  # its image was made, and billed
     row = settled_row(proxy, response_id)
@@ -400,14 +390,6 @@ def test_a_stream_whose_last_event_is_unreadable_is_followed_and_charged_exactly
     back, so it is charged that, not its bound."""
     seen = {r["id"] for r in simulator.billing()}
     with contextlib.suppress(openai.APIError, ValueError):  # the SDK may choke on it
-        for _ in proxy.client().responses.create(
-            model="gpt-5.5",
-            input="A bridge [[fault:garbage]]",
-            tools=[tool()],
-            max_output_tokens=300,
-            max_tool_calls=1,
-            stream=True,
-        ):
-            pass
+        read_stream(proxy, "A bridge [[fault:garbage]]", [])
     [record] = [r for r in simulator.billing() if r["id"] not in seen]
     check_charge(proxy, simulator, record["id"], "gpt-5.5", "gpt-image-2")

@@ -18,8 +18,12 @@ from tests.conftest import (
     DESIGN_KEY,
     Simulator,
     Tollgate,
+    wait_for,
 )
-from tests.responses_e2e import NODE_PROJECT, node_sdk
+from tests.responses_e2e import (
+    NODE_PROJECT,
+    node_sdk,
+)
 from tests.retries_e2e import (
     IMAGE,
     LATENCY_MS,
@@ -34,7 +38,6 @@ from tests.retries_e2e import (
     sdk,
     settled,
     sim,
-    wait_for,
 )
 
 __all__ = ["clean", "fresh", "gate", "sim"]  # the shared fixtures

@@ -14,16 +14,20 @@ from typing import Any
 import httpx
 import pytest
 
-from tests import pg
-from tests.batches_e2e import GENERATIONS, arrivals, generations, upload
+from tests.batches_e2e import (
+    GENERATIONS,
+    arrivals,
+    generations,
+    upload,
+)
 from tests.conftest import (
+    DEADLINE_S,
     Simulator,
     Tollgate,
-    drop_ledger,
     start_tollgate,
+    wait_for,
 )
 from tests.retries_e2e import (
-    DEADLINE_S,
     IMAGE,
     LATENCY_MS,
     body,
@@ -37,7 +41,6 @@ from tests.retries_e2e import (
     post,
     sdk,
     settled,
-    wait_for,
 )
 
 
@@ -52,13 +55,6 @@ def fresh(sim: Simulator) -> Iterator[None]:
 
 
 # -- 1. replicas and workers ---------------------------------------------------------------
-
-
-@pytest.fixture
-def shared() -> Iterator[str]:
-    url = pg.migrated_schema()
-    yield url
-    drop_ledger(url)
 
 
 def test_a_retry_sent_to_another_replica_is_replayed_from_the_shared_ledger(

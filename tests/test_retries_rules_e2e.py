@@ -12,13 +12,13 @@ import openai
 import pytest
 
 from tests.conftest import (
+    DEADLINE_S,
     RESEARCH_KEY,
     Simulator,
     Tollgate,
     start_tollgate,
 )
 from tests.retries_e2e import (
-    DEADLINE_S,
     IMAGE,
     arrivals,
     body,

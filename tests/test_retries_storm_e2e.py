@@ -19,6 +19,7 @@ from tests.conftest import (
     Simulator,
     Tollgate,
     start_tollgate,
+    wait_for,
 )
 from tests.retries_e2e import (
     body,
@@ -30,7 +31,6 @@ from tests.retries_e2e import (
     post,
     settled,
     sim,
-    wait_for,
 )
 
 __all__ = ["clean", "fresh", "gate", "sim"]  # the shared fixtures

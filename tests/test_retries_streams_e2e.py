@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,15 @@ import httpx
 import openai
 import pytest
 
-from tests import pg
-from tests.conftest import DESIGN_KEY, Simulator, Tollgate, drop_ledger, start_tollgate
-from tests.retries_e2e import (
+from tests.conftest import (
     DEADLINE_S,
+    DESIGN_KEY,
+    Simulator,
+    Tollgate,
+    start_tollgate,
+    wait_for,
+)
+from tests.retries_e2e import (
     LATENCY_MS,
     body,
     clean,
@@ -38,7 +42,6 @@ from tests.retries_e2e import (
     settled,
     sim,
     stream_events,
-    wait_for,
 )
 
 PACED_MS = 6000
@@ -47,13 +50,6 @@ EVENTS = [*(f"partial:{i}" for i in range(3)), "completed"]
 
 
 __all__ = ["clean", "fresh", "gate", "sim"]  # the shared fixtures
-
-
-@pytest.fixture
-def shared() -> Iterator[str]:
-    url = pg.migrated_schema()
-    yield url
-    drop_ledger(url)
 
 
 def streamed(prompt: str) -> dict[str, Any]:

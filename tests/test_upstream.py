@@ -27,7 +27,7 @@ from proxy.simulator import SimulatorSettings, create_simulator_app
 from proxy.upstream import Answer, Upstream, response_headers, translate
 from proxy.web.app import create_app
 from proxy.web.runtime import Overrides
-from tests.conftest import UPSTREAM_KEY, Simulator, free_port, write_config
+from tests.conftest import UPSTREAM_KEY, Simulator, free_port, read_request, write_config
 
 JSON = "application/json"
 KEY = ConnectionKey("api.openai.com", 443, True, True, None, None, None)
@@ -76,11 +76,20 @@ async def loopback(reply: Handler) -> AsyncIterator[str]:
 
 
 async def request_head(reader: asyncio.StreamReader) -> bytes:
-    head = await reader.readuntil(b"\r\n\r\n")
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            await reader.readexactly(int(line.split(b":")[1]))
+    head, _ = await read_request(reader)
     return head
+
+
+def writing(raw: bytes) -> Handler:
+    """A scripted upstream's reply to each connection: read one request, write `raw`, close."""
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await request_head(reader)
+        writer.write(raw)
+        await writer.drain()
+        writer.close()
+
+    return reply
 
 
 async def test_an_answer_has_its_status_headers_and_raw_body(simulator: Simulator) -> None:
@@ -463,15 +472,10 @@ async def test_an_answer_without_a_final_http_status_is_a_502_that_may_have_been
 ) -> None:
     # A generation's whole answer, under a status no server can write back to a client.
     body = json.dumps({"data": [{"b64_json": "AAAA"}], "usage": {"output_tokens": 196}})
-
-    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await request_head(reader)
-        writer.write(
-            b"HTTP/1.1 " + line + b"\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\n\r\n%s" % (len(body), body.encode())
-        )
-        await writer.drain()
-        writer.close()
+    reply = writing(
+        b"HTTP/1.1 " + line + b"\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(body), body.encode())
+    )
 
     async with loopback(reply) as url, upstream(url) as client:
         with pytest.raises(UpstreamUnavailable) as caught:
@@ -562,13 +566,7 @@ async def test_an_answer_that_echoes_the_key_is_scrubbed_over_the_network() -> N
 )
 async def test_an_unreadable_answer_that_echoes_the_key_fails_without_it(answer: bytes) -> None:
     """aiohttp's parser quotes the line it stopped at: the 502's message must not carry it."""
-
-    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await request_head(reader)
-        writer.write(answer.replace(b"KEY", UPSTREAM_KEY.encode()))
-        await writer.drain()
-        writer.close()
-
+    reply = writing(answer.replace(b"KEY", UPSTREAM_KEY.encode()))
     async with loopback(reply) as url, upstream(url) as client:
         with pytest.raises(UpstreamUnavailable) as caught:
             await read(await client.send("/images/generations", order(), JSON, []))
@@ -595,26 +593,17 @@ def coded_reply(status: bytes, coding: bytes) -> Handler:
     """An answer that echoes the key in a body compressed with `coding` (gzip if it names
     none zlib makes), though Tollgate asked for it as it is. A `coding` that starts with
     `transfer-encoding:` is a transfer coding, chunked after it."""
-
-    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await request_head(reader)
-        body = json.dumps({"error": {"message": f"Bearer {UPSTREAM_KEY}"}}).encode()
-        packed = zlib.compress(body) if b"deflate" in coding else gzip.compress(body)
-        if coding.startswith(b"transfer-encoding:"):
-            framing = coding + b", chunked\r\n\r\n%x\r\n" % len(packed)
-            packed += b"\r\n0\r\n\r\n"
-        else:
-            framing = (
-                b"content-encoding: " + coding + b"\r\ncontent-length: %d\r\n\r\n" % len(packed)
-            )
-        writer.write(
-            b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
-            b"connection: close\r\n" + framing + packed
-        )
-        await writer.drain()
-        writer.close()
-
-    return reply
+    body = json.dumps({"error": {"message": f"Bearer {UPSTREAM_KEY}"}}).encode()
+    packed = zlib.compress(body) if b"deflate" in coding else gzip.compress(body)
+    if coding.startswith(b"transfer-encoding:"):
+        framing = coding + b", chunked\r\n\r\n%x\r\n" % len(packed)
+        packed += b"\r\n0\r\n\r\n"
+    else:
+        framing = b"content-encoding: " + coding + b"\r\ncontent-length: %d\r\n\r\n" % len(packed)
+    return writing(
+        b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
+        b"connection: close\r\n" + framing + packed
+    )
 
 
 CODINGS = [
@@ -650,15 +639,10 @@ async def test_a_success_in_a_coding_not_asked_for_cannot_be_read_and_may_have_b
 
 
 async def test_an_answer_marked_identity_is_read_as_it_is() -> None:
-    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await request_head(reader)
-        writer.write(
-            b"HTTP/1.1 200 OK\r\ncontent-encoding: identity\r\ncontent-length: 2\r\n"
-            b"connection: close\r\n\r\n{}"
-        )
-        await writer.drain()
-        writer.close()
-
+    reply = writing(
+        b"HTTP/1.1 200 OK\r\ncontent-encoding: identity\r\ncontent-length: 2\r\n"
+        b"connection: close\r\n\r\n{}"
+    )
     async with loopback(reply) as url, upstream(url) as client:
         answer = await client.send("/images/generations", order(), JSON, [])
         assert b"".join(await read(answer)) == b"{}"
@@ -668,17 +652,11 @@ async def test_header_values_come_as_their_bytes_and_without_control_characters(
     """A value that is not UTF-8 is read as its bytes (never a lone surrogate, which neither
     the ledger nor the answer to the client can write), one with a control character that
     no answer may carry is dropped."""
-
-    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await request_head(reader)
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nx-request-id: req_\xff\xfe\r\nx-ratelimit-a: \xc3\xa9\r\n"
-            b"x-ratelimit-b: a\x01b\r\nx-ratelimit-c: a\tb\r\ncontent-length: 2\r\n"
-            b"connection: close\r\n\r\n{}"
-        )
-        await writer.drain()
-        writer.close()
-
+    reply = writing(
+        b"HTTP/1.1 200 OK\r\nx-request-id: req_\xff\xfe\r\nx-ratelimit-a: \xc3\xa9\r\n"
+        b"x-ratelimit-b: a\x01b\r\nx-ratelimit-c: a\tb\r\ncontent-length: 2\r\n"
+        b"connection: close\r\n\r\n{}"
+    )
     async with loopback(reply) as url, upstream(url) as client:
         answer = await client.send("/images/generations", order(), JSON, [])
         assert b"".join(await read(answer)) == b"{}"
@@ -694,17 +672,11 @@ async def test_a_header_folding_the_key_over_two_lines_is_dropped() -> None:
     """aiohttp joins a folded header line (`obs-fold`) with a space: the key with a blank
     inside, which a reader puts back together."""
     cut = len(UPSTREAM_KEY) // 2
-
-    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await request_head(reader)
-        key = UPSTREAM_KEY.encode()
-        writer.write(
-            b"HTTP/1.1 401 Unauthorized\r\nx-ratelimit-echo: Bearer " + key[:cut] + b"\r\n "
-            + key[cut:] + b"\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}"
-        )  # fmt: skip
-        await writer.drain()
-        writer.close()
-
+    key = UPSTREAM_KEY.encode()
+    reply = writing(
+        b"HTTP/1.1 401 Unauthorized\r\nx-ratelimit-echo: Bearer " + key[:cut] + b"\r\n "
+        + key[cut:] + b"\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}"
+    )  # fmt: skip
     async with loopback(reply) as url, upstream(url) as client:
         answer = await client.send("/images/generations", order(), JSON, [])
         await read(answer)

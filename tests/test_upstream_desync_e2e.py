@@ -14,19 +14,11 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import (
-    DESIGN_KEY,
-    RESEARCH_KEY,
-    Tollgate,
-    raw_serving,
-    start_tollgate,
-    write_config,
-)
+from tests.conftest import DESIGN_KEY, RESEARCH_KEY, Tollgate, in_front_of_raw, read_request
 from tests.test_proxy_e2e import wait_settled
 
 GENERATE = {"model": "gpt-image-2", "prompt": "a lighthouse", "quality": "low", "size": "1024x1024"}
@@ -46,16 +38,7 @@ async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     """Answer a generation with `OWN`, anything else with a 204 and, 50 ms later, `OTHER`."""
     try:
         while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(
-                (
-                    int(h.split(b":")[1])
-                    for h in head.split(b"\r\n")
-                    if h.lower().startswith(b"content-length")
-                ),
-                0,
-            )
-            await reader.readexactly(length)
+            head, _ = await read_request(reader)
             if b"/images/generations" in head.split(b"\r\n")[0]:
                 writer.write(whole(OWN))
             else:
@@ -70,14 +53,9 @@ async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
-    with raw_serving(reply) as upstream:
-        root: Path = tmp_path_factory.mktemp("desync")
-        write_config(root, upstream, settings="passthrough: [/v1/models]\n")
-        tollgate = start_tollgate(root)
-        try:
-            yield tollgate
-        finally:
-            tollgate.stop()
+    root = tmp_path_factory.mktemp("desync")
+    with in_front_of_raw(reply, root, settings="passthrough: [/v1/models]\n") as tollgate:
+        yield tollgate
 
 
 def test_a_late_answer_after_a_204_never_reaches_the_next_team(proxy: Tollgate) -> None:

@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import DESIGN_KEY, Tollgate, raw_serving, start_tollgate, write_config
+from tests.conftest import DESIGN_KEY, Tollgate, in_front_of_raw, read_request
 from tests.test_proxy_e2e import wait_settled
 
 TEAM = {"authorization": f"Bearer {DESIGN_KEY}"}
@@ -34,16 +33,7 @@ STATUS_LINES = {
 async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Answer one request with the status its path ends with (`/v1/models/600`), or its
     prompt names (`600`)."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = next(
-        (
-            int(h.split(b":")[1])
-            for h in head.split(b"\r\n")
-            if h.lower().startswith(b"content-length")
-        ),
-        0,
-    )
-    body = await reader.readexactly(length)
+    head, body = await read_request(reader)
     target = head.split(b" ")[1]
     status = int(json.loads(body)["prompt"]) if body else int(target.rsplit(b"/", 1)[1])
     writer.write(
@@ -56,14 +46,9 @@ async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
-    with raw_serving(reply) as upstream:
-        root: Path = tmp_path_factory.mktemp("statuses")
-        write_config(root, upstream, settings="passthrough: [/v1/models]\n")
-        tollgate = start_tollgate(root)
-        try:
-            yield tollgate
-        finally:
-            tollgate.stop()
+    root = tmp_path_factory.mktemp("statuses")
+    with in_front_of_raw(reply, root, settings="passthrough: [/v1/models]\n") as tollgate:
+        yield tollgate
 
 
 @pytest.mark.parametrize("status", list(STATUS_LINES))

@@ -35,9 +35,9 @@ from proxy.core.settings import Config
 from proxy.finance.reconcile import (
     DAY,
     DEFAULT_TOLERANCE,
+    Compared,
     Reconciliation,
     Status,
-    awaits,
     canonical,
     fetch_costs,
     holding_days,
@@ -139,7 +139,7 @@ def held_by_project(project_of: ProjectOf) -> Callable[[Holding], list[tuple[str
 
 
 @dataclass(frozen=True, slots=True)
-class ProjectLine:
+class ProjectLine(Compared):
     day: date
     project: str | None
     """None: the upstream key's default project (the teams set no project)."""
@@ -152,15 +152,6 @@ class ProjectLine:
     held_usd: Decimal = Decimal(0)
     """What the ledger holds in flight for the project, started by this day, unsettled."""
     tolerance: Decimal = DEFAULT_TOLERANCE
-
-    @property
-    def difference(self) -> Decimal:
-        """OpenAI minus Tollgate: positive when spend bypassed Tollgate, or is in flight."""
-        return self.openai_usd - self.tollgate_usd
-
-    @property
-    def awaits_settlement(self) -> bool:
-        return awaits(self.status, self.difference, self.held_usd, self.tolerance)
 
 
 ProjectReconciliation = Reconciliation[ProjectLine]

@@ -363,13 +363,29 @@ def note_for(diff: Decimal, held: Decimal, tolerance: Decimal, covered: bool) ->
     return "OpenAI billed more: requests that bypassed Tollgate"
 
 
-def awaits(status: Status | None, diff: Decimal, held: Decimal, tolerance: Decimal) -> bool:
-    """Whether a line is off only by what the ledger still holds in flight."""
-    return status == "off" and 0 < diff <= held + tolerance
+class Compared:
+    """What a line of a reconciliation reads off its two sides (a dataclass's fields)."""
+
+    __slots__ = ()
+    openai_usd: Decimal
+    tollgate_usd: Decimal
+    status: Status | None
+    held_usd: Decimal
+    tolerance: Decimal
+
+    @property
+    def difference(self) -> Decimal:
+        """OpenAI minus Tollgate: positive when spend bypassed Tollgate, or is in flight."""
+        return self.openai_usd - self.tollgate_usd
+
+    @property
+    def awaits_settlement(self) -> bool:
+        """Off only by what the ledger still holds in flight."""
+        return self.status == "off" and 0 < self.difference <= self.held_usd + self.tolerance
 
 
 @dataclass(frozen=True, slots=True)
-class Line:
+class Line(Compared):
     day: date
     model: str
     openai_usd: Decimal
@@ -379,15 +395,6 @@ class Line:
     held_usd: Decimal = Decimal(0)
     """What the ledger holds in flight for this model, started by this day, unsettled."""
     tolerance: Decimal = DEFAULT_TOLERANCE
-
-    @property
-    def difference(self) -> Decimal:
-        """OpenAI minus Tollgate: positive when spend bypassed Tollgate, or is in flight."""
-        return self.openai_usd - self.tollgate_usd
-
-    @property
-    def awaits_settlement(self) -> bool:
-        return awaits(self.status, self.difference, self.held_usd, self.tolerance)
 
 
 class DayLine(Protocol):

@@ -30,11 +30,10 @@ from dataclasses import dataclass
 from typing import IO, Any
 from urllib.parse import parse_qsl, urlencode
 
-from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from proxy.core.budgets import allow_endpoint
 from proxy.core.errors import (
@@ -53,9 +52,9 @@ from proxy.upstream import Answer, response_headers
 from proxy.web.admission import body_chunks
 from proxy.web.gateway import path_of
 from proxy.web.observe import KeyRefusals
-from proxy.web.pipeline import free_headers, identified_again, new_request_id
+from proxy.web.pipeline import for_team, free_headers, identified_again
 from proxy.web.projects import created_under
-from proxy.web.responses import error_response
+from proxy.web.responses import streamed_response
 from proxy.web.runtime import Runtime
 
 PURPOSES = ("batch", "vision", "user_data")
@@ -88,15 +87,7 @@ class Files:
         self.key_refusals = KeyRefusals("files")
 
     async def upload(self, request: Request, runtime: Runtime) -> Response:
-        headers = {"x-tollgate-request-id": new_request_id()}
-        team = self.key_refusals.team_of(request, runtime, headers)
-        if isinstance(team, Response):
-            return team
-        headers.update(await free_headers(runtime, team))
-        try:
-            return await self._upload(request, runtime, team, headers)
-        except RequestError as exc:
-            return error_response(exc, headers)
+        return await for_team(request, runtime, self.key_refusals, self._upload)
 
     async def _upload(
         self, request: Request, runtime: Runtime, team: Team, headers: dict[str, str]
@@ -109,7 +100,7 @@ class Files:
         except AuthenticationFailed as exc:
             await form.close()
             return self.key_refusals.refuse(request, exc, headers, runtime)
-        except RequestError:  # its worker replaced by a reload: answered by `upload`
+        except RequestError:  # its worker replaced by a reload: answered by `for_team`
             await form.close()
             raise
         if newer is not None:
@@ -358,12 +349,10 @@ async def scoped_listing(
     the kind is answered that empty page at once, without reading the upstream. It is
     asked for under the team's project now, and so lists that project's objects (those
     the team created under a former one are read one by one, `scoped_object`)."""
-    headers = {"x-tollgate-request-id": new_request_id()}
-    team = refusals.team_of(request, runtime, headers)
-    if isinstance(team, Response):
-        return team
-    headers.update(await free_headers(runtime, team))
-    try:
+
+    async def serve(
+        request: Request, runtime: Runtime, team: Team, headers: dict[str, str]
+    ) -> Response:
         asked = listed_query(request, listing)
         limit = int(asked.pop("limit", listing.default_limit))
         after = asked.pop("after", None)
@@ -400,19 +389,19 @@ async def scoped_listing(
             if seen is not None:
                 for item in found:
                     await seen(runtime, team, item, project)
-    except RequestError as exc:
-        return error_response(exc, headers)
-    page = {
-        "object": "list",
-        "data": found,
-        "first_id": found[0]["id"] if found else None,
-        "last_id": found[-1]["id"] if found else None,
-        "has_more": more,
-    }
-    return Response(
-        json.dumps(page).encode(), 200, media_type="application/json",
-        headers={**upstream, **headers},
-    )  # fmt: skip
+        page = {
+            "object": "list",
+            "data": found,
+            "first_id": found[0]["id"] if found else None,
+            "last_id": found[-1]["id"] if found else None,
+            "has_more": more,
+        }
+        return Response(
+            json.dumps(page).encode(), 200, media_type="application/json",
+            headers={**upstream, **headers},
+        )  # fmt: skip
+
+    return await for_team(request, runtime, refusals, serve)
 
 
 def listed_query(request: Request, listing: Listing) -> dict[str, str]:
@@ -468,12 +457,10 @@ async def scoped_object(
     created under (`proxy.web.projects.created_under`), 404 for anyone else. With `seen`,
     the answer (a small JSON object) is read whole and `seen` told of it before it is
     answered; else it streams."""
-    headers = {"x-tollgate-request-id": new_request_id()}
-    team = refusals.team_of(request, runtime, headers)
-    if isinstance(team, Response):
-        return team
-    headers.update(await free_headers(runtime, team))
-    try:
+
+    async def serve(
+        request: Request, runtime: Runtime, team: Team, headers: dict[str, str]
+    ) -> Response:
         found = await runtime.ledger.stored(object_id)
         if found is None or found.team != team.name:
             raise not_found(kind, object_id)
@@ -497,14 +484,9 @@ async def scoped_object(
             return Response(
                 body, answer.status, headers={**dict(response_headers(answer)), **headers}
             )
-    except RequestError as exc:
-        return error_response(exc, headers)
-    return StreamingResponse(
-        answer.chunks(),
-        status_code=answer.status,
-        headers={**dict(response_headers(answer)), **headers},
-        background=BackgroundTask(answer.aclose),
-    )
+        return streamed_response(answer, headers)
+
+    return await for_team(request, runtime, refusals, serve)
 
 
 def _parsed(body: bytes) -> Any:

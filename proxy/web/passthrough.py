@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from proxy.core.auth import identify
 from proxy.core.errors import (
@@ -16,12 +15,11 @@ from proxy.core.errors import (
     RequestError,
 )
 from proxy.core.paths import CHAT_COMPLETIONS, OBJECT_PATHS, TOLLGATE_PATHS, plain_query, under
-from proxy.upstream import response_headers
 from proxy.web.admission import read_body
 from proxy.web.gateway import path_of
 from proxy.web.observe import KeyRefusals
 from proxy.web.pipeline import identified_again, new_request_id
-from proxy.web.responses import error_response
+from proxy.web.responses import error_response, streamed_response
 from proxy.web.runtime import Runtime
 
 
@@ -92,13 +90,7 @@ class OtherPaths:
             )
         except RequestError as exc:
             return error_response(exc, headers)
-        headers = {**dict(response_headers(answer)), **headers, "x-tollgate-team": team.name}
-        return StreamingResponse(
-            answer.chunks(),
-            status_code=answer.status,
-            headers=headers,
-            background=BackgroundTask(answer.aclose),
-        )
+        return streamed_response(answer, {**headers, "x-tollgate-team": team.name})
 
 
 def forwarded(runtime: Runtime, path: str, method: str) -> NotFound | None:

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Generic
 
@@ -63,6 +63,29 @@ def new_request_id() -> str:
     of landing on a random page of it, which random ids would (and slow down as the
     ledger grows)."""
     return f"tg_req_{time.time_ns() // 1000:013x}{secrets.token_hex(10)[:19]}"
+
+
+Serve = Callable[[Request, Runtime, Team, dict[str, str]], Awaitable[Response]]
+"""What answers a request for its team, given the headers every answer to it carries."""
+
+
+async def for_team(
+    request: Request, runtime: Runtime, refusals: KeyRefusals, serve: Serve
+) -> Response:
+    """`serve`'s answer for the team whose key the request carries, with headers naming a
+    new request id and the team; `refusals`' answer when it carries no key Tollgate knows,
+    and a RequestError `serve` raises in OpenAI's shape. For the requests that leave no
+    row in the ledger (uploads, input token counts, stored responses, listings): their
+    answers say they cost nothing and the room left (`free_headers`)."""
+    headers = {"x-tollgate-request-id": new_request_id()}
+    team = refusals.team_of(request, runtime, headers)
+    if isinstance(team, Response):
+        return team
+    headers.update(await free_headers(runtime, team))
+    try:
+        return await serve(request, runtime, team, headers)
+    except RequestError as exc:
+        return error_response(exc, headers)
 
 
 class Pipeline(Generic[Parsed]):

@@ -20,22 +20,21 @@ can no longer be read for its usage.
 
 from __future__ import annotations
 
-from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from proxy.core.budgets import allow_endpoint
-from proxy.core.errors import InvalidRequest, NotFound, PreviousResponseNotFound, RequestError
+from proxy.core.errors import InvalidRequest, NotFound, PreviousResponseNotFound
 from proxy.core.parsing import json_object
 from proxy.core.paths import plain_query
+from proxy.core.settings import Team
 from proxy.doors.responses import read_count
-from proxy.upstream import response_headers
 from proxy.web.admission import read_body
 from proxy.web.gateway import path_of
 from proxy.web.observe import KeyRefusals
-from proxy.web.pipeline import free_headers, new_request_id, owned_files
+from proxy.web.pipeline import for_team, owned_files
 from proxy.web.projects import created_under, same_project
-from proxy.web.responses import error_response
+from proxy.web.responses import error_response, streamed_response
 from proxy.web.runtime import Runtime
 
 DELETE_WAIT_POLLS = 3
@@ -49,50 +48,40 @@ class ResponseObjects:
         self.key_refusals = KeyRefusals("responses")
 
     async def handle(self, request: Request, runtime: Runtime) -> Response:
+        return await for_team(request, runtime, self.key_refusals, self._forward)
+
+    async def _forward(
+        self, request: Request, runtime: Runtime, team: Team, headers: dict[str, str]
+    ) -> Response:
         response_id = request.path_params["response_id"]
-        headers = {"x-tollgate-request-id": new_request_id()}
-        team = self.key_refusals.team_of(request, runtime, headers)
-        if isinstance(team, Response):
-            return team
-        headers.update(await free_headers(runtime, team))
-        try:
-            row = await runtime.ledger.response(response_id)
-            if row is None or row.team != team.name:
-                raise NotFound(f"Response with id '{response_id}' not found.")
-            query = plain_query(request.scope.get("query_string", b""))
-            if query is None:
-                raise InvalidRequest(
-                    "The query string holds characters that must be percent-encoded."
-                )
-            if request.method == "DELETE" and row.held:
-                await self.settle_first(runtime, row.request_id, response_id)
-            elif request.method == "DELETE" and row.in_flight:
-                # A stream still being read: deleted now, a stream cut after it could not
-                # be read back for its usage.
-                raise InvalidRequest(
-                    "This response is still streaming: delete it once its stream has ended "
-                    "(cancel it first if it runs in the background). Tollgate settles its "
-                    "cost from the response, which a delete would remove."
-                )
-            answer = await runtime.upstream.send(
-                path_of(request).removeprefix("/v1"),
-                b"",
-                "",
-                request.headers.items(),
-                method=request.method,
-                query=query,
-                project=created_under(runtime, row),
+        row = await runtime.ledger.response(response_id)
+        if row is None or row.team != team.name:
+            raise NotFound(f"Response with id '{response_id}' not found.")
+        query = plain_query(request.scope.get("query_string", b""))
+        if query is None:
+            raise InvalidRequest("The query string holds characters that must be percent-encoded.")
+        if request.method == "DELETE" and row.held:
+            await self.settle_first(runtime, row.request_id, response_id)
+        elif request.method == "DELETE" and row.in_flight:
+            # A stream still being read: deleted now, a stream cut after it could not
+            # be read back for its usage.
+            raise InvalidRequest(
+                "This response is still streaming: delete it once its stream has ended "
+                "(cancel it first if it runs in the background). Tollgate settles its "
+                "cost from the response, which a delete would remove."
             )
-        except RequestError as exc:
-            return error_response(exc, headers)
+        answer = await runtime.upstream.send(
+            path_of(request).removeprefix("/v1"),
+            b"",
+            "",
+            request.headers.items(),
+            method=request.method,
+            query=query,
+            project=created_under(runtime, row),
+        )
         if path_of(request).endswith("/cancel"):
             runtime.followers.nudge()
-        return StreamingResponse(
-            answer.chunks(),
-            status_code=answer.status,
-            headers={**dict(response_headers(answer)), **headers},
-            background=BackgroundTask(answer.aclose),
-        )
+        return streamed_response(answer, headers)
 
     async def settle_first(self, runtime: Runtime, request_id: str, response_id: str) -> None:
         """A held response is read for its usage before it may be deleted: by this process
@@ -125,55 +114,44 @@ class InputTokens:
         self.key_refusals = KeyRefusals("responses")
 
     async def handle(self, request: Request, runtime: Runtime) -> Response:
-        headers = {"x-tollgate-request-id": new_request_id()}
-        team = self.key_refusals.team_of(request, runtime, headers)
-        if isinstance(team, Response):
-            return team
-        headers.update(await free_headers(runtime, team))
+        return await for_team(request, runtime, self.key_refusals, self._count)
+
+    async def _count(
+        self, request: Request, runtime: Runtime, team: Team, headers: dict[str, str]
+    ) -> Response:
         config = runtime.config
         project = config.project_of(team.name)
-        try:
-            allow_endpoint(team, "responses")
-            query = plain_query(request.scope.get("query_string", b""))
-            if query is None:
-                raise InvalidRequest(
-                    "The query string holds characters that must be percent-encoded."
-                )
-            media_type = request.headers.get("content-type", "").split(";", 1)[0].strip()
-            if media_type.lower() != "application/json":
-                raise InvalidRequest(
-                    "Unsupported content type for /v1/responses/input_tokens: send "
-                    "application/json."
-                )
-            body = await read_body(request, config.limits.edits_bytes, runtime.bodies)
-            count = read_count(json_object(body))
-            if count.files:
-                await owned_files(runtime, team, count.files)
-            if count.previous is not None:
-                row = await runtime.ledger.response(count.previous)
-                if row is None or row.team != team.name:
-                    raise PreviousResponseNotFound(
-                        f"Previous response with id '{count.previous}' not found.",
-                        param="previous_response_id",
-                    )
-                same_project(runtime, row, project, f"Previous response '{count.previous}'")
-            answer = await runtime.upstream.send(
-                "/responses/input_tokens",
-                count.encode(),
-                "application/json",
-                request.headers.items(),
-                method="POST",
-                query=query,
-                project=project,
+        allow_endpoint(team, "responses")
+        query = plain_query(request.scope.get("query_string", b""))
+        if query is None:
+            raise InvalidRequest("The query string holds characters that must be percent-encoded.")
+        media_type = request.headers.get("content-type", "").split(";", 1)[0].strip()
+        if media_type.lower() != "application/json":
+            raise InvalidRequest(
+                "Unsupported content type for /v1/responses/input_tokens: send application/json."
             )
-        except RequestError as exc:
-            return error_response(exc, headers)
-        return StreamingResponse(
-            answer.chunks(),
-            status_code=answer.status,
-            headers={**dict(response_headers(answer)), **headers},
-            background=BackgroundTask(answer.aclose),
+        body = await read_body(request, config.limits.edits_bytes, runtime.bodies)
+        count = read_count(json_object(body))
+        if count.files:
+            await owned_files(runtime, team, count.files)
+        if count.previous is not None:
+            row = await runtime.ledger.response(count.previous)
+            if row is None or row.team != team.name:
+                raise PreviousResponseNotFound(
+                    f"Previous response with id '{count.previous}' not found.",
+                    param="previous_response_id",
+                )
+            same_project(runtime, row, project, f"Previous response '{count.previous}'")
+        answer = await runtime.upstream.send(
+            "/responses/input_tokens",
+            count.encode(),
+            "application/json",
+            request.headers.items(),
+            method="POST",
+            query=query,
+            project=project,
         )
+        return streamed_response(answer, headers)
 
 
 async def websocket_refused(request: Request, runtime: Runtime) -> Response:

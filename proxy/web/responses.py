@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -75,6 +76,17 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     Exception: error_answer,
 }
 """For `Starlette(exception_handlers=...)`."""
+
+
+def streamed_response(answer: Answer, headers: dict[str, str]) -> Response:
+    """`answer` passed on as it comes, with its allowed headers and then `headers`; the
+    upstream's answer is closed once it is sent."""
+    return StreamingResponse(
+        answer.chunks(),
+        status_code=answer.status,
+        headers={**dict(response_headers(answer)), **headers},
+        background=BackgroundTask(answer.aclose),
+    )
 
 
 def spooled_response(spool: Spool, answer: Answer, headers: dict[str, str]) -> Response:
