@@ -1,7 +1,7 @@
-"""A batch whose lines name several users holds each user's share of its bound in that
-user's counters, against that user's budgets, as a direct request of that user is held:
-present when the batch is created, or added by a reload while it runs. It settles each
-share exactly, moved to spent by that user's lines or released."""
+"""A batch whose lines name several users, of a team with per-user budgets, holds each
+user's share of its bound in that user's counters, against that user's budgets, as a
+direct request of that user is held, and settles each share exactly, moved to spent by
+that user's lines or released. A team without per-user budgets holds no share."""
 
 from __future__ import annotations
 
@@ -121,12 +121,14 @@ def test_a_batch_naming_several_users_is_refused_when_one_share_passes_her_budge
 def test_each_users_share_is_held_while_the_batch_runs_and_released_when_it_is_cancelled(
     simulator: Simulator, gate: Tollgate
 ) -> None:
-    """Created without per-user budgets, a batch of three lines for Alice and one for Bob
-    holds each one's share in their counters. A per-user budget a reload adds while it runs
-    then counts Alice's share: her direct request that would pass the limit once the batch
-    is billed is refused, while Carol's fits. Cancelled before any line ran, the batch
-    releases every share, to the nano (what a line that ran meanwhile cost stays spent)."""
+    """Created under a generous per-user budget, a batch of three lines for Alice and one
+    for Bob holds each one's share in their counters. A reload that lowers the budget
+    while it runs then counts Alice's share: her direct request that would pass the limit
+    once the batch is billed is refused, while Carol's fits. Cancelled before any line ran,
+    the batch releases every share, to the nano (what a line that ran meanwhile cost stays
+    spent)."""
     simulator.configure(batch_delay_ms=40_000)  # its first line would end 12 s after
+    set_per_user(gate, Decimal("1"))
     sdk = gate.client(KEY)
     lines = [line(f"a{i}", {**SMALL, "user": "alice"}) for i in range(3)]
     lines.append(line("b0", {**SMALL, "safety_identifier": "bob"}))
@@ -181,3 +183,22 @@ def test_a_completed_batch_moves_each_users_share_to_her_lines_spend(
         "WHERE scope = 'team' AND period = 'total'"
     )
     assert (team["spent"], team["reserved"]) == (sum(r["cost_nanos"] for r in rows), 0)
+
+
+def test_a_team_without_per_user_budgets_holds_no_users_share(
+    simulator: Simulator, gate: Tollgate
+) -> None:
+    """No budget reads a user's counters: the batch is held in the team's alone (a file
+    naming thousands of users would otherwise write thousands of counters), and its lines
+    are still booked to their users when it ends."""
+    simulator.configure(batch_delay_ms=300)
+    sdk = gate.client(KEY)
+    lines = [line("a0", {**SMALL, "user": "alice"}), line("b0", {**SMALL, "user": "bob"})]
+    batch = create(sdk, lines)
+    assert day_reserved(gate, "alice") == day_reserved(gate, "bob") == 0
+    assert ended(sdk, batch.id).status == "completed"
+    rows = settled_rows(gate, batch.id)
+    counters = user_counters(gate)
+    for user in ("alice", "bob"):
+        cost = sum(r["cost_nanos"] for r in rows if r["user"] == user)
+        assert cost > 0 and counters[user] == (cost, 0), user

@@ -190,8 +190,15 @@ def within(
     return found
 
 
-def share_nanos(lines: Mapping[str, BatchLine], reservation: Entry) -> dict[str, int]:
-    """What each user's counters hold of a batch's reservation (as its create reserved it)."""
+def share_nanos(
+    runtime: Runtime, lines: Mapping[str, BatchLine], reservation: Entry
+) -> dict[str, int] | None:
+    """What each user's counters hold of a batch's reservation (as its create reserved it),
+    for a team with per-user budgets; None for a team without them, whose users' lines are
+    held to the reservation alone (a create holds no share for them: `proxy.web.batches`)."""
+    team = runtime.config.team_named(reservation.team)
+    if team is None or not team.per_user:
+        return None
     bound = Estimate(Usage(), reservation.estimated_nanos)
     return {user: e.cost_nanos for user, e in user_shares(lines.values(), bound).items()}
 

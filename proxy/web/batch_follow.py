@@ -197,7 +197,7 @@ class BatchFollow:
             replace(b, settlement=replace(b.settlement, outcome="upstream_error", status=404))
             for b in at_bounds(runtime, entry, lines.values(), BATCH_GONE, ended_at, self.batch_id)
         ] or [whole_bound(runtime, entry, outcome)]
-        shares = share_nanos(lines, entry)
+        shares = share_nanos(runtime, lines, entry)
         await self.write(runtime, within(billed, entry.estimated_nanos, shares), outcome)
 
     async def settle(self, runtime: Runtime, batch: dict[str, Any], status: str) -> None:
@@ -243,7 +243,7 @@ class BatchFollow:
             log.warning("batch %s: its output file %s is gone", self.batch_id, output)
             billed = at_bounds(runtime, entry, lines.values(), OUTPUT_GONE, ended_at, self.batch_id)
             unread = OUTPUT_GONE
-        billed = within(billed, entry.estimated_nanos, share_nanos(lines, entry))
+        billed = within(billed, entry.estimated_nanos, share_nanos(runtime, lines, entry))
         for file_id in (output, errors):
             if file_id is not None:
                 owned = StoredObject(

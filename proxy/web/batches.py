@@ -135,9 +135,11 @@ class Batches:
             )
             variant = Variant(asked, model, bound)
             # Its lines are billed on the day the batch ends, to the users they name: the
-            # bound is held in every window it may end in, and each user's share of it in
-            # that user's counters of those windows, against that user's budgets.
-            shares = user_shares(lines.values(), bound)
+            # bound is held in every window it may end in and, for a team with per-user
+            # budgets, each user's share of it in that user's counters of those windows,
+            # against that user's budgets. (Held for a team without them too, a file naming
+            # 50,000 users kept the event loop 3 s longer on 200,000 counter writes.)
+            shares = user_shares(lines.values(), bound) if team.per_user else {}
             budgets, adds_to = spanning(config, team, None, entry.started_at, BATCH_SPAN_S)
             per_user = users_budgets(config, team, shares, entry.started_at)
             tz = zone(config.timezone)
