@@ -7,6 +7,7 @@ transactions reach the database (the pool, its errors, the retries): `postgres_p
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
@@ -311,7 +312,10 @@ class PostgresLedger(Schema, KeptAnswers):
         return bool(await self.db.fetch(SQL.owns_any, team, kind))
 
     async def batch_lines(self, file_id: str) -> dict[str, BatchLine]:
-        return codecs.batch_lines(await self.db.fetch(SQL.batch_lines, file_id))
+        # Decoded on a thread: tens of thousands of lines took the event loop a second.
+        return await asyncio.to_thread(
+            codecs.batch_lines, await self.db.fetch(SQL.batch_lines, file_id)
+        )
 
     async def settle_batch(
         self, request_id: str, lines: Sequence[BilledLine], outcome: Settlement

@@ -350,7 +350,7 @@ class SqliteLedger(KeptAnswers):
         return bool(await self.file.fetch(SQL.owns_any, (team, kind)))
 
     async def batch_lines(self, file_id: str) -> dict[str, BatchLine]:
-        return codecs.batch_lines(await self.file.fetch(SQL.batch_lines, (file_id,)))
+        return await self.file.fetch_as(SQL.batch_lines, (file_id,), codecs.batch_lines)
 
     async def settle_batch(
         self, request_id: str, lines: Sequence[BilledLine], outcome: Settlement
