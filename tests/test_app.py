@@ -236,7 +236,7 @@ def test_a_worker_replaced_by_a_reload_decides_under_the_files_read_again_or_ref
         if not readable:  # changed again since the new workers read it, and invalid
             (tmp_path / "tollgate.yaml").write_text("upstream: [not, a, mapping]\n")
         assert test_client.portal is not None
-        test_client.portal.call(app.on_replaced)  # on the event loop, as a signal handler
+        test_client.portal.call(app.on_replaced)  # on the event loop, as the signal has it
         answer = test_client.post("/v1/images/generations", json=BODY, headers=HEADERS)
     if readable:
         assert answer.status_code == 401

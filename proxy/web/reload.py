@@ -76,8 +76,9 @@ class Reloader:
         (`proxy.web.pipeline.identified_again`); if it cannot (the files changed again
         meanwhile, and are invalid), it admits nothing more (`Runtime.superseded`: 503).
 
-        Called by the signal that says so, on the event loop's thread, and read there, not
-        on a thread: no request is decided under the old configuration meanwhile. A worker
+        Called by the event loop, which the signal that says so asks to (never in the
+        signal handler, which may interrupt the loop anywhere), and read there, not on a
+        thread: no request is decided under the old configuration meanwhile. A worker
         being retired may pause its streams that long (a fifth of a second for 1,000 team
         files)."""
         current = self.gateway.runtime
@@ -88,7 +89,7 @@ class Reloader:
                 raise ConfigError(["<memory>:1: this Tollgate was not started from a file"])
             fresh = load_config(self.source)
             self.gateway.runtime = next_runtime(current, fresh, self.overrides)
-        except Exception as exc:  # in a signal handler: nothing may escape it
+        except Exception as exc:  # a callback of the loop: nothing may escape it
             problems = "; ".join(exc.problems) if isinstance(exc, ConfigError) else repr(exc)
             log.error(
                 "replaced by a reload, this worker cannot read the configuration (%s): it "

@@ -328,9 +328,20 @@ class Replacement:
         def refused(sig: int, frame: Any) -> None:
             self.refusals += 1
 
+        def replaced_soon(sig: int, frame: Any) -> None:
+            # Not in the handler itself: a Python signal handler runs between any two
+            # bytecodes of the loop's thread, in the middle of the loop's own bookkeeping
+            # (its timer heap) or a request's. The loop runs `replaced` once the
+            # callbacks already due have run.
+            loop.call_soon_threadsafe(replaced)
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # made outside uvicorn's loop: no reload can replace it
+            return
         signal.signal(signal.SIGTERM, stopping)
         signal.signal(signal.SIGUSR1, refused)
-        signal.signal(REPLACED, lambda sig, frame: replaced())
+        signal.signal(REPLACED, replaced_soon)
 
     async def __call__(self) -> None:
         """Ask the supervisor, this worker's parent, to replace every worker; return once
