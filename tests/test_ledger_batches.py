@@ -452,6 +452,19 @@ async def test_a_batch_reservation_reclaimed_or_released_moves_each_share_whole(
         assert [r["id"] async for r in rows] == ["b1"]
 
 
+async def test_a_shared_batch_resolved_twice_leaves_no_user_counter_negative(
+    ledger: Backend,
+) -> None:
+    """Reclaimed at its bound, then resolved at 1 nano, then at $0 (an operator's correction):
+    every user's counter ends at zero, none below it, as the team's does."""
+    await reserve_shared(ledger, 3, hold=False)
+    assert await ledger.reclaim(CREATED + 10.0, started_before=CREATED + 1.0) == 1
+    await ledger.resolve("b1", 1, CREATED + 20.0)
+    await ledger.resolve("b1", 0, CREATED + 30.0)
+    found = await ledger.totals([user_counter(f"u{i}") for i in range(3)] + list(TEAM_COUNTERS))
+    assert set(found.values()) == {Totals()}
+
+
 async def test_a_batch_never_created_releases_each_users_share(ledger: Backend) -> None:
     await reserve_shared(ledger, 3, hold=False)
     await ledger.settle("b1", Settlement(CREATED + 1.0, "upstream_error", 400, Usage(), 0))

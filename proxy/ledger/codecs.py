@@ -434,12 +434,15 @@ def reservation_text(reservation: Reservation) -> str:
     return json.dumps([*(counter_key(c) for c in reservation.counters), shares])
 
 
-def counter_rows(text: str, deltas: Deltas) -> list[tuple[Any, ...]]:
+def counter_rows(text: str, deltas: Deltas, spent_before: int = 0) -> list[tuple[Any, ...]]:
     """What a write of `deltas` adds to each counter of a row's counters `text`, one row
     per counter in lock order: its key, then its spent, reserved and token deltas. A user's
     share (`reservation_text`) gets the deltas in proportion to its part of the bound and
     of each token count: exactly its share when the bound is reserved, released or charged
-    whole."""
+    whole. Her spent is her part of what the row charges after the write less her part of
+    what it charged before (`spent_before`), each rounded down: however many times a row is
+    resolved, she holds her part of its last cost, never a nano less than nothing (a
+    resolution at 1 nano then at $0 left her -1 nano when each change was rounded down)."""
     spent, held, tokens = deltas
     if not shared(text):
         return [(*key, spent, held, *tokens) for key in written_keys(text)]
@@ -452,7 +455,7 @@ def counter_rows(text: str, deltas: Deltas) -> list[tuple[Any, ...]]:
     windows = [(c.team, c.period, c.start) for c in plain if c.scope == "team"]
     for user, nanos, *part in shares["users"]:
         added = [
-            _part(spent, nanos, bound),
+            _part(spent_before + spent, nanos, bound) - _part(spent_before, nanos, bound),
             _part(held, nanos, bound),
             *(_part(d, p, w) for d, p, w in zip(tokens, part, whole, strict=True)),
         ]

@@ -179,7 +179,8 @@ class PostgresLedger(Schema, KeptAnswers):
             found = await conn.fetchrow(SQL.resolving, request_id)
             charged, text, deltas = flags.resolution(request_id, _values(found), cost_nanos)
             sql = SQL.resolve_free if cost_nanos == 0 else SQL.resolve
-            await write_and_add(conn, sql, (cost_nanos, float(now), note, request_id), text, deltas)
+            args = (cost_nanos, float(now), note, request_id)
+            await write_and_add(conn, sql, args, text, deltas, charged)
             return charged
 
         return await self.db.transaction(work)

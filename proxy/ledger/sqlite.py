@@ -193,7 +193,7 @@ class SqliteLedger(KeptAnswers):
             charged, text, deltas = flags.resolution(request_id, found, cost_nanos)
             sql = SQL.resolve_free if cost_nanos == 0 else SQL.resolve
             conn.execute(sql, (cost_nanos, now, note, request_id))
-            _add(conn, text, deltas)
+            _add(conn, text, deltas, charged)
             return charged
 
         return await self.file.transaction(run)
@@ -488,10 +488,13 @@ def _totals_query(count: int) -> str:
     return f"SELECT {KEYS}, {TOTALS} FROM budget_usage WHERE {' OR '.join([one] * count)}"
 
 
-def _add(conn: sqlite3.Connection, counters_text: str, deltas: codecs.Deltas) -> None:
+def _add(
+    conn: sqlite3.Connection, counters_text: str, deltas: codecs.Deltas, spent_before: int = 0
+) -> None:
     """Add to a reservation's counters (its row's `counters` text) and to the
-    organization's counters of the same periods."""
-    conn.executemany(_UPSERT, codecs.counter_rows(counters_text, deltas))
+    organization's counters of the same periods (`spent_before`: what the row charged
+    before, see `codecs.counter_rows`)."""
+    conn.executemany(_UPSERT, codecs.counter_rows(counters_text, deltas, spent_before))
 
 
 def _typed(columns: list[str], found: tuple[Any, ...]) -> tuple[Any, ...]:
