@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from proxy.core.errors import LedgerError
-from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
+from proxy.core.models import Counter, Entry, Period, Settlement, Totals, Usage
 from proxy.ledger import codecs, open_ledger
 from proxy.ledger.base import (
     Backend,
@@ -391,11 +391,14 @@ def user_counter(user: str, start: float = 0.0) -> Counter:
     return Counter("user", "design", user, "day", start)
 
 
-async def reserve_shared(ledger: Backend, users: int, *, hold: bool = True) -> None:
+async def reserve_shared(
+    ledger: Backend, users: int, *, hold: bool = True, periods: tuple[Period, ...] = ()
+) -> None:
     def choose(totals: Mapping[Counter, Totals]) -> Reservation:
         entry = replace(batch_entry("b1", users), user=None)
         usage = BOUND_USAGE.scaled(users)
-        return Reservation(entry, usage, TEAM_COUNTERS, shares=shares(users))
+        held = shares(users)
+        return Reservation(entry, usage, TEAM_COUNTERS, shares=held, share_periods=periods)
 
     await ledger.reserve(TEAM_COUNTERS, choose)
     if hold:
@@ -469,6 +472,21 @@ async def test_a_batch_never_created_releases_each_users_share(ledger: Backend) 
     await reserve_shared(ledger, 3, hold=False)
     await ledger.settle("b1", Settlement(CREATED + 1.0, "upstream_error", 400, Usage(), 0))
     found = await ledger.totals([user_counter(f"u{i}") for i in range(3)] + list(TEAM_COUNTERS))
+    assert set(found.values()) == {Totals()}
+
+
+async def test_shares_are_held_only_in_the_periods_of_the_per_user_budgets(
+    ledger: Backend,
+) -> None:
+    """A team whose per-user budgets are daily: each user's share is held in her day
+    counter, not her month one, which no budget reads; released, both are empty."""
+    await reserve_shared(ledger, 3, hold=False, periods=("day",))
+    month = [Counter("user", "design", f"u{i}", "month", 0.0) for i in range(3)]
+    found = await ledger.totals([user_counter(f"u{i}") for i in range(3)] + month)
+    assert {found[user_counter(f"u{i}")].reserved_nanos for i in range(3)} == {LINE_BOUND + 7}
+    assert {found[c] for c in month} == {Totals()}
+    await ledger.settle("b1", Settlement(CREATED + 1.0, "upstream_error", 400, Usage(), 0))
+    found = await ledger.totals([user_counter(f"u{i}") for i in range(3)] + month)
     assert set(found.values()) == {Totals()}
 
 

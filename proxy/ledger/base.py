@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from proxy.core.errors import LedgerError
-from proxy.core.models import Counter, Endpoint, Entry, Settlement, Totals, Usage
+from proxy.core.models import Counter, Endpoint, Entry, Period, Settlement, Totals, Usage
 from proxy.core.rates import Counts, Paced, Plan, Slot
 from proxy.ledger.kept import FirstAttempt, KeptAnswer, KeptTail, RepeatGuard
 
@@ -50,6 +50,10 @@ class Reservation:
     """A batch whose lines name users: each user's share, held in that user's counters of
     the windows of the team's `counters` (which then name no user's). Its settlement, a
     reclaim or a resolution moves each share as it moves the bound, in proportion."""
+    share_periods: tuple[Period, ...] = ()
+    """The periods whose windows hold the users' `shares` (those of the team's per-user
+    budgets): a user's counters of other periods, which no budget reads, are not written
+    (a file naming 50,000 users wrote 200,000 counters). Empty: every period's."""
 
 
 Chooser = Callable[[Mapping[Counter, Totals]], Reservation]

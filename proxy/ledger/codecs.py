@@ -421,16 +421,19 @@ def counters_text(counters: tuple[Counter, ...]) -> str:
 def reservation_text(reservation: Reservation) -> str:
     """A reservation's counters text: `counters_text`, then, for a batch whose lines name
     users (`Reservation.shares`), one last item holding its bound, its usage's token
-    deltas and each user's share of them: [user, nanos, *tokens]. Each user's counters are
-    those of the windows of the team's, so a batch naming thousands of users writes each of
-    them once."""
+    deltas and each user's share of them: [user, nanos, *tokens], and the periods whose
+    windows hold them (`Reservation.share_periods`). Each user's counters are those of the
+    windows of the team's (of those periods), so a batch naming thousands of users writes
+    each of them once."""
     if not reservation.shares:
         return counters_text(reservation.counters)
-    shares = {
+    shares: dict[str, Any] = {
         "bound": reservation.entry.estimated_nanos,
         "tokens": token_deltas(reservation.usage, 1),
         "users": [[s.user, s.nanos, *token_deltas(s.usage, 1)] for s in reservation.shares],
     }
+    if reservation.share_periods:
+        shares["periods"] = list(reservation.share_periods)
     return json.dumps([*(counter_key(c) for c in reservation.counters), shares])
 
 
@@ -452,7 +455,12 @@ def counter_rows(text: str, deltas: Deltas, spent_before: int = 0) -> list[tuple
         counter_key(c): [spent, held, *tokens] for c in with_organization(plain)
     }
     bound, whole = shares["bound"], shares["tokens"]
-    windows = [(c.team, c.period, c.start) for c in plain if c.scope == "team"]
+    periods = shares.get("periods")  # absent: every period's windows
+    windows = [
+        (c.team, c.period, c.start)
+        for c in plain
+        if c.scope == "team" and (periods is None or c.period in periods)
+    ]
     for user, nanos, *part in shares["users"]:
         added = [
             _part(spent_before + spent, nanos, bound) - _part(spent_before, nanos, bound),

@@ -146,6 +146,7 @@ class Batches:
             strict = replace(team, on_exhausted="reject", throttle=())
             remaining: list[int | None] = []
             held = tuple(UserShare(u, e.cost_nanos, e.usage) for u, e in shares.items())
+            periods = tuple(dict.fromkeys(b.period for b in team.per_user))
 
             def choose(totals: Any) -> Reservation:
                 # A batch is reserved whole or refused: never downgraded, never throttled.
@@ -159,7 +160,9 @@ class Batches:
                 known = [r for r in rooms if r is not None]
                 remaining.append(min(known) if known else None)
                 sent = entry.sent(asked, bound.cost_nanos, "")
-                return Reservation(sent, bound.usage, adds_to, project=project, shares=held)
+                return Reservation(
+                    sent, bound.usage, adds_to, project=project, shares=held, share_periods=periods
+                )
 
             read = tuple(
                 dict.fromkeys(
