@@ -117,8 +117,8 @@ def accepting(transport: asyncio.BaseTransport) -> bool:
     connection accepted just before uvicorn stopped accepting was not among those it told
     to stop (`GuardedProtocol.shutdown`), so it was kept alive, and a client sending on it
     back to back kept it busy until uvicorn's graceful-shutdown timeout cancelled its
-    request in flight (a plain 500, about one reload in eight under load with two
-    workers). asyncio keeps the server on the transports it accepts (`_server`, not part
+    request in flight (a plain 500, now and then at a multi-worker reload under load).
+    asyncio keeps the server on the transports it accepts (`_server`, not part
     of its API); a transport without one counts as accepted while serving."""
     server = getattr(transport, "_server", None)
     return server is None or bool(server.is_serving())
