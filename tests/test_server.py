@@ -77,6 +77,10 @@ def test_a_stopping_worker_gives_its_last_request_its_deadline(tmp_path: Path) -
     reloaded = load_config(tmp_path)
     settings.loaded_app.runtime = SimpleNamespace(config=reloaded)  # the runtime in force
     assert settings.timeout_graceful_shutdown == 10 + 60 + 5
+    # Settings pickled by a Tollgate before this one (upgraded in place, then reloaded).
+    older = pickle.loads(pickle.dumps(workers_config(prepared)))
+    older.__dict__["timeout_graceful_shutdown"] = older.__dict__.pop("started_graceful_s")
+    assert older.timeout_graceful_shutdown == 10 + 6 + 5
 
 
 def test_workers_serve_with_the_options_of_the_command_line(tmp_path: Path) -> None:

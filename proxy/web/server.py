@@ -402,9 +402,14 @@ class TcpConfig(ServerConfig):
         a reload may change the deadlines, and the workers it starts are given the settings
         the server started with. Until the app serves, the value it was made with."""
         runtime = getattr(getattr(self, "loaded_app", None), "runtime", None)
-        if runtime is None:
-            return self.started_graceful_s
-        return graceful_s(runtime.config)
+        if runtime is not None:
+            return graceful_s(runtime.config)
+        # Settings pickled by an older Tollgate (upgraded in place, then reloaded) hold the
+        # value itself: without it, the worker failed at its stop, cutting what it served.
+        started: int | None = self.__dict__.get(
+            "started_graceful_s", self.__dict__.get("timeout_graceful_shutdown")
+        )
+        return started
 
     @timeout_graceful_shutdown.setter
     def timeout_graceful_shutdown(self, value: int | None) -> None:
