@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 from typing import Any
 
+import uvicorn
 from uvicorn.server import ServerState
 
 from proxy.core.settings import Limits
@@ -309,3 +311,36 @@ def test_a_descriptor_limit_too_low_for_the_connections_is_named() -> None:
     assert descriptors_needed(default_max_connections(700), 700) is None
     assert descriptors_needed(default_max_connections(64), 64) == 114  # the floor's 16
     assert descriptors_needed(1000, 1024) == 3189  # a cap set past what the limit holds
+
+
+async def test_a_connection_accepted_as_the_server_stops_is_closed_after_its_answer() -> None:
+    """asyncio tells the protocol of a connection a loop turn after accepting it: one
+    accepted just before uvicorn stops accepting was not among the connections it told to
+    stop, so it was kept alive, and a client sending back to back kept it busy until the
+    graceful-shutdown timeout cancelled its request in flight (a plain 500 at a reload)."""
+    app = Recorder()
+    config = ServerConfig(app, limits=Limits(max_connections=10), lifespan="off")
+    server = uvicorn.Server(config)
+    stops: list[asyncio.Task[None]] = []
+
+    class StopsWhileAccepting(GuardedProtocol):
+        def __init__(self, **options: Any) -> None:
+            super().__init__(**options)
+            # Made as asyncio accepts the connection: the server stops before it is told.
+            stops.append(asyncio.ensure_future(server.shutdown([listener])))
+
+    config.http = StopsWhileAccepting
+    config.load()
+    server.lifespan = config.lifespan_class(config)
+    listener = socket.create_server(("127.0.0.1", 0))
+    await server.startup([listener])
+    reader, writer = await asyncio.open_connection(*listener.getsockname())
+    try:
+        writer.write(REQUEST)
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert b"200 OK" in head and b"connection: close" in head.lower()
+        assert (await reader.read()).endswith(b"0\r\n\r\n")  # then closed after the answer
+    finally:
+        writer.close()
+    [stop] = stops
+    await asyncio.wait_for(stop, 5)

@@ -166,6 +166,46 @@ def test_reloads_during_a_storm_break_no_request(
     settled_once(gate, storm.ids)
 
 
+def test_a_request_sent_late_on_a_connection_a_replaced_worker_holds_completes(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """A connection a worker accepted before a reload replaced it brings its request 9 s
+    after the worker was told to stop (its header deadline is 30 s), and the upstream takes
+    9 s of its 12 s deadline. uvicorn cancelled what a stopping worker still ran 17 s after
+    the stop (the deadline + 5 s), and the client got a plain 500; the worker now lets it
+    finish, and it is answered and settled."""
+    write_config(tmp_path, f"{simulator.url}/v1", settings=f"admin_token: {ADMIN}\n")
+    settings = tmp_path / "tollgate.yaml"
+    settings.write_text(
+        settings.read_text().replace("timeout_s: 3", "timeout_s: 10\n  total_timeout_s: 12")
+        + "limits:\n  header_timeout_s: 30\n"
+    )
+    gate = start_tollgate(tmp_path, "--workers", "2")
+    body = json.dumps({"model": "gpt-image-2", "prompt": "late", "quality": "low"}).encode()
+    head = (
+        f"POST /v1/images/generations HTTP/1.1\r\nhost: t\r\ncontent-type: application/json"
+        f"\r\nauthorization: Bearer {DESIGN_KEY}\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    port = int(gate.url.rsplit(":", 1)[1])
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            time.sleep(0.5)  # accepted by a worker the reload replaces
+            reload(gate)  # answered 0.5 s after the old workers were told to stop
+            simulator.configure(latency_ms=9000)
+            time.sleep(8.5)
+            sock.sendall(head.encode() + body)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+    finally:
+        simulator.configure(latency_ms=0)
+        log = gate.stop()
+    assert answer.startswith(b"HTTP/1.1 200 "), (answer[:300], log[-3000:])
+    assert b"connection: close" in answer.lower()
+    [row] = gate.query("SELECT state, outcome FROM requests")
+    assert (row["state"], row["outcome"]) == ("settled", "ok")
+
+
 def exchange(sock: socket.socket, path: str = "/healthz") -> bytes:
     """One GET on a kept-alive connection: the answer's bytes, headers and body."""
     sock.sendall(f"GET {path} HTTP/1.1\r\nhost: t\r\n\r\n".encode())

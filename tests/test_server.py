@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import openai
 import pytest
@@ -55,6 +56,31 @@ def test_the_options_travel_to_the_workers_with_uvicorns_settings(tmp_path: Path
     assert settings.factory and settings.workers == 3
     assert settings.app.func is worker_app
     assert settings.app.args == (options,)
+
+
+def test_a_stopping_worker_gives_its_last_request_its_deadline(tmp_path: Path) -> None:
+    """uvicorn cancels what is left of a stopping server's requests (a plain 500) after its
+    graceful-shutdown timeout, counted from the stop. It was the upstream deadline + 5 s, as
+    configured when the server started: a request that came on a connection idle at the
+    stop (up to the header deadline later) was cut before its deadline, and a reload that
+    lengthened the deadline left the new workers, and the old ones, the old timeout."""
+    write_config(tmp_path, UNREACHABLE)  # timeout_s: 3, so a 6 s deadline; 10 s for headers
+    options = ServeOptions(tmp_path, workers=2)
+    config = load_config(tmp_path)
+    prepared = Prepared(options, config, create_app(config, options.overrides))
+    settings = pickle.loads(pickle.dumps(workers_config(prepared)))
+    assert settings.timeout_graceful_shutdown == 10 + 6 + 5
+    settings.load()
+    assert settings.timeout_graceful_shutdown == 10 + 6 + 5  # not serving yet
+    settings_file = tmp_path / "tollgate.yaml"
+    settings_file.write_text(settings_file.read_text().replace("timeout_s: 3", "timeout_s: 30"))
+    reloaded = load_config(tmp_path)
+    settings.loaded_app.runtime = SimpleNamespace(config=reloaded)  # the runtime in force
+    assert settings.timeout_graceful_shutdown == 10 + 60 + 5
+    # Settings pickled by a Tollgate before this one (upgraded in place, then reloaded).
+    older = pickle.loads(pickle.dumps(workers_config(prepared)))
+    older.__dict__["timeout_graceful_shutdown"] = older.__dict__.pop("started_graceful_s")
+    assert older.timeout_graceful_shutdown == 10 + 6 + 5
 
 
 def test_workers_serve_with_the_options_of_the_command_line(tmp_path: Path) -> None:

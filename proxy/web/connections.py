@@ -110,6 +110,20 @@ class ServerConfig(uvicorn.Config):
         self.max_connections = max_connections
 
 
+def accepting(transport: asyncio.BaseTransport) -> bool:
+    """Whether the server that accepted `transport` still accepts connections.
+
+    asyncio tells the protocol of a connection a loop turn or two after accepting it: a
+    connection accepted just before uvicorn stopped accepting was not among those it told
+    to stop (`GuardedProtocol.shutdown`), so it was kept alive, and a client sending on it
+    back to back kept it busy until uvicorn's graceful-shutdown timeout cancelled its
+    request in flight (a plain 500, now and then at a multi-worker reload under load).
+    asyncio keeps the server on the transports it accepts (`_server`, not part
+    of its API); a transport without one counts as accepted while serving."""
+    server = getattr(transport, "_server", None)
+    return server is None or bool(server.is_serving())
+
+
 def accept_batch(max_connections: int) -> int:
     """The listen backlog, which is also how many connections asyncio accepts in one turn of
     the loop, before `GuardedProtocol` sees any of them and closes idle ones for room.
@@ -153,6 +167,8 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if not accepting(transport):
+            self.draining = True  # the server stopped before it knew of this connection
         if len(self.connections) > self.max_connections and not self._admit():
             return
         self._expect_headers()

@@ -254,11 +254,22 @@ def server_config(prepared: Prepared, app: Any, **extra: Any) -> ServerConfig:
         access_log=False,
         # Tollgate never reads the client's address: no X-Forwarded-For layer per request.
         proxy_headers=False,
-        timeout_graceful_shutdown=int(prepared.config.upstream.deadline_s + SHUTDOWN_MARGIN_S),
+        timeout_graceful_shutdown=graceful_s(prepared.config),
         timeout_worker_healthcheck=WORKER_START_S,
         log_config=None,
         **extra,
     )
+
+
+def graceful_s(config: Config) -> int:
+    """How long a stopping server (SIGTERM, or a worker a reload replaced) lets its
+    connections finish before uvicorn cancels what is left (a plain 500 to its client).
+
+    A connection idle when it stops may still bring a request, its headers in within
+    `limits.header_timeout_s`; that request may last its deadline (`upstream.deadline_s`),
+    and its answer take `SHUTDOWN_MARGIN_S` more to go out. uvicorn's timeout counts from
+    the stop, over the wait for connections and the tasks after it."""
+    return int(config.limits.header_timeout_s + config.upstream.deadline_s + SHUTDOWN_MARGIN_S)
 
 
 def worker_app(options: ServeOptions) -> Gateway:
@@ -395,6 +406,25 @@ class TcpConfig(ServerConfig):
     def bind_socket(self) -> socket.socket:
         sock = super().bind_socket()
         return socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, fileno=sock.detach())
+
+    @property
+    def timeout_graceful_shutdown(self) -> int | None:
+        """`graceful_s` of the configuration the app serves now, read when the server stops:
+        a reload may change the deadlines, and the workers it starts are given the settings
+        the server started with. Until the app serves, the value it was made with."""
+        runtime = getattr(getattr(self, "loaded_app", None), "runtime", None)
+        if runtime is not None:
+            return graceful_s(runtime.config)
+        # Settings pickled by an older Tollgate (upgraded in place, then reloaded) hold the
+        # value itself: without it, the worker failed at its stop, cutting what it served.
+        started: int | None = self.__dict__.get(
+            "started_graceful_s", self.__dict__.get("timeout_graceful_shutdown")
+        )
+        return started
+
+    @timeout_graceful_shutdown.setter
+    def timeout_graceful_shutdown(self, value: int | None) -> None:
+        self.started_graceful_s = value
 
 
 def start_simulator_thread() -> int:
