@@ -1,0 +1,131 @@
+"""How long a batch create keeps a worker's other requests waiting, by the users its file
+names (not a test).
+
+    .venv/bin/python -m bench.batch_users [--lines 50000]
+
+Tollgate (one worker, `harness.write_policies`: its team has a daily per-user budget, so
+a batch holds each named user's share of its bound) and the simulated upstream run as
+processes on loopback. A file of `--lines` generations is uploaded three times over: its
+lines naming one user, each line a user of its own, and the same under a team without
+per-user budgets. For each, while the official `openai` client creates the batch, a
+second thread asks `GET /v1/tollgate/budget` (a ledger read that never reaches the
+upstream: the simulator, reading the same file, is busy too) one request after the
+other; the longest any of them waited is what the create kept the worker from serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+
+from bench import harness
+from bench.harness import note, table
+
+
+def write_file(path: Path, lines: int, distinct: bool) -> None:
+    with path.open("w") as out:
+        for i in range(lines):
+            body = {"model": "gpt-image-2", "prompt": f"a lighthouse, take {i}",
+                    "quality": "low", "size": "1024x1024",
+                    "user": f"user-{i}" if distinct else "one-user"}  # fmt: skip
+            line = {"custom_id": f"line-{i}", "method": "POST",
+                    "url": "/v1/images/generations", "body": body}  # fmt: skip
+            out.write(json.dumps(line) + "\n")
+
+
+def longest_wait(url: str, create: threading.Event, done: threading.Event) -> list[float]:
+    """Budget reads one after the other from when `create` is set until `done` is: the
+    time each one took."""
+    waits = []
+    ask = urllib.request.Request(
+        url + "/v1/tollgate/budget", headers={"authorization": f"Bearer {harness.TEAM_KEY}"}
+    )
+    create.wait()
+    while not done.is_set():
+        began = time.perf_counter()
+        with urllib.request.urlopen(ask, timeout=600) as answer:
+            answer.read()
+        waits.append(time.perf_counter() - began)
+    return waits
+
+
+def measure(url: str, path: Path) -> tuple[float, float]:
+    """(seconds the create took, longest budget read meanwhile) for the file at `path`."""
+    with openai.OpenAI(base_url=f"{url}/v1", api_key=harness.TEAM_KEY, max_retries=0,
+                       timeout=600) as sdk:  # fmt: skip
+        with path.open("rb") as file:
+            uploaded = sdk.files.create(file=(path.name, file), purpose="batch")
+        create, done = threading.Event(), threading.Event()
+        waits: list[float] = []
+        reader = threading.Thread(target=lambda: waits.extend(longest_wait(url, create, done)))
+        reader.start()
+        create.set()
+        time.sleep(0.2)  # the reads under way before the create starts
+        began = time.perf_counter()
+        sdk.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/images/generations", completion_window="24h"
+        )
+        took = time.perf_counter() - began
+        time.sleep(0.2)
+        done.set()
+        reader.join()
+    return took, max(waits)
+
+
+def without_per_user(root: Path) -> None:
+    """The team files of `root` with their per-user budgets taken out."""
+    for team in (root / "teams").glob("*.yaml"):
+        kept, skipping = [], False
+        for line in team.read_text().splitlines():
+            if line.strip() == "per_user:":
+                skipping = True
+                continue
+            if skipping and line.lstrip().startswith("- "):
+                continue
+            skipping = False
+            kept.append(line)
+        team.write_text("\n".join(kept) + "\n")
+
+
+def reload(url: str) -> None:
+    ask = urllib.request.Request(
+        url + "/admin/reload",
+        method="POST",
+        headers={"authorization": f"Bearer {harness.ADMIN_TOKEN}"},
+    )
+    with urllib.request.urlopen(ask, timeout=60) as answer:
+        answer.read()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lines", type=int, default=50_000)
+    args = parser.parse_args()
+    rows = []
+    simulator = harness.start_simulator()
+    with harness.running(simulator), tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        tollgate = harness.start_tollgate(simulator.url, root)
+        with harness.running(tollgate):
+            for per_user, distinct in ((True, False), (True, True), (False, True)):
+                if not per_user:
+                    without_per_user(root)
+                    reload(tollgate.url)
+                note(f"per-user budgets {per_user}, a user per line {distinct} …")
+                path = root / "batch.jsonl"
+                write_file(path, args.lines, distinct)
+                took, waited = measure(tollgate.url, path)
+                users = f"{args.lines:,}" if distinct else "1"
+                rows.append(("yes" if per_user else "no", users, f"{took:.2f}", f"{waited:.2f}"))
+    print(table(("per-user budgets", "users named", "create s", "longest wait s"), rows))
+
+
+if __name__ == "__main__":
+    main()
