@@ -24,7 +24,7 @@ from starlette.responses import Response
 
 from proxy.core import rates
 from proxy.core.auth import identify
-from proxy.core.budgets import Decision, Variant, allow_endpoint, room, summary
+from proxy.core.budgets import Decision, Variant, allow_endpoint, decide, room, summary
 from proxy.core.errors import (
     AuthenticationFailed,
     BudgetExceeded,
@@ -278,7 +278,7 @@ class Pipeline(Generic[Parsed]):
         chosen: list[Decision] = []
 
         def choose(totals: Mapping[Counter, Totals]) -> Reservation:
-            decision = self.door.decide(team, variant, budgets, totals, config, tz)
+            decision = decide(team, variant, budgets, totals, config.prices, tz)
             chosen.append(decision)
             sent = decision.variant
             reserved = entry.sent(sent.request, sent.estimate.cost_nanos, summary(sent.changes))
