@@ -21,6 +21,7 @@ import pytest
 from proxy.core.auth import key_hash
 from tests.conftest import (
     DESIGN_KEY,
+    RESEARCH_KEY,
     UPSTREAM_KEY,
     Simulator,
     Tollgate,
@@ -49,6 +50,7 @@ TEAMS = {
           models: [gpt-image-1-mini]
           max_n: 1
     """,
+    "research": f"name: research\nkeys:\n  - {{id: nb, sha256: {key_hash(RESEARCH_KEY)}}}\n",
 }
 
 
@@ -160,6 +162,31 @@ def test_a_passthrough_path_reaches_the_upstream_exactly_as_it_was_matched(
         ("GET", "/v1/organization/costs", "start_time=0&limit=1"),
         ("GET", "/v1/models/ft:gpt-image-1-mini", ""),
     ]
+
+
+def test_a_query_that_is_not_plain_is_refused_and_never_forwarded(
+    gate: Tollgate, simulator: Simulator
+) -> None:
+    # Objects of the team's own, so that their paths reach the query's check.
+    client = gate.client(RESEARCH_KEY)
+    file_id = client.files.create(file=("a.png", b"png"), purpose="vision").id
+    response_id = client.responses.create(model="gpt-5.5", input="a", max_output_tokens=16).id
+    before = len(forwarded(simulator))
+    for method, path in [
+        ("GET", "/v1/models"),
+        ("GET", "/v1/files"),
+        ("GET", f"/v1/files/{file_id}"),
+        ("DELETE", f"/v1/files/{file_id}"),
+        ("GET", f"/v1/responses/{response_id}"),
+        ("DELETE", f"/v1/responses/{response_id}"),
+        ("POST", "/v1/responses/input_tokens"),
+    ]:
+        status, _, body = raw(gate.url, method, f"{path}?a=%zz", keyed(RESEARCH_KEY), b"{}")
+        assert_openai_error(status, body, 400)
+        assert "percent-encoded" in json.loads(body)["error"]["message"], (method, path)
+    assert len(forwarded(simulator)) == before
+    assert client.files.retrieve(file_id).id == file_id
+    assert client.responses.retrieve(response_id).id == response_id
 
 
 @pytest.mark.parametrize(

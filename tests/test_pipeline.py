@@ -3,19 +3,17 @@ a door that wraps the Images door and records what it is asked, plugged in proce
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 import pytest
 from starlette.testclient import TestClient
 
 from proxy.core.auth import key_hash
-from proxy.core.budgets import Decision, Variant
-from proxy.core.errors import BudgetExceeded
-from proxy.core.models import Counter, Endpoint, ImageRequest, Totals
+from proxy.core.budgets import Variant
+from proxy.core.errors import PolicyViolation
+from proxy.core.models import Endpoint, ImageRequest
 from proxy.core.parsing import ParsedBody
-from proxy.core.periods import Applied
 from proxy.core.settings import Config, Limits, Team
 from proxy.core.settlement import Bound
 from proxy.doors import AnswerMeter, ImagesDoor, StreamMeter
@@ -92,21 +90,9 @@ class SpyDoor:
 
     def admit(self, team: Team, parsed: ParsedBody, config: Config) -> Variant:
         self.asked.append("admit")
-        return self.inner.admit(team, parsed, config)
-
-    def decide(
-        self,
-        team: Team,
-        variant: Variant,
-        budgets: tuple[Applied, ...],
-        totals: Mapping[Counter, Totals],
-        config: Config,
-        tz: ZoneInfo,
-    ) -> Decision:
-        self.asked.append("decide")
         if self.refuse:
-            raise BudgetExceeded("This door's budget is spent.")
-        return self.inner.decide(team, variant, budgets, totals, config, tz)
+            raise PolicyViolation("This door refuses the request.")
+        return self.inner.admit(team, parsed, config)
 
     def encode(self, parsed: ParsedBody, variant: Variant) -> tuple[bytes, str]:
         self.asked.append("encode")
@@ -153,7 +139,6 @@ def test_a_request_is_walked_through_every_question_of_its_door(app: Gateway) ->
         "previous",
         "request",
         "admit",
-        "decide",
         "names_model",
         "injected",
         "encode",
@@ -188,11 +173,11 @@ def test_what_the_door_refuses_is_recorded_and_never_forwarded(app: Gateway) -> 
     with TestClient(app) as client:
         answer = client.post(PATH, json=BODY, headers=HEADERS)
         [row] = rows(client, app)
-    assert answer.status_code == 429
-    assert answer.json()["error"]["code"] == "budget_exceeded"
+    assert answer.status_code == 403
+    assert answer.json()["error"]["code"] == "policy_violation"
     assert answer.headers["x-tollgate-cost-usd"] == "0"
     assert "upstream_path" not in door.asked
-    assert row.settlement is not None and row.settlement.outcome == "rejected_budget"
+    assert row.settlement is not None and row.settlement.outcome == "rejected_policy"
 
 
 def test_a_fault_of_tollgates_own_leaves_no_request_in_flight(app: Gateway) -> None:

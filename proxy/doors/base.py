@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Protocol, TypeVar
-from zoneinfo import ZoneInfo
 
-from proxy.core.budgets import Decision, Variant
+from proxy.core.budgets import Variant
 from proxy.core.errors import RequestError
-from proxy.core.models import Counter, Endpoint, ImageRequest, Totals
-from proxy.core.periods import Applied
+from proxy.core.models import Endpoint, ImageRequest
 from proxy.core.settings import Config, Limits, Team
 from proxy.core.settlement import Bound, Metered, StreamEnd
 
@@ -104,18 +101,6 @@ class Door(Protocol[Parsed]):
     def admit(self, team: Team, parsed: Parsed, config: Config) -> Variant:
         """The request priced and put through the team's `allow` policy: UnpricedModel,
         PolicyViolation or InvalidRequest when it cannot be sent at all."""
-        ...
-
-    def decide(
-        self,
-        team: Team,
-        variant: Variant,
-        budgets: tuple[Applied, ...],
-        totals: Mapping[Counter, Totals],
-        config: Config,
-        tz: ZoneInfo,
-    ) -> Decision:
-        """The variant to send given what the budgets hold, or BudgetExceeded."""
         ...
 
     def bound(self, parsed: Parsed, variant: Variant) -> Bound:

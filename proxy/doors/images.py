@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
-from zoneinfo import ZoneInfo
 
-from proxy.core.budgets import Decision, Variant, apply_allow, decide
+from proxy.core.budgets import Variant, apply_allow
 from proxy.core.errors import RequestError, UnpricedModel
 from proxy.core.metering import BodyMeter, SseMeter
-from proxy.core.models import Counter, Endpoint, ImageRequest, Totals
+from proxy.core.models import Endpoint, ImageRequest
 from proxy.core.parsing import ParsedBody, parse_request
-from proxy.core.periods import Applied
 from proxy.core.pricing import ModelPrices, PriceBook
 from proxy.core.settings import Config, Limits, Team
 from proxy.core.settlement import Bound, Metered, StreamEnd
@@ -67,17 +64,6 @@ class ImagesDoor:
         model = priced(config.prices, parsed.request.model)
         model.validate(parsed.request)
         return apply_allow(team, parsed.request, model)
-
-    def decide(
-        self,
-        team: Team,
-        variant: Variant,
-        budgets: tuple[Applied, ...],
-        totals: Mapping[Counter, Totals],
-        config: Config,
-        tz: ZoneInfo,
-    ) -> Decision:
-        return decide(team, variant, budgets, totals, config.prices, tz)
 
     def bound(self, parsed: ParsedBody, variant: Variant) -> Bound:
         return Bound.of(variant)

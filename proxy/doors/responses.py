@@ -37,14 +37,12 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
-from zoneinfo import ZoneInfo
 
-from proxy.core.budgets import Decision, Variant, apply_allow, decide, priced
+from proxy.core.budgets import Variant, apply_allow, priced
 from proxy.core.errors import InvalidRequest, PolicyViolation, UnpricedModel
 from proxy.core.image_params import MAX_INTEGER, USER_PARAMS, check_output_format, check_user
-from proxy.core.models import Counter, Endpoint, Estimate, ImageRequest, InputImage, Totals, Usage
+from proxy.core.models import Endpoint, Estimate, ImageRequest, InputImage, Usage
 from proxy.core.parsing import json_object
-from proxy.core.periods import Applied
 from proxy.core.pricing import MAX_N, MainlinePrices
 from proxy.core.settings import Config, Limits, Team
 from proxy.core.settlement import Bound
@@ -243,17 +241,6 @@ class ResponsesDoor:
             if exc.param == "model":
                 exc.param = param
             raise
-
-    def decide(
-        self,
-        team: Team,
-        variant: Variant,
-        budgets: tuple[Applied, ...],
-        totals: Mapping[Counter, Totals],
-        config: Config,
-        tz: ZoneInfo,
-    ) -> Decision:
-        return decide(team, variant, budgets, totals, config.prices, tz)
 
     def bound(self, parsed: ResponseBody, variant: Variant) -> Bound:
         return Bound.of(variant, parsed.mainline)

@@ -179,13 +179,15 @@ def _living(path: str, files: list[str]) -> list[str]:
     gone = set()
     for file in files:
         found = LIVE_GAUGE.fullmatch(os.path.basename(file))
-        if found and not _alive(int(found[1])):
+        if found and not pid_alive(int(found[1])):
             gone.add(file)
             multiprocess.mark_process_dead(int(found[1]), path)  # type: ignore[no-untyped-call]
     return [f for f in files if f not in gone]
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host has `pid`: a worker's, here, and a process registered
+    in the ledger, for `proxy.web.housekeeping` (which the metrics may not import)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -44,15 +44,14 @@ from proxy.core.errors import (
     UpstreamUnavailable,
 )
 from proxy.core.models import Usage
-from proxy.core.paths import plain_query
 from proxy.core.settings import Team
 from proxy.doors.batches import BatchFile
 from proxy.ledger import BatchLine, ObjectKind, StoredObject
 from proxy.upstream import Answer, response_headers
 from proxy.web.admission import body_chunks
-from proxy.web.gateway import path_of
+from proxy.web.gateway import query_of
 from proxy.web.observe import KeyRefusals
-from proxy.web.pipeline import for_team, free_headers, identified_again
+from proxy.web.pipeline import for_team, forward_as_is, free_headers, identified_again
 from proxy.web.projects import created_under
 from proxy.web.responses import streamed_response
 from proxy.web.runtime import Runtime
@@ -407,11 +406,8 @@ async def scoped_listing(
 def listed_query(request: Request, listing: Listing) -> dict[str, str]:
     """The query of a listing, read: each parameter OpenAI takes there at most once, a
     `limit` within OpenAI's range; anything else is refused."""
-    raw = plain_query(request.scope.get("query_string", b""))
-    if raw is None:
-        raise InvalidRequest("The query string holds characters that must be percent-encoded.")
     asked: dict[str, str] = {}
-    for name, value in parse_qsl(raw, keep_blank_values=True):
+    for name, value in parse_qsl(query_of(request), keep_blank_values=True):
         if name not in listing.params:
             raise InvalidRequest(f"Unknown parameter: '{name}'.", param=name)
         if name in asked:
@@ -465,18 +461,7 @@ async def scoped_object(
         if found is None or found.team != team.name:
             raise not_found(kind, object_id)
         project = created_under(runtime, found)
-        query = plain_query(request.scope.get("query_string", b""))
-        if query is None:
-            raise InvalidRequest("The query string holds characters that must be percent-encoded.")
-        answer = await runtime.upstream.send(
-            path_of(request).removeprefix("/v1"),
-            b"",
-            "",
-            request.headers.items(),
-            method=request.method,
-            query=query,
-            project=project,
-        )
+        answer = await forward_as_is(request, runtime, query_of(request), project)
         if seen is not None:
             body = await read_answer(answer)
             if 200 <= answer.status < 300:

@@ -17,7 +17,7 @@ from proxy.core.errors import (
     ServiceUnavailable,
     UnsupportedEncoding,
 )
-from proxy.core.paths import canonical
+from proxy.core.paths import canonical, plain_query
 from proxy.metrics import Metrics
 from proxy.web.admission import BodyBudget
 from proxy.web.connections import OVER_CAPACITY
@@ -141,6 +141,15 @@ def path_of(request: Request) -> str:
     `GET /v1/files/{own}/content` had the own file checked and the other one read."""
     path: str = request.scope["path"]
     return path
+
+
+def query_of(request: Request) -> str:
+    """The query of `request` as it is forwarded: as sent, still percent-encoded, or
+    InvalidRequest when a URL parser further down could read it otherwise."""
+    query = plain_query(request.scope.get("query_string", b""))
+    if query is None:
+        raise InvalidRequest("The query string holds characters that must be percent-encoded.")
+    return query
 
 
 def refused(scope: Scope, raw: bytes) -> NotFound:

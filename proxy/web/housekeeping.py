@@ -30,6 +30,7 @@ from collections.abc import Callable
 from proxy.core.errors import LedgerError
 from proxy.core.settings import UpstreamSettings
 from proxy.ledger import Ledger, Owner
+from proxy.metrics.text import pid_alive
 
 log = logging.getLogger("tollgate")
 
@@ -44,16 +45,6 @@ hosts, a loop slow to notice a deadline."""
 
 def this_process() -> Owner:
     return Owner(uuid.uuid4().hex, socket.gethostname(), os.getpid())
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def dead(owner: Owner, me: Owner, now: float) -> bool:

@@ -9,14 +9,13 @@ from starlette.responses import Response
 from proxy.core.auth import identify
 from proxy.core.errors import (
     AuthenticationFailed,
-    InvalidRequest,
     MethodNotAllowed,
     NotFound,
     RequestError,
 )
-from proxy.core.paths import CHAT_COMPLETIONS, OBJECT_PATHS, TOLLGATE_PATHS, plain_query, under
+from proxy.core.paths import CHAT_COMPLETIONS, OBJECT_PATHS, TOLLGATE_PATHS, under
 from proxy.web.admission import read_body
-from proxy.web.gateway import path_of
+from proxy.web.gateway import path_of, query_of
 from proxy.web.observe import KeyRefusals
 from proxy.web.pipeline import identified_again, new_request_id
 from proxy.web.responses import error_response, streamed_response
@@ -60,13 +59,9 @@ class OtherPaths:
             team, _ = identify(request.headers.get("authorization"), s.config.team_by_key_hash())
         except AuthenticationFailed as exc:
             return self.key_refusals.refuse(request, exc, headers, s)
-        query = plain_query(request.scope.get("query_string", b""))
         try:
             allow_method(s, path, method)
-            if query is None:
-                raise InvalidRequest(
-                    "The query string holds characters that must be percent-encoded."
-                )
+            query = query_of(request)
             body = await read_body(request, s.config.limits.generations_bytes, s.bodies)
             try:
                 # A body may take `limits.body_timeout_s` to arrive: a reload meanwhile that

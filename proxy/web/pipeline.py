@@ -24,7 +24,7 @@ from starlette.responses import Response
 
 from proxy.core import rates
 from proxy.core.auth import identify
-from proxy.core.budgets import Decision, Variant, allow_endpoint, room, summary
+from proxy.core.budgets import Decision, Variant, allow_endpoint, decide, room, summary
 from proxy.core.errors import (
     AuthenticationFailed,
     BudgetExceeded,
@@ -46,9 +46,11 @@ from proxy.core.rates import Paced
 from proxy.core.settings import Team, TeamKey
 from proxy.doors.base import Door, Parsed
 from proxy.ledger import RepeatGuard, Reservation, ResponseRow
+from proxy.upstream import Answer
 from proxy.web import repeats
 from proxy.web.admission import read_body
 from proxy.web.exchange import Exchange
+from proxy.web.gateway import path_of
 from proxy.web.observe import KeyRefusals, observe
 from proxy.web.projects import same_project
 from proxy.web.responses import error_response
@@ -86,6 +88,22 @@ async def for_team(
         return await serve(request, runtime, team, headers)
     except RequestError as exc:
         return error_response(exc, headers)
+
+
+async def forward_as_is(
+    request: Request, runtime: Runtime, query: str, project: str | None
+) -> Answer:
+    """`request` forwarded without a body, its path, method, headers and `query` as they
+    came, under OpenAI project `project`: a read, cancel or delete of a team's object."""
+    return await runtime.upstream.send(
+        path_of(request).removeprefix("/v1"),
+        b"",
+        "",
+        request.headers.items(),
+        method=request.method,
+        query=query,
+        project=project,
+    )
 
 
 class Pipeline(Generic[Parsed]):
@@ -260,7 +278,7 @@ class Pipeline(Generic[Parsed]):
         chosen: list[Decision] = []
 
         def choose(totals: Mapping[Counter, Totals]) -> Reservation:
-            decision = self.door.decide(team, variant, budgets, totals, config, tz)
+            decision = decide(team, variant, budgets, totals, config.prices, tz)
             chosen.append(decision)
             sent = decision.variant
             reserved = entry.sent(sent.request, sent.estimate.cost_nanos, summary(sent.changes))

@@ -26,13 +26,12 @@ from starlette.responses import Response
 from proxy.core.budgets import allow_endpoint
 from proxy.core.errors import InvalidRequest, NotFound, PreviousResponseNotFound
 from proxy.core.parsing import json_object
-from proxy.core.paths import plain_query
 from proxy.core.settings import Team
 from proxy.doors.responses import read_count
 from proxy.web.admission import read_body
-from proxy.web.gateway import path_of
+from proxy.web.gateway import path_of, query_of
 from proxy.web.observe import KeyRefusals
-from proxy.web.pipeline import for_team, owned_files
+from proxy.web.pipeline import for_team, forward_as_is, owned_files
 from proxy.web.projects import created_under, same_project
 from proxy.web.responses import error_response, streamed_response
 from proxy.web.runtime import Runtime
@@ -57,9 +56,7 @@ class ResponseObjects:
         row = await runtime.ledger.response(response_id)
         if row is None or row.team != team.name:
             raise NotFound(f"Response with id '{response_id}' not found.")
-        query = plain_query(request.scope.get("query_string", b""))
-        if query is None:
-            raise InvalidRequest("The query string holds characters that must be percent-encoded.")
+        query = query_of(request)
         if request.method == "DELETE" and row.held:
             await self.settle_first(runtime, row.request_id, response_id)
         elif request.method == "DELETE" and row.in_flight:
@@ -70,15 +67,7 @@ class ResponseObjects:
                 "(cancel it first if it runs in the background). Tollgate settles its "
                 "cost from the response, which a delete would remove."
             )
-        answer = await runtime.upstream.send(
-            path_of(request).removeprefix("/v1"),
-            b"",
-            "",
-            request.headers.items(),
-            method=request.method,
-            query=query,
-            project=created_under(runtime, row),
-        )
+        answer = await forward_as_is(request, runtime, query, created_under(runtime, row))
         if path_of(request).endswith("/cancel"):
             runtime.followers.nudge()
         return streamed_response(answer, headers)
@@ -122,9 +111,7 @@ class InputTokens:
         config = runtime.config
         project = config.project_of(team.name)
         allow_endpoint(team, "responses")
-        query = plain_query(request.scope.get("query_string", b""))
-        if query is None:
-            raise InvalidRequest("The query string holds characters that must be percent-encoded.")
+        query = query_of(request)
         media_type = request.headers.get("content-type", "").split(";", 1)[0].strip()
         if media_type.lower() != "application/json":
             raise InvalidRequest(
