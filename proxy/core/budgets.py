@@ -20,8 +20,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from math import gcd, lcm
-from typing import Literal
+from itertools import islice
+from math import gcd, isqrt, lcm
+from typing import Literal, NoReturn
 from zoneinfo import ZoneInfo
 
 from proxy.core.errors import BudgetExceeded, PolicyViolation
@@ -214,6 +215,39 @@ def decide(
 ) -> Decision:
     """The most faithful variant that fits every budget; BudgetExceeded when none does."""
     variant = throttle(team, variant, budgets, totals)
+    if team.on_exhausted == "downgrade":
+        if not blocking(variant, budgets, totals):
+            return Decision(variant, remaining(variant, budgets, totals))
+        # A request that fits in no form used to walk the whole ladder (315 variants of a
+        # 2048x2048 request, ~7 ms inside the ledger's write lock): its floor answers first.
+        cheapest = refused(variant, team, book, budgets, totals)
+        if cheapest is not None:
+            refuse(variant, cheapest, budgets, totals, tz)
+    return _walk(team, variant, budgets, totals, book, tz)
+
+
+def _decide_by_walking(
+    team: Team,
+    variant: Variant,
+    budgets: tuple[Applied, ...],
+    totals: Mapping[Counter, Totals],
+    book: PriceBook,
+    tz: ZoneInfo = UTC,
+) -> Decision:
+    """`decide` without the floor: every form of the ladder tried in turn (what `decide`
+    must always agree with)."""
+    variant = throttle(team, variant, budgets, totals)
+    return _walk(team, variant, budgets, totals, book, tz)
+
+
+def _walk(
+    team: Team,
+    variant: Variant,
+    budgets: tuple[Applied, ...],
+    totals: Mapping[Counter, Totals],
+    book: PriceBook,
+    tz: ZoneInfo,
+) -> Decision:
     # Under `reject` the request itself is the only form it may take. The ladder is built
     # lazily: pricing every downgrade of a request that fits was most of the request's CPU.
     ladder = variants(variant, team, book) if team.on_exhausted == "downgrade" else iter([variant])
@@ -222,7 +256,17 @@ def decide(
         if not blocking(candidate, budgets, totals):
             return Decision(candidate, remaining(candidate, budgets, totals))
         tried.append(candidate)
-    cheapest = min(tried, key=lambda v: v.estimate.cost_nanos)
+    refuse(variant, min(tried, key=lambda v: v.estimate.cost_nanos), budgets, totals, tz)
+
+
+def refuse(
+    variant: Variant,
+    cheapest: Variant,
+    budgets: tuple[Applied, ...],
+    totals: Mapping[Counter, Totals],
+    tz: ZoneInfo,
+) -> NoReturn:
+    """The 429 of `variant` when no form of it fits, `cheapest` the cheapest form."""
     blocker = blocking(cheapest, budgets, totals) or blocking(variant, budgets, totals)
     assert blocker is not None
     used = totals.get(blocker.counter, Totals()).used(blocker.budget.metric)
@@ -234,6 +278,92 @@ def decide(
         f"{resets(blocker, tz)}; ask your Tollgate administrator to raise it.",
         remaining_usd=usd_text(max(left, 0)) if left is not None else None,
     )
+
+
+def refused(
+    start: Variant,
+    team: Team,
+    book: PriceBook,
+    budgets: tuple[Applied, ...],
+    totals: Mapping[Counter, Totals],
+) -> Variant | None:
+    """When no form of the ladder of `start` fits, a form as cheap as its cheapest and
+    blocked by the same budget, found without walking the ladder; None when some form
+    may fit, or when the floor cannot tell which budget the walk would name.
+
+    The floor (`_floor`) is a few forms of the ladder below which no form goes: every
+    form of the ladder has one of them, on the same model, bounded no higher in any
+    metric a budget reads. So if all of them are blocked, every form is, the cheapest
+    costs what the cheapest of them costs, and (equal costs on one model being equal
+    usage) is blocked by the same budget first. Two models may tie at that cost with
+    different usage; the walk's order then decides, so the walk answers."""
+    name = team.downgrade.fallback_model
+    fallback = book.find(name) if name else None
+    if not start.model.costs_tell_tokens or (
+        fallback is not None and not fallback.costs_tell_tokens
+    ):
+        return None
+    floor = []
+    for candidate in _floor(start, tuple(team.downgrade.order), fallback):
+        if not blocking(candidate, budgets, totals):
+            return None
+        floor.append(candidate)
+    least = min(v.estimate.cost_nanos for v in floor)
+    cheapest = [v for v in floor if v.estimate.cost_nanos == least]
+    blocker = blocking(cheapest[0], budgets, totals)
+    if any(blocking(v, budgets, totals) is not blocker for v in cheapest[1:]):
+        return None
+    return cheapest[0]
+
+
+def _floor(
+    variant: Variant, knobs: tuple[Knob, ...], fallback: ModelPrices | None
+) -> Iterator[Variant]:
+    """A few forms of `_nested(variant, knobs, fallback)`: for each of its forms, one of
+    these on the same model bounded no higher in any metric (see `refused`)."""
+    if not knobs:
+        yield variant
+        return
+    *inner, outer = knobs
+    for option in _floor_options(variant, outer, fallback, "model" in inner):
+        yield from _floor(option, tuple(inner), fallback)
+
+
+def _floor_options(
+    variant: Variant, knob: Knob, fallback: ModelPrices | None, switched_inside: bool
+) -> Iterator[Variant]:
+    """Those of `_options(variant, knob, fallback)` that `_floor` needs. A lower quality
+    or a smaller size is bounded no higher on the same model, where the model's book says
+    so (`cheaper_down_the_ladder`, `cheaper_when_smaller`), so the lowest of the options
+    stands for all of them; except where the fallback model is given up inside them: it
+    keeps a quality and a size when it takes them, so a higher one can be its cheaper."""
+    if knob == "model":
+        yield from _options(variant, knob, fallback)
+        return
+    yield variant
+    model, request = variant.model, variant.request
+    if knob == "quality":
+        if switched_inside or not model.cheaper_down_the_ladder:
+            yield from quality_steps(variant)
+        elif request.quality == AUTO or model.qualities.index(request.quality) > 0:
+            yield change(variant, "quality", model.qualities[0], "budget")
+        return
+    if request.size == AUTO or not model.cheaper_when_smaller:
+        yield from size_steps(variant)
+        return
+    if not switched_inside or fallback is None:
+        kept = list(islice(_same_aspect_sizes(model, request.size), 1))
+    else:
+        # The fallback keeps a size it takes and maps every other one to the same size.
+        sizes = same_aspect_sizes(model, request.size)
+        kept = sizes[:1]
+        taken = [s for s in sizes if fallback.accepts_size(s)]
+        kept += taken[:1] if fallback.cheaper_when_smaller else taken
+        kept += [s for s in sizes if not fallback.accepts_size(s)][:1]
+    for size in dict.fromkeys(kept):
+        smaller = change(variant, "size", size, "budget")
+        if smaller.estimate.cost_nanos < variant.estimate.cost_nanos:
+            yield smaller
 
 
 def resets(applied: Applied, tz: ZoneInfo) -> str:
@@ -348,12 +478,19 @@ def size_steps(variant: Variant) -> list[Variant]:
 
 def same_aspect_sizes(model: ModelPrices, size: str) -> list[str]:
     """Sizes the model accepts with exactly the aspect ratio (and orientation) of `size`."""
+    return list(_same_aspect_sizes(model, size))
+
+
+def _same_aspect_sizes(model: ModelPrices, size: str) -> Iterator[str]:
+    """`same_aspect_sizes`, lazily; for a model that takes any size, the smaller ones,
+    smallest first."""
     dims = parse_size(size)
     if dims is None:
-        return []
+        return
     width, height = dims
     if model.custom_sizes is None:
-        return [s for s in model.sizes if _same_aspect(s, width, height)]
+        yield from (s for s in model.sizes if _same_aspect(s, width, height))
+        return
     g = gcd(width, height)
     base_w, base_h = width // g, height // g
     # Only the multiples whose edges are both multiples of `multiple_of` can be accepted:
@@ -361,12 +498,13 @@ def same_aspect_sizes(model: ModelPrices, size: str) -> list[str]:
     # 2,048 (a refused request walks them inside the ledger's transaction).
     m = model.custom_sizes.multiple_of
     step = lcm(m // gcd(m, base_w), m // gcd(m, base_h))
-    found = []
-    for k in range(step, g + 1, step):
+    # Nor those below `min_pixels`: the smallest accepted one of a 2048x2048 request is the
+    # 51st multiple (816x816), which the floor of a refused request asks for.
+    least = isqrt(model.custom_sizes.min_pixels // (base_w * base_h))
+    for k in range(max(step, least // step * step), g + 1, step):
         w, h = base_w * k, base_h * k
         if w < width and model.accepts_size(f"{w}x{h}"):
-            found.append(f"{w}x{h}")
-    return found
+            yield f"{w}x{h}"
 
 
 def _same_aspect(size: str, width: int, height: int) -> bool:

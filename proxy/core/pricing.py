@@ -23,6 +23,7 @@ second table of the same book:
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -134,6 +135,62 @@ class ModelPrices:
         if self.auto_size is not None:
             return (self.auto_size,)
         return self.sizes
+
+    @functools.cached_property
+    def cheaper_down_the_ladder(self) -> bool:
+        """Whether, at any one explicit size, a lower quality of the ladder never bounds an
+        image above a higher one, in cost or in tokens (`auto` is the top). Only quality
+        changes the output tokens or the per-image price among these, so this is a fact
+        of the book's data, which a deployment's own entries may break: per-image prices
+        and token tables are read size by size; a formula holds when its factors and its
+        scales (1 where none is given) never fall up the ladder (`formula_tokens` rises
+        with the factor at every size)."""
+        ladder = self.qualities
+        if self.per_image is not None or self.output_table is not None:
+            table: Mapping[str, Mapping[str, Any]] = self.per_image or self.output_table or {}
+            if any(q not in table for q in ladder):
+                return False
+            sizes = set(table[ladder[0]])
+            return all(
+                set(table[q]) == sizes and all(table[q][s] <= table[r][s] for s in sizes)
+                for q, r in itertools.pairwise(ladder)
+            )
+        if self.output_formula is not None:
+            formula, scale = self.output_formula, self.output_scale
+            if any(q not in formula for q in ladder):
+                return False
+            return all(
+                0 <= formula[q] <= formula[r] and 0 <= scale.get(q, 1) <= scale.get(r, 1)
+                for q, r in itertools.pairwise(ladder)
+            )
+        return True
+
+    @property
+    def cheaper_when_smaller(self) -> bool:
+        """Whether an explicit size bounds an image at least as high as every smaller size
+        of its aspect ratio, in cost and in tokens: true of the size formula of a model that
+        takes arbitrary sizes (`formula_tokens` keeps its steps at a fixed aspect ratio and
+        rises with the pixels; a scale rounds up a rising number)."""
+        return (
+            self.custom_sizes is not None
+            and self.output_formula is not None
+            and self.output_table is None
+            and self.per_image is None
+        )
+
+    @functools.cached_property
+    def costs_tell_tokens(self) -> bool:
+        """Whether, of two bounds of one request at two qualities or sizes of this model,
+        the one that costs no more has no more of any token (so equal costs are equal
+        usage): no rate is negative, and each image output token, the only kind quality
+        and size change, adds at least a nano-dollar. Per-image models reserve the same
+        usage at every quality and size."""
+        if self.per_image is not None:
+            return True
+        rates, denominator = self._nano_rates
+        if any(rate < 0 for _, rate in rates):
+            return False
+        return dict(rates).get("image_output", 0) >= denominator
 
     def output_tokens(self, quality: str, size: str) -> int:
         """Image output tokens of one image at an explicit quality and size (0 for DALL·E)."""
