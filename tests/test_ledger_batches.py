@@ -394,13 +394,23 @@ def user_counter(user: str, start: float = 0.0) -> Counter:
 
 
 async def reserve_shared(
-    ledger: Backend, users: int, *, hold: bool = True, periods: tuple[Period, ...] = ()
+    ledger: Backend,
+    users: int,
+    *,
+    hold: bool = True,
+    periods: tuple[Period, ...] = (),
+    ahead: bool = False,
+    request_id: str = "b1",
 ) -> None:
+    """A batch naming `users` reserved (`ahead`: what it writes worked out before its
+    transaction, as a batch create does, `codecs.written`)."""
+
     def choose(totals: Mapping[Counter, Totals]) -> Reservation:
-        entry = replace(batch_entry("b1", users), user=None)
+        entry = replace(batch_entry(request_id, users), user=None)
         usage = BOUND_USAGE.scaled(users)
         held = shares(users)
-        return Reservation(entry, usage, TEAM_COUNTERS, shares=held, share_periods=periods)
+        found = Reservation(entry, usage, TEAM_COUNTERS, shares=held, share_periods=periods)
+        return replace(found, written=codecs.written(found)) if ahead else found
 
     await ledger.reserve(TEAM_COUNTERS, choose)
     if hold:
@@ -438,6 +448,30 @@ async def test_each_users_share_is_held_in_her_counters_and_settled_by_her_lines
     after = await ledger.totals([user_counter(f"u{i}", 32 * DAY) for i in range(users)])
     for i, line in enumerate(lines):
         assert after[user_counter(f"u{i}", 32 * DAY)] == end_totals([line])
+
+
+@pytest.mark.parametrize("periods", [(), ("day",)])
+async def test_a_batch_written_ahead_of_its_transaction_holds_what_one_written_in_it_does(
+    ledger: Backend, periods: tuple[Period, ...]
+) -> None:
+    """Its row's counters text and every counter the same, to the nano and the token, and
+    settled alike."""
+    month = [Counter("user", "design", f"u{i}", "month", 0.0) for i in range(50)]
+    read = [user_counter(f"u{i}") for i in range(50)] + month + list(TEAM_COUNTERS)
+    found = []
+    for request_id, ahead in (("b1", False), ("b2", True)):
+        await reserve_shared(ledger, 50, hold=False, periods=periods, ahead=ahead,
+                             request_id=request_id)  # fmt: skip
+        async with contextlib.aclosing(ledger.export(0.0, float("inf"))) as rows:
+            text = [r["counters"] async for r in rows if r["id"] == request_id]
+        found.append((text, await ledger.totals(read)))
+        settled = Settlement(CREATED + 1.0, "upstream_error", 400, Usage(), 0)
+        await ledger.settle(request_id, settled)
+        assert set((await ledger.totals(read)).values()) == {Totals()}
+    assert found[0] == found[1]
+    text, totals = found[0]
+    assert len(text) == 1 and codecs.shared(text[0])
+    assert sum(t.reserved_nanos > 0 for t in totals.values()) == 50 + 2 + 50 * (not periods)
 
 
 async def test_a_batch_reservation_reclaimed_or_released_moves_each_share_whole(

@@ -29,6 +29,7 @@ from proxy.ledger.base import (
     ResponseRow,
     Row,
     StoredObject,
+    Written,
 )
 from proxy.ledger.kept import FirstAttempt, KeptAnswer
 
@@ -435,6 +436,14 @@ def reservation_text(reservation: Reservation) -> str:
     if reservation.share_periods:
         shares["periods"] = list(reservation.share_periods)
     return json.dumps([*(counter_key(c) for c in reservation.counters), shares])
+
+
+def written(reservation: Reservation) -> Written:
+    """What `reservation` writes besides its row (`Written`): worked out ahead of its
+    transaction for a batch naming thousands of users, whose text and rows are most of
+    what its transaction would otherwise do."""
+    text = reservation_text(reservation)
+    return Written(text, counter_rows(text, reserved(reservation.entry, reservation.usage)))
 
 
 def counter_rows(text: str, deltas: Deltas, spent_before: int = 0) -> list[tuple[Any, ...]]:

@@ -49,7 +49,7 @@ from proxy.core.parsing import json_object
 from proxy.core.periods import Applied, spanning, zone
 from proxy.core.settings import Config, Team
 from proxy.doors.batches import bound_now, user_shares
-from proxy.ledger import BatchLine, RepeatGuard, Reservation, StoredObject, UserShare
+from proxy.ledger import BatchLine, RepeatGuard, Reservation, StoredObject, UserShare, codecs
 from proxy.upstream import response_headers
 from proxy.web import repeats
 from proxy.web.admission import read_body
@@ -146,6 +146,18 @@ class Batches:
             strict = replace(team, on_exhausted="reject", throttle=())
             remaining: list[int | None] = []
             periods = tuple(dict.fromkeys(b.period for b in team.per_user))
+            # What it reserves and writes, whatever the totals: worked out before its
+            # transaction, which only reads, decides and writes it.
+            held = Reservation(
+                entry.sent(asked, bound.cost_nanos, ""),
+                bound.usage,
+                plan.adds_to,
+                project=project,
+                shares=plan.held,
+                share_periods=periods,
+            )
+            if plan.held:
+                held = replace(held, written=await asyncio.to_thread(codecs.written, held))
 
             def choose(totals: Any) -> Reservation:
                 # A batch is reserved whole or refused: never downgraded, never throttled.
@@ -162,15 +174,7 @@ class Batches:
                     if left is not None and (least is None or left < least):
                         least = left
                 remaining.append(least)
-                sent = entry.sent(asked, bound.cost_nanos, "")
-                return Reservation(
-                    sent,
-                    bound.usage,
-                    plan.adds_to,
-                    project=project,
-                    shares=plan.held,
-                    share_periods=periods,
-                )
+                return held
 
             for _ in range(repeats.RACES):
                 try:
