@@ -67,7 +67,7 @@ class Written:
     reserved bound and usage), in lock order."""
 
     text: str
-    rows: Sequence[tuple[Any, ...]]
+    rows: tuple[tuple[Any, ...], ...]
 
 
 Chooser = Callable[[Mapping[Counter, Totals]], Reservation]

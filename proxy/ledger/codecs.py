@@ -443,7 +443,8 @@ def written(reservation: Reservation) -> Written:
     transaction for a batch naming thousands of users, whose text and rows are most of
     what its transaction would otherwise do."""
     text = reservation_text(reservation)
-    return Written(text, counter_rows(text, reserved(reservation.entry, reservation.usage)))
+    rows = counter_rows(text, reserved(reservation.entry, reservation.usage))
+    return Written(text, tuple(rows))
 
 
 def counter_rows(text: str, deltas: Deltas, spent_before: int = 0) -> list[tuple[Any, ...]]:
