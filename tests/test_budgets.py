@@ -20,10 +20,12 @@ from proxy.core.budgets import (
     Decision,
     Variant,
     apply_allow,
+    blocking,
     clamp_quality,
     decide,
     quality_steps,
     same_aspect_sizes,
+    share_fits,
     size_steps,
     summary,
     switch_model,
@@ -32,7 +34,17 @@ from proxy.core.budgets import (
 )
 from proxy.core.errors import BudgetExceeded, PolicyViolation
 from proxy.core.image_tokens import parse_size
-from proxy.core.models import Change, Counter, ImageRequest, InputImage, Period, Totals, usd_text
+from proxy.core.models import (
+    Change,
+    Counter,
+    Estimate,
+    ImageRequest,
+    InputImage,
+    Period,
+    Totals,
+    Usage,
+    usd_text,
+)
 from proxy.core.periods import Applied, applicable, counters, window
 from proxy.core.pricing import ModelPrices, PriceBook, estimate
 from proxy.core.settings import (
@@ -1301,3 +1313,49 @@ def test_applicable_budgets_kept_for_a_minute_are_those_of_each_instant(
                 )
                 for b in budgets
             ], (zone_name, offset, user)  # fmt: skip
+
+
+def test_share_fits_finds_what_a_strict_decide_finds_for_a_share(book: PriceBook) -> None:
+    """A batch's users' shares are checked by `share_fits`: the same refusals (the same
+    budget) and the same room left as `decide` under the strict policy a batch is reserved
+    under, for random shares, budgets and totals."""
+    rng = random.Random(20261206)
+    metrics: tuple[Metric, ...] = ("usd", *TOKEN_METRICS)
+    periods: tuple[Period, ...] = ("day", "week", "month", "total")
+    model = model_of(book, "gpt-image-2")
+    refused = fitted = 0
+    for _ in range(3000):
+        scale = rng.choice((10, 1000, 10**6, 10**9))
+
+        def budget(period: Period, scale: int = scale) -> Budget:
+            return Budget(period, rng.choice(metrics), rng.randint(0, 20 * scale))
+
+        team = make_team(
+            budgets=tuple(budget(p) for p in rng.sample(periods, rng.randint(0, 2))),
+            per_user=tuple(budget(p) for p in rng.sample(periods, rng.randint(0, 3))),
+            on_exhausted="reject",
+        )
+        org = tuple(budget(p) for p in rng.sample(periods, rng.randint(0, 1)))
+        config = make_config(book, (team,), org)
+        applied = applicable(config, team, "alice", NOW)
+        totals = {
+            a.counter: Totals(*(rng.randint(0, 12 * scale) for _ in range(6)))
+            for a in applied
+            if rng.random() < 0.8
+        }
+        usage = Usage(*(rng.randint(0, 4 * scale) for _ in range(6)))
+        share = Estimate(usage, rng.randint(0, 4 * scale))
+        variant = Variant(req(user="alice"), model, share)
+        blocker, left = share_fits(share, applied, totals)
+        try:
+            decision = decide(team, variant, applied, totals, book)
+        except BudgetExceeded as exc:
+            refused += 1
+            assert blocker is not None
+            assert blocker.describe() in exc.message
+            assert blocker == blocking(variant, applied, totals)
+        else:
+            fitted += 1
+            assert blocker is None
+            assert left == decision.remaining_nanos
+    assert refused > 300 and fitted > 300

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -392,13 +394,23 @@ def user_counter(user: str, start: float = 0.0) -> Counter:
 
 
 async def reserve_shared(
-    ledger: Backend, users: int, *, hold: bool = True, periods: tuple[Period, ...] = ()
+    ledger: Backend,
+    users: int,
+    *,
+    hold: bool = True,
+    periods: tuple[Period, ...] = (),
+    ahead: bool = False,
+    request_id: str = "b1",
 ) -> None:
+    """A batch naming `users` reserved (`ahead`: what it writes worked out before its
+    transaction, as a batch create does, `codecs.written`)."""
+
     def choose(totals: Mapping[Counter, Totals]) -> Reservation:
-        entry = replace(batch_entry("b1", users), user=None)
+        entry = replace(batch_entry(request_id, users), user=None)
         usage = BOUND_USAGE.scaled(users)
         held = shares(users)
-        return Reservation(entry, usage, TEAM_COUNTERS, shares=held, share_periods=periods)
+        found = Reservation(entry, usage, TEAM_COUNTERS, shares=held, share_periods=periods)
+        return replace(found, written=codecs.written(found)) if ahead else found
 
     await ledger.reserve(TEAM_COUNTERS, choose)
     if hold:
@@ -436,6 +448,30 @@ async def test_each_users_share_is_held_in_her_counters_and_settled_by_her_lines
     after = await ledger.totals([user_counter(f"u{i}", 32 * DAY) for i in range(users)])
     for i, line in enumerate(lines):
         assert after[user_counter(f"u{i}", 32 * DAY)] == end_totals([line])
+
+
+@pytest.mark.parametrize("periods", [(), ("day",)])
+async def test_a_batch_written_ahead_of_its_transaction_holds_what_one_written_in_it_does(
+    ledger: Backend, periods: tuple[Period, ...]
+) -> None:
+    """Its row's counters text and every counter the same, to the nano and the token, and
+    settled alike."""
+    month = [Counter("user", "design", f"u{i}", "month", 0.0) for i in range(50)]
+    read = [user_counter(f"u{i}") for i in range(50)] + month + list(TEAM_COUNTERS)
+    found = []
+    for request_id, ahead in (("b1", False), ("b2", True)):
+        await reserve_shared(ledger, 50, hold=False, periods=periods, ahead=ahead,
+                             request_id=request_id)  # fmt: skip
+        async with contextlib.aclosing(ledger.export(0.0, float("inf"))) as rows:
+            text = [r["counters"] async for r in rows if r["id"] == request_id]
+        found.append((text, await ledger.totals(read)))
+        settled = Settlement(CREATED + 1.0, "upstream_error", 400, Usage(), 0)
+        await ledger.settle(request_id, settled)
+        assert set((await ledger.totals(read)).values()) == {Totals()}
+    assert found[0] == found[1]
+    text, totals = found[0]
+    assert len(text) == 1 and codecs.shared(text[0])
+    assert sum(t.reserved_nanos > 0 for t in totals.values()) == 50 + 2 + 50 * (not periods)
 
 
 async def test_a_batch_reservation_reclaimed_or_released_moves_each_share_whole(
@@ -675,3 +711,62 @@ def test_a_batch_adds_to_each_counter_once_in_lock_order() -> None:
     for counter in (*CREATION_COUNTERS, *organization(CREATION_COUNTERS)):
         assert by_key[codecs.counter_key(counter)] == (0, -99, 0, 0, -7, -7)
     assert len(found) == len(CREATION_COUNTERS) + 2 + len(END_COUNTERS) + 2 + 1
+
+
+def shared_rows(text: str, deltas: codecs.Deltas, spent_before: int) -> list[tuple[Any, ...]]:
+    """`codecs.counter_rows` of a text with users' shares, as plainly as it can be put: every
+    counter's deltas summed key by key, then sorted."""
+    spent, held, tokens = deltas
+    *keys, shares = json.loads(text)
+    plain = codecs.with_organization([Counter(*key) for key in keys])
+    found = {codecs.counter_key(c): [spent, held, *tokens] for c in plain}
+    bound, periods = shares["bound"], shares.get("periods")
+
+    def part(delta: int, share: int, whole: int) -> int:
+        return delta * share // whole if whole else 0
+
+    for user, nanos, *own in shares["users"]:
+        after = spent_before + spent
+        added = [part(after, nanos, bound) - part(spent_before, nanos, bound)]
+        added += [part(held, nanos, bound)]
+        added += [part(d, p, w) for d, p, w in zip(tokens, own, shares["tokens"], strict=True)]
+        for c in keys:
+            if c[0] == "team" and (periods is None or c[3] in periods):
+                total = found.setdefault(("user", c[1], user, c[3], c[4]), [0] * len(added))
+                for i, value in enumerate(added):
+                    total[i] += value
+    return [(*key, *found[key]) for key in sorted(found)]
+
+
+def test_a_shared_reservations_counter_rows_are_each_users_part_once_in_lock_order() -> None:
+    """Random shares (users in any order, any amounts), periods and deltas: the counters'
+    rows are those of summing every counter's part key by key, in lock order; and so when a
+    text names a user twice, or a user's counter among the team's."""
+    rng = random.Random(1206)
+    team = [*CREATION_COUNTERS[:2], Counter("team", "design", "", "day", DAY)]
+    for _ in range(200):
+        users = rng.sample(range(1000), rng.randint(1, 40))
+        held = [
+            UserShare(
+                f"u{u}", rng.randint(0, 10**9), Usage(*(rng.randint(0, 9999) for _ in range(6)))
+            )
+            for u in users
+        ]
+        counters = tuple(team)
+        if rng.random() < 0.2:
+            held.append(replace(held[0], nanos=rng.randint(0, 10**9)))
+        if rng.random() < 0.2:
+            counters += (user_counter(held[-1].user),)
+        periods: tuple[Period, ...] = rng.choice(((), ("day",), ("month",), ("day", "month")))
+        bound = sum(s.nanos for s in held) + rng.randint(0, 10**6)
+        entry = replace(batch_entry("b1", 1), user=None, estimated_nanos=bound)
+        usage = Usage(*(10**6 + rng.randint(0, 10**6) for _ in range(6)))
+        reservation = Reservation(entry, usage, counters, shares=tuple(held), share_periods=periods)
+        text = codecs.reservation_text(reservation)
+        tokens = tuple(rng.randint(-(10**6), 10**6) for _ in range(4))
+        for deltas, before in (
+            (codecs.reserved(entry, usage), 0),
+            ((rng.randint(0, bound), -bound, tokens), rng.randint(0, bound)),
+            ((-rng.randint(0, bound), 0, tokens), rng.randint(0, bound)),
+        ):
+            assert codecs.counter_rows(text, deltas, before) == shared_rows(text, deltas, before)

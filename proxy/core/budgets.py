@@ -391,6 +391,40 @@ def blocking(
     return None
 
 
+def share_fits(
+    estimate: Estimate, budgets: Iterable[Applied], totals: Mapping[Counter, Totals]
+) -> tuple[Applied | None, int | None]:
+    """What `decide` finds for a request costing `estimate` under a strict policy (reject,
+    no throttle), in one pass over `budgets` and without building the request: the first
+    budget it does not fit in (None: it fits), and the room left in the tightest USD budget
+    once it is reserved (`remaining`). A batch decides each user's share so, thousands of
+    times in its reservation's transaction; on a refusal `decide` says why."""
+    usage = estimate.usage
+    blocker: Applied | None = None
+    left: int | None = None
+    for applied in budgets:
+        metric = applied.budget.metric
+        used = totals.get(applied.counter, _NOTHING).used(metric)
+        if metric == "usd":
+            need = estimate.cost_nanos
+            after = applied.budget.limit - used - need
+            left = after if left is None or after < left else left
+        elif metric == "text_input_tokens":
+            need = usage.text_input + usage.cached_text_input
+        elif metric == "image_input_tokens":
+            need = usage.image_input + usage.cached_image_input
+        elif metric == "image_output_tokens":
+            need = usage.image_output
+        else:
+            need = usage.total_tokens
+        if blocker is None and used + need > applied.budget.limit:
+            blocker = applied
+    return blocker, left
+
+
+_NOTHING = Totals()
+
+
 def room(budgets: Iterable[Applied], totals: Mapping[Counter, Totals]) -> int | None:
     """Room left in the tightest USD budget before anything more is reserved (None: no USD
     budget applies)."""

@@ -33,6 +33,7 @@ from proxy.ledger.base import (
     Row,
     StoredObject,
     UserShare,
+    Written,
 )
 from proxy.ledger.kept import FirstAttempt, KeptAnswer, KeptTail, RepeatGuard
 from proxy.ledger.retry import settle_patiently
@@ -57,6 +58,7 @@ __all__ = [
     "Settlement",
     "StoredObject",
     "UserShare",
+    "Written",
     "migrate_ledger",
     "open_ledger",
     "redacted",

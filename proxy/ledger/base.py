@@ -54,6 +54,20 @@ class Reservation:
     """The periods whose windows hold the users' `shares` (those of the team's per-user
     budgets): a user's counters of other periods, which no budget reads, are not written
     (a file naming 50,000 users wrote 200,000 counters). Empty: every period's."""
+    written: Written | None = None
+    """Its counters text and what it adds to each counter, worked out before its
+    transaction (`codecs.written`, of this reservation): a batch's, which no totals
+    change, off the event loop. None: worked out in the transaction."""
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What a reservation writes besides its row: its counters text
+    (`codecs.reservation_text`) and each counter's deltas (`codecs.counter_rows` of its
+    reserved bound and usage), in lock order."""
+
+    text: str
+    rows: tuple[tuple[Any, ...], ...]
 
 
 Chooser = Callable[[Mapping[Counter, Totals]], Reservation]

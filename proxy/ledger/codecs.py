@@ -29,6 +29,7 @@ from proxy.ledger.base import (
     ResponseRow,
     Row,
     StoredObject,
+    Written,
 )
 from proxy.ledger.kept import FirstAttempt, KeptAnswer
 
@@ -437,6 +438,15 @@ def reservation_text(reservation: Reservation) -> str:
     return json.dumps([*(counter_key(c) for c in reservation.counters), shares])
 
 
+def written(reservation: Reservation) -> Written:
+    """What `reservation` writes besides its row (`Written`): worked out ahead of its
+    transaction for a batch naming thousands of users, whose text and rows are most of
+    what its transaction would otherwise do."""
+    text = reservation_text(reservation)
+    rows = counter_rows(text, reserved(reservation.entry, reservation.usage))
+    return Written(text, tuple(rows))
+
+
 def counter_rows(text: str, deltas: Deltas, spent_before: int = 0) -> list[tuple[Any, ...]]:
     """What a write of `deltas` adds to each counter of a row's counters `text`, one row
     per counter in lock order: its key, then its spent, reserved and token deltas. A user's
@@ -461,12 +471,27 @@ def counter_rows(text: str, deltas: Deltas, spent_before: int = 0) -> list[tuple
         for c in plain
         if c.scope == "team" and (periods is None or c.period in periods)
     ]
-    for user, nanos, *part in shares["users"]:
-        added = [
-            _part(spent_before + spent, nanos, bound) - _part(spent_before, nanos, bound),
+    after = spent_before + spent
+    users = [
+        (
+            user,
+            _part(after, nanos, bound) - _part(spent_before, nanos, bound),
             _part(held, nanos, bound),
-            *(_part(d, p, w) for d, p, w in zip(tokens, part, whole, strict=True)),
-        ]
+            *map(_part, tokens, part, whole),
+        )
+        for user, nanos, *part in shares["users"]
+    ]
+    if len({u[0] for u in users}) == len(users) and all(k[0] != "user" for k in found):
+        # Each user named once, and no counter of the team's a user's: every key is new,
+        # and after the others' in lock order (scope "user" last), built in that order.
+        users.sort()
+        windows.sort()
+        rows = [(*key, *found[key]) for key in found]
+        for team in dict.fromkeys(w[0] for w in windows):
+            own = [(p, s) for t, p, s in windows if t == team]
+            rows += [("user", team, u[0], p, s, *u[1:]) for u in users for p, s in own]
+        return rows
+    for user, *added in users:
         for team, period, start in windows:
             total = found.setdefault(("user", team, user, period, start), [0] * len(added))
             for i, value in enumerate(added):

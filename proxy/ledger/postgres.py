@@ -127,12 +127,18 @@ class PostgresLedger(Schema, KeptAnswers):
                 paced = pace.admit(entry, usage, counts, entry.started_at)
                 await rate_counts.add_postgres(conn, paced.adds)
                 reservation = replace(reservation, paced=paced)
-            text = codecs.reservation_text(reservation)
+            written = reservation.written
+            text = written.text if written else codecs.reservation_text(reservation)
             values = codecs.reservation_values(
                 entry, usage, text, owner, reservation.project, reservation.mainline_nanos
             )
             await write_and_add(
-                conn, SQL.insert_reservation, values, text, codecs.reserved(entry, usage)
+                conn,
+                SQL.insert_reservation,
+                values,
+                text,
+                codecs.reserved(entry, usage),
+                rows=written.rows if written else None,
             )
             return reservation
 

@@ -155,17 +155,21 @@ async def write_and_add(
     counters_text: str,
     deltas: codecs.Deltas,
     spent_before: int = 0,
+    *,
+    rows: Sequence[tuple[Any, ...]] | None = None,
 ) -> None:
     """`sql` (with `args`) and the counters' additions in one statement, one round trip:
     the request row's write as a data-modifying `WITH`, which PostgreSQL always runs, then
     the counters' upsert, row by row in lock order. The organization's total row, locked
     first, keeps every writer in line, so the order of the two parts within it does not
-    matter. `spent_before`: what the row charged before (see `codecs.counter_rows`)."""
+    matter. `spent_before`: what the row charged before (see `codecs.counter_rows`);
+    `rows`: those counter rows of `deltas`, when worked out already (`codecs.written`)."""
     spent, held, tokens = deltas
     if codecs.shared(counters_text):
         # A batch's users' shares: each counter adds its own deltas (`codecs.counter_rows`).
         await conn.execute(sql, *args)
-        rows = codecs.counter_rows(counters_text, deltas, spent_before)
+        if rows is None:
+            rows = codecs.counter_rows(counters_text, deltas, spent_before)
         columns = [list(c) for c in list(zip(*rows, strict=True))[5:]]
         await conn.execute(ADD_SQL, *key_arrays([r[:5] for r in rows]), *columns)
         return

@@ -127,12 +127,16 @@ class SqliteLedger(KeptAnswers):
                 paced = pace.admit(entry, usage, counts, entry.started_at)
                 rate_counts.add_sqlite(conn, paced.adds)
                 reservation = replace(reservation, paced=paced)
-            text = codecs.reservation_text(reservation)
+            written = reservation.written
+            text = written.text if written else codecs.reservation_text(reservation)
             values = codecs.reservation_values(
                 entry, usage, text, owner, reservation.project, reservation.mainline_nanos
             )
             conn.execute(SQL.insert_reservation, values)
-            _add(conn, text, codecs.reserved(entry, usage))
+            if written:
+                conn.executemany(_UPSERT, written.rows)
+            else:
+                _add(conn, text, codecs.reserved(entry, usage))
             held.append((entry.estimated_nanos, text, usage))
             return reservation
 

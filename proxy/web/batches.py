@@ -29,13 +29,13 @@ import hashlib
 import json
 import logging
 from collections.abc import Collection, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from proxy.core.budgets import Variant, allow_endpoint, decide, endpoint_path
+from proxy.core.budgets import Variant, allow_endpoint, decide, endpoint_path, share_fits
 from proxy.core.errors import (
     InvalidRequest,
     LedgerError,
@@ -44,12 +44,12 @@ from proxy.core.errors import (
     ServiceUnavailable,
     UpstreamFailure,
 )
-from proxy.core.models import Entry, Estimate, ImageRequest, Settlement, Usage, usd_text
+from proxy.core.models import Counter, Entry, Estimate, ImageRequest, Settlement, Usage, usd_text
 from proxy.core.parsing import json_object
 from proxy.core.periods import Applied, spanning, zone
 from proxy.core.settings import Config, Team
 from proxy.doors.batches import bound_now, user_shares
-from proxy.ledger import BatchLine, RepeatGuard, Reservation, StoredObject, UserShare
+from proxy.ledger import BatchLine, RepeatGuard, Reservation, StoredObject, UserShare, codecs
 from proxy.upstream import response_headers
 from proxy.web import repeats
 from proxy.web.admission import read_body
@@ -134,45 +134,51 @@ class Batches:
             # bound is held in every window it may end in and, for a team with per-user
             # budgets, each user's share of it in that user's counters of those windows,
             # against that user's budgets. (Held for a team without them too, a file naming
-            # 50,000 users kept the event loop 3 s longer on 200,000 counter writes.) Both
-            # walk every line: on a thread, so that the event loop serves meanwhile.
-            bound, shares = await asyncio.to_thread(
-                bound_and_shares, team, config, lines.values(), stored
+            # 50,000 users kept the event loop 3 s longer on 200,000 counter writes.) The
+            # bound, the shares and each user's budgets walk every line or user: on a thread
+            # (`BatchPlan`), so that the event loop serves meanwhile.
+            plan = await asyncio.to_thread(
+                BatchPlan.of, team, config, lines.values(), stored, entry.started_at
             )
+            bound, shares, budgets, per_user = plan.bound, plan.shares, plan.budgets, plan.users
             variant = Variant(asked, model, bound)
-            budgets, adds_to = spanning(config, team, None, entry.started_at, BATCH_SPAN_S)
-            per_user = users_budgets(config, team, shares, entry.started_at)
             tz = zone(config.timezone)
             strict = replace(team, on_exhausted="reject", throttle=())
             remaining: list[int | None] = []
-            held = tuple(UserShare(u, e.cost_nanos, e.usage) for u, e in shares.items())
             periods = tuple(dict.fromkeys(b.period for b in team.per_user))
+            # What it reserves and writes, whatever the totals: worked out before its
+            # transaction, which only reads, decides and writes it.
+            held = Reservation(
+                entry.sent(asked, bound.cost_nanos, ""),
+                bound.usage,
+                plan.adds_to,
+                project=project,
+                shares=plan.held,
+                share_periods=periods,
+            )
+            if plan.held:
+                held = replace(held, written=await asyncio.to_thread(codecs.written, held))
 
             def choose(totals: Any) -> Reservation:
                 # A batch is reserved whole or refused: never downgraded, never throttled.
-                # Each user's share is decided as a direct request of that user costing it.
+                # Each user's share is decided as a direct request of that user costing it
+                # would be (`share_fits`; `decide` says why one does not fit).
                 decision = decide(strict, variant, budgets, totals, config.prices, tz)
-                rooms = [decision.remaining_nanos]
+                least = decision.remaining_nanos
                 for user, applied in per_user:
-                    share = Variant(replace(asked, user=user), model, shares[user])
-                    found = decide(strict, share, applied, totals, config.prices, tz)
-                    rooms.append(found.remaining_nanos)
-                known = [r for r in rooms if r is not None]
-                remaining.append(min(known) if known else None)
-                sent = entry.sent(asked, bound.cost_nanos, "")
-                return Reservation(
-                    sent, bound.usage, adds_to, project=project, shares=held, share_periods=periods
-                )
+                    blocker, left = share_fits(shares[user], applied, totals)
+                    if blocker is not None:
+                        share = Variant(replace(asked, user=user), model, shares[user])
+                        found = decide(strict, share, applied, totals, config.prices, tz)
+                        left = found.remaining_nanos
+                    if left is not None and (least is None or left < least):
+                        least = left
+                remaining.append(least)
+                return held
 
-            read = tuple(
-                dict.fromkeys(
-                    [a.counter for a in budgets]
-                    + [a.counter for _, applied in per_user for a in applied]
-                )
-            )
             for _ in range(repeats.RACES):
                 try:
-                    reservation = await runtime.ledger.reserve(read, choose, guard=guard)
+                    reservation = await runtime.ledger.reserve(plan.read, choose, guard=guard)
                     break
                 except RepeatArrived:
                     # Another attempt of this create reserved first (on another worker or
@@ -326,6 +332,44 @@ def bound_and_shares(
     (`bound_now`), and each user's share of it when `team` has per-user budgets."""
     bound = bound_now(team, config, lines, Estimate(stored.bound_usage, stored.bound_nanos))
     return bound, user_shares(lines, bound) if team.per_user else {}
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPlan:
+    """What a batch's reservation decides on and writes that its totals do not change:
+    worked out before its transaction, off the event loop (`of`), each a pass over the
+    lines or the users they name."""
+
+    bound: Estimate
+    shares: dict[str, Estimate]
+    """Each user's share of `bound` (`bound_and_shares`)."""
+    budgets: tuple[Applied, ...]
+    """The team's and organization's budgets of every window the batch may end in."""
+    adds_to: tuple[Counter, ...]
+    users: list[tuple[str, tuple[Applied, ...]]]
+    """Each user with her budgets of those windows (`users_budgets`)."""
+    held: tuple[UserShare, ...]
+    """The shares as its reservation holds them."""
+    read: tuple[Counter, ...]
+    """Every counter its decisions read."""
+
+    @classmethod
+    def of(
+        cls,
+        team: Team,
+        config: Config,
+        lines: Collection[BatchLine],
+        stored: StoredObject,
+        start: float,
+    ) -> BatchPlan:
+        """The plan of a batch of `lines` from `stored`, created at `start`."""
+        bound, shares = bound_and_shares(team, config, lines, stored)
+        budgets, adds_to = spanning(config, team, None, start, BATCH_SPAN_S)
+        users = users_budgets(config, team, shares, start)
+        held = tuple(UserShare(u, e.cost_nanos, e.usage) for u, e in shares.items())
+        read = [a.counter for a in budgets]
+        read += [a.counter for _, applied in users for a in applied]
+        return cls(bound, shares, budgets, adds_to, users, held, tuple(dict.fromkeys(read)))
 
 
 def users_budgets(
