@@ -195,11 +195,12 @@ UNNEEDED = ("aiohttp", "starlette", "uvicorn", "httpx", "proxy.web", "jsonschema
 LOADED = "loaded:"
 
 
-def loaded_by(*script: str) -> list[str]:
-    """The modules of UNNEEDED a fresh interpreter holds after `script`'s lines."""
+def loaded_by(*script: str, unneeded: tuple[str, ...] = UNNEEDED) -> list[str]:
+    """The modules of `unneeded` (and their submodules) a fresh interpreter holds after
+    `script`'s lines."""
     probe = (
         f"import sys; print({LOADED!r}, sorted(m for m in sys.modules "
-        f"if any(m == p or m.startswith(p + '.') for p in {UNNEEDED!r})))"
+        f"if any(m == p or m.startswith(p + '.') for p in {unneeded!r})))"
     )
     run = subprocess.run(
         [sys.executable, "-c", "\n".join([*script, probe])],
@@ -253,6 +254,17 @@ def test_commands_that_only_read_leave_the_server_stack_unimported(
     if command[0] not in ("schema", "keys"):
         argv += ["--config", str(tmp_path)]
     assert loaded_by("from proxy.cli import main", f"assert main({argv!r}) == 0") == []
+
+
+def test_the_parser_imports_no_command() -> None:
+    """`tollgate --help`, and any command's parsing, import argparse and the CLI alone."""
+    loaded = loaded_by(
+        "from proxy.cli import build_parser",
+        "build_parser().parse_args(['budgets'])",
+        unneeded=("proxy", "asyncio", "yaml", "zoneinfo"),
+    )
+    outside = [m for m in loaded if m != "proxy.cli" and not m.startswith("proxy.cli.")]
+    assert outside == ["proxy", "proxy.core", "proxy.core.errors"]
 
 
 def test_the_probe_sees_the_server_stack() -> None:

@@ -3,28 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from proxy.cli.options import Commands, add_config, add_ledger_url, config_path, usd
-from proxy.config import environment, load_config
 from proxy.core.errors import InvalidRequest, RequestError
-from proxy.core.models import usd_text
-from proxy.core.periods import zone
-from proxy.core.settings import Config
-from proxy.core.status import BudgetStatus
-from proxy.finance import projects, reconcile
-from proxy.finance.reports_query import ReportQuery
-from proxy.finance.reports_query import run as run_report_query
-from proxy.finance.status import budget_status
-from proxy.ledger import OpenBatch, open_ledger, require_existing
+
+if TYPE_CHECKING:
+    from proxy.core.settings import Config
+    from proxy.core.status import BudgetStatus
+    from proxy.finance.reports_query import ReportQuery
+    from proxy.ledger import OpenBatch
 
 
 def add_budgets(commands: Commands) -> None:
@@ -36,6 +30,14 @@ def add_budgets(commands: Commands) -> None:
 
 
 def run_budgets(args: argparse.Namespace) -> int:
+    import asyncio
+    from datetime import datetime
+
+    from proxy.config import load_config
+    from proxy.core.models import usd_text
+    from proxy.core.periods import zone
+    from proxy.ledger import require_existing
+
     config = load_config(config_path(args))
     found, batches = asyncio.run(
         read_budgets(config, require_existing(args.ledger or config.ledger_url), time.time())
@@ -77,6 +79,9 @@ def run_budgets(args: argparse.Namespace) -> int:
 async def read_budgets(
     config: Config, ledger_url: str, now: float
 ) -> tuple[list[BudgetStatus], list[OpenBatch]]:
+    from proxy.finance.status import budget_status
+    from proxy.ledger import open_ledger
+
     ledger = await open_ledger(ledger_url)
     try:
         return await budget_status(config, ledger, now), await ledger.open_batches()
@@ -106,6 +111,12 @@ def add_report(commands: Commands) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from proxy.config import load_config
+    from proxy.finance.reports_query import ReportQuery
+    from proxy.ledger import require_existing
+
     config = load_config(config_path(args))
     fmt = args.format or ("jsonl" if args.audit else "table")
     try:
@@ -124,6 +135,9 @@ def run_report(args: argparse.Namespace) -> int:
 async def write_report(
     query: ReportQuery, config: Config, ledger_url: str, output: Path | None
 ) -> None:
+    from proxy.finance.reports_query import run as run_report_query
+    from proxy.ledger import open_ledger
+
     ledger = await open_ledger(ledger_url)
     try:
         answer = await run_report_query(query, ledger, config, time.time())
@@ -201,6 +215,12 @@ def add_reconcile(commands: Commands) -> None:
 
 
 def run_reconcile(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from proxy.config import environment, load_config
+    from proxy.finance import projects, reconcile
+    from proxy.ledger import require_existing
+
     config = load_config(config_path(args))
     tolerance = args.tolerance if args.tolerance is not None else reconcile.DEFAULT_TOLERANCE
     try:
