@@ -256,6 +256,33 @@ def test_commands_that_only_read_leave_the_server_stack_unimported(
     assert loaded_by("from proxy.cli import main", f"assert main({argv!r}) == 0") == []
 
 
+# What `tollgate budgets` reads is the configuration, the ledger's counters and open
+# batches: the other commands' modules, and what only the request path needs (the doors,
+# multipart bodies, image dimensions), are imported by the commands that use them.
+NOT_FOR_BUDGETS = (
+    *UNNEEDED,
+    "proxy.doors",
+    "proxy.core.multipart",
+    "proxy.core.dimensions",
+    "python_multipart",
+    "PIL",
+    "proxy.finance.reconcile",
+    "proxy.finance.projects",
+    "proxy.finance.reports",
+    "proxy.finance.reports_query",
+    "proxy.ledger.copy",
+)
+
+
+@pytest.mark.parametrize("fmt", ["table", "json"])
+def test_budgets_imports_only_what_it_reads(tmp_path: Path, fmt: str) -> None:
+    write_config(tmp_path, "http://127.0.0.1:9")
+    new_ledger(tmp_path)
+    argv = ["budgets", "--config", str(tmp_path), "--format", fmt]
+    run = f"assert main({argv!r}) == 0"
+    assert loaded_by("from proxy.cli import main", run, unneeded=NOT_FOR_BUDGETS) == []
+
+
 def test_the_parser_imports_no_command() -> None:
     """`tollgate --help`, and any command's parsing, import argparse and the CLI alone."""
     loaded = loaded_by(
