@@ -560,3 +560,46 @@ def test_serve_and_migrate_create_the_ledger_the_readers_then_read(tmp_path: Pat
     assert done.returncode == 0, done.stderr
     done = tollgate("budgets", "--config", str(tmp_path), "--ledger", url)
     assert done.returncode == 0, done.stderr
+
+
+def test_budgets_table_shows_money_tokens_and_periods_that_never_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The table's cells, column by column: dollars with their sign, tokens with their
+    kind, the period's end in the configuration's time zone (or `never`), and the open
+    batches below."""
+    from proxy import cli
+    from proxy.cli import finance
+    from proxy.core.periods import Window
+    from proxy.core.status import BudgetStatus
+    from proxy.ledger import OpenBatch
+
+    write_config(tmp_path, "http://127.0.0.1:9", settings="timezone: Europe/Paris\n")
+    new_ledger(tmp_path)
+    month = Window("month", 1_764_543_600.0, 1_767_222_000.0)  # Dec 2025 in Paris
+    found = [
+        BudgetStatus("organization", "", "", "month", "usd", 100_000_000_000, 2_500_000_000,
+                     500_000_000, month),
+        BudgetStatus("team", "design", "", "month", "image_output_tokens", 1000, 250, 0, month),
+        BudgetStatus("team", "design", "", "total", "usd", 10_000_000_000, 10_500_000_000, 0,
+                     Window("total", 0.0, None)),
+    ]  # fmt: skip
+    batches = [OpenBatch("batch_1", "design", 500_000_000, 0.0)]
+
+    async def read(*_: object) -> tuple[list[BudgetStatus], list[OpenBatch]]:
+        return found, batches
+
+    monkeypatch.setattr(finance, "read_budgets", read)
+    assert cli.main(["budgets", "--config", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == (
+        "SCOPE         TEAM    PERIOD  LIMIT                  SPENT  RESERVED  REMAINING  USED"
+        "    PERIOD ENDS     \n"
+        "organization  -       month   $100                   $2.5   $0.5      $97        2.5%"
+        "    2026-01-01 00:00\n"
+        "team          design  month   1000 image_output tok  250    0         750        25.0%"
+        "   2026-01-01 00:00\n"
+        "team          design  total   $10                    $10.5  $0        $0         105.0%"
+        "  never           \n"
+        "\nOpen batches (their reservations are in RESERVED above):\n"
+        "  batch_1  design  $0.5\n"
+    )

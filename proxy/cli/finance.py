@@ -52,23 +52,29 @@ def run_budgets(args: argparse.Namespace) -> int:
     header = ("SCOPE", "TEAM", "PERIOD", "LIMIT", "SPENT", "RESERVED", "REMAINING", "USED",
               "PERIOD ENDS")  # fmt: skip
     lines = [header]
+    tz = zone(config.timezone)
+    ends_at: dict[float, str] = {}  # a period's end is shared by many budgets
     for b in found:
-        shown = b.as_json()
+        show: Callable[[int], str] = usd_text if b.metric == "usd" else str
         unit = "$" if b.metric == "usd" else ""
         suffix = "" if b.metric == "usd" else " " + b.metric.removesuffix("_tokens") + " tok"
         ends = "never"
-        if b.window.end is not None:
-            ends = datetime.fromtimestamp(b.window.end, zone(config.timezone)).strftime(
-                "%Y-%m-%d %H:%M"
-            )
+        if (end := b.window.end) is not None:
+            if end not in ends_at:
+                ends_at[end] = datetime.fromtimestamp(end, tz).strftime("%Y-%m-%d %H:%M")
+            ends = ends_at[end]
         lines.append((
-            b.scope, b.team or "-", b.period, f"{unit}{shown['limit']}{suffix}",
-            f"{unit}{shown['spent']}", f"{unit}{shown['reserved']}",
-            f"{unit}{shown['remaining']}", f"{b.utilization * 100:.1f}%", ends,
+            b.scope, b.team or "-", b.period, f"{unit}{show(b.limit)}{suffix}",
+            f"{unit}{show(b.spent)}", f"{unit}{show(b.reserved)}",
+            f"{unit}{show(b.remaining)}", f"{b.utilization * 100:.1f}%", ends,
         ))  # fmt: skip
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    for line in lines:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    sys.stdout.write(
+        "".join(
+            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) + "\n"
+            for line in lines
+        )
+    )
     if batches:
         print("\nOpen batches (their reservations are in RESERVED above):")
         for batch in batches:
