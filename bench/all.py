@@ -223,7 +223,7 @@ def budgets_command(root: Path) -> tuple[float, float]:
 def budgets_fresh(root: Path) -> float:
     """Seconds of `tollgate budgets` in a fresh process, the median of 5: Python's start,
     the imports, the configuration, the ledger and the table. The package is compiled
-    first (this machine may set PYTHONDONTWRITEBYTECODE: every run would compile it)."""
+    first (with PYTHONDONTWRITEBYTECODE set, every run would compile it)."""
     compileall.compile_dir(Path(proxy.__file__).parent, quiet=1)
     command = [sys.executable, "-m", "proxy", "budgets", "--config", str(root)]
     took = []
