@@ -24,7 +24,9 @@ the table shows the median of the rounds (the machine is shared and noisy). Adde
 latency is the row's c=1 p50 (p99) minus direct's for the same request.
 
 Point figures: reloading the 1,000-team configuration (`POST /admin/reload`), one scrape
-of `/metrics` (budget gauges read at scrape time) and `tollgate budgets` with 1,000 teams,
+of `/metrics` (budget gauges read at scrape time) and `tollgate budgets` with 1,000 teams
+(in process, and as users run it: a fresh `python -m proxy budgets`, median of 5, after
+`compileall`, so that no run compiles the sources),
 `tollgate report --by team,model` over the big ledger, a 50,000-line batch upload through
 the floor and Tollgate (seconds, peak RSS), and with `--postgres` reserve + settle pairs
 per second with one and two replica processes and 100 teams (`bench.replicas`).
@@ -39,9 +41,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import compileall
 import contextlib
 import io
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -49,6 +54,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import proxy
 from bench import batch_upload, harness, replicas, report_speed
 from bench.harness import Proc, closed_loop, measured, note, table
 from proxy import cli
@@ -214,6 +220,20 @@ def budgets_command(root: Path) -> tuple[float, float]:
     return median([w for w, _ in found]), median([r for _, r in found])
 
 
+def budgets_fresh(root: Path) -> float:
+    """Seconds of `tollgate budgets` in a fresh process, the median of 5: Python's start,
+    the imports, the configuration, the ledger and the table. The package is compiled
+    first (with PYTHONDONTWRITEBYTECODE set, every run would compile it)."""
+    compileall.compile_dir(Path(proxy.__file__).parent, quiet=1)
+    command = [sys.executable, "-m", "proxy", "budgets", "--config", str(root)]
+    took = []
+    for _ in range(5):
+        began = time.perf_counter()
+        subprocess.run(command, stdout=subprocess.DEVNULL, check=True)
+        took.append(time.perf_counter() - began)
+    return median(took)
+
+
 def big_ledger(path: Path, rows: int) -> Path:
     if not path.exists():
         note(f"generating {rows:,} ledger rows at {path} (kept for the next run)")
@@ -334,6 +354,10 @@ def main() -> None:
             points.append((
                 f"tollgate budgets, {TEAMS:,} teams (in process)",
                 f"{whole * 1000:.0f} ms ({read * 1000:.0f} ms reading the ledger and printing)",
+            ))  # fmt: skip
+            fresh = budgets_fresh(root)
+            points.append((
+                f"tollgate budgets, {TEAMS:,} teams (fresh process)", f"{fresh * 1000:.0f} ms"
             ))  # fmt: skip
             for name, proc, k in (("floor", floor_small, sim_key), ("tollgate", tg3, key)):
                 up = batch_upload.measure(proc.url, k, proc.pid, 50_000)

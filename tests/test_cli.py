@@ -195,11 +195,12 @@ UNNEEDED = ("aiohttp", "starlette", "uvicorn", "httpx", "proxy.web", "jsonschema
 LOADED = "loaded:"
 
 
-def loaded_by(*script: str) -> list[str]:
-    """The modules of UNNEEDED a fresh interpreter holds after `script`'s lines."""
+def loaded_by(*script: str, unneeded: tuple[str, ...] = UNNEEDED) -> list[str]:
+    """The modules of `unneeded` (and their submodules) a fresh interpreter holds after
+    `script`'s lines."""
     probe = (
         f"import sys; print({LOADED!r}, sorted(m for m in sys.modules "
-        f"if any(m == p or m.startswith(p + '.') for p in {UNNEEDED!r})))"
+        f"if any(m == p or m.startswith(p + '.') for p in {unneeded!r})))"
     )
     run = subprocess.run(
         [sys.executable, "-c", "\n".join([*script, probe])],
@@ -253,6 +254,44 @@ def test_commands_that_only_read_leave_the_server_stack_unimported(
     if command[0] not in ("schema", "keys"):
         argv += ["--config", str(tmp_path)]
     assert loaded_by("from proxy.cli import main", f"assert main({argv!r}) == 0") == []
+
+
+# What `tollgate budgets` reads is the configuration, the ledger's counters and open
+# batches: the other commands' modules, and what only the request path needs (the doors,
+# multipart bodies, image dimensions), are imported by the commands that use them.
+NOT_FOR_BUDGETS = (
+    *UNNEEDED,
+    "proxy.doors",
+    "proxy.core.multipart",
+    "proxy.core.dimensions",
+    "python_multipart",
+    "PIL",
+    "proxy.finance.reconcile",
+    "proxy.finance.projects",
+    "proxy.finance.reports",
+    "proxy.finance.reports_query",
+    "proxy.ledger.copy",
+)
+
+
+@pytest.mark.parametrize("fmt", ["table", "json"])
+def test_budgets_imports_only_what_it_reads(tmp_path: Path, fmt: str) -> None:
+    write_config(tmp_path, "http://127.0.0.1:9")
+    new_ledger(tmp_path)
+    argv = ["budgets", "--config", str(tmp_path), "--format", fmt]
+    run = f"assert main({argv!r}) == 0"
+    assert loaded_by("from proxy.cli import main", run, unneeded=NOT_FOR_BUDGETS) == []
+
+
+def test_the_parser_imports_no_command() -> None:
+    """`tollgate --help`, and any command's parsing, import argparse and the CLI alone."""
+    loaded = loaded_by(
+        "from proxy.cli import build_parser",
+        "build_parser().parse_args(['budgets'])",
+        unneeded=("proxy", "asyncio", "yaml", "zoneinfo"),
+    )
+    outside = [m for m in loaded if m != "proxy.cli" and not m.startswith("proxy.cli.")]
+    assert outside == ["proxy", "proxy.core", "proxy.core.errors"]
 
 
 def test_the_probe_sees_the_server_stack() -> None:
@@ -521,3 +560,46 @@ def test_serve_and_migrate_create_the_ledger_the_readers_then_read(tmp_path: Pat
     assert done.returncode == 0, done.stderr
     done = tollgate("budgets", "--config", str(tmp_path), "--ledger", url)
     assert done.returncode == 0, done.stderr
+
+
+def test_budgets_table_shows_money_tokens_and_periods_that_never_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The table's cells, column by column: dollars with their sign, tokens with their
+    kind, the period's end in the configuration's time zone (or `never`), and the open
+    batches below."""
+    from proxy import cli
+    from proxy.cli import finance
+    from proxy.core.periods import Window
+    from proxy.core.status import BudgetStatus
+    from proxy.ledger import OpenBatch
+
+    write_config(tmp_path, "http://127.0.0.1:9", settings="timezone: Europe/Paris\n")
+    new_ledger(tmp_path)
+    month = Window("month", 1_764_543_600.0, 1_767_222_000.0)  # Dec 2025 in Paris
+    found = [
+        BudgetStatus("organization", "", "", "month", "usd", 100_000_000_000, 2_500_000_000,
+                     500_000_000, month),
+        BudgetStatus("team", "design", "", "month", "image_output_tokens", 1000, 250, 0, month),
+        BudgetStatus("team", "design", "", "total", "usd", 10_000_000_000, 10_500_000_000, 0,
+                     Window("total", 0.0, None)),
+    ]  # fmt: skip
+    batches = [OpenBatch("batch_1", "design", 500_000_000, 0.0)]
+
+    async def read(*_: object) -> tuple[list[BudgetStatus], list[OpenBatch]]:
+        return found, batches
+
+    monkeypatch.setattr(finance, "read_budgets", read)
+    assert cli.main(["budgets", "--config", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == (
+        "SCOPE         TEAM    PERIOD  LIMIT                  SPENT  RESERVED  REMAINING  USED"
+        "    PERIOD ENDS     \n"
+        "organization  -       month   $100                   $2.5   $0.5      $97        2.5%"
+        "    2026-01-01 00:00\n"
+        "team          design  month   1000 image_output tok  250    0         750        25.0%"
+        "   2026-01-01 00:00\n"
+        "team          design  total   $10                    $10.5  $0        $0         105.0%"
+        "  never           \n"
+        "\nOpen batches (their reservations are in RESERVED above):\n"
+        "  batch_1  design  $0.5\n"
+    )

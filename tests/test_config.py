@@ -1017,11 +1017,27 @@ def test_an_admin_token_that_is_a_teams_key_is_refused_without_showing_it(
     assert load(policies, ADMIN="tg_admin").admin_token == "tg_admin"
 
 
+def test_strings_that_only_look_like_no_text_are_kept(policies: Path) -> None:
+    """Text written `\\u0000`, and a character past the BMP (two surrogates in JSON's
+    ASCII escapes), are text."""
+    write(
+        policies / "teams" / "t.yaml",
+        'name: t\ncost_center: "CC-\\\\u0000 \\U0001F600 \\ud7ff"\n'
+        f"keys:\n  - {{id: k, sha256: {KEY_A}}}\n",
+    )
+    team = load(policies).team_named("t")
+    assert team is not None and team.cost_center == "CC-\\u0000 \U0001f600 \ud7ff"
+
+
 @pytest.mark.parametrize(
     ("team", "where"),
     [
         ('name: t\ncost_center: "CC-\\ud800"\nkeys:\n  - {id: k, sha256: %s}\n', "2: cost_center"),
         ('name: t\nkeys:\n  - {id: "k\\0", sha256: %s}\n', "3: keys[0].id"),
+        (
+            'name: t\nkeys:\n  - {id: k, sha256: %s}\nallow: {models: ["\\udfff"]}\n',
+            "4: allow.models[0]",
+        ),
     ],
 )
 def test_a_string_no_ledger_row_can_hold_is_refused_at_its_line(

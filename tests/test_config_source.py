@@ -10,7 +10,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.config.source import _plain_tag, parse_document
+from proxy.config.source import _immutable, _plain_tag, parse_document
 
 # Plain scalars YAML 1.1 reads as something other than text, and some it reads as text.
 TRICKY = [
@@ -82,5 +82,32 @@ def test_plain_scalars_are_read_as_yaml_reads_them(words: list[str]) -> None:
     assert doc is not None
     assert _finite(doc.data) == _finite(expected)
     _plain_tag.cache_clear()  # and again, each answer now computed afresh
+    _immutable.cache_clear()
     again, _ = parse_document(text, "f.yaml", None)
     assert again is not None and _finite(again.data) == _finite(expected)
+
+
+MERGES_AND_TAGS = """\
+base: &base {period: month, limit_usd: 10, "=": eq}
+list: &list [1, 2.5, yes, ~]
+merged:
+  <<: *base
+  limit_usd: 20
+many:
+  <<: [*base, {n: 1}]
+  = : value key
+tagged: [!!int "12", !!float 1, !!bool "true", !!null "", !!str 12, 0x1F, !!int 017]
+again: *list
+"""
+
+
+def test_merge_keys_value_keys_and_explicit_tags_are_read_as_safe_load_reads_them() -> None:
+    """What the reader skips when a file has none (`<<`, `=`), and scalars tagged by hand
+    (their values kept per tag and text), read as `safe_load` reads them."""
+    for _ in range(2):  # the second time, numbers and booleans from the kept answers
+        doc, problems = parse_document(MERGES_AND_TAGS, "f.yaml", None)
+        assert problems == []
+        assert doc is not None
+        assert doc.data == yaml.safe_load(MERGES_AND_TAGS)
+        assert doc.lines[("merged", "limit_usd")] == 5
+        assert doc.lines[("many", "=")] == 8

@@ -3,6 +3,10 @@
 The only package that prints or exits. A module per group of commands: `server` (serve,
 simulate-upstream), `configuration` (check, schema, keys), `finance` (budgets, report,
 reconcile) and `ledger`; `options` holds the flags several share.
+
+Building the parser imports argparse and little else: each command imports what it runs
+when it runs (`tollgate budgets` never loads the server's stack, the reports or the
+reconciliation), so that a command costs a fresh process only its own work.
 """
 
 from __future__ import annotations

@@ -7,9 +7,6 @@ import json
 from datetime import date
 
 from proxy.cli.options import Commands, add_config, config_path
-from proxy.config import config_schema, flow_scalar, load_config
-from proxy.core.auth import key_hash, new_key
-from proxy.core.settings import HTTP_METHODS
 
 
 def add_check(commands: Commands) -> None:
@@ -19,6 +16,9 @@ def add_check(commands: Commands) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    from proxy.config import load_config
+    from proxy.core.settings import HTTP_METHODS
+
     config = load_config(config_path(args))
     budgets = len(config.organization_budgets) + sum(
         len(t.budgets) + len(t.per_user) for t in config.teams
@@ -35,6 +35,8 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_schema(args: argparse.Namespace) -> int:
+    from proxy.config import config_schema
+
     print(json.dumps(config_schema(), indent=2))
     return 0
 
@@ -48,6 +50,9 @@ def add_keys(commands: Commands) -> None:
 
 
 def run_keys_new(args: argparse.Namespace) -> int:
+    from proxy.config import flow_scalar
+    from proxy.core.auth import key_hash, new_key
+
     secret = new_key()
     label = args.label or f"key-{date.today().isoformat()}"
     print(f"New key for team {args.team!r} (shown once; give it to the team):\n")

@@ -3,28 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from proxy.cli.options import Commands, add_config, add_ledger_url, config_path, usd
-from proxy.config import environment, load_config
 from proxy.core.errors import InvalidRequest, RequestError
-from proxy.core.models import usd_text
-from proxy.core.periods import zone
-from proxy.core.settings import Config
-from proxy.core.status import BudgetStatus
-from proxy.finance import projects, reconcile
-from proxy.finance.reports_query import ReportQuery
-from proxy.finance.reports_query import run as run_report_query
-from proxy.finance.status import budget_status
-from proxy.ledger import OpenBatch, open_ledger, require_existing
+
+if TYPE_CHECKING:
+    from proxy.core.settings import Config
+    from proxy.core.status import BudgetStatus
+    from proxy.finance.reports_query import ReportQuery
+    from proxy.ledger import OpenBatch
 
 
 def add_budgets(commands: Commands) -> None:
@@ -36,6 +30,14 @@ def add_budgets(commands: Commands) -> None:
 
 
 def run_budgets(args: argparse.Namespace) -> int:
+    import asyncio
+    from datetime import datetime
+
+    from proxy.config import load_config
+    from proxy.core.models import usd_text
+    from proxy.core.periods import zone
+    from proxy.ledger import require_existing
+
     config = load_config(config_path(args))
     found, batches = asyncio.run(
         read_budgets(config, require_existing(args.ledger or config.ledger_url), time.time())
@@ -50,23 +52,29 @@ def run_budgets(args: argparse.Namespace) -> int:
     header = ("SCOPE", "TEAM", "PERIOD", "LIMIT", "SPENT", "RESERVED", "REMAINING", "USED",
               "PERIOD ENDS")  # fmt: skip
     lines = [header]
+    tz = zone(config.timezone)
+    ends_at: dict[float, str] = {}  # a period's end is shared by many budgets
     for b in found:
-        shown = b.as_json()
+        show: Callable[[int], str] = usd_text if b.metric == "usd" else str
         unit = "$" if b.metric == "usd" else ""
         suffix = "" if b.metric == "usd" else " " + b.metric.removesuffix("_tokens") + " tok"
         ends = "never"
-        if b.window.end is not None:
-            ends = datetime.fromtimestamp(b.window.end, zone(config.timezone)).strftime(
-                "%Y-%m-%d %H:%M"
-            )
+        if (end := b.window.end) is not None:
+            if end not in ends_at:
+                ends_at[end] = datetime.fromtimestamp(end, tz).strftime("%Y-%m-%d %H:%M")
+            ends = ends_at[end]
         lines.append((
-            b.scope, b.team or "-", b.period, f"{unit}{shown['limit']}{suffix}",
-            f"{unit}{shown['spent']}", f"{unit}{shown['reserved']}",
-            f"{unit}{shown['remaining']}", f"{b.utilization * 100:.1f}%", ends,
+            b.scope, b.team or "-", b.period, f"{unit}{show(b.limit)}{suffix}",
+            f"{unit}{show(b.spent)}", f"{unit}{show(b.reserved)}",
+            f"{unit}{show(b.remaining)}", f"{b.utilization * 100:.1f}%", ends,
         ))  # fmt: skip
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    for line in lines:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    sys.stdout.write(
+        "".join(
+            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) + "\n"
+            for line in lines
+        )
+    )
     if batches:
         print("\nOpen batches (their reservations are in RESERVED above):")
         for batch in batches:
@@ -77,6 +85,9 @@ def run_budgets(args: argparse.Namespace) -> int:
 async def read_budgets(
     config: Config, ledger_url: str, now: float
 ) -> tuple[list[BudgetStatus], list[OpenBatch]]:
+    from proxy.finance.status import budget_status
+    from proxy.ledger import open_ledger
+
     ledger = await open_ledger(ledger_url)
     try:
         return await budget_status(config, ledger, now), await ledger.open_batches()
@@ -106,6 +117,12 @@ def add_report(commands: Commands) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from proxy.config import load_config
+    from proxy.finance.reports_query import ReportQuery
+    from proxy.ledger import require_existing
+
     config = load_config(config_path(args))
     fmt = args.format or ("jsonl" if args.audit else "table")
     try:
@@ -124,6 +141,9 @@ def run_report(args: argparse.Namespace) -> int:
 async def write_report(
     query: ReportQuery, config: Config, ledger_url: str, output: Path | None
 ) -> None:
+    from proxy.finance.reports_query import run as run_report_query
+    from proxy.ledger import open_ledger
+
     ledger = await open_ledger(ledger_url)
     try:
         answer = await run_report_query(query, ledger, config, time.time())
@@ -201,6 +221,12 @@ def add_reconcile(commands: Commands) -> None:
 
 
 def run_reconcile(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from proxy.config import environment, load_config
+    from proxy.finance import projects, reconcile
+    from proxy.ledger import require_existing
+
     config = load_config(config_path(args))
     tolerance = args.tolerance if args.tolerance is not None else reconcile.DEFAULT_TOLERANCE
     try:

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
 
 from proxy.cli.options import Commands, add_config, add_ledger_url, ledger_url_of
 from proxy.core.errors import InvalidRequest
-from proxy.core.models import usd_text
-from proxy.finance import flagged, reconcile
-from proxy.ledger import migrate_ledger, redacted, require_existing
-from proxy.ledger.copy import copy_between
 
 
 def add_ledger(commands: Commands) -> None:
@@ -65,6 +60,10 @@ def add_ledger_resolve(ledger_commands: Commands) -> None:
 
 
 def run_ledger_migrate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from proxy.ledger import migrate_ledger, redacted
+
     url = ledger_url_of(args)
     before, after = asyncio.run(migrate_ledger(url))
     shown = redacted(url)
@@ -76,6 +75,12 @@ def run_ledger_migrate(args: argparse.Namespace) -> int:
 
 
 def run_ledger_copy(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from proxy.core.models import usd_text
+    from proxy.ledger import redacted, require_existing
+    from proxy.ledger.copy import copy_between
+
     copied = asyncio.run(copy_between(require_existing(args.source), args.target))
     print(
         f"copied {copied.requests} requests (${usd_text(copied.cost_nanos)}), "
@@ -87,6 +92,11 @@ def run_ledger_copy(args: argparse.Namespace) -> int:
 
 
 def run_ledger_flagged(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from proxy.finance import flagged, reconcile
+    from proxy.ledger import require_existing
+
     try:
         first = reconcile.parse_day(args.start) if args.start else None
         last = reconcile.parse_day(args.end) if args.end else None
@@ -106,6 +116,12 @@ def run_ledger_flagged(args: argparse.Namespace) -> int:
 
 
 def run_ledger_resolve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from proxy.core.models import usd_text
+    from proxy.finance import flagged
+    from proxy.ledger import require_existing
+
     try:
         cost = 0 if args.free else flagged.parse_usd(args.cost)
     except InvalidRequest as exc:

@@ -7,8 +7,6 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TypeAlias
 
-from proxy.config import default_config_path, load_config
-
 Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
@@ -26,11 +24,15 @@ def add_ledger_url(parser: argparse.ArgumentParser) -> None:
 
 
 def config_path(args: argparse.Namespace) -> Path:
+    from proxy.config import default_config_path
+
     return args.config if args.config is not None else default_config_path()
 
 
 def ledger_url_of(args: argparse.Namespace) -> str:
     """`--ledger`, else the configuration's (read only when needed)."""
+    from proxy.config import load_config
+
     return str(args.ledger or load_config(config_path(args)).ledger_url)
 
 

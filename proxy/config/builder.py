@@ -90,9 +90,10 @@ class Builder:
         if doc.data is None and kind == "team":
             self.problems.append(f"{doc.file}:1: empty file (a team needs `name` and `keys`)")
             return [()]
+        canonical = _Canonical(doc.data)
         found = [
-            *_schema_problems(kind, _Canonical(doc.data)),
-            *((path, NOT_TEXT) for path in _not_text(doc.data, ())),
+            *_schema_problems(kind, canonical),
+            *((path, NOT_TEXT) for path in _not_text_in(canonical)),
         ]
         self.problems += [doc.problem(path, message) for path, message in found]
         return [path for path, _ in found]
@@ -296,6 +297,18 @@ class Builder:
 
 NOT_TEXT = "NUL characters and lone surrogates are not text (no ledger row or report can hold one)"
 _NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
+_MAYBE_NOT_TEXT = re.compile(r"\\u(?:0000|d[89a-f])")
+
+
+def _not_text_in(canonical: _Canonical) -> list[JsonPath]:
+    """`_not_text` of a document, looked for only when its canonical JSON (ASCII: a NUL or
+    a surrogate is written `\\u0000`, `\\ud800`) shows one may be there: most files hold
+    none, and the search of one string costs less than the walk."""
+    if _MAYBE_NOT_TEXT.search(canonical.key) is None:
+        return []
+    return _not_text(canonical.data, ())
 
 
 def _not_text(value: Any, path: JsonPath) -> list[JsonPath]:

@@ -22,6 +22,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 JsonPath = tuple[str | int, ...]
 
 _MERGE = "tag:yaml.org,2002:merge"
+_VALUE = "tag:yaml.org,2002:value"  # the `=` key, which `flatten_mapping` reads as text
 _STR = "tag:yaml.org,2002:str"
 ALIASED_VALUES = 10_000
 """At most this many values read through aliases in one file: an alias names a node, not
@@ -135,12 +136,23 @@ def _plain_tag(value: str) -> str:
 _RESOLVER = yaml.resolver.Resolver()  # the resolver of SafeLoader and CSafeLoader
 
 
+_DEFAULT_TAGS: dict[type[Node], str] = {
+    ScalarNode: _STR,
+    SequenceNode: "tag:yaml.org,2002:seq",
+    MappingNode: "tag:yaml.org,2002:map",
+}
+
+
 class _CachedResolver:
-    """A loader's resolver that answers plain scalars from `_plain_tag`."""
+    """A loader's resolver that answers plain scalars from `_plain_tag`, and every other
+    node with its kind's default tag (the answer of a resolver with no path resolvers,
+    SafeLoader's, without its steps: it is asked once per node)."""
 
     def resolve(self, kind: type[Node], value: Any, implicit: tuple[bool, bool]) -> str:
         if kind is ScalarNode and implicit[0]:
             return _plain_tag(value)
+        if not self.yaml_path_resolvers:  # type: ignore[attr-defined]
+            return _DEFAULT_TAGS[kind]
         tag: str = super().resolve(kind, value, implicit)  # type: ignore[misc]
         return tag
 
@@ -172,7 +184,7 @@ class _Reader:
     ) -> Any:
         if len(path) > 100:  # a recursive alias would never end
             raise yaml.YAMLError("nesting too deep (recursive alias?)")
-        if isinstance(node, MappingNode | SequenceNode):
+        if isinstance(node, (MappingNode, SequenceNode)):
             # A node read a second time is reached through an alias, as is all below it.
             aliased = aliased or id(node) in self._read
             self._read.add(id(node))
@@ -188,9 +200,12 @@ class _Reader:
                     )
                 )
         if isinstance(node, MappingNode):
-            explicit = sum(1 for key_node, _ in node.value if key_node.tag != _MERGE)
-            self.loader.flatten_mapping(node)  # resolves `<<` merge keys, placed first
-            merged = len(node.value) - explicit
+            tags = [key_node.tag for key_node, _ in node.value]
+            merged = 0
+            if _MERGE in tags or _VALUE in tags:
+                explicit = len(tags) - tags.count(_MERGE)
+                self.loader.flatten_mapping(node)  # resolves `<<` merge keys, placed first
+                merged = len(node.value) - explicit
             result: dict[str, Any] = {}
             written: set[str] = set()  # keys written out here, not merged in with `<<`
             for index, (key_node, value_node) in enumerate(node.value):
@@ -206,17 +221,29 @@ class _Reader:
                         self.problems.append(self._problem(line, key_path, "duplicate key"))
                     written.add(key)
                 lines[key_path] = line
-                result[key] = self.value(value_node, key_path, lines, aliased)
+                if value_node.__class__ is ScalarNode and not aliased and len(key_path) <= 100:
+                    result[key] = self._leaf(value_node)  # what `value` does, one call fewer
+                else:
+                    result[key] = self.value(value_node, key_path, lines, aliased)
             return result
         if isinstance(node, SequenceNode):
             items = []
             for index, item in enumerate(node.value):
-                lines[(*path, index)] = item.start_mark.line + 1
-                items.append(self.value(item, (*path, index), lines, aliased))
+                item_path = (*path, index)
+                lines[item_path] = item.start_mark.line + 1
+                if item.__class__ is ScalarNode and not aliased and len(item_path) <= 100:
+                    items.append(self._leaf(item))
+                else:
+                    items.append(self.value(item, item_path, lines, aliased))
             return items
+        return self._leaf(node)
+
+    def _leaf(self, node: Node) -> Any:
         scalar = self._scalar(node)
         if isinstance(scalar, str):
-            return scalar if self.env is None else expand_env(scalar, self.env)
+            if self.env is None or "${" not in scalar:
+                return scalar
+            return expand_env(scalar, self.env)
         if isinstance(scalar, float) and not math.isfinite(scalar):
             return str(node.value)  # .inf and .nan are no amounts; the schema says so
         return scalar
@@ -224,7 +251,22 @@ class _Reader:
     def _scalar(self, node: Node) -> Any:
         if node.tag == _STR:  # what `construct_object` gives a string, without its checks
             return node.value
+        if node.tag in _IMMUTABLE:
+            return _immutable(node.tag, node.value)
         return self.loader.construct_object(node)
+
+
+_CONSTRUCTOR = yaml.constructor.SafeConstructor()
+_IMMUTABLE = frozenset(f"tag:yaml.org,2002:{name}" for name in ("int", "float", "bool", "null"))
+
+
+@functools.lru_cache(maxsize=4096)
+def _immutable(tag: str, value: str) -> Any:
+    """The number, boolean or null a scalar tagged `tag` and written `value` stands for, as
+    SafeLoader constructs it: kept, as the same few are written in every team file (a
+    value of these kinds is immutable: one object may stand for all its nodes)."""
+    node = ScalarNode(tag, value)
+    return _CONSTRUCTOR.yaml_constructors[tag](_CONSTRUCTOR, node)
 
 
 def flow_scalar(text: str) -> str:

@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import Any, cast
 
 from proxy.config.source import Document, JsonPath
-from proxy.core.image_params import PARAMS
+from proxy.core.image_params import PARAMS, TOOL_CHOICES
 from proxy.core.models import NANOS_PER_USD
 from proxy.core.pricing import MainlinePrices, ModelPrices, PriceBook
 from proxy.core.settings import (
@@ -32,7 +32,6 @@ from proxy.core.settings import (
     TeamKey,
     ThrottleTier,
 )
-from proxy.doors.responses import TOOL_CHOICES
 
 # Request fields that have their own `allow` setting.
 _DEDICATED_PARAMS = {"model": "models", "quality": "max_quality", "n": "max_n", "size": "sizes"}

@@ -12,12 +12,14 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from proxy.core.errors import InvalidRequest
 from proxy.core.image_tokens import parse_size
 from proxy.core.models import Endpoint
-from proxy.core.multipart import Part, Scalar
+
+if TYPE_CHECKING:  # a type only: the configuration reads PARAMS without the body parser
+    from proxy.core.multipart import Part, Scalar
 
 MAX_INTEGER = 2**31 - 1
 """No integer parameter means anything near this; past it a value is refused before it is
@@ -62,6 +64,15 @@ PARAMS: Mapping[str, Param] = {
     "user": Param(),
     "safety_identifier": Param(),
 }
+TOOL_CHOICES: Mapping[str, tuple[str, ...]] = {
+    "action": ("generate", "edit", "auto"),
+    "background": ("transparent", "opaque", "auto"),
+    "input_fidelity": ("high", "low"),
+    "moderation": ("auto", "low"),
+    "output_format": ("png", "webp", "jpeg"),
+}
+"""The Responses image tool's options with few values: the Responses door checks them, and
+a team's `allow.params` may name them as it names the Images API's."""
 _GENERATION = frozenset(PARAMS) - {"input_fidelity"}
 _EDIT = frozenset(PARAMS) - {"moderation", "style"}
 ACCEPTED: Mapping[tuple[Endpoint, bool], frozenset[str]] = {

@@ -40,7 +40,13 @@ from typing import Any
 
 from proxy.core.budgets import Variant, apply_allow, priced
 from proxy.core.errors import InvalidRequest, PolicyViolation, UnpricedModel
-from proxy.core.image_params import MAX_INTEGER, USER_PARAMS, check_output_format, check_user
+from proxy.core.image_params import (
+    MAX_INTEGER,
+    TOOL_CHOICES,
+    USER_PARAMS,
+    check_output_format,
+    check_user,
+)
 from proxy.core.models import Endpoint, Estimate, ImageRequest, InputImage, Usage
 from proxy.core.parsing import json_object
 from proxy.core.pricing import MAX_N, MainlinePrices
@@ -94,13 +100,6 @@ TOOL_PARAMS = frozenset(
         "input_image_mask",
     }
 )  # fmt: skip
-TOOL_CHOICES: Mapping[str, tuple[str, ...]] = {
-    "action": ("generate", "edit", "auto"),
-    "background": ("transparent", "opaque", "auto"),
-    "input_fidelity": ("high", "low"),
-    "moderation": ("auto", "low"),
-    "output_format": ("png", "webp", "jpeg"),
-}
 SERVICE_TIERS = ("auto", "default", "flex")
 """Tiers priced at or below the price book's (Standard) rates; `priority` costs more.
 `auto`, and an unset tier (which OpenAI reads as `auto`), is sent as `default`: `auto`
