@@ -12,6 +12,7 @@ statements list them.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import operator
@@ -331,6 +332,19 @@ class Billed:
     """Each line's row, in `BILLED_COLUMNS` order."""
     sums: dict[tuple[Any, ...], list[int]]
     """What the lines add to each counter (its key: its deltas in `TOTALS_COLUMNS` order)."""
+
+
+THREAD_LINES = 100
+"""Billed lines past which `billed` runs on a thread (`billed_off_loop`): a 50,000-line
+batch's texts and sums kept the event loop for seconds."""
+
+
+async def billed_off_loop(lines: Sequence[BilledLine]) -> Billed:
+    """`billed(lines)`, on a thread past `THREAD_LINES` lines, so that the loop serves
+    meanwhile."""
+    if len(lines) > THREAD_LINES:
+        return await asyncio.to_thread(billed, lines)
+    return billed(lines)
 
 
 def billed(lines: Sequence[BilledLine]) -> Billed:

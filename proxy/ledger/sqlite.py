@@ -359,7 +359,7 @@ class SqliteLedger(KeptAnswers):
     async def settle_batch(
         self, request_id: str, lines: Sequence[BilledLine], outcome: Settlement
     ) -> int:
-        billed = codecs.billed(lines)
+        billed = await codecs.billed_off_loop(lines)
 
         def run(conn: sqlite3.Connection) -> int:
             found = conn.execute(SQL.settling_batch, (request_id,)).fetchone()
