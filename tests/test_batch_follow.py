@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from proxy.config import load_config
 from proxy.config.prices import load_price_book
 from proxy.core.errors import RequestError
-from proxy.core.models import Counter, Entry, Settlement, Totals
+from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
 from proxy.core.pricing import PriceBook
 from proxy.core.settlement import MALFORMED_ANSWER
 from proxy.ledger import BatchLine, BilledLine, codecs, open_ledger
@@ -45,10 +45,13 @@ from tests.test_ledger_batches import (
     CREATED,
     CREATION_COUNTERS,
     LINE_BOUND,
+    TEAM_COUNTERS,
     batch_entry,
     input_file,
     priced,
+    reserve_shared,
     take_batch,
+    user_counter,
 )
 
 LINE = BatchLine("a", 1, "generations", "gpt-image-2", "low", "1024x1024", 1, None, 5_900_000)
@@ -474,6 +477,42 @@ def test_a_long_batchs_rows_and_counter_sums_are_worked_out_while_the_loop_keeps
     assert count == lines and turns >= ticker.wanted
     assert len(rows) == lines
     assert sum(r["cost_nanos"] for r in rows) == sum(r["cost_nanos"] for r in rows[:1]) * lines
+
+
+def test_a_batch_naming_many_users_is_released_while_the_event_loop_keeps_turning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch the upstream never created is released: the rows of its users' counters are
+    worked out on a thread and written on the ledger's, as its settlement's are."""
+    ticker, seen = Ticker(), []
+    rows_of = codecs.counter_rows
+
+    def watched(text: str, *rest: Any) -> Any:
+        if codecs.shared(text):
+            at = ticker.mark()
+            ticker.turned.wait(timeout=10)  # on the loop's thread, it never turns meanwhile
+            seen.append(ticker.turns - at)
+        return rows_of(text, *rest)
+
+    users = 200
+    read = [user_counter(f"u{i}") for i in range(users)] + list(TEAM_COUNTERS)
+
+    async def run() -> dict[Counter, Totals]:
+        ledger = await open_ledger(f"sqlite:///{tmp_path / 'tollgate.db'}")
+        turning = asyncio.create_task(ticker.run())
+        try:
+            await reserve_shared(ledger, users, hold=False)
+            monkeypatch.setattr(codecs, "counter_rows", watched)
+            released = Settlement(CREATED + 1.0, "upstream_error", 400, Usage(), 0)
+            await ledger.settle("b1", released)
+            return await ledger.totals(read)
+        finally:
+            turning.cancel()
+            await ledger.close()
+
+    totals = asyncio.run(run())
+    assert len(seen) == 1 and seen[0] >= ticker.wanted
+    assert set(totals.values()) == {Totals()}
 
 
 def test_request_ids_made_many_at_once_are_distinct_and_shaped_as_one_at_a_time() -> None:
