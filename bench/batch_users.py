@@ -1,5 +1,5 @@
-"""How long a batch create keeps a worker's other requests waiting, by the users its file
-names (not a test).
+"""How long a batch create, and the settlement of the batch when it ends, keep a worker's
+other requests waiting, by the users its file names (not a test).
 
     .venv/bin/python -m bench.batch_users [--lines 50000]
 
@@ -11,6 +11,13 @@ per-user budgets. For each, while the official `openai` client creates the batch
 second thread asks `GET /v1/tollgate/budget` (a ledger read that never reaches the
 upstream: the simulator, reading the same file, is busy too) one request after the
 other; the longest any of them waited is what the create kept the worker from serving.
+
+The simulated upstream completes each batch about 1.5 s after its create (its default
+`batch_delay_ms`), with every line answered 200; Tollgate's follower reads its
+`--lines`-line output file and settles a ledger row per line. The reads go on from the
+create's answer until one of them shows the batch's reservation gone from the team's
+budgets (every `reserved` 0): the settlement's time from the create's answer, and the
+longest read meanwhile, what following and settling the batch kept the worker from serving.
 """
 
 from __future__ import annotations
@@ -56,8 +63,36 @@ def longest_wait(url: str, create: threading.Event, done: threading.Event) -> li
     return waits
 
 
-def measure(url: str, path: Path) -> tuple[float, float]:
-    """(seconds the create took, longest budget read meanwhile) for the file at `path`."""
+def held(answer: object) -> bool:
+    """Whether a budget answer shows anything reserved (a `reserved` figure not 0)."""
+    if isinstance(answer, dict):
+        return any(
+            (key == "reserved" and float(value) != 0) or held(value)
+            for key, value in answer.items()
+        )
+    return isinstance(answer, list) and any(held(value) for value in answer)
+
+
+def until_settled(url: str, began: float) -> tuple[float, list[float]]:
+    """Budget reads one after the other until one shows nothing reserved: (seconds from
+    `began` until then, the time each read took)."""
+    waits = []
+    ask = urllib.request.Request(
+        url + "/v1/tollgate/budget", headers={"authorization": f"Bearer {harness.TEAM_KEY}"}
+    )
+    while True:
+        start = time.perf_counter()
+        with urllib.request.urlopen(ask, timeout=600) as answer:
+            found = json.loads(answer.read())
+        waits.append(time.perf_counter() - start)
+        if not held(found):
+            return time.perf_counter() - began, waits
+
+
+def measure(url: str, path: Path) -> tuple[float, float, float, float]:
+    """(seconds the create took, longest budget read meanwhile, seconds from the create's
+    answer until the batch was settled, longest budget read meanwhile) for the file at
+    `path`."""
     with openai.OpenAI(base_url=f"{url}/v1", api_key=harness.TEAM_KEY, max_retries=0,
                        timeout=600) as sdk:  # fmt: skip
         with path.open("rb") as file:
@@ -72,11 +107,13 @@ def measure(url: str, path: Path) -> tuple[float, float]:
         sdk.batches.create(
             input_file_id=uploaded.id, endpoint="/v1/images/generations", completion_window="24h"
         )
-        took = time.perf_counter() - began
+        answered = time.perf_counter()
+        took = answered - began
         time.sleep(0.2)
         done.set()
         reader.join()
-    return took, max(waits)
+        settled, settling = until_settled(url, answered)
+    return took, max(waits), settled, max(settling)
 
 
 def without_per_user(root: Path) -> None:
@@ -121,10 +158,15 @@ def main() -> None:
                 note(f"per-user budgets {per_user}, a user per line {distinct} …")
                 path = root / "batch.jsonl"
                 write_file(path, args.lines, distinct)
-                took, waited = measure(tollgate.url, path)
+                took, waited, settled, stalled = measure(tollgate.url, path)
                 users = f"{args.lines:,}" if distinct else "1"
-                rows.append(("yes" if per_user else "no", users, f"{took:.2f}", f"{waited:.2f}"))
-    print(table(("per-user budgets", "users named", "create s", "longest wait s"), rows))
+                rows.append(
+                    ("yes" if per_user else "no", users, f"{took:.2f}", f"{waited:.2f}",
+                     f"{settled:.2f}", f"{stalled:.2f}")
+                )  # fmt: skip
+    header = ("per-user budgets", "users named", "create s", "longest wait s", "settled after s",
+              "longest wait s")  # fmt: skip
+    print(table(header, rows))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import asyncio
 import json
 import logging
 import math
+import re
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,12 +20,13 @@ from prometheus_client import CollectorRegistry
 from proxy.config import load_config
 from proxy.config.prices import load_price_book
 from proxy.core.errors import RequestError
-from proxy.core.models import Counter, Entry, Settlement, Totals
+from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
 from proxy.core.pricing import PriceBook
 from proxy.core.settlement import MALFORMED_ANSWER
-from proxy.ledger import BatchLine, BilledLine, open_ledger
+from proxy.ledger import BatchLine, BilledLine, codecs, open_ledger
 from proxy.ledger.base import Owner
 from proxy.metrics import Metrics
+from proxy.web import batch_charges
 from proxy.web.batch_follow import (
     BATCH_GONE,
     GONE_AFTER_S,
@@ -34,6 +37,7 @@ from proxy.web.batch_follow import (
     within,
 )
 from proxy.web.follow import REFUSED_LOG_EVERY_S
+from proxy.web.pipeline import new_request_id, new_request_ids
 from proxy.web.runtime import Runtime
 from tests.conftest import write_config
 from tests.test_batches_reload_e2e import price_book
@@ -41,10 +45,13 @@ from tests.test_ledger_batches import (
     CREATED,
     CREATION_COUNTERS,
     LINE_BOUND,
+    TEAM_COUNTERS,
     batch_entry,
     input_file,
     priced,
+    reserve_shared,
     take_batch,
+    user_counter,
 )
 
 LINE = BatchLine("a", 1, "generations", "gpt-image-2", "low", "1024x1024", 1, None, 5_900_000)
@@ -349,3 +356,168 @@ def test_a_users_lines_are_charged_at_most_her_share_and_the_batch_at_most_its_b
         (30, False),
         (20, True),
     ]
+
+
+# -- a long batch settles off the event loop ---------------------------------------------
+
+
+class Ticker:
+    """Turns of the event loop, counted by a task that yields each time; `turned` is set
+    once it has turned `wanted` times since `mark`."""
+
+    def __init__(self, wanted: int = 3) -> None:
+        self.turns, self.wanted, self.since = 0, wanted, 0
+        self.turned = threading.Event()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(0)
+            self.turns += 1
+            if self.turns - self.since >= self.wanted:
+                self.turned.set()
+
+    def mark(self) -> int:
+        self.since, at = self.turns, self.turns
+        self.turned.clear()
+        return at
+
+
+@dataclass
+class ManyLines:
+    """An upstream whose batch completed `lines` lines, each answered 200 with its usage."""
+
+    lines: int
+
+    async def send(self, path: str, *_: Any, **__: Any) -> Any:
+        if path.startswith("/files/"):
+            usage = {"input_tokens": 10, "output_tokens": 200, "total_tokens": 210}
+            body = {"data": [{}], "usage": usage}
+            output = b"".join(
+                json.dumps({"custom_id": f"req-{i}", "response": {"status_code": 200,
+                            "request_id": f"req_{i}", "body": body}}).encode() + b"\n"
+                for i in range(1, self.lines + 1)
+            )  # fmt: skip
+            return Answer(200, output)
+        batch = {
+            "id": "batch_abc", "object": "batch", "status": "completed",
+            "completed_at": CREATED + 60, "output_file_id": "file-out",
+            "request_counts": {"total": self.lines, "completed": self.lines, "failed": 0},
+        }  # fmt: skip
+        return Answer(200, json.dumps(batch).encode())
+
+
+def settle_watched(
+    runtime: Runtime, tmp_path: Path, lines: int, ticker: Ticker
+) -> list[dict[str, Any]]:
+    """A batch of `lines` lines reserved, held and settled, with `ticker` counting the event
+    loop's turns meanwhile: its rows."""
+
+    async def run() -> list[dict[str, Any]]:
+        ledger = await open_ledger(f"sqlite:///{tmp_path / 'tollgate.db'}")
+        turning = asyncio.create_task(ticker.run())
+        try:
+            await ledger.register(Owner("me", "host", 1), CREATED)
+            await ledger.own(input_file(lines=lines), [priced(i) for i in range(1, lines + 1)])
+            await ledger.reserve(CREATION_COUNTERS, take_batch("b1", lines))
+            await ledger.hold("b1", "batch_abc")
+            here = SimpleNamespace(
+                config=runtime.config, ledger=ledger, upstream=ManyLines(lines),
+                clock=lambda: CREATED + 120, metrics=Metrics(CollectorRegistry()),
+            )  # fmt: skip
+            followed = BatchFollow(batch_entry("b1", lines), "batch_abc", "file-abc", None)
+            assert await followed.poll(cast(Runtime, here))
+            return [row async for row in ledger.export(0.0, float("inf"))]
+        finally:
+            turning.cancel()
+            await ledger.close()
+
+    return asyncio.run(run())
+
+
+def test_a_long_batchs_lines_are_charged_while_the_event_loop_keeps_turning(
+    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its output lines are parsed and charged, and their rows built, on a thread: the event
+    loop serves meanwhile. Built on the loop, a 50,000-line batch kept every other request
+    of the worker waiting for seconds."""
+    ticker, seen = Ticker(), []
+    charge = batch_charges.line_charge
+
+    def watched(*args: Any) -> Any:
+        at = ticker.mark()
+        ticker.turned.wait(timeout=10)  # on the loop's thread, it never turns meanwhile
+        seen.append(ticker.turns - at)
+        return charge(*args)
+
+    monkeypatch.setattr(batch_charges, "line_charge", watched)
+    rows = settle_watched(runtime, tmp_path, 3, ticker)
+    assert len(seen) == 3 and min(seen) >= ticker.wanted
+    assert sorted(r["custom_id"] for r in rows) == ["req-1", "req-2", "req-3"]
+    assert {(r["state"], r["flagged"]) for r in rows} == {("settled", 0)}
+
+
+def test_a_long_batchs_rows_and_counter_sums_are_worked_out_while_the_loop_keeps_turning(
+    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ledger works out the rows and counter sums of more than `THREAD_LINES` billed
+    lines on a thread too, before its transaction."""
+    ticker, seen = Ticker(), []
+    billed = codecs.billed
+
+    def watched(lines: Any) -> Any:
+        at = ticker.mark()
+        ticker.turned.wait(timeout=10)
+        seen.append((len(lines), ticker.turns - at))
+        return billed(lines)
+
+    monkeypatch.setattr(codecs, "billed", watched)
+    lines = codecs.THREAD_LINES + 1
+    rows = settle_watched(runtime, tmp_path, lines, ticker)
+    [(count, turns)] = seen
+    assert count == lines and turns >= ticker.wanted
+    assert len(rows) == lines
+    assert sum(r["cost_nanos"] for r in rows) == sum(r["cost_nanos"] for r in rows[:1]) * lines
+
+
+def test_a_batch_naming_many_users_is_released_while_the_event_loop_keeps_turning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch the upstream never created is released: the rows of its users' counters are
+    worked out on a thread and written on the ledger's, as its settlement's are."""
+    ticker, seen = Ticker(), []
+    rows_of = codecs.counter_rows
+
+    def watched(text: str, *rest: Any) -> Any:
+        if codecs.shared(text):
+            at = ticker.mark()
+            ticker.turned.wait(timeout=10)  # on the loop's thread, it never turns meanwhile
+            seen.append(ticker.turns - at)
+        return rows_of(text, *rest)
+
+    users = 200
+    read = [user_counter(f"u{i}") for i in range(users)] + list(TEAM_COUNTERS)
+
+    async def run() -> dict[Counter, Totals]:
+        ledger = await open_ledger(f"sqlite:///{tmp_path / 'tollgate.db'}")
+        turning = asyncio.create_task(ticker.run())
+        try:
+            await reserve_shared(ledger, users, hold=False)
+            monkeypatch.setattr(codecs, "counter_rows", watched)
+            released = Settlement(CREATED + 1.0, "upstream_error", 400, Usage(), 0)
+            await ledger.settle("b1", released)
+            return await ledger.totals(read)
+        finally:
+            turning.cancel()
+            await ledger.close()
+
+    totals = asyncio.run(run())
+    assert len(seen) == 1 and seen[0] >= ticker.wanted
+    assert set(totals.values()) == {Totals()}
+
+
+def test_request_ids_made_many_at_once_are_distinct_and_shaped_as_one_at_a_time() -> None:
+    shape = re.compile(r"tg_req_[0-9a-f]{32}")
+    many = new_request_ids(1000)
+    assert len(set(many)) == 1000
+    assert all(shape.fullmatch(i) for i in [*many, new_request_id()])
+    assert len(new_request_ids(0)) == 1

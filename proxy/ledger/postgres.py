@@ -327,7 +327,7 @@ class PostgresLedger(Schema, KeptAnswers):
     async def settle_batch(
         self, request_id: str, lines: Sequence[BilledLine], outcome: Settlement
     ) -> int:
-        billed = codecs.billed(lines)
+        billed = await codecs.billed_off_loop(lines)
 
         async def work(conn: Any) -> int:
             await lock_counters(conn)

@@ -150,11 +150,21 @@ class SqliteLedger(KeptAnswers):
         # reservation was reclaimed meanwhile (then the update finds no reserved row).
         held = self._held.pop(request_id, None)
         values = (*codecs.settlement_values(settlement), request_id)
+        rows: list[tuple[Any, ...]] | None = None
+        if held is not None and codecs.shared(held[1]):
+            # A batch naming users, released (never created): the rows of their thousands
+            # of counters worked out on a thread, and written on the ledger's.
+            release, text, usage = held
+            deltas = codecs.settled(settlement, release, 0, usage)
+            rows = await asyncio.to_thread(codecs.counter_rows, text, deltas)
 
         def run(conn: sqlite3.Connection) -> None:
             if held is not None and conn.execute(SQL.settle_reserved, values).rowcount == 1:
                 release, text, usage = held
-                _add(conn, text, codecs.settled(settlement, release, 0, usage))
+                if rows is not None:
+                    conn.executemany(_UPSERT, rows)
+                else:
+                    _add(conn, text, codecs.settled(settlement, release, 0, usage))
                 return
             found = conn.execute(SQL.settling, (request_id,)).fetchone()
             change = flags.settlement(request_id, found, settlement)
@@ -162,7 +172,10 @@ class SqliteLedger(KeptAnswers):
                 conn.execute(SQL.settle, values)
                 _add(conn, *change)
 
-        await self._request_write(run)
+        if rows is not None and len(rows) > LONG_WRITE:
+            await self.file.transaction(run, long=True)
+        else:
+            await self._request_write(run)
 
     def _request_write(self, run: Callable[[sqlite3.Connection], T]) -> Awaitable[T]:
         """A reservation's or settlement's transaction: in the group commit of this turn of
@@ -359,7 +372,7 @@ class SqliteLedger(KeptAnswers):
     async def settle_batch(
         self, request_id: str, lines: Sequence[BilledLine], outcome: Settlement
     ) -> int:
-        billed = codecs.billed(lines)
+        billed = await codecs.billed_off_loop(lines)
 
         def run(conn: sqlite3.Connection) -> int:
             found = conn.execute(SQL.settling_batch, (request_id,)).fetchone()

@@ -27,9 +27,11 @@ it lasts, and counted in the `tollgate_batches_refused` gauge until a poll reads
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -41,7 +43,8 @@ from proxy.core.short_strings import ShortStrings
 from proxy.doors.batches import CUSTOM_ID_BYTES
 from proxy.ledger import BatchLine, BilledLine, StoredObject
 from proxy.upstream import BROKEN_OFF
-from proxy.web.batch_charges import at_bounds, billed_line, share_nanos, whole_bound, within
+from proxy.web.batch_charges import Rows, charged, share_nanos, whole_bound, within
+from proxy.web.batch_charges import billed_line as billed_line  # where tests import it
 from proxy.web.files import read_answer
 from proxy.web.follow import REFUSED, Refusals, error_code
 from proxy.web.observe import observe
@@ -60,15 +63,14 @@ BATCH_SPAN_S = 26 * 3600.0
 """How long after its creation a batch may end (and its lines be billed): its 24-hour
 window, then the time it takes to expire or finalize. Its reservation holds room in every
 window of that span, and its lines are booked within it."""
-REPEATED_LINE = "batch_line_repeated"
-"""The error code of a second answer to one line (OpenAI answers each once): charged as it
-reads, flagged, for reconciliation."""
 OUTPUT_GONE = "batch_output_gone"
 """The error code of the lines of a batch whose output file was deleted before it was read:
 each charged its bound, flagged."""
 BATCH_GONE = "batch_not_found"
 """The error code of the lines of a batch the upstream no longer finds: each charged its
 bound, flagged."""
+OBSERVED_AT_ONCE = 1_000
+"""Lines of a settled batch counted and logged in one turn of the event loop."""
 GONE_POLLS = 10
 GONE_AFTER_S = 900.0
 """A batch is taken as gone once `GONE_POLLS` polls in a row, the first `GONE_AFTER_S`
@@ -193,21 +195,19 @@ class BatchFollow:
             latency_ms=(ended_at - entry.started_at) * 1000,
             response_id=self.batch_id,
         )
-        billed = [
-            replace(b, settlement=replace(b.settlement, outcome="upstream_error", status=404))
-            for b in at_bounds(runtime, entry, lines.values(), BATCH_GONE, ended_at, self.batch_id)
-        ] or [whole_bound(runtime, entry, outcome)]
-        shares = share_nanos(runtime, lines, entry)
-        await self.write(runtime, within(billed, entry.estimated_nanos, shares), outcome)
+        rows = Rows(runtime.config, entry, ended_at, self.batch_id, expected=len(lines))
+        await self.write(runtime, await asyncio.to_thread(gone_rows, rows, lines, outcome), outcome)
 
     async def settle(self, runtime: Runtime, batch: dict[str, Any], status: str) -> None:
-        """Read the ended batch's output file and settle a row per billed line."""
-        ledger, entry = runtime.ledger, self.entry
+        """Read the ended batch's output file and settle a row per billed line. The file is
+        read here, its lines only split; they are parsed and charged, and their rows built,
+        on a thread (`batch_charges.charged`), with the configuration taken once before:
+        a 50,000-line batch kept the event loop from every other request for seconds."""
+        ledger, entry, config = runtime.ledger, self.entry, runtime.config
         lines = await self.priced_lines(runtime, batch.get("input_file_id"))
         ended_at = booked_at(batch.get(ENDED_AT[status]), entry.started_at, runtime.clock())
-        billed: list[BilledLine] = []
         unread: str | None = None  # why what the lines billed cannot be read, if it cannot
-        read: set[str | None] = set()
+        found: list[bytes] = []
         output, errors = file_id_of(batch, "output_file_id"), file_id_of(batch, "error_file_id")
         try:
             if output is not None:
@@ -216,24 +216,13 @@ class BatchFollow:
                         raise OutputUnreadable(
                             f"the lines of {self.input_file_id} are not on record"
                         )
-                    line = billed_line(
-                        runtime, entry, lines, raw, ended_at, self.batch_id, self.prices
-                    )
-                    if line is None:
-                        continue
-                    if line.entry.custom_id in read and not line.settlement.flagged:
-                        settled = replace(line.settlement, flagged=True, error_code=REPEATED_LINE)
-                        line = replace(line, settlement=settled)
-                    read.add(line.entry.custom_id)
-                    billed.append(line)
+                    found.append(raw)
             elif completed_lines(batch):
                 raise OutputGone(None)
         except OutputUnreadable as exc:
             # The rest of the file cannot be read (a number no usage holds): the lines
             # billed so far stand, and every other line is charged its bound, flagged.
             log.warning("batch %s: output file %s unreadable: %s", self.batch_id, output, exc)
-            left = [line for line in lines.values() if line.custom_id not in read]
-            billed += at_bounds(runtime, entry, left, MALFORMED_ANSWER, ended_at, self.batch_id)
             unread = MALFORMED_ANSWER
         except OutputGone:
             # Deleted before it was read (its team may delete it as soon as it sees it), or
@@ -241,9 +230,9 @@ class BatchFollow:
             # each line is charged its bound, flagged, rather than nothing or the batch
             # never being settled.
             log.warning("batch %s: its output file %s is gone", self.batch_id, output)
-            billed = at_bounds(runtime, entry, lines.values(), OUTPUT_GONE, ended_at, self.batch_id)
-            unread = OUTPUT_GONE
-        billed = within(billed, entry.estimated_nanos, share_nanos(runtime, lines, entry))
+            found, unread = [], OUTPUT_GONE
+        rows = Rows(config, entry, ended_at, self.batch_id, self.prices)
+        billed = await asyncio.to_thread(charged, rows, lines, found, unread)
         for file_id in (output, errors):
             if file_id is not None:
                 owned = StoredObject(
@@ -267,7 +256,7 @@ class BatchFollow:
         )
         if unread is not None and not billed:
             # Nor are its lines on record: the whole reservation, rather than nothing.
-            billed = [whole_bound(runtime, entry, replace(outcome, error_code=unread))]
+            billed = [whole_bound(config, entry, replace(outcome, error_code=unread))]
         await self.write(runtime, billed, outcome)
 
     async def priced_lines(self, runtime: Runtime, named: Any = None) -> dict[str, BatchLine]:
@@ -289,9 +278,24 @@ class BatchFollow:
         if not written:
             return  # settled already (another replica, or an earlier try)
         for index, line in enumerate(billed or [BilledLine(entry, outcome, ())]):
+            if index and not index % OBSERVED_AT_ONCE:
+                await asyncio.sleep(0)  # the loop serves between runs of lines
             if index:
                 runtime.metrics.started()  # each line is a request in the metrics
             observe(runtime, line.entry, line.settlement, ())
+
+
+def gone_rows(rows: Rows, lines: Mapping[str, BatchLine], outcome: Settlement) -> list[BilledLine]:
+    """The rows of a batch the upstream no longer finds (on a thread, as `charged`'s): each
+    line charged its bound, flagged `BATCH_GONE` (the whole reservation in one row as
+    `outcome` says when its lines are not on record), held to the reservation and each
+    user's lines to her share."""
+    entry, config = rows.reservation, rows.config
+    billed = [
+        replace(b, settlement=replace(b.settlement, outcome="upstream_error", status=404))
+        for b in rows.at_bounds(lines.values(), BATCH_GONE)
+    ] or [whole_bound(config, entry, outcome)]
+    return within(billed, entry.estimated_nanos, share_nanos(config, lines, entry))
 
 
 def booked_at(ended: Any, started_at: float, now: float) -> float:

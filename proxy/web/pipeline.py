@@ -67,6 +67,16 @@ def new_request_id() -> str:
     return f"tg_req_{time.time_ns() // 1000:013x}{secrets.token_hex(10)[:19]}"
 
 
+def new_request_ids(count: int) -> list[str]:
+    """`count` request ids (at least one) as `new_request_id` makes them, in one call: the
+    clock read once and the random bits drawn once for all of them (a batch's 50,000 rows
+    spent a sixth of their building on one call each)."""
+    count = max(count, 1)
+    stamp = f"tg_req_{time.time_ns() // 1000:013x}"
+    bits = secrets.token_hex(10 * count)
+    return [stamp + bits[at : at + 19] for at in range(0, 20 * count, 20)]
+
+
 Serve = Callable[[Request, Runtime, Team, dict[str, str]], Awaitable[Response]]
 """What answers a request for its team, given the headers every answer to it carries."""
 
