@@ -370,13 +370,7 @@ def billed(lines: Sequence[BilledLine]) -> Billed:
     for counters, (spent, *tokens) in per_counters.items():
         deltas = (spent, 0, *tokens)
         for counter in with_organization(counters):
-            key = counter_key(counter)
-            found = sums.get(key)
-            if found is None:
-                sums[key] = list(deltas)
-                continue
-            for i, value in enumerate(deltas):
-                found[i] += value
+            _add(sums, counter_key(counter), deltas)
     return Billed(rows, sums)
 
 
@@ -409,13 +403,19 @@ def _sum(
 ) -> None:
     """Add deltas to each counter of `text` (a row's counters text) in `sums`."""
     for row in counter_rows(text, (spent, reserved, tuple(tokens))):
-        key, deltas = row[:5], row[5:]
-        total = sums.get(key)
-        if total is None:
-            sums[key] = list(deltas)
-            continue
-        for i, value in enumerate(deltas):
-            total[i] += value
+        _add(sums, row[:5], row[5:])
+
+
+def _add(
+    sums: dict[tuple[Any, ...], list[int]], key: tuple[Any, ...], deltas: Sequence[int]
+) -> None:
+    """Add `deltas` to the counter `key` of `sums`."""
+    total = sums.get(key)
+    if total is None:
+        sums[key] = list(deltas)
+        return
+    for i, value in enumerate(deltas):
+        total[i] += value
 
 
 def aggregates(found: Iterable[Sequence[Any]], width: int) -> list[Aggregate]:
