@@ -33,7 +33,6 @@ from proxy.web.batch_follow import (
     GONE_POLLS,
     OUTPUT_GONE,
     BatchFollow,
-    billed_line,
     within,
 )
 from proxy.web.follow import REFUSED_LOG_EVERY_S
@@ -67,7 +66,8 @@ def runtime(tmp_path_factory: pytest.TempPathFactory) -> Runtime:
 def charged(runtime: Runtime, output: dict[str, Any]) -> Any:
     reservation = Entry("tg_req_1", 1_800_000_000.0, "batches", "design")
     raw = json.dumps({"custom_id": "a", **output}).encode()
-    found = billed_line(runtime, reservation, {"a": LINE}, raw, 1_800_000_000.0, "batch_1")
+    rows = batch_charges.Rows(runtime.config, reservation, 1_800_000_000.0, "batch_1")
+    found = rows.billed({"a": LINE}, raw)
     assert found is not None
     return found.settlement
 
@@ -327,7 +327,8 @@ def test_a_line_is_charged_the_dearer_of_the_book_it_was_reserved_under_and_the_
     dearer = load_price_book(tmp_path / "prices.yaml")
 
     def charge(now: Runtime, reserved_under: PriceBook | None) -> int:
-        found = billed_line(now, reservation, {"a": LINE}, raw, 1.8e9, "b", reserved_under)
+        rows = batch_charges.Rows(now.config, reservation, 1.8e9, "b", reserved_under)
+        found = rows.billed({"a": LINE}, raw)
         assert found is not None
         return found.settlement.cost_nanos
 

@@ -1,13 +1,13 @@
 """What each output line of an ended batch is charged, as the ledger row it becomes.
 
-`billed_line` reads one line of a batch's output file: a line OpenAI answered 200 is
+`Rows.billed` reads one line of a batch's output file: a line OpenAI answered 200 is
 charged from its `usage` at the model's batch rates (the dearer of the book in force and
 the book the batch was reserved with), a `/v1/responses` line as the Responses door meters
 a whole response; an error line is not billed; a line that cannot be read, or names a line
-not in the file, is charged a bound, flagged. `at_bounds` and `whole_bound` charge lines
+not in the file, is charged a bound, flagged. `Rows.at_bounds` and `whole_bound` charge lines
 whose answers cannot be read at all; `within` holds the lines to the batch's reservation
 and each user's to her share of it (`share_nanos`). Each row is booked when the batch
-ended, to the counters of that day (`line_row`). The follower (`proxy.web.batch_follow`)
+ended, to the counters of that day (`Rows.row`). The follower (`proxy.web.batch_follow`)
 decides which of these a batch's end calls for, and settles the rows in one transaction.
 """
 
@@ -29,7 +29,6 @@ from proxy.doors.batches import user_shares
 from proxy.doors.response_meters import read_response
 from proxy.ledger import BatchLine, BilledLine
 from proxy.web.pipeline import new_request_ids
-from proxy.web.runtime import Runtime
 
 REPEATED_LINE = "batch_line_repeated"
 """The error code of a second answer to one line (OpenAI answers each once): charged as it
@@ -37,20 +36,6 @@ reads, flagged, for reconciliation."""
 UNKNOWN_LINE = "batch_line_unknown"
 """The error code of an output line whose `custom_id` was not in the file priced: charged
 the dearest line's bound, flagged."""
-
-
-def billed_line(
-    runtime: Runtime,
-    reservation: Entry,
-    lines: dict[str, BatchLine],
-    raw: bytes,
-    ended_at: float,
-    batch_id: str,
-    reserved_under: PriceBook | None = None,
-) -> BilledLine | None:
-    """The row of one output line that OpenAI answered 200; None for an error line
-    (`Rows.billed`)."""
-    return Rows(runtime.config, reservation, ended_at, batch_id, reserved_under).billed(lines, raw)
 
 
 @dataclass
@@ -247,19 +232,6 @@ def response_charge(
     return verdict.charge, verdict.error_code, verdict.outcome
 
 
-def at_bounds(
-    runtime: Runtime,
-    reservation: Entry,
-    lines: Iterable[BatchLine],
-    code: str,
-    ended_at: float,
-    batch_id: str,
-) -> list[BilledLine]:
-    """Each of `lines`, whose billed answer cannot be read, charged its bound, flagged
-    `code` (`Rows.at_bounds`)."""
-    return Rows(runtime.config, reservation, ended_at, batch_id).at_bounds(lines, code)
-
-
 def whole_bound(config: Config, reservation: Entry, outcome: Settlement) -> BilledLine:
     """The one row of a batch whose lines are not on record, what they billed unread: its
     whole reservation charged, flagged, as `outcome` says otherwise."""
@@ -314,18 +286,3 @@ def share_nanos(
         return None
     bound = Estimate(Usage(), reservation.estimated_nanos)
     return {user: e.cost_nanos for user, e in user_shares(lines.values(), bound).items()}
-
-
-def line_row(
-    runtime: Runtime,
-    reservation: Entry,
-    line: BatchLine,
-    charge: Charge,
-    code: str | None,
-    ended_at: float,
-    batch_id: str,
-    response: dict[str, Any],
-) -> BilledLine:
-    """The row of billed line `line`, charged `charge`, booked when the batch ended
-    (`Rows.row`)."""
-    return Rows(runtime.config, reservation, ended_at, batch_id).row(line, charge, code, response)

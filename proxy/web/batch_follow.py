@@ -44,7 +44,6 @@ from proxy.doors.batches import CUSTOM_ID_BYTES
 from proxy.ledger import BatchLine, BilledLine, StoredObject
 from proxy.upstream import BROKEN_OFF
 from proxy.web.batch_charges import Rows, charged, share_nanos, whole_bound, within
-from proxy.web.batch_charges import billed_line as billed_line  # where tests import it
 from proxy.web.files import read_answer
 from proxy.web.follow import REFUSED, Refusals, error_code
 from proxy.web.observe import observe
