@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -12,8 +13,10 @@ from starlette.requests import Request
 from proxy.core.errors import InvalidRequest, Overloaded, RequestTimeout, RequestTooLarge
 from proxy.core.settings import Limits
 from proxy.metrics import Metrics
+from proxy.web import admission
 from proxy.web.admission import SCOPE_KEY, BodyBudget, read_body
 from proxy.web.connections import default_max_connections
+from proxy.web.files import read_form
 
 
 @pytest.fixture
@@ -183,3 +186,54 @@ async def test_a_late_body_leaves_its_task_free_to_go_on(metrics: Metrics) -> No
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0
     await asyncio.sleep(0)  # no cancellation left pending
+
+
+@pytest.fixture
+def deadlines(monkeypatch: pytest.MonkeyPatch) -> list[admission.BodyDeadline]:
+    """Every body deadline made from now on."""
+    made: list[admission.BodyDeadline] = []
+
+    class Recorded(admission.BodyDeadline):
+        def __init__(self, idle_s: float, total_s: float) -> None:
+            super().__init__(idle_s, total_s)
+            made.append(self)
+
+    monkeypatch.setattr(admission, "BodyDeadline", Recorded)
+    return made
+
+
+def timer_ended(deadline: admission.BodyDeadline) -> bool:
+    return deadline._handle.cancelled()
+
+
+async def test_a_body_refused_midway_ends_its_deadline_at_once(
+    metrics: Metrics, deadlines: list[admission.BodyDeadline]
+) -> None:
+    """Refused while its reader waits for more, the body's deadline ends with the refusal,
+    not once the reader is collected: its timer would otherwise cancel whatever the task
+    does next."""
+    budget = BodyBudget(Limits(inflight_bytes=3000), metrics)
+    chunked = request([b"x" * 600, b"x" * 600, b"x"], {"transfer-encoding": "chunked"})
+    with pytest.raises(Overloaded):
+        await read_body(chunked, 5000, budget)
+    [deadline] = deadlines
+    assert timer_ended(deadline)
+
+
+async def test_an_upload_whose_form_is_refused_ends_its_deadline_at_once(
+    metrics: Metrics, deadlines: list[admission.BodyDeadline]
+) -> None:
+    budget = BodyBudget(Limits(), metrics)
+    boundary = "tollgate"
+    start = (
+        f'--{boundary}\r\ncontent-disposition: form-data; name="purpose"\r\n\r\n'.encode()
+        + b"x" * (70 * 1024)  # a field past the form's 64 KiB, the file still to come
+    )
+    upload = request(
+        [start, b"x" * 1024], {"content-type": f"multipart/form-data; boundary={boundary}"}
+    )
+    runtime = SimpleNamespace(config=SimpleNamespace(limits=Limits()), bodies=budget)
+    with pytest.raises(InvalidRequest, match="could not be read"):
+        await read_form(upload, runtime)  # type: ignore[arg-type]
+    [deadline] = deadlines
+    assert timer_ended(deadline)

@@ -15,7 +15,8 @@ whatever ended the request: an answer, an error, a client gone, a cancelled task
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, MutableMapping
+import contextlib
+from collections.abc import AsyncGenerator, MutableMapping
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
@@ -135,45 +136,33 @@ async def read_body(request: Request, limit: int, budget: BodyBudget) -> bytes:
 
     What `budget` charges stays in the request's scope until the web layer releases it."""
     scope = request.scope
-    declared = request.headers.get("content-length")
-    charged = 0
-    if declared is not None and declared.isdigit():
-        charged = int(declared)
-        if charged > limit:
-            raise too_large(limit)
+    charged = declared_length(request, limit)
+    if charged is not None:
         budget.take(scope, charged)
+    else:
+        charged = 0
     chunks: list[bytes] = []
     size = 0
-    deadline = BodyDeadline(budget.idle_s, budget.total_s)
-    try:
-        async for chunk in request.stream():
-            deadline.progress()
+    # Closed as soon as the loop ends, whatever ends it: its deadline's timer with it.
+    async with contextlib.aclosing(body_chunks(request, limit, budget)) as body:
+        async for chunk in body:
             size += len(chunk)
-            if size > limit:
-                raise too_large(limit)
             if size > charged:  # a chunked body: charged as it comes
                 budget.take(scope, size - charged)
                 charged = size
             chunks.append(chunk)
-    except ClientDisconnect:
-        raise InvalidRequest("The client disconnected before sending the whole body.") from None
-    except asyncio.CancelledError:
-        if not deadline.expired:
-            raise
-        raise budget.timed_out(size) from None
-    finally:
-        deadline.close()
     return b"".join(chunks)
 
 
-async def body_chunks(request: Request, limit: int, budget: BodyBudget) -> AsyncIterator[bytes]:
-    """The request body chunk by chunk, for a body that is spooled to disk rather than held
-    (a file upload): refused with 413 once it passes `limit` bytes (at once when its declared
-    length does), 408 when the client pauses or takes too long. Only the chunk in hand is in
-    memory, so nothing is charged to `budget`'s cap."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large(limit)
+async def body_chunks(
+    request: Request, limit: int, budget: BodyBudget
+) -> AsyncGenerator[bytes, None]:
+    """The request body chunk by chunk, refused with 413 once it passes `limit` bytes (at
+    once when its declared length does), 408 when the client pauses or takes too long. For
+    a body that is spooled to disk rather than held (a file upload), only the chunk in hand
+    is in memory, so nothing is charged to `budget`'s cap (`read_body` charges what it
+    holds). Close it when done (`contextlib.aclosing`): its deadline ends with it."""
+    declared_length(request, limit)
     size = 0
     deadline = BodyDeadline(budget.idle_s, budget.total_s)
     try:
@@ -191,6 +180,18 @@ async def body_chunks(request: Request, limit: int, budget: BodyBudget) -> Async
         raise budget.timed_out(size) from None
     finally:
         deadline.close()
+
+
+def declared_length(request: Request, limit: int) -> int | None:
+    """The body's declared `Content-Length` (None when it declares none, or not as digits:
+    the body is then bounded as it comes); 413 when it passes `limit`."""
+    declared = request.headers.get("content-length")
+    if declared is None or not declared.isdigit():
+        return None
+    length = int(declared)
+    if length > limit:
+        raise too_large(limit)
+    return length
 
 
 def too_large(limit: int) -> RequestTooLarge:

@@ -21,6 +21,7 @@ form sent upstream is written to another file that aiohttp streams with its leng
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -178,17 +179,21 @@ async def read_form(request: Request, runtime: Runtime) -> Any:
             "multipart/form-data."
         )
     limits = runtime.config.limits
-    parser = MultiPartParser(
-        request.headers,
-        body_chunks(request, limits.files_bytes, runtime.bodies),  # type: ignore[arg-type]
-        max_files=1,
-        max_fields=len(FORM_FIELDS),
-        max_part_size=64 * 1024,
-    )
-    try:
-        return await parser.parse()
-    except MultiPartException as exc:
-        raise InvalidRequest(f"The upload's form could not be read: {exc.message}") from None
+    # Closed when the parse ends, however it ends: the body's deadline with it.
+    async with contextlib.aclosing(
+        body_chunks(request, limits.files_bytes, runtime.bodies)
+    ) as body:
+        parser = MultiPartParser(
+            request.headers,
+            body,
+            max_files=1,
+            max_fields=len(FORM_FIELDS),
+            max_part_size=64 * 1024,
+        )
+        try:
+            return await parser.parse()
+        except MultiPartException as exc:
+            raise InvalidRequest(f"The upload's form could not be read: {exc.message}") from None
 
 
 def checked_form(form: Any) -> tuple[str, UploadFile, list[tuple[str, str]]]:
