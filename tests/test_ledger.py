@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import asyncpg
@@ -815,6 +815,99 @@ async def test_a_lock_held_too_long_is_a_retryable_outage(
         await ledger.reserve([DESIGN_DAY], take("r1"))  # the lock is free again
     finally:
         await ledger.close()
+
+
+# -- SQLite: reads on a connection of their own ---------------------------------------------
+
+
+def first_then_fail(rows: Iterable[tuple[object, ...]]) -> None:
+    """A decoder that reads one row of many and fails: its statement is left unfinished."""
+    next(iter(rows))
+    raise ValueError("undecodable")
+
+
+async def test_reads_go_on_while_a_long_write_holds_the_writers_thread(tmp_path: Path) -> None:
+    """A budget read does not wait for a transaction on the writers' thread (a batch's
+    settlement writing 50,000 lines): it reads what had committed, and once that
+    transaction has returned, what it wrote."""
+    ledger = SqliteLedger(tmp_path / "t.db")
+    await ledger.open()
+    writing, release = threading.Event(), threading.Event()
+
+    def long_write(conn: sqlite3.Connection) -> None:
+        conn.execute("DELETE FROM budget_usage")
+        writing.set()
+        release.wait(60)
+
+    try:
+        await ledger.reserve([DESIGN_DAY], take("r1"))
+        held = asyncio.create_task(ledger.file.transaction(long_write, long=True))
+        try:
+            assert await asyncio.to_thread(writing.wait, 20)
+            # The bound only tells a hang from an answer: a read queued behind the write
+            # would wait until `release` is set.
+            totals = await asyncio.wait_for(ledger.totals([DESIGN_DAY]), 20)
+            assert totals[DESIGN_DAY].reserved_nanos == 500_000_000
+            assert [r.entry.id for r in await asyncio.wait_for(ledger.rows(), 20)] == ["r1"]
+            await asyncio.wait_for(ledger.ping(), 20)
+        finally:
+            release.set()
+        await held
+        assert (await ledger.totals([DESIGN_DAY]))[DESIGN_DAY] == Totals()
+    finally:
+        await ledger.close()
+
+
+async def test_a_read_sees_every_write_that_returned_before_it(tmp_path: Path) -> None:
+    """Whether the write ran on the loop or on the writers' thread, and even after a read
+    that left a statement unfinished."""
+    ledger = SqliteLedger(tmp_path / "t.db")
+    await ledger.open()
+    try:
+        for i in range(1, 11):
+            await ledger.reserve([DESIGN_DAY], take(f"r{i}"))
+            with pytest.raises(ValueError, match="undecodable") as caught:
+                await ledger.file.fetch_as("SELECT id FROM requests", (), first_then_fail)
+            assert len(await ledger.rows()) == i
+            totals = await ledger.totals([DESIGN_DAY])
+            assert totals[DESIGN_DAY].reserved_nanos == i * 500_000_000
+        del caught
+        await ledger.file.transaction(lambda c: c.execute("DELETE FROM requests"), long=True)
+        assert await ledger.rows() == []
+    finally:
+        await ledger.close()
+
+
+async def test_a_failing_read_is_a_ledger_error(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    ledger = SqliteLedger(path)
+    await ledger.open()
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as other:
+            other.execute("DROP TABLE budget_usage")
+        with pytest.raises(LedgerError, match="ledger read failed"):
+            await ledger.totals([DESIGN_DAY])
+        with pytest.raises(LedgerError, match="ledger read failed"):
+            await ledger.file.fetch("SELECT * FROM budget_usage", ())
+    finally:
+        await ledger.close()
+
+
+async def test_close_ends_every_connection_and_its_thread(tmp_path: Path) -> None:
+    before = set(threading.enumerate())
+    ledger = SqliteLedger(tmp_path / "t.db")
+    await ledger.open()
+    await ledger.reserve([DESIGN_DAY], take("r1"))
+    await ledger.totals([DESIGN_DAY])
+    started = set(threading.enumerate()) - before
+    await ledger.close()
+    assert started  # the writers' thread and the readers'
+    for thread in started:
+        thread.join(20)
+        assert not thread.is_alive()
+    for read in (ledger.totals([DESIGN_DAY]), ledger.rows(), ledger.ping()):
+        with pytest.raises(LedgerError):
+            await read
 
 
 # -- SQLite: the WAL's bound ----------------------------------------------------------------

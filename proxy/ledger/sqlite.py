@@ -5,8 +5,8 @@ transaction, which takes SQLite's single write lock, so the totals a decision
 reads cannot change before its reservation is written. Per-period totals are
 kept in `budget_usage` (one row per counter), so a decision reads a handful of
 rows instead of summing the month's requests. Where and when those transactions
-run (inline on the event loop, or on aiosqlite's thread), the checkpoints and the
-WAL's bound: see `sqlite_connections`.
+run (inline on the event loop, or on aiosqlite's thread), the reads (on a connection
+of their own), the checkpoints and the WAL's bound: see `sqlite_connections`.
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ class SqliteLedger(KeptAnswers):
             await self.file.write(SQL.unregister, (self.owner.id,))
 
     async def totals(self, counters: Sequence[Counter]) -> dict[Counter, Totals]:
-        return await self.file.on_thread(lambda conn: _read_totals(conn, counters))
+        return await self.file.read(lambda conn: _read_totals(conn, counters))
 
     async def rows(self, since: float = 0.0) -> list[Row]:
         return [codecs.row(r) for r in await self.file.fetch(SQL.rows, (since,))]
@@ -307,10 +307,10 @@ class SqliteLedger(KeptAnswers):
         await self.file.transaction(run)
 
     async def rate_counts(self, plan: Plan) -> Counts:
-        return await self.file.on_thread(lambda conn: rate_counts.read_sqlite(conn, plan))
+        return await self.file.read(lambda conn: rate_counts.read_sqlite(conn, plan))
 
     async def rate_windows(self, slots: Sequence[Slot]) -> dict[Slot, int]:
-        return await self.file.on_thread(lambda conn: rate_counts.windows_sqlite(conn, slots))
+        return await self.file.read(lambda conn: rate_counts.windows_sqlite(conn, slots))
 
     async def forget_counts(self, before: float) -> int:
         return await self.file.transaction(lambda conn: rate_counts.forget_sqlite(conn, before))
@@ -400,8 +400,8 @@ class SqliteLedger(KeptAnswers):
         """Raises unless the file reads, and its last write transaction committed: a disk
         that refuses writes leaves every new request refused, so the process is not ready."""
         try:
-            await self.file.db.execute("SELECT 1")
-        except (sqlite3.Error, ValueError) as exc:
+            await self.file.read(lambda conn: conn.execute("SELECT 1").fetchone())
+        except LedgerError as exc:
             raise LedgerError(f"ledger unreachable: {exc}") from exc
         if self.file.failing is not None:
             raise LedgerUnavailable(f"ledger writes failing: {self.file.failing}")

@@ -1,4 +1,4 @@
-"""How the SQLite ledger's transactions reach the file: two connections, the write lock,
+"""How the SQLite ledger's transactions reach the file: three connections, the write lock,
 checkpoints and the WAL's bound.
 
 `sqlite.SqliteLedger` says what each transaction reads and writes; `Connections` says where
@@ -16,7 +16,16 @@ The loop never waits for a lock either: that connection has no busy timeout, and
 a transaction that finds the write lock taken (another worker is writing) is
 tried again after the loop's next turn, then handed to aiosqlite's thread, whose
 connection waits for the lock. Checkpoints, which do wait on the disk, run on that
-thread every `CHECKPOINT_EVERY` commits, and so do reports and other reads.
+thread every `CHECKPOINT_EVERY` commits.
+
+Reads run on a third connection, on a thread of its own (`read`): a budget read must not
+wait in line behind a transaction writing a batch's 50,000 lines on the writers' thread.
+In WAL mode a reader never waits for the writer nor blocks it; it sees what had committed
+when its read began, so a read issued once a write's transaction has returned sees it.
+A read that decides a write is made inside the write's transaction, never here. The
+migrations, `exclusive` and the checkpoints stay on the writers' thread, and so does a
+copy's reading of whole tables (`SqliteLedger.dump`): its statement stays open across
+awaits, and here it would hold every later read to its snapshot.
 
 The WAL is bounded whatever the scheduling: a transaction that finds the WAL file at
 `WAL_LIMIT_BYTES` once it holds the write lock writes nothing, and the writer waits for a
@@ -68,16 +77,17 @@ class _WalFull(Exception):
 
 
 class Connections:
-    """The two connections to one SQLite file, and the write transactions run on them.
+    """The three connections to one SQLite file, and the transactions run on them.
 
-    The loop's connection runs transactions inline; aiosqlite's thread runs those that
-    must wait for the write lock, reads, and checkpoints. Every transaction keeps the
-    WAL under its bound."""
+    The loop's connection runs write transactions inline; aiosqlite's thread runs those
+    that must wait for the write lock, and checkpoints; the read connection, on a thread
+    of its own, the reads. Every write transaction keeps the WAL under its bound."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: aiosqlite.Connection | None = None
         self._inline: sqlite3.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
         # The thread's connection: its statements must not interleave with a transaction.
         self._lock = asyncio.Lock()
         self._commits = 0
@@ -95,13 +105,20 @@ class Connections:
         one commits: the ledger is not ready meanwhile (`/readyz`), though it reads."""
 
     async def open(self) -> None:
-        """Open both connections (sqlite3.Error or OSError if the file cannot be)."""
+        """Open the three connections (sqlite3.Error or OSError if the file cannot be)."""
         db = await aiosqlite.connect(self.path, isolation_level=None)
         self._db = db
         await db.execute(f"PRAGMA busy_timeout = {LOCK_WAIT_MS}")
         await db.execute("PRAGMA journal_mode = WAL")
         await db.execute("PRAGMA synchronous = NORMAL")
         self._inline = _loop_connection(self.path)
+        reader = await aiosqlite.connect(self.path, isolation_level=None)
+        self._reader = reader
+        # A reader finds the file busy only rarely (a process recovering the WAL after a
+        # crash): it waits, as the writers' thread does. A write here would be a mistake,
+        # refused rather than made.
+        await reader.execute(f"PRAGMA busy_timeout = {LOCK_WAIT_MS}")
+        await reader.execute("PRAGMA query_only = ON")
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -121,6 +138,9 @@ class Connections:
         if self._db is not None:
             await self._db.close()
             self._db = None
+        if self._reader is not None:
+            reader, self._reader = self._reader, None  # reads from now on are refused
+            await reader.close()  # after those already queued
 
     async def on_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run `work` on aiosqlite's thread in one hop (one hop per statement would wait for
@@ -297,19 +317,38 @@ class Connections:
         """One statement in a write transaction of its own."""
         await self.transaction(lambda conn: conn.execute(sql, values))
 
+    async def read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work`'s reads on the read connection's thread (reads wait on the disk), in one
+        snapshot: what had committed when it began. For reads that no write depends on;
+        those that decide a write are made inside its transaction."""
+        reader = self._reader
+        if reader is None:
+            raise LedgerError("ledger is not open")
+        try:
+            done: T = await reader._execute(_snapshot, reader._conn, work)  # type: ignore[no-untyped-call]
+        except sqlite3.Error as exc:
+            raise _failure("ledger read failed", exc) from exc
+        return done
+
     async def fetch(self, sql: str, values: Sequence[Any]) -> list[tuple[Any, ...]]:
-        """The rows `sql` reads, on the thread (reads wait on the disk)."""
+        """The rows `sql` reads (see `read`)."""
         return await self.fetch_as(sql, values, list)
 
     async def fetch_as(
         self, sql: str, values: Sequence[Any], decode: Callable[[Iterable[tuple[Any, ...]]], T]
     ) -> T:
-        """The rows `sql` reads, made into objects by `decode`, both on the thread: tens of
-        thousands of rows (a batch file's lines) took the event loop a second to decode."""
-        try:
-            return await self.on_thread(lambda conn: decode(conn.execute(sql, values)))
-        except sqlite3.Error as exc:
-            raise _failure("ledger read failed", exc) from exc
+        """The rows `sql` reads, made into objects by `decode`, both off the loop: tens of
+        thousands of rows (a batch file's lines) took the event loop a second to decode.
+
+        The cursor is closed even when `decode` stops early: an unfinished statement keeps
+        its snapshot, past the end of its transaction, and the connection's later reads
+        with it (they would miss what commits meanwhile)."""
+
+        def read(conn: sqlite3.Connection) -> T:
+            with contextlib.closing(conn.execute(sql, values)) as rows:
+                return decode(rows)
+
+        return await self.read(read)
 
     @contextlib.asynccontextmanager
     async def exclusive(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -347,6 +386,16 @@ def _each(conn: sqlite3.Connection, gathered: Sequence[Gathered]) -> list[tuple[
         conn.execute("RELEASE work")
         outcomes.append(outcome)
     return outcomes
+
+
+def _snapshot(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
+    """`work` in one read transaction on `conn`: its statements see the same commits (a
+    budget read over 1,000 counters is several statements), the newest when it begins."""
+    conn.execute("BEGIN")
+    try:
+        return work(conn)
+    finally:
+        conn.rollback()
 
 
 def _loop_connection(path: Path) -> sqlite3.Connection:
