@@ -480,38 +480,76 @@ def test_a_long_batchs_rows_and_counter_sums_are_worked_out_while_the_loop_keeps
     assert sum(r["cost_nanos"] for r in rows) == sum(r["cost_nanos"] for r in rows[:1]) * lines
 
 
-def test_a_batch_naming_many_users_is_released_while_the_event_loop_keeps_turning(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A batch the upstream never created is released: the rows of its users' counters are
-    worked out on a thread and written on the ledger's, as its settlement's are."""
-    ticker, seen = Ticker(), []
+def watch_shared_rows(monkeypatch: pytest.MonkeyPatch, ticker: Ticker) -> list[int]:
+    """From now on, each working out of a shared counters text's rows (`codecs.counter_rows`)
+    waits for the event loop to turn: the turns seen meanwhile, one item per call (none
+    when it runs on the loop's thread, which never turns meanwhile)."""
+    seen: list[int] = []
     rows_of = codecs.counter_rows
 
     def watched(text: str, *rest: Any) -> Any:
         if codecs.shared(text):
             at = ticker.mark()
-            ticker.turned.wait(timeout=10)  # on the loop's thread, it never turns meanwhile
+            ticker.turned.wait(timeout=10)
             seen.append(ticker.turns - at)
         return rows_of(text, *rest)
 
-    users = 200
-    read = [user_counter(f"u{i}") for i in range(users)] + list(TEAM_COUNTERS)
+    monkeypatch.setattr(codecs, "counter_rows", watched)
+    return seen
 
-    async def run() -> dict[Counter, Totals]:
-        ledger = await open_ledger(f"sqlite:///{tmp_path / 'tollgate.db'}")
+
+USERS = 200
+SHARED_READ = [user_counter(f"u{i}") for i in range(USERS)] + list(TEAM_COUNTERS)
+
+
+def test_a_batch_naming_many_users_is_released_while_the_event_loop_keeps_turning(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch the upstream never created is released: the rows of its users' counters are
+    worked out on a thread, as its settlement's are, on either ledger."""
+    ticker = Ticker()
+
+    async def run() -> tuple[list[int], dict[Counter, Totals]]:
+        ledger = await open_ledger(url)
         turning = asyncio.create_task(ticker.run())
         try:
-            await reserve_shared(ledger, users, hold=False)
-            monkeypatch.setattr(codecs, "counter_rows", watched)
+            await reserve_shared(ledger, USERS, hold=False)
+            seen = watch_shared_rows(monkeypatch, ticker)
             released = Settlement(CREATED + 1.0, "upstream_error", 400, Usage(), 0)
             await ledger.settle("b1", released)
-            return await ledger.totals(read)
+            return seen, await ledger.totals(SHARED_READ)
         finally:
             turning.cancel()
             await ledger.close()
 
-    totals = asyncio.run(run())
+    seen, totals = asyncio.run(run())
+    assert len(seen) == 1 and seen[0] >= ticker.wanted
+    assert set(totals.values()) == {Totals()}
+
+
+def test_a_batch_naming_many_users_that_billed_nothing_settles_while_the_loop_keeps_turning(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that expired (or was cancelled, or failed) before any line ran: its settlement
+    releases each user's share, worked out on a thread however few lines it bills, on
+    either ledger (PostgreSQL worked them out on the loop, SQLite for up to `LONG_WRITE`
+    lines)."""
+    ticker = Ticker()
+
+    async def run() -> tuple[list[int], dict[Counter, Totals]]:
+        ledger = await open_ledger(url)
+        turning = asyncio.create_task(ticker.run())
+        try:
+            await reserve_shared(ledger, USERS)
+            seen = watch_shared_rows(monkeypatch, ticker)
+            expired = Settlement(CREATED + 60.0, "upstream_error", 200, error_code="batch_expired")
+            assert await ledger.settle_batch("b1", [], expired) == 1
+            return seen, await ledger.totals(SHARED_READ)
+        finally:
+            turning.cancel()
+            await ledger.close()
+
+    seen, totals = asyncio.run(run())
     assert len(seen) == 1 and seen[0] >= ticker.wanted
     assert set(totals.values()) == {Totals()}
 
