@@ -328,13 +328,26 @@ class PostgresLedger(Schema, KeptAnswers):
         self, request_id: str, lines: Sequence[BilledLine], outcome: Settlement
     ) -> int:
         billed = await codecs.billed_off_loop(lines)
+        # What it writes is worked out on a thread, before the transaction, from its
+        # reservation's row as read now: the release of a batch naming 50,000 users is
+        # 100,000 counter rows, which kept the event loop from every other request of the
+        # process, and every replica's writers waiting for the first lock meanwhile. The
+        # transaction finds the row unchanged unless another replica settled it meanwhile.
+        seen = [tuple(r) for r in await self.db.fetch(SETTLING_BATCH, request_id)]
+        ahead = (
+            await asyncio.to_thread(_batch_writes, request_id, seen[0], billed, outcome)
+            if seen
+            else None
+        )
 
         async def work(conn: Any) -> int:
             await lock_counters(conn)
             found = _values(await conn.fetchrow(SQL.settling_batch, request_id))
-            # On a thread: the release of a batch naming 50,000 users is 100,000 counter
-            # rows, which kept the event loop from every other request of the process.
-            writes = await asyncio.to_thread(_batch_writes, request_id, found, billed, outcome)
+            writes = (
+                ahead
+                if seen and found == seen[0]
+                else await asyncio.to_thread(_batch_writes, request_id, found, billed, outcome)
+            )
             if writes is None:
                 return 0
             written, added = writes
@@ -431,5 +444,7 @@ def _values(found: Any) -> tuple[Any, ...] | None:
     return tuple(found) if found is not None else None
 
 
+SETTLING_BATCH = SQL.settling_batch.removesuffix(" FOR UPDATE")
+"""`settling_batch` unlocked: what a batch's settlement works out ahead of its transaction."""
 LINES = list(codecs.LINE_COLUMNS)
 BILLED = list(codecs.BILL_COLUMNS)
