@@ -38,7 +38,7 @@ from proxy.ledger.base import (
 from proxy.ledger.dialect import POSTGRES
 from proxy.ledger.kept import RepeatGuard
 from proxy.ledger.postgres_counters import (
-    ADD_SQL,
+    add_counters,
     added_arrays,
     lock_and_fetch,
     lock_and_read,
@@ -356,8 +356,7 @@ class PostgresLedger(Schema, KeptAnswers):
             if written.others:
                 await conn.copy_records_to_table("requests", records=written.others, columns=BILLED)
             if added:
-                # One statement for every counter, in lock order (the rows come in that order).
-                await conn.execute(ADD_SQL, *added)
+                await add_counters(conn, added)  # in lock order (the rows come in that order)
             return written.rows
 
         return await self.db.transaction(work)
@@ -433,7 +432,7 @@ async def version_of(url: str) -> int:
 def _batch_writes(
     request_id: str, found: tuple[Any, ...] | None, billed: codecs.Billed, outcome: Settlement
 ) -> tuple[flags.BatchWrites, list[list[Any]]] | None:
-    """`flags.batch`, with its counters as `ADD_SQL`'s arrays (none: no counter to add to)."""
+    """`flags.batch`, with its counters as `add_counters` takes them (none: no counter)."""
     writes = flags.batch(request_id, found, billed, outcome)
     if writes is None:
         return None
