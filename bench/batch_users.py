@@ -2,6 +2,8 @@
 other requests waiting, by the users its file names (not a test).
 
     .venv/bin/python -m bench.batch_users [--lines 50000]
+                                          [--postgres postgresql://postgres@127.0.0.1:5432/test]
+                                          [--source DIR]
 
 Tollgate (one worker, `harness.write_policies`: its team has a daily per-user budget, so
 a batch holds each named user's share of its bound) and the simulated upstream run as
@@ -18,11 +20,15 @@ The simulated upstream completes each batch about 1.5 s after its create (its de
 create's answer until one of them shows the batch's reservation gone from the team's
 budgets (every `reserved` 0): the settlement's time from the create's answer, and the
 longest read meanwhile, what following and settling the batch kept the worker from serving.
+
+The ledger is a SQLite file, or with `--postgres SERVER` a fresh schema of that server
+(dropped after). `--source DIR` runs the `proxy` package of another tree (before and after).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import threading
@@ -34,6 +40,7 @@ import openai
 
 from bench import harness
 from bench.harness import note, table
+from bench.ledger import fresh_schema
 
 
 def write_file(path: Path, lines: int, distinct: bool) -> None:
@@ -144,12 +151,19 @@ def reload(url: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lines", type=int, default=50_000)
+    parser.add_argument("--postgres", help="a PostgreSQL server URL: the ledger on it")
+    parser.add_argument("--source", type=Path, help="run the proxy package of this tree")
     args = parser.parse_args()
     rows = []
     simulator = harness.start_simulator()
-    with harness.running(simulator), tempfile.TemporaryDirectory() as tmp:
+    ledger = (
+        fresh_schema(args.postgres)
+        if args.postgres
+        else contextlib.nullcontext("sqlite:///tollgate.db")
+    )
+    with harness.running(simulator), tempfile.TemporaryDirectory() as tmp, ledger as url:
         root = Path(tmp)
-        tollgate = harness.start_tollgate(simulator.url, root)
+        tollgate = harness.start_tollgate(simulator.url, root, ledger=url, source=args.source)
         with harness.running(tollgate):
             for per_user, distinct in ((True, False), (True, True), (False, True)):
                 if not per_user:

@@ -23,16 +23,20 @@ from proxy.core.errors import RequestError
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
 from proxy.core.pricing import PriceBook
 from proxy.core.settlement import MALFORMED_ANSWER
+from proxy.core.short_strings import ShortStrings
+from proxy.doors.batches import CUSTOM_ID_BYTES
 from proxy.ledger import BatchLine, BilledLine, codecs, open_ledger
 from proxy.ledger.base import Owner
 from proxy.metrics import Metrics
-from proxy.web import batch_charges
+from proxy.web import batch_charges, batch_follow
 from proxy.web.batch_follow import (
     BATCH_GONE,
     GONE_AFTER_S,
     GONE_POLLS,
     OUTPUT_GONE,
     BatchFollow,
+    OutputLines,
+    OutputUnreadable,
     within,
 )
 from proxy.web.follow import REFUSED_LOG_EVERY_S
@@ -384,10 +388,23 @@ class Ticker:
 
 
 @dataclass
+class Chunked(Answer):
+    """An answer whose body comes `size` bytes at a time."""
+
+    size: int = 1
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for at in range(0, len(self.body), self.size):
+            yield self.body[at : at + self.size]
+
+
+@dataclass
 class ManyLines:
-    """An upstream whose batch completed `lines` lines, each answered 200 with its usage."""
+    """An upstream whose batch completed `lines` lines, each answered 200 with its usage
+    (its output file `chunk` bytes at a time; None: at once)."""
 
     lines: int
+    chunk: int | None = None
 
     async def send(self, path: str, *_: Any, **__: Any) -> Any:
         if path.startswith("/files/"):
@@ -398,7 +415,7 @@ class ManyLines:
                             "request_id": f"req_{i}", "body": body}}).encode() + b"\n"
                 for i in range(1, self.lines + 1)
             )  # fmt: skip
-            return Answer(200, output)
+            return Answer(200, output) if self.chunk is None else Chunked(200, output, self.chunk)
         batch = {
             "id": "batch_abc", "object": "batch", "status": "completed",
             "completed_at": CREATED + 60, "output_file_id": "file-out",
@@ -408,10 +425,10 @@ class ManyLines:
 
 
 def settle_watched(
-    runtime: Runtime, tmp_path: Path, lines: int, ticker: Ticker
+    runtime: Runtime, tmp_path: Path, lines: int, ticker: Ticker, chunk: int | None = None
 ) -> list[dict[str, Any]]:
     """A batch of `lines` lines reserved, held and settled, with `ticker` counting the event
-    loop's turns meanwhile: its rows."""
+    loop's turns meanwhile (its output file read `chunk` bytes at a time): its rows."""
 
     async def run() -> list[dict[str, Any]]:
         ledger = await open_ledger(f"sqlite:///{tmp_path / 'tollgate.db'}")
@@ -422,7 +439,7 @@ def settle_watched(
             await ledger.reserve(CREATION_COUNTERS, take_batch("b1", lines))
             await ledger.hold("b1", "batch_abc")
             here = SimpleNamespace(
-                config=runtime.config, ledger=ledger, upstream=ManyLines(lines),
+                config=runtime.config, ledger=ledger, upstream=ManyLines(lines, chunk),
                 clock=lambda: CREATED + 120, metrics=Metrics(CollectorRegistry()),
             )  # fmt: skip
             followed = BatchFollow(batch_entry("b1", lines), "batch_abc", "file-abc", None)
@@ -480,38 +497,124 @@ def test_a_long_batchs_rows_and_counter_sums_are_worked_out_while_the_loop_keeps
     assert sum(r["cost_nanos"] for r in rows) == sum(r["cost_nanos"] for r in rows[:1]) * lines
 
 
-def test_a_batch_naming_many_users_is_released_while_the_event_loop_keeps_turning(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_long_batchs_output_file_is_split_into_lines_while_the_event_loop_keeps_turning(
+    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A batch the upstream never created is released: the rows of its users' counters are
-    worked out on a thread and written on the ledger's, as its settlement's are."""
+    """Its output file's chunks are filtered (their images emptied) and split into lines on
+    a thread, a run of them at a time: read and split on the loop, a 50,000-line file's
+    1,800 chunks kept it a second, mostly without a turn."""
     ticker, seen = Ticker(), []
+    strings_filter = ShortStrings.filter
+
+    def watched(self: ShortStrings, chunk: bytes) -> bytes:
+        if not seen:
+            at = ticker.mark()
+            ticker.turned.wait(timeout=10)  # on the loop's thread, it never turns meanwhile
+            seen.append(ticker.turns - at)
+        return strings_filter(self, chunk)
+
+    monkeypatch.setattr(ShortStrings, "filter", watched)
+    monkeypatch.setattr(batch_follow, "FEED_BYTES", 500)
+    rows = settle_watched(runtime, tmp_path, 12, ticker, chunk=97)
+    assert seen[0] >= ticker.wanted
+    assert sorted(r["custom_id"] for r in rows) == sorted(f"req-{i}" for i in range(1, 13))
+    assert {(r["state"], r["flagged"]) for r in rows} == {("settled", 0)}
+
+
+def test_an_output_files_lines_are_whole_however_its_chunks_cut_them() -> None:
+    """A line cut across chunks, and across runs of chunks fed apart, is one line; a last
+    line without its newline is one too; blank lines are none."""
+    image = b"x" * (CUSTOM_ID_BYTES + 1)
+    body = b'{"custom_id": "a", "b64": "' + image + b'"}\n\n  \n{"custom_id": "b"}'
+    for size in (1, 7, 4096, len(body)):
+        read = OutputLines()
+        pieces = [body[at : at + size] for at in range(0, len(body), size)]
+        for at in range(0, len(pieces), 3):
+            read.feed(pieces[at : at + 3])
+        read.end()
+        assert read.lines == [b'{"custom_id": "a", "b64": ""}', b'{"custom_id": "b"}']
+
+
+def test_an_output_file_unreadable_part_way_keeps_the_lines_read_before() -> None:
+    read = OutputLines()
+    read.feed([b'{"custom_id": "a"}\n{"custom_id": "b", "n": '])
+    with pytest.raises(OutputUnreadable):
+        read.feed([b"1" * 200])
+    assert read.lines == [b'{"custom_id": "a"}']
+    with pytest.raises(OutputUnreadable):
+        OutputLines("not on record").feed([b'{"custom_id": "a"}\n'])
+
+
+def watch_shared_rows(monkeypatch: pytest.MonkeyPatch, ticker: Ticker) -> list[int]:
+    """From now on, each working out of a shared counters text's rows (`codecs.counter_rows`)
+    waits for the event loop to turn: the turns seen meanwhile, one item per call (none
+    when it runs on the loop's thread, which never turns meanwhile)."""
+    seen: list[int] = []
     rows_of = codecs.counter_rows
 
     def watched(text: str, *rest: Any) -> Any:
         if codecs.shared(text):
             at = ticker.mark()
-            ticker.turned.wait(timeout=10)  # on the loop's thread, it never turns meanwhile
+            ticker.turned.wait(timeout=10)
             seen.append(ticker.turns - at)
         return rows_of(text, *rest)
 
-    users = 200
-    read = [user_counter(f"u{i}") for i in range(users)] + list(TEAM_COUNTERS)
+    monkeypatch.setattr(codecs, "counter_rows", watched)
+    return seen
 
-    async def run() -> dict[Counter, Totals]:
-        ledger = await open_ledger(f"sqlite:///{tmp_path / 'tollgate.db'}")
+
+USERS = 200
+SHARED_READ = [user_counter(f"u{i}") for i in range(USERS)] + list(TEAM_COUNTERS)
+
+
+def test_a_batch_naming_many_users_is_released_while_the_event_loop_keeps_turning(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch the upstream never created is released: the rows of its users' counters are
+    worked out on a thread, as its settlement's are, on either ledger."""
+    ticker = Ticker()
+
+    async def run() -> tuple[list[int], dict[Counter, Totals]]:
+        ledger = await open_ledger(url)
         turning = asyncio.create_task(ticker.run())
         try:
-            await reserve_shared(ledger, users, hold=False)
-            monkeypatch.setattr(codecs, "counter_rows", watched)
+            await reserve_shared(ledger, USERS, hold=False)
+            seen = watch_shared_rows(monkeypatch, ticker)
             released = Settlement(CREATED + 1.0, "upstream_error", 400, Usage(), 0)
             await ledger.settle("b1", released)
-            return await ledger.totals(read)
+            return seen, await ledger.totals(SHARED_READ)
         finally:
             turning.cancel()
             await ledger.close()
 
-    totals = asyncio.run(run())
+    seen, totals = asyncio.run(run())
+    assert len(seen) == 1 and seen[0] >= ticker.wanted
+    assert set(totals.values()) == {Totals()}
+
+
+def test_a_batch_naming_many_users_that_billed_nothing_settles_while_the_loop_keeps_turning(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that expired (or was cancelled, or failed) before any line ran: its settlement
+    releases each user's share, worked out on a thread however few lines it bills, on
+    either ledger (PostgreSQL worked them out on the loop, SQLite for up to `LONG_WRITE`
+    lines)."""
+    ticker = Ticker()
+
+    async def run() -> tuple[list[int], dict[Counter, Totals]]:
+        ledger = await open_ledger(url)
+        turning = asyncio.create_task(ticker.run())
+        try:
+            await reserve_shared(ledger, USERS)
+            seen = watch_shared_rows(monkeypatch, ticker)
+            expired = Settlement(CREATED + 60.0, "upstream_error", 200, error_code="batch_expired")
+            assert await ledger.settle_batch("b1", [], expired) == 1
+            return seen, await ledger.totals(SHARED_READ)
+        finally:
+            turning.cancel()
+            await ledger.close()
+
+    seen, totals = asyncio.run(run())
     assert len(seen) == 1 and seen[0] >= ticker.wanted
     assert set(totals.values()) == {Totals()}
 

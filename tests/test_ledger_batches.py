@@ -15,11 +15,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from proxy.core.errors import LedgerError
 from proxy.core.models import Counter, Entry, Period, Settlement, Totals, Usage
-from proxy.ledger import codecs, open_ledger
+from proxy.ledger import codecs, open_ledger, postgres_counters
 from proxy.ledger.base import (
     Backend,
     BatchLine,
@@ -550,6 +551,114 @@ async def test_two_replicas_settling_one_batch_together_settle_it_once(shared: s
         assert totals[organization(END_COUNTERS)[1]] == end_totals(lines)
         assert totals[CREATION_COUNTERS[0]] == Totals()
         assert (await ledger.contents()).requests == 200
+    finally:
+        await ledger.close()
+
+
+def first_lock_taken(url: str) -> bool:
+    """Whether a transaction holds the organization's total counter row, the first lock of
+    every counter writer (`postgres_counters`), asked from a connection of its own."""
+    sql = (
+        "SELECT 1 FROM budget_usage WHERE scope = 'organization' AND period = 'total' "
+        "FOR UPDATE NOWAIT"
+    )
+    try:
+        pg.fetch(url, sql)
+    except asyncpg.LockNotAvailableError:
+        return True
+    return False
+
+
+EXPIRED = Settlement(CREATED + 60.0, "upstream_error", 200, error_code="batch_expired")
+SHARED_READ = [user_counter(f"u{i}") for i in range(200)] + list(TEAM_COUNTERS)
+
+
+async def test_a_batch_naming_users_is_worked_out_before_its_settlement_takes_the_first_lock(
+    shared: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: the counter rows of its users' shares (100,000 for 50,000 users) are worked
+    out before the transaction, from its row read ahead, so that every replica's writers,
+    which wait for the lock the transaction takes first, are not kept waiting meanwhile."""
+    locked: list[bool] = []
+    rows_of = codecs.counter_rows
+
+    def watched(text: str, *rest: Any) -> Any:
+        if codecs.shared(text):
+            locked.append(first_lock_taken(shared))
+        return rows_of(text, *rest)
+
+    ledger = await open_ledger(shared)
+    try:
+        await reserve_shared(ledger, 200)
+        monkeypatch.setattr(codecs, "counter_rows", watched)
+        assert await ledger.settle_batch("b1", [], EXPIRED) == 1
+        assert set((await ledger.totals(SHARED_READ)).values()) == {Totals()}
+    finally:
+        await ledger.close()
+    assert locked == [False]
+
+
+async def test_a_batch_settled_by_another_replica_after_it_was_read_ahead_is_left_as_it_is(
+    shared: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The row read ahead of the transaction has changed once it is locked: what was worked
+    out from it is not written, and each user's share leaves her counters once."""
+    rows_of = codecs.counter_rows
+    asked: list[str] = []
+    settled: list[int] = []
+
+    async def on_replica() -> int:
+        replica = await open_ledger(shared)
+        try:
+            return await replica.settle_batch("b1", [], EXPIRED)
+        finally:
+            await replica.close()
+
+    def watched(text: str, *rest: Any) -> Any:
+        if codecs.shared(text) and not asked:
+            asked.append(text)  # once: the replica works its rows out here too
+            settled.append(pg.run(on_replica()))  # while this one works out what it writes
+        return rows_of(text, *rest)
+
+    ledger = await open_ledger(shared)
+    try:
+        await reserve_shared(ledger, 200)
+        monkeypatch.setattr(codecs, "counter_rows", watched)
+        assert await ledger.settle_batch("b1", [], EXPIRED) == 0
+        assert settled == [1]
+        assert set((await ledger.totals(SHARED_READ)).values()) == {Totals()}
+    finally:
+        await ledger.close()
+
+
+async def test_a_batch_naming_users_adds_to_their_counters_a_few_thousand_a_statement(
+    shared: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: released, settled or not, its users' counters are added to
+    `ADD_AT_ONCE` a statement, in lock order: asyncpg encodes a statement's arguments on the
+    event loop, which the 100,000 counters of 50,000 users kept a quarter of a second."""
+    sizes: list[int] = []
+    execute = asyncpg.Connection.execute
+
+    async def watched(self: asyncpg.Connection, query: str, *args: Any, **kwargs: Any) -> Any:
+        if query == postgres_counters.ADD_SQL:
+            sizes.append(len(args[0]))
+            assert list(zip(*args[:5], strict=True)) == sorted(zip(*args[:5], strict=True))
+        return await execute(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(asyncpg.Connection, "execute", watched)
+    monkeypatch.setattr(postgres_counters, "ADD_AT_ONCE", 50)
+    ledger = await open_ledger(shared)
+    try:
+        await reserve_shared(ledger, 200, request_id="b1")
+        sizes.clear()
+        assert await ledger.settle_batch("b1", [], EXPIRED) == 1
+        assert max(sizes) == 50 and sum(sizes) == 2 * 200 + 4  # users' windows, team's, org's
+        await reserve_shared(ledger, 200, hold=False, request_id="b2")
+        sizes.clear()
+        await ledger.settle("b2", Settlement(CREATED + 1.0, "upstream_error", 400, Usage(), 0))
+        assert max(sizes) == 50 and sum(sizes) == 2 * 200 + 4
+        assert set((await ledger.totals(SHARED_READ)).values()) == {Totals()}
     finally:
         await ledger.close()
 
