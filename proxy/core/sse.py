@@ -70,8 +70,13 @@ def sse_event_parts(parts: list[bytes]) -> tuple[bytes, list[bytes] | None]:
         ):
             name, earlier = sse_event(first[:line])
             if earlier is None:  # the line that runs on is the event's only data line
-                pieces: list[bytes] = []
-                for piece in (first[line + 5 :], *rest):
+                # Its leading spaces skipped before the one slice: `lstrip` on the slice
+                # would copy the first part again.
+                start = line + 5
+                while start < len(first) and first[start] == SPACE:
+                    start += 1
+                pieces: list[bytes] = [first[start:]] if start < len(first) else []
+                for piece in rest:
                     if not pieces:
                         piece = piece.lstrip(b" ")  # as sse_event strips the data's spaces
                     if piece:
