@@ -295,18 +295,20 @@ class SseMeter:
         if rest.strip():
             self._event(*sse_event_parts([rest]))
 
-    def _event(self, name: bytes, payload: list[bytes] | None) -> None:
+    def _event(self, name: bytes, payload: list[bytes] | None, start: int) -> None:
+        """One event: its data is `payload` joined, read from `start` (`sse_event_parts`)."""
         if payload is None:
             return
         if name.endswith(PARTIAL_SUFFIX.encode()):
             # Partial images carry only pixels: never parse their base64.
             self.partials += 1
             return
-        if sum(map(len, payload)) == len(DONE) and b"".join(payload) == DONE:
+        if sum(map(len, payload)) - start == len(DONE) and b"".join(payload)[start:] == DONE:
             return
         try:
             strings = ShortStrings()  # piece by piece: the data is never joined whole
-            short = b"".join([strings.filter(piece) for piece in payload])
+            first = [strings.filter(payload[0], start)] if payload else []
+            short = b"".join(first + [strings.filter(piece) for piece in payload[1:]])
             kind: Any = ""
             error: Any = None
             for prefix, _, value in ijson.parse(short):

@@ -51,12 +51,15 @@ SPACE = ord(" ")
 DONE = b"[DONE]"
 
 
-def sse_event_parts(parts: list[bytes]) -> tuple[bytes, list[bytes] | None]:
-    """`sse_event` of the event `b"".join(parts)`, its data in pieces that join into it.
+def sse_event_parts(parts: list[bytes]) -> tuple[bytes, list[bytes] | None, int]:
+    """`sse_event` of the event `b"".join(parts)`: its name, and its data in pieces that
+    join into it once the first is read from the index given last
+    (`b"".join(pieces)[start:]`; None without data).
 
     An event whose last line, a data line, runs on over several parts (a completed image's
     megabytes of base64 arriving in chunks) is read without joining them: its pieces are
-    the parts themselves. Any other event is joined and read by `sse_event`.
+    the parts themselves, the first read from where its data begins (a slice would copy
+    it). Any other event is joined and read by `sse_event`.
 
     `parts` are an event as `EventSplitter.feed_parts` gives it: no part after the first
     has a line feed, so only carriage returns (a line end too) are searched for there."""
@@ -70,20 +73,20 @@ def sse_event_parts(parts: list[bytes]) -> tuple[bytes, list[bytes] | None]:
         ):
             name, earlier = sse_event(first[:line])
             if earlier is None:  # the line that runs on is the event's only data line
-                # Its leading spaces skipped before the one slice: `lstrip` on the slice
-                # would copy the first part again.
                 start = line + 5
                 while start < len(first) and first[start] == SPACE:
-                    start += 1
-                pieces: list[bytes] = [first[start:]] if start < len(first) else []
+                    start += 1  # as sse_event strips the data's spaces
+                if start < len(first):
+                    return name, [first, *(part for part in rest if part)], start
+                pieces: list[bytes] = []
                 for piece in rest:
                     if not pieces:
-                        piece = piece.lstrip(b" ")  # as sse_event strips the data's spaces
+                        piece = piece.lstrip(b" ")
                     if piece:
                         pieces.append(piece)
-                return name, pieces
+                return name, pieces, 0
     name, data = sse_event(b"".join(parts))
-    return name, None if data is None else [data]
+    return name, None if data is None else [data], 0
 
 
 def _sse_lines(lines: list[bytes]) -> tuple[bytes, bytes | None]:
