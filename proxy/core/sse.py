@@ -62,15 +62,12 @@ def sse_event_parts(parts: list[bytes]) -> tuple[bytes, list[bytes] | None, int]
     it). Any other event is joined and read by `sse_event`.
 
     `parts` are an event as `EventSplitter.feed_parts` gives it: no part after the first
-    has a line feed, so only carriage returns (a line end too) are searched for there."""
+    has a line feed, and no part of an event in several has a carriage return (a line end
+    too), so none is searched for one: their megabytes were searched as they arrived."""
     if len(parts) > 1:
         first, rest = parts[0], parts[1:]
         line = first.rfind(b"\n") + 1  # the start of the line that runs on
-        if (
-            first.startswith(b"data:", line)
-            and b"\r" not in first
-            and not any(b"\r" in part for part in rest)
-        ):
+        if first.startswith(b"data:", line):
             name, earlier = sse_event(first[:line])
             if earlier is None:  # the line that runs on is the event's only data line
                 start = line + 5
@@ -133,7 +130,9 @@ class EventSplitter:
     def __init__(self) -> None:
         self._held: list[bytes] = []
         self._edge = b""  # the last EDGE bytes held, where a separator may begin
-        self._lines = False  # a part held after the first has a line feed
+        self._joined = False
+        """The event held is to be given in one part: a part held after its first has a
+        line feed, or one has a carriage return."""
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """The events `chunk` completes, in order."""
@@ -142,8 +141,10 @@ class EventSplitter:
     def feed_parts(self, chunk: bytes) -> list[list[bytes]]:
         """The events `chunk` completes, in order, each in the parts it came in (joined,
         they are the event): a long event is not copied whole. No part after an event's
-        first has a line feed (an event whose later parts would is given joined, in one
-        part): `sse_event_parts` need not search them for one."""
+        first has a line feed, and no part of an event in several a carriage return (an
+        event whose parts would is given joined, in one part): `sse_event_parts` need not
+        search them for one. Each part is searched for a carriage return as it comes, while
+        its bytes are still in the CPU's caches, not once the whole event has come."""
         if b"\n" not in chunk:  # no separator can end in it
             self._hold(chunk)
             return []
@@ -159,15 +160,15 @@ class EventSplitter:
             else:
                 end, sep = event_end(chunk)
                 if end < 0:
-                    self._lines = True  # held after the first, with a line feed
+                    self._joined = True  # held after the first, with a line feed
                     self._hold(chunk)
                     return []
                 parts = [*self._held, chunk[:end]] if end else self._held
-                if self._lines or chunk.find(b"\n", 0, end) >= 0:
+                if self._joined or chunk.find(b"\n", 0, end) >= 0 or chunk.find(b"\r", 0, end) >= 0:
                     parts = [b"".join(parts)]
                 events.append(parts)
                 at = end + sep
-            self._held, self._edge, self._lines = [], b"", False
+            self._held, self._edge, self._joined = [], b"", False
         while (found := event_end(chunk, at))[0] >= 0:
             end, sep = found
             events.append([chunk[at:end]])
@@ -178,6 +179,7 @@ class EventSplitter:
 
     def _hold(self, data: bytes) -> None:
         if data:
+            self._joined = self._joined or b"\r" in data
             self._held.append(data)
             self._edge = data[-EDGE:] if len(data) >= EDGE else (self._edge + data)[-EDGE:]
 
@@ -189,5 +191,5 @@ class EventSplitter:
     def rest(self) -> bytes:
         """What came after the last separator (the stream ended); nothing is held after."""
         rest = b"".join(self._held)
-        self._held, self._edge, self._lines = [], b"", False
+        self._held, self._edge, self._joined = [], b"", False
         return rest
