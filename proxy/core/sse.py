@@ -9,7 +9,7 @@ line, arriving over hundreds of chunks: events are found from their line feeds w
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -58,32 +58,44 @@ def sse_event_parts(parts: list[bytes]) -> tuple[bytes, list[bytes] | None, int]
 
     An event whose last line, a data line, runs on over several parts (a completed image's
     megabytes of base64 arriving in chunks) is read without joining them: its pieces are
-    the parts themselves, the first read from where its data begins (a slice would copy
-    it). Any other event is joined and read by `sse_event`.
+    the parts themselves, the first read from where its data begins (`run_on_data`; a
+    slice would copy it). Any other event is joined and read by `sse_event`.
 
     `parts` are an event as `EventSplitter.feed_parts` gives it: no part after the first
     has a line feed, and no part of an event in several has a carriage return (a line end
     too), so none is searched for one: their megabytes were searched as they arrived."""
     if len(parts) > 1:
         first, rest = parts[0], parts[1:]
-        line = first.rfind(b"\n") + 1  # the start of the line that runs on
-        if first.startswith(b"data:", line):
-            name, earlier = sse_event(first[:line])
-            if earlier is None:  # the line that runs on is the event's only data line
-                start = line + 5
-                while start < len(first) and first[start] == SPACE:
-                    start += 1  # as sse_event strips the data's spaces
-                if start < len(first):
-                    return name, [first, *(part for part in rest if part)], start
-                pieces: list[bytes] = []
-                for piece in rest:
-                    if not pieces:
-                        piece = piece.lstrip(b" ")
-                    if piece:
-                        pieces.append(piece)
-                return name, pieces, 0
+        found = run_on_data(first)
+        if found is not None:
+            name, start = found
+            if start < len(first):
+                return name, [first, *(part for part in rest if part)], start
+            pieces: list[bytes] = []
+            for piece in rest:
+                if not pieces:
+                    piece = piece.lstrip(b" ")  # as sse_event strips the data's spaces
+                if piece:
+                    pieces.append(piece)
+            return name, pieces, 0
     name, data = sse_event(b"".join(parts))
     return name, None if data is None else [data], 0
+
+
+def run_on_data(first: bytes) -> tuple[bytes, int] | None:
+    """The name of an event whose first part `first` ends inside its only data line, and
+    where in `first` that data begins (past `data:` and its spaces); None for any other.
+    The event's later parts (as `EventSplitter.feed_parts` gives them) go on with it."""
+    line = first.rfind(b"\n") + 1  # the start of the line that runs on
+    if not first.startswith(b"data:", line):
+        return None
+    name, earlier = sse_event(first[:line])
+    if earlier is not None:
+        return None
+    start = line + 5
+    while start < len(first) and first[start] == SPACE:
+        start += 1  # as sse_event strips the data's spaces
+    return name, start
 
 
 def _sse_lines(lines: list[bytes]) -> tuple[bytes, bytes | None]:
@@ -182,6 +194,12 @@ class EventSplitter:
             self._joined = self._joined or b"\r" in data
             self._held.append(data)
             self._edge = data[-EDGE:] if len(data) >= EDGE else (self._edge + data)[-EDGE:]
+
+    @property
+    def held(self) -> Sequence[bytes]:
+        """The parts of the event begun and not ended, as they came: the first parts of
+        that event when `feed_parts` gives it in several."""
+        return self._held
 
     @property
     def inside(self) -> bool:
