@@ -317,7 +317,7 @@ class SseMeter:
             if first is self._unfollowed:
                 return
             found = run_on_data(first)
-            # Not either when the data's spaces may go on into the next part.
+            # Nor one whose data's leading spaces may go on into its next part.
             if (
                 found is None
                 or found[0].endswith(PARTIAL_SUFFIX.encode())
@@ -325,11 +325,12 @@ class SseMeter:
             ):
                 self._unfollowed = first
                 return
-            self._early = DataSoFar(*found)
+            self._early = DataSoFar(found[1])
         self._early.follow(held)
 
     def _early_event(self, early: DataSoFar, parts: list[bytes]) -> None:
-        """The event `parts`, whose data was filtered as it came (`_event` reads it so)."""
+        """The event `parts`, its data filtered as its parts came: read as `_event` reads
+        one."""
         early.follow(parts)
         if early.size == len(DONE) and b"".join(parts)[early.start :] == DONE:
             return
@@ -395,8 +396,7 @@ class DataSoFar:
     Its first part ends inside its only data line (`run_on_data`), which the later parts
     go on with."""
 
-    def __init__(self, name: bytes, start: int) -> None:
-        self.name = name
+    def __init__(self, start: int) -> None:
         self.start = start
         """Where the data begins in the first part."""
         self.parts: list[bytes] = []
