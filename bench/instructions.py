@@ -1,6 +1,7 @@
 """Instructions per request, counted by callgrind (not a test).
 
     .venv/bin/python -m bench.instructions [--requests 300] [--before DIR]
+                                           [--payload-bytes N] [--stream]
 
 A CPU time measured under load moves by a third between runs on a shared machine; the
 instructions a process executes do not. This runs Tollgate (one worker, SQLite ledger,
@@ -16,7 +17,9 @@ is printed. The floor (`bench.floor`: starlette and the same aiohttp session, no
 Tollgate logic) is counted the same way for the same request, so the ratio to the floor
 is one that load does not move either. `--before DIR` counts a Tollgate from the `proxy`
 package in DIR beside this tree's (`git archive REV proxy | tar -x -C DIR`). Needs
-valgrind (Debian's package); each run takes a minute or two.
+valgrind (Debian's package); each run takes a minute or two. `--payload-bytes 1500000`
+counts 2 MB answers (the simulator pads its images so), and `--stream` asks for them as an
+event stream (`stream: true`), as `bench.all`'s big and stream rows do.
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ FLOOR = "floor"
 """In place of a tree: the floor (`bench.floor`), counted as a Tollgate is."""
 
 
-def executed(source: Path | str | None, upstream: str, requests: int) -> int:
+def executed(
+    source: Path | str | None, upstream: str, requests: int, body: dict[str, object]
+) -> int:
     """Instructions a Tollgate (or the floor) executes from start to stop, serving
     `requests` generations."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,7 +79,7 @@ def executed(source: Path | str | None, upstream: str, requests: int) -> int:
         try:
             ready(url + "/healthz", process)
             for _ in range(requests):
-                generate(url + "/v1/images/generations", key)
+                generate(url + "/v1/images/generations", key, body)
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=600)
@@ -96,11 +101,10 @@ def ready(url: str, process: subprocess.Popen[bytes]) -> None:
     raise SystemExit("Tollgate did not start under valgrind")
 
 
-def generate(url: str, key: str) -> None:
-    body = json.dumps(harness.GENERATION).encode()
+def generate(url: str, key: str, body: dict[str, object]) -> None:
     request = urllib.request.Request(
         url,
-        data=body,
+        data=json.dumps(body).encode(),
         headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=120) as answer:
@@ -120,9 +124,11 @@ WARM = 30
 """Requests sent before those counted: their one-time work is not a request's."""
 
 
-def per_request(source: Path | str | None, upstream: str, requests: int) -> float:
-    warm = [executed(source, upstream, WARM) for _ in range(2)][-1]
-    busy = [executed(source, upstream, WARM + requests) for _ in range(2)]
+def per_request(
+    source: Path | str | None, upstream: str, requests: int, body: dict[str, object]
+) -> float:
+    warm = [executed(source, upstream, WARM, body) for _ in range(2)][-1]
+    busy = [executed(source, upstream, WARM + requests, body) for _ in range(2)]
     return statistics.median((b - warm) / requests for b in busy)
 
 
@@ -130,10 +136,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--before", type=Path, help="another tree's proxy package, beside")
+    parser.add_argument("--payload-bytes", type=int, default=0, help="of each image answer")
+    parser.add_argument("--stream", action="store_true", help="answers as event streams")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("bench.instructions needs valgrind (apt-get install valgrind)")
-    sim = harness.start_simulator()
+    body = {**harness.GENERATION, "stream": True} if args.stream else harness.GENERATION
+    sim = harness.start_simulator(payload_bytes=args.payload_bytes)
     counted = []
     with harness.running(sim):
         versions: list[tuple[str, Path | str | None]] = [("floor", FLOOR), ("this tree", None)]
@@ -141,7 +150,7 @@ def main() -> None:
             versions.insert(1, (f"before ({args.before})", args.before))
         for name, source in versions:
             note(f"counting {name} …")
-            counted.append((name, per_request(source, sim.url, args.requests)))
+            counted.append((name, per_request(source, sim.url, args.requests, body)))
     floor = counted[0][1]
     rows = [(name, f"{n / 1e6:.2f}", f"{n / floor:.2f}") for name, n in counted]
     print(table(("server", "M instructions per request", "× floor"), rows))

@@ -220,3 +220,26 @@ def test_the_filter_refuses_every_chunk_after_a_number_too_long() -> None:
         strings.filter(b"1" * 60)
     with pytest.raises(MalformedAnswer):
         strings.filter(b"}")
+
+
+def filtered_from(prefix: bytes, pieces: list[bytes]) -> bytes | None:
+    """`filtered(pieces)`, its first piece read from after `prefix` in one chunk with it."""
+    strings = ShortStrings()
+    try:
+        first = strings.filter(prefix + pieces[0], len(prefix))
+        return first + b"".join(strings.filter(piece) for piece in pieces[1:])
+    except MalformedAnswer:
+        return None
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_chunk_read_from_a_start_is_filtered_as_its_bytes_from_there(seed: int) -> None:
+    rng = random.Random(seed)
+    prefixes = (b"data: ", b'event: x\ndata: "\\', b"1" * (LONG_NUMBER + 5) + b" ")
+    for _ in range(20):
+        data = numbers_and_strings(rng) if rng.random() < 0.8 else answer(1, 5_000)
+        pieces = chunks(data, rng)
+        for prefix in prefixes:
+            # The bytes before the start are none of the stream's: their quotes, escapes
+            # and digits change nothing.
+            assert filtered_from(prefix, pieces) == filtered(pieces), (prefix, pieces)

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.core.sse import EventSplitter, sse_event
+from proxy.core.sse import EventSplitter, sse_event, sse_event_parts
 
 
 def chunks(data: bytes, size: int) -> Iterator[bytes]:
@@ -30,6 +30,18 @@ def test_event_splitter_keeps_what_follows_the_last_separator() -> None:
     assert splitter.feed(b"data: 1\n\ndata: 2\r\n\r") == [b"data: 1"]
     assert splitter.rest() == b"data: 2\r\n\r"
     assert splitter.rest() == b""
+
+
+@pytest.mark.parametrize("cr", [0, 1, 2], ids=["first", "middle", "last"])
+def test_an_event_in_several_parts_with_a_carriage_return_is_given_joined(cr: int) -> None:
+    # A carriage return ends a line: the parts are searched for one as they come, and an
+    # event holding one is read whole (the data is `a`, then a line `b...` that is no field).
+    pieces = [b"data: a", b"aa", b"aa"]
+    pieces[cr] += b"\rb"
+    splitter = EventSplitter()
+    events = [e for piece in [*pieces, b"\n\n"] for e in splitter.feed_parts(piece)]
+    assert events == [[b"".join(pieces)]]
+    assert sse_event_parts(events[0]) == (b"", [b"a" + b"aa" * cr], 0)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -25,7 +25,7 @@ import ijson
 from proxy.core.errors import MalformedAnswer
 from proxy.core.models import Usage
 from proxy.core.short_strings import ShortStrings
-from proxy.core.sse import DONE, EventSplitter, sse_event_parts
+from proxy.core.sse import DONE, EventSplitter, run_on_data, sse_event_parts
 
 INPUT_DETAILS = {
     "text_tokens": "text_input",
@@ -279,10 +279,20 @@ class SseMeter:
         """Completed events without a usage that can be believed (OpenAI's always carry
         one): what their images billed is unknown."""
         self.error: Any = None
+        self._early: DataSoFar | None = None
+        """The data of the event begun, filtered so far."""
+        self._unfollowed = b""
+        """The first part of the event begun, when it is not one to follow."""
 
     def feed(self, chunk: bytes) -> None:
+        early = self._early
         for parts in self._events.feed_parts(chunk):
-            self._event(*sse_event_parts(parts))
+            if early is not None and early.ends_in(parts):
+                self._early_event(early, parts)
+            else:
+                self._event(*sse_event_parts(parts))
+            early = self._early = None  # only the first event a chunk ends was followed
+        self._follow()
 
     @property
     def inside(self) -> bool:
@@ -291,22 +301,67 @@ class SseMeter:
 
     def finish(self) -> None:
         """The stream ended: a last event may lack its blank line."""
+        self._early = None
         rest = self._events.rest()
         if rest.strip():
             self._event(*sse_event_parts([rest]))
 
-    def _event(self, name: bytes, payload: list[bytes] | None) -> None:
+    def _follow(self) -> None:
+        """Filter the data of the event begun so far (`DataSoFar`), when it is one that
+        `sse_event_parts` reads in parts and no partial image."""
+        held = self._events.held
+        if not held:
+            return
+        if self._early is None:
+            first = held[0]
+            if first is self._unfollowed:
+                return
+            found = run_on_data(first)
+            # Nor one whose data's leading spaces may go on into its next part.
+            if (
+                found is None
+                or found[0].endswith(PARTIAL_SUFFIX.encode())
+                or found[1] == len(first)
+            ):
+                self._unfollowed = first
+                return
+            self._early = DataSoFar(found[1])
+        self._early.follow(held)
+
+    def _early_event(self, early: DataSoFar, parts: list[bytes]) -> None:
+        """The event `parts`, its data filtered as its parts came: read as `_event` reads
+        one."""
+        early.follow(parts)
+        if early.size == len(DONE) and b"".join(parts)[early.start :] == DONE:
+            return
+        if early.refused:
+            self.unreadable += 1
+            return
+        self._read(b"".join(early.short))
+
+    def _event(self, name: bytes, payload: list[bytes] | None, start: int) -> None:
+        """One event: its data is `payload` joined, read from `start` (`sse_event_parts`)."""
         if payload is None:
             return
         if name.endswith(PARTIAL_SUFFIX.encode()):
             # Partial images carry only pixels: never parse their base64.
             self.partials += 1
             return
-        if sum(map(len, payload)) == len(DONE) and b"".join(payload) == DONE:
+        if sum(map(len, payload)) - start == len(DONE) and b"".join(payload)[start:] == DONE:
             return
         try:
             strings = ShortStrings()  # piece by piece: the data is never joined whole
-            short = b"".join([strings.filter(piece) for piece in payload])
+            first = [strings.filter(payload[0], start)] if payload else []
+            short = b"".join(first + [strings.filter(piece) for piece in payload[1:]])
+        except MalformedAnswer:
+            self.unreadable += 1
+            return
+        self._read(short)
+
+    def _read(self, short: bytes) -> None:
+        """An event's data, its long strings emptied: a partial image, an error, or a
+        completed image and its usage."""
+        try:
             kind: Any = ""
             error: Any = None
             for prefix, _, value in ijson.parse(short):
@@ -327,6 +382,48 @@ class SseMeter:
                     self.unmetered += 1
                 else:
                     self.usage = self.usage + usage
-        except (ijson.JSONError, UnicodeDecodeError, ArithmeticError, MalformedAnswer):
+        except (ijson.JSONError, UnicodeDecodeError, ArithmeticError):
             # UnicodeDecodeError and ArithmeticError: as in BodyMeter._stream.
             self.unreadable += 1
+
+
+class DataSoFar:
+    """The data of an event that has not ended, its long strings dropped (`ShortStrings`)
+    part by part as the parts come, while their bytes are still in the CPU's caches: left
+    to its end, a completed image's megabytes are read again from memory, which with a
+    few streams at once no longer holds them in cache.
+
+    Its first part ends inside its only data line (`run_on_data`), which the later parts
+    go on with."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        """Where the data begins in the first part."""
+        self.parts: list[bytes] = []
+        self.size = -start
+        """The bytes of data so far."""
+        self.short: list[bytes] = []
+        self.refused = False
+        """A number too long (`ShortStrings`): the event cannot be read."""
+        self._strings = ShortStrings()
+
+    def follow(self, parts: Sequence[bytes]) -> None:
+        """Filter the parts of `parts` (the event's, from its first) not yet filtered."""
+        for part in parts[len(self.parts) :]:
+            start = 0 if self.parts else self.start
+            self.parts.append(part)
+            self.size += len(part)
+            if not self.refused:
+                try:
+                    self.short.append(self._strings.filter(part, start))
+                except MalformedAnswer:
+                    self.refused = True
+
+    def ends_in(self, parts: list[bytes]) -> bool:
+        """Whether the event `parts` (as `EventSplitter.feed_parts` gives it) is this one,
+        given in the parts followed and more (not joined into one)."""
+        return (
+            len(parts) > 1
+            and len(parts) >= len(self.parts)
+            and all(a is b for a, b in zip(self.parts, parts, strict=False))
+        )

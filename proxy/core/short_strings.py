@@ -51,7 +51,17 @@ class ShortStrings:
         self._run = 0  # number characters ending the bytes passed (0 inside a string)
         self._refused = False
 
-    def filter(self, chunk: bytes) -> bytes:
+    def filter(self, chunk: bytes, start: int = 0) -> bytes:
+        """`chunk[start:]`, the next bytes of the stream, with what it holds of long strings
+        dropped. From a `start` in a chunk that begins a stream without an escape (an
+        event's data after its `data: `), the bytes before it are stepped over, not sliced
+        off: a completed image's first chunk is not copied for them."""
+        if start:
+            if self._run or self._escape or self._inside or chunk.find(b"\\", start) >= 0:
+                return self.filter(chunk[start:])
+            if self._refused:
+                self._refuse()
+            return self._jump(chunk, start)
         if self._refused:
             self._refuse()
         if self._run:  # the bytes so far end in a number: does the chunk go on with it?
@@ -86,18 +96,19 @@ class ShortStrings:
         self._refused = True
         raise MalformedAnswer(f"upstream answer has a number over {LONG_NUMBER} characters")
 
-    def _jump(self, chunk: bytes) -> bytes:
-        """`filter` for a chunk without escapes, where every quote opens or closes a string:
-        from quote to quote with `bytes.find`, cutting out only the long strings."""
+    def _jump(self, chunk: bytes, start: int = 0) -> bytes:
+        """`filter` for a chunk without escapes (from `start`), where every quote opens or
+        closes a string: from quote to quote with `bytes.find`, cutting out only the long
+        strings."""
         find = chunk.find
         out: list[bytes] = []
-        kept = search = 0  # kept: start of the bytes passed as they are
+        kept = search = start  # kept: start of the bytes passed as they are
         if self._inside:  # the chunk goes on with a string from earlier chunks
-            close = find(b'"')
+            close = find(b'"', start)
             if close < 0:
-                self._keep(chunk, 0, len(chunk))
+                self._keep(chunk, start, len(chunk))
                 return b""
-            self._keep(chunk, 0, close)
+            self._keep(chunk, start, close)
             if not self._long:
                 out.append(bytes(self._held))
             self._inside = False

@@ -9,7 +9,7 @@ line, arriving over hundreds of chunks: events are found from their line feeds w
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -51,34 +51,51 @@ SPACE = ord(" ")
 DONE = b"[DONE]"
 
 
-def sse_event_parts(parts: list[bytes]) -> tuple[bytes, list[bytes] | None]:
-    """`sse_event` of the event `b"".join(parts)`, its data in pieces that join into it.
+def sse_event_parts(parts: list[bytes]) -> tuple[bytes, list[bytes] | None, int]:
+    """`sse_event` of the event `b"".join(parts)`: its name, and its data in pieces that
+    join into it once the first is read from the index given last
+    (`b"".join(pieces)[start:]`; None without data).
 
     An event whose last line, a data line, runs on over several parts (a completed image's
     megabytes of base64 arriving in chunks) is read without joining them: its pieces are
-    the parts themselves. Any other event is joined and read by `sse_event`.
+    the parts themselves, the first read from where its data begins (`run_on_data`; a
+    slice would copy it). Any other event is joined and read by `sse_event`.
 
     `parts` are an event as `EventSplitter.feed_parts` gives it: no part after the first
-    has a line feed, so only carriage returns (a line end too) are searched for there."""
+    has a line feed, and no part of an event in several has a carriage return (a line end
+    too), so none is searched for one: their megabytes were searched as they arrived."""
     if len(parts) > 1:
         first, rest = parts[0], parts[1:]
-        line = first.rfind(b"\n") + 1  # the start of the line that runs on
-        if (
-            first.startswith(b"data:", line)
-            and b"\r" not in first
-            and not any(b"\r" in part for part in rest)
-        ):
-            name, earlier = sse_event(first[:line])
-            if earlier is None:  # the line that runs on is the event's only data line
-                pieces: list[bytes] = []
-                for piece in (first[line + 5 :], *rest):
-                    if not pieces:
-                        piece = piece.lstrip(b" ")  # as sse_event strips the data's spaces
-                    if piece:
-                        pieces.append(piece)
-                return name, pieces
+        found = run_on_data(first)
+        if found is not None:
+            name, start = found
+            if start < len(first):
+                return name, [first, *(part for part in rest if part)], start
+            pieces: list[bytes] = []
+            for piece in rest:
+                if not pieces:
+                    piece = piece.lstrip(b" ")  # as sse_event strips the data's spaces
+                if piece:
+                    pieces.append(piece)
+            return name, pieces, 0
     name, data = sse_event(b"".join(parts))
-    return name, None if data is None else [data]
+    return name, None if data is None else [data], 0
+
+
+def run_on_data(first: bytes) -> tuple[bytes, int] | None:
+    """The name of an event whose first part `first` ends inside its only data line, and
+    where in `first` that data begins (past `data:` and its spaces); None for any other.
+    The event's later parts (as `EventSplitter.feed_parts` gives them) go on with it."""
+    line = first.rfind(b"\n") + 1  # the start of the line that runs on
+    if not first.startswith(b"data:", line):
+        return None
+    name, earlier = sse_event(first[:line])
+    if earlier is not None:
+        return None
+    start = line + 5
+    while start < len(first) and first[start] == SPACE:
+        start += 1  # as sse_event strips the data's spaces
+    return name, start
 
 
 def _sse_lines(lines: list[bytes]) -> tuple[bytes, bytes | None]:
@@ -125,7 +142,9 @@ class EventSplitter:
     def __init__(self) -> None:
         self._held: list[bytes] = []
         self._edge = b""  # the last EDGE bytes held, where a separator may begin
-        self._lines = False  # a part held after the first has a line feed
+        self._joined = False
+        """The event held is to be given in one part: a part held after its first has a
+        line feed, or one has a carriage return."""
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """The events `chunk` completes, in order."""
@@ -134,8 +153,10 @@ class EventSplitter:
     def feed_parts(self, chunk: bytes) -> list[list[bytes]]:
         """The events `chunk` completes, in order, each in the parts it came in (joined,
         they are the event): a long event is not copied whole. No part after an event's
-        first has a line feed (an event whose later parts would is given joined, in one
-        part): `sse_event_parts` need not search them for one."""
+        first has a line feed, and no part of an event in several a carriage return (an
+        event whose parts would is given joined, in one part): `sse_event_parts` need not
+        search them for one. Each part is searched for a carriage return as it comes, while
+        its bytes are still in the CPU's caches, not once the whole event has come."""
         if b"\n" not in chunk:  # no separator can end in it
             self._hold(chunk)
             return []
@@ -151,15 +172,15 @@ class EventSplitter:
             else:
                 end, sep = event_end(chunk)
                 if end < 0:
-                    self._lines = True  # held after the first, with a line feed
+                    self._joined = True  # held after the first, with a line feed
                     self._hold(chunk)
                     return []
                 parts = [*self._held, chunk[:end]] if end else self._held
-                if self._lines or chunk.find(b"\n", 0, end) >= 0:
+                if self._joined or chunk.find(b"\n", 0, end) >= 0 or chunk.find(b"\r", 0, end) >= 0:
                     parts = [b"".join(parts)]
                 events.append(parts)
                 at = end + sep
-            self._held, self._edge, self._lines = [], b"", False
+            self._held, self._edge, self._joined = [], b"", False
         while (found := event_end(chunk, at))[0] >= 0:
             end, sep = found
             events.append([chunk[at:end]])
@@ -170,8 +191,15 @@ class EventSplitter:
 
     def _hold(self, data: bytes) -> None:
         if data:
+            self._joined = self._joined or b"\r" in data
             self._held.append(data)
             self._edge = data[-EDGE:] if len(data) >= EDGE else (self._edge + data)[-EDGE:]
+
+    @property
+    def held(self) -> Sequence[bytes]:
+        """The parts of the event begun and not ended, as they came: the first parts of
+        that event when `feed_parts` gives it in several."""
+        return self._held
 
     @property
     def inside(self) -> bool:
@@ -181,5 +209,5 @@ class EventSplitter:
     def rest(self) -> bytes:
         """What came after the last separator (the stream ended); nothing is held after."""
         rest = b"".join(self._held)
-        self._held, self._edge, self._lines = [], b"", False
+        self._held, self._edge, self._joined = [], b"", False
         return rest
