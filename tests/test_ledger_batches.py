@@ -193,6 +193,40 @@ async def test_an_object_is_its_teams_and_a_file_keeps_its_priced_lines(ledger: 
     assert (await ledger.contents()).objects == 3
 
 
+async def test_a_teams_objects_past_a_time_in_either_order(ledger: Backend) -> None:
+    """What a listing jumps to (`objects_past`): the team's objects of a kind, in its
+    project now (or recorded before projects were), of a purpose when asked, from a time
+    on in either direction, ties by id."""
+    made = [
+        StoredObject("file-b", "design", "file", "vision", 100.0, project="proj_a"),
+        StoredObject("file-a", "design", "file", "vision", 100.0, project="proj_a"),
+        StoredObject("file-c", "design", "file", "user_data", 90.0, project="proj_a"),
+        StoredObject("file-d", "design", "file", "vision", 80.0, project=None, project_known=False),
+        StoredObject("file-e", "design", "file", "vision", 70.0, project="proj_old"),
+        StoredObject("file-f", "design", "file", "vision", 60.0, project=None),
+        StoredObject("file-g", "research", "file", "vision", 95.0, project="proj_a"),
+        StoredObject("batch_h", "design", "batch", None, 85.0, project="proj_a"),
+        StoredObject("file-i", "design", "file", "vision", 120.0, project="proj_a"),
+    ]
+    for obj in made:
+        await ledger.own(obj)
+
+    async def ids(project: str | None, purpose: str | None, newest: bool, edge: float) -> list[str]:
+        found = await ledger.objects_past("design", "file", project, purpose, newest, edge, 10)
+        return [o.id for o in found]
+
+    assert await ids("proj_a", None, True, 100.0) == ["file-b", "file-a", "file-c", "file-d"]
+    assert await ids("proj_a", None, False, 90.0) == ["file-c", "file-a", "file-b", "file-i"]
+    assert await ids("proj_a", "vision", True, 110.0) == ["file-b", "file-a", "file-d"]
+    assert await ids(None, None, True, 1000.0) == ["file-d", "file-f"]
+    assert await ids("proj_old", None, False, 0.0) == ["file-e", "file-d"]
+    assert await ids("proj_a", None, True, 50.0) == []
+    found = await ledger.objects_past("design", "file", "proj_a", None, True, 1000.0, 2)
+    assert found == [made[-1], made[0]]
+    batches = await ledger.objects_past("design", "batch", "proj_a", None, True, 1000.0, 5)
+    assert [o.id for o in batches] == ["batch_h"]
+
+
 async def test_an_object_recorded_again_keeps_its_first_owner(ledger: Backend) -> None:
     await ledger.own(input_file(lines=1), [priced(1)])
     # A retry whose first attempt committed unseen: nothing changes, nothing is duplicated.

@@ -499,6 +499,23 @@ class Ledger(Protocol):
         """Whether `team` has any object of `kind` recorded (a listing of a team without
         one reads nothing upstream)."""
 
+    async def objects_past(
+        self,
+        team: str,
+        kind: ObjectKind,
+        project: str | None,
+        purpose: str | None,
+        newest: bool,
+        edge: float,
+        limit: int,
+    ) -> list[StoredObject]:
+        """Up to `limit` of `team`'s objects of `kind` that OpenAI lists under `project` (the
+        team's project now: those created under it, and those recorded before their
+        project was), of `purpose` when given, in the ledger's order (`created_at`, then
+        id): newest first when `newest`, recorded at or before `edge` (the ledger's time);
+        else oldest first, at or after it. A listing jumps to them past a run of other
+        teams' objects (`proxy.web.files.jump`)."""
+
     async def batch_lines(self, file_id: str) -> dict[str, BatchLine]:
         """The priced lines of the batch input file `file_id`, by `custom_id`."""
 

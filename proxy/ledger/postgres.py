@@ -318,6 +318,21 @@ class PostgresLedger(Schema, KeptAnswers):
     async def owns_any(self, team: str, kind: ObjectKind) -> bool:
         return bool(await self.db.fetch(SQL.owns_any, team, kind))
 
+    async def objects_past(
+        self,
+        team: str,
+        kind: ObjectKind,
+        project: str | None,
+        purpose: str | None,
+        newest: bool,
+        edge: float,
+        limit: int,
+    ) -> list[StoredObject]:
+        sql, values = SQL.objects_past(
+            team, kind, codecs.project_value(project), purpose, newest, edge, limit
+        )
+        return [codecs.stored_object(tuple(r)) for r in await self.db.fetch(sql, *values)]
+
     async def batch_lines(self, file_id: str) -> dict[str, BatchLine]:
         # Decoded on a thread: tens of thousands of lines took the event loop a second.
         return await asyncio.to_thread(

@@ -366,6 +366,21 @@ class SqliteLedger(KeptAnswers):
     async def owns_any(self, team: str, kind: ObjectKind) -> bool:
         return bool(await self.file.fetch(SQL.owns_any, (team, kind)))
 
+    async def objects_past(
+        self,
+        team: str,
+        kind: ObjectKind,
+        project: str | None,
+        purpose: str | None,
+        newest: bool,
+        edge: float,
+        limit: int,
+    ) -> list[StoredObject]:
+        sql, values = SQL.objects_past(
+            team, kind, codecs.project_value(project), purpose, newest, edge, limit
+        )
+        return [codecs.stored_object(r) for r in await self.file.fetch(sql, values)]
+
     async def batch_lines(self, file_id: str) -> dict[str, BatchLine]:
         return await self.file.fetch_as(SQL.batch_lines, (file_id,), codecs.batch_lines)
 

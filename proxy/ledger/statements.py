@@ -231,6 +231,31 @@ class Statements:
         sql = f"SELECT id, team FROM stored_objects WHERE {among}"
         return self.dialect.text(sql), self.dialect.values(object_ids)
 
+    def objects_past(
+        self,
+        team: str,
+        kind: str,
+        project: str,
+        purpose: str | None,
+        newest: bool,
+        edge: float,
+        limit: int,
+    ) -> tuple[str, tuple[Any, ...]]:
+        """Up to `limit` of `team`'s objects of `kind` created under `project` (the column's
+        value; NULL rows too, read under the team's project) and of `purpose` when given:
+        recorded at or before `edge` newest first when `newest`, else at or after it
+        oldest first; ties by id."""
+        way, cmp = ("DESC", "<=") if newest else ("ASC", ">=")
+        sql = (
+            f"SELECT {names(OBJECT_COLUMNS)} FROM stored_objects WHERE team = ? AND kind = ? "
+            "AND (project = ? OR project IS NULL)"
+            + (" AND purpose = ?" if purpose is not None else "")
+            + f" AND created_at {cmp} ? "
+            f"ORDER BY created_at {way}, id{self.dialect.collate} {way} LIMIT ?"
+        )
+        values = (team, kind, project, *((purpose,) if purpose is not None else ()), edge, limit)
+        return self.dialect.text(sql), values
+
     def stale(self, started_before: float, owners: Sequence[str]) -> tuple[str, tuple[Any, ...]]:
         """The reservations a reclaim settles (id, bound, counters text), in id order:
         those started before `started_before` or held by one of `owners`."""

@@ -21,8 +21,10 @@ form sent upstream is written to another file that aiohttp streams with its leng
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import re
 import secrets
 import tempfile
@@ -45,6 +47,7 @@ from proxy.core.errors import (
     UpstreamUnavailable,
 )
 from proxy.core.models import Usage
+from proxy.core.paths import canonical
 from proxy.core.settings import Team
 from proxy.doors.batches import BatchFile
 from proxy.ledger import BatchLine, ObjectKind, StoredObject
@@ -56,6 +59,8 @@ from proxy.web.pipeline import for_team, forward_as_is, free_headers, identified
 from proxy.web.projects import created_under
 from proxy.web.responses import streamed_response
 from proxy.web.runtime import Runtime
+
+log = logging.getLogger("tollgate.files")
 
 PURPOSES = ("batch", "vision", "user_data")
 """What Tollgate forwards: batch input files (priced), and files an image request may name
@@ -73,6 +78,13 @@ UPSTREAM_PAGE = 100
 (the most OpenAI lists of batches at once): the caller's are found among them."""
 LIST_ANSWER_LIMIT = 4 * 1024 * 1024
 """An upstream page read whole: 100 batches of 16 metadata pairs each hold about 1 MB."""
+CLOCKS_APART_S = 60.0
+"""How far the ledger's time of an object (recorded once the upstream answered its
+creation, on Tollgate's clock) may be from OpenAI's `created_at` for it (OpenAI's clock)."""
+JUMP_READS = 40
+"""The team's objects a listing reads one by one when it jumps past other teams' objects
+(`jump`): enough for the ledger's order and OpenAI's to disagree within `CLOCKS_APART_S`."""
+JUMP_AT_ONCE = 8
 
 
 def not_found(kind: str, object_id: str) -> NotFound:
@@ -345,7 +357,10 @@ async def scoped_listing(
     come out shorter than `limit`; `first_id` and `last_id` are its own objects' (None when
     it holds none) and `has_more` says whether the upstream has more past the last one. The
     SDKs ask for the next page `after` the last object of `data`: always one of the
-    caller's, so another team's objects are read past again, never skipped over.
+    caller's, so another team's objects are read past again, never skipped over. The SDKs
+    stop at an empty page, so pages that held none of the caller's objects are not answered
+    empty while the caller has more: the listing jumps to the caller's next objects, which
+    the ledger knows (`jump`).
 
     The query is written from its parse (the parameters OpenAI takes there, each once);
     an `after` that is not one of the caller's objects is answered as OpenAI answers an
@@ -368,6 +383,7 @@ async def scoped_listing(
             walk = await runtime.ledger.owns_any(team.name, listing.kind)
         else:
             walk = (await runtime.ledger.teams_of([after])).get(after) == team.name
+        asked_after = after
         if walk:
             for _ in range(SKIPPED_PAGES + 1):
                 query = [*asked.items(), ("limit", str(UPSTREAM_PAGE))]
@@ -388,6 +404,15 @@ async def scoped_listing(
                 if len(found) >= limit or not more or not ids:
                     break
                 after = ids[-1][0]
+            else:
+                if not found:  # a long run of other teams' objects, and more to come
+                    jumped = await jump(
+                        request, runtime, team, listing, asked, ids[-1][1], asked_after, headers
+                    )
+                    if isinstance(jumped, Response):
+                        return jumped
+                    if jumped is not None:
+                        found, more = jumped
             more = more or len(found) > limit
             found = found[:limit]
             if seen is not None:
@@ -406,6 +431,123 @@ async def scoped_listing(
         )  # fmt: skip
 
     return await for_team(request, runtime, refusals, serve)
+
+
+async def jump(
+    request: Request,
+    runtime: Runtime,
+    team: Team,
+    listing: Listing,
+    asked: dict[str, str],
+    cursor: Any,
+    after: str | None,
+    headers: dict[str, str],
+) -> tuple[list[Any], bool] | Response | None:
+    """The team's next objects in the upstream's order past `cursor` (the last object of
+    a run of `SKIPPED_PAGES + 1` pages that held none of the team's), found from the ledger
+    rather than by reading on: (the objects, whether the team has more past them). Those
+    are the objects with the nearest `created_at` past the cursor's (usually one; several
+    created within the same second are given in the ledger's order), read one by one
+    under the team's project. The SDKs then ask for the page after the last, and the walk
+    goes on from there. An empty list with False: the team has no more. None when the
+    cursor has no `created_at`; an upstream error answer is passed on.
+
+    The ledger's time of an object and OpenAI's `created_at` agree within `CLOCKS_APART_S`:
+    candidates are the team's objects recorded from that long before the cursor's
+    `created_at` on (in the listing's direction), read in the ledger's order until none
+    left could come before the nearest found. Objects the upstream no longer has (deleted
+    or expired there) are read past. Past `JUMP_READS` objects read without finding one,
+    the listing ends as it did before the jump: empty, with `has_more`."""
+    created = cursor.get("created_at") if isinstance(cursor, dict) else None
+    if not isinstance(created, int | float) or isinstance(created, bool):
+        return None
+    # Past the cursor: older when the newest come first, else newer. The same second is
+    # past it too: the pages up to the cursor held none of the team's objects.
+    sign = 1 if asked.get("order", "desc") == "desc" else -1
+    project = runtime.config.project_of(team.name)
+    # What was listed before is `after` and the team's objects before it upstream: none
+    # in the cursor's second unless `after` is in it too, and then those before it in the
+    # ledger's order, the one order Tollgate has for objects made in the same second.
+    listed = await runtime.ledger.stored(after) if after is not None else None
+    asked_for = JUMP_READS + 2  # `after` may be among them; one more says there is more
+    found = await runtime.ledger.objects_past(
+        team.name, listing.kind, project, asked.get("purpose"), sign == 1,
+        created + sign * CLOCKS_APART_S, asked_for,
+    )  # fmt: skip
+    kept = [c for c in found if c.id != after and _plain_id(c.id)]
+    candidates = kept[:JUMP_READS]
+    ledger_order = {c.id: (c.created_at, c.id) for c in candidates}
+    nearest: list[Any] = []  # the objects past the cursor with the nearest `created_at`
+    others = 0  # objects past the cursor read, not among the nearest
+    read = 0
+    while read < len(candidates):
+        if nearest and sign * (nearest[0]["created_at"] - candidates[read].created_at) > (
+            CLOCKS_APART_S
+        ):
+            break  # none left can come before the nearest found
+        batch = candidates[read : read + JUMP_AT_ONCE]
+        read += len(batch)
+        answers = await asyncio.gather(
+            *(_read_one(request, runtime, listing, c.id, project, headers) for c in batch),
+            return_exceptions=True,
+        )
+        for got in answers:
+            if isinstance(got, BaseException):
+                raise got
+            if isinstance(got, Response):
+                return got
+            if got is None or sign * (created - got["created_at"]) < 0:
+                continue  # gone upstream, or before the cursor: listed already
+            if got["created_at"] == created and listed is not None:
+                mine, mark = ledger_order[got["id"]], (listed.created_at, listed.id)
+                if not (mine < mark if sign == 1 else mine > mark):
+                    continue  # in the cursor's second, and not past `after`: listed already
+            if not nearest or got["created_at"] == nearest[0]["created_at"]:
+                nearest.append(got)
+            elif sign * (nearest[0]["created_at"] - got["created_at"]) < 0:
+                others += len(nearest)
+                nearest = [got]
+            else:
+                others += 1
+    unread = read < len(kept) or len(found) == asked_for
+    if not nearest and unread:
+        log.warning(
+            "listing %s for team %s: %d of the team's objects read past other teams' "
+            "without finding the next one; the listing ends here",
+            listing.path, team.name, read,
+        )  # fmt: skip
+    return nearest, bool(others or unread)
+
+
+def _plain_id(object_id: str) -> bool:
+    """Whether `object_id` is one path segment as it stands (an upstream's id always is)."""
+    return canonical(f"/{object_id}".encode()) == f"/{object_id}"
+
+
+async def _read_one(
+    request: Request,
+    runtime: Runtime,
+    listing: Listing,
+    object_id: str,
+    project: str | None,
+    headers: dict[str, str],
+) -> Any | Response | None:
+    """The object `object_id` as the upstream has it now (None: it has it no more), or
+    its error answer."""
+    answer = await runtime.upstream.send(
+        f"{listing.path}/{object_id}", b"", "", request.headers.items(), method="GET",
+        project=project,
+    )  # fmt: skip
+    body = await read_answer(answer, LIST_ANSWER_LIMIT)
+    if answer.status == 404:
+        return None
+    if not 200 <= answer.status < 300:
+        return Response(body, answer.status, headers={**dict(response_headers(answer)), **headers})
+    item = _parsed(body)
+    at = item.get("created_at") if isinstance(item, dict) else None
+    if not isinstance(at, int | float) or isinstance(at, bool) or item.get("id") != object_id:
+        raise UpstreamUnavailable("The upstream answered an object with an unreadable body.")
+    return item
 
 
 def listed_query(request: Request, listing: Listing) -> dict[str, str]:
