@@ -160,7 +160,8 @@ class Statements:
     open_batches: str
     """(): the batches held in flight: (batch id, team, reserved nanos, started at)."""
     holding: str
-    """(before,): the `Holding` fields of every reservation in flight started before."""
+    """(before,): the `Holding` fields of every reservation in flight started before: what
+    it holds still (`HELD`), its mainline part no more than that."""
     response: str
     """(response id,): the `ResponseRow` fields but the response id, of its latest row (its
     project as stored: `codecs.project_read`)."""
@@ -360,6 +361,9 @@ def _writes(d: Dialect) -> dict[str, str]:
 
 
 HEADLESS = ("size", "body")
+HELD = "reserved_nanos - billed_nanos"
+"""What a reservation in flight still holds: its bound, less what the lines of a batch
+settled a chunk at a time cost so far (0 but while one is written)."""
 """What `kept_head` leaves out of a kept answer's row."""
 
 
@@ -381,8 +385,11 @@ def _reads(d: Dialect) -> dict[str, str]:
         f"AND (started_at > ? OR id{d.collate} > ?) AND started_at < ? {by_id} LIMIT ?",
         "open_batches": "SELECT response_id, team, reserved_nanos, started_at FROM requests "
         "WHERE state = 'reserved' AND held = 1 AND endpoint = 'batches' ORDER BY started_at",
-        "holding": "SELECT team, model, mainline_model, project, started_at, reserved_nanos, "
-        f"mainline_cost_nanos FROM requests WHERE state = 'reserved' AND started_at < ? {by_id}",
+        # What a batch's lines written so far cost is on settled rows already (a settlement
+        # a chunk at a time, `sqlite_batches`): the reservation holds the rest of its bound.
+        "holding": "SELECT team, model, mainline_model, project, started_at, "
+        f"{HELD}, CASE WHEN mainline_cost_nanos < {HELD} THEN mainline_cost_nanos "
+        f"ELSE {HELD} END FROM requests WHERE state = 'reserved' AND started_at < ? {by_id}",
         "held": "SELECT id, response_id FROM requests "
         f"WHERE state = 'reserved' AND held = 1 AND owner = ? {by_id}",
         "response": "SELECT team, id, mainline_input_tokens + mainline_cached_input_tokens, "
