@@ -21,9 +21,12 @@ from hypothesis import strategies as st
 
 from proxy.core.errors import LedgerError
 from proxy.core.models import Settlement, Totals
-from proxy.ledger import sqlite_batches
+from proxy.ledger import open_ledger, sqlite_batches
 from proxy.ledger.base import BilledLine
+from proxy.ledger.copy import copy_between
 from proxy.ledger.sqlite import SqliteLedger
+from tests import pg
+from tests.pg import ledger_url
 from tests.test_ledger import take
 from tests.test_ledger_batches import (
     CREATION_COUNTERS,
@@ -350,3 +353,38 @@ def test_chunked_settlement_leaves_the_rows_and_counters_of_one_transaction(
         once = asyncio.run(settled_at_once(Path(tmp) / "once.db", lines))
     assert found == once
     assert all(isinstance(t, Totals) for t in found[1].values())
+
+
+async def test_a_ledger_copied_half_way_through_a_settlement_settles_it_exactly_on_postgresql(
+    tmp_path: Path, chunks: list[Callable[[], Awaitable[None]]]
+) -> None:
+    """Stopped between two chunks, then copied to PostgreSQL (as "Several replicas" says,
+    Tollgate stopped first): the settlement there replaces the lines written on SQLite."""
+    path = tmp_path / "ledger.db"
+    ledger = await opened(path)
+    await reserve_batch(ledger, lines=LINES)
+
+    async def gone() -> None:
+        await ledger.close()
+
+    chunks.append(gone)
+    lines = lines_of(LINES)
+    with pytest.raises(LedgerError):
+        await ledger.settle_batch("b1", lines, DONE)
+    assert sum(written_by(path).values()) == CHUNK
+    shared = ledger_url("postgresql", tmp_path)
+    try:
+        await copy_between(f"sqlite:///{path}", shared)
+        target = await open_ledger(shared)
+        try:
+            [held] = await target.holding(10 * ENDED)
+            assert held.reserved_nanos == LINES * LINE_BOUND - sum(
+                line.settlement.cost_nanos for line in lines[1 : 1 + CHUNK]
+            )
+            assert await target.settle_batch("b1", lines, DONE) == LINES
+            rows, totals = kept(await every_row(target)), await target.totals(EVERY_COUNTER)
+        finally:
+            await target.close()
+    finally:
+        pg.drop_schema(shared)
+    assert (rows, totals) == await settled_at_once(tmp_path / "once.db", lines)

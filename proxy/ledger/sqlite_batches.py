@@ -71,18 +71,18 @@ _RESPONSE = codecs.BILLED_COLUMNS.index("response_id")
 PROGRESS = "SELECT state, billing_by, billed_lines FROM requests WHERE id = ?"
 CLAIM = "UPDATE requests SET billing_by = ?, billed_lines = 0, billed_nanos = 0 WHERE id = ?"
 ADVANCE = "UPDATE requests SET billed_lines = ?, billed_nanos = billed_nanos + ? WHERE id = ?"
-DONE = "UPDATE requests SET billing_by = NULL, billed_lines = 0, billed_nanos = 0 WHERE id = ?"
+DONE = SQL.billed_done
 BILL = (
     f"INSERT INTO requests ({names([*codecs.BILL_COLUMNS, 'billing_by'])}) "
     f"VALUES ({marks(len(codecs.BILL_COLUMNS) + 1)})"
 )
 """A billed line's row written a chunk at a time: `bill`'s, and the call that wrote it."""
-OTHERS = "response_id = ? AND billing_by IS NOT NULL AND billing_by <> ? AND id <> ?"
+FORGET_ALL = SQL.forget_billed
 """(batch id, token, reservation id): the rows other calls of the batch's settlement wrote."""
 FORGET_SOME = (
-    f"DELETE FROM requests WHERE rowid IN (SELECT rowid FROM requests WHERE {OTHERS} LIMIT ?)"
+    "DELETE FROM requests WHERE rowid IN (SELECT rowid FROM requests WHERE "
+    f"{FORGET_ALL.removeprefix('DELETE FROM requests WHERE ')} LIMIT ?)"
 )
-FORGET_ALL = f"DELETE FROM requests WHERE {OTHERS}"
 STILL_SETTLING = (
     "SELECT b.id FROM requests AS r JOIN requests AS b ON b.response_id = r.response_id "
     "WHERE r.id = ? AND r.billing_by IS NOT NULL AND b.state = 'reserved' "

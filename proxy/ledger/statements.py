@@ -188,6 +188,13 @@ class Statements:
     reservation becomes its first billed line's row, still found by a repeat of its create."""
     bill: str
     """A batch's other billed lines: rows in `BILL_COLUMNS` order."""
+    forget_billed: str
+    """(batch id, token, id): the rows of the lines that the calls of a chunked settlement
+    of the batch reservation `id` wrote (`sqlite_batches`), but those of the call of
+    `token` ('' for none) and the reservation's own: a settlement that stopped half-way
+    leaves them, and the call that settles the batch writes its own."""
+    billed_done: str
+    """(id,): a batch reservation's row no longer names a chunked settlement."""
     first_by_content: str
     """(team, content digest, since): the latest row with that content started since then,
     not a replay, in `FIRST_COLUMNS` order."""
@@ -344,6 +351,10 @@ def _writes(d: Dialect) -> dict[str, str]:
         + ", ".join(f"{names([c])} = ?" for c in BILL_FIRST_COLUMNS)
         + ", reserved_nanos = 0, held = 0 WHERE id = ? AND state = 'reserved'",
         "bill": f"INSERT INTO requests ({names(BILL_COLUMNS)}) VALUES ({marks(len(BILL_COLUMNS))})",
+        "forget_billed": "DELETE FROM requests WHERE response_id = ? AND billing_by IS NOT NULL "
+        "AND billing_by <> ? AND id <> ?",
+        "billed_done": "UPDATE requests SET billing_by = NULL, billed_lines = 0, "
+        "billed_nanos = 0 WHERE id = ?",
         "keep_answer": f"INSERT INTO kept_answers ({names(ANSWER_COLUMNS)}) "
         f"VALUES ({marks(len(ANSWER_COLUMNS))})",
         "forget_answer": "DELETE FROM kept_answers WHERE request_id = ?",
