@@ -61,10 +61,13 @@ UPSERT = add_to_counters(f"VALUES ({marks(len(codecs.KEY_COLUMNS) + 6)})")
 """Add a row's deltas to a counter (its key, then its deltas in `TOTALS_COLUMNS` order)."""
 CHUNK_LINES = 2_000
 """Billed lines a transaction writes at most (see `bench.batches`)."""
-CHUNK_PAUSE_S = 0.01
-"""The pause between two chunks' transactions: SQLite hands its lock to no one in turn,
-and a worker waiting for it sleeps between tries (1 to 100 ms, SQLite's busy handler);
-without a pause it would find the lock taken again nearly every time."""
+CHUNK_PAUSE_S = 0.03
+"""The pause between two chunks' transactions. SQLite hands its lock to no one in turn: a
+worker waiting for it (its thread's connection, with a busy timeout) sleeps between tries,
+1 to 25 ms apart in its first 128 ms of waiting, then 50 and 100 ms. A pause longer than
+25 ms is always seen by a worker that began waiting during the chunk before (a chunk of
+`CHUNK_LINES` takes 30 to 80 ms); at 10 ms one waited 0.9 s, as long as for the whole
+batch in one transaction (`bench.batches`)."""
 
 _COST = codecs.BILL_COLUMNS.index("cost_nanos")
 _RESPONSE = codecs.BILLED_COLUMNS.index("response_id")
