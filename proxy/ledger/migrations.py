@@ -64,7 +64,8 @@ transaction, so a ledger is never left half-way between two versions.
        that wrote it. What a reservation in flight holds is then its bound less what its
        lines written cost (`holding`), and its counters move in the settlement's last
        transaction (`sqlite_batches`). Unused on PostgreSQL, which settles a batch in one
-       transaction (NULL and 0 there).
+       transaction (NULL and 0 there), but in a SQLite ledger copied while a settlement
+       was under way: the settlement there deletes the lines it had written.
 
 The embedded SQLite ledger applies its steps when it opens. A PostgreSQL ledger shared
 by several replicas is initialised when it opens only while it is empty (none of `TABLES`
