@@ -65,9 +65,10 @@ CHUNK_PAUSE_S = 0.03
 """The pause between two chunks' transactions. SQLite hands its lock to no one in turn: a
 worker waiting for it (its thread's connection, with a busy timeout) sleeps between tries,
 1 to 25 ms apart in its first 128 ms of waiting, then 50 and 100 ms. A pause longer than
-25 ms is always seen by a worker that began waiting during the chunk before (a chunk of
-`CHUNK_LINES` takes 30 to 80 ms); at 10 ms one waited 0.9 s, as long as for the whole
-batch in one transaction (`bench.batches`)."""
+25 ms is seen by a worker that began waiting during the chunk before, if that chunk ended
+within 100 ms (one of `CHUNK_LINES` lines takes 30 to 80 ms on a loaded 2-core machine);
+with 10 ms a worker waited 0.9 s, as long as for the whole batch in one transaction
+(`bench.batches`). This process's own writers take the lock inline meanwhile."""
 
 _COST = codecs.BILL_COLUMNS.index("cost_nanos")
 _RESPONSE = codecs.BILLED_COLUMNS.index("response_id")
