@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.core.errors import LedgerError
-from proxy.core.models import Settlement, Totals
+from proxy.core.models import Settlement
 from proxy.ledger import open_ledger, sqlite_batches
 from proxy.ledger.base import BilledLine
 from proxy.ledger.copy import copy_between
@@ -326,33 +326,76 @@ async def test_a_worker_whose_settlement_was_taken_over_stops_at_its_next_chunk(
     assert (rows, totals) == await settled_at_once(tmp_path / "once.db", theirs)
 
 
-@settings(max_examples=25, deadline=None)
+class Stopped(Exception):
+    """The settling process gone between two chunks."""
+
+
+def billed_by(i: int, user: str, cost: int) -> BilledLine:
+    """Line `i` of `user` ('': none), its own tokens, charged `cost`."""
+    line = billed(i, cost=cost)
+    counters = tuple(
+        replace(c, user=user) for c in END_COUNTERS if c.scope != "user" or user
+    )  # fmt: skip
+    usage = replace(line.settlement.usage, image_output=4000 + i, text_output=i)
+    return BilledLine(
+        replace(line.entry, user=user or None),
+        replace(line.settlement, usage=usage),
+        counters,
+    )
+
+
+@settings(max_examples=40, deadline=None)
 @given(
-    count=st.integers(0, 12),
     chunk=st.integers(1, 4),
-    costs=st.lists(st.integers(1, 30_000_000), min_size=12, max_size=12),
+    lines=st.lists(
+        st.tuples(st.sampled_from(["alice", "bob", ""]), st.integers(1, 30_000_000)),
+        max_size=12,
+    ),
+    stop=st.integers(0, 5),
 )
 def test_chunked_settlement_leaves_the_rows_and_counters_of_one_transaction(
-    count: int, chunk: int, costs: list[int]
+    chunk: int, lines: list[tuple[str, int]], stop: int
 ) -> None:
-    lines = [billed(i, cost=costs[i - 1]) for i in range(1, count + 1)]
+    """Whatever the lines, their users and the chunk size, and wherever a first settlement
+    stopped (`stop`: after that many chunks; 0: it did not), the same rows and counters as
+    the batch settled in one transaction."""
+    billed_lines = [billed_by(i, user, cost) for i, (user, cost) in enumerate(lines, 1)]
+    bob = [replace(c, user="bob") for c in END_COUNTERS if c.scope == "user"]
+    counters = [*EVERY_COUNTER, *bob]
+    pauses: list[int] = []
+
+    async def between() -> None:
+        pauses.append(1)
+        if len(pauses) == stop:
+            raise Stopped
 
     async def chunked(path: Path) -> tuple[list[Any], Any]:
         ledger = await opened(path)
         try:
             await reserve_batch(ledger, lines=LINES)
-            assert await ledger.settle_batch("b1", lines, DONE) == max(count, 1)
-            return kept(await every_row(ledger)), await ledger.totals(EVERY_COUNTER)
+            with contextlib.suppress(Stopped):
+                written = await ledger.settle_batch("b1", billed_lines, DONE)
+                assert written == max(len(lines), 1)
+            await ledger.settle_batch("b1", billed_lines, DONE)
+            return kept(await every_row(ledger)), await ledger.totals(counters)
+        finally:
+            await ledger.close()
+
+    async def at_once(path: Path) -> tuple[list[Any], Any]:
+        rows, _ = await settled_at_once(path, billed_lines)
+        ledger = await opened(path)
+        try:
+            return rows, await ledger.totals(counters)
         finally:
             await ledger.close()
 
     with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as patch:
         patch.setattr(sqlite_batches, "CHUNK_LINES", chunk)
-        patch.setattr(sqlite_batches, "CHUNK_PAUSE_S", 0.0)
+        patch.setattr(sqlite_batches, "between_chunks", between)
         found = asyncio.run(chunked(Path(tmp) / "chunked.db"))
-        once = asyncio.run(settled_at_once(Path(tmp) / "once.db", lines))
+        once = asyncio.run(at_once(Path(tmp) / "once.db"))
     assert found == once
-    assert all(isinstance(t, Totals) for t in found[1].values())
+    assert len(found[0]) == max(len(lines), 1)
 
 
 async def test_a_ledger_copied_half_way_through_a_settlement_settles_it_exactly_on_postgresql(
