@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.ledger import migrations
+from proxy.ledger import migrations, sqlite_batches
 from proxy.ledger.base import BatchLine
 from proxy.ledger.codecs import (
     ANSWER_COLUMNS,
@@ -267,9 +267,36 @@ def test_step_11_records_a_responses_batch_lines_mainline_model(dialect: Dialect
 
 @pytest.mark.parametrize("dialect", [SQLITE, POSTGRES])
 def test_step_12_indexes_the_stored_objects_by_team_and_kind(dialect: Dialect) -> None:
-    assert len(migrations.steps(dialect)) == migrations.SCHEMA_VERSION == 12
+    assert len(migrations.steps(dialect)) == migrations.SCHEMA_VERSION >= 12
     [index] = migrations.steps(dialect)[11]
     assert index.endswith("ON stored_objects (team, kind)")
+
+
+@pytest.mark.parametrize("dialect", [SQLITE, POSTGRES])
+def test_step_13_adds_a_batch_settlements_progress_to_its_reservations_row(
+    dialect: Dialect,
+) -> None:
+    assert len(migrations.steps(dialect)) == migrations.SCHEMA_VERSION == 13
+    assert migrations.steps(dialect)[12] == [
+        "ALTER TABLE requests ADD COLUMN billing_by TEXT",
+        "ALTER TABLE requests ADD COLUMN billed_lines INTEGER NOT NULL DEFAULT 0",
+        f"ALTER TABLE requests ADD COLUMN billed_nanos {dialect.big} NOT NULL DEFAULT 0",
+    ]
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [sqlite_batches.FORGET_ALL, sqlite_batches.FORGET_SOME, sqlite_batches.STILL_SETTLING],
+)
+def test_the_rows_of_a_batch_settled_a_chunk_at_a_time_are_found_by_its_response_id(
+    tmp_path: Path, sql: str
+) -> None:
+    with sqlite3.connect(tmp_path / "t.db") as db:
+        for step in migrations.pending(0, migrations.SQLITE):
+            db.execute(step)
+        values = ("batch_abc", "token", "b1", 10)[: sql.count("?")]
+        plan = " ".join(str(step[-1]) for step in db.execute(f"EXPLAIN QUERY PLAN {sql}", values))
+    assert "USING INDEX requests_response (response_id=?)" in plan, plan
 
 
 def test_whether_a_team_owns_any_object_is_one_lookup_in_its_index(tmp_path: Path) -> None:

@@ -56,6 +56,16 @@ transaction, so a ledger is never left half-way between two versions.
    12  an index of `stored_objects` by team and kind: a listing asks whether its team
        owns any file or batch at all (`Ledger.owns_any`) before it reads the upstream,
        which otherwise scanned every team's objects.
+   13  a batch's settlement in short transactions (README, "The Batch API"):
+       `billing_by`, `billed_lines` and `billed_nanos` on requests. While the SQLite ledger
+       writes a finished batch's billed lines a few thousand a transaction, its
+       reservation's row names the settlement writing them (`billing_by`, a token of that
+       call), how many it has written and what they cost; each line's row names the call
+       that wrote it. What a reservation in flight holds is then its bound less what its
+       lines written cost (`holding`), and its counters move in the settlement's last
+       transaction (`sqlite_batches`). Unused on PostgreSQL, which settles a batch in one
+       transaction (NULL and 0 there), but in a SQLite ledger copied while a settlement
+       was under way: the settlement there deletes the lines it had written.
 
 The embedded SQLite ledger applies its steps when it opens. A PostgreSQL ledger shared
 by several replicas is initialised when it opens only while it is empty (none of `TABLES`
@@ -294,12 +304,20 @@ LINE_MAINLINES = ["ALTER TABLE batch_lines ADD COLUMN mainline TEXT"]
 OBJECTS_BY_TEAM = ["CREATE INDEX IF NOT EXISTS stored_objects_team ON stored_objects (team, kind)"]
 
 
+def _batch_progress(d: Dialect) -> list[str]:
+    return [
+        "ALTER TABLE requests ADD COLUMN billing_by TEXT",
+        "ALTER TABLE requests ADD COLUMN billed_lines INTEGER NOT NULL DEFAULT 0",
+        f"ALTER TABLE requests ADD COLUMN billed_nanos {d.big} NOT NULL DEFAULT 0",
+    ]
+
+
 def steps(d: Dialect) -> Sequence[Sequence[str]]:
     """The migrations in `d`'s spelling: one list of statements per version."""
     return (
         _tables(d), ORGANIZATION_ROWS, _resolutions(d), _responses(d), _batches(d), _repeats(d),
         _rates(d), _live_streams(d), HELD_PROJECTS, OBJECT_PROJECTS, LINE_MAINLINES,
-        OBJECTS_BY_TEAM,
+        OBJECTS_BY_TEAM, _batch_progress(d),
     )  # fmt: skip
 
 

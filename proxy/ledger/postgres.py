@@ -366,6 +366,11 @@ class PostgresLedger(Schema, KeptAnswers):
             if writes is None:
                 return 0
             written, added = writes
+            # Lines a SQLite ledger's chunked settlement wrote before it stopped and the
+            # ledger was copied here (none otherwise): these lines replace them.
+            batch_id = found[3] if found is not None else None
+            await conn.execute(SQL.forget_billed, batch_id, "", request_id)
+            await conn.execute(SQL.billed_done, request_id)
             sql = SQL.bill_first if written.billed else SQL.settle_reserved
             await conn.execute(sql, *written.reservation)
             if written.others:

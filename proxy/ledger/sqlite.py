@@ -32,7 +32,7 @@ import aiosqlite
 from proxy.core.errors import LedgerError, LedgerUnavailable
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
 from proxy.core.rates import Counts, Plan, Slot
-from proxy.ledger import codecs, flags, migrations, overlaps, rate_counts
+from proxy.ledger import codecs, flags, migrations, overlaps, rate_counts, sqlite_batches
 from proxy.ledger.base import (
     Aggregate,
     Batch,
@@ -62,7 +62,6 @@ from proxy.ledger.statements import (
     EXPORT_BATCH,
     KEYS,
     TOTALS,
-    add_to_counters,
     marks,
     names,
     statements,
@@ -207,6 +206,13 @@ class SqliteLedger(KeptAnswers):
     async def resolve(self, request_id: str, cost_nanos: int, now: float, note: str = "") -> int:
         def run(conn: sqlite3.Connection) -> int:
             found = conn.execute(SQL.resolving, (request_id,)).fetchone()
+            batch = sqlite_batches.still_settling(conn, request_id)
+            if batch is not None:
+                # Its counters move with the batch's, in the settlement's last transaction.
+                raise LedgerError(
+                    f"request {request_id} is a line of batch reservation {batch}, still "
+                    "being settled: resolve it once the settlement has ended"
+                )
             charged, text, deltas = flags.resolution(request_id, found, cost_nanos)
             sql = SQL.resolve_free if cost_nanos == 0 else SQL.resolve
             conn.execute(sql, (cost_nanos, now, note, request_id))
@@ -387,23 +393,12 @@ class SqliteLedger(KeptAnswers):
     async def settle_batch(
         self, request_id: str, lines: Sequence[BilledLine], outcome: Settlement
     ) -> int:
+        # A chunk of lines a transaction past `CHUNK_LINES`, so that no worker's
+        # reservation waits for 50,000 rows (see `sqlite_batches`); on the thread whatever
+        # the number of lines: a batch naming 50,000 users releases 100,000 counters,
+        # billed lines or none (a batch that expired before any ran).
         billed = await codecs.billed_off_loop(lines)
-
-        def run(conn: sqlite3.Connection) -> int:
-            found = conn.execute(SQL.settling_batch, (request_id,)).fetchone()
-            writes = flags.batch(request_id, found, billed, outcome)
-            if writes is None:
-                return 0
-            conn.execute(
-                SQL.bill_first if writes.billed else SQL.settle_reserved, writes.reservation
-            )
-            conn.executemany(SQL.bill, writes.others)
-            conn.executemany(_UPSERT, writes.counters)
-            return writes.rows
-
-        # On the thread whatever the number of lines: a batch naming 50,000 users releases
-        # 100,000 counters, billed lines or none (a batch that expired before any ran).
-        written = await self.file.transaction(run, long=True)
+        written = await sqlite_batches.settle_batch(self.file, request_id, billed, outcome)
         self._held.pop(request_id, None)
         return written
 
@@ -498,7 +493,7 @@ def _migrate(conn: sqlite3.Connection) -> int:
     return version
 
 
-_UPSERT = add_to_counters(f"VALUES ({marks(len(codecs.KEY_COLUMNS) + 6)})")
+_UPSERT = sqlite_batches.UPSERT
 
 
 def _read_totals(conn: sqlite3.Connection, counters: Sequence[Counter]) -> dict[Counter, Totals]:

@@ -160,7 +160,8 @@ class Statements:
     open_batches: str
     """(): the batches held in flight: (batch id, team, reserved nanos, started at)."""
     holding: str
-    """(before,): the `Holding` fields of every reservation in flight started before."""
+    """(before,): the `Holding` fields of every reservation in flight started before: what
+    it holds still (`HELD`), its mainline part no more than that."""
     response: str
     """(response id,): the `ResponseRow` fields but the response id, of its latest row (its
     project as stored: `codecs.project_read`)."""
@@ -187,6 +188,13 @@ class Statements:
     reservation becomes its first billed line's row, still found by a repeat of its create."""
     bill: str
     """A batch's other billed lines: rows in `BILL_COLUMNS` order."""
+    forget_billed: str
+    """(batch id, token, id): the rows of the lines that the calls of a chunked settlement
+    of the batch reservation `id` wrote (`sqlite_batches`), but those of the call of
+    `token` ('' for none) and the reservation's own: a settlement that stopped half-way
+    leaves them, and the call that settles the batch writes its own."""
+    billed_done: str
+    """(id,): a batch reservation's row no longer names a chunked settlement."""
     first_by_content: str
     """(team, content digest, since): the latest row with that content started since then,
     not a replay, in `FIRST_COLUMNS` order."""
@@ -368,6 +376,10 @@ def _writes(d: Dialect) -> dict[str, str]:
         + ", ".join(f"{names([c])} = ?" for c in BILL_FIRST_COLUMNS)
         + ", reserved_nanos = 0, held = 0 WHERE id = ? AND state = 'reserved'",
         "bill": f"INSERT INTO requests ({names(BILL_COLUMNS)}) VALUES ({marks(len(BILL_COLUMNS))})",
+        "forget_billed": "DELETE FROM requests WHERE response_id = ? AND billing_by IS NOT NULL "
+        "AND billing_by <> ? AND id <> ?",
+        "billed_done": "UPDATE requests SET billing_by = NULL, billed_lines = 0, "
+        "billed_nanos = 0 WHERE id = ?",
         "keep_answer": f"INSERT INTO kept_answers ({names(ANSWER_COLUMNS)}) "
         f"VALUES ({marks(len(ANSWER_COLUMNS))})",
         "forget_answer": "DELETE FROM kept_answers WHERE request_id = ?",
@@ -385,6 +397,9 @@ def _writes(d: Dialect) -> dict[str, str]:
 
 
 HEADLESS = ("size", "body")
+HELD = "reserved_nanos - billed_nanos"
+"""What a reservation in flight still holds: its bound, less what the lines of a batch
+settled a chunk at a time cost so far (0 but while one is written)."""
 """What `kept_head` leaves out of a kept answer's row."""
 
 
@@ -406,8 +421,11 @@ def _reads(d: Dialect) -> dict[str, str]:
         f"AND (started_at > ? OR id{d.collate} > ?) AND started_at < ? {by_id} LIMIT ?",
         "open_batches": "SELECT response_id, team, reserved_nanos, started_at FROM requests "
         "WHERE state = 'reserved' AND held = 1 AND endpoint = 'batches' ORDER BY started_at",
-        "holding": "SELECT team, model, mainline_model, project, started_at, reserved_nanos, "
-        f"mainline_cost_nanos FROM requests WHERE state = 'reserved' AND started_at < ? {by_id}",
+        # What a batch's lines written so far cost is on settled rows already (a settlement
+        # a chunk at a time, `sqlite_batches`): the reservation holds the rest of its bound.
+        "holding": "SELECT team, model, mainline_model, project, started_at, "
+        f"{HELD}, CASE WHEN mainline_cost_nanos < {HELD} THEN mainline_cost_nanos "
+        f"ELSE {HELD} END FROM requests WHERE state = 'reserved' AND started_at < ? {by_id}",
         "held": "SELECT id, response_id FROM requests "
         f"WHERE state = 'reserved' AND held = 1 AND owner = ? {by_id}",
         "response": "SELECT team, id, mainline_input_tokens + mainline_cached_input_tokens, "
