@@ -397,10 +397,10 @@ def _writes(d: Dialect) -> dict[str, str]:
 
 
 HEADLESS = ("size", "body")
+"""What `kept_head` leaves out of a kept answer's row."""
 HELD = "reserved_nanos - billed_nanos"
 """What a reservation in flight still holds: its bound, less what the lines of a batch
 settled a chunk at a time cost so far (0 but while one is written)."""
-"""What `kept_head` leaves out of a kept answer's row."""
 
 
 def _reads(d: Dialect) -> dict[str, str]:
