@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import signal
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ import openai
 import pytest
 from openai.types import Batch
 
+from proxy.ledger.sqlite_batches import CHUNK_LINES
 from tests import pg
 from tests.batches_e2e import (
     GENERATIONS,
@@ -276,6 +278,53 @@ def test_a_restart_adopts_a_running_batch_and_settles_it_once(
         assert batch.status == "completed"
         exactly_once(second, simulator, batch, "gpt-image-2")
         assert held["owner"] not in {r["owner"] for r in batch_rows(second, batch.id)}
+    finally:
+        second.stop()
+
+
+def test_a_process_killed_half_way_through_a_settlement_leaves_it_to_be_settled_once(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """SQLite settles a batch of many lines a chunk at a time (`sqlite_batches`): killed
+    (SIGKILL) with some of its lines written, the batch's reservation and counters stay
+    whole, and the next process settles it exactly once, the written lines replaced."""
+    write_config(tmp_path, f"{simulator.url}/v1", teams=TEAMS)
+    first = start_tollgate(tmp_path)
+    lines = CHUNK_LINES * 5 + 7
+    with first.client() as client:
+        created = create(client, generations("gpt-image-2", lines))
+    ledger = sqlite3.connect(tmp_path / "tollgate.db", isolation_level=None, timeout=30)
+    try:
+
+        def claimed() -> int | None:
+            found = ledger.execute(
+                "SELECT billed_lines FROM requests WHERE response_id = ? AND state = 'reserved' "
+                "AND billing_by IS NOT NULL",
+                (created.id,),
+            ).fetchone()
+            return found[0] if found and found[0] > 0 else None
+
+        wait_for("the first chunk written", claimed, timeout=120)
+        # The write lock taken between two chunks: the settlement waits for it, half-way.
+        ledger.execute("BEGIN IMMEDIATE")
+        written = claimed()
+        assert written is not None and written < lines - 1
+        counters = ledger.execute(
+            "SELECT scope, spent_nanos, reserved_nanos FROM budget_usage WHERE team = 'design' "
+            "AND reserved_nanos > 0"
+        ).fetchall()
+        assert counters and all(spent == 0 for _, spent, _ in counters)  # the bound, whole
+        first.process.kill()
+        first.process.wait(timeout=30)
+        ledger.execute("ROLLBACK")
+    finally:
+        ledger.close()
+    rows = first.query(f"SELECT COUNT(*) AS n FROM requests WHERE response_id = '{created.id}'")
+    assert rows[0]["n"] == written + 1  # the lines written, and the reservation
+    second = start_tollgate(tmp_path)
+    try:
+        batch = ended(second.client(), created.id)
+        exactly_once(second, simulator, batch, "gpt-image-2")
     finally:
         second.stop()
 
