@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.ledger import migrations, sqlite_batches
+from proxy.ledger import migrate_ledger, migrations, sqlite_batches
 from proxy.ledger.base import BatchLine
 from proxy.ledger.codecs import (
     ANSWER_COLUMNS,
@@ -276,7 +276,7 @@ def test_step_12_indexes_the_stored_objects_by_team_and_kind(dialect: Dialect) -
 def test_step_13_adds_a_batch_settlements_progress_to_its_reservations_row(
     dialect: Dialect,
 ) -> None:
-    assert len(migrations.steps(dialect)) == migrations.SCHEMA_VERSION == 13
+    assert len(migrations.steps(dialect)) == migrations.SCHEMA_VERSION >= 13
     assert migrations.steps(dialect)[12] == [
         "ALTER TABLE requests ADD COLUMN billing_by TEXT",
         "ALTER TABLE requests ADD COLUMN billed_lines INTEGER NOT NULL DEFAULT 0",
@@ -307,9 +307,51 @@ def test_whether_a_team_owns_any_object_is_one_lookup_in_its_index(tmp_path: Pat
         plan = " ".join(
             str(step[-1]) for step in db.execute(f"EXPLAIN QUERY PLAN {sql}", ("design", "file"))
         )
-    assert "stored_objects USING COVERING INDEX stored_objects_team (team=? AND kind=?)" in plan, (
-        plan
-    )
+    assert "USING COVERING INDEX stored_objects_team_time (team=? AND kind=?)" in plan, plan
+
+
+@pytest.mark.parametrize("dialect", [SQLITE, POSTGRES])
+def test_step_14_indexes_a_teams_objects_by_time(dialect: Dialect) -> None:
+    assert len(migrations.steps(dialect)) == migrations.SCHEMA_VERSION >= 14
+    made, dropped = migrations.steps(dialect)[13]
+    assert made.endswith(f"ON stored_objects (team, kind, created_at, id{dialect.collate})")
+    assert dropped == "DROP INDEX IF EXISTS stored_objects_team"
+
+
+@pytest.mark.parametrize("newest", [True, False])
+@pytest.mark.parametrize("purpose", [None, "vision"])
+def test_a_listings_jump_reads_the_teams_objects_in_its_index_order(
+    tmp_path: Path, newest: bool, purpose: str | None
+) -> None:
+    """`objects_past` walks the index from the edge on and stops at its limit: no sort."""
+    with sqlite3.connect(tmp_path / "t.db") as db:
+        for sql in migrations.pending(0, migrations.SQLITE):
+            db.execute(sql)
+        sql, values = statements(SQLITE).objects_past(
+            "design", "file", "", purpose, newest, 100.0, 41
+        )
+        plan = " ".join(str(step[-1]) for step in db.execute(f"EXPLAIN QUERY PLAN {sql}", values))
+    assert "INDEX stored_objects_team_time (team=? AND kind=? AND created_at" in plan, plan
+    assert "TEMP B-TREE" not in plan, plan
+
+
+async def test_step_14_keeps_what_a_ledger_holds(tmp_path: Path) -> None:
+    """A ledger of step 13 with objects migrated: the old index gone, the new one there."""
+    path = tmp_path / "t.db"
+    with sqlite3.connect(path) as db:
+        for sql in migrations.pending(0, migrations.SQLITE[:13]):
+            db.execute(sql)
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        db.execute("INSERT INTO schema_version VALUES (13)")
+        db.execute(
+            "INSERT INTO stored_objects (id, team, kind, created_at) "
+            "VALUES ('file-a', 'design', 'file', 5)"
+        )
+    assert await migrate_ledger(f"sqlite:///{path}") == (13, migrations.SCHEMA_VERSION)
+    with sqlite3.connect(path) as db:
+        indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "stored_objects_team_time" in indexes and "stored_objects_team" not in indexes
+        assert db.execute("SELECT id FROM stored_objects").fetchall() == [("file-a",)]
 
 
 def test_a_repeat_reads_a_live_streams_chunks_in_order_from_its_key(tmp_path: Path) -> None:
