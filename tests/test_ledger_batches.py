@@ -632,6 +632,66 @@ async def test_a_batch_naming_users_is_worked_out_before_its_settlement_takes_th
     assert locked == [False]
 
 
+RELEASED = Settlement(CREATED + 1.0, "upstream_error", 400, Usage(), 0)
+
+
+async def test_a_batch_naming_users_never_created_is_worked_out_before_the_first_lock(
+    shared: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: a batch the upstream never created is released (`settle`); the counter
+    rows of its users' shares, known to the process that reserved it, are worked out
+    before the transaction, not under the lock every replica's writers wait for."""
+    locked: list[bool] = []
+    rows_of = codecs.counter_rows
+
+    def watched(text: str, *rest: Any) -> Any:
+        if codecs.shared(text):
+            locked.append(first_lock_taken(shared))
+        return rows_of(text, *rest)
+
+    ledger = await open_ledger(shared)
+    try:
+        await reserve_shared(ledger, 200, hold=False)
+        monkeypatch.setattr(codecs, "counter_rows", watched)
+        await ledger.settle("b1", RELEASED)
+        assert set((await ledger.totals(SHARED_READ)).values()) == {Totals()}
+    finally:
+        await ledger.close()
+    assert locked == [False]
+
+
+async def test_a_batch_naming_users_reclaimed_before_its_release_is_released_from_its_row(
+    shared: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The row is no longer the reservation the process made (another replica reclaimed it
+    at its bound meanwhile): what was worked out ahead is not written; the release is
+    worked out again from the row, and each user's share leaves her counters once."""
+    rows_of = codecs.counter_rows
+    locked: list[bool] = []
+
+    def watched(text: str, *rest: Any) -> Any:
+        if codecs.shared(text):
+            locked.append(first_lock_taken(shared))
+        return rows_of(text, *rest)
+
+    ledger = await open_ledger(shared)
+    try:
+        await reserve_shared(ledger, 200, hold=False)
+        other = await open_ledger(shared)
+        try:
+            assert await other.reclaim(CREATED + 2.0, started_before=CREATED + 1.0) == 1
+        finally:
+            await other.close()
+        charged = await ledger.totals(SHARED_READ)
+        assert all(t.spent_nanos > 0 for t in charged.values())  # each share, at its bound
+        monkeypatch.setattr(codecs, "counter_rows", watched)
+        await ledger.settle("b1", RELEASED)
+        assert set((await ledger.totals(SHARED_READ)).values()) == {Totals()}
+    finally:
+        await ledger.close()
+    assert locked == [False, True]
+
+
 async def test_a_batch_settled_by_another_replica_after_it_was_read_ahead_is_left_as_it_is(
     shared: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
