@@ -603,6 +603,21 @@ def first_lock_taken(url: str) -> bool:
     return False
 
 
+def watch_first_lock(monkeypatch: pytest.MonkeyPatch, url: str) -> list[bool]:
+    """From now on, whether the first lock was taken (`first_lock_taken`) each time the
+    counter rows of users' shares are worked out, in order."""
+    locked: list[bool] = []
+    rows_of = codecs.counter_rows
+
+    def watched(text: str, *rest: Any) -> Any:
+        if codecs.shared(text):
+            locked.append(first_lock_taken(url))
+        return rows_of(text, *rest)
+
+    monkeypatch.setattr(codecs, "counter_rows", watched)
+    return locked
+
+
 EXPIRED = Settlement(CREATED + 60.0, "upstream_error", 200, error_code="batch_expired")
 SHARED_READ = [user_counter(f"u{i}") for i in range(200)] + list(TEAM_COUNTERS)
 
@@ -613,18 +628,10 @@ async def test_a_batch_naming_users_is_worked_out_before_its_settlement_takes_th
     """PostgreSQL: the counter rows of its users' shares (100,000 for 50,000 users) are worked
     out before the transaction, from its row read ahead, so that every replica's writers,
     which wait for the lock the transaction takes first, are not kept waiting meanwhile."""
-    locked: list[bool] = []
-    rows_of = codecs.counter_rows
-
-    def watched(text: str, *rest: Any) -> Any:
-        if codecs.shared(text):
-            locked.append(first_lock_taken(shared))
-        return rows_of(text, *rest)
-
     ledger = await open_ledger(shared)
     try:
         await reserve_shared(ledger, 200)
-        monkeypatch.setattr(codecs, "counter_rows", watched)
+        locked = watch_first_lock(monkeypatch, shared)
         assert await ledger.settle_batch("b1", [], EXPIRED) == 1
         assert set((await ledger.totals(SHARED_READ)).values()) == {Totals()}
     finally:
@@ -641,18 +648,10 @@ async def test_a_batch_naming_users_never_created_is_worked_out_before_the_first
     """PostgreSQL: a batch the upstream never created is released (`settle`); the counter
     rows of its users' shares, known to the process that reserved it, are worked out
     before the transaction, not under the lock every replica's writers wait for."""
-    locked: list[bool] = []
-    rows_of = codecs.counter_rows
-
-    def watched(text: str, *rest: Any) -> Any:
-        if codecs.shared(text):
-            locked.append(first_lock_taken(shared))
-        return rows_of(text, *rest)
-
     ledger = await open_ledger(shared)
     try:
         await reserve_shared(ledger, 200, hold=False)
-        monkeypatch.setattr(codecs, "counter_rows", watched)
+        locked = watch_first_lock(monkeypatch, shared)
         await ledger.settle("b1", RELEASED)
         assert set((await ledger.totals(SHARED_READ)).values()) == {Totals()}
     finally:
@@ -666,14 +665,6 @@ async def test_a_batch_naming_users_reclaimed_before_its_release_is_released_fro
     """The row is no longer the reservation the process made (another replica reclaimed it
     at its bound meanwhile): what was worked out ahead is not written; the release is
     worked out again from the row, and each user's share leaves her counters once."""
-    rows_of = codecs.counter_rows
-    locked: list[bool] = []
-
-    def watched(text: str, *rest: Any) -> Any:
-        if codecs.shared(text):
-            locked.append(first_lock_taken(shared))
-        return rows_of(text, *rest)
-
     ledger = await open_ledger(shared)
     try:
         await reserve_shared(ledger, 200, hold=False)
@@ -684,7 +675,7 @@ async def test_a_batch_naming_users_reclaimed_before_its_release_is_released_fro
             await other.close()
         charged = await ledger.totals(SHARED_READ)
         assert all(t.spent_nanos > 0 for t in charged.values())  # each share, at its bound
-        monkeypatch.setattr(codecs, "counter_rows", watched)
+        locked = watch_first_lock(monkeypatch, shared)
         await ledger.settle("b1", RELEASED)
         assert set((await ledger.totals(SHARED_READ)).values()) == {Totals()}
     finally:
