@@ -9,7 +9,7 @@ import json
 import signal
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,9 @@ from tests.conftest import (
     Simulator,
     Tollgate,
     drop_ledger,
+    start_simulator,
     start_tollgate,
+    stop,
     wait_for,
     write_config,
 )
@@ -282,12 +284,22 @@ def test_a_restart_adopts_a_running_batch_and_settles_it_once(
         second.stop()
 
 
+@pytest.fixture
+def own_simulator() -> Iterator[Simulator]:
+    """A simulator for one test, stopped after: a batch of ten thousand lines would leave as
+    many entries in the shared one's billing record, which later tests read whole."""
+    simulator = start_simulator()
+    yield simulator
+    stop(simulator.process)
+
+
 def test_a_process_killed_half_way_through_a_settlement_leaves_it_to_be_settled_once(
-    simulator: Simulator, tmp_path: Path
+    own_simulator: Simulator, tmp_path: Path
 ) -> None:
     """SQLite settles a batch of many lines a chunk at a time (`sqlite_batches`): killed
     (SIGKILL) with some of its lines written, the batch's reservation and counters stay
     whole, and the next process settles it exactly once, the written lines replaced."""
+    simulator = own_simulator
     write_config(tmp_path, f"{simulator.url}/v1", teams=TEAMS)
     first = start_tollgate(tmp_path)
     lines = CHUNK_LINES * 5 + 7
