@@ -392,3 +392,48 @@ def test_batches_past_a_long_run_of_others_are_listed_through_the_sdk(
         made.append(mine())
         theirs(8)
         assert [b.id for b in sdk.batches.list(limit=1)] == list(reversed(made))
+
+
+def test_a_file_in_the_cursors_second_recorded_late_is_listed_after_an_earlier_page(
+    world: World,
+) -> None:
+    """The run of other teams' files read after one of the team's ends in the second of
+    another of the team's files, which the ledger recorded later than the first (its answer
+    came 40 s late): that file is past the run, whatever the ledger's order of the two, as
+    the page was asked after a file of another second."""
+    late = world.upload(skew=40)  # upstream 0, ledger +40
+    world.direct(2)  # the same second, made after it: before it newest first
+    world.upstream.now += 10
+    world.direct(4)
+    world.upstream.now += 10
+    prompt = world.upload()  # upstream 20, ledger 20: before `late` in the ledger
+    assert world.listed(limit=1) == [prompt, late]
+    assert world.listed(limit=2) == [prompt, late]
+
+
+def test_oldest_first_a_file_in_the_cursors_second_recorded_early_is_listed(
+    world: World,
+) -> None:
+    late = world.upload(skew=40)  # upstream 0, ledger +40
+    world.upstream.now += 10
+    world.direct(4)
+    world.upstream.now += 10
+    world.direct(2)
+    prompt = world.upload()  # upstream 20, ledger 20: before `late` in the ledger
+    world.direct(1)  # after it oldest first: the run goes on past its second
+    assert world.listed(limit=1, order="asc") == [late, prompt]
+
+
+def test_a_run_all_in_the_cursors_second_reads_the_file_it_was_asked_after(
+    world: World,
+) -> None:
+    """Every file the run read is in the cursor's second: whether the file the page was
+    asked after is too is read upstream (it is not here), one read more."""
+    late = world.upload(skew=40)  # upstream 0, ledger +40
+    world.direct(7)  # the same second, made after it: before it newest first
+    world.upstream.now += 10
+    prompt = world.upload()  # upstream 10, ledger 10: before `late` in the ledger
+    reads = world.upstream.reads
+    pages = world.pages(limit=1)
+    assert [f["id"] for p in pages for f in p["data"]] == [prompt, late]
+    assert world.upstream.reads - reads == 2  # `prompt`, then `late`
