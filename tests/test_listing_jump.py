@@ -437,3 +437,92 @@ def test_a_run_all_in_the_cursors_second_reads_the_file_it_was_asked_after(
     pages = world.pages(limit=1)
     assert [f["id"] for p in pages for f in p["data"]] == [prompt, late]
     assert world.upstream.reads - reads == 2  # `prompt`, then `late`
+
+
+@dataclass
+class BatchUpstream(Upstream):
+    """The same upstream with batches, listed newest first. A create can be made to run
+    upstream for `hang_s` seconds of Tollgate's clock and its answer then be lost (an
+    answer Tollgate cannot read)."""
+
+    batches: list[dict[str, Any]] = field(default_factory=list)
+    clock: list[float] = field(default_factory=lambda: [float(START)])
+    hang_s: float = 0
+
+    def batch(self, file_id: str) -> dict[str, Any]:
+        made = {
+            "id": f"batch_{next(self.count):06d}", "object": "batch",
+            "endpoint": "/v1/images/generations", "input_file_id": file_id,
+            "completion_window": "24h", "status": "in_progress", "created_at": self.now,
+        }  # fmt: skip
+        self.batches.append(made)
+        return made
+
+    def app(self) -> Starlette:
+        async def create(request: Request) -> Response:
+            made = self.batch((await request.json())["input_file_id"])
+            if self.hang_s:
+                self.clock[0] += self.hang_s
+                self.hang_s = 0
+                return JSONResponse(made, headers={"content-encoding": "x-lost"})
+            return JSONResponse(made)
+
+        async def listing(request: Request) -> Response:
+            ordered = sorted(self.batches, key=lambda b: b["created_at"])[::-1]
+            after = request.query_params.get("after")
+            if after is not None:
+                ids = [b["id"] for b in ordered]
+                ordered = ordered[ids.index(after) + 1 :] if after in ids else []
+            page = ordered[: int(request.query_params["limit"])]
+            return JSONResponse({
+                "object": "list", "data": page,
+                "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None,
+                "has_more": len(ordered) > len(page),
+            })  # fmt: skip
+
+        async def one(request: Request) -> Response:
+            for b in self.batches:
+                if b["id"] == request.path_params["batch_id"]:
+                    return JSONResponse(b)
+            return JSONResponse({"error": {"message": "No such Batch"}}, status_code=404)
+
+        return Starlette(
+            routes=[
+                *super().app().routes,
+                Route("/v1/batches", create, methods=["POST"]),
+                Route("/v1/batches", listing, methods=["GET"]),
+                Route("/v1/batches/{batch_id}", one, methods=["GET"]),
+            ]
+        )
+
+
+def test_a_batch_found_after_its_create_lost_its_answer_is_jumped_to(
+    tmp_path: Path, short_pages: None
+) -> None:
+    """A create whose answer was lost after 5 minutes, its batch found upstream: recorded
+    at OpenAI's `created_at`, not at the end of those 5 minutes, which a listing's jump past
+    other teams' batches created meanwhile would look past."""
+    write_config(tmp_path, "http://simulated/v1", teams=TEAMS)
+    upstream = BatchUpstream()
+    app = in_process(tmp_path, upstream.app(), clock=lambda: upstream.clock[0])
+    line = {"model": "gpt-image-2", "prompt": "a", "quality": "low", "size": "1024x1024"}
+    body = json.dumps(
+        {"custom_id": "c", "method": "POST", "url": "/v1/images/generations", "body": line}
+    ).encode()
+    with TestClient(app) as http:
+        sdk = openai.OpenAI(
+            api_key=DESIGN_KEY, base_url="http://testserver/v1", http_client=http, max_retries=0
+        )
+        made = sdk.files.create(file=("in.jsonl", io.BytesIO(body)), purpose="batch")
+        upstream.hang_s = 300
+        with pytest.raises(openai.APIStatusError):
+            sdk.batches.create(
+                input_file_id=made.id, endpoint="/v1/images/generations", completion_window="24h"
+            )
+        [mine] = [b["id"] for b in upstream.batches]
+        assert sdk.batches.retrieve(mine).id == mine  # found, and the team's
+        upstream.now += 10  # while the create hung
+        for _ in range(7):
+            upstream.batch("file-theirs")
+        assert [b.id for b in sdk.batches.list(limit=1)] == [mine]
