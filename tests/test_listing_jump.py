@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -526,3 +526,67 @@ def test_a_batch_found_after_its_create_lost_its_answer_is_jumped_to(
         for _ in range(7):
             upstream.batch("file-theirs")
         assert [b.id for b in sdk.batches.list(limit=1)] == [mine]
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    plan=st.lists(
+        st.tuples(
+            st.sampled_from(["design", "research", "direct"]),
+            st.integers(1, 9),  # how many
+            st.sampled_from([0, 0, 0, 5, 100]),  # seconds before them
+            st.lists(st.floats(-59, 59), min_size=9, max_size=9),  # each one's skew
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    limit=st.sampled_from([1, 2, 3, 7]),
+    order=st.sampled_from(["desc", "asc"]),
+)
+@example(
+    plan=[
+        *[("design", 1, 0, [0.0] * 9)] * 3,
+        ("design", 1, 0, [2.0] + [0.0] * 8),
+        ("research", 6, 0, [0.0] * 9),
+        ("design", 1, 0, [0.0] * 9),
+    ],
+    limit=1,
+    order="desc",
+)
+def test_every_own_file_is_listed_once_whatever_each_ones_skew(
+    tmp_path_factory: pytest.TempPathFactory,
+    short_pages: None,
+    plan: list[tuple[str, int, int, list[float]]],
+    limit: int,
+    order: str,
+) -> None:
+    """Each of the team's files recorded by the ledger up to a minute from OpenAI's time of
+    it, each its own way, the team's files each in a second of their own (the one order
+    there is for two in the same second is the ledger's); other teams' in any."""
+    root = tmp_path_factory.mktemp("skews")
+    write_config(root, "http://simulated/v1", teams=TEAMS)
+    upstream = Upstream()
+    clock = [float(START)]
+    with TestClient(in_process(root, upstream.app(), clock=lambda: clock[0])) as http:
+        world = World(upstream, clock, http)
+        mine: set[str] = set()
+        second = -1  # of the team's last file
+        for owner, count, gap, skews in plan:
+            upstream.now += gap
+            for skew in skews[:count]:
+                if owner == "direct":
+                    world.direct(1)
+                    continue
+                if owner == "design":
+                    if upstream.now == second:
+                        upstream.now += 1
+                    second = upstream.now
+                key = DESIGN_KEY if owner == "design" else RESEARCH_KEY
+                made = world.upload(key, skew=skew)
+                if owner == "design":
+                    mine.add(made)
+        assert world.listed(limit=limit, order=order) == upstream_order(world, mine, order)
