@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -392,3 +392,201 @@ def test_batches_past_a_long_run_of_others_are_listed_through_the_sdk(
         made.append(mine())
         theirs(8)
         assert [b.id for b in sdk.batches.list(limit=1)] == list(reversed(made))
+
+
+def test_a_file_in_the_cursors_second_recorded_late_is_listed_after_an_earlier_page(
+    world: World,
+) -> None:
+    """The run of other teams' files read after one of the team's ends in the second of
+    another of the team's files, which the ledger recorded later than the first (its answer
+    came 40 s late): that file is past the run, whatever the ledger's order of the two, as
+    the page was asked after a file of another second."""
+    late = world.upload(skew=40)  # upstream 0, ledger +40
+    world.direct(2)  # the same second, made after it: before it newest first
+    world.upstream.now += 10
+    world.direct(4)
+    world.upstream.now += 10
+    prompt = world.upload()  # upstream 20, ledger 20: before `late` in the ledger
+    assert world.listed(limit=1) == [prompt, late]
+    assert world.listed(limit=2) == [prompt, late]
+
+
+def test_oldest_first_a_file_in_the_cursors_second_recorded_early_is_listed(
+    world: World,
+) -> None:
+    late = world.upload(skew=40)  # upstream 0, ledger +40
+    world.upstream.now += 10
+    world.direct(4)
+    world.upstream.now += 10
+    world.direct(2)
+    prompt = world.upload()  # upstream 20, ledger 20: before `late` in the ledger
+    world.direct(1)  # after it oldest first: the run goes on past its second
+    assert world.listed(limit=1, order="asc") == [late, prompt]
+
+
+def test_a_run_all_in_the_cursors_second_reads_the_file_it_was_asked_after(
+    world: World,
+) -> None:
+    """Every file the run read is in the cursor's second: whether the file the page was
+    asked after is too is read upstream (it is not here), one read more."""
+    late = world.upload(skew=40)  # upstream 0, ledger +40
+    world.direct(7)  # the same second, made after it: before it newest first
+    world.upstream.now += 10
+    prompt = world.upload()  # upstream 10, ledger 10: before `late` in the ledger
+    reads = world.upstream.reads
+    pages = world.pages(limit=1)
+    assert [f["id"] for p in pages for f in p["data"]] == [prompt, late]
+    assert world.upstream.reads - reads == 2  # `prompt`, then `late`
+
+
+@dataclass
+class BatchUpstream(Upstream):
+    """The same upstream with batches, listed newest first. A create can be made to run
+    upstream for `hang_s` seconds of Tollgate's clock and its answer then be lost (an
+    answer Tollgate cannot read)."""
+
+    batches: list[dict[str, Any]] = field(default_factory=list)
+    clock: list[float] = field(default_factory=lambda: [float(START)])
+    hang_s: float = 0
+
+    def batch(self, file_id: str) -> dict[str, Any]:
+        made = {
+            "id": f"batch_{next(self.count):06d}", "object": "batch",
+            "endpoint": "/v1/images/generations", "input_file_id": file_id,
+            "completion_window": "24h", "status": "in_progress", "created_at": self.now,
+        }  # fmt: skip
+        self.batches.append(made)
+        return made
+
+    def app(self) -> Starlette:
+        async def create(request: Request) -> Response:
+            made = self.batch((await request.json())["input_file_id"])
+            if self.hang_s:
+                self.clock[0] += self.hang_s
+                self.hang_s = 0
+                return JSONResponse(made, headers={"content-encoding": "x-lost"})
+            return JSONResponse(made)
+
+        async def listing(request: Request) -> Response:
+            ordered = sorted(self.batches, key=lambda b: b["created_at"])[::-1]
+            after = request.query_params.get("after")
+            if after is not None:
+                ids = [b["id"] for b in ordered]
+                ordered = ordered[ids.index(after) + 1 :] if after in ids else []
+            page = ordered[: int(request.query_params["limit"])]
+            return JSONResponse({
+                "object": "list", "data": page,
+                "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None,
+                "has_more": len(ordered) > len(page),
+            })  # fmt: skip
+
+        async def one(request: Request) -> Response:
+            for b in self.batches:
+                if b["id"] == request.path_params["batch_id"]:
+                    return JSONResponse(b)
+            return JSONResponse({"error": {"message": "No such Batch"}}, status_code=404)
+
+        return Starlette(
+            routes=[
+                *super().app().routes,
+                Route("/v1/batches", create, methods=["POST"]),
+                Route("/v1/batches", listing, methods=["GET"]),
+                Route("/v1/batches/{batch_id}", one, methods=["GET"]),
+            ]
+        )
+
+
+def test_a_batch_found_after_its_create_lost_its_answer_is_jumped_to(
+    tmp_path: Path, short_pages: None
+) -> None:
+    """A create whose answer was lost after 5 minutes, its batch found upstream: recorded
+    at OpenAI's `created_at`, not at the end of those 5 minutes, which a listing's jump past
+    other teams' batches created meanwhile would look past."""
+    write_config(tmp_path, "http://simulated/v1", teams=TEAMS)
+    upstream = BatchUpstream()
+    app = in_process(tmp_path, upstream.app(), clock=lambda: upstream.clock[0])
+    line = {"model": "gpt-image-2", "prompt": "a", "quality": "low", "size": "1024x1024"}
+    body = json.dumps(
+        {"custom_id": "c", "method": "POST", "url": "/v1/images/generations", "body": line}
+    ).encode()
+    with TestClient(app) as http:
+        sdk = openai.OpenAI(
+            api_key=DESIGN_KEY, base_url="http://testserver/v1", http_client=http, max_retries=0
+        )
+        made = sdk.files.create(file=("in.jsonl", io.BytesIO(body)), purpose="batch")
+        upstream.hang_s = 300
+        with pytest.raises(openai.APIStatusError):
+            sdk.batches.create(
+                input_file_id=made.id, endpoint="/v1/images/generations", completion_window="24h"
+            )
+        [mine] = [b["id"] for b in upstream.batches]
+        assert sdk.batches.retrieve(mine).id == mine  # found, and the team's
+        upstream.now += 10  # while the create hung
+        for _ in range(7):
+            upstream.batch("file-theirs")
+        assert [b.id for b in sdk.batches.list(limit=1)] == [mine]
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    plan=st.lists(
+        st.tuples(
+            st.sampled_from(["design", "research", "direct"]),
+            st.integers(1, 9),  # how many
+            st.sampled_from([0, 0, 0, 5, 100]),  # seconds before them
+            st.lists(st.floats(-59, 59), min_size=9, max_size=9),  # each one's skew
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    limit=st.sampled_from([1, 2, 3, 7]),
+    order=st.sampled_from(["desc", "asc"]),
+)
+@example(
+    plan=[
+        *[("design", 1, 0, [0.0] * 9)] * 3,
+        ("design", 1, 0, [2.0] + [0.0] * 8),
+        ("research", 6, 0, [0.0] * 9),
+        ("design", 1, 0, [0.0] * 9),
+    ],
+    limit=1,
+    order="desc",
+)
+def test_every_own_file_is_listed_once_whatever_each_ones_skew(
+    tmp_path_factory: pytest.TempPathFactory,
+    short_pages: None,
+    plan: list[tuple[str, int, int, list[float]]],
+    limit: int,
+    order: str,
+) -> None:
+    """Each of the team's files recorded by the ledger up to a minute from OpenAI's time of
+    it, each its own way, the team's files each in a second of their own (the one order
+    there is for two in the same second is the ledger's); other teams' in any."""
+    root = tmp_path_factory.mktemp("skews")
+    write_config(root, "http://simulated/v1", teams=TEAMS)
+    upstream = Upstream()
+    clock = [float(START)]
+    with TestClient(in_process(root, upstream.app(), clock=lambda: clock[0])) as http:
+        world = World(upstream, clock, http)
+        mine: set[str] = set()
+        second = -1  # of the team's last file
+        for owner, count, gap, skews in plan:
+            upstream.now += gap
+            for skew in skews[:count]:
+                if owner == "direct":
+                    world.direct(1)
+                    continue
+                if owner == "design":
+                    if upstream.now == second:
+                        upstream.now += 1
+                    second = upstream.now
+                key = DESIGN_KEY if owner == "design" else RESEARCH_KEY
+                made = world.upload(key, skew=skew)
+                if owner == "design":
+                    mine.add(made)
+        assert world.listed(limit=limit, order=order) == upstream_order(world, mine, order)

@@ -28,6 +28,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -267,12 +268,16 @@ class Batches:
         stored: StoredObject,
         batch_id: str,
         project: str | None,
+        created_at: float | None = None,
     ) -> None:
-        """A batch created: the team's, its reservation held and followed to its end."""
+        """A batch created: the team's, its reservation held and followed to its end. It is
+        recorded at `created_at` when given (OpenAI's time of a batch found after its
+        create's answer was lost, which may be minutes before now), else now."""
+        at = runtime.clock() if created_at is None else created_at
         try:
             await runtime.ledger.own(
                 StoredObject(
-                    batch_id, entry.team or "", "batch", None, runtime.clock(),
+                    batch_id, entry.team or "", "batch", None, at,
                     stored.lines, stored.bound_nanos, stored.bound_usage, stored.id, project,
                 )
             )  # fmt: skip
@@ -298,10 +303,10 @@ class Batches:
         any request that may have been billed. Else the reservation is released."""
         if isinstance(failure, UpstreamFailure) and failure.maybe_billed:
             found = await _batch_of_file(runtime, file_id, project)
-            if found is not None and await runtime.ledger.stored(found) is None:
+            if found is not None and await runtime.ledger.stored(found[0]) is None:
                 stored = await runtime.ledger.stored(file_id)
                 if stored is not None:
-                    await self.follow(runtime, entry, stored, found, project)
+                    await self.follow(runtime, entry, stored, found[0], project, found[1])
                     return
             await release(runtime, entry, failure.status, failure.ledger_code, charged=usage)
             return
@@ -432,15 +437,22 @@ async def release(
     observe(runtime, entry, settled, ())
 
 
-async def _batch_of_file(runtime: Runtime, file_id: str, project: str | None) -> str | None:
+async def _batch_of_file(
+    runtime: Runtime, file_id: str, project: str | None
+) -> tuple[str, float | None] | None:
+    """The upstream's batch of the input file `file_id` among its newest: its id and its
+    `created_at` (None when it has none that is a number)."""
     try:
         answer = await runtime.upstream.send(
             "/batches", b"", "", (), method="GET", query="limit=100", project=project
         )
         page = json.loads(await read_answer(answer))
-        return next(
-            (b["id"] for b in page.get("data", []) if b.get("input_file_id") == file_id), None
-        )
+        found = next((b for b in page.get("data", []) if b.get("input_file_id") == file_id), None)
+        if found is None or not isinstance(found["id"], str):
+            return None
+        at = found.get("created_at")
+        finite = isinstance(at, int | float) and not isinstance(at, bool) and math.isfinite(at)
+        return found["id"], float(at) if finite else None
     except (RequestError, ValueError, AttributeError, TypeError, KeyError):
         return None
 

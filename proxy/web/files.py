@@ -384,6 +384,7 @@ async def scoped_listing(
         else:
             walk = (await runtime.ledger.teams_of([after])).get(after) == team.name
         asked_after = after
+        first: Any = None  # the first object read past `after`
         if walk:
             for _ in range(SKIPPED_PAGES + 1):
                 query = [*asked.items(), ("limit", str(UPSTREAM_PAGE))]
@@ -399,6 +400,8 @@ async def scoped_listing(
                     )
                 upstream = dict(response_headers(answer))
                 ids, more = page_of(body)
+                if first is None and ids:
+                    first = ids[0][1]
                 teams = await runtime.ledger.teams_of([i for i, _ in ids])
                 found += [item for i, item in ids if teams.get(i) == team.name]
                 if len(found) >= limit or not more or not ids:
@@ -407,8 +410,9 @@ async def scoped_listing(
             else:
                 if not found:  # a long run of other teams' objects, and more to come
                     jumped = await jump(
-                        request, runtime, team, listing, asked, ids[-1][1], asked_after, headers
-                    )
+                        request, runtime, team, listing, asked, (first, ids[-1][1]),
+                        asked_after, headers,
+                    )  # fmt: skip
                     if isinstance(jumped, Response):
                         return jumped
                     if jumped is not None:
@@ -439,12 +443,13 @@ async def jump(
     team: Team,
     listing: Listing,
     asked: dict[str, str],
-    cursor: Any,
+    run: tuple[Any, Any],
     after: str | None,
     headers: dict[str, str],
 ) -> tuple[list[Any], bool] | Response | None:
     """The team's next objects in the upstream's order past `cursor` (the last object of
-    a run of `SKIPPED_PAGES + 1` pages that held none of the team's), found from the ledger
+    a run of `SKIPPED_PAGES + 1` pages that held none of the team's, read past `after`;
+    `run` is the run's first object and `cursor`), found from the ledger
     rather than by reading on: (the objects, whether the team has more past them). Those
     are the objects with the nearest `created_at` past the cursor's (usually one; several
     created within the same second are given in the ledger's order), read one by one
@@ -458,8 +463,9 @@ async def jump(
     left could come before the nearest found. Objects the upstream no longer has (deleted
     or expired there) are read past. Past `JUMP_READS` objects read without finding one,
     the listing ends as it did before the jump: empty, with `has_more`."""
-    created = cursor.get("created_at") if isinstance(cursor, dict) else None
-    if not isinstance(created, int | float) or isinstance(created, bool):
+    start, cursor = run
+    created = _created(cursor)
+    if created is None:
         return None
     # Past the cursor: older when the newest come first, else newer. The same second is
     # past it too: the pages up to the cursor held none of the team's objects.
@@ -468,7 +474,19 @@ async def jump(
     # What was listed before is `after` and the team's objects before it upstream: none
     # in the cursor's second unless `after` is in it too, and then those before it in the
     # ledger's order, the one order Tollgate has for objects made in the same second.
+    # `after` is in another second when the run's first object is (the ledger's order of
+    # `after` and an object of the cursor's second says nothing then: their times there
+    # may be a minute off OpenAI's); when the whole run is in the cursor's second, `after`
+    # is read to know.
     listed = await runtime.ledger.stored(after) if after is not None else None
+    began = _created(start)  # `after`'s second, or one past it
+    if listed is not None and began in (None, created) and _plain_id(listed.id):
+        got = await _read_one(request, runtime, listing, listed.id, project, headers)
+        if isinstance(got, Response):
+            return got
+        began = _created(got)  # None: gone upstream, the ledger's order then
+    if began is not None and began != created:
+        listed = None
     asked_for = JUMP_READS + 2  # `after` may be among them; one more says there is more
     found = await runtime.ledger.objects_past(
         team.name, listing.kind, project, asked.get("purpose"), sign == 1,
@@ -517,6 +535,12 @@ async def jump(
             listing.path, team.name, read,
         )  # fmt: skip
     return nearest, bool(others or unread)
+
+
+def _created(item: Any) -> int | float | None:
+    """An upstream object's `created_at`, None when it has none that is a number."""
+    at = item.get("created_at") if isinstance(item, dict) else None
+    return None if not isinstance(at, int | float) or isinstance(at, bool) else at
 
 
 def _plain_id(object_id: str) -> bool:
