@@ -159,8 +159,9 @@ def follow_until(
                     break
                 now[0] += every_s
             rows = [row async for row in ledger.export(0.0, float("inf"))]
-            for object_id in recorded or {}:
-                recorded[object_id] = await ledger.stored(object_id)  # type: ignore[index]
+            if recorded is not None:
+                for object_id in recorded:
+                    recorded[object_id] = await ledger.stored(object_id)
             day = Counter("team", "design", "", "day", 0.0)
             return rows, (await ledger.totals([day]))[day], await ledger.held()
         finally:
