@@ -399,7 +399,7 @@ async def own_outputs(runtime: Runtime, team: Team, batch: Any, project: str | N
     """The output and error files of a batch shown to its team are that team's: the team
     may read them as soon as it sees them, before the follower has settled the batch.
     OpenAI keeps them in the batch's project, where the batch was just read (`project`):
-    they are recorded there."""
+    they are recorded there, at OpenAI's time of each (`own_output`)."""
     if not isinstance(batch, dict):
         return
     for name in ("output_file_id", "error_file_id"):
