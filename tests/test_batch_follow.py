@@ -131,11 +131,12 @@ def follow_until(
     input_file_id: str | None = "file-abc",
     metrics: Any = None,
     upstream: Any = None,
+    recorded: dict[str, Any] | None = None,
 ) -> Polled:
     """A batch of three lines reserved and held, then polled `polls` times `every_s` apart
     against an upstream answering `answers` (or `upstream`): its rows, the team's day totals
     and what is still held (`input_file_id` None: a batch adopted whose input file is not
-    on record)."""
+    on record). `recorded` is filled with the ledger's record of each object it names."""
     now = [CREATED]
 
     async def run() -> Polled:
@@ -158,6 +159,9 @@ def follow_until(
                     break
                 now[0] += every_s
             rows = [row async for row in ledger.export(0.0, float("inf"))]
+            if recorded is not None:
+                for object_id in recorded:
+                    recorded[object_id] = await ledger.stored(object_id)
             day = Counter("team", "design", "", "day", 0.0)
             return rows, (await ledger.totals([day]))[day], await ledger.held()
         finally:
@@ -280,6 +284,7 @@ class Completed:
     `output` (404: deleted since)."""
 
     output: int
+    completed_at: float = CREATED + 60
 
     async def send(self, path: str, *_: Any, **__: Any) -> Any:
         if path.startswith("/files/"):
@@ -288,7 +293,7 @@ class Completed:
             return Answer(200, json.dumps(OUTPUT_LINE).encode() + b"\n")
         batch = {
             "id": "batch_abc", "object": "batch", "status": "completed",
-            "completed_at": CREATED + 60, "output_file_id": "file-out",
+            "completed_at": self.completed_at, "output_file_id": "file-out",
             "request_counts": {"total": 3, "completed": 3, "failed": 0},
         }  # fmt: skip
         return Answer(200, json.dumps(batch).encode())
@@ -311,6 +316,50 @@ def test_a_completed_batch_whose_lines_are_not_on_record_is_charged_its_whole_bo
     assert (row["state"], row["cost_nanos"], row["flagged"]) == ("settled", 3 * LINE_BOUND, 1)
     assert row["error_code"] == code
     assert (totals.spent_nanos, totals.reserved_nanos) == (3 * LINE_BOUND, 0)
+
+
+@dataclass
+class Finalized(Completed):
+    """The same, its output file made by OpenAI at `made_at`, while the batch finalized
+    (None: the file's `GET /v1/files/{id}` answered 404)."""
+
+    made_at: float | None = None
+    reads: int = 0
+    """`GET /v1/files/file-out` asked."""
+
+    async def send(self, path: str, *args: Any, **kwargs: Any) -> Any:
+        if path != "/files/file-out":
+            return await super().send(path, *args, **kwargs)
+        self.reads += 1
+        if self.made_at is None:
+            return Answer(404, b'{"error": {"message": "No such File object."}}')
+        made = {"id": "file-out", "object": "file", "purpose": "batch_output"}
+        return Answer(200, json.dumps({**made, "created_at": self.made_at}).encode())
+
+
+@pytest.mark.parametrize(
+    ("made_at", "recorded_at"), [(CREATED + 3000, CREATED + 3000), (None, CREATED + 3600)]
+)
+def test_a_settled_batchs_output_file_is_recorded_at_openais_time_of_it(
+    runtime: Runtime, tmp_path: Path, made_at: float | None, recorded_at: float
+) -> None:
+    """OpenAI made the output file while the batch finalized, ten minutes before it
+    completed: recorded at that time, read once, not at the batch's end (a listing's jump
+    takes the ledger's time of a file to be within a minute of OpenAI's); at the batch's
+    end, as before, when that time cannot be read."""
+    upstream = Finalized(200, CREATED + 3600, made_at)
+    recorded: dict[str, Any] = {"file-out": None}
+    rows, _, held = follow_until(
+        runtime, tmp_path, [], 2, 1.0, upstream=upstream, recorded=recorded
+    )
+    assert held == [] and {r["custom_id"] for r in rows} >= {"req-1"}
+    stored = recorded["file-out"]
+    assert (stored.team, stored.purpose, stored.created_at) == (
+        "design",
+        "batch_output",
+        recorded_at,
+    )
+    assert upstream.reads == 1
 
 
 def test_a_line_is_charged_the_dearer_of_the_book_it_was_reserved_under_and_the_one_in_force(
@@ -407,6 +456,9 @@ class ManyLines:
     chunk: int | None = None
 
     async def send(self, path: str, *_: Any, **__: Any) -> Any:
+        if path == "/files/file-out":
+            made = {"id": "file-out", "object": "file", "created_at": CREATED + 50}
+            return Answer(200, json.dumps(made).encode())
         if path.startswith("/files/"):
             usage = {"input_tokens": 10, "output_tokens": 200, "total_tokens": 210}
             body = {"data": [{}], "usage": usage}

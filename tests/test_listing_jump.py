@@ -590,3 +590,51 @@ def test_every_own_file_is_listed_once_whatever_each_ones_skew(
                 if owner == "design":
                     mine.add(made)
         assert world.listed(limit=limit, order=order) == upstream_order(world, mine, order)
+
+
+def test_a_batchs_output_file_read_long_after_it_was_made_is_jumped_to_in_its_place(
+    tmp_path: Path, short_pages: None
+) -> None:
+    """OpenAI makes a batch's output file while the batch finalizes, five minutes before it
+    completed here, and the team reads its batch an hour later: the file is recorded at
+    OpenAI's `created_at` of it, read once, not when Tollgate saw it (the team's read, or
+    the follower's settlement at `completed_at` if it came first), which listings jumping
+    past other teams' files, newest or oldest first, would look past."""
+    write_config(tmp_path, "http://simulated/v1", teams=TEAMS)
+    upstream = BatchUpstream()
+    app = in_process(tmp_path, upstream.app(), clock=lambda: upstream.clock[0])
+    line = {"model": "gpt-image-2", "prompt": "a", "quality": "low", "size": "1024x1024"}
+    body = json.dumps(
+        {"custom_id": "c", "method": "POST", "url": "/v1/images/generations", "body": line}
+    ).encode()
+    with TestClient(app) as http:
+        world = World(upstream, upstream.clock, http)
+        sdk = world.sdk()
+        made = sdk.files.create(file=("in.jsonl", io.BytesIO(body)), purpose="batch")
+        batch = sdk.batches.create(
+            input_file_id=made.id, endpoint="/v1/images/generations", completion_window="24h"
+        )
+        upstream.now += 50
+        world.direct(7)
+        upstream.now += 50  # the batch finalizes: its output file is made
+        output = upstream.make("batch_output")["id"]
+        [found] = [b for b in upstream.batches if b["id"] == batch.id]
+        found.update(
+            status="completed", output_file_id=output, finalizing_at=upstream.now,
+            completed_at=upstream.now + 300,
+        )  # fmt: skip
+        upstream.now += 1
+        world.direct(7)
+        later = []  # more than a jump reads at once, each in a second of its own
+        for _ in range(files_module.JUMP_AT_ONCE):
+            upstream.now += 20
+            later.append(world.upload())
+        upstream.clock[0] = upstream.now + 3600.0  # the team reads its batch an hour later
+        reads = upstream.reads
+        assert sdk.batches.retrieve(batch.id).output_file_id == output
+        assert upstream.reads - reads <= 1  # its `created_at`, unless the follower read it
+        reads = upstream.reads
+        assert sdk.batches.retrieve(batch.id).output_file_id == output
+        assert upstream.reads == reads  # on record: nothing read again
+        assert world.listed(limit=1) == [*reversed(later), output, made.id]
+        assert world.listed(limit=1, order="asc") == [made.id, output, *later]

@@ -511,3 +511,29 @@ def test_batch_spend_is_booked_on_the_utc_day_the_batch_ended() -> None:
     }
     [image] = [r for r in after["results"] if r["line_item"].endswith("image")]
     assert image["amount"]["value"] == float(Decimal("15.00") * LOW_1024 / 1_000_000)
+
+
+def test_a_batchs_output_file_is_dated_while_it_finalized_before_it_completed() -> None:
+    """OpenAI makes a batch's files while it finalizes: their `created_at` is before the
+    batch's `completed_at` (a minute before here), not at it."""
+    created = 1_796_342_400.0
+    read = read_input(json.dumps(line("a", {**LOW, "prompt": "dated"})).encode(), GENERATIONS)
+    assert isinstance(read, BatchInput)
+    batch = StoredBatch(
+        "batch_dated",
+        "file-in",
+        GENERATIONS,
+        created_at=created,
+        delay=600.0,
+        window=DAY,
+        model=read.model,
+        problems=(),
+        results=tuple(run_line(li) for li in read.lines),
+    )
+    store, files = BatchStore(), FileStore()
+    store.put(batch)
+    store.settle(created + 600, BillingRecord(), files)
+    shown = batch.to_json(created + 600)
+    assert shown["status"] == "completed" and shown["completed_at"] == created + 600
+    output = files.get(shown["output_file_id"], None)
+    assert output.created_at == shown["finalizing_at"] == created + 540

@@ -16,8 +16,10 @@ and in the output file, the others are in neither file. Cancelling an ended batc
 409; cancelling a cancelling one returns it unchanged.
 
 When a batch ends (seen by any later request to the simulator: `settle`) its files are
-written, purpose `batch_output`: the output file holds the 200 lines, the error file
-the others; a file with no line is not written (its id stays null). Each line that ran
+written, purpose `batch_output`, dated as OpenAI dates them: when it started finalizing
+(cancelling), before its `completed_at` (`cancelled_at`); when it expired, then. The
+output file holds the 200 lines, the error file the others; a file with no line is not
+written (its id stays null). Each line that ran
 is added to the billing record as its Images API request would be, with `batch_id` and
 `custom_id`, at the batch's end time (OpenAI books batch spend on the UTC day the batch
 completed, was cancelled or expired); the 200 ones billed, at the batch rate (`costs`).
@@ -119,6 +121,15 @@ class StoredBatch:
         if self.expires_at < self.finalizing_at:
             return "expired", self.expires_at, self.expires_at
         return "completed", self.created_at + self.delay, math.inf
+
+    def files_at(self) -> float:
+        """When its output and error files are made, as OpenAI makes them: while it
+        finalizes (when it starts to), or is cancelled (when it starts cancelling), before
+        the end its batch reports; when it expired, then."""
+        end, end_at, cut = self.end()
+        if end == "completed":
+            return self.finalizing_at
+        return cut if end == "cancelled" else end_at
 
     def status(self, now: float) -> Status:
         end, end_at, _ = self.end()
@@ -279,8 +290,9 @@ def _settle(batch: StoredBatch, record: BillingRecord, files: FileStore) -> None
                 "error": dict(EXPIRED_ERROR),
             }
             errors.append(json.dumps(line))
-    batch.output_file_id = _write(batch, files, "output", output, end_at)
-    batch.error_file_id = _write(batch, files, "error", errors, end_at)
+    made_at = batch.files_at()
+    batch.output_file_id = _write(batch, files, "output", output, made_at)
+    batch.error_file_id = _write(batch, files, "error", errors, made_at)
 
 
 def _write(

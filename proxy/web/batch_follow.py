@@ -37,6 +37,7 @@ from typing import Any
 
 from proxy.core.errors import LedgerError, MalformedAnswer, RequestError
 from proxy.core.models import Entry, Settlement, Usage, usd_text
+from proxy.core.paths import canonical
 from proxy.core.pricing import PriceBook
 from proxy.core.settlement import MALFORMED_ANSWER
 from proxy.core.short_strings import ShortStrings
@@ -203,7 +204,7 @@ class BatchFollow:
         charged, and their rows built, on a thread too (`batch_charges.charged`), with the
         configuration taken once before: a 50,000-line batch kept the event loop from every
         other request for seconds."""
-        ledger, entry, config = runtime.ledger, self.entry, runtime.config
+        entry, config = self.entry, runtime.config
         lines = await self.priced_lines(runtime, batch.get("input_file_id"))
         ended_at = booked_at(batch.get(ENDED_AT[status]), entry.started_at, runtime.clock())
         unread: str | None = None  # why what the lines billed cannot be read, if it cannot
@@ -231,17 +232,9 @@ class BatchFollow:
         rows = Rows(config, entry, ended_at, self.batch_id, self.prices)
         billed = await asyncio.to_thread(charged, rows, lines, read.lines, unread)
         for file_id in (output, errors):
-            if file_id is not None:
-                owned = StoredObject(
-                    file_id, entry.team or "", "file", "batch_output", ended_at,
-                    project=self.project,
-                )  # fmt: skip
-                try:
-                    await ledger.own(owned)
-                except LedgerError as exc:
-                    # Another team's already (OpenAI's answers are not ours to trust): the
-                    # file stays theirs, and the batch is settled all the same.
-                    log.error("batch %s: recording %s failed: %s", self.batch_id, file_id, exc)
+            if file_id is not None:  # another team's already stays theirs: settled all the same
+                team = entry.team or ""
+                await own_output(runtime, team, file_id, self.batch_id, self.project, ended_at)
         outcome = Settlement(
             finished_at=ended_at,
             outcome="ok" if status == "completed" else "upstream_error",
@@ -313,6 +306,52 @@ def file_id_of(batch: dict[str, Any], name: str) -> str | None:
     string for a file it did not write, which is no file, and no team's)."""
     found = batch.get(name)
     return found if isinstance(found, str) and found else None
+
+
+async def own_output(
+    runtime: Runtime, team: str, file_id: str, batch_id: Any, project: str | None, at: float
+) -> None:
+    """Record the output or error file `file_id` of the batch `batch_id` as `team`'s, kept
+    under the batch's `project`, at OpenAI's `created_at` of it: a listing's jump reads the
+    team's files by the ledger's time, which must be within `CLOCKS_APART_S` of OpenAI's,
+    and OpenAI makes the file while the batch finalizes, which may be long before Tollgate
+    sees it (a team may read its batch days after it ended). That time is read once, with
+    one `GET /v1/files/{id}`, when the file is not yet on record (a batch read again reads
+    nothing upstream); when it cannot be read (the file gone, or no answer), the file is
+    recorded at `at`, when Tollgate saw it."""
+    try:
+        known = await runtime.ledger.stored(file_id)
+        if known is not None and known.team == team:
+            return
+        if known is None:  # another team's is refused by `own`, whatever its time
+            at = await _created_at(runtime, file_id, project) or at
+        owned = StoredObject(file_id, team, "file", "batch_output", at, project=project)
+        await runtime.ledger.own(owned)
+    except LedgerError as exc:
+        # Another team's already (OpenAI's answers are not ours to trust): the file stays
+        # theirs.
+        log.error("batch %s: recording %s failed: %s", batch_id, file_id, exc)
+
+
+async def _created_at(runtime: Runtime, file_id: str, project: str | None) -> float | None:
+    """OpenAI's `created_at` of the file `file_id` kept under `project` (None when it cannot
+    be read: the file gone, or no readable answer; an id that is not one path segment is
+    not asked for)."""
+    path = f"/files/{file_id}"
+    if canonical(path.encode()) != path:
+        return None
+    try:
+        answer = await runtime.upstream.send(path, b"", "", (), method="GET", project=project)
+        body = await read_answer(answer)
+        found = json.loads(body) if answer.status == 200 else None
+    except (RequestError, ValueError) as exc:
+        log.debug("output file %s: its created_at not read: %s", file_id, exc)
+        return None
+    at = found.get("created_at") if isinstance(found, dict) and found.get("id") == file_id else None
+    if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
+        log.debug("output file %s: answered %s, no created_at read", file_id, answer.status)
+        return None
+    return float(at)
 
 
 def completed_lines(batch: dict[str, Any]) -> int:

@@ -54,7 +54,7 @@ from proxy.ledger import BatchLine, RepeatGuard, Reservation, StoredObject, User
 from proxy.upstream import response_headers
 from proxy.web import repeats
 from proxy.web.admission import read_body
-from proxy.web.batch_follow import BATCH_SPAN_S, BatchFollow
+from proxy.web.batch_follow import BATCH_SPAN_S, BatchFollow, own_output
 from proxy.web.files import BATCHES, not_found, read_answer, scoped_listing, scoped_object
 from proxy.web.gateway import path_of
 from proxy.web.observe import KeyRefusals, observe
@@ -399,19 +399,13 @@ async def own_outputs(runtime: Runtime, team: Team, batch: Any, project: str | N
     """The output and error files of a batch shown to its team are that team's: the team
     may read them as soon as it sees them, before the follower has settled the batch.
     OpenAI keeps them in the batch's project, where the batch was just read (`project`):
-    they are recorded there."""
+    they are recorded there, at OpenAI's time of each (`own_output`)."""
     if not isinstance(batch, dict):
         return
     for name in ("output_file_id", "error_file_id"):
         file_id = batch.get(name)
         if isinstance(file_id, str) and file_id:
-            try:
-                output = StoredObject(
-                    file_id, team.name, "file", "batch_output", runtime.clock(), project=project
-                )
-                await runtime.ledger.own(output)
-            except LedgerError as exc:
-                log.error("recording %s of batch %s failed: %s", file_id, batch.get("id"), exc)
+            await own_output(runtime, team.name, file_id, batch.get("id"), project, runtime.clock())
 
 
 async def release(
