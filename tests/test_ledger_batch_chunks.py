@@ -431,3 +431,42 @@ async def test_a_ledger_copied_half_way_through_a_settlement_settles_it_exactly_
     finally:
         pg.drop_schema(shared)
     assert (rows, totals) == await settled_at_once(tmp_path / "once.db", lines)
+
+
+async def test_while_a_retry_deletes_a_stopped_settlements_lines_reports_count_each_once(
+    tmp_path: Path, chunks: list[Callable[[], Awaitable[None]]]
+) -> None:
+    """A settlement stopped after two chunks, then settled again: while the retry deletes
+    the lines the first wrote, a chunk a transaction, the lines still there and what the
+    reservation holds add up to its bound (neither its whole bound beside lines not yet
+    deleted), and the counters are the reservation's, whole."""
+    path = tmp_path / "ledger.db"
+    ledger = await opened(path)
+    await reserve_batch(ledger, lines=LINES)
+    bound = LINES * LINE_BOUND
+    totals = await ledger.totals(EVERY_COUNTER)
+
+    async def stop() -> None:
+        raise Stopped
+
+    chunks.extend([lambda: asyncio.sleep(0), stop])
+    lines = lines_of(LINES)
+    with pytest.raises(Stopped):
+        await ledger.settle_batch("b1", lines, DONE)
+    assert sum(written_by(path).values()) == 2 * CHUNK
+    seen: list[int] = []
+
+    async def look() -> None:
+        reports = await ledger.summarize(0.0, 10 * ENDED, ["team"])
+        cost = sum(r.cost_nanos for r in reports)
+        [holding] = await ledger.holding(10 * ENDED)
+        assert cost + holding.reserved_nanos == bound
+        assert await ledger.totals(EVERY_COUNTER) == totals
+        seen.append(sum(written_by(path).values()))
+
+    chunks.extend([look, look, look])
+    assert await ledger.settle_batch("b1", lines, DONE) == LINES
+    assert seen == [CHUNK, 0, 0]  # the first's lines deleted, then the retry's written
+    rows, after = kept(await every_row(ledger)), await ledger.totals(EVERY_COUNTER)
+    await ledger.close()
+    assert (rows, after) == await settled_at_once(tmp_path / "once.db", lines)
