@@ -470,3 +470,39 @@ async def test_while_a_retry_deletes_a_stopped_settlements_lines_reports_count_e
     rows, after = kept(await every_row(ledger)), await ledger.totals(EVERY_COUNTER)
     await ledger.close()
     assert (rows, after) == await settled_at_once(tmp_path / "once.db", lines)
+
+
+async def test_a_line_copied_half_way_through_a_settlement_is_not_resolved_on_postgresql(
+    tmp_path: Path, chunks: list[Callable[[], Awaitable[None]]]
+) -> None:
+    """The lines a settlement stopped between two chunks wrote, copied to PostgreSQL, are
+    not resolved there before the batch is settled: their counters never moved, and the
+    settlement replaces them. Once it has, they resolve as any line."""
+    path = tmp_path / "ledger.db"
+    ledger = await opened(path)
+    await reserve_batch(ledger, lines=LINES)
+
+    async def gone() -> None:
+        await ledger.close()
+
+    chunks.append(gone)
+    lines = [replace(line, settlement=replace(line.settlement, flagged=True))
+             for line in lines_of(LINES)]  # fmt: skip
+    with pytest.raises(LedgerError):
+        await ledger.settle_batch("b1", lines, DONE)
+    shared = ledger_url("postgresql", tmp_path)
+    try:
+        await copy_between(f"sqlite:///{path}", shared)
+        target = await open_ledger(shared)
+        try:
+            with pytest.raises(LedgerError, match="still being settled"):
+                await target.resolve(lines[1].entry.id, 0, ENDED + 5.0)
+            assert await target.settle_batch("b1", lines, DONE) == LINES
+            rows, totals = kept(await every_row(target)), await target.totals(EVERY_COUNTER)
+            cost = lines[1].settlement.cost_nanos
+            assert await target.resolve(lines[1].entry.id, 0, ENDED + 5.0) == cost
+        finally:
+            await target.close()
+    finally:
+        pg.drop_schema(shared)
+    assert (rows, totals) == await settled_at_once(tmp_path / "once.db", lines)

@@ -96,11 +96,7 @@ FORGET_SOME = (
 """(batch id, token, reservation id, limit): some of the rows `FORGET_ALL` deletes, and
 what each cost."""
 FORGET_ROW = "DELETE FROM requests WHERE rowid = ?"
-STILL_SETTLING = (
-    "SELECT b.id FROM requests AS r JOIN requests AS b ON b.response_id = r.response_id "
-    "WHERE r.id = ? AND r.billing_by IS NOT NULL AND b.state = 'reserved' "
-    "AND b.billing_by IS NOT NULL"
-)
+STILL_SETTLING = SQL.still_settling
 """(id,): the batch reservation still being settled that the row is a line of."""
 
 Step = Literal["more", "done", "lost"]

@@ -195,6 +195,9 @@ class Statements:
     leaves them, and the call that settles the batch writes its own."""
     billed_done: str
     """(id,): a batch reservation's row no longer names a chunked settlement."""
+    still_settling: str
+    """(id,): the batch reservation whose chunked settlement (`sqlite_batches`) wrote the
+    row `id` and has not ended (no row: none; a ledger copied half-way, on PostgreSQL too)."""
     first_by_content: str
     """(team, content digest, since): the latest row with that content started since then,
     not a replay, in `FIRST_COLUMNS` order."""
@@ -380,6 +383,9 @@ def _writes(d: Dialect) -> dict[str, str]:
         "AND billing_by <> ? AND id <> ?",
         "billed_done": "UPDATE requests SET billing_by = NULL, billed_lines = 0, "
         "billed_nanos = 0 WHERE id = ?",
+        "still_settling": "SELECT b.id FROM requests AS r JOIN requests AS b "
+        "ON b.response_id = r.response_id WHERE r.id = ? AND r.billing_by IS NOT NULL "
+        "AND b.state = 'reserved' AND b.billing_by IS NOT NULL",
         "keep_answer": f"INSERT INTO kept_answers ({names(ANSWER_COLUMNS)}) "
         f"VALUES ({marks(len(ANSWER_COLUMNS))})",
         "forget_answer": "DELETE FROM kept_answers WHERE request_id = ?",
