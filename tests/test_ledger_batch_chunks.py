@@ -37,6 +37,7 @@ from tests.test_ledger_batches import (
     billed,
     every_row,
     reserve_batch,
+    take_batch,
 )
 
 DONE = Settlement(ENDED, "ok", 200)
@@ -506,3 +507,33 @@ async def test_a_line_copied_half_way_through_a_settlement_is_not_resolved_on_po
     finally:
         pg.drop_schema(shared)
     assert (rows, totals) == await settled_at_once(tmp_path / "once.db", lines)
+
+
+async def test_a_reservation_reclaimed_half_way_through_its_settlement_keeps_no_line(
+    tmp_path: Path, chunks: list[Callable[[], Awaitable[None]]]
+) -> None:
+    """A batch whose reservation was never held (recording it failed), reclaimed between two
+    chunks of its settlement: charged its bound, the lines written so far deleted (the bound
+    stands for them), and the settlement stops. Nothing is counted twice, nor resolved for
+    counters that never moved."""
+    path = tmp_path / "ledger.db"
+    ledger = await opened(path)
+    await ledger.reserve(CREATION_COUNTERS, take_batch("b1", LINES))
+    await ledger.name_response("b1", "batch_abc")  # not held: reclaimed as any request
+    bound = LINES * LINE_BOUND
+
+    async def reclaimed() -> None:
+        assert await ledger.reclaim(ENDED, started_before=ENDED) == 1
+
+    chunks.append(reclaimed)
+    lines = [replace(line, settlement=replace(line.settlement, flagged=True))
+             for line in lines_of(LINES)]  # fmt: skip
+    assert await ledger.settle_batch("b1", lines, DONE) == 0
+    [report] = await ledger.summarize(0.0, 10 * ENDED, ["team"])
+    assert (report.requests, report.cost_nanos) == (1, bound)
+    assert await ledger.holding(10 * ENDED) == []
+    assert [f.id for f in await ledger.flagged(0.0, 10 * ENDED)] == ["b1"]
+    assert [(r["id"], r["billing_by"]) for r in await every_row(ledger)] == [("b1", None)]
+    totals = await ledger.totals(EVERY_COUNTER)
+    assert totals[CREATION_COUNTERS[0]].spent_nanos == bound
+    await ledger.close()

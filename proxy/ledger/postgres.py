@@ -193,6 +193,7 @@ class PostgresLedger(Schema, KeptAnswers):
             stale = await conn.fetch(sql, *values)
             for request_id, bound, text in (tuple(r) for r in stale):
                 reclaim = (float(now), request_id)
+                await conn.execute(SQL.forget_claimed, request_id, request_id)
                 await write_and_add(conn, SQL.reclaim, reclaim, text, codecs.reclaimed(bound))
             if owners:
                 sql, values = SQL.forget(owners)

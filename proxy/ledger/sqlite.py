@@ -192,6 +192,7 @@ class SqliteLedger(KeptAnswers):
             stale = conn.execute(*SQL.stale(started_before, owners)).fetchall()
             for request_id, bound, text in stale:
                 self._held.pop(request_id, None)
+                conn.execute(SQL.forget_claimed, (request_id, request_id))
                 conn.execute(SQL.reclaim, (now, request_id))
                 _add(conn, text, codecs.reclaimed(bound))
             if owners:
