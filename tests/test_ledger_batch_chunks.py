@@ -465,9 +465,19 @@ async def test_while_a_retry_deletes_a_stopped_settlements_lines_reports_count_e
         assert await ledger.totals(EVERY_COUNTER) == totals
         seen.append(sum(written_by(path).values()))
 
+    async def look_and_stop() -> None:
+        await look()
+        raise Stopped
+
+    # The retry stopped in turn, having deleted one chunk of the first's lines; the next
+    # deletes the rest.
+    chunks.extend([look_and_stop])
+    with pytest.raises(Stopped):
+        await ledger.settle_batch("b1", lines, DONE)
     chunks.extend([look, look, look])
     assert await ledger.settle_batch("b1", lines, DONE) == LINES
-    assert seen == [CHUNK, 0, 0]  # the first's lines deleted, then the retry's written
+    # Lines written as each transaction ended: the first's deleted, then the last's own.
+    assert seen == [CHUNK, 0, 0, CHUNK]
     rows, after = kept(await every_row(ledger)), await ledger.totals(EVERY_COUNTER)
     await ledger.close()
     assert (rows, after) == await settled_at_once(tmp_path / "once.db", lines)
