@@ -37,6 +37,7 @@ from tests.test_ledger_batches import (
     billed,
     every_row,
     reserve_batch,
+    take_batch,
 )
 
 DONE = Settlement(ENDED, "ok", 200)
@@ -431,3 +432,118 @@ async def test_a_ledger_copied_half_way_through_a_settlement_settles_it_exactly_
     finally:
         pg.drop_schema(shared)
     assert (rows, totals) == await settled_at_once(tmp_path / "once.db", lines)
+
+
+async def test_while_a_retry_deletes_a_stopped_settlements_lines_reports_count_each_once(
+    tmp_path: Path, chunks: list[Callable[[], Awaitable[None]]]
+) -> None:
+    """A settlement stopped after two chunks, then settled again: while the retry deletes
+    the lines the first wrote, a chunk a transaction, the lines still there and what the
+    reservation holds add up to its bound (neither its whole bound beside lines not yet
+    deleted), and the counters are the reservation's, whole."""
+    path = tmp_path / "ledger.db"
+    ledger = await opened(path)
+    await reserve_batch(ledger, lines=LINES)
+    bound = LINES * LINE_BOUND
+    totals = await ledger.totals(EVERY_COUNTER)
+
+    async def stop() -> None:
+        raise Stopped
+
+    chunks.extend([lambda: asyncio.sleep(0), stop])
+    lines = lines_of(LINES)
+    with pytest.raises(Stopped):
+        await ledger.settle_batch("b1", lines, DONE)
+    assert sum(written_by(path).values()) == 2 * CHUNK
+    seen: list[int] = []
+
+    async def look() -> None:
+        reports = await ledger.summarize(0.0, 10 * ENDED, ["team"])
+        cost = sum(r.cost_nanos for r in reports)
+        [holding] = await ledger.holding(10 * ENDED)
+        assert cost + holding.reserved_nanos == bound
+        assert await ledger.totals(EVERY_COUNTER) == totals
+        seen.append(sum(written_by(path).values()))
+
+    async def look_and_stop() -> None:
+        await look()
+        raise Stopped
+
+    # The retry stopped in turn, having deleted one chunk of the first's lines; the next
+    # deletes the rest.
+    chunks.extend([look_and_stop])
+    with pytest.raises(Stopped):
+        await ledger.settle_batch("b1", lines, DONE)
+    chunks.extend([look, look, look])
+    assert await ledger.settle_batch("b1", lines, DONE) == LINES
+    # Lines written as each transaction ended: the first's deleted, then the last's own.
+    assert seen == [CHUNK, 0, 0, CHUNK]
+    rows, after = kept(await every_row(ledger)), await ledger.totals(EVERY_COUNTER)
+    await ledger.close()
+    assert (rows, after) == await settled_at_once(tmp_path / "once.db", lines)
+
+
+async def test_a_line_copied_half_way_through_a_settlement_is_not_resolved_on_postgresql(
+    tmp_path: Path, chunks: list[Callable[[], Awaitable[None]]]
+) -> None:
+    """The lines a settlement stopped between two chunks wrote, copied to PostgreSQL, are
+    not resolved there before the batch is settled: their counters never moved, and the
+    settlement replaces them. Once it has, they resolve as any line."""
+    path = tmp_path / "ledger.db"
+    ledger = await opened(path)
+    await reserve_batch(ledger, lines=LINES)
+
+    async def gone() -> None:
+        await ledger.close()
+
+    chunks.append(gone)
+    lines = [replace(line, settlement=replace(line.settlement, flagged=True))
+             for line in lines_of(LINES)]  # fmt: skip
+    with pytest.raises(LedgerError):
+        await ledger.settle_batch("b1", lines, DONE)
+    shared = ledger_url("postgresql", tmp_path)
+    try:
+        await copy_between(f"sqlite:///{path}", shared)
+        target = await open_ledger(shared)
+        try:
+            with pytest.raises(LedgerError, match="still being settled"):
+                await target.resolve(lines[1].entry.id, 0, ENDED + 5.0)
+            assert await target.settle_batch("b1", lines, DONE) == LINES
+            rows, totals = kept(await every_row(target)), await target.totals(EVERY_COUNTER)
+            cost = lines[1].settlement.cost_nanos
+            assert await target.resolve(lines[1].entry.id, 0, ENDED + 5.0) == cost
+        finally:
+            await target.close()
+    finally:
+        pg.drop_schema(shared)
+    assert (rows, totals) == await settled_at_once(tmp_path / "once.db", lines)
+
+
+async def test_a_reservation_reclaimed_half_way_through_its_settlement_keeps_no_line(
+    tmp_path: Path, chunks: list[Callable[[], Awaitable[None]]]
+) -> None:
+    """A batch whose reservation was never held (recording it failed), reclaimed between two
+    chunks of its settlement: charged its bound, the lines written so far deleted (the bound
+    stands for them), and the settlement stops. Nothing is counted twice, nor resolved for
+    counters that never moved."""
+    path = tmp_path / "ledger.db"
+    ledger = await opened(path)
+    await ledger.reserve(CREATION_COUNTERS, take_batch("b1", LINES))
+    await ledger.name_response("b1", "batch_abc")  # not held: reclaimed as any request
+    bound = LINES * LINE_BOUND
+
+    async def reclaimed() -> None:
+        assert await ledger.reclaim(ENDED, started_before=ENDED) == 1
+
+    chunks.append(reclaimed)
+    lines = [replace(line, settlement=replace(line.settlement, flagged=True))
+             for line in lines_of(LINES)]  # fmt: skip
+    assert await ledger.settle_batch("b1", lines, DONE) == 0
+    [report] = await ledger.summarize(0.0, 10 * ENDED, ["team"])
+    assert (report.requests, report.cost_nanos) == (1, bound)
+    assert await ledger.holding(10 * ENDED) == []
+    assert [f.id for f in await ledger.flagged(0.0, 10 * ENDED)] == ["b1"]
+    assert [(r["id"], r["billing_by"]) for r in await every_row(ledger)] == [("b1", None)]
+    totals = await ledger.totals(EVERY_COUNTER)
+    assert totals[CREATION_COUNTERS[0]].spent_nanos == bound
+    await ledger.close()

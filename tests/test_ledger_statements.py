@@ -286,7 +286,12 @@ def test_step_13_adds_a_batch_settlements_progress_to_its_reservations_row(
 
 @pytest.mark.parametrize(
     "sql",
-    [sqlite_batches.FORGET_ALL, sqlite_batches.FORGET_SOME, sqlite_batches.STILL_SETTLING],
+    [
+        sqlite_batches.FORGET_ALL,
+        sqlite_batches.FORGET_SOME,
+        sqlite_batches.STILL_SETTLING,
+        statements(SQLITE).forget_claimed,
+    ],
 )
 def test_the_rows_of_a_batch_settled_a_chunk_at_a_time_are_found_by_its_response_id(
     tmp_path: Path, sql: str

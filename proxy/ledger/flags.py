@@ -57,6 +57,18 @@ def resolution(
     return int(charged), counters_text, (cost_nanos - int(charged), 0, tokens)
 
 
+def settling(request_id: str, batch: str | None) -> None:
+    """LedgerError if the row `request_id` is a line of the batch reservation `batch` (read
+    by `still_settling`; None: none) still being settled a chunk at a time: its counters
+    move with the batch's in the settlement's last transaction, or a settlement replaces
+    it (a ledger copied half-way)."""
+    if batch is not None:
+        raise LedgerError(
+            f"request {request_id} is a line of batch reservation {batch}, still being "
+            "settled: resolve it once the settlement has ended"
+        )
+
+
 def owned_already(obj: StoredObject, team: str) -> None:
     """An object recorded again (`team`: its first owner) is left as it was; LedgerError if
     another team claims it."""

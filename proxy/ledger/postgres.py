@@ -193,6 +193,7 @@ class PostgresLedger(Schema, KeptAnswers):
             stale = await conn.fetch(sql, *values)
             for request_id, bound, text in (tuple(r) for r in stale):
                 reclaim = (float(now), request_id)
+                await conn.execute(SQL.forget_claimed, request_id, request_id)
                 await write_and_add(conn, SQL.reclaim, reclaim, text, codecs.reclaimed(bound))
             if owners:
                 sql, values = SQL.forget(owners)
@@ -209,6 +210,9 @@ class PostgresLedger(Schema, KeptAnswers):
         async def work(conn: Any) -> int:
             await lock_counters(conn)
             found = await conn.fetchrow(SQL.resolving, request_id)
+            # A line of a SQLite ledger's chunked settlement, copied before it ended: the
+            # settlement here replaces it (`settle_batch`), its counters never moved.
+            flags.settling(request_id, await conn.fetchval(SQL.still_settling, request_id))
             charged, text, deltas = flags.resolution(request_id, _values(found), cost_nanos)
             sql = SQL.resolve_free if cost_nanos == 0 else SQL.resolve
             args = (cost_nanos, float(now), note, request_id)

@@ -192,6 +192,7 @@ class SqliteLedger(KeptAnswers):
             stale = conn.execute(*SQL.stale(started_before, owners)).fetchall()
             for request_id, bound, text in stale:
                 self._held.pop(request_id, None)
+                conn.execute(SQL.forget_claimed, (request_id, request_id))
                 conn.execute(SQL.reclaim, (now, request_id))
                 _add(conn, text, codecs.reclaimed(bound))
             if owners:
@@ -206,13 +207,7 @@ class SqliteLedger(KeptAnswers):
     async def resolve(self, request_id: str, cost_nanos: int, now: float, note: str = "") -> int:
         def run(conn: sqlite3.Connection) -> int:
             found = conn.execute(SQL.resolving, (request_id,)).fetchone()
-            batch = sqlite_batches.still_settling(conn, request_id)
-            if batch is not None:
-                # Its counters move with the batch's, in the settlement's last transaction.
-                raise LedgerError(
-                    f"request {request_id} is a line of batch reservation {batch}, still "
-                    "being settled: resolve it once the settlement has ended"
-                )
+            flags.settling(request_id, sqlite_batches.still_settling(conn, request_id))
             charged, text, deltas = flags.resolution(request_id, found, cost_nanos)
             sql = SQL.resolve_free if cost_nanos == 0 else SQL.resolve
             conn.execute(sql, (cost_nanos, now, note, request_id))

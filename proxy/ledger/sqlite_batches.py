@@ -28,7 +28,9 @@ A settlement that stops half-way (an error, the process killed) leaves the reser
 reserved, its counters whole, and the rows it wrote. Whoever settles the batch next (a
 retry, the process that adopts it after a restart) finds the row claimed by another call:
 it claims it for itself and deletes the rows of every other call first, a chunk a
-transaction, then writes its own. A call whose claim was taken over stops at its next
+transaction, then writes its own. Until they are all deleted the row goes on counting
+those left (`billed_lines`, `billed_nanos`), so that a report and what the reservation
+holds still add up to its bound. A call whose claim was taken over stops at its next
 transaction and writes nothing more (`settle_batch` answers 0, as for a batch settled by
 another). So the rows the counters are moved for are always those of the call that sums
 them: every line once, exactly, however many calls began; a line's row is never written
@@ -74,6 +76,10 @@ _COST = codecs.BILL_COLUMNS.index("cost_nanos")
 _RESPONSE = codecs.BILLED_COLUMNS.index("response_id")
 PROGRESS = "SELECT state, billing_by, billed_lines FROM requests WHERE id = ?"
 CLAIM = "UPDATE requests SET billing_by = ?, billed_lines = 0, billed_nanos = 0 WHERE id = ?"
+TAKE_OVER = "UPDATE requests SET billing_by = ? WHERE id = ?"
+"""A claim on a row another call claimed: its `billed_lines` and `billed_nanos` still count
+the lines other calls wrote, until they are deleted (`FORGOTTEN`)."""
+FORGOTTEN = "UPDATE requests SET billed_lines = ?, billed_nanos = billed_nanos - ? WHERE id = ?"
 ADVANCE = "UPDATE requests SET billed_lines = ?, billed_nanos = billed_nanos + ? WHERE id = ?"
 DONE = SQL.billed_done
 BILL = (
@@ -84,14 +90,13 @@ BILL = (
 FORGET_ALL = SQL.forget_billed
 """(batch id, token, reservation id): the rows other calls of the batch's settlement wrote."""
 FORGET_SOME = (
-    "DELETE FROM requests WHERE rowid IN (SELECT rowid FROM requests WHERE "
-    f"{FORGET_ALL.removeprefix('DELETE FROM requests WHERE ')} LIMIT ?)"
+    "SELECT rowid, cost_nanos FROM requests WHERE "
+    f"{FORGET_ALL.removeprefix('DELETE FROM requests WHERE ')} LIMIT ?"
 )
-STILL_SETTLING = (
-    "SELECT b.id FROM requests AS r JOIN requests AS b ON b.response_id = r.response_id "
-    "WHERE r.id = ? AND r.billing_by IS NOT NULL AND b.state = 'reserved' "
-    "AND b.billing_by IS NOT NULL"
-)
+"""(batch id, token, reservation id, limit): some of the rows `FORGET_ALL` deletes, and
+what each cost."""
+FORGET_ROW = "DELETE FROM requests WHERE rowid = ?"
+STILL_SETTLING = SQL.still_settling
 """(id,): the batch reservation still being settled that the row is a line of."""
 
 Step = Literal["more", "done", "lost"]
@@ -192,13 +197,23 @@ def _step(
     if claimed_by != call.token:
         if call.claimed:
             return "lost"  # another call took the settlement over: it writes every line
-        conn.execute(CLAIM, (call.token, call.request_id))
-        call.claimed, call.clearing, written = True, claimed_by is not None, 0
-    elif written != call.written:
+        call.claimed, call.clearing = True, claimed_by is not None
+        # Taken over, the row goes on counting the other calls' lines until they are
+        # deleted: a report sums them meanwhile, and the reservation holds the rest.
+        conn.execute(TAKE_OVER if call.clearing else CLAIM, (call.token, call.request_id))
+        written = written if call.clearing else 0
+    elif not call.clearing and written != call.written:
         raise LedgerError(f"batch {call.request_id}: {written} lines written, not {call.written}")
     others = (call.batch_id, call.token, call.request_id)
     if call.clearing:
-        call.clearing = conn.execute(FORGET_SOME, (*others, CHUNK_LINES)).rowcount == CHUNK_LINES
+        forgotten = conn.execute(FORGET_SOME, (*others, CHUNK_LINES)).fetchall()
+        conn.executemany(FORGET_ROW, [(rowid,) for rowid, _ in forgotten])
+        call.clearing = len(forgotten) == CHUNK_LINES
+        if call.clearing:
+            cost = sum(c for _, c in forgotten)
+            conn.execute(FORGOTTEN, (written - len(forgotten), cost, call.request_id))
+        else:  # none left: none counted
+            conn.execute(CLAIM, (call.token, call.request_id))
         return "more"
     if written < len(call.pending):
         chunk = call.pending[written : written + CHUNK_LINES]

@@ -74,9 +74,11 @@ COUNTED = "NOT (scope = 'organization' AND period = 'total' AND start = 0)"
 """Counters but the zero row migrations create, which an empty ledger holds."""
 RECLAIM_SET = (
     "state = 'settled', cost_nanos = reserved_nanos, reserved_nanos = 0, "
-    f"outcome = 'upstream_error', error_code = '{OUTCOME_UNKNOWN}', flagged = 1"
+    f"outcome = 'upstream_error', error_code = '{OUTCOME_UNKNOWN}', flagged = 1, "
+    "billing_by = NULL, billed_lines = 0, billed_nanos = 0"
 )
-"""What a reclaim sets on a reservation (its `finished_at` aside): charged its bound."""
+"""What a reclaim sets on a reservation (its `finished_at` aside): charged its bound, in
+place of any line a chunked settlement wrote (`forget_claimed`)."""
 
 
 def names(columns: Sequence[str]) -> str:
@@ -120,6 +122,9 @@ class Statements:
     counters text and usage of the row of id `?`."""
     reclaim: str
     """(finished at, id): a reservation charged its bound (`RECLAIM_SET`)."""
+    forget_claimed: str
+    """(id, id): the lines a chunked settlement of the batch reservation `id` wrote
+    (`sqlite_batches`), deleted as it is reclaimed: its bound is charged in their place."""
     flagged: str
     """(start, end): the settled flagged rows started then, as `Flagged`."""
     resolving: str
@@ -195,6 +200,9 @@ class Statements:
     leaves them, and the call that settles the batch writes its own."""
     billed_done: str
     """(id,): a batch reservation's row no longer names a chunked settlement."""
+    still_settling: str
+    """(id,): the batch reservation whose chunked settlement (`sqlite_batches`) wrote the
+    row `id` and has not ended (no row: none; a ledger copied half-way, on PostgreSQL too)."""
     first_by_content: str
     """(team, content digest, since): the latest row with that content started since then,
     not a replay, in `FIRST_COLUMNS` order."""
@@ -354,6 +362,9 @@ def _writes(d: Dialect) -> dict[str, str]:
         "settling": "SELECT state, error_code, resolved_at, cost_nanos, reserved_nanos, "
         f"counters, {usage} FROM requests WHERE id = ?{d.for_update}",
         "reclaim": f"UPDATE requests SET {RECLAIM_SET}, finished_at = ? WHERE id = ?",
+        "forget_claimed": "DELETE FROM requests WHERE response_id = (SELECT response_id "
+        "FROM requests WHERE id = ? AND billing_by IS NOT NULL) AND billing_by IS NOT NULL "
+        "AND id <> ?",
         "resolving": f"SELECT state, flagged, cost_nanos, counters, {usage} FROM requests "
         f"WHERE id = ?{d.for_update}",
         "resolve": f"{resolve} WHERE id = ?",
@@ -380,6 +391,9 @@ def _writes(d: Dialect) -> dict[str, str]:
         "AND billing_by <> ? AND id <> ?",
         "billed_done": "UPDATE requests SET billing_by = NULL, billed_lines = 0, "
         "billed_nanos = 0 WHERE id = ?",
+        "still_settling": "SELECT b.id FROM requests AS r JOIN requests AS b "
+        "ON b.response_id = r.response_id WHERE r.id = ? AND r.billing_by IS NOT NULL "
+        "AND b.state = 'reserved' AND b.billing_by IS NOT NULL",
         "keep_answer": f"INSERT INTO kept_answers ({names(ANSWER_COLUMNS)}) "
         f"VALUES ({marks(len(ANSWER_COLUMNS))})",
         "forget_answer": "DELETE FROM kept_answers WHERE request_id = ?",
