@@ -33,6 +33,7 @@ from proxy.ledger.base import (
     UserShare,
 )
 from proxy.ledger.copy import copy_between
+from proxy.ledger.postgres import PostgresLedger
 from tests import pg
 from tests.test_ledger import SETTLED, ledger_url, take
 
@@ -681,6 +682,60 @@ async def test_a_batch_naming_users_reclaimed_before_its_release_is_released_fro
     finally:
         await ledger.close()
     assert locked == [False, True]
+
+
+def remembered(ledger: Backend) -> set[str]:
+    """The batch reservations naming users that the PostgreSQL ledger `ledger` remembers."""
+    assert isinstance(ledger, PostgresLedger)
+    return set(ledger._shared)
+
+
+async def test_a_batch_naming_users_settled_by_its_lines_unheld_is_forgotten(shared: str) -> None:
+    """PostgreSQL: a batch whose hold was never written (recording it failed) is still
+    followed and settled by its lines: the reservation the process remembers (its users'
+    shares, megabytes for 50,000 users) is forgotten with it, not kept until the process
+    ends."""
+    ledger = await open_ledger(shared)
+    try:
+        await reserve_shared(ledger, 200, hold=False)
+        assert remembered(ledger) == {"b1"}
+        assert await ledger.settle_batch("b1", [], EXPIRED) == 1
+        assert remembered(ledger) == set()
+        assert set((await ledger.totals(SHARED_READ)).values()) == {Totals()}
+    finally:
+        await ledger.close()
+
+
+@pytest.mark.parametrize("where", ["here", "on another replica"])
+async def test_a_batch_naming_users_never_settled_here_is_forgotten_once_reclaimed(
+    shared: str, where: str
+) -> None:
+    """PostgreSQL: a batch reservation neither held nor released by the process that made
+    it (its create cancelled, say) is reclaimed at its bound by the housekeeping of this
+    process or of another: once this process's reclaim has passed its age, it is
+    forgotten, not kept until the process ends. A younger one is remembered still."""
+    ledger = await open_ledger(shared)
+    try:
+        await reserve_shared(ledger, 200, hold=False)
+        await reserve_shared(ledger, 3, hold=False, request_id="b2")
+        assert remembered(ledger) == {"b1", "b2"}
+        if where == "here":
+            assert await ledger.reclaim(CREATED + 10.0, started_before=CREATED + 1.0) == 2
+        else:
+            other = await open_ledger(shared)
+            try:
+                assert await other.reclaim(CREATED + 10.0, started_before=CREATED + 1.0) == 2
+            finally:
+                await other.close()
+            assert await ledger.reclaim(CREATED + 10.0, started_before=CREATED + 1.0) == 0
+        assert remembered(ledger) == set()
+        await reserve_shared(ledger, 3, hold=False, request_id="b3")
+        assert await ledger.reclaim(CREATED + 10.0, started_before=CREATED) == 0
+        assert remembered(ledger) == {"b3"}
+        await ledger.settle("b3", RELEASED)
+        assert remembered(ledger) == set()
+    finally:
+        await ledger.close()
 
 
 async def test_a_batch_settled_by_another_replica_after_it_was_read_ahead_is_left_as_it_is(

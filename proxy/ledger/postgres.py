@@ -68,10 +68,11 @@ class PostgresLedger(Schema, KeptAnswers):
         self.name = redacted(url)
         self.db = Pool(self.dsn, self.pool_size, self.name)
         self.owner: Owner | None = None
-        self._shared: dict[str, tuple[int, str, Usage]] = {}
+        self._shared: dict[str, tuple[int, str, Usage, float]] = {}
         """The batch reservations naming users this process made and has neither held
-        nor settled yet: (bound, counters text, usage). Released (the batch never
-        created), their users' counter rows are worked out before the first lock."""
+        nor settled yet: (bound, counters text, usage, started at). Released (the batch
+        never created), their users' counter rows are worked out before the first lock.
+        Forgotten once held or settled, or once old enough for a reclaim (`reclaim`)."""
 
     # -- opening (the schema: see `postgres_schema`) ---------------------------
 
@@ -144,10 +145,10 @@ class PostgresLedger(Schema, KeptAnswers):
                 codecs.reserved(entry, usage),
                 rows=written.rows if written else None,
             )
-            made.append((entry.estimated_nanos, text, usage))
+            made.append((entry.estimated_nanos, text, usage, entry.started_at))
             return reservation
 
-        made: list[tuple[int, str, Usage]] = []
+        made: list[tuple[int, str, Usage, float]] = []
         reservation = await self.db.transaction(work)
         if codecs.shared(made[-1][1]):
             self._shared[reservation.entry.id] = made[-1]
@@ -161,7 +162,7 @@ class PostgresLedger(Schema, KeptAnswers):
             # users under a daily per-user budget) worked out on a thread before the
             # transaction, whose first lock every replica's writers wait for. Used if the
             # row is still the reservation this process made.
-            bound, text, usage = mine
+            bound, text, usage, _ = mine
             deltas = codecs.settled(settlement, bound, 0, usage)
             added = await asyncio.to_thread(
                 lambda: added_arrays(codecs.counter_rows(text, deltas, 0))
@@ -200,7 +201,14 @@ class PostgresLedger(Schema, KeptAnswers):
                 await conn.execute(sql, *values)
             return len(stale)
 
-        return await self.db.transaction(work)
+        count = await self.db.transaction(work)
+        # This process's reservations started before `started_before` are no longer what
+        # it reserved: held or settled (forgotten already), or reclaimed, here or by
+        # another replica. Forgotten: a batch's counters text is megabytes for 50,000 users.
+        for request_id, (*_, started_at) in list(self._shared.items()):
+            if started_at < started_before:
+                del self._shared[request_id]
+        return count
 
     async def flagged(self, start: float, end: float) -> list[Flagged]:
         found = await self.db.fetch(SQL.flagged, float(start), float(end))
@@ -373,6 +381,7 @@ class PostgresLedger(Schema, KeptAnswers):
     async def settle_batch(
         self, request_id: str, lines: Sequence[BilledLine], outcome: Settlement
     ) -> int:
+        self._shared.pop(request_id, None)  # settled here by its lines, if never held
         billed = await codecs.billed_off_loop(lines)
         # What it writes is worked out on a thread, before the transaction, from its
         # reservation's row as read now: the release of a batch naming 50,000 users is
