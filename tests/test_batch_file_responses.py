@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from proxy.core.models import Estimate
 from proxy.core.settings import Config
 from proxy.doors.batches import bound_now
 from proxy.doors.responses import ResponsesDoor
-from tests.conftest import team_named
+from tests.conftest import team_named, two_teams
 from tests.test_batch_file import config, read
 
 __all__ = ["config"]  # the shared fixture
@@ -98,3 +99,33 @@ def test_checked_again_at_create_a_raised_mainline_rate_raises_the_bound(config:
     gone = replace(config.prices, mainline={})
     with pytest.raises(InvalidRequest, match=r"line 2: model 'gpt-5\.5' is not accepted"):
         bound_now(team_named(config), replace(config, prices=gone), batch.lines, priced_at)
+
+
+def test_a_line_without_the_image_tool_is_not_checked_at_create_for_an_image_model(
+    config: Config, tmp_path: Path
+) -> None:
+    # The line makes no image: its upload checked and bounded the mainline model alone, and
+    # so does the create, whatever the team's policy or the price book says of the image
+    # model it never names (the default one).
+    text = {k: v for k, v in body().items() if k not in ("tools", "max_tool_calls")}
+    request = {"custom_id": "a", "method": "POST", "url": RESPONSES, "body": text}
+    data = json.dumps(request).encode() + b"\n"
+    mainline_only = two_teams(tmp_path, "allow:\n  models: [gpt-5.5]\n")
+    team = team_named(mainline_only, "strict")
+    batch, _ = read(mainline_only, data, "strict")
+    assert batch.ok, batch.problems
+    [priced] = batch.lines
+    assert (priced.n, priced.mainline) == (0, "gpt-5.5")
+    priced_at = Estimate(batch.usage, batch.bound_nanos)
+    assert bound_now(team, mainline_only, batch.lines, priced_at) == priced_at
+    image = config.prices.find(config.default_model)
+    assert image is not None
+    book = replace(
+        config.prices,
+        models={**config.prices.models, config.default_model: replace(image, batch_rates=None)},
+    )
+    closed = replace(config, prices=book)
+    batch, _ = read(closed, data)
+    assert batch.ok, batch.problems
+    priced_at = Estimate(batch.usage, batch.bound_nanos)
+    assert bound_now(team_named(closed), closed, batch.lines, priced_at) == priced_at

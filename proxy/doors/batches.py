@@ -349,12 +349,18 @@ def bound_now(
     mainlines: dict[str, MainlinePrices] = {}
     # Lines asking the same thing get the same answer: each kind is checked once (a file of
     # 50,000 lines holds a handful of kinds, and this runs on the event loop).
-    seen: dict[tuple[Any, ...], str | tuple[ModelPrices, Usage, MainlinePrices | None]] = {}
+    seen: dict[tuple[Any, ...], str | tuple[ModelPrices | None, Usage, MainlinePrices | None]] = {}
     for stored in lines:
         kind = (stored.endpoint, stored.model, stored.n, stored.quality, stored.size, stored.user)
         found = seen.get((*kind, stored.mainline))
         if found is None:
-            found = _checked_again(team, config, *kind)
+            if stored.endpoint == "responses" and stored.n == 0:
+                # No image tool (or one it may not call): the line makes no image, and its
+                # upload checked and bounded its mainline model alone; the image model it
+                # was recorded with (the default, unless a tool named one) is not checked.
+                found = (None, Usage(), None)
+            else:
+                found = _checked_again(team, config, *kind)
             if not isinstance(found, str) and stored.mainline is not None:
                 found = _mainline_again(team, config, stored.mainline, found)
             seen[(*kind, stored.mainline)] = found
@@ -362,7 +368,8 @@ def bound_now(
             problems.append(f"line {stored.line}: {found}")
             continue
         model, ceiling, mainline = found
-        models[model.name] = model
+        if model is not None:
+            models[model.name] = model
         if mainline is not None:
             mainlines[mainline.name] = mainline
         output += ceiling.image_output
@@ -392,8 +399,8 @@ def bound_now(
 
 
 def _mainline_again(
-    team: Team, config: Config, name: str, found: tuple[ModelPrices, Usage, None]
-) -> str | tuple[ModelPrices, Usage, MainlinePrices]:
+    team: Team, config: Config, name: str, found: tuple[ModelPrices | None, Usage, None]
+) -> str | tuple[ModelPrices | None, Usage, MainlinePrices]:
     """Why a `/v1/responses` line of mainline model `name` is refused now, or `found` with
     that model at its batch rates (standard context, see `bound_now`)."""
     mainline = config.prices.find_mainline(name)
