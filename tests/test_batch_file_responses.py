@@ -83,6 +83,28 @@ def test_a_mainline_model_without_batch_rates_is_refused(config: Config) -> None
     ]
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("previous_response_id", 0), ("previous_response_id", 0.0), ("previous_response_id", False),
+     ("previous_response_id", ""), ("stream", 0), ("background", 0.0), ("stream", True)],
+)  # fmt: skip
+def test_what_a_batch_line_may_not_use_is_refused_in_any_value_but_null(
+    config: Config, name: str, value: Any
+) -> None:
+    """`0` equals False in Python: it was let through, and forwarded as given."""
+    batch, _ = read(config, line("a", **{name: value}) + b"\n")
+    assert len(batch.problems) == 1 and f"'{name}' cannot be used in a batch" in batch.problems[0]
+
+
+@pytest.mark.parametrize("name", ["previous_response_id", "stream", "background"])
+def test_null_is_no_value_and_a_flag_may_be_false(config: Config, name: str) -> None:
+    batch, _ = read(config, line("a", **{name: None}) + b"\n")
+    assert batch.problems == []
+    if name != "previous_response_id":
+        batch, _ = read(config, line("a", **{name: False}) + b"\n")
+        assert batch.problems == []
+
+
 def test_checked_again_at_create_a_raised_mainline_rate_raises_the_bound(config: Config) -> None:
     batch, _ = read(config, line("a") + b"\n" + line("b") + b"\n")
     priced_at = Estimate(batch.usage, batch.bound_nanos)

@@ -180,6 +180,10 @@ def test_a_tool_without_model_gets_the_default_model(config: Config) -> None:
         ({"max_output_tokens": 2**62}, "max_output_tokens"),
         ({"max_output_tokens": 10**22}, "max_output_tokens"),
         ({"model": None}, "model"),
+        # Not an id: it was forwarded as given, without the continued response's bound.
+        ({"previous_response_id": 0}, "previous_response_id"),
+        ({"previous_response_id": {"id": "resp_1"}}, "previous_response_id"),
+        ({"previous_response_id": ["resp_1"]}, "previous_response_id"),
     ],
 )
 def test_what_tollgate_cannot_bound_is_refused_with_a_400(

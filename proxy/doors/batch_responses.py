@@ -36,6 +36,9 @@ NOT_IN_A_BATCH = {
     "its tokens at upload. Send the conversation's items in 'input' instead",
 }
 
+FLAGS = frozenset({"stream", "background"})
+"""The parameters of `NOT_IN_A_BATCH` a line may still give as `false`."""
+
 
 def response_line(
     team: Team, config: Config, body: dict[str, Any]
@@ -43,7 +46,10 @@ def response_line(
     """(the body as parsed, its variant bounded at batch rates, the body to forward) for a
     `/v1/responses` line's `body`; a RequestError when it is refused."""
     for name, reason in NOT_IN_A_BATCH.items():
-        if body.get(name) not in (None, False):
+        # Absent or null, or `false` for a flag: not `0`, which equals False in Python and
+        # would be forwarded as given.
+        value = body.get(name)
+        if value is not None and not (value is False and name in FLAGS):
             raise InvalidRequest(reason, param=name)
     allow_endpoint(team, "responses")
     raw = json.dumps(body, separators=(",", ":")).encode()

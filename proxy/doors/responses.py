@@ -328,10 +328,10 @@ def read_body(fields: dict[str, Any], size: int, default_model: str, team: Team)
     image_data, input_images = read_input(fields.get("input"))
     if "input" in fields:
         fields["input"] = without_ids(fields["input"])
-    if "instructions" in fields and not isinstance(fields["instructions"], str):
-        raise InvalidRequest(
-            "Invalid type for 'instructions': expected a string.", param="instructions"
-        )
+    for name in ("instructions", "previous_response_id"):
+        # A previous response named by anything but its id would be forwarded unbounded.
+        if name in fields and not isinstance(fields[name], str):
+            raise InvalidRequest(f"Invalid type for '{name}': expected a string.", param=name)
     tools = fields.get("tools", [])
     index, tool = _tools(tools)
     choice = fields.get("tool_choice", "auto")
