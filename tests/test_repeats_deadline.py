@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
-from proxy.core.models import Endpoint
+import httpx
+
 from proxy.ledger import KeptAnswer
 from proxy.simulator import SimulatorSettings, create_simulator_app
 from proxy.web.gateway import Gateway
@@ -35,7 +37,6 @@ __all__ = ["root"]  # the fixture
 
 def simulated_answer() -> bytes:
     """The JSON answer the simulator gives `PLAIN`."""
-    import httpx
 
     async def fetch() -> bytes:
         simulator = create_simulator_app(SimulatorSettings())
@@ -63,7 +64,7 @@ def keyed_call(app: Gateway, body: dict[str, Any], key: str) -> Call:
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
-    path: Endpoint = "generations"
+    path = "generations"
     messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
@@ -85,7 +86,7 @@ async def headers_of(call: Call) -> tuple[int, dict[str, str]]:
 
 
 async def test_a_repeat_at_the_deadline_of_a_first_keeping_its_answer_is_replayed(
-    root: Any,
+    root: Path,
 ) -> None:
     async with harness(root) as h:
         first = keyed_call(h.app, PLAIN, "k-1")
