@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from proxy.core.errors import LedgerError
 from proxy.ledger import KeptAnswer, KeptTail
 from proxy.web.runtime import Runtime
+from proxy.web.spool import Spool
 
 log = logging.getLogger("tollgate.requests")
 
@@ -55,7 +56,12 @@ class Recorder:
         self.head = head
         """The kept answer's status, headers and team; its body is its chunks."""
         self.store_bytes = store_bytes
+        self.before = Spool(memory=runtime.spools)
+        """The events relayed before the answer was sure to be kept (every repeatable
+        stream's, while its client reads it): held as an answer being read is, within the
+        process's spool memory and else on disk, not each whole stream in memory."""
         self.pending: list[bytes] = []
+        """The events relayed since, until the writer takes them."""
         self.size = 0
         self.dropped = False
         """Not kept: too large, or the ledger refused it (its repeats are forwarded anew,
@@ -72,15 +78,19 @@ class Recorder:
         if self.size > self.store_bytes:
             self.drop()
             return
-        self.pending.append(chunk)
-        if wanted and self.writer is None:
-            self.writer = self.runtime.spawn(self.write())
+        if self.writer is None:
+            self.before.write(chunk)
+            if wanted:
+                self.writer = self.runtime.spawn(self.write())
+        else:
+            self.pending.append(chunk)
         self.wake.set()
 
     async def end(self, wanted: bool) -> None:
         """The stream ended whole: what is left is written and the stream marked ended, or
         (`wanted` False: its client read it to the end) nothing is kept."""
         if self.dropped or (not wanted and self.writer is None):
+            self.before.close()
             return
         if self.writer is None:
             self.writer = self.runtime.spawn(self.write())
@@ -103,8 +113,18 @@ class Recorder:
 
     def drop(self) -> None:
         self.dropped = True
+        self.before.close()
         self.pending.clear()
         self.wake.set()
+
+    def held(self) -> bytes:
+        """The events held before the writer started, taken once (their spool closed)."""
+        if not self.before.size:
+            return b""
+        body = self.before.read_all()
+        self.before.close()
+        self.before = Spool()
+        return body
 
     async def write(self) -> None:
         ledger, request_id = self.runtime.ledger, self.head.request_id
@@ -116,8 +136,9 @@ class Recorder:
             )  # fmt: skip
             await ledger.keep_answer(head, self.store_bytes)
             while not self.dropped:
-                if self.pending:
-                    chunk = b"".join(self.pending)
+                if self.before.size or self.pending:
+                    # What came before the writer started (once), then what came since.
+                    chunk = b"".join((self.held(), *self.pending))
                     self.pending.clear()
                     now = self.runtime.clock()
                     if not await ledger.append_chunk(request_id, seq, chunk, now, self.store_bytes):

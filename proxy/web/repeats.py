@@ -132,7 +132,11 @@ async def replay(
 
     if first is None:
         return forward(None)
-    deadline = min(entry.started_at, first.started_at) + runtime.config.upstream.deadline_s
+    # The first's own process ends it at its deadline, then settles it within the
+    # settlement's retries (`upstream.timeout_s`): an answer it read whole just before the
+    # deadline is kept after it, and a repeat forwarded meanwhile would be billed again.
+    upstream = runtime.config.upstream
+    deadline = min(entry.started_at, first.started_at) + upstream.deadline_s + upstream.timeout_s
     checked = clock()
     while True:
         # Read after `first`: an answer kept before the first settled (or was held) is seen.
@@ -148,7 +152,7 @@ async def replay(
             return forward(first)
         now = clock()
         if now >= deadline:
-            return forward(first)  # the first outlived its deadline: it will not answer now
+            return forward(first)  # the first outlived its deadline and its settlement
         if now - checked >= OWNER_CHECK_S:
             checked = now
             if await gone(runtime, first.owner, now):
