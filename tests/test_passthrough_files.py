@@ -16,7 +16,9 @@ import pytest
 from starlette.testclient import TestClient
 
 from proxy.core.auth import key_hash
+from proxy.core.errors import LedgerError
 from proxy.simulator import SimulatorSettings, create_simulator_app
+from proxy.web.gateway import Gateway
 from tests.conftest import UPSTREAM_KEY, in_process, write_config
 
 MINE = "tg_test_passthrough_files_mine"
@@ -120,4 +122,22 @@ def test_a_json_body_in_utf_16_is_read_for_its_files_too(
             CHAT, content=body, headers={**keyed(MINE), "content-type": "application/json"}
         )
         assert answer.status_code == 404, answer.text
+    assert arrived(upstream) == before
+
+
+def test_a_ledger_that_cannot_say_whose_file_it_is_forwards_nothing(
+    clients: tuple[TestClient, TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, upstream = clients
+    mine = upload(client, MINE)
+    before = arrived(upstream)
+    gateway = client.app
+    assert isinstance(gateway, Gateway) and gateway.runtime is not None
+
+    async def unreachable(object_ids: Any) -> dict[str, str]:
+        raise LedgerError("the ledger is down")
+
+    monkeypatch.setattr(gateway.runtime.ledger, "teams_of", unreachable)
+    answer = client.post(CHAT, json=chat(mine), headers=keyed(MINE))
+    assert answer.status_code == 503, answer.text
     assert arrived(upstream) == before

@@ -14,9 +14,11 @@ from proxy.core.auth import identify
 from proxy.core.errors import (
     AuthenticationFailed,
     InvalidRequest,
+    LedgerError,
     MethodNotAllowed,
     NotFound,
     RequestError,
+    ServiceUnavailable,
 )
 from proxy.core.parsing import MAX_VALUES
 from proxy.core.paths import CHAT_COMPLETIONS, OBJECT_PATHS, TOLLGATE_PATHS, under
@@ -83,7 +85,12 @@ class OtherPaths:
                 allow_method(s, path, method)
             named = named_files(body)
             if named:
-                await owned_files(s, team, named)
+                try:
+                    await owned_files(s, team, named)
+                except LedgerError as exc:
+                    raise ServiceUnavailable(
+                        "Tollgate cannot read the ledger right now; retry shortly."
+                    ) from exc
             answer = await s.upstream.send(
                 path.removeprefix("/v1"),
                 body,
