@@ -3,21 +3,29 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
 from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy.core.auth import identify
 from proxy.core.errors import (
     AuthenticationFailed,
+    InvalidRequest,
+    LedgerError,
     MethodNotAllowed,
     NotFound,
     RequestError,
+    ServiceUnavailable,
 )
+from proxy.core.parsing import MAX_VALUES
 from proxy.core.paths import CHAT_COMPLETIONS, OBJECT_PATHS, TOLLGATE_PATHS, under
 from proxy.web.admission import read_body
 from proxy.web.gateway import path_of, query_of
 from proxy.web.observe import KeyRefusals
-from proxy.web.pipeline import identified_again, new_request_id
+from proxy.web.pipeline import identified_again, new_request_id, owned_files
 from proxy.web.responses import error_response, streamed_response
 from proxy.web.runtime import Runtime
 
@@ -75,6 +83,14 @@ class OtherPaths:
                 if refused is not None:
                     raise refused
                 allow_method(s, path, method)
+            named = named_files(body)
+            if named:
+                try:
+                    await owned_files(s, team, named)
+                except LedgerError as exc:
+                    raise ServiceUnavailable(
+                        "Tollgate cannot read the ledger right now; retry shortly."
+                    ) from exc
             answer = await s.upstream.send(
                 path.removeprefix("/v1"),
                 body,
@@ -113,3 +129,47 @@ def allow_method(runtime: Runtime, path: str, method: str) -> None:
             f"{', '.join(sorted(allowed))} here.",
             tuple(sorted(allowed)),
         )
+
+
+FILE_KEYS = ("file_id", "file_ids")
+"""Where a body names files by id (a chat completion's `{"type": "file", "file":
+{"file_id": …}}`, a tool's `file_ids`)."""
+
+
+def named_files(body: bytes) -> tuple[str, ...]:
+    """The file ids a passthrough body names, which must be the team's own (`owned_files`):
+    OpenAI reads a file named by its id under the company key, whichever team uploaded it,
+    so a chat completion naming another team's `user_data` file would read it into its
+    answer. A body that is JSON (whatever its content type says) is read whole, every value
+    under a `file_id` key and every string in a `file_ids` list, in every object and under
+    each of a repeated key; another body that names `file_id` at all (a form field, plain
+    or percent-encoded) cannot be checked, and is refused."""
+    # NULs out: a JSON reader takes a body in UTF-16 or UTF-32 too.
+    plain = body.replace(b"\0", b"")
+    if b"file" not in plain.lower() and b"\\u" not in plain and b"%" not in plain:
+        return ()  # no key can spell `file_id`, escaped or not: nothing to read
+    if sum(body.count(c) for c in (b"{", b"[", b",")) > MAX_VALUES:
+        raise InvalidRequest(
+            f"The body of your request holds more than {MAX_VALUES:,} values: Tollgate reads "
+            "it for the files it names, and does not read one that large."
+        )
+    found: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        for key, value in items:
+            if key not in FILE_KEYS:
+                continue
+            values = value if key == "file_ids" and isinstance(value, list) else [value]
+            found.extend(v for v in values if isinstance(v, str))
+        return dict(items)
+
+    try:
+        json.loads(body, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        if b"file_id" in unquote_to_bytes(plain).lower():
+            raise InvalidRequest(
+                "Tollgate forwards a body that names files by id only as JSON, where it "
+                "checks that each file is your team's."
+            ) from None
+        return ()
+    return tuple(dict.fromkeys(found))
