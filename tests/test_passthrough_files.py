@@ -141,3 +141,25 @@ def test_a_ledger_that_cannot_say_whose_file_it_is_forwards_nothing(
     answer = client.post(CHAT, json=chat(mine), headers=keyed(MINE))
     assert answer.status_code == 503, answer.text
     assert arrived(upstream) == before
+
+
+def test_a_long_document_of_commas_naming_no_file_goes_through(
+    clients: tuple[TestClient, TestClient],
+) -> None:
+    """A chat whose text is a CSV of 150,000 cells (and says "file"): its commas are not
+    values to decode, and it is read on a thread (past 256 KiB); an object spam is
+    refused."""
+    client, upstream = clients
+    before = arrived(upstream)
+    table = "\n".join(",".join(str(c) for c in range(10)) for _ in range(15_000))
+    body = {"model": "gpt-5.5", "messages": [{"role": "user", "content": "file:\n" + table}]}
+    assert len(table) > 256 * 1024 and table.count(",") > 100_000
+    answer = client.post(CHAT, json=body, headers=keyed(MINE))
+    assert answer.status_code != 400, answer.text
+    assert arrived(upstream)[len(before) :] == [CHAT]
+    spam = '{"model": "gpt-5.5", "file_id": [' + "{}," * 100_001 + "{}]}"
+    answer = client.post(
+        CHAT, content=spam, headers={**keyed(MINE), "content-type": "application/json"}
+    )
+    assert answer.status_code == 400, answer.text
+    assert arrived(upstream)[len(before) :] == [CHAT]
