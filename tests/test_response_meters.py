@@ -346,3 +346,20 @@ def test_a_stream_cut_short_ends_with_an_error_event_naming_its_response() -> No
     assert event["error"]["code"] == "upstream_timeout"  # what the SDKs raise
     assert event["message"] == event["error"]["message"]
     assert "resp_9" in event["message"] and "did not answer in time" in event["message"]
+
+
+@pytest.mark.parametrize("status", ["paused", "requires_action", "", "Completed"])
+def test_a_response_in_a_status_of_no_known_end_is_charged_its_bound_flagged(
+    config: Config, status: str
+) -> None:
+    """A status that is neither pending nor one of the ends OpenAI documents may be a
+    response that still runs (and bills): the usage it reports so far is not what it billed,
+    so it is charged its bound, flagged (or that usage when it costs more), never freed."""
+    parsed = parse(config, body())
+    bound = DOOR.bound(parsed, DOOR.admit(team_named(config), parsed, config))
+    little = {"input_tokens": 1, "output_tokens": 0}
+    found = metered(response(status=status, usage=little, tool_usage=None, output=[]))
+    assert not found.pending
+    verdict = settlement.metered(bound, found)
+    assert verdict.cost_nanos == bound.cost_nanos and verdict.charge.flagged
+    assert verdict.error_code == "response_status_unknown"
