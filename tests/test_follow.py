@@ -13,9 +13,10 @@ from typing import Any, cast
 import pytest
 
 from proxy.core.models import Counter, Totals
+from proxy.doors import ResponsesDoor
 from proxy.ledger import open_ledger
 from proxy.ledger.base import Owner, Reservation
-from proxy.web.follow import Followers
+from proxy.web.follow import STUCK_AFTER_S, STUCK_LOG_EVERY_S, Followers, ResponseFollow
 from proxy.web.runtime import Runtime
 from tests.test_ledger import DESIGN_DAY
 from tests.test_ledger_responses import BOUND, exported, responses_entry
@@ -88,3 +89,42 @@ def test_a_held_response_whose_models_left_the_price_book_is_charged_its_bound(
     assert (row["state"], row["cost_nanos"], row["flagged"]) == ("settled", 400_000_000, 1)
     assert (row["error_code"], row["response_id"]) == ("outcome_unknown", "resp_bg")
     assert (totals.spent_nanos, totals.reserved_nanos) == (400_000_000, 0)
+
+
+class Pending:
+    """An upstream whose response never leaves `in_progress`."""
+
+    status = 200
+
+    async def send(self, *args: Any, **kwargs: Any) -> Pending:
+        return self
+
+    async def chunks(self) -> Any:
+        yield b'{"id": "resp_stuck", "object": "response", "status": "in_progress"}'
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_a_response_that_stays_pending_is_logged_with_its_held_reservation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # One stuck in_progress for days keeps its room held: never silently.
+    entry = responses_entry("stuck")
+    now = [entry.started_at + 60.0]
+    runtime = cast(Runtime, SimpleNamespace(upstream=Pending(), clock=lambda: now[0]))
+    exchange = SimpleNamespace(door=ResponsesDoor(), project=None, entry=entry)
+    followed = ResponseFollow(cast(Any, exchange), "resp_stuck")
+
+    def polled_at(at: float) -> list[str]:
+        now[0] = entry.started_at + at
+        caplog.clear()
+        assert asyncio.run(followed.poll(runtime)) is False
+        return [r.getMessage() for r in caplog.records if "resp_stuck" in r.getMessage()]
+
+    assert polled_at(60.0) == []
+    logged = polled_at(STUCK_AFTER_S + 1)
+    assert len(logged) == 1 and "still in_progress" in logged[0]
+    assert "stuck" in logged[0] and "stays held" in logged[0]
+    assert polled_at(STUCK_AFTER_S + 2) == []
+    assert len(polled_at(STUCK_AFTER_S + 1 + STUCK_LOG_EVERY_S)) == 1

@@ -11,6 +11,10 @@ A process that stops leaves its held reservations in the ledger; the housekeepin
 live process adopts them (`Ledger.adopt`), and its followers pick them up (`adopted`) from
 their rows, so a restart loses nothing.
 
+A response still pending `STUCK_AFTER_S` after its request is logged as a warning (then
+every `STUCK_LOG_EVERY_S` while it lasts), with its reservation: one that never ends keeps
+its room held, never silently.
+
 A poll answered 401 or 403 (the company key revoked, or no longer allowed in the project the
 response was created under) is a configuration fault the operator fixes, and the response
 may still run and be billed upstream: it is never settled for it, and is asked again
@@ -61,6 +65,12 @@ REFUSED_LOG_EVERY_S = 300.0
 second)."""
 ERROR_BYTES = 64 * 1024
 """How much of a refused poll's answer is read for its error code."""
+STUCK_AFTER_S = 3600.0
+"""How long after its request a followed response may still be pending (`queued`,
+`in_progress`) before it is logged as one that may never end: its reservation stays held
+meanwhile, room its team cannot spend."""
+STUCK_LOG_EVERY_S = 3600.0
+"""How often a response that stays pending past `STUCK_AFTER_S` is logged again."""
 
 
 class Followed(Protocol):
@@ -208,6 +218,8 @@ class ResponseFollow:
     exchange: Exchange
     response_id: str
     refusals: Refusals = field(default_factory=lambda: Refusals("response"), compare=False)
+    stuck: list[float] = field(default_factory=lambda: [-math.inf], compare=False)
+    """When it was last logged as pending past `STUCK_AFTER_S`."""
 
     async def poll(self, runtime: Runtime) -> bool:
         exchange, response_id = self.exchange, self.response_id
@@ -245,7 +257,10 @@ class ResponseFollow:
                 )  # fmt: skip
         if answer.status == 404:
             verdict = settlement.unknown(exchange.bound, GONE)
-        elif found is None or found.pending:
+        elif found is None:
+            return False
+        elif found.pending:
+            self.pending(runtime, found.status)
             return False
         else:
             verdict = settlement.metered(exchange.bound, found)
@@ -256,6 +271,22 @@ class ResponseFollow:
             log.error("settling %s failed: %s", response_id, exc)
             return False
         return True
+
+    def pending(self, runtime: Runtime, status: str | None) -> None:
+        """A poll found it still pending: logged once it has been for `STUCK_AFTER_S`, then
+        every `STUCK_LOG_EVERY_S`, as its reservation stays held for as long."""
+        entry, now = self.exchange.entry, runtime.clock()
+        age = now - entry.started_at
+        if age < STUCK_AFTER_S or now - self.stuck[0] < STUCK_LOG_EVERY_S:
+            return
+        self.stuck[0] = now
+        log.warning(
+            "following response %s (%s, team %s): still %s %.1f h after its request; its "
+            "reservation of $%s stays held until it ends: cancel it (POST "
+            "/v1/responses/{id}/cancel) if it never will",
+            self.response_id, entry.id, entry.team, status, age / 3600,
+            usd_text(entry.estimated_nanos),
+        )  # fmt: skip
 
     def refused(self, runtime: Runtime, status: int, body: bytes) -> None:
         """A poll answered 401 or 403: the company key is refused, and whether the response
