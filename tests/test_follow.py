@@ -128,3 +128,42 @@ def test_a_response_that_stays_pending_is_logged_with_its_held_reservation(
     assert "stuck" in logged[0] and "stays held" in logged[0]
     assert polled_at(STUCK_AFTER_S + 2) == []
     assert len(polled_at(STUCK_AFTER_S + 1 + STUCK_LOG_EVERY_S)) == 1
+
+
+def test_a_response_followed_while_its_hold_is_picked_up_is_followed_once(
+    tmp_path: Path,
+) -> None:
+    # The request's own hold commits while the pick-up reads the held reservations: the
+    # request follows it during the pick-up's next read, which must then leave it alone
+    # (not replace it, nor count it in flight a second time).
+    async def run() -> tuple[dict[str, Any], int]:
+        ledger = await open_ledger(f"sqlite:///{tmp_path / 'tollgate.db'}")
+        try:
+            await ledger.register(Owner("me", "host", 1), 10.0)
+
+            def choose(_: Mapping[Counter, Totals]) -> Reservation:
+                priced = replace(responses_entry("bg"), mainline_model="gpt-5-mini")
+                return Reservation(priced, BOUND, (DESIGN_DAY,))
+
+            await ledger.reserve([], choose)
+            await ledger.hold("bg", "resp_bg")
+            followers, own, started = Followers(), Ends(), [0]
+            read = ledger.held_entry
+
+            async def held_entry(request_id: str) -> Any:
+                followers.follow(request_id, own)  # the request resumes meanwhile
+                return await read(request_id)
+
+            racing = SimpleNamespace(held=ledger.held, held_entry=held_entry)
+            metrics = SimpleNamespace(started=lambda: started.__setitem__(0, started[0] + 1))
+            runtime = SimpleNamespace(
+                ledger=racing, config=config((team("design"),)), metrics=metrics
+            )
+            await followers.pick_up(cast(Runtime, runtime))
+            return dict(followers.following), started[0]
+        finally:
+            await ledger.close()
+
+    following, started = asyncio.run(run())
+    assert len(following) == 1 and isinstance(following["bg"], Ends)
+    assert started == 0

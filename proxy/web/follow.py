@@ -129,6 +129,8 @@ class Followers:
                 found = await runtime.ledger.held_entry(request_id)
                 if found is None:
                     continue  # settled meanwhile
+                if request_id in self.following:
+                    continue  # its request held it just now, and follows it itself
                 followed = adopted(runtime, found, upstream_id)
                 if followed is None:
                     await charge_bound(runtime, found, upstream_id)
