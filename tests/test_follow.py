@@ -4,6 +4,7 @@ way its poll did not foresee never stops the others from being followed."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -12,11 +13,17 @@ from typing import Any, cast
 
 import pytest
 
-from proxy.core.models import Counter, Totals
+from proxy.core.models import Counter, Totals, Usage
 from proxy.doors import ResponsesDoor
 from proxy.ledger import open_ledger
 from proxy.ledger.base import Owner, Reservation
-from proxy.web.follow import STUCK_AFTER_S, STUCK_LOG_EVERY_S, Followers, ResponseFollow
+from proxy.web.follow import (
+    STUCK_AFTER_S,
+    STUCK_LOG_EVERY_S,
+    Followers,
+    ResponseFollow,
+    adopted_bound,
+)
 from proxy.web.runtime import Runtime
 from tests.test_ledger import DESIGN_DAY
 from tests.test_ledger_responses import BOUND, exported, responses_entry
@@ -167,3 +174,60 @@ def test_a_response_followed_while_its_hold_is_picked_up_is_followed_once(
     following, started = asyncio.run(run())
     assert len(following) == 1 and isinstance(following["bg"], Ends)
     assert started == 0
+
+
+class Answers:
+    """An upstream that answers each poll with the next of `statuses` (no usage)."""
+
+    status = 200
+
+    def __init__(self, *statuses: str) -> None:
+        self.statuses = list(statuses)
+        self.body = b""
+
+    async def send(self, *args: Any, **kwargs: Any) -> Answers:
+        status = self.statuses.pop(0)
+        self.body = json.dumps({"id": "resp_bg", "status": status, "output": []}).encode()
+        return self
+
+    async def chunks(self) -> Any:
+        yield self.body
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("statuses", "charged"),
+    [(("in_progress", "cancelled"), True), (("queued", "cancelled"), False)],
+)
+def test_a_response_cancelled_without_usage_once_seen_running_is_charged_its_bound(
+    statuses: tuple[str, ...], charged: bool
+) -> None:
+    # OpenAI bills what it read and wrote before the cancel, and reports no usage for it:
+    # seen in progress, it is charged its bound, flagged; cancelled while queued, nothing.
+    entry = replace(responses_entry("bg"), mainline_model="gpt-5-mini")
+    runtime = SimpleNamespace(
+        upstream=Answers(*statuses), clock=lambda: entry.started_at + 5.0,
+        config=config((team("design"),)),
+    )  # fmt: skip
+    bound = adopted_bound(cast(Runtime, runtime), entry, Usage())
+    assert bound is not None
+    verdicts: list[Any] = []
+
+    async def settle(verdict: Any, status: int, upstream_id: str | None) -> None:
+        verdicts.append(verdict)
+
+    exchange = SimpleNamespace(
+        door=ResponsesDoor(), project=None, entry=entry, bound=bound, settle=settle,
+        upstream_id=None, response_id=None,
+    )  # fmt: skip
+    followed = ResponseFollow(cast(Any, exchange), "resp_bg")
+    assert asyncio.run(followed.poll(cast(Runtime, runtime))) is False
+    assert asyncio.run(followed.poll(cast(Runtime, runtime))) is True
+    [verdict] = verdicts
+    if charged:
+        assert verdict.cost_nanos == bound.cost_nanos and verdict.charge.flagged
+        assert verdict.error_code == "response_cancelled"
+    else:
+        assert verdict.cost_nanos == 0

@@ -363,3 +363,22 @@ def test_a_response_in_a_status_of_no_known_end_is_charged_its_bound_flagged(
     verdict = settlement.metered(bound, found)
     assert verdict.cost_nanos == bound.cost_nanos and verdict.charge.flagged
     assert verdict.error_code == "response_status_unknown"
+
+
+def test_a_cancelled_response_that_ran_but_reports_no_usage_is_charged_its_bound(
+    config: Config,
+) -> None:
+    """OpenAI bills what a background response read and wrote before its cancel, and its
+    cancelled object reports no usage: once it ran (seen in progress, or with output
+    items), that is its bound, flagged, never nothing. Cancelled while queued, it is free."""
+    parsed = parse(config, body())
+    bound = DOOR.bound(parsed, DOOR.admit(team_named(config), parsed, config))
+    cancelled = response(status="cancelled", usage=None, tool_usage=None, output=[])
+    queued = settlement.metered(bound, metered(cancelled))
+    assert queued.cost_nanos == 0
+    ran = settlement.metered(bound, metered(cancelled), ran=True)
+    assert ran.cost_nanos == bound.cost_nanos and ran.charge.flagged
+    assert ran.error_code == "response_cancelled"
+    reasoning = {"type": "reasoning", "summary": []}
+    wrote = settlement.metered(bound, metered({**cancelled, "output": [reasoning]}))
+    assert wrote.cost_nanos == bound.cost_nanos and wrote.charge.flagged

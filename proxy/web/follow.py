@@ -213,6 +213,17 @@ def error_code(body: bytes) -> str:
     return code if plain else "(no code)"
 
 
+@dataclass
+class Seen:
+    """What the polls of a followed response saw before it ended."""
+
+    ran: bool = False
+    """It was seen `in_progress`, or may have been (adopted from its row, or a stream that
+    started): cancelled without usage, it is charged its bound (`settlement.metered`)."""
+    stuck_logged_at: float = -math.inf
+    """When it was last logged as pending past `STUCK_AFTER_S`."""
+
+
 @dataclass(frozen=True, slots=True)
 class ResponseFollow:
     """A background response (or one whose stream broke off), settled when it ends."""
@@ -220,8 +231,7 @@ class ResponseFollow:
     exchange: Exchange
     response_id: str
     refusals: Refusals = field(default_factory=lambda: Refusals("response"), compare=False)
-    stuck: list[float] = field(default_factory=lambda: [-math.inf], compare=False)
-    """When it was last logged as pending past `STUCK_AFTER_S`."""
+    seen: Seen = field(default_factory=lambda: Seen(), compare=False)
 
     async def poll(self, runtime: Runtime) -> bool:
         exchange, response_id = self.exchange, self.response_id
@@ -265,7 +275,7 @@ class ResponseFollow:
             self.pending(runtime, found.status)
             return False
         else:
-            verdict = settlement.metered(exchange.bound, found)
+            verdict = settlement.metered(exchange.bound, found, ran=self.seen.ran)
         exchange.response_id = response_id
         try:
             await exchange.settle(verdict, answer.status, exchange.upstream_id)
@@ -277,11 +287,12 @@ class ResponseFollow:
     def pending(self, runtime: Runtime, status: str | None) -> None:
         """A poll found it still pending: logged once it has been for `STUCK_AFTER_S`, then
         every `STUCK_LOG_EVERY_S`, as its reservation stays held for as long."""
-        entry, now = self.exchange.entry, runtime.clock()
+        seen, entry, now = self.seen, self.exchange.entry, runtime.clock()
+        seen.ran = seen.ran or status == "in_progress"
         age = now - entry.started_at
-        if age < STUCK_AFTER_S or now - self.stuck[0] < STUCK_LOG_EVERY_S:
+        if age < STUCK_AFTER_S or now - seen.stuck_logged_at < STUCK_LOG_EVERY_S:
             return
-        self.stuck[0] = now
+        seen.stuck_logged_at = now
         log.warning(
             "following response %s (%s, team %s): still %s %.1f h after its request; its "
             "reservation of $%s stays held until it ends: cancel it (POST "
@@ -344,7 +355,7 @@ def adopted(runtime: Runtime, held: HeldEntry, upstream_id: str) -> Followed | N
     if bound is None:
         return None
     exchange = Exchange(runtime, ResponsesDoor(), entry, bound, {}, project=project)
-    return ResponseFollow(exchange, upstream_id)
+    return ResponseFollow(exchange, upstream_id, seen=Seen(ran=True))  # its history unknown
 
 
 def adopted_bound(runtime: Runtime, entry: Entry, usage: Usage) -> Bound | None:
