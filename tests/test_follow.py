@@ -4,6 +4,7 @@ way its poll did not foresee never stops the others from being followed."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -12,10 +13,17 @@ from typing import Any, cast
 
 import pytest
 
-from proxy.core.models import Counter, Totals
+from proxy.core.models import Counter, Totals, Usage
+from proxy.doors import ResponsesDoor
 from proxy.ledger import open_ledger
 from proxy.ledger.base import Owner, Reservation
-from proxy.web.follow import Followers
+from proxy.web.follow import (
+    STUCK_AFTER_S,
+    STUCK_LOG_EVERY_S,
+    Followers,
+    ResponseFollow,
+    adopted_bound,
+)
 from proxy.web.runtime import Runtime
 from tests.test_ledger import DESIGN_DAY
 from tests.test_ledger_responses import BOUND, exported, responses_entry
@@ -88,3 +96,138 @@ def test_a_held_response_whose_models_left_the_price_book_is_charged_its_bound(
     assert (row["state"], row["cost_nanos"], row["flagged"]) == ("settled", 400_000_000, 1)
     assert (row["error_code"], row["response_id"]) == ("outcome_unknown", "resp_bg")
     assert (totals.spent_nanos, totals.reserved_nanos) == (400_000_000, 0)
+
+
+class Pending:
+    """An upstream whose response never leaves `in_progress`."""
+
+    status = 200
+
+    async def send(self, *args: Any, **kwargs: Any) -> Pending:
+        return self
+
+    async def chunks(self) -> Any:
+        yield b'{"id": "resp_stuck", "object": "response", "status": "in_progress"}'
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_a_response_that_stays_pending_is_logged_with_its_held_reservation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # One stuck in_progress for days keeps its room held: never silently.
+    entry = responses_entry("stuck")
+    now = [entry.started_at + 60.0]
+    runtime = cast(Runtime, SimpleNamespace(upstream=Pending(), clock=lambda: now[0]))
+    exchange = SimpleNamespace(door=ResponsesDoor(), project=None, entry=entry)
+    followed = ResponseFollow(cast(Any, exchange), "resp_stuck")
+
+    def polled_at(at: float) -> list[str]:
+        now[0] = entry.started_at + at
+        caplog.clear()
+        assert asyncio.run(followed.poll(runtime)) is False
+        return [r.getMessage() for r in caplog.records if "resp_stuck" in r.getMessage()]
+
+    assert polled_at(60.0) == []
+    logged = polled_at(STUCK_AFTER_S + 1)
+    assert len(logged) == 1 and "still in_progress" in logged[0]
+    assert "stuck" in logged[0] and "stays held" in logged[0]
+    assert polled_at(STUCK_AFTER_S + 2) == []
+    assert len(polled_at(STUCK_AFTER_S + 1 + STUCK_LOG_EVERY_S)) == 1
+
+
+def test_a_response_followed_while_its_hold_is_picked_up_is_followed_once(
+    tmp_path: Path,
+) -> None:
+    # The request's own hold commits while the pick-up reads the held reservations: the
+    # request follows it during the pick-up's next read, which must then leave it alone
+    # (not replace it, nor count it in flight a second time).
+    async def run() -> tuple[dict[str, Any], int]:
+        ledger = await open_ledger(f"sqlite:///{tmp_path / 'tollgate.db'}")
+        try:
+            await ledger.register(Owner("me", "host", 1), 10.0)
+
+            def choose(_: Mapping[Counter, Totals]) -> Reservation:
+                priced = replace(responses_entry("bg"), mainline_model="gpt-5-mini")
+                return Reservation(priced, BOUND, (DESIGN_DAY,))
+
+            await ledger.reserve([], choose)
+            await ledger.hold("bg", "resp_bg")
+            followers, own, started = Followers(), Ends(), [0]
+            read = ledger.held_entry
+
+            async def held_entry(request_id: str) -> Any:
+                followers.follow(request_id, own)  # the request resumes meanwhile
+                return await read(request_id)
+
+            racing = SimpleNamespace(held=ledger.held, held_entry=held_entry)
+            metrics = SimpleNamespace(started=lambda: started.__setitem__(0, started[0] + 1))
+            runtime = SimpleNamespace(
+                ledger=racing, config=config((team("design"),)), metrics=metrics
+            )
+            await followers.pick_up(cast(Runtime, runtime))
+            return dict(followers.following), started[0]
+        finally:
+            await ledger.close()
+
+    following, started = asyncio.run(run())
+    assert len(following) == 1 and isinstance(following["bg"], Ends)
+    assert started == 0
+
+
+class Answers:
+    """An upstream that answers each poll with the next of `statuses` (no usage)."""
+
+    status = 200
+
+    def __init__(self, *statuses: str) -> None:
+        self.statuses = list(statuses)
+        self.body = b""
+
+    async def send(self, *args: Any, **kwargs: Any) -> Answers:
+        status = self.statuses.pop(0)
+        self.body = json.dumps({"id": "resp_bg", "status": status, "output": []}).encode()
+        return self
+
+    async def chunks(self) -> Any:
+        yield self.body
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("statuses", "charged"),
+    [(("in_progress", "cancelled"), True), (("queued", "cancelled"), False)],
+)
+def test_a_response_cancelled_without_usage_once_seen_running_is_charged_its_bound(
+    statuses: tuple[str, ...], charged: bool
+) -> None:
+    # OpenAI bills what it read and wrote before the cancel, and reports no usage for it:
+    # seen in progress, it is charged its bound, flagged; cancelled while queued, nothing.
+    entry = replace(responses_entry("bg"), mainline_model="gpt-5-mini")
+    runtime = SimpleNamespace(
+        upstream=Answers(*statuses), clock=lambda: entry.started_at + 5.0,
+        config=config((team("design"),)),
+    )  # fmt: skip
+    bound = adopted_bound(cast(Runtime, runtime), entry, Usage())
+    assert bound is not None
+    verdicts: list[Any] = []
+
+    async def settle(verdict: Any, status: int, upstream_id: str | None) -> None:
+        verdicts.append(verdict)
+
+    exchange = SimpleNamespace(
+        door=ResponsesDoor(), project=None, entry=entry, bound=bound, settle=settle,
+        upstream_id=None, response_id=None,
+    )  # fmt: skip
+    followed = ResponseFollow(cast(Any, exchange), "resp_bg")
+    assert asyncio.run(followed.poll(cast(Runtime, runtime))) is False
+    assert asyncio.run(followed.poll(cast(Runtime, runtime))) is True
+    [verdict] = verdicts
+    if charged:
+        assert verdict.cost_nanos == bound.cost_nanos and verdict.charge.flagged
+        assert verdict.error_code == "response_cancelled"
+    else:
+        assert verdict.cost_nanos == 0

@@ -346,3 +346,39 @@ def test_a_stream_cut_short_ends_with_an_error_event_naming_its_response() -> No
     assert event["error"]["code"] == "upstream_timeout"  # what the SDKs raise
     assert event["message"] == event["error"]["message"]
     assert "resp_9" in event["message"] and "did not answer in time" in event["message"]
+
+
+@pytest.mark.parametrize("status", ["paused", "requires_action", "", "Completed"])
+def test_a_response_in_a_status_of_no_known_end_is_charged_its_bound_flagged(
+    config: Config, status: str
+) -> None:
+    """A status that is neither pending nor one of the ends OpenAI documents may be a
+    response that still runs (and bills): the usage it reports so far is not what it billed,
+    so it is charged its bound, flagged (or that usage when it costs more), never freed."""
+    parsed = parse(config, body())
+    bound = DOOR.bound(parsed, DOOR.admit(team_named(config), parsed, config))
+    little = {"input_tokens": 1, "output_tokens": 0}
+    found = metered(response(status=status, usage=little, tool_usage=None, output=[]))
+    assert not found.pending
+    verdict = settlement.metered(bound, found)
+    assert verdict.cost_nanos == bound.cost_nanos and verdict.charge.flagged
+    assert verdict.error_code == "response_status_unknown"
+
+
+def test_a_cancelled_response_that_ran_but_reports_no_usage_is_charged_its_bound(
+    config: Config,
+) -> None:
+    """OpenAI bills what a background response read and wrote before its cancel, and its
+    cancelled object reports no usage: once it ran (seen in progress, or with output
+    items), that is its bound, flagged, never nothing. Cancelled while queued, it is free."""
+    parsed = parse(config, body())
+    bound = DOOR.bound(parsed, DOOR.admit(team_named(config), parsed, config))
+    cancelled = response(status="cancelled", usage=None, tool_usage=None, output=[])
+    queued = settlement.metered(bound, metered(cancelled))
+    assert queued.cost_nanos == 0
+    ran = settlement.metered(bound, metered(cancelled), ran=True)
+    assert ran.cost_nanos == bound.cost_nanos and ran.charge.flagged
+    assert ran.error_code == "response_cancelled"
+    reasoning = {"type": "reasoning", "summary": []}
+    wrote = settlement.metered(bound, metered({**cancelled, "output": [reasoning]}))
+    assert wrote.cost_nanos == bound.cost_nanos and wrote.charge.flagged

@@ -51,7 +51,8 @@ def read_response(response: Any) -> Metered:
     )
     images = len(calls)
     usage = response_usage(response, images)
-    return Metered(usage, images, response_id, status in PENDING, status, calls)
+    outputs = len(output) if isinstance(output, list) else 0
+    return Metered(usage, images, response_id, status in PENDING, status, calls, outputs)
 
 
 def _text(value: Any) -> str:

@@ -11,6 +11,10 @@ A process that stops leaves its held reservations in the ledger; the housekeepin
 live process adopts them (`Ledger.adopt`), and its followers pick them up (`adopted`) from
 their rows, so a restart loses nothing.
 
+A response still pending `STUCK_AFTER_S` after its request is logged as a warning (then
+every `STUCK_LOG_EVERY_S` while it lasts), with its reservation: one that never ends keeps
+its room held, never silently.
+
 A poll answered 401 or 403 (the company key revoked, or no longer allowed in the project the
 response was created under) is a configuration fault the operator fixes, and the response
 may still run and be billed upstream: it is never settled for it, and is asked again
@@ -61,6 +65,12 @@ REFUSED_LOG_EVERY_S = 300.0
 second)."""
 ERROR_BYTES = 64 * 1024
 """How much of a refused poll's answer is read for its error code."""
+STUCK_AFTER_S = 3600.0
+"""How long after its request a followed response may still be pending (`queued`,
+`in_progress`) before it is logged as one that may never end: its reservation stays held
+meanwhile, room its team cannot spend."""
+STUCK_LOG_EVERY_S = 3600.0
+"""How often a response that stays pending past `STUCK_AFTER_S` is logged again."""
 
 
 class Followed(Protocol):
@@ -119,6 +129,8 @@ class Followers:
                 found = await runtime.ledger.held_entry(request_id)
                 if found is None:
                     continue  # settled meanwhile
+                if request_id in self.following:
+                    continue  # its request held it just now, and follows it itself
                 followed = adopted(runtime, found, upstream_id)
                 if followed is None:
                     await charge_bound(runtime, found, upstream_id)
@@ -201,6 +213,17 @@ def error_code(body: bytes) -> str:
     return code if plain else "(no code)"
 
 
+@dataclass
+class Seen:
+    """What the polls of a followed response saw before it ended."""
+
+    ran: bool = False
+    """It was seen `in_progress`, or may have been (adopted from its row, or a stream that
+    started): cancelled without usage, it is charged its bound (`settlement.metered`)."""
+    stuck_logged_at: float = -math.inf
+    """When it was last logged as pending past `STUCK_AFTER_S`."""
+
+
 @dataclass(frozen=True, slots=True)
 class ResponseFollow:
     """A background response (or one whose stream broke off), settled when it ends."""
@@ -208,6 +231,7 @@ class ResponseFollow:
     exchange: Exchange
     response_id: str
     refusals: Refusals = field(default_factory=lambda: Refusals("response"), compare=False)
+    seen: Seen = field(default_factory=lambda: Seen(), compare=False)
 
     async def poll(self, runtime: Runtime) -> bool:
         exchange, response_id = self.exchange, self.response_id
@@ -245,10 +269,13 @@ class ResponseFollow:
                 )  # fmt: skip
         if answer.status == 404:
             verdict = settlement.unknown(exchange.bound, GONE)
-        elif found is None or found.pending:
+        elif found is None:
+            return False
+        elif found.pending:
+            self.pending(runtime, found.status)
             return False
         else:
-            verdict = settlement.metered(exchange.bound, found)
+            verdict = settlement.metered(exchange.bound, found, ran=self.seen.ran)
         exchange.response_id = response_id
         try:
             await exchange.settle(verdict, answer.status, exchange.upstream_id)
@@ -256,6 +283,23 @@ class ResponseFollow:
             log.error("settling %s failed: %s", response_id, exc)
             return False
         return True
+
+    def pending(self, runtime: Runtime, status: str | None) -> None:
+        """A poll found it still pending: logged once it has been for `STUCK_AFTER_S`, then
+        every `STUCK_LOG_EVERY_S`, as its reservation stays held for as long."""
+        seen, entry, now = self.seen, self.exchange.entry, runtime.clock()
+        seen.ran = seen.ran or status == "in_progress"
+        age = now - entry.started_at
+        if age < STUCK_AFTER_S or now - seen.stuck_logged_at < STUCK_LOG_EVERY_S:
+            return
+        seen.stuck_logged_at = now
+        log.warning(
+            "following response %s (%s, team %s): still %s %.1f h after its request; its "
+            "reservation of $%s stays held until it ends: cancel it (POST "
+            "/v1/responses/{id}/cancel) if it never will",
+            self.response_id, entry.id, entry.team, status, age / 3600,
+            usd_text(entry.estimated_nanos),
+        )  # fmt: skip
 
     def refused(self, runtime: Runtime, status: int, body: bytes) -> None:
         """A poll answered 401 or 403: the company key is refused, and whether the response
@@ -311,7 +355,7 @@ def adopted(runtime: Runtime, held: HeldEntry, upstream_id: str) -> Followed | N
     if bound is None:
         return None
     exchange = Exchange(runtime, ResponsesDoor(), entry, bound, {}, project=project)
-    return ResponseFollow(exchange, upstream_id)
+    return ResponseFollow(exchange, upstream_id, seen=Seen(ran=True))  # its history unknown
 
 
 def adopted_bound(runtime: Runtime, entry: Entry, usage: Usage) -> Bound | None:
