@@ -41,18 +41,23 @@ WAIT_S = 10.0
 """The bound on waiting for a condition (it holds at once unless something is broken)."""
 
 
-def simulated_events() -> list[bytes]:
-    """The SSE events the simulator streams for `STREAM`: partials, then completed."""
+def simulated_body(request: dict[str, Any]) -> bytes:
+    """The body the simulator answers `request` (a generation) with."""
 
     async def fetch() -> bytes:
         simulator = create_simulator_app(SimulatorSettings())
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=simulator), base_url="http://sim"
         ) as client:
-            answer = await client.post("/v1/images/generations", json=STREAM)
+            answer = await client.post("/v1/images/generations", json=request)
             return answer.content
 
-    body = asyncio.run(fetch())
+    return asyncio.run(fetch())
+
+
+def simulated_events() -> list[bytes]:
+    """The SSE events the simulator streams for `STREAM`: partials, then completed."""
+    body = simulated_body(STREAM)
     return [event + b"\n\n" for event in body.split(b"\n\n") if event.strip()]
 
 

@@ -265,11 +265,15 @@ def test_a_jump_reads_a_bounded_number_of_objects(world: World) -> None:
     assert world.upstream.reads - reads == files_module.JUMP_READS
 
 
-@settings(
+LAYOUTS = settings(
     max_examples=60,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+"""The hypothesis settings of the tests drawing layouts of files and clocks."""
+
+
+@LAYOUTS
 @given(
     plan=st.lists(
         st.tuples(
@@ -528,11 +532,7 @@ def test_a_batch_found_after_its_create_lost_its_answer_is_jumped_to(
         assert [b.id for b in sdk.batches.list(limit=1)] == [mine]
 
 
-@settings(
-    max_examples=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@LAYOUTS
 @given(
     plan=st.lists(
         st.tuples(

@@ -15,10 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from proxy.ledger import KeptAnswer
-from proxy.simulator import SimulatorSettings, create_simulator_app
 from proxy.web.gateway import Gateway
 from tests.test_deadlines import (
     KEY,
@@ -30,26 +27,14 @@ from tests.test_deadlines import (
     Harness,
     harness,
     root,
+    simulated_body,
 )
 
 __all__ = ["root"]  # the fixture
 
 
-def simulated_answer() -> bytes:
-    """The JSON answer the simulator gives `PLAIN`."""
-
-    async def fetch() -> bytes:
-        simulator = create_simulator_app(SimulatorSettings())
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=simulator), base_url="http://sim"
-        ) as client:
-            answer = await client.post("/v1/images/generations", json=PLAIN)
-            return answer.content
-
-    return asyncio.run(fetch())
-
-
-ANSWER = simulated_answer()
+ANSWER = simulated_body(PLAIN)
+"""The JSON answer the simulator gives `PLAIN`."""
 
 
 def keyed_call(app: Gateway, body: dict[str, Any], key: str) -> Call:
