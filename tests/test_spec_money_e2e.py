@@ -228,3 +228,35 @@ def test_a_request_no_form_of_which_fits_is_refused_without_retry(gate: Tollgate
     # The smallest square gpt-image-2 accepts (655,360 pixels at least, edges of 16 px).
     cheapest = bound_of("gpt-image-2", "low", "816x816", 10, "p")
     assert f"${Decimal(cheapest) / 10**9}" in error.message and "$0.02" in error.message
+
+
+def worst_size(factor: int) -> str:
+    """The accepted size (OPENAI-IMAGES §2.4) of the most output tokens at `factor`."""
+    accepted = (
+        (w, h)
+        for w in range(16, 3841, 16)
+        for h in range(16, 3841, 16)
+        if max(w, h) <= 3 * min(w, h) and 655_360 <= w * h <= 8_294_400
+    )
+    w, h = max(accepted, key=lambda d: formula(factor, *d))
+    return f"{w}x{h}"
+
+
+@pytest.mark.parametrize(
+    ("model", "top"), [("gpt-image-2", "high"), ("gpt-image-2.5-flare", "max")]
+)
+def test_auto_size_and_quality_reserve_the_models_worst_case(
+    gate: Tollgate, model: str, top: str
+) -> None:
+    """ "The model's worst case for `auto` quality or size": the top of its ladder at the
+    accepted size of the most output tokens, not one size OpenAI's `auto` was seen to
+    return."""
+    factor = FACTORS["gpt-image-2.5" if "2.5" in model else "gpt-image-2"][top]
+    client = gate.client()
+    with client.images.with_streaming_response.generate(
+        model=model, prompt="p", stream=True, partial_images=1
+    ) as answer:
+        reserved = nanos(answer.headers["x-tollgate-reserved-usd"])
+        events = list(answer.parse())
+    assert events[-1].type == "image_generation.completed"
+    assert reserved == bound_of(model, top, worst_size(factor), 1, "p", partials=1)
