@@ -5,6 +5,7 @@ a running Tollgate in front of the simulated upstream and the official `openai` 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
@@ -25,6 +26,10 @@ from tests.conftest import (
 )
 
 TIGHT_KEY = "tg_spec_money_tight_0001"
+# Per-user day limits of the teams `ladder0`, `ladder1`, ... (keys `LADDER_KEY` + index).
+LADDER_KEY = "tg_spec_money_ladder_"
+USER_LIMITS = (Decimal("0.0103"), Decimal("0.05"), Decimal("0.3"))
+FALLBACK = "gpt-image-1-mini"
 
 # -- the oracle: OpenAI's published rates and token rules ---------------------------------
 
@@ -52,6 +57,14 @@ TABLE = {
     "high": {"1024x1024": 4160, "1024x1536": 6240, "1536x1024": 6208},
 }
 STANDARD = ("1024x1024", "1536x1024", "1024x1536")
+# gpt-image-1-mini's published per-image prices (OPENAI-IMAGES §5.5), which its usage
+# does not match: the most an image of it is charged, so what its bound holds.
+MINI_PER_IMAGE = {
+    "low": {"1024x1024": Decimal("0.005"), "1024x1536": Decimal("0.006")},
+    "medium": {"1024x1024": Decimal("0.011"), "1024x1536": Decimal("0.015")},
+    "high": {"1024x1024": Decimal("0.036"), "1024x1536": Decimal("0.052")},
+}
+MINI_TEXT_INPUT = Decimal(2)
 CUSTOM = ("2048x1152", "3840x2160", "2160x3840", "2048x2048", "1536x864", "1008x2992")
 TEXT_OUTPUT_PER_IMAGE = 1000  # what Tollgate documents it reserves for 1.5's text output
 PARTIAL_TOKENS = 100
@@ -103,6 +116,11 @@ def cost_of(model: str, usage: dict[str, Any]) -> int:
 def bound_of(model: str, quality: str, size: str, n: int, prompt: str, partials: int = 0) -> int:
     """The bound of a generation: text ≤ prompt bytes, the image's output tokens, partial
     images, text output where the model bills it; × n."""
+    if model == "gpt-image-1-mini":
+        price = MINI_PER_IMAGE[quality]["1024x1024" if size == "1024x1024" else "1024x1536"]
+        text = len(prompt.encode()) * MINI_TEXT_INPUT / 1_000_000
+        partial = PARTIAL_TOKENS * partials * Decimal(8) / 1_000_000
+        return usd_nanos(n * (price + text + partial))
     text_in, _, image_out, text_out = RATES[base(model)]
     one = (
         len(prompt.encode()) * text_in
@@ -130,6 +148,18 @@ def gate(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iter
             on_exhausted: downgrade
         """,
     }
+    for index, limit in enumerate(USER_LIMITS):
+        teams[f"ladder{index}"] = f"""
+            name: ladder{index}
+            keys:
+              - {{id: k, sha256: {key_hash(LADDER_KEY + str(index))}}}
+            per_user:
+              - {{period: day, limit_usd: {limit}}}
+            on_exhausted: downgrade
+            downgrade:
+              order: [quality, size, model]
+              fallback_model: {FALLBACK}
+        """
     write_config(root, f"{simulator.url}/v1", teams=teams)
     tollgate = start_tollgate(root)
     yield tollgate
@@ -260,3 +290,92 @@ def test_auto_size_and_quality_reserve_the_models_worst_case(
         events = list(answer.parse())
     assert events[-1].type == "image_generation.completed"
     assert reserved == bound_of(model, top, worst_size(factor), 1, "p", partials=1)
+
+
+def qualities_of(model: str) -> tuple[str, ...]:
+    if not base(model).startswith("gpt-image-2"):
+        return ("low", "medium", "high")
+    return tuple(FACTORS["gpt-image-2.5" if "2.5" in model else "gpt-image-2"])
+
+
+def accepts(model: str, width: int, height: int) -> bool:
+    if not base(model).startswith("gpt-image-2"):
+        return f"{width}x{height}" in STANDARD
+    long, short = max(width, height), min(width, height)
+    return (
+        width % 16 == 0
+        and height % 16 == 0
+        and long <= 3840
+        and long <= 3 * short
+        and 655_360 <= width * height <= 8_294_400
+    )
+
+
+def smaller_same_aspect(model: str, size: str) -> list[str]:
+    """Accepted sizes of exactly the aspect ratio of `size`, smaller, largest first."""
+    width, height = (int(edge) for edge in size.split("x"))
+    found = [
+        (w, w * height // width)
+        for w in range(width - 1, 0, -1)
+        if w * height % width == 0 and accepts(model, w, w * height // width)
+    ]
+    return [f"{w}x{h}" for w, h in found]
+
+
+def ladder(model: str, quality: str, size: str, n: int, prompt: str) -> Iterator[tuple[str, ...]]:
+    """Every form of the request, most faithful first, under `order: [quality, size, model]`
+    (SPEC §6): quality one step at a time, then each cheaper smaller size of the same aspect
+    ratio (from the top quality again), then the fallback model, its ladder and sizes."""
+
+    def on(model: str, quality: str, size: str) -> Iterator[tuple[str, ...]]:
+        asked = bound_of(model, quality, size, n, prompt)
+        sizes = [size] + [
+            s for s in smaller_same_aspect(model, size)
+            if bound_of(model, quality, s, n, prompt) < asked
+        ]  # fmt: skip
+        ladder_ = qualities_of(model)
+        for s in sizes:
+            for q in reversed(ladder_[: ladder_.index(quality) + 1]):
+                yield model, q, s
+
+    yield from on(model, quality, size)
+    width, height = (int(edge) for edge in size.split("x"))
+    same = [s for s in STANDARD if int(s.split("x")[0]) * height == int(s.split("x")[1]) * width]
+    if same:
+        fallback_quality = quality if quality in qualities_of(FALLBACK) else "high"
+        yield from on(FALLBACK, fallback_quality, same[0])
+
+
+@settings(max_examples=25, deadline=None, database=None)
+@given(
+    asked=model_quality_size().filter(lambda a: not a[0].startswith(("gpt-image-1", "chat"))),
+    n=st.integers(1, 10),
+    team=st.sampled_from(range(len(USER_LIMITS))),
+)
+def test_the_downgrade_ladder_sends_the_most_faithful_form_that_fits(
+    gate: Tollgate, asked: tuple[str, str, str], n: int, team: int
+) -> None:
+    """A user with no spend yet: the first form of the ladder whose bound fits the user's
+    budget is sent, the header names what changed (model, quality, size), or a 429."""
+    model, quality, size = asked
+    user = uuid.uuid4()
+    prompt = "a lighthouse"
+    limit = usd_nanos(USER_LIMITS[team])
+    fits = [f for f in ladder(model, quality, size, n, prompt) if bound_of(*f, n, prompt) <= limit]
+    client = gate.client(LADDER_KEY + str(team))
+    call = client.images.with_raw_response.generate
+    if not fits:
+        with pytest.raises(openai.RateLimitError):
+            call(model=model, prompt=prompt, quality=quality, size=size, n=n, user=str(user))
+        return
+    answer = call(model=model, prompt=prompt, quality=quality, size=size, n=n, user=str(user))
+    sent = fits[0]
+    changed = [
+        f"{knob}={before}->{after}"
+        for knob, before, after in zip(("model", "quality", "size"), asked, sent, strict=True)
+        if before != after
+    ]
+    assert answer.headers.get("x-tollgate-downgraded") == ("; ".join(changed) or None)
+    row = gate.row(answer.headers["x-tollgate-request-id"])
+    assert (row["model"], row["quality"], row["size"]) == sent
+    assert row["estimated_nanos"] == bound_of(*sent, n, prompt)
