@@ -183,7 +183,10 @@ def model_quality_size() -> st.SearchStrategy[tuple[str, str, str]]:
 @given(
     asked=model_quality_size(),
     n=st.integers(1, 3),
-    prompt=st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1),
+    prompt=st.text(
+        st.characters(codec="utf-8", exclude_categories=["Cs"], exclude_characters="\x00"),
+        min_size=1,
+    ),
 )
 def test_a_generation_costs_its_usage_and_reserved_its_bound(
     gate: Tollgate, asked: tuple[str, str, str], n: int, prompt: str
