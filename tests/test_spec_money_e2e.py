@@ -5,6 +5,8 @@ a running Tollgate in front of the simulated upstream and the official `openai` 
 
 from __future__ import annotations
 
+import io
+import math
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -14,6 +16,7 @@ import openai
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from proxy.core.auth import key_hash
 from tests.conftest import (
@@ -382,3 +385,56 @@ def test_the_downgrade_ladder_sends_the_most_faithful_form_that_fits(
     row = gate.row(answer.headers["x-tollgate-request-id"])
     assert (row["model"], row["quality"], row["size"]) == sent
     assert row["estimated_nanos"] == bound_of(*sent, n, prompt)
+
+
+def tile_tokens(width: int, height: int, high_fidelity: bool) -> int:
+    """gpt-image-1's published input rule (OPENAI-IMAGES §5.4): fit in 2048x2048, shortest
+    side down to 512, 65 + 129 per 512-px tile, + 4160 (square) or 6240 at high fidelity."""
+    w, h = Decimal(width), Decimal(height)
+    if max(w, h) > 2048:
+        w, h = w * 2048 / max(w, h), h * 2048 / max(w, h)
+    if min(w, h) > 512:
+        w, h = w * 512 / min(w, h), h * 512 / min(w, h)
+    tiles = math.ceil(w / 512) * math.ceil(h / 512)
+    extra = (4160 if width == height else 6240) if high_fidelity else 0
+    return 65 + 129 * tiles + extra
+
+
+def png(width: int, height: int, mode: str = "L") -> tuple[str, bytes, str]:
+    out = io.BytesIO()
+    Image.new(mode, (width, height)).save(out, "PNG", optimize=True)
+    return "i.png", out.getvalue(), "image/png"
+
+
+@settings(max_examples=12, deadline=None, database=None)
+@given(
+    dims=st.lists(st.tuples(st.integers(64, 4000), st.integers(64, 4000)), min_size=1, max_size=3),
+    high=st.booleans(),
+    masked=st.booleans(),
+    n=st.integers(1, 2),
+)
+def test_an_edit_is_bounded_by_its_images_real_dimensions(
+    gate: Tollgate, dims: list[tuple[int, int]], high: bool, masked: bool, n: int
+) -> None:
+    """gpt-image-1's bound: every uploaded image (the mask one more, as OpenAI does not say
+    it is free) by the tile rule, the prompt, the output, × n; the cost is the usage's."""
+    images = [png(w, h) for w, h in dims]
+    extra: dict[str, Any] = {"input_fidelity": "high"} if high else {}
+    if masked:
+        extra["mask"] = png(*dims[0], mode="LA")
+    client = gate.client()
+    answer = client.images.with_raw_response.edit(
+        model="gpt-image-1", prompt="p", image=images, quality="low", size="1024x1024", n=n,
+        **extra,
+    )  # fmt: skip
+    usage = answer.parse().usage
+    assert usage is not None
+    assert nanos(answer.headers["x-tollgate-cost-usd"]) == cost_of(
+        "gpt-image-1", usage.model_dump()
+    )
+    masks = [dims[0]] if masked else []
+    image_tokens = sum(tile_tokens(w, h, high) for w, h in [*dims, *masks])
+    text_in, image_in, image_out, _ = RATES["gpt-image-1"]
+    bound = n * (1 * text_in + image_tokens * image_in + TABLE["low"]["1024x1024"] * image_out)
+    row = gate.row(answer.headers["x-tollgate-request-id"])
+    assert row["estimated_nanos"] == usd_nanos(bound / 1_000_000)
