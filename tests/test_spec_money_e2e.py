@@ -85,7 +85,10 @@ def formula(factor: int, width: int, height: int) -> int:
 
 
 def output_tokens(model: str, quality: str, size: str) -> int:
+    """An image's output tokens; `auto` quality is the model's worst case, its top."""
     name = base(model)
+    if quality == "auto":
+        quality = qualities_of(model)[-1]
     width, height = (int(edge) for edge in size.split("x"))
     if name.startswith("gpt-image-2.5"):
         return formula(FACTORS["gpt-image-2.5"][quality], width, height)
@@ -120,7 +123,9 @@ def bound_of(model: str, quality: str, size: str, n: int, prompt: str, partials:
     """The bound of a generation: text ≤ prompt bytes, the image's output tokens, partial
     images, text output where the model bills it; × n."""
     if model == "gpt-image-1-mini":
-        price = MINI_PER_IMAGE[quality]["1024x1024" if size == "1024x1024" else "1024x1536"]
+        price = MINI_PER_IMAGE["high" if quality == "auto" else quality][
+            "1024x1024" if size == "1024x1024" else "1024x1536"
+        ]
         text = len(prompt.encode()) * MINI_TEXT_INPUT / 1_000_000
         partial = PARTIAL_TOKENS * partials * Decimal(8) / 1_000_000
         return usd_nanos(n * (price + text + partial))
@@ -340,29 +345,37 @@ def ladder(model: str, quality: str, size: str, n: int, prompt: str) -> Iterator
             if bound_of(model, quality, s, n, prompt) < asked
         ]  # fmt: skip
         ladder_ = qualities_of(model)
+        # `auto` first becomes the highest explicit quality, then one step at a time.
+        steps = ladder_ if quality == "auto" else ladder_[: ladder_.index(quality) + 1]
         for s in sizes:
-            for q in reversed(ladder_[: ladder_.index(quality) + 1]):
-                yield model, q, s
+            yield model, quality, s
+            for q in reversed(steps):
+                if q != quality:
+                    yield model, q, s
 
     yield from on(model, quality, size)
     width, height = (int(edge) for edge in size.split("x"))
     same = [s for s in STANDARD if int(s.split("x")[0]) * height == int(s.split("x")[1]) * width]
     if same:
-        fallback_quality = quality if quality in qualities_of(FALLBACK) else "high"
+        kept = quality == "auto" or quality in qualities_of(FALLBACK)
+        fallback_quality = quality if kept else qualities_of(FALLBACK)[-1]
         yield from on(FALLBACK, fallback_quality, same[0])
 
 
 @settings(max_examples=25, deadline=None, database=None)
 @given(
     asked=model_quality_size().filter(lambda a: not a[0].startswith(("gpt-image-1", "chat"))),
+    auto=st.booleans(),
     n=st.integers(1, 10),
     team=st.sampled_from(range(len(USER_LIMITS))),
 )
 def test_the_downgrade_ladder_sends_the_most_faithful_form_that_fits(
-    gate: Tollgate, asked: tuple[str, str, str], n: int, team: int
+    gate: Tollgate, asked: tuple[str, str, str], auto: bool, n: int, team: int
 ) -> None:
     """A user with no spend yet: the first form of the ladder whose bound fits the user's
     budget is sent, the header names what changed (model, quality, size), or a 429."""
+    if auto:
+        asked = (asked[0], "auto", asked[2])
     model, quality, size = asked
     user = uuid.uuid4()
     prompt = "a lighthouse"
