@@ -10,6 +10,7 @@ import math
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -21,6 +22,7 @@ from PIL import Image
 from proxy.core.auth import key_hash
 from tests.conftest import (
     DESIGN_KEY,
+    RESEARCH_KEY,
     Simulator,
     Tollgate,
     nanos,
@@ -451,3 +453,38 @@ def test_an_edit_is_bounded_by_its_images_real_dimensions(
     bound = n * (1 * text_in + image_tokens * image_in + TABLE["low"]["1024x1024"] * image_out)
     row = gate.row(answer.headers["x-tollgate-request-id"])
     assert row["estimated_nanos"] == usd_nanos(bound / 1_000_000)
+
+
+def test_an_organization_budget_binds_every_team(simulator: Simulator, tmp_path: Path) -> None:
+    """One team's spend leaves the other less room in the organization's budget: its
+    request downgraded to fit (the header names the room left), then refused naming it."""
+    write_config(
+        tmp_path,
+        f"{simulator.url}/v1",
+        settings="""
+        organization:
+          budgets:
+            - {period: month, limit_usd: 0.1}
+        """,
+    )
+    tollgate = start_tollgate(tmp_path)
+    try:
+        asked = {"model": "gpt-image-2", "prompt": "p", "quality": "medium", "size": "1024x1024"}
+        medium = bound_of("gpt-image-2", "medium", "1024x1024", 1, "p")
+        low = bound_of("gpt-image-2", "low", "1024x1024", 1, "p")
+        first = tollgate.client(DESIGN_KEY).images.with_raw_response.generate(**asked)
+        assert "x-tollgate-downgraded" not in first.headers
+        left = usd_nanos(Decimal("0.1")) - medium
+        assert nanos(first.headers["x-tollgate-budget-remaining-usd"]) == left
+        research = tollgate.client(RESEARCH_KEY)
+        second = research.images.with_raw_response.generate(**asked)
+        assert second.headers["x-tollgate-downgraded"] == "quality=medium->low"
+        assert nanos(second.headers["x-tollgate-budget-remaining-usd"]) == left - low
+        with pytest.raises(openai.RateLimitError) as refused:
+            research.images.generate(**{**asked, "n": 10})
+        assert "organization's month budget" in refused.value.message
+        assert nanos(refused.value.response.headers["x-tollgate-budget-remaining-usd"]) == (
+            left - low
+        )
+    finally:
+        tollgate.stop()
