@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import date
 from decimal import Decimal
@@ -334,6 +335,33 @@ async def test_live_pages_of_one_answer_never_repeat_a_bucket() -> None:
     assert len(pages) == 2
     spend = parse_costs(pages, load_price_book())
     assert len(spend.days) == 40 and spend.amounts
+
+
+@pytest.mark.parametrize(
+    "next_page",
+    [lambda n: "same", lambda n: f"page_{n}", lambda n: None],
+    ids=["the-same-cursor", "a-new-cursor-each-time", "no-cursor"],
+)
+async def test_live_pages_that_never_end_are_the_costs_api_unreachable(
+    next_page: Callable[[int], str | None],
+) -> None:
+    """A Costs API that pages forever (the same cursor, a new one each time with no new
+    day) or says it has more without a cursor is refused (exit 2): a reconciliation of the
+    pages read would leave the other days' spend unseen, or never end."""
+    asked: list[httpx.Request] = []
+    day = date(2026, 11, 3)
+    bucket = {"start_time": 1_793_664_000, "end_time": 1_793_750_400, "results": []}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        asked.append(request)
+        assert len(asked) < 100, "the pages were read on and on"
+        page = {"object": "page", "data": [bucket] if len(asked) == 1 else [],
+                "has_more": True, "next_page": next_page(len(asked))}  # fmt: skip
+        return httpx.Response(200, json=page)
+
+    transport = httpx.MockTransport(answer)
+    with pytest.raises(UpstreamUnavailable, match="pages that do not end"):
+        await fetch_costs("http://costs.test/v1", "sk-admin", day, day, transport=transport)
 
 
 def test_a_difference_no_more_than_what_is_held_is_not_called_bypassed() -> None:

@@ -254,6 +254,8 @@ async def fetch_costs(
         "limit": PAGE_LIMIT,
     }
     pages: list[dict[str, Any]] = []
+    cursors: set[str] = set()
+    most_pages = (last - first).days + 2
     url = base_url.rstrip("/") + "/organization/costs"
     async with httpx.AsyncClient(
         headers={"authorization": f"Bearer {admin_key}"}, timeout=60, transport=transport
@@ -276,12 +278,31 @@ async def fetch_costs(
             if problem:
                 raise UpstreamUnavailable(f"{url} answered a page unlike the Costs API: {problem}")
             pages.append(page)
-            if not page.get("has_more") or not page.get("next_page"):
+            if not page.get("has_more"):
                 problem = repeated_bucket(pages)
                 if problem:
                     raise UpstreamUnavailable(f"{url} answered pages repeating a day: {problem}")
                 return pages
+            problem = next_page_problem(page.get("next_page"), cursors, len(pages), most_pages)
+            if problem:
+                raise UpstreamUnavailable(f"{url} answered pages that do not end: {problem}")
+            cursors.add(page["next_page"])
             params["page"] = page["next_page"]
+
+
+def next_page_problem(cursor: object, seen: set[str], pages: int, most: int) -> str:
+    """What keeps the Costs API's `next_page` from leading to the rest of its answer ('' if
+    nothing), after `pages` pages of an answer of at most `most` (a bucket a day, each page
+    at least one): no cursor, one given before (a loop), or more pages than days. The
+    pages read so far are not the whole answer: the days of the rest would go unreconciled,
+    spend that bypassed Tollgate on them unseen."""
+    if not isinstance(cursor, str) or not cursor:
+        return f"page {pages} has more ('has_more') but no 'next_page' to read it with"
+    if cursor in seen:
+        return f"page {pages} names the 'next_page' {printable(cursor)[:100]} a second time"
+    if pages >= most:
+        return f"{pages} pages and more for {most - 1} day(s), a bucket a day"
+    return ""
 
 
 async def ledger_costs(
