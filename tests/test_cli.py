@@ -337,6 +337,29 @@ def test_reconcile_exits_2_naming_a_costs_file_it_cannot_read(
     assert says in capsys.readouterr().err
 
 
+def test_reconcile_by_model_exits_2_on_costs_not_grouped_by_line_item(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """OpenAI's own example export (`GET /v1/organization/costs` without `group_by`): its
+    amounts name no model, so none can be compared; it read as every day matching, its
+    spend left out under a line item without a name."""
+    from proxy.cli import main
+
+    write_config(tmp_path, "http://127.0.0.1:9/v1")
+    new_ledger(tmp_path)
+    result = {"object": "organization.costs.result", "amount": {"value": 0.06, "currency": "usd"},
+              "line_item": None, "project_id": None}  # fmt: skip
+    bucket = {"object": "bucket", "start_time": 1730419200, "end_time": 1730505600,
+              "results": [result]}  # fmt: skip
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps({"object": "page", "data": [bucket], "has_more": False}))
+    argv = ["reconcile", "--config", str(tmp_path), "--costs", str(path)]
+    assert main(argv) == 2
+    assert "not grouped by line item" in capsys.readouterr().err
+    assert main([*argv, "--by", "project"]) == 2
+    assert "not grouped by project" in capsys.readouterr().err
+
+
 def test_reconcile_exits_2_on_a_date_that_is_not_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -107,9 +107,11 @@ def left_out(
 
 
 def parse_costs(pages: Iterable[Mapping[str, Any]], book: PriceBook) -> OpenAICosts:
-    """Sum a Costs API answer (one page, or a list of pages) by UTC day and priced model."""
+    """Sum a Costs API answer (one page, or a list of pages) by UTC day and priced model.
+    InvalidRequest when it is not grouped by line item: its amounts name no model."""
     found = OpenAICosts()
     amounts: dict[tuple[date, str], Decimal] = defaultdict(Decimal)
+    results = grouped = 0
     for page in pages:
         for bucket in page.get("data", []):
             day = utc_day(bucket["start_time"])
@@ -117,11 +119,18 @@ def parse_costs(pages: Iterable[Mapping[str, Any]], book: PriceBook) -> OpenAICo
             for result in bucket.get("results", []):
                 value = Decimal(str(result.get("amount", {}).get("value", 0)))
                 item = str(result.get("line_item") or "")
+                results, grouped = results + 1, grouped + bool(item)
                 model = canonical(line_item_model(item), book)
                 if model is None:
                     found.ignored[day, item] = found.ignored.get((day, item), Decimal(0)) + value
                 else:
                     amounts[day, model] += value
+    if results and not grouped:
+        raise InvalidRequest(
+            "The costs are not grouped by line item, so they name no model: export them "
+            "with group_by[]=line_item, or fetch them live with --admin-key-env.",
+            param="costs",
+        )
     found.amounts = dict(amounts)
     return found
 
