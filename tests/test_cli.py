@@ -319,9 +319,16 @@ def test_the_probe_sees_the_server_stack() -> None:
         ('[{"data": [{"start_time": 0, "results": [{"amount": {"value": 1}}]}]},'
          ' {"data": [{"start_time": 0, "results": [{"amount": {"value": 1}}]}]}]',
          "page 2 repeats the bucket of 1970-01-01"),
+        ('{"data": [{"start_time": 43200, "end_time": 129600, "results": []}]}',
+         "across a UTC midnight"),
+        ('[{"data": [{"start_time": 0, "end_time": 86400, "results": [{"amount": {"value": 1}}]}]},'
+         ' {"data": [{"start_time": 43200, "end_time": 86400,'
+         ' "results": [{"amount": {"value": 1}}]}]}]',
+         "page 2 has a bucket from 43200 that overlaps one of page 1 until 86400"),
     ],
     ids=["missing", "not-json", "not-a-page", "data", "an-error", "bucket", "amount", "year-3e12",
-         "nan-start", "amount-too-large", "euros", "a-week", "repeated"],
+         "nan-start", "amount-too-large", "euros", "a-week", "repeated", "across-midnight",
+         "overlapping"],
 )  # fmt: skip
 def test_reconcile_exits_2_naming_a_costs_file_it_cannot_read(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], costs: str | None, says: str

@@ -22,6 +22,7 @@ line items, the rest under its image tool's model (see `parts`).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections import defaultdict
@@ -183,6 +184,12 @@ def page_problem(page: object) -> str:
                 f"a bucket spans {start!r} to {end!r}, not at most a day: export the costs "
                 "with bucket_width=1d"
             )
+        if end > midnight(utc_day(start)) + DAY:
+            # Its amounts are of two UTC days, and would all be compared with the first's.
+            return (
+                f"a bucket spans {start!r} to {end!r}, across a UTC midnight: export the "
+                "costs with a start_time at a UTC midnight"
+            )
         results = bucket.get("results", [])
         if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
             return "a bucket's 'results' is not a list of objects"
@@ -203,15 +210,22 @@ GROUP_KEYS = ("line_item", "project_id", "api_key_id", "user_id", "api_source")
 
 def repeated_bucket(pages: Iterable[Mapping[str, Any]]) -> str:
     """What repeats in `pages` ('' if nothing): a result of the same start time and
-    group (line item, project, …) twice, as two overlapping exports put together have,
-    whose amounts would be summed twice. One answer's pages, live ones too, start each
-    bucket once."""
+    group (line item, project, …) twice, or two of one group whose buckets overlap (one
+    export from a midnight, one from an hour of that day), as two overlapping exports put
+    together have, whose amounts would be summed twice. One answer's pages, live ones too,
+    hold each span of time once."""
     seen: dict[tuple[Any, ...], int] = {}
+    spans: dict[tuple[str, ...], list[tuple[float, float, int]]] = defaultdict(list)
+    items: dict[tuple[str, ...], str] = {}
     for number, page in enumerate(pages, 1):
         for bucket in page.get("data", []):
             start = bucket["start_time"]
+            end = bucket.get("end_time", start + DAY)
             for result in bucket.get("results", []):
-                key = (start, *(repr(result.get(name)) for name in GROUP_KEYS))
+                group = tuple(repr(result.get(name)) for name in GROUP_KEYS)
+                spans[group].append((start, end, number))
+                items[group] = str(result.get("line_item") or "(all line items)")
+                key = (start, *group)
                 if key in seen:
                     day = utc_day(start).isoformat()
                     item = printable(str(result.get("line_item") or "(all line items)"))
@@ -223,6 +237,16 @@ def repeated_bucket(pages: Iterable[Mapping[str, Any]]) -> str:
                         "together? Export each day once."
                     )
                 seen[key] = number
+    for group, found in spans.items():
+        found.sort()
+        for (_, end, before), (start, _, number) in itertools.pairwise(found):
+            if start < end:
+                item = printable(items[group])
+                return (
+                    f"page {number} has a bucket from {start!r} that overlaps one of page "
+                    f"{before} until {end!r} ({utc_day(start).isoformat()}), line item {item}: "
+                    "overlapping exports put together? Export each day once."
+                )
     return ""
 
 
