@@ -68,6 +68,23 @@ def test_fold_turns_utc_buckets_into_local_days() -> None:
     assert as_json(found)["total"]["requests"] == 4
 
 
+def test_rows_are_in_one_order_whatever_order_the_ledger_answers_in() -> None:
+    """A request without a `user` and one whose `user` is "" are two groups: SQLite and
+    PostgreSQL answer them in different orders, and a copied ledger's report is the same."""
+    period = Period(date(2026, 11, 1), date(2026, 11, 30), "UTC")
+    groups = [Aggregate((None, "gpt-image-2"), 1, 1, 0, 0, 10, 100),
+              Aggregate(("", "gpt-image-2"), 2, 2, 0, 0, 20, 200),
+              Aggregate(("", "gpt-image-1"), 3, 3, 0, 0, 30, 300)]  # fmt: skip
+    by = parse_by("user,model")
+    first = as_json(fold(groups, by, period))
+    assert as_json(fold(groups[::-1], by, period)) == first
+    assert [(r["user"], r["model"]) for r in first["rows"]] == [
+        (None, "gpt-image-2"),
+        ("", "gpt-image-1"),
+        ("", "gpt-image-2"),
+    ]
+
+
 def test_money_is_a_decimal_string_never_a_float() -> None:
     report = fold([Aggregate(("m",), 1, 1, 0, 0, 0, 123_456_789_012)], ("model",),
                   Period(date(2026, 1, 1), date(2026, 1, 1), "UTC"))  # fmt: skip

@@ -301,7 +301,11 @@ def fold(aggregates: Iterable[Aggregate], by: Sequence[Dimension], period: Perio
             for d in by
         )
         grouped[key] = grouped.get(key, Sums()) + Sums.of(a)
-    rows = tuple(sorted(grouped.items(), key=lambda kv: tuple(v or "" for v in kv[0])))
+    # None (no value) before "" (an empty one): sorted as one, they came in the order the
+    # database answered, which SQLite and PostgreSQL do not share.
+    rows = tuple(
+        sorted(grouped.items(), key=lambda kv: tuple((v is not None, v or "") for v in kv[0]))
+    )
     total = sum((s for _, s in rows), Sums())
     return Report(period, by, rows, total)
 
