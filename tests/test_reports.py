@@ -6,7 +6,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import date
 from decimal import Decimal
@@ -379,6 +379,27 @@ async def test_live_pages_that_never_end_are_the_costs_api_unreachable(
     transport = httpx.MockTransport(answer)
     with pytest.raises(UpstreamUnavailable, match="pages that do not end"):
         await fetch_costs("http://costs.test/v1", "sk-admin", day, day, transport=transport)
+
+
+async def test_a_live_page_too_large_for_a_costs_answer_is_refused_unread() -> None:
+    """A page of more than 64 MiB (here blanks before a page) is no Costs API answer: it is
+    refused as it arrives, not held in memory whole and read."""
+    sent: list[int] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(80):
+            sent.append(1)
+            yield b" " * 2**20
+        yield b'{"object": "page", "data": [], "has_more": false}'
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body())
+
+    day = date(2026, 11, 3)
+    transport = httpx.MockTransport(answer)
+    with pytest.raises(UpstreamUnavailable, match="more than 67,108,864 bytes"):
+        await fetch_costs("http://costs.test/v1", "sk-admin", day, day, transport=transport)
+    assert len(sent) < 80
 
 
 def test_a_difference_no_more_than_what_is_held_is_not_called_bypassed() -> None:

@@ -49,6 +49,9 @@ DEFAULT_TOLERANCE = Decimal("0.01")
 """USD per day and model: OpenAI reports float amounts, Tollgate rounds each request up
 to the nano-dollar; a cent absorbs both, a single missed image does not."""
 PAGE_LIMIT = 31
+MOST_PAGE_BYTES = 64 * 2**20
+"""The largest page of the Costs API read: 31 days of some thousand line items each are a
+few megabytes."""
 LATEST = 253_370_764_800
 """9999-01-01 UTC: a bucket or a day after 9998 has no following midnight a datetime holds."""
 MOST_USD = 10**15
@@ -295,16 +298,17 @@ async def fetch_costs(
     ) as client:
         while True:
             try:
-                answer = await client.get(url, params=params)
+                status, body = await _read_page(client, url, params)
             except httpx.HTTPError as exc:
                 raise UpstreamUnavailable(f"cannot reach {url}: {exc}") from exc
-            if answer.status_code != 200:
+            if status != 200:
+                text = printable(body[:300].decode(errors="replace"))
                 raise UpstreamUnavailable(
-                    f"{url} answered {answer.status_code}: {answer.text[:300]}"
+                    f"{url} answered {status}: {text}"
                     " (is the key an admin key with access to usage and costs?)"
                 )
             try:
-                page: dict[str, Any] = answer.json()
+                page: dict[str, Any] = json.loads(body)
             except ValueError as exc:
                 raise UpstreamUnavailable(f"{url} answered something not JSON: {exc}") from exc
             problem = page_problem(page)
@@ -321,6 +325,23 @@ async def fetch_costs(
                 raise UpstreamUnavailable(f"{url} answered pages that do not end: {problem}")
             cursors.add(page["next_page"])
             params["page"] = page["next_page"]
+
+
+async def _read_page(
+    client: httpx.AsyncClient, url: str, params: Mapping[str, Any]
+) -> tuple[int, bytes]:
+    """The status and body of one page; UpstreamUnavailable past `MOST_PAGE_BYTES` (read no
+    further: a page that size is no Costs API answer, and would be held in memory whole)."""
+    async with client.stream("GET", url, params=params) as answer:
+        body = bytearray()
+        async for chunk in answer.aiter_bytes():
+            body += chunk
+            if len(body) > MOST_PAGE_BYTES:
+                raise UpstreamUnavailable(
+                    f"{url} answered a page of more than {MOST_PAGE_BYTES:,} bytes: a page "
+                    f"of {PAGE_LIMIT} days of costs is far smaller"
+                )
+        return answer.status_code, bytes(body)
 
 
 def next_page_problem(cursor: object, seen: set[str], pages: int, most: int) -> str:
