@@ -248,3 +248,33 @@ def test_the_data_residency_knob_bills_later_requests_as_a_regional_endpoint(
         usd(("63.00", LOW_1024)),
         2 * LOW_1024,
     )
+
+
+def test_the_costs_are_filtered_by_project_and_line_item(
+    clients: dict[str, openai.OpenAI],
+) -> None:
+    """`project_ids` and `line_items` (the SDK's `project_ids[]`, `line_items[]`) answer
+    those projects' and line items' costs only, as OpenAI does; they answered every one."""
+    art, ops = clients["proj_art"], clients["proj_ops"]
+    art.images.generate(model="gpt-image-2", prompt="a", quality="low", size="1024x1024")
+    ops.images.generate(model="gpt-image-1", prompt="b", quality="low", size="1024x1024")
+    both = ["line_item", "project_id"]
+    everything = costs(art, both)
+    assert {project for _, project in everything} == {"proj_art", "proj_ops"}
+    page = art.admin.organization.usage.costs(
+        start_time=int(time.time()) - 3600, group_by=both, limit=1, project_ids=["proj_ops"]
+    )
+    [bucket] = page.data
+    assert {(r.line_item, r.project_id) for r in bucket.results} == {
+        (item, project) for item, project in everything if project == "proj_ops"
+    }
+    page = art.admin.organization.usage.costs(
+        start_time=int(time.time()) - 3600,
+        group_by=both,
+        limit=1,
+        line_items=["gpt-image-2, image output"],
+    )
+    [bucket] = page.data
+    assert [(r.line_item, r.project_id) for r in bucket.results] == [
+        ("gpt-image-2, image output", "proj_art")
+    ]
