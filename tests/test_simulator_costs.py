@@ -12,10 +12,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from starlette.datastructures import QueryParams
 
 from proxy.simulator import SimulatorSettings, create_simulator_app
 from proxy.simulator.billing import BilledUsage, Entry, MainlineUsage
-from proxy.simulator.costs import line_costs
+from proxy.simulator.costs import CostsQueryError, costs_page, line_costs
 from proxy.simulator.response_tokens import cached_tokens
 from proxy.simulator.tokens import formula_tokens, text_tokens
 from tests.conftest import serving
@@ -278,3 +279,11 @@ def test_the_costs_are_filtered_by_project_and_line_item(
     assert [(r.line_item, r.project_id) for r in bucket.results] == [
         ("gpt-image-2, image output", "proj_art")
     ]
+
+
+def test_a_negative_page_cursor_is_refused() -> None:
+    """`page_-1` read the buckets from the end of the range, and the next cursor again
+    from the start: the pages of one answer repeated days."""
+    query = QueryParams({"start_time": "0", "end_time": str(3 * 86_400), "page": "page_-1"})
+    with pytest.raises(CostsQueryError, match="page"):
+        costs_page([], query, now=0)
