@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import date
 from decimal import Decimal
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -18,7 +19,8 @@ from starlette.datastructures import QueryParams
 
 from proxy.config.prices import load_price_book
 from proxy.core.errors import InvalidRequest, UpstreamUnavailable
-from proxy.finance import reports
+from proxy.core.settings import UpstreamSettings
+from proxy.finance import projects, reconcile, reports
 from proxy.finance.parts import is_mainline, split
 from proxy.finance.reconcile import (
     OpenAICosts,
@@ -35,8 +37,11 @@ from proxy.finance.reconcile import as_json as reconcile_json
 from proxy.finance.reconcile import as_table as reconcile_table
 from proxy.finance.reports import CsvWriter, Period, as_csv, as_json, fold, parse_by
 from proxy.ledger.base import Aggregate, Flagged, Holding
+from proxy.simulator import SimulatorSettings, create_simulator_app
 from proxy.simulator.costs import costs_page
+from tests.conftest import serving
 from tests.test_reports_responses import WORKLOAD
+from tests.test_statement import config as statement_config
 
 
 @pytest.mark.parametrize(
@@ -400,6 +405,38 @@ async def test_a_live_page_too_large_for_a_costs_answer_is_refused_unread() -> N
     with pytest.raises(UpstreamUnavailable, match="more than 67,108,864 bytes"):
         await fetch_costs("http://costs.test/v1", "sk-admin", day, day, transport=transport)
     assert len(sent) < 80
+
+
+DECEMBER_FIRST = 1_796_126_400.0  # 2026-12-01 12:00 UTC
+
+
+def test_a_report_to_a_day_alone_covers_that_days_month_up_to_it() -> None:
+    """`report --to 2026-11-30` on December 1st: November, not a refusal that the day is
+    before a `--from` that was never given."""
+    period = Period.parse(None, "2026-11-30", "UTC", DECEMBER_FIRST)
+    assert (period.first, period.last) == (date(2026, 11, 1), date(2026, 11, 30))
+    period = Period.parse(None, "2026-12-03", "UTC", DECEMBER_FIRST)
+    assert (period.first, period.last) == (date(2026, 12, 1), date(2026, 12, 3))
+
+
+@pytest.mark.parametrize("by", ["model", "project"])
+async def test_a_live_reconciliation_to_yesterday_runs_on_the_first_of_a_month(
+    tmp_path: Path, by: str
+) -> None:
+    """The README's daily cron passes `--to` yesterday: on the 1st, yesterday is in the
+    month before, which it compares (it was refused, exit 2, every 1st of the month)."""
+    key = "sk-sim-finance-0001"
+    with serving(create_simulator_app(SimulatorSettings(api_key=key))) as url:
+        config = replace(
+            statement_config(("design", "CC-1")), upstream=UpstreamSettings(base_url=url + "/v1")
+        )
+        ledger = f"sqlite:///{tmp_path / 'ledger.db'}"
+        run = reconcile.run if by == "model" else projects.run
+        found = await run(
+            config, ledger, [], key, None, date(2026, 11, 30), Decimal("0.01"), DECEMBER_FIRST
+        )
+    assert (found.first, found.last) == (date(2026, 11, 1), date(2026, 11, 30))
+    assert found.off_days == []
 
 
 def test_a_difference_no_more_than_what_is_held_is_not_called_bypassed() -> None:

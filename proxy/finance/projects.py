@@ -269,7 +269,8 @@ async def run(
     by project and line item, when `admin_key` is given."""
     today = utc_day(now)
     if admin_key is not None:
-        first = first or today.replace(day=1)
+        # `--to` alone: its month up to it (a cron's `--to` yesterday, on the 1st too).
+        first = first or (last or today).replace(day=1)
         last = last or today
         pages = await fetch_costs(
             config.upstream.base_url, admin_key, first, last, group_by=GROUP_BY

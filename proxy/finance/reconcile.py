@@ -691,7 +691,8 @@ async def run(
     or (live) the current UTC month up to today. `pages` is fetched when `admin_key` is given."""
     today = utc_day(now)
     if admin_key is not None:
-        first = first or today.replace(day=1)
+        # `--to` alone: its month up to it (a cron's `--to` yesterday, on the 1st too).
+        first = first or (last or today).replace(day=1)
         last = last or today
         pages = await fetch_costs(config.upstream.base_url, admin_key, first, last)
     book = config.prices

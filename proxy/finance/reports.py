@@ -127,10 +127,12 @@ class Period:
 
     @classmethod
     def parse(cls, start: str | None, end: str | None, tz: str, now: float) -> Period:
-        """From `--from`/`--to` (ISO dates); the current month for what is missing."""
+        """From `--from`/`--to` (ISO dates); the current month for what is missing, or the
+        month of the one given (`--to` alone: from its month's first day)."""
         today = datetime.fromtimestamp(now, ZoneInfo(tz)).date()
-        first = parse_date(start, "from") if start else today.replace(day=1)
-        last = parse_date(end, "to") if end else month_end(first if start else today)
+        given = parse_date(end, "to") if end else None
+        first = parse_date(start, "from") if start else (given or today).replace(day=1)
+        last = given or month_end(first if start else today)
         if last < first:
             raise InvalidRequest(f"--to {last} is before --from {first}.", param="to")
         return cls(first, last, tz)
