@@ -179,7 +179,10 @@ async def test_reconcile_matches_the_costs_api_exactly_per_day_and_model(
     ]
     assert sum(ours.values()) == sum(r.settlement.cost_nanos for r in WORKLOAD)
     assert result.ignored == {"gpt-3.5-turbo, input": Decimal("0.25")}
-    assert "Left out (not priced models): gpt-3.5-turbo, input" in reconcile.as_table(result)
+    # The table lists them with their amounts too, as the JSON does.
+    assert "Left out (not priced models): gpt-3.5-turbo, input $0.25\n" in reconcile.as_table(
+        result
+    )
 
 
 async def test_a_mainline_part_missing_from_the_ledger_shows_as_a_difference(

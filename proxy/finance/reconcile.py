@@ -605,7 +605,9 @@ def table(
         out.append("(no spend on either side)")
     if r.ignored:
         out.append("")
-        out.append("Left out (not priced models): " + ", ".join(map(printable, sorted(r.ignored))))
+        # `; ` between them: a line item's own name holds a comma ("chat-model, input").
+        left = (f"{printable(item)} ${money(r.ignored[item])}" for item in sorted(r.ignored))
+        out.append("Left out (not priced models): " + "; ".join(left))
     out.append("")
     if r.off_days:
         days = ", ".join(d.isoformat() for d in r.off_days)
