@@ -291,7 +291,7 @@ async def fetch_costs(
     }
     pages: list[dict[str, Any]] = []
     cursors: set[str] = set()
-    most_pages = (last - first).days + 2
+    days = (last - first).days + 1
     url = base_url.rstrip("/") + "/organization/costs"
     async with httpx.AsyncClient(
         headers={"authorization": f"Bearer {admin_key}"}, timeout=60, transport=transport
@@ -320,7 +320,7 @@ async def fetch_costs(
                 if problem:
                     raise UpstreamUnavailable(f"{url} answered pages repeating a day: {problem}")
                 return pages
-            problem = next_page_problem(page.get("next_page"), cursors, len(pages), most_pages)
+            problem = next_page_problem(page.get("next_page"), cursors, len(pages), days)
             if problem:
                 raise UpstreamUnavailable(f"{url} answered pages that do not end: {problem}")
             cursors.add(page["next_page"])
@@ -344,18 +344,24 @@ async def _read_page(
         return answer.status_code, bytes(body)
 
 
-def next_page_problem(cursor: object, seen: set[str], pages: int, most: int) -> str:
-    """What keeps the Costs API's `next_page` from leading to the rest of its answer ('' if
-    nothing), after `pages` pages of an answer of at most `most` (a bucket a day, each page
-    at least one): no cursor, one given before (a loop), or more pages than days. The
-    pages read so far are not the whole answer: the days of the rest would go unreconciled,
-    spend that bypassed Tollgate on them unseen."""
+PAGES_A_DAY = 10
+"""The most pages read per day asked for. An answer has a bucket a day and a page at least
+one bucket; ten leaves room for one that splits a day's results over pages, and still ends
+an answer that never does."""
+
+
+def next_page_problem(cursor: object, seen: set[str], pages: int, days: int) -> str:
+    """What keeps the Costs API's `next_page` from leading to the rest of its answer of
+    `days` days ('' if nothing), after `pages` pages: no cursor, one given before (a loop),
+    or `PAGES_A_DAY` pages a day already. The pages read so far are not the whole answer:
+    the days of the rest would go unreconciled, spend that bypassed Tollgate on them
+    unseen."""
     if not isinstance(cursor, str) or not cursor:
         return f"page {pages} has more ('has_more') but no 'next_page' to read it with"
     if cursor in seen:
         return f"page {pages} names the 'next_page' {printable(cursor)[:100]} a second time"
-    if pages >= most:
-        return f"{pages} pages and more for {most - 1} day(s), a bucket a day"
+    if pages >= PAGES_A_DAY * days:
+        return f"{pages} pages and more for {days} day(s)"
     return ""
 
 
