@@ -238,6 +238,13 @@ def test_a_day_is_written_yyyy_mm_dd_only(text: str) -> None:
     assert Period.parse("2026-12-01", "2026-12-07", "UTC", 0).days()[-1] == date(2026, 12, 7)
 
 
+@pytest.mark.parametrize("text", ["2026-1", "2026-011", "２０２６-１１", "2026-11-01", " 2026-11"])
+def test_a_statement_month_is_written_yyyy_mm_only(text: str) -> None:
+    """`--statement 2026-1` was read as January."""
+    with pytest.raises(InvalidRequest, match="is not a month"):
+        Period.month(text, "UTC")
+
+
 def test_a_period_of_centuries_is_read() -> None:
     """A wide period, as "everything so far" is often asked, is read, not refused."""
     period = Period.parse("2000-01-01", "2999-12-31", "UTC", 0)

@@ -139,8 +139,10 @@ class Period:
 
     @classmethod
     def month(cls, text: str, tz: str) -> Period:
-        """The month `YYYY-MM`."""
+        """The month `YYYY-MM` (strptime alone also reads `2026-1` as January)."""
         try:
+            if not ISO_MONTH.fullmatch(text):
+                raise ValueError(text)
             first = datetime.strptime(text, "%Y-%m").date()
         except ValueError as exc:
             message = f"{text!r} is not a month: use YYYY-MM."
@@ -194,6 +196,7 @@ def month_end(day: date) -> date:
     return (day.replace(day=1) + timedelta(days=32)).replace(day=1) - timedelta(days=1)
 
 
+ISO_MONTH = re.compile(r"[0-9]{4}-[0-9]{2}", re.ASCII)
 ISO_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", re.ASCII)
 """A day as the reports spell it. `date.fromisoformat` (Python 3.11) also reads `20261201`
 and ISO weeks: `2026-W49` is its Monday alone, not the week it reads as."""
