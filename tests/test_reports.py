@@ -393,6 +393,16 @@ async def test_live_pages_that_never_end_are_the_costs_api_unreachable(
         await fetch_costs("http://costs.test/v1", "sk-admin", day, day, transport=transport)
 
 
+async def test_a_live_error_answer_is_told_with_its_control_characters_as_escapes() -> None:
+    """The message is printed to a terminal: an answer's text cannot drive it."""
+    transport = httpx.MockTransport(lambda request: httpx.Response(401, content=b"\x1b[2Jno"))
+    day = date(2026, 11, 3)
+    with pytest.raises(UpstreamUnavailable) as refused:
+        await fetch_costs("http://costs.test/v1", "sk-admin", day, day, transport=transport)
+    assert "answered 401: \\x1b[2Jno (is the key an admin key" in refused.value.message
+    assert "\x1b" not in refused.value.message
+
+
 async def test_a_live_page_too_large_for_a_costs_answer_is_refused_unread() -> None:
     """A page of more than 64 MiB (here blanks before a page) is no Costs API answer: it is
     refused as it arrives, not held in memory whole and read."""
