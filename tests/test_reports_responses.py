@@ -209,6 +209,20 @@ async def test_a_mainline_part_missing_from_the_ledger_shows_as_a_difference(
     assert "bypassed" in off[0].note
 
 
+async def test_a_model_the_price_book_no_longer_prices_is_still_reconciled(url: str) -> None:
+    """gpt-image-1.5 dropped from a custom price book after the month it was used in: its
+    line items are compared with its spend in the ledger, not left out while that spend
+    reads as billed by no one (`Tollgate recorded more than OpenAI billed`)."""
+    book = replace(BOOK, models={k: m for k, m in BOOK.models.items() if m.name != "gpt-image-1.5"})
+    cfg = replace(config(), prices=book)
+    ledger = await filled(url)
+    await ledger.close()
+    found = await reconcile.run(cfg, url, costs_export(), None, None, None, Decimal(0), 0.0)
+    assert found.off_days == []
+    assert (LAST, "gpt-image-1.5") in {(line.day, line.model) for line in found.lines}
+    assert found.ignored == {"gpt-3.5-turbo, input": Decimal("0.25")}
+
+
 async def report(ledger: Backend, by: str) -> dict[str, Any]:
     return reports.as_json(await reports.summarize(ledger, NOVEMBER, reports.parse_by(by)))
 

@@ -26,7 +26,7 @@ import itertools
 import json
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -110,9 +110,20 @@ def left_out(
     return {item: value for item, value in found.items() if value}
 
 
-def parse_costs(pages: Iterable[Mapping[str, Any]], book: PriceBook) -> OpenAICosts:
-    """Sum a Costs API answer (one page, or a list of pages) by UTC day and priced model.
-    InvalidRequest when it is not grouped by line item: its amounts name no model."""
+def billed_model(item: str, book: PriceBook, spent: Collection[str] = ()) -> str | None:
+    """The model a line item is compared under: the price book's name for it, or its own
+    when the ledger has spend under that name (`spent`: a model the book no longer prices,
+    whose requests are still on the days reconciled); None: left out."""
+    name = line_item_model(item)
+    return canonical(name, book) or (name if name in spent else None)
+
+
+def parse_costs(
+    pages: Iterable[Mapping[str, Any]], book: PriceBook, spent: Collection[str] = ()
+) -> OpenAICosts:
+    """Sum a Costs API answer (one page, or a list of pages) by UTC day and priced model
+    (or model of `spent`, see `billed_model`). InvalidRequest when it is not grouped by
+    line item: its amounts name no model."""
     found = OpenAICosts()
     amounts: dict[tuple[date, str], Decimal] = defaultdict(Decimal)
     results = grouped = 0
@@ -124,7 +135,7 @@ def parse_costs(pages: Iterable[Mapping[str, Any]], book: PriceBook) -> OpenAICo
                 value = Decimal(str(result.get("amount", {}).get("value", 0)))
                 item = str(result.get("line_item") or "")
                 results, grouped = results + 1, grouped + bool(item)
-                model = canonical(line_item_model(item), book)
+                model = billed_model(item, book, spent)
                 if model is None:
                     found.ignored[day, item] = found.ignored.get((day, item), Decimal(0)) + value
                 else:
@@ -714,5 +725,7 @@ async def run(
     finally:
         await ledger.close()
     held = holding_days(holdings, first, last, held_by_model(book))
+    # A model the price book no longer names, with spend on these days: compared, not left out.
+    openai = parse_costs(pages, book, {model for _, model in [*ours, *held]})
     result = compare(openai, ours, first, last, tolerance, held)
     return replace(result, flagged=tuple(flagged))
