@@ -184,9 +184,9 @@ def test_ledger_flagged_lists_and_resolve_sets_the_true_cost(tmp_path: Path, bac
         wrong = tollgate("ledger", "resolve", "tg_req_lost", "--ledger", url, "--cost", "lots")
         assert wrong.returncode == 2 and "not an amount in USD" in wrong.stderr
         # Past what a 64-bit column holds, it was a traceback (exit 1, a ledger error).
-        for huge in ("1e30", "9223372036.854775808", "1000000.000000001"):
+        for huge in ("1e30", "9223372036.854775808", "1000000000.000000001"):
             wrong = tollgate("ledger", "resolve", "tg_req_lost", "--ledger", url, "--cost", huge)
-            assert wrong.returncode == 2 and "more than $1,000,000" in wrong.stderr
+            assert wrong.returncode == 2 and "more than $1,000,000,000" in wrong.stderr
         assert spent(url) == 210_765_000
     finally:
         if backend == "postgresql":

@@ -26,9 +26,9 @@ from proxy.finance.reports import aligned
 from proxy.ledger import open_ledger
 from proxy.ledger.base import Flagged
 
-MOST_RESOLVED_USD = Decimal(1_000_000)
+MOST_RESOLVED_USD = Decimal(1_000_000_000)
 """The most one request is resolved at: no request costs near it (a batch's whole bound
-included), and the ledger's 64-bit columns hold it, and counters a million times it."""
+included), and the ledger's 64-bit columns hold it in nano-dollars (2**63 is $9.2 billion)."""
 
 
 def parse_usd(text: str) -> int:
