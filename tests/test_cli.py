@@ -271,6 +271,7 @@ NOT_FOR_BUDGETS = (
     "proxy.core.dimensions",
     "python_multipart",
     "PIL",
+    "proxy.finance.costs_api",
     "proxy.finance.reconcile",
     "proxy.finance.projects",
     "proxy.finance.reports",

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from proxy.config.prices import load_price_book
 from proxy.core.errors import InvalidRequest
-from proxy.finance import projects, reconcile
+from proxy.finance import costs_api, projects, reconcile
 
 BOOK = load_price_book()
 DAY = 86_400
@@ -67,7 +67,7 @@ def test_a_saved_export_is_reconciled_or_refused_never_a_traceback(export: Any) 
     except (TypeError, ValueError):  # a key json cannot write
         return
     try:
-        pages = reconcile.load_costs_file(text)
+        pages = costs_api.load_costs_file(text)
     except InvalidRequest:
         return
     try:
@@ -121,8 +121,8 @@ def test_one_answer_reads_the_same_however_it_is_paged(
         {"object": "page", "data": buckets[i : i + per_page]}
         for i in range(0, len(buckets), per_page)
     ]
-    whole = reconcile.load_costs_file(json.dumps({"object": "page", "data": buckets}))
-    paged = reconcile.load_costs_file("\n".join(json.dumps(p) for p in pages))
+    whole = costs_api.load_costs_file(json.dumps({"object": "page", "data": buckets}))
+    paged = costs_api.load_costs_file("\n".join(json.dumps(p) for p in pages))
     if not any(days):
         return
     once, again = reconcile.parse_costs(whole, BOOK), reconcile.parse_costs(paged, BOOK)

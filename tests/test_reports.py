@@ -21,15 +21,14 @@ from proxy.config.prices import load_price_book
 from proxy.core.errors import InvalidRequest, UpstreamUnavailable
 from proxy.core.settings import UpstreamSettings
 from proxy.finance import projects, reconcile, reports
+from proxy.finance.costs_api import fetch_costs, load_costs_file
 from proxy.finance.parts import is_mainline, split
 from proxy.finance.reconcile import (
     OpenAICosts,
     compare,
-    fetch_costs,
     held_by_model,
     holding_days,
     line_item_model,
-    load_costs_file,
     parse_costs,
     parse_day,
 )

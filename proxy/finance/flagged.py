@@ -21,7 +21,7 @@ from typing import Any
 from proxy.core.errors import InvalidRequest
 from proxy.core.models import usd_text
 from proxy.core.pricing import to_nanos
-from proxy.finance.reconcile import midnight
+from proxy.finance.costs_api import midnight
 from proxy.finance.reports import aligned
 from proxy.ledger import open_ledger
 from proxy.ledger.base import Flagged

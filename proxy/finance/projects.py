@@ -33,22 +33,19 @@ from proxy.core.models import NANOS_PER_USD
 from proxy.core.pricing import PriceBook
 from proxy.core.settings import Config
 from proxy.finance import reconcile
+from proxy.finance.costs_api import DAY, fetch_costs, midnight, utc_day
 from proxy.finance.reconcile import (
-    DAY,
     DEFAULT_TOLERANCE,
     Compared,
     Reconciliation,
     Status,
     billed_model,
-    fetch_costs,
     holding_days,
     left_out,
-    midnight,
     money,
     note_for,
     table,
     unresolved_json,
-    utc_day,
     window,
 )
 from proxy.ledger import open_ledger
