@@ -258,7 +258,10 @@ class Metrics:
         if model and priced is not None and not priced(model):
             model = UNPRICED
         self._requests(team, model, entry.endpoint or "", settlement.outcome).inc()
-        for knob, reason in downgraded(changes):
+        # One downgrade per knob and reason of the request, however many steps of the
+        # ladder it went down (high -> medium -> low is one quality downgrade, as the
+        # `x-tollgate-downgraded` header and the ledger's `downgrades` say).
+        for knob, reason in dict.fromkeys((c.knob, c.reason) for c in changes):
             self._downgrades(team, knob, reason).inc()
         usage = settlement.usage
         for kind in TOKEN_KINDS:
@@ -431,26 +434,6 @@ class RateCollector(Collector):
             used.add_metric(values, r.used)
             limit.add_metric(values, r.limit.limit)
         return [used, limit]
-
-
-def downgraded(changes: Iterable[Change]) -> list[tuple[str, str]]:
-    """The downgrades of one request, as `tollgate_downgrades_total` counts them: each knob
-    whose value changed, once for each reason that changed it. The steps of a knob down its
-    ladder are one downgrade, as `x-tollgate-downgraded` names them (`quality=high->low`
-    after two budget steps); each step used to be counted."""
-    first: dict[str, str] = {}
-    last: dict[str, str] = {}
-    reasons: dict[str, dict[str, None]] = {}
-    for c in changes:
-        first.setdefault(c.knob, c.before)
-        last[c.knob] = c.after
-        reasons.setdefault(c.knob, {})[c.reason] = None
-    return [
-        (knob, reason)
-        for knob, found in reasons.items()
-        if first[knob] != last[knob]
-        for reason in found
-    ]
 
 
 @functools.lru_cache(maxsize=1 << 16)
