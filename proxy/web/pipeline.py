@@ -328,7 +328,8 @@ async def rate_headers(runtime: Runtime, team: Team, asked: Entry) -> dict[str, 
         counts = await runtime.ledger.rate_counts(pace)
     except LedgerError:
         return {}
-    rooms = pace.rooms(counts, asked.model_requested, asked.mainline_model)
+    model = rates.image_model(asked.model_requested, asked.n_requested)
+    rooms = pace.rooms(counts, model, asked.mainline_model)
     return rates.headers(rates.tightest(rooms), now)
 
 
