@@ -29,11 +29,12 @@ from tests.conftest import (
     start_tollgate,
     write_config,
 )
-from tests.test_proxy_e2e import expected_cost, wait_settled
+from tests.test_proxy_e2e import expected_cost, png, wait_settled
 
 ADMIN = "admin-secret-token"
 KEYS = {
-    name: f"tg_test_{name}_key" for name in ("frugal", "strict", "throttled", "tokens", "sizefirst")
+    name: f"tg_test_{name}_key"
+    for name in ("frugal", "strict", "throttled", "tokens", "sizefirst", "fidelity")
 }
 
 
@@ -94,6 +95,17 @@ on_exhausted: reject
 budgets:
   - {period: day, limit_usd: 0.10}
 downgrade: {order: [size, quality]}
+""",
+    ),
+    # $0.06 a day: a gpt-image-1.5 edit at high fidelity (~$0.074 at low quality) fits only
+    # on the fallback gpt-image-1-mini (~$0.023), which takes input_fidelity `low` only.
+    "fidelity": team(
+        "fidelity",
+        """
+budgets:
+  - {period: day, limit_usd: 0.06}
+on_exhausted: downgrade
+downgrade: {order: [quality, size, model], fallback_model: gpt-image-1-mini}
 """,
     ),
 }
@@ -166,6 +178,21 @@ def test_a_size_given_up_first_is_given_back_once_the_quality_comes_down(
     record = simulator.record(raw.headers["x-request-id"])
     assert (record["params"]["quality"], record["params"]["size"]) == ("medium", "2048x1152")
     assert usd(raw.headers["x-tollgate-cost-usd"]) == expected_cost(record)
+
+
+def test_an_edit_at_high_fidelity_never_falls_back_to_a_model_that_refuses_it(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """gpt-image-1-mini takes `input_fidelity` `low` only: the edit was sent to it at
+    `high`, and the team got OpenAI's 400 instead of Tollgate's 429."""
+    before = len(simulator.billing())
+    image = ("a.png", png(1024, 1024), "image/png")
+    with pytest.raises(openai.RateLimitError) as caught:
+        client(proxy, "fidelity", max_retries=0).images.edit(
+            model="gpt-image-1.5", prompt="a fox", image=image, input_fidelity="high"
+        )
+    assert caught.value.code == "budget_exceeded"
+    assert len(simulator.billing()) == before  # nothing was sent upstream
 
 
 def test_a_rejection_is_429_budget_exceeded_and_the_sdk_tries_once(

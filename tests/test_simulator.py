@@ -445,6 +445,11 @@ def test_stream_latency_is_spread_over_events(sim: Sim) -> None:
             "unsupported_parameter",
             "input_fidelity",
         ),
+        (
+            {"model": "gpt-image-1-mini", "input_fidelity": "high"},
+            "invalid_value",
+            "input_fidelity",
+        ),
         ({"model": "gpt-image-1", "n": "2"}, "invalid_type", "n"),
     ],
 )

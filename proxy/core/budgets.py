@@ -552,11 +552,12 @@ def switch_model(variant: Variant, fallback: ModelPrices) -> Variant | None:
     if (
         request.n > fallback.max_n
         or (fallback.per_image_billing and (request.stream or request.endpoint != "generations"))
-        or (request.input_fidelity is not None and not fallback.accepts_input_fidelity)
+        or not fallback.takes_input_fidelity(request.input_fidelity)
     ):
         # It would be refused: dall-e-3 makes one image; DALL·E never streams, is no model
         # of the Responses API's image tool, takes no JSON edit (dall-e-3 no edit at all,
-        # dall-e-2 one square PNG); gpt-image-2 takes no input_fidelity.
+        # dall-e-2 one square PNG); gpt-image-2 takes no input_fidelity, gpt-image-1-mini
+        # only `low`.
         return None
     quality = request.quality
     if quality != AUTO and quality not in fallback.qualities:

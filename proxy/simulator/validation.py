@@ -291,6 +291,12 @@ def _high_fidelity(model: ModelRule, fields: _Fields) -> bool:
         if not model.fidelity_param_allowed:
             raise unsupported("input_fidelity", model.name)
         _one_of("input_fidelity", fidelity, FIDELITIES)
+        if fidelity not in model.fidelities:
+            raise invalid(
+                f"Invalid value: '{fidelity}'. Supported values for model '{model.name}' "
+                f"are: {_choices(model.fidelities)}.",
+                param="input_fidelity",
+            )
     if model.fidelity == "param":
         return fidelity == "high"
     return model.fidelity == "high"
