@@ -53,6 +53,8 @@ class ImageOrder:
     high_fidelity: bool = False
     images: tuple[InputImage, ...] = ()
     response_format: str = "b64_json"
+    safety_identifier: str | None = None
+    """The end user the answer names: `safety_identifier`, else `user` (None: neither)."""
 
     @property
     def size(self) -> str:
@@ -331,6 +333,7 @@ def validate(raw: RawRequest) -> ImageOrder:
         high_fidelity=_high_fidelity(model, fields),
         images=images,
         response_format=response_format if model.is_dalle else "b64_json",
+        safety_identifier=fields.text("safety_identifier") or fields.text("user") or None,
     )
 
 
