@@ -56,9 +56,7 @@ def test_the_rate_limit_headers_of_a_response_reach_the_team(tollgate: Tollgate)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-def test_the_answer_names_the_end_user_the_request_named(
-    tollgate: Tollgate, stream: bool
-) -> None:
+def test_the_answer_names_the_end_user_the_request_named(tollgate: Tollgate, stream: bool) -> None:
     """`safety_identifier`, else `user`: OpenAI's answer names the one it went by."""
     client = tollgate.client()
     if stream:
