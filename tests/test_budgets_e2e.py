@@ -34,7 +34,7 @@ from tests.test_proxy_e2e import expected_cost, png, wait_settled
 ADMIN = "admin-secret-token"
 KEYS = {
     name: f"tg_test_{name}_key"
-    for name in ("frugal", "strict", "throttled", "tokens", "sizefirst", "fidelity")
+    for name in ("frugal", "strict", "throttled", "tokens", "sizefirst", "fidelity", "legacy")
 }
 
 
@@ -104,6 +104,17 @@ downgrade: {order: [size, quality]}
         """
 budgets:
   - {period: day, limit_usd: 0.06}
+on_exhausted: downgrade
+downgrade: {order: [quality, size, model], fallback_model: gpt-image-1-mini}
+""",
+    ),
+    # $0.03 a day: a dall-e-3 image ($0.04 at standard 1024x1024) fits only on the fallback
+    # gpt-image-1-mini, which takes no `style` and answers no URL.
+    "legacy": team(
+        "legacy",
+        """
+budgets:
+  - {period: day, limit_usd: 0.03}
 on_exhausted: downgrade
 downgrade: {order: [quality, size, model], fallback_model: gpt-image-1-mini}
 """,
@@ -193,6 +204,25 @@ def test_an_edit_at_high_fidelity_never_falls_back_to_a_model_that_refuses_it(
         )
     assert caught.value.code == "budget_exceeded"
     assert len(simulator.billing()) == before  # nothing was sent upstream
+
+
+@pytest.mark.parametrize("option", [{"style": "vivid"}, {"response_format": "url"}])
+def test_a_dalle_request_never_falls_back_to_a_gpt_model_with_what_only_dalle_takes(
+    proxy: Tollgate, simulator: Simulator, option: dict[str, str]
+) -> None:
+    """GPT image models refuse `style` and answer no URL: a dall-e-3 request naming either
+    was sent to the fallback gpt-image-1-mini with it, and the team got OpenAI's 400."""
+    before = len(simulator.billing())
+    with pytest.raises(openai.RateLimitError) as caught:
+        client(proxy, "legacy", max_retries=0).images.generate(
+            model="dall-e-3", prompt="a fox", quality="hd", size="1024x1024", **option
+        )
+    assert caught.value.code == "budget_exceeded"
+    assert len(simulator.billing()) == before  # nothing was sent upstream
+    answer = client(proxy, "legacy").images.with_raw_response.generate(
+        model="dall-e-3", prompt="a fox", size="1024x1024", response_format="b64_json"
+    )
+    assert answer.headers["x-tollgate-downgraded"].startswith("model=dall-e-3->gpt-image-1-mini")
 
 
 def test_a_rejection_is_429_budget_exceeded_and_the_sdk_tries_once(

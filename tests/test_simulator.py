@@ -451,6 +451,14 @@ def test_stream_latency_is_spread_over_events(sim: Sim) -> None:
             "input_fidelity",
         ),
         ({"model": "gpt-image-1", "n": "2"}, "invalid_type", "n"),
+        ({"model": "gpt-image-2", "style": "vivid"}, "unsupported_parameter", "style"),
+        ({"model": "dall-e-3", "style": "bold"}, "invalid_value", "style"),
+        (
+            {"model": "gpt-image-1.5", "response_format": "url"},
+            "unknown_parameter",
+            "response_format",
+        ),
+        ({"model": "gpt-image-2", "moderation": "high"}, "invalid_value", "moderation"),
     ],
 )
 def test_generation_validation_errors(

@@ -31,6 +31,8 @@ OUTPUT_FORMATS = ("png", "jpeg", "webp")
 BACKGROUNDS = ("transparent", "opaque", "auto")
 FIDELITIES = ("high", "low")
 RESPONSE_FORMATS = ("url", "b64_json")
+STYLES = ("vivid", "natural")
+MODERATIONS = ("low", "auto")
 _SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})", re.ASCII)
 
 
@@ -315,8 +317,7 @@ def validate(raw: RawRequest) -> ImageOrder:
     width, height = _size(model, fields.text("size") or "auto")
     output_format, compression, background = _output(model, fields)
     stream, partial_images = _stream(model, fields)
-    response_format = fields.text("response_format") or "b64_json"
-    _one_of("response_format", response_format, RESPONSE_FORMATS)
+    response_format = _legacy(model, fields)
     return ImageOrder(
         endpoint=raw.endpoint,
         model=model,
@@ -332,9 +333,36 @@ def validate(raw: RawRequest) -> ImageOrder:
         partial_images=partial_images,
         high_fidelity=_high_fidelity(model, fields),
         images=images,
-        response_format=response_format if model.is_dalle else "b64_json",
+        response_format=response_format,
         safety_identifier=fields.text("safety_identifier") or fields.text("user") or None,
     )
+
+
+def _legacy(model: ModelRule, fields: _Fields) -> str:
+    """`response_format`, and the other options GPT image models and DALL·E do not share:
+    `style` is dall-e-3's ("unsupported for GPT image models"), a GPT image model always
+    answers base64 ("url is not supported for them"), `moderation` is theirs (values
+    checked; a DALL·E model ignores it)."""
+    response_format = fields.text("response_format") or "b64_json"
+    _one_of("response_format", response_format, RESPONSE_FORMATS)
+    style = fields.text("style")
+    if style is not None:
+        _one_of("style", style, STYLES)
+    if model.is_dalle:
+        return response_format
+    if style is not None:
+        raise unsupported("style", model.name)
+    if response_format == "url":
+        raise invalid(
+            "Unknown parameter: 'response_format'. GPT image models always return "
+            "base64-encoded images ('b64_json').",
+            param="response_format",
+            code="unknown_parameter",
+        )
+    moderation = fields.text("moderation")
+    if moderation is not None:
+        _one_of("moderation", moderation, MODERATIONS)
+    return "b64_json"
 
 
 def _n(model: ModelRule, fields: _Fields) -> int:
