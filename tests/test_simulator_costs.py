@@ -248,3 +248,23 @@ def test_the_data_residency_knob_bills_later_requests_as_a_regional_endpoint(
         usd(("63.00", LOW_1024)),
         2 * LOW_1024,
     )
+
+
+def test_the_costs_api_keeps_only_the_line_items_and_projects_asked_for(
+    clients: dict[str, openai.OpenAI],
+) -> None:
+    art, ops = clients["proj_art"], clients["proj_ops"]
+    for client in (art, ops):
+        client.images.generate(model="gpt-image-2", prompt="a fox", quality="low", size="1024x1024")
+    both = costs(art, ["line_item", "project_id"])
+    assert {project for _, project in both} == {"proj_art", "proj_ops"}
+    page = art.admin.organization.usage.costs(
+        start_time=int(time.time()) - 3600,
+        group_by=["line_item", "project_id"],
+        project_ids=["proj_ops"],
+        line_items=["gpt-image-2, image output"],
+        limit=1,
+    )
+    [bucket] = page.data
+    found = {(r.line_item, r.project_id) for r in bucket.results}
+    assert found == {("gpt-image-2, image output", "proj_ops")}

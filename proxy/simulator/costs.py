@@ -1,4 +1,6 @@
-"""`GET /v1/organization/costs` built from the billing record (pure; `now` passed in).
+"""`GET /v1/organization/costs` built from the billing record (pure; `now` passed in):
+daily buckets from `start_time`, `limit` a page, grouped by `line_item` and/or
+`project_id`, filtered by `line_items[]` and `project_ids[]`.
 
 Prices are OpenAI's published rates (USD, Standard tier), written here (and, for the
 Responses API's mainline models, in `catalogue`) apart from the proxy's price book.
@@ -242,9 +244,7 @@ def costs_page(entries: Iterable[Entry], query: QueryParams, *, now: float) -> d
     asked = _CostsQuery.of(query, now)
     starts = list(range(asked.start, asked.end, DAY))
     chosen = starts[asked.first : asked.first + asked.limit]
-    data = [
-        _bucket(entries, start, min(start + DAY, asked.end), asked.group_by) for start in chosen
-    ]
+    data = [_bucket(entries, start, min(start + DAY, asked.end), asked) for start in chosen]
     has_more = asked.first + asked.limit < len(starts)
     return {
         "object": "page",
@@ -264,6 +264,16 @@ class _CostsQuery:
     first: int
     """The index of the page's first bucket (its cursor is `page_<first>`)."""
     group_by: list[str]
+    line_items: frozenset[str] = frozenset()
+    """`line_items[]`: only these line items (none given: all)."""
+    project_ids: frozenset[str] = frozenset()
+    """`project_ids[]`: only these projects' costs (none given: all)."""
+
+    def wants(self, line: LineCost) -> bool:
+        """Whether the filters keep `line`."""
+        if self.line_items and line.line_item not in self.line_items:
+            return False
+        return not self.project_ids or line.project_id in self.project_ids
 
     @classmethod
     def of(cls, query: QueryParams, now: float) -> _CostsQuery:
@@ -289,15 +299,30 @@ class _CostsQuery:
             first = int(page.removeprefix("page_"))
         except ValueError as exc:
             raise CostsQueryError("Invalid 'page' cursor.", "page") from exc
-        return cls(start, end, limit, first, group_by)
+        return cls(
+            start,
+            end,
+            limit,
+            first,
+            group_by,
+            frozenset(query.getlist("line_items[]") + query.getlist("line_items")),
+            frozenset(query.getlist("project_ids[]") + query.getlist("project_ids")),
+        )
 
 
-def _bucket(entries: Iterable[Entry], start: int, end: int, group_by: list[str]) -> dict[str, Any]:
-    """One day's bucket: the cost of every entry billed from `start` to `end`."""
-    lines = [line for entry in entries if start <= entry.time < end for line in line_costs(entry)]
+def _bucket(entries: Iterable[Entry], start: int, end: int, asked: _CostsQuery) -> dict[str, Any]:
+    """One day's bucket: the cost of every entry billed from `start` to `end` that the
+    query's filters keep."""
+    lines = [
+        line
+        for entry in entries
+        if start <= entry.time < end
+        for line in line_costs(entry)
+        if asked.wants(line)
+    ]
     return {
         "object": "bucket",
         "start_time": start,
         "end_time": end,
-        "results": _results(lines, group_by) if lines else [],
+        "results": _results(lines, asked.group_by) if lines else [],
     }
