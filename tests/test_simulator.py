@@ -520,6 +520,17 @@ def test_edit_validation_errors(sim: Sim, client: openai.OpenAI) -> None:
     )
     assert duplicate.status_code == 400
     assert duplicate.json()["error"]["code"] == "duplicate_parameter"
+    both = sim.http.post(
+        "/v1/images/edits",
+        headers=headers,
+        data={"prompt": "x", "model": "gpt-image-2.5-sunburst"},
+        files=[
+            ("image", ("a.png", png(64, 64), "image/png")),
+            ("mask", ("m.png", png(64, 64, "RGBA"), "image/png")),
+            ("markup", ("k.png", png(64, 64, "RGBA"), "image/png")),
+        ],
+    )
+    assert (both.status_code, both.json()["error"]["param"]) == (400, "markup")
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.edit(model="gpt-image-1", image=("a.txt", b"hello", "text/plain"), prompt="x")
     assert caught.value.code == "invalid_image_file"
@@ -531,7 +542,7 @@ def test_edit_validation_errors(sim: Sim, client: openai.OpenAI) -> None:
             input_fidelity="low",
         )
     assert caught.value.code == "unsupported_parameter"
-    assert [e["billed"] for e in sim.billing()] == [False] * 4
+    assert [e["billed"] for e in sim.billing()] == [False] * 5
 
 
 def test_wrong_api_key_gets_401(sim: Sim) -> None:

@@ -264,6 +264,9 @@ def _uploaded_images(raw: RawRequest) -> tuple[InputImage, ...]:
     images = [p for p in raw.parts if p.field in ("image", "image[]")]
     if not images:
         raise missing("image")
+    given = {p.field for p in raw.parts}
+    if {"mask", "markup"} <= given:
+        raise invalid("Invalid 'markup': it cannot be combined with 'mask'.", param="markup")
     if len(images) > MAX_INPUT_IMAGES:
         raise invalid(
             f"Invalid 'image': at most {MAX_INPUT_IMAGES} images are accepted.", param="image"
