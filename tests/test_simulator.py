@@ -325,6 +325,18 @@ def test_json_edits_count_references_as_1024_square(sim: Sim) -> None:
     assert sim.last()["image_count"] == 2
 
 
+def test_a_json_edits_image_url_is_at_most_20_mib_of_characters(sim: Sim) -> None:
+    long = "data:image/png;base64," + "A" * 20_971_520
+    answer = sim.http.post(
+        "/v1/images/edits",
+        headers=AUTH,
+        json={"model": "gpt-image-1", "prompt": "blend", "images": [{"image_url": long}]},
+    )
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert (error["code"], error["param"]) == ("string_above_max_length", "images.image_url")
+
+
 # --- streaming --------------------------------------------------------------------------
 
 

@@ -206,9 +206,21 @@ def _prompt(endpoint: Endpoint, fields: _Fields) -> str:
     return prompt
 
 
+MAX_IMAGE_URL_CHARS = 20_971_520
+"""The longest `image_url` of a JSON edit (a base64 data URL of about 15 MB)."""
+
+
 def _reference(value: Any, param: str) -> InputImage:
     if isinstance(value, dict) and len(value.keys() & {"image_url", "file_id"}) == 1:
         ref = value.get("image_url") or value.get("file_id")
+        if isinstance(ref, str) and len(ref) > MAX_IMAGE_URL_CHARS:
+            raise invalid(
+                f"Invalid '{param}.image_url': string too long. Expected a string with "
+                f"maximum length {MAX_IMAGE_URL_CHARS}, but got a string with length "
+                f"{len(ref)} instead.",
+                param=f"{param}.image_url",
+                code="string_above_max_length",
+            )
         if isinstance(ref, str) and ref:
             return data_url_image(ref)
     raise invalid(
