@@ -34,7 +34,16 @@ from tests.test_proxy_e2e import expected_cost, png, wait_settled
 ADMIN = "admin-secret-token"
 KEYS = {
     name: f"tg_test_{name}_key"
-    for name in ("frugal", "strict", "throttled", "tokens", "sizefirst", "fidelity", "legacy")
+    for name in (
+        "frugal",
+        "strict",
+        "throttled",
+        "tokens",
+        "sizefirst",
+        "fidelity",
+        "legacy",
+        "retro",
+    )
 }
 
 
@@ -106,6 +115,17 @@ budgets:
   - {period: day, limit_usd: 0.06}
 on_exhausted: downgrade
 downgrade: {order: [quality, size, model], fallback_model: gpt-image-1-mini}
+""",
+    ),
+    # $0.10 a day, the model given up first: gpt-image-2 high (~$0.21) falls back to
+    # dall-e-2 ($0.02), which answers URLs unless asked for base64.
+    "retro": team(
+        "retro",
+        """
+budgets:
+  - {period: day, limit_usd: 0.10}
+on_exhausted: downgrade
+downgrade: {order: [model], fallback_model: dall-e-2}
 """,
     ),
     # $0.03 a day: a dall-e-3 image ($0.04 at standard 1024x1024) fits only on the fallback
@@ -223,6 +243,26 @@ def test_a_dalle_request_never_falls_back_to_a_gpt_model_with_what_only_dalle_ta
         model="dall-e-3", prompt="a fox", size="1024x1024", response_format="b64_json"
     )
     assert answer.headers["x-tollgate-downgraded"].startswith("model=dall-e-3->gpt-image-1-mini")
+
+
+def test_a_fallback_to_dall_e_still_answers_the_base64_a_gpt_model_answers(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """A GPT image model always answers `b64_json`; DALL·E answers URLs unless asked for
+    base64: a request sent on to dall-e-2 as it was got a URL (an hour-long link to the
+    image) where its client reads `b64_json`, and found None there."""
+    raw = client(proxy, "retro").images.with_raw_response.generate(
+        model="gpt-image-2", prompt="a fox", quality="high", size="1024x1024"
+    )
+    assert raw.headers["x-tollgate-downgraded"].startswith("model=gpt-image-2->dall-e-2")
+    [image] = raw.parse().data or []
+    assert image.b64_json and image.url is None
+    record = simulator.record(raw.headers["x-request-id"])
+    assert record["params"]["response_format"] == "b64_json"
+    asked = client(proxy, "retro").images.generate(
+        model="gpt-image-2", prompt="a fox", quality="high", response_format="url"
+    )
+    assert asked.data and asked.data[0].url  # a client that asks for URLs gets them
 
 
 def test_a_rejection_is_429_budget_exceeded_and_the_sdk_tries_once(

@@ -208,7 +208,7 @@ def test_output_tokens_details_only_for_models_that_report_text_output(
 
 def test_dalle_answers_without_usage_and_bills_per_image(sim: Sim, client: openai.OpenAI) -> None:
     answer = client.images.generate(
-        model="dall-e-3", prompt="a fox", quality="hd", size="1792x1024"
+        model="dall-e-3", prompt="a fox", quality="hd", size="1792x1024", response_format="b64_json"
     )
     assert answer.usage is None
     assert answer.data is not None
@@ -217,9 +217,8 @@ def test_dalle_answers_without_usage_and_bills_per_image(sim: Sim, client: opena
     entry = sim.last()
     assert entry["billed"] is True and entry["usage"] is None and entry["images"] == 1
     assert entry["quality"] == "hd"
-    urls = client.images.generate(
-        model="dall-e-2", prompt="a fox", n=2, size="256x256", response_format="url"
-    )
+    # URLs unless asked for base64: OpenAI's default for DALL·E.
+    urls = client.images.generate(model="dall-e-2", prompt="a fox", n=2, size="256x256")
     assert urls.data is not None
     assert all(d.url and d.url.startswith("http://127.0.0.1/") for d in urls.data)
     assert sim.last()["quality"] == "standard"

@@ -355,10 +355,11 @@ def validate(raw: RawRequest) -> ImageOrder:
 
 def _legacy(model: ModelRule, fields: _Fields) -> str:
     """`response_format`, and the other options GPT image models and DALL·E do not share:
-    `style` is dall-e-3's ("unsupported for GPT image models"), a GPT image model always
-    answers base64 ("url is not supported for them"), `moderation` is theirs (values
-    checked; a DALL·E model ignores it)."""
-    response_format = fields.text("response_format") or "b64_json"
+    `style` is dall-e-3's ("unsupported for GPT image models"); DALL·E answers URLs unless
+    asked for `b64_json` (OpenAPI: default `url`), a GPT image model always answers base64
+    ("url is not supported for them"); `moderation` is theirs (values checked; a DALL·E
+    model ignores it)."""
+    response_format = fields.text("response_format") or ("url" if model.is_dalle else "b64_json")
     _one_of("response_format", response_format, RESPONSE_FORMATS)
     style = fields.text("style")
     if style is not None:
