@@ -84,6 +84,7 @@ def test_the_answer_names_the_end_user_the_request_named(tollgate: Tollgate, str
     ],
 )
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("door", ["images", "responses"])
 def test_an_upstream_refusal_reaches_the_team_as_sent_and_costs_nothing(
     tollgate: Tollgate,
     simulator: Simulator,
@@ -93,12 +94,22 @@ def test_an_upstream_refusal_reaches_the_team_as_sent_and_costs_nothing(
     kind: str,
     code: str,
     stream: bool,
+    door: str,
 ) -> None:
     before = len(simulator.billing())
+    prompt = f"[[fault:{fault}]] a lighthouse"
     with pytest.raises(error) as caught:
-        tollgate.client().images.generate(
-            prompt=f"[[fault:{fault}]] a lighthouse", stream=stream, **IMAGE
-        )
+        if door == "images":
+            tollgate.client().images.generate(prompt=prompt, stream=stream, **IMAGE)
+        else:
+            tollgate.client().responses.create(
+                model="gpt-5.5",
+                input=prompt,
+                tools=[{"type": "image_generation", "model": "gpt-image-2", "quality": "low"}],
+                max_output_tokens=400,
+                max_tool_calls=1,
+                stream=stream,
+            )
     assert (caught.value.status_code, caught.value.type, caught.value.code) == (status, kind, code)
     headers = caught.value.response.headers
     assert headers["x-request-id"] == simulator.billing()[-1]["id"]
