@@ -253,8 +253,11 @@ class Metrics:
         if model and priced is not None and not priced(model):
             model = UNPRICED
         self._requests(team, model, entry.endpoint or "", settlement.outcome).inc()
-        for change in changes:
-            self._downgrades(team, change.knob, change.reason).inc()
+        # One downgrade per knob and reason of the request, however many steps of the
+        # ladder it went down (high -> medium -> low is one quality downgrade, as the
+        # `x-tollgate-downgraded` header and the ledger's `downgrades` say).
+        for knob, reason in dict.fromkeys((c.knob, c.reason) for c in changes):
+            self._downgrades(team, knob, reason).inc()
         usage = settlement.usage
         for kind in TOKEN_KINDS:
             count = usage.tokens(kind)

@@ -1,6 +1,4 @@
-"""`GET /v1/organization/costs` built from the billing record (pure; `now` passed in):
-daily buckets from `start_time`, `limit` a page, grouped by `line_item` and/or
-`project_id`, filtered by `line_items[]` and `project_ids[]`.
+"""`GET /v1/organization/costs` built from the billing record (pure; `now` passed in).
 
 Prices are OpenAI's published rates (USD, Standard tier), written here (and, for the
 Responses API's mainline models, in `catalogue`) apart from the proxy's price book.
@@ -264,16 +262,16 @@ class _CostsQuery:
     first: int
     """The index of the page's first bucket (its cursor is `page_<first>`)."""
     group_by: list[str]
-    line_items: frozenset[str] = frozenset()
-    """`line_items[]`: only these line items (none given: all)."""
     project_ids: frozenset[str] = frozenset()
-    """`project_ids[]`: only these projects' costs (none given: all)."""
+    """Only these projects' costs (`project_ids[]`; none: every project's)."""
+    line_items: frozenset[str] = frozenset()
+    """Only these line items' (`line_items[]`, exact names; none: every line item's)."""
 
-    def wants(self, line: LineCost) -> bool:
-        """Whether the filters keep `line`."""
-        if self.line_items and line.line_item not in self.line_items:
+    def keeps(self, line: LineCost) -> bool:
+        """Whether `line` passes the query's filters."""
+        if self.project_ids and line.project_id not in self.project_ids:
             return False
-        return not self.project_ids or line.project_id in self.project_ids
+        return not self.line_items or line.line_item in self.line_items
 
     @classmethod
     def of(cls, query: QueryParams, now: float) -> _CostsQuery:
@@ -299,26 +297,22 @@ class _CostsQuery:
             first = int(page.removeprefix("page_"))
         except ValueError as exc:
             raise CostsQueryError("Invalid 'page' cursor.", "page") from exc
-        return cls(
-            start,
-            end,
-            limit,
-            first,
-            group_by,
-            frozenset(query.getlist("line_items[]") + query.getlist("line_items")),
-            frozenset(query.getlist("project_ids[]") + query.getlist("project_ids")),
-        )
+        if first < 0:
+            raise CostsQueryError("Invalid 'page' cursor.", "page")
+        projects = frozenset(query.getlist("project_ids[]") + query.getlist("project_ids"))
+        items = frozenset(query.getlist("line_items[]") + query.getlist("line_items"))
+        return cls(start, end, limit, first, group_by, projects, items)
 
 
 def _bucket(entries: Iterable[Entry], start: int, end: int, asked: _CostsQuery) -> dict[str, Any]:
-    """One day's bucket: the cost of every entry billed from `start` to `end` that the
-    query's filters keep."""
+    """One day's bucket: the cost of every entry billed from `start` to `end`, of the
+    projects and line items asked for."""
     lines = [
         line
         for entry in entries
         if start <= entry.time < end
         for line in line_costs(entry)
-        if asked.wants(line)
+        if asked.keeps(line)
     ]
     return {
         "object": "bucket",
