@@ -222,7 +222,8 @@ class _Reader:
                     written.add(key)
                 lines[key_path] = line
                 if value_node.__class__ is ScalarNode and not aliased and len(key_path) <= 100:
-                    result[key] = self._leaf(value_node)  # what `value` does, one call fewer
+                    # What `value` does, one call fewer.
+                    result[key] = self._leaf(value_node, key_path)
                 else:
                     result[key] = self.value(value_node, key_path, lines, aliased)
             return result
@@ -232,21 +233,30 @@ class _Reader:
                 item_path = (*path, index)
                 lines[item_path] = item.start_mark.line + 1
                 if item.__class__ is ScalarNode and not aliased and len(item_path) <= 100:
-                    items.append(self._leaf(item))
+                    items.append(self._leaf(item, item_path))
                 else:
                     items.append(self.value(item, item_path, lines, aliased))
             return items
-        return self._leaf(node)
+        return self._leaf(node, path)
 
-    def _leaf(self, node: Node) -> Any:
+    def _leaf(self, node: Node, path: JsonPath) -> Any:
         scalar = self._scalar(node)
         if isinstance(scalar, str):
             if self.env is None or "${" not in scalar:
                 return scalar
+            if _unread_reference(scalar):
+                self._refuse(node, path, UNREAD_REFERENCE)
             return expand_env(scalar, self.env)
+        if node.tag in _NUMBERS:
+            ambiguous = _ambiguous_number(node.value)
+            if ambiguous is not None:
+                self._refuse(node, path, ambiguous)
         if isinstance(scalar, float) and not math.isfinite(scalar):
             return str(node.value)  # .inf and .nan are no amounts; the schema says so
         return scalar
+
+    def _refuse(self, node: Node, path: JsonPath, message: str) -> None:
+        self.problems.append(self._problem(node.start_mark.line + 1, path, message))
 
     def _scalar(self, node: Node) -> Any:
         if node.tag == _STR:  # what `construct_object` gives a string, without its checks
@@ -264,9 +274,58 @@ _IMMUTABLE = frozenset(f"tag:yaml.org,2002:{name}" for name in ("int", "float", 
 def _immutable(tag: str, value: str) -> Any:
     """The number, boolean or null a scalar tagged `tag` and written `value` stands for, as
     SafeLoader constructs it: kept, as the same few are written in every team file (a
-    value of these kinds is immutable: one object may stand for all its nodes)."""
+    value of these kinds is immutable: one object may stand for all its nodes). A number
+    of more digits than Python reads (4,300) stays text, which no setting takes."""
     node = ScalarNode(tag, value)
-    return _CONSTRUCTOR.yaml_constructors[tag](_CONSTRUCTOR, node)
+    try:
+        return _CONSTRUCTOR.yaml_constructors[tag](_CONSTRUCTOR, node)
+    except ValueError:
+        return value
+
+
+_NUMBERS = frozenset({"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"})
+_OCTAL = re.compile(r"[-+]?0[0-7_]+")
+UNREAD_REFERENCE = (
+    "holds a `${` that begins no variable reference: write ${NAME} (letters, digits and "
+    "'_'; no default such as ${NAME:-value}, no nesting)"
+)
+"""Not shown: the text may be a secret's (`admin_token: ${TOKEN:-s3cret}`)."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _ambiguous_number(text: str) -> str | None:
+    """Why a number written `text` may not say what its writer meant, or None: YAML 1.1,
+    which Tollgate reads, takes `0100` for octal 64 and `1:30` for 90 (base 60), where
+    YAML 1.2 (editors checking a file against `tollgate schema`) and people read 100
+    and the text '1:30'."""
+    if ":" in text:
+        value = _immutable("tag:yaml.org,2002:int", text) if "." not in text else None
+        shown = f" ({value})" if value is not None else ""
+        return (
+            f"{text} is a base-60 number{shown} in YAML 1.1: write the number it stands "
+            "for, or quote it if it is text"
+        )
+    if _OCTAL.fullmatch(text):
+        octal = _immutable("tag:yaml.org,2002:int", text)
+        decimal = int(text.replace("_", ""), 10)
+        if octal != decimal:
+            return (
+                f"{text} is the octal number {octal} in YAML 1.1, the decimal {decimal} in "
+                "YAML 1.2: write it without the leading zero, or quote it if it is text"
+            )
+    return None
+
+
+def _unread_reference(text: str) -> bool:
+    """Whether a `${` in `text` begins no `${NAME}` (kept as written, it would reach a
+    setting as text: a URL, a key or a token that is literally `${KEY:-default}`)."""
+    start = text.find("${")
+    while start != -1:
+        found = _ENV_VAR.match(text, start)
+        if found is None:
+            return True
+        start = text.find("${", found.end())
+    return False
 
 
 def flow_scalar(text: str) -> str:
