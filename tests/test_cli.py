@@ -80,6 +80,26 @@ def test_check_and_serve_print_every_problem_as_file_line_message(tmp_path: Path
         ), problems
 
 
+@pytest.mark.parametrize(
+    ("setting", "line"),
+    [
+        ("limits:\n  body_timeout_s: 1" + "0" * 400 + "\n", "9: limits.body_timeout_s: must be"),
+        ("retries:\n  store_bytes: 1" + "0" * 5000 + "\n", "9: retries.store_bytes: must be"),
+    ],
+)
+def test_check_says_where_a_number_too_large_is_written_rather_than_crash(
+    tmp_path: Path, setting: str, line: str
+) -> None:
+    """Past a float (read as seconds), or past the digits Python reads, a number made
+    `check` and `serve` end in a traceback."""
+    write_config(tmp_path, "http://127.0.0.1:9/v1", setting)
+    done = tollgate("check", "--config", str(tmp_path))
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    [problem] = done.stderr.strip().splitlines()
+    assert problem.startswith(f"{tmp_path}/tollgate.yaml:{line}"), problem
+
+
 def test_serve_without_an_upstream_key_is_a_start_up_error(tmp_path: Path) -> None:
     write_config(tmp_path, "http://127.0.0.1:9/v1")
     settings = tmp_path / "tollgate.yaml"
