@@ -426,7 +426,13 @@ TEAM_PROBLEMS = [
     ),
     (
         "budgets:\n  - {period: day, limit_usd: 0.0000000001}\n",
-        "5: budgets[0].limit_usd: must be exact to the nano-dollar (9 decimals), got 1e-10",
+        "5: budgets[0].limit_usd: must be exact to the nano-dollar (9 decimals), got 0.0000000001",
+    ),
+    (
+        # A float reads it as 0.3.
+        "budgets:\n  - {period: day, limit_usd: 0.30000000000000001}\n",
+        "5: budgets[0].limit_usd: must be exact to the nano-dollar (9 decimals), got "
+        "0.30000000000000001",
     ),
     (
         "budgets:\n  - {period: day, limit_usd: .inf}\n",
@@ -894,7 +900,16 @@ def test_single_file_problems_name_the_inline_team_path(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("written", "nanos"),
-    [("0.1", 100_000_000), ("800", 800 * 10**9), ("0.000000001", 1), ("19.99", 19_990_000_000)],
+    [
+        ("0.1", 100_000_000),
+        ("800", 800 * 10**9),
+        ("0.000000001", 1),
+        ("19.99", 19_990_000_000),
+        # More digits than a float holds: read as written, not as the float nearest it.
+        ("99999999.999999999", 99_999_999_999_999_999),
+        ("123456789.123456789", 123_456_789_123_456_789),
+        ("1_000.000_000_001", 1_000_000_000_001),
+    ],
 )
 def test_limit_usd_is_exact_in_nano_dollars(policies: Path, written: str, nanos: int) -> None:
     write(

@@ -41,11 +41,14 @@ def dotted(path: JsonPath) -> str:
 
 @dataclass
 class Document:
-    """One configuration file: its data and the line of every key and list item."""
+    """One configuration file: its data, the line of every key and list item, and the text
+    of every number written with a fraction or an exponent (`written`: a float holds
+    about 16 digits, `99999999.999999999` a budget exact to the nano-dollar)."""
 
     file: str
     data: Any
     lines: dict[JsonPath, int] = field(default_factory=dict)
+    written: dict[JsonPath, str] = field(default_factory=dict)
 
     def line(self, path: JsonPath) -> int:
         """The line of `path`, or of its nearest ancestor that has one."""
@@ -109,7 +112,7 @@ def _parse(
     reader = _Reader(loader, file, env)
     try:
         node = loader.get_single_node()
-        doc = Document(file, None)
+        doc = Document(file, None, written=reader.written)
         if node is not None:
             doc.lines[()] = node.start_mark.line + 1
             doc.data = reader.value(node, (), doc.lines)
@@ -173,6 +176,7 @@ class _Reader:
         self.file = file
         self.env = env
         self.problems: list[str] = []
+        self.written: dict[JsonPath, str] = {}  # the text of each float, by path
         self._read: set[int] = set()  # the collection nodes read so far, by identity
         self._aliased = 0  # values read again through an alias
 
@@ -251,6 +255,8 @@ class _Reader:
             ambiguous = _ambiguous_number(node.value)
             if ambiguous is not None:
                 self._refuse(node, path, ambiguous)
+            elif isinstance(scalar, float):
+                self.written[path] = node.value
         if isinstance(scalar, float) and not math.isfinite(scalar):
             return str(node.value)  # .inf and .nan are no amounts; the schema says so
         return scalar
