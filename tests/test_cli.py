@@ -384,8 +384,35 @@ def test_report_exits_2_naming_an_output_it_cannot_write(
     assert f"cannot write {output}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("label", ["ci-${USER}", "a${b"])
+def test_keys_new_refuses_a_label_the_team_file_would_not_read_back(
+    capsys: pytest.CaptureFixture[str], label: str
+) -> None:
+    """`${USER}` in a label became the user's name once the entry was pasted (every string
+    of a team file is expanded), and a lone `${` is refused by `check`."""
+    from proxy.cli import main
+
+    assert main(["keys", "new", "design", "--label", label]) == 2
+    captured = capsys.readouterr()
+    assert "tg_" not in captured.out
+    assert "a key id may not hold '${'" in captured.err
+
+
 @pytest.mark.parametrize(
-    "label", ["laptop", "my: laptop", "a, b", "{x}", "#1", "123", "yes", "null", 'it\'s "q"']
+    "label",
+    [
+        "laptop",
+        "my: laptop",
+        "a, b",
+        "{x}",
+        "#1",
+        "123",
+        "0100",
+        "1:30",
+        "yes",
+        "null",
+        'it\'s "q"',
+    ],
 )
 def test_keys_new_prints_an_entry_that_reads_back_as_the_label_and_hash(
     capsys: pytest.CaptureFixture[str], label: str
