@@ -12,6 +12,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from proxy.core.auth import key_hash
+from tests.batches_e2e import GENERATIONS, generations, upload
 from tests.conftest import in_process, write_config
 
 KEY = "tg_test_reload_decision_key"
@@ -62,3 +63,38 @@ def test_a_budget_lowered_while_a_request_is_decided_holds_it(
         spent = client.get("/v1/tollgate/budget", headers={"authorization": f"Bearer {KEY}"})
         [day] = spent.json()["budgets"]
         assert (day["limit"], day["spent"], day["reserved"]) == ("0.001", "0", "0")
+
+
+def test_a_budget_lowered_while_a_batch_create_is_decided_holds_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch create's plan is made on a thread (seconds for a large file): a reload that
+    lowered the budget meanwhile was answered before the batch was reserved under the old
+    one."""
+    write_config(tmp_path, "http://simulated/v1", SETTINGS, teams=team("100"))
+    gateway = in_process(tmp_path)
+    reloads: list[int] = []
+    with TestClient(gateway) as client:
+        batches = openai.OpenAI(
+            base_url="http://testserver/v1", api_key=KEY, http_client=client, max_retries=1
+        )
+        uploaded = upload(batches, generations("gpt-image-2", 4))
+        ledger = gateway.current().ledger
+        reserve = ledger.reserve
+
+        async def reload_first(*args: Any, **kwargs: Any) -> Any:
+            if not reloads:
+                write_config(tmp_path, "http://simulated/v1", SETTINGS, teams=team("0.001"))
+                answer = await asyncio.to_thread(
+                    client.post, "/admin/reload", headers={"authorization": f"Bearer {ADMIN}"}
+                )
+                reloads.append(answer.status_code)
+            return await reserve(*args, **kwargs)
+
+        monkeypatch.setattr(ledger, "reserve", reload_first)
+        with pytest.raises(openai.RateLimitError) as refused:
+            batches.batches.create(
+                input_file_id=uploaded.id, endpoint=GENERATIONS, completion_window="24h"
+            )
+        assert refused.value.code == "budget_exceeded"
+        assert reloads == [200]
