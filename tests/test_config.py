@@ -1226,3 +1226,13 @@ def test_a_value_ending_in_a_line_feed_is_refused(policies: Path, team: str, whe
     write(policies / "teams" / "t.yaml", team % KEY_A)
     [problem] = problems_of(policies)
     assert problem.startswith(f"policies/teams/t.yaml:{where}"), problem
+
+
+@pytest.mark.parametrize("nested", ["[" * 1000 + "]" * 1000, "{a: " * 1000 + "1" + "}" * 1000])
+def test_a_file_nested_past_the_stack_is_a_problem_not_a_crash(policies: Path, nested: str) -> None:
+    """PyYAML composes nested collections by recursion: a thousand `[` ended `check`, and a
+    reload, in a RecursionError."""
+    write(policies / "teams" / "t.yaml", team_yaml(extra=f"allow: {nested}\n"))
+    assert problems_of(policies) == [
+        "policies/teams/t.yaml:1: YAML error: nesting too deep (more than 100 levels)"
+    ]

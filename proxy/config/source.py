@@ -28,6 +28,8 @@ ALIASED_VALUES = 10_000
 """At most this many values read through aliases in one file: an alias names a node, not
 a copy, so nested aliases can stand for billions of values in a few lines (a "billion
 laughs"), which reading them out would take minutes and gigabytes to build."""
+MAX_DEPTH = 100
+"""Levels of nesting a file may have (a configuration needs five)."""
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -91,10 +93,10 @@ def parse_document(
 ) -> tuple[Document | None, list[str]]:
     """The document written in `text`, as `read_document` reads it."""
     try:
-        return _parse(_FastLoader(text), file, env)
-    except yaml.YAMLError:
-        pass  # said again below, in the words of the pure-Python parser
-    try:
+        try:
+            return _parse(_FastLoader(text), file, env)
+        except yaml.YAMLError:
+            pass  # said again below, in the words of the pure-Python parser
         return _parse(_Loader(text), file, env)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -103,6 +105,10 @@ def parse_document(
         return None, [f"{file}:{line}: YAML syntax error: {detail}"]
     except yaml.YAMLError as exc:
         return None, [f"{file}:1: YAML error: {exc}"]
+    except RecursionError:
+        # PyYAML composes a node's children by recursion: some hundreds of nested `[`
+        # exhausted the stack, and `check` ended in a traceback.
+        return None, [f"{file}:1: YAML error: nesting too deep (more than {MAX_DEPTH} levels)"]
 
 
 def _parse(
@@ -186,7 +192,7 @@ class _Reader:
     def value(
         self, node: Node, path: JsonPath, lines: dict[JsonPath, int], aliased: bool = False
     ) -> Any:
-        if len(path) > 100:  # a recursive alias would never end
+        if len(path) > MAX_DEPTH:  # a recursive alias would never end
             raise yaml.YAMLError("nesting too deep (recursive alias?)")
         if isinstance(node, (MappingNode, SequenceNode)):
             # A node read a second time is reached through an alias, as is all below it.
@@ -225,7 +231,8 @@ class _Reader:
                         self.problems.append(self._problem(line, key_path, "duplicate key"))
                     written.add(key)
                 lines[key_path] = line
-                if value_node.__class__ is ScalarNode and not aliased and len(key_path) <= 100:
+                leaf = value_node.__class__ is ScalarNode and not aliased
+                if leaf and len(key_path) <= MAX_DEPTH:
                     # What `value` does, one call fewer.
                     result[key] = self._leaf(value_node, key_path)
                 else:
@@ -236,7 +243,7 @@ class _Reader:
             for index, item in enumerate(node.value):
                 item_path = (*path, index)
                 lines[item_path] = item.start_mark.line + 1
-                if item.__class__ is ScalarNode and not aliased and len(item_path) <= 100:
+                if item.__class__ is ScalarNode and not aliased and len(item_path) <= MAX_DEPTH:
                     items.append(self._leaf(item, item_path))
                 else:
                     items.append(self.value(item, item_path, lines, aliased))
