@@ -306,6 +306,18 @@ def test_a_price_book_that_cannot_be_read_is_a_problem_at_its_prices_line(
     ]
 
 
+@pytest.mark.parametrize("device", ["/dev/null"])
+def test_a_price_book_that_is_a_device_is_refused_unread(policies: Path, device: str) -> None:
+    """`/dev/zero` (or a pipe with no writer) was read for ever: a reload never ended, and
+    held the lock every later reload waits for."""
+    write(policies / "tollgate.yaml", f"timezone: UTC\nprices: {device}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(policies, env={})
+    assert caught.value.problems == [
+        f"{policies / 'tollgate.yaml'}:2: prices: cannot read {device}: not a regular file"
+    ]
+
+
 def test_allow_params_values_are_text(policies: Path) -> None:
     write(
         policies / "teams" / "t.yaml",

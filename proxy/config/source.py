@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,10 @@ def read_document(
     """The document in `path` (shown as `file` in messages), and the problems found reading it
     (`${NAME}` left as written when `env` is None)."""
     try:
+        if stat.S_ISCHR(mode := path.stat().st_mode) or stat.S_ISFIFO(mode):
+            # Read, a device (`prices: /dev/zero`) or a pipe without a writer never ends: a
+            # reload held its lock forever, and every later reload waited behind it.
+            return None, [f"{file}: cannot read: not a regular file"]
         text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         return None, [f"{file}: cannot read: {exc.strerror or exc}"]
