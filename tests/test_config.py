@@ -434,7 +434,7 @@ TEAM_PROBLEMS = [
     ),
     (
         "per_user:\n  - {period: day, total_tokens: 1.5}\n",
-        "5: per_user[0].total_tokens: must be an integer >= 1 and <= 9223372036854775807, got 1.5",
+        "5: per_user[0].total_tokens: must be an integer >= 1 and <= 9007199254740991, got 1.5",
     ),
     (
         "budgets:\n  - {period: day, limit_usd: 0.0000000001}\n",
@@ -661,7 +661,7 @@ SETTINGS_PROBLEMS = [
     ),
     (
         "limits:\n  edits_bytes: 0\n",
-        "2: limits.edits_bytes: must be an integer >= 1 and <= 9223372036854775807, got 0",
+        "2: limits.edits_bytes: must be an integer >= 1 and <= 9007199254740991, got 0",
     ),
     (
         "limits:\n  edit_bytes: 10\n",
@@ -1108,7 +1108,7 @@ TOO_MANY_DIGITS = "1" + "0" * 5000  # past what Python reads from text at all
         (
             # Each kept answer made room in the ledger with it: a 64-bit column.
             "retries:\n  store_bytes: 100000000000000000000\n",
-            "2: retries.store_bytes: must be an integer >= 1 and <= 9223372036854775807, got "
+            "2: retries.store_bytes: must be an integer >= 1 and <= 9007199254740991, got "
             "100000000000000000000",
         ),
         (

@@ -28,8 +28,9 @@ JsonPath = tuple[str | int, ...]
 _FRACTION = {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
 # Every number has a ceiling: past it a value is no setting anyone means, and would
 # break what holds it (a 64-bit ledger column, a float of seconds, a Prometheus gauge).
-MAX_COUNT = 2**63 - 1
-"""A count or a size in bytes: what a 64-bit ledger column holds."""
+MAX_COUNT = 2**53 - 1
+"""A count or a size in bytes (9 × 10¹⁵): within a 64-bit ledger column, and a number every
+JSON reader holds exactly (an editor's, in JavaScript, reads 2**63 - 1 as 2**63)."""
 MAX_SECONDS = 10**9
 """About 31 years."""
 MAX_USD = 10**9
