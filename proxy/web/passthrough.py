@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -147,8 +148,8 @@ def named_files(body: bytes) -> tuple[str, ...]:
     so a chat completion naming another team's `user_data` file would read it into its
     answer. A body that is JSON (whatever its content type says) is read whole, every value
     under a `file_id` key and every string in a `file_ids` list, in every object and under
-    each of a repeated key; another body that names `file_id` at all (a form field, plain
-    or percent-encoded) cannot be checked, and is refused."""
+    each of a repeated key; another body that names `file_id` at all (a form field, plain,
+    percent-encoded or JSON-escaped) cannot be checked, and is refused."""
     # NULs out: a JSON reader takes a body in UTF-16 or UTF-32 too.
     plain = body.replace(b"\0", b"")
     if b"file" not in plain.lower() and b"\\u" not in plain and b"%" not in plain:
@@ -171,12 +172,30 @@ def named_files(body: bytes) -> tuple[str, ...]:
         return dict(items)
 
     try:
-        json.loads(body, object_pairs_hook=pairs)
+        # Leniently, as a laxer reader than Python's would: numbers of any length (as text:
+        # an int of 5,000 digits is past Python's), control characters inside strings.
+        json.loads(body, object_pairs_hook=pairs, parse_int=str, strict=False)
     except (ValueError, RecursionError):
-        if b"file_id" in unquote_to_bytes(plain).lower():
+        # Not read (nested deeper than Python reads, say): a key escaped `\u005f` spells
+        # `file_id` to a reader that takes the body.
+        if b"file_id" in _unescaped(unquote_to_bytes(plain)).lower():
             raise InvalidRequest(
                 "Tollgate forwards a body that names files by id only as JSON, where it "
                 "checks that each file is your team's."
             ) from None
         return ()
     return tuple(dict.fromkeys(found))
+
+
+ESCAPE = re.compile(rb"\\u([0-9a-fA-F]{4})")
+"""A JSON string's `\\uXXXX` escape."""
+
+
+def _unescaped(text: bytes) -> bytes:
+    """`text` with each JSON escape of an ASCII character turned into that character."""
+
+    def one(found: re.Match[bytes]) -> bytes:
+        code = int(found[1], 16)
+        return bytes([code]) if code < 128 else b"?"
+
+    return ESCAPE.sub(one, text)
