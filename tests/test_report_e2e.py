@@ -258,6 +258,15 @@ def test_admin_report_answers_the_same_as_the_cli(world: World) -> None:
     assert bad.status_code == 400 and "colour" in bad.json()["error"]["message"]
 
 
+def test_admin_report_parameters_left_empty_are_the_defaults(world: World) -> None:
+    # `GET /admin/report?from=&to=&by=&format=`: what an HTTP client sends for a
+    # parameter it has no value for (httpx writes None as an empty value).
+    empty = world.admin(**{"from": "", "to": "", "by": "", "format": ""})
+    assert empty.status_code == 200, empty.text
+    assert empty.headers["content-type"] == world.admin().headers["content-type"]
+    assert empty.json() == world.admin(format="json").json()
+
+
 def test_report_by_outcome_counts_rejections_and_by_day_is_a_local_date(world: World) -> None:
     rows = world.admin(by="outcome,day", format="json").json()["rows"]
     counts = {r["outcome"]: r["requests"] for r in rows}
