@@ -27,6 +27,7 @@ from tests.conftest import (
     Tollgate,
     output,
     start_tollgate,
+    wait_for,
     write_config,
 )
 
@@ -248,6 +249,19 @@ def test_requests_with_a_bad_key_are_counted_but_never_written_to_the_ledger(
     log = output(gate.process)
     assert bogus not in log and bogus[-4:] not in log
     assert log.count("for their key") <= 4  # throttled: not one line per request
+
+
+def test_every_line_tollgate_logs_is_json_refusals_for_a_key_included(gate: Tollgate) -> None:
+    """One JSON object a line, as SPEC's structured log is read: the warning that counts
+    the requests refused for their key is one too, not a line of words among them."""
+    with httpx.Client(base_url=gate.url, timeout=30) as client:
+        assert client.post("/v1/images/generations", content=EXPENSIVE).status_code == 401
+    log = wait_for(
+        "a refusal for a key logged",
+        lambda: output(gate.process) if "for their key" in output(gate.process) else None,
+    )
+    refusals = [json.loads(line) for line in log.splitlines() if "for their key" in line]
+    assert {(r["level"], r["logger"]) for r in refusals} == {("warning", "tollgate.requests")}
 
 
 @pytest.mark.parametrize(

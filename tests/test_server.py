@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import resource
@@ -106,6 +107,35 @@ def test_workers_serve_with_the_options_of_the_command_line(tmp_path: Path) -> N
     with sqlite3.connect(elsewhere) as db:
         assert db.execute("SELECT count(*) FROM requests").fetchone() == (4,)
     assert not (tmp_path / "tollgate.db").exists()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_simulate_logs_every_line_as_json(tmp_path: Path, workers: str) -> None:
+    """Past the banner (on stdout), each line is one JSON object: uvicorn's, the
+    refusal of a key's, a request's. The simulated upstream, started in the process,
+    leaves the proxy's logging as it is."""
+    write_config(tmp_path, UNREACHABLE)
+    port = free_port()
+    process = start(
+        ["serve", "--config", str(tmp_path), "--port", str(port), "--workers", workers,
+         "--simulate"],
+        f"http://127.0.0.1:{port}/healthz",
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        refused = openai.OpenAI(base_url=url, api_key="tg_unknown_key_0123456789")
+        with pytest.raises(openai.AuthenticationError):
+            refused.with_options(max_retries=0).images.generate(prompt="p", quality="low")
+        client = openai.OpenAI(base_url=url, api_key=DESIGN_KEY, max_retries=0)
+        assert client.images.generate(prompt="p", quality="low", size="1024x1024").data
+    finally:
+        log = stop(process)
+    lines = log.splitlines()
+    assert lines[0].startswith("Tollgate ") and "OPENAI_BASE_URL" in lines[2]
+    logged = [json.loads(line) for line in lines[3:]]
+    assert any(line.get("logger") == "uvicorn.error" for line in logged)
+    assert any("for their key" in line.get("message", "") for line in logged)
+    assert any(line.get("team") == "design" for line in logged)
 
 
 def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:

@@ -442,6 +442,9 @@ def start_simulator_thread() -> int:
             log_level="warning",
             access_log=False,
             lifespan="off",
+            # uvicorn's own logging configuration would give its loggers text handlers,
+            # the proxy's included: every line stays the JSON of `configure_logging`.
+            log_config=None,
         )
     )
     threading.Thread(target=server.run, name="simulated-upstream", daemon=True).start()
