@@ -213,6 +213,46 @@ def test_passthrough_forwards_only_the_methods_it_lists(
     assert len(forwarded(simulator)) == before
 
 
+def logged_line(gate: Tollgate, request_id: str) -> dict[str, Any]:
+    """The JSON log line of the request `request_id`, once it is written."""
+
+    def line() -> dict[str, Any] | None:
+        for text in output(gate.process).splitlines():
+            if request_id in text and text.startswith("{"):
+                found: dict[str, Any] = json.loads(text)
+                if found.get("request_id") == request_id:
+                    return found
+        return None
+
+    return wait_for(f"the log line of {request_id}", line)
+
+
+def test_a_passthrough_request_has_its_log_line_naming_team_key_and_upstream_id(
+    gate: Tollgate, simulator: Simulator
+) -> None:
+    """Forwarded with the company key, unmetered: which team sent it, and OpenAI's id for
+    it, are in the log as for any request; a refused method names the team too."""
+    answer = httpx.get(f"{gate.url}/v1/models", headers=keyed(), timeout=30)
+    assert answer.status_code == 200
+    line = logged_line(gate, answer.headers["x-tollgate-request-id"])
+    assert (line["team"], line["key_id"], line["endpoint"]) == ("design", "web-app", "passthrough")
+    assert (line["method"], line["path"], line["status"]) == ("GET", "/v1/models", 200)
+    assert (line["outcome"], line["cost_usd"]) == ("ok", None)
+    unknown = httpx.get(f"{gate.url}/v1/models/no-such-model", headers=keyed(), timeout=30)
+    assert unknown.status_code == 404  # the upstream's answer, with its request id
+    line = logged_line(gate, unknown.headers["x-tollgate-request-id"])
+    assert line["upstream_request_id"] == unknown.headers["x-request-id"]
+    assert (line["status"], line["outcome"]) == (404, "upstream_error")
+    refused = httpx.post(f"{gate.url}/v1/models", headers=keyed(), timeout=30)
+    assert refused.status_code == 405 and refused.headers["x-tollgate-team"] == "design"
+    line = logged_line(gate, refused.headers["x-tollgate-request-id"])
+    assert (line["status"], line["error_code"], line["outcome"]) == (
+        405,
+        "method_not_allowed",
+        "client_error",
+    )
+
+
 def requests_rows(gate: Tollgate) -> int:
     return int(gate.query("SELECT count(*) AS n FROM requests")[0]["n"])
 

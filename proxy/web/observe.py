@@ -98,6 +98,32 @@ def request_line(entry: Entry, settlement: Settlement) -> str:
     )  # fmt: skip
 
 
+def log_passthrough(
+    request_id: str,
+    team: str,
+    key_id: str,
+    method: str,
+    path: str,
+    status: int,
+    upstream_request_id: str | None,
+    error_code: str | None,
+    latency_ms: float,
+) -> None:
+    """The line of a request forwarded under `passthrough:` (or refused there once its key
+    named a team): unmetered, so its cost is null, but which team sent what with the
+    company key, and OpenAI's id for it, are in the log as for every other request."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    outcome = "ok" if status < 400 else "client_error" if error_code else "upstream_error"
+    line = {
+        "request_id": request_id, "upstream_request_id": upstream_request_id, "team": team,
+        "key_id": key_id, "endpoint": "passthrough", "method": method, "path": path,
+        "outcome": outcome, "status": status, "error_code": error_code, "cost_usd": None,
+        "latency_ms": round(latency_ms, 1),
+    }  # fmt: skip
+    log.info(json.dumps(line))
+
+
 class KeyRefusals:
     """Requests refused for a missing or unknown key: anyone can send them, as fast as they
     like, so they are counted in a metric and a throttled log line, never in the ledger

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -25,7 +26,7 @@ from proxy.core.parsing import MAX_VALUES
 from proxy.core.paths import CHAT_COMPLETIONS, OBJECT_PATHS, TOLLGATE_PATHS, under
 from proxy.web.admission import read_body
 from proxy.web.gateway import path_of, query_of
-from proxy.web.observe import KeyRefusals
+from proxy.web.observe import KeyRefusals, log_passthrough
 from proxy.web.pipeline import identified_again, new_request_id, owned_files
 from proxy.web.responses import error_response, streamed_response
 from proxy.web.runtime import Runtime
@@ -63,11 +64,14 @@ class OtherPaths:
         refused = forwarded(s, path, method)
         if refused is not None:
             return error_response(refused)
-        headers = {"x-tollgate-request-id": new_request_id()}
+        started = time.monotonic()
+        request_id = new_request_id()
+        headers = {"x-tollgate-request-id": request_id}
         try:
-            team, _ = identify(request.headers.get("authorization"), s.config.team_by_key_hash())
+            team, key = identify(request.headers.get("authorization"), s.config.team_by_key_hash())
         except AuthenticationFailed as exc:
             return self.key_refusals.refuse(request, exc, headers, s)
+        headers["x-tollgate-team"] = team.name
         try:
             allow_method(s, path, method)
             query = query_of(request)
@@ -79,7 +83,8 @@ class OtherPaths:
             except AuthenticationFailed as exc:
                 return self.key_refusals.refuse(request, exc, headers, s)
             if newer is not None:
-                s, team, _ = newer
+                s, team, key = newer
+                headers["x-tollgate-team"] = team.name
                 refused = forwarded(s, path, method)
                 if refused is not None:
                     raise refused
@@ -103,8 +108,17 @@ class OtherPaths:
                 query=query,
             )
         except RequestError as exc:
+            latency_ms = (time.monotonic() - started) * 1000
+            log_passthrough(
+                request_id, team.name, key.id, method, path, exc.status, None, exc.code,
+                latency_ms,
+            )  # fmt: skip
             return error_response(exc, headers)
-        return streamed_response(answer, {**headers, "x-tollgate-team": team.name})
+        log_passthrough(
+            request_id, team.name, key.id, method, path, answer.status,
+            answer.headers.get("x-request-id"), None, (time.monotonic() - started) * 1000,
+        )  # fmt: skip
+        return streamed_response(answer, headers)
 
 
 def forwarded(runtime: Runtime, path: str, method: str) -> NotFound | None:
