@@ -253,6 +253,27 @@ def test_a_passthrough_request_has_its_log_line_naming_team_key_and_upstream_id(
     )
 
 
+def test_a_request_on_a_teams_own_objects_has_its_log_line(gate: Tollgate) -> None:
+    """A listing, an upload, a read or a delete of a file, batch or stored response leaves
+    no ledger row; its log line says which team did it, with which key, and what came of
+    it, as every other request's does."""
+    listing = httpx.get(f"{gate.url}/v1/files", headers=keyed(), timeout=30)
+    assert listing.status_code == 200
+    line = logged_line(gate, listing.headers["x-tollgate-request-id"])
+    assert (line["team"], line["key_id"], line["endpoint"]) == ("design", "web-app", "files")
+    assert (line["method"], line["path"], line["status"]) == ("GET", "/v1/files", 200)
+    assert (line["outcome"], line["cost_usd"]) == ("ok", "0")
+    gone = httpx.delete(f"{gate.url}/v1/files/file-not-ours", headers=keyed(), timeout=30)
+    assert gone.status_code == 404
+    line = logged_line(gate, gone.headers["x-tollgate-request-id"])
+    assert (line["method"], line["path"]) == ("DELETE", "/v1/files/file-not-ours")
+    assert (line["status"], line["outcome"], line["error_code"]) == (
+        404,
+        "client_error",
+        "not_found",
+    )
+
+
 def requests_rows(gate: Tollgate) -> int:
     return int(gate.query("SELECT count(*) AS n FROM requests")[0]["n"])
 

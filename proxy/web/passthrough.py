@@ -26,7 +26,7 @@ from proxy.core.parsing import MAX_VALUES
 from proxy.core.paths import CHAT_COMPLETIONS, OBJECT_PATHS, TOLLGATE_PATHS, under
 from proxy.web.admission import read_body
 from proxy.web.gateway import path_of, query_of
-from proxy.web.observe import KeyRefusals, log_passthrough
+from proxy.web.observe import KeyRefusals, log_unmetered, unmetered_outcome
 from proxy.web.pipeline import identified_again, new_request_id, owned_files
 from proxy.web.responses import error_response, streamed_response
 from proxy.web.runtime import Runtime
@@ -108,17 +108,20 @@ class OtherPaths:
                 query=query,
             )
         except RequestError as exc:
-            latency_ms = (time.monotonic() - started) * 1000
-            log_passthrough(
-                request_id, team.name, key.id, method, path, exc.status, None, exc.code,
-                latency_ms,
+            refusal = error_response(exc, headers)
+            outcome = unmetered_outcome(refusal, exc.code)
+            log_unmetered(
+                request_id, team.name, key.id, "passthrough", request, refusal, outcome,
+                exc.code, started,
             )  # fmt: skip
-            return error_response(exc, headers)
-        log_passthrough(
-            request_id, team.name, key.id, method, path, answer.status,
-            answer.headers.get("x-request-id"), None, (time.monotonic() - started) * 1000,
+            return refusal
+        response = streamed_response(answer, headers)
+        outcome = unmetered_outcome(response, None)
+        log_unmetered(
+            request_id, team.name, key.id, "passthrough", request, response, outcome, None,
+            started,
         )  # fmt: skip
-        return streamed_response(answer, headers)
+        return response
 
 
 def forwarded(runtime: Runtime, path: str, method: str) -> NotFound | None:
