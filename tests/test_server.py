@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import resource
 import signal
 import socket
@@ -30,6 +31,8 @@ from tests.conftest import (
     output,
     start,
     stop,
+    wait_for,
+    wait_until_up,
     workers_of,
     write_config,
 )
@@ -136,6 +139,32 @@ def test_serve_simulate_logs_every_line_as_json(tmp_path: Path, workers: str) ->
     assert any(line.get("logger") == "uvicorn.error" for line in logged)
     assert any("for their key" in line.get("message", "") for line in logged)
     assert any(line.get("team") == "design" for line in logged)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_on_port_0_prints_the_url_of_the_port_it_serves(tmp_path: Path, workers: str) -> None:
+    """`--port 0` takes a free port; the banner's URL is one a client can call."""
+    write_config(tmp_path, UNREACHABLE)
+    log = tmp_path / "serve.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--config", str(tmp_path), "--port", "0",
+             "--workers", workers, "--simulate"],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        found = wait_for(
+            "the banner", lambda: re.search(r"on (http://127\.0\.0\.1:(\d+)/v1)", log.read_text())
+        )
+        url, port = found[1], int(found[2])
+        assert port != 0 and f"OPENAI_BASE_URL={url} " in log.read_text()
+        wait_until_up(url.removesuffix("/v1") + "/healthz", process)
+        client = openai.OpenAI(base_url=url, api_key=DESIGN_KEY, max_retries=0)
+        assert client.images.generate(prompt="p", quality="low", size="1024x1024").data
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
 
 
 def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
