@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import openai
 import pytest
 
@@ -165,6 +166,35 @@ def test_serve_on_port_0_prints_the_url_of_the_port_it_serves(tmp_path: Path, wo
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+def test_simulate_upstream_on_port_0_prints_the_url_of_the_port_it_serves(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "simulator.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "simulate-upstream", "--port", "0"],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        found = wait_for(
+            "the banner", lambda: re.search(r"on (http://127\.0\.0\.1:(\d+)/v1)", log.read_text())
+        )
+        assert int(found[2]) != 0
+        models = wait_for("the simulator", lambda: answered(f"{found[1]}/models"))
+        assert models.status_code == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def answered(url: str) -> httpx.Response | None:
+    try:
+        return httpx.get(url, headers={"authorization": f"Bearer {UPSTREAM_KEY}"}, timeout=5)
+    except httpx.TransportError:
+        return None
 
 
 def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:

@@ -131,6 +131,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     import uvicorn
 
     from proxy.simulator import SimulatorSettings, create_simulator_app
+    from proxy.web.connections import concrete_port
 
     batches = {
         name: value
@@ -144,11 +145,12 @@ def run_simulate(args: argparse.Namespace) -> int:
         data_residency=args.data_residency,
         **batches,
     )
-    print(f"Simulated OpenAI image API on http://{args.host}:{args.port}/v1", flush=True)
+    port = concrete_port(args.host, args.port)
+    print(f"Simulated OpenAI image API on http://{args.host}:{port}/v1", flush=True)
     uvicorn.run(
         create_simulator_app(settings),
         host=args.host,
-        port=args.port,
+        port=port,
         log_level="warning",
         access_log=False,
     )

@@ -34,7 +34,7 @@ from proxy.core.settings import Config
 from proxy.ledger import open_ledger
 from proxy.logs import configure_logging
 from proxy.web.app import create_app
-from proxy.web.connections import ServerConfig
+from proxy.web.connections import ServerConfig, concrete_port
 from proxy.web.gateway import Gateway
 from proxy.web.runtime import Overrides, same_ledger
 
@@ -122,18 +122,6 @@ def prepare(options: ServeOptions) -> Prepared:
     )
     asyncio.run(check_ledger(options.overrides.ledger_url or config.ledger_url))
     return Prepared(replace(options, port=concrete_port(options.host, options.port)), config, app)
-
-
-def concrete_port(host: str, port: int) -> int:
-    """`port`, or for `--port 0` a free port the system gives now: the banner (and each
-    worker) then names the port served, not 0, which no client can call."""
-    if port:
-        return port
-    info = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
-    with socket.socket(info[0], socket.SOCK_STREAM) as probe:
-        probe.bind(info[4])
-        found: int = probe.getsockname()[1]
-        return found
 
 
 async def check_ledger(url: str) -> None:
