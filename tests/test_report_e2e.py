@@ -276,6 +276,22 @@ def test_report_by_outcome_counts_rejections_and_by_day_is_a_local_date(world: W
     assert {r["day"] for r in rows} == {today}
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"), [("from", "2020-01-01"), ("to", "2020-01-31"), ("by", "team")]
+)
+def test_a_statement_with_a_period_or_grouping_is_refused_not_answered_for_its_month(
+    world: World, flag: str, value: str
+) -> None:
+    """`--statement` is its month: another period or grouping given with it would be
+    answered with the month's numbers, read as those asked for."""
+    month = time.strftime("%Y-%m", time.gmtime())
+    done = world.cli("report", "--statement", month, f"--{flag}", value)
+    assert done.returncode == 2 and f"--{flag}" in done.stderr, done.stderr
+    answer = world.admin(statement=month, **{flag: value})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == flag
+
+
 def test_statement_json_and_csv_carry_budgets_rejections_and_users(world: World) -> None:
     month = time.strftime("%Y-%m", time.gmtime())
     done = world.cli("report", "--statement", month, "--format", "json")
