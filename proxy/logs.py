@@ -99,6 +99,15 @@ class BatchWriter(logging.Handler):
             self.flush()
 
 
+def flush_logs() -> None:
+    """Write every line still waiting, now. A server stopped by SIGTERM ends by raising the
+    signal again once it has shut down (uvicorn does, for the exit status), which ends the
+    process without `atexit`: the lines of its last 50 ms, the requests it settled while
+    stopping among them, went with it."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+
+
 def configure_logging(level: str) -> None:
     """Send every record, as a JSON line, to stderr through one `BatchWriter`."""
     root = logging.getLogger()
