@@ -94,10 +94,12 @@ def config(webhooks: tuple[str, ...], limit_usd: int = 10) -> Config:
     )
 
 
-async def spend(ledger: SqliteLedger, nanos: int, n: int = 1) -> Entry:
-    """Reserve and settle a request of team design costing `nanos`."""
-    entry = Entry(f"tg_req_{n}", NOW, "generations", team="design", estimated_nanos=nanos)
-    write = counters("design", None, NOW, zone("UTC"))
+async def spend(ledger: SqliteLedger, nanos: int, n: int = 1, user: str | None = None) -> Entry:
+    """Reserve and settle a request of team design (and `user`) costing `nanos`."""
+    entry = Entry(
+        f"tg_req_{n}", NOW, "generations", team="design", user=user, estimated_nanos=nanos
+    )
+    write = counters("design", user, NOW, zone("UTC"))
     await ledger.reserve(write, lambda totals: Reservation(entry, Usage(), write))
     await ledger.settle(entry.id, Settlement(NOW, "ok", 200, Usage(images=1), cost_nanos=nanos))
     return entry
@@ -155,6 +157,36 @@ async def test_each_threshold_is_announced_once_per_period_even_after_a_restart(
     await again.idle()
     await again.aclose()
     assert [m["threshold"] for m in receiver.messages] == ["0.5", "0.8"]
+
+
+async def test_a_per_user_budget_announces_each_users_thresholds(
+    ledger: SqliteLedger, receiver: Receiver
+) -> None:
+    """`per_user: [{period: day, limit_usd: 2, alert_at: [0.5]}]` is announced for each user
+    who reaches it, once; its thresholds were accepted and never announced."""
+    cfg = config((receiver.url,), limit_usd=1000)
+    design = replace(cfg.teams[0], per_user=(Budget("day", "usd", 2 * NANOS, (Decimal("0.5"),)),))
+    notifier = alerts_for(replace(cfg, teams=(design,)), ledger)
+    notifier.settled(await spend(ledger, NANOS // 2, 1, user="alice"))  # 25 %
+    await notifier.idle()
+    assert receiver.messages == []
+    notifier.settled(await spend(ledger, NANOS, 2, user="alice"))  # 75 %
+    notifier.settled(await spend(ledger, NANOS // 2, 3, user="<!channel>"))  # 25 %
+    await notifier.idle()
+    notifier.settled(await spend(ledger, NANOS // 10, 4, user="alice"))  # said already
+    await notifier.idle()
+    await notifier.aclose()
+    [message] = receiver.messages
+    assert (message["scope"], message["team"], message["user"]) == ("user", "design", "alice")
+    assert (message["period"], message["threshold"], message["spent_usd"]) == ("day", "0.5", "1.5")
+    assert "user alice's (team design) day budget has reached 50%" in message["text"]
+    # A user's name is the client's: Slack shows it, never notifies the channel it names.
+    notifier = alerts_for(replace(cfg, teams=(design,)), ledger)
+    notifier.settled(await spend(ledger, NANOS, 5, user="<!channel>"))
+    await notifier.idle()
+    await notifier.aclose()
+    assert receiver.messages[1]["user"] == "<!channel>"
+    assert "user &lt;!channel&gt;'s (team design)" in receiver.messages[1]["text"]
 
 
 async def test_a_failing_webhook_is_retried_and_a_slow_one_never_blocks_settled(

@@ -132,11 +132,13 @@ def follow_until(
     metrics: Any = None,
     upstream: Any = None,
     recorded: dict[str, Any] | None = None,
+    alerts: Any = None,
 ) -> Polled:
     """A batch of three lines reserved and held, then polled `polls` times `every_s` apart
     against an upstream answering `answers` (or `upstream`): its rows, the team's day totals
     and what is still held (`input_file_id` None: a batch adopted whose input file is not
-    on record). `recorded` is filled with the ledger's record of each object it names."""
+    on record). `recorded` is filled with the ledger's record of each object it names;
+    `alerts` is told of the settlements (`settled(entry)`)."""
     now = [CREATED]
 
     async def run() -> Polled:
@@ -152,6 +154,7 @@ def follow_until(
             here = SimpleNamespace(
                 config=runtime.config, ledger=ledger, upstream=upstream or Scripted(answers),
                 clock=lambda: now[0], metrics=counted,
+                alerts=alerts or SimpleNamespace(settled=lambda entry: None),
             )  # fmt: skip
             followed = BatchFollow(batch_entry("b1", 3), "batch_abc", input_file_id, None)
             for _ in range(polls):
@@ -362,6 +365,22 @@ def test_a_settled_batchs_output_file_is_recorded_at_openais_time_of_it(
     assert upstream.reads == 1
 
 
+def test_a_settled_batch_is_checked_against_the_alert_thresholds(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """A batch's spend crosses a budget's `alert_at` as any request's does: its team's and
+    its lines' users' budgets are checked once it settles (it was never told, and a team
+    spending through batches alone was never alerted)."""
+    noted: list[Entry] = []
+    rows, _, held = follow_until(
+        runtime, tmp_path, [], 2, 1.0, upstream=Finalized(200, CREATED + 3600),
+        alerts=SimpleNamespace(settled=noted.append),
+    )  # fmt: skip
+    assert held == [] and rows
+    assert {e.team for e in noted} == {"design"}
+    assert sorted(e.user or "" for e in noted) == sorted({r["user"] or "" for r in rows})
+
+
 def test_a_line_is_charged_the_dearer_of_the_book_it_was_reserved_under_and_the_one_in_force(
     runtime: Runtime, tmp_path: Path
 ) -> None:
@@ -493,6 +512,7 @@ def settle_watched(
             here = SimpleNamespace(
                 config=runtime.config, ledger=ledger, upstream=ManyLines(lines, chunk),
                 clock=lambda: CREATED + 120, metrics=Metrics(CollectorRegistry()),
+                alerts=SimpleNamespace(settled=lambda entry: None),
             )  # fmt: skip
             followed = BatchFollow(batch_entry("b1", lines), "batch_abc", "file-abc", None)
             assert await followed.poll(cast(Runtime, here))

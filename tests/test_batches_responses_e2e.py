@@ -53,6 +53,7 @@ from tests.conftest import (
     start_simulator,
     start_tollgate,
     stop,
+    wait_for,
     write_config,
 )
 
@@ -299,3 +300,32 @@ def test_reconcile_matches_a_responses_batch_with_the_costs_export(tmp_path: Pat
     finally:
         tollgate.stop()
         stop(simulator.process)
+
+
+def test_both_parts_of_a_responses_batchs_cost_count_as_responses_spend(
+    proxy: Tollgate,
+) -> None:
+    sdk = proxy.client()
+
+    def spend() -> dict[str, float]:
+        return {
+            part: proxy.metric(
+                "tollgate_responses_cost_usd_total", team="design", model=model, part=part
+            )
+            for part, model in (("mainline", "gpt-5.5"), ("image_tool", "gpt-image-2"))
+        }
+
+    before = spend()
+    file = upload(sdk, responses_lines(3))
+    batch = sdk.batches.create(input_file_id=file.id, endpoint=RESPONSES, completion_window="24h")
+    rows = settled_rows(proxy, ended(sdk, batch.id).id)
+    mainline = sum(r["mainline_cost_nanos"] for r in rows) / 10**9
+    tool = sum(r["cost_nanos"] - r["mainline_cost_nanos"] for r in rows) / 10**9
+    assert mainline > 0 and tool > 0
+    expected = {"mainline": mainline, "image_tool": tool}
+
+    def counted() -> dict[str, float] | None:
+        moved = {part: value - before[part] for part, value in spend().items()}
+        return moved if moved == pytest.approx(expected) else None
+
+    wait_for("the batch's Responses spend counted by part", counted)

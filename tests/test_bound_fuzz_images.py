@@ -384,7 +384,9 @@ def test_the_simulator_bills_a_json_edits_data_url_image_at_its_size(config: Con
 
 @given(
     body=options(),
-    fallback=st.sampled_from(("dall-e-3", "dall-e-2", "gpt-image-1", "gpt-image-2")),
+    fallback=st.sampled_from(
+        ("dall-e-3", "dall-e-2", "gpt-image-1", "gpt-image-2", "gpt-image-1-mini")
+    ),
     edit=st.sampled_from((None, "low", "high")) | st.just(None),
 )
 @examples(100)
@@ -420,3 +422,20 @@ def test_a_request_with_input_fidelity_never_falls_back_to_gpt_image_2(config: C
     )
     assert forms and len(forms) > 1
     assert all(b'"gpt-image-2"' not in sent.body for sent in forms), [s.changes for s in forms]
+
+
+def test_a_request_with_high_input_fidelity_never_falls_back_to_gpt_image_1_mini(
+    config: Config,
+) -> None:
+    """gpt-image-1-mini takes `input_fidelity` `low` only ("Unsupported for
+    gpt-image-1-mini"): an edit at `high` was sent to it, and refused; one at `low` may
+    still fall back to it."""
+    body = {"model": "gpt-image-1.5", "prompt": "a fox", "input_fidelity": "high"}
+    body |= {"images": [{"file_id": "file-abc"}], "quality": "high"}
+    team = team_with(config, "gpt-image-1-mini")
+    forms = sent_forms(IMAGES["edits"], JSON, json.dumps(body).encode(), config, team)
+    assert forms and len(forms) > 1
+    assert all(b'"gpt-image-1-mini"' not in sent.body for sent in forms), [s.changes for s in forms]
+    low = json.dumps({**body, "input_fidelity": "low"}).encode()
+    forms = sent_forms(IMAGES["edits"], JSON, low, config, team)
+    assert any(b'"gpt-image-1-mini"' in sent.body for sent in forms)

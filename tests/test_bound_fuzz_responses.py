@@ -274,14 +274,17 @@ def test_a_long_context_response_never_bills_above_its_bound(
     assert billed is not None and billed[1].input > 272_000
 
 
-@given(body=bodies(), fallback=st.sampled_from(("dall-e-3", "dall-e-2", "gpt-image-2")))
+@given(
+    body=bodies(),
+    fallback=st.sampled_from(("dall-e-3", "dall-e-2", "gpt-image-2", "gpt-image-1-mini")),
+)
 @examples(60)
 def test_a_downgrade_of_the_image_tool_the_upstream_would_refuse_is_never_sent(
     config: Config, body: dict[str, Any], fallback: str
 ) -> None:
     """Every form of a body the simulator accepts as asked is accepted too: the tool was
-    sent falling back to DALL·E (which it does not take), and to gpt-image-2 with the
-    `input_fidelity` that model refuses."""
+    sent falling back to DALL·E (which it does not take), to gpt-image-2 with the
+    `input_fidelity` that model refuses, and to gpt-image-1-mini at `high`."""
     forms = forwarded(config, team_with(config, fallback), body, (0, 0))
     if not forms or responses_bill(forms[0][0], config.prices) is None:
         return

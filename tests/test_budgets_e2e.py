@@ -30,11 +30,21 @@ from tests.conftest import (
     start_tollgate,
     write_config,
 )
-from tests.test_proxy_e2e import expected_cost, wait_settled
+from tests.test_proxy_e2e import expected_cost, png, wait_settled
 
 ADMIN = "admin-secret-token"
 KEYS = {
-    name: f"tg_test_{name}_key" for name in ("frugal", "strict", "throttled", "tokens", "sizefirst")
+    name: f"tg_test_{name}_key"
+    for name in (
+        "frugal",
+        "strict",
+        "throttled",
+        "tokens",
+        "sizefirst",
+        "fidelity",
+        "legacy",
+        "retro",
+    )
 }
 
 
@@ -95,6 +105,39 @@ on_exhausted: reject
 budgets:
   - {period: day, limit_usd: 0.10}
 downgrade: {order: [size, quality]}
+""",
+    ),
+    # $0.06 a day: a gpt-image-1.5 edit at high fidelity (~$0.074 at low quality) fits only
+    # on the fallback gpt-image-1-mini (~$0.023), which takes input_fidelity `low` only.
+    "fidelity": team(
+        "fidelity",
+        """
+budgets:
+  - {period: day, limit_usd: 0.06}
+on_exhausted: downgrade
+downgrade: {order: [quality, size, model], fallback_model: gpt-image-1-mini}
+""",
+    ),
+    # $0.10 a day, the model given up first: gpt-image-2 high (~$0.21) falls back to
+    # dall-e-2 ($0.02), which answers URLs unless asked for base64.
+    "retro": team(
+        "retro",
+        """
+budgets:
+  - {period: day, limit_usd: 0.10}
+on_exhausted: downgrade
+downgrade: {order: [model], fallback_model: dall-e-2}
+""",
+    ),
+    # $0.03 a day: a dall-e-3 image ($0.04 at standard 1024x1024) fits only on the fallback
+    # gpt-image-1-mini, which takes no `style` and answers no URL.
+    "legacy": team(
+        "legacy",
+        """
+budgets:
+  - {period: day, limit_usd: 0.03}
+on_exhausted: downgrade
+downgrade: {order: [quality, size, model], fallback_model: gpt-image-1-mini}
 """,
     ),
 }
@@ -167,6 +210,60 @@ def test_a_size_given_up_first_is_given_back_once_the_quality_comes_down(
     record = simulator.record(raw.headers["x-request-id"])
     assert (record["params"]["quality"], record["params"]["size"]) == ("medium", "2048x1152")
     assert usd(raw.headers["x-tollgate-cost-usd"]) == expected_cost(record)
+
+
+def test_an_edit_at_high_fidelity_never_falls_back_to_a_model_that_refuses_it(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """gpt-image-1-mini takes `input_fidelity` `low` only: the edit was sent to it at
+    `high`, and the team got OpenAI's 400 instead of Tollgate's 429."""
+    before = len(simulator.billing())
+    image = ("a.png", png(1024, 1024), "image/png")
+    with pytest.raises(openai.RateLimitError) as caught:
+        client(proxy, "fidelity", max_retries=0).images.edit(
+            model="gpt-image-1.5", prompt="a fox", image=image, input_fidelity="high"
+        )
+    assert caught.value.code == "budget_exceeded"
+    assert len(simulator.billing()) == before  # nothing was sent upstream
+
+
+@pytest.mark.parametrize("option", [{"style": "vivid"}, {"response_format": "url"}])
+def test_a_dalle_request_never_falls_back_to_a_gpt_model_with_what_only_dalle_takes(
+    proxy: Tollgate, simulator: Simulator, option: dict[str, str]
+) -> None:
+    """GPT image models refuse `style` and answer no URL: a dall-e-3 request naming either
+    was sent to the fallback gpt-image-1-mini with it, and the team got OpenAI's 400."""
+    before = len(simulator.billing())
+    with pytest.raises(openai.RateLimitError) as caught:
+        client(proxy, "legacy", max_retries=0).images.generate(
+            model="dall-e-3", prompt="a fox", quality="hd", size="1024x1024", **option
+        )
+    assert caught.value.code == "budget_exceeded"
+    assert len(simulator.billing()) == before  # nothing was sent upstream
+    answer = client(proxy, "legacy").images.with_raw_response.generate(
+        model="dall-e-3", prompt="a fox", size="1024x1024", response_format="b64_json"
+    )
+    assert answer.headers["x-tollgate-downgraded"].startswith("model=dall-e-3->gpt-image-1-mini")
+
+
+def test_a_fallback_to_dall_e_still_answers_the_base64_a_gpt_model_answers(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """A GPT image model always answers `b64_json`; DALL·E answers URLs unless asked for
+    base64: a request sent on to dall-e-2 as it was got a URL (an hour-long link to the
+    image) where its client reads `b64_json`, and found None there."""
+    raw = client(proxy, "retro").images.with_raw_response.generate(
+        model="gpt-image-2", prompt="a fox", quality="high", size="1024x1024"
+    )
+    assert raw.headers["x-tollgate-downgraded"].startswith("model=gpt-image-2->dall-e-2")
+    [image] = raw.parse().data or []
+    assert image.b64_json and image.url is None
+    record = simulator.record(raw.headers["x-request-id"])
+    assert record["params"]["response_format"] == "b64_json"
+    asked = client(proxy, "retro").images.generate(
+        model="gpt-image-2", prompt="a fox", quality="high", response_format="url"
+    )
+    assert asked.data and asked.data[0].url  # a client that asks for URLs gets them
 
 
 def test_a_rejection_is_429_budget_exceeded_and_the_sdk_tries_once(

@@ -80,6 +80,26 @@ def test_check_and_serve_print_every_problem_as_file_line_message(tmp_path: Path
         ), problems
 
 
+@pytest.mark.parametrize(
+    ("setting", "line"),
+    [
+        ("limits:\n  body_timeout_s: 1" + "0" * 400 + "\n", "9: limits.body_timeout_s: must be"),
+        ("retries:\n  store_bytes: 1" + "0" * 5000 + "\n", "9: retries.store_bytes: must be"),
+    ],
+)
+def test_check_says_where_a_number_too_large_is_written_rather_than_crash(
+    tmp_path: Path, setting: str, line: str
+) -> None:
+    """Past a float (read as seconds), or past the digits Python reads, a number made
+    `check` and `serve` end in a traceback."""
+    write_config(tmp_path, "http://127.0.0.1:9/v1", setting)
+    done = tollgate("check", "--config", str(tmp_path))
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    [problem] = done.stderr.strip().splitlines()
+    assert problem.startswith(f"{tmp_path}/tollgate.yaml:{line}"), problem
+
+
 def test_serve_without_an_upstream_key_is_a_start_up_error(tmp_path: Path) -> None:
     write_config(tmp_path, "http://127.0.0.1:9/v1")
     settings = tmp_path / "tollgate.yaml"
@@ -183,6 +203,11 @@ def test_ledger_flagged_lists_and_resolve_sets_the_true_cost(tmp_path: Path, bac
         assert refused.returncode == 1 and "is not flagged" in refused.stderr
         wrong = tollgate("ledger", "resolve", "tg_req_lost", "--ledger", url, "--cost", "lots")
         assert wrong.returncode == 2 and "not an amount in USD" in wrong.stderr
+        # Past what a 64-bit column holds, it was a traceback (exit 1, a ledger error).
+        for huge in ("1e30", "9223372036.854775808", "1000000000.000000001"):
+            wrong = tollgate("ledger", "resolve", "tg_req_lost", "--ledger", url, "--cost", huge)
+            assert wrong.returncode == 2 and "more than $1,000,000,000" in wrong.stderr
+        assert spent(url) == 210_765_000
     finally:
         if backend == "postgresql":
             pg.drop_schema(url)
@@ -266,6 +291,7 @@ NOT_FOR_BUDGETS = (
     "proxy.core.dimensions",
     "python_multipart",
     "PIL",
+    "proxy.finance.costs_api",
     "proxy.finance.reconcile",
     "proxy.finance.projects",
     "proxy.finance.reports",
@@ -319,9 +345,16 @@ def test_the_probe_sees_the_server_stack() -> None:
         ('[{"data": [{"start_time": 0, "results": [{"amount": {"value": 1}}]}]},'
          ' {"data": [{"start_time": 0, "results": [{"amount": {"value": 1}}]}]}]',
          "page 2 repeats the bucket of 1970-01-01"),
+        ('{"data": [{"start_time": 43200, "end_time": 129600, "results": []}]}',
+         "across a UTC midnight"),
+        ('[{"data": [{"start_time": 0, "end_time": 86400, "results": [{"amount": {"value": 1}}]}]},'
+         ' {"data": [{"start_time": 43200, "end_time": 86400,'
+         ' "results": [{"amount": {"value": 1}}]}]}]',
+         "page 2 has a bucket from 43200 that overlaps one of page 1 until 86400"),
     ],
     ids=["missing", "not-json", "not-a-page", "data", "an-error", "bucket", "amount", "year-3e12",
-         "nan-start", "amount-too-large", "euros", "a-week", "repeated"],
+         "nan-start", "amount-too-large", "euros", "a-week", "repeated", "across-midnight",
+         "overlapping"],
 )  # fmt: skip
 def test_reconcile_exits_2_naming_a_costs_file_it_cannot_read(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], costs: str | None, says: str
@@ -335,6 +368,29 @@ def test_reconcile_exits_2_naming_a_costs_file_it_cannot_read(
     # Exit 1 means a day is off; a file that says nothing must not read as one.
     assert main(["reconcile", "--config", str(tmp_path), "--costs", str(path)]) == 2
     assert says in capsys.readouterr().err
+
+
+def test_reconcile_by_model_exits_2_on_costs_not_grouped_by_line_item(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """OpenAI's own example export (`GET /v1/organization/costs` without `group_by`): its
+    amounts name no model, so none can be compared; it read as every day matching, its
+    spend left out under a line item without a name."""
+    from proxy.cli import main
+
+    write_config(tmp_path, "http://127.0.0.1:9/v1")
+    new_ledger(tmp_path)
+    result = {"object": "organization.costs.result", "amount": {"value": 0.06, "currency": "usd"},
+              "line_item": None, "project_id": None}  # fmt: skip
+    bucket = {"object": "bucket", "start_time": 1730419200, "end_time": 1730505600,
+              "results": [result]}  # fmt: skip
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps({"object": "page", "data": [bucket], "has_more": False}))
+    argv = ["reconcile", "--config", str(tmp_path), "--costs", str(path)]
+    assert main(argv) == 2
+    assert "not grouped by line item" in capsys.readouterr().err
+    assert main([*argv, "--by", "project"]) == 2
+    assert "not grouped by project" in capsys.readouterr().err
 
 
 def test_reconcile_exits_2_on_a_date_that_is_not_one(
@@ -364,8 +420,35 @@ def test_report_exits_2_naming_an_output_it_cannot_write(
     assert f"cannot write {output}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("label", ["ci-${USER}", "a${b"])
+def test_keys_new_refuses_a_label_the_team_file_would_not_read_back(
+    capsys: pytest.CaptureFixture[str], label: str
+) -> None:
+    """`${USER}` in a label became the user's name once the entry was pasted (every string
+    of a team file is expanded), and a lone `${` is refused by `check`."""
+    from proxy.cli import main
+
+    assert main(["keys", "new", "design", "--label", label]) == 2
+    captured = capsys.readouterr()
+    assert "tg_" not in captured.out
+    assert "a key id may not hold '${'" in captured.err
+
+
 @pytest.mark.parametrize(
-    "label", ["laptop", "my: laptop", "a, b", "{x}", "#1", "123", "yes", "null", 'it\'s "q"']
+    "label",
+    [
+        "laptop",
+        "my: laptop",
+        "a, b",
+        "{x}",
+        "#1",
+        "123",
+        "0100",
+        "1:30",
+        "yes",
+        "null",
+        'it\'s "q"',
+    ],
 )
 def test_keys_new_prints_an_entry_that_reads_back_as_the_label_and_hash(
     capsys: pytest.CaptureFixture[str], label: str

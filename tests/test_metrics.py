@@ -616,3 +616,21 @@ def test_an_image_of_a_size_its_model_does_not_list_is_counted_under_custom(
         assert registry.get_sample_value("tollgate_images_total", {**labels, "size": size}) == 1
     odd = {**labels, "size": "1040x1008"}
     assert registry.get_sample_value("tollgate_images_total", odd) is None
+
+
+def test_steps_of_one_knob_count_once_for_each_reason_that_took_them(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    changes = (
+        Change("quality", "high", "medium", "throttle"),
+        Change("quality", "medium", "low", "budget"),
+        Change("size", "1536x1024", "1024x1024", "budget"),
+        Change("size", "1024x1024", "768x512", "budget"),
+    )
+    metrics.started()
+    metrics.finished(forwarded(downgrades="…"), Settlement(1.0, "downgraded", 200), changes)
+    for knob, reason in (("quality", "throttle"), ("quality", "budget"), ("size", "budget")):
+        value = registry.get_sample_value(
+            "tollgate_downgrades_total", {"team": "design", "knob": knob, "reason": reason}
+        )
+        assert value == 1

@@ -2074,3 +2074,22 @@ def test_an_entry_without_a_release_date_is_uplifted_on_a_regional_endpoint() ->
 def test_a_release_date_that_is_not_a_date_is_refused() -> None:
     with pytest.raises(EntryError, match="`released` must be a date"):
         mainline_prices("gpt-6", {**MAINLINE_FIELDS, "released": "March"})
+
+
+def test_input_fidelity_names_the_values_a_model_takes(book: PriceBook, tmp_path: Path) -> None:
+    """gpt-image-1-mini takes `input_fidelity` `low` only, gpt-image-2 none; a deployment
+    may write either form, and anything else is refused at its own line."""
+    mini, two = model_of(book, "gpt-image-1-mini"), model_of(book, "gpt-image-2")
+    assert mini.takes_input_fidelity("low") and not mini.takes_input_fidelity("high")
+    assert mini.takes_input_fidelity(None) and mini.accepts_input_fidelity
+    assert not two.accepts_input_fidelity and not two.takes_input_fidelity("low")
+    assert model_of(book, "gpt-image-1.5").takes_input_fidelity("high")
+    text = "models:\n  gpt-image-1:\n    input_fidelity: [high]\n"
+    assert model_of(load_price_book(write(tmp_path, text)), "gpt-image-1").input_fidelities == (
+        "high",
+    )
+    path = write(tmp_path, "models:\n  gpt-image-1:\n    input_fidelity: [medium]\n")
+    assert problems_of(path) == [
+        f"{path}:3: models.gpt-image-1.input_fidelity: invalid price-book entry: "
+        "`input_fidelity` is true, false or a list of the values the model takes (high, low)"
+    ]

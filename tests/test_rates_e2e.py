@@ -200,6 +200,36 @@ def test_the_responses_image_tool_counts_its_calls_and_a_refusal_keeps_its_room(
         proxy.stop()
 
 
+def test_a_responses_request_without_the_image_tool_counts_against_no_image_models_limit(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """It names the default image model (gpt-image-2), which it never calls: only the
+    limits of its mainline model, and those on every model, count it."""
+    limits = (
+        "rate_limits:\n  - {per: minute, requests: 1, model: gpt-image-2}\n"
+        "  - {per: minute, requests: 30, model: gpt-4.1-mini}\n"
+    )
+    teams = {
+        "design": FLOOD["design"].replace("rate_limits:\n  - {per: minute, share: 0.5}\n", limits)
+    }
+    write_config(tmp_path, f"{simulator.url}/v1", "", teams)
+    proxy = start_tollgate(tmp_path)
+    try:
+        early_in_a_minute()
+        client = proxy.client(DESIGN_KEY)
+        for _ in range(3):
+            answer = client.responses.with_raw_response.create(
+                model="gpt-4.1-mini", input="A haiku about a bicycle", max_output_tokens=300
+            )
+            assert answer.headers["x-tollgate-ratelimit-limit-requests"] == "30"
+        assert answer.headers["x-tollgate-ratelimit-remaining-requests"] == "27"
+        # The image model's own limit is still whole.
+        image = client.images.with_raw_response.generate(**LOW)  # type: ignore[call-overload]
+        assert image.headers["x-tollgate-ratelimit-remaining-requests"] == "0"
+    finally:
+        proxy.stop()
+
+
 def test_a_replay_counts_against_no_limit_and_tells_the_room_left(
     simulator: Simulator, tmp_path: Path
 ) -> None:

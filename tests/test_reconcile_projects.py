@@ -194,3 +194,34 @@ async def test_each_request_is_reconciled_under_the_project_it_was_sent_under(ur
     assert lines[second_day, None].status is None
     assert lines[second_day, None].tollgate_usd == Decimal(ANSWERED.cost_nanos) / NANOS_PER_USD
     assert found.off_days == []
+
+
+async def test_a_model_the_price_book_no_longer_prices_is_still_reconciled(url: str) -> None:
+    """gpt-image-2 dropped from a custom price book: a project's line items of it are
+    compared with its teams' spend, not left out while that spend reads as billed by no
+    one."""
+    at = datetime(2026, 11, 3, 9, tzinfo=UTC).timestamp()
+    ledger = await open_ledger(url)
+    try:
+        await ledger.reserve([], sent_under("proj_design", "request", at))
+        await ledger.settle("request", replace(ANSWERED, response_id=None))
+    finally:
+        await ledger.close()
+    book = replace(BOOK, models={k: m for k, m in BOOK.models.items() if m.name != "gpt-image-2"})
+    team = Team("design", "CC-1042", (), (), (), Allow(), (), openai_project="proj_design")
+    config = Config(
+        root=Path("."), upstream=UpstreamSettings(), ledger_url=url, timezone="UTC",
+        admin_token=None, prices=book, teams=(team,),
+    )  # fmt: skip
+    dollars = float(Decimal(ANSWERED.cost_nanos) / NANOS_PER_USD)
+    export = [page(cost(dollars, "proj_design", "gpt-image-2, image output"),
+                   cost(0.5, "proj_design", "gpt-3.5-turbo, input"))]  # fmt: skip
+    now = datetime(2026, 11, 5, tzinfo=UTC).timestamp()
+    found = await run(config, url, export, None, None, None, DEFAULT_TOLERANCE, now)
+    [line] = found.lines
+    assert (line.project, line.status, line.openai_usd) == (
+        "proj_design",
+        "ok",
+        Decimal(str(dollars)),
+    )
+    assert found.ignored == {"gpt-3.5-turbo, input": Decimal("0.5")}

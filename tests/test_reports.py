@@ -6,9 +6,11 @@ import csv
 import io
 import json
 import math
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import date
 from decimal import Decimal
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -17,16 +19,16 @@ from starlette.datastructures import QueryParams
 
 from proxy.config.prices import load_price_book
 from proxy.core.errors import InvalidRequest, UpstreamUnavailable
-from proxy.finance import reports
+from proxy.core.settings import UpstreamSettings
+from proxy.finance import projects, reconcile, reports
+from proxy.finance.costs_api import fetch_costs, load_costs_file
 from proxy.finance.parts import is_mainline, split
 from proxy.finance.reconcile import (
     OpenAICosts,
     compare,
-    fetch_costs,
     held_by_model,
     holding_days,
     line_item_model,
-    load_costs_file,
     parse_costs,
     parse_day,
 )
@@ -34,8 +36,11 @@ from proxy.finance.reconcile import as_json as reconcile_json
 from proxy.finance.reconcile import as_table as reconcile_table
 from proxy.finance.reports import CsvWriter, Period, as_csv, as_json, fold, parse_by
 from proxy.ledger.base import Aggregate, Flagged, Holding
+from proxy.simulator import SimulatorSettings, create_simulator_app
 from proxy.simulator.costs import costs_page
+from tests.conftest import serving
 from tests.test_reports_responses import WORKLOAD
+from tests.test_statement import config as statement_config
 
 
 @pytest.mark.parametrize(
@@ -65,6 +70,23 @@ def test_fold_turns_utc_buckets_into_local_days() -> None:
         (("design", "2026-11-02"), 11),
     ]
     assert as_json(found)["total"]["requests"] == 4
+
+
+def test_rows_are_in_one_order_whatever_order_the_ledger_answers_in() -> None:
+    """A request without a `user` and one whose `user` is "" are two groups: SQLite and
+    PostgreSQL answer them in different orders, and a copied ledger's report is the same."""
+    period = Period(date(2026, 11, 1), date(2026, 11, 30), "UTC")
+    groups = [Aggregate((None, "gpt-image-2"), 1, 1, 0, 0, 10, 100),
+              Aggregate(("", "gpt-image-2"), 2, 2, 0, 0, 20, 200),
+              Aggregate(("", "gpt-image-1"), 3, 3, 0, 0, 30, 300)]  # fmt: skip
+    by = parse_by("user,model")
+    first = as_json(fold(groups, by, period))
+    assert as_json(fold(groups[::-1], by, period)) == first
+    assert [(r["user"], r["model"]) for r in first["rows"]] == [
+        (None, "gpt-image-2"),
+        ("", "gpt-image-1"),
+        ("", "gpt-image-2"),
+    ]
 
 
 def test_money_is_a_decimal_string_never_a_float() -> None:
@@ -215,6 +237,13 @@ def test_a_day_is_written_yyyy_mm_dd_only(text: str) -> None:
     assert Period.parse("2026-12-01", "2026-12-07", "UTC", 0).days()[-1] == date(2026, 12, 7)
 
 
+@pytest.mark.parametrize("text", ["2026-1", "2026-011", "２０２６-１１", "2026-11-01", " 2026-11"])
+def test_a_statement_month_is_written_yyyy_mm_only(text: str) -> None:
+    """`--statement 2026-1` was read as January."""
+    with pytest.raises(InvalidRequest, match="is not a month"):
+        Period.month(text, "UTC")
+
+
 def test_a_period_of_centuries_is_read() -> None:
     """A wide period, as "everything so far" is often asked, is read, not refused."""
     period = Period.parse("2000-01-01", "2999-12-31", "UTC", 0)
@@ -334,6 +363,96 @@ async def test_live_pages_of_one_answer_never_repeat_a_bucket() -> None:
     assert len(pages) == 2
     spend = parse_costs(pages, load_price_book())
     assert len(spend.days) == 40 and spend.amounts
+
+
+@pytest.mark.parametrize(
+    "next_page",
+    [lambda n: "same", lambda n: f"page_{n}", lambda n: None],
+    ids=["the-same-cursor", "a-new-cursor-each-time", "no-cursor"],
+)
+async def test_live_pages_that_never_end_are_the_costs_api_unreachable(
+    next_page: Callable[[int], str | None],
+) -> None:
+    """A Costs API that pages forever (the same cursor, a new one each time with no new
+    day) or says it has more without a cursor is refused (exit 2): a reconciliation of the
+    pages read would leave the other days' spend unseen, or never end."""
+    asked: list[httpx.Request] = []
+    day = date(2026, 11, 3)
+    bucket = {"start_time": 1_793_664_000, "end_time": 1_793_750_400, "results": []}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        asked.append(request)
+        assert len(asked) < 100, "the pages were read on and on"
+        page = {"object": "page", "data": [bucket] if len(asked) == 1 else [],
+                "has_more": True, "next_page": next_page(len(asked))}  # fmt: skip
+        return httpx.Response(200, json=page)
+
+    transport = httpx.MockTransport(answer)
+    with pytest.raises(UpstreamUnavailable, match="pages that do not end"):
+        await fetch_costs("http://costs.test/v1", "sk-admin", day, day, transport=transport)
+
+
+async def test_a_live_error_answer_is_told_with_its_control_characters_as_escapes() -> None:
+    """The message is printed to a terminal: an answer's text cannot drive it."""
+    transport = httpx.MockTransport(lambda request: httpx.Response(401, content=b"\x1b[2Jno"))
+    day = date(2026, 11, 3)
+    with pytest.raises(UpstreamUnavailable) as refused:
+        await fetch_costs("http://costs.test/v1", "sk-admin", day, day, transport=transport)
+    assert "answered 401: \\x1b[2Jno (is the key an admin key" in refused.value.message
+    assert "\x1b" not in refused.value.message
+
+
+async def test_a_live_page_too_large_for_a_costs_answer_is_refused_unread() -> None:
+    """A page of more than 64 MiB (here blanks before a page) is no Costs API answer: it is
+    refused as it arrives, not held in memory whole and read."""
+    sent: list[int] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(80):
+            sent.append(1)
+            yield b" " * 2**20
+        yield b'{"object": "page", "data": [], "has_more": false}'
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body())
+
+    day = date(2026, 11, 3)
+    transport = httpx.MockTransport(answer)
+    with pytest.raises(UpstreamUnavailable, match="more than 67,108,864 bytes"):
+        await fetch_costs("http://costs.test/v1", "sk-admin", day, day, transport=transport)
+    assert len(sent) < 80
+
+
+DECEMBER_FIRST = 1_796_126_400.0  # 2026-12-01 12:00 UTC
+
+
+def test_a_report_to_a_day_alone_covers_that_days_month_up_to_it() -> None:
+    """`report --to 2026-11-30` on December 1st: November, not a refusal that the day is
+    before a `--from` that was never given."""
+    period = Period.parse(None, "2026-11-30", "UTC", DECEMBER_FIRST)
+    assert (period.first, period.last) == (date(2026, 11, 1), date(2026, 11, 30))
+    period = Period.parse(None, "2026-12-03", "UTC", DECEMBER_FIRST)
+    assert (period.first, period.last) == (date(2026, 12, 1), date(2026, 12, 3))
+
+
+@pytest.mark.parametrize("by", ["model", "project"])
+async def test_a_live_reconciliation_to_yesterday_runs_on_the_first_of_a_month(
+    tmp_path: Path, by: str
+) -> None:
+    """The README's daily cron passes `--to` yesterday: on the 1st, yesterday is in the
+    month before, which it compares (it was refused, exit 2, every 1st of the month)."""
+    key = "sk-sim-finance-0001"
+    with serving(create_simulator_app(SimulatorSettings(api_key=key))) as url:
+        config = replace(
+            statement_config(("design", "CC-1")), upstream=UpstreamSettings(base_url=url + "/v1")
+        )
+        ledger = f"sqlite:///{tmp_path / 'ledger.db'}"
+        run = reconcile.run if by == "model" else projects.run
+        found = await run(
+            config, ledger, [], key, None, date(2026, 11, 30), Decimal("0.01"), DECEMBER_FIRST
+        )
+    assert (found.first, found.last) == (date(2026, 11, 1), date(2026, 11, 30))
+    assert found.off_days == []
 
 
 def test_a_difference_no_more_than_what_is_held_is_not_called_bypassed() -> None:

@@ -179,7 +179,10 @@ async def test_reconcile_matches_the_costs_api_exactly_per_day_and_model(
     ]
     assert sum(ours.values()) == sum(r.settlement.cost_nanos for r in WORKLOAD)
     assert result.ignored == {"gpt-3.5-turbo, input": Decimal("0.25")}
-    assert "Left out (not priced models): gpt-3.5-turbo, input" in reconcile.as_table(result)
+    # The table lists them with their amounts too, as the JSON does.
+    assert "Left out (not priced models): gpt-3.5-turbo, input $0.25\n" in reconcile.as_table(
+        result
+    )
 
 
 async def test_a_mainline_part_missing_from_the_ledger_shows_as_a_difference(
@@ -204,6 +207,20 @@ async def test_a_mainline_part_missing_from_the_ledger_shows_as_a_difference(
     assert [(line.day, line.model) for line in off] == [(FIRST, "gpt-5.5")]
     assert off[0].difference == Decimal(mainline_of(second)) / NANOS_PER_USD
     assert "bypassed" in off[0].note
+
+
+async def test_a_model_the_price_book_no_longer_prices_is_still_reconciled(url: str) -> None:
+    """gpt-image-1.5 dropped from a custom price book after the month it was used in: its
+    line items are compared with its spend in the ledger, not left out while that spend
+    reads as billed by no one (`Tollgate recorded more than OpenAI billed`)."""
+    book = replace(BOOK, models={k: m for k, m in BOOK.models.items() if m.name != "gpt-image-1.5"})
+    cfg = replace(config(), prices=book)
+    ledger = await filled(url)
+    await ledger.close()
+    found = await reconcile.run(cfg, url, costs_export(), None, None, None, Decimal(0), 0.0)
+    assert found.off_days == []
+    assert (LAST, "gpt-image-1.5") in {(line.day, line.model) for line in found.lines}
+    assert found.ignored == {"gpt-3.5-turbo, input": Decimal("0.25")}
 
 
 async def report(ledger: Backend, by: str) -> dict[str, Any]:

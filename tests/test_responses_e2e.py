@@ -292,6 +292,27 @@ def test_a_tool_without_a_model_gets_the_default_model(
     check_charge(proxy, simulator, response_id, "gpt-5.5", "gpt-image-2")
 
 
+@pytest.mark.parametrize(
+    ("options", "param"),
+    [({"quality": "xhigh"}, "tools[0].quality"), ({"size": "1000x1000"}, "tools[0].size")],
+)
+def test_a_tool_value_its_model_does_not_take_is_400_naming_the_tools_field(
+    proxy: Tollgate, simulator: Simulator, options: dict[str, str], param: str
+) -> None:
+    before = len(arrivals(simulator))
+    with pytest.raises(openai.BadRequestError) as caught:
+        proxy.client().responses.create(
+            model="gpt-5.5",
+            input="A windmill",
+            tools=[tool(**options)],
+            max_output_tokens=300,
+            max_tool_calls=1,
+        )
+    assert caught.value.code == "invalid_request"
+    assert caught.value.param == param  # type: ignore[attr-defined]
+    assert len(arrivals(simulator)) == before  # nothing was forwarded
+
+
 # -- 3. a response belongs to the team that created it -----------------------------------
 
 

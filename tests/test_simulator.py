@@ -208,7 +208,7 @@ def test_output_tokens_details_only_for_models_that_report_text_output(
 
 def test_dalle_answers_without_usage_and_bills_per_image(sim: Sim, client: openai.OpenAI) -> None:
     answer = client.images.generate(
-        model="dall-e-3", prompt="a fox", quality="hd", size="1792x1024"
+        model="dall-e-3", prompt="a fox", quality="hd", size="1792x1024", response_format="b64_json"
     )
     assert answer.usage is None
     assert answer.data is not None
@@ -217,9 +217,8 @@ def test_dalle_answers_without_usage_and_bills_per_image(sim: Sim, client: opena
     entry = sim.last()
     assert entry["billed"] is True and entry["usage"] is None and entry["images"] == 1
     assert entry["quality"] == "hd"
-    urls = client.images.generate(
-        model="dall-e-2", prompt="a fox", n=2, size="256x256", response_format="url"
-    )
+    # URLs unless asked for base64: OpenAI's default for DALL·E.
+    urls = client.images.generate(model="dall-e-2", prompt="a fox", n=2, size="256x256")
     assert urls.data is not None
     assert all(d.url and d.url.startswith("http://127.0.0.1/") for d in urls.data)
     assert sim.last()["quality"] == "standard"
@@ -323,6 +322,18 @@ def test_json_edits_count_references_as_1024_square(sim: Sim) -> None:
     usage = answer.json()["usage"]
     assert usage["input_tokens_details"]["image_tokens"] == 2 * 194
     assert sim.last()["image_count"] == 2
+
+
+def test_a_json_edits_image_url_is_at_most_20_mib_of_characters(sim: Sim) -> None:
+    long = "data:image/png;base64," + "A" * 20_971_520
+    answer = sim.http.post(
+        "/v1/images/edits",
+        headers=AUTH,
+        json={"model": "gpt-image-1", "prompt": "blend", "images": [{"image_url": long}]},
+    )
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert (error["code"], error["param"]) == ("string_above_max_length", "images.image_url")
 
 
 # --- streaming --------------------------------------------------------------------------
@@ -445,7 +456,20 @@ def test_stream_latency_is_spread_over_events(sim: Sim) -> None:
             "unsupported_parameter",
             "input_fidelity",
         ),
+        (
+            {"model": "gpt-image-1-mini", "input_fidelity": "high"},
+            "invalid_value",
+            "input_fidelity",
+        ),
         ({"model": "gpt-image-1", "n": "2"}, "invalid_type", "n"),
+        ({"model": "gpt-image-2", "style": "vivid"}, "unsupported_parameter", "style"),
+        ({"model": "dall-e-3", "style": "bold"}, "invalid_value", "style"),
+        (
+            {"model": "gpt-image-1.5", "response_format": "url"},
+            "unknown_parameter",
+            "response_format",
+        ),
+        ({"model": "gpt-image-2", "moderation": "high"}, "invalid_value", "moderation"),
     ],
 )
 def test_generation_validation_errors(
@@ -507,6 +531,17 @@ def test_edit_validation_errors(sim: Sim, client: openai.OpenAI) -> None:
     )
     assert duplicate.status_code == 400
     assert duplicate.json()["error"]["code"] == "duplicate_parameter"
+    both = sim.http.post(
+        "/v1/images/edits",
+        headers=headers,
+        data={"prompt": "x", "model": "gpt-image-2.5-sunburst"},
+        files=[
+            ("image", ("a.png", png(64, 64), "image/png")),
+            ("mask", ("m.png", png(64, 64, "RGBA"), "image/png")),
+            ("markup", ("k.png", png(64, 64, "RGBA"), "image/png")),
+        ],
+    )
+    assert (both.status_code, both.json()["error"]["param"]) == (400, "markup")
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.edit(model="gpt-image-1", image=("a.txt", b"hello", "text/plain"), prompt="x")
     assert caught.value.code == "invalid_image_file"
@@ -518,7 +553,7 @@ def test_edit_validation_errors(sim: Sim, client: openai.OpenAI) -> None:
             input_fidelity="low",
         )
     assert caught.value.code == "unsupported_parameter"
-    assert [e["billed"] for e in sim.billing()] == [False] * 4
+    assert [e["billed"] for e in sim.billing()] == [False] * 5
 
 
 def test_wrong_api_key_gets_401(sim: Sim) -> None:

@@ -12,10 +12,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from starlette.datastructures import QueryParams
 
 from proxy.simulator import SimulatorSettings, create_simulator_app
 from proxy.simulator.billing import BilledUsage, Entry, MainlineUsage
-from proxy.simulator.costs import line_costs
+from proxy.simulator.costs import CostsQueryError, costs_page, line_costs
 from proxy.simulator.response_tokens import cached_tokens
 from proxy.simulator.tokens import formula_tokens, text_tokens
 from tests.conftest import serving
@@ -248,3 +249,41 @@ def test_the_data_residency_knob_bills_later_requests_as_a_regional_endpoint(
         usd(("63.00", LOW_1024)),
         2 * LOW_1024,
     )
+
+
+def test_the_costs_are_filtered_by_project_and_line_item(
+    clients: dict[str, openai.OpenAI],
+) -> None:
+    """`project_ids` and `line_items` (the SDK's `project_ids[]`, `line_items[]`) answer
+    those projects' and line items' costs only, as OpenAI does; they answered every one."""
+    art, ops = clients["proj_art"], clients["proj_ops"]
+    art.images.generate(model="gpt-image-2", prompt="a", quality="low", size="1024x1024")
+    ops.images.generate(model="gpt-image-1", prompt="b", quality="low", size="1024x1024")
+    both = ["line_item", "project_id"]
+    everything = costs(art, both)
+    assert {project for _, project in everything} == {"proj_art", "proj_ops"}
+    page = art.admin.organization.usage.costs(
+        start_time=int(time.time()) - 3600, group_by=both, limit=1, project_ids=["proj_ops"]
+    )
+    [bucket] = page.data
+    assert {(r.line_item, r.project_id) for r in bucket.results} == {
+        (item, project) for item, project in everything if project == "proj_ops"
+    }
+    page = art.admin.organization.usage.costs(
+        start_time=int(time.time()) - 3600,
+        group_by=both,
+        limit=1,
+        line_items=["gpt-image-2, image output"],
+    )
+    [bucket] = page.data
+    assert [(r.line_item, r.project_id) for r in bucket.results] == [
+        ("gpt-image-2, image output", "proj_art")
+    ]
+
+
+def test_a_negative_page_cursor_is_refused() -> None:
+    """`page_-1` read the buckets from the end of the range, and the next cursor again
+    from the start: the pages of one answer repeated days."""
+    query = QueryParams({"start_time": "0", "end_time": str(3 * 86_400), "page": "page_-1"})
+    with pytest.raises(CostsQueryError, match="page"):
+        costs_page([], query, now=0)

@@ -85,3 +85,23 @@ async def test_a_team_without_requests_is_listed_under_its_configured_cost_cente
     found = by_center(statement.as_json(built))
     assert found["CC-5000", "idle"] == Decimal(0)
     assert ("CC-2077", "research") in found
+
+
+async def test_requests_without_a_user_are_one_top_user(url: str) -> None:
+    """A request that sent no `user` and one that sent "" are both without one: a single
+    `(none)` among the top users, not two lines of that name taking two of the five."""
+    unnamed = [
+        replace(r, entry=replace(r.entry, user=user))
+        for r, user in zip(REQUESTS[:2], (None, ""), strict=True)
+    ]
+    ledger = await filled(url, (*unnamed, *REQUESTS[2:]))
+    try:
+        built = await statement.build(ledger, config(), NOVEMBER)
+    finally:
+        await ledger.close()
+    first = REQUESTS[0].entry
+    [team] = [t for t in built.teams if (t.cost_center, t.team) == (first.cost_center, first.team)]
+    names = [user for user, _ in team.top_users]
+    assert names.count("(none)") == 1
+    nanos = sum(r.settlement.cost_nanos for r in REQUESTS[:2] if r.entry.team == first.team)
+    assert dict(team.top_users)["(none)"].cost_nanos == nanos

@@ -223,7 +223,7 @@ def run_reconcile(args: argparse.Namespace) -> int:
     import asyncio
 
     from proxy.config import environment, load_config
-    from proxy.finance import projects, reconcile
+    from proxy.finance import costs_api, projects, reconcile
     from proxy.ledger import require_existing
 
     config = load_config(config_path(args))
@@ -232,7 +232,7 @@ def run_reconcile(args: argparse.Namespace) -> int:
         first = reconcile.parse_day(args.start) if args.start else None
         last = reconcile.parse_day(args.end) if args.end else None
         if args.costs is not None:
-            pages = reconcile.load_costs_file(read_costs(args.costs))
+            pages = costs_api.load_costs_file(read_costs(args.costs))
     except InvalidRequest as exc:
         # Exit 1 says a day is off: a bad argument must not read as one.
         print(f"tollgate reconcile: {exc.message}", file=sys.stderr)

@@ -546,17 +546,33 @@ def _same_aspect(size: str, width: int, height: int) -> bool:
     return dims is not None and dims[0] * height == dims[1] * width
 
 
+DALLE_ONLY = (("style", None), ("response_format", "url"))
+"""What only DALL·E takes (a parameter, or one of its values): `style` ("unsupported for GPT
+image models") and `response_format: url` (a GPT image model answers base64 only)."""
+
+
+def _dalle_only(request: ImageRequest) -> bool:
+    """Whether the request names an option that only DALL·E takes (`DALLE_ONLY`)."""
+    return any(
+        name == param and (value is None or given == value)
+        for name, given in request.params
+        for param, value in DALLE_ONLY
+    )
+
+
 def switch_model(variant: Variant, fallback: ModelPrices) -> Variant | None:
     """`variant` on the fallback model, its quality and size re-checked on that model."""
     request = variant.request
     if (
         request.n > fallback.max_n
         or (fallback.per_image_billing and (request.stream or request.endpoint != "generations"))
-        or (request.input_fidelity is not None and not fallback.accepts_input_fidelity)
+        or not fallback.takes_input_fidelity(request.input_fidelity)
+        or (not fallback.per_image_billing and _dalle_only(request))
     ):
         # It would be refused: dall-e-3 makes one image; DALL·E never streams, is no model
         # of the Responses API's image tool, takes no JSON edit (dall-e-3 no edit at all,
-        # dall-e-2 one square PNG); gpt-image-2 takes no input_fidelity.
+        # dall-e-2 one square PNG); gpt-image-2 takes no input_fidelity, gpt-image-1-mini
+        # only `low`; a GPT image model takes no `style` and answers no URL.
         return None
     quality = request.quality
     if quality != AUTO and quality not in fallback.qualities:

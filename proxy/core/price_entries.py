@@ -19,6 +19,7 @@ from typing import Any
 from proxy.core.image_tokens import CustomSizes, TileRule
 from proxy.core.models import TOKEN_KINDS, TokenKind
 from proxy.core.pricing import (
+    INPUT_FIDELITIES,
     MAINLINE_KINDS,
     MAX_N,
     LongContext,
@@ -139,11 +140,31 @@ def model_prices(name: str, raw: Mapping[str, Any], custom: CustomSizes) -> Mode
             text_output_ceiling=int(raw.get("text_output_ceiling", 0)),
             partial_image_tokens=int(raw.get("partial_image_tokens", 100)),
             max_n=int(raw.get("max_n", MAX_N)),
-            accepts_input_fidelity=raw.get("input_fidelity", True) is not False,
+            input_fidelities=_input_fidelities(raw.get("input_fidelity", True)),
             aliases=tuple(raw.get("aliases", ())),
             batch_rates=_batch_rates(raw.get("batch"), raw.get("rates", {}), per_image is not None),
             released=_released(raw.get("released")),
         )
+    )
+
+
+def _input_fidelities(raw: Any) -> tuple[str, ...]:
+    """`input_fidelity`: `true` (every value, the default), `false` (the model refuses the
+    parameter) or the list of the values the model takes."""
+    if raw is True:
+        return INPUT_FIDELITIES
+    if raw is False:
+        return ()
+    if (
+        isinstance(raw, list)
+        and raw
+        and all(isinstance(v, str) and v in INPUT_FIDELITIES for v in raw)
+    ):
+        return tuple(raw)
+    raise EntryError(
+        "`input_fidelity` is true, false or a list of the values the model takes "
+        f"({', '.join(INPUT_FIDELITIES)})",
+        ("input_fidelity",),
     )
 
 

@@ -46,6 +46,8 @@ from proxy.core.models import (
 
 AUTO = "auto"
 MAX_N = 10
+INPUT_FIDELITIES = ("high", "low")
+"""OpenAI's `input_fidelity` values."""
 
 
 @dataclass(frozen=True)
@@ -72,14 +74,25 @@ class ModelPrices:
     text_output_ceiling: int = 0
     partial_image_tokens: int = 100
     max_n: int = MAX_N
-    accepts_input_fidelity: bool = True
-    """False where the model refuses the `input_fidelity` parameter (gpt-image-2)."""
+    input_fidelities: tuple[str, ...] = INPUT_FIDELITIES
+    """The `input_fidelity` values the model takes: none where it refuses the parameter
+    (gpt-image-2), `low` alone for gpt-image-1-mini."""
     aliases: tuple[str, ...] = ()
     batch_rates: Mapping[TokenKind, Decimal] | None = None
     """The Batch API's rates, by kind as `rates`; None: the Batch API does not take the model."""
     released: date | None = None
     """OpenAI's release date of the model (None: unknown, taken as eligible for the data
     residency uplift, see `residency_eligible`)."""
+
+    @property
+    def accepts_input_fidelity(self) -> bool:
+        """Whether the model takes the `input_fidelity` parameter at all."""
+        return bool(self.input_fidelities)
+
+    def takes_input_fidelity(self, value: str | None) -> bool:
+        """Whether a request with this `input_fidelity` (None: none given) is one the model
+        takes."""
+        return value is None or value in self.input_fidelities
 
     @property
     def per_image_billing(self) -> bool:

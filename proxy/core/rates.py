@@ -167,6 +167,14 @@ def ask(usage: Usage) -> dict[RateMetric, int]:
     return {"images": usage.images, "requests": 1, "tokens": usage.total_tokens}
 
 
+def image_model(model: str | None, n: int | None) -> str | None:
+    """The image model a request of `n` images counts against: none when it makes none. A
+    Responses request without the image tool (or with `tool_choice: none`) names the
+    default image model, which it never calls; it used to count against that model's
+    limits, and be refused by them."""
+    return None if n == 0 else model
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """The limits one request of one team must fit, and what must be read to decide."""
@@ -190,13 +198,14 @@ class Plan:
         asked = ask(usage)
         adds: dict[Slot, Add] = {}
         rooms: list[Room] = []
+        model = image_model(entry.model, entry.n)
         for check in self.checks:
-            if not check.limit.matches(entry.model, entry.mainline_model):
+            if not check.limit.matches(model, entry.mainline_model):
                 continue
             amount = asked[check.limit.metric]
             left = self._room(check, counts) - amount
             if left < 0:
-                rooms_now = self.rooms(counts, entry.model, entry.mainline_model)
+                rooms_now = self.rooms(counts, model, entry.mainline_model)
                 raise refusal(check, counts.of(check.slot), amount, now, rooms_now)
             rooms.append(Room(check.limit.metric, check.limit.limit, left, check.end))
             if amount:
@@ -210,12 +219,12 @@ class Plan:
     def rooms(
         self, counts: Counts, model: str | None = None, mainline: str | None = None
     ) -> tuple[Room, ...]:
-        """The room of each limit now (of those a request of `model` counts against, when
-        one is named)."""
+        """The room of each limit now (of those a request of `model` and `mainline` counts
+        against, when either is named)."""
         return tuple(
             Room(c.limit.metric, c.limit.limit, max(self._room(c, counts), 0), c.end)
             for c in self.checks
-            if model is None or c.limit.matches(model, mainline)
+            if (model is None and mainline is None) or c.limit.matches(model, mainline)
         )
 
     def _room(self, check: Check, counts: Counts) -> int:

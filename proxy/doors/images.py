@@ -70,7 +70,16 @@ class ImagesDoor:
 
     def encode(self, parsed: ParsedBody, variant: Variant) -> tuple[bytes, str]:
         sent = variant.request
-        return parsed.encode({c.knob: str(getattr(sent, c.knob)) for c in variant.changes})
+        changes: dict[str, str] = {c.knob: str(getattr(sent, c.knob)) for c in variant.changes}
+        if (
+            "model" in changes
+            and variant.model.per_image_billing
+            and "response_format" not in parsed.fields
+        ):
+            # A GPT image model always answers `b64_json`, which its client reads; DALL·E
+            # answers URLs unless asked for base64: a fallback to it is asked so.
+            changes["response_format"] = "b64_json"
+        return parsed.encode(changes)
 
     def answer_meter(self) -> ImageAnswer:
         return ImageAnswer()

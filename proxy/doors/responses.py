@@ -233,12 +233,11 @@ class ResponsesDoor:
         if parsed.tool is None:
             # No image tool: the mainline model alone (the image part bounds nothing).
             return Variant(request, model, priced(model, request, base), (), base)
-        model.validate(replace(request, n=1))
         try:
+            model.validate(replace(request, n=1))
             return apply_allow(team, request, model, base)
-        except PolicyViolation as exc:
-            if exc.param == "model":
-                exc.param = param
+        except (InvalidRequest, PolicyViolation) as exc:
+            exc.param = tool_param(parsed.tool, exc.param)
             raise
 
     def bound(self, parsed: ResponseBody, variant: Variant) -> Bound:
@@ -558,3 +557,15 @@ def _tools(tools: Any) -> tuple[int | None, dict[str, Any] | None]:
                 )
         found = (index, tool)
     return found
+
+
+def tool_param(index: int, param: str | None) -> str | None:
+    """The `param` of an error about the image tool's request, as OpenAI names it: the
+    tool's own field (`tools[0].quality`), or `max_tool_calls` for its image count (the
+    `n` of the Images API). It used to be the Images API's name (`quality`), a field of
+    no Responses request."""
+    if param is None:
+        return None
+    if param == "n":
+        return "max_tool_calls"
+    return f"tools[{index}].{param}"

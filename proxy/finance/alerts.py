@@ -25,7 +25,7 @@ import httpx
 from proxy.core.models import Entry, usd_text
 from proxy.core.settings import Config
 from proxy.core.status import BudgetStatus
-from proxy.finance.status import budget_status
+from proxy.finance.status import budget_status, user_status
 from proxy.ledger import Ledger
 
 log = logging.getLogger("tollgate.alerts")
@@ -56,7 +56,10 @@ class Crossing:
         money = s.metric == "usd"
         end = s.window.end
         period_end = datetime.fromtimestamp(end, UTC).isoformat() if end is not None else None
-        owner = f"team {s.team}'s" if s.scope == "team" else "the organization's"
+        owner = {
+            "team": f"team {s.team}'s",
+            "user": f"user {slack_escaped(s.user)}'s (team {s.team})",
+        }.get(s.scope, "the organization's")
         what = "" if money else f" {s.metric}"
         used = (
             f"${usd_text(s.spent)} of ${usd_text(s.limit)}"
@@ -71,6 +74,7 @@ class Crossing:
         body: dict[str, Any] = {
             "text": text,
             "team": s.team or None,
+            "user": s.user or None,
             "scope": s.scope,
             "period": s.period,
             "metric": s.metric,
@@ -86,6 +90,12 @@ class Crossing:
             body["limit_tokens"] = s.limit
             body["spent_tokens"] = s.spent
         return body
+
+
+def slack_escaped(text: str) -> str:
+    """`text` (a `user` a client sent) as Slack shows it and never runs: `<!channel>` would
+    notify the channel, `<https://…|label>` show a link."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def percent(fraction: Decimal) -> str:
@@ -109,7 +119,14 @@ def watched(config: Config, team: str) -> bool:
         return False
     if any(b.alert_at for b in config.organization_budgets):
         return True
-    return any(b.alert_at for t in config.teams if t.name == team for b in t.budgets)
+    return any(
+        b.alert_at for t in config.teams if t.name == team for b in (*t.budgets, *t.per_user)
+    )
+
+
+def users_watched(config: Config, team: str) -> bool:
+    """Whether `team` has a per-user budget with thresholds: each user's is announced."""
+    return any(b.alert_at for t in config.teams if t.name == team for b in t.per_user)
 
 
 class Alerts:
@@ -132,6 +149,8 @@ class Alerts:
         self._retry_delays = retry_delays
         self._client = httpx.AsyncClient(transport=transport)
         self._pending: set[str] = set()
+        self._users: set[tuple[str, str]] = set()
+        """(team, user) of the settlements noted whose per-user budgets have thresholds."""
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -144,6 +163,8 @@ class Alerts:
         """Note that `entry` was settled; returns at once."""
         if entry.team and watched(self.config, entry.team):
             self._pending.add(entry.team)
+            if entry.user and users_watched(self.config, entry.team):
+                self._users.add((entry.team, entry.user))
             self._idle.clear()
             self._wake.set()
 
@@ -166,17 +187,24 @@ class Alerts:
             await self._wake.wait()
             self._wake.clear()
             teams, self._pending = self._pending, set()
+            users, self._users = self._users, set()
             try:
-                await self.check(teams)
+                await self.check(teams, users)
             except Exception:
                 log.exception("budget alert check failed")
             if not self._pending:
                 self._idle.set()
 
-    async def check(self, teams: set[str]) -> None:
-        """Announce every threshold newly crossed by the budgets of `teams`."""
+    async def check(self, teams: set[str], users: Iterable[tuple[str, str]] = ()) -> None:
+        """Announce every threshold newly crossed by the budgets of `teams`, and by the
+        per-user budgets of `users` (team, user)."""
         config, now = self.config, self._clock()
         statuses = await budget_status(config, self._ledger, now)
+        configured = {t.name for t in config.teams}
+        for team, user in sorted(users):
+            if team in configured:  # not removed by a reload meanwhile
+                found = await user_status(config, self._ledger, team, user, now)
+                statuses += [s for s in found if s.scope == "user"]
         sends = [
             self.post(url, crossing.message(), config.alerts.timeout_s)
             for crossing in crossings(statuses, teams)

@@ -21,10 +21,14 @@ from typing import Any
 from proxy.core.errors import InvalidRequest
 from proxy.core.models import usd_text
 from proxy.core.pricing import to_nanos
-from proxy.finance.reconcile import midnight
+from proxy.finance.costs_api import midnight
 from proxy.finance.reports import aligned
 from proxy.ledger import open_ledger
 from proxy.ledger.base import Flagged
+
+MOST_RESOLVED_USD = Decimal(1_000_000_000)
+"""The most one request is resolved at: no request costs near it (a batch's whole bound
+included), and the ledger's 64-bit columns hold it in nano-dollars (2**63 is $9.2 billion)."""
 
 
 def parse_usd(text: str) -> int:
@@ -36,6 +40,12 @@ def parse_usd(text: str) -> int:
         raise wrong from exc
     if not value.is_finite() or value < 0:
         raise wrong
+    if value > MOST_RESOLVED_USD:
+        raise InvalidRequest(
+            f"{text!r} is more than ${MOST_RESOLVED_USD:,} for one request: the cost is in "
+            "USD, e.g. 0.0196.",
+            param="cost",
+        )
     return to_nanos(value)
 
 

@@ -22,7 +22,7 @@ taken whole.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from decimal import Decimal
@@ -32,23 +32,20 @@ from proxy.core.errors import InvalidRequest
 from proxy.core.models import NANOS_PER_USD
 from proxy.core.pricing import PriceBook
 from proxy.core.settings import Config
+from proxy.finance import reconcile
+from proxy.finance.costs_api import DAY, fetch_costs, midnight, utc_day
 from proxy.finance.reconcile import (
-    DAY,
     DEFAULT_TOLERANCE,
     Compared,
     Reconciliation,
     Status,
-    canonical,
-    fetch_costs,
+    billed_model,
     holding_days,
     left_out,
-    line_item_model,
-    midnight,
     money,
     note_for,
     table,
     unresolved_json,
-    utc_day,
     window,
 )
 from proxy.ledger import open_ledger
@@ -74,9 +71,12 @@ class ProjectCosts:
     """Line items of other products, left out, with their amounts by UTC day."""
 
 
-def parse_costs(pages: Iterable[Mapping[str, Any]], book: PriceBook) -> ProjectCosts:
+def parse_costs(
+    pages: Iterable[Mapping[str, Any]], book: PriceBook, spent: Collection[str] = ()
+) -> ProjectCosts:
     """Sum a Costs API answer grouped by `project_id` (and maybe `line_item`) by UTC day
-    and project. InvalidRequest when it is not grouped by project."""
+    and project, leaving out the line items of models neither priced nor in `spent` (see
+    `reconcile.billed_model`). InvalidRequest when it is not grouped by project."""
     found = ProjectCosts()
     amounts: dict[tuple[date, str | None], Decimal] = defaultdict(Decimal)
     results = grouped = 0
@@ -89,7 +89,7 @@ def parse_costs(pages: Iterable[Mapping[str, Any]], book: PriceBook) -> ProjectC
                 project = result.get("project_id") or None
                 results, grouped = results + 1, grouped + (project is not None)
                 item = result.get("line_item")
-                if item is not None and canonical(line_item_model(str(item)), book) is None:
+                if item is not None and billed_model(str(item), book, spent) is None:
                     key = (day, str(item))
                     found.ignored[key] = found.ignored.get(key, Decimal(0)) + value
                 else:
@@ -269,7 +269,8 @@ async def run(
     by project and line item, when `admin_key` is given."""
     today = utc_day(now)
     if admin_key is not None:
-        first = first or today.replace(day=1)
+        # `--to` alone: its month up to it (a cron's `--to` yesterday, on the 1st too).
+        first = first or (last or today).replace(day=1)
         last = last or today
         pages = await fetch_costs(
             config.upstream.base_url, admin_key, first, last, group_by=GROUP_BY
@@ -279,11 +280,16 @@ async def run(
     ledger = await open_ledger(ledger_url)
     try:
         ours = await ledger_costs(ledger, first, last, config.project_of)
+        models = await reconcile.ledger_costs(ledger, first, last, config.prices)
         flagged = await ledger.flagged(midnight(first), midnight(last + timedelta(days=1)))
         holdings = await ledger.holding(midnight(last + timedelta(days=1)))
     finally:
         await ledger.close()
     teams = [team.name for team in config.teams]
     held = holding_days(holdings, first, last, held_by_project(config.project_of))
+    # A model the price book no longer names, with spend on these days: compared, not left out.
+    held_by = reconcile.held_by_model(config.prices)
+    spent = {m for _, m in models} | {m for h in holdings for m, _ in held_by(h)}
+    openai = parse_costs(pages, config.prices, spent)
     result = compare(openai, ours, config.project_of, teams, first, last, tolerance, held)
     return replace(result, flagged=tuple(flagged))

@@ -1,6 +1,6 @@
 """Reconciliation: Tollgate's ledger against OpenAI's Costs API, per UTC day and model.
 
-    pages = await fetch_costs(base_url, admin_key, first, last)   # or json.load(file)
+    pages = await fetch_costs(base_url, admin_key, first, last)   # or load_costs_file(text)
     result = compare(parse_costs(pages, book), await ledger_costs(ledger, first, last, book),
                      first, last, tolerance=Decimal("0.01"))
 
@@ -22,37 +22,26 @@ line items, the rest under its image tool's model (see `parts`).
 
 from __future__ import annotations
 
-import json
-import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeGuard, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
-from proxy.core.errors import InvalidRequest, UpstreamUnavailable
+from proxy.core.errors import InvalidRequest
 from proxy.core.models import NANOS_PER_USD
 from proxy.core.pricing import PriceBook
 from proxy.core.settings import Config
 from proxy.finance import parts
+from proxy.finance.costs_api import DAY, LATEST, fetch_costs, midnight, utc_day
 from proxy.finance.reports import ISO_DAY, aligned, printable
 from proxy.ledger import open_ledger
 from proxy.ledger.base import Flagged, Holding, Ledger
 
-if TYPE_CHECKING:
-    import httpx
-
-DAY = 86_400
 DEFAULT_TOLERANCE = Decimal("0.01")
 """USD per day and model: OpenAI reports float amounts, Tollgate rounds each request up
 to the nano-dollar; a cent absorbs both, a single missed image does not."""
-PAGE_LIMIT = 31
-LATEST = 253_370_764_800
-"""9999-01-01 UTC: a bucket or a day after 9998 has no following midnight a datetime holds."""
-MOST_USD = 10**15
-"""An amount's bound: any sum of amounts below it prints to the micro-dollar in Decimal's
-precision; an export holding more is not one."""
 KIND_WORDS = frozenset(
     {"image", "images", "text", "input", "output", "tokens", "cached", "input_tokens",
      "output_tokens", "generation", "edit", "variation"}
@@ -77,14 +66,6 @@ def canonical(model: str, book: PriceBook) -> str | None:
     return found.name if found is not None else None
 
 
-def utc_day(ts: float) -> date:
-    return datetime.fromtimestamp(ts, UTC).date()
-
-
-def midnight(day: date) -> int:
-    return int(datetime.combine(day, datetime.min.time(), UTC).timestamp())
-
-
 @dataclass
 class OpenAICosts:
     amounts: dict[tuple[date, str], Decimal] = field(default_factory=dict)
@@ -106,10 +87,23 @@ def left_out(
     return {item: value for item, value in found.items() if value}
 
 
-def parse_costs(pages: Iterable[Mapping[str, Any]], book: PriceBook) -> OpenAICosts:
-    """Sum a Costs API answer (one page, or a list of pages) by UTC day and priced model."""
+def billed_model(item: str, book: PriceBook, spent: Collection[str] = ()) -> str | None:
+    """The model a line item is compared under: the price book's name for it, or its own
+    when the ledger has spend under that name (`spent`: a model the book no longer prices,
+    whose requests are still on the days reconciled); None: left out."""
+    name = line_item_model(item)
+    return canonical(name, book) or (name if name in spent else None)
+
+
+def parse_costs(
+    pages: Iterable[Mapping[str, Any]], book: PriceBook, spent: Collection[str] = ()
+) -> OpenAICosts:
+    """Sum a Costs API answer (one page, or a list of pages) by UTC day and priced model
+    (or model of `spent`, see `billed_model`). InvalidRequest when it is not grouped by
+    line item: its amounts name no model."""
     found = OpenAICosts()
     amounts: dict[tuple[date, str], Decimal] = defaultdict(Decimal)
+    results = grouped = 0
     for page in pages:
         for bucket in page.get("data", []):
             day = utc_day(bucket["start_time"])
@@ -117,171 +111,20 @@ def parse_costs(pages: Iterable[Mapping[str, Any]], book: PriceBook) -> OpenAICo
             for result in bucket.get("results", []):
                 value = Decimal(str(result.get("amount", {}).get("value", 0)))
                 item = str(result.get("line_item") or "")
-                model = canonical(line_item_model(item), book)
+                results, grouped = results + 1, grouped + bool(item)
+                model = billed_model(item, book, spent)
                 if model is None:
                     found.ignored[day, item] = found.ignored.get((day, item), Decimal(0)) + value
                 else:
                     amounts[day, model] += value
+    if results and not grouped:
+        raise InvalidRequest(
+            "The costs are not grouped by line item, so they name no model: export them "
+            "with group_by[]=line_item, or fetch them live with --admin-key-env.",
+            param="costs",
+        )
     found.amounts = dict(amounts)
     return found
-
-
-def load_costs_file(text: str) -> list[dict[str, Any]]:
-    """A saved Costs API answer: one page object, a list of pages, or JSON lines of pages.
-    InvalidRequest (naming what is wrong) when it is none of them."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as exc:
-            raise InvalidRequest(f"the costs file is not JSON: {exc}", param="costs") from exc
-    pages = data if isinstance(data, list) else [data]
-    for number, page in enumerate(pages, 1):
-        problem = page_problem(page)
-        if problem:
-            raise InvalidRequest(
-                f"the costs file is not a Costs API answer: page {number}: {problem}",
-                param="costs",
-            )
-    problem = repeated_bucket(pages)
-    if problem:
-        raise InvalidRequest(
-            f"the costs file is not one Costs API answer: {problem}", param="costs"
-        )
-    return pages
-
-
-def page_problem(page: object) -> str:
-    """What keeps `page` from being a page of `GET /v1/organization/costs` ('' if nothing):
-    buckets of at most a day from 1970 to 9998, amounts in US dollars (the ledger's)."""
-    if not isinstance(page, dict):
-        return "not an object"
-    if "data" not in page:  # an error answer saved in its place, `{"error": …}`
-        return "no 'data' (saved: " + json.dumps(page)[:200] + ")"
-    buckets = page.get("data", [])
-    if not isinstance(buckets, list):
-        return "'data' is not a list"
-    for bucket in buckets:
-        start = bucket.get("start_time") if isinstance(bucket, dict) else None
-        if not _is_number(start):
-            return "a bucket has no numeric 'start_time'"
-        if not 0 <= start < LATEST:
-            return f"a bucket starts at {start!r}, not a unix time from 1970 to 9998"
-        end = bucket.get("end_time", start + DAY)
-        if not _is_number(end) or not 0 < end - start <= DAY:
-            return (
-                f"a bucket spans {start!r} to {end!r}, not at most a day: export the costs "
-                "with bucket_width=1d"
-            )
-        results = bucket.get("results", [])
-        if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
-            return "a bucket's 'results' is not a list of objects"
-        for result in results:
-            amount = result.get("amount", {})
-            value = amount.get("value", 0) if isinstance(amount, dict) else None
-            if not _is_amount(value):
-                return f"an amount is not a number of US dollars: {amount!r}"
-            currency = amount.get("currency", "usd")
-            if not isinstance(currency, str) or currency.lower() != "usd":
-                return f"an amount is not in US dollars, as the ledger is: {amount!r}"
-    return ""
-
-
-GROUP_KEYS = ("line_item", "project_id", "api_key_id", "user_id", "api_source")
-"""The fields a Costs API result is grouped by: one bucket has one result per value."""
-
-
-def repeated_bucket(pages: Iterable[Mapping[str, Any]]) -> str:
-    """What repeats in `pages` ('' if nothing): a result of the same start time and
-    group (line item, project, …) twice, as two overlapping exports put together have,
-    whose amounts would be summed twice. One answer's pages, live ones too, start each
-    bucket once."""
-    seen: dict[tuple[Any, ...], int] = {}
-    for number, page in enumerate(pages, 1):
-        for bucket in page.get("data", []):
-            start = bucket["start_time"]
-            for result in bucket.get("results", []):
-                key = (start, *(repr(result.get(name)) for name in GROUP_KEYS))
-                if key in seen:
-                    day = utc_day(start).isoformat()
-                    item = printable(str(result.get("line_item") or "(all line items)"))
-                    project = result.get("project_id")
-                    of = f" of project {printable(str(project))}" if project else ""
-                    return (
-                        f"page {number} repeats the bucket of {day} (start_time {start!r}), "
-                        f"line item {item}{of}, of page {seen[key]}: overlapping exports put "
-                        "together? Export each day once."
-                    )
-                seen[key] = number
-    return ""
-
-
-def _is_number(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_amount(value: object) -> bool:
-    """A number of dollars that sums and prints exactly: finite, below `MOST_USD`."""
-    if _is_number(value):
-        return abs(value) < MOST_USD
-    if isinstance(value, str):
-        try:
-            return abs(Decimal(value)) < MOST_USD
-        except ArithmeticError:
-            return False
-    return False
-
-
-async def fetch_costs(
-    base_url: str,
-    admin_key: str,
-    first: date,
-    last: date,
-    transport: httpx.AsyncBaseTransport | None = None,
-    group_by: Sequence[str] = ("line_item",),
-) -> list[dict[str, Any]]:
-    """Every page of `GET /organization/costs` for the UTC days `first`..`last`, its
-    results grouped by `group_by` (`line_item`, `project_id`). httpx is imported here:
-    `ledger flagged` and a reconciliation of a saved file need none of it."""
-    import httpx
-
-    params: dict[str, Any] = {
-        "start_time": midnight(first),
-        "end_time": midnight(last + timedelta(days=1)),
-        "bucket_width": "1d",
-        "group_by[]": list(group_by),
-        "limit": PAGE_LIMIT,
-    }
-    pages: list[dict[str, Any]] = []
-    url = base_url.rstrip("/") + "/organization/costs"
-    async with httpx.AsyncClient(
-        headers={"authorization": f"Bearer {admin_key}"}, timeout=60, transport=transport
-    ) as client:
-        while True:
-            try:
-                answer = await client.get(url, params=params)
-            except httpx.HTTPError as exc:
-                raise UpstreamUnavailable(f"cannot reach {url}: {exc}") from exc
-            if answer.status_code != 200:
-                raise UpstreamUnavailable(
-                    f"{url} answered {answer.status_code}: {answer.text[:300]}"
-                    " (is the key an admin key with access to usage and costs?)"
-                )
-            try:
-                page: dict[str, Any] = answer.json()
-            except ValueError as exc:
-                raise UpstreamUnavailable(f"{url} answered something not JSON: {exc}") from exc
-            problem = page_problem(page)
-            if problem:
-                raise UpstreamUnavailable(f"{url} answered a page unlike the Costs API: {problem}")
-            pages.append(page)
-            if not page.get("has_more") or not page.get("next_page"):
-                problem = repeated_bucket(pages)
-                if problem:
-                    raise UpstreamUnavailable(f"{url} answered pages repeating a day: {problem}")
-                return pages
-            params["page"] = page["next_page"]
 
 
 async def ledger_costs(
@@ -530,7 +373,9 @@ def table(
         out.append("(no spend on either side)")
     if r.ignored:
         out.append("")
-        out.append("Left out (not priced models): " + ", ".join(map(printable, sorted(r.ignored))))
+        # `; ` between them: a line item's own name holds a comma ("chat-model, input").
+        left = (f"{printable(item)} ${money(r.ignored[item])}" for item in sorted(r.ignored))
+        out.append("Left out (not priced models): " + "; ".join(left))
     out.append("")
     if r.off_days:
         days = ", ".join(d.isoformat() for d in r.off_days)
@@ -616,7 +461,8 @@ async def run(
     or (live) the current UTC month up to today. `pages` is fetched when `admin_key` is given."""
     today = utc_day(now)
     if admin_key is not None:
-        first = first or today.replace(day=1)
+        # `--to` alone: its month up to it (a cron's `--to` yesterday, on the 1st too).
+        first = first or (last or today).replace(day=1)
         last = last or today
         pages = await fetch_costs(config.upstream.base_url, admin_key, first, last)
     book = config.prices
@@ -630,5 +476,7 @@ async def run(
     finally:
         await ledger.close()
     held = holding_days(holdings, first, last, held_by_model(book))
+    # A model the price book no longer names, with spend on these days: compared, not left out.
+    openai = parse_costs(pages, book, {model for _, model in [*ours, *held]})
     result = compare(openai, ours, first, last, tolerance, held)
     return replace(result, flagged=tuple(flagged))

@@ -127,18 +127,22 @@ class Period:
 
     @classmethod
     def parse(cls, start: str | None, end: str | None, tz: str, now: float) -> Period:
-        """From `--from`/`--to` (ISO dates); the current month for what is missing."""
+        """From `--from`/`--to` (ISO dates); the current month for what is missing, or the
+        month of the one given (`--to` alone: from its month's first day)."""
         today = datetime.fromtimestamp(now, ZoneInfo(tz)).date()
-        first = parse_date(start, "from") if start else today.replace(day=1)
-        last = parse_date(end, "to") if end else month_end(first if start else today)
+        given = parse_date(end, "to") if end else None
+        first = parse_date(start, "from") if start else (given or today).replace(day=1)
+        last = given or month_end(first if start else today)
         if last < first:
             raise InvalidRequest(f"--to {last} is before --from {first}.", param="to")
         return cls(first, last, tz)
 
     @classmethod
     def month(cls, text: str, tz: str) -> Period:
-        """The month `YYYY-MM`."""
+        """The month `YYYY-MM` (strptime alone also reads `2026-1` as January)."""
         try:
+            if not ISO_MONTH.fullmatch(text):
+                raise ValueError(text)
             first = datetime.strptime(text, "%Y-%m").date()
         except ValueError as exc:
             message = f"{text!r} is not a month: use YYYY-MM."
@@ -192,6 +196,7 @@ def month_end(day: date) -> date:
     return (day.replace(day=1) + timedelta(days=32)).replace(day=1) - timedelta(days=1)
 
 
+ISO_MONTH = re.compile(r"[0-9]{4}-[0-9]{2}", re.ASCII)
 ISO_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", re.ASCII)
 """A day as the reports spell it. `date.fromisoformat` (Python 3.11) also reads `20261201`
 and ISO weeks: `2026-W49` is its Monday alone, not the week it reads as."""
@@ -301,7 +306,11 @@ def fold(aggregates: Iterable[Aggregate], by: Sequence[Dimension], period: Perio
             for d in by
         )
         grouped[key] = grouped.get(key, Sums()) + Sums.of(a)
-    rows = tuple(sorted(grouped.items(), key=lambda kv: tuple(v or "" for v in kv[0])))
+    # None (no value) before "" (an empty one): sorted as one, they came in the order the
+    # database answered, which SQLite and PostgreSQL do not share.
+    rows = tuple(
+        sorted(grouped.items(), key=lambda kv: tuple((v is not None, v or "") for v in kv[0]))
+    )
     total = sum((s for _, s in rows), Sums())
     return Report(period, by, rows, total)
 

@@ -117,7 +117,7 @@ async def build(ledger: Ledger, config: Config, period: Period) -> Statement:
             key=lambda d: (-d[1].cost_nanos, d[0]),
         )
         team_users = sorted(
-            ((str(a.keys[2] or "(none)"), Sums.of(a)) for a in users if _owner(a) == owner),
+            _users(a for a in users if _owner(a) == owner).items(),
             key=lambda u: (-u[1].cost_nanos, u[0]),
         )
         per_day = {k[2]: s.cost_nanos for k, s in daily.rows if (k[0] or "", k[1]) == owner}
@@ -142,6 +142,16 @@ async def build(ledger: Ledger, config: Config, period: Period) -> Statement:
 def _owner(a: Aggregate) -> tuple[str, str]:
     """The (cost center, team) a group grouped by both first is charged to."""
     return str(a.keys[0] or ""), str(a.keys[1] or "")
+
+
+def _users(found: Iterable[Aggregate]) -> dict[str, Sums]:
+    """One team's spend by user: requests without a user (none sent, or "") as one
+    `(none)`, not two lines of that name in the top users."""
+    by_user: dict[str, Sums] = {}
+    for a in found:
+        name = str(a.keys[2] or "(none)")
+        by_user[name] = by_user.get(name, Sums()) + Sums.of(a)
+    return by_user
 
 
 def _model_lines(found: Iterable[Aggregate]) -> list[tuple[str, str, Sums, Part]]:

@@ -161,9 +161,9 @@ class Metrics:
         )
         self.responses_cost = Counter(
             "tollgate_responses_cost_usd",
-            "Metered cost of Responses API requests in US dollars, by part: the mainline "
-            "model's tokens (part=mainline) or the image_generation tool's "
-            "(part=image_tool). Also counted in tollgate_cost_usd_total.",
+            "Metered cost of Responses API requests (batched ones included) in US dollars, by "
+            "part: the mainline model's tokens (part=mainline) or the image_generation "
+            "tool's (part=image_tool). Also counted in tollgate_cost_usd_total.",
             ["team", "model", "part"],
             registry=r,
         )
@@ -242,19 +242,27 @@ class Metrics:
 
         A Responses request is billed under two models: its image tool's (`entry.model`,
         the request's own label) and its mainline model's, whose tokens and dollars are
-        counted under that model with `quality=""`. A model name `priced` does not know
-        (any string a client sent, refused as unpriced) is counted as `UNPRICED`: a label
-        value a client chooses would make one series per name, without bound. So would a
-        size: an image of a size `listed` does not give for its model (gpt-image-2 takes
-        some 29,000 sizes) is counted under the size `custom`."""
+        counted under that model with `quality=""`. A batch's `/v1/responses` line is one
+        too (`endpoint="batches"`, a mainline model named): both parts of its cost are
+        Responses API spend (its image tool's part used to be left out of
+        `tollgate_responses_cost_usd_total`, its mainline part counted).
+
+        A model name `priced` does not know (any string a client sent, refused as
+        unpriced) is counted as `UNPRICED`: a label value a client chooses would make one
+        series per name, without bound. So would a size: an image of a size `listed` does
+        not give for its model (gpt-image-2 takes some 29,000 sizes) is counted under the
+        size `custom`."""
         self.inflight.dec()
         team = entry.team or ""
         model = entry.model or entry.model_requested or entry.mainline_model or ""
         if model and priced is not None and not priced(model):
             model = UNPRICED
         self._requests(team, model, entry.endpoint or "", settlement.outcome).inc()
-        for change in changes:
-            self._downgrades(team, change.knob, change.reason).inc()
+        # One downgrade per knob and reason of the request, however many steps of the
+        # ladder it went down (high -> medium -> low is one quality downgrade, as the
+        # `x-tollgate-downgraded` header and the ledger's `downgrades` say).
+        for knob, reason in dict.fromkeys((c.knob, c.reason) for c in changes):
+            self._downgrades(team, knob, reason).inc()
         usage = settlement.usage
         for kind in TOKEN_KINDS:
             count = usage.tokens(kind)
@@ -267,7 +275,7 @@ class Metrics:
         image_nanos = settlement.cost_nanos - (settlement.mainline_cost_nanos if mainline else 0)
         if image_nanos:
             self._cost(team, model, quality).inc(image_nanos / NANOS_PER_USD)
-            if entry.endpoint == "responses":
+            if entry.endpoint == "responses" or mainline:
                 self._responses_cost(team, model, "image_tool").inc(image_nanos / NANOS_PER_USD)
         if mainline:
             self._mainline(team, mainline, settlement)

@@ -48,7 +48,8 @@ def response_body(
     request_id: str,
     with_usage: bool = True,
 ) -> dict[str, Any]:
-    """The non-stream answer: `created`, `data` and, for GPT models, the effective knobs."""
+    """The non-stream answer: `created`, `data` and, for GPT models, the effective knobs
+    (and the effective end-user id, when the request named one)."""
     if order.model.is_dalle:
         data: list[dict[str, Any]] = []
         for index in range(order.n):
@@ -69,6 +70,8 @@ def response_body(
         "quality": order.quality,
         "size": order.size,
     }
+    if order.safety_identifier:
+        body["safety_identifier"] = order.safety_identifier
     if with_usage:
         body["usage"] = usage_json(
             text=tokens.text_input,
@@ -132,7 +135,8 @@ def stream_events(
             text_output=tokens.text_output if first else 0,
         )
         kind = f"{prefix}.completed"
-        frames.append(
-            ("completed", sse(kind, {"type": kind, "b64_json": b64, **common, "usage": usage}))
-        )
+        completed = {"type": kind, "b64_json": b64, **common, "usage": usage}
+        if order.safety_identifier:
+            completed["safety_identifier"] = order.safety_identifier
+        frames.append(("completed", sse(kind, completed)))
     return frames

@@ -19,10 +19,11 @@ A line that passes is run: validated exactly as the same request sent directly
 moderated. It answers 200 with the Images API's body (with `usage`), or the error the
 direct request would get, as the line's `response` (`status_code`, `body`).
 
-Fault markers in a batch: `[[fault:500]]`, `[[fault:503]]` and `[[fault:429]]` answer
-their error (not billed), `timeout` and `reset` a 500 (a batch has no connection to
-hang or cut); `nousage` and `texttokens` change the body as they do directly (billed);
-`garbage`, `truncate` and `echo` change nothing. The configured fault does not apply.
+Fault markers in a batch: `[[fault:500]]`, `[[fault:503]]`, `[[fault:429]]`,
+`[[fault:quota]]` and `[[fault:403]]` answer their error (not billed), `timeout` and
+`reset` a 500 (a batch has no connection to hang or cut); `nousage` and `texttokens`
+change the body as they do directly (billed); `garbage`, `truncate` and `echo` change
+nothing. The configured fault does not apply.
 """
 
 from __future__ import annotations

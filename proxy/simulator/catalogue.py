@@ -74,6 +74,8 @@ class ModelRule:
     fidelity: Fidelity = "param"
     """`param`: the request's input_fidelity decides; `low`/`high`: fixed by the model."""
     fidelity_param_allowed: bool = True
+    fidelities: tuple[str, ...] = ("high", "low")
+    """The `input_fidelity` values it accepts (when it accepts the parameter at all)."""
     max_n: int = 10
     output_details: bool = False
     """Whether a non-stream answer's usage carries `output_tokens_details`."""
@@ -93,6 +95,7 @@ def _table(
     name: str,
     *,
     fidelity: Fidelity = "param",
+    fidelities: tuple[str, ...] = ("high", "low"),
     details: bool = False,
     table: Mapping[str, Mapping[str, int]] = TABLE_TOKENS,
 ) -> ModelRule:
@@ -103,6 +106,7 @@ def _table(
         "table",
         table=table,
         fidelity=fidelity,
+        fidelities=fidelities,
         output_details=details,
     )
 
@@ -130,7 +134,8 @@ def _formula(
 
 _RULES: tuple[ModelRule, ...] = (
     _table("gpt-image-1"),
-    _table("gpt-image-1-mini", fidelity="low", table=MINI_TABLE_TOKENS),
+    # input_fidelity: `low` only ("Unsupported for gpt-image-1-mini", the SDK's docstring).
+    _table("gpt-image-1-mini", fidelity="low", fidelities=("low",), table=MINI_TABLE_TOKENS),
     _table("gpt-image-1.5", details=True),
     _table("chatgpt-image-latest", details=True),
     _formula("gpt-image-2", GPT_2_FACTORS, fidelity_param_allowed=False),

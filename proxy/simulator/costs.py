@@ -242,9 +242,7 @@ def costs_page(entries: Iterable[Entry], query: QueryParams, *, now: float) -> d
     asked = _CostsQuery.of(query, now)
     starts = list(range(asked.start, asked.end, DAY))
     chosen = starts[asked.first : asked.first + asked.limit]
-    data = [
-        _bucket(entries, start, min(start + DAY, asked.end), asked.group_by) for start in chosen
-    ]
+    data = [_bucket(entries, start, min(start + DAY, asked.end), asked) for start in chosen]
     has_more = asked.first + asked.limit < len(starts)
     return {
         "object": "page",
@@ -264,6 +262,16 @@ class _CostsQuery:
     first: int
     """The index of the page's first bucket (its cursor is `page_<first>`)."""
     group_by: list[str]
+    project_ids: frozenset[str] = frozenset()
+    """Only these projects' costs (`project_ids[]`; none: every project's)."""
+    line_items: frozenset[str] = frozenset()
+    """Only these line items' (`line_items[]`, exact names; none: every line item's)."""
+
+    def keeps(self, line: LineCost) -> bool:
+        """Whether `line` passes the query's filters."""
+        if self.project_ids and line.project_id not in self.project_ids:
+            return False
+        return not self.line_items or line.line_item in self.line_items
 
     @classmethod
     def of(cls, query: QueryParams, now: float) -> _CostsQuery:
@@ -289,15 +297,26 @@ class _CostsQuery:
             first = int(page.removeprefix("page_"))
         except ValueError as exc:
             raise CostsQueryError("Invalid 'page' cursor.", "page") from exc
-        return cls(start, end, limit, first, group_by)
+        if first < 0:
+            raise CostsQueryError("Invalid 'page' cursor.", "page")
+        projects = frozenset(query.getlist("project_ids[]") + query.getlist("project_ids"))
+        items = frozenset(query.getlist("line_items[]") + query.getlist("line_items"))
+        return cls(start, end, limit, first, group_by, projects, items)
 
 
-def _bucket(entries: Iterable[Entry], start: int, end: int, group_by: list[str]) -> dict[str, Any]:
-    """One day's bucket: the cost of every entry billed from `start` to `end`."""
-    lines = [line for entry in entries if start <= entry.time < end for line in line_costs(entry)]
+def _bucket(entries: Iterable[Entry], start: int, end: int, asked: _CostsQuery) -> dict[str, Any]:
+    """One day's bucket: the cost of every entry billed from `start` to `end`, of the
+    projects and line items asked for."""
+    lines = [
+        line
+        for entry in entries
+        if start <= entry.time < end
+        for line in line_costs(entry)
+        if asked.keeps(line)
+    ]
     return {
         "object": "bucket",
         "start_time": start,
         "end_time": end,
-        "results": _results(lines, group_by) if lines else [],
+        "results": _results(lines, asked.group_by) if lines else [],
     }

@@ -2,7 +2,11 @@
 
     [[fault:500]]       500 server_error
     [[fault:503]]       503 server overloaded
-    [[fault:429]]       429 rate_limit_exceeded with retry-after: 1
+    [[fault:429]]       429 rate_limit_exceeded with retry-after: 1 (and the
+                        `x-ratelimit-*` headers that say the minute's room is used)
+    [[fault:quota]]     429 insufficient_quota (`credit_balance_exhausted`): the
+                        organization is out of credit; OpenAI sends no retry advice
+    [[fault:403]]       403 unsupported_country_region_territory
     [[fault:timeout]]   no answer for an hour (ends when the client goes away)
     [[fault:reset]]     the connection is closed without an HTTP answer
     [[fault:garbage]]   200 with a body that is not JSON (billed); in a stream, the last
@@ -51,6 +55,8 @@ Fault = Literal[
     "500",
     "503",
     "429",
+    "quota",
+    "403",
     "timeout",
     "reset",
     "garbage",
@@ -61,7 +67,9 @@ Fault = Literal[
 ]
 FAULTS: tuple[Fault, ...] = get_args(Fault)
 # Faults answered before any work is done: nothing is billed.
-UNBILLED_FAULTS: frozenset[Fault] = frozenset({"500", "503", "429", "timeout", "reset"})
+UNBILLED_FAULTS: frozenset[Fault] = frozenset(
+    {"500", "503", "429", "quota", "403", "timeout", "reset"}
+)
 _MARKER = re.compile(r"\[\[fault:([a-z0-9]+)\]\]")
 _FORBIDDEN = re.compile(r"\bforbidden\b", re.IGNORECASE)
 GARBAGE_BODY = b"this is not json{"
@@ -127,7 +135,26 @@ def fault_error(fault: ResponseFault) -> ApiError | None:
             "Rate limit reached for images per minute. Please try again in 1s.",
             type="requests",
             code="rate_limit_exceeded",
-            headers={"retry-after": "1"},
+            headers={
+                "retry-after": "1",
+                "x-ratelimit-limit-requests": "5",
+                "x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-requests": "1s",
+            },
+        )
+    if fault == "quota":
+        return ApiError(
+            429,
+            "You exceeded your current quota, please check your plan and billing details.",
+            type="insufficient_quota",
+            code="credit_balance_exhausted",
+        )
+    if fault == "403":
+        return ApiError(
+            403,
+            "Country, region, or territory not supported",
+            type="request_forbidden",
+            code="unsupported_country_region_territory",
         )
     return None
 

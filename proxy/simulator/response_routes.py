@@ -59,6 +59,7 @@ from proxy.simulator.routes import (
     error_response,
     json_response,
     no_answer,
+    rate_limit_headers,
     sleep_ms,
 )
 
@@ -159,7 +160,14 @@ async def create_response(state: SimulatorState, request: Request) -> Response:
         )
     if fault == "truncate":
         return cut_short(json.dumps(response_json(snap)).encode(), request, arrival.id)
-    return json_response(200, response_json(snap), arrival.id, {})
+    return json_response(200, response_json(snap), arrival.id, _limits(snap, knobs.latency_ms))
+
+
+def _limits(snap: Snapshot, latency_ms: int) -> dict[str, str]:
+    """The rate-limit headers of a response's answer: its mainline and image tokens."""
+    mainline, image = snap.tokens.mainline, snap.tokens.image_gen
+    used = mainline.input + mainline.output + image.text_input + image.image_input
+    return rate_limit_headers(used + image.image_output, latency_ms)
 
 
 async def _accept(
@@ -253,7 +261,7 @@ def _stream(
                 return
             yield frame
 
-    headers = {"x-request-id": snap.id, "cache-control": "no-cache"}
+    headers = {"x-request-id": snap.id, "cache-control": "no-cache", **_limits(snap, latency_ms)}
     return StreamingResponse(events(), headers=headers, media_type="text/event-stream")
 
 

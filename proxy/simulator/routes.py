@@ -133,6 +133,25 @@ class _Arrival:
         )
 
 
+RATE_LIMIT_REQUESTS = 500
+RATE_LIMIT_TOKENS = 800_000
+
+
+def rate_limit_headers(tokens: int, latency_ms: int) -> dict[str, str]:
+    """The headers OpenAI sends with a model's answer: its rate limits (the rate-limits
+    guide's `x-ratelimit-*`: this request's room, as if it were the minute's only one) and
+    `openai-processing-ms`."""
+    return {
+        "x-ratelimit-limit-requests": str(RATE_LIMIT_REQUESTS),
+        "x-ratelimit-limit-tokens": str(RATE_LIMIT_TOKENS),
+        "x-ratelimit-remaining-requests": str(RATE_LIMIT_REQUESTS - 1),
+        "x-ratelimit-remaining-tokens": str(max(RATE_LIMIT_TOKENS - tokens, 0)),
+        "x-ratelimit-reset-requests": "120ms",
+        "x-ratelimit-reset-tokens": f"{max(tokens * 60 // RATE_LIMIT_TOKENS, 1)}s",
+        "openai-processing-ms": str(latency_ms),
+    }
+
+
 def json_response(status: int, body: object, request_id: str, extra: Mapping[str, str]) -> Response:
     headers = {"x-request-id": request_id, **extra}
     return Response(json.dumps(body), status, headers=headers, media_type=JSON)
@@ -176,10 +195,11 @@ async def handle_image_request(
     )
     if fault == "truncate":
         return cut_short(json.dumps(body).encode(), request, arrival.id)
+    limits = rate_limit_headers(tokens.input_total + tokens.output_total, knobs.latency_ms)
     if fault == "echo":
         body["echo"] = echo(arrival.authorization)
-        return json_response(200, body, arrival.id, {ECHO_HEADER: arrival.authorization or ""})
-    return json_response(200, body, arrival.id, {})
+        limits[ECHO_HEADER] = arrival.authorization or ""
+    return json_response(200, body, arrival.id, limits)
 
 
 async def _accept(
@@ -251,7 +271,11 @@ def _stream(
     request: Request,
     arrival: _Arrival,
 ) -> StreamingResponse:
-    headers = {"x-request-id": arrival.id, "cache-control": "no-cache"}
+    headers = {
+        "x-request-id": arrival.id,
+        "cache-control": "no-cache",
+        **rate_limit_headers(tokens.input_total + tokens.output_total, knobs.latency_ms),
+    }
     echoes = fault == "echo"
     authorization = arrival.authorization or ""
     if echoes:

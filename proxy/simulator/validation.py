@@ -31,6 +31,8 @@ OUTPUT_FORMATS = ("png", "jpeg", "webp")
 BACKGROUNDS = ("transparent", "opaque", "auto")
 FIDELITIES = ("high", "low")
 RESPONSE_FORMATS = ("url", "b64_json")
+STYLES = ("vivid", "natural")
+MODERATIONS = ("low", "auto")
 _SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})", re.ASCII)
 
 
@@ -53,6 +55,8 @@ class ImageOrder:
     high_fidelity: bool = False
     images: tuple[InputImage, ...] = ()
     response_format: str = "b64_json"
+    safety_identifier: str | None = None
+    """The end user the answer names: `safety_identifier`, else `user` (None: neither)."""
 
     @property
     def size(self) -> str:
@@ -202,9 +206,21 @@ def _prompt(endpoint: Endpoint, fields: _Fields) -> str:
     return prompt
 
 
+MAX_IMAGE_URL_CHARS = 20_971_520
+"""The longest `image_url` of a JSON edit (a base64 data URL of about 15 MB)."""
+
+
 def _reference(value: Any, param: str) -> InputImage:
     if isinstance(value, dict) and len(value.keys() & {"image_url", "file_id"}) == 1:
         ref = value.get("image_url") or value.get("file_id")
+        if isinstance(ref, str) and len(ref) > MAX_IMAGE_URL_CHARS:
+            raise invalid(
+                f"Invalid '{param}.image_url': string too long. Expected a string with "
+                f"maximum length {MAX_IMAGE_URL_CHARS}, but got a string with length "
+                f"{len(ref)} instead.",
+                param=f"{param}.image_url",
+                code="string_above_max_length",
+            )
         if isinstance(ref, str) and ref:
             return data_url_image(ref)
     raise invalid(
@@ -260,6 +276,9 @@ def _uploaded_images(raw: RawRequest) -> tuple[InputImage, ...]:
     images = [p for p in raw.parts if p.field in ("image", "image[]")]
     if not images:
         raise missing("image")
+    given = {p.field for p in raw.parts}
+    if {"mask", "markup"} <= given:
+        raise invalid("Invalid 'markup': it cannot be combined with 'mask'.", param="markup")
     if len(images) > MAX_INPUT_IMAGES:
         raise invalid(
             f"Invalid 'image': at most {MAX_INPUT_IMAGES} images are accepted.", param="image"
@@ -291,6 +310,12 @@ def _high_fidelity(model: ModelRule, fields: _Fields) -> bool:
         if not model.fidelity_param_allowed:
             raise unsupported("input_fidelity", model.name)
         _one_of("input_fidelity", fidelity, FIDELITIES)
+        if fidelity not in model.fidelities:
+            raise invalid(
+                f"Invalid value: '{fidelity}'. Supported values for model '{model.name}' "
+                f"are: {_choices(model.fidelities)}.",
+                param="input_fidelity",
+            )
     if model.fidelity == "param":
         return fidelity == "high"
     return model.fidelity == "high"
@@ -307,8 +332,7 @@ def validate(raw: RawRequest) -> ImageOrder:
     width, height = _size(model, fields.text("size") or "auto")
     output_format, compression, background = _output(model, fields)
     stream, partial_images = _stream(model, fields)
-    response_format = fields.text("response_format") or "b64_json"
-    _one_of("response_format", response_format, RESPONSE_FORMATS)
+    response_format = _legacy(model, fields)
     return ImageOrder(
         endpoint=raw.endpoint,
         model=model,
@@ -324,8 +348,37 @@ def validate(raw: RawRequest) -> ImageOrder:
         partial_images=partial_images,
         high_fidelity=_high_fidelity(model, fields),
         images=images,
-        response_format=response_format if model.is_dalle else "b64_json",
+        response_format=response_format,
+        safety_identifier=fields.text("safety_identifier") or fields.text("user") or None,
     )
+
+
+def _legacy(model: ModelRule, fields: _Fields) -> str:
+    """`response_format`, and the other options GPT image models and DALL·E do not share:
+    `style` is dall-e-3's ("unsupported for GPT image models"); DALL·E answers URLs unless
+    asked for `b64_json` (OpenAPI: default `url`), a GPT image model always answers base64
+    ("url is not supported for them"); `moderation` is theirs (values checked; a DALL·E
+    model ignores it)."""
+    response_format = fields.text("response_format") or ("url" if model.is_dalle else "b64_json")
+    _one_of("response_format", response_format, RESPONSE_FORMATS)
+    style = fields.text("style")
+    if style is not None:
+        _one_of("style", style, STYLES)
+    if model.is_dalle:
+        return response_format
+    if style is not None:
+        raise unsupported("style", model.name)
+    if response_format == "url":
+        raise invalid(
+            "Unknown parameter: 'response_format'. GPT image models always return "
+            "base64-encoded images ('b64_json').",
+            param="response_format",
+            code="unknown_parameter",
+        )
+    moderation = fields.text("moderation")
+    if moderation is not None:
+        _one_of("moderation", moderation, MODERATIONS)
+    return "b64_json"
 
 
 def _n(model: ModelRule, fields: _Fields) -> int:

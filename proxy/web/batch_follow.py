@@ -267,12 +267,18 @@ class BatchFollow:
         written = await runtime.ledger.settle_batch(entry.id, billed, outcome)
         if not written:
             return  # settled already (another replica, or an earlier try)
+        users: dict[str | None, Entry] = {}
         for index, line in enumerate(billed or [BilledLine(entry, outcome, ())]):
             if index and not index % OBSERVED_AT_ONCE:
                 await asyncio.sleep(0)  # the loop serves between runs of lines
             if index:
                 runtime.metrics.started()  # each line is a request in the metrics
             observe(runtime, line.entry, line.settlement, ())
+            users.setdefault(line.entry.user, line.entry)
+        # The budgets' alert thresholds, as for any settlement: the team's, and each
+        # user's of its lines (once a user, not once a line).
+        for first in users.values():
+            runtime.alerts.settled(first)
 
 
 def gone_rows(rows: Rows, lines: Mapping[str, BatchLine], outcome: Settlement) -> list[BilledLine]:

@@ -35,6 +35,7 @@ from proxy.core.errors import (
     PolicyViolation,
     PreviousResponseNotFound,
     RateLimited,
+    Reloaded,
     RepeatArrived,
     RequestError,
     ServiceUnavailable,
@@ -302,6 +303,7 @@ class Pipeline(Generic[Parsed]):
         chosen: list[Decision] = []
 
         def choose(totals: Mapping[Counter, Totals]) -> Reservation:
+            still_in_force(runtime)
             decision = decide(team, variant, budgets, totals, config.prices, tz)
             chosen.append(decision)
             sent = decision.variant
@@ -315,6 +317,18 @@ class Pipeline(Generic[Parsed]):
         pace = rates.plan(config, team, entry.started_at)
         reservation = await runtime.ledger.reserve(read, choose, pace, guard)
         return chosen[-1], reservation.entry, reservation.paced
+
+
+def still_in_force(runtime: Runtime) -> None:
+    """Raise Reloaded unless `runtime`, under which a request was parsed and is about to be
+    decided, is still in force: called in the reservation's transaction, so that no
+    request is admitted under a configuration a reload replaced before it was written (a
+    budget lowered, a key revoked, a reload already answered)."""
+    if runtime.newest() is not runtime:
+        raise Reloaded(
+            "Tollgate's configuration was reloaded while this request was decided; retry "
+            "(it is decided under the new configuration)."
+        )
 
 
 async def owned_files(runtime: Runtime, team: Team, named: tuple[str, ...]) -> None:
@@ -342,7 +356,8 @@ async def rate_headers(runtime: Runtime, team: Team, asked: Entry) -> dict[str, 
         counts = await runtime.ledger.rate_counts(pace)
     except LedgerError:
         return {}
-    rooms = pace.rooms(counts, asked.model_requested, asked.mainline_model)
+    model = rates.image_model(asked.model_requested, asked.n_requested)
+    rooms = pace.rooms(counts, model, asked.mainline_model)
     return rates.headers(rates.tightest(rooms), now)
 
 
