@@ -272,6 +272,18 @@ def test_the_start_up_banner_prints_an_sqlite_ledger_url_as_it_reads(
         assert f"ledger sqlite:///{tmp_path}/{name}" in shown, shown
 
 
+def test_the_start_up_banner_writes_an_ipv6_host_in_brackets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--host ::1`: the URL printed is one a client can be given, `http://[::1]:8080/v1`."""
+    write_config(tmp_path, UNREACHABLE)
+    config = load_config(tmp_path)
+    options = ServeOptions(tmp_path, host="::1", overrides=Overrides(upstream_key=UPSTREAM_KEY))
+    print_banner(Prepared(options, config, create_app(config, options.overrides)), False)
+    shown = capsys.readouterr().out
+    assert "on http://[::1]:8080/v1," in shown and "OPENAI_BASE_URL=http://[::1]:8080/v1 " in shown
+
+
 def test_serve_warns_of_a_descriptor_limit_too_low_for_its_connections(tmp_path: Path) -> None:
     """With `ulimit -n 64`, a burst of connections took every descriptor: asyncio logged
     `socket.accept() out of system resource` hundreds of times and clients saw their

@@ -110,7 +110,7 @@ def print_banner(prepared: Prepared, simulate: bool) -> None:
 
     options, config = prepared.options, prepared.config
     overrides = options.overrides
-    url = f"http://{options.host}:{options.port}/v1"
+    url = f"http://{url_host(options.host)}:{options.port}/v1"
     upstream = redacted(overrides.upstream_url or config.upstream.base_url)
     note = " (simulated)" if simulate else ""
     print(
@@ -125,6 +125,11 @@ def print_banner(prepared: Prepared, simulate: bool) -> None:
         f"prompt='a lighthouse', quality='low', size='1024x1024').usage)\"",
         flush=True,
     )
+
+
+def url_host(host: str) -> str:
+    """`host` as a URL writes it: an IPv6 address in brackets (`http://[::1]:8080/v1`)."""
+    return f"[{host}]" if ":" in host else host
 
 
 def run_simulate(args: argparse.Namespace) -> int:
@@ -146,7 +151,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         **batches,
     )
     port = concrete_port(args.host, args.port)
-    print(f"Simulated OpenAI image API on http://{args.host}:{port}/v1", flush=True)
+    print(f"Simulated OpenAI image API on http://{url_host(args.host)}:{port}/v1", flush=True)
     uvicorn.run(
         create_simulator_app(settings),
         host=args.host,
