@@ -528,6 +528,28 @@ def test_a_flag_out_of_its_range_is_a_usage_error(
     assert says in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["report", "--by", "team", "--by", "model"],
+        ["report", "--from", "2026-11-01", "--from", "2026-12-01"],
+        ["report", "--format", "csv", "--format", "json"],
+    ],
+    ids=["by", "from", "format"],
+)
+def test_a_report_flag_given_twice_is_a_usage_error_not_the_last_one_alone(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    """`--by team --by model` answered by model alone, read as the grouping asked for;
+    the admin API refuses a parameter given twice, and so does the command."""
+    from proxy.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert f"argument {argv[1]}: given more than once" in capsys.readouterr().err
+
+
 def test_check_counts_one_team_and_one_budget_in_the_singular(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -26,7 +27,7 @@ from proxy.core.parsing import MAX_VALUES
 from proxy.core.paths import CHAT_COMPLETIONS, OBJECT_PATHS, TOLLGATE_PATHS, under
 from proxy.web.admission import read_body
 from proxy.web.gateway import path_of, query_of
-from proxy.web.observe import KeyRefusals
+from proxy.web.observe import KeyRefusals, log_unmetered, unmetered_outcome
 from proxy.web.pipeline import identified_again, new_request_id, owned_files
 from proxy.web.responses import error_response, streamed_response
 from proxy.web.runtime import Runtime
@@ -64,11 +65,14 @@ class OtherPaths:
         refused = forwarded(s, path, method)
         if refused is not None:
             return error_response(refused)
-        headers = {"x-tollgate-request-id": new_request_id()}
+        started = time.monotonic()
+        request_id = new_request_id()
+        headers = {"x-tollgate-request-id": request_id}
         try:
-            team, _ = identify(request.headers.get("authorization"), s.config.team_by_key_hash())
+            team, key = identify(request.headers.get("authorization"), s.config.team_by_key_hash())
         except AuthenticationFailed as exc:
             return self.key_refusals.refuse(request, exc, headers, s)
+        headers["x-tollgate-team"] = team.name
         try:
             allow_method(s, path, method)
             query = query_of(request)
@@ -80,7 +84,8 @@ class OtherPaths:
             except AuthenticationFailed as exc:
                 return self.key_refusals.refuse(request, exc, headers, s)
             if newer is not None:
-                s, team, _ = newer
+                s, team, key = newer
+                headers["x-tollgate-team"] = team.name
                 refused = forwarded(s, path, method)
                 if refused is not None:
                     raise refused
@@ -104,8 +109,20 @@ class OtherPaths:
                 query=query,
             )
         except RequestError as exc:
-            return error_response(exc, headers)
-        return streamed_response(answer, {**headers, "x-tollgate-team": team.name})
+            refusal = error_response(exc, headers)
+            outcome = unmetered_outcome(refusal, exc.code)
+            log_unmetered(
+                request_id, team.name, key.id, "passthrough", request, refusal, outcome,
+                exc.code, started,
+            )  # fmt: skip
+            return refusal
+        response = streamed_response(answer, headers)
+        outcome = unmetered_outcome(response, None)
+        log_unmetered(
+            request_id, team.name, key.id, "passthrough", request, response, outcome, None,
+            started,
+        )  # fmt: skip
+        return response
 
 
 def forwarded(runtime: Runtime, path: str, method: str) -> NotFound | None:

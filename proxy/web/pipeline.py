@@ -52,7 +52,7 @@ from proxy.web import repeats
 from proxy.web.admission import read_body
 from proxy.web.exchange import Exchange
 from proxy.web.gateway import path_of
-from proxy.web.observe import KeyRefusals, observe
+from proxy.web.observe import KeyRefusals, log_unmetered, observe, unmetered_outcome
 from proxy.web.projects import same_project
 from proxy.web.responses import error_response
 from proxy.web.runtime import Runtime
@@ -90,15 +90,29 @@ async def for_team(
     and a RequestError `serve` raises in OpenAI's shape. For the requests that leave no
     row in the ledger (uploads, input token counts, stored responses, listings): their
     answers say they cost nothing and the room left (`free_headers`)."""
-    headers = {"x-tollgate-request-id": new_request_id()}
-    team = refusals.team_of(request, runtime, headers)
-    if isinstance(team, Response):
-        return team
+    started = time.monotonic()
+    request_id = new_request_id()
+    headers = {"x-tollgate-request-id": request_id}
+    caller = refusals.key_of(request, runtime, headers)
+    if isinstance(caller, Response):
+        return caller
+    team, key = caller
     headers.update(await free_headers(runtime, team))
+    code = None
     try:
-        return await serve(request, runtime, team, headers)
+        response = await serve(request, runtime, team, headers)
     except RequestError as exc:
-        return error_response(exc, headers)
+        response, code = error_response(exc, headers), exc.code
+        outcome = refusal_outcome(exc)
+    else:
+        if response.status_code == 401:  # its key revoked meanwhile: counted, not logged
+            return response
+        outcome = unmetered_outcome(response, None)
+    log_unmetered(
+        request_id, team.name, key.id, refusals.endpoint, request, response, outcome, code,
+        started,
+    )  # fmt: skip
+    return response
 
 
 async def forward_as_is(
