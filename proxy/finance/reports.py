@@ -140,12 +140,12 @@ class Period:
     @classmethod
     def month(cls, text: str, tz: str) -> Period:
         """The month `YYYY-MM` (strptime alone also reads `2026-1` as January)."""
+        message = f"{text!r} is not a month: use YYYY-MM."
+        if not ISO_MONTH.fullmatch(text):
+            raise InvalidRequest(message, param="statement")
         try:
-            if not ISO_MONTH.fullmatch(text):
-                raise ValueError(text)
             first = datetime.strptime(text, "%Y-%m").date()
         except ValueError as exc:
-            message = f"{text!r} is not a month: use YYYY-MM."
             raise InvalidRequest(message, param="statement") from exc
         return cls(in_range(first, "statement"), month_end(first), tz)
 
