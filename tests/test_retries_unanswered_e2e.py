@@ -91,7 +91,7 @@ def charged_once(gate: Tollgate, sim: Simulator, attempts: int) -> dict[str, Any
     return first
 
 
-@pytest.mark.parametrize("kind", ["generate", "edit"])
+@pytest.mark.parametrize("kind", ["generate", "edit", "responses"])
 def test_node_sdk_does_not_retry_a_504_the_upstream_may_have_billed(
     gate: Tollgate, sim: Simulator, kind: str
 ) -> None:
