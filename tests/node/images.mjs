@@ -1,9 +1,9 @@
 // The official openai Node SDK using every image door of a running Tollgate as a team
 // would: generations (plain, n > 1, streamed), multipart edits (one image, several, a
 // mask, streamed, files read from disk), files, batches (listed page by page), and the
-// refusals and headers Tollgate adds. Prints
-// one JSON object, a result per case asked for, for tests/test_node_images_e2e.py to
-// check against the ledger and the simulator's billing.
+// refusals and headers Tollgate adds. Prints one JSON object, a result per case asked
+// for, for tests/test_node_images_e2e.py to check against the ledger and the simulator's
+// billing.
 //
 //   TOLLGATE_BASE_URL=http://127.0.0.1:8080/v1 \
 //   TOLLGATE_KEYS='{"design": "tg_...", "broke": "tg_...", "strict": "tg_..."}' \

@@ -1,9 +1,10 @@
 // The official openai Node SDK on the Responses API door of a running Tollgate, as a
 // team's code uses it: a stream read event by event, the `responses.stream()` helper, a
-// background response cancelled, a background stream left and resumed, the input items paged through, a continuation, a
-// stream the client aborts, a budget refusal and an `Idempotency-Key` replay. Prints
-// one JSON object, a result per case asked for, for tests/test_node_responses_e2e.py to
-// check against the ledger and the simulator's billing.
+// background response cancelled, a background stream left and resumed, the input items
+// paged through, a continuation, a stream the client aborts, a budget refusal and an
+// `Idempotency-Key` replay. Prints one JSON object, a result per case asked for, for
+// tests/test_node_responses_e2e.py to check against the ledger and the simulator's
+// billing.
 //
 //   TOLLGATE_BASE_URL=http://127.0.0.1:8080/v1 \
 //   TOLLGATE_KEYS='{"design": "tg_...", "broke": "tg_..."}' \
