@@ -15,6 +15,8 @@ every worker and replica (`Ledger.first_attempt`):
                                  recorded with outcome `replayed` at no cost
     background response created  as answered (its create's answer, kept or not: the
                                  repeat never waits for the response to end)
+    first sent, never answered   its 502/504 again, `replayed` at no cost (`failed_again`):
+                                 OpenAI may have billed the first, and would bill a resend
     anything else                the repeat is forwarded as a new request (a first that
                                  failed without a charge; one whose client got its answer)
 
