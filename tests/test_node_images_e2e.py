@@ -283,6 +283,28 @@ def test_a_node_edit_is_reserved_and_charged_as_the_same_edit_from_python(
         assert node_row[column] == python_row[column], column
 
 
+def test_node_edits_of_files_read_from_disk_are_charged_as_the_same_bytes_uploaded(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """`fs.createReadStream` uploads: the SDK reads each file whole before it sends (and
+    before any retry), so the edit is priced from the files' real dimensions."""
+    got = node(proxy, "edit_read_streams", "edit_several_and_mask", "edit_read_stream_streamed")
+    from_disk, from_buffers = got["edit_read_streams"], got["edit_several_and_mask"]
+    assert fields(from_disk)[-3:] == ["image[]", "image[]", "mask"]
+    sent = {name: value for name, value in from_disk["sent"][0]["fields"] if name == "mask"}
+    assert sent["mask"]["filename"] == "mask.png"
+    disk_row = charged(proxy, simulator, from_disk)
+    buffer_row = charged(proxy, simulator, from_buffers)
+    for column in ("estimated_nanos", "image_input_tokens", "image_output_tokens", "cost_nanos"):
+        assert disk_row[column] == buffer_row[column], column
+    assert simulator.record(from_disk["headers"]["x-request-id"])["image_count"] == 2
+    streamed = got["edit_read_stream_streamed"]
+    kinds = [e["type"] for e in streamed["events"]]
+    assert kinds == ["image_edit.partial_image", "image_edit.completed"]
+    assert fields(streamed)[-1] == "image"
+    charged(proxy, simulator, streamed)
+
+
 def test_a_node_variation_is_priced_per_image(proxy: Tollgate, simulator: Simulator) -> None:
     got = node(proxy, "variation")["variation"]
     assert fields(got) == ["model", "image", "n", "size"]
@@ -329,6 +351,25 @@ def test_node_files_and_a_batch_run_to_completion_are_settled_line_by_line(
     assert sum(r["cost_nanos"] for r in rows) <= reserved
 
 
+def test_node_lists_of_batches_and_files_page_through_the_teams_own(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    got = node(proxy, "batch_listed")["batch_listed"]
+    assert got["batches"][:3] == got["ids"][::-1]  # newest first
+    assert len(set(got["batches"])) == len(got["batches"])
+    python = proxy.client()
+    assert got["batches"] == [b.id for b in python.batches.list(limit=100)]
+    assert len(set(got["files"])) == len(got["files"]) >= 3
+    pages = [s for s in got["sent"] if "/batches?" in s["url"] or s["url"].endswith("/batches")]
+    assert len([s for s in pages if s["method"] == "GET"]) >= len(got["batches"])
+    assert got["waited"] == "processed"
+    assert got["deleted"]["deleted"] is True
+    assert (got["gone"]["error"], got["gone"]["status"]) == ("NotFoundError", 404)
+    # Another team lists none of them.
+    other = proxy.client(KEYS["audit"])
+    assert not set(got["ids"]) & {b.id for b in other.batches.list(limit=100)}
+
+
 def test_a_node_batch_cancelled_while_it_runs_releases_its_reservation(
     proxy: Tollgate, simulator: Simulator
 ) -> None:
@@ -366,6 +407,39 @@ def test_node_sdk_does_not_retry_a_budget_refusal(proxy: Tollgate, simulator: Si
     rejected = proxy.query("SELECT * FROM requests WHERE team = 'broke'")
     assert len(rejected) == 3  # one row per request: nothing retried
     assert [r["upstream_request_id"] for r in rejected] == [None] * 3  # none went upstream
+
+
+def test_node_sdk_raises_each_of_tollgates_refusals_as_its_error_class(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    got = node(proxy, "refusals")["refusals"]
+    invalid = "invalid_request_error"
+    expected = {
+        "invalid_size": ("BadRequestError", 400, invalid, "invalid_request", "size"),
+        "no_prompt": ("BadRequestError", 400, invalid, "invalid_request", "prompt"),
+        "unpriced": ("BadRequestError", 400, invalid, "unpriced_model", "model"),
+        "unknown_key": ("AuthenticationError", 401, invalid, "invalid_api_key", None),
+        "not_proxied": ("NotFoundError", 404, invalid, "not_found", None),
+        "too_large": ("APIError", 413, invalid, "request_too_large", None),
+    }
+    for case, (error, status, kind, code, param) in expected.items():
+        found = got[case]
+        assert (found["error"], found["status"], found["type"], found["code"]) == (
+            error,
+            status,
+            kind,
+            code,
+        ), case
+        assert found["param"] == param, case
+    for case in ("invalid_size", "no_prompt", "unpriced", "too_large"):
+        headers = got[case]["headers"]
+        assert (headers["x-tollgate-team"], headers["x-tollgate-cost-usd"]) == ("design", "0")
+        assert headers["x-tollgate-request-id"].startswith("tg_req_")
+    # Each was sent once (none is retried) and none reached the upstream.
+    assert [s["retry_count"] for s in got["sent"]] == ["0"] * len(expected)
+    for case in ("invalid_size", "no_prompt", "unpriced", "too_large"):
+        row = wait_settled(proxy, got[case]["headers"]["x-tollgate-request-id"])
+        assert (row["cost_nanos"], row["upstream_request_id"]) == (0, None), case
 
 
 def test_node_sdk_reads_a_policy_refusal_and_a_downgrade(

@@ -119,6 +119,21 @@ def test_node_streams_and_the_stream_helper_are_charged_what_was_billed(
     assert stream["usage"]["output_tokens"] == main["output"]
 
 
+def test_a_node_background_stream_left_and_resumed_after_its_last_event_is_charged_once(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    got = node(proxy, "resumed")["resumed"]
+    assert got["before"] == [0, 1, 2]
+    assert got["after"][0] == 3 and got["after"] == list(range(3, 3 + len(got["after"])))
+    assert got["status"] == "completed"
+    assert got["events"]["response.image_generation_call.partial_image"] == 2
+    assert got["headers"]["x-tollgate-team"] == "design"
+    assert got["foreign"] == {"name": "NotFoundError", "status": 404, "code": "not_found"}
+    row = check_charge(proxy, simulator, got["id"], "gpt-5.5", "gpt-image-2")
+    assert (row["stream"], row["held"]) == (1, 0)
+    assert [r["id"] for r in rows_of(proxy, got["id"])] == [row["id"]]
+
+
 def test_node_background_response_cancelled_is_charged_what_it_billed(
     proxy: Tollgate, simulator: Simulator
 ) -> None:

@@ -283,6 +283,11 @@ class UpstreamFailure(RequestError):
         super().__init__(message, param=param)
         self.maybe_billed = maybe_billed
 
+    def headers(self) -> dict[str, str]:
+        # The official SDKs retry a 502 or 504: a request that may have been billed would
+        # be billed again (its repeats are answered with this failure; see `repeats`).
+        return {"x-should-retry": "false"} if self.maybe_billed else {}
+
     @property
     def ledger_code(self) -> str:
         """The error code its ledger row records."""

@@ -473,6 +473,8 @@ async def replay_create(
         kept = await runtime.ledger.kept_answer(first.request_id)
         if kept is not None and kept.team == team:
             return await repeats.replayed(runtime, entry, first.request_id, kept, headers)
+        if first.settled and repeats.unanswered(first):
+            return await repeats.failed_again(runtime, entry, team, first, headers)
         if first.settled or runtime.clock() >= deadline:
             return forward(first.request_id)
         await asyncio.sleep(repeats.WAIT_S)

@@ -15,6 +15,8 @@ every worker and replica (`Ledger.first_attempt`):
                                  recorded with outcome `replayed` at no cost
     background response created  as answered (its create's answer, kept or not: the
                                  repeat never waits for the response to end)
+    first sent, never answered   its 502/504 again, `replayed` at no cost (`failed_again`):
+                                 OpenAI may have billed the first, and would bill a resend
     anything else                the repeat is forwarded as a new request (a first that
                                  failed without a charge; one whose client got its answer)
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -43,7 +46,12 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from proxy.core.errors import IdempotencyConflict
+from proxy.core.errors import (
+    IdempotencyConflict,
+    UpstreamFailure,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from proxy.core.models import Entry, Settlement
 from proxy.ledger import FirstAttempt, KeptAnswer, KeptTail, Owner, RepeatGuard
 from proxy.web.housekeeping import dead
@@ -146,6 +154,8 @@ async def replay(
                 return await replayed(runtime, entry, first.request_id, tail.answer, headers)
             if tail.answer.body:
                 return await followed(runtime, entry, first, tail, headers, deadline)
+        if first.settled and unanswered(first):
+            return await failed_again(runtime, entry, team, first, headers)
         if first.settled or first.held:
             # It ended, or it is a background response whose create was answered: with no
             # answer kept, this repeat is a new request.
@@ -161,6 +171,39 @@ async def replay(
                 return forward(first)
         await asyncio.sleep(WAIT_S)
         first = await first_of(runtime, team, found, clock()) or first
+
+
+def unanswered(first: FirstAttempt) -> bool:
+    """Whether a settled first attempt got no answer from the upstream after it was sent (a
+    reset, a silence past `timeout_s`, its deadline): charged its bound, as OpenAI may have
+    billed it. Sending its repeat would pay for the same request again."""
+    return first.outcome == "upstream_error" and first.cost_nanos > 0 and first.status in (502, 504)
+
+
+async def failed_again(
+    runtime: Runtime, entry: Entry, team: str, first: FirstAttempt, headers: dict[str, str]
+) -> Response:
+    """A repeat of an `unanswered` first attempt: its failure again, recorded as `replayed`
+    at no cost, never forwarded (the SDKs retry a 502 or 504; OpenAI may have billed the
+    first already, and would bill the repeat too)."""
+    kind: type[UpstreamFailure] = UpstreamTimeout if first.status == 504 else UpstreamUnavailable
+    failure = kind(
+        f"The first attempt of this request ({first.request_id}) got no answer from the "
+        "upstream after it was sent, and OpenAI may have billed it: Tollgate does not send "
+        "it again. Send it as a new request (without a retry count or with a new "
+        "Idempotency-Key) to pay for another.",
+        maybe_billed=True,
+    )
+    answer = KeptAnswer(
+        first.request_id,
+        team,
+        failure.status,
+        (("content-type", "application/json"), *failure.headers().items()),
+        json.dumps(failure.body()).encode(),
+        False,
+        runtime.clock(),
+    )
+    return await replayed(runtime, entry, first.request_id, answer, headers)
 
 
 async def replayed(

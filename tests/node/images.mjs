@@ -1,12 +1,16 @@
 // The official openai Node SDK using every image door of a running Tollgate as a team
 // would: generations (plain, n > 1, streamed), multipart edits (one image, several, a
-// mask, streamed), files, batches, and the refusals and headers Tollgate adds. Prints
-// one JSON object, a result per case asked for, for tests/test_node_images_e2e.py to
-// check against the ledger and the simulator's billing.
+// mask, streamed, files read from disk), files, batches (listed page by page), and the
+// refusals and headers Tollgate adds. Prints one JSON object, a result per case asked
+// for, for tests/test_node_images_e2e.py to check against the ledger and the simulator's
+// billing.
 //
 //   TOLLGATE_BASE_URL=http://127.0.0.1:8080/v1 \
 //   TOLLGATE_KEYS='{"design": "tg_...", "broke": "tg_...", "strict": "tg_..."}' \
 //   CASES=generate,edit_stream node images.mjs
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
 import zlib from "node:zlib";
 import OpenAI, { toFile } from "openai";
 
@@ -205,6 +209,15 @@ async function batchOf(lines, endpoint) {
   return { file: { id: file.id, purpose: file.purpose, headers: picked(response.headers) }, created };
 }
 
+/** A PNG written to a temporary file, read back by `fs.createReadStream` as a team's
+ * script uploads a picture from disk. */
+function onDisk(name, width, height, options = {}) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "tollgate-node-"));
+  const file = path.join(dir, name);
+  fs.writeFileSync(file, png(width, height, options.alpha));
+  return fs.createReadStream(file);
+}
+
 const generationLines = [1, 2].map((i) => ({
   custom_id: `node-${i}`,
   method: "POST",
@@ -324,6 +337,35 @@ const CASES = {
         partial_images: 1,
       }),
     ),
+  edit_read_streams: () =>
+    answered(
+      design.images.edit({
+        model: "gpt-image-1.5",
+        quality: "medium",
+        size: "1536x1024",
+        prompt: "Merge them, from Node", // the same bytes as edit_several_and_mask
+        image: [onDisk("a.png", 1024, 1024), onDisk("b.png", 1536, 1024)],
+        mask: onDisk("mask.png", 1024, 1024, { alpha: true }),
+      }),
+    ),
+  edit_read_stream_streamed: () =>
+    streamed(
+      design.images.edit({
+        ...image,
+        prompt: "Make it night, from a file on disk, streamed from Node",
+        image: onDisk("in.png", 1024, 1024),
+        stream: true,
+        partial_images: 1,
+      }),
+    ),
+  refusals: async () => ({
+    invalid_size: await refused(design.images.generate({ ...image, size: "1000x1000", prompt: "x" })),
+    no_prompt: await refused(design.images.generate({ ...image })),
+    unpriced: await refused(design.images.generate({ ...image, model: "gpt-image-9", prompt: "x" })),
+    unknown_key: await refused(client("tg_not_a_key", retrying).images.generate({ ...image, prompt: "x" })),
+    not_proxied: await refused(design.models.list()),
+    too_large: await refused(design.images.generate({ ...image, prompt: "x".repeat(1 << 20) })),
+  }),
   variation: async () =>
     answered(
       design.images.createVariation({
@@ -346,6 +388,22 @@ const CASES = {
           .map((line) => ({ custom_id: line.custom_id, usage: line.response.body.usage }))
       : [];
     return { ...made, ended: batch, output };
+  },
+  batch_listed: async () => {
+    // Three batches of this team, listed a page of one at a time, and its files a page of
+    // two: `for await` follows `after` from page to page.
+    const ids = [];
+    for (let i = 0; i < 3; i++) ids.push((await batchOf([generationLines[0]], "/v1/images/generations")).created.id);
+    const batches = [];
+    for await (const batch of design.batches.list({ limit: 1 })) batches.push(batch.id);
+    const files = [];
+    for await (const file of design.files.list({ limit: 2 })) files.push(file.id);
+    const first = await design.files.list({ limit: 1 });
+    const waited = await design.files.waitForProcessing(first.data[0].id);
+    const deleted = await design.files.delete(first.data[0].id);
+    const gone = await refused(design.files.retrieve(first.data[0].id));
+    for (const id of ids) await ended(design.batches, id);
+    return { ids, batches, files, waited: waited.status, deleted, gone };
   },
   batch_cancelled: async () => {
     const made = await batchOf(generationLines, "/v1/images/generations");

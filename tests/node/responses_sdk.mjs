@@ -1,9 +1,10 @@
 // The official openai Node SDK on the Responses API door of a running Tollgate, as a
 // team's code uses it: a stream read event by event, the `responses.stream()` helper, a
-// background response cancelled, the input items paged through, a continuation, a
-// stream the client aborts, a budget refusal and an `Idempotency-Key` replay. Prints
-// one JSON object, a result per case asked for, for tests/test_node_responses_e2e.py to
-// check against the ledger and the simulator's billing.
+// background response cancelled, a background stream left and resumed, the input items
+// paged through, a continuation, a stream the client aborts, a budget refusal and an
+// `Idempotency-Key` replay. Prints one JSON object, a result per case asked for, for
+// tests/test_node_responses_e2e.py to check against the ledger and the simulator's
+// billing.
 //
 //   TOLLGATE_BASE_URL=http://127.0.0.1:8080/v1 \
 //   TOLLGATE_KEYS='{"design": "tg_...", "broke": "tg_..."}' \
@@ -102,6 +103,51 @@ const CASES = {
       found = await design.responses.retrieve(queued.id);
     }
     return { id: queued.id, queued: queued.status, status: found.status, usage: found.usage };
+  },
+  resumed: async () => {
+    // `background: true` with `stream: true`: the client reads a few events and leaves,
+    // then resumes with `responses.retrieve(id, {stream: true, starting_after})`, as
+    // OpenAI's guide to background mode shows.
+    const first = await design.responses.create({
+      ...streamed,
+      input: "A comet, streamed in the background from Node",
+      background: true,
+      stream: true,
+    });
+    let id = null;
+    const before = [];
+    for await (const event of first) {
+      before.push(event.sequence_number);
+      if (event.type === "response.created") id = event.response.id;
+      if (before.length === 3) break;
+    }
+    const { data: rest, response } = await design.responses
+      .retrieve(id, { stream: true, starting_after: before.at(-1) })
+      .withResponse();
+    const after = [];
+    const types = [];
+    let completed = null;
+    for await (const event of rest) {
+      after.push(event.sequence_number);
+      types.push(event.type);
+      if (event.type === "response.completed") completed = event.response;
+    }
+    const other = client(KEYS.broke);
+    let foreign = null;
+    try {
+      for await (const event of await other.responses.retrieve(id, { stream: true })) void event;
+    } catch (error) {
+      foreign = { name: error.constructor.name, status: error.status, code: error.code ?? null };
+    }
+    return {
+      id,
+      before,
+      after,
+      events: counted(types),
+      status: completed?.status ?? null,
+      headers: tollgateHeaders(response.headers),
+      foreign,
+    };
   },
   input_items: async () => {
     // `inputItems.list` auto-pagination, a page of one item at a time.
