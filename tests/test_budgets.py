@@ -969,7 +969,7 @@ def test_reject_never_downgrades_and_answers_429(book: PriceBook) -> None:
     assert error.headers()["x-should-retry"] == "false"
     assert "team design's month budget" in error.message
     assert "limit $1" in error.message
-    assert "used $0.9" in error.message
+    assert "spent $0.8, reserved $0.1" in error.message
     # The same request fits once downgrading is allowed.
     downgrading = case(book, make_team(budgets=team.budgets))
     assert downgrading.decide(request, totals).variant.changes
@@ -1015,7 +1015,7 @@ def test_exhausted_downgrade_message_names_budget_and_cheapest_cost(book: PriceB
     cheapest = min(v.estimate.cost_nanos for v in variants(start, c.team, book))
     message = caught.value.message
     assert "team design's day budget" in message
-    assert "limit $60" in message and "used $59.999999" in message
+    assert "limit $60" in message and "spent $59.999999" in message
     assert f"${usd_text(cheapest)}" in message
 
 

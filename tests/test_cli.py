@@ -80,6 +80,26 @@ def test_check_and_serve_print_every_problem_as_file_line_message(tmp_path: Path
         ), problems
 
 
+@pytest.mark.parametrize(
+    ("setting", "line"),
+    [
+        ("limits:\n  body_timeout_s: 1" + "0" * 400 + "\n", "9: limits.body_timeout_s: must be"),
+        ("retries:\n  store_bytes: 1" + "0" * 5000 + "\n", "9: retries.store_bytes: must be"),
+    ],
+)
+def test_check_says_where_a_number_too_large_is_written_rather_than_crash(
+    tmp_path: Path, setting: str, line: str
+) -> None:
+    """Past a float (read as seconds), or past the digits Python reads, a number made
+    `check` and `serve` end in a traceback."""
+    write_config(tmp_path, "http://127.0.0.1:9/v1", setting)
+    done = tollgate("check", "--config", str(tmp_path))
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    [problem] = done.stderr.strip().splitlines()
+    assert problem.startswith(f"{tmp_path}/tollgate.yaml:{line}"), problem
+
+
 def test_serve_without_an_upstream_key_is_a_start_up_error(tmp_path: Path) -> None:
     write_config(tmp_path, "http://127.0.0.1:9/v1")
     settings = tmp_path / "tollgate.yaml"
@@ -400,8 +420,35 @@ def test_report_exits_2_naming_an_output_it_cannot_write(
     assert f"cannot write {output}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("label", ["ci-${USER}", "a${b"])
+def test_keys_new_refuses_a_label_the_team_file_would_not_read_back(
+    capsys: pytest.CaptureFixture[str], label: str
+) -> None:
+    """`${USER}` in a label became the user's name once the entry was pasted (every string
+    of a team file is expanded), and a lone `${` is refused by `check`."""
+    from proxy.cli import main
+
+    assert main(["keys", "new", "design", "--label", label]) == 2
+    captured = capsys.readouterr()
+    assert "tg_" not in captured.out
+    assert "a key id may not hold '${'" in captured.err
+
+
 @pytest.mark.parametrize(
-    "label", ["laptop", "my: laptop", "a, b", "{x}", "#1", "123", "yes", "null", 'it\'s "q"']
+    "label",
+    [
+        "laptop",
+        "my: laptop",
+        "a, b",
+        "{x}",
+        "#1",
+        "123",
+        "0100",
+        "1:30",
+        "yes",
+        "null",
+        'it\'s "q"',
+    ],
 )
 def test_keys_new_prints_an_entry_that_reads_back_as_the_label_and_hash(
     capsys: pytest.CaptureFixture[str], label: str
@@ -479,6 +526,28 @@ def test_a_flag_out_of_its_range_is_a_usage_error(
         main(argv)
     assert exited.value.code == 2
     assert says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["report", "--by", "team", "--by", "model"],
+        ["report", "--from", "2026-11-01", "--from", "2026-12-01"],
+        ["report", "--format", "csv", "--format", "json"],
+    ],
+    ids=["by", "from", "format"],
+)
+def test_a_report_flag_given_twice_is_a_usage_error_not_the_last_one_alone(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    """`--by team --by model` answered by model alone, read as the grouping asked for;
+    the admin API refuses a parameter given twice, and so does the command."""
+    from proxy.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert f"argument {argv[1]}: given more than once" in capsys.readouterr().err
 
 
 def test_check_counts_one_team_and_one_budget_in_the_singular(

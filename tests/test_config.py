@@ -228,8 +228,8 @@ def test_env_variables_are_expanded_in_every_string(policies: Path) -> None:
     assert config.upstream.base_url == "https://proxy.example/v1"
     assert config.admin_token == "s3cret"
     assert config.teams[0].cost_center == "CC-7"
-    assert load(policies).admin_token is None
-    assert load(policies).upstream.api_key is None
+    assert load(policies, HOST="proxy.example").admin_token is None
+    assert load(policies, HOST="proxy.example").upstream.api_key is None
 
 
 @pytest.mark.parametrize("setting", ["api_key", "organization", "project"])
@@ -303,6 +303,18 @@ def test_a_price_book_that_cannot_be_read_is_a_problem_at_its_prices_line(
     assert caught.value.problems == [
         f"{policies / 'tollgate.yaml'}:2: prices: cannot read "
         f"{policies.absolute() / 'missing.yaml'}: No such file or directory"
+    ]
+
+
+@pytest.mark.parametrize("device", ["/dev/null"])
+def test_a_price_book_that_is_a_device_is_refused_unread(policies: Path, device: str) -> None:
+    """`/dev/zero` (or a pipe with no writer) was read for ever: a reload never ended, and
+    held the lock every later reload waits for."""
+    write(policies / "tollgate.yaml", f"timezone: UTC\nprices: {device}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(policies, env={})
+    assert caught.value.problems == [
+        f"{policies / 'tollgate.yaml'}:2: prices: cannot read {device}: not a regular file"
     ]
 
 
@@ -400,7 +412,7 @@ def test_a_misspelt_openai_project_is_an_unknown_key(policies: Path) -> None:
 TEAM_PROBLEMS = [
     (
         "budgets:\n  - {period: month, limit_usd: 800}\n  - {period: day, limit_usd: abc}\n",
-        "6: budgets[1].limit_usd: must be a number > 0, got 'abc'",
+        "6: budgets[1].limit_usd: must be a number > 0 and <= 1000000000, got 'abc'",
     ),
     (
         "budget:\n  - {period: day, limit_usd: 1}\n",
@@ -422,15 +434,21 @@ TEAM_PROBLEMS = [
     ),
     (
         "per_user:\n  - {period: day, total_tokens: 1.5}\n",
-        "5: per_user[0].total_tokens: must be an integer >= 1, got 1.5",
+        "5: per_user[0].total_tokens: must be an integer >= 1 and <= 9007199254740991, got 1.5",
     ),
     (
         "budgets:\n  - {period: day, limit_usd: 0.0000000001}\n",
-        "5: budgets[0].limit_usd: must be exact to the nano-dollar (9 decimals), got 1e-10",
+        "5: budgets[0].limit_usd: must be exact to the nano-dollar (9 decimals), got 0.0000000001",
+    ),
+    (
+        # A float reads it as 0.3.
+        "budgets:\n  - {period: day, limit_usd: 0.30000000000000001}\n",
+        "5: budgets[0].limit_usd: must be exact to the nano-dollar (9 decimals), got "
+        "0.30000000000000001",
     ),
     (
         "budgets:\n  - {period: day, limit_usd: .inf}\n",
-        "5: budgets[0].limit_usd: must be a number > 0, got '.inf'",
+        "5: budgets[0].limit_usd: must be a number > 0 and <= 1000000000, got '.inf'",
     ),
     (
         "budgets:\n  - period: day\n    limit_usd: 5\n    alert_at: [0.5, 0]\n",
@@ -618,7 +636,10 @@ SETTINGS_PROBLEMS = [
         "2: upstream.data_residency: must be true or false, got 'yes please'",
     ),
     ("upstream:\n  timout_s: 3\n", "2: upstream.timout_s: unknown key (did you mean 'timeout_s'?)"),
-    ("upstream:\n  timeout_s: 0\n", "2: upstream.timeout_s: must be a number > 0, got 0"),
+    (
+        "upstream:\n  timeout_s: 0\n",
+        "2: upstream.timeout_s: must be a number > 0 and <= 1000000000, got 0",
+    ),
     ("timezone: Mars/Olympus\n", "1: timezone: unknown time zone 'Mars/Olympus'"),
     (
         "ledger: mysql://db\n",
@@ -636,9 +657,12 @@ SETTINGS_PROBLEMS = [
     ),
     (
         "organization:\n  budgets:\n    - {period: month, limit_usd: -5}\n",
-        "3: organization.budgets[0].limit_usd: must be a number > 0, got -5",
+        "3: organization.budgets[0].limit_usd: must be a number > 0 and <= 1000000000, got -5",
     ),
-    ("limits:\n  edits_bytes: 0\n", "2: limits.edits_bytes: must be an integer >= 1, got 0"),
+    (
+        "limits:\n  edits_bytes: 0\n",
+        "2: limits.edits_bytes: must be an integer >= 1 and <= 9007199254740991, got 0",
+    ),
     (
         "limits:\n  edit_bytes: 10\n",
         "2: limits.edit_bytes: unknown key (did you mean 'edits_bytes'?)",
@@ -882,13 +906,22 @@ def test_single_file_problems_name_the_inline_team_path(tmp_path: Path) -> None:
     )
     assert problems_of(path) == [
         f"{path}:4: teams[0].allow.models[1]: model 'nope' is not in the price book",
-        f"{path}:7: teams[1].budgets[0].limit_usd: must be a number > 0, got 'x'",
+        f"{path}:7: teams[1].budgets[0].limit_usd: must be a number > 0 and <= 1000000000, got 'x'",
     ]
 
 
 @pytest.mark.parametrize(
     ("written", "nanos"),
-    [("0.1", 100_000_000), ("800", 800 * 10**9), ("0.000000001", 1), ("19.99", 19_990_000_000)],
+    [
+        ("0.1", 100_000_000),
+        ("800", 800 * 10**9),
+        ("0.000000001", 1),
+        ("19.99", 19_990_000_000),
+        # More digits than a float holds: read as written, not as the float nearest it.
+        ("99999999.999999999", 99_999_999_999_999_999),
+        ("123456789.123456789", 123_456_789_123_456_789),
+        ("1_000.000_000_001", 1_000_000_000_001),
+    ],
 )
 def test_limit_usd_is_exact_in_nano_dollars(policies: Path, written: str, nanos: int) -> None:
     write(
@@ -1051,3 +1084,198 @@ def test_a_string_no_ledger_row_can_hold_is_refused_at_its_line(
         f"policies/teams/t.yaml:{where}: NUL characters and lone surrogates are not text "
         "(no ledger row or report can hold one)"
     )
+
+
+# -- numbers and text that would not mean what they say --------------------------------
+
+HUGE = "1" + "0" * 400  # past a float: a crash in `check` when read as seconds
+TOO_MANY_DIGITS = "1" + "0" * 5000  # past what Python reads from text at all
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        (
+            f"limits:\n  header_timeout_s: {HUGE}\n",
+            "2: limits.header_timeout_s: must be a number > 0 and <= 1000000000, got "
+            f"{HUGE[:57]}...",
+        ),
+        (
+            f"upstream:\n  timeout_s: {TOO_MANY_DIGITS}\n",
+            "2: upstream.timeout_s: must be a number > 0 and <= 1000000000, got "
+            f"'{TOO_MANY_DIGITS[:57]}...'",
+        ),
+        (
+            # Each kept answer made room in the ledger with it: a 64-bit column.
+            "retries:\n  store_bytes: 100000000000000000000\n",
+            "2: retries.store_bytes: must be an integer >= 1 and <= 9007199254740991, got "
+            "100000000000000000000",
+        ),
+        (
+            "organization:\n  budgets:\n    - {period: day, limit_usd: 10000000000}\n",
+            "3: organization.budgets[0].limit_usd: must be a number > 0 and <= 1000000000, got "
+            "10000000000",
+        ),
+    ],
+)
+def test_a_setting_past_what_tollgate_can_hold_is_refused_at_its_line(
+    policies: Path, settings: str, expected: str
+) -> None:
+    write(policies / "tollgate.yaml", settings)
+    assert problems_of(policies) == [f"policies/tollgate.yaml:{expected}"]
+
+
+def test_a_responses_cap_past_what_a_request_may_ask_is_refused(policies: Path) -> None:
+    """Written into every Responses request that set none, it was bounded at more
+    nano-dollars than a ledger row holds: each such request of the team was a 500."""
+    write(
+        policies / "teams" / "t.yaml",
+        team_yaml(extra="responses:\n  max_output_tokens: 2147483648\n"),
+    )
+    assert problems_of(policies) == [
+        "policies/teams/t.yaml:5: responses.max_output_tokens: must be an integer >= 16 and "
+        "<= 2147483647, got 2147483648"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [
+        (
+            "limit_usd: 0100",
+            "limit_usd: 0100 is the octal number 64 in YAML 1.1, the decimal 100 in YAML 1.2: "
+            "write it without the leading zero, or quote it if it is text",
+        ),
+        (
+            "image_output_tokens: 2:30",
+            "image_output_tokens: 2:30 is a base-60 number (150) in YAML 1.1: write the number "
+            "it stands for, or quote it if it is text",
+        ),
+        (
+            "limit_usd: 1:30.5",
+            "limit_usd: 1:30.5 is a base-60 number in YAML 1.1: write the number it stands "
+            "for, or quote it if it is text",
+        ),
+    ],
+)
+def test_a_number_yaml_1_2_reads_otherwise_is_refused(
+    policies: Path, written: str, expected: str
+) -> None:
+    """`limit_usd: 0100` was a budget of $64: YAML 1.1 reads a leading zero as octal, where
+    YAML 1.2 (an editor checking the file against `tollgate schema`) and people read 100."""
+    write(
+        policies / "teams" / "t.yaml",
+        team_yaml(extra=f"budgets:\n  - {{period: day, {written}}}\n"),
+    )
+    assert problems_of(policies) == [f"policies/teams/t.yaml:5: budgets[0].{expected}"]
+
+
+def test_numbers_written_alike_in_both_yaml_versions_are_read(policies: Path) -> None:
+    write(
+        policies / "teams" / "t.yaml",
+        team_yaml(
+            extra="budgets:\n  - {period: day, limit_usd: 07}\n"
+            "  - {period: day, image_output_tokens: 1_000_000}\n"
+            "  - {period: day, limit_usd: 010.5}\n"
+        ),
+    )
+    assert [b.limit for b in load(policies).team_named("t").budgets] == [  # type: ignore[union-attr]
+        7 * 10**9,
+        1_000_000,
+        10_500_000_000,
+    ]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        "admin_token: ${TOLLGATE_ADMIN_TOKEN:-s3cret}\n",
+        "upstream:\n  api_key: sk-${KEY:-s3cret}\n",
+        "upstream:\n  base_url: ${BASE_URL:-https://s3cret.example/v1}\n",
+        "ledger: ${LEDGER-sqlite:///s3cret.db}\n",
+        "admin_token: ab${CD\n",
+    ],
+)
+def test_a_dollar_brace_that_begins_no_variable_is_refused_without_showing_it(
+    policies: Path, settings: str
+) -> None:
+    """Kept as written, `${TOKEN:-s3cret}` was the admin token itself, and a URL or key with
+    a shell default went out as is, every request failing."""
+    write(policies / "tollgate.yaml", settings)
+    problems = problems_of(policies, KEY="k", BASE_URL="http://x", LEDGER="sqlite:///x.db")
+    problem = problems[0]  # a URL kept as written also names no host
+    where = settings.partition(":")[0] if settings.count("\n") == 1 else None
+    assert problem.startswith(
+        f"policies/tollgate.yaml:{1 if where else 2}: "
+        f"{where or 'upstream.' + settings.split()[1].rstrip(':')}: holds a `${{` that begins no "
+        "variable reference: write ${NAME}"
+    ), problem
+    assert not any("s3cret" in p for p in problems)
+
+
+def test_variables_next_to_dollars_are_still_expanded(policies: Path) -> None:
+    write(policies / "tollgate.yaml", "admin_token: a$$${TOKEN}$\n")
+    assert load(policies, TOKEN="x").admin_token == "a$$x$"
+
+
+@pytest.mark.parametrize(
+    ("team", "where"),
+    [
+        ('name: "t\\n"\nkeys:\n  - {id: k, sha256: %s}\n', "1: name: must be a name of"),
+        (
+            'name: t\nopenai_project: "proj_abc\\n"\nkeys:\n  - {id: k, sha256: %s}\n',
+            "2: openai_project: must be an OpenAI project id",
+        ),
+        (
+            "name: t\nkeys:\n  - id: k\n    sha256: |\n      %s\n",
+            "4: keys[0].sha256: must be the key's SHA-256",
+        ),
+    ],
+)
+def test_a_value_ending_in_a_line_feed_is_refused(policies: Path, team: str, where: str) -> None:
+    """A pattern's `$` let a final line feed through (Python's `re`, not JSON Schema's): a
+    team name ending in one broke every answer's headers after its request was sent
+    upstream, a project every upstream request, and a key hash never matched its key."""
+    write(policies / "teams" / "t.yaml", team % KEY_A)
+    [problem] = problems_of(policies)
+    assert problem.startswith(f"policies/teams/t.yaml:{where}"), problem
+
+
+@pytest.mark.parametrize("nested", ["[" * 1000 + "]" * 1000, "{a: " * 1000 + "1" + "}" * 1000])
+def test_a_file_nested_past_the_stack_is_a_problem_not_a_crash(policies: Path, nested: str) -> None:
+    """PyYAML composes nested collections by recursion: a thousand `[` ended `check`, and a
+    reload, in a RecursionError."""
+    write(policies / "teams" / "t.yaml", team_yaml(extra=f"allow: {nested}\n"))
+    assert problems_of(policies) == [
+        "policies/teams/t.yaml:1: YAML error: nesting too deep (more than 100 levels)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        (
+            "upstream:\n  base_url: https://${OPENAI_HOST}/v1\n",
+            "2: upstream.base_url: names no host (is a variable it holds unset?)",
+        ),
+        (
+            "upstream:\n  base_url: https://[api.openai.com/v1\n",
+            "2: upstream.base_url: is not a URL (Invalid IPv6 URL)",
+        ),
+        (
+            "upstream:\n  base_url: https://api.openai.com:4430000/v1\n",
+            "2: upstream.base_url: is not a URL (Port out of range 0-65535)",
+        ),
+        (
+            "alerts:\n  webhooks: ['https://${HOOKS_HOST}/services/s3cret']\n",
+            "2: alerts.webhooks[0]: names no host (is a variable it holds unset?)",
+        ),
+    ],
+)
+def test_a_url_no_request_could_be_sent_to_is_refused_without_showing_it(
+    policies: Path, settings: str, expected: str
+) -> None:
+    """An unset variable for the host left `https:///v1`, which `check` accepted and every
+    request then failed on; a bracket without its end made `check` end in a traceback."""
+    write(policies / "tollgate.yaml", settings)
+    assert problems_of(policies) == [f"policies/tollgate.yaml:{expected}"]

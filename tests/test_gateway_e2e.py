@@ -27,6 +27,7 @@ from tests.conftest import (
     Tollgate,
     output,
     start_tollgate,
+    wait_for,
     write_config,
 )
 
@@ -212,6 +213,67 @@ def test_passthrough_forwards_only_the_methods_it_lists(
     assert len(forwarded(simulator)) == before
 
 
+def logged_line(gate: Tollgate, request_id: str) -> dict[str, Any]:
+    """The JSON log line of the request `request_id`, once it is written."""
+
+    def line() -> dict[str, Any] | None:
+        for text in output(gate.process).splitlines():
+            if request_id in text and text.startswith("{"):
+                found: dict[str, Any] = json.loads(text)
+                if found.get("request_id") == request_id:
+                    return found
+        return None
+
+    return wait_for(f"the log line of {request_id}", line)
+
+
+def test_a_passthrough_request_has_its_log_line_naming_team_key_and_upstream_id(
+    gate: Tollgate, simulator: Simulator
+) -> None:
+    """Forwarded with the company key, unmetered: which team sent it, and OpenAI's id for
+    it, are in the log as for any request; a refused method names the team too."""
+    answer = httpx.get(f"{gate.url}/v1/models", headers=keyed(), timeout=30)
+    assert answer.status_code == 200
+    line = logged_line(gate, answer.headers["x-tollgate-request-id"])
+    assert (line["team"], line["key_id"], line["endpoint"]) == ("design", "web-app", "passthrough")
+    assert (line["method"], line["path"], line["status"]) == ("GET", "/v1/models", 200)
+    assert (line["outcome"], line["cost_usd"]) == ("ok", None)
+    unknown = httpx.get(f"{gate.url}/v1/models/no-such-model", headers=keyed(), timeout=30)
+    assert unknown.status_code == 404  # the upstream's answer, with its request id
+    line = logged_line(gate, unknown.headers["x-tollgate-request-id"])
+    assert line["upstream_request_id"] == unknown.headers["x-request-id"]
+    assert (line["status"], line["outcome"]) == (404, "upstream_error")
+    refused = httpx.post(f"{gate.url}/v1/models", headers=keyed(), timeout=30)
+    assert refused.status_code == 405 and refused.headers["x-tollgate-team"] == "design"
+    line = logged_line(gate, refused.headers["x-tollgate-request-id"])
+    assert (line["status"], line["error_code"], line["outcome"]) == (
+        405,
+        "method_not_allowed",
+        "client_error",
+    )
+
+
+def test_a_request_on_a_teams_own_objects_has_its_log_line(gate: Tollgate) -> None:
+    """A listing, an upload, a read or a delete of a file, batch or stored response leaves
+    no ledger row; its log line says which team did it, with which key, and what came of
+    it, as every other request's does."""
+    listing = httpx.get(f"{gate.url}/v1/files", headers=keyed(), timeout=30)
+    assert listing.status_code == 200
+    line = logged_line(gate, listing.headers["x-tollgate-request-id"])
+    assert (line["team"], line["key_id"], line["endpoint"]) == ("design", "web-app", "files")
+    assert (line["method"], line["path"], line["status"]) == ("GET", "/v1/files", 200)
+    assert (line["outcome"], line["cost_usd"]) == ("ok", "0")
+    gone = httpx.delete(f"{gate.url}/v1/files/file-not-ours", headers=keyed(), timeout=30)
+    assert gone.status_code == 404
+    line = logged_line(gate, gone.headers["x-tollgate-request-id"])
+    assert (line["method"], line["path"]) == ("DELETE", "/v1/files/file-not-ours")
+    assert (line["status"], line["outcome"], line["error_code"]) == (
+        404,
+        "client_error",
+        "not_found",
+    )
+
+
 def requests_rows(gate: Tollgate) -> int:
     return int(gate.query("SELECT count(*) AS n FROM requests")[0]["n"])
 
@@ -248,6 +310,19 @@ def test_requests_with_a_bad_key_are_counted_but_never_written_to_the_ledger(
     log = output(gate.process)
     assert bogus not in log and bogus[-4:] not in log
     assert log.count("for their key") <= 4  # throttled: not one line per request
+
+
+def test_every_line_tollgate_logs_is_json_refusals_for_a_key_included(gate: Tollgate) -> None:
+    """One JSON object a line, as SPEC's structured log is read: the warning that counts
+    the requests refused for their key is one too, not a line of words among them."""
+    with httpx.Client(base_url=gate.url, timeout=30) as client:
+        assert client.post("/v1/images/generations", content=EXPENSIVE).status_code == 401
+    log = wait_for(
+        "a refusal for a key logged",
+        lambda: output(gate.process) if "for their key" in output(gate.process) else None,
+    )
+    refusals = [json.loads(line) for line in log.splitlines() if "for their key" in line]
+    assert {(r["level"], r["logger"]) for r in refusals} == {("warning", "tollgate.requests")}
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from proxy.core.errors import LedgerError
 from proxy.ledger import open_ledger
 from proxy.ledger.base import Backend
 from proxy.ledger.kept import KeptAnswer
@@ -102,3 +103,27 @@ async def test_a_stream_not_kept_gives_its_spool_memory_back(ledger: Backend) ->
         await (recording.end(False) if ending == "end" else recording.abandon())
         assert spools.held == 0, ending
         assert await ledger.kept_answer("r1") is None
+
+
+async def test_a_stream_the_ledger_cannot_keep_gives_its_spool_memory_back_at_once(
+    ledger: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not when the stream ends, which may be minutes later: the room is other answers'."""
+
+    async def down(*args: Any) -> None:
+        raise LedgerError("the ledger is down")
+
+    monkeypatch.setattr(ledger, "keep_answer", down)
+    spools = SpoolMemory(limit=8 * MB)
+    recording = recorder(ledger, spools)
+    for i in range(EVENTS // 2):
+        recording.put(event(i), False)
+    assert spools.held > 0
+    recording.put(event(0), True)  # its client is gone: kept from now on, or tried to be
+    assert recording.writer is not None
+    await asyncio.wait_for(asyncio.shield(recording.writer), 10)
+    for i in range(EVENTS // 2, EVENTS):
+        recording.put(event(i), True)  # the stream goes on
+    assert spools.held == 0
+    await recording.end(True)
+    assert spools.held == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -13,7 +14,14 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import DESIGN_KEY, Simulator, Tollgate, start_tollgate, write_config
+from tests.conftest import (
+    DESIGN_KEY,
+    Simulator,
+    Tollgate,
+    output,
+    start_tollgate,
+    write_config,
+)
 from tests.test_proxy_e2e import expected_cost
 
 
@@ -93,3 +101,32 @@ def test_sigterm_lets_in_flight_requests_finish_and_settle(
     assert results and not isinstance(results[0], Exception), results
     row = proxy.rows()[-1]
     assert row["state"] == "settled" and row["outcome"] == "ok" and row["cost_nanos"] > 0
+
+
+def test_a_process_stopped_by_sigterm_writes_its_last_log_lines(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """uvicorn ends by raising SIGTERM again, which skips `atexit`: the lines logged in the
+    last moments (the request settled while stopping, uvicorn's own) went with it."""
+    simulator.configure(latency_ms=1500)
+    try:
+        caller = threading.Thread(
+            target=lambda: proxy.client().images.generate(
+                model="gpt-image-2", prompt="slow", quality="low", size="1024x1024"
+            )
+        )
+        caller.start()
+        deadline = time.monotonic() + 60
+        while not proxy.rows():
+            assert time.monotonic() < deadline, "the request was never reserved"
+            threading.Event().wait(0.02)
+        proxy.process.send_signal(signal.SIGTERM)
+        caller.join(timeout=60)
+        proxy.process.wait(timeout=60)
+    finally:
+        simulator.configure(latency_ms=0)
+    request_id = proxy.rows()[-1]["id"]
+    lines = [json.loads(line) for line in output(proxy.process).splitlines() if line[:1] == "{"]
+    assert any(line.get("request_id") == request_id for line in lines)
+    messages = [line.get("message") for line in lines]
+    assert "Waiting for application shutdown." in messages  # just before the lifespan ends

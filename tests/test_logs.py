@@ -54,6 +54,19 @@ def test_a_request_line_is_written_as_it_was_logged() -> None:
     assert JsonLines().format(record(line, name="tollgate.requests")) == line
 
 
+@pytest.mark.parametrize(
+    ("message", "level"),
+    [
+        ("refused 3 request(s) on generations for their key", logging.WARNING),
+        ("ledger settle failed for tg_req_1: disk I/O error", logging.ERROR),
+        ("the stream kept for tg_req_1 was forgotten first", logging.INFO),
+    ],
+)
+def test_words_on_the_request_logger_become_json_too(message: str, level: int) -> None:
+    line = json.loads(JsonLines().format(record(message, name="tollgate.requests", level=level)))
+    assert (line["logger"], line["message"]) == ("tollgate.requests", message)
+
+
 def test_other_records_become_json_with_level_logger_and_exception() -> None:
     line = json.loads(JsonLines().format(record("ledger down", level=logging.ERROR, exc=True)))
     assert (line["level"], line["logger"], line["message"]) == ("error", "tollgate", "ledger down")

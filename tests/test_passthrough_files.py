@@ -163,3 +163,31 @@ def test_a_long_document_of_commas_naming_no_file_goes_through(
     )
     assert answer.status_code == 400, answer.text
     assert arrived(upstream)[len(before) :] == [CHAT]
+
+
+def test_a_body_python_cannot_decode_names_no_file_by_an_escaped_key(
+    clients: tuple[TestClient, TestClient],
+) -> None:
+    """A JSON reader that takes what Python's does not (a number of 5,000 digits in a
+    function's schema, objects nested past Python's recursion, a lone control character in
+    a string) would read `"file\\u005fid"` as `file_id`: either its files are read, or the
+    body is refused, never forwarded unread."""
+    client, upstream = clients
+    theirs = upload(client, THEIRS)
+    before = arrived(upstream)
+    schema = '{"type": "object", "maximum": ' + "9" * 5000 + "}"
+    tool = '{"type": "function", "function": {"name": "f", "parameters": ' + schema + "}}"
+    escaped = json.dumps(chat(theirs)).replace('"file_id"', '"file\\u005fid"')
+    deep = "[" * 5000 + "]" * 5000
+    bodies = [
+        (escaped[:-1] + ', "tools": [' + tool + "]}", "not_found"),
+        (escaped[:-1] + ', "metadata": {"note": "a\tb"}}', "not_found"),
+        (escaped[:-1] + ', "x": ' + deep + "}", "invalid_request"),
+    ]
+    for body, code in bodies:
+        answer = client.post(
+            CHAT, content=body, headers={**keyed(MINE), "content-type": "application/json"}
+        )
+        assert arrived(upstream) == before, body[:200]
+        assert answer.status_code == (404 if code == "not_found" else 400), answer.text
+        assert answer.json()["error"]["code"] == code

@@ -258,6 +258,15 @@ def test_admin_report_answers_the_same_as_the_cli(world: World) -> None:
     assert bad.status_code == 400 and "colour" in bad.json()["error"]["message"]
 
 
+def test_admin_report_parameters_left_empty_are_the_defaults(world: World) -> None:
+    # `GET /admin/report?from=&to=&by=&format=`: what an HTTP client sends for a
+    # parameter it has no value for (httpx writes None as an empty value).
+    empty = world.admin(**{"from": "", "to": "", "by": "", "format": ""})
+    assert empty.status_code == 200, empty.text
+    assert empty.headers["content-type"] == world.admin().headers["content-type"]
+    assert empty.json() == world.admin(format="json").json()
+
+
 def test_report_by_outcome_counts_rejections_and_by_day_is_a_local_date(world: World) -> None:
     rows = world.admin(by="outcome,day", format="json").json()["rows"]
     counts = {r["outcome"]: r["requests"] for r in rows}
@@ -265,6 +274,22 @@ def test_report_by_outcome_counts_rejections_and_by_day_is_a_local_date(world: W
     assert all(r["cost_usd"] == "0" for r in rows if r["outcome"].startswith("rejected"))
     today = time.strftime("%Y-%m-%d", time.gmtime())
     assert {r["day"] for r in rows} == {today}
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("from", "2020-01-01"), ("to", "2020-01-31"), ("by", "team")]
+)
+def test_a_statement_with_a_period_or_grouping_is_refused_not_answered_for_its_month(
+    world: World, flag: str, value: str
+) -> None:
+    """`--statement` is its month: another period or grouping given with it would be
+    answered with the month's numbers, read as those asked for."""
+    month = time.strftime("%Y-%m", time.gmtime())
+    done = world.cli("report", "--statement", month, f"--{flag}", value)
+    assert done.returncode == 2 and f"--{flag}" in done.stderr, done.stderr
+    answer = world.admin(statement=month, **{flag: value})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == flag
 
 
 def test_statement_json_and_csv_carry_budgets_rejections_and_users(world: World) -> None:

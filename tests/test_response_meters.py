@@ -297,12 +297,9 @@ def test_a_response_without_usage_is_charged_its_bound_flagged(config: Config) -
     assert verdict.charge.mainline_nanos == bound.mainline_nanos
 
 
-def test_a_cancelled_response_without_usage_costs_nothing(config: Config) -> None:
+def test_a_failed_response_is_charged_the_usage_it_reports(config: Config) -> None:
     parsed = parse(config, body())
     bound = DOOR.bound(parsed, DOOR.admit(team_named(config), parsed, config))
-    cancelled = metered(response(status="cancelled", usage=None, tool_usage=None, output=[]))
-    verdict = settlement.metered(bound, cancelled)
-    assert verdict.cost_nanos == 0 and verdict.outcome == "upstream_error"
     failed = settlement.metered(bound, metered(response(status="failed")))
     assert failed.outcome == "upstream_error" and failed.cost_nanos > 0
 
@@ -365,20 +362,21 @@ def test_a_response_in_a_status_of_no_known_end_is_charged_its_bound_flagged(
     assert verdict.error_code == "response_status_unknown"
 
 
-def test_a_cancelled_response_that_ran_but_reports_no_usage_is_charged_its_bound(
+def test_a_cancelled_response_that_reports_no_usage_is_charged_its_bound(
     config: Config,
 ) -> None:
     """OpenAI bills what a background response read and wrote before its cancel, and its
-    cancelled object reports no usage: once it ran (seen in progress, or with output
-    items), that is its bound, flagged, never nothing. Cancelled while queued, it is free."""
+    cancelled object reports no usage. Whether it had begun is unknown (an empty output
+    says nothing: a team polling its own response can cancel it the moment it runs), so it
+    is its bound, flagged, never nothing; with the usage it reports, that usage."""
     parsed = parse(config, body())
     bound = DOOR.bound(parsed, DOOR.admit(team_named(config), parsed, config))
     cancelled = response(status="cancelled", usage=None, tool_usage=None, output=[])
-    queued = settlement.metered(bound, metered(cancelled))
-    assert queued.cost_nanos == 0
-    ran = settlement.metered(bound, metered(cancelled), ran=True)
-    assert ran.cost_nanos == bound.cost_nanos and ran.charge.flagged
-    assert ran.error_code == "response_cancelled"
     reasoning = {"type": "reasoning", "summary": []}
-    wrote = settlement.metered(bound, metered({**cancelled, "output": [reasoning]}))
-    assert wrote.cost_nanos == bound.cost_nanos and wrote.charge.flagged
+    for output in ([], [reasoning]):
+        verdict = settlement.metered(bound, metered({**cancelled, "output": output}))
+        assert verdict.cost_nanos == bound.cost_nanos and verdict.charge.flagged
+        assert (verdict.outcome, verdict.error_code) == ("upstream_error", "response_cancelled")
+    little = {"input_tokens": 10, "output_tokens": 0}
+    reported = settlement.metered(bound, metered({**cancelled, "usage": little}))
+    assert 0 < reported.cost_nanos < bound.cost_nanos and not reported.charge.flagged

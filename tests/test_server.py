@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import re
 import resource
 import signal
 import socket
@@ -14,6 +16,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import openai
 import pytest
 
@@ -29,6 +32,8 @@ from tests.conftest import (
     output,
     start,
     stop,
+    wait_for,
+    wait_until_up,
     workers_of,
     write_config,
 )
@@ -108,6 +113,90 @@ def test_workers_serve_with_the_options_of_the_command_line(tmp_path: Path) -> N
     assert not (tmp_path / "tollgate.db").exists()
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_simulate_logs_every_line_as_json(tmp_path: Path, workers: str) -> None:
+    """Past the banner (on stdout), each line is one JSON object: uvicorn's, the
+    refusal of a key's, a request's. The simulated upstream, started in the process,
+    leaves the proxy's logging as it is."""
+    write_config(tmp_path, UNREACHABLE)
+    port = free_port()
+    process = start(
+        ["serve", "--config", str(tmp_path), "--port", str(port), "--workers", workers,
+         "--simulate"],
+        f"http://127.0.0.1:{port}/healthz",
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        refused = openai.OpenAI(base_url=url, api_key="tg_unknown_key_0123456789")
+        with pytest.raises(openai.AuthenticationError):
+            refused.with_options(max_retries=0).images.generate(prompt="p", quality="low")
+        client = openai.OpenAI(base_url=url, api_key=DESIGN_KEY, max_retries=0)
+        assert client.images.generate(prompt="p", quality="low", size="1024x1024").data
+    finally:
+        log = stop(process)
+    lines = log.splitlines()
+    assert lines[0].startswith("Tollgate ") and "OPENAI_BASE_URL" in lines[2]
+    logged = [json.loads(line) for line in lines[3:]]
+    assert any(line.get("logger") == "uvicorn.error" for line in logged)
+    assert any("for their key" in line.get("message", "") for line in logged)
+    assert any(line.get("team") == "design" for line in logged)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_on_port_0_prints_the_url_of_the_port_it_serves(tmp_path: Path, workers: str) -> None:
+    """`--port 0` takes a free port; the banner's URL is one a client can call."""
+    write_config(tmp_path, UNREACHABLE)
+    log = tmp_path / "serve.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--config", str(tmp_path), "--port", "0",
+             "--workers", workers, "--simulate"],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        found = wait_for(
+            "the banner", lambda: re.search(r"on (http://127\.0\.0\.1:(\d+)/v1)", log.read_text())
+        )
+        url, port = found[1], int(found[2])
+        assert port != 0 and f"OPENAI_BASE_URL={url} " in log.read_text()
+        wait_until_up(url.removesuffix("/v1") + "/healthz", process)
+        client = openai.OpenAI(base_url=url, api_key=DESIGN_KEY, max_retries=0)
+        assert client.images.generate(prompt="p", quality="low", size="1024x1024").data
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def test_simulate_upstream_on_port_0_prints_the_url_of_the_port_it_serves(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "simulator.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "simulate-upstream", "--port", "0"],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        found = wait_for(
+            "the banner", lambda: re.search(r"on (http://127\.0\.0\.1:(\d+)/v1)", log.read_text())
+        )
+        assert int(found[2]) != 0
+        models = wait_for("the simulator", lambda: answered(f"{found[1]}/models"))
+        assert models.status_code == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def answered(url: str) -> httpx.Response | None:
+    try:
+        return httpx.get(url, headers={"authorization": f"Bearer {UPSTREAM_KEY}"}, timeout=5)
+    except httpx.TransportError:
+        return None
+
+
 def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
     """A supervisor killed with SIGKILL cannot stop its workers: they stop themselves, as
     SIGTERM stops them, rather than go on serving its port unsupervised."""
@@ -181,6 +270,18 @@ def test_the_start_up_banner_prints_an_sqlite_ledger_url_as_it_reads(
         shown = capsys.readouterr().out
         name = "other.db" if given else "tollgate.db"
         assert f"ledger sqlite:///{tmp_path}/{name}" in shown, shown
+
+
+def test_the_start_up_banner_writes_an_ipv6_host_in_brackets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--host ::1`: the URL printed is one a client can be given, `http://[::1]:8080/v1`."""
+    write_config(tmp_path, UNREACHABLE)
+    config = load_config(tmp_path)
+    options = ServeOptions(tmp_path, host="::1", overrides=Overrides(upstream_key=UPSTREAM_KEY))
+    print_banner(Prepared(options, config, create_app(config, options.overrides)), False)
+    shown = capsys.readouterr().out
+    assert "on http://[::1]:8080/v1," in shown and "OPENAI_BASE_URL=http://[::1]:8080/v1 " in shown
 
 
 def test_serve_warns_of_a_descriptor_limit_too_low_for_its_connections(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from datetime import date
 
 from proxy.cli.options import Commands, add_config, config_path
@@ -53,8 +54,13 @@ def run_keys_new(args: argparse.Namespace) -> int:
     from proxy.config import flow_scalar
     from proxy.core.auth import key_hash, new_key
 
-    secret = new_key()
     label = args.label or f"key-{date.today().isoformat()}"
+    if "${" in label:
+        # Every string of a team file has its `${NAME}` expanded: the id read back would
+        # be another (or refused), whatever the quoting.
+        print(f"tollgate: --label {label!r}: a key id may not hold '${{'", file=sys.stderr)
+        return 2
+    secret = new_key()
     print(f"New key for team {args.team!r} (shown once; give it to the team):\n")
     print(f"    {secret}\n")
     print("Add this entry under `keys:` in the team's file (it holds only the hash):\n")

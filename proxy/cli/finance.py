@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from proxy.cli.options import Commands, add_config, add_ledger_url, config_path, usd
+from proxy.cli.options import Commands, Once, add_config, add_ledger_url, config_path, usd
 from proxy.core.errors import InvalidRequest, RequestError
 
 if TYPE_CHECKING:
@@ -101,18 +101,17 @@ def add_report(commands: Commands) -> None:
     )
     add_config(report)
     add_ledger_url(report)
-    report.add_argument("--from", dest="start", metavar="DATE", help="first day (default: 1st)")
-    report.add_argument("--to", dest="end", metavar="DATE", help="last day, included")
-    report.add_argument("--by", metavar="FIELDS", help="e.g. team,model,quality or day")
-    report.add_argument("--statement", metavar="YYYY-MM", help="the month's chargeback statement")
+    once = report.add_argument
+    once("--from", dest="start", action=Once, metavar="DATE", help="first day (default: 1st)")
+    once("--to", dest="end", action=Once, metavar="DATE", help="last day, included")
+    once("--by", action=Once, metavar="FIELDS", help="e.g. team,model,quality or day")
+    once("--statement", action=Once, metavar="YYYY-MM", help="the month's chargeback statement")
     report.add_argument("--audit", action="store_true", help="every ledger row (csv or jsonl)")
-    report.add_argument(
-        "--format", default=None, help="table|csv|json|html; jsonl|csv with --audit"
-    )
+    once("--format", action=Once, default=None, help="table|csv|json|html; jsonl|csv with --audit")
     report.add_argument(
         "--excel", action="store_true", help="CSV with a byte-order mark, for spreadsheets"
     )
-    report.add_argument("--output", type=Path, help="write here instead of standard output")
+    once("--output", action=Once, type=Path, help="write here instead of standard output")
     report.set_defaults(run=run_report)
 
 

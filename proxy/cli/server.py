@@ -110,7 +110,7 @@ def print_banner(prepared: Prepared, simulate: bool) -> None:
 
     options, config = prepared.options, prepared.config
     overrides = options.overrides
-    url = f"http://{options.host}:{options.port}/v1"
+    url = f"http://{url_host(options.host)}:{options.port}/v1"
     upstream = redacted(overrides.upstream_url or config.upstream.base_url)
     note = " (simulated)" if simulate else ""
     print(
@@ -127,10 +127,16 @@ def print_banner(prepared: Prepared, simulate: bool) -> None:
     )
 
 
+def url_host(host: str) -> str:
+    """`host` as a URL writes it: an IPv6 address in brackets (`http://[::1]:8080/v1`)."""
+    return f"[{host}]" if ":" in host else host
+
+
 def run_simulate(args: argparse.Namespace) -> int:
     import uvicorn
 
     from proxy.simulator import SimulatorSettings, create_simulator_app
+    from proxy.web.connections import concrete_port
 
     batches = {
         name: value
@@ -144,11 +150,12 @@ def run_simulate(args: argparse.Namespace) -> int:
         data_residency=args.data_residency,
         **batches,
     )
-    print(f"Simulated OpenAI image API on http://{args.host}:{args.port}/v1", flush=True)
+    port = concrete_port(args.host, args.port)
+    print(f"Simulated OpenAI image API on http://{url_host(args.host)}:{port}/v1", flush=True)
     uvicorn.run(
         create_simulator_app(settings),
         host=args.host,
-        port=args.port,
+        port=port,
         log_level="warning",
         access_log=False,
     )

@@ -140,7 +140,8 @@ class Builder:
                 )
         if "base_url" in up:
             up["base_url"] = up["base_url"].rstrip("/")
-            if "@" in urlsplit(up["base_url"]).netloc:
+            unusable = _unusable_url(up["base_url"])
+            if "@" in _netloc(up["base_url"]):
                 # Never shown: the URL holds a secret. The HTTP client would refuse every
                 # request (it sends no credentials of a URL beside an Authorization header).
                 self._problem(
@@ -149,8 +150,11 @@ class Builder:
                     "must not hold credentials (user:password@): the upstream's key is "
                     "upstream.api_key",
                 )
+            elif unusable is not None:
+                # Not shown either: a URL may hold a secret in its path.
+                self._problem(doc, ("upstream", "base_url"), unusable)
         base_url = up.get("base_url", UpstreamSettings().base_url)
-        host = (urlsplit(base_url).hostname or "").rstrip(".")
+        host = (_host(base_url) or "").rstrip(".")
         regional = host.endswith(OPENAI_DOMAIN) and host not in GLOBAL_HOSTS
         if regional and up.get("data_residency") is False:
             self._problem(
@@ -177,6 +181,11 @@ class Builder:
         limits = self._limits(doc, data.get("limits", {}))
         passthrough = passthrough_prefixes(doc, data.get("passthrough", ()), self.problems)
         al = data.get("alerts", {})
+        for index, url in enumerate(al.get("webhooks", ())):
+            unusable = _unusable_url(url)
+            if unusable is not None:
+                # Not shown: a webhook's URL often holds its secret (Slack's, in its path).
+                self._problem(doc, ("alerts", "webhooks", index), unusable)
         alerts = Alerts(
             webhooks=tuple(al.get("webhooks", ())),
             timeout_s=float(al.get("timeout_s", Alerts().timeout_s)),
@@ -293,6 +302,36 @@ class Builder:
                 if key.sha256 in hashes:
                     self._problem(doc, path, f"same key hash as {hashes[key.sha256]}")
                 hashes.setdefault(key.sha256, doc.where(path))
+
+
+def _host(url: str) -> str | None:
+    """The host `url` names; None when it names none or is no URL."""
+    try:
+        return urlsplit(url).hostname or None
+    except ValueError:
+        return None
+
+
+def _netloc(url: str) -> str:
+    """The `user:password@host:port` part of `url`, even of one urlsplit cannot read."""
+    try:
+        return urlsplit(url).netloc
+    except ValueError:
+        return re.split(r"[/?#]", url.partition("://")[2], maxsplit=1)[0]
+
+
+def _unusable_url(url: str) -> str | None:
+    """Why no request could be sent to `url`, or None: `https://${OPENAI_HOST}/v1` with the
+    variable unset names no host, and `https://[api/v1` or a port past 65535 made `check`
+    end in a traceback, or every request fail."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a port that is no port)
+    except ValueError as exc:
+        return f"is not a URL ({exc})"
+    if not parts.hostname:
+        return "names no host (is a variable it holds unset?)"
+    return None
 
 
 NOT_TEXT = "NUL characters and lone surrogates are not text (no ledger row or report can hold one)"

@@ -8,9 +8,9 @@ errors `proxy.config.schema` explains. The user reads the same messages either w
 invalid file costs both checks.
 
 The verdicts must agree (tests/test_config_fastcheck.py generates documents to hold
-them to it). The one difference known makes jsonschema-rs the stricter, which costs
-only time: a `pattern` ending in `$` lets a final line feed through in Python's `re`,
-not in jsonschema-rs. Both ignore `format` (an annotation in draft 2020-12 unless
+them to it): a `pattern` ending in `$`, which lets a final line feed through in Python's
+`re`, ends the text for both, as in JSON Schema (`proxy.config.schema.validator`). Both
+ignore `format` (an annotation in draft 2020-12 unless
 asked) and unknown keywords (`errorMessage`, `description`).
 
 Without a wheel of jsonschema-rs for the platform, every document goes to jsonschema.

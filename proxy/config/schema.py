@@ -12,9 +12,11 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
+import re
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from proxy.core.image_params import MAX_INTEGER
 from proxy.core.models import ENDPOINTS, PERIODS
 from proxy.core.settings import HTTP_METHODS, KNOBS, RATE_METRICS, RATE_PERS, TOKEN_METRICS
 
@@ -24,8 +26,17 @@ if TYPE_CHECKING:
 JsonPath = tuple[str | int, ...]
 
 _FRACTION = {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
-_POSITIVE = {"type": "number", "exclusiveMinimum": 0}
-_COUNT = {"type": "integer", "minimum": 1}
+# Every number has a ceiling: past it a value is no setting anyone means, and would
+# break what holds it (a 64-bit ledger column, a float of seconds, a Prometheus gauge).
+MAX_COUNT = 2**53 - 1
+"""A count or a size in bytes (9 × 10¹⁵): within a 64-bit ledger column, and a number every
+JSON reader holds exactly (an editor's, in JavaScript, reads 2**63 - 1 as 2**63)."""
+MAX_SECONDS = 10**9
+"""About 31 years."""
+MAX_USD = 10**9
+"""A budget of a billion dollars: its nano-dollars fit a 64-bit ledger column."""
+_SECONDS = {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SECONDS}
+_COUNT = {"type": "integer", "minimum": 1, "maximum": MAX_COUNT}
 _NAME = {"type": "string", "minLength": 1}
 _OPTIONAL_TEXT = {"type": ["string", "null"]}
 
@@ -47,7 +58,12 @@ _DEFS: dict[str, Any] = {
     "budget": _strict(
         {
             "period": {"enum": list(PERIODS), "description": "day, week (ISO), month or total"},
-            "limit_usd": {**_POSITIVE, "description": "US dollars, e.g. 800 or 0.25"},
+            "limit_usd": {
+                "type": "number",
+                "exclusiveMinimum": 0,
+                "maximum": MAX_USD,
+                "description": "US dollars, e.g. 800 or 0.25",
+            },
             **{metric: _COUNT for metric in TOKEN_METRICS},
             "alert_at": _list(_FRACTION, uniqueItems=True),
         },
@@ -136,7 +152,7 @@ _DEFS: dict[str, Any] = {
     ),
     "responses": _strict(
         {
-            "max_output_tokens": {"type": "integer", "minimum": 16},
+            "max_output_tokens": {"type": "integer", "minimum": 16, "maximum": MAX_INTEGER},
             "max_tool_calls": {"type": "integer", "minimum": 1, "maximum": 10},
             "unbounded": {"enum": ["inject", "refuse"]},
         }
@@ -178,8 +194,8 @@ _DEFS: dict[str, Any] = {
                         "errorMessage": "must be an http:// or https:// URL",
                     },
                     "api_key": _OPTIONAL_TEXT,
-                    "timeout_s": _POSITIVE,
-                    "total_timeout_s": _POSITIVE,
+                    "timeout_s": _SECONDS,
+                    "total_timeout_s": _SECONDS,
                     "organization": _OPTIONAL_TEXT,
                     "project": _OPTIONAL_TEXT,
                     "max_connections": _COUNT,
@@ -211,9 +227,9 @@ _DEFS: dict[str, Any] = {
                         **_COUNT,
                         "description": "request-body bytes held at once, each body counted 3x",
                     },
-                    "header_timeout_s": _POSITIVE,
-                    "body_idle_timeout_s": _POSITIVE,
-                    "body_timeout_s": _POSITIVE,
+                    "header_timeout_s": _SECONDS,
+                    "body_idle_timeout_s": _SECONDS,
+                    "body_timeout_s": _SECONDS,
                     "max_connections": {
                         **_COUNT,
                         "description": "client connections per process (default: from ulimit -n)",
@@ -246,13 +262,13 @@ _DEFS: dict[str, Any] = {
                             "errorMessage": "must be an http:// or https:// URL",
                         }
                     ),
-                    "timeout_s": _POSITIVE,
+                    "timeout_s": _SECONDS,
                 }
             ),
             "retries": _strict(
                 {
                     "enabled": {"type": "boolean"},
-                    "window_s": _POSITIVE,
+                    "window_s": _SECONDS,
                     "store_bytes": _COUNT,
                 }
             ),
@@ -292,8 +308,29 @@ def validator(kind: str) -> Draft202012Validator:
     """A validator of one kind of file (built once: it resolves its references once, not
     once per team file). jsonschema is imported only for a file found invalid: 60 ms."""
     from jsonschema import Draft202012Validator
+    from jsonschema.validators import extend
 
-    return Draft202012Validator(kind_schema(kind))
+    strict = extend(Draft202012Validator, validators={"pattern": _whole_pattern})
+    validator: Draft202012Validator = strict(kind_schema(kind))
+    return validator
+
+
+def _whole_pattern(
+    validator: Draft202012Validator, pattern: str, instance: Any, schema: dict[str, Any]
+) -> Iterator[ValidationError]:
+    """`pattern` as JSON Schema means it (ECMA 262, as jsonschema-rs and editors read it):
+    its final `$` ends the text, where Python's lets a line feed follow, so that a team
+    `name: "design\\n"` or a project `"proj_abc\\n"` passed, to break every answer's or
+    upstream request's headers."""
+    from jsonschema import ValidationError
+
+    if not validator.is_type(instance, "string"):
+        return
+    python = (
+        pattern[:-1] + r"\Z" if pattern.endswith("$") and not pattern.endswith("\\$") else pattern
+    )
+    if re.search(python, instance) is None:
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
 
 
 def schema_problems(validator: Draft202012Validator, data: Any) -> Iterator[tuple[JsonPath, str]]:
@@ -392,7 +429,8 @@ def show(value: Any) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return str(value)
+    text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _suggestion(key: str, known: Sequence[str]) -> str:

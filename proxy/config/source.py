@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ ALIASED_VALUES = 10_000
 """At most this many values read through aliases in one file: an alias names a node, not
 a copy, so nested aliases can stand for billions of values in a few lines (a "billion
 laughs"), which reading them out would take minutes and gigabytes to build."""
+MAX_DEPTH = 100
+"""Levels of nesting a file may have (a configuration needs five)."""
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -41,11 +44,14 @@ def dotted(path: JsonPath) -> str:
 
 @dataclass
 class Document:
-    """One configuration file: its data and the line of every key and list item."""
+    """One configuration file: its data, the line of every key and list item, and the text
+    of every number written with a fraction or an exponent (`written`: a float holds
+    about 16 digits, `99999999.999999999` a budget exact to the nano-dollar)."""
 
     file: str
     data: Any
     lines: dict[JsonPath, int] = field(default_factory=dict)
+    written: dict[JsonPath, str] = field(default_factory=dict)
 
     def line(self, path: JsonPath) -> int:
         """The line of `path`, or of its nearest ancestor that has one."""
@@ -75,6 +81,10 @@ def read_document(
     """The document in `path` (shown as `file` in messages), and the problems found reading it
     (`${NAME}` left as written when `env` is None)."""
     try:
+        if stat.S_ISCHR(mode := path.stat().st_mode) or stat.S_ISFIFO(mode):
+            # Read, a device (`prices: /dev/zero`) or a pipe without a writer never ends: a
+            # reload held its lock forever, and every later reload waited behind it.
+            return None, [f"{file}: cannot read: not a regular file"]
         text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         return None, [f"{file}: cannot read: {exc.strerror or exc}"]
@@ -88,10 +98,10 @@ def parse_document(
 ) -> tuple[Document | None, list[str]]:
     """The document written in `text`, as `read_document` reads it."""
     try:
-        return _parse(_FastLoader(text), file, env)
-    except yaml.YAMLError:
-        pass  # said again below, in the words of the pure-Python parser
-    try:
+        try:
+            return _parse(_FastLoader(text), file, env)
+        except yaml.YAMLError:
+            pass  # said again below, in the words of the pure-Python parser
         return _parse(_Loader(text), file, env)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -100,6 +110,10 @@ def parse_document(
         return None, [f"{file}:{line}: YAML syntax error: {detail}"]
     except yaml.YAMLError as exc:
         return None, [f"{file}:1: YAML error: {exc}"]
+    except RecursionError:
+        # PyYAML composes a node's children by recursion: some hundreds of nested `[`
+        # exhausted the stack, and `check` ended in a traceback.
+        return None, [f"{file}:1: YAML error: nesting too deep (more than {MAX_DEPTH} levels)"]
 
 
 def _parse(
@@ -109,7 +123,7 @@ def _parse(
     reader = _Reader(loader, file, env)
     try:
         node = loader.get_single_node()
-        doc = Document(file, None)
+        doc = Document(file, None, written=reader.written)
         if node is not None:
             doc.lines[()] = node.start_mark.line + 1
             doc.data = reader.value(node, (), doc.lines)
@@ -173,6 +187,7 @@ class _Reader:
         self.file = file
         self.env = env
         self.problems: list[str] = []
+        self.written: dict[JsonPath, str] = {}  # the text of each float, by path
         self._read: set[int] = set()  # the collection nodes read so far, by identity
         self._aliased = 0  # values read again through an alias
 
@@ -182,7 +197,7 @@ class _Reader:
     def value(
         self, node: Node, path: JsonPath, lines: dict[JsonPath, int], aliased: bool = False
     ) -> Any:
-        if len(path) > 100:  # a recursive alias would never end
+        if len(path) > MAX_DEPTH:  # a recursive alias would never end
             raise yaml.YAMLError("nesting too deep (recursive alias?)")
         if isinstance(node, (MappingNode, SequenceNode)):
             # A node read a second time is reached through an alias, as is all below it.
@@ -221,8 +236,10 @@ class _Reader:
                         self.problems.append(self._problem(line, key_path, "duplicate key"))
                     written.add(key)
                 lines[key_path] = line
-                if value_node.__class__ is ScalarNode and not aliased and len(key_path) <= 100:
-                    result[key] = self._leaf(value_node)  # what `value` does, one call fewer
+                leaf = value_node.__class__ is ScalarNode and not aliased
+                if leaf and len(key_path) <= MAX_DEPTH:
+                    # What `value` does, one call fewer.
+                    result[key] = self._leaf(value_node, key_path)
                 else:
                     result[key] = self.value(value_node, key_path, lines, aliased)
             return result
@@ -231,22 +248,33 @@ class _Reader:
             for index, item in enumerate(node.value):
                 item_path = (*path, index)
                 lines[item_path] = item.start_mark.line + 1
-                if item.__class__ is ScalarNode and not aliased and len(item_path) <= 100:
-                    items.append(self._leaf(item))
+                if item.__class__ is ScalarNode and not aliased and len(item_path) <= MAX_DEPTH:
+                    items.append(self._leaf(item, item_path))
                 else:
                     items.append(self.value(item, item_path, lines, aliased))
             return items
-        return self._leaf(node)
+        return self._leaf(node, path)
 
-    def _leaf(self, node: Node) -> Any:
+    def _leaf(self, node: Node, path: JsonPath) -> Any:
         scalar = self._scalar(node)
         if isinstance(scalar, str):
             if self.env is None or "${" not in scalar:
                 return scalar
+            if _unread_reference(scalar):
+                self._refuse(node, path, UNREAD_REFERENCE)
             return expand_env(scalar, self.env)
+        if node.tag in _NUMBERS:
+            ambiguous = _ambiguous_number(node.value)
+            if ambiguous is not None:
+                self._refuse(node, path, ambiguous)
+            elif isinstance(scalar, float):
+                self.written[path] = node.value
         if isinstance(scalar, float) and not math.isfinite(scalar):
             return str(node.value)  # .inf and .nan are no amounts; the schema says so
         return scalar
+
+    def _refuse(self, node: Node, path: JsonPath, message: str) -> None:
+        self.problems.append(self._problem(node.start_mark.line + 1, path, message))
 
     def _scalar(self, node: Node) -> Any:
         if node.tag == _STR:  # what `construct_object` gives a string, without its checks
@@ -264,9 +292,58 @@ _IMMUTABLE = frozenset(f"tag:yaml.org,2002:{name}" for name in ("int", "float", 
 def _immutable(tag: str, value: str) -> Any:
     """The number, boolean or null a scalar tagged `tag` and written `value` stands for, as
     SafeLoader constructs it: kept, as the same few are written in every team file (a
-    value of these kinds is immutable: one object may stand for all its nodes)."""
+    value of these kinds is immutable: one object may stand for all its nodes). A number
+    of more digits than Python reads (4,300) stays text, which no setting takes."""
     node = ScalarNode(tag, value)
-    return _CONSTRUCTOR.yaml_constructors[tag](_CONSTRUCTOR, node)
+    try:
+        return _CONSTRUCTOR.yaml_constructors[tag](_CONSTRUCTOR, node)
+    except ValueError:
+        return value
+
+
+_NUMBERS = frozenset({"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"})
+_OCTAL = re.compile(r"[-+]?0[0-7_]+")
+UNREAD_REFERENCE = (
+    "holds a `${` that begins no variable reference: write ${NAME} (letters, digits and "
+    "'_'; no default such as ${NAME:-value}, no nesting)"
+)
+"""Not shown: the text may be a secret's (`admin_token: ${TOKEN:-s3cret}`)."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _ambiguous_number(text: str) -> str | None:
+    """Why a number written `text` may not say what its writer meant, or None: YAML 1.1,
+    which Tollgate reads, takes `0100` for octal 64 and `1:30` for 90 (base 60), where
+    YAML 1.2 (editors checking a file against `tollgate schema`) and people read 100
+    and the text '1:30'."""
+    if ":" in text:
+        value = _immutable("tag:yaml.org,2002:int", text) if "." not in text else None
+        shown = f" ({value})" if value is not None else ""
+        return (
+            f"{text} is a base-60 number{shown} in YAML 1.1: write the number it stands "
+            "for, or quote it if it is text"
+        )
+    if _OCTAL.fullmatch(text):
+        octal = _immutable("tag:yaml.org,2002:int", text)
+        decimal = int(text.replace("_", ""), 10)
+        if octal != decimal:
+            return (
+                f"{text} is the octal number {octal} in YAML 1.1, the decimal {decimal} in "
+                "YAML 1.2: write it without the leading zero, or quote it if it is text"
+            )
+    return None
+
+
+def _unread_reference(text: str) -> bool:
+    """Whether a `${` in `text` begins no `${NAME}` (kept as written, it would reach a
+    setting as text: a URL, a key or a token that is literally `${KEY:-default}`)."""
+    start = text.find("${")
+    while start != -1:
+        found = _ENV_VAR.match(text, start)
+        if found is None:
+            return True
+        start = text.find("${", found.end())
+    return False
 
 
 def flow_scalar(text: str) -> str:

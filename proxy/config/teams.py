@@ -129,9 +129,12 @@ class TeamBuilder:
         return RateLimit(raw["per"], metric, int(raw[metric]), model, doc.where(path))
 
     def _nanos(self, doc: Document, path: JsonPath, value: float) -> int:
-        nanos = Decimal(str(value)) * NANOS_PER_USD
+        written = doc.written.get(path)  # as written: a float may hold fewer digits
+        amount = Decimal(written.replace("_", "")) if written is not None else Decimal(str(value))
+        nanos = amount * NANOS_PER_USD
         if nanos != nanos.to_integral_value():
-            self._problem(doc, path, f"must be exact to the nano-dollar (9 decimals), got {value}")
+            shown = written if written is not None else value
+            self._problem(doc, path, f"must be exact to the nano-dollar (9 decimals), got {shown}")
         return int(nanos)
 
     def _allow(self, doc: Document, path: JsonPath, raw: dict[str, Any]) -> Allow:

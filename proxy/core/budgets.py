@@ -269,10 +269,10 @@ def refuse(
     """The 429 of `variant` when no form of it fits, `cheapest` the cheapest form."""
     blocker = blocking(cheapest, budgets, totals) or blocking(variant, budgets, totals)
     assert blocker is not None
-    used = totals.get(blocker.counter, Totals()).used(blocker.budget.metric)
+    held = totals.get(blocker.counter, Totals())
     left = room(budgets, totals)
     raise BudgetExceeded(
-        f"Budget exhausted: {blocker.describe()} ({blocker.limit_text(used)}) cannot cover "
+        f"Budget exhausted: {blocker.describe()} ({blocker.limit_text(held)}) cannot cover "
         f"this request; the cheapest allowed form of it costs up to "
         f"${usd_text(cheapest.estimate.cost_nanos)}. The budget resets "
         f"{resets(blocker, tz)}; ask your Tollgate administrator to raise it.",

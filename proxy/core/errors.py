@@ -32,8 +32,10 @@
           │         └── DeadlineExceeded  504 upstream_timeout: past `total_timeout_s`
           └── ServiceUnavailable     503 service_unavailable
                ├── Overloaded        503 server_overloaded (retry after a second)
-               └── Superseded        503 configuration_reloaded: a replaced worker that
-                                     could not read the new configuration (retry)
+               ├── Superseded        503 configuration_reloaded: a replaced worker that
+               │                     could not read the new configuration (retry)
+               └── Reloaded          503 configuration_reloaded: a reload landed while the
+                                     request was decided (retry)
 
 Only the web layer turns a RequestError into an HTTP answer (`proxy.web.responses`);
 only the CLI prints a ConfigError and exits.
@@ -328,6 +330,20 @@ class Superseded(ServiceUnavailable):
 
     def headers(self) -> dict[str, str]:
         return {"x-should-retry": "true", "connection": "close"}
+
+
+class Reloaded(ServiceUnavailable):
+    """A request whose reservation was about to be written under a configuration that a
+    reload replaced meanwhile (it waited for the ledger, or for a batch's plan): admitted,
+    it would pass a budget lowered or a key revoked by a reload already answered. Nothing
+    was reserved or forwarded; the SDKs retry it, and the retry is decided under the new
+    configuration."""
+
+    type = "server_error"
+    code = "configuration_reloaded"
+
+    def headers(self) -> dict[str, str]:
+        return {"x-should-retry": "true"}
 
 
 class UpstreamTimeout(UpstreamFailure):

@@ -14,7 +14,7 @@ from functools import lru_cache
 from math import inf
 from zoneinfo import ZoneInfo
 
-from proxy.core.models import Counter, Period, Scope, usd_text
+from proxy.core.models import Counter, Period, Scope, Totals, usd_text
 from proxy.core.settings import Budget, Config, Team
 
 PERIOD_ORDER: tuple[Period, ...] = ("day", "week", "month", "total")
@@ -119,11 +119,18 @@ class Applied:
         }[self.counter.scope]
         return f"{who} {self.budget.period} budget"
 
-    def limit_text(self, used: int) -> str:
+    def limit_text(self, totals: Totals) -> str:
+        """`limit $60, spent $59.5, reserved $0.4`: what a 429 names. Plain numbers, as
+        the configuration writes them and `tollgate budgets` prints them."""
         if self.budget.metric == "usd":
-            return f"limit ${usd_text(self.budget.limit)}, used ${usd_text(used)}"
+            reserved = totals.reserved_nanos
+            return (
+                f"limit ${usd_text(self.budget.limit)}, spent ${usd_text(totals.spent_nanos)}"
+                + (f", reserved ${usd_text(reserved)}" if reserved else "")
+            )
         kind = self.budget.metric.replace("_", " ")
-        return f"limit {self.budget.limit:,} {kind}, used {used:,}"
+        used = totals.used(self.budget.metric)
+        return f"limit {self.budget.limit} {kind}, spent or reserved {used}"
 
 
 def applicable(config: Config, team: Team, user: str | None, now: float) -> tuple[Applied, ...]:

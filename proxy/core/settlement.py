@@ -229,25 +229,25 @@ class Metered:
     """A Responses API answer's `status` (`completed`, `incomplete`, `failed`, …)."""
     calls: tuple[Call, ...] = ()
     """A Responses API answer's completed image calls."""
-    outputs: int = 0
-    """A Responses API answer's output items, of any kind and status."""
 
 
 UNBILLED_ENDS = frozenset({"failed", "cancelled"})
-"""Responses that may end without usage: then nothing ran that OpenAI bills."""
+"""Responses that may end without usage (`metered` says what each then costs)."""
 KNOWN_STATUSES = frozenset({"completed", "incomplete", "queued", "in_progress", *UNBILLED_ENDS})
 """The statuses OpenAI documents for a response: the ends above, `completed` and
 `incomplete`, and the pending `queued` and `in_progress`."""
 STATUS_UNKNOWN = "response_status_unknown"
 
 
-def metered(bound: Bound, found: Metered, partials: int = 0, ran: bool = False) -> Verdict:
+def metered(bound: Bound, found: Metered, partials: int = 0) -> Verdict:
     """A whole 2xx answer as metered. A Responses API response that failed or was
-    cancelled is charged its usage if it reports one, else nothing (an upstream error),
-    unless images were made (completed, or `partials` streamed): then the image tool ran
-    and billed, at a cost unknown, so its bound, flagged. So is a cancelled one without
-    usage that had started to run (`ran`: seen `in_progress`, or with output items): OpenAI
-    bills what a response read and wrote before its cancel, and reports no usage for it.
+    cancelled is charged its usage if it reports one. Without usage, a failed one is
+    charged nothing (an upstream error), unless images were made (completed, or `partials`
+    streamed): then the image tool ran and billed, at a cost unknown, so its bound,
+    flagged. A cancelled one without usage is charged its bound, flagged, whatever was
+    seen of it: OpenAI bills what a response read and wrote before its cancel, and
+    whether it had begun is unknown (a team polling its own response can cancel it the
+    moment it runs, between two of Tollgate's polls).
     A response in a status OpenAI does not document may still run and bill: its bound,
     flagged (or its usage when that costs more), never what it reports so far."""
     if found.status is not None and found.status not in KNOWN_STATUSES:
@@ -257,8 +257,7 @@ def metered(bound: Bound, found: Metered, partials: int = 0, ran: bool = False) 
         return unknown(bound, STATUS_UNKNOWN, seen)
     if found.status in UNBILLED_ENDS:
         if found.usage is None:
-            started = found.status == "cancelled" and (ran or found.outputs > 0)
-            if found.images or partials or started:
+            if found.images or partials or found.status == "cancelled":
                 return unknown(bound, f"response_{found.status}")
             return refused(f"response_{found.status}")
         charge = answered(bound, found.usage, found.images, found.calls).charge

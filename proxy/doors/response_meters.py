@@ -51,8 +51,7 @@ def read_response(response: Any) -> Metered:
     )
     images = len(calls)
     usage = response_usage(response, images)
-    outputs = len(output) if isinstance(output, list) else 0
-    return Metered(usage, images, response_id, status in PENDING, status, calls, outputs)
+    return Metered(usage, images, response_id, status in PENDING, status, calls)
 
 
 def _text(value: Any) -> str:

@@ -57,6 +57,15 @@ class ReportQuery:
             )
         if statement and audit:
             raise InvalidRequest("choose --statement or --audit, not both.", param="audit")
+        # A statement is its month, grouped its own way: a period or grouping given with it
+        # would be answered with other numbers than those asked for, silently.
+        for name, value in (("from", start), ("to", end), ("by", by)):
+            if statement and value:
+                raise InvalidRequest(
+                    f"--statement covers its month, grouped by cost center and team: drop "
+                    f"--{name}, or drop --statement for a report.",
+                    param=name,
+                )
         return cls(start, end, reports.parse_by(by), fmt, statement, audit, excel)
 
 

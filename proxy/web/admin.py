@@ -71,7 +71,9 @@ def report_query(params: QueryParams) -> ReportQuery:
         start=params.get("from"),
         end=params.get("to"),
         by=params.get("by"),
-        fmt=params.get("format", "jsonl" if audit else "json"),
+        # Left empty (`?from=&to=&by=&format=`, as a form or an HTTP client writes a
+        # parameter it has no value for), a parameter is absent, as every other one is.
+        fmt=params.get("format") or ("jsonl" if audit else "json"),
         statement=params.get("statement"),
         audit=audit,
         excel=flags["excel"],

@@ -58,7 +58,7 @@ from proxy.web.batch_follow import BATCH_SPAN_S, BatchFollow, own_output
 from proxy.web.files import BATCHES, not_found, read_answer, scoped_listing, scoped_object
 from proxy.web.gateway import path_of
 from proxy.web.observe import KeyRefusals, observe
-from proxy.web.pipeline import identified_again, new_request_id, refuse
+from proxy.web.pipeline import identified_again, new_request_id, refuse, still_in_force
 from proxy.web.projects import same_project
 from proxy.web.responses import error_response
 from proxy.web.runtime import Runtime
@@ -161,6 +161,7 @@ class Batches:
                 held = replace(held, written=await asyncio.to_thread(codecs.written, held))
 
             def choose(totals: Any) -> Reservation:
+                still_in_force(runtime)
                 # A batch is reserved whole or refused: never downgraded, never throttled.
                 # Each user's share is decided as a direct request of that user costing it
                 # would be (`share_fits`; `decide` says why one does not fit).

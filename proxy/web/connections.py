@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import resource
+import socket
 from typing import Any, cast
 
 import uvicorn
@@ -302,3 +303,15 @@ class GuardedProtocol(HttpToolsProtocol):
             return False
         self.over_capacity = True
         return True
+
+
+def concrete_port(host: str, port: int) -> int:
+    """`port`, or for `--port 0` a free port the system gives now: a banner (and each
+    worker) then names the port served, not 0, which no client can call."""
+    if port:
+        return port
+    info = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    with socket.socket(info[0], socket.SOCK_STREAM) as probe:
+        probe.bind(info[4])
+        found: int = probe.getsockname()[1]
+        return found

@@ -34,7 +34,7 @@ from proxy.doors.base import Door
 from proxy.ledger import settle_patiently
 from proxy.upstream import BROKEN_OFF, Answer, response_headers
 from proxy.web.deadline import ReadDeadline
-from proxy.web.follow import ResponseFollow, Seen
+from proxy.web.follow import ResponseFollow
 from proxy.web.observe import observe
 from proxy.web.relay import Relay
 from proxy.web.repeats import Keep
@@ -190,7 +190,7 @@ class Exchange:
             return await self.pass_error(answer, spool)
         self.response_id = found.response_id
         if found.pending and found.response_id is not None:
-            return await self.hold(answer, spool, found.response_id, found.status == "in_progress")
+            return await self.hold(answer, spool, found.response_id)
         verdict = settlement.metered(self.bound, found)
         headers = self.after(verdict.cost_nanos)
         # Kept before the settlement: a repeat that sees this settled finds its answer.
@@ -209,7 +209,7 @@ class Exchange:
         except LedgerError as exc:
             log.error("keeping the answer of %s failed: %s", self.entry.id, exc)
 
-    async def hold(self, answer: Answer, spool: Spool, response_id: str, ran: bool) -> Response:
+    async def hold(self, answer: Answer, spool: Spool, response_id: str) -> Response:
         """A background response that has not ended: its reservation is held in the ledger
         and the followers settle it when it ends (`proxy.web.follow`); the answer carries
         what is reserved, as a stream's does."""
@@ -218,7 +218,7 @@ class Exchange:
             headers["x-tollgate-budget-remaining-usd"] = usd_text(max(self.remaining_nanos, 0))
         # Kept before the hold: a repeat that sees the first held finds its answer.
         await self.keep_whole(answer, spool, headers)
-        await self.follow_later(response_id, answer.headers.get("x-request-id"), ran)
+        await self.follow_later(response_id, answer.headers.get("x-request-id"))
         return spooled_response(spool, answer, headers)
 
     async def pass_error(self, answer: Answer, spool: Spool) -> Response:
@@ -246,16 +246,15 @@ class Exchange:
         await self.settle(verdict, exc.status, answer.headers.get("x-request-id"))
         return error_response(exc, self.after(verdict.cost_nanos))
 
-    async def follow_later(self, response_id: str, upstream_id: str | None, ran: bool) -> None:
-        """Hold the reservation until the response `response_id` ends, and follow it (`ran`:
-        it was seen running, see `Seen.ran`)."""
+    async def follow_later(self, response_id: str, upstream_id: str | None) -> None:
+        """Hold the reservation until the response `response_id` ends, and follow it."""
         self.upstream_id = upstream_id
         try:
             await self.runtime.ledger.hold(self.entry.id, response_id, self.project)
         except LedgerError as exc:
             # Still followed by this process; only a restart could lose track of it.
             log.error("ledger hold failed for %s: %s", self.entry.id, exc)
-        followed = ResponseFollow(self, response_id, seen=Seen(ran=ran))
+        followed = ResponseFollow(self, response_id)
         self.runtime.followers.follow(self.entry.id, followed)
 
     async def name_response(self, response_id: str) -> None:
@@ -309,7 +308,7 @@ class Exchange:
             # read (a cancelled background stream, an error, an unreadable last event): the
             # response it named may still run upstream (and bill), and says what it billed
             # once it ends; it is followed to its end rather than charged its bound.
-            await self.follow_later(end.response_id, answer.headers.get("x-request-id"), True)
+            await self.follow_later(end.response_id, answer.headers.get("x-request-id"))
             return
         verdict = settlement.stream_ended(self.bound, end)
         await self.settle(verdict, answer.status, answer.headers.get("x-request-id"))

@@ -217,9 +217,6 @@ def error_code(body: bytes) -> str:
 class Seen:
     """What the polls of a followed response saw before it ended."""
 
-    ran: bool = False
-    """It was seen `in_progress`, or may have been (adopted from its row, or a stream that
-    started): cancelled without usage, it is charged its bound (`settlement.metered`)."""
     stuck_logged_at: float = -math.inf
     """When it was last logged as pending past `STUCK_AFTER_S`."""
 
@@ -275,7 +272,7 @@ class ResponseFollow:
             self.pending(runtime, found.status)
             return False
         else:
-            verdict = settlement.metered(exchange.bound, found, ran=self.seen.ran)
+            verdict = settlement.metered(exchange.bound, found)
         exchange.response_id = response_id
         try:
             await exchange.settle(verdict, answer.status, exchange.upstream_id)
@@ -288,7 +285,6 @@ class ResponseFollow:
         """A poll found it still pending: logged once it has been for `STUCK_AFTER_S`, then
         every `STUCK_LOG_EVERY_S`, as its reservation stays held for as long."""
         seen, entry, now = self.seen, self.exchange.entry, runtime.clock()
-        seen.ran = seen.ran or status == "in_progress"
         age = now - entry.started_at
         if age < STUCK_AFTER_S or now - seen.stuck_logged_at < STUCK_LOG_EVERY_S:
             return
@@ -355,7 +351,7 @@ def adopted(runtime: Runtime, held: HeldEntry, upstream_id: str) -> Followed | N
     if bound is None:
         return None
     exchange = Exchange(runtime, ResponsesDoor(), entry, bound, {}, project=project)
-    return ResponseFollow(exchange, upstream_id, seen=Seen(ran=True))  # its history unknown
+    return ResponseFollow(exchange, upstream_id)
 
 
 def adopted_bound(runtime: Runtime, entry: Entry, usage: Usage) -> Bound | None:

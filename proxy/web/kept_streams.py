@@ -79,7 +79,14 @@ class Recorder:
             self.drop()
             return
         if self.writer is None:
-            self.before.write(chunk)
+            try:
+                self.before.write(chunk)
+            except OSError as exc:
+                # No room in memory and no file to spill to (too many open files, a full
+                # disk): not kept, and the stream goes on to its client and its settlement.
+                log.error("holding the stream of %s failed: %s", self.head.request_id, exc)
+                self.drop()
+                return
             if wanted:
                 self.writer = self.runtime.spawn(self.write())
         else:
@@ -151,8 +158,8 @@ class Recorder:
                 self.wake.clear()
                 await self.wake.wait()
             await ledger.forget_answer(request_id)
-        except LedgerError as exc:
-            self.dropped = True
+        except (LedgerError, OSError) as exc:  # the ledger, or the held events unreadable
+            self.drop()  # what it holds of the spool memory given back now, not at the end
             log.error("keeping the stream of %s failed: %s", request_id, exc)
             # When the ledger is down its followers cannot read the stream either.
             with contextlib.suppress(LedgerError):

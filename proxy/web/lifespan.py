@@ -19,6 +19,7 @@ from typing import Any
 
 from proxy.core.errors import LedgerError
 from proxy.core.settings import Config
+from proxy.logs import flush_logs
 from proxy.web import heap, housekeeping
 from proxy.web.gateway import Gateway
 from proxy.web.reload import Reloader, reload_on_hangup
@@ -60,6 +61,7 @@ class Lifespan:
         finally:
             duties.cancel()
             await close(gateway.current())
+            flush_logs()
 
 
 async def start_duties(first: Runtime, current: Callable[[], Runtime]) -> asyncio.Task[None]:

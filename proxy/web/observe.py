@@ -13,9 +13,10 @@ from starlette.responses import Response
 
 from proxy.core.auth import identify
 from proxy.core.errors import AuthenticationFailed
-from proxy.core.models import Change, Entry, Settlement, usd_text
+from proxy.core.models import Change, Entry, Outcome, Settlement, usd_text
 from proxy.core.pricing import AUTO, PriceBook
 from proxy.core.settings import Team, TeamKey
+from proxy.web.gateway import path_of
 from proxy.web.responses import error_response
 from proxy.web.runtime import Runtime
 
@@ -96,6 +97,47 @@ def request_line(entry: Entry, settlement: Settlement) -> str:
         _quoted(usd_text(entry.estimated_nanos)), "true" if settlement.flagged else "false",
         _number(round(settlement.latency_ms, 1)),
     )  # fmt: skip
+
+
+def log_unmetered(
+    request_id: str,
+    team: str,
+    key_id: str,
+    endpoint: str,
+    request: Request,
+    response: Response,
+    outcome: Outcome,
+    error_code: str | None,
+    started: float,
+) -> None:
+    """The line of a request that leaves no row in the ledger: one forwarded under
+    `passthrough:` (`endpoint` "passthrough", its cost null: unmetered), or one on a team's
+    own objects (a listing, an upload, a file's, a batch's or a stored response's path,
+    free). Which team sent what with the company key, and OpenAI's id for it, are in the
+    log as for every other request."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    line = {
+        "request_id": request_id,
+        "upstream_request_id": response.headers.get("x-request-id"),
+        "team": response.headers.get("x-tollgate-team", team), "key_id": key_id,
+        "endpoint": endpoint, "method": request.method, "path": path_of(request),
+        "outcome": outcome, "status": response.status_code, "error_code": error_code,
+        "cost_usd": response.headers.get("x-tollgate-cost-usd"),
+        "latency_ms": round((time.monotonic() - started) * 1000, 1),
+    }  # fmt: skip
+    log.info(json.dumps(line))
+
+
+def unmetered_outcome(response: Response, error_code: str | None) -> Outcome:
+    """`ok`; `upstream_error` for an error the upstream answered; else `client_error`."""
+    if response.status_code < 400:
+        return "ok"
+    return (
+        "upstream_error"
+        if error_code is None and "x-request-id" in response.headers
+        else ("client_error")
+    )
 
 
 class KeyRefusals:

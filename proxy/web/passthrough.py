@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import time
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -25,7 +27,7 @@ from proxy.core.parsing import MAX_VALUES
 from proxy.core.paths import CHAT_COMPLETIONS, OBJECT_PATHS, TOLLGATE_PATHS, under
 from proxy.web.admission import read_body
 from proxy.web.gateway import path_of, query_of
-from proxy.web.observe import KeyRefusals
+from proxy.web.observe import KeyRefusals, log_unmetered, unmetered_outcome
 from proxy.web.pipeline import identified_again, new_request_id, owned_files
 from proxy.web.responses import error_response, streamed_response
 from proxy.web.runtime import Runtime
@@ -63,11 +65,14 @@ class OtherPaths:
         refused = forwarded(s, path, method)
         if refused is not None:
             return error_response(refused)
-        headers = {"x-tollgate-request-id": new_request_id()}
+        started = time.monotonic()
+        request_id = new_request_id()
+        headers = {"x-tollgate-request-id": request_id}
         try:
-            team, _ = identify(request.headers.get("authorization"), s.config.team_by_key_hash())
+            team, key = identify(request.headers.get("authorization"), s.config.team_by_key_hash())
         except AuthenticationFailed as exc:
             return self.key_refusals.refuse(request, exc, headers, s)
+        headers["x-tollgate-team"] = team.name
         try:
             allow_method(s, path, method)
             query = query_of(request)
@@ -79,7 +84,8 @@ class OtherPaths:
             except AuthenticationFailed as exc:
                 return self.key_refusals.refuse(request, exc, headers, s)
             if newer is not None:
-                s, team, _ = newer
+                s, team, key = newer
+                headers["x-tollgate-team"] = team.name
                 refused = forwarded(s, path, method)
                 if refused is not None:
                     raise refused
@@ -103,8 +109,20 @@ class OtherPaths:
                 query=query,
             )
         except RequestError as exc:
-            return error_response(exc, headers)
-        return streamed_response(answer, {**headers, "x-tollgate-team": team.name})
+            refusal = error_response(exc, headers)
+            outcome = unmetered_outcome(refusal, exc.code)
+            log_unmetered(
+                request_id, team.name, key.id, "passthrough", request, refusal, outcome,
+                exc.code, started,
+            )  # fmt: skip
+            return refusal
+        response = streamed_response(answer, headers)
+        outcome = unmetered_outcome(response, None)
+        log_unmetered(
+            request_id, team.name, key.id, "passthrough", request, response, outcome, None,
+            started,
+        )  # fmt: skip
+        return response
 
 
 def forwarded(runtime: Runtime, path: str, method: str) -> NotFound | None:
@@ -147,8 +165,8 @@ def named_files(body: bytes) -> tuple[str, ...]:
     so a chat completion naming another team's `user_data` file would read it into its
     answer. A body that is JSON (whatever its content type says) is read whole, every value
     under a `file_id` key and every string in a `file_ids` list, in every object and under
-    each of a repeated key; another body that names `file_id` at all (a form field, plain
-    or percent-encoded) cannot be checked, and is refused."""
+    each of a repeated key; another body that names `file_id` at all (a form field, plain,
+    percent-encoded or JSON-escaped) cannot be checked, and is refused."""
     # NULs out: a JSON reader takes a body in UTF-16 or UTF-32 too.
     plain = body.replace(b"\0", b"")
     if b"file" not in plain.lower() and b"\\u" not in plain and b"%" not in plain:
@@ -171,12 +189,30 @@ def named_files(body: bytes) -> tuple[str, ...]:
         return dict(items)
 
     try:
-        json.loads(body, object_pairs_hook=pairs)
+        # Leniently, as a laxer reader than Python's would: numbers of any length (as text:
+        # an int of 5,000 digits is past Python's), control characters inside strings.
+        json.loads(body, object_pairs_hook=pairs, parse_int=str, strict=False)
     except (ValueError, RecursionError):
-        if b"file_id" in unquote_to_bytes(plain).lower():
+        # Not read (nested deeper than Python reads, say): a key escaped `\u005f` spells
+        # `file_id` to a reader that takes the body.
+        if b"file_id" in _unescaped(unquote_to_bytes(plain)).lower():
             raise InvalidRequest(
                 "Tollgate forwards a body that names files by id only as JSON, where it "
                 "checks that each file is your team's."
             ) from None
         return ()
     return tuple(dict.fromkeys(found))
+
+
+ESCAPE = re.compile(rb"\\u([0-9a-fA-F]{4})")
+"""A JSON string's `\\uXXXX` escape."""
+
+
+def _unescaped(text: bytes) -> bytes:
+    """`text` with each JSON escape of an ASCII character turned into that character."""
+
+    def one(found: re.Match[bytes]) -> bytes:
+        code = int(found[1], 16)
+        return bytes([code]) if code < 128 else b"?"
+
+    return ESCAPE.sub(one, text)

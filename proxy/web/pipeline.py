@@ -35,6 +35,7 @@ from proxy.core.errors import (
     PolicyViolation,
     PreviousResponseNotFound,
     RateLimited,
+    Reloaded,
     RepeatArrived,
     RequestError,
     ServiceUnavailable,
@@ -51,7 +52,7 @@ from proxy.web import repeats
 from proxy.web.admission import read_body
 from proxy.web.exchange import Exchange
 from proxy.web.gateway import path_of
-from proxy.web.observe import KeyRefusals, observe
+from proxy.web.observe import KeyRefusals, log_unmetered, observe, unmetered_outcome
 from proxy.web.projects import same_project
 from proxy.web.responses import error_response
 from proxy.web.runtime import Runtime
@@ -89,15 +90,29 @@ async def for_team(
     and a RequestError `serve` raises in OpenAI's shape. For the requests that leave no
     row in the ledger (uploads, input token counts, stored responses, listings): their
     answers say they cost nothing and the room left (`free_headers`)."""
-    headers = {"x-tollgate-request-id": new_request_id()}
-    team = refusals.team_of(request, runtime, headers)
-    if isinstance(team, Response):
-        return team
+    started = time.monotonic()
+    request_id = new_request_id()
+    headers = {"x-tollgate-request-id": request_id}
+    caller = refusals.key_of(request, runtime, headers)
+    if isinstance(caller, Response):
+        return caller
+    team, key = caller
     headers.update(await free_headers(runtime, team))
+    code = None
     try:
-        return await serve(request, runtime, team, headers)
+        response = await serve(request, runtime, team, headers)
     except RequestError as exc:
-        return error_response(exc, headers)
+        response, code = error_response(exc, headers), exc.code
+        outcome = refusal_outcome(exc)
+    else:
+        if response.status_code == 401:  # its key revoked meanwhile: counted, not logged
+            return response
+        outcome = unmetered_outcome(response, None)
+    log_unmetered(
+        request_id, team.name, key.id, refusals.endpoint, request, response, outcome, code,
+        started,
+    )  # fmt: skip
+    return response
 
 
 async def forward_as_is(
@@ -288,6 +303,7 @@ class Pipeline(Generic[Parsed]):
         chosen: list[Decision] = []
 
         def choose(totals: Mapping[Counter, Totals]) -> Reservation:
+            still_in_force(runtime)
             decision = decide(team, variant, budgets, totals, config.prices, tz)
             chosen.append(decision)
             sent = decision.variant
@@ -301,6 +317,18 @@ class Pipeline(Generic[Parsed]):
         pace = rates.plan(config, team, entry.started_at)
         reservation = await runtime.ledger.reserve(read, choose, pace, guard)
         return chosen[-1], reservation.entry, reservation.paced
+
+
+def still_in_force(runtime: Runtime) -> None:
+    """Raise Reloaded unless `runtime`, under which a request was parsed and is about to be
+    decided, is still in force: called in the reservation's transaction, so that no
+    request is admitted under a configuration a reload replaced before it was written (a
+    budget lowered, a key revoked, a reload already answered)."""
+    if runtime.newest() is not runtime:
+        raise Reloaded(
+            "Tollgate's configuration was reloaded while this request was decided; retry "
+            "(it is decided under the new configuration)."
+        )
 
 
 async def owned_files(runtime: Runtime, team: Team, named: tuple[str, ...]) -> None:

@@ -34,7 +34,7 @@ from proxy.core.settings import Config
 from proxy.ledger import open_ledger
 from proxy.logs import configure_logging
 from proxy.web.app import create_app
-from proxy.web.connections import ServerConfig
+from proxy.web.connections import ServerConfig, concrete_port
 from proxy.web.gateway import Gateway
 from proxy.web.runtime import Overrides, same_ledger
 
@@ -121,7 +121,7 @@ def prepare(options: ServeOptions) -> Prepared:
         settle_heap=True,
     )
     asyncio.run(check_ledger(options.overrides.ledger_url or config.ledger_url))
-    return Prepared(options, config, app)
+    return Prepared(replace(options, port=concrete_port(options.host, options.port)), config, app)
 
 
 async def check_ledger(url: str) -> None:
@@ -442,6 +442,9 @@ def start_simulator_thread() -> int:
             log_level="warning",
             access_log=False,
             lifespan="off",
+            # uvicorn's own logging configuration would give its loggers text handlers,
+            # the proxy's included: every line stays the JSON of `configure_logging`.
+            log_config=None,
         )
     )
     threading.Thread(target=server.run, name="simulated-upstream", daemon=True).start()
