@@ -329,3 +329,34 @@ def test_both_parts_of_a_responses_batchs_cost_count_as_responses_spend(
         return moved if moved == pytest.approx(expected) else None
 
     wait_for("the batch's Responses spend counted by part", counted)
+
+
+def test_a_responses_line_that_makes_no_image_is_recorded_under_no_image_model(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """A line without the image tool, or with `tool_choice: none`, runs its mainline model
+    alone: its row names no image model (it used to name the default one, gpt-image-2, and
+    count there as a request that made no image)."""
+    sdk = proxy.client()
+    plain = {"model": "gpt-5.5", "input": "a haiku about rain", "max_output_tokens": 400}
+    lines = [
+        line("no-tool", plain, RESPONSES),
+        line("tool-none", {**body("a haiku about snow"), "tool_choice": "none"}, RESPONSES),
+    ]
+    file = upload(sdk, lines)
+    batch = sdk.batches.create(input_file_id=file.id, endpoint=RESPONSES, completion_window="24h")
+    rows = {r["custom_id"]: r for r in settled_rows(proxy, ended(sdk, batch.id).id)}
+    records = billed_lines(simulator, batch.id)
+    assert set(rows) == set(records) == {"no-tool", "tool-none"}
+    for custom_id, row in rows.items():
+        assert records[custom_id]["images"] == 0
+        main = mainline_cost("gpt-5.5", records[custom_id])
+        assert row["cost_nanos"] == row["mainline_cost_nanos"] == main > 0, custom_id
+        assert (row["model"], row["model_requested"], row["quality"], row["size"]) == (
+            (None,) * 4
+        ), custom_id
+        assert (row["endpoint"], row["mainline_model"], row["flagged"]) == (
+            "batches",
+            "gpt-5.5",
+            0,
+        )

@@ -13,6 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config.prices import load_price_book
 from proxy.core.models import Entry, Settlement, Usage, usd_text
+from proxy.core.settings import Allow, Team
+from proxy.doors.responses import read_body
 from proxy.metrics import Metrics
 from proxy.web.observe import observe, request_line
 from proxy.web.runtime import Runtime
@@ -119,6 +121,37 @@ def test_the_log_line_of_an_images_request_has_no_mainline(
     assert line["cost_usd"] == "0.00588"
     labels = {"team": "design", "model": "gpt-image-2", "quality": ""}
     assert registry.get_sample_value("tollgate_cost_usd_total", labels) == 0.00588
+
+
+def test_a_response_that_makes_no_image_is_logged_and_counted_under_no_image_model(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Responses request without the image tool, as the door reads it: its log line
+    names no image model, quality or size (they were the default model's, gpt-image-2,
+    `auto`, `auto`), and its metrics count it under the mainline model it ran."""
+    team = Team("design", None, (), (), (), Allow(), ())
+    body = {"model": "gpt-4.1", "input": "A haiku", "max_output_tokens": 300}
+    request = read_body(body, 100, "gpt-image-2", team).request
+    entry = (
+        Entry("tg_req_r2", 0.0, "responses")
+        .identified("design", None, "web-app")
+        .asked(request)
+        .sent(request, 10_000_000, "")
+    )
+    usage = Usage(mainline_input=1000, mainline_cached_input=1024, mainline_output=80)
+    settled = Settlement(1.0, "ok", 200, usage, MAINLINE_NANOS, mainline_cost_nanos=MAINLINE_NANOS)
+    _, registry, line = observed(entry, settled, caplog)
+    image = ("model_requested", "model", "quality_requested", "quality", "size_requested", "size")
+    assert [line[k] for k in image] == [None] * 6
+    assert (line["mainline_model"], line["mainline_cost_usd"]) == ("gpt-4.1", "0.003152")
+    requests = {"team": "design", "endpoint": "responses", "outcome": "ok"}
+    assert (
+        registry.get_sample_value("tollgate_requests_total", {**requests, "model": "gpt-4.1"}) == 1
+    )
+    none = {**requests, "model": "gpt-image-2"}
+    assert registry.get_sample_value("tollgate_requests_total", none) is None
+    reserved = {"team": "design", "model": "gpt-4.1"}
+    assert registry.get_sample_value("tollgate_reserved_usd_total", reserved) == 0.01
 
 
 def dumped(entry: Entry, settlement: Settlement) -> str:

@@ -21,6 +21,7 @@ from starlette.datastructures import QueryParams
 from proxy.config.prices import load_price_book
 from proxy.core.models import NANOS_PER_USD, Entry, Settlement, Usage
 from proxy.core.settings import Allow, Budget, Config, Team, UpstreamSettings
+from proxy.doors.responses import read_body
 from proxy.finance import reconcile, reports, statement
 from proxy.finance.reports import Period
 from proxy.ledger import open_ledger
@@ -414,3 +415,77 @@ async def test_reports_and_statements_are_identical_on_sqlite_and_postgresql(
         pg.drop_schema(schema)
     sqlite, postgres = answers
     assert sqlite["model"]["rows"] and sqlite == postgres
+
+
+def made_no_image(number: int, at: float, fields: dict[str, Any]) -> Request:
+    """A Responses request that made no image, recorded as the door records it: read from
+    its body (`fields`), asked, sent, and settled at its mainline model's cost alone."""
+    team = config().teams[0]
+    body = {"model": "gpt-5.5", "input": "A haiku", "max_output_tokens": 300, **fields}
+    request = read_body(body, 100, "gpt-image-2", team).request
+    usage = Usage(mainline_input=900, mainline_cached_input=100, mainline_output=250)
+    text = BOOK.find_mainline("gpt-5.5")
+    assert text is not None
+    cost = text.cost(usage)
+    entry = (
+        Entry(f"tg_req_{number}", at, "responses")
+        .identified(team.name, CENTERS[team.name], f"{team.name}-key")
+        .asked(request)
+        .sent(request, cost * 2, "")
+    )
+    settled = Settlement(
+        finished_at=at + 5, outcome="ok", status=200, usage=usage, cost_nanos=cost,
+        mainline_cost_nanos=cost,
+    )  # fmt: skip
+    return Request(entry, settled, None)
+
+
+TOOL_NONE = {"type": "image_generation", "model": "gpt-image-1.5", "quality": "low"}
+MADE_NO_IMAGE = (
+    made_no_image(11, DAY_ONE + 300, {}),
+    made_no_image(12, DAY_TWO + 300, {"tools": [TOOL_NONE], "tool_choice": "none"}),
+)
+
+
+async def test_a_response_that_made_no_image_counts_under_its_mainline_model_alone(
+    url: str,
+) -> None:
+    """Without the image tool, or with `tool_choice: none`, a response runs its mainline
+    model alone: by model it is a request of that model, never of an image model (it was
+    recorded under the default image model, gpt-image-2: "2 requests, 0 images"), in the
+    report, the statement, reconcile and the metrics alike."""
+    ledger = await filled(url, (WORKLOAD[0], WORKLOAD[1], *MADE_NO_IMAGE))
+    try:
+        spent = sum(r.settlement.cost_nanos for r in MADE_NO_IMAGE)
+        rows = (await report(ledger, "model"))["rows"]
+        counted = {r["model"]: (r["requests"], r["images"]) for r in rows}
+        assert counted == {"gpt-image-2": (2, 2), "gpt-5.5": (2, 0)}
+        [five] = [r for r in rows if r["model"] == "gpt-5.5"]
+        assert Decimal(five["cost_usd"]) * NANOS_PER_USD == spent + mainline_of(WORKLOAD[1])
+        by_quality = (await report(ledger, "model,quality,size"))["rows"]
+        assert {(r["model"], r["quality"], r["size"]) for r in by_quality} == {
+            ("gpt-image-2", "low", "1024x1024"), ("gpt-image-2", "medium", "1024x1024"),
+            ("gpt-5.5", None, None),
+        }  # fmt: skip
+        ours = await reconcile.ledger_costs(ledger, FIRST, LAST, BOOK)
+        assert {m for _, m in ours} == {"gpt-image-2", "gpt-5.5"}
+        built = statement.as_json(await statement.build(ledger, config(), NOVEMBER))
+        [design] = [t for c in built["cost_centers"] for t in c["teams"] if t["team"] == "design"]
+        lines = {(m["model"], m["quality"], m["part"]): m["requests"] for m in design["by_model"]}
+        assert lines == {
+            ("gpt-image-2", "low", "image"): 1, ("gpt-image-2", "medium", "image"): 1,
+            ("gpt-5.5", None, "mainline"): 2,
+        }  # fmt: skip
+    finally:
+        await ledger.close()
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    for r in MADE_NO_IMAGE:
+        metrics.started()
+        metrics.finished(r.entry, r.settlement, [])
+    labels = {"team": "design", "endpoint": "responses", "outcome": "ok"}
+    assert registry.get_sample_value("tollgate_requests_total", {**labels, "model": "gpt-5.5"}) == 2
+    assert (
+        registry.get_sample_value("tollgate_requests_total", {**labels, "model": "gpt-image-2"})
+        is None
+    )

@@ -21,10 +21,13 @@ import openai
 import pytest
 
 from tests.conftest import (
+    BACKENDS,
     DESIGN_KEY,
     UPSTREAM_KEY,
     Simulator,
     Tollgate,
+    backend_url,
+    drop_ledger,
     nanos,
     start_tollgate,
     wait_for,
@@ -162,6 +165,42 @@ def test_a_restart_adopts_a_held_background_response_and_settles_it_once(
         assert [r["state"] for r in second.rows()] == ["settled"]
     finally:
         second.stop()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_adopted_background_response_that_makes_no_image_is_settled_from_its_usage(
+    simulator: Simulator, tmp_path: Path, backend: str
+) -> None:
+    """Its row names no image model: the process that adopts it rebuilds its bound all the
+    same (the image part, which bounds nothing, priced with the default image model) and
+    settles it from its usage, not at its bound."""
+    write_config(tmp_path, f"{simulator.url}/v1", teams=TEAMS)
+    ledger_url = backend_url(backend)
+    first = start_tollgate(tmp_path, ledger_url=ledger_url)
+    simulator.configure(latency_ms=4000)  # queued while Tollgate restarts
+    try:
+        with first.client() as client:
+            queued = client.responses.create(
+                model="gpt-5.5", input="A haiku", max_output_tokens=300, background=True
+            )
+    finally:
+        simulator.configure(latency_ms=0)
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait(timeout=30)
+    [held] = rows_of(first, queued.id)
+    assert (held["state"], held["held"], held["model"]) == ("reserved", 1, None)
+    second = start_tollgate(tmp_path, ledger_url=ledger_url)
+    try:
+        row = settled_row(second, queued.id)
+        record = billed(simulator, queued.id)
+        assert row["owner"] != held["owner"]  # adopted by the new process
+        assert (row["flagged"], row["error_code"], row["outcome"]) == (0, None, "ok")
+        assert row["cost_nanos"] == row["mainline_cost_nanos"] == record_cost(record) > 0
+        assert (row["model"], row["quality"], row["size"]) == (None, None, None)
+        assert row["mainline_model"] == "gpt-5.5"
+    finally:
+        second.stop()
+        drop_ledger(ledger_url)
 
 
 def test_a_response_followed_by_another_process_is_settled_there_before_it_is_deleted(

@@ -292,6 +292,64 @@ def test_a_tool_without_a_model_gets_the_default_model(
     check_charge(proxy, simulator, response_id, "gpt-5.5", "gpt-image-2")
 
 
+NO_IMAGE = {
+    "no tool": {},
+    "streamed": {"stream": True},
+    "tool_choice none": {"tools": [tool("gpt-image-1.5")], "tool_choice": "none"},
+    "no tool, background": {"background": True},
+}
+
+
+@pytest.mark.parametrize("options", NO_IMAGE.values(), ids=NO_IMAGE.keys())
+def test_a_response_that_makes_no_image_is_recorded_and_counted_under_no_image_model(
+    proxy: Tollgate, simulator: Simulator, options: dict[str, Any]
+) -> None:
+    """Without the image tool, or with `tool_choice: none`, only the mainline model runs:
+    the row names no image model, quality or size (it named the default image model,
+    gpt-image-2, and the metrics counted a request of it), and the metrics labelled by
+    model count it under its mainline model."""
+    mainline = "gpt-4.1-mini"
+
+    def counted(model: str) -> tuple[float, float]:
+        return (
+            proxy.metric(
+                "tollgate_requests_total",
+                team="design", model=model, endpoint="responses", outcome="ok",
+            ),
+            proxy.metric(
+                "tollgate_upstream_request_duration_seconds_count",
+                model=model, endpoint="responses",
+            ),
+        )  # fmt: skip
+
+    before = {m: counted(m) for m in ("gpt-image-2", "gpt-image-1.5", mainline)}
+    raw = proxy.client().responses.with_raw_response.create(
+        model=mainline, input="A haiku about a bicycle", max_output_tokens=300, **options
+    )
+    assert "x-tollgate-model" not in raw.headers  # no default written into the request
+    if options.get("stream"):
+        [done] = [e for e in raw.parse() if e.type == "response.completed"]
+        response_id = done.response.id  # type: ignore[union-attr]
+    else:
+        response_id = json.loads(raw.content)["id"]
+    record = billed(simulator, response_id)
+    assert record["images"] == 0
+    row = settled_row(proxy, response_id)
+    assert row["cost_nanos"] == row["mainline_cost_nanos"] == record_cost(record) > 0
+    assert (row["flagged"], row["outcome"], row["mainline_model"]) == (0, "ok", mainline)
+    image_columns = ("model_requested", "model", "quality_requested", "quality", "size")
+    assert [row[c] for c in image_columns] == [None] * 5
+    assert row["n"] == 0
+
+    def moved() -> dict[str, tuple[float, float]] | None:
+        now = {m: counted(m) for m in before}
+        return now if now[mainline] == (before[mainline][0] + 1, before[mainline][1] + 1) else None
+
+    now = wait_for("the request counted", moved)
+    assert now["gpt-image-2"] == before["gpt-image-2"]
+    assert now["gpt-image-1.5"] == before["gpt-image-1.5"]
+
+
 @pytest.mark.parametrize(
     ("options", "param"),
     [({"quality": "xhigh"}, "tools[0].quality"), ({"size": "1000x1000"}, "tools[0].size")],

@@ -99,6 +99,29 @@ def test_python_sdk_responses_request_retried_pays_once(clean: Tollgate, sim: Si
     assert first["response_id"] == response.id
 
 
+def test_a_retried_response_that_makes_no_image_is_recorded_under_no_image_model(
+    clean: Tollgate, sim: Simulator
+) -> None:
+    """Without the image tool, the first attempt and its replays alike name no image
+    model, quality or size (each named the default image model, gpt-image-2)."""
+    sim.configure(latency_ms=LATENCY_MS)
+    raw = sdk(clean).responses.with_raw_response.create(
+        model="gpt-5.5", input="A haiku about the sea, retried", max_output_tokens=300
+    )
+    assert raw.parse().status == "completed"
+    rows = settled(clean, 2)
+    first = one_charge(
+        clean, sim, raw.headers["x-tollgate-request-id"], raw.headers.get("x-tollgate-replay-of"),
+        len(rows),
+    )  # fmt: skip
+    assert first["cost_nanos"] == first["mainline_cost_nanos"]
+    for row in rows:
+        assert (row["model"], row["model_requested"], row["quality"], row["size"]) == (
+            (None,) * 4
+        ), row["outcome"]
+        assert row["mainline_model"] == "gpt-5.5"
+
+
 # -- 2. the Node SDK -------------------------------------------------------------------
 
 

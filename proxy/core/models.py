@@ -164,6 +164,14 @@ class ImageRequest:
         return replace(self, **changes)  # type: ignore[arg-type]
 
 
+def makes_images(request: ImageRequest) -> bool:
+    """Whether `request` may call an image model. A Responses request without the image
+    tool, or with `tool_choice: none` (0 calls), runs its mainline model alone: it is
+    priced with the default image model (whose part bounds nothing), but recorded and
+    counted under no image model, its `model`, `quality` and `size` left empty."""
+    return request.mainline is None or request.n > 0
+
+
 @dataclass(frozen=True, slots=True)
 class Estimate:
     """An upper bound of a request's cost, reserved before it is forwarded."""
@@ -273,7 +281,8 @@ class Entry:
     estimated_nanos: int = 0
     downgrades: str = ""
     mainline_model: str | None = None
-    """The Responses API's mainline model (`model` is then the image tool's)."""
+    """The Responses API's mainline model (`model` is then the image tool's, None when the
+    request makes no image: see `makes_images`)."""
     context_images: int = 0
     """Responses API: the images in this response's context, which its image tool may be
     given (its own input images, and those a `previous_response_id` carried in)."""
@@ -299,12 +308,13 @@ class Entry:
         idempotency_key: str | None = None,
     ) -> Entry:
         """What the client asked for (and what its repeats would match)."""
+        images = makes_images(request)
         return Entry(
             self.id, self.started_at, self.endpoint, self.team, self.cost_center, self.key_id,
             user=request.user,
-            model_requested=request.model,
-            quality_requested=request.quality,
-            size_requested=request.size,
+            model_requested=request.model if images else None,
+            quality_requested=request.quality if images else None,
+            size_requested=request.size if images else None,
             n_requested=request.n,
             stream=request.stream,
             mainline_model=request.mainline,
@@ -315,10 +325,12 @@ class Entry:
 
     def sent(self, request: ImageRequest, estimated_nanos: int, downgrades: str) -> Entry:
         """What is forwarded (after any downgrade) and the bound reserved for it."""
+        images = makes_images(request)
         return Entry(
             self.id, self.started_at, self.endpoint, self.team, self.cost_center, self.key_id,
-            self.user, self.model_requested, request.model, self.quality_requested,
-            request.quality, self.size_requested, request.size, self.n_requested, request.n,
+            self.user, self.model_requested, request.model if images else None,
+            self.quality_requested, request.quality if images else None,
+            self.size_requested, request.size if images else None, self.n_requested, request.n,
             self.stream, estimated_nanos, downgrades, request.mainline, self.context_images,
             None, self.content_digest, self.idempotency_key,
         )  # fmt: skip

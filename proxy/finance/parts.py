@@ -9,7 +9,9 @@ and `mainline_cost_nanos` the mainline's), so whatever groups rows by model, qua
 size splits them: the request itself (`requests` 1, its images, the image tool's tokens
 and `cost_nanos - mainline_cost_nanos`) stays under its image model, quality and size;
 the mainline model's input tokens and cost go under the mainline model, with no quality
-or size and `requests` 0, so that a request is counted once and every dollar once. The
+or size and `requests` 0, so that a request is counted once and every dollar once. A
+request that made no image (no image tool, or `tool_choice: none`) records no image model,
+quality or size: it is counted whole under its mainline model, `requests` 1. The
 ledger groups by the mainline model in SQL; this folds a few hundred groups, not rows.
 """
 
@@ -43,10 +45,19 @@ def split(aggregates: Iterable[Aggregate], columns: Sequence[GroupColumn]) -> li
     Several groups may end up with the same keys (two image models called by one mainline
     model): callers add them up, as they add up time buckets."""
     at = len(columns)
+    tool = [i for i, c in enumerate(columns) if c in MODEL_COLUMNS]
     found: list[Aggregate] = []
     for a in aggregates:
         keys = a.keys[:at] + a.keys[at + 1 :]
         mainline = a.keys[at]
+        if mainline is not None and all(keys[i] is None for i in tool):
+            # Requests that made no image (no image tool, or `tool_choice: none`) recorded no
+            # image model: they ran their mainline model alone, and are counted under it.
+            own = tuple(
+                _mainline_key(c, k, mainline) for c, k in zip(columns, keys[:at], strict=True)
+            )
+            found.append(replace(a, keys=own + keys[at:]))
+            continue
         if mainline is None or not (a.mainline_cost_nanos or a.mainline_text_input_tokens):
             found.append(replace(a, keys=keys, mainline_text_input_tokens=0, mainline_cost_nanos=0))
             continue
@@ -80,11 +91,9 @@ def _mainline_key(column: GroupColumn, key: object, mainline: object) -> object:
 
 
 def is_mainline(a: Aggregate) -> bool:
-    """Whether `a` (from `split`) is a mainline part: no request of its own, and every
-    dollar and text token its mainline model's."""
-    return (
-        a.requests == 0
-        and (a.mainline_cost_nanos or a.mainline_text_input_tokens) != 0
-        and (a.cost_nanos, a.text_input_tokens)
-        == (a.mainline_cost_nanos, a.mainline_text_input_tokens)
-    )
+    """Whether `a` (from `split`) is a mainline part: every dollar and text token its
+    mainline model's (no request of its own, or requests that made no image)."""
+    return (a.mainline_cost_nanos or a.mainline_text_input_tokens) != 0 and (
+        a.cost_nanos,
+        a.text_input_tokens,
+    ) == (a.mainline_cost_nanos, a.mainline_text_input_tokens)

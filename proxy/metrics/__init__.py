@@ -242,8 +242,10 @@ class Metrics:
 
         A Responses request is billed under two models: its image tool's (`entry.model`,
         the request's own label) and its mainline model's, whose tokens and dollars are
-        counted under that model with `quality=""`. A batch's `/v1/responses` line is one
-        too (`endpoint="batches"`, a mainline model named): both parts of its cost are
+        counted under that model with `quality=""`. One that makes no image records no
+        image model: its own label is then its mainline model's. A batch's
+        `/v1/responses` line is one too (`endpoint="batches"`, a mainline model named):
+        both parts of its cost are
         Responses API spend (its image tool's part used to be left out of
         `tollgate_responses_cost_usd_total`, its mainline part counted).
 

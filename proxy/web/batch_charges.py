@@ -122,10 +122,14 @@ class Rows:
     ) -> BilledLine:
         """The row of billed line `line`, charged `charge`, booked when the batch ended."""
         reservation, ended_at = self.reservation, self.ended_at
+        # A `/v1/responses` line without the image tool (or with `tool_choice: none`) makes
+        # no image: recorded under no image model, as the Responses door records one.
+        images = line.mainline is None or line.n > 0
+        model, quality, size = (line.model, line.quality, line.size) if images else (None,) * 3
         entry = Entry(
             self.request_id(), ended_at, "batches", reservation.team, reservation.cost_center,
-            reservation.key_id, line.user, line.model, line.model, line.quality, line.quality,
-            line.size, line.size, line.n, line.n, False, line.bound_nanos,
+            reservation.key_id, line.user, model, model, quality, quality, size, size,
+            line.n, line.n, False, line.bound_nanos,
             mainline_model=line.mainline, custom_id=line.custom_id,
         )  # fmt: skip
         settled = Settlement(

@@ -358,7 +358,8 @@ class Exchange:
         runtime.alerts.settled(entry)
 
     def observe_upstream(self) -> None:
-        model = self.entry.model or ""
+        # A Responses request that makes no image ran its mainline model alone.
+        model = self.entry.model or self.entry.mainline_model or ""
         elapsed = time.monotonic() - self.sent_at
         self.runtime.metrics.upstream(model, self.door.endpoint, elapsed)
 

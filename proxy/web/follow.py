@@ -358,7 +358,10 @@ def adopted_bound(runtime: Runtime, entry: Entry, usage: Usage) -> Bound | None:
     """The bound of a held reservation, rebuilt from its row: its models' prices as the
     book has them now (`Bound.repriced`), its reserved cost and usage."""
     book = runtime.config.prices
-    model = book.find(entry.model or "")
+    # A request that makes no image records no image model: its image part, which bounds
+    # nothing, is priced with the default one, as it was when it was sent.
+    name = entry.model if entry.model is not None else runtime.config.default_model
+    model = book.find(name)
     mainline = book.find_mainline(entry.mainline_model or "")
     if model is None or mainline is None:
         return None
