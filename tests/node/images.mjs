@@ -373,6 +373,7 @@ const CASES = {
         image: await pngFile("in.png", 256, 256),
         n: 2,
         size: "256x256",
+        response_format: "b64_json", // DALL·E answers URLs unless asked
       }),
     ),
   file_vision: async () =>
