@@ -12,6 +12,10 @@ from typing import Any
 
 import openai
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from proxy.simulator import SimulatorSettings, create_simulator_app
@@ -61,3 +65,33 @@ def test_a_whole_answer_that_cannot_be_held_is_charged_its_bound_and_answered_50
     assert row["flagged"] and row["cost_nanos"] == row["estimated_nanos"] > 0, row
     assert error.response.headers["x-tollgate-cost-usd"] != "0"
     assert gateway.runtime.spools.held == 0
+
+
+def test_an_error_answer_that_cannot_be_held_is_passed_on_empty_at_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upstream error answer past its first 64 KiB goes to disk, and is passed on empty:
+    with no file to spill to, it is passed on empty all the same, and charges nothing."""
+
+    async def refuse(request: Request) -> JSONResponse:
+        error = {"message": "x" * 200_000, "type": "invalid_request_error", "code": None}
+        return JSONResponse({"error": error}, status_code=400)
+
+    upstream = Starlette(routes=[Route("/v1/images/generations", refuse, methods=["POST"])])
+    write_config(tmp_path, "http://simulated/v1")
+
+    def no_file(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool.tempfile, "TemporaryFile", no_file)
+    with TestClient(in_process(tmp_path, upstream)) as client:
+        sdk = openai.OpenAI(
+            api_key=DESIGN_KEY, base_url="http://testserver/v1", http_client=client, max_retries=0
+        )
+        with pytest.raises(openai.BadRequestError) as caught:
+            sdk.images.generate(model="gpt-image-1", prompt="A lantern")
+    assert caught.value.response.headers["x-tollgate-cost-usd"] == "0"
+    rows = query_ledger(tmp_path, None, "SELECT state, outcome, cost_nanos FROM requests")
+    assert [(r["state"], r["outcome"], r["cost_nanos"]) for r in rows] == [
+        ("settled", "upstream_error", 0)
+    ], rows
