@@ -10,6 +10,7 @@ from dataclasses import replace
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,8 +22,11 @@ from proxy.core.settings import Alerts as AlertSettings
 from proxy.core.settings import Allow, Budget, Config, Team, TeamKey
 from proxy.core.status import BudgetStatus
 from proxy.finance.alerts import Alerts, crossings
-from proxy.ledger import Reservation
+from proxy.ledger import HeldEntry, Reservation
 from proxy.ledger.sqlite import SqliteLedger
+from proxy.web import housekeeping
+from proxy.web.batches import release
+from proxy.web.follow import charge_bound
 
 POLICIES = Path(__file__).parent.parent / "policies"
 
@@ -260,3 +264,63 @@ def test_crossings_are_those_of_the_settled_team_and_of_the_organization() -> No
     assert [c.status.scope for c in crossings(budgets, {"research"})] == ["organization"]
     keys = {c.key for c in crossings(budgets, {"design"})}
     assert keys == {"team|design||month|usd|0|0.5", "organization|||month|usd|0|0.5"}
+
+
+async def reserve(ledger: SqliteLedger, nanos: int, n: int) -> Entry:
+    """Reserve (and leave unsettled) a request of team design costing at most `nanos`."""
+    entry = Entry(f"tg_req_{n}", NOW, "generations", team="design", estimated_nanos=nanos)
+    write = counters("design", None, NOW, zone("UTC"))
+    await ledger.reserve(write, lambda totals: Reservation(entry, Usage(images=1), write))
+    return entry
+
+
+async def test_a_reclaim_at_the_bound_announces_the_thresholds_it_crosses(
+    ledger: SqliteLedger, receiver: Receiver
+) -> None:
+    """A reservation no live request owns is charged its bound by housekeeping: a threshold
+    that charge crosses is announced then, not at the team's next settlement (never, when
+    none comes)."""
+    notifier = alerts_for(config((receiver.url,)), ledger)
+    await reserve(ledger, 6 * NANOS, 1)  # 60 % once charged
+    me = housekeeping.this_process()
+    await ledger.register(me, NOW)
+    charged = await housekeeping.reclaim_once(
+        ledger, me, NOW + 7200, after_s=3600.0, reclaimed=notifier.reclaimed
+    )
+    assert charged == 1
+    await notifier.idle()
+    await notifier.aclose()
+    assert [(m["team"], m["threshold"]) for m in receiver.messages] == [("design", "0.5")]
+
+
+async def test_a_held_reservation_charged_its_bound_announces_the_thresholds_it_crosses(
+    ledger: SqliteLedger, receiver: Receiver
+) -> None:
+    """A held response whose models a reload took away is charged its bound when adopted
+    (`charge_bound`): announced as any settlement is."""
+    notifier = alerts_for(config((receiver.url,)), ledger)
+    entry = await reserve(ledger, 9 * NANOS, 1)  # 90 % once charged
+    await ledger.hold(entry.id, "resp_1")
+    runtime: Any = SimpleNamespace(clock=lambda: NOW, ledger=ledger, alerts=notifier)
+    await charge_bound(runtime, HeldEntry(entry, Usage(images=1), None), "resp_1")
+    await notifier.idle()
+    await notifier.aclose()
+    assert [m["threshold"] for m in receiver.messages] == ["0.5", "0.8"]
+
+
+async def test_a_batch_create_charged_its_bound_announces_the_thresholds_it_crosses(
+    ledger: SqliteLedger, receiver: Receiver
+) -> None:
+    """A batch create that may have reached OpenAI and got no answer is charged its bound
+    (`release`, `charged`): announced as any settlement is."""
+    cfg = config((receiver.url,))
+    notifier = alerts_for(cfg, ledger)
+    entry = await reserve(ledger, 6 * NANOS, 1)
+    metrics = SimpleNamespace(finished=lambda *args, **kwargs: None)
+    runtime: Any = SimpleNamespace(
+        clock=lambda: NOW, ledger=ledger, alerts=notifier, config=cfg, metrics=metrics
+    )
+    await release(runtime, entry, 502, "upstream_unavailable", charged=Usage(images=1))
+    await notifier.idle()
+    await notifier.aclose()
+    assert [m["threshold"] for m in receiver.messages] == ["0.5"]

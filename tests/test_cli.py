@@ -80,6 +80,22 @@ def test_check_and_serve_print_every_problem_as_file_line_message(tmp_path: Path
         ), problems
 
 
+def test_check_reads_an_upper_case_team_file_and_names_a_dangling_one(tmp_path: Path) -> None:
+    """A team file `tollgate check` passed over without a word: its team's keys got 401."""
+    write_config(tmp_path, "http://127.0.0.1:9/v1")
+    (tmp_path / "teams" / "design.yaml").rename(tmp_path / "teams" / "design.YAML")
+    done = tollgate("check", "--config", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "ok (2 teams" in done.stdout, done.stdout
+    (tmp_path / "teams" / "research.yaml").unlink()
+    (tmp_path / "teams" / "research.yaml").symlink_to(tmp_path / "elsewhere" / "research.yaml")
+    done = tollgate("check", "--config", str(tmp_path))
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"{tmp_path}/teams/research.yaml:1: not read as a team file: a symlink to nothing"
+    ]
+
+
 @pytest.mark.parametrize(
     ("setting", "line"),
     [

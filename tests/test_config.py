@@ -14,7 +14,7 @@ import pytest
 import yaml
 from jsonschema import Draft202012Validator
 
-from proxy.config import config_schema, default_config_path, load_config
+from proxy.config import config_schema, default_config_path, load_config, loader
 from proxy.core.errors import ConfigError
 from proxy.core.models import Usage
 from proxy.core.settings import Budget, Config, Passthrough
@@ -1279,3 +1279,101 @@ def test_a_url_no_request_could_be_sent_to_is_refused_without_showing_it(
     request then failed on; a bracket without its end made `check` end in a traceback."""
     write(policies / "tollgate.yaml", settings)
     assert problems_of(policies) == [f"policies/tollgate.yaml:{expected}"]
+
+
+# -- which files are read, and from which snapshot -------------------------------------
+
+
+def kubernetes_volume(root: Path, stamp: str, teams: dict[str, str], timezone: str) -> None:
+    """A snapshot of a ConfigMap volume as the kubelet writes it: a timestamped directory
+    (`..2026_…`), `..data` a symlink to it, each entry a symlink through `..data`."""
+    snapshot = root / f"..2026_05_28_{stamp}"
+    write(snapshot / "tollgate.yaml", f"timezone: {timezone}\n")
+    for name, text in teams.items():
+        write(snapshot / "teams" / name, text)
+    swapped = root / "..data_tmp"
+    swapped.symlink_to(snapshot.name)
+    swapped.replace(root / "..data")  # the kubelet's atomic swap
+    for entry in ("tollgate.yaml", "teams"):
+        if not (root / entry).is_symlink():
+            (root / entry).symlink_to(f"..data/{entry}")
+
+
+def test_a_kubernetes_configmap_swapped_during_a_load_is_read_from_one_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ConfigMap updated while a load reads it: every file comes from the snapshot the
+    load began with, never some from the old and some from the new."""
+    root = tmp_path / "policies"
+    root.mkdir()
+    old = {"a.yaml": team_yaml("alpha", KEY_A), "b.yaml": team_yaml("beta", KEY_B)}
+    kubernetes_volume(root, "10_00", old, "UTC")
+    new = {"a.yaml": team_yaml("gamma", KEY_A), "b.yaml": team_yaml("delta", KEY_B)}
+    real_read = loader.read_document
+    swapped: list[str] = []
+
+    def read_then_swap(path: Path, file: str, env: Any) -> Any:
+        found = real_read(path, file, env)
+        if not swapped:  # the kubelet swaps the volume right after the first file
+            swapped.append(file)
+            kubernetes_volume(root, "11_00", new, "Europe/Paris")
+        return found
+
+    monkeypatch.setattr(loader, "read_document", read_then_swap)
+    config = load(root)
+    assert swapped
+    assert (config.timezone, [t.name for t in config.teams]) == ("UTC", ["alpha", "beta"])
+    # The next load reads the new snapshot whole; messages name the paths as given.
+    config = load(root)
+    assert (config.timezone, [t.name for t in config.teams]) == ("Europe/Paris", ["gamma", "delta"])
+    write(root / "..2026_05_28_11_00" / "teams" / "c.yaml", "name: [\n")
+    assert all(p.startswith(f"{root}/teams/c.yaml:") for p in problems_of(root))
+
+
+def test_a_teams_directory_that_is_a_configmap_of_its_own_is_read_from_one_snapshot(
+    policies: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    teams = policies / "teams"
+    teams.mkdir()
+    snapshot = teams / "..2026_05_28_10_00"
+    write(snapshot / "a.yaml", team_yaml("alpha", KEY_A))
+    write(snapshot / "b.yaml", team_yaml("beta", KEY_B))
+    (teams / "..data").symlink_to(snapshot.name)
+    for name in ("a.yaml", "b.yaml"):
+        (teams / name).symlink_to(f"..data/{name}")
+    real_read = loader.read_document
+
+    def read_then_swap(path: Path, file: str, env: Any) -> Any:
+        found = real_read(path, file, env)
+        if file.endswith("a.yaml"):
+            fresh = teams / "..2026_05_28_11_00"
+            write(fresh / "a.yaml", team_yaml("gamma", KEY_A))
+            write(fresh / "b.yaml", team_yaml("delta", KEY_B))
+            (teams / "..data_tmp").symlink_to(fresh.name)
+            (teams / "..data_tmp").replace(teams / "..data")
+        return found
+
+    monkeypatch.setattr(loader, "read_document", read_then_swap)
+    assert [t.name for t in load(policies).teams] == ["alpha", "beta"]
+
+
+def test_team_files_with_a_yaml_suffix_in_any_case_are_read(policies: Path) -> None:
+    write(policies / "teams" / "a.YAML", team_yaml("alpha", KEY_A))
+    write(policies / "teams" / "b.Yml", team_yaml("beta", KEY_B))
+    write(policies / "teams" / "README.md", "not a team\n")
+    (policies / "teams" / "archive").mkdir()
+    write(policies / "teams" / "archive" / "old.yaml", team_yaml("old", KEY_A))
+    assert [t.name for t in load(policies).teams] == ["alpha", "beta"]
+
+
+def test_a_team_file_that_cannot_be_read_is_a_problem_not_skipped(policies: Path) -> None:
+    """A dangling symlink or a directory named as a team file: its team is not there (its
+    key would get 401), so it is said, at `file:1`, rather than passed over."""
+    write(policies / "teams" / "a.yaml", team_yaml("alpha", KEY_A))
+    (policies / "teams" / "gone.yaml").symlink_to("/nonexistent/gone.yaml")
+    (policies / "teams" / "folder.yml").mkdir()
+    (policies / "teams" / ".#a.yaml").symlink_to("user@host.1234")  # an editor's lock
+    assert problems_of(policies) == [
+        "policies/teams/folder.yml:1: not read as a team file: not a regular file",
+        "policies/teams/gone.yaml:1: not read as a team file: a symlink to nothing",
+    ]

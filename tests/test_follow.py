@@ -81,12 +81,17 @@ def test_a_held_response_whose_models_left_the_price_book_is_charged_its_bound(
 
             await ledger.reserve([], choose)
             await ledger.hold("bg", "resp_bg")
+            told: list[str] = []
             runtime = SimpleNamespace(
-                ledger=ledger, config=config((team("design"),)), clock=lambda: 2000.0
+                ledger=ledger,
+                config=config((team("design"),)),
+                clock=lambda: 2000.0,
+                alerts=SimpleNamespace(settled=lambda entry: told.append(entry.id)),
             )
             followers = Followers()
             await followers.pick_up(cast(Runtime, runtime))
             assert followers.following == {}
+            assert told == ["bg"]  # its budgets' thresholds are checked, as at any charge
             assert await ledger.held() == []
             return await exported(ledger, "bg"), (await ledger.totals([DESIGN_DAY]))[DESIGN_DAY]
         finally:

@@ -10,7 +10,7 @@ turns their documents into a `Config`.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,25 +68,74 @@ class _Read:
 
 
 def _read_directory(given: Path, env: Mapping[str, str]) -> _Read:
-    """`tollgate.yaml` and every `teams/*.yaml` (or `.yml`), by file name."""
+    """`tollgate.yaml` and every `teams/*.yaml` (or `.yml`, in any case), by file name, all
+    from one snapshot of the directory (`_snapshot`); a name in `teams/` that looks like a
+    team file but cannot be read as one (a dangling symlink, a directory) is a problem."""
     settings_path = given / SETTINGS_FILE
     read = _Read(None, files=[str(settings_path)])
-    if settings_path.is_file():
-        read.settings, found = read_document(settings_path, str(settings_path), env)
+    where = _snapshot(given)
+    settings_real = where(SETTINGS_FILE)
+    if settings_real.is_file():
+        read.settings, found = read_document(settings_real, str(settings_path), env)
         read.problems += found
     else:
         read.problems.append(f"{settings_path}: not found (the global settings file)")
-    team_files = sorted(
-        (p for p in (given / TEAMS_DIR).glob("*") if p.suffix in (".yaml", ".yml") and p.is_file()),
-        key=lambda p: p.name,
-    )
-    for team_file in team_files:
-        doc, found = read_document(team_file, str(team_file), env)
-        read.files.append(str(team_file))
+    shown = given / TEAMS_DIR
+    teams = _snapshot(where(TEAMS_DIR))
+    try:
+        names = sorted(entry.name for entry in os.scandir(teams("")))
+    except OSError:
+        names = []  # no teams directory: every team is in tollgate.yaml, or there are none
+    for name in names:
+        if not _looks_like_team_file(name):
+            continue
+        team_file, file = teams(name), str(shown / name)
+        read.files.append(file)
+        if not team_file.is_file():
+            why = "a symlink to nothing" if team_file.is_symlink() else "not a regular file"
+            read.problems.append(f"{file}:1: not read as a team file: {why}")
+            continue
+        doc, found = read_document(team_file, file, env)
         read.problems += found
         if doc is not None:
             read.teams.append(doc)
     return read
+
+
+TEAM_SUFFIXES = (".yaml", ".yml")
+"""What a team file's name ends with, in any case (`design.YAML` is read too)."""
+
+
+def _looks_like_team_file(name: str) -> bool:
+    """Whether `name` in `teams/` is meant as a team file: a YAML suffix in any case, and
+    not an editor's lock file (`.#design.yaml`, a symlink to nothing while it edits)."""
+    return name.lower().endswith(TEAM_SUFFIXES) and not name.startswith(".#")
+
+
+KUBERNETES_DATA = "..data"
+"""In a Kubernetes ConfigMap or Secret volume: the symlink to the directory of the current
+snapshot (`..2026_05_28_10_00_00.123`), swapped atomically to a new one at each update;
+each file is a symlink through it (`teams -> ..data/teams`)."""
+
+
+def _snapshot(directory: Path) -> Callable[[str], Path]:
+    """Where each name in `directory` is read, resolved once: every file of one load is
+    read from one snapshot of it. The directory's real path (`os.path.realpath`); within a
+    Kubernetes volume (`KUBERNETES_DATA`), the snapshot its `..data` names now, for the
+    names it holds. Read name by name through the unresolved path, a swap during a load
+    could mix old files with new ones."""
+    real = Path(os.path.realpath(directory))
+    data = real / KUBERNETES_DATA
+    pinned = Path(os.path.realpath(data)) if data.is_symlink() else None
+
+    def where(name: str) -> Path:
+        if pinned is not None and name and os.path.lexists(pinned / name):
+            return pinned / name
+        if not name:
+            return pinned or real
+        return real / name
+
+    return where
 
 
 def _read_file(given: Path, env: Mapping[str, str]) -> _Read:

@@ -32,6 +32,8 @@ from proxy.core.pricing import MainlinePrices, ModelPrices
 
 STREAM_TRUNCATED = "stream_truncated"
 MALFORMED_ANSWER = "malformed_answer"
+ANSWER_NOT_HELD = "answer_not_held"
+"""A whole 2xx answer Tollgate had no memory or disk to hold while it metered it."""
 OVER_BOUND = "usage_over_bound"
 ROUNDING_NANOS = 2
 """How far a charge may pass its bound by rounding alone: a Responses request's two parts

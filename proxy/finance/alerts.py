@@ -168,6 +168,20 @@ class Alerts:
             self._idle.clear()
             self._wake.set()
 
+    def reclaimed(self) -> None:
+        """Note that reservations were charged their bound by a reclaim (whose teams it does
+        not say): the budgets of every team that has thresholds are checked; returns at
+        once."""
+        config = self.config
+        if not config.alerts.webhooks:
+            return
+        every = any(b.alert_at for b in config.organization_budgets)
+        teams = {t.name for t in config.teams if every or watched(config, t.name)}
+        if teams:
+            self._pending |= teams
+            self._idle.clear()
+            self._wake.set()
+
     async def idle(self) -> None:
         """Wait until every noted settlement has been checked and its messages sent."""
         await self._idle.wait()

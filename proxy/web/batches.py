@@ -430,6 +430,7 @@ async def release(
     except LedgerError as exc:
         log.error("ledger settle failed for %s: %s", entry.id, exc)
     observe(runtime, entry, settled, ())
+    runtime.alerts.settled(entry)  # charged its bound: a threshold it crosses is announced
 
 
 async def _batch_of_file(

@@ -52,6 +52,11 @@ DEADLINE_MESSAGE = (
 Headers = Iterable[tuple[str, str]]
 
 
+class NotHeld(Exception):
+    """A 2xx answer being read whole that its spool could not hold: no room in the spool
+    memory and no temporary file to spill to (a full disk, too many open files)."""
+
+
 class Exchange:
     """A request reserved and about to be forwarded: everything its settlement needs."""
 
@@ -173,17 +178,26 @@ class Exchange:
         spool = Spool(memory=self.runtime.spools if ok else None)
         meter = self.door.answer_meter() if ok else None
         upstream_id = answer.headers.get("x-request-id")
+        held = True
         try:
             try:
                 async for chunk in self.within_deadline(answer.chunks()):
-                    spool.write(chunk)
+                    if held:
+                        try:
+                            spool.write(chunk)
+                        except OSError as exc:
+                            if ok:
+                                raise NotHeld(exc) from exc
+                            # An error answer is passed on empty past its first 64 KiB.
+                            held = False
+                            spool.close()
                     if meter is not None:
                         meter.feed(chunk)
             finally:
                 await answer.aclose()
                 self.observe_upstream()
             found = meter.finish() if meter is not None else None
-        except (*BROKEN_OFF, MalformedAnswer) as exc:
+        except (*BROKEN_OFF, MalformedAnswer, NotHeld) as exc:
             spool.close()
             return await self.unreadable(answer, exc)
         if found is None:
@@ -231,11 +245,19 @@ class Exchange:
         return Response(body, status_code=answer.status, headers=headers)
 
     async def unreadable(self, answer: Answer, failure: Exception) -> Response:
-        """An answer that broke off, is not JSON or outlived its deadline: the upstream may
-        have billed; charged its bound."""
+        """An answer that broke off, is not JSON, outlived its deadline or could not be held
+        (`NotHeld`): the upstream may have billed; charged its bound."""
         exc: RequestError
         if isinstance(failure, DeadlineExceeded):
             exc, code = failure, "deadline_exceeded"
+        elif isinstance(failure, NotHeld):
+            log.error("holding the answer of %s failed: %s", self.entry.id, failure)
+            exc = UpstreamUnavailable(
+                "Tollgate could not hold the upstream's answer to meter it (no memory or disk "
+                "for it). The request's estimated cost was charged and flagged for "
+                "reconciliation."
+            )
+            code = settlement.ANSWER_NOT_HELD
         else:
             exc = UpstreamUnavailable(
                 f"The upstream's answer could not be read ({failure}). The request's "

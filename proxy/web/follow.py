@@ -336,6 +336,7 @@ async def charge_bound(runtime: Runtime, held: HeldEntry, upstream_id: str) -> N
         response_id=upstream_id,
     )
     await runtime.ledger.settle(entry.id, charged)
+    runtime.alerts.settled(entry)  # a threshold it crosses is announced, as for any charge
 
 
 def adopted(runtime: Runtime, held: HeldEntry, upstream_id: str) -> Followed | None:

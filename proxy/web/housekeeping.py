@@ -57,22 +57,30 @@ def dead(owner: Owner, me: Owner, now: float) -> bool:
     return now - owner.heartbeat_at > SILENT_S
 
 
+def _no() -> None:
+    """Nothing to tell."""
+
+
 def reclaim_after_s(upstream: UpstreamSettings) -> float:
     """The age past which a reservation belongs to no live request: the exchange's total
     deadline, then the settlement's retries (`timeout_s`), then a margin."""
     return upstream.deadline_s + upstream.timeout_s + RECLAIM_MARGIN_S
 
 
-async def reclaim_once(ledger: Ledger, me: Owner, now: float, after_s: float) -> int:
+async def reclaim_once(
+    ledger: Ledger, me: Owner, now: float, after_s: float, reclaimed: Callable[[], None] = _no
+) -> int:
     """Adopt the held reservations (background responses) of dead processes, then settle at
     their bound the other reservations of dead processes and of requests older than
-    `after_s` (see `reclaim_after_s`)."""
+    `after_s` (see `reclaim_after_s`); `reclaimed` is told when some were (the budget
+    alerts: a charge at the bound may cross a threshold as any settlement may)."""
     gone = [o.id for o in await ledger.owners() if dead(o, me, now)]
     adopted = await ledger.adopt(gone)
     if adopted:
         log.info("following %d background response(s) of stopped processes", adopted)
     count = await ledger.reclaim(now, started_before=now - after_s, owners=gone)
     if count:
+        reclaimed()
         log.warning(
             "charged %d reservation(s) of stopped processes or past every deadline at their "
             "bound, flagged outcome_unknown: see `tollgate ledger flagged`",
@@ -82,10 +90,14 @@ async def reclaim_once(ledger: Ledger, me: Owner, now: float, after_s: float) ->
 
 
 async def run(
-    ledger: Ledger, me: Owner, clock: Callable[[], float], after_s: Callable[[], float]
+    ledger: Ledger,
+    me: Owner,
+    clock: Callable[[], float],
+    after_s: Callable[[], float],
+    reclaimed: Callable[[], None] = _no,
 ) -> None:
     """Heartbeat and reclaim until cancelled (`after_s`: the current configuration's age
-    limit, which a reload may change)."""
+    limit, which a reload may change; `reclaimed`: as for `reclaim_once`)."""
     since_reclaim = 0.0
     while True:
         await asyncio.sleep(HEARTBEAT_S)
@@ -94,6 +106,6 @@ async def run(
             since_reclaim += HEARTBEAT_S
             if since_reclaim >= RECLAIM_EVERY_S:
                 since_reclaim = 0.0
-                await reclaim_once(ledger, me, clock(), after_s())
+                await reclaim_once(ledger, me, clock(), after_s(), reclaimed)
         except LedgerError as exc:
             log.error("ledger housekeeping failed: %s", exc)

@@ -71,13 +71,19 @@ async def start_duties(first: Runtime, current: Callable[[], Runtime]) -> asynci
     me = housekeeping.this_process()
     await ledger.register(me, clock())
     after_s = housekeeping.reclaim_after_s(first.config.upstream)
-    await housekeeping.reclaim_once(ledger, me, clock(), after_s)
+    # Announced once the alerts start: the teams whose reservations were charged their
+    # bound may have crossed a threshold.
+    await housekeeping.reclaim_once(ledger, me, clock(), after_s, first.alerts.reclaimed)
     first.alerts.start()
 
     async def duties() -> None:
         await asyncio.gather(
             housekeeping.run(
-                ledger, me, clock, lambda: housekeeping.reclaim_after_s(current().config.upstream)
+                ledger,
+                me,
+                clock,
+                lambda: housekeeping.reclaim_after_s(current().config.upstream),
+                first.alerts.reclaimed,
             ),
             first.followers.run(current),
             forget_kept_answers(current),
