@@ -38,6 +38,8 @@ OUTSIDE_THE_TREE = {
     ("proxy.ledger.sqlite_connections", "_Busy"): "a busy database, retried in place",
     ("proxy.ledger.sqlite_connections", "_WalFull"): "a WAL past its bound, retried in place",
     ("proxy.core.dimensions", "_Ambiguous"): "why an image is refused, raised as InvalidRequest",
+    ("proxy.web.exchange", "_NotHeld"): "a 2xx answer its spool could not hold, charged its "
+    "bound and answered 502 where it is caught",
     ("proxy.config.source", "_TooManyAliased"): "a file whose aliases stand for too many "
     "values, made its problem",
     ("proxy.web.batch_follow", "OutputGone"): "a batch's output file deleted unread, its "

@@ -52,7 +52,7 @@ DEADLINE_MESSAGE = (
 Headers = Iterable[tuple[str, str]]
 
 
-class NotHeld(Exception):
+class _NotHeld(Exception):
     """A 2xx answer being read whole that its spool could not hold: no room in the spool
     memory and no temporary file to spill to (a full disk, too many open files)."""
 
@@ -187,7 +187,7 @@ class Exchange:
                             spool.write(chunk)
                         except OSError as exc:
                             if ok:
-                                raise NotHeld(exc) from exc
+                                raise _NotHeld(exc) from exc
                             # An error answer is passed on empty past its first 64 KiB.
                             held = False
                             spool.close()
@@ -197,7 +197,7 @@ class Exchange:
                 await answer.aclose()
                 self.observe_upstream()
             found = meter.finish() if meter is not None else None
-        except (*BROKEN_OFF, MalformedAnswer, NotHeld) as exc:
+        except (*BROKEN_OFF, MalformedAnswer, _NotHeld) as exc:
             spool.close()
             return await self.unreadable(answer, exc)
         if found is None:
@@ -246,11 +246,11 @@ class Exchange:
 
     async def unreadable(self, answer: Answer, failure: Exception) -> Response:
         """An answer that broke off, is not JSON, outlived its deadline or could not be held
-        (`NotHeld`): the upstream may have billed; charged its bound."""
+        (`_NotHeld`): the upstream may have billed; charged its bound."""
         exc: RequestError
         if isinstance(failure, DeadlineExceeded):
             exc, code = failure, "deadline_exceeded"
-        elif isinstance(failure, NotHeld):
+        elif isinstance(failure, _NotHeld):
             log.error("holding the answer of %s failed: %s", self.entry.id, failure)
             exc = UpstreamUnavailable(
                 "Tollgate could not hold the upstream's answer to meter it (no memory or disk "
