@@ -293,7 +293,12 @@ def proxy(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Ite
 @pytest.fixture(autouse=True)
 def calm(simulator: Simulator) -> Iterator[None]:
     """Short batches, a day's window, no latency or faults, creates answered at once."""
-    knobs = {"batch_delay_ms": 400, "batch_window_ms": DAY * 1000, "batch_read_ms": 0}
+    knobs = {
+        "batch_delay_ms": 400,
+        "batch_window_ms": DAY * 1000,
+        "batch_read_ms": 0,
+        "batch_answer_ms": 0,
+    }
     simulator.configure(latency_ms=0, fault=None, **knobs)
     yield
     simulator.configure(latency_ms=0, fault=None, **knobs)

@@ -418,3 +418,49 @@ def test_a_create_that_timed_out_but_ran_upstream_is_charged_not_released(
     # never released for spend the ledger would not see.
     assert row["cost_nanos"] >= billed, row
     assert row["flagged"] == 1
+
+
+def test_a_repeat_of_a_create_whose_batch_was_found_after_its_answer_was_lost_makes_none(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """The upstream made the batch but its answer came after Tollgate stopped waiting
+    (`timeout_s: 3`): Tollgate finds the batch of the file and follows it, and the client
+    gets the 504 (`x-should-retry: false`). A repeat of that create (same Idempotency-Key)
+    gets that failure again; it waited out its deadline and made a second batch, billed
+    again."""
+    client = proxy.client(RESEARCH_KEY)
+    uploaded = upload(client, generations("gpt-image-2", 2))
+    simulator.configure(batch_answer_ms=8_000)
+    key = {"Idempotency-Key": f"create-{uploaded.id}"}
+    try:
+        with pytest.raises(openai.APIStatusError) as first:
+            client.batches.create(
+                input_file_id=uploaded.id,
+                endpoint=GENERATIONS,
+                completion_window="24h",
+                extra_headers=key,
+            )
+        assert first.value.status_code == 504
+        assert first.value.response.headers["x-should-retry"] == "false"
+        with pytest.raises(openai.APIStatusError) as again:
+            client.batches.create(
+                input_file_id=uploaded.id,
+                endpoint=GENERATIONS,
+                completion_window="24h",
+                extra_headers=key,
+            )
+    finally:
+        simulator.configure(batch_answer_ms=0)
+    first_id = first.value.response.headers["x-tollgate-request-id"]
+    assert again.value.status_code == 504
+    assert again.value.response.headers["x-tollgate-replay-of"] == first_id
+    assert again.value.response.headers["x-should-retry"] == "false"
+    page = httpx.get(
+        f"{simulator.url}/v1/batches",
+        headers={"authorization": f"Bearer {UPSTREAM_KEY}"},
+        params={"limit": 100},
+    ).json()
+    made = [b["id"] for b in page["data"] if b["input_file_id"] == uploaded.id]
+    assert len(made) == 1, "one batch made upstream"
+    row = proxy.row(first_id)
+    assert row["state"] in ("held", "settled") and row["estimated_nanos"] > 0

@@ -291,6 +291,25 @@ def test_garbage_answer_is_502_and_charges_the_estimate_flagged(tollgate: Tollga
     assert_still_serving(tollgate)
 
 
+def test_a_garbage_answer_charged_its_bound_is_not_retried_by_the_sdk(tollgate: Tollgate) -> None:
+    """A 2xx whose body cannot be read was billed upstream and is charged its bound: its
+    502 says `x-should-retry: false`, as every failure that may have been billed does, so
+    the SDK gives up at once instead of retrying (each retry answered the failure again)."""
+    with pytest.raises(openai.APIStatusError) as caught:
+        tollgate.client(max_retries=2).images.generate(
+            model="gpt-image-2", prompt="[[fault:garbage]] once", quality="low", size="1024x1024"
+        )
+    answer = caught.value.response
+    assert answer.status_code == 502
+    assert answer.headers["x-should-retry"] == "false"
+    assert "x-tollgate-replay-of" not in answer.headers, "the SDK retried"
+    request_id = answer.headers["x-tollgate-request-id"]
+    row = wait_settled(tollgate, request_id)
+    assert row["flagged"] == 1 and row["cost_nanos"] == row["estimated_nanos"] > 0
+    replays = [r for r in tollgate.rows() if r["upstream_request_id"] == request_id]
+    assert replays == []
+
+
 def test_answer_without_usage_charges_the_estimate_flagged(tollgate: Tollgate) -> None:
     raw = tollgate.client().images.with_raw_response.generate(
         model="gpt-image-2", prompt="[[fault:nousage]]", quality="low", size="1024x1024"

@@ -687,6 +687,7 @@ def test_runtime_config_sets_a_fault_for_every_request(sim: Sim, client: openai.
         "queue_ms": 0,
         "background_ms": DEFAULT_BACKGROUND_MS,
         "batch_read_ms": 0,
+        "batch_answer_ms": 0,
         "data_residency": False,
     }
     assert sim.configure(fault="503")["fault"] == "503"

@@ -223,6 +223,10 @@ async def _create_batch(state: SimulatorState, request: Request, now: float) -> 
         padding=knobs.payload_bytes,
     )
     state.batches.put(batch)
+    if knobs.batch_answer_ms:
+        # The batch exists (and is listed) before its create is answered: an answer that
+        # comes too late for the client leaves the batch made all the same.
+        await sleep_ms(knobs.batch_answer_ms)
     return _ok(batch.to_json(now))
 
 

@@ -16,7 +16,7 @@ DEFAULT_BATCH_WINDOW_MS = 24 * 3600 * 1000
 """OpenAI's only completion window, "24h"."""
 _COUNTS = (
     "latency_ms", "payload_bytes", "batch_delay_ms", "batch_window_ms", "queue_ms",
-    "background_ms", "batch_read_ms",
+    "background_ms", "batch_read_ms", "batch_answer_ms",
 )  # fmt: skip
 
 
@@ -63,6 +63,9 @@ class Knobs:
     batch_read_ms: int = 0
     """How long a batch create reads its input file before the batch exists and is
     answered: a create that outlives its client's timeout still creates the batch."""
+    batch_answer_ms: int = 0
+    """How long a batch create waits, once its batch exists (and is listed), before it is
+    answered: a create whose answer is lost though its batch was made."""
     data_residency: bool = False
     """Requests billed from now on are billed as a regional endpoint bills them (a batch's
     lines: as the knob stands when the batch ends)."""
@@ -99,6 +102,7 @@ class Knobs:
             queue_ms=count("queue_ms", self.queue_ms),
             background_ms=count("background_ms", self.background_ms),
             batch_read_ms=count("batch_read_ms", self.batch_read_ms),
+            batch_answer_ms=count("batch_answer_ms", self.batch_answer_ms),
         )
         if "data_residency" in changes:
             if not isinstance(changes["data_residency"], bool):
@@ -126,5 +130,6 @@ class Knobs:
             "queue_ms": self.queue_ms,
             "background_ms": self.background_ms,
             "batch_read_ms": self.batch_read_ms,
+            "batch_answer_ms": self.batch_answer_ms,
             "data_residency": self.data_residency,
         }

@@ -210,8 +210,22 @@ class Batches:
             )
             body = await read_answer(answer)
         except RequestError as exc:
-            await self.not_created(runtime, entry, exc, stored.id, project, bound.usage)
-            return error_response(exc, headers)
+            adopted = await self.not_created(runtime, entry, exc, stored.id, project, bound.usage)
+            failed = error_response(exc, headers)
+            if adopted and found is not None:
+                # Its batch was made and is followed, its reservation held: a repeat of this
+                # create finds it neither kept nor settled, and would make a second batch
+                # once it stopped waiting. It is answered this failure instead.
+                store = config.retries.store_bytes
+                keep = repeats.Keep(team.name, True, request.is_disconnected, store)
+                try:
+                    await keep.keep(
+                        runtime, entry.id, failed.status_code,
+                        list(failed.headers.items()), bytes(failed.body),
+                    )  # fmt: skip
+                except LedgerError as keep_failed:
+                    log.error("keeping the answer of %s failed: %s", entry.id, keep_failed)
+            return failed
         if 200 <= answer.status < 300:
             batch_id = _id_of(body)
             if found is not None:
@@ -296,22 +310,24 @@ class Batches:
         file_id: str,
         project: str | None,
         usage: Usage,
-    ) -> None:
+    ) -> bool:
         """No answer to the create: if it may have reached the upstream, the batch may exist;
         the upstream's list says (a batch of this input file not yet Tollgate's is followed).
         When it does not, the upstream may still be creating it (it reads the whole file
         first) and would bill its lines: the bound is charged, flagged for reconciliation, as
-        any request that may have been billed. Else the reservation is released."""
+        any request that may have been billed. Else the reservation is released. Whether
+        the batch was found and is followed."""
         if isinstance(failure, UpstreamFailure) and failure.maybe_billed:
             found = await _batch_of_file(runtime, file_id, project)
             if found is not None and await runtime.ledger.stored(found[0]) is None:
                 stored = await runtime.ledger.stored(file_id)
                 if stored is not None:
                     await self.follow(runtime, entry, stored, found[0], project, found[1])
-                    return
+                    return True
             await release(runtime, entry, failure.status, failure.ledger_code, charged=usage)
-            return
+            return False
         await release(runtime, entry, failure.status, failure.code)
+        return False
 
     async def listing(self, request: Request, runtime: Runtime) -> Response:
         return await scoped_listing(request, runtime, self.key_refusals, BATCHES, own_outputs)

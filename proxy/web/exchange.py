@@ -246,7 +246,8 @@ class Exchange:
 
     async def unreadable(self, answer: Answer, failure: Exception) -> Response:
         """An answer that broke off, is not JSON, outlived its deadline or could not be held
-        (`_NotHeld`): the upstream may have billed; charged its bound."""
+        (`_NotHeld`): the upstream may have billed; charged its bound, and its 502 says
+        `x-should-retry: false` (an SDK's retry would be billed again)."""
         exc: RequestError
         if isinstance(failure, DeadlineExceeded):
             exc, code = failure, "deadline_exceeded"
@@ -255,13 +256,15 @@ class Exchange:
             exc = UpstreamUnavailable(
                 "Tollgate could not hold the upstream's answer to meter it (no memory or disk "
                 "for it). The request's estimated cost was charged and flagged for "
-                "reconciliation."
+                "reconciliation.",
+                maybe_billed=True,
             )
             code = settlement.ANSWER_NOT_HELD
         else:
             exc = UpstreamUnavailable(
                 f"The upstream's answer could not be read ({failure}). The request's "
-                "estimated cost was charged and flagged for reconciliation."
+                "estimated cost was charged and flagged for reconciliation.",
+                maybe_billed=True,
             )
             code = settlement.MALFORMED_ANSWER
         verdict = settlement.unknown(self.bound, code)
