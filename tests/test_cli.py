@@ -589,6 +589,33 @@ def test_a_report_flag_given_twice_is_a_usage_error_not_the_last_one_alone(
     assert f"argument {argv[1]}: given more than once" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["reconcile", "--to", "2026-11-30", "--costs", "c.json", "--to", "2026-11-03"],
+        ["reconcile", "--from", "2026-11-01", "--from", "2026-11-20", "--costs", "c.json"],
+        ["reconcile", "--costs", "a.json", "--costs", "b.json"],
+        ["reconcile", "--by", "project", "--by", "model", "--costs", "c.json"],
+        ["reconcile", "--tolerance", "5", "--costs", "c.json", "--tolerance", "0.01"],
+        ["ledger", "flagged", "--from", "2026-11-01", "--from", "2026-11-20"],
+        ["ledger", "flagged", "--to", "2026-11-30", "--to", "2026-11-03"],
+    ],
+    ids=["to", "from", "costs", "by", "tolerance", "flagged-from", "flagged-to"],
+)
+def test_a_reconcile_or_flagged_flag_given_twice_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    """As for `report`: `--to 2026-11-30 … --to 2026-11-03` compared three days of the month
+    and said they matched, the days asked for first never seen."""
+    from proxy.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    flag = next(arg for arg in argv if arg.startswith("--") and argv.count(arg) == 2)
+    assert f"argument {flag}: given more than once" in capsys.readouterr().err
+
+
 def test_check_counts_one_team_and_one_budget_in_the_singular(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
