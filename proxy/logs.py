@@ -58,6 +58,7 @@ class BatchWriter(logging.Handler):
         self._wake = threading.Event()
         self._writing = threading.Lock()  # one batch at a time, so lines keep their order
         self._closed = False
+        self._direct = False  # each line written as it is logged (`write_through`)
         self._writer = threading.Thread(target=self._run, name="tollgate-log-writer", daemon=True)
         self._writer.start()
 
@@ -67,7 +68,7 @@ class BatchWriter(logging.Handler):
         except Exception:
             self.handleError(record)
             return
-        if self._closed:  # logged during shutdown, after the writer stopped
+        if self._closed or self._direct:  # logged during shutdown: no later write may come
             self.flush()
         elif record.levelno >= logging.WARNING and not self._wake.is_set():
             self._wake.set()
@@ -86,6 +87,11 @@ class BatchWriter(logging.Handler):
             except (OSError, ValueError):
                 pass  # stderr is closed or broken: there is nowhere left to say so
 
+    def write_through(self) -> None:
+        """Write what waits, and from now on each line as it is logged."""
+        self._direct = True
+        self.flush()
+
     def close(self) -> None:
         self._closed = True
         self._wake.set()
@@ -103,9 +109,14 @@ def flush_logs() -> None:
     """Write every line still waiting, now. A server stopped by SIGTERM ends by raising the
     signal again once it has shut down (uvicorn does, for the exit status), which ends the
     process without `atexit`: the lines of its last 50 ms, the requests it settled while
-    stopping among them, went with it."""
+    stopping among them, went with it. From then on each line is written as it is logged:
+    uvicorn's own last lines (`Application shutdown complete.`, `Finished server
+    process`) come after the lifespan, just before that signal."""
     for handler in logging.getLogger().handlers:
-        handler.flush()
+        if isinstance(handler, BatchWriter):
+            handler.write_through()
+        else:
+            handler.flush()
 
 
 def configure_logging(level: str) -> None:

@@ -409,6 +409,29 @@ def test_reconcile_by_model_exits_2_on_costs_not_grouped_by_line_item(
     assert "not grouped by project" in capsys.readouterr().err
 
 
+def test_reconcile_refuses_a_saved_export_cut_before_its_last_page(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first page of an answer saved alone (`limit` 7 of a month): the days after it
+    were never compared, and the reconciliation said every day matched."""
+    from proxy.cli import main
+
+    write_config(tmp_path, "http://127.0.0.1:9/v1")
+    new_ledger(tmp_path)
+    result = {"object": "organization.costs.result", "amount": {"value": 0, "currency": "usd"},
+              "line_item": "gpt-image-2, image output", "project_id": None}  # fmt: skip
+    bucket = {"object": "bucket", "start_time": 1730419200, "end_time": 1730505600,
+              "results": [result]}  # fmt: skip
+    page = {"object": "page", "data": [bucket], "has_more": True, "next_page": "page_AAA"}
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps(page))
+    argv = ["reconcile", "--config", str(tmp_path), "--costs", str(path)]
+    assert main(argv) == 2
+    assert "its last page (page 1) says it has more" in capsys.readouterr().err
+    path.write_text(json.dumps({**page, "has_more": False, "next_page": None}))
+    assert main(argv) == 0
+
+
 def test_reconcile_exits_2_on_a_date_that_is_not_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -564,6 +587,33 @@ def test_a_report_flag_given_twice_is_a_usage_error_not_the_last_one_alone(
         main(argv)
     assert exited.value.code == 2
     assert f"argument {argv[1]}: given more than once" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["reconcile", "--to", "2026-11-30", "--costs", "c.json", "--to", "2026-11-03"],
+        ["reconcile", "--from", "2026-11-01", "--from", "2026-11-20", "--costs", "c.json"],
+        ["reconcile", "--costs", "a.json", "--costs", "b.json"],
+        ["reconcile", "--by", "project", "--by", "model", "--costs", "c.json"],
+        ["reconcile", "--tolerance", "5", "--costs", "c.json", "--tolerance", "0.01"],
+        ["ledger", "flagged", "--from", "2026-11-01", "--from", "2026-11-20"],
+        ["ledger", "flagged", "--to", "2026-11-30", "--to", "2026-11-03"],
+    ],
+    ids=["to", "from", "costs", "by", "tolerance", "flagged-from", "flagged-to"],
+)
+def test_a_reconcile_or_flagged_flag_given_twice_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    """As for `report`: `--to 2026-11-30 … --to 2026-11-03` compared three days of the month
+    and said they matched, the days asked for first never seen."""
+    from proxy.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    flag = next(arg for arg in argv if arg.startswith("--") and argv.count(arg) == 2)
+    assert f"argument {flag}: given more than once" in capsys.readouterr().err
 
 
 def test_check_counts_one_team_and_one_budget_in_the_singular(

@@ -130,3 +130,16 @@ def test_a_process_stopped_by_sigterm_writes_its_last_log_lines(
     assert any(line.get("request_id") == request_id for line in lines)
     messages = [line.get("message") for line in lines]
     assert "Waiting for application shutdown." in messages  # just before the lifespan ends
+
+
+def test_a_process_stopped_by_sigterm_writes_uvicorns_last_lines(proxy: Tollgate) -> None:
+    """uvicorn says it has shut down after the lifespan ends, just before it raises SIGTERM
+    again: those lines are written too, the last a stopped server writes."""
+    client = proxy.client()
+    assert client.images.generate(model="gpt-image-2", prompt="one", size="1024x1024").data
+    proxy.process.send_signal(signal.SIGTERM)
+    proxy.process.wait(timeout=60)
+    lines = [json.loads(line) for line in output(proxy.process).splitlines() if line[:1] == "{"]
+    messages = [line.get("message") for line in lines]
+    assert "Application shutdown complete." in messages
+    assert f"Finished server process [{proxy.process.pid}]" in messages

@@ -197,25 +197,29 @@ def add_reconcile(commands: Commands) -> None:
     add_config(rec)
     add_ledger_url(rec)
     source = rec.add_mutually_exclusive_group(required=True)
-    source.add_argument("--costs", type=Path, metavar="FILE", help="a saved Costs API answer")
     source.add_argument(
-        "--admin-key-env", metavar="VAR", help="fetch live with the admin key in $VAR"
+        "--costs", action=Once, type=Path, metavar="FILE", help="a saved Costs API answer"
     )
-    rec.add_argument("--from", dest="start", metavar="DATE", help="first UTC day")
-    rec.add_argument("--to", dest="end", metavar="DATE", help="last UTC day, included")
+    source.add_argument(
+        "--admin-key-env", action=Once, metavar="VAR", help="fetch live with the admin key in $VAR"
+    )
+    rec.add_argument("--from", dest="start", action=Once, metavar="DATE", help="first UTC day")
+    rec.add_argument("--to", dest="end", action=Once, metavar="DATE", help="last UTC day, included")
     rec.add_argument(
         "--by",
+        action=Once,
         choices=("model", "project"),
         default="model",
         help="per day and model, or per day and OpenAI project (the teams' openai_project)",
     )
     rec.add_argument(
         "--tolerance",
+        action=Once,
         type=usd,
         default=None,
         help="USD per day and model (or project; default 0.01)",
     )
-    rec.add_argument("--format", choices=("table", "json"), default="table")
+    rec.add_argument("--format", action=Once, choices=("table", "json"), default="table")
     rec.set_defaults(run=run_reconcile)
 
 

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from proxy.cli.options import Commands, add_config, add_ledger_url, ledger_url_of
+from proxy.cli.options import Commands, Once, add_config, add_ledger_url, ledger_url_of
 from proxy.core.errors import InvalidRequest
 
 
@@ -38,10 +38,12 @@ def add_ledger_flagged(ledger_commands: Commands) -> None:
     )
     add_config(listing)
     add_ledger_url(listing)
-    listing.add_argument("--from", dest="start", metavar="DATE", help="first UTC day")
-    listing.add_argument("--to", dest="end", metavar="DATE", help="last UTC day, included")
+    listing.add_argument("--from", dest="start", action=Once, metavar="DATE", help="first UTC day")
+    listing.add_argument(
+        "--to", dest="end", action=Once, metavar="DATE", help="last UTC day, included"
+    )
     listing.add_argument("--unresolved", action="store_true", help="only rows not resolved yet")
-    listing.add_argument("--format", choices=("table", "json"), default="table")
+    listing.add_argument("--format", action=Once, choices=("table", "json"), default="table")
     listing.set_defaults(run=run_ledger_flagged)
 
 

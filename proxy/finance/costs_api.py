@@ -6,10 +6,11 @@ fetched live, and refused, naming what is wrong, when they are not one whole ans
 
 An answer is pages of daily buckets (UTC days), each a list of results with an `amount`
 in US dollars, grouped by line item and/or project. What is refused: a page that is not
-one (no `data`, an error answer saved in its place), a bucket wider than a day or across
-a UTC midnight, an amount that is not a finite number below `MOST_USD` dollars or not in
-`usd`, a bucket repeated or overlapping another of the same group (exports put
-together), and, live, pages that never end or a page larger than `MOST_PAGE_BYTES`.
+one (no `data`, an error answer saved in its place), a saved answer whose last page says
+it has more, a bucket wider than a day or across a UTC midnight, an amount that is not a
+finite number below `MOST_USD` dollars or not in `usd`, a bucket repeated or overlapping
+another of the same group (exports put together), and, live, pages that never end or a
+page larger than `MOST_PAGE_BYTES`.
 """
 
 from __future__ import annotations
@@ -67,6 +68,15 @@ def load_costs_file(text: str) -> list[dict[str, Any]]:
                 f"the costs file is not a Costs API answer: page {number}: {problem}",
                 param="costs",
             )
+    if pages and pages[-1].get("has_more") is True:
+        # The rest of the answer was never saved: its days would go unreconciled, or, a day
+        # split over pages, be compared with part of its amounts.
+        raise InvalidRequest(
+            f"the costs file is not a whole Costs API answer: its last page (page {len(pages)}) "
+            "says it has more ('has_more': true): save every page, following 'next_page', or "
+            "fetch the costs live with --admin-key-env.",
+            param="costs",
+        )
     problem = repeated_bucket(pages)
     if problem:
         raise InvalidRequest(
