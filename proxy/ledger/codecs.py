@@ -94,7 +94,7 @@ BILL_FIRST_COLUMNS = tuple(c for c in BILLED_COLUMNS[1:] if c not in FOUND_BY)
 a repeat of the batch's create finds it by, which stay the create's."""
 FIRST_COLUMNS = (
     "id", "started_at", "state", "outcome", "status", "cost_nanos", "content_digest", "owner",
-    "held",
+    "held", "response_id",
 )  # fmt: skip
 """What a repeat reads of its first attempt's row (a `FirstAttempt`)."""
 ANSWER_COLUMNS = (
@@ -246,7 +246,7 @@ def response_row(response_id: str, values: Sequence[Any]) -> ResponseRow:
 
 def first_attempt(values: Sequence[Any]) -> FirstAttempt:
     """A first attempt read in `FIRST_COLUMNS` order."""
-    request_id, started_at, state, outcome, status, cost, digest, owner, held = values
+    request_id, started_at, state, outcome, status, cost, digest, owner, held, made = values
     return FirstAttempt(
         request_id,
         float(started_at),
@@ -257,6 +257,7 @@ def first_attempt(values: Sequence[Any]) -> FirstAttempt:
         digest,
         owner,
         bool(held) and state == "reserved",
+        made,
     )
 
 

@@ -24,7 +24,10 @@ class FirstAttempt:
     owner: str | None = None
     """The process that holds it while it is in flight."""
     held: bool = False
-    """A background response held in flight (`Ledger.hold`): its create was answered."""
+    """A background response or a batch held in flight (`Ledger.hold`): its create was
+    answered."""
+    made: str | None = None
+    """The id of what OpenAI made of it, once known: a background response's, a batch's."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,7 +50,16 @@ from proxy.core.parsing import json_object
 from proxy.core.periods import Applied, spanning, zone
 from proxy.core.settings import Config, Team
 from proxy.doors.batches import bound_now, user_shares
-from proxy.ledger import BatchLine, RepeatGuard, Reservation, StoredObject, UserShare, codecs
+from proxy.ledger import (
+    BatchLine,
+    FirstAttempt,
+    KeptAnswer,
+    RepeatGuard,
+    Reservation,
+    StoredObject,
+    UserShare,
+    codecs,
+)
 from proxy.upstream import response_headers
 from proxy.web import repeats
 from proxy.web.admission import read_body
@@ -59,7 +68,7 @@ from proxy.web.files import BATCHES, not_found, read_answer, scoped_listing, sco
 from proxy.web.gateway import path_of
 from proxy.web.observe import KeyRefusals, observe
 from proxy.web.pipeline import identified_again, new_request_id, refuse, still_in_force
-from proxy.web.projects import same_project
+from proxy.web.projects import created_under, same_project
 from proxy.web.responses import error_response
 from proxy.web.runtime import Runtime
 
@@ -492,10 +501,55 @@ async def replay_create(
             return await repeats.replayed(runtime, entry, first.request_id, kept, headers)
         if first.settled and repeats.unanswered(first):
             return await repeats.failed_again(runtime, entry, team, first, headers)
-        if first.settled or runtime.clock() >= deadline:
+        if first.held and first.made is not None:
+            # Its batch was made and is followed, but its create's answer is not kept (larger
+            # than `retries.store_bytes`, or pushed out by newer ones): sent again, the
+            # create would make a second batch. The repeat gets the batch as it stands.
+            current = await batch_now(runtime, entry, team, first, first.made, headers)
+            if current is not None:
+                return current
+            if runtime.clock() >= deadline:
+                raise ServiceUnavailable(
+                    f"An earlier attempt of this create made batch {first.made}, which "
+                    "could not be read now: retrieve it (GET /v1/batches/"
+                    f"{first.made}) rather than create another."
+                )
+        elif first.settled or runtime.clock() >= deadline:
             return forward(first.request_id)
         await asyncio.sleep(repeats.WAIT_S)
         first = await repeats.first_of(runtime, team, found, runtime.clock()) or first
+
+
+async def batch_now(
+    runtime: Runtime,
+    entry: Entry,
+    team: str,
+    first: FirstAttempt,
+    batch_id: str,
+    headers: dict[str, str],
+) -> Response | None:
+    """A repeat of the create `first`, which made `batch_id`, answered with that batch as
+    the upstream has it now (recorded `replayed` at no cost); None when it cannot be read
+    now."""
+    stored = await runtime.ledger.stored(batch_id)
+    if stored is None or stored.team != team:
+        return None
+    try:
+        answer = await runtime.upstream.send(
+            f"/batches/{batch_id}", b"", "", (), method="GET",
+            project=created_under(runtime, stored),
+        )  # fmt: skip
+        body = await read_answer(answer)
+    except RequestError as exc:
+        log.warning("reading batch %s for a repeat of its create: %s", batch_id, exc.message)
+        return None
+    if answer.status != 200:
+        return None
+    kept = KeptAnswer(
+        first.request_id, team, 200, (("content-type", "application/json"),), body, False,
+        runtime.clock(),
+    )  # fmt: skip
+    return await repeats.replayed(runtime, entry, first.request_id, kept, headers)
 
 
 def _id_of(body: bytes) -> str | None:
