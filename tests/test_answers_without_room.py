@@ -1,7 +1,10 @@
-"""A whole answer whose spool cannot hold it (the spool memory full, and no file to spill
-it to: too many open files, or a full disk) is charged its bound, flagged, at once, and
-its client gets a 502 in OpenAI's error shape. It was not: the spool's error escaped as a
-bare 500 and left the reservation `reserved` until a reclaim charged its bound."""
+"""Answers the spool cannot hold (the shared spool memory full, and no file to spill to:
+too many open files, or a full disk). A whole answer is charged its bound, flagged, at
+once, and its client gets a 502 in OpenAI's error shape (the spool's error escaped as a
+bare 500 and left the reservation `reserved` until a reclaim charged its bound). A stream
+whose events cannot be kept for its repeats is relayed and settled all the same: keeping
+it is a convenience, never a condition of the stream (the error ended the relay
+mid-stream, its reservation unsettled)."""
 
 from __future__ import annotations
 
@@ -27,26 +30,31 @@ from tests.conftest import DESIGN_KEY, UPSTREAM_KEY, in_process, query_ledger, w
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
     write_config(tmp_path, "http://simulated/v1")
-    # Images of a few hundred KiB: past what a spool holds in its own memory.
+    # Images and events of a few hundred KiB: past what a spool holds in its own memory.
     settings = SimulatorSettings(api_key=UPSTREAM_KEY, payload_bytes=300_000)
     with TestClient(in_process(tmp_path, create_simulator_app(settings))) as client:
         yield client
 
 
-def test_a_whole_answer_that_cannot_be_held_is_charged_its_bound_and_answered_502(
-    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def without_room(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> openai.OpenAI:
+    """The shared spool memory taken and no file to spill to; an SDK that does not retry."""
     gateway = client.app
     assert isinstance(gateway, Gateway) and gateway.runtime is not None
-    gateway.runtime.spools.limit = 0  # the shared spool memory is taken
+    gateway.runtime.spools.limit = 0
 
     def no_file(*args: Any, **kwargs: Any) -> Any:
         raise OSError(errno.EMFILE, "Too many open files")
 
     monkeypatch.setattr(spool.tempfile, "TemporaryFile", no_file)
-    sdk = openai.OpenAI(
+    return openai.OpenAI(
         api_key=DESIGN_KEY, base_url="http://testserver/v1", http_client=client, max_retries=0
     )
+
+
+def test_a_whole_answer_that_cannot_be_held_is_charged_its_bound_and_answered_502(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sdk = without_room(client, monkeypatch)
     with pytest.raises(openai.APIStatusError) as caught:
         sdk.images.generate(model="gpt-image-1", prompt="A lantern")
     error = caught.value
@@ -64,6 +72,8 @@ def test_a_whole_answer_that_cannot_be_held_is_charged_its_bound_and_answered_50
     ), row  # fmt: skip
     assert row["flagged"] and row["cost_nanos"] == row["estimated_nanos"] > 0, row
     assert error.response.headers["x-tollgate-cost-usd"] != "0"
+    gateway = client.app
+    assert isinstance(gateway, Gateway) and gateway.runtime is not None
     assert gateway.runtime.spools.held == 0
 
 
@@ -95,3 +105,17 @@ def test_an_error_answer_that_cannot_be_held_is_passed_on_empty_at_nothing(
     assert [(r["state"], r["outcome"], r["cost_nanos"]) for r in rows] == [
         ("settled", "upstream_error", 0)
     ], rows
+
+
+def test_a_stream_that_cannot_be_held_for_its_repeats_is_relayed_and_settled(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sdk = without_room(client, monkeypatch)
+    stream = sdk.images.generate(
+        model="gpt-image-1", prompt="A lantern", stream=True, partial_images=2
+    )
+    kinds = [event.type for event in stream]
+    assert kinds[-1] == "image_generation.completed", kinds
+    rows = query_ledger(tmp_path, None, "SELECT state, outcome, cost_nanos FROM requests")
+    assert [(r["state"], r["outcome"]) for r in rows] == [("settled", "ok")], rows
+    assert rows[0]["cost_nanos"] > 0
