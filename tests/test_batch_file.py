@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -92,6 +93,26 @@ def test_every_bad_line_is_listed_with_its_number(config: Config) -> None:
     assert "line 3: custom_id 'ok' is used by an earlier line" in text
     assert "gpt-image-2.6-flare" in text and "Batch API" in text
     assert "differs from the file's first line" in text
+
+
+def test_a_line_naming_a_model_its_endpoint_does_not_take_is_refused(config: Config) -> None:
+    """A batch line goes through the Images API's check of the price book's `endpoints`: a
+    deployment's entry that takes generations only has its edit lines refused."""
+    models = {
+        name: replace(m, endpoints=("generations",)) if m.name == "gpt-image-2" else m
+        for name, m in config.prices.models.items()
+    }
+    narrowed = replace(config, prices=replace(config.prices, models=models))
+    edit = line("e", url="/v1/images/edits", images=[{"file_id": "file_1"}])
+    batch, _ = read(narrowed, edit + b"\n")
+    assert not batch.ok
+    assert batch.problems == [
+        "line 1: Invalid value for 'model': 'gpt-image-2' does not support image edits. "
+        "/v1/images/edits takes chatgpt-image-latest, dall-e-2, gpt-image-1, gpt-image-1-mini, "
+        "gpt-image-1.5, gpt-image-2.5-flare, gpt-image-2.5-sunburst, gpt-image-2.6-flare, "
+        "gpt-image-2.6-sunburst."
+    ]
+    assert read(config, edit + b"\n")[0].ok
 
 
 def test_a_line_naming_an_end_user_id_past_its_length_is_refused(config: Config) -> None:

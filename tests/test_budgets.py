@@ -944,6 +944,18 @@ def test_fallback_keeps_the_orientation_of_a_portrait_request(book: PriceBook) -
     assert w * 3 == h * 2
 
 
+@pytest.mark.parametrize(
+    ("endpoint", "name"), [("variations", "dall-e-2"), ("edits", "gpt-image-2")]
+)
+def test_fallback_is_never_a_model_the_endpoint_does_not_take(
+    book: PriceBook, endpoint: str, name: str
+) -> None:
+    """Variations take dall-e-2 only, edits never dall-e-3."""
+    start = variant_of(book, req(name, endpoint=endpoint, quality="auto", size="1024x1024"))
+    fallback = "dall-e-3" if endpoint == "edits" else "gpt-image-1-mini"
+    assert switch_model(start, model_of(book, fallback)) is None
+
+
 def test_fallback_equal_to_the_requested_model_adds_nothing(book: PriceBook) -> None:
     start = variant_of(book, req("gpt-image-1-mini", quality="high", size="1024x1024"))
     team = make_team(fallback="gpt-image-1-mini")

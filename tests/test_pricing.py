@@ -2076,6 +2076,29 @@ def test_a_release_date_that_is_not_a_date_is_refused() -> None:
         mainline_prices("gpt-6", {**MAINLINE_FIELDS, "released": "March"})
 
 
+def test_endpoints_name_the_images_endpoints_a_model_takes(book: PriceBook, tmp_path: Path) -> None:
+    """Variations take dall-e-2 only, edits never dall-e-3; a deployment may list them, and
+    anything else is refused at its own line."""
+    assert model_of(book, "dall-e-2").endpoints == ("generations", "edits", "variations")
+    assert model_of(book, "dall-e-3").endpoints == ("generations",)
+    two = model_of(book, "gpt-image-2")
+    assert two.takes_endpoint("edits") and not two.takes_endpoint("variations")
+    assert two.takes_endpoint("responses")  # the image tool is checked by its own door
+    with pytest.raises(InvalidRequest) as caught:
+        book.check_endpoint(two, "variations")
+    assert caught.value.param == "model"
+    assert caught.value.message.endswith("/v1/images/variations takes dall-e-2.")
+    text = "models:\n  gpt-image-1:\n    endpoints: [generations]\n"
+    assert model_of(load_price_book(write(tmp_path, text)), "gpt-image-1").endpoints == (
+        "generations",
+    )
+    path = write(tmp_path, "models:\n  gpt-image-1:\n    endpoints: [responses]\n")
+    assert problems_of(path) == [
+        f"{path}:3: models.gpt-image-1.endpoints: invalid price-book entry: `endpoints` is a "
+        "list of the Images API endpoints the model takes (generations, edits, variations)"
+    ]
+
+
 def test_input_fidelity_names_the_values_a_model_takes(book: PriceBook, tmp_path: Path) -> None:
     """gpt-image-1-mini takes `input_fidelity` `low` only, gpt-image-2 none; a deployment
     may write either form, and anything else is refused at its own line."""

@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from PIL import Image
 
@@ -259,6 +260,37 @@ def test_variations_are_forwarded_and_priced_per_image(
     row = wait_settled(tollgate, raw.headers["x-tollgate-request-id"])
     assert row["model"] == "dall-e-2" and row["cost_nanos"] == 36_000_000
     assert row["flagged"] == 1  # per-image price, no usage: reconcile
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "model", "takes"),
+    [
+        ("variations", "gpt-image-2", "dall-e-2"),
+        ("variations", "dall-e-3", "dall-e-2"),
+        ("edits", "dall-e-3", "dall-e-2, gpt-image-1"),
+    ],
+)
+def test_a_model_the_endpoint_does_not_take_is_refused_before_it_is_sent(
+    tollgate: Tollgate, simulator: Simulator, endpoint: str, model: str, takes: str
+) -> None:
+    """Variations took dall-e-2 only, edits never dall-e-3: such a request was reserved at
+    its bound and sent with the company key, for OpenAI's 400."""
+    before = len(simulator.billing())
+    images = tollgate.client(max_retries=0).images.with_raw_response
+    image = ("in.png", png(256, 256), "image/png")
+    with pytest.raises(openai.BadRequestError) as caught:
+        if endpoint == "variations":
+            images.create_variation(model=model, image=image, size="1024x1024")
+        else:
+            images.edit(model=model, image=image, prompt="a boat")
+    error = caught.value
+    assert error.status_code == 400 and error.code == "invalid_request" and error.param == "model"
+    assert isinstance(error.body, dict) and error.body["type"] == "invalid_request_error"
+    assert f"/v1/images/{endpoint}" in error.message and takes in error.message
+    assert len(simulator.billing()) == before  # nothing was sent upstream
+    row = tollgate.rows()[-1]
+    assert row["status"] == 400 and row["upstream_request_id"] is None
+    assert row["reserved_nanos"] == 0 and row["cost_nanos"] == 0
 
 
 def test_team_key_never_reaches_the_upstream(tollgate: Tollgate, simulator: Simulator) -> None:

@@ -565,14 +565,16 @@ def switch_model(variant: Variant, fallback: ModelPrices) -> Variant | None:
     request = variant.request
     if (
         request.n > fallback.max_n
+        or not fallback.takes_endpoint(request.endpoint)
         or (fallback.per_image_billing and (request.stream or request.endpoint != "generations"))
         or not fallback.takes_input_fidelity(request.input_fidelity)
         or (not fallback.per_image_billing and _dalle_only(request))
     ):
-        # It would be refused: dall-e-3 makes one image; DALL·E never streams, is no model
-        # of the Responses API's image tool, takes no JSON edit (dall-e-3 no edit at all,
-        # dall-e-2 one square PNG); gpt-image-2 takes no input_fidelity, gpt-image-1-mini
-        # only `low`; a GPT image model takes no `style` and answers no URL.
+        # It would be refused: variations take dall-e-2 only (the price book's `endpoints`);
+        # dall-e-3 makes one image; DALL·E never streams, is no model of the Responses API's
+        # image tool, takes no JSON edit (dall-e-3 no edit at all, dall-e-2 one square PNG);
+        # gpt-image-2 takes no input_fidelity, gpt-image-1-mini only `low`; a GPT image model
+        # takes no `style` and answers no URL.
         return None
     quality = request.quality
     if quality != AUTO and quality not in fallback.qualities:

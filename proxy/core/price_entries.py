@@ -17,8 +17,9 @@ from decimal import Decimal
 from typing import Any
 
 from proxy.core.image_tokens import CustomSizes, TileRule
-from proxy.core.models import TOKEN_KINDS, TokenKind
+from proxy.core.models import IMAGES_ENDPOINTS, TOKEN_KINDS, ImagesEndpoint, TokenKind
 from proxy.core.pricing import (
+    DEFAULT_ENDPOINTS,
     INPUT_FIDELITIES,
     MAINLINE_KINDS,
     MAX_N,
@@ -65,7 +66,7 @@ def _decimal(value: Any) -> Decimal:
 MODEL_KEYS = (
     "source", "effective_from", "released", "aliases", "rates", "qualities", "sizes",
     "auto_size", "output_tokens", "image_input", "per_image", "text_output_ceiling",
-    "partial_image_tokens", "max_n", "input_fidelity", "batch",
+    "partial_image_tokens", "max_n", "input_fidelity", "endpoints", "batch",
 )  # fmt: skip
 OUTPUT_TOKENS_KEYS = ("table", "formula", "scale", "floor")
 IMAGE_INPUT_KEYS = ("tiles", "ceiling")
@@ -141,6 +142,7 @@ def model_prices(name: str, raw: Mapping[str, Any], custom: CustomSizes) -> Mode
             partial_image_tokens=int(raw.get("partial_image_tokens", 100)),
             max_n=int(raw.get("max_n", MAX_N)),
             input_fidelities=_input_fidelities(raw.get("input_fidelity", True)),
+            endpoints=_endpoints(raw.get("endpoints", list(DEFAULT_ENDPOINTS))),
             aliases=tuple(raw.get("aliases", ())),
             batch_rates=_batch_rates(raw.get("batch"), raw.get("rates", {}), per_image is not None),
             released=_released(raw.get("released")),
@@ -165,6 +167,17 @@ def _input_fidelities(raw: Any) -> tuple[str, ...]:
         "`input_fidelity` is true, false or a list of the values the model takes "
         f"({', '.join(INPUT_FIDELITIES)})",
         ("input_fidelity",),
+    )
+
+
+def _endpoints(raw: Any) -> tuple[ImagesEndpoint, ...]:
+    """`endpoints`: the Images API endpoints the model takes (default: generations, edits)."""
+    if isinstance(raw, list) and raw and all(v in IMAGES_ENDPOINTS for v in raw):
+        return tuple(e for e in IMAGES_ENDPOINTS if e in raw)
+    raise EntryError(
+        "`endpoints` is a list of the Images API endpoints the model takes "
+        f"({', '.join(IMAGES_ENDPOINTS)})",
+        ("endpoints",),
     )
 
 

@@ -34,12 +34,14 @@ from typing import Any
 from proxy.core.errors import BatchUnsupported, InvalidRequest
 from proxy.core.image_tokens import CustomSizes, TileRule, formula_tokens, parse_size
 from proxy.core.models import (
+    IMAGES_ENDPOINTS,
     INPUT_KINDS,
     OUTPUT_KINDS,
     TOKEN_KINDS,
     Charge,
     Estimate,
     ImageRequest,
+    ImagesEndpoint,
     TokenKind,
     Usage,
 )
@@ -48,6 +50,8 @@ AUTO = "auto"
 MAX_N = 10
 INPUT_FIDELITIES = ("high", "low")
 """OpenAI's `input_fidelity` values."""
+DEFAULT_ENDPOINTS: tuple[ImagesEndpoint, ...] = ("generations", "edits")
+"""The Images API endpoints a GPT image model takes (variations took dall-e-2 only)."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,8 @@ class ModelPrices:
     input_fidelities: tuple[str, ...] = INPUT_FIDELITIES
     """The `input_fidelity` values the model takes: none where it refuses the parameter
     (gpt-image-2), `low` alone for gpt-image-1-mini."""
+    endpoints: tuple[ImagesEndpoint, ...] = DEFAULT_ENDPOINTS
+    """The Images API endpoints the model takes."""
     aliases: tuple[str, ...] = ()
     batch_rates: Mapping[TokenKind, Decimal] | None = None
     """The Batch API's rates, by kind as `rates`; None: the Batch API does not take the model."""
@@ -93,6 +99,11 @@ class ModelPrices:
         """Whether a request with this `input_fidelity` (None: none given) is one the model
         takes."""
         return value is None or value in self.input_fidelities
+
+    def takes_endpoint(self, endpoint: str) -> bool:
+        """Whether the model takes a request of `endpoint` (the Responses API's image tool is
+        not an Images API endpoint: its models are checked by its door)."""
+        return endpoint not in IMAGES_ENDPOINTS or endpoint in self.endpoints
 
     @property
     def per_image_billing(self) -> bool:
@@ -546,6 +557,19 @@ class PriceBook:
         return PriceBook(
             {name: images[id(m)] for name, m in self.models.items()},
             {name: mainline[id(m)] for name, m in self.mainline.items()},
+        )
+
+    def check_endpoint(self, model: ModelPrices, endpoint: str) -> None:
+        """Refuse `model` on an Images API endpoint it does not take, naming the models the
+        endpoint takes, before anything is sent upstream."""
+        if model.takes_endpoint(endpoint):
+            return
+        takers = [m.name for m in self.models.values() if endpoint in m.endpoints]
+        takes = ", ".join(sorted(set(takers))) or "no model of Tollgate's price book"
+        raise InvalidRequest(
+            f"Invalid value for 'model': {model.name!r} does not support image {endpoint}. "
+            f"/v1/images/{endpoint} takes {takes}.",
+            param="model",
         )
 
     def names(self) -> tuple[str, ...]:

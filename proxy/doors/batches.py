@@ -231,6 +231,7 @@ class BatchFile:
         model = priced(self.config.prices, request.model)
         if not model.accepts_batch:
             raise UnpricedModel(f"model {model.name!r} is not accepted by the Batch API")
+        self.config.prices.check_endpoint(model, endpoint)
         model.validate(request)
         variant = apply_allow(self.team, request, model.for_batch())
         if variant.changes:

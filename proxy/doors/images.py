@@ -62,6 +62,7 @@ class ImagesDoor:
 
     def admit(self, team: Team, parsed: ParsedBody, config: Config) -> Variant:
         model = priced(config.prices, parsed.request.model)
+        config.prices.check_endpoint(model, self.endpoint)
         model.validate(parsed.request)
         return apply_allow(team, parsed.request, model)
 
