@@ -287,6 +287,8 @@ def test_a_tool_without_a_model_gets_the_default_model(
         max_tool_calls=1,
     )
     assert raw.headers["x-tollgate-model"] == "gpt-image-2"  # the configured default_model
+    # Written into the forwarded tool, and so named as every injected value (SPEC 11.1).
+    assert raw.headers["x-tollgate-downgraded"] == "tools[0].model=unset->gpt-image-2"
     response_id = json.loads(raw.content)["id"]
     assert billed(simulator, response_id)["model"] == "gpt-image-2"
     check_charge(proxy, simulator, response_id, "gpt-5.5", "gpt-image-2")

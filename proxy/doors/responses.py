@@ -371,6 +371,10 @@ def read_body(fields: dict[str, Any], size: int, default_model: str, team: Team)
             injected.append("service_tier=auto->default")
     names_model = tool is None or (isinstance(tool.get("model"), str) and bool(tool["model"]))
     image_model = tool["model"] if tool is not None and names_model else default_model
+    if not names_model:
+        # Written into the forwarded tool (OpenAI's own default is a retired model), and so
+        # named, as every value Tollgate writes in is (SPEC 11.1).
+        injected.append(f"tools[{index}].model=unset->{default_model}")
     mask = 1 if tool is not None and tool.get("input_image_mask") is not None else 0
     text_bytes = size - image_data
     request = ImageRequest(
