@@ -274,6 +274,17 @@ def test_a_request_on_a_teams_own_objects_has_its_log_line(gate: Tollgate) -> No
     )
 
 
+def test_a_teams_own_budget_asked_has_its_request_id_and_log_line(gate: Tollgate) -> None:
+    """`GET /v1/tollgate/budget` is a request as any other: one log line (SPEC 4), naming
+    the team and key that asked, and the request id its answer carries."""
+    asked = httpx.get(f"{gate.url}/v1/tollgate/budget", headers=keyed(), timeout=30)
+    assert asked.status_code == 200 and asked.json()["team"] == "design"
+    line = logged_line(gate, asked.headers["x-tollgate-request-id"])
+    assert (line["team"], line["key_id"], line["endpoint"]) == ("design", "web-app", "budget")
+    assert (line["method"], line["path"], line["status"]) == ("GET", "/v1/tollgate/budget", 200)
+    assert (line["outcome"], line["cost_usd"]) == ("ok", "0")
+
+
 def requests_rows(gate: Tollgate) -> int:
     return int(gate.query("SELECT count(*) AS n FROM requests")[0]["n"])
 

@@ -15,8 +15,10 @@ from proxy.core import rates
 from proxy.core.errors import LedgerError, MethodNotAllowed, ServiceUnavailable
 from proxy.core.paths import TOLLGATE_PATHS
 from proxy.core.rates import Room
+from proxy.core.settings import Team
 from proxy.finance.status import budget_status, team_rate_status
 from proxy.web.observe import KeyRefusals
+from proxy.web.pipeline import for_team
 from proxy.web.runtime import Runtime
 
 BUDGET_PATH = f"{TOLLGATE_PATHS}/budget"
@@ -30,16 +32,17 @@ class SelfService:
     async def budget(self, request: Request, runtime: Runtime) -> Response:
         """`{"team", "budgets", "rate_limits"}` of the key's team: each budget as one entry
         of `tollgate budgets --format json` (the organization's and the team's; per-user
-        budgets are left out, as there), each rate limit with its current window."""
+        budgets are left out, as there), each rate limit with its current window. Answered
+        as a team's other free paths are (`for_team`): its request id, its log line."""
         if request.method not in READ:
             raise MethodNotAllowed(
                 f"Invalid method ({request.method} {BUDGET_PATH}): use GET.", READ
             )
-        headers: dict[str, str] = {}
-        found = self.key_refusals.key_of(request, runtime, headers)
-        if isinstance(found, Response):
-            return found
-        team, _ = found
+        return await for_team(request, runtime, self.key_refusals, self._budget)
+
+    async def _budget(
+        self, request: Request, runtime: Runtime, team: Team, headers: dict[str, str]
+    ) -> Response:
         config, ledger, now = runtime.config, runtime.ledger, runtime.clock()
         try:
             budgets = await budget_status(config, ledger, now, team)
