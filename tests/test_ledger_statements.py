@@ -229,7 +229,7 @@ def test_the_kept_answer_columns_are_the_schemas(tmp_path: Path) -> None:
     assert [f.name for f in fields(KeptAnswer)] == [c for c in ANSWER_COLUMNS if c != "size"]
     assert [f.name for f in fields(FirstAttempt)] == [
         "request_id", "started_at", "settled", "outcome", "status", "cost_nanos",
-        "content_digest", "owner", "held",
+        "content_digest", "owner", "held", "made",
     ]  # fmt: skip
     assert len(FIRST_COLUMNS) == len(fields(FirstAttempt))
 
