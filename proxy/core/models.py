@@ -164,12 +164,13 @@ class ImageRequest:
         return replace(self, **changes)  # type: ignore[arg-type]
 
 
-def makes_images(request: ImageRequest) -> bool:
-    """Whether `request` may call an image model. A Responses request without the image
-    tool, or with `tool_choice: none` (0 calls), runs its mainline model alone: it is
-    priced with the default image model (whose part bounds nothing), but recorded and
-    counted under no image model, its `model`, `quality` and `size` left empty."""
-    return request.mainline is None or request.n > 0
+def makes_images(mainline: str | None, n: int) -> bool:
+    """Whether a request of mainline model `mainline` (None: an Images API request) and `n`
+    images (calls) may call an image model. A Responses request without the image tool,
+    or with `tool_choice: none` (0 calls), runs its mainline model alone: it is priced
+    with the default image model (whose part bounds nothing), but recorded and counted
+    under no image model, its `model`, `quality` and `size` left empty."""
+    return mainline is None or n > 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,7 +309,7 @@ class Entry:
         idempotency_key: str | None = None,
     ) -> Entry:
         """What the client asked for (and what its repeats would match)."""
-        images = makes_images(request)
+        images = makes_images(request.mainline, request.n)
         return Entry(
             self.id, self.started_at, self.endpoint, self.team, self.cost_center, self.key_id,
             user=request.user,
@@ -325,7 +326,7 @@ class Entry:
 
     def sent(self, request: ImageRequest, estimated_nanos: int, downgrades: str) -> Entry:
         """What is forwarded (after any downgrade) and the bound reserved for it."""
-        images = makes_images(request)
+        images = makes_images(request.mainline, request.n)
         return Entry(
             self.id, self.started_at, self.endpoint, self.team, self.cost_center, self.key_id,
             self.user, self.model_requested, request.model if images else None,

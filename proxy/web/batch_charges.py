@@ -20,7 +20,16 @@ from typing import Any
 
 from proxy.core.errors import MalformedAnswer
 from proxy.core.metering import usage_from_openai
-from proxy.core.models import Charge, Counter, Entry, Estimate, Outcome, Settlement, Usage
+from proxy.core.models import (
+    Charge,
+    Counter,
+    Entry,
+    Estimate,
+    Outcome,
+    Settlement,
+    Usage,
+    makes_images,
+)
 from proxy.core.periods import counters, zone
 from proxy.core.pricing import PriceBook
 from proxy.core.settings import Config
@@ -124,7 +133,7 @@ class Rows:
         reservation, ended_at = self.reservation, self.ended_at
         # A `/v1/responses` line without the image tool (or with `tool_choice: none`) makes
         # no image: recorded under no image model, as the Responses door records one.
-        images = line.mainline is None or line.n > 0
+        images = makes_images(line.mainline, line.n)
         model, quality, size = (line.model, line.quality, line.size) if images else (None,) * 3
         entry = Entry(
             self.request_id(), ended_at, "batches", reservation.team, reservation.cost_center,
