@@ -69,9 +69,9 @@ def test_metrics_count_what_the_ledger_records(proxy: Tollgate, simulator: Simul
     assert Decimal(line.rsplit(" ", 1)[1]).quantize(Decimal("1e-9")) == cost
 
 
-def test_sigterm_lets_in_flight_requests_finish_and_settle(
-    proxy: Tollgate, simulator: Simulator
-) -> None:
+def stopped_mid_request(proxy: Tollgate, simulator: Simulator) -> list[object]:
+    """SIGTERM sent while a slow generation is in flight (reserved in the ledger), the
+    process waited for: what the client got (its answer, or the error it raised)."""
     simulator.configure(latency_ms=1500)
     results: list[object] = []
 
@@ -98,6 +98,13 @@ def test_sigterm_lets_in_flight_requests_finish_and_settle(
         proxy.process.wait(timeout=60)
     finally:
         simulator.configure(latency_ms=0)
+    return results
+
+
+def test_sigterm_lets_in_flight_requests_finish_and_settle(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    results = stopped_mid_request(proxy, simulator)
     assert results and not isinstance(results[0], Exception), results
     row = proxy.rows()[-1]
     assert row["state"] == "settled" and row["outcome"] == "ok" and row["cost_nanos"] > 0
@@ -108,23 +115,7 @@ def test_a_process_stopped_by_sigterm_writes_its_last_log_lines(
 ) -> None:
     """uvicorn ends by raising SIGTERM again, which skips `atexit`: the lines logged in the
     last moments (the request settled while stopping, uvicorn's own) went with it."""
-    simulator.configure(latency_ms=1500)
-    try:
-        caller = threading.Thread(
-            target=lambda: proxy.client().images.generate(
-                model="gpt-image-2", prompt="slow", quality="low", size="1024x1024"
-            )
-        )
-        caller.start()
-        deadline = time.monotonic() + 60
-        while not proxy.rows():
-            assert time.monotonic() < deadline, "the request was never reserved"
-            threading.Event().wait(0.02)
-        proxy.process.send_signal(signal.SIGTERM)
-        caller.join(timeout=60)
-        proxy.process.wait(timeout=60)
-    finally:
-        simulator.configure(latency_ms=0)
+    stopped_mid_request(proxy, simulator)
     request_id = proxy.rows()[-1]["id"]
     lines = [json.loads(line) for line in output(proxy.process).splitlines() if line[:1] == "{"]
     assert any(line.get("request_id") == request_id for line in lines)
