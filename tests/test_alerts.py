@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from decimal import Decimal
@@ -35,18 +36,22 @@ NOW = 1_780_000_000.0  # 2026-05-28, UTC
 
 
 class Receiver:
-    """A webhook on 127.0.0.1 that keeps what it is sent; it can answer 500 a few times."""
+    """A webhook on 127.0.0.1 that keeps what it is sent; it can answer 500 a few times, and
+    take half a second over a message of threshold `slow`."""
 
-    def __init__(self, failures: int = 0) -> None:
+    def __init__(self, failures: int = 0, slow: str | None = None) -> None:
         self.messages: list[dict[str, Any]] = []
         self.attempts = 0
         self.failures = failures
+        self.slow = slow
         received = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["content-length"]))
                 received.attempts += 1
+                if json.loads(body).get("threshold") == received.slow:
+                    time.sleep(0.5)
                 if received.failures:
                     received.failures -= 1
                     self.send_response(500)
@@ -161,6 +166,21 @@ async def test_each_threshold_is_announced_once_per_period_even_after_a_restart(
     await again.idle()
     await again.aclose()
     assert [m["threshold"] for m in receiver.messages] == ["0.5", "0.8"]
+
+
+async def test_thresholds_crossed_at_once_reach_a_webhook_in_order(ledger: SqliteLedger) -> None:
+    """One settlement crossing 50 % and 80 %: the channel reads 50 % first, even when the
+    webhook is slow over the first (they were posted side by side, and kept in whichever
+    order the webhook took them)."""
+    hook = Receiver(slow="0.5")
+    try:
+        notifier = alerts_for(config((hook.url,)), ledger)
+        notifier.settled(await spend(ledger, 9 * NANOS, 1))
+        await notifier.idle()
+        await notifier.aclose()
+    finally:
+        hook.close()
+    assert [m["threshold"] for m in hook.messages] == ["0.5", "0.8"]
 
 
 async def test_a_per_user_budget_announces_each_users_thresholds(

@@ -219,13 +219,22 @@ class Alerts:
             if team in configured:  # not removed by a reload meanwhile
                 found = await user_status(config, self._ledger, team, user, now)
                 statuses += [s for s in found if s.scope == "user"]
-        sends = [
-            self.post(url, crossing.message(), config.alerts.timeout_s)
+        messages = [
+            crossing.message()
             for crossing in crossings(statuses, teams)
             if await self._ledger.claim_alert(crossing.key, now)
-            for url in config.alerts.webhooks
         ]
-        await asyncio.gather(*sends)
+        if messages:
+            timeout = config.alerts.timeout_s
+            await asyncio.gather(
+                *(self.post_all(url, messages, timeout) for url in config.alerts.webhooks)
+            )
+
+    async def post_all(self, url: str, messages: list[dict[str, Any]], timeout: float) -> None:
+        """POST `messages` to `url` one after the other, so that a channel reads a budget's
+        50 % before its 80 %; the webhooks are written to side by side."""
+        for message in messages:
+            await self.post(url, message, timeout)
 
     async def post(self, url: str, message: dict[str, Any], timeout: float) -> bool:
         """POST `message` to `url`, retrying failures and 429/5xx answers; whether it got
