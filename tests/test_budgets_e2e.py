@@ -603,8 +603,10 @@ def test_reload_reaches_every_worker(simulator: Simulator, tmp_path: Path) -> No
         assert not allowed()  # $0.21 never fits in $0.05
         team_file = tmp_path / "teams" / "strict.yaml"
         team_file.write_text(team_file.read_text().replace("limit_usd: 0.05", "limit_usd: 50"))
+        # The answer waits for both workers to be replaced: new processes, slow to start on
+        # a loaded machine (httpx's default of 5 s was not always enough).
         answer = httpx.post(
-            f"{proxy.url}/admin/reload", headers={"authorization": f"Bearer {ADMIN}"}
+            f"{proxy.url}/admin/reload", headers={"authorization": f"Bearer {ADMIN}"}, timeout=90
         )
         assert answer.status_code == 200
         # The supervisor replaces the workers one by one; then every worker has the new budget.
