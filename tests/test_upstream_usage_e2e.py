@@ -96,9 +96,19 @@ def response(image_output: int) -> dict[str, Any]:
 
 
 async def responses(request: Request) -> Response:
+    mode = (await request.json())["input"]
+
     async def events() -> AsyncIterator[bytes]:
         created = {**response(0), "status": "in_progress", "output": [], "usage": None}
         yield sse("response.created", {"response": created, "sequence_number": 0})
+        if mode == "calls left out":
+            # The image call streams done, then the completed response lists no output
+            # and no tool_usage: as if no image had been made.
+            call = {**response(0)["output"][0], "quality": "low", "size": "1024x1024"}
+            yield sse("response.output_item.done", {"item": call, "output_index": 0})
+            done = {**response(0), "output": [], "tool_usage": None}
+            yield sse("response.completed", {"response": done, "sequence_number": 2})
+            return
         # A stream that ends twice: the first end is the dearer one.
         yield sse("response.completed", {"response": response(50_000), "sequence_number": 1})
         yield sse("response.completed", {"response": response(1), "sequence_number": 2})
@@ -180,6 +190,26 @@ def test_a_responses_stream_that_ends_twice_is_charged_no_less_than_its_dearer_e
     assert row["image_output_tokens"] >= 50_000
     assert row["cost_nanos"] >= 50_000 * 30_000
     assert row["error_code"] == "malformed_answer"
+
+
+def test_a_responses_stream_whose_end_leaves_out_the_image_calls_it_streamed_is_charged_its_bound(
+    proxy: Tollgate,
+) -> None:
+    """An image call the stream said was done is an image made, whatever its terminal event
+    lists: with no `tool_usage` for it, the bound, flagged. It used to be settled from the
+    terminal event alone, as a response that made no image (its image charged $0)."""
+    with proxy.client().responses.with_streaming_response.create(
+        model="gpt-5.5",
+        input="calls left out",
+        tools=[{"type": "image_generation", "quality": "low", "size": "1024x1024"}],
+        max_output_tokens=100,
+        max_tool_calls=1,
+        stream=True,
+    ) as answer:
+        request_id = answer.headers["x-tollgate-request-id"]
+        assert list(answer.iter_lines())
+    row = assert_charged_at_least_the_bound_flagged(proxy, request_id)
+    assert row["cost_nanos"] == row["estimated_nanos"]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])

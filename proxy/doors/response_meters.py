@@ -8,7 +8,9 @@ calls completed but that reports no `tool_usage`, or fewer image-tool output tok
 images made (the usage of some calls missing from it), is metered as having no usage:
 charged its bound, flagged (never $0 for the images). The completed calls' `quality` and
 `size` go with what is metered: a usage with fewer image output tokens than those calls
-bill at the least is charged its bound too (`settlement.image_output_short`).
+bill at the least is charged its bound too (`settlement.image_output_short`). In a stream,
+an image call announced done (`response.output_item.done`) is an image made even when the
+terminal event leaves it out of its `output`.
 
 Images travel as base64 in `result` and `partial_image_b64`: like the Images meters, the
 JSON reaches the parser with every long string emptied (`ShortStrings`), and partial-image
@@ -24,7 +26,7 @@ from typing import Any
 from proxy.core.errors import MalformedAnswer, RequestError
 from proxy.core.metering import token_count, usage_from_openai
 from proxy.core.models import Usage
-from proxy.core.settlement import Metered, StreamEnd
+from proxy.core.settlement import Call, Metered, StreamEnd
 from proxy.core.short_strings import ShortStrings
 from proxy.core.sse import EventSplitter, error_event, sse_event
 
@@ -33,25 +35,38 @@ PENDING = frozenset({"queued", "in_progress"})
 TERMINAL_EVENTS = frozenset({"response.completed", "response.failed", "response.incomplete"})
 OPENING_EVENTS = frozenset({"response.created", "response.queued", "response.in_progress"})
 PARTIAL_EVENT = b"response.image_generation_call.partial_image"
+ITEM_DONE = "response.output_item.done"
 
 
-def read_response(response: Any) -> Metered:
-    """What a response object bills; MalformedAnswer when it is not one."""
+def read_response(response: Any, seen: tuple[Call, ...] = ()) -> Metered:
+    """What a response object bills; MalformedAnswer when it is not one. `seen`: the image
+    calls a stream announced done before it, counted when its `output` lists fewer."""
     if not isinstance(response, Mapping) or not isinstance(response.get("status"), str):
         raise MalformedAnswer("upstream answer is not a response object")
     status = response["status"]
     response_id = response.get("id") if isinstance(response.get("id"), str) else None
     output = response.get("output")
     calls = tuple(
-        (_text(item.get("quality")), _text(item.get("size")))
+        call
         for item in (output if isinstance(output, list) else ())
-        if isinstance(item, Mapping)
-        and item.get("type") == "image_generation_call"
-        and item.get("status") == "completed"
+        if (call := completed_call(item)) is not None
     )
+    if len(calls) < len(seen):
+        calls = seen
     images = len(calls)
     usage = response_usage(response, images)
     return Metered(usage, images, response_id, status in PENDING, status, calls)
+
+
+def completed_call(item: Any) -> Call | None:
+    """The `quality` and `size` of `item` when it is a completed image call."""
+    if (
+        isinstance(item, Mapping)
+        and item.get("type") == "image_generation_call"
+        and item.get("status") == "completed"
+    ):
+        return _text(item.get("quality")), _text(item.get("size"))
+    return None
 
 
 def _text(value: Any) -> str:
@@ -132,7 +147,8 @@ class ResponseAnswer:
 class ResponseEvents:
     """A Responses stream: its id from the opening event, what it bills from the terminal
     event (`response.completed`, `.failed` or `.incomplete`), and an `error` event if one
-    came. Partial images are counted, never parsed."""
+    came. Partial images are counted, never parsed; image calls announced done are kept,
+    and the terminal event is read with them (`read_response`)."""
 
     def __init__(self) -> None:
         self._events = EventSplitter()
@@ -141,6 +157,7 @@ class ResponseEvents:
         self.error: Any = None
         self.partials = 0
         self.unreadable = 0
+        self.done: list[Call] = []
 
     def feed(self, chunk: bytes) -> None:
         for event in self._events.feed(chunk):
@@ -188,8 +205,11 @@ class ResponseEvents:
             if kind in OPENING_EVENTS and isinstance(event.get("response"), Mapping):
                 found = event["response"].get("id")
                 self.response_id = found if isinstance(found, str) else self.response_id
+            elif kind == ITEM_DONE:
+                if (call := completed_call(event.get("item"))) is not None:
+                    self.done.append(call)
             elif kind in TERMINAL_EVENTS:
-                ended = read_response(event.get("response"))
+                ended = read_response(event.get("response"), tuple(self.done))
                 if self.ended is not None:
                     # A stream ends once: a second end leaves what was billed unknown.
                     # Both are kept (summed), so the bound charged is never below either.
