@@ -80,6 +80,10 @@ async def images(request: Request) -> Response:
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+CALL_STATUSES = ("in_progress", "generating", "failed")
+"""The statuses of an image call that has not completed."""
+
+
 def response(image_output: int) -> dict[str, Any]:
     return {
         "id": "resp_twice",
@@ -97,6 +101,12 @@ def response(image_output: int) -> dict[str, Any]:
 
 async def responses(request: Request) -> Response:
     mode = (await request.json())["input"]
+    status, _, call_status = mode.partition(" with ")
+    if call_status in CALL_STATUSES:
+        # Ended with its image call under way (or failed): no tool_usage.
+        call = {**response(0)["output"][0], "status": call_status, "result": None}
+        ended = {**response(0), "status": status, "output": [call], "tool_usage": None}
+        return JSONResponse(ended)
 
     async def events() -> AsyncIterator[bytes]:
         created = {**response(0), "status": "in_progress", "output": [], "usage": None}
@@ -209,6 +219,26 @@ def test_a_responses_stream_whose_end_leaves_out_the_image_calls_it_streamed_is_
         request_id = answer.headers["x-tollgate-request-id"]
         assert list(answer.iter_lines())
     row = assert_charged_at_least_the_bound_flagged(proxy, request_id)
+    assert row["cost_nanos"] == row["estimated_nanos"]
+
+
+@pytest.mark.parametrize("call_status", CALL_STATUSES)
+@pytest.mark.parametrize("status", ["incomplete", "failed"])
+def test_a_response_with_an_image_call_but_no_tool_usage_is_charged_its_bound(
+    proxy: Tollgate, status: str, call_status: str
+) -> None:
+    """An image call present, whatever its status, may have rendered (and billed) before
+    the response stopped: without `tool_usage`, the bound, flagged (SPEC 11.1). Only
+    completed calls used to count, and the response was charged its mainline usage alone."""
+    raw = proxy.client().responses.with_raw_response.create(
+        model="gpt-5.5",
+        input=f"{status} with {call_status}",
+        tools=[{"type": "image_generation", "quality": "low", "size": "1024x1024"}],
+        max_output_tokens=100,
+        max_tool_calls=1,
+    )
+    assert raw.parse().status == status
+    row = assert_charged_at_least_the_bound_flagged(proxy, raw.headers["x-tollgate-request-id"])
     assert row["cost_nanos"] == row["estimated_nanos"]
 
 

@@ -3,14 +3,15 @@
 A response object carries its mainline model's `usage` (`input_tokens`, of which
 `input_tokens_details.cached_tokens` were cached; `output_tokens`, reasoning included)
 and, when the image tool ran, `tool_usage.image_gen` in the Images API's usage shape.
-Typed SDKs drop `tool_usage`; Tollgate reads the raw JSON. A response whose image
-calls completed but that reports no `tool_usage`, or fewer image-tool output tokens than
-images made (the usage of some calls missing from it), is metered as having no usage:
-charged its bound, flagged (never $0 for the images). The completed calls' `quality` and
-`size` go with what is metered: a usage with fewer image output tokens than those calls
-bill at the least is charged its bound too (`settlement.image_output_short`). In a stream,
-an image call announced done (`response.output_item.done`) is an image made even when the
-terminal event leaves it out of its `output`.
+Typed SDKs drop `tool_usage`; Tollgate reads the raw JSON. A response with an image call
+(completed, or begun: cut short or failed, it may have rendered) that reports no
+`tool_usage`, or fewer image-tool output tokens than images made (the usage of some calls
+missing from it), is metered as having no usage: charged its bound, flagged (never $0 for
+the images). The completed calls' `quality` and `size` go with what is metered: a usage
+with fewer image output tokens than those calls bill at the least is charged its bound too
+(`settlement.image_output_short`). In a stream, an image call announced done
+(`response.output_item.done`) is an image made even when the terminal event leaves it out
+of its `output`.
 
 Images travel as base64 in `result` and `partial_image_b64`: like the Images meters, the
 JSON reaches the parser with every long string emptied (`ShortStrings`), and partial-image
@@ -54,8 +55,13 @@ def read_response(response: Any, seen: tuple[Call, ...] = ()) -> Metered:
     if len(calls) < len(seen):
         calls = seen
     images = len(calls)
-    usage = response_usage(response, images)
-    return Metered(usage, images, response_id, status in PENDING, status, calls)
+    # A call that has not completed (cut short, failed) may still have rendered and billed.
+    ran = images > 0 or any(
+        isinstance(item, Mapping) and item.get("type") == "image_generation_call"
+        for item in (output if isinstance(output, list) else ())
+    )
+    usage = response_usage(response, images, ran)
+    return Metered(usage, images, response_id, status in PENDING, status, calls, ran)
 
 
 def completed_call(item: Any) -> Call | None:
@@ -75,8 +81,9 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else "auto"
 
 
-def response_usage(response: Mapping[str, Any], images: int) -> Usage | None:
-    """The mainline usage plus the image tool's; None when either is missing but needed, or
+def response_usage(response: Mapping[str, Any], images: int, ran: bool = False) -> Usage | None:
+    """The mainline usage plus the image tool's (needed when `images` were made or the tool
+    otherwise `ran`: an image call is present); None when either is missing but needed, or
     holds a count that is not a whole number from 0 to `MAX_TOKENS` (`token_count`)."""
     main = response.get("usage")
     if not isinstance(main, Mapping):
@@ -85,8 +92,9 @@ def response_usage(response: Mapping[str, Any], images: int) -> Usage | None:
     image_gen = tool_usage.get("image_gen") if isinstance(tool_usage, Mapping) else None
     tool = usage_from_openai(image_gen)
     if tool is None:
-        if images or image_gen is not None:
-            return None  # images made (or usage of theirs unreadable): the bound, flagged
+        if images or ran or image_gen is not None:
+            # Image calls present (or usage of theirs unreadable): the bound, flagged.
+            return None
         tool = Usage()
     elif tool.image_output + tool.text_output + tool.unclassified_output < images:
         # Every image made bills output tokens: fewer than one each means the usage of
@@ -120,6 +128,7 @@ def both(first: Metered, second: Metered) -> Metered:
         second.pending,
         second.status,
         first.calls + second.calls,
+        first.ran or second.ran,
     )
 
 
@@ -190,6 +199,7 @@ class ResponseEvents:
             status=ended.status if ended else None,
             partials=self.partials,
             calls=ended.calls if ended else (),
+            ran=ended.ran if ended else False,
         )
 
     def _event(self, raw: bytes) -> None:
