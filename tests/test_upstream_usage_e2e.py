@@ -119,6 +119,16 @@ async def responses(request: Request) -> Response:
             done = {**response(0), "output": [], "tool_usage": None}
             yield sse("response.completed", {"response": done, "sequence_number": 2})
             return
+        if mode == "failed while drawing":
+            # The image call begins, then the response fails, listing nothing, reporting
+            # no usage.
+            call = {**response(0)["output"][0], "status": "in_progress", "result": None}
+            yield sse("response.output_item.added", {"item": call, "output_index": 0})
+            drawing = {"item_id": "ig_1", "output_index": 0, "sequence_number": 2}
+            yield sse("response.image_generation_call.generating", drawing)
+            failed = {**response(0), "status": "failed", "output": [], "usage": None}
+            yield sse("response.failed", {"response": {**failed, "tool_usage": None}})
+            return
         # A stream that ends twice: the first end is the dearer one.
         yield sse("response.completed", {"response": response(50_000), "sequence_number": 1})
         yield sse("response.completed", {"response": response(1), "sequence_number": 2})
@@ -211,6 +221,26 @@ def test_a_responses_stream_whose_end_leaves_out_the_image_calls_it_streamed_is_
     with proxy.client().responses.with_streaming_response.create(
         model="gpt-5.5",
         input="calls left out",
+        tools=[{"type": "image_generation", "quality": "low", "size": "1024x1024"}],
+        max_output_tokens=100,
+        max_tool_calls=1,
+        stream=True,
+    ) as answer:
+        request_id = answer.headers["x-tollgate-request-id"]
+        assert list(answer.iter_lines())
+    row = assert_charged_at_least_the_bound_flagged(proxy, request_id)
+    assert row["cost_nanos"] == row["estimated_nanos"]
+
+
+def test_a_responses_stream_that_fails_while_its_image_call_runs_is_charged_its_bound(
+    proxy: Tollgate,
+) -> None:
+    """The image call began (the stream said so) and may have rendered: a failure that
+    reports no usage and lists no call is the bound, flagged, not the $0 of a response
+    that failed before any work."""
+    with proxy.client().responses.with_streaming_response.create(
+        model="gpt-5.5",
+        input="failed while drawing",
         tools=[{"type": "image_generation", "quality": "low", "size": "1024x1024"}],
         max_output_tokens=100,
         max_tool_calls=1,

@@ -10,8 +10,8 @@ missing from it), is metered as having no usage: charged its bound, flagged (nev
 the images). The completed calls' `quality` and `size` go with what is metered: a usage
 with fewer image output tokens than those calls bill at the least is charged its bound too
 (`settlement.image_output_short`). In a stream, an image call announced done
-(`response.output_item.done`) is an image made even when the terminal event leaves it out
-of its `output`.
+(`response.output_item.done`) is an image made, and one announced at all a call present,
+even when the terminal event leaves it out of its `output`.
 
 Images travel as base64 in `result` and `partial_image_b64`: like the Images meters, the
 JSON reaches the parser with every long string emptied (`ShortStrings`), and partial-image
@@ -37,11 +37,15 @@ TERMINAL_EVENTS = frozenset({"response.completed", "response.failed", "response.
 OPENING_EVENTS = frozenset({"response.created", "response.queued", "response.in_progress"})
 PARTIAL_EVENT = b"response.image_generation_call.partial_image"
 ITEM_DONE = "response.output_item.done"
+ITEM_EVENTS = frozenset({"response.output_item.added", ITEM_DONE})
+CALL_EVENTS = "response.image_generation_call."
+"""The prefix of an image call's own events (`in_progress`, `generating`, `completed`)."""
 
 
-def read_response(response: Any, seen: tuple[Call, ...] = ()) -> Metered:
+def read_response(response: Any, seen: tuple[Call, ...] = (), begun: bool = False) -> Metered:
     """What a response object bills; MalformedAnswer when it is not one. `seen`: the image
-    calls a stream announced done before it, counted when its `output` lists fewer."""
+    calls a stream announced done before it, counted when its `output` lists fewer;
+    `begun`: the stream announced an image call (the image tool ran)."""
     if not isinstance(response, Mapping) or not isinstance(response.get("status"), str):
         raise MalformedAnswer("upstream answer is not a response object")
     status = response["status"]
@@ -56,9 +60,13 @@ def read_response(response: Any, seen: tuple[Call, ...] = ()) -> Metered:
         calls = seen
     images = len(calls)
     # A call that has not completed (cut short, failed) may still have rendered and billed.
-    ran = images > 0 or any(
-        isinstance(item, Mapping) and item.get("type") == "image_generation_call"
-        for item in (output if isinstance(output, list) else ())
+    ran = (
+        images > 0
+        or begun
+        or any(
+            isinstance(item, Mapping) and item.get("type") == "image_generation_call"
+            for item in (output if isinstance(output, list) else ())
+        )
     )
     usage = response_usage(response, images, ran)
     return Metered(usage, images, response_id, status in PENDING, status, calls, ran)
@@ -156,8 +164,8 @@ class ResponseAnswer:
 class ResponseEvents:
     """A Responses stream: its id from the opening event, what it bills from the terminal
     event (`response.completed`, `.failed` or `.incomplete`), and an `error` event if one
-    came. Partial images are counted, never parsed; image calls announced done are kept,
-    and the terminal event is read with them (`read_response`)."""
+    came. Partial images are counted, never parsed; image calls announced (begun, done)
+    are kept, and the terminal event is read with them (`read_response`)."""
 
     def __init__(self) -> None:
         self._events = EventSplitter()
@@ -167,6 +175,7 @@ class ResponseEvents:
         self.partials = 0
         self.unreadable = 0
         self.done: list[Call] = []
+        self.begun = False
 
     def feed(self, chunk: bytes) -> None:
         for event in self._events.feed(chunk):
@@ -215,11 +224,16 @@ class ResponseEvents:
             if kind in OPENING_EVENTS and isinstance(event.get("response"), Mapping):
                 found = event["response"].get("id")
                 self.response_id = found if isinstance(found, str) else self.response_id
-            elif kind == ITEM_DONE:
-                if (call := completed_call(event.get("item"))) is not None:
+            elif kind in ITEM_EVENTS:
+                item = event.get("item")
+                if isinstance(item, Mapping) and item.get("type") == "image_generation_call":
+                    self.begun = True
+                if kind == ITEM_DONE and (call := completed_call(item)) is not None:
                     self.done.append(call)
+            elif isinstance(kind, str) and kind.startswith(CALL_EVENTS):
+                self.begun = True
             elif kind in TERMINAL_EVENTS:
-                ended = read_response(event.get("response"), tuple(self.done))
+                ended = read_response(event.get("response"), tuple(self.done), self.begun)
                 if self.ended is not None:
                     # A stream ends once: a second end leaves what was billed unknown.
                     # Both are kept (summed), so the bound charged is never below either.
