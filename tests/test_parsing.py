@@ -167,6 +167,15 @@ def test_body_that_is_not_json_is_refused(body: bytes) -> None:
     assert invalid("generations", JSON, body).param is None
 
 
+@pytest.mark.parametrize("number", [b"1e400", b"-1e400", b"1" + b"0" * 400 + b".5"])
+def test_a_number_past_a_floats_range_is_refused(number: bytes) -> None:
+    """It was read as infinity, and a body re-encoded from it (a Responses request's) was
+    forwarded with `Infinity`, which is not JSON."""
+    with pytest.raises(InvalidRequest) as caught:
+        json_object(b'{"model": "gpt-5.5", "temperature": ' + number + b"}")
+    assert "out of range" in caught.value.message
+
+
 @pytest.mark.parametrize("body", [b"[]", b'"prompt"', b"null", b"3"])
 def test_json_that_is_not_an_object_is_refused(body: bytes) -> None:
     error = invalid("generations", JSON, body)

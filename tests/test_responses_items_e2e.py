@@ -21,7 +21,7 @@ from PIL import Image
 from proxy.simulator.response_tokens import MAINLINE_IMAGE_TOKENS
 from proxy.simulator.responses import encrypted_reasoning
 from tests.conftest import Simulator, Tollgate
-from tests.responses_e2e import billed, calm, check_charge, proxy, tool
+from tests.responses_e2e import arrivals, billed, calm, check_charge, proxy, tool
 
 __all__ = ["calm", "proxy"]  # the shared fixtures
 
@@ -266,3 +266,44 @@ def test_large_images_fed_back_to_every_call_stay_within_the_reservation(
     check_charge(proxy, simulator, response_id, mainline, image_model)
     record = billed(simulator, response_id)
     assert (record["n"], record["image_count"]) == (4, 4)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("allowed_callers", ["programmatic"]),
+        ("allowed_callers", ["direct", "programmatic"]),
+        ("async", True),
+        ("defer_loading", True),
+        ("cache_control", {"type": "ephemeral"}),
+    ],
+)
+def test_a_function_tool_whose_calls_are_not_the_clients_alone_is_refused(
+    proxy: Tollgate, simulator: Simulator, field: str, value: Any
+) -> None:
+    """A function called by a program OpenAI runs, one whose call lets the model sample on
+    (`async`), one loaded by tool search, or a field Tollgate does not know: the bound
+    (a function call ends the response, the client makes it) does not cover them. They used
+    to be forwarded as given, the function tool's fields never read."""
+    before = len(arrivals(simulator))
+    with pytest.raises(openai.BadRequestError) as caught:
+        proxy.client().responses.create(
+            model="gpt-5.5",
+            input="Photograph the kitchen",
+            tools=[{**FUNCTION, field: value}],
+            max_output_tokens=400,
+        )
+    assert caught.value.code == "invalid_request"
+    assert caught.value.param == f"tools[0].{field}"  # type: ignore[attr-defined]
+    assert len(arrivals(simulator)) == before  # nothing was forwarded
+
+
+def test_a_function_tool_at_its_defaults_is_forwarded(proxy: Tollgate) -> None:
+    plain = {**FUNCTION, "strict": False, "allowed_callers": ["direct"], "async": False}
+    answer = proxy.client().responses.create(
+        model="gpt-5.5",
+        input="Photograph the kitchen",
+        tools=[{**plain, "defer_loading": False, "output_schema": {"type": "string"}}],
+        max_output_tokens=400,
+    )
+    assert answer.status == "completed"

@@ -80,6 +80,10 @@ async def images(request: Request) -> Response:
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+CALL_STATUSES = ("in_progress", "generating", "failed")
+"""The statuses of an image call that has not completed."""
+
+
 def response(image_output: int) -> dict[str, Any]:
     return {
         "id": "resp_twice",
@@ -96,9 +100,35 @@ def response(image_output: int) -> dict[str, Any]:
 
 
 async def responses(request: Request) -> Response:
+    mode = (await request.json())["input"]
+    status, _, call_status = mode.partition(" with ")
+    if call_status in CALL_STATUSES:
+        # Ended with its image call under way (or failed): no tool_usage.
+        call = {**response(0)["output"][0], "status": call_status, "result": None}
+        ended = {**response(0), "status": status, "output": [call], "tool_usage": None}
+        return JSONResponse(ended)
+
     async def events() -> AsyncIterator[bytes]:
         created = {**response(0), "status": "in_progress", "output": [], "usage": None}
         yield sse("response.created", {"response": created, "sequence_number": 0})
+        if mode == "calls left out":
+            # The image call streams done, then the completed response lists no output
+            # and no tool_usage: as if no image had been made.
+            call = {**response(0)["output"][0], "quality": "low", "size": "1024x1024"}
+            yield sse("response.output_item.done", {"item": call, "output_index": 0})
+            done = {**response(0), "output": [], "tool_usage": None}
+            yield sse("response.completed", {"response": done, "sequence_number": 2})
+            return
+        if mode == "failed while drawing":
+            # The image call begins, then the response fails, listing nothing, reporting
+            # no usage.
+            call = {**response(0)["output"][0], "status": "in_progress", "result": None}
+            yield sse("response.output_item.added", {"item": call, "output_index": 0})
+            drawing = {"item_id": "ig_1", "output_index": 0, "sequence_number": 2}
+            yield sse("response.image_generation_call.generating", drawing)
+            failed = {**response(0), "status": "failed", "output": [], "usage": None}
+            yield sse("response.failed", {"response": {**failed, "tool_usage": None}})
+            return
         # A stream that ends twice: the first end is the dearer one.
         yield sse("response.completed", {"response": response(50_000), "sequence_number": 1})
         yield sse("response.completed", {"response": response(1), "sequence_number": 2})
@@ -180,6 +210,66 @@ def test_a_responses_stream_that_ends_twice_is_charged_no_less_than_its_dearer_e
     assert row["image_output_tokens"] >= 50_000
     assert row["cost_nanos"] >= 50_000 * 30_000
     assert row["error_code"] == "malformed_answer"
+
+
+def test_a_responses_stream_whose_end_leaves_out_the_image_calls_it_streamed_is_charged_its_bound(
+    proxy: Tollgate,
+) -> None:
+    """An image call the stream said was done is an image made, whatever its terminal event
+    lists: with no `tool_usage` for it, the bound, flagged. It used to be settled from the
+    terminal event alone, as a response that made no image (its image charged $0)."""
+    with proxy.client().responses.with_streaming_response.create(
+        model="gpt-5.5",
+        input="calls left out",
+        tools=[{"type": "image_generation", "quality": "low", "size": "1024x1024"}],
+        max_output_tokens=100,
+        max_tool_calls=1,
+        stream=True,
+    ) as answer:
+        request_id = answer.headers["x-tollgate-request-id"]
+        assert list(answer.iter_lines())
+    row = assert_charged_at_least_the_bound_flagged(proxy, request_id)
+    assert row["cost_nanos"] == row["estimated_nanos"]
+
+
+def test_a_responses_stream_that_fails_while_its_image_call_runs_is_charged_its_bound(
+    proxy: Tollgate,
+) -> None:
+    """The image call began (the stream said so) and may have rendered: a failure that
+    reports no usage and lists no call is the bound, flagged, not the $0 of a response
+    that failed before any work."""
+    with proxy.client().responses.with_streaming_response.create(
+        model="gpt-5.5",
+        input="failed while drawing",
+        tools=[{"type": "image_generation", "quality": "low", "size": "1024x1024"}],
+        max_output_tokens=100,
+        max_tool_calls=1,
+        stream=True,
+    ) as answer:
+        request_id = answer.headers["x-tollgate-request-id"]
+        assert list(answer.iter_lines())
+    row = assert_charged_at_least_the_bound_flagged(proxy, request_id)
+    assert row["cost_nanos"] == row["estimated_nanos"]
+
+
+@pytest.mark.parametrize("call_status", CALL_STATUSES)
+@pytest.mark.parametrize("status", ["incomplete", "failed"])
+def test_a_response_with_an_image_call_but_no_tool_usage_is_charged_its_bound(
+    proxy: Tollgate, status: str, call_status: str
+) -> None:
+    """An image call present, whatever its status, may have rendered (and billed) before
+    the response stopped: without `tool_usage`, the bound, flagged (SPEC 11.1). Only
+    completed calls used to count, and the response was charged its mainline usage alone."""
+    raw = proxy.client().responses.with_raw_response.create(
+        model="gpt-5.5",
+        input=f"{status} with {call_status}",
+        tools=[{"type": "image_generation", "quality": "low", "size": "1024x1024"}],
+        max_output_tokens=100,
+        max_tool_calls=1,
+    )
+    assert raw.parse().status == status
+    row = assert_charged_at_least_the_bound_flagged(proxy, raw.headers["x-tollgate-request-id"])
+    assert row["cost_nanos"] == row["estimated_nanos"]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])

@@ -21,6 +21,7 @@ an edit or a variation, uploaded or referenced, `proxy.core.input_images`.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -268,8 +269,19 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite(text: str) -> float:
+    """A JSON number with a fraction or exponent, refused past a float's range: read as
+    infinity, it would be forwarded re-encoded as `Infinity`, which is not JSON."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 # Built once: json.loads and json.dumps with options build a new coder on every call.
-_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_float=_finite
+)
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 

@@ -231,6 +231,8 @@ class Metered:
     """A Responses API answer's `status` (`completed`, `incomplete`, `failed`, …)."""
     calls: tuple[Call, ...] = ()
     """A Responses API answer's completed image calls."""
+    ran: bool = False
+    """A Responses API answer lists an image call, completed or not: the image tool ran."""
 
 
 UNBILLED_ENDS = frozenset({"failed", "cancelled"})
@@ -244,8 +246,8 @@ STATUS_UNKNOWN = "response_status_unknown"
 def metered(bound: Bound, found: Metered, partials: int = 0) -> Verdict:
     """A whole 2xx answer as metered. A Responses API response that failed or was
     cancelled is charged its usage if it reports one. Without usage, a failed one is
-    charged nothing (an upstream error), unless images were made (completed, or `partials`
-    streamed): then the image tool ran and billed, at a cost unknown, so its bound,
+    charged nothing (an upstream error), unless images were made (completed, begun, or
+    `partials` streamed): then the image tool ran and billed, at a cost unknown, so its bound,
     flagged. A cancelled one without usage is charged its bound, flagged, whatever was
     seen of it: OpenAI bills what a response read and wrote before its cancel, and
     whether it had begun is unknown (a team polling its own response can cancel it the
@@ -259,7 +261,7 @@ def metered(bound: Bound, found: Metered, partials: int = 0) -> Verdict:
         return unknown(bound, STATUS_UNKNOWN, seen)
     if found.status in UNBILLED_ENDS:
         if found.usage is None:
-            if found.images or partials or found.status == "cancelled":
+            if found.images or found.ran or partials or found.status == "cancelled":
                 return unknown(bound, f"response_{found.status}")
             return refused(f"response_{found.status}")
         charge = answered(bound, found.usage, found.images, found.calls).charge
@@ -296,6 +298,8 @@ class StreamEnd:
     """Partial images that arrived: the upstream was rendering (and billing)."""
     calls: tuple[Call, ...] = ()
     """A Responses stream: the completed image calls its terminal event listed."""
+    ran: bool = False
+    """A Responses stream: its terminal event listed an image call, completed or not."""
 
 
 def stream_ended(bound: Bound, end: StreamEnd) -> Verdict:
@@ -307,14 +311,18 @@ def stream_ended(bound: Bound, end: StreamEnd) -> Verdict:
     whatever the error)."""
     if bound.mainline is not None:
         if end.broken is None and end.terminal and not end.unreadable:
-            found = Metered(end.usage, end.completed, status=end.status, calls=end.calls)
+            found = Metered(
+                end.usage, end.completed, status=end.status, calls=end.calls, ran=end.ran
+            )
             return metered(bound, found, end.partials)
         code = end.broken or (
             MALFORMED_ANSWER if end.unreadable else error_code_of(end.error) or STREAM_TRUNCATED
         )
         seen = None
         if end.usage is not None:
-            found = Metered(end.usage, end.completed, status=end.status, calls=end.calls)
+            found = Metered(
+                end.usage, end.completed, status=end.status, calls=end.calls, ran=end.ran
+            )
             seen = metered(bound, found).charge
         return unknown(bound, code, seen)
     seen = answered(bound, end.usage, end.completed).charge if end.usage is not None else None

@@ -3,12 +3,15 @@
 A response object carries its mainline model's `usage` (`input_tokens`, of which
 `input_tokens_details.cached_tokens` were cached; `output_tokens`, reasoning included)
 and, when the image tool ran, `tool_usage.image_gen` in the Images API's usage shape.
-Typed SDKs drop `tool_usage`; Tollgate reads the raw JSON. A response whose image
-calls completed but that reports no `tool_usage`, or fewer image-tool output tokens than
-images made (the usage of some calls missing from it), is metered as having no usage:
-charged its bound, flagged (never $0 for the images). The completed calls' `quality` and
-`size` go with what is metered: a usage with fewer image output tokens than those calls
-bill at the least is charged its bound too (`settlement.image_output_short`).
+Typed SDKs drop `tool_usage`; Tollgate reads the raw JSON. A response with an image call
+(completed, or begun: cut short or failed, it may have rendered) that reports no
+`tool_usage`, or fewer image-tool output tokens than images made (the usage of some calls
+missing from it), is metered as having no usage: charged its bound, flagged (never $0 for
+the images). The completed calls' `quality` and `size` go with what is metered: a usage
+with fewer image output tokens than those calls bill at the least is charged its bound too
+(`settlement.image_output_short`). In a stream, an image call announced done
+(`response.output_item.done`) is an image made, and one announced at all a call present,
+even when the terminal event leaves it out of its `output`.
 
 Images travel as base64 in `result` and `partial_image_b64`: like the Images meters, the
 JSON reaches the parser with every long string emptied (`ShortStrings`), and partial-image
@@ -24,7 +27,7 @@ from typing import Any
 from proxy.core.errors import MalformedAnswer, RequestError
 from proxy.core.metering import token_count, usage_from_openai
 from proxy.core.models import Usage
-from proxy.core.settlement import Metered, StreamEnd
+from proxy.core.settlement import Call, Metered, StreamEnd
 from proxy.core.short_strings import ShortStrings
 from proxy.core.sse import EventSplitter, error_event, sse_event
 
@@ -33,25 +36,51 @@ PENDING = frozenset({"queued", "in_progress"})
 TERMINAL_EVENTS = frozenset({"response.completed", "response.failed", "response.incomplete"})
 OPENING_EVENTS = frozenset({"response.created", "response.queued", "response.in_progress"})
 PARTIAL_EVENT = b"response.image_generation_call.partial_image"
+ITEM_DONE = "response.output_item.done"
+ITEM_EVENTS = frozenset({"response.output_item.added", ITEM_DONE})
+CALL_EVENTS = "response.image_generation_call."
+"""The prefix of an image call's own events (`in_progress`, `generating`, `completed`)."""
 
 
-def read_response(response: Any) -> Metered:
-    """What a response object bills; MalformedAnswer when it is not one."""
+def read_response(response: Any, seen: tuple[Call, ...] = (), begun: bool = False) -> Metered:
+    """What a response object bills; MalformedAnswer when it is not one. `seen`: the image
+    calls a stream announced done before it, counted when its `output` lists fewer;
+    `begun`: the stream announced an image call (the image tool ran)."""
     if not isinstance(response, Mapping) or not isinstance(response.get("status"), str):
         raise MalformedAnswer("upstream answer is not a response object")
     status = response["status"]
     response_id = response.get("id") if isinstance(response.get("id"), str) else None
     output = response.get("output")
     calls = tuple(
-        (_text(item.get("quality")), _text(item.get("size")))
+        call
         for item in (output if isinstance(output, list) else ())
-        if isinstance(item, Mapping)
+        if (call := completed_call(item)) is not None
+    )
+    if len(calls) < len(seen):
+        calls = seen
+    images = len(calls)
+    # A call that has not completed (cut short, failed) may still have rendered and billed.
+    ran = (
+        images > 0
+        or begun
+        or any(
+            isinstance(item, Mapping) and item.get("type") == "image_generation_call"
+            for item in (output if isinstance(output, list) else ())
+        )
+    )
+    usage = response_usage(response, images, ran)
+    return Metered(usage, images, response_id, status in PENDING, status, calls, ran)
+
+
+def completed_call(item: Any) -> Call | None:
+    """The `quality` and `size` of `item` when it is a completed image call."""
+    if (
+        isinstance(item, Mapping)
         and item.get("type") == "image_generation_call"
         and item.get("status") == "completed"
-    )
-    images = len(calls)
-    usage = response_usage(response, images)
-    return Metered(usage, images, response_id, status in PENDING, status, calls)
+    ):
+        return _text(item.get("quality")), _text(item.get("size"))
+    return None
 
 
 def _text(value: Any) -> str:
@@ -60,8 +89,9 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else "auto"
 
 
-def response_usage(response: Mapping[str, Any], images: int) -> Usage | None:
-    """The mainline usage plus the image tool's; None when either is missing but needed, or
+def response_usage(response: Mapping[str, Any], images: int, ran: bool = False) -> Usage | None:
+    """The mainline usage plus the image tool's (needed when `images` were made or the tool
+    otherwise `ran`: an image call is present); None when either is missing but needed, or
     holds a count that is not a whole number from 0 to `MAX_TOKENS` (`token_count`)."""
     main = response.get("usage")
     if not isinstance(main, Mapping):
@@ -70,8 +100,9 @@ def response_usage(response: Mapping[str, Any], images: int) -> Usage | None:
     image_gen = tool_usage.get("image_gen") if isinstance(tool_usage, Mapping) else None
     tool = usage_from_openai(image_gen)
     if tool is None:
-        if images or image_gen is not None:
-            return None  # images made (or usage of theirs unreadable): the bound, flagged
+        if images or ran or image_gen is not None:
+            # Image calls present (or usage of theirs unreadable): the bound, flagged.
+            return None
         tool = Usage()
     elif tool.image_output + tool.text_output + tool.unclassified_output < images:
         # Every image made bills output tokens: fewer than one each means the usage of
@@ -105,6 +136,7 @@ def both(first: Metered, second: Metered) -> Metered:
         second.pending,
         second.status,
         first.calls + second.calls,
+        first.ran or second.ran,
     )
 
 
@@ -132,7 +164,8 @@ class ResponseAnswer:
 class ResponseEvents:
     """A Responses stream: its id from the opening event, what it bills from the terminal
     event (`response.completed`, `.failed` or `.incomplete`), and an `error` event if one
-    came. Partial images are counted, never parsed."""
+    came. Partial images are counted, never parsed; image calls announced (begun, done)
+    are kept, and the terminal event is read with them (`read_response`)."""
 
     def __init__(self) -> None:
         self._events = EventSplitter()
@@ -141,6 +174,8 @@ class ResponseEvents:
         self.error: Any = None
         self.partials = 0
         self.unreadable = 0
+        self.done: list[Call] = []
+        self.begun = False
 
     def feed(self, chunk: bytes) -> None:
         for event in self._events.feed(chunk):
@@ -173,6 +208,7 @@ class ResponseEvents:
             status=ended.status if ended else None,
             partials=self.partials,
             calls=ended.calls if ended else (),
+            ran=ended.ran if ended else False,
         )
 
     def _event(self, raw: bytes) -> None:
@@ -188,8 +224,16 @@ class ResponseEvents:
             if kind in OPENING_EVENTS and isinstance(event.get("response"), Mapping):
                 found = event["response"].get("id")
                 self.response_id = found if isinstance(found, str) else self.response_id
+            elif kind in ITEM_EVENTS:
+                item = event.get("item")
+                if isinstance(item, Mapping) and item.get("type") == "image_generation_call":
+                    self.begun = True
+                if kind == ITEM_DONE and (call := completed_call(item)) is not None:
+                    self.done.append(call)
+            elif isinstance(kind, str) and kind.startswith(CALL_EVENTS):
+                self.begun = True
             elif kind in TERMINAL_EVENTS:
-                ended = read_response(event.get("response"))
+                ended = read_response(event.get("response"), tuple(self.done), self.begun)
                 if self.ended is not None:
                     # A stream ends once: a second end leaves what was billed unknown.
                     # Both are kept (summed), so the bound charged is never below either.

@@ -20,9 +20,11 @@ The bound reserved before it is sent covers both:
 
 A request that leaves `max_output_tokens` or `max_tool_calls` open is closed by the
 team's `responses:` policy (the cap written into it, or a 400). Only what Tollgate can
-bound is forwarded: the function tool (its calls are the client's) and the image tool,
-message, function-call (with their outputs), reasoning (with its `encrypted_content`)
-and image-call (with its `result`) input items, text and image content; anything else
+bound is forwarded: the function tool (its calls are the client's, each ending the
+response: none made by a program OpenAI runs, none `async`, none loaded by tool search)
+and the image tool, message, function-call (with their outputs), reasoning (with its
+`encrypted_content`) and image-call (with its `result`) input items, text and image
+content; anything else
 (file inputs, item references, reasoning or image calls named by their id alone, other
 hosted tools, `conversation`, reusable prompts, reasoning beyond one standard run) is
 refused with a 400 that says so. The body sent upstream is re-encoded from this parse, its
@@ -100,6 +102,19 @@ TOOL_PARAMS = frozenset(
         "input_image_mask",
     }
 )  # fmt: skip
+FUNCTION_PARAMS = frozenset(
+    {"type", "name", "description", "parameters", "strict", "output_schema"}
+)
+"""The fields of a function tool that are text the model reads (within the bound's bytes)."""
+FUNCTION_PLAIN: Mapping[str, object] = {
+    "allowed_callers": ["direct"],
+    "async": False,
+    "defer_loading": False,
+}
+"""Function-tool fields forwarded at these values only (their defaults): a function called
+by a program OpenAI runs (`programmatic`), one whose call does not end the response
+(`async`: the model samples on, reading its context again), or one loaded by tool search
+runs the response in ways the bound does not count."""
 SERVICE_TIERS = ("auto", "default", "flex")
 """Tiers priced at or below the price book's (Standard) rates; `priority` costs more.
 `auto`, and an unset tier (which OpenAI reads as `auto`), is sent as `default`: `auto`
@@ -533,6 +548,7 @@ def _tools(tools: Any) -> tuple[int | None, dict[str, Any] | None]:
     for index, tool in enumerate(tools):
         kind = tool.get("type") if isinstance(tool, dict) else None
         if kind == "function":
+            _function(tool, index)
             continue
         if kind != "image_generation":
             raise InvalidRequest(
@@ -561,6 +577,28 @@ def _tools(tools: Any) -> tuple[int | None, dict[str, Any] | None]:
                 )
         found = (index, tool)
     return found
+
+
+def _function(tool: Mapping[str, Any], index: int) -> None:
+    """Refuse a function tool with a field the bound does not cover (`FUNCTION_PLAIN`) or
+    does not know: its calls must be the client's, each ending the response."""
+    for name, value in tool.items():
+        if name in FUNCTION_PARAMS or value is None:
+            continue
+        param = f"tools[{index}].{name}"
+        if name not in FUNCTION_PLAIN:
+            raise InvalidRequest(
+                f"Unknown parameter: '{param}'. Tollgate cannot price it.", param=param
+            )
+        plain = FUNCTION_PLAIN[name]
+        if type(value) is not type(plain) or value != plain:
+            raise InvalidRequest(
+                f"Tollgate does not forward a function tool with {name}="
+                f"{json.dumps(value)}: its calls would not be the client's, each ending the "
+                f"response, so Tollgate cannot bound what the response costs. Leave "
+                f"'{name}' out, or set it to {json.dumps(plain)}.",
+                param=param,
+            )
 
 
 def tool_param(index: int, param: str | None) -> str | None:
