@@ -217,7 +217,9 @@ def line_charge(
     usage = usage_from_openai(body.get("usage"))
     data = body.get("data")
     images = len(data) if isinstance(data, list) else line.n
-    if model is None or usage is None:
+    if model is None or not model.accepts_batch or usage is None:
+        # No batch rates to price it at (the model gone from the book, or no longer taken
+        # by the Batch API since a reload), or no usage to price: its bound, flagged.
         return Charge(Usage(images=images), line.bound_nanos, True), None, "ok"
     return model.for_batch().charge(replace(usage, images=images)), None, "ok"
 
