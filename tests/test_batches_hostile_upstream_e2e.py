@@ -248,3 +248,21 @@ def test_a_line_answered_twice_is_charged_as_read_and_flagged(
         ("a", 1, "batch_line_repeated"),
     ]
     assert rows[0]["cost_nanos"] == rows[1]["cost_nanos"] > 0
+
+
+def test_a_line_billed_above_its_bound_is_charged_as_read_and_flagged(
+    proxy: Tollgate, upstream: Upstream
+) -> None:
+    """A line whose usage costs more than it was priced at upload (an upstream billing past
+    Tollgate's token rules) is charged as it reads, and flagged `usage_over_bound` as a
+    direct request's answer is, even when the batch as a whole stays within its
+    reservation (here, its other line not billed): it was charged silently."""
+    over = output_line("a").replace('"output_tokens": 196', '"output_tokens": 300')
+    expired = {"code": "batch_expired", "message": "not run"}
+    error = json.dumps({"custom_id": "b", "response": None, "error": expired})
+    ended = {"status": "expired", "expired_at": int(time.time())}
+    rows, _ = run(proxy, upstream, ended, [over, error])
+    [row] = rows
+    assert row["estimated_nanos"] < row["cost_nanos"] < 2 * row["estimated_nanos"]
+    assert (row["flagged"], row["error_code"]) == (1, "usage_over_bound")
+    assert row["image_output_tokens"] == 300

@@ -33,7 +33,7 @@ from proxy.core.models import (
 from proxy.core.periods import counters, zone
 from proxy.core.pricing import PriceBook
 from proxy.core.settings import Config
-from proxy.core.settlement import MALFORMED_ANSWER, Bound, metered
+from proxy.core.settlement import MALFORMED_ANSWER, Bound, as_read, metered
 from proxy.doors.batches import user_shares
 from proxy.doors.response_meters import read_response
 from proxy.ledger import BatchLine, BilledLine
@@ -221,7 +221,11 @@ def line_charge(
         # No batch rates to price it at (the model gone from the book, or no longer taken
         # by the Batch API since a reload), or no usage to price: its bound, flagged.
         return Charge(Usage(images=images), line.bound_nanos, True), None, "ok"
-    return model.for_batch().charge(replace(usage, images=images)), None, "ok"
+    # Metered as the Images door meters a direct answer: as it reads, flagged
+    # `usage_over_bound` when that costs more than the line was priced at upload.
+    bound = Bound(model.for_batch(), line.n, line.quality, line.size, line.bound_nanos, Usage())
+    verdict = as_read(bound, model.for_batch().charge(replace(usage, images=images)))
+    return verdict.charge, verdict.error_code, verdict.outcome
 
 
 def response_charge(
