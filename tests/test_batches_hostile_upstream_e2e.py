@@ -266,3 +266,30 @@ def test_a_line_billed_above_its_bound_is_charged_as_read_and_flagged(
     assert row["estimated_nanos"] < row["cost_nanos"] < 2 * row["estimated_nanos"]
     assert (row["flagged"], row["error_code"]) == (1, "usage_over_bound")
     assert row["image_output_tokens"] == 300
+
+
+def test_an_output_file_short_of_the_lines_the_batch_completed_charges_the_others_bounds(
+    proxy: Tollgate, upstream: Upstream
+) -> None:
+    """A batch that says two lines completed (billed) with an output file answering one
+    (cut short on its way): the other was billed too, at a cost unknown. It was charged
+    nothing; every line the file does not answer is charged its bound, flagged."""
+    counts = {"total": 2, "completed": 2, "failed": 0}
+    ended = {"status": "completed", "completed_at": int(time.time()), "request_counts": counts}
+    rows, _ = run(proxy, upstream, ended, [output_line("a")])
+    by_line = {r["custom_id"]: r for r in rows}
+    assert sorted(by_line) == ["a", "b"]
+    assert (by_line["a"]["flagged"], by_line["a"]["error_code"]) == (0, None)
+    short = by_line["b"]
+    assert (short["flagged"], short["error_code"]) == (1, "malformed_answer")
+    assert short["cost_nanos"] == short["estimated_nanos"] > 0
+
+
+def test_an_output_file_answering_every_completed_line_charges_no_other(
+    proxy: Tollgate, upstream: Upstream
+) -> None:
+    """The lines the batch did not complete (failed, in its error file) are not billed."""
+    counts = {"total": 2, "completed": 1, "failed": 1}
+    ended = {"status": "completed", "completed_at": int(time.time()), "request_counts": counts}
+    rows, _ = run(proxy, upstream, ended, [output_line("a")])
+    assert [(r["custom_id"], r["flagged"]) for r in rows] == [("a", 0)]

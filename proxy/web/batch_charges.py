@@ -180,12 +180,18 @@ class Rows:
 
 
 def charged(
-    rows: Rows, lines: Mapping[str, BatchLine], output: Sequence[bytes], unread: str | None
+    rows: Rows,
+    lines: Mapping[str, BatchLine],
+    output: Sequence[bytes],
+    unread: str | None,
+    completed: int = 0,
 ) -> list[BilledLine]:
     """The rows of a batch's `output` lines, in one pass (on a thread, by its settlement):
     a second answer to one line flagged `REPEATED_LINE`; when the rest of the output cannot
     be read (`unread`: `MALFORMED_ANSWER`, every line it did not answer; any other code,
-    every line), each of those lines charged its bound, flagged `unread`. Held to the
+    every line), each of those lines charged its bound, flagged `unread`. An output that
+    answers fewer lines than the batch says `completed` (billed) is short of lines OpenAI
+    billed, which are not known: read as one that cannot be read past its end. Held to the
     reservation, and each user's lines to her share (`within`)."""
     rows.expected = len(output) + (len(lines) if unread else 0)
     billed: list[BilledLine] = []
@@ -199,6 +205,8 @@ def charged(
             line = replace(line, settlement=settled)
         read.add(line.entry.custom_id)
         billed.append(line)
+    if unread is None and len(read) < completed:
+        unread = MALFORMED_ANSWER
     if unread == MALFORMED_ANSWER:
         billed += rows.at_bounds([li for li in lines.values() if li.custom_id not in read], unread)
     elif unread is not None:

@@ -230,7 +230,8 @@ class BatchFollow:
             log.warning("batch %s: its output file %s is gone", self.batch_id, output)
             read.lines, unread = [], OUTPUT_GONE
         rows = Rows(config, entry, ended_at, self.batch_id, self.prices)
-        billed = await asyncio.to_thread(charged, rows, lines, read.lines, unread)
+        completed = completed_lines(batch)
+        billed = await asyncio.to_thread(charged, rows, lines, read.lines, unread, completed)
         for file_id in (output, errors):
             if file_id is not None:  # another team's already stays theirs: settled all the same
                 team = entry.team or ""
