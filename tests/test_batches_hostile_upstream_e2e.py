@@ -53,6 +53,8 @@ class Upstream:
         self.created: dict[str, dict[str, Any]] = {}
         self.ended: dict[str, Any] = {}
         self.output = b""
+        self.unnamed = False
+        """Whether a create is answered with its batch without its id."""
 
     async def upload(self, request: Request) -> Response:
         form = await request.form()
@@ -71,7 +73,11 @@ class Upstream:
             "status": "validating", "created_at": int(time.time()),
         }  # fmt: skip
         self.created[batch["id"]] = batch
-        return JSONResponse(batch)
+        return JSONResponse({k: v for k, v in batch.items() if k != "id" or not self.unnamed})
+
+    async def listing(self, request: Request) -> Response:
+        newest = sorted(self.created.values(), key=lambda b: b["created_at"], reverse=True)
+        return JSONResponse({"object": "list", "data": newest, "has_more": False})
 
     async def retrieve(self, request: Request) -> Response:
         batch = self.created[request.path_params["batch_id"]]
@@ -85,6 +91,7 @@ class Upstream:
             routes=[
                 Route("/v1/files", self.upload, methods=["POST"]),
                 Route("/v1/batches", self.create, methods=["POST"]),
+                Route("/v1/batches", self.listing, methods=["GET"]),
                 Route("/v1/batches/{batch_id}", self.retrieve, methods=["GET"]),
                 Route("/v1/files/{file_id}/content", self.content, methods=["GET"]),
             ]
@@ -293,3 +300,28 @@ def test_an_output_file_answering_every_completed_line_charges_no_other(
     ended = {"status": "completed", "completed_at": int(time.time()), "request_counts": counts}
     rows, _ = run(proxy, upstream, ended, [output_line("a")])
     assert [(r["custom_id"], r["flagged"]) for r in rows] == [("a", 0)]
+
+
+def test_a_create_answered_without_its_batchs_id_follows_the_batch_it_made(
+    proxy: Tollgate, upstream: Upstream
+) -> None:
+    """A create answered 200 with a batch that has no id made a batch all the same, which
+    runs and bills: it was neither followed nor released, its lines never settled and its
+    reservation left to be reclaimed at its bound. It is found among the upstream's
+    batches, the team's, and settled by its lines."""
+    upstream.ended = {"status": "completed", "completed_at": int(time.time())}
+    upstream.output = "".join(f"{output_line(x)}\n" for x in ("a", "b")).encode()
+    upstream.unnamed = True
+    try:
+        sdk = proxy.client(DESIGN_KEY)
+        uploaded = upload(sdk, LINES)
+        sdk.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/images/generations", completion_window="24h"
+        )
+    finally:
+        upstream.unnamed = False
+    [made] = [b["id"] for b in upstream.created.values() if b["input_file_id"] == uploaded.id]
+    rows = settled_rows(proxy, made)
+    assert [(r["custom_id"], r["flagged"]) for r in rows] == [("a", 0), ("b", 0)]
+    assert sdk.batches.retrieve(made).id == made
+    assert made not in {b.id for b in proxy.client(RESEARCH_KEY).batches.list()}
