@@ -29,6 +29,7 @@ from tests.conftest import (
     Tollgate,
     serving,
     start_tollgate,
+    wait_for,
     write_config,
 )
 
@@ -55,6 +56,7 @@ class Upstream:
         self.output = b""
         self.unnamed = False
         """Whether a create is answered with its batch without its id."""
+        self.polls = 0
 
     async def upload(self, request: Request) -> Response:
         form = await request.form()
@@ -81,6 +83,7 @@ class Upstream:
 
     async def retrieve(self, request: Request) -> Response:
         batch = self.created[request.path_params["batch_id"]]
+        self.polls += 1
         return JSONResponse({**batch, "output_file_id": "file-out", **self.ended})
 
     async def content(self, request: Request) -> Response:
@@ -325,3 +328,36 @@ def test_a_create_answered_without_its_batchs_id_follows_the_batch_it_made(
     assert [(r["custom_id"], r["flagged"]) for r in rows] == [("a", 0), ("b", 0)]
     assert sdk.batches.retrieve(made).id == made
     assert made not in {b.id for b in proxy.client(RESEARCH_KEY).batches.list()}
+
+
+def test_a_poll_answered_with_another_batch_is_not_settled_from_it(
+    proxy: Tollgate, upstream: Upstream
+) -> None:
+    """A poll of a batch answered with another batch's object, ended (a cache or proxy
+    before the upstream answering for the wrong path), settled this batch from the other's
+    output file: charged its lines, and its team given that file. It is asked again until
+    the upstream answers for the batch itself."""
+    upstream.output = "".join(f"{output_line(x)}\n" for x in ("a", "b")).encode()
+    upstream.ended = {
+        "id": "batch_someone_elses", "status": "completed", "completed_at": int(time.time()),
+        "output_file_id": "file-someone-elses",
+    }  # fmt: skip
+    sdk = proxy.client(DESIGN_KEY)
+    batch = sdk.batches.create(
+        input_file_id=upload(sdk, LINES).id,
+        endpoint="/v1/images/generations",
+        completion_window="24h",
+    )
+    polls = upstream.polls
+
+    def states() -> list[str] | None:
+        rows = proxy.query(f"SELECT state FROM requests WHERE response_id = '{batch.id}'")
+        found = [r["state"] for r in rows]
+        return found if upstream.polls >= polls + 2 or "settled" in found else None
+
+    assert wait_for("two polls of the batch, or its settlement", states) == ["reserved"]
+    sdk.batches.retrieve(batch.id)  # the team reads it as the upstream answers it
+    assert proxy.query("SELECT id FROM stored_objects WHERE id = 'file-someone-elses'") == []
+    upstream.ended = {"status": "completed", "completed_at": int(time.time())}
+    rows = settled_rows(proxy, batch.id)
+    assert [(r["custom_id"], r["flagged"]) for r in rows] == [("a", 0), ("b", 0)]

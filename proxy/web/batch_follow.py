@@ -126,6 +126,15 @@ class BatchFollow:
         except (ValueError, KeyError, TypeError):
             log.warning("following %s: answered %s; will ask again", self.batch_id, answer.status)
             return False
+        if batch.get("id") != self.batch_id:
+            # Another batch (a cache or proxy before the upstream answering for the wrong
+            # path): settled from it, this batch would be charged another's lines, and its
+            # team given another's output file.
+            log.warning(
+                "following %s: answered batch %r instead; will ask again",
+                self.batch_id, str(batch.get("id"))[:100],
+            )  # fmt: skip
+            return False
         if answer.status == 200:
             self.not_found.clear()  # the upstream has it
         if status not in ENDED:
