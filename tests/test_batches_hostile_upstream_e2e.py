@@ -29,6 +29,7 @@ from tests.conftest import (
     Tollgate,
     serving,
     start_tollgate,
+    wait_for,
     write_config,
 )
 
@@ -53,6 +54,9 @@ class Upstream:
         self.created: dict[str, dict[str, Any]] = {}
         self.ended: dict[str, Any] = {}
         self.output = b""
+        self.unnamed = False
+        """Whether a create is answered with its batch without its id."""
+        self.polls = 0
 
     async def upload(self, request: Request) -> Response:
         form = await request.form()
@@ -71,10 +75,15 @@ class Upstream:
             "status": "validating", "created_at": int(time.time()),
         }  # fmt: skip
         self.created[batch["id"]] = batch
-        return JSONResponse(batch)
+        return JSONResponse({k: v for k, v in batch.items() if k != "id" or not self.unnamed})
+
+    async def listing(self, request: Request) -> Response:
+        newest = sorted(self.created.values(), key=lambda b: b["created_at"], reverse=True)
+        return JSONResponse({"object": "list", "data": newest, "has_more": False})
 
     async def retrieve(self, request: Request) -> Response:
         batch = self.created[request.path_params["batch_id"]]
+        self.polls += 1
         return JSONResponse({**batch, "output_file_id": "file-out", **self.ended})
 
     async def content(self, request: Request) -> Response:
@@ -85,6 +94,7 @@ class Upstream:
             routes=[
                 Route("/v1/files", self.upload, methods=["POST"]),
                 Route("/v1/batches", self.create, methods=["POST"]),
+                Route("/v1/batches", self.listing, methods=["GET"]),
                 Route("/v1/batches/{batch_id}", self.retrieve, methods=["GET"]),
                 Route("/v1/files/{file_id}/content", self.content, methods=["GET"]),
             ]
@@ -248,3 +258,106 @@ def test_a_line_answered_twice_is_charged_as_read_and_flagged(
         ("a", 1, "batch_line_repeated"),
     ]
     assert rows[0]["cost_nanos"] == rows[1]["cost_nanos"] > 0
+
+
+def test_a_line_billed_above_its_bound_is_charged_as_read_and_flagged(
+    proxy: Tollgate, upstream: Upstream
+) -> None:
+    """A line whose usage costs more than it was priced at upload (an upstream billing past
+    Tollgate's token rules) is charged as it reads, and flagged `usage_over_bound` as a
+    direct request's answer is, even when the batch as a whole stays within its
+    reservation (here, its other line not billed): it was charged silently."""
+    over = output_line("a").replace('"output_tokens": 196', '"output_tokens": 300')
+    expired = {"code": "batch_expired", "message": "not run"}
+    error = json.dumps({"custom_id": "b", "response": None, "error": expired})
+    ended = {"status": "expired", "expired_at": int(time.time())}
+    rows, _ = run(proxy, upstream, ended, [over, error])
+    [row] = rows
+    assert row["estimated_nanos"] < row["cost_nanos"] < 2 * row["estimated_nanos"]
+    assert (row["flagged"], row["error_code"]) == (1, "usage_over_bound")
+    assert row["image_output_tokens"] == 300
+
+
+def test_an_output_file_short_of_the_lines_the_batch_completed_charges_the_others_bounds(
+    proxy: Tollgate, upstream: Upstream
+) -> None:
+    """A batch that says two lines completed (billed) with an output file answering one
+    (cut short on its way): the other was billed too, at a cost unknown. It was charged
+    nothing; every line the file does not answer is charged its bound, flagged."""
+    counts = {"total": 2, "completed": 2, "failed": 0}
+    ended = {"status": "completed", "completed_at": int(time.time()), "request_counts": counts}
+    rows, _ = run(proxy, upstream, ended, [output_line("a")])
+    by_line = {r["custom_id"]: r for r in rows}
+    assert sorted(by_line) == ["a", "b"]
+    assert (by_line["a"]["flagged"], by_line["a"]["error_code"]) == (0, None)
+    short = by_line["b"]
+    assert (short["flagged"], short["error_code"]) == (1, "malformed_answer")
+    assert short["cost_nanos"] == short["estimated_nanos"] > 0
+
+
+def test_an_output_file_answering_every_completed_line_charges_no_other(
+    proxy: Tollgate, upstream: Upstream
+) -> None:
+    """The lines the batch did not complete (failed, in its error file) are not billed."""
+    counts = {"total": 2, "completed": 1, "failed": 1}
+    ended = {"status": "completed", "completed_at": int(time.time()), "request_counts": counts}
+    rows, _ = run(proxy, upstream, ended, [output_line("a")])
+    assert [(r["custom_id"], r["flagged"]) for r in rows] == [("a", 0)]
+
+
+def test_a_create_answered_without_its_batchs_id_follows_the_batch_it_made(
+    proxy: Tollgate, upstream: Upstream
+) -> None:
+    """A create answered 200 with a batch that has no id made a batch all the same, which
+    runs and bills: it was neither followed nor released, its lines never settled and its
+    reservation left to be reclaimed at its bound. It is found among the upstream's
+    batches, the team's, and settled by its lines."""
+    upstream.ended = {"status": "completed", "completed_at": int(time.time())}
+    upstream.output = "".join(f"{output_line(x)}\n" for x in ("a", "b")).encode()
+    upstream.unnamed = True
+    try:
+        sdk = proxy.client(DESIGN_KEY)
+        uploaded = upload(sdk, LINES)
+        sdk.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/images/generations", completion_window="24h"
+        )
+    finally:
+        upstream.unnamed = False
+    [made] = [b["id"] for b in upstream.created.values() if b["input_file_id"] == uploaded.id]
+    rows = settled_rows(proxy, made)
+    assert [(r["custom_id"], r["flagged"]) for r in rows] == [("a", 0), ("b", 0)]
+    assert sdk.batches.retrieve(made).id == made
+    assert made not in {b.id for b in proxy.client(RESEARCH_KEY).batches.list()}
+
+
+def test_a_poll_answered_with_another_batch_is_not_settled_from_it(
+    proxy: Tollgate, upstream: Upstream
+) -> None:
+    """A poll of a batch answered with another batch's object, ended (a cache or proxy
+    before the upstream answering for the wrong path), settled this batch from the other's
+    output file: charged its lines, and its team given that file. It is asked again until
+    the upstream answers for the batch itself."""
+    upstream.output = "".join(f"{output_line(x)}\n" for x in ("a", "b")).encode()
+    upstream.ended = {
+        "id": "batch_someone_elses", "status": "completed", "completed_at": int(time.time()),
+        "output_file_id": "file-someone-elses",
+    }  # fmt: skip
+    sdk = proxy.client(DESIGN_KEY)
+    batch = sdk.batches.create(
+        input_file_id=upload(sdk, LINES).id,
+        endpoint="/v1/images/generations",
+        completion_window="24h",
+    )
+    polls = upstream.polls
+
+    def states() -> list[str] | None:
+        rows = proxy.query(f"SELECT state FROM requests WHERE response_id = '{batch.id}'")
+        found = [r["state"] for r in rows]
+        return found if upstream.polls >= polls + 2 or "settled" in found else None
+
+    assert wait_for("two polls of the batch, or its settlement", states) == ["reserved"]
+    sdk.batches.retrieve(batch.id)  # the team reads it as the upstream answers it
+    assert proxy.query("SELECT id FROM stored_objects WHERE id = 'file-someone-elses'") == []
+    upstream.ended = {"status": "completed", "completed_at": int(time.time())}
+    rows = settled_rows(proxy, batch.id)
+    assert [(r["custom_id"], r["flagged"]) for r in rows] == [("a", 0), ("b", 0)]

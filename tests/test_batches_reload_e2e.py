@@ -202,3 +202,33 @@ def test_a_batch_the_upstream_no_longer_knows_stays_held_until_it_is_gone(
         )
     finally:
         stop(elsewhere.process)
+
+
+def test_a_batch_in_flight_when_its_model_leaves_the_batch_api_is_still_settled(
+    gate: Tollgate, simulator: Simulator
+) -> None:
+    """A reload marks the model `batch: false` (OpenAI stopped taking it in batches) while
+    a batch of it runs: OpenAI still bills the lines it ran. Settling them asked the new
+    book for the model's batch rates, which it has no more: the settlement failed at every
+    poll, the batch's spend never booked and its reservation held for good. Each line is
+    charged its bound, flagged, as a line whose price cannot be read."""
+    simulator.configure(batch_delay_ms=4000)
+    client = gate.client(KEYS["tight"])
+    batch = client.batches.create(
+        input_file_id=upload(client, generations("gpt-image-2", 3)).id,
+        endpoint=GENERATIONS,
+        completion_window="24h",
+    )
+    (gate.root / "prices.yaml").write_text("models:\n  gpt-image-2:\n    batch: false\n")
+    answer = httpx.post(f"{gate.url}/admin/reload", headers={"authorization": f"Bearer {ADMIN}"})
+    assert answer.status_code == 200, answer.text
+    assert client.batches.retrieve(batch.id).status not in ("completed", "failed")
+    ended(client, batch.id)
+    rows = settled_rows(gate, batch.id)
+    records = billed_lines(simulator, batch.id)
+    assert len(rows) == len(records) == 3
+    for row in rows:
+        billed = batch_cost("gpt-image-2", record_tokens(records[row["custom_id"]]))
+        assert int(row["cost_nanos"]) == int(row["estimated_nanos"]) >= billed > 0, row
+        assert row["flagged"] == 1
+    assert not gate.query("SELECT id FROM requests WHERE state = 'reserved'")

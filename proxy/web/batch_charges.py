@@ -33,7 +33,7 @@ from proxy.core.models import (
 from proxy.core.periods import counters, zone
 from proxy.core.pricing import PriceBook
 from proxy.core.settings import Config
-from proxy.core.settlement import MALFORMED_ANSWER, Bound, metered
+from proxy.core.settlement import MALFORMED_ANSWER, Bound, as_read, metered
 from proxy.doors.batches import user_shares
 from proxy.doors.response_meters import read_response
 from proxy.ledger import BatchLine, BilledLine
@@ -180,12 +180,18 @@ class Rows:
 
 
 def charged(
-    rows: Rows, lines: Mapping[str, BatchLine], output: Sequence[bytes], unread: str | None
+    rows: Rows,
+    lines: Mapping[str, BatchLine],
+    output: Sequence[bytes],
+    unread: str | None,
+    completed: int = 0,
 ) -> list[BilledLine]:
     """The rows of a batch's `output` lines, in one pass (on a thread, by its settlement):
     a second answer to one line flagged `REPEATED_LINE`; when the rest of the output cannot
     be read (`unread`: `MALFORMED_ANSWER`, every line it did not answer; any other code,
-    every line), each of those lines charged its bound, flagged `unread`. Held to the
+    every line), each of those lines charged its bound, flagged `unread`. An output that
+    answers fewer lines than the batch says `completed` (billed) is short of lines OpenAI
+    billed, which are not known: read as one that cannot be read past its end. Held to the
     reservation, and each user's lines to her share (`within`)."""
     rows.expected = len(output) + (len(lines) if unread else 0)
     billed: list[BilledLine] = []
@@ -199,6 +205,8 @@ def charged(
             line = replace(line, settlement=settled)
         read.add(line.entry.custom_id)
         billed.append(line)
+    if unread is None and len(read) < completed:
+        unread = MALFORMED_ANSWER
     if unread == MALFORMED_ANSWER:
         billed += rows.at_bounds([li for li in lines.values() if li.custom_id not in read], unread)
     elif unread is not None:
@@ -217,9 +225,15 @@ def line_charge(
     usage = usage_from_openai(body.get("usage"))
     data = body.get("data")
     images = len(data) if isinstance(data, list) else line.n
-    if model is None or usage is None:
+    if model is None or not model.accepts_batch or usage is None:
+        # No batch rates to price it at (the model gone from the book, or no longer taken
+        # by the Batch API since a reload), or no usage to price: its bound, flagged.
         return Charge(Usage(images=images), line.bound_nanos, True), None, "ok"
-    return model.for_batch().charge(replace(usage, images=images)), None, "ok"
+    # Metered as the Images door meters a direct answer: as it reads, flagged
+    # `usage_over_bound` when that costs more than the line was priced at upload.
+    bound = Bound(model.for_batch(), line.n, line.quality, line.size, line.bound_nanos, Usage())
+    verdict = as_read(bound, model.for_batch().charge(replace(usage, images=images)))
+    return verdict.charge, verdict.error_code, verdict.outcome
 
 
 def response_charge(

@@ -126,6 +126,15 @@ class BatchFollow:
         except (ValueError, KeyError, TypeError):
             log.warning("following %s: answered %s; will ask again", self.batch_id, answer.status)
             return False
+        if batch.get("id") != self.batch_id:
+            # Another batch (a cache or proxy before the upstream answering for the wrong
+            # path): settled from it, this batch would be charged another's lines, and its
+            # team given another's output file.
+            log.warning(
+                "following %s: answered batch %r instead; will ask again",
+                self.batch_id, str(batch.get("id"))[:100],
+            )  # fmt: skip
+            return False
         if answer.status == 200:
             self.not_found.clear()  # the upstream has it
         if status not in ENDED:
@@ -230,7 +239,8 @@ class BatchFollow:
             log.warning("batch %s: its output file %s is gone", self.batch_id, output)
             read.lines, unread = [], OUTPUT_GONE
         rows = Rows(config, entry, ended_at, self.batch_id, self.prices)
-        billed = await asyncio.to_thread(charged, rows, lines, read.lines, unread)
+        completed = completed_lines(batch)
+        billed = await asyncio.to_thread(charged, rows, lines, read.lines, unread, completed)
         for file_id in (output, errors):
             if file_id is not None:  # another team's already stays theirs: settled all the same
                 team = entry.team or ""

@@ -44,6 +44,7 @@ from proxy.core.errors import (
     RequestError,
     ServiceUnavailable,
     UpstreamFailure,
+    UpstreamUnavailable,
 )
 from proxy.core.models import Counter, Entry, Estimate, ImageRequest, Settlement, Usage, usd_text
 from proxy.core.parsing import json_object
@@ -249,6 +250,15 @@ class Batches:
                     log.error("keeping the answer of %s failed: %s", entry.id, exc)
             if batch_id is not None:
                 await self.follow(runtime, entry, stored, batch_id, project)
+            else:
+                # A success whose batch cannot be read (no id): the batch was made, and runs
+                # and bills. Found among the upstream's and followed, or its bound charged,
+                # flagged, as a create that got no answer; never a reservation left unheld.
+                unreadable = UpstreamUnavailable(
+                    "The upstream answered the create with a batch that has no readable id.",
+                    maybe_billed=True,
+                )
+                await self.not_created(runtime, entry, unreadable, stored.id, project, bound.usage)
         else:
             await release(runtime, entry, answer.status, "batch_not_created")
         return Response(body, answer.status, headers={**dict(response_headers(answer)), **headers})

@@ -635,8 +635,15 @@ async def scoped_object(
         answer = await forward_as_is(request, runtime, query_of(request), project)
         if seen is not None:
             body = await read_answer(answer)
-            if 200 <= answer.status < 300:
-                await seen(runtime, team, _parsed(body), project)
+            found = _parsed(body)
+            # Told only of the object asked for: another's (an upstream answering for the
+            # wrong path) would give the team what that object names.
+            if (
+                200 <= answer.status < 300
+                and isinstance(found, dict)
+                and found.get("id") == object_id
+            ):
+                await seen(runtime, team, found, project)
             return Response(
                 body, answer.status, headers={**dict(response_headers(answer)), **headers}
             )
