@@ -1,0 +1,111 @@
+"""How a request's framing is read: chunked bodies' trailers and extensions, sent byte for
+byte over a raw socket (no HTTP client writes them) to a running Tollgate, in front of a
+scripted upstream that keeps the head of every request it receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import json
+import socket
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import pytest
+
+from proxy.web.connections import MAX_HEADER_BYTES
+from tests.conftest import DESIGN_KEY, Tollgate, in_front_of_raw, read_request
+
+GENERATE = json.dumps(
+    {"model": "gpt-image-2", "prompt": "a lighthouse", "quality": "low", "size": "1024x1024"}
+).encode()
+ANSWER = json.dumps(
+    {"data": [{"b64_json": "AAAA"}], "usage": {"input_tokens": 3, "output_tokens": 196}}
+).encode()
+HEADS: list[bytes] = []
+"""The head of every request the upstream received, in order."""
+
+
+async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Keep each request's head; answer it as a generation with its usage."""
+    while True:
+        try:
+            head, _ = await read_request(reader)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            break
+        HEADS.append(head)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(ANSWER), ANSWER)
+        )
+        await writer.drain()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
+    with in_front_of_raw(reply, tmp_path_factory.mktemp("framing")) as tollgate:
+        yield tollgate
+
+
+def exchange(base: str, head: str, body: bytes) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """Send `head` (its lines, without the blank line) and `body` byte for byte on a new
+    connection; the answer."""
+    port = urlsplit(base).port
+    assert port
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        # Refused and closed before all of it was read: the answer came first.
+        with contextlib.suppress(ConnectionError):
+            sock.sendall(head.encode("latin-1") + b"\r\n\r\n" + body)
+        answer = http.client.HTTPResponse(sock, method="POST")
+        answer.begin()
+        return answer.status, answer.headers, answer.read()
+
+
+def chunked_generation(trailers: bytes) -> tuple[str, bytes]:
+    """A generation's head and its body in two chunks (the first with an extension), the
+    last chunk followed by `trailers` (each line ending with CRLF)."""
+    head = (
+        "POST /v1/images/generations HTTP/1.1\r\nhost: tollgate\r\n"
+        f"authorization: Bearer {DESIGN_KEY}\r\ncontent-type: application/json\r\n"
+        "transfer-encoding: chunked\r\nconnection: close"
+    )
+    first, rest = GENERATE[:10], GENERATE[10:]
+    body = b"%x;note=1\r\n%s\r\n%x\r\n%s\r\n0\r\n" % (len(first), first, len(rest), rest)
+    return head, body + trailers + b"\r\n"
+
+
+def test_trailer_fields_never_reach_the_upstream(proxy: Tollgate) -> None:
+    """uvicorn added a chunked body's trailers to the headers Tollgate had read, so fields
+    sent after the body (that no proxy in front saw as headers) were forwarded."""
+    sent = len(HEADS)
+    head, body = chunked_generation(
+        b"OpenAI-Beta: came-after-the-body\r\nX-Stainless-Lang: trailer\r\n"
+        b"User-Agent: trailer-agent\r\n"
+    )
+    status, headers, answer = exchange(proxy.url, head, body)
+    assert status == 200, answer
+    assert headers["x-tollgate-cost-usd"] != "0"
+    (forwarded,) = HEADS[sent:]
+    assert b"came-after-the-body" not in forwarded
+    assert b"trailer" not in forwarded.lower()
+
+
+def test_trailers_past_the_header_bound_are_refused_and_never_forwarded(
+    proxy: Tollgate,
+) -> None:
+    """httptools holds a trailer field whole, copying it at each read, with no bound but
+    the body's idle deadline: one connection's endless trailer held hundreds of megabytes
+    and took the event loop from every other request. The bound counts the reads after
+    the one the body ended in (at most 256 KiB, asyncio's read), as for headers."""
+    sent = len(HEADS)
+    head, body = chunked_generation(b"X-Pad: " + b"a" * (6 * MAX_HEADER_BYTES) + b"\r\n")
+    status, headers, answer = exchange(proxy.url, head, body)
+    assert status == 400, answer
+    assert headers["content-type"] == "application/json"
+    error = json.loads(answer)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == "invalid_request" and "trailer" in error["message"]
+    assert HEADS[sent:] == []
