@@ -109,3 +109,42 @@ def test_trailers_past_the_header_bound_are_refused_and_never_forwarded(
     assert set(error) == {"message", "type", "param", "code"}
     assert error["code"] == "invalid_request" and "trailer" in error["message"]
     assert HEADS[sent:] == []
+
+
+H2C = (
+    "connection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\n"
+    "http2-settings: AAMAAABkAARAAAAAAAIAAAAA"
+)
+"""What `curl --http2` asks of an `http://` URL: to go on in HTTP/2 if the server will."""
+
+
+def test_a_request_asking_to_switch_protocols_with_a_body_is_refused(proxy: Tollgate) -> None:
+    """httptools reads nothing after the headers of such a request, its body included:
+    the generation was answered as if it had no body ('could not parse the JSON body'),
+    and the connection kept open, every byte sent on it dropped unanswered."""
+    sent = len(HEADS)
+    head = (
+        "POST /v1/images/generations HTTP/1.1\r\nhost: tollgate\r\n"
+        f"authorization: Bearer {DESIGN_KEY}\r\ncontent-type: application/json\r\n"
+        f"{H2C}\r\ncontent-length: {len(GENERATE)}"
+    )
+    status, headers, answer = exchange(proxy.url, head, GENERATE)
+    assert status == 400, answer
+    assert headers["connection"] == "close"
+    error = json.loads(answer)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == "invalid_request" and "Upgrade" in error["message"]
+    assert HEADS[sent:] == []
+
+
+def test_a_request_asking_to_switch_protocols_without_a_body_closes_after_its_answer(
+    proxy: Tollgate,
+) -> None:
+    """Served, as HTTP/1.1 lets a server ignore an upgrade; but whatever follows on its
+    connection is never read, so the answer closes it rather than leave a client's next
+    request unanswered until the header deadline."""
+    status, headers, answer = exchange(
+        proxy.url, f"GET /healthz HTTP/1.1\r\nhost: tollgate\r\n{H2C}", b""
+    )
+    assert status == 200, answer
+    assert headers["connection"] == "close"

@@ -31,7 +31,13 @@ sent a byte left a process limited to 700 descriptors unable to accept even `/he
   sent after the body reached the upstream (`OpenAI-Beta`, `x-stainless-*`) though no
   proxy in front had seen them among the headers; and past `MAX_HEADER_BYTES` of framing
   without a byte of body (chunk extensions, trailer fields, which httptools holds and
-  copies whole at each read as it does a header) the body is refused 400.
+  copies whole at each read as it does a header) the body is refused 400;
+- a request asking to switch protocols (`Connection: upgrade` with `Upgrade: h2c`, or a
+  WebSocket where uvicorn has no WebSocket library) is never switched: httptools stops
+  reading at its headers, taking its body for bytes of the other protocol, and uvicorn
+  drops every byte after them. One that declares a body is refused 400 (it was served
+  with no body at all); one without is served, and its connection closed after the
+  answer (the next request sent on it was never answered).
 """
 
 from __future__ import annotations
@@ -70,6 +76,11 @@ FRAMING_TOO_LARGE = InvalidRequest(
     f"The chunked body carries more than {MAX_HEADER_BYTES:,} bytes of chunk extensions or "
     "trailer fields without a byte of body; Tollgate does not read such a body, and the "
     "connection is closed."
+)
+UPGRADE_WITH_BODY = InvalidRequest(
+    "Tollgate does not switch protocols ('Connection: upgrade' with 'Upgrade: h2c', a "
+    "WebSocket): send this request as plain HTTP/1.1, without 'Connection: upgrade', "
+    "whose body is otherwise not read; the connection is closed."
 )
 STATUS_LINES = {400: b"400 Bad Request", 431: b"431 Request Header Fields Too Large"}
 OVER_CAPACITY = "tollgate.over_capacity"
@@ -182,6 +193,8 @@ class GuardedProtocol(HttpToolsProtocol):
         """Body bytes, or a new request, came in the read being handled."""
         self.framing_bytes = 0
         """The bytes read in its body since its last body byte: chunk framing and trailers."""
+        self.unserved = False
+        """The request being read is refused (`UPGRADE_WITH_BODY`), never given to the app."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -222,6 +235,9 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self.in_body = False
+        if self.unserved:
+            self.unserved = False
+            return
         super().on_message_complete()
 
     def on_message_begin(self) -> None:
@@ -235,10 +251,17 @@ class GuardedProtocol(HttpToolsProtocol):
         self._headers_received()
         if self.over_capacity:
             self.scope[OVER_CAPACITY] = True  # type: ignore[literal-required]
+        # Asked to switch protocols, and not switched: httptools reads nothing after these
+        # headers (a body included), and uvicorn drops it.
+        stuck = self.parser.should_upgrade() and not self._should_upgrade()
+        if stuck and declares_body(self.headers):
+            self.unserved = True
+            self._refuse_unreadable(UPGRADE_WITH_BODY)
+            return
         super().on_headers_complete()
         self.in_body = True
         self.framing_bytes = 0
-        if self.draining:
+        if self.draining or stuck:
             self.cycle.keep_alive = False
 
     def shutdown(self) -> None:
@@ -350,6 +373,15 @@ class GuardedProtocol(HttpToolsProtocol):
             return False
         self.over_capacity = True
         return True
+
+
+def declares_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether request headers (names in lower case) say a body follows."""
+    return any(
+        name == b"transfer-encoding"
+        or (name == b"content-length" and value.strip().lstrip(b"0") != b"")
+        for name, value in headers
+    )
 
 
 def concrete_port(host: str, port: int) -> int:
