@@ -148,3 +148,46 @@ def test_a_request_asking_to_switch_protocols_without_a_body_closes_after_its_an
     )
     assert status == 200, answer
     assert headers["connection"] == "close"
+
+
+@pytest.mark.parametrize(
+    ("key", "length", "status"),
+    [("tg_unknown_key_0000000000", 1000, 401), (DESIGN_KEY, 10**9, 413)],
+    ids=["unknown-key", "too-large"],
+)
+def test_an_answer_before_a_continue_closes_the_connection(
+    proxy: Tollgate, key: str, length: int, status: int
+) -> None:
+    """A client that waits for `100 Continue` and gets a refusal instead never sends its
+    body, which uvicorn still expects: the client's next request on the connection was read
+    as that body and dropped, unanswered."""
+    head = (
+        "POST /v1/images/generations HTTP/1.1\r\nhost: tollgate\r\n"
+        f"authorization: Bearer {key}\r\ncontent-type: application/json\r\n"
+        f"expect: 100-continue\r\ncontent-length: {length}"
+    )
+    answered, headers, answer = exchange(proxy.url, head, b"")
+    assert answered == status, answer
+    assert headers["connection"] == "close"
+    assert set(json.loads(answer)["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_body_sent_after_its_continue_is_read_and_the_connection_kept(
+    proxy: Tollgate,
+) -> None:
+    port = urlsplit(proxy.url).port
+    assert port
+    head = (
+        "POST /v1/images/generations HTTP/1.1\r\nhost: tollgate\r\n"
+        f"authorization: Bearer {DESIGN_KEY}\r\ncontent-type: application/json\r\n"
+        f"expect: 100-continue\r\ncontent-length: {len(GENERATE)}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head.encode())
+        assert sock.recv(25).startswith(b"HTTP/1.1 100 Continue\r\n")
+        sock.sendall(GENERATE)
+        answer = http.client.HTTPResponse(sock, method="POST")
+        answer.begin()
+        assert answer.status == 200, answer.read()
+        assert answer.headers["connection"] is None
+        answer.read()

@@ -8,7 +8,7 @@ from typing import Protocol
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.core.errors import (
     InvalidRequest,
@@ -93,6 +93,8 @@ class Gateway:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if expects_continue(scope):
+            receive, send = closing_unless_read(receive, send)
         try:
             respond = await self.respond(scope, receive)
         except Exception as exc:
@@ -130,6 +132,37 @@ class Gateway:
             raise refused(scope, raw)
         refuse_encoded(scope["headers"])
         scope["path"] = path
+
+
+def expects_continue(scope: Scope) -> bool:
+    """Whether the client waits for `100 Continue` before it sends the body."""
+    return any(
+        name == b"expect" and value.strip().lower() == b"100-continue"
+        for name, value in scope["headers"]
+    )
+
+
+def closing_unless_read(receive: Receive, send: Send) -> tuple[Receive, Send]:
+    """`receive` and `send` of a request whose client waits for `100 Continue`: answered
+    before its body is asked for (a refusal for its key, its path, its declared length),
+    the answer closes the connection. The client then never sends the body, which uvicorn
+    still expects: the next request on the connection was read as that body, and dropped
+    unanswered (RFC 9110, 10.1.1: a server answering before reading the content says
+    whether it closes the connection)."""
+    read = False
+
+    async def receiving() -> Message:
+        nonlocal read
+        read = True  # uvicorn sends `100 Continue`: the body comes
+        return await receive()
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start" and not read:
+            headers = [*message.get("headers", []), (b"connection", b"close")]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return receiving, sending
 
 
 def path_of(request: Request) -> str:
