@@ -191,3 +191,18 @@ def test_a_body_sent_after_its_continue_is_read_and_the_connection_kept(
         assert answer.status == 200, answer.read()
         assert answer.headers["connection"] is None
         answer.read()
+
+
+@pytest.mark.parametrize("coding", ["gzip, chunked", "deflate, chunked", "x-custom, chunked"])
+def test_a_body_in_a_transfer_coding_other_than_chunked_is_refused(
+    proxy: Tollgate, coding: str
+) -> None:
+    """The HTTP parser takes off `chunked` alone: the body under the other codings was read
+    and priced as if they were not there, as a body with a Content-Encoding would be."""
+    sent = len(HEADS)
+    head, body = chunked_generation(b"")
+    head = head.replace("transfer-encoding: chunked", f"transfer-encoding: {coding}")
+    status, _, answer = exchange(proxy.url, head, body)
+    assert status == 415, answer
+    assert json.loads(answer)["error"]["code"] == "unsupported_content_encoding"
+    assert HEADS[sent:] == []

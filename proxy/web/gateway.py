@@ -198,13 +198,26 @@ def refused(scope: Scope, raw: bytes) -> NotFound:
 
 
 def refuse_encoded(headers: list[tuple[bytes, bytes]]) -> None:
-    """Raise when the body comes with a content coding other than identity."""
+    """Raise when the body comes with a content coding other than identity, or a transfer
+    coding other than chunked: the HTTP parser takes off `chunked` alone, and the body
+    would be read (and priced) as if the others were not there."""
     for name, value in headers:
         if name == b"content-encoding" and value.strip().lower() != b"identity":
             raise UnsupportedEncoding(
                 f"Content-Encoding {value.decode('latin-1')!r} is not accepted: Tollgate reads "
                 "and prices the request body itself, so send it uncompressed."
             )
+        if name == b"transfer-encoding" and any(
+            coding.strip().lower() not in TRANSFER_CODINGS for coding in value.split(b",")
+        ):
+            raise UnsupportedEncoding(
+                f"Transfer-Encoding {value.decode('latin-1')!r} is not accepted: Tollgate reads "
+                "and prices the request body itself, so send it uncompressed (chunked only)."
+            )
+
+
+TRANSFER_CODINGS = frozenset({b"chunked", b"identity"})
+"""The transfer codings a request body may come in: `identity` is no coding."""
 
 
 WEBSOCKETS_REFUSED = InvalidRequest(
