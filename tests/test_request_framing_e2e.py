@@ -1,6 +1,7 @@
-"""How a request's framing is read: chunked bodies' trailers and extensions, sent byte for
-byte over a raw socket (no HTTP client writes them) to a running Tollgate, in front of a
-scripted upstream that keeps the head of every request it receives.
+"""How a request's framing is read: chunked bodies' trailers and extensions, transfer
+codings, requests to switch protocols and requests waiting for `100 Continue`, sent byte
+for byte over a raw socket (no HTTP client writes them) to a running Tollgate, in front of
+a scripted upstream that keeps the head of every request it receives.
 """
 
 from __future__ import annotations
