@@ -25,7 +25,19 @@ sent a byte left a process limited to 700 descriptors unable to accept even `/he
 - bytes the HTTP parser refuses (`Content-Length` with `Transfer-Encoding`, a malformed
   chunk, a header line) are answered 400 in OpenAI's error shape, not uvicorn's plain
   text, and a request line and headers past `MAX_HEADER_BYTES` 431: each after the
-  answers of the requests read before them, and the connection closed.
+  answers of the requests read before them, and the connection closed;
+- a chunked body's trailer fields are never merged into the request's headers (RFC 9110,
+  6.5.1): uvicorn added them to the headers the app had already read, so that headers
+  sent after the body reached the upstream (`OpenAI-Beta`, `x-stainless-*`) though no
+  proxy in front had seen them among the headers; and past `MAX_HEADER_BYTES` of framing
+  without a byte of body (chunk extensions, trailer fields, which httptools holds and
+  copies whole at each read as it does a header) the body is refused 400;
+- a request asking to switch protocols (`Connection: upgrade` with `Upgrade: h2c`, or a
+  WebSocket where uvicorn has no WebSocket library) is never switched: httptools stops
+  reading at its headers, taking its body for bytes of the other protocol, and uvicorn
+  drops every byte after them. One that declares a body is refused 400 (it was served
+  with no body at all); one without is served, and its connection closed after the
+  answer (the next request sent on it was never answered).
 """
 
 from __future__ import annotations
@@ -60,6 +72,16 @@ HEADERS_TOO_LARGE = RequestTooLarge(
     "accepts; the connection is closed."
 )
 HEADERS_TOO_LARGE.status = 431
+FRAMING_TOO_LARGE = InvalidRequest(
+    f"The chunked body carries more than {MAX_HEADER_BYTES:,} bytes of chunk extensions or "
+    "trailer fields without a byte of body; Tollgate does not read such a body, and the "
+    "connection is closed."
+)
+UPGRADE_WITH_BODY = InvalidRequest(
+    "Tollgate does not switch protocols ('Connection: upgrade' with 'Upgrade: h2c', a "
+    "WebSocket): send this request as plain HTTP/1.1, without 'Connection: upgrade', "
+    "whose body is otherwise not read; the connection is closed."
+)
 STATUS_LINES = {400: b"400 Bad Request", 431: b"431 Request Header Fields Too Large"}
 OVER_CAPACITY = "tollgate.over_capacity"
 """Set in the scope of a request that came on a connection past `max_connections`."""
@@ -165,6 +187,14 @@ class GuardedProtocol(HttpToolsProtocol):
         """The bytes read of them, but those of the read they began in."""
         self.draining = False
         """The server is stopping: each answer from now on closes its connection."""
+        self.in_body = False
+        """A request's headers are in, and its body (with any trailer fields) is not."""
+        self.progressed = False
+        """Body bytes, or a new request, came in the read being handled."""
+        self.framing_bytes = 0
+        """The bytes read in its body since its last body byte: chunk framing and trailers."""
+        self.unserved = False
+        """The request being read is refused (`UPGRADE_WITH_BODY`), never given to the app."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -179,15 +209,40 @@ class GuardedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        began = self.reading_headers
+        began, in_body = self.reading_headers, self.in_body
+        self.progressed = False
         super().data_received(data)
+        if self.transport.is_closing() or self.refused is not None:
+            return
         if began and self.reading_headers:  # all of `data` is more of the same headers
             self.header_bytes += len(data)
             if self.header_bytes > MAX_HEADER_BYTES:
                 self._refuse_after_answers(HEADERS_TOO_LARGE)
+        elif in_body and self.in_body and not self.progressed:
+            # All of `data` is framing of the same body: a chunk's extensions, or trailers.
+            self.framing_bytes += len(data)
+            if self.framing_bytes > MAX_HEADER_BYTES:
+                self._refuse_unreadable(FRAMING_TOO_LARGE)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_body:  # else a trailer field, which no one in front of Tollgate saw
+            super().on_header(name, value)
+
+    def on_body(self, body: bytes) -> None:
+        self.progressed = True
+        self.framing_bytes = 0
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self.in_body = False
+        if self.unserved:
+            self.unserved = False
+            return
+        super().on_message_complete()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.progressed = True
         self.reading_headers = True
         self.header_bytes = 0
 
@@ -196,8 +251,17 @@ class GuardedProtocol(HttpToolsProtocol):
         self._headers_received()
         if self.over_capacity:
             self.scope[OVER_CAPACITY] = True  # type: ignore[literal-required]
+        # Asked to switch protocols, and not switched: httptools reads nothing after these
+        # headers (a body included), and uvicorn drops it.
+        stuck = self.parser.should_upgrade() and not self._should_upgrade()
+        if stuck and declares_body(self.headers):
+            self.unserved = True
+            self._refuse_unreadable(UPGRADE_WITH_BODY)
+            return
         super().on_headers_complete()
-        if self.draining:
+        self.in_body = True
+        self.framing_bytes = 0
+        if self.draining or stuck:
             self.cycle.keep_alive = False
 
     def shutdown(self) -> None:
@@ -232,12 +296,18 @@ class GuardedProtocol(HttpToolsProtocol):
         and billed, and never got that request's answer (or got the 400 inside it). A
         request whose own body cannot be read, and whose answer has not started, is
         refused at once: it can never be answered otherwise."""
+        self._refuse_unreadable(UNREADABLE)
+
+    def _refuse_unreadable(self, refusal: RequestError) -> None:
+        """Answer `refusal` to bytes that cannot be read as a request: at once when they are
+        the body of the request being read, which is never answered otherwise, else after
+        the answers in progress (`send_400_response`)."""
         cycle = self.cycle
         unanswered = cycle is not None and not (cycle.response_started or cycle.response_complete)
         if unanswered and cycle.more_body:
-            self._refuse(UNREADABLE)  # its own body cannot be read: never answered otherwise
+            self._refuse(refusal)  # its own body cannot be read: never answered otherwise
         else:
-            self._refuse_after_answers(UNREADABLE)
+            self._refuse_after_answers(refusal)
 
     def _refuse_after_answers(self, refusal: RequestError) -> None:
         """Answer `refusal` once the answers in progress on this connection are out (at
@@ -303,6 +373,15 @@ class GuardedProtocol(HttpToolsProtocol):
             return False
         self.over_capacity = True
         return True
+
+
+def declares_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether request headers (names in lower case) say a body follows."""
+    return any(
+        name == b"transfer-encoding"
+        or (name == b"content-length" and value.strip().lstrip(b"0") != b"")
+        for name, value in headers
+    )
 
 
 def concrete_port(host: str, port: int) -> int:

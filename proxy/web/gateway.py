@@ -8,7 +8,7 @@ from typing import Protocol
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.core.errors import (
     InvalidRequest,
@@ -93,6 +93,8 @@ class Gateway:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if expects_continue(scope):
+            receive, send = closing_unless_read(receive, send)
         try:
             respond = await self.respond(scope, receive)
         except Exception as exc:
@@ -132,6 +134,37 @@ class Gateway:
         scope["path"] = path
 
 
+def expects_continue(scope: Scope) -> bool:
+    """Whether the client waits for `100 Continue` before it sends the body."""
+    return any(
+        name == b"expect" and value.strip().lower() == b"100-continue"
+        for name, value in scope["headers"]
+    )
+
+
+def closing_unless_read(receive: Receive, send: Send) -> tuple[Receive, Send]:
+    """`receive` and `send` of a request whose client waits for `100 Continue`: answered
+    before its body is asked for (a refusal for its key, its path, its declared length),
+    the answer closes the connection. The client then never sends the body, which uvicorn
+    still expects: the next request on the connection was read as that body, and dropped
+    unanswered (RFC 9110, 10.1.1: a server answering before reading the content says
+    whether it closes the connection)."""
+    read = False
+
+    async def receiving() -> Message:
+        nonlocal read
+        read = True  # uvicorn sends `100 Continue`: the body comes
+        return await receive()
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start" and not read:
+            headers = [*message.get("headers", []), (b"connection", b"close")]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return receiving, sending
+
+
 def path_of(request: Request) -> str:
     """The path of `request` as `Gateway` made it canonical, which its route matched and
     checked: what is forwarded and told.
@@ -165,13 +198,26 @@ def refused(scope: Scope, raw: bytes) -> NotFound:
 
 
 def refuse_encoded(headers: list[tuple[bytes, bytes]]) -> None:
-    """Raise when the body comes with a content coding other than identity."""
+    """Raise when the body comes with a content coding other than identity, or a transfer
+    coding other than chunked: the HTTP parser takes off `chunked` alone, and the body
+    would be read (and priced) as if the others were not there."""
     for name, value in headers:
         if name == b"content-encoding" and value.strip().lower() != b"identity":
             raise UnsupportedEncoding(
                 f"Content-Encoding {value.decode('latin-1')!r} is not accepted: Tollgate reads "
                 "and prices the request body itself, so send it uncompressed."
             )
+        if name == b"transfer-encoding" and any(
+            coding.strip().lower() not in TRANSFER_CODINGS for coding in value.split(b",")
+        ):
+            raise UnsupportedEncoding(
+                f"Transfer-Encoding {value.decode('latin-1')!r} is not accepted: Tollgate reads "
+                "and prices the request body itself, so send it uncompressed (chunked only)."
+            )
+
+
+TRANSFER_CODINGS = frozenset({b"chunked", b"identity"})
+"""The transfer codings a request body may come in: `identity` is no coding."""
 
 
 WEBSOCKETS_REFUSED = InvalidRequest(
