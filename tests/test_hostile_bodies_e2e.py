@@ -333,3 +333,28 @@ def test_a_multipart_boundary_too_long_for_the_parser_is_a_recorded_400(
     answer = post(tollgate, "edits", body, f"multipart/form-data; boundary={boundary}")
     refused_before_upstream(tollgate, simulator, answer, None)
     assert tollgate.metric("tollgate_inflight_requests") == inflight
+
+
+@pytest.mark.parametrize(
+    "cut", [b"\r\n--hostile-boundary--\r\n", b"--\r\n", b"w\r\n--hostile-boundary--\r\n"]
+)
+def test_a_multipart_body_cut_before_its_closing_boundary_is_a_recorded_400(
+    tollgate: Tollgate, simulator: Simulator, cut: bytes
+) -> None:
+    """The parser's `finalize` does not check that the body ended: the part left open was
+    dropped, and an edit asking for `quality: low` was forwarded without it, as `auto`, the
+    dearest quality, or with an image fewer than it was sent with."""
+    billed = len(simulator.billing())
+    body, content_type = multipart(
+        [
+            ("prompt", b"a cat", None),
+            ("model", b"gpt-image-1", None),
+            ("image", png(8, 8), "a.png"),
+            ("quality", b"low", None),
+        ]
+    )
+    assert body.endswith(cut)
+    answer = post(tollgate, "edits", body[: -len(cut)], content_type)
+    refused_before_upstream(tollgate, simulator, answer, None)
+    assert "closing boundary" in answer.json()["error"]["message"]
+    assert len(simulator.billing()) == billed

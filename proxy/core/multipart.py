@@ -2,8 +2,9 @@
 
 Reading refuses what two parsers could read differently: a part's headers must be
 plain (a form-data disposition with an ASCII name, a content type in UTF-8 if any, no
-transfer encoding) and none may repeat. Writing uses plain ASCII names, a fresh
-boundary and no charset or transfer-encoding parameters.
+transfer encoding) and none may repeat; the body must end with its closing boundary.
+Writing uses plain ASCII names, a fresh boundary and no charset or transfer-encoding
+parameters.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from proxy.core.dimensions import Bytes
 from proxy.core.errors import InvalidRequest
@@ -77,6 +78,10 @@ def parse_multipart(body: bytes, boundary: bytes) -> list[Part]:
         raise
     except Exception as exc:  # python-multipart raises several types for broken bodies
         raise InvalidRequest(f"Malformed multipart body: {exc}") from exc
+    if parser.state != MultipartState.END:
+        # `finalize` does not check this: a body cut short would lose its last part (an
+        # image, or a `quality` whose absence is `auto`) and be forwarded without it.
+        raise InvalidRequest("Malformed multipart body: it ends before its closing boundary.")
     if not collected.parts:
         raise InvalidRequest("Malformed multipart body: no parts.")
     return collected.parts
