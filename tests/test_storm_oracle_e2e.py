@@ -34,6 +34,7 @@ from typing import Any
 
 import httpx
 import openai
+import pytest
 
 from proxy.core.auth import key_hash
 from tests.conftest import (
@@ -420,23 +421,30 @@ def test_one_idempotency_key_sent_with_two_bodies_at_once_to_two_replicas_is_for
 # -- a limit lowered mid-storm ------------------------------------------------------------
 
 
-def test_a_limit_lowered_mid_storm_on_two_replicas_admits_nothing_more(
-    simulator: Simulator, tmp_path: Path, shared: str
+@pytest.mark.parametrize("layout", ["replicas", "workers"])
+def test_a_limit_lowered_mid_storm_admits_nothing_more(
+    simulator: Simulator, tmp_path: Path, request: pytest.FixtureRequest, layout: str
 ) -> None:
-    """Requests in flight under the old limit end and are charged; once both replicas have
-    reloaded a limit below what is already reserved, every new request is refused, and
-    what was reserved is all that is spent."""
+    """Requests in flight under the old limit end and are charged; once every replica (two
+    on PostgreSQL) or every worker (two on SQLite) has reloaded a limit below what is
+    already reserved, every new request is refused, and what was reserved is all that is
+    spent."""
     oracle_config(tmp_path, simulator)
     config = tmp_path / "tollgate.yaml"
     config.write_text(config.read_text() + "admin_token: storm-admin\n")
     team_file = tmp_path / "teams" / "oracle.yaml"
-    replicas = [start_tollgate(tmp_path, ledger_url=shared) for _ in range(2)]
+    if layout == "replicas":
+        shared = request.getfixturevalue("shared")
+        replicas = [start_tollgate(tmp_path, ledger_url=shared) for _ in range(2)]
+    else:
+        replicas = [start_tollgate(tmp_path, "--workers", "2")]
     simulator.configure(latency_ms=2500)
     try:
 
         async def storm() -> tuple[list[str], list[str], float]:
-            first = asyncio.gather(*(spend(r.url, f"first{i}", 20, SEED) for i, r in
-                                     enumerate(replicas)))  # fmt: skip
+            each = 40 // len(replicas)
+            waves = enumerate(replicas)
+            first = asyncio.gather(*(spend(r.url, f"first{i}", each, SEED) for i, r in waves))
             reserved = "SELECT count(*) AS n FROM requests WHERE state = 'reserved'"
             while (await asyncio.to_thread(replicas[0].query, reserved))[0]["n"] < 10:
                 await asyncio.sleep(0.02)
@@ -451,8 +459,10 @@ def test_a_limit_lowered_mid_storm_on_two_replicas_admits_nothing_more(
                     )
                     assert answer.status_code == 200, answer.text
             reloaded = time.time()
-            later = await asyncio.gather(*(spend(r.url, f"later{i}", 10, SEED) for i, r in
-                                           enumerate(replicas)))  # fmt: skip
+            waves = enumerate(replicas)
+            later = await asyncio.gather(
+                *(spend(r.url, f"later{i}", each // 2, SEED) for i, r in waves)
+            )
             before = await first
             return (
                 [o for each in before for o in each.values()],
