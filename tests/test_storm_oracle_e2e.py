@@ -38,6 +38,7 @@ import pytest
 
 from proxy.core.auth import key_hash
 from tests.conftest import (
+    DEADLINE_S,
     Simulator,
     Tollgate,
     nanos,
@@ -47,7 +48,6 @@ from tests.conftest import (
 )
 from tests.test_crash_storm_e2e import wait_for_no_reservation
 from tests.test_mixed_storm_e2e import check as mixed_check
-from tests.test_mixed_storm_e2e import kill_when_busy as mixed_kill
 from tests.test_mixed_storm_e2e import mixed_config, settle_everything
 from tests.test_mixed_storm_e2e import spend as mixed_spend
 from tests.test_proxy_e2e import expected_cost
@@ -502,23 +502,34 @@ def test_a_replica_killed_with_every_door_in_flight_is_settled_by_the_survivor_a
     billed_before = len(simulator.billing())
     simulator.configure(latency_ms=800, batch_delay_ms=2000)
     first, second = (start_tollgate(tmp_path, ledger_url=shared) for _ in range(2))
+    held_by_first = (
+        "SELECT count(*) AS n FROM requests r JOIN processes p ON r.owner = p.owner "
+        f"WHERE p.pid = {first.process.pid} AND r.state = 'reserved' AND r.held = 1"
+    )
     try:
 
-        async def storm() -> None:
-            await asyncio.gather(
-                mixed_spend(first.url, "a"),
-                mixed_spend(second.url, "b"),
-                mixed_kill(first, [first.process.pid]),
-            )
+        async def kill_once_it_holds() -> int:
+            # Once it holds a background response or a batch.
+            deadline = time.monotonic() + DEADLINE_S
+            while (held := (await asyncio.to_thread(first.query, held_by_first))[0]["n"]) < 1:
+                assert time.monotonic() < deadline, "the replica to kill never held anything"
+                await asyncio.sleep(0.02)
+            first.process.kill()
+            return int(held)
 
-        asyncio.run(storm())
+        async def storm() -> int:
+            *_, held = await asyncio.gather(
+                mixed_spend(first.url, "a"), mixed_spend(second.url, "b"), kill_once_it_holds()
+            )
+            return int(held)
+
+        held = asyncio.run(storm())
         first.process.wait()
         simulator.configure(latency_ms=0)
-        held = second.query("SELECT count(*) AS n FROM requests WHERE owner IS NOT NULL "
-                            "AND state = 'reserved'")[0]["n"]  # fmt: skip
         settle_everything(second)
         mixed_check(second, simulator, billed_before)
-        print(f"\nsurvivor alone settled what was held ({held} reserved at the kill's end)")
+        print(f"\nthe killed replica held {held}; the survivor adopted and settled them")
+        assert held >= 1
     finally:
         simulator.configure(latency_ms=0)
         second.stop()
