@@ -37,6 +37,7 @@ import openai
 import pytest
 
 from proxy.core.auth import key_hash
+from tests.batches_e2e import GENERATIONS, check_settled, ended, generations, upload
 from tests.conftest import (
     DEADLINE_S,
     Simulator,
@@ -604,3 +605,64 @@ def test_downgrades_under_a_storm_over_two_replicas_send_what_was_priced_within_
     assert (usage["spent_nanos"], usage["reserved_nanos"]) == (spent, 0)
     sent = sorted({(r["model"], r["quality"], r["size"]) for r in records})
     print(f"\ndowngrade storm: {outcomes.count('ok')} served, spent {spent} nanos; sent {sent}")
+
+
+# -- batch creates racing with images for the last of a budget ---------------------------------
+
+
+def test_batch_creates_and_images_racing_over_two_replicas_stay_within_the_limit(
+    simulator: Simulator, tmp_path: Path, shared: str
+) -> None:
+    """Ten batch creates and forty generations at once, over two replicas, for a budget
+    that holds a few of them: every batch created is settled line by line from what the
+    upstream billed, and the sum of everything stays within the limit."""
+    oracle_config(tmp_path, simulator)
+    simulator.configure(latency_ms=600, batch_delay_ms=1500)
+    replicas = [start_tollgate(tmp_path, ledger_url=shared) for _ in range(2)]
+    clients = [openai.OpenAI(base_url=f"{r.url}/v1", api_key=KEY, max_retries=0) for r in replicas]
+    try:
+        files = [upload(clients[0], generations("gpt-image-1.5", 4)) for _ in range(10)]
+
+        def create_batch(i: int) -> str:
+            try:
+                batch = clients[i % 2].batches.create(
+                    input_file_id=files[i].id, endpoint=GENERATIONS, completion_window="24h"
+                )
+            except openai.APIStatusError as exc:
+                return str(exc.status_code)
+            return batch.id
+
+        async def storm() -> tuple[list[str], dict[str, str]]:
+            creates = asyncio.gather(*(asyncio.to_thread(create_batch, i) for i in range(10)))
+            images = asyncio.gather(
+                *(spend(r.url, f"img{i}", 20, SEED + i) for i, r in enumerate(replicas))
+            )
+            made, spent = await asyncio.gather(creates, images)
+            return list(made), {**spent[0], **spent[1]}
+
+        made, outcomes = asyncio.run(storm())
+        simulator.configure(latency_ms=0)
+        batches = [b for b in made if b.startswith("batch")]
+        assert batches and "429" in made, made
+        print(f"\nbatches: {made}\nimages: {sorted(outcomes.values())}")
+        for batch_id in batches:
+            batch = ended(clients[0], batch_id)
+            check_settled(replicas[0], simulator, batch, "gpt-image-1.5", "oracle", clients[0])
+        wait_for_no_reservation(replicas[0])
+        rows = replicas[0].query("SELECT * FROM requests WHERE team = 'oracle'")
+        [usage] = replicas[0].query(
+            "SELECT spent_nanos, reserved_nanos FROM budget_usage "
+            "WHERE scope = 'team' AND team = 'oracle' AND period = 'month'"
+        )
+        assert usage["reserved_nanos"] == 0
+        assert usage["spent_nanos"] == sum(r["cost_nanos"] for r in rows)
+        over = sum(
+            r["cost_nanos"] - r["estimated_nanos"]
+            for r in rows
+            if r["flagged"] and r["cost_nanos"] > r["estimated_nanos"]
+        )  # what the upstream reported beyond a bound, flagged
+        assert Decimal(usage["spent_nanos"] - over) / 10**9 <= LIMIT
+    finally:
+        simulator.configure(latency_ms=0)
+        for replica in replicas:
+            replica.stop()
