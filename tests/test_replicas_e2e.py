@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -412,3 +415,92 @@ def test_database_restart_mid_load_loses_no_charge_and_leaks_no_reservation(
         "SELECT spent_nanos FROM budget_usage WHERE scope = 'team' AND period = 'month'",
     )[0]["spent_nanos"]
     assert spent == sum(int(r["cost_nanos"]) for r in rows.values())
+
+
+# -- a replica frozen in the middle of a transaction ------------------------------------------
+
+
+def local_ports(pid: int) -> set[int]:
+    """The local TCP ports of the sockets process `pid` holds open."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for entry in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = entry.split()
+            if fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_a_replica_frozen_inside_a_transaction_does_not_stop_the_others(
+    simulator: Simulator, tmp_path: Path, shared: str
+) -> None:
+    """A replica paused (SIGSTOP, a paused VM, a stalled host) while its transaction holds
+    the counters' lock used to hold it for as long as it stayed paused: every other
+    replica's reservations and settlements waited on it, and the fleet answered 503. The
+    database now ends a session left idle inside a transaction, which releases the lock;
+    the paused replica's transaction is rolled back (it wrote nothing) and it is retried
+    or refused once it resumes."""
+    storm_config(tmp_path, simulator, Decimal(100))
+    simulator.configure(latency_ms=300)
+    frozen, other = (start_tollgate(tmp_path, ledger_url=shared) for _ in range(2))
+    stalled = (
+        "SELECT client_port FROM pg_stat_activity WHERE state = 'idle in transaction' "
+        "AND now() - state_change > interval '1 second' "
+        "AND query LIKE '%INSERT INTO budget_usage%'"  # it holds the counters' first lock
+    )
+
+    def paused_inside_a_transaction() -> bool:
+        ports = {r["client_port"] for r in pg.fetch(shared, stalled)}
+        return bool(ports & local_ports(frozen.process.pid))
+
+    try:
+
+        async def storm() -> httpx.Response | None:
+            async def freeze_inside_a_transaction() -> httpx.Response | None:
+                for _ in range(200):  # until it is paused with a transaction open
+                    await asyncio.sleep(0.05)
+                    os.kill(frozen.process.pid, signal.SIGSTOP)
+                    await asyncio.sleep(1.2)
+                    if await asyncio.to_thread(paused_inside_a_transaction):
+                        break
+                    os.kill(frozen.process.pid, signal.SIGCONT)
+                else:
+                    raise AssertionError("never paused inside a transaction")
+                try:
+                    async with httpx.AsyncClient(timeout=30) as http:
+                        deadline = time.monotonic() + 60
+                        while time.monotonic() < deadline:
+                            with contextlib.suppress(httpx.TimeoutException):
+                                answer = await http.post(
+                                    f"{other.url}/v1/images/generations",
+                                    headers={"authorization": f"Bearer {STORM_KEY}"},
+                                    json={"model": "gpt-image-2", "prompt": "abcd",
+                                          "quality": "low", "size": "1024x1024"},
+                                )  # fmt: skip
+                                if answer.status_code == 200:
+                                    return answer
+                        return None
+                finally:
+                    os.kill(frozen.process.pid, signal.SIGCONT)
+
+            *_, served = await asyncio.gather(
+                fire(frozen.url, 60), fire(other.url, 60), freeze_inside_a_transaction()
+            )
+            return served
+
+        served = asyncio.run(storm())
+        assert served is not None, "the other replica served nothing while the lock was held"
+    finally:
+        simulator.configure(latency_ms=0)
+        frozen.stop()
+        other.stop()
+    # Once the paused replica resumed, everything it and the other held was settled.
+    rows = frozen.query("SELECT state FROM requests")
+    assert all(r["state"] == "settled" for r in rows), rows
+    assert frozen.query("SELECT sum(reserved_nanos) AS v FROM budget_usage")[0]["v"] == 0

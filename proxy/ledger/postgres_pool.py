@@ -32,6 +32,19 @@ CONNECT_TIMEOUT_S = 5.0
 ACQUIRE_TIMEOUT_S = 10.0
 PING_TIMEOUT_S = 2.0
 RETRIES = 8
+IDLE_IN_TRANSACTION = "20s"
+"""How long the server lets one of Tollgate's sessions sit idle inside a transaction before
+it ends the session (`idle_in_transaction_session_timeout`), rolling the transaction back.
+Tollgate's transactions are short and never wait on anything but the database; one idle
+this long belongs to a process that stopped without its connection closing (paused,
+stalled, its host frozen). Every transaction that writes counters takes the same first
+lock: held for as long as that process stays stopped, it would stop every replica."""
+LOCK_WAIT = "15s"
+"""How long a statement may wait for a lock (`lock_timeout`), shorter than
+`IDLE_IN_TRANSACTION`: the statements a stopped process had sent before it stopped, still
+waiting for the first lock, give up before the session holding it is ended, rather than
+take the lock in turn, each for `IDLE_IN_TRANSACTION` more. A writer waits milliseconds for
+it otherwise; one that waited this long is answered as when the ledger is unreachable."""
 
 UNAVAILABLE = (
     OSError,
@@ -41,13 +54,18 @@ UNAVAILABLE = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up
     asyncpg.exceptions.InsufficientResourcesError,  # too many connections
+    # The server ended a session idle inside a transaction (`IDLE_IN_TRANSACTION`), or a
+    # statement waited too long for a lock (`LOCK_WAIT`): rolled back, nothing written.
+    asyncpg.exceptions.IdleInTransactionSessionTimeoutError,
+    asyncpg.exceptions.LockNotAvailableError,
 )
 
 
 def split_url(url: str) -> tuple[str, int]:
     """The DSN for asyncpg and the pool size (`?pool_size=N`, which PostgreSQL must not see).
 
-    Other query parameters pass to the server as settings, e.g. `?search_path=tollgate`."""
+    Other query parameters pass to the server as settings, e.g. `?search_path=tollgate`
+    (`?lock_timeout=30s` replaces `LOCK_WAIT`, say)."""
     parts = urlsplit(url)
     query = parse_qsl(parts.query)
     size = POOL_SIZE
@@ -81,6 +99,7 @@ class Pool:
                 # Transactions are short; a statement stuck this long is a lost server.
                 command_timeout=60,
                 reset=_keep_session,
+                server_settings=_settings(self.dsn),
             )
         except UNAVAILABLE as exc:
             raise LedgerUnavailable(
@@ -149,6 +168,16 @@ class Pool:
         async with self.connection() as conn:
             found: list[Any] = await conn.fetch(sql, *args)
         return found
+
+
+def _settings(dsn: str) -> dict[str, str]:
+    """The session settings Tollgate asks for, unless the ledger URL names them itself."""
+    named = {name for name, _ in parse_qsl(urlsplit(dsn).query)}
+    settings = {
+        "idle_in_transaction_session_timeout": IDLE_IN_TRANSACTION,
+        "lock_timeout": LOCK_WAIT,
+    }
+    return {k: v for k, v in settings.items() if k not in named}
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
