@@ -3,6 +3,7 @@ row, counter and alert arrives once, and a ledger that holds anything is never m
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from pathlib import Path
 from typing import Any
@@ -102,3 +103,25 @@ async def test_a_copy_there_and_back_keeps_the_responses_columns(tmp_path: Path)
         assert stored[1]["held"] == 1 and stored[0]["mainline_cost_nanos"] == 4_000_000
     finally:
         pg.drop_schema(shared)
+
+
+async def test_an_export_read_slowly_is_not_cut_short_by_the_idle_session_timeout() -> None:
+    """A PostgreSQL session idle inside a transaction is ended after a while (a replica
+    paused holding a lock would stop the others); an export paused by its reader (a pipe
+    not drained yet, a slower ledger copied into) is no such session, and is read whole."""
+    url = pg.migrated_schema()
+    hasty = f"{url}&idle_in_transaction_session_timeout=1s"
+    try:
+        ledger = await open_ledger(hasty)
+        try:
+            await fill(ledger)
+            read = []
+            async with contextlib.aclosing(ledger.export(0.0, float("inf"))) as rows:
+                async for row in rows:
+                    read.append(row["id"])
+                    await asyncio.sleep(1.5)  # the reader is slow
+            assert sorted(read) == ["in-flight", "rejected", "settled"]
+        finally:
+            await ledger.close()
+    finally:
+        pg.drop_schema(url)

@@ -57,6 +57,11 @@ from proxy.ledger.statements import (
 
 SCHEMA_VERSION = migrations.SCHEMA_VERSION
 SQL = statements(POSTGRES)
+WAITS_ON_ITS_READER = "SET LOCAL idle_in_transaction_session_timeout = 0"
+"""Run first in a transaction that pauses on whoever reads it (an export written to a pipe
+nobody drains yet, a copy into a slower ledger): such a pause is no stopped process, and
+ending the session then (`postgres_pool.IDLE_IN_TRANSACTION`) would cut the copy short. It
+takes no lock a reservation waits for."""
 
 
 class PostgresLedger(Schema, KeptAnswers):
@@ -268,6 +273,7 @@ class PostgresLedger(Schema, KeptAnswers):
             self.db.connection() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
+            await conn.execute(WAITS_ON_ITS_READER)
             cursor = conn.cursor(SQL.export, float(start), float(end), prefetch=EXPORT_BATCH)
             async for record in cursor:
                 yield dict(record.items())
@@ -438,6 +444,7 @@ class PostgresLedger(Schema, KeptAnswers):
             self.db.connection() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
+            await conn.execute(WAITS_ON_ITS_READER)
             columns: list[str] | None = None
             batch: list[tuple[Any, ...]] = []
             async for record in conn.cursor(f"SELECT * FROM {table}", prefetch=COPY_BATCH):
@@ -452,6 +459,7 @@ class PostgresLedger(Schema, KeptAnswers):
     async def restore(self, tables: AsyncIterable[tuple[str, Batch]]) -> None:
         """Write `tables`' rows into this empty ledger, in one transaction: all or nothing."""
         async with self.db.connection() as conn, conn.transaction():
+            await conn.execute(WAITS_ON_ITS_READER)  # here, on the ledger it copies from
             found = await conn.fetchrow(SQL.contents)
             Contents(*(int(v) for v in found)).refuse_to_merge(self.name)
             await conn.execute("DELETE FROM budget_usage")
