@@ -195,6 +195,33 @@ def test_check_accepts_the_examples_with_the_hash_keys_new_prints(tmp_path: Path
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_a_single_yaml_file_with_the_same_keys_also_works(tmp_path: Path) -> None:
+    _, digest = new_key("web-app")
+    team = yaml.safe_load(DESIGN_EXAMPLE.replace("9f86d081884c7d65...", digest))
+    single = tmp_path / "tollgate.yaml"
+    single.write_text(SETTINGS_EXAMPLE + yaml.safe_dump({"teams": [team]}))
+    done = cli("check", "--config", str(single), env={"OPENAI_API_KEY": "sk-x"})
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_period_and_every_budget_metric_is_accepted(tmp_path: Path) -> None:
+    _, digest = new_key("web-app")
+    policies(tmp_path, digest)
+    team = tmp_path / "teams" / "design.yaml"
+    extra = "".join(
+        f"  - {{period: {period}, {metric}: 1000}}\n"
+        for period, metric in [
+            ("week", "limit_usd"),
+            ("total", "text_input_tokens"),
+            ("week", "image_input_tokens"),
+            ("day", "total_tokens"),
+        ]
+    )
+    team.write_text(team.read_text().replace("budgets:\n", "budgets:\n" + extra))
+    done = cli("check", "--config", str(tmp_path), env={"OPENAI_API_KEY": "sk-x"})
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_check_defaults_to_tollgate_config_then_policies(tmp_path: Path) -> None:
     _, digest = new_key("web-app")
     policies(tmp_path / "elsewhere", digest)
@@ -587,7 +614,9 @@ def test_reload_refuses_an_invalid_configuration_and_keeps_the_old(tmp_path: Pat
     team = tmp_path / "teams" / "design.yaml"
     try:
         team.write_text(team.read_text().replace("max_n: 4", "max_nn: 4"))
-        assert httpx.post(f"{proxy.url}/admin/reload", headers=admin).status_code != 200
+        answer = httpx.post(f"{proxy.url}/admin/reload", headers=admin)
+        assert answer.status_code == 400
+        assert "design.yaml:" in answer.json()["error"]["message"]
         proxy.process.send_signal(signal.SIGHUP)
         error = refused(
             lambda: proxy.client(secret).images.generate(model="gpt-image-2", prompt="x", n=5)
