@@ -923,3 +923,26 @@ def test_allow_endpoints_refuses_the_batch_door_to_the_design_team(
         )
     )
     assert (error.status_code, error.code) == (403, "policy_violation")
+
+
+def test_responses_names_an_injected_max_tool_calls_as_unset_to_a_value(tmp_path: Path) -> None:
+    secret, digest = new_key("web-app")
+    policies(tmp_path, digest)
+    team = tmp_path / "teams" / "design.yaml"
+    # Without `allow`, every endpoint is allowed, the Responses API's among them.
+    text = team.read_text()
+    team.write_text(text[: text.index("allow:")] + text[text.index("throttle:") :])
+    proxy = serve(tmp_path, "--simulate")
+    try:
+        answer = proxy.client(secret).responses.with_raw_response.create(
+            model="gpt-5.5",
+            input="a lighthouse",
+            tools=[{"type": "image_generation", "quality": "low", "size": "1024x1024"}],
+        )
+        row = proxy.row(answer.http_response.headers["x-tollgate-request-id"])
+    finally:
+        proxy.stop()
+    downgraded = answer.http_response.headers["x-tollgate-downgraded"]
+    assert re.search(r"(^|; )max_tool_calls=unset->\d+(;|$)", downgraded), downgraded
+    assert row["endpoint"] == "responses" and row["model"] == "gpt-image-2"
+    assert row["mainline_model"] == "gpt-5.5"
