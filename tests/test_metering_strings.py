@@ -64,6 +64,26 @@ def test_splitting_on_quotes_drops_the_same_strings_as_stepping(seed: int) -> No
     assert b"".join(split.filter(c) for c in pieces) == b"".join(step._step(c) for c in pieces)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_a_chunk_without_a_quote_inside_a_string_ends_its_escapes_as_stepping_does(
+    seed: int,
+) -> None:
+    # Chunks inside a string that hold no quote are passed over whole: runs of backslashes
+    # (and escaped quotes) cut anywhere must leave the escape state where stepping does.
+    rng = random.Random(seed)
+    bits = ("\\", '"', "a", "\\\\")
+    strings = ["".join(rng.choice(bits) for _ in range(rng.randint(0, 40)))]
+    long = "x" * rng.choice((10, SHORT_STRING, 3000)) + "\\" * rng.randint(0, 5)
+    strings.append(long + strings[0])
+    data = json.dumps({"a": strings, "n": 1}).encode()
+    for _ in range(20):
+        pieces = chunks(data, rng)
+        split, step = ShortStrings(), ShortStrings()
+        out = b"".join(split.filter(c) for c in pieces)
+        assert out == b"".join(step._step(c) for c in pieces)
+        assert json.loads(out)["n"] == 1
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("small", [0, SMALL_BODY], ids=["streamed", "held"])
 def test_usage_and_image_count_survive_any_chunking(seed: int, small: int) -> None:

@@ -361,10 +361,13 @@ class SseMeter:
     def _read(self, short: bytes) -> None:
         """An event's data, its long strings emptied: a partial image, an error, or a
         completed image and its usage."""
+        # A buffer the size of the data: ijson's default is 64 KiB, zeroed at each parse,
+        # which cost more than parsing an event's few hundred bytes.
+        size = len(short) + 1
         try:
             kind: Any = ""
             error: Any = None
-            for prefix, _, value in ijson.parse(short):
+            for prefix, _, value in ijson.parse(short, buf_size=size):
                 if prefix == "type":
                     kind = value
                 elif prefix == "error" and value is not None:
@@ -373,10 +376,10 @@ class SseMeter:
                 self.partials += 1
                 return
             if error is not None:
-                self.error = next(ijson.items(short, "error"), True)
+                self.error = next(ijson.items(short, "error", buf_size=size), True)
                 return
             if isinstance(kind, str) and kind.endswith(COMPLETED_SUFFIX):
-                usage = usage_from_openai(next(ijson.items(short, "usage"), None))
+                usage = usage_from_openai(next(ijson.items(short, "usage", buf_size=size), None))
                 self.completed += 1
                 if usage is None:
                     self.unmetered += 1

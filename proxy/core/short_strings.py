@@ -24,6 +24,7 @@ LONG_NUMBER = 100
 backend crashes the process on an integer of some 4,300 digits (token counts are short)."""
 
 _NUMBER_CHARS = b"-+.eE0123456789"
+BACKSLASH = ord("\\")
 _NUMBER_RUN = re.compile(rb"[-+.eE0-9]*")
 _LONG_NUMBER_RUN = re.compile(rb"[-+.eE0-9]{%d,}" % (LONG_NUMBER + 1))
 
@@ -73,6 +74,13 @@ class ShortStrings:
                 self._run += lead
                 return chunk
             self._run = 0  # the number ends in this chunk; what follows starts afresh
+        if self._inside and not self._escape:
+            # The chunk goes on with a string: it is that string's up to its first quote,
+            # and a chunk of base64 without one is searched for nothing else.
+            close = chunk.find(b'"')
+            if close < 0:
+                return self._within(chunk)
+            return self._step(chunk) if b"\\" in chunk else self._jump(chunk, close=close)
         if self._escape or b"\\" in chunk:
             return self._step(chunk)
         return self._jump(chunk)
@@ -96,15 +104,16 @@ class ShortStrings:
         self._refused = True
         raise MalformedAnswer(f"upstream answer has a number over {LONG_NUMBER} characters")
 
-    def _jump(self, chunk: bytes, start: int = 0) -> bytes:
+    def _jump(self, chunk: bytes, start: int = 0, close: int | None = None) -> bytes:
         """`filter` for a chunk without escapes (from `start`), where every quote opens or
         closes a string: from quote to quote with `bytes.find`, cutting out only the long
-        strings."""
+        strings. `close`: the first quote from `start`, when it was already found."""
         find = chunk.find
         out: list[bytes] = []
         kept = search = start  # kept: start of the bytes passed as they are
         if self._inside:  # the chunk goes on with a string from earlier chunks
-            close = find(b'"', start)
+            if close is None:
+                close = find(b'"', start)
             if close < 0:
                 self._keep(chunk, start, len(chunk))
                 return b""
@@ -131,6 +140,17 @@ class ShortStrings:
         self._tail(chunk, search)
         out.append(chunk[kept:])
         return b"".join(out)
+
+    def _within(self, chunk: bytes) -> bytes:
+        """`filter` for a chunk inside a string, without a quote and not opened by an escaped
+        byte: all of it is the string's. Its backslashes escape bytes within it, but for an
+        odd run at its end, whose last escapes the next chunk's first byte."""
+        run, end = 0, len(chunk)
+        while run < end and chunk[end - 1 - run] == BACKSLASH:
+            run += 1
+        self._escape = run % 2 == 1
+        self._keep(chunk, 0, end)
+        return b""
 
     def _step(self, chunk: bytes) -> bytes:
         """`filter` for any chunk: string by string, escape by escape."""
