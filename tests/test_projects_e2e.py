@@ -279,3 +279,25 @@ def costs_by_project(simulator: Simulator) -> dict[str | None, Decimal]:
                 str(result["amount"]["value"])
             )
     return found
+
+
+def test_reconcile_by_project_live_shows_spend_under_no_project_unmapped(
+    own_simulator: Simulator, tmp_path: Path
+) -> None:
+    """No team names a project and neither does `upstream`: fetched live, grouped by
+    project as asked, the Costs API books the spend to no project. It is shown unmapped,
+    not refused as an export that was not grouped by project."""
+    write_config(tmp_path, f"{own_simulator.url}/v1", teams={"plain": TEAMS["plain"]})
+    proxy = start_tollgate(tmp_path)
+    try:
+        proxy.client(PLAIN_KEY).images.generate(
+            model="gpt-image-2", prompt="a lighthouse", quality="low"
+        )
+        done = cli(proxy, "reconcile", "--by", "project", "--admin-key-env", "OPENAI_ADMIN_KEY",
+                   "--format", "json")  # fmt: skip
+    finally:
+        proxy.stop()
+    assert done.returncode == 0, done.stdout + done.stderr
+    [line] = json.loads(done.stdout)["lines"]
+    assert (line["project"], line["teams"], line["status"]) == (None, ["plain"], "unmapped")
+    assert Decimal(line["openai_usd"]) > 0 and Decimal(line["tollgate_usd"]) > 0

@@ -72,11 +72,16 @@ class ProjectCosts:
 
 
 def parse_costs(
-    pages: Iterable[Mapping[str, Any]], book: PriceBook, spent: Collection[str] = ()
+    pages: Iterable[Mapping[str, Any]],
+    book: PriceBook,
+    spent: Collection[str] = (),
+    fetched: bool = False,
 ) -> ProjectCosts:
     """Sum a Costs API answer grouped by `project_id` (and maybe `line_item`) by UTC day
     and project, leaving out the line items of models neither priced nor in `spent` (see
-    `reconcile.billed_model`). InvalidRequest when it is not grouped by project."""
+    `reconcile.billed_model`). InvalidRequest when it is not grouped by project: a saved
+    export that names no project anywhere. One `fetched` live was asked grouped by
+    project, so where it names none, OpenAI booked the spend to none (unmapped)."""
     found = ProjectCosts()
     amounts: dict[tuple[date, str | None], Decimal] = defaultdict(Decimal)
     results = grouped = 0
@@ -94,7 +99,7 @@ def parse_costs(
                     found.ignored[key] = found.ignored.get(key, Decimal(0)) + value
                 else:
                     amounts[day, None if project is None else str(project)] += value
-    if results and not grouped:
+    if results and not grouped and not fetched:
         raise InvalidRequest(
             "The costs are not grouped by project: export them with group_by[]=project_id "
             "(and group_by[]=line_item), or fetch them live with --admin-key-env.",
@@ -275,7 +280,8 @@ async def run(
         pages = await fetch_costs(
             config.upstream.base_url, admin_key, first, last, group_by=GROUP_BY
         )
-    openai = parse_costs(pages, config.prices)
+    fetched = admin_key is not None
+    openai = parse_costs(pages, config.prices, fetched=fetched)
     first, last = window(openai.days, first, last, today)
     ledger = await open_ledger(ledger_url)
     try:
@@ -290,6 +296,6 @@ async def run(
     # A model the price book no longer names, with spend on these days: compared, not left out.
     held_by = reconcile.held_by_model(config.prices)
     spent = {m for _, m in models} | {m for h in holdings for m, _ in held_by(h)}
-    openai = parse_costs(pages, config.prices, spent)
+    openai = parse_costs(pages, config.prices, spent, fetched)
     result = compare(openai, ours, config.project_of, teams, first, last, tolerance, held)
     return replace(result, flagged=tuple(flagged))
