@@ -346,6 +346,9 @@ def test_the_probe_sees_the_server_stack() -> None:
     [
         (None, "cannot read the costs file"),
         ("not json{", "is not JSON"),
+        ("", "holds no page"),
+        ("[]", "holds no page"),
+        ("\n\n", "holds no page"),
         ("[1]", "page 1: not an object"),
         ('{"data": 5}', "'data' is not a list"),
         ('{"error": {"message": "Incorrect API key provided"}}', "page 1: no 'data'"),
@@ -368,9 +371,9 @@ def test_the_probe_sees_the_server_stack() -> None:
          ' "results": [{"amount": {"value": 1}}]}]}]',
          "page 2 has a bucket from 43200 that overlaps one of page 1 until 86400"),
     ],
-    ids=["missing", "not-json", "not-a-page", "data", "an-error", "bucket", "amount", "year-3e12",
-         "nan-start", "amount-too-large", "euros", "a-week", "repeated", "across-midnight",
-         "overlapping"],
+    ids=["missing", "not-json", "empty", "no-pages", "blank-lines", "not-a-page", "data",
+         "an-error", "bucket", "amount", "year-3e12", "nan-start", "amount-too-large", "euros",
+         "a-week", "repeated", "across-midnight", "overlapping"],
 )  # fmt: skip
 def test_reconcile_exits_2_naming_a_costs_file_it_cannot_read(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], costs: str | None, says: str
