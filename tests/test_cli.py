@@ -255,6 +255,23 @@ def loaded_by(*script: str, unneeded: tuple[str, ...] = UNNEEDED) -> list[str]:
     return list(yaml.safe_load(last.removeprefix(LOADED)))
 
 
+@pytest.mark.parametrize("command", [["budgets"], ["report"], ["ledger", "flagged"]], ids=" ".join)
+def test_a_postgresql_url_that_is_no_url_is_refused_without_a_traceback_or_its_password(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """An unclosed IPv6 bracket (`@[::1/db`) was urlsplit's ValueError, printed as a
+    traceback."""
+    write_config(tmp_path, "http://127.0.0.1:9")
+    url = "postgresql://tollgate:pg-s3cret@[::1/tollgate"
+    done = tollgate(*command, "--config", str(tmp_path), "--ledger", url)
+    assert done.returncode == 1, done.stderr
+    assert "cannot read the ledger URL postgresql://***: Invalid IPv6 URL" in done.stderr
+    assert "Traceback" not in done.stderr and "s3cret" not in done.stdout + done.stderr
+    migrated = tollgate("ledger", "migrate", "--ledger", url)
+    assert migrated.returncode == 1 and "Traceback" not in migrated.stderr, migrated.stderr
+    assert "s3cret" not in migrated.stdout + migrated.stderr
+
+
 def test_ledger_migrate_never_prints_the_ledgers_password() -> None:
     url = pg.new_schema()
     try:
