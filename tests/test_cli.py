@@ -255,6 +255,23 @@ def loaded_by(*script: str, unneeded: tuple[str, ...] = UNNEEDED) -> list[str]:
     return list(yaml.safe_load(last.removeprefix(LOADED)))
 
 
+@pytest.mark.parametrize("command", [["budgets"], ["report"], ["ledger", "flagged"]], ids=" ".join)
+def test_a_postgresql_url_that_is_no_url_is_refused_without_a_traceback_or_its_password(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """An unclosed IPv6 bracket (`@[::1/db`) was urlsplit's ValueError, printed as a
+    traceback."""
+    write_config(tmp_path, "http://127.0.0.1:9")
+    url = "postgresql://tollgate:pg-s3cret@[::1/tollgate"
+    done = tollgate(*command, "--config", str(tmp_path), "--ledger", url)
+    assert done.returncode == 1, done.stderr
+    assert "cannot read the ledger URL postgresql://***: Invalid IPv6 URL" in done.stderr
+    assert "Traceback" not in done.stderr and "s3cret" not in done.stdout + done.stderr
+    migrated = tollgate("ledger", "migrate", "--ledger", url)
+    assert migrated.returncode == 1 and "Traceback" not in migrated.stderr, migrated.stderr
+    assert "s3cret" not in migrated.stdout + migrated.stderr
+
+
 def test_ledger_migrate_never_prints_the_ledgers_password() -> None:
     url = pg.new_schema()
     try:
@@ -346,6 +363,9 @@ def test_the_probe_sees_the_server_stack() -> None:
     [
         (None, "cannot read the costs file"),
         ("not json{", "is not JSON"),
+        ("", "holds no page"),
+        ("[]", "holds no page"),
+        ("\n\n", "holds no page"),
         ("[1]", "page 1: not an object"),
         ('{"data": 5}', "'data' is not a list"),
         ('{"error": {"message": "Incorrect API key provided"}}', "page 1: no 'data'"),
@@ -368,9 +388,9 @@ def test_the_probe_sees_the_server_stack() -> None:
          ' "results": [{"amount": {"value": 1}}]}]}]',
          "page 2 has a bucket from 43200 that overlaps one of page 1 until 86400"),
     ],
-    ids=["missing", "not-json", "not-a-page", "data", "an-error", "bucket", "amount", "year-3e12",
-         "nan-start", "amount-too-large", "euros", "a-week", "repeated", "across-midnight",
-         "overlapping"],
+    ids=["missing", "not-json", "empty", "no-pages", "blank-lines", "not-a-page", "data",
+         "an-error", "bucket", "amount", "year-3e12", "nan-start", "amount-too-large", "euros",
+         "a-week", "repeated", "across-midnight", "overlapping"],
 )  # fmt: skip
 def test_reconcile_exits_2_naming_a_costs_file_it_cannot_read(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], costs: str | None, says: str

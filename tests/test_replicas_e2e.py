@@ -437,6 +437,36 @@ def local_ports(pid: int) -> set[int]:
     return ports
 
 
+def test_the_admin_api_answers_503_while_the_database_is_down(
+    simulator: Simulator, tmp_path: Path, cluster: pg.Cluster
+) -> None:
+    """As a team's own budget answers: a 500 "it has been logged" sent the operator to the
+    logs for a database that is only restarting, and the audit export answered 200 and
+    broke off before its first row."""
+    from proxy.ledger import migrate_ledger
+
+    pg.run(migrate_ledger(cluster.url))
+    write_config(tmp_path, f"{simulator.url}/v1", settings="admin_token: admin-secret\n")
+    proxy = start_tollgate(tmp_path, ledger_url=cluster.url)
+    admin = {"authorization": "Bearer admin-secret"}
+    paths = ["/admin/budgets", "/admin/report", "/admin/report?statement=2026-11",
+             "/admin/report?audit=1", "/admin/report?audit=1&format=csv"]  # fmt: skip
+    try:
+        cluster.stop()
+        answers = [httpx.get(f"{proxy.url}{path}", headers=admin, timeout=60) for path in paths]
+        refused = httpx.get(f"{proxy.url}/admin/budgets", timeout=60)
+        cluster.start()
+        after = [httpx.get(f"{proxy.url}{path}", headers=admin, timeout=60) for path in paths]
+    finally:
+        log = proxy.stop()
+    for path, answer in zip(paths, answers, strict=True):
+        assert answer.status_code == 503, (path, answer.text)
+        assert answer.json()["error"]["code"] == "service_unavailable"
+    assert refused.status_code == 401  # the token first: no one else learns the ledger's state
+    assert [a.status_code for a in after] == [200] * len(paths), log
+    assert "unhandled error" not in log
+
+
 def test_a_replica_frozen_inside_a_transaction_does_not_stop_the_others(
     simulator: Simulator, tmp_path: Path, shared: str
 ) -> None:

@@ -61,6 +61,15 @@ def load_costs_file(text: str) -> list[dict[str, Any]]:
         except json.JSONDecodeError as exc:
             raise InvalidRequest(f"the costs file is not JSON: {exc}", param="costs") from exc
     pages = data if isinstance(data, list) else [data]
+    if not pages:
+        # Every answer of the Costs API is a page, even one without a day: an empty file (a
+        # download that failed) covers no day, and every day of the ledger read as matching.
+        raise InvalidRequest(
+            "the costs file holds no page of a Costs API answer: is it empty? Save the "
+            "answer of GET /v1/organization/costs, or fetch the costs live with "
+            "--admin-key-env.",
+            param="costs",
+        )
     for number, page in enumerate(pages, 1):
         problem = page_problem(page)
         if problem:

@@ -69,8 +69,11 @@ class PostgresLedger(Schema, KeptAnswers):
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.dsn, self.pool_size = split_url(url)
         self.name = redacted(url)
+        try:
+            self.dsn, self.pool_size = split_url(url)
+        except ValueError as exc:  # urlsplit's, e.g. an unclosed `[` of an IPv6 host
+            raise LedgerError(f"cannot read the ledger URL {self.name}: {exc}") from exc
         self.db = Pool(self.dsn, self.pool_size, self.name)
         self.owner: Owner | None = None
         self._shared: dict[str, tuple[int, str, Usage, float]] = {}

@@ -5,8 +5,9 @@ Every refusal is raised, and answered in OpenAI's shape by the app's exception h
 
 from __future__ import annotations
 
+import contextlib
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
@@ -18,7 +19,9 @@ from proxy.core.errors import (
     ConfigError,
     InvalidConfig,
     InvalidRequest,
+    LedgerError,
     NotFound,
+    ServiceUnavailable,
 )
 from proxy.core.settings import Config
 from proxy.finance.reports_query import ReportQuery
@@ -31,6 +34,7 @@ YES = ("1", "true", "yes")
 NO = ("", "0", "false", "no")
 REPORT_PARAMS = ("from", "to", "by", "format", "statement", "audit", "excel")
 """The query parameters of `GET /admin/report`: the flags of `tollgate report`."""
+LEDGER_DOWN = "Tollgate cannot read the ledger right now; retry shortly."
 
 
 def check_admin(request: Request, config: Config) -> None:
@@ -88,7 +92,10 @@ class AdminApi:
         """Every organization and team budget: limit, spent, reserved, remaining, period end."""
         check_admin(request, runtime.config)
         now = runtime.clock()
-        found = await budget_status(runtime.config, runtime.ledger, now)
+        try:
+            found = await budget_status(runtime.config, runtime.ledger, now)
+        except LedgerError as exc:
+            raise ServiceUnavailable(LEDGER_DOWN) from exc
         return JSONResponse({"as_of": now, "budgets": [b.as_json() for b in found]})
 
     async def report(self, request: Request, runtime: Runtime) -> Response:
@@ -97,9 +104,17 @@ class AdminApi:
         the audit export is streamed."""
         check_admin(request, runtime.config)
         query = report_query(request.query_params)
-        answer = await run_report(query, runtime.ledger, runtime.config, runtime.clock())
+        first = None
+        try:
+            answer = await run_report(query, runtime.ledger, runtime.config, runtime.clock())
+            if answer.stream is not None:
+                # Read before the status is sent: a ledger that cannot be read is a 503,
+                # not a 200 whose body breaks off.
+                first = await anext(answer.stream, None)
+        except LedgerError as exc:
+            raise ServiceUnavailable(LEDGER_DOWN) from exc
         if answer.stream is not None:
-            return StreamingResponse(answer.stream, media_type=answer.media_type)
+            return StreamingResponse(_from(first, answer.stream), media_type=answer.media_type)
         return Response(answer.body, media_type=answer.media_type)
 
     async def reload(self, request: Request, runtime: Runtime) -> Response:
@@ -113,3 +128,14 @@ class AdminApi:
                 + "\n".join(exc.problems)
             ) from exc
         return JSONResponse({"status": "reloaded", "teams": [t.name for t in config.teams]})
+
+
+async def _from(first: str | None, rest: AsyncGenerator[str, None]) -> AsyncIterator[str]:
+    """`first`, then the chunks of `rest` (closed with this generator: it holds a database
+    connection open while a client reads)."""
+    async with contextlib.aclosing(rest):
+        if first is None:
+            return
+        yield first
+        async for chunk in rest:
+            yield chunk
