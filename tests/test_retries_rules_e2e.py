@@ -8,11 +8,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
 from tests.conftest import (
     DEADLINE_S,
+    DESIGN_KEY,
     RESEARCH_KEY,
     Simulator,
     Tollgate,
@@ -29,7 +31,9 @@ from tests.retries_e2e import (
     fresh,
     gate,
     in_background,
+    mask_png,
     one_charge,
+    png,
     post,
     sdk,
     settled,
@@ -160,6 +164,37 @@ def test_the_same_key_and_body_while_the_first_is_in_flight_waits_and_replays(
     one_charge(
         clean, sim, second.headers["x-tollgate-request-id"], got.headers["x-tollgate-request-id"], 2
     )
+
+
+def test_a_keyed_edit_sent_again_with_its_mask_before_its_image_is_replayed(
+    clean: Tollgate, sim: Simulator
+) -> None:
+    """The same image and mask in another order are the same request: its key's repeat is
+    answered from the first, not refused as a conflict (nor, unkeyed, paid twice)."""
+    image, mask = png(), mask_png()
+    key = {"Idempotency-Key": "key-edit-reordered"}
+    raw = sdk(clean, timeout=30).images.with_raw_response.edit(
+        image=("in.png", image, "image/png"),
+        mask=("mask.png", mask, "image/png"),
+        prompt="Keyed edit, parts reordered",
+        extra_headers=key,
+        **IMAGE,
+    )
+    assert raw.http_response.status_code == 200
+    again = httpx.post(
+        f"{clean.url}/v1/images/edits",
+        data={**IMAGE, "prompt": "Keyed edit, parts reordered"},
+        files=[("mask", ("m.png", mask, "image/png")), ("image", ("i.png", image, "image/png"))],
+        headers={"authorization": f"Bearer {DESIGN_KEY}", **key},
+        timeout=DEADLINE_S,
+    )
+    assert again.status_code == 200, again.text
+    assert again.headers["x-tollgate-replay-of"] == raw.headers["x-tollgate-request-id"]
+    assert again.json() == raw.http_response.json()
+    one_charge(
+        clean, sim, again.headers["x-tollgate-request-id"], again.headers["x-tollgate-replay-of"],
+        2,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("how", ["marker", "knob"])
