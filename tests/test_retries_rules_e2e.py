@@ -41,6 +41,7 @@ from tests.retries_e2e import (
 )
 
 __all__ = ["clean", "fresh", "gate", "sim"]  # the shared fixtures
+REPLAY = "x-tollgate-replay-of"
 
 
 # -- 1. a retry while the first renders; after it answered a client that had gone --------
@@ -247,5 +248,23 @@ def test_with_retries_off_a_retry_is_forwarded_and_charged_again(
         assert [r["outcome"] for r in rows] == ["ok", "ok"]
         assert len(charges(sim)) == 2
         assert gate.query("SELECT count(*) AS n FROM kept_answers")[0]["n"] == 0
+    finally:
+        gate.stop()
+
+
+def test_a_retry_after_a_short_window_while_the_first_still_renders_pays_once(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """A window shorter than a rendering: the SDK's retry that comes after it, while the
+    first still renders, waits for it rather than being sent (and billed) again."""
+    configure(tmp_path, sim, "retries: {window_s: 1}\n")
+    gate = start_tollgate(tmp_path)
+    try:
+        sim.configure(latency_ms=3500)
+        client = sdk(gate, timeout=2, max_retries=2)
+        raw = client.images.with_raw_response.generate(prompt="Short window", **IMAGE)  # type: ignore[call-overload]
+        assert raw.parse().data
+        answer_id, replay_of = raw.headers["x-tollgate-request-id"], raw.headers.get(REPLAY)
+        one_charge(gate, sim, answer_id, replay_of, len(settled(gate, 2)))
     finally:
         gate.stop()
