@@ -113,6 +113,13 @@ def png() -> bytes:
     return out.getvalue()
 
 
+def mask_png() -> bytes:
+    """A mask for `png`: its size, transparent where the edit goes."""
+    out = io.BytesIO()
+    Image.new("RGBA", (64, 48), (0, 0, 0, 0)).save(out, "PNG")
+    return out.getvalue()
+
+
 def body(prompt: str) -> dict[str, Any]:
     return {**IMAGE, "prompt": prompt}
 

@@ -82,6 +82,27 @@ def test_an_edit_digests_the_same_whatever_its_multipart_framing(config: Config)
     assert door.digest(parse_request("edits", content_type, body, DEFAULT)) not in digests
 
 
+def test_an_edit_digests_the_same_whatever_the_order_of_its_image_and_mask_parts(
+    config: Config,
+) -> None:
+    """A form's parts of different names are one request in any order: a key reused with
+    the mask sent before the image is the same request, not a conflict (nor, for a retry
+    without a key, a second payment); the order of several images still counts."""
+    fields = {"model": "gpt-image-2", "prompt": "add a lighthouse", "quality": "low"}
+    png, other = _png(), _png(color=(0, 0, 255))
+    door = ImagesDoor("edits")
+
+    def digest(*uploads: Upload) -> bytes:
+        body, content_type = encode_multipart(fields, uploads)
+        return door.digest(parse_request("edits", content_type, body, DEFAULT))
+
+    image, mask = Upload("image", png, "png"), Upload("mask", other, "png")
+    assert digest(image, mask) == digest(mask, image)
+    one, two = Upload("image[]", png, "png"), Upload("image[]", other, "png")
+    assert digest(one, two, mask) == digest(mask, one, two)
+    assert digest(one, two) != digest(two, one)
+
+
 def test_a_responses_body_digests_its_fields_not_their_order(config: Config) -> None:
     team = config.teams[0]
     door = ResponsesDoor()
@@ -92,11 +113,11 @@ def test_a_responses_body_digests_its_fields_not_their_order(config: Config) -> 
     assert door.digest(first) == door.digest(second)
 
 
-def _png() -> bytes:
+def _png(color: object = "white") -> bytes:
     import io
 
     from PIL import Image
 
     out = io.BytesIO()
-    Image.new("RGB", (64, 64), "white").save(out, "PNG")
+    Image.new("RGB", (64, 64), color).save(out, "PNG")
     return out.getvalue()

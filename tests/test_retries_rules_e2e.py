@@ -8,11 +8,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
 from tests.conftest import (
     DEADLINE_S,
+    DESIGN_KEY,
     RESEARCH_KEY,
     Simulator,
     Tollgate,
@@ -29,7 +31,9 @@ from tests.retries_e2e import (
     fresh,
     gate,
     in_background,
+    mask_png,
     one_charge,
+    png,
     post,
     sdk,
     settled,
@@ -37,6 +41,7 @@ from tests.retries_e2e import (
 )
 
 __all__ = ["clean", "fresh", "gate", "sim"]  # the shared fixtures
+REPLAY = "x-tollgate-replay-of"
 
 
 # -- 1. a retry while the first renders; after it answered a client that had gone --------
@@ -162,6 +167,37 @@ def test_the_same_key_and_body_while_the_first_is_in_flight_waits_and_replays(
     )
 
 
+def test_a_keyed_edit_sent_again_with_its_mask_before_its_image_is_replayed(
+    clean: Tollgate, sim: Simulator
+) -> None:
+    """The same image and mask in another order are the same request: its key's repeat is
+    answered from the first, not refused as a conflict (nor, unkeyed, paid twice)."""
+    image, mask = png(), mask_png()
+    key = {"Idempotency-Key": "key-edit-reordered"}
+    raw = sdk(clean, timeout=30).images.with_raw_response.edit(
+        image=("in.png", image, "image/png"),
+        mask=("mask.png", mask, "image/png"),
+        prompt="Keyed edit, parts reordered",
+        extra_headers=key,
+        **IMAGE,
+    )
+    assert raw.http_response.status_code == 200
+    again = httpx.post(
+        f"{clean.url}/v1/images/edits",
+        data={**IMAGE, "prompt": "Keyed edit, parts reordered"},
+        files=[("mask", ("m.png", mask, "image/png")), ("image", ("i.png", image, "image/png"))],
+        headers={"authorization": f"Bearer {DESIGN_KEY}", **key},
+        timeout=DEADLINE_S,
+    )
+    assert again.status_code == 200, again.text
+    assert again.headers["x-tollgate-replay-of"] == raw.headers["x-tollgate-request-id"]
+    assert again.json() == raw.http_response.json()
+    one_charge(
+        clean, sim, again.headers["x-tollgate-request-id"], again.headers["x-tollgate-replay-of"],
+        2,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("how", ["marker", "knob"])
 def test_a_first_that_failed_without_a_charge_does_not_block_its_retry(
     clean: Tollgate, sim: Simulator, how: str
@@ -212,5 +248,23 @@ def test_with_retries_off_a_retry_is_forwarded_and_charged_again(
         assert [r["outcome"] for r in rows] == ["ok", "ok"]
         assert len(charges(sim)) == 2
         assert gate.query("SELECT count(*) AS n FROM kept_answers")[0]["n"] == 0
+    finally:
+        gate.stop()
+
+
+def test_a_retry_after_a_short_window_while_the_first_still_renders_pays_once(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """A window shorter than a rendering: the SDK's retry that comes after it, while the
+    first still renders, waits for it rather than being sent (and billed) again."""
+    configure(tmp_path, sim, "retries: {window_s: 1}\n")
+    gate = start_tollgate(tmp_path)
+    try:
+        sim.configure(latency_ms=3500)
+        client = sdk(gate, timeout=2, max_retries=2)
+        raw = client.images.with_raw_response.generate(prompt="Short window", **IMAGE)  # type: ignore[call-overload]
+        assert raw.parse().data
+        answer_id, replay_of = raw.headers["x-tollgate-request-id"], raw.headers.get(REPLAY)
+        one_charge(gate, sim, answer_id, replay_of, len(settled(gate, 2)))
     finally:
         gate.stop()

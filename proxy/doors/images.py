@@ -150,11 +150,12 @@ def priced(book: PriceBook, name: str) -> ModelPrices:
 
 def content_digest(parsed: ParsedBody) -> bytes:
     """SHA-256 of a request's parsed fields, its JSON image references and its uploads'
-    bytes: the same however its body was framed."""
+    bytes: the same however its body was framed (a new boundary, its parts of different
+    names in another order; the order of the images sent under one name counts)."""
     digest = hashlib.sha256()
     digest.update(json.dumps(parsed.fields, sort_keys=True).encode())
     digest.update(json.dumps(parsed.references, sort_keys=True).encode())
-    for upload in parsed.uploads:
+    for upload in sorted(parsed.uploads, key=lambda upload: upload.name):
         digest.update(f"\0{upload.name}\0{upload.format}\0{len(upload.data)}\0".encode())
         digest.update(upload.data)
     return digest.digest()

@@ -321,21 +321,24 @@ class Exchange:
             self.observe_upstream()
         end: StreamEnd = meter.end(broken)
         self.response_id = end.response_id
+        # A Responses stream cut short, or that ended without a terminal event it could
+        # read (a cancelled background stream, an error, an unreadable last event): the
+        # response it named may still run upstream (and bill), and says what it billed
+        # once it ends; it is followed to its end rather than charged its bound.
+        followed = end.response_id if not end.terminal and self.bound.mainline else None
+        verdict = settlement.stream_ended(self.bound, end)
         # Ended (or forgotten) before the settlement: a repeat that sees this settled
-        # finds the whole stream.
+        # finds the whole stream. One that failed without a charge (an error before any
+        # image) is forgotten: its repeat is sent as a new request.
         if recorder is not None and keep is not None:
-            if broken:
+            unpaid = not followed and verdict.outcome != "ok" and not verdict.cost_nanos
+            if broken or unpaid:
                 await recorder.abandon()
             else:
                 await recorder.end(await keep.wanted(relay.listening))
-        if not end.terminal and end.response_id and self.bound.mainline:
-            # A Responses stream cut short, or that ended without a terminal event it could
-            # read (a cancelled background stream, an error, an unreadable last event): the
-            # response it named may still run upstream (and bill), and says what it billed
-            # once it ends; it is followed to its end rather than charged its bound.
-            await self.follow_later(end.response_id, answer.headers.get("x-request-id"))
+        if followed:
+            await self.follow_later(followed, answer.headers.get("x-request-id"))
             return
-        verdict = settlement.stream_ended(self.bound, end)
         await self.settle(verdict, answer.status, answer.headers.get("x-request-id"))
 
     async def not_answered(self, failure: RequestError) -> int:

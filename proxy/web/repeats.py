@@ -4,9 +4,9 @@ OpenAI takes no idempotency key, and the official SDKs retry a request that time
 (or lost its connection) while its image was still rendering: OpenAI bills both. A
 request is a repeat when it comes from the same team, to the same path, with the same
 content (`Door.digest`: its parsed fields and file bytes, whatever the framing), within
-`retries.window_s` of the first, and it either carries the same `Idempotency-Key` or is
-an SDK retry (`x-stainless-retry-count` ≥ 1). The ledger decides who was first, for
-every worker and replica (`Ledger.first_attempt`):
+`retries.window_s` of the first (or while the first is still in flight), and it either
+carries the same `Idempotency-Key` or is an SDK retry (`x-stainless-retry-count` ≥ 1).
+The ledger decides who was first, for every worker and replica (`Ledger.first_attempt`):
 
     first in flight              the repeat waits for it to end, then as below
     first streaming, kept so far the repeat follows it: the events so far, then the rest
@@ -106,17 +106,25 @@ def marks(request: Request, team: str, path: str, digest: bytes) -> Marks:
 
 
 async def first_of(runtime: Runtime, team: str, found: Marks, now: float) -> FirstAttempt | None:
-    """The first attempt `found` repeats, if there is one within the window."""
-    since = now - runtime.config.retries.window_s
+    """The first attempt `found` repeats, if there is one within the window, or still in
+    flight (a window shorter than a rendering would otherwise have each retry that comes
+    after it sent, and billed, again while the first still renders)."""
+    config = runtime.config
+    window = now - config.retries.window_s
+    in_flight = now - config.upstream.deadline_s - config.upstream.timeout_s
+    since = min(window, in_flight)
     if found.key is not None:
         first = await runtime.ledger.first_attempt(team, since, key=found.key)
-        if first is not None and first.content_digest != found.content:
-            raise IdempotencyConflict(
-                "This Idempotency-Key was used for a request with another content. Use a new "
-                "key for a new request."
-            )
-        return first
-    return await runtime.ledger.first_attempt(team, since, content=found.content)
+    else:
+        first = await runtime.ledger.first_attempt(team, since, content=found.content)
+    if first is None or (first.started_at < window and (first.settled or first.held)):
+        return None  # it ended before the window: this is a new request
+    if first.content_digest != found.content:  # by key: the key's first asked otherwise
+        raise IdempotencyConflict(
+            "This Idempotency-Key was used for a request with another content. Use a new "
+            "key for a new request."
+        )
+    return first
 
 
 async def replay(
