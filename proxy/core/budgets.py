@@ -25,6 +25,7 @@ from math import gcd, isqrt, lcm
 from typing import Literal, NoReturn
 from zoneinfo import ZoneInfo
 
+from proxy.core.allowed import check_params, check_size
 from proxy.core.errors import BudgetExceeded, PolicyViolation
 from proxy.core.image_tokens import parse_size
 from proxy.core.models import (
@@ -92,10 +93,16 @@ def allow_endpoint(team: Team, endpoint: Endpoint) -> None:
 
 
 def apply_allow(
-    team: Team, request: ImageRequest, model: ModelPrices, base: Estimate = NO_BASE
+    team: Team,
+    request: ImageRequest,
+    model: ModelPrices,
+    base: Estimate = NO_BASE,
+    *,
+    params: bool = True,
 ) -> Variant:
     """The team's `allow` rules: a PolicyViolation, or the request clamped to `max_quality`
-    (`base`: the part of the bound outside the images, see `Variant.base`)."""
+    (`base`: the part of the bound outside the images, see `Variant.base`; `params`: False
+    where the request's other fields are not known, its `allow.params` checked before)."""
     allow = team.allow
     allow_endpoint(team, request.endpoint)
     if (
@@ -114,20 +121,9 @@ def apply_allow(
             f"(allow.max_n), not {request.n}.",
             param="n",
         )
-    if allow.sizes is not None and request.size != AUTO and request.size not in allow.sizes:
-        raise PolicyViolation(
-            f"Team {team.name} may not request size {request.size} (allow.sizes: "
-            f"{', '.join(sorted(allow.sizes))}).",
-            param="size",
-        )
-    given = dict(request.params)
-    for name, allowed in allow.params.items():
-        if name in given and given[name] not in allowed:
-            raise PolicyViolation(
-                f"Team {team.name} may not send {name}={given[name]} (allow.params.{name}: "
-                f"{', '.join(sorted(allowed))}).",
-                param=name,
-            )
+    check_size(team.name, allow, request)
+    if params:
+        check_params(team.name, allow, request, model)
     variant = Variant(request, model, priced(model, request, base), (), base)
     if allow.max_quality is not None:
         variant = clamp_quality(variant, allow.max_quality, "policy")
