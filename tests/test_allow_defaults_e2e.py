@@ -1,6 +1,6 @@
 """A team's `allow` end to end, through each door (the official openai client → Tollgate →
-the simulator): a field left out counts as OpenAI's default for it, and `size: auto`
-passes `allow.sizes` only where listed."""
+the simulator): a field left out counts as OpenAI's default for it, `size: auto` passes
+`allow.sizes` only where listed, and a downgrade picks only sizes the team may request."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from proxy.core.auth import key_hash
 from tests.batches_e2e import data_url, line, png_bytes, upload
 from tests.conftest import Simulator, Tollgate, start_tollgate, write_config
 
-KEYS = {name: f"tg_test_{name}_allow_key" for name in ("opaque",)}
+KEYS = {name: f"tg_test_{name}_allow_key" for name in ("opaque", "sized", "sizedr")}
 
 
 def team(name: str, body: str) -> str:
@@ -29,6 +29,31 @@ TEAMS = {
 allow:
   params: {background: [opaque]}
   sizes: [1024x1024, 1536x1024]
+""",
+    ),
+    # gpt-image-2 high at 2048x1152 ($0.17) fits $0.14 at 1536x864 ($0.13), a 16:9 size the
+    # team may not request; the allowed 1280x720 ($0.11) fits too.
+    "sized": team(
+        "sized",
+        """
+budgets:
+  - {period: day, limit_usd: 0.14}
+allow:
+  sizes: [2048x1152, 1280x720]
+downgrade: {order: [size]}
+""",
+    ),
+    # The same through the Responses API's image tool, its mainline model's bound ($0.10)
+    # on top: $0.24 fits 1536x864 ($0.233) and 1280x720 ($0.217).
+    "sizedr": team(
+        "sizedr",
+        """
+budgets:
+  - {period: day, limit_usd: 0.24}
+allow:
+  sizes: [2048x1152, 1280x720]
+downgrade: {order: [size]}
+responses: {max_output_tokens: 16, max_tool_calls: 1}
 """,
     ),
 }
@@ -158,3 +183,32 @@ def test_batch_lines_are_held_to_the_defaults_and_to_allow_sizes(gate: Tollgate)
         input_file_id=uploaded.id, endpoint="/v1/images/generations", completion_window="24h"
     )
     assert batch.status != "failed"
+
+
+def test_a_size_downgrade_of_a_generation_chooses_only_an_allowed_size(gate: Tollgate) -> None:
+    """It used to send 1536x864, the most faithful 16:9 size that fits, which the team may
+    not request."""
+    raw = gate.client(KEYS["sized"]).images.with_raw_response.generate(
+        model="gpt-image-2", prompt="a kettle", size="2048x1152", quality="high"
+    )
+    assert raw.headers["x-tollgate-downgraded"] == "size=2048x1152->1280x720"
+    assert raw.parse().size == "1280x720"
+
+
+def test_a_size_downgrade_of_the_image_tool_chooses_only_an_allowed_size(gate: Tollgate) -> None:
+    raw = gate.client(KEYS["sizedr"]).responses.with_raw_response.create(
+        model="gpt-5.5",
+        input="A lantern",
+        tools=[
+            {
+                "type": "image_generation",
+                "model": "gpt-image-2",
+                "quality": "high",
+                "size": "2048x1152",
+            }
+        ],
+        max_output_tokens=16,
+    )
+    assert "size=2048x1152->1280x720" in raw.headers["x-tollgate-downgraded"]
+    calls = [item for item in raw.parse().output if item.type == "image_generation_call"]
+    assert calls and all(getattr(call, "size", "1280x720") == "1280x720" for call in calls)

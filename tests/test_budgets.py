@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -597,6 +597,64 @@ def test_batch_lines_checked_again_without_their_fields_skip_allow_params(
     with pytest.raises(PolicyViolation):
         apply_allow(team, request, model)
     assert apply_allow(team, request, model, params=False).request == request
+
+
+# --- downgrades within `allow` ---------------------------------------------------------------
+
+
+def test_size_steps_offer_only_allowed_sizes(book: PriceBook) -> None:
+    start = variant_of(book, req("gpt-image-2", quality="high", size="2048x1152"))
+    assert "1536x864" in [v.request.size for v in size_steps(start)]
+    allowed = frozenset({"2048x1152", "1280x720"})
+    assert [v.request.size for v in size_steps(start, allowed)] == ["1280x720"]
+
+
+def test_a_size_downgrade_chooses_only_a_size_the_team_may_request(book: PriceBook) -> None:
+    """It used to choose the most faithful cheaper size of the aspect ratio, listed or not."""
+    room = cost(book, "gpt-image-2", quality="high", size="1536x864")
+    assert room < cost(book, "gpt-image-2", quality="high", size="1792x1008")
+    request = req("gpt-image-2", quality="high", size="2048x1152")
+    free = make_team(budgets=(Budget("day", "usd", room),), order=("size",))
+    assert sent(case(book, free).decide(request))[2] == "1536x864"
+    held = make_team(
+        budgets=(Budget("day", "usd", room),),
+        order=("size",),
+        allow=Allow(sizes=frozenset({"2048x1152", "1280x720"})),
+    )
+    assert sent(case(book, held).decide(request))[2] == "1280x720"
+    only_asked = replace(held, allow=Allow(sizes=frozenset({"2048x1152"})))
+    with pytest.raises(BudgetExceeded):
+        case(book, only_asked).decide(request)
+
+
+def test_auto_size_becomes_only_an_allowed_explicit_size(book: PriceBook) -> None:
+    room = cost(book, "gpt-image-2", quality="low", size="1024x1024")
+    request = req("gpt-image-2", quality="low", size="auto")
+    allow = Allow(sizes=frozenset({"auto", "1024x1536"}))
+    team = make_team(budgets=(Budget("day", "usd", room),), order=("size",), allow=allow)
+    assert cost(book, "gpt-image-2", quality="low", size="1024x1536") <= room
+    assert sent(case(book, team).decide(request))[2] == "1024x1536"
+
+
+def test_a_fallback_maps_the_size_only_to_an_allowed_one(book: PriceBook) -> None:
+    """gpt-image-1-mini takes no 3072x2048: it maps it to 1536x1024, where the team may."""
+    start = variant_of(book, req("gpt-image-2", quality="high", size="3072x2048"))
+    mini = model_of(book, "gpt-image-1-mini")
+    switched = switch_model(start, mini, Allow(sizes=frozenset({"3072x2048", "1536x1024"})))
+    assert switched is not None and switched.request.size == "1536x1024"
+    assert switch_model(start, mini, Allow(sizes=frozenset({"3072x2048"}))) is None
+
+
+def test_a_fallback_whose_default_the_team_does_not_allow_is_skipped(book: PriceBook) -> None:
+    """An edit that leaves input_fidelity out runs at `low` on gpt-image-1.5, at `high` on
+    gpt-image-2 (which reads every input so): not a fallback under `input_fidelity: [low]`."""
+    allow = Allow(params={"input_fidelity": frozenset({"low"})})
+    start = variant_of(book, req("gpt-image-1.5", quality="high", size="1024x1024", **EDIT))
+    gpt2 = model_of(book, "gpt-image-2")
+    assert switch_model(start, gpt2) is not None
+    assert switch_model(start, gpt2, allow) is None
+    team = make_team(budgets=(usd_budget("day", "0.000001"),), fallback="gpt-image-2", allow=allow)
+    assert all(v.request.model == "gpt-image-1.5" for v in variants(start, team, book))
 
 
 # --- throttle ------------------------------------------------------------------------------
