@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -498,6 +498,163 @@ def test_clamp_to_a_quality_missing_from_the_ladder_leaves_the_variant_alone(
 ) -> None:
     start = variant_of(book, req("gpt-image-2", quality="high", size="1024x1024"))
     assert clamp_quality(start, "xhigh", "throttle") is start
+
+
+# --- allow: fields left out, `size: auto` -------------------------------------------------
+
+EDIT = {"endpoint": "edits", "images": (InputImage(1024, 1024),)}
+
+
+@pytest.mark.parametrize(
+    ("model", "rule", "fields", "default"),
+    [
+        ("gpt-image-2", {"background": "opaque"}, {}, "auto"),
+        ("gpt-image-2", {"output_format": "webp"}, {}, "png"),
+        ("gpt-image-2", {"moderation": "low"}, {}, "auto"),
+        ("gpt-image-2", {"stream": "true"}, {}, "false"),
+        (
+            "gpt-image-2",
+            {"output_compression": "80"},
+            {"params": (("output_format", "jpeg"),)},
+            "100",
+        ),
+        ("gpt-image-2", {"partial_images": "2"}, {"stream": True}, "0"),
+        ("gpt-image-2", {"response_format": "url"}, {}, "b64_json"),
+        ("gpt-image-1.5", {"input_fidelity": "high"}, EDIT, "low"),
+        # gpt-image-2 takes no input_fidelity: it reads every input at high fidelity.
+        ("gpt-image-2", {"input_fidelity": "low"}, EDIT, "high"),
+        ("dall-e-3", {"style": "natural"}, {}, "vivid"),
+    ],
+)
+def test_a_field_left_out_is_checked_as_openais_default_for_it(
+    book: PriceBook, model: str, rule: dict[str, str], fields: dict[str, Any], default: str
+) -> None:
+    """A rule used to hold only for a value the client sent: left out, the field ran at
+    OpenAI's default, whatever the rule allowed."""
+    ((name, allowed),) = rule.items()
+    team = make_team(allow=Allow(params={name: frozenset({allowed})}))
+    with pytest.raises(PolicyViolation) as caught:
+        apply_allow(team, req(model, **fields), model_of(book, model))
+    error = caught.value
+    assert (error.status, error.code, error.param) == (403, "policy_violation", name)
+    assert "omitted" in error.message
+    assert f"default for it is {default}," in error.message
+    assert f"allow.params.{name}" in error.message and allowed in error.message
+    sent = req(model, **{**fields, "params": (*fields.get("params", ()), (name, allowed))})
+    assert apply_allow(team, sent, model_of(book, model)).request == sent
+
+
+@pytest.mark.parametrize("name", ["user", "safety_identifier", "action"])
+def test_a_field_without_a_default_left_out_is_refused(book: PriceBook, name: str) -> None:
+    team = make_team(allow=Allow(params={name: frozenset({"alice"})}))
+    with pytest.raises(PolicyViolation) as caught:
+        apply_allow(team, req("gpt-image-2"), model_of(book, "gpt-image-2"))
+    assert caught.value.param == name
+    assert "no default" in caught.value.message and f"Send {name}" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("model", "rule", "fields"),
+    [
+        ("gpt-image-2", {"moderation": "auto"}, {}),  # the default is allowed
+        ("gpt-image-2", {"input_fidelity": "low"}, {}),  # a generation reads no input image
+        ("gpt-image-2", {"output_compression": "80"}, {}),  # png is not compressed
+        ("gpt-image-2", {"partial_images": "2"}, {}),  # no stream, no partial image
+        ("gpt-image-2", {"style": "natural"}, {}),  # a GPT image model takes no style
+    ],
+)
+def test_a_field_left_out_that_cannot_act_on_the_request_passes(
+    book: PriceBook, model: str, rule: dict[str, str], fields: dict[str, Any]
+) -> None:
+    ((name, allowed),) = rule.items()
+    team = make_team(allow=Allow(params={name: frozenset({allowed})}))
+    request = req(model, **fields)
+    assert apply_allow(team, request, model_of(book, model)).request == request
+
+
+@pytest.mark.parametrize("asked", [True, False])
+def test_size_auto_passes_allow_sizes_only_where_listed(book: PriceBook, asked: bool) -> None:
+    """With `auto` the model chooses a size that may not be on the list: it used to pass."""
+    request = req("gpt-image-2", params=(("size", "auto"),) if asked else ())
+    model = model_of(book, "gpt-image-2")
+    listed = make_team(allow=Allow(sizes=frozenset({"1024x1024"})))
+    with pytest.raises(PolicyViolation) as caught:
+        apply_allow(listed, request, model)
+    assert caught.value.param == "size"
+    assert ("omitted" in caught.value.message) != asked
+    with_auto = make_team(allow=Allow(sizes=frozenset({"auto", "1024x1024"})))
+    assert apply_allow(with_auto, request, model).request == request
+
+
+def test_batch_lines_checked_again_without_their_fields_skip_allow_params(
+    book: PriceBook,
+) -> None:
+    """A batch line is checked again when its batch is created from the fields kept of it
+    (model, n, quality, size, user): its `allow.params` were checked at upload."""
+    team = make_team(allow=Allow(params={"background": frozenset({"opaque"})}))
+    request = req("gpt-image-2", size="1024x1024")
+    model = model_of(book, "gpt-image-2")
+    with pytest.raises(PolicyViolation):
+        apply_allow(team, request, model)
+    assert apply_allow(team, request, model, params=False).request == request
+
+
+# --- downgrades within `allow` ---------------------------------------------------------------
+
+
+def test_size_steps_offer_only_allowed_sizes(book: PriceBook) -> None:
+    start = variant_of(book, req("gpt-image-2", quality="high", size="2048x1152"))
+    assert "1536x864" in [v.request.size for v in size_steps(start)]
+    allowed = frozenset({"2048x1152", "1280x720"})
+    assert [v.request.size for v in size_steps(start, allowed)] == ["1280x720"]
+
+
+def test_a_size_downgrade_chooses_only_a_size_the_team_may_request(book: PriceBook) -> None:
+    """It used to choose the most faithful cheaper size of the aspect ratio, listed or not."""
+    room = cost(book, "gpt-image-2", quality="high", size="1536x864")
+    assert room < cost(book, "gpt-image-2", quality="high", size="1792x1008")
+    request = req("gpt-image-2", quality="high", size="2048x1152")
+    free = make_team(budgets=(Budget("day", "usd", room),), order=("size",))
+    assert sent(case(book, free).decide(request))[2] == "1536x864"
+    held = make_team(
+        budgets=(Budget("day", "usd", room),),
+        order=("size",),
+        allow=Allow(sizes=frozenset({"2048x1152", "1280x720"})),
+    )
+    assert sent(case(book, held).decide(request))[2] == "1280x720"
+    only_asked = replace(held, allow=Allow(sizes=frozenset({"2048x1152"})))
+    with pytest.raises(BudgetExceeded):
+        case(book, only_asked).decide(request)
+
+
+def test_auto_size_becomes_only_an_allowed_explicit_size(book: PriceBook) -> None:
+    room = cost(book, "gpt-image-2", quality="low", size="1024x1024")
+    request = req("gpt-image-2", quality="low", size="auto")
+    allow = Allow(sizes=frozenset({"auto", "1024x1536"}))
+    team = make_team(budgets=(Budget("day", "usd", room),), order=("size",), allow=allow)
+    assert cost(book, "gpt-image-2", quality="low", size="1024x1536") <= room
+    assert sent(case(book, team).decide(request))[2] == "1024x1536"
+
+
+def test_a_fallback_maps_the_size_only_to_an_allowed_one(book: PriceBook) -> None:
+    """gpt-image-1-mini takes no 3072x2048: it maps it to 1536x1024, where the team may."""
+    start = variant_of(book, req("gpt-image-2", quality="high", size="3072x2048"))
+    mini = model_of(book, "gpt-image-1-mini")
+    switched = switch_model(start, mini, Allow(sizes=frozenset({"3072x2048", "1536x1024"})))
+    assert switched is not None and switched.request.size == "1536x1024"
+    assert switch_model(start, mini, Allow(sizes=frozenset({"3072x2048"}))) is None
+
+
+def test_a_fallback_whose_default_the_team_does_not_allow_is_skipped(book: PriceBook) -> None:
+    """An edit that leaves input_fidelity out runs at `low` on gpt-image-1.5, at `high` on
+    gpt-image-2 (which reads every input so): not a fallback under `input_fidelity: [low]`."""
+    allow = Allow(params={"input_fidelity": frozenset({"low"})})
+    start = variant_of(book, req("gpt-image-1.5", quality="high", size="1024x1024", **EDIT))
+    gpt2 = model_of(book, "gpt-image-2")
+    assert switch_model(start, gpt2) is not None
+    assert switch_model(start, gpt2, allow) is None
+    team = make_team(budgets=(usd_budget("day", "0.000001"),), fallback="gpt-image-2", allow=allow)
+    assert all(v.request.model == "gpt-image-1.5" for v in variants(start, team, book))
 
 
 # --- throttle ------------------------------------------------------------------------------

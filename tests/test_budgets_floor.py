@@ -13,12 +13,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.core import budgets
-from proxy.core.budgets import Decision, _decide_by_walking, apply_allow, decide, variants
-from proxy.core.errors import BudgetExceeded
+from proxy.core.budgets import (
+    STANDARD_SIZES,
+    Decision,
+    _decide_by_walking,
+    apply_allow,
+    decide,
+    same_aspect_sizes,
+    variants,
+)
+from proxy.core.errors import BudgetExceeded, PolicyViolation
 from proxy.core.models import Counter, Estimate, ImageRequest, InputImage, Totals, Usage
 from proxy.core.periods import Applied
 from proxy.core.pricing import AUTO, ModelPrices, PriceBook
-from proxy.core.settings import KNOBS, Budget, Knob, Metric, Team, ThrottleTier
+from proxy.core.settings import KNOBS, Allow, Budget, Knob, Metric, Team, ThrottleTier
 from tests.test_budgets import BOOK, NANOS, case, make_team, model_of, req, variant_of
 
 METRICS: tuple[Metric, ...] = (
@@ -179,6 +187,7 @@ FRACTIONS = (0, 0.001, 0.01, 0.03, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 0.9, 1.0, 1.
     org=st.booleans(),
     throttled=st.booleans(),
     base=st.one_of(st.none(), st.integers(1, 50_000)),
+    data=st.data(),
 )
 def test_decide_agrees_with_the_full_walk(
     request: ImageRequest,
@@ -189,10 +198,14 @@ def test_decide_agrees_with_the_full_walk(
     org: bool,
     throttled: bool,
     base: int | None,
+    data: st.DataObject,
 ) -> None:
     """For any team, request and budgets: the same decision, or the same 429, as trying
     every form of the ladder in turn. Each budget's limit and use are fractions of what
-    the request as asked needs, so that some forms fit and others do not."""
+    the request as asked needs, so that some forms fit and others do not. The team's
+    `allow` may list sizes (the request's and some of its ladder's) and hold
+    `input_fidelity` to `low` (which a fallback that reads every input at high fidelity
+    does not meet)."""
     model = WIDE_BOOK.models[request.model]
     mainline = (
         Estimate(Usage(mainline_input=base, mainline_output=base), base * 40_000)
@@ -212,6 +225,7 @@ def test_decide_agrees_with_the_full_walk(
         fallback=fallback,
         on_exhausted=on_exhausted,
         throttle=tiers,
+        allow=data.draw(allows(request, fallback)),
     )
     org_budgets = (Budget("month", "usd", asked.cost_nanos // 3 + 1),) if org else ()
     c = case(WIDE_BOOK, team, org_budgets)
@@ -225,10 +239,32 @@ def test_decide_agrees_with_the_full_walk(
             totals[a.counter] = replace(held, spent_nanos=u)
         else:
             totals[a.counter] = replace(held, **{a.budget.metric: u})
-    variant = apply_allow(team, request, model, mainline)
+    try:
+        variant = apply_allow(team, request, model, mainline)
+    except PolicyViolation:
+        return
     pruned = outcome(lambda: decide(team, variant, applied, totals, WIDE_BOOK))
     walked = outcome(lambda: _decide_by_walking(team, variant, applied, totals, WIDE_BOOK))
     assert pruned == walked
+
+
+def allows(request: ImageRequest, fallback: str | None) -> st.SearchStrategy[Allow]:
+    """No rule, or `allow.sizes` holding the request's size and some of the sizes its
+    ladder may choose, and maybe `allow.params.input_fidelity: [low]`."""
+    model = WIDE_BOOK.models[request.model]
+    pool = {AUTO, *STANDARD_SIZES, *model.sizes}
+    if request.size != AUTO:
+        pool.update(same_aspect_sizes(model, request.size))
+    if fallback is not None:
+        pool.update(WIDE_BOOK.models[fallback].sizes)
+    sizes = st.lists(st.sampled_from(sorted(pool)), max_size=6).map(
+        lambda found: frozenset({request.size, *found})
+    )
+    fidelity = st.sampled_from(({}, {"input_fidelity": frozenset({"low"})}))
+    return st.one_of(
+        st.just(Allow()),
+        st.builds(Allow, sizes=sizes, params=fidelity),
+    )
 
 
 # --- the refused 2048x2048 ------------------------------------------------------------------

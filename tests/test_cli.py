@@ -794,3 +794,18 @@ def test_budgets_table_shows_money_tokens_and_periods_that_never_end(
         "\nOpen batches (their reservations are in RESERVED above):\n"
         "  batch_1  design  $0.5\n"
     )
+
+
+def test_check_accepts_auto_among_the_allowed_sizes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`auto` is written `auto` in `allow.sizes`: without it, a request of size `auto` is
+    refused (the model would choose a size that may not be listed)."""
+    from proxy.cli import main
+    from proxy.config import load_config
+
+    team = TEAM_WITH_ONE_BUDGET + "allow:\n  sizes: [auto, 1024x1024]\n"
+    write_config(tmp_path, "http://127.0.0.1:9/v1", teams={"solo": team})
+    assert main(["check", "--config", str(tmp_path)]) == 0
+    assert "ok (1 team" in capsys.readouterr().out
+    assert load_config(tmp_path).teams[0].allow.sizes == {"auto", "1024x1024"}

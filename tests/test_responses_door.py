@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -299,6 +300,34 @@ def test_allow_models_applies_to_the_mainline_model_and_max_n_to_the_calls(
     with pytest.raises(PolicyViolation) as many:
         DOOR.admit(strict, parse(config, calls, "strict"), config)
     assert many.value.param == "max_tool_calls"
+
+
+@pytest.mark.parametrize(
+    ("rule", "fields", "param"),
+    [
+        # A value sent in the tool, or the request's own field, used not to be read at all.
+        ("output_compression: [50]", {"tools": [{**TOOL, "output_format": "jpeg",
+                                                  "output_compression": 80}]},
+         "tools[0].output_compression"),
+        ("user: [alice]", {"user": "bob"}, "user"),
+        ("stream: [false]", {"stream": True}, "stream"),
+        # Left out: OpenAI's default, or no default at all.
+        ("background: [opaque]", {}, "tools[0].background"),
+        ("user: [alice]", {}, "user"),
+        ("input_fidelity: [low]", {"input": [{"role": "user", "content": [
+            {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}]},
+         "tools[0].input_fidelity"),
+    ],
+)  # fmt: skip
+def test_allow_params_reads_the_image_tool_and_the_requests_own_fields(
+    tmp_path: Path, rule: str, fields: dict[str, Any], param: str
+) -> None:
+    config = two_teams(tmp_path, f"allow:\n  params:\n    {rule}\n")
+    strict = team_named(config, "strict")
+    parsed = parse(config, body(max_output_tokens=64, max_tool_calls=1, **fields), "strict")
+    with pytest.raises(PolicyViolation) as caught:
+        DOOR.admit(strict, parsed, config)
+    assert caught.value.param == param
 
 
 def test_the_bound_covers_the_mainline_model_and_every_tool_call(config: Config) -> None:

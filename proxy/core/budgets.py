@@ -25,6 +25,7 @@ from math import gcd, isqrt, lcm
 from typing import Literal, NoReturn
 from zoneinfo import ZoneInfo
 
+from proxy.core.allowed import check_params, check_size, size_allowed
 from proxy.core.errors import BudgetExceeded, PolicyViolation
 from proxy.core.image_tokens import parse_size
 from proxy.core.models import (
@@ -39,7 +40,7 @@ from proxy.core.models import (
 )
 from proxy.core.periods import UTC, Applied
 from proxy.core.pricing import AUTO, ModelPrices, PriceBook, estimate
-from proxy.core.settings import Knob, Team
+from proxy.core.settings import Allow, Knob, Team
 
 STANDARD_SIZES = ("1024x1024", "1536x1024", "1024x1536")
 
@@ -92,10 +93,16 @@ def allow_endpoint(team: Team, endpoint: Endpoint) -> None:
 
 
 def apply_allow(
-    team: Team, request: ImageRequest, model: ModelPrices, base: Estimate = NO_BASE
+    team: Team,
+    request: ImageRequest,
+    model: ModelPrices,
+    base: Estimate = NO_BASE,
+    *,
+    params: bool = True,
 ) -> Variant:
     """The team's `allow` rules: a PolicyViolation, or the request clamped to `max_quality`
-    (`base`: the part of the bound outside the images, see `Variant.base`)."""
+    (`base`: the part of the bound outside the images, see `Variant.base`; `params`: False
+    where the request's other fields are not known, its `allow.params` checked before)."""
     allow = team.allow
     allow_endpoint(team, request.endpoint)
     if (
@@ -114,20 +121,9 @@ def apply_allow(
             f"(allow.max_n), not {request.n}.",
             param="n",
         )
-    if allow.sizes is not None and request.size != AUTO and request.size not in allow.sizes:
-        raise PolicyViolation(
-            f"Team {team.name} may not request size {request.size} (allow.sizes: "
-            f"{', '.join(sorted(allow.sizes))}).",
-            param="size",
-        )
-    given = dict(request.params)
-    for name, allowed in allow.params.items():
-        if name in given and given[name] not in allowed:
-            raise PolicyViolation(
-                f"Team {team.name} may not send {name}={given[name]} (allow.params.{name}: "
-                f"{', '.join(sorted(allowed))}).",
-                param=name,
-            )
+    check_size(team.name, allow, request)
+    if params:
+        check_params(team.name, allow, request, model)
     variant = Variant(request, model, priced(model, request, base), (), base)
     if allow.max_quality is not None:
         variant = clamp_quality(variant, allow.max_quality, "policy")
@@ -304,7 +300,7 @@ def refused(
     ):
         return None
     floor = []
-    for candidate in _floor(start, tuple(team.downgrade.order), fallback):
+    for candidate in _floor(start, tuple(team.downgrade.order), fallback, team.allow):
         if not blocking(candidate, budgets, totals):
             return None
         floor.append(candidate)
@@ -317,20 +313,24 @@ def refused(
 
 
 def _floor(
-    variant: Variant, knobs: tuple[Knob, ...], fallback: ModelPrices | None
+    variant: Variant, knobs: tuple[Knob, ...], fallback: ModelPrices | None, allow: Allow
 ) -> Iterator[Variant]:
-    """A few forms of `_nested(variant, knobs, fallback)`: for each of its forms, one of
-    these on the same model bounded no higher in any metric (see `refused`)."""
+    """A few forms of `_nested(variant, knobs, fallback, allow)`: for each of its forms, one
+    of these on the same model bounded no higher in any metric (see `refused`)."""
     if not knobs:
         yield variant
         return
     *inner, outer = knobs
-    for option in _floor_options(variant, outer, fallback, "model" in inner):
-        yield from _floor(option, tuple(inner), fallback)
+    for option in _floor_options(variant, outer, fallback, "model" in inner, allow):
+        yield from _floor(option, tuple(inner), fallback, allow)
 
 
 def _floor_options(
-    variant: Variant, knob: Knob, fallback: ModelPrices | None, switched_inside: bool
+    variant: Variant,
+    knob: Knob,
+    fallback: ModelPrices | None,
+    switched_inside: bool,
+    allow: Allow,
 ) -> Iterator[Variant]:
     """Those of `_options(variant, knob, fallback)` that `_floor` needs. A lower quality
     or a smaller size is bounded no higher on the same model, where the model's book says
@@ -338,7 +338,7 @@ def _floor_options(
     stands for all of them; except where the fallback model is given up inside them: it
     keeps a quality and a size when it takes them, so a higher one can be its cheaper."""
     if knob == "model":
-        yield from _options(variant, knob, fallback)
+        yield from _options(variant, knob, fallback, allow)
         return
     yield variant
     model, request = variant.model, variant.request
@@ -349,13 +349,14 @@ def _floor_options(
             yield change(variant, "quality", model.qualities[0], "budget")
         return
     if request.size == AUTO or not model.cheaper_when_smaller:
-        yield from size_steps(variant)
+        yield from size_steps(variant, allow.sizes)
         return
+    allowed = (s for s in _same_aspect_sizes(model, request.size) if size_allowed(allow, s))
     if not switched_inside or fallback is None:
-        kept = list(islice(_same_aspect_sizes(model, request.size), 1))
+        kept = list(islice(allowed, 1))
     else:
         # The fallback keeps a size it takes and maps every other one to the same size.
-        sizes = same_aspect_sizes(model, request.size)
+        sizes = list(allowed)
         kept = sizes[:1]
         taken = [s for s in sizes if fallback.accepts_size(s)]
         kept += taken[:1] if fallback.cheaper_when_smaller else taken
@@ -459,31 +460,34 @@ def variants(start: Variant, team: Team, book: PriceBook) -> Iterator[Variant]:
     before it in the order left it."""
     name = team.downgrade.fallback_model
     fallback = book.find(name) if name else None
-    return _nested(start, tuple(team.downgrade.order), fallback)
+    return _nested(start, tuple(team.downgrade.order), fallback, team.allow)
 
 
 def _nested(
-    variant: Variant, knobs: tuple[Knob, ...], fallback: ModelPrices | None
+    variant: Variant, knobs: tuple[Knob, ...], fallback: ModelPrices | None, allow: Allow
 ) -> Iterator[Variant]:
     """Every form of `variant` over `knobs`, the last one outermost (given up last)."""
     if not knobs:
         yield variant
         return
     *inner, outer = knobs
-    for option in _options(variant, outer, fallback):
-        yield from _nested(option, tuple(inner), fallback)
+    for option in _options(variant, outer, fallback, allow):
+        yield from _nested(option, tuple(inner), fallback, allow)
 
 
-def _options(variant: Variant, knob: Knob, fallback: ModelPrices | None) -> Iterator[Variant]:
+def _options(
+    variant: Variant, knob: Knob, fallback: ModelPrices | None, allow: Allow
+) -> Iterator[Variant]:
     """`variant`, then its cheaper forms on one knob, most faithful first (lazily: pricing
-    the downgrades of a request that fits was most of the request's CPU)."""
+    the downgrades of a request that fits was most of the request's CPU), each within the
+    team's `allow` (a size it lists, a fallback its `allow.params` hold on)."""
     yield variant
     if knob == "quality":
         yield from quality_steps(variant)
     elif knob == "size":
-        yield from size_steps(variant)
+        yield from size_steps(variant, allow.sizes)
     elif knob == "model" and fallback is not None and fallback.name != variant.model.name:
-        switched = switch_model(variant, fallback)
+        switched = switch_model(variant, fallback, allow)
         if switched is not None:
             yield switched
 
@@ -498,14 +502,19 @@ def quality_steps(variant: Variant) -> Iterator[Variant]:
         yield variant
 
 
-def size_steps(variant: Variant) -> list[Variant]:
-    """Cheaper accepted sizes of the same aspect ratio, most expensive (most faithful) first."""
+def size_steps(variant: Variant, allowed: frozenset[str] | None = None) -> list[Variant]:
+    """Cheaper accepted sizes of the same aspect ratio, most expensive (most faithful) first;
+    only those in `allowed` (the team's `allow.sizes`) when it is given."""
     model, size = variant.model, variant.request.size
     if size == AUTO:
         candidates = [s for s in (model.sizes or STANDARD_SIZES) if model.accepts_size(s)]
     else:
         candidates = same_aspect_sizes(model, size)
-    found = [change(variant, "size", s, "budget") for s in candidates if s != size]
+    found = [
+        change(variant, "size", s, "budget")
+        for s in candidates
+        if s != size and (allowed is None or s in allowed)
+    ]
     cheaper = [v for v in found if v.estimate.cost_nanos < variant.estimate.cost_nanos]
     return sorted(cheaper, key=lambda v: -v.estimate.cost_nanos)
 
@@ -560,8 +569,20 @@ def _dalle_only(request: ImageRequest) -> bool:
     )
 
 
-def switch_model(variant: Variant, fallback: ModelPrices) -> Variant | None:
-    """`variant` on the fallback model, its quality and size re-checked on that model."""
+def _params_hold(allow: Allow, request: ImageRequest, model: ModelPrices) -> bool:
+    try:
+        check_params("", allow, request, model)
+    except PolicyViolation:
+        return False
+    return True
+
+
+def switch_model(
+    variant: Variant, fallback: ModelPrices, allow: Allow | None = None
+) -> Variant | None:
+    """`variant` on the fallback model, its quality and size re-checked on that model; None
+    where the fallback would refuse it, or where the team's `allow` (a size it may request,
+    `allow.params` on the fallback's defaults) would."""
     request = variant.request
     if (
         request.n > fallback.max_n
@@ -582,7 +603,11 @@ def switch_model(variant: Variant, fallback: ModelPrices) -> Variant | None:
     size = request.size
     if not fallback.accepts_size(size):
         dims = parse_size(size)
-        same = [s for s in fallback.sizes if dims and _same_aspect(s, *dims)]
+        same = [
+            s
+            for s in fallback.sizes
+            if dims and _same_aspect(s, *dims) and (allow is None or size_allowed(allow, s))
+        ]
         if not same:
             return None  # it cannot keep the orientation: not a fallback for this request
         size = same[0]
@@ -592,6 +617,8 @@ def switch_model(variant: Variant, fallback: ModelPrices) -> Variant | None:
     if size != request.size:
         changes.append(Change("size", request.size, size, "budget"))
     switched = request.with_changes(model=fallback.name, quality=quality, size=size)
+    if allow is not None and not _params_hold(allow, switched, fallback):
+        return None  # a default of the fallback's (input_fidelity: high) the team does not allow
     return Variant(
         switched,
         fallback,

@@ -432,7 +432,8 @@ def _checked_again(
         model = priced(config.prices, name)
         if not model.accepts_batch:
             raise UnpricedModel(f"model {model.name!r} is not accepted by the Batch API")
-        variant = apply_allow(team, request, model.for_batch())
+        # The line's other fields are not kept: its `allow.params` were checked at upload.
+        variant = apply_allow(team, request, model.for_batch(), params=False)
     except RequestError as exc:
         return exc.message
     if variant.changes:

@@ -405,11 +405,7 @@ def read_body(fields: dict[str, Any], size: int, default_model: str, team: Team)
         input_fidelity=tool.get("input_fidelity") if tool is not None else None,
         images=tuple(InputImage() for _ in range(input_images + mask)),
         user=_user(fields),
-        params=tuple(
-            (k, str(v).lower() if isinstance(v, bool) else str(v))
-            for k, v in (tool or {}).items()
-            if k in TOOL_CHOICES and isinstance(v, str | bool)
-        ),
+        params=_policy_params(fields, tool),
         mainline=model,
     )
     return ResponseBody(
@@ -522,6 +518,28 @@ def _flag(fields: Mapping[str, Any], name: str) -> bool:
     return value
 
 
+TOOL_POLICY_PARAMS = frozenset({*TOOL_CHOICES, "output_compression", "partial_images", "size"})
+"""The image tool's fields a team's `allow` reads (its `size` for `allow.sizes`)."""
+TOP_POLICY_PARAMS = frozenset({"stream", *USER_PARAMS})
+"""The request's own fields `allow.params` reads (the tool has none of these)."""
+
+
+def _policy_params(
+    fields: Mapping[str, Any], tool: Mapping[str, Any] | None
+) -> tuple[tuple[str, str], ...]:
+    """The fields `allow` checks, as text: the image tool's, and the request's stream and
+    end-user ids (a field left out is absent: `allow.params` then reads OpenAI's default)."""
+    if tool is None:
+        return ()
+    found = [(k, v) for k, v in tool.items() if k in TOOL_POLICY_PARAMS]
+    found += [(k, v) for k, v in fields.items() if k in TOP_POLICY_PARAMS]
+    return tuple(
+        (k, str(v).lower() if isinstance(v, bool) else str(v))
+        for k, v in found
+        if isinstance(v, str | bool | int)
+    )
+
+
 def _text(tool: Mapping[str, Any] | None, name: str, default: str) -> str:
     value = (tool or {}).get(name, default)
     if not isinstance(value, str):
@@ -610,4 +628,6 @@ def tool_param(index: int, param: str | None) -> str | None:
         return None
     if param == "n":
         return "max_tool_calls"
+    if param in TOP_POLICY_PARAMS:
+        return param
     return f"tools[{index}].{param}"
