@@ -61,9 +61,14 @@ from proxy.doors.response_meters import ResponseAnswer, ResponseEvents
 HIDDEN_INPUT_TOKENS = 4096
 """Input OpenAI adds to the mainline model for the image tool's own instructions: 1,820
 input tokens were measured for a short prompt (gpt-5.5 with gpt-image-2), so twice that."""
-MAINLINE_IMAGE_TOKENS = 12_000
-"""The most one input image can cost the mainline model: above the largest published
-vision count (a 10-megapixel image at `detail: original`, about 10,000 patches)."""
+MAINLINE_IMAGE_TOKENS = 12_800
+"""The most one input image can cost the mainline model. The largest published vision
+count is a 10-megapixel image at `detail: original`: 10,000 patches of 32 px. Patch models
+bill each patch at a multiplier of their own, 1.2 for gpt-5.2 to gpt-5.5 as measured
+(2,500 patches read as 3,008 input tokens: 3,000 and a few tokens of framing per image),
+so 12,000 and that framing; 800 more leave room for both. The older patch models with
+larger multipliers (gpt-4.1-nano 2.46, gpt-5-nano 1.5) are capped at 1,536 patches
+(3,779 tokens at most)."""
 OWN_IMAGE_TOKENS: Mapping[str, int] = {"gpt-4o-mini": 2833 + 8 * 5667}
 """Mainline models whose one input image can cost more: gpt-4o-mini bills an image as
 gpt-4o does in dollars, 2,833 tokens plus 5,667 a 512-px tile, and a high-detail image
