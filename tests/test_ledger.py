@@ -14,11 +14,12 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 
-from proxy.core.errors import LedgerError, LedgerUnavailable
+from proxy.core.errors import LedgerConnectionLost, LedgerError, LedgerUnavailable
 from proxy.core.image_params import MAX_USER_CHARS
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
 from proxy.ledger import migrate_ledger, migrations, open_ledger, settle_patiently
@@ -707,6 +708,45 @@ async def test_pool_size_comes_from_the_url_and_is_checked() -> None:
     assert "pool_size" not in PostgresLedger("postgresql://h/db?pool_size=3").dsn
     with pytest.raises(LedgerError, match="pool_size"):
         PostgresLedger("postgresql://h/db?pool_size=lots")
+
+
+async def test_postgresql_replaces_every_connection_once_one_is_found_lost() -> None:
+    """A connection found lost (ended by the server here) expires the pool's others, and
+    the transaction that found it, rolled back, runs again once on a fresh connection."""
+    url = pg.migrated_schema()
+    ledger = await open_ledger(url)
+    try:
+        db = ledger.db  # type: ignore[attr-defined]
+
+        async def backend(conn: Any) -> int:
+            found: int = await conn.fetchval("SELECT pg_backend_pid() FROM pg_sleep(0.2)")
+            return found
+
+        before = set(await asyncio.gather(*(db.transaction(backend) for _ in range(3))))
+        assert len(before) == 3
+        ran: list[int] = []
+
+        async def ended_once(conn: Any) -> int:
+            ran.append(await backend(conn))
+            if len(ran) == 1:
+                await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+            return len(ran)
+
+        assert await db.transaction(ended_once) == 2
+        assert ran[1] not in before  # not one of the others, still idle in the pool
+        assert {r[0] for r in await db.fetch("SELECT pg_backend_pid()")} <= {ran[1]}
+
+        async def ended_always(conn: Any) -> None:
+            ran.append(await backend(conn))
+            await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+        with pytest.raises(LedgerConnectionLost):
+            await db.transaction(ended_always)
+        assert len(ran) == 4  # once more only
+        await ledger.ping()
+    finally:
+        await ledger.close()
+        pg.drop_schema(url)
 
 
 class Flaky:
