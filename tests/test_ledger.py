@@ -786,6 +786,55 @@ async def test_settle_patiently_gives_up_after_its_time_is_up() -> None:
     assert now[0] <= 3.0
 
 
+class Paused:
+    """A ledger whose process is paused (the clock jumps by `pause_s`) in the middle of its
+    first settlement, which then fails with `error` (what the pause broke), as do `failures`
+    more."""
+
+    def __init__(
+        self, now: list[float], pause_s: float, error: LedgerUnavailable, failures: int = 0
+    ) -> None:
+        self.now, self.pause_s, self.error, self.failures = now, pause_s, error, failures
+        self.calls = 0
+
+    async def settle(self, request_id: str, settlement: Settlement) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            self.now[0] += self.pause_s
+        if self.calls <= 1 + self.failures:
+            raise self.error
+
+
+LOST = LedgerConnectionLost("connection was closed in the middle of operation")
+ACQUIRE_TIMED_OUT = LedgerUnavailable("ledger unreachable: TimeoutError")
+
+
+@pytest.mark.parametrize("error", [LOST, ACQUIRE_TIMED_OUT], ids=["lost", "timed-out"])
+async def test_settle_patiently_tries_again_after_a_pause_past_its_deadline(
+    error: LedgerUnavailable,
+) -> None:
+    now = [0.0]
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    paused = Paused(now, 60.0, error)
+    await settle_patiently(paused, "r1", SETTLED, 3.0, sleep=sleep, clock=lambda: now[0])  # type: ignore[arg-type]
+    assert paused.calls == 2
+
+
+async def test_settle_patiently_tries_once_more_only_past_its_deadline() -> None:
+    now = [0.0]
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    paused = Paused(now, 60.0, LOST, failures=10_000)
+    with pytest.raises(LedgerConnectionLost):
+        await settle_patiently(paused, "r1", SETTLED, 3.0, sleep=sleep, clock=lambda: now[0])  # type: ignore[arg-type]
+    assert paused.calls == 2 and now[0] == 60.0  # straight away
+
+
 # -- SQLite: transactions on the loop, the thread when the write lock is taken ---------------
 
 

@@ -1,5 +1,6 @@
 """The PostgreSQL ledger's connections lost under a running Tollgate: without a word between
-requests (a fail-over, a NAT), or ended by the server (`pg_terminate_backend`, a restart)."""
+requests (a fail-over, a NAT), ended by the server (`pg_terminate_backend`, a restart), or
+while the process was paused in the middle of a settlement."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import httpx
 
 from tests import pg
@@ -165,3 +167,87 @@ def test_sessions_ended_by_the_server_between_requests_cost_no_request(
 
 
 WHERE_ALIVE = "SELECT pid FROM pg_stat_activity WHERE pid = ANY($1::int[])"
+
+
+def test_a_replica_paused_past_its_deadline_in_the_middle_of_a_settlement_settles_it(
+    simulator: Simulator, tmp_path: Path, shared: str
+) -> None:
+    """Paused (SIGSTOP, a frozen VM) inside its settlement's transaction for longer than the
+    settlement's retries (`timeout_s`), the replica resumes with its deadline gone and its
+    session ended by the server (`idle_in_transaction_session_timeout`, shortened here).
+    The settlement fails on that dead connection once, and is written on a fresh one: the
+    request ends settled at its cost, not left reserved for a reclaim at its bound."""
+    storm_config(tmp_path, simulator, Decimal(100))  # timeout_s: 3
+    url = f"{shared}&idle_in_transaction_session_timeout=3s"
+    proxy = start_tollgate(tmp_path, ledger_url=url)
+    pid = proxy.process.pid
+    waiting = "SELECT pid, client_port FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+
+    async def until(what: str, found: Callable[[], Awaitable[T | None]]) -> T:
+        deadline = time.monotonic() + 60
+        while (value := await found()) is None:
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.05)
+        return value
+
+    async def rows(sql: str) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(pg.fetch, url, sql)
+
+    async def paused_in_a_settlement() -> httpx.Response:
+        async with httpx.AsyncClient(timeout=120) as http:
+            asking = asyncio.create_task(
+                http.post(
+                    f"{proxy.url}/v1/images/generations",
+                    headers={"authorization": f"Bearer {STORM_KEY}"},
+                    json=IMAGE,
+                )
+            )
+
+            async def reserved() -> bool | None:
+                return bool(await rows("SELECT id FROM requests WHERE state = 'reserved'")) or None
+
+            await until("never reserved", reserved)
+            # The counters' rows locked: its settlement waits on the first lock, inside its
+            # transaction; paused there, then the lock let go, its statement ends and the
+            # session sits idle inside the transaction until the server ends it.
+            locker = await asyncpg.connect(shared)
+            try:
+                async with locker.transaction():
+                    await locker.execute("SELECT * FROM budget_usage FOR UPDATE")
+
+                    async def settling() -> int | None:
+                        ports = await asyncio.to_thread(local_ports, pid)
+                        found = [r["pid"] for r in await rows(waiting) if r["client_port"] in ports]
+                        return found[0] if found else None
+
+                    session = await until("the settlement never waited", settling)
+                    os.kill(pid, signal.SIGSTOP)
+                    paused_at = time.monotonic()
+            finally:
+                await locker.close()
+            try:
+
+                async def ended() -> bool | None:
+                    alive = await rows(f"SELECT 1 FROM pg_stat_activity WHERE pid = {session}")
+                    return None if alive else True
+
+                await until("the server never ended the paused session", ended)
+                # Past the settlement's retries (`timeout_s`: 3 seconds) as well.
+                await asyncio.sleep(max(0.0, paused_at + 4.0 - time.monotonic()))
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            return await asking
+
+    try:
+        simulator.configure(latency_ms=1000)
+        answer = asyncio.run(paused_in_a_settlement())
+    finally:
+        simulator.configure(latency_ms=0)
+        log = proxy.stop()
+    assert answer.status_code == 200, answer.text
+    # The answer is sent once its settlement is written (or given up).
+    [row] = pg.fetch(url, "SELECT state, outcome, cost_nanos, upstream_request_id FROM requests")
+    assert row["state"] == "settled" and row["outcome"] == "ok", (row, log)
+    assert row["upstream_request_id"] == answer.headers["x-request-id"]
+    counters = "SELECT DISTINCT reserved_nanos AS r, spent_nanos AS s FROM budget_usage"
+    assert pg.fetch(url, counters) == [{"r": 0, "s": row["cost_nanos"]}]
