@@ -239,7 +239,7 @@ def test_a_replica_paused_past_its_deadline_in_the_middle_of_a_settlement_settle
             return await asking
 
     try:
-        simulator.configure(latency_ms=1000)
+        simulator.configure(latency_ms=2000)  # under `timeout_s`
         answer = asyncio.run(paused_in_a_settlement())
     finally:
         simulator.configure(latency_ms=0)
