@@ -14,11 +14,12 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 
-from proxy.core.errors import LedgerError, LedgerUnavailable
+from proxy.core.errors import LedgerConnectionLost, LedgerError, LedgerUnavailable
 from proxy.core.image_params import MAX_USER_CHARS
 from proxy.core.models import Counter, Entry, Settlement, Totals, Usage
 from proxy.ledger import migrate_ledger, migrations, open_ledger, settle_patiently
@@ -709,6 +710,45 @@ async def test_pool_size_comes_from_the_url_and_is_checked() -> None:
         PostgresLedger("postgresql://h/db?pool_size=lots")
 
 
+async def test_postgresql_replaces_every_connection_once_one_is_found_lost() -> None:
+    """A connection found lost (ended by the server here) expires the pool's others, and
+    the transaction that found it, rolled back, runs again once on a fresh connection."""
+    url = pg.migrated_schema()
+    ledger = await open_ledger(url)
+    try:
+        db = ledger.db  # type: ignore[attr-defined]
+
+        async def backend(conn: Any) -> int:
+            found: int = await conn.fetchval("SELECT pg_backend_pid() FROM pg_sleep(0.2)")
+            return found
+
+        before = set(await asyncio.gather(*(db.transaction(backend) for _ in range(3))))
+        assert len(before) == 3
+        ran: list[int] = []
+
+        async def ended_once(conn: Any) -> int:
+            ran.append(await backend(conn))
+            if len(ran) == 1:
+                await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+            return len(ran)
+
+        assert await db.transaction(ended_once) == 2
+        assert ran[1] not in before  # not one of the others, still idle in the pool
+        assert {r[0] for r in await db.fetch("SELECT pg_backend_pid()")} <= {ran[1]}
+
+        async def ended_always(conn: Any) -> None:
+            ran.append(await backend(conn))
+            await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+        with pytest.raises(LedgerConnectionLost):
+            await db.transaction(ended_always)
+        assert len(ran) == 4  # once more only
+        await ledger.ping()
+    finally:
+        await ledger.close()
+        pg.drop_schema(url)
+
+
 class Flaky:
     """A ledger whose settle fails `failures` times as if the database were restarting."""
 
@@ -744,6 +784,55 @@ async def test_settle_patiently_gives_up_after_its_time_is_up() -> None:
     with pytest.raises(LedgerUnavailable):
         await settle_patiently(forever, "r1", SETTLED, 3.0, sleep=sleep, clock=lambda: now[0])  # type: ignore[arg-type]
     assert now[0] <= 3.0
+
+
+class Paused:
+    """A ledger whose process is paused (the clock jumps by `pause_s`) in the middle of its
+    first settlement, which then fails with `error` (what the pause broke), as do `failures`
+    more."""
+
+    def __init__(
+        self, now: list[float], pause_s: float, error: LedgerUnavailable, failures: int = 0
+    ) -> None:
+        self.now, self.pause_s, self.error, self.failures = now, pause_s, error, failures
+        self.calls = 0
+
+    async def settle(self, request_id: str, settlement: Settlement) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            self.now[0] += self.pause_s
+        if self.calls <= 1 + self.failures:
+            raise self.error
+
+
+LOST = LedgerConnectionLost("connection was closed in the middle of operation")
+ACQUIRE_TIMED_OUT = LedgerUnavailable("ledger unreachable: TimeoutError")
+
+
+@pytest.mark.parametrize("error", [LOST, ACQUIRE_TIMED_OUT], ids=["lost", "timed-out"])
+async def test_settle_patiently_tries_again_after_a_pause_past_its_deadline(
+    error: LedgerUnavailable,
+) -> None:
+    now = [0.0]
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    paused = Paused(now, 60.0, error)
+    await settle_patiently(paused, "r1", SETTLED, 3.0, sleep=sleep, clock=lambda: now[0])  # type: ignore[arg-type]
+    assert paused.calls == 2
+
+
+async def test_settle_patiently_tries_once_more_only_past_its_deadline() -> None:
+    now = [0.0]
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    paused = Paused(now, 60.0, LOST, failures=10_000)
+    with pytest.raises(LedgerConnectionLost):
+        await settle_patiently(paused, "r1", SETTLED, 3.0, sleep=sleep, clock=lambda: now[0])  # type: ignore[arg-type]
+    assert paused.calls == 2 and now[0] == 60.0  # straight away
 
 
 # -- SQLite: transactions on the loop, the thread when the write lock is taken ---------------

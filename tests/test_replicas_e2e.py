@@ -530,12 +530,10 @@ def test_a_replica_frozen_inside_a_transaction_does_not_stop_the_others(
         simulator.configure(latency_ms=0)
         frozen.stop()
         other.stop()
-    # Once the paused replica resumed, what it and the other held was settled; a settlement
-    # the resumed replica could not write in time (its sessions ended by the server, on a
-    # loaded machine) stays its reservation, which a reclaim charges: never lost.
-    rows = frozen.query("SELECT state, held FROM requests")
-    left = [r for r in rows if r["state"] != "settled"]
-    assert all(r["state"] == "reserved" and not r["held"] for r in left), left
-    if not left:
-        reserved = frozen.query("SELECT sum(reserved_nanos) AS v FROM budget_usage")[0]["v"]
-        assert reserved == 0
+    # Once the paused replica resumed, everything it and the other held was settled: a
+    # settlement it was paused in (its session ended by the server meanwhile, or its wait
+    # for a connection timed out by the clock that ran on) was tried once more past its
+    # deadline.
+    rows = frozen.query("SELECT state FROM requests")
+    assert all(r["state"] == "settled" for r in rows), rows
+    assert frozen.query("SELECT sum(reserved_nanos) AS v FROM budget_usage")[0]["v"] == 0

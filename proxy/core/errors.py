@@ -4,6 +4,8 @@
      ├── ConfigError                 configuration invalid (list of `file:line: message`)
      ├── LedgerError                 the ledger cannot be reached or is unusable
      │    ├── LedgerUnavailable      the database is unreachable right now: retrying may help
+     │    │    └── LedgerConnectionLost  a connection broke (closed, reset, ended by the
+     │    │                              server): a fresh one may well work at once
      │    └── LedgerMissing          no ledger where a command that only reads looks for one
      ├── MalformedAnswer             an upstream 2xx body unlike OpenAI's
      ├── RepeatArrived               another attempt of a repeat reserved first: it is
@@ -64,6 +66,13 @@ class LedgerError(TollgateError):
 
 class LedgerUnavailable(LedgerError):
     """The ledger's database cannot be reached right now (a later retry may succeed)."""
+
+
+class LedgerConnectionLost(LedgerUnavailable):
+    """A connection to the ledger's database broke: closed or reset, or ended by the server
+    (a restart, `pg_terminate_backend`, a session left idle inside a transaction by a paused
+    process, a connection dropped by the network). The pool's other idle connections are
+    replaced as well, so a retry on a fresh connection may succeed at once."""
 
 
 class LedgerMissing(LedgerError):

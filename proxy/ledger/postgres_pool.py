@@ -9,7 +9,14 @@ cannot be reached, and the retries on a serialization failure (40001) or a deadl
 
 Errors: an unreachable database is `LedgerUnavailable` (the web layer answers
 503; a settlement retries it), anything else is `LedgerError`. The pool
-reconnects by itself when the database comes back.
+reconnects by itself when the database comes back. A connection found broken
+(`LOST`: closed, reset, ended by the server) is `LedgerConnectionLost`, and the
+pool's other connections are expired with it: what broke one (a fail-over, a
+NAT or load balancer that dropped idle connections without a word, a restart)
+most likely broke the others, each of which would otherwise be found dead by a
+request in turn, answered 503. The transaction that found it runs again once,
+on a fresh connection, if it had not sent its commit (the server rolled it
+back); so does a read.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
-from proxy.core.errors import LedgerError, LedgerUnavailable
+from proxy.core.errors import LedgerConnectionLost, LedgerError, LedgerUnavailable
 
 T = TypeVar("T")
 
@@ -59,6 +66,22 @@ UNAVAILABLE = (
     asyncpg.exceptions.IdleInTransactionSessionTimeoutError,
     asyncpg.exceptions.LockNotAvailableError,
 )
+LOST = (
+    ConnectionError,  # closed, reset, refused
+    asyncpg.InterfaceError,  # "connection is closed"
+    asyncpg.InternalClientError,
+    asyncpg.PostgresConnectionError,  # includes ConnectionDoesNotExistError
+    asyncpg.exceptions.AdminShutdownError,  # pg_terminate_backend, a fast shutdown
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,  # starting up, shutting down
+    asyncpg.exceptions.IdleInTransactionSessionTimeoutError,
+    asyncpg.exceptions.IdleSessionTimeoutError,
+)
+"""The errors of a connection that is gone, after which the pool's idle connections are
+probably gone too (`Pool.expire_connections`: each is replaced on its next acquire). Not a
+timeout (a pool busy to its size, a slow statement), a lock waited for too long, a
+cancelled statement or too many connections: the connections themselves are sound, and
+replacing them would only add connections to a server short of them."""
 
 
 def split_url(url: str) -> tuple[str, int]:
@@ -120,7 +143,7 @@ class Pool:
             async with pool.acquire(timeout=PING_TIMEOUT_S) as conn:
                 await conn.fetchval("SELECT 1", timeout=PING_TIMEOUT_S)
         except UNAVAILABLE as exc:
-            raise LedgerUnavailable(f"ledger unreachable: {exc or type(exc).__name__}") from exc
+            raise await self._unavailable(pool, exc) from exc
         except asyncpg.PostgresError as exc:
             raise LedgerUnavailable(f"ledger unreachable: {exc}") from exc
 
@@ -142,20 +165,40 @@ class Pool:
         except asyncpg.TransactionRollbackError:
             raise  # retried by transaction()
         except UNAVAILABLE as exc:
-            raise LedgerUnavailable(f"ledger unreachable: {exc or type(exc).__name__}") from exc
+            raise await self._unavailable(pool, exc) from exc
         except asyncpg.PostgresError as exc:
             raise LedgerError(f"ledger query failed: {exc}") from exc
 
+    async def _unavailable(self, pool: asyncpg.Pool, exc: BaseException) -> LedgerUnavailable:
+        """The error to raise for `exc`, one of `UNAVAILABLE`; a connection lost expires
+        the pool's others (see `LOST`)."""
+        text = f"ledger unreachable: {str(exc) or type(exc).__name__}"
+        if not isinstance(exc, LOST):
+            return LedgerUnavailable(text)
+        await pool.expire_connections()
+        return LedgerConnectionLost(text)
+
     async def transaction(self, work: Callable[[Any], Awaitable[T]]) -> T:
-        """Run `work` in a transaction, again on a serialization failure or a deadlock."""
+        """Run `work` in a transaction, again on a serialization failure or a deadlock, and
+        once more (on a fresh connection) after its connection was lost before its commit
+        was sent: the server rolled it back, nothing of it was written. Lost during the
+        commit, it may have been written: that error propagates."""
+        lost = False
         for attempt in range(RETRIES):
+            committing = False
             try:
                 async with self.connection() as conn, conn.transaction():
-                    return await work(conn)
+                    done = await work(conn)
+                    committing = True
+                return done
             except asyncpg.TransactionRollbackError as exc:
                 if attempt == RETRIES - 1:
                     raise LedgerError(f"ledger too busy: {exc}") from exc
                 await asyncio.sleep(0.005 * 2**attempt)
+            except LedgerConnectionLost:
+                if committing or lost or attempt == RETRIES - 1:
+                    raise
+                lost = True
         raise AssertionError("unreachable")
 
     async def execute(self, sql: str, *args: Any) -> str:
@@ -165,8 +208,14 @@ class Pool:
         return status
 
     async def fetch(self, sql: str, *args: Any) -> list[Any]:
-        async with self.connection() as conn:
-            found: list[Any] = await conn.fetch(sql, *args)
+        """The rows of a query that writes nothing: read again, once, on a fresh connection
+        after its connection was lost."""
+        try:
+            async with self.connection() as conn:
+                found: list[Any] = await conn.fetch(sql, *args)
+        except LedgerConnectionLost:
+            async with self.connection() as conn:
+                found = await conn.fetch(sql, *args)
         return found
 
 

@@ -8,6 +8,13 @@ reservation then stays in the ledger, still counted against the budgets, until
 the periodic reclaim settles it at its bound (flagged `outcome_unknown`). Settling
 is idempotent on every backend that can lose an acknowledgement, so a retry never
 charges twice.
+
+Past `within_s` it is tried once more, straight away: a process paused longer than that
+(SIGSTOP, a frozen VM) in the middle of a settlement resumes with its deadline gone and
+its attempt failed on what the pause broke: its session ended by the server meanwhile
+(`LedgerConnectionLost`: the pool's connections are replaced), or its wait for a pooled
+connection timed out by the clock that ran on. The next attempt settles it, rather than
+leave the request to a reclaim at its bound.
 """
 
 from __future__ import annotations
@@ -36,21 +43,25 @@ async def settle_patiently(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
-    """`ledger.settle`, retried while the ledger is unavailable, for up to `within_s` seconds;
-    the last LedgerUnavailable propagates when time is up."""
+    """`ledger.settle`, retried while the ledger is unavailable, for up to `within_s` seconds
+    and then once more; the last LedgerUnavailable propagates when time is up."""
     deadline = clock() + within_s
     delay = FIRST_DELAY_S
     attempt = 1
+    last = False
     while True:
         try:
             await ledger.settle(request_id, settlement)
         except LedgerUnavailable as exc:
-            if clock() + delay > deadline:
+            if last:
                 raise
             if attempt == 1:
                 log.warning("ledger unavailable while settling %s, retrying: %s", request_id, exc)
-            await sleep(delay)
-            delay = min(delay * 2, MAX_DELAY_S)
+            if clock() + delay > deadline:
+                last = True
+            else:
+                await sleep(delay)
+                delay = min(delay * 2, MAX_DELAY_S)
             attempt += 1
         else:
             if attempt > 1:
