@@ -117,7 +117,7 @@ class Exchange:
             # Errors (and answers that are not streams) are metered like plain answers.
             return await asyncio.shield(self.runtime.spawn(self.read(answer)))
         relay = Relay()
-        self.runtime.spawn(self.pump(answer, relay))
+        self.runtime.spawn(self.pump(answer, relay, headers))
         return StreamingResponse(
             relay.events(),
             status_code=answer.status,
@@ -291,15 +291,16 @@ class Exchange:
         except LedgerError as exc:
             log.error("recording the response of %s failed: %s", self.entry.id, exc)
 
-    async def pump(self, answer: Answer, relay: Relay) -> None:
+    async def pump(self, answer: Answer, relay: Relay, headers: dict[str, str]) -> None:
         """Read the upstream stream to its end, relaying and metering each event, then
-        settle what it came to."""
+        settle what it came to. `headers`: Tollgate's headers on the stream's answer (what
+        it reserved, the room left), kept with its events for its repeats."""
         meter = self.door.stream_meter()
         broken: str | None = None
         keep = self.keep
         recorder = None
         if keep is not None:
-            head = [*response_headers(answer), *self.headers.items()]
+            head = [*response_headers(answer), *headers.items()]
             recorder = keep.recorder(self.runtime, self.entry.id, answer.status, head)
         named = False
         try:

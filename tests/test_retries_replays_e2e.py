@@ -1,0 +1,194 @@
+"""Retries never pay twice, for what a replay says: a replay carries the Tollgate headers
+its first answer carried (a stream's reserved cost and room left included) and a date of
+its own. Through the official Python SDK.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import (
+    DEADLINE_S,
+    DEFAULT_TEAMS,
+    DESIGN_KEY,
+    Simulator,
+    Tollgate,
+    key_hash,
+    start_tollgate,
+    wait_for,
+    write_config,
+)
+from tests.retries_e2e import (
+    LATENCY_MS,
+    TOOL,
+    body,
+    calm,
+    emptied,
+    in_background,
+    own_simulator,
+    sdk,
+    settled,
+)
+
+TEAMS = {
+    **DEFAULT_TEAMS,
+    "design": f"""
+        name: design
+        keys:
+          - {{id: web-app, sha256: {key_hash(DESIGN_KEY)}}}
+        budgets:
+          - {{period: month, limit_usd: 900}}
+    """,
+}
+IMAGES, RESPONSES = "/v1/images/generations", "/v1/responses"
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[Simulator]:
+    yield from own_simulator()
+
+
+@pytest.fixture(scope="module")
+def gate(sim: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
+    root = tmp_path_factory.mktemp("replays")
+    write_config(root, f"{sim.url}/v1", teams=TEAMS)
+    config = root / "tollgate.yaml"
+    config.write_text(config.read_text().replace("timeout_s: 3", "timeout_s: 10"))
+    tollgate = start_tollgate(root)
+    yield tollgate
+    tollgate.stop()
+
+
+@pytest.fixture(autouse=True)
+def fresh(sim: Simulator) -> Iterator[None]:
+    yield from calm(sim)
+
+
+@pytest.fixture
+def clean(gate: Tollgate) -> Tollgate:
+    return emptied(gate)
+
+
+def forwarded(sim: Simulator, path: str) -> list[dict[str, Any]]:
+    """The requests that reached the upstream at `path` (`IMAGES`, `RESPONSES`)."""
+    found = httpx.get(f"{sim.url}/_sim/arrivals").json()["requests"]
+    return [a for a in found if a["method"] == "POST" and a["raw_path"] == path]
+
+
+def asked(kind: str, prompt: str, stream: bool) -> dict[str, Any]:
+    """The keyword arguments of the SDK's call for `kind`."""
+    if kind == "images":
+        extra: dict[str, Any] = {"stream": True, "partial_images": 1} if stream else {}
+        return {**body(prompt), **extra}
+    return {
+        "model": "gpt-5.5",
+        "input": prompt,
+        "tools": [TOOL],
+        "max_output_tokens": 300,
+        "max_tool_calls": 1,
+        **({"stream": True} if stream else {}),
+    }
+
+
+def call(client: openai.OpenAI, kind: str, arguments: dict[str, Any], key: str) -> Any:
+    """The SDK's raw response to one call, sent with the `Idempotency-Key` `key`."""
+    headers = {"Idempotency-Key": key}
+    if kind == "images":
+        return client.images.with_raw_response.generate(**arguments, extra_headers=headers)
+    return client.responses.with_raw_response.create(**arguments, extra_headers=headers)
+
+
+def event_types(parsed: Any) -> list[str]:
+    """The types of a stream's events, read to its end (its error event raised, as the SDK
+    raises it, recorded as `error`)."""
+    seen = []
+    try:
+        for event in parsed:
+            seen.append(event.type)
+    except openai.APIError:
+        seen.append("error")
+    return seen
+
+
+def tollgates(headers: httpx.Headers) -> dict[str, str]:
+    """The Tollgate headers an answer carries for what it cost and changed: its own request
+    id, cost, and the rate limits' room now excepted."""
+    own = ("x-tollgate-request-id", "x-tollgate-cost-usd", "x-tollgate-replay-of")
+    return {
+        k: v
+        for k, v in headers.items()
+        if k.startswith("x-tollgate-")
+        and k not in own
+        and not k.startswith("x-tollgate-ratelimit-")
+    }
+
+
+# -- 1. what a replay says --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("kind", ["images", "responses"])
+def test_a_replay_carries_the_tollgate_headers_of_its_first_and_a_date_of_its_own(
+    clean: Tollgate, sim: Simulator, kind: str, stream: bool
+) -> None:
+    client = sdk(clean, timeout=DEADLINE_S, max_retries=0)
+    arguments = asked(kind, f"A {kind} replay, {'streamed' if stream else 'whole'}", stream)
+    key = f"headers-{kind}-{stream}"
+    first = call(client, kind, arguments, key)
+    events = event_types(first.parse()) if stream else None
+    settled(clean, 1)
+    sent_at = math.floor(time.time())
+    again = call(client, kind, arguments, key)
+    if stream:
+        assert event_types(again.parse()) == events
+    else:
+        assert again.http_response.content == first.http_response.content
+    assert again.headers["x-tollgate-replay-of"] == first.headers["x-tollgate-request-id"]
+    assert again.headers["x-tollgate-cost-usd"] == "0"
+    said = tollgates(first.headers)
+    # What the first said of its cost: a stream, its reservation; a whole answer, its cost.
+    if stream:
+        assert Decimal(said["x-tollgate-reserved-usd"]) > 0
+    else:
+        assert Decimal(first.headers["x-tollgate-cost-usd"]) > 0
+    assert "x-tollgate-budget-remaining-usd" in said
+    assert tollgates(again.headers) == said
+    dates = again.http_response.headers.get_list("date")
+    assert len(dates) == 1 and dated(dates[0]) >= sent_at, dates
+    assert len(forwarded(sim, IMAGES if kind == "images" else RESPONSES)) == 1
+
+
+def dated(value: str) -> int:
+    """The POSIX second of a `date` header."""
+    return int(email.utils.parsedate_to_datetime(value).timestamp())
+
+
+def test_a_repeat_that_waited_for_its_first_is_dated_when_it_is_answered(
+    clean: Tollgate, sim: Simulator
+) -> None:
+    """The repeat arrives while its first renders, and is answered once the first ends: its
+    date is then, not the second it arrived (nor its first's)."""
+    sim.configure(latency_ms=LATENCY_MS)
+    client = sdk(clean, timeout=DEADLINE_S, max_retries=0)
+    arguments, key = asked("images", "A lock keeper, waited for", False), "waited"
+    started = time.time()
+    first = in_background(lambda: call(client, "images", arguments, key))
+    wait_for("the first in flight", lambda: clean.rows() or None)
+    again = call(client, "images", arguments, key)
+    answered = first.result(timeout=DEADLINE_S)
+    assert again.headers["x-tollgate-replay-of"] == answered.headers["x-tollgate-request-id"]
+    # The first's answer cannot come before the simulator rendered it, nor its replay.
+    rendered = math.floor(started + LATENCY_MS / 1000)
+    for answer in (answered, again):
+        dates = answer.http_response.headers.get_list("date")
+        assert len(dates) == 1 and dated(dates[0]) >= rendered, (dates, rendered)
+    assert len(forwarded(sim, IMAGES)) == 1
