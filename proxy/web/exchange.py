@@ -316,6 +316,8 @@ class Exchange:
             broken = exc.ledger_code
             if tail := meter.cut_short(exc):
                 relay.put(tail)
+                if recorder is not None and keep is not None:
+                    recorder.put(tail, keep.sure(relay.listening))
         finally:
             await answer.aclose()
             relay.close()
@@ -330,10 +332,12 @@ class Exchange:
         verdict = settlement.stream_ended(self.bound, end)
         # Ended (or forgotten) before the settlement: a repeat that sees this settled
         # finds the whole stream. One that failed without a charge (an error before any
-        # image) is forgotten: its repeat is sent as a new request.
+        # image) is forgotten: its repeat is sent as a new request. One that broke off is
+        # charged (OpenAI may have billed it): it is kept as its client got it, the error
+        # event that ends it included, and its repeats get it again, never a resend.
         if recorder is not None and keep is not None:
             unpaid = not followed and verdict.outcome != "ok" and not verdict.cost_nanos
-            if broken or unpaid:
+            if unpaid:
                 await recorder.abandon()
             else:
                 await recorder.end(await keep.wanted(relay.listening))

@@ -9,11 +9,13 @@ attempt is settled. The ledger is the one place every worker and replica shares,
 repeat served anywhere `follow`s the stream there: the events so far at once, then each
 later one within `TAIL_S`, then the end.
 
-A stream that breaks off, or outgrows `retries.store_bytes`, is forgotten: a repeat that
-follows it ends its own stream with an error event in OpenAI's shape (`interrupted`),
-and so does one whose first attempt's process dies, or that outlives the deadline. Its
-client got some of the first's events already; a new request's events could not follow
-them, so nothing is forwarded anew once one event was passed on.
+A stream that breaks off after it was sent is charged (OpenAI may have billed it): it is
+kept as its client got it, the error event that ends it included, and its repeats get
+that. One that outgrows `retries.store_bytes` is forgotten: a repeat that follows it
+ends its own stream with an error event in OpenAI's shape (`interrupted`), and so does
+one whose first attempt's process dies, or that outlives the deadline. Its client got
+some of the first's events already; a new request's events could not follow them, so
+nothing is forwarded anew once one event was passed on.
 """
 
 from __future__ import annotations
@@ -113,7 +115,8 @@ class Recorder:
             log.error("keeping the stream of %s failed: %s", self.head.request_id, exc)
 
     async def abandon(self) -> None:
-        """The stream broke off: what was kept is forgotten (its followers end theirs)."""
+        """The stream failed without a charge: what was kept is forgotten (its followers end
+        theirs, and its repeats are sent as new requests)."""
         self.drop()
         if self.writer is not None:
             await self.writer

@@ -17,8 +17,11 @@ The ledger decides who was first, for every worker and replica (`Ledger.first_at
                                  repeat never waits for the response to end)
     first sent, never answered   its 502/504 again, `replayed` at no cost (`failed_again`):
                                  OpenAI may have billed the first, and would bill a resend
+    first charged, answer not    `409 answer_not_kept`, `replayed` at no cost (`not_kept`):
+    kept (`charged`)             keyed, or a charged failure; never sent again
     anything else                the repeat is forwarded as a new request (a first that
-                                 failed without a charge; one whose client got its answer)
+                                 failed without a charge; one whose client got its answer
+                                 and that carried no key)
 
 Attempts that arrive together (on two workers or replicas) would each find no first: a
 repeat's reservation checks again, in its own transaction, that the latest attempt is the
@@ -47,6 +50,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from proxy.core.errors import (
+    AnswerNotKept,
     IdempotencyConflict,
     UpstreamFailure,
     UpstreamTimeout,
@@ -164,9 +168,12 @@ async def replay(
                 return await followed(runtime, entry, first, tail, headers, deadline)
         if first.settled and unanswered(first):
             return await failed_again(runtime, entry, team, first, headers)
+        if (first.settled or first.held) and charged(first, found.key is not None):
+            return await not_kept(runtime, entry, team, first, headers)
         if first.settled or first.held:
-            # It ended, or it is a background response whose create was answered: with no
-            # answer kept, this repeat is a new request.
+            # It ended without a charge, or its client got its answer (and it carried no
+            # key), or it is such a background response whose create was answered: this
+            # repeat is a new request.
             return forward(first)
         now = clock()
         if now >= deadline:
@@ -186,6 +193,45 @@ def unanswered(first: FirstAttempt) -> bool:
     reset, a silence past `timeout_s`, its deadline): charged its bound, as OpenAI may have
     billed it. Sending its repeat would pay for the same request again."""
     return first.outcome == "upstream_error" and first.cost_nanos > 0 and first.status in (502, 504)
+
+
+def charged(first: FirstAttempt, keyed: bool) -> bool:
+    """Whether an ended (or held) first attempt whose answer is not kept was charged, so
+    that sending its repeat could pay for the same request twice: with an
+    `Idempotency-Key`, any first charged or held (its answer was to be kept: it was larger
+    than `retries.store_bytes`, pushed out by newer answers, or the ledger refused it);
+    without one (an SDK retry), a first charged for a failure (a stream broken off after
+    it was sent, whose client read it to its end). A first that succeeded, carried no key
+    and whose client got its answer is not kept: its repeat is a new request."""
+    if first.held:
+        return keyed
+    if first.cost_nanos <= 0:
+        return False
+    return keyed or first.outcome == "upstream_error"
+
+
+async def not_kept(
+    runtime: Runtime, entry: Entry, team: str, first: FirstAttempt, headers: dict[str, str]
+) -> Response:
+    """A repeat of a `charged` first attempt whose answer is not kept: `409
+    answer_not_kept` (`x-should-retry: false`), recorded as `replayed` at no cost, never
+    forwarded."""
+    failure = AnswerNotKept(
+        f"The first attempt of this request ({first.request_id}) was charged, as OpenAI may "
+        "have billed it, and its answer was not kept for a replay: Tollgate does not send it "
+        "again. Send it as a new request (without a retry count or with a new "
+        "Idempotency-Key) to pay for another."
+    )
+    answer = KeptAnswer(
+        first.request_id,
+        team,
+        failure.status,
+        (("content-type", "application/json"), *failure.headers().items()),
+        json.dumps(failure.body()).encode(),
+        False,
+        runtime.clock(),
+    )
+    return await replayed(runtime, entry, first.request_id, answer, headers)
 
 
 async def failed_again(
