@@ -8,7 +8,8 @@ content (`Door.digest`: its parsed fields and file bytes, whatever the framing),
 carries the same `Idempotency-Key` or is an SDK retry (`x-stainless-retry-count` ≥ 1).
 The ledger decides who was first, for every worker and replica (`Ledger.first_attempt`):
 
-    first in flight              the repeat waits for it to end, then as below
+    first in flight              the repeat waits for it to end, then as below; if its
+                                 process dies, or it outlives its deadline, as one not kept
     first streaming, kept so far the repeat follows it: the events so far, then the rest
                                  as they come (`proxy.web.kept_streams`)
     first answered, answer kept  the repeat gets the kept answer, `x-tollgate-replay-of`,
@@ -158,6 +159,7 @@ async def replay(
     upstream = runtime.config.upstream
     deadline = min(entry.started_at, first.started_at) + upstream.deadline_s + upstream.timeout_s
     checked = clock()
+    lost: str | None = None  # the first attempt whose process was found dead
     while True:
         # Read after `first`: an answer kept before the first settled (or was held) is seen.
         tail = await runtime.ledger.kept_tail(first.request_id, -1)
@@ -176,14 +178,17 @@ async def replay(
             # repeat is a new request.
             return forward(first)
         now = clock()
-        if now >= deadline:
-            return forward(first)  # the first outlived its deadline and its settlement
+        if lost == first.request_id or now >= deadline:
+            # Its process died (and it did not end just before), or it outlived its
+            # deadline and its settlement: it is reclaimed at its bound (flagged), as OpenAI
+            # may have billed it, so this repeat is not sent again.
+            return await not_kept(runtime, entry, team, first, headers, LOST)
         if now - checked >= OWNER_CHECK_S:
             checked = now
             if await gone(runtime, first.owner, now):
-                # Its process died: its reservation is reclaimed at its bound (flagged) and
-                # this repeat is forwarded while it still has the time to render.
-                return forward(first)
+                lost = first.request_id
+                first = await first_of(runtime, team, found, clock()) or first
+                continue  # read once more: it may have ended as its process stopped
         await asyncio.sleep(WAIT_S)
         first = await first_of(runtime, team, found, clock()) or first
 
@@ -210,16 +215,28 @@ def charged(first: FirstAttempt, keyed: bool) -> bool:
     return keyed or first.outcome == "upstream_error"
 
 
+CHARGED = "was charged, as OpenAI may have billed it, and its answer was not kept for a replay"
+LOST = (
+    "was in flight when its Tollgate process stopped, or outlived its deadline: it is "
+    "charged its bound, as OpenAI may have billed it, and has no answer to replay"
+)
+
+
 async def not_kept(
-    runtime: Runtime, entry: Entry, team: str, first: FirstAttempt, headers: dict[str, str]
+    runtime: Runtime,
+    entry: Entry,
+    team: str,
+    first: FirstAttempt,
+    headers: dict[str, str],
+    why: str = CHARGED,
 ) -> Response:
-    """A repeat of a `charged` first attempt whose answer is not kept: `409
-    answer_not_kept` (`x-should-retry: false`), recorded as `replayed` at no cost, never
-    forwarded."""
+    """A repeat of a `charged` first attempt whose answer is not kept, or of one that will
+    never end (`LOST`: its process died, or it outlived its deadline and its settlement,
+    and is reclaimed at its bound): `409 answer_not_kept` (`x-should-retry: false`),
+    recorded as `replayed` at no cost, never forwarded."""
     failure = AnswerNotKept(
-        f"The first attempt of this request ({first.request_id}) was charged, as OpenAI may "
-        "have billed it, and its answer was not kept for a replay: Tollgate does not send it "
-        "again. Send it as a new request (without a retry count or with a new "
+        f"The first attempt of this request ({first.request_id}) {why}: Tollgate does not "
+        "send it again. Send it as a new request (without a retry count or with a new "
         "Idempotency-Key) to pay for another."
     )
     answer = KeptAnswer(
