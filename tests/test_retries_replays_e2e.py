@@ -235,6 +235,43 @@ def test_a_keyed_repeat_of_a_stream_that_broke_off_is_replayed_never_sent_again(
     assert (repeat["outcome"], repeat["cost_nanos"]) == ("replayed", 0)
 
 
+def test_a_repeat_following_a_stream_that_breaks_off_ends_as_its_first_did(
+    clean: Tollgate, sim: Simulator
+) -> None:
+    """The repeat arrives while the first streams, follows it live, and when the upstream
+    breaks off gets the error event the first's client got; nothing is sent again."""
+    sim.configure(latency_ms=3000)
+    client = sdk(clean, timeout=DEADLINE_S, max_retries=0)
+    arguments = asked("images", "A jetty [[fault:truncate]], followed", stream=True)
+    seen: list[str] = []
+
+    def first_stream() -> tuple[Any, list[str]]:
+        raw = call(client, "images", arguments, "followed-broken")
+        got = []
+        try:
+            for event in raw.parse():
+                got.append(event.type)
+                seen.append(event.type)
+        except openai.APIError as exc:
+            got.append(f"error: {exc.message}")
+        return raw, got
+
+    first = in_background(first_stream)
+    wait_for("the first's first event", lambda: seen or None)
+    again = call(client, "images", arguments, "followed-broken")
+    followed = []
+    try:
+        for event in again.parse():
+            followed.append(event.type)
+    except openai.APIError as exc:
+        followed.append(f"error: {exc.message}")
+    raw, got = first.result(timeout=DEADLINE_S)
+    assert got[-1].startswith("error: The upstream's stream broke off"), got
+    assert followed == got
+    assert again.headers["x-tollgate-replay-of"] == raw.headers["x-tollgate-request-id"]
+    assert len(forwarded(sim, IMAGES)) == 1
+
+
 def raw_stream(gate: Tollgate, prompt: str, retry: int, timeout: float) -> httpx.Response | None:
     """A stream as the SDK sends it (its retry count `retry`), read to its end; None when
     the client gave up first (its connection then closed: the client is gone)."""
