@@ -36,10 +36,10 @@ log = logging.getLogger("tollgate.requests")
 TAIL_S = 0.05
 """How often a repeat following a live stream asks the ledger for its next events."""
 INTERRUPTED = (
-    "The first attempt of this request stopped streaming before its end (its stream broke "
-    "off, its process stopped, or it outgrew what Tollgate keeps for retries); the events "
-    "before this one are all it sent. Send the request again, without a retry header or "
-    "with a new Idempotency-Key, for a new image (it is charged)."
+    "The first attempt of this request stopped streaming before its end (its process "
+    "stopped, it outlived its deadline, or it outgrew what Tollgate keeps for retries); the "
+    "events before this one are all it sent. Send the request again, without a retry header "
+    "or with a new Idempotency-Key, for a new image (it is charged)."
 )
 
 
