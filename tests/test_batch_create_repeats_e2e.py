@@ -9,7 +9,16 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.batches_e2e import GENERATIONS, TEAMS, calm, generations, upload
+from tests.batches_e2e import (
+    GENERATIONS,
+    TEAMS,
+    arrivals,
+    calm,
+    ended,
+    generations,
+    settled_rows,
+    upload,
+)
 from tests.conftest import (
     UPSTREAM_KEY,
     Simulator,
@@ -73,3 +82,25 @@ def test_a_repeat_of_a_create_whose_answer_was_not_kept_gets_its_batch(
         for batch in client.batches.list(limit=100):
             if batch.status in ("validating", "in_progress"):
                 client.batches.cancel(batch.id)
+
+
+def test_a_repeat_of_a_create_whose_batch_ended_and_was_settled_gets_it_not_a_second(
+    keeping_nothing: Tollgate, simulator: Simulator
+) -> None:
+    """The batch ended (and was settled, its lines charged) within the retry window, its
+    create's answer not kept: the repeat gets the batch as it stands, never a second one."""
+    proxy = keeping_nothing
+    client = proxy.client()
+    uploaded = upload(client, generations("gpt-image-2", 2))
+    key = {"Idempotency-Key": f"ended-{uploaded.id}"}
+    asked = {"input_file_id": uploaded.id, "endpoint": GENERATIONS, "completion_window": "24h"}
+    before = arrivals(simulator, "POST", "/v1/batches")
+    first = client.batches.with_raw_response.create(**asked, extra_headers=key)  # type: ignore[arg-type]
+    made = first.parse()
+    assert ended(client, made.id).status == "completed"
+    assert sum(r["cost_nanos"] for r in settled_rows(proxy, made.id)) > 0
+    again = client.batches.with_raw_response.create(**asked, extra_headers=key)  # type: ignore[arg-type]
+    repeated = again.parse()
+    assert repeated.id == made.id and repeated.status == "completed"
+    assert again.headers["x-tollgate-replay-of"] == first.headers["x-tollgate-request-id"]
+    assert arrivals(simulator, "POST", "/v1/batches") == before + 1, "a second batch was made"

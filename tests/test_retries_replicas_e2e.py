@@ -196,10 +196,12 @@ def test_a_retry_after_the_first_attempts_process_was_killed_ends_once_each(
     sim: Simulator, tmp_path: Path
 ) -> None:
     """A's first attempt dies with A (kill -9 while it renders). Its retry on B waits for it no
-    longer than its own deadline (no deadlock); a restarted A reclaims the first at its bound,
-    flagged, and the SDK's next retry is forwarded as new. One settled row per request,
-    nothing left reserved, and the ledger charges what the upstream billed (the dead first at
-    its bound, for reconciliation)."""
+    longer than its own deadline (no deadlock) and is not sent again: the first is charged its
+    bound (OpenAI may have billed it), so the retry gets `409 answer_not_kept`; a restarted A
+    reclaims the first at its bound, flagged, and the SDK's next retry gets the same, while a
+    new request is forwarded. One settled row per request, nothing left reserved, and the
+    ledger charges what the upstream billed (the dead first at its bound, for
+    reconciliation)."""
     configure(tmp_path, sim, timeout_s=3)  # an exchange's deadline: 6 s
     a = start_tollgate(tmp_path)
     b = start_tollgate(tmp_path)
@@ -214,39 +216,69 @@ def test_a_retry_after_the_first_attempts_process_was_killed_ends_once_each(
         assert waited is not None, "the retry on B ended"
         assert took < 6 + 5, took
         print(f"\nkilled first: the retry on B ended after {took:.1f} s ({waited.status_code})")
+        not_sent_again(waited)
         restarted = start_tollgate(tmp_path)  # reclaims what the dead process held
-        last = post(restarted, asked, retry=2)
+        again = post(restarted, asked, retry=2)
+        assert again is not None
+        not_sent_again(again)
+        last = post(restarted, asked)  # no retry count: a new request
         assert last is not None and last.status_code == 200, last
         assert "x-tollgate-replay-of" not in last.headers
         decodable(last.json()["data"][0]["b64_json"])
-        rows = settled(restarted, 3)
-        assert len(rows) == 3 and len({r["id"] for r in rows}) == 3
-        dead, on_b, new = rows
+        rows = settled(restarted, 4)
+        assert len(rows) == 4 and len({r["id"] for r in rows}) == 4
+        dead, on_b, on_restarted, new = rows
         assert (dead["flagged"], dead["error_code"]) == (1, "outcome_unknown"), dead
         assert dead["cost_nanos"] == dead["estimated_nanos"] > 0
+        for replay in (on_b, on_restarted):
+            assert (replay["outcome"], replay["cost_nanos"]) == ("replayed", 0), replay
         assert (new["outcome"], new["flagged"]) == ("ok", 0) and new["cost_nanos"] > 0
-        assert on_b["outcome"] in ("ok", "upstream_error")
-        billed = charges(sim)
-        assert {r["id"] for r in billed} >= {new["upstream_request_id"]}
-        assert len(billed) == 1 + sum(r["outcome"] == "ok" for r in (on_b, new))
+        billed = charges(sim)  # the dead first and the new request: no retry was sent
+        assert len(billed) == 2 and new["upstream_request_id"] in {r["id"] for r in billed}
     finally:
         for gate in (a, b, restarted):
             if gate is not None:
                 gate.stop()
 
 
-def test_a_retry_waiting_on_a_killed_first_is_forwarded_with_time_to_render(
+def not_sent_again(answer: httpx.Response) -> None:
+    """`answer` is the refusal of a repeat whose first attempt was lost with its process."""
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["error"]["code"] == "answer_not_kept"
+    assert answer.headers["x-should-retry"] == "false"
+    assert answer.headers["x-tollgate-cost-usd"] == "0"
+    assert answer.headers["x-tollgate-replay-of"]
+
+
+def test_a_keyed_retry_waiting_on_a_killed_first_is_not_sent_again(
     sim: Simulator, tmp_path: Path
 ) -> None:
+    """The first was sent, and dies with its process: it is charged its bound (OpenAI may
+    have billed it), so its keyed repeat, waiting on it, is answered `409 answer_not_kept`,
+    not forwarded and billed again."""
     configure(tmp_path, sim, timeout_s=3)
     a = start_tollgate(tmp_path)
     b = start_tollgate(tmp_path)
     try:
         sim.configure(latency_ms=2500)
-        asked = body("A first attempt that dies, and a retry that should render")
-        kill_while_rendering(a, sim, asked)
-        retry = post(b, asked, retry=1)
-        assert retry is not None and retry.status_code == 200, retry
+        asked = body("A first attempt that dies, and a retry that must not pay again")
+
+        def lost() -> None:
+            with pytest.raises(httpx.TransportError):  # its process is killed under it
+                post(a, asked, idempotency="dies", timeout=30)
+
+        first = in_background(lost)
+        wait_for("the first rendering upstream", lambda: sim.billing() or None)
+        # The retry waits on the first, or arrives once it died: either way it finds it
+        # in flight, in a process that is gone.
+        retry = in_background(lambda: post(b, asked, idempotency="dies"))
+        a.process.kill()
+        a.process.wait()
+        first.result(timeout=DEADLINE_S)
+        answer = retry.result(timeout=DEADLINE_S)
+        assert answer is not None
+        not_sent_again(answer)
+        assert arrivals(sim, "POST", GENERATIONS) == 1, "a repeat of a first lost was sent"
     finally:
         a.stop()
         b.stop()

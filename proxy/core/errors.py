@@ -22,6 +22,8 @@
           │    └── PreviousResponseNotFound  404 previous_response_not_found
           ├── MethodNotAllowed       405 method_not_allowed
           ├── IdempotencyConflict    409 idempotency_conflict
+          ├── AnswerNotKept          409 answer_not_kept: a repeat of a charged first attempt
+          │                          whose answer is not kept (never sent again)
           ├── RequestTimeout         408 request_timeout
           ├── RequestTooLarge        413 request_too_large
           ├── UnsupportedEncoding    415 unsupported_content_encoding
@@ -181,6 +183,18 @@ class IdempotencyConflict(RequestError):
 
     def headers(self) -> dict[str, str]:
         # The official SDKs retry 409 unless told not to; the same body conflicts again.
+        return {"x-should-retry": "false"}
+
+
+class AnswerNotKept(RequestError):
+    """A repeat of a first attempt that was charged (OpenAI may have billed it) whose
+    answer is not kept to be replayed: it is not sent again, which would bill it twice."""
+
+    status = 409
+    code = "answer_not_kept"
+
+    def headers(self) -> dict[str, str]:
+        # The official SDKs retry 409 unless told not to; the retry would get this again.
         return {"x-should-retry": "false"}
 
 

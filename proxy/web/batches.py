@@ -511,14 +511,15 @@ async def replay_create(
             return await repeats.replayed(runtime, entry, first.request_id, kept, headers)
         if first.settled and repeats.unanswered(first):
             return await repeats.failed_again(runtime, entry, team, first, headers)
-        if first.held and first.made is not None:
-            # Its batch was made and is followed, but its create's answer is not kept (larger
-            # than `retries.store_bytes`, or pushed out by newer ones): sent again, the
-            # create would make a second batch. The repeat gets the batch as it stands.
+        if (first.held or first.settled) and first.made is not None:
+            # Its batch was made (and is followed, or ended and was settled), but its
+            # create's answer is not kept (larger than `retries.store_bytes`, or pushed out
+            # by newer ones): sent again, the create would make a second batch, billed
+            # again. The repeat gets the batch as it stands.
             current = await batch_now(runtime, entry, team, first, first.made, headers)
             if current is not None:
                 return current
-            if runtime.clock() >= deadline:
+            if first.settled or runtime.clock() >= deadline:
                 raise ServiceUnavailable(
                     f"An earlier attempt of this create made batch {first.made}, which "
                     "could not be read now: retrieve it (GET /v1/batches/"

@@ -46,6 +46,8 @@ import asyncio
 import json
 import resource
 import socket
+import time
+from email.utils import formatdate
 from typing import Any, cast
 
 import uvicorn
@@ -120,6 +122,18 @@ def descriptors_needed(max_connections: int, soft_limit: int | None = None) -> i
     return need
 
 
+_dated: tuple[int, bytes] = (0, b"")
+
+
+def http_date() -> bytes:
+    """The value of an answer's `date` header now (RFC 9110, 6.6.1), made once a second."""
+    global _dated
+    now = int(time.time())
+    if _dated[0] != now:
+        _dated = (now, formatdate(now, usegmt=True).encode())
+    return _dated[1]
+
+
 class ServerConfig(uvicorn.Config):
     """uvicorn's settings, served by `GuardedProtocol` with `limits`' connection bounds.
 
@@ -128,6 +142,11 @@ class ServerConfig(uvicorn.Config):
     def __init__(self, app: Any, *, limits: Limits, **options: Any) -> None:
         max_connections = limits.max_connections or default_max_connections()
         options.setdefault("backlog", accept_batch(max_connections))
+        # uvicorn's `date` is the one of the second its request arrived (its header list is
+        # taken then, and renewed once a second): an answer sent later (a replay that waited
+        # for its first attempt, a rendering of a minute) told a past date. The app writes
+        # the date its answer starts at (`proxy.web.gateway`), the refusals here theirs.
+        options.setdefault("date_header", False)
         super().__init__(app, http=GuardedProtocol, **options)
         self.header_timeout_s = limits.header_timeout_s
         self.max_connections = max_connections
@@ -325,6 +344,7 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         body = json.dumps(refusal.body()).encode()
         head = [b"HTTP/1.1 %s\r\n" % STATUS_LINES[refusal.status]]
+        head.append(b"date: %s\r\n" % http_date())
         for name, value in self.server_state.default_headers:
             head.append(b"%s: %s\r\n" % (name, value))
         head.append(

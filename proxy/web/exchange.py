@@ -117,7 +117,7 @@ class Exchange:
             # Errors (and answers that are not streams) are metered like plain answers.
             return await asyncio.shield(self.runtime.spawn(self.read(answer)))
         relay = Relay()
-        self.runtime.spawn(self.pump(answer, relay))
+        self.runtime.spawn(self.pump(answer, relay, headers))
         return StreamingResponse(
             relay.events(),
             status_code=answer.status,
@@ -291,15 +291,16 @@ class Exchange:
         except LedgerError as exc:
             log.error("recording the response of %s failed: %s", self.entry.id, exc)
 
-    async def pump(self, answer: Answer, relay: Relay) -> None:
+    async def pump(self, answer: Answer, relay: Relay, headers: dict[str, str]) -> None:
         """Read the upstream stream to its end, relaying and metering each event, then
-        settle what it came to."""
+        settle what it came to. `headers`: Tollgate's headers on the stream's answer (what
+        it reserved, the room left), kept with its events for its repeats."""
         meter = self.door.stream_meter()
         broken: str | None = None
         keep = self.keep
         recorder = None
         if keep is not None:
-            head = [*response_headers(answer), *self.headers.items()]
+            head = [*response_headers(answer), *headers.items()]
             recorder = keep.recorder(self.runtime, self.entry.id, answer.status, head)
         named = False
         try:
@@ -315,6 +316,8 @@ class Exchange:
             broken = exc.ledger_code
             if tail := meter.cut_short(exc):
                 relay.put(tail)
+                if recorder is not None and keep is not None:
+                    recorder.put(tail, keep.sure(relay.listening))
         finally:
             await answer.aclose()
             relay.close()
@@ -329,10 +332,12 @@ class Exchange:
         verdict = settlement.stream_ended(self.bound, end)
         # Ended (or forgotten) before the settlement: a repeat that sees this settled
         # finds the whole stream. One that failed without a charge (an error before any
-        # image) is forgotten: its repeat is sent as a new request.
+        # image) is forgotten: its repeat is sent as a new request. One that broke off is
+        # charged (OpenAI may have billed it): it is kept as its client got it, the error
+        # event that ends it included, and its repeats get it again, never a resend.
         if recorder is not None and keep is not None:
             unpaid = not followed and verdict.outcome != "ok" and not verdict.cost_nanos
-            if broken or unpaid:
+            if unpaid:
                 await recorder.abandon()
             else:
                 await recorder.end(await keep.wanted(relay.listening))

@@ -20,7 +20,7 @@ from proxy.core.errors import (
 from proxy.core.paths import canonical, plain_query
 from proxy.metrics import Metrics
 from proxy.web.admission import BodyBudget
-from proxy.web.connections import OVER_CAPACITY
+from proxy.web.connections import OVER_CAPACITY, http_date
 from proxy.web.responses import as_request_error, error_response
 from proxy.web.runtime import Runtime
 
@@ -93,6 +93,7 @@ class Gateway:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        send = dated(send)
         if expects_continue(scope):
             receive, send = closing_unless_read(receive, send)
         try:
@@ -132,6 +133,19 @@ class Gateway:
             raise refused(scope, raw)
         refuse_encoded(scope["headers"])
         scope["path"] = path
+
+
+def dated(send: Send) -> Send:
+    """`send` with the answer's `date` header written as its head goes out (uvicorn's is
+    off: it told the second the request arrived, not the one the answer started)."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [*message.get("headers", []), (b"date", http_date())]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return sending
 
 
 def expects_continue(scope: Scope) -> bool:

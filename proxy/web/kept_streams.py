@@ -9,11 +9,13 @@ attempt is settled. The ledger is the one place every worker and replica shares,
 repeat served anywhere `follow`s the stream there: the events so far at once, then each
 later one within `TAIL_S`, then the end.
 
-A stream that breaks off, or outgrows `retries.store_bytes`, is forgotten: a repeat that
-follows it ends its own stream with an error event in OpenAI's shape (`interrupted`),
-and so does one whose first attempt's process dies, or that outlives the deadline. Its
-client got some of the first's events already; a new request's events could not follow
-them, so nothing is forwarded anew once one event was passed on.
+A stream that breaks off after it was sent is charged (OpenAI may have billed it): it is
+kept as its client got it, the error event that ends it included, and its repeats get
+that. One that outgrows `retries.store_bytes` is forgotten: a repeat that follows it
+ends its own stream with an error event in OpenAI's shape (`interrupted`), and so does
+one whose first attempt's process dies, or that outlives the deadline. Its client got
+some of the first's events already; a new request's events could not follow them, so
+nothing is forwarded anew once one event was passed on.
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ log = logging.getLogger("tollgate.requests")
 TAIL_S = 0.05
 """How often a repeat following a live stream asks the ledger for its next events."""
 INTERRUPTED = (
-    "The first attempt of this request stopped streaming before its end (its stream broke "
-    "off, its process stopped, or it outgrew what Tollgate keeps for retries); the events "
-    "before this one are all it sent. Send the request again, without a retry header or "
-    "with a new Idempotency-Key, for a new image (it is charged)."
+    "The first attempt of this request stopped streaming before its end (its process "
+    "stopped, it outlived its deadline, or it outgrew what Tollgate keeps for retries); the "
+    "events before this one are all it sent. Send the request again, without a retry header "
+    "or with a new Idempotency-Key, for a new image (it is charged)."
 )
 
 
@@ -113,7 +115,8 @@ class Recorder:
             log.error("keeping the stream of %s failed: %s", self.head.request_id, exc)
 
     async def abandon(self) -> None:
-        """The stream broke off: what was kept is forgotten (its followers end theirs)."""
+        """The stream failed without a charge: what was kept is forgotten (its followers end
+        theirs, and its repeats are sent as new requests)."""
         self.drop()
         if self.writer is not None:
             await self.writer

@@ -8,7 +8,8 @@ content (`Door.digest`: its parsed fields and file bytes, whatever the framing),
 carries the same `Idempotency-Key` or is an SDK retry (`x-stainless-retry-count` ≥ 1).
 The ledger decides who was first, for every worker and replica (`Ledger.first_attempt`):
 
-    first in flight              the repeat waits for it to end, then as below
+    first in flight              the repeat waits for it to end, then as below; if its
+                                 process dies, or it outlives its deadline, as one not kept
     first streaming, kept so far the repeat follows it: the events so far, then the rest
                                  as they come (`proxy.web.kept_streams`)
     first answered, answer kept  the repeat gets the kept answer, `x-tollgate-replay-of`,
@@ -17,8 +18,11 @@ The ledger decides who was first, for every worker and replica (`Ledger.first_at
                                  repeat never waits for the response to end)
     first sent, never answered   its 502/504 again, `replayed` at no cost (`failed_again`):
                                  OpenAI may have billed the first, and would bill a resend
+    first charged, answer not    `409 answer_not_kept`, `replayed` at no cost (`not_kept`):
+    kept (`charged`)             keyed, or a charged failure; never sent again
     anything else                the repeat is forwarded as a new request (a first that
-                                 failed without a charge; one whose client got its answer)
+                                 failed without a charge; one whose client got its answer
+                                 and that carried no key)
 
 Attempts that arrive together (on two workers or replicas) would each find no first: a
 repeat's reservation checks again, in its own transaction, that the latest attempt is the
@@ -47,6 +51,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from proxy.core.errors import (
+    AnswerNotKept,
     IdempotencyConflict,
     UpstreamFailure,
     UpstreamTimeout,
@@ -154,6 +159,7 @@ async def replay(
     upstream = runtime.config.upstream
     deadline = min(entry.started_at, first.started_at) + upstream.deadline_s + upstream.timeout_s
     checked = clock()
+    lost: str | None = None  # the first attempt whose process was found dead
     while True:
         # Read after `first`: an answer kept before the first settled (or was held) is seen.
         tail = await runtime.ledger.kept_tail(first.request_id, -1)
@@ -164,19 +170,25 @@ async def replay(
                 return await followed(runtime, entry, first, tail, headers, deadline)
         if first.settled and unanswered(first):
             return await failed_again(runtime, entry, team, first, headers)
+        if (first.settled or first.held) and charged(first, found.key is not None):
+            return await not_kept(runtime, entry, team, first, headers)
         if first.settled or first.held:
-            # It ended, or it is a background response whose create was answered: with no
-            # answer kept, this repeat is a new request.
+            # It ended without a charge, or its client got its answer (and it carried no
+            # key), or it is such a background response whose create was answered: this
+            # repeat is a new request.
             return forward(first)
         now = clock()
-        if now >= deadline:
-            return forward(first)  # the first outlived its deadline and its settlement
+        if lost == first.request_id or now >= deadline:
+            # Its process died (and it did not end just before), or it outlived its
+            # deadline and its settlement: it is reclaimed at its bound (flagged), as OpenAI
+            # may have billed it, so this repeat is not sent again.
+            return await not_kept(runtime, entry, team, first, headers, LOST)
         if now - checked >= OWNER_CHECK_S:
             checked = now
             if await gone(runtime, first.owner, now):
-                # Its process died: its reservation is reclaimed at its bound (flagged) and
-                # this repeat is forwarded while it still has the time to render.
-                return forward(first)
+                lost = first.request_id
+                first = await first_of(runtime, team, found, clock()) or first
+                continue  # read once more: it may have ended as its process stopped
         await asyncio.sleep(WAIT_S)
         first = await first_of(runtime, team, found, clock()) or first
 
@@ -186,6 +198,57 @@ def unanswered(first: FirstAttempt) -> bool:
     reset, a silence past `timeout_s`, its deadline): charged its bound, as OpenAI may have
     billed it. Sending its repeat would pay for the same request again."""
     return first.outcome == "upstream_error" and first.cost_nanos > 0 and first.status in (502, 504)
+
+
+def charged(first: FirstAttempt, keyed: bool) -> bool:
+    """Whether an ended (or held) first attempt whose answer is not kept was charged, so
+    that sending its repeat could pay for the same request twice: with an
+    `Idempotency-Key`, any first charged or held (its answer was to be kept: it was larger
+    than `retries.store_bytes`, pushed out by newer answers, or the ledger refused it);
+    without one (an SDK retry), a first charged for a failure (a stream broken off after
+    it was sent, whose client read it to its end). A first that succeeded, carried no key
+    and whose client got its answer is not kept: its repeat is a new request."""
+    if first.held:
+        return keyed
+    if first.cost_nanos <= 0:
+        return False
+    return keyed or first.outcome == "upstream_error"
+
+
+CHARGED = "was charged, as OpenAI may have billed it, and its answer was not kept for a replay"
+LOST = (
+    "was in flight when its Tollgate process stopped, or outlived its deadline: it is "
+    "charged its bound, as OpenAI may have billed it, and has no answer to replay"
+)
+
+
+async def not_kept(
+    runtime: Runtime,
+    entry: Entry,
+    team: str,
+    first: FirstAttempt,
+    headers: dict[str, str],
+    why: str = CHARGED,
+) -> Response:
+    """A repeat of a `charged` first attempt whose answer is not kept, or of one that will
+    never end (`LOST`: its process died, or it outlived its deadline and its settlement,
+    and is reclaimed at its bound): `409 answer_not_kept` (`x-should-retry: false`),
+    recorded as `replayed` at no cost, never forwarded."""
+    failure = AnswerNotKept(
+        f"The first attempt of this request ({first.request_id}) {why}: Tollgate does not "
+        "send it again. Send it as a new request (without a retry count or with a new "
+        "Idempotency-Key) to pay for another."
+    )
+    answer = KeptAnswer(
+        first.request_id,
+        team,
+        failure.status,
+        (("content-type", "application/json"), *failure.headers().items()),
+        json.dumps(failure.body()).encode(),
+        False,
+        runtime.clock(),
+    )
+    return await replayed(runtime, entry, first.request_id, answer, headers)
 
 
 async def failed_again(
