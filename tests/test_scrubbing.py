@@ -261,3 +261,49 @@ def test_escapes_that_spell_no_key_are_left_as_they_are() -> None:
     near = KEY[:-1].replace("-", "\\u002d")
     body = f'{{"near": "{near}", "text": "caf\\u00e9 \\u0041BC"}}'.encode()
     assert SCRUB.data(body) == body
+
+
+ECHOES = [
+    f"{KEY[:6]}***{KEY[-4:]}",  # OpenAI's `Incorrect API key provided: sk-pro***kb0A`
+    f"{KEY[:8]}{'*' * 40}{KEY[-4:]}",
+    f"sk-***{KEY[-4:]}",
+    f"***{KEY[-3:]}",
+    f"{KEY[:3]}***",
+]
+
+
+@pytest.mark.parametrize("echo", ECHOES)
+def test_a_masked_echo_of_the_key_is_masked_whole(echo: str) -> None:
+    body = json.dumps({"error": {"message": f"Incorrect API key provided: {echo}. See"}})
+    masked = SCRUB.data(body.encode())
+    assert (
+        json.loads(masked)["error"]["message"]
+        == f"Incorrect API key provided: {mask(len(echo))}. See"
+    )
+    assert SCRUB.quoted_in(body.encode())
+    assert SCRUB.text(f"key {echo}") == f"key {mask(len(echo))}"
+    assert SCRUB.pairs([("x-ratelimit-echo", echo)]) == [("x-ratelimit-echo", mask(len(echo)))]
+
+
+@pytest.mark.parametrize("echo", ECHOES[:3])
+def test_a_masked_echo_split_across_chunks_is_masked_whole(echo: str) -> None:
+    body = f'data: {{"message": "key {echo} refused"}}'.encode()
+    expected = SCRUB.data(body)
+    for cut in range(len(body) + 1):
+        for second in range(cut, len(body) + 1):
+            chunks = [body[:cut], body[cut:second], body[second:]]
+            assert b"".join(scrub_chunks(chunks)) == expected, (cut, second)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "**bold** and ***very*** bold, a***b, 2**10",
+        f"***{KEY[-2:]} two characters of the end, {KEY[:2]}*** two of the start",
+        f"{KEY[1:]}***",  # the key without its first character is no start of it
+        "[redacted]*******",
+    ],
+)
+def test_stars_next_to_no_piece_of_the_key_are_left_as_they_are(text: str) -> None:
+    assert SCRUB.data(text.encode()) == text.encode()
+    assert not SCRUB.quoted_in(text.encode())
