@@ -367,6 +367,8 @@ def test_a_host_header_never_changes_the_path_checked_and_forwarded(
         ("fromm=2026-01-01", "fromm"),  # a typo: the current month's report instead
         ("start=2026-01-01&end=2026-01-31", "start"),
         ("by=user&by=team", "by"),  # one of the two groupings, silently
+        ("by=,,,", "by"),  # no grouping, silently
+        ("by=team,team", "by"),  # grouped by team, silently
         ("format=csv&format=json", "format"),
         ("format=csv&excel=on", "excel"),  # no byte-order mark, silently
         ("audit=y", "audit"),  # the summary instead of the audit export

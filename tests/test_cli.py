@@ -809,3 +809,19 @@ def test_check_accepts_auto_among_the_allowed_sizes(
     assert main(["check", "--config", str(tmp_path)]) == 0
     assert "ok (1 team" in capsys.readouterr().out
     assert load_config(tmp_path).teams[0].allow.sizes == {"auto", "1024x1024"}
+
+
+@pytest.mark.parametrize(
+    ("by", "said"), [(",,,", "empty field"), ("team,", "empty field"), ("team,team", "twice")]
+)
+def test_report_refuses_an_empty_or_repeated_grouping(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], by: str, said: str
+) -> None:
+    from proxy.cli import main
+
+    write_config(tmp_path, "http://127.0.0.1:9/v1")
+    new_ledger(tmp_path)
+    assert main(["report", "--config", str(tmp_path), "--by", by]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tollgate report: ") and said in err
+    assert main(["report", "--config", str(tmp_path), "--by", "team,model"]) == 0

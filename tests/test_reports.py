@@ -97,9 +97,26 @@ def test_money_is_a_decimal_string_never_a_float() -> None:
 
 
 def test_unknown_dimension_names_the_valid_ones() -> None:
-    assert parse_by("team, model,team") == ("team", "model")
+    assert parse_by("team, model") == ("team", "model")
+    assert parse_by("") == parse_by(None) == ()
     with pytest.raises(InvalidRequest, match="cost_center"):
         parse_by("colour")
+
+
+@pytest.mark.parametrize(
+    ("by", "said"),
+    [
+        (",,,", "empty field"),
+        ("team,", "empty field"),
+        ("team, ,model", "empty field"),
+        ("team,team", "'team' twice"),
+        ("team, model,team", "'team' twice"),
+    ],
+)
+def test_an_empty_or_repeated_dimension_is_refused(by: str, said: str) -> None:
+    with pytest.raises(InvalidRequest, match=said) as caught:
+        parse_by(by)
+    assert caught.value.param == "by"
 
 
 @pytest.mark.parametrize(
