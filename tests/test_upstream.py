@@ -803,14 +803,18 @@ def test_the_pool_is_made_when_the_app_starts_and_when_a_reload_replaces_it(
 ) -> None:
     """The TLS context and the HTTP client's modules cost tens of milliseconds: made at
     start (and by a reload that builds a new client), not on the first request."""
-    write_config(tmp_path, "http://127.0.0.1:9/v1", settings="admin_token: admin-secret\n")
+    write_config(
+        tmp_path, "http://127.0.0.1:9/v1", settings="admin_token: admin-secret-for-tests\n"
+    )
     app = create_app(load_config(tmp_path), Overrides(upstream_key=UPSTREAM_KEY), tmp_path)
     with TestClient(app) as client:
         first = app.current().upstream
         assert first._client._session is not None  # type: ignore[attr-defined]
         text = (tmp_path / "tollgate.yaml").read_text()
         (tmp_path / "tollgate.yaml").write_text(text.replace("timeout_s: 3", "timeout_s: 4"))
-        reloaded = client.post("/admin/reload", headers={"authorization": "Bearer admin-secret"})
+        reloaded = client.post(
+            "/admin/reload", headers={"authorization": "Bearer admin-secret-for-tests"}
+        )
         assert reloaded.status_code == 200
         second = app.current().upstream
         assert second is not first
