@@ -434,8 +434,22 @@ search for one (a `memchr`: some 16 µs per 2 MB answer)."""
 FRAGMENT = 3
 """The fewest characters of the key's start or end that make a masked echo: `sk-***` is
 one (a piece of the start), `***ab` is not (two characters of the end)."""
-_MASKED_ECHO = re.compile(rb"([A-Za-z0-9_-]*)\*{3,}([A-Za-z0-9_-]*)")
-_MASKED_TAIL = re.compile(rb"[A-Za-z0-9_-]*\*+[A-Za-z0-9_-]*\Z")
+KEY_CHARACTERS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+"""What a masked echo's pieces of the key are written with."""
+_STARS = re.compile(rb"\*{3,}")
+_KEY_RUN = re.compile(rb"[A-Za-z0-9_-]*")
+
+
+def _key_run_end(data: bytes, at: int) -> int:
+    """Where the run of key characters from `at` ends."""
+    found = _KEY_RUN.match(data, at)
+    return found.end() if found is not None else at
+
+
+def _key_run_start(data: bytes, low: int, at: int) -> int:
+    """Where the run of key characters that ends at `at` begins, `low` at the earliest (read
+    backwards in one pass, on a reversed copy)."""
+    return at - _key_run_end(data[low:at][::-1], 0)
 
 
 class Fragments:
@@ -444,34 +458,70 @@ class Fragments:
     A run of three or more `*`s with key characters on either side is an echo when the
     characters before it end with the key's first `FRAGMENT` or more, or those after it
     begin with its last `FRAGMENT` or more; the whole run (both sides and the `*`s) is
-    masked, its length kept."""
+    masked, its length kept. Each byte is looked at a bounded number of times, whatever
+    the text around the `*`s: a long run of letters before them (an answer's text is the
+    upstream's, and may echo a prompt) costs no more than reading it."""
 
     def __init__(self, key: bytes) -> None:
         self.key = key
 
     def quotes(self, before: bytes, after: bytes) -> bool:
         key = self.key
+        # Only the key's length of either side can hold a piece of it.
+        before, after = before[-len(key) :], after[: len(key)]
         starts = any(key.startswith(before[i:]) for i in range(len(before) - FRAGMENT + 1))
         ends = any(key.endswith(after[:j]) for j in range(FRAGMENT, len(after) + 1))
         return starts or ends
 
     def masked(self, data: bytes) -> bytes:
         """`data` with every masked echo of the key masked again, whole."""
-        return _MASKED_ECHO.sub(self._mask, data)
-
-    def _mask(self, echo: re.Match[bytes]) -> bytes:
-        if self.quotes(echo[1], echo[2]):
-            return mask(len(echo[0])).encode()
-        return echo[0]
+        key = self.key
+        head, tail = key[:FRAGMENT], key[-FRAGMENT:]
+        if head not in data and tail not in data:
+            return data  # an echo holds one or the other: most text with `*`s holds neither
+        parts: list[bytes] = []
+        written = 0  # what is in `parts`
+        done = 0  # what is read: the key characters after a run of `*`s belong to it
+        reach = len(key)
+        for stars in _STARS.finditer(data):
+            start, end = stars.span()
+            if start < done:
+                continue
+            last = _key_run_end(data, end)
+            near = max(done, start - reach)
+            if data.find(head, near, start) < 0 and data.find(tail, end, last) < 0:
+                done = last  # no piece of the key on either side
+                continue
+            first = _key_run_start(data, near, start)
+            if self.quotes(data[first:start], data[end:last]):
+                if first == near:
+                    first = _key_run_start(data, done, first)  # the whole run is masked
+                parts.append(data[written:first])
+                parts.append(mask(last - first).encode())
+                written = last
+            done = last
+        if not parts:
+            return data
+        parts.append(data[written:])
+        return b"".join(parts)
 
     @staticmethod
     def held(data: bytes) -> int:
         """How many bytes at the end of `data` could be an echo the next chunk completes
         (0: none): a trailing run of key characters with `*`s in it."""
-        if STAR not in data[-HELD_ECHO:]:
+        since = max(len(data) - HELD_ECHO, 0)
+        star = data.rfind(STAR, since)
+        if star < 0:
             return 0
-        found = _MASKED_TAIL.search(data, max(len(data) - HELD_ECHO, 0))
-        return len(found[0]) if found is not None else 0
+        tail = _KEY_RUN.match(data, star + 1)
+        if tail is None or tail.end() != len(data):
+            return 0
+        first = star
+        while first > since and data[first - 1] == STAR[0]:
+            first -= 1
+        while first > since and data[first - 1] in KEY_CHARACTERS:
+            first -= 1
+        return len(data) - first
 
 
 HELD_ECHO = 1024
