@@ -348,8 +348,9 @@ class KeyRefused:
     """Tollgate's own answer, in OpenAI's error shape, to an upstream error that refuses or
     quotes the company key: the same status, and OpenAI's `type` and `code` when they are
     plain names (`invalid_api_key`), so SDKs and the ledger read it as before; the message
-    is Tollgate's, and names no piece of the key. Only the request id and the rate-limit
-    and retry headers of the upstream's answer are kept."""
+    is Tollgate's, and names no piece of the key. The upstream's headers are kept (its
+    request id, rate-limit and retry headers), but for those of its body, which is replaced;
+    they are scrubbed as every answer's are."""
 
     def __init__(self, answer: Answer, body: bytes, scrubber: Scrubber) -> None:
         self.status = answer.status
