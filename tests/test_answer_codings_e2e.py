@@ -41,7 +41,7 @@ WIDE = ["utf-16", "utf-16-be", "utf-32", "utf-32-be"]
 
 async def echo(request: Request) -> Response:
     """The `Authorization` header sent, in a body compressed as the prompt (or on a
-    passthrough path, the query's `pack`) says: `gzip-401` is gzip, answered 401."""
+    passthrough path, the query's `pack`) says: `gzip-403` is gzip, answered 403."""
     ASKED.append(request.headers.get("accept-encoding", ""))
     pack = request.query_params.get("pack") or (await request.json())["prompt"]
     coding, _, status = pack.partition("-")
@@ -103,11 +103,12 @@ def test_an_error_answer_compressed_anyway_reaches_the_team_without_its_body_and
     ASKED.clear()
     answer = httpx.post(
         f"{proxy.url}/v1/images/generations",
-        json={**GENERATE, "prompt": f"{coding}-401", "stream": stream},
+        json={**GENERATE, "prompt": f"{coding}-403", "stream": stream},
         headers={**TEAM, "accept-encoding": "gzip, deflate, br"},
         timeout=30,
     )
-    assert answer.status_code == 401 and answer.content == b""
+    # A 403: a 401 is answered with Tollgate's own body (tests/test_key_refused_e2e.py).
+    assert answer.status_code == 403 and answer.content == b""
     assert_no_key(answer)
     assert ASKED == ["identity"]
     row = wait_settled(proxy, answer.headers["x-tollgate-request-id"])

@@ -111,8 +111,8 @@ def test_request_ids_are_unique_and_sort_by_time() -> None:
 def test_a_reload_swaps_the_runtime_and_refuses_an_invalid_configuration(
     tmp_path: Path,
 ) -> None:
-    admin = {"authorization": "Bearer admin-secret"}
-    write_config(tmp_path, "http://simulated/v1", settings="admin_token: admin-secret\n")
+    admin = {"authorization": "Bearer admin-secret-for-tests"}
+    write_config(tmp_path, "http://simulated/v1", settings="admin_token: admin-secret-for-tests\n")
     app = create_app(load_config(tmp_path), Overrides(upstream_key=UPSTREAM_KEY), tmp_path)
     with TestClient(app) as test_client:
         first = app.current()
@@ -130,8 +130,8 @@ def test_with_several_workers_a_reload_answers_once_they_are_replaced(tmp_path: 
     """A worker checks the files and has every worker replaced; it answers when they are
     (or that they were not), and never takes the new configuration itself: had it taken it
     while a new worker failed to start, the workers would serve two configurations."""
-    admin = {"authorization": "Bearer admin-secret"}
-    write_config(tmp_path, "http://simulated/v1", settings="admin_token: admin-secret\n")
+    admin = {"authorization": "Bearer admin-secret-for-tests"}
+    write_config(tmp_path, "http://simulated/v1", settings="admin_token: admin-secret-for-tests\n")
     asked: list[str] = []
     outcome: list[ConfigError | None] = [None]
 
@@ -163,8 +163,8 @@ def test_with_several_workers_a_reload_answers_once_they_are_replaced(tmp_path: 
 def test_a_reload_that_names_another_ledger_is_refused(tmp_path: Path) -> None:
     """The spend and reservations live in the ledger opened at start: a reload that moved
     to another one (or said it had, keeping the old) would let every budget start again."""
-    admin = {"authorization": "Bearer admin-secret"}
-    write_config(tmp_path, "http://simulated/v1", settings="admin_token: admin-secret\n")
+    admin = {"authorization": "Bearer admin-secret-for-tests"}
+    write_config(tmp_path, "http://simulated/v1", settings="admin_token: admin-secret-for-tests\n")
     app = create_app(load_config(tmp_path), Overrides(upstream_key=UPSTREAM_KEY), tmp_path)
     settings = tmp_path / "tollgate.yaml"
     settings.write_text(settings.read_text().replace("sqlite:///tollgate.db", "sqlite:///b.db"))
@@ -192,8 +192,8 @@ def test_a_reload_reads_the_files_while_the_app_goes_on_answering(
 ) -> None:
     """The files are read on a thread: a request that arrives meanwhile is answered before
     the reload ends (on the event loop it would wait for the whole reading)."""
-    admin = {"authorization": "Bearer admin-secret"}
-    write_config(tmp_path, "http://simulated/v1", settings="admin_token: admin-secret\n")
+    admin = {"authorization": "Bearer admin-secret-for-tests"}
+    write_config(tmp_path, "http://simulated/v1", settings="admin_token: admin-secret-for-tests\n")
     app = create_app(load_config(tmp_path), Overrides(upstream_key=UPSTREAM_KEY), tmp_path)
     reading, read_on = threading.Event(), threading.Event()
 
@@ -367,17 +367,19 @@ def test_a_host_header_never_changes_the_path_checked_and_forwarded(
         ("fromm=2026-01-01", "fromm"),  # a typo: the current month's report instead
         ("start=2026-01-01&end=2026-01-31", "start"),
         ("by=user&by=team", "by"),  # one of the two groupings, silently
+        ("by=,,,", "by"),  # no grouping, silently
+        ("by=team,team", "by"),  # grouped by team, silently
         ("format=csv&format=json", "format"),
         ("format=csv&excel=on", "excel"),  # no byte-order mark, silently
         ("audit=y", "audit"),  # the summary instead of the audit export
-        ("token=admin-secret", "token"),
+        ("token=admin-secret-for-tests", "token"),
     ],
 )
 def test_an_admin_report_parameter_the_cli_has_no_flag_for_is_refused(
     tmp_path: Path, query: str, param: str
 ) -> None:
-    admin = {"authorization": "Bearer admin-secret"}
-    write_config(tmp_path, "http://simulated/v1", settings="admin_token: admin-secret\n")
+    admin = {"authorization": "Bearer admin-secret-for-tests"}
+    write_config(tmp_path, "http://simulated/v1", settings="admin_token: admin-secret-for-tests\n")
     app = create_app(load_config(tmp_path), Overrides(upstream_key=UPSTREAM_KEY), tmp_path)
     with TestClient(app) as test_client:
         answer = test_client.get(f"/admin/report?{query}", headers=admin)
@@ -400,10 +402,14 @@ def test_the_admin_token_is_compared_in_time_that_does_not_tell_its_length(
         return real(a, b)
 
     monkeypatch.setattr(admin.hmac, "compare_digest", recorded)
-    write_config(tmp_path, "http://simulated/v1", settings="admin_token: admin-secret\n")
+    write_config(tmp_path, "http://simulated/v1", settings="admin_token: admin-secret-for-tests\n")
     app = create_app(load_config(tmp_path), Overrides(upstream_key=UPSTREAM_KEY), tmp_path)
     with TestClient(app) as test_client:
-        for token, status in (("a", 401), ("admin-secret-and-more", 401), ("admin-secret", 200)):
+        for token, status in (
+            ("a", 401),
+            ("admin-secret-and-more", 401),
+            ("admin-secret-for-tests", 200),
+        ):
             answer = test_client.get("/admin/budgets", headers={"authorization": f"Bearer {token}"})
             assert answer.status_code == status
     assert len(set(compared)) == 1 and compared[0][0] == compared[0][1]

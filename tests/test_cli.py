@@ -229,6 +229,17 @@ def test_ledger_flagged_lists_and_resolve_sets_the_true_cost(tmp_path: Path, bac
             pg.drop_schema(url)
 
 
+ONE_DAY_COSTS = json.dumps(
+    {
+        "object": "page",
+        "data": [{"object": "bucket", "start_time": 1730419200, "end_time": 1730505600,
+                  "results": []}],
+        "has_more": False,
+    }
+)  # fmt: skip
+"""A Costs API answer for one day (2024-11-01 UTC) without spend: a bucket all the same."""
+
+
 # What the commands that only read configuration and ledger leave unimported: the server's
 # stack (its import took longer than all the rest of `tollgate budgets` with 1,000 teams),
 # and jsonschema, which only words the errors of a file found invalid.
@@ -307,7 +318,7 @@ def test_commands_that_only_read_leave_the_server_stack_unimported(
     write_config(tmp_path, "http://127.0.0.1:9")
     new_ledger(tmp_path)
     costs = tmp_path / "costs.json"
-    costs.write_text('{"object": "page", "data": [], "has_more": false}')
+    costs.write_text(ONE_DAY_COSTS)
     argv = [str(costs) if arg == "COSTS" else arg for arg in command]
     if command[0] not in ("schema", "keys"):
         argv += ["--config", str(tmp_path)]
@@ -675,7 +686,7 @@ def test_commands_that_read_the_ledger_refuse_one_that_does_not_exist(
     history with nothing spent (exit 0). It is refused as a bad argument, nothing created."""
     write_config(tmp_path, "http://127.0.0.1:9")
     costs = tmp_path / "costs.json"
-    costs.write_text('{"object": "page", "data": [], "has_more": false}')
+    costs.write_text(ONE_DAY_COSTS)
     typo = tmp_path / "typo" / "tollgate.db"
     empty = tmp_path / "empty.db"
     empty.touch()  # a file, but no ledger in it
@@ -715,7 +726,7 @@ def test_commands_that_read_the_ledger_leave_an_empty_postgresql_database_empty(
     the read, and reported as a history with nothing spent. Refused as on SQLite."""
     write_config(tmp_path, "http://127.0.0.1:9")
     costs = tmp_path / "costs.json"
-    costs.write_text('{"object": "page", "data": [], "has_more": false}')
+    costs.write_text(ONE_DAY_COSTS)
     url = pg.new_schema()
     try:
         argv = [str(costs) if arg == "COSTS" else arg for arg in command]
@@ -809,3 +820,55 @@ def test_check_accepts_auto_among_the_allowed_sizes(
     assert main(["check", "--config", str(tmp_path)]) == 0
     assert "ok (1 team" in capsys.readouterr().out
     assert load_config(tmp_path).teams[0].allow.sizes == {"auto", "1024x1024"}
+
+
+@pytest.mark.parametrize(
+    ("by", "said"), [(",,,", "empty field"), ("team,", "empty field"), ("team,team", "twice")]
+)
+def test_report_refuses_an_empty_or_repeated_grouping(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], by: str, said: str
+) -> None:
+    from proxy.cli import main
+
+    write_config(tmp_path, "http://127.0.0.1:9/v1")
+    new_ledger(tmp_path)
+    assert main(["report", "--config", str(tmp_path), "--by", by]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tollgate report: ") and said in err
+    assert main(["report", "--config", str(tmp_path), "--by", "team,model"]) == 0
+
+
+def test_reconcile_refuses_a_costs_file_without_a_bucket_for_a_day_reconciled(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The Costs API answers one bucket per day asked, even one without spend: a page of no
+    bucket (`"data": []`) covers no day, and once read as every day matching."""
+    from proxy.cli import main
+
+    write_config(tmp_path, "http://127.0.0.1:9/v1")
+    new_ledger(tmp_path)
+    path = tmp_path / "costs.json"
+    argv = ["reconcile", "--config", str(tmp_path), "--costs", str(path)]
+    path.write_text('{"object": "page", "data": [], "has_more": false}')
+    for extra in ([], ["--from", "2024-11-01", "--to", "2024-11-03"]):
+        assert main([*argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("tollgate reconcile: the costs file holds no daily bucket"), err
+    # Buckets for November 1st and 3rd (2024, UTC), without spend.
+    buckets = [
+        {"object": "bucket", "start_time": start, "end_time": start + 86_400, "results": []}
+        for start in (1730419200, 1730592000)
+    ]
+    path.write_text(json.dumps({"object": "page", "data": buckets, "has_more": False}))
+    assert main(argv) == 2
+    assert "has no bucket for 1 of the days reconciled (2024-11-01..2024-11-03): 2024-11-02." in (
+        capsys.readouterr().err
+    )
+    assert main([*argv, "--from", "2024-10-30", "--to", "2024-11-05"]) == 2
+    err = capsys.readouterr().err
+    assert "no bucket for 5 of the days reconciled" in err
+    assert "2024-10-30..2024-10-31, 2024-11-02, 2024-11-04..2024-11-05." in err
+    assert main([*argv, "--to", "2024-11-01"]) == 0
+    assert main([*argv, "--from", "2024-11-03", "--by", "project"]) == 0
+    assert main([*argv, "--by", "project"]) == 2
+    capsys.readouterr()

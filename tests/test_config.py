@@ -222,11 +222,11 @@ def test_env_variables_are_expanded_in_every_string(policies: Path) -> None:
         """,
     )
     write(policies / "teams" / "t.yaml", team_yaml(extra="cost_center: CC-${CC}\n"))
-    config = load(policies, KEY="sk-1", HOST="proxy.example", ADMIN="s3cret", CC="7")
+    config = load(policies, KEY="sk-1", HOST="proxy.example", ADMIN="s3cret-admin-token", CC="7")
     assert config.upstream.api_key == "sk-1"
     assert config.upstream.organization is None  # unset -> empty -> off
     assert config.upstream.base_url == "https://proxy.example/v1"
-    assert config.admin_token == "s3cret"
+    assert config.admin_token == "s3cret-admin-token"
     assert config.teams[0].cost_center == "CC-7"
     assert load(policies, HOST="proxy.example").admin_token is None
     assert load(policies, HOST="proxy.example").upstream.api_key is None
@@ -1043,11 +1043,23 @@ def test_an_admin_token_that_is_a_teams_key_is_refused_without_showing_it(
     write(policies / "tollgate.yaml", "admin_token: ${ADMIN}\n")
     write(policies / "teams" / "a.yaml", team_yaml("a", KEY_A))
     write(policies / "teams" / "b.yaml", team_yaml("b", KEY_B))
-    [problem] = problems_of(policies, ADMIN="tg_b")
-    assert problem == (
+    problems = problems_of(policies, ADMIN="tg_b")  # short too: each is said
+    assert (
         "policies/tollgate.yaml:1: admin_token: is a key of team 'b': use a token of its own"
+    ) in problems
+    assert load(policies, ADMIN="tg_admin_of_its_own").admin_token == "tg_admin_of_its_own"
+
+
+@pytest.mark.parametrize("value", ["x", "s3cret", "fifteen-chars-x"])
+def test_a_short_admin_token_is_refused_without_showing_it(policies: Path, value: str) -> None:
+    """Whoever guesses it reads every team's spend and reloads the configuration."""
+    write(policies / "tollgate.yaml", "admin_token: ${ADMIN}\n")
+    [problem] = problems_of(policies, ADMIN=value)
+    assert problem == (
+        f"policies/tollgate.yaml:1: admin_token: is {len(value)} characters long: use at "
+        "least 16, random (e.g. `openssl rand -hex 32`)"
     )
-    assert load(policies, ADMIN="tg_admin").admin_token == "tg_admin"
+    assert load(policies, ADMIN="sixteen-chars-xx").admin_token == "sixteen-chars-xx"
 
 
 def test_strings_that_only_look_like_no_text_are_kept(policies: Path) -> None:
@@ -1215,7 +1227,7 @@ def test_a_dollar_brace_that_begins_no_variable_is_refused_without_showing_it(
 
 def test_variables_next_to_dollars_are_still_expanded(policies: Path) -> None:
     write(policies / "tollgate.yaml", "admin_token: a$$${TOKEN}$\n")
-    assert load(policies, TOKEN="x").admin_token == "a$$x$"
+    assert load(policies, TOKEN="x" * 16).admin_token == "a$$" + "x" * 16 + "$"
 
 
 @pytest.mark.parametrize(

@@ -17,12 +17,12 @@ from proxy.web.app import create_app
 from proxy.web.runtime import Overrides, Runtime
 from tests.conftest import UPSTREAM_KEY, write_config
 
-ADMIN = {"authorization": "Bearer admin-secret"}
+ADMIN = {"authorization": "Bearer admin-secret-for-tests"}
 
 
 @pytest.fixture
 def policies(tmp_path: Path) -> Path:
-    write_config(tmp_path, "http://simulated/v1", settings="admin_token: admin-secret\n")
+    write_config(tmp_path, "http://simulated/v1", settings="admin_token: admin-secret-for-tests\n")
     return tmp_path
 
 

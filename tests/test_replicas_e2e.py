@@ -446,9 +446,9 @@ def test_the_admin_api_answers_503_while_the_database_is_down(
     from proxy.ledger import migrate_ledger
 
     pg.run(migrate_ledger(cluster.url))
-    write_config(tmp_path, f"{simulator.url}/v1", settings="admin_token: admin-secret\n")
+    write_config(tmp_path, f"{simulator.url}/v1", settings="admin_token: admin-secret-for-tests\n")
     proxy = start_tollgate(tmp_path, ledger_url=cluster.url)
-    admin = {"authorization": "Bearer admin-secret"}
+    admin = {"authorization": "Bearer admin-secret-for-tests"}
     paths = ["/admin/budgets", "/admin/report", "/admin/report?statement=2026-11",
              "/admin/report?audit=1", "/admin/report?audit=1&format=csv"]  # fmt: skip
     try:

@@ -386,7 +386,13 @@ def test_reconcile_live_is_clean_when_every_request_went_through_tollgate(world:
     assert "matches" in reconcile(world, "--admin-key-env", "OPENAI_ADMIN_KEY").stdout
 
 
-def test_reconcile_from_a_file_flags_a_missing_day(world: World, tmp_path: Path) -> None:
+def test_reconcile_from_a_file_refuses_a_day_it_has_no_bucket_for(
+    world: World, tmp_path: Path
+) -> None:
+    """The Costs API answers a bucket for every day asked, even one without spend: a day
+    the file has none for was never saved, and is neither a match nor a difference (exit 2,
+    not 1). Once, a missing day read as `OFF` when the ledger had spend on it, and as a
+    match when it had none."""
     today = int(time.time()) // 86_400 * 86_400
     page = httpx.get(
         f"{world.simulator.url}/v1/organization/costs",
@@ -402,8 +408,16 @@ def test_reconcile_from_a_file_flags_a_missing_day(world: World, tmp_path: Path)
     missing.write_text(json.dumps(page))
     day = time.strftime("%Y-%m-%d", time.gmtime())
     done = reconcile(world, "--costs", str(missing), "--to", day)
-    assert done.returncode == 1, done.stdout
-    assert "no OpenAI data for this day" in done.stdout and "OFF" in done.stdout
+    assert done.returncode == 2, done.stdout
+    assert "has no bucket for 1 of the days reconciled" in done.stderr
+    assert done.stderr.count(day) == 2 and done.stdout == ""  # the range, and the day
+    yesterday = time.strftime("%Y-%m-%d", time.gmtime(today - 86_400))
+    done = reconcile(world, "--costs", str(missing), "--to", yesterday)
+    assert done.returncode == 0, done.stdout + done.stderr
+    page["data"] = []
+    missing.write_text(json.dumps(page))
+    done = reconcile(world, "--costs", str(missing))
+    assert done.returncode == 2 and "holds no daily bucket" in done.stderr
 
 
 def test_reconcile_shows_traffic_that_bypassed_tollgate_as_a_positive_difference(

@@ -97,9 +97,26 @@ def test_money_is_a_decimal_string_never_a_float() -> None:
 
 
 def test_unknown_dimension_names_the_valid_ones() -> None:
-    assert parse_by("team, model,team") == ("team", "model")
+    assert parse_by("team, model") == ("team", "model")
+    assert parse_by("") == parse_by(None) == ()
     with pytest.raises(InvalidRequest, match="cost_center"):
         parse_by("colour")
+
+
+@pytest.mark.parametrize(
+    ("by", "said"),
+    [
+        (",,,", "empty field"),
+        ("team,", "empty field"),
+        ("team, ,model", "empty field"),
+        ("team,team", "'team' twice"),
+        ("team, model,team", "'team' twice"),
+    ],
+)
+def test_an_empty_or_repeated_dimension_is_refused(by: str, said: str) -> None:
+    with pytest.raises(InvalidRequest, match=said) as caught:
+        parse_by(by)
+    assert caught.value.param == "by"
 
 
 @pytest.mark.parametrize(
@@ -480,3 +497,25 @@ def test_a_difference_no_more_than_what_is_held_is_not_called_bypassed() -> None
                     {(day, "gpt-image-2"): 400_000_000}, day, day, held=held)  # fmt: skip
     assert alone.off_days == alone.held_days == [day]
     assert "off only by what Tollgate holds in flight" in reconcile_table(alone)
+
+
+@pytest.mark.parametrize(
+    ("days", "first", "last", "expected"),
+    [
+        ([3, 4, 5], 3, 5, []),
+        ([3, 5], 3, 5, [(4, 4)]),
+        ([4], 1, 9, [(1, 3), (5, 9)]),
+        ([1, 2, 9, 10], 3, 8, [(3, 8)]),
+        ([], 1, 2, [(1, 2)]),
+    ],
+)
+def test_the_days_a_costs_export_leaves_out(
+    days: list[int], first: int, last: int, expected: list[tuple[int, int]]
+) -> None:
+    from proxy.finance.reconcile import gaps
+
+    def day(n: int) -> date:
+        return date(2026, 11, n)
+
+    found = gaps([day(d) for d in days], day(first), day(last))
+    assert found == [(day(a), day(b)) for a, b in expected]

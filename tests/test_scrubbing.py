@@ -9,8 +9,18 @@ import random
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from proxy.core.scrubbing import MIN_KEY_LENGTH, ChunkScrubber, Scrubber, encodings, mask
+from proxy.core.scrubbing import (
+    HELD_ECHO,
+    MIN_KEY_LENGTH,
+    ChunkScrubber,
+    Fragments,
+    Scrubber,
+    encodings,
+    mask,
+)
 
 KEY = "sk-proj-Xy9_abc-DEF0123456789ghijklmnopQRSTUVwxyz_-42"
 SCRUB = Scrubber.of_key(KEY)
@@ -261,3 +271,111 @@ def test_escapes_that_spell_no_key_are_left_as_they_are() -> None:
     near = KEY[:-1].replace("-", "\\u002d")
     body = f'{{"near": "{near}", "text": "caf\\u00e9 \\u0041BC"}}'.encode()
     assert SCRUB.data(body) == body
+
+
+ECHOES = [
+    f"{KEY[:6]}***{KEY[-4:]}",  # OpenAI's `Incorrect API key provided: sk-pro***kb0A`
+    f"{KEY[:8]}{'*' * 40}{KEY[-4:]}",
+    f"sk-***{KEY[-4:]}",
+    f"***{KEY[-3:]}",
+    f"{KEY[:3]}***",
+]
+
+
+@pytest.mark.parametrize("echo", ECHOES)
+def test_a_masked_echo_of_the_key_is_masked_whole(echo: str) -> None:
+    body = json.dumps({"error": {"message": f"Incorrect API key provided: {echo}. See"}})
+    masked = SCRUB.data(body.encode())
+    assert (
+        json.loads(masked)["error"]["message"]
+        == f"Incorrect API key provided: {mask(len(echo))}. See"
+    )
+    assert SCRUB.quoted_in(body.encode())
+    assert SCRUB.text(f"key {echo}") == f"key {mask(len(echo))}"
+    assert SCRUB.pairs([("x-ratelimit-echo", echo)]) == [("x-ratelimit-echo", mask(len(echo)))]
+
+
+@pytest.mark.parametrize("echo", ECHOES[:3])
+def test_a_masked_echo_split_across_chunks_is_masked_whole(echo: str) -> None:
+    body = f'data: {{"message": "key {echo} refused"}}'.encode()
+    expected = SCRUB.data(body)
+    for cut in range(len(body) + 1):
+        for second in range(cut, len(body) + 1):
+            chunks = [body[:cut], body[cut:second], body[second:]]
+            assert b"".join(scrub_chunks(chunks)) == expected, (cut, second)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "**bold** and ***very*** bold, a***b, 2**10",
+        f"***{KEY[-2:]} two characters of the end, {KEY[:2]}*** two of the start",
+        f"{KEY[1:]}***",  # the key without its first character is no start of it
+        "[redacted]*******",
+    ],
+)
+def test_stars_next_to_no_piece_of_the_key_are_left_as_they_are(text: str) -> None:
+    assert SCRUB.data(text.encode()) == text.encode()
+    assert not SCRUB.quoted_in(text.encode())
+
+
+_ECHO_REFERENCE = re.compile(rb"([A-Za-z0-9_-]*)\*{3,}([A-Za-z0-9_-]*)")
+_TAIL_REFERENCE = re.compile(rb"[A-Za-z0-9_-]*\*+[A-Za-z0-9_-]*\Z")
+
+
+def _echoes_by_regex(fragments: Fragments, data: bytes) -> bytes:
+    """Masked echoes as the plain regular expression reads them: the same answer, but in
+    time quadratic in a run of key characters next to the `*`s."""
+
+    def masked(echo: re.Match[bytes]) -> bytes:
+        quotes = fragments.quotes(echo[1], echo[2])
+        return mask(len(echo[0])).encode() if quotes else echo[0]
+
+    return _ECHO_REFERENCE.sub(masked, data)
+
+
+def _held_by_regex(data: bytes) -> int:
+    if b"*" not in data[-HELD_ECHO:]:
+        return 0
+    found = _TAIL_REFERENCE.search(data, max(len(data) - HELD_ECHO, 0))
+    return len(found[0]) if found is not None else 0
+
+
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                "*",
+                "**",
+                "***",
+                "****",
+                " ",
+                ".",
+                KEY[:3],
+                KEY[:7],
+                KEY[-3:],
+                KEY[-6:],
+                "sk-",
+                "ab",
+                "x" * 40,
+                "\n",
+                "é",
+            ]
+        ),
+        max_size=30,
+    )
+)
+def test_masked_echoes_are_read_as_the_regular_expression_reads_them(pieces: list[str]) -> None:
+    data = "".join(pieces).encode()
+    fragments = Fragments(KEY.encode())
+    assert fragments.masked(data) == _echoes_by_regex(fragments, data)
+    assert Fragments.held(data) == _held_by_regex(data)
+    assert Fragments.held(b"y" * 2000 + data) == _held_by_regex(b"y" * 2000 + data)
+
+
+def test_a_long_run_of_letters_before_stars_is_read_once() -> None:
+    """200,000 letters and then `***`: the regular expression retried the run from each of
+    its letters (minutes of a stopped event loop); each letter is now looked at once."""
+    data = b"a" * 200_000 + b"*** " + f"{KEY[:6]}***{KEY[-4:]}".encode()
+    masked = Fragments(KEY.encode()).masked(data)
+    assert masked == b"a" * 200_000 + b"*** " + mask(len(KEY[:6]) + 3 + 4).encode()

@@ -432,7 +432,7 @@ def test_a_limit_lowered_mid_storm_admits_nothing_more(
     spent."""
     oracle_config(tmp_path, simulator)
     config = tmp_path / "tollgate.yaml"
-    config.write_text(config.read_text() + "admin_token: storm-admin\n")
+    config.write_text(config.read_text() + "admin_token: storm-admin-token-16\n")
     team_file = tmp_path / "teams" / "oracle.yaml"
     if layout == "replicas":
         shared = request.getfixturevalue("shared")
@@ -456,7 +456,7 @@ def test_a_limit_lowered_mid_storm_admits_nothing_more(
                 for replica in replicas:
                     answer = await http.post(
                         f"{replica.url}/admin/reload",
-                        headers={"authorization": "Bearer storm-admin"},
+                        headers={"authorization": "Bearer storm-admin-token-16"},
                     )
                     assert answer.status_code == 200, answer.text
             reloaded = time.time()

@@ -525,7 +525,8 @@ async def test_an_answer_that_echoes_the_key_is_scrubbed_in_process() -> None:
 
 
 async def test_an_answer_that_echoes_the_key_is_scrubbed_over_the_network() -> None:
-    """Over aiohttp, with the key split between two writes of a chunked body."""
+    """Over aiohttp, with the key split between two writes of a chunked body (an error
+    answer that quotes it is not passed on at all: `test_an_error_quoting_the_key_*`)."""
 
     async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await request_head(reader)
@@ -535,7 +536,7 @@ async def test_an_answer_that_echoes_the_key_is_scrubbed_over_the_network() -> N
             if line.lower().startswith(b"authorization:")
         )
         writer.write(
-            b"HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\n"
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
             b"x-echo: " + authorization + b"\r\ntransfer-encoding: chunked\r\n\r\n"
         )
         body = b'{"error": {"message": "bad key ' + authorization + b'"}}'
@@ -550,7 +551,7 @@ async def test_an_answer_that_echoes_the_key_is_scrubbed_over_the_network() -> N
     async with loopback(reply) as url, upstream(url) as client:
         answer = await client.send("/images/generations", order(), JSON, [])
         body = b"".join(await read(answer))
-    assert answer.status == 401
+    assert answer.status == 200
     assert answer.headers["x-echo"] == "Bearer [redacted]" + "*" * (len(UPSTREAM_KEY) - 10)
     assert UPSTREAM_KEY.encode() not in body and body.endswith(b'*"}}')
 
@@ -621,10 +622,10 @@ CODINGS = [
 async def test_an_error_answer_in_a_coding_not_asked_for_comes_without_its_body(
     coding: bytes,
 ) -> None:
-    async with loopback(coded_reply(b"401 Unauthorized", coding)) as url, upstream(url) as client:
+    async with loopback(coded_reply(b"403 Forbidden", coding)) as url, upstream(url) as client:
         answer = await client.send("/images/generations", order(), JSON, [])
         body = b"".join(await read(answer))
-    assert answer.status == 401 and body == b""
+    assert answer.status == 403 and body == b""
 
 
 @pytest.mark.parametrize("coding", CODINGS, ids=lambda c: c.decode())
@@ -674,7 +675,7 @@ async def test_a_header_folding_the_key_over_two_lines_is_dropped() -> None:
     cut = len(UPSTREAM_KEY) // 2
     key = UPSTREAM_KEY.encode()
     reply = writing(
-        b"HTTP/1.1 401 Unauthorized\r\nx-ratelimit-echo: Bearer " + key[:cut] + b"\r\n "
+        b"HTTP/1.1 403 Forbidden\r\nx-ratelimit-echo: Bearer " + key[:cut] + b"\r\n "
         + key[cut:] + b"\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}"
     )  # fmt: skip
     async with loopback(reply) as url, upstream(url) as client:
@@ -802,15 +803,111 @@ def test_the_pool_is_made_when_the_app_starts_and_when_a_reload_replaces_it(
 ) -> None:
     """The TLS context and the HTTP client's modules cost tens of milliseconds: made at
     start (and by a reload that builds a new client), not on the first request."""
-    write_config(tmp_path, "http://127.0.0.1:9/v1", settings="admin_token: admin-secret\n")
+    write_config(
+        tmp_path, "http://127.0.0.1:9/v1", settings="admin_token: admin-secret-for-tests\n"
+    )
     app = create_app(load_config(tmp_path), Overrides(upstream_key=UPSTREAM_KEY), tmp_path)
     with TestClient(app) as client:
         first = app.current().upstream
         assert first._client._session is not None  # type: ignore[attr-defined]
         text = (tmp_path / "tollgate.yaml").read_text()
         (tmp_path / "tollgate.yaml").write_text(text.replace("timeout_s: 3", "timeout_s: 4"))
-        reloaded = client.post("/admin/reload", headers={"authorization": "Bearer admin-secret"})
+        reloaded = client.post(
+            "/admin/reload", headers={"authorization": "Bearer admin-secret-for-tests"}
+        )
         assert reloaded.status_code == 200
         second = app.current().upstream
         assert second is not first
         assert second._client._session is not None  # type: ignore[attr-defined]
+
+
+def openai_error(
+    status: bytes, message: str, code: str, kind: str = "invalid_request_error"
+) -> Handler:
+    """A reply in OpenAI's error shape, with `x-request-id` and a rate-limit header."""
+    body = json.dumps(
+        {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    ).encode()
+    return writing(
+        b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
+        b"x-request-id: req_refused\r\nx-ratelimit-remaining-requests: 59\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body
+    )
+
+
+def pieces(key: str = UPSTREAM_KEY) -> list[str]:
+    """What OpenAI shows of a key it refuses: its first 6 and its last 4 characters."""
+    return [key[:6], key[-4:]]
+
+
+@pytest.mark.parametrize("coding", [None, b"gzip"], ids=["plain", "gzip"])
+async def test_an_upstream_401_is_tollgates_own_error_with_no_piece_of_the_key(
+    coding: bytes | None,
+) -> None:
+    message = (
+        f"Incorrect API key provided: {UPSTREAM_KEY[:6]}***{UPSTREAM_KEY[-4:]}. You can find "
+        "your API key at https://platform.openai.com/account/api-keys."
+    )
+    reply = (
+        openai_error(b"401 Unauthorized", message, "invalid_api_key")
+        if coding is None
+        else coded_reply(b"401 Unauthorized", coding)
+    )
+    async with loopback(reply) as url, upstream(url) as client:
+        answer = await client.send("/images/generations", order(), JSON, [])
+        body = b"".join(await read(answer))
+    assert answer.status == 401
+    error = json.loads(body)["error"]
+    assert error["code"] == "invalid_api_key" and error["type"] == "invalid_request_error"
+    assert "upstream.api_key" in error["message"] and error["param"] is None
+    assert not any(p in body.decode() for p in pieces())
+    assert answer.headers["content-type"] == JSON
+    if coding is None:
+        assert response_headers(answer) == [
+            ("x-request-id", "req_refused"),
+            ("x-ratelimit-remaining-requests", "59"),
+            ("content-type", JSON),
+        ]
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "shown"),
+    [
+        (b"403 Forbidden", "insufficient_permissions", f"{UPSTREAM_KEY[:6]}***{UPSTREAM_KEY[-4:]}"),
+        (b"429 Too Many Requests", "rate_limit_exceeded", f"sk-***{UPSTREAM_KEY[-4:]}"),
+        (b"400 Bad Request", "invalid_value", f"{UPSTREAM_KEY[:8]}*********"),
+    ],
+)
+async def test_an_error_quoting_a_masked_key_is_tollgates_own_with_its_status_and_code(
+    status: bytes, code: str, shown: str
+) -> None:
+    message = f"The key {shown} has no access to gpt-image-2 in project proj_1."
+    async with loopback(openai_error(status, message, code)) as url, upstream(url) as client:
+        answer = await client.send("/images/generations", order(), JSON, [])
+        body = b"".join(await read(answer))
+    assert answer.status == int(status[:3])
+    error = json.loads(body)["error"]
+    assert error["code"] == code and "quotes the API key" in error["message"]
+    assert not any(p in body.decode() for p in pieces()) and "***" not in body.decode()
+
+
+async def test_an_error_that_quotes_no_key_passes_as_it_came_however_long() -> None:
+    message = "Invalid size **3000x3000**: " + "x" * 100_000 + " *** done"
+    reply = openai_error(b"400 Bad Request", message, "invalid_value")
+    async with loopback(reply) as url, upstream(url) as client:
+        answer = await client.send("/images/generations", order(), JSON, [])
+        body = b"".join(await read(answer))
+    assert answer.status == 400
+    assert json.loads(body)["error"]["message"] == message
+
+
+async def test_an_error_body_that_breaks_off_while_read_ahead_breaks_off_when_read() -> None:
+    reply = writing(
+        b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
+        b"content-length: 1000\r\nconnection: close\r\n\r\n" + b'{"error": {"message": "x'
+    )
+    async with loopback(reply) as url, upstream(url) as client:
+        answer = await client.send("/images/generations", order(), JSON, [])
+        with pytest.raises(UpstreamUnavailable):
+            await read(answer)
+    assert answer.status == 500

@@ -43,6 +43,8 @@ so there (`upstream.data_residency`, which such a host turns on and cannot turn 
 
 HEADER_TOKEN = re.compile(r"[!-~]+")
 """What a value sent in a header (the upstream key, organization, project) may hold."""
+MIN_ADMIN_TOKEN = 16
+"""The fewest characters of an admin token: a short one can be guessed."""
 
 
 class Builder:
@@ -223,6 +225,14 @@ class Builder:
                 ("admin_token",),
                 "must be printable ASCII without spaces (is there a newline at the end "
                 "of the file or variable it comes from?)",
+            )
+        elif len(token) < MIN_ADMIN_TOKEN:
+            # Whoever guesses it reads every team's spend and reloads the configuration.
+            self._problem(
+                doc,
+                ("admin_token",),
+                f"is {len(token)} characters long: use at least {MIN_ADMIN_TOKEN}, random "
+                "(e.g. `openssl rand -hex 32`)",
             )
         digest = key_hash(token)
         for team in teams:

@@ -22,9 +22,15 @@ likely to use and overwrites each occurrence with a mask of the same length:
     escapes                         reader decodes them): the whole run of key characters
                                     and escapes that decodes to hold it is masked
 
+    a masked echo of the key        OpenAI's own way of quoting a key it refuses,
+                                    `sk-pro***kb0A`: a run of `*`s with a piece of the
+                                    key's start before it or of its end after it, at
+                                    least `FRAGMENT` characters (`Fragments`); the whole
+                                    echo is masked
+
 Not covered: url-safe base64 of a key with other characters, hex, other encodings,
-JSON escapes in a UTF-16 or UTF-32 body, and pieces of the key (a
-truncated echo such as OpenAI's own `sk-pro***abcd`). In base64 the character at
+JSON escapes in a UTF-16 or UTF-32 body, and pieces of the key not next to a run of
+`*`s (or shorter than `FRAGMENT`). In base64 the character at
 each end of the encoded key that also carries bits of its neighbours is left as it
 is (at most four bits of the key's first and of its last byte).
 
@@ -235,7 +241,12 @@ class Scrubber:
     `patterns=False` searches for each form in turn, as where Hyperscan cannot run."""
 
     def __init__(
-        self, forms: Iterable[str], *, patterns: bool = True, escaped: str | None = None
+        self,
+        forms: Iterable[str],
+        *,
+        patterns: bool = True,
+        escaped: str | None = None,
+        fragments: str | None = None,
     ) -> None:
         self.needles = tuple(Needle.of(f) for f in forms if f)
         self.form_bytes = frozenset(b"".join(n.data for n in self.needles))
@@ -244,16 +255,18 @@ class Scrubber:
         self._wide = tuple(n for n in self.needles if NUL in n.data)
         """The UTF-16 and UTF-32 forms: searched only in bytes holding a NUL, as no UTF-8
         answer does (one `memchr`); Hyperscan's literals cannot hold one."""
-        self._patterns = Patterns.of(self._narrow) if patterns else None
         self.escapes = Escapes.of(escaped) if escaped else None
         """The key written with JSON escapes (`Escapes`), when it is scrubbed so."""
+        self.fragments = Fragments(fragments.encode()) if fragments else None
+        """Masked echoes of the key (`Fragments`), when it is scrubbed of them."""
+        self._patterns = Patterns.of(self._narrow) if patterns else None
 
     @classmethod
     def of_key(cls, key: str | None) -> Scrubber:
         """The scrubber of an upstream key (of nothing for a missing or toy key)."""
         if not key or len(key) < MIN_KEY_LENGTH:
             return cls(())
-        return cls(encodings(key), escaped=key)
+        return cls(encodings(key), escaped=key, fragments=key)
 
     def __bool__(self) -> bool:
         return bool(self.needles)
@@ -265,6 +278,10 @@ class Scrubber:
 
     def data(self, data: bytes) -> bytes:
         """`data` with every form of the secret masked."""
+        # Masked echoes first, as the upstream wrote them: the stars of a mask of the whole
+        # key must not make an echo of what follows it.
+        if self.fragments is not None and STAR in data:
+            data = self.fragments.masked(data)
         if self.escapes is not None and BACKSLASH in data:
             data = self.escapes.masked(data)
         if self._patterns is not None:
@@ -285,10 +302,18 @@ class Scrubber:
         return data
 
     def text(self, text: str) -> str:
+        if self.fragments is not None and "*" in text:
+            raw = text.encode("utf-8", "surrogateescape")
+            text = self.fragments.masked(raw).decode("utf-8", "surrogateescape")
         for needle in self.needles:
             if needle.text in text:
                 text = text.replace(needle.text, needle.masked.decode())
         return text
+
+    def quoted_in(self, data: bytes) -> bool:
+        """Whether `data` holds the key in any form this scrubber masks, whole or a masked
+        echo of a piece of it (an error quoting it is then not passed on at all)."""
+        return self.data(data) != data
 
     def pairs(self, pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]] | None:
         """Header (name, value) pairs with the secret masked in the values, or None when
@@ -302,7 +327,8 @@ class Scrubber:
         # across two of them is then looked for in each, and is not there). Blanks are
         # taken out first: no form holds one.
         joined = _unblanked("\n".join(chain.from_iterable(pairs)))
-        if not any(n.text in joined for n in self.needles):
+        echoed = self.fragments is not None and "*" in joined and self.text(joined) != joined
+        if not echoed and not any(n.text in joined for n in self.needles):
             return None
         kept = [(k, self.text(v)) for k, v in pairs if self.text(k) == k]
         kept = [(k, v) for k, v in kept if self.text(_unblanked(v)) == _unblanked(v)]
@@ -402,6 +428,106 @@ def _decoded(code: int) -> bytes:
     return bytes([code]) if code < 0x80 else b"\0"
 
 
+STAR = b"*"
+"""What every masked echo of the key holds; bytes without one (base64, most JSON) need no
+search for one (a `memchr`: some 16 µs per 2 MB answer)."""
+FRAGMENT = 3
+"""The fewest characters of the key's start or end that make a masked echo: `sk-***` is
+one (a piece of the start), `***ab` is not (two characters of the end)."""
+KEY_CHARACTERS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+"""What a masked echo's pieces of the key are written with."""
+_STARS = re.compile(rb"\*{3,}")
+_KEY_RUN = re.compile(rb"[A-Za-z0-9_-]*")
+
+
+def _key_run_end(data: bytes, at: int) -> int:
+    """Where the run of key characters from `at` ends."""
+    found = _KEY_RUN.match(data, at)
+    return found.end() if found is not None else at
+
+
+def _key_run_start(data: bytes, low: int, at: int) -> int:
+    """Where the run of key characters that ends at `at` begins, `low` at the earliest (read
+    backwards in one pass, on a reversed copy)."""
+    return at - _key_run_end(data[low:at][::-1], 0)
+
+
+class Fragments:
+    """Masked echoes of a key: `sk-pro***kb0A`, as OpenAI quotes a key it refuses.
+
+    A run of three or more `*`s with key characters on either side is an echo when the
+    characters before it end with the key's first `FRAGMENT` or more, or those after it
+    begin with its last `FRAGMENT` or more; the whole run (both sides and the `*`s) is
+    masked, its length kept. Each byte is looked at a bounded number of times, whatever
+    the text around the `*`s: a long run of letters before them (an answer's text is the
+    upstream's, and may echo a prompt) costs no more than reading it."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+
+    def quotes(self, before: bytes, after: bytes) -> bool:
+        key = self.key
+        # Only the key's length of either side can hold a piece of it.
+        before, after = before[-len(key) :], after[: len(key)]
+        starts = any(key.startswith(before[i:]) for i in range(len(before) - FRAGMENT + 1))
+        ends = any(key.endswith(after[:j]) for j in range(FRAGMENT, len(after) + 1))
+        return starts or ends
+
+    def masked(self, data: bytes) -> bytes:
+        """`data` with every masked echo of the key masked again, whole."""
+        key = self.key
+        head, tail = key[:FRAGMENT], key[-FRAGMENT:]
+        if head not in data and tail not in data:
+            return data  # an echo holds one or the other: most text with `*`s holds neither
+        parts: list[bytes] = []
+        written = 0  # what is in `parts`
+        done = 0  # what is read: the key characters after a run of `*`s belong to it
+        reach = len(key)
+        for stars in _STARS.finditer(data):
+            start, end = stars.span()
+            if start < done:
+                continue
+            last = _key_run_end(data, end)
+            near = max(done, start - reach)
+            if data.find(head, near, start) < 0 and data.find(tail, end, last) < 0:
+                done = last  # no piece of the key on either side
+                continue
+            first = _key_run_start(data, near, start)
+            if self.quotes(data[first:start], data[end:last]):
+                if first == near:
+                    first = _key_run_start(data, done, first)  # the whole run is masked
+                parts.append(data[written:first])
+                parts.append(mask(last - first).encode())
+                written = last
+            done = last
+        if not parts:
+            return data
+        parts.append(data[written:])
+        return b"".join(parts)
+
+    @staticmethod
+    def held(data: bytes) -> int:
+        """How many bytes at the end of `data` could be an echo the next chunk completes
+        (0: none): a trailing run of key characters with `*`s in it."""
+        since = max(len(data) - HELD_ECHO, 0)
+        star = data.rfind(STAR, since)
+        if star < 0:
+            return 0
+        tail = _KEY_RUN.match(data, star + 1)
+        if tail is None or tail.end() != len(data):
+            return 0
+        first = star
+        while first > since and data[first - 1] == STAR[0]:
+            first -= 1
+        while first > since and data[first - 1] in KEY_CHARACTERS:
+            first -= 1
+        return len(data) - first
+
+
+HELD_ECHO = 1024
+"""The longest end of a chunk held back as the start of a masked echo."""
+
+
 class ChunkScrubber:
     """Scrubs a body that arrives in chunks, including a key split across chunks.
 
@@ -414,7 +540,11 @@ class ChunkScrubber:
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._held + chunk if self._held else chunk
-        data = self._scrubber.data(data)
+        # A masked echo the next chunk may complete is held as it came, unmasked: masked
+        # now, the rest of it (the key's last characters) would go out after the mask.
+        echo = Fragments.held(data) if self._scrubber.fragments is not None else 0
+        echo_tail = data[len(data) - echo :]
+        data = self._scrubber.data(data[: len(data) - echo])
         # Only data whose last byte is in some form can end with the start of one: a JSON
         # answer's `}` or an event's blank line never is.
         ends_in_form = bool(data) and data[-1] in self._scrubber.form_bytes
@@ -423,12 +553,13 @@ class ChunkScrubber:
         if escapes is not None:
             hold = max(hold, escapes.held(data))
         if not hold:
-            self._held = b""
+            self._held = echo_tail
             return data
-        self._held = data[-hold:]
+        self._held = data[-hold:] + echo_tail
         return data[:-hold]
 
     def finish(self) -> bytes:
-        """The end of the body: what was held back is no whole key, so it goes out."""
+        """The end of the body: what was held back is no whole key, so it goes out (masked,
+        as it may end with a masked echo held unmasked)."""
         held, self._held = self._held, b""
-        return held
+        return self._scrubber.data(held) if held else held

@@ -22,6 +22,7 @@ never falls below what the upstream billed: an operator resolves a flagged row
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -344,8 +345,15 @@ def error_code(body: bytes) -> str | None:
         return None
 
 
+PLAIN_CODE = re.compile(r"[A-Za-z0-9_.:-]{1,64}", re.ASCII)
+"""What an error code kept in the ledger may look like: never free text, which may quote
+a piece of the company key (`sk-pro***kb0A`)."""
+
+
 def error_code_of(error: Any) -> str | None:
     if isinstance(error, dict):
         code = error.get("code") or error.get("type")
-        return str(code) if code is not None else None
+        if code is None:
+            return None
+        return str(code) if PLAIN_CODE.fullmatch(str(code)) else "unreadable_code"
     return None

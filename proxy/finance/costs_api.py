@@ -6,8 +6,9 @@ fetched live, and refused, naming what is wrong, when they are not one whole ans
 
 An answer is pages of daily buckets (UTC days), each a list of results with an `amount`
 in US dollars, grouped by line item and/or project. What is refused: a page that is not
-one (no `data`, an error answer saved in its place), a saved answer whose last page says
-it has more, a bucket wider than a day or across a UTC midnight, an amount that is not a
+one (no `data`, an error answer saved in its place), a saved answer of no bucket at all
+(it covers no day), a saved answer whose last page says it has more, a bucket wider than
+a day or across a UTC midnight, an amount that is not a
 finite number below `MOST_USD` dollars or not in `usd`, a bucket repeated or overlapping
 another of the same group (exports put together), and, live, pages that never end or a
 page larger than `MOST_PAGE_BYTES`.
@@ -77,6 +78,15 @@ def load_costs_file(text: str) -> list[dict[str, Any]]:
                 f"the costs file is not a Costs API answer: page {number}: {problem}",
                 param="costs",
             )
+    if not any(page["data"] for page in pages):
+        # As an empty file: `"data": []` covers no day, and every day read as matching.
+        raise InvalidRequest(
+            "the costs file holds no daily bucket ('data' is empty in every page): it covers "
+            "no day, so no day can be compared. The Costs API answers one bucket per day "
+            "asked, even a day without spend: save its answer for the days to reconcile "
+            "(start_time .. end_time), or fetch the costs live with --admin-key-env.",
+            param="costs",
+        )
     if pages and pages[-1].get("has_more") is True:
         # The rest of the answer was never saved: its days would go unreconciled, or, a day
         # split over pages, be compared with part of its amounts.

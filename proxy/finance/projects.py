@@ -282,7 +282,7 @@ async def run(
         )
     fetched = admin_key is not None
     openai = parse_costs(pages, config.prices, fetched=fetched)
-    first, last = window(openai.days, first, last, today)
+    first, last = window(openai.days, first, last, today, saved=not fetched)
     ledger = await open_ledger(ledger_url)
     try:
         ours = await ledger_costs(ledger, first, last, config.project_of)

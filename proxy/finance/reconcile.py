@@ -424,15 +424,54 @@ def unresolved_json(unresolved: Sequence[Flagged]) -> list[dict[str, Any]]:
 
 
 def window(
-    covered: Iterable[date], first: date | None, last: date | None, today: date
+    covered: Iterable[date],
+    first: date | None,
+    last: date | None,
+    today: date,
+    *,
+    saved: bool = False,
 ) -> tuple[date, date]:
-    """The UTC days to reconcile: `first`..`last`, by default the days an export covers."""
+    """The UTC days to reconcile: `first`..`last`, by default the days an export covers.
+
+    `saved`: the days come from a saved export, which must hold a bucket for each of them.
+    The Costs API answers one bucket per day asked, even a day without spend: a day with
+    none was not asked for (or not saved), and reads as neither a match nor a difference.
+    InvalidRequest naming the missing days (an export of no bucket at all is refused
+    before, by `load_costs_file`)."""
     days = sorted(covered) or [today]
     first = first or days[0]
     last = last or days[-1]
     if last < first:
         raise InvalidRequest(f"--to {last} is before --from {first}.", param="to")
+    missing = gaps(days, first, last) if saved else []
+    if missing:
+        count = sum((b - a).days + 1 for a, b in missing)
+        shown = ", ".join(a.isoformat() if a == b else f"{a}..{b}" for a, b in missing[:5])
+        more = f" and {len(missing) - 5} more gap(s)" if len(missing) > 5 else ""
+        raise InvalidRequest(
+            f"the costs file has no bucket for {count} of the days reconciled "
+            f"({first}..{last}): {shown}{more}. The Costs API answers one bucket per day "
+            "asked, even an empty one: save its answer for these days too, or reconcile only "
+            "the days it covers (--from/--to).",
+            param="costs",
+        )
     return first, last
+
+
+def gaps(days: Sequence[date], first: date, last: date) -> list[tuple[date, date]]:
+    """The runs of days `first`..`last` (both included) that sorted `days` leaves out."""
+    found, expected = [], first
+    for day in days:
+        if day > last:
+            break
+        if day < expected:
+            continue
+        if day > expected:
+            found.append((expected, day - timedelta(days=1)))
+        expected = day + timedelta(days=1)
+    if expected <= last:
+        found.append((expected, last))
+    return found
 
 
 def parse_day(text: str) -> date:
@@ -467,7 +506,7 @@ async def run(
         pages = await fetch_costs(config.upstream.base_url, admin_key, first, last)
     book = config.prices
     openai = parse_costs(pages, book)
-    first, last = window(openai.days, first, last, today)
+    first, last = window(openai.days, first, last, today, saved=admin_key is None)
     ledger = await open_ledger(ledger_url)
     try:
         ours = await ledger_costs(ledger, first, last, book)

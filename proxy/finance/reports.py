@@ -227,18 +227,29 @@ def in_range(day: date, param: str) -> date:
 
 
 def parse_by(text: str | None) -> tuple[Dimension, ...]:
-    """`"team,model"` → `("team", "model")`; unknown names are an error naming the valid ones."""
+    """`"team,model"` → `("team", "model")`; None or "" → `()` (no grouping). An unknown
+    name is an error naming the valid ones; so is an empty one (`team,,model`, `,`) and one
+    given twice (`team,team`), which were once dropped: a typo then went unseen."""
+    if not text:
+        return ()
     found: list[Dimension] = []
-    for name in (text or "").split(","):
+    for name in text.split(","):
         name = name.strip()
         if not name:
-            continue
+            raise InvalidRequest(
+                f"by={text!r} has an empty field: name each one once, separated by commas "
+                f"(e.g. team,model), from {', '.join(DIMENSIONS)}.",
+                param="by",
+            )
         if name not in DIMENSIONS:
             raise InvalidRequest(
                 f"cannot group by {name!r}: use any of {', '.join(DIMENSIONS)}.", param="by"
             )
-        if name not in found:
-            found.append(name)
+        if name in found:
+            raise InvalidRequest(
+                f"by={text!r} names {name!r} twice: name each field once.", param="by"
+            )
+        found.append(name)
     return tuple(found)
 
 

@@ -111,13 +111,25 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+READY_REASONS = ("ledger writes failing", "ledger unreachable")
+"""What `/readyz` may say of a ledger that is not ready: it needs no token, so never the
+error itself, which names the database's host, port, user or file (that goes to the log)."""
+
+
 async def readyz(request: Request, runtime: Runtime) -> Response:
     """The process answers and reaches its ledger."""
     try:
         await runtime.ledger.ping()
     except LedgerError as exc:
-        return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
+        log.warning("not ready: %s", exc)
+        return JSONResponse({"status": "unavailable", "reason": reason(exc)}, status_code=503)
     return JSONResponse({"status": "ready"})
+
+
+def reason(exc: LedgerError) -> str:
+    """The kind of ledger failure `exc` is, one of `READY_REASONS`."""
+    text = str(exc)
+    return next((r for r in READY_REASONS if text.startswith(r)), "ledger unreachable")
 
 
 async def metrics_endpoint(request: Request, runtime: Runtime) -> Response:
