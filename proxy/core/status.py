@@ -69,11 +69,15 @@ class BudgetStatus:
         }
 
 
+_NOTHING = Totals()
+"""A counter the totals do not name holds nothing (a frozen value: one serves them all)."""
+
+
 def statuses(applied: list[Applied], totals: dict[Counter, Totals]) -> list[BudgetStatus]:
     """The status of each applied budget given its counter's totals (pure)."""
     found = []
     for a in applied:
-        t = totals.get(a.counter, Totals())
+        t = totals.get(a.counter, _NOTHING)
         money = a.budget.metric == "usd"
         found.append(
             BudgetStatus(
