@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from proxy.config.prices import load_price_book
 from proxy.core.models import Counter, Totals
-from proxy.core.periods import Applied, applicable, window
+from proxy.core.periods import Applied, applicable, read_counter, window
 from proxy.core.settings import Allow, Budget, Config, Team, UpstreamSettings
 from proxy.core.status import configured, statuses
 
@@ -56,6 +57,32 @@ def test_configured_lists_organization_and_team_budgets_but_not_per_user(config:
     ]
     for a in found:
         assert a.window == window(a.budget.period, NOW, ZoneInfo(config.timezone))
+
+
+@pytest.mark.parametrize("zone_name", ["UTC", "America/New_York", "Australia/Lord_Howe"])
+@pytest.mark.parametrize(
+    "at", [NOW, datetime(2026, 11, 1, 5, 59, 59, tzinfo=UTC).timestamp(), 1_793_491_200.0]
+)
+def test_configured_counters_are_each_budgets_own(
+    config: Config, zone_name: str, at: float
+) -> None:
+    """Windows are computed once per period for all the budgets of it: each budget's
+    counter and window are still what `read_counter` gives that budget alone, `since`
+    and `until` included (they are no part of a counter's equality)."""
+    budgets = tuple(Budget(p, "usd", NANOS) for p in ("day", "week", "month", "total"))
+    teams = (*config.teams, make_team("all", budgets))
+    zoned = replace(config, timezone=zone_name, organization_budgets=budgets, teams=teams)
+    tz = ZoneInfo(zone_name)
+    found = configured(zoned, at)
+    expected = [("organization", "", b) for b in budgets] + [
+        ("team", t.name, b) for t in teams for b in t.budgets
+    ]
+    assert len(found) == len(expected)
+    for a, (scope, team, budget) in zip(found, expected, strict=True):
+        w = window(budget.period, at, tz)
+        own = read_counter(scope, team, "", w, tz)
+        assert (a.budget, a.window) == (budget, w)
+        assert (a.counter, a.counter.since, a.counter.until) == (own, own.since, own.until)
 
 
 def test_usd_status_splits_spent_and_reserved(config: Config) -> None:

@@ -54,8 +54,16 @@ def run_budgets(args: argparse.Namespace) -> int:
     lines = [header]
     tz = zone(config.timezone)
     ends_at: dict[float, str] = {}  # a period's end is shared by many budgets
+    dollars: dict[int, str] = {}  # so are limits, and often what is spent and remaining
+
+    def money(nanos: int) -> str:
+        text = dollars.get(nanos)
+        if text is None:
+            text = dollars[nanos] = usd_text(nanos)
+        return text
+
     for b in found:
-        show: Callable[[int], str] = usd_text if b.metric == "usd" else str
+        show: Callable[[int], str] = money if b.metric == "usd" else str
         unit = "$" if b.metric == "usd" else ""
         suffix = "" if b.metric == "usd" else " " + b.metric.removesuffix("_tokens") + " tok"
         ends = "never"
@@ -68,13 +76,9 @@ def run_budgets(args: argparse.Namespace) -> int:
             f"{unit}{show(b.spent)}", f"{unit}{show(b.reserved)}",
             f"{unit}{show(b.remaining)}", f"{b.utilization * 100:.1f}%", ends,
         ))  # fmt: skip
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    sys.stdout.write(
-        "".join(
-            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) + "\n"
-            for line in lines
-        )
-    )
+    widths = [max(map(len, column)) for column in zip(*lines, strict=True)]
+    row = "  ".join(f"{{:<{width}}}" for width in widths) + "\n"  # each cell left-aligned
+    sys.stdout.write("".join(row.format(*line) for line in lines))
     if batches:
         print("\nOpen batches (their reservations are in RESERVED above):")
         for batch in batches:
