@@ -612,6 +612,31 @@ async def test_a_streamed_echo_of_the_key_followed_by_more_stars_is_masked_whole
     assert not any(p in body for p in pieces()), body
 
 
+async def test_an_error_body_read_ahead_when_its_exchange_is_cancelled_is_closed() -> None:
+    # The upstream stalls in the middle of an error body; the exchange's deadline (here a
+    # cancel) stops the read ahead: the answer is closed, its connection not kept out.
+    started = asyncio.Event()
+    answered: list[httpx.Response] = []
+
+    def stalled(request: httpx.Request) -> httpx.Response:
+        async def body() -> AsyncIterator[bytes]:
+            yield b'{"error": {"message": "'
+            started.set()
+            await asyncio.Event().wait()
+            yield b'"}}'
+
+        answered.append(httpx.Response(400, headers={"content-type": JSON}, content=body()))
+        return answered[-1]
+
+    async with upstream("http://simulated/v1", transport=httpx.MockTransport(stalled)) as client:
+        sending = asyncio.ensure_future(client.send("/images/generations", order(), JSON, []))
+        await started.wait()
+        sending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+        assert [r.is_closed for r in answered] == [True]
+
+
 def coded_reply(status: bytes, coding: bytes) -> Handler:
     """An answer that echoes the key in a body compressed with `coding` (gzip if it names
     none zlib makes), though Tollgate asked for it as it is. A `coding` that starts with
