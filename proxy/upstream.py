@@ -302,6 +302,11 @@ async def vetted(answer: Answer, scrubber: Scrubber) -> Answer:
             rest = None
     except BROKEN_OFF as exc:
         broken, rest = exc, None
+    except BaseException:
+        # Cancelled while read ahead (the exchange's deadline, a stop): nobody else holds
+        # the answer to close it, and its connection would stay out of the pool.
+        await answer.aclose()
+        raise
     if answer.status != KEY_REFUSED and not scrubber.quoted_in(head):
         return Peeked(answer, head, rest, broken)
     await answer.aclose()

@@ -590,6 +590,53 @@ async def test_a_body_that_breaks_off_on_an_echo_of_the_key_fails_without_it() -
     assert "[redacted]" in caught.value.message and UPSTREAM_KEY not in str(caught.value)
 
 
+async def test_a_streamed_echo_of_the_key_followed_by_more_stars_is_masked_whole() -> None:
+    # The stream's first event ends inside an echo, the second after more `*`s.
+    echo = f"{UPSTREAM_KEY[:6]}***{UPSTREAM_KEY[-4:]}***x"
+    event = f'data: {{"type": "response.output_text.delta", "delta": "{echo} done"}}\n\n'
+    cut = event.index(echo) + 8
+    ends = event.index("***x") + 4
+
+    def streamed(request: httpx.Request) -> httpx.Response:
+        async def body() -> AsyncIterator[bytes]:
+            yield event[:cut].encode()
+            yield event[cut:ends].encode()
+            yield event[ends:].encode()
+
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body())
+
+    async with upstream("http://simulated/v1", transport=httpx.MockTransport(streamed)) as client:
+        answer = await client.send("/responses", order(), JSON, [])
+        body = b"".join(await read(answer)).decode()
+    assert len(body) == len(event) and body.endswith(' done"}\n\n')
+    assert not any(p in body for p in pieces()), body
+
+
+async def test_an_error_body_read_ahead_when_its_exchange_is_cancelled_is_closed() -> None:
+    # The upstream stalls in the middle of an error body; the exchange's deadline (here a
+    # cancel) stops the read ahead: the answer is closed, its connection not kept out.
+    started = asyncio.Event()
+    answered: list[httpx.Response] = []
+
+    def stalled(request: httpx.Request) -> httpx.Response:
+        async def body() -> AsyncIterator[bytes]:
+            yield b'{"error": {"message": "'
+            started.set()
+            await asyncio.Event().wait()
+            yield b'"}}'
+
+        answered.append(httpx.Response(400, headers={"content-type": JSON}, content=body()))
+        return answered[-1]
+
+    async with upstream("http://simulated/v1", transport=httpx.MockTransport(stalled)) as client:
+        sending = asyncio.ensure_future(client.send("/images/generations", order(), JSON, []))
+        await started.wait()
+        sending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+        assert [r.is_closed for r in answered] == [True]
+
+
 def coded_reply(status: bytes, coding: bytes) -> Handler:
     """An answer that echoes the key in a body compressed with `coding` (gzip if it names
     none zlib makes), though Tollgate asked for it as it is. A `coding` that starts with

@@ -452,6 +452,16 @@ def _key_run_start(data: bytes, low: int, at: int) -> int:
     return at - _key_run_end(data[low:at][::-1], 0)
 
 
+_ECHO_RUN = re.compile(rb"[A-Za-z0-9_*-]*")
+
+
+def _echo_run_start(data: bytes, low: int, at: int) -> int:
+    """Where the run of key characters and `*`s that ends at `at` begins, `low` at the
+    earliest."""
+    found = _ECHO_RUN.match(data[low:at][::-1])
+    return at - (found.end() if found is not None else 0)
+
+
 class Fragments:
     """Masked echoes of a key: `sk-pro***kb0A`, as OpenAI quotes a key it refuses.
 
@@ -508,7 +518,9 @@ class Fragments:
     @staticmethod
     def held(data: bytes) -> int:
         """How many bytes at the end of `data` could be an echo the next chunk completes
-        (0: none): a trailing run of key characters with `*`s in it."""
+        (0: none): a trailing run of key characters with `*`s in it, the whole run (an echo
+        it ends with may begin past an earlier run of `*`s, `sk-pro***kb0A***`: cut there,
+        the end of the key before the last `*`s would go out with no start before it)."""
         since = max(len(data) - HELD_ECHO, 0)
         star = data.rfind(STAR, since)
         if star < 0:
@@ -516,12 +528,7 @@ class Fragments:
         tail = _KEY_RUN.match(data, star + 1)
         if tail is None or tail.end() != len(data):
             return 0
-        first = star
-        while first > since and data[first - 1] == STAR[0]:
-            first -= 1
-        while first > since and data[first - 1] in KEY_CHARACTERS:
-            first -= 1
-        return len(data) - first
+        return len(data) - _echo_run_start(data, since, star)
 
 
 HELD_ECHO = 1024
