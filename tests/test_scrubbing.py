@@ -335,19 +335,30 @@ def test_stars_next_to_no_piece_of_the_key_are_left_as_they_are(text: str) -> No
     assert not SCRUB.quoted_in(text.encode())
 
 
-_ECHO_REFERENCE = re.compile(rb"([A-Za-z0-9_-]*)\*{3,}([A-Za-z0-9_-]*)")
+_KEY_CHARACTER = re.compile(rb"[A-Za-z0-9_-]")
 _TAIL_REFERENCE = re.compile(rb"[A-Za-z0-9_*-]*\*[A-Za-z0-9_-]*\Z")
 
 
-def _echoes_by_regex(fragments: Fragments, data: bytes) -> bytes:
-    """Masked echoes as the plain regular expression reads them: the same answer, but in
-    time quadratic in a run of key characters next to the `*`s."""
-
-    def masked(echo: re.Match[bytes]) -> bytes:
-        quotes = fragments.quotes(echo[1], echo[2])
-        return mask(len(echo[0])).encode() if quotes else echo[0]
-
-    return _ECHO_REFERENCE.sub(masked, data)
+def _echoes_one_by_one(fragments: Fragments, data: bytes) -> bytes:
+    """Masked echoes found the plain way: each run of three or more `*`s with the whole run
+    of key characters on either side of it, read a character at a time; echoes whose runs
+    share key characters are masked as one."""
+    spans: list[list[int]] = []
+    for stars in re.finditer(rb"\*{3,}", data):
+        first, last = stars.start(), stars.end()
+        while first > 0 and _KEY_CHARACTER.fullmatch(data[first - 1 : first]):
+            first -= 1
+        while last < len(data) and _KEY_CHARACTER.fullmatch(data[last : last + 1]):
+            last += 1
+        if not fragments.quotes(data[first : stars.start()], data[stars.end() : last]):
+            continue
+        if spans and first < spans[-1][1]:
+            spans[-1][1] = last
+        else:
+            spans.append([first, last])
+    for first, last in spans:
+        data = data[:first] + mask(last - first).encode() + data[last:]
+    return data
 
 
 def _held_by_regex(data: bytes) -> int:
@@ -381,17 +392,37 @@ def _held_by_regex(data: bytes) -> int:
         max_size=30,
     )
 )
-def test_masked_echoes_are_read_as_the_regular_expression_reads_them(pieces: list[str]) -> None:
+def test_masked_echoes_are_read_as_one_by_one(pieces: list[str]) -> None:
     data = "".join(pieces).encode()
     fragments = Fragments(KEY.encode())
-    assert fragments.masked(data) == _echoes_by_regex(fragments, data)
+    assert fragments.masked(data) == _echoes_one_by_one(fragments, data)
     assert Fragments.held(data) == _held_by_regex(data)
     assert Fragments.held(b"y" * 2000 + data) == _held_by_regex(b"y" * 2000 + data)
 
 
 def test_a_long_run_of_letters_before_stars_is_read_once() -> None:
-    """200,000 letters and then `***`: the regular expression retried the run from each of
-    its letters (minutes of a stopped event loop); each letter is now looked at once."""
+    """200,000 letters and then `***`: a regular expression for a run of key characters and
+    `*`s retried the run from each of its letters (minutes of a stopped event loop); each
+    letter is now looked at once."""
     data = b"a" * 200_000 + b"*** " + f"{KEY[:6]}***{KEY[-4:]}".encode()
     masked = Fragments(KEY.encode()).masked(data)
     assert masked == b"a" * 200_000 + b"*** " + mask(len(KEY[:6]) + 3 + 4).encode()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"x***{KEY[:6]}***{KEY[-4:]}",
+        f"a***b x***{KEY[:6]}***{KEY[-4:]}***y",
+        f"{KEY[:6]}***ab***{KEY[-4:]}",
+    ],
+)
+def test_an_echo_after_an_unrelated_run_of_stars_is_masked_whole(text: str) -> None:
+    """`x***sk-pro***kb0A`: the key's start after the first `***` was read as the end of
+    that run alone, not also as the start of the echo after it, and went out."""
+    masked = SCRUB.data(text.encode())
+    assert KEY[:6].encode() not in masked
+    assert KEY[-4:].encode() not in masked
+    assert len(masked) == len(text.encode())
+    chunked = b"".join(scrub_chunks([text[:5].encode(), text[5:12].encode(), text[12:].encode()]))
+    assert KEY[:6].encode() not in chunked and KEY[-4:].encode() not in chunked

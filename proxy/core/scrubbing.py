@@ -484,34 +484,41 @@ class Fragments:
         return starts or ends
 
     def masked(self, data: bytes) -> bytes:
-        """`data` with every masked echo of the key masked again, whole."""
+        """`data` with every masked echo of the key masked again, whole. The key characters
+        between two runs of `*`s are read as the end of the first echo and the start of
+        the next (`x***sk-pro***kb0A`: `sk-pro` starts the second), and masks that meet
+        are joined."""
         key = self.key
         head, tail = key[:FRAGMENT], key[-FRAGMENT:]
         if head not in data and tail not in data:
             return data  # an echo holds one or the other: most text with `*`s holds neither
-        parts: list[bytes] = []
-        written = 0  # what is in `parts`
-        done = 0  # what is read: the key characters after a run of `*`s belong to it
+        spans: list[list[int]] = []  # [first, last) of each mask, in order
+        stars_end = 0  # the end of the last run of `*`s: no run of key characters spans it
         reach = len(key)
         for stars in _STARS.finditer(data):
             start, end = stars.span()
-            if start < done:
-                continue
             last = _key_run_end(data, end)
-            near = max(done, start - reach)
+            near = max(stars_end, start - reach)
+            low = stars_end
+            stars_end = end
             if data.find(head, near, start) < 0 and data.find(tail, end, last) < 0:
-                done = last  # no piece of the key on either side
-                continue
+                continue  # no piece of the key on either side
             first = _key_run_start(data, near, start)
-            if self.quotes(data[first:start], data[end:last]):
-                if first == near:
-                    first = _key_run_start(data, done, first)  # the whole run is masked
-                parts.append(data[written:first])
-                parts.append(mask(last - first).encode())
-                written = last
-            done = last
-        if not parts:
+            if not self.quotes(data[first:start], data[end:last]):
+                continue
+            if first == near:
+                first = _key_run_start(data, low, first)  # the whole run is masked
+            if spans and first < spans[-1][1]:
+                spans[-1][1] = last  # it meets the mask before it: one mask
+            else:
+                spans.append([first, last])
+        if not spans:
             return data
+        parts: list[bytes] = []
+        written = 0
+        for first, last in spans:
+            parts += (data[written:first], mask(last - first).encode())
+            written = last
         parts.append(data[written:])
         return b"".join(parts)
 
