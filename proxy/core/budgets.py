@@ -108,7 +108,7 @@ def apply_allow(
     if not model_allowed(allow, request.model, model):
         raise PolicyViolation(
             f"Team {team.name} may not use model {request.model!r} (allow.models: "
-            f"{', '.join(sorted(allow.models))}).",
+            f"{', '.join(sorted(allow.models or ()))}).",
             param="model",
         )
     if allow.max_n is not None and request.n > allow.max_n:
