@@ -302,7 +302,7 @@ async def own_file(
     lines = [
         BatchLine(
             line.custom_id, line.line, line.endpoint, line.model, line.quality, line.size,
-            line.n, line.user, line.bound_nanos, line.mainline,
+            line.n, line.user, line.bound_nanos, line.mainline, line.policy,
         )
         for line in (batch.lines if batch else ())
     ]  # fmt: skip
