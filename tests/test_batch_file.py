@@ -319,3 +319,20 @@ def test_each_user_gets_her_lines_part_of_the_bound_rounded_up_and_never_above_i
     # Her lines the whole file: the whole bound; lines naming no one: no share.
     assert batches.user_shares(lines[:2], bound) == {"alice": bound}
     assert batches.user_shares([stored(1, None, 100)], bound) == {}
+
+
+def test_a_user_allow_params_names_is_checked_for_each_line_at_create(config: Config) -> None:
+    """The lines' fields are kept once for all their users (`policy_text` writes the user
+    field `null`), and each line's own user is checked where `allow.params` names it."""
+    data = b"\n".join(line(f"l{i}", user=f"u{i}", size="1024x1024") for i in range(3))
+    batch, _ = read(config, data)
+    assert batch.ok and len({x.policy for x in batch.lines}) == 1
+    priced_at = Estimate(batch.usage, batch.bound_nanos)
+    team = replace(team_named(config), allow=Allow(params={"user": frozenset({"u0", "u2"})}))
+    with pytest.raises(PolicyViolation) as refused:
+        bound_now(team, config, batch.lines, priced_at)
+    assert refused.value.message.splitlines()[1:] == [
+        "line 2: Team design may not send user=u1 (allow.params.user: u0, u2)."
+    ]
+    everyone = replace(team, allow=Allow(params={"user": frozenset({"u0", "u1", "u2"})}))
+    assert bound_now(everyone, config, batch.lines, priced_at) == priced_at

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 from proxy.core.budgets import apply_allow
 from proxy.core.errors import InvalidRequest, PolicyViolation, RequestError, UnpricedModel
+from proxy.core.image_params import USER_PARAMS
 from proxy.core.models import Endpoint, Estimate, ImageRequest, InputImage, Usage
 from proxy.core.parsing import json_object, parse_request
 from proxy.core.pricing import MainlinePrices, ModelPrices, estimate
@@ -90,22 +91,30 @@ was given says how a size left out is refused."""
 def policy_text(request: ImageRequest) -> str:
     """What the team's `allow` rules read of a line's request beyond the fields its
     `PricedLine` keeps: whether it gives input images, and its fields as given, as compact
-    JSON (`policy_request` reads it back).
+    JSON (`policy_request` reads it back). A user field whose value is the line's `user`
+    is written `null`: the lines of a file that differ only by their users have one text.
 
-    `policy_text(request)` is `[0,[["size","1024x1024"],["output_format","webp"]]]` for a
-    generation that gives those fields (and model, n, quality)."""
+    `policy_text(request)` is `[0,[["size","1024x1024"],["user",null]]]` for a generation
+    that gives those fields (and model, n, quality)."""
     inputs = bool(request.images) or request.mask is not None or request.markup is not None
-    given = [[name, value] for name, value in request.params if name not in KEPT_AS_COLUMNS]
+    given = [
+        [name, None if name in USER_PARAMS and value == request.user else value]
+        for name, value in request.params
+        if name not in KEPT_AS_COLUMNS
+    ]
     return json.dumps([int(inputs), given], separators=(",", ":"))
 
 
 def policy_request(request: ImageRequest, text: str) -> ImageRequest:
-    """`request` (rebuilt from a line's columns) with what `policy_text` kept of it."""
+    """`request` (rebuilt from a line's columns, its `user` among them) with what
+    `policy_text` kept of it."""
     inputs, given = json.loads(text)
     return replace(
         request,
         images=(InputImage(),) if inputs else (),
-        params=tuple((str(name), str(value)) for name, value in given),
+        params=tuple(
+            (str(name), str(request.user if value is None else value)) for name, value in given
+        ),
     )
 
 
@@ -400,13 +409,20 @@ def bound_now(
     models: dict[str, ModelPrices] = {}
     mainlines: dict[str, MainlinePrices] = {}
     # Lines asking the same thing get the same answer: each kind is checked once (a file of
-    # 50,000 lines holds a handful of kinds, and this runs on the event loop).
+    # 50,000 lines holds a handful of kinds, and this runs on the event loop). A line's
+    # user changes no answer; its fields as given (`policy`, which holds its user) change
+    # one only where `allow.params` or `allow.sizes` reads them, and count as its kind there
+    # only; its user, only where `allow.params` names a user field: a file naming 50,000
+    # users is otherwise checked as one of a single user.
+    reads_policy = bool(team.allow.params) or team.allow.sizes is not None
+    reads_user = any(name in team.allow.params for name in USER_PARAMS)
     seen: dict[
         tuple[Any, ...], Refused | tuple[ModelPrices | None, Usage, MainlinePrices | None]
     ] = {}
     for stored in lines:
-        kind = (stored.endpoint, stored.model, stored.n, stored.quality, stored.size, stored.user)
-        key = (*kind, stored.mainline, stored.policy)
+        kind = (stored.endpoint, stored.model, stored.n, stored.quality, stored.size)
+        policy = stored.policy if reads_policy else None
+        key = (*kind, stored.mainline, policy, stored.user if reads_user else None)
         found = seen.get(key)
         if found is None:
             if stored.endpoint == "responses" and stored.n == 0:
@@ -415,7 +431,7 @@ def bound_now(
                 # was recorded with (the default, unless a tool named one) is not checked.
                 found = (None, Usage(), None)
             else:
-                found = _checked_again(team, config, *kind, stored.policy)
+                found = _checked_again(team, config, *kind, policy, stored.user)
             if not isinstance(found, Refused) and stored.mainline is not None:
                 found = _mainline_again(team, config, stored.mainline, found)
             seen[key] = found
@@ -478,11 +494,12 @@ def _checked_again(
     n: int,
     quality: str,
     size: str,
-    user: str | None,
     policy: str | None,
+    user: str | None,
 ) -> Refused | tuple[ModelPrices, Usage, None]:
     """Why a line asking this is refused now, or its model at batch rates and its output
-    ceiling."""
+    ceiling; `policy`: the line's `policy_text`, None where the team's rules do not read it
+    (or it was not kept)."""
     request = ImageRequest(
         endpoint=endpoint, model=name, n=n, quality=quality, size=size, user=user
     )  # fmt: skip
@@ -494,7 +511,7 @@ def _checked_again(
         return Refused(exc.message, policy=False)
     try:
         if policy is None:
-            # Stored before its fields were kept: its `allow.params` were checked at upload.
+            # Not read, or stored before it was kept: its `allow.params` checked at upload.
             variant = apply_allow(team, request, model.for_batch(), params=False)
         else:
             variant = apply_allow(team, policy_request(request, policy), model.for_batch())
