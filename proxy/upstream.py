@@ -28,6 +28,7 @@ from aiohttp.client_reqrep import ClientRequest
 from aiohttp.connector import Connection
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.core.auth import bearer_token, carries_key, without_keys
 from proxy.core.errors import UpstreamTimeout, UpstreamUnavailable
 from proxy.core.scrubbing import Scrubber
 
@@ -456,9 +457,14 @@ class Upstream:
         project: str | None = None,
     ) -> list[tuple[str, str]]:
         """The client's headers that are safe to forward, plus the upstream's own: the
-        OpenAI project is `project` (a team's), else the configured one."""
+        OpenAI project is `project` (a team's), else the configured one. A header that
+        carries the client's own key (`carries_key`) is left out, whatever its name."""
         # In lower case: aiohttp keeps a repeated header only if it is spelled alike.
-        out = allowed(client_headers, FORWARDED_REQUEST_HEADERS, FORWARDED_REQUEST_PREFIXES)
+        client = list(client_headers)
+        out = allowed(client, FORWARDED_REQUEST_HEADERS, FORWARDED_REQUEST_PREFIXES)
+        token = client_token(client)
+        if token is not None:
+            out = [(k, v) for k, v in out if not carries_key(v, token)]
         out.append(("authorization", self._auth))
         out.append(ACCEPT_ENCODING)
         if content_type:
@@ -490,10 +496,16 @@ class Upstream:
 
         `path` and `query` must be canonical (`proxy.core.paths`): the URL is sent as built,
         never re-read by the HTTP client, so the upstream gets the path Tollgate matched."""
+        # Every door strips a team key from the query it forwards (`query_of`); the
+        # client's own is stripped here again, whatever path sends it.
+        client = list(client_headers)
+        token = client_token(client) if query else None
+        if token is not None:
+            query = without_keys(query, token)
         url = self.base_url + path + (f"?{query}" if query else "")
         try:
             answer = await self._client.fetch(
-                method, url, self.headers(client_headers, content_type, project), body
+                method, url, self.headers(client, content_type, project), body
             )
         except BROKEN_OFF as exc:
             scrub_message(exc, self._scrubber)
@@ -732,6 +744,14 @@ def response_headers(answer: Answer) -> list[tuple[str, str]]:
     """The upstream headers a client may see (x-request-id, rate limits, content type),
     named in lower case like Tollgate's own, which override them."""
     return allowed(answer.headers.items(), FORWARDED_RESPONSE_HEADERS, FORWARDED_RESPONSE_PREFIXES)
+
+
+def client_token(client_headers: Iterable[tuple[str, str]]) -> str | None:
+    """The bearer key of the client's `Authorization` header (never forwarded), if any."""
+    for name, value in client_headers:
+        if name.lower() == "authorization":
+            return bearer_token(value)
+    return None
 
 
 def allowed(

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from proxy.core.auth import KEY_PREFIX, identify, key_hash, new_key
+from proxy.core.auth import KEY_PREFIX, carries_key, identify, key_hash, new_key, without_keys
 from proxy.core.errors import AuthenticationFailed
 
 KEY = "tg_design_0123456789abcdefghij"
@@ -81,3 +81,40 @@ def test_error_message_never_contains_the_full_key(keys: dict[str, str], secret:
 def test_hash_of_the_key_is_not_accepted_as_the_key(keys: dict[str, str]) -> None:
     with pytest.raises(AuthenticationFailed):
         identify(f"Bearer {key_hash(KEY)}", keys)
+
+
+# -- a key written into a query or a header -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"api-key={KEY}",
+        f"key={KEY.replace('_', '%5F')}",
+        f"key={KEY.replace('_', '%255F')}",  # encoded twice
+        f"q=Bearer+{KEY}",
+        f"auth=Bearer%20{KEY}%20",
+        KEY,
+        f"{KEY}=1",
+        f"x=prefix{KEY}suffix",
+    ],
+)
+def test_the_callers_own_key_is_found_however_it_is_written(text: str) -> None:
+    assert carries_key(text, KEY)
+
+
+def test_another_teams_key_is_found_as_a_whole_value_or_word(keys: dict[str, str]) -> None:
+    other = "tg_research_key_zyxwvu"
+    assert carries_key(f"api-key={other}", KEY, keys)
+    assert carries_key(f"api-key={other.replace('_', '%5F')}", None, keys)
+    assert carries_key(f"q=Bearer%20{other}", None, keys)
+    assert not carries_key("limit=10", KEY, keys)
+    assert not carries_key(f"api-key={other}", KEY)  # unknown without the team keys
+
+
+def test_a_query_loses_only_the_parameters_that_carry_a_key(keys: dict[str, str]) -> None:
+    query = f"limit=10&api-key={KEY}&after=file%2Dabc&key=tg_research_key_zyxwvu&order=asc"
+    assert without_keys(query, KEY, keys) == "limit=10&after=file%2Dabc&order=asc"
+    assert without_keys(f"api-key={KEY}", KEY, keys) == ""
+    assert without_keys("", KEY, keys) == ""
+    assert without_keys("a=1&b=2", KEY, keys) == "a=1&b=2"

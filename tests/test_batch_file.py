@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.core.errors import InvalidRequest
+from proxy.core.errors import InvalidRequest, PolicyViolation
 from proxy.core.models import Estimate, Usage
 from proxy.core.parsing import parse_request
 from proxy.core.pricing import estimate
-from proxy.core.settings import Config
+from proxy.core.settings import Allow, Config
 from proxy.doors import batches
 from proxy.doors.batches import MAX_CUSTOM_ID, MAX_LINES, MAX_PROBLEMS, BatchFile, bound_now
 from proxy.ledger import BatchLine
@@ -239,10 +239,68 @@ def test_a_file_of_two_models_is_bounded_at_the_dearer_one(config: Config) -> No
 
 def test_every_line_a_tightened_policy_refuses_is_listed(config: Config) -> None:
     batch, _ = read(config, line("a", quality="high") + b"\n" + line("b", model="gpt-image-1.5"))
-    with pytest.raises(InvalidRequest) as refused:
+    with pytest.raises(PolicyViolation) as refused:
         bound_now(team_named(config, "strict"), config, batch.lines, Estimate(batch.usage, 0))
     message = refused.value.message
     assert "line 1: quality high" in message and "line 2: Team strict may not use model" in message
+    assert refused.value.status == 403 and refused.value.param == "input_file_id"
+
+
+TIGHTENED = [
+    (Allow(params={"output_format": frozenset({"png"})}), "line 2: Team design may not send "
+     "output_format=webp"),
+    (Allow(params={"moderation": frozenset({"low"})}), "line 1: Team design may not leave "
+     "moderation out"),
+    (Allow(sizes=frozenset({"1024x1024"})), "line 2: Team design may not request size "
+     "1536x1024"),
+    (Allow(max_n=1), "line 2: Team design may request at most 1 images"),
+    (Allow(models=frozenset({"gpt-image-1.5"})), "line 1: Team design may not use model"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("allow", "reason"), TIGHTENED)
+def test_a_file_uploaded_before_allow_tightened_is_checked_whole_when_its_batch_is_created(
+    config: Config, allow: Allow, reason: str
+) -> None:
+    """Every `allow` rule in force at the create holds for every line, `allow.params` too
+    (the line's fields as given, and OpenAI's default for one left out)."""
+    batch, _ = read(
+        config,
+        line("a", size="1024x1024", output_format="png")
+        + b"\n"
+        + line("b", size="1536x1024", output_format="webp", n=2),
+    )
+    assert batch.ok
+    team = replace(team_named(config), allow=allow)
+    with pytest.raises(PolicyViolation) as refused:
+        bound_now(team, config, batch.lines, Estimate(batch.usage, batch.bound_nanos))
+    assert reason in refused.value.message, refused.value.message
+
+
+def test_a_line_stored_before_its_fields_were_kept_is_checked_on_its_columns(
+    config: Config,
+) -> None:
+    batch, _ = read(config, line("a", size="1024x1024", output_format="webp"))
+    kept = [replace(x, policy=None) for x in batch.lines]
+    priced_at = Estimate(batch.usage, batch.bound_nanos)
+    strict_params = replace(
+        team_named(config), allow=Allow(params={"output_format": frozenset({"png"})})
+    )
+    assert bound_now(strict_params, config, kept, priced_at) == priced_at
+    strict_sizes = replace(team_named(config), allow=Allow(sizes=frozenset({"1536x1024"})))
+    with pytest.raises(PolicyViolation):
+        bound_now(strict_sizes, config, kept, priced_at)
+
+
+def test_a_line_no_longer_priced_is_refused_as_a_bad_request(config: Config) -> None:
+    batch, _ = read(config, line("a", quality="high") + b"\n" + line("b"))
+    gone = replace(batch.lines[1], model="gpt-image-0")
+    with pytest.raises(InvalidRequest) as refused:
+        bound_now(
+            team_named(config, "strict"), config, [batch.lines[0], gone], Estimate(batch.usage, 0)
+        )
+    assert "line 1: quality high" in refused.value.message
+    assert "line 2:" in refused.value.message
 
 
 def test_each_user_gets_her_lines_part_of_the_bound_rounded_up_and_never_above_it() -> None:
@@ -261,3 +319,20 @@ def test_each_user_gets_her_lines_part_of_the_bound_rounded_up_and_never_above_i
     # Her lines the whole file: the whole bound; lines naming no one: no share.
     assert batches.user_shares(lines[:2], bound) == {"alice": bound}
     assert batches.user_shares([stored(1, None, 100)], bound) == {}
+
+
+def test_a_user_allow_params_names_is_checked_for_each_line_at_create(config: Config) -> None:
+    """The lines' fields are kept once for all their users (`policy_text` writes the user
+    field `null`), and each line's own user is checked where `allow.params` names it."""
+    data = b"\n".join(line(f"l{i}", user=f"u{i}", size="1024x1024") for i in range(3))
+    batch, _ = read(config, data)
+    assert batch.ok and len({x.policy for x in batch.lines}) == 1
+    priced_at = Estimate(batch.usage, batch.bound_nanos)
+    team = replace(team_named(config), allow=Allow(params={"user": frozenset({"u0", "u2"})}))
+    with pytest.raises(PolicyViolation) as refused:
+        bound_now(team, config, batch.lines, priced_at)
+    assert refused.value.message.splitlines()[1:] == [
+        "line 2: Team design may not send user=u1 (allow.params.user: u0, u2)."
+    ]
+    everyone = replace(team, allow=Allow(params={"user": frozenset({"u0", "u1", "u2"})}))
+    assert bound_now(everyone, config, batch.lines, priced_at) == priced_at

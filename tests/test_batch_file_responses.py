@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from proxy.core.errors import InvalidRequest
+from proxy.core.errors import InvalidRequest, PolicyViolation
 from proxy.core.models import Estimate
-from proxy.core.settings import Config
+from proxy.core.settings import Allow, Config
 from proxy.doors.batches import bound_now
 from proxy.doors.responses import ResponsesDoor
 from tests.conftest import team_named, two_teams
@@ -151,3 +151,22 @@ def test_a_line_without_the_image_tool_is_not_checked_at_create_for_an_image_mod
     assert batch.ok, batch.problems
     priced_at = Estimate(batch.usage, batch.bound_nanos)
     assert bound_now(team_named(closed), closed, batch.lines, priced_at) == priced_at
+
+
+def test_a_tools_field_allow_params_refuses_since_the_upload_refuses_its_batch(
+    config: Config,
+) -> None:
+    """The image tool's fields are kept with the line: a reload that narrows the tool's
+    `output_format` (or leaves `input_fidelity` out of reach of an edit) refuses it at create."""
+    tool = {**TOOL, "output_format": "webp"}
+    batch, _ = read(config, line("a") + b"\n" + line("b", tools=[tool]) + b"\n")
+    assert batch.ok, batch.problems
+    priced_at = Estimate(batch.usage, batch.bound_nanos)
+    team = team_named(config)
+    assert bound_now(team, config, batch.lines, priced_at) == priced_at
+    png_only = replace(team, allow=Allow(params={"output_format": frozenset({"png"})}))
+    with pytest.raises(PolicyViolation) as refused:
+        bound_now(png_only, config, batch.lines, priced_at)
+    assert refused.value.message.splitlines()[1:] == [
+        "line 2: Team design may not send output_format=webp (allow.params.output_format: png)."
+    ]

@@ -107,12 +107,38 @@ def test_a_batch_created_after_the_policy_tightened_is_refused(gate: Tollgate) -
     client = gate.client(KEYS["strict"])
     uploaded = upload(client, generations("gpt-image-2", 2, quality="high"))
     reload(gate, "100", "low", "15.00")
-    with pytest.raises(openai.BadRequestError) as refused:
+    with pytest.raises(openai.PermissionDeniedError) as refused:
         client.batches.create(
             input_file_id=uploaded.id, endpoint=GENERATIONS, completion_window="24h"
         )
+    assert refused.value.code == "policy_violation"
     message = refused.value.message
     assert re.search(r"line 1: .*quality high", message) and "line 2" in message, message
+    assert not gate.query("SELECT id FROM requests WHERE state = 'reserved'")
+
+
+def test_a_batch_created_after_allow_params_tightened_is_refused_naming_the_line(
+    gate: Tollgate,
+) -> None:
+    """`allow.params` holds at the create for a file uploaded before it was written: the
+    line's fields as given are kept with it, not only its model, n, quality and size."""
+    client = gate.client(KEYS["strict"])
+    lines = generations("gpt-image-2", 2, **LOW)
+    lines[0]["body"]["output_format"] = "png"
+    assert lines[1]["body"]["output_format"] == "webp"
+    uploaded = upload(client, lines)
+    text = team("strict", "allow:\n  params:\n    output_format: [png]\n")
+    (gate.root / "teams" / "strict.yaml").write_text(text)
+    answer = httpx.post(f"{gate.url}/admin/reload", headers={"authorization": f"Bearer {ADMIN}"})
+    assert answer.status_code == 200, answer.text
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        client.batches.create(
+            input_file_id=uploaded.id, endpoint=GENERATIONS, completion_window="24h"
+        )
+    assert refused.value.code == "policy_violation"
+    assert refused.value.message.splitlines()[1:] == [
+        "line 2: Team strict may not send output_format=webp (allow.params.output_format: png)."
+    ]
     assert not gate.query("SELECT id FROM requests WHERE state = 'reserved'")
 
 

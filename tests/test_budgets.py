@@ -657,6 +657,26 @@ def test_a_fallback_whose_default_the_team_does_not_allow_is_skipped(book: Price
     assert all(v.request.model == "gpt-image-1.5" for v in variants(start, team, book))
 
 
+def test_a_fallback_model_the_team_may_not_use_is_never_chosen(book: PriceBook) -> None:
+    """A team allowed only gpt-image-2 is never downgraded to its fallback gpt-image-1-mini
+    (configuration refuses such a team; a decision made on one all the same skips it)."""
+    request = req("gpt-image-2", quality="low", size="1024x1024")
+    mini_low = cost(book, "gpt-image-1-mini", quality="low", size="1024x1024")
+    assert mini_low < cost(book, "gpt-image-2", quality="low", size="1024x1024")
+    allowed = make_team(
+        budgets=(Budget("day", "usd", mini_low),),
+        fallback="gpt-image-1-mini",
+        allow=Allow(models=frozenset({"gpt-image-2", "gpt-image-1-mini"})),
+    )
+    assert sent(case(book, allowed).decide(request))[0] == "gpt-image-1-mini"
+    only_2 = replace(allowed, allow=Allow(models=frozenset({"gpt-image-2"})))
+    assert all(
+        v.request.model == "gpt-image-2" for v in variants(variant_of(book, request), only_2, book)
+    )
+    with pytest.raises(BudgetExceeded):
+        case(book, only_2).decide(request)
+
+
 # --- throttle ------------------------------------------------------------------------------
 
 TIERS = (

@@ -532,6 +532,12 @@ TEAM_PROBLEMS = [
         "5: downgrade.fallback_model: model 'gpt-5' is a mainline text model; "
         "an image model is needed",
     ),
+    (
+        "allow:\n  models: [gpt-image-2]\ndowngrade:\n  fallback_model: gpt-image-1-mini\n",
+        "7: downgrade.fallback_model: model 'gpt-image-1-mini' is not in allow.models "
+        "(gpt-image-2): a downgrade would send a model the team may not use; add it to "
+        "allow.models or choose one of them",
+    ),
     ("cost_center: [a]\n", "4: cost_center: must be a string, got a list"),
     (
         "budgets:\n  - {period: day, limit_usd: 1\n",

@@ -63,6 +63,7 @@ class TeamBuilder:
         )
         if downgrade.fallback_model is not None:
             self.priced(doc, (*base, "downgrade", "fallback_model"), downgrade.fallback_model)
+            self._fallback_allowed(doc, (*base, "downgrade", "fallback_model"), allow, downgrade)
         budgets = self.budgets(doc, (*base, "budgets"), raw)
         rates = [
             self.rate_limit(doc, (*base, "rate_limits", index), entry)
@@ -175,6 +176,25 @@ class TeamBuilder:
             max_n=raw.get("max_n"),
             sizes=frozenset(raw["sizes"]) if "sizes" in raw else None,
             params=MappingProxyType(params),
+        )
+
+    def _fallback_allowed(
+        self, doc: Document, path: JsonPath, allow: Allow, downgrade: Downgrade
+    ) -> None:
+        """A problem unless `allow.models` lets the team use its fallback model: a downgrade
+        must never send a model the team's policy refuses when asked for directly."""
+        name = downgrade.fallback_model
+        if name is None or allow.models is None or name in allow.models:
+            return
+        found = self.book.find(name) if self.book is not None else None
+        if found is not None and found.name in allow.models:
+            return
+        self._problem(
+            doc,
+            path,
+            f"model {name!r} is not in allow.models ({', '.join(sorted(allow.models))}): a "
+            "downgrade would send a model the team may not use; add it to allow.models or "
+            "choose one of them",
         )
 
     def _throttle(

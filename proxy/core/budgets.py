@@ -105,14 +105,10 @@ def apply_allow(
     where the request's other fields are not known, its `allow.params` checked before)."""
     allow = team.allow
     allow_endpoint(team, request.endpoint)
-    if (
-        allow.models is not None
-        and request.model not in allow.models
-        and (model.name not in allow.models)
-    ):
+    if not model_allowed(allow, request.model, model):
         raise PolicyViolation(
             f"Team {team.name} may not use model {request.model!r} (allow.models: "
-            f"{', '.join(sorted(allow.models))}).",
+            f"{', '.join(sorted(allow.models or ()))}).",
             param="model",
         )
     if allow.max_n is not None and request.n > allow.max_n:
@@ -128,6 +124,22 @@ def apply_allow(
     if allow.max_quality is not None:
         variant = clamp_quality(variant, allow.max_quality, "policy")
     return variant
+
+
+def model_allowed(allow: Allow, asked: str, model: ModelPrices) -> bool:
+    """Whether `allow.models` lets a team use `model`, asked for by the name `asked` (an
+    alias or snapshot is allowed by its own name or the model's)."""
+    return allow.models is None or asked in allow.models or model.name in allow.models
+
+
+def fallback_of(team: Team, book: PriceBook) -> ModelPrices | None:
+    """The team's fallback model; None without one, or where `allow.models` does not let
+    the team use it (configuration refuses such a team; a downgrade never sends it)."""
+    name = team.downgrade.fallback_model
+    fallback = book.find(name) if name else None
+    if fallback is None or name is None or not model_allowed(team.allow, name, fallback):
+        return None
+    return fallback
 
 
 def clamp_quality(
@@ -293,8 +305,7 @@ def refused(
     costs what the cheapest of them costs, and (equal costs on one model being equal
     usage) is blocked by the same budget first. Two models may tie at that cost with
     different usage; the walk's order then decides, so the walk answers."""
-    name = team.downgrade.fallback_model
-    fallback = book.find(name) if name else None
+    fallback = fallback_of(team, book)
     if not start.model.costs_tell_tokens or (
         fallback is not None and not fallback.costs_tell_tokens
     ):
@@ -458,8 +469,7 @@ def variants(start: Variant, team: Team, book: PriceBook) -> Iterator[Variant]:
     request that fitted at medium quality and its own size was sent at medium and the
     smallest size.) The fallback model starts from the request as it came, or as the knobs
     before it in the order left it."""
-    name = team.downgrade.fallback_model
-    fallback = book.find(name) if name else None
+    fallback = fallback_of(team, book)
     return _nested(start, tuple(team.downgrade.order), fallback, team.allow)
 
 

@@ -20,6 +20,9 @@ whole file before it is uploaded.
 A file may be run as a batch long after it was uploaded, under a configuration reloaded
 since: `bound_now` checks its lines again, when the batch is created, against the team's
 `allow` policy and the price book in force then, and bounds the batch at today's rates.
+What the policy reads of a line beyond the few fields the ledger keeps of it (its fields
+as given, whether it gives input images) is kept with it (`policy_text`), so a tightened
+`allow.params` holds for a file uploaded before it as for one uploaded after.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol
 
 from proxy.core.budgets import apply_allow
-from proxy.core.errors import InvalidRequest, RequestError, UnpricedModel
-from proxy.core.models import Endpoint, Estimate, ImageRequest, Usage
+from proxy.core.errors import InvalidRequest, PolicyViolation, RequestError, UnpricedModel
+from proxy.core.image_params import USER_PARAMS
+from proxy.core.models import Endpoint, Estimate, ImageRequest, InputImage, Usage
 from proxy.core.parsing import json_object, parse_request
 from proxy.core.pricing import MainlinePrices, ModelPrices, estimate
 from proxy.core.settings import Config, Team
@@ -74,6 +78,44 @@ class PricedLine:
     """The files its images name (each must be the team's)."""
     mainline: str | None = None
     """A `/v1/responses` line's mainline model (`model` is its image tool's)."""
+    policy: str | None = None
+    """What the team's `allow` rules read of it beyond the fields above (`policy_text`)."""
+
+
+KEPT_AS_COLUMNS = frozenset({"model", "n", "quality"})
+"""Fields of a line the ledger keeps in columns of their own, which `allow` reads from
+there (`allow.params` may not name them); `size` stays in the policy text too: whether it
+was given says how a size left out is refused."""
+
+
+def policy_text(request: ImageRequest) -> str:
+    """What the team's `allow` rules read of a line's request beyond the fields its
+    `PricedLine` keeps: whether it gives input images, and its fields as given, as compact
+    JSON (`policy_request` reads it back). A user field whose value is the line's `user`
+    is written `null`: the lines of a file that differ only by their users have one text.
+
+    `policy_text(request)` is `[0,[["size","1024x1024"],["user",null]]]` for a generation
+    that gives those fields (and model, n, quality)."""
+    inputs = bool(request.images) or request.mask is not None or request.markup is not None
+    given = [
+        [name, None if name in USER_PARAMS and value == request.user else value]
+        for name, value in request.params
+        if name not in KEPT_AS_COLUMNS
+    ]
+    return json.dumps([int(inputs), given], separators=(",", ":"))
+
+
+def policy_request(request: ImageRequest, text: str) -> ImageRequest:
+    """`request` (rebuilt from a line's columns, its `user` among them) with what
+    `policy_text` kept of it."""
+    inputs, given = json.loads(text)
+    return replace(
+        request,
+        images=(InputImage(),) if inputs else (),
+        params=tuple(
+            (str(name), str(request.user if value is None else value)) for name, value in given
+        ),
+    )
 
 
 @dataclass
@@ -216,6 +258,7 @@ class BatchFile:
             variant.estimate.usage,
             parsed.files,
             request.mainline,
+            policy_text(request),
         )
         return line, _encoded(custom_id, url, sent)
 
@@ -257,6 +300,7 @@ class BatchFile:
             variant.estimate.cost_nanos,
             variant.estimate.usage,
             files,
+            policy=policy_text(request),
         )
         return line, encoded
 
@@ -295,6 +339,8 @@ class StoredLine(Protocol):
     def mainline(self) -> str | None: ...
     @property
     def bound_nanos(self) -> int: ...
+    @property
+    def policy(self) -> str | None: ...
 
 
 def user_shares(lines: Iterable[StoredLine], bound: Estimate) -> dict[str, Estimate]:
@@ -327,13 +373,26 @@ def _share(amount: int, part: int, whole: int) -> int:
     return min(amount, -(-amount * part // whole))
 
 
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """Why a line is refused now; `policy`: by the team's `allow` rules (a 403), not by
+    the price book."""
+
+    reason: str
+    policy: bool
+
+
 def bound_now(
     team: Team, config: Config, lines: Iterable[StoredLine], priced_at: Estimate
 ) -> Estimate:
     """The bound of a batch of a file priced at upload (`priced_at`), under the
-    configuration in force now; InvalidRequest listing every line that it refuses (a model
-    no longer priced or accepted by the Batch API, a policy it no longer meets: a batch
-    line is never changed).
+    configuration in force now; a RequestError listing every line that it refuses: a
+    PolicyViolation when each is refused by the team's `allow` rules (a line is never
+    changed), else InvalidRequest (a model no longer priced or accepted by the Batch API).
+
+    Each line is checked as at upload against the team's `allow` rules in force now, its
+    `allow.params` too, from what its upload kept of it (`policy_text`; a line stored
+    before that was kept is checked on its model, n, quality and size alone).
 
     The bound is never below the upload's. Its output is each line's output ceiling now;
     its input, the file's as priced at upload (the prompts and images are not kept). Priced
@@ -345,15 +404,26 @@ def bound_now(
     summed would pass any long-context threshold that no line passes; a line that did was
     bounded at those rates at upload, which the bound never goes below)."""
     problems: list[str] = []
+    policy_only = True
     output = text_output = images = 0
     models: dict[str, ModelPrices] = {}
     mainlines: dict[str, MainlinePrices] = {}
     # Lines asking the same thing get the same answer: each kind is checked once (a file of
-    # 50,000 lines holds a handful of kinds, and this runs on the event loop).
-    seen: dict[tuple[Any, ...], str | tuple[ModelPrices | None, Usage, MainlinePrices | None]] = {}
+    # 50,000 lines holds a handful of kinds, and this runs on the event loop). A line's
+    # user changes no answer; its fields as given (`policy`, which holds its user) change
+    # one only where `allow.params` or `allow.sizes` reads them, and count as its kind there
+    # only; its user, only where `allow.params` names a user field: a file naming 50,000
+    # users is otherwise checked as one of a single user.
+    reads_policy = bool(team.allow.params) or team.allow.sizes is not None
+    reads_user = any(name in team.allow.params for name in USER_PARAMS)
+    seen: dict[
+        tuple[Any, ...], Refused | tuple[ModelPrices | None, Usage, MainlinePrices | None]
+    ] = {}
     for stored in lines:
-        kind = (stored.endpoint, stored.model, stored.n, stored.quality, stored.size, stored.user)
-        found = seen.get((*kind, stored.mainline))
+        kind = (stored.endpoint, stored.model, stored.n, stored.quality, stored.size)
+        policy = stored.policy if reads_policy else None
+        key = (*kind, stored.mainline, policy, stored.user if reads_user else None)
+        found = seen.get(key)
         if found is None:
             if stored.endpoint == "responses" and stored.n == 0:
                 # No image tool (or one it may not call): the line makes no image, and its
@@ -361,12 +431,13 @@ def bound_now(
                 # was recorded with (the default, unless a tool named one) is not checked.
                 found = (None, Usage(), None)
             else:
-                found = _checked_again(team, config, *kind)
-            if not isinstance(found, str) and stored.mainline is not None:
+                found = _checked_again(team, config, *kind, policy, stored.user)
+            if not isinstance(found, Refused) and stored.mainline is not None:
                 found = _mainline_again(team, config, stored.mainline, found)
-            seen[(*kind, stored.mainline)] = found
-        if isinstance(found, str):
-            problems.append(f"line {stored.line}: {found}")
+            seen[key] = found
+        if isinstance(found, Refused):
+            problems.append(f"line {stored.line}: {found.reason}")
+            policy_only = policy_only and found.policy
             continue
         model, ceiling, mainline = found
         if model is not None:
@@ -380,10 +451,12 @@ def bound_now(
         count = len(problems)
         shown = problems[:MAX_PROBLEMS] + ([f"… and {count - MAX_PROBLEMS:,} more"]
                                            if count > MAX_PROBLEMS else [])  # fmt: skip
-        raise InvalidRequest(
+        refusal = PolicyViolation if policy_only else InvalidRequest
+        meets = f"team {team.name}'s policy" if policy_only else "Tollgate's configuration"
+        raise refusal(
             "\n".join([
-                f"This batch file no longer meets Tollgate's configuration: {count:,} "
-                "problem(s). Fix the lines and upload the file again.",
+                f"This batch file no longer meets {meets}: {count:,} problem(s). Fix the "
+                "lines and upload the file again.",
                 *shown,
             ]),
             param="input_file_id",
@@ -401,15 +474,15 @@ def bound_now(
 
 def _mainline_again(
     team: Team, config: Config, name: str, found: tuple[ModelPrices | None, Usage, None]
-) -> str | tuple[ModelPrices | None, Usage, MainlinePrices]:
+) -> Refused | tuple[ModelPrices | None, Usage, MainlinePrices]:
     """Why a `/v1/responses` line of mainline model `name` is refused now, or `found` with
     that model at its batch rates (standard context, see `bound_now`)."""
     mainline = config.prices.find_mainline(name)
     if mainline is None or not mainline.accepts_batch:
-        return f"model {name!r} is not accepted by the Batch API"
+        return Refused(f"model {name!r} is not accepted by the Batch API", policy=False)
     allowed = team.allow.models
     if allowed is not None and not {name, mainline.name} & allowed:
-        return f"team {team.name} may not use model {name!r}"
+        return Refused(f"team {team.name} may not use model {name!r}", policy=True)
     return found[0], found[1], replace(mainline.for_batch(), long_context=None)
 
 
@@ -421,10 +494,12 @@ def _checked_again(
     n: int,
     quality: str,
     size: str,
+    policy: str | None,
     user: str | None,
-) -> str | tuple[ModelPrices, Usage, None]:
+) -> Refused | tuple[ModelPrices, Usage, None]:
     """Why a line asking this is refused now, or its model at batch rates and its output
-    ceiling."""
+    ceiling; `policy`: the line's `policy_text`, None where the team's rules do not read it
+    (or it was not kept)."""
     request = ImageRequest(
         endpoint=endpoint, model=name, n=n, quality=quality, size=size, user=user
     )  # fmt: skip
@@ -432,15 +507,22 @@ def _checked_again(
         model = priced(config.prices, name)
         if not model.accepts_batch:
             raise UnpricedModel(f"model {model.name!r} is not accepted by the Batch API")
-        # The line's other fields are not kept: its `allow.params` were checked at upload.
-        variant = apply_allow(team, request, model.for_batch(), params=False)
     except RequestError as exc:
-        return exc.message
+        return Refused(exc.message, policy=False)
+    try:
+        if policy is None:
+            # Not read, or stored before it was kept: its `allow.params` checked at upload.
+            variant = apply_allow(team, request, model.for_batch(), params=False)
+        else:
+            variant = apply_allow(team, policy_request(request, policy), model.for_batch())
+    except RequestError as exc:
+        return Refused(exc.message, policy=isinstance(exc, PolicyViolation))
     if variant.changes:
         change = variant.changes[0]
-        return (
+        return Refused(
             f"{change.knob} {change.before} is above what team {team.name} may request "
-            f"({change.knob}={change.after} at most)"
+            f"({change.knob}={change.after} at most)",
+            policy=True,
         )
     return model.for_batch(), estimate(model.for_batch(), request).usage, None
 

@@ -237,6 +237,10 @@ class BatchLine:
     mainline: str | None = None
     """A `/v1/responses` line's mainline model (`model` is then its image tool's); None for
     an image line."""
+    policy: str | None = None
+    """What the team's `allow` rules read of the line beyond these fields, as
+    `proxy.doors.batches.policy_text` writes it: its batch's create checks the line again
+    under the rules in force then. None for a line stored before the ledger kept it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,7 +79,7 @@ OBJECT_COLUMNS = (
 project as `project_value` writes it)."""
 LINE_COLUMNS = (
     "file_id", "custom_id", "line", "endpoint", "model", "quality", "size", "n", "user",
-    "bound_nanos", "mainline",
+    "bound_nanos", "mainline", "policy",
 )  # fmt: skip
 """A `batch_lines` row: the file's id, then a `BatchLine`'s fields in their order."""
 BILLED_COLUMNS = (*ROW_COLUMNS, "counters")

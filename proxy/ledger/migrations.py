@@ -70,6 +70,10 @@ transaction, so a ledger is never left half-way between two versions.
        (`stored_objects_team_time`, replacing step 12's): a listing that jumps past other
        teams' objects reads the team's next ones in that order (`Ledger.objects_past`),
        which otherwise sorted all of the team's objects of the kind at each jump.
+   15  `policy` on batch_lines: what the team's `allow` rules read of a line beyond its
+       other columns (its fields as given, whether it gives input images), so that a
+       batch's create checks every line against the rules in force then, `allow.params`
+       included; NULL for a line stored before this version (checked on its columns).
 
 The embedded SQLite ledger applies its steps when it opens. A PostgreSQL ledger shared
 by several replicas is initialised when it opens only while it is empty (none of `TABLES`
@@ -305,6 +309,7 @@ def _live_streams(d: Dialect) -> list[str]:
 HELD_PROJECTS = ["ALTER TABLE requests ADD COLUMN project TEXT"]
 OBJECT_PROJECTS = ["ALTER TABLE stored_objects ADD COLUMN project TEXT"]
 LINE_MAINLINES = ["ALTER TABLE batch_lines ADD COLUMN mainline TEXT"]
+LINE_POLICIES = ["ALTER TABLE batch_lines ADD COLUMN policy TEXT"]
 OBJECTS_BY_TEAM = ["CREATE INDEX IF NOT EXISTS stored_objects_team ON stored_objects (team, kind)"]
 
 
@@ -329,7 +334,7 @@ def steps(d: Dialect) -> Sequence[Sequence[str]]:
     return (
         _tables(d), ORGANIZATION_ROWS, _resolutions(d), _responses(d), _batches(d), _repeats(d),
         _rates(d), _live_streams(d), HELD_PROJECTS, OBJECT_PROJECTS, LINE_MAINLINES,
-        OBJECTS_BY_TEAM, _batch_progress(d), _objects_by_time(d),
+        OBJECTS_BY_TEAM, _batch_progress(d), _objects_by_time(d), LINE_POLICIES,
     )  # fmt: skip
 
 

@@ -30,6 +30,8 @@ class Arrival:
     authorization: str | None
     project: str | None = None
     """The `OpenAI-Project` header: which project the request was made under."""
+    headers: tuple[tuple[str, str], ...] = ()
+    """Every header, as sent (so a test can tell what reached the upstream)."""
 
 
 class Arrivals:
@@ -72,6 +74,7 @@ class Recorder:
                 scope.get("query_string", b"").decode("latin-1"),
                 authorization.decode("latin-1") if authorization is not None else None,
                 project.decode("latin-1") if project is not None else None,
+                tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]),
             )
         )
         extra = self.knobs().response_headers

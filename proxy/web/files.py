@@ -302,7 +302,7 @@ async def own_file(
     lines = [
         BatchLine(
             line.custom_id, line.line, line.endpoint, line.model, line.quality, line.size,
-            line.n, line.user, line.bound_nanos, line.mainline,
+            line.n, line.user, line.bound_nanos, line.mainline, line.policy,
         )
         for line in (batch.lines if batch else ())
     ]  # fmt: skip
@@ -372,7 +372,7 @@ async def scoped_listing(
     async def serve(
         request: Request, runtime: Runtime, team: Team, headers: dict[str, str]
     ) -> Response:
-        asked = listed_query(request, listing)
+        asked = listed_query(request, runtime, listing)
         limit = int(asked.pop("limit", listing.default_limit))
         after = asked.pop("after", None)
         found: list[Any] = []
@@ -574,11 +574,11 @@ async def _read_one(
     return item
 
 
-def listed_query(request: Request, listing: Listing) -> dict[str, str]:
+def listed_query(request: Request, runtime: Runtime, listing: Listing) -> dict[str, str]:
     """The query of a listing, read: each parameter OpenAI takes there at most once, a
     `limit` within OpenAI's range; anything else is refused."""
     asked: dict[str, str] = {}
-    for name, value in parse_qsl(query_of(request), keep_blank_values=True):
+    for name, value in parse_qsl(query_of(request, runtime), keep_blank_values=True):
         if name not in listing.params:
             raise InvalidRequest(f"Unknown parameter: '{name}'.", param=name)
         if name in asked:
@@ -632,7 +632,7 @@ async def scoped_object(
         if found is None or found.team != team.name:
             raise not_found(kind, object_id)
         project = created_under(runtime, found)
-        answer = await forward_as_is(request, runtime, query_of(request), project)
+        answer = await forward_as_is(request, runtime, query_of(request, runtime), project)
         if seen is not None:
             body = await read_answer(answer)
             found = _parsed(body)

@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from proxy.core.auth import bearer_token, without_keys
 from proxy.core.errors import (
     InvalidRequest,
     NotFound,
@@ -190,13 +191,18 @@ def path_of(request: Request) -> str:
     return path
 
 
-def query_of(request: Request) -> str:
-    """The query of `request` as it is forwarded: as sent, still percent-encoded, or
-    InvalidRequest when a URL parser further down could read it otherwise."""
+def query_of(request: Request, runtime: Runtime) -> str:
+    """The query of `request` as it is forwarded: as sent, still percent-encoded, without
+    a parameter that carries a team key (`proxy.core.auth.carries_key`: Tollgate's
+    credential is never sent to OpenAI); or InvalidRequest when a URL parser further down
+    could read it otherwise."""
     query = plain_query(request.scope.get("query_string", b""))
     if query is None:
         raise InvalidRequest("The query string holds characters that must be percent-encoded.")
-    return query
+    if not query:
+        return query
+    token = bearer_token(request.headers.get("authorization"))
+    return without_keys(query, token, runtime.config.team_by_key_hash())
 
 
 def refused(scope: Scope, raw: bytes) -> NotFound:

@@ -75,7 +75,7 @@ class OtherPaths:
         headers["x-tollgate-team"] = team.name
         try:
             allow_method(s, path, method)
-            query = query_of(request)
+            query = query_of(request, s)
             body = await read_body(request, s.config.limits.generations_bytes, s.bodies)
             try:
                 # A body may take `limits.body_timeout_s` to arrive: a reload meanwhile that

@@ -56,7 +56,7 @@ class ResponseObjects:
         row = await runtime.ledger.response(response_id)
         if row is None or row.team != team.name:
             raise NotFound(f"Response with id '{response_id}' not found.")
-        query = query_of(request)
+        query = query_of(request, runtime)
         if request.method == "DELETE" and row.held:
             await self.settle_first(runtime, row.request_id, response_id)
         elif request.method == "DELETE" and row.in_flight:
@@ -111,7 +111,7 @@ class InputTokens:
         config = runtime.config
         project = config.project_of(team.name)
         allow_endpoint(team, "responses")
-        query = query_of(request)
+        query = query_of(request, runtime)
         media_type = request.headers.get("content-type", "").split(";", 1)[0].strip()
         if media_type.lower() != "application/json":
             raise InvalidRequest(
