@@ -53,6 +53,7 @@ from starlette.responses import Response, StreamingResponse
 from proxy.core.errors import (
     AnswerNotKept,
     IdempotencyConflict,
+    RequestError,
     UpstreamFailure,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -239,16 +240,9 @@ async def not_kept(
         "send it again. Send it as a new request (without a retry count or with a new "
         "Idempotency-Key) to pay for another."
     )
-    answer = KeptAnswer(
-        first.request_id,
-        team,
-        failure.status,
-        (("content-type", "application/json"), *failure.headers().items()),
-        json.dumps(failure.body()).encode(),
-        False,
-        runtime.clock(),
+    return await replayed(
+        runtime, entry, first.request_id, refusal(runtime, team, first, failure), headers
     )
-    return await replayed(runtime, entry, first.request_id, answer, headers)
 
 
 async def failed_again(
@@ -265,7 +259,14 @@ async def failed_again(
         "Idempotency-Key) to pay for another.",
         maybe_billed=True,
     )
-    answer = KeptAnswer(
+    return await replayed(
+        runtime, entry, first.request_id, refusal(runtime, team, first, failure), headers
+    )
+
+
+def refusal(runtime: Runtime, team: str, first: FirstAttempt, failure: RequestError) -> KeptAnswer:
+    """`failure` as the answer a repeat of `first` is replayed, in OpenAI's error shape."""
+    return KeptAnswer(
         first.request_id,
         team,
         failure.status,
@@ -274,7 +275,6 @@ async def failed_again(
         False,
         runtime.clock(),
     )
-    return await replayed(runtime, entry, first.request_id, answer, headers)
 
 
 async def replayed(
