@@ -508,6 +508,7 @@ def test_a_replica_killed_with_every_door_in_flight_is_settled_by_the_survivor_a
         f"WHERE p.pid = {first.process.pid} AND r.state = 'reserved' AND r.held = 1"
     )
     try:
+        holds = asyncio.Event()
 
         async def kill_once_it_holds() -> int:
             # Once it holds a background response or a batch.
@@ -515,12 +516,20 @@ def test_a_replica_killed_with_every_door_in_flight_is_settled_by_the_survivor_a
             while (held := (await asyncio.to_thread(first.query, held_by_first))[0]["n"]) < 1:
                 assert time.monotonic() < deadline, "the replica to kill never held anything"
                 await asyncio.sleep(0.02)
+            holds.set()
             first.process.kill()
             return int(held)
 
+        async def then_the_survivor() -> None:
+            # Its storm once the first holds something: run at once, the two storms could
+            # spend the whole budget before the first's background responses and batches
+            # (the slowest to reserve) were reserved, leaving it nothing to be killed with.
+            await holds.wait()
+            await mixed_spend(second.url, "b")
+
         async def storm() -> int:
             *_, held = await asyncio.gather(
-                mixed_spend(first.url, "a"), mixed_spend(second.url, "b"), kill_once_it_holds()
+                mixed_spend(first.url, "a"), then_the_survivor(), kill_once_it_holds()
             )
             return int(held)
 
