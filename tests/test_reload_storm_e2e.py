@@ -80,6 +80,10 @@ class Storm:
 
     ids: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    retried: int = 0
+    """Requests a replaced worker had decided under the configuration the reload replaced,
+    refused before anything was reserved with a 503 `configuration_reloaded` that tells the
+    SDKs to retry (`x-should-retry: true`); with `max_retries=0` the storm sees them."""
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self, gate: Tollgate, clients: int) -> None:
@@ -94,6 +98,15 @@ class Storm:
                         model="gpt-image-2", prompt=f"{c}-{i}", quality="low", size="1024x1024"
                     )
                     self.ids.append(raw.headers["x-tollgate-request-id"])
+                except openai.APIStatusError as exc:
+                    if (
+                        exc.status_code == 503
+                        and exc.code == "configuration_reloaded"
+                        and exc.response.headers.get("x-should-retry") == "true"
+                    ):
+                        self.retried += 1
+                    else:
+                        self.errors.append(f"{type(exc).__name__}: {exc!r}")
                 except openai.APIError as exc:
                     self.errors.append(f"{type(exc).__name__}: {exc!r} ({exc.__cause__!r})")
 
