@@ -171,3 +171,25 @@ def test_a_responses_parameter_openai_defines_but_tollgate_cannot_bound_is_not_c
     assert f"Tollgate does not forward '{name}'" in message and "Unknown" not in message
     assert isinstance(caught.value.body, dict) and caught.value.body["param"] == name
     assert api_arrivals(simulator) == arrived
+
+
+def test_a_prompt_cache_breakpoint_on_a_content_part_is_refused_as_prompt_cache_options_is(
+    tollgate: Tollgate, simulator: Simulator
+) -> None:
+    # The part-level spelling of the cache writes `prompt_cache_options` asks for: it was
+    # forwarded (a 12-hour cache write the price book has no rate for).
+    arrived = api_arrivals(simulator)
+    part: Any = {
+        "type": "input_text",
+        "text": "a long shared prefix",
+        "prompt_cache_breakpoint": {"mode": "explicit", "ttl": "12h"},
+    }
+    with pytest.raises(openai.BadRequestError) as caught:
+        tollgate.client().responses.create(
+            model="gpt-5.5",
+            input=[{"role": "user", "content": [part]}],
+            max_output_tokens=100,
+        )
+    assert isinstance(caught.value.body, dict)
+    assert caught.value.body["param"] == "input[0].content[0].prompt_cache_breakpoint"
+    assert api_arrivals(simulator) == arrived

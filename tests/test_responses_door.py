@@ -176,6 +176,61 @@ def test_a_tool_without_model_gets_the_default_model(config: Config) -> None:
             {"previous_response_id": "resp_1", "reasoning": {"context": "all_turns"}},
             "reasoning.context",
         ),
+        # An explicit prompt-cache breakpoint writes the cache (for up to 12 hours), as
+        # `prompt_cache_options` asks for, whose cost the price book has no rate for.
+        (
+            {
+                "input": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "input_text",
+                                "text": "a long shared prefix",
+                                "prompt_cache_breakpoint": {"mode": "explicit", "ttl": "12h"},
+                            }
+                        ],
+                    }
+                ]
+            },
+            "input[0].content[0].prompt_cache_breakpoint",
+        ),
+        (
+            {
+                "input": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "input_text", "text": "the reference"},
+                            {
+                                "type": "input_image",
+                                "image_url": "https://x.test/a.png",
+                                "prompt_cache_breakpoint": {"mode": "explicit"},
+                            },
+                        ],
+                    }
+                ]
+            },
+            "input[0].content[1].prompt_cache_breakpoint",
+        ),
+        (
+            {
+                "input": [
+                    {
+                        "type": "function_call_output",
+                        "call_id": "c",
+                        "output": [
+                            {
+                                "type": "input_text",
+                                "text": "the chart",
+                                "prompt_cache_breakpoint": {"mode": "explicit", "ttl": "30m"},
+                            }
+                        ],
+                    }
+                ]
+            },
+            "input[0].output[0].prompt_cache_breakpoint",
+        ),
         ({"max_tool_calls": 11}, "max_tool_calls"),
         ({"max_output_tokens": "9"}, "max_output_tokens"),
         ({"max_output_tokens": 2**62}, "max_output_tokens"),

@@ -128,6 +128,16 @@ def content_of(content: Any, param: str, name: str = "content") -> tuple[int, in
     for index, part in enumerate(content):
         where = f"{param}.{name}[{index}]"
         kind = part.get("type") if isinstance(part, dict) else None
+        if kind is not None and part.get("prompt_cache_breakpoint") is not None:
+            # The part-level spelling of `prompt_cache_options` (refused with the request's
+            # other parameters Tollgate has no rule for): a breakpoint makes OpenAI write the
+            # prompt cache, for up to 12 hours, billed as cache writes the price book has no
+            # rate for.
+            raise InvalidRequest(
+                f"Tollgate does not forward '{where}.prompt_cache_breakpoint' yet: it writes "
+                "OpenAI's prompt cache, whose cost Tollgate has no rule for. Leave it out.",
+                param=f"{where}.prompt_cache_breakpoint",
+            )
         if kind in TEXT_PARTS:
             continue
         if kind == "input_image":
