@@ -231,6 +231,41 @@ def test_a_tool_without_model_gets_the_default_model(config: Config) -> None:
             },
             "input[0].output[0].prompt_cache_breakpoint",
         ),
+        # A field Tollgate has no rule for may be one OpenAI bills for: refused, not
+        # forwarded unread.
+        (
+            {
+                "input": [
+                    {"role": "user", "content": [{"type": "input_text", "text": "a", "cache": 1}]}
+                ]
+            },
+            "input[0].content[0].cache",
+        ),
+        (
+            {
+                "input": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "input_image", "file_id": "file_1", "file_data": "QUJD"}
+                        ],
+                    }
+                ]
+            },
+            "input[0].content[0].file_data",
+        ),
+        (
+            {
+                "input": [
+                    {
+                        "type": "function_call_output",
+                        "call_id": "c",
+                        "output": [{"type": "refusal", "refusal": "no", "text": "x"}],
+                    }
+                ]
+            },
+            "input[0].output[0].text",
+        ),
         ({"max_tool_calls": 11}, "max_tool_calls"),
         ({"max_output_tokens": "9"}, "max_output_tokens"),
         ({"max_output_tokens": 2**62}, "max_output_tokens"),

@@ -23,7 +23,16 @@ TEXT_ITEMS: dict[str, tuple[str, ...]] = {"function_call": ("call_id", "name", "
 """Items that are text, each with the fields that must carry it: without them the
 upstream would read the item it stored under the item's id."""
 ROLES = ("user", "assistant", "system", "developer")
-TEXT_PARTS = frozenset({"input_text", "output_text", "refusal", "summary_text"})
+PART_FIELDS: dict[str, frozenset[str]] = {
+    "input_text": frozenset({"type", "text", "prompt_cache_breakpoint"}),
+    "output_text": frozenset({"type", "text", "annotations", "logprobs"}),
+    "refusal": frozenset({"type", "refusal"}),
+    "summary_text": frozenset({"type", "text"}),
+    "input_image": frozenset({"type", "image_url", "file_id", "detail", "prompt_cache_breakpoint"}),
+}
+"""The content parts forwarded, each with the fields it may carry: a field Tollgate has
+no rule for may be one OpenAI bills for (as a breakpoint bills cache writes), so a part
+with any other is refused rather than forwarded unread."""
 
 
 def read_input(value: Any) -> tuple[int, int]:
@@ -128,7 +137,21 @@ def content_of(content: Any, param: str, name: str = "content") -> tuple[int, in
     for index, part in enumerate(content):
         where = f"{param}.{name}[{index}]"
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind is not None and part.get("prompt_cache_breakpoint") is not None:
+        fields = PART_FIELDS.get(kind) if isinstance(kind, str) else None
+        if fields is None:
+            raise InvalidRequest(
+                f"Tollgate does not forward content of type {kind!r}: it cannot bound its "
+                "tokens. Send input_text and input_image.",
+                param=f"{where}.type",
+            )
+        unknown = next((field for field in part if field not in fields), None)
+        if unknown is not None:
+            raise InvalidRequest(
+                f"Tollgate does not forward '{where}.{unknown}': it has no rule for what "
+                "OpenAI bills for it. Leave it out.",
+                param=f"{where}.{unknown}",
+            )
+        if part.get("prompt_cache_breakpoint") is not None:
             # The part-level spelling of `prompt_cache_options` (refused with the request's
             # other parameters Tollgate has no rule for): a breakpoint makes OpenAI write the
             # prompt cache, for up to 12 hours, billed as cache writes the price book has no
@@ -138,23 +161,16 @@ def content_of(content: Any, param: str, name: str = "content") -> tuple[int, in
                 "OpenAI's prompt cache, whose cost Tollgate has no rule for. Leave it out.",
                 param=f"{where}.prompt_cache_breakpoint",
             )
-        if kind in TEXT_PARTS:
+        if kind != "input_image":
             continue
-        if kind == "input_image":
-            url = part.get("image_url")
-            if not isinstance(url, str) and not isinstance(part.get("file_id"), str):
-                raise InvalidRequest(
-                    f"Invalid '{where}': an input_image needs an 'image_url' or a 'file_id'.",
-                    param=where,
-                )
-            data += len(url) if isinstance(url, str) and url.startswith("data:") else 0
-            images += 1
-            continue
-        raise InvalidRequest(
-            f"Tollgate does not forward content of type {kind!r}: it cannot bound its tokens. "
-            "Send input_text and input_image.",
-            param=f"{where}.type",
-        )
+        url = part.get("image_url")
+        if not isinstance(url, str) and not isinstance(part.get("file_id"), str):
+            raise InvalidRequest(
+                f"Invalid '{where}': an input_image needs an 'image_url' or a 'file_id'.",
+                param=where,
+            )
+        data += len(url) if isinstance(url, str) and url.startswith("data:") else 0
+        images += 1
     return data, images
 
 
