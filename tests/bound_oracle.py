@@ -28,12 +28,12 @@ from proxy.doors import ImagesDoor, ResponsesDoor
 from proxy.doors.base import Door
 from proxy.simulator.billing import BilledUsage, Entry, MainlineUsage
 from proxy.simulator.costs import line_costs
-from proxy.simulator.faults import TEXT_OUTPUT_TOKENS, pick_fault
+from proxy.simulator.faults import pick_fault
 from proxy.simulator.forms import RawRequest, parse_json, parse_multipart
 from proxy.simulator.refusals import ApiError
 from proxy.simulator.response_tokens import tokens_of
 from proxy.simulator.responses import read_order
-from proxy.simulator.tokens import Tokens, tokens_for
+from proxy.simulator.tokens import Tokens, played_tokens
 from proxy.simulator.validation import ImageOrder, validate
 from tests.conftest import write_config
 
@@ -215,11 +215,8 @@ def images_bill(endpoint: Endpoint, sent: Sent, book: PriceBook) -> Billed | Non
         order = validate(raw_request(endpoint, sent.body, sent.content_type))
     except ApiError:
         return None
-    tokens = tokens_for(order)
-    # As the simulator's route plays a prompt's fault marker (the only one that bills
-    # other tokens).
-    if pick_fault(order.prompt, None) == "texttokens" and not order.model.is_dalle:
-        tokens = replace(tokens, text_output=TEXT_OUTPUT_TOKENS)
+    # As the simulator's route plays a prompt's fault marker (those that bill other tokens).
+    tokens = played_tokens(order, pick_fault(order.prompt, None))
     return image_billed(order, tokens, book)
 
 

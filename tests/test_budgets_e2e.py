@@ -107,7 +107,7 @@ budgets:
 downgrade: {order: [size, quality]}
 """,
     ),
-    # $0.06 a day: a gpt-image-1.5 edit at high fidelity (~$0.074 at low quality) fits only
+    # $0.06 a day: a gpt-image-1.5 edit at high fidelity (~$0.096 at low quality) fits only
     # on the fallback gpt-image-1-mini (~$0.023), which takes input_fidelity `low` only.
     "fidelity": team(
         "fidelity",

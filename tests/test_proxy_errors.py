@@ -354,6 +354,35 @@ def test_text_output_of_a_model_without_its_rate_is_charged_and_flagged(
         assert Decimal(answer.headers["x-tollgate-cost-usd"]) * 10**9 == cost
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["held", "stream"])
+@pytest.mark.parametrize("n", [1, 2])
+def test_text_output_told_without_details_stays_within_the_bound(
+    tollgate: Tollgate, simulator: Simulator, stream: bool, n: int
+) -> None:
+    """gpt-image-1.5 bills text output ($10/M) below image output ($32/M), and Tollgate
+    reserves up to 1,000 text tokens per image. A usage without `output_tokens_details` (a
+    stream's completed events have none) is all image output to Tollgate: its text tokens
+    at $32/M passed the bound by up to $0.022 an image, which settled spend could carry
+    past a hard limit. The bound now holds that charge: not over it, not flagged."""
+    params = {"model": "gpt-image-1.5", "prompt": "[[fault:textnodetails]]", "n": n}
+    body = {**params, "quality": "low", "size": "1024x1024", "stream": stream}
+    answer = post(tollgate, "generations", json=body)
+    assert answer.status_code == 200, answer.text
+    if stream:
+        assert answer.content.count(b"image_generation.completed") == 2 * n
+    else:
+        assert "output_tokens_details" not in answer.json()["usage"]
+    row = wait_settled(tollgate, answer.headers["x-tollgate-request-id"])
+    billed = simulator.record(row["upstream_request_id"])["usage"]
+    assert billed["text_output"] == 1000 * n
+    # Told as a total only: counted as image output, at its rate (never under the bill).
+    output = billed["image_output"] + billed["text_output"]
+    assert (row["image_output_tokens"], row["text_output_tokens"]) == (output, 0)
+    assert row["cost_nanos"] == (billed["text_input"] * 5 + output * 32) * 1000
+    assert row["cost_nanos"] <= row["estimated_nanos"]
+    assert (row["flagged"], row["error_code"], row["outcome"]) == (0, None, "ok")
+
+
 def test_truncated_stream_charges_the_estimate_flagged(tollgate: Tollgate) -> None:
     with tollgate.client().images.with_streaming_response.generate(
         model="gpt-image-2",

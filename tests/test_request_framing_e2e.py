@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import http.client
 import json
 import socket
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import pytest
@@ -207,3 +209,24 @@ def test_a_body_in_a_transfer_coding_other_than_chunked_is_refused(
     assert status == 415, answer
     assert json.loads(answer)["error"]["code"] == "unsupported_content_encoding"
     assert HEADS[sent:] == []
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        "GARBAGE",
+        "GET /healthz HTTP/9.9\r\nhost: tollgate",
+        "GET /healthz HTTP/1.1\r\nhost: tollgate\r\nno colon here",
+        "GET /healthz HTTP/1.1\r\nhost: tollgate\r\ncontent-length: 1\r\ncontent-length: 2",
+        f"POST /v1/images/generations HTTP/1.1\r\nhost: tollgate\r\n{H2C}\r\ncontent-length: 2",
+    ],
+    ids=["request-line", "version", "header-line", "two-lengths", "upgrade"],
+)
+def test_a_refusal_of_the_http_layer_is_dated(proxy: Tollgate, head: str) -> None:
+    """A 4xx from an origin server with a clock carries `date` (RFC 9110, 6.6.1). uvicorn's
+    own date is off (the app dates its answers as they start): the refusals of bytes no
+    request can be read from, written by the protocol, date themselves, once."""
+    status, headers, _ = exchange(proxy.url, head, b"{}")
+    assert status == 400
+    (date,) = headers.get_all("date")
+    assert abs(email.utils.parsedate_to_datetime(date) - datetime.now(UTC)).total_seconds() < 5

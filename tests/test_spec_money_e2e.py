@@ -123,7 +123,8 @@ def cost_of(model: str, usage: dict[str, Any]) -> int:
 
 def bound_of(model: str, quality: str, size: str, n: int, prompt: str, partials: int = 0) -> int:
     """The bound of a generation: text ≤ prompt bytes, the image's output tokens, partial
-    images, text output where the model bills it; × n."""
+    images, text output where the model bills it (at the image output rate, which it is
+    charged at when a usage leaves out its output details); × n."""
     if model == "gpt-image-1-mini":
         price = MINI_PER_IMAGE["high" if quality == "auto" else quality][
             "1024x1024" if size == "1024x1024" else "1024x1536"
@@ -137,7 +138,7 @@ def bound_of(model: str, quality: str, size: str, n: int, prompt: str, partials:
         + (output_tokens(model, quality, size) + PARTIAL_TOKENS * partials) * image_out
     )
     if text_out is not None:
-        one += TEXT_OUTPUT_PER_IMAGE * text_out
+        one += TEXT_OUTPUT_PER_IMAGE * max(text_out, image_out)
     return usd_nanos(n * one / 1_000_000)
 
 

@@ -9,6 +9,7 @@ interprets it:
     model = book.find("gpt-image-2-2026-04-21")       # aliases resolve
     model.output_tokens("high", "1024x1024")            # 7024
     estimate(model, request).cost_nanos                  # an upper bound, reserved
+    model.bound_cost(usage)                              # the most reserved usage may charge
     model.cost(usage)                                    # the exact price of reported usage
     model.charge(usage)                                  # that price as the ledger records it
     model.for_batch().charge(usage)                      # the same usage sent through a batch
@@ -294,6 +295,18 @@ class ModelPrices:
         total: int = sum(rate * getattr(usage, name) for name, rate in rates)
         return -(-total // denominator)
 
+    def bound_cost(self, usage: Usage) -> int:
+        """What `usage`, reserved as a bound, may be charged once OpenAI reports it: priced as
+        it reads, or with no `output_tokens_details` (the Images API's stream events have
+        none, and its answers have been seen without them), which `usage_from_openai` reads
+        as image output, so that the reserved text output (gpt-image-1.5's, $10/M) is then
+        priced at the image output rate ($32/M). The dearer of the two: a bound below it
+        lets a charge pass what was reserved, and settled spend a hard limit."""
+        undetailed = replace(
+            usage, image_output=usage.image_output + usage.text_output, text_output=0
+        )
+        return max(self.cost(usage), self.cost(undetailed))
+
     def charge(self, usage: Usage) -> Charge:
         """What reported usage costs, as the ledger records it: unclassified tokens folded
         into the kind whose rate priced them (so the row's kinds give the same cost and
@@ -403,7 +416,7 @@ def estimate(model: ModelPrices, request: ImageRequest) -> Estimate:
         text_output=model.text_output_ceiling * request.n,
         images=request.n,
     )
-    return Estimate(usage, model.cost(usage))
+    return Estimate(usage, model.bound_cost(usage))
 
 
 def to_nanos(usd: Decimal) -> int:

@@ -467,7 +467,7 @@ def bound_now(
         text_output=max(priced_at.usage.text_output, text_output),
         images=max(priced_at.usage.images, images),
     )
-    cost = max((model.cost(usage) for model in models.values()), default=0)
+    cost = max((model.bound_cost(usage) for model in models.values()), default=0)
     cost += max((mainline.cost(usage) for mainline in mainlines.values()), default=0)
     return Estimate(usage, max(priced_at.cost_nanos, cost))
 

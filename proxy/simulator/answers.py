@@ -13,17 +13,23 @@ EVENT_PREFIX = {"generations": "image_generation", "edits": "image_edit", "varia
 
 
 def usage_json(
-    *, text: int, image: int, output: int, details: bool, text_output: int = 0
+    *,
+    text: int,
+    image: int,
+    output: int,
+    details: bool,
+    text_output: int = 0,
+    undetailed: bool = False,
 ) -> dict[str, Any]:
     """OpenAI's `usage` object; `output_tokens_details` only when the model reports it (or
-    there is text output to report)."""
+    there is text output to report), never when `undetailed`."""
     usage: dict[str, Any] = {
         "input_tokens": text + image,
         "input_tokens_details": {"text_tokens": text, "image_tokens": image},
         "output_tokens": output + text_output,
         "total_tokens": text + image + output + text_output,
     }
-    if details or text_output:
+    if (details or text_output) and not undetailed:
         usage["output_tokens_details"] = {"image_tokens": output, "text_tokens": text_output}
     return usage
 
@@ -79,6 +85,7 @@ def response_body(
             output=tokens.output_total,
             details=order.model.output_details,
             text_output=tokens.text_output,
+            undetailed=tokens.undetailed,
         )
     return body
 
@@ -133,6 +140,7 @@ def stream_events(
             output=tokens.output_per_completed,
             details=False,
             text_output=tokens.text_output if first else 0,
+            undetailed=tokens.undetailed,
         )
         kind = f"{prefix}.completed"
         completed = {"type": kind, "b64_json": b64, **common, "usage": usage}

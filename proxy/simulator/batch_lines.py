@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -38,7 +38,6 @@ from proxy.core.models import Endpoint
 from proxy.simulator.answers import response_body
 from proxy.simulator.catalogue import DEFAULT_MODELS, MODELS
 from proxy.simulator.faults import (
-    TEXT_OUTPUT_TOKENS,
     Fault,
     fault_error,
     moderation_error,
@@ -46,7 +45,7 @@ from proxy.simulator.faults import (
 )
 from proxy.simulator.forms import RawRequest
 from proxy.simulator.refusals import ApiError, invalid
-from proxy.simulator.tokens import Tokens, tokens_for
+from proxy.simulator.tokens import Tokens, played_tokens
 from proxy.simulator.validation import ImageOrder, validate
 
 MAX_LINES = 50_000
@@ -265,7 +264,5 @@ def run_line(line: InputLine) -> LineResult:
             raise error
     except ApiError as error:
         return LineResult(line, error.status, order, error=error)
-    tokens = tokens_for(order)
-    if fault == "texttokens" and not order.model.is_dalle:
-        tokens = replace(tokens, text_output=TEXT_OUTPUT_TOKENS)
+    tokens = played_tokens(order, fault)
     return LineResult(line, 200, order, tokens, with_usage=fault != "nousage")

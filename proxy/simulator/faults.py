@@ -16,6 +16,11 @@
     [[fault:texttokens]] usage reports `TEXT_OUTPUT_TOKENS` text output tokens too (in
                         `output_tokens_details`, and in the first completed event of a
                         stream), whatever the model
+    [[fault:textnodetails]] usage reports `UNDETAILED_TEXT_TOKENS` text output tokens per
+                        image (billed as text output) within `output_tokens`, without
+                        `output_tokens_details`: as the Images API's stream events,
+                        whose schema has none, and its answers seen without them report
+                        them; whatever the model
     [[fault:echo]]      answers as usual (billed) but echoes the `Authorization` header
                         it received, as a debugging proxy might: in an
                         `x-echo-authorization` header and in an `echo` field
@@ -38,7 +43,7 @@
                         counted: a sum that looks plausible; billed for every image
 
 On the Responses API (`POST /v1/responses`) the faults play as on the Images API, but
-for `texttokens` and `echo`, which change nothing there.
+for `texttokens`, `textnodetails` and `echo`, which change nothing there.
 
 A prompt containing the word `forbidden` is blocked by moderation (400, not billed).
 """
@@ -63,6 +68,7 @@ Fault = Literal[
     "nousage",
     "truncate",
     "texttokens",
+    "textnodetails",
     "echo",
 ]
 FAULTS: tuple[Fault, ...] = get_args(Fault)
@@ -75,6 +81,8 @@ _FORBIDDEN = re.compile(r"\bforbidden\b", re.IGNORECASE)
 GARBAGE_BODY = b"this is not json{"
 TIMEOUT_SECONDS = 3600.0
 TEXT_OUTPUT_TOKENS = 150
+UNDETAILED_TEXT_TOKENS = 1000
+"""The most text output Tollgate's price book reserves for one gpt-image-1.5 image."""
 ECHO_HEADER = "x-echo-authorization"
 
 

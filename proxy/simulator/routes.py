@@ -10,7 +10,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -23,7 +23,6 @@ from proxy.simulator.billing import RECORDED_HEADERS, BilledUsage, BillingRecord
 from proxy.simulator.faults import (
     ECHO_HEADER,
     GARBAGE_BODY,
-    TEXT_OUTPUT_TOKENS,
     TIMEOUT_SECONDS,
     Fault,
     echo,
@@ -37,7 +36,7 @@ from proxy.simulator.forms import RawRequest, read_request, unparsed
 from proxy.simulator.options import Knobs
 from proxy.simulator.refusals import ApiError, invalid_api_key
 from proxy.simulator.response_store import ResponseStore
-from proxy.simulator.tokens import Tokens, tokens_for
+from proxy.simulator.tokens import Tokens, played_tokens
 from proxy.simulator.validation import ImageOrder, validate
 
 JSON = "application/json"
@@ -176,9 +175,7 @@ async def handle_image_request(
     if isinstance(accepted, Response):
         return accepted
     raw, order, fault = accepted
-    tokens = tokens_for(order)
-    if fault == "texttokens" and not order.model.is_dalle:
-        tokens = replace(tokens, text_output=TEXT_OUTPUT_TOKENS)
+    tokens = played_tokens(order, fault)
     state.record.append(arrival.entry(raw, order, status=200, tokens=tokens))
     if order.stream:
         return _stream(order, tokens, knobs, fault, request, arrival)

@@ -14,10 +14,11 @@ bills every call its input), so that a bound that counts it once is caught.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from proxy.core.models import InputImage
 from proxy.simulator.catalogue import ModelRule
+from proxy.simulator.faults import TEXT_OUTPUT_TOKENS, UNDETAILED_TEXT_TOKENS, Fault
 from proxy.simulator.validation import ImageOrder
 
 PARTIAL_IMAGE_TOKENS = 100
@@ -97,7 +98,11 @@ class Tokens:
     n: int
     partials_per_image: int = 0
     text_output: int = 0
-    """Text output of the whole request (only with the `texttokens` fault)."""
+    """Text output of the whole request (only with the `texttokens` and `textnodetails`
+    faults)."""
+    undetailed: bool = False
+    """Whether the usage leaves out `output_tokens_details`, text output or not (the
+    `textnodetails` fault): its output tokens are then told as a total only."""
 
     @property
     def text_input(self) -> int:
@@ -138,3 +143,16 @@ def tokens_for(order: ImageOrder) -> Tokens:
         n=order.n,
         partials_per_image=order.partial_images if order.stream else 0,
     )
+
+
+def played_tokens(order: ImageOrder, fault: Fault | None) -> Tokens:
+    """What a valid order bills when it plays `fault`: `tokens_for`'s, with the text output
+    of the `texttokens` and `textnodetails` faults (for a GPT image model)."""
+    tokens = tokens_for(order)
+    if order.model.is_dalle:
+        return tokens
+    if fault == "texttokens":
+        return replace(tokens, text_output=TEXT_OUTPUT_TOKENS)
+    if fault == "textnodetails":
+        return replace(tokens, text_output=UNDETAILED_TEXT_TOKENS * order.n, undetailed=True)
+    return tokens
