@@ -237,11 +237,26 @@ def start_simulator(*extra: str) -> Simulator:
     return Simulator(f"http://127.0.0.1:{port}", process)
 
 
+def run_simulator(*extra: str) -> Iterator[Simulator]:
+    """A simulator in a process of its own (`start_simulator(*extra)`), stopped after: for a
+    fixture to `yield from`."""
+    simulator = start_simulator(*extra)
+    try:
+        yield simulator
+    finally:
+        stop(simulator.process)
+
+
 @pytest.fixture(scope="session")
 def simulator() -> Iterator[Simulator]:
-    simulator = start_simulator()
-    yield simulator
-    stop(simulator.process)
+    yield from run_simulator()
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Simulator]:
+    """A simulator of the test module's own, for a module that reads what it holds whole
+    (its billing record, arrivals or files), which the shared `simulator` mixes with others'."""
+    yield from run_simulator()
 
 
 DEFAULT_TEAMS = {
@@ -324,6 +339,16 @@ def start_tollgate(root: Path, *extra: str, ledger_url: str | None = None) -> To
     return Tollgate(f"http://127.0.0.1:{port}", root, process, ledger_url)
 
 
+def run_tollgate(root: Path, *extra: str, ledger_url: str | None = None) -> Iterator[Tollgate]:
+    """A Tollgate on the configuration written in `root` (`start_tollgate`), stopped after:
+    for a fixture to `yield from`."""
+    tollgate = start_tollgate(root, *extra, ledger_url=ledger_url)
+    try:
+        yield tollgate
+    finally:
+        tollgate.stop()
+
+
 @contextmanager
 def in_front_of_raw(
     reply: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
@@ -333,11 +358,7 @@ def in_front_of_raw(
     """A Tollgate configured in `root` in front of `raw_serving(reply)`, stopped after."""
     with raw_serving(reply) as upstream:
         write_config(root, upstream, settings=settings)
-        tollgate = start_tollgate(root)
-        try:
-            yield tollgate
-        finally:
-            tollgate.stop()
+        yield from run_tollgate(root)
 
 
 def two_teams(root: Path, strict: str) -> Config:
@@ -401,9 +422,16 @@ def tollgate(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> 
           edits_bytes: 2000000
     """,
     )
-    proxy = start_tollgate(root)
-    yield proxy
-    proxy.stop()
+    yield from run_tollgate(root)
+
+
+@pytest.fixture
+def cluster() -> Iterator[pg.Cluster]:
+    """A private PostgreSQL server a test may stop: the shared one is never stopped."""
+    private = pg.Cluster(free_port())
+    private.start()
+    yield private
+    private.remove()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

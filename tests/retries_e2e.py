@@ -29,9 +29,8 @@ from tests.conftest import (
     Simulator,
     Tollgate,
     nanos,
-    start_simulator,
-    start_tollgate,
-    stop,
+    run_simulator,
+    run_tollgate,
     wait_for,
     write_config,
 )
@@ -167,26 +166,23 @@ def in_background(work: Callable[[], T]) -> concurrent.futures.Future[T]:
 # -- fixtures ------------------------------------------------------------------------
 
 
-def configure(root: Path, sim: Simulator, settings: str = "", timeout_s: float = 10) -> None:
-    write_config(root, f"{sim.url}/v1", settings=settings)
+def configure(
+    root: Path,
+    sim: Simulator,
+    settings: str = "",
+    timeout_s: float = 10,
+    teams: dict[str, str] | None = None,
+) -> None:
+    write_config(root, f"{sim.url}/v1", settings=settings, teams=teams)
     config = root / "tollgate.yaml"
     config.write_text(config.read_text().replace("timeout_s: 3", f"timeout_s: {timeout_s}"))
-
-
-def own_simulator() -> Iterator[Simulator]:
-    """A simulator of the test module's own: its billing record is that module's alone."""
-    simulator = start_simulator()
-    yield simulator
-    stop(simulator.process)
 
 
 def serve_gate(sim: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
     """A Tollgate of the test module's own, in front of `sim`."""
     root = tmp_path_factory.mktemp("retries")
     configure(root, sim)
-    tollgate = start_tollgate(root)
-    yield tollgate
-    tollgate.stop()
+    yield from run_tollgate(root)
 
 
 def calm(sim: Simulator) -> Iterator[None]:
@@ -213,7 +209,7 @@ def emptied(gate: Tollgate) -> Tollgate:
 
 @pytest.fixture(scope="module")
 def sim() -> Iterator[Simulator]:
-    yield from own_simulator()
+    yield from run_simulator()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 
 from proxy.core.auth import key_hash
 from tests.batches_e2e import data_url, line, png_bytes, upload
-from tests.conftest import Simulator, Tollgate, start_tollgate, write_config
+from tests.conftest import Simulator, Tollgate, run_tollgate, write_config
 
 KEYS = {name: f"tg_test_{name}_allow_key" for name in ("opaque", "sized", "sizedr")}
 
@@ -64,9 +64,7 @@ OPAQUE = {"background": "opaque", "size": "1024x1024", "quality": "low"}
 def gate(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
     root: Path = tmp_path_factory.mktemp("allow")
     write_config(root, f"{simulator.url}/v1", teams=TEAMS)
-    proxy = start_tollgate(root)
-    yield proxy
-    proxy.stop()
+    yield from run_tollgate(root)
 
 
 def refused(call: Any) -> openai.PermissionDeniedError:

@@ -9,17 +9,13 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
-
-import pytest
 
 from tests import pg
 from tests.conftest import (
     Simulator,
     Tollgate,
-    free_port,
     start_tollgate,
     workers_of,
 )
@@ -139,15 +135,6 @@ def test_a_two_worker_server_killed_whole_mid_storm_on_sqlite_leaves_spend_withi
     finally:
         simulator.configure(latency_ms=0)
         gate.stop()
-
-
-@pytest.fixture
-def cluster() -> Iterator[pg.Cluster]:
-    """A private PostgreSQL server this test may stop: the shared one is never stopped."""
-    private = pg.Cluster(free_port())
-    private.start()
-    yield private
-    private.remove()
 
 
 def test_a_database_outage_mid_storm_over_two_replicas_leaves_spend_within_the_limit(

@@ -24,7 +24,7 @@ from tests.conftest import (
     UPSTREAM_KEY,
     Simulator,
     Tollgate,
-    start_tollgate,
+    run_tollgate,
     wait_for,
     write_config,
 )
@@ -43,9 +43,7 @@ def refused(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> I
     write_config(root, f"{simulator.url}/v1", settings="passthrough: [/v1/models]\n")
     config = root / "tollgate.yaml"
     config.write_text(config.read_text().replace(UPSTREAM_KEY, REFUSED_KEY))
-    proxy = start_tollgate(root)
-    yield proxy
-    proxy.stop()
+    yield from run_tollgate(root)
 
 
 def png() -> bytes:

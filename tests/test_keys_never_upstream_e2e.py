@@ -21,9 +21,7 @@ from tests.conftest import (
     UPSTREAM_KEY,
     Simulator,
     Tollgate,
-    start_simulator,
-    start_tollgate,
-    stop,
+    run_tollgate,
     write_config,
 )
 
@@ -31,19 +29,10 @@ KEYS = (DESIGN_KEY, RESEARCH_KEY)
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[Simulator]:
-    simulator = start_simulator()
-    yield simulator
-    stop(simulator.process)
-
-
-@pytest.fixture(scope="module")
 def gate(upstream: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
     root: Path = tmp_path_factory.mktemp("keys")
     write_config(root, f"{upstream.url}/v1", settings="passthrough: [/v1/models]\n")
-    tollgate = start_tollgate(root)
-    yield tollgate
-    tollgate.stop()
+    yield from run_tollgate(root)
 
 
 def arrivals(upstream: Simulator, since: int = 0) -> list[dict[str, Any]]:

@@ -23,9 +23,7 @@ from tests.conftest import (
     UPSTREAM_KEY,
     Simulator,
     Tollgate,
-    start_simulator,
-    start_tollgate,
-    stop,
+    run_tollgate,
     write_config,
 )
 
@@ -39,20 +37,11 @@ TEAMS = {
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[Simulator]:
-    """A simulator of this module's own: its files are exactly the ones made here."""
-    simulator = start_simulator()
-    yield simulator
-    stop(simulator.process)
-
-
-@pytest.fixture(scope="module")
 def proxy(upstream: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
+    """In front of a simulator of this module's own: its files are exactly the ones made here."""
     root: Path = tmp_path_factory.mktemp("listings")
     write_config(root, f"{upstream.url}/v1", teams=TEAMS)
-    tollgate = start_tollgate(root)
-    yield tollgate
-    tollgate.stop()
+    yield from run_tollgate(root)
 
 
 def through(client: openai.OpenAI, count: int) -> list[str]:

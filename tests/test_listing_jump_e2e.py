@@ -16,27 +16,16 @@ from tests.conftest import (
     UPSTREAM_KEY,
     Simulator,
     Tollgate,
-    start_simulator,
-    start_tollgate,
-    stop,
+    run_tollgate,
     write_config,
 )
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Simulator]:
-    simulator = start_simulator()
-    yield simulator
-    stop(simulator.process)
 
 
 @pytest.fixture(scope="module")
 def proxy(upstream: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
     root: Path = tmp_path_factory.mktemp("jump")
     write_config(root, f"{upstream.url}/v1")
-    tollgate = start_tollgate(root)
-    yield tollgate
-    tollgate.stop()
+    yield from run_tollgate(root)
 
 
 def test_the_sdk_lists_every_own_file_past_a_longer_run_than_a_listing_reads(

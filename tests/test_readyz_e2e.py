@@ -3,25 +3,14 @@ database's host, port, user nor password (the detail goes to the log)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests import pg
-from tests.conftest import Simulator, free_port, start_tollgate, wait_for, write_config
+from tests.conftest import Simulator, start_tollgate, wait_for, write_config
 
 PASSWORD = "hunter2-ledger-secret"
-
-
-@pytest.fixture
-def cluster() -> Iterator[pg.Cluster]:
-    """A private PostgreSQL server this test stops: the shared one is never stopped."""
-    private = pg.Cluster(free_port())
-    private.start()
-    yield private
-    private.remove()
 
 
 def test_a_ledger_that_goes_away_is_unready_without_naming_where_it_is(

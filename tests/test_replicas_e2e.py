@@ -282,15 +282,6 @@ def test_serve_refuses_a_schema_behind_until_ledger_migrate_runs(
 # -- the database goes away mid-load ----------------------------------------------
 
 
-@pytest.fixture
-def cluster() -> Iterator[pg.Cluster]:
-    """A private PostgreSQL server this test may stop: the shared one is never stopped."""
-    private = pg.Cluster(free_port())
-    private.start()
-    yield private
-    private.remove()
-
-
 def test_database_restart_mid_load_loses_no_charge_and_leaks_no_reservation(
     simulator: Simulator, tmp_path: Path, cluster: pg.Cluster
 ) -> None:

@@ -28,22 +28,24 @@ from tests.conftest import (
     Simulator,
     Tollgate,
     key_hash,
-    start_tollgate,
+    run_tollgate,
     wait_for,
-    write_config,
 )
 from tests.retries_e2e import (
     LATENCY_MS,
     TOOL,
     body,
-    calm,
-    emptied,
+    clean,
+    configure,
+    fresh,
     in_background,
-    own_simulator,
     post,
     sdk,
     settled,
+    sim,
 )
+
+__all__ = ["clean", "fresh", "sim"]  # the shared fixtures
 
 STORE_BYTES = 400_000
 """What is kept for repeats in all: an answer padded past it is not kept."""
@@ -61,30 +63,11 @@ IMAGES, RESPONSES = "/v1/images/generations", "/v1/responses"
 
 
 @pytest.fixture(scope="module")
-def sim() -> Iterator[Simulator]:
-    yield from own_simulator()
-
-
-@pytest.fixture(scope="module")
 def gate(sim: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
     root = tmp_path_factory.mktemp("replays")
     settings = f"retries: {{store_bytes: {STORE_BYTES}}}\n"
-    write_config(root, f"{sim.url}/v1", settings=settings, teams=TEAMS)
-    config = root / "tollgate.yaml"
-    config.write_text(config.read_text().replace("timeout_s: 3", "timeout_s: 10"))
-    tollgate = start_tollgate(root)
-    yield tollgate
-    tollgate.stop()
-
-
-@pytest.fixture(autouse=True)
-def fresh(sim: Simulator) -> Iterator[None]:
-    yield from calm(sim)
-
-
-@pytest.fixture
-def clean(gate: Tollgate) -> Tollgate:
-    return emptied(gate)
+    configure(root, sim, settings, timeout_s=10, teams=TEAMS)
+    yield from run_tollgate(root)
 
 
 def forwarded(sim: Simulator, path: str) -> list[dict[str, Any]]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,27 +30,19 @@ from tests.retries_e2e import (
     IMAGE,
     LATENCY_MS,
     body,
-    calm,
     charges,
     configure,
     decodable,
+    fresh,
     in_background,
     one_charge,
-    own_simulator,
     post,
     sdk,
     settled,
+    sim,
 )
 
-
-@pytest.fixture(scope="module")
-def sim() -> Iterator[Simulator]:
-    yield from own_simulator()
-
-
-@pytest.fixture(autouse=True)
-def fresh(sim: Simulator) -> Iterator[None]:
-    yield from calm(sim)
+__all__ = ["fresh", "sim"]  # the shared fixtures
 
 
 # -- 1. replicas and workers ---------------------------------------------------------------

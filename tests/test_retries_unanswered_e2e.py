@@ -16,9 +16,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import DESIGN_KEY, Simulator, Tollgate, start_tollgate
+from tests.conftest import DESIGN_KEY, Simulator, Tollgate, run_tollgate
 from tests.responses_e2e import NODE_PROJECT, node_sdk
-from tests.retries_e2e import calm, configure, emptied, own_simulator, settled
+from tests.retries_e2e import configure, emptied, fresh, settled, sim
+
+__all__ = ["fresh", "sim"]  # the shared fixtures
 
 UPSTREAM_TIMEOUT_S = 2
 LATENCY_MS = 4000
@@ -26,22 +28,10 @@ LATENCY_MS = 4000
 
 
 @pytest.fixture(scope="module")
-def sim() -> Iterator[Simulator]:
-    yield from own_simulator()
-
-
-@pytest.fixture(scope="module")
 def gate(sim: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
     root = tmp_path_factory.mktemp("unanswered")
     configure(root, sim, timeout_s=UPSTREAM_TIMEOUT_S)
-    tollgate = start_tollgate(root)
-    yield tollgate
-    tollgate.stop()
-
-
-@pytest.fixture(autouse=True)
-def fresh(sim: Simulator) -> Iterator[None]:
-    yield from calm(sim)
+    yield from run_tollgate(root)
 
 
 def node_retrying(gate: Tollgate, kind: str, timeout_ms: int) -> dict[str, Any]:

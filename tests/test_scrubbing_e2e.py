@@ -22,9 +22,9 @@ from tests.conftest import (
     UPSTREAM_KEY,
     Simulator,
     Tollgate,
-    start_simulator,
+    run_simulator,
+    run_tollgate,
     start_tollgate,
-    stop,
     write_config,
 )
 from tests.test_proxy_e2e import check_charge, expected_cost, wait_settled
@@ -40,9 +40,7 @@ MASKED = "Bearer [redacted]" + "*" * (len(UPSTREAM_KEY) - len("[redacted]"))
 @pytest.fixture(scope="module")
 def echoing() -> Iterator[Simulator]:
     """A simulator of its own: the echo fault set at run time must not reach other tests."""
-    simulator = start_simulator()
-    yield simulator
-    stop(simulator.process)
+    yield from run_simulator()
 
 
 @pytest.fixture(autouse=True)
@@ -61,9 +59,7 @@ def calm(echoing: Simulator) -> None:
 def tollgate(echoing: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
     root = tmp_path_factory.mktemp("echo")
     write_config(root, f"{echoing.url}/v1", settings="passthrough: [/v1/models]\n")
-    proxy = start_tollgate(root)
-    yield proxy
-    proxy.stop()
+    yield from run_tollgate(root)
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +69,7 @@ def refused(echoing: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Ite
     write_config(root, f"{echoing.url}/v1")
     config = root / "tollgate.yaml"
     config.write_text(config.read_text().replace(UPSTREAM_KEY, REFUSED_KEY))
-    proxy = start_tollgate(root)
-    yield proxy
-    proxy.stop()
+    yield from run_tollgate(root)
 
 
 TEAM = {"authorization": f"Bearer {DESIGN_KEY}"}

@@ -24,7 +24,8 @@ from starlette.testclient import TestClient
 from proxy.config import load_config
 from proxy.core.errors import UpstreamTimeout, UpstreamUnavailable
 from proxy.simulator import SimulatorSettings, create_simulator_app
-from proxy.upstream import Answer, Upstream, response_headers, translate
+from proxy.upstream import Upstream, response_headers, translate
+from proxy.upstream.answer import Answer
 from proxy.web.app import create_app
 from proxy.web.runtime import Overrides
 from tests.conftest import UPSTREAM_KEY, Simulator, free_port, read_request, write_config

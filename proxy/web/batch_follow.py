@@ -43,7 +43,7 @@ from proxy.core.settlement import MALFORMED_ANSWER
 from proxy.core.short_strings import ShortStrings
 from proxy.doors.batches import CUSTOM_ID_BYTES
 from proxy.ledger import BatchLine, BilledLine, StoredObject
-from proxy.upstream import BROKEN_OFF
+from proxy.upstream.answer import BROKEN_OFF
 from proxy.web.batch_charges import Rows, charged, share_nanos, whole_bound, within
 from proxy.web.files import read_answer
 from proxy.web.follow import REFUSED, Refusals, error_code

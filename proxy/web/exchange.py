@@ -32,7 +32,8 @@ from proxy.core.models import Change, Entry, Outcome, Settlement, usd_text
 from proxy.core.settlement import Bound, StreamEnd, Verdict
 from proxy.doors.base import Door
 from proxy.ledger import settle_patiently
-from proxy.upstream import BROKEN_OFF, Answer, response_headers
+from proxy.upstream import response_headers
+from proxy.upstream.answer import BROKEN_OFF, Answer
 from proxy.web.deadline import ReadDeadline
 from proxy.web.follow import ResponseFollow
 from proxy.web.observe import observe

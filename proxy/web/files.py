@@ -51,7 +51,8 @@ from proxy.core.paths import canonical
 from proxy.core.settings import Team
 from proxy.doors.batches import BatchFile
 from proxy.ledger import BatchLine, ObjectKind, StoredObject
-from proxy.upstream import Answer, response_headers
+from proxy.upstream import response_headers
+from proxy.upstream.answer import Answer
 from proxy.web.admission import body_chunks
 from proxy.web.gateway import query_of
 from proxy.web.observe import KeyRefusals

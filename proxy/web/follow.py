@@ -41,7 +41,7 @@ from proxy.core.settlement import Bound
 from proxy.doors import ResponsesDoor
 from proxy.ledger import HeldEntry
 from proxy.ledger.base import OUTCOME_UNKNOWN
-from proxy.upstream import BROKEN_OFF
+from proxy.upstream.answer import BROKEN_OFF
 from proxy.web.projects import created_under
 
 if TYPE_CHECKING:

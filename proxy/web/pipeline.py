@@ -47,7 +47,7 @@ from proxy.core.rates import Paced
 from proxy.core.settings import Team, TeamKey
 from proxy.doors.base import Door, Parsed
 from proxy.ledger import RepeatGuard, Reservation, ResponseRow
-from proxy.upstream import Answer
+from proxy.upstream.answer import Answer
 from proxy.web import repeats
 from proxy.web.admission import read_body
 from proxy.web.exchange import Exchange

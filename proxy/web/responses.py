@@ -23,7 +23,8 @@ from proxy.core.errors import (
     NotFound,
     RequestError,
 )
-from proxy.upstream import Answer, response_headers
+from proxy.upstream import response_headers
+from proxy.upstream.answer import Answer
 from proxy.web.spool import Spool
 
 log = logging.getLogger("tollgate")
