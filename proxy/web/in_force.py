@@ -4,7 +4,8 @@ A request takes the runtime in force when its headers come (`proxy.web.runtime`)
 reload may swap in another before it is decided: while its body arrives, while it waits
 for the ledger's write lock, while a batch's plan is made on a thread. Admitted under the
 replaced configuration, it would pass a budget lowered, or use a key revoked, by a reload
-already answered. So every door decides it in `decided`:
+already answered. So an image or Responses request (`proxy.web.pipeline`) and a batch
+create (`proxy.web.batches`) are decided in `decided`:
 
     for up to DECISIONS attempts:
         identify it again under the runtime in force  (401 if its key is gone)
@@ -13,7 +14,9 @@ already answered. So every door decides it in `decided`:
             (`still_in_force`), else nothing is written and it is decided again
 
 Only a request that reloads keep overtaking, attempt after attempt, is answered 503
-`configuration_reloaded` (`Reloaded`, which the SDKs retry).
+`configuration_reloaded` (`Reloaded`, which the SDKs retry). A file upload or a
+passthrough request, which reserves nothing, is identified again once its body is in
+(`identified_again`).
 """
 
 from __future__ import annotations
