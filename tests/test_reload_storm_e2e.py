@@ -81,9 +81,11 @@ class Storm:
     ids: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     retried: int = 0
-    """Requests a replaced worker had decided under the configuration the reload replaced,
-    refused before anything was reserved with a 503 `configuration_reloaded` that tells the
-    SDKs to retry (`x-should-retry: true`); with `max_retries=0` the storm sees them."""
+    """Requests a replaced worker could not decide, had it failed to read the new
+    configuration (`Superseded`), refused before anything was reserved with a 503
+    `configuration_reloaded` that closes the connection and tells the SDKs to retry on a
+    new one; with `max_retries=0` the storm would see them. A request a reload overtook
+    while it was decided is decided again under the new configuration: no error."""
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self, gate: Tollgate, clients: int) -> None:
@@ -103,6 +105,7 @@ class Storm:
                         exc.status_code == 503
                         and exc.code == "configuration_reloaded"
                         and exc.response.headers.get("x-should-retry") == "true"
+                        and exc.response.headers.get("connection") == "close"
                     ):
                         self.retried += 1
                     else:

@@ -38,8 +38,8 @@
                ├── Overloaded        503 server_overloaded (retry after a second)
                ├── Superseded        503 configuration_reloaded: a replaced worker that
                │                     could not read the new configuration (retry)
-               └── Reloaded          503 configuration_reloaded: a reload landed while the
-                                     request was decided (retry)
+               └── Reloaded          503 configuration_reloaded: reloads landed while the
+                                     request was decided, each time it was (retry)
 
 Only the web layer turns a RequestError into an HTTP answer (`proxy.web.responses`);
 only the CLI prints a ConfigError and exits.
@@ -364,8 +364,9 @@ class Reloaded(ServiceUnavailable):
     """A request whose reservation was about to be written under a configuration that a
     reload replaced meanwhile (it waited for the ledger, or for a batch's plan): admitted,
     it would pass a budget lowered or a key revoked by a reload already answered. Nothing
-    was reserved or forwarded; the SDKs retry it, and the retry is decided under the new
-    configuration."""
+    is reserved or forwarded, and Tollgate decides it again under the new configuration
+    (`proxy.web.in_force.decided`); answered only when reloads overtook every attempt, it
+    tells the SDKs to retry."""
 
     type = "server_error"
     code = "configuration_reloaded"

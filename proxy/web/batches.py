@@ -31,6 +31,7 @@ import logging
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 from starlette.requests import Request
@@ -67,8 +68,9 @@ from proxy.web.admission import read_body
 from proxy.web.batch_follow import BATCH_SPAN_S, BatchFollow, own_output
 from proxy.web.files import BATCHES, not_found, read_answer, scoped_listing, scoped_object
 from proxy.web.gateway import path_of
+from proxy.web.in_force import Caller, decided, still_in_force
 from proxy.web.observe import KeyRefusals, observe
-from proxy.web.pipeline import identified_again, new_request_id, refuse, still_in_force
+from proxy.web.pipeline import new_request_id, refuse
 from proxy.web.projects import created_under, same_project
 from proxy.web.responses import error_response
 from proxy.web.runtime import Runtime
@@ -87,129 +89,30 @@ class Batches:
         self.key_refusals = KeyRefusals("batches")
 
     async def create(self, request: Request, runtime: Runtime) -> Response:
-        config = runtime.config
         entry = Entry(new_request_id(), runtime.clock(), "batches")
         headers = {"x-tollgate-request-id": entry.id}
-        caller = self.key_refusals.key_of(request, runtime, headers)
-        if isinstance(caller, Response):
-            return caller
-        team, key = caller
+        holder = self.key_refusals.key_of(request, runtime, headers)
+        if isinstance(holder, Response):
+            return holder
+        team, key = holder
         runtime.metrics.started()
         entry = entry.identified(team.name, team.cost_center, key.id)
+        caller = Caller(runtime, team, key, entry, headers)
         try:
             allow_endpoint(team, "batches")
-            body = await read_body(request, config.limits.generations_bytes, runtime.bodies)
-            newer = identified_again(request, runtime)
-            if newer is not None:  # reloaded while the body arrived: admitted under the new
-                runtime, team, key = newer
-                config = runtime.config
-                entry = entry.identified(team.name, team.cost_center, key.id)
-                headers["x-tollgate-team"] = team.name
-                allow_endpoint(team, "batches")
-            fields = json_object(body)
-            stored, lines = await self.input_file(runtime, team.name, fields)
-            project = config.project_of(team.name)
-            first = next(iter(lines.values()))
-            asked = ImageRequest(
-                endpoint="batches",
-                model=first.model,
-                n=sum(line.n for line in lines.values()),
-                quality=first.quality,
-                size=first.size,
-            )
-            sent = {k: v for k, v in fields.items() if k in CREATE_FIELDS}
-            found = None
-            if config.retries.enabled and repeats.repeatable(request):
-                digest = hashlib.sha256(json.dumps(sent, sort_keys=True).encode()).digest()
-                found = repeats.marks(request, team.name, "batches", digest)
-            entry = entry.asked(asked, *((found.content, found.key) if found else (None, None)))
-            guard: RepeatGuard | None = None
-            if found is not None and found.repeat:
-                again = await replay_create(runtime, entry, team.name, found, headers)
-                if isinstance(again, Response):
-                    return again
-                guard = again
-            # After a replay: a repeat of a create answered before the team's project
-            # changed is still answered with its batch.
-            same_project(runtime, stored, project, f"File '{stored.id}'")
-            model = config.prices.find(first.model)
-            if model is None:
-                raise InvalidRequest(
-                    f"Model {first.model!r} of this batch file is no longer in Tollgate's price "
-                    "book: upload the file again.",
-                    param="input_file_id",
-                )
-            # Checked and bounded again under the configuration in force now: a reload since
-            # the upload may have tightened the team's policy or raised a rate.
-            # Its lines are billed on the day the batch ends, to the users they name: the
-            # bound is held in every window it may end in and, for a team with per-user
-            # budgets, each user's share of it in that user's counters of those windows,
-            # against that user's budgets. (Held for a team without them too, a file naming
-            # 50,000 users kept the event loop 3 s longer on 200,000 counter writes.) The
-            # bound, the shares and each user's budgets walk every line or user: on a thread
-            # (`BatchPlan`), so that the event loop serves meanwhile.
-            plan = await asyncio.to_thread(
-                BatchPlan.of, team, config, lines.values(), stored, entry.started_at
-            )
-            bound, shares, budgets, per_user = plan.bound, plan.shares, plan.budgets, plan.users
-            variant = Variant(asked, model, bound)
-            tz = zone(config.timezone)
-            strict = replace(team, on_exhausted="reject", throttle=())
-            remaining: list[int | None] = []
-            periods = tuple(dict.fromkeys(b.period for b in team.per_user))
-            # What it reserves and writes, whatever the totals: worked out before its
-            # transaction, which only reads, decides and writes it.
-            held = Reservation(
-                entry.sent(asked, bound.cost_nanos, ""),
-                bound.usage,
-                plan.adds_to,
-                project=project,
-                shares=plan.held,
-                share_periods=periods,
-            )
-            if plan.held:
-                held = replace(held, written=await asyncio.to_thread(codecs.written, held))
-
-            def choose(totals: Any) -> Reservation:
-                still_in_force(runtime)
-                # A batch is reserved whole or refused: never downgraded, never throttled.
-                # Each user's share is decided as a direct request of that user costing it
-                # would be (`share_fits`; `decide` says why one does not fit).
-                decision = decide(strict, variant, budgets, totals, config.prices, tz)
-                least = decision.remaining_nanos
-                for user, applied in per_user:
-                    blocker, left = share_fits(shares[user], applied, totals)
-                    if blocker is not None:
-                        share = Variant(replace(asked, user=user), model, shares[user])
-                        found = decide(strict, share, applied, totals, config.prices, tz)
-                        left = found.remaining_nanos
-                    if left is not None and (least is None or left < least):
-                        least = left
-                remaining.append(least)
-                return held
-
-            for _ in range(repeats.RACES):
-                try:
-                    reservation = await runtime.ledger.reserve(plan.read, choose, guard=guard)
-                    break
-                except RepeatArrived:
-                    # Another attempt of this create reserved first (on another worker or
-                    # replica): answered with its batch, never a second one.
-                    assert found is not None
-                    again = await replay_create(runtime, entry, team.name, found, headers)
-                    if isinstance(again, Response):
-                        return again
-                    guard = again
-            else:
-                raise ServiceUnavailable(
-                    "Attempts of this batch create keep arriving together; retry shortly."
-                )
+            limit = runtime.config.limits.generations_bytes
+            body = await read_body(request, limit, runtime.bodies)
+            admitted = await decided(request, caller, partial(self.decide_for, request, body))
         except RequestError as exc:
-            return await refuse(runtime, entry, exc, headers)
-        entry = reservation.entry
+            return await refuse(caller.runtime, caller.entry, exc, headers)
+        if isinstance(admitted, Response):
+            return admitted  # a repeat, answered with its first attempt's batch
+        runtime, team, config = caller.runtime, caller.team, caller.runtime.config
+        entry, stored, bound = admitted.reservation.entry, admitted.stored, admitted.bound
+        sent, found, project = admitted.sent, admitted.found, admitted.project
         headers["x-tollgate-reserved-usd"] = usd_text(entry.estimated_nanos)
-        if remaining and remaining[-1] is not None:
-            headers["x-tollgate-budget-remaining-usd"] = usd_text(max(remaining[-1], 0))
+        if admitted.remaining is not None:
+            headers["x-tollgate-budget-remaining-usd"] = usd_text(max(admitted.remaining, 0))
         try:
             answer = await runtime.upstream.send(
                 "/batches",
@@ -262,6 +165,118 @@ class Batches:
         else:
             await release(runtime, entry, answer.status, "batch_not_created")
         return Response(body, answer.status, headers={**dict(response_headers(answer)), **headers})
+
+    async def decide_for(
+        self, request: Request, body: bytes, caller: Caller
+    ) -> BatchAdmitted | Response:
+        """The create, whose `body` is in, decided for `caller` under its runtime: its input
+        file checked and its lines bounded under the team's policy, the bound reserved
+        against every budget that applies (`caller.entry` the row so far); or, when it
+        repeats a create already answered, that answer. Runs again whole when a reload
+        overtakes it (`decided`)."""
+        runtime, team = caller.runtime, caller.team
+        config = runtime.config
+        allow_endpoint(team, "batches")
+        fields = json_object(body)
+        stored, lines = await self.input_file(runtime, team.name, fields)
+        project = config.project_of(team.name)
+        first = next(iter(lines.values()))
+        asked = ImageRequest(
+            endpoint="batches",
+            model=first.model,
+            n=sum(line.n for line in lines.values()),
+            quality=first.quality,
+            size=first.size,
+        )
+        sent = {k: v for k, v in fields.items() if k in CREATE_FIELDS}
+        found = None
+        if config.retries.enabled and repeats.repeatable(request):
+            digest = hashlib.sha256(json.dumps(sent, sort_keys=True).encode()).digest()
+            found = repeats.marks(request, team.name, "batches", digest)
+        entry = caller.entry = caller.entry.asked(
+            asked, *((found.content, found.key) if found else (None, None))
+        )
+        guard: RepeatGuard | None = None
+        if found is not None and found.repeat:
+            again = await replay_create(runtime, entry, team.name, found, caller.headers)
+            if isinstance(again, Response):
+                return again
+            guard = again
+        # After a replay: a repeat of a create answered before the team's project
+        # changed is still answered with its batch.
+        same_project(runtime, stored, project, f"File '{stored.id}'")
+        model = config.prices.find(first.model)
+        if model is None:
+            raise InvalidRequest(
+                f"Model {first.model!r} of this batch file is no longer in Tollgate's price "
+                "book: upload the file again.",
+                param="input_file_id",
+            )
+        # Checked and bounded again under the configuration in force now: a reload since
+        # the upload may have tightened the team's policy or raised a rate.
+        # Its lines are billed on the day the batch ends, to the users they name: the
+        # bound is held in every window it may end in and, for a team with per-user
+        # budgets, each user's share of it in that user's counters of those windows,
+        # against that user's budgets. (Held for a team without them too, a file naming
+        # 50,000 users kept the event loop 3 s longer on 200,000 counter writes.) The
+        # bound, the shares and each user's budgets walk every line or user: on a thread
+        # (`BatchPlan`), so that the event loop serves meanwhile.
+        plan = await asyncio.to_thread(
+            BatchPlan.of, team, config, lines.values(), stored, entry.started_at
+        )
+        bound, shares, budgets, per_user = plan.bound, plan.shares, plan.budgets, plan.users
+        variant = Variant(asked, model, bound)
+        tz = zone(config.timezone)
+        strict = replace(team, on_exhausted="reject", throttle=())
+        remaining: list[int | None] = []
+        periods = tuple(dict.fromkeys(b.period for b in team.per_user))
+        # What it reserves and writes, whatever the totals: worked out before its
+        # transaction, which only reads, decides and writes it.
+        held = Reservation(
+            entry.sent(asked, bound.cost_nanos, ""),
+            bound.usage,
+            plan.adds_to,
+            project=project,
+            shares=plan.held,
+            share_periods=periods,
+        )
+        if plan.held:
+            held = replace(held, written=await asyncio.to_thread(codecs.written, held))
+
+        def choose(totals: Any) -> Reservation:
+            still_in_force(runtime)
+            # A batch is reserved whole or refused: never downgraded, never throttled.
+            # Each user's share is decided as a direct request of that user costing it
+            # would be (`share_fits`; `decide` says why one does not fit).
+            decision = decide(strict, variant, budgets, totals, config.prices, tz)
+            least = decision.remaining_nanos
+            for user, applied in per_user:
+                blocker, left = share_fits(shares[user], applied, totals)
+                if blocker is not None:
+                    share = Variant(replace(asked, user=user), model, shares[user])
+                    found = decide(strict, share, applied, totals, config.prices, tz)
+                    left = found.remaining_nanos
+                if left is not None and (least is None or left < least):
+                    least = left
+            remaining.append(least)
+            return held
+
+        for _ in range(repeats.RACES):
+            try:
+                reservation = await runtime.ledger.reserve(plan.read, choose, guard=guard)
+            except RepeatArrived:
+                # Another attempt of this create reserved first (on another worker or
+                # replica): answered with its batch, never a second one.
+                assert found is not None
+                again = await replay_create(runtime, entry, team.name, found, caller.headers)
+                if isinstance(again, Response):
+                    return again
+                guard = again
+                continue
+            return BatchAdmitted(reservation, stored, sent, found, bound, remaining[-1], project)
+        raise ServiceUnavailable(
+            "Attempts of this batch create keep arriving together; retry shortly."
+        )
 
     async def input_file(
         self, runtime: Runtime, team: str, fields: dict[str, Any]
@@ -373,6 +388,24 @@ def bound_and_shares(
     (`bound_now`), and each user's share of it when `team` has per-user budgets."""
     bound = bound_now(team, config, lines, Estimate(stored.bound_usage, stored.bound_nanos))
     return bound, user_shares(lines, bound) if team.per_user else {}
+
+
+@dataclass(frozen=True, slots=True)
+class BatchAdmitted:
+    """A batch create decided and reserved: what forwarding it needs."""
+
+    reservation: Reservation
+    stored: StoredObject
+    """Its input file."""
+    sent: dict[str, Any]
+    """The fields forwarded."""
+    found: repeats.Marks | None
+    """What its repeats match, when it may be repeated: its answer is then kept for them."""
+    bound: Estimate
+    remaining: int | None
+    """The least room left, in nanodollars, in the budgets it was decided against."""
+    project: str | None
+    """The OpenAI project it is created under."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,8 +55,9 @@ from proxy.upstream import response_headers
 from proxy.upstream.answer import Answer
 from proxy.web.admission import body_chunks
 from proxy.web.gateway import query_of
+from proxy.web.in_force import identified_again
 from proxy.web.observe import KeyRefusals
-from proxy.web.pipeline import for_team, forward_as_is, free_headers, identified_again
+from proxy.web.pipeline import for_team, forward_as_is, free_headers
 from proxy.web.projects import created_under
 from proxy.web.responses import streamed_response
 from proxy.web.runtime import Runtime

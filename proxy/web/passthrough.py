@@ -27,8 +27,9 @@ from proxy.core.parsing import MAX_VALUES
 from proxy.core.paths import CHAT_COMPLETIONS, OBJECT_PATHS, TOLLGATE_PATHS, under
 from proxy.web.admission import read_body
 from proxy.web.gateway import path_of, query_of
+from proxy.web.in_force import identified_again
 from proxy.web.observe import KeyRefusals, log_unmetered, unmetered_outcome
-from proxy.web.pipeline import identified_again, new_request_id, owned_files
+from proxy.web.pipeline import new_request_id, owned_files
 from proxy.web.responses import error_response, streamed_response
 from proxy.web.runtime import Runtime
 

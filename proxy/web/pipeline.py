@@ -16,7 +16,8 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Generic
 
 from starlette.requests import Request
@@ -35,16 +36,14 @@ from proxy.core.errors import (
     PolicyViolation,
     PreviousResponseNotFound,
     RateLimited,
-    Reloaded,
     RepeatArrived,
     RequestError,
     ServiceUnavailable,
-    Superseded,
 )
 from proxy.core.models import Counter, Entry, Outcome, Settlement, Totals, usd_text
 from proxy.core.periods import applicable, counters, zone
 from proxy.core.rates import Paced
-from proxy.core.settings import Team, TeamKey
+from proxy.core.settings import Team
 from proxy.doors.base import Door, Parsed
 from proxy.ledger import RepeatGuard, Reservation, ResponseRow
 from proxy.upstream.answer import Answer
@@ -52,6 +51,7 @@ from proxy.web import repeats
 from proxy.web.admission import read_body
 from proxy.web.exchange import Exchange
 from proxy.web.gateway import path_of
+from proxy.web.in_force import Caller, decided, still_in_force
 from proxy.web.observe import KeyRefusals, log_unmetered, observe, unmetered_outcome
 from proxy.web.projects import same_project
 from proxy.web.responses import error_response
@@ -131,6 +131,19 @@ async def forward_as_is(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Admitted(Generic[Parsed]):
+    """A request decided and reserved: what forwarding it needs."""
+
+    parsed: Parsed
+    decision: Decision
+    paced: Paced | None
+    found: repeats.Marks | None
+    """What its repeats match, when it may be repeated: its answer is then kept for them."""
+    project: str | None
+    """The OpenAI project it is sent under."""
+
+
 class Pipeline(Generic[Parsed]):
     """The request path of one door."""
 
@@ -139,96 +152,36 @@ class Pipeline(Generic[Parsed]):
         self.key_refusals = KeyRefusals(door.endpoint)
 
     async def handle(self, request: Request, runtime: Runtime) -> Response:
-        door, config = self.door, runtime.config
+        door = self.door
         entry = Entry(new_request_id(), runtime.clock(), door.endpoint)
         headers = {"x-tollgate-request-id": entry.id}
         try:
-            team, key = identify(request.headers.get("authorization"), config.team_by_key_hash())
+            team, key = identify(
+                request.headers.get("authorization"), runtime.config.team_by_key_hash()
+            )
         except AuthenticationFailed as exc:
             return self.key_refusals.refuse(request, exc, headers, runtime)
         runtime.metrics.started()
-        entry = entry.identified(team.name, team.cost_center, key.id)
         headers["x-tollgate-team"] = team.name
-        project = config.project_of(team.name)
+        entry = entry.identified(team.name, team.cost_center, key.id)
+        caller = Caller(runtime, team, key, entry, headers)
         try:
             allow_endpoint(team, door.endpoint)
-            body = await read_body(request, door.body_limit(config.limits), runtime.bodies)
-            try:
-                newer = identified_again(request, runtime)
-            except AuthenticationFailed as exc:  # refused as any unknown key: no budget said
-                return await refuse(runtime, entry, exc, headers)
-            if newer is not None:
-                runtime, team, key = newer
-                config = runtime.config
-                entry = entry.identified(team.name, team.cost_center, key.id)
-                headers["x-tollgate-team"] = team.name
-                project = config.project_of(team.name)
-                allow_endpoint(team, door.endpoint)
-            parsed = door.parse(request.headers.get("content-type", ""), body, config, team)
-            named = door.file_ids(parsed)
-            if named:
-                await owned_files(runtime, team, named)
-            previous = door.previous(parsed)
-            continues: ResponseRow | None = None
-            if previous is not None:
-                parsed, continues = await self.continued(runtime, team, parsed, previous)
-            found = None
-            if config.retries.enabled and repeats.repeatable(request):
-                found = repeats.marks(request, team.name, door.endpoint, door.digest(parsed))
-            entry = entry.asked(
-                door.request(parsed), *((found.content, found.key) if found else (None, None))
-            )
-            for _ in range(repeats.RACES):
-                guard: RepeatGuard | None = None
-                if found is not None and found.repeat:
-                    # A replay counts against no limit, and says the room left like any answer.
-                    replay_headers = {**headers, **await rate_headers(runtime, team, entry)}
-                    replayed = await repeats.replay(
-                        runtime, entry, team.name, found, replay_headers
-                    )
-                    if isinstance(replayed, Response):
-                        return replayed
-                    guard = replayed
-                if continues is not None:
-                    # Checked after a replay: a repeat of a request answered before its team's
-                    # project changed is still answered as its first attempt was.
-                    same_project(
-                        runtime, continues, project, f"Previous response '{continues.response_id}'"
-                    )
-                variant = door.admit(team, parsed, config)
-                try:
-                    reserved = await self.reserve(runtime, team, entry, variant, project, guard)
-                except RepeatArrived:
-                    # Another attempt of this request reserved first (on another worker or
-                    # replica): this one is answered from it, as if it had come after it.
-                    continue
-                decision, entry, paced = reserved
-                break
-            else:
-                raise ServiceUnavailable(
-                    "Attempts of this request keep arriving together; retry shortly."
-                )
-        except IdempotencyConflict as exc:
-            # Recorded without the key it reused: the key's repeats still find its first
-            # attempt (and conflict), not this refusal (and be forwarded as new).
-            return await refuse(runtime, replace(entry, idempotency_key=None), exc, headers)
-        except RateLimited as exc:
-            runtime.metrics.rate_limited(team.name, exc.per, exc.metric)
-            return await refuse(runtime, entry, exc, headers)
-        except RequestError as exc:
-            headers.update(await rate_headers(runtime, team, entry))
-            if not isinstance(exc, BudgetExceeded):  # which says it already
-                headers.update(await budget_headers(runtime, team, entry.user))
-            return await refuse(runtime, entry, exc, headers)
-        except LedgerError as exc:
-            return unavailable(runtime, entry, exc, headers)
+            body = await read_body(request, door.body_limit(runtime.config.limits), runtime.bodies)
+            admitted = await decided(request, caller, partial(self.decide, request, body))
+        except (RequestError, LedgerError) as exc:
+            return await self.refused(caller, exc)
         except Exception:
             # A fault of Tollgate's own, answered 500 (and logged) by the Gateway: the request
             # is no longer in flight, whatever raised.
             runtime.metrics.abandoned()
             raise
-        if paced is not None:
-            headers.update(rates.headers(paced.rooms, entry.started_at))
+        if isinstance(admitted, Response):
+            return admitted  # a repeat, answered from its first attempt
+        runtime, entry = caller.runtime, caller.entry
+        parsed, decision, found = admitted.parsed, admitted.decision, admitted.found
+        if admitted.paced is not None:
+            headers.update(rates.headers(admitted.paced.rooms, entry.started_at))
         sent = decision.variant
         if not door.names_model(parsed):
             # The parse already wrote the default into the fields it forwards; say so.
@@ -239,14 +192,15 @@ class Pipeline(Generic[Parsed]):
         body, content_type = door.encode(parsed, sent)
         bound = door.bound(parsed, sent)
         exchange = Exchange(
-            runtime, door, entry, bound, headers, sent.changes, decision.remaining_nanos, project,
+            runtime, door, entry, bound, headers, sent.changes, decision.remaining_nanos,
+            admitted.project,
         )  # fmt: skip
         if found is not None:
             exchange.keep = repeats.Keep(
-                team.name,
+                caller.team.name,
                 found.key is not None,
                 request.is_disconnected,
-                config.retries.store_bytes,
+                runtime.config.retries.store_bytes,
             )
         client_headers = request.headers.items()
         if sent.request.stream:
@@ -255,6 +209,81 @@ class Pipeline(Generic[Parsed]):
         return await asyncio.shield(
             runtime.spawn(exchange.whole(body, content_type, client_headers))
         )
+
+    async def decide(
+        self, request: Request, body: bytes, caller: Caller
+    ) -> Admitted[Parsed] | Response:
+        """The request, whose `body` is in, decided for `caller` under its runtime: parsed,
+        priced, put through its team's policy and reserved against the budgets and rate
+        limits (`caller.entry` the row so far); or, when it repeats an attempt already
+        answered, that answer. Runs again whole when a reload overtakes it (`decided`)."""
+        door, runtime, team = self.door, caller.runtime, caller.team
+        config = runtime.config
+        project = config.project_of(team.name)
+        allow_endpoint(team, door.endpoint)
+        parsed = door.parse(request.headers.get("content-type", ""), body, config, team)
+        named = door.file_ids(parsed)
+        if named:
+            await owned_files(runtime, team, named)
+        previous = door.previous(parsed)
+        continues: ResponseRow | None = None
+        if previous is not None:
+            parsed, continues = await self.continued(runtime, team, parsed, previous)
+        found = None
+        if config.retries.enabled and repeats.repeatable(request):
+            found = repeats.marks(request, team.name, door.endpoint, door.digest(parsed))
+        caller.entry = caller.entry.asked(
+            door.request(parsed), *((found.content, found.key) if found else (None, None))
+        )
+        for _ in range(repeats.RACES):
+            guard: RepeatGuard | None = None
+            if found is not None and found.repeat:
+                # A replay counts against no limit, and says the room left like any answer.
+                room = await rate_headers(runtime, team, caller.entry)
+                replayed = await repeats.replay(
+                    runtime, caller.entry, team.name, found, {**caller.headers, **room}
+                )
+                if isinstance(replayed, Response):
+                    return replayed
+                guard = replayed
+            if continues is not None:
+                # Checked after a replay: a repeat of a request answered before its team's
+                # project changed is still answered as its first attempt was.
+                same_project(
+                    runtime, continues, project, f"Previous response '{continues.response_id}'"
+                )
+            variant = door.admit(team, parsed, config)
+            try:
+                reserved = await self.reserve(runtime, team, caller.entry, variant, project, guard)
+            except RepeatArrived:
+                # Another attempt of this request reserved first (on another worker or
+                # replica): this one is answered from it, as if it had come after it.
+                continue
+            decision, caller.entry, paced = reserved
+            return Admitted(parsed, decision, paced, found, project)
+        raise ServiceUnavailable("Attempts of this request keep arriving together; retry shortly.")
+
+    async def refused(self, caller: Caller, exc: RequestError | LedgerError) -> Response:
+        """The answer to a request refused before it was forwarded, recorded (a ledger that
+        cannot take it: only observed) under the runtime it was last decided under."""
+        runtime, team, entry, headers = caller.runtime, caller.team, caller.entry, caller.headers
+        if isinstance(exc, LedgerError):
+            return unavailable(runtime, entry, exc, headers)
+        if isinstance(exc, AuthenticationFailed):
+            # Its key revoked (or its team removed) by a reload while it was read or
+            # decided: refused as any unknown key, with no budget said.
+            return await refuse(runtime, entry, exc, headers)
+        if isinstance(exc, IdempotencyConflict):
+            # Recorded without the key it reused: the key's repeats still find its first
+            # attempt (and conflict), not this refusal (and be forwarded as new).
+            return await refuse(runtime, replace(entry, idempotency_key=None), exc, headers)
+        if isinstance(exc, RateLimited):
+            runtime.metrics.rate_limited(team.name, exc.per, exc.metric)
+            return await refuse(runtime, entry, exc, headers)
+        headers.update(await rate_headers(runtime, team, entry))
+        if not isinstance(exc, BudgetExceeded):  # which says it already
+            headers.update(await budget_headers(runtime, team, entry.user))
+        return await refuse(runtime, entry, exc, headers)
 
     async def continued(
         self, runtime: Runtime, team: Team, parsed: Parsed, previous: str
@@ -319,18 +348,6 @@ class Pipeline(Generic[Parsed]):
         return chosen[-1], reservation.entry, reservation.paced
 
 
-def still_in_force(runtime: Runtime) -> None:
-    """Raise Reloaded unless `runtime`, under which a request was parsed and is about to be
-    decided, is still in force: called in the reservation's transaction, so that no
-    request is admitted under a configuration a reload replaced before it was written (a
-    budget lowered, a key revoked, a reload already answered)."""
-    if runtime.newest() is not runtime:
-        raise Reloaded(
-            "Tollgate's configuration was reloaded while this request was decided; retry "
-            "(it is decided under the new configuration)."
-        )
-
-
 async def owned_files(runtime: Runtime, team: Team, named: tuple[str, ...]) -> None:
     """Every file in `named` must be one `team` uploaded through Tollgate: another team's
     (or one Tollgate never saw) is not found, as it is at `/v1/files/{id}`; the company
@@ -384,32 +401,6 @@ async def free_headers(runtime: Runtime, team: Team) -> dict[str, str]:
     paths, an upload, a listing): it cost nothing, and the room left in the tightest USD
     budget of `team`, as an image request's answer says them."""
     return {"x-tollgate-cost-usd": "0", **await budget_headers(runtime, team, None)}
-
-
-def identified_again(request: Request, runtime: Runtime) -> tuple[Runtime, Team, TeamKey] | None:
-    """Once a request's body is in: None while `runtime`, which it took when its headers
-    came, is still in force; else the runtime a reload swapped in meanwhile, and the team
-    and key its bearer key names there (AuthenticationFailed when none does: revoked, or
-    its team removed). A body may take `limits.body_timeout_s` to arrive: admitted under
-    the configuration its headers found, a request went upstream with a key refused
-    everywhere else, or past a budget cut meanwhile, that long after the reload.
-
-    A worker that a reload replaced (`--workers N`) reads the files again then, and takes
-    their runtime as a single worker does (`proxy.web.reload.Reloader.replaced`); one that
-    could not read them is `superseded`, and a request that reaches this point there is
-    refused (Superseded: 503, which the SDKs retry on a new connection, and a new worker
-    takes), never admitted under the configuration the reload replaced."""
-    newest = runtime.newest()
-    if newest.superseded:
-        raise Superseded(
-            "Tollgate's configuration was reloaded while this request arrived, and the "
-            "process that received it could not read the new one; retry (a new connection "
-            "reaches a process under the new configuration)."
-        )
-    if newest is runtime:
-        return None
-    team, key = identify(request.headers.get("authorization"), newest.config.team_by_key_hash())
-    return newest, team, key
 
 
 async def refuse(

@@ -73,7 +73,7 @@ class Reloader:
         force in the workers that replaced it, and this one, draining, may still take a
         request (a body that came after, the next request on a connection kept alive). It
         reads the files too, and decides such a request under them, as a single worker does
-        (`proxy.web.pipeline.identified_again`); if it cannot (the files changed again
+        (`proxy.web.in_force.identified_again`); if it cannot (the files changed again
         meanwhile, and are invalid), it admits nothing more (`Runtime.superseded`: 503).
 
         Called by the event loop, which the signal that says so asks to (never in the

@@ -123,7 +123,7 @@ class Runtime:
     """This process is a worker that a reload replaced (`--workers N`) and that could not
     read the configuration in force in the workers that replaced it
     (`proxy.web.reload.Reloader.replaced`): no request may be admitted here any more
-    (`proxy.web.pipeline.identified_again`)."""
+    (`proxy.web.in_force.identified_again`)."""
 
     def spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         return self.tasks.spawn(work)
