@@ -1604,7 +1604,7 @@ def test_long_context_rates_are_built_from_a_plain_mapping() -> None:
         (
             {"qualities": ["low"]},
             "unknown key 'qualities' (known: source, effective_from, released, rates, "
-            "long_context, aliases, batch)",
+            "long_context, aliases, batch, reasoning_context)",
             ("qualities",),
         ),
         ({"aliases": "gpt-6-latest"}, "`aliases` must be a list of model names", ("aliases",)),
@@ -1632,6 +1632,27 @@ def test_a_mainline_entry_the_builder_cannot_read_names_the_key_at_fault(
         mainline_prices("gpt-6", {**MAINLINE_FIELDS, **fields})
     assert str(caught.value).startswith(message)
     assert caught.value.at == at
+
+
+def test_a_mainline_models_reasoning_context_is_current_turn_unless_written() -> None:
+    """What the model reasons over when a request leaves `reasoning.context` to it: the
+    gpt-5.6 family's default is `all_turns`, earlier models' `current_turn`."""
+    assert mainline_prices("gpt-6", MAINLINE_FIELDS).reasoning_context == "current_turn"
+    fields = {**MAINLINE_FIELDS, "reasoning_context": "all_turns"}
+    assert mainline_prices("gpt-5.6", fields).reasoning_context == "all_turns"
+    book = load_price_book()
+    assert {book.mainline[name].reasoning_context for name in book.mainline} == {"current_turn"}
+
+
+@pytest.mark.parametrize("raw", ["auto", "all_turn", True, ["all_turns"], None])
+def test_a_reasoning_context_other_than_a_mode_is_refused(raw: Any) -> None:
+    """`auto` is what a request says to leave it to the model: the book says what that is."""
+    with pytest.raises(EntryError) as caught:
+        mainline_prices("gpt-5.6", {**MAINLINE_FIELDS, "reasoning_context": raw})
+    assert str(caught.value) == (
+        f"`reasoning_context` is one of current_turn, all_turns, got {raw!r}"
+    )
+    assert caught.value.at == ("reasoning_context",)
 
 
 @pytest.mark.parametrize("raw", [None, "gpt-6", ["rates"]])
@@ -1689,6 +1710,15 @@ def test_override_file_changes_the_rates_of_a_built_in_mainline_model(tmp_path: 
     assert mainline_of(book, "gpt-5-2025-08-07") is model
     # Models the file does not name keep their built-in entry.
     assert mainline_of(book, "gpt-5.5").cost(mainline_usage(uncached=1)) == 5_000
+
+
+def test_a_deployment_may_say_a_built_in_mainline_model_reasons_over_all_turns(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, "mainline:\n  gpt-5.5:\n    reasoning_context: all_turns\n")
+    model = mainline_of(load_price_book(path), "gpt-5.5")
+    assert model.reasoning_context == "all_turns"
+    assert model.rates == mainline_of(load_price_book(), "gpt-5.5").rates
 
 
 @pytest.mark.parametrize(
@@ -1775,7 +1805,20 @@ def test_override_file_changes_the_rates_of_a_built_in_mainline_model(tmp_path: 
                 qualities: [low]
             """,
             "7: mainline.gpt-6.qualities: invalid price-book entry: unknown key 'qualities' "
-            "(known: source, effective_from, released, rates, long_context, aliases, batch)",
+            "(known: source, effective_from, released, rates, long_context, aliases, batch, "
+            "reasoning_context)",
+        ),
+        (
+            """
+            mainline:
+              gpt-5.6:
+                source: x
+                effective_from: 2027-01-01
+                rates: {text_input: "3.00", text_output: "12.00"}
+                reasoning_context: all_turn
+            """,
+            "7: mainline.gpt-5.6.reasoning_context: invalid price-book entry: "
+            "`reasoning_context` is one of current_turn, all_turns, got 'all_turn'",
         ),
         (
             """
@@ -1822,6 +1865,7 @@ def test_override_file_changes_the_rates_of_a_built_in_mainline_model(tmp_path: 
         "long-context-rates-incomplete",
         "long-context-threshold",
         "unknown-key",
+        "reasoning-context",
         "bad-date",
         "an-image-models-name",
         "an-image-models-alias",

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from proxy.config import load_config
 from proxy.core.budgets import decide
 from proxy.core.errors import InvalidRequest, PolicyViolation, UnpricedModel
 from proxy.core.models import Counter, Totals, Usage
@@ -19,7 +20,7 @@ from proxy.core.settings import Budget, Config, ResponsesPolicy
 from proxy.doors import ResponsesDoor
 from proxy.doors.batch_responses import response_line
 from proxy.doors.responses import HIDDEN_INPUT_TOKENS, MAINLINE_IMAGE_TOKENS, read_count
-from tests.conftest import team_named, two_teams
+from tests.conftest import team_named, two_teams, write_config
 
 JSON = "application/json"
 DOOR = ResponsesDoor()
@@ -303,6 +304,90 @@ def test_reasoning_that_stays_within_the_bound_is_forwarded(
     are in the bound."""
     parsed = parse(config, body(**fields))
     assert parsed.fields["reasoning"] == fields["reasoning"]
+
+
+ALL_TURNS_BOOK = """
+mainline:
+  gpt-5.6:
+    source: a deployment's entry (the gpt-5.6 family reasons over all turns by default)
+    effective_from: 2026-12-01
+    aliases: [gpt-5.6-2026-12-01]
+    rates: {text_input: "5.00", cached_text_input: "0.50", text_output: "30.00"}
+    batch: {text_input: "2.50", cached_text_input: "0.25", text_output: "15.00"}
+    reasoning_context: all_turns
+"""
+
+
+@pytest.fixture(scope="module")
+def all_turns(tmp_path_factory: pytest.TempPathFactory) -> Config:
+    """A configuration whose price book adds gpt-5.6, a mainline model that reasons over
+    all turns when a request leaves `reasoning.context` to it."""
+    root = tmp_path_factory.mktemp("all-turns")
+    (root / "prices.yaml").write_text(ALL_TURNS_BOOK)
+    write_config(root, "http://upstream.invalid/v1", "prices: prices.yaml\n")
+    return load_config(root)
+
+
+@pytest.mark.parametrize("model", ["gpt-5.6", "gpt-5.6-2026-12-01"])
+@pytest.mark.parametrize(
+    "reasoning",
+    [None, {"effort": "high"}, {"context": None}, {"context": "auto"}, {"context": "all_turns"}],
+)
+def test_a_continued_response_of_a_model_that_reasons_over_all_turns_is_refused(
+    all_turns: Config, model: str, reasoning: dict[str, Any] | None
+) -> None:
+    """Left to the model (left out, or `auto`), its context is the price book's
+    `reasoning_context`: `all_turns` renders every earlier turn's reasoning again, which
+    the response continued (whose tokens the bound carries) no longer held."""
+    fields = body(model=model, previous_response_id="resp_1")
+    if reasoning is not None:
+        fields["reasoning"] = reasoning
+    with pytest.raises(InvalidRequest) as caught:
+        parse(all_turns, fields)
+    assert caught.value.status == 400
+    assert caught.value.param == "reasoning.context"
+    assert "current_turn" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("model", "fields"),
+    [
+        ("gpt-5.6", {"previous_response_id": "resp_1", "reasoning": {"context": "current_turn"}}),
+        ("gpt-5.6", {}),
+        ("gpt-5.6", {"reasoning": {"context": "auto"}}),
+        ("gpt-5.6", {"reasoning": {"context": "all_turns"}}),
+        ("gpt-5.5", {"previous_response_id": "resp_1"}),
+        ("gpt-5.5", {"previous_response_id": "resp_1", "reasoning": {"context": "auto"}}),
+    ],
+)
+def test_reasoning_over_only_what_the_bound_holds_is_forwarded(
+    all_turns: Config, model: str, fields: dict[str, Any]
+) -> None:
+    """`current_turn` continues only the response continued; without an earlier turn
+    stored upstream, `all_turns` renders the reasoning items sent; a model of the built-in
+    book reasons over the current turn by default. The image tool's model has no say."""
+    parsed = parse(all_turns, body(model=model, max_output_tokens=500, **fields))
+    assert parsed.fields.get("reasoning") == fields.get("reasoning")
+    DOOR.admit(team_named(all_turns), parsed, all_turns)
+
+
+def test_a_gpt_5_6_model_the_book_lacks_is_refused_as_unpriced(config: Config) -> None:
+    """Its default context is unknown to Tollgate, but it is never forwarded: unpriced."""
+    parsed = parse(config, body(model="gpt-5.6", previous_response_id="resp_1"))
+    with pytest.raises(UnpricedModel):
+        DOOR.admit(team_named(config), parsed, config)
+
+
+def test_a_batch_line_of_a_model_that_reasons_over_all_turns_continues_no_response(
+    all_turns: Config,
+) -> None:
+    """A batch line never continues a response, so leaving the context to the model renders
+    only the reasoning items the line sends."""
+    fields = body(model="gpt-5.6", max_output_tokens=500, max_tool_calls=1)
+    response_line(team_named(all_turns), all_turns, fields)
+    with pytest.raises(InvalidRequest) as caught:
+        response_line(team_named(all_turns), all_turns, {**fields, "previous_response_id": "r"})
+    assert caught.value.param == "previous_response_id"
 
 
 def test_images_in_a_function_call_output_are_in_the_bound(config: Config) -> None:

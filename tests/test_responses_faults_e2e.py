@@ -9,14 +9,24 @@ import json
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import DESIGN_KEY, Simulator, Tollgate, nanos, wait_for
+from tests.conftest import (
+    DESIGN_KEY,
+    Simulator,
+    Tollgate,
+    nanos,
+    start_tollgate,
+    wait_for,
+    write_config,
+)
 from tests.responses_e2e import (
+    TEAMS,
     arrivals,
     billed,
     calm,
@@ -62,6 +72,50 @@ def test_what_cannot_be_bounded_is_refused_in_openais_shape(
     )
     assert error.param == param  # type: ignore[attr-defined]
     assert len(arrivals(simulator)) == before
+
+
+def test_a_model_the_deployments_book_says_reasons_over_all_turns_continues_current_turn_only(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """A deployment's price book says its model reasons over all turns when a request
+    leaves `reasoning.context` to it (the gpt-5.6 family's default): a continued response
+    that leaves it out, or sends `auto`, is refused before anything is sent, and one that
+    asks for `current_turn` is forwarded and charged."""
+    (tmp_path / "prices.yaml").write_text(
+        "mainline:\n  gpt-5.5:\n    reasoning_context: all_turns\n"
+    )
+    write_config(tmp_path, f"{simulator.url}/v1", "prices: prices.yaml\n", TEAMS)
+    tollgate = start_tollgate(tmp_path)
+    try:
+        with tollgate.client() as sdk:
+            asked: dict[str, Any] = {
+                "model": "gpt-5.5",
+                "tools": [tool()],
+                "max_output_tokens": 300,
+            }
+            first = sdk.responses.create(input="A red bicycle", **asked)
+            before = len(arrivals(simulator))
+            for reasoning in ({}, {"reasoning": {"context": "auto"}}):
+                with pytest.raises(openai.BadRequestError) as caught:
+                    sdk.responses.create(
+                        input="Now make it blue",
+                        previous_response_id=first.id,
+                        **asked,
+                        **reasoning,
+                    )
+                assert (caught.value.status_code, caught.value.code) == (400, "invalid_request")
+                assert caught.value.param == "reasoning.context"  # type: ignore[attr-defined]
+            assert len(arrivals(simulator)) == before
+            second = sdk.responses.create(
+                input="Now make it blue",
+                previous_response_id=first.id,
+                reasoning={"context": "current_turn"},
+                **asked,
+            )
+            row = settled_row(tollgate, second.id)
+            assert row["cost_nanos"] == record_cost(billed(simulator, second.id)) > 0
+    finally:
+        tollgate.stop()
 
 
 @pytest.mark.parametrize("path", ["/v1/responses", "/v1/responses?beta=true"])

@@ -23,6 +23,7 @@ from proxy.core.pricing import (
     INPUT_FIDELITIES,
     MAINLINE_KINDS,
     MAX_N,
+    REASONING_CONTEXTS,
     LongContext,
     MainlinePrices,
     ModelPrices,
@@ -249,6 +250,7 @@ def _released(raw: Any) -> date | None:
 
 MAINLINE_KEYS = (
     "source", "effective_from", "released", "rates", "long_context", "aliases", "batch",
+    "reasoning_context",
 )  # fmt: skip
 LONG_CONTEXT_KEYS = ("above_input_tokens", "rates")
 
@@ -279,6 +281,18 @@ def mainline_prices(name: str, raw: Mapping[str, Any]) -> MainlinePrices:
         aliases=tuple(aliases),
         released=_released(raw.get("released")),
         batch_rates=_mainline_batch(raw.get("batch")),
+        reasoning_context=_reasoning_context(raw.get("reasoning_context", "current_turn")),
+    )
+
+
+def _reasoning_context(raw: Any) -> str:
+    """`reasoning_context`: what the model reasons over when a request leaves
+    `reasoning.context` to it (default `current_turn`; the gpt-5.6 family's `all_turns`)."""
+    if isinstance(raw, str) and raw in REASONING_CONTEXTS:
+        return raw
+    raise EntryError(
+        f"`reasoning_context` is one of {', '.join(REASONING_CONTEXTS)}, got {raw!r}",
+        ("reasoning_context",),
     )
 
 

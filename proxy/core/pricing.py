@@ -433,6 +433,8 @@ class LongContext:
 
 
 MAINLINE_KINDS = ("text_input", "cached_text_input", "text_output")
+REASONING_CONTEXTS = ("current_turn", "all_turns")
+"""The `reasoning.context` modes a mainline model runs in (`auto`: the model's default)."""
 
 
 @dataclass(frozen=True)
@@ -454,6 +456,10 @@ class MainlinePrices:
     refused. In a batch, `long_context`'s rates are scaled by the same ratio, kind by kind
     (the pricing page: long context is "2x input and 1.5x output … for standard, batch, and
     flex"); a kind whose ratio is unknown keeps its long-context rate."""
+    reasoning_context: str = "current_turn"
+    """The context the model reasons over when a request leaves `reasoning.context` out or
+    `auto` (one of `REASONING_CONTEXTS`): the gpt-5.6 family's is `all_turns`, which renders
+    every earlier turn's reasoning again as input, earlier models' `current_turn`."""
 
     @property
     def accepts_batch(self) -> bool:

@@ -51,7 +51,7 @@ from proxy.core.image_params import (
 )
 from proxy.core.models import Endpoint, Estimate, ImageRequest, InputImage, Usage
 from proxy.core.parsing import json_object
-from proxy.core.pricing import MAX_N, MainlinePrices
+from proxy.core.pricing import MAX_N, REASONING_CONTEXTS, MainlinePrices
 from proxy.core.settings import Config, Limits, Team
 from proxy.core.settlement import Bound
 from proxy.doors.images import priced as image_prices
@@ -176,7 +176,9 @@ class ResponsesDoor:
                 "send application/json."
             )
         parsed = read_body(json_object(body), len(body), config.default_model, team)
-        return replace(parsed, mainline=config.prices.find_mainline(parsed.request.mainline or ""))
+        mainline = config.prices.find_mainline(parsed.request.mainline or "")
+        _continued_context(parsed.fields, parsed.request.mainline or "", mainline)
+        return replace(parsed, mainline=mainline)
 
     def request(self, parsed: ResponseBody) -> ImageRequest:
         return parsed.request
@@ -486,8 +488,7 @@ def _user(fields: Mapping[str, Any]) -> str | None:
 
 def _reasoning(fields: Mapping[str, Any]) -> None:
     """The reasoning options the bound covers: reasoning is output, within
-    `max_output_tokens`, and what earlier turns reasoned is in the context carried only as
-    far as the response continued held it."""
+    `max_output_tokens` (what earlier turns reasoned is `_continued_context`'s)."""
     reasoning = fields.get("reasoning")
     if reasoning is None:
         return
@@ -502,16 +503,33 @@ def _reasoning(fields: Mapping[str, Any]) -> None:
             "to 'standard'.",
             param="reasoning.mode",
         )
-    if reasoning.get("context") == "all_turns" and "previous_response_id" in fields:
-        # The response continued dropped the reasoning of the turns before its own from its
-        # context, so its tokens (the context carried into the bound) do not hold it; with
-        # `all_turns` OpenAI renders it all again, billed as input.
+
+
+def _continued_context(
+    fields: Mapping[str, Any], name: str, mainline: MainlinePrices | None
+) -> None:
+    """Refuse a continued response whose mainline model reasons over all turns: the
+    response continued dropped the reasoning of the turns before its own from its context,
+    so its tokens (the context carried into the bound) do not hold it, and `all_turns`
+    renders it all again, billed as input. The context is the request's `current_turn` or
+    `all_turns`, else (left out, or `auto`) the model's own: the price book's
+    `reasoning_context` (the gpt-5.6 family defaults to `all_turns`)."""
+    if "previous_response_id" not in fields:
+        return
+    asked = fields.get("reasoning", {}).get("context")
+    what = f"reasoning.context={asked!r}"
+    if asked in REASONING_CONTEXTS:
+        context = asked
+    else:
+        context = mainline.reasoning_context if mainline is not None else "current_turn"
+        given = "reasoning.context left out" if asked is None else what
+        what = f"{given} (model {name!r} then reasons over all turns)"
+    if context == "all_turns":
         raise InvalidRequest(
-            "Tollgate does not forward reasoning.context='all_turns' with "
-            "previous_response_id: it renders the reasoning of every earlier turn again as "
-            "input, which the response continued does not hold, so Tollgate cannot bound it. "
-            "Use 'current_turn', or send the turns' reasoning items (with their "
-            "encrypted_content) in 'input'.",
+            f"Tollgate does not forward {what} with previous_response_id: it renders the "
+            "reasoning of every earlier turn again as input, which the response continued "
+            "does not hold, so Tollgate cannot bound it. Use 'current_turn', or send the "
+            "turns' reasoning items (with their encrypted_content) in 'input'.",
             param="reasoning.context",
         )
 
