@@ -943,3 +943,33 @@ def test_budgets_reads_a_ledger_its_user_may_only_read(tmp_path: Path, writer: b
         assert done.returncode == 0, done.stderr
         assert [b["scope"] for b in json.loads(done.stdout)["budgets"]] == ["organization"]
         assert sorted(os.listdir(folder)) == before
+
+
+def test_budgets_refuses_a_read_only_ledger_whose_wal_it_cannot_read(tmp_path: Path) -> None:
+    """A copy of a ledger with the writes still in its `-wal` (no `-shm`), in a directory
+    this user cannot write: read as `immutable`, SQLite would skip the WAL and show the
+    spend of before those writes. Refused (by SQLite, which cannot open such a WAL)."""
+    write_config(tmp_path, "http://127.0.0.1:9", settings=ORG_MONTH)
+    source = tmp_path / "tollgate.db"
+    new_ledger(tmp_path)
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    with contextlib.closing(sqlite3.connect(source, isolation_level=None)) as writer:
+        writer.execute("PRAGMA wal_autocheckpoint = 0")
+        writer.execute("CREATE TABLE later (x)")  # a write left in the WAL
+        for name in ("tollgate.db", "tollgate.db-wal"):
+            shutil.copyfile(tmp_path / name, folder / name)
+    assert (folder / "tollgate.db-wal").stat().st_size > 0
+    folder.chmod(0o555)
+    try:
+        where = ["--config", str(tmp_path), "--ledger", f"sqlite:///{folder / 'tollgate.db'}"]
+        done = subprocess.run(
+            [*read_only_for_commands(), sys.executable, "-m", "proxy", "budgets", *where],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        folder.chmod(0o755)
+    assert done.returncode == 1, done.stdout
+    assert "cannot read ledger" in done.stderr and "Traceback" not in done.stderr

@@ -479,7 +479,9 @@ def reading(path: str | Path) -> tuple[int, str]:
     `mode=ro`, which reads a WAL file beside the processes writing it. SQLite refuses
     that (SQLITE_READONLY_DIRECTORY) when no process has the file open, so that there is
     no `-shm` file, and its directory is not writable by this user: no writer can be
-    running then, and the file is read as `immutable` (a snapshot, with no locks)."""
+    running then, and the file is read as `immutable` (a snapshot, with no locks). A
+    `-wal` left beside it without its `-shm` (a copy) is refused by SQLite (CANTOPEN)
+    before that: `immutable` would not read its writes."""
     if not Path(path).is_file():
         return 0, ""
     uri = f"{Path(path).resolve().as_uri()}?mode=ro"
