@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -872,3 +875,101 @@ def test_reconcile_refuses_a_costs_file_without_a_bucket_for_a_day_reconciled(
     assert main([*argv, "--from", "2024-11-03", "--by", "project"]) == 0
     assert main([*argv, "--by", "project"]) == 2
     capsys.readouterr()
+
+
+ORG_MONTH = """
+    organization:
+      budgets:
+        - {period: month, limit_usd: 100}
+"""
+
+
+def test_budgets_runs_while_a_writer_holds_the_ledgers_write_lock(tmp_path: Path) -> None:
+    """A display command took SQLite's write lock to check the schema (`BEGIN IMMEDIATE`):
+    it waited behind the proxy's writers, up to 30 s and then failed, and held them while
+    it had the lock. With the schema current it only reads."""
+    write_config(tmp_path, "http://127.0.0.1:9", settings=ORG_MONTH)
+    new_ledger(tmp_path)
+    with contextlib.closing(
+        sqlite3.connect(tmp_path / "tollgate.db", isolation_level=None)
+    ) as writer:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("UPDATE schema_version SET version = version")  # a write under way
+        done = tollgate("budgets", "--config", str(tmp_path), "--format", "json")
+        writer.execute("ROLLBACK")
+    assert done.returncode == 0, done.stderr
+    assert [b["scope"] for b in json.loads(done.stdout)["budgets"]] == ["organization"]
+
+
+def read_only_for_commands() -> list[str]:
+    """The prefix that runs a command as a user whose file permissions apply: root's
+    override of them dropped (`setpriv`), else nothing."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("run as root without setpriv: file permissions cannot be made to apply")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+@pytest.mark.parametrize("writer", [False, True], ids=["closed", "open in a writer"])
+def test_budgets_reads_a_ledger_its_user_may_only_read(tmp_path: Path, writer: bool) -> None:
+    """Finance may read the ledger without being able to write it (a read-only file in a
+    directory it cannot write): `tollgate budgets` failed there ("attempt to write a
+    readonly database"), whether the proxy had the file open (its `-wal` and `-shm`
+    beside it) or not."""
+    write_config(tmp_path, "http://127.0.0.1:9", settings=ORG_MONTH)
+    folder = tmp_path / "ledger"
+    folder.mkdir()
+    path = folder / "tollgate.db"
+    asyncio.run(migrate_ledger(f"sqlite:///{path}"))
+    with contextlib.ExitStack() as stack:
+        if writer:
+            holder = stack.enter_context(contextlib.closing(sqlite3.connect(path)))
+            holder.execute("PRAGMA journal_mode = WAL")
+            holder.execute("SELECT count(*) FROM schema_version").fetchone()
+            assert (folder / "tollgate.db-shm").exists()
+        before = sorted(os.listdir(folder))
+        for name in before:
+            (folder / name).chmod(0o444)
+        folder.chmod(0o555)
+        stack.callback(folder.chmod, 0o755)
+        where = ["--config", str(tmp_path), "--ledger", f"sqlite:///{path}", "--format", "json"]
+        done = subprocess.run(
+            [*read_only_for_commands(), sys.executable, "-m", "proxy", "budgets", *where],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert [b["scope"] for b in json.loads(done.stdout)["budgets"]] == ["organization"]
+        assert sorted(os.listdir(folder)) == before
+
+
+def test_budgets_refuses_a_read_only_ledger_whose_wal_it_cannot_read(tmp_path: Path) -> None:
+    """A copy of a ledger with the writes still in its `-wal` (no `-shm`), in a directory
+    this user cannot write: read as `immutable`, SQLite would skip the WAL and show the
+    spend of before those writes. Refused (by SQLite, which cannot open such a WAL)."""
+    write_config(tmp_path, "http://127.0.0.1:9", settings=ORG_MONTH)
+    source = tmp_path / "tollgate.db"
+    new_ledger(tmp_path)
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    with contextlib.closing(sqlite3.connect(source, isolation_level=None)) as writer:
+        writer.execute("PRAGMA wal_autocheckpoint = 0")
+        writer.execute("CREATE TABLE later (x)")  # a write left in the WAL
+        for name in ("tollgate.db", "tollgate.db-wal"):
+            shutil.copyfile(tmp_path / name, folder / name)
+    assert (folder / "tollgate.db-wal").stat().st_size > 0
+    folder.chmod(0o555)
+    try:
+        where = ["--config", str(tmp_path), "--ledger", f"sqlite:///{folder / 'tollgate.db'}"]
+        done = subprocess.run(
+            [*read_only_for_commands(), sys.executable, "-m", "proxy", "budgets", *where],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        folder.chmod(0o755)
+    assert done.returncode == 1, done.stdout
+    assert "cannot read ledger" in done.stderr and "Traceback" not in done.stderr

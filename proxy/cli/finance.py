@@ -92,7 +92,7 @@ async def read_budgets(
     from proxy.finance.status import budget_status
     from proxy.ledger import open_ledger
 
-    ledger = await open_ledger(ledger_url)
+    ledger = await open_ledger(ledger_url, read_only=True)
     try:
         return await budget_status(config, ledger, now), await ledger.open_batches()
     finally:

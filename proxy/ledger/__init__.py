@@ -100,15 +100,17 @@ def redacted(url: str) -> str:
     return urlunsplit(parts)
 
 
-async def open_ledger(url: str) -> Backend:
+async def open_ledger(url: str, *, read_only: bool = False) -> Backend:
     """Open the ledger named by `url`: `sqlite:///path.db` (its schema brought up to date)
     or `postgresql://…` (initialised when empty; a schema behind is refused until
-    `tollgate ledger migrate` brings it up to date)."""
+    `tollgate ledger migrate` brings it up to date). `read_only`, for a command that only
+    shows it: a SQLite file whose schema is current is opened to read alone, without the
+    write lock (`SqliteLedger.open_to_read`); PostgreSQL's opening only reads then anyway."""
     if url.startswith(SQLITE_SCHEME):
         from proxy.ledger.sqlite import SqliteLedger
 
         ledger = SqliteLedger(url.removeprefix(SQLITE_SCHEME))
-        await ledger.open()
+        await (ledger.open_to_read() if read_only else ledger.open())
         return ledger
     if url.startswith(POSTGRES_SCHEMES):
         from proxy.ledger.postgres import PostgresLedger

@@ -104,6 +104,22 @@ class SqliteLedger(KeptAnswers):
                 f"Tollgate's ({SCHEMA_VERSION}); upgrade Tollgate"
             )
 
+    async def open_to_read(self) -> None:
+        """Open the file to read it only, when its schema is current: no write lock taken,
+        nothing written, so that a command showing the ledger neither waits for the
+        proxy's writers nor holds them, and reads a file its user may only read. A schema
+        behind is brought up to date as `open` does (taking the write lock once), and
+        one ahead is refused: what every command did before."""
+        version, uri = reading(self.path)
+        if version != SCHEMA_VERSION:
+            await self.open()
+            return
+        try:
+            await self.file.open_reading(uri)
+        except sqlite3.Error as exc:
+            await self.file.close()
+            raise LedgerError(f"cannot open ledger {self.path}: {exc}") from exc
+
     async def reserve(
         self,
         read: Sequence[Counter],
@@ -453,17 +469,42 @@ async def migrate(path: str) -> tuple[int, int]:
 def schema_version(path: str | Path) -> int:
     """The schema version of the ledger file at `path` (0: no file, or no schema yet),
     read without creating the file or writing to it."""
+    return reading(path)[0]
+
+
+def reading(path: str | Path) -> tuple[int, str]:
+    """(The schema version of the ledger file at `path`, the URI that reads it without
+    writing), read so: 0 and no URI when there is no file, 0 when it holds no schema.
+
+    `mode=ro`, which reads a WAL file beside the processes writing it. SQLite refuses
+    that (SQLITE_READONLY_DIRECTORY) when no process has the file open, so that there is
+    no `-shm` file, and its directory is not writable by this user: no writer can be
+    running then, and the file is read as `immutable` (a snapshot, with no locks). A
+    `-wal` left beside it without its `-shm` (a copy) is refused by SQLite (CANTOPEN)
+    before that: `immutable` would not read its writes."""
     if not Path(path).is_file():
-        return 0
+        return 0, ""
+    uri = f"{Path(path).resolve().as_uri()}?mode=ro"
     try:
-        with contextlib.closing(
-            sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
-        ) as db:
-            found = db.execute("SELECT max(version) FROM schema_version").fetchone()
+        try:
+            return _version_at(uri), uri
+        except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_READONLY_DIRECTORY:
+                raise
+        uri += "&immutable=1"
+        return _version_at(uri), uri
     except sqlite3.Error as exc:
-        if "no such table" in str(exc):
-            return 0
         raise LedgerError(f"cannot read ledger {path}: {exc}") from exc
+
+
+def _version_at(uri: str) -> int:
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+        try:
+            found = db.execute("SELECT max(version) FROM schema_version").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return 0
+            raise
     return int(found[0] or 0)
 
 

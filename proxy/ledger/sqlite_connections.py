@@ -120,6 +120,14 @@ class Connections:
         await reader.execute(f"PRAGMA busy_timeout = {LOCK_WAIT_MS}")
         await reader.execute("PRAGMA query_only = ON")
 
+    async def open_reading(self, uri: str) -> None:
+        """Open the read connection alone, on `uri` (a read-only SQLite URI): what a command
+        that only shows the ledger needs. It takes no lock a writer waits for, and the
+        writes, which have no connection, are refused (LedgerError)."""
+        reader = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+        self._reader = reader
+        await reader.execute(f"PRAGMA busy_timeout = {LOCK_WAIT_MS}")
+
     @property
     def db(self) -> aiosqlite.Connection:
         if self._db is None:
