@@ -24,7 +24,16 @@ def summed(uri: str, sql: str, start: float, end: float, width: int) -> list[lis
 
     SQLite groups by sorting: over 10 million rows one statement sorted them all (14-22 s
     here); a day's rows sort in memory, and two threads use both cores (8 s). Each slice
-    is read at its own moment: a row settling meanwhile is counted once, in its slice."""
+    is read at its own moment: a row settling meanwhile is counted once, in its slice.
+    Any SQLite error, the first connection's too, is a LedgerError (a report's message,
+    not a traceback)."""
+    try:
+        return _summed(uri, sql, start, end, width)
+    except sqlite3.Error as exc:
+        raise LedgerError(f"ledger read failed: {exc}") from exc
+
+
+def _summed(uri: str, sql: str, start: float, end: float, width: int) -> list[list[Any]]:
     with contextlib.closing(reader(uri)) as db:
         first, last = db.execute(_RANGE, (start, end)).fetchone()
     if first is None:
@@ -55,8 +64,6 @@ def summed(uri: str, sql: str, start: float, end: float, width: int) -> list[lis
                     else:
                         for i in range(width, len(row)):
                             held[i] = (held[i] or 0) + (row[i] or 0)
-    except sqlite3.Error as exc:
-        raise LedgerError(f"ledger read failed: {exc}") from exc
     finally:
         for db in opened:
             db.close()
