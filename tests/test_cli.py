@@ -884,7 +884,37 @@ ORG_MONTH = """
 """
 
 
-def test_budgets_runs_while_a_writer_holds_the_ledgers_write_lock(tmp_path: Path) -> None:
+READERS = [
+    ["budgets", "--format", "json"],
+    ["report", "--by", "team"],
+    ["report", "--audit"],
+    ["reconcile", "--costs", "COSTS"],
+    ["reconcile", "--costs", "COSTS", "--by", "project"],
+    ["ledger", "flagged"],
+]
+"""The commands that only show the ledger."""
+
+
+def reading(command: list[str], root: Path, ledger: Path) -> list[str]:
+    """`command`'s arguments for the configuration in `root` and the SQLite ledger `ledger`
+    (a saved Costs API answer of one day written in `root` for `COSTS`)."""
+    costs = root / "costs.json"
+    costs.write_text(ONE_DAY_COSTS)
+    argv = [str(costs) if arg == "COSTS" else arg for arg in command]
+    return [*argv, "--config", str(root), "--ledger", f"sqlite:///{ledger}"]
+
+
+def shown(command: list[str], done: subprocess.CompletedProcess[str]) -> None:
+    """`command` ran to its end: exit 0, and for `budgets` the organization's budget."""
+    assert done.returncode == 0, done.stderr
+    if command[0] == "budgets":
+        assert [b["scope"] for b in json.loads(done.stdout)["budgets"]] == ["organization"]
+
+
+@pytest.mark.parametrize("command", READERS, ids=" ".join)
+def test_commands_that_only_read_run_while_a_writer_holds_the_ledgers_write_lock(
+    tmp_path: Path, command: list[str]
+) -> None:
     """A display command took SQLite's write lock to check the schema (`BEGIN IMMEDIATE`):
     it waited behind the proxy's writers, up to 30 s and then failed, and held them while
     it had the lock. With the schema current it only reads."""
@@ -895,10 +925,9 @@ def test_budgets_runs_while_a_writer_holds_the_ledgers_write_lock(tmp_path: Path
     ) as writer:
         writer.execute("BEGIN IMMEDIATE")
         writer.execute("UPDATE schema_version SET version = version")  # a write under way
-        done = tollgate("budgets", "--config", str(tmp_path), "--format", "json")
+        done = tollgate(*reading(command, tmp_path, tmp_path / "tollgate.db"))
         writer.execute("ROLLBACK")
-    assert done.returncode == 0, done.stderr
-    assert [b["scope"] for b in json.loads(done.stdout)["budgets"]] == ["organization"]
+    shown(command, done)
 
 
 def read_only_for_commands() -> list[str]:
@@ -912,16 +941,21 @@ def read_only_for_commands() -> list[str]:
 
 
 @pytest.mark.parametrize("writer", [False, True], ids=["closed", "open in a writer"])
-def test_budgets_reads_a_ledger_its_user_may_only_read(tmp_path: Path, writer: bool) -> None:
+@pytest.mark.parametrize("command", READERS, ids=" ".join)
+def test_commands_that_only_read_read_a_ledger_their_user_may_only_read(
+    tmp_path: Path, command: list[str], writer: bool
+) -> None:
     """Finance may read the ledger without being able to write it (a read-only file in a
-    directory it cannot write): `tollgate budgets` failed there ("attempt to write a
-    readonly database"), whether the proxy had the file open (its `-wal` and `-shm`
-    beside it) or not."""
+    directory it cannot write): the commands that show it failed there ("attempt to write
+    a readonly database", or "unable to open database file" for a report's own
+    connections), whether the proxy had the file open (its `-wal` and `-shm` beside it)
+    or not."""
     write_config(tmp_path, "http://127.0.0.1:9", settings=ORG_MONTH)
     folder = tmp_path / "ledger"
     folder.mkdir()
     path = folder / "tollgate.db"
     asyncio.run(migrate_ledger(f"sqlite:///{path}"))
+    argv = reading(command, tmp_path, path)
     with contextlib.ExitStack() as stack:
         if writer:
             holder = stack.enter_context(contextlib.closing(sqlite3.connect(path)))
@@ -933,43 +967,27 @@ def test_budgets_reads_a_ledger_its_user_may_only_read(tmp_path: Path, writer: b
             (folder / name).chmod(0o444)
         folder.chmod(0o555)
         stack.callback(folder.chmod, 0o755)
-        where = ["--config", str(tmp_path), "--ledger", f"sqlite:///{path}", "--format", "json"]
         done = subprocess.run(
-            [*read_only_for_commands(), sys.executable, "-m", "proxy", "budgets", *where],
+            [*read_only_for_commands(), sys.executable, "-m", "proxy", *argv],
             capture_output=True,
             text=True,
             timeout=60,
         )
-        assert done.returncode == 0, done.stderr
-        assert [b["scope"] for b in json.loads(done.stdout)["budgets"]] == ["organization"]
+        shown(command, done)
         assert sorted(os.listdir(folder)) == before
 
 
-def test_budgets_refuses_a_read_only_ledger_whose_wal_it_cannot_read(tmp_path: Path) -> None:
-    """A copy of a ledger with the writes still in its `-wal` (no `-shm`), in a directory
-    this user cannot write: read as `immutable`, SQLite would skip the WAL and show the
-    spend of before those writes. Refused (by SQLite, which cannot open such a WAL)."""
+@pytest.mark.parametrize("command", READERS, ids=" ".join)
+def test_commands_that_only_read_read_a_ledger_whose_path_holds_uri_characters(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """A report's own connections opened `file:PATH?mode=ro` with the path as written: in a
+    directory named `q#1` the URI ended at the `#`, so a report opened (and created) `q`
+    read-write and failed on its missing tables with a traceback."""
     write_config(tmp_path, "http://127.0.0.1:9", settings=ORG_MONTH)
-    source = tmp_path / "tollgate.db"
-    new_ledger(tmp_path)
-    folder = tmp_path / "copy"
+    folder = tmp_path / "q#1?x=%41"
     folder.mkdir()
-    with contextlib.closing(sqlite3.connect(source, isolation_level=None)) as writer:
-        writer.execute("PRAGMA wal_autocheckpoint = 0")
-        writer.execute("CREATE TABLE later (x)")  # a write left in the WAL
-        for name in ("tollgate.db", "tollgate.db-wal"):
-            shutil.copyfile(tmp_path / name, folder / name)
-    assert (folder / "tollgate.db-wal").stat().st_size > 0
-    folder.chmod(0o555)
-    try:
-        where = ["--config", str(tmp_path), "--ledger", f"sqlite:///{folder / 'tollgate.db'}"]
-        done = subprocess.run(
-            [*read_only_for_commands(), sys.executable, "-m", "proxy", "budgets", *where],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    finally:
-        folder.chmod(0o755)
-    assert done.returncode == 1, done.stdout
-    assert "cannot read ledger" in done.stderr and "Traceback" not in done.stderr
+    path = folder / "tollgate.db"
+    asyncio.run(migrate_ledger(f"sqlite:///{path}"))
+    shown(command, tollgate(*reading(command, tmp_path, path)))
+    assert sorted(os.listdir(tmp_path)) == ["costs.json", folder.name, "teams", "tollgate.yaml"]

@@ -1240,3 +1240,17 @@ async def test_a_summary_read_a_slice_at_a_time_sums_each_group_once(
     assert total.requests == 13
     assert total.cost_nanos == 12 * SETTLED.cost_nanos
     assert await ledger.summarize(2e6, 3e6, ["team"]) == []
+
+
+async def test_a_summary_that_cannot_open_the_file_is_a_ledger_error(tmp_path: Path) -> None:
+    """A report's first connection (the period's range of rows) was opened outside the
+    summary's error handling: a file it could not open failed `tollgate report` with a
+    traceback, and the admin API's report with SQLite's own error rather than the 503 of a
+    ledger that cannot be read."""
+    ledger = await open_ledger(f"sqlite:///{tmp_path / 'gone' / 'tollgate.db'}")
+    try:
+        (tmp_path / "gone").rename(tmp_path / "moved")
+        with pytest.raises(LedgerError, match="ledger read failed"):
+            await ledger.summarize(0.0, 1e6, ["team"])
+    finally:
+        await ledger.close()

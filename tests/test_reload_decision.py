@@ -18,6 +18,7 @@ from proxy.web.gateway import Gateway
 from proxy.web.in_force import DECISIONS
 from tests.batches_e2e import GENERATIONS, generations, upload
 from tests.conftest import UPSTREAM_KEY, in_process, write_config
+from tests.test_proxy_e2e import expected_cost
 
 KEY = "tg_test_reload_decision_key"
 ADMIN = "tg_admin_reload_decision"
@@ -220,3 +221,52 @@ def test_a_batch_create_overtaken_by_a_reload_on_every_attempt_is_answered_503(
         assert reloads.statuses == [200] * DECISIONS
         assert held(client) == ("100", "0", "0")
         assert forwarded(upstream, "/v1/batches") == 0
+
+
+DOWNGRADES = {
+    # gpt-image-2 high 1024x1024 (about $0.21) fits $0.10 only as medium (about $0.053).
+    "quality": ("1024x1024", "[quality, size, model]", "quality=high->medium"),
+    # High at 2048x1152 ($0.17) fits $0.12 only at a smaller 16:9 size ($0.11 at 1280x720).
+    "size": ("2048x1152", "[size]", "size=2048x1152->1280x720"),
+    # High on the fallback gpt-image-1-mini (about $0.036) fits $0.10.
+    "model": ("1024x1024", "[model]", "model=gpt-image-2->gpt-image-1-mini"),
+}
+LOWERED = {"quality": "0.10", "size": "0.12", "model": "0.10"}
+
+
+@pytest.mark.parametrize("knob", DOWNGRADES)
+def test_a_budget_lowered_while_a_request_is_decided_downgrades_it_to_what_fits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, knob: str
+) -> None:
+    """Decided again under a budget lowered below what the request asks, a team that
+    downgrades sends the most faithful form that fits (quality, size, model: the team's
+    `downgrade.order`), says what changed, and is charged what that form costs, as a
+    request arriving after the reload would be."""
+    size, order, changed = DOWNGRADES[knob]
+    rules = f"downgrade: {{order: {order}, fallback_model: gpt-image-1-mini}}\n"
+    downgrading = "on_exhausted: reject\n", "on_exhausted: downgrade\n"
+    teams = {
+        limit: {"night": team(limit, more=rules)["night"].replace(*downgrading)}
+        for limit in ("1", LOWERED[knob])
+    }
+    write_config(tmp_path, "http://simulated/v1", SETTINGS, teams=teams["1"])
+    simulator = create_simulator_app(SimulatorSettings(api_key=UPSTREAM_KEY))
+    gateway = in_process(tmp_path, simulator)
+    reloads = Reloads(tmp_path, teams[LOWERED[knob]])
+    with TestClient(gateway) as client, TestClient(simulator) as upstream:
+        reloads.during_reservations(gateway, client, monkeypatch)
+        answer = sdk(client).images.with_raw_response.generate(
+            model="gpt-image-2", prompt="abcd", quality="high", size=size
+        )
+        assert reloads.statuses == [200]
+        assert answer.headers["x-tollgate-downgraded"] == changed
+        [sent] = upstream.get("/_sim/billing").json()["requests"]
+        asked = {"model": "gpt-image-2", "quality": "high", "size": size}
+        for name, value in asked.items():
+            downgraded = f"{name}={value}->" in changed
+            assert (sent[name] == value) != downgraded, (name, sent[name])
+        cost = answer.headers["x-tollgate-cost-usd"]
+        assert Decimal(cost) == expected_cost(sent) <= Decimal(LOWERED[knob])
+        limit, spent, reserved = held(client)
+        assert (Decimal(limit), spent, reserved) == (Decimal(LOWERED[knob]), cost, "0")
+        assert forwarded(upstream, GENERATIONS) == 1

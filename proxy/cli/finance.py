@@ -90,13 +90,10 @@ async def read_budgets(
     config: Config, ledger_url: str, now: float
 ) -> tuple[list[BudgetStatus], list[OpenBatch]]:
     from proxy.finance.status import budget_status
-    from proxy.ledger import open_ledger
+    from proxy.ledger import reading_ledger
 
-    ledger = await open_ledger(ledger_url, read_only=True)
-    try:
+    async with reading_ledger(ledger_url) as ledger:
         return await budget_status(config, ledger, now), await ledger.open_batches()
-    finally:
-        await ledger.close()
 
 
 def add_report(commands: Commands) -> None:
@@ -145,10 +142,9 @@ async def write_report(
     query: ReportQuery, config: Config, ledger_url: str, output: Path | None
 ) -> None:
     from proxy.finance.reports_query import run as run_report_query
-    from proxy.ledger import open_ledger
+    from proxy.ledger import reading_ledger
 
-    ledger = await open_ledger(ledger_url)
-    try:
+    async with reading_ledger(ledger_url) as ledger:
         answer = await run_report_query(query, ledger, config, time.time())
         with report_output(output) as write:
             if answer.stream is not None:
@@ -159,8 +155,6 @@ async def write_report(
                         write(chunk)
             else:
                 write(answer.body or "")
-    finally:
-        await ledger.close()
 
 
 @contextlib.contextmanager

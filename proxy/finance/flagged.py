@@ -23,7 +23,7 @@ from proxy.core.models import usd_text
 from proxy.core.pricing import to_nanos
 from proxy.finance.costs_api import midnight
 from proxy.finance.reports import aligned
-from proxy.ledger import open_ledger
+from proxy.ledger import open_ledger, reading_ledger
 from proxy.ledger.base import Flagged
 
 MOST_RESOLVED_USD = Decimal(1_000_000_000)
@@ -55,11 +55,8 @@ async def flagged_rows(
     """The flagged rows started on the UTC days `first`..`last` (either open-ended)."""
     start = midnight(first) if first else 0.0
     end = midnight(last + timedelta(days=1)) if last else float("inf")
-    ledger = await open_ledger(ledger_url)
-    try:
+    async with reading_ledger(ledger_url) as ledger:
         rows = await ledger.flagged(start, end)
-    finally:
-        await ledger.close()
     return [r for r in rows if r.resolved_at is None] if unresolved else rows
 
 

@@ -48,7 +48,7 @@ from proxy.finance.reconcile import (
     unresolved_json,
     window,
 )
-from proxy.ledger import open_ledger
+from proxy.ledger import reading_ledger
 from proxy.ledger.base import Holding, Ledger
 from proxy.ledger.codecs import project_read
 
@@ -283,14 +283,11 @@ async def run(
     fetched = admin_key is not None
     openai = parse_costs(pages, config.prices, fetched=fetched)
     first, last = window(openai.days, first, last, today, saved=not fetched)
-    ledger = await open_ledger(ledger_url)
-    try:
+    async with reading_ledger(ledger_url) as ledger:
         ours = await ledger_costs(ledger, first, last, config.project_of)
         models = await reconcile.ledger_costs(ledger, first, last, config.prices)
         flagged = await ledger.flagged(midnight(first), midnight(last + timedelta(days=1)))
         holdings = await ledger.holding(midnight(last + timedelta(days=1)))
-    finally:
-        await ledger.close()
     teams = [team.name for team in config.teams]
     held = holding_days(holdings, first, last, held_by_project(config.project_of))
     # A model the price book no longer names, with spend on these days: compared, not left out.

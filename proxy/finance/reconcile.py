@@ -36,7 +36,7 @@ from proxy.core.settings import Config
 from proxy.finance import parts
 from proxy.finance.costs_api import DAY, LATEST, fetch_costs, midnight, utc_day
 from proxy.finance.reports import ISO_DAY, aligned, printable
-from proxy.ledger import open_ledger
+from proxy.ledger import reading_ledger
 from proxy.ledger.base import Flagged, Holding, Ledger
 
 DEFAULT_TOLERANCE = Decimal("0.01")
@@ -507,13 +507,10 @@ async def run(
     book = config.prices
     openai = parse_costs(pages, book)
     first, last = window(openai.days, first, last, today, saved=admin_key is None)
-    ledger = await open_ledger(ledger_url)
-    try:
+    async with reading_ledger(ledger_url) as ledger:
         ours = await ledger_costs(ledger, first, last, book)
         flagged = await ledger.flagged(midnight(first), midnight(last + timedelta(days=1)))
         holdings = await ledger.holding(midnight(last + timedelta(days=1)))
-    finally:
-        await ledger.close()
     held = holding_days(holdings, first, last, held_by_model(book))
     # A model the price book no longer names, with spend on these days: compared, not left out.
     openai = parse_costs(pages, book, {model for _, model in [*ours, *held]})

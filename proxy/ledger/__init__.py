@@ -15,6 +15,8 @@ and its driver, are imported when a ledger of its kind is opened.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from proxy.core.errors import LedgerError, LedgerMissing
@@ -61,6 +63,7 @@ __all__ = [
     "Written",
     "migrate_ledger",
     "open_ledger",
+    "reading_ledger",
     "redacted",
     "require_existing",
     "settle_patiently",
@@ -122,6 +125,18 @@ async def open_ledger(url: str, *, read_only: bool = False) -> Backend:
         f"unsupported ledger URL {redacted(url)!r}: use sqlite:///path.db or "
         "postgresql://host/database"
     )
+
+
+@contextlib.asynccontextmanager
+async def reading_ledger(url: str) -> AsyncIterator[Backend]:
+    """The ledger at `url` opened for a command that only shows it (`open_ledger`'s
+    `read_only`: no write lock on a SQLite file whose schema is current, which its user
+    may only read), and closed when the command is done with it."""
+    ledger = await open_ledger(url, read_only=True)
+    try:
+        yield ledger
+    finally:
+        await ledger.close()
 
 
 def require_existing(url: str) -> str:

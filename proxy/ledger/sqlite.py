@@ -83,6 +83,9 @@ class SqliteLedger(KeptAnswers):
         self.path = Path(path)
         self.owner: Owner | None = None
         self.file = Connections(self.path)
+        self.read_uri = f"{self.path.resolve().as_uri()}?mode=ro"
+        """Where the reports' and exports' connections of their own read the file: set by
+        `open_to_read` to what reads it in a directory its user may not write."""
         self._held: dict[str, tuple[int, str, Usage]] = {}
         """What each reservation of this process not yet settled holds: (reserved nanos,
         counters text, usage), as written in its row."""
@@ -114,6 +117,7 @@ class SqliteLedger(KeptAnswers):
         if version != SCHEMA_VERSION:
             await self.open()
             return
+        self.read_uri = uri
         try:
             await self.file.open_reading(uri)
         except sqlite3.Error as exc:
@@ -262,7 +266,7 @@ class SqliteLedger(KeptAnswers):
         bucket_seconds: int | None = None,
     ) -> list[Aggregate]:
         sql, width = SQL.summary(by, bucket_seconds)
-        found = await asyncio.to_thread(summed, self.path, sql, start, end, width)
+        found = await asyncio.to_thread(summed, self.read_uri, sql, start, end, width)
         return codecs.aggregates(found, width)
 
     async def export(self, start: float, end: float) -> AsyncGenerator[dict[str, Any], None]:
@@ -273,7 +277,7 @@ class SqliteLedger(KeptAnswers):
         # Each row comes once, as it was when its batch was read (rows are placed by when
         # they started, which nothing changes).
         try:
-            db = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True)
+            db = await aiosqlite.connect(self.read_uri, uri=True)
         except sqlite3.Error as exc:
             raise LedgerError(f"cannot open ledger {self.path}: {exc}") from exc
         try:
@@ -294,7 +298,7 @@ class SqliteLedger(KeptAnswers):
     async def export_columns(self) -> list[str]:
         try:
             async with (
-                aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True) as db,
+                aiosqlite.connect(self.read_uri, uri=True) as db,
                 db.execute(SQL.export_columns) as cursor,
             ):
                 return [d[0] for d in cursor.description]

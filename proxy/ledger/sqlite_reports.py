@@ -8,7 +8,6 @@ import contextlib
 import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from proxy.core.errors import LedgerError
@@ -19,14 +18,23 @@ REPORT_THREADS = 2
 """Connections a report reads its slices with at once."""
 
 
-def summed(path: Path, sql: str, start: float, end: float, width: int) -> list[list[Any]]:
+def summed(uri: str, sql: str, start: float, end: float, width: int) -> list[list[Any]]:
     """The summary `sql` over [start, end) as slices of `REPORT_SLICE_SECONDS`, summed
     group by group (every sum is additive), read by `REPORT_THREADS` read-only connections.
 
     SQLite groups by sorting: over 10 million rows one statement sorted them all (14-22 s
     here); a day's rows sort in memory, and two threads use both cores (8 s). Each slice
-    is read at its own moment: a row settling meanwhile is counted once, in its slice."""
-    with contextlib.closing(reader(path)) as db:
+    is read at its own moment: a row settling meanwhile is counted once, in its slice.
+    Any SQLite error, the first connection's too, is a LedgerError (a report's message,
+    not a traceback)."""
+    try:
+        return _summed(uri, sql, start, end, width)
+    except sqlite3.Error as exc:
+        raise LedgerError(f"ledger read failed: {exc}") from exc
+
+
+def _summed(uri: str, sql: str, start: float, end: float, width: int) -> list[list[Any]]:
+    with contextlib.closing(reader(uri)) as db:
         first, last = db.execute(_RANGE, (start, end)).fetchone()
     if first is None:
         return []
@@ -40,7 +48,7 @@ def summed(path: Path, sql: str, start: float, end: float, width: int) -> list[l
     def read(bounds: tuple[float, float]) -> list[Any]:
         db = getattr(local, "db", None)
         if db is None:
-            db = local.db = reader(path)
+            db = local.db = reader(uri)
             opened.append(db)
         return db.execute(sql, bounds).fetchall()
 
@@ -56,8 +64,6 @@ def summed(path: Path, sql: str, start: float, end: float, width: int) -> list[l
                     else:
                         for i in range(width, len(row)):
                             held[i] = (held[i] or 0) + (row[i] or 0)
-    except sqlite3.Error as exc:
-        raise LedgerError(f"ledger read failed: {exc}") from exc
     finally:
         for db in opened:
             db.close()
@@ -69,5 +75,6 @@ _RANGE = (
 )
 
 
-def reader(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+def reader(uri: str) -> sqlite3.Connection:
+    """A connection of its own on the read-only `uri` (`SqliteLedger.read_uri`)."""
+    return sqlite3.connect(uri, uri=True, check_same_thread=False)
