@@ -426,3 +426,17 @@ def test_an_echo_after_an_unrelated_run_of_stars_is_masked_whole(text: str) -> N
     assert len(masked) == len(text.encode())
     chunked = b"".join(scrub_chunks([text[:5].encode(), text[5:12].encode(), text[12:].encode()]))
     assert KEY[:6].encode() not in chunked and KEY[-4:].encode() not in chunked
+
+
+@pytest.mark.parametrize("known", [3, 10, len(KEY) - 4])
+def test_whether_stars_are_masked_tells_no_more_of_the_key_than_its_ends(known: int) -> None:
+    """A team can have the upstream echo text of its choosing (a file's content): were
+    `sk-proj-X***` masked only when `X` is the key's next character, each guess would come
+    back answered, and the key be read a character at a time, from either end."""
+    other = "A" if KEY[known] != "A" else "B"
+    starts = [f"{KEY[:known]}{c}***" for c in (KEY[known], other)]
+    end = len(KEY) - known - 1
+    ends = [f"***{c}{KEY[-known:]}" for c in (KEY[end], other)]
+    for right, wrong in (starts, ends):
+        assert SCRUB.data(f"a {right} b".encode()) == f"a {mask(len(right))} b".encode()
+        assert SCRUB.data(f"a {wrong} b".encode()) == f"a {mask(len(wrong))} b".encode()

@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 
+from proxy.core.scrubbing import mask
 from tests.conftest import (
     DESIGN_KEY,
     UPSTREAM_KEY,
@@ -236,3 +237,19 @@ def test_a_stream_sent_before_a_reload_changed_the_key_is_scrubbed_of_the_old_ke
         assert Decimal(row["cost_nanos"]) / 10**9 == expected_cost(record)
     finally:
         proxy.stop()
+
+
+def test_a_files_content_answers_no_guess_of_the_key(tollgate: Tollgate) -> None:
+    """A team's file comes back as it was uploaded, with the key's masked echoes masked:
+    were `sk-upstream-X***` masked only when `X` is the key's next character, the team
+    would upload its guesses, read which came back masked, and so the key, a character
+    at a time. A right and a wrong guess come back alike."""
+    known = 12
+    other = "A" if UPSTREAM_KEY[known] != "A" else "B"
+    right, wrong = (f"{UPSTREAM_KEY[:known]}{c}***" for c in (UPSTREAM_KEY[known], other))
+    client = tollgate.client()
+    uploaded = client.files.create(
+        file=("notes.txt", f"{right}\n{wrong}\n".encode(), "text/plain"), purpose="user_data"
+    )
+    content = client.files.content(uploaded.id).content
+    assert content == f"{mask(len(right))}\n{mask(len(wrong))}\n".encode()

@@ -23,10 +23,10 @@ likely to use and overwrites each occurrence with a mask of the same length:
                                     and escapes that decodes to hold it is masked
 
     a masked echo of the key        OpenAI's own way of quoting a key it refuses,
-                                    `sk-pro***kb0A`: a run of `*`s with a piece of the
-                                    key's start before it or of its end after it, at
-                                    least `FRAGMENT` characters (`Fragments`); the whole
-                                    echo is masked
+                                    `sk-pro***kb0A`: a run of `*`s with the key's first
+                                    `FRAGMENT` characters in the key characters before
+                                    it, or its last in those after it (`Fragments`); the
+                                    whole echo is masked
 
 Not covered: url-safe base64 of a key with other characters, hex, other encodings,
 JSON escapes in a UTF-16 or UTF-32 body, and pieces of the key not next to a run of
@@ -466,11 +466,15 @@ class Fragments:
     """Masked echoes of a key: `sk-pro***kb0A`, as OpenAI quotes a key it refuses.
 
     A run of three or more `*`s with key characters on either side is an echo when the
-    characters before it end with the key's first `FRAGMENT` or more, or those after it
-    begin with its last `FRAGMENT` or more; the whole run (both sides and the `*`s) is
-    masked, its length kept. Each byte is looked at a bounded number of times, whatever
-    the text around the `*`s: a long run of letters before them (an answer's text is the
-    upstream's, and may echo a prompt) costs no more than reading it."""
+    characters before it hold the key's first `FRAGMENT`, or those after it its last
+    `FRAGMENT`; the whole run (both sides and the `*`s) is masked, its length kept.
+    Whether it is masked never depends on more of the key than those: a team can have the
+    upstream echo text of its choosing (a file's content, `GET /v1/files/{id}/content`),
+    and were `sk-proj-X***` masked only when `X` is the key's next character, each guess
+    would come back answered, and the key be read a character at a time. Each byte is
+    looked at a bounded number of times, whatever the text around the `*`s: a long run
+    of letters before them (an answer's text is the upstream's, and may echo a prompt)
+    costs no more than reading it."""
 
     def __init__(self, key: bytes) -> None:
         self.key = key
@@ -479,9 +483,7 @@ class Fragments:
         key = self.key
         # Only the key's length of either side can hold a piece of it.
         before, after = before[-len(key) :], after[: len(key)]
-        starts = any(key.startswith(before[i:]) for i in range(len(before) - FRAGMENT + 1))
-        ends = any(key.endswith(after[:j]) for j in range(FRAGMENT, len(after) + 1))
-        return starts or ends
+        return key[:FRAGMENT] in before or key[-FRAGMENT:] in after
 
     def masked(self, data: bytes) -> bytes:
         """`data` with every masked echo of the key masked again, whole. The key characters
