@@ -977,6 +977,59 @@ def test_commands_that_only_read_read_a_ledger_their_user_may_only_read(
         assert sorted(os.listdir(folder)) == before
 
 
+READ_WHILE_WRITTEN = """
+import asyncio, sys
+from proxy.core.errors import LedgerError
+from proxy.ledger import reading_ledger
+
+
+async def main() -> None:
+    try:
+        async with reading_ledger(sys.argv[1]) as ledger:
+            print("open", flush=True)
+            sys.stdin.readline()  # a proxy starts meanwhile, and writes
+            await ledger.flagged(0.0, float("inf"))
+    except LedgerError as exc:
+        print("refused:", exc)
+    else:
+        print("read")
+
+
+asyncio.run(main())
+"""
+
+
+def test_a_ledger_read_as_a_snapshot_is_refused_once_a_proxy_writes_it(tmp_path: Path) -> None:
+    """A ledger in a directory its user cannot write, with no process holding it, is read
+    as an immutable snapshot: a proxy that starts (as a user who may write there) while a
+    command reads it writes to a WAL the snapshot never sees. The command says so (the
+    ledger changed while it was read) instead of showing what it held before."""
+    folder = tmp_path / "ledger"
+    folder.mkdir()
+    path = folder / "tollgate.db"
+    asyncio.run(migrate_ledger(f"sqlite:///{path}"))
+    for name in os.listdir(folder):
+        (folder / name).chmod(0o444)
+    folder.chmod(0o555)
+    try:
+        with subprocess.Popen(
+            [*read_only_for_commands(), sys.executable, "-c", READ_WHILE_WRITTEN,
+             f"sqlite:///{path}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        ) as reader:  # fmt: skip
+            assert reader.stdout is not None and reader.stdin is not None
+            assert reader.stdout.readline() == "open\n"
+            folder.chmod(0o755)
+            (folder / "tollgate.db").chmod(0o644)
+            with contextlib.closing(sqlite3.connect(path)) as writer:
+                writer.execute("UPDATE schema_version SET version = version")
+                writer.commit()
+                said, _ = reader.communicate("go\n", timeout=60)
+    finally:
+        folder.chmod(0o755)
+    assert said.startswith("refused:"), said
+
+
 @pytest.mark.parametrize("command", READERS, ids=" ".join)
 def test_commands_that_only_read_read_a_ledger_whose_path_holds_uri_characters(
     tmp_path: Path, command: list[str]

@@ -11,7 +11,7 @@ from starlette.testclient import TestClient
 
 from proxy.core.auth import key_hash
 from proxy.core.budgets import Variant
-from proxy.core.errors import PolicyViolation
+from proxy.core.errors import LedgerUnavailable, PolicyViolation
 from proxy.core.models import Endpoint, ImageRequest
 from proxy.core.parsing import ParsedBody
 from proxy.core.settings import Config, Limits, Team
@@ -191,4 +191,28 @@ def test_a_fault_of_tollgates_own_leaves_no_request_in_flight(app: Gateway) -> N
             assert answer.status_code == 500
             assert answer.json()["error"]["code"] == "internal_error"
         exposition = client.get("/metrics").text
+    assert "\ntollgate_inflight_requests 0.0\n" in exposition
+
+
+def test_a_batch_create_the_ledger_cannot_take_is_answered_503_and_leaves_none_in_flight(
+    app: Gateway,
+) -> None:
+    """A batch create whose ledger fails while it is decided (its input file read, its
+    reservation written) is answered as a request's is: 503, retried by the SDKs. It raised
+    out of the create instead: answered 500, and one more request left on the in-flight
+    gauge, for good."""
+
+    async def unavailable(file_id: str) -> None:
+        raise LedgerUnavailable("the ledger's database is unreachable")
+
+    create = {"input_file_id": "file-x", "endpoint": "/v1/images/generations"}
+    with TestClient(app, raise_server_exceptions=False) as client:
+        app.current().ledger.stored = unavailable  # type: ignore[method-assign]
+        answer = client.post(
+            "/v1/batches", json={**create, "completion_window": "24h"}, headers=HEADERS
+        )
+        exposition = client.get("/metrics").text
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["code"] == "service_unavailable"
+    assert answer.headers["x-tollgate-team"] == "web"
     assert "\ntollgate_inflight_requests 0.0\n" in exposition

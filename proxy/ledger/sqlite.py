@@ -86,6 +86,9 @@ class SqliteLedger(KeptAnswers):
         self.read_uri = f"{self.path.resolve().as_uri()}?mode=ro"
         """Where the reports' and exports' connections of their own read the file: set by
         `open_to_read` to what reads it in a directory its user may not write."""
+        self._snapshot: tuple[int, ...] | None = None
+        """The file's `file_state` when `open_to_read` read it as an immutable snapshot,
+        checked again on `close`: a writer that starts meanwhile goes unseen."""
         self._held: dict[str, tuple[int, str, Usage]] = {}
         """What each reservation of this process not yet settled holds: (reserved nanos,
         counters text, usage), as written in its row."""
@@ -113,11 +116,14 @@ class SqliteLedger(KeptAnswers):
         proxy's writers nor holds them, and reads a file its user may only read. A schema
         behind is brought up to date as `open` does (taking the write lock once), and
         one ahead is refused: what every command did before."""
+        before = file_state(self.path)
         version, uri = reading(self.path)
         if version != SCHEMA_VERSION:
             await self.open()
             return
         self.read_uri = uri
+        if IMMUTABLE in uri:
+            self._snapshot = before
         try:
             await self.file.open_reading(uri)
         except sqlite3.Error as exc:
@@ -435,6 +441,14 @@ class SqliteLedger(KeptAnswers):
 
     async def close(self) -> None:
         await self.file.close()
+        if self._snapshot is not None and file_state(self.path) != self._snapshot:
+            # A proxy started while the snapshot was read: its writes, in a WAL the snapshot
+            # never reads, are missing from what was shown (and a checkpoint may have
+            # rewritten pages under it).
+            raise LedgerError(
+                f"ledger {self.path} was written while it was read (a proxy started): what "
+                "was read may miss its latest writes; run the command again"
+            )
 
     # -- copies: the whole history, out and in ------------------------------------------
 
@@ -495,10 +509,26 @@ def reading(path: str | Path) -> tuple[int, str]:
         except sqlite3.Error as exc:
             if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_READONLY_DIRECTORY:
                 raise
-        uri += "&immutable=1"
+        uri += IMMUTABLE
         return _version_at(uri), uri
     except sqlite3.Error as exc:
         raise LedgerError(f"cannot read ledger {path}: {exc}") from exc
+
+
+IMMUTABLE = "&immutable=1"
+"""What `reading` adds to the URI of a file it reads as a snapshot."""
+
+
+def file_state(path: Path) -> tuple[int, ...]:
+    """What a writer changes of the ledger file at `path`: its inode, size and modification
+    time, and whether a `-wal` is beside it (a writer has it open, or crashed); empty when
+    there is no file."""
+    try:
+        found = path.stat()
+    except OSError:
+        return ()
+    wal = Path(f"{path}-wal").exists()
+    return found.st_ino, found.st_size, found.st_mtime_ns, int(wal)
 
 
 def _version_at(uri: str) -> int:

@@ -70,7 +70,7 @@ from proxy.web.files import BATCHES, not_found, read_answer, scoped_listing, sco
 from proxy.web.gateway import path_of
 from proxy.web.in_force import Caller, decided, still_in_force
 from proxy.web.observe import KeyRefusals, observe
-from proxy.web.pipeline import new_request_id, refuse
+from proxy.web.pipeline import new_request_id, refuse, unavailable
 from proxy.web.projects import created_under, same_project
 from proxy.web.responses import error_response
 from proxy.web.runtime import Runtime
@@ -105,6 +105,13 @@ class Batches:
             admitted = await decided(request, caller, partial(self.decide_for, request, body))
         except RequestError as exc:
             return await refuse(caller.runtime, caller.entry, exc, headers)
+        except LedgerError as exc:
+            return unavailable(caller.runtime, caller.entry, exc, headers)
+        except Exception:
+            # A fault of Tollgate's own, answered 500 (and logged) by the Gateway: the create
+            # is no longer in flight, whatever raised.
+            caller.runtime.metrics.abandoned()
+            raise
         if isinstance(admitted, Response):
             return admitted  # a repeat, answered with its first attempt's batch
         runtime, team, config = caller.runtime, caller.team, caller.runtime.config
