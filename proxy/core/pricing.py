@@ -302,6 +302,8 @@ class ModelPrices:
         as image output, so that the reserved text output (gpt-image-1.5's, $10/M) is then
         priced at the image output rate ($32/M). The dearer of the two: a bound below it
         lets a charge pass what was reserved, and settled spend a hard limit."""
+        if not usage.text_output:
+            return self.cost(usage)  # nothing to read otherwise: one pricing (the hot path)
         undetailed = replace(
             usage, image_output=usage.image_output + usage.text_output, text_output=0
         )
