@@ -280,6 +280,35 @@ def test_requests_with_the_same_labels_add_up_on_one_child(
     assert registry.get_sample_value("tollgate_requests_total", other) == 1
 
 
+def test_dollars_add_up_exactly_however_many_requests_and_kinds(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    """$0.032 + $0.02 added as floats is 0.052000000000000005: the counters of dollars are
+    summed in nanos, and show the nearest float to the exact sum, as the ledger's is."""
+    for cost, estimate in ((32_000_000, 30_000_000), (20_000_000, 40_000_000), (1, 1)):
+        metrics.started()
+        entry = responses_entry(estimated_nanos=estimate)
+        settlement = responses_settlement(cost_nanos=cost + 7, mainline_cost_nanos=7)
+        metrics.finished(entry, settlement, ())
+    image = {"team": "design", "model": "gpt-image-2"}
+    mainline = {"team": "design", "model": "gpt-5.5"}
+    assert registry.get_sample_value("tollgate_cost_usd_total", {**image, "quality": "low"}) == (
+        52_000_001 / NANOS
+    )
+    assert registry.get_sample_value("tollgate_cost_usd_total", {**mainline, "quality": ""}) == (
+        21 / NANOS
+    )
+    part = {**image, "part": "image_tool"}
+    assert (
+        registry.get_sample_value("tollgate_responses_cost_usd_total", part) == 52_000_001 / NANOS
+    )
+    assert registry.get_sample_value("tollgate_reserved_usd_total", image) == 70_000_001 / NANOS
+    assert (
+        'tollgate_cost_usd_total{model="gpt-image-2",quality="low",team="design"} 0.052000001\n'
+        in (metrics.exposition().decode())
+    )
+
+
 def test_children_are_made_once_and_only_when_first_used(metrics: Metrics) -> None:
     children = Children(metrics.requests)
     assert "tollgate_requests_total{" not in metrics.exposition().decode()
@@ -561,6 +590,31 @@ def test_multiprocess_workers_sum_their_children_in_the_exposition(tmp_path: Pat
     assert samples[("tollgate_tokens_total", "image_output")] == 28
     assert samples[("tollgate_upstream_request_duration_seconds_count", "")] == 4
     assert ("tollgate_tokens_total", "text_input") not in samples
+
+
+DOLLARS = """
+import sys
+from proxy.ledger import Entry, Settlement
+from proxy.metrics import Metrics
+metrics = Metrics(multiprocess_dir=sys.argv[1])
+entry = Entry("tg_req_1", 0.0, "generations", team="design", model="gpt-image-2",
+              quality="low", estimated_nanos=int(sys.argv[3]))
+metrics.started()
+metrics.finished(entry, Settlement(1.0, "ok", 200, cost_nanos=int(sys.argv[3])), ())
+if sys.argv[2] == "report":
+    print(metrics.exposition().decode())
+"""
+
+
+def test_multiprocess_workers_sum_their_dollars_exactly(tmp_path: Path) -> None:
+    """Each worker's dollars are exact, and so is their sum at a scrape (as floats, two
+    workers' $0.032 and $0.02 made 0.052000000000000005)."""
+    run_worker(DOLLARS, tmp_path, "work", "32000000")
+    report = run_worker(DOLLARS, tmp_path, "report", "20000000")
+    assert 'tollgate_cost_usd_total{model="gpt-image-2",quality="low",team="design"} 0.052\n' in (
+        report
+    )
+    assert 'tollgate_reserved_usd_total{model="gpt-image-2",team="design"} 0.052\n' in report
 
 
 KILLED = """

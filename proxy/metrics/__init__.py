@@ -81,6 +81,34 @@ class Children(Generic[M]):
         return child
 
 
+class Dollars:
+    """The children of a dollar counter, each added to in nanos (`dollars(*values).add(n)`).
+
+    A counter adds floats: $0.032 then $0.02 made 0.052000000000000005, and over a month of
+    requests such sums drift from the ledger's. Each child's total is kept here as an
+    integer of nanos, and the counter's value is set to it, converted once: the value
+    shown is always the nearest float to the exact sum (a worker's, in multiprocess
+    mode, where `MultiprocessText` sums the workers' totals exactly too)."""
+
+    __slots__ = ("_children", "_nanos")
+
+    def __init__(self, metric: Counter) -> None:
+        self._children = Children(metric)
+        self._nanos: dict[tuple[str, ...], int] = {}
+
+    def add(self, nanos: int, *values: str) -> None:
+        total = self._nanos[values] = self._nanos.get(values, 0) + nanos
+        # prometheus-client's own value holder (a lock, or the worker's mmapped file), set
+        # as `inc` would add: the counter is still the client's, scraped as any other.
+        self._children(*values)._value.set(total / NANOS_PER_USD)
+
+
+DOLLAR_COUNTERS = frozenset(
+    {"tollgate_cost_usd", "tollgate_responses_cost_usd", "tollgate_reserved_usd"}
+)
+"""The counters of US dollars, each kept exact (`Dollars`)."""
+
+
 class Metrics:
     """The request-path metrics of one process.
 
@@ -99,13 +127,15 @@ class Metrics:
         # Every metric above, in the order it was registered (attributes keep the order in
         # which they were set, each right as it was made and registered).
         self._text = RegistryText([m for m in vars(self).values() if isinstance(m, _METRICS)])
-        self._workers = MultiprocessText(multiprocess_dir) if multiprocess_dir else None
+        self._workers = (
+            MultiprocessText(multiprocess_dir, DOLLAR_COUNTERS) if multiprocess_dir else None
+        )
         # The request path finds its children here (see `Children`).
         self._requests = Children(self.requests)
         self._tokens = Children(self.tokens)
-        self._cost = Children(self.cost)
-        self._responses_cost = Children(self.responses_cost)
-        self._reserved = Children(self.reserved)
+        self._cost = Dollars(self.cost)
+        self._responses_cost = Dollars(self.responses_cost)
+        self._reserved = Dollars(self.reserved)
         self._images = Children(self.images)
         self._downgrades = Children(self.downgrades)
         self._upstream_duration = Children(self.upstream_duration)
@@ -276,13 +306,13 @@ class Metrics:
         # the two parts always add up to the ledger's cost.
         image_nanos = settlement.cost_nanos - (settlement.mainline_cost_nanos if mainline else 0)
         if image_nanos:
-            self._cost(team, model, quality).inc(image_nanos / NANOS_PER_USD)
+            self._cost.add(image_nanos, team, model, quality)
             if entry.endpoint == "responses" or mainline:
-                self._responses_cost(team, model, "image_tool").inc(image_nanos / NANOS_PER_USD)
+                self._responses_cost.add(image_nanos, team, model, "image_tool")
         if mainline:
             self._mainline(team, mainline, settlement)
         if entry.estimated_nanos:
-            self._reserved(team, model).inc(entry.estimated_nanos / NANOS_PER_USD)
+            self._reserved.add(entry.estimated_nanos, team, model)
         if usage.images and 200 <= settlement.status < 300:
             size = entry.size or ""
             if size and listed is not None and not listed(model, size):
@@ -301,10 +331,10 @@ class Metrics:
         ):
             if count:
                 self._tokens(team, model, kind).inc(count)
-        if settlement.mainline_cost_nanos:
-            dollars = settlement.mainline_cost_nanos / NANOS_PER_USD
-            self._cost(team, model, "").inc(dollars)
-            self._responses_cost(team, model, "mainline").inc(dollars)
+        nanos = settlement.mainline_cost_nanos
+        if nanos:
+            self._cost.add(nanos, team, model, "")
+            self._responses_cost.add(nanos, team, model, "mainline")
 
     def unauthenticated(self, endpoint: str, reason: str) -> None:
         """Count a request refused for its key (`endpoint`: an image endpoint or

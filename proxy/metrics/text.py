@@ -28,6 +28,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from proxy.core.models import NANOS_PER_USD
+
 
 def escape_value(value: str) -> str:
     """A label value as the text format writes it."""
@@ -127,8 +129,11 @@ class MultiprocessText:
     series are those `generate_latest` writes, with the same values (a test parses both).
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, exact: frozenset[str] = frozenset()) -> None:
         self._path = path
+        self._exact = exact
+        """The families of dollars, which each worker keeps to the nano: their series are
+        summed in nanos, not as floats (two workers' $0.032 and $0.02 are $0.052)."""
         # A series' key → (family, the sample's line up to its value, help).
         self._keys: dict[str, tuple[str, str, str]] = {}
 
@@ -146,10 +151,14 @@ class MultiprocessText:
         summed: dict[str, float] = {}
         for file in counters:
             for key, value, _, _ in MmapedDict.read_all_values_from_file(file):  # type: ignore[no-untyped-call]
-                summed[key] = summed.get(key, 0.0) + value
+                if self._parsed(key)[0] in self._exact:
+                    value = round(value * NANOS_PER_USD)  # summed as an integer of nanos
+                summed[key] = summed.get(key, 0) + value
         families: dict[str, list[str]] = {}
         docs: dict[str, str] = {}
         for key, value in summed.items():
+            if isinstance(value, int):
+                value = value / NANOS_PER_USD
             family, line, doc = self._parsed(key)
             lines = families.get(family)
             if lines is None:
