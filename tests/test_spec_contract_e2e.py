@@ -18,7 +18,9 @@ import httpx
 import openai
 import pytest
 
+from proxy.core.auth import key_hash
 from tests.conftest import (
+    DEFAULT_TEAMS,
     DESIGN_KEY,
     Simulator,
     Tollgate,
@@ -30,13 +32,25 @@ from tests.test_proxy_e2e import wait_settled
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 LOW = {"model": "gpt-image-2", "quality": "low", "size": "1024x1024"}
+THROTTLED_KEY = "tg_test_throttled_key_0003"
+THROTTLED = f"""
+    name: throttled
+    keys:
+      - {{id: k, sha256: {key_hash(THROTTLED_KEY)}}}
+    budgets:
+      - {{period: day, limit_usd: 10}}
+    allow:
+      max_quality: medium
+    throttle:
+      - {{above: 0.0001, max_quality: low}}
+"""
 
 
 @pytest.fixture(scope="module")
 def gate(upstream: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
     """A Tollgate without `admin_token` in front of the module's own simulator."""
     root = tmp_path_factory.mktemp("contract")
-    write_config(root, f"{upstream.url}/v1")
+    write_config(root, f"{upstream.url}/v1", teams={**DEFAULT_TEAMS, "throttled": THROTTLED})
     yield from run_tollgate(root)
 
 
@@ -118,3 +132,37 @@ def test_report_and_budgets_read_the_ledger_ledger_names_not_the_configurations(
     assert "budgets" in json.loads(budgets.stdout)
     without = cli("report", "--config", str(elsewhere))
     assert without.returncode != 0  # the configuration's own ledger is not there
+
+
+# -- §6 and §8: a downgrade is named in its header and counted by knob and reason --------
+
+
+def test_a_policy_clamp_and_a_throttle_are_named_and_counted_by_their_reason(
+    gate: Tollgate,
+) -> None:
+    """`allow.max_quality` clamps a request (reason `policy`); once the team has spent
+    more than `throttle.above` of its budget, the throttle caps quality (reason
+    `throttle`); each is named in `x-tollgate-downgraded` and counted once in
+    `tollgate_downgrades_total{team, knob, reason}`."""
+    team = gate.client(THROTTLED_KEY)
+    first = team.images.with_raw_response.generate(
+        model="gpt-image-2", prompt="clamped", quality="high", size="1024x1024"
+    )
+    assert first.http_response.headers["x-tollgate-downgraded"] == "quality=high->medium"
+    wait_settled(gate, first.http_response.headers["x-tollgate-request-id"])
+    second = team.images.with_raw_response.generate(
+        model="gpt-image-2", prompt="throttled", quality="medium", size="1024x1024"
+    )
+    assert second.http_response.headers["x-tollgate-downgraded"] == "quality=medium->low"
+    wait_settled(gate, second.http_response.headers["x-tollgate-request-id"])
+    counted = {
+        reason: gate.metric(
+            "tollgate_downgrades_total", team="throttled", knob="quality", reason=reason
+        )
+        for reason in ("policy", "throttle", "budget")
+    }
+    assert counted == {"policy": 1.0, "throttle": 1.0, "budget": 0.0}
+    rows = {r["id"]: r for r in gate.rows() if r["team"] == "throttled"}
+    assert {r["outcome"] for r in rows.values()} == {"downgraded"}
+    assert {r["quality_requested"] for r in rows.values()} == {"high", "medium"}
+    assert {r["quality"] for r in rows.values()} == {"medium", "low"}
