@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from PIL import Image
 
 from proxy.core.auth import key_hash
 from tests.conftest import (
@@ -166,3 +167,31 @@ def test_a_policy_clamp_and_a_throttle_are_named_and_counted_by_their_reason(
     assert {r["outcome"] for r in rows.values()} == {"downgraded"}
     assert {r["quality_requested"] for r in rows.values()} == {"high", "medium"}
     assert {r["quality"] for r in rows.values()} == {"medium", "low"}
+
+
+# -- §5 "A request with no `model` gets the configured `default_model`" -------------------
+
+
+def png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "teal").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_an_edit_or_a_variation_without_a_model_names_the_model_it_was_sent_with(
+    gate: Tollgate, upstream: Simulator
+) -> None:
+    """An edit gets `default_model` (never OpenAI's implicit default, gpt-image-1.5); a
+    variation, which only dall-e-2 ever took, gets dall-e-2: either is written into the
+    request the upstream gets and named in `x-tollgate-model`."""
+    image = ("a.png", png(), "image/png")
+    edit = gate.client().images.with_raw_response.edit(
+        image=image, prompt="no model", quality="low", size="1024x1024"
+    )
+    variation = gate.client().images.with_raw_response.create_variation(image=image, size="256x256")
+    for raw, model in ((edit, "gpt-image-2"), (variation, "dall-e-2")):
+        answer = raw.http_response
+        assert answer.headers["x-tollgate-model"] == model
+        assert upstream.record(answer.headers["x-request-id"])["model"] == model
+        row = wait_settled(gate, answer.headers["x-tollgate-request-id"])
+        assert row["model"] == model
