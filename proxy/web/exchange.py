@@ -269,8 +269,12 @@ class Exchange:
             )
             code = settlement.MALFORMED_ANSWER
         verdict = settlement.unknown(self.bound, code)
-        await self.settle(verdict, exc.status, answer.headers.get("x-request-id"))
-        return error_response(exc, self.after(verdict.cost_nanos))
+        upstream_id = answer.headers.get("x-request-id")
+        await self.settle(verdict, exc.status, upstream_id)
+        # The upstream's id is kept, as on an answer passed through: it is what OpenAI's
+        # support asks for when the team queries a charge it could not see.
+        kept = {"x-request-id": upstream_id} if upstream_id else {}
+        return error_response(exc, {**kept, **self.after(verdict.cost_nanos)})
 
     async def follow_later(self, response_id: str, upstream_id: str | None) -> None:
         """Hold the reservation until the response `response_id` ends, and follow it."""
