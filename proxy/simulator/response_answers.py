@@ -108,15 +108,23 @@ def output_text(text: str) -> dict[str, Any]:
 
 
 def message_item(snap: Snapshot, *, done: bool) -> dict[str, Any]:
-    """The assistant's message: empty while in progress."""
+    """The assistant's message: empty while in progress; a reasoning model's labelled its
+    final answer (`phase`, which the SDK asks to send back)."""
     status = "incomplete" if snap.tokens.incomplete else "completed"
-    return {
+    item = {
         "id": snap.message_id,
         "type": "message",
         "role": "assistant",
         "status": status if done else "in_progress",
         "content": [output_text(snap.tokens.answer)] if done else [],
     }
+    if snap.order.model.reasoning:
+        item["phase"] = "final_answer"
+    return item
+
+
+def summary_text(prompt: str) -> dict[str, Any]:
+    return {"type": "summary_text", "text": f"**Planning the image**\n\nThe user asks: {prompt}"}
 
 
 def reasoning_items(snap: Snapshot) -> list[dict[str, Any]]:
@@ -127,7 +135,7 @@ def reasoning_items(snap: Snapshot) -> list[dict[str, Any]]:
         {
             "id": f"rs_{snap.id.removeprefix('resp_')}",
             "type": "reasoning",
-            "summary": [],
+            "summary": [summary_text(snap.order.revised_prompt)] if snap.order.summary else [],
             "encrypted_content": encrypted_reasoning(snap.tokens.mainline.reasoning, snap.id),
         }
     ]

@@ -28,8 +28,12 @@ The other input items, as OpenAI reads them into the mainline model's context:
     image_generation_call   its `result`: an image in the context at its size (and given to
                             the image tool, as an image to edit); without it, a 404 for its
                             `id`
+Each item may carry only the fields of its type in the SDK's input types (`ITEM_PARAMS`:
+what `response.output` sends back whole, but for the SDK's `async_` and a listed item's
+`created_by`); any other is OpenAI's "Unknown parameter" 400.
 Reasoning items are in the output (first) when `include` names
-"reasoning.encrypted_content" and the model reasons.
+"reasoning.encrypted_content" and the model reasons, with a summary when
+`reasoning.summary` asks for one.
 """
 
 from __future__ import annotations
@@ -113,6 +117,25 @@ BODY_PARAMS = frozenset(
         "prompt_cache_retention",
     }
 )
+ITEM_PARAMS: dict[str, frozenset[str]] = {
+    "message": frozenset({"type", "id", "role", "content", "status", "phase"}),
+    "function_call": frozenset(
+        {"type", "id", "call_id", "name", "arguments", "namespace", "status", "caller", "async"}
+    ),
+    "function_call_output": frozenset(
+        {"type", "id", "call_id", "output", "name", "namespace", "status", "caller"}
+    ),
+    "reasoning": frozenset({"type", "id", "summary", "content", "encrypted_content", "status"}),
+    "image_generation_call": frozenset(
+        {
+            "type", "id", "result", "status", "action", "background", "output_format",
+            "quality", "size", "revised_prompt", "error", "svg_usage",
+        }
+    ),
+}  # fmt: skip
+"""The fields of each input item OpenAI takes (the SDK's `response_input_param.py`)."""
+PHASES = ("commentary", "final_answer")
+SUMMARIES = ("auto", "concise", "detailed")
 TOOL_CHOICES = ("none", "auto", "required")
 ROLES = ("user", "system", "developer", "assistant")
 Action = Literal["generate", "edit"]
@@ -150,6 +173,8 @@ class ResponseOrder:
     """The reasoning tokens of the input's reasoning items, read again as input."""
     encrypted_reasoning: bool = False
     """`include` names "reasoning.encrypted_content": the reasoning item is in the output."""
+    summary: bool = False
+    """`reasoning.summary` asks for a summary: the reasoning item carries one."""
 
     @property
     def revised_prompt(self) -> str:
@@ -226,6 +251,13 @@ def _message(
     param = f"input[{index}]"
     if not isinstance(item, dict) or item.get("type", "message") != "message":
         raise invalid(f"Invalid '{param}': the simulator accepts message items only.", param=param)
+    _unknown(item, ITEM_PARAMS["message"], f"{param}.")
+    phase = item.get("phase")
+    if phase is not None and phase not in PHASES:
+        raise invalid(
+            f"Invalid value: '{phase}'. Supported values are: 'commentary' and 'final_answer'.",
+            param=f"{param}.phase",
+        )
     role = item.get("role")
     if role not in ROLES:
         raise invalid(
@@ -326,6 +358,8 @@ def _other_item(
     assert read.calls is not None and read.outputs is not None
     param = f"input[{index}]"
     kind = item.get("type")
+    if isinstance(kind, str) and kind in ITEM_PARAMS:
+        _unknown(item, ITEM_PARAMS[kind], f"{param}.")
     if kind == "function_call":
         for name in ("call_id", "name", "arguments"):
             if not isinstance(item.get(name), str):
@@ -549,4 +583,17 @@ def read_order(body: dict[str, Any], resolve: Resolver | None = None) -> Respons
         instructions=instructions,
         reasoning_input=read.reasoning,
         encrypted_reasoning="reasoning.encrypted_content" in include,
+        summary=_summary(body.get("reasoning")),
     )
+
+
+def _summary(reasoning: Any) -> bool:
+    """Whether `reasoning` asks for a summary of the model's reasoning."""
+    reasoning = _typed(reasoning, dict, "reasoning", "an object") or {}
+    summary = reasoning.get("summary")
+    if summary is not None and summary not in SUMMARIES:
+        raise invalid(
+            f"Invalid value: '{summary}'. Supported values are: 'auto', 'concise' and 'detailed'.",
+            param="reasoning.summary",
+        )
+    return summary is not None
