@@ -674,6 +674,8 @@ def test_an_input_item_with_the_fields_openai_documents_is_forwarded(
     item's `created_by`, the SDK's `async_`); the text ones are in the bound's bytes."""
     fields = items_body(item, {"role": "user", "content": "again"})
     parsed = parse(config, fields)
+    image = len(PNG_B64) if item["type"] == "image_generation_call" else 0
+    assert parsed.text_bytes == len(json.dumps(fields).encode()) - image  # summaries included
     forwarded, _ = DOOR.encode(parsed, DOOR.admit(team_named(config), parsed, config))
     dropped = {"id", "created_by", "async_"}
     expected = {k: v for k, v in item.items() if k not in dropped}
