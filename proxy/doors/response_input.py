@@ -8,7 +8,7 @@ the upstream read what it stored under that id, whichever team stored it, at a c
 Tollgate cannot see; such items, item references and file inputs are refused. And since
 the upstream looks an item's `id` up in its store even when the item's content is sent
 with it (answering 404 for an id it stored nothing under), and may read what it stored
-instead, no item is forwarded with its `id` (`without_ids`): it is read as sent, and
+instead, no item is forwarded with its `id` (`as_forwarded`): it is read as sent, and
 another team's ids name nothing.
 
 An item is forwarded with only the fields OpenAI documents for its type (`ITEM_FIELDS`,
