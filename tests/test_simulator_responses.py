@@ -836,3 +836,44 @@ def test_output_items_carry_the_fields_openai_sends_and_go_back_as_input(sim: Si
     assert again.status == "completed"
     plain = sim.client.responses.create(model="gpt-4.1", input="Draw a kite", tools=[TOOL])
     assert plain.output[-1].type == "message" and plain.output[-1].phase is None
+
+
+def test_a_function_named_by_a_call_marker_is_called_and_ends_the_response(sim: Sim) -> None:
+    """The model calls the function instead of the image tool and writes no message: its
+    output tokens are the call's name and arguments (and its reasoning), and the call,
+    sent back with its output, is read as OpenAI reads it."""
+    function = {"type": "function", "name": "take_photo", "parameters": {"type": "object"}}
+    prompt = "Photograph the kitchen [[call:take_photo]]"
+    answer = sim.client.responses.create(
+        model="gpt-5", input=prompt, tools=[function, TOOL], store=False
+    )
+    (call,) = [item for item in answer.output if item.type != "reasoning"]
+    assert call.type == "function_call" and call.name == "take_photo"
+    assert (call.status, call.arguments) == ("completed", '{"request": "Photograph the kitchen"}')
+    written = text_tokens("take_photo") + text_tokens(call.arguments) + REASONING_TOKENS
+    assert answer.usage is not None and answer.usage.output_tokens == written
+    assert not sim.last()["n"] and not sim.last()["usage"]["image_output"]
+    events = list(
+        sim.client.responses.create(
+            model="gpt-5", input=prompt, tools=[function, TOOL], stream=True, store=False
+        )
+    )
+    assert [event.type for event in events][2:] == [
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    again = sim.client.responses.create(
+        model="gpt-5",
+        input=[
+            {"role": "user", "content": prompt},
+            call.model_dump(exclude={"id"}, by_alias=True),  # `async`, not `async_`
+            {"type": "function_call_output", "call_id": call.call_id, "output": "Taken."},
+            {"role": "user", "content": "Now paint it"},
+        ],
+        tools=[function, TOOL],
+        store=False,
+    )
+    assert again.output[-1].type == "message"

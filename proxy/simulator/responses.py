@@ -7,6 +7,9 @@ How many images a response makes (OpenAI's model decides; this is the simulator'
     MAX_IMAGE_CALLS; at least 1 when `tool_choice` requires the tool);
     never more than `max_tool_calls`.
 The revised prompt the tool receives is that user text with its `[[…]]` markers removed.
+With a `[[call:NAME]]` marker naming a function tool offered (and `tool_choice` not
+"none"), the model calls that function instead: the call ends the response (no image, no
+message), its arguments the revised prompt as JSON.
 Its token rules are in `response_tokens`.
 
 An input message that carries an `id` is read as OpenAI reads it: the item stored under
@@ -56,6 +59,7 @@ MAX_IMAGE_CALLS = 4
 MIN_MAX_OUTPUT_TOKENS = 16
 _IMAGES_MARKER = re.compile(r"\[\[images:(\d+)\]\]")
 _ANY_MARKER = re.compile(r"\s*\[\[[a-z]+:[a-z0-9]+\]\]\s*")
+_CALL_MARKER = re.compile(r"\[\[call:([A-Za-z0-9_-]+)\]\]")
 DEFAULT_REVISED_PROMPT = "An image."
 
 TOOL_PARAMS = frozenset(
@@ -175,6 +179,12 @@ class ResponseOrder:
     """`include` names "reasoning.encrypted_content": the reasoning item is in the output."""
     summary: bool = False
     """`reasoning.summary` asks for a summary: the reasoning item carries one."""
+    function_call: str | None = None
+    """The function the model calls (a `[[call:NAME]]` marker), ending the response."""
+
+    @property
+    def call_arguments(self) -> str:
+        return json.dumps({"request": self.revised_prompt})
 
     @property
     def revised_prompt(self) -> str:
@@ -187,7 +197,17 @@ class ResponseOrder:
 
 def revised(prompt: str) -> str:
     """The prompt the mainline model hands the image tool: the user's, markers removed."""
+    prompt = _CALL_MARKER.sub(" ", prompt)
     return _ANY_MARKER.sub(" ", prompt).strip() or DEFAULT_REVISED_PROMPT
+
+
+def _function_call(prompt: str, tools: tuple[dict[str, Any], ...], choice: Any) -> str | None:
+    """The function tool a `[[call:NAME]]` marker names, when offered and callable."""
+    marked = _CALL_MARKER.search(prompt)
+    offered = {t.get("name") for t in tools if isinstance(t, dict) and t.get("type") == "function"}
+    if marked is None or choice == "none" or marked[1] not in offered:
+        return None
+    return marked[1]
 
 
 def _typed(value: Any, kind: type, param: str, expected: str) -> Any:
@@ -562,6 +582,7 @@ def read_order(body: dict[str, Any], resolve: Resolver | None = None) -> Respons
     choice = _tool_choice(body.get("tool_choice"))
     if choice != "auto" and choice != "none" and tool is None:
         raise invalid("Tool choice 'required' needs a tool in 'tools'.", param="tool_choice")
+    called = _function_call(prompt, tools, choice)
     return ResponseOrder(
         model=model,
         texts=(*([instructions] if instructions else []), *texts),
@@ -571,7 +592,7 @@ def read_order(body: dict[str, Any], resolve: Resolver | None = None) -> Respons
         tool=replace(tool, images=tuple(images)) if tool else None,
         tools=tools,
         tool_choice=choice,
-        image_calls=_image_calls(prompt, tool, choice, max_calls),
+        image_calls=0 if called else _image_calls(prompt, tool, choice, max_calls),
         max_output_tokens=max_output,
         max_tool_calls=max_calls,
         stream=stream,
@@ -584,6 +605,7 @@ def read_order(body: dict[str, Any], resolve: Resolver | None = None) -> Respons
         reasoning_input=read.reasoning,
         encrypted_reasoning="reasoning.encrypted_content" in include,
         summary=_summary(body.get("reasoning")),
+        function_call=called,
     )
 
 
