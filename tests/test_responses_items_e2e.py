@@ -316,25 +316,26 @@ def test_a_function_tool_at_its_defaults_is_forwarded(proxy: Tollgate) -> None:
 def test_a_whole_output_sent_back_is_forwarded_with_the_fields_openai_documents(
     proxy: Tollgate, simulator: Simulator
 ) -> None:
-    """A response's output sent back whole, as the SDK sends it (`input += response.output`:
-    the SDK's own field names, `async_` among them) and as `model_dump()` writes it (null
-    for every field left unset), with a function call and its output as the input-items
-    list gives them back (`created_by`): the reasoning with its summary and encrypted
-    content, the image call with its record of how it was made, the message with its
-    phase. Each goes upstream with only what OpenAI's input takes (the simulator answers
-    any other field with OpenAI's "Unknown parameter" 400), and is billed and settled."""
+    """Responses' outputs sent back whole, as the SDK sends them (`input += response.output`:
+    its own field names, `async_` among them) and as `model_dump()` writes them (null for
+    every field left unset), with function calls and their outputs as the input-items list
+    gives them back (`created_by`): the reasoning with its summary and encrypted content,
+    the image call with its record of how it was made, the message with its phase, the
+    model's function call. Each goes upstream with only what OpenAI's input takes (the
+    simulator answers any other field with OpenAI's "Unknown parameter" 400), and is billed
+    and settled."""
     client = proxy.client()
+    options: dict[str, Any] = {
+        "model": "gpt-5",
+        "tools": [FUNCTION, tool()],
+        "include": ["reasoning.encrypted_content"],
+        "reasoning": {"summary": "auto"},
+        "store": False,
+        "max_output_tokens": 400,
+        "max_tool_calls": 1,
+    }
     history: list[Any] = [{"role": "user", "content": "Draw a lighthouse"}]
-    first = client.responses.create(
-        model="gpt-5",
-        input=history,
-        tools=[FUNCTION, tool()],
-        include=["reasoning.encrypted_content"],
-        reasoning={"summary": "auto"},
-        store=False,
-        max_output_tokens=400,
-        max_tool_calls=1,
-    )
+    first = client.responses.create(input=history, **options)
     reasoning, image, message = first.output
     assert reasoning.type == "reasoning" and reasoning.summary and reasoning.encrypted_content
     assert image.type == "image_generation_call" and image.result
@@ -345,6 +346,23 @@ def test_a_whole_output_sent_back_is_forwarded_with_the_fields_openai_documents(
         "1024x1024",
     )
     assert message.type == "message" and message.phase == "final_answer"
+    history += [*first.output, {"role": "user", "content": "Photograph it [[call:take_photo]]"}]
+    second = client.responses.create(input=history, **options)
+    called = second.output[-1]
+    assert called.type == "function_call" and called.name == "take_photo"
+    history += second.output
+    listed = ResponseFunctionToolCallOutputItem.model_validate(
+        {
+            "id": "fco_1",
+            "type": "function_call_output",
+            "call_id": called.call_id,
+            "output": "The photo is taken.",
+            "status": "completed",
+            "caller": {"type": "direct"},
+            "created_by": "user_1",
+        }
+    )
+    # A call as the input-items list gives it back, with every field documented for it.
     call = ResponseFunctionToolCall.model_validate(
         {
             "id": "fc_1",
@@ -357,26 +375,12 @@ def test_a_whole_output_sent_back_is_forwarded_with_the_fields_openai_documents(
             "async": False,
         }
     )
-    output = ResponseFunctionToolCallOutputItem.model_validate(
-        {
-            "id": "fco_1",
-            "type": "function_call_output",
-            "call_id": "call_photo",
-            "output": "The photo is taken.",
-            "status": "completed",
-            "caller": {"type": "direct"},
-            "created_by": "user_1",
-        }
-    )
-    items: list[Any] = [*first.output, call, output]
-    for sent in (items, [item.model_dump() for item in items]):
+    answer = {"type": "function_call_output", "call_id": "call_photo", "output": "Done."}
+    items: list[Any] = [*history, listed, call, answer]
+    dumped = [item if isinstance(item, dict) else item.model_dump() for item in items]
+    for sent in (items, dumped):
         raw = client.responses.with_raw_response.create(
-            model="gpt-5",
-            input=[*history, *sent, {"role": "user", "content": "Add a storm"}],
-            tools=[FUNCTION, tool()],
-            store=False,
-            max_output_tokens=400,
-            max_tool_calls=1,
+            input=[*sent, {"role": "user", "content": "Add a storm"}], **options
         )
         assert raw.http_response.status_code == 200
         body = json.loads(raw.content)
