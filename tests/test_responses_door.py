@@ -9,6 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from openai.types.responses import (
+    ResponseFunctionToolCall,
+    ResponseOutputMessage,
+    ResponseReasoningItem,
+)
+from openai.types.responses.response_output_item import ImageGenerationCall
 
 from proxy.config import load_config
 from proxy.core.budgets import decide
@@ -582,3 +588,205 @@ def test_a_request_without_the_image_tool_is_bounded_by_its_mainline_model_alone
     assert DOOR.injected(parsed) == ""
     variant = DOOR.admit(team_named(config), parsed, config)
     assert variant.estimate == variant.base
+
+
+# -- the fields of input items -------------------------------------------------------
+
+PNG_B64 = "iVBORw0KGgo="
+DOCUMENTED_ITEMS: list[dict[str, Any]] = [
+    {"type": "message", "role": "user", "content": "draw", "status": "completed"},
+    {"type": "message", "role": "assistant", "content": "earlier", "phase": "commentary"},
+    ResponseOutputMessage.model_validate(
+        {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "status": "incomplete",
+            "phase": "final_answer",
+            "content": [{"type": "output_text", "text": "done", "annotations": []}],
+        }
+    ).model_dump(),
+    ResponseReasoningItem.model_validate(
+        {
+            "id": "rs_1",
+            "type": "reasoning",
+            "summary": [{"type": "summary_text", "text": "**Planning**"}],
+            "content": [{"type": "reasoning_text", "text": "Think of boats."}],
+            "encrypted_content": "gAAAA",
+            "status": "completed",
+        }
+    ).model_dump(),
+    ResponseFunctionToolCall.model_validate(
+        {
+            "id": "fc_1",
+            "type": "function_call",
+            "call_id": "c",
+            "name": "take_photo",
+            "arguments": "{}",
+            "namespace": "camera",
+            "status": "completed",
+            "caller": {"type": "direct"},
+            "async": False,
+        }
+    ).model_dump(),  # `async_`, as the Python SDK spells it
+    {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}", "async": False},
+    {
+        "type": "function_call_output",
+        "id": "fco_1",
+        "call_id": "c",
+        "output": "done",
+        "name": "take_photo",
+        "namespace": "camera",
+        "status": "completed",
+        "caller": {"type": "direct"},
+        "created_by": "user_1",
+    },
+    ImageGenerationCall.model_validate(
+        {
+            "id": "ig_1",
+            "type": "image_generation_call",
+            "status": "completed",
+            "result": PNG_B64,
+            "action": "generate",
+            "background": "opaque",
+            "output_format": "png",
+            "quality": "low",
+            "size": "1024x1024",
+            "revised_prompt": "A red boat.",
+        }
+    ).model_dump(),
+]
+"""Each input item with every field OpenAI documents for it, as sent by hand and as the SDK
+dumps a response's output (null for what it left unset)."""
+
+
+def items_body(*items: dict[str, Any]) -> dict[str, Any]:
+    return body(input=list(items), max_output_tokens=100, max_tool_calls=1)
+
+
+@pytest.mark.parametrize(
+    "item", DOCUMENTED_ITEMS, ids=lambda item: f"{item['type']}-{len(item)}-fields"
+)
+def test_an_input_item_with_the_fields_openai_documents_is_forwarded(
+    config: Config, item: dict[str, Any]
+) -> None:
+    """Its fields as sent, but for the ones OpenAI's input does not take (the id, a listed
+    item's `created_by`, the SDK's `async_`); the text ones are in the bound's bytes."""
+    fields = items_body(item, {"role": "user", "content": "again"})
+    parsed = parse(config, fields)
+    image = len(PNG_B64) if item["type"] == "image_generation_call" else 0
+    assert parsed.text_bytes == len(json.dumps(fields).encode()) - image  # summaries included
+    forwarded, _ = DOOR.encode(parsed, DOOR.admit(team_named(config), parsed, config))
+    dropped = {"id", "created_by", "async_"}
+    expected = {k: v for k, v in item.items() if k not in dropped}
+    assert json.loads(forwarded)["input"][0] == expected
+    assert json.loads(read_count({"model": "gpt-5.5", "input": [item]}).encode())["input"] == [
+        expected
+    ]
+
+
+@pytest.mark.parametrize(
+    "item", DOCUMENTED_ITEMS, ids=lambda item: f"{item['type']}-{len(item)}-fields"
+)
+def test_an_input_item_with_a_field_openai_does_not_document_is_refused(
+    config: Config, item: dict[str, Any]
+) -> None:
+    """A field Tollgate has no rule for may be one OpenAI bills for: it used to be
+    forwarded unread. It is refused from a response, an input-token count and a batch line
+    alike, naming the field and what Tollgate forwards."""
+    fields = items_body({"role": "user", "content": "first"}, {**item, "cache_control": {}})
+    for send in (
+        lambda: parse(config, fields),
+        lambda: read_count({"model": "gpt-5.5", "input": fields["input"]}),
+        lambda: response_line(team_named(config), config, fields),
+    ):
+        with pytest.raises(InvalidRequest) as caught:
+            send()
+        assert caught.value.param == "input[1].cache_control"
+        assert "Tollgate does not forward 'input[1].cache_control'" in str(caught.value)
+        assert f"it forwards a {item['type']} item with only its" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("item", "param"),
+    [
+        ({"type": "message", "role": "assistant", "content": "x", "phase": "draft"}, "phase"),
+        ({"type": "message", "role": "user", "content": "x", "status": "queued"}, "status"),
+        (
+            {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}", "async": 1},
+            "async",
+        ),
+        (
+            {
+                "type": "function_call",
+                "call_id": "c",
+                "name": "f",
+                "arguments": "{}",
+                "async_": True,
+            },
+            "async_",
+        ),
+        (
+            {
+                "type": "function_call",
+                "call_id": "c",
+                "name": "f",
+                "arguments": "{}",
+                "caller": {"type": "program", "caller_id": "call_prog"},
+            },
+            "caller",
+        ),
+        (
+            {
+                "type": "function_call_output",
+                "call_id": "c",
+                "output": "done",
+                "caller": {"type": "program", "caller_id": "call_prog"},
+            },
+            "caller",
+        ),
+        ({"type": "function_call_output", "call_id": "c", "output": "x", "name": 3}, "name"),
+        (
+            {
+                "type": "image_generation_call",
+                "result": PNG_B64,
+                "status": "generating",
+            },
+            "status",
+        ),
+        (
+            {"type": "image_generation_call", "result": PNG_B64, "output_format": "svg"},
+            "output_format",
+        ),
+        (
+            {"type": "image_generation_call", "result": PNG_B64, "svg_usage": {"model": "m"}},
+            "svg_usage",
+        ),
+        (
+            {
+                "type": "reasoning",
+                "summary": [{"type": "summary_text", "text": "x", "tokens": 9}],
+                "encrypted_content": "gAAAA",
+            },
+            "summary[0].tokens",
+        ),
+        (
+            {
+                "type": "reasoning",
+                "summary": [],
+                "content": [{"type": "summary_text", "text": "x"}],
+                "encrypted_content": "gAAAA",
+            },
+            "content[0].type",
+        ),
+    ],
+)
+def test_an_input_item_field_at_a_value_tollgate_has_no_rule_for_is_refused(
+    config: Config, item: dict[str, Any], param: str
+) -> None:
+    """An image call not done or not an image, a function call made by a program OpenAI
+    runs or not waited for, a phase or status OpenAI does not document, a reasoning part
+    with more than its text."""
+    with pytest.raises(InvalidRequest) as caught:
+        parse(config, items_body(item))
+    assert caught.value.param == f"input[0].{param}"

@@ -16,6 +16,10 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.responses import (
+    ResponseFunctionToolCall,
+    ResponseFunctionToolCallOutputItem,
+)
 from PIL import Image
 
 from proxy.simulator.response_tokens import MAINLINE_IMAGE_TOKENS
@@ -307,3 +311,144 @@ def test_a_function_tool_at_its_defaults_is_forwarded(proxy: Tollgate) -> None:
         max_output_tokens=400,
     )
     assert answer.status == "completed"
+
+
+def test_a_whole_output_sent_back_is_forwarded_with_the_fields_openai_documents(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """Responses' outputs sent back whole, as the SDK sends them (`input += response.output`:
+    its own field names, `async_` among them) and as `model_dump()` writes them (null for
+    every field left unset), with function calls and their outputs as the input-items list
+    gives them back (`created_by`): the reasoning with its summary and encrypted content,
+    the image call with its record of how it was made, the message with its phase, the
+    model's function call. Each goes upstream with only what OpenAI's input takes (the
+    simulator answers any other field with OpenAI's "Unknown parameter" 400), and is billed
+    and settled."""
+    client = proxy.client()
+    options: dict[str, Any] = {
+        "model": "gpt-5",
+        "tools": [FUNCTION, tool()],
+        "include": ["reasoning.encrypted_content"],
+        "reasoning": {"summary": "auto"},
+        "store": False,
+        "max_output_tokens": 400,
+        "max_tool_calls": 1,
+    }
+    history: list[Any] = [{"role": "user", "content": "Draw a lighthouse"}]
+    first = client.responses.create(input=history, **options)
+    reasoning, image, message = first.output
+    assert reasoning.type == "reasoning" and reasoning.summary and reasoning.encrypted_content
+    assert image.type == "image_generation_call" and image.result
+    assert (image.action, image.output_format, image.quality, image.size) == (
+        "generate",
+        "png",
+        "low",
+        "1024x1024",
+    )
+    assert message.type == "message" and message.phase == "final_answer"
+    history += [*first.output, {"role": "user", "content": "Photograph it [[call:take_photo]]"}]
+    second = client.responses.create(input=history, **options)
+    called = second.output[-1]
+    assert called.type == "function_call" and called.name == "take_photo"
+    history += second.output
+    listed = ResponseFunctionToolCallOutputItem.model_validate(
+        {
+            "id": "fco_1",
+            "type": "function_call_output",
+            "call_id": called.call_id,
+            "output": "The photo is taken.",
+            "status": "completed",
+            "caller": {"type": "direct"},
+            "created_by": "user_1",
+        }
+    )
+    # A call as the input-items list gives it back, with every field documented for it.
+    call = ResponseFunctionToolCall.model_validate(
+        {
+            "id": "fc_1",
+            "type": "function_call",
+            "call_id": "call_photo",
+            "name": "take_photo",
+            "arguments": '{"room": "kitchen"}',
+            "status": "completed",
+            "caller": {"type": "direct"},
+            "async": False,
+        }
+    )
+    answer = {"type": "function_call_output", "call_id": "call_photo", "output": "Done."}
+    items: list[Any] = [*history, listed, call, answer]
+    dumped = [item if isinstance(item, dict) else item.model_dump() for item in items]
+    for sent in (items, dumped):
+        raw = client.responses.with_raw_response.create(
+            input=[*sent, {"role": "user", "content": "Add a storm"}], **options
+        )
+        assert raw.http_response.status_code == 200
+        body = json.loads(raw.content)
+        within_reservation(raw, check_charge(proxy, simulator, body["id"], "gpt-5", "gpt-image-2"))
+        record = billed(simulator, body["id"])
+        assert record["image_count"] == 1  # the image sent back, given the tool to edit
+        assert body["output"][-1]["phase"] == "final_answer"
+
+
+@pytest.mark.parametrize(
+    ("item", "field"),
+    [
+        (
+            {"role": "user", "content": "Go on", "cache_control": {"type": "ephemeral"}},
+            "cache_control",
+        ),
+        (
+            {
+                "type": "function_call",
+                "call_id": "call_x",
+                "name": "take_photo",
+                "arguments": "{}",
+                "prompt_cache_breakpoint": {"ttl": "12h"},
+            },
+            "prompt_cache_breakpoint",
+        ),
+        (
+            {
+                "type": "reasoning",
+                "summary": [],
+                "encrypted_content": encrypted_reasoning(64, "resp_earlier"),
+                "reasoning_tokens": 64,
+            },
+            "reasoning_tokens",
+        ),
+        (
+            {
+                "type": "image_generation_call",
+                "status": "completed",
+                "result": data_url().removeprefix("data:image/png;base64,"),
+                "model": "gpt-image-2",
+            },
+            "model",
+        ),
+    ],
+    ids=["message", "function_call", "reasoning", "image_generation_call"],
+)
+def test_an_input_item_field_tollgate_has_no_rule_for_is_refused_and_not_forwarded(
+    proxy: Tollgate, simulator: Simulator, item: dict[str, Any], field: str
+) -> None:
+    """A field OpenAI does not document for the item may be one it bills for (as a
+    breakpoint bills cache writes): it used to be forwarded unread. It is refused in
+    OpenAI's error shape, naming the field, and nothing reaches the upstream."""
+    answers: list[Any] = []
+    if item.get("type") == "function_call":  # with its output: else OpenAI refuses it anyway
+        answers.append({"type": "function_call_output", "call_id": item["call_id"], "output": "ok"})
+    before = len(arrivals(simulator))
+    with pytest.raises(openai.BadRequestError) as caught:
+        proxy.client().responses.create(
+            model="gpt-5",
+            input=[{"role": "user", "content": "Draw a harbour"}, item, *answers],
+            tools=[FUNCTION, tool()],
+            max_output_tokens=400,
+            max_tool_calls=1,
+        )
+    error = caught.value.body
+    assert isinstance(error, dict) and error["type"] == "invalid_request_error"
+    assert caught.value.param == f"input[1].{field}"  # type: ignore[attr-defined]
+    assert f"Tollgate does not forward 'input[1].{field}'" in error["message"]
+    assert "with only its" in error["message"]
+    assert len(arrivals(simulator)) == before  # nothing was forwarded

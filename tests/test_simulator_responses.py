@@ -766,6 +766,26 @@ def test_input_items_other_than_messages_are_read_into_the_context_as_openai_rea
         ),
         ("gpt-5", {"type": "image_generation_call", "status": "completed"}, "input[1].id"),
         ("gpt-5", {"type": "file_search_call", "id": "fs_1"}, "file_search_call"),
+        (
+            "gpt-5",
+            {"role": "user", "content": "x", "created_by": "user_1"},
+            "Unknown parameter: 'input[1].created_by'.",
+        ),
+        (
+            "gpt-5",
+            {"role": "assistant", "content": "x", "phase": "draft"},
+            "Invalid value: 'draft'",
+        ),
+        (
+            "gpt-5",
+            {"type": "image_generation_call", "result": "iVBOR", "model": "gpt-image-2"},
+            "Unknown parameter: 'input[1].model'.",
+        ),
+        (
+            "gpt-5",
+            {"type": "reasoning", "summary": [], "encrypted_content": "x", "async_": None},
+            "Unknown parameter: 'input[1].async_'.",
+        ),
     ],
 )
 def test_input_items_openai_refuses_are_400s(
@@ -785,3 +805,75 @@ def test_an_item_named_by_its_id_alone_is_a_404_when_nothing_was_stored_under_it
     ):
         answer = sim.post({"model": "gpt-5", "input": [{"role": "user", "content": "x"}, item]})
         assert answer.status_code == 404, answer.text
+
+
+def test_output_items_carry_the_fields_openai_sends_and_go_back_as_input(sim: Sim) -> None:
+    """A reasoning model's message is labelled its final answer; its reasoning carries the
+    summary asked for; each item, sent back whole, is taken as OpenAI takes it."""
+    first = sim.client.responses.create(
+        model="gpt-5",
+        input="Draw a kite",
+        tools=[TOOL],
+        include=["reasoning.encrypted_content"],
+        reasoning={"summary": "auto"},
+        store=False,
+    )
+    reasoning, image, message = first.output
+    assert reasoning.type == "reasoning" and reasoning.summary[0].type == "summary_text"
+    assert "Draw a kite" in reasoning.summary[0].text
+    assert image.type == "image_generation_call" and image.revised_prompt == "Draw a kite"
+    assert message.type == "message" and message.phase == "final_answer"
+    again = sim.client.responses.create(
+        model="gpt-5",
+        input=[
+            {"role": "user", "content": "Draw a kite"},
+            *[item.model_dump(exclude={"id"}) for item in first.output],  # not stored
+            {"role": "user", "content": "Now a red one"},
+        ],
+        tools=[TOOL],
+        store=False,
+    )
+    assert again.status == "completed"
+    plain = sim.client.responses.create(model="gpt-4.1", input="Draw a kite", tools=[TOOL])
+    assert plain.output[-1].type == "message" and plain.output[-1].phase is None
+
+
+def test_a_function_named_by_a_call_marker_is_called_and_ends_the_response(sim: Sim) -> None:
+    """The model calls the function instead of the image tool and writes no message: its
+    output tokens are the call's name and arguments (and its reasoning), and the call,
+    sent back with its output, is read as OpenAI reads it."""
+    function = {"type": "function", "name": "take_photo", "parameters": {"type": "object"}}
+    prompt = "Photograph the kitchen [[call:take_photo]]"
+    answer = sim.client.responses.create(
+        model="gpt-5", input=prompt, tools=[function, TOOL], store=False
+    )
+    (call,) = [item for item in answer.output if item.type != "reasoning"]
+    assert call.type == "function_call" and call.name == "take_photo"
+    assert (call.status, call.arguments) == ("completed", '{"request": "Photograph the kitchen"}')
+    written = text_tokens("take_photo") + text_tokens(call.arguments) + REASONING_TOKENS
+    assert answer.usage is not None and answer.usage.output_tokens == written
+    assert not sim.last()["n"] and not sim.last()["usage"]["image_output"]
+    events = list(
+        sim.client.responses.create(
+            model="gpt-5", input=prompt, tools=[function, TOOL], stream=True, store=False
+        )
+    )
+    assert [event.type for event in events][2:] == [
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    again = sim.client.responses.create(
+        model="gpt-5",
+        input=[
+            {"role": "user", "content": prompt},
+            call.model_dump(exclude={"id"}, by_alias=True),  # `async`, not `async_`
+            {"type": "function_call_output", "call_id": call.call_id, "output": "Taken."},
+            {"role": "user", "content": "Now paint it"},
+        ],
+        tools=[function, TOOL],
+        store=False,
+    )
+    assert again.output[-1].type == "message"

@@ -8,12 +8,21 @@ the upstream read what it stored under that id, whichever team stored it, at a c
 Tollgate cannot see; such items, item references and file inputs are refused. And since
 the upstream looks an item's `id` up in its store even when the item's content is sent
 with it (answering 404 for an id it stored nothing under), and may read what it stored
-instead, no item is forwarded with its `id` (`without_ids`): it is read as sent, and
+instead, no item is forwarded with its `id` (`as_forwarded`): it is read as sent, and
 another team's ids name nothing.
+
+An item is forwarded with only the fields OpenAI documents for its type (`ITEM_FIELDS`,
+from the SDK's input and output item types: `input += response.output` sends output
+items back whole), each value within a rule (`_item_fields`); an item with any other
+field is refused, as a content part is, since a field Tollgate has no rule for may be one
+OpenAI bills for. The echo-only fields OpenAI's input does not take (`created_by`, of a
+listed input item; `async_`, the Python SDK's spelling of `async`, at its default) are
+dropped with the id (`as_forwarded`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +42,42 @@ PART_FIELDS: dict[str, frozenset[str]] = {
 """The content parts forwarded, each with the fields it may carry: a field Tollgate has
 no rule for may be one OpenAI bills for (as a breakpoint bills cache writes), so a part
 with any other is refused rather than forwarded unread."""
+ITEM_FIELDS: dict[str, frozenset[str]] = {
+    "message": frozenset({"type", "id", "role", "content", "status", "phase"}),
+    "function_call": frozenset(
+        {
+            "type", "id", "call_id", "name", "arguments", "namespace", "status", "caller",
+            "async", "async_", "created_by",
+        }
+    ),
+    "function_call_output": frozenset(
+        {"type", "id", "call_id", "output", "name", "namespace", "status", "caller", "created_by"}
+    ),
+    "reasoning": frozenset({"type", "id", "summary", "content", "encrypted_content", "status"}),
+    "image_generation_call": frozenset(
+        {
+            "type", "id", "result", "status", "action", "background", "output_format",
+            "quality", "size", "revised_prompt", "error", "svg_usage",
+        }
+    ),
+}  # fmt: skip
+"""The fields of each input item forwarded: the union of its SDK input type and its
+output item type (the fields `response.output` and the input-items list carry back).
+Text fields (a name, a namespace, a revised prompt, reasoning summaries) are text bytes
+of the body, within the bound; the others are held to the values `_item_fields` checks."""
+DROPPED = frozenset({"id", "created_by", "async_"})
+"""Item fields read but not forwarded: the id (the upstream would read what it stored
+under it), the actor of a listed item (no input field), and the Python SDK's `async_`
+(only at its default, false or null, which is OpenAI's)."""
+STATUSES = ("in_progress", "completed", "incomplete")
+PHASES = ("commentary", "final_answer")
+IMAGE_FORMATS = ("png", "webp", "jpeg")
+"""The formats of an image call given back: a GIF's frames or an SVG's text are read in a
+way Tollgate has no rule for (and Tollgate makes neither)."""
+REASONING_PARTS = {"summary": "summary_text", "content": "reasoning_text"}
+TEXT_FIELDS = ("namespace", "name", "created_by", "revised_prompt")
+ECHOED = ("action", "background", "quality", "size")
+"""An image call's record of how it was made: text that changes nothing it is read for."""
 
 
 def read_input(value: Any) -> tuple[int, int]:
@@ -49,6 +94,8 @@ def read_input(value: Any) -> tuple[int, int]:
         if not isinstance(item, dict):
             raise InvalidRequest(f"Invalid '{param}': expected an object.", param=param)
         kind = item.get("type", "message")
+        if kind in ITEM_FIELDS:
+            _item_fields(item, kind, param)
         if kind == "message":
             if item.get("role") not in ROLES:
                 # Without its role an item is no message: the upstream may read it as an
@@ -112,8 +159,9 @@ def read_input(value: Any) -> tuple[int, int]:
     return data, images
 
 
-def without_ids(value: Any) -> Any:
-    """The request's `input` (already checked) as forwarded: each item without its `id`.
+def as_forwarded(value: Any) -> Any:
+    """The request's `input` (already checked) as forwarded: each item without its `id`
+    (nor the echo-only fields of `DROPPED`).
 
     OpenAI looks an item's id up in its store, the company key's, and may read what it
     stored there rather than what is sent: named by another team's item ids, an item
@@ -124,7 +172,84 @@ def without_ids(value: Any) -> Any:
     (`store: false`, where an id fails)."""
     if not isinstance(value, list):
         return value
-    return [{k: v for k, v in item.items() if k != "id"} for item in value]
+    return [{k: v for k, v in item.items() if k not in DROPPED} for item in value]
+
+
+def _item_fields(item: Mapping[str, Any], kind: str, param: str) -> None:
+    """Refuse a field of `item` (at `param`) outside `ITEM_FIELDS`, or at a value Tollgate
+    has no rule for."""
+    fields = ITEM_FIELDS[kind]
+    unknown = next((field for field in item if field not in fields), None)
+    if unknown is not None:
+        documented = ", ".join(sorted(fields - DROPPED - {"type"}))
+        raise InvalidRequest(
+            f"Tollgate does not forward '{param}.{unknown}': it forwards a {kind} item with "
+            f"only its {documented} (the fields OpenAI documents for it), since a field it "
+            "has no rule for may be one OpenAI bills for. Leave it out.",
+            param=f"{param}.{unknown}",
+        )
+
+    def refuse(name: str, allowed: str) -> InvalidRequest:
+        return InvalidRequest(
+            f"Tollgate does not forward '{param}.{name}' at {json.dumps(item[name])}: it "
+            f"forwards a {kind} item's {name} only as {allowed}.",
+            param=f"{param}.{name}",
+        )
+
+    statuses = ("completed",) if kind == "image_generation_call" else STATUSES
+    # An image call not done, a call the model did not wait for (`async`), one made by a
+    # program OpenAI runs (whose item it would look up by `caller_id`): read in ways
+    # Tollgate has no rule for. Null is what `model_dump()` writes for a field left unset.
+    rules: dict[str, tuple[tuple[object, ...], str]] = {
+        "status": (statuses, " or ".join(statuses)),
+        "phase": (PHASES, " or ".join(PHASES)),
+        "output_format": (IMAGE_FORMATS, ", ".join(IMAGE_FORMATS)),
+        "async": ((False,), "false"),
+        "async_": ((False,), "false"),
+        "svg_usage": ((), "null (an SVG's text is read in a way Tollgate has no rule for)"),
+    }
+    for name, (allowed, said) in rules.items():
+        value = item.get(name)
+        if value is not None and not any(value == a and type(value) is type(a) for a in allowed):
+            raise refuse(name, said)
+    caller = item.get("caller")
+    if caller is not None and caller != {"type": "direct"}:
+        raise refuse("caller", "{'type': 'direct'} (a call the client made)")
+    for name in (*TEXT_FIELDS, *(ECHOED if kind == "image_generation_call" else ())):
+        if item.get(name) is not None and not isinstance(item[name], str):
+            raise InvalidRequest(
+                f"Invalid type for '{param}.{name}': expected a string.", param=f"{param}.{name}"
+            )
+    if item.get("error") is not None and not isinstance(item["error"], dict):
+        raise InvalidRequest(
+            f"Invalid type for '{param}.error': expected an object.", param=f"{param}.error"
+        )
+    if kind == "reasoning":
+        for name, part_kind in REASONING_PARTS.items():
+            _reasoning_parts(item.get(name), f"{param}.{name}", part_kind)
+
+
+def _reasoning_parts(parts: Any, where: str, kind: str) -> None:
+    """A reasoning item's summary or content: parts of `kind` with their text alone."""
+    if parts is None:
+        return
+    if not isinstance(parts, list):
+        raise InvalidRequest(f"Invalid type for '{where}': expected an array.", param=where)
+    for index, part in enumerate(parts):
+        at = f"{where}[{index}]"
+        if not isinstance(part, dict) or part.get("type") != kind:
+            raise InvalidRequest(
+                f"Invalid '{at}': expected a part of type {kind!r}.", param=f"{at}.type"
+            )
+        unknown = next((field for field in part if field not in ("type", "text")), None)
+        if unknown is not None:
+            raise InvalidRequest(
+                f"Tollgate does not forward '{at}.{unknown}': it has no rule for what "
+                "OpenAI bills for it. Leave it out.",
+                param=f"{at}.{unknown}",
+            )
+        if not isinstance(part.get("text"), str):
+            raise InvalidRequest(f"Missing required parameter: '{at}.text'.", param=f"{at}.text")
 
 
 def content_of(content: Any, param: str, name: str = "content") -> tuple[int, int]:

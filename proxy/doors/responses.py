@@ -28,8 +28,8 @@ content; anything else
 (file inputs, item references, reasoning or image calls named by their id alone, other
 hosted tools, `conversation`, reusable prompts, reasoning beyond one standard run) is
 refused with a 400 that says so. The body sent upstream is re-encoded from this parse, its
-input items without their ids (`without_ids`: the upstream would read what it stored under
-them, whichever team's).
+input items without their ids (`as_forwarded`: the upstream would read what it stored under
+them, whichever team's), each with only the fields OpenAI documents for its type.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from proxy.core.pricing import MAX_N, REASONING_CONTEXTS, MainlinePrices
 from proxy.core.settings import Config, Limits, Team
 from proxy.core.settlement import Bound
 from proxy.doors.images import priced as image_prices
-from proxy.doors.response_input import named_files, read_input, without_ids
+from proxy.doors.response_input import as_forwarded, named_files, read_input
 from proxy.doors.response_meters import ResponseAnswer, ResponseEvents
 
 HIDDEN_INPUT_TOKENS = 4096
@@ -348,7 +348,7 @@ def read_body(fields: dict[str, Any], size: int, default_model: str, team: Team)
     _reasoning(fields)
     image_data, input_images = read_input(fields.get("input"))
     if "input" in fields:
-        fields["input"] = without_ids(fields["input"])
+        fields["input"] = as_forwarded(fields["input"])
     for name in ("instructions", "previous_response_id"):
         # A previous response named by anything but its id would be forwarded unbounded.
         if name in fields and not isinstance(fields[name], str):
@@ -465,7 +465,7 @@ def read_count(fields: dict[str, Any]) -> CountBody:
     fields = {k: v for k, v in fields.items() if v is not None}
     read_input(fields.get("input"))
     if "input" in fields:
-        fields["input"] = without_ids(fields["input"])
+        fields["input"] = as_forwarded(fields["input"])
     for name in ("model", "instructions", "previous_response_id"):
         if name in fields and not isinstance(fields[name], str):
             raise InvalidRequest(f"Invalid type for '{name}': expected a string.", param=name)

@@ -3,7 +3,8 @@ input-items page (pure).
 
 A response's output lists its reasoning item first (when `include` asks for its
 encrypted content and the model reasons), then its image_generation_call items (the model
-calls the tool, then writes), then its message. Events carry a `sequence_number` from 0.
+calls the tool, then writes), then its message; or, when the model calls a function, that
+function_call item in place of the images and the message. Events carry a `sequence_number` from 0.
 """
 
 from __future__ import annotations
@@ -108,15 +109,37 @@ def output_text(text: str) -> dict[str, Any]:
 
 
 def message_item(snap: Snapshot, *, done: bool) -> dict[str, Any]:
-    """The assistant's message: empty while in progress."""
+    """The assistant's message: empty while in progress; a reasoning model's labelled its
+    final answer (`phase`, which the SDK asks to send back)."""
     status = "incomplete" if snap.tokens.incomplete else "completed"
-    return {
+    item = {
         "id": snap.message_id,
         "type": "message",
         "role": "assistant",
         "status": status if done else "in_progress",
         "content": [output_text(snap.tokens.answer)] if done else [],
     }
+    if snap.order.model.reasoning:
+        item["phase"] = "final_answer"
+    return item
+
+
+def function_call_item(snap: Snapshot, *, done: bool) -> dict[str, Any]:
+    """The function call that ends the response: its arguments once written."""
+    assert snap.order.function_call is not None
+    short = snap.id.removeprefix("resp_")
+    return {
+        "id": f"fc_{short}",
+        "type": "function_call",
+        "status": "completed" if done else "in_progress",
+        "arguments": snap.order.call_arguments if done else "",
+        "call_id": f"call_{short}",
+        "name": snap.order.function_call,
+    }
+
+
+def summary_text(prompt: str) -> dict[str, Any]:
+    return {"type": "summary_text", "text": f"**Planning the image**\n\nThe user asks: {prompt}"}
 
 
 def reasoning_items(snap: Snapshot) -> list[dict[str, Any]]:
@@ -127,7 +150,7 @@ def reasoning_items(snap: Snapshot) -> list[dict[str, Any]]:
         {
             "id": f"rs_{snap.id.removeprefix('resp_')}",
             "type": "reasoning",
-            "summary": [],
+            "summary": [summary_text(snap.order.revised_prompt)] if snap.order.summary else [],
             "encrypted_content": encrypted_reasoning(snap.tokens.mainline.reasoning, snap.id),
         }
     ]
@@ -139,6 +162,8 @@ def _output(snap: Snapshot) -> list[dict[str, Any]]:
     images = [image_item(snap, i, done=True) for i in range(snap.order.image_calls)]
     if snap.status == "failed":
         return [*reasoning_items(snap), *images]
+    if snap.order.function_call is not None:
+        return [*reasoning_items(snap), function_call_item(snap, done=True)]
     return [*reasoning_items(snap), *images, message_item(snap, done=True)]
 
 
@@ -279,6 +304,22 @@ def _message_events(events: _Events, snap: Snapshot, index: int) -> None:
     )
 
 
+def _call_events(events: _Events, snap: Snapshot, index: int) -> None:
+    """The function call: added, its arguments in one delta, done."""
+    done = function_call_item(snap, done=True)
+    where = {"item_id": done["id"], "output_index": index}
+    events.add(
+        "response.output_item.added",
+        {"output_index": index, "item": function_call_item(snap, done=False)},
+    )
+    events.add("response.function_call_arguments.delta", {**where, "delta": done["arguments"]})
+    events.add(
+        "response.function_call_arguments.done",
+        {**where, "name": done["name"], "arguments": done["arguments"]},
+    )
+    events.add("response.output_item.done", {"output_index": index, "item": done})
+
+
 def stream_frames(snap: Snapshot) -> list[tuple[FrameKind, bytes]]:
     """The whole stream of a response whose end is `snap` (completed, incomplete or
     failed): the last frame, the terminal event, carries the response with its usage."""
@@ -293,7 +334,9 @@ def stream_frames(snap: Snapshot) -> list[tuple[FrameKind, bytes]]:
         events.add("response.output_item.done", {"output_index": 0, "item": item})
     for index in range(snap.order.image_calls):
         _image_events(events, snap, index, len(reasoning) + index)
-    if snap.status != "failed":
+    if snap.status != "failed" and snap.order.function_call is not None:
+        _call_events(events, snap, len(reasoning))
+    elif snap.status != "failed":
         _message_events(events, snap, len(reasoning) + snap.order.image_calls)
     events.add(f"response.{snap.status}", {"response": response_json(snap)}, "terminal")
     return events.frames

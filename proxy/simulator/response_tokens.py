@@ -14,7 +14,8 @@ Mainline tokens (top-level `usage`):
             sampling after the first reads that context again, with what the samplings
             before it wrote (each call's prompt, the reasoning) and the images the calls
             before it made, at the image rule (the dearer reading of OpenAI's silence)
-    output  the answer text's tokens, the revised prompt's tokens per image call (the
+    output  the answer text's tokens (a function call's name and arguments instead, when
+            the model calls one), the revised prompt's tokens per image call (the
             model writes the call), and REASONING_TOKENS for reasoning models
             (`output_tokens_details.reasoning_tokens`)
 Image tokens (`tool_usage.image_gen`), summed over calls, by the Images path's rules
@@ -92,10 +93,13 @@ def image_gen_usage(order: ResponseOrder) -> BilledUsage:
 
 def tokens_of(order: ResponseOrder, carried: int = 0) -> ResponseTokens:
     """What a response bills; `carried` is the previous response's input + output tokens."""
-    answer = answer_text(order.image_calls)
+    answer = answer_text(order.image_calls) if order.function_call is None else ""
+    written = text_tokens(answer)
+    if order.function_call is not None:
+        written = text_tokens(order.function_call) + text_tokens(order.call_arguments)
     reasoning = REASONING_TOKENS if order.model.reasoning else 0
     calls = order.image_calls * text_tokens(order.revised_prompt) if order.tool else 0
-    output = reasoning + calls + text_tokens(answer)
+    output = reasoning + calls + written
     incomplete = order.max_output_tokens is not None and output > order.max_output_tokens
     if incomplete and order.max_output_tokens is not None:
         room = max(0, order.max_output_tokens - reasoning - calls)

@@ -7,6 +7,9 @@ How many images a response makes (OpenAI's model decides; this is the simulator'
     MAX_IMAGE_CALLS; at least 1 when `tool_choice` requires the tool);
     never more than `max_tool_calls`.
 The revised prompt the tool receives is that user text with its `[[…]]` markers removed.
+With a `[[call:NAME]]` marker naming a function tool offered (and `tool_choice` not
+"none"), the model calls that function instead: the call ends the response (no image, no
+message), its arguments the revised prompt as JSON.
 Its token rules are in `response_tokens`.
 
 An input message that carries an `id` is read as OpenAI reads it: the item stored under
@@ -28,8 +31,12 @@ The other input items, as OpenAI reads them into the mainline model's context:
     image_generation_call   its `result`: an image in the context at its size (and given to
                             the image tool, as an image to edit); without it, a 404 for its
                             `id`
+Each item may carry only the fields of its type in the SDK's input types (`ITEM_PARAMS`:
+what `response.output` sends back whole, but for the SDK's `async_` and a listed item's
+`created_by`); any other is OpenAI's "Unknown parameter" 400.
 Reasoning items are in the output (first) when `include` names
-"reasoning.encrypted_content" and the model reasons.
+"reasoning.encrypted_content" and the model reasons, with a summary when
+`reasoning.summary` asks for one.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ MAX_IMAGE_CALLS = 4
 MIN_MAX_OUTPUT_TOKENS = 16
 _IMAGES_MARKER = re.compile(r"\[\[images:(\d+)\]\]")
 _ANY_MARKER = re.compile(r"\s*\[\[[a-z]+:[a-z0-9]+\]\]\s*")
+_CALL_MARKER = re.compile(r"\[\[call:([A-Za-z0-9_-]+)\]\]")
 DEFAULT_REVISED_PROMPT = "An image."
 
 TOOL_PARAMS = frozenset(
@@ -113,6 +121,25 @@ BODY_PARAMS = frozenset(
         "prompt_cache_retention",
     }
 )
+ITEM_PARAMS: dict[str, frozenset[str]] = {
+    "message": frozenset({"type", "id", "role", "content", "status", "phase"}),
+    "function_call": frozenset(
+        {"type", "id", "call_id", "name", "arguments", "namespace", "status", "caller", "async"}
+    ),
+    "function_call_output": frozenset(
+        {"type", "id", "call_id", "output", "name", "namespace", "status", "caller"}
+    ),
+    "reasoning": frozenset({"type", "id", "summary", "content", "encrypted_content", "status"}),
+    "image_generation_call": frozenset(
+        {
+            "type", "id", "result", "status", "action", "background", "output_format",
+            "quality", "size", "revised_prompt", "error", "svg_usage",
+        }
+    ),
+}  # fmt: skip
+"""The fields of each input item OpenAI takes (the SDK's `response_input_param.py`)."""
+PHASES = ("commentary", "final_answer")
+SUMMARIES = ("auto", "concise", "detailed")
 TOOL_CHOICES = ("none", "auto", "required")
 ROLES = ("user", "system", "developer", "assistant")
 Action = Literal["generate", "edit"]
@@ -150,6 +177,14 @@ class ResponseOrder:
     """The reasoning tokens of the input's reasoning items, read again as input."""
     encrypted_reasoning: bool = False
     """`include` names "reasoning.encrypted_content": the reasoning item is in the output."""
+    summary: bool = False
+    """`reasoning.summary` asks for a summary: the reasoning item carries one."""
+    function_call: str | None = None
+    """The function the model calls (a `[[call:NAME]]` marker), ending the response."""
+
+    @property
+    def call_arguments(self) -> str:
+        return json.dumps({"request": self.revised_prompt})
 
     @property
     def revised_prompt(self) -> str:
@@ -162,7 +197,17 @@ class ResponseOrder:
 
 def revised(prompt: str) -> str:
     """The prompt the mainline model hands the image tool: the user's, markers removed."""
+    prompt = _CALL_MARKER.sub(" ", prompt)
     return _ANY_MARKER.sub(" ", prompt).strip() or DEFAULT_REVISED_PROMPT
+
+
+def _function_call(prompt: str, tools: tuple[dict[str, Any], ...], choice: Any) -> str | None:
+    """The function tool a `[[call:NAME]]` marker names, when offered and callable."""
+    marked = _CALL_MARKER.search(prompt)
+    offered = {t.get("name") for t in tools if isinstance(t, dict) and t.get("type") == "function"}
+    if marked is None or choice == "none" or marked[1] not in offered:
+        return None
+    return marked[1]
 
 
 def _typed(value: Any, kind: type, param: str, expected: str) -> Any:
@@ -226,6 +271,13 @@ def _message(
     param = f"input[{index}]"
     if not isinstance(item, dict) or item.get("type", "message") != "message":
         raise invalid(f"Invalid '{param}': the simulator accepts message items only.", param=param)
+    _unknown(item, ITEM_PARAMS["message"], f"{param}.")
+    phase = item.get("phase")
+    if phase is not None and phase not in PHASES:
+        raise invalid(
+            f"Invalid value: '{phase}'. Supported values are: 'commentary' and 'final_answer'.",
+            param=f"{param}.phase",
+        )
     role = item.get("role")
     if role not in ROLES:
         raise invalid(
@@ -326,6 +378,8 @@ def _other_item(
     assert read.calls is not None and read.outputs is not None
     param = f"input[{index}]"
     kind = item.get("type")
+    if isinstance(kind, str) and kind in ITEM_PARAMS:
+        _unknown(item, ITEM_PARAMS[kind], f"{param}.")
     if kind == "function_call":
         for name in ("call_id", "name", "arguments"):
             if not isinstance(item.get(name), str):
@@ -528,6 +582,7 @@ def read_order(body: dict[str, Any], resolve: Resolver | None = None) -> Respons
     choice = _tool_choice(body.get("tool_choice"))
     if choice != "auto" and choice != "none" and tool is None:
         raise invalid("Tool choice 'required' needs a tool in 'tools'.", param="tool_choice")
+    called = _function_call(prompt, tools, choice)
     return ResponseOrder(
         model=model,
         texts=(*([instructions] if instructions else []), *texts),
@@ -537,7 +592,7 @@ def read_order(body: dict[str, Any], resolve: Resolver | None = None) -> Respons
         tool=replace(tool, images=tuple(images)) if tool else None,
         tools=tools,
         tool_choice=choice,
-        image_calls=_image_calls(prompt, tool, choice, max_calls),
+        image_calls=0 if called else _image_calls(prompt, tool, choice, max_calls),
         max_output_tokens=max_output,
         max_tool_calls=max_calls,
         stream=stream,
@@ -549,4 +604,18 @@ def read_order(body: dict[str, Any], resolve: Resolver | None = None) -> Respons
         instructions=instructions,
         reasoning_input=read.reasoning,
         encrypted_reasoning="reasoning.encrypted_content" in include,
+        summary=_summary(body.get("reasoning")),
+        function_call=called,
     )
+
+
+def _summary(reasoning: Any) -> bool:
+    """Whether `reasoning` asks for a summary of the model's reasoning."""
+    reasoning = _typed(reasoning, dict, "reasoning", "an object") or {}
+    summary = reasoning.get("summary")
+    if summary is not None and summary not in SUMMARIES:
+        raise invalid(
+            f"Invalid value: '{summary}'. Supported values are: 'auto', 'concise' and 'detailed'.",
+            param="reasoning.summary",
+        )
+    return summary is not None
