@@ -544,13 +544,22 @@ async def replay_create(
 
     if first is None:
         return forward(None)
-    deadline = entry.started_at + runtime.config.upstream.deadline_s
+    # The first's own process answers it by its deadline and settles it (or finds and
+    # follows the batch it may have made) within `timeout_s` more, as `repeats.replay`.
+    upstream = runtime.config.upstream
+    deadline = min(entry.started_at, first.started_at) + upstream.deadline_s + upstream.timeout_s
     while True:
         kept = await runtime.ledger.kept_answer(first.request_id)
         if kept is not None and kept.team == team:
             return await repeats.replayed(runtime, entry, first.request_id, kept, headers)
         if first.settled and repeats.unanswered(first):
             return await repeats.failed_again(runtime, entry, team, first, headers)
+        if first.settled and first.made is None and repeats.charged(first, found.key is not None):
+            # Charged its bound with no batch on record: its process stopped (killed) after
+            # the create was sent, and the reservation was reclaimed. The upstream may have
+            # made the batch, which runs and bills: a second create would make, and bill,
+            # another.
+            return await repeats.not_kept(runtime, entry, team, first, headers)
         if (first.held or first.settled) and first.made is not None:
             # Its batch was made (and is followed, or ended and was settled), but its
             # create's answer is not kept (larger than `retries.store_bytes`, or pushed out
@@ -565,8 +574,12 @@ async def replay_create(
                     "could not be read now: retrieve it (GET /v1/batches/"
                     f"{first.made}) rather than create another."
                 )
-        elif first.settled or runtime.clock() >= deadline:
+        elif first.settled:
             return forward(first.request_id)
+        elif runtime.clock() >= deadline:
+            # Neither answered nor settled by now: its process stopped while the create may
+            # have reached the upstream, and it is reclaimed at its bound.
+            return await repeats.not_kept(runtime, entry, team, first, headers, repeats.LOST)
         await asyncio.sleep(repeats.WAIT_S)
         first = await repeats.first_of(runtime, team, found, runtime.clock()) or first
 
