@@ -28,6 +28,7 @@ from tests.batches_e2e import (
     upload,
 )
 from tests.conftest import (
+    RESEARCH_KEY,
     UPSTREAM_KEY,
     Simulator,
     Tollgate,
@@ -133,7 +134,8 @@ def test_a_repeat_of_a_create_whose_process_was_killed_after_sending_it_makes_no
     came back: the batch runs and bills, and the restarted Tollgate reclaims the create's
     reservation at its bound, flagged. A repeat of that create (the same Idempotency-Key, or
     an SDK retry of it) was forwarded as a new request: a second batch of the same file,
-    billed again."""
+    billed again. It is refused, and the batch the first made, found upstream, is the
+    team's (it used to be no one's: its images never reached the team that paid for it)."""
     write_config(tmp_path, f"{simulator.url}/v1", "timezone: UTC\n", teams=TEAMS)
     first = start_tollgate(tmp_path)
     uploaded = upload(first.client(), generations("gpt-image-2", 2))
@@ -171,6 +173,13 @@ def test_a_repeat_of_a_create_whose_process_was_killed_after_sending_it_makes_no
         assert refused.value.code == "answer_not_kept"
         assert refused.value.response.headers["x-should-retry"] == "false"
         assert [b["id"] for b in upstream_batches(simulator, uploaded.id) or ()] == [made["id"]]
+        # The batch made is the team's, named in the refusal, and read with its output.
+        assert f"GET /v1/batches/{made['id']}" in refused.value.message
+        sdk = second.client()
+        batch = ended(sdk, made["id"])
+        assert batch.status == "completed" and batch.output_file_id is not None
+        assert len(sdk.files.content(batch.output_file_id).text.splitlines()) == 2
+        assert second.client(RESEARCH_KEY).batches.list().data == []
         # The batch made is paid for once: its create's reservation, charged its bound.
         replay_of = refused.value.response.headers["x-tollgate-replay-of"]
         charged = second.row(replay_of)
