@@ -4,26 +4,36 @@ as it stands, never a second one billed again."""
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from tests.batches_e2e import (
     GENERATIONS,
     TEAMS,
     arrivals,
+    batch_cost,
+    billed_lines,
     calm,
     ended,
     generations,
+    record_tokens,
     settled_rows,
     upload,
 )
 from tests.conftest import (
+    RESEARCH_KEY,
     UPSTREAM_KEY,
     Simulator,
     Tollgate,
     start_tollgate,
+    wait_for,
     write_config,
 )
 
@@ -104,3 +114,81 @@ def test_a_repeat_of_a_create_whose_batch_ended_and_was_settled_gets_it_not_a_se
     assert repeated.id == made.id and repeated.status == "completed"
     assert again.headers["x-tollgate-replay-of"] == first.headers["x-tollgate-request-id"]
     assert arrivals(simulator, "POST", "/v1/batches") == before + 1, "a second batch was made"
+
+
+def upstream_batches(simulator: Simulator, file_id: str) -> list[dict[str, Any]] | None:
+    """The batches the simulated upstream made of the input file `file_id` (None: none)."""
+    page = httpx.get(
+        f"{simulator.url}/v1/batches",
+        headers={"authorization": f"Bearer {UPSTREAM_KEY}"},
+        params={"limit": 100},
+    ).json()
+    return [b for b in page["data"] if b["input_file_id"] == file_id] or None
+
+
+@pytest.mark.parametrize("repeat", ["idempotency-key", "sdk-retry"])
+def test_a_repeat_of_a_create_whose_process_was_killed_after_sending_it_makes_no_second_batch(
+    simulator: Simulator, tmp_path: Path, repeat: str
+) -> None:
+    """Tollgate is killed (SIGKILL) after the upstream made the batch and before its answer
+    came back: the batch runs and bills, and the restarted Tollgate reclaims the create's
+    reservation at its bound, flagged. A repeat of that create (the same Idempotency-Key, or
+    an SDK retry of it) was forwarded as a new request: a second batch of the same file,
+    billed again. It is refused, and the batch the first made, found upstream, is the
+    team's (it used to be no one's: its images never reached the team that paid for it)."""
+    write_config(tmp_path, f"{simulator.url}/v1", "timezone: UTC\n", teams=TEAMS)
+    first = start_tollgate(tmp_path)
+    uploaded = upload(first.client(), generations("gpt-image-2", 2))
+    asked = {"input_file_id": uploaded.id, "endpoint": GENERATIONS, "completion_window": "24h"}
+    key = {"Idempotency-Key": f"killed-{uploaded.id}"} if repeat == "idempotency-key" else {}
+    # The batch exists upstream 2.5 s before its create is answered (within `timeout_s: 3`).
+    simulator.configure(batch_answer_ms=2_500)
+    failed: list[Exception] = []
+
+    def create() -> None:
+        try:
+            first.client().with_options(max_retries=0).batches.create(**asked, extra_headers=key)
+        except openai.APIConnectionError as exc:
+            failed.append(exc)
+
+    sending = threading.Thread(target=create)
+    sending.start()
+    try:
+        [made] = wait_for(
+            "the batch made upstream", lambda: upstream_batches(simulator, uploaded.id)
+        )
+    finally:
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait(timeout=30)
+        sending.join()
+    assert failed, "the create was answered before its process was killed"
+    simulator.configure(batch_answer_ms=0)
+    second = start_tollgate(tmp_path)
+    try:
+        retry = {"x-stainless-retry-count": "1"} if repeat == "sdk-retry" else {}
+        with pytest.raises(openai.ConflictError) as refused:
+            second.client().with_options(max_retries=0).batches.create(
+                **asked, extra_headers={**key, **retry}
+            )
+        assert refused.value.code == "answer_not_kept"
+        assert refused.value.response.headers["x-should-retry"] == "false"
+        assert [b["id"] for b in upstream_batches(simulator, uploaded.id) or ()] == [made["id"]]
+        # The batch made is the team's, named in the refusal, and read with its output.
+        assert f"GET /v1/batches/{made['id']}" in refused.value.message
+        sdk = second.client()
+        batch = ended(sdk, made["id"])
+        assert batch.status == "completed" and batch.output_file_id is not None
+        assert len(sdk.files.content(batch.output_file_id).text.splitlines()) == 2
+        assert second.client(RESEARCH_KEY).batches.list().data == []
+        # The batch made is paid for once: its create's reservation, charged its bound.
+        replay_of = refused.value.response.headers["x-tollgate-replay-of"]
+        charged = second.row(replay_of)
+        assert (charged["state"], charged["flagged"]) == ("settled", 1)
+
+        def billed() -> int | None:
+            lines = billed_lines(simulator, made["id"])
+            return sum(batch_cost("gpt-image-2", record_tokens(r)) for r in lines.values()) or None
+
+        assert charged["cost_nanos"] >= wait_for("the batch's lines billed", billed)
+    finally:
+        second.stop()

@@ -23,12 +23,14 @@ from tests.batches_e2e import (
     billed_lines,
     ended,
     generations,
+    line,
     record_tokens,
     settled_rows,
     team,
     upload,
 )
 from tests.conftest import (
+    UPSTREAM_KEY,
     Simulator,
     Tollgate,
     start_simulator,
@@ -39,6 +41,7 @@ from tests.conftest import (
 
 ADMIN = "tg_admin_batches_reload"
 DAY_MS = 86_400_000
+RESPONSES = "/v1/responses"
 
 
 def teams(limit_usd: str, max_quality: str) -> dict[str, str]:
@@ -140,6 +143,44 @@ def test_a_batch_created_after_allow_params_tightened_is_refused_naming_the_line
         "line 2: Team strict may not send output_format=webp (allow.params.output_format: png)."
     ]
     assert not gate.query("SELECT id FROM requests WHERE state = 'reserved'")
+
+
+def test_a_responses_batch_is_refused_once_the_team_may_no_longer_use_responses(
+    gate: Tollgate, simulator: Simulator
+) -> None:
+    """A reload takes `/v1/responses` out of the team's `allow.endpoints`: a file of
+    `/v1/responses` lines uploaded before is refused at the create, the lines that call no
+    image tool as those that do. Those were checked on their mainline model alone, and
+    their batch ran past the team's endpoint policy."""
+    client = gate.client(KEYS["strict"])
+    plain = {"model": "gpt-5.5", "input": "a haiku about rain", "max_output_tokens": 400}
+    tool = {"type": "image_generation", "model": "gpt-image-2", "quality": "low"}
+    lines = [
+        line("no-tool", plain, RESPONSES),
+        line("tool-none", {**plain, "tools": [tool], "tool_choice": "none"}, RESPONSES),
+    ]
+    uploaded = upload(client, lines)
+    text = team("strict", "allow:\n  endpoints: [batches, generations, edits]\n")
+    (gate.root / "teams" / "strict.yaml").write_text(text)
+    answer = httpx.post(f"{gate.url}/admin/reload", headers={"authorization": f"Bearer {ADMIN}"})
+    assert answer.status_code == 200, answer.text
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        client.batches.create(
+            input_file_id=uploaded.id, endpoint=RESPONSES, completion_window="24h"
+        )
+    assert refused.value.code == "policy_violation"
+    assert [x.split(":")[0] for x in refused.value.message.splitlines()[1:]] == [
+        "line 1",
+        "line 2",
+    ], refused.value.message
+    assert "/v1/responses" in refused.value.message
+    assert not gate.query("SELECT id FROM requests WHERE state = 'reserved'")
+    page = httpx.get(
+        f"{simulator.url}/v1/batches",
+        headers={"authorization": f"Bearer {UPSTREAM_KEY}"},
+        params={"limit": 100},
+    ).json()
+    assert not [b for b in page["data"] if b["input_file_id"] == uploaded.id]
 
 
 def test_a_batch_whose_file_still_fits_the_configuration_is_created(gate: Tollgate) -> None:

@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol
 
-from proxy.core.budgets import apply_allow
+from proxy.core.budgets import allow_endpoint, apply_allow
 from proxy.core.errors import InvalidRequest, PolicyViolation, RequestError, UnpricedModel
 from proxy.core.image_params import USER_PARAMS
 from proxy.core.models import Endpoint, Estimate, ImageRequest, InputImage, Usage
@@ -476,7 +476,12 @@ def _mainline_again(
     team: Team, config: Config, name: str, found: tuple[ModelPrices | None, Usage, None]
 ) -> Refused | tuple[ModelPrices | None, Usage, MainlinePrices]:
     """Why a `/v1/responses` line of mainline model `name` is refused now, or `found` with
-    that model at its batch rates (standard context, see `bound_now`)."""
+    that model at its batch rates (standard context, see `bound_now`). The team must still
+    be allowed `/v1/responses`: a line that calls no image tool is checked here alone."""
+    try:
+        allow_endpoint(team, "responses")
+    except PolicyViolation as exc:
+        return Refused(exc.message, policy=True)
     mainline = config.prices.find_mainline(name)
     if mainline is None or not mainline.accepts_batch:
         return Refused(f"model {name!r} is not accepted by the Batch API", policy=False)

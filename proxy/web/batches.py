@@ -205,7 +205,7 @@ class Batches:
         )
         guard: RepeatGuard | None = None
         if found is not None and found.repeat:
-            again = await replay_create(runtime, entry, team.name, found, caller.headers)
+            again = await replay_create(runtime, entry, team.name, found, caller.headers, stored)
             if isinstance(again, Response):
                 return again
             guard = again
@@ -275,7 +275,9 @@ class Batches:
                 # Another attempt of this create reserved first (on another worker or
                 # replica): answered with its batch, never a second one.
                 assert found is not None
-                again = await replay_create(runtime, entry, team.name, found, caller.headers)
+                again = await replay_create(
+                    runtime, entry, team.name, found, caller.headers, stored
+                )
                 if isinstance(again, Response):
                     return again
                 guard = again
@@ -529,12 +531,17 @@ async def _batch_of_file(
 
 
 async def replay_create(
-    runtime: Runtime, entry: Entry, team: str, found: repeats.Marks, headers: dict[str, str]
+    runtime: Runtime,
+    entry: Entry,
+    team: str,
+    found: repeats.Marks,
+    headers: dict[str, str],
+    stored: StoredObject,
 ) -> Response | RepeatGuard:
-    """A repeated create answered with its first attempt's batch (a batch's reservation is
-    held until it ends, so the first is awaited until its answer is kept, not settled);
-    else, when it must be forwarded as new (no first, or a first that failed), the guard
-    its reservation checks (`RepeatGuard`)."""
+    """A repeated create of a batch of the input file `stored` answered with its first
+    attempt's batch (a batch's reservation is held until it ends, so the first is awaited
+    until its answer is kept, not settled); else, when it must be forwarded as new (no
+    first, or a first that failed), the guard its reservation checks (`RepeatGuard`)."""
     now = runtime.clock()
     first = await repeats.first_of(runtime, team, found, now)
     since = now - runtime.config.retries.window_s
@@ -544,13 +551,23 @@ async def replay_create(
 
     if first is None:
         return forward(None)
-    deadline = entry.started_at + runtime.config.upstream.deadline_s
+    # The first's own process answers it by its deadline and settles it (or finds and
+    # follows the batch it may have made) within `timeout_s` more, as `repeats.replay`.
+    upstream = runtime.config.upstream
+    deadline = min(entry.started_at, first.started_at) + upstream.deadline_s + upstream.timeout_s
     while True:
         kept = await runtime.ledger.kept_answer(first.request_id)
         if kept is not None and kept.team == team:
             return await repeats.replayed(runtime, entry, first.request_id, kept, headers)
         if first.settled and repeats.unanswered(first):
             return await repeats.failed_again(runtime, entry, team, first, headers)
+        if first.settled and first.made is None and repeats.charged(first, found.key is not None):
+            # Charged its bound with no batch on record: its process stopped (killed) after
+            # the create was sent, and the reservation was reclaimed. The upstream may have
+            # made the batch, which runs and bills: a second create would make, and bill,
+            # another.
+            why = await orphan_found(runtime, team, stored, repeats.CHARGED)
+            return await repeats.not_kept(runtime, entry, team, first, headers, why)
         if (first.held or first.settled) and first.made is not None:
             # Its batch was made (and is followed, or ended and was settled), but its
             # create's answer is not kept (larger than `retries.store_bytes`, or pushed out
@@ -565,10 +582,46 @@ async def replay_create(
                     "could not be read now: retrieve it (GET /v1/batches/"
                     f"{first.made}) rather than create another."
                 )
-        elif first.settled or runtime.clock() >= deadline:
+        elif first.settled:
             return forward(first.request_id)
+        elif runtime.clock() >= deadline:
+            # Neither answered nor settled by now: its process stopped while the create may
+            # have reached the upstream, and it is reclaimed at its bound.
+            why = await orphan_found(runtime, team, stored, repeats.LOST)
+            return await repeats.not_kept(runtime, entry, team, first, headers, why)
         await asyncio.sleep(repeats.WAIT_S)
         first = await repeats.first_of(runtime, team, found, runtime.clock()) or first
+
+
+async def orphan_found(runtime: Runtime, team: str, stored: StoredObject, why: str) -> str:
+    """`why` a first create attempt lost with its process is not sent again, naming the
+    batch it made when the upstream has one of the input file `stored` that is no one's
+    yet: that batch becomes `team`'s, so that it can be read with its output (it is not
+    followed: the first's bound is charged for it, flagged)."""
+    project = created_under(runtime, stored)
+    made = await _batch_of_file(runtime, stored.id, project)
+    if made is None:
+        return why
+    batch_id, created_at = made
+    owner = await runtime.ledger.stored(batch_id)
+    if owner is None:
+        at = runtime.clock() if created_at is None else created_at
+        try:
+            await runtime.ledger.own(
+                StoredObject(
+                    batch_id, team, "batch", None, at, stored.lines, stored.bound_nanos,
+                    stored.bound_usage, stored.id, project,
+                )
+            )  # fmt: skip
+        except LedgerError as exc:
+            log.error("recording batch %s failed: %s", batch_id, exc)
+            return why
+    elif owner.team != team:
+        return why
+    return (
+        f"{why}; the batch it made upstream, {batch_id}, is your team's: retrieve it "
+        f"(GET /v1/batches/{batch_id}) rather than create another"
+    )
 
 
 async def batch_now(
