@@ -37,7 +37,7 @@ from proxy.core.price_entries import (
     price_book,
 )
 from proxy.core.pricing import MainlinePrices, ModelPrices, PriceBook, estimate, to_nanos
-from proxy.simulator.catalogue import MAINLINE_MODELS, RELEASED
+from proxy.simulator.catalogue import BOOKLESS_MAINLINE, MAINLINE_MODELS, RELEASED
 from proxy.simulator.forms import RawRequest
 from proxy.simulator.tokens import tokens_for
 from proxy.simulator.validation import validate as simulator_validate
@@ -1367,7 +1367,7 @@ def test_a_broken_batch_entry_is_reported_at_its_own_line(
 # --- mainline models: the Responses API's text model that calls the image tool -------------
 
 BUILT_IN_MAINLINE = {
-    *MAINLINE_MODELS,
+    *(MAINLINE_MODELS.keys() - BOOKLESS_MAINLINE),
     "gpt-5.4",
     "gpt-5.4-mini",
     "gpt-5.4-nano",
