@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from proxy.core.errors import RequestError
 from proxy.core.settings import Config, Team
-from proxy.simulator.catalogue import BOOKLESS_MAINLINE, MAINLINE_MODELS
+from proxy.simulator.catalogue import MAINLINE_MODELS
 from proxy.simulator.response_tokens import tokens_of
 from proxy.simulator.responses import read_order
 from tests.bound_oracle import (
@@ -38,8 +38,9 @@ IMAGE_MODELS = (
     "gpt-image-2.6-sunburst", "gpt-image-2.5-flare", "gpt-image-2.5-sunburst-2026-09-08",
     "gpt-image-2", "gpt-image-1.5", "chatgpt-image-latest", "gpt-image-1", "gpt-image-1-mini",
 )  # fmt: skip
-# The simulator's mainline models: every one the price book lists.
-MAINLINES = tuple(m for m in MAINLINE_MODELS if m not in BOOKLESS_MAINLINE)
+# The simulator's mainline models: every one the price book lists (with a deployment's
+# entries for those the built-in book lacks: `bound_oracle.DEPLOYMENT_MAINLINE`).
+MAINLINES = tuple(MAINLINE_MODELS)
 
 
 @pytest.fixture(scope="module")
