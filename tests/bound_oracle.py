@@ -63,13 +63,29 @@ def examples(normal: int) -> settings:
     )
 
 
+DEPLOYMENT_MAINLINE = """
+mainline:
+  gpt-5.6-sol:
+    source: https://developers.openai.com/api/docs/pricing
+    effective_from: 2026-07-09
+    rates: {text_input: "5.00", cached_text_input: "0.50", text_output: "30.00",
+            cache_write_input: "6.25"}
+    reasoning_context: all_turns
+"""
+"""A deployment's book beside the built-in one: the simulator's mainline models that the
+built-in book does not list (`BOOKLESS_MAINLINE`), one that bills its prompt-cache writes."""
+
+
 def build_config(root: Path, upstream: str = "http://upstream.invalid/v1") -> Config:
-    """The fuzz configuration; `upstream` a regional host (never reached) prices the book as
-    that endpoint bills it, and the oracle's bill at Tollgate's rates is then the regional
-    bill (the simulator's own is computed as the global endpoint's, below it)."""
+    """The fuzz configuration, its price book the built-in one with `DEPLOYMENT_MAINLINE`;
+    `upstream` a regional host (never reached) prices the book as that endpoint bills it,
+    and the oracle's bill at Tollgate's rates is then the regional bill (the simulator's own
+    is computed as the global endpoint's, below it)."""
+    (root / "prices.yaml").write_text(DEPLOYMENT_MAINLINE)
     write_config(
         root,
         upstream,
+        "prices: prices.yaml\n",
         teams={"fuzz": f"name: fuzz\nkeys:\n  - {{id: a, sha256: {key_hash('tg_fuzz')}}}\n"},
     )
     return load_config(root)
@@ -257,6 +273,7 @@ def responses_bill(
             mainline_input=m.input - m.cached_input,
             mainline_cached_input=m.cached_input,
             mainline_output=m.output,
+            mainline_cache_write=m.cache_write,
         )
     )
     if tool is not None:

@@ -38,7 +38,8 @@ IMAGE_MODELS = (
     "gpt-image-2.6-sunburst", "gpt-image-2.5-flare", "gpt-image-2.5-sunburst-2026-09-08",
     "gpt-image-2", "gpt-image-1.5", "chatgpt-image-latest", "gpt-image-1", "gpt-image-1-mini",
 )  # fmt: skip
-# The simulator's mainline models: every one the price book lists.
+# The simulator's mainline models: every one the price book lists (with a deployment's
+# entries for those the built-in book lacks: `bound_oracle.DEPLOYMENT_MAINLINE`).
 MAINLINES = tuple(MAINLINE_MODELS)
 
 

@@ -37,7 +37,7 @@ from proxy.core.price_entries import (
     price_book,
 )
 from proxy.core.pricing import MainlinePrices, ModelPrices, PriceBook, estimate, to_nanos
-from proxy.simulator.catalogue import MAINLINE_MODELS, RELEASED
+from proxy.simulator.catalogue import BOOKLESS_MAINLINE, MAINLINE_MODELS, RELEASED
 from proxy.simulator.forms import RawRequest
 from proxy.simulator.tokens import tokens_for
 from proxy.simulator.validation import validate as simulator_validate
@@ -1367,7 +1367,7 @@ def test_a_broken_batch_entry_is_reported_at_its_own_line(
 # --- mainline models: the Responses API's text model that calls the image tool -------------
 
 BUILT_IN_MAINLINE = {
-    *MAINLINE_MODELS,
+    *(MAINLINE_MODELS.keys() - BOOKLESS_MAINLINE),
     "gpt-5.4",
     "gpt-5.4-mini",
     "gpt-5.4-nano",
@@ -1557,6 +1557,32 @@ def test_cached_input_without_its_own_rate_costs_the_input_rate() -> None:
     assert model.cost(mainline_usage(cached=1000)) == model.cost(mainline_usage(uncached=1000))
 
 
+def test_cache_writes_cost_their_own_rate_where_the_entry_gives_one() -> None:
+    """From gpt-5.6 on, OpenAI bills the input it writes to the prompt cache at 1.25x the
+    input rate: `cache_write_input`. Without it, a written token costs the input rate (no
+    model before gpt-5.6 bills its writes)."""
+    rates = {**MAINLINE_FIELDS["rates"], "cache_write_input": "3.75"}
+    model = mainline_prices("gpt-5.6", {**MAINLINE_FIELDS, "rates": rates})
+    written = Usage(mainline_input=1000, mainline_cache_write=400, mainline_output=10)
+    assert model.cost(written) == 600 * 3_000 + 400 * 3_750 + 10 * 12_000
+    # A written count above the uncached input is not believed past it.
+    assert model.cost(replace(written, mainline_cache_write=5000)) == 1000 * 3_750 + 10 * 12_000
+    plain = mainline_prices("gpt-6", MAINLINE_FIELDS)
+    assert plain.cost(written) == plain.cost(replace(written, mainline_cache_write=0))
+
+
+def test_long_context_and_batch_rates_carry_the_cache_write_premium() -> None:
+    """Rates that give no write rate of their own keep the entry's ratio to their input."""
+    rates = {**MAINLINE_FIELDS["rates"], "cache_write_input": "3.75"}
+    long = {"above_input_tokens": 100, "rates": {"text_input": "6.00", "text_output": "24.00"}}
+    batch = {"text_input": "1.50", "text_output": "6.00"}
+    fields = {**MAINLINE_FIELDS, "rates": rates, "long_context": long, "batch": batch}
+    model = mainline_prices("gpt-5.6", fields)
+    assert model.cost(Usage(mainline_input=200, mainline_cache_write=200)) == 200 * 7_500
+    assert model.for_batch().cost(Usage(mainline_input=10, mainline_cache_write=10)) == 10 * 1_875
+    assert model.for_batch().rates["cache_write_input"] == Decimal("1.875")
+
+
 def test_long_context_rates_are_built_from_a_plain_mapping() -> None:
     long = {"above_input_tokens": 100, "rates": {"text_input": "6.00", "text_output": "24.00"}}
     model = mainline_prices("gpt-6", {**MAINLINE_FIELDS, "long_context": long})
@@ -1598,7 +1624,8 @@ def test_long_context_rates_are_built_from_a_plain_mapping() -> None:
         ),
         (
             {"rates": {"text_input": "1", "text_output": "8", "image_output": "30"}},
-            "unknown key 'image_output' (known: text_input, cached_text_input, text_output)",
+            "unknown key 'image_output' (known: text_input, cached_text_input, text_output, "
+            "cache_write_input)",
             ("rates", "image_output"),
         ),
         (

@@ -73,6 +73,17 @@ def test_an_answer_bills_its_mainline_usage_and_its_image_tools() -> None:
     )
 
 
+def test_the_input_written_to_the_prompt_cache_is_read_within_the_uncached_input() -> None:
+    """`cache_write_tokens` (gpt-5.6 on bills them above the input rate): part of the
+    uncached input, never more than it."""
+    details = {"cached_tokens": 1280, "cache_write_tokens": 500}
+    usage = {**response()["usage"], "input_tokens_details": details}
+    found = metered(response(usage=usage)).usage
+    assert (found.mainline_input, found.mainline_cache_write) == (540, 500)
+    usage["input_tokens_details"] = {**details, "cache_write_tokens": 9000}
+    assert metered(response(usage=usage)).usage.mainline_cache_write == 540
+
+
 def test_image_calls_without_tool_usage_are_unknown_usage() -> None:
     assert metered(response(tool_usage=None)).usage is None
     no_images = response(tool_usage=None, output=[])
@@ -220,10 +231,19 @@ def test_a_stream_cut_before_its_terminal_event_is_not_terminal() -> None:
         {"usage": {"input_tokens": 1820, "output_tokens": -210}},
         {"usage": {}},
         {"usage": {**response()["usage"], "input_tokens_details": {"cached_tokens": "1280"}}},
+        {"usage": {**response()["usage"], "input_tokens_details": {"cache_write_tokens": -1}}},
         {"tool_usage": {"image_gen": {"input_tokens": 30, "output_tokens": "196"}}},
         {"tool_usage": {"image_gen": {}}, "output": []},
     ],
-    ids=["string", "negative", "empty", "cached-string", "tool-string", "tool-empty"],
+    ids=[
+        "string",
+        "negative",
+        "empty",
+        "cached-string",
+        "written-negative",
+        "tool-string",
+        "tool-empty",
+    ],
 )
 def test_an_answer_with_counts_that_are_no_token_counts_is_unknown_usage(
     fields: dict[str, Any],

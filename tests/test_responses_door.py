@@ -540,10 +540,9 @@ def test_the_bound_covers_the_mainline_model_and_every_tool_call(config: Config)
     context = text_bytes + HIDDEN_INPUT_TOKENS + 3 * MAINLINE_IMAGE_TOKENS + 700
     # Two calls: three samplings, each reading the context; the second and third also
     # what was written before (at most max_output_tokens) and the 1, then 2, images made.
-    base = Usage(
-        mainline_input=3 * context + 2 * 1000 + (1 + 2) * MAINLINE_IMAGE_TOKENS,
-        mainline_output=1000,
-    )
+    # Any of it may be written to the prompt cache (billed so where the book says).
+    read = 3 * context + 2 * 1000 + (1 + 2) * MAINLINE_IMAGE_TOKENS
+    base = Usage(mainline_input=read, mainline_output=1000, mainline_cache_write=read)
     assert variant.base.usage == base
     model = config.prices.find("gpt-image-2")
     assert model is not None

@@ -198,6 +198,20 @@ def test_a_gpt_5_5_request_above_272k_input_tokens_is_billed_at_the_long_context
     }
 
 
+def test_a_model_that_bills_its_cache_writes_bills_them_apart_at_their_rate() -> None:
+    """gpt-5.6-sol bills the input it writes to the prompt cache at 1.25x its input rate
+    ($6.25 for $5.00), out of its input item."""
+    usage = MainlineUsage(input=10_000, cached_input=2_000, output=500, cache_write=8_000)
+    lines = {
+        c.line_item: (c.amount, c.quantity) for c in line_costs(record_entry("gpt-5.6-sol", usage))
+    }
+    assert lines == {
+        "gpt-5.6-sol, cache write": (Decimal("6.25") * 8_000 / 1_000_000, 8_000),
+        "gpt-5.6-sol, cached input": (Decimal("0.50") * 2_000 / 1_000_000, 2_000),
+        "gpt-5.6-sol, output": (Decimal("30.00") * 500 / 1_000_000, 500),
+    }
+
+
 def test_a_responses_request_that_was_not_billed_has_no_line_items() -> None:
     usage = MainlineUsage(input=10, output=10)
     assert line_costs(record_entry("gpt-5.5", usage, billed=False)) == []

@@ -143,6 +143,7 @@ def test_usage_is_the_mainline_models_and_tool_usage_the_image_token_rules(sim: 
         "cached_input": 0,
         "output": expected_output,
         "reasoning": REASONING_TOKENS,
+        "cache_write": 0,
     }
     assert entry["usage"] == {
         "text_input": text_tokens(prompt),
@@ -150,6 +151,22 @@ def test_usage_is_the_mainline_models_and_tool_usage_the_image_token_rules(sim: 
         "image_output": LOW_1024,
         "text_output": 0,
     }
+
+
+def test_a_model_that_bills_its_cache_writes_reports_every_uncached_token_written(
+    sim: Sim,
+) -> None:
+    """gpt-5.6-sol writes its input to the prompt cache (OpenAI's implicit breakpoint) and
+    reports it as `cache_write_tokens`; an earlier model writes none it bills."""
+    for model, writes in (("gpt-5.6-sol", True), ("gpt-5.5", False)):
+        response = sim.client.responses.create(model=model, input="Draw a fox", tools=[TOOL])
+        usage = response.usage
+        assert usage is not None
+        written = usage.input_tokens_details.cache_write_tokens
+        assert written == (usage.input_tokens if writes else 0)
+        [entry] = [e for e in sim.http.get("/_sim/billing").json()["requests"]
+                   if e["id"] == response.id]  # fmt: skip
+        assert entry["mainline"]["cache_write"] == written
 
 
 @pytest.mark.parametrize(

@@ -97,6 +97,11 @@ class Usage:
     """The Responses API's mainline model (top-level `usage`): uncached input, cached
     input, and output (reasoning included). Priced at the mainline model's rates, never
     the image model's; the kinds above are the image tool's (`tool_usage.image_gen`)."""
+    mainline_cache_write: int = 0
+    """Of `mainline_input`, the tokens OpenAI wrote to the prompt cache
+    (`input_tokens_details.cache_write_tokens`): from gpt-5.6 on, each costs the mainline
+    model's `cache_write_input` rate instead of `text_input`. Counted again in no total and
+    never stored: its premium is in the cost the ledger records."""
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))

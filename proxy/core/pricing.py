@@ -434,7 +434,7 @@ class LongContext:
     rates: Mapping[str, Decimal]
 
 
-MAINLINE_KINDS = ("text_input", "cached_text_input", "text_output")
+MAINLINE_KINDS = ("text_input", "cached_text_input", "text_output", "cache_write_input")
 REASONING_CONTEXTS = ("current_turn", "all_turns")
 """The `reasoning.context` modes a mainline model runs in (`auto`: the model's default)."""
 
@@ -448,7 +448,9 @@ class MainlinePrices:
     source: str
     effective_from: date
     rates: Mapping[str, Decimal]
-    """`text_input`, `cached_text_input`, `text_output`."""
+    """`text_input`, `cached_text_input`, `text_output`, and `cache_write_input` for a model
+    that bills the input it writes to the prompt cache above `text_input` (gpt-5.6 and
+    later; without it, written tokens cost `text_input`, as before gpt-5.6)."""
     long_context: LongContext | None = None
     aliases: tuple[str, ...] = ()
     released: date | None = None
@@ -476,6 +478,9 @@ class MainlinePrices:
                 "batch rates."
             )
         batch, long = self.batch_rates, self.long_context
+        if "cache_write_input" not in batch and "cache_write_input" in self.rates:
+            # The batch column gives no write rate: the standard premium, scaled as input is.
+            batch = {**batch, "cache_write_input": self._write_rate(batch)}
         if long is not None:
             scaled = {
                 kind: rate * batch[kind] / self.rates[kind]
@@ -501,13 +506,32 @@ class MainlinePrices:
             usage.mainline_output,
         )
         rates = self.rates_for(uncached + cached)
+        # Written tokens are uncached input, billed at the write rate rather than text_input.
+        written = min(usage.mainline_cache_write, uncached)
+        premium = max(self._write_rate(rates) - rates["text_input"], Decimal(0))
         # USD per million × tokens = micro-dollars × 1000 nanos.
         total = (
             rates["text_input"] * uncached
+            + premium * written
             + rates.get("cached_text_input", rates["text_input"]) * cached
             + rates["text_output"] * output
         ) * 1000
         return int(total.to_integral_value(ROUND_CEILING))
+
+    def _write_rate(self, rates: Mapping[str, Decimal]) -> Decimal:
+        """What an input token written to the prompt cache costs under `rates` (this
+        entry's own, its long-context or its batch rates): their `cache_write_input`; else,
+        when this entry bills writes, its premium over `text_input` scaled to `rates`'
+        input (a long-context request's writes are not billed below its input); else
+        `text_input` (no premium)."""
+        if "cache_write_input" in rates:
+            return rates["cache_write_input"]
+        own, base = self.rates.get("cache_write_input"), self.rates["text_input"]
+        if own is None:
+            return rates["text_input"]
+        if not base:
+            return max(own, rates["text_input"])
+        return rates["text_input"] * own / base
 
 
 DATA_RESIDENCY_FROM = date(2026, 3, 5)

@@ -171,7 +171,9 @@ def _response_answered(
     `calls` bill at the least (`least_image_output`): the bound, flagged."""
     if usage is None or image_output_short(bound.model, usage, calls):
         return Verdict("ok", bound.charged())
-    lines = replace(usage, mainline_input=0, mainline_cached_input=0, mainline_output=0)
+    lines = replace(
+        usage, mainline_input=0, mainline_cached_input=0, mainline_output=0, mainline_cache_write=0
+    )
     tool = bound.model.charge(replace(lines, images=images))
     text = mainline.cost(usage)
     merged = replace(
@@ -179,6 +181,7 @@ def _response_answered(
         mainline_input=usage.mainline_input,
         mainline_cached_input=usage.mainline_cached_input,
         mainline_output=usage.mainline_output,
+        mainline_cache_write=usage.mainline_cache_write,
     )
     charge = Charge(merged, tool.cost_nanos + text, tool.flagged, text)
     return as_read(bound, charge)

@@ -1,7 +1,8 @@
 """What a Responses API answer bills, read as it passes (pure).
 
 A response object carries its mainline model's `usage` (`input_tokens`, of which
-`input_tokens_details.cached_tokens` were cached; `output_tokens`, reasoning included)
+`input_tokens_details.cached_tokens` were cached and `cache_write_tokens` written to the
+prompt cache; `output_tokens`, reasoning included)
 and, when the image tool ran, `tool_usage.image_gen` in the Images API's usage shape.
 Typed SDKs drop `tool_usage`; Tollgate reads the raw JSON. A response with an image call
 (completed, or begun: cut short or failed, it may have rendered) that reports no
@@ -111,16 +112,21 @@ def response_usage(response: Mapping[str, Any], images: int, ran: bool = False) 
         # free: the bound, flagged.
         return None
     details = main.get("input_tokens_details")
+    if not isinstance(details, Mapping):
+        details = {}
     input_tokens = token_count(main.get("input_tokens"))
     output_tokens = token_count(main.get("output_tokens"))
-    cached = token_count(details.get("cached_tokens", 0)) if isinstance(details, Mapping) else 0
-    if input_tokens is None or output_tokens is None or cached is None:
+    cached = token_count(details.get("cached_tokens", 0))
+    # Input written to the prompt cache: billed above the input rate from gpt-5.6 on.
+    written = token_count(details.get("cache_write_tokens", 0))
+    if input_tokens is None or output_tokens is None or cached is None or written is None:
         return None
     cached = min(cached, input_tokens)
     return tool + Usage(
         mainline_input=input_tokens - cached,
         mainline_cached_input=cached,
         mainline_output=output_tokens,
+        mainline_cache_write=min(written, input_tokens - cached),
     )
 
 

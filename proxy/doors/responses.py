@@ -293,7 +293,8 @@ def mainline_bound(parsed: ResponseBody, mainline: MainlinePrices) -> Estimate:
     reads the whole context again: the request (its text, the tool's instructions, its
     images, the response it continues), what the samplings before it wrote (never more
     than `max_output_tokens` in all) and the images the calls before it made (sampling k
-    sees k of them)."""
+    sees k of them). A model that bills its prompt-cache writes (`cache_write_input`) may
+    write all of that context, each token at its write rate."""
     calls = parsed.request.n if parsed.tool is not None else 0
     per_image = OWN_IMAGE_TOKENS.get(mainline.name, MAINLINE_IMAGE_TOKENS)
     context = (
@@ -303,9 +304,11 @@ def mainline_bound(parsed: ResponseBody, mainline: MainlinePrices) -> Estimate:
         + parsed.context_tokens
     )
     made = calls * (calls + 1) // 2
+    read = (calls + 1) * context + calls * parsed.max_output_tokens + made * per_image
+    # Every token read may be written to the prompt cache (from gpt-5.6 on, OpenAI writes
+    # one implicit breakpoint by default), at the entry's `cache_write_input` rate.
     usage = Usage(
-        mainline_input=(calls + 1) * context + calls * parsed.max_output_tokens + made * per_image,
-        mainline_output=parsed.max_output_tokens,
+        mainline_input=read, mainline_output=parsed.max_output_tokens, mainline_cache_write=read
     )
     return Estimate(usage, mainline.cost(usage))
 

@@ -35,6 +35,8 @@ class MainlineUsage:
     cached_input: int = 0
     output: int = 0
     reasoning: int = 0
+    cache_write: int = 0
+    """Of the uncached input, the tokens written to the prompt cache."""
 
 
 @dataclass(frozen=True)

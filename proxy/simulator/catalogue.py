@@ -200,10 +200,16 @@ class MainlineRates:
     cached_input: Decimal
     output: Decimal
     """Output, reasoning included."""
+    cache_write: Decimal | None = None
+    """An input token written to the prompt cache (None: writes are billed as input, as
+    before gpt-5.6)."""
 
 
-def _rates(uncached: str, cached: str, output: str) -> MainlineRates:
-    return MainlineRates(Decimal(uncached), Decimal(cached), Decimal(output))
+def _rates(
+    uncached: str, cached: str, output: str, cache_write: str | None = None
+) -> MainlineRates:
+    write = Decimal(cache_write) if cache_write is not None else None
+    return MainlineRates(Decimal(uncached), Decimal(cached), Decimal(output), write)
 
 
 @dataclass(frozen=True)
@@ -258,7 +264,15 @@ _MAINLINE: tuple[MainlineRule, ...] = (
         reasoning=True,
         long_context=(272_000, _rates("10.00", "1.00", "45.00")),
     ),
+    # From gpt-5.6 on, OpenAI bills the input it writes to the prompt cache (one implicit
+    # breakpoint by default) at 1.25x the input rate, reported as
+    # `input_tokens_details.cache_write_tokens` (a live gpt-5.6-sol call, coder/mux#3705).
+    MainlineRule("gpt-5.6-sol", _rates("5.00", "0.50", "30.00", "6.25"), reasoning=True),
 )
+
+BOOKLESS_MAINLINE = frozenset({"gpt-5.6-sol"})
+"""Mainline models the simulator serves that Tollgate's built-in price book does not list (a
+deployment's own book may)."""
 
 MAINLINE_MODELS: Mapping[str, MainlineRule] = MappingProxyType({m.name: m for m in _MAINLINE})
 

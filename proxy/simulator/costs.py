@@ -5,7 +5,9 @@ Responses API's mainline models, in `catalogue`) apart from the proxy's price bo
 Line items are named `"<model>, <kind>"`: e.g. `"gpt-image-2, image output"` or
 `"dall-e-3, images"` for image models; and as OpenAI names a text model's,
 `"gpt-5.5, input"` (uncached), `"gpt-5.5, cached input"` and `"gpt-5.5, output"`
-(reasoning included) for a Responses request's mainline model, with `", long context"`
+(reasoning included) for a Responses request's mainline model (and
+`"gpt-5.6-sol, cache write"` for the input a model that bills its prompt-cache writes
+wrote, at its write rate, out of its input item), with `", long context"`
 appended when the request was billed at the model's long-context rates. A Responses
 request adds both: its mainline model's line items and its image tool's, priced at the
 image model's rates as for the Images API.
@@ -192,8 +194,10 @@ def _mainline_costs(entry: Entry, project: str | None) -> list[LineCost]:
     suffix = LONG_CONTEXT if rates is not rule.rates else ""
     prefix, share = (BATCH_PREFIX, BATCH_RATE) if entry.batch_id is not None else ("", 1)
     lines = []
+    write = rates.cache_write if rates.cache_write is not None else rates.input
     for label, tokens, rate in (
-        ("input", usage.input - usage.cached_input, rates.input),
+        ("input", usage.input - usage.cached_input - usage.cache_write, rates.input),
+        ("cache write", usage.cache_write, write),
         ("cached input", usage.cached_input, rates.cached_input),
         ("output", usage.output, rates.output),
     ):

@@ -52,7 +52,10 @@ def usage_json(mainline: MainlineUsage) -> dict[str, Any]:
     """The top-level `usage`: the mainline model's tokens."""
     return {
         "input_tokens": mainline.input,
-        "input_tokens_details": {"cached_tokens": mainline.cached_input, "cache_write_tokens": 0},
+        "input_tokens_details": {
+            "cached_tokens": mainline.cached_input,
+            "cache_write_tokens": mainline.cache_write,
+        },
         "output_tokens": mainline.output,
         "output_tokens_details": {"reasoning_tokens": mainline.reasoning},
         "total_tokens": mainline.input + mainline.output,

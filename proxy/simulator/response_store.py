@@ -69,7 +69,9 @@ def cancelled_tokens(tokens: ResponseTokens) -> ResponseTokens:
     """What a response cancelled before its end bills: the input its first sampling read,
     and nothing else."""
     read = tokens.mainline.input if tokens.first_input is None else tokens.first_input
-    mainline = MainlineUsage(input=read, cached_input=min(tokens.mainline.cached_input, read))
+    cached = min(tokens.mainline.cached_input, read)
+    write = read - cached if tokens.mainline.cache_write else 0
+    mainline = MainlineUsage(input=read, cached_input=cached, cache_write=write)
     return ResponseTokens(mainline, BilledUsage(), "", incomplete=False)
 
 

@@ -9,11 +9,13 @@ Mainline tokens (top-level `usage`):
             previous response's
             input and output tokens, which OpenAI bills again as input; of those carried
             tokens, `cached_tokens` reports the part prompt caching would hit (128-token
-            steps, from 1024 tokens on). With k image calls the model samples k + 1
-            times (before each call and once to answer), and the usage sums them: each
-            sampling after the first reads that context again, with what the samplings
-            before it wrote (each call's prompt, the reasoning) and the images the calls
-            before it made, at the image rule (the dearer reading of OpenAI's silence)
+            steps, from 1024 tokens on); a model that bills prompt-cache writes
+            (gpt-5.6-sol) writes every uncached token (`cache_write_tokens`). With k
+            image calls the model samples k + 1 times (before each call and once to
+            answer), and the usage sums them: each sampling after the first reads
+            that context again, with what the samplings before it wrote (each call's
+            prompt, the reasoning) and the images the calls before it made, at the
+            image rule (the dearer reading of OpenAI's silence)
     output  the answer text's tokens (a function call's name and arguments instead, when
             the model calls one), the revised prompt's tokens per image call (the
             model writes the call), and REASONING_TOKENS for reasoning models
@@ -119,13 +121,21 @@ def tokens_of(order: ResponseOrder, carried: int = 0) -> ResponseTokens:
         own + carried + min(j * prompt + reasoning, output) + j * per_image
         for j in range(1, made + 1)
     )
+    cached = cached_tokens(carried)
     mainline = MainlineUsage(
         input=own + carried + again,
-        cached_input=cached_tokens(carried),
+        cached_input=cached,
         output=output,
         reasoning=reasoning,
+        cache_write=cache_written(order, own + carried + again - cached),
     )
     return ResponseTokens(mainline, image_gen_usage(order), answer, incomplete, own + carried)
+
+
+def cache_written(order: ResponseOrder, uncached: int) -> int:
+    """The input a response writes to the prompt cache, for a model that bills its writes:
+    every uncached token it read (the dearer reading of OpenAI's implicit breakpoint)."""
+    return uncached if order.model.rates.cache_write is not None else 0
 
 
 def failed_tokens(tokens: ResponseTokens) -> ResponseTokens:
