@@ -298,6 +298,8 @@ def calm(simulator: Simulator) -> Iterator[None]:
         "batch_window_ms": DAY * 1000,
         "batch_read_ms": 0,
         "batch_answer_ms": 0,
+        "batch_answer_status": 0,
+        "batch_fail_status": 0,
     }
     simulator.configure(latency_ms=0, fault=None, **knobs)
     yield

@@ -21,6 +21,7 @@ from tests.batches_e2e import (
     batch_cost,
     billed_lines,
     calm,
+    check_settled,
     ended,
     generations,
     record_tokens,
@@ -192,3 +193,49 @@ def test_a_repeat_of_a_create_whose_process_was_killed_after_sending_it_makes_no
         assert charged["cost_nanos"] >= wait_for("the batch's lines billed", billed)
     finally:
         second.stop()
+
+
+def test_a_create_answered_a_server_error_after_its_batch_was_made_follows_that_batch(
+    keeping_nothing: Tollgate, simulator: Simulator
+) -> None:
+    """A gateway's 502 in front of a create the upstream made all the same: the batch runs
+    and bills. It used to be released at $0 (an upstream error charges nothing), the batch
+    no one's: its lines billed with nothing reserved, past any hard limit, and its images
+    out of the team's reach. The upstream's list is asked for it, and it is the team's,
+    followed and settled as its lines billed."""
+    client = keeping_nothing.client().with_options(max_retries=0)
+    uploaded = upload(client, generations("gpt-image-2", 2))
+    simulator.configure(batch_answer_status=502)
+    with pytest.raises(openai.InternalServerError) as failed:
+        client.batches.create(
+            input_file_id=uploaded.id, endpoint=GENERATIONS, completion_window="24h"
+        )
+    simulator.configure(batch_answer_status=0)
+    assert failed.value.status_code == 502
+    [made] = upstream_batches(simulator, uploaded.id) or [None]
+    assert made is not None, "the simulator made no batch"
+    created = keeping_nothing.row(failed.value.response.headers["x-tollgate-request-id"])
+    assert created["held"] == 1, "the create's reservation was not held for its batch"
+    assert made["id"] in [b.id for b in client.batches.list(limit=100)]
+    batch = ended(client, made["id"])
+    assert batch.status == "completed"
+    check_settled(keeping_nothing, simulator, batch, "gpt-image-2")
+
+
+def test_a_create_answered_a_server_error_that_made_no_batch_is_released(
+    keeping_nothing: Tollgate, simulator: Simulator
+) -> None:
+    """A 5xx with no batch of the file upstream (nor one already the team's) is the
+    failure it says: nothing is held, nothing charged."""
+    client = keeping_nothing.client().with_options(max_retries=0)
+    uploaded = upload(client, generations("gpt-image-2", 1))
+    asked = {"input_file_id": uploaded.id, "endpoint": GENERATIONS, "completion_window": "24h"}
+    made = client.batches.create(**asked)  # type: ignore[arg-type]
+    assert ended(client, made.id).status == "completed"
+    simulator.configure(batch_fail_status=500)
+    with pytest.raises(openai.InternalServerError) as failed:
+        client.batches.create(**asked)  # type: ignore[arg-type]
+    simulator.configure(batch_fail_status=0)
+    row = keeping_nothing.row(failed.value.response.headers["x-tollgate-request-id"])
+    assert (row["state"], row["held"], row["cost_nanos"]) == ("settled", 0, 0)
+    assert [b["id"] for b in upstream_batches(simulator, uploaded.id) or ()] == [made.id]

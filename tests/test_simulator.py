@@ -688,6 +688,8 @@ def test_runtime_config_sets_a_fault_for_every_request(sim: Sim, client: openai.
         "background_ms": DEFAULT_BACKGROUND_MS,
         "batch_read_ms": 0,
         "batch_answer_ms": 0,
+        "batch_answer_status": 0,
+        "batch_fail_status": 0,
         "data_residency": False,
     }
     assert sim.configure(fault="503")["fault"] == "503"
@@ -698,6 +700,9 @@ def test_runtime_config_sets_a_fault_for_every_request(sim: Sim, client: openai.
     client.images.generate(model="gpt-image-1", prompt="x", quality="low")
     assert time.monotonic() - started >= 0.15
     assert sim.http.post("/_sim/config", json={"fault": "nonsense"}).status_code == 400
+    for status in (200, 404):  # a batch create's server error is a 5xx
+        refused = sim.http.post("/_sim/config", json={"batch_answer_status": status})
+        assert refused.status_code == 400
     assert sim.http.post("/_sim/config", json={"latency": 1}).status_code == 400
 
 

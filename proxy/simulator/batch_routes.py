@@ -198,6 +198,12 @@ async def _create_batch(state: SimulatorState, request: Request, now: float) -> 
             f"'{source.purpose}'; a batch's input file must have purpose 'batch'.",
             param="input_file_id",
         )
+    if state.knobs.batch_fail_status:
+        raise ApiError(
+            state.knobs.batch_fail_status,
+            "The server had an error while processing your request.",
+            type="server_error",
+        )
     read = read_input(source.content, endpoint)
     run = run_response_line if endpoint == "/v1/responses" else run_line
     knobs = state.knobs
@@ -227,6 +233,14 @@ async def _create_batch(state: SimulatorState, request: Request, now: float) -> 
         # The batch exists (and is listed) before its create is answered: an answer that
         # comes too late for the client leaves the batch made all the same.
         await sleep_ms(knobs.batch_answer_ms)
+    if knobs.batch_answer_status:
+        # A gateway's error in front of a create that was made all the same: the batch
+        # runs, and bills, though its client was told it failed.
+        raise ApiError(
+            knobs.batch_answer_status,
+            "The server had an error while processing your request.",
+            type="server_error",
+        )
     return _ok(batch.to_json(now))
 
 

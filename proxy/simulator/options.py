@@ -16,7 +16,8 @@ DEFAULT_BATCH_WINDOW_MS = 24 * 3600 * 1000
 """OpenAI's only completion window, "24h"."""
 _COUNTS = (
     "latency_ms", "payload_bytes", "batch_delay_ms", "batch_window_ms", "queue_ms",
-    "background_ms", "batch_read_ms", "batch_answer_ms",
+    "background_ms", "batch_read_ms", "batch_answer_ms", "batch_answer_status",
+    "batch_fail_status",
 )  # fmt: skip
 
 
@@ -66,6 +67,12 @@ class Knobs:
     batch_answer_ms: int = 0
     """How long a batch create waits, once its batch exists (and is listed), before it is
     answered: a create whose answer is lost though its batch was made."""
+    batch_answer_status: int = 0
+    """When not 0, the HTTP status (a 5xx) a batch create is answered with once its batch
+    exists: a gateway's error in front of a create that was made all the same."""
+    batch_fail_status: int = 0
+    """When not 0, the HTTP status (a 5xx) a batch create is answered with before any batch
+    is made: a create that failed."""
     data_residency: bool = False
     """Requests billed from now on are billed as a regional endpoint bills them (a batch's
     lines: as the knob stands when the batch ends)."""
@@ -103,7 +110,12 @@ class Knobs:
             background_ms=count("background_ms", self.background_ms),
             batch_read_ms=count("batch_read_ms", self.batch_read_ms),
             batch_answer_ms=count("batch_answer_ms", self.batch_answer_ms),
+            batch_answer_status=count("batch_answer_status", self.batch_answer_status),
+            batch_fail_status=count("batch_fail_status", self.batch_fail_status),
         )
+        for name in ("batch_answer_status", "batch_fail_status"):
+            if getattr(knobs, name) and not 500 <= getattr(knobs, name) <= 599:
+                raise ValueError(f"{name} must be 0 or a 5xx status")
         if "data_residency" in changes:
             if not isinstance(changes["data_residency"], bool):
                 raise ValueError("data_residency must be true or false")
@@ -131,5 +143,7 @@ class Knobs:
             "background_ms": self.background_ms,
             "batch_read_ms": self.batch_read_ms,
             "batch_answer_ms": self.batch_answer_ms,
+            "batch_answer_status": self.batch_answer_status,
+            "batch_fail_status": self.batch_fail_status,
             "data_residency": self.data_residency,
         }

@@ -169,7 +169,7 @@ class Batches:
                     maybe_billed=True,
                 )
                 await self.not_created(runtime, entry, unreadable, stored.id, project, bound.usage)
-        else:
+        elif answer.status < 500 or not await self.made_anyway(runtime, entry, stored, project):
             await release(runtime, entry, answer.status, "batch_not_created")
         return Response(body, answer.status, headers={**dict(response_headers(answer)), **headers})
 
@@ -344,6 +344,26 @@ class Batches:
             log.error("recording batch %s failed: %s", batch_id, exc)
         followed = BatchFollow(entry, batch_id, stored.id, project, prices=runtime.config.prices)
         runtime.followers.follow(entry.id, followed)
+
+    async def made_anyway(
+        self, runtime: Runtime, entry: Entry, stored: StoredObject, project: str | None
+    ) -> bool:
+        """A create answered with a server error (5xx): a gateway in front of the upstream
+        may answer so after the batch was made, which then runs and bills. When the
+        upstream lists a batch of the input file `stored` that is no one's yet, it is the
+        team's and is followed, its reservation held (the client, told the create failed,
+        finds it in its list); whether one was found. None found: the create failed, as
+        the upstream said."""
+        found = await _batch_of_file(runtime, stored.id, project)
+        if found is None or await runtime.ledger.stored(found[0]) is not None:
+            return False
+        log.warning(
+            "batch create %s was answered a server error, and the upstream lists a batch of "
+            "its file, %s: followed as the create's",
+            entry.id, found[0],
+        )  # fmt: skip
+        await self.follow(runtime, entry, stored, found[0], project, found[1])
+        return True
 
     async def not_created(
         self,
