@@ -181,7 +181,7 @@ class Pipeline(Generic[Parsed]):
         runtime, entry = caller.runtime, caller.entry
         parsed, decision, found = admitted.parsed, admitted.decision, admitted.found
         if admitted.paced is not None:
-            headers.update(rates.headers(admitted.paced.rooms, entry.started_at))
+            headers.update(rates.headers(admitted.paced.rooms, runtime.clock()))
         sent = decision.variant
         if not door.names_model(parsed):
             # The parse already wrote the default into the fields it forwards; say so.
@@ -343,7 +343,7 @@ class Pipeline(Generic[Parsed]):
             )
 
         read = tuple(dict.fromkeys(a.counter for a in budgets))
-        pace = rates.plan(config, team, entry.started_at)
+        pace = rates.plan(config, team, runtime.clock())
         reservation = await runtime.ledger.reserve(read, choose, pace, guard)
         return chosen[-1], reservation.entry, reservation.paced
 
