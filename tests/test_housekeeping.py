@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+import shutil
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from proxy.ledger import open_ledger
 from proxy.ledger.base import Owner
+from proxy.metrics.text import pid_alive
 from proxy.web import housekeeping
 from tests.test_ledger import take
 from tests.test_ledger_responses import take_response
@@ -44,3 +51,56 @@ async def test_reclaim_once_adopts_the_held_responses_of_dead_processes(
         assert await live.held() == [("bg", "resp_bg")]
     finally:
         await live.close()
+
+
+PID_MAX = int(Path("/proc/sys/kernel/pid_max").read_text()) if Path("/proc").is_dir() else 0
+
+
+def in_a_pid_namespace(pid: int) -> subprocess.Popen[str]:
+    """A Python process of this host in a pid namespace of its own, where its pid is `pid`
+    (the namespace's next pid set to it), printing the owner it would register as."""
+    script = (
+        "import sys; from proxy.web.housekeeping import this_process; "
+        "o = this_process(); print(o.host, o.pid, flush=True); sys.stdin.read()"
+    )
+    command = (
+        f"echo {pid - 1} > /proc/sys/kernel/ns_last_pid && "
+        f"{shlex.quote(sys.executable)} -c {shlex.quote(script)}"
+    )
+    return subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", command],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+
+
+def test_a_live_process_of_this_host_in_another_pid_namespace_is_not_dead() -> None:
+    """Containers on the host network (as `tests/test_container_e2e.py` runs the image) share
+    the host's name but not its pids: a replica in one, whose pid is no process in the
+    other's namespace, was judged dead by the other at once. Its reservations in flight
+    were then charged their bound, flagged `outcome_unknown`, every 30 s, the repeats of
+    its requests refused `answer_not_kept`, and its background responses followed twice."""
+    if (
+        shutil.which("unshare") is None
+        or subprocess.run(
+            ["unshare", "--pid", "--fork", "true"], capture_output=True, check=False
+        ).returncode
+    ):
+        pytest.skip("no pid namespaces here")
+    # A pid no process of this namespace has: the other process's, there.
+    pid = next(p for p in range(PID_MAX - 1, PID_MAX // 2, -1) if not pid_alive(p))
+    other = in_a_pid_namespace(pid)
+    try:
+        assert other.stdout is not None
+        host, seen = other.stdout.readline().rsplit(" ", 1)
+        assert int(seen) == pid
+        me = housekeeping.this_process()
+        owner = Owner("other", host, pid, heartbeat_at=time.time())
+        assert not housekeeping.dead(owner, me, time.time())
+        silent = Owner("other", host, pid, heartbeat_at=time.time() - 60)
+        assert housekeeping.dead(silent, me, time.time())  # its heartbeat still tells
+    finally:
+        other.kill()
+        other.wait()

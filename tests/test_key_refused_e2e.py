@@ -9,6 +9,7 @@ metrics nor the log carry any piece of the key.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections.abc import Iterator
@@ -24,6 +25,8 @@ from tests.conftest import (
     UPSTREAM_KEY,
     Simulator,
     Tollgate,
+    in_front_of_raw,
+    read_request,
     run_tollgate,
     wait_for,
     write_config,
@@ -157,3 +160,37 @@ def test_no_piece_of_the_key_reaches_the_ledger_the_metrics_or_the_log(
     log = refused.stop()
     assert "401" in log
     assert_no_piece(log)
+
+
+@pytest.mark.parametrize("status", [401, 500])
+def test_an_upstream_request_id_that_echoes_the_key_is_not_logged_as_it_came(
+    tmp_path: Path, status: int
+) -> None:
+    """An upstream (or a debugging proxy before it) that echoes the `Authorization` header
+    it got into its `x-request-id`, on an error that refuses or quotes the key: the warning
+    that names the upstream's request id never shows the key, as the answer and the ledger
+    never do."""
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, _ = await read_request(reader)
+        auth = next(h for h in head.split(b"\r\n") if h.lower().startswith(b"authorization:"))
+        echoed = auth.split(b":", 1)[1].strip()
+        body = json.dumps({"error": {"message": echoed.decode(), "type": "x", "code": "x"}})
+        writer.write(
+            f"HTTP/1.1 {status} No\r\nContent-Type: application/json\r\n".encode()
+            + b"x-request-id: req_" + echoed.replace(b" ", b"_") + b"\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+        )  # fmt: skip
+        await writer.drain()
+        writer.close()
+
+    with in_front_of_raw(reply, tmp_path) as tollgate:
+        with pytest.raises(openai.APIStatusError) as raised:
+            tollgate.client().images.generate(model="gpt-image-2", prompt="a heron", **LOW)  # type: ignore[arg-type]
+        assert raised.value.status_code == status
+        answer = raised.value.response
+        assert UPSTREAM_KEY not in answer.text + repr(answer.headers.raw)
+        assert UPSTREAM_KEY not in json.dumps(tollgate.rows(), default=str)
+        log = tollgate.stop()
+    assert "quoting or refusing the company key" in log
+    assert UPSTREAM_KEY not in log

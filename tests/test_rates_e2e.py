@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
+import socket
 import time
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from tests.conftest import (
     Simulator,
     Tollgate,
     start_tollgate,
+    wait_for,
     write_config,
 )
 
@@ -46,6 +49,7 @@ rate_limits:
   - {{per: minute, share: 0.25}}
 """,
 }
+INFLIGHT = "tollgate_inflight_requests"
 LOW = {"model": "gpt-image-2", "prompt": "a lighthouse", "quality": "low", "size": "1024x1024"}
 
 
@@ -303,5 +307,49 @@ def test_a_request_past_what_a_window_can_give_its_team_is_not_retried(
         assert "6 images: the rest is promised to other teams' shares" in refused.value.message
         assert len([r for r in proxy.rows() if r["team"] == "research"]) == 1  # no retry
         client.images.generate(**LOW, n=6)  # type: ignore[call-overload]
+    finally:
+        proxy.stop()
+
+
+def test_a_body_sent_across_a_minute_counts_in_the_minute_it_is_admitted(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """A request whose headers came in one minute and whose body ends in the next is sent
+    upstream in the next: it counts there. Counted in the minute its headers came, a team
+    could open requests minute after minute, each within that minute's room, and finish
+    their bodies together (up to `limits.body_timeout_s`, 300 s, later): several minutes'
+    images at OpenAI in one, past the team's limit and the other teams' shares."""
+    teams = {"design": FLOOD["design"].replace("share: 0.5", "images: 1")}
+    write_config(tmp_path, f"{simulator.url}/v1", "", teams)
+    settings = tmp_path / "tollgate.yaml"
+    # A deadline past the minute's end: the slow body's request is still sent.
+    text = settings.read_text().replace("timeout_s: 3", "timeout_s: 3\n  total_timeout_s: 180")
+    settings.write_text(text)
+    proxy = start_tollgate(tmp_path)
+    try:
+        early_in_a_minute(40)
+        # Blanks before the JSON, sent one at a time: the body is never idle long.
+        body = b" " * 30 + json.dumps({**LOW, "prompt": "a slow lighthouse"}).encode()
+        host, port = proxy.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=60) as slow:
+            head = (
+                f"POST /v1/images/generations HTTP/1.1\r\nHost: {host}\r\n"
+                f"Authorization: Bearer {DESIGN_KEY}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
+            minute = time.time() // 60
+            slow.sendall(head.encode() + body[:1])
+            wait_for("the slow request in flight", lambda: proxy.metric(INFLIGHT) == 1 or None)
+            sent = 1
+            while time.time() // 60 == minute:
+                time.sleep(min(5.0, 60 - time.time() % 60 + 0.2))
+                slow.sendall(body[sent : sent + 1])
+                sent += 1
+            quick = proxy.client(DESIGN_KEY).images.with_raw_response.generate(**LOW)  # type: ignore[call-overload]
+            assert quick.status_code == 200
+            slow.sendall(body[sent:])
+            status = int(slow.recv(4096).split(b" ", 2)[1])
+        assert status == 429, "a second image in the minute both were sent in"
+        assert sorted(r["outcome"] for r in proxy.rows()) == ["ok", "rejected_rate"]
     finally:
         proxy.stop()

@@ -181,6 +181,9 @@ class Plan:
 
     team: str
     checks: tuple[Check, ...]
+    at: float = 0.0
+    """The time its windows were chosen for: when the request is decided, not when its
+    headers came (`plan`)."""
 
     @property
     def slots(self) -> tuple[Slot, ...]:
@@ -296,7 +299,12 @@ def headers(rooms: tuple[Room, ...], now: float) -> dict[str, str]:
 
 
 def plan(config: Config, team: Team, now: float) -> Plan | None:
-    """The rate limits a request of `team` at `now` must fit; None when there are none."""
+    """The rate limits a request of `team` at `now` must fit; None when there are none.
+
+    A request is planned when it is decided (its body in), the moment before it is sent
+    upstream, and counts in the windows of that moment: its headers may have come minutes
+    earlier (`limits.body_timeout_s`), and requests whose headers came in several minutes,
+    each counted in its own, would all reach OpenAI in the one their bodies ended in."""
     if not team.rate_limits and not config.organization_rate_limits:
         return None
     tz = zone(config.timezone)
@@ -319,7 +327,7 @@ def plan(config: Config, team: Team, now: float) -> Plan | None:
                 others,
             )  # fmt: skip
         checks.append(check)
-    return Plan(team.name, tuple(checks))
+    return Plan(team.name, tuple(checks), now)
 
 
 def share_key(team: str, group: str) -> str:

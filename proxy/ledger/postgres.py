@@ -137,7 +137,7 @@ class PostgresLedger(Schema, KeptAnswers):
                 # Under the same lock as the budgets: every reservation takes turns, so
                 # the counts read cannot change before the ones admitted are added.
                 counts = await rate_counts.read_postgres(conn, pace)
-                paced = pace.admit(entry, usage, counts, entry.started_at)
+                paced = pace.admit(entry, usage, counts, pace.at)
                 await rate_counts.add_postgres(conn, paced.adds)
                 reservation = replace(reservation, paced=paced)
             written = reservation.written

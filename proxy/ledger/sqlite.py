@@ -149,7 +149,7 @@ class SqliteLedger(KeptAnswers):
             entry, usage = reservation.entry, reservation.usage
             if pace is not None:
                 counts = rate_counts.read_sqlite(conn, pace)
-                paced = pace.admit(entry, usage, counts, entry.started_at)
+                paced = pace.admit(entry, usage, counts, pace.at)
                 rate_counts.add_sqlite(conn, paced.adds)
                 reservation = replace(reservation, paced=paced)
             written = reservation.written

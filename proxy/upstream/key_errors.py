@@ -54,10 +54,12 @@ async def vetted(answer: Answer, scrubber: Scrubber) -> Answer:
         return Peeked(answer, head, rest, broken)
     await answer.aclose()
     refused = KeyRefused(answer, head, scrubber)
+    # The id as it came, scrubbed: an upstream that echoes the key may echo it there too.
+    upstream_id = scrubber.text(answer.headers.get("x-request-id", "(no id)"))
     log.warning(
         "the upstream answered %d (%s) quoting or refusing the company key, request %s: "
         "the team got Tollgate's own error; check upstream.api_key",
-        answer.status, refused.code, answer.headers.get("x-request-id", "(no id)"),
+        answer.status, refused.code, upstream_id,
     )  # fmt: skip
     return refused
 

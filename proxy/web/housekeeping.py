@@ -43,8 +43,20 @@ RECLAIM_MARGIN_S = 60.0
 hosts, a loop slow to notice a deadline."""
 
 
+def this_host() -> str:
+    """Where this process's pid means something: the host's name, and the pid namespace
+    the pid is read in. Containers on the host network share the host's name but not its
+    pids: by the name alone, a live process in another one, whose pid is no process here,
+    was judged dead at once, and its reservations in flight charged their bound."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:  # no /proc: one namespace
+        return socket.gethostname()
+    return f"{socket.gethostname()} {namespace}"
+
+
 def this_process() -> Owner:
-    return Owner(uuid.uuid4().hex, socket.gethostname(), os.getpid())
+    return Owner(uuid.uuid4().hex, this_host(), os.getpid())
 
 
 def dead(owner: Owner, me: Owner, now: float) -> bool:

@@ -181,7 +181,7 @@ class Pipeline(Generic[Parsed]):
         runtime, entry = caller.runtime, caller.entry
         parsed, decision, found = admitted.parsed, admitted.decision, admitted.found
         if admitted.paced is not None:
-            headers.update(rates.headers(admitted.paced.rooms, entry.started_at))
+            headers.update(rates.headers(admitted.paced.rooms, runtime.clock()))
         sent = decision.variant
         if not door.names_model(parsed):
             # The parse already wrote the default into the fields it forwards; say so.
@@ -324,11 +324,18 @@ class Pipeline(Generic[Parsed]):
     ) -> tuple[Decision, Entry, Paced | None]:
         """Decide against the budgets and the rate limits and reserve the bound, in one
         ledger transaction; its row records `project`, the one the request is sent under.
-        A repeat's `guard` is checked in that transaction (RepeatArrived)."""
+        A repeat's `guard` is checked in that transaction (RepeatArrived).
+
+        Its budget periods and rate-limit windows are those of now, when it is decided and
+        about to be sent (as OpenAI bills it), not those of its arrival: its body may have
+        taken up to `limits.body_timeout_s` to come, and requests whose headers came late in
+        one period and bodies early in the next would spend the old period's room in the
+        new one, on top of the new one's whole limit."""
         config, user = runtime.config, variant.request.user
-        budgets = applicable(config, team, user, entry.started_at)
+        now = runtime.clock()
+        budgets = applicable(config, team, user, now)
         tz = zone(config.timezone)
-        adds_to = counters(team.name, user, entry.started_at, tz)
+        adds_to = counters(team.name, user, now, tz)
         chosen: list[Decision] = []
 
         def choose(totals: Mapping[Counter, Totals]) -> Reservation:
@@ -343,7 +350,7 @@ class Pipeline(Generic[Parsed]):
             )
 
         read = tuple(dict.fromkeys(a.counter for a in budgets))
-        pace = rates.plan(config, team, entry.started_at)
+        pace = rates.plan(config, team, now)
         reservation = await runtime.ledger.reserve(read, choose, pace, guard)
         return chosen[-1], reservation.entry, reservation.paced
 

@@ -43,7 +43,6 @@ import asyncio
 import hashlib
 import json
 import os
-import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -60,7 +59,7 @@ from proxy.core.errors import (
 )
 from proxy.core.models import Entry, Settlement
 from proxy.ledger import FirstAttempt, KeptAnswer, KeptTail, Owner, RepeatGuard
-from proxy.web.housekeeping import dead
+from proxy.web.housekeeping import dead, this_host
 from proxy.web.kept_streams import Recorder, follow
 from proxy.web.observe import observe
 from proxy.web.runtime import Runtime
@@ -76,7 +75,7 @@ OWNER_CHECK_S = 1.0
 RACES = 8
 """How many times a repeat goes back to wait for an attempt of its request that reserved
 while it was looking (`RepeatArrived`) before it is refused with a 503."""
-HERE = Owner("", socket.gethostname(), os.getpid())
+HERE = Owner("", this_host(), os.getpid())
 NOT_REPLAYED = frozenset({"content-length", "transfer-encoding", "x-tollgate-request-id"})
 
 
