@@ -354,3 +354,35 @@ def test_node_sdk_raises_each_refusal_of_the_batch_and_file_doors_as_its_error_c
     assert (conflict["type"], conflict["headers"]["x-tollgate-team"]) == (invalid, "design")
     # Each sent once: the client's retries are off, and none is a repeat.
     assert {s["retry_count"] for s in got["sent"]} == {"0"}
+
+
+def test_a_node_batch_create_with_an_idempotency_key_is_one_batch_and_a_conflict_no_retry(
+    proxy: Tollgate, upstream: Simulator
+) -> None:
+    got = node(proxy, "idempotency")["idempotency"]
+    first, again = got["first"], got["again"]
+    assert again["body"]["id"] == first["body"]["id"]  # the batch the first created
+    assert again["headers"]["x-tollgate-replay-of"] == first["headers"]["x-tollgate-request-id"]
+    assert again["headers"]["x-tollgate-cost-usd"] == "0"
+    assert (
+        again["headers"]["x-tollgate-reserved-usd"] == first["headers"]["x-tollgate-reserved-usd"]
+    )
+    replay = proxy.row(again["headers"]["x-tollgate-request-id"])
+    assert (replay["outcome"], replay["cost_nanos"]) == ("replayed", 0)
+    creates = [s for s in got["sent"] if s["url"].endswith("/v1/batches")]
+    # The SDK's `idempotencyKey` option sends nothing: that create is a batch of its own.
+    assert [s["idempotency_key"] is not None for s in creates] == [True, True, False, True]
+    assert got["option"]["body"]["id"] != first["body"]["id"]
+    conflict = got["conflict"]
+    assert (conflict["error"], conflict["status"], conflict["code"]) == (
+        "ConflictError",
+        409,
+        "idempotency_conflict",
+    )
+    assert conflict["headers"]["x-should-retry"] == "false"
+    assert [s["retry_count"] for s in creates] == ["0"] * 4  # the 409 not retried
+    batches = [b for b in proxy.client().batches.list(limit=100) if b.input_file_id == got["file"]]
+    assert len(batches) == 2  # the keyed creates made one batch, the unkeyed one another
+    for made in (first, got["option"]):
+        [row] = settled_rows(proxy, made["body"]["id"])
+        assert row["cost_nanos"] > 0

@@ -18,6 +18,7 @@ const KEYS = JSON.parse(process.env.TOLLGATE_KEYS);
 const HEADERS = [
   "x-request-id",
   "x-should-retry",
+  "x-tollgate-replay-of",
   "x-tollgate-budget-remaining-usd",
   "x-tollgate-cost-usd",
   "x-tollgate-model",
@@ -304,6 +305,20 @@ const CASES = {
       output,
       foreign_line: foreignLine,
     };
+  },
+  idempotency: async () => {
+    // The SDK sends no Idempotency-Key of its own, and drops its `idempotencyKey` request
+    // option (the client names no idempotency header): a team sets the header itself.
+    const keyed = client(KEYS.design, { maxRetries: 2 });
+    const file = await keyed.files.create({ file: await jsonl([generation("node-i1")]), purpose: "batch" });
+    const body = { input_file_id: file.id, endpoint: GENERATIONS, completion_window: "24h" };
+    const key = { headers: { "Idempotency-Key": `node-batch-${process.pid}-${Date.now()}` } };
+    const first = await answered(keyed.batches.create(body, key));
+    const again = await answered(keyed.batches.create(body, key));
+    const option = await answered(keyed.batches.create(body, { idempotencyKey: "node-option" }));
+    const conflict = await refused(keyed.batches.create({ ...body, metadata: { other: "content" } }, key));
+    for (const made of [first, option]) await ended(design, made.body.id);
+    return { file: file.id, first, again, option, conflict };
   },
   refusals: async () => {
     const made = await batchOf(design, [generation("node-f1")], GENERATIONS);
