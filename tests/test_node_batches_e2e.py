@@ -45,7 +45,7 @@ RESPONSES = "/v1/responses"
 @pytest.fixture(scope="module")
 def proxy(upstream: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
     root = tmp_path_factory.mktemp("node-batches")
-    write_config(root, f"{upstream.url}/v1", "timezone: UTC\n")
+    write_config(root, f"{upstream.url}/v1", "timezone: UTC\nlimits:\n  files_bytes: 1048576\n")
     yield from run_tollgate(root)
 
 
@@ -328,6 +328,7 @@ def test_node_sdk_raises_each_refusal_of_the_batch_and_file_doors_as_its_error_c
         "no_file": ("BadRequestError", 400, "invalid_request", "file"),
         "wrong_endpoint": ("BadRequestError", 400, "invalid_request", "endpoint"),
         "wrong_window": ("BadRequestError", 400, "invalid_request", "completion_window"),
+        "too_large": ("APIError", 413, "request_too_large", None),
         "list_limit": ("BadRequestError", 400, "invalid_request", "limit"),
         "list_order": ("BadRequestError", 400, "invalid_request", "order"),
     }

@@ -353,6 +353,13 @@ const CASES = {
       wrong_window: await refused(
         design.batches.create({ input_file_id: fileId, endpoint: GENERATIONS, completion_window: "48h" }),
       ),
+      // Past `limits.files_bytes` (1 MiB in the test's configuration): a file of 4 MiB.
+      too_large: await refused(
+        design.files.create({
+          file: await jsonl(Array.from({ length: 200 }, (_, i) => generation(`node-big-${i}`, { prompt: "x".repeat(20_000) }))),
+          purpose: "batch",
+        }),
+      ),
       list_limit: await refused(design.batches.list({ limit: 0 })),
       list_order: await refused(design.files.list({ order: "sideways" })),
       cancel_ended: await refused(design.batches.cancel(batchId)),
