@@ -26,6 +26,7 @@ from tests.batches_e2e import (
     DAY,
     EDITS,
     GENERATIONS,
+    arrivals,
     batch_cost,
     billed_lines,
     check_settled,
@@ -370,7 +371,7 @@ def test_a_node_batch_create_with_an_idempotency_key_is_one_batch_and_a_conflict
     )
     replay = proxy.row(again["headers"]["x-tollgate-request-id"])
     assert (replay["outcome"], replay["cost_nanos"]) == ("replayed", 0)
-    creates = [s for s in got["sent"] if s["url"].endswith("/v1/batches")]
+    creates = [s for s in got["sent"] if s["url"].endswith("/v1/batches") and s["method"] == "POST"]
     # The SDK's `idempotencyKey` option sends nothing: that create is a batch of its own.
     assert [s["idempotency_key"] is not None for s in creates] == [True, True, False, True]
     assert got["option"]["body"]["id"] != first["body"]["id"]
@@ -387,3 +388,27 @@ def test_a_node_batch_create_with_an_idempotency_key_is_one_batch_and_a_conflict
     for made in (first, got["option"]):
         [row] = settled_rows(proxy, made["body"]["id"])
         assert row["cost_nanos"] > 0
+
+
+def test_a_node_batch_create_that_timed_out_in_the_sdk_is_retried_into_the_same_batch(
+    proxy: Tollgate, upstream: Simulator
+) -> None:
+    before = arrivals(upstream, "POST", "/v1/batches")
+    upstream.configure(batch_answer_ms=2500)  # longer than the SDK's timeout of 1.5 s
+    try:
+        got = node(proxy, "timed_out")["timed_out"]
+    finally:
+        upstream.configure(batch_answer_ms=0)
+    created = got["created"]
+    creates = [s for s in got["sent"] if s["url"].endswith("/v1/batches") and s["method"] == "POST"]
+    assert len(creates) >= 2  # the first ran out of time and was retried
+    assert [s["retry_count"] for s in creates] == [str(i) for i in range(len(creates))]
+    assert {s["timeout"] for s in creates} == {"1"}  # whole seconds
+    assert created["headers"]["x-tollgate-replay-of"] is not None
+    assert created["headers"]["x-tollgate-cost-usd"] == "0"
+    assert got["batches"] == [created["body"]["id"]]  # one batch, not one per attempt
+    assert arrivals(upstream, "POST", "/v1/batches") == before + 1  # the first alone
+    [row] = settled_rows(proxy, created["body"]["id"])
+    assert row["cost_nanos"] > 0
+    first = proxy.row(created["headers"]["x-tollgate-replay-of"])
+    assert first["response_id"] == created["body"]["id"]

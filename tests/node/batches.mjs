@@ -320,6 +320,21 @@ const CASES = {
     for (const made of [first, option]) await ended(design, made.body.id);
     return { file: file.id, first, again, option, conflict };
   },
+  timed_out: async () => {
+    // The SDK's timeout bounds the whole request, and it retries one that ran out (its
+    // retry count in `x-stainless-retry-count`, the timeout in `x-stainless-timeout`):
+    // the create's retry is a repeat of the first, which made a batch.
+    const impatient = client(KEYS.design, { maxRetries: 4 });
+    const file = await impatient.files.create({ file: await jsonl([generation("node-t1")]), purpose: "batch" });
+    const body = { input_file_id: file.id, endpoint: GENERATIONS, completion_window: "24h" };
+    const created = await answered(impatient.batches.create(body, { timeout: 1500 }));
+    const batches = [];
+    for await (const batch of design.batches.list()) {
+      if (batch.input_file_id === file.id) batches.push(batch.id);
+    }
+    await ended(design, created.body.id);
+    return { file: file.id, created, batches };
+  },
   refusals: async () => {
     const made = await batchOf(design, [generation("node-f1")], GENERATIONS);
     const fileId = made.file.body.id;
