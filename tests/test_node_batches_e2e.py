@@ -130,7 +130,8 @@ def test_a_node_batch_of_generations_is_read_back_and_settled_line_by_line(
         GENERATIONS,
         {"from": "node"},
     )
-    assert batch.request_counts is not None and batch.request_counts.completed == 2
+    assert batch.request_counts is not None
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (2, 1)
     # The SDK's multipart order: the file first, then the purpose (Python's is the other).
     [upload] = [s for s in got["sent"] if s["url"].endswith("/v1/files")]
     assert fields(upload) == ["file", "purpose"]
@@ -147,8 +148,13 @@ def test_a_node_batch_of_generations_is_read_back_and_settled_line_by_line(
     assert content["accept"] == "application/binary"
     assert got["output_file"]["body"]["purpose"] == "batch_output"
     assert got["output_file"]["body"]["id"] == batch.output_file_id
+    # The error file too: the line refused when it ran, billed nothing.
+    [error] = got["errors"]["lines"]
+    assert (error["custom_id"], error["response"]["status_code"]) == ("node-g3", 400)
+    assert error["response"]["body"]["error"]["type"] == "image_generation_user_error"
+    assert "node-g3" not in billed_lines(upstream, batch.id)
     # The input file as forwarded: the file priced, each line as the team wrote it.
-    assert [x["custom_id"] for x in got["input"]["lines"]] == ["node-g1", "node-g2"]
+    assert [x["custom_id"] for x in got["input"]["lines"]] == ["node-g1", "node-g2", "node-g3"]
     assert got["input"]["lines"][1]["body"]["n"] == 2
     # Each line charged what the simulator billed for it, at the batch rates, and the
     # output file read by the SDK prices the same.

@@ -194,10 +194,13 @@ async function ranToTheEnd(items, endpoint, extra = {}) {
 }
 
 const CASES = {
-  generations: () =>
-    ranToTheEnd([generation("node-g1"), generation("node-g2", { n: 2 })], GENERATIONS, {
-      metadata: { from: "node" },
-    }),
+  generations: async () => {
+    // The third line is refused by moderation when it runs: it is in the error file.
+    const refusedLine = generation("node-g3", { prompt: "A forbidden line, from Node" });
+    const items = [generation("node-g1"), generation("node-g2", { n: 2 }), refusedLine];
+    const ran = await ranToTheEnd(items, GENERATIONS, { metadata: { from: "node" } });
+    return { ...ran, errors: await lines(design, ran.ended.error_file_id) };
+  },
   responses: () => ranToTheEnd([response("node-r1"), response("node-r2")], RESPONSES),
   listed: async () => {
     // Three batches of this team, listed a page of one at a time (`for await` follows
