@@ -61,6 +61,23 @@ def test_other_methods_and_paths_still_go_through_the_routes(client: TestClient)
     assert missing.json()["error"]["code"] == "not_found"
 
 
+def test_an_upload_without_a_purpose_is_refused_as_missing_it(client: TestClient) -> None:
+    # The Node SDK checks no required parameter at run time: `files.create({file})` sends
+    # the form without one.
+    line = json.dumps({**BATCH_LINE, "custom_id": "a"}).encode() + b"\n"
+    for data in ({}, {"purpose": ""}):
+        answer = client.post(
+            "/v1/files", headers=HEADERS, files={"file": ("in.jsonl", line)}, data=data
+        )
+        assert answer.status_code == 400
+        error = answer.json()["error"]
+        if data:
+            assert error["message"].endswith("not ''."), error
+        else:
+            assert error["message"] == "Missing required parameter: 'purpose'.", error
+        assert (error["param"], error["code"]) == ("purpose", "invalid_request")
+
+
 def test_a_fault_of_tollgate_is_a_500_in_openai_shape(
     client: TestClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

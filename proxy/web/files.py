@@ -223,6 +223,8 @@ def checked_form(form: Any) -> tuple[str, UploadFile, list[tuple[str, str]]]:
     if not isinstance(upload, UploadFile):
         raise InvalidRequest("Missing required parameter: 'file'.", param="file")
     purpose = seen.get("purpose")
+    if purpose is None:
+        raise InvalidRequest("Missing required parameter: 'purpose'.", param="purpose")
     if purpose not in PURPOSES:
         raise InvalidRequest(
             f"Tollgate forwards files for purposes {', '.join(PURPOSES)}, not {purpose!r}.",
