@@ -428,6 +428,34 @@ def test_a_stream_with_an_unreadable_completed_event_charges_the_estimate_flagge
     assert (row["error_code"], row["reserved_nanos"]) == ("malformed_answer", 0)
 
 
+def test_a_stream_that_ends_with_fewer_completed_images_than_asked_charges_its_bound_flagged(
+    tollgate: Tollgate, simulator: Simulator
+) -> None:
+    """Two images asked; the stream ends cleanly after the first one's completed event (each
+    carries one image). Whether the upstream billed the second is unknown, and it did: the
+    first image's usage alone was charged, below the bill, unflagged. The bound is charged,
+    flagged, and it covers the bill."""
+    with tollgate.client().images.with_streaming_response.generate(
+        model="gpt-image-2",
+        prompt="[[fault:dropcompleted]]",
+        quality="low",
+        size="1024x1024",
+        n=2,
+        stream=True,
+    ) as response:
+        request_id = response.headers["x-tollgate-request-id"]
+        events = [e.type for e in response.parse()]
+    assert events == ["image_generation.completed"]
+    row = wait_settled(tollgate, request_id)
+    billed = expected_cost(simulator.record(row["upstream_request_id"]))
+    assert (row["outcome"], row["flagged"], row["error_code"]) == (
+        "ok", 1, "stream_images_missing",
+    )  # fmt: skip
+    assert row["cost_nanos"] == row["estimated_nanos"]
+    assert Decimal(row["cost_nanos"]) / 10**9 >= billed > 0
+    assert row["reserved_nanos"] == 0
+
+
 def test_client_disconnect_is_still_metered(tollgate: Tollgate, simulator: Simulator) -> None:
     simulator.configure(latency_ms=1500)
     before = len(tollgate.rows())

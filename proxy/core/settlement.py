@@ -36,6 +36,8 @@ MALFORMED_ANSWER = "malformed_answer"
 ANSWER_NOT_HELD = "answer_not_held"
 """A whole 2xx answer Tollgate had no memory or disk to hold while it metered it."""
 OVER_BOUND = "usage_over_bound"
+IMAGES_MISSING = "stream_images_missing"
+"""A stream that ended cleanly with fewer completed images than it asked for."""
 ROUNDING_NANOS = 2
 """How far a charge may pass its bound by rounding alone: a Responses request's two parts
 are each rounded up once when charged, its bound once over both."""
@@ -333,6 +335,10 @@ def stream_ended(bound: Bound, end: StreamEnd) -> Verdict:
     if end.broken is None and end.completed and end.error is None and not end.unreadable:
         if end.unmetered:
             return Verdict("ok", dearer(bound, seen))
+        if end.completed < bound.n:
+            # Each completed event carries one image: the others never came, and whether
+            # the upstream billed them (it bills the images it renders) is unknown.
+            return Verdict("ok", dearer(bound, seen), IMAGES_MISSING)
         return answered(bound, end.usage, end.completed)
     if end.error is not None and not (end.completed or end.partials or end.unreadable):
         return refused(error_code_of(end.error))

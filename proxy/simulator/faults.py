@@ -13,6 +13,9 @@
                         completed event's data
     [[fault:nousage]]   200 without `usage` (billed)
     [[fault:truncate]]  a stream cut before its completed event (billed)
+    [[fault:dropcompleted]] a stream of several images ends cleanly without its last
+                        image's completed event (billed for every image): OpenAI does not
+                        document how many completed events a stream of `n` > 1 sends
     [[fault:texttokens]] usage reports `TEXT_OUTPUT_TOKENS` text output tokens too (in
                         `output_tokens_details`, and in the first completed event of a
                         stream), whatever the model
@@ -67,6 +70,7 @@ Fault = Literal[
     "garbage",
     "nousage",
     "truncate",
+    "dropcompleted",
     "texttokens",
     "textnodetails",
     "echo",
