@@ -378,8 +378,9 @@ class Batches:
         the upstream's list says (a batch of this input file not yet Tollgate's is followed).
         When it does not, the upstream may still be creating it (it reads the whole file
         first) and would bill its lines: the bound is charged, flagged for reconciliation, as
-        any request that may have been billed. Else the reservation is released. Whether
-        the batch was found and is followed."""
+        any request that may have been billed, and the batch, once listed, is the team's
+        (`watch_orphan`). Else the reservation is released. Whether the batch was found and
+        is followed."""
         if isinstance(failure, UpstreamFailure) and failure.maybe_billed:
             found = await _batch_of_file(runtime, file_id, project)
             if found is not None and await runtime.ledger.stored(found[0]) is None:
@@ -388,7 +389,11 @@ class Batches:
                     await self.follow(runtime, entry, stored, found[0], project, found[1])
                     return True
             await release(runtime, entry, failure.status, failure.ledger_code, charged=usage)
-            stored = await runtime.ledger.stored(file_id)
+            try:
+                stored = await runtime.ledger.stored(file_id)
+            except LedgerError as exc:
+                log.error("reading file %s to look for its batch failed: %s", file_id, exc)
+                return False
             if stored is not None and entry.team:
                 # The upstream may still be reading the file: the batch it makes is the
                 # team's once it is listed, so that the team reads what it paid for.
@@ -685,10 +690,9 @@ async def adopt_orphan(
     return batch_id
 
 
-ORPHAN_WATCH_S = (5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1800.0)
+ORPHAN_WATCH_S = (5.0, 15.0, 30.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1800.0, 3600.0)
 """When a create charged its bound with no batch found looks again for the batch the
-upstream may still be making of its file, in seconds after its answer was lost (about an
-hour in all)."""
+upstream may still be making of its file, in seconds after its answer was lost."""
 
 
 def watch_orphan(runtime: Runtime, team: str, stored: StoredObject, since: float) -> None:
