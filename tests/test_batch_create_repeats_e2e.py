@@ -239,3 +239,83 @@ def test_a_create_answered_a_server_error_that_made_no_batch_is_released(
     row = keeping_nothing.row(failed.value.response.headers["x-tollgate-request-id"])
     assert (row["state"], row["held"], row["cost_nanos"]) == ("settled", 0, 0)
     assert [b["id"] for b in upstream_batches(simulator, uploaded.id) or ()] == [made.id]
+
+
+# -- a create that timed out while the upstream was still reading its file ----------------
+
+
+def lost_create(
+    client: openai.OpenAI, simulator: Simulator, asked: dict[str, Any], key: dict[str, str]
+) -> openai.APIStatusError:
+    """A create whose answer Tollgate stops waiting for (`timeout_s: 3`) while the upstream
+    is still reading its file: no batch of the file is listed when Tollgate looks, and the
+    upstream makes it after. The client's 504."""
+    simulator.configure(batch_read_ms=5_000)
+    try:
+        with pytest.raises(openai.APIStatusError) as failed:
+            client.batches.create(**asked, extra_headers=key)
+    finally:
+        simulator.configure(batch_read_ms=0)
+    assert failed.value.status_code == 504
+    assert failed.value.response.headers["x-should-retry"] == "false"
+    return failed.value
+
+
+@pytest.mark.parametrize("repeat", ["idempotency-key", "sdk-retry"])
+def test_a_repeat_of_a_create_that_timed_out_before_its_batch_was_made_names_that_batch(
+    keeping_nothing: Tollgate, simulator: Simulator, repeat: str
+) -> None:
+    """The create's bound is charged, flagged, with no batch on record; the batch the
+    upstream made after was no one's: its team paid for it but could neither see it nor
+    read its output, and a repeat of the create got the 504 again and nothing more. The
+    repeat names the batch, which is the team's, and is still never sent again."""
+    proxy = keeping_nothing
+    client = proxy.client().with_options(max_retries=0)
+    uploaded = upload(client, generations("gpt-image-2", 2))
+    asked = {"input_file_id": uploaded.id, "endpoint": GENERATIONS, "completion_window": "24h"}
+    key = {"Idempotency-Key": f"lost-{uploaded.id}"} if repeat == "idempotency-key" else {}
+    first = lost_create(client, simulator, asked, key)
+    first_id = first.response.headers["x-tollgate-request-id"]
+    [made] = wait_for("the batch made upstream", lambda: upstream_batches(simulator, uploaded.id))
+    retry = {"x-stainless-retry-count": "1"} if repeat == "sdk-retry" else {}
+    with pytest.raises(openai.APIStatusError) as again:
+        client.batches.create(**asked, extra_headers={**key, **retry})  # type: ignore[arg-type]
+    assert again.value.status_code == 504
+    assert again.value.response.headers["x-tollgate-replay-of"] == first_id
+    assert again.value.response.headers["x-should-retry"] == "false"
+    assert f"GET /v1/batches/{made['id']}" in again.value.message
+    assert [b["id"] for b in upstream_batches(simulator, uploaded.id) or ()] == [made["id"]]
+    # The team's: listed, read, its output read; another team's list does not show it.
+    assert made["id"] in [b.id for b in client.batches.list(limit=100)]
+    batch = ended(client, made["id"])
+    assert batch.status == "completed" and batch.output_file_id is not None
+    assert len(client.files.content(batch.output_file_id).text.splitlines()) == 2
+    assert made["id"] not in [b.id for b in proxy.client(RESEARCH_KEY).batches.list()]
+    # Paid for once: the create's bound, flagged; the repeat at no cost.
+    charged = proxy.row(first_id)
+    assert (charged["state"], charged["flagged"]) == ("settled", 1)
+    lines = billed_lines(simulator, made["id"])
+    billed = sum(batch_cost("gpt-image-2", record_tokens(r)) for r in lines.values())
+    assert charged["cost_nanos"] >= billed > 0
+    replay = proxy.row(again.value.response.headers["x-tollgate-request-id"])
+    assert (replay["outcome"], replay["cost_nanos"]) == ("replayed", 0)
+
+
+def test_the_batch_of_a_create_that_timed_out_before_it_was_made_is_the_teams_unasked(
+    keeping_nothing: Tollgate, simulator: Simulator
+) -> None:
+    """No repeat comes: Tollgate looks again for the batch the upstream may still be
+    making of the file, and it is the team's once it is listed, in the team's own list."""
+    client = keeping_nothing.client().with_options(max_retries=0)
+    uploaded = upload(client, generations("gpt-image-2", 1))
+    asked = {"input_file_id": uploaded.id, "endpoint": GENERATIONS, "completion_window": "24h"}
+    lost_create(client, simulator, asked, {})
+    [made] = wait_for("the batch made upstream", lambda: upstream_batches(simulator, uploaded.id))
+
+    def listed() -> bool | None:
+        return made["id"] in [b.id for b in client.batches.list(limit=100)] or None
+
+    wait_for("the batch in the team's list", listed)
+    batch = ended(client, made["id"])
+    assert batch.status == "completed" and batch.output_file_id is not None
+    assert len(client.files.content(batch.output_file_id).text.splitlines()) == 1

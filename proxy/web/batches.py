@@ -378,8 +378,9 @@ class Batches:
         the upstream's list says (a batch of this input file not yet Tollgate's is followed).
         When it does not, the upstream may still be creating it (it reads the whole file
         first) and would bill its lines: the bound is charged, flagged for reconciliation, as
-        any request that may have been billed. Else the reservation is released. Whether
-        the batch was found and is followed."""
+        any request that may have been billed, and the batch, once listed, is the team's
+        (`watch_orphan`). Else the reservation is released. Whether the batch was found and
+        is followed."""
         if isinstance(failure, UpstreamFailure) and failure.maybe_billed:
             found = await _batch_of_file(runtime, file_id, project)
             if found is not None and await runtime.ledger.stored(found[0]) is None:
@@ -388,6 +389,15 @@ class Batches:
                     await self.follow(runtime, entry, stored, found[0], project, found[1])
                     return True
             await release(runtime, entry, failure.status, failure.ledger_code, charged=usage)
+            try:
+                stored = await runtime.ledger.stored(file_id)
+            except LedgerError as exc:
+                log.error("reading file %s to look for its batch failed: %s", file_id, exc)
+                return False
+            if stored is not None and entry.team:
+                # The upstream may still be reading the file: the batch it makes is the
+                # team's once it is listed, so that the team reads what it paid for.
+                watch_orphan(runtime, entry.team, stored, entry.started_at)
             return False
         await release(runtime, entry, failure.status, failure.code)
         return False
@@ -580,13 +590,19 @@ async def replay_create(
         if kept is not None and kept.team == team:
             return await repeats.replayed(runtime, entry, first.request_id, kept, headers)
         if first.settled and repeats.unanswered(first):
-            return await repeats.failed_again(runtime, entry, team, first, headers)
+            named = ""
+            if first.made is None:
+                # Charged its bound, no batch of the file found when its answer was lost:
+                # the upstream, still reading the file then, may have made it since.
+                made = await adopt_orphan(runtime, team, stored, first.started_at)
+                named = f" {orphan_named(made)}." if made is not None else ""
+            return await repeats.failed_again(runtime, entry, team, first, headers, named)
         if first.settled and first.made is None and repeats.charged(first, found.key is not None):
             # Charged its bound with no batch on record: its process stopped (killed) after
             # the create was sent, and the reservation was reclaimed. The upstream may have
             # made the batch, which runs and bills: a second create would make, and bill,
             # another.
-            why = await orphan_found(runtime, team, stored, repeats.CHARGED)
+            why = await orphan_found(runtime, team, stored, repeats.CHARGED, first.started_at)
             return await repeats.not_kept(runtime, entry, team, first, headers, why)
         if (first.held or first.settled) and first.made is not None:
             # Its batch was made (and is followed, or ended and was settled), but its
@@ -607,22 +623,50 @@ async def replay_create(
         elif runtime.clock() >= deadline:
             # Neither answered nor settled by now: its process stopped while the create may
             # have reached the upstream, and it is reclaimed at its bound.
-            why = await orphan_found(runtime, team, stored, repeats.LOST)
+            why = await orphan_found(runtime, team, stored, repeats.LOST, first.started_at)
             return await repeats.not_kept(runtime, entry, team, first, headers, why)
         await asyncio.sleep(repeats.WAIT_S)
         first = await repeats.first_of(runtime, team, found, runtime.clock()) or first
 
 
-async def orphan_found(runtime: Runtime, team: str, stored: StoredObject, why: str) -> str:
-    """`why` a first create attempt lost with its process is not sent again, naming the
-    batch it made when the upstream has one of the input file `stored` that is no one's
-    yet: that batch becomes `team`'s, so that it can be read with its output (it is not
-    followed: the first's bound is charged for it, flagged)."""
+ORPHAN_SKEW_S = 60.0
+"""How far OpenAI's clock may be behind Tollgate's: a batch of the file created more than
+this before a create was sent is an earlier batch, not the one that create made."""
+
+
+async def orphan_found(
+    runtime: Runtime, team: str, stored: StoredObject, why: str, since: float
+) -> str:
+    """`why` a first create attempt (sent at `since`) lost with its process is not sent
+    again, naming the batch it made when the upstream has one of the input file `stored`
+    (`adopt_orphan`)."""
+    made = await adopt_orphan(runtime, team, stored, since)
+    return why if made is None else f"{why}; {orphan_named(made)}"
+
+
+def orphan_named(batch_id: str) -> str:
+    return (
+        f"the batch it made upstream, {batch_id}, is your team's: retrieve it "
+        f"(GET /v1/batches/{batch_id}) rather than create another"
+    )
+
+
+async def adopt_orphan(
+    runtime: Runtime, team: str, stored: StoredObject, since: float
+) -> str | None:
+    """The batch the upstream made of the input file `stored` for a create sent at `since`
+    that was charged its bound with no batch on record (its answer lost, its process
+    stopped): the newest batch of the file the upstream lists, created since then, no one's
+    yet or `team`'s already. One no one's becomes `team`'s, so that it can be read with its
+    output (it is not followed: the create's bound is charged for it, flagged). None: the
+    upstream lists none (yet)."""
     project = created_under(runtime, stored)
     made = await _batch_of_file(runtime, stored.id, project)
     if made is None:
-        return why
+        return None
     batch_id, created_at = made
+    if created_at is not None and created_at < since - ORPHAN_SKEW_S:
+        return None  # an earlier batch of the file: the create's is not listed yet
     owner = await runtime.ledger.stored(batch_id)
     if owner is None:
         at = runtime.clock() if created_at is None else created_at
@@ -635,13 +679,41 @@ async def orphan_found(runtime: Runtime, team: str, stored: StoredObject, why: s
             )  # fmt: skip
         except LedgerError as exc:
             log.error("recording batch %s failed: %s", batch_id, exc)
-            return why
+            return None
+        log.warning(
+            "batch %s of file %s, made upstream for a create charged its bound with no "
+            "batch on record, is team %s's",
+            batch_id, stored.id, team,
+        )  # fmt: skip
     elif owner.team != team:
-        return why
-    return (
-        f"{why}; the batch it made upstream, {batch_id}, is your team's: retrieve it "
-        f"(GET /v1/batches/{batch_id}) rather than create another"
-    )
+        return None
+    return batch_id
+
+
+ORPHAN_WATCH_S = (5.0, 15.0, 30.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1800.0, 3600.0)
+"""When a create charged its bound with no batch found looks again for the batch the
+upstream may still be making of its file, in seconds after its answer was lost."""
+
+
+def watch_orphan(runtime: Runtime, team: str, stored: StoredObject, since: float) -> None:
+    """Look for the batch a create sent at `since`, charged its bound with no batch found,
+    may yet become (`adopt_orphan`), at each of `ORPHAN_WATCH_S` until it is found; a
+    process stopping stops the watch (a repeat of the create still looks)."""
+
+    def at(step: int) -> None:
+        async def check() -> None:
+            try:
+                found = await adopt_orphan(runtime.newest(), team, stored, since)
+            except Exception:  # a fault of its own must not end the process's tasks
+                log.exception("looking for the batch of file %s failed", stored.id)
+                found = None
+            if found is None and step + 1 < len(ORPHAN_WATCH_S):
+                at(step + 1)
+
+        delay = ORPHAN_WATCH_S[step] - (ORPHAN_WATCH_S[step - 1] if step else 0.0)
+        runtime.tasks.later(delay, check)
+
+    at(0)
 
 
 async def batch_now(

@@ -245,16 +245,22 @@ async def not_kept(
 
 
 async def failed_again(
-    runtime: Runtime, entry: Entry, team: str, first: FirstAttempt, headers: dict[str, str]
+    runtime: Runtime,
+    entry: Entry,
+    team: str,
+    first: FirstAttempt,
+    headers: dict[str, str],
+    found: str = "",
 ) -> Response:
     """A repeat of an `unanswered` first attempt: its failure again, recorded as `replayed`
     at no cost, never forwarded (the SDKs retry a 502 or 504; OpenAI may have billed the
-    first already, and would bill the repeat too)."""
+    first already, and would bill the repeat too). `found`: a sentence naming what the
+    first made upstream after all, which the team can read."""
     kind: type[UpstreamFailure] = UpstreamTimeout if first.status == 504 else UpstreamUnavailable
     failure = kind(
         f"The first attempt of this request ({first.request_id}) got no answer from the "
         "upstream after it was sent, and OpenAI may have billed it: Tollgate does not send "
-        "it again. Send it as a new request (without a retry count or with a new "
+        f"it again.{found} Send it as a new request (without a retry count or with a new "
         "Idempotency-Key) to pay for another.",
         maybe_billed=True,
     )
