@@ -357,6 +357,8 @@ class Batches:
         found = await _batch_of_file(runtime, stored.id, project)
         if found is None or await runtime.ledger.stored(found[0]) is not None:
             return False
+        if found[1] is not None and found[1] < entry.started_at - ORPHAN_SKEW_S:
+            return False  # an earlier batch of the file, not one this create made
         log.warning(
             "batch create %s was answered a server error, and the upstream lists a batch of "
             "its file, %s: followed as the create's",
