@@ -9,10 +9,12 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.core.asked import MAX_ASKED_CHARS, images_asked
+from proxy.core.asked import images_asked
 from proxy.core.image_params import MAX_INTEGER, MAX_USER_CHARS
-from proxy.core.models import Asked, Entry
-from proxy.doors.responses import responses_asked
+from proxy.core.models import MAX_ASKED_CHARS, Asked, Entry
+from proxy.core.parsing import parse_request
+from proxy.core.settings import Allow, Team
+from proxy.doors.responses import read_body, responses_asked
 
 JSON = "application/json"
 DEFAULT_MODEL = "gpt-image-2"
@@ -187,3 +189,28 @@ def test_an_entry_refused_before_it_was_understood_records_what_it_asked() -> No
         None,
         0,
     )
+
+
+def test_a_parsed_request_records_no_model_quality_or_size_too_long_for_the_ledger() -> None:
+    """The parse takes a model, a quality and a Responses tool's size of any length (the
+    price book refuses them after): its row recorded them whole, megabytes of a client's
+    text, where it now records nothing."""
+    long = "x" * (MAX_ASKED_CHARS + 1)
+    body = json.dumps({"model": long, "prompt": "a cat", "quality": long, "size": "1024x1024"})
+    request = parse_request("generations", JSON, body.encode(), DEFAULT_MODEL).request
+    row = Entry("tg_req_1", 1.0, "generations").asked(request)
+    assert (row.model_requested, row.quality_requested, row.size_requested) == (
+        None,
+        None,
+        "1024x1024",
+    )
+    team = Team("design", None, (), (), (), Allow(), ())
+    tool = {"type": "image_generation", "model": long, "quality": long, "size": long}
+    fields = {"model": long, "input": "a cat", "tools": [tool], "max_output_tokens": 300}
+    response = read_body(fields, 100, DEFAULT_MODEL, team).request
+    row = Entry("tg_req_2", 1.0, "responses").asked(response)
+    assert (row.mainline_model, row.model_requested, row.quality_requested) == (None,) * 3
+    assert row.size_requested is None
+    short = {**fields, "model": "gpt-5.5", "tools": [{**tool, "model": "m" * MAX_ASKED_CHARS}]}
+    row = Entry("tg_req_3", 1.0, "responses").asked(read_body(short, 100, "x", team).request)
+    assert (row.mainline_model, row.model_requested) == ("gpt-5.5", "m" * MAX_ASKED_CHARS)

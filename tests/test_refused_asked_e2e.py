@@ -113,3 +113,22 @@ def test_a_response_refused_at_its_parse_records_its_models(tollgate: Tollgate) 
     assert row["endpoint"] == "responses"
     assert row["mainline_model"] == "gpt-5.5"
     assert tuple(row[c] for c in COLUMNS[:3]) == ASKED[:3]
+
+
+def test_a_model_name_too_long_for_the_ledger_is_not_recorded_where_it_is_refused(
+    tollgate: Tollgate,
+) -> None:
+    """A model of 3,000 characters passes the parse and is refused as unpriced: its row
+    recorded the whole name (the ledger keeps no client text without a bound); it now
+    records none, and the rest of what was asked."""
+    with tollgate.client() as sdk:
+        with pytest.raises(openai.BadRequestError) as caught:
+            sdk.images.generate(model="m" * 3000, prompt="a lighthouse", quality="low", n=2)
+        assert caught.value.code == "unpriced_model"  # type: ignore[attr-defined]
+        row = refused_row(tollgate, caught.value)
+        assert tuple(row[c] for c in COLUMNS) == (None, "low", "auto", 2)
+        with pytest.raises(openai.BadRequestError) as caught:
+            sdk.responses.create(model="m" * 3000, input="a lighthouse", max_output_tokens=300)
+        assert caught.value.code == "unpriced_model"  # type: ignore[attr-defined]
+        row = refused_row(tollgate, caught.value)
+        assert row["mainline_model"] is None

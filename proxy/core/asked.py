@@ -28,14 +28,9 @@ from proxy.core.image_params import (
     part_text,
 )
 from proxy.core.input_images import IMAGE_FIELDS
-from proxy.core.models import Asked, Endpoint
+from proxy.core.models import MAX_ASKED_CHARS, Asked, Endpoint
 from proxy.core.multipart import Part
 from proxy.core.parsing import read_form
-
-MAX_ASKED_CHARS = 256
-"""The longest model, quality or size recorded of a refused request: a model's name is
-a few dozen characters (a fine-tuned one's under a hundred), a size eleven; longer text
-is a client's, which the ledger does not keep."""
 
 
 def images_asked(endpoint: Endpoint, content_type: str, body: bytes, default_model: str) -> Asked:
