@@ -162,7 +162,8 @@ def dumped(entry: Entry, settlement: Settlement) -> str:
         "model_requested": entry.model_requested, "model": entry.model,
         "mainline_model": entry.mainline_model, "quality_requested": entry.quality_requested,
         "quality": entry.quality, "size_requested": entry.size_requested, "size": entry.size,
-        "n": entry.n, "stream": entry.stream, "downgrades": entry.downgrades or None,
+        "n_requested": entry.n_requested, "n": entry.n, "stream": entry.stream,
+        "downgrades": entry.downgrades or None,
         "outcome": settlement.outcome, "status": settlement.status,
         "error_code": settlement.error_code, "cost_usd": usd_text(settlement.cost_nanos),
         "mainline_cost_usd": (

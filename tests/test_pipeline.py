@@ -12,7 +12,7 @@ from starlette.testclient import TestClient
 from proxy.core.auth import key_hash
 from proxy.core.budgets import Variant
 from proxy.core.errors import LedgerUnavailable, PolicyViolation
-from proxy.core.models import Endpoint, ImageRequest
+from proxy.core.models import Asked, Endpoint, ImageRequest
 from proxy.core.parsing import ParsedBody
 from proxy.core.settings import Config, Limits, Team
 from proxy.core.settlement import Bound
@@ -178,6 +178,61 @@ def test_what_the_door_refuses_is_recorded_and_never_forwarded(app: Gateway) -> 
     assert answer.headers["x-tollgate-cost-usd"] == "0"
     assert "upstream_path" not in door.asked
     assert row.settlement is not None and row.settlement.outcome == "rejected_policy"
+
+
+def test_a_body_its_door_cannot_parse_is_recorded_with_what_it_asked_and_refused_as_before(
+    tmp_path: Path,
+) -> None:
+    """Its row records the model, quality, size, `n` and user its body asked; its answer
+    says the room of the team's budget, as it did, not that of the user's budget its row
+    now names (what was read of a refused body decides nothing)."""
+    write_config(tmp_path, "http://simulated/v1", teams={
+        "web": f"""
+            name: web
+            keys:
+              - {{id: k, sha256: {key_hash(KEY)}}}
+            budgets:
+              - {{period: month, limit_usd: 100}}
+            per_user:
+              - {{period: day, limit_usd: 2}}
+        """,
+    })  # fmt: skip
+    app = in_process(tmp_path)
+    refused = {**BODY, "n": 2, "user": "ada", "partial_images": 2}
+    with TestClient(app) as client:
+        answer = client.post(PATH, json=refused, headers=HEADERS)
+        [row] = rows(client, app)
+    assert answer.status_code == 400
+    assert answer.json()["error"]["param"] == "partial_images"
+    assert answer.headers["x-tollgate-budget-remaining-usd"] == "100"
+    entry = row.entry
+    assert (entry.model_requested, entry.quality_requested, entry.size_requested) == (
+        "gpt-image-1",
+        "low",
+        "1024x1024",
+    )
+    assert (entry.n_requested, entry.user, entry.model) == (2, "ada", None)
+    assert row.settlement is not None and row.settlement.outcome == "client_error"
+
+
+class UnreadableDoor(ImagesDoor):
+    """The Images door, whose reading of what a refused body asked fails."""
+
+    def asked(self, content_type: str, body: bytes, config: Config) -> Asked:
+        raise RuntimeError("a fault of the reading's own")
+
+
+def test_a_fault_reading_what_a_refused_body_asked_leaves_its_refusal_as_it_was(
+    app: Gateway,
+) -> None:
+    app.images = {**app.images, PATH: Pipeline(UnreadableDoor("generations"))}
+    with TestClient(app) as client:
+        answer = client.post(PATH, json={**BODY, "partial_images": 2}, headers=HEADERS)
+        [row] = rows(client, app)
+    assert answer.status_code == 400
+    assert answer.json()["error"]["param"] == "partial_images"
+    assert row.entry.model_requested is None
+    assert row.settlement is not None and row.settlement.outcome == "client_error"
 
 
 def test_a_fault_of_tollgates_own_leaves_no_request_in_flight(app: Gateway) -> None:

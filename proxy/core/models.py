@@ -178,6 +178,32 @@ def makes_images(mainline: str | None, n: int) -> bool:
     return mainline is None or n > 0
 
 
+MAX_ASKED_CHARS = 256
+"""The longest model, quality or size a row records of what a client asked: a model's name
+is a few dozen characters (a fine-tuned one's under a hundred), a size eleven. A longer
+one is refused (unpriced, or not a value the model takes), and recorded as nothing: the
+ledger keeps no client text without a bound (it kept megabytes of a model's "name")."""
+
+
+def kept(text: str | None) -> str | None:
+    """`text` when a row may record it (at most `MAX_ASKED_CHARS` characters); else None."""
+    return text if text is None or len(text) <= MAX_ASKED_CHARS else None
+
+
+@dataclass(frozen=True, slots=True)
+class Asked:
+    """What a request refused before its body was understood asked, as far as its body
+    could be read (`proxy.core.asked`): each field None when it could not be."""
+
+    model: str | None = None
+    quality: str | None = None
+    size: str | None = None
+    n: int | None = None
+    user: str | None = None
+    mainline: str | None = None
+    """The Responses API's mainline model (`model` is then its image tool's)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Estimate:
     """An upper bound of a request's cost, reserved before it is forwarded."""
@@ -265,6 +291,7 @@ class Entry:
         Entry(id, started_at, endpoint)          it arrived
           .identified(team, cost_center, key_id)  its key named a team
           .asked(request)                         its body was understood
+                                                  (.asking(asked): refused before it was)
           .sent(request, estimated_nanos, downgrades)  what is forwarded, and its bound
     """
 
@@ -318,15 +345,28 @@ class Entry:
         return Entry(
             self.id, self.started_at, self.endpoint, self.team, self.cost_center, self.key_id,
             user=request.user,
-            model_requested=request.model if images else None,
-            quality_requested=request.quality if images else None,
-            size_requested=request.size if images else None,
+            model_requested=kept(request.model) if images else None,
+            quality_requested=kept(request.quality) if images else None,
+            size_requested=kept(request.size) if images else None,
             n_requested=request.n,
             stream=request.stream,
-            mainline_model=request.mainline,
+            mainline_model=kept(request.mainline),
             context_images=len(request.images) if request.mainline else 0,
             content_digest=content_digest,
             idempotency_key=idempotency_key,
+        )  # fmt: skip
+
+    def asking(self, asked: Asked) -> Entry:
+        """What a request refused before its body was understood asked (its row then records
+        what it asked, not nothing): never a stage a forwarded request goes through."""
+        return Entry(
+            self.id, self.started_at, self.endpoint, self.team, self.cost_center, self.key_id,
+            user=asked.user,
+            model_requested=asked.model,
+            quality_requested=asked.quality,
+            size_requested=asked.size,
+            n_requested=asked.n,
+            mainline_model=asked.mainline,
         )  # fmt: skip
 
     def sent(self, request: ImageRequest, estimated_nanos: int, downgrades: str) -> Entry:

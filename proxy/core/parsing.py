@@ -102,18 +102,28 @@ def parse_request(
     endpoint: Endpoint, content_type: str, body: bytes, default_model: str
 ) -> ParsedBody:
     """Understand a client body for `endpoint`; raises InvalidRequest with OpenAI's wording."""
+    form = read_form(endpoint, content_type, body)
+    if isinstance(form, dict):
+        return _json_request(endpoint, form, default_model)
+    return _multipart_request(endpoint, form, default_model)
+
+
+def read_form(endpoint: Endpoint, content_type: str, body: bytes) -> dict[str, Any] | list[Part]:
+    """A client body for `endpoint` read as its content type says, not yet understood: a
+    JSON object, or multipart parts; InvalidRequest with OpenAI's wording when it is
+    neither (or of a content type `endpoint` does not take)."""
     media_type, options = (
         JSON_TYPE if content_type == "application/json" else parse_options_header(content_type)
     )
     if media_type == b"application/json" and endpoint != "variations":
         check_charset(options, "the request")
-        return _json_request(endpoint, body, default_model)
+        return json_object(body)
     if media_type == b"multipart/form-data" and endpoint != "generations":
         check_charset(options, "the request")
         boundary = options.get(b"boundary")
         if not boundary:
             raise InvalidRequest("Multipart body without a boundary.")
-        return _multipart_request(endpoint, parse_multipart(body, boundary), default_model)
+        return parse_multipart(body, boundary)
     expected = (
         "application/json"
         if endpoint == "generations"
@@ -129,9 +139,8 @@ def parse_request(
     )
 
 
-def _json_request(endpoint: Endpoint, body: bytes, default_model: str) -> ParsedBody:
+def _json_request(endpoint: Endpoint, given: dict[str, Any], default_model: str) -> ParsedBody:
     """A JSON body: generations, or edits whose images are references (URLs or file ids)."""
-    given = json_object(body)
     check_names(given, ACCEPTED[endpoint, False], ("images", "mask") if endpoint == "edits" else ())
     fields = typed_fields(given, endpoint, multipart=False)
     images: tuple[InputImage, ...] = ()

@@ -6,7 +6,7 @@ from typing import Protocol, TypeVar
 
 from proxy.core.budgets import Variant
 from proxy.core.errors import RequestError
-from proxy.core.models import Endpoint, ImageRequest
+from proxy.core.models import Asked, Endpoint, ImageRequest
 from proxy.core.settings import Config, Limits, Team
 from proxy.core.settlement import Bound, Metered, StreamEnd
 
@@ -67,6 +67,12 @@ class Door(Protocol[Parsed]):
 
     def request(self, parsed: Parsed) -> ImageRequest:
         """What the client asked for, as the ledger and the budgets see it."""
+        ...
+
+    def asked(self, content_type: str, body: bytes, config: Config) -> Asked:
+        """What a request refused before it was understood (`parse` refused its body, or a
+        step before `request`) asked, as far as its body can be read, for its ledger row
+        (`proxy.core.asked`): never anything its refusal or any decision reads."""
         ...
 
     def names_model(self, parsed: Parsed) -> bool:

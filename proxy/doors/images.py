@@ -6,10 +6,11 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from proxy.core.asked import images_asked
 from proxy.core.budgets import Variant, apply_allow
 from proxy.core.errors import RequestError, UnpricedModel
 from proxy.core.metering import BodyMeter, SseMeter
-from proxy.core.models import Endpoint, ImageRequest
+from proxy.core.models import Asked, Endpoint, ImageRequest
 from proxy.core.parsing import ParsedBody, parse_request
 from proxy.core.pricing import ModelPrices, PriceBook
 from proxy.core.settings import Config, Limits, Team
@@ -39,6 +40,9 @@ class ImagesDoor:
 
     def request(self, parsed: ParsedBody) -> ImageRequest:
         return parsed.request
+
+    def asked(self, content_type: str, body: bytes, config: Config) -> Asked:
+        return images_asked(self.endpoint, content_type, body, config.default_model)
 
     def names_model(self, parsed: ParsedBody) -> bool:
         return parsed.names_model

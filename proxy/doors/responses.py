@@ -40,6 +40,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from proxy.core.asked import field, label
 from proxy.core.budgets import Variant, apply_allow, priced
 from proxy.core.errors import InvalidRequest, PolicyViolation, UnpricedModel
 from proxy.core.image_params import (
@@ -49,7 +50,7 @@ from proxy.core.image_params import (
     check_output_format,
     check_user,
 )
-from proxy.core.models import Endpoint, Estimate, ImageRequest, InputImage, Usage
+from proxy.core.models import Asked, Endpoint, Estimate, ImageRequest, InputImage, Usage
 from proxy.core.parsing import json_object
 from proxy.core.pricing import MAX_N, REASONING_CONTEXTS, MainlinePrices
 from proxy.core.settings import Config, Limits, Team
@@ -169,19 +170,20 @@ class ResponsesDoor:
         return limits.edits_bytes  # input images may be sent inline, as for edits
 
     def parse(self, content_type: str, body: bytes, config: Config, team: Team) -> ResponseBody:
-        media_type = content_type.split(";", 1)[0].strip().lower()
-        if media_type != "application/json":
-            raise InvalidRequest(
-                f"Unsupported content type {content_type or '(none)'!r} for /v1/responses: "
-                "send application/json."
-            )
-        parsed = read_body(json_object(body), len(body), config.default_model, team)
+        parsed = read_body(json_body(content_type, body), len(body), config.default_model, team)
         mainline = config.prices.find_mainline(parsed.request.mainline or "")
         _continued_context(parsed.fields, parsed.request.mainline or "", mainline)
         return replace(parsed, mainline=mainline)
 
     def request(self, parsed: ResponseBody) -> ImageRequest:
         return parsed.request
+
+    def asked(self, content_type: str, body: bytes, config: Config) -> Asked:
+        try:
+            fields = json_body(content_type, body)
+        except InvalidRequest:
+            return Asked()
+        return responses_asked(fields, config.default_model)
 
     def names_model(self, parsed: ResponseBody) -> bool:
         return parsed.names_model
@@ -314,6 +316,42 @@ def mainline_bound(parsed: ResponseBody, mainline: MainlinePrices) -> Estimate:
 
 
 # -- reading the body ----------------------------------------------------------------
+
+
+def json_body(content_type: str, body: bytes) -> dict[str, Any]:
+    """The body, which must be a JSON object (`json_object`) sent as `application/json`."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise InvalidRequest(
+            f"Unsupported content type {content_type or '(none)'!r} for /v1/responses: "
+            "send application/json."
+        )
+    return json_object(body)
+
+
+def responses_asked(fields: Mapping[str, Any], default_model: str) -> Asked:
+    """What a Responses request refused before it was understood asked (`proxy.core.asked`):
+    its mainline model, and its first image_generation tool's model, quality and size
+    (none when it has no such tool, or `tool_choice: none` keeps it from being called,
+    as `makes_images` records a request that makes no image)."""
+    mainline = label(fields.get("model")) or None  # none is required: empty names none
+    tools = fields.get("tools")
+    tool = next(
+        (
+            t
+            for t in (tools if isinstance(tools, list) else ())
+            if isinstance(t, dict) and t.get("type") == "image_generation"
+        ),
+        None,
+    )
+    if tool is None or fields.get("tool_choice") == "none":
+        return Asked(mainline=mainline)
+    return Asked(
+        model=field(tool, "model", default_model),
+        quality=field(tool, "quality", "auto"),
+        size=field(tool, "size", "auto"),
+        mainline=mainline,
+    )
 
 
 def read_body(fields: dict[str, Any], size: int, default_model: str, team: Team) -> ResponseBody:

@@ -66,7 +66,7 @@ def log_request(entry: Entry, settlement: Settlement) -> None:
 _LINE = "{" + ", ".join(f'"{key}": %s' for key in (
     "request_id", "upstream_request_id", "team", "key_id", "endpoint", "model_requested",
     "model", "mainline_model", "quality_requested", "quality", "size_requested", "size",
-    "n", "stream", "downgrades", "outcome", "status", "error_code", "cost_usd",
+    "n_requested", "n", "stream", "downgrades", "outcome", "status", "error_code", "cost_usd",
     "mainline_cost_usd", "estimated_usd", "flagged", "latency_ms",
 )) + "}"  # fmt: skip
 _quoted = json.encoder.encode_basestring_ascii
@@ -90,7 +90,8 @@ def request_line(entry: Entry, settlement: Settlement) -> str:
         _text(entry.key_id), _text(entry.endpoint), _text(entry.model_requested),
         _text(entry.model), _text(mainline), _text(entry.quality_requested),
         _text(entry.quality), _text(entry.size_requested), _text(entry.size),
-        _number(entry.n), "true" if entry.stream else "false", _text(entry.downgrades or None),
+        _number(entry.n_requested), _number(entry.n), "true" if entry.stream else "false",
+        _text(entry.downgrades or None),
         _text(settlement.outcome), _number(settlement.status), _text(settlement.error_code),
         _quoted(usd_text(settlement.cost_nanos)),
         _quoted(usd_text(settlement.mainline_cost_nanos)) if mainline else "null",

@@ -165,12 +165,13 @@ class Pipeline(Generic[Parsed]):
         headers["x-tollgate-team"] = team.name
         entry = entry.identified(team.name, team.cost_center, key.id)
         caller = Caller(runtime, team, key, entry, headers)
+        body = None
         try:
             allow_endpoint(team, door.endpoint)
             body = await read_body(request, door.body_limit(runtime.config.limits), runtime.bodies)
             admitted = await decided(request, caller, partial(self.decide, request, body))
         except (RequestError, LedgerError) as exc:
-            return await self.refused(caller, exc)
+            return await self.refused(caller, exc, self.asked(request, body, caller))
         except Exception:
             # A fault of Tollgate's own, answered 500 (and logged) by the Gateway: the request
             # is no longer in flight, whatever raised.
@@ -263,27 +264,48 @@ class Pipeline(Generic[Parsed]):
             return Admitted(parsed, decision, paced, found, project)
         raise ServiceUnavailable("Attempts of this request keep arriving together; retry shortly.")
 
-    async def refused(self, caller: Caller, exc: RequestError | LedgerError) -> Response:
-        """The answer to a request refused before it was forwarded, recorded (a ledger that
-        cannot take it: only observed) under the runtime it was last decided under."""
+    def asked(self, request: Request, body: bytes | None, caller: Caller) -> Entry:
+        """The row of a request refused before it is forwarded: `caller.entry` once its body
+        was understood; before that (refused by its parse, or by a step before its request
+        was read off the parse), what its `body` asked as far as it can be read."""
+        entry = caller.entry
+        if entry.n_requested is not None or body is None:  # `Entry.asked` sets `n` always
+            return entry
+        content_type = request.headers.get("content-type", "")
+        try:
+            asked = self.door.asked(content_type, body, caller.runtime.config)
+        except Exception:
+            # A fault of the reading's own records nothing of what was asked: it never
+            # turns the refusal into a 500.
+            log.exception("reading what a refused request asked failed")
+            return entry
+        return entry.asking(asked)
+
+    async def refused(
+        self, caller: Caller, exc: RequestError | LedgerError, recorded: Entry
+    ) -> Response:
+        """The answer to a request refused before it was forwarded, recorded as `recorded`
+        (a ledger that cannot take it: only observed) under the runtime it was last decided
+        under. Its answer's headers are those of `caller.entry`: what the body read as
+        `recorded` says decides nothing, and no answer says it."""
         runtime, team, entry, headers = caller.runtime, caller.team, caller.entry, caller.headers
         if isinstance(exc, LedgerError):
-            return unavailable(runtime, entry, exc, headers)
+            return unavailable(runtime, recorded, exc, headers)
         if isinstance(exc, AuthenticationFailed):
             # Its key revoked (or its team removed) by a reload while it was read or
             # decided: refused as any unknown key, with no budget said.
-            return await refuse(runtime, entry, exc, headers)
+            return await refuse(runtime, recorded, exc, headers)
         if isinstance(exc, IdempotencyConflict):
             # Recorded without the key it reused: the key's repeats still find its first
             # attempt (and conflict), not this refusal (and be forwarded as new).
-            return await refuse(runtime, replace(entry, idempotency_key=None), exc, headers)
+            return await refuse(runtime, replace(recorded, idempotency_key=None), exc, headers)
         if isinstance(exc, RateLimited):
             runtime.metrics.rate_limited(team.name, exc.per, exc.metric)
-            return await refuse(runtime, entry, exc, headers)
+            return await refuse(runtime, recorded, exc, headers)
         headers.update(await rate_headers(runtime, team, entry))
         if not isinstance(exc, BudgetExceeded):  # which says it already
             headers.update(await budget_headers(runtime, team, entry.user))
-        return await refuse(runtime, entry, exc, headers)
+        return await refuse(runtime, recorded, exc, headers)
 
     async def continued(
         self, runtime: Runtime, team: Team, parsed: Parsed, previous: str
