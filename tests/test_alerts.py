@@ -303,7 +303,7 @@ async def test_a_reclaim_at_the_bound_announces_the_thresholds_it_crosses(
     notifier = alerts_for(config((receiver.url,)), ledger)
     await reserve(ledger, 6 * NANOS, 1)  # 60 % once charged
     me = housekeeping.this_process()
-    await ledger.register(me, NOW)
+    await ledger.register(me)
     charged = await housekeeping.reclaim_once(
         ledger, me, NOW + 7200, after_s=3600.0, reclaimed=notifier.reclaimed
     )

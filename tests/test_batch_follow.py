@@ -144,7 +144,7 @@ def follow_until(
     async def run() -> Polled:
         ledger = await open_ledger(f"sqlite:///{tmp_path / 'tollgate.db'}")
         try:
-            await ledger.register(Owner("me", "host", 1), CREATED)
+            await ledger.register(Owner("me", "host", 1))
             await ledger.own(input_file(), [priced(i) for i in range(1, 4)])
             await ledger.reserve(CREATION_COUNTERS, take_batch("b1"))
             await ledger.hold("b1", "batch_abc")
@@ -505,7 +505,7 @@ def settle_watched(
         ledger = await open_ledger(f"sqlite:///{tmp_path / 'tollgate.db'}")
         turning = asyncio.create_task(ticker.run())
         try:
-            await ledger.register(Owner("me", "host", 1), CREATED)
+            await ledger.register(Owner("me", "host", 1))
             await ledger.own(input_file(lines=lines), [priced(i) for i in range(1, lines + 1)])
             await ledger.reserve(CREATION_COUNTERS, take_batch("b1", lines))
             await ledger.hold("b1", "batch_abc")

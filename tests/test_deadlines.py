@@ -162,7 +162,7 @@ class Harness:
     async def reclaim_from_another_process(self) -> int:
         """What a live sibling's housekeeping would do now: this process has kept beating
         its heartbeat, so only the age limit can reclaim its reservations."""
-        await self.services.ledger.heartbeat(self.now[0])
+        await self.services.ledger.heartbeat()
         sibling = Owner("sibling", "elsewhere", 1)
         after_s = housekeeping.reclaim_after_s(self.services.config.upstream)
         return await housekeeping.reclaim_once(self.services.ledger, sibling, self.now[0], after_s)

@@ -73,7 +73,7 @@ def test_a_held_response_whose_models_left_the_price_book_is_charged_its_bound(
     async def run() -> tuple[dict[str, Any], Totals]:
         ledger = await open_ledger(f"sqlite:///{tmp_path / 'tollgate.db'}")
         try:
-            await ledger.register(Owner("me", "host", 1), 10.0)
+            await ledger.register(Owner("me", "host", 1))
             retired = replace(responses_entry("bg"), mainline_model="gpt-retired")
 
             def choose(_: Mapping[Counter, Totals]) -> Reservation:
@@ -151,7 +151,7 @@ def test_a_response_followed_while_its_hold_is_picked_up_is_followed_once(
     async def run() -> tuple[dict[str, Any], int]:
         ledger = await open_ledger(f"sqlite:///{tmp_path / 'tollgate.db'}")
         try:
-            await ledger.register(Owner("me", "host", 1), 10.0)
+            await ledger.register(Owner("me", "host", 1))
 
             def choose(_: Mapping[Counter, Totals]) -> Reservation:
                 priced = replace(responses_entry("bg"), mainline_model="gpt-5-mini")

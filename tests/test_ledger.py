@@ -320,7 +320,7 @@ async def test_reclaim_charges_reservations_older_than_the_horizon_at_their_boun
 async def test_reclaim_charges_the_reservations_of_dead_owners_at_their_bound(
     ledger: AnyLedger,
 ) -> None:
-    await ledger.register(Owner("dead", "host", 1), 10.0)
+    await ledger.register(Owner("dead", "host", 1))
     await ledger.reserve([], take("orphan", started_at=900.0))
     assert await ledger.reclaim(now=1000.0, owners=["dead"]) == 1
     assert await state(ledger, "orphan") == ("settled", 0, 500_000_000)

@@ -349,7 +349,7 @@ async def test_a_settled_batch_is_still_found_by_a_repeat_of_its_create(ledger: 
 
 
 async def test_a_batch_settled_again_is_left_as_it_is(ledger: Backend) -> None:
-    await ledger.register(Owner("me", "host", 1), 10.0)
+    await ledger.register(Owner("me", "host", 1))
     await reserve_batch(ledger)
     lines = [billed(1), billed(2)]
     assert await ledger.settle_batch("b1", lines, Settlement(ENDED, "ok", 200)) == 2
@@ -366,7 +366,7 @@ async def test_a_batch_settled_again_is_left_as_it_is(ledger: Backend) -> None:
 async def test_an_open_batch_is_listed_with_its_reservation_until_it_is_settled(
     ledger: Backend,
 ) -> None:
-    await ledger.register(Owner("me", "host", 1), 10.0)
+    await ledger.register(Owner("me", "host", 1))
     assert await ledger.open_batches() == []
     await reserve_batch(ledger)
     [held] = await ledger.open_batches()

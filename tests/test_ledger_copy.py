@@ -79,7 +79,7 @@ async def test_a_copy_there_and_back_keeps_the_responses_columns(tmp_path: Path)
     try:
         source = await open_ledger(first)
         try:
-            await source.register(Owner("source", "host", 1), 1.0)
+            await source.register(Owner("source", "host", 1))
             await source.reserve([], take_response("done", started_at=1.0))
             await source.settle("done", ANSWERED)
             await source.reserve([], take_response("running", started_at=2.0))
@@ -95,7 +95,7 @@ async def test_a_copy_there_and_back_keeps_the_responses_columns(tmp_path: Path)
             assert await target.rows() == rows
             assert await every_row(target) == stored
             assert [await target.response(r) for r in ("resp_abc", "resp_running")] == responses
-            await target.register(Owner("target", "host", 2), 10.0)
+            await target.register(Owner("target", "host", 2))
             assert await target.adopt(["source"]) == 1
             assert await target.held() == [("running", "resp_running")]
         finally:

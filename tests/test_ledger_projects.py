@@ -44,11 +44,11 @@ async def test_the_project_a_response_was_held_under_is_read_by_its_adopter(
 ) -> None:
     first, second = await open_ledger(url), await open_ledger(url)
     try:
-        await first.register(Owner("first", "host-a", 11), 10.0)
+        await first.register(Owner("first", "host-a", 11))
         await first.reserve([], take_response("bg"))
         await first.hold("bg", "resp_bg", project)
         await first.unregister()
-        await second.register(Owner("second", "host-b", 22), 20.0)
+        await second.register(Owner("second", "host-b", 22))
         assert await second.adopt(["first"]) == 1
         assert await second.held() == [("bg", "resp_bg")]
         assert await second.held_entry("bg") == HeldEntry(
@@ -154,7 +154,7 @@ async def test_a_version_8_ledger_migrates_and_keeps_its_held_rows(
     kind: str, tmp_path: Path
 ) -> None:
     async with pg.migrated_from(kind, tmp_path, 8, V8_HELD) as ledger:
-        await ledger.register(Owner("after", "host", 1), 200.0)
+        await ledger.register(Owner("after", "host", 1))
         assert await ledger.adopt(["gone"]) == 1
         assert await ledger.held() == [("old", "resp_old")]
         old = await ledger.held_entry("old")

@@ -141,7 +141,7 @@ async def test_a_held_response_is_never_reclaimed_then_adopted_followed_and_sett
 ) -> None:
     first, second = await open_ledger(url), await open_ledger(url)
     try:
-        await first.register(Owner("first", "host-a", 11), 10.0)
+        await first.register(Owner("first", "host-a", 11))
         await first.reserve([], take_response("bg", started_at=100.0))
         await first.reserve([], take("plain", started_at=100.0))
         await first.hold("bg", "resp_bg")
@@ -153,7 +153,7 @@ async def test_a_held_response_is_never_reclaimed_then_adopted_followed_and_sett
         assert (await exported(second, "bg"))["state"] == "reserved"
         assert (await exported(second, "plain"))["error_code"] == "outcome_unknown"
 
-        await second.register(Owner("second", "host-b", 22), 1000.0)
+        await second.register(Owner("second", "host-b", 22))
         assert await second.adopt(["first"]) == 1
         assert await second.adopt(["first"]) == 0
         assert await second.held() == [("bg", "resp_bg")]
@@ -195,7 +195,7 @@ async def test_a_held_response_survives_its_process_and_is_adopted_by_the_next(u
     """The process that held it stops (its memory of the reservation with it); a process
     opening the ledger afterwards adopts it and settles it from the row alone."""
     gone = await open_ledger(url)
-    await gone.register(Owner("gone", "host-a", 11), 10.0)
+    await gone.register(Owner("gone", "host-a", 11))
     await gone.reserve([], take_response("bg"))
     await gone.hold("bg", "resp_bg")
     await gone.unregister()
@@ -203,7 +203,7 @@ async def test_a_held_response_survives_its_process_and_is_adopted_by_the_next(u
 
     after = await open_ledger(url)
     try:
-        await after.register(Owner("after", "host-a", 12), 2000.0)
+        await after.register(Owner("after", "host-a", 12))
         assert {o.id for o in await after.owners()} == {"after", "gone"}
         assert await after.adopt(["gone"]) == 1
         assert await after.held() == [("bg", "resp_bg")]
@@ -224,7 +224,7 @@ async def test_adopt_takes_held_reservations_of_no_owner_and_leaves_the_others(
     await ledger.reserve([], take_response("unheld"))
     assert await ledger.adopt([]) == 0  # not registered: no id to own them by
     assert await ledger.held() == []
-    await ledger.register(Owner("me", "host", 1), 10.0)
+    await ledger.register(Owner("me", "host", 1))
     await ledger.reserve([], take_response("mine"))
     await ledger.hold("mine", "resp_mine")
     assert await ledger.adopt(["someone-else"]) == 1
@@ -238,7 +238,7 @@ async def test_holding_an_unknown_request_raises_ledger_error(ledger: Backend) -
 
 
 async def test_holding_a_settled_request_records_its_response_id_only(ledger: Backend) -> None:
-    await ledger.register(Owner("me", "host", 1), 10.0)
+    await ledger.register(Owner("me", "host", 1))
     await ledger.reserve([], take_response("quick"))
     await ledger.settle("quick", replace_response(ANSWERED, None))
     await ledger.hold("quick", "resp_quick")
@@ -250,7 +250,7 @@ async def test_holding_a_settled_request_records_its_response_id_only(ledger: Ba
 async def test_a_stream_named_in_flight_is_found_by_its_id_and_not_held(
     ledger: Backend,
 ) -> None:
-    await ledger.register(Owner("me", "host", 1), 10.0)
+    await ledger.register(Owner("me", "host", 1))
     await ledger.reserve([], take_response("streaming"))
     await ledger.name_response("streaming", "resp_abc", "proj_A")
     found = await ledger.response("resp_abc")
@@ -302,7 +302,7 @@ async def test_two_replicas_adopting_together_never_adopt_the_same_response() ->
     holder = await asyncpg.connect(url)
     try:
         gone = await open_ledger(url)
-        await gone.register(Owner("gone", "host-a", 1), 10.0)
+        await gone.register(Owner("gone", "host-a", 1))
         count = 50
         for i in range(count):
             await gone.reserve([], take_response(f"bg{i:03}"))
@@ -312,7 +312,7 @@ async def test_two_replicas_adopting_together_never_adopt_the_same_response() ->
         async def adopt(name: str) -> tuple[int, list[tuple[str, str]]]:
             replica = await open_ledger(url)
             try:
-                await replica.register(Owner(name, "host-b", 2), 20.0)
+                await replica.register(Owner(name, "host-b", 2))
                 adopted = await replica.adopt(["gone"])
                 return adopted, await replica.held()
             finally:

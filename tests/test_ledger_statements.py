@@ -90,7 +90,12 @@ def test_postgresql_numbers_the_placeholders_sqlite_marks_with_question_marks() 
 
 def spelled_as_sqlite(sql: str) -> str:
     """A PostgreSQL statement with what its dialect spells otherwise spelled as SQLite's."""
-    for theirs, ours in ((POSTGRES.collate, SQLITE.collate), (POSTGRES.for_update, "")):
+    spellings = (
+        (POSTGRES.collate, SQLITE.collate),
+        (POSTGRES.for_update, ""),
+        (POSTGRES.clock, SQLITE.clock),
+    )
+    for theirs, ours in spellings:
         sql = sql.replace(theirs, ours)
     return re.sub(r"\$\d+", "?", sql)
 

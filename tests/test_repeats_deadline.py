@@ -86,7 +86,7 @@ async def test_a_repeat_at_the_deadline_of_a_first_keeping_its_answer_is_replaye
         async def keep_at_the_deadline(answer: KeptAnswer, store_bytes: int) -> bool:
             # Read whole just before its deadline; kept as the deadline passes.
             h.now[0] = START + TOTAL_TIMEOUT_S
-            await ledger.heartbeat(h.now[0])  # its process lives, and says so
+            await ledger.heartbeat()  # its process lives, and says so
             await asyncio.sleep(0.5)  # the repeat looks a few times meanwhile
             return await keep(answer, store_bytes)
 

@@ -102,12 +102,14 @@ class Flagged:
 
 @dataclass(frozen=True, slots=True)
 class Owner:
-    """A Tollgate process that holds reservations, and when it last said it was alive."""
+    """A Tollgate process that holds reservations, and how long ago it last said it was alive."""
 
     id: str
     host: str
     pid: int
-    heartbeat_at: float = 0.0
+    silent_s: float = 0.0
+    """Seconds since its last heartbeat, on the ledger's clock (`Ledger.heartbeat`): never
+    one host's clock against another's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,14 +372,18 @@ class Ledger(Protocol):
         Returns the cost it had before. LedgerError if it is unknown, in flight or not
         flagged."""
 
-    async def register(self, owner: Owner, now: float) -> None:
+    async def register(self, owner: Owner) -> None:
         """Mark the reservations this process makes as its own, and say it is alive."""
 
-    async def heartbeat(self, now: float) -> None:
-        """Say this process is still alive."""
+    async def heartbeat(self) -> None:
+        """Say this process is still alive, at the ledger's time: the database server's
+        clock on PostgreSQL, the machine's time since it booted on SQLite (which every
+        process sharing the file reads alike). The clock of the process is never used: two
+        hosts' clocks apart by more than a process may stay silent judged each other dead."""
 
     async def owners(self) -> list[Owner]:
-        """Every process known to hold reservations (an owner never seen alive has host '')."""
+        """Every process known to hold reservations, with how long it has been silent
+        (`Owner.silent_s`, on the ledger's clock); an owner never seen alive has host ''."""
 
     async def unregister(self) -> None:
         """This process stops cleanly: forget it."""

@@ -3,8 +3,8 @@
 Every statement both backends run is written once, with `?` placeholders and the
 reserved word `user` quoted (which SQLite reads as PostgreSQL does), then put in a
 dialect's spelling by `Dialect.text`. What remains is listed here: column types,
-binary values, placeholders, how a list is matched, byte-wise ordering of text, row locks, and the
-time buckets of reports.
+binary values, placeholders, how a list is matched, byte-wise ordering of text, row locks, the
+time buckets of reports, and the clock heartbeats are written and judged by.
 """
 
 from __future__ import annotations
@@ -38,6 +38,12 @@ class Dialect:
     by_start: str
     """How rows read back are ordered: by start; ties in the order they were written on
     SQLite (its index keeps it), by id on PostgreSQL (which keeps none)."""
+    clock: str
+    """The ledger's clock, in seconds, which every process's heartbeat is written and
+    judged by: the database server's on PostgreSQL (replicas on several hosts, whose
+    clocks differ), the machine's time since it booted on SQLite (`ledger_clock()`, a
+    function its connections define: every process sharing the file runs on that machine,
+    and no change of the wall clock moves it)."""
 
     def text(self, sql: str) -> str:
         """`sql`, written with `?` placeholders, in this dialect's spelling."""
@@ -74,6 +80,7 @@ SQLITE = Dialect(
     collate="",
     for_update="",
     by_start="started_at",
+    clock="ledger_clock()",
 )
 POSTGRES = Dialect(
     name="postgresql",
@@ -84,4 +91,5 @@ POSTGRES = Dialect(
     collate=' COLLATE "C"',
     for_update=" FOR UPDATE",
     by_start='started_at, id COLLATE "C"',
+    clock="extract(epoch FROM clock_timestamp())::float8",
 )

@@ -237,14 +237,14 @@ class PostgresLedger(Schema, KeptAnswers):
 
         return await self.db.transaction(work)
 
-    async def register(self, owner: Owner, now: float) -> None:
+    async def register(self, owner: Owner) -> None:
         self.owner = owner
-        await self.heartbeat(now)
+        await self.heartbeat()
 
-    async def heartbeat(self, now: float) -> None:
+    async def heartbeat(self) -> None:
         if self.owner is not None:
             owner = self.owner
-            await self.db.execute(SQL.heartbeat, owner.id, owner.host, owner.pid, float(now))
+            await self.db.execute(SQL.heartbeat, owner.id, owner.host, owner.pid)
 
     async def owners(self) -> list[Owner]:
         return [Owner(*tuple(r)) for r in await self.db.fetch(SQL.owners)]

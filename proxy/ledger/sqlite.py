@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import sqlite3
 from collections.abc import (
     AsyncGenerator,
@@ -242,17 +243,22 @@ class SqliteLedger(KeptAnswers):
 
         return await self.file.transaction(run)
 
-    async def register(self, owner: Owner, now: float) -> None:
+    async def register(self, owner: Owner) -> None:
         self.owner = owner
-        await self.heartbeat(now)
+        await self.heartbeat()
 
-    async def heartbeat(self, now: float) -> None:
+    async def heartbeat(self) -> None:
         if self.owner is not None:
             owner = self.owner
-            await self.file.write(SQL.heartbeat, (owner.id, owner.host, owner.pid, now))
+            await self.file.write(SQL.heartbeat, (owner.id, owner.host, owner.pid))
 
     async def owners(self) -> list[Owner]:
-        return [Owner(*r) for r in await self.file.fetch(SQL.owners, ())]
+        # A heartbeat later than the clock's now was beaten before the machine last booted
+        # (or by an earlier Tollgate, which wrote its wall clock): silent since.
+        return [
+            Owner(o, host, pid, silent if silent >= 0 else math.inf)
+            for o, host, pid, silent in await self.file.fetch(SQL.owners, ())
+        ]
 
     async def unregister(self) -> None:
         if self.owner is not None:

@@ -42,6 +42,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -62,6 +63,19 @@ LOCK_WAIT_MS = 30_000
 WAL_LIMIT_BYTES = 64 * 1024 * 1024
 """The WAL file's bound: no transaction starts writing once the file has reached it (the
 README says how many requests that is)."""
+
+
+BOOT_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+"""Linux's clock since boot (suspended time included); elsewhere the monotonic clock."""
+
+
+def ledger_clock() -> float:
+    """The SQLite ledger's clock (`Dialect.clock`, the SQL function `ledger_clock()` of its
+    connections): seconds since the machine booted. Every process sharing the file runs on
+    this machine (WAL mode needs its shared memory), so all read the same clock, and no
+    change of the wall clock (a step of NTP, an operator's `date -s`) moves it: a process's
+    heartbeat judged by it is never seconds or hours old because the clock jumped."""
+    return time.clock_gettime(BOOT_CLOCK)
 
 
 Gathered = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
@@ -108,12 +122,14 @@ class Connections:
         """Open the three connections (sqlite3.Error or OSError if the file cannot be)."""
         db = await aiosqlite.connect(self.path, isolation_level=None)
         self._db = db
+        await db.create_function("ledger_clock", 0, ledger_clock)
         await db.execute(f"PRAGMA busy_timeout = {LOCK_WAIT_MS}")
         await db.execute("PRAGMA journal_mode = WAL")
         await db.execute("PRAGMA synchronous = NORMAL")
         self._inline = _loop_connection(self.path)
         reader = await aiosqlite.connect(self.path, isolation_level=None)
         self._reader = reader
+        await reader.create_function("ledger_clock", 0, ledger_clock)
         # A reader finds the file busy only rarely (a process recovering the WAL after a
         # crash): it waits, as the writers' thread does. A write here would be a mistake,
         # refused rather than made.
@@ -126,6 +142,7 @@ class Connections:
         writes, which have no connection, are refused (LedgerError)."""
         reader = await aiosqlite.connect(uri, uri=True, isolation_level=None)
         self._reader = reader
+        await reader.create_function("ledger_clock", 0, ledger_clock)
         await reader.execute(f"PRAGMA busy_timeout = {LOCK_WAIT_MS}")
 
     @property
@@ -410,6 +427,7 @@ def _loop_connection(path: Path) -> sqlite3.Connection:
     """The connection transactions run on, on the event loop's thread: it never waits for
     the write lock (`busy_timeout = 0`) and never checkpoints (that waits on the disk)."""
     conn = sqlite3.connect(path, isolation_level=None)
+    conn.create_function("ledger_clock", 0, ledger_clock)
     conn.execute("PRAGMA busy_timeout = 0")
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute("PRAGMA wal_autocheckpoint = 0")

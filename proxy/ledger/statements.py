@@ -135,8 +135,10 @@ class Statements:
     resolve_free: str
     """`resolve`, taking back the row's usage too."""
     heartbeat: str
-    """(owner, host, pid, now)."""
+    """(owner, host, pid): beaten now, on the ledger's clock (`Dialect.clock`)."""
     owners: str
+    """Every process (owner, host, pid, seconds since its last heartbeat on the ledger's
+    clock), and the owners of reservations that are none of them (host '', 0, 0)."""
     unregister: str
     """(owner,)."""
     rows: str
@@ -369,7 +371,8 @@ def _writes(d: Dialect) -> dict[str, str]:
         f"WHERE id = ?{d.for_update}",
         "resolve": f"{resolve} WHERE id = ?",
         "resolve_free": f"{resolve}, {', '.join(f'{c} = 0' for c in USAGE_COLUMNS)} WHERE id = ?",
-        "heartbeat": "INSERT INTO processes (owner, host, pid, heartbeat_at) VALUES (?, ?, ?, ?) "
+        "heartbeat": "INSERT INTO processes (owner, host, pid, heartbeat_at) "
+        f"VALUES (?, ?, ?, {d.clock}) "
         "ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
         "unregister": "DELETE FROM processes WHERE owner = ?",
         "claim_alert": "INSERT INTO alerts_sent (key, sent_at) VALUES (?, ?) "
@@ -423,7 +426,7 @@ def _reads(d: Dialect) -> dict[str, str]:
     return {
         "flagged": f"SELECT {', '.join(f.name for f in fields(Flagged))} FROM requests "
         f"WHERE flagged = 1 AND state = 'settled' AND started_at >= ? AND started_at < ? {by_id}",
-        "owners": "SELECT owner, host, pid, heartbeat_at FROM processes UNION "
+        "owners": f"SELECT owner, host, pid, {d.clock} - heartbeat_at FROM processes UNION "
         "SELECT DISTINCT owner, '', 0, 0 FROM requests WHERE state = 'reserved' "
         "AND owner IS NOT NULL AND owner NOT IN (SELECT owner FROM processes)",
         "rows": f"SELECT {names(ROW_COLUMNS)} FROM requests WHERE started_at >= ? "

@@ -1,8 +1,9 @@
 """Background duties of a running Tollgate: say it is alive, settle what dead ones held.
 
-Every process registers itself in the ledger and beats a heartbeat. Reservations
-whose process is gone (its pid is dead on this host, or its heartbeat stopped)
-are reclaimed at start-up and then periodically, and so is any reservation older
+Every process registers itself in the ledger and beats a heartbeat, written and judged
+on the ledger's clock (`Ledger.heartbeat`), never on one host's against another's.
+Reservations whose process is gone (its pid is dead on this host, or its heartbeat
+stopped) are reclaimed at start-up and then periodically, and so is any reservation older
 than `reclaim_after_s`, whatever its owner: every exchange ends by its deadline
 (`upstream.total_timeout_s` after its arrival) and settles within `timeout_s` more,
 so no live request can still hold it.
@@ -59,14 +60,16 @@ def this_process() -> Owner:
     return Owner(uuid.uuid4().hex, this_host(), os.getpid())
 
 
-def dead(owner: Owner, me: Owner, now: float) -> bool:
+def dead(owner: Owner, me: Owner) -> bool:
+    """Whether `owner` has stopped, as `me` sees it: its pid is gone on this host, or it
+    has been silent for `SILENT_S` on the ledger's clock (`Owner.silent_s`)."""
     if owner.id == me.id:
         return False
     if not owner.host:  # never registered, or already forgotten
         return True
     if owner.host == me.host and not pid_alive(owner.pid):
         return True
-    return now - owner.heartbeat_at > SILENT_S
+    return owner.silent_s > SILENT_S
 
 
 def _no() -> None:
@@ -86,7 +89,7 @@ async def reclaim_once(
     their bound the other reservations of dead processes and of requests older than
     `after_s` (see `reclaim_after_s`); `reclaimed` is told when some were (the budget
     alerts: a charge at the bound may cross a threshold as any settlement may)."""
-    gone = [o.id for o in await ledger.owners() if dead(o, me, now)]
+    gone = [o.id for o in await ledger.owners() if dead(o, me)]
     adopted = await ledger.adopt(gone)
     if adopted:
         log.info("following %d background response(s) of stopped processes", adopted)
@@ -114,7 +117,7 @@ async def run(
     while True:
         await asyncio.sleep(HEARTBEAT_S)
         try:
-            await ledger.heartbeat(clock())
+            await ledger.heartbeat()
             since_reclaim += HEARTBEAT_S
             if since_reclaim >= RECLAIM_EVERY_S:
                 since_reclaim = 0.0

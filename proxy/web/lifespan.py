@@ -69,7 +69,7 @@ async def start_duties(first: Runtime, current: Callable[[], Runtime]) -> asynci
     the housekeeping (which follows the configuration in force: `current()`)."""
     ledger, clock = first.ledger, first.clock
     me = housekeeping.this_process()
-    await ledger.register(me, clock())
+    await ledger.register(me)
     after_s = housekeeping.reclaim_after_s(first.config.upstream)
     # Announced once the alerts start: the teams whose reservations were charged their
     # bound may have crossed a threshold.

@@ -185,7 +185,7 @@ async def replay(
             return await not_kept(runtime, entry, team, first, headers, LOST)
         if now - checked >= OWNER_CHECK_S:
             checked = now
-            if await gone(runtime, first.owner, now):
+            if await gone(runtime, first.owner):
                 lost = first.request_id
                 first = await first_of(runtime, team, found, clock()) or first
                 continue  # read once more: it may have ended as its process stopped
@@ -308,7 +308,7 @@ async def followed(
     answer_headers = await recorded(runtime, entry, first.request_id, kept, headers)
 
     async def stopped() -> bool:
-        return await gone(runtime, first.owner, runtime.clock())
+        return await gone(runtime, first.owner)
 
     events = follow(runtime, tail, deadline, stopped, OWNER_CHECK_S)
     return StreamingResponse(events, kept.status, headers=answer_headers)
@@ -336,14 +336,14 @@ async def recorded(
     return answer_headers
 
 
-async def gone(runtime: Runtime, owner: str | None, now: float) -> bool:
+async def gone(runtime: Runtime, owner: str | None) -> bool:
     """Whether the process `owner` that holds a first attempt has stopped (its pid is gone
     on this host, or its heartbeat stopped; housekeeping's rule)."""
     if owner is None:
         return False
     for process in await runtime.ledger.owners():
         if process.id == owner:
-            return dead(process, HERE, now)
+            return dead(process, HERE)
     return True  # not among the processes that hold reservations: it is gone
 
 
