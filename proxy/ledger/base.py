@@ -110,6 +110,11 @@ class Owner:
     heartbeat_at: float = 0.0
 
 
+SILENT_S = 30.0
+"""How long a process may go without a heartbeat (every 5 s) before it is taken for dead:
+several missed heartbeats."""
+
+
 @dataclass(frozen=True, slots=True)
 class Row:
     """A ledger row as read back."""

@@ -30,13 +30,12 @@ from collections.abc import Callable
 from proxy.core.errors import LedgerError
 from proxy.core.settings import UpstreamSettings
 from proxy.ledger import Ledger, Owner
+from proxy.ledger.base import SILENT_S
 from proxy.metrics.text import pid_alive
 
 log = logging.getLogger("tollgate")
 
 HEARTBEAT_S = 5.0
-# A process silent for this long is dead (several missed heartbeats).
-SILENT_S = 30.0
 RECLAIM_EVERY_S = 30.0
 RECLAIM_MARGIN_S = 60.0
 """Beyond an exchange's deadline and its settlement's retries: clocks that differ between
