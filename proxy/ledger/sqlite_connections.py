@@ -76,6 +76,43 @@ class _WalFull(Exception):
     """The WAL has reached `WAL_LIMIT_BYTES`: nothing was written; checkpoint, then retry."""
 
 
+class _WalLost(Exception):
+    """The WAL file the connections write is no longer the one at its path: nothing was
+    written (see `Wal`)."""
+
+
+class Wal:
+    """The WAL file the connections write: its path, and the file (inode) first found there.
+
+    SQLite never removes it while a connection has the database open. Removed from under the
+    connections (a cleanup script, an operator tidying `-wal` files), it goes on taking their
+    commits, in a file no other process sees and that is gone once they close: a `kill -9`
+    then loses every row written since the last checkpoint, billed requests among them, and
+    another process opening the database makes a WAL of its own beside it. `size` says so
+    (`_WalLost`), under the write lock, before anything is written."""
+
+    __slots__ = ("inode", "path")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.inode: int | None = None
+
+    def size(self) -> int:
+        """The file's size: what it has held since it was last truncated (0 before it is
+        made); `_WalLost` if the file at its path is gone or another one."""
+        try:
+            found = os.stat(self.path)
+        except FileNotFoundError:
+            if self.inode is not None:
+                raise _WalLost from None
+            return 0
+        if self.inode is None:
+            self.inode = found.st_ino
+        elif found.st_ino != self.inode:
+            raise _WalLost
+        return found.st_size
+
+
 class Connections:
     """The three connections to one SQLite file, and the transactions run on them.
 
@@ -92,7 +129,7 @@ class Connections:
         self._lock = asyncio.Lock()
         self._commits = 0
         self._checkpoint: asyncio.Task[None] | None = None
-        self._wal = f"{path}-wal"
+        self._wal = Wal(f"{path}-wal")
         self._room = asyncio.Lock()
         self._thread_writes = 0
         self._thread_idle = asyncio.Event()
@@ -103,6 +140,9 @@ class Connections:
         self.failing: LedgerUnavailable | None = None
         """Why the last write transaction failed (a full disk, a lock held too long), until
         one commits: the ledger is not ready meanwhile (`/readyz`), though it reads."""
+        self._lost: LedgerUnavailable | None = None
+        """Set once the WAL file was found removed or replaced (`Wal`): every write from then
+        on is refused, until the process restarts."""
 
     async def open(self) -> None:
         """Open the three connections (sqlite3.Error or OSError if the file cannot be)."""
@@ -173,10 +213,16 @@ class Connections:
         deadline: float | None = None
         pause = 0.001
         while True:
+            if self._lost is not None:
+                self.failing = self._lost
+                raise self._lost
             try:
                 result = await self._attempt(work, long)
             except _WalFull:
                 pass
+            except _WalLost:
+                await self._save_lost_wal()
+                continue
             except LedgerUnavailable as exc:
                 self.failing = exc
                 raise
@@ -254,6 +300,34 @@ class Connections:
         finally:
             self._checkpoint = None
 
+    async def _save_lost_wal(self) -> None:
+        """The WAL file was removed or replaced (`Wal`): copy what it holds into the database
+        file, which the connections still write (a checkpoint reads the WAL they have open),
+        so that no row committed so far is lost when they close or the process dies; then
+        refuse every write: a new request is answered 503 and never forwarded, `/readyz` is
+        not ready, and the requests in flight are left to the reclaim of the next start,
+        which charges them their bound (a restart makes a new WAL)."""
+        if self._lost is not None:
+            return
+
+        def checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
+            found: tuple[int, int, int] = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            return found
+
+        self._lost = LedgerUnavailable(
+            f"ledger writes refused: its WAL file {self._wal.path} was removed or replaced "
+            "while in use (what is written now would be lost); restart Tollgate"
+        )
+        try:
+            busy, frames, copied = await self.on_thread(checkpoint)
+        except (sqlite3.Error, ValueError) as exc:
+            log.error("%s; saving the WAL into the database file failed: %s", self._lost, exc)
+            return
+        if busy or copied < frames:
+            log.error("%s; the WAL was saved into the database file only in part", self._lost)
+        else:
+            log.error("%s; its %d page(s) were saved into the database file", self._lost, copied)
+
     async def _make_room(self) -> bool:
         """Empty the WAL file: a TRUNCATE checkpoint on the thread. It takes the write lock
         (waiting for it like the thread's transactions), so every process's writers wait
@@ -266,7 +340,7 @@ class Connections:
             return not busy
 
         async with self._room:  # one at a time: those waiting may find it done
-            if _wal_size(self._wal) < WAL_LIMIT_BYTES:
+            if _wal_size(self._wal.path) < WAL_LIMIT_BYTES:
                 return True
             try:
                 return await self.on_thread(truncate)
@@ -417,12 +491,13 @@ def _loop_connection(path: Path) -> sqlite3.Connection:
 
 
 def _atomically(
-    conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T], wal: str, wait: bool
+    conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T], wal: Wal, wait: bool
 ) -> T:
     """`work` in one write transaction on `conn`. Without `wait`, finding the write lock
     taken raises `_Busy` (nothing written); with it, the connection's busy timeout applies.
     Finding the WAL file (`wal`) at `WAL_LIMIT_BYTES` raises `_WalFull` (nothing written):
-    with the write lock held no other process can add to it before this commit."""
+    with the write lock held no other process can add to it before this commit; finding it
+    removed or replaced raises `_WalLost` (nothing written)."""
     try:
         conn.execute("BEGIN IMMEDIATE")
     except sqlite3.Error as exc:
@@ -431,7 +506,13 @@ def _atomically(
                 raise _Busy from exc
             raise LedgerUnavailable(f"ledger busy: {exc}") from exc
         raise _failure("ledger unavailable", exc) from exc
-    if _wal_size(wal) >= WAL_LIMIT_BYTES:
+    try:
+        full = wal.size() >= WAL_LIMIT_BYTES
+    except _WalLost:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    if full:
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
         raise _WalFull
