@@ -232,7 +232,12 @@ class Connections:
             loop = asyncio.get_running_loop()
             if deadline is None:
                 deadline = loop.time() + LOCK_WAIT_MS / 1000
-            if await self._make_room():
+            try:
+                made = await self._make_room()
+            except LedgerUnavailable as exc:
+                self.failing = exc
+                raise
+            if made:
                 continue
             if loop.time() >= deadline:
                 self.failing = LedgerUnavailable(
@@ -347,7 +352,9 @@ class Connections:
             except sqlite3.Error as exc:
                 if _is_busy(exc):
                     return False
-                raise LedgerError(f"ledger checkpoint failed: {exc}") from exc
+                # A disk that refuses the database file's writes (full, failing) is an
+                # outage, which a settlement waits out, as it does a failing write.
+                raise _failure("ledger checkpoint failed", exc) from exc
 
     async def together(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """`work` in a write transaction shared with every other `together` of this turn of
