@@ -74,13 +74,16 @@ def test_a_settlement_waits_for_a_disk_that_refuses_writes_for_a_while(
     assert (usage["spent_nanos"], usage["reserved_nanos"]) == (row["cost_nanos"], 0)
 
 
+@pytest.mark.parametrize("removed", ["-wal", "-shm"])
 def test_a_wal_removed_under_the_proxy_loses_no_row_and_nothing_more_is_forwarded(
-    simulator: Simulator, tmp_path: Path
+    simulator: Simulator, tmp_path: Path, removed: str
 ) -> None:
     """The WAL file removed while the proxy has it open (a cleanup of `-wal` files): its
     commits went on into a file no other process saw, all lost at a `kill -9` with the rows
     written before it (the database file had none yet), and the proxy went on forwarding.
-    Now what it holds is saved into the database file and every write is refused."""
+    Its index (`-shm`) removed: the next process to open the database (a report) made its
+    own, and reset the WAL under the proxy's commits as it closed. Now what the WAL holds is
+    saved into the database file and every write is refused."""
     write_config(tmp_path, f"{simulator.url}/v1")
     gate = start_tollgate(tmp_path)
     ask = {"model": "gpt-image-2", "prompt": "wal", "quality": "low", "size": "1024x1024"}
@@ -89,7 +92,7 @@ def test_a_wal_removed_under_the_proxy_loses_no_row_and_nothing_more_is_forwarde
         answer = client.images.with_raw_response.generate(**ask)  # type: ignore[arg-type]
         first = answer.headers["x-tollgate-request-id"]
         billed = len(simulator.billing())
-        (tmp_path / "tollgate.db-wal").unlink()
+        (tmp_path / f"tollgate.db{removed}").unlink()
         with pytest.raises(openai.InternalServerError) as refused:
             client.images.generate(**ask)  # type: ignore[arg-type]
         assert refused.value.status_code == 503

@@ -77,40 +77,49 @@ class _WalFull(Exception):
 
 
 class _WalLost(Exception):
-    """The WAL file the connections write is no longer the one at its path: nothing was
-    written (see `Wal`)."""
+    """The WAL file the connections write, or its shared-memory index, is no longer the one
+    at its path: nothing was written (see `Wal`)."""
 
 
 class Wal:
-    """The WAL file the connections write: its path, and the file (inode) first found there.
+    """The WAL file the connections write and its shared-memory index (`-shm`): their paths,
+    and the files (inodes) first found there.
 
-    SQLite never removes it while a connection has the database open. Removed from under the
-    connections (a cleanup script, an operator tidying `-wal` files), it goes on taking their
-    commits, in a file no other process sees and that is gone once they close: a `kill -9`
-    then loses every row written since the last checkpoint, billed requests among them, and
-    another process opening the database makes a WAL of its own beside it. `size` says so
-    (`_WalLost`), under the write lock, before anything is written."""
+    SQLite never removes either while a connection has the database open. The WAL removed
+    from under the connections (a cleanup script, an operator tidying `-wal` files) goes on
+    taking their commits, in a file no other process sees and that is gone once they close:
+    a `kill -9` then loses every row written since the last checkpoint, billed requests
+    among them. The index removed (taken for a stale lock file), the next process that
+    opens the database (`tollgate report`, a backup) makes one of its own, sees no other
+    connection, and checkpoints and resets the WAL as it closes, under the commits that go
+    on: they are lost alike. `size` says so (`_WalLost`), under the write lock, before
+    anything is written."""
 
-    __slots__ = ("inode", "path")
+    __slots__ = ("inodes", "path", "paths")
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, index: str) -> None:
         self.path = path
-        self.inode: int | None = None
+        self.paths = (path, index)
+        self.inodes: list[int | None] = [None, None]
 
     def size(self) -> int:
-        """The file's size: what it has held since it was last truncated (0 before it is
-        made); `_WalLost` if the file at its path is gone or another one."""
-        try:
-            found = os.stat(self.path)
-        except FileNotFoundError:
-            if self.inode is not None:
-                raise _WalLost from None
-            return 0
-        if self.inode is None:
-            self.inode = found.st_ino
-        elif found.st_ino != self.inode:
-            raise _WalLost
-        return found.st_size
+        """The WAL file's size: what it has held since it was last truncated (0 before it
+        is made); `_WalLost` if the file at either path is gone or another one."""
+        size = 0
+        for at, path in enumerate(self.paths):
+            try:
+                found = os.stat(path)
+            except FileNotFoundError:
+                if self.inodes[at] is not None:
+                    raise _WalLost from None
+                continue
+            if self.inodes[at] is None:
+                self.inodes[at] = found.st_ino
+            elif found.st_ino != self.inodes[at]:
+                raise _WalLost
+            if at == 0:
+                size = found.st_size
+        return size
 
 
 class Connections:
@@ -129,7 +138,7 @@ class Connections:
         self._lock = asyncio.Lock()
         self._commits = 0
         self._checkpoint: asyncio.Task[None] | None = None
-        self._wal = Wal(f"{path}-wal")
+        self._wal = Wal(f"{path}-wal", f"{path}-shm")
         self._room = asyncio.Lock()
         self._thread_writes = 0
         self._thread_idle = asyncio.Event()
@@ -306,8 +315,9 @@ class Connections:
             self._checkpoint = None
 
     async def _save_lost_wal(self) -> None:
-        """The WAL file was removed or replaced (`Wal`): copy what it holds into the database
-        file, which the connections still write (a checkpoint reads the WAL they have open),
+        """The WAL file or its index was removed or replaced (`Wal`): copy what the WAL holds
+        into the database file, which the connections still write (a checkpoint reads the
+        WAL they have open, through the index they have mapped),
         so that no row committed so far is lost when they close or the process dies; then
         refuse every write: a new request is answered 503 and never forwarded, `/readyz` is
         not ready, and the requests in flight are left to the reclaim of the next start,
@@ -320,8 +330,9 @@ class Connections:
             return found
 
         self._lost = LedgerUnavailable(
-            f"ledger writes refused: its WAL file {self._wal.path} was removed or replaced "
-            "while in use (what is written now would be lost); restart Tollgate"
+            f"ledger writes refused: its WAL file {self._wal.path} or its index (-shm) was "
+            "removed or replaced while in use (what is written now would be lost); restart "
+            "Tollgate"
         )
         try:
             busy, frames, copied = await self.on_thread(checkpoint)
