@@ -37,6 +37,7 @@ OUTSIDE_THE_TREE = {
     # Private control flow, caught in the module that raises it.
     ("proxy.ledger.sqlite_connections", "_Busy"): "a busy database, retried in place",
     ("proxy.ledger.sqlite_connections", "_WalFull"): "a WAL past its bound, retried in place",
+    ("proxy.ledger.sqlite_connections", "_WalLost"): "a WAL file removed, refused in place",
     ("proxy.core.dimensions", "_Ambiguous"): "why an image is refused, raised as InvalidRequest",
     ("proxy.web.exchange", "_NotHeld"): "a 2xx answer its spool could not hold, charged its "
     "bound and answered 502 where it is caught",

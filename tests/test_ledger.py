@@ -1111,6 +1111,46 @@ async def test_a_reader_holding_the_wal_makes_writers_wait_rather_than_grow_it(
         await ledger.close()
 
 
+async def test_a_checkpoint_the_disk_refuses_is_an_outage_that_a_settlement_waits_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A WAL at its limit must be checkpointed before the next write: a checkpoint the disk
+    refuses (full, failing) was a plain LedgerError, so a settlement gave up at once (its
+    request left to be charged its bound by the reclaim) and `/readyz` said ready. It is an
+    outage like any write the disk refuses: the settlement is retried and commits once the
+    disk takes writes again."""
+    import resource
+
+    bound_the_wal(monkeypatch)
+    path = tmp_path / "t.db"
+    ledger = SqliteLedger(path)
+    await ledger.open()
+    unlimited = resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        await ledger.reserve([DESIGN_DAY], take("pending"))
+        for i in itertools.count():
+            await ledger.reserve([DESIGN_DAY], take(f"r{i}"))
+            await ledger.settle(f"r{i}", SETTLED)
+            if wal_size(path) >= WAL_LIMIT:
+                break
+        # No file of this process may be written from now on (EFBIG: Python ignores
+        # SIGXFSZ), as on a disk that refuses writes.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, unlimited[1]))
+        with pytest.raises(LedgerUnavailable, match="checkpoint"):
+            await ledger.settle("pending", SETTLED)
+        assert isinstance(ledger.file.failing, LedgerUnavailable)
+
+        async def disk_freed(_: float) -> None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, unlimited)
+
+        await settle_patiently(ledger, "pending", SETTLED, 5.0, sleep=disk_freed)
+        assert ledger.file.failing is None
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, unlimited)
+        await ledger.close()
+    assert settled_count(path) == i + 2
+
+
 WAL_WRITER = """
 import asyncio, json, os, sys
 import proxy.ledger.sqlite as sqlite

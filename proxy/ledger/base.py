@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -110,6 +112,23 @@ class Owner:
     silent_s: float = 0.0
     """Seconds since its last heartbeat, on the ledger's clock (`Ledger.heartbeat`): never
     one host's clock against another's."""
+
+
+SILENT_S = 30.0
+"""How long a process may go without a heartbeat (every 5 s) before it is taken for dead:
+several missed heartbeats."""
+
+
+def this_host() -> str:
+    """Where this process's pid means something: the host's name, and the pid namespace
+    the pid is read in. Containers on the host network share the host's name but not its
+    pids: by the name alone, a live process in another one, whose pid is no process here,
+    was judged dead at once, and its reservations in flight charged their bound."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:  # no /proc: one namespace
+        return socket.gethostname()
+    return f"{socket.gethostname()} {namespace}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,6 +90,52 @@ class _WalFull(Exception):
     """The WAL has reached `WAL_LIMIT_BYTES`: nothing was written; checkpoint, then retry."""
 
 
+class _WalLost(Exception):
+    """The WAL file the connections write, or its shared-memory index, is no longer the one
+    at its path: nothing was written (see `Wal`)."""
+
+
+class Wal:
+    """The WAL file the connections write and its shared-memory index (`-shm`): their paths,
+    and the files (inodes) first found there.
+
+    SQLite never removes either while a connection has the database open. The WAL removed
+    from under the connections (a cleanup script, an operator tidying `-wal` files) goes on
+    taking their commits, in a file no other process sees and that is gone once they close:
+    a `kill -9` then loses every row written since the last checkpoint, billed requests
+    among them. The index removed (taken for a stale lock file), the next process that
+    opens the database (`tollgate report`, a backup) makes one of its own, sees no other
+    connection, and checkpoints and resets the WAL as it closes, under the commits that go
+    on: they are lost alike. `size` says so (`_WalLost`), under the write lock, before
+    anything is written."""
+
+    __slots__ = ("inodes", "path", "paths")
+
+    def __init__(self, path: str, index: str) -> None:
+        self.path = path
+        self.paths = (path, index)
+        self.inodes: list[int | None] = [None, None]
+
+    def size(self) -> int:
+        """The WAL file's size: what it has held since it was last truncated (0 before it
+        is made); `_WalLost` if the file at either path is gone or another one."""
+        size = 0
+        for at, path in enumerate(self.paths):
+            try:
+                found = os.stat(path)
+            except FileNotFoundError:
+                if self.inodes[at] is not None:
+                    raise _WalLost from None
+                continue
+            if self.inodes[at] is None:
+                self.inodes[at] = found.st_ino
+            elif found.st_ino != self.inodes[at]:
+                raise _WalLost
+            if at == 0:
+                size = found.st_size
+        return size
+
+
 class Connections:
     """The three connections to one SQLite file, and the transactions run on them.
 
@@ -106,7 +152,7 @@ class Connections:
         self._lock = asyncio.Lock()
         self._commits = 0
         self._checkpoint: asyncio.Task[None] | None = None
-        self._wal = f"{path}-wal"
+        self._wal = Wal(f"{path}-wal", f"{path}-shm")
         self._room = asyncio.Lock()
         self._thread_writes = 0
         self._thread_idle = asyncio.Event()
@@ -117,6 +163,9 @@ class Connections:
         self.failing: LedgerUnavailable | None = None
         """Why the last write transaction failed (a full disk, a lock held too long), until
         one commits: the ledger is not ready meanwhile (`/readyz`), though it reads."""
+        self._lost: LedgerUnavailable | None = None
+        """Set once the WAL file was found removed or replaced (`Wal`): every write from then
+        on is refused, until the process restarts."""
 
     async def open(self) -> None:
         """Open the three connections (sqlite3.Error or OSError if the file cannot be)."""
@@ -190,10 +239,16 @@ class Connections:
         deadline: float | None = None
         pause = 0.001
         while True:
+            if self._lost is not None:
+                self.failing = self._lost
+                raise self._lost
             try:
                 result = await self._attempt(work, long)
             except _WalFull:
                 pass
+            except _WalLost:
+                await self._save_lost_wal()
+                continue
             except LedgerUnavailable as exc:
                 self.failing = exc
                 raise
@@ -203,7 +258,12 @@ class Connections:
             loop = asyncio.get_running_loop()
             if deadline is None:
                 deadline = loop.time() + LOCK_WAIT_MS / 1000
-            if await self._make_room():
+            try:
+                made = await self._make_room()
+            except LedgerUnavailable as exc:
+                self.failing = exc
+                raise
+            if made:
                 continue
             if loop.time() >= deadline:
                 self.failing = LedgerUnavailable(
@@ -271,6 +331,36 @@ class Connections:
         finally:
             self._checkpoint = None
 
+    async def _save_lost_wal(self) -> None:
+        """The WAL file or its index was removed or replaced (`Wal`): copy what the WAL holds
+        into the database file, which the connections still write (a checkpoint reads the
+        WAL they have open, through the index they have mapped),
+        so that no row committed so far is lost when they close or the process dies; then
+        refuse every write: a new request is answered 503 and never forwarded, `/readyz` is
+        not ready, and the requests in flight are left to the reclaim of the next start,
+        which charges them their bound (a restart makes a new WAL)."""
+        if self._lost is not None:
+            return
+
+        def checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
+            found: tuple[int, int, int] = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            return found
+
+        self._lost = LedgerUnavailable(
+            f"ledger writes refused: its WAL file {self._wal.path} or its index (-shm) was "
+            "removed or replaced while in use (what is written now would be lost); restart "
+            "Tollgate"
+        )
+        try:
+            busy, frames, copied = await self.on_thread(checkpoint)
+        except (sqlite3.Error, ValueError) as exc:
+            log.error("%s; saving the WAL into the database file failed: %s", self._lost, exc)
+            return
+        if busy or copied < frames:
+            log.error("%s; the WAL was saved into the database file only in part", self._lost)
+        else:
+            log.error("%s; its %d page(s) were saved into the database file", self._lost, copied)
+
     async def _make_room(self) -> bool:
         """Empty the WAL file: a TRUNCATE checkpoint on the thread. It takes the write lock
         (waiting for it like the thread's transactions), so every process's writers wait
@@ -283,14 +373,16 @@ class Connections:
             return not busy
 
         async with self._room:  # one at a time: those waiting may find it done
-            if _wal_size(self._wal) < WAL_LIMIT_BYTES:
+            if _wal_size(self._wal.path) < WAL_LIMIT_BYTES:
                 return True
             try:
                 return await self.on_thread(truncate)
             except sqlite3.Error as exc:
                 if _is_busy(exc):
                     return False
-                raise LedgerError(f"ledger checkpoint failed: {exc}") from exc
+                # A disk that refuses the database file's writes (full, failing) is an
+                # outage, which a settlement waits out, as it does a failing write.
+                raise _failure("ledger checkpoint failed", exc) from exc
 
     async def together(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """`work` in a write transaction shared with every other `together` of this turn of
@@ -435,12 +527,13 @@ def _loop_connection(path: Path) -> sqlite3.Connection:
 
 
 def _atomically(
-    conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T], wal: str, wait: bool
+    conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T], wal: Wal, wait: bool
 ) -> T:
     """`work` in one write transaction on `conn`. Without `wait`, finding the write lock
     taken raises `_Busy` (nothing written); with it, the connection's busy timeout applies.
     Finding the WAL file (`wal`) at `WAL_LIMIT_BYTES` raises `_WalFull` (nothing written):
-    with the write lock held no other process can add to it before this commit."""
+    with the write lock held no other process can add to it before this commit; finding it
+    removed or replaced raises `_WalLost` (nothing written)."""
     try:
         conn.execute("BEGIN IMMEDIATE")
     except sqlite3.Error as exc:
@@ -449,7 +542,13 @@ def _atomically(
                 raise _Busy from exc
             raise LedgerUnavailable(f"ledger busy: {exc}") from exc
         raise _failure("ledger unavailable", exc) from exc
-    if _wal_size(wal) >= WAL_LIMIT_BYTES:
+    try:
+        full = wal.size() >= WAL_LIMIT_BYTES
+    except _WalLost:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    if full:
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
         raise _WalFull

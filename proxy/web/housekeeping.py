@@ -24,36 +24,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import uuid
 from collections.abc import Callable
 
 from proxy.core.errors import LedgerError
 from proxy.core.settings import UpstreamSettings
 from proxy.ledger import Ledger, Owner
+from proxy.ledger.base import SILENT_S, this_host
 from proxy.metrics.text import pid_alive
 
 log = logging.getLogger("tollgate")
 
 HEARTBEAT_S = 5.0
-# A process silent for this long is dead (several missed heartbeats).
-SILENT_S = 30.0
 RECLAIM_EVERY_S = 30.0
 RECLAIM_MARGIN_S = 60.0
 """Beyond an exchange's deadline and its settlement's retries: clocks that differ between
 hosts, a loop slow to notice a deadline."""
-
-
-def this_host() -> str:
-    """Where this process's pid means something: the host's name, and the pid namespace
-    the pid is read in. Containers on the host network share the host's name but not its
-    pids: by the name alone, a live process in another one, whose pid is no process here,
-    was judged dead at once, and its reservations in flight charged their bound."""
-    try:
-        namespace = os.readlink("/proc/self/ns/pid")
-    except OSError:  # no /proc: one namespace
-        return socket.gethostname()
-    return f"{socket.gethostname()} {namespace}"
 
 
 def this_process() -> Owner:

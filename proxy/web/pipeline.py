@@ -31,6 +31,7 @@ from proxy.core.errors import (
     BudgetExceeded,
     IdempotencyConflict,
     InvalidRequest,
+    LedgerConnectionLost,
     LedgerError,
     NotFound,
     PolicyViolation,
@@ -45,7 +46,7 @@ from proxy.core.periods import applicable, counters, zone
 from proxy.core.rates import Paced
 from proxy.core.settings import Team
 from proxy.doors.base import Door, Parsed
-from proxy.ledger import RepeatGuard, Reservation, ResponseRow
+from proxy.ledger import RepeatGuard, Reservation, ResponseRow, settle_patiently
 from proxy.upstream.answer import Answer
 from proxy.web import repeats
 from proxy.web.admission import read_body
@@ -452,11 +453,31 @@ async def refuse(
     return error_response(exc, {**headers, "x-tollgate-cost-usd": "0"})
 
 
+async def never_forwarded(runtime: Runtime, request_id: str) -> None:
+    """Settle at no cost the reservation `request_id`, answered 503 and never forwarded, if
+    it was written after all; nothing when it was not."""
+    settlement = Settlement(
+        runtime.clock(), "client_error", 503, error_code=ServiceUnavailable.code
+    )
+    try:
+        await settle_patiently(
+            runtime.ledger, request_id, settlement, runtime.config.upstream.timeout_s
+        )
+    except LedgerError as exc:
+        if "no reservation" not in str(exc):
+            log.error("the reservation of %s, never forwarded, stays held: %s", request_id, exc)
+
+
 def unavailable(
     runtime: Runtime, entry: Entry, exc: LedgerError, headers: dict[str, str]
 ) -> Response:
     """The ledger cannot take the reservation: nothing is forwarded unrecorded."""
     log.error("ledger unavailable: %s", exc)
+    if isinstance(exc, LedgerConnectionLost):
+        # Its reservation may have been written, its commit's answer lost with the
+        # connection: settled at no cost, as it is never forwarded (else it would be charged
+        # its bound, and its retry held behind it as a first attempt that ran).
+        runtime.spawn(never_forwarded(runtime, entry.id))
     observe(runtime, entry, Settlement(runtime.clock(), "client_error", 503), ())
     refusal = ServiceUnavailable("Tollgate cannot record spend right now; retry shortly.")
     return error_response(refusal, headers)

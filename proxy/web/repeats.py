@@ -59,7 +59,8 @@ from proxy.core.errors import (
 )
 from proxy.core.models import Entry, Settlement
 from proxy.ledger import FirstAttempt, KeptAnswer, KeptTail, Owner, RepeatGuard
-from proxy.web.housekeeping import dead, this_host
+from proxy.ledger.base import this_host
+from proxy.web.housekeeping import dead
 from proxy.web.kept_streams import Recorder, follow
 from proxy.web.observe import observe
 from proxy.web.runtime import Runtime
