@@ -13,7 +13,7 @@ from urllib.parse import unquote_to_bytes
 from starlette.requests import Request
 from starlette.responses import Response
 
-from proxy.core.auth import identify
+from proxy.core.auth import bearer_token, carries_key, identify
 from proxy.core.errors import (
     AuthenticationFailed,
     InvalidRequest,
@@ -76,6 +76,7 @@ class OtherPaths:
         headers["x-tollgate-team"] = team.name
         try:
             allow_method(s, path, method)
+            refuse_keys(request, s, path)
             query = query_of(request, s)
             body = await read_body(request, s.config.limits.generations_bytes, s.bodies)
             try:
@@ -91,6 +92,7 @@ class OtherPaths:
                 if refused is not None:
                     raise refused
                 allow_method(s, path, method)
+                refuse_keys(request, s, path)
             # A long body is read off the event loop (a megabyte of JSON: milliseconds).
             big = len(body) > READ_ON_A_THREAD
             named = await asyncio.to_thread(named_files, body) if big else named_files(body)
@@ -150,6 +152,19 @@ def allow_method(runtime: Runtime, path: str, method: str) -> None:
             f"{method} {path} is not forwarded: passthrough allows "
             f"{', '.join(sorted(allowed))} here.",
             tuple(sorted(allowed)),
+        )
+
+
+def refuse_keys(request: Request, runtime: Runtime, path: str) -> None:
+    """InvalidRequest when `path` carries a team key (`proxy.core.auth.carries_key`: the
+    caller's own anywhere in it, any team's as a word of it, `/v1/models/tg_...`): a query
+    parameter that carries one is left out of what is forwarded, but a path is forwarded
+    whole or not at all, and a team key never goes to OpenAI."""
+    token = bearer_token(request.headers.get("authorization"))
+    if carries_key(path, token, runtime.config.team_by_key_hash()):
+        raise InvalidRequest(
+            "The path of your request holds a Tollgate key, which is never sent to OpenAI: "
+            "take it out of the URL (send it only as 'Authorization: Bearer tg_...')."
         )
 
 
