@@ -21,6 +21,7 @@ from tests.conftest import (
     UPSTREAM_KEY,
     Simulator,
     Tollgate,
+    output,
     run_tollgate,
     write_config,
 )
@@ -119,6 +120,7 @@ def test_a_passthrough_path_that_carries_a_key_is_refused_not_forwarded(
     assert answer.json()["error"]["code"] == "invalid_request"
     assert DESIGN_KEY not in answer.text and RESEARCH_KEY not in answer.text
     assert arrivals(upstream, since) == []
+    assert DESIGN_KEY not in output(gate.process)  # nor in the request's log line
     # The same path without the key is forwarded.
     httpx.get(
         f"{gate.url}/v1/models/gpt-image-2", headers={"authorization": f"Bearer {DESIGN_KEY}"}
