@@ -95,7 +95,12 @@ class OtherPaths:
                 refuse_keys(request, s, path)
             # A long body is read off the event loop (a megabyte of JSON: milliseconds).
             big = len(body) > READ_ON_A_THREAD
-            named = await asyncio.to_thread(named_files, body) if big else named_files(body)
+            media = request.headers.get("content-type", "")
+            named = (
+                await asyncio.to_thread(named_files, body, media)
+                if big
+                else named_files(body, media)
+            )
             if named:
                 try:
                     await owned_files(s, team, named)
@@ -175,18 +180,30 @@ FILE_KEYS = ("file_id", "file_ids")
 {"file_id": …}}`, a tool's `file_ids`)."""
 
 
-def named_files(body: bytes) -> tuple[str, ...]:
+FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
+"""Content types under which the upstream reads a body as a form, whatever else it is."""
+
+
+def named_files(body: bytes, content_type: str = "") -> tuple[str, ...]:
     """The file ids a passthrough body names, which must be the team's own (`owned_files`):
     OpenAI reads a file named by its id under the company key, whichever team uploaded it,
     so a chat completion naming another team's `user_data` file would read it into its
     answer. A body that is JSON (whatever its content type says) is read whole, every value
     under a `file_id` key and every string in a `file_ids` list, in every object and under
     each of a repeated key; another body that names `file_id` at all (a form field, plain,
-    percent-encoded or JSON-escaped) cannot be checked, and is refused."""
+    percent-encoded or JSON-escaped) cannot be checked, and is refused. So is a body sent
+    as a form (`content_type`) that names it, even one that also reads as JSON naming
+    none (`{"a": "&file_id=file-x&"}`): the upstream reads it as the form it says it is."""
     # NULs out: a JSON reader takes a body in UTF-16 or UTF-32 too.
     plain = body.replace(b"\0", b"")
     if b"file" not in plain.lower() and b"\\u" not in plain and b"%" not in plain:
         return ()  # no key can spell `file_id`, escaped or not: nothing to read
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media in FORMS and _names_file_id(plain):
+        raise InvalidRequest(
+            "Tollgate forwards a body that names files by id only as JSON, where it "
+            "checks that each file is your team's: send it as application/json."
+        )
     # Objects and arrays only: a chat's text may hold a document of a million commas,
     # whose scalars cost a few bytes each to decode, where `{}` spam costs hundreds.
     if body.count(b"{") + body.count(b"[") > MAX_VALUES:
@@ -211,13 +228,18 @@ def named_files(body: bytes) -> tuple[str, ...]:
     except (ValueError, RecursionError):
         # Not read (nested deeper than Python reads, say): a key escaped `\u005f` spells
         # `file_id` to a reader that takes the body.
-        if b"file_id" in _unescaped(unquote_to_bytes(plain)).lower():
+        if _names_file_id(plain):
             raise InvalidRequest(
                 "Tollgate forwards a body that names files by id only as JSON, where it "
                 "checks that each file is your team's."
             ) from None
         return ()
     return tuple(dict.fromkeys(found))
+
+
+def _names_file_id(plain: bytes) -> bool:
+    """Whether `plain` spells `file_id` anywhere, as sent, percent-encoded or JSON-escaped."""
+    return b"file_id" in _unescaped(unquote_to_bytes(plain)).lower()
 
 
 ESCAPE = re.compile(rb"\\u([0-9a-fA-F]{4})")
