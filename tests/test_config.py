@@ -729,6 +729,11 @@ SETTINGS_PROBLEMS = [
         "passthrough:\n  - {path: /v1/Skills/x/content, methods: [GET]}\n",
         "2: passthrough[0].path: '/v1/Skills/x/content' " + shared("/v1/skills"),
     ),
+    (
+        "passthrough: [/v1/agents/sessions]\n",
+        "1: passthrough[0]: '/v1/agents/sessions' " + shared("/v1/agents"),
+    ),
+    ("passthrough: [/v1/vaults]\n", "1: passthrough[0]: '/v1/vaults' " + shared("/v1/vaults")),
     ("passthrough: [/v1/Responses/x]\n", "1: passthrough[0]: '/v1/Responses/x' " + KEPT_OBJECTS),
     (
         "passthrough:\n  - {path: /v1/projects, methods: [GET, POST]}\n",
