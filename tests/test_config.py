@@ -721,7 +721,26 @@ SETTINGS_PROBLEMS = [
         "passthrough: [/v1/chatkit/threads]\n",
         "1: passthrough[0]: '/v1/chatkit/threads' " + shared("/v1/chatkit"),
     ),
+    (
+        "passthrough: [/v1/skills]\n",
+        "1: passthrough[0]: '/v1/skills' " + shared("/v1/skills"),
+    ),
+    (
+        "passthrough:\n  - {path: /v1/Skills/x/content, methods: [GET]}\n",
+        "2: passthrough[0].path: '/v1/Skills/x/content' " + shared("/v1/skills"),
+    ),
+    (
+        "passthrough: [/v1/agents/sessions]\n",
+        "1: passthrough[0]: '/v1/agents/sessions' " + shared("/v1/agents"),
+    ),
+    ("passthrough: [/v1/vaults]\n", "1: passthrough[0]: '/v1/vaults' " + shared("/v1/vaults")),
     ("passthrough: [/v1/Responses/x]\n", "1: passthrough[0]: '/v1/Responses/x' " + KEPT_OBJECTS),
+    (
+        "passthrough:\n  - {path: /v1/projects, methods: [GET, POST]}\n",
+        "2: passthrough[0].path: '/v1/projects' with POST would let a team change the "
+        "whole account (the organization's API keys, users and projects, or delete its "
+        "fine-tuned models): only GET and HEAD may be passed through there",
+    ),
     (
         "passthrough:\n  - {path: /v1/organization, methods: [GET, POST]}\n",
         "2: passthrough[0].path: '/v1/organization' with POST would let a team change the "

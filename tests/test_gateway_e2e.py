@@ -128,6 +128,10 @@ DOT_SEGMENTS = [
     "/v1/models/a%0d%0ab",
     "/v1/images/generations/",
     "/v1/images/generations/.",
+    # A dot-segment with a parameter: Tomcat, Jetty and Spring read `..;x` as `..`.
+    "/v1/models/..;/images/generations",
+    "/v1/models/..;x/..;/_sim/billing",
+    "/v1/models/.;/..%3B/images/generations",
 ]
 
 

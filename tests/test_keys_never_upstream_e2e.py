@@ -21,6 +21,7 @@ from tests.conftest import (
     UPSTREAM_KEY,
     Simulator,
     Tollgate,
+    output,
     run_tollgate,
     write_config,
 )
@@ -95,3 +96,33 @@ def test_a_files_request_reaches_the_upstream_without_the_key_it_carried(
     }
     assert [leaked(a) for a in reached] == [[], []]
     assert {a["query"] for a in reached} == {""}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"/v1/models/{DESIGN_KEY}",
+        f"/v1/models/gpt-image-2;api-key={DESIGN_KEY}",
+        f"/v1/models/{quote(DESIGN_KEY, safe='')}",
+        f"/v1/models/{RESEARCH_KEY}",
+    ],
+    ids=["own", "matrix-parameter", "percent-encoded", "another-team's"],
+)
+def test_a_passthrough_path_that_carries_a_key_is_refused_not_forwarded(
+    gate: Tollgate, upstream: Simulator, path: str
+) -> None:
+    """A path is forwarded whole or not at all: one holding a team key never leaves."""
+    since = count(upstream)
+    answer = httpx.get(
+        f"{gate.url}{path}", headers={"authorization": f"Bearer {DESIGN_KEY}"}, timeout=30
+    )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["code"] == "invalid_request"
+    assert DESIGN_KEY not in answer.text and RESEARCH_KEY not in answer.text
+    assert arrivals(upstream, since) == []
+    assert DESIGN_KEY not in output(gate.process)  # nor in the request's log line
+    # The same path without the key is forwarded.
+    httpx.get(
+        f"{gate.url}/v1/models/gpt-image-2", headers={"authorization": f"Bearer {DESIGN_KEY}"}
+    )
+    assert [a["raw_path"] for a in arrivals(upstream, since)] == ["/v1/models/gpt-image-2"]

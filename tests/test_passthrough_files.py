@@ -110,6 +110,28 @@ def test_a_body_that_is_not_json_and_names_a_file_id_is_refused(
     assert arrived(upstream) == before
 
 
+def test_a_form_that_also_reads_as_json_naming_no_file_is_refused(
+    clients: tuple[TestClient, TestClient],
+) -> None:
+    """Read as JSON, each body names no file (its `file_id` is inside a string); read as
+    the form its content type says, which is how the upstream reads it, it names one."""
+    client, upstream = clients
+    theirs = upload(client, THEIRS)
+    before = arrived(upstream)
+    part = f'\r\n--B\r\ncontent-disposition: form-data; name="file_id"\r\n\r\n{theirs}\r\n--B--\r\n'
+    for body, content_type in [
+        (json.dumps({"a": f"&file_id={theirs}&"}), "application/x-www-form-urlencoded"),
+        (json.dumps({"a": f"&file%5Fid={theirs}&"}), "Application/X-WWW-Form-Urlencoded"),
+        ('{"a": "' + part + '"}', "multipart/form-data; boundary=B"),  # raw CR/LF: lax JSON
+    ]:
+        answer = client.post(
+            CHAT, content=body, headers={**keyed(MINE), "content-type": content_type}
+        )
+        assert answer.status_code == 400, (body, answer.text)
+        assert answer.json()["error"]["code"] == "invalid_request"
+    assert arrived(upstream) == before
+
+
 def test_a_json_body_in_utf_16_is_read_for_its_files_too(
     clients: tuple[TestClient, TestClient],
 ) -> None:

@@ -17,6 +17,8 @@ from proxy.core.paths import canonical, plain_query, under
         (b"/v1/files/file-abc_123~x/content", "/v1/files/file-abc_123~x/content"),
         (b"/v1/x/.well-known", "/v1/x/.well-known"),  # a dot that is not a dot-segment
         (b"/v1/x/...", "/v1/x/..."),
+        (b"/v1/x/...;y", "/v1/x/...;y"),
+        (b"/v1/x/a;..", "/v1/x/a;.."),
     ],
 )
 def test_a_plain_path_is_its_own_canonical_form(raw: bytes, path: str) -> None:
@@ -57,6 +59,10 @@ def test_a_plain_path_is_its_own_canonical_form(raw: bytes, path: str) -> None:
         b"/v1/models/%zz",
         b"/v1/models/a#b",
         b"/v1/models/a?b",
+        b"/v1/models/..;/images/generations",  # `..` with a parameter, to some readers
+        b"/v1/models/..;x/images",
+        b"/v1/models/.;/x",
+        b"/v1/models/%2e%2e%3b/images",
     ],
 )
 def test_a_path_another_reader_could_take_differently_is_refused(raw: bytes) -> None:

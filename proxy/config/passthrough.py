@@ -21,17 +21,19 @@ KEY_MINTING = ("/v1/realtime", "/v1/chatkit/sessions")
 # to the team that made it (as it does files, batches and responses). Passed through in any
 # method, one team would list, read or delete another's uploads, containers and their
 # files, vector stores, conversations, assistants and threads, fine-tuning jobs, evals,
-# videos or ChatKit threads.
+# videos, ChatKit threads, skills (uploaded instructions and files, read back whole), or
+# the Agents API's agents, sessions and environments and its vaults of credentials.
 OBJECT_STORES = (
     "/v1/uploads", "/v1/containers", "/v1/vector_stores", "/v1/conversations",
     "/v1/assistants", "/v1/threads", "/v1/fine_tuning", "/v1/evals", "/v1/videos",
-    "/v1/chatkit",
+    "/v1/chatkit", "/v1/skills", "/v1/agents", "/v1/vaults",
 )  # fmt: skip
 
 # Paths a write to which changes the whole account for every team: the organization's
-# administration (its API keys, users, projects, service accounts and rate limits) and its
-# models (a DELETE removes a fine-tuned model). Only GET and HEAD may be passed through.
-ACCOUNT_WIDE = ("/v1/organization", "/v1/models")
+# administration (its API keys, users, projects, service accounts and rate limits; a
+# project's roles, `/v1/projects/{id}/roles`) and its models (a DELETE removes a fine-tuned
+# model). Only GET and HEAD may be passed through.
+ACCOUNT_WIDE = ("/v1/organization", "/v1/projects", "/v1/models")
 
 
 def passthrough_prefixes(

@@ -298,13 +298,21 @@ class RateLimited(RequestError):
 class UpstreamFailure(RequestError):
     """No answer from the upstream. `maybe_billed` when the request may have reached it
     (the connection broke or went silent after it was sent): OpenAI bills a generation it
-    accepted even if its answer never arrives, so such a request is charged its bound."""
+    accepted even if its answer never arrives, so such a request is charged its bound.
+    `detail`: what the HTTP client said of the failure, for the log only (it names the
+    upstream's host, port and URL, and may quote what the upstream sent)."""
 
     def __init__(
-        self, message: str, *, param: str | None = None, maybe_billed: bool = False
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        maybe_billed: bool = False,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message, param=param)
         self.maybe_billed = maybe_billed
+        self.detail = detail
 
     def headers(self) -> dict[str, str]:
         # The official SDKs retry a 502 or 504: a request that may have been billed would

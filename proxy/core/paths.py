@@ -4,7 +4,8 @@ A path is matched (image endpoints, `passthrough:` prefixes) and forwarded as th
 string. Anything that an HTTP client or server further down could read as another path is
 refused instead of repaired: dot-segments (`.`, `..`, also percent-encoded), encoded
 slashes, backslashes, empty segments (`//v1/...`, a trailing `/`), control and non-ASCII
-characters, and a second round of percent-encoding (`%252e`). aiohttp's URL parser
+characters, a second round of percent-encoding (`%252e`), and dot-segments with a
+parameter (`..;x`, which some servers read as `..`). aiohttp's URL parser
 (yarl) removes dot-segments, so `/v1/models/../images/generations` would otherwise pass a
 `/v1/models` prefix check and reach the upstream as an unmetered image request.
 
@@ -58,7 +59,9 @@ def canonical(raw_path: bytes) -> str | None:
                 segment = segments[index] = unquote(segment, errors="strict")
             except UnicodeDecodeError:
                 return None
-        if segment in _DOTS or not _SEGMENT.fullmatch(segment):
+        # A dot-segment with a parameter (`..;x`) is one to readers that take `;` for the
+        # start of a segment's parameters (Tomcat, Jetty, Spring): `/v1/models/..;/files`.
+        if segment.split(";", 1)[0] in _DOTS or not _SEGMENT.fullmatch(segment):
             return None
     return "/" + "/".join(segments)
 

@@ -13,6 +13,7 @@ while the body is read. Tests swap the network for an in-process httpx transport
 
 from __future__ import annotations
 
+import logging
 import re
 import weakref
 from collections.abc import AsyncIterator, Iterable
@@ -31,6 +32,8 @@ from proxy.core.errors import UpstreamTimeout, UpstreamUnavailable
 from proxy.core.scrubbing import Scrubber
 from proxy.upstream.answer import BROKEN_OFF, Answer
 from proxy.upstream.key_errors import vetted
+
+log = logging.getLogger("tollgate")
 
 # The only client headers sent upstream: those OpenAI's SDKs send that change neither how
 # the body is read nor whose account pays (openai-python: `_base_client.py` default and
@@ -122,7 +125,7 @@ class ScrubbedAnswer:
                 if out := stream.feed(chunk):
                     yield out
         except BROKEN_OFF as exc:
-            scrub_message(exc, self._scrubber)
+            failed(exc, self._scrubber)
             raise
         if rest := stream.finish():
             yield rest
@@ -132,10 +135,22 @@ class ScrubbedAnswer:
 
 
 def scrub_message(exc: UpstreamTimeout | UpstreamUnavailable, scrubber: Scrubber) -> None:
-    """Mask the key in `exc`'s message, which reaches the team: the HTTP parser quotes
-    the malformed line it stopped at, and that line may be an echo of the key."""
+    """Mask the key in `exc`'s message, which reaches the team, and in its detail, which
+    the log shows (`failed`): the HTTP parser quotes the malformed line it stopped at, and
+    that line may be an echo of the key."""
     exc.message = scrubber.text(exc.message)
     exc.args = (exc.message,)
+    if exc.detail is not None:
+        exc.detail = scrubber.text(exc.detail)
+
+
+def failed(exc: UpstreamTimeout | UpstreamUnavailable, scrubber: Scrubber) -> None:
+    """Scrub `exc` (`scrub_message`), and log what the HTTP client said of the failure (its
+    `detail`): the team's answer does not say it, since it names the upstream's host, port
+    and URL (an egress proxy's, a gateway's), which are the operators' to know."""
+    scrub_message(exc, scrubber)
+    if exc.detail is not None:
+        log.warning("upstream exchange failed (%s): %s", exc.code, exc.detail)
 
 
 CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
@@ -343,7 +358,7 @@ class Upstream:
                 method, url, self.headers(client, content_type, project), body
             )
         except BROKEN_OFF as exc:
-            scrub_message(exc, self._scrubber)
+            failed(exc, self._scrubber)
             raise
         if answer.status not in FINAL_STATUSES:
             await not_final(answer)
@@ -565,13 +580,17 @@ def translate(exc: Exception) -> UpstreamTimeout | UpstreamUnavailable:
     which it bills whether or not its answer arrives. What is not known to have failed
     before sending counts as sent."""
     maybe_billed = not isinstance(exc, NEVER_SENT)
+    kind = type(exc).__name__
+    # What the HTTP client says names the upstream's host and port, or its URL: the log's.
+    detail = f"{kind}: {exc}"
     # aiohttp's timeouts (ServerTimeoutError, ConnectionTimeoutError, SocketTimeoutError)
     # are all TimeoutErrors.
     if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
-        return UpstreamTimeout("The upstream did not answer in time.", maybe_billed=maybe_billed)
+        return UpstreamTimeout(
+            "The upstream did not answer in time.", maybe_billed=maybe_billed, detail=detail
+        )
     return UpstreamUnavailable(
-        f"The upstream could not be reached: {type(exc).__name__}: {exc}",
-        maybe_billed=maybe_billed,
+        f"The upstream could not be reached ({kind}).", maybe_billed=maybe_billed, detail=detail
     )
 
 

@@ -11,7 +11,7 @@ import time
 from starlette.requests import Request
 from starlette.responses import Response
 
-from proxy.core.auth import identify
+from proxy.core.auth import bearer_token, identify
 from proxy.core.errors import AuthenticationFailed
 from proxy.core.models import Change, Entry, Outcome, Settlement, usd_text
 from proxy.core.pricing import AUTO, PriceBook
@@ -122,12 +122,21 @@ def log_unmetered(
         "request_id": request_id,
         "upstream_request_id": response.headers.get("x-request-id"),
         "team": response.headers.get("x-tollgate-team", team), "key_id": key_id,
-        "endpoint": endpoint, "method": request.method, "path": path_of(request),
+        "endpoint": endpoint, "method": request.method, "path": logged_path(request),
         "outcome": outcome, "status": response.status_code, "error_code": error_code,
         "cost_usd": response.headers.get("x-tollgate-cost-usd"),
         "latency_ms": round((time.monotonic() - started) * 1000, 1),
     }  # fmt: skip
     log.info(json.dumps(line))
+
+
+def logged_path(request: Request) -> str:
+    """The path of `request` as its log line shows it: without the client's own key, which
+    a client may have written into it (`GET /v1/models/tg_...`, refused) and which no log
+    line shows."""
+    path = path_of(request)
+    token = bearer_token(request.headers.get("authorization"))
+    return path.replace(token, "[redacted]") if token and len(token) >= 8 else path
 
 
 def unmetered_outcome(response: Response, error_code: str | None) -> Outcome:

@@ -13,7 +13,7 @@ from urllib.parse import unquote_to_bytes
 from starlette.requests import Request
 from starlette.responses import Response
 
-from proxy.core.auth import identify
+from proxy.core.auth import bearer_token, carries_key, identify
 from proxy.core.errors import (
     AuthenticationFailed,
     InvalidRequest,
@@ -76,6 +76,7 @@ class OtherPaths:
         headers["x-tollgate-team"] = team.name
         try:
             allow_method(s, path, method)
+            refuse_keys(request, s, path)
             query = query_of(request, s)
             body = await read_body(request, s.config.limits.generations_bytes, s.bodies)
             try:
@@ -91,9 +92,15 @@ class OtherPaths:
                 if refused is not None:
                     raise refused
                 allow_method(s, path, method)
+                refuse_keys(request, s, path)
             # A long body is read off the event loop (a megabyte of JSON: milliseconds).
             big = len(body) > READ_ON_A_THREAD
-            named = await asyncio.to_thread(named_files, body) if big else named_files(body)
+            media = request.headers.get("content-type", "")
+            named = (
+                await asyncio.to_thread(named_files, body, media)
+                if big
+                else named_files(body, media)
+            )
             if named:
                 try:
                     await owned_files(s, team, named)
@@ -153,6 +160,19 @@ def allow_method(runtime: Runtime, path: str, method: str) -> None:
         )
 
 
+def refuse_keys(request: Request, runtime: Runtime, path: str) -> None:
+    """InvalidRequest when `path` carries a team key (`proxy.core.auth.carries_key`: the
+    caller's own anywhere in it, any team's as a word of it, `/v1/models/tg_...`): a query
+    parameter that carries one is left out of what is forwarded, but a path is forwarded
+    whole or not at all, and a team key never goes to OpenAI."""
+    token = bearer_token(request.headers.get("authorization"))
+    if carries_key(path, token, runtime.config.team_by_key_hash()):
+        raise InvalidRequest(
+            "The path of your request holds a Tollgate key, which is never sent to OpenAI: "
+            "take it out of the URL (send it only as 'Authorization: Bearer tg_...')."
+        )
+
+
 READ_ON_A_THREAD = 256 * 1024
 """Bodies longer than this are read for the files they name on a thread."""
 FILE_KEYS = ("file_id", "file_ids")
@@ -160,18 +180,30 @@ FILE_KEYS = ("file_id", "file_ids")
 {"file_id": …}}`, a tool's `file_ids`)."""
 
 
-def named_files(body: bytes) -> tuple[str, ...]:
+FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
+"""Content types under which the upstream reads a body as a form, whatever else it is."""
+
+
+def named_files(body: bytes, content_type: str = "") -> tuple[str, ...]:
     """The file ids a passthrough body names, which must be the team's own (`owned_files`):
     OpenAI reads a file named by its id under the company key, whichever team uploaded it,
     so a chat completion naming another team's `user_data` file would read it into its
     answer. A body that is JSON (whatever its content type says) is read whole, every value
     under a `file_id` key and every string in a `file_ids` list, in every object and under
     each of a repeated key; another body that names `file_id` at all (a form field, plain,
-    percent-encoded or JSON-escaped) cannot be checked, and is refused."""
+    percent-encoded or JSON-escaped) cannot be checked, and is refused. So is a body sent
+    as a form (`content_type`) that names it, even one that also reads as JSON naming
+    none (`{"a": "&file_id=file-x&"}`): the upstream reads it as the form it says it is."""
     # NULs out: a JSON reader takes a body in UTF-16 or UTF-32 too.
     plain = body.replace(b"\0", b"")
     if b"file" not in plain.lower() and b"\\u" not in plain and b"%" not in plain:
         return ()  # no key can spell `file_id`, escaped or not: nothing to read
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media in FORMS and _names_file_id(plain):
+        raise InvalidRequest(
+            "Tollgate forwards a body that names files by id only as JSON, where it "
+            "checks that each file is your team's: send it as application/json."
+        )
     # Objects and arrays only: a chat's text may hold a document of a million commas,
     # whose scalars cost a few bytes each to decode, where `{}` spam costs hundreds.
     if body.count(b"{") + body.count(b"[") > MAX_VALUES:
@@ -196,13 +228,18 @@ def named_files(body: bytes) -> tuple[str, ...]:
     except (ValueError, RecursionError):
         # Not read (nested deeper than Python reads, say): a key escaped `\u005f` spells
         # `file_id` to a reader that takes the body.
-        if b"file_id" in _unescaped(unquote_to_bytes(plain)).lower():
+        if _names_file_id(plain):
             raise InvalidRequest(
                 "Tollgate forwards a body that names files by id only as JSON, where it "
                 "checks that each file is your team's."
             ) from None
         return ()
     return tuple(dict.fromkeys(found))
+
+
+def _names_file_id(plain: bytes) -> bool:
+    """Whether `plain` spells `file_id` anywhere, as sent, percent-encoded or JSON-escaped."""
+    return b"file_id" in _unescaped(unquote_to_bytes(plain)).lower()
 
 
 ESCAPE = re.compile(rb"\\u([0-9a-fA-F]{4})")
