@@ -6,6 +6,7 @@
      │    ├── LedgerUnavailable      the database is unreachable right now: retrying may help
      │    │    └── LedgerConnectionLost  a connection broke (closed, reset, ended by the
      │    │                              server): a fresh one may well work at once
+     │    ├── NoReservation          a settlement names a request the ledger has no row of
      │    └── LedgerMissing          no ledger where a command that only reads looks for one
      ├── MalformedAnswer             an upstream 2xx body unlike OpenAI's
      ├── RepeatArrived               another attempt of a repeat reserved first: it is
@@ -75,6 +76,11 @@ class LedgerConnectionLost(LedgerUnavailable):
     (a restart, `pg_terminate_backend`, a session left idle inside a transaction by a paused
     process, a connection dropped by the network). The pool's other idle connections are
     replaced as well, so a retry on a fresh connection may succeed at once."""
+
+
+class NoReservation(LedgerError):
+    """A settlement named a request the ledger holds no row of (its reservation was never
+    written)."""
 
 
 class LedgerMissing(LedgerError):

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.core.errors import LedgerError
+from proxy.core.errors import LedgerError, NoReservation
 from proxy.core.models import Settlement, Usage
 from proxy.ledger import codecs
 from proxy.ledger.base import RECLAIMED, StoredObject
@@ -30,7 +30,7 @@ def settlement(
     """(counters text, deltas) of settling the row read by `settling` (None: settled
     already, nothing to do). LedgerError if there is no such row."""
     if found is None:
-        raise LedgerError(f"no reservation {request_id}")
+        raise NoReservation(f"no reservation {request_id}")
     state, error_code, resolved_at, charged, reserved, counters_text, *usage = found
     if settled_already(state, error_code, resolved_at):
         return None
@@ -102,7 +102,7 @@ def batch(
     writes (None: it is no longer reserved, nothing to do). LedgerError if there is no such
     row."""
     if found is None:
-        raise LedgerError(f"no reservation {request_id}")
+        raise NoReservation(f"no reservation {request_id}")
     state, bound, text, batch_id, project, *usage = found
     if state != "reserved":
         return None

@@ -33,6 +33,7 @@ from proxy.core.errors import (
     InvalidRequest,
     LedgerConnectionLost,
     LedgerError,
+    NoReservation,
     NotFound,
     PolicyViolation,
     PreviousResponseNotFound,
@@ -463,9 +464,10 @@ async def never_forwarded(runtime: Runtime, request_id: str) -> None:
         await settle_patiently(
             runtime.ledger, request_id, settlement, runtime.config.upstream.timeout_s
         )
+    except NoReservation:
+        pass  # never written: nothing to settle
     except LedgerError as exc:
-        if "no reservation" not in str(exc):
-            log.error("the reservation of %s, never forwarded, stays held: %s", request_id, exc)
+        log.error("the reservation of %s, never forwarded, stays held: %s", request_id, exc)
 
 
 def unavailable(
