@@ -13,9 +13,11 @@ import pytest
 
 from proxy.core.errors import InvalidRequest, PolicyViolation
 from proxy.core.models import Estimate
+from proxy.core.pricing import MainlinePrices, PriceBook
 from proxy.core.settings import Allow, Config
 from proxy.doors.batches import bound_now
 from proxy.doors.responses import ResponsesDoor
+from proxy.ledger import codecs
 from tests.conftest import team_named, two_teams
 from tests.test_batch_file import config, read
 
@@ -170,3 +172,31 @@ def test_a_tools_field_allow_params_refuses_since_the_upload_refuses_its_batch(
     assert refused.value.message.splitlines()[1:] == [
         "line 2: Team design may not send output_format=webp (allow.params.output_format: png)."
     ]
+
+
+def test_at_create_a_raised_rate_keeps_the_prompt_cache_writes_premium(config: Config) -> None:
+    """The file's bounded usage is stored without the tokens it counts as written to the
+    prompt cache (the ledger keeps no such column): checked again at create, its mainline
+    part was priced at the input rate alone, below what the lines may bill once a rate
+    was raised, and the lines were then capped at the reservation."""
+    entry = config.prices.mainline["gpt-5.5"]
+    assert entry.batch_rates is not None
+    writes = replace(
+        entry, rates={**entry.rates, "cache_write_input": entry.rates["text_input"] * 5 / 4}
+    )
+    billing = replace(config, prices=mainline_entry(config, writes))
+    batch, _ = read(billing, line("a") + b"\n" + line("b") + b"\n")
+    stored = codecs.usage_of(codecs.usage_values(batch.usage))  # as the ledger reads it back
+    priced_at = Estimate(stored, batch.bound_nanos)
+    same = bound_now(team_named(billing), billing, batch.lines, priced_at)
+    assert same.cost_nanos == priced_at.cost_nanos
+    dearer = replace(writes, batch_rates={k: v * 2 for k, v in entry.batch_rates.items()})
+    raised = replace(config, prices=mainline_entry(config, dearer))
+    fresh, _ = read(raised, line("a") + b"\n" + line("b") + b"\n")
+    again = bound_now(team_named(raised), raised, batch.lines, priced_at)
+    # What the file is bounded at now (each line rounded up on its own: a few nanos more).
+    assert fresh.bound_nanos - 10 <= again.cost_nanos <= fresh.bound_nanos
+
+
+def mainline_entry(config: Config, entry: MainlinePrices) -> PriceBook:
+    return replace(config.prices, mainline={**config.prices.mainline, entry.name: entry})

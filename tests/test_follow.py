@@ -15,7 +15,7 @@ import pytest
 
 from proxy.core.models import Counter, Totals, Usage
 from proxy.doors import ResponsesDoor
-from proxy.ledger import open_ledger
+from proxy.ledger import codecs, open_ledger
 from proxy.ledger.base import Owner, Reservation
 from proxy.web.follow import (
     STUCK_AFTER_S,
@@ -231,3 +231,23 @@ def test_a_response_cancelled_without_usage_is_charged_its_bound_whatever_its_po
     [verdict] = verdicts
     assert verdict.cost_nanos == bound.cost_nanos and verdict.charge.flagged
     assert verdict.error_code == "response_cancelled"
+
+
+def test_an_adopted_bound_keeps_the_mainline_part_of_its_prompt_cache_writes() -> None:
+    """A held reservation's usage comes back from its row without the tokens its bound
+    counted as written to the prompt cache (no column keeps them): its mainline part was
+    priced at the input rate alone, below the part reserved for it, so a response charged
+    its bound recorded the write premium under the image model."""
+    base = config((team("design"),))
+    entry = base.prices.mainline["gpt-5.5"]
+    writes = replace(
+        entry, rates={**entry.rates, "cache_write_input": entry.rates["text_input"] * 5 / 4}
+    )
+    book = replace(base.prices, mainline={**base.prices.mainline, "gpt-5.5": writes})
+    runtime = SimpleNamespace(config=replace(base, prices=book))
+    reserved = Usage(mainline_input=10_000, mainline_output=2_000, mainline_cache_write=10_000)
+    read_back = codecs.usage_of(codecs.usage_values(reserved))
+    held = replace(responses_entry("bg"), mainline_model="gpt-5.5")
+    bound = adopted_bound(cast(Runtime, runtime), held, read_back)
+    assert bound is not None
+    assert bound.mainline_nanos == writes.cost(reserved) > writes.cost(read_back)

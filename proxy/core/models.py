@@ -109,6 +109,14 @@ class Usage:
     def scaled(self, n: int) -> Usage:
         return Usage(*(getattr(self, f.name) * n for f in fields(self)))
 
+    def as_bound(self) -> Usage:
+        """A reserved bound's usage as the ledger gives it back, to be priced again: every
+        mainline input token counted as written to the prompt cache, as the bound counted it
+        (`mainline_bound`), since no column keeps the writes. Priced without them, a bound
+        read back lost the write premium: a raised rate did not raise it to what OpenAI may
+        bill."""
+        return replace(self, mainline_cache_write=self.mainline_input)
+
     @property
     def total_tokens(self) -> int:
         return (

@@ -462,7 +462,7 @@ def bound_now(
             param="input_file_id",
         )  # fmt: skip
     usage = replace(
-        priced_at.usage,
+        priced_at.usage.as_bound(),  # stored without its writes to the prompt cache
         image_output=max(priced_at.usage.image_output, output),
         text_output=max(priced_at.usage.text_output, text_output),
         images=max(priced_at.usage.images, images),

@@ -374,6 +374,6 @@ def adopted_bound(runtime: Runtime, entry: Entry, usage: Usage) -> Bound | None:
         entry.estimated_nanos,
         usage,
         mainline,
-        min(mainline.cost(usage), entry.estimated_nanos),
+        min(mainline.cost(usage.as_bound()), entry.estimated_nanos),
         repriced=True,
     )
