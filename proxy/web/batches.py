@@ -407,11 +407,18 @@ class Batches:
         is followed."""
         if isinstance(failure, UpstreamFailure) and failure.maybe_billed:
             found = await _batch_of_file(runtime, file_id, project)
-            if found is not None and await runtime.ledger.stored(found[0]) is None:
-                stored = await runtime.ledger.stored(file_id)
-                if stored is not None:
-                    await self.follow(runtime, entry, stored, found[0], project, found[1])
-                    return True
+            try:
+                if found is not None and await runtime.ledger.stored(found[0]) is None:
+                    stored = await runtime.ledger.stored(file_id)
+                    if stored is not None:
+                        await self.follow(runtime, entry, stored, found[0], project, found[1])
+                        return True
+            except LedgerError as exc:
+                # Whose the batch found is cannot be read: charged its bound, as if none
+                # were found.
+                log.error(
+                    "reading batch %s of file %s failed: %s", found and found[0], file_id, exc
+                )
             await release(runtime, entry, failure.status, failure.ledger_code, charged=usage)
             try:
                 stored = await runtime.ledger.stored(file_id)
