@@ -169,7 +169,9 @@ class Batches:
                     maybe_billed=True,
                 )
                 await self.not_created(runtime, entry, unreadable, stored.id, project, bound.usage)
-        elif answer.status < 500 or not await self.made_anyway(runtime, entry, stored, project):
+        elif answer.status < 500 or not await self.made_anyway(
+            runtime, entry, stored, project, answer.status, bound.usage
+        ):
             await release(runtime, entry, answer.status, "batch_not_created")
         return Response(body, answer.status, headers={**dict(response_headers(answer)), **headers})
 
@@ -346,16 +348,36 @@ class Batches:
         runtime.followers.follow(entry.id, followed)
 
     async def made_anyway(
-        self, runtime: Runtime, entry: Entry, stored: StoredObject, project: str | None
+        self,
+        runtime: Runtime,
+        entry: Entry,
+        stored: StoredObject,
+        project: str | None,
+        status: int,
+        usage: Usage,
     ) -> bool:
-        """A create answered with a server error (5xx): a gateway in front of the upstream
-        may answer so after the batch was made, which then runs and bills. When the
+        """A create answered with a server error (5xx, `status`): a gateway in front of the
+        upstream may answer so after the batch was made, which then runs and bills. When the
         upstream lists a batch of the input file `stored` that is no one's yet, it is the
         team's and is followed, its reservation held (the client, told the create failed,
         finds it in its list); whether one was found. None found: the create failed, as
-        the upstream said."""
+        the upstream said. A ledger that cannot say whether the batch found is already
+        someone's: the create may have made it, and is charged its bound (`usage`),
+        flagged, as a create that got no answer (True); never a 500 of Tollgate's own."""
         found = await _batch_of_file(runtime, stored.id, project)
-        if found is None or await runtime.ledger.stored(found[0]) is not None:
+        if found is None:
+            return False
+        try:
+            owner = await runtime.ledger.stored(found[0])
+        except LedgerError as exc:
+            log.error(
+                "batch create %s was answered a server error, and whether batch %s of its "
+                "file is already recorded could not be read: charged its bound: %s",
+                entry.id, found[0], exc,
+            )  # fmt: skip
+            await release(runtime, entry, status, MAYBE_CREATED, charged=usage)
+            return True
+        if owner is not None:
             return False
         if found[1] is not None and found[1] < entry.started_at - ORPHAN_SKEW_S:
             return False  # an earlier batch of the file, not one this create made
@@ -385,11 +407,18 @@ class Batches:
         is followed."""
         if isinstance(failure, UpstreamFailure) and failure.maybe_billed:
             found = await _batch_of_file(runtime, file_id, project)
-            if found is not None and await runtime.ledger.stored(found[0]) is None:
-                stored = await runtime.ledger.stored(file_id)
-                if stored is not None:
-                    await self.follow(runtime, entry, stored, found[0], project, found[1])
-                    return True
+            try:
+                if found is not None and await runtime.ledger.stored(found[0]) is None:
+                    stored = await runtime.ledger.stored(file_id)
+                    if stored is not None:
+                        await self.follow(runtime, entry, stored, found[0], project, found[1])
+                        return True
+            except LedgerError as exc:
+                # Whose the batch found is cannot be read: charged its bound, as if none
+                # were found.
+                log.error(
+                    "reading batch %s of file %s failed: %s", found and found[0], file_id, exc
+                )
             await release(runtime, entry, failure.status, failure.ledger_code, charged=usage)
             try:
                 stored = await runtime.ledger.stored(file_id)
@@ -516,6 +545,10 @@ async def own_outputs(runtime: Runtime, team: Team, batch: Any, project: str | N
         file_id = batch.get(name)
         if isinstance(file_id, str) and file_id:
             await own_output(runtime, team.name, file_id, batch.get("id"), project, runtime.clock())
+
+
+MAYBE_CREATED = "batch_maybe_created"
+"""The error code of a create answered a server error that may have made its batch."""
 
 
 async def release(

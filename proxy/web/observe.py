@@ -7,11 +7,12 @@ import json
 import logging
 import math
 import time
+from collections.abc import Container
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from proxy.core.auth import bearer_token, identify
+from proxy.core.auth import WORD, bearer_token, carries_key, identify, key_hash
 from proxy.core.errors import AuthenticationFailed
 from proxy.core.models import Change, Entry, Outcome, Settlement, usd_text
 from proxy.core.pricing import AUTO, PriceBook
@@ -110,19 +111,21 @@ def log_unmetered(
     outcome: Outcome,
     error_code: str | None,
     started: float,
+    keys: Container[str] = (),
 ) -> None:
     """The line of a request that leaves no row in the ledger: one forwarded under
     `passthrough:` (`endpoint` "passthrough", its cost null: unmetered), or one on a team's
     own objects (a listing, an upload, a file's, a batch's or a stored response's path,
     free). Which team sent what with the company key, and OpenAI's id for it, are in the
-    log as for every other request."""
+    log as for every other request; no key is (`logged_path`: `keys`, the hashes of the
+    teams' keys)."""
     if not log.isEnabledFor(logging.INFO):
         return
     line = {
         "request_id": request_id,
         "upstream_request_id": response.headers.get("x-request-id"),
         "team": response.headers.get("x-tollgate-team", team), "key_id": key_id,
-        "endpoint": endpoint, "method": request.method, "path": logged_path(request),
+        "endpoint": endpoint, "method": request.method, "path": logged_path(request, keys),
         "outcome": outcome, "status": response.status_code, "error_code": error_code,
         "cost_usd": response.headers.get("x-tollgate-cost-usd"),
         "latency_ms": round((time.monotonic() - started) * 1000, 1),
@@ -130,13 +133,23 @@ def log_unmetered(
     log.info(json.dumps(line))
 
 
-def logged_path(request: Request) -> str:
-    """The path of `request` as its log line shows it: without the client's own key, which
-    a client may have written into it (`GET /v1/models/tg_...`, refused) and which no log
-    line shows."""
+def logged_path(request: Request, keys: Container[str] = ()) -> str:
+    """The path of `request` as its log line shows it: without the client's own key, nor
+    any team's (a word whose hash is in `keys`), which a client may have written into it
+    (`GET /v1/models/tg_...`, refused) and which no log line shows. A path that still
+    carries one, encoded in a way no word of it spells, is not shown at all."""
     path = path_of(request)
     token = bearer_token(request.headers.get("authorization"))
-    return path.replace(token, "[redacted]") if token and len(token) >= 8 else path
+    if token and len(token) >= 8:
+        path = path.replace(token, REDACTED)
+    if keys:
+        path = WORD.sub(lambda m: REDACTED if key_hash(m[0]) in keys else m[0], path)
+    if carries_key(path, token, keys):
+        return "(a path that holds a key, not shown)"
+    return path
+
+
+REDACTED = "[redacted]"
 
 
 def unmetered_outcome(response: Response, error_code: str | None) -> Outcome:

@@ -121,14 +121,14 @@ class OtherPaths:
             outcome = unmetered_outcome(refusal, exc.code)
             log_unmetered(
                 request_id, team.name, key.id, "passthrough", request, refusal, outcome,
-                exc.code, started,
+                exc.code, started, s.config.team_by_key_hash(),
             )  # fmt: skip
             return refusal
         response = streamed_response(answer, headers)
         outcome = unmetered_outcome(response, None)
         log_unmetered(
             request_id, team.name, key.id, "passthrough", request, response, outcome, None,
-            started,
+            started, s.config.team_by_key_hash(),
         )  # fmt: skip
         return response
 

@@ -112,7 +112,7 @@ async def for_team(
         outcome = unmetered_outcome(response, None)
     log_unmetered(
         request_id, team.name, key.id, refusals.endpoint, request, response, outcome, code,
-        started,
+        started, runtime.config.team_by_key_hash(),
     )  # fmt: skip
     return response
 
