@@ -617,6 +617,20 @@ def test_multiprocess_workers_sum_their_dollars_exactly(tmp_path: Path) -> None:
     assert 'tollgate_reserved_usd_total{model="gpt-image-2",team="design"} 0.052\n' in report
 
 
+def test_a_worker_given_a_dead_workers_pid_keeps_its_dollars(tmp_path: Path) -> None:
+    """Worker files are named by pid: a worker given the pid of one that died reads its
+    file, and its dollars must carry on from that one's, not replace them."""
+    run_worker(DOLLARS, tmp_path, "work", "32000000")
+    [file] = [f for f in tmp_path.iterdir() if f.name.startswith("counter_")]
+    # The next worker is given the same pid: its counters file is the dead one's.
+    script = DOLLARS.replace("import sys\n", "import os, sys\nos.getpid = lambda: {pid}\n", 1)
+    pid = int(file.stem.split("_")[1])
+    report = run_worker(script.replace("{pid}", str(pid)), tmp_path, "report", "20000000")
+    assert 'tollgate_cost_usd_total{model="gpt-image-2",quality="low",team="design"} 0.052\n' in (
+        report
+    )
+
+
 KILLED = """
 import os, sys
 from proxy.ledger import Entry, Settlement

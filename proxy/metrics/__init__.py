@@ -97,10 +97,17 @@ class Dollars:
         self._nanos: dict[tuple[str, ...], int] = {}
 
     def add(self, nanos: int, *values: str) -> None:
-        total = self._nanos[values] = self._nanos.get(values, 0) + nanos
+        child = self._children(*values)
+        before = self._nanos.get(values)
+        if before is None:
+            # What the child holds already: in multiprocess mode, a worker given the pid of
+            # one that died reads that one's file, whose dollars stay counted, as `inc` would
+            # have carried them on.
+            before = round(child._value.get() * NANOS_PER_USD)
+        total = self._nanos[values] = before + nanos
         # prometheus-client's own value holder (a lock, or the worker's mmapped file), set
         # as `inc` would add: the counter is still the client's, scraped as any other.
-        self._children(*values)._value.set(total / NANOS_PER_USD)
+        child._value.set(total / NANOS_PER_USD)
 
 
 DOLLAR_COUNTERS = frozenset(
