@@ -247,3 +247,15 @@ def test_any_other_exception_is_a_logged_500_that_does_not_show_it(
     assert isinstance(error, InternalError)
     assert "a secret detail" not in error.message
     assert "a secret detail" in caplog.text and "GET /admin/budgets" in caplog.text
+
+
+def test_the_log_line_of_an_unhandled_error_shows_no_key_a_client_wrote_in_its_path(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A path may hold anything a client wrote in it (a team's key, refused elsewhere); a
+    fault's log line shows only its route's words."""
+    path = "/v1/responses/tg_live_key_of_another_team_0002/input_items"
+    with caplog.at_level(logging.ERROR, logger="tollgate"):
+        as_request_error(RuntimeError("boom"), "GET", path)
+    assert "tg_live_key" not in caplog.text
+    assert "GET /v1/responses/{…}/input_items" in caplog.text

@@ -43,8 +43,24 @@ def as_request_error(exc: BaseException, method: str, path: str) -> RequestError
         return exc
     if isinstance(exc, HTTPException):
         return from_starlette(exc, method, path)
-    log.error("unhandled error on %s %s", method, path, exc_info=exc)
+    log.error("unhandled error on %s %s", method, route_of(path), exc_info=exc)
     return InternalError("Tollgate failed to handle this request; it has been logged.")
+
+
+ROUTE_WORDS = frozenset(
+    {
+        "v1", "images", "generations", "edits", "variations", "responses", "files", "batches",
+        "content", "cancel", "input_items", "input_tokens", "models", "admin", "budgets",
+        "report", "reload", "metrics", "healthz", "readyz", "tollgate", "budget",
+    }
+)  # fmt: skip
+"""The words of Tollgate's and OpenAI's paths, which a log line shows as they are."""
+
+
+def route_of(path: str) -> str:
+    """`path` as a log line of a fault shows it: its route's words, any other segment (an
+    id, or a key a client wrote into its path, which no log line shows) as `{…}`."""
+    return "/".join(p if not p or p in ROUTE_WORDS else "{…}" for p in path.split("/"))
 
 
 def from_starlette(exc: HTTPException, method: str, path: str) -> RequestError:
