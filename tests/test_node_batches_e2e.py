@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 from collections.abc import Iterator
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from tests.batches_e2e import (
 from tests.conftest import DESIGN_KEY, RESEARCH_KEY, Simulator, Tollgate, run_tollgate, write_config
 from tests.responses_e2e import NODE_PROJECT, node_sdk
 from tests.test_batches_responses_e2e import check_lines
+from tests.test_node_images_e2e import nanos
 from tests.test_proxy_e2e import expected_cost, wait_settled
 
 KEYS = {"design": DESIGN_KEY, "research": RESEARCH_KEY}
@@ -77,12 +77,6 @@ def node(proxy: Tollgate, *cases: str) -> dict[str, Any]:
     assert ran.returncode == 0, ran.stderr
     results: dict[str, Any] = json.loads(ran.stdout)
     return results
-
-
-def nanos(usd: str | Decimal) -> int:
-    exact = Decimal(usd) * 10**9
-    assert exact == int(exact), usd
-    return int(exact)
 
 
 def bound_of(proxy: Tollgate, file_id: str) -> int:

@@ -19,20 +19,13 @@ from typing import Any
 import pytest
 
 from proxy.core.models import Usage
+from tests.bound_oracle import DEPLOYMENT_MAINLINE
 from tests.conftest import Simulator, Tollgate, run_tollgate, write_config
 from tests.responses_e2e import BOOK, TEAMS, billed, settled_row, tool
 
 __all__ = ["proxy"]
 
-PRICES = """
-mainline:
-  gpt-5.6-sol:
-    source: https://developers.openai.com/api/docs/pricing
-    effective_from: 2026-07-09
-    rates: {text_input: "5.00", cached_text_input: "0.50", text_output: "30.00",
-            cache_write_input: "6.25"}
-    reasoning_context: all_turns
-"""
+PRICES = DEPLOYMENT_MAINLINE
 INPUT, CACHED, OUTPUT, WRITE = Decimal("5.00"), Decimal("0.50"), Decimal("30.00"), Decimal("6.25")
 
 
