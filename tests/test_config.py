@@ -734,35 +734,62 @@ SETTINGS_PROBLEMS = [
         "1: passthrough[0]: '/v1/agents/sessions' " + shared("/v1/agents"),
     ),
     ("passthrough: [/v1/vaults]\n", "1: passthrough[0]: '/v1/vaults' " + shared("/v1/vaults")),
+    (
+        "passthrough: [/v1/live/sessions]\n",
+        "1: passthrough[0]: '/v1/live/sessions' " + shared("/v1/live"),
+    ),
+    (
+        "passthrough:\n  - {path: /v1/Live, methods: [POST]}\n",
+        "2: passthrough[0].path: '/v1/Live' with POST would let a team mint client secrets or "
+        "sessions with the upstream key (Realtime, Live and ChatKit): only GET and HEAD may "
+        "be passed through there",
+    ),
+    (
+        "passthrough:\n  - {path: /v1/audio, methods: [GET, POST, DELETE]}\n",
+        "2: passthrough[0].path: '/v1/audio' " + shared("/v1/audio/voices"),
+    ),
+    (
+        "passthrough: [/v1/Audio/voice_consents/x]\n",
+        "1: passthrough[0]: '/v1/Audio/voice_consents/x' " + shared("/v1/audio/voice_consents"),
+    ),
+    (
+        "passthrough:\n  - {path: /v1/webhook_endpoints, methods: [GET, POST]}\n",
+        "2: passthrough[0].path: '/v1/webhook_endpoints' with POST would let a team change "
+        "the whole account (the organization's API keys, users and projects, its webhook "
+        "endpoints, or delete its fine-tuned models): only GET and HEAD may be passed "
+        "through there",
+    ),
     ("passthrough: [/v1/Responses/x]\n", "1: passthrough[0]: '/v1/Responses/x' " + KEPT_OBJECTS),
     (
         "passthrough:\n  - {path: /v1/projects, methods: [GET, POST]}\n",
         "2: passthrough[0].path: '/v1/projects' with POST would let a team change the "
-        "whole account (the organization's API keys, users and projects, or delete its "
-        "fine-tuned models): only GET and HEAD may be passed through there",
+        "whole account (the organization's API keys, users and projects, its webhook "
+        "endpoints, or delete its fine-tuned models): only GET and HEAD may be passed "
+        "through there",
     ),
     (
         "passthrough:\n  - {path: /v1/organization, methods: [GET, POST]}\n",
         "2: passthrough[0].path: '/v1/organization' with POST would let a team change the "
-        "whole account (the organization's API keys, users and projects, or delete its "
-        "fine-tuned models): only GET and HEAD may be passed through there",
+        "whole account (the organization's API keys, users and projects, its webhook "
+        "endpoints, or delete its fine-tuned models): only GET and HEAD may be passed "
+        "through there",
     ),
     (
         "passthrough:\n  - {path: /v1/Models, methods: [GET, DELETE]}\n",
         "2: passthrough[0].path: '/v1/Models' with DELETE would let a team change the whole "
-        "account (the organization's API keys, users and projects, or delete its fine-tuned "
-        "models): only GET and HEAD may be passed through there",
+        "account (the organization's API keys, users and projects, its webhook endpoints, or "
+        "delete its fine-tuned models): only GET and HEAD may be passed through there",
     ),
     (
         "passthrough:\n  - {path: /v1/realtime, methods: [GET, POST]}\n",
         "2: passthrough[0].path: '/v1/realtime' with POST would let a team mint client "
-        "secrets or sessions with the upstream key (Realtime and ChatKit): only GET and HEAD "
+        "secrets or sessions with the upstream key (Realtime, Live and ChatKit): only GET and HEAD "
         "may be passed through there",
     ),
     (
         "passthrough:\n  - {path: /v1/ChatKit/sessions/x, methods: [POST]}\n",
         "2: passthrough[0].path: '/v1/ChatKit/sessions/x' with POST would let a team mint "
-        "client secrets or sessions with the upstream key (Realtime and ChatKit): only GET "
+        "client secrets or sessions with the upstream key (Realtime, Live and ChatKit): only GET "
         "and HEAD may be passed through there",
     ),
     (

@@ -312,6 +312,68 @@ def test_reasoning_that_stays_within_the_bound_is_forwarded(
     assert parsed.fields["reasoning"] == fields["reasoning"]
 
 
+@pytest.mark.parametrize(
+    ("choice", "param"),
+    [
+        ({"type": "web_search_preview"}, "tool_choice.type"),
+        ({"type": "programmatic_tool_calling"}, "tool_choice.type"),
+        ({"type": "shell"}, "tool_choice.type"),
+        ({"type": "mcp", "server_label": "deepwiki"}, "tool_choice.type"),
+        ({"type": "image_generation", "quality": "high"}, "tool_choice.quality"),
+        ({"type": "function"}, "tool_choice.name"),
+        ("sometimes", "tool_choice"),
+        (
+            {"type": "allowed_tools", "mode": "required", "tools": [{"type": "file_search"}]},
+            "tool_choice.tools[0].type",
+        ),
+        (
+            {
+                "type": "allowed_tools",
+                "mode": "auto",
+                "tools": [{"type": "image_generation", "model": "gpt-image-2.6"}],
+            },
+            "tool_choice.tools[0].model",
+        ),
+        ({"type": "allowed_tools", "mode": "none", "tools": []}, "tool_choice.mode"),
+        ({"type": "allowed_tools", "mode": "auto", "tools": {}}, "tool_choice.tools"),
+    ],
+)
+def test_a_tool_choice_naming_a_tool_tollgate_does_not_forward_is_refused(
+    config: Config, choice: Any, param: str
+) -> None:
+    """`tool_choice` names tools too: a hosted tool, a program OpenAI runs, or a tool with
+    fields beyond its name (`allowed_tools` takes "tool definitions") is refused, as in
+    `tools`, and so is an input-token count of it."""
+    with pytest.raises(InvalidRequest) as caught:
+        parse(config, body(tool_choice=choice, max_output_tokens=300, max_tool_calls=1))
+    assert caught.value.param == param
+    with pytest.raises(InvalidRequest) as counted:
+        read_count({"model": "gpt-5.5", "input": "x", "tool_choice": choice})
+    assert counted.value.param == param
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [
+        "none",
+        "auto",
+        "required",
+        {"type": "image_generation"},
+        {"type": "function", "name": "lookup"},
+        {
+            "type": "allowed_tools",
+            "mode": "required",
+            "tools": [{"type": "image_generation"}, {"type": "function", "name": "lookup"}],
+        },
+    ],
+)
+def test_a_tool_choice_naming_the_tools_tollgate_forwards_is_forwarded(
+    config: Config, choice: Any
+) -> None:
+    parsed = parse(config, body(tool_choice=choice, max_output_tokens=300, max_tool_calls=1))
+    assert parsed.fields["tool_choice"] == choice
+
+
 ALL_TURNS_BOOK = """
 mainline:
   gpt-5.6:

@@ -53,8 +53,29 @@ __all__ = ["calm", "proxy"]  # the shared fixtures
             {"previous_response_id": "resp_1", "reasoning": {"context": "all_turns"}},
             "reasoning.context",
         ),
+        ({"tools": [tool()], "tool_choice": {"type": "web_search_preview"}}, "tool_choice.type"),
+        ({"tool_choice": {"type": "programmatic_tool_calling"}}, "tool_choice.type"),
+        (
+            {
+                "tools": [tool()],
+                "tool_choice": {
+                    "type": "allowed_tools",
+                    "mode": "required",
+                    "tools": [{"type": "image_generation", "quality": "high"}],
+                },
+            },
+            "tool_choice.tools[0].quality",
+        ),
     ],
-    ids=["conversation", "web_search", "pro_mode", "all_turns_continued"],
+    ids=[
+        "conversation",
+        "web_search",
+        "pro_mode",
+        "all_turns_continued",
+        "tool_choice_web_search",
+        "tool_choice_programmatic",
+        "tool_choice_definition",
+    ],
 )
 def test_what_cannot_be_bounded_is_refused_in_openais_shape(
     proxy: Tollgate, simulator: Simulator, options: dict[str, Any], param: str

@@ -11,29 +11,37 @@ from proxy.core.settings import READ_ONLY, Passthrough
 
 # Paths where OpenAI opens a session on the account of the key that calls it, for a browser
 # to use against OpenAI directly: an ephemeral client secret (Realtime's client secrets and
-# sessions, ChatKit's sessions) or a WebRTC call (`/v1/realtime/calls`, whose answer is the
-# session itself). Passed through, they would hand a team a credential of the upstream
-# account, and spend Tollgate never sees: every write under `/v1/realtime` is one.
-KEY_MINTING = ("/v1/realtime", "/v1/chatkit/sessions")
+# sessions, ChatKit's sessions) or a WebRTC call (`/v1/realtime/calls`, and the Live API's
+# `/v1/live/sessions`, whose answer is the session itself). Passed through, they would hand
+# a team a credential of the upstream account, and spend Tollgate never sees: every write
+# under `/v1/realtime` and `/v1/live` is one.
+KEY_MINTING = ("/v1/realtime", "/v1/live", "/v1/chatkit/sessions")
 
 # Paths where OpenAI keeps objects of the account that calls it, listed, read, changed and
 # deleted by id: every team would share the company key's, and Tollgate keeps none of them
 # to the team that made it (as it does files, batches and responses). Passed through in any
 # method, one team would list, read or delete another's uploads, containers and their
 # files, vector stores, conversations, assistants and threads, fine-tuning jobs, evals,
-# videos, ChatKit threads, skills (uploaded instructions and files, read back whole), or
-# the Agents API's agents, sessions and environments and its vaults of credentials.
+# videos, ChatKit threads, skills (uploaded instructions and files, read back whole), the
+# Agents API's agents, sessions and environments and its vaults of credentials, the Live
+# API's stored sessions (`GET /v1/live/sessions/{id}/content` downloads one whole; a fork
+# or an attach joins it), or custom voices and the consent recordings they are made from
+# (`/v1/audio/voices`, `/v1/audio/voice_consents`: a prefix `/v1/audio` opened for speech
+# and transcriptions reaches them; list those paths instead).
 OBJECT_STORES = (
     "/v1/uploads", "/v1/containers", "/v1/vector_stores", "/v1/conversations",
     "/v1/assistants", "/v1/threads", "/v1/fine_tuning", "/v1/evals", "/v1/videos",
-    "/v1/chatkit", "/v1/skills", "/v1/agents", "/v1/vaults",
+    "/v1/chatkit", "/v1/skills", "/v1/agents", "/v1/vaults", "/v1/live",
+    "/v1/audio/voices", "/v1/audio/voice_consents",
 )  # fmt: skip
 
 # Paths a write to which changes the whole account for every team: the organization's
 # administration (its API keys, users, projects, service accounts and rate limits; a
-# project's roles, `/v1/projects/{id}/roles`) and its models (a DELETE removes a fine-tuned
-# model). Only GET and HEAD may be passed through.
-ACCOUNT_WIDE = ("/v1/organization", "/v1/projects", "/v1/models")
+# project's roles, `/v1/projects/{id}/roles`), its models (a DELETE removes a fine-tuned
+# model) and its webhook endpoints (a new one is sent every team's events; rotating an
+# endpoint's secret answers the new signing secret, and breaks the operators' checks of
+# the old). Only GET and HEAD may be passed through.
+ACCOUNT_WIDE = ("/v1/organization", "/v1/projects", "/v1/models", "/v1/webhook_endpoints")
 
 
 def passthrough_prefixes(
@@ -74,8 +82,8 @@ def passthrough_prefixes(
                 doc,
                 where,
                 f"{prefix!r} with {', '.join(sorted(methods - READ_ONLY))} would let a team "
-                "mint client secrets or sessions with the upstream key (Realtime and ChatKit): "
-                "only GET and HEAD may be passed through there",
+                "mint client secrets or sessions with the upstream key (Realtime, Live and "
+                "ChatKit): only GET and HEAD may be passed through there",
             )
         elif store := next((kept for kept in OBJECT_STORES if reaches(prefix, kept)), None):
             _problem(
@@ -92,7 +100,8 @@ def passthrough_prefixes(
                 where,
                 f"{prefix!r} with {', '.join(sorted(methods - READ_ONLY))} would let a team "
                 "change the whole account (the organization's API keys, users and projects, "
-                "or delete its fine-tuned models): only GET and HEAD may be passed through there",
+                "its webhook endpoints, or delete its fine-tuned models): only GET and HEAD "
+                "may be passed through there",
             )
         elif any(covers(prefix, door) for door in OBJECT_PATHS):
             _problem(

@@ -24,12 +24,12 @@ bound is forwarded: the function tool (its calls are the client's, each ending t
 response: none made by a program OpenAI runs, none `async`, none loaded by tool search)
 and the image tool, message, function-call (with their outputs), reasoning (with its
 `encrypted_content`) and image-call (with its `result`) input items, text and image
-content; anything else
-(file inputs, item references, reasoning or image calls named by their id alone, other
-hosted tools, `conversation`, reusable prompts, reasoning beyond one standard run) is
-refused with a 400 that says so. The body sent upstream is re-encoded from this parse, its
-input items without their ids (`as_forwarded`: the upstream would read what it stored under
-them, whichever team's), each with only the fields OpenAI documents for its type.
+content; anything else (file inputs, item references, reasoning or image calls named by
+their id alone, other hosted tools, also as a `tool_choice`, `conversation`, reusable
+prompts, reasoning beyond one standard run) is refused with a 400 that says so. The body
+sent upstream is re-encoded from this parse, its input items without their ids
+(`as_forwarded`: the upstream would read what it stored under them, whichever team's),
+each with only the fields OpenAI documents for its type.
 """
 
 from __future__ import annotations
@@ -396,7 +396,7 @@ def read_body(fields: dict[str, Any], size: int, default_model: str, team: Team)
             raise InvalidRequest(f"Invalid type for '{name}': expected a string.", param=name)
     tools = fields.get("tools", [])
     index, tool = _tools(tools)
-    choice = fields.get("tool_choice", "auto")
+    choice = _tool_choice(fields.get("tool_choice", "auto"))
     policy = team.responses
     injected: list[str] = []
 
@@ -511,6 +511,8 @@ def read_count(fields: dict[str, Any]) -> CountBody:
         if name in fields and not isinstance(fields[name], str):
             raise InvalidRequest(f"Invalid type for '{name}': expected a string.", param=name)
     _, tool = _tools(fields.get("tools", []))
+    if "tool_choice" in fields:
+        _tool_choice(fields["tool_choice"])
     return CountBody(
         fields, fields.get("previous_response_id"), named_files(fields.get("input"), tool)
     )
@@ -659,6 +661,77 @@ def _tools(tools: Any) -> tuple[int | None, dict[str, Any] | None]:
                 )
         found = (index, tool)
     return found
+
+
+TOOL_CHOICE_MODES = ("none", "auto", "required")
+CHOSEN_TOOLS: Mapping[str, frozenset[str]] = {
+    "function": frozenset({"type", "name"}),
+    "image_generation": frozenset({"type"}),
+}
+"""The tools a `tool_choice` may name, each with the fields it is named by: the two tools
+Tollgate forwards (`_tools`)."""
+
+
+def _tool_choice(choice: Any) -> Any:
+    """`choice`, the request's `tool_choice`, when it names only tools Tollgate forwards:
+    a mode, the image tool, a function by its name, or `allowed_tools` of those. A choice
+    naming another tool (a hosted one, `programmatic_tool_calling`, `shell`, an MCP
+    server), or a tool with fields beyond its name (`allowed_tools` holds "tool
+    definitions"), is refused: a field Tollgate has no rule for may be one OpenAI bills
+    for."""
+    if isinstance(choice, str) and choice in TOOL_CHOICE_MODES:
+        return choice
+    if not isinstance(choice, dict):
+        raise InvalidRequest(
+            f"Invalid value for 'tool_choice': expected one of {', '.join(TOOL_CHOICE_MODES)} "
+            "or an object.",
+            param="tool_choice",
+        )
+    if choice.get("type") != "allowed_tools":
+        _chosen_tool(choice, "tool_choice")
+        return choice
+    for name in choice:
+        if name not in ("type", "mode", "tools"):
+            raise InvalidRequest(
+                f"Unknown parameter: 'tool_choice.{name}'. Tollgate cannot price it.",
+                param=f"tool_choice.{name}",
+            )
+    if choice.get("mode") not in ("auto", "required"):
+        raise InvalidRequest(
+            "Invalid value for 'tool_choice.mode': expected auto or required.",
+            param="tool_choice.mode",
+        )
+    allowed = choice.get("tools")
+    if not isinstance(allowed, list):
+        raise InvalidRequest(
+            "Invalid type for 'tool_choice.tools': expected an array.", param="tool_choice.tools"
+        )
+    for index, named in enumerate(allowed):
+        _chosen_tool(named, f"tool_choice.tools[{index}]")
+    return choice
+
+
+def _chosen_tool(named: Any, where: str) -> None:
+    """Refuse a tool named by `tool_choice` (at `where`) that is not one Tollgate forwards,
+    or that carries fields beyond those it is named by."""
+    kind = named.get("type") if isinstance(named, dict) else None
+    fields = CHOSEN_TOOLS.get(kind) if isinstance(kind, str) else None
+    if fields is None or not isinstance(named, dict):
+        raise InvalidRequest(
+            f"Tollgate does not forward a tool_choice naming the {kind!r} tool: it forwards "
+            "the image_generation and function tools only.",
+            param=f"{where}.type",
+        )
+    for name in named:
+        if name not in fields:
+            raise InvalidRequest(
+                f"Tollgate does not forward '{where}.{name}': a tool is named in tool_choice "
+                f"by its {' and '.join(sorted(fields))} alone, and a field Tollgate has no "
+                "rule for may be one OpenAI bills for. Leave it out.",
+                param=f"{where}.{name}",
+            )
+    if kind == "function" and not isinstance(named.get("name"), str):
+        raise InvalidRequest(f"Missing required parameter: '{where}.name'.", param=f"{where}.name")
 
 
 def _function(tool: Mapping[str, Any], index: int) -> None:
