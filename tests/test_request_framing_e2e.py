@@ -230,3 +230,14 @@ def test_a_refusal_of_the_http_layer_is_dated(proxy: Tollgate, head: str) -> Non
     assert status == 400
     (date,) = headers.get_all("date")
     assert abs(email.utils.parsedate_to_datetime(date) - datetime.now(UTC)).total_seconds() < 5
+
+
+@pytest.mark.parametrize(
+    "head",
+    ["GET /healthz HTTP/1.1\r\nhost: tollgate", "GARBAGE"],
+    ids=["answered", "refused-by-the-http-layer"],
+)
+def test_no_answer_names_the_server_software(proxy: Tollgate, head: str) -> None:
+    """No `server` header tells a client (or anyone scanning the port) what runs there."""
+    _, headers, _ = exchange(proxy.url, head + "\r\nconnection: close", b"")
+    assert headers.get_all("server") is None

@@ -147,6 +147,9 @@ class ServerConfig(uvicorn.Config):
         # for its first attempt, a rendering of a minute) told a past date. The app writes
         # the date its answer starts at (`proxy.web.gateway`), the refusals here theirs.
         options.setdefault("date_header", False)
+        # `server: uvicorn` would tell anyone what runs behind the port, and no client
+        # reads it (OpenAI's answers name their edge, not their stack).
+        options.setdefault("server_header", False)
         super().__init__(app, http=GuardedProtocol, **options)
         self.header_timeout_s = limits.header_timeout_s
         self.max_connections = max_connections
