@@ -63,6 +63,7 @@ from proxy.ledger.statements import (
     EXPORT_BATCH,
     KEYS,
     TOTALS,
+    add_to_counters,
     marks,
     names,
     statements,
@@ -598,8 +599,54 @@ def _add(
 ) -> None:
     """Add to a reservation's counters (its row's `counters` text) and to the
     organization's counters of the same periods (`spent_before`: what the row charged
-    before, see `codecs.counter_rows`)."""
-    conn.executemany(_UPSERT, codecs.counter_rows(counters_text, deltas, spent_before))
+    before, see `codecs.counter_rows`).
+
+    Every counter of a row without users' shares gets the same deltas: one statement
+    writes them all (`_counters_upsert`), for about half of what a statement a counter
+    cost SQLite (each step's cursors, each counter's text keys bound and copied)."""
+    one = None if codecs.shared(counters_text) else _counters_upsert(counters_text)
+    if one is None:
+        conn.executemany(_UPSERT, codecs.counter_rows(counters_text, deltas, spent_before))
+        return
+    sql, keys = one
+    spent, held, tokens = deltas
+    conn.execute(sql, (*keys, spent, held, *tokens))
+
+
+ONE_STATEMENT_COUNTERS = 64
+"""Counters past which a row's counters are written a statement each (none but a batch's
+users' shares come near: a request's are at most its team's, its user's and the
+organization's of each period)."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _counters_upsert(counters_text: str) -> tuple[str, tuple[Any, ...]] | None:
+    """The statement adding the same deltas to every counter of `counters_text` (the
+    organization's of its team's periods included: `codecs.written_keys`, in lock order),
+    and the values of its keys; the deltas are its last six parameters. A value several
+    keys share (a team's name, a period, a window's start) is bound once: the statement
+    names its parameters by number. Every request of a team and user in a minute writes
+    the same counters, and those of every team alike the same statement. None when there
+    is none to write, or too many for one statement."""
+    rows = codecs.written_keys(counters_text)
+    if not rows or len(rows) > ONE_STATEMENT_COUNTERS:
+        return None
+    numbers: dict[tuple[type, Any], int] = {}
+    for key in rows:
+        for value in key:
+            numbers.setdefault((type(value), value), len(numbers) + 1)
+    shape = tuple(tuple(numbers[type(v), v] for v in key) for key in rows)
+    return _upsert_of_shape(shape, len(numbers)), tuple(v for _, v in numbers)
+
+
+@functools.lru_cache(maxsize=256)
+def _upsert_of_shape(shape: tuple[tuple[int, ...], ...], keys: int) -> str:
+    """One upsert of `shape`'s rows: each row's key parameters by number, then the deltas,
+    parameters `keys` + 1 to `keys` + 6 of every row. One string for each shape, which
+    the sqlite3 module's statement cache then finds by its hash, already computed."""
+    deltas = [f"?{keys + n}" for n in range(1, len(codecs.TOTALS_COLUMNS) + 1)]
+    values = ", ".join("(" + ", ".join([*(f"?{n}" for n in key), *deltas]) + ")" for key in shape)
+    return add_to_counters(f"VALUES {values}")
 
 
 def _typed(columns: list[str], found: tuple[Any, ...]) -> tuple[Any, ...]:
