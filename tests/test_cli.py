@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -354,6 +355,27 @@ def test_budgets_imports_only_what_it_reads(tmp_path: Path, fmt: str) -> None:
     argv = ["budgets", "--config", str(tmp_path), "--format", fmt]
     run = f"assert main({argv!r}) == 0"
     assert loaded_by("from proxy.cli import main", run, unneeded=NOT_FOR_BUDGETS) == []
+
+
+def test_budgets_leaves_the_cyclic_collector_as_it_found_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`tollgate budgets` turns the collector off while it runs: a program that calls it
+    in process gets it back as it was."""
+    from proxy.cli import main
+
+    write_config(tmp_path, "http://127.0.0.1:9")
+    new_ledger(tmp_path)
+    assert gc.isenabled()
+    assert main(["budgets", "--config", str(tmp_path)]) == 0
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        assert main(["budgets", "--config", str(tmp_path)]) == 0
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    assert "SCOPE" in capsys.readouterr().out
 
 
 def test_the_parser_imports_no_command() -> None:
