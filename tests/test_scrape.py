@@ -77,7 +77,7 @@ def spent(client: TestClient) -> float:
 
 
 def test_concurrent_scrapes_share_one_read_of_the_ledger(client: TestClient) -> None:
-    reads = Reads(client.app, hold_s=0.3)  # type: ignore[arg-type]
+    reads = Reads(client.app, hold_s=1.0)  # type: ignore[arg-type]
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda _: spent(client), range(16)))
     assert answers == [0.0] * 16
@@ -87,7 +87,7 @@ def test_concurrent_scrapes_share_one_read_of_the_ledger(client: TestClient) -> 
 def test_a_scrape_after_the_interval_reads_the_ledger_again(client: TestClient) -> None:
     reads = Reads(client.app)  # type: ignore[arg-type]
     assert spent(client) == 0.0
-    for _ in range(20):
+    for _ in range(4):
         assert spent(client) == 0.0
     assert reads.count == {"totals": 1, "rate_windows": 1}
     time.sleep(FRESH_S)
