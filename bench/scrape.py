@@ -6,7 +6,9 @@ Starts the simulator and Tollgate on `harness.write_policies`' configuration wit
 `--teams` teams (three budgets and a per-user budget each), sends one request from every
 team (so each has request metrics as well as budget gauges), then times ten scrapes and
 prints their median and the size of the answer. A scrape runs on the event loop: while
-it is written, no request of that worker moves. With `--workers 2` the values are summed
+it is written, no request of that worker moves. The scrapes are `FRESH_S` apart, so each
+one reads the budget gauges from the ledger (a scrape sooner after another is answered from
+that one's read, `proxy.web.scrape`). With `--workers 2` the values are summed
 from every worker's files (prometheus-client's multiprocess mode). `--before DIR` times a
 Tollgate from the `proxy` package in DIR beside this tree's.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 from bench import harness
 from bench.all import every_team_spends, timed
 from bench.harness import note, table
+from proxy.web.scrape import FRESH_S
 
 
 def scrape_bytes(url: str) -> int:
@@ -53,7 +56,7 @@ def main() -> None:
                         note(f"{args.teams} teams, {workers} worker(s){suffix}: every team sends")
                         every_team_spends(tg)
                         size = scrape_bytes(tg.url)
-                        took = timed(lambda tg=tg: scrape_bytes(tg.url), 10)  # type: ignore[misc]
+                        took = timed(lambda tg=tg: scrape_bytes(tg.url), 10, FRESH_S)  # type: ignore[misc]
                         rows.append((
                             f"{workers} worker(s){suffix}", f"{took * 1000:.0f} ms",
                             f"{size / 1024:,.0f} KiB",

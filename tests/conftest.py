@@ -450,3 +450,19 @@ async def ledger(url: str) -> AsyncIterator[Backend]:
     opened = await open_ledger(url)
     yield opened
     await opened.close()
+
+
+AGE_SQL = "UPDATE requests SET reserved_clock = reserved_clock - {} WHERE state = 'reserved'"
+
+
+async def age_reservations(ledger: Backend, seconds: float) -> None:
+    """Make every reservation in `ledger` `seconds` older on the ledger's clock (the one a
+    reclaim and a repeat judge its age by), as if it had been made that long ago."""
+    from proxy.ledger.postgres import PostgresLedger
+    from proxy.ledger.sqlite import SqliteLedger
+
+    if isinstance(ledger, SqliteLedger):
+        await ledger.file.transaction(lambda conn: conn.execute(AGE_SQL.format("?"), (seconds,)))
+    else:
+        assert isinstance(ledger, PostgresLedger)
+        await ledger.db.execute(AGE_SQL.format("$1::float8"), float(seconds))

@@ -28,6 +28,7 @@ from proxy.ledger.sqlite import SqliteLedger
 from proxy.web import housekeeping
 from proxy.web.batches import release
 from proxy.web.follow import charge_bound
+from tests.conftest import age_reservations
 
 POLICIES = Path(__file__).parent.parent / "policies"
 
@@ -302,6 +303,7 @@ async def test_a_reclaim_at_the_bound_announces_the_thresholds_it_crosses(
     none comes)."""
     notifier = alerts_for(config((receiver.url,)), ledger)
     await reserve(ledger, 6 * NANOS, 1)  # 60 % once charged
+    await age_reservations(ledger, 7200.0)
     me = housekeeping.this_process()
     await ledger.register(me)
     charged = await housekeeping.reclaim_once(

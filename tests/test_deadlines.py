@@ -28,7 +28,7 @@ from proxy.web import housekeeping
 from proxy.web.app import create_app
 from proxy.web.gateway import Gateway
 from proxy.web.runtime import Overrides, Runtime
-from tests.conftest import write_config
+from tests.conftest import age_reservations, write_config
 
 KEY = "tg_test_deadline_key"
 TIMEOUT_S = 2.0
@@ -218,6 +218,7 @@ async def test_a_stream_kept_alive_past_timeout_plus_a_minute_keeps_its_reservat
         # Each chunk came within timeout_s, but the request is now older than timeout_s + 60 s
         # (the age at which reservations used to be released).
         h.now[0] += TIMEOUT_S + 61
+        await age_reservations(h.services.ledger, TIMEOUT_S + 61)  # the ledger's clock too
         assert await h.reclaim_from_another_process() == 0
         [row] = await h.services.ledger.rows()
         assert row.settlement is None

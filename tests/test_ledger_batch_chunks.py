@@ -85,8 +85,12 @@ async def opened(path: Path) -> SqliteLedger:
 
 def kept(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows as a report or an export reads them, but which settlement call wrote each line
-    (`billing_by`: none when one transaction wrote them all)."""
-    return [{k: v for k, v in r.items() if k != "billing_by"} for r in rows]
+    (`billing_by`: none when one transaction wrote them all) and the ledger's clock when
+    the batch was reserved (`reserved_clock`: two ledgers reserve it at two moments)."""
+    return [{k: v for k, v in r.items() if k not in UNKEPT} for r in rows]
+
+
+UNKEPT = ("billing_by", "reserved_clock")
 
 
 async def settled_at_once(path: Path, lines: list[BilledLine]) -> tuple[list[Any], Any]:

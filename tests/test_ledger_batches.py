@@ -341,7 +341,7 @@ async def test_a_settled_batch_is_still_found_by_a_repeat_of_its_create(ledger: 
     by_key = await ledger.first_attempt("design", 0.0, key="key-1")
     by_content = await ledger.first_attempt("design", 0.0, content="digest-1")
     assert by_key is not None and by_content is not None
-    assert by_key == by_content
+    assert replace(by_key, age_s=None) == replace(by_content, age_s=None)  # read apart
     assert (by_key.request_id, by_key.settled, by_key.content_digest) == ("b1", True, "digest-1")
     first = next(row for row in await ledger.rows() if row.entry.id == "b1")
     assert first.entry == replace(lines[0].entry, id="b1", content_digest="digest-1",

@@ -28,6 +28,7 @@ from proxy.ledger.codecs import (
 )
 from proxy.ledger.dialect import POSTGRES, SQLITE, Dialect
 from proxy.ledger.kept import FirstAttempt, KeptAnswer
+from proxy.ledger.sqlite_connections import ledger_clock
 from proxy.ledger.statements import Statements, statements
 
 SQLITE_MODULES = {"proxy.ledger.sqlite", "proxy.ledger.sqlite_connections"}
@@ -234,9 +235,9 @@ def test_the_kept_answer_columns_are_the_schemas(tmp_path: Path) -> None:
     assert [f.name for f in fields(KeptAnswer)] == [c for c in ANSWER_COLUMNS if c != "size"]
     assert [f.name for f in fields(FirstAttempt)] == [
         "request_id", "started_at", "settled", "outcome", "status", "cost_nanos",
-        "content_digest", "owner", "held", "made",
+        "content_digest", "owner", "held", "made", "age_s",
     ]  # fmt: skip
-    assert len(FIRST_COLUMNS) == len(fields(FirstAttempt))
+    assert len(FIRST_COLUMNS) + 1 == len(fields(FirstAttempt))  # its age: read, not stored
 
 
 @pytest.mark.parametrize(("dialect", "blob"), [(SQLITE, "BLOB"), (POSTGRES, "BYTEA")])
@@ -382,6 +383,7 @@ def test_a_repeat_reads_a_live_streams_chunks_in_order_from_its_key(tmp_path: Pa
 )
 def test_a_first_attempt_is_one_lookup_in_its_index(name: str, index: str, tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "t.db") as db:
+        db.create_function("ledger_clock", 0, ledger_clock)  # as the ledger's connections do
         for sql in migrations.pending(0, migrations.SQLITE):
             db.execute(sql)
         sql = getattr(statements(SQLITE), name)

@@ -5,7 +5,9 @@ judge's wall clock less a heartbeat time written by the other replica's: two hos
 clocks were more than 30 s apart judged each other dead while both beat, and each then
 charged the other's reservations in flight their bound (flagged `outcome_unknown`) and
 adopted its background responses. Here one replica runs on a wall clock 45 s behind the
-others' (less than the age past which any reservation is reclaimed, whatever its owner).
+others'; and then one far enough behind that its requests, judged by the start its clock
+wrote, were older than the age past which any reservation is reclaimed, whatever its owner
+(that age is on the ledger's clock too now).
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from proxy.config import load_config
+from proxy.web.housekeeping import reclaim_after_s
 from tests import pg
 from tests.conftest import (
     BACKENDS,
@@ -135,6 +140,56 @@ def test_a_replica_whose_clock_is_behind_is_alive_while_it_beats_and_dead_once_i
         for gate in gates[1:]:
             gate.stop()
         pool.shutdown(wait=True)
+
+
+@pytest.mark.parametrize("ledger_url", BACKENDS, indirect=True)
+def test_a_replica_whose_clock_is_far_behind_keeps_its_requests_in_flight(
+    upstream: Simulator, tmp_path: Path, ledger_url: str | None
+) -> None:
+    """A reservation older than its deadline, its settlement and a margin is charged its
+    bound whatever its owner: that age is the ledger's clock's, never the `started_at` its
+    replica's wall clock wrote. Judged by `started_at`, a replica whose clock was behind by
+    more than that age had every request it forwarded charged its bound (flagged) by the
+    start-up reclaim of any other replica, and a repeat of one sent to another replica was
+    refused 409 at once, its first attempt taken for one past its deadline."""
+    root = tmp_path / "policies"
+    write_config(root, f"{upstream.url}/v1")
+    config = root / "tollgate.yaml"
+    config.write_text(config.read_text().replace("timeout_s: 3\n", "timeout_s: 30\n"))
+    far_behind = reclaim_after_s(load_config(root).upstream) + 60.0
+    gates: list[Tollgate] = []
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        behind = start_skewed(root, -far_behind, tmp_path, ledger_url)
+        gates.append(behind)
+        upstream.configure(latency_ms=10_000)
+        first = pool.submit(keyed, behind)
+        [flight] = wait_for("the generation in flight", lambda: in_flight(behind) or None)
+
+        judge = start_tollgate(root, ledger_url=ledger_url)  # its start-up reclaim runs
+        gates.append(judge)
+        [row] = rows(judge, f"id = '{flight['id']}'")
+        assert (row["state"], row["error_code"]) == ("reserved", None), row
+        repeat = keyed(judge)
+        assert repeat.status_code == 200, repeat.text
+        assert repeat.headers["x-tollgate-replay-of"] == flight["id"]
+        assert first.result(timeout=60).status_code == 200
+        [row] = rows(judge, f"id = '{flight['id']}'")
+        assert (row["state"], row["outcome"], row["flagged"]) == ("settled", "ok", 0), row
+    finally:
+        upstream.configure(latency_ms=0)
+        for gate in gates:
+            gate.stop()
+        pool.shutdown(wait=True)
+
+
+def keyed(gate: Tollgate) -> httpx.Response:
+    """A generation through `gate` with the same `Idempotency-Key` each time."""
+    raw = gate.client(DESIGN_KEY, timeout=60).images.with_raw_response.generate(
+        model="gpt-image-2", prompt="A red bicycle", quality="low", size="1024x1024",
+        extra_headers={"Idempotency-Key": "far-behind-1"},
+    )  # fmt: skip
+    return raw.http_response
 
 
 def rows(gate: Tollgate, where: str) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import (
@@ -373,13 +374,21 @@ class Ledger(Protocol):
         """Store a request that was never forwarded (rejected, invalid)."""
 
     async def reclaim(
-        self, now: float, *, started_before: float = 0.0, owners: Sequence[str] = ()
+        self,
+        now: float,
+        *,
+        started_before: float = 0.0,
+        older_than_s: float = math.inf,
+        owners: Sequence[str] = (),
     ) -> int:
-        """Settle the reservations of dead `owners`, and any started before `started_before`,
-        at their bound: their outcome is unknown and OpenAI may have billed them. Each is
-        charged its reserved cost and usage (moved from reserved to spent in its counters),
-        outcome `upstream_error`, error code `outcome_unknown`, flagged; never freed.
-        Returns how many."""
+        """Settle at their bound the reservations of dead `owners`, any reserved more than
+        `older_than_s` ago on the ledger's clock (`Dialect.clock`: every replica's judged
+        alike, whatever its own wall clock; one reserved before the ledger recorded its
+        clock, by its `started_at` against `now`), and any started before `started_before`
+        (the rows' own `started_at`, written by their process's clock). Their outcome is
+        unknown and OpenAI may have billed them. Each is charged its reserved cost and usage
+        (moved from reserved to spent in its counters), outcome `upstream_error`, error code
+        `outcome_unknown`, flagged; never freed. Returns how many."""
 
     async def flagged(self, start: float, end: float) -> list[Flagged]:
         """The settled flagged rows started in [start, end), oldest first."""

@@ -105,7 +105,7 @@ and its chunks')."""
 REAL_COLUMNS = frozenset(
     {
         "started_at", "finished_at", "latency_ms", "resolved_at", "start", "sent_at",
-        "heartbeat_at", "created_at", "kept_at",
+        "heartbeat_at", "created_at", "kept_at", "reserved_clock",
     }
 )  # fmt: skip
 """The columns of every table that hold floating-point numbers."""
@@ -245,8 +245,8 @@ def response_row(response_id: str, values: Sequence[Any]) -> ResponseRow:
 
 
 def first_attempt(values: Sequence[Any]) -> FirstAttempt:
-    """A first attempt read in `FIRST_COLUMNS` order."""
-    request_id, started_at, state, outcome, status, cost, digest, owner, held, made = values
+    """A first attempt read in `FIRST_COLUMNS` order, then its age on the ledger's clock."""
+    request_id, started_at, state, outcome, status, cost, digest, owner, held, made, age = values
     return FirstAttempt(
         request_id,
         float(started_at),
@@ -258,6 +258,7 @@ def first_attempt(values: Sequence[Any]) -> FirstAttempt:
         owner,
         bool(held) and state == "reserved",
         made,
+        None if age is None else float(age),
     )
 
 

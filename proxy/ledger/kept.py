@@ -28,6 +28,10 @@ class FirstAttempt:
     answered."""
     made: str | None = None
     """The id of what OpenAI made of it, once known: a background response's, a batch's."""
+    age_s: float | None = None
+    """Seconds since it was reserved, on the ledger's clock, when it was read: never another
+    replica's wall clock (`started_at`) against this one's. None for a row reserved before
+    the ledger recorded its clock (schema version 16)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,6 +74,12 @@ transaction, so a ledger is never left half-way between two versions.
        other columns (its fields as given, whether it gives input images), so that a
        batch's create checks every line against the rules in force then, `allow.params`
        included; NULL for a line stored before this version (checked on its columns).
+   16  `reserved_clock` on requests: the ledger's clock (`Dialect.clock`) when the row was
+       reserved, which the age past which a reservation is reclaimed whatever its owner,
+       and a repeat's wait for its first attempt, are judged by: `started_at` is the wall
+       clock of the replica that wrote it, and a replica whose clock was behind had its
+       oldest live requests reclaimed early. NULL for a row reserved before this version
+       (judged by `started_at`, as before) and for a row never reserved.
 
 The embedded SQLite ledger applies its steps when it opens. A PostgreSQL ledger shared
 by several replicas is initialised when it opens only while it is empty (none of `TABLES`
@@ -329,12 +335,17 @@ def _objects_by_time(d: Dialect) -> list[str]:
     ]
 
 
+def _reserved_clock(d: Dialect) -> list[str]:
+    return [f"ALTER TABLE requests ADD COLUMN reserved_clock {d.real}"]
+
+
 def steps(d: Dialect) -> Sequence[Sequence[str]]:
     """The migrations in `d`'s spelling: one list of statements per version."""
     return (
         _tables(d), ORGANIZATION_ROWS, _resolutions(d), _responses(d), _batches(d), _repeats(d),
         _rates(d), _live_streams(d), HELD_PROJECTS, OBJECT_PROJECTS, LINE_MAINLINES,
         OBJECTS_BY_TEAM, _batch_progress(d), _objects_by_time(d), LINE_POLICIES,
+        _reserved_clock(d),
     )  # fmt: skip
 
 

@@ -8,6 +8,7 @@ transactions reach the database (the pool, its errors, the retries): `postgres_p
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
@@ -194,11 +195,16 @@ class PostgresLedger(Schema, KeptAnswers):
         await self.db.execute(SQL.record, *codecs.record_values(entry, settlement))
 
     async def reclaim(
-        self, now: float, *, started_before: float = 0.0, owners: Sequence[str] = ()
+        self,
+        now: float,
+        *,
+        started_before: float = 0.0,
+        older_than_s: float = math.inf,
+        owners: Sequence[str] = (),
     ) -> int:
         async def work(conn: Any) -> int:
             await lock_counters(conn)
-            sql, values = SQL.stale(started_before, owners)
+            sql, values = SQL.stale(now, started_before, older_than_s, owners)
             stale = await conn.fetch(sql, *values)
             for request_id, bound, text in (tuple(r) for r in stale):
                 reclaim = (float(now), request_id)
@@ -210,11 +216,13 @@ class PostgresLedger(Schema, KeptAnswers):
             return len(stale)
 
         count = await self.db.transaction(work)
-        # This process's reservations started before `started_before` are no longer what
-        # it reserved: held or settled (forgotten already), or reclaimed, here or by
-        # another replica. Forgotten: a batch's counters text is megabytes for 50,000 users.
+        # This process's reservations started before `started_before`, or `older_than_s`
+        # before `now` (its own clock, which wrote them), are no longer what it reserved:
+        # held or settled (forgotten already), or reclaimed, here or by another replica.
+        # Forgotten: a batch's counters text is megabytes for 50,000 users.
+        before = max(started_before, now - older_than_s)
         for request_id, (*_, started_at) in list(self._shared.items()):
-            if started_at < started_before:
+            if started_at < before:
                 del self._shared[request_id]
         return count
 

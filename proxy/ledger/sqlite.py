@@ -214,10 +214,15 @@ class SqliteLedger(KeptAnswers):
         await self.file.write(SQL.record, codecs.record_values(entry, settlement))
 
     async def reclaim(
-        self, now: float, *, started_before: float = 0.0, owners: Sequence[str] = ()
+        self,
+        now: float,
+        *,
+        started_before: float = 0.0,
+        older_than_s: float = math.inf,
+        owners: Sequence[str] = (),
     ) -> int:
         def run(conn: sqlite3.Connection) -> int:
-            stale = conn.execute(*SQL.stale(started_before, owners)).fetchall()
+            stale = conn.execute(*SQL.stale(now, started_before, older_than_s, owners)).fetchall()
             for request_id, bound, text in stale:
                 self._held.pop(request_id, None)
                 conn.execute(SQL.forget_claimed, (request_id, request_id))

@@ -110,7 +110,7 @@ class Statements:
 
     dialect: Dialect
     insert_reservation: str
-    """A reservation's row: `reservation_values`."""
+    """A reservation's row: `reservation_values`; its `reserved_clock` the ledger's clock."""
     record: str
     """A request never forwarded: `record_values`."""
     settle: str
@@ -207,7 +207,7 @@ class Statements:
     row `id` and has not ended (no row: none; a ledger copied half-way, on PostgreSQL too)."""
     first_by_content: str
     """(team, content digest, since): the latest row with that content started since then,
-    not a replay, in `FIRST_COLUMNS` order."""
+    not a replay, in `FIRST_COLUMNS` order, then its age on the ledger's clock."""
     first_by_key: str
     """(team, idempotency key, since): `first_by_content`, by idempotency key."""
     keep_answer: str
@@ -274,15 +274,23 @@ class Statements:
         values = (team, kind, project, *((purpose,) if purpose is not None else ()), edge, limit)
         return self.dialect.text(sql), values
 
-    def stale(self, started_before: float, owners: Sequence[str]) -> tuple[str, tuple[Any, ...]]:
+    def stale(
+        self, now: float, started_before: float, older_than_s: float, owners: Sequence[str]
+    ) -> tuple[str, tuple[Any, ...]]:
         """The reservations a reclaim settles (id, bound, counters text), in id order:
-        those started before `started_before` or held by one of `owners`."""
-        owned = self.dialect.one_of("owner", len(owners))
+        those started before `started_before`, those reserved more than `older_than_s` ago
+        on the ledger's clock (a row reserved before the ledger recorded its clock: started
+        before `now` less `older_than_s`), and those held by one of `owners`."""
+        d = self.dialect
+        owned = d.one_of("owner", len(owners))
         sql = (
             "SELECT id, reserved_nanos, counters FROM requests WHERE state = 'reserved' "
-            f"AND held = 0 AND (started_at < ? OR {owned}) ORDER BY id{self.dialect.for_update}"
+            f"AND held = 0 AND (started_at < ? OR reserved_clock < {d.clock} - ? "
+            f"OR (reserved_clock IS NULL AND started_at < ?) OR {owned}) ORDER BY id"
+            f"{d.for_update}"
         )
-        return self.dialect.text(sql), (float(started_before), *self.dialect.values(owners))
+        values = (float(started_before), float(older_than_s), float(now - older_than_s))
+        return d.text(sql), (*values, *d.values(owners))
 
     def adopt(self, owner: str, owners: Sequence[str]) -> tuple[str, tuple[Any, ...]]:
         """Make `owner` the owner of the held reservations of `owners` and of no owner.
@@ -356,8 +364,8 @@ def _writes(d: Dialect) -> dict[str, str]:
         "WHERE before < (SELECT COALESCE(SUM(size), 0) FROM kept_answers) - ?"
     )
     return {
-        "insert_reservation": f"INSERT INTO requests ({names(RESERVATION_COLUMNS)}) "
-        f"VALUES ({marks(len(RESERVATION_COLUMNS))})",
+        "insert_reservation": f"INSERT INTO requests ({names(RESERVATION_COLUMNS)}, "
+        f"reserved_clock) VALUES ({marks(len(RESERVATION_COLUMNS))}, {d.clock})",
         "record": f"INSERT INTO requests ({names(ROW_COLUMNS)}) VALUES ({marks(len(ROW_COLUMNS))})",
         "settle": settle_sql("WHERE id = ?"),
         "settle_reserved": settle_sql("WHERE id = ? AND state = 'reserved'"),
@@ -461,8 +469,8 @@ def _reads(d: Dialect) -> dict[str, str]:
         "stored": f"SELECT {names(OBJECT_COLUMNS)} FROM stored_objects WHERE id = ?",
         "batch_lines": f"SELECT {names(LINE_COLUMNS[1:])} FROM batch_lines WHERE file_id = ? "
         "ORDER BY line",
-        "first_by_content": _first("content_digest"),
-        "first_by_key": _first("idempotency_key"),
+        "first_by_content": _first(d, "content_digest"),
+        "first_by_key": _first(d, "idempotency_key"),
         "kept_answer": f"SELECT {names([c for c in ANSWER_COLUMNS if c != 'size'])} "
         "FROM kept_answers WHERE request_id = ?",
         "kept_head": f"SELECT {names([c for c in ANSWER_COLUMNS if c not in HEADLESS])} "
@@ -473,11 +481,13 @@ def _reads(d: Dialect) -> dict[str, str]:
     }
 
 
-def _first(column: str) -> str:
-    """The latest row of a team with `column` = ?, started since ?, not a replay: one
-    lookup in the index of (team, `column`, started_at), read from its newest end."""
+def _first(d: Dialect, column: str) -> str:
+    """The latest row of a team with `column` = ?, started since ?, not a replay, with its
+    age on the ledger's clock: one lookup in the index of (team, `column`, started_at), read
+    from its newest end."""
     return (
-        f"SELECT {names(FIRST_COLUMNS)} FROM requests WHERE team = ? AND {column} = ? "
+        f"SELECT {names(FIRST_COLUMNS)}, {d.clock} - reserved_clock FROM requests "
+        f"WHERE team = ? AND {column} = ? "
         "AND started_at >= ? AND (outcome IS NULL OR outcome <> 'replayed') "
         "ORDER BY started_at DESC LIMIT 1"
     )

@@ -6,7 +6,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -16,7 +15,6 @@ from proxy.core.errors import LedgerError
 from proxy.core.models import IMAGES_ENDPOINTS
 from proxy.core.settings import Config
 from proxy.doors import ImagesDoor, ResponsesDoor
-from proxy.finance.status import budget_status, rate_status
 from proxy.metrics import Metrics
 from proxy.web.admin import AdminApi
 from proxy.web.admission import BodyBudget
@@ -30,6 +28,7 @@ from proxy.web.reload import Reloader
 from proxy.web.response_objects import InputTokens, ResponseObjects, websocket_refused
 from proxy.web.responses import EXCEPTION_HANDLERS
 from proxy.web.runtime import Overrides, Runtime, upstream_key
+from proxy.web.scrape import Scrapes
 from proxy.web.self_service import BUDGET_PATH, SelfService
 
 log = logging.getLogger("tollgate")
@@ -66,9 +65,9 @@ def create_app(
     admin, other_paths, bind = AdminApi(reloader), OtherPaths(), gateway.bind
     responses, files, batches = ResponseObjects(), Files(), Batches()
     input_tokens = InputTokens()
-    self_service = SelfService()
+    self_service, scrapes = SelfService(), Scrapes()
     routes = [
-        Route("/metrics", bind(metrics_endpoint), methods=["GET"]),
+        Route("/metrics", bind(scrapes.metrics), methods=["GET"]),
         Route("/admin/budgets", bind(admin.budgets), methods=["GET"]),
         Route("/admin/report", bind(admin.report), methods=["GET"]),
         Route("/admin/reload", bind(admin.reload), methods=["POST"]),
@@ -130,16 +129,3 @@ def reason(exc: LedgerError) -> str:
     """The kind of ledger failure `exc` is, one of `READY_REASONS`."""
     text = str(exc)
     return next((r for r in READY_REASONS if text.startswith(r)), "ledger unreachable")
-
-
-async def metrics_endpoint(request: Request, runtime: Runtime) -> Response:
-    """The Prometheus exposition, with the budget and rate-limit gauges read from the
-    ledger now."""
-    now = runtime.clock()
-    try:
-        budgets = await budget_status(runtime.config, runtime.ledger, now)
-        rates = await rate_status(runtime.config, runtime.ledger, now)
-    except LedgerError as exc:
-        log.error("budget and rate-limit gauges left out of this scrape: %s", exc)
-        budgets, rates = [], []
-    return Response(runtime.metrics.exposition(budgets, rates), media_type=CONTENT_TYPE_LATEST)

@@ -619,7 +619,8 @@ async def replay_create(
     # The first's own process answers it by its deadline and settles it (or finds and
     # follows the batch it may have made) within `timeout_s` more, as `repeats.replay`.
     upstream = runtime.config.upstream
-    deadline = min(entry.started_at, first.started_at) + upstream.deadline_s + upstream.timeout_s
+    began = repeats.began(first, runtime.clock())
+    deadline = min(entry.started_at, began) + upstream.deadline_s + upstream.timeout_s
     while True:
         kept = await runtime.ledger.kept_answer(first.request_id)
         if kept is not None and kept.team == team:

@@ -6,7 +6,10 @@ Reservations whose process is gone (its pid is dead on this host, or its heartbe
 stopped) are reclaimed at start-up and then periodically, and so is any reservation older
 than `reclaim_after_s`, whatever its owner: every exchange ends by its deadline
 (`upstream.total_timeout_s` after its arrival) and settles within `timeout_s` more,
-so no live request can still hold it.
+so no live request can still hold it. That age too is on the ledger's clock (the clock
+it was reserved at, `reserved_clock`), never a row's `started_at`, which its replica's
+own wall clock wrote: a replica whose clock was a minute behind had its oldest live
+requests charged their bound.
 
 A reclaimed reservation is never freed: its request may have reached OpenAI, which
 bills what it accepted whether or not the answer arrived. It is settled at its
@@ -38,8 +41,8 @@ log = logging.getLogger("tollgate")
 HEARTBEAT_S = 5.0
 RECLAIM_EVERY_S = 30.0
 RECLAIM_MARGIN_S = 60.0
-"""Beyond an exchange's deadline and its settlement's retries: clocks that differ between
-hosts, a loop slow to notice a deadline."""
+"""Beyond an exchange's deadline and its settlement's retries: a loop slow to notice a
+deadline, a replica's clock running at another pace than the ledger's."""
 
 
 def this_process() -> Owner:
@@ -79,7 +82,7 @@ async def reclaim_once(
     adopted = await ledger.adopt(gone)
     if adopted:
         log.info("following %d background response(s) of stopped processes", adopted)
-    count = await ledger.reclaim(now, started_before=now - after_s, owners=gone)
+    count = await ledger.reclaim(now, older_than_s=after_s, owners=gone)
     if count:
         reclaimed()
         log.warning(

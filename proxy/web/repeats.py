@@ -158,8 +158,9 @@ async def replay(
     # settlement's retries (`upstream.timeout_s`): an answer it read whole just before the
     # deadline is kept after it, and a repeat forwarded meanwhile would be billed again.
     upstream = runtime.config.upstream
-    deadline = min(entry.started_at, first.started_at) + upstream.deadline_s + upstream.timeout_s
     checked = clock()
+    deadline = min(entry.started_at, began(first, checked)) + upstream.deadline_s
+    deadline += upstream.timeout_s
     lost: str | None = None  # the first attempt whose process was found dead
     while True:
         # Read after `first`: an answer kept before the first settled (or was held) is seen.
@@ -192,6 +193,15 @@ async def replay(
                 continue  # read once more: it may have ended as its process stopped
         await asyncio.sleep(WAIT_S)
         first = await first_of(runtime, team, found, clock()) or first
+
+
+def began(first: FirstAttempt, now: float) -> float:
+    """When `first` began on this process's clock, `now` being that clock just after it was
+    read: its age on the ledger's clock, never its `started_at`, which its own replica's
+    wall clock wrote (a minute behind this one's, a repeat's wait ended a minute early,
+    while it still rendered). A row reserved before the ledger recorded its clock: its
+    `started_at`."""
+    return first.started_at if first.age_s is None else now - first.age_s
 
 
 def unanswered(first: FirstAttempt) -> bool:
