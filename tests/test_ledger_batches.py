@@ -1019,3 +1019,43 @@ def test_a_shared_reservations_counter_rows_are_each_users_part_once_in_lock_ord
             ((-rng.randint(0, bound), 0, tokens), rng.randint(0, bound)),
         ):
             assert codecs.counter_rows(text, deltas, before) == shared_rows(text, deltas, before)
+
+
+# -- a batch claimed by one reservation -----------------------------------------------------
+
+
+async def test_a_batch_is_claimed_by_one_reservation_however_many_claim_it_at_once(
+    ledger: Backend,
+) -> None:
+    """Creates of one file whose answers were lost may find the same batch at once: one
+    reservation only holds it, on either backend; the others claim another or none."""
+    for request_id in ("b1", "b2", "b3"):
+        await ledger.reserve(CREATION_COUNTERS, take_batch(request_id))
+    claims = await asyncio.gather(
+        *(ledger.claim(r, "batch_abc", "proj_a") for r in ("b1", "b2", "b3"))
+    )
+    assert sorted(claims) == [False, False, True]
+    holder = ("b1", "b2", "b3")[claims.index(True)]
+    assert await ledger.claim(holder, "batch_abc") is True  # its own, claimed again
+    rows = {r.entry.id: r for r in await ledger.rows()}
+    assert [i for i in rows if (await ledger.held_entry(i)) is not None] == [holder]
+    [held] = await ledger.open_batches()
+    assert held.batch_id == "batch_abc"
+    other = next(r for r in ("b1", "b2", "b3") if r != holder)
+    assert await ledger.claim(other, "batch_def") is True
+    with pytest.raises(LedgerError):
+        await ledger.claim("nobody", "batch_ghi")
+
+
+async def test_a_create_waiting_for_its_answer_is_unanswered_until_held_or_looking(
+    ledger: Backend,
+) -> None:
+    for request_id in ("b1", "b2", "b3"):
+        await ledger.reserve(CREATION_COUNTERS, take_batch(request_id))
+    assert sorted(await ledger.unanswered("design", "b1", CREATED + 1)) == [CREATED] * 2
+    assert await ledger.unanswered("design", "b1", CREATED) == []  # started since
+    assert await ledger.unanswered("research", "b1", CREATED + 1) == []
+    await ledger.seeking("b2", "batch_maybe_created")
+    assert await ledger.claim("b3", "batch_abc")
+    assert await ledger.unanswered("design", "b1", CREATED + 1) == []
+    assert len(await ledger.unanswered("design", "b2", CREATED + 1)) == 1  # b1

@@ -1,0 +1,149 @@
+"""Creates of one input file whose answers were lost, at the same time (README, "Batches"):
+each batch the upstream made is followed by one reservation, never two, and none is left
+with nothing reserved, so the ledger charges what the upstream bills, once."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from tests.batches_e2e import (
+    GENERATIONS,
+    TEAMS,
+    batch_cost,
+    billed_lines,
+    calm,
+    ended,
+    generations,
+    record_tokens,
+    settled_rows,
+    upload,
+)
+from tests.conftest import Simulator, Tollgate, start_tollgate, wait_for, write_config
+from tests.test_batch_create_repeats_e2e import upstream_batches
+
+__all__ = ["calm"]  # the shared fixture
+
+
+@pytest.fixture(scope="module")
+def proxy(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tollgate]:
+    root = tmp_path_factory.mktemp("batch-races")
+    write_config(root, f"{simulator.url}/v1", "timezone: UTC\n", teams=TEAMS)
+    tollgate = start_tollgate(root)
+    yield tollgate
+    tollgate.stop()
+
+
+def together(*calls: Callable[[], Any]) -> list[Any]:
+    """Each of `calls` run on a thread of its own at once: what each returned or raised."""
+    results: list[Any] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = calls[i]()
+        except Exception as exc:  # what it raised is what the test reads
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def charged_once(proxy: Tollgate, simulator: Simulator, file_id: str, model: str) -> None:
+    """Every batch the upstream made of `file_id` ends, and the ledger's rows of the file's
+    creates and of their batches sum to what the upstream billed for them, each batch
+    followed by one reservation."""
+    made = upstream_batches(simulator, file_id) or []
+    client = proxy.client()
+    billed = 0
+    for batch in made:
+        assert ended(client, batch["id"]).status == "completed"
+        lines = billed_lines(simulator, batch["id"])
+        billed += sum(batch_cost(model, record_tokens(r)) for r in lines.values())
+        rows = settled_rows(proxy, batch["id"])
+        # One reservation's lines: each billed line once.
+        assert sorted(r["custom_id"] for r in rows) == sorted(lines), batch["id"]
+    assert billed > 0
+
+    def all_settled() -> list[dict[str, Any]] | None:
+        rows = proxy.query(
+            "SELECT * FROM requests WHERE endpoint = 'batches' AND started_at > 0 "
+            "AND (response_id IN (" + ",".join(f"'{b['id']}'" for b in made) + ") "
+            "OR (response_id IS NULL AND state = 'settled' AND outcome = 'upstream_error'))"
+        )
+        return rows if all(r["state"] == "settled" for r in rows) else None
+
+    rows = wait_for("the rows settled", all_settled)
+    charged = sum(r["cost_nanos"] for r in rows if r["response_id"] is not None)
+    assert charged == billed
+
+
+def test_two_creates_of_one_file_answered_a_server_error_each_follow_their_own_batch(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """Both creates made their batch and were answered 500 (a gateway's, after the batch
+    was made): each looks for a batch of the file that is no one's. Both found the newest:
+    followed twice and its lines charged twice (or once, and the other batch's lines
+    charged by no one)."""
+    client = proxy.client().with_options(max_retries=0)
+    uploaded = upload(client, generations("gpt-image-2", 2))
+    asked = {"input_file_id": uploaded.id, "endpoint": GENERATIONS, "completion_window": "24h"}
+    # Both batches exist before either create is answered.
+    simulator.configure(batch_answer_status=500, batch_answer_ms=1_500)
+
+    def create() -> Any:
+        return client.batches.create(**asked)  # type: ignore[arg-type]
+
+    try:
+        first, second = together(create, create)
+    finally:
+        simulator.configure(batch_answer_status=0, batch_answer_ms=0)
+    assert isinstance(first, openai.InternalServerError), first
+    assert isinstance(second, openai.InternalServerError), second
+    assert len(upstream_batches(simulator, uploaded.id) or []) == 2
+    held = [proxy.row(e.response.headers["x-tollgate-request-id"]) for e in (first, second)]
+    followed = {r["response_id"] for r in held}
+    assert None not in followed, "a batch made is followed by no one"
+    assert len(followed) == 2, "one batch followed twice"
+    charged_once(proxy, simulator, uploaded.id, "gpt-image-2")
+
+
+def test_a_create_answered_a_server_error_never_takes_the_batch_another_create_made(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """A create that made no batch (500 before making it) looks while another create of the
+    file is being answered, its batch listed already: it took that batch as its own, and
+    the create answered with it followed it too, its lines charged twice."""
+    client = proxy.client().with_options(max_retries=0)
+    uploaded = upload(client, generations("gpt-image-2", 2))
+    asked = {"input_file_id": uploaded.id, "endpoint": GENERATIONS, "completion_window": "24h"}
+    simulator.configure(batch_answer_ms=3_000 - 800)  # within `timeout_s: 3`
+
+    def answered() -> Any:
+        return client.batches.create(**asked)  # type: ignore[arg-type]
+
+    def failed() -> Any:
+        wait_for("the batch listed", lambda: upstream_batches(simulator, uploaded.id), 10)
+        simulator.configure(batch_fail_status=500)
+        try:
+            return client.batches.create(**asked)  # type: ignore[arg-type]
+        finally:
+            simulator.configure(batch_fail_status=0)
+
+    try:
+        made, refused = together(answered, failed)
+    finally:
+        simulator.configure(batch_answer_ms=0, batch_fail_status=0)
+    assert isinstance(refused, openai.InternalServerError), refused
+    assert not isinstance(made, Exception), made
+    assert [b["id"] for b in upstream_batches(simulator, uploaded.id) or []] == [made.id]
+    row = proxy.row(refused.response.headers["x-tollgate-request-id"])
+    assert (row["state"], row["held"], row["cost_nanos"]) == ("settled", 0, 0)
+    charged_once(proxy, simulator, uploaded.id, "gpt-image-2")
