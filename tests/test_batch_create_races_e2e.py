@@ -147,3 +147,49 @@ def test_a_create_answered_a_server_error_never_takes_the_batch_another_create_m
     row = proxy.row(refused.response.headers["x-tollgate-request-id"])
     assert (row["state"], row["held"], row["cost_nanos"]) == ("settled", 0, 0)
     charged_once(proxy, simulator, uploaded.id, "gpt-image-2")
+
+
+def test_the_batch_found_after_a_create_timed_out_settles_its_row_to_what_its_lines_cost(
+    proxy: Tollgate, simulator: Simulator
+) -> None:
+    """The create got no answer in `timeout_s` while the upstream was still reading its
+    file: charged its bound, flagged, no batch listed yet. The batch found later was the
+    team's but not followed, the row left at the bound for `tollgate ledger resolve`. It
+    is followed to its end, and the row settles to what the upstream billed its lines,
+    still flagged (its answer was lost)."""
+    client = proxy.client().with_options(max_retries=0)
+    uploaded = upload(client, generations("gpt-image-2", 2))
+    asked = {"input_file_id": uploaded.id, "endpoint": GENERATIONS, "completion_window": "24h"}
+    simulator.configure(batch_read_ms=5_000)  # past `timeout_s: 3`
+    try:
+        with pytest.raises(openai.APIStatusError) as failed:
+            client.batches.create(**asked)  # type: ignore[arg-type]
+    finally:
+        simulator.configure(batch_read_ms=0)
+    assert failed.value.status_code == 504
+    request_id = failed.value.response.headers["x-tollgate-request-id"]
+    charged = proxy.row(request_id)
+    assert (charged["state"], charged["flagged"]) == ("settled", 1)
+    assert charged["cost_nanos"] == charged["estimated_nanos"] > 0
+    [made] = wait_for("the batch made upstream", lambda: upstream_batches(simulator, uploaded.id))
+
+    def listed() -> bool | None:
+        return made["id"] in [b.id for b in client.batches.list(limit=100)] or None
+
+    wait_for("the batch in the team's list", listed)
+    assert ended(client, made["id"]).status == "completed"
+    lines = billed_lines(simulator, made["id"])
+    billed = sum(batch_cost("gpt-image-2", record_tokens(r)) for r in lines.values())
+    assert 0 < billed < charged["cost_nanos"]
+
+    def resolved() -> dict[str, Any] | None:
+        row = proxy.row(request_id)
+        return row if row["resolved_at"] is not None else None
+
+    row = wait_for("the create's row resolved", resolved)
+    assert (row["state"], row["flagged"], row["response_id"]) == ("settled", 1, made["id"])
+    assert row["cost_nanos"] == billed
+    # Its lines are charged once: the create's row, no row of their own.
+    assert [r["id"] for r in proxy.query(
+        f"SELECT id FROM requests WHERE response_id = '{made['id']}'"
+    )] == [request_id]  # fmt: skip

@@ -65,7 +65,7 @@ from proxy.ledger import (
 from proxy.upstream import response_headers
 from proxy.web import repeats
 from proxy.web.admission import read_body
-from proxy.web.batch_follow import BATCH_SPAN_S, BatchFollow, own_output
+from proxy.web.batch_follow import BATCH_SPAN_S, BatchFollow, LostBatchFollow, own_output
 from proxy.web.files import BATCHES, not_found, read_answer, scoped_listing, scoped_object
 from proxy.web.gateway import path_of
 from proxy.web.in_force import Caller, decided, still_in_force
@@ -474,7 +474,7 @@ class Batches:
             if stored is not None and entry.team:
                 # The upstream may still be reading the file: the batch it makes is the
                 # team's once it is listed, so that the team reads what it paid for.
-                watch_orphan(runtime, entry.team, stored, entry.started_at)
+                watch_orphan(runtime, entry, stored)
             return False
         await release(runtime, entry, failure.status, failure.code)
         return False
@@ -710,19 +710,23 @@ async def replay_create(
         if kept is not None and kept.team == team:
             return await repeats.replayed(runtime, entry, first.request_id, kept, headers)
         if first.settled and repeats.unanswered(first):
-            named = ""
-            if first.made is None:
-                # Charged its bound, no batch of the file found when its answer was lost:
-                # the upstream, still reading the file then, may have made it since.
-                made = await adopt_orphan(runtime, team, stored, first.started_at)
-                named = f" {orphan_named(made)}." if made is not None else ""
+            # Charged its bound, no batch of the file found when its answer was lost: the
+            # upstream, still reading the file then, may have made it since.
+            made = first.made or await adopt_orphan(
+                runtime, team, stored, first.started_at, first.request_id
+            )
+            named = f" {orphan_named(made)}." if made is not None else ""
             return await repeats.failed_again(runtime, entry, team, first, headers, named)
-        if first.settled and first.made is None and repeats.charged(first, found.key is not None):
+        if (
+            first.settled
+            and (first.made is None or first.status is None)
+            and repeats.charged(first, found.key is not None)
+        ):
             # Charged its bound with no batch on record: its process stopped (killed) after
             # the create was sent, and the reservation was reclaimed. The upstream may have
             # made the batch, which runs and bills: a second create would make, and bill,
-            # another.
-            why = await orphan_found(runtime, team, stored, repeats.CHARGED, first.started_at)
+            # another. (A reclaimed row has no status; the batch it names was found for it.)
+            why = await orphan_found(runtime, team, stored, repeats.CHARGED, first)
             return await repeats.not_kept(runtime, entry, team, first, headers, why)
         if (first.held or first.settled) and first.made is not None:
             # Its batch was made (and is followed, or ended and was settled), but its
@@ -743,7 +747,7 @@ async def replay_create(
         elif runtime.clock() >= deadline:
             # Neither answered nor settled by now: its process stopped while the create may
             # have reached the upstream, and it is reclaimed at its bound.
-            why = await orphan_found(runtime, team, stored, repeats.LOST, first.started_at)
+            why = await orphan_found(runtime, team, stored, repeats.LOST, first)
             return await repeats.not_kept(runtime, entry, team, first, headers, why)
         await asyncio.sleep(repeats.WAIT_S)
         first = await repeats.first_of(runtime, team, found, runtime.clock()) or first
@@ -755,12 +759,14 @@ this before a create was sent is an earlier batch, not the one that create made.
 
 
 async def orphan_found(
-    runtime: Runtime, team: str, stored: StoredObject, why: str, since: float
+    runtime: Runtime, team: str, stored: StoredObject, why: str, first: FirstAttempt
 ) -> str:
-    """`why` a first create attempt (sent at `since`) lost with its process is not sent
-    again, naming the batch it made when the upstream has one of the input file `stored`
-    (`adopt_orphan`)."""
-    made = await adopt_orphan(runtime, team, stored, since)
+    """`why` a first create attempt `first` lost with its process is not sent again, naming
+    the batch it made when the upstream has one of the input file `stored` (`adopt_orphan`)
+    or one was found for it already."""
+    made = first.made or await adopt_orphan(
+        runtime, team, stored, first.started_at, first.request_id
+    )
     return why if made is None else f"{why}; {orphan_named(made)}"
 
 
@@ -772,27 +778,31 @@ def orphan_named(batch_id: str) -> str:
 
 
 async def adopt_orphan(
-    runtime: Runtime, team: str, stored: StoredObject, since: float
+    runtime: Runtime, team: str, stored: StoredObject, since: float, request_id: str
 ) -> str | None:
-    """The batch the upstream made of the input file `stored` for a create sent at `since`
-    that was charged its bound with no batch on record (its answer lost, its process
-    stopped): the newest batch of the file the upstream lists, created since then, no one's
-    yet or `team`'s already. One no one's becomes `team`'s, so that it can be read with its
-    output (it is not followed: the create's bound is charged for it, flagged). None: the
-    upstream lists none (yet)."""
+    """The batch the upstream made of the input file `stored` for the create `request_id`,
+    sent at `since`, that was charged its bound with no batch on record (its answer lost,
+    its process stopped): the oldest batch of the file the upstream lists created since
+    then (`ORPHAN_SKEW_S` allowed) that no other reservation holds and that is no other
+    team's, claimed for the create's row (`Ledger.claim`: the row, settled, names the
+    batch), so that no other create takes it, and the team's, so that it can be read with
+    its output. None: the upstream lists none (yet)."""
     project = created_under(runtime, stored)
     for batch_id, created_at in await batches_of_file(
         runtime, stored.id, project, since - ORPHAN_SKEW_S
     ):
-        if await runtime.ledger.response(batch_id) is not None:
-            continue  # followed by a reservation: another create's batch
-        owner = await runtime.ledger.stored(batch_id)
-        if owner is not None:
-            if owner.team == team:
-                return batch_id  # found by an earlier look
-            continue
-        at = runtime.clock() if created_at is None else created_at
         try:
+            holder = await runtime.ledger.response(batch_id)
+            if holder is not None:
+                if holder.request_id == request_id:
+                    return batch_id  # found by an earlier look
+                continue  # another create's batch
+            owner = await runtime.ledger.stored(batch_id)
+            if owner is not None and owner.team != team:
+                continue
+            if not await runtime.ledger.claim(request_id, batch_id, project):
+                continue
+            at = runtime.clock() if created_at is None else created_at
             await runtime.ledger.own(
                 StoredObject(
                     batch_id, team, "batch", None, at, stored.lines, stored.bound_nanos,
@@ -803,9 +813,9 @@ async def adopt_orphan(
             log.error("recording batch %s failed: %s", batch_id, exc)
             return None
         log.warning(
-            "batch %s of file %s, made upstream for a create charged its bound with no "
+            "batch %s of file %s, made upstream for create %s, charged its bound with no "
             "batch on record, is team %s's",
-            batch_id, stored.id, team,
+            batch_id, stored.id, request_id, team,
         )  # fmt: skip
         return batch_id
     return None
@@ -816,18 +826,28 @@ ORPHAN_WATCH_S = (5.0, 15.0, 30.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1800.0, 360
 upstream may still be making of its file, in seconds after its answer was lost."""
 
 
-def watch_orphan(runtime: Runtime, team: str, stored: StoredObject, since: float) -> None:
-    """Look for the batch a create sent at `since`, charged its bound with no batch found,
-    may yet become (`adopt_orphan`), at each of `ORPHAN_WATCH_S` until it is found; a
-    process stopping stops the watch (a repeat of the create still looks)."""
+def watch_orphan(runtime: Runtime, entry: Entry, stored: StoredObject) -> None:
+    """Look for the batch the create `entry`, charged its bound with no batch found, may
+    yet become (`adopt_orphan`), at each of `ORPHAN_WATCH_S` until it is found; then follow
+    it to its end, and resolve the create's row to what its lines cost (`LostBatchFollow`).
+    A process stopping stops the watch, and the following (a repeat of the create still
+    looks, and names the batch; the row keeps its bound)."""
+    team = entry.team or ""
 
     def at(step: int) -> None:
         async def check() -> None:
+            now = runtime.newest()
             try:
-                found = await adopt_orphan(runtime.newest(), team, stored, since)
+                found = await adopt_orphan(now, team, stored, entry.started_at, entry.id)
             except Exception:  # a fault of its own must not end the process's tasks
                 log.exception("looking for the batch of file %s failed", stored.id)
                 found = None
+            if found is not None and entry.id not in now.followers.following:
+                project = created_under(now, stored)
+                followed = LostBatchFollow(
+                    entry, found, stored.id, project, prices=runtime.config.prices
+                )
+                now.followers.follow(entry.id, followed)
             if found is None and step + 1 < len(ORPHAN_WATCH_S):
                 at(step + 1)
 
