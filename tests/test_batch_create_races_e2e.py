@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -19,11 +21,19 @@ from tests.batches_e2e import (
     calm,
     ended,
     generations,
+    jsonl,
     record_tokens,
     settled_rows,
     upload,
 )
-from tests.conftest import Simulator, Tollgate, start_tollgate, wait_for, write_config
+from tests.conftest import (
+    UPSTREAM_KEY,
+    Simulator,
+    Tollgate,
+    start_tollgate,
+    wait_for,
+    write_config,
+)
 from tests.test_batch_create_repeats_e2e import upstream_batches
 
 __all__ = ["calm"]  # the shared fixture
@@ -193,3 +203,55 @@ def test_the_batch_found_after_a_create_timed_out_settles_its_row_to_what_its_li
     assert [r["id"] for r in proxy.query(
         f"SELECT id FROM requests WHERE response_id = '{made['id']}'"
     )] == [request_id]  # fmt: skip
+
+
+def test_a_create_answered_a_server_error_finds_its_batch_past_the_newest_100(
+    upstream: Simulator, tmp_path: Path
+) -> None:
+    """The team (or the organization) made more than 100 batches between the create's
+    batch and its look: the look read the newest 100 only, missed it, and released the
+    create at $0, its batch billed with nothing reserved. It reads the list back to the
+    create's send time."""
+    write_config(tmp_path, f"{upstream.url}/v1", "timezone: UTC\n", teams=TEAMS)
+    tollgate = start_tollgate(tmp_path)
+    try:
+        client = tollgate.client().with_options(max_retries=0)
+        uploaded = upload(client, generations("gpt-image-2", 1))
+        asked = {"input_file_id": uploaded.id, "endpoint": GENERATIONS, "completion_window": "24h"}
+        company = httpx.Client(
+            base_url=f"{upstream.url}/v1", headers={"authorization": f"Bearer {UPSTREAM_KEY}"}
+        )
+        other = company.post(
+            "/files",
+            files={"file": ("other.jsonl", jsonl(generations("gpt-image-1", 1)))},
+            data={"purpose": "batch"},
+        ).json()["id"]
+        # The create's batch is made, then its answer waits (a 500, within `timeout_s: 3`).
+        upstream.configure(batch_answer_status=500, batch_answer_ms=2_800)
+
+        def others() -> None:
+            wait_for("the batch listed", lambda: upstream_batches(upstream, uploaded.id), 10)
+            upstream.configure(batch_answer_ms=0)  # the others are made at once (answered 500)
+            for _ in range(120):
+                company.post(
+                    "/batches",
+                    json={"input_file_id": other, "endpoint": GENERATIONS,
+                          "completion_window": "24h"},
+                )  # fmt: skip
+
+        def create() -> Any:
+            return client.batches.create(**asked)  # type: ignore[arg-type]
+
+        try:
+            failed, _ = together(create, others)
+        finally:
+            upstream.configure(batch_answer_status=0, batch_answer_ms=0)
+        assert isinstance(failed, openai.InternalServerError), failed
+        page = company.get("/batches", params={"limit": 100}).json()["data"]
+        assert all(b["input_file_id"] == other for b in page), "the others were made too late"
+        second = company.get("/batches", params={"limit": 100, "after": page[-1]["id"]})
+        [made] = [b for b in second.json()["data"] if b["input_file_id"] == uploaded.id]
+        row = tollgate.row(failed.response.headers["x-tollgate-request-id"])
+        assert row["response_id"] == made["id"], "the batch made was followed by no one"
+    finally:
+        tollgate.stop()
