@@ -66,10 +66,12 @@ def together(*calls: Callable[[], Any]) -> list[Any]:
     return results
 
 
-def charged_once(proxy: Tollgate, simulator: Simulator, file_id: str, model: str) -> None:
-    """Every batch the upstream made of `file_id` ends, and the ledger's rows of the file's
-    creates and of their batches sum to what the upstream billed for them, each batch
-    followed by one reservation."""
+def charged_once(
+    proxy: Tollgate, simulator: Simulator, file_id: str, model: str, creates: list[str]
+) -> None:
+    """Every batch the upstream made of `file_id` ends, each followed by one reservation,
+    and the rows of the `creates` (request ids) and of their batches' lines sum to what the
+    upstream billed for those batches: no batch charged twice, none charged by no one."""
     made = upstream_batches(simulator, file_id) or []
     client = proxy.client()
     billed = 0
@@ -81,18 +83,16 @@ def charged_once(proxy: Tollgate, simulator: Simulator, file_id: str, model: str
         # One reservation's lines: each billed line once.
         assert sorted(r["custom_id"] for r in rows) == sorted(lines), batch["id"]
     assert billed > 0
+    named = ",".join(f"'{i}'" for i in [*creates, *(b["id"] for b in made)])
 
     def all_settled() -> list[dict[str, Any]] | None:
         rows = proxy.query(
-            "SELECT * FROM requests WHERE endpoint = 'batches' AND started_at > 0 "
-            "AND (response_id IN (" + ",".join(f"'{b['id']}'" for b in made) + ") "
-            "OR (response_id IS NULL AND state = 'settled' AND outcome = 'upstream_error'))"
+            f"SELECT * FROM requests WHERE id IN ({named}) OR response_id IN ({named})"
         )
         return rows if all(r["state"] == "settled" for r in rows) else None
 
     rows = wait_for("the rows settled", all_settled)
-    charged = sum(r["cost_nanos"] for r in rows if r["response_id"] is not None)
-    assert charged == billed
+    assert sum(r["cost_nanos"] for r in rows) == billed
 
 
 def test_two_creates_of_one_file_answered_a_server_error_each_follow_their_own_batch(
@@ -122,7 +122,8 @@ def test_two_creates_of_one_file_answered_a_server_error_each_follow_their_own_b
     followed = {r["response_id"] for r in held}
     assert None not in followed, "a batch made is followed by no one"
     assert len(followed) == 2, "one batch followed twice"
-    charged_once(proxy, simulator, uploaded.id, "gpt-image-2")
+    creates = [e.response.headers["x-tollgate-request-id"] for e in (first, second)]
+    charged_once(proxy, simulator, uploaded.id, "gpt-image-2", creates)
 
 
 def test_a_create_answered_a_server_error_never_takes_the_batch_another_create_made(
@@ -156,7 +157,8 @@ def test_a_create_answered_a_server_error_never_takes_the_batch_another_create_m
     assert [b["id"] for b in upstream_batches(simulator, uploaded.id) or []] == [made.id]
     row = proxy.row(refused.response.headers["x-tollgate-request-id"])
     assert (row["state"], row["held"], row["cost_nanos"]) == ("settled", 0, 0)
-    charged_once(proxy, simulator, uploaded.id, "gpt-image-2")
+    # The answered create's row is its batch's first line's (found by the batch's id).
+    charged_once(proxy, simulator, uploaded.id, "gpt-image-2", [row["id"]])
 
 
 def test_the_batch_found_after_a_create_timed_out_settles_its_row_to_what_its_lines_cost(
