@@ -4,6 +4,7 @@ with nothing reserved, so the ledger charges what the upstream bills, once."""
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -257,3 +258,45 @@ def test_a_create_answered_a_server_error_finds_its_batch_past_the_newest_100(
         assert row["response_id"] == made["id"], "the batch made was followed by no one"
     finally:
         tollgate.stop()
+
+
+def test_the_batch_found_after_a_create_timed_out_is_settled_after_a_restart(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """The process that found the batch is killed before the batch ends: the restarted
+    Tollgate follows it from the ledger (the create's row names it) and resolves the row
+    to what its lines cost."""
+    write_config(tmp_path, f"{simulator.url}/v1", "timezone: UTC\n", teams=TEAMS)
+    first = start_tollgate(tmp_path)
+    client = first.client().with_options(max_retries=0)
+    uploaded = upload(client, generations("gpt-image-2", 2))
+    asked = {"input_file_id": uploaded.id, "endpoint": GENERATIONS, "completion_window": "24h"}
+    simulator.configure(batch_read_ms=5_000, batch_delay_ms=20_000)
+    try:
+        with pytest.raises(openai.APIStatusError) as failed:
+            client.batches.create(**asked)  # type: ignore[arg-type]
+    finally:
+        simulator.configure(batch_read_ms=0)
+    request_id = failed.value.response.headers["x-tollgate-request-id"]
+    [made] = wait_for("the batch made upstream", lambda: upstream_batches(simulator, uploaded.id))
+
+    def found() -> bool | None:
+        return first.row(request_id)["response_id"] == made["id"] or None
+
+    wait_for("the batch found for the create", found)
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(timeout=30)
+    second = start_tollgate(tmp_path)
+    try:
+        assert ended(second.client(), made["id"]).status == "completed"
+        lines = billed_lines(simulator, made["id"])
+        billed = sum(batch_cost("gpt-image-2", record_tokens(r)) for r in lines.values())
+
+        def resolved() -> dict[str, Any] | None:
+            row = second.row(request_id)
+            return row if row["resolved_at"] is not None else None
+
+        row = wait_for("the create's row resolved", resolved)
+        assert (row["flagged"], row["cost_nanos"]) == (1, billed)
+    finally:
+        second.stop()

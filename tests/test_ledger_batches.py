@@ -1059,3 +1059,28 @@ async def test_a_create_waiting_for_its_answer_is_unanswered_until_held_or_looki
     assert await ledger.claim("b3", "batch_abc")
     assert await ledger.unanswered("design", "b1", CREATED + 1) == []
     assert len(await ledger.unanswered("design", "b2", CREATED + 1)) == 1  # b1
+
+
+async def test_a_batch_found_for_a_create_charged_its_bound_is_listed_until_resolved(
+    ledger: Backend,
+) -> None:
+    """A create charged its bound when its answer was lost, whose row names the batch found
+    for it since: listed for a follower (its entry, project and batch) until resolved."""
+    timed_out = Settlement(
+        CREATED + 3, "upstream_error", 504, BOUND_USAGE.scaled(3), 3 * LINE_BOUND,
+        flagged=True, error_code="upstream_timeout",
+    )  # fmt: skip
+    gone = replace(timed_out, status=0, error_code="outcome_unknown")  # models gone
+    for request_id, settled in (("b1", timed_out), ("b2", timed_out), ("b3", gone)):
+        await ledger.reserve(CREATION_COUNTERS, take_batch(request_id))
+        await ledger.settle(request_id, settled)
+    assert await ledger.lost_batches(0.0) == []  # no batch found yet
+    assert await ledger.claim("b1", "batch_abc", "proj_a")
+    assert await ledger.claim("b3", "batch_def")
+    [(held, batch_id)] = await ledger.lost_batches(0.0)
+    assert (held.entry.id, held.project, batch_id) == ("b1", "proj_a", "batch_abc")
+    assert held.entry.estimated_nanos == 3 * LINE_BOUND
+    assert await ledger.lost_batches(CREATED + 1) == []  # started before
+    assert not await ledger.claim("b2", "batch_abc")  # the batch is b1's
+    await ledger.resolve("b1", 12_345, ENDED, "batch_abc's lines")
+    assert await ledger.lost_batches(0.0) == []

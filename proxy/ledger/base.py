@@ -445,6 +445,12 @@ class Ledger(Protocol):
         batch at once, on any worker or replica, never both get it). LedgerError if there is
         no request `request_id`."""
 
+    async def lost_batches(self, since: float) -> list[tuple[HeldEntry, str]]:
+        """Each batch create started since `since` that was charged its bound, flagged,
+        because its answer was lost or its process stopped, still unresolved, and whose row
+        names the batch found for it since (`claim` on a settled row): its entry, usage and
+        project, and the batch's id, for a follower to resolve it to its lines' cost."""
+
     async def seeking(self, request_id: str, code: str) -> None:
         """Mark the batch create `request_id`, in flight, as one whose answer was lost and
         that looks for the batch it may have made (`code` on its row until it is settled):

@@ -310,6 +310,10 @@ class PostgresLedger(Schema, KeptAnswers):
             self._shared.pop(request_id, None)  # settled by its lines (`settle_batch`)
         return claimed
 
+    async def lost_batches(self, since: float) -> list[tuple[HeldEntry, str]]:
+        found = await self.db.fetch(SQL.lost_batches, float(since))
+        return [(codecs.held_entry(tuple(r)[:-1]), r[-1]) for r in found]
+
     async def seeking(self, request_id: str, code: str) -> None:
         await self.db.execute(SQL.seeking, code, request_id)
 

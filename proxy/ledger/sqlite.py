@@ -343,6 +343,10 @@ class SqliteLedger(KeptAnswers):
         claimed: bool = await self.file.transaction(run)
         return claimed
 
+    async def lost_batches(self, since: float) -> list[tuple[HeldEntry, str]]:
+        found = await self.file.fetch(SQL.lost_batches, (float(since),))
+        return [(codecs.held_entry(tuple(r[:-1])), r[-1]) for r in found]
+
     async def seeking(self, request_id: str, code: str) -> None:
         await self.file.write(SQL.seeking, (code, request_id))
 

@@ -184,6 +184,11 @@ class Statements:
     held_entry: str
     """(id,): the entry, reserved usage and project of a held reservation (`ENTRY_COLUMNS`,
     then `USAGE_COLUMNS`, then `project`)."""
+    lost_batches: str
+    """(since,): the entry, usage and project of each batch create started since then that
+    was charged its bound, flagged, for a lost answer (`LOST_CODES`) or a stopped process,
+    unresolved, whose row names the batch found for it since (`held_entry`'s columns, then
+    the batch's id)."""
     own: str
     """`object_values`: an object recorded, unless its id is already (then nothing)."""
     owner_of: str
@@ -423,6 +428,12 @@ def _writes(d: Dialect) -> dict[str, str]:
     }
 
 
+LOST_CODES = (
+    "upstream_unavailable", "upstream_timeout", "deadline_exceeded", "outcome_unknown",
+    "batch_maybe_created",
+)  # fmt: skip
+"""The error codes of a batch create charged its bound because its answer was lost (a
+reclaim's `outcome_unknown` too: its process stopped) or may have made a batch."""
 HEADLESS = ("size", "body")
 """What `kept_head` leaves out of a kept answer's row."""
 HELD = "reserved_nanos - billed_nanos"
@@ -462,6 +473,12 @@ def _reads(d: Dialect) -> dict[str, str]:
         "held_entry": f"SELECT {names(ENTRY_COLUMNS)}, {names(USAGE_COLUMNS)}, project "
         "FROM requests "
         "WHERE id = ? AND state = 'reserved' AND held = 1",
+        # On the flagged rows' index: a day's flagged rows, whatever the day's traffic.
+        "lost_batches": f"SELECT {names(ENTRY_COLUMNS)}, {names(USAGE_COLUMNS)}, project, "
+        "response_id FROM requests WHERE flagged = 1 AND started_at >= ? "
+        "AND endpoint = 'batches' AND state = 'settled' AND resolved_at IS NULL "
+        "AND response_id IS NOT NULL AND custom_id IS NULL AND COALESCE(status, -1) <> 0 "
+        f"AND error_code IN ({', '.join(repr(c) for c in LOST_CODES)}) {by_id}",
         "contents": "SELECT (SELECT count(*) FROM requests), "
         f"(SELECT count(*) FROM budget_usage WHERE {COUNTED}), "
         "(SELECT count(*) FROM alerts_sent), (SELECT coalesce(sum(cost_nanos), 0) FROM requests), "
