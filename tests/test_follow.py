@@ -166,10 +166,15 @@ def test_a_response_followed_while_its_hold_is_picked_up_is_followed_once(
                 followers.follow(request_id, own)  # the request resumes meanwhile
                 return await read(request_id)
 
-            racing = SimpleNamespace(held=ledger.held, held_entry=held_entry)
+            racing = SimpleNamespace(
+                held=ledger.held, held_entry=held_entry, lost_batches=ledger.lost_batches
+            )
             metrics = SimpleNamespace(started=lambda: started.__setitem__(0, started[0] + 1))
             runtime = SimpleNamespace(
-                ledger=racing, config=config((team("design"),)), metrics=metrics
+                ledger=racing,
+                config=config((team("design"),)),
+                metrics=metrics,
+                clock=lambda: 1_000_000.0,
             )
             await followers.pick_up(cast(Runtime, runtime))
             return dict(followers.following), started[0]

@@ -1019,3 +1019,68 @@ def test_a_shared_reservations_counter_rows_are_each_users_part_once_in_lock_ord
             ((-rng.randint(0, bound), 0, tokens), rng.randint(0, bound)),
         ):
             assert codecs.counter_rows(text, deltas, before) == shared_rows(text, deltas, before)
+
+
+# -- a batch claimed by one reservation -----------------------------------------------------
+
+
+async def test_a_batch_is_claimed_by_one_reservation_however_many_claim_it_at_once(
+    ledger: Backend,
+) -> None:
+    """Creates of one file whose answers were lost may find the same batch at once: one
+    reservation only holds it, on either backend; the others claim another or none."""
+    for request_id in ("b1", "b2", "b3"):
+        await ledger.reserve(CREATION_COUNTERS, take_batch(request_id))
+    claims = await asyncio.gather(
+        *(ledger.claim(r, "batch_abc", "proj_a") for r in ("b1", "b2", "b3"))
+    )
+    assert sorted(claims) == [False, False, True]
+    holder = ("b1", "b2", "b3")[claims.index(True)]
+    assert await ledger.claim(holder, "batch_abc") is True  # its own, claimed again
+    rows = {r.entry.id: r for r in await ledger.rows()}
+    assert [i for i in rows if (await ledger.held_entry(i)) is not None] == [holder]
+    [held] = await ledger.open_batches()
+    assert held.batch_id == "batch_abc"
+    other = next(r for r in ("b1", "b2", "b3") if r != holder)
+    assert await ledger.claim(other, "batch_def") is True
+    with pytest.raises(LedgerError):
+        await ledger.claim("nobody", "batch_ghi")
+
+
+async def test_a_create_waiting_for_its_answer_is_unanswered_until_held_or_looking(
+    ledger: Backend,
+) -> None:
+    for request_id in ("b1", "b2", "b3"):
+        await ledger.reserve(CREATION_COUNTERS, take_batch(request_id))
+    assert sorted(await ledger.unanswered("design", "b1", CREATED + 1)) == [CREATED] * 2
+    assert await ledger.unanswered("design", "b1", CREATED) == []  # started since
+    assert await ledger.unanswered("research", "b1", CREATED + 1) == []
+    await ledger.seeking("b2", "batch_maybe_created")
+    assert await ledger.claim("b3", "batch_abc")
+    assert await ledger.unanswered("design", "b1", CREATED + 1) == []
+    assert len(await ledger.unanswered("design", "b2", CREATED + 1)) == 1  # b1
+
+
+async def test_a_batch_found_for_a_create_charged_its_bound_is_listed_until_resolved(
+    ledger: Backend,
+) -> None:
+    """A create charged its bound when its answer was lost, whose row names the batch found
+    for it since: listed for a follower (its entry, project and batch) until resolved."""
+    timed_out = Settlement(
+        CREATED + 3, "upstream_error", 504, BOUND_USAGE.scaled(3), 3 * LINE_BOUND,
+        flagged=True, error_code="upstream_timeout",
+    )  # fmt: skip
+    gone = replace(timed_out, status=0, error_code="outcome_unknown")  # models gone
+    for request_id, settled in (("b1", timed_out), ("b2", timed_out), ("b3", gone)):
+        await ledger.reserve(CREATION_COUNTERS, take_batch(request_id))
+        await ledger.settle(request_id, settled)
+    assert await ledger.lost_batches(0.0) == []  # no batch found yet
+    assert await ledger.claim("b1", "batch_abc", "proj_a")
+    assert await ledger.claim("b3", "batch_def")
+    [(held, batch_id)] = await ledger.lost_batches(0.0)
+    assert (held.entry.id, held.project, batch_id) == ("b1", "proj_a", "batch_abc")
+    assert held.entry.estimated_nanos == 3 * LINE_BOUND
+    assert await ledger.lost_batches(CREATED + 1) == []  # started before
+    assert not await ledger.claim("b2", "batch_abc")  # the batch is b1's
+    await ledger.resolve("b1", 12_345, ENDED, "batch_abc's lines")
+    assert await ledger.lost_batches(0.0) == []

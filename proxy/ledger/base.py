@@ -447,6 +447,29 @@ class Ledger(Protocol):
         charged at its bound until its settlement replaces it). LedgerError if there is no
         request `request_id`."""
 
+    async def claim(self, request_id: str, batch_id: str, project: str | None = None) -> bool:
+        """Hold the reservation of `request_id` for the batch `batch_id` (as `hold`) unless
+        another row already names that batch: a batch is followed, and charged, by one
+        reservation only. Whether it was claimed (atomically: two reservations claiming one
+        batch at once, on any worker or replica, never both get it). LedgerError if there is
+        no request `request_id`."""
+
+    async def lost_batches(self, since: float) -> list[tuple[HeldEntry, str]]:
+        """Each batch create started since `since` that was charged its bound, flagged,
+        because its answer was lost or its process stopped, still unresolved, and whose row
+        names the batch found for it since (`claim` on a settled row): its entry, usage and
+        project, and the batch's id, for a follower to resolve it to its lines' cost."""
+
+    async def seeking(self, request_id: str, code: str) -> None:
+        """Mark the batch create `request_id`, in flight, as one whose answer was lost and
+        that looks for the batch it may have made (`code` on its row until it is settled):
+        `unanswered` no longer counts it."""
+
+    async def unanswered(self, team: str, request_id: str, before: float) -> list[float]:
+        """When each batch create of `team` but `request_id` that started before `before`
+        and still waits for its upstream's answer started: a batch the upstream lists may
+        be one of theirs, not yet held."""
+
     async def name_response(
         self, request_id: str, response_id: str, project: str | None = None
     ) -> None:

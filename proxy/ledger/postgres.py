@@ -300,6 +300,35 @@ class PostgresLedger(Schema, KeptAnswers):
         if await self.db.execute(SQL.hold, *values) == "UPDATE 0":
             raise LedgerError(f"no request {request_id}")
 
+    async def claim(self, request_id: str, batch_id: str, project: str | None = None) -> bool:
+        values = (batch_id, codecs.project_value(project), request_id)
+
+        async def work(conn: Any) -> bool:
+            # One claim of a batch at a time, whatever the replica: the look and the hold
+            # under a lock of the batch's id, held until the transaction ends.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"claim:{batch_id}")
+            if await conn.fetchval(SQL.claimed_by, batch_id, request_id) is not None:
+                return False
+            if await conn.execute(SQL.hold, *values) == "UPDATE 0":
+                raise LedgerError(f"no request {request_id}")
+            return True
+
+        claimed: bool = await self.db.transaction(work)
+        if claimed:
+            self._shared.pop(request_id, None)  # settled by its lines (`settle_batch`)
+        return claimed
+
+    async def lost_batches(self, since: float) -> list[tuple[HeldEntry, str]]:
+        found = await self.db.fetch(SQL.lost_batches, float(since))
+        return [(codecs.held_entry(tuple(r)[:-1]), r[-1]) for r in found]
+
+    async def seeking(self, request_id: str, code: str) -> None:
+        await self.db.execute(SQL.seeking, code, request_id)
+
+    async def unanswered(self, team: str, request_id: str, before: float) -> list[float]:
+        found = await self.db.fetch(SQL.unanswered, team, request_id, float(before))
+        return [float(r[0]) for r in found]
+
     async def name_response(
         self, request_id: str, response_id: str, project: str | None = None
     ) -> None:

@@ -334,6 +334,32 @@ class SqliteLedger(KeptAnswers):
 
         await self.file.transaction(run)
 
+    async def claim(self, request_id: str, batch_id: str, project: str | None = None) -> bool:
+        values = (batch_id, codecs.project_value(project), request_id)
+
+        def run(conn: sqlite3.Connection) -> bool:
+            # Under the file's write lock (`BEGIN IMMEDIATE`): no other claim runs between
+            # the look and the hold.
+            if conn.execute(SQL.claimed_by, (batch_id, request_id)).fetchone() is not None:
+                return False
+            if conn.execute(SQL.hold, values).rowcount == 0:
+                raise LedgerError(f"no request {request_id}")
+            return True
+
+        claimed: bool = await self.file.transaction(run)
+        return claimed
+
+    async def lost_batches(self, since: float) -> list[tuple[HeldEntry, str]]:
+        found = await self.file.fetch(SQL.lost_batches, (float(since),))
+        return [(codecs.held_entry(tuple(r[:-1])), r[-1]) for r in found]
+
+    async def seeking(self, request_id: str, code: str) -> None:
+        await self.file.write(SQL.seeking, (code, request_id))
+
+    async def unanswered(self, team: str, request_id: str, before: float) -> list[float]:
+        found = await self.file.fetch(SQL.unanswered, (team, request_id, float(before)))
+        return [float(r[0]) for r in found]
+
     async def name_response(
         self, request_id: str, response_id: str, project: str | None = None
     ) -> None:

@@ -159,6 +159,15 @@ class Statements:
     """(response id, project, id): a background response's id and the project it was created
     under ('' for none) on its row, and its reservation held (a row no longer in flight
     gets the id and project only)."""
+    claimed_by: str
+    """(response id, id): a row other than `id` naming that response id: the reservation
+    that holds that batch (or one of its billed lines)."""
+    seeking: str
+    """(error code, id): a batch create in flight whose answer was lost, marked as looking
+    for the batch it may have made (`unanswered` leaves it out)."""
+    unanswered: str
+    """(team, id, before): when each batch create of the team but `id` that was started
+    before then and still waits for its answer (reserved, not held, not `seeking`) started."""
     name_response: str
     """(response id, project, id): the id of the response a reservation in flight is and
     the project it was created under, on its row; its reservation is not held."""
@@ -175,6 +184,11 @@ class Statements:
     held_entry: str
     """(id,): the entry, reserved usage and project of a held reservation (`ENTRY_COLUMNS`,
     then `USAGE_COLUMNS`, then `project`)."""
+    lost_batches: str
+    """(since,): the entry, usage and project of each batch create started since then that
+    was charged its bound, flagged, for a lost answer (`LOST_CODES`) or a stopped process,
+    unresolved, whose row names the batch found for it since (`held_entry`'s columns, then
+    the batch's id)."""
     own: str
     """`object_values`: an object recorded, unless its id is already (then nothing)."""
     owner_of: str
@@ -386,6 +400,7 @@ def _writes(d: Dialect) -> dict[str, str]:
         "claim_alert": "INSERT INTO alerts_sent (key, sent_at) VALUES (?, ?) "
         "ON CONFLICT DO NOTHING",
         "name_response": "UPDATE requests SET response_id = ?, project = ? WHERE id = ?",
+        "seeking": "UPDATE requests SET error_code = ? WHERE id = ? AND state = 'reserved'",
         "hold": "UPDATE requests SET response_id = ?, project = ?, "
         "held = CASE WHEN state = 'reserved' THEN 1 ELSE 0 END WHERE id = ?",
         "own": f"INSERT INTO stored_objects ({names(OBJECT_COLUMNS)}) "
@@ -421,6 +436,12 @@ def _writes(d: Dialect) -> dict[str, str]:
     }
 
 
+LOST_CODES = (
+    "upstream_unavailable", "upstream_timeout", "deadline_exceeded", "outcome_unknown",
+    "batch_maybe_created",
+)  # fmt: skip
+"""The error codes of a batch create charged its bound because its answer was lost (a
+reclaim's `outcome_unknown` too: its process stopped) or may have made a batch."""
 HEADLESS = ("size", "body")
 """What `kept_head` leaves out of a kept answer's row."""
 HELD = "reserved_nanos - billed_nanos"
@@ -460,11 +481,21 @@ def _reads(d: Dialect) -> dict[str, str]:
         "held_entry": f"SELECT {names(ENTRY_COLUMNS)}, {names(USAGE_COLUMNS)}, project "
         "FROM requests "
         "WHERE id = ? AND state = 'reserved' AND held = 1",
+        # On the flagged rows' index: a day's flagged rows, whatever the day's traffic.
+        "lost_batches": f"SELECT {names(ENTRY_COLUMNS)}, {names(USAGE_COLUMNS)}, project, "
+        "response_id FROM requests WHERE flagged = 1 AND started_at >= ? "
+        "AND endpoint = 'batches' AND state = 'settled' AND resolved_at IS NULL "
+        "AND response_id IS NOT NULL AND custom_id IS NULL AND COALESCE(status, -1) <> 0 "
+        f"AND error_code IN ({', '.join(repr(c) for c in LOST_CODES)}) {by_id}",
         "contents": "SELECT (SELECT count(*) FROM requests), "
         f"(SELECT count(*) FROM budget_usage WHERE {COUNTED}), "
         "(SELECT count(*) FROM alerts_sent), (SELECT coalesce(sum(cost_nanos), 0) FROM requests), "
         "(SELECT count(*) FROM stored_objects)",
         "owner_of": "SELECT team FROM stored_objects WHERE id = ?",
+        "claimed_by": "SELECT id FROM requests WHERE response_id = ? AND id <> ? LIMIT 1",
+        "unanswered": "SELECT started_at FROM requests WHERE endpoint = 'batches' "
+        "AND team = ? AND id <> ? AND started_at < ? AND state = 'reserved' AND held = 0 "
+        "AND response_id IS NULL AND error_code IS NULL",
         "owns_any": "SELECT 1 FROM stored_objects WHERE team = ? AND kind = ? LIMIT 1",
         "stored": f"SELECT {names(OBJECT_COLUMNS)} FROM stored_objects WHERE id = ?",
         "batch_lines": f"SELECT {names(LINE_COLUMNS[1:])} FROM batch_lines WHERE file_id = ? "

@@ -457,3 +457,27 @@ async def _read_file(
     if pending:
         await asyncio.to_thread(read.feed, pending)
     read.end()
+
+
+@dataclass
+class LostBatchFollow(BatchFollow):
+    """The batch of a create whose answer was lost, found upstream after its create was
+    charged its bound, flagged (`proxy.web.batches.watch_orphan`): followed to its end as
+    any batch, then its create's row is resolved to what its lines cost, each line charged
+    as a followed batch's (`Ledger.resolve`, which moves every counter the row charged by
+    the difference; the row stays flagged, its answer lost, with the resolution's note).
+    The row was settled when its answer was lost, so the lines are not rows of their own:
+    the create's one row says what the batch cost, on the day the create was sent."""
+
+    async def write(self, runtime: Runtime, billed: list[BilledLine], outcome: Settlement) -> None:
+        entry = self.entry
+        cost = sum(line.settlement.cost_nanos for line in billed)
+        now = runtime.clock()
+        note = f"batch {self.batch_id}, found after its create's answer was lost: {len(billed)} "
+        note += f"billed lines, ${usd_text(cost)}"
+        before = await runtime.ledger.resolve(entry.id, cost, now, note)
+        log.info(
+            "create %s, charged its bound $%s when its answer was lost, resolved to its batch "
+            "%s's %d billed lines: $%s",
+            entry.id, usd_text(before), self.batch_id, len(billed), usd_text(cost),
+        )  # fmt: skip

@@ -65,7 +65,7 @@ from proxy.ledger import (
 from proxy.upstream import response_headers
 from proxy.web import repeats
 from proxy.web.admission import read_body
-from proxy.web.batch_follow import BATCH_SPAN_S, BatchFollow, own_output
+from proxy.web.batch_follow import BATCH_SPAN_S, BatchFollow, LostBatchFollow, own_output
 from proxy.web.files import BATCHES, not_found, read_answer, scoped_listing, scoped_object
 from proxy.web.gateway import path_of
 from proxy.web.in_force import Caller, decided, still_in_force
@@ -159,7 +159,7 @@ class Batches:
                 except LedgerError as exc:
                     log.error("keeping the answer of %s failed: %s", entry.id, exc)
             if batch_id is not None:
-                await self.follow(runtime, entry, stored, batch_id, project)
+                await self.follow(runtime, entry, stored, batch_id, project, bound.usage)
             else:
                 # A success whose batch cannot be read (no id): the batch was made, and runs
                 # and bills. Found among the upstream's and followed, or its bound charged,
@@ -328,11 +328,47 @@ class Batches:
         stored: StoredObject,
         batch_id: str,
         project: str | None,
-        created_at: float | None = None,
+        usage: Usage,
     ) -> None:
-        """A batch created: the team's, its reservation held and followed to its end. It is
-        recorded at `created_at` when given (OpenAI's time of a batch found after its
-        create's answer was lost, which may be minutes before now), else now."""
+        """A batch created, its create answered: the team's, its reservation held and
+        followed to its end. The batch is claimed for it in the ledger (`Ledger.claim`): a
+        create whose answer was lost may have taken it for its own meanwhile (when its look
+        outlasted its wait for this answer). Then this create's reservation is the one left
+        without a batch, and looks for one as a create whose answer was lost: the batch the
+        other made, if it made one (`seek`); else it is charged its bound, flagged, and the
+        upstream watched for the batch it may still make (`usage`: its bound's). A batch is
+        never followed, and charged, by two reservations."""
+        try:
+            claimed = await runtime.ledger.claim(entry.id, batch_id, project)
+        except LedgerError as exc:
+            log.error("recording batch %s failed: %s", batch_id, exc)
+            claimed = True  # followed all the same, as before the ledger could claim it
+        if claimed:
+            await self.following(runtime, entry, stored, batch_id, project, None)
+            return
+        log.warning(
+            "batch %s, the answer to create %s, was taken by a create whose answer was "
+            "lost: this create looks for the batch that one made",
+            batch_id, entry.id,
+        )  # fmt: skip
+        lost = UpstreamUnavailable(
+            f"The batch made, {batch_id}, is followed for another create of its file.",
+            maybe_billed=True,
+        )
+        await self.not_created(runtime, entry, lost, stored.id, project, usage)
+
+    async def following(
+        self,
+        runtime: Runtime,
+        entry: Entry,
+        stored: StoredObject,
+        batch_id: str,
+        project: str | None,
+        created_at: float | None,
+    ) -> None:
+        """The batch `batch_id`, claimed for `entry`'s reservation: the team's, followed to
+        its end. It is recorded at `created_at` when given (OpenAI's time of a batch found
+        after its create's answer was lost, which may be minutes before now), else now."""
         at = runtime.clock() if created_at is None else created_at
         try:
             await runtime.ledger.own(
@@ -341,11 +377,44 @@ class Batches:
                     stored.lines, stored.bound_nanos, stored.bound_usage, stored.id, project,
                 )
             )  # fmt: skip
-            await runtime.ledger.hold(entry.id, batch_id, project)
         except LedgerError as exc:
             log.error("recording batch %s failed: %s", batch_id, exc)
         followed = BatchFollow(entry, batch_id, stored.id, project, prices=runtime.config.prices)
         runtime.followers.follow(entry.id, followed)
+
+    async def seek(
+        self, runtime: Runtime, entry: Entry, stored: StoredObject, project: str | None
+    ) -> str | None:
+        """The batch a create of the input file `stored` whose answer was lost made, claimed
+        for its reservation and followed: its id; None when the upstream lists none that
+        can be it. Its row is marked as looking first, then it waits for the other creates
+        of the team still waiting for their answer (`await_answers`): a batch listed may be
+        one of theirs, which their answer gives them. Then it takes the oldest batch of the
+        file created since it was sent (`ORPHAN_SKEW_S` allowed) that no reservation holds
+        and that is no one's, claimed atomically (`Ledger.claim`): two creates looking at
+        once each take a batch of their own, and a batch is never followed twice. Which of
+        the creates' batches each takes does not matter: they are of one file, one team.
+        LedgerError when whose a batch is cannot be read."""
+        team = entry.team or ""
+        try:
+            await runtime.ledger.seeking(entry.id, MAYBE_CREATED)
+        except LedgerError as exc:
+            log.error("marking create %s as looking for its batch failed: %s", entry.id, exc)
+        await await_answers(runtime, team, entry.id)
+        found = await batches_of_file(runtime, stored.id, project, entry.started_at - ORPHAN_SKEW_S)
+        for batch_id, created_at in found:
+            if await runtime.ledger.stored(batch_id) is not None:
+                continue  # already someone's: answered to its create, or found before
+            if not await runtime.ledger.claim(entry.id, batch_id, project):
+                continue
+            log.warning(
+                "batch create %s got no answer it could read, and the upstream lists a "
+                "batch of its file, %s: followed as the create's",
+                entry.id, batch_id,
+            )  # fmt: skip
+            await self.following(runtime, entry, stored, batch_id, project, created_at)
+            return batch_id
+        return None
 
     async def made_anyway(
         self,
@@ -364,30 +433,16 @@ class Batches:
         the upstream said. A ledger that cannot say whether the batch found is already
         someone's: the create may have made it, and is charged its bound (`usage`),
         flagged, as a create that got no answer (True); never a 500 of Tollgate's own."""
-        found = await _batch_of_file(runtime, stored.id, project)
-        if found is None:
-            return False
         try:
-            owner = await runtime.ledger.stored(found[0])
+            return await self.seek(runtime, entry, stored, project) is not None
         except LedgerError as exc:
             log.error(
-                "batch create %s was answered a server error, and whether batch %s of its "
+                "batch create %s was answered a server error, and whether a batch of its "
                 "file is already recorded could not be read: charged its bound: %s",
-                entry.id, found[0], exc,
+                entry.id, exc,
             )  # fmt: skip
             await release(runtime, entry, status, MAYBE_CREATED, charged=usage)
             return True
-        if owner is not None:
-            return False
-        if found[1] is not None and found[1] < entry.started_at - ORPHAN_SKEW_S:
-            return False  # an earlier batch of the file, not one this create made
-        log.warning(
-            "batch create %s was answered a server error, and the upstream lists a batch of "
-            "its file, %s: followed as the create's",
-            entry.id, found[0],
-        )  # fmt: skip
-        await self.follow(runtime, entry, stored, found[0], project, found[1])
-        return True
 
     async def not_created(
         self,
@@ -406,29 +461,20 @@ class Batches:
         (`watch_orphan`). Else the reservation is released. Whether the batch was found and
         is followed."""
         if isinstance(failure, UpstreamFailure) and failure.maybe_billed:
-            found = await _batch_of_file(runtime, file_id, project)
-            try:
-                if found is not None and await runtime.ledger.stored(found[0]) is None:
-                    stored = await runtime.ledger.stored(file_id)
-                    if stored is not None:
-                        await self.follow(runtime, entry, stored, found[0], project, found[1])
-                        return True
-            except LedgerError as exc:
-                # Whose the batch found is cannot be read: charged its bound, as if none
-                # were found.
-                log.error(
-                    "reading batch %s of file %s failed: %s", found and found[0], file_id, exc
-                )
-            await release(runtime, entry, failure.status, failure.ledger_code, charged=usage)
+            stored = None
             try:
                 stored = await runtime.ledger.stored(file_id)
+                if stored is not None and await self.seek(runtime, entry, stored, project):
+                    return True
             except LedgerError as exc:
-                log.error("reading file %s to look for its batch failed: %s", file_id, exc)
-                return False
+                # Whose a batch found is cannot be read: charged its bound, as if none
+                # were found.
+                log.error("looking for the batch of file %s failed: %s", file_id, exc)
+            await release(runtime, entry, failure.status, failure.ledger_code, charged=usage)
             if stored is not None and entry.team:
                 # The upstream may still be reading the file: the batch it makes is the
                 # team's once it is listed, so that the team reads what it paid for.
-                watch_orphan(runtime, entry.team, stored, entry.started_at)
+                watch_orphan(runtime, entry, stored)
             return False
         await release(runtime, entry, failure.status, failure.code)
         return False
@@ -575,24 +621,63 @@ async def release(
     runtime.alerts.settled(entry)  # charged its bound: a threshold it crosses is announced
 
 
-async def _batch_of_file(
-    runtime: Runtime, file_id: str, project: str | None
-) -> tuple[str, float | None] | None:
-    """The upstream's batch of the input file `file_id` among its newest: its id and its
-    `created_at` (None when it has none that is a number)."""
+LIST_PAGES = 20
+"""How many pages of the upstream's batches (100 each) a look for a create's batch reads at
+most, back to the create's send time: a team that made more than 2,000 batches since then
+has its oldest of them left out."""
+ANSWER_POLL_S = 0.2
+"""How often a create whose answer was lost asks whether the other creates of its team
+still wait for theirs (`await_answers`)."""
+
+
+async def batches_of_file(
+    runtime: Runtime, file_id: str, project: str | None, since: float
+) -> list[tuple[str, float | None]]:
+    """The upstream's batches of the input file `file_id` created at or after `since`,
+    oldest first: each one's id and `created_at` (None when it has none that is a number).
+    The list is read newest first, a page of 100 at a time, back to `since` (at most
+    `LIST_PAGES` pages). None found, or the list unreadable: empty."""
+    found: list[tuple[str, float | None]] = []
+    after = ""
+    for _ in range(LIST_PAGES):
+        query = "limit=100" + (f"&after={after}" if after else "")
+        try:
+            answer = await runtime.upstream.send(
+                "/batches", b"", "", (), method="GET", query=query, project=project
+            )
+            page = json.loads(await read_answer(answer))
+            batches = page.get("data", [])
+            older = False
+            for batch in batches:
+                at = batch.get("created_at")
+                finite = isinstance(at, int | float) and not isinstance(at, bool)
+                created = float(at) if finite and math.isfinite(at) else None
+                if created is not None and created < since:
+                    older = True
+                    continue
+                if batch.get("input_file_id") == file_id and isinstance(batch.get("id"), str):
+                    found.append((batch["id"], created))
+            last = batches[-1].get("id") if batches else None
+            if older or not page.get("has_more") or not isinstance(last, str):
+                break
+            after = last
+        except (RequestError, ValueError, AttributeError, TypeError, KeyError):
+            break
+    return found[::-1]
+
+
+async def await_answers(runtime: Runtime, team: str, request_id: str) -> None:
+    """Wait until no batch create of `team` but `request_id` that started before now still
+    waits for its upstream's answer (`Ledger.unanswered`), or until the latest of them is
+    past its deadline and `timeout_s` more (its process answers it, or it is lost)."""
+    upstream = runtime.config.upstream
     try:
-        answer = await runtime.upstream.send(
-            "/batches", b"", "", (), method="GET", query="limit=100", project=project
-        )
-        page = json.loads(await read_answer(answer))
-        found = next((b for b in page.get("data", []) if b.get("input_file_id") == file_id), None)
-        if found is None or not isinstance(found["id"], str):
-            return None
-        at = found.get("created_at")
-        finite = isinstance(at, int | float) and not isinstance(at, bool) and math.isfinite(at)
-        return found["id"], float(at) if finite else None
-    except (RequestError, ValueError, AttributeError, TypeError, KeyError):
-        return None
+        while starts := await runtime.ledger.unanswered(team, request_id, runtime.clock()):
+            if runtime.clock() >= max(starts) + upstream.deadline_s + upstream.timeout_s:
+                return
+            await asyncio.sleep(ANSWER_POLL_S)
+    except LedgerError as exc:
+        log.error("reading the batch creates of %s in flight failed: %s", team, exc)
 
 
 async def replay_create(
@@ -626,19 +711,23 @@ async def replay_create(
         if kept is not None and kept.team == team:
             return await repeats.replayed(runtime, entry, first.request_id, kept, headers)
         if first.settled and repeats.unanswered(first):
-            named = ""
-            if first.made is None:
-                # Charged its bound, no batch of the file found when its answer was lost:
-                # the upstream, still reading the file then, may have made it since.
-                made = await adopt_orphan(runtime, team, stored, first.started_at)
-                named = f" {orphan_named(made)}." if made is not None else ""
+            # Charged its bound, no batch of the file found when its answer was lost: the
+            # upstream, still reading the file then, may have made it since.
+            made = first.made or await adopt_orphan(
+                runtime, team, stored, first.started_at, first.request_id
+            )
+            named = f" {orphan_named(made)}." if made is not None else ""
             return await repeats.failed_again(runtime, entry, team, first, headers, named)
-        if first.settled and first.made is None and repeats.charged(first, found.key is not None):
+        if (
+            first.settled
+            and (first.made is None or first.status is None)
+            and repeats.charged(first, found.key is not None)
+        ):
             # Charged its bound with no batch on record: its process stopped (killed) after
             # the create was sent, and the reservation was reclaimed. The upstream may have
             # made the batch, which runs and bills: a second create would make, and bill,
-            # another.
-            why = await orphan_found(runtime, team, stored, repeats.CHARGED, first.started_at)
+            # another. (A reclaimed row has no status; the batch it names was found for it.)
+            why = await orphan_found(runtime, team, stored, repeats.CHARGED, first)
             return await repeats.not_kept(runtime, entry, team, first, headers, why)
         if (first.held or first.settled) and first.made is not None:
             # Its batch was made (and is followed, or ended and was settled), but its
@@ -659,7 +748,7 @@ async def replay_create(
         elif runtime.clock() >= deadline:
             # Neither answered nor settled by now: its process stopped while the create may
             # have reached the upstream, and it is reclaimed at its bound.
-            why = await orphan_found(runtime, team, stored, repeats.LOST, first.started_at)
+            why = await orphan_found(runtime, team, stored, repeats.LOST, first)
             return await repeats.not_kept(runtime, entry, team, first, headers, why)
         await asyncio.sleep(repeats.WAIT_S)
         first = await repeats.first_of(runtime, team, found, runtime.clock()) or first
@@ -671,12 +760,14 @@ this before a create was sent is an earlier batch, not the one that create made.
 
 
 async def orphan_found(
-    runtime: Runtime, team: str, stored: StoredObject, why: str, since: float
+    runtime: Runtime, team: str, stored: StoredObject, why: str, first: FirstAttempt
 ) -> str:
-    """`why` a first create attempt (sent at `since`) lost with its process is not sent
-    again, naming the batch it made when the upstream has one of the input file `stored`
-    (`adopt_orphan`)."""
-    made = await adopt_orphan(runtime, team, stored, since)
+    """`why` a first create attempt `first` lost with its process is not sent again, naming
+    the batch it made when the upstream has one of the input file `stored` (`adopt_orphan`)
+    or one was found for it already."""
+    made = first.made or await adopt_orphan(
+        runtime, team, stored, first.started_at, first.request_id
+    )
     return why if made is None else f"{why}; {orphan_named(made)}"
 
 
@@ -688,25 +779,31 @@ def orphan_named(batch_id: str) -> str:
 
 
 async def adopt_orphan(
-    runtime: Runtime, team: str, stored: StoredObject, since: float
+    runtime: Runtime, team: str, stored: StoredObject, since: float, request_id: str
 ) -> str | None:
-    """The batch the upstream made of the input file `stored` for a create sent at `since`
-    that was charged its bound with no batch on record (its answer lost, its process
-    stopped): the newest batch of the file the upstream lists, created since then, no one's
-    yet or `team`'s already. One no one's becomes `team`'s, so that it can be read with its
-    output (it is not followed: the create's bound is charged for it, flagged). None: the
-    upstream lists none (yet)."""
+    """The batch the upstream made of the input file `stored` for the create `request_id`,
+    sent at `since`, that was charged its bound with no batch on record (its answer lost,
+    its process stopped): the oldest batch of the file the upstream lists created since
+    then (`ORPHAN_SKEW_S` allowed) that no other reservation holds and that is no other
+    team's, claimed for the create's row (`Ledger.claim`: the row, settled, names the
+    batch), so that no other create takes it, and the team's, so that it can be read with
+    its output. None: the upstream lists none (yet)."""
     project = created_under(runtime, stored)
-    made = await _batch_of_file(runtime, stored.id, project)
-    if made is None:
-        return None
-    batch_id, created_at = made
-    if created_at is not None and created_at < since - ORPHAN_SKEW_S:
-        return None  # an earlier batch of the file: the create's is not listed yet
-    owner = await runtime.ledger.stored(batch_id)
-    if owner is None:
-        at = runtime.clock() if created_at is None else created_at
+    for batch_id, created_at in await batches_of_file(
+        runtime, stored.id, project, since - ORPHAN_SKEW_S
+    ):
         try:
+            holder = await runtime.ledger.response(batch_id)
+            if holder is not None:
+                if holder.request_id == request_id:
+                    return batch_id  # found by an earlier look
+                continue  # another create's batch
+            owner = await runtime.ledger.stored(batch_id)
+            if owner is not None and owner.team != team:
+                continue
+            if not await runtime.ledger.claim(request_id, batch_id, project):
+                continue
+            at = runtime.clock() if created_at is None else created_at
             await runtime.ledger.own(
                 StoredObject(
                     batch_id, team, "batch", None, at, stored.lines, stored.bound_nanos,
@@ -717,13 +814,12 @@ async def adopt_orphan(
             log.error("recording batch %s failed: %s", batch_id, exc)
             return None
         log.warning(
-            "batch %s of file %s, made upstream for a create charged its bound with no "
+            "batch %s of file %s, made upstream for create %s, charged its bound with no "
             "batch on record, is team %s's",
-            batch_id, stored.id, team,
+            batch_id, stored.id, request_id, team,
         )  # fmt: skip
-    elif owner.team != team:
-        return None
-    return batch_id
+        return batch_id
+    return None
 
 
 ORPHAN_WATCH_S = (5.0, 15.0, 30.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1800.0, 3600.0)
@@ -731,18 +827,28 @@ ORPHAN_WATCH_S = (5.0, 15.0, 30.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1800.0, 360
 upstream may still be making of its file, in seconds after its answer was lost."""
 
 
-def watch_orphan(runtime: Runtime, team: str, stored: StoredObject, since: float) -> None:
-    """Look for the batch a create sent at `since`, charged its bound with no batch found,
-    may yet become (`adopt_orphan`), at each of `ORPHAN_WATCH_S` until it is found; a
-    process stopping stops the watch (a repeat of the create still looks)."""
+def watch_orphan(runtime: Runtime, entry: Entry, stored: StoredObject) -> None:
+    """Look for the batch the create `entry`, charged its bound with no batch found, may
+    yet become (`adopt_orphan`), at each of `ORPHAN_WATCH_S` until it is found; then follow
+    it to its end, and resolve the create's row to what its lines cost (`LostBatchFollow`).
+    A process stopping stops the watch, and the following (a repeat of the create still
+    looks, and names the batch; the row keeps its bound)."""
+    team = entry.team or ""
 
     def at(step: int) -> None:
         async def check() -> None:
+            now = runtime.newest()
             try:
-                found = await adopt_orphan(runtime.newest(), team, stored, since)
+                found = await adopt_orphan(now, team, stored, entry.started_at, entry.id)
             except Exception:  # a fault of its own must not end the process's tasks
                 log.exception("looking for the batch of file %s failed", stored.id)
                 found = None
+            if found is not None and entry.id not in now.followers.following:
+                project = created_under(now, stored)
+                followed = LostBatchFollow(
+                    entry, found, stored.id, project, prices=runtime.config.prices
+                )
+                now.followers.follow(entry.id, followed)
             if found is None and step + 1 < len(ORPHAN_WATCH_S):
                 at(step + 1)
 

@@ -65,6 +65,10 @@ REFUSED_LOG_EVERY_S = 300.0
 second)."""
 ERROR_BYTES = 64 * 1024
 """How much of a refused poll's answer is read for its error code."""
+LOST_MARGIN_S = 3600.0
+"""How long past a batch's span (`BATCH_SPAN_S`) after its create the batch found for a
+create whose answer was lost is still looked for on the ledger: a create's clock and
+OpenAI's may differ, and a batch may be finalized late."""
 STUCK_AFTER_S = 3600.0
 """How long after its request a followed response may still be pending (`queued`,
 `in_progress`) before it is logged as one that may never end: its reservation stays held
@@ -140,6 +144,29 @@ class Followers:
                 log.info("following %s (%s), held by a stopped process", upstream_id, request_id)
         except LedgerError as exc:
             log.error("cannot read the held reservations: %s; will try again", exc)
+        await self.pick_up_lost(runtime)
+
+    async def pick_up_lost(self, runtime: Runtime) -> None:
+        """Follow the batches found for creates charged their bound when their answers were
+        lost (`Ledger.lost_batches`) that no follower of this process follows: the process
+        that found one stopped, or it was found by a repeat. Each is resolved to its lines'
+        cost when it ends (`LostBatchFollow`); replicas that follow one alike resolve it to
+        the same cost."""
+        from proxy.web.batch_follow import BATCH_SPAN_S, LostBatchFollow  # see `adopted`
+
+        try:
+            since = runtime.clock() - BATCH_SPAN_S - LOST_MARGIN_S
+            for held, batch_id in await runtime.ledger.lost_batches(since):
+                if held.entry.id in self.following:
+                    continue
+                project = created_under(runtime, held)
+                self.following[held.entry.id] = LostBatchFollow(held.entry, batch_id, None, project)
+                log.info(
+                    "following %s, found for %s after its answer was lost",
+                    batch_id, held.entry.id,
+                )  # fmt: skip
+        except LedgerError as exc:
+            log.error("cannot read the batches found for lost creates: %s", exc)
 
     async def poll_all(self, runtime: Runtime) -> None:
         """Poll everything followed once; drop what was settled."""
