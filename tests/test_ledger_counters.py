@@ -75,6 +75,13 @@ COUNTER_SETS = [
     # One counter, and none at all.
     (Counter("user", "design", "", "day", 0.0),),
     (),
+    # A team named as a period, a user as a scope, starts given as integers and floats.
+    (
+        *periods("team", "day", "", (0, 0.0, DAY, 86_400)),
+        *periods("user", "day", "team", (0, 0.0, DAY, 86_400)),
+    ),
+    # Past `ONE_STATEMENT_COUNTERS`: a statement a counter.
+    tuple(Counter("user", "design", f"u{n}", "day", DAY) for n in range(70)),
 ]
 DELTAS: list[codecs.Deltas] = [
     (0, 500_000_000, (20, 0, 7024, 7044)),
