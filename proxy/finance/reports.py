@@ -503,8 +503,16 @@ def _drain(out: io.StringIO) -> str:
     return text
 
 
+INTERNAL_COLUMNS = ("reserved_clock",)
+"""Columns the audit export leaves out: `reserved_clock` is the ledger's own clock at
+reserve (seconds since boot on SQLite, since the epoch on PostgreSQL), kept to age a
+reservation, a time finance cannot read."""
+
+
 def _audit_record(row: dict[str, Any]) -> dict[str, Any]:
     record = dict(row)
+    for name in INTERNAL_COLUMNS:
+        record.pop(name, None)
     for name in ("started_at", "finished_at", "resolved_at"):
         value = record.get(name)
         record[name.replace("_at", "_utc")] = (
