@@ -321,6 +321,7 @@ def test_reasoning_that_stays_within_the_bound_is_forwarded(
         ({"type": "mcp", "server_label": "deepwiki"}, "tool_choice.type"),
         ({"type": "image_generation", "quality": "high"}, "tool_choice.quality"),
         ({"type": "function"}, "tool_choice.name"),
+        ({"name": "draw"}, "tool_choice.type"),
         ("sometimes", "tool_choice"),
         (
             {"type": "allowed_tools", "mode": "required", "tools": [{"type": "file_search"}]},
@@ -350,6 +351,7 @@ def test_a_tool_choice_naming_a_tool_tollgate_does_not_forward_is_refused(
     with pytest.raises(InvalidRequest) as counted:
         read_count({"model": "gpt-5.5", "input": "x", "tool_choice": choice})
     assert counted.value.param == param
+    assert "None" not in str(caught.value)
 
 
 @pytest.mark.parametrize(

@@ -716,6 +716,8 @@ def _chosen_tool(named: Any, where: str) -> None:
     or that carries fields beyond those it is named by."""
     kind = named.get("type") if isinstance(named, dict) else None
     fields = CHOSEN_TOOLS.get(kind) if isinstance(kind, str) else None
+    if isinstance(named, dict) and kind is None:
+        raise InvalidRequest(f"Missing required parameter: '{where}.type'.", param=f"{where}.type")
     if fields is None or not isinstance(named, dict):
         raise InvalidRequest(
             f"Tollgate does not forward a tool_choice naming the {kind!r} tool: it forwards "
