@@ -56,3 +56,34 @@ def test_an_event_in_several_parts_with_a_carriage_return_is_given_joined(cr: in
 )
 def test_sse_event_reads_name_and_data_lines(raw: bytes, expected: tuple[bytes, bytes]) -> None:
     assert sse_event(raw) == expected
+
+
+class Searched(bytes):
+    """Bytes that count how many of them are searched for a line feed."""
+
+    line_feeds = 0
+
+    def __contains__(self, sub: object) -> bool:
+        return isinstance(sub, bytes) and self.find(sub) >= 0
+
+    def find(self, sub: bytes, start: int | None = None, end: int | None = None) -> int:  # type: ignore[override]
+        at = super().find(sub, start, end)
+        if sub == b"\n":
+            first = start or 0
+            last = len(self) if end is None else min(end, len(self))
+            Searched.line_feeds += (at + 1 if at >= 0 else last) - first
+        return at
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["whole", "ending"])
+def test_a_chunk_is_searched_once_for_line_feeds(held: bool) -> None:
+    # A completed image's last chunk: megabytes of base64, then its event's blank line.
+    splitter = EventSplitter()
+    first = b'event: image_generation.completed\ndata: {"b64_json":"'
+    if held:
+        assert splitter.feed_parts(first) == []
+    chunk = Searched((b"" if held else first) + b"A" * 100_000 + b'"}\n\nevent: next')
+    Searched.line_feeds = 0
+    (event,) = splitter.feed_parts(chunk)
+    assert b"".join(event) == first + b"A" * 100_000 + b'"}'
+    assert Searched.line_feeds <= len(chunk)

@@ -157,7 +157,11 @@ class EventSplitter:
         event whose parts would is given joined, in one part): `sse_event_parts` need not
         search them for one. Each part is searched for a carriage return as it comes, while
         its bytes are still in the CPU's caches, not once the whole event has come."""
-        if b"\n" not in chunk:  # no separator can end in it
+        # The first line feed, found once: where the search for a separator starts, and
+        # whether the part before one has a line feed (the chunk's last part is its
+        # megabytes of base64 then, searched once, not three times).
+        line = chunk.find(b"\n")
+        if line < 0:  # no separator can end in it
             self._hold(chunk)
             return []
         events: list[list[bytes]] = []
@@ -170,18 +174,21 @@ class EventSplitter:
                 events.append([held[: len(held) - len(edge) + end]])
                 at = end + sep - len(edge)
             else:
-                end, sep = event_end(chunk)
+                end, sep = event_end(chunk, line)
                 if end < 0:
                     self._joined = True  # held after the first, with a line feed
                     self._hold(chunk)
                     return []
                 parts = [*self._held, chunk[:end]] if end else self._held
-                if self._joined or chunk.find(b"\n", 0, end) >= 0 or chunk.find(b"\r", 0, end) >= 0:
+                # A separator's first line feed is at `end` (`\n\n`) or just after it
+                # (`\r\n\r\n`): any before it is the chunk's first.
+                if self._joined or line < end or chunk.find(b"\r", 0, end) >= 0:
                     parts = [b"".join(parts)]
                 events.append(parts)
                 at = end + sep
             self._held, self._edge, self._joined = [], b"", False
-        while (found := event_end(chunk, at))[0] >= 0:
+        # No separator's line feed comes before the chunk's first.
+        while (found := event_end(chunk, max(at, line)))[0] >= 0:
             end, sep = found
             events.append([chunk[at:end]])
             at = end + sep
